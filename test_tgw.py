@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import gzip
 import http.client
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -20,12 +22,14 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 import tgw
+from tgw import *  # noqa: F403  (the codec tests use the canonical names directly)
 
 HERE = Path(__file__).resolve().parent
 TGW = str(HERE / "tgw.py")
@@ -1089,3 +1093,4293 @@ def test_api_keys_are_enforced_and_secrets_never_logged(start_gateway, upstream,
     for secret in (b"sk-upstream-TOPSECRET-999", b"gw-key-2"):
         assert secret not in ledger_bytes
         assert secret.decode() not in caplog.text
+
+
+# ======================================================================================
+# 5b. Anthropic Messages codec
+#
+# Tests for the Anthropic Messages codec: golden translations A <-> O (requests, responses,
+# streams, errors) and one test per EDGE_CASES.md line that concerns A and O. Fixtures are trimmed
+# copies of what Claude Code, the anthropic/openai SDKs and the conformance fake upstream sent.
+# ======================================================================================
+
+
+# ruff: noqa: F405
+
+# ---- fixtures (inline copies of captures/claude_code, captures/anthropic_sdk, fake_upstream) ----------
+
+SIGNATURE = "Y2FwdHVyZS1zZXJ2ZXItZmFrZS1zaWduYXR1cmU="
+USER_ID = '{"device_id":"af213acaab63ec7579f1003dbb0ff3f2e391db31ec3e26334498c05d08df3670","account_uuid":"","session_id":"da2fa152-e125-41ee-9a03-93aff74814ed"}'  # fmt: skip
+ANTHROPIC_BASH_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "properties": {
+        "command": {"description": "The command to execute", "type": "string"},
+        "timeout": {"description": "Optional timeout in milliseconds (max 600000)", "type": "number"},
+    },
+    "required": ["command"],
+    "additionalProperties": False,
+}
+CRON_LIST_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "properties": {},
+    "additionalProperties": False,
+}
+CRON_LIST_DESCRIPTION = (
+    "List all cron jobs scheduled via CronCreate, both durable (.claude/scheduled_tasks.json) and session-only."
+)
+CC_TOOLS = [
+    {"name": "Bash", "description": "Executes a given bash command.", "input_schema": ANTHROPIC_BASH_SCHEMA},
+    {"name": "CronList", "description": CRON_LIST_DESCRIPTION, "input_schema": CRON_LIST_SCHEMA},
+]
+CC_SYSTEM = [
+    {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197.123; cc_entrypoint=sdk-cli;"},
+    {"type": "text", "text": "You are a Claude agent, built on Anthropic's Claude Agent SDK.", "cache_control": {"type": "ephemeral"}},
+    {"type": "text", "text": "\nYou are an interactive agent that helps users with software engineering tasks.\n",
+     "cache_control": {"type": "ephemeral"}},
+]  # fmt: skip
+REMINDER = "<system-reminder>\nToday's date is 2026-11-22.\n</system-reminder>"
+AGENTS = "Available agent types for the Agent tool:\n- claude: Catch-all for any task. (Tools: *)"
+TOOLU = "toolu_2c49c350ba1342feae59267b"
+
+# Claude Code's second request (basic_03): role "system" inside messages, signed thinking,
+# tool_result with cache_control, system blocks with cache_control, $schema in every tool.
+CLAUDE_CODE_BODY = {
+    "model": "claude-opus-4-8",
+    "messages": [
+        {"role": "user", "content": [{"type": "text", "text": REMINDER}, {"type": "text", "text": "say hi"}]},
+        {"role": "system", "content": AGENTS},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "Let me think about this briefly.", "signature": SIGNATURE},
+            {"type": "text", "text": "I'll use a tool."},
+            {"type": "tool_use", "id": TOOLU, "name": "Bash", "input": {"command": "ls"}},
+        ]},
+        {"role": "user", "content": [
+            {"tool_use_id": TOOLU, "type": "tool_result", "content": "a.txt", "is_error": False,
+             "cache_control": {"type": "ephemeral"}},
+        ]},
+    ],
+    "system": CC_SYSTEM,
+    "tools": CC_TOOLS,
+    "metadata": {"user_id": USER_ID},
+    "max_tokens": 64000,
+    "thinking": {"type": "adaptive"},
+    "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+    "output_config": {"effort": "high"},
+    "stream": True,
+}  # fmt: skip
+
+WEATHER_PARAMS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+O_WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Get the weather for a city",
+                                                   "parameters": WEATHER_PARAMS}}  # fmt: skip
+A_WEATHER_TOOL = {"name": "get_weather", "description": "Get the weather for a city", "input_schema": WEATHER_PARAMS}
+
+
+def o_call(call_id, city):
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": json.dumps({"city": city})},
+    }
+
+
+# An OpenAI SDK conversation (openai_sdk 02/04/05, extended): system + developer mid-way, image,
+# two parallel calls, two tool messages, an empty user message.
+OPENAI_BODY = {
+    "model": "gpt-4o-mini",
+    "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [
+            {"type": "text", "text": "weather in Paris and Rome?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+        ]},
+        {"role": "assistant", "annotations": [], "tool_calls": [o_call("call_paris", "Paris"), o_call("call_rome", "Rome")]},
+        {"role": "tool", "tool_call_id": "call_paris", "content": "sunny, 21C"},
+        {"role": "tool", "tool_call_id": "call_rome", "content": "rain, 14C"},
+        {"role": "developer", "content": "answer in French"},
+        {"role": "user", "content": ""},
+        {"role": "user", "content": "and tomorrow?"},
+    ],
+    "tools": [O_WEATHER_TOOL],
+    "tool_choice": "required",
+    "parallel_tool_calls": False,
+    "max_completion_tokens": 1000,
+    "temperature": 0.2,
+    "stop": ["END"],
+    "user": "u1",
+    "metadata": {"k": "v"},
+    "stream": True,
+    "stream_options": {"include_usage": True},
+}  # fmt: skip
+
+
+def a_event(data: dict) -> bytes:
+    return f"event: {data['type']}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def a_stream(*events) -> bytes:
+    return b"".join(a_event(e) for e in events)
+
+
+def block_start(index, block):
+    return {"type": "content_block_start", "index": index, "content_block": block}
+
+
+def block_delta(index, delta):
+    return {"type": "content_block_delta", "index": index, "delta": delta}
+
+
+def block_stop(index):
+    return {"type": "content_block_stop", "index": index}
+
+
+def message_start(usage, msg_id="msg_01abc", model="claude-sonnet-4-5"):
+    message = {"id": msg_id, "type": "message", "role": "assistant", "model": model, "content": [],
+               "stop_reason": None, "stop_sequence": None, "usage": usage}  # fmt: skip
+    return {"type": "message_start", "message": message}
+
+
+def message_delta(stop_reason, usage):
+    return {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None}, "usage": usage}
+
+
+PING = {"type": "ping"}
+MESSAGE_STOP = {"type": "message_stop"}
+TOOL_INPUT = {"command": "ls"}
+
+# What fake_upstream.py streams for a thinking + tool request (its exact event sequence).
+FAKE_UPSTREAM_STREAM = a_stream(
+    message_start({"input_tokens": 120, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 1,
+                   "service_tier": "standard"}, "msg_fake01"),
+    PING,
+    block_start(0, {"type": "thinking", "thinking": "", "signature": ""}),
+    block_delta(0, {"type": "thinking_delta", "thinking": "Let me think about this briefly."}),
+    block_delta(0, {"type": "signature_delta", "signature": SIGNATURE}),
+    block_stop(0),
+    block_start(1, {"type": "text", "text": ""}),
+    block_delta(1, {"type": "text_delta", "text": "I'll"}),
+    block_delta(1, {"type": "text_delta", "text": " use"}),
+    block_delta(1, {"type": "text_delta", "text": " a"}),
+    block_delta(1, {"type": "text_delta", "text": " tool."}),
+    block_stop(1),
+    block_start(2, {"type": "tool_use", "id": TOOLU, "name": "Bash", "input": {}}),
+    block_delta(2, {"type": "input_json_delta", "partial_json": ""}),
+    block_delta(2, {"type": "input_json_delta", "partial_json": '{"comma'}),
+    block_delta(2, {"type": "input_json_delta", "partial_json": 'nd": "ls"}'}),
+    block_stop(2),
+    message_delta("tool_use", {"input_tokens": 120, "output_tokens": 40, "cache_creation_input_tokens": 0,
+                               "cache_read_input_tokens": 0}),
+    MESSAGE_STOP,
+)  # fmt: skip
+
+# What api.anthropic.com streams: cache usage in message_start only, message_delta with
+# output_tokens only, two parallel tools with arguments split mid-token, a zero-argument tool.
+REAL_ANTHROPIC_STREAM = a_stream(
+    message_start({"input_tokens": 12, "cache_creation_input_tokens": 100, "cache_read_input_tokens": 2000,
+                   "output_tokens": 1}),
+    block_start(0, {"type": "thinking", "thinking": "", "signature": ""}),
+    PING,
+    block_delta(0, {"type": "thinking_delta", "thinking": "Two cities, "}),
+    block_delta(0, {"type": "thinking_delta", "thinking": "two calls."}),
+    block_delta(0, {"type": "signature_delta", "signature": "EqQBCkgIAhABGAIiQL"}),
+    block_stop(0),
+    block_start(1, {"type": "text", "text": ""}),
+    block_delta(1, {"type": "text_delta", "text": "Checking."}),
+    block_delta(1, {"type": "citations_delta", "citation": {"type": "char_location", "cited_text": "x"}}),
+    block_stop(1),
+    block_start(2, {"type": "tool_use", "id": "toolu_01A", "name": "get_weather", "input": {}}),
+    block_delta(2, {"type": "input_json_delta", "partial_json": '{"ci'}),
+    block_delta(2, {"type": "input_json_delta", "partial_json": 'ty": "Par'}),
+    block_delta(2, {"type": "input_json_delta", "partial_json": 'is"}'}),
+    block_stop(2),
+    block_start(3, {"type": "tool_use", "id": "toolu_01B", "name": "get_weather", "input": {}}),
+    block_delta(3, {"type": "input_json_delta", "partial_json": '{"city": "Rome"}'}),
+    block_stop(3),
+    block_start(4, {"type": "tool_use", "id": "toolu_01C", "name": "CronList", "input": {}}),
+    block_delta(4, {"type": "input_json_delta", "partial_json": ""}),
+    block_stop(4),
+    message_delta("tool_use", {"output_tokens": 87}),
+    MESSAGE_STOP,
+)  # fmt: skip
+
+
+def o_chunk(delta, finish=None, usage=None, choices=True):
+    obj = {"id": "chatcmpl-xyz789", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini",
+           "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else []}  # fmt: skip
+    if usage is not None:
+        obj["usage"] = usage
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+O_USAGE = {"prompt_tokens": 2100, "completion_tokens": 60, "total_tokens": 2160,
+           "prompt_tokens_details": {"cached_tokens": 2000}, "completion_tokens_details": {"reasoning_tokens": 20}}  # fmt: skip
+
+# An OpenAI-compatible upstream (vLLM/DeepSeek style) streaming reasoning, text, two tool calls
+# with arguments split across chunks, a zero-argument call, then a usage chunk and [DONE].
+OPENAI_STREAM = b"".join([
+    o_chunk({"role": "assistant", "content": ""}),
+    o_chunk({"reasoning_content": "Two cities"}),
+    o_chunk({"reasoning_content": ", two calls."}),
+    o_chunk({"content": "Checking"}),
+    o_chunk({"content": " both."}),
+    o_chunk({"tool_calls": [{"index": 0, "id": "call_paris", "type": "function",
+                             "function": {"name": "get_weather", "arguments": ""}}]}),
+    o_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"ci'}}]}),
+    o_chunk({"tool_calls": [{"index": 0, "function": {"arguments": 'ty": "Paris"}'}}]}),
+    o_chunk({"tool_calls": [{"index": 1, "id": "call_rome", "type": "function",
+                             "function": {"name": "get_weather", "arguments": '{"city"'}}]}),
+    o_chunk({"tool_calls": [{"index": 1, "function": {"arguments": ': "Rome"}'}}]}),
+    o_chunk({"tool_calls": [{"index": 2, "id": "call_cron", "type": "function",
+                             "function": {"name": "CronList", "arguments": ""}}]}),
+    o_chunk({}, "tool_calls"),
+    o_chunk(None, usage=O_USAGE, choices=False),
+    b"data: [DONE]\n\n",
+])  # fmt: skip
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+
+def anthropic_decode_stream(codec, raw: bytes, chunk_size: int | None = None) -> list:
+    parser, decoder, events = SSEParser(), codec.stream_decoder(), []
+    pieces = [raw[i : i + chunk_size] for i in range(0, len(raw), chunk_size)] if chunk_size else [raw]
+    for piece in pieces:
+        for sse in parser.feed(piece):
+            events.extend(decoder.feed(sse))
+    for sse in parser.finish():
+        events.extend(decoder.feed(sse))
+    return events + decoder.finish()
+
+
+def encode_stream(codec, req: Request, events) -> bytes:
+    encoder = codec.stream_encoder(req)
+    return b"".join(encoder.encode(ev) for ev in events)
+
+
+def parse_anthropic_sse(raw: bytes) -> list:
+    """[(event name, data)], checking the event name matches data.type."""
+    out = []
+    for sse in SSEParser().feed(raw):
+        data = json.loads(sse.data)
+        assert sse.event == data["type"]
+        out.append(data)
+    return out
+
+
+def parse_openai_sse(raw: bytes) -> list:
+    return [sse.data if sse.data == "[DONE]" else json.loads(sse.data) for sse in SSEParser().feed(raw)]
+
+
+def check_anthropic_stream(events: list) -> None:
+    """The invariants every Anthropic stream must keep (EDGE_CASES: block order in A streams)."""
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "message_start" and kinds.count("message_start") == 1
+    assert kinds[-1] == "message_stop" and kinds.count("message_stop") == 1
+    assert kinds.count("message_delta") == 1 and kinds[-2] == "message_delta"
+    open_index, next_index = None, 0
+    for e in events:
+        if e["type"] == "content_block_start":
+            assert open_index is None, "two blocks open at once"
+            assert e["index"] == next_index, "indices must run 0, 1, 2... with no gaps"
+            open_index, next_index = e["index"], next_index + 1
+            if e["content_block"]["type"] == "text":
+                assert e["content_block"] == {"type": "text", "text": ""}
+        elif e["type"] == "content_block_delta":
+            assert e["index"] == open_index, "delta outside its block"
+        elif e["type"] == "content_block_stop":
+            assert e["index"] == open_index
+            open_index = None
+        elif e["type"] == "message_delta":
+            assert open_index is None
+    assert open_index is None
+
+
+def assemble_anthropic(events: list) -> list:
+    """Content blocks as an SDK accumulates them (tool input parsed from its JSON deltas)."""
+    blocks, json_parts = [], {}
+    for e in events:
+        if e["type"] == "content_block_start":
+            blocks.append(copy.deepcopy(e["content_block"]))
+        elif e["type"] == "content_block_delta":
+            block, delta = blocks[e["index"]], e["delta"]
+            if delta["type"] == "text_delta":
+                block["text"] += delta["text"]
+            elif delta["type"] == "thinking_delta":
+                block["thinking"] += delta["thinking"]
+            elif delta["type"] == "signature_delta":
+                block["signature"] += delta["signature"]
+            elif delta["type"] == "input_json_delta":
+                json_parts[e["index"]] = json_parts.get(e["index"], "") + delta["partial_json"]
+        elif e["type"] == "content_block_stop" and e["index"] in json_parts:
+            blocks[e["index"]]["input"] = json.loads(json_parts[e["index"]])
+    return blocks
+
+
+def openai_deltas(chunks: list) -> list:
+    """(delta, finish_reason) of each chunk with choices; ids and timestamps left out."""
+    return [
+        (c["choices"][0]["delta"], c["choices"][0]["finish_reason"])
+        for c in chunks
+        if c != "[DONE]" and c.get("choices")
+    ]
+
+
+def o_request(**fields) -> Request:
+    return OPENAI_CODEC.decode_request(
+        {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}], **fields}
+    )
+
+
+def a_request(**fields) -> Request:
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}], **fields}
+    return ANTHROPIC_CODEC.decode_request(body)
+
+
+def strip_ids(events: list) -> list:
+    out = copy.deepcopy(events)
+    for e in out:
+        if e["type"] == "message_start":
+            e["message"]["id"] = "msg_X"
+    return out
+
+
+def contains_key(obj, key: str) -> bool:
+    if isinstance(obj, dict):
+        return key in obj or any(contains_key(v, key) for v in obj.values())
+    if isinstance(obj, list):
+        return any(contains_key(v, key) for v in obj)
+    return False
+
+
+# ---- golden: requests ------------------------------------------------------------------------------
+
+
+def test_golden_claude_code_request_to_openai():
+    req = ANTHROPIC_CODEC.decode_request(copy.deepcopy(CLAUDE_CODE_BODY))
+    body = OPENAI_CODEC.encode_request(req, "gpt-5")
+    assert body == {
+        "model": "gpt-5",
+        "messages": [
+            {"role": "system", "content": "You are a Claude agent, built on Anthropic's Claude Agent SDK.\n\n"
+                                          "\nYou are an interactive agent that helps users with software engineering tasks.\n"},
+            {"role": "user", "content": REMINDER + "\n\nsay hi"},
+            {"role": "system", "content": AGENTS},
+            {"role": "assistant", "content": "I'll use a tool.", "tool_calls": [
+                {"id": TOOLU, "type": "function", "function": {"name": "Bash", "arguments": '{"command": "ls"}'}}]},
+            {"role": "tool", "tool_call_id": TOOLU, "content": "a.txt"},
+        ],
+        "tools": [
+            {"type": "function", "function": {"name": "Bash", "description": "Executes a given bash command.",
+                                              "parameters": ANTHROPIC_BASH_SCHEMA}},
+            {"type": "function", "function": {"name": "CronList", "description": CRON_LIST_DESCRIPTION,
+                                              "parameters": CRON_LIST_SCHEMA}},
+        ],
+        "max_completion_tokens": 64000,
+        "reasoning_effort": "high",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }  # fmt: skip
+
+
+def test_golden_claude_code_request_decodes_to_canonical():
+    req = ANTHROPIC_CODEC.decode_request(copy.deepcopy(CLAUDE_CODE_BODY))
+    assert req.protocol == "anthropic" and req.model == "claude-opus-4-8" and req.stream
+    assert [p.text for p in req.system] == ["", CC_SYSTEM[1]["text"], CC_SYSTEM[2]["text"]]
+    assert req.system[0].extra == {"anthropic_block": CC_SYSTEM[0]}  # billing header: Anthropic only
+    assert req.system[1].extra == {"cache_control": {"type": "ephemeral"}}
+    assert [m.role for m in req.messages] == ["user", "system", "assistant", "user"]
+    thinking, text, call = req.messages[2].parts
+    assert (thinking.type, thinking.text, thinking.signature) == (
+        "thinking",
+        "Let me think about this briefly.",
+        SIGNATURE,
+    )
+    assert (call.type, call.id, call.name, call.arguments) == ("tool_call", TOOLU, "Bash", '{"command": "ls"}')
+    result = req.messages[3].parts[0]
+    assert (result.type, result.id, result.is_error, result.extra) == (
+        "tool_result",
+        TOOLU,
+        False,
+        {"cache_control": {"type": "ephemeral"}},
+    )
+    assert [p.text for p in result.content] == ["a.txt"]
+    assert [t.name for t in req.tools] == ["Bash", "CronList"] and req.tools[0].parameters == ANTHROPIC_BASH_SCHEMA
+    assert (req.thinking, req.thinking_budget, req.reasoning_effort) == ("adaptive", None, "high")
+    assert (req.max_tokens, req.user, req.metadata) == (64000, USER_ID, {"user_id": USER_ID})
+
+
+def test_golden_claude_code_request_back_to_anthropic_keeps_what_anthropic_needs():
+    req = ANTHROPIC_CODEC.decode_request(copy.deepcopy(CLAUDE_CODE_BODY))
+    body = ANTHROPIC_CODEC.encode_request(req, "claude-opus-4-8")
+    assert body == {
+        "model": "claude-opus-4-8",
+        "max_tokens": 64000,
+        "system": CC_SYSTEM + [{"type": "text", "text": AGENTS}],  # the mid-conversation system message, appended
+        "messages": [
+            CLAUDE_CODE_BODY["messages"][0],
+            CLAUDE_CODE_BODY["messages"][2],  # signed thinking replayed byte-exact
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": TOOLU, "content": "a.txt",
+                                          "cache_control": {"type": "ephemeral"}}]},
+        ],
+        "tools": CC_TOOLS,
+        "thinking": {"type": "adaptive"},
+        "metadata": {"user_id": USER_ID},
+        "stream": True,
+        "context_management": CLAUDE_CODE_BODY["context_management"],
+        "output_config": {"effort": "high"},
+    }  # fmt: skip
+
+
+def test_golden_openai_request_to_anthropic():
+    req = OPENAI_CODEC.decode_request(copy.deepcopy(OPENAI_BODY))
+    body = ANTHROPIC_CODEC.encode_request(req, "claude-sonnet-4-5")
+    assert body == {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 1000,
+        "system": "be brief\n\nanswer in French",
+        "messages": [
+            {"role": "user", "content": [
+                {"type": "text", "text": "weather in Paris and Rome?"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+            ]},
+            {"role": "assistant", "content": [
+                {"type": "tool_use", "id": "call_paris", "name": "get_weather", "input": {"city": "Paris"}},
+                {"type": "tool_use", "id": "call_rome", "name": "get_weather", "input": {"city": "Rome"}},
+            ]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "call_paris", "content": "sunny, 21C"},
+                {"type": "tool_result", "tool_use_id": "call_rome", "content": "rain, 14C"},
+                {"type": "text", "text": "and tomorrow?"},
+            ]},
+        ],
+        "tools": [A_WEATHER_TOOL],
+        "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+        "stop_sequences": ["END"],
+        "temperature": 0.2,
+        "metadata": {"user_id": "u1"},
+        "stream": True,
+    }  # fmt: skip
+
+
+def test_openai_sdk_tool_round_trip_request_to_anthropic():
+    """openai_sdk capture 05: assistant turn without content, then the tool message."""
+    body = {"model": "gpt-4o-mini", "messages": [
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "annotations": [], "tool_calls": [o_call("call_6fc19c0cb116489a8f46ba61", "x")]},
+        {"role": "tool", "tool_call_id": "call_6fc19c0cb116489a8f46ba61", "content": "sunny, 21C"}],
+        "tools": [O_WEATHER_TOOL]}  # fmt: skip
+    out = ANTHROPIC_CODEC.encode_request(OPENAI_CODEC.decode_request(body), "claude-haiku-4-5")
+    assert out["messages"] == [
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "call_6fc19c0cb116489a8f46ba61", "name": "get_weather",
+                                           "input": {"city": "x"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_6fc19c0cb116489a8f46ba61",
+                                      "content": "sunny, 21C"}]},
+    ]  # fmt: skip
+    assert out["max_tokens"] == ANTHROPIC_DEFAULT_ANSWER_TOKENS and "tool_choice" not in out
+
+
+# ---- golden: streams -------------------------------------------------------------------------------
+
+
+def test_golden_fake_upstream_stream_to_openai():
+    events = anthropic_decode_stream(ANTHROPIC_CODEC, FAKE_UPSTREAM_STREAM)
+    req = o_request(stream=True, stream_options={"include_usage": True})
+    chunks = parse_openai_sse(encode_stream(OPENAI_CODEC, req, events))
+    assert openai_deltas(chunks) == [
+        ({"role": "assistant", "content": ""}, None),
+        ({"reasoning_content": "Let me think about this briefly."}, None),
+        ({"content": "I'll"}, None),
+        ({"content": " use"}, None),
+        ({"content": " a"}, None),
+        ({"content": " tool."}, None),
+        ({"tool_calls": [{"index": 0, "id": TOOLU, "type": "function", "function": {"name": "Bash", "arguments": ""}}]}, None),
+        ({"tool_calls": [{"index": 0, "function": {"arguments": '{"comma'}}]}, None),
+        ({"tool_calls": [{"index": 0, "function": {"arguments": 'nd": "ls"}'}}]}, None),
+        ({}, "tool_calls"),
+    ]  # fmt: skip
+    assert chunks[-2]["usage"] == {"prompt_tokens": 120, "completion_tokens": 40, "total_tokens": 160,
+                                   "prompt_tokens_details": {"cached_tokens": 0},
+                                   "completion_tokens_details": {"reasoning_tokens": 0}}  # fmt: skip
+    assert chunks[-1] == "[DONE]"
+
+
+def test_golden_real_anthropic_stream_to_canonical_events():
+    events = anthropic_decode_stream(ANTHROPIC_CODEC, REAL_ANTHROPIC_STREAM)
+    usage_start = Usage(input_tokens=2112, output_tokens=1, cached_tokens=2000, cache_creation_tokens=100)
+    usage_end = Usage(input_tokens=2112, output_tokens=87, cached_tokens=2000, cache_creation_tokens=100)
+    assert events == [
+        MessageStart("msg_01abc", "claude-sonnet-4-5", usage_start),
+        BlockStart(0, Part("thinking")),
+        BlockDelta(0, "thinking", "Two cities, "),
+        BlockDelta(0, "thinking", "two calls."),
+        BlockDelta(0, "signature", "EqQBCkgIAhABGAIiQL"),
+        BlockStop(0),
+        BlockStart(1, Part("text")),
+        BlockDelta(1, "text", "Checking."),
+        BlockStop(1),
+        BlockStart(2, Part("tool_call", id="toolu_01A", name="get_weather")),
+        BlockDelta(2, "arguments", '{"ci'),
+        BlockDelta(2, "arguments", 'ty": "Par'),
+        BlockDelta(2, "arguments", 'is"}'),
+        BlockStop(2),
+        BlockStart(3, Part("tool_call", id="toolu_01B", name="get_weather")),
+        BlockDelta(3, "arguments", '{"city": "Rome"}'),
+        BlockStop(3),
+        BlockStart(4, Part("tool_call", id="toolu_01C", name="CronList")),
+        BlockStop(4),
+        MessageDelta("tool_use", None, usage_end),
+        MessageStop(),
+    ]
+
+
+def test_golden_real_anthropic_stream_to_openai():
+    events = anthropic_decode_stream(ANTHROPIC_CODEC, REAL_ANTHROPIC_STREAM)
+    chunks = parse_openai_sse(encode_stream(OPENAI_CODEC, o_request(stream=True), events))
+    assert openai_deltas(chunks) == [
+        ({"role": "assistant", "content": ""}, None),
+        ({"reasoning_content": "Two cities, "}, None),
+        ({"reasoning_content": "two calls."}, None),
+        ({"content": "Checking."}, None),
+        ({"tool_calls": [{"index": 0, "id": "toolu_01A", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}, None),
+        ({"tool_calls": [{"index": 0, "function": {"arguments": '{"ci'}}]}, None),
+        ({"tool_calls": [{"index": 0, "function": {"arguments": 'ty": "Par'}}]}, None),
+        ({"tool_calls": [{"index": 0, "function": {"arguments": 'is"}'}}]}, None),
+        ({"tool_calls": [{"index": 1, "id": "toolu_01B", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}, None),
+        ({"tool_calls": [{"index": 1, "function": {"arguments": '{"city": "Rome"}'}}]}, None),
+        ({"tool_calls": [{"index": 2, "id": "toolu_01C", "type": "function", "function": {"name": "CronList", "arguments": ""}}]}, None),
+        ({}, "tool_calls"),
+    ]  # fmt: skip
+    assert chunks[-1] == "[DONE]" and not any("usage" in c for c in chunks[:-1])  # the client asked for none
+
+
+def test_golden_openai_stream_to_anthropic():
+    events = anthropic_decode_stream(OPENAI_CODEC, OPENAI_STREAM)
+    req = a_request(stream=True)
+    out = parse_anthropic_sse(encode_stream(ANTHROPIC_CODEC, req, events))
+    check_anthropic_stream(out)
+    zero = {"input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 0}
+    assert out[0]["message"]["id"] == "msg_xyz789"  # the upstream id, in Anthropic's shape
+    assert strip_ids(out) == [
+        {"type": "message_start", "message": {"id": "msg_X", "type": "message", "role": "assistant",
+                                              "model": "claude-sonnet-4-5", "content": [], "stop_reason": None,
+                                              "stop_sequence": None, "usage": zero}},
+        block_start(0, {"type": "thinking", "thinking": "", "signature": ""}),
+        block_delta(0, {"type": "thinking_delta", "thinking": "Two cities"}),
+        block_delta(0, {"type": "thinking_delta", "thinking": ", two calls."}),
+        block_stop(0),
+        block_start(1, {"type": "text", "text": ""}),
+        block_delta(1, {"type": "text_delta", "text": "Checking"}),
+        block_delta(1, {"type": "text_delta", "text": " both."}),
+        block_stop(1),
+        block_start(2, {"type": "tool_use", "id": "call_paris", "name": "get_weather", "input": {}}),
+        block_delta(2, {"type": "input_json_delta", "partial_json": '{"ci'}),
+        block_delta(2, {"type": "input_json_delta", "partial_json": 'ty": "Paris"}'}),
+        block_stop(2),
+        block_start(3, {"type": "tool_use", "id": "call_rome", "name": "get_weather", "input": {}}),
+        block_delta(3, {"type": "input_json_delta", "partial_json": '{"city"'}),
+        block_delta(3, {"type": "input_json_delta", "partial_json": ': "Rome"}'}),
+        block_stop(3),
+        block_start(4, {"type": "tool_use", "id": "call_cron", "name": "CronList", "input": {}}),
+        block_stop(4),
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+         "usage": {"input_tokens": 100, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 2000,
+                   "output_tokens": 60}},
+        {"type": "message_stop"},
+    ]  # fmt: skip
+
+
+def test_anthropic_stream_through_canonical_back_to_anthropic_is_faithful():
+    """A -> canonical -> A (a translated lane with an Anthropic client and upstream)."""
+    events = anthropic_decode_stream(ANTHROPIC_CODEC, REAL_ANTHROPIC_STREAM)
+    out = parse_anthropic_sse(encode_stream(ANTHROPIC_CODEC, a_request(stream=True), events))
+    check_anthropic_stream(out)
+    assert assemble_anthropic(out) == [
+        {"type": "thinking", "thinking": "Two cities, two calls.", "signature": "EqQBCkgIAhABGAIiQL"},
+        {"type": "text", "text": "Checking."},
+        {"type": "tool_use", "id": "toolu_01A", "name": "get_weather", "input": {"city": "Paris"}},
+        {"type": "tool_use", "id": "toolu_01B", "name": "get_weather", "input": {"city": "Rome"}},
+        {"type": "tool_use", "id": "toolu_01C", "name": "CronList", "input": {}},
+    ]
+    assert out[-2]["usage"] == {"input_tokens": 12, "cache_creation_input_tokens": 100, "cache_read_input_tokens": 2000,
+                                "output_tokens": 87}  # fmt: skip
+
+
+def test_server_tool_blocks_pass_through_a_stream_whole():
+    raw = a_stream(
+        message_start({"input_tokens": 5, "output_tokens": 1}),
+        block_start(0, {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}}),
+        block_delta(0, {"type": "input_json_delta", "partial_json": '{"query": "pa'}),
+        block_delta(0, {"type": "input_json_delta", "partial_json": 'ris weather"}'}),
+        block_stop(0),
+        block_start(1, {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1",
+                        "content": [{"type": "web_search_result", "url": "https://w.example", "title": "W"}]}),
+        block_stop(1),
+        block_start(2, {"type": "text", "text": ""}),
+        block_delta(2, {"type": "text_delta", "text": "Sunny."}),
+        block_stop(2),
+        message_delta("end_turn", {"output_tokens": 9}),
+        MESSAGE_STOP,
+    )  # fmt: skip
+    events = anthropic_decode_stream(ANTHROPIC_CODEC, raw)
+    out = parse_anthropic_sse(encode_stream(ANTHROPIC_CODEC, a_request(stream=True), events))
+    check_anthropic_stream(out)
+    assert assemble_anthropic(out) == [
+        {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "paris weather"}},
+        {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1",
+         "content": [{"type": "web_search_result", "url": "https://w.example", "title": "W"}]},
+        {"type": "text", "text": "Sunny."},
+    ]  # fmt: skip
+    assert out[-2]["delta"]["stop_reason"] == "end_turn"
+    # an OpenAI client sees only the text, never a tool call it would have to run
+    chunks = parse_openai_sse(encode_stream(OPENAI_CODEC, o_request(stream=True), events))
+    assert openai_deltas(chunks) == [
+        ({"role": "assistant", "content": ""}, None),
+        ({"content": "Sunny."}, None),
+        ({}, "stop"),
+    ]
+
+
+# ---- golden: errors mid-stream ---------------------------------------------------------------------
+
+
+def test_anthropic_error_mid_stream_reaches_openai_client_with_its_status():
+    raw = a_stream(
+        message_start({"input_tokens": 5, "output_tokens": 1}),
+        block_start(0, {"type": "text", "text": ""}),
+        block_delta(0, {"type": "text_delta", "text": "Hel"}),
+        {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+    )
+    events = anthropic_decode_stream(ANTHROPIC_CODEC, raw)
+    assert isinstance(events[-1], StreamError) and len([e for e in events if isinstance(e, StreamError)]) == 1
+    err = events[-1].error
+    assert (err.status, err.kind, err.message) == (529, "overloaded_error", "Overloaded")
+    chunks = parse_openai_sse(encode_stream(OPENAI_CODEC, o_request(stream=True), events))
+    assert chunks[-1] == {
+        "error": {"message": "Overloaded", "type": "server_error", "param": None, "code": "overloaded_error"}
+    }
+    assert "[DONE]" not in chunks
+
+
+@pytest.mark.parametrize(
+    ("kind", "status"),
+    [("rate_limit_error", 429), ("api_error", 500), ("invalid_request_error", 400), ("timeout_error", 504),
+     ("billing_error", 402), ("something_new", 502)],
+)  # fmt: skip
+def test_anthropic_stream_error_status_by_type(kind, status):
+    events = anthropic_decode_stream(
+        ANTHROPIC_CODEC, a_event({"type": "error", "error": {"type": kind, "message": "m"}})
+    )
+    assert [type(e) for e in events] == [StreamError] and events[0].error.status == status
+
+
+def test_openai_error_mid_stream_reaches_anthropic_client_as_error_event():
+    raw = o_chunk({"role": "assistant", "content": ""}) + o_chunk({"content": "Hel"})
+    raw += b'data: {"error": {"message": "The server had an error", "type": "server_error"}}\n\n'
+    events = anthropic_decode_stream(OPENAI_CODEC, raw)
+    out = encode_stream(ANTHROPIC_CODEC, a_request(stream=True), events)
+    parsed = parse_anthropic_sse(out)
+    assert [e["type"] for e in parsed] == ["message_start", "content_block_start", "content_block_delta", "error"]
+    assert parsed[-1] == {"type": "error", "error": {"type": "api_error", "message": "The server had an error"}}
+    assert out.endswith(
+        b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":"The server had an error"}}\n\n'
+    )
+
+
+# ---- golden: non-streaming responses ---------------------------------------------------------------
+
+A_RESPONSE = {
+    "id": "msg_01XFDUDYJgAACzvnptvVoYEL", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+    "content": [
+        {"type": "thinking", "thinking": "Let me think about this briefly.", "signature": SIGNATURE},
+        {"type": "text", "text": "I'll use a tool."},
+        {"type": "tool_use", "id": "toolu_ab8b8c56b8214f728b9e1d1a", "name": "get_weather", "input": {"city": "x"}},
+    ],
+    "stop_reason": "tool_use", "stop_sequence": None,
+    "usage": {"input_tokens": 50, "cache_creation_input_tokens": 30, "cache_read_input_tokens": 1000,
+              "output_tokens": 25, "service_tier": "standard"},
+}  # fmt: skip
+
+O_RESPONSE = {
+    "id": "chatcmpl-abc123", "object": "chat.completion", "created": 1700000000, "model": "gpt-4o-mini",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "refusal": None, "annotations": [],
+                                         "tool_calls": [o_call("call_1", "Paris"), o_call("call_2", "Rome")]},
+                 "logprobs": None, "finish_reason": "tool_calls"}],
+    "usage": {"prompt_tokens": 1500, "completion_tokens": 40, "total_tokens": 1540,
+              "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
+              "completion_tokens_details": {"reasoning_tokens": 0}},
+}  # fmt: skip
+
+
+def test_golden_anthropic_response_to_openai():
+    resp = ANTHROPIC_CODEC.decode_response(A_RESPONSE)
+    assert resp.usage == Usage(input_tokens=1080, output_tokens=25, cached_tokens=1000, cache_creation_tokens=30)
+    body = OPENAI_CODEC.encode_response(resp, o_request())
+    assert body["id"] == "chatcmpl-01XFDUDYJgAACzvnptvVoYEL"
+    assert body["choices"] == [{"index": 0, "logprobs": None, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": "I'll use a tool.", "refusal": None,
+        "reasoning_content": "Let me think about this briefly.",
+        "tool_calls": [{"id": "toolu_ab8b8c56b8214f728b9e1d1a", "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "x"}'}}]}}]  # fmt: skip
+    assert body["usage"] == {"prompt_tokens": 1080, "completion_tokens": 25, "total_tokens": 1105,
+                             "prompt_tokens_details": {"cached_tokens": 1000},
+                             "completion_tokens_details": {"reasoning_tokens": 0}}  # fmt: skip
+
+
+def test_golden_openai_response_to_anthropic():
+    resp = OPENAI_CODEC.decode_response(O_RESPONSE)
+    assert ANTHROPIC_CODEC.encode_response(resp, a_request()) == {
+        "id": "msg_abc123", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+        "content": [
+            {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}},
+            {"type": "tool_use", "id": "call_2", "name": "get_weather", "input": {"city": "Rome"}},
+        ],
+        "stop_reason": "tool_use", "stop_sequence": None,
+        "usage": {"input_tokens": 476, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 1024, "output_tokens": 40},
+    }  # fmt: skip
+
+
+def test_anthropic_response_round_trip_is_identity_for_anthropic_fields():
+    resp = ANTHROPIC_CODEC.decode_response(A_RESPONSE)
+    body = ANTHROPIC_CODEC.encode_response(resp, a_request(model="claude-sonnet-4-5"))
+    expected = dict(A_RESPONSE, usage={k: v for k, v in A_RESPONSE["usage"].items() if k != "service_tier"})
+    assert body == expected
+
+
+def test_non_streaming_equals_streaming_via_unfold():
+    """encode_response and the stream encoder agree (each codec writes its encoder once)."""
+    resp = OPENAI_CODEC.decode_response(O_RESPONSE)
+    streamed = assemble_anthropic(
+        parse_anthropic_sse(encode_stream(ANTHROPIC_CODEC, a_request(), unfold_response(resp)))
+    )
+    assert streamed == ANTHROPIC_CODEC.encode_response(resp, a_request())["content"]
+
+
+def test_malformed_upstream_response_is_a_502_not_a_400():
+    with pytest.raises(GatewayError) as info:
+        ANTHROPIC_CODEC.decode_response({"content": [{"type": "tool_use", "name": "x"}]})
+    assert info.value.status == 502 and "content.id" in info.value.message
+
+
+# ---- golden: error envelopes -----------------------------------------------------------------------
+
+
+def test_error_envelope_anthropic_to_openai_keeps_status():
+    body = b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"},"request_id":"req_1"}'
+    err = ANTHROPIC_CODEC.decode_error(529, body)
+    assert (err.status, err.kind, err.message) == (529, "overloaded_error", "Overloaded")
+    assert OPENAI_CODEC.encode_error(err) == {"error": {"message": "Overloaded", "type": "server_error", "param": None,
+                                                        "code": "overloaded_error"}}  # fmt: skip
+
+
+def test_error_envelope_openai_to_anthropic_keeps_status():
+    body = b'{"error": {"message": "Rate limit reached", "type": "requests", "param": null, "code": "rate_limit_exceeded"}}'
+    err = OPENAI_CODEC.decode_error(429, body)
+    assert err.status == 429
+    assert ANTHROPIC_CODEC.encode_error(err) == {"type": "error", "error": {"type": "rate_limit_error",
+                                                                             "message": "Rate limit reached"}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "expected"),
+    [(499, "client_closed", "invalid_request_error"), (500, "server_error", "api_error"),
+     (404, "not_found_error", "not_found_error"), (413, "", "request_too_large"), (504, "", "timeout_error"),
+     (400, "weird", "invalid_request_error")],
+)  # fmt: skip
+def test_encode_error_maps_kinds_anthropic_lacks(status, kind, expected):
+    assert ANTHROPIC_CODEC.encode_error(GatewayError(status, "m", kind)) == {
+        "type": "error",
+        "error": {"type": expected, "message": "m"},
+    }
+
+
+# ---- EDGE_CASES.md: tool calls in streams ----------------------------------------------------------
+
+
+def test_edge_streamed_tool_input_equals_non_streaming_input():
+    """A stream from an O upstream: the assembled tool_use.input is what the JSON path gives, never {}."""
+    streamed = assemble_anthropic(
+        parse_anthropic_sse(
+            encode_stream(ANTHROPIC_CODEC, a_request(), anthropic_decode_stream(OPENAI_CODEC, OPENAI_STREAM))
+        )
+    )
+    tools = [b for b in streamed if b["type"] == "tool_use"]
+    assert [t["input"] for t in tools] == [{"city": "Paris"}, {"city": "Rome"}, {}]
+    resp = OPENAI_CODEC.decode_response(O_RESPONSE)
+    json_tools = [b for b in ANTHROPIC_CODEC.encode_response(resp, a_request())["content"] if b["type"] == "tool_use"]
+    assert [t["input"] for t in json_tools] == [{"city": "Paris"}, {"city": "Rome"}]
+
+
+def test_edge_parallel_tool_calls_get_own_blocks_and_never_run_together():
+    out = parse_anthropic_sse(
+        encode_stream(ANTHROPIC_CODEC, a_request(), anthropic_decode_stream(OPENAI_CODEC, OPENAI_STREAM))
+    )
+    starts = [e for e in out if e["type"] == "content_block_start" and e["content_block"]["type"] == "tool_use"]
+    assert [(e["index"], e["content_block"]["id"]) for e in starts] == [
+        (2, "call_paris"),
+        (3, "call_rome"),
+        (4, "call_cron"),
+    ]
+    for e in starts:
+        pieces = [
+            d["delta"]["partial_json"] for d in out if d["type"] == "content_block_delta" and d["index"] == e["index"]
+        ]
+        assert "}{" not in "".join(pieces)
+    # and A -> O: each tool_use keeps its own tool_calls index
+    chunks = parse_openai_sse(
+        encode_stream(OPENAI_CODEC, o_request(), anthropic_decode_stream(ANTHROPIC_CODEC, REAL_ANTHROPIC_STREAM))
+    )
+    args: dict = {}
+    for delta, _ in openai_deltas(chunks):
+        for call in delta.get("tool_calls", []):
+            args[call["index"]] = args.get(call["index"], "") + call["function"]["arguments"]
+    assert args == {0: '{"city": "Paris"}', 1: '{"city": "Rome"}', 2: ""}
+
+
+def test_edge_block_order_zero_argument_tool_and_single_message_start():
+    events = [
+        MessageStart("chatcmpl-1", "m"),
+        BlockStart(0, Part("text")), BlockDelta(0, "text", "Let me list them."), BlockStop(0),
+        BlockStart(1, Part("tool_call", id="call_z", name="CronList")), BlockStop(1),
+        MessageStart("chatcmpl-1", "m"),  # a duplicate never becomes a second message_start
+        MessageDelta("end_turn", None, Usage()), MessageStop(),
+    ]  # fmt: skip
+    out = parse_anthropic_sse(encode_stream(ANTHROPIC_CODEC, a_request(), events))
+    check_anthropic_stream(out)
+    assert [(e["type"], e.get("index")) for e in out] == [
+        ("message_start", None), ("content_block_start", 0), ("content_block_delta", 0), ("content_block_stop", 0),
+        ("content_block_start", 1), ("content_block_stop", 1), ("message_delta", None), ("message_stop", None),
+    ]  # fmt: skip
+    assert out[4]["content_block"] == {"type": "tool_use", "id": "call_z", "name": "CronList", "input": {}}
+    assert out[-2]["delta"]["stop_reason"] == "tool_use"
+
+
+def test_edge_empty_text_blocks_are_skipped_and_indices_renumbered():
+    events = [
+        MessageStart("x", "m"),
+        BlockStart(0, Part("text")), BlockDelta(0, "text", ""), BlockStop(0),
+        BlockStart(1, Part("thinking")), BlockStop(1),
+        BlockStart(2, Part("tool_call", id="call_a", name="f")), BlockDelta(2, "arguments", '{"a": 1}'), BlockStop(2),
+        BlockStart(3, Part("text")), BlockDelta(3, "text", "done"), BlockStop(3),
+        MessageDelta("end_turn"), MessageStop(),
+    ]  # fmt: skip
+    out = parse_anthropic_sse(encode_stream(ANTHROPIC_CODEC, a_request(), events))
+    check_anthropic_stream(out)
+    assert assemble_anthropic(out) == [{"type": "tool_use", "id": "call_a", "name": "f", "input": {"a": 1}},
+                                       {"type": "text", "text": "done"}]  # fmt: skip
+
+
+def test_edge_tool_argument_deltas_are_forwarded_as_they_arrive():
+    encoder = ANTHROPIC_CODEC.stream_encoder(a_request())
+    encoder.encode(MessageStart("x", "m"))
+    start = encoder.encode(BlockStart(0, Part("tool_call", id="call_a", name="get_weather")))
+    assert b'"content_block_start"' in start and b'"input":{}' in start  # started at once, before any argument
+    for piece in ('{"ci', 'ty": ', '"Paris"}'):
+        out = parse_anthropic_sse(encoder.encode(BlockDelta(0, "arguments", piece)))
+        assert out == [block_delta(0, {"type": "input_json_delta", "partial_json": piece})]
+
+
+def test_edge_anthropic_tool_use_to_openai_non_streaming_has_null_content():
+    resp = ANTHROPIC_CODEC.decode_response(dict(A_RESPONSE, content=[A_RESPONSE["content"][2]]))
+    message = OPENAI_CODEC.encode_response(resp, o_request())["choices"][0]
+    assert message["message"]["content"] is None and message["finish_reason"] == "tool_calls"
+    text_only = ANTHROPIC_CODEC.decode_response(
+        dict(A_RESPONSE, content=[{"type": "text", "text": "hi"}], stop_reason="tool_use")
+    )
+    assert OPENAI_CODEC.encode_response(text_only, o_request())["choices"][0]["finish_reason"] == "stop"
+
+
+def test_edge_openai_tool_messages_become_one_user_turn_after_the_assistant_turn():
+    body = {"model": "gpt-4o", "messages": [
+        {"role": "user", "content": "two cities"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [o_call("call_1", "Paris"), o_call("call_2", "Rome")]},
+        {"role": "system", "content": "tools may be slow"},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "rain"}]},
+        {"role": "user", "content": "thanks"}]}  # fmt: skip
+    out = ANTHROPIC_CODEC.encode_request(OPENAI_CODEC.decode_request(body), "claude-sonnet-4-5")
+    assert out["system"] == "tools may be slow"
+    assert out["messages"][1:] == [
+        {"role": "assistant", "content": [
+            {"type": "text", "text": "Checking."},
+            {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}},
+            {"type": "tool_use", "id": "call_2", "name": "get_weather", "input": {"city": "Rome"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"},
+            {"type": "tool_result", "tool_use_id": "call_2", "content": "rain"},
+            {"type": "text", "text": "thanks"}]},
+    ]  # fmt: skip
+
+
+def test_edge_tool_result_without_its_call_becomes_text():
+    body = {"model": "gpt-4o", "messages": [
+        {"role": "user", "content": "go"},
+        {"role": "tool", "tool_call_id": "call_gone", "content": "stale output"}]}  # fmt: skip
+    out = ANTHROPIC_CODEC.encode_request(OPENAI_CODEC.decode_request(body), "claude-sonnet-4-5")
+    assert out["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "go"}, {"type": "text", "text": "[result of tool call call_gone]\nstale output"}]}]  # fmt: skip
+
+
+def test_edge_tool_call_ids_survive_round_trips_both_ways():
+    # A client -> O upstream -> A client: the toolu_ id the client sent comes back unchanged
+    req = ANTHROPIC_CODEC.decode_request(copy.deepcopy(CLAUDE_CODE_BODY))
+    o_body = OPENAI_CODEC.encode_request(req, "gpt-5")
+    assert o_body["messages"][3]["tool_calls"][0]["id"] == TOOLU and o_body["messages"][4]["tool_call_id"] == TOOLU
+    o_answer = dict(O_RESPONSE)
+    resp = ANTHROPIC_CODEC.encode_response(OPENAI_CODEC.decode_response(o_answer), req)
+    assert [b["id"] for b in resp["content"]] == ["call_1", "call_2"]
+    # ... and the client echoes them back: they reach the O upstream as they were
+    echoed = copy.deepcopy(CLAUDE_CODE_BODY)
+    echoed["messages"] += [{"role": "assistant", "content": resp["content"]},
+                           {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "x"},
+                                                        {"type": "tool_result", "tool_use_id": "call_2", "content": "y"}]}]  # fmt: skip
+    o_again = OPENAI_CODEC.encode_request(ANTHROPIC_CODEC.decode_request(echoed), "gpt-5")
+    assert [m.get("tool_call_id") for m in o_again["messages"][-2:]] == ["call_1", "call_2"]
+    # O client -> A upstream -> O client
+    a_body = ANTHROPIC_CODEC.encode_request(
+        OPENAI_CODEC.decode_request(copy.deepcopy(OPENAI_BODY)), "claude-sonnet-4-5"
+    )
+    assert [b["tool_use_id"] for b in a_body["messages"][2]["content"][:2]] == ["call_paris", "call_rome"]
+    o_resp = OPENAI_CODEC.encode_response(ANTHROPIC_CODEC.decode_response(A_RESPONSE), o_request())
+    assert o_resp["choices"][0]["message"]["tool_calls"][0]["id"] == "toolu_ab8b8c56b8214f728b9e1d1a"
+
+
+def test_tool_ids_anthropic_would_reject_are_made_safe_consistently():
+    body = {"model": "kimi", "messages": [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "tool_calls": [{"id": "functions.get_weather:0", "type": "function",
+                                              "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "ok"}]}  # fmt: skip
+    out = ANTHROPIC_CODEC.encode_request(OPENAI_CODEC.decode_request(body), "claude-sonnet-4-5")
+    assert out["messages"][1]["content"][0]["id"] == "functions_get_weather_0"
+    assert out["messages"][2]["content"][0]["tool_use_id"] == "functions_get_weather_0"
+
+
+# ---- EDGE_CASES.md: stop reasons and usage ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("anthropic", "openai"),
+    [("end_turn", "stop"), ("stop_sequence", "stop"), ("max_tokens", "length"), ("refusal", "content_filter"),
+     ("model_context_window_exceeded", "length")],
+)  # fmt: skip
+def test_edge_stop_reasons_anthropic_to_openai(anthropic, openai):
+    resp = ANTHROPIC_CODEC.decode_response(
+        dict(A_RESPONSE, content=[{"type": "text", "text": "x"}], stop_reason=anthropic)
+    )
+    assert OPENAI_CODEC.encode_response(resp, o_request())["choices"][0]["finish_reason"] == openai
+
+
+@pytest.mark.parametrize(
+    ("openai", "anthropic"),
+    [("stop", "end_turn"), ("length", "max_tokens"), ("content_filter", "refusal"), ("tool_calls", "end_turn")],
+)  # fmt: skip
+def test_edge_stop_reasons_openai_to_anthropic(openai, anthropic):
+    """tool_calls without any call is end_turn: a tool_use stop with no tool would hang the client."""
+    body = dict(
+        O_RESPONSE, choices=[{"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": openai}]
+    )
+    assert ANTHROPIC_CODEC.encode_response(OPENAI_CODEC.decode_response(body), a_request())["stop_reason"] == anthropic
+
+
+def test_edge_text_and_tools_with_stop_finish_reason_still_stop_with_tool_use():
+    body = dict(O_RESPONSE, choices=[{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": "Let me check.", "tool_calls": [o_call("call_1", "Paris")]}}])  # fmt: skip
+    out = ANTHROPIC_CODEC.encode_response(OPENAI_CODEC.decode_response(body), a_request())
+    assert out["stop_reason"] == "tool_use" and [b["type"] for b in out["content"]] == ["text", "tool_use"]
+    raw = (
+        o_chunk({"content": "Let me check."})
+        + o_chunk({"tool_calls": [o_call("call_1", "Paris") | {"index": 0}]})
+        + o_chunk({}, "stop")
+    )
+    sse = parse_anthropic_sse(encode_stream(ANTHROPIC_CODEC, a_request(), anthropic_decode_stream(OPENAI_CODEC, raw)))
+    assert sse[-2]["delta"] == {"stop_reason": "tool_use", "stop_sequence": None}
+
+
+def test_edge_stop_reason_is_in_message_delta_delta():
+    raw = o_chunk({"content": "Hi"}) + o_chunk({}, "length") + b"data: [DONE]\n\n"
+    out = parse_anthropic_sse(encode_stream(ANTHROPIC_CODEC, a_request(), anthropic_decode_stream(OPENAI_CODEC, raw)))
+    assert out[-2]["type"] == "message_delta" and out[-2]["delta"] == {
+        "stop_reason": "max_tokens",
+        "stop_sequence": None,
+    }
+    assert out[0]["message"]["stop_reason"] is None
+
+
+def test_edge_cached_tokens_map_both_ways():
+    a_usage = {"input_tokens": 7, "cache_creation_input_tokens": 3, "cache_read_input_tokens": 90, "output_tokens": 5}
+    canonical = ANTHROPIC_CODEC.decode_usage(a_usage)
+    assert canonical == Usage(input_tokens=100, output_tokens=5, cached_tokens=90, cache_creation_tokens=3)
+    assert OPENAI_CODEC.encode_usage(canonical)["prompt_tokens_details"] == {"cached_tokens": 90}
+    assert ANTHROPIC_CODEC.encode_usage(canonical) == a_usage
+    o_usage = OPENAI_CODEC.decode_usage(
+        {"prompt_tokens": 100, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 64}}
+    )
+    assert ANTHROPIC_CODEC.encode_usage(o_usage) == {"input_tokens": 36, "cache_creation_input_tokens": 0,
+                                                     "cache_read_input_tokens": 64, "output_tokens": 5}  # fmt: skip
+
+
+def test_edge_usage_counted_once_across_message_start_and_message_delta():
+    raw = a_stream(
+        message_start({"input_tokens": 10, "cache_read_input_tokens": 90, "cache_creation_input_tokens": 0, "output_tokens": 1}),
+        block_start(0, {"type": "text", "text": ""}), block_delta(0, {"type": "text_delta", "text": "x"}), block_stop(0),
+        message_delta("end_turn", {"input_tokens": 10, "cache_read_input_tokens": 90, "output_tokens": 30}),
+        MESSAGE_STOP,
+    )  # fmt: skip
+    folded = fold_events(anthropic_decode_stream(ANTHROPIC_CODEC, raw))
+    assert folded.usage == Usage(input_tokens=100, output_tokens=30, cached_tokens=90)
+    assert folded.parts[0].text == "x" and folded.stop_reason == "end_turn"
+
+
+def test_edge_openai_upstream_asked_for_usage_but_client_only_gets_what_it_asked():
+    a_req = ANTHROPIC_CODEC.decode_request(copy.deepcopy(CLAUDE_CODE_BODY))
+    assert OPENAI_CODEC.encode_request(a_req, "gpt-5")["stream_options"] == {"include_usage": True}
+    events = anthropic_decode_stream(ANTHROPIC_CODEC, FAKE_UPSTREAM_STREAM)
+    without = parse_openai_sse(encode_stream(OPENAI_CODEC, o_request(stream=True), events))
+    with_usage = parse_openai_sse(
+        encode_stream(OPENAI_CODEC, o_request(stream=True, stream_options={"include_usage": True}), events)
+    )
+    assert sum("usage" in c for c in without if c != "[DONE]") == 0
+    assert sum("usage" in c for c in with_usage if c != "[DONE]") == 1
+
+
+# ---- EDGE_CASES.md: content shapes -----------------------------------------------------------------
+
+
+def test_edge_count_tokens_counts_system_messages_tools_and_images():
+    """anthropic_sdk capture 07, then the same with a system prompt and an image."""
+    body = {
+        "messages": [{"role": "user", "content": "say hi"}],
+        "model": "claude-sonnet-4-5",
+        "tools": [A_WEATHER_TOOL],
+    }
+    bare = anthropic_count_tokens_estimate({"messages": body["messages"], "model": body["model"]})
+    with_tools = anthropic_count_tokens_estimate(body)
+    assert with_tools > bare + len(json.dumps(A_WEATHER_TOOL)) // 8
+    with_system = anthropic_count_tokens_estimate(dict(body, system="You are terse. " * 40))
+    assert with_system >= with_tools + 140
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "A" * 400_000}}
+    with_image = anthropic_count_tokens_estimate(
+        dict(body, messages=[{"role": "user", "content": [image, {"type": "text", "text": "hi"}]}])
+    )
+    assert 1600 <= with_image - with_tools <= 1700  # a fixed image cost, not the base64 length
+    assert with_tools == estimate_tokens([None, body["messages"], body["tools"], None])  # the one estimator
+
+
+def test_edge_never_send_anthropic_empty_text_or_empty_content():
+    body = {"model": "gpt-4o", "messages": [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": [{"type": "text", "text": ""}, {"type": "text", "text": "  "}]},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": None, "tool_calls": [o_call("call_1", "Paris")]},
+        {"role": "tool", "tool_call_id": "call_1", "content": ""},
+        {"role": "assistant", "content": "Sure.  \n"}]}  # fmt: skip
+    out = ANTHROPIC_CODEC.encode_request(OPENAI_CODEC.decode_request(body), "claude-sonnet-4-5")
+    assert "system" not in out
+    assert out["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "again"}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1"}]},
+        {"role": "assistant", "content": "Sure."},  # a final (prefill) turn may not end in whitespace
+    ]  # fmt: skip
+
+
+def test_edge_request_with_nothing_to_send_is_a_clear_400():
+    body = {"model": "gpt-4o", "messages": [{"role": "system", "content": "only a system prompt"}]}
+    with pytest.raises(GatewayError) as info:
+        ANTHROPIC_CODEC.encode_request(OPENAI_CODEC.decode_request(body), "claude-sonnet-4-5")
+    assert info.value.status == 400 and "at least one user or assistant message" in info.value.message
+
+
+def test_edge_tool_only_assistant_turn_in_openai_has_null_content():
+    body = {"model": "claude-x", "max_tokens": 10, "messages": [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"}]}]}  # fmt: skip
+    messages = OPENAI_CODEC.encode_request(ANTHROPIC_CODEC.decode_request(body), "gpt-4o")["messages"]
+    assert messages[1] == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "toolu_1", "type": "function", "function": {"name": "Bash", "arguments": "{}"}}]}  # fmt: skip
+
+
+def test_edge_system_blocks_become_an_openai_system_string():
+    """anthropic_sdk capture 01: system as blocks with cache_control, top-level cache_control."""
+    body = {"max_tokens": 100, "messages": [{"role": "user", "content": "say hi"}], "model": "claude-sonnet-4-5",
+            "cache_control": {"type": "ephemeral"}, "metadata": {"user_id": "u1"}, "output_config": {"effort": "low"},
+            "system": [{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}},
+                       {"type": "text", "text": "and kind"}],
+            "temperature": 0.1}  # fmt: skip
+    out = OPENAI_CODEC.encode_request(ANTHROPIC_CODEC.decode_request(body), "gpt-4o-mini")
+    assert out == {"model": "gpt-4o-mini", "messages": [{"role": "system", "content": "be brief\n\nand kind"},
+                                                        {"role": "user", "content": "say hi"}],
+                   "max_completion_tokens": 100, "temperature": 0.1, "reasoning_effort": "low"}  # fmt: skip
+
+
+def test_edge_system_messages_inside_messages_reach_anthropic_in_the_system_prompt():
+    body = {"model": "claude-x", "max_tokens": 10, "system": "base", "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": [{"type": "text", "text": "reminder one"}]},
+        {"role": "assistant", "content": "hello"},
+        {"role": "system", "content": "reminder two"},
+        {"role": "user", "content": "bye"}]}  # fmt: skip
+    req = ANTHROPIC_CODEC.decode_request(body)
+    assert [m.role for m in req.messages] == ["user", "system", "assistant", "system", "user"]
+    out = ANTHROPIC_CODEC.encode_request(req, "claude-sonnet-4-5")
+    assert out["system"] == "base\n\nreminder one\n\nreminder two"
+    assert [m["role"] for m in out["messages"]] == ["user", "assistant", "user"]
+    o_out = OPENAI_CODEC.encode_request(req, "gpt-4o")  # OpenAI accepts them where they were
+    assert [m["role"] for m in o_out["messages"]] == ["system", "user", "system", "assistant", "system", "user"]
+
+
+def test_edge_images_base64_and_url_both_ways():
+    a_body = {"model": "claude-x", "max_tokens": 10, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "/9j/4AAQ"}},
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}},
+        {"type": "text", "text": "what is this?"}]}]}  # fmt: skip
+    o_body = OPENAI_CODEC.encode_request(ANTHROPIC_CODEC.decode_request(a_body), "gpt-4o")
+    assert o_body["messages"] == [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQ"}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+        {"type": "text", "text": "what is this?"}]}]  # fmt: skip
+    back = ANTHROPIC_CODEC.encode_request(OPENAI_CODEC.decode_request(o_body), "claude-sonnet-4-5")
+    assert back["messages"] == a_body["messages"]
+
+
+def test_edge_tool_result_error_with_list_content_keeps_error_marker_in_openai():
+    body = {"model": "claude-x", "max_tokens": 10, "messages": [
+        {"role": "user", "content": "write"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_w", "name": "Write", "input": {"file_path": "x"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_w", "is_error": True, "content": [
+            {"type": "text", "text": "permission denied"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}}]}]}]}  # fmt: skip
+    req = ANTHROPIC_CODEC.decode_request(body)
+    o_body = OPENAI_CODEC.encode_request(req, "gpt-4o")
+    assert o_body["messages"][2] == {
+        "role": "tool",
+        "tool_call_id": "toolu_w",
+        "content": "[tool error] permission denied\n[image]",
+    }
+    a_body = ANTHROPIC_CODEC.encode_request(req, "claude-sonnet-4-5")  # and Anthropic keeps the real thing
+    assert a_body["messages"][2]["content"] == body["messages"][2]["content"]
+
+
+# ---- EDGE_CASES.md: request parameters -------------------------------------------------------------
+
+
+def test_edge_cache_control_stripped_for_openai_kept_for_anthropic():
+    req = ANTHROPIC_CODEC.decode_request(copy.deepcopy(CLAUDE_CODE_BODY) | {"cache_control": {"type": "ephemeral"}})
+    assert not contains_key(OPENAI_CODEC.encode_request(req, "gpt-5"), "cache_control")
+    a_body = ANTHROPIC_CODEC.encode_request(req, "claude-opus-4-8")
+    assert a_body["cache_control"] == {"type": "ephemeral"} and a_body["system"][1]["cache_control"] == {
+        "type": "ephemeral"
+    }
+    assert a_body["messages"][2]["content"][0]["cache_control"] == {"type": "ephemeral"}
+    # a request decoded by another codec never carries its extras into an Anthropic body
+    o_req = o_request(messages=[{"role": "user", "content": "hi"}])
+    o_req.messages[0].parts[0].extra = {"responses_item_id": "msg_1"}
+    assert ANTHROPIC_CODEC.encode_request(o_req, "claude-sonnet-4-5")["messages"] == [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("openai", "anthropic"),
+    [("auto", {"type": "auto"}), ("required", {"type": "any"}), ("none", {"type": "none"}),
+     ({"type": "function", "function": {"name": "get_weather"}}, {"type": "tool", "name": "get_weather"})],
+)  # fmt: skip
+def test_edge_tool_choice_both_ways(openai, anthropic):
+    a_body = ANTHROPIC_CODEC.encode_request(o_request(tools=[O_WEATHER_TOOL], tool_choice=openai), "claude-sonnet-4-5")
+    assert a_body["tool_choice"] == anthropic
+    back = OPENAI_CODEC.encode_request(a_request(tools=[A_WEATHER_TOOL], tool_choice=anthropic), "gpt-4o")
+    assert back["tool_choice"] == openai
+
+
+def test_edge_parallel_tool_calls_false_is_disable_parallel_tool_use_both_ways():
+    a_body = ANTHROPIC_CODEC.encode_request(
+        o_request(tools=[O_WEATHER_TOOL], parallel_tool_calls=False), "claude-sonnet-4-5"
+    )
+    assert a_body["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
+    req = a_request(tools=[A_WEATHER_TOOL], tool_choice={"type": "auto", "disable_parallel_tool_use": True})
+    o_body = OPENAI_CODEC.encode_request(req, "gpt-4o")
+    assert (o_body["tool_choice"], o_body["parallel_tool_calls"]) == ("auto", False)
+    assert "tool_choice" not in ANTHROPIC_CODEC.encode_request(
+        o_request(tool_choice="auto"), "claude-sonnet-4-5"
+    )  # no tools
+
+
+def test_builtin_server_tools_are_kept_for_anthropic():
+    web_search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
+    req = a_request(tools=[A_WEATHER_TOOL, web_search])
+    assert (req.tools[1].kind, req.tools[1].name, req.tools[1].extra) == (
+        "builtin",
+        "web_search",
+        {"anthropic": web_search},
+    )
+    assert ANTHROPIC_CODEC.encode_request(req, "claude-sonnet-4-5")["tools"] == [A_WEATHER_TOOL, web_search]
+
+
+def test_builtin_server_tools_are_skipped_for_openai():
+    req = a_request(tools=[A_WEATHER_TOOL, {"type": "web_search_20250305", "name": "web_search"}])
+    assert OPENAI_CODEC.encode_request(req, "gpt-4o")["tools"] == [O_WEATHER_TOOL]
+
+
+def test_unknown_blocks_become_text_for_openai_and_stay_whole_for_anthropic():
+    pdf = {
+        "type": "document",
+        "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBER"},
+        "cache_control": {"type": "ephemeral"},
+    }
+    note = {
+        "type": "document",
+        "title": "notes",
+        "source": {"type": "text", "media_type": "text/plain", "data": "buy milk"},
+    }
+    result = {
+        "type": "search_result",
+        "source": "https://docs.example",
+        "title": "Docs",
+        "content": [{"type": "text", "text": "Use --fast."}],
+    }
+    body = {"model": "claude-x", "max_tokens": 10, "messages": [{"role": "user", "content": [pdf, note, result]}]}
+    req = ANTHROPIC_CODEC.decode_request(copy.deepcopy(body))
+    o_body = OPENAI_CODEC.encode_request(req, "gpt-4o")
+    assert o_body["messages"] == [{"role": "user", "content": "[document omitted by the gateway]\n\n[document: notes]\nbuy milk"
+                                                              "\n\n[search_result: Docs]\nUse --fast."}]  # fmt: skip
+    assert ANTHROPIC_CODEC.encode_request(req, "claude-sonnet-4-5")["messages"] == body["messages"]
+
+
+def test_max_tokens_is_always_present_and_clamped_to_the_model():
+    assert ANTHROPIC_CODEC.encode_request(o_request(), "claude-sonnet-4-5")["max_tokens"] == 16384
+    assert (
+        ANTHROPIC_CODEC.encode_request(o_request(max_tokens=100_000), "claude-3-5-haiku-20241022")["max_tokens"] == 8192
+    )
+    assert (
+        ANTHROPIC_CODEC.encode_request(o_request(max_tokens=100_000), "claude-opus-4-1-20250805")["max_tokens"] == 32000
+    )
+    assert ANTHROPIC_CODEC.encode_request(o_request(max_tokens=100_000), "claude-sonnet-4-5")["max_tokens"] == 64000
+    assert ANTHROPIC_CODEC.encode_request(o_request(max_tokens=100_000), "some-compatible-model")["max_tokens"] == 32000
+    assert anthropic_max_output("us.anthropic.claude-3-7-sonnet-20250219-v1:0") == 64000
+
+
+def test_sampling_fits_what_claude_accepts():
+    body = ANTHROPIC_CODEC.encode_request(o_request(temperature=1.7, top_p=0.9), "claude-sonnet-4-5")
+    assert (body["temperature"], "top_p" in body) == (1.0, False)
+    assert ANTHROPIC_CODEC.encode_request(o_request(top_p=0.9), "claude-sonnet-4-5")["top_p"] == 0.9
+    assert ANTHROPIC_CODEC.encode_request(a_request(top_k=5), "claude-sonnet-4-5")["top_k"] == 5
+
+
+# ---- EDGE_CASES.md: thinking and reasoning ---------------------------------------------------------
+
+
+def test_edge_thinking_streams_as_reasoning_content_never_as_text():
+    events = anthropic_decode_stream(ANTHROPIC_CODEC, FAKE_UPSTREAM_STREAM)
+    deltas = openai_deltas(parse_openai_sse(encode_stream(OPENAI_CODEC, o_request(), events)))
+    assert not any("Let me think" in d.get("content", "") for d, _ in deltas)
+    assert ({"reasoning_content": "Let me think about this briefly."}, None) in deltas
+    # and the signature reaches an Anthropic client as a signature_delta
+    out = parse_anthropic_sse(encode_stream(ANTHROPIC_CODEC, a_request(), events))
+    assert block_delta(0, {"type": "signature_delta", "signature": SIGNATURE}) in out
+
+
+def test_edge_thinking_replayed_byte_exact_unsigned_dropped_redacted_kept():
+    thinking = {"type": "thinking", "thinking": "  exact\u00a0bytes\n", "signature": SIGNATURE}
+    redacted = {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix/LafPsn4aDFIT2Xlxh0L5L8rLVyIwxtE3rAFBa8cr3qpP"}
+    body = {"model": "claude-x", "max_tokens": 2048, "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [thinking, redacted, {"type": "text", "text": "hello"}]},
+        {"role": "user", "content": "more"}]}  # fmt: skip
+    out = ANTHROPIC_CODEC.encode_request(ANTHROPIC_CODEC.decode_request(copy.deepcopy(body)), "claude-sonnet-4-5")
+    assert out["messages"][1]["content"] == [thinking, redacted, {"type": "text", "text": "hello"}]
+    o_body = {"model": "deepseek", "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello", "reasoning_content": "unsigned thoughts"},
+        {"role": "user", "content": "more"}]}  # fmt: skip
+    out = ANTHROPIC_CODEC.encode_request(OPENAI_CODEC.decode_request(o_body), "claude-sonnet-4-5")
+    assert out["messages"][1] == {"role": "assistant", "content": "hello"}  # dropped, not sent as text
+
+
+def test_edge_budget_and_effort_map_to_reasoning_effort():
+    haiku = a_request(max_tokens=32000, thinking={"budget_tokens": 31999, "type": "enabled"})  # Claude Code haiku
+    assert OPENAI_CODEC.encode_request(haiku, "o4-mini")["reasoning_effort"] == "high"
+    small = a_request(max_tokens=4000, thinking={"type": "enabled", "budget_tokens": 2000})
+    assert OPENAI_CODEC.encode_request(small, "o4-mini")["reasoning_effort"] == "low"
+    effort = a_request(output_config={"effort": "medium"})
+    assert OPENAI_CODEC.encode_request(effort, "o4-mini")["reasoning_effort"] == "medium"
+    assert a_request(output_config={"effort": "max"}).reasoning_effort == "high"
+
+
+def test_edge_reasoning_effort_becomes_a_thinking_budget_below_max_tokens():
+    body = ANTHROPIC_CODEC.encode_request(o_request(reasoning_effort="high", temperature=0.3), "claude-sonnet-4-5")
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 24576}
+    assert body["max_tokens"] == 16384 + 24576 and "temperature" not in body  # Anthropic rejects sampling with thinking
+    tight = ANTHROPIC_CODEC.encode_request(
+        o_request(reasoning_effort="high", max_completion_tokens=5000), "claude-sonnet-4-5"
+    )
+    assert (tight["max_tokens"], tight["thinking"]) == (5000, {"type": "enabled", "budget_tokens": 4999})
+    tiny = ANTHROPIC_CODEC.encode_request(
+        o_request(reasoning_effort="low", max_completion_tokens=800), "claude-sonnet-4-5"
+    )
+    assert "thinking" not in tiny  # no room for the 1024-token minimum
+    assert "thinking" not in ANTHROPIC_CODEC.encode_request(o_request(), "claude-sonnet-4-5")
+
+
+def test_thinking_is_left_off_where_anthropic_would_reject_it():
+    forced = o_request(reasoning_effort="medium", tools=[O_WEATHER_TOOL], tool_choice="required")
+    assert "thinking" not in ANTHROPIC_CODEC.encode_request(forced, "claude-sonnet-4-5")
+    loop = o_request(reasoning_effort="medium", tools=[O_WEATHER_TOOL], messages=[
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [o_call("call_1", "Paris")]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}])  # fmt: skip
+    assert "thinking" not in ANTHROPIC_CODEC.encode_request(
+        loop, "claude-sonnet-4-5"
+    )  # the tool turn has no signed thinking
+    signed = copy.deepcopy(CLAUDE_CODE_BODY) | {"thinking": {"type": "enabled", "budget_tokens": 4096}}
+    body = ANTHROPIC_CODEC.encode_request(ANTHROPIC_CODEC.decode_request(signed), "claude-opus-4-8")
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 4096}
+
+
+def test_anthropic_effort_alone_is_not_turned_into_thinking():
+    body = ANTHROPIC_CODEC.encode_request(
+        a_request(output_config={"effort": "low"}, temperature=0.5), "claude-sonnet-4-5"
+    )
+    assert "thinking" not in body and body["output_config"] == {"effort": "low"} and body["temperature"] == 0.5
+
+
+# ---- EDGE_CASES.md: errors and the wire ------------------------------------------------------------
+
+
+def test_edge_utf8_split_across_network_chunks_comes_out_whole():
+    text = "héllo wörld 你好 🎉"
+    raw = a_stream(
+        message_start({"input_tokens": 1, "output_tokens": 1}),
+        block_start(0, {"type": "text", "text": ""}), block_delta(0, {"type": "text_delta", "text": text}), block_stop(0),
+        message_delta("end_turn", {"output_tokens": 5}), MESSAGE_STOP,
+    ).replace(json.dumps(text).encode(), json.dumps(text, ensure_ascii=False).encode())  # fmt: skip
+    events = anthropic_decode_stream(ANTHROPIC_CODEC, raw, chunk_size=1)
+    assert fold_events(events).parts[0].text == text
+
+
+def test_edge_done_only_on_openai_streams():
+    a_out = encode_stream(ANTHROPIC_CODEC, a_request(), anthropic_decode_stream(OPENAI_CODEC, OPENAI_STREAM))
+    assert b"[DONE]" not in a_out and a_out.endswith(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+    o_out = encode_stream(OPENAI_CODEC, o_request(), anthropic_decode_stream(ANTHROPIC_CODEC, FAKE_UPSTREAM_STREAM))
+    assert o_out.endswith(b"data: [DONE]\n\n")
+
+
+# ---- stream decoder: how an upstream stream may end ------------------------------------------------
+
+
+def test_stream_ending_after_message_delta_without_message_stop_closes_cleanly():
+    raw = FAKE_UPSTREAM_STREAM[: FAKE_UPSTREAM_STREAM.rindex(b"event: message_stop")]
+    events = anthropic_decode_stream(ANTHROPIC_CODEC, raw)
+    assert events[-2:] == [MessageDelta("tool_use", None, Usage(input_tokens=120, output_tokens=40)), MessageStop()]
+
+
+def test_stream_cut_in_the_middle_of_a_block_is_an_error_not_end_turn():
+    raw = FAKE_UPSTREAM_STREAM[: FAKE_UPSTREAM_STREAM.index(b'{"type": "content_block_stop", "index": 2}')]
+    raw = raw[: raw.rindex(b"event:")]  # the tool block got its arguments but not its stop
+    events = anthropic_decode_stream(ANTHROPIC_CODEC, raw)
+    assert isinstance(events[-1], StreamError) and not any(isinstance(e, MessageDelta) for e in events)
+    assert events[-1].error.status == 502 and "middle of a content block" in events[-1].error.message
+    out = parse_anthropic_sse(encode_stream(ANTHROPIC_CODEC, a_request(), events))
+    assert out[-1]["type"] == "error" and "message_delta" not in [e["type"] for e in out]
+
+
+def test_stream_with_no_events_at_all_is_an_error():
+    events = anthropic_decode_stream(ANTHROPIC_CODEC, b"")
+    assert [type(e) for e in events] == [StreamError] and events[0].error.status == 502
+
+
+def test_stream_decoder_ignores_pings_unknown_events_and_orphan_deltas():
+    raw = a_stream(
+        message_start({"input_tokens": 1, "output_tokens": 1}), PING, {"type": "future_event", "x": 1},
+        block_delta(7, {"type": "text_delta", "text": "orphan"}),
+        block_start(0, {"type": "text", "text": ""}),
+        block_delta(0, {"type": "input_json_delta", "partial_json": "{}"}),  # does not fit a text block
+        block_delta(0, {"type": "text_delta", "text": "ok"}), block_stop(0),
+        message_delta("end_turn", {"output_tokens": 2}), MESSAGE_STOP,
+    ) + b": comment\n\n"  # fmt: skip
+    events = anthropic_decode_stream(ANTHROPIC_CODEC, raw)
+    assert [e for e in events if isinstance(e, BlockDelta)] == [BlockDelta(0, "text", "ok")]
+    assert isinstance(events[-1], MessageStop)
+
+
+def test_stream_decoder_malformed_json_is_a_502():
+    events = ANTHROPIC_CODEC.stream_decoder().feed(SSEEvent("message_start", "{not json", b""))
+    assert [type(e) for e in events] == [StreamError] and events[0].error.status == 502
+
+
+def test_stream_decoder_tool_input_given_whole_in_start():
+    """Some Anthropic-compatible servers send the whole input in content_block_start."""
+    raw = a_stream(
+        message_start({"input_tokens": 1, "output_tokens": 1}),
+        block_start(0, {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "ls"}}), block_stop(0),
+        message_delta("tool_use", {"output_tokens": 2}), MESSAGE_STOP,
+    )  # fmt: skip
+    assert fold_events(anthropic_decode_stream(ANTHROPIC_CODEC, raw)).parts[0].arguments == '{"command": "ls"}'
+
+
+def test_encoder_keepalive_is_an_anthropic_ping():
+    assert [e.event for e in SSEParser().feed(ANTHROPIC_CODEC.keepalive)] == ["ping"]
+
+
+# ---- decode_request: clear 400s --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [({"messages": "hi"}, "'messages' must be an array"),
+     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role must be user, assistant or system"),
+     ({"messages": [{"role": "user"}]}, "messages[0].content is required"),
+     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content must be a string or an array"),
+     ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages[0].content[0] must be an object with a 'type'"),
+     ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "'messages[0].content[0].text' must be a string"),
+     ({"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "base64"}}]}]},
+      "'messages[0].content[0].source.data' is required"),
+     ({"messages": [{"role": "assistant", "content": [{"type": "tool_use", "name": "x", "input": {}}]}]},
+      "'messages[0].content[0].id' is required"),
+     ({"system": 5}, "'system' must be a string or an array of text blocks"),
+     ({"system": [{"type": "image"}]}, "system[0] must be a text block"),
+     ({"tools": [{"description": "x"}]}, "'tools[0].name' is required"),
+     ({"tool_choice": "auto"}, "'tool_choice' must be an object"),
+     ({"tool_choice": {"type": "sometimes"}}, "tool_choice.type must be auto, any, tool or none"),
+     ({"tool_choice": {"type": "tool"}}, "'tool_choice.name' is required"),
+     ({"thinking": {"type": "on"}}, "thinking.type must be enabled, adaptive or disabled"),
+     ({"thinking": {"type": "enabled", "budget_tokens": "lots"}}, "'thinking.budget_tokens' must be an integer"),
+     ({"max_tokens": "100"}, "'max_tokens' must be an integer"),
+     ({"stop_sequences": ["a", 1]}, "'stop_sequences' must be an array of strings"),
+     ({"metadata": "u1"}, "'metadata' must be an object"),
+     ({"output_config": {"effort": 3}}, "'output_config.effort' must be a string")],
+)  # fmt: skip
+def test_decode_request_rejects_bad_input_naming_the_field(patch, message):
+    body = {"model": "claude-x", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]} | patch
+    with pytest.raises(GatewayError) as info:
+        ANTHROPIC_CODEC.decode_request(body)
+    assert info.value.status == 400 and info.value.kind == "invalid_request_error"
+    assert message in info.value.message
+
+
+def test_decode_request_reads_every_parameter():
+    req = a_request(stop_sequences=["\n\nHuman:"], temperature=0.5, top_p=0.9, top_k=40, stream=True,
+                    metadata={"user_id": "u-42"}, tools=[A_WEATHER_TOOL],
+                    tool_choice={"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
+                    thinking={"type": "enabled", "budget_tokens": 2048},
+                    output_config={"format": {"type": "json_schema", "schema": {"type": "object"}}})  # fmt: skip
+    assert (req.stop, req.temperature, req.top_p, req.top_k, req.stream) == (["\n\nHuman:"], 0.5, 0.9, 40, True)
+    assert (req.tool_choice, req.tool_name, req.parallel_tool_calls) == ("tool", "get_weather", False)
+    assert (req.thinking, req.thinking_budget, req.user) == ("enabled", 2048, "u-42")
+    assert req.response_format == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": {"type": "object"}},
+    }
+    assert req.tools == [Tool("get_weather", "Get the weather for a city", WEATHER_PARAMS)]
+    assert a_request(thinking={"type": "disabled"}).thinking == "disabled"
+
+
+# ---- more shapes -----------------------------------------------------------------------------------
+
+
+def test_custom_tools_become_a_function_with_one_string_input():
+    patch = "*** Begin Patch\n*** Add File: a.txt\n+hi\n*** End Patch\n"
+    body = {"model": "gpt-5", "messages": [
+        {"role": "user", "content": "add a file"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_p", "type": "custom", "custom": {"name": "apply_patch", "input": patch}}]},
+        {"role": "tool", "tool_call_id": "call_p", "content": "Done"}],
+        "tools": [{"type": "custom", "custom": {"name": "apply_patch", "description": "Apply a patch"}}]}  # fmt: skip
+    out = ANTHROPIC_CODEC.encode_request(OPENAI_CODEC.decode_request(body), "claude-sonnet-4-5")
+    assert out["tools"] == [
+        {"name": "apply_patch", "description": "Apply a patch", "input_schema": custom_tool_parameters(None)}
+    ]
+    assert out["messages"][1]["content"][0]["input"] == {"input": patch}
+    # the Responses codec's convention: arguments already {"input": raw}, parameters already set
+    req = o_request()
+    req.tools = [
+        Tool("apply_patch", "Apply a patch", {"type": "object", "properties": {"input": {"type": "string"}}}, "custom")
+    ]
+    req.messages += [Message("assistant", [Part("tool_call", id="call_p", name="apply_patch", arguments=json.dumps({"input": patch}))]),
+                     Message("user", [Part("tool_result", id="call_p", content=[Part("text", text="Done")])])]  # fmt: skip
+    out = ANTHROPIC_CODEC.encode_request(req, "claude-sonnet-4-5")
+    assert out["messages"][1]["content"][0]["input"] == {"input": patch}
+    assert out["tools"][0]["input_schema"] == {"type": "object", "properties": {"input": {"type": "string"}}}
+
+
+def test_image_jpg_media_type_is_normalised_for_anthropic():
+    req = o_request(
+        messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/jpg;base64,AAAA"}}]}
+        ]
+    )
+    source = ANTHROPIC_CODEC.encode_request(req, "claude-sonnet-4-5")["messages"][0]["content"][0]["source"]
+    assert source == {"type": "base64", "media_type": "image/jpeg", "data": "AAAA"}
+
+
+def test_stream_error_before_anything_else_is_a_lone_error_event():
+    out = encode_stream(ANTHROPIC_CODEC, a_request(), [StreamError(GatewayError(429, "slow down"))])
+    assert parse_anthropic_sse(out) == [
+        {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
+    ]
+
+
+def test_signature_only_thinking_still_reaches_the_client():
+    events = [MessageStart("x", "m"), BlockStart(0, Part("thinking")), BlockDelta(0, "signature", "sig=="), BlockStop(0),
+              BlockStart(1, Part("redacted_thinking", data="opaque")), BlockStop(1),
+              MessageDelta("end_turn"), MessageStop()]  # fmt: skip
+    out = parse_anthropic_sse(encode_stream(ANTHROPIC_CODEC, a_request(), events))
+    check_anthropic_stream(out)
+    assert assemble_anthropic(out) == [{"type": "thinking", "thinking": "", "signature": "sig=="},
+                                       {"type": "redacted_thinking", "data": "opaque"}]  # fmt: skip
+
+
+def test_stream_encoder_without_message_delta_still_ends_properly():
+    out = parse_anthropic_sse(
+        encode_stream(
+            ANTHROPIC_CODEC, a_request(), [BlockStart(0, Part("text")), BlockDelta(0, "text", "hi"), MessageStop()]
+        )
+    )
+    check_anthropic_stream(out)
+    assert out[-2]["delta"]["stop_reason"] == "end_turn"
+
+
+def test_response_with_empty_content_and_stop_sequence():
+    body = dict(A_RESPONSE, content=[], stop_reason="stop_sequence", stop_sequence="END")
+    resp = ANTHROPIC_CODEC.decode_response(body)
+    assert (resp.stop_reason, resp.stop_sequence) == ("stop_sequence", "END")
+    out = ANTHROPIC_CODEC.encode_response(resp, a_request())
+    assert (out["content"], out["stop_reason"], out["stop_sequence"]) == ([], "stop_sequence", "END")
+    assert OPENAI_CODEC.encode_response(resp, o_request())["choices"][0]["finish_reason"] == "stop"
+
+
+def test_interleaved_canonical_blocks_are_serialised_not_mixed():
+    events = [
+        MessageStart("x", "m"),
+        BlockStart(0, Part("tool_call", id="c0", name="a")), BlockStart(1, Part("tool_call", id="c1", name="b")),
+        BlockDelta(0, "arguments", '{"x"'), BlockDelta(1, "arguments", '{"y": 2}'), BlockDelta(0, "arguments", ": 1}"),
+        BlockStop(0), BlockStop(1), MessageDelta("tool_use"), MessageStop(),
+    ]  # fmt: skip
+    encoder = ANTHROPIC_CODEC.stream_encoder(a_request())
+    live = [encoder.encode(ev) for ev in events]
+    assert b'"partial_json":": 1}"' in live[5]  # the first block's deltas are never held
+    out = parse_anthropic_sse(b"".join(live))
+    check_anthropic_stream(out)
+    assert assemble_anthropic(out) == [{"type": "tool_use", "id": "c0", "name": "a", "input": {"x": 1}},
+                                       {"type": "tool_use", "id": "c1", "name": "b", "input": {"y": 2}}]  # fmt: skip
+
+
+def test_interleaved_openai_tool_fragments_reach_an_anthropic_client_whole():
+    call = {"type": "function", "function": {"arguments": ""}}
+    raw = b"".join([
+        o_chunk({"tool_calls": [{"index": 0, "id": "c0", **call, "function": {"name": "a", "arguments": ""}}]}),
+        o_chunk({"tool_calls": [{"index": 1, "id": "c1", **call, "function": {"name": "b", "arguments": ""}}]}),
+        o_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"x": 1}'}}]}),
+        o_chunk({"tool_calls": [{"index": 1, "function": {"arguments": '{"y": 2}'}}]}),
+        o_chunk({}, "tool_calls"),
+    ])  # fmt: skip
+    out = parse_anthropic_sse(encode_stream(ANTHROPIC_CODEC, a_request(), anthropic_decode_stream(OPENAI_CODEC, raw)))
+    assert [b["input"] for b in assemble_anthropic(out)] == [{"x": 1}, {"y": 2}]
+
+
+# ======================================================================================
+# 5c. OpenAI Responses codec
+#
+# Tests of the OpenAI Responses codec: golden request and stream translations built from Codex 0.169
+# and openai-python captures (trimmed copies inline), and the bad cases.
+# ======================================================================================
+
+
+# ---- captures (trimmed) -------------------------------------------------------------------
+
+APPLY_PATCH_GRAMMAR = (
+    'start: begin_patch hunk+ end_patch\nbegin_patch: "*** Begin Patch" LF\nend_patch: "*** End Patch" LF?\n\n'
+    "hunk: add_hunk | delete_hunk | update_hunk\n"
+    'add_hunk: "*** Add File: " filename LF add_line+\ndelete_hunk: "*** Delete File: " filename LF\n'
+    'update_hunk: "*** Update File: " filename LF change_move? change?\n\nfilename: /(.+)/\n'
+    'add_line: "+" /(.*)/ LF -> line\n\nchange_move: "*** Move to: " filename LF\n'
+    "change: (change_context | change_line)+ eof_line?\n"
+    'change_context: ("@@" | "@@ " /(.+)/) LF\nchange_line: ("+" | "-" | " ") /(.*)/ LF\n'
+    'eof_line: "*** End of File" LF\n\n%import common.LF\n'
+)
+APPLY_PATCH_TOOL = {
+    "type": "custom",
+    "name": "apply_patch",
+    "description": (
+        "The `apply_patch` tool can be used to edit files. This is a FREEFORM tool, so do not wrap the patch in JSON."
+    ),
+    "format": {"type": "grammar", "syntax": "lark", "definition": APPLY_PATCH_GRAMMAR},
+}
+EXEC_COMMAND_TOOL = {
+    "type": "function",
+    "name": "exec_command",
+    "description": "Runs a command in a PTY, returning output or a session ID for ongoing interaction.",
+    "strict": False,
+    "parameters": {
+        "type": "object",
+        "properties": {"cmd": {"type": "string", "description": "Shell command to execute."}},
+        "required": ["cmd"],
+        "additionalProperties": False,
+    },
+}
+TOOL_SEARCH_TOOL = {
+    "type": "tool_search",
+    "execution": "client",
+    "description": "# Tool discovery\n\nSearches over deferred tool metadata with BM25.",
+    "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
+}
+WEB_SEARCH_TOOL = {"type": "web_search", "external_web_access": False, "search_content_types": ["text", "image"]}
+PATCH = "*** Begin Patch\n*** Add File: capture_hello.txt\n+hello\n*** End Patch\n"
+EXEC_OUTPUT = '{"exit_code":0,"output":"a.txt\\ncapture_hello.txt\\n"}'
+PATCH_RESULT = (
+    "Exit code: 0\nWall time: 0.1 seconds\nOutput:\nSuccess. Updated the following files:\nA capture_hello.txt\n"
+)
+
+# gpt55_apply_patch_02: the second turn of `codex exec "create a file"` with CODEX_MODEL=gpt-5.5
+CODEX_APPLY_PATCH_TURN = {
+    "model": "gpt-5.5",
+    "stream": True,
+    "input": [
+        {
+            "type": "message",
+            "id": "msg_27d5",
+            "role": "developer",
+            "content": [{"type": "input_text", "text": "You are Codex, a coding agent based on GPT-5."}],
+        },
+        {
+            "type": "message",
+            "id": "msg_01a2",
+            "role": "developer",
+            "content": [
+                {"type": "input_text", "text": "<permissions instructions>workspace-write</permissions instructions>"},
+                {"type": "input_text", "text": "<skills_instructions>## Skills</skills_instructions>"},
+            ],
+        },
+        {
+            "type": "message",
+            "id": "msg_01a3",
+            "role": "user",
+            "content": [
+                {
+                    "type": "input_text",
+                    "text": "<environment_context>\n  <cwd>/home/user/project</cwd>\n</environment_context>",
+                }
+            ],
+        },
+        {
+            "type": "message",
+            "id": "msg_01a4",
+            "role": "user",
+            "content": [{"type": "input_text", "text": "create a file"}],
+        },
+        {
+            "type": "reasoning",
+            "id": "rs_6eee9deddf6b4d4b82e627b8",
+            "summary": [{"type": "summary_text", "text": "**Thinking** about the request."}],
+            "content": None,
+            "encrypted_content": "Y2FwdHVyZS1zZXJ2ZXItZmFrZS1lbmNyeXB0ZWQtcmVhc29uaW5n",
+        },
+        {
+            "type": "custom_tool_call",
+            "id": "ctc_0ff0ca9ce0014b81880eb806",
+            "status": "completed",
+            "call_id": "call_21bbf7be134748a68a1dbd28",
+            "name": "apply_patch",
+            "input": PATCH,
+        },
+        {
+            "type": "custom_tool_call_output",
+            "id": "ctco_01a2",
+            "call_id": "call_21bbf7be134748a68a1dbd28",
+            "output": PATCH_RESULT,
+        },
+    ],
+    "tools": [EXEC_COMMAND_TOOL, APPLY_PATCH_TOOL, TOOL_SEARCH_TOOL, WEB_SEARCH_TOOL],
+    "tool_choice": "auto",
+    "parallel_tool_calls": True,
+    "reasoning": {"effort": "medium"},
+    "store": False,
+    "include": ["reasoning.encrypted_content"],
+    "prompt_cache_key": "01a2012d-53cd-7483-b987-cf3a2ae9bb5e",
+    "text": {"verbosity": "low"},
+    "client_metadata": {"thread_id": "01a2012d-53cd-7483-b987-cf3a2ae9bb5e"},
+}
+
+EXEC_GRAMMAR = (
+    "\nstart: pragma_source | plain_source\npragma_source: PRAGMA_LINE NEWLINE SOURCE\nplain_source: SOURCE\n"
+)
+WAIT_TOOL = {
+    "type": "function",
+    "name": "wait",
+    "description": "Waits on a yielded `exec` cell.",
+    "strict": False,
+    "parameters": {
+        "type": "object",
+        "properties": {"cell_id": {"type": "string"}},
+        "required": ["cell_id"],
+        "additionalProperties": False,
+    },
+}
+SLEEP_TOOL = {
+    "type": "function",
+    "name": "sleep",
+    "description": "Pause execution for a specified duration.",
+    "strict": False,
+    "parameters": {
+        "type": "object",
+        "properties": {"duration_ms": {"type": "number"}},
+        "required": ["duration_ms"],
+        "additionalProperties": False,
+    },
+}
+# gpt61sol_responses_lite_02: Codex "responses-lite" (tools in an additional_tools item, namespaces, custom exec)
+CODEX_RESPONSES_LITE_TURN = {
+    "model": "gpt-6.1-sol",
+    "stream": True,
+    "input": [
+        {
+            "type": "additional_tools",
+            "id": "at_01a2",
+            "role": "developer",
+            "tools": [
+                {
+                    "type": "namespace",
+                    "name": "functions",
+                    "description": "",
+                    "tools": [
+                        {
+                            "type": "custom",
+                            "name": "exec",
+                            "description": "Run JavaScript code to orchestrate/compose tool calls",
+                            "format": {"type": "grammar", "syntax": "lark", "definition": EXEC_GRAMMAR},
+                        },
+                        WAIT_TOOL,
+                    ],
+                },
+                {
+                    "type": "namespace",
+                    "name": "clock",
+                    "description": "Tools for reading and waiting on time.",
+                    "tools": [SLEEP_TOOL],
+                },
+            ],
+        },
+        {
+            "type": "message",
+            "id": "msg_1",
+            "role": "developer",
+            "content": [{"type": "input_text", "text": "You are Codex, an agent based on GPT-6."}],
+        },
+        {"type": "message", "id": "msg_2", "role": "user", "content": [{"type": "input_text", "text": "list files"}]},
+        {
+            "type": "reasoning",
+            "id": "rs_136950a1bb594c4ea84403af",
+            "summary": [{"type": "summary_text", "text": "**Thinking** about the request."}],
+            "content": None,
+            "encrypted_content": "Y2FwdHVyZS1zZXJ2ZXItZmFrZS1lbmNyeXB0ZWQtcmVhc29uaW5n",
+        },
+        {
+            "type": "custom_tool_call",
+            "id": "ctc_369f",
+            "status": "completed",
+            "call_id": "call_841cc24378084a98ac5d87f9",
+            "name": "exec",
+            "namespace": "functions",
+            "input": 'const r = await tools.exec_command({cmd: "ls"});\ntext(r);\n',
+        },
+        {
+            "type": "custom_tool_call_output",
+            "id": "ctco_01a2",
+            "call_id": "call_841cc24378084a98ac5d87f9",
+            "output": [
+                {"type": "input_text", "text": "Script completed\nWall time 0.3 seconds\nOutput:\n"},
+                {"type": "input_text", "text": EXEC_OUTPUT},
+            ],
+        },
+    ],
+    "tool_choice": "auto",
+    "parallel_tool_calls": False,
+    "reasoning": {"effort": "low", "context": "all_turns"},
+    "store": False,
+    "include": ["reasoning.encrypted_content"],
+    "text": {"verbosity": "low"},
+}
+
+# openai_sdk 08 and 12: client.responses.create(...) calls
+SDK_INSTRUCTIONS = {
+    "model": "gpt-4o-mini",
+    "include": ["reasoning.encrypted_content"],
+    "input": "say hi",
+    "instructions": "be brief",
+    "max_output_tokens": 100,
+    "reasoning": {"effort": "low", "summary": "auto"},
+    "store": False,
+}
+RESPONSES_GET_WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "weather",
+    "strict": True,
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+SDK_FUNCTION_HISTORY = {
+    "model": "gpt-4o-mini",
+    "input": [
+        {"role": "user", "content": "weather in Paris?"},
+        {
+            "type": "function_call",
+            "call_id": "call_477cb72edf8c4ec883209d54",
+            "name": "get_weather",
+            "arguments": '{"city": "x"}',
+        },
+        {"type": "function_call_output", "call_id": "call_477cb72edf8c4ec883209d54", "output": "sunny"},
+    ],
+    "tools": [RESPONSES_GET_WEATHER],
+}
+
+
+def parse_sse(data: bytes) -> list[dict]:
+    """SSE bytes -> the data objects, checking that each event's name is its data's type."""
+    events = []
+    for raw in data.decode().split("\n\n"):
+        if not raw:
+            continue
+        name, body = raw.split("\n")
+        assert name.startswith("event: ") and body.startswith("data: ")
+        obj = json.loads(body[len("data: ") :])
+        assert obj["type"] == name[len("event: ") :]
+        events.append(obj)
+    return events
+
+
+def chat_chunk(delta=None, finish=None, **extra) -> dict:
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    return {"id": "chatcmpl-42", "object": "chat.completion.chunk", "model": "qwen3", "choices": choices, **extra}
+
+
+def chat_stream_to_responses(chunks: list, req) -> list[dict]:
+    """OpenAI Chat upstream chunks -> OpenAIStreamDecoder -> ResponsesStreamEncoder -> parsed events."""
+    sse = b"".join(b"data: " + (c if isinstance(c, str) else json.dumps(c)).encode() + b"\n\n" for c in chunks)
+    decoder, encoder = OpenAIStreamDecoder(), ResponsesStreamEncoder(req)
+    out = b""
+    for event in SSEParser().feed(sse):
+        for ev in decoder.feed(event):
+            out += encoder.encode(ev)
+    for ev in decoder.finish():
+        out += encoder.encode(ev)
+    return parse_sse(out)
+
+
+# ---- requests: Codex -> canonical -> OpenAI Chat -------------------------------------------
+
+
+def test_codex_request_becomes_a_chat_body(caplog):
+    body = copy.deepcopy(CODEX_APPLY_PATCH_TURN)
+    with caplog.at_level(logging.INFO, logger="tgw"):
+        req = RESPONSES_CODEC.decode_request(body)
+    assert "dropped hosted tools the upstream cannot run: tool_search, web_search" in caplog.text
+    assert req.protocol == "responses" and req.stream and req.reasoning_effort == "medium"
+    assert [p.text for p in req.system] == [
+        "You are Codex, a coding agent based on GPT-5.",
+        "<permissions instructions>workspace-write</permissions instructions>",
+        "<skills_instructions>## Skills</skills_instructions>",
+    ]
+    chat = OPENAI_CODEC.encode_request(req, "qwen3")
+    assert chat["messages"][0] == {
+        "role": "system",
+        "content": "You are Codex, a coding agent based on GPT-5.\n\n"
+        "<permissions instructions>workspace-write</permissions instructions>\n\n"
+        "<skills_instructions>## Skills</skills_instructions>",
+    }
+    assert chat["messages"][1:] == [
+        {"role": "user", "content": "<environment_context>\n  <cwd>/home/user/project</cwd>\n</environment_context>"},
+        {"role": "user", "content": "create a file"},
+        {
+            "role": "assistant",
+            "content": None,  # the reasoning item is dropped: Chat has nowhere to put it
+            "tool_calls": [
+                {
+                    "id": "call_21bbf7be134748a68a1dbd28",
+                    "type": "function",
+                    "function": {"name": "apply_patch", "arguments": json.dumps({"input": PATCH})},
+                }
+            ],
+        },
+        {
+            "role": "tool",
+            "tool_call_id": "call_21bbf7be134748a68a1dbd28",
+            "content": PATCH_RESULT,
+        },
+    ]
+    assert [t["function"]["name"] for t in chat["tools"]] == ["exec_command", "apply_patch"]
+    assert chat["tools"][0] == {
+        "type": "function",
+        "function": {
+            "name": "exec_command",
+            "description": EXEC_COMMAND_TOOL["description"],
+            "parameters": EXEC_COMMAND_TOOL["parameters"],
+            "strict": False,
+        },
+    }
+    patch_fn = chat["tools"][1]["function"]
+    assert patch_fn["description"] == APPLY_PATCH_TOOL["description"]
+    params = patch_fn["parameters"]
+    assert params["type"] == "object" and params["required"] == ["input"] and params["additionalProperties"] is False
+    assert list(params["properties"]) == ["input"] and params["properties"]["input"]["type"] == "string"
+    assert "verbatim" in params["properties"]["input"]["description"]
+    assert params["properties"]["input"]["description"].endswith("lark grammar:\n" + APPLY_PATCH_GRAMMAR)
+    assert chat["tool_choice"] == "auto" and chat["parallel_tool_calls"] is True
+    assert chat["reasoning_effort"] == "medium" and chat["stream"] is True
+
+
+def test_codex_responses_lite_namespaces_are_flattened():
+    req = RESPONSES_CODEC.decode_request(copy.deepcopy(CODEX_RESPONSES_LITE_TURN))
+    assert [(t.name, t.kind) for t in req.tools] == [
+        ("functions__exec", "custom"),
+        ("functions__wait", "function"),
+        ("clock__sleep", "function"),
+    ]
+    assert req.tools[2].extra == {
+        "namespace": "clock",
+        "name": "sleep",
+        "strict": False,
+        "namespace_description": "Tools for reading and waiting on time.",
+    }
+    chat = OPENAI_CODEC.encode_request(req, "qwen3")
+    assert [t["function"]["name"] for t in chat["tools"]] == ["functions__exec", "functions__wait", "clock__sleep"]
+    assert chat["messages"][0] == {"role": "system", "content": "You are Codex, an agent based on GPT-6."}
+    assert chat["parallel_tool_calls"] is False and chat["reasoning_effort"] == "low"
+    call = chat["messages"][2]["tool_calls"][0]
+    assert call["function"] == {
+        "name": "functions__exec",
+        "arguments": json.dumps({"input": 'const r = await tools.exec_command({cmd: "ls"});\ntext(r);\n'}),
+    }
+    # a list output (custom_tool_call_output) becomes one tool message
+    assert chat["messages"][3] == {
+        "role": "tool",
+        "tool_call_id": "call_841cc24378084a98ac5d87f9",
+        "content": "Script completed\nWall time 0.3 seconds\nOutput:\n\n" + EXEC_OUTPUT,
+    }
+
+
+def test_history_items_become_tool_calls_and_results():
+    req = RESPONSES_CODEC.decode_request(copy.deepcopy(CODEX_APPLY_PATCH_TURN))
+    assistant, results = req.messages[2], req.messages[3]
+    assert assistant.role == "assistant" and [p.type for p in assistant.parts] == ["thinking", "tool_call"]
+    thinking, call = assistant.parts
+    assert thinking.text == "**Thinking** about the request." and thinking.signature == ""
+    assert thinking.extra == {
+        "id": "rs_6eee9deddf6b4d4b82e627b8",
+        "encrypted_content": "Y2FwdHVyZS1zZXJ2ZXItZmFrZS1lbmNyeXB0ZWQtcmVhc29uaW5n",
+    }
+    assert (call.id, call.name, json.loads(call.arguments)) == (
+        "call_21bbf7be134748a68a1dbd28",
+        "apply_patch",
+        {"input": PATCH},
+    )
+    assert results.role == "user" and results.parts[0].type == "tool_result"
+    assert results.parts[0].id == "call_21bbf7be134748a68a1dbd28"
+
+    sdk = RESPONSES_CODEC.decode_request(copy.deepcopy(SDK_FUNCTION_HISTORY))
+    chat = OPENAI_CODEC.encode_request(sdk, "qwen3")
+    assert chat["messages"] == [
+        {"role": "user", "content": "weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_477cb72edf8c4ec883209d54",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "x"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_477cb72edf8c4ec883209d54", "content": "sunny"},
+    ]
+    assert chat["tools"][0]["function"]["strict"] is True
+
+
+def test_sdk_instructions_and_limits():
+    req = RESPONSES_CODEC.decode_request(copy.deepcopy(SDK_INSTRUCTIONS))
+    chat = OPENAI_CODEC.encode_request(req, "qwen3")
+    assert chat == {
+        "model": "qwen3",
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say hi"}],
+        "max_completion_tokens": 100,
+        "reasoning_effort": "low",
+    }
+
+
+def test_developer_message_after_the_first_turn_stays_in_place():
+    body = {
+        "model": "m",
+        "instructions": "be brief",
+        "input": [
+            {"role": "developer", "content": "rules"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [{"type": "output_text", "text": "hello"}]},
+            {"role": "developer", "content": "now answer in French"},
+            {"role": "user", "content": "bye"},
+        ],
+    }
+    chat = OPENAI_CODEC.encode_request(RESPONSES_CODEC.decode_request(body), "m")
+    assert chat["messages"] == [
+        {"role": "system", "content": "be brief\n\nrules"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "system", "content": "now answer in French"},
+        {"role": "user", "content": "bye"},
+    ]
+
+
+def test_responses_request_round_trips_to_a_responses_upstream():
+    req = RESPONSES_CODEC.decode_request(copy.deepcopy(CODEX_RESPONSES_LITE_TURN))
+    body = RESPONSES_CODEC.encode_request(req, "gpt-6.1-sol")
+    assert body["tools"] == [
+        {
+            "type": "namespace",
+            "name": "functions",
+            "description": "",
+            "tools": [
+                {
+                    "type": "custom",
+                    "name": "exec",
+                    "description": "Run JavaScript code to orchestrate/compose tool calls",
+                    "format": {"type": "grammar", "syntax": "lark", "definition": EXEC_GRAMMAR},
+                },
+                {
+                    "type": "function",
+                    "name": "wait",
+                    "description": "Waits on a yielded `exec` cell.",
+                    "parameters": WAIT_TOOL["parameters"],
+                    "strict": False,
+                },
+            ],
+        },
+        {
+            "type": "namespace",
+            "name": "clock",
+            "description": "Tools for reading and waiting on time.",
+            "tools": [
+                {
+                    "type": "function",
+                    "name": "sleep",
+                    "description": "Pause execution for a specified duration.",
+                    "parameters": SLEEP_TOOL["parameters"],
+                    "strict": False,
+                }
+            ],
+        },
+    ]
+    assert body["instructions"] == "You are Codex, an agent based on GPT-6."
+    assert body["input"] == [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "list files"}]},
+        {
+            "type": "reasoning",
+            "id": "rs_136950a1bb594c4ea84403af",
+            "summary": [{"type": "summary_text", "text": "**Thinking** about the request."}],
+            "encrypted_content": "Y2FwdHVyZS1zZXJ2ZXItZmFrZS1lbmNyeXB0ZWQtcmVhc29uaW5n",
+        },
+        {
+            "type": "custom_tool_call",
+            "call_id": "call_841cc24378084a98ac5d87f9",
+            "name": "exec",
+            "input": 'const r = await tools.exec_command({cmd: "ls"});\ntext(r);\n',
+            "namespace": "functions",
+        },
+        {
+            "type": "custom_tool_call_output",
+            "call_id": "call_841cc24378084a98ac5d87f9",
+            "output": "Script completed\nWall time 0.3 seconds\nOutput:\n\n" + EXEC_OUTPUT,
+        },
+    ]
+    assert body["store"] is False and body["include"] == ["reasoning.encrypted_content"]
+    assert body["reasoning"] == {"effort": "low"} and body["text"] == {"verbosity": "low"}
+    assert body["tool_choice"] == "auto" and body["parallel_tool_calls"] is False and body["stream"] is True
+
+
+def test_chat_request_becomes_a_responses_body():
+    chat = {
+        "model": "gpt-5",
+        "max_completion_tokens": 50,
+        "reasoning_effort": "high",
+        "stream": True,
+        "messages": [
+            {"role": "system", "content": "sys"},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "look"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": "calling",
+                "reasoning_content": "hmm",
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "rain"},
+        ],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "w", "schema": {"type": "object"}, "strict": True},
+        },
+    }
+    body = RESPONSES_CODEC.encode_request(OPENAI_CODEC.decode_request(chat), "gpt-5")
+    assert body == {
+        "model": "gpt-5",
+        "instructions": "sys",
+        "input": [
+            {
+                "type": "message",
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "look"},
+                    {"type": "input_image", "image_url": "data:image/png;base64,AAAA"},
+                ],
+            },
+            # unsigned thinking from another protocol is dropped: a Responses upstream cannot use it
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "calling"}]},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city":"Oslo"}'},
+            {"type": "function_call_output", "call_id": "call_1", "output": "rain"},
+        ],
+        "tools": [
+            {
+                "type": "function",
+                "name": "get_weather",
+                "description": "",
+                "parameters": {"type": "object"},
+                "strict": False,
+            }
+        ],
+        "tool_choice": {"type": "function", "name": "get_weather"},
+        "max_output_tokens": 50,
+        "reasoning": {"effort": "high"},
+        "text": {"format": {"type": "json_schema", "name": "w", "schema": {"type": "object"}, "strict": True}},
+        "store": False,
+        "stream": True,
+    }
+
+
+# ---- bad cases ------------------------------------------------------------------------------
+
+
+def test_output_without_its_call_is_a_400_naming_the_call_id():
+    body = {
+        "model": "m",
+        "input": [
+            {"role": "user", "content": "hi"},
+            {"type": "function_call_output", "call_id": "call_missing", "output": "x"},
+        ],
+    }
+    with pytest.raises(GatewayError) as info:
+        RESPONSES_CODEC.decode_request(body)
+    assert info.value.status == 400 and info.value.kind == "invalid_request_error"
+    assert "call_missing" in info.value.message and "input[1]" in info.value.message
+    assert OPENAI_CODEC.encode_error(info.value)["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_items_and_tools_are_dropped_with_a_log_line(caplog):
+    body = {
+        "model": "m",
+        "input": [
+            {"type": "item_reference", "id": "msg_old"},
+            {"role": "user", "content": "hi"},
+            {"type": "local_shell_call", "call_id": "c1", "action": {"type": "exec", "command": ["ls"]}},
+            {"type": "compaction", "encrypted_content": "zzz"},
+        ],
+        "tools": [
+            {"type": "function", "name": "f", "parameters": {"type": "object"}},
+            {"type": "frobnicate", "name": "x"},
+            {"type": "code_interpreter", "container": {"type": "auto"}},
+        ],
+        "tool_choice": {"type": "web_search"},
+    }
+    with caplog.at_level(logging.INFO, logger="tgw"):
+        req = RESPONSES_CODEC.decode_request(body)
+    assert [(m.role, [p.text for p in m.parts]) for m in req.messages] == [("user", ["hi"])]
+    assert [t.name for t in req.tools] == ["f"] and req.tool_choice == "auto"
+    assert "dropped input items of unsupported type: item_reference, local_shell_call, compaction" in caplog.text
+    assert "dropped tools of unknown type: frobnicate" in caplog.text
+    assert "dropped hosted tools the upstream cannot run: code_interpreter" in caplog.text
+
+
+def test_missing_input_and_bad_roles_are_400():
+    with pytest.raises(GatewayError, match="'input' is required"):
+        RESPONSES_CODEC.decode_request({"model": "m"})
+    with pytest.raises(GatewayError, match="role must be"):
+        RESPONSES_CODEC.decode_request({"model": "m", "input": [{"role": "robot", "content": "x"}]})
+
+
+# ---- streams: OpenAI Chat upstream -> Responses client -----------------------------------------
+
+# apply_patch arguments split mid-escape: after a backslash, inside \u00e9, between the halves of
+# a surrogate pair, and inside \" and \\.
+PATCH_WITH_ESCAPES = '*** Begin Patch\n*** Add File: café.txt\n+say "hi" 😀 C:\\tmp\n*** End Patch\n'
+PATCH_PIECES = [
+    '{"input": "*** Begin Patch\\n*** Add File: caf\\',
+    "u00",
+    "e9.txt\\n+say \\",
+    '"hi\\" \\ud83d',
+    '\\ude00 C:\\\\tmp\\n*** End Patch\\n"}',
+]
+
+
+def call(position: int, call_id: str = "", **function) -> dict:
+    """A Chat chunk delta carrying one tool_calls fragment."""
+    head = {"id": call_id, "type": "function"} if call_id else {}
+    return {"tool_calls": [{"index": position, **head, "function": function}]}
+
+
+def codex_tool_request():
+    body = copy.deepcopy(CODEX_APPLY_PATCH_TURN)
+    body["input"][0:0] = copy.deepcopy(CODEX_RESPONSES_LITE_TURN["input"][:1])  # namespaced tools too
+    return RESPONSES_CODEC.decode_request(body)
+
+
+def test_chat_stream_with_text_and_tool_calls_becomes_a_responses_stream():
+    assert "".join(PATCH_PIECES) == json.dumps({"input": PATCH_WITH_ESCAPES})
+    chunks = [
+        chat_chunk({"role": "assistant", "content": ""}),
+        chat_chunk({"content": "Let me "}),
+        chat_chunk({"content": "look."}),
+        chat_chunk(call(0, "call_a", name="exec_command", arguments="")),
+        chat_chunk(call(0, arguments='{"cmd": ')),
+        chat_chunk(call(0, arguments='"ls"}')),
+        chat_chunk(call(1, "call_b", name="functions__wait", arguments='{"cell_id": "7"}')),
+        chat_chunk(call(2, "call_c", name="apply_patch", arguments=PATCH_PIECES[0])),
+        *[chat_chunk(call(2, arguments=piece)) for piece in PATCH_PIECES[1:]],
+        chat_chunk({}, "tool_calls"),
+        chat_chunk(
+            None,
+            usage={
+                "prompt_tokens": 900,
+                "completion_tokens": 60,
+                "total_tokens": 960,
+                "prompt_tokens_details": {"cached_tokens": 512},
+                "completion_tokens_details": {"reasoning_tokens": 9},
+            },
+        ),
+        "[DONE]",
+    ]
+    events = chat_stream_to_responses(chunks, codex_tool_request())
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert [e["type"] for e in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        *["response.custom_tool_call_input.delta"] * 4,
+        "response.custom_tool_call_input.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    created = events[0]["response"]
+    assert created["status"] == "in_progress" and created["output"] == [] and created["usage"] is None
+    assert created["model"] == "gpt-5.5" and created["id"].startswith("resp_") and created["object"] == "response"
+    assert events[1]["response"] == created
+
+    text_done = events[6]
+    assert text_done["text"] == "Let me look." and text_done["content_index"] == 0 and text_done["output_index"] == 0
+    done_items = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+    assert done_items[0]["type"] == "message" and done_items[0]["status"] == "completed"
+    assert done_items[0]["content"] == [
+        {"type": "output_text", "text": "Let me look.", "annotations": [], "logprobs": []}
+    ]
+    fc1, fc2, custom = done_items[1:]
+    assert {k: fc1[k] for k in ("type", "status", "call_id", "name", "arguments")} == {
+        "type": "function_call",
+        "status": "completed",
+        "call_id": "call_a",
+        "name": "exec_command",
+        "arguments": '{"cmd": "ls"}',
+    }
+    assert fc1["id"].startswith("fc_")
+    assert (fc2["call_id"], fc2["name"], fc2["namespace"], fc2["arguments"]) == (
+        "call_b",
+        "wait",
+        "functions",
+        '{"cell_id": "7"}',
+    )
+    assert custom["type"] == "custom_tool_call" and custom["call_id"] == "call_c" and custom["name"] == "apply_patch"
+    assert custom["input"] == PATCH_WITH_ESCAPES and custom["id"].startswith("ctc_") and "arguments" not in custom
+
+    deltas = [e["delta"] for e in events if e["type"] == "response.custom_tool_call_input.delta"]
+    assert deltas == ["*** Begin Patch\n*** Add File: caf", "é.txt\n+say ", '"hi" ', "😀 C:\\tmp\n*** End Patch\n"]
+    assert all(
+        e["item_id"] == custom["id"] and e["output_index"] == 3 for e in events if "custom_tool_call_input" in e["type"]
+    )
+    assert events[-3]["type"] == "response.custom_tool_call_input.done" and events[-3]["input"] == PATCH_WITH_ESCAPES
+
+    added = [e for e in events if e["type"] == "response.output_item.added"]
+    assert [e["output_index"] for e in added] == [0, 1, 2, 3]
+    assert added[3]["item"]["input"] == "" and added[3]["item"]["status"] == "in_progress"
+
+    completed = events[-1]["response"]
+    assert completed["status"] == "completed" and completed["incomplete_details"] is None and completed["error"] is None
+    assert completed["output"] == done_items
+    assert [i.get("call_id") for i in completed["output"]] == [None, "call_a", "call_b", "call_c"]
+    assert completed["usage"] == {
+        "input_tokens": 900,
+        "input_tokens_details": {"cached_tokens": 512},
+        "output_tokens": 60,
+        "output_tokens_details": {"reasoning_tokens": 9},
+        "total_tokens": 960,
+    }
+    assert completed["tools"] == CODEX_APPLY_PATCH_TURN["tools"] and completed["store"] is False
+    assert completed["text"] == {"format": {"type": "text"}, "verbosity": "low"}
+    assert completed["reasoning"] == {"effort": "medium", "summary": None}
+    assert completed["parallel_tool_calls"] is True and completed["tool_choice"] == "auto"
+
+
+def test_chat_stream_stopped_on_length_is_incomplete():
+    chunks = [
+        chat_chunk({"role": "assistant", "content": "Hello"}),
+        chat_chunk({"content": " wor"}),
+        chat_chunk({}, "length"),
+        chat_chunk(None, usage={"prompt_tokens": 5, "completion_tokens": 2}),
+        "[DONE]",
+    ]
+    req = RESPONSES_CODEC.decode_request({"model": "m", "input": "hi", "max_output_tokens": 2, "stream": True})
+    events = chat_stream_to_responses(chunks, req)
+    assert [e["type"] for e in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",
+    ]
+    final = events[-1]["response"]
+    assert final["status"] == "incomplete" and final["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert final["max_output_tokens"] == 2 and final["output"][0]["content"][0]["text"] == "Hello wor"
+    assert final["usage"]["input_tokens"] == 5 and final["usage"]["output_tokens"] == 2
+
+
+def test_upstream_error_mid_stream_becomes_response_failed():
+    chunks = [
+        chat_chunk({"role": "assistant", "content": "Hel"}),
+        {"error": {"message": "Rate limit reached", "type": "rate_limit_error"}},
+    ]
+    req = RESPONSES_CODEC.decode_request({"model": "m", "input": "hi", "stream": True})
+    events = chat_stream_to_responses(chunks, req)
+    assert [e["type"] for e in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.failed",
+    ]
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"] == {
+        "code": "rate_limit_exceeded",
+        "message": "Rate limit reached",
+    }
+
+
+def test_consecutive_text_blocks_share_a_message_and_signed_thinking_is_a_reasoning_item():
+    req = RESPONSES_CODEC.decode_request({"model": "claude", "input": "hi", "stream": True})
+    encoder = ResponsesStreamEncoder(req)
+    stream = [
+        MessageStart("msg_01", "claude", Usage(input_tokens=30)),
+        BlockStart(0, Part("thinking")),
+        BlockDelta(0, "signature", "sig=="),
+        BlockStop(0),
+        BlockStart(1, Part("text")),
+        BlockDelta(1, "text", "a"),
+        BlockStop(1),
+        BlockStart(2, Part("text")),
+        BlockDelta(2, "text", "b"),
+        BlockStop(2),
+        MessageDelta("end_turn", None, Usage(output_tokens=4)),
+        MessageStop(),
+    ]
+    events = parse_sse(b"".join(encoder.encode(ev) for ev in stream))
+    assert [e["type"] for e in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.output_item.done",  # thinking with a signature and no text
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    reasoning, message = events[-1]["response"]["output"]
+    assert reasoning["type"] == "reasoning" and reasoning["summary"] == []
+    assert reasoning["encrypted_content"].startswith("tgw1.")
+    assert [c["text"] for c in message["content"]] == ["a", "b"] and events[9]["content_index"] == 1
+    assert events[-1]["response"]["usage"]["input_tokens"] == 30  # counted at the start only
+    assert encoder.output == events[-1]["response"]["output"]
+
+
+# ---- non-streaming -------------------------------------------------------------------------------
+
+
+def test_response_becomes_a_response_object_and_signed_thinking_round_trips():
+    req = codex_tool_request()
+    resp = Response(
+        "msg_01XYZ",
+        "claude-sonnet-4-5",
+        [
+            Part("thinking", text="I should add the file.", signature="EqQBCkYIBxgCKkA="),
+            Part("text", text="Adding it."),
+            Part("tool_call", id="toolu_01", name="apply_patch", arguments=json.dumps({"input": PATCH})),
+            Part("tool_call", id="toolu_02", name="clock__sleep", arguments='{"duration_ms": 5}'),
+        ],
+        "tool_use",
+        usage=Usage(input_tokens=1200, output_tokens=80, cached_tokens=1000, reasoning_tokens=30),
+        created=1700000000,
+    )
+    body = RESPONSES_CODEC.encode_response(resp, req)
+    assert body["object"] == "response" and body["id"].startswith("resp_") and body["created_at"] == 1700000000
+    assert body["status"] == "completed" and body["model"] == "gpt-5.5" and "output_text" not in body
+    for key in (
+        "instructions",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "text",
+        "reasoning",
+        "metadata",
+        "temperature",
+        "top_p",
+        "max_output_tokens",
+        "previous_response_id",
+        "store",
+        "truncation",
+        "error",
+        "incomplete_details",
+    ):
+        assert key in body
+    reasoning, message, patch, sleep = body["output"]
+    assert reasoning["summary"] == [{"type": "summary_text", "text": "I should add the file."}]
+    assert message["content"] == [{"type": "output_text", "text": "Adding it.", "annotations": [], "logprobs": []}]
+    assert {k: patch[k] for k in ("type", "status", "call_id", "name", "input")} == {
+        "type": "custom_tool_call",
+        "status": "completed",
+        "call_id": "toolu_01",
+        "name": "apply_patch",
+        "input": PATCH,
+    }
+    assert {k: sleep[k] for k in ("type", "call_id", "name", "namespace", "arguments")} == {
+        "type": "function_call",
+        "call_id": "toolu_02",
+        "name": "sleep",
+        "namespace": "clock",
+        "arguments": '{"duration_ms": 5}',
+    }
+    assert body["usage"] == {
+        "input_tokens": 1200,
+        "input_tokens_details": {"cached_tokens": 1000},
+        "output_tokens": 80,
+        "output_tokens_details": {"reasoning_tokens": 30},
+        "total_tokens": 1280,
+    }
+    assert RESPONSES_CODEC.output_items(resp, req)[2]["input"] == PATCH
+
+    # Codex echoes the items back on its next turn: the thinking comes back signed, byte-exact
+    history = {
+        "model": "m",
+        "input": [
+            {"role": "user", "content": "go"},
+            reasoning,
+            message,
+            patch,
+            sleep,
+            {"type": "custom_tool_call_output", "call_id": "toolu_01", "output": "Done"},
+            {"type": "function_call_output", "call_id": "toolu_02", "output": "slept"},
+        ],
+    }
+    turn = RESPONSES_CODEC.decode_request(json.loads(json.dumps(history)))
+    thinking, text, call1, call2 = turn.messages[1].parts
+    assert (thinking.type, thinking.text, thinking.signature) == (
+        "thinking",
+        "I should add the file.",
+        "EqQBCkYIBxgCKkA=",
+    )
+    assert text.text == "Adding it." and json.loads(call1.arguments) == {"input": PATCH}
+    assert (call2.name, call2.id) == ("clock__sleep", "toolu_02")
+    assert [p.id for p in turn.messages[2].parts] == ["toolu_01", "toolu_02"]
+
+
+def test_max_tokens_response_is_incomplete():
+    req = RESPONSES_CODEC.decode_request({"model": "m", "input": "hi"})
+    body = RESPONSES_CODEC.encode_response(Response("chatcmpl-1", "x", [Part("text", text="Hel")], "max_tokens"), req)
+    assert body["status"] == "incomplete" and body["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert body["output"][0]["content"][0]["text"] == "Hel"
+
+
+def test_chat_upstream_json_becomes_a_response_object():
+    chat = {
+        "id": "chatcmpl-9",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "qwen3",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "tool_calls",
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_w",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                        }
+                    ],
+                },
+            }
+        ],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+    }
+    req = RESPONSES_CODEC.decode_request(
+        {"model": "gpt-4o-mini", "input": "weather in Paris?", "tools": [RESPONSES_GET_WEATHER]}
+    )
+    body = RESPONSES_CODEC.encode_response(OPENAI_CODEC.decode_response(chat), req)
+    (item,) = body["output"]
+    assert {k: item[k] for k in ("type", "call_id", "name", "arguments", "status")} == {
+        "type": "function_call",
+        "call_id": "call_w",
+        "name": "get_weather",
+        "arguments": '{"city": "Paris"}',
+        "status": "completed",
+    }
+    assert body["tools"] == [RESPONSES_GET_WEATHER] and body["store"] is True and body["usage"]["total_tokens"] == 15
+
+
+# ---- Responses upstream -> canonical ---------------------------------------------------------------
+
+UPSTREAM_OUTPUT = [
+    {
+        "id": "rs_1",
+        "type": "reasoning",
+        "summary": [{"type": "summary_text", "text": "**Thinking**"}],
+        "encrypted_content": "ENC",
+    },
+    {
+        "id": "fc_1",
+        "type": "function_call",
+        "status": "completed",
+        "call_id": "call_1",
+        "name": "exec_command",
+        "arguments": '{"cmd": "ls"}',
+    },
+    {
+        "id": "ctc_1",
+        "type": "custom_tool_call",
+        "status": "completed",
+        "call_id": "call_2",
+        "name": "exec",
+        "namespace": "functions",
+        "input": 'text("a\\"b")',
+    },
+    {"id": "ws_1", "type": "web_search_call", "status": "completed"},
+]
+UPSTREAM_USAGE = {
+    "input_tokens": 50,
+    "input_tokens_details": {"cached_tokens": 10},
+    "output_tokens": 7,
+    "output_tokens_details": {"reasoning_tokens": 3},
+    "total_tokens": 57,
+}
+
+
+def test_responses_upstream_json_becomes_a_canonical_response():
+    body = {
+        "id": "resp_up",
+        "object": "response",
+        "created_at": 5,
+        "status": "completed",
+        "model": "gpt-5",
+        "output": UPSTREAM_OUTPUT,
+        "usage": UPSTREAM_USAGE,
+    }
+    resp = RESPONSES_CODEC.decode_response(body)
+    assert (resp.id, resp.model, resp.stop_reason, resp.created) == ("resp_up", "gpt-5", "tool_use", 5)
+    assert resp.usage == Usage(input_tokens=50, output_tokens=7, cached_tokens=10, reasoning_tokens=3)
+    thinking, call, custom = resp.parts
+    assert (thinking.type, thinking.text, thinking.extra["encrypted_content"]) == ("thinking", "**Thinking**", "ENC")
+    assert (call.id, call.name, call.arguments) == ("call_1", "exec_command", '{"cmd": "ls"}')
+    assert (custom.id, custom.name, json.loads(custom.arguments)) == (
+        "call_2",
+        "functions__exec",
+        {"input": 'text("a\\"b")'},
+    )
+    incomplete = dict(body, status="incomplete", incomplete_details={"reason": "max_output_tokens"}, output=[])
+    assert RESPONSES_CODEC.decode_response(incomplete).stop_reason == "max_tokens"
+    with pytest.raises(GatewayError) as info:
+        RESPONSES_CODEC.decode_response(dict(body, status="failed", error={"code": "server_error", "message": "boom"}))
+    assert info.value.status == 502 and info.value.message == "boom"
+
+
+def upstream_sse(events: list) -> bytes:
+    return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+
+
+def test_responses_upstream_stream_becomes_canonical_events():
+    reasoning, call, custom, _ = UPSTREAM_OUTPUT
+    msg = {
+        "id": "msg_1",
+        "type": "message",
+        "status": "completed",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": "Hi there", "annotations": []}],
+    }
+    events = [
+        {"type": "response.created", "response": {"id": "resp_up", "model": "gpt-5", "status": "in_progress"}},
+        {"type": "response.in_progress", "response": {"id": "resp_up", "model": "gpt-5", "status": "in_progress"}},
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": dict(reasoning, summary=[], encrypted_content=None),
+        },
+        {"type": "response.reasoning_summary_part.added", "item_id": "rs_1", "output_index": 0, "summary_index": 0},
+        {
+            "type": "response.reasoning_summary_text.delta",
+            "item_id": "rs_1",
+            "output_index": 0,
+            "summary_index": 0,
+            "delta": "**Thinking**",
+        },
+        {"type": "response.output_item.done", "output_index": 0, "item": reasoning},
+        {"type": "response.output_item.added", "output_index": 1, "item": dict(msg, content=[], status="in_progress")},
+        {
+            "type": "response.content_part.added",
+            "item_id": "msg_1",
+            "output_index": 1,
+            "content_index": 0,
+            "part": {"type": "output_text", "text": ""},
+        },
+        {
+            "type": "response.output_text.delta",
+            "item_id": "msg_1",
+            "output_index": 1,
+            "content_index": 0,
+            "delta": "Hi ",
+        },
+        {
+            "type": "response.output_text.delta",
+            "item_id": "msg_1",
+            "output_index": 1,
+            "content_index": 0,
+            "delta": "there",
+        },
+        {
+            "type": "response.content_part.done",
+            "item_id": "msg_1",
+            "output_index": 1,
+            "content_index": 0,
+            "part": msg["content"][0],
+        },
+        {"type": "response.output_item.done", "output_index": 1, "item": msg},
+        {
+            "type": "response.output_item.added",
+            "output_index": 2,
+            "item": dict(call, arguments="", status="in_progress"),
+        },
+        {"type": "response.function_call_arguments.delta", "item_id": "fc_1", "output_index": 2, "delta": '{"cmd": '},
+        {"type": "response.function_call_arguments.delta", "item_id": "fc_1", "output_index": 2, "delta": '"ls"}'},
+        {"type": "response.output_item.done", "output_index": 2, "item": call},
+        {"type": "response.output_item.added", "output_index": 3, "item": dict(custom, input="", status="in_progress")},
+        {"type": "response.custom_tool_call_input.delta", "item_id": "ctc_1", "output_index": 3, "delta": 'text("a\\'},
+        {"type": "response.custom_tool_call_input.delta", "item_id": "ctc_1", "output_index": 3, "delta": '"b")'},
+        {"type": "response.output_item.done", "output_index": 3, "item": custom},
+        {"type": "response.completed", "response": {"id": "resp_up", "status": "completed", "usage": UPSTREAM_USAGE}},
+    ]
+    decoder = RESPONSES_CODEC.stream_decoder()
+    out = [ev for e in SSEParser().feed(upstream_sse(events)) for ev in decoder.feed(e)] + decoder.finish()
+    assert [type(e).__name__ for e in out] == [
+        "MessageStart",
+        "BlockStart",
+        "BlockDelta",
+        "BlockStop",
+        "BlockStart",
+        "BlockDelta",
+        "BlockDelta",
+        "BlockStop",
+        "BlockStart",
+        "BlockDelta",
+        "BlockDelta",
+        "BlockStop",
+        "BlockStart",
+        "BlockDelta",
+        "BlockDelta",
+        "BlockDelta",
+        "BlockStop",
+        "MessageDelta",
+        "MessageStop",
+    ]
+    resp = fold_events(out)
+    assert (resp.id, resp.model, resp.stop_reason) == ("resp_up", "gpt-5", "tool_use")
+    assert [p.type for p in resp.parts] == ["thinking", "text", "tool_call", "tool_call"]
+    assert resp.parts[0].extra["encrypted_content"] == "ENC"  # only in the done item
+    assert resp.parts[1].text == "Hi there" and resp.parts[2].arguments == '{"cmd": "ls"}'
+    assert json.loads(resp.parts[3].arguments) == {"input": 'text("a\\"b")'} and resp.parts[3].name == "functions__exec"
+    assert resp.usage.cached_tokens == 10 and resp.usage.input_tokens == 50
+
+    # ... and on to an OpenAI Chat client
+    chat_req = OPENAI_CODEC.decode_request(
+        {"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    )
+    encoder = OPENAI_CODEC.stream_encoder(chat_req)
+    chat = b"".join(encoder.encode(ev) for ev in out).decode()
+    assert '"finish_reason":"tool_calls"' in chat and chat.endswith("data: [DONE]\n\n")
+
+
+def test_responses_upstream_failure_and_truncation_are_stream_errors():
+    created = {"type": "response.created", "response": {"id": "resp_x", "model": "gpt-5"}}
+    failed = {
+        "type": "response.failed",
+        "response": {"status": "failed", "error": {"code": "rate_limit_exceeded", "message": "slow down"}},
+    }
+    decoder = RESPONSES_CODEC.stream_decoder()
+    out = [ev for e in SSEParser().feed(upstream_sse([created, failed])) for ev in decoder.feed(e)]
+    assert isinstance(out[0], MessageStart) and isinstance(out[-1], StreamError)
+    assert (out[-1].error.status, out[-1].error.message) == (429, "slow down")
+    assert decoder.finish() == []
+    truncated = RESPONSES_CODEC.stream_decoder()
+    truncated.feed(SSEParser().feed(upstream_sse([created]))[0])
+    (error,) = truncated.finish()
+    assert isinstance(error, StreamError) and error.error.status == 502 and "response.completed" in error.error.message
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+
+
+def test_json_string_field_reader_survives_every_split():
+    value = 'a"b\\c\n\té 😀 \u2028 end'
+    text = json.dumps({"other": {"input": "no"}, "x": '\\"input\\":', "input": value, "after": 1})
+    for cut in range(len(text) + 1):
+        reader = JsonStringFieldReader("input")
+        assert reader.feed(text[:cut]) + reader.feed(text[cut:]) == value, cut
+    reader = JsonStringFieldReader("input")
+    assert "".join(reader.feed(ch) for ch in text) == value
+    assert JsonStringFieldReader("input").feed('{"input": 5}') == ""
+
+
+def test_custom_input_and_flat_names():
+    assert custom_input_of(json.dumps({"input": PATCH})) == PATCH
+    assert custom_input_of("*** Begin Patch\n") == "*** Begin Patch\n"  # a model that ignored the JSON wrapper
+    assert custom_input_of('{"patch": "x"}') == "x"
+    assert custom_input_of('"\\ud83d"') == "\ufffd"  # a lone surrogate cannot reach the wire
+    assert flat_tool_name("functions", "exec") == "functions__exec" and flat_tool_name(None, "exec") == "exec"
+    long_name = flat_tool_name("mcp.server-" + "x" * 50, "tool/name")
+    assert len(long_name) == 64 and all(c.isalnum() or c in "_-" for c in long_name)
+    assert long_name != flat_tool_name("mcp.server-" + "x" * 50, "tool/other")
+
+
+def test_encode_error_uses_codes_codex_acts_on():
+    limited = RESPONSES_CODEC.encode_error(GatewayError(429, "Too many requests", retry_after=3))
+    assert limited == {
+        "error": {
+            "message": "Too many requests",
+            "type": "rate_limit_error",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        }
+    }
+    overflow = RESPONSES_CODEC.encode_error(GatewayError(400, "prompt is too long: 210000 tokens > 200000 maximum"))
+    assert overflow["error"]["code"] == "context_length_exceeded"
+    req = RESPONSES_CODEC.decode_request({"model": "m", "input": "hi", "stream": True})
+    encoder = ResponsesStreamEncoder(req)
+    (created, _, failed) = parse_sse(encoder.encode(StreamError(GatewayError(429, "Too many requests", retry_after=3))))
+    assert failed["response"]["error"] == {
+        "code": "rate_limit_exceeded",
+        "message": "Too many requests. Please try again in 3s.",
+    }
+    assert failed["sequence_number"] == 2 and created["response"]["status"] == "in_progress"
+
+
+def test_responses_upstream_that_sends_only_done_items():
+    reasoning, call, custom, hosted = UPSTREAM_OUTPUT
+    msg = {"id": "msg_1", "type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hi"}]}
+    items = [reasoning, msg, call, custom, hosted]
+    events = [{"type": "response.created", "response": {"id": "resp_y", "model": "m"}}]
+    events += [{"type": "response.output_item.done", "output_index": i, "item": item} for i, item in enumerate(items)]
+    incomplete = {"status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"}}
+    events.append({"type": "response.incomplete", "response": incomplete})
+    decoder = RESPONSES_CODEC.stream_decoder()
+    resp = fold_events([ev for e in SSEParser().feed(upstream_sse(events)) for ev in decoder.feed(e)])
+    assert [p.type for p in resp.parts] == ["thinking", "text", "tool_call", "tool_call"]
+    assert (resp.parts[0].text, resp.parts[0].extra["encrypted_content"]) == ("**Thinking**", "ENC")
+    assert resp.parts[1].text == "Hi" and resp.parts[2].arguments == '{"cmd": "ls"}'
+    assert json.loads(resp.parts[3].arguments) == {"input": 'text("a\\"b")'}
+    assert resp.stop_reason == "max_tokens"
+
+
+# ======================================================================================
+# 5d. Gemini codec
+#
+# Gemini codec: golden tests from google-genai 3.x captures, translation to and from the other
+# codecs, streams in both directions, safety blocks, bad input, and tool-schema cleaning.
+# ======================================================================================
+
+
+# ---- real client data, copied from the conformance captures -------------------------------
+
+# google_genai/01: generate_content with system_instruction, temperature, max_output_tokens
+CAPTURE_01 = {
+    "contents": [{"parts": [{"text": "say hi"}], "role": "user"}],
+    "systemInstruction": {"parts": [{"text": "be brief"}], "role": "user"},
+    "generationConfig": {"temperature": 0.2, "maxOutputTokens": 100},
+}
+GEMINI_GET_WEATHER = {
+    "description": "weather",
+    "name": "get_weather",
+    "parameters": {"properties": {"city": {"type": "STRING"}}, "required": ["city"], "type": "OBJECT"},
+}
+# google_genai/04: the tool round trip's second request (call without id, response by name)
+CAPTURE_04 = {
+    "contents": [
+        {"parts": [{"text": "weather in Paris?"}], "role": "user"},
+        {"parts": [{"functionCall": {"args": {"city": "x"}, "name": "get_weather"}}], "role": "model"},
+        {"parts": [{"functionResponse": {"name": "get_weather", "response": {"result": "sunny"}}}], "role": "user"},
+    ],
+    "tools": [{"functionDeclarations": [GEMINI_GET_WEATHER]}],
+    "generationConfig": {},
+}
+# google_genai/07: chat.send_message history
+CAPTURE_07 = {
+    "contents": [
+        {"parts": [{"text": "hi"}], "role": "user"},
+        {"parts": [{"text": "Hello from the capture server."}], "role": "model"},
+        {"parts": [{"text": "again"}], "role": "user"},
+    ],
+    "generationConfig": {},
+}
+# google_genai/08: v1beta stream with thinking_config (snake_case keys inside camelCase thinkingConfig)
+CAPTURE_08 = {
+    "contents": [{"parts": [{"text": "say hi"}], "role": "user"}],
+    "generationConfig": {"thinkingConfig": {"include_thoughts": True, "thinking_budget": 128}},
+}
+
+
+# Claude Code's Bash, Edit and Read input schemas (claude_code/basic_02) and Codex's exec_command
+# parameters (codex/gpt55_exec_command_01), verbatim.
+GEMINI_BASH_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "properties": {
+        "command": {"description": "The command to execute", "type": "string"},
+        "timeout": {"description": "Optional timeout in milliseconds (max 600000)", "type": "number"},
+        "description": {
+            "description": "Clear, concise description of what this command does in "
+            'active voice. Never use words like "complex" or "risk" in '
+            "the description - just describe what it does.\n"
+            "\n"
+            "For simple commands (git, npm, standard CLI tools), keep it "
+            "brief (5-10 words):\n"
+            '- ls → "List files in current directory"\n'
+            '- git status → "Show working tree status"\n'
+            '- npm install → "Install package dependencies"\n'
+            "\n"
+            "For commands that are harder to parse at a glance (piped "
+            "commands, obscure flags, etc.), add enough context to "
+            "clarify what it does:\n"
+            '- find . -name "*.tmp" -exec rm {} \\; → "Find and delete '
+            'all .tmp files recursively"\n'
+            '- git reset --hard origin/main → "Discard all local changes '
+            'and match remote main"\n'
+            "- curl -s url | jq '.data[]' → \"Fetch JSON from URL and "
+            'extract data array elements"',
+            "type": "string",
+        },
+        "run_in_background": {"description": "Set to true to run this command in the background.", "type": "boolean"},
+        "dangerouslyDisableSandbox": {
+            "description": "Set this to true to dangerously override sandbox mode and run commands without sandboxing.",
+            "type": "boolean",
+        },
+    },
+    "required": ["command"],
+    "additionalProperties": False,
+}
+EDIT_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "properties": {
+        "file_path": {"description": "The absolute path to the file to modify", "type": "string"},
+        "old_string": {"description": "The text to replace", "type": "string"},
+        "new_string": {
+            "description": "The text to replace it with (must be different from old_string)",
+            "type": "string",
+        },
+        "replace_all": {
+            "description": "Replace all occurrences of old_string (default false)",
+            "default": False,
+            "type": "boolean",
+        },
+    },
+    "required": ["file_path", "old_string", "new_string"],
+    "additionalProperties": False,
+}
+READ_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "properties": {
+        "file_path": {"description": "The absolute path to the file to read", "type": "string"},
+        "offset": {
+            "description": "The line number to start reading from. Only provide if the file "
+            "is too large to read at once",
+            "type": "integer",
+            "minimum": 0,
+            "maximum": 9007199254740991,
+        },
+        "limit": {
+            "description": "The number of lines to read. Only provide if the file is too large to read at once.",
+            "type": "integer",
+            "exclusiveMinimum": 0,
+            "maximum": 9007199254740991,
+        },
+        "pages": {
+            "description": 'Page range for PDF files (e.g., "1-5", "3", "10-20"). Only '
+            "applicable to PDF files. Maximum 20 pages per request.",
+            "type": "string",
+        },
+    },
+    "required": ["file_path"],
+    "additionalProperties": False,
+}
+EXEC_COMMAND_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "cmd": {"type": "string", "description": "Shell command to execute."},
+        "justification": {
+            "type": "string",
+            "description": "User-facing approval question for `require_escalated`; omit otherwise.",
+        },
+        "login": {
+            "type": "boolean",
+            "description": "True runs the shell with -l/-i semantics; false disables them. Defaults to true.",
+        },
+        "max_output_tokens": {
+            "type": "number",
+            "description": "Output token budget. Defaults to 10000 tokens; larger requests may be capped by policy.",
+        },
+        "prefix_rule": {
+            "type": "array",
+            "description": "Reusable approval prefix for `cmd`, only with "
+            '`sandbox_permissions: "require_escalated"`; for example '
+            '["git", "pull"].',
+            "items": {"type": "string"},
+        },
+        "sandbox_permissions": {
+            "type": "string",
+            "description": "Per-command sandbox override. Defaults to "
+            "`use_default`; use `require_escalated` for "
+            "unsandboxed execution.",
+            "enum": ["use_default", "require_escalated"],
+        },
+        "shell": {"type": "string", "description": "Shell binary to launch. Defaults to the user's default shell."},
+        "tty": {
+            "type": "boolean",
+            "description": "True allocates a PTY for the command; false or omitted uses plain pipes.",
+        },
+        "workdir": {"type": "string", "description": "Working directory for the command. Defaults to the turn cwd."},
+        "yield_time_ms": {
+            "type": "number",
+            "description": "Wait before yielding output. Defaults to 10000 ms; effective range is 250-30000 ms.",
+        },
+    },
+    "required": ["cmd"],
+    "additionalProperties": False,
+}
+
+# Claude Code's TaskUpdate (claude_code/basic_02): an anyOf of string choices and a const.
+TASK_UPDATE_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "properties": {
+        "taskId": {"description": "The ID of the task to update", "type": "string"},
+        "status": {
+            "description": "New status for the task",
+            "anyOf": [
+                {"type": "string", "enum": ["pending", "in_progress", "completed"]},
+                {"type": "string", "const": "deleted"},
+            ],
+        },
+        "addBlocks": {"description": "Task IDs that this task blocks", "type": "array", "items": {"type": "string"}},
+        "metadata": {
+            "description": "Metadata keys to merge into the task. Set a key to null to delete it.",
+            "type": "object",
+            "propertyNames": {"type": "string"},
+            "additionalProperties": {},
+        },
+    },
+    "required": ["taskId"],
+    "additionalProperties": False,
+}
+
+
+def gemini_request(body, model="gemini-2.5-flash", stream=False) -> Request:
+    return GEMINI_CODEC.decode_request(body, model, stream)
+
+
+def sse_events(data: bytes) -> list:
+    parser = SSEParser()
+    return parser.feed(data) + parser.finish()
+
+
+def gemini_decode_stream(decoder, data: bytes, read_size: int = 0) -> list:
+    """Feed bytes in reads of read_size (0: at once), the way they come off a socket."""
+    parser = SSEParser()
+    events = []
+    reads = [data[i : i + read_size] for i in range(0, len(data), read_size)] if read_size else [data]
+    for read in reads:
+        for event in parser.feed(read):
+            events.extend(decoder.feed(event))
+    for event in parser.finish():
+        events.extend(decoder.feed(event))
+    return events + decoder.finish()
+
+
+def sse_objects(data: bytes) -> list:
+    return [json.loads(e.data) for e in sse_events(data) if e.data != "[DONE]"]
+
+
+def expect_400(body, fragment: str) -> None:
+    with pytest.raises(GatewayError) as info:
+        gemini_request(body)
+    assert info.value.status == 400
+    assert info.value.kind == "invalid_request_error"
+    assert fragment in info.value.message
+
+
+# ---- requests: Gemini -> canonical -> OpenAI ------------------------------------------------
+
+
+def test_capture_01_system_and_generation_config_reach_openai():
+    req = gemini_request(CAPTURE_01)
+    assert req.protocol == "gemini" and req.model == "gemini-2.5-flash" and req.stream is False
+    assert [p.text for p in req.system] == ["be brief"]
+    assert (req.max_tokens, req.temperature) == (100, 0.2)
+    assert OPENAI_CODEC.encode_request(req, "gpt-4o-mini") == {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say hi"}],
+        "max_completion_tokens": 100,
+        "temperature": 0.2,
+    }
+
+
+def test_capture_04_function_call_history_pairs_ids_for_openai():
+    req = gemini_request(CAPTURE_04)
+    call = req.messages[1].parts[0]
+    result = req.messages[2].parts[0]
+    assert (call.type, call.id, call.name, call.arguments) == (
+        "tool_call",
+        "call_get_weather_0",
+        "get_weather",
+        '{"city":"x"}',
+    )
+    assert (result.type, result.id, result.name, result.is_error) == (
+        "tool_result",
+        "call_get_weather_0",
+        "get_weather",
+        False,
+    )
+    assert result.content[0].text == '{"result":"sunny"}'
+    assert req.tools == [
+        Tool(
+            "get_weather",
+            "weather",
+            {"properties": {"city": {"type": "string"}}, "required": ["city"], "type": "object"},
+        )
+    ]
+    assert OPENAI_CODEC.encode_request(req, "gpt-4o-mini") == {
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "user", "content": "weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_get_weather_0",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city":"x"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_get_weather_0", "content": '{"result":"sunny"}'},
+        ],
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "weather",
+                    "parameters": {"properties": {"city": {"type": "string"}}, "required": ["city"], "type": "object"},
+                },
+            }
+        ],
+    }
+
+
+def test_capture_07_chat_history_keeps_roles():
+    req = gemini_request(CAPTURE_07)
+    assert [(m.role, m.parts[0].text) for m in req.messages] == [
+        ("user", "hi"),
+        ("assistant", "Hello from the capture server."),
+        ("user", "again"),
+    ]
+    assert OPENAI_CODEC.encode_request(req, "gpt-4o-mini")["messages"] == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello from the capture server."},
+        {"role": "user", "content": "again"},
+    ]
+
+
+def test_capture_08_thinking_config_with_snake_case_keys():
+    req = gemini_request(CAPTURE_08, stream=True)
+    assert (req.thinking, req.thinking_budget, req.stream) == ("enabled", 128, True)
+    body = OPENAI_CODEC.encode_request(req, "o4-mini")
+    assert body["reasoning_effort"] == "low"
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+
+
+def test_camel_and_snake_case_generation_config_give_the_same_request():
+    camel = {
+        "contents": [{"role": "user", "parts": [{"text": "hi"}]}],
+        "systemInstruction": {"parts": [{"text": "sys"}]},
+        "tools": [{"functionDeclarations": [GEMINI_GET_WEATHER]}],
+        "toolConfig": {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["get_weather"]}},
+        "generationConfig": {
+            "maxOutputTokens": 50,
+            "temperature": 0.5,
+            "topP": 0.9,
+            "topK": 40,
+            "stopSequences": ["END"],
+            "candidateCount": 1,
+            "responseMimeType": "application/json",
+            "responseSchema": {"type": "OBJECT", "properties": {"a": {"type": "STRING", "nullable": True}}},
+            "thinkingConfig": {"thinkingBudget": 1024, "includeThoughts": True},
+        },
+    }
+    snake = {
+        "contents": [{"role": "user", "parts": [{"text": "hi"}]}],
+        "system_instruction": {"parts": [{"text": "sys"}]},
+        "tools": [{"function_declarations": [GEMINI_GET_WEATHER]}],
+        "tool_config": {"function_calling_config": {"mode": "ANY", "allowed_function_names": ["get_weather"]}},
+        "generation_config": {
+            "max_output_tokens": 50,
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "top_k": 40,
+            "stop_sequences": ["END"],
+            "candidate_count": 1,
+            "response_mime_type": "application/json",
+            "response_schema": {"type": "OBJECT", "properties": {"a": {"type": "STRING", "nullable": True}}},
+            "thinking_config": {"thinking_budget": 1024, "include_thoughts": True},
+        },
+    }
+    a, b = gemini_request(camel), gemini_request(snake)
+    assert replace(a, raw={}) == replace(b, raw={})
+    assert (a.max_tokens, a.temperature, a.top_p, a.top_k, a.stop) == (50, 0.5, 0.9, 40, ["END"])
+    assert (a.tool_choice, a.tool_name) == ("tool", "get_weather")
+    assert (a.thinking, a.thinking_budget) == ("enabled", 1024)
+    assert a.response_format == {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "response",
+            "schema": {"type": "object", "properties": {"a": {"type": ["string", "null"]}}},
+        },
+    }
+
+
+def test_thinking_config_budget_level_and_include_thoughts():
+    def thinking(config):
+        req = gemini_request({"contents": [{"parts": [{"text": "x"}]}], "generationConfig": {"thinkingConfig": config}})
+        return req.thinking, req.thinking_budget, req.reasoning_effort
+
+    assert thinking({"thinkingBudget": 0}) == ("disabled", None, "")
+    assert thinking({"thinkingBudget": -1}) == ("adaptive", None, "")
+    assert thinking({"thinkingBudget": 2048}) == ("enabled", 2048, "")
+    assert thinking({"thinkingLevel": "HIGH"}) == ("", None, "high")
+    assert thinking({"thinking_level": "low", "include_thoughts": True}) == ("adaptive", None, "low")
+    assert thinking({"includeThoughts": True}) == ("adaptive", None, "")
+
+
+def test_tool_config_modes_map_to_tool_choice():
+    def choice(config, tools=(GEMINI_GET_WEATHER,)):
+        body = {"contents": [{"parts": [{"text": "x"}]}], "tools": [{"functionDeclarations": list(tools)}]}
+        req = gemini_request({**body, "toolConfig": {"functionCallingConfig": config}})
+        return req.tool_choice, req.tool_name, [t.name for t in req.tools]
+
+    other = {**GEMINI_GET_WEATHER, "name": "get_time"}
+    third = {**GEMINI_GET_WEATHER, "name": "get_date"}
+    assert choice({"mode": "AUTO"}) == ("auto", "", ["get_weather"])
+    assert choice({"mode": "NONE"}) == ("none", "", ["get_weather"])
+    assert choice({"mode": "ANY"}) == ("required", "", ["get_weather"])
+    assert choice({"mode": "ANY", "allowedFunctionNames": ["get_time"]}, (GEMINI_GET_WEATHER, other)) == (
+        "tool",
+        "get_time",
+        ["get_weather", "get_time"],
+    )
+    assert choice(
+        {"mode": "ANY", "allowedFunctionNames": ["get_time", "get_date"]}, (GEMINI_GET_WEATHER, other, third)
+    ) == (
+        "required",
+        "",
+        ["get_time", "get_date"],
+    )
+
+
+def test_parts_inline_data_file_data_thoughts_and_signatures():
+    body = {
+        "systemInstruction": "plain string system",
+        "contents": [
+            {
+                "role": "user",
+                "parts": [
+                    {"inline_data": {"mime_type": "image/png", "data": "iVBORw0KGgo="}},
+                    {"fileData": {"mimeType": "image/jpeg", "fileUri": "https://example.com/cat.jpg"}},
+                    {"fileData": {"mimeType": "application/pdf", "fileUri": "files/abc"}},
+                    {"inlineData": {"mimeType": "audio/wav", "data": "UklGRg=="}},
+                    {"text": "what is this?"},
+                ],
+            },
+            {
+                "role": "model",
+                "parts": [
+                    {"text": "Looking closely.", "thought": True, "thoughtSignature": "c2lnLXRob3VnaHQ="},
+                    {"text": "A cat."},
+                    {"functionCall": {"name": "zoom", "args": {"factor": 2}}, "thought_signature": "c2lnLWNhbGw="},
+                ],
+            },
+        ],
+    }
+    req = gemini_request(body)
+    assert [p.text for p in req.system] == ["plain string system"]
+    user, model = req.messages
+    assert [(p.type, p.media_type, p.data, p.url) for p in user.parts[:2]] == [
+        ("image", "image/png", "iVBORw0KGgo=", ""),
+        ("image", "image/jpeg", "", "https://example.com/cat.jpg"),
+    ]
+    assert [p.text for p in user.parts[2:]] == [
+        "[file files/abc (application/pdf) omitted by the gateway]",
+        "[audio/wav attachment omitted by the gateway]",
+        "what is this?",
+    ]
+    thought, text, call = model.parts
+    assert (thought.type, thought.text, thought.signature, thought.extra) == (
+        "thinking",
+        "Looking closely.",
+        "",
+        {"thought_signature": "c2lnLXRob3VnaHQ="},
+    )
+    assert (text.type, text.text, text.extra) == ("text", "A cat.", None)
+    assert (call.id, call.arguments, call.extra) == (
+        "call_zoom_0",
+        '{"factor":2}',
+        {"thought_signature": "c2lnLWNhbGw="},
+    )
+    openai = OPENAI_CODEC.encode_request(req, "gpt-4o")
+    assert openai["messages"][1]["content"][:2] == [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+    ]
+    assert openai["messages"][2] == {"role": "assistant", "content": "A cat.", "tool_calls": [
+        {"id": "call_zoom_0", "type": "function", "function": {"name": "zoom", "arguments": '{"factor":2}'}}]}  # fmt: skip
+
+
+def test_function_responses_pair_with_the_earliest_open_call_of_their_name():
+    body = {
+        "contents": [
+            {"role": "user", "parts": [{"text": "two cities"}]},
+            {
+                "role": "model",
+                "parts": [
+                    {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}},
+                    {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}}},
+                    {"functionCall": {"name": "ns.tool:x", "args": {}, "id": "given-7"}},
+                ],
+            },
+            {
+                "role": "user",
+                "parts": [
+                    {"functionResponse": {"name": "get_weather", "response": {"output": "sunny"}}},
+                    {"functionResponse": {"name": "ns.tool:x", "response": {"error": "boom"}, "id": "given-7"}},
+                    {"functionResponse": {"name": "get_weather", "response": {"output": "rain"}}},
+                    {"functionResponse": {"name": "never_called", "response": {}}},
+                ],
+            },
+        ]
+    }
+    req = gemini_request(body)
+    assert [p.id for p in req.messages[1].parts] == ["call_get_weather_0", "call_get_weather_1", "given-7"]
+    results = req.messages[2].parts
+    assert [(p.id, p.is_error) for p in results] == [
+        ("call_get_weather_0", False),
+        ("given-7", True),
+        ("call_get_weather_1", False),
+        ("call_never_called_2", False),
+    ]
+    assert results[1].content[0].text == '{"error":"boom"}'
+
+
+def test_other_gemini_tools_are_dropped_with_a_log_line(caplog):
+    body = {
+        "contents": [{"parts": [{"text": "search"}]}],
+        "tools": [{"googleSearch": {}}, {"codeExecution": {}}, {"functionDeclarations": [GEMINI_GET_WEATHER]}],
+    }
+    with caplog.at_level(logging.INFO, logger="tgw"):
+        req = gemini_request(body)
+    assert [t.name for t in req.tools] == ["get_weather"]
+    assert "googleSearch" in caplog.text and "codeExecution" in caplog.text
+    assert "googleSearch" not in json.dumps(OPENAI_CODEC.encode_request(req, "gpt-4o"))
+    # Gemini to Gemini keeps what only Gemini understands
+    body["safetySettings"] = [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}]
+    body["generationConfig"] = {"seed": 7, "thinkingConfig": {"thinkingLevel": "low"}}
+    again = GEMINI_CODEC.encode_request(gemini_request(body), "gemini-3-flash")
+    assert again["safetySettings"] == body["safetySettings"]
+    assert again["tools"] == [
+        {"functionDeclarations": [{"name": "get_weather", "description": "weather", "parameters": {
+            "type": "OBJECT", "properties": {"city": {"type": "STRING"}}, "required": ["city"]}}]},
+        {"googleSearch": {}},
+        {"codeExecution": {}},
+    ]  # fmt: skip
+    assert again["generationConfig"] == {"seed": 7, "thinkingConfig": {"thinkingLevel": "low"}}
+
+
+def test_parameters_json_schema_is_taken_as_is():
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}, "additionalProperties": False}
+    body = {
+        "contents": [{"parts": [{"text": "x"}]}],
+        "tools": [{"functionDeclarations": [{"name": "s", "parametersJsonSchema": schema}]}],
+    }
+    assert gemini_request(body).tools == [Tool("s", "", schema)]
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({}, "'contents' is required"),
+        ({"contents": "hi"}, "'contents' must be an array"),
+        ({"contents": []}, "'contents' is required and must be a non-empty array"),
+        ({"contents": ["hi"]}, "contents[0] must be an object {role, parts}"),
+        ({"contents": [{"role": "user"}]}, "contents[0].parts must be an array"),
+        ({"contents": [{"role": "assistant", "parts": []}]}, "contents[0].role must be 'user' or 'model'"),
+        ({"contents": [{"parts": ["hi"]}]}, "contents[0].parts[0] must be an object"),
+        ({"contents": [{"parts": [{"txt": "hi"}]}]}, "contents[0].parts[0] has no known field"),
+        ({"contents": [{"parts": [{"text": 5}]}]}, "'contents[0].parts[0].text' must be a string"),
+        (
+            {"contents": [{"parts": [{"inlineData": {"mimeType": "image/png"}}]}]},
+            "'contents[0].parts[0].inlineData.data' is required",
+        ),
+        (
+            {"contents": [{"parts": [{"functionCall": {"name": "f"}}]}]},
+            "contents[0].parts[0].functionCall belongs in a 'model' turn",
+        ),
+        (
+            {"contents": [{"role": "model", "parts": [{"functionCall": {"args": {}}}]}]},
+            "'contents[0].parts[0].functionCall.name' is required",
+        ),
+        (
+            {"contents": [{"role": "model", "parts": [{"functionCall": {"name": "f", "args": "x"}}]}]},
+            "functionCall.args' must be an object",
+        ),
+        (
+            {"contents": [{"parts": [{"functionResponse": {"name": "f", "response": []}}]}]},
+            "functionResponse.response' must be an object",
+        ),
+        (
+            {"contents": [{"parts": [{"text": "x"}]}], "generationConfig": {"maxOutputTokens": "9"}},
+            "'generationConfig.maxOutputTokens' must be an integer",
+        ),
+        ({"contents": [{"parts": [{"text": "x"}]}], "generationConfig": []}, "'generationConfig' must be an object"),
+        (
+            {"contents": [{"parts": [{"text": "x"}]}], "generationConfig": {"stopSequences": ["a", 1]}},
+            "'generationConfig.stopSequences' must be an array of strings",
+        ),
+        ({"contents": [{"parts": [{"text": "x"}]}], "systemInstruction": 5}, "'systemInstruction' must be a string"),
+        (
+            {"contents": [{"parts": [{"text": "x"}]}], "tools": [{"functionDeclarations": [{"description": "d"}]}]},
+            "must be an object with a 'name'",
+        ),
+    ],
+)
+def test_malformed_requests_get_clear_400s(body, fragment):
+    expect_400(body, fragment)
+
+
+# ---- requests: OpenAI -> canonical -> Gemini ------------------------------------------------
+
+READ_CLEANED = {
+    "type": "OBJECT",
+    "properties": {
+        "file_path": {"type": "STRING", "description": "The absolute path to the file to read"},
+        "offset": {
+            "type": "INTEGER",
+            "minimum": 0,
+            "maximum": 9007199254740991,
+            "description": "The line number to start reading from. Only provide if the file is too large to read at once",
+        },
+        "limit": {  # exclusiveMinimum 0 on an integer is minimum 1: same meaning, in Gemini's words
+            "type": "INTEGER",
+            "maximum": 9007199254740991,
+            "minimum": 1,
+            "description": "The number of lines to read. Only provide if the file is too large to read at once.",
+        },
+        "pages": {
+            "type": "STRING",
+            "description": 'Page range for PDF files (e.g., "1-5", "3", "10-20"). Only applicable to PDF files. '
+            "Maximum 20 pages per request.",
+        },
+    },
+    "required": ["file_path"],
+}
+EDIT_CLEANED = {
+    "type": "OBJECT",
+    "properties": {
+        "file_path": {"type": "STRING", "description": "The absolute path to the file to modify"},
+        "old_string": {"type": "STRING", "description": "The text to replace"},
+        "new_string": {
+            "type": "STRING",
+            "description": "The text to replace it with (must be different from old_string)",
+        },
+        "replace_all": {
+            "type": "BOOLEAN",
+            "description": "Replace all occurrences of old_string (default false) (default: false)",
+        },
+    },
+    "required": ["file_path", "old_string", "new_string"],
+}
+BASH_CLEANED = {
+    "type": "OBJECT",
+    "properties": {
+        "command": {"type": "STRING", "description": "The command to execute"},
+        "timeout": {"type": "NUMBER", "description": "Optional timeout in milliseconds (max 600000)"},
+        "description": {
+            "type": "STRING",
+            "description": GEMINI_BASH_SCHEMA["properties"]["description"]["description"],
+        },
+        "run_in_background": {"type": "BOOLEAN", "description": "Set to true to run this command in the background."},
+        "dangerouslyDisableSandbox": {
+            "type": "BOOLEAN",
+            "description": "Set this to true to dangerously override sandbox mode and run commands without sandboxing.",
+        },
+    },
+    "required": ["command"],
+}
+
+
+def openai_tool(name: str, schema: dict) -> dict:
+    return {"type": "function", "function": {"name": name, "description": f"{name} tool", "parameters": schema}}
+
+
+def test_openai_tools_and_tool_history_become_a_gemini_body():
+    body = {
+        "model": "gemini-2.5-flash",
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Read /etc/hosts and run ls"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_a",
+                        "type": "function",
+                        "function": {"name": "Read", "arguments": '{"file_path":"/etc/hosts"}'},
+                    },
+                    {"id": "call_b", "type": "function", "function": {"name": "Bash", "arguments": '{"command":"ls"}'}},
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_a", "content": "127.0.0.1 localhost"},
+            {"role": "tool", "tool_call_id": "call_b", "content": '{"stdout": "a.txt"}'},
+            {"role": "developer", "content": "Answer in French."},
+            {"role": "user", "content": "Summarise"},
+        ],
+        "tools": [
+            openai_tool("Read", READ_SCHEMA),
+            openai_tool("Bash", GEMINI_BASH_SCHEMA),
+            openai_tool("Edit", EDIT_SCHEMA),
+        ],
+        "tool_choice": "required",
+        "max_completion_tokens": 200,
+        "temperature": 0.3,
+        "stop": ["###"],
+        "reasoning_effort": "high",
+        "stream": True,
+    }
+    req = OPENAI_CODEC.decode_request(body)
+    assert GEMINI_CODEC.encode_request(req, "gemini-2.5-flash") == {
+        "contents": [
+            {"role": "user", "parts": [{"text": "Read /etc/hosts and run ls"}]},
+            {
+                "role": "model",
+                "parts": [  # calls from another protocol: the first carries Google's documented dummy signature
+                    {
+                        "functionCall": {"name": "Read", "args": {"file_path": "/etc/hosts"}},
+                        "thoughtSignature": GEMINI_DUMMY_SIGNATURE,
+                    },
+                    {"functionCall": {"name": "Bash", "args": {"command": "ls"}}},
+                ],
+            },
+            {
+                "role": "user",
+                "parts": [  # names found from the calls; plain text under "output", JSON objects as they are
+                    {"functionResponse": {"name": "Read", "response": {"output": "127.0.0.1 localhost"}}},
+                    {"functionResponse": {"name": "Bash", "response": {"stdout": "a.txt"}}},
+                    {"text": "Summarise"},
+                ],
+            },
+        ],
+        "systemInstruction": {"parts": [{"text": "You are terse."}, {"text": "Answer in French."}]},
+        "tools": [
+            {
+                "functionDeclarations": [
+                    {"name": "Read", "description": "Read tool", "parameters": READ_CLEANED},
+                    {"name": "Bash", "description": "Bash tool", "parameters": BASH_CLEANED},
+                    {"name": "Edit", "description": "Edit tool", "parameters": EDIT_CLEANED},
+                ]
+            }
+        ],
+        "toolConfig": {"functionCallingConfig": {"mode": "ANY"}},
+        "generationConfig": {
+            "maxOutputTokens": 200,
+            "temperature": 0.3,
+            "stopSequences": ["###"],
+            "thinkingConfig": {"thinkingBudget": 24576, "includeThoughts": True},
+        },
+    }
+
+
+def test_tool_choice_encodes_to_function_calling_config():
+    def tool_config(choice, name=""):
+        req = Request("m", [Message("user", [Part("text", text="x")])], tools=[Tool("f", parameters=READ_SCHEMA)])
+        req.tool_choice, req.tool_name = choice, name
+        return GEMINI_CODEC.encode_request(req, "gemini-2.5-flash").get("toolConfig")
+
+    assert tool_config("") is None
+    assert tool_config("auto") == {"functionCallingConfig": {"mode": "AUTO"}}
+    assert tool_config("none") == {"functionCallingConfig": {"mode": "NONE"}}
+    assert tool_config("required") == {"functionCallingConfig": {"mode": "ANY"}}
+    assert tool_config("tool", "f") == {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["f"]}}
+
+
+def test_thinking_effort_and_budget_become_thinking_config():
+    def config(model="gemini-2.5-flash", **fields):
+        req = Request("m", [Message("user", [Part("text", text="x")])], **fields)
+        return GEMINI_CODEC.encode_request(req, model).get("generationConfig", {}).get("thinkingConfig")
+
+    assert config() is None
+    assert config(reasoning_effort="low") == {"thinkingBudget": 1024, "includeThoughts": True}
+    assert config(thinking="enabled", thinking_budget=31999) == {"thinkingBudget": 24576, "includeThoughts": True}
+    assert config(thinking="adaptive") == {"thinkingBudget": -1, "includeThoughts": True}
+    assert config(thinking="disabled") == {"thinkingBudget": 0}
+    assert config("gemini-2.5-pro", thinking="disabled") is None  # Pro cannot stop thinking: its default, not a 400
+
+
+def test_signatures_replay_and_foreign_thinking_stays_out():
+    gemini_answer = {
+        "candidates": [
+            {
+                "content": {
+                    "role": "model",
+                    "parts": [
+                        {"text": "Plan: check both.", "thought": True, "thoughtSignature": "dGhvdWdodA=="},
+                        {
+                            "functionCall": {"name": "get_weather", "args": {"city": "Paris"}},
+                            "thoughtSignature": "Y2FsbA==",
+                        },
+                        {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}}},
+                    ],
+                },
+                "finishReason": "STOP",
+            }
+        ]
+    }
+    answer = GEMINI_CODEC.decode_response(gemini_answer)
+    assert answer.stop_reason == "tool_use"
+    assert [p.extra for p in answer.parts] == [
+        {"thought_signature": "dGhvdWdodA=="},
+        {"thought_signature": "Y2FsbA=="},
+        None,
+    ]
+    claude_turn = Message(
+        "assistant", [Part("thinking", text="Claude's thought", signature="RXFB..."), Part("text", text="ok")]
+    )
+    results = Message(
+        "user", [Part("tool_result", id=p.id, content=[Part("text", text="sunny")]) for p in answer.parts[1:]]
+    )
+    req = Request("m", [Message("user", [Part("text", text="hi")]), claude_turn, Message("user", [Part("text", text="go")]),
+                        Message("assistant", answer.parts), results])  # fmt: skip
+    contents = GEMINI_CODEC.encode_request(req, "gemini-3-pro")["contents"]
+    assert contents[1] == {"role": "model", "parts": [{"text": "ok"}]}  # Anthropic's signed thinking is not Gemini's
+    assert contents[3]["parts"] == [
+        {"text": "Plan: check both.", "thought": True, "thoughtSignature": "dGhvdWdodA=="},
+        {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}, "thoughtSignature": "Y2FsbA=="},
+        {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}}},  # parallel calls: only the first is signed
+    ]
+    assert [p["functionResponse"]["name"] for p in contents[4]["parts"]] == ["get_weather", "get_weather"]
+
+
+def test_a_gemini_clients_own_history_round_trips_unchanged():
+    body = {
+        "contents": [
+            {"role": "user", "parts": [{"text": "weather in Paris?"}]},
+            {
+                "role": "model",
+                "parts": [
+                    {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}, "thoughtSignature": "c2ln"}
+                ],
+            },
+            {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"result": "sunny"}}}]},
+        ],
+        "tools": [{"functionDeclarations": [GEMINI_GET_WEATHER]}],
+        "generationConfig": {"temperature": 0.1},
+    }
+    again = GEMINI_CODEC.encode_request(gemini_request(body), "gemini-2.5-flash")
+    assert again["contents"] == body["contents"]
+    assert again["generationConfig"] == {"temperature": 0.1}
+
+
+def test_custom_tools_images_in_results_and_merged_turns():
+    grammar = {"type": "grammar", "syntax": "lark", "definition": 'start: "*** Begin Patch" LF'}
+    patch = Tool("apply_patch", "Apply a patch.", custom_tool_parameters(grammar), "custom", {"format": grammar})
+    req = Request(
+        "m",
+        [
+            Message("user", [Part("text", text="patch it")]),
+            Message("user", [Part("image", url="data:image/png;base64,AAAA")]),
+            Message("assistant", [Part("tool_call", id="c1", name="apply_patch", arguments='{"input": "*** Begin Patch\\n"}')]),
+            Message("user", [Part("tool_result", id="c1", content=[Part("text", text="done"), Part("image", media_type="image/gif", data="R0lG")], is_error=True)]),
+        ],
+        tools=[patch, Tool("web_search", kind="builtin", extra={"anthropic": {"type": "web_search_20250305"}})],
+    )  # fmt: skip
+    body = GEMINI_CODEC.encode_request(req, "gemini-2.5-flash")
+    assert body["contents"] == [
+        {"role": "user", "parts": [{"text": "patch it"}, {"inlineData": {"mimeType": "image/png", "data": "AAAA"}}]},
+        {"role": "model", "parts": [{"functionCall": {"name": "apply_patch", "args": {"input": "*** Begin Patch\n"}},
+                                    "thoughtSignature": GEMINI_DUMMY_SIGNATURE}]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "apply_patch", "response": {"error": "done"}}},
+                                   {"inlineData": {"mimeType": "image/gif", "data": "R0lG"}}]},
+    ]  # fmt: skip
+    assert body["tools"] == [  # the builtin (another provider's own tool) stays out
+        {"functionDeclarations": [{"name": "apply_patch", "description": "Apply a patch.", "parameters": {
+            "type": "OBJECT", "required": ["input"], "properties": {"input": {"type": "STRING", "description":
+                'The whole input of this tool, as free-form text (not JSON). It follows this lark grammar:\n'
+                'start: "*** Begin Patch" LF'}}}}]}
+    ]  # fmt: skip
+
+
+def test_custom_tool_in_the_shared_input_convention_is_not_wrapped_twice():
+    # the Responses and Anthropic codecs give custom tools {"input": string} parameters and {"input": raw} calls
+    params = {
+        "type": "object",
+        "properties": {"input": {"type": "string"}},
+        "required": ["input"],
+        "additionalProperties": False,
+    }
+    req = Request(
+        "m",
+        [Message("user", [Part("text", text="x")]),
+         Message("assistant", [Part("tool_call", id="c1", name="apply_patch", arguments='{"input":"*** Begin Patch"}')])],
+        tools=[Tool("apply_patch", "Apply a patch.", params, "custom")],
+    )  # fmt: skip
+    body = GEMINI_CODEC.encode_request(req, "gemini-2.5-flash")
+    assert body["contents"][1]["parts"][0]["functionCall"] == {
+        "name": "apply_patch",
+        "args": {"input": "*** Begin Patch"},
+    }
+    assert body["tools"][0]["functionDeclarations"][0]["parameters"] == {
+        "type": "OBJECT",
+        "properties": {"input": {"type": "STRING"}},
+        "required": ["input"],
+    }
+
+
+def test_tools_without_arguments_and_response_format():
+    req = Request(
+        "m",
+        [Message("user", [Part("text", text="x")])],
+        tools=[Tool("get_goal", "", {"type": "object", "properties": {}, "required": [], "additionalProperties": False}), Tool("ping")],
+        response_format={"type": "json_schema", "json_schema": {"name": "r", "strict": True, "schema": {
+            "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}}},
+    )  # fmt: skip
+    body = GEMINI_CODEC.encode_request(req, "gemini-2.5-flash")
+    assert body["tools"] == [{"functionDeclarations": [{"name": "get_goal"}, {"name": "ping"}]}]
+    assert body["generationConfig"] == {
+        "responseMimeType": "application/json",
+        "responseSchema": {"type": "OBJECT", "properties": {"n": {"type": "INTEGER"}}, "required": ["n"]},
+    }
+    req.response_format = {"type": "json_object"}
+    assert GEMINI_CODEC.encode_request(req, "x")["generationConfig"] == {"responseMimeType": "application/json"}
+
+
+# ---- tool schema cleaning -------------------------------------------------------------------
+
+
+def test_clean_claude_code_schemas():
+    assert clean_schema_for_gemini(READ_SCHEMA) == READ_CLEANED
+    assert clean_schema_for_gemini(EDIT_SCHEMA) == EDIT_CLEANED
+    assert clean_schema_for_gemini(GEMINI_BASH_SCHEMA) == BASH_CLEANED
+    assert clean_schema_for_gemini(TASK_UPDATE_SCHEMA) == {
+        "type": "OBJECT",
+        "properties": {
+            "taskId": {"type": "STRING", "description": "The ID of the task to update"},
+            "status": {  # anyOf of string choices and a const: one enum
+                "type": "STRING",
+                "enum": ["pending", "in_progress", "completed", "deleted"],
+                "description": "New status for the task",
+            },
+            "addBlocks": {
+                "type": "ARRAY",
+                "items": {"type": "STRING"},
+                "description": "Task IDs that this task blocks",
+            },
+            "metadata": {
+                "type": "OBJECT",
+                "description": "Metadata keys to merge into the task. Set a key to null to delete it.",
+            },
+        },
+        "required": ["taskId"],
+    }
+
+
+def test_clean_codex_exec_command_schema():
+    cleaned = clean_schema_for_gemini(EXEC_COMMAND_SCHEMA)
+    props = EXEC_COMMAND_SCHEMA["properties"]
+    assert cleaned == {
+        "type": "OBJECT",
+        "properties": {
+            "cmd": {"type": "STRING", "description": "Shell command to execute."},
+            "justification": {"type": "STRING", "description": props["justification"]["description"]},
+            "login": {"type": "BOOLEAN", "description": props["login"]["description"]},
+            "max_output_tokens": {"type": "NUMBER", "description": props["max_output_tokens"]["description"]},
+            "prefix_rule": {
+                "type": "ARRAY",
+                "items": {"type": "STRING"},
+                "description": props["prefix_rule"]["description"],
+            },
+            "sandbox_permissions": {
+                "type": "STRING",
+                "enum": ["use_default", "require_escalated"],
+                "description": props["sandbox_permissions"]["description"],
+            },
+            "shell": {"type": "STRING", "description": props["shell"]["description"]},
+            "tty": {"type": "BOOLEAN", "description": props["tty"]["description"]},
+            "workdir": {"type": "STRING", "description": props["workdir"]["description"]},
+            "yield_time_ms": {"type": "NUMBER", "description": props["yield_time_ms"]["description"]},
+        },
+        "required": ["cmd"],
+    }
+
+
+def test_clean_inlines_refs_and_merges_all_of():
+    schema = {
+        "type": "object",
+        "$defs": {
+            "Point": {
+                "type": "object",
+                "properties": {"x": {"type": "number"}, "y": {"type": "number"}},
+                "required": ["x", "y"],
+            },
+            "Node": {"type": "object", "properties": {"value": {"type": "string"}, "next": {"$ref": "#/$defs/Node"}}},
+        },
+        "properties": {
+            "start": {"$ref": "#/$defs/Point", "description": "where to start"},
+            "list": {"$ref": "#/$defs/Node"},
+            "labelled": {
+                "allOf": [
+                    {"$ref": "#/$defs/Point"},
+                    {"properties": {"label": {"type": "string"}}, "required": ["label"]},
+                ]
+            },
+            "missing": {"$ref": "#/$defs/Nope"},
+        },
+    }
+    point = {"type": "OBJECT", "properties": {"x": {"type": "NUMBER"}, "y": {"type": "NUMBER"}}, "required": ["x", "y"]}
+    assert clean_schema_for_gemini(schema) == {
+        "type": "OBJECT",
+        "properties": {
+            "start": {**point, "description": "where to start"},
+            "list": {
+                "type": "OBJECT",
+                "properties": {
+                    "value": {"type": "STRING"},
+                    "next": {
+                        "type": "OBJECT",
+                        "description": "(recursive reference to Node)",
+                    },  # Gemini schemas cannot loop
+                },
+            },
+            "labelled": {
+                "type": "OBJECT",
+                "properties": {"label": {"type": "STRING"}, "x": {"type": "NUMBER"}, "y": {"type": "NUMBER"}},
+                "required": ["x", "y", "label"],
+            },
+            "missing": {"type": "OBJECT", "description": "(unresolved reference to Nope)"},
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("schema", "cleaned"),
+    [
+        ({"type": ["string", "null"]}, {"type": "STRING", "nullable": True}),
+        ({"type": ["string", "integer"]}, {"anyOf": [{"type": "STRING"}, {"type": "INTEGER"}]}),
+        ({"anyOf": [{"type": "string"}, {"type": "null"}], "description": "d"}, {"type": "STRING", "nullable": True, "description": "d"}),
+        ({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+         {"anyOf": [{"type": "STRING"}, {"type": "ARRAY", "items": {"type": "STRING"}}]}),
+        ({"const": "fixed"}, {"type": "STRING", "enum": ["fixed"]}),
+        ({"const": 3}, {"type": "INTEGER", "description": "must be 3"}),
+        ({"type": "integer", "enum": [1, 2, 3]}, {"type": "INTEGER", "description": "one of: 1, 2, 3"}),
+        ({"type": "string", "enum": ["a", None]}, {"type": "STRING", "enum": ["a"], "nullable": True}),
+        ({"type": "string", "format": "uri"}, {"type": "STRING", "description": "format: uri"}),
+        ({"type": "string", "format": "date-time"}, {"type": "STRING", "format": "date-time"}),
+        ({"type": "integer", "format": "int64"}, {"type": "INTEGER", "format": "int64"}),
+        ({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+         {"type": "NUMBER", "minimum": 0, "maximum": 1, "description": "must be > 0; must be < 1"}),
+        ({"type": "integer", "exclusiveMaximum": 10}, {"type": "INTEGER", "maximum": 9}),
+        ({"type": "integer", "minimum": 5, "exclusiveMinimum": True}, {"type": "INTEGER", "minimum": 6}),  # draft 4
+        ({"type": "number", "multipleOf": 0.5}, {"type": "NUMBER", "description": "a multiple of 0.5"}),
+        ({"type": "boolean", "default": True, "title": "Flag"}, {"type": "BOOLEAN", "description": "Flag (default: true)"}),
+        ({"type": "string", "examples": ["a", "b"]}, {"type": "STRING", "description": 'e.g. "a", "b"'}),
+        ({"type": "array"}, {"type": "ARRAY", "items": {"anyOf": [{"type": "STRING"}, {"type": "NUMBER"}, {"type": "BOOLEAN"}, {"type": "OBJECT"}]}}),
+        ({"type": "array", "items": {"type": "string"}, "uniqueItems": True, "minItems": 1},
+         {"type": "ARRAY", "items": {"type": "STRING"}, "minItems": 1, "description": "items must be unique"}),
+        ({"type": "array", "prefixItems": [{"type": "number"}, {"type": "number"}]},
+         {"type": "ARRAY", "items": {"type": "NUMBER"}, "description": "a tuple: number, number"}),
+        ({"type": "object", "properties": {}, "required": ["ghost"]}, {"type": "OBJECT"}),
+        ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a", "ghost"], "additionalProperties": {"type": "string"}},
+         {"type": "OBJECT", "properties": {"a": {"type": "STRING"}}, "required": ["a"]}),
+        ({"properties": {"a": {"type": "string", "minLength": 1, "pattern": "^x"}}},
+         {"type": "OBJECT", "properties": {"a": {"type": "STRING", "minLength": 1, "pattern": "^x"}}}),
+        ({"description": "anything"}, {"anyOf": [{"type": "STRING"}, {"type": "NUMBER"}, {"type": "BOOLEAN"}, {"type": "OBJECT"},
+          {"type": "ARRAY", "items": {"anyOf": [{"type": "STRING"}, {"type": "NUMBER"}, {"type": "BOOLEAN"}, {"type": "OBJECT"}]}}],
+          "description": "anything"}),
+        ("not a schema", {}),
+    ],
+)  # fmt: skip
+def test_clean_schema_cases(schema, cleaned):
+    assert clean_schema_for_gemini(schema) == cleaned
+
+
+def test_clean_does_not_change_its_input():
+    before = json.dumps(TASK_UPDATE_SCHEMA)
+    clean_schema_for_gemini(TASK_UPDATE_SCHEMA)
+    assert json.dumps(TASK_UPDATE_SCHEMA) == before
+
+
+# ---- responses --------------------------------------------------------------------------------
+
+
+def test_decode_response_with_thoughts_call_and_usage():
+    body = {
+        "candidates": [
+            {
+                "content": {
+                    "role": "model",
+                    "parts": [
+                        {"text": "Thinking...", "thought": True},
+                        {"text": "Let me check."},
+                        {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}},
+                    ],
+                },
+                "finishReason": "STOP",
+                "index": 0,
+            }
+        ],
+        "usageMetadata": {
+            "promptTokenCount": 100,
+            "candidatesTokenCount": 20,
+            "thoughtsTokenCount": 30,
+            "cachedContentTokenCount": 40,
+            "totalTokenCount": 150,
+        },
+        "modelVersion": "gemini-2.5-flash",
+        "responseId": "abc123",
+    }
+    resp = GEMINI_CODEC.decode_response(body)
+    assert (resp.id, resp.model, resp.stop_reason) == ("abc123", "gemini-2.5-flash", "tool_use")
+    assert resp.usage == Usage(input_tokens=100, output_tokens=50, cached_tokens=40, reasoning_tokens=30)
+    assert [(p.type, p.text, p.name, p.arguments) for p in resp.parts] == [
+        ("thinking", "Thinking...", "", ""),
+        ("text", "Let me check.", "", ""),
+        ("tool_call", "", "get_weather", '{"city":"Paris"}'),
+    ]
+    assert resp.parts[2].id.startswith("call_")
+    openai = OPENAI_CODEC.encode_response(resp, Request("gpt-4o", []))
+    assert openai["choices"][0]["finish_reason"] == "tool_calls"
+    assert openai["choices"][0]["message"]["reasoning_content"] == "Thinking..."
+    assert openai["usage"]["completion_tokens_details"] == {"reasoning_tokens": 30}
+
+
+def test_finish_reasons_map():
+    def stop(reason):
+        return GEMINI_CODEC.decode_response(
+            {"candidates": [{"content": {"parts": [{"text": "x"}]}, "finishReason": reason}]}
+        ).stop_reason
+
+    assert [stop(r) for r in ("STOP", "MAX_TOKENS", "SAFETY", "RECITATION", "PROHIBITED_CONTENT", "OTHER")] == [
+        "end_turn",
+        "max_tokens",
+        "content_filter",
+        "content_filter",
+        "content_filter",
+        "end_turn",
+    ]
+
+
+def test_safety_blocked_answer():
+    blocked = {
+        "candidates": [
+            {
+                "finishReason": "SAFETY",
+                "index": 0,
+                "safetyRatings": [
+                    {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH", "blocked": True}
+                ],
+            }
+        ],
+        "usageMetadata": {"promptTokenCount": 8, "totalTokenCount": 8},
+        "modelVersion": "gemini-2.5-flash",
+        "responseId": "blk-1",
+    }
+    resp = GEMINI_CODEC.decode_response(blocked)
+    assert (resp.parts, resp.stop_reason, resp.usage.input_tokens) == ([], "content_filter", 8)
+    choice = OPENAI_CODEC.encode_response(resp, Request("gpt-4o", []))["choices"][0]
+    assert choice["finish_reason"] == "content_filter"
+    assert choice["message"]["content"] is None and "tool_calls" not in choice["message"]
+    req = gemini_request(CAPTURE_01)
+    assert GEMINI_CODEC.encode_response(resp, req) == {
+        "candidates": [{"finishReason": "SAFETY", "index": 0}],
+        "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 0, "totalTokenCount": 8},
+        "modelVersion": "gemini-2.5-flash",
+        "responseId": "blk-1",
+    }
+
+
+def test_blocked_prompt_has_no_candidates():
+    body = {
+        "promptFeedback": {"blockReason": "PROHIBITED_CONTENT"},
+        "usageMetadata": {"promptTokenCount": 5},
+        "responseId": "blk-2",
+    }
+    resp = GEMINI_CODEC.decode_response(body)
+    assert (resp.parts, resp.stop_reason, resp.extra) == (
+        [],
+        "content_filter",
+        {"prompt_block_reason": "PROHIBITED_CONTENT"},
+    )
+    assert GEMINI_CODEC.encode_response(resp, gemini_request(CAPTURE_01)) == {
+        "promptFeedback": {"blockReason": "PROHIBITED_CONTENT"},
+        "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 0, "totalTokenCount": 5},
+        "modelVersion": "gemini-2.5-flash",
+        "responseId": "blk-2",
+    }
+
+
+def test_upstream_error_body_raises_with_its_status():
+    with pytest.raises(GatewayError) as info:
+        GEMINI_CODEC.decode_response({"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED"}})
+    assert (info.value.status, info.value.message, info.value.kind) == (429, "quota", "rate_limit_error")
+
+
+def test_encode_response_from_an_openai_answer():
+    openai_answer = {
+        "id": "chatcmpl-9",
+        "model": "gpt-4o",
+        "choices": [
+            {
+                "message": {
+                    "role": "assistant",
+                    "reasoning_content": "hmm",
+                    "content": "Calling.",
+                    "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'}}],
+                },
+                "finish_reason": "tool_calls",
+            }
+        ],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 6, "prompt_tokens_details": {"cached_tokens": 4},
+                  "completion_tokens_details": {"reasoning_tokens": 2}},
+    }  # fmt: skip
+    resp = OPENAI_CODEC.decode_response(openai_answer)
+    expected_usage = {"promptTokenCount": 10, "candidatesTokenCount": 4, "totalTokenCount": 16, "thoughtsTokenCount": 2,
+                      "cachedContentTokenCount": 4}  # fmt: skip
+    hidden = GEMINI_CODEC.encode_response(resp, gemini_request(CAPTURE_01))
+    assert hidden == {
+        "candidates": [
+            {
+                "content": {
+                    "parts": [
+                        {"text": "Calling."},
+                        {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}}},
+                    ],
+                    "role": "model",
+                },
+                "finishReason": "STOP",
+                "index": 0,
+            }
+        ],
+        "usageMetadata": expected_usage,
+        "modelVersion": "gemini-2.5-flash",
+        "responseId": "chatcmpl-9",
+    }
+    shown = GEMINI_CODEC.encode_response(resp, gemini_request(CAPTURE_08))  # includeThoughts: true
+    assert shown["candidates"][0]["content"]["parts"][0] == {"text": "hmm", "thought": True}
+
+
+# ---- streams: Gemini upstream -> canonical -> OpenAI client ------------------------------------
+
+
+def gemini_frame(parts, finish=None, usage=None) -> bytes:
+    candidate = {"content": {"parts": parts, "role": "model"}, "index": 0}
+    if finish:
+        candidate["finishReason"] = finish
+    obj = {"candidates": [candidate], "usageMetadata": usage or {"promptTokenCount": 9, "totalTokenCount": 9},
+           "modelVersion": "gemini-2.5-flash", "responseId": "resp-1"}  # fmt: skip
+    return b"data: " + json.dumps(obj).encode() + b"\r\n\r\n"
+
+
+GEMINI_SSE = (
+    gemini_frame([{"text": "Let me think", "thought": True}])
+    + gemini_frame([{"text": " about it.", "thought": True}])
+    + gemini_frame([{"text": "Checking ☀"}])
+    + gemini_frame(
+        [
+            {"text": " the weather."},
+            {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}, "thoughtSignature": "c2lnLTE="},
+        ],
+        "STOP",
+        {"promptTokenCount": 9, "candidatesTokenCount": 12, "thoughtsTokenCount": 5, "totalTokenCount": 26},
+    )
+)
+
+
+def test_gemini_stream_decodes_to_canonical_events():
+    events = gemini_decode_stream(GeminiStreamDecoder(), GEMINI_SSE, read_size=7)  # reads split CRLFs and UTF-8
+    call_id = events[9].part.id
+    assert call_id.startswith("call_")
+    assert events == [
+        MessageStart("resp-1", "gemini-2.5-flash", Usage(input_tokens=9)),
+        BlockStart(0, Part("thinking")),
+        BlockDelta(0, "thinking", "Let me think"),
+        BlockDelta(0, "thinking", " about it."),
+        BlockStop(0),
+        BlockStart(1, Part("text")),
+        BlockDelta(1, "text", "Checking ☀"),
+        BlockDelta(1, "text", " the weather."),
+        BlockStop(1),
+        BlockStart(2, Part("tool_call", id=call_id, name="get_weather", extra={"thought_signature": "c2lnLTE="})),
+        BlockDelta(2, "arguments", '{"city":"Paris"}'),
+        BlockStop(2),
+        MessageDelta(
+            "tool_use", None, Usage(input_tokens=9, output_tokens=17, reasoning_tokens=5)
+        ),  # last usage, not a sum
+        MessageStop(),
+    ]
+
+
+def test_gemini_stream_to_openai_client():
+    decoder = GeminiStreamDecoder()
+    encoder = OPENAI_CODEC.stream_encoder(Request("gpt-4o", [], stream=True, include_usage=True, protocol="openai"))
+    out = b"".join(encoder.encode(ev) for ev in gemini_decode_stream(decoder, GEMINI_SSE))
+    chunks = sse_objects(out)
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    call_id = deltas[5]["tool_calls"][0]["id"]
+    assert deltas == [
+        {"role": "assistant", "content": ""},
+        {"reasoning_content": "Let me think"},
+        {"reasoning_content": " about it."},
+        {"content": "Checking ☀"},
+        {"content": " the weather."},
+        {
+            "tool_calls": [
+                {"index": 0, "id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+            ]
+        },
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"city":"Paris"}'}}]},
+        {},
+    ]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    assert chunks[-1]["usage"]["prompt_tokens"] == 9 and chunks[-1]["usage"]["completion_tokens"] == 17
+    assert out.endswith(b"data: [DONE]\n\n")
+
+
+def test_gemini_stream_safety_block_and_errors():
+    blocked = (
+        b'data: {"candidates":[{"finishReason":"SAFETY","index":0}],"usageMetadata":{"promptTokenCount":3}}\r\n\r\n'
+    )
+    events = gemini_decode_stream(GeminiStreamDecoder(), blocked)
+    assert [type(e).__name__ for e in events] == ["MessageStart", "MessageDelta", "MessageStop"]
+    assert events[1].stop_reason == "content_filter"
+    error = b'data: {"error":{"code":503,"message":"overloaded","status":"UNAVAILABLE"}}\r\n\r\n'
+    events = gemini_decode_stream(GeminiStreamDecoder(), error)
+    assert len(events) == 1 and isinstance(events[0], StreamError)
+    assert (events[0].error.status, events[0].error.message) == (503, "overloaded")
+    garbage = GeminiStreamDecoder().feed(sse_events(b"data: {not json\r\n\r\n")[0])
+    assert garbage[0].error.status == 502 and "malformed" in garbage[0].error.message
+
+
+def test_fake_upstream_word_stream_with_partial_usage():
+    # what fake_upstream.py's gemini method streams: usage on every chunk, complete on the last
+    frames = [
+        gemini_frame([{"text": "Hello"}]),
+        gemini_frame(
+            [{"text": " there."}], "STOP", {"promptTokenCount": 9, "candidatesTokenCount": 8, "totalTokenCount": 17}
+        ),
+    ]
+    resp_events = gemini_decode_stream(GeminiStreamDecoder(), b"".join(frames))
+    assert resp_events[-2] == MessageDelta("end_turn", None, Usage(input_tokens=9, output_tokens=8))
+
+
+# ---- streams: OpenAI upstream -> canonical -> Gemini client ------------------------------------
+
+OPENAI_CHUNKS = [
+    {"delta": {"role": "assistant", "content": ""}},
+    {"delta": {"reasoning_content": "hmm"}},
+    {"delta": {"content": "Hel"}},
+    {"delta": {"content": "lo"}},
+    {
+        "delta": {
+            "tool_calls": [
+                {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+            ]
+        }
+    },
+    {"delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"ci'}}]}},
+    {"delta": {"tool_calls": [{"index": 0, "function": {"arguments": 'ty":"Paris"}'}}]}},
+    {"delta": {}, "finish_reason": "tool_calls"},
+]
+
+
+def openai_sse() -> bytes:
+    out = b""
+    for chunk in OPENAI_CHUNKS:
+        choice = {"index": 0, "delta": chunk["delta"], "finish_reason": chunk.get("finish_reason")}
+        obj = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "gpt-4o-mini",
+            "choices": [choice],
+        }
+        out += b"data: " + json.dumps(obj).encode() + b"\n\n"
+    usage = {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}
+    out += b"data: " + json.dumps({"id": "chatcmpl-1", "choices": [], "usage": usage}).encode() + b"\n\n"
+    return out + b"data: [DONE]\n\n"
+
+
+GEMINI_OBJECTS = [
+    b'{"candidates":[{"content":{"parts":[{"text":"Hel"}],"role":"model"},"index":0}],"modelVersion":"gemini-2.5-flash","responseId":"chatcmpl-1"}',
+    b'{"candidates":[{"content":{"parts":[{"text":"lo"}],"role":"model"},"index":0}],"modelVersion":"gemini-2.5-flash","responseId":"chatcmpl-1"}',
+    b'{"candidates":[{"content":{"parts":[{"functionCall":{"name":"get_weather","args":{"city":"Paris"}}}],"role":"model"},"index":0}],'
+    b'"modelVersion":"gemini-2.5-flash","responseId":"chatcmpl-1"}',
+    b'{"candidates":[{"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":12,"candidatesTokenCount":7,'
+    b'"totalTokenCount":19},"modelVersion":"gemini-2.5-flash","responseId":"chatcmpl-1"}',
+]
+
+
+def encode_openai_stream_for_gemini(sse: bool, body=CAPTURE_01) -> bytes:
+    encoder = GEMINI_CODEC.stream_encoder(gemini_request(body, stream=True), sse=sse)
+    return b"".join(encoder.encode(ev) for ev in gemini_decode_stream(OpenAIStreamDecoder(), openai_sse()))
+
+
+def test_openai_stream_to_gemini_sse_exact_bytes():
+    # no includeThoughts in the request: the reasoning stays out, as Gemini itself would do
+    assert encode_openai_stream_for_gemini(sse=True) == b"".join(b"data: " + o + b"\r\n\r\n" for o in GEMINI_OBJECTS)
+
+
+def test_openai_stream_to_gemini_json_array_exact_bytes():
+    out = encode_openai_stream_for_gemini(sse=False)
+    assert out == b"[" + b",\r\n".join(GEMINI_OBJECTS) + b"]"
+    assert len(json.loads(out)) == 4
+
+
+def test_gemini_stream_encoder_shows_thoughts_when_asked():
+    out = encode_openai_stream_for_gemini(sse=True, body=CAPTURE_08)
+    first = json.loads(sse_events(out)[0].data)
+    assert first["candidates"][0]["content"]["parts"] == [{"text": "hmm", "thought": True}]
+
+
+def test_gemini_stream_encoder_errors_and_signatures():
+    req = gemini_request(CAPTURE_01, stream=True)
+    encoder = GEMINI_CODEC.stream_encoder(req, sse=False)
+    out = encoder.encode(MessageStart("r", "m")) + encoder.encode(StreamError(GatewayError(429, "slow down")))
+    assert out == b'[{"error":{"code":429,"message":"slow down","status":"RESOURCE_EXHAUSTED"}}]'
+    encoder = GEMINI_CODEC.stream_encoder(req)
+    resp = Response("r", "m", [Part("text", text="Hi", extra={"thought_signature": "c2ln"}),
+                               Part("thinking", text="t", signature="anthropic-sig")], "end_turn")  # fmt: skip
+    frames = [json.loads(e.data) for e in sse_events(b"".join(encoder.encode(ev) for ev in unfold_response(resp)))]
+    assert [f["candidates"][0].get("content") for f in frames] == [
+        {"parts": [{"text": "Hi", "thoughtSignature": "c2ln"}], "role": "model"},
+        None,
+    ]
+
+
+def test_json_answer_streams_like_a_stream():
+    resp = GEMINI_CODEC.decode_response({"candidates": [{"content": {"parts": [{"text": "Hi"}]}, "finishReason": "MAX_TOKENS"}],
+                                         "usageMetadata": {"promptTokenCount": 2, "candidatesTokenCount": 1}})  # fmt: skip
+    encoder = GEMINI_CODEC.stream_encoder(gemini_request(CAPTURE_01, stream=True))
+    frames = [json.loads(e.data) for e in sse_events(b"".join(encoder.encode(ev) for ev in unfold_response(resp)))]
+    assert frames[-1]["candidates"][0]["finishReason"] == "MAX_TOKENS"
+    assert frames[-1]["usageMetadata"] == {"promptTokenCount": 2, "candidatesTokenCount": 1, "totalTokenCount": 3}
+
+
+# ---- errors and counting --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "name"),
+    [(400, "INVALID_ARGUMENT"), (401, "UNAUTHENTICATED"), (403, "PERMISSION_DENIED"), (404, "NOT_FOUND"),
+     (429, "RESOURCE_EXHAUSTED"), (500, "INTERNAL"), (502, "INTERNAL"), (503, "UNAVAILABLE"), (504, "DEADLINE_EXCEEDED"),
+     (529, "UNAVAILABLE"), (418, "INVALID_ARGUMENT"), (599, "INTERNAL")],
+)  # fmt: skip
+def test_encode_error(status, name):
+    assert GEMINI_CODEC.encode_error(GatewayError(status, "why")) == {
+        "error": {"code": status, "message": "why", "status": name}
+    }
+
+
+def test_count_tokens_estimate_uses_the_one_estimator():
+    body = {**CAPTURE_04, "systemInstruction": {"parts": [{"text": "be brief"}]}}
+    expected = estimate_tokens([body["contents"], body["systemInstruction"], body["tools"]])
+    assert gemini_count_tokens_estimate(body) == expected
+    assert gemini_count_tokens_estimate({"generateContentRequest": body}) == expected
+    image = {"contents": [{"parts": [{"inline_data": {"mime_type": "image/png", "data": "A" * 100000}}]}]}
+    assert gemini_count_tokens_estimate(image) < 2000  # priced as an image, not as 100 kB of text
+    assert gemini_count_tokens_estimate({}) == 1

@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import queue
 import re
 import signal
 import socket
@@ -46,6 +45,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, urlsplit
@@ -62,7 +62,10 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 def dumps(obj) -> bytes:
     """Compact JSON as UTF-8 bytes (the one JSON encoder on the wire)."""
-    return _dumps(obj).encode()
+    try:
+        return _dumps(obj).encode()
+    except UnicodeEncodeError:  # a lone surrogate from a client: keep it escaped
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 _ID_PREFIX = os.urandom(6).hex()
@@ -102,7 +105,11 @@ def estimate_tokens(obj) -> int:
         if isinstance(item, str):
             total += len(item)
         elif isinstance(item, dict):
-            if item.get("type") in ("image", "image_url", "input_image") or "inlineData" in item:
+            if (
+                item.get("type") in ("image", "image_url", "input_image")
+                or "inlineData" in item
+                or "inline_data" in item
+            ):
                 total += 6400  # ~1600 tokens, what a typical screenshot costs
                 continue
             total += 12  # per-object structure (role markers, tool wrappers)
@@ -1256,7 +1263,7 @@ def sse_event(name: str | None, obj) -> bytes:
 # Parts (message content), one dataclass with a `type` tag:
 #   text               text
 #   image              media_type + data (base64) or url
-#   tool_call          id, name, arguments (JSON text, or free text for kind="custom" tools)
+#   tool_call          id, name, arguments (JSON text; a custom tool's free text is {"input": text})
 #   tool_result        id (of the call), content (list of text/image Parts), is_error
 #   thinking           text, signature (kept byte-exact for Anthropic)
 #   redacted_thinking  data (opaque, kept byte-exact for Anthropic)
@@ -1307,7 +1314,8 @@ class Tool:
     name: str
     description: str = ""
     parameters: dict = field(default_factory=dict)
-    kind: str = "function"  # "function" (JSON arguments) | "custom" (free-form text input)
+    kind: str = "function"  # function | custom (free-form text, sent as {"input": text}) | builtin
+    # (provider-defined, e.g. web_search: the definition is kept in extra[protocol] and only that protocol sends it)
     extra: dict | None = None
 
 
@@ -1475,7 +1483,7 @@ STOP_REASONS_IN = {
     | {"model_context_window_exceeded": "max_tokens"},
     "gemini": {"STOP": "end_turn", "MAX_TOKENS": "max_tokens", "SAFETY": "content_filter", "RECITATION": "content_filter",
                "BLOCKLIST": "content_filter", "PROHIBITED_CONTENT": "content_filter", "SPII": "content_filter",
-               "IMAGE_SAFETY": "content_filter", "MALFORMED_FUNCTION_CALL": "end_turn", "OTHER": "end_turn"},
+               "IMAGE_SAFETY": "content_filter", "IMAGE_PROHIBITED_CONTENT": "content_filter", "IMAGE_RECITATION": "content_filter", "MALFORMED_FUNCTION_CALL": "end_turn", "OTHER": "end_turn"},
 }  # fmt: skip
 
 
@@ -1626,8 +1634,20 @@ class OpenAIChatCodec(Codec):
             if msg.get("refusal"):
                 parts.append(Part("text", text=msg["refusal"]))
             for call in msg.get("tool_calls") or []:
-                fn = call.get("function") or call.get("custom") or {}
-                args = fn.get("arguments", fn.get("input", ""))
+                if call.get("type") == "custom":  # free-form input travels as {"input": text}
+                    custom = call.get("custom") or {}
+                    args = json.dumps({"input": custom.get("input", "")})
+                    parts.append(
+                        Part(
+                            "tool_call",
+                            id=call.get("id") or new_id("call_"),
+                            name=custom.get("name", ""),
+                            arguments=args,
+                        )
+                    )
+                    continue
+                fn = call.get("function") or {}
+                args = fn.get("arguments", "")
                 parts.append(Part("tool_call", id=call.get("id") or new_id("call_"), name=fn.get("name", ""),
                                   arguments=args if isinstance(args, str) else json.dumps(args)))  # fmt: skip
             if msg.get("function_call"):  # legacy single function call
@@ -1688,7 +1708,14 @@ class OpenAIChatCodec(Codec):
             raise bad_request(f"tools[{i}] must be an object")
         if tool.get("type") == "custom":
             spec = tool.get("custom") or {}
-            return Tool(spec.get("name", ""), spec.get("description", ""), {}, "custom", {"format": spec.get("format")})
+            fmt = spec.get("format")
+            return Tool(
+                spec.get("name", ""),
+                spec.get("description", ""),
+                custom_tool_parameters(fmt),
+                "custom",
+                {"format": fmt},
+            )
         fn = tool.get("function")
         if tool.get("type", "function") != "function" or not isinstance(fn, dict) or not fn.get("name"):
             raise bad_request(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}")
@@ -1702,8 +1729,9 @@ class OpenAIChatCodec(Codec):
         for msg in req.messages:
             messages.extend(self._encode_message(msg))
         body: dict = {"model": model, "messages": messages}
-        if req.tools:
-            body["tools"] = [self._encode_tool(t) for t in req.tools]
+        tools = [t for t in req.tools if t.kind != "builtin"]  # provider-defined tools of other protocols
+        if tools:
+            body["tools"] = [self._encode_tool(t) for t in tools]
             if req.tool_choice:
                 body["tool_choice"] = (
                     {"type": "function", "function": {"name": req.tool_name}}
@@ -1904,6 +1932,7 @@ class OpenAIStreamDecoder:
         self.open_index: int | None = None
         self.open_key = None
         self.tool_index: dict[int, int] = {}
+        self.tool_arguments: dict[int, str] = {}  # block index -> arguments so far, of tool blocks not stopped
         self.stop_reason = ""
         self.usage: Usage | None = None
         self.finished = False
@@ -1911,12 +1940,24 @@ class OpenAIStreamDecoder:
     def _switch(self, key, part: Part, out: list) -> int:
         if self.open_key == key:
             return self.open_index
-        if self.open_index is not None:
+        if self.open_index is not None and not self._unfinished_tool(self.open_index):
             out.append(BlockStop(self.open_index))
+            self.tool_arguments.pop(self.open_index, None)
         self.open_index, self.open_key = self.next_index, key
         self.next_index += 1
         out.append(BlockStart(self.open_index, part))
         return self.open_index
+
+    def _unfinished_tool(self, index: int) -> bool:
+        """A tool call whose arguments are not yet whole JSON may get more (some servers
+        interleave parallel calls): it stays open, and encoders hold later blocks back."""
+        if index not in self.tool_arguments:
+            return False
+        try:
+            json.loads(self.tool_arguments[index])
+        except ValueError:
+            return True
+        return False
 
     def feed(self, event: SSEEvent) -> list:
         data = event.data
@@ -1930,9 +1971,10 @@ class OpenAIStreamDecoder:
         if "error" in chunk and not chunk.get("choices"):
             err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
             self.finished = True
-            return [
-                StreamError(GatewayError(502, err.get("message") or "upstream stream error", err.get("type") or ""))
-            ]
+            kind = (
+                err.get("type") if err.get("type") in GatewayError.KIND_BY_STATUS.values() else ""
+            )  # e.g. server_error
+            return [StreamError(GatewayError(502, err.get("message") or "upstream stream error", kind))]
         if not self.started:
             self.started = True
             out.append(MessageStart(chunk.get("id") or new_id("chatcmpl-"), chunk.get("model", "")))
@@ -1955,15 +1997,18 @@ class OpenAIStreamDecoder:
                 fn = call.get("function") or {}
                 key = ("tool", position)
                 if position not in self.tool_index or self.open_key != key:
-                    if position in self.tool_index:  # late fragment of an earlier call: keep order
+                    if position in self.tool_index:  # interleaved parallel calls: its block is still open
                         index = self.tool_index[position]
                     else:
                         part = Part("tool_call", id=call.get("id") or new_id("call_"), name=fn.get("name") or "")
                         index = self._switch(key, part, out)
                         self.tool_index[position] = index
+                        self.tool_arguments[index] = ""
                 else:
                     index = self.tool_index[position]
                 if fn.get("arguments"):
+                    if index in self.tool_arguments:
+                        self.tool_arguments[index] += fn["arguments"]
                     out.append(BlockDelta(index, "arguments", fn["arguments"]))
             if choice.get("finish_reason"):
                 self.stop_reason = stop_reason_in("openai", choice["finish_reason"])
@@ -1976,8 +2021,8 @@ class OpenAIStreamDecoder:
         out: list = []
         if not self.started:
             out.append(MessageStart(new_id("chatcmpl-"), ""))
-        if self.open_index is not None:
-            out.append(BlockStop(self.open_index))
+        still_open = set(self.tool_arguments) | ({self.open_index} if self.open_index is not None else set())
+        out.extend(BlockStop(index) for index in sorted(still_open))
         stop = self.stop_reason or "end_turn"
         if stop == "end_turn" and self.tool_index:
             stop = "tool_use"
@@ -2048,6 +2093,3222 @@ class OpenAIStreamEncoder:
 
 
 OPENAI_CODEC = OpenAIChatCodec()
+
+
+# ---- Anthropic Messages ----------------------------------------------------------------
+#
+# CANONICAL-MODEL NOTE (the one change this codec needs; merge it into section 4):
+#   Tool.kind gains a third value, "builtin": a tool the provider defines and runs or knows by
+#   type (Anthropic web_search_*, code_execution_*, bash_*, text_editor_*...). Its original
+#   definition is kept whole in Tool.extra[<protocol name>] (extra["anthropic"] here); each
+#   encoder sends only the builtins of its own protocol and skips every other builtin.
+#   Section 4's Tool comment becomes:
+#       kind: str = "function"  # function | custom (free-form text, sent as {"input": text}) | builtin
+# (provider-defined, e.g. web_search: the definition is kept in extra[protocol] and only that protocol sends it)
+#                               # | "builtin" (provider-defined; definition in extra[protocol])
+#   and OpenAIChatCodec.encode_request must skip them (see the report).
+#
+# Blocks only Anthropic knows (document, search_result, server_tool_use, web_search_tool_result,
+# container_upload..., and Claude Code's per-request billing-header system block) become text Parts
+# with the whole block in extra["anthropic_block"]: this codec sends the block back unchanged, the
+# others see a short text (or nothing: assistant turns, the billing header), so no protocol chokes.
+# Custom (free-form) tools become a function with one string "input"; a call's input is {"input": raw}.
+
+ANTHROPIC_ERROR_STATUS = {
+    "invalid_request_error": 400, "authentication_error": 401, "billing_error": 402, "permission_error": 403,
+    "not_found_error": 404, "request_too_large": 413, "rate_limit_error": 429, "api_error": 500,
+    "timeout_error": 504, "overloaded_error": 529,
+}  # fmt: skip
+
+# Max output tokens per Claude model, first match wins (globs, so dated and prefixed names match).
+ANTHROPIC_MAX_OUTPUT = (
+    ("*claude-3-haiku*", 4096), ("*claude-3-opus*", 4096), ("*claude-3-sonnet*", 4096),
+    ("*claude-3-5-*", 8192), ("*claude-3-7-sonnet*", 64000),
+    ("*claude-opus-4-1*", 32000), ("*claude-opus-4-0*", 32000), ("*claude-opus-4-2025*", 32000),
+    ("*claude-opus-4", 32000), ("*claude-opus-4-6*", 128000),
+    ("*claude*", 64000),
+)  # fmt: skip
+ANTHROPIC_DEFAULT_MAX_OUTPUT = 32000  # an unknown model behind an Anthropic-compatible endpoint
+ANTHROPIC_DEFAULT_ANSWER_TOKENS = 16384  # max_tokens when the client set none (Anthropic requires one)
+ANTHROPIC_MIN_THINKING_BUDGET = 1024  # Anthropic rejects smaller budgets
+ANTHROPIC_EFFORT_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 24576, "xhigh": 32768, "max": 32768}
+ANTHROPIC_EFFORT_IN = {"max": "high"}  # Anthropic efforts the canonical vocabulary lacks
+
+# Top-level fields only Anthropic understands, kept when an Anthropic request is re-encoded.
+ANTHROPIC_ONLY_FIELDS = ("cache_control", "context_management", "output_config", "service_tier", "container",
+                         "mcp_servers")  # fmt: skip
+CLAUDE_CODE_BILLING_PREFIX = "x-anthropic-billing-header:"  # Claude Code's first system block
+ANTHROPIC_MEDIA_TYPES = {"image/jpg": "image/jpeg"}  # a common misspelling Anthropic rejects
+_TOOL_ID_UNSAFE = re.compile(r"[^a-zA-Z0-9_-]")  # Anthropic's tool_use.id pattern is ^[a-zA-Z0-9_-]+$
+
+
+def field_at(obj: dict, name: str, kind, where: str, required: bool = False, default=None):
+    """field_of for a nested field, naming it by its path ('thinking.budget_tokens')."""
+    path = f"{where}.{name}"
+    return field_of({path: obj.get(name)}, path, kind, required, default)
+
+
+def anthropic_block_extra(block: dict, known: tuple) -> dict | None:
+    """The fields of a block this codec does not model (cache_control, citations...)."""
+    extra = {k: v for k, v in block.items() if k not in known}
+    return extra or None
+
+
+def anthropic_opaque_text(block: dict) -> str:
+    """What another protocol sees of a block only Anthropic knows: its text if it has one."""
+    kind = block.get("type", "block")
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    texts = []
+    for item in block.get("content") or source.get("content") or []:
+        if isinstance(item, dict) and isinstance(item.get("text"), str):
+            texts.append(item["text"])
+    if source.get("type") == "text" and isinstance(source.get("data"), str):
+        texts.append(source["data"])
+    if not texts:
+        return f"[{kind} omitted by the gateway]"
+    title = block.get("title")
+    return (f"[{kind}: {title}]\n" if isinstance(title, str) and title else f"[{kind}]\n") + "\n".join(texts)
+
+
+def anthropic_id(resp_id: str) -> str:
+    if resp_id.startswith("msg_"):
+        return resp_id
+    tail = resp_id.split("-", 1)[-1] if "-" in resp_id else resp_id.split("_", 1)[-1]
+    return "msg_" + (tail or uuid.uuid4().hex[:24])
+
+
+def anthropic_tool_id(call_id: str) -> str:
+    return _TOOL_ID_UNSAFE.sub("_", call_id)
+
+
+def anthropic_stop_reason(reason: str, has_tool_use: bool) -> str:
+    if has_tool_use and reason in ("end_turn", "tool_use"):
+        return "tool_use"  # a turn with text and tools must make the client run the tools
+    out = stop_reason_out("anthropic", reason)
+    return "end_turn" if out == "tool_use" else out
+
+
+def anthropic_max_output(model: str) -> int:
+    for pattern, limit in ANTHROPIC_MAX_OUTPUT:
+        if glob_match(pattern, model):
+            return limit
+    return ANTHROPIC_DEFAULT_MAX_OUTPUT
+
+
+def anthropic_image_source(part: Part) -> dict:
+    data_uri = parse_data_uri(part.url) if part.url else None
+    if data_uri:
+        return {
+            "type": "base64",
+            "media_type": ANTHROPIC_MEDIA_TYPES.get(data_uri[0], data_uri[0]),
+            "data": data_uri[1],
+        }
+    if part.url:
+        return {"type": "url", "url": part.url}
+    media_type = part.media_type or "image/png"
+    return {"type": "base64", "media_type": ANTHROPIC_MEDIA_TYPES.get(media_type, media_type), "data": part.data}
+
+
+def anthropic_orphan_result(block: dict) -> dict:
+    """A tool_result whose tool_use is not in the turn before, as text Anthropic accepts."""
+    content = block.get("content")
+    if isinstance(content, list):
+        content = "\n".join(c.get("text", "[image]") for c in content if isinstance(c, dict))
+    marker = " (error)" if block.get("is_error") else ""
+    return {"type": "text", "text": f"[result of tool call {block['tool_use_id']}{marker}]\n{content or ''}".rstrip()}
+
+
+class AnthropicCodec(Codec):
+    name = "anthropic"
+    keepalive = b'event: ping\ndata: {"type": "ping"}\n\n'
+
+    # -- requests
+    def decode_request(self, body: dict) -> Request:
+        model = field_of(body, "model", str, required=True)
+        raw_messages = field_of(body, "messages", list, required=True)
+        req = Request(model=model, messages=[], raw=body, protocol="anthropic")
+        req.system = self._decode_system(body.get("system"))
+        for i, msg in enumerate(raw_messages):
+            req.messages.append(self._decode_message(msg, f"messages[{i}]"))
+        for i, tool in enumerate(field_of(body, "tools", list, default=[])):
+            req.tools.append(self._decode_tool(tool, f"tools[{i}]"))
+        self._decode_tool_choice(req, field_of(body, "tool_choice", dict))
+        req.max_tokens = field_of(body, "max_tokens", int)
+        req.temperature = field_of(body, "temperature", float)
+        req.top_p = field_of(body, "top_p", float)
+        req.top_k = field_of(body, "top_k", int)
+        req.stop = field_of(body, "stop_sequences", list, default=[])
+        if not all(isinstance(s, str) for s in req.stop):
+            raise bad_request("'stop_sequences' must be an array of strings")
+        req.stream = bool(field_of(body, "stream", bool, default=False))
+        self._decode_thinking(req, field_of(body, "thinking", dict))
+        self._decode_output_config(req, field_of(body, "output_config", dict, default={}))
+        req.metadata = field_of(body, "metadata", dict, default={})
+        user_id = req.metadata.get("user_id")
+        req.user = user_id if isinstance(user_id, str) else ""
+        return req
+
+    def _decode_system(self, system) -> list:
+        if system is None or isinstance(system, str):
+            return [Part("text", text=system)] if system else []
+        if not isinstance(system, list):
+            raise bad_request(f"'system' must be a string or an array of text blocks, got {json.dumps(system)[:60]}")
+        parts = []
+        for j, block in enumerate(system):
+            if not isinstance(block, dict) or block.get("type") != "text":
+                raise bad_request(f"system[{j}] must be a text block {{'type': 'text', 'text': ...}}")
+            text = field_at(block, "text", str, f"system[{j}]", required=True)
+            if text.startswith(CLAUDE_CODE_BILLING_PREFIX):  # changes per request: would void other providers' caches
+                parts.append(Part("text", extra={"anthropic_block": block}))
+            else:
+                parts.append(Part("text", text=text, extra=anthropic_block_extra(block, ("type", "text"))))
+        return parts
+
+    def _decode_message(self, msg, where: str) -> Message:
+        if not isinstance(msg, dict):
+            raise bad_request(f"{where} must be an object")
+        role = msg.get("role")
+        if role not in ("user", "assistant", "system"):
+            raise bad_request(f"{where}.role must be user, assistant or system, got {role!r}")
+        if msg.get("content") is None:
+            raise bad_request(f"{where}.content is required")
+        return Message(role, self._decode_blocks(msg["content"], f"{where}.content", role))
+
+    def _decode_blocks(self, content, where: str, role: str) -> list:
+        if isinstance(content, str):
+            return [Part("text", text=content)] if content else []
+        if not isinstance(content, list):
+            raise bad_request(f"{where} must be a string or an array of content blocks")
+        parts = []
+        for j, block in enumerate(content):
+            if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+                raise bad_request(f"{where}[{j}] must be an object with a 'type'")
+            parts.append(self._decode_block(block, f"{where}[{j}]", role))
+        return parts
+
+    def _decode_block(self, block: dict, where: str, role: str) -> Part:
+        kind = block["type"]
+        if kind == "text":
+            text = field_at(block, "text", str, where, default="")
+            return Part("text", text=text, extra=anthropic_block_extra(block, ("type", "text")))
+        if kind == "image":
+            return self._decode_image(block, where, role)
+        if kind == "tool_use":
+            call_id = field_at(block, "id", str, where, required=True)
+            name = field_at(block, "name", str, where, required=True)
+            arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
+            return Part("tool_call", id=call_id, name=name, arguments=arguments,
+                        extra=anthropic_block_extra(block, ("type", "id", "name", "input")))  # fmt: skip
+        if kind == "tool_result":
+            call_id = field_at(block, "tool_use_id", str, where, required=True)
+            content = block.get("content")
+            parts = [] if content is None else self._decode_blocks(content, f"{where}.content", "user")
+            is_error = bool(field_at(block, "is_error", bool, where, default=False))
+            return Part("tool_result", id=call_id, content=parts, is_error=is_error,
+                        extra=anthropic_block_extra(block, ("type", "tool_use_id", "content", "is_error")))  # fmt: skip
+        if kind == "thinking":
+            text = field_at(block, "thinking", str, where, default="")
+            return Part("thinking", text=text, signature=field_at(block, "signature", str, where, default=""))
+        if kind == "redacted_thinking":
+            return Part("redacted_thinking", data=field_at(block, "data", str, where, default=""))
+        return self._opaque(block, role)
+
+    def _decode_image(self, block: dict, where: str, role: str) -> Part:
+        source = field_at(block, "source", dict, where, required=True)
+        extra = anthropic_block_extra(block, ("type", "source"))
+        if source.get("type") == "base64":
+            data = field_at(source, "data", str, f"{where}.source", required=True)
+            return Part("image", media_type=source.get("media_type") or "image/png", data=data, extra=extra)
+        if source.get("type") == "url":
+            return Part("image", url=field_at(source, "url", str, f"{where}.source", required=True), extra=extra)
+        return self._opaque(block, role)  # file ids and future source types: Anthropic only
+
+    @staticmethod
+    def _opaque(block: dict, role: str) -> Part:
+        # In assistant turns (server tool calls and results) other protocols see nothing.
+        text = "" if role == "assistant" else anthropic_opaque_text(block)
+        return Part("text", text=text, extra={"anthropic_block": block})
+
+    def _decode_tool(self, tool, where: str) -> Tool:
+        if not isinstance(tool, dict):
+            raise bad_request(f"{where} must be an object")
+        if tool.get("type") not in (None, "custom"):  # web_search_20250305, bash_20250124...
+            return Tool(str(tool.get("name") or tool["type"]), kind="builtin", extra={"anthropic": tool})
+        name = field_at(tool, "name", str, where, required=True)
+        description = field_at(tool, "description", str, where, default="")
+        schema = field_at(tool, "input_schema", dict, where, default={})
+        extra = anthropic_block_extra(tool, ("type", "name", "description", "input_schema"))  # cache_control, strict...
+        return Tool(name, description, schema, "function", extra)
+
+    @staticmethod
+    def _decode_tool_choice(req: Request, choice: dict | None) -> None:
+        if choice is None:
+            return
+        kinds = {"auto": "auto", "any": "required", "tool": "tool", "none": "none"}
+        if choice.get("type") not in kinds:
+            raise bad_request(f"tool_choice.type must be auto, any, tool or none, got {choice.get('type')!r}")
+        req.tool_choice = kinds[choice["type"]]
+        if choice["type"] == "tool":
+            req.tool_name = field_at(choice, "name", str, "tool_choice", required=True)
+        if field_at(choice, "disable_parallel_tool_use", bool, "tool_choice"):
+            req.parallel_tool_calls = False
+
+    @staticmethod
+    def _decode_thinking(req: Request, thinking: dict | None) -> None:
+        if thinking is None:
+            return
+        if thinking.get("type") not in ("enabled", "adaptive", "disabled"):
+            raise bad_request(f"thinking.type must be enabled, adaptive or disabled, got {thinking.get('type')!r}")
+        req.thinking = thinking["type"]
+        req.thinking_budget = field_at(thinking, "budget_tokens", int, "thinking")
+
+    @staticmethod
+    def _decode_output_config(req: Request, config: dict) -> None:
+        effort = field_at(config, "effort", str, "output_config", default="")
+        req.reasoning_effort = ANTHROPIC_EFFORT_IN.get(effort, effort)
+        fmt = field_at(config, "format", dict, "output_config")
+        if fmt and fmt.get("type") == "json_schema":
+            req.response_format = {
+                "type": "json_schema",
+                "json_schema": {"name": "output", "schema": fmt.get("schema") or {}},
+            }
+
+    def encode_request(self, req: Request, model: str, provider=None) -> dict:
+        from_anthropic = req.protocol == "anthropic"  # only then do parts carry Anthropic extras
+        body: dict = {"model": model}
+        messages = self._encode_messages(req, from_anthropic)
+        tools = self._encode_tools(req, from_anthropic)
+        tool_choice = self._encode_tool_choice(req) if tools else None
+        budget = self._wanted_thinking_budget(req, from_anthropic)
+        body["max_tokens"] = self._max_tokens(req, model, budget)
+        system = self._encode_system(req, from_anthropic)
+        if system:
+            body["system"] = system
+        body["messages"] = messages
+        if tools:
+            body["tools"] = tools
+        if tool_choice:
+            body["tool_choice"] = tool_choice
+        stop = [s for s in req.stop if s]
+        if stop:
+            body["stop_sequences"] = stop
+        thinking = self._encode_thinking(req, budget, body["max_tokens"], tool_choice, messages)
+        if thinking:
+            body["thinking"] = thinking
+        if not thinking or thinking["type"] == "disabled":  # Anthropic rejects sampling knobs with thinking
+            self._encode_sampling(req, body)
+        user_id = req.user or req.metadata.get("user_id")
+        if isinstance(user_id, str) and user_id:
+            body["metadata"] = {"user_id": user_id}  # the only metadata key Anthropic accepts
+        if req.stream:
+            body["stream"] = True
+        if from_anthropic:
+            body.update({k: req.raw[k] for k in ANTHROPIC_ONLY_FIELDS if k in req.raw})
+        return body
+
+    def _encode_system(self, req: Request, from_anthropic: bool):
+        parts = list(req.system)
+        for msg in req.messages:  # Anthropic takes system text only at the top
+            if msg.role == "system":
+                parts.extend(p for p in msg.parts if p.type == "text")
+        if from_anthropic and isinstance(req.raw.get("system"), list):
+            return [b for p in parts if (b := self._encode_part(p, "system", True))]
+        return "\n\n".join(p.text for p in parts if p.text.strip())
+
+    def _encode_messages(self, req: Request, from_anthropic: bool) -> list:
+        turns: list = []
+        for msg in req.messages:
+            if msg.role == "system":
+                continue
+            blocks = [b for p in msg.parts if (b := self._encode_part(p, msg.role, from_anthropic))]
+            if not blocks:
+                continue  # never an empty content
+            if turns and turns[-1]["role"] == msg.role:
+                turns[-1]["content"].extend(blocks)  # Anthropic wants alternating turns
+            else:
+                turns.append({"role": msg.role, "content": blocks})
+        for i, turn in enumerate(turns):
+            if turn["role"] == "user":
+                self._place_tool_results(turn, turns[i - 1] if i else None)
+        self._strip_final_assistant_whitespace(turns)
+        if not turns:
+            raise bad_request("an Anthropic model needs at least one user or assistant message with content")
+        for turn in turns:  # a lone plain text block goes as a string, the shape clients write
+            if len(turn["content"]) == 1 and turn["content"][0].keys() == {"type", "text"}:
+                turn["content"] = turn["content"][0]["text"]
+        return turns
+
+    def _encode_part(self, part: Part, role: str, from_anthropic: bool) -> dict | None:
+        if part.extra and "anthropic_block" in part.extra:
+            return part.extra["anthropic_block"]
+        kind = part.type
+        if kind == "text":
+            block = {"type": "text", "text": part.text} if part.text.strip() else None  # Anthropic rejects blank text
+        elif kind == "image" and role == "user":
+            block = {"type": "image", "source": anthropic_image_source(part)}
+        elif kind == "tool_call" and role == "assistant":
+            arguments = json_object_arguments(part.arguments)
+            block = {"type": "tool_use", "id": anthropic_tool_id(part.id), "name": part.name, "input": arguments}
+        elif kind == "tool_result" and role == "user":
+            block = self._encode_tool_result(part, from_anthropic)
+        elif kind == "thinking" and role == "assistant" and part.signature:  # unsigned thinking is dropped
+            return {"type": "thinking", "thinking": part.text, "signature": part.signature}
+        elif kind == "redacted_thinking" and role == "assistant" and part.data:
+            return {"type": "redacted_thinking", "data": part.data}
+        else:
+            block = None
+        return self._with_extra(block, part, from_anthropic) if block else None
+
+    def _encode_tool_result(self, part: Part, from_anthropic: bool) -> dict:
+        content = [b for p in part.content or [] if (b := self._encode_part(p, "user", from_anthropic))]
+        block: dict = {"type": "tool_result", "tool_use_id": anthropic_tool_id(part.id)}
+        if len(content) == 1 and content[0].keys() == {"type", "text"}:
+            block["content"] = content[0]["text"]
+        elif content:
+            block["content"] = content
+        if part.is_error:
+            block["is_error"] = True
+        return block
+
+    @staticmethod
+    def _with_extra(block: dict, part: Part, from_anthropic: bool) -> dict:
+        if from_anthropic and part.extra:
+            block.update(part.extra)  # cache_control, citations: other codecs never set extra keys Anthropic reads
+        return block
+
+    @staticmethod
+    def _place_tool_results(turn: dict, previous: dict | None) -> None:
+        """tool_result blocks first, each answering a tool_use of the assistant turn right before;
+        any other result becomes text (Anthropic rejects a result without its call)."""
+        calls = {b.get("id") for b in previous["content"] if b.get("type") == "tool_use"} if previous else set()
+        results, rest = [], []
+        for block in turn["content"]:
+            if block.get("type") != "tool_result":
+                rest.append(block)
+            elif block.get("tool_use_id") in calls:
+                results.append(block)
+            else:
+                rest.append(anthropic_orphan_result(block))
+        turn["content"] = results + rest
+
+    @staticmethod
+    def _strip_final_assistant_whitespace(turns: list) -> None:
+        if not turns or turns[-1]["role"] != "assistant":
+            return
+        last = turns[-1]["content"][-1]
+        if last.get("type") == "text":  # a prefill may not end in whitespace
+            turns[-1]["content"][-1] = {**last, "text": last["text"].rstrip()}
+
+    def _encode_tools(self, req: Request, from_anthropic: bool) -> list:
+        tools = []
+        for tool in req.tools:
+            if tool.kind == "builtin":
+                if tool.extra and "anthropic" in tool.extra:
+                    tools.append(tool.extra["anthropic"])
+                continue  # another protocol's builtin tool means nothing here
+            schema = tool.parameters or {"type": "object", "properties": {}}
+            out = {"name": tool.name, "description": tool.description, "input_schema": schema}
+            if not tool.description:
+                del out["description"]
+            if from_anthropic and tool.extra:
+                out.update(tool.extra)
+            tools.append(out)
+        return tools
+
+    @staticmethod
+    def _encode_tool_choice(req: Request) -> dict | None:
+        choice = {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}.get(req.tool_choice)
+        if req.tool_choice == "tool":
+            choice = {"type": "tool", "name": req.tool_name}
+        if req.parallel_tool_calls is False and (choice is None or choice["type"] != "none"):
+            choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
+        return choice
+
+    @staticmethod
+    def _wanted_thinking_budget(req: Request, from_anthropic: bool) -> int | None:
+        """The thinking budget the client asked for, before it is fitted to max_tokens."""
+        if req.thinking == "enabled":
+            return (
+                req.thinking_budget
+                or ANTHROPIC_EFFORT_BUDGETS.get(req.reasoning_effort)
+                or ANTHROPIC_MIN_THINKING_BUDGET
+            )
+        if req.thinking or from_anthropic:  # an Anthropic effort alone is sent as output_config, not as thinking
+            return None
+        return req.thinking_budget or ANTHROPIC_EFFORT_BUDGETS.get(req.reasoning_effort)
+
+    @staticmethod
+    def _max_tokens(req: Request, model: str, budget: int | None) -> int:
+        wanted = req.max_tokens or (ANTHROPIC_DEFAULT_ANSWER_TOKENS + (budget or 0))
+        return max(1, min(wanted, anthropic_max_output(model)))
+
+    def _encode_thinking(self, req: Request, budget, max_tokens: int, tool_choice, messages: list) -> dict | None:
+        forced_tool = bool(tool_choice) and tool_choice["type"] in ("any", "tool")  # Anthropic rejects thinking then
+        if req.thinking == "disabled":
+            return {"type": "disabled"}
+        if req.thinking == "adaptive":
+            return None if forced_tool else {"type": "adaptive"}
+        if budget is None or forced_tool or self._unthought_tool_turn(messages):
+            return None
+        budget = min(budget, max_tokens - 1)  # the budget must stay below max_tokens
+        if budget < ANTHROPIC_MIN_THINKING_BUDGET:
+            return None
+        return {"type": "enabled", "budget_tokens": budget}
+
+    @staticmethod
+    def _unthought_tool_turn(messages: list) -> bool:
+        """With thinking enabled Anthropic wants the last assistant turn that called tools to
+        open with a signed thinking block; history from other protocols has none."""
+        for turn in reversed(messages):
+            if turn["role"] == "assistant":
+                blocks = turn["content"] if isinstance(turn["content"], list) else []
+                calls = any(b.get("type") == "tool_use" for b in blocks)
+                return calls and blocks[0].get("type") not in ("thinking", "redacted_thinking")
+        return False
+
+    @staticmethod
+    def _encode_sampling(req: Request, body: dict) -> None:
+        if req.temperature is not None:
+            body["temperature"] = min(req.temperature, 1.0)  # OpenAI allows up to 2, Anthropic up to 1
+        if req.top_p is not None and req.temperature is None:  # recent Claude models reject both at once
+            body["top_p"] = req.top_p
+        if req.top_k is not None:
+            body["top_k"] = req.top_k
+
+    # -- responses
+    def decode_response(self, body: dict) -> Response:
+        parts = []
+        for block in body.get("content") or []:
+            if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+                continue
+            try:
+                parts.append(self._decode_block(block, "content", "assistant"))
+            except GatewayError as exc:  # the upstream's fault, not the client's
+                raise GatewayError(502, f"upstream sent a malformed message: {exc.message}") from None
+        return Response(body.get("id") or new_id("msg_"), body.get("model", ""), parts,
+                        stop_reason_in("anthropic", body.get("stop_reason")), body.get("stop_sequence"),
+                        self.decode_usage(body.get("usage")))  # fmt: skip
+
+    @staticmethod
+    def decode_usage(usage) -> Usage:
+        if not isinstance(usage, dict):
+            return Usage()
+        read = usage.get("cache_read_input_tokens") or 0
+        created = usage.get("cache_creation_input_tokens") or 0
+        return Usage(input_tokens=(usage.get("input_tokens") or 0) + read + created,
+                     output_tokens=usage.get("output_tokens") or 0, cached_tokens=read, cache_creation_tokens=created)  # fmt: skip
+
+    @staticmethod
+    def encode_usage(usage: Usage) -> dict:
+        uncached = usage.input_tokens - usage.cached_tokens - usage.cache_creation_tokens
+        return {
+            "input_tokens": max(0, uncached),
+            "cache_creation_input_tokens": usage.cache_creation_tokens,
+            "cache_read_input_tokens": usage.cached_tokens,
+            "output_tokens": usage.output_tokens,
+        }
+
+    def encode_response(self, resp: Response, req: Request) -> dict:
+        content = [b for p in resp.parts if (b := self._response_block(p))]
+        has_tool_use = any(b["type"] == "tool_use" for b in content)
+        return {
+            "id": anthropic_id(resp.id),
+            "type": "message",
+            "role": "assistant",
+            "model": req.model,
+            "content": content,
+            "stop_reason": anthropic_stop_reason(resp.stop_reason, has_tool_use),
+            "stop_sequence": resp.stop_sequence,
+            "usage": self.encode_usage(resp.usage),
+        }
+
+    @staticmethod
+    def _response_block(part: Part) -> dict | None:
+        extra = part.extra or {}
+        if "anthropic_block" in extra:
+            return extra["anthropic_block"]
+        if part.type == "text":
+            block = {"type": "text", "text": part.text} if part.text else None
+            if block and "citations" in extra:
+                block["citations"] = extra["citations"]
+            return block
+        if part.type == "thinking" and (part.text or part.signature):
+            return {"type": "thinking", "thinking": part.text, "signature": part.signature}
+        if part.type == "redacted_thinking":
+            return {"type": "redacted_thinking", "data": part.data}
+        if part.type == "tool_call":
+            return {"type": "tool_use", "id": part.id or new_id("toolu_"), "name": part.name,
+                    "input": json_object_arguments(part.arguments)}  # fmt: skip
+        return None
+
+    # -- streams
+    def stream_decoder(self):
+        return AnthropicStreamDecoder()
+
+    def stream_encoder(self, req: Request):
+        return AnthropicStreamEncoder(req)
+
+    # -- errors
+    def encode_error(self, err: GatewayError) -> dict:
+        kind = err.kind
+        if kind not in ANTHROPIC_ERROR_STATUS:  # client_closed, OpenAI's server_error...: the closest by status
+            kind = "api_error" if err.status >= 500 else "invalid_request_error"
+        return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
+class AnthropicStreamDecoder:
+    """Anthropic Messages SSE -> canonical events. Block indices are the upstream's. Usage is
+    Anthropic's running total: message_delta fields replace message_start's, never add to them.
+    MessageDelta and MessageStop go out at message_stop, so each comes exactly once. Blocks only
+    Anthropic knows (server_tool_use, web_search_tool_result...) are held until their stop and
+    passed on whole as opaque text parts (see the section note)."""
+
+    BLOCK_DELTAS = {"text_delta": ("text", "text"), "input_json_delta": ("arguments", "partial_json"),
+                    "thinking_delta": ("thinking", "thinking"), "signature_delta": ("signature", "signature")}  # fmt: skip
+    DELTAS_OF = {"text": ("text",), "tool_call": ("arguments",), "thinking": ("thinking", "signature")}
+
+    def __init__(self):
+        self.started = False
+        self.open: dict[int, str] = {}  # index -> canonical part type, for blocks started and not stopped
+        self.opaque: dict[int, tuple[dict, list]] = {}  # index -> (block, its input_json pieces)
+        self.usage: dict = {}  # Anthropic's usage fields, latest value of each
+        self.stop_reason = ""
+        self.stop_sequence = None
+        self.saw_message_delta = False
+        self.finished = False
+
+    def feed(self, event: SSEEvent) -> list:
+        if self.finished or not event.data:
+            return []
+        if event.data == "[DONE]":  # some Anthropic-compatible servers end like OpenAI
+            return self.finish()
+        try:
+            data = json.loads(event.data)
+        except ValueError:
+            return [StreamError(GatewayError(502, f"upstream sent malformed stream data: {event.data[:120]!r}"))]
+        if not isinstance(data, dict):
+            return []
+        kind = data.get("type") or event.event
+        if kind == "message_start":
+            return self._message_start(data.get("message") or {})
+        if kind == "error":
+            return self._error(data.get("error") or {})
+        if kind not in (
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop",
+        ):
+            return []  # ping and event types newer than this code
+        out = self._ensure_started()
+        index = data.get("index")
+        if kind == "content_block_start":
+            out += self._block_start(index, data.get("content_block") or {})
+        elif kind == "content_block_delta":
+            out += self._block_delta(index, data.get("delta") or {})
+        elif kind == "content_block_stop":
+            out += self._block_stop(index)
+        elif kind == "message_delta":
+            self._message_delta(data)
+        else:
+            out += self._close()
+        return out
+
+    def _ensure_started(self) -> list:
+        if self.started:
+            return []
+        self.started = True
+        return [MessageStart(new_id("msg_"), "", Usage())]
+
+    def _message_start(self, message: dict) -> list:
+        if self.started:
+            return []
+        self.started = True
+        if isinstance(message.get("usage"), dict):
+            self.usage.update(message["usage"])
+        return [
+            MessageStart(
+                message.get("id") or new_id("msg_"), message.get("model", ""), AnthropicCodec.decode_usage(self.usage)
+            )
+        ]
+
+    def _block_start(self, index, block: dict) -> list:
+        if index in self.open or index in self.opaque:
+            return []
+        kind = block.get("type")
+        if kind == "text":
+            return self._open(index, Part("text"), [("text", block.get("text"))])
+        if kind == "thinking":
+            return self._open(
+                index, Part("thinking"), [("thinking", block.get("thinking")), ("signature", block.get("signature"))]
+            )
+        if kind == "redacted_thinking":
+            return self._open(index, Part("redacted_thinking", data=block.get("data") or ""), [])
+        if kind == "tool_use":
+            part = Part("tool_call", id=block.get("id") or new_id("toolu_"), name=block.get("name") or "")
+            given = block.get("input")  # some compatible servers send the whole input here, with no deltas
+            return self._open(index, part, [("arguments", json.dumps(given, ensure_ascii=False) if given else "")])
+        self.opaque[index] = (dict(block), [])
+        return []
+
+    def _open(self, index, part: Part, initial: list) -> list:
+        self.open[index] = part.type
+        return [BlockStart(index, part)] + [BlockDelta(index, k, v) for k, v in initial if isinstance(v, str) and v]
+
+    def _block_delta(self, index, delta: dict) -> list:
+        kind, key = self.BLOCK_DELTAS.get(delta.get("type"), ("", ""))  # citations_delta and others: ignored
+        value = delta.get(key) if key else None
+        if not isinstance(value, str) or not value:
+            return []
+        if index in self.opaque:
+            if kind == "arguments":
+                self.opaque[index][1].append(value)
+            return []
+        if kind not in self.DELTAS_OF.get(self.open.get(index), ()):
+            return []  # never a delta without its start, nor one its block cannot hold
+        return [BlockDelta(index, kind, value)]
+
+    def _block_stop(self, index) -> list:
+        if index in self.opaque:
+            block, pieces = self.opaque.pop(index)
+            if pieces:
+                block["input"] = json_object_arguments("".join(pieces))
+            return [BlockStart(index, Part("text", extra={"anthropic_block": block})), BlockStop(index)]
+        if self.open.pop(index, None) is None:
+            return []
+        return [BlockStop(index)]
+
+    def _message_delta(self, data: dict) -> None:
+        delta = data.get("delta") or {}
+        if delta.get("stop_reason"):
+            self.stop_reason = stop_reason_in("anthropic", delta["stop_reason"])
+        if "stop_sequence" in delta:
+            self.stop_sequence = delta["stop_sequence"]
+        if isinstance(data.get("usage"), dict):
+            self.usage.update({k: v for k, v in data["usage"].items() if v is not None})
+        self.saw_message_delta = True
+
+    def _close(self) -> list:
+        self.finished = True
+        out: list = [BlockStop(index) for index in self.open]
+        self.open.clear()
+        usage = AnthropicCodec.decode_usage(self.usage)
+        return out + [MessageDelta(self.stop_reason or "end_turn", self.stop_sequence, usage), MessageStop()]
+
+    def _error(self, error: dict) -> list:
+        self.finished = True
+        kind = error.get("type") if error.get("type") in ANTHROPIC_ERROR_STATUS else ""
+        status = ANTHROPIC_ERROR_STATUS.get(kind, 502)
+        return [StreamError(GatewayError(status, str(error.get("message") or "upstream stream error"), kind))]
+
+    def finish(self) -> list:
+        """The upstream closed the stream. Without message_stop the answer is complete only if
+        message_delta came and no block is open; otherwise say it was cut short, never end_turn."""
+        if self.finished:
+            return []
+        if self.started and self.saw_message_delta and not self.open and not self.opaque:
+            return self._close()
+        self.finished = True
+        where = "in the middle of a content block" if self.open or self.opaque else "before message_delta"
+        return [StreamError(GatewayError(502, f"upstream stream ended {where}; the answer is incomplete"))]
+
+
+class AnthropicStreamEncoder:
+    """Canonical events -> Anthropic SSE. Text and thinking blocks start at their first
+    non-empty delta (an empty block never reaches the client) and wire indices run 0, 1, 2...
+    with no gaps; tool_use blocks start at once and forward argument deltas as they come.
+    One block is open at a time and every start gets its stop: should the canonical stream
+    interleave blocks, a later block's events are held until the earlier one stops."""
+
+    DELTAS = {"text": ("text_delta", "text"), "thinking": ("thinking_delta", "thinking"),
+              "signature": ("signature_delta", "signature"), "arguments": ("input_json_delta", "partial_json")}  # fmt: skip
+    FITS = {"text": ("text",), "thinking": ("thinking", "signature"), "tool_use": ("arguments",)}
+
+    def __init__(self, req: Request):
+        self.req = req
+        self.id = new_id("msg_")
+        self.started = False
+        self.done = False
+        self.next_index = 0
+        self.pending: dict[int, str] = {}  # canonical index -> "text"/"thinking" not started yet
+        self.wire: dict[int, tuple[int, str]] = {}  # canonical index -> (wire index, block type)
+        self.open: int | None = None  # canonical index of the open block
+        self.sent_tool_use = False
+        self.sent_message_delta = False
+        self.owner: int | None = None  # canonical index of the block started and not yet stopped
+        self.backlog: list = []  # events of blocks that started while another was still open
+
+    def encode(self, ev) -> bytes:
+        if self.done:
+            return b""
+        if isinstance(ev, (BlockStart, BlockDelta, BlockStop)) and self.owner not in (None, ev.index):
+            self.backlog.append(ev)  # another block still holds the wire: Anthropic cannot interleave blocks
+            return b""
+        if isinstance(ev, MessageStart):
+            return self._message_start(ev.id, ev.usage)
+        if isinstance(ev, BlockDelta):
+            return self._block_delta(ev)
+        if isinstance(ev, BlockStart):
+            self.owner = ev.index
+            return self._block_start(ev)
+        if isinstance(ev, BlockStop):
+            return self._block_stop(ev.index)
+        if isinstance(ev, MessageDelta):
+            return self._release_all() + self._message_delta(ev)
+        if isinstance(ev, MessageStop):
+            out = self._release_all() + self._message_start("", None) + self._stop_open()
+            if not self.sent_message_delta:
+                out += self._message_delta(MessageDelta("end_turn"))
+            self.done = True
+            return out + sse_event("message_stop", {"type": "message_stop"})
+        if isinstance(ev, StreamError):
+            self.done = True
+            return sse_event("error", ANTHROPIC_CODEC.encode_error(ev.error))
+        return b""
+
+    def _block_stop(self, index: int) -> bytes:
+        self.pending.pop(index, None)  # never got content: the client never sees it
+        out = self._stop_open() if self.open == index else b""
+        if self.owner != index:
+            return out
+        self.owner = None
+        held, self.backlog = self.backlog, []
+        return out + b"".join(self.encode(ev) for ev in held)  # in arrival order; may hold some again
+
+    def _release_all(self) -> bytes:
+        """The message ends: blocks the upstream never stopped are closed, held ones sent."""
+        out = b""
+        while self.owner is not None:
+            out += self._block_stop(self.owner)
+        return out
+
+    def _message_start(self, msg_id: str, usage: Usage | None) -> bytes:
+        if self.started:
+            return b""
+        self.started = True
+        if msg_id:
+            self.id = anthropic_id(msg_id)
+        message = {"id": self.id, "type": "message", "role": "assistant", "model": self.req.model, "content": [],
+                   "stop_reason": None, "stop_sequence": None, "usage": AnthropicCodec.encode_usage(usage or Usage())}  # fmt: skip
+        return sse_event("message_start", {"type": "message_start", "message": message})
+
+    def _block_start(self, ev: BlockStart) -> bytes:
+        out = self._message_start("", None)
+        part = ev.part
+        opaque = (part.extra or {}).get("anthropic_block")
+        if opaque:
+            return out + self._start(ev.index, opaque)
+        if part.type in ("text", "thinking"):
+            self.pending[ev.index] = part.type
+            return out
+        if part.type == "tool_call":
+            self.sent_tool_use = True
+            block = {"type": "tool_use", "id": part.id or new_id("toolu_"), "name": part.name, "input": {}}
+            return out + self._start(ev.index, block)
+        if part.type == "redacted_thinking":
+            return out + self._start(ev.index, {"type": "redacted_thinking", "data": part.data})
+        return out
+
+    def _block_delta(self, ev: BlockDelta) -> bytes:
+        if not ev.value:
+            return b""
+        out = self._message_start("", None)
+        kind = self.pending.get(ev.index)
+        if kind and ev.kind in self.FITS[kind]:
+            del self.pending[ev.index]
+            block = (
+                {"type": "text", "text": ""}
+                if kind == "text"
+                else {"type": "thinking", "thinking": "", "signature": ""}
+            )
+            out += self._start(ev.index, block)
+        if self.open != ev.index or ev.kind not in self.FITS.get(self.wire[ev.index][1], ()):
+            return out  # a delta outside its open block cannot be said in Anthropic's stream
+        name, key = self.DELTAS[ev.kind]
+        delta = {"type": "content_block_delta", "index": self.wire[ev.index][0], "delta": {"type": name, key: ev.value}}
+        return out + sse_event("content_block_delta", delta)
+
+    def _start(self, index: int, block: dict) -> bytes:
+        out = self._stop_open()
+        self.wire[index] = (self.next_index, block.get("type", ""))
+        self.open = index
+        self.next_index += 1
+        start = {"type": "content_block_start", "index": self.wire[index][0], "content_block": block}
+        return out + sse_event("content_block_start", start)
+
+    def _stop_open(self) -> bytes:
+        if self.open is None:
+            return b""
+        wire_index = self.wire[self.open][0]
+        self.open = None
+        return sse_event("content_block_stop", {"type": "content_block_stop", "index": wire_index})
+
+    def _message_delta(self, ev: MessageDelta) -> bytes:
+        if self.sent_message_delta:
+            return b""
+        self.sent_message_delta = True
+        out = self._message_start("", None) + self._stop_open()
+        self.pending.clear()
+        delta = {
+            "stop_reason": anthropic_stop_reason(ev.stop_reason, self.sent_tool_use),
+            "stop_sequence": ev.stop_sequence,
+        }
+        usage = AnthropicCodec.encode_usage(ev.usage or Usage())
+        return out + sse_event("message_delta", {"type": "message_delta", "delta": delta, "usage": usage})
+
+
+ANTHROPIC_CODEC = AnthropicCodec()
+
+
+def anthropic_count_tokens_estimate(body: dict) -> int:
+    """count_tokens for a model Anthropic does not serve: everything the request sends
+    (system, messages, tool definitions, images), through the one estimator."""
+    return estimate_tokens([body.get("system"), body.get("messages"), body.get("tools"), body.get("tool_choice")])
+
+
+# ---- OpenAI Responses --------------------------------------------------------------------
+#
+# Responses bodies <-> the canonical model, so Codex (which speaks only this API) reaches Chat-only
+# and Anthropic upstreams, and Chat/Anthropic/Gemini clients reach a Responses-only upstream.
+#   input items  message -> Message (developer/system before the first turn -> req.system);
+#                reasoning -> thinking Part (extra: id, encrypted_content); function_call and
+#                custom_tool_call -> tool_call Parts of one assistant turn; *_output -> tool_result.
+#   tools        function as is; custom -> a function with one string parameter "input" whose
+#                call arguments are {"input": raw}; namespace -> flattened "<namespace>__<name>";
+#                hosted tools (web_search, tool_search, ...) are dropped with a log line.
+#   output       the encoders turn a call of a custom tool back into a custom_tool_call with the raw
+#                input, and restore name + namespace of namespaced tools, so no other codec needs
+#                to know about either.
+# Signed Anthropic thinking reaches a Responses client as a reasoning item whose encrypted_content
+# is "tgw1." + base64(JSON); the client echoes it and the signature comes back byte-exact.
+
+RESPONSES_HOSTED_TOOLS = ("web_search", "tool_search", "file_search", "computer_use", "code_interpreter",
+                          "image_generation", "local_shell", "shell", "mcp", "apply_patch")  # fmt: skip
+# Canonical stop reasons that end a Responses turn "incomplete", with the reason the API names.
+RESPONSES_INCOMPLETE_REASONS = {"max_tokens": "max_output_tokens", "content_filter": "content_filter"}
+RESPONSES_INCOMPLETE_IN = {"max_output_tokens": "max_tokens", "content_filter": "content_filter"}
+# GatewayError kinds -> the error codes Codex acts on (retry after a delay, give up, overloaded).
+RESPONSES_ERROR_CODES = {"rate_limit_error": "rate_limit_exceeded", "overloaded_error": "server_is_overloaded",
+                         "invalid_request_error": "invalid_prompt", "request_too_large": "invalid_prompt"}  # fmt: skip
+RESPONSES_ERROR_STATUS = {"rate_limit_exceeded": 429, "insufficient_quota": 429, "server_is_overloaded": 503,
+                          "slow_down": 503, "invalid_prompt": 400, "context_length_exceeded": 400}  # fmt: skip
+_CONTEXT_OVERFLOW = re.compile(
+    r"context (length|window)|prompt is too long|maximum context|too many (input )?tokens", re.I
+)
+_UNSAFE_TOOL_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_-]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+SIGNED_THINKING_PREFIX = "tgw1."
+CUSTOM_GRAMMAR_MAX_CHARS = 4000  # longer grammars stay out of the schema (the tool description explains them)
+
+
+def flat_tool_name(namespace, name: str) -> str:
+    """A namespaced Responses tool as one name every upstream accepts (^[a-zA-Z0-9_-]{1,64}$)."""
+    if not namespace:
+        return name
+    flat = _UNSAFE_TOOL_NAME_CHARS.sub("_", f"{namespace}__{name}")
+    if len(flat) > 64:
+        flat = flat[:55] + "_" + hashlib.sha1(flat.encode()).hexdigest()[:8]
+    return flat
+
+
+def custom_tool_parameters(fmt) -> dict:
+    """The schema a custom (free-form) tool gets upstream: one string, the tool's raw input."""
+    about = "The complete raw input of this free-form tool, passed to it verbatim (plain text, not JSON)."
+    if isinstance(fmt, dict) and fmt.get("type") == "grammar":
+        definition = str(fmt.get("definition") or "")
+        syntax = str(fmt.get("syntax") or "")
+        if len(definition) <= CUSTOM_GRAMMAR_MAX_CHARS:
+            about += f" It must match this {syntax} grammar:\n{definition}"
+        else:
+            about += f" It must match the {syntax} grammar the tool description explains."
+    prop = {"type": "string", "description": about}
+    return {"type": "object", "properties": {"input": prop}, "required": ["input"], "additionalProperties": False}
+
+
+def custom_input_of(arguments: str) -> str:
+    """The raw input of a custom tool call from the canonical JSON arguments {"input": raw}; a model
+    that wrote something else still gets its text through rather than an empty input."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return arguments
+    if isinstance(value, dict):
+        strings = [v for v in value.values() if isinstance(v, str)]
+        if isinstance(value.get("input"), str):
+            value = value["input"]
+        elif len(value) == 1 and strings:
+            value = strings[0]
+    if not isinstance(value, str):
+        return arguments
+    return _LONE_SURROGATE.sub("\ufffd", value)  # a lone \ud800 cannot be encoded as UTF-8
+
+
+def pack_thinking(part: Part) -> str:
+    """Signed (or redacted) thinking as a reasoning item's encrypted_content, so it comes back intact."""
+    if part.type == "redacted_thinking":
+        blob = {"type": "redacted_thinking", "data": part.data}
+    else:
+        blob = {"type": "thinking", "text": part.text, "signature": part.signature}
+    return SIGNED_THINKING_PREFIX + base64.urlsafe_b64encode(dumps(blob)).decode()
+
+
+def unpack_thinking(encrypted) -> Part | None:
+    if not isinstance(encrypted, str) or not encrypted.startswith(SIGNED_THINKING_PREFIX):
+        return None
+    try:
+        blob = json.loads(base64.urlsafe_b64decode(encrypted[len(SIGNED_THINKING_PREFIX) :]))
+    except ValueError:
+        return None
+    if not isinstance(blob, dict):
+        return None
+    if blob.get("type") == "redacted_thinking":
+        return Part("redacted_thinking", data=str(blob.get("data") or ""))
+    return Part("thinking", text=str(blob.get("text") or ""), signature=str(blob.get("signature") or ""))
+
+
+def wire_tool_name(name: str, tool: Tool | None, extra: dict | None) -> tuple[str, str | None]:
+    """(name, namespace) of a canonical tool name as the Responses client or upstream knows it."""
+    origin = (tool.extra if tool is not None else extra) or {}
+    if origin.get("namespace"):
+        return origin.get("name") or name, origin["namespace"]
+    return name, None
+
+
+def is_custom_call(part: Part, tool: Tool | None) -> bool:
+    if tool is not None:
+        return tool.kind == "custom"
+    return (part.extra or {}).get("type") == "custom_tool_call"
+
+
+def responses_error_code(err: GatewayError) -> str:
+    if err.kind == "invalid_request_error" and _CONTEXT_OVERFLOW.search(err.message):
+        return "context_length_exceeded"
+    return RESPONSES_ERROR_CODES.get(err.kind, "server_error" if err.status >= 500 else err.kind)
+
+
+def responses_error(err: GatewayError) -> dict:
+    message = err.message
+    if err.retry_after and "try again" not in message.lower():
+        stop = "" if message.endswith((".", "!", "?")) else "."
+        message += f"{stop} Please try again in {err.retry_after:g}s."  # Codex reads its retry delay from here
+    return {"code": responses_error_code(err), "message": message}
+
+
+class JsonStringFieldReader:
+    """Decodes the string value of one top-level field ({"input": "..."}) while its JSON text arrives
+    in pieces: each feed returns only the newly decoded text. Escapes and \\uXXXX surrogate pairs
+    may be split anywhere across pieces."""
+
+    ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+    def __init__(self, key: str):
+        self.key = key
+        self.state = "scan"  # scan (before the value) | await (after its colon) | value | done
+        self.depth = 0
+        self.in_string = False
+        self.string_escape = False
+        self.token: list[str] = []
+        self.last_string: str | None = None
+        self.escape: str | None = None  # the escape being read inside the value ("" right after "\")
+        self.high_surrogate = 0
+
+    def feed(self, piece: str) -> str:
+        out: list[str] = []
+        for ch in piece:
+            if self.state == "value":
+                self._value_char(ch, out)
+            elif self.state == "done":
+                break
+            else:
+                self._scan_char(ch)
+        return "".join(out)
+
+    def _scan_char(self, ch: str) -> None:
+        if self.in_string:
+            if self.string_escape:
+                self.string_escape = False
+            elif ch == "\\":
+                self.string_escape = True
+            elif ch == '"':
+                self.in_string = False
+                self.last_string = "".join(self.token)
+                return
+            self.token.append(ch)
+        elif self.state == "await":
+            if ch not in " \t\r\n":
+                self.state = "value" if ch == '"' else "done"  # a non-string value: the caller falls back
+        elif ch == '"':
+            self.in_string, self.token = True, []
+        elif ch in "{[":
+            self.depth += 1
+        elif ch in "}]":
+            self.depth -= 1
+        elif (
+            ch == ":"
+            and self.depth == 1
+            and self.last_string is not None
+            and self._decoded(self.last_string) == self.key
+        ):
+            self.state = "await"
+        elif ch == ",":
+            self.last_string = None
+
+    @staticmethod
+    def _decoded(raw: str) -> str:
+        try:
+            return json.loads(f'"{raw}"')
+        except ValueError:
+            return raw
+
+    def _value_char(self, ch: str, out: list) -> None:
+        if self.escape is None:
+            if ch == "\\":
+                self.escape = ""
+                return
+            self._flush_surrogate(out)
+            if ch == '"':
+                self.state = "done"
+            else:
+                out.append(ch)
+            return
+        self.escape += ch
+        if self.escape[0] != "u":
+            self._flush_surrogate(out)
+            out.append(self.ESCAPES.get(ch, ch))
+            self.escape = None
+        elif len(self.escape) == 5:
+            try:
+                code = int(self.escape[1:], 16)
+            except ValueError:
+                code = 0xFFFD
+            self.escape = None
+            self._code_point(code, out)
+
+    def _code_point(self, code: int, out: list) -> None:
+        if 0xD800 <= code < 0xDC00:
+            self._flush_surrogate(out)
+            self.high_surrogate = code  # wait for its low half, maybe in the next piece
+        elif 0xDC00 <= code < 0xE000:
+            if self.high_surrogate:
+                out.append(chr(0x10000 + ((self.high_surrogate - 0xD800) << 10) + (code - 0xDC00)))
+                self.high_surrogate = 0
+            else:
+                out.append("\ufffd")
+        else:
+            self._flush_surrogate(out)
+            out.append(chr(code))
+
+    def _flush_surrogate(self, out: list) -> None:
+        if self.high_surrogate:
+            out.append("\ufffd")
+            self.high_surrogate = 0
+
+
+class ResponsesCodec(Codec):
+    name = "responses"
+
+    # -- requests
+    def decode_request(self, body: dict) -> Request:
+        model = field_of(body, "model", str, required=True)
+        raw_input = field_of(body, "input", (str, list), required=True)
+        req = Request(model=model, messages=[], raw=body, protocol="responses")
+        instructions = field_of(body, "instructions", str)
+        if instructions:
+            req.system.append(Part("text", text=instructions))
+        items = [{"type": "message", "role": "user", "content": raw_input}] if isinstance(raw_input, str) else raw_input
+        self._decode_all_tools(req, field_of(body, "tools", list, default=[]), items)
+        self._decode_input(req, items)
+        self._decode_tool_choice(req, body.get("tool_choice"))
+        req.parallel_tool_calls = field_of(body, "parallel_tool_calls", bool)
+        req.max_tokens = field_of(body, "max_output_tokens", int)
+        req.temperature = field_of(body, "temperature", float)
+        req.top_p = field_of(body, "top_p", float)
+        req.stream = bool(field_of(body, "stream", bool, default=False))
+        self._decode_reasoning_options(req, field_of(body, "reasoning", dict, default={}))
+        req.response_format = self._decode_text_format(field_of(body, "text", dict, default={}).get("format"))
+        req.metadata = field_of(body, "metadata", dict, default={})
+        req.user = field_of(body, "user", str, default="") or field_of(body, "safety_identifier", str, default="")
+        return req
+
+    def _decode_all_tools(self, req: Request, tools: list, items: list) -> None:
+        specs = list(tools)
+        for item in items:  # Codex "responses-lite" sends its tools as an input item
+            if isinstance(item, dict) and item.get("type") == "additional_tools":
+                specs.extend(item.get("tools") or [])
+        dropped: list[str] = []
+        self._decode_tools(req, specs, dropped)
+        hosted = [d for d in dropped if d.startswith(RESPONSES_HOSTED_TOOLS)]
+        unknown = [d for d in dropped if d not in hosted]
+        if hosted:
+            log.info("responses: dropped hosted tools the upstream cannot run: %s", ", ".join(hosted))
+        if unknown:
+            log.info("responses: dropped tools of unknown type: %s", ", ".join(unknown))
+
+    def _decode_tools(self, req: Request, specs: list, dropped: list, namespace: dict | None = None) -> None:
+        seen = {t.name for t in req.tools}
+        for spec in specs:
+            kind = spec.get("type") if isinstance(spec, dict) else None
+            if kind == "namespace" and namespace is None:
+                self._decode_tools(req, spec.get("tools") or [], dropped, spec)
+                seen = {t.name for t in req.tools}
+            elif kind in ("function", "custom") and isinstance(spec.get("name"), str) and spec["name"]:
+                tool = self._decode_tool(spec, namespace)
+                if tool.name in seen:
+                    log.info("responses: dropped a second tool named %s", tool.name)
+                    continue
+                seen.add(tool.name)
+                req.tools.append(tool)
+            else:
+                dropped.append(str(kind))
+
+    @staticmethod
+    def _decode_tool(spec: dict, namespace: dict | None) -> Tool:
+        extra: dict = {}
+        if namespace is not None:
+            extra.update(namespace=namespace.get("name") or "", name=spec["name"],
+                         namespace_description=namespace.get("description") or "")  # fmt: skip
+        name = flat_tool_name(extra.get("namespace"), spec["name"])
+        description = str(spec.get("description") or "")
+        if spec["type"] == "custom":
+            extra["format"] = spec.get("format")
+            return Tool(name, description, custom_tool_parameters(spec.get("format")), "custom", extra)
+        if "strict" in spec:
+            extra["strict"] = spec["strict"]
+        parameters = spec.get("parameters") or {"type": "object", "properties": {}}
+        return Tool(name, description, parameters, "function", extra or None)
+
+    def _decode_input(self, req: Request, items: list) -> None:
+        call_ids: set[str] = set()
+        skipped: list[str] = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise bad_request(f"input[{i}] must be an object")
+            kind = item.get("type") or ("message" if "role" in item else None)
+            if kind == "message":
+                self._decode_message(req, item, i)
+            elif kind == "reasoning":
+                self._assistant_parts(req).append(self._decode_reasoning(item))
+            elif kind in ("function_call", "custom_tool_call"):
+                part = self._decode_call(item)
+                call_ids.add(part.id)
+                self._assistant_parts(req).append(part)
+            elif kind in ("function_call_output", "custom_tool_call_output"):
+                call_id = item.get("call_id")
+                if call_id not in call_ids:
+                    raise bad_request(
+                        f"input[{i}]: no function_call or custom_tool_call found for {kind} with call_id {call_id!r}"
+                    )
+                content = self._decode_content(item.get("output"), f"input[{i}].output")
+                self._tool_results(req).append(Part("tool_result", id=call_id, content=content))
+            elif kind != "additional_tools":  # those tools were read with the request's tools
+                skipped.append(str(kind))
+        if skipped:
+            log.info("responses: dropped input items of unsupported type: %s", ", ".join(skipped))
+
+    def _decode_message(self, req: Request, item: dict, i: int) -> None:
+        role = item.get("role")
+        parts = self._decode_content(item.get("content"), f"input[{i}].content")
+        if role in ("system", "developer"):
+            if not req.messages:
+                req.system.extend(p for p in parts if p.type == "text")
+            elif parts:
+                req.messages.append(Message("system", parts))
+        elif role == "assistant":
+            if parts:
+                self._assistant_parts(req).extend(parts)
+        elif role == "user":
+            if parts:
+                req.messages.append(Message("user", parts))
+        else:
+            raise bad_request(f"input[{i}].role must be user, assistant, system or developer, got {role!r}")
+
+    @staticmethod
+    def _assistant_parts(req: Request) -> list:
+        """The parts of the assistant turn in progress: reasoning, text and calls of one turn stay together."""
+        if not req.messages or req.messages[-1].role != "assistant":
+            req.messages.append(Message("assistant", []))
+        return req.messages[-1].parts
+
+    @staticmethod
+    def _tool_results(req: Request) -> list:
+        last = req.messages[-1] if req.messages else None
+        if last is None or last.role != "user" or not all(p.type == "tool_result" for p in last.parts):
+            req.messages.append(Message("user", []))
+        return req.messages[-1].parts
+
+    @staticmethod
+    def _decode_reasoning(item: dict) -> Part:
+        signed = unpack_thinking(item.get("encrypted_content"))
+        if signed is not None:
+            return signed
+        texts = [s.get("text") or "" for s in item.get("summary") or [] if isinstance(s, dict)]
+        if not any(texts):
+            texts = [c.get("text") or "" for c in item.get("content") or [] if isinstance(c, dict)]
+        extra = {"id": item.get("id"), "encrypted_content": item.get("encrypted_content")}
+        return Part("thinking", text="\n\n".join(t for t in texts if t), extra=extra)
+
+    @staticmethod
+    def _decode_call(item: dict) -> Part:
+        namespace = item.get("namespace")
+        name = str(item.get("name") or "")
+        extra = {"id": item.get("id"), "type": item.get("type")}
+        if namespace:
+            extra.update(namespace=namespace, name=name)
+        if item.get("type") == "custom_tool_call":
+            arguments = json.dumps({"input": str(item.get("input") or "")}, ensure_ascii=False)
+        else:
+            arguments = item.get("arguments") or ""
+            if not isinstance(arguments, str):
+                arguments = json.dumps(arguments, ensure_ascii=False)
+        call_id = item.get("call_id") or item.get("id") or new_id("call_")
+        return Part("tool_call", id=call_id, name=flat_tool_name(namespace, name), arguments=arguments, extra=extra)
+
+    def _decode_content(self, content, where: str) -> list:
+        if content is None:
+            return []
+        if isinstance(content, str):
+            return [Part("text", text=content)] if content else []
+        if not isinstance(content, list):
+            raise bad_request(f"{where} must be a string or an array of content parts")
+        parts = []
+        for item in content:
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind in ("input_text", "output_text", "text"):
+                if item.get("text"):
+                    parts.append(Part("text", text=item["text"]))
+            elif kind == "refusal":
+                parts.append(Part("text", text=item.get("refusal") or ""))
+            elif kind == "input_image":
+                parts.append(self._decode_image(item))
+            elif kind in ("input_file", "input_audio"):
+                parts.append(Part("text", text=f"[{kind} content omitted by the gateway]"))
+            else:
+                log.info("responses: dropped a content part of unsupported type %r in %s", kind, where)
+        return parts
+
+    @staticmethod
+    def _decode_image(item: dict) -> Part:
+        url = item.get("image_url")
+        url = url.get("url", "") if isinstance(url, dict) else str(url or "")
+        if not url:
+            return Part("text", text=f"[image file {item.get('file_id') or ''} omitted by the gateway]")
+        data_uri = parse_data_uri(url)
+        return Part("image", media_type=data_uri[0], data=data_uri[1]) if data_uri else Part("image", url=url)
+
+    @staticmethod
+    def _decode_tool_choice(req: Request, choice) -> None:
+        if isinstance(choice, str):
+            req.tool_choice = choice
+        elif isinstance(choice, dict):
+            kind = choice.get("type")
+            if kind in ("function", "custom") and choice.get("name"):
+                req.tool_choice, req.tool_name = "tool", flat_tool_name(choice.get("namespace"), choice["name"])
+            elif kind == "allowed_tools":
+                req.tool_choice = "required" if choice.get("mode") == "required" else "auto"
+            else:
+                log.info("responses: tool_choice %r names a tool the upstream cannot run; using auto", kind)
+                req.tool_choice = "auto"
+
+    @staticmethod
+    def _decode_reasoning_options(req: Request, reasoning: dict) -> None:
+        effort = reasoning.get("effort")
+        if effort == "none":
+            req.thinking = "disabled"
+        elif isinstance(effort, str) and effort:
+            req.reasoning_effort = "high" if effort == "xhigh" else effort
+
+    @staticmethod
+    def _decode_text_format(fmt) -> dict | None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_object":
+            return {"type": "json_object"}
+        if kind == "json_schema":
+            schema = {k: fmt[k] for k in ("name", "description", "schema", "strict") if k in fmt}
+            return {"type": "json_schema", "json_schema": schema}
+        return None
+
+    def encode_request(self, req: Request, model: str, provider=None) -> dict:
+        own = req.raw if req.protocol == "responses" else {}  # fields only a Responses client sends
+        body: dict = {"model": model, "input": self._encode_input(req)}
+        if req.system:
+            body["instructions"] = system_text(req)
+        if req.tools:
+            body["tools"] = self._encode_tools(req.tools)
+            if req.tool_choice:
+                body["tool_choice"] = self._encode_tool_choice(req)
+            if req.parallel_tool_calls is not None:
+                body["parallel_tool_calls"] = req.parallel_tool_calls
+        if req.max_tokens is not None:
+            body["max_output_tokens"] = req.max_tokens
+        for name in ("temperature", "top_p"):
+            if getattr(req, name) is not None:
+                body[name] = getattr(req, name)
+        reasoning = {}
+        effort = req.reasoning_effort or effort_from_budget(req.thinking_budget)
+        if effort:
+            reasoning["effort"] = effort
+        if isinstance(own.get("reasoning"), dict) and own["reasoning"].get("summary"):
+            reasoning["summary"] = own["reasoning"]["summary"]
+        if reasoning and (provider is None or provider.accepts_reasoning(model)):
+            body["reasoning"] = reasoning
+        text = {k: v for k, v in (own.get("text") or {}).items() if k == "verbosity"}
+        if req.response_format:
+            text["format"] = self._encode_text_format(req.response_format)
+        if text:
+            body["text"] = text
+        if req.metadata and all(isinstance(v, str) for v in req.metadata.values()):
+            body["metadata"] = req.metadata
+        if req.user:
+            body["user"] = req.user
+        body["store"] = own.get("store") is True  # the gateway keeps conversation state itself
+        for name in ("include", "prompt_cache_key", "service_tier", "truncation"):
+            if own.get(name):
+                body[name] = own[name]
+        if req.stream:
+            body["stream"] = True
+        return body
+
+    def _encode_input(self, req: Request) -> list:
+        tools = {t.name: t for t in req.tools}
+        custom_calls: set[str] = set()  # their results go back as custom_tool_call_output
+        items: list = []
+        for msg in req.messages:
+            if msg.role == "system":
+                content = [{"type": "input_text", "text": p.text} for p in msg.parts if p.type == "text"]
+                items.append({"type": "message", "role": "developer", "content": content})
+            elif msg.role == "assistant":
+                items.extend(self._encode_assistant(msg.parts, tools, custom_calls))
+            else:
+                items.extend(self._encode_user(msg.parts, custom_calls))
+        return items
+
+    def _encode_assistant(self, parts: list, tools: dict, custom_calls: set) -> list:
+        items: list = []
+        texts: list = []
+        for p in parts + [None]:  # None flushes the last run of text
+            if p is not None and p.type == "text":
+                if p.text:
+                    texts.append({"type": "output_text", "text": p.text})
+                continue
+            if texts:
+                items.append({"type": "message", "role": "assistant", "content": texts})
+                texts = []
+            if p is None:
+                break
+            if p.type == "thinking" and (p.extra or {}).get("encrypted_content"):
+                summary = [{"type": "summary_text", "text": p.text}] if p.text else []
+                items.append({"type": "reasoning", "id": p.extra.get("id") or new_id("rs_"), "summary": summary,
+                              "encrypted_content": p.extra["encrypted_content"]})  # fmt: skip
+            elif p.type == "tool_call":
+                items.append(self._encode_call(p, tools.get(p.name), custom_calls))
+        return items
+
+    @staticmethod
+    def _encode_call(part: Part, tool: Tool | None, custom_calls: set) -> dict:
+        name, namespace = wire_tool_name(part.name, tool, part.extra)
+        if is_custom_call(part, tool):
+            custom_calls.add(part.id)
+            item = {
+                "type": "custom_tool_call",
+                "call_id": part.id,
+                "name": name,
+                "input": custom_input_of(part.arguments),
+            }
+        else:
+            item = {"type": "function_call", "call_id": part.id, "name": name, "arguments": part.arguments or "{}"}
+        if namespace:
+            item["namespace"] = namespace
+        return item
+
+    def _encode_user(self, parts: list, custom_calls: set) -> list:
+        items = [
+            {"type": "custom_tool_call_output" if p.id in custom_calls else "function_call_output", "call_id": p.id,
+             "output": self._encode_tool_output(p)}
+            for p in parts
+            if p.type == "tool_result"
+        ]  # fmt: skip
+        content = [self._encode_content_part(p) for p in parts if p.type in ("text", "image")]
+        if content:
+            items.append({"type": "message", "role": "user", "content": content})
+        return items
+
+    def _encode_tool_output(self, part: Part):
+        if not any(p.type == "image" for p in part.content or []):
+            return tool_result_text(part)
+        content = [self._encode_content_part(p) for p in part.content or [] if p.type in ("text", "image")]
+        if part.is_error:
+            content.insert(0, {"type": "input_text", "text": "[tool error]"})
+        return content
+
+    @staticmethod
+    def _encode_content_part(part: Part) -> dict:
+        if part.type == "image":
+            return {"type": "input_image", "image_url": image_url_of(part)}
+        return {"type": "input_text", "text": part.text}
+
+    def _encode_tools(self, tools: list) -> list:
+        out: list = []
+        namespaces: dict[str, dict] = {}
+        for tool in tools:
+            spec = self._encode_tool(tool)
+            extra = tool.extra or {}
+            if not extra.get("namespace"):
+                out.append(spec)
+                continue
+            group = namespaces.get(extra["namespace"])
+            if group is None:
+                group = namespaces[extra["namespace"]] = {"type": "namespace", "name": extra["namespace"],
+                                                          "description": extra.get("namespace_description") or "",
+                                                          "tools": []}  # fmt: skip
+                out.append(group)
+            group["tools"].append(spec)
+        return out
+
+    @staticmethod
+    def _encode_tool(tool: Tool) -> dict:
+        extra = tool.extra or {}
+        name = extra.get("name") or tool.name
+        if tool.kind == "custom":
+            spec = {"type": "custom", "name": name, "description": tool.description}
+            if isinstance(extra.get("format"), dict):
+                spec["format"] = extra["format"]
+            return spec
+        parameters = tool.parameters or {"type": "object", "properties": {}}
+        # The Responses API assumes strict schemas unless told otherwise; other clients' schemas rarely are.
+        return {"type": "function", "name": name, "description": tool.description, "parameters": parameters,
+                "strict": bool(extra.get("strict", False))}  # fmt: skip
+
+    @staticmethod
+    def _encode_tool_choice(req: Request):
+        if req.tool_choice != "tool":
+            return req.tool_choice
+        tool = next((t for t in req.tools if t.name == req.tool_name), None)
+        name, _ = wire_tool_name(req.tool_name, tool, None)
+        return {"type": "custom" if tool is not None and tool.kind == "custom" else "function", "name": name}
+
+    @staticmethod
+    def _encode_text_format(response_format: dict) -> dict:
+        kind = response_format.get("type")
+        if kind == "json_schema":
+            spec = response_format.get("json_schema") or {}
+            fmt = {"type": "json_schema", "name": spec.get("name") or "response", "schema": spec.get("schema") or {}}
+            fmt.update({k: spec[k] for k in ("description", "strict") if k in spec})
+            return fmt
+        return {"type": "json_object"} if kind == "json_object" else {"type": "text"}
+
+    # -- responses
+    def decode_response(self, body: dict) -> Response:
+        if body.get("status") == "failed":
+            raise self._upstream_error(body.get("error"))
+        parts: list = []
+        for item in body.get("output") or []:
+            if isinstance(item, dict):
+                parts.extend(self.decode_output_item(item))
+        stop = self.stop_reason_of(body, any(p.type == "tool_call" for p in parts))
+        return Response(body.get("id") or new_id("resp_"), body.get("model", ""), parts, stop,
+                        usage=self.decode_usage(body.get("usage")), created=body.get("created_at") or 0)  # fmt: skip
+
+    @staticmethod
+    def decode_output_item(item: dict) -> list:
+        kind = item.get("type")
+        if kind == "message":
+            texts = [c.get("text") or c.get("refusal") or "" for c in item.get("content") or [] if isinstance(c, dict)]
+            return [Part("text", text=t) for t in texts if t]
+        if kind == "reasoning":
+            return [ResponsesCodec._decode_reasoning(item)]
+        if kind in ("function_call", "custom_tool_call"):
+            return [ResponsesCodec._decode_call(item)]
+        return []  # hosted tool calls the upstream ran itself leave nothing for the client to do
+
+    @staticmethod
+    def stop_reason_of(response: dict, has_calls: bool) -> str:
+        if response.get("status") == "incomplete":
+            reason = (response.get("incomplete_details") or {}).get("reason")
+            return RESPONSES_INCOMPLETE_IN.get(reason, "max_tokens")
+        return "tool_use" if has_calls else "end_turn"
+
+    @staticmethod
+    def _upstream_error(error) -> GatewayError:
+        error = error if isinstance(error, dict) else {"message": str(error or "")}
+        code = str(error.get("code") or "")
+        message = str(error.get("message") or "") or "upstream response failed"
+        return GatewayError(RESPONSES_ERROR_STATUS.get(code, 502), message)
+
+    @staticmethod
+    def decode_usage(usage) -> Usage:
+        if not isinstance(usage, dict):
+            return Usage()
+        return Usage(
+            input_tokens=usage.get("input_tokens") or 0,
+            output_tokens=usage.get("output_tokens") or 0,
+            cached_tokens=(usage.get("input_tokens_details") or {}).get("cached_tokens") or 0,
+            reasoning_tokens=(usage.get("output_tokens_details") or {}).get("reasoning_tokens") or 0,
+        )
+
+    @staticmethod
+    def encode_usage(usage: Usage) -> dict:
+        return {
+            "input_tokens": usage.input_tokens,
+            "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+            "output_tokens": usage.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+            "total_tokens": usage.input_tokens + usage.output_tokens,
+        }
+
+    def encode_response(self, resp: Response, req: Request) -> dict:
+        """The response object, built by the stream encoder run silently over the unfolded Response,
+        so a JSON answer and a stream always carry the same items."""
+        encoder = ResponsesStreamEncoder(req, emit=False)
+        for event in unfold_response(resp):
+            encoder.encode(event)
+        body = encoder.response
+        if resp.created:
+            body["created_at"] = resp.created
+        return body
+
+    def output_items(self, resp: Response, req: Request) -> list:
+        """The output array the gateway stores for previous_response_id (a stream's is encoder.output)."""
+        return self.encode_response(resp, req)["output"]
+
+    # -- streams
+    def stream_decoder(self):
+        return ResponsesStreamDecoder()
+
+    def stream_encoder(self, req: Request):
+        return ResponsesStreamEncoder(req)
+
+    # -- errors
+    def encode_error(self, err: GatewayError) -> dict:
+        body = OPENAI_CODEC.encode_error(err)
+        body["error"]["code"] = responses_error(err)["code"]  # the codes Codex acts on
+        return body
+
+
+class ResponsesStreamDecoder:
+    """Responses SSE (response.* events) -> canonical events. Each reasoning, function_call and
+    custom_tool_call item is one block, and so is each content part of a message; a custom tool's
+    raw input is wrapped into {"input": ...} JSON as it streams."""
+
+    def __init__(self):
+        self.started = False
+        self.finished = False
+        self.next_index = 0
+        self.blocks: dict[tuple, int] = {}  # (output_index, content_index; -1 for a whole item) -> block
+        self.parts: dict[int, Part] = {}
+        self.filled: set[int] = set()  # blocks that received deltas (a done item adds only what is missing)
+        self.custom: dict[int, bool] = {}  # custom tool blocks -> whether the JSON wrapper was opened
+        self.items_with_blocks: set[int] = set()
+        self.has_calls = False
+
+    def feed(self, event: SSEEvent) -> list:
+        if self.finished:
+            return []
+        if event.data == "[DONE]":
+            return self.finish()
+        try:
+            data = json.loads(event.data)
+        except ValueError:
+            self.finished = True
+            return [StreamError(GatewayError(502, f"upstream sent malformed stream data: {event.data[:120]!r}"))]
+        if not isinstance(data, dict):
+            return []
+        handler = self.HANDLERS.get(data.get("type") or event.event)
+        out: list = []
+        if handler is not None:
+            getattr(self, handler)(data, out)
+        return out
+
+    HANDLERS = {
+        "response.created": "_on_created", "response.in_progress": "_on_created",
+        "response.output_item.added": "_on_item_added", "response.output_item.done": "_on_item_done",
+        "response.content_part.added": "_on_part_added", "response.content_part.done": "_on_part_done",
+        "response.output_text.delta": "_on_text_delta", "response.refusal.delta": "_on_text_delta",
+        "response.reasoning_summary_part.added": "_on_summary_part_added",
+        "response.reasoning_summary_text.delta": "_on_thinking_delta",
+        "response.reasoning_text.delta": "_on_thinking_delta",
+        "response.function_call_arguments.delta": "_on_arguments_delta",
+        "response.custom_tool_call_input.delta": "_on_custom_input_delta",
+        "response.completed": "_on_finished", "response.incomplete": "_on_finished",
+        "response.failed": "_on_failed", "error": "_on_error",
+    }  # fmt: skip
+
+    def _start(self, out: list, response: dict | None = None) -> None:
+        if not self.started:
+            self.started = True
+            response = response or {}
+            out.append(MessageStart(response.get("id") or new_id("resp_"), response.get("model") or ""))
+
+    def _open(self, key: tuple, part: Part, out: list) -> int:
+        self._start(out)
+        index = self.blocks[key] = self.next_index
+        self.next_index += 1
+        self.parts[index] = part
+        self.items_with_blocks.add(key[0])
+        out.append(BlockStart(index, part))
+        return index
+
+    def _close(self, key: tuple, out: list) -> None:
+        index = self.blocks.pop(key, None)
+        if index is not None:
+            out.append(BlockStop(index))
+
+    def _on_created(self, data: dict, out: list) -> None:
+        self._start(out, data.get("response"))
+
+    def _open_item(self, output_index: int, item: dict, out: list) -> int | None:
+        kind = item.get("type")
+        key = (output_index, -1)
+        if kind == "reasoning":
+            extra = {"id": item.get("id"), "encrypted_content": item.get("encrypted_content")}
+            return self._open(key, Part("thinking", extra=extra), out)
+        if kind in ("function_call", "custom_tool_call"):
+            self.has_calls = True
+            call = ResponsesCodec._decode_call(item)
+            index = self._open(key, Part("tool_call", id=call.id, name=call.name, extra=call.extra), out)
+            if kind == "custom_tool_call":
+                self.custom[index] = False
+            return index
+        return None
+
+    def _on_item_added(self, data: dict, out: list) -> None:
+        item = data.get("item") or {}
+        index = self._open_item(data.get("output_index", 0), item, out)
+        if index is not None:
+            self._fill_from_item(index, item, out)
+
+    def _fill_from_item(self, index: int, item: dict, out: list) -> None:
+        """Content a server put in the item itself rather than in deltas (or in the done item only)."""
+        if index in self.filled:
+            return
+        kind = item.get("type")
+        if kind == "reasoning":
+            text = ResponsesCodec._decode_reasoning(item).text
+            if text:
+                out.append(BlockDelta(index, "thinking", text))
+        elif kind == "function_call" and item.get("arguments"):
+            out.append(BlockDelta(index, "arguments", item["arguments"]))
+        elif kind == "custom_tool_call" and item.get("input"):
+            self._custom_piece(index, item["input"], out)
+        else:
+            return
+        self.filled.add(index)
+
+    def _custom_piece(self, index: int, raw: str, out: list) -> None:
+        piece = json.dumps(raw, ensure_ascii=False)[1:-1]
+        if not self.custom[index]:
+            self.custom[index] = True
+            piece = '{"input":"' + piece
+        out.append(BlockDelta(index, "arguments", piece))
+
+    def _on_item_done(self, data: dict, out: list) -> None:
+        output_index = data.get("output_index", 0)
+        item = data.get("item") or {}
+        if item.get("type") == "message":
+            if output_index not in self.items_with_blocks:  # a server that sent only the done item
+                for content_index, text in enumerate(p.text for p in ResponsesCodec.decode_output_item(item)):
+                    index = self._open((output_index, content_index), Part("text"), out)
+                    out.append(BlockDelta(index, "text", text))
+            for key in sorted(k for k in self.blocks if k[0] == output_index):
+                self._close(key, out)
+            return
+        key = (output_index, -1)
+        index = self.blocks.get(key)
+        if index is None:
+            if output_index in self.items_with_blocks:
+                return
+            index = self._open_item(output_index, item, out)
+            if index is None:
+                return
+        self._fill_from_item(index, item, out)
+        part = self.parts[index]
+        if part.type == "thinking" and item.get("encrypted_content"):
+            part.extra["encrypted_content"] = item["encrypted_content"]  # arrives only now; the Part is shared
+        self._close_item(key, out)
+
+    def _close_item(self, key: tuple, out: list) -> None:
+        index = self.blocks.get(key)
+        if index in self.custom:  # end the {"input":"..."} wrapper
+            if not self.custom[index]:
+                self._custom_piece(index, "", out)
+            out.append(BlockDelta(index, "arguments", '"}'))
+        self._close(key, out)
+
+    def _on_part_added(self, data: dict, out: list) -> None:
+        key = (data.get("output_index", 0), data.get("content_index", 0))
+        if key not in self.blocks and (data.get("part") or {}).get("type") in ("output_text", "refusal"):
+            self._open(key, Part("text"), out)
+
+    def _on_part_done(self, data: dict, out: list) -> None:
+        key = (data.get("output_index", 0), data.get("content_index", 0))
+        part = data.get("part") or {}
+        text = part.get("text") or part.get("refusal") or ""
+        index = self.blocks.get(key)
+        if index is None and text:
+            index = self._open(key, Part("text"), out)
+        if index is not None and index not in self.filled and text:  # a server that skipped the deltas
+            out.append(BlockDelta(index, "text", text))
+        self._close(key, out)
+
+    def _on_text_delta(self, data: dict, out: list) -> None:
+        key = (data.get("output_index", 0), data.get("content_index", 0))
+        index = self.blocks.get(key)
+        if index is None:
+            index = self._open(key, Part("text"), out)
+        if data.get("delta"):
+            self.filled.add(index)
+            out.append(BlockDelta(index, "text", data["delta"]))
+
+    def _item_block(self, data: dict, out: list, part_type: str) -> int:
+        key = (data.get("output_index", 0), -1)
+        index = self.blocks.get(key)
+        if index is None:  # a delta without its output_item.added
+            index = self._open(
+                key, Part(part_type, id=new_id("call_")) if part_type == "tool_call" else Part(part_type), out
+            )
+        self.filled.add(index)
+        return index
+
+    def _on_summary_part_added(self, data: dict, out: list) -> None:
+        if (data.get("summary_index") or 0) > 0:
+            out.append(BlockDelta(self._item_block(data, out, "thinking"), "thinking", "\n\n"))
+
+    def _on_thinking_delta(self, data: dict, out: list) -> None:
+        if data.get("delta"):
+            out.append(BlockDelta(self._item_block(data, out, "thinking"), "thinking", data["delta"]))
+
+    def _on_arguments_delta(self, data: dict, out: list) -> None:
+        if data.get("delta"):
+            out.append(BlockDelta(self._item_block(data, out, "tool_call"), "arguments", data["delta"]))
+
+    def _on_custom_input_delta(self, data: dict, out: list) -> None:
+        index = self._item_block(data, out, "tool_call")
+        self.custom.setdefault(index, False)
+        if data.get("delta"):
+            self._custom_piece(index, data["delta"], out)
+
+    def _on_finished(self, data: dict, out: list) -> None:
+        response = data.get("response") or {}
+        self._start(out, response)
+        for key in sorted(self.blocks, key=self.blocks.get):
+            self._close_item(key, out)
+        stop = ResponsesCodec.stop_reason_of(response, self.has_calls)
+        out.append(MessageDelta(stop, None, ResponsesCodec.decode_usage(response.get("usage"))))
+        out.append(MessageStop())
+        self.finished = True
+
+    def _on_failed(self, data: dict, out: list) -> None:
+        self.finished = True
+        out.append(StreamError(ResponsesCodec._upstream_error((data.get("response") or {}).get("error"))))
+
+    def _on_error(self, data: dict, out: list) -> None:
+        self.finished = True
+        out.append(StreamError(ResponsesCodec._upstream_error(data.get("error") if "error" in data else data)))
+
+    def finish(self) -> list:
+        if self.finished:
+            return []
+        self.finished = True
+        out: list = []
+        self._start(out)
+        out.append(StreamError(GatewayError(502, "upstream Responses stream ended before response.completed")))
+        return out
+
+
+@dataclass(slots=True)
+class ResponsesItemState:
+    """One output item being streamed (for text blocks: the message item they share)."""
+
+    item: dict
+    output_index: int
+    content_index: int = 0
+    text: str = ""  # text, summary, or a custom tool's raw input so far
+    arguments: str = ""
+    signature: str = ""
+    summary_open: bool = False
+    reader: JsonStringFieldReader | None = None
+    extra: dict | None = None  # the started Part's extra (a reasoning item's encrypted_content)
+
+
+class ResponsesStreamEncoder:
+    """Canonical events -> Responses SSE (event: <type> / data: {...}), sequence_number from 0.
+    Output items are built as the blocks arrive; consecutive text blocks are content parts of one
+    message item. `output` and, after the last event, `response` hold what the client was sent
+    (what the gateway stores for previous_response_id)."""
+
+    def __init__(self, req: Request, emit: bool = True):
+        self.req = req
+        self.emit = emit  # False: build the response object only (encode_response)
+        self.tools = {t.name: t for t in req.tools}
+        self.sequence = 0
+        self.id = new_id("resp_")
+        self.created_at = int(time.time())
+        self.started = False
+        self.ended = False
+        self.output: list[dict] = []
+        self.blocks: dict[int, ResponsesItemState] = {}
+        self.message: ResponsesItemState | None = None  # the message item open for text blocks
+        self.start_usage: Usage | None = None
+        self.usage: Usage | None = None  # from MessageDelta
+        self.stop_reason = "end_turn"
+        self.response: dict | None = None
+
+    def _event(self, kind: str, **fields) -> bytes:
+        obj = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return sse_event(kind, obj) if self.emit else b""
+
+    def response_object(self, status: str, error: dict | None = None) -> dict:
+        req, raw = self.req, self.req.raw if self.req.protocol == "responses" else {}
+        reason = RESPONSES_INCOMPLETE_REASONS.get(self.stop_reason) if status == "incomplete" else None
+        reasoning = {"effort": req.reasoning_effort or None, "summary": None}
+        reasoning.update(raw.get("reasoning") if isinstance(raw.get("reasoning"), dict) else {})
+        text = {"format": {"type": "text"}}
+        text.update(raw.get("text") if isinstance(raw.get("text"), dict) else {})
+        usage = self.usage or self.start_usage or Usage()
+        return {
+            "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+            "background": False, "error": error, "incomplete_details": {"reason": reason} if reason else None,
+            "instructions": raw.get("instructions"), "max_output_tokens": req.max_tokens, "model": req.model,
+            "output": self.output if status != "in_progress" else [],
+            "parallel_tool_calls": req.parallel_tool_calls if req.parallel_tool_calls is not None else True,
+            "previous_response_id": raw.get("previous_response_id"), "reasoning": reasoning,
+            "service_tier": raw.get("service_tier") or "default", "store": raw.get("store", True),
+            "temperature": req.temperature if req.temperature is not None else 1.0, "text": text,
+            "tool_choice": raw.get("tool_choice") or "auto", "tools": raw.get("tools") or [],
+            "top_p": req.top_p if req.top_p is not None else 1.0, "truncation": raw.get("truncation") or "disabled",
+            "usage": None if status == "in_progress" else ResponsesCodec.encode_usage(usage),
+            "user": raw.get("user"), "metadata": req.metadata or {},
+        }  # fmt: skip
+
+    def encode(self, ev) -> bytes:
+        if self.ended:
+            return b""
+        if isinstance(ev, StreamError):
+            self.ended = True
+            self.response = self.response_object("failed", responses_error(ev.error))
+            return self._begin(None) + self._event("response.failed", response=self.response)
+        out = self._begin(ev if isinstance(ev, MessageStart) else None)
+        if isinstance(ev, BlockStart):
+            return out + self._block_start(ev)
+        if isinstance(ev, BlockDelta):
+            return out + self._block_delta(ev)
+        if isinstance(ev, BlockStop):
+            return out + self._block_stop(ev.index)
+        if isinstance(ev, MessageDelta):
+            self.stop_reason = ev.stop_reason
+            self._take_usage(ev.usage)
+            return out + self._close_message()
+        if isinstance(ev, MessageStop):
+            return out + self._close_message() + self._finish()
+        return out
+
+    def _begin(self, start: MessageStart | None) -> bytes:
+        if self.started:
+            return b""
+        self.started = True
+        if start is not None:
+            self.id = start.id if start.id.startswith("resp_") else new_id("resp_")  # upstream ids may repeat
+            self.start_usage = start.usage
+        pending = self.response_object("in_progress")
+        return self._event("response.created", response=pending) + self._event("response.in_progress", response=pending)
+
+    def _take_usage(self, usage: Usage | None) -> None:
+        if usage is None:
+            usage = self.start_usage or Usage()
+        elif not usage.input_tokens and self.start_usage is not None:  # some upstreams count input only at the start
+            start = self.start_usage
+            usage = Usage(start.input_tokens, usage.output_tokens, usage.cached_tokens or start.cached_tokens,
+                          usage.cache_creation_tokens or start.cache_creation_tokens,
+                          usage.reasoning_tokens)  # fmt: skip
+        self.usage = usage
+
+    def _add_item(self, item: dict) -> tuple[int, bytes]:
+        output_index = len(self.output)
+        self.output.append(item)
+        return output_index, self._event("response.output_item.added", output_index=output_index, item=item)
+
+    def _item_done(self, state: ResponsesItemState) -> bytes:
+        if "status" in state.item:  # reasoning items have none
+            state.item["status"] = "completed"
+        return self._event("response.output_item.done", output_index=state.output_index, item=state.item)
+
+    # -- block starts
+    def _block_start(self, ev: BlockStart) -> bytes:
+        part = ev.part
+        if part.type == "text":
+            return self._text_start(ev.index)
+        out = self._close_message()
+        if part.type in ("thinking", "redacted_thinking"):
+            item = {"id": (part.extra or {}).get("id") or new_id("rs_"), "type": "reasoning", "summary": []}
+        elif part.type == "tool_call":
+            item = self._call_item(part)
+        else:
+            return out  # nothing a Responses client could show
+        output_index, added = self._add_item(item)
+        state = self.blocks[ev.index] = ResponsesItemState(item, output_index, extra=part.extra)
+        if item["type"] == "custom_tool_call":
+            state.reader = JsonStringFieldReader("input")
+        if part.type == "redacted_thinking":
+            state.signature = pack_thinking(part)
+        return out + added
+
+    def _call_item(self, part: Part) -> dict:
+        tool = self.tools.get(part.name)
+        name, namespace = wire_tool_name(part.name, tool, part.extra)
+        if is_custom_call(part, tool):
+            item = {"id": new_id("ctc_"), "type": "custom_tool_call", "status": "in_progress", "call_id": part.id,
+                    "name": name, "input": ""}  # fmt: skip
+        else:
+            item = {"id": new_id("fc_"), "type": "function_call", "status": "in_progress", "call_id": part.id,
+                    "name": name, "arguments": ""}  # fmt: skip
+        if namespace:
+            item["namespace"] = namespace
+        return item
+
+    def _text_start(self, index: int) -> bytes:
+        out = b""
+        if self.message is None:
+            item = {
+                "id": new_id("msg_"),
+                "type": "message",
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            }
+            output_index, out = self._add_item(item)
+            self.message = ResponsesItemState(item, output_index)
+        content = self.message.item["content"]
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        state = self.blocks[index] = ResponsesItemState(self.message.item, self.message.output_index, len(content))
+        content.append(part)
+        where = {"item_id": state.item["id"], "output_index": state.output_index}
+        return out + self._event("response.content_part.added", **where, content_index=state.content_index, part=part)
+
+    def _close_message(self) -> bytes:
+        if self.message is None:
+            return b""
+        message, self.message = self.message, None
+        return self._item_done(message)
+
+    # -- deltas
+    def _block_delta(self, ev: BlockDelta) -> bytes:
+        state = self.blocks.get(ev.index)
+        if state is None or not ev.value:
+            return b""
+        kind = state.item["type"]
+        where = {"item_id": state.item["id"], "output_index": state.output_index}
+        if kind == "message" and ev.kind == "text":
+            state.text += ev.value
+            return self._event("response.output_text.delta", **where, content_index=state.content_index, delta=ev.value,
+                               logprobs=[])  # fmt: skip
+        if kind == "reasoning":
+            return self._reasoning_delta(state, ev, where)
+        if kind == "function_call" and ev.kind == "arguments":
+            state.arguments += ev.value
+            return self._event("response.function_call_arguments.delta", **where, delta=ev.value)
+        if kind == "custom_tool_call" and ev.kind == "arguments":
+            state.arguments += ev.value
+            piece = state.reader.feed(ev.value)
+            state.text += piece
+            return self._event("response.custom_tool_call_input.delta", **where, delta=piece) if piece else b""
+        return b""
+
+    def _reasoning_delta(self, state: ResponsesItemState, ev: BlockDelta, where: dict) -> bytes:
+        if ev.kind == "signature":
+            state.signature += ev.value
+            return b""
+        if ev.kind != "thinking":
+            return b""
+        out = b""
+        if not state.summary_open:
+            state.summary_open = True
+            out = self._event("response.reasoning_summary_part.added", **where, summary_index=0,
+                              part={"type": "summary_text", "text": ""})  # fmt: skip
+        state.text += ev.value
+        return out + self._event("response.reasoning_summary_text.delta", **where, summary_index=0, delta=ev.value)
+
+    # -- block stops
+    def _block_stop(self, index: int) -> bytes:
+        state = self.blocks.pop(index, None)
+        if state is None:
+            return b""
+        where = {"item_id": state.item["id"], "output_index": state.output_index}
+        kind = state.item["type"]
+        if kind == "message":
+            part = state.item["content"][state.content_index]
+            part["text"] = state.text
+            return self._event("response.output_text.done", **where, content_index=state.content_index, text=state.text,
+                               logprobs=[]) + self._event("response.content_part.done", **where,
+                                                          content_index=state.content_index, part=part)  # fmt: skip
+        if kind == "reasoning":
+            return self._reasoning_stop(state, where)
+        if kind == "function_call":
+            state.item["arguments"] = state.arguments or "{}"
+            done = self._event("response.function_call_arguments.done", **where, arguments=state.item["arguments"])
+            return done + self._item_done(state)
+        return self._custom_stop(state, where)
+
+    def _reasoning_stop(self, state: ResponsesItemState, where: dict) -> bytes:
+        out = b""
+        if state.summary_open:
+            summary = {"type": "summary_text", "text": state.text}
+            out = self._event("response.reasoning_summary_text.done", **where, summary_index=0, text=state.text)
+            out += self._event("response.reasoning_summary_part.done", **where, summary_index=0, part=summary)
+            state.item["summary"] = [summary]
+        encrypted = self._encrypted_content(state)
+        if encrypted:
+            state.item["encrypted_content"] = encrypted
+        return out + self._item_done(state)
+
+    @staticmethod
+    def _encrypted_content(state: ResponsesItemState) -> str:
+        if state.signature.startswith(SIGNED_THINKING_PREFIX):
+            return state.signature  # redacted thinking, packed at its start
+        if state.signature:
+            return pack_thinking(Part("thinking", text=state.text, signature=state.signature))
+        # A Responses upstream's own blob; its decoder may fill it in only when the item is done.
+        return (state.extra or {}).get("encrypted_content") or ""
+
+    def _custom_stop(self, state: ResponsesItemState, where: dict) -> bytes:
+        final = custom_input_of(state.arguments)
+        out = b""
+        if final != state.text and final.startswith(state.text):  # arguments that were not {"input": "..."}
+            out = self._event("response.custom_tool_call_input.delta", **where, delta=final[len(state.text) :])
+        state.item["input"] = final
+        out += self._event("response.custom_tool_call_input.done", **where, input=final)
+        return out + self._item_done(state)
+
+    def _finish(self) -> bytes:
+        self.ended = True
+        status = "incomplete" if self.stop_reason in RESPONSES_INCOMPLETE_REASONS else "completed"
+        self.response = self.response_object(status)
+        return self._event(f"response.{status}", response=self.response)
+
+
+RESPONSES_CODEC = ResponsesCodec()
+
+
+# ---- Gemini generateContent -------------------------------------------------------------
+#
+# Gemini's wire facts this codec relies on:
+# - Protobuf JSON: every field may arrive camelCase or snake_case (google-genai sends both);
+#   gemini_field reads either. We always write camelCase.
+# - Function calls carry no ids (or optional ones): requests get deterministic ids
+#   (call_<name>_<n>) and each functionResponse answers the earliest open call of its name.
+# - Thought signatures (opaque, Gemini's own) live in Part.extra["thought_signature"], never in
+#   Part.signature, so they never reach Anthropic as a thinking signature. A functionCall going
+#   to Gemini without one gets Google's documented dummy, or Gemini 3 rejects the history.
+# - Tool schemas go to Gemini as the OpenAPI subset it accepts (clean_schema_for_gemini).
+
+GEMINI_DUMMY_SIGNATURE = "skip_thought_signature_validator"  # documented by Google for foreign histories
+GEMINI_MAX_THINKING_BUDGET = 24576  # the largest budget every 2.5/3 model accepts
+GEMINI_EFFORT_BUDGETS = {"minimal": 512, "low": 1024, "medium": 8192, "high": 24576, "xhigh": 24576}
+GEMINI_STATUS = {
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED", 500: "INTERNAL", 502: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
+    529: "UNAVAILABLE",
+}  # fmt: skip
+GEMINI_TOOL_CHOICE = {"auto": "AUTO", "none": "NONE", "required": "ANY", "tool": "ANY"}
+# generationConfig fields the canonical model has no place for: kept when Gemini talks to Gemini.
+GEMINI_ONLY_CONFIG = ("seed", "presencePenalty", "frequencyPenalty", "responseLogprobs", "logprobs",
+                      "responseModalities", "mediaResolution", "speechConfig", "imageConfig")  # fmt: skip
+
+
+def _snake_case(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name)
+
+
+def gemini_field(obj: dict, name: str, default=None):
+    """A Gemini field by its camelCase name, or its snake_case twin (the SDKs send both)."""
+    value = obj.get(name)
+    if value is None:
+        value = obj.get(_snake_case(name))
+    return default if value is None else value
+
+
+def _typed_field(obj: dict, name: str, kind, where: str):
+    """gemini_field with field_of's type check, the error naming the full path."""
+    value = gemini_field(obj, name)
+    if value is None:
+        return None
+    label = f"{where}.{name}" if where else name
+    return field_of({label: value}, label, kind)
+
+
+def _object_field(obj: dict, name: str, where: str = "") -> dict:
+    return _typed_field(obj, name, dict, where) or {}
+
+
+def _safe_id_part(name: str) -> str:
+    # Anthropic tool_use ids must match [a-zA-Z0-9_-]+; Gemini names may hold '.' and ':'
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in name) or "fn"
+
+
+class GeminiCallIds:
+    """Ids for one request's function calls: Gemini's own when given, else call_<name>_<n>;
+    each response answers the earliest unanswered call of the same name."""
+
+    def __init__(self):
+        self.count = 0
+        self.open: dict[str, list[str]] = {}
+
+    def _new(self, name: str) -> str:
+        call_id = f"call_{_safe_id_part(name)}_{self.count}"
+        self.count += 1
+        return call_id
+
+    def call(self, name: str, given_id) -> str:
+        call_id = given_id if isinstance(given_id, str) and given_id else self._new(name)
+        self.open.setdefault(name, []).append(call_id)
+        return call_id
+
+    def answer(self, name: str, given_id) -> str:
+        pending = self.open.get(name) or []
+        if isinstance(given_id, str) and given_id in pending:
+            pending.remove(given_id)
+            return given_id
+        if pending:
+            return pending.pop(0)
+        return given_id if isinstance(given_id, str) and given_id else self._new(name)
+
+
+def gemini_signature(part: Part) -> str:
+    return (part.extra or {}).get("thought_signature") or ""
+
+
+def _signed(obj: dict, signature: str) -> dict:
+    if signature:
+        obj["thoughtSignature"] = signature
+    return obj
+
+
+def gemini_wants_thoughts(req: Request) -> bool:
+    """Gemini returns thought summaries only with includeThoughts; other clients asked for
+    reasoning by asking at all."""
+    if req.protocol != "gemini":
+        return True
+    config = gemini_field(req.raw, "generationConfig")
+    thinking = gemini_field(config, "thinkingConfig") if isinstance(config, dict) else None
+    return isinstance(thinking, dict) and gemini_field(thinking, "includeThoughts") is True
+
+
+def decode_gemini_usage(meta) -> Usage:
+    if not isinstance(meta, dict):
+        return Usage()
+    thoughts = gemini_field(meta, "thoughtsTokenCount", 0)
+    return Usage(
+        input_tokens=gemini_field(meta, "promptTokenCount", 0) + gemini_field(meta, "toolUsePromptTokenCount", 0),
+        output_tokens=gemini_field(meta, "candidatesTokenCount", 0) + thoughts,
+        cached_tokens=gemini_field(meta, "cachedContentTokenCount", 0),
+        reasoning_tokens=thoughts,
+    )
+
+
+def encode_gemini_usage(usage: Usage) -> dict:
+    meta = {
+        "promptTokenCount": usage.input_tokens,
+        "candidatesTokenCount": max(0, usage.output_tokens - usage.reasoning_tokens),
+        "totalTokenCount": usage.input_tokens + usage.output_tokens,
+    }
+    if usage.reasoning_tokens:
+        meta["thoughtsTokenCount"] = usage.reasoning_tokens
+    if usage.cached_tokens:
+        meta["cachedContentTokenCount"] = usage.cached_tokens
+    return meta
+
+
+class GeminiCodec(Codec):
+    name = "gemini"
+
+    # -- requests
+    def decode_request(self, body: dict, model: str, stream: bool) -> Request:
+        raw_contents = _typed_field(body, "contents", list, "")
+        if not raw_contents:
+            raise bad_request("'contents' is required and must be a non-empty array of {role, parts}")
+        req = Request(model=model.removeprefix("models/"), messages=[], raw=body, protocol="gemini", stream=stream,
+                      include_usage=stream)  # fmt: skip
+        req.system = self._decode_system(gemini_field(body, "systemInstruction"))
+        ids = GeminiCallIds()
+        for i, content in enumerate(raw_contents):
+            message = self._decode_content(content, i, ids)
+            if message.parts:
+                req.messages.append(message)
+        self._decode_tools(req, _typed_field(body, "tools", list, "") or [])
+        self._decode_tool_config(req, _object_field(body, "toolConfig"))
+        self._decode_generation_config(req, _object_field(body, "generationConfig"))
+        return req
+
+    @staticmethod
+    def _decode_system(value) -> list:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [Part("text", text=value)] if value else []
+        parts = value.get("parts") if isinstance(value, dict) else value
+        if not isinstance(parts, list):
+            raise bad_request("'systemInstruction' must be a string, a Content {parts: [...]} or an array of parts")
+        texts = [p.get("text") for p in parts if isinstance(p, dict)]
+        if len(texts) != len(parts) or not all(isinstance(t, str) for t in texts):
+            raise bad_request('\'systemInstruction\' parts must be text parts ({"text": "..."})')
+        return [Part("text", text=t) for t in texts if t]
+
+    def _decode_content(self, content, i: int, ids: GeminiCallIds) -> Message:
+        where = f"contents[{i}]"
+        if not isinstance(content, dict):
+            raise bad_request(f"{where} must be an object {{role, parts}}, got {json.dumps(content)[:60]}")
+        role = content.get("role") or "user"
+        if role not in ("user", "model", "function", "tool"):
+            raise bad_request(f"{where}.role must be 'user' or 'model', got {role!r}")
+        raw_parts = content.get("parts")
+        if not isinstance(raw_parts, list):
+            raise bad_request(f"{where}.parts must be an array of parts")
+        from_model = role == "model"
+        parts = [self._decode_part(p, f"{where}.parts[{j}]", from_model, ids) for j, p in enumerate(raw_parts)]
+        return Message("assistant" if from_model else "user", [p for p in parts if p is not None])
+
+    def _decode_part(self, part, where: str, from_model: bool, ids: GeminiCallIds) -> Part | None:
+        if not isinstance(part, dict):
+            raise bad_request(f'{where} must be an object such as {{"text": "..."}}')
+        signature = _typed_field(part, "thoughtSignature", str, where)
+        extra = {"thought_signature": signature} if signature else None
+        if "text" in part:
+            text = _typed_field(part, "text", str, where) or ""
+            if not text:
+                return None  # nothing to say (a signature-only part is optional context)
+            return Part("thinking" if part.get("thought") is True else "text", text=text, extra=extra)
+        for name, decode in (("inlineData", self._decode_inline_data), ("fileData", self._decode_file_data),
+                             ("executableCode", self._decode_code), ("codeExecutionResult", self._decode_code_result)):  # fmt: skip
+            value = _typed_field(part, name, dict, where)
+            if value is not None:
+                return decode(value, f"{where}.{name}")
+        call = _typed_field(part, "functionCall", dict, where)
+        if call is not None:
+            if not from_model:
+                raise bad_request(f"{where}.functionCall belongs in a 'model' turn")
+            return self._decode_function_call(call, f"{where}.functionCall", extra, ids)
+        response = _typed_field(part, "functionResponse", dict, where)
+        if response is not None:
+            if from_model:
+                raise bad_request(f"{where}.functionResponse belongs in a 'user' turn")
+            return self._decode_function_response(response, f"{where}.functionResponse", ids)
+        raise bad_request(f"{where} has no known field (expected text, inlineData, fileData, functionCall or "
+                          f"functionResponse), got keys {sorted(part)}")  # fmt: skip
+
+    @staticmethod
+    def _decode_inline_data(blob: dict, where: str) -> Part:
+        mime = _typed_field(blob, "mimeType", str, where) or ""
+        data = _typed_field(blob, "data", str, where)
+        if data is None:
+            raise bad_request(f"'{where}.data' is required (base64)")
+        if mime.startswith("image/"):
+            return Part("image", media_type=mime, data=data)
+        return Part("text", text=f"[{mime or 'binary'} attachment omitted by the gateway]")
+
+    @staticmethod
+    def _decode_file_data(file: dict, where: str) -> Part:
+        mime = _typed_field(file, "mimeType", str, where) or ""
+        uri = _typed_field(file, "fileUri", str, where)
+        if not uri:
+            raise bad_request(f"'{where}.fileUri' is required")
+        if mime.startswith("image/"):
+            return Part("image", media_type=mime, url=uri)
+        return Part("text", text=f"[file {uri} ({mime or 'unknown type'}) omitted by the gateway]")
+
+    @staticmethod
+    def _decode_code(code: dict, where: str) -> Part:
+        language = str(code.get("language") or "").lower().replace("language_unspecified", "")
+        return Part("text", text=f"```{language}\n{code.get('code') or ''}\n```")
+
+    @staticmethod
+    def _decode_code_result(result: dict, where: str) -> Part:
+        return Part("text", text=f"[code execution {result.get('outcome') or 'result'}]\n{result.get('output') or ''}")
+
+    @staticmethod
+    def _decode_function_call(call: dict, where: str, extra, ids: GeminiCallIds) -> Part:
+        name = _typed_field(call, "name", str, where)
+        if not name:
+            raise bad_request(f"'{where}.name' is required")
+        args = _typed_field(call, "args", dict, where) or {}
+        call_id = ids.call(name, call.get("id"))
+        return Part("tool_call", id=call_id, name=name, arguments=dumps(args).decode(), extra=extra)
+
+    @staticmethod
+    def _decode_function_response(response: dict, where: str, ids: GeminiCallIds) -> Part:
+        name = _typed_field(response, "name", str, where)
+        if not name:
+            raise bad_request(f"'{where}.name' is required")
+        value = _typed_field(response, "response", dict, where) or {}
+        content = [Part("text", text=dumps(value).decode())]
+        for j, media in enumerate(_typed_field(response, "parts", list, where) or []):  # multimodal results
+            blob = gemini_field(media, "inlineData") if isinstance(media, dict) else None
+            if isinstance(blob, dict):
+                content.append(GeminiCodec._decode_inline_data(blob, f"{where}.parts[{j}].inlineData"))
+        is_error = "error" in value and "output" not in value  # Gemini's convention: {"output"} or {"error"}
+        return Part(
+            "tool_result", id=ids.answer(name, response.get("id")), name=name, content=content, is_error=is_error
+        )
+
+    @staticmethod
+    def _decode_tools(req: Request, tools: list) -> None:
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict):
+                raise bad_request(f"tools[{i}] must be an object")
+            for key in tool:
+                if key not in ("functionDeclarations", "function_declarations"):
+                    log.info("gemini tool %r has no translation to other protocols: dropped", key)
+            for j, decl in enumerate(_typed_field(tool, "functionDeclarations", list, f"tools[{i}]") or []):
+                req.tools.append(GeminiCodec._decode_declaration(decl, f"tools[{i}].functionDeclarations[{j}]"))
+
+    @staticmethod
+    def _decode_declaration(decl, where: str) -> Tool:
+        if not isinstance(decl, dict) or not isinstance(decl.get("name"), str) or not decl["name"]:
+            raise bad_request(f"{where} must be an object with a 'name'")
+        description = _typed_field(decl, "description", str, where) or ""
+        schema = _typed_field(decl, "parametersJsonSchema", dict, where)
+        if schema is None:
+            schema = json_schema_from_gemini(_typed_field(decl, "parameters", dict, where) or {})
+        return Tool(decl["name"], description, schema)
+
+    @staticmethod
+    def _decode_tool_config(req: Request, config: dict) -> None:
+        calling = _object_field(config, "functionCallingConfig", "toolConfig")
+        mode = str(gemini_field(calling, "mode", "")).upper()
+        allowed = _typed_field(calling, "allowedFunctionNames", list, "toolConfig.functionCallingConfig") or []
+        if mode in ("AUTO", "VALIDATED"):
+            req.tool_choice = "auto"
+        elif mode == "NONE":
+            req.tool_choice = "none"
+        elif mode == "ANY" and len(allowed) == 1:
+            req.tool_choice, req.tool_name = "tool", allowed[0]
+        elif mode == "ANY":
+            req.tool_choice = "required"
+            if allowed:  # "one of these": offer only these
+                req.tools = [t for t in req.tools if t.name in allowed]
+
+    def _decode_generation_config(self, req: Request, config: dict) -> None:
+        where = "generationConfig"
+        req.max_tokens = _typed_field(config, "maxOutputTokens", int, where)
+        req.temperature = _typed_field(config, "temperature", float, where)
+        req.top_p = _typed_field(config, "topP", float, where)
+        top_k = _typed_field(config, "topK", float, where)
+        req.top_k = int(top_k) if top_k is not None else None
+        stop = _typed_field(config, "stopSequences", (list, str), where) or []
+        req.stop = [stop] if isinstance(stop, str) else stop
+        if not all(isinstance(s, str) for s in req.stop):
+            raise bad_request("'generationConfig.stopSequences' must be an array of strings")
+        candidates = _typed_field(config, "candidateCount", int, where)
+        if candidates and candidates > 1:
+            log.warning("gemini candidateCount=%d: a translated request answers with one candidate", candidates)
+        req.response_format = self._decode_response_format(config)
+        self._decode_thinking(req, _object_field(config, "thinkingConfig", where))
+
+    @staticmethod
+    def _decode_response_format(config: dict) -> dict | None:
+        where = "generationConfig"
+        schema = _typed_field(config, "responseJsonSchema", dict, where)
+        if schema is None:
+            schema = _typed_field(config, "responseSchema", dict, where)
+            schema = json_schema_from_gemini(schema) if schema is not None else None
+        if schema is not None:
+            return {"type": "json_schema", "json_schema": {"name": "response", "schema": schema}}
+        if _typed_field(config, "responseMimeType", str, where) == "application/json":
+            return {"type": "json_object"}
+        return None
+
+    @staticmethod
+    def _decode_thinking(req: Request, config: dict) -> None:
+        where = "generationConfig.thinkingConfig"
+        budget = _typed_field(config, "thinkingBudget", int, where)
+        level = _typed_field(config, "thinkingLevel", str, where) or ""
+        if level and level.upper() != "THINKING_LEVEL_UNSPECIFIED":
+            req.reasoning_effort = level.lower()
+        if budget == 0:
+            req.thinking = "disabled"
+        elif budget is not None and budget < 0:
+            req.thinking = "adaptive"  # -1: the model decides how much to think
+        elif budget is not None:
+            req.thinking, req.thinking_budget = "enabled", budget
+        elif _typed_field(config, "includeThoughts", bool, where):
+            req.thinking = "adaptive"
+
+    def encode_request(self, req: Request, model: str, provider=None) -> dict:
+        call_names = {p.id: p.name for m in req.messages for p in m.parts if p.type == "tool_call"}
+        tools = [t for t in req.tools if t.kind != "builtin"]  # another provider's own tools mean nothing here
+        system = [p.text for p in req.system if p.text]
+        contents: list[dict] = []
+        for msg in req.messages:
+            if msg.role == "system":  # Gemini has one place for instructions
+                system.extend(p.text for p in msg.parts if p.type == "text" and p.text)
+                continue
+            role = "model" if msg.role == "assistant" else "user"
+            parts = self._encode_parts(msg.parts, call_names)
+            if not parts:
+                continue
+            if contents and contents[-1]["role"] == role:
+                contents[-1]["parts"].extend(parts)
+            else:
+                contents.append({"role": role, "parts": parts})
+        sign_function_calls(contents)
+        body: dict = {"contents": contents}
+        if system:
+            body["systemInstruction"] = {"parts": [{"text": text} for text in system]}
+        if tools:
+            body["tools"] = [{"functionDeclarations": [self._encode_tool(t) for t in tools]}]
+            mode = GEMINI_TOOL_CHOICE.get(req.tool_choice)
+            if mode:
+                calling: dict = {"mode": mode}
+                if req.tool_choice == "tool":
+                    calling["allowedFunctionNames"] = [req.tool_name]
+                body["toolConfig"] = {"functionCallingConfig": calling}
+        config = self._generation_config(req, model)
+        if config:
+            body["generationConfig"] = config
+        if req.protocol == "gemini":
+            self._keep_gemini_only_fields(req.raw, body)
+        return body
+
+    def _encode_parts(self, parts: list, call_names: dict) -> list:
+        out, media = [], []
+        for p in parts:
+            if p.type == "text":
+                if p.text:
+                    out.append(_signed({"text": p.text}, gemini_signature(p)))
+            elif p.type == "image":
+                out.append(gemini_media_part(p))
+            elif p.type == "thinking":
+                if gemini_signature(p):
+                    out.append({"text": p.text, "thought": True, "thoughtSignature": gemini_signature(p)})
+                else:  # another model's reasoning means nothing to Gemini; its state travels in signatures
+                    log.debug("thinking without a Gemini signature not sent to Gemini")
+            elif p.type == "tool_call":
+                args = json_object_arguments(p.arguments)
+                out.append(_signed({"functionCall": {"name": p.name, "args": args}}, gemini_signature(p)))
+            elif p.type == "tool_result":
+                name = call_names.get(p.id) or p.name
+                if not name:
+                    log.warning("tool result %r answers no known call; sent to Gemini as 'unknown'", p.id)
+                response = {"name": name or "unknown", "response": gemini_function_response(p)}
+                out.append({"functionResponse": response})
+                media.extend(gemini_media_part(c) for c in p.content or [] if c.type == "image")
+            else:
+                log.debug("%s part not sent to Gemini", p.type)
+        return out + media  # a turn's function responses first, then what they showed
+
+    @staticmethod
+    def _encode_tool(tool: Tool) -> dict:
+        decl: dict = {"name": tool.name}
+        if tool.description:
+            decl["description"] = tool.description
+        schema = tool.parameters or {}
+        params = clean_schema_for_gemini(schema)
+        if params.get("type") == "OBJECT" and params.get("properties"):
+            decl["parameters"] = params
+        elif params and params.get("type") != "OBJECT":
+            log.warning("tool %s: Gemini needs an object parameter schema; parameters dropped", tool.name)
+        return decl  # no arguments: Gemini rejects an OBJECT with empty properties
+
+    @staticmethod
+    def _generation_config(req: Request, model: str) -> dict:
+        config: dict = {}
+        for key, value in (("maxOutputTokens", req.max_tokens), ("temperature", req.temperature),
+                           ("topP", req.top_p), ("topK", req.top_k)):  # fmt: skip
+            if value is not None:
+                config[key] = value
+        if req.stop:
+            config["stopSequences"] = req.stop[:5]  # Gemini's limit
+        fmt = req.response_format or {}
+        if fmt.get("type") in ("json_object", "json_schema"):
+            config["responseMimeType"] = "application/json"
+            spec = fmt.get("json_schema") if isinstance(fmt.get("json_schema"), dict) else fmt
+            if isinstance(spec.get("schema"), dict):
+                config["responseSchema"] = clean_schema_for_gemini(spec["schema"])
+        thinking = gemini_thinking_config(req, model)
+        if thinking:
+            config["thinkingConfig"] = thinking
+        return config
+
+    @staticmethod
+    def _keep_gemini_only_fields(raw: dict, body: dict) -> None:
+        """Gemini to Gemini: what the canonical model cannot hold goes through as sent."""
+        for key in ("safetySettings", "cachedContent", "labels"):
+            if gemini_field(raw, key) is not None:
+                body[key] = gemini_field(raw, key)
+        native = [
+            t
+            for t in gemini_field(raw, "tools", [])
+            if isinstance(t, dict) and not gemini_field(t, "functionDeclarations")
+        ]
+        if native:
+            body.setdefault("tools", []).extend(native)
+        sent = gemini_field(raw, "generationConfig")
+        if isinstance(sent, dict):
+            kept = {key: gemini_field(sent, key) for key in GEMINI_ONLY_CONFIG + ("thinkingConfig",)}
+            kept = {key: value for key, value in kept.items() if value is not None}
+            if kept:
+                body["generationConfig"] = {**body.get("generationConfig", {}), **kept}
+
+    # -- responses
+    def decode_response(self, body: dict) -> Response:
+        # one chunk holding everything, folded: JSON and streamed answers decode alike
+        decoder = GeminiStreamDecoder()
+        response = fold_events(decoder.feed_chunk(body) + decoder.finish())
+        block = gemini_field(_object_field(body, "promptFeedback"), "blockReason")
+        if block and not body.get("candidates"):
+            response.extra = {"prompt_block_reason": block}
+        return response
+
+    def encode_response(self, resp: Response, req: Request) -> dict:
+        parts = gemini_response_parts(resp.parts, gemini_wants_thoughts(req))
+        body: dict = {}
+        block = (resp.extra or {}).get("prompt_block_reason")
+        if block:  # the prompt itself was blocked: Gemini answers no candidate at all
+            body["promptFeedback"] = {"blockReason": block}
+        else:
+            candidate: dict = {"content": {"parts": parts, "role": "model"}} if parts else {}
+            candidate["finishReason"] = stop_reason_out("gemini", resp.stop_reason)
+            candidate["index"] = 0
+            body["candidates"] = [candidate]
+        body["usageMetadata"] = encode_gemini_usage(resp.usage)
+        body["modelVersion"] = req.model
+        body["responseId"] = resp.id
+        return body
+
+    # -- streams
+    def stream_decoder(self):
+        return GeminiStreamDecoder()
+
+    def stream_encoder(self, req: Request, sse: bool = True):
+        return GeminiStreamEncoder(req, sse)
+
+    # -- errors
+    def encode_error(self, err: GatewayError) -> dict:
+        status = GEMINI_STATUS.get(err.status) or ("INTERNAL" if err.status >= 500 else "INVALID_ARGUMENT")
+        return {"error": {"code": err.status, "message": err.message, "status": status}}
+
+
+def sign_function_calls(contents: list) -> None:
+    """Gemini 3 rejects a model turn whose first functionCall has no thought signature. Calls
+    that came from another protocol never had one: give them Google's documented dummy."""
+    for content in contents:
+        if content["role"] != "model":
+            continue
+        first_call = next((p for p in content["parts"] if "functionCall" in p), None)
+        if first_call is not None and "thoughtSignature" not in first_call:
+            first_call["thoughtSignature"] = GEMINI_DUMMY_SIGNATURE
+
+
+def gemini_media_part(part: Part) -> dict:
+    data_uri = parse_data_uri(part.url) if part.url else None
+    if part.data or data_uri:
+        media_type, data = (part.media_type or "image/png", part.data) if part.data else data_uri
+        return {"inlineData": {"mimeType": media_type, "data": data}}
+    return {"fileData": {"mimeType": part.media_type or image_type_of_url(part.url), "fileUri": part.url}}
+
+
+def image_type_of_url(url: str) -> str:
+    suffix = url.split("?", 1)[0].rsplit(".", 1)[-1].lower()
+    return {"png": "image/png", "gif": "image/gif", "webp": "image/webp", "heic": "image/heic"}.get(
+        suffix, "image/jpeg"
+    )
+
+
+def gemini_function_response(part: Part) -> dict:
+    """A tool result as Gemini's response object: JSON objects as they are, other text under
+    "output" (or "error"), Gemini's documented keys."""
+    text = "\n".join(c.text for c in part.content or [] if c.type == "text")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if isinstance(value, dict):
+        return value
+    return {"error": text} if part.is_error else {"output": text}
+
+
+def gemini_thinking_config(req: Request, model: str) -> dict | None:
+    """thinking/budget/effort -> thinkingConfig. Budgets, not thinkingLevel: every 2.5 and 3
+    model accepts a budget, while levels exist on 3 only."""
+    if req.thinking == "disabled" or req.reasoning_effort == "none":
+        if "pro" in model.lower():  # Pro models cannot stop thinking: leave them their default
+            return None
+        return {"thinkingBudget": 0}
+    budget = req.thinking_budget
+    if budget is None and req.reasoning_effort:
+        budget = GEMINI_EFFORT_BUDGETS.get(req.reasoning_effort, GEMINI_EFFORT_BUDGETS["medium"])
+    if budget is None and req.thinking in ("enabled", "adaptive"):
+        budget = -1  # dynamic
+    if budget is None:
+        return None
+    return {"thinkingBudget": min(budget, GEMINI_MAX_THINKING_BUDGET), "includeThoughts": True}
+
+
+def gemini_response_parts(parts: list, with_thoughts: bool) -> list:
+    out = []
+    for p in parts:
+        if p.type == "text" and (p.text or gemini_signature(p)):
+            out.append(_signed({"text": p.text}, gemini_signature(p)))
+        elif p.type == "thinking" and with_thoughts and p.text:
+            out.append(_signed({"text": p.text, "thought": True}, gemini_signature(p)))
+        elif p.type == "tool_call":
+            out.append(
+                _signed(
+                    {"functionCall": {"name": p.name, "args": json_object_arguments(p.arguments)}}, gemini_signature(p)
+                )
+            )
+        elif p.type == "image":
+            out.append(gemini_media_part(p))
+    return out
+
+
+class GeminiStreamDecoder:
+    """streamGenerateContent chunks -> canonical events. Text and thoughts arrive as deltas
+    (one block open at a time); each functionCall arrives whole and becomes its own block:
+    start, one arguments delta, stop. The last usageMetadata wins: Gemini repeats, not adds."""
+
+    def __init__(self):
+        self.started = False
+        self.next_index = 0
+        self.open_index: int | None = None
+        self.open_kind = ""
+        self.has_calls = False
+        self.stop_reason = ""
+        self.usage: Usage | None = None
+        self.finished = False
+
+    def feed(self, event: SSEEvent) -> list:
+        data = event.data.strip()
+        if not data:
+            return []
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return [StreamError(GatewayError(502, f"upstream sent malformed stream data: {data[:120]!r}"))]
+        chunks = chunk if isinstance(chunk, list) else [chunk]  # an error may come wrapped in a list
+        return [ev for item in chunks for ev in self.feed_chunk(item)]
+
+    def feed_chunk(self, chunk) -> list:
+        """One GenerateContentResponse (a stream chunk, or a whole JSON answer)."""
+        if not isinstance(chunk, dict):
+            return [
+                StreamError(GatewayError(502, f"upstream sent an unexpected stream chunk: {json.dumps(chunk)[:120]}"))
+            ]
+        if "error" in chunk and not chunk.get("candidates"):
+            self.finished = True
+            return [StreamError(gemini_stream_error(chunk["error"]))]
+        out: list = []
+        meta = gemini_field(chunk, "usageMetadata")
+        if isinstance(meta, dict):
+            self.usage = decode_gemini_usage(meta)
+        if not self.started:
+            self.started = True
+            start_usage = Usage(input_tokens=self.usage.input_tokens) if self.usage else None
+            out.append(
+                MessageStart(
+                    gemini_field(chunk, "responseId") or new_id(""),
+                    gemini_field(chunk, "modelVersion", ""),
+                    start_usage,
+                )
+            )
+        if gemini_field(_object_field(chunk, "promptFeedback"), "blockReason"):
+            self.stop_reason = "content_filter"
+        candidate = next(
+            (c for c in chunk.get("candidates") or [] if isinstance(c, dict) and c.get("index", 0) == 0), {}
+        )
+        content = candidate.get("content") if isinstance(candidate.get("content"), dict) else {}
+        for part in content.get("parts") or []:
+            if isinstance(part, dict):
+                self._feed_part(part, out)
+        reason = gemini_field(candidate, "finishReason")
+        if reason:
+            self.stop_reason = stop_reason_in("gemini", reason)
+        return out
+
+    def _feed_part(self, part: dict, out: list) -> None:
+        signature = gemini_field(part, "thoughtSignature")
+        extra = {"thought_signature": signature} if signature else None
+        call = gemini_field(part, "functionCall")
+        if isinstance(part.get("text"), str):
+            kind = "thinking" if part.get("thought") is True else "text"
+            if not part["text"]:
+                return  # a signature-only part: optional context, and no block may stay empty
+            if self.open_kind != kind:
+                self._close(out)
+                self.open_index, self.open_kind = self._next(), kind
+                out.append(BlockStart(self.open_index, Part(kind, extra=extra)))
+            elif signature:  # the block already started: Gemini validates signatures on calls only
+                log.debug("gemini signature arriving mid-block not kept")
+            out.append(BlockDelta(self.open_index, kind, part["text"]))
+        elif isinstance(call, dict):
+            self._close(out)
+            index = self._next()
+            call_id = call.get("id") if isinstance(call.get("id"), str) and call.get("id") else new_id("call_")
+            out.append(BlockStart(index, Part("tool_call", id=call_id, name=str(call.get("name") or ""), extra=extra)))
+            args = call.get("args") if isinstance(call.get("args"), dict) else {}
+            out.append(BlockDelta(index, "arguments", dumps(args).decode()))
+            out.append(BlockStop(index))
+            self.has_calls = True
+        else:
+            log.debug("gemini stream part not translated: %s", sorted(part))
+
+    def _next(self) -> int:
+        self.next_index += 1
+        return self.next_index - 1
+
+    def _close(self, out: list) -> None:
+        if self.open_index is not None:
+            out.append(BlockStop(self.open_index))
+        self.open_index, self.open_kind = None, ""
+
+    def finish(self) -> list:
+        if self.finished:
+            return []
+        self.finished = True
+        out: list = []
+        if not self.started:
+            out.append(MessageStart(new_id(""), ""))
+        self._close(out)
+        stop = self.stop_reason or "end_turn"
+        if stop == "end_turn" and self.has_calls:
+            stop = "tool_use"  # Gemini says STOP after calls; clients must be told to run them
+        out.append(MessageDelta(stop, None, self.usage or Usage()))
+        out.append(MessageStop())
+        return out
+
+
+def gemini_stream_error(err) -> GatewayError:
+    err = err if isinstance(err, dict) else {"message": str(err)}
+    code = err.get("code") if isinstance(err.get("code"), int) and err.get("code") >= 400 else 502
+    return GatewayError(code, str(err.get("message") or "upstream stream error"))
+
+
+class GeminiStreamEncoder:
+    """Canonical events -> streamGenerateContent chunks, each a whole GenerateContentResponse:
+    SSE frames (alt=sse) or, with sse=False, one JSON array. Text and thoughts go out as they
+    arrive; a tool call goes out whole when its block stops (Gemini never splits a call);
+    finishReason and usageMetadata ride on the last chunk."""
+
+    def __init__(self, req: Request, sse: bool = True):
+        self.req = req
+        self.sse = sse
+        self.keepalive = b": keep-alive\n\n" if sse else b"\n"  # whitespace is all a JSON array may carry
+        self.id = ""
+        self.with_thoughts = gemini_wants_thoughts(req)
+        self.blocks: dict[int, Part] = {}
+        self.unsigned: set[int] = set()  # blocks whose signature has not gone out yet
+        self.opened = False  # the JSON array's "[" is out
+
+    def _frame(self, obj: dict) -> bytes:
+        data = dumps(obj)
+        if self.sse:
+            return b"data: " + data + b"\r\n\r\n"
+        prefix = b",\r\n" if self.opened else b"["
+        self.opened = True
+        return prefix + data
+
+    def _chunk(self, parts: list, finish: str = "", usage: Usage | None = None) -> bytes:
+        candidate: dict = {"content": {"parts": parts, "role": "model"}} if parts else {}
+        if finish:
+            candidate["finishReason"] = finish
+        candidate["index"] = 0
+        obj: dict = {"candidates": [candidate]}
+        if usage is not None:
+            obj["usageMetadata"] = encode_gemini_usage(usage)
+        obj["modelVersion"] = self.req.model
+        obj["responseId"] = self.id
+        return self._frame(obj)
+
+    def _text_part(self, index: int, text: str, thought: bool) -> dict:
+        part: dict = {"text": text, "thought": True} if thought else {"text": text}
+        if index in self.unsigned:
+            self.unsigned.discard(index)
+            part["thoughtSignature"] = gemini_signature(self.blocks[index])
+        return part
+
+    def encode(self, ev) -> bytes:
+        if isinstance(ev, BlockDelta):
+            block = self.blocks.get(ev.index)
+            if block is None:
+                return b""
+            if ev.kind == "arguments":
+                block.arguments += ev.value
+            elif ev.kind == "text" or (ev.kind == "thinking" and self.with_thoughts):
+                return self._chunk([self._text_part(ev.index, ev.value, ev.kind == "thinking")])
+            return b""  # Anthropic signatures mean nothing to a Gemini client
+        if isinstance(ev, BlockStart):
+            self.blocks[ev.index] = Part(ev.part.type, id=ev.part.id, name=ev.part.name, extra=ev.part.extra)
+            if gemini_signature(ev.part):
+                self.unsigned.add(ev.index)
+            return b""
+        if isinstance(ev, BlockStop):
+            return self._stop_block(ev.index)
+        if isinstance(ev, MessageStart):
+            self.id = ev.id or new_id("")
+            return b""
+        if isinstance(ev, MessageDelta):
+            return self._chunk([], stop_reason_out("gemini", ev.stop_reason), ev.usage or Usage())
+        if isinstance(ev, MessageStop):
+            return b"" if self.sse else (b"]" if self.opened else b"[]")
+        if isinstance(ev, StreamError):
+            frame = self._frame(GEMINI_CODEC.encode_error(ev.error))
+            return frame if self.sse else frame + b"]"
+        return b""
+
+    def _stop_block(self, index: int) -> bytes:
+        block = self.blocks.pop(index, None)
+        if block is None:
+            return b""
+        if block.type == "tool_call":
+            call = {"functionCall": {"name": block.name, "args": json_object_arguments(block.arguments)}}
+            return self._chunk([_signed(call, gemini_signature(block))])
+        if index in self.unsigned and block.type == "text":  # a signed block that never said anything
+            self.unsigned.discard(index)
+            return self._chunk([{"text": "", "thoughtSignature": gemini_signature(block)}])
+        return b""
+
+
+GEMINI_CODEC = GeminiCodec()
+
+
+def gemini_count_tokens_estimate(body: dict) -> int:
+    """countTokens without an upstream: the one estimator over what the request sends
+    (contents, systemInstruction, tools), also in the {generateContentRequest: ...} form."""
+    inner = gemini_field(body, "generateContentRequest")
+    if isinstance(inner, dict):
+        body = inner
+    contents = gemini_field(body, "contents", [])
+    return estimate_tokens(
+        [_with_camel_inline_data(contents), gemini_field(body, "systemInstruction"), gemini_field(body, "tools")]
+    )
+
+
+def _with_camel_inline_data(contents):
+    """estimate_tokens prices images by the inlineData key: rename the snake_case form."""
+    if not isinstance(contents, list):
+        return contents
+    out = []
+    for content in contents:
+        parts = content.get("parts") if isinstance(content, dict) else None
+        if isinstance(parts, list):
+            parts = [
+                {"inlineData": p["inline_data"]} if isinstance(p, dict) and "inline_data" in p else p for p in parts
+            ]
+            content = {**content, "parts": parts}
+        out.append(content)
+    return out
+
+
+# ---- JSON Schema <-> Gemini's OpenAPI schema subset --------------------------------------
+
+GEMINI_FORMATS = {"string": ("enum", "date-time"), "number": ("float", "double"), "integer": ("int32", "int64")}
+GEMINI_TYPES = ("string", "number", "integer", "boolean", "array", "object")
+_GEMINI_COUNTS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties")
+# Keywords whose meaning survives without them (or that only steer validators): dropped quietly.
+# Everything else Gemini lacks is told in the description, so the model still reads it.
+_SCHEMA_QUIET_DROPS = frozenset({"$schema", "$id", "$comment", "$anchor", "$defs", "definitions", "additionalProperties",
+                                 "propertyNames", "patternProperties", "unevaluatedProperties", "readOnly", "writeOnly",
+                                 "contentEncoding", "contentMediaType", "strict"})  # fmt: skip
+_SCHEMA_HANDLED = frozenset({"type", "description", "title", "default", "nullable", "enum", "const", "format",
+                             "properties", "required", "items", "prefixItems", "anyOf", "oneOf", "allOf", "$ref",
+                             "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "pattern",
+                             "uniqueItems", "examples", "example", "deprecated"} | set(_GEMINI_COUNTS))  # fmt: skip
+
+
+def json_schema_from_gemini(schema):
+    """Gemini's OpenAPI-style schema (uppercase types, nullable, int64 counts as strings,
+    either key case) -> JSON Schema."""
+    if not isinstance(schema, dict):
+        return schema
+    out: dict = {}
+    for key, value in schema.items():
+        key = key if key in ("properties", "required") else _camel_case(key)
+        if key == "type" and isinstance(value, str):
+            if value.upper() != "TYPE_UNSPECIFIED":
+                out["type"] = value.lower()
+        elif key == "properties" and isinstance(value, dict):
+            out["properties"] = {name: json_schema_from_gemini(s) for name, s in value.items()}
+        elif key == "items":
+            out["items"] = json_schema_from_gemini(value)
+        elif key == "anyOf" and isinstance(value, list):
+            out["anyOf"] = [json_schema_from_gemini(s) for s in value]
+        elif key in _GEMINI_COUNTS and isinstance(value, str) and value.isdigit():
+            out[key] = int(value)
+        elif key == "format" and value == "enum" or key in ("nullable", "propertyOrdering"):
+            continue  # enum is said by "enum"; nullable below; ordering is Gemini's own
+        else:
+            out[key] = value
+    if schema.get("nullable") is True:
+        if isinstance(out.get("type"), str):
+            out["type"] = [out["type"], "null"]
+        elif "anyOf" in out:
+            out["anyOf"].append({"type": "null"})
+    return out
+
+
+def _camel_case(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(w[:1].upper() + w[1:] for w in rest)
+
+
+def clean_schema_for_gemini(schema) -> dict:
+    """A JSON Schema -> the OpenAPI subset Gemini accepts for parameters and responseSchema:
+    $ref/$defs inlined, allOf merged, const -> enum, type arrays -> type + nullable,
+    exclusive bounds -> inclusive ones, untyped values -> an explicit "any" union, required
+    limited to declared properties, and whatever has no Gemini keyword (default, unsupported
+    formats, multipleOf...) told in the description instead of lost."""
+    if not isinstance(schema, dict):
+        return {}
+    defs: dict = {}
+    for key in ("definitions", "$defs"):
+        if isinstance(schema.get(key), dict):
+            defs.update(schema[key])
+    return _gemini_schema(schema, defs, ())
+
+
+def any_value_schema(depth: int = 1) -> dict:
+    """Gemini needs a type on every node: "any JSON value" spelled out."""
+    branches = [{"type": "STRING"}, {"type": "NUMBER"}, {"type": "BOOLEAN"}, {"type": "OBJECT"}]
+    if depth:
+        branches.append({"type": "ARRAY", "items": any_value_schema(0)})
+    return {"anyOf": branches}
+
+
+def _gemini_schema(node, defs: dict, refs: tuple) -> dict:
+    if not isinstance(node, dict) or not node:  # true / {}: any value
+        return any_value_schema()
+    node, refs = _inline_refs(node, defs, refs)
+    if isinstance(node.get("allOf"), list):
+        node = _merge_all_of(node, defs, refs)
+    for key in node:
+        if key not in _SCHEMA_HANDLED and key not in _SCHEMA_QUIET_DROPS:
+            log.debug("schema keyword %r has no Gemini equivalent: dropped", key)
+    notes: list[str] = []
+    types, nullable = _schema_types(node)
+    union = node.get("anyOf") if isinstance(node.get("anyOf"), list) else node.get("oneOf")
+    if isinstance(union, list) and any(_is_shape(b) for b in union):
+        out = _gemini_union(union, defs, refs)
+    elif len(types) > 1:
+        shared = {k: v for k, v in node.items() if k not in ("type", "nullable", "description", "title", "default")}
+        out = {"anyOf": [_gemini_schema({**shared, "type": t}, defs, refs) for t in types]}
+    elif types:
+        out = _gemini_typed(node, types[0], defs, refs, notes)
+    else:
+        out = any_value_schema()
+    if nullable:
+        out["nullable"] = True
+    description = _described(node, notes)
+    if description:
+        out["description"] = description
+    return out
+
+
+def _inline_refs(node: dict, defs: dict, refs: tuple) -> tuple[dict, tuple]:
+    """Replace a local $ref by its definition (sibling keys win); a recursive one becomes a
+    plain object, since Gemini schemas cannot loop."""
+    while isinstance(node.get("$ref"), str):
+        ref = node["$ref"]
+        siblings = {k: v for k, v in node.items() if k != "$ref"}
+        name = ref.rsplit("/", 1)[-1]
+        target = defs.get(name) if ref.startswith("#/") else None
+        if ref in refs or not isinstance(target, dict):
+            what = "recursive" if ref in refs else "unresolved"
+            return {"type": "object", "description": f"({what} reference to {name})", **siblings}, refs
+        node, refs = {**target, **siblings}, refs + (ref,)
+    return node, refs
+
+
+def _merge_all_of(node: dict, defs: dict, refs: tuple) -> dict:
+    merged = {k: v for k, v in node.items() if k != "allOf"}
+    for sub in node["allOf"]:
+        if not isinstance(sub, dict):
+            continue
+        sub, _ = _inline_refs(sub, defs, refs)
+        for key, value in sub.items():
+            if key == "properties" and isinstance(value, dict):
+                merged["properties"] = {**value, **(merged.get("properties") or {})}
+            elif key == "required" and isinstance(value, list):
+                merged["required"] = list(dict.fromkeys((merged.get("required") or []) + value))
+            else:
+                merged.setdefault(key, value)
+    return merged
+
+
+def _is_shape(branch) -> bool:
+    """A union branch that says what a value is (not just one more constraint on the parent)."""
+    return isinstance(branch, dict) and any(
+        k in branch for k in ("type", "properties", "items", "$ref", "enum", "const", "anyOf", "oneOf")
+    )
+
+
+def _schema_types(node: dict) -> tuple[list, bool]:
+    raw = node.get("type")
+    names = [raw] if isinstance(raw, str) else [t for t in raw if isinstance(t, str)] if isinstance(raw, list) else []
+    names = [t.lower() for t in names]
+    nullable = "null" in names or node.get("nullable") is True
+    names = [t for t in names if t in GEMINI_TYPES]
+    if not names:
+        inferred = _inferred_type(node)
+        names = [inferred] if inferred else []
+    return names, nullable
+
+
+def _inferred_type(node: dict) -> str:
+    if any(k in node for k in ("properties", "additionalProperties", "required")):
+        return "object"
+    if "items" in node or "prefixItems" in node:
+        return "array"
+    values = node["enum"] if isinstance(node.get("enum"), list) else [node["const"]] if "const" in node else []
+    values = [v for v in values if v is not None]
+    if values:
+        kinds = {_json_type(v) for v in values}
+        return kinds.pop() if len(kinds) == 1 else "string"
+    if any(k in node for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")):
+        return "number"
+    if any(k in node for k in ("minLength", "maxLength", "pattern", "format")):
+        return "string"
+    return ""
+
+
+def _json_type(value) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    return {dict: "object", list: "array"}.get(type(value), "string")
+
+
+def _gemini_union(branches: list, defs: dict, refs: tuple) -> dict:
+    nullable = False
+    kept = []
+    for branch in branches:
+        if isinstance(branch, dict) and (
+            branch.get("type") == "null" or ("const" in branch and branch["const"] is None)
+        ):
+            nullable = True
+            continue
+        kept.append(_gemini_schema(branch, defs, refs))
+    if kept and all(
+        k.get("type") == "STRING" and "enum" in k and set(k) <= {"type", "enum", "description"} for k in kept
+    ):
+        out = {"type": "STRING", "enum": list(dict.fromkeys(v for k in kept for v in k["enum"]))}  # string choices
+    elif len(kept) == 1:
+        out = kept[0]
+    else:
+        out = {"anyOf": kept} if kept else any_value_schema()
+    if nullable:
+        out["nullable"] = True
+    return out
+
+
+def _gemini_typed(node: dict, kind: str, defs: dict, refs: tuple, notes: list) -> dict:
+    out: dict = {"type": kind.upper()}
+    _add_enum(node, kind, out, notes)
+    fmt = node.get("format")
+    if isinstance(fmt, str) and fmt:
+        if fmt in GEMINI_FORMATS.get(kind, ()):
+            out["format"] = fmt
+        else:
+            notes.append(f"format: {fmt}")
+    if kind == "object":
+        _add_object_fields(node, out, defs, refs)
+    elif kind == "array":
+        _add_array_fields(node, out, defs, refs, notes)
+    elif kind == "string":
+        out.update({k: node[k] for k in ("minLength", "maxLength", "pattern") if k in node})
+    elif kind in ("number", "integer"):
+        _add_bounds(node, kind, out, notes)
+    return out
+
+
+def _add_enum(node: dict, kind: str, out: dict, notes: list) -> None:
+    if isinstance(node.get("enum"), list):
+        values = list(node["enum"])
+    elif "const" in node:
+        values = [node["const"]]
+    else:
+        return
+    if None in values:
+        out["nullable"] = True
+        values = [v for v in values if v is not None]
+    if values and kind == "string" and all(isinstance(v, str) for v in values):
+        out["enum"] = values
+    elif len(values) == 1:
+        notes.append(f"must be {json.dumps(values[0])}")  # Gemini enums hold strings only
+    elif values:
+        notes.append("one of: " + ", ".join(json.dumps(v) for v in values))
+
+
+def _add_object_fields(node: dict, out: dict, defs: dict, refs: tuple) -> None:
+    props = node.get("properties")
+    if isinstance(props, dict) and props:  # Gemini rejects empty properties: a bare OBJECT means any object
+        out["properties"] = {name: _gemini_schema(s, defs, refs) for name, s in props.items()}
+        required = [r for r in node.get("required") or [] if r in props]  # Gemini rejects undeclared names
+        if required:
+            out["required"] = required
+    out.update({k: node[k] for k in ("minProperties", "maxProperties") if k in node})
+
+
+def _add_array_fields(node: dict, out: dict, defs: dict, refs: tuple, notes: list) -> None:
+    items = node.get("items")
+    if isinstance(node.get("prefixItems"), list) or isinstance(items, list):  # tuples: Gemini has none
+        tuple_items = node.get("prefixItems") if isinstance(node.get("prefixItems"), list) else items
+        notes.append(
+            "a tuple: " + ", ".join(str((s or {}).get("type", "any")) for s in tuple_items if isinstance(s, dict))
+        )
+        items = tuple_items[0] if tuple_items else None
+    out["items"] = _gemini_schema(items, defs, refs) if isinstance(items, dict) and items else any_value_schema(0)
+    out.update({k: node[k] for k in ("minItems", "maxItems") if k in node})
+    if node.get("uniqueItems") is True:
+        notes.append("items must be unique")
+
+
+def _add_bounds(node: dict, kind: str, out: dict, notes: list) -> None:
+    for key in ("minimum", "maximum"):
+        if _is_number(node.get(key)):
+            out[key] = node[key]
+    for key, bound, sign in (("exclusiveMinimum", "minimum", ">"), ("exclusiveMaximum", "maximum", "<")):
+        value = node.get(key)
+        if value is True:  # draft-4 form: the bound itself is exclusive
+            value = out.pop(bound, None)
+        if not _is_number(value):
+            continue
+        if kind == "integer" and float(value).is_integer():
+            out[bound] = int(value) + (1 if sign == ">" else -1)  # same set of integers, inclusive
+        else:
+            out[bound] = value
+            notes.append(f"must be {sign} {value}")
+    if _is_number(node.get("multipleOf")):
+        notes.append(f"a multiple of {node['multipleOf']}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _described(node: dict, notes: list) -> str:
+    text = node.get("description") if isinstance(node.get("description"), str) else ""
+    if not text and isinstance(node.get("title"), str):
+        text = node["title"]
+    notes = list(notes)
+    if "default" in node:
+        notes.append(f"default: {json.dumps(node['default'])}")
+    examples = (
+        node.get("examples")
+        if isinstance(node.get("examples"), list)
+        else [node["example"]]
+        if "example" in node
+        else []
+    )
+    if examples:
+        notes.append("e.g. " + ", ".join(json.dumps(e) for e in examples[:3]))
+    if node.get("deprecated") is True:
+        notes.append("deprecated")
+    if not notes:
+        return text
+    return f"{text} ({'; '.join(notes)})" if text else "; ".join(notes)
 
 
 # ======================================================================================
@@ -2410,67 +5671,76 @@ def open_ledger_db(path: str) -> sqlite3.Connection:
 
 
 class Ledger:
-    """Rows go into a bounded queue; one writer thread inserts them in batches. The event
-    loop never touches sqlite. A full queue makes the caller wait (never a dropped row);
-    close() drains everything."""
+    """Rows go into an in-memory deque; one writer thread inserts them in batches, one commit
+    per batch. The event loop never touches sqlite. When `queue_size` rows are waiting,
+    the caller waits for the writer (never a dropped row); close() drains everything."""
 
-    BATCH = 2048
-    LINGER = 0.05
+    LINGER = 0.05  # seconds the writer lets a batch gather
+    INSERT = f"INSERT INTO requests ({', '.join(LEDGER_COLUMNS)}) VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})"
 
     def __init__(self, path: str, queue_size: int = 10000):
         self.path = str(Path(path).expanduser()) if path != ":memory:" else path
         self.db = open_ledger_db(self.path)
-        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.pending: deque = deque()  # request rows (tuples) and other writes ((sql, params) lists)
+        self.queue_size = queue_size
         self.written = 0
+        self.busy = False
+        self.stopping = False
         self.thread = threading.Thread(target=self._run, name="tgw-ledger", daemon=True)
         self.thread.start()
 
     def record(self, row: tuple) -> None:
-        try:
-            self.queue.put_nowait(row)
-        except queue.Full:
+        """Queue one request row (called on the event loop: no I/O here)."""
+        if len(self.pending) >= self.queue_size:
             log.warning("ledger queue full: waiting for the writer (backpressure)")
-            self.queue.put(row)
+            while len(self.pending) >= self.queue_size and self.thread.is_alive():
+                time.sleep(0.005)
+        self.pending.append(row)
+
+    def write_later(self, sql: str, params: tuple) -> None:
+        """Queue any other write (stored responses), in order with the request rows."""
+        self.pending.append([sql, params])
 
     def _run(self) -> None:
-        sql = f"INSERT INTO requests ({', '.join(LEDGER_COLUMNS)}) VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})"
-        stopping = False
-        while not stopping:
-            batch = [self.queue.get()]
-            time.sleep(self.LINGER)  # let a batch gather: one commit per batch, not per request
-            while len(batch) < self.BATCH:
-                try:
-                    batch.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            rows = [r for r in batch if r is not None]
-            stopping = len(rows) != len(batch)
-            if rows:
-                self._insert(sql, rows)
-            for _ in batch:
-                self.queue.task_done()
-
-    def _insert(self, sql: str, rows: list) -> None:
-        for attempt in range(5):
-            try:
-                self.db.executemany(sql, rows)
-                self.db.commit()
-                self.written += len(rows)
+        while True:
+            stopping = self.stopping
+            if self.pending:
+                self._write_pending()
+            elif stopping:
                 return
-            except sqlite3.OperationalError as exc:  # locked by a reader: wait and retry
-                log.warning("ledger write failed (%s), retrying", exc)
-                time.sleep(0.2 * (attempt + 1))
-        log.error("ledger write failed 5 times; %d rows kept in memory were not written", len(rows))
+            else:
+                time.sleep(self.LINGER)
+
+    def _write_pending(self) -> None:
+        self.busy = True
+        batch = []
+        while self.pending:
+            batch.append(self.pending.popleft())
+        rows = [item for item in batch if isinstance(item, tuple)]
+        others = [item for item in batch if isinstance(item, list)]
+        for attempt in range(1, 1_000_000):
+            try:
+                self.db.executemany(self.INSERT, rows)
+                for sql, params in others:
+                    self.db.execute(sql, params)
+                self.db.commit()
+                break
+            except sqlite3.Error as exc:  # locked by a reader, disk full...: keep the rows, retry
+                self.db.rollback()
+                log.warning("ledger write failed (%s); retrying, %d rows held", exc, len(batch))
+                time.sleep(min(0.1 * attempt, 5.0))
+        self.written += len(rows)
+        self.busy = False
 
     def flush(self, timeout: float = 10.0) -> None:
-        """Wait until everything queued so far is written (tests and `tgw usage` after serve)."""
+        """Wait until everything queued so far is written."""
         deadline = time.monotonic() + timeout
-        while self.queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.01)
+        while (self.pending or self.busy) and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join(timeout=60)
+        self.stopping = True
+        self.thread.join(timeout=120)
         self.db.close()
 
 
@@ -2570,7 +5840,7 @@ class Gateway:
         self.prices = PriceTable(cfg.prices)
         self.loopback = LoopbackModel()
         self.api_keys = [k.strip() for k in cfg.api_keys.split(",") if k.strip()]
-        self.codecs: dict[str, Codec] = {"openai": OPENAI_CODEC}
+        self.codecs: dict[str, Codec] = {"openai": OPENAI_CODEC, "anthropic": ANTHROPIC_CODEC}
         self.started_at = time.time()
         self.routes = {
             ("GET", "/"): self.root,
@@ -2578,6 +5848,11 @@ class Gateway:
             ("GET", "/v1/models"): self.list_models,
             ("POST", "/v1/chat/completions"): self.chat_completions,
             ("POST", "/v1/embeddings"): self.embeddings,
+            ("POST", "/v1/messages"): self.messages,
+            ("POST", "/v1/messages/count_tokens"): self.count_tokens,
+            ("GET", "/anthropic/v1/models"): self.list_models,
+            ("POST", "/anthropic/v1/messages"): self.messages,
+            ("POST", "/anthropic/v1/messages/count_tokens"): self.count_tokens,
         }
         self.public = {"/", "/health"}
 
@@ -2587,6 +5862,9 @@ class Gateway:
 
     # -- dispatch
     def client_codec(self, path: str) -> Codec:
+        """The protocol a client speaks, from the path it called (errors answer in it)."""
+        if path.startswith(("/v1/messages", "/anthropic/")):
+            return self.codecs["anthropic"]
         return self.codecs["openai"]
 
     def find_handler(self, request: HttpRequest):
@@ -2735,6 +6013,32 @@ class Gateway:
             await self.passthrough(request, call, route, body, "chat")
         else:
             await self.canonical_call(request, call, route, call.codec.decode_request(body), lane)
+
+    async def messages(self, request: HttpRequest, call: Call) -> None:
+        body = parse_json_body(request.body)
+        model = field_of(body, "model", str, required=True)
+        stream = bool(field_of(body, "stream", bool, default=False))
+        route = self.begin_model_call(call, model, stream)
+        lane = self.choose_lane(call, route, route.provider.protocol == "anthropic")
+        if lane == "passthrough":
+            await self.passthrough(request, call, route, body, "messages")
+        else:
+            await self.canonical_call(request, call, route, call.codec.decode_request(body), lane)
+
+    async def count_tokens(self, request: HttpRequest, call: Call) -> None:
+        """Anthropic's own count on passthrough; otherwise an estimate of everything sent."""
+        body = parse_json_body(request.body)
+        model = field_of(body, "model", str, required=True)
+        call.codec.decode_request(body)  # the same validation as a real call
+        route = self.router.resolve(model)
+        if route.provider.protocol == "anthropic" and self.cfg.work_mode != "translation":
+            if route.model != model:
+                body["model"] = route.model
+            url = route.provider.url("count_tokens")
+            resp = await self.send_upstream(call, route.provider, url, dumps(body), request, call.codec)
+            call.exchange.send(resp.status, await resp.read(), "application/json")
+            return
+        call.exchange.send_json(200, {"input_tokens": anthropic_count_tokens_estimate(body)})
 
     async def canonical_call(self, request: HttpRequest, call: Call, route: Route, req: Request, lane: str) -> None:
         """Loopback and translation lanes: the client's canonical request, answered in its protocol."""
