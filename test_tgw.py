@@ -4800,7 +4800,8 @@ def test_custom_tools_images_in_results_and_merged_turns():
     assert body["tools"] == [  # the builtin (another provider's own tool) stays out
         {"functionDeclarations": [{"name": "apply_patch", "description": "Apply a patch.", "parameters": {
             "type": "OBJECT", "required": ["input"], "properties": {"input": {"type": "STRING", "description":
-                'The whole input of this tool, as free-form text (not JSON). It follows this lark grammar:\n'
+                'The complete raw input of this free-form tool, passed to it verbatim (plain text, not JSON). '
+                'It must match this lark grammar:\n'
                 'start: "*** Begin Patch" LF'}}}}]}
     ]  # fmt: skip
 
