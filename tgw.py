@@ -5799,9 +5799,10 @@ class Heartbeat:
     without a write, the client gets its protocol's keep-alive (committing the SSE
     response first if nothing was sent yet)."""
 
-    def __init__(self, call: Call, interval: float):
+    def __init__(self, call: Call, interval: float, payload: bytes | None = None):
         self.call = call
         self.interval = interval
+        self.payload = payload or call.codec.keepalive
         self.mid_event = False  # a passthrough chunk ended inside an event: do not interleave
         self.loop = asyncio.get_running_loop()
         self.since = time.monotonic()
@@ -5815,7 +5816,7 @@ class Heartbeat:
         if idle >= self.interval - 0.05 and not self.mid_event:
             if not ex.started:
                 ex.start_stream()
-            ex.write(self.call.codec.keepalive)
+            ex.write(self.payload)
             idle = 0.0
         self.handle = self.loop.call_later(max(self.interval - idle, 0.05), self._tick)
 
@@ -6040,41 +6041,42 @@ class Gateway:
             return
         call.exchange.send_json(200, {"input_tokens": anthropic_count_tokens_estimate(body)})
 
-    async def canonical_call(self, request: HttpRequest, call: Call, route: Route, req: Request, lane: str) -> None:
-        """Loopback and translation lanes: the client's canonical request, answered in its protocol."""
+    async def canonical_call(self, request: HttpRequest, call: Call, route: Route, req: Request, lane: str,
+                             encoder=None) -> dict | None:  # fmt: skip
+        """Loopback and translation lanes: the client's canonical request, answered in its
+        protocol. Returns the response object the client got (the Responses lane stores it)."""
         call.user = call.user or req.user
+        if req.stream and encoder is None:
+            encoder = call.codec.stream_encoder(req)
         if lane == "loopback":
-            await self.answer_from_loopback(call, req)
-            return
+            result = self.loopback.complete(req)
+            return self.answer(call, req, result, encoder, self.loopback.stream_events(result))
         upstream_codec = self.codecs[route.provider.protocol]
         body = upstream_codec.encode_request(req, route.model, route.provider)
         operation = {"openai": "chat", "anthropic": "messages", "gemini": "generate"}[route.provider.protocol]
-        heartbeat = Heartbeat(call, self.cfg.stream_keepalive) if req.stream else None
+        heartbeat = Heartbeat(call, self.cfg.stream_keepalive, getattr(encoder, "keepalive", None)) if req.stream else None
         try:
             url = route.provider.url(operation, route.model, req.stream)
             resp = await self.send_upstream(call, route.provider, url, dumps(body), request, upstream_codec)
             if "text/event-stream" in resp.headers.get("content-type", ""):
-                await self.relay_translated_stream(call, resp, upstream_codec, req)
-                return
+                await self.relay_translated_stream(call, resp, upstream_codec, req, encoder)
+                return getattr(encoder, "response", None)
             result = upstream_codec.decode_response(json_or_502(await resp.read(), route.provider.name))
-            call.usage = result.usage
-            if req.stream:  # the upstream answered whole: replay it as a stream
-                self.emit_events(call, call.codec.stream_encoder(req), unfold_response(result))
-                call.exchange.end_stream()
-            else:
-                call.exchange.send_json(200, call.codec.encode_response(result, req))
+            return self.answer(call, req, result, encoder, unfold_response(result))
         finally:
             if heartbeat:
                 heartbeat.cancel()
 
-    async def answer_from_loopback(self, call: Call, req: Request) -> None:
-        result = self.loopback.complete(req)
+    def answer(self, call: Call, req: Request, result: Response, encoder, events) -> dict | None:
+        """Send a whole canonical Response: as a stream (events) or as one JSON body."""
         call.usage = result.usage
-        if req.stream:
-            self.emit_events(call, call.codec.stream_encoder(req), self.loopback.stream_events(result))
+        if encoder is not None:
+            self.emit_events(call, encoder, events)
             call.exchange.end_stream()
-        else:
-            call.exchange.send_json(200, call.codec.encode_response(result, req))
+            return getattr(encoder, "response", None)
+        body = call.codec.encode_response(result, req)
+        call.exchange.send_json(200, body)
+        return body
 
     def emit_events(self, call: Call, encoder, events) -> None:
         ex = call.exchange
@@ -6092,11 +6094,10 @@ class Gateway:
             call.error = ev.error.message
 
     async def relay_translated_stream(
-        self, call: Call, resp: UpstreamResponse, upstream_codec: Codec, req: Request
+        self, call: Call, resp: UpstreamResponse, upstream_codec: Codec, req: Request, encoder
     ) -> None:
         ex = call.exchange
         decoder = upstream_codec.stream_decoder()
-        encoder = call.codec.stream_encoder(req)
         parser = SSEParser()
         if not ex.started:
             ex.start_stream()
