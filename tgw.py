@@ -238,6 +238,11 @@ CONFIG_KEYS: dict[str, tuple] = {
     "upstream_retries": (2, "int", "retries on 429/5xx/connect errors before any byte reached the client"),
     "stream_keepalive": (15.0, "float", "seconds of upstream silence before the gateway pings a stream"),
     "shutdown_grace": (30.0, "float", "seconds in-flight requests get to finish on SIGINT/SIGTERM"),
+    "responses_retention_days": (30.0, "float", "days stored Responses stay available to previous_response_id"),
+    "loop_guard": (True, "bool", "stop a model that repeats the same tool call with the same result"),
+    "loop_guard_window": (20, "int", "how many recent tool round trips the loop guard looks at"),
+    "loop_guard_warn": (3, "int", "identical round trips in a row before the model is warned"),
+    "loop_guard_stop": (5, "int", "identical round trips in a row before the request is refused"),
 }
 
 PROVIDER_KEYS = ("type", "base_url", "api_key", "models", "api_version", "headers")
@@ -5592,6 +5597,10 @@ LEDGER_MIGRATIONS = [
         stream INTEGER, status INTEGER, prompt_tokens INTEGER, completion_tokens INTEGER, cached_tokens INTEGER,
         reasoning_tokens INTEGER, cost_usd REAL, latency_ms REAL, ttft_ms REAL, error TEXT);
     CREATE INDEX IF NOT EXISTS requests_ts ON requests(ts);""",
+    # version 2: Responses API state, for previous_response_id across restarts
+    """CREATE TABLE IF NOT EXISTS responses (
+        id TEXT PRIMARY KEY, created REAL NOT NULL, model TEXT, input TEXT NOT NULL, response TEXT NOT NULL);
+    CREATE INDEX IF NOT EXISTS responses_created ON responses(created);""",
 ]
 
 # USD per million tokens: (input, output, cached input). Globs, first match wins; [prices] in
@@ -5744,6 +5753,57 @@ class Ledger:
         self.db.close()
 
 
+class ResponseStore:
+    """Responses kept for previous_response_id and GET /v1/responses/{id}: the latest in
+    memory (a continuation often arrives before the writer has committed), all in sqlite
+    through the ledger's writer, read back off the event loop."""
+
+    RECENT = 256
+
+    def __init__(self, ledger: Ledger, retention_days: float):
+        self.ledger = ledger
+        self.recent: dict[str, dict] = {}
+        self.lock = threading.Lock()
+        self.db = open_ledger_db(ledger.path) if ledger.path != ":memory:" else None
+        cutoff = time.time() - retention_days * 86400
+        ledger.write_later("DELETE FROM responses WHERE created < ?", (cutoff,))
+
+    def save(self, response: dict, input_items: list) -> None:
+        entry = {"input": input_items, "response": response}
+        self.recent[response["id"]] = entry
+        while len(self.recent) > self.RECENT:
+            self.recent.pop(next(iter(self.recent)))
+        params = (
+            response["id"],
+            time.time(),
+            response.get("model"),
+            dumps(input_items).decode(),
+            dumps(response).decode(),
+        )
+        self.ledger.write_later(
+            "INSERT OR REPLACE INTO responses (id, created, model, input, response) VALUES (?, ?, ?, ?, ?)", params
+        )
+
+    async def load(self, response_id: str) -> dict | None:
+        entry = self.recent.get(response_id)
+        if entry is None and self.db is not None:
+            entry = await asyncio.to_thread(self._load_from_db, response_id)
+        return entry
+
+    def _load_from_db(self, response_id: str) -> dict | None:
+        with self.lock:
+            row = self.db.execute("SELECT input, response FROM responses WHERE id = ?", (response_id,)).fetchone()
+        return {"input": json.loads(row[0]), "response": json.loads(row[1])} if row else None
+
+    def delete(self, response_id: str) -> None:
+        self.recent.pop(response_id, None)
+        self.ledger.write_later("DELETE FROM responses WHERE id = ?", (response_id,))
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+
+
 def query_usage(db: sqlite3.Connection, group: str, since: float) -> list[tuple]:
     column = {"model": "model_requested", "provider": "provider", "day": "date(ts, 'unixepoch')", "key": "api_key_id"}[
         group
@@ -5841,7 +5901,10 @@ class Gateway:
         self.prices = PriceTable(cfg.prices)
         self.loopback = LoopbackModel()
         self.api_keys = [k.strip() for k in cfg.api_keys.split(",") if k.strip()]
-        self.codecs: dict[str, Codec] = {"openai": OPENAI_CODEC, "anthropic": ANTHROPIC_CODEC}
+        self.codecs: dict[str, Codec] = {
+            "openai": OPENAI_CODEC, "anthropic": ANTHROPIC_CODEC, "responses": RESPONSES_CODEC, "gemini": GEMINI_CODEC,
+        }  # fmt: skip
+        self.responses_store = ResponseStore(self.ledger, cfg.responses_retention_days)
         self.started_at = time.time()
         self.routes = {
             ("GET", "/"): self.root,
@@ -5854,18 +5917,27 @@ class Gateway:
             ("GET", "/anthropic/v1/models"): self.list_models,
             ("POST", "/anthropic/v1/messages"): self.messages,
             ("POST", "/anthropic/v1/messages/count_tokens"): self.count_tokens,
+            ("POST", "/v1/responses"): self.responses,
+            ("POST", "/v1/responses/input_tokens"): self.responses_input_tokens,
+            ("GET", "/v1beta/models"): self.gemini_list_models,
+            ("POST", "/v1beta/openai/chat/completions"): self.chat_completions,
         }
         self.public = {"/", "/health"}
 
     def close(self) -> None:
         self.pool.close()
         self.ledger.close()
+        self.responses_store.close()
 
     # -- dispatch
     def client_codec(self, path: str) -> Codec:
         """The protocol a client speaks, from the path it called (errors answer in it)."""
         if path.startswith(("/v1/messages", "/anthropic/")):
             return self.codecs["anthropic"]
+        if path.startswith("/v1/responses"):
+            return self.codecs["responses"]
+        if path.startswith("/v1beta/models") or (path.startswith("/v1/models/") and ":" in path):
+            return self.codecs["gemini"]
         return self.codecs["openai"]
 
     def find_handler(self, request: HttpRequest):
@@ -5874,8 +5946,16 @@ class Gateway:
         handler = self.routes.get((method, path))
         if handler is not None:
             return handler
+        if path.startswith(("/v1beta/models/", "/v1/models/")) and ":" in path.rsplit("/", 1)[-1]:
+            if method != "POST":
+                raise GatewayError(405, f"method {request.method} is not allowed on {path}; use POST")
+            return self.gemini_call  # Gemini's /models/{model}:{method}
+        if method == "GET" and path.startswith("/v1beta/models/"):
+            return self.gemini_get_model
         if method == "GET" and path.startswith("/v1/models/"):
-            return self.get_model
+            return self.gemini_get_model if is_gemini_client(request) else self.get_model
+        if path.startswith("/v1/responses/") and method in ("GET", "DELETE"):
+            return self.get_response if method == "GET" else self.delete_response
         allowed = sorted({m for (m, p) in self.routes if p == path})
         if allowed:
             raise GatewayError(405, f"method {request.method} is not allowed on {path}; use {', '.join(allowed)}")
@@ -6046,6 +6126,8 @@ class Gateway:
         """Loopback and translation lanes: the client's canonical request, answered in its
         protocol. Returns the response object the client got (the Responses lane stores it)."""
         call.user = call.user or req.user
+        if self.cfg.loop_guard:
+            guard_tool_loops(req, self.cfg.loop_guard_window, self.cfg.loop_guard_warn, self.cfg.loop_guard_stop)
         if req.stream and encoder is None:
             encoder = call.codec.stream_encoder(req)
         if lane == "loopback":
@@ -6054,7 +6136,9 @@ class Gateway:
         upstream_codec = self.codecs[route.provider.protocol]
         body = upstream_codec.encode_request(req, route.model, route.provider)
         operation = {"openai": "chat", "anthropic": "messages", "gemini": "generate"}[route.provider.protocol]
-        heartbeat = Heartbeat(call, self.cfg.stream_keepalive, getattr(encoder, "keepalive", None)) if req.stream else None
+        heartbeat = (
+            Heartbeat(call, self.cfg.stream_keepalive, getattr(encoder, "keepalive", None)) if req.stream else None
+        )
         try:
             url = route.provider.url(operation, route.model, req.stream)
             resp = await self.send_upstream(call, route.provider, url, dumps(body), request, upstream_codec)
@@ -6128,7 +6212,7 @@ class Gateway:
             if not options.get("include_usage"):  # ask anyway, for the ledger; the client will not see it
                 body["stream_options"] = {**options, "include_usage": True}
                 hide_usage = True
-        if hide_usage or route.model != body.get("model"):
+        if hide_usage or ("model" in body and route.model != body["model"]):  # Gemini names it in the URL
             body["model"] = route.model
             raw = dumps(body)
         heartbeat = Heartbeat(call, self.cfg.stream_keepalive) if call.stream else None
@@ -6211,6 +6295,107 @@ class Gateway:
             headers["OpenAI-Beta"] = request.headers["openai-beta"]
         return headers
 
+    # -- Responses API
+    async def responses(self, request: HttpRequest, call: Call) -> None:
+        body = parse_json_body(request.body)
+        model = field_of(body, "model", str, required=True)
+        stream = bool(field_of(body, "stream", bool, default=False))
+        route = self.begin_model_call(call, model, stream)
+        lane = self.choose_lane(call, route, route.provider.speaks_responses)
+        if lane == "passthrough":  # OpenAI keeps its own state for previous_response_id
+            await self.passthrough(request, call, route, body, "responses")
+            return
+        new_input = responses_input_items(body.get("input"))
+        previous = field_of(body, "previous_response_id", str)
+        history: list = []
+        if previous:
+            stored = await self.responses_store.load(previous)
+            if stored is None:
+                raise GatewayError(
+                    404, f"previous_response_id {previous!r} was not found: it was never stored by this gateway, "
+                    "was deleted, or is older than responses_retention_days", "not_found_error",
+                )  # fmt: skip
+            history = stored["input"] + stored["response"].get("output", [])
+        full_input = history + new_input
+        req = call.codec.decode_request({**body, "input": full_input})
+        result = await self.canonical_call(request, call, route, req, lane, self.responses_encoder(req))
+        if result and body.get("store") is not False and result.get("status") in ("completed", "incomplete"):
+            self.responses_store.save(result, full_input)
+
+    def responses_encoder(self, req: Request):
+        """The Responses stream encoder, fixing Codex `shell` arguments from other models."""
+        encoder = RESPONSES_CODEC.stream_encoder(req) if req.stream else None
+        fixer = ShellArgumentsFixer(req)
+        return FilteredEncoder(encoder, fixer) if encoder is not None and fixer.tools else encoder
+
+    async def get_response(self, request: HttpRequest, call: Call) -> None:
+        response_id = request.path.rstrip("/").rsplit("/", 1)[-1]
+        stored = await self.responses_store.load(response_id)
+        if stored is None:
+            raise GatewayError(404, f"no stored response with id {response_id!r}", "not_found_error")
+        call.exchange.send_json(200, stored["response"])
+
+    async def delete_response(self, request: HttpRequest, call: Call) -> None:
+        response_id = request.path.rstrip("/").rsplit("/", 1)[-1]
+        if await self.responses_store.load(response_id) is None:
+            raise GatewayError(404, f"no stored response with id {response_id!r}", "not_found_error")
+        self.responses_store.delete(response_id)
+        call.exchange.send_json(200, {"id": response_id, "object": "response.deleted", "deleted": True})
+
+    async def responses_input_tokens(self, request: HttpRequest, call: Call) -> None:
+        body = parse_json_body(request.body)
+        counted = {k: body.get(k) for k in ("input", "instructions", "tools")}
+        call.exchange.send_json(200, {"object": "response.input_tokens", "input_tokens": estimate_tokens(counted)})
+
+    # -- Gemini
+    async def gemini_call(self, request: HttpRequest, call: Call) -> None:
+        """POST /v1beta/models/{model}:generateContent | :streamGenerateContent | :countTokens."""
+        model, _, method = request.path.split("/models/", 1)[1].partition(":")
+        if method not in ("generateContent", "streamGenerateContent", "countTokens"):
+            raise GatewayError(
+                404,
+                f"unknown method {method!r}; tgw serves generateContent, streamGenerateContent and countTokens",
+                "not_found_error",
+            )
+        body = parse_json_body(request.body)
+        if method == "countTokens":
+            await self.gemini_count_tokens(request, call, model, body)
+            return
+        stream = method == "streamGenerateContent"
+        sse = request.query.get("alt") == "sse"
+        route = self.begin_model_call(call, model, stream)
+        if route.provider.protocol == "gemini" and stream and not sse:
+            lane = call.lane = "translation"  # same protocol, re-framed from upstream SSE into a JSON-array stream
+        else:
+            lane = self.choose_lane(call, route, route.provider.protocol == "gemini")
+        if lane == "passthrough":
+            await self.passthrough(request, call, route, body, "generate")
+            return
+        req = call.codec.decode_request(body, model, stream)
+        encoder = call.codec.stream_encoder(req, sse=sse) if stream else None
+        await self.canonical_call(request, call, route, req, lane, encoder)
+
+    async def gemini_count_tokens(self, request: HttpRequest, call: Call, model: str, body: dict) -> None:
+        route = self.router.resolve(model)
+        if route.provider.protocol == "gemini" and self.cfg.work_mode != "translation":
+            url = route.provider.url("count_gemini", route.model)
+            resp = await self.send_upstream(call, route.provider, url, request.body, request, call.codec)
+            call.exchange.send(resp.status, await resp.read(), "application/json")
+            return
+        call.exchange.send_json(200, {"totalTokens": gemini_count_tokens_estimate(body)})
+
+    def gemini_model_info(self, model: str) -> dict:
+        return {"name": f"models/{model}", "displayName": model, "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
+                "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens"]}  # fmt: skip
+
+    async def gemini_list_models(self, request: HttpRequest, call: Call) -> None:
+        call.exchange.send_json(200, {"models": [self.gemini_model_info(m) for m, _ in self.router.listed_models()]})
+
+    async def gemini_get_model(self, request: HttpRequest, call: Call) -> None:
+        model = request.path.split("/models/", 1)[1]
+        self.router.resolve(model)
+        call.exchange.send_json(200, self.gemini_model_info(model))
+
     # -- embeddings
     async def embeddings(self, request: HttpRequest, call: Call) -> None:
         body = parse_json_body(request.body)
@@ -6275,6 +6460,113 @@ def is_usage_only_chunk(sse: SSEEvent) -> bool:
     except ValueError:
         return False
     return isinstance(chunk, dict) and not chunk.get("choices") and bool(chunk.get("usage"))
+
+
+def is_gemini_client(request: HttpRequest) -> bool:
+    """GET /v1/models/{id} is OpenAI's, unless the caller authenticates the way Gemini clients do."""
+    return "x-goog-api-key" in request.headers or "key" in request.query
+
+
+def responses_input_items(value) -> list:
+    """A Responses `input` (a string or a list of items) as a list of items."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user", "content": value}]
+    if isinstance(value, list):
+        return list(value)
+    raise bad_request(f"'input' must be a string or an array of items, got {json.dumps(value)[:60]}")
+
+
+def guard_tool_loops(req: Request, window: int, warn_after: int, stop_after: int) -> None:
+    """A model that keeps making the same tool call and getting the same result is stuck:
+    first tell it so (a note in its context), then refuse with a clear error."""
+    calls: dict[str, tuple] = {}
+    rounds: list[tuple] = []
+    for message in req.messages:
+        for part in message.parts:
+            if part.type == "tool_call":
+                calls[part.id] = (part.name, canonical_json(part.arguments))
+            elif part.type == "tool_result" and part.id in calls:
+                rounds.append((*calls[part.id], tool_result_text(part)))
+    rounds = rounds[-window:]
+    if not rounds:
+        return
+    repeats = 0
+    for item in reversed(rounds):
+        if item != rounds[-1]:
+            break
+        repeats += 1
+    name = rounds[-1][0]
+    if repeats >= stop_after:
+        raise bad_request(
+            f"tgw loop guard: the model called {name!r} {repeats} times in a row with the same arguments and got the "
+            "same result each time; the request was stopped. Change the instructions or the tool, or raise "
+            "loop_guard_stop (loop_guard = false turns the guard off)."
+        )
+    if repeats >= warn_after and req.messages and req.messages[-1].role == "user":
+        log.warning("loop guard: %r repeated %d times; warning the model", name, repeats)
+        note = (
+            f"[tgw loop guard] You have called {name} {repeats} times in a row with identical arguments and received "
+            "the identical result each time. Do not call it that way again: try a different approach, or answer."
+        )
+        req.messages[-1].parts.append(Part("text", text=note))
+
+
+def canonical_json(text: str) -> str:
+    try:
+        return json.dumps(json.loads(text), sort_keys=True)
+    except ValueError:
+        return text
+
+
+class ShellArgumentsFixer:
+    """Codex's classic `shell` tool takes `command` as an array; other models often send a
+    string. Such a call's arguments are held until its block ends, then sent whole as
+    ["bash", "-lc", command] (what Tokligence Gateway does for non-OpenAI models)."""
+
+    def __init__(self, req: Request):
+        self.tools = {
+            t.name for t in req.tools
+            if t.name in ("shell", "container.exec", "local_shell")
+            and ((t.parameters or {}).get("properties") or {}).get("command", {}).get("type") == "array"
+        }  # fmt: skip
+        self.held: dict[int, str] = {}
+
+    def __call__(self, ev) -> list:
+        if isinstance(ev, BlockStart) and ev.part.type == "tool_call" and ev.part.name in self.tools:
+            self.held[ev.index] = ""
+        elif isinstance(ev, BlockDelta) and ev.index in self.held:
+            self.held[ev.index] += ev.value
+            return []
+        elif isinstance(ev, BlockStop) and ev.index in self.held:
+            return [BlockDelta(ev.index, "arguments", self.fix(self.held.pop(ev.index))), ev]
+        return [ev]
+
+    @staticmethod
+    def fix(arguments: str) -> str:
+        try:
+            value = json.loads(arguments)
+        except ValueError:
+            return arguments
+        if isinstance(value, dict) and isinstance(value.get("command"), str):
+            value["command"] = ["bash", "-lc", value["command"]]
+            return json.dumps(value)
+        return arguments
+
+
+class FilteredEncoder:
+    """A stream encoder behind an event filter (keeps the encoder's other attributes)."""
+
+    def __init__(self, encoder, event_filter):
+        self.encoder = encoder
+        self.event_filter = event_filter
+
+    def encode(self, ev) -> bytes:
+        return b"".join(self.encoder.encode(e) for e in self.event_filter(ev))
+
+    def __getattr__(self, name):
+        return getattr(self.encoder, name)
 
 
 # ---- running it -----------------------------------------------------------------------
