@@ -942,7 +942,10 @@ class UpstreamResponse:
             await reader.readexactly(2)
             return data
         if self.remaining >= 0:
-            data = await reader.read(min(self.remaining, 262144))
+            if self.remaining <= 1 << 20:  # the usual JSON answer: one read for the whole body
+                data = await reader.readexactly(self.remaining)
+            else:
+                data = await reader.read(1 << 18)
             if not data:
                 raise asyncio.IncompleteReadError(b"", self.remaining)
             self.remaining -= len(data)
@@ -6097,24 +6100,21 @@ class Gateway:
         return lane
 
     async def chat_completions(self, request: HttpRequest, call: Call) -> None:
-        body = parse_json_body(request.body)
-        model = field_of(body, "model", str, required=True)
-        stream = bool(field_of(body, "stream", bool, default=False))
-        route = self.begin_model_call(call, model, stream)
-        lane = self.choose_lane(call, route, route.provider.protocol == "openai")
-        if lane == "passthrough":
-            await self.passthrough(request, call, route, body, "chat")
-        else:
-            await self.canonical_call(request, call, route, call.codec.decode_request(body), lane)
+        await self.model_call(request, call, "openai", "chat")
 
     async def messages(self, request: HttpRequest, call: Call) -> None:
+        await self.model_call(request, call, "anthropic", "messages")
+
+    async def model_call(self, request: HttpRequest, call: Call, native_protocol: str, operation: str) -> None:
+        """A Chat Completions or Messages call: passthrough when the provider speaks the
+        client's protocol, the canonical lanes otherwise."""
         body = parse_json_body(request.body)
         model = field_of(body, "model", str, required=True)
         stream = bool(field_of(body, "stream", bool, default=False))
         route = self.begin_model_call(call, model, stream)
-        lane = self.choose_lane(call, route, route.provider.protocol == "anthropic")
+        lane = self.choose_lane(call, route, route.provider.protocol == native_protocol)
         if lane == "passthrough":
-            await self.passthrough(request, call, route, body, "messages")
+            await self.passthrough(request, call, route, body, operation)
         else:
             await self.canonical_call(request, call, route, call.codec.decode_request(body), lane)
 
@@ -6824,7 +6824,9 @@ def reexec_as_import() -> None:
         return
     os.environ["TGW_REEXECUTED"] = "1"
     bootstrap = "import sys; sys.dont_write_bytecode = False; sys.path.insert(0, sys.argv.pop(1)); import tgw; sys.exit(tgw.main())"
-    os.execv(sys.executable, [sys.executable, "-S", "-c", bootstrap, str(Path(__file__).resolve().parent), *sys.argv[1:]])
+    os.execv(
+        sys.executable, [sys.executable, "-S", "-c", bootstrap, str(Path(__file__).resolve().parent), *sys.argv[1:]]
+    )
 
 
 if __name__ == "__main__":
