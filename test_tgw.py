@@ -5384,3 +5384,44 @@ def test_count_tokens_estimate_uses_the_one_estimator():
     image = {"contents": [{"parts": [{"inline_data": {"mime_type": "image/png", "data": "A" * 100000}}]}]}
     assert gemini_count_tokens_estimate(image) < 2000  # priced as an image, not as 100 kB of text
     assert gemini_count_tokens_estimate({}) == 1
+
+
+# ======================================================================================
+# Translation toward OpenAI-compatible servers
+# ======================================================================================
+
+
+def claude_code_like_request() -> tgw.Request:
+    body = {
+        "model": "claude-opus-4-8",
+        "max_tokens": 64000,
+        "system": [{"type": "text", "text": "You are Claude Code."}],
+        "messages": [
+            {"role": "user", "content": "say hi"},
+            {"role": "system", "content": "Available agent types: ..."},
+            {"role": "assistant", "content": "hi"},
+            {"role": "user", "content": "again"},
+        ],
+    }
+    return tgw.ANTHROPIC_CODEC.decode_request(body)
+
+
+def test_max_tokens_is_clamped_to_what_openai_models_accept():
+    req = claude_code_like_request()
+    official = tgw.build_providers(tgw.load_config(None, {}, env={"TOKLIGENCE_OPENAI_API_KEY": "k"}))["openai"]
+    assert tgw.OPENAI_CODEC.encode_request(req, "gpt-4o", official)["max_completion_tokens"] == 16384
+    assert tgw.OPENAI_CODEC.encode_request(req, "gpt-5", official)["max_completion_tokens"] == 64000
+    assert tgw.OPENAI_CODEC.encode_request(req, "my-local-model", official)["max_completion_tokens"] == 64000
+
+
+def test_mid_conversation_system_messages_fold_into_one_for_local_servers():
+    req = claude_code_like_request()
+    env = {"TOKLIGENCE_OPENAI_BASE_URL": "http://127.0.0.1:11434/v1"}
+    local = tgw.build_providers(tgw.load_config(None, {}, env=env))["openai"]
+    body = tgw.OPENAI_CODEC.encode_request(req, "qwen3", local)
+    assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user"]
+    assert body["messages"][0]["content"] == "You are Claude Code.\n\nAvailable agent types: ..."
+    assert "max_tokens" in body and "max_completion_tokens" not in body
+    official = tgw.build_providers(tgw.load_config(None, {}, env={"TOKLIGENCE_OPENAI_API_KEY": "k"}))["openai"]
+    in_place = tgw.OPENAI_CODEC.encode_request(req, "gpt-5", official)
+    assert [m["role"] for m in in_place["messages"]] == ["system", "user", "system", "assistant", "user"]

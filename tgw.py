@@ -1741,10 +1741,16 @@ class OpenAIChatCodec(Codec):
 
     def encode_request(self, req: Request, model: str, provider=None) -> dict:
         messages = []
-        if req.system:
-            messages.append({"role": "system", "content": system_text(req)})
+        system = system_text(req)
+        in_place = provider is None or provider.official  # many local chat templates want one system message, first
+        if not in_place:
+            later = [text_of(m.parts) for m in req.messages if m.role == "system"]
+            system = "\n\n".join(t for t in [system, *later] if t)
+        if system:
+            messages.append({"role": "system", "content": system})
         for msg in req.messages:
-            messages.extend(self._encode_message(msg))
+            if in_place or msg.role != "system":
+                messages.extend(self._encode_message(msg))
         body: dict = {"model": model, "messages": messages}
         tools = [t for t in req.tools if t.kind != "builtin"]  # provider-defined tools of other protocols
         if tools:
@@ -1758,7 +1764,9 @@ class OpenAIChatCodec(Codec):
             if req.parallel_tool_calls is not None:
                 body["parallel_tool_calls"] = req.parallel_tool_calls
         if req.max_tokens is not None:
-            body["max_completion_tokens" if provider is None or provider.official else "max_tokens"] = req.max_tokens
+            limit = openai_max_output(model)
+            max_tokens = min(req.max_tokens, limit) if limit else req.max_tokens
+            body["max_completion_tokens" if provider is None or provider.official else "max_tokens"] = max_tokens
         for name in ("temperature", "top_p"):
             if getattr(req, name) is not None:
                 body[name] = getattr(req, name)
@@ -1921,6 +1929,17 @@ class OpenAIChatCodec(Codec):
     def encode_error(self, err: GatewayError) -> dict:
         kind = OPENAI_ERROR_TYPES.get(err.kind, "server_error" if err.status >= 500 else "invalid_request_error")
         return {"error": {"message": err.message, "type": kind, "param": None, "code": err.kind}}
+
+
+# The most output tokens OpenAI models accept (Claude Code asks for 64000; gpt-4o refuses that).
+OPENAI_MAX_OUTPUT = (
+    ("gpt-4o*", 16384), ("chatgpt-4o*", 16384), ("gpt-4.1*", 32768), ("gpt-4-turbo*", 4096), ("gpt-4", 8192),
+    ("gpt-3.5*", 4096), ("gpt-5*", 128000), ("o1-mini*", 65536), ("o1*", 100000), ("o3*", 100000), ("o4*", 100000),
+)  # fmt: skip
+
+
+def openai_max_output(model: str) -> int | None:
+    return next((limit for pattern, limit in OPENAI_MAX_OUTPUT if glob_match(pattern, model)), None)
 
 
 def openai_id(resp_id: str) -> str:
