@@ -5425,3 +5425,1328 @@ def test_mid_conversation_system_messages_fold_into_one_for_local_servers():
     official = tgw.build_providers(tgw.load_config(None, {}, env={"TOKLIGENCE_OPENAI_API_KEY": "k"}))["openai"]
     in_place = tgw.OPENAI_CODEC.encode_request(req, "gpt-5", official)
     assert [m["role"] for m in in_place["messages"]] == ["system", "user", "system", "assistant", "user"]
+
+
+# ======================================================================================
+# 9b. Gateway lanes over sockets: Anthropic (issue 3), Responses (issue 4), Gemini (issue 5)
+# ======================================================================================
+
+L_ANTHROPIC_KEY = "sk-ant-upstream-secret-42"
+L_GEMINI_KEY = "gm-upstream-secret-42"
+L_WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+L_A_TOOL = {"name": "get_weather", "description": "Weather for a city", "input_schema": L_WEATHER_SCHEMA}
+L_O_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                             "parameters": L_WEATHER_SCHEMA}}  # fmt: skip
+L_R_TOOL = {"type": "function", "name": "get_weather", "description": "Weather for a city",
+            "parameters": L_WEATHER_SCHEMA}  # fmt: skip
+L_CLAUDE = {"model": "claude-sonnet-4-5", "max_tokens": 256, "messages": [{"role": "user", "content": "hello"}]}
+L_GEMINI = {"contents": [{"role": "user", "parts": [{"text": "hello"}]}]}
+L_PATCH = '*** Begin Patch\n*** Add File: hello.txt\n+say "hi" café\n*** End Patch\n'
+L_APPLY_PATCH = {"type": "custom", "name": "apply_patch", "description": "Apply a patch",
+                 "format": {"type": "grammar", "syntax": "lark", "definition": "start: begin_patch hunk+ end_patch"}}  # fmt: skip
+L_SHELL = {"type": "function", "name": "shell", "description": "Run a command",
+           "parameters": {"type": "object", "properties": {"command": {"type": "array", "items": {"type": "string"}}},
+                          "required": ["command"]}}  # fmt: skip
+
+
+def anthropic_env(up: FakeUpstream, key=L_ANTHROPIC_KEY) -> dict:
+    return {"TOKLIGENCE_ANTHROPIC_BASE_URL": up.url, "TOKLIGENCE_ANTHROPIC_API_KEY": key}
+
+
+def gemini_env(up: FakeUpstream, key=L_GEMINI_KEY) -> dict:
+    return {"TOKLIGENCE_GEMINI_BASE_URL": up.url, "TOKLIGENCE_GEMINI_API_KEY": key}
+
+
+def routes_env(*pairs: str) -> dict:
+    return {"TOKLIGENCE_MODEL_PROVIDER_ROUTES": ",".join(pairs)}
+
+
+def anthropic_sse_text(events: list) -> str:
+    return "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
+
+
+def reply_anthropic_sse(h, events: list, **kwargs):
+    """Stream Anthropic events (dicts with a 'type'), each framed with its event: name."""
+    reply_sse(h, [anthropic_sse_text([e]) for e in events], **kwargs)
+
+
+def header_of(sent: dict, name: str):
+    """A header the fake upstream received, by case-insensitive name."""
+    return next((v for k, v in sent["headers"].items() if k.lower() == name.lower()), None)
+
+
+def lane_sse(payload: bytes) -> list:
+    """(event name or None, data) of each SSE event; CRLF framing and comments handled."""
+    out = []
+    for block in payload.decode().replace("\r\n", "\n").split("\n\n"):
+        name, data = None, []
+        for line in block.split("\n"):
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[6:] if line.startswith("data: ") else line[5:])
+        if name is None and not data:
+            continue
+        text = "\n".join(data)
+        try:
+            out.append((name, json.loads(text)))
+        except ValueError:
+            out.append((name, text))
+    return out
+
+
+def lane_chunk(delta=None, finish=None, usage=None, model="gpt-4o-mini") -> dict:
+    chunk = {"id": "chatcmpl-lane", "object": "chat.completion.chunk", "created": 1, "model": model,
+             "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+    if usage:
+        chunk["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}
+    return chunk
+
+
+def o_tool_chunks(name: str, arguments: str, call_id="call_lane1", text="", usage=(21, 6), size=7) -> list:
+    """A Chat stream: optional text, then one tool call whose arguments come in `size`-char pieces."""
+    chunks = [lane_chunk({"role": "assistant", "content": ""})]
+    if text:
+        chunks.append(lane_chunk({"content": text}))
+    start = {"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+    chunks.append(lane_chunk({"tool_calls": [start]}))
+    for i in range(0, len(arguments), size):
+        chunks.append(lane_chunk({"tool_calls": [{"index": 0, "function": {"arguments": arguments[i : i + size]}}]}))
+    chunks += [lane_chunk({}, "tool_calls"), lane_chunk(usage=usage), "data: [DONE]\n\n"]
+    return chunks
+
+
+def o_tool_answer(name: str, arguments: str, call_id="call_lane1", content=None, prompt=31, completion=9) -> dict:
+    answer = chat_completion(content, prompt=prompt, completion=completion)
+    answer["choices"][0]["message"]["tool_calls"] = [
+        {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+    ]
+    answer["choices"][0]["finish_reason"] = "tool_calls"
+    return answer
+
+
+def a_message(content: list, stop_reason="end_turn", usage=None, model="claude-sonnet-4-5") -> dict:
+    return {"id": "msg_lane01", "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": stop_reason, "stop_sequence": None,
+            "usage": usage or {"input_tokens": 12, "output_tokens": 5}}  # fmt: skip
+
+
+def a_events_text_and_tool(usage_start=None, output_tokens=12) -> list:
+    """An Anthropic stream: text, then a get_weather tool_use with its input in two deltas."""
+    start = {"id": "msg_lane02", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5", "content": [],
+             "stop_reason": None, "stop_sequence": None,
+             "usage": usage_start or {"input_tokens": 10, "cache_read_input_tokens": 90, "output_tokens": 1}}  # fmt: skip
+    return [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "ping"},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Checking."}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1,
+         "content_block": {"type": "tool_use", "id": "toolu_lane1", "name": "get_weather", "input": {}}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '{"city": '}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '"Paris"}'}},
+        {"type": "content_block_stop", "index": 1},
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+         "usage": {"output_tokens": output_tokens}},
+        {"type": "message_stop"},
+    ]  # fmt: skip
+
+
+def g_answer(parts: list, finish="STOP", prompt=12, candidates=5) -> dict:
+    candidate = {"content": {"role": "model", "parts": parts}, "finishReason": finish, "index": 0} if parts else {
+        "finishReason": finish, "index": 0}  # fmt: skip
+    return {"candidates": [candidate], "modelVersion": "gemini-2.5-flash", "responseId": "resp-g1",
+            "usageMetadata": {"promptTokenCount": prompt, "candidatesTokenCount": candidates,
+                              "totalTokenCount": prompt + candidates}}  # fmt: skip
+
+
+def r_events(payload: bytes) -> list:
+    """The data objects of a Responses stream, checking each event name matches its type."""
+    events = lane_sse(payload)
+    assert all(name == data["type"] for name, data in events)
+    return [data for _, data in events]
+
+
+def find_tool(body: dict, name: str) -> dict:
+    return next(t["function"] for t in body["tools"] if t.get("function", {}).get("name") == name)
+
+
+# ---- issue 3: Anthropic client -> OpenAI upstream ---------------------------------------
+
+
+L_CC_REQUEST = {
+    "model": "claude-sonnet-4-5",
+    "max_tokens": 1024,
+    "system": [{"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}}],
+    "tools": [{**L_A_TOOL, "cache_control": {"type": "ephemeral"}}],
+    "messages": [
+        {"role": "user", "content": "Weather in Rome?"},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "toolu_prev", "name": "get_weather", "input": {"city": "Rome"}}],
+        },  # fmt: skip
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_prev", "content": "sunny, 24C"},
+                {"type": "text", "text": "And Paris?", "cache_control": {"type": "ephemeral"}},
+            ],
+        },  # fmt: skip
+    ],
+}
+
+
+def test_lane_anthropic_client_to_openai_upstream_tool_call_json(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, o_tool_answer("get_weather", '{"city": "Paris"}', prompt=31)))
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")})
+    status, _, body = post(gw, "/v1/messages", L_CC_REQUEST, {"anthropic-version": "2023-06-01", "x-api-key": "k"})
+    answer = json.loads(body)
+    assert status == 200 and answer["type"] == "message" and answer["model"] == "claude-sonnet-4-5"
+    assert answer["content"] == [{"type": "tool_use", "id": "call_lane1", "name": "get_weather",
+                                  "input": {"city": "Paris"}}]  # fmt: skip
+    assert answer["stop_reason"] == "tool_use"
+    assert answer["usage"]["input_tokens"] == 31 and answer["usage"]["output_tokens"] == 9
+    sent = up.requests[0]
+    assert sent["path"] == "/v1/chat/completions"
+    assert header_of(sent, "Authorization") == "Bearer sk-upstream-secret-123456"
+    messages = sent["body"]["messages"]
+    assert messages[0] == {"role": "system", "content": "You are terse."}
+    assert messages[1] == {"role": "user", "content": "Weather in Rome?"}
+    assert messages[2]["role"] == "assistant" and messages[2]["content"] is None
+    assert messages[2]["tool_calls"][0]["id"] == "toolu_prev"
+    assert json.loads(messages[2]["tool_calls"][0]["function"]["arguments"]) == {"city": "Rome"}
+    assert messages[3] == {"role": "tool", "tool_call_id": "toolu_prev", "content": "sunny, 24C"}
+    assert messages[4] == {"role": "user", "content": "And Paris?"}
+    assert find_tool(sent["body"], "get_weather")["parameters"] == L_WEATHER_SCHEMA
+    assert "cache_control" not in json.dumps(sent["body"])
+    assert sent["body"]["max_tokens"] == 1024 and sent["body"]["model"] == "claude-sonnet-4-5"
+    row = gw.rows()[-1]
+    assert (row["client_protocol"], row["lane"], row["provider"], row["stream"]) == ("anthropic", "translation",
+                                                                                     "openai", 0)  # fmt: skip
+    assert (row["prompt_tokens"], row["completion_tokens"], row["status"]) == (31, 9, 200)
+
+
+def test_lane_anthropic_client_to_openai_upstream_stream_text_and_tool(start_gateway, upstream):
+    arguments = '{"city": "Paris", "unit": "celsius"}'
+    up = upstream(lambda h, b: reply_sse(h, o_tool_chunks("get_weather", arguments, text="Let me check.",
+                                                          usage=(40, 17))))  # fmt: skip
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")})
+    status, headers, body = post(gw, "/v1/messages", {**L_CC_REQUEST, "stream": True})
+    events = lane_sse(body)
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    assert all(name == data["type"] for name, data in events)
+    kinds = [name for name, _ in events]
+    n_args = kinds.count("content_block_delta") - 1
+    assert n_args >= 2  # the arguments arrived in pieces and went out in pieces
+    assert kinds == (["message_start", "content_block_start", "content_block_delta", "content_block_stop",
+                      "content_block_start"] + ["content_block_delta"] * n_args
+                     + ["content_block_stop", "message_delta", "message_stop"])  # fmt: skip
+    data = [d for _, d in events]
+    assert data[1]["content_block"]["type"] == "text" and data[2]["delta"] == {"type": "text_delta",
+                                                                               "text": "Let me check."}  # fmt: skip
+    tool_start = data[4]
+    assert tool_start["index"] == 1 and tool_start["content_block"]["type"] == "tool_use"
+    assert tool_start["content_block"]["id"] == "call_lane1" and tool_start["content_block"]["name"] == "get_weather"
+    pieces = [d["delta"]["partial_json"] for d in data[5 : 5 + n_args]]
+    assert all(d["delta"]["type"] == "input_json_delta" and d["index"] == 1 for d in data[5 : 5 + n_args])
+    assert json.loads("".join(pieces)) == json.loads(arguments)
+    assert data[-2]["delta"]["stop_reason"] == "tool_use" and data[-2]["usage"]["output_tokens"] == 17
+    sent = up.requests[0]["body"]
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    row = gw.rows()[-1]
+    assert (row["lane"], row["stream"], row["prompt_tokens"], row["completion_tokens"]) == ("translation", 1, 40, 17)
+
+
+# ---- issue 3: OpenAI client -> Anthropic upstream ---------------------------------------
+
+
+def test_lane_openai_client_to_anthropic_upstream_json_tool_round_trip(start_gateway, upstream):
+    answers = [
+        a_message([{"type": "text", "text": "Checking."},
+                   {"type": "tool_use", "id": "toolu_lane1", "name": "get_weather", "input": {"city": "Paris"}}],
+                  "tool_use", {"input_tokens": 10, "cache_read_input_tokens": 90, "output_tokens": 7}),
+        a_message([{"type": "text", "text": "It is 18C in Paris."}], "end_turn", {"input_tokens": 120, "output_tokens": 9}),
+    ]  # fmt: skip
+    up = upstream(lambda h, b: reply_json(h, answers[len(up.requests) - 1]))
+    gw = start_gateway(env={**anthropic_env(up), **routes_env("gpt*=>anthropic")})
+    first = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [L_O_TOOL]}
+    status, _, body = post(gw, "/v1/chat/completions", first)
+    answer = json.loads(body)
+    message = answer["choices"][0]["message"]
+    assert status == 200 and answer["object"] == "chat.completion"
+    assert message["content"] == "Checking." and answer["choices"][0]["finish_reason"] == "tool_calls"
+    call = message["tool_calls"][0]
+    assert call["id"] == "toolu_lane1" and call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    assert answer["usage"]["prompt_tokens"] == 100 and answer["usage"]["completion_tokens"] == 7
+    assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == 90
+    sent = up.requests[0]
+    assert sent["path"] == "/v1/messages" and header_of(sent, "x-api-key") == L_ANTHROPIC_KEY
+    assert header_of(sent, "anthropic-version") == "2023-06-01"
+    assert sent["body"]["model"] == "gpt-4o" and sent["body"]["max_tokens"] > 0
+    assert sent["body"]["tools"] == [L_A_TOOL]
+    second = {**first, "messages": first["messages"] + [message, {"role": "tool", "tool_call_id": "toolu_lane1",
+                                                                   "content": "18C"}]}  # fmt: skip
+    status, _, body = post(gw, "/v1/chat/completions", second)
+    answer = json.loads(body)
+    assert status == 200 and answer["choices"][0]["message"]["content"] == "It is 18C in Paris."
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    turns = up.requests[1]["body"]["messages"]
+    assert [t["role"] for t in turns] == ["user", "assistant", "user"]
+    assert turns[1]["content"][-1] == {"type": "tool_use", "id": "toolu_lane1", "name": "get_weather",
+                                       "input": {"city": "Paris"}}  # fmt: skip
+    result = turns[2]["content"][0]
+    assert result["type"] == "tool_result" and result["tool_use_id"] == "toolu_lane1" and "18C" in json.dumps(result)
+    rows = gw.rows(2)
+    assert [(r["lane"], r["provider"], r["prompt_tokens"], r["cached_tokens"]) for r in rows[-2:]] == [
+        ("translation", "anthropic", 100, 90), ("translation", "anthropic", 120, 0)]  # fmt: skip
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_lane_openai_client_to_anthropic_upstream_stream(start_gateway, upstream, include_usage):
+    up = upstream(lambda h, b: reply_anthropic_sse(h, a_events_text_and_tool(output_tokens=12)))
+    gw = start_gateway(env={**anthropic_env(up), **routes_env("gpt*=>anthropic")})
+    request = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Weather?"}], "tools": [L_O_TOOL],
+               "stream": True}  # fmt: skip
+    if include_usage:
+        request["stream_options"] = {"include_usage": True}
+    status, _, body = post(gw, "/v1/chat/completions", request)
+    chunks = sse_data(body)
+    assert status == 200 and chunks[-1] == "[DONE]"
+    chunks = chunks[:-1]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    calls = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls") or []]
+    assert text == "Checking." and calls[0]["id"] == "toolu_lane1" and calls[0]["function"]["name"] == "get_weather"
+    assert json.loads("".join(tc["function"].get("arguments") or "" for tc in calls)) == {"city": "Paris"}
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finishes == ["tool_calls"]
+    usage_chunks = [c for c in chunks if c.get("usage")]
+    if include_usage:
+        assert len(usage_chunks) == 1 and usage_chunks[0]["choices"] == []
+        usage = usage_chunks[0]["usage"]
+        assert (usage["prompt_tokens"], usage["completion_tokens"]) == (100, 12)
+        assert usage["prompt_tokens_details"]["cached_tokens"] == 90
+    else:
+        assert usage_chunks == []
+    row = gw.rows()[-1]
+    assert (row["stream"], row["prompt_tokens"], row["completion_tokens"], row["cached_tokens"]) == (1, 100, 12, 90)
+
+
+# ---- issue 3: Anthropic passthrough -------------------------------------------------------
+
+
+def test_lane_anthropic_passthrough_forwards_body_and_headers(start_gateway, upstream):
+    answer = a_message([{"type": "text", "text": "Hi"}], usage={"input_tokens": 14, "output_tokens": 3})
+    up = upstream(lambda h, b: reply_json(h, answer))
+    gw = start_gateway(env=anthropic_env(up))
+    raw = b'{"model":  "claude-sonnet-4-5",\n "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}],' \
+          b' "metadata": {"user_id": "u-7"}, "unknown_future_field": {"x": [1, 2]}}'  # fmt: skip
+    client_headers = {"anthropic-version": "2023-06-01", "anthropic-beta": "prompt-caching-2024-07-31",
+                      "x-api-key": "client-own-key"}  # fmt: skip
+    for path in ("/v1/messages", "/anthropic/v1/messages?beta=true"):
+        status, _, body = post(gw, path, raw, client_headers)
+        assert status == 200 and json.loads(body) == answer
+    for sent in up.requests:
+        assert sent["path"] == "/v1/messages"
+        assert sent["body"] == json.loads(raw) and header_of(sent, "Content-Length") == str(len(raw))
+        assert header_of(sent, "x-api-key") == L_ANTHROPIC_KEY
+        assert header_of(sent, "anthropic-version") == "2023-06-01"
+        assert header_of(sent, "anthropic-beta") == "prompt-caching-2024-07-31"
+    rows = gw.rows(2)
+    assert [(r["lane"], r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [("passthrough", 14, 3)] * 2
+
+
+def test_lane_anthropic_passthrough_stream_bytes_and_usage_counted_once(start_gateway, upstream):
+    events = a_events_text_and_tool(usage_start={"input_tokens": 25, "output_tokens": 1}, output_tokens=15)
+    up = upstream(lambda h, b: reply_anthropic_sse(h, events))
+    gw = start_gateway(env=anthropic_env(up))
+    status, _, body = post(gw, "/v1/messages", {**L_CLAUDE, "stream": True}, {"anthropic-version": "2023-06-01"})
+    assert status == 200 and body == anthropic_sse_text(events).encode()
+    assert up.requests[0]["body"] == {**L_CLAUDE, "stream": True}
+    row = gw.rows()[-1]
+    assert (row["lane"], row["stream"], row["prompt_tokens"], row["completion_tokens"]) == ("passthrough", 1, 25, 15)
+
+
+# ---- issue 3: count_tokens ----------------------------------------------------------------
+
+
+def test_lane_count_tokens_passthrough_to_anthropic(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, {"input_tokens": 42}))
+    gw = start_gateway(env=anthropic_env(up))
+    for path in ("/v1/messages/count_tokens", "/anthropic/v1/messages/count_tokens?beta=true"):
+        status, _, body = post(gw, path, L_CLAUDE, {"anthropic-version": "2023-06-01"})
+        assert status == 200 and json.loads(body) == {"input_tokens": 42}
+    assert [r["path"] for r in up.requests] == ["/v1/messages/count_tokens"] * 2
+    assert up.requests[0]["body"]["messages"] == L_CLAUDE["messages"]
+    assert header_of(up.requests[0], "x-api-key") == L_ANTHROPIC_KEY
+
+
+def test_lane_count_tokens_estimate_for_an_openai_routed_model_counts_everything(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion()))
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")})
+
+    def count(body, path="/v1/messages/count_tokens"):
+        status, _, payload = post(gw, path, body)
+        assert status == 200
+        return json.loads(payload)["input_tokens"]
+
+    base = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "What is in this picture?"}]}
+    with_tools = {**base, "tools": [L_A_TOOL]}
+    with_system = {**with_tools, "system": "You are a careful assistant who describes pictures in detail."}
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo" * 50}}
+    with_image = {**with_system, "messages": [{"role": "user", "content": [image, {"type": "text", "text": "?"}]}]}
+    counts = [count(b) for b in (base, with_tools, with_system, with_image)]
+    assert 0 < counts[0] < counts[1] < counts[2] < counts[3], counts
+    assert count(base, "/v1/messages/count_tokens?beta=true") == counts[0]
+    assert up.requests == []  # an estimate: nothing was sent upstream
+
+
+# ---- issue 3: errors, work modes, keep-alive, models ----------------------------------------
+
+
+def test_lane_openai_upstream_429_reaches_anthropic_client_as_rate_limit_error(start_gateway, upstream):
+    err = {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}
+    up = upstream(lambda h, b: reply_json(h, err, status=429))
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")}, upstream_retries=0)
+    status, _, body = post(gw, "/v1/messages", L_CLAUDE)
+    assert status == 429
+    assert json.loads(body) == {"type": "error", "error": {"type": "rate_limit_error", "message": "Rate limit reached"}}
+    assert gw.rows()[-1]["status"] == 429
+    assert_serving(gw)
+
+
+def test_lane_anthropic_upstream_529_reaches_openai_client_with_its_status(start_gateway, upstream):
+    err = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    up = upstream(lambda h, b: reply_json(h, err, status=529))
+    gw = start_gateway(env={**anthropic_env(up), **routes_env("gpt*=>anthropic")}, upstream_retries=0)
+    status, _, body = post(gw, "/v1/chat/completions", CHAT)
+    error = json.loads(body)["error"]
+    assert status == 529 and error["message"] == "Overloaded"
+    assert error["type"] == "server_error" and error["code"] == "overloaded_error"
+    assert_serving(gw)
+
+
+def test_lane_openai_upstream_error_mid_stream_is_an_anthropic_error_event(start_gateway, upstream):
+    broken = [lane_chunk({"role": "assistant", "content": ""}), lane_chunk({"content": "partial"}),
+              {"error": {"message": "upstream exploded", "type": "server_error"}}]  # fmt: skip
+    up = upstream(lambda h, b: reply_sse(h, broken))
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")})
+    status, _, body = post(gw, "/v1/messages", {**L_CLAUDE, "stream": True})
+    events = lane_sse(body)
+    assert status == 200 and events[0][0] == "message_start"
+    assert ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                    "delta": {"type": "text_delta", "text": "partial"}}) in events  # fmt: skip
+    name, data = events[-1]
+    assert name == "error" and data["type"] == "error" and data["error"]["message"] == "upstream exploded"
+    assert "message_stop" not in [n for n, _ in events]
+    assert "upstream exploded" in gw.rows()[-1]["error"]
+    assert_serving(gw)
+
+
+def test_lane_work_mode_passthrough_refuses_translation_in_anthropic_envelope(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion()))
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai", "gpt*=>openai")}, work_mode="passthrough")
+    status, _, body = post(gw, "/v1/messages", L_CLAUDE)
+    error = json.loads(body)
+    assert status == 400 and error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert "work_mode=passthrough refuses translation" in error["error"]["message"]
+    assert up.requests == []
+    assert post(gw, "/v1/chat/completions", CHAT)[0] == 200  # same protocol still passes through
+
+
+def test_lane_claude_model_without_anthropic_key_names_the_key(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion()))
+    gw = start_gateway(env=openai_env(up))
+    status, _, body = post(gw, "/v1/messages", L_CLAUDE)
+    error = json.loads(body)
+    assert status == 400 and error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert "anthropic_api_key" in error["error"]["message"]
+    assert up.requests == []
+
+
+def test_lane_anthropic_stream_keepalive_is_a_ping_before_the_content(start_gateway, upstream):
+    def script(h, b):
+        time.sleep(0.7)
+        reply_sse(h, chat_chunks(words=("Hel", "lo")))
+
+    up = upstream(script)
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")}, stream_keepalive=0.2)
+    status, _, body = post(gw, "/v1/messages", {**L_CLAUDE, "stream": True})
+    events = lane_sse(body)
+    names = [n for n, _ in events]
+    assert status == 200 and names[0] == "ping" and events[0][1] == {"type": "ping"}
+    assert names.index("ping") < names.index("message_start") and names[-1] == "message_stop"
+    text = "".join(d["delta"].get("text", "") for n, d in events if n == "content_block_delta")
+    assert text == "Hello"
+
+
+def test_lane_models_in_anthropic_shape(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion()))
+    gw = start_gateway(
+        env={**openai_env(up), **anthropic_env(up), "TOKLIGENCE_MODEL_ALIASES": "sonnet=>claude-sonnet-4-5"}
+    )
+    for path, headers in (("/v1/models", {"anthropic-version": "2023-06-01"}), ("/v1/models", {"x-api-key": "k"}),
+                          ("/anthropic/v1/models", {"anthropic-version": "2023-06-01"})):  # fmt: skip
+        status, _, body = get(gw, path, headers)
+        models = json.loads(body)
+        assert status == 200 and models["has_more"] is False and "object" not in models
+        ids = [m["id"] for m in models["data"]]
+        assert "sonnet" in ids and all(m["type"] == "model" and m["display_name"] == m["id"] for m in models["data"])
+        assert models["first_id"] == ids[0] and models["last_id"] == ids[-1]
+    assert json.loads(get(gw, "/v1/models")[2])["object"] == "list"  # no Anthropic header: OpenAI's shape
+
+
+# ---- issue 4: Responses client -> OpenAI Chat upstream ------------------------------------
+
+
+def test_lane_responses_to_chat_upstream_json(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion("Hi there", prompt=15, completion=4)))
+    gw = start_gateway(env=openai_env(up))
+    request = {"model": "gpt-4.1", "instructions": "Be brief.", "input": "hello", "max_output_tokens": 100}
+    status, _, body = post(gw, "/v1/responses", request)
+    answer = json.loads(body)
+    assert status == 200 and answer["object"] == "response" and answer["status"] == "completed"
+    assert answer["id"].startswith("resp_") and answer["model"] == "gpt-4.1"
+    assert [i["type"] for i in answer["output"]] == ["message"]
+    assert answer["output"][0]["content"][0]["text"] == "Hi there"
+    assert (answer["usage"]["input_tokens"], answer["usage"]["output_tokens"]) == (15, 4)
+    sent = up.requests[0]
+    assert sent["path"] == "/v1/chat/completions"
+    assert sent["body"]["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hello"},
+    ]
+    assert sent["body"]["max_tokens"] == 100
+    row = gw.rows()[-1]
+    assert (row["client_protocol"], row["lane"], row["stream"], row["prompt_tokens"], row["completion_tokens"]) == (
+        "responses", "translation", 0, 15, 4)  # fmt: skip
+
+
+def test_lane_responses_to_chat_upstream_stream_event_order(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_sse(h, chat_chunks(words=("Hel", "lo"), prompt=9, completion=2)))
+    gw = start_gateway(env=openai_env(up))
+    status, _, body = post(gw, "/v1/responses", {"model": "gpt-4.1", "input": "hello", "stream": True})
+    events = r_events(body)
+    assert status == 200
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta", "response.output_text.delta", "response.output_text.done",
+        "response.content_part.done", "response.output_item.done", "response.completed"]  # fmt: skip
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Hello"
+    done = events[-1]["response"]
+    assert done["status"] == "completed" and done["output"][0]["content"][0]["text"] == "Hello"
+    assert (done["usage"]["input_tokens"], done["usage"]["output_tokens"]) == (9, 2)
+    assert done["id"] == events[0]["response"]["id"]
+    assert up.requests[0]["body"]["stream_options"] == {"include_usage": True}
+    row = gw.rows()[-1]
+    assert (row["lane"], row["stream"], row["prompt_tokens"], row["completion_tokens"]) == ("translation", 1, 9, 2)
+
+
+def codex_request(stream: bool) -> dict:
+    return {"model": "gpt-4.1", "instructions": "You are Codex.", "stream": stream, "tool_choice": "auto",
+            "parallel_tool_calls": False, "tools": [L_APPLY_PATCH],
+            "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "add hello.txt"}]}]}  # fmt: skip
+
+
+def test_lane_codex_custom_apply_patch_tool_over_chat_upstream_json(start_gateway, upstream):
+    arguments = json.dumps({"input": L_PATCH})
+    up = upstream(lambda h, b: reply_json(h, o_tool_answer("apply_patch", arguments, call_id="call_p1")))
+    gw = start_gateway(env=openai_env(up))
+    status, _, body = post(gw, "/v1/responses", codex_request(False))
+    answer = json.loads(body)
+    assert status == 200
+    fn = find_tool(up.requests[0]["body"], "apply_patch")
+    assert fn["parameters"]["type"] == "object" and list(fn["parameters"]["properties"]) == ["input"]
+    assert fn["parameters"]["properties"]["input"]["type"] == "string" and fn["parameters"]["required"] == ["input"]
+    items = [i for i in answer["output"] if i["type"] != "message"]
+    assert len(items) == 1 and items[0]["type"] == "custom_tool_call"
+    assert (items[0]["call_id"], items[0]["name"], items[0]["input"]) == ("call_p1", "apply_patch", L_PATCH)
+
+
+def test_lane_codex_custom_apply_patch_tool_over_chat_upstream_stream(start_gateway, upstream):
+    arguments = json.dumps({"input": L_PATCH})
+    up = upstream(lambda h, b: reply_sse(h, o_tool_chunks("apply_patch", arguments, call_id="call_p1", size=5)))
+    gw = start_gateway(env=openai_env(up))
+    status, _, body = post(gw, "/v1/responses", codex_request(True))
+    events = r_events(body)
+    assert status == 200 and [e["sequence_number"] for e in events] == list(range(len(events)))
+    deltas = [e["delta"] for e in events if e["type"] == "response.custom_tool_call_input.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == L_PATCH
+    done = next(e for e in events if e["type"] == "response.custom_tool_call_input.done")
+    assert done["input"] == L_PATCH
+    item = next(e["item"] for e in events if e["type"] == "response.output_item.done")
+    assert (item["type"], item["call_id"], item["name"], item["input"]) == ("custom_tool_call", "call_p1",
+                                                                             "apply_patch", L_PATCH)  # fmt: skip
+    assert events[-1]["type"] == "response.completed"
+    assert events[-1]["response"]["output"][-1]["input"] == L_PATCH
+    assert not any(e["type"].startswith("response.function_call") for e in events)
+
+
+# ---- issue 4: Responses client -> Anthropic upstream ---------------------------------------
+
+
+def test_lane_responses_to_anthropic_tool_round_trip_keeps_call_id(start_gateway, upstream):
+    answers = [
+        a_message([{"type": "tool_use", "id": "toolu_01Abc", "name": "get_weather", "input": {"city": "Paris"}}],
+                  "tool_use", {"input_tokens": 30, "output_tokens": 8}),
+        a_message([{"type": "text", "text": "18C in Paris."}], "end_turn", {"input_tokens": 50, "output_tokens": 6}),
+    ]  # fmt: skip
+    up = upstream(lambda h, b: reply_json(h, answers[len(up.requests) - 1]))
+    gw = start_gateway(env=anthropic_env(up))
+    user = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]}
+    first = {"model": "claude-sonnet-4-5", "input": [user], "tools": [L_R_TOOL], "store": False}
+    status, _, body = post(gw, "/v1/responses", first)
+    answer = json.loads(body)
+    assert status == 200 and answer["status"] == "completed"
+    call = answer["output"][0]
+    assert (call["type"], call["call_id"], call["name"]) == ("function_call", "toolu_01Abc", "get_weather")
+    assert json.loads(call["arguments"]) == {"city": "Paris"}
+    assert up.requests[0]["path"] == "/v1/messages" and up.requests[0]["body"]["tools"][0]["name"] == "get_weather"
+    output = {"type": "function_call_output", "call_id": "toolu_01Abc", "output": "18C, cloudy"}
+    second = {**first, "input": [user, call, output]}
+    status, _, body = post(gw, "/v1/responses", second)
+    answer = json.loads(body)
+    assert status == 200 and answer["output"][0]["content"][0]["text"] == "18C in Paris."
+    turns = up.requests[1]["body"]["messages"]
+    assert [t["role"] for t in turns] == ["user", "assistant", "user"]
+    assert turns[1]["content"] == [{"type": "tool_use", "id": "toolu_01Abc", "name": "get_weather",
+                                    "input": {"city": "Paris"}}]  # fmt: skip
+    result = turns[2]["content"][0]
+    assert result["type"] == "tool_result" and result["tool_use_id"] == "toolu_01Abc"
+    assert "18C, cloudy" in json.dumps(result)
+    assert [(r["provider"], r["prompt_tokens"], r["completion_tokens"]) for r in gw.rows(2)] == [
+        ("anthropic", 30, 8), ("anthropic", 50, 6)]  # fmt: skip
+
+
+# ---- issue 4: stored state ------------------------------------------------------------------
+
+
+def test_lane_previous_response_id_get_and_delete(start_gateway, upstream):
+    answers = ["The capital is Paris.", "About 2.1 million."]
+    up = upstream(lambda h, b: reply_json(h, chat_completion(answers[len(up.requests) - 1])))
+    gw = start_gateway(env=openai_env(up))
+    status, _, body = post(gw, "/v1/responses", {"model": "gpt-4.1", "input": "Capital of France?"})
+    first = json.loads(body)
+    assert status == 200
+    status, _, body = post(gw, "/v1/responses", {"model": "gpt-4.1", "input": "Population?",
+                                                 "previous_response_id": first["id"]})  # fmt: skip
+    second = json.loads(body)
+    assert status == 200 and second["previous_response_id"] == first["id"]
+    assert up.requests[1]["body"]["messages"] == [
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "The capital is Paris."},
+        {"role": "user", "content": "Population?"},
+    ]
+    status, _, body = get(gw, f"/v1/responses/{first['id']}")
+    assert status == 200 and json.loads(body)["id"] == first["id"]
+    assert json.loads(body)["output"][0]["content"][0]["text"] == "The capital is Paris."
+    status, _, body = get(gw, f"/v1/responses/{first['id']}", method="DELETE")
+    assert status == 200 and json.loads(body) == {"id": first["id"], "object": "response.deleted", "deleted": True}
+    gw.rows()  # let the ledger writer commit the DELETE
+    status, _, body = get(gw, f"/v1/responses/{first['id']}")
+    assert status == 404 and json.loads(body)["error"]["type"] == "not_found_error"
+    assert get(gw, f"/v1/responses/{first['id']}", method="DELETE")[0] == 404
+
+
+def test_lane_deleted_response_is_gone_even_before_the_ledger_writer_runs(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion()))
+    gw = start_gateway(env=openai_env(up))
+    status, _, body = post(gw, "/v1/responses", {"model": "gpt-4.1", "input": "hi"})
+    response_id = json.loads(body)["id"]
+    gw.rows()  # the stored response is committed to sqlite
+    ledger = gw.gateway.ledger
+    ledger.LINGER = 1.0  # the writer now sleeps between batches: the DELETE below stays queued meanwhile
+    time.sleep(0.2)
+    try:
+        assert get(gw, f"/v1/responses/{response_id}", method="DELETE")[0] == 200
+        assert get(gw, f"/v1/responses/{response_id}")[0] == 404
+        status, _, _ = post(gw, "/v1/responses", {"model": "gpt-4.1", "input": "again",
+                                                  "previous_response_id": response_id})  # fmt: skip
+        assert status == 404
+    finally:
+        ledger.LINGER = 0.05
+
+
+def test_lane_unknown_previous_response_id_is_a_404_in_openai_envelope(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion()))
+    gw = start_gateway(env=openai_env(up))
+    status, _, body = post(
+        gw, "/v1/responses", {"model": "gpt-4.1", "input": "hi", "previous_response_id": "resp_nope"}
+    )
+    error = json.loads(body)["error"]
+    assert status == 404 and error["type"] == "not_found_error" and "resp_nope" in error["message"]
+    assert up.requests == []
+    assert gw.rows()[-1]["status"] == 404
+
+
+def test_lane_previous_response_id_survives_a_restart(start_gateway, upstream, tmp_path):
+    up = upstream(lambda h, b: reply_json(h, chat_completion(f"answer {len(up.requests)}")))
+    ledger_path = str(tmp_path / "state" / "ledger.db")
+    first_gw = start_gateway(env=openai_env(up), ledger_path=ledger_path)
+    status, _, body = post(first_gw, "/v1/responses", {"model": "gpt-4.1", "input": "remember 42"})
+    first = json.loads(body)
+    assert status == 200
+    first_gw.stop()
+    second_gw = start_gateway(env=openai_env(up), ledger_path=ledger_path)
+    status, _, body = post(second_gw, "/v1/responses", {"model": "gpt-4.1", "input": "what number?",
+                                                        "previous_response_id": first["id"]})  # fmt: skip
+    assert status == 200 and json.loads(body)["output"][0]["content"][0]["text"] == "answer 2"
+    assert up.requests[1]["body"]["messages"] == [
+        {"role": "user", "content": "remember 42"},
+        {"role": "assistant", "content": "answer 1"},
+        {"role": "user", "content": "what number?"},
+    ]
+    status, _, body = get(second_gw, f"/v1/responses/{first['id']}")
+    assert status == 200 and json.loads(body)["output"][0]["content"][0]["text"] == "answer 1"
+
+
+def test_lane_store_false_is_not_retrievable(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion()))
+    gw = start_gateway(env=openai_env(up))
+    status, _, body = post(gw, "/v1/responses", {"model": "gpt-4.1", "input": "hi", "store": False})
+    response_id = json.loads(body)["id"]
+    assert status == 200 and json.loads(body)["store"] is False
+    gw.rows()
+    assert get(gw, f"/v1/responses/{response_id}")[0] == 404
+    status, _, _ = post(
+        gw, "/v1/responses", {"model": "gpt-4.1", "input": "again", "previous_response_id": response_id}
+    )
+    assert status == 404
+
+
+# ---- issue 4: bad input, errors, limits ----------------------------------------------------
+
+
+def test_lane_responses_orphan_output_is_400_and_unknown_items_are_dropped(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion()))
+    gw = start_gateway(env=openai_env(up))
+    orphan = {"model": "gpt-4.1", "input": [{"type": "message", "role": "user", "content": "hi"},
+                                            {"type": "function_call_output", "call_id": "call_ghost", "output": "x"}]}  # fmt: skip
+    status, _, body = post(gw, "/v1/responses", orphan)
+    error = json.loads(body)["error"]
+    assert status == 400 and "call_ghost" in error["message"] and error["type"] == "invalid_request_error"
+    assert up.requests == []
+    odd = {"model": "gpt-4.1", "input": [{"type": "mystery_item", "payload": 1},
+                                         {"type": "message", "role": "user", "content": "hi"}]}  # fmt: skip
+    status, _, body = post(gw, "/v1/responses", odd)
+    assert status == 200 and json.loads(body)["status"] == "completed"
+    assert up.requests[0]["body"]["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_lane_responses_upstream_error_mid_stream_is_response_failed(start_gateway, upstream):
+    broken = [lane_chunk({"role": "assistant", "content": ""}), lane_chunk({"content": "partial"}),
+              {"error": {"message": "upstream exploded", "type": "server_error"}}]  # fmt: skip
+    up = upstream(lambda h, b: reply_sse(h, broken))
+    gw = start_gateway(env=openai_env(up))
+    status, _, body = post(gw, "/v1/responses", {"model": "gpt-4.1", "input": "hi", "stream": True})
+    events = r_events(body)
+    assert status == 200 and events[0]["type"] == "response.created"
+    assert any(e["type"] == "response.output_text.delta" and e["delta"] == "partial" for e in events)
+    failed = events[-1]
+    assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed"
+    assert failed["response"]["error"]["message"] == "upstream exploded"
+    assert "response.completed" not in [e["type"] for e in events]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert_serving(gw)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_lane_responses_max_tokens_stop_is_incomplete(start_gateway, upstream, stream):
+    if stream:
+        chunks = chat_chunks(words=("cut",))
+        chunks[-3]["choices"][0]["finish_reason"] = "length"
+        up = upstream(lambda h, b: reply_sse(h, chunks))
+    else:
+        answer = chat_completion("cut")
+        answer["choices"][0]["finish_reason"] = "length"
+        up = upstream(lambda h, b: reply_json(h, answer))
+    gw = start_gateway(env=openai_env(up))
+    status, _, body = post(gw, "/v1/responses", {"model": "gpt-4.1", "input": "hi", "max_output_tokens": 16,
+                                                 "stream": stream})  # fmt: skip
+    assert status == 200
+    if stream:
+        events = r_events(body)
+        assert events[-1]["type"] == "response.incomplete"
+        answer = events[-1]["response"]
+    else:
+        answer = json.loads(body)
+    assert answer["status"] == "incomplete" and answer["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert answer["max_output_tokens"] == 16
+
+
+# ---- issue 4: Responses passthrough --------------------------------------------------------
+
+
+def test_lane_responses_passthrough_json_and_stream(start_gateway, upstream):
+    usage = {"input_tokens": 33, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 4,
+             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 37}  # fmt: skip
+    response = {"id": "resp_up1", "object": "response", "status": "completed", "model": "gpt-4.1", "usage": usage,
+                "output": [{"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                            "content": [{"type": "output_text", "text": "Hi", "annotations": []}]}]}  # fmt: skip
+    stream_events = [
+        {"type": "response.created", "sequence_number": 0, "response": {**response, "status": "in_progress",
+                                                                        "output": [], "usage": None}},
+        {"type": "response.output_text.delta", "sequence_number": 1, "item_id": "msg_1", "output_index": 0,
+         "content_index": 0, "delta": "Hi"},
+        {"type": "response.completed", "sequence_number": 2, "response": response},
+    ]  # fmt: skip
+    stream_text = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in stream_events)
+
+    def script(h, b):
+        if b.get("stream"):
+            reply_sse(h, [stream_text[: len(stream_text) // 2], stream_text[len(stream_text) // 2 :]])
+        else:
+            reply_json(h, response)
+
+    up = upstream(script)
+    gw = start_gateway(env={**openai_env(up), "TOKLIGENCE_OPENAI_RESPONSES_API": "on"})
+    raw = b'{"model": "gpt-4.1",  "input": "hi", "store": true, "previous_response_id": "resp_openai_side",' \
+          b' "reasoning": {"summary": "auto"}}'  # fmt: skip
+    status, _, body = post(gw, "/v1/responses", raw)
+    assert status == 200 and json.loads(body) == response
+    sent = up.requests[0]
+    assert sent["path"] == "/v1/responses" and sent["body"] == json.loads(raw)
+    assert header_of(sent, "Content-Length") == str(len(raw))
+    status, _, body = post(gw, "/v1/responses", {"model": "gpt-4.1", "input": "hi", "stream": True})
+    assert status == 200 and body == stream_text.encode()
+    assert up.requests[1]["path"] == "/v1/responses"
+    rows = gw.rows(2)
+    assert [(r["lane"], r["stream"], r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [
+        ("passthrough", 0, 33, 4), ("passthrough", 1, 33, 4)]  # fmt: skip
+
+
+# ---- issue 4: loop guard and shell fix ----------------------------------------------------
+
+
+def looping_history(repeats: int) -> list:
+    items: list = [{"type": "message", "role": "user", "content": "list the files"}]
+    for i in range(repeats):
+        items.append({"type": "function_call", "call_id": f"call_{i}", "name": "get_weather",
+                      "arguments": '{"city": "Paris"}'})  # fmt: skip
+        items.append({"type": "function_call_output", "call_id": f"call_{i}", "output": "18C"})
+    return items
+
+
+def test_lane_loop_guard_warns_then_stops(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion("ok")))
+    gw = start_gateway(env=openai_env(up))
+    request = {"model": "gpt-4.1", "tools": [L_R_TOOL]}
+    assert post(gw, "/v1/responses", {**request, "input": looping_history(2)})[0] == 200
+    assert "[tgw loop guard]" not in json.dumps(up.requests[0]["body"])
+    assert post(gw, "/v1/responses", {**request, "input": looping_history(3)})[0] == 200
+    last = up.requests[1]["body"]["messages"][-1]
+    assert last["role"] == "user" and "[tgw loop guard]" in last["content"]
+    status, _, body = post(gw, "/v1/responses", {**request, "input": looping_history(5)})
+    error = json.loads(body)["error"]
+    assert status == 400 and "loop guard" in error["message"] and "get_weather" in error["message"]
+    assert len(up.requests) == 2  # the refused request never reached the upstream
+
+
+def test_lane_loop_guard_can_be_turned_off(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion("ok")))
+    gw = start_gateway(env=openai_env(up), loop_guard="false")
+    status, _, _ = post(gw, "/v1/responses", {"model": "gpt-4.1", "tools": [L_R_TOOL], "input": looping_history(6)})
+    assert status == 200 and "[tgw loop guard]" not in json.dumps(up.requests[0]["body"])
+
+
+def test_lane_shell_string_command_becomes_an_array_in_a_stream(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_sse(h, o_tool_chunks("shell", '{"command": "ls -la"}', call_id="call_sh1")))
+    gw = start_gateway(env=openai_env(up))
+    status, _, body = post(gw, "/v1/responses", {"model": "gpt-4.1", "input": "list", "tools": [L_SHELL],
+                                                 "stream": True})  # fmt: skip
+    events = r_events(body)
+    assert status == 200
+    streamed = "".join(e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta")
+    done = next(e for e in events if e["type"] == "response.function_call_arguments.done")
+    item = next(e["item"] for e in events if e["type"] == "response.output_item.done")
+    for arguments in (streamed, done["arguments"], item["arguments"]):
+        assert json.loads(arguments) == {"command": ["bash", "-lc", "ls -la"]}
+    assert item["call_id"] == "call_sh1"
+
+
+def test_lane_shell_string_command_becomes_an_array_in_a_json_answer(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, o_tool_answer("shell", '{"command": "ls -la"}', call_id="call_sh1")))
+    gw = start_gateway(env=openai_env(up))
+    status, _, body = post(gw, "/v1/responses", {"model": "gpt-4.1", "input": "list", "tools": [L_SHELL]})
+    item = json.loads(body)["output"][0]
+    assert status == 200 and item["type"] == "function_call" and item["call_id"] == "call_sh1"
+    assert json.loads(item["arguments"]) == {"command": ["bash", "-lc", "ls -la"]}
+
+
+def test_lane_responses_input_tokens_estimate(start_gateway):
+    gw = start_gateway()
+    status, _, body = post(gw, "/v1/responses/input_tokens", {"model": "gpt-4.1", "input": "hello there"})
+    small = json.loads(body)
+    assert status == 200 and small["object"] == "response.input_tokens" and small["input_tokens"] > 0
+    status, _, body = post(gw, "/v1/responses/input_tokens", {"model": "gpt-4.1", "input": "hello there",
+                                                              "instructions": "Be brief." * 20, "tools": [L_R_TOOL]})  # fmt: skip
+    assert status == 200 and json.loads(body)["input_tokens"] > small["input_tokens"]
+
+
+# ---- issue 5: Gemini client -> OpenAI upstream ---------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", ["/v1beta", "/v1"])
+def test_lane_gemini_client_to_openai_upstream_text(start_gateway, upstream, prefix):
+    up = upstream(lambda h, b: reply_json(h, chat_completion("Bonjour", prompt=11, completion=7)))
+    gw = start_gateway(env={**openai_env(up), **routes_env("gemini*=>openai")})
+    request = {**L_GEMINI, "systemInstruction": {"parts": [{"text": "Answer in French."}]},
+               "generationConfig": {"maxOutputTokens": 50, "temperature": 0.2}}  # fmt: skip
+    status, _, body = post(gw, f"{prefix}/models/gemini-2.5-flash:generateContent", request)
+    answer = json.loads(body)
+    assert status == 200
+    candidate = answer["candidates"][0]
+    assert candidate["content"] == {"parts": [{"text": "Bonjour"}], "role": "model"}
+    assert candidate["finishReason"] == "STOP"
+    assert answer["usageMetadata"]["promptTokenCount"] == 11 and answer["usageMetadata"]["candidatesTokenCount"] == 7
+    sent = up.requests[0]["body"]
+    assert up.requests[0]["path"] == "/v1/chat/completions" and sent["model"] == "gemini-2.5-flash"
+    assert sent["messages"] == [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "hello"},
+    ]
+    assert sent["max_tokens"] == 50 and sent["temperature"] == 0.2
+    row = gw.rows()[-1]
+    assert (row["client_protocol"], row["lane"], row["prompt_tokens"], row["completion_tokens"]) == (
+        "gemini", "translation", 11, 7)  # fmt: skip
+
+
+def test_lane_gemini_client_to_openai_upstream_function_call(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, o_tool_answer("get_weather", '{"city": "Paris"}')))
+    gw = start_gateway(env={**openai_env(up), **routes_env("gemini*=>openai")})
+    request = {**L_GEMINI, "tools": [{"functionDeclarations": [{"name": "get_weather", "description": "Weather",
+                                                               "parameters": {"type": "OBJECT", "properties": {
+                                                                   "city": {"type": "STRING"}}}}]}]}  # fmt: skip
+    status, _, body = post(gw, "/v1beta/models/gemini-2.5-flash:generateContent", request)
+    candidate = json.loads(body)["candidates"][0]
+    assert status == 200
+    assert candidate["content"]["parts"][0]["functionCall"] == {"name": "get_weather", "args": {"city": "Paris"}}
+    assert candidate["finishReason"] == "STOP"
+    fn = find_tool(up.requests[0]["body"], "get_weather")
+    assert fn["parameters"]["properties"]["city"]["type"].lower() == "string"
+
+
+def test_lane_gemini_stream_sse_and_json_array(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_sse(h, chat_chunks(words=("Hel", "lo"), prompt=9, completion=2)))
+    gw = start_gateway(env={**openai_env(up), **routes_env("gemini*=>openai")})
+    status, headers, body = post(gw, "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", L_GEMINI)
+    frames = [data for _, data in lane_sse(body)]
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    texts = [p["text"] for f in frames for p in f["candidates"][0].get("content", {}).get("parts", [])]
+    assert "".join(texts) == "Hello"
+    assert frames[-1]["candidates"][0]["finishReason"] == "STOP"
+    assert frames[-1]["usageMetadata"]["promptTokenCount"] == 9
+    status, _, body = post(gw, "/v1/models/gemini-2.5-flash:streamGenerateContent", L_GEMINI)
+    chunks = json.loads(body)
+    assert status == 200 and isinstance(chunks, list) and len(chunks) >= 2
+    texts = [p["text"] for c in chunks for p in c["candidates"][0].get("content", {}).get("parts", [])]
+    assert "".join(texts) == "Hello" and chunks[-1]["candidates"][0]["finishReason"] == "STOP"
+    rows = gw.rows(2)
+    assert [(r["stream"], r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [(1, 9, 2), (1, 9, 2)]
+
+
+def test_lane_gemini_auth_by_header_query_and_bearer(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion("ok")))
+    gw = start_gateway(env={**openai_env(up), **routes_env("gemini*=>openai")}, api_keys="gw-key-1")
+    path = "/v1beta/models/gemini-2.5-flash:generateContent"
+    assert post(gw, path, L_GEMINI, {"x-goog-api-key": "gw-key-1"})[0] == 200
+    assert post(gw, path + "?key=gw-key-1", L_GEMINI)[0] == 200
+    assert post(gw, path, L_GEMINI, {"Authorization": "Bearer gw-key-1"})[0] == 200
+    status, _, body = post(gw, path, L_GEMINI, {"x-goog-api-key": "wrong"})
+    error = json.loads(body)["error"]
+    assert status == 401 and error["code"] == 401 and error["status"] == "UNAUTHENTICATED"
+    assert post(gw, path, L_GEMINI)[0] == 401
+    assert len(up.requests) == 3
+
+
+# ---- issue 5: Gemini passthrough --------------------------------------------------------------
+
+
+def test_lane_gemini_passthrough_generate_and_count_tokens(start_gateway, upstream):
+    answer = g_answer([{"text": "Hi"}], prompt=12, candidates=5)
+
+    def script(h, b):
+        reply_json(h, {"totalTokens": 77} if h.path.endswith(":countTokens") else answer)
+
+    up = upstream(script)
+    gw = start_gateway(env=gemini_env(up))
+    raw = b'{"contents": [{"role": "user", "parts": [{"text": "hi"}]}],  "safetySettings": [], "labels": {"a": "b"}}'
+    status, _, body = post(gw, "/v1beta/models/gemini-2.5-flash:generateContent", raw, {"x-goog-api-key": "client"})
+    assert status == 200 and json.loads(body) == answer
+    sent = up.requests[0]
+    assert sent["path"] == "/v1beta/models/gemini-2.5-flash:generateContent"
+    assert header_of(sent, "x-goog-api-key") == L_GEMINI_KEY
+    assert sent["body"] == json.loads(raw) and "model" not in sent["body"]
+    assert header_of(sent, "Content-Length") == str(len(raw))
+    row = gw.rows()[-1]
+    assert (row["lane"], row["provider"], row["prompt_tokens"], row["completion_tokens"]) == ("passthrough", "gemini",
+                                                                                              12, 5)  # fmt: skip
+    status, _, body = post(gw, "/v1beta/models/gemini-2.5-flash:countTokens", L_GEMINI)
+    assert status == 200 and json.loads(body) == {"totalTokens": 77}
+    assert up.requests[1]["path"] == "/v1beta/models/gemini-2.5-flash:countTokens"
+    assert up.requests[1]["body"] == L_GEMINI
+
+
+def test_lane_gemini_count_tokens_estimate_when_routed_elsewhere(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion()))
+    gw = start_gateway(env={**openai_env(up), **routes_env("gemini*=>openai")})
+    path = "/v1beta/models/gemini-2.5-flash:countTokens"
+    status, _, body = post(gw, path, L_GEMINI)
+    small = json.loads(body)["totalTokens"]
+    assert status == 200 and small > 0
+    bigger = {**L_GEMINI, "systemInstruction": {"parts": [{"text": "Be a helpful assistant. " * 10}]}}
+    assert json.loads(post(gw, path, bigger)[2])["totalTokens"] > small
+    assert up.requests == []
+
+
+# ---- issue 5: OpenAI and Anthropic clients -> Gemini upstream -----------------------------
+
+
+L_STRICT_SCHEMA = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+                   "properties": {"city": {"type": "string"},
+                                  "where": {"type": "object", "properties": {"lat": {"type": "number"}},
+                                            "additionalProperties": False}},
+                   "required": ["city"], "additionalProperties": False}  # fmt: skip
+
+
+def test_lane_openai_client_to_gemini_upstream_text_and_tool_call(start_gateway, upstream):
+    answers = [g_answer([{"text": "Hello from Gemini"}], prompt=8, candidates=4),
+               g_answer([{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}], prompt=20, candidates=6)]  # fmt: skip
+    up = upstream(lambda h, b: reply_json(h, answers[len(up.requests) - 1]))
+    gw = start_gateway(env={**gemini_env(up), **routes_env("gpt*=>gemini")})
+    status, _, body = post(gw, "/v1/chat/completions", CHAT)
+    answer = json.loads(body)
+    assert status == 200 and answer["choices"][0]["message"]["content"] == "Hello from Gemini"
+    assert answer["choices"][0]["finish_reason"] == "stop" and answer["usage"]["prompt_tokens"] == 8
+    sent = up.requests[0]
+    assert sent["path"] == "/v1beta/models/gpt-4o-mini:generateContent"
+    assert header_of(sent, "x-goog-api-key") == L_GEMINI_KEY
+    assert sent["body"]["contents"] == [{"role": "user", "parts": [{"text": "hello"}]}]
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": L_STRICT_SCHEMA}}
+    status, _, body = post(gw, "/v1/chat/completions", {**CHAT, "tools": [tool]})
+    answer = json.loads(body)
+    call = answer["choices"][0]["message"]["tool_calls"][0]
+    assert status == 200 and answer["choices"][0]["finish_reason"] == "tool_calls"
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    declaration = up.requests[1]["body"]["tools"][0]["functionDeclarations"][0]
+    schema_text = json.dumps(declaration["parameters"])
+    assert "$schema" not in schema_text and "additionalProperties" not in schema_text
+    assert set(declaration["parameters"]["properties"]) == {"city", "where"}
+    assert declaration["parameters"]["required"] == ["city"]
+    rows = gw.rows(2)
+    assert [(r["provider"], r["lane"], r["prompt_tokens"]) for r in rows] == [("gemini", "translation", 8),
+                                                                             ("gemini", "translation", 20)]  # fmt: skip
+
+
+def test_lane_anthropic_client_to_gemini_upstream_text_and_tool_call(start_gateway, upstream):
+    answers = [g_answer([{"text": "Hello from Gemini"}], prompt=8, candidates=4),
+               g_answer([{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}], prompt=20, candidates=6)]  # fmt: skip
+    up = upstream(lambda h, b: reply_json(h, answers[len(up.requests) - 1]))
+    gw = start_gateway(env={**gemini_env(up), **routes_env("claude*=>gemini")})
+    status, _, body = post(gw, "/v1/messages", L_CLAUDE)
+    answer = json.loads(body)
+    assert status == 200 and answer["content"] == [{"type": "text", "text": "Hello from Gemini"}]
+    assert answer["stop_reason"] == "end_turn" and answer["usage"]["input_tokens"] == 8
+    tool = {"name": "get_weather", "description": "Weather", "input_schema": L_STRICT_SCHEMA}
+    status, _, body = post(gw, "/v1/messages", {**L_CLAUDE, "tools": [tool]})
+    answer = json.loads(body)
+    assert status == 200 and answer["stop_reason"] == "tool_use"
+    block = answer["content"][0]
+    assert block["type"] == "tool_use" and block["name"] == "get_weather" and block["input"] == {"city": "Paris"}
+    sent = up.requests[1]
+    assert sent["path"] == "/v1beta/models/claude-sonnet-4-5:generateContent"
+    schema_text = json.dumps(sent["body"]["tools"][0]["functionDeclarations"][0]["parameters"])
+    assert "$schema" not in schema_text and "additionalProperties" not in schema_text
+    assert sent["body"]["generationConfig"]["maxOutputTokens"] == 256
+
+
+# ---- issue 5: models endpoints, OpenAI-compatible path ------------------------------------------
+
+
+def test_lane_gemini_and_openai_model_endpoints_share_the_v1_models_prefix(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion()))
+    gw = start_gateway(
+        env={**gemini_env(up), **openai_env(up), **routes_env("gemini-2.5-flash=>gemini", "gpt*=>openai")}
+    )
+    status, _, body = get(gw, "/v1/models/gemini-2.5-flash")
+    assert status == 200 and json.loads(body) == {"id": "gemini-2.5-flash", "object": "model", "created": 0,
+                                                  "owned_by": "gemini"}  # fmt: skip
+    status, _, body = get(gw, "/v1/models/gemini-2.5-flash", {"x-goog-api-key": "k"})
+    info = json.loads(body)
+    assert status == 200 and info["name"] == "models/gemini-2.5-flash" and "generateContent" in str(info)
+    status, _, body = get(gw, "/v1/models/gemini-2.5-flash?key=k")
+    assert status == 200 and json.loads(body)["name"] == "models/gemini-2.5-flash"
+    status, _, body = get(gw, "/v1beta/models/gemini-2.5-flash")
+    assert status == 200 and json.loads(body)["name"] == "models/gemini-2.5-flash"
+    status, _, body = get(gw, "/v1beta/models")
+    names = [m["name"] for m in json.loads(body)["models"]]
+    assert status == 200 and "models/gemini-2.5-flash" in names
+    assert up.requests == []
+
+
+def test_lane_gemini_openai_compatible_chat_path(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, g_answer([{"text": "Hi via compat"}], prompt=6, candidates=3)))
+    gw = start_gateway(env=gemini_env(up))
+    request = {"model": "gemini-2.5-flash", "messages": [{"role": "user", "content": "hello"}]}
+    status, _, body = post(gw, "/v1beta/openai/chat/completions", request, {"Authorization": "Bearer gm-client"})
+    answer = json.loads(body)
+    assert status == 200 and answer["object"] == "chat.completion"
+    assert answer["choices"][0]["message"]["content"] == "Hi via compat" and answer["usage"]["prompt_tokens"] == 6
+    assert up.requests[0]["path"] == "/v1beta/models/gemini-2.5-flash:generateContent"
+
+
+# ---- issue 5: bad input and safety --------------------------------------------------------
+
+
+def test_lane_gemini_bad_input_gets_gemini_errors_and_the_gateway_keeps_serving(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion()))
+    gw = start_gateway(env={**openai_env(up), **routes_env("gemini*=>openai")})
+    for prefix in ("/v1beta", "/v1"):
+        status, _, body = post(gw, f"{prefix}/models/gemini-2.5-flash:fooBar", L_GEMINI)
+        error = json.loads(body)["error"]
+        assert (
+            status == 404 and error["code"] == 404 and error["status"] == "NOT_FOUND" and "fooBar" in error["message"]
+        )
+        assert_serving(gw)
+    for contents in ("hello", [], [{"role": "user", "parts": "hello"}], [42]):
+        status, _, body = post(gw, "/v1beta/models/gemini-2.5-flash:generateContent", {"contents": contents})
+        error = json.loads(body)["error"]
+        assert status == 400 and error["code"] == 400 and error["status"] == "INVALID_ARGUMENT", (contents, error)
+        assert_serving(gw)
+    status, _, body = post(gw, "/v1beta/models/gemini-2.5-flash:generateContent", b"{not json")
+    assert status == 400 and json.loads(body)["error"]["status"] == "INVALID_ARGUMENT"
+    assert up.requests == []
+    assert post(gw, "/v1beta/models/gemini-2.5-flash:generateContent", L_GEMINI)[0] == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_lane_safety_blocked_gemini_answer_is_content_filter_for_openai(start_gateway, upstream, stream):
+    blocked = g_answer([], finish="SAFETY", prompt=7, candidates=0)
+    blocked["candidates"][0]["safetyRatings"] = [{"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH",
+                                                  "blocked": True}]  # fmt: skip
+    up = upstream(lambda h, b: reply_sse(h, [blocked]) if stream else reply_json(h, blocked))
+    gw = start_gateway(env={**gemini_env(up), **routes_env("gpt*=>gemini")})
+    status, _, body = post(gw, "/v1/chat/completions", {**CHAT, "stream": stream})
+    assert status == 200
+    if stream:
+        chunks = sse_data(body)
+        assert chunks[-1] == "[DONE]"
+        finishes = [c["choices"][0]["finish_reason"] for c in chunks[:-1] if c["choices"]]
+        assert [f for f in finishes if f] == ["content_filter"]
+        assert all(not c["choices"][0]["delta"].get("content") for c in chunks[:-1] if c["choices"])
+        assert up.requests[0]["path"] == "/v1beta/models/gpt-4o-mini:streamGenerateContent?alt=sse"
+    else:
+        choice = json.loads(body)["choices"][0]
+        assert choice["finish_reason"] == "content_filter" and choice["message"]["content"] is None
+    assert gw.rows()[-1]["prompt_tokens"] == 7
+    assert_serving(gw)
+
+
+# ---- more lanes: streams of tool calls, Gemini streams both ways, errors across protocols ---
+
+
+def test_lane_responses_to_anthropic_stream_tool_call_keeps_call_id_and_continues(start_gateway, upstream):
+    events = a_events_text_and_tool(usage_start={"input_tokens": 40, "output_tokens": 1}, output_tokens=11)
+    answers = [lambda h: reply_anthropic_sse(h, events),
+               lambda h: reply_json(h, a_message([{"type": "text", "text": "18C."}], usage={"input_tokens": 60,
+                                                                                              "output_tokens": 3}))]  # fmt: skip
+    up = upstream(lambda h, b: answers[len(up.requests) - 1](h))
+    gw = start_gateway(env=anthropic_env(up))
+    request = {"model": "claude-sonnet-4-5", "input": "Weather in Paris?", "tools": [L_R_TOOL], "stream": True}
+    status, _, body = post(gw, "/v1/responses", request)
+    events_out = r_events(body)
+    assert status == 200 and [e["sequence_number"] for e in events_out] == list(range(len(events_out)))
+    arguments = "".join(e["delta"] for e in events_out if e["type"] == "response.function_call_arguments.delta")
+    assert json.loads(arguments) == {"city": "Paris"}
+    calls = [e["item"] for e in events_out if e["type"] == "response.output_item.done"
+             and e["item"]["type"] == "function_call"]  # fmt: skip
+    assert len(calls) == 1 and calls[0]["call_id"] == "toolu_lane1" and json.loads(calls[0]["arguments"]) == {
+        "city": "Paris"}  # fmt: skip
+    completed = events_out[-1]
+    assert completed["type"] == "response.completed"
+    assert [i["type"] for i in completed["response"]["output"]] == ["message", "function_call"]
+    assert completed["response"]["output"][1]["call_id"] == "toolu_lane1"
+    assert (completed["response"]["usage"]["input_tokens"], completed["response"]["usage"]["output_tokens"]) == (40, 11)
+    follow = {"model": "claude-sonnet-4-5", "previous_response_id": completed["response"]["id"], "tools": [L_R_TOOL],
+              "input": [{"type": "function_call_output", "call_id": "toolu_lane1", "output": "18C"}]}  # fmt: skip
+    status, _, body = post(gw, "/v1/responses", follow)
+    assert status == 200 and json.loads(body)["output"][0]["content"][0]["text"] == "18C."
+    turns = up.requests[1]["body"]["messages"]
+    assert [t["role"] for t in turns] == ["user", "assistant", "user"]
+    assert turns[1]["content"][-1]["id"] == "toolu_lane1" and turns[2]["content"][0]["tool_use_id"] == "toolu_lane1"
+    rows = gw.rows(2)
+    assert [(r["stream"], r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [(1, 40, 11), (0, 60, 3)]
+
+
+def test_lane_gemini_sse_stream_with_a_function_call_from_openai(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_sse(h, o_tool_chunks("get_weather", '{"city": "Paris"}', usage=(14, 5))))
+    gw = start_gateway(env={**openai_env(up), **routes_env("gemini*=>openai")})
+    status, _, body = post(gw, "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", L_GEMINI)
+    frames = [data for _, data in lane_sse(body)]
+    parts = [p for f in frames for p in f["candidates"][0].get("content", {}).get("parts", [])]
+    assert status == 200 and [p["functionCall"] for p in parts if "functionCall" in p] == [
+        {"name": "get_weather", "args": {"city": "Paris"}}]  # fmt: skip
+    assert frames[-1]["candidates"][0]["finishReason"] == "STOP"
+    assert frames[-1]["usageMetadata"]["promptTokenCount"] == 14
+    row = gw.rows()[-1]
+    assert (row["stream"], row["prompt_tokens"], row["completion_tokens"]) == (1, 14, 5)
+
+
+def test_lane_gemini_passthrough_streams(start_gateway, upstream):
+    chunks = [g_answer([{"text": "Hel"}], finish="", prompt=12, candidates=1),
+              g_answer([{"text": "lo"}], finish="STOP", prompt=12, candidates=2)]  # fmt: skip
+    for chunk in chunks:
+        if not chunk["candidates"][0]["finishReason"]:
+            del chunk["candidates"][0]["finishReason"]
+    frames = ["data: " + json.dumps(c) + "\r\n\r\n" for c in chunks]
+    up = upstream(lambda h, b: reply_sse(h, frames))
+    gw = start_gateway(env=gemini_env(up))
+    status, _, body = post(gw, "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse&key=client-key", L_GEMINI)
+    assert status == 200 and body == "".join(frames).encode()  # SSE: bytes forwarded untouched
+    assert up.requests[0]["path"] == "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+    assert header_of(up.requests[0], "x-goog-api-key") == L_GEMINI_KEY and up.requests[0]["body"] == L_GEMINI
+    status, _, body = post(gw, "/v1/models/gemini-2.5-flash:streamGenerateContent", L_GEMINI)
+    array = json.loads(body)  # no alt: the upstream's SSE re-framed as one JSON array
+    assert status == 200 and isinstance(array, list)
+    texts = [p["text"] for c in array for p in c["candidates"][0].get("content", {}).get("parts", [])]
+    assert "".join(texts) == "Hello" and array[-1]["candidates"][0]["finishReason"] == "STOP"
+    assert up.requests[1]["path"] == "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+    rows = gw.rows(2)
+    assert [(r["lane"], r["stream"], r["prompt_tokens"]) for r in rows] == [
+        ("passthrough", 1, 12),
+        ("translation", 1, 12),
+    ]
+    assert rows[1]["completion_tokens"] == 2
+
+
+def test_lane_gemini_passthrough_stream_ledger_has_the_final_usage(start_gateway, upstream):
+    chunks = [g_answer([{"text": "Hel"}], prompt=12, candidates=1), g_answer([{"text": "lo"}], prompt=12, candidates=2)]
+    del chunks[0]["candidates"][0]["finishReason"]
+    up = upstream(lambda h, b: reply_sse(h, chunks))
+    gw = start_gateway(env=gemini_env(up))
+    status, _, body = post(gw, "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", L_GEMINI)
+    assert status == 200 and len(lane_sse(body)) == 2
+    row = gw.rows()[-1]
+    assert (row["lane"], row["prompt_tokens"], row["completion_tokens"]) == ("passthrough", 12, 2)
+
+
+def test_lane_gemini_client_to_anthropic_upstream_function_round_trip(start_gateway, upstream):
+    answers = [
+        a_message([{"type": "tool_use", "id": "toolu_g1", "name": "get_weather", "input": {"city": "Paris"}}],
+                  "tool_use", {"input_tokens": 30, "output_tokens": 8}),
+        a_message([{"type": "text", "text": "18C."}], "end_turn", {"input_tokens": 44, "output_tokens": 2}),
+    ]  # fmt: skip
+    up = upstream(lambda h, b: reply_json(h, answers[len(up.requests) - 1]))
+    gw = start_gateway(env={**anthropic_env(up), **routes_env("gemini*=>anthropic")})
+    tools = [{"functionDeclarations": [{"name": "get_weather", "parameters": {"type": "OBJECT", "properties": {
+        "city": {"type": "STRING"}}, "required": ["city"]}}]}]  # fmt: skip
+    path = "/v1beta/models/gemini-2.5-flash:generateContent"
+    status, _, body = post(gw, path, {**L_GEMINI, "tools": tools})
+    content = json.loads(body)["candidates"][0]["content"]
+    assert status == 200 and content["parts"][0]["functionCall"]["args"] == {"city": "Paris"}
+    history = {"tools": tools, "contents": L_GEMINI["contents"] + [
+        {"role": "model", "parts": [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"temp": "18C"}}}]}]}  # fmt: skip
+    status, _, body = post(gw, path, history)
+    assert status == 200 and json.loads(body)["candidates"][0]["content"]["parts"] == [{"text": "18C."}]
+    turns = up.requests[1]["body"]["messages"]
+    assert [t["role"] for t in turns] == ["user", "assistant", "user"]
+    call, result = turns[1]["content"][0], turns[2]["content"][0]
+    assert call["type"] == "tool_use" and result["type"] == "tool_result" and result["tool_use_id"] == call["id"]
+    assert "18C" in json.dumps(result)
+
+
+def test_lane_upstream_429_reaches_gemini_and_responses_clients_in_their_envelopes(start_gateway, upstream):
+    err = {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}
+    up = upstream(lambda h, b: reply_json(h, err, status=429))
+    gw = start_gateway(env={**openai_env(up), **routes_env("gemini*=>openai", "gpt*=>openai")}, upstream_retries=0)
+    status, _, body = post(gw, "/v1beta/models/gemini-2.5-flash:generateContent", L_GEMINI)
+    assert status == 429 and json.loads(body) == {"error": {"code": 429, "message": "Rate limit reached",
+                                                            "status": "RESOURCE_EXHAUSTED"}}  # fmt: skip
+    status, _, body = post(gw, "/v1/responses", {"model": "gpt-4.1", "input": "hi"})
+    error = json.loads(body)["error"]
+    assert status == 429 and error["code"] == "rate_limit_exceeded" and error["message"] == "Rate limit reached"
+    assert_serving(gw)
+
+
+def test_lane_anthropic_translation_on_the_beta_path(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion("via beta", prompt=5, completion=2)))
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")})
+    status, _, body = post(gw, "/anthropic/v1/messages?beta=true", L_CLAUDE, {"Authorization": "Bearer client"})
+    answer = json.loads(body)
+    assert status == 200 and answer["content"] == [{"type": "text", "text": "via beta"}]
+    assert answer["stop_reason"] == "end_turn" and up.requests[0]["path"] == "/v1/chat/completions"
+    assert gw.rows()[-1]["endpoint"] == "/anthropic/v1/messages"
+
+
+def test_lane_codex_custom_tool_output_continues_from_stored_state(start_gateway, upstream):
+    answers = [o_tool_answer("apply_patch", json.dumps({"input": L_PATCH}), call_id="call_p1"),
+               chat_completion("Patched.", prompt=70, completion=3)]  # fmt: skip
+    up = upstream(lambda h, b: reply_json(h, answers[len(up.requests) - 1]))
+    gw = start_gateway(env=openai_env(up))
+    status, _, body = post(gw, "/v1/responses", codex_request(False))
+    first = json.loads(body)
+    assert status == 200 and first["output"][-1]["type"] == "custom_tool_call"
+    follow = {**codex_request(False), "previous_response_id": first["id"],
+              "input": [{"type": "custom_tool_call_output", "call_id": "call_p1", "output": "Done!"}]}  # fmt: skip
+    status, _, body = post(gw, "/v1/responses", follow)
+    assert status == 200 and json.loads(body)["output"][0]["content"][0]["text"] == "Patched."
+    messages = up.requests[1]["body"]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool"]
+    call = messages[2]["tool_calls"][0]
+    assert call["id"] == "call_p1" and call["function"]["name"] == "apply_patch"
+    assert json.loads(call["function"]["arguments"]) == {"input": L_PATCH}
+    assert messages[3] == {"role": "tool", "tool_call_id": "call_p1", "content": "Done!"}
+
+
+def test_lane_gemini_json_array_stream_is_served_as_json(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_sse(h, chat_chunks()))
+    gw = start_gateway(env={**openai_env(up), **routes_env("gemini*=>openai")})
+    status, headers, body = post(gw, "/v1beta/models/gemini-2.5-flash:streamGenerateContent", L_GEMINI)
+    assert status == 200 and isinstance(json.loads(body), list)
+    assert headers["Content-Type"].startswith("application/json")
+
+
+def test_lane_anthropic_passthrough_stream_cut_short_ends_with_an_error_event(start_gateway, upstream):
+    events = a_events_text_and_tool()
+    up = upstream(lambda h, b: reply_anthropic_sse(h, events, drop_after=4))
+    gw = start_gateway(env=anthropic_env(up))
+    status, _, body = post(gw, "/v1/messages", {**L_CLAUDE, "stream": True})
+    received = lane_sse(body)
+    assert status == 200 and received[0][0] == "message_start"
+    name, data = received[-1]
+    assert data["type"] == "error" and name == "error"
+    assert_serving(gw)
+
+
+def test_lane_anthropic_error_after_a_keepalive_ping_is_an_error_event(start_gateway, upstream):
+    def script(h, b):
+        time.sleep(0.7)
+        reply_json(h, {"error": {"message": "Rate limit reached", "type": "requests"}}, status=429)
+
+    up = upstream(script)
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")}, stream_keepalive=0.2,
+                       upstream_retries=0)  # fmt: skip
+    status, _, body = post(gw, "/v1/messages", {**L_CLAUDE, "stream": True})
+    received = lane_sse(body)
+    assert status == 200 and received[0][0] == "ping"
+    assert received[-1] == ("error", {"type": "error", "error": {"type": "rate_limit_error",
+                                                                 "message": "Rate limit reached"}})  # fmt: skip
+    assert_serving(gw)
+
+
+def test_lane_responses_error_after_a_keepalive_is_response_failed(start_gateway, upstream):
+    def script(h, b):
+        time.sleep(0.7)
+        reply_json(h, {"error": {"message": "Rate limit reached", "type": "requests"}}, status=429)
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up), stream_keepalive=0.2, upstream_retries=0)
+    status, _, body = post(gw, "/v1/responses", {"model": "gpt-4.1", "input": "hi", "stream": True})
+    received = lane_sse(body)
+    assert status == 200 and received
+    name, data = received[-1]
+    assert name == "response.failed" and data["response"]["status"] == "failed"
+    assert data["response"]["error"]["code"] == "rate_limit_exceeded"

@@ -2685,6 +2685,9 @@ class AnthropicCodec(Codec):
         return AnthropicStreamEncoder(req)
 
     # -- errors
+    def encode_stream_error(self, err: GatewayError) -> bytes:
+        return sse_event("error", self.encode_error(err))  # SDKs raise only on `event: error`
+
     def encode_error(self, err: GatewayError) -> dict:
         kind = err.kind
         if kind not in ANTHROPIC_ERROR_STATUS:  # client_closed, OpenAI's server_error...: the closest by status
@@ -3715,6 +3718,13 @@ class ResponsesCodec(Codec):
         return ResponsesStreamEncoder(req)
 
     # -- errors
+    def encode_stream_error(self, err: GatewayError) -> bytes:
+        """An error in a passthrough stream (no encoder state to send response.failed with)."""
+        error = responses_error(err)
+        return sse_event(
+            "error", {"type": "error", "code": error.get("code"), "message": error.get("message"), "param": None}
+        )
+
     def encode_error(self, err: GatewayError) -> dict:
         body = OPENAI_CODEC.encode_error(err)
         body["error"]["code"] = responses_error(err)["code"]  # the codes Codex acts on
@@ -4929,6 +4939,7 @@ class GeminiStreamEncoder:
         self.req = req
         self.sse = sse
         self.keepalive = b": keep-alive\n\n" if sse else b"\n"  # whitespace is all a JSON array may carry
+        self.content_type = "text/event-stream" if sse else "application/json"
         self.id = ""
         self.with_thoughts = gemini_wants_thoughts(req)
         self.blocks: dict[int, Part] = {}
@@ -5797,6 +5808,7 @@ class ResponseStore:
     def __init__(self, ledger: Ledger, retention_days: float):
         self.ledger = ledger
         self.recent: dict[str, dict] = {}
+        self.deleted: set[str] = set()  # until the writer has committed the DELETE
         self.lock = threading.Lock()
         self.db = open_ledger_db(ledger.path) if ledger.path != ":memory:" else None
         cutoff = time.time() - retention_days * 86400
@@ -5819,6 +5831,8 @@ class ResponseStore:
         )
 
     async def load(self, response_id: str) -> dict | None:
+        if response_id in self.deleted:
+            return None
         entry = self.recent.get(response_id)
         if entry is None and self.db is not None:
             entry = await asyncio.to_thread(self._load_from_db, response_id)
@@ -5831,6 +5845,7 @@ class ResponseStore:
 
     def delete(self, response_id: str) -> None:
         self.recent.pop(response_id, None)
+        self.deleted.add(response_id)
         self.ledger.write_later("DELETE FROM responses WHERE id = ?", (response_id,))
 
     def close(self) -> None:
@@ -5886,6 +5901,11 @@ class Call:
     error: str = ""
     api_key_id: str = ""
     user: str = ""
+    encoder: object = None  # the client's stream encoder, once a canonical lane streams
+
+    def start_stream(self) -> None:
+        if not self.exchange.started:
+            self.exchange.start_stream(200, getattr(self.encoder, "content_type", "text/event-stream"))
 
 
 class Heartbeat:
@@ -5908,8 +5928,7 @@ class Heartbeat:
             return
         idle = time.monotonic() - max(ex.last_write_at, self.since)
         if idle >= self.interval - 0.05 and not self.mid_event:
-            if not ex.started:
-                ex.start_stream()
+            self.call.start_stream()
             ex.write(self.payload)
             idle = 0.0
         self.handle = self.loop.call_later(max(self.interval - idle, 0.05), self._tick)
@@ -6036,7 +6055,8 @@ class Gateway:
             extra = [("Retry-After", str(int(err.retry_after)))] if err.retry_after else []
             ex.send_json(err.status, call.codec.encode_error(err), extra)
         elif ex.streaming and not ex.finished:
-            ex.write(call.codec.encode_stream_error(err))
+            encoder = call.encoder
+            ex.write(encoder.encode(StreamError(err)) if encoder is not None else call.codec.encode_stream_error(err))
             ex.end_stream()
             ex.close_after = True
 
@@ -6153,17 +6173,21 @@ class Gateway:
         call.exchange.send_json(200, {"input_tokens": anthropic_count_tokens_estimate(body)})
 
     async def canonical_call(self, request: HttpRequest, call: Call, route: Route, req: Request, lane: str,
-                             encoder=None) -> dict | None:  # fmt: skip
+                             encoder=None, event_filter=None) -> dict | None:  # fmt: skip
         """Loopback and translation lanes: the client's canonical request, answered in its
-        protocol. Returns the response object the client got (the Responses lane stores it)."""
+        protocol. `event_filter` (event -> events) rewrites the answer, streamed or not.
+        Returns the response object the client got (the Responses lane stores it)."""
         call.user = call.user or req.user
         if self.cfg.loop_guard:
             guard_tool_loops(req, self.cfg.loop_guard_window, self.cfg.loop_guard_warn, self.cfg.loop_guard_stop)
         if req.stream and encoder is None:
             encoder = call.codec.stream_encoder(req)
+        if event_filter is not None and encoder is not None:
+            encoder = FilteredEncoder(encoder, event_filter)
+        call.encoder = encoder
         if lane == "loopback":
             result = self.loopback.complete(req)
-            return self.answer(call, req, result, encoder, self.loopback.stream_events(result))
+            return self.answer(call, req, result, encoder, self.loopback.stream_events(result), event_filter)
         upstream_codec = self.codecs[route.provider.protocol]
         body = upstream_codec.encode_request(req, route.model, route.provider)
         operation = {"openai": "chat", "anthropic": "messages", "gemini": "generate"}[route.provider.protocol]
@@ -6177,14 +6201,16 @@ class Gateway:
                 await self.relay_translated_stream(call, resp, upstream_codec, req, encoder)
                 return getattr(encoder, "response", None)
             result = upstream_codec.decode_response(json_or_502(await resp.read(), route.provider.name))
-            return self.answer(call, req, result, encoder, unfold_response(result))
+            return self.answer(call, req, result, encoder, unfold_response(result), event_filter)
         finally:
             if heartbeat:
                 heartbeat.cancel()
 
-    def answer(self, call: Call, req: Request, result: Response, encoder, events) -> dict | None:
+    def answer(self, call: Call, req: Request, result: Response, encoder, events, event_filter=None) -> dict | None:
         """Send a whole canonical Response: as a stream (events) or as one JSON body."""
         call.usage = result.usage
+        if encoder is None and event_filter is not None:  # the same filter a stream would pass through
+            result = fold_events(e for ev in unfold_response(result) for e in event_filter(ev))
         if encoder is not None:
             self.emit_events(call, encoder, events)
             call.exchange.end_stream()
@@ -6195,8 +6221,7 @@ class Gateway:
 
     def emit_events(self, call: Call, encoder, events) -> None:
         ex = call.exchange
-        if not ex.started:
-            ex.start_stream()
+        call.start_stream()
         for ev in events:
             self.observe(call, ev)
             ex.write(encoder.encode(ev))
@@ -6214,8 +6239,7 @@ class Gateway:
         ex = call.exchange
         decoder = upstream_codec.stream_decoder()
         parser = SSEParser()
-        if not ex.started:
-            ex.start_stream()
+        call.start_stream()
         try:
             while chunk := await resp.next_chunk():
                 for sse in parser.feed(chunk):
@@ -6264,8 +6288,7 @@ class Gateway:
         ex = call.exchange
         observer = call.codec.stream_decoder()
         parser = SSEParser()
-        if not ex.started:
-            ex.start_stream()
+        call.start_stream()
         try:
             while chunk := await resp.next_chunk():
                 events = parser.feed(chunk)
@@ -6280,6 +6303,10 @@ class Gateway:
                 await ex.drain()
             for sse in parser.finish():
                 ex.write(sse.raw)
+                for ev in observer.feed(sse):
+                    self.observe(call, ev)
+            for ev in observer.finish():  # streams without an end event (Gemini) settle usage here
+                self.observe(call, ev)
         except GatewayError as err:
             call.error = err.message
             ex.write(call.codec.encode_stream_error(err))
@@ -6349,15 +6376,10 @@ class Gateway:
             history = stored["input"] + stored["response"].get("output", [])
         full_input = history + new_input
         req = call.codec.decode_request({**body, "input": full_input})
-        result = await self.canonical_call(request, call, route, req, lane, self.responses_encoder(req))
+        fixer = ShellArgumentsFixer(req)  # Codex `shell` arguments from models that send a string
+        result = await self.canonical_call(request, call, route, req, lane, None, fixer if fixer.tools else None)
         if result and body.get("store") is not False and result.get("status") in ("completed", "incomplete"):
             self.responses_store.save(result, full_input)
-
-    def responses_encoder(self, req: Request):
-        """The Responses stream encoder, fixing Codex `shell` arguments from other models."""
-        encoder = RESPONSES_CODEC.stream_encoder(req) if req.stream else None
-        fixer = ShellArgumentsFixer(req)
-        return FilteredEncoder(encoder, fixer) if encoder is not None and fixer.tools else encoder
 
     async def get_response(self, request: HttpRequest, call: Call) -> None:
         response_id = request.path.rstrip("/").rsplit("/", 1)[-1]
