@@ -357,11 +357,9 @@ class Config:
     path: Path | None = None
     sources: dict = field(default_factory=dict)
 
-    def __getattr__(self, name):
-        try:
-            return self.__dict__["values"][name]
-        except KeyError:
-            raise AttributeError(name) from None
+    def __post_init__(self):
+        for key, value in self.values.items():  # cfg.work_mode etc. as plain attributes (read per request)
+            setattr(self, key, value)
 
 
 def load_config(config_path: str | None = None, overrides: dict | None = None, env=None) -> Config:
@@ -683,12 +681,19 @@ class Exchange:
         return headers
 
     def send(self, status: int, body: bytes, content_type: str = "application/json", extra=()) -> None:
-        headers = self._base_headers(content_type)
-        headers.extend(extra)
-        headers.append(("Content-Length", str(len(body))))
         self.status = status
         self.started = self.finished = True
-        payload = response_head(status, headers)
+        if extra or self.close_after:
+            headers = self._base_headers(content_type)
+            headers.extend(extra)
+            headers.append(("Content-Length", str(len(body))))
+            payload = response_head(status, headers)
+        else:  # the common answer, formatted in one step
+            reason = REASONS.get(status, "Status")
+            payload = (
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nx-request-id: {self.request_id}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode("latin-1")
         if self.request.method != "HEAD":
             payload += body
         self.first_byte_at = self.last_write_at = time.monotonic()
@@ -806,7 +811,16 @@ class HttpServer:
                 protocol.busy = True
                 try:
                     request = parse_request_head(head, self.cfg.max_request_line)
-                    request.body = await read_request_body(reader, writer, request, self.cfg.max_body_bytes)
+                    headers = request.headers
+                    length = headers.get("content-length", "")
+                    if (
+                        length.isdigit()
+                        and int(length) <= self.cfg.max_body_bytes
+                        and not ("transfer-encoding" in headers or "expect" in headers)
+                    ):  # the usual request: a plain Content-Length body
+                        request.body = await reader.readexactly(int(length))
+                    else:
+                        request.body = await read_request_body(reader, writer, request, self.cfg.max_body_bytes)
                 except HttpError as exc:
                     self._reject(writer, exc)
                     return
@@ -1028,6 +1042,7 @@ class UpstreamPool:
         self.idle: dict[tuple, list] = {}
         self._ssl: ssl.SSLContext | None = None
         self._origins: dict[str, tuple[Origin, str]] = {}
+        self._heads: dict[tuple, bytes] = {}
 
     @property
     def ssl_context(self) -> ssl.SSLContext:
@@ -1092,19 +1107,18 @@ class UpstreamPool:
             raise OSError(0, f"proxy refused CONNECT ({first_line})")
 
     async def request(self, method: str, url: str, headers: dict, body: bytes = b"") -> UpstreamResponse:
-        origin, target = self.parse_url(url)
-        if origin.proxy and origin.scheme == "http":
-            target = url  # absolute-form through a plain HTTP proxy
-        lines = [
-            f"{method} {target} HTTP/1.1",
-            f"Host: {origin.host}" + ("" if origin.port in (80, 443) else f":{origin.port}"),
-        ]
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-        if origin.proxy and origin.scheme == "http" and origin.proxy[2]:
-            lines.append(f"Proxy-Authorization: {origin.proxy[2]}")
+        origin, _ = self.parse_url(url)
+        key = (method, url, tuple(headers.items()))
+        head = self._heads.get(key)
+        if head is None:
+            head = self._request_head(method, url, headers)
+            if len(self._heads) >= 1024:
+                self._heads.clear()
+            self._heads[key] = head
         if body or method in ("POST", "PUT", "PATCH"):
-            lines.append(f"Content-Length: {len(body)}")
-        payload = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+            payload = b"%bContent-Length: %d\r\n\r\n%b" % (head, len(body), body)
+        else:
+            payload = head + b"\r\n"
         idle = self.idle.get(origin.key)
         while idle:
             reader, writer = idle.pop()
@@ -1120,6 +1134,21 @@ class UpstreamPool:
             return await self._exchange(origin, reader, writer, payload, method)
         except _StaleConnection:
             raise GatewayError(502, f"upstream {origin.host} closed the connection without answering") from None
+
+    def _request_head(self, method: str, url: str, headers: dict) -> bytes:
+        """A request's head without Content-Length (the same for every request with these
+        headers, so it is built once and cached)."""
+        origin, target = self.parse_url(url)
+        if origin.proxy and origin.scheme == "http":
+            target = url  # absolute-form through a plain HTTP proxy
+        lines = [
+            f"{method} {target} HTTP/1.1",
+            f"Host: {origin.host}" + ("" if origin.port in (80, 443) else f":{origin.port}"),
+        ]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        if origin.proxy and origin.scheme == "http" and origin.proxy[2]:
+            lines.append(f"Proxy-Authorization: {origin.proxy[2]}")
+        return ("\r\n".join(lines) + "\r\n").encode("latin-1")
 
     async def _exchange(self, origin, reader, writer, payload, method) -> UpstreamResponse:
         self.watchdog.start()
@@ -1153,16 +1182,16 @@ class UpstreamPool:
             raise
         finally:
             self.watchdog.entries.discard(waiting)
-        lines = head.split(b"\r\n")
-        status_parts = lines[0].split(b" ", 2)
-        if len(status_parts) < 2 or not status_parts[1].isdigit() or not status_parts[0].startswith(b"HTTP/1."):
+        lines = head.decode("latin-1").split("\r\n")
+        status_parts = lines[0].split(" ", 2)
+        if len(status_parts) < 2 or not status_parts[1].isdigit() or not status_parts[0].startswith("HTTP/1."):
             writer.transport.abort()
             raise GatewayError(502, f"upstream {origin.host} did not speak HTTP/1.1")
         headers = {}
         for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            if name:
-                headers[name.decode("latin-1").strip().lower()] = value.strip().decode("latin-1")
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
         status = int(status_parts[1])
         if status == 100:  # an interim answer; the real head follows
             return await self._exchange(origin, reader, writer, b"", method)
@@ -5730,13 +5759,14 @@ class Ledger:
     the caller waits for the writer (never a dropped row); close() drains everything."""
 
     LINGER = 0.05  # seconds the writer lets a batch gather
-    INSERT = f"INSERT INTO requests ({', '.join(LEDGER_COLUMNS)}) VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})"
+    CHUNK = 256  # most rows per INSERT statement (20 columns x 256 rows stays under sqlite's variable limit)
 
     def __init__(self, path: str, queue_size: int = 10000):
         self.path = str(Path(path).expanduser()) if path != ":memory:" else path
         self.db = open_ledger_db(self.path)
         self.pending: deque = deque()  # request rows (tuples) and other writes ((sql, params) lists)
         self.queue_size = queue_size
+        self._insert_sql: dict[int, str] = {}
         self.written = 0
         self.busy = False
         self.stopping = False
@@ -5774,7 +5804,11 @@ class Ledger:
         others = [item for item in batch if isinstance(item, list)]
         for attempt in range(1, 1_000_000):
             try:
-                self.db.executemany(self.INSERT, rows)
+                start = 0
+                while start < len(rows):  # chunks of 256, 128, ... 1 rows: a handful of cached statements
+                    size = min(self.CHUNK, 1 << ((len(rows) - start).bit_length() - 1))
+                    self._insert_rows(rows[start : start + size])
+                    start += size
                 for sql, params in others:
                     self.db.execute(sql, params)
                 self.db.commit()
@@ -5785,6 +5819,16 @@ class Ledger:
                 time.sleep(min(0.1 * attempt, 5.0))
         self.written += len(rows)
         self.busy = False
+
+    def _insert_rows(self, rows: list) -> None:
+        """One multi-row INSERT: sqlite runs it in one step, so the writer lets go of the GIL
+        once per batch instead of once per row (executemany), which the event loop feels."""
+        sql = self._insert_sql.get(len(rows))
+        if sql is None:
+            one = "(" + ", ".join("?" * len(LEDGER_COLUMNS)) + ")"
+            sql = f"INSERT INTO requests ({', '.join(LEDGER_COLUMNS)}) VALUES " + ", ".join([one] * len(rows))
+            self._insert_sql[len(rows)] = sql
+        self.db.execute(sql, [value for row in rows for value in row])
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything queued so far is written."""
