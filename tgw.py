@@ -983,14 +983,7 @@ class UpstreamResponse:
                 self.close()  # the client went away: never reuse a half-read connection
                 raise
             except (asyncio.IncompleteReadError, ConnectionError, ValueError, OSError) as exc:
-                self.close()
-                if self.timed_out:
-                    raise GatewayError(
-                        504, f"upstream {self.origin.host} sent nothing for {self.pool.read_timeout:g} s"
-                    ) from None
-                raise GatewayError(
-                    502, f"upstream {self.origin.host} closed the connection mid-response ({type(exc).__name__})"
-                ) from None
+                raise self._broken(exc) from None
             finally:
                 watchdog.entries.discard(self)
             if self.decoder is not None and data:
@@ -1005,6 +998,8 @@ class UpstreamResponse:
         return b""
 
     async def read(self, limit: int = 256 * 1024 * 1024) -> bytes:
+        if 0 < self.remaining <= min(limit, 1 << 20) and self.decoder is None and not self.done:
+            return await self._read_whole()
         parts = []
         total = 0
         while data := await self.next_chunk():
@@ -1014,6 +1009,34 @@ class UpstreamResponse:
                 self.close()
                 raise GatewayError(502, "upstream response too large")
         return b"".join(parts)
+
+    async def _read_whole(self) -> bytes:
+        """The usual JSON answer: one Content-Length body, read in one step."""
+        watchdog = self.pool.watchdog
+        self.deadline = time.monotonic() + self.pool.read_timeout
+        watchdog.entries.add(self)
+        try:
+            data = await self.reader.readexactly(self.remaining)
+        except asyncio.CancelledError:
+            self.close()
+            raise
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+            raise self._broken(exc) from None
+        finally:
+            watchdog.entries.discard(self)
+        self.remaining = 0
+        self.done = True
+        self.release()
+        return data
+
+    def _broken(self, exc: Exception) -> GatewayError:
+        """The body could not be read: close the connection and say why."""
+        self.close()
+        if self.timed_out:
+            return GatewayError(504, f"upstream {self.origin.host} sent nothing for {self.pool.read_timeout:g} s")
+        return GatewayError(
+            502, f"upstream {self.origin.host} closed the connection mid-response ({type(exc).__name__})"
+        )
 
     def release(self):
         """Give the connection back to the pool if the body was read to its end."""
