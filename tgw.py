@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import base64
 import fnmatch
+import functools
 import gc
 import hashlib
 import hmac
@@ -92,6 +93,7 @@ def key_fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12] if key else ""
 
 
+@functools.lru_cache(maxsize=8192)  # routes, prices and model limits ask the same questions per request
 def glob_match(pattern: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name.lower(), pattern.lower())
 
@@ -6268,18 +6270,21 @@ class Gateway:
                 await self.relay_translated_stream(call, resp, upstream_codec, req, encoder)
                 return getattr(encoder, "response", None)
             result = upstream_codec.decode_response(json_or_502(await resp.read(), route.provider.name))
-            return self.answer(call, req, result, encoder, unfold_response(result), event_filter)
+            return self.answer(call, req, result, encoder, None, event_filter)
         finally:
             if heartbeat:
                 heartbeat.cancel()
 
-    def answer(self, call: Call, req: Request, result: Response, encoder, events, event_filter=None) -> dict | None:
-        """Send a whole canonical Response: as a stream (events) or as one JSON body."""
+    def answer(
+        self, call: Call, req: Request, result: Response, encoder, events=None, event_filter=None
+    ) -> dict | None:
+        """Send a whole canonical Response: as a stream (`events`, by default the unfolded
+        result) or as one JSON body."""
         call.usage = result.usage
         if encoder is None and event_filter is not None:  # the same filter a stream would pass through
             result = fold_events(e for ev in unfold_response(result) for e in event_filter(ev))
         if encoder is not None:
-            self.emit_events(call, encoder, events)
+            self.emit_events(call, encoder, events if events is not None else unfold_response(result))
             call.exchange.end_stream()
             return getattr(encoder, "response", None)
         body = call.codec.encode_response(result, req)
