@@ -183,6 +183,8 @@ def field_of(body: dict, name: str, kind, required: bool = False, default=None):
         if required:
             raise bad_request(f"'{name}' is required")
         return default
+    if type(value) is kind:  # the usual case, checked first
+        return value
     kinds = kind if isinstance(kind, tuple) else (kind,)
     ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
     if not ok and float in kinds and isinstance(value, int) and not isinstance(value, bool):
@@ -1992,6 +1994,7 @@ OPENAI_MAX_OUTPUT = (
 )  # fmt: skip
 
 
+@functools.lru_cache(maxsize=1024)
 def openai_max_output(model: str) -> int | None:
     return next((limit for pattern, limit in OPENAI_MAX_OUTPUT if glob_match(pattern, model)), None)
 
@@ -2278,6 +2281,7 @@ def anthropic_stop_reason(reason: str, has_tool_use: bool) -> str:
     return "end_turn" if out == "tool_use" else out
 
 
+@functools.lru_cache(maxsize=1024)
 def anthropic_max_output(model: str) -> int:
     for pattern, limit in ANTHROPIC_MAX_OUTPUT:
         if glob_match(pattern, model):
