@@ -6750,3 +6750,88 @@ def test_lane_responses_error_after_a_keepalive_is_response_failed(start_gateway
     name, data = received[-1]
     assert name == "response.failed" and data["response"]["status"] == "failed"
     assert data["response"]["error"]["code"] == "rate_limit_exceeded"
+
+
+# ======================================================================================
+# Hardening found in review: framing, disconnects, ids with ':' and stream errors
+# ======================================================================================
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /health HTTP/1.1\r\nX-A: a\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0x10\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n",
+    ],
+)
+def test_smuggling_shaped_requests_are_refused(start_gateway, request_bytes):
+    gw = start_gateway()
+    assert raw_exchange(gw.port, request_bytes).startswith(b"HTTP/1.1 400")
+    assert_serving(gw)
+
+
+def test_slow_body_gets_408(start_gateway):
+    gw = start_gateway(header_timeout=0.5)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(b'POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{"model":')
+        started = time.monotonic()
+        assert s.recv(1000).startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5
+    assert_serving(gw)
+
+
+def test_protocol_errors_answer_in_the_clients_envelope(start_gateway):
+    gw = start_gateway(max_body_bytes=100)
+    body = json.dumps(
+        {"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": "x" * 300}]}
+    ).encode()
+    data = raw_exchange(gw.port, b"POST /v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert data.startswith(b"HTTP/1.1 413")
+    error = json.loads(data.partition(b"\r\n\r\n")[2])
+    assert error["type"] == "error" and error["error"]["type"] == "request_too_large"
+
+
+def test_client_closing_mid_request_cancels_the_upstream_call(start_gateway, upstream):
+    release = threading.Event()
+
+    def slow(h, b):
+        release.wait(5)
+        reply_json(h, chat_completion())
+
+    up = upstream(slow)
+    gw = start_gateway(env=openai_env(up))
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        body = json.dumps(CHAT).encode()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        while not up.requests:
+            time.sleep(0.02)
+        s.shutdown(socket.SHUT_WR)  # the client gives up (FIN) before the answer
+        assert s.recv(100) == b""
+    rows = gw.rows()
+    release.set()
+    assert rows[-1]["status"] == 499 and "disconnected" in rows[-1]["error"]
+    assert_serving(gw)
+
+
+def test_model_ids_with_colons_stay_openai_and_reach_gemini_calls(start_gateway):
+    gw = start_gateway()
+    status, _, body = get(gw, "/v1/models/llama3:8b")
+    assert status == 200 and json.loads(body)["id"] == "llama3:8b" and json.loads(body)["object"] == "model"
+    status, _, body = post(
+        gw, "/v1beta/models/qwen2.5:7b:generateContent", {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+    )
+    assert status == 200 and "You said: hi" in json.loads(body)["candidates"][0]["content"]["parts"][0]["text"]
+    models = json.loads(get(gw, "/v1/models", {"x-goog-api-key": "k"})[2])
+    assert models["models"][0]["name"].startswith("models/")
+
+
+def test_translated_stream_stops_at_the_first_upstream_error(start_gateway, upstream):
+    events = chat_chunks(words=["a"])[:2] + ["data: {not json\n\n"] + chat_chunks(words=["b"])[1:]
+    up = upstream(lambda h, b: reply_sse(h, events))
+    gw = start_gateway(env={**openai_env(up), "TOKLIGENCE_MODEL_PROVIDER_ROUTES": "claude*=>openai"})
+    body = {"model": "claude-x", "max_tokens": 50, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    status, _, payload = post(gw, "/v1/messages", body)
+    text = payload.decode()
+    assert status == 200 and "event: error" in text
+    assert text.rstrip().endswith("}") and "message_stop" not in text and '"b"' not in text

@@ -593,7 +593,15 @@ def parse_request_head(head: bytes, max_request_line: int) -> HttpRequest:
         if not line:
             continue
         name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip() or b" " in name:
+        if (
+            not sep
+            or not name
+            or name != name.strip()
+            or b" " in name
+            or b"\n" in line
+            or b"\r" in line
+            or b"\0" in line
+        ):
             raise HttpError(400, f"malformed header line {line[:60].decode('latin-1')!r}")
         key = name.decode("latin-1").lower()
         text = value.strip().decode("latin-1")
@@ -619,7 +627,7 @@ async def read_request_body(reader: asyncio.StreamReader, writer, request: HttpR
         raise HttpError(501, f"Transfer-Encoding {te!r} is not supported")
     length = 0
     if cl is not None:
-        if not cl.isdigit():
+        if not (cl.isascii() and cl.isdigit()):
             raise HttpError(400, f"invalid Content-Length {cl[:40]!r}")
         length = int(cl)
         if length > max_body:
@@ -637,10 +645,9 @@ async def read_chunked_body(reader: asyncio.StreamReader, max_body: int) -> byte
     while True:
         line = await reader.readuntil(b"\r\n")
         size_text = line.split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise HttpError(400, f"malformed chunk size {size_text[:20]!r}") from None
+        if not size_text or size_text.strip(b"0123456789abcdefABCDEF") or len(size_text) > 16:
+            raise HttpError(400, f"malformed chunk size {size_text[:20]!r}")
+        size = int(size_text, 16)
         if size == 0:
             while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
                 pass
@@ -748,15 +755,18 @@ class ClientProtocol(asyncio.StreamReaderProtocol):
         self.busy = False
         self.writer_ref: asyncio.StreamWriter | None = None
         self.server = server
-        self.deadline = 0.0  # while waiting for a request head: when to give up on the client
+        self.deadline = 0.0  # while waiting for a request head or body: when to give up on the client
         self.partial_since = 0.0
+        self.reading_body = False
 
     def expire(self, now: float) -> None:
-        """Idle too long: close. Halfway through a head for too long (slow client): 408."""
+        """Idle too long: close. Halfway through a head or body for too long (slow client): 408."""
         transport = self._transport
-        if self.busy or transport is None:
+        if transport is None or (self.busy and not self.reading_body):
             return
-        if self.reader._buffer:  # noqa: SLF001 - the only way to see a partial head
+        if self.reading_body:
+            transport.write(response_head(408, [("Content-Length", "0"), ("Connection", "close")]))
+        elif self.reader._buffer:  # noqa: SLF001 - the only way to see a partial head
             self.partial_since = self.partial_since or now
             if now - self.partial_since < self.server.cfg.header_timeout:
                 self.deadline = now + self.server.watchdog.tick
@@ -770,14 +780,21 @@ class ClientProtocol(asyncio.StreamReaderProtocol):
         if self.busy and self.handler_task is not None and not self.handler_task.done():
             self.handler_task.cancel()
 
+    def eof_received(self):
+        """The client closed its side while its request is in flight: it is gone, so stop
+        (and stop paying for) the upstream call too."""
+        keep_open = super().eof_received()
+        return keep_open and not self.busy
+
 
 class HttpServer:
     """HTTP/1.1 on asyncio streams: keep-alive, pipelining (answered in order), chunked and
     Content-Length bodies, 100-continue, HEAD, limits and timeouts, graceful drain."""
 
-    def __init__(self, cfg: Config, handler):
+    def __init__(self, cfg: Config, handler, error_body=None):
         self.cfg = cfg
         self.handler = handler  # async (request, exchange) -> None
+        self.error_body = error_body  # (path, GatewayError) -> bytes, the error in the client's envelope
         self.server: asyncio.base_events.Server | None = None
         self.connections: set[ClientProtocol] = set()
         self.draining = False
@@ -811,22 +828,33 @@ class HttpServer:
                     self._reject(writer, HttpError(431, f"request head exceeds {self.cfg.max_header_bytes} bytes"))
                     return
                 limit = self.cfg.idle_timeout
-                protocol.deadline = 0.0
                 protocol.busy = True
+                request = None
                 try:
                     request = parse_request_head(head, self.cfg.max_request_line)
                     headers = request.headers
                     length = headers.get("content-length", "")
+                    # a body gets header_timeout plus a second per MB before the client counts as stuck
+                    protocol.deadline = (
+                        time.monotonic() + self.cfg.header_timeout + int(length or 0) / 1e6
+                        if length.isdecimal()
+                        else 0.0
+                    )
+                    protocol.reading_body = True
                     if (
-                        length.isdigit()
+                        length.isascii()
+                        and length.isdigit()
                         and int(length) <= self.cfg.max_body_bytes
                         and not ("transfer-encoding" in headers or "expect" in headers)
                     ):  # the usual request: a plain Content-Length body
                         request.body = await reader.readexactly(int(length))
                     else:
+                        protocol.deadline = time.monotonic() + self.cfg.header_timeout + self.cfg.max_body_bytes / 1e6
                         request.body = await read_request_body(reader, writer, request, self.cfg.max_body_bytes)
+                    protocol.reading_body = False
+                    protocol.deadline = 0.0
                 except HttpError as exc:
-                    self._reject(writer, exc)
+                    self._reject(writer, exc, request.path if request is not None else "")
                     return
                 except asyncio.IncompleteReadError:
                     return  # the body was cut short: the client is gone, nobody to answer
@@ -855,8 +883,12 @@ class HttpServer:
                     pass
                 transport.close()
 
-    def _reject(self, writer, exc: HttpError) -> None:
-        body = dumps({"error": {"message": exc.message, "type": "invalid_request_error", "code": exc.status}})
+    def _reject(self, writer, exc: HttpError, path: str = "") -> None:
+        """Answer a broken request (in the protocol its path speaks, when known) and close."""
+        if self.error_body is not None:
+            body = self.error_body(path, GatewayError(exc.status, exc.message))
+        else:
+            body = dumps({"error": {"message": exc.message, "type": "invalid_request_error", "code": exc.status}})
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))), ("Connection", "close")]
         writer.write(response_head(exc.status, headers) + body)
 
@@ -873,9 +905,11 @@ class HttpServer:
             if not any(p.busy for p in self.connections) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
-        for protocol in list(self.connections):
-            if protocol.handler_task is not None:
-                protocol.handler_task.cancel()
+        tasks = [p.handler_task for p in self.connections if p.handler_task is not None and not p.handler_task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:  # let them record their ledger rows before the ledger closes
+            await asyncio.wait(tasks, timeout=5)
         self.watchdog.stop()
 
 
@@ -972,6 +1006,8 @@ class UpstreamResponse:
             return data
         data = await reader.read(262144)
         if not data:
+            if self.timed_out:  # the watchdog cut it: not a complete body
+                raise asyncio.IncompleteReadError(b"", None)
             self.done = True
         return data
 
@@ -1099,10 +1135,14 @@ class UpstreamPool:
                 if not hasattr(asyncio.StreamWriter, "start_tls"):
                     raise GatewayError(502, "HTTPS through a proxy needs Python 3.11 or newer")
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.connect_timeout)
-                await self._tunnel(origin, reader, writer)
-                await asyncio.wait_for(
-                    writer.start_tls(self.ssl_context, server_hostname=origin.host), self.connect_timeout
-                )
+                try:
+                    await self._tunnel(origin, reader, writer)
+                    await asyncio.wait_for(
+                        writer.start_tls(self.ssl_context, server_hostname=origin.host), self.connect_timeout
+                    )
+                except BaseException:
+                    writer.transport.abort()  # never leak the proxy connection
+                    raise
             else:
                 ctx = self.ssl_context if tls else None
                 opener = asyncio.open_connection(host, port, ssl=ctx, server_hostname=origin.host if tls else None)
@@ -1126,7 +1166,11 @@ class UpstreamPool:
         writer.write(
             f"CONNECT {origin.host}:{origin.port} HTTP/1.1\r\nHost: {origin.host}:{origin.port}\r\n{auth}\r\n".encode()
         )
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.connect_timeout)
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.connect_timeout)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            writer.close()
+            raise OSError(0, "the proxy closed the connection during CONNECT") from None
         status = head.split(b" ", 2)[1] if head.count(b" ") >= 1 else b""
         if status != b"200":
             writer.close()
@@ -6056,13 +6100,16 @@ class Gateway:
         self.responses_store.close()
 
     # -- dispatch
-    def client_codec(self, path: str) -> Codec:
+    def error_body(self, path: str, err: GatewayError) -> bytes:
+        return dumps(self.client_codec(path).encode_error(err))
+
+    def client_codec(self, path: str, method: str = "POST") -> Codec:
         """The protocol a client speaks, from the path it called (errors answer in it)."""
         if path.startswith(("/v1/messages", "/anthropic/")):
             return self.codecs["anthropic"]
         if path.startswith("/v1/responses"):
             return self.codecs["responses"]
-        if path.startswith("/v1beta/models") or (path.startswith("/v1/models/") and ":" in path):
+        if path.startswith("/v1beta/models") or is_gemini_call_path(path, method):
             return self.codecs["gemini"]
         return self.codecs["openai"]
 
@@ -6072,7 +6119,7 @@ class Gateway:
         handler = self.routes.get((method, path))
         if handler is not None:
             return handler
-        if path.startswith(("/v1beta/models/", "/v1/models/")) and ":" in path.rsplit("/", 1)[-1]:
+        if is_gemini_call_path(path, request.method):
             if method != "POST":
                 raise GatewayError(405, f"method {request.method} is not allowed on {path}; use POST")
             return self.gemini_call  # Gemini's /models/{model}:{method}
@@ -6088,7 +6135,7 @@ class Gateway:
         raise GatewayError(404, f"no endpoint {request.method} {path}", "not_found_error")
 
     async def handle(self, request: HttpRequest, exchange: Exchange) -> None:
-        call = Call(exchange, self.client_codec(request.path), request.path)
+        call = Call(exchange, self.client_codec(request.path, request.method), request.path)
         try:
             handler = self.find_handler(request)
             if request.path not in self.public:
@@ -6167,6 +6214,9 @@ class Gateway:
         })  # fmt: skip
 
     async def list_models(self, request: HttpRequest, call: Call) -> None:
+        if is_gemini_client(request):
+            await self.gemini_list_models(request, call)
+            return
         models = self.router.listed_models()
         if "anthropic-version" in request.headers or "x-api-key" in request.headers:
             data = [
@@ -6316,21 +6366,27 @@ class Gateway:
         decoder = upstream_codec.stream_decoder()
         parser = SSEParser()
         call.start_stream()
+
+        def emit(events) -> bool:
+            """Encode events for the client; False once an error has ended the stream."""
+            for ev in events:
+                self.observe(call, ev)
+                ex.write(encoder.encode(ev))
+                if isinstance(ev, StreamError):
+                    return False
+            return True
+
         try:
-            while chunk := await resp.next_chunk():
-                for sse in parser.feed(chunk):
-                    for ev in decoder.feed(sse):
-                        self.observe(call, ev)
-                        ex.write(encoder.encode(ev))
+            going = True
+            while going and (chunk := await resp.next_chunk()):
+                going = all(emit(decoder.feed(sse)) for sse in parser.feed(chunk))
                 await ex.drain()
-            tail = [ev for sse in parser.finish() for ev in decoder.feed(sse)] + decoder.finish()
+            if going:
+                going = all(emit(decoder.feed(sse)) for sse in parser.finish()) and emit(decoder.finish())
         except GatewayError as err:  # the upstream broke mid-stream: tell the client in-stream
-            tail = [StreamError(err)]
+            emit([StreamError(err)])
         finally:
             resp.close() if not resp.done else resp.release()
-        for ev in tail:
-            self.observe(call, ev)
-            ex.write(encoder.encode(ev))
         ex.end_stream()
 
     async def passthrough(self, request: HttpRequest, call: Call, route: Route, body: dict, operation: str) -> None:
@@ -6355,7 +6411,11 @@ class Gateway:
             else:
                 data = await resp.read()
                 call.usage = call.codec.usage_of(data)
-                call.exchange.send(resp.status, data, resp.headers.get("content-type", "application/json"))
+                if call.exchange.started:  # a keep-alive already opened a stream: finish it with the body
+                    call.exchange.write(data)
+                    call.exchange.end_stream()
+                else:
+                    call.exchange.send(resp.status, data, resp.headers.get("content-type", "application/json"))
         finally:
             if heartbeat:
                 heartbeat.cancel()
@@ -6377,15 +6437,16 @@ class Gateway:
                     ex.write(chunk)
                     heartbeat.mid_event = bool(parser.buffer)
                 await ex.drain()
-            for sse in parser.finish():
-                ex.write(sse.raw)
+            for sse in parser.finish():  # an unterminated last event: its bytes went out already
+                ex.write(sse.raw if hide_usage else b"\n\n")
                 for ev in observer.feed(sse):
                     self.observe(call, ev)
             for ev in observer.finish():  # streams without an end event (Gemini) settle usage here
                 self.observe(call, ev)
         except GatewayError as err:
             call.error = err.message
-            ex.write(call.codec.encode_stream_error(err))
+            cut = b"\n\n" if parser.buffer and not hide_usage else b""  # end the half-sent event first
+            ex.write(cut + call.codec.encode_stream_error(err))
         finally:
             resp.close() if not resp.done else resp.release()
         ex.end_stream()
@@ -6479,8 +6540,8 @@ class Gateway:
     # -- Gemini
     async def gemini_call(self, request: HttpRequest, call: Call) -> None:
         """POST /v1beta/models/{model}:generateContent | :streamGenerateContent | :countTokens."""
-        model, _, method = request.path.split("/models/", 1)[1].partition(":")
-        if method not in ("generateContent", "streamGenerateContent", "countTokens"):
+        model, _, method = request.path.split("/models/", 1)[1].rpartition(":")  # model ids may hold ':' too
+        if method not in GEMINI_METHODS:
             raise GatewayError(
                 404,
                 f"unknown method {method!r}; tgw serves generateContent, streamGenerateContent and countTokens",
@@ -6589,6 +6650,20 @@ def is_usage_only_chunk(sse: SSEEvent) -> bool:
     except ValueError:
         return False
     return isinstance(chunk, dict) and not chunk.get("choices") and bool(chunk.get("usage"))
+
+
+GEMINI_METHODS = ("generateContent", "streamGenerateContent", "countTokens")
+
+
+def is_gemini_call_path(path: str, method: str = "POST") -> bool:
+    """/v1beta/models/{model}:{method}, or the same under /v1/models/ when POSTed or named
+    like a Gemini method (so `GET /v1/models/llama3:8b` or `ft:gpt-4o:org::id` stays OpenAI's)."""
+    tail = path.rsplit("/models/", 1)[-1]
+    if ":" not in tail:
+        return False
+    if path.startswith("/v1beta/models/"):
+        return True
+    return path.startswith("/v1/models/") and (method == "POST" or tail.rpartition(":")[2] in GEMINI_METHODS)
 
 
 def is_gemini_client(request: HttpRequest) -> bool:
@@ -6725,7 +6800,7 @@ async def serve(cfg: Config, ready=None, stop: asyncio.Event | None = None) -> N
             "your provider keys. Set api_keys, or pass --allow-public-bind if you mean it."
         )
     gateway = Gateway(cfg)
-    server = HttpServer(cfg, gateway.handle)
+    server = HttpServer(cfg, gateway.handle, gateway.error_body)
     port = await server.start(cfg.host, cfg.facade_port)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
