@@ -59,7 +59,7 @@ log = logging.getLogger("tgw")
 # 1. Utilities
 # ======================================================================================
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
 
 
 def dumps(obj) -> bytes:
