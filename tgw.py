@@ -5962,6 +5962,8 @@ class ResponseStore:
 
     def delete(self, response_id: str) -> None:
         self.recent.pop(response_id, None)
+        if len(self.deleted) > 10000:  # long committed by now
+            self.deleted.clear()
         self.deleted.add(response_id)
         self.ledger.write_later("DELETE FROM responses WHERE id = ?", (response_id,))
 
