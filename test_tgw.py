@@ -6835,3 +6835,22 @@ def test_translated_stream_stops_at_the_first_upstream_error(start_gateway, upst
     text = payload.decode()
     assert status == 200 and "event: error" in text
     assert text.rstrip().endswith("}") and "message_stop" not in text and '"b"' not in text
+
+
+def test_responses_made_on_the_passthrough_lane_are_fetched_from_the_provider(start_gateway, upstream):
+    stored = {"id": "resp_up1", "object": "response", "status": "completed", "output": []}
+
+    def script(h, b):
+        if h.path.endswith("/responses/resp_up1"):
+            reply_json(h, stored)
+        else:
+            reply_json(h, {"error": {"message": "Response not found", "type": "invalid_request_error"}}, status=404)
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up), openai_responses_api="on")
+    status, _, body = get(gw, "/v1/responses/resp_up1")
+    assert status == 200 and json.loads(body) == stored
+    assert up.requests[-1]["path"] == "/v1/responses/resp_up1"
+    assert up.requests[-1]["headers"]["Authorization"] == "Bearer sk-upstream-secret-123456"
+    status, _, body = get(gw, "/v1/responses/resp_missing")
+    assert status == 404 and json.loads(body)["error"]["message"] == "Response not found"

@@ -5928,10 +5928,18 @@ class ResponseStore:
         self.deleted: set[str] = set()  # until the writer has committed the DELETE
         self.lock = threading.Lock()
         self.db = open_ledger_db(ledger.path) if ledger.path != ":memory:" else None
-        cutoff = time.time() - retention_days * 86400
-        ledger.write_later("DELETE FROM responses WHERE created < ?", (cutoff,))
+        self.retention = retention_days * 86400
+        self.saves = 0
+        self.purge()
+
+    def purge(self) -> None:
+        """Forget responses older than the retention (at start, then every 1000 saves)."""
+        self.ledger.write_later("DELETE FROM responses WHERE created < ?", (time.time() - self.retention,))
 
     def save(self, response: dict, input_items: list) -> None:
+        self.saves += 1
+        if self.saves % 1000 == 0:
+            self.purge()
         entry = {"input": input_items, "response": response}
         self.recent[response["id"]] = entry
         while len(self.recent) > self.RECENT:
@@ -6524,15 +6532,30 @@ class Gateway:
         response_id = request.path.rstrip("/").rsplit("/", 1)[-1]
         stored = await self.responses_store.load(response_id)
         if stored is None:
-            raise GatewayError(404, f"no stored response with id {response_id!r}", "not_found_error")
+            await self.forward_response_request(request, call, response_id)
+            return
         call.exchange.send_json(200, stored["response"])
 
     async def delete_response(self, request: HttpRequest, call: Call) -> None:
         response_id = request.path.rstrip("/").rsplit("/", 1)[-1]
         if await self.responses_store.load(response_id) is None:
-            raise GatewayError(404, f"no stored response with id {response_id!r}", "not_found_error")
+            await self.forward_response_request(request, call, response_id)
+            return
         self.responses_store.delete(response_id)
         call.exchange.send_json(200, {"id": response_id, "object": "response.deleted", "deleted": True})
+
+    async def forward_response_request(self, request: HttpRequest, call: Call, response_id: str) -> None:
+        """A response this gateway did not store was made on the passthrough lane: the
+        provider with a Responses API keeps it."""
+        provider = self.providers["openai"]
+        if not (provider.speaks_responses and provider.configured):
+            raise GatewayError(404, f"no stored response with id {response_id!r}", "not_found_error")
+        url = f"{provider.url('responses')}/{quote(response_id, safe='')}"
+        resp = await self.pool.request(request.method, url, provider.auth_headers())
+        data = await resp.read()
+        if resp.status >= 400:
+            raise call.codec.decode_error(resp.status, data)
+        call.exchange.send(resp.status, data, resp.headers.get("content-type", "application/json"))
 
     async def responses_input_tokens(self, request: HttpRequest, call: Call) -> None:
         body = parse_json_body(request.body)
