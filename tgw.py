@@ -14,12 +14,19 @@ Sections, in the order data flows:
     2. Config                    defaults < gateway.ini < TOKLIGENCE_* env < command-line flags
     3. HTTP/1.1 wire             server connections, upstream client with pool, SSE parsing
     4. Canonical model           the hub every protocol converts to and from
-    5. Codecs                    one per wire protocol (OpenAI Chat, ...)
+    5. Codecs                    one per wire protocol: OpenAI Chat, Anthropic Messages,
+                                 OpenAI Responses, Gemini (+ JSON Schema cleaning for Gemini)
     6. Providers                 upstream endpoints, auth headers, the loopback model
     7. Router                    model routes, aliases, work modes
-    8. Ledger                    sqlite schema, background writer, usage queries, prices
-    9. Gateway                   endpoints wired into the pipeline, errors per protocol
+    8. Ledger                    sqlite schema, background writer, usage queries, prices,
+                                 stored Responses (previous_response_id)
+    9. Gateway                   endpoints and lanes (passthrough, translation, loopback),
+                                 errors per protocol, loop guard, serve()
    10. CLI                       serve, config, usage, logs
+
+Find a thing by its protocol: `AnthropicCodec.encode_request`, `ResponsesStreamEncoder`,
+`GeminiStreamDecoder`, ... Every codec converts to and from the canonical Request / Response /
+stream events of section 4; see that section's comment for the event vocabulary.
 """
 
 from __future__ import annotations
