@@ -6854,3 +6854,22 @@ def test_responses_made_on_the_passthrough_lane_are_fetched_from_the_provider(st
     assert up.requests[-1]["headers"]["Authorization"] == "Bearer sk-upstream-secret-123456"
     status, _, body = get(gw, "/v1/responses/resp_missing")
     assert status == 404 and json.loads(body)["error"]["message"] == "Response not found"
+
+
+def test_loopback_answers_claude_code_shaped_requests_offline(start_gateway):
+    gw = start_gateway()
+    body = {
+        "model": "claude-opus-4-8",
+        "max_tokens": 64000,
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "<system-reminder>ctx</system-reminder>"},
+                                         {"type": "text", "text": "say hi"}]},
+            {"role": "system", "content": "Available agent types: ..."},
+        ],
+    }  # fmt: skip
+    status, _, payload = post(gw, "/v1/messages?beta=true", body, {"anthropic-version": "2023-06-01"})
+    message = json.loads(payload)
+    assert status == 200 and message["content"] == [
+        {"type": "text", "text": "Hello from the tgw loopback model. You said: say hi"}
+    ]
+    assert message["stop_reason"] == "end_turn" and gw.rows()[-1]["lane"] == "loopback"

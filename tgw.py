@@ -5600,7 +5600,8 @@ class LoopbackModel:
     TOOL_DIRECTIVE = re.compile(r"\[\[tool:([A-Za-z0-9_.:-]+)\s*(\{.*?\})?\]\]", re.S)
 
     def complete(self, req: Request) -> Response:
-        last = req.messages[-1] if req.messages else Message("user", [])
+        # the latest user turn (clients such as Claude Code put system notes after it)
+        last = next((m for m in reversed(req.messages) if m.role == "user"), Message("user", []))
         results = [p for p in last.parts if p.type == "tool_result"]
         user_text = text_of(last.parts)
         directive = self.TOOL_DIRECTIVE.search(user_text) if not results else None
@@ -5615,7 +5616,8 @@ class LoopbackModel:
         elif results:
             parts.append(Part("text", text="Tool result received: " + tool_result_text(results[0])[:500]))
         else:
-            shown = user_text.strip()[:500] or "(no text)"
+            said = next((p.text for p in reversed(last.parts) if p.type == "text" and p.text.strip()), "")
+            shown = said.strip()[:500] or "(no text)"  # the prompt itself, not the notes clients prepend
             parts.append(Part("text", text=f"Hello from the tgw loopback model. You said: {shown}"))
         output = estimate_tokens([p.text or p.arguments for p in parts])
         max_tokens = req.max_tokens or 0
