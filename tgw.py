@@ -66,7 +66,21 @@ log = logging.getLogger("tgw")
 # 1. Utilities
 # ======================================================================================
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
+
+def _unserializable(value):
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# json.dumps builds a new encoder for every call; this one is built once (compact, UTF-8 as is,
+# no circular check: every body here is a fresh tree)
+if json.encoder.c_make_encoder is not None:
+    _encode = json.encoder.c_make_encoder(None, _unserializable, json.encoder.encode_basestring, None, ":", ",",
+                                          False, False, True)  # fmt: skip
+
+    def _dumps(obj) -> str:
+        return "".join(_encode(obj, 0))
+else:  # pragma: no cover - CPython without its C accelerator
+    _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
 
 
 def dumps(obj) -> bytes:
@@ -75,6 +89,23 @@ def dumps(obj) -> bytes:
         return _dumps(obj).encode()
     except UnicodeEncodeError:  # a lone surrogate from a client: keep it escaped
         return json.dumps(obj, separators=(",", ":")).encode()
+
+
+_scan_json = json.JSONDecoder().scan_once
+
+
+def loads(data):
+    """JSON text (UTF-8 bytes or str) to Python (the one JSON decoder on the wire). A compact
+    UTF-8 document, the usual case, skips json.loads's encoding detection and whitespace
+    handling; anything else goes to json.loads, so errors and edge cases are exactly its own."""
+    try:
+        text = data.decode() if type(data) is bytes else data
+        value, end = _scan_json(text, 0)
+        if end == len(text):
+            return value
+    except (StopIteration, ValueError, TypeError):
+        pass
+    return json.loads(data)
 
 
 _ID_PREFIX = os.urandom(6).hex()
@@ -171,7 +202,7 @@ def parse_json_body(body: bytes) -> dict:
     if not body:
         raise bad_request("request body is empty; expected a JSON object")
     try:
-        data = json.loads(body)
+        data = loads(body)
     except UnicodeDecodeError:
         raise bad_request("request body is not valid UTF-8") from None
     except ValueError as exc:
@@ -1648,7 +1679,7 @@ class Codec:
     def usage_of(self, body: bytes) -> Usage:
         """Usage from a passthrough JSON answer (for the ledger)."""
         try:
-            return self.decode_response(json.loads(body)).usage
+            return self.decode_response(loads(body)).usage
         except (ValueError, AttributeError, TypeError, KeyError, IndexError, GatewayError):
             return Usage()
 
@@ -1659,7 +1690,7 @@ class Codec:
         """Read an upstream's error, in any of the four envelopes, keeping its status."""
         message, kind = "", ""
         try:
-            data = json.loads(body)
+            data = loads(body)
         except ValueError:
             data = None
         if isinstance(data, list) and data:  # Gemini sometimes wraps the error in a list
@@ -1683,7 +1714,7 @@ def json_object_arguments(text: str) -> dict:
     if not text:
         return {}
     try:
-        value = json.loads(text)
+        value = loads(text)
     except ValueError:
         return {"_raw_arguments": text}
     return value if isinstance(value, dict) else {"_value": value}
@@ -2016,7 +2047,7 @@ class OpenAIChatCodec(Codec):
 
     def usage_of(self, body: bytes) -> Usage:
         try:
-            data = json.loads(body)
+            data = loads(body)
         except ValueError:
             return Usage()
         return self.decode_usage(data.get("usage") if isinstance(data, dict) else None)
@@ -2094,7 +2125,7 @@ class OpenAIStreamDecoder:
         if index not in self.tool_arguments:
             return False
         try:
-            json.loads(self.tool_arguments[index])
+            loads(self.tool_arguments[index])
         except ValueError:
             return True
         return False
@@ -2104,7 +2135,7 @@ class OpenAIStreamDecoder:
         if data == "[DONE]":
             return self.finish()
         try:
-            chunk = json.loads(data)
+            chunk = loads(data)
         except ValueError:
             return [StreamError(GatewayError(502, f"upstream sent malformed stream data: {data[:120]!r}"))]
         out: list = []
@@ -2827,7 +2858,7 @@ class AnthropicStreamDecoder:
         if event.data == "[DONE]":  # some Anthropic-compatible servers end like OpenAI
             return self.finish()
         try:
-            data = json.loads(event.data)
+            data = loads(event.data)
         except ValueError:
             return [StreamError(GatewayError(502, f"upstream sent malformed stream data: {event.data[:120]!r}"))]
         if not isinstance(data, dict):
@@ -3174,7 +3205,7 @@ def custom_input_of(arguments: str) -> str:
     """The raw input of a custom tool call from the canonical JSON arguments {"input": raw}; a model
     that wrote something else still gets its text through rather than an empty input."""
     try:
-        value = json.loads(arguments)
+        value = loads(arguments)
     except ValueError:
         return arguments
     if isinstance(value, dict):
@@ -3201,7 +3232,7 @@ def unpack_thinking(encrypted) -> Part | None:
     if not isinstance(encrypted, str) or not encrypted.startswith(SIGNED_THINKING_PREFIX):
         return None
     try:
-        blob = json.loads(base64.urlsafe_b64decode(encrypted[len(SIGNED_THINKING_PREFIX) :]))
+        blob = loads(base64.urlsafe_b64decode(encrypted[len(SIGNED_THINKING_PREFIX) :]))
     except ValueError:
         return None
     if not isinstance(blob, dict):
@@ -3301,7 +3332,7 @@ class JsonStringFieldReader:
     @staticmethod
     def _decoded(raw: str) -> str:
         try:
-            return json.loads(f'"{raw}"')
+            return loads(f'"{raw}"')
         except ValueError:
             return raw
 
@@ -3858,7 +3889,7 @@ class ResponsesStreamDecoder:
         if event.data == "[DONE]":
             return self.finish()
         try:
-            data = json.loads(event.data)
+            data = loads(event.data)
         except ValueError:
             self.finished = True
             return [StreamError(GatewayError(502, f"upstream sent malformed stream data: {event.data[:120]!r}"))]
@@ -4870,7 +4901,7 @@ def gemini_function_response(part: Part) -> dict:
     "output" (or "error"), Gemini's documented keys."""
     text = "\n".join(c.text for c in part.content or [] if c.type == "text")
     try:
-        value = json.loads(text)
+        value = loads(text)
     except ValueError:
         value = None
     if isinstance(value, dict):
@@ -4933,7 +4964,7 @@ class GeminiStreamDecoder:
         if not data:
             return []
         try:
-            chunk = json.loads(data)
+            chunk = loads(data)
         except ValueError:
             return [StreamError(GatewayError(502, f"upstream sent malformed stream data: {data[:120]!r}"))]
         chunks = chunk if isinstance(chunk, list) else [chunk]  # an error may come wrapped in a list
@@ -5985,7 +6016,7 @@ class ResponseStore:
     def _load_from_db(self, response_id: str) -> dict | None:
         with self.lock:
             row = self.db.execute("SELECT input, response FROM responses WHERE id = ?", (response_id,)).fetchone()
-        return {"input": json.loads(row[0]), "response": json.loads(row[1])} if row else None
+        return {"input": loads(row[0]), "response": loads(row[1])} if row else None
 
     def delete(self, response_id: str) -> None:
         self.recent.pop(response_id, None)
@@ -6694,7 +6725,7 @@ def parse_retry_after(value: str | None) -> float | None:
 
 def json_or_502(data: bytes, provider: str):
     try:
-        return json.loads(data)
+        return loads(data)
     except ValueError:
         raise GatewayError(502, f"upstream {provider} answered with invalid JSON: {data[:200]!r}") from None
 
@@ -6704,7 +6735,7 @@ def is_usage_only_chunk(sse: SSEEvent) -> bool:
     if '"usage"' not in sse.data:
         return False
     try:
-        chunk = json.loads(sse.data)
+        chunk = loads(sse.data)
     except ValueError:
         return False
     return isinstance(chunk, dict) and not chunk.get("choices") and bool(chunk.get("usage"))
@@ -6777,7 +6808,7 @@ def guard_tool_loops(req: Request, window: int, warn_after: int, stop_after: int
 
 def canonical_json(text: str) -> str:
     try:
-        return json.dumps(json.loads(text), sort_keys=True)
+        return json.dumps(loads(text), sort_keys=True)
     except ValueError:
         return text
 
@@ -6808,7 +6839,7 @@ class ShellArgumentsFixer:
     @staticmethod
     def fix(arguments: str) -> str:
         try:
-            value = json.loads(arguments)
+            value = loads(arguments)
         except ValueError:
             return arguments
         if isinstance(value, dict) and isinstance(value.get("command"), str):
