@@ -234,6 +234,18 @@ def field_of(body: dict, name: str, kind, required: bool = False, default=None):
     return value
 
 
+def check_fields(body: dict, kinds: dict, required: tuple = ()) -> None:
+    """Check the JSON type of every field in `kinds` at once, with field_of's errors: one pass
+    over what the client sent, so a request pays for the fields it has, not for all it could."""
+    for name in required:
+        if body.get(name) is None:
+            raise bad_request(f"'{name}' is required")
+    for name, value in body.items():
+        kind = kinds.get(name)
+        if kind is not None and type(value) is not kind and value is not None:
+            field_of(body, name, kind)  # ints where numbers go, or the error naming the field
+
+
 # ======================================================================================
 # 2. Config
 # ======================================================================================
@@ -1735,34 +1747,36 @@ class OpenAIChatCodec(Codec):
     name = "openai"
 
     # -- requests
+    REQUEST_FIELDS = {
+        "model": str, "messages": list, "tools": list, "parallel_tool_calls": bool, "max_completion_tokens": int,
+        "max_tokens": int, "temperature": float, "top_p": float, "stream": bool, "reasoning_effort": str,
+        "response_format": dict, "metadata": dict, "user": str,
+    }  # fmt: skip
+
     def decode_request(self, body: dict) -> Request:
-        model = field_of(body, "model", str, required=True)
-        raw_messages = field_of(body, "messages", list, required=True)
-        req = Request(model=model, messages=[], raw=body, protocol="openai")
-        for i, msg in enumerate(raw_messages):
+        check_fields(body, self.REQUEST_FIELDS, ("model", "messages"))
+        get = body.get
+        stop = get("stop")
+        req = Request(
+            model=body["model"], messages=[], parallel_tool_calls=get("parallel_tool_calls"),
+            max_tokens=get("max_completion_tokens") or get("max_tokens"), temperature=get("temperature"),
+            top_p=get("top_p"), stop=[stop] if isinstance(stop, str) else list(stop or []), stream=bool(get("stream")),
+            include_usage=bool((get("stream_options") or {}).get("include_usage")),
+            reasoning_effort=get("reasoning_effort") or "", response_format=get("response_format"),
+            metadata=get("metadata") or {}, user=get("user") or "", raw=body, protocol="openai",
+        )  # fmt: skip
+        for i, msg in enumerate(body["messages"]):
             if not isinstance(msg, dict):
                 raise bad_request(f"messages[{i}] must be an object")
             self._decode_message(req, msg, i)
-        for i, tool in enumerate(field_of(body, "tools", list, default=[])):
+        for i, tool in enumerate(get("tools") or ()):
             req.tools.append(self._decode_tool(tool, i))
-        choice = body.get("tool_choice")
+        choice = get("tool_choice")
         if isinstance(choice, str):
             req.tool_choice = choice
         elif isinstance(choice, dict):
             req.tool_choice = "tool"
             req.tool_name = (choice.get("function") or choice.get("custom") or {}).get("name", "")
-        req.parallel_tool_calls = field_of(body, "parallel_tool_calls", bool)
-        req.max_tokens = field_of(body, "max_completion_tokens", int) or field_of(body, "max_tokens", int)
-        req.temperature = field_of(body, "temperature", float)
-        req.top_p = field_of(body, "top_p", float)
-        stop = body.get("stop")
-        req.stop = [stop] if isinstance(stop, str) else list(stop or [])
-        req.stream = bool(field_of(body, "stream", bool, default=False))
-        req.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        req.reasoning_effort = field_of(body, "reasoning_effort", str, default="")
-        req.response_format = field_of(body, "response_format", dict)
-        req.metadata = field_of(body, "metadata", dict, default={})
-        req.user = field_of(body, "user", str, default="")
         return req
 
     def _decode_message(self, req: Request, msg: dict, i: int) -> None:
@@ -2073,6 +2087,7 @@ OPENAI_MAX_OUTPUT = (
 
 
 @functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=512)  # a handful of models, asked on every request
 def openai_max_output(model: str) -> int | None:
     return next((limit for pattern, limit in OPENAI_MAX_OUTPUT if glob_match(pattern, model)), None)
 
@@ -2360,6 +2375,7 @@ def anthropic_stop_reason(reason: str, has_tool_use: bool) -> str:
 
 
 @functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=512)  # a handful of models, asked on every request
 def anthropic_max_output(model: str) -> int:
     for pattern, limit in ANTHROPIC_MAX_OUTPUT:
         if glob_match(pattern, model):
@@ -2395,29 +2411,32 @@ class AnthropicCodec(Codec):
     keepalive = b'event: ping\ndata: {"type": "ping"}\n\n'
 
     # -- requests
+    REQUEST_FIELDS = {
+        "model": str, "messages": list, "tools": list, "tool_choice": dict, "max_tokens": int, "temperature": float,
+        "top_p": float, "top_k": int, "stop_sequences": list, "stream": bool, "thinking": dict, "output_config": dict,
+        "metadata": dict,
+    }  # fmt: skip
+
     def decode_request(self, body: dict) -> Request:
-        model = field_of(body, "model", str, required=True)
-        raw_messages = field_of(body, "messages", list, required=True)
-        req = Request(model=model, messages=[], raw=body, protocol="anthropic")
-        req.system = self._decode_system(body.get("system"))
-        for i, msg in enumerate(raw_messages):
-            req.messages.append(self._decode_message(msg, f"messages[{i}]"))
-        for i, tool in enumerate(field_of(body, "tools", list, default=[])):
-            req.tools.append(self._decode_tool(tool, f"tools[{i}]"))
-        self._decode_tool_choice(req, field_of(body, "tool_choice", dict))
-        req.max_tokens = field_of(body, "max_tokens", int)
-        req.temperature = field_of(body, "temperature", float)
-        req.top_p = field_of(body, "top_p", float)
-        req.top_k = field_of(body, "top_k", int)
-        req.stop = field_of(body, "stop_sequences", list, default=[])
+        check_fields(body, self.REQUEST_FIELDS, ("model", "messages"))
+        get = body.get
+        metadata = get("metadata") or {}
+        user_id = metadata.get("user_id")
+        req = Request(
+            model=body["model"], messages=[], system=self._decode_system(get("system")), max_tokens=get("max_tokens"),
+            temperature=get("temperature"), top_p=get("top_p"), top_k=get("top_k"), stop=get("stop_sequences") or [],
+            stream=bool(get("stream")), metadata=metadata, user=user_id if isinstance(user_id, str) else "", raw=body,
+            protocol="anthropic",
+        )  # fmt: skip
         if not all(isinstance(s, str) for s in req.stop):
             raise bad_request("'stop_sequences' must be an array of strings")
-        req.stream = bool(field_of(body, "stream", bool, default=False))
-        self._decode_thinking(req, field_of(body, "thinking", dict))
-        self._decode_output_config(req, field_of(body, "output_config", dict, default={}))
-        req.metadata = field_of(body, "metadata", dict, default={})
-        user_id = req.metadata.get("user_id")
-        req.user = user_id if isinstance(user_id, str) else ""
+        for i, msg in enumerate(body["messages"]):
+            req.messages.append(self._decode_message(msg, f"messages[{i}]"))
+        for i, tool in enumerate(get("tools") or ()):
+            req.tools.append(self._decode_tool(tool, f"tools[{i}]"))
+        self._decode_tool_choice(req, get("tool_choice"))
+        self._decode_thinking(req, get("thinking"))
+        self._decode_output_config(req, get("output_config") or {})
         return req
 
     def _decode_system(self, system) -> list:
