@@ -1015,22 +1015,6 @@ def test_ledger_never_drops_rows_with_a_tiny_queue(start_gateway):
     assert len(rows) == 40 and len({r["request_id"] for r in rows}) == 40
 
 
-def test_ledger_writer_survives_a_row_it_cannot_make(tmp_path):
-    def row_of(item):
-        if item == "bad":
-            raise KeyError("no such field")
-        return (1.0, item) + (None,) * (len(tgw.LEDGER_COLUMNS) - 2)
-
-    ledger = tgw.Ledger(str(tmp_path / "l.db"), row_of=row_of)
-    for item in ["r1", "bad", "r2", "r3"]:
-        ledger.record(item)
-    ledger.flush()
-    ledger.close()
-    db = sqlite3.connect(tmp_path / "l.db")
-    assert [r[0] for r in db.execute("SELECT request_id FROM requests ORDER BY id")] == ["r1", "r2", "r3"]
-    assert ledger.written == 3 and ledger.thread.is_alive() is False
-
-
 def test_ledger_row_fields_and_usage_and_logs_commands(start_gateway, tmp_path):
     gw = start_gateway()
     post(gw, "/v1/chat/completions", CHAT)

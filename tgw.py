@@ -5931,17 +5931,13 @@ class Ledger:
         while self.pending:
             batch.append(self.pending.popleft())
         others = [item for item in batch if type(item) is list]
-        requests = [item for item in batch if type(item) is not list]
+        rows = self._rows_of([item for item in batch if type(item) is not list])
         for attempt in range(1, 1_000_000):
             try:
-                start = written = 0
-                while start < len(requests):  # chunks of 256, 128, ... 1 rows: a handful of cached statements
-                    size = min(self.CHUNK, 1 << ((len(requests) - start).bit_length() - 1))
-                    # rows are made a chunk at a time: sqlite lets go of the GIL between chunks, so
-                    # the event loop never waits on the writer for long
-                    rows = self._rows_of(requests[start : start + size])
-                    self._insert_rows(rows)
-                    written += len(rows)
+                start = 0
+                while start < len(rows):  # chunks of 256, 128, ... 1 rows: a handful of cached statements
+                    size = min(self.CHUNK, 1 << ((len(rows) - start).bit_length() - 1))
+                    self._insert_rows(rows[start : start + size])
                     start += size
                 for sql, params in others:
                     self.db.execute(sql, params)
@@ -5951,7 +5947,7 @@ class Ledger:
                 self.db.rollback()
                 log.warning("ledger write failed (%s); retrying, %d rows held", exc, len(batch))
                 time.sleep(min(0.1 * attempt, 5.0))
-        self.written += written
+        self.written += len(rows)
         self.busy = False
 
     def _rows_of(self, requests: list) -> list:
@@ -5969,8 +5965,6 @@ class Ledger:
     def _insert_rows(self, rows: list) -> None:
         """One multi-row INSERT: sqlite runs it in one step, so the writer lets go of the GIL
         once per batch instead of once per row (executemany), which the event loop feels."""
-        if not rows:
-            return
         sql = self._insert_sql.get(len(rows))
         if sql is None:
             one = "(" + ", ".join("?" * len(LEDGER_COLUMNS)) + ")"
