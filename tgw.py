@@ -5882,20 +5882,18 @@ def open_ledger_db(path: str) -> sqlite3.Connection:
 
 
 class Ledger:
-    """Finished requests go into an in-memory deque; one writer thread turns them into rows
-    (`row_of`, off the event loop) and inserts them in batches, one commit per batch. The
-    event loop never touches sqlite. When `queue_size` requests are waiting, the caller
-    waits for the writer (never a dropped row); close() drains everything."""
+    """Rows go into an in-memory deque; one writer thread inserts them in batches, one commit
+    per batch. The event loop never touches sqlite. When `queue_size` rows are waiting,
+    the caller waits for the writer (never a dropped row); close() drains everything."""
 
     LINGER = 0.05  # seconds the writer lets a batch gather
     CHUNK = 256  # most rows per INSERT statement (20 columns x 256 rows stays under sqlite's variable limit)
 
-    def __init__(self, path: str, queue_size: int = 10000, row_of=tuple):
+    def __init__(self, path: str, queue_size: int = 10000):
         self.path = str(Path(path).expanduser()) if path != ":memory:" else path
         self.db = open_ledger_db(self.path)
-        self.pending: deque = deque()  # finished requests and other writes ((sql, params) lists)
+        self.pending: deque = deque()  # request rows (tuples) and other writes ((sql, params) lists)
         self.queue_size = queue_size
-        self.row_of = row_of  # a finished request -> its row (a tuple in LEDGER_COLUMNS order)
         self._insert_sql: dict[int, str] = {}
         self.written = 0
         self.busy = False
@@ -5903,13 +5901,13 @@ class Ledger:
         self.thread = threading.Thread(target=self._run, name="tgw-ledger", daemon=True)
         self.thread.start()
 
-    def record(self, request) -> None:
-        """Queue one finished request (called on the event loop: no I/O here)."""
+    def record(self, row: tuple) -> None:
+        """Queue one request row (called on the event loop: no I/O here)."""
         if len(self.pending) >= self.queue_size:
             log.warning("ledger queue full: waiting for the writer (backpressure)")
             while len(self.pending) >= self.queue_size and self.thread.is_alive():
                 time.sleep(0.005)
-        self.pending.append(request)
+        self.pending.append(row)
 
     def write_later(self, sql: str, params: tuple) -> None:
         """Queue any other write (stored responses), in order with the request rows."""
@@ -5930,8 +5928,8 @@ class Ledger:
         batch = []
         while self.pending:
             batch.append(self.pending.popleft())
-        others = [item for item in batch if type(item) is list]
-        rows = self._rows_of([item for item in batch if type(item) is not list])
+        rows = [item for item in batch if isinstance(item, tuple)]
+        others = [item for item in batch if isinstance(item, list)]
         for attempt in range(1, 1_000_000):
             try:
                 start = 0
@@ -5949,18 +5947,6 @@ class Ledger:
                 time.sleep(min(0.1 * attempt, 5.0))
         self.written += len(rows)
         self.busy = False
-
-    def _rows_of(self, requests: list) -> list:
-        try:
-            return list(map(self.row_of, requests))
-        except Exception:  # a bug in one row must not cost the others
-            rows = []
-            for request in requests:
-                try:
-                    rows.append(self.row_of(request))
-                except Exception:
-                    log.exception("ledger: cannot make a row of %r", request)
-            return rows
 
     def _insert_rows(self, rows: list) -> None:
         """One multi-row INSERT: sqlite runs it in one step, so the writer lets go of the GIL
@@ -6098,11 +6084,6 @@ class Call:
     api_key_id: str = ""
     user: str = ""
     encoder: object = None  # the client's stream encoder, once a canonical lane streams
-    # set when the call is handed to the ledger (record), which then drops the exchange
-    request_id: str = ""
-    status: int = 0
-    first_byte_at: float = 0.0
-    finished: float = 0.0
 
     def start_stream(self) -> None:
         if not self.exchange.started:
@@ -6151,7 +6132,7 @@ class Gateway:
         self.pool = UpstreamPool(cfg.upstream_connect_timeout, cfg.upstream_read_timeout)
         self.providers = build_providers(cfg)
         self.router = Router(cfg, self.providers)
-        self.ledger = ledger or Ledger(cfg.ledger_path, cfg.ledger_queue_size, self.ledger_row)
+        self.ledger = ledger or Ledger(cfg.ledger_path, cfg.ledger_queue_size)
         self.prices = PriceTable(cfg.prices)
         self.loopback = LoopbackModel()
         self.api_keys = [k.strip() for k in cfg.api_keys.split(",") if k.strip()]
@@ -6265,26 +6246,17 @@ class Gateway:
             ex.close_after = True
 
     def record(self, call: Call) -> None:
-        """Hand the finished call to the ledger's writer, which makes its row (ledger_row)."""
         ex = call.exchange
-        call.finished = time.monotonic()
-        call.request_id = ex.request_id
-        call.status = ex.status or 499
-        call.first_byte_at = ex.first_byte_at
-        call.exchange = call.encoder = None  # the row needs none of the request's bytes
-        self.ledger.record(call)
-
-    def ledger_row(self, call: Call) -> tuple:
-        """A finished call as a ledger row (runs on the ledger's writer thread)."""
         usage = call.usage
         model = call.model_upstream or call.model_requested
-        ttft = round((call.first_byte_at - call.started) * 1000, 3) if call.first_byte_at else None
-        return (
-            call.ts, call.request_id, call.api_key_id, call.user, call.codec.name, call.endpoint, call.lane,
-            call.provider, call.model_requested, model, int(call.stream), call.status, usage.input_tokens,
-            usage.output_tokens, usage.cached_tokens, usage.reasoning_tokens, self.prices.cost(model, usage),
-            round((call.finished - call.started) * 1000, 3), ttft, call.error[:1000],
+        ttft = (ex.first_byte_at - call.started) * 1000 if ex.first_byte_at else None
+        row = (
+            call.ts, ex.request_id, call.api_key_id, call.user, call.codec.name, call.endpoint, call.lane, call.provider,
+            call.model_requested, model, int(call.stream), ex.status or 499, usage.input_tokens, usage.output_tokens,
+            usage.cached_tokens, usage.reasoning_tokens, self.prices.cost(model, usage),
+            round((time.monotonic() - call.started) * 1000, 3), round(ttft, 3) if ttft is not None else None, call.error[:1000],
         )  # fmt: skip
+        self.ledger.record(row)
 
     # -- simple endpoints
     async def root(self, request: HttpRequest, call: Call) -> None:
