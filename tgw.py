@@ -6765,17 +6765,18 @@ def responses_input_items(value) -> list:
 def guard_tool_loops(req: Request, window: int, warn_after: int, stop_after: int) -> None:
     """A model that keeps making the same tool call and getting the same result is stuck:
     first tell it so (a note in its context), then refuse with a clear error."""
-    calls: dict[str, tuple] = {}
-    rounds: list[tuple] = []
+    calls: dict[str, Part] = {}
+    results: list[Part] = []
     for message in req.messages:
         for part in message.parts:
             if part.type == "tool_call":
-                calls[part.id] = (part.name, canonical_json(part.arguments))
+                calls[part.id] = part
             elif part.type == "tool_result" and part.id in calls:
-                rounds.append((*calls[part.id], tool_result_text(part)))
-    rounds = rounds[-window:]
-    if not rounds:
+                results.append(part)
+    if not results:
         return
+    # only the last `window` rounds are compared (a long agent session has hundreds)
+    rounds = [(calls[r.id].name, canonical_json(calls[r.id].arguments), tool_result_text(r)) for r in results[-window:]]
     repeats = 0
     for item in reversed(rounds):
         if item != rounds[-1]:
