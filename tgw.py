@@ -2087,7 +2087,6 @@ OPENAI_MAX_OUTPUT = (
 
 
 @functools.lru_cache(maxsize=1024)
-@functools.lru_cache(maxsize=512)  # a handful of models, asked on every request
 def openai_max_output(model: str) -> int | None:
     return next((limit for pattern, limit in OPENAI_MAX_OUTPUT if glob_match(pattern, model)), None)
 
@@ -2375,7 +2374,6 @@ def anthropic_stop_reason(reason: str, has_tool_use: bool) -> str:
 
 
 @functools.lru_cache(maxsize=1024)
-@functools.lru_cache(maxsize=512)  # a handful of models, asked on every request
 def anthropic_max_output(model: str) -> int:
     for pattern, limit in ANTHROPIC_MAX_OUTPUT:
         if glob_match(pattern, model):
