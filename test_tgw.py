@@ -342,6 +342,22 @@ def test_estimate_tokens_counts_every_string_and_images():
     assert with_image >= 1600
 
 
+@pytest.mark.parametrize(
+    "text",
+    [b'{"a":1}', b'{"a": 1}\n', b'[1] \r\n\t', b' {"a":1}', b'\xef\xbb\xbf{"a":1}', '{"é":"€"}'.encode(),
+     '{"a":1}'.encode("utf-16"), b'{"a":1} \x0b', b'{"a":1}x', b"1 2", b"", b"{", b"\xff"],
+)  # fmt: skip
+def test_json_decoder_agrees_with_json_loads(text):
+    """The fast path of `loads` must give json.loads's value, or its error, for every input."""
+    try:
+        expected = json.loads(text)
+    except ValueError as exc:
+        with pytest.raises(type(exc)):
+            tgw.loads(text)
+        return
+    assert tgw.loads(text) == expected
+
+
 def test_field_types_are_checked_with_the_field_named():
     with pytest.raises(tgw.GatewayError) as err:
         tgw.field_of({"max_tokens": "ten"}, "max_tokens", int)

@@ -95,13 +95,14 @@ _scan_json = json.JSONDecoder().scan_once
 
 
 def loads(data):
-    """JSON text (UTF-8 bytes or str) to Python (the one JSON decoder on the wire). A compact
-    UTF-8 document, the usual case, skips json.loads's encoding detection and whitespace
-    handling; anything else goes to json.loads, so errors and edge cases are exactly its own."""
+    """JSON text (UTF-8 bytes or str) to Python (the one JSON decoder on the wire). A UTF-8
+    document with no leading whitespace, the usual case, skips json.loads's encoding detection
+    and whitespace handling; anything else goes to json.loads, so errors and edge cases are
+    exactly its own."""
     try:
         text = data.decode() if type(data) is bytes else data
         value, end = _scan_json(text, 0)
-        if end == len(text):
+        if end == len(text) or not text[end:].strip(" \t\n\r"):  # JSON's whitespace, as curl -d @file sends
             return value
     except (StopIteration, ValueError, TypeError):
         pass
