@@ -5919,7 +5919,9 @@ class Ledger:
                 self._write_pending()
             elif stopping:
                 return
-            else:
+            if not stopping and len(self.pending) < self.queue_size // 2:
+                # let the next batch gather: a commit costs file locks and WAL page writes,
+                # so a busy gateway pays for them once per LINGER, not once per few rows
                 time.sleep(self.LINGER)
 
     def _write_pending(self) -> None:
