@@ -358,6 +358,23 @@ def test_json_decoder_agrees_with_json_loads(text):
     assert tgw.loads(text) == expected
 
 
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        (b'{"id":"x","choices":[],"usage":{"prompt_tokens":3}}', {"prompt_tokens": 3}),
+        (b'{"usage":{"prompt_tokens":3},"system_fingerprint":"fp"}\n', {"prompt_tokens": 3}),
+        (b'{"choices":[{"usage":{"n":1}}],"id":"x"}', None),  # nested, not top-level
+        (b'{"a":{"usage":{"n":1},"b":2},"c":3}', None),  # nested, followed by siblings
+        (b'{"content":"say \\"usage\\":{\\"n\\":9}","usage":{"n":1}}', {"n": 1}),  # quoted inside a string
+        (b'{"usage": {"n":1}}', None),  # not compact: the caller parses it all
+        (b'{"id":"x"}', None),
+        (b"not json", None),
+    ],
+)
+def test_top_level_value_reads_usage_from_the_end_or_declines(text, value):
+    assert tgw.top_level_value(text, "usage") == value
+
+
 def test_field_types_are_checked_with_the_field_named():
     with pytest.raises(tgw.GatewayError) as err:
         tgw.field_of({"max_tokens": "ten"}, "max_tokens", int)

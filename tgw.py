@@ -109,6 +109,26 @@ def loads(data):
     return json.loads(data)
 
 
+def top_level_value(data: bytes, key: str):
+    """The value of `key` in a compact JSON object, read from the end of the text: an answer's
+    usage follows its content, so the content (a long completion, an embedding) is not parsed
+    just to count tokens. None when that cannot be done; the caller then parses it all."""
+    try:
+        text = data.decode()
+        at = text.rfind(f'"{key}":')
+        if at < 0:
+            return None
+        value, end = _scan_json(text, at + len(key) + 3)
+        # `"key":` outside a string is always a key; it is a top-level one when what follows
+        # its value closes the object that ends the document
+        rest = text[end:].rstrip(" \t\n\r")
+        if rest == "}" or (rest[:1] == "," and _scan_json("{" + rest[1:], 0)[1] == len(rest)):
+            return value
+    except (StopIteration, ValueError):
+        pass
+    return None
+
+
 _ID_PREFIX = os.urandom(6).hex()
 _id_counter = iter(range(1, 1 << 62))
 
@@ -1688,9 +1708,13 @@ def image_url_of(part: Part) -> str:
 class Codec:
     name = ""
     keepalive = b": keep-alive\n\n"
+    usage_key = "usage"  # where a JSON answer carries its token counts
 
     def usage_of(self, body: bytes) -> Usage:
         """Usage from a passthrough JSON answer (for the ledger)."""
+        usage = top_level_value(body, self.usage_key)
+        if isinstance(usage, dict):
+            return self.decode_usage(usage)
         try:
             return self.decode_response(loads(body)).usage
         except (ValueError, AttributeError, TypeError, KeyError, IndexError, GatewayError):
@@ -2061,11 +2085,15 @@ class OpenAIChatCodec(Codec):
         return "stop" if finish == "tool_calls" and not has_calls else finish
 
     def usage_of(self, body: bytes) -> Usage:
-        try:
-            data = loads(body)
-        except ValueError:
-            return Usage()
-        return self.decode_usage(data.get("usage") if isinstance(data, dict) else None)
+        """Chat answers and embeddings alike: only the usage object matters."""
+        usage = top_level_value(body, "usage")
+        if usage is None:
+            try:
+                data = loads(body)
+            except ValueError:
+                return Usage()
+            usage = data.get("usage") if isinstance(data, dict) else None
+        return self.decode_usage(usage)
 
     # -- streams
     def stream_decoder(self):
@@ -4521,6 +4549,8 @@ def encode_gemini_usage(usage: Usage) -> dict:
 
 class GeminiCodec(Codec):
     name = "gemini"
+    usage_key = "usageMetadata"
+    decode_usage = staticmethod(decode_gemini_usage)
 
     # -- requests
     def decode_request(self, body: dict, model: str, stream: bool) -> Request:
@@ -5863,7 +5893,7 @@ class PriceTable:
             return 0.0
         fresh = max(usage.input_tokens - usage.cached_tokens, 0)
         total = fresh * price[0] + usage.cached_tokens * price[2] + usage.output_tokens * price[1]
-        return round(total / 1e6, 12)
+        return round(total * 1e6) / 1e12  # USD to 12 decimals (round(x, 12) costs ~15x more per call)
 
 
 def open_ledger_db(path: str) -> sqlite3.Connection:
@@ -6250,12 +6280,13 @@ class Gateway:
         ex = call.exchange
         usage = call.usage
         model = call.model_upstream or call.model_requested
-        ttft = (ex.first_byte_at - call.started) * 1000 if ex.first_byte_at else None
+        # milliseconds to 3 decimals; round(x) is cheap where round(x, 3) goes through dtoa
+        latency = round((time.monotonic() - call.started) * 1e6) / 1000
+        ttft = round((ex.first_byte_at - call.started) * 1e6) / 1000 if ex.first_byte_at else None
         row = (
             call.ts, ex.request_id, call.api_key_id, call.user, call.codec.name, call.endpoint, call.lane, call.provider,
             call.model_requested, model, int(call.stream), ex.status or 499, usage.input_tokens, usage.output_tokens,
-            usage.cached_tokens, usage.reasoning_tokens, self.prices.cost(model, usage),
-            round((time.monotonic() - call.started) * 1000, 3), round(ttft, 3) if ttft is not None else None, call.error[:1000],
+            usage.cached_tokens, usage.reasoning_tokens, self.prices.cost(model, usage), latency, ttft, call.error[:1000],
         )  # fmt: skip
         self.ledger.record(row)
 
