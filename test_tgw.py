@@ -1860,6 +1860,27 @@ def test_golden_anthropic_response_to_openai():
                              "completion_tokens_details": {"reasoning_tokens": 0}}  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "blocks, stop, usage",
+    [
+        ([{"type": "text", "text": "Hello!"}], "end_turn", {"input_tokens": 12, "output_tokens": 8}),
+        ([{"type": "text", "text": "a"}, {"type": "text", "text": "é \"q\" \n\u2028 😀"}], "max_tokens",
+         {"input_tokens": 5, "cache_read_input_tokens": 3, "output_tokens": 1}),
+        ([], "end_turn", {"input_tokens": 1, "output_tokens": 0}),
+        ([{"type": "text", "text": ""}], "refusal", {}),
+        ([{"type": "text", "text": "lone \ud800 surrogate"}], "end_turn", {"input_tokens": 1, "output_tokens": 1}),
+        ([{"type": "text", "text": "x"}], "end_turn", {"input_tokens": 2.0, "output_tokens": 1}),  # not an int
+        (A_RESPONSE["content"], "tool_use", A_RESPONSE["usage"]),  # not text-only: the general path
+    ],
+)  # fmt: skip
+def test_openai_answer_bytes_are_exactly_the_encoded_response(blocks, stop, usage):
+    """The filled-in text answer is byte for byte what encode_response + dumps would send."""
+    resp = ANTHROPIC_CODEC.decode_response({**A_RESPONSE, "content": blocks, "stop_reason": stop, "usage": usage})
+    resp.created = 1700000000
+    data, _ = OPENAI_CODEC.response_json(resp, o_request())
+    assert data == tgw.dumps(OPENAI_CODEC.encode_response(resp, o_request()))
+
+
 def test_golden_openai_response_to_anthropic():
     resp = OPENAI_CODEC.decode_response(O_RESPONSE)
     assert ANTHROPIC_CODEC.encode_response(resp, a_request()) == {

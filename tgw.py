@@ -646,8 +646,14 @@ class HttpRequest:
     keep_alive: bool = True
 
 
+def _is_token(name: str) -> bool:
+    return bool(name) and " " not in name and "\t" not in name
+
+
 def parse_request_head(head: bytes, max_request_line: int) -> HttpRequest:
-    text = head.decode("latin-1").lstrip("\r\n")  # tolerate stray CRLFs between pipelined requests
+    text = head.decode("latin-1")
+    if text[0] in "\r\n":
+        text = text.lstrip("\r\n")  # tolerate stray CRLFs between pipelined requests
     lines = text.split("\r\n")
     request_line = lines[0]
     if len(request_line) > max_request_line:
@@ -660,27 +666,37 @@ def parse_request_head(head: bytes, max_request_line: int) -> HttpRequest:
         if version.startswith("HTTP/"):
             raise HttpError(505, f"HTTP version {version} is not supported")
         raise HttpError(400, "malformed request line; expected 'METHOD /path HTTP/1.1'")
+    # a lone CR, LF or NUL could smuggle a header upstream (counted: each CRLF split holds one)
+    if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1 or "\0" in text:
+        raise HttpError(400, "malformed header line: a bare CR, LF or NUL")
     headers: dict[str, str] = {}
     for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not name or name[-1] in " \t" or " " in name:
-            raise HttpError(400, f"malformed header line {line[:60]!r}")
-        key = name.lower()
-        value = value.strip()
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    bare = text.replace("\r\n", "")  # a lone CR, LF or NUL could smuggle a header upstream
-    if "\r" in bare or "\n" in bare or "\0" in bare:
-        raise HttpError(400, "malformed header line: a bare CR, LF or NUL")
-    if target.startswith(("http://", "https://")):  # absolute-form: keep only the path
-        target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
-    if not target.startswith("/") and target != "*":
-        raise HttpError(400, f"malformed request target {target[:60]!r}")
+        if line:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise HttpError(400, f"malformed header line {line[:60]!r}")
+            key = name.lower()
+            if key in headers:
+                headers[key] = f"{headers[key]}, {value.strip()}"
+            else:
+                headers[key] = value.strip()
+    names = "".join(headers)  # checked at once: no name is empty or holds whitespace
+    if " " in names or "\t" in names or "" in headers:
+        bad = next(line for line in lines[1:] if not _is_token(line.partition(":")[0]))
+        raise HttpError(400, f"malformed header line {bad[:60]!r}")
+    if target[0] != "/":
+        if target.startswith(("http://", "https://")):  # absolute-form: keep only the path
+            target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
+        elif target != "*":
+            raise HttpError(400, f"malformed request target {target[:60]!r}")
     path, _, query_text = target.partition("?")
     query = dict(parse_qsl(query_text, keep_blank_values=True)) if query_text else {}
-    connection = headers.get("connection", "").lower()
-    keep_alive = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
+    connection = headers.get("connection")
+    if connection is None:
+        keep_alive = version == "HTTP/1.1"
+    else:
+        connection = connection.lower()
+        keep_alive = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
     return HttpRequest(method, target, path, query, version, headers, b"", keep_alive)
 
 
@@ -1710,6 +1726,12 @@ class Codec:
     keepalive = b": keep-alive\n\n"
     usage_key = "usage"  # where a JSON answer carries its token counts
 
+    def response_json(self, resp: Response, req: Request) -> tuple[bytes, dict | None]:
+        """A whole answer as JSON bytes, and the object when one was built (the Responses lane
+        stores it)."""
+        body = self.encode_response(resp, req)
+        return dumps(body), body
+
     def usage_of(self, body: bytes) -> Usage:
         """Usage from a passthrough JSON answer (for the ledger)."""
         usage = top_level_value(body, self.usage_key)
@@ -2076,6 +2098,35 @@ class OpenAIChatCodec(Codec):
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
             "usage": self.encode_usage(resp.usage),
         }
+
+    # encode_response + dumps of a text-only answer, filled in directly: the translation lane's
+    # most common answer, where building and encoding the nested dict cost as much as the rest
+    PLAIN_ANSWER = (
+        '{"id":%s,"object":"chat.completion","created":%s,"model":%s,"choices":[{"index":0,"message":{"role":'
+        '"assistant","content":%s,"refusal":null},"logprobs":null,"finish_reason":%s}],"usage":{"prompt_tokens":%s,'
+        '"completion_tokens":%s,"total_tokens":%s,"prompt_tokens_details":{"cached_tokens":%s},'
+        '"completion_tokens_details":{"reasoning_tokens":%s}}}'
+    )
+
+    def response_json(self, resp: Response, req: Request) -> tuple[bytes, dict | None]:
+        usage = resp.usage
+        created = resp.created or int(time.time())
+        numbers = (usage.input_tokens, usage.output_tokens, usage.cached_tokens, usage.reasoning_tokens, created)
+        texts = [p.text for p in resp.parts if p.type == "text"]
+        if len(texts) != len(resp.parts) or set(map(type, numbers)) != {int}:
+            return super().response_json(resp, req)
+        text = "".join(texts)
+        quote = json.encoder.encode_basestring
+        counts = numbers[:4]
+        data = self.PLAIN_ANSWER % (
+            quote(openai_id(resp.id)), created, quote(req.model), quote(text) if text else "null",
+            quote(self._finish_reason(resp.stop_reason, False)), counts[0], counts[1], counts[0] + counts[1],
+            counts[2], counts[3],
+        )  # fmt: skip
+        try:
+            return data.encode(), None
+        except UnicodeEncodeError:  # a lone surrogate: the general path escapes it
+            return super().response_json(resp, req)
 
     @staticmethod
     def _finish_reason(stop_reason: str, has_calls: bool) -> str:
@@ -6438,8 +6489,8 @@ class Gateway:
             self.emit_events(call, encoder, events if events is not None else unfold_response(result))
             call.exchange.end_stream()
             return getattr(encoder, "response", None)
-        body = call.codec.encode_response(result, req)
-        call.exchange.send_json(200, body)
+        data, body = call.codec.response_json(result, req)
+        call.exchange.send(200, data)
         return body
 
     def emit_events(self, call: Call, encoder, events) -> None:
