@@ -264,7 +264,9 @@ def check_fields(body: dict, kinds: dict, required: tuple = ()) -> None:
     for name, value in body.items():
         kind = kinds.get(name)
         if kind is not None and type(value) is not kind and value is not None:
-            field_of(body, name, kind)  # ints where numbers go, or the error naming the field
+            if kind is float and type(value) is int:  # an int where a number goes
+                continue
+            field_of(body, name, kind)  # the error naming the field
 
 
 # ======================================================================================
@@ -1188,7 +1190,7 @@ class UpstreamPool:
         self.idle: dict[tuple, list] = {}
         self._ssl: ssl.SSLContext | None = None
         self._origins: dict[str, tuple[Origin, str]] = {}
-        self._heads: dict[tuple, bytes] = {}
+        self._heads: dict[tuple, tuple[dict, bytes]] = {}
 
     @property
     def ssl_context(self) -> ssl.SSLContext:
@@ -1262,13 +1264,17 @@ class UpstreamPool:
 
     async def request(self, method: str, url: str, headers: dict, body: bytes = b"") -> UpstreamResponse:
         origin, _ = self.parse_url(url)
-        key = (method, url, tuple(headers.items()))
-        head = self._heads.get(key)
-        if head is None:
+        # keyed by the headers' identity (callers pass shared dicts they never change); the entry
+        # holds the dict, so its id cannot be reused while cached
+        key = (method, url, id(headers))
+        cached = self._heads.get(key)
+        if cached is not None and cached[0] is headers:
+            head = cached[1]
+        else:
             head = self._request_head(method, url, headers)
             if len(self._heads) >= 1024:
                 self._heads.clear()
-            self._heads[key] = head
+            self._heads[key] = (headers, head)
         if body or method in ("POST", "PUT", "PATCH"):
             payload = b"%bContent-Length: %d\r\n\r\n%b" % (head, len(body), body)
         else:
@@ -2703,8 +2709,9 @@ class AnthropicCodec(Codec):
         if not turns:
             raise bad_request("an Anthropic model needs at least one user or assistant message with content")
         for turn in turns:  # a lone plain text block goes as a string, the shape clients write
-            if len(turn["content"]) == 1 and turn["content"][0].keys() == {"type", "text"}:
-                turn["content"] = turn["content"][0]["text"]
+            content = turn["content"]
+            if len(content) == 1 and len(content[0]) == 2 and content[0]["type"] == "text":
+                turn["content"] = content[0]["text"]
         return turns
 
     def _encode_part(self, part: Part, role: str, from_anthropic: bool) -> dict | None:
@@ -6146,6 +6153,9 @@ def query_logs(db: sqlite3.Connection, limit: int) -> list[dict]:
 #   loopback     the built-in model answers the canonical Request.
 
 
+CALL_OPERATIONS = {"openai": "chat", "anthropic": "messages", "gemini": "generate"}  # a model call, per protocol
+
+
 @dataclass(slots=True)
 class Call:
     """What one request did, for its ledger row."""
@@ -6222,6 +6232,7 @@ class Gateway:
             "openai": OPENAI_CODEC, "anthropic": ANTHROPIC_CODEC, "responses": RESPONSES_CODEC, "gemini": GEMINI_CODEC,
         }  # fmt: skip
         self.responses_store = ResponseStore(self.ledger, cfg.responses_retention_days)
+        self._upstream_headers: dict[tuple, dict] = {}
         self.started_at = time.time()
         self.routes = {
             ("GET", "/"): self.root,
@@ -6461,7 +6472,7 @@ class Gateway:
             return self.answer(call, req, result, encoder, self.loopback.stream_events(result), event_filter)
         upstream_codec = self.codecs[route.provider.protocol]
         body = upstream_codec.encode_request(req, route.model, route.provider)
-        operation = {"openai": "chat", "anthropic": "messages", "gemini": "generate"}[route.provider.protocol]
+        operation = CALL_OPERATIONS[route.provider.protocol]
         heartbeat = (
             Heartbeat(call, self.cfg.stream_keepalive, getattr(encoder, "keepalive", None)) if req.stream else None
         )
@@ -6627,15 +6638,31 @@ class Gateway:
         raise GatewayError(502, "upstream retries exhausted")  # not reached
 
     def upstream_headers(self, provider: Provider, request: HttpRequest) -> dict:
-        headers = provider.auth_headers()
+        """The provider's headers plus the API version and beta flags the client chose: built once
+        per combination and shared, never changed (the pool caches request heads by them)."""
+        sent = request.headers
         if provider.protocol == "anthropic":
-            headers = dict(headers)
-            headers["anthropic-version"] = request.headers.get("anthropic-version") or self.cfg.anthropic_version
-            if "anthropic-beta" in request.headers:
-                headers["anthropic-beta"] = request.headers["anthropic-beta"]
-        elif provider.protocol == "openai" and "openai-beta" in request.headers:
-            headers = dict(headers)
-            headers["OpenAI-Beta"] = request.headers["openai-beta"]
+            key = (
+                provider.name,
+                sent.get("anthropic-version") or self.cfg.anthropic_version,
+                sent.get("anthropic-beta"),
+            )
+        elif provider.protocol == "openai":
+            key = (provider.name, None, sent.get("openai-beta"))
+        else:
+            return provider.auth_headers()
+        headers = self._upstream_headers.get(key)
+        if headers is None:
+            headers = dict(provider.auth_headers())
+            if provider.protocol == "anthropic":
+                headers["anthropic-version"] = key[1]
+                if key[2] is not None:
+                    headers["anthropic-beta"] = key[2]
+            elif key[2] is not None:
+                headers["OpenAI-Beta"] = key[2]
+            if len(self._upstream_headers) >= 1024:  # beta flags are the client's to choose
+                self._upstream_headers.clear()
+            self._upstream_headers[key] = headers
         return headers
 
     # -- Responses API
