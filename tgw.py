@@ -903,21 +903,15 @@ class HttpServer:
                     request = parse_request_head(head, self.cfg.max_request_line)
                     headers = request.headers
                     length = headers.get("content-length", "")
-                    # a body gets header_timeout plus a second per MB before the client counts as stuck
-                    protocol.deadline = (
-                        time.monotonic() + self.cfg.header_timeout + int(length or 0) / 1e6
-                        if length.isdecimal()
-                        else 0.0
-                    )
+                    size = int(length) if length.isascii() and length.isdigit() else -1
                     protocol.reading_body = True
-                    if (
-                        length.isascii()
-                        and length.isdigit()
-                        and int(length) <= self.cfg.max_body_bytes
-                        and not ("transfer-encoding" in headers or "expect" in headers)
-                    ):  # the usual request: a plain Content-Length body
-                        request.body = await reader.readexactly(int(length))
-                    else:
+                    # a body gets header_timeout plus a second per MB before the client counts as stuck
+                    if 0 <= size <= self.cfg.max_body_bytes and not (
+                        "transfer-encoding" in headers or "expect" in headers
+                    ):
+                        protocol.deadline = time.monotonic() + self.cfg.header_timeout + size / 1e6
+                        request.body = await reader.readexactly(size)  # the usual request
+                    else:  # chunked, 100-continue, or an error to answer
                         protocol.deadline = time.monotonic() + self.cfg.header_timeout + self.cfg.max_body_bytes / 1e6
                         request.body = await read_request_body(reader, writer, request, self.cfg.max_body_bytes)
                     protocol.reading_body = False
@@ -1728,9 +1722,13 @@ class Codec:
         if isinstance(usage, dict):
             return self.decode_usage(usage)
         try:
-            return self.decode_response(loads(body)).usage
+            return self.usage_of_whole(loads(body))
         except (ValueError, AttributeError, TypeError, KeyError, IndexError, GatewayError):
             return Usage()
+
+    def usage_of_whole(self, data) -> Usage:
+        """Usage from a whole parsed answer, when it could not be read from the end."""
+        return self.decode_response(data).usage
 
     def encode_stream_error(self, err: GatewayError) -> bytes:
         return b"data: " + dumps(self.encode_error(err)) + b"\n\n"
@@ -2107,11 +2105,11 @@ class OpenAIChatCodec(Codec):
             return super().response_json(resp, req)
         text = "".join(texts)
         quote = json.encoder.encode_basestring
-        counts = numbers[:4]
+        prompt, completion, cached, reasoning, _ = numbers
         data = self.PLAIN_ANSWER % (
             quote(openai_id(resp.id)), created, quote(req.model), quote(text) if text else "null",
-            quote(self._finish_reason(resp.stop_reason, False)), counts[0], counts[1], counts[0] + counts[1],
-            counts[2], counts[3],
+            quote(self._finish_reason(resp.stop_reason, False)), prompt, completion, prompt + completion, cached,
+            reasoning,
         )  # fmt: skip
         try:
             return data.encode(), None
@@ -2125,16 +2123,9 @@ class OpenAIChatCodec(Codec):
         finish = stop_reason_out("openai", stop_reason)
         return "stop" if finish == "tool_calls" and not has_calls else finish
 
-    def usage_of(self, body: bytes) -> Usage:
+    def usage_of_whole(self, data) -> Usage:
         """Chat answers and embeddings alike: only the usage object matters."""
-        usage = top_level_value(body, "usage")
-        if usage is None:
-            try:
-                data = loads(body)
-            except ValueError:
-                return Usage()
-            usage = data.get("usage") if isinstance(data, dict) else None
-        return self.decode_usage(usage)
+        return self.decode_usage(data.get("usage") if isinstance(data, dict) else None)
 
     # -- streams
     def stream_decoder(self):
@@ -6626,24 +6617,19 @@ class Gateway:
         per combination and shared, never changed (the pool caches request heads by them)."""
         sent = request.headers
         if provider.protocol == "anthropic":
-            key = (
-                provider.name,
-                sent.get("anthropic-version") or self.cfg.anthropic_version,
-                sent.get("anthropic-beta"),
-            )
+            version, beta = sent.get("anthropic-version") or self.cfg.anthropic_version, sent.get("anthropic-beta")
         elif provider.protocol == "openai":
-            key = (provider.name, None, sent.get("openai-beta"))
+            version, beta = None, sent.get("openai-beta")
         else:
             return provider.auth_headers()
+        key = (provider.name, version, beta)
         headers = self._upstream_headers.get(key)
         if headers is None:
             headers = dict(provider.auth_headers())
-            if provider.protocol == "anthropic":
-                headers["anthropic-version"] = key[1]
-                if key[2] is not None:
-                    headers["anthropic-beta"] = key[2]
-            elif key[2] is not None:
-                headers["OpenAI-Beta"] = key[2]
+            if version is not None:
+                headers["anthropic-version"] = version
+            if beta is not None:
+                headers["anthropic-beta" if provider.protocol == "anthropic" else "OpenAI-Beta"] = beta
             if len(self._upstream_headers) >= 1024:  # beta flags are the client's to choose
                 self._upstream_headers.clear()
             self._upstream_headers[key] = headers
