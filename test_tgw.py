@@ -39,6 +39,24 @@ TGW = str(HERE / "tgw.py")
 # Harness: the gateway in a thread, scripted upstreams, raw HTTP helpers
 # ======================================================================================
 
+# What a user's shell may carry that would make a test read the user's setup instead of its own
+USER_ENVIRONMENT = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY", "OPENAI_BASE_URL",
+                    "ANTHROPIC_BASE_URL", "OLLAMA_BASE_URL", "VLLM_BASE_URL", "LMSTUDIO_BASE_URL", "HTTP_PROXY",
+                    "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def hermetic(tmp_path_factory, monkeypatch):
+    """Every test runs in an empty working directory with an empty home and no TOKLIGENCE_*,
+    provider or proxy variables: a user's gateway.ini, ~/.tokligence or shell never leaks in."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    for name in list(os.environ):
+        if name.startswith("TOKLIGENCE_") or name.upper() in USER_ENVIRONMENT:
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(home)
+    return home
+
 
 class RunningGateway:
     """tgw.serve() on its own event loop in a background thread."""
@@ -405,9 +423,10 @@ def test_config_file_found_via_environment_variable(tmp_path, monkeypatch):
     ini = tmp_path / "custom.ini"
     ini.write_text("facade_port = 9100\n")
     cfg = tgw.load_config(None, {}, env={"TOKLIGENCE_CONFIG": str(ini)})
-    assert cfg.facade_port == 9100 or cfg.path is None  # TOKLIGENCE_CONFIG is read from os.environ
+    assert cfg.facade_port == 9100 and cfg.path == ini
+    assert tgw.load_config(None, {}, env={}).path is None  # an explicit env is the only one read
     monkeypatch.setenv("TOKLIGENCE_CONFIG", str(ini))
-    assert tgw.load_config(None, {}, env={}).facade_port == 9100
+    assert tgw.load_config(None, {}).facade_port == 9100  # by default, the process environment
 
 
 @pytest.mark.parametrize(

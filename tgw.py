@@ -147,6 +147,30 @@ def mask_secret(value: str) -> str:
     return value[:4] + "…" + value[-2:]
 
 
+class SecretRedactor:
+    """Every secret this process knows (provider keys, client keys, userinfo in URLs), taken out
+    of any text that leaves it: responses, logs, ledger rows, CLI output. The one place."""
+
+    def __init__(self):
+        self.secrets: set[str] = set()
+        self.pattern: re.Pattern | None = None
+
+    def add(self, *values: str) -> None:
+        fresh = {v for v in values if isinstance(v, str) and len(v) >= 6} - self.secrets
+        if fresh:
+            self.secrets |= fresh
+            longest_first = sorted(self.secrets, key=len, reverse=True)
+            self.pattern = re.compile("|".join(map(re.escape, longest_first)))
+
+    def __call__(self, text: str) -> str:
+        if self.pattern is None or not text:
+            return text
+        return self.pattern.sub(lambda m: f"[redacted {mask_secret(m.group())}]", text)
+
+
+redact = SecretRedactor()
+
+
 @functools.lru_cache(maxsize=1024)  # clients send the same key with every request
 def key_fingerprint(key: str) -> str:
     """A stable, non-reversible id for an API key (what the ledger stores)."""
@@ -337,9 +361,10 @@ class ConfigError(Exception):
     pass
 
 
-def find_config_file(explicit: str | None) -> Path | None:
+def find_config_file(explicit: str | None, env=None) -> Path | None:
     """--config, then TOKLIGENCE_CONFIG, then ./gateway.ini, then ~/.tokligence/gateway.ini."""
-    for candidate in (explicit, os.environ.get("TOKLIGENCE_CONFIG")):
+    env = os.environ if env is None else env
+    for candidate in (explicit, env.get("TOKLIGENCE_CONFIG")):
         if candidate:
             return Path(candidate).expanduser()
     for path in (Path("gateway.ini"), Path("~/.tokligence/gateway.ini").expanduser()):
@@ -445,7 +470,7 @@ def load_config(config_path: str | None = None, overrides: dict | None = None, e
     env = os.environ if env is None else env
     values = {key: spec[0] for key, spec in CONFIG_KEYS.items()}
     sources = {key: "default" for key in CONFIG_KEYS}
-    path = find_config_file(config_path)
+    path = find_config_file(config_path, env)
     sections: dict[str, dict[str, str]] = {"": {}}
     if path is not None:
         if not path.is_file():
@@ -464,10 +489,26 @@ def load_config(config_path: str | None = None, overrides: dict | None = None, e
             sources[key] = source
     validate_config(values)
     providers = load_named_providers(sections, env)
+    register_secrets(values, providers)
     prices = dict(DEFAULT_PRICES)
     for glob_, raw in sections.get("prices", {}).items():
         prices[glob_] = parse_price(glob_, raw)
     return Config(values, providers, prices, path, sources)
+
+
+def register_secrets(values: dict, providers: dict) -> None:
+    """Tell the redactor every secret this configuration holds."""
+    found = [values[k] for k in SECRET_KEYS if values.get(k)]
+    found += [k.strip() for k in values.get("api_keys", "").split(",")]
+    for url in [values[k] for k, spec in CONFIG_KEYS.items() if spec[1] == "url"] + [
+        p.base_url for p in providers.values()
+    ]:
+        parts = urlsplit(url or "")
+        found.append(parts.password or parts.username or "")  # a token may stand alone as the username
+    for pc in providers.values():
+        found.append(pc.api_key)
+        found += [v for k, v in pc.headers.items() if re.search(r"auth|key|token|secret", k, re.I)]
+    redact.add(*found)
 
 
 def validate_config(values: dict) -> None:
@@ -7044,12 +7085,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class RedactingFormatter(logging.Formatter):
+    """Log lines with every known secret taken out (see SecretRedactor)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 def cmd_serve(args) -> int:
