@@ -91,14 +91,28 @@ def dumps(obj) -> bytes:
         return json.dumps(obj, separators=(",", ":")).encode()
 
 
-_scan_json = json.JSONDecoder().scan_once
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")  # Python's json accepts NaN and Infinity; no peer does
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value - value == 0.0:  # false for inf (1e400 overflows to it) and nan
+        return value
+    raise ValueError(f"number {text[:40]} is out of range")
+
+
+# NaN/Infinity literals and numbers that overflow to infinity are refused: they would be sent on
+# as invalid JSON. The hooks cost nothing per document, only per literal (and per float).
+_JSON_OPTIONS = {"parse_constant": _refuse_constant, "parse_float": _finite_float}
+_scan_json = json.JSONDecoder(**_JSON_OPTIONS).scan_once
 
 
 def loads(data):
     """JSON text (UTF-8 bytes or str) to Python (the one JSON decoder on the wire). A UTF-8
     document with no leading whitespace, the usual case, skips json.loads's encoding detection
     and whitespace handling; anything else goes to json.loads, so errors and edge cases are
-    exactly its own."""
+    exactly its own. Every failure, too deep a document included, is a ValueError."""
     try:
         text = data.decode() if type(data) is bytes else data
         value, end = _scan_json(text, 0)
@@ -106,7 +120,29 @@ def loads(data):
             return value
     except (StopIteration, ValueError, TypeError):
         pass
-    return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    try:
+        return json.loads(data, **_JSON_OPTIONS)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def string_or(value, default: str = "") -> str:
+    """A field read from an upstream's answer that must be a string (an id, a text)."""
+    return value if type(value) is str else default
+
+
+def json_preview(value, limit: int = 60) -> str:
+    """A short, safe picture of a JSON value for an error message: never a walk of a big or
+    deep tree (a container is named by its type and size)."""
+    if isinstance(value, dict):
+        return f"an object with {len(value)} keys" if value else "{}"
+    if isinstance(value, list):
+        return f"an array of {len(value)} items" if value else "[]"
+    if isinstance(value, str) and len(value) > limit:
+        value = value[:limit] + "…"
+    return json.dumps(value)[: limit + 10]
 
 
 def top_level_value(data: bytes, key: str):
@@ -171,6 +207,30 @@ class SecretRedactor:
 redact = SecretRedactor()
 
 
+def escape_controls(text: str) -> str:
+    """Control characters (newlines, escapes, lone surrogates...) written as repr() writes them."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class LogArgumentEscaper(logging.Filter):
+    """Text from clients and upstreams reaches log lines as %s arguments (a model name, a path,
+    a tool name): a newline there would forge a line, a lone surrogate would fail to be written.
+    Every string argument of every tgw log record is written escaped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple):
+            record.args = tuple(escape_controls(a) if isinstance(a, str) else a for a in args)
+        elif isinstance(args, dict):
+            record.args = {k: escape_controls(v) if isinstance(v, str) else v for k, v in args.items()}
+        return True
+
+
+log.addFilter(LogArgumentEscaper())
+
+
 @functools.lru_cache(maxsize=1024)  # clients send the same key with every request
 def key_fingerprint(key: str) -> str:
     """A stable, non-reversible id for an API key (what the ledger stores)."""
@@ -231,6 +291,7 @@ class GatewayError(Exception):
     }
 
     def __init__(self, status: int, message: str, kind: str = "", retry_after: float | None = None):
+        message = message if type(message) is str else json_preview(message, 200)  # an upstream's "message": {}
         super().__init__(message)
         self.status = status
         self.message = message
@@ -238,8 +299,22 @@ class GatewayError(Exception):
         self.retry_after = retry_after
 
 
+# What a walk over JSON of a shape nobody checked for raises: a wrong type, a missing key, a tree
+# too deep, a number too big. The gateway answers these 400 (client) or 502 (upstream), never 500.
+MALFORMED_INPUT = (TypeError, AttributeError, KeyError, IndexError, ValueError, RecursionError, OverflowError)
+
+
+class InvalidInput(GatewayError):
+    """A 400 from a check on input. The codecs read requests and answers with the same helpers,
+    so met while reading an upstream's answer it becomes a 502 (the upstream's fault)."""
+
+
 def bad_request(message: str) -> GatewayError:
-    return GatewayError(400, message, "invalid_request_error")
+    return InvalidInput(400, message, "invalid_request_error")
+
+
+def malformed_answer(what: str) -> GatewayError:
+    return GatewayError(502, f"upstream sent a malformed answer: {what}")
 
 
 def parse_json_body(body: bytes) -> dict:
@@ -275,7 +350,23 @@ def field_of(body: dict, name: str, kind, required: bool = False, default=None):
         ok = True
     if not ok:
         wanted = " or ".join(_TYPE_NAMES.get(k, "a number") for k in kinds)
-        raise bad_request(f"'{name}' must be {wanted}, got {json.dumps(value)[:60]}")
+        raise bad_request(f"'{name}' must be {wanted}, got {json_preview(value)}")
+    return value
+
+
+def field_at(obj: dict, name: str, kind, where: str, required: bool = False, default=None):
+    """field_of for a nested field, naming it by its path ('messages[2].content[0].text')."""
+    value = obj.get(name)
+    if type(value) is kind:  # the usual case, checked first
+        return value
+    path = f"{where}.{name}" if where else name
+    return field_of({path: value}, path, kind, required, default)
+
+
+def string_list(value, where: str) -> list:
+    """A JSON array of strings (stop sequences, allowed names), or the 400 naming the field."""
+    if not isinstance(value, list) or not all(type(s) is str for s in value):
+        raise bad_request(f"'{where}' must be an array of strings, got {json_preview(value)}")
     return value
 
 
@@ -1553,6 +1644,26 @@ class Usage:
     reasoning_tokens: int = 0
 
 
+TOKEN_COUNT_MAX = (1 << 63) - 1  # what sqlite's INTEGER holds
+
+
+def token_count(value) -> int:
+    """A token count from an upstream as a sane int: never negative, below 2^63; a float is
+    truncated, a string of digits read, anything else (null, an object, true) counts 0. Every
+    codec's usage decoder passes its numbers through here, so nothing odd reaches the ledger."""
+    if type(value) is int:
+        return value if 0 <= value <= TOKEN_COUNT_MAX else 0 if value < 0 else TOKEN_COUNT_MAX
+    if type(value) is float:  # finite: loads refuses the rest
+        return token_count(int(value))
+    if type(value) is str and value.isascii() and value.isdigit():
+        return token_count(int(value)) if len(value) < 20 else TOKEN_COUNT_MAX
+    return 0
+
+
+def token_sum(*counts: int) -> int:
+    return min(sum(counts), TOKEN_COUNT_MAX)
+
+
 @dataclass(slots=True)
 class Request:
     model: str
@@ -1636,7 +1747,7 @@ class StreamError:
 def fold_events(events) -> Response:
     """Fold a canonical event stream into one Response (what a JSON answer holds)."""
     response = Response(id="", model="", parts=[])
-    blocks: dict[int, Part] = {}
+    blocks: dict[int, tuple[Part, dict]] = {}  # index -> (part, its delta pieces by field)
     for ev in events:
         if isinstance(ev, MessageStart):
             response.id, response.model = ev.id, ev.model
@@ -1645,22 +1756,20 @@ def fold_events(events) -> Response:
         elif isinstance(ev, BlockStart):
             part = Part(ev.part.type, ev.part.text, ev.part.id, ev.part.name, ev.part.arguments, data=ev.part.data,
                         signature=ev.part.signature, extra=ev.part.extra)  # fmt: skip
-            blocks[ev.index] = part
+            blocks[ev.index] = (part, {})
             response.parts.append(part)
-        elif isinstance(ev, BlockDelta):
-            part = blocks[ev.index]
-            if ev.kind == "arguments":
-                part.arguments += ev.value
-            elif ev.kind == "signature":
-                part.signature += ev.value
-            else:
-                part.text += ev.value
+        elif isinstance(ev, BlockDelta) and ev.index in blocks:
+            name = ev.kind if ev.kind in ("arguments", "signature") else "text"
+            blocks[ev.index][1].setdefault(name, []).append(ev.value)  # joined once: += on a field is quadratic
         elif isinstance(ev, MessageDelta):
             response.stop_reason, response.stop_sequence = ev.stop_reason, ev.stop_sequence
             if ev.usage is not None:
                 response.usage = ev.usage
         elif isinstance(ev, StreamError):
             raise ev.error
+    for part, pieces in blocks.values():
+        for name, values in pieces.items():
+            setattr(part, name, getattr(part, name) + "".join(values))
     return response
 
 
@@ -1717,7 +1826,7 @@ def stop_reason_out(protocol: str, reason: str) -> str:
 
 
 def stop_reason_in(protocol: str, reason) -> str:
-    return STOP_REASONS_IN[protocol].get(reason or "", "end_turn")
+    return STOP_REASONS_IN[protocol].get(reason if type(reason) is str else "", "end_turn")
 
 
 def parse_data_uri(url: str) -> tuple[str, str] | None:
@@ -1764,7 +1873,7 @@ class Codec:
             return self.decode_usage(usage)
         try:
             return self.usage_of_whole(loads(body))
-        except (ValueError, AttributeError, TypeError, KeyError, IndexError, GatewayError):
+        except (*MALFORMED_INPUT, GatewayError):
             return Usage()
 
     def usage_of_whole(self, data) -> Usage:
@@ -1797,6 +1906,16 @@ class Codec:
         return GatewayError(status, message, kind)
 
 
+def check_response_format(fmt: dict, where: str) -> None:
+    """The canonical response_format ({"type": "json_object"} or {"type": "json_schema",
+    "json_schema": {"name", "schema", ...}}) with the shapes every encoder relies on."""
+    kind = field_at(fmt, "type", str, where, required=True)
+    if kind == "json_schema":
+        spec = field_at(fmt, "json_schema", dict, where, required=True)
+        field_at(spec, "name", str, f"{where}.json_schema")
+        field_at(spec, "schema", dict, f"{where}.json_schema")
+
+
 def json_object_arguments(text: str) -> dict:
     """Tool arguments as an object, for protocols that carry them as JSON (never lost)."""
     if not text:
@@ -1826,79 +1945,58 @@ class OpenAIChatCodec(Codec):
     REQUEST_FIELDS = {
         "model": str, "messages": list, "tools": list, "parallel_tool_calls": bool, "max_completion_tokens": int,
         "max_tokens": int, "temperature": float, "top_p": float, "stream": bool, "reasoning_effort": str,
-        "response_format": dict, "metadata": dict, "user": str,
+        "response_format": dict, "metadata": dict, "user": str, "stream_options": dict, "stop": (str, list),
+        "tool_choice": (str, dict),
     }  # fmt: skip
 
     def decode_request(self, body: dict) -> Request:
         check_fields(body, self.REQUEST_FIELDS, ("model", "messages"))
         get = body.get
         stop = get("stop")
+        options = get("stream_options")
         req = Request(
             model=body["model"], messages=[], parallel_tool_calls=get("parallel_tool_calls"),
             max_tokens=get("max_completion_tokens") or get("max_tokens"), temperature=get("temperature"),
-            top_p=get("top_p"), stop=[stop] if isinstance(stop, str) else list(stop or []), stream=bool(get("stream")),
-            include_usage=bool((get("stream_options") or {}).get("include_usage")),
+            top_p=get("top_p"), stop=[stop] if type(stop) is str else string_list(stop, "stop") if stop else [],
+            stream=bool(get("stream")), include_usage=bool(options and options.get("include_usage")),
             reasoning_effort=get("reasoning_effort") or "", response_format=get("response_format"),
             metadata=get("metadata") or {}, user=get("user") or "", raw=body, protocol="openai",
         )  # fmt: skip
+        if req.response_format:
+            check_response_format(req.response_format, "response_format")
         for i, msg in enumerate(body["messages"]):
-            if not isinstance(msg, dict):
+            if type(msg) is not dict:
                 raise bad_request(f"messages[{i}] must be an object")
             self._decode_message(req, msg, i)
         for i, tool in enumerate(get("tools") or ()):
             req.tools.append(self._decode_tool(tool, i))
         choice = get("tool_choice")
-        if isinstance(choice, str):
+        if type(choice) is str:
             req.tool_choice = choice
-        elif isinstance(choice, dict):
+        elif choice:
             req.tool_choice = "tool"
-            req.tool_name = (choice.get("function") or choice.get("custom") or {}).get("name", "")
+            named = choice.get("function") or choice.get("custom") or {}
+            if type(named) is not dict:
+                raise bad_request("'tool_choice.function' must be an object with a 'name'")
+            req.tool_name = field_at(named, "name", str, "tool_choice.function", default="")
         return req
 
     def _decode_message(self, req: Request, msg: dict, i: int) -> None:
         role = msg.get("role")
         content = msg.get("content")
-        if role in ("system", "developer"):
+        if role == "user":
+            req.messages.append(Message("user", self._decode_content(content, i)))
+        elif role == "system" or role == "developer":
             parts = self._decode_content(content, i)
             if not req.messages:
                 req.system.extend(parts)
             else:
                 req.messages.append(Message("system", parts))
-        elif role == "user":
-            req.messages.append(Message("user", self._decode_content(content, i)))
         elif role == "assistant":
-            parts = []
-            reasoning = msg.get("reasoning_content") or msg.get("reasoning")
-            if isinstance(reasoning, str) and reasoning:
-                parts.append(Part("thinking", text=reasoning))
-            parts.extend(self._decode_content(content, i))
-            if msg.get("refusal"):
-                parts.append(Part("text", text=msg["refusal"]))
-            for call in msg.get("tool_calls") or []:
-                if call.get("type") == "custom":  # free-form input travels as {"input": text}
-                    custom = call.get("custom") or {}
-                    args = json.dumps({"input": custom.get("input", "")})
-                    parts.append(
-                        Part(
-                            "tool_call",
-                            id=call.get("id") or new_id("call_"),
-                            name=custom.get("name", ""),
-                            arguments=args,
-                        )
-                    )
-                    continue
-                fn = call.get("function") or {}
-                args = fn.get("arguments", "")
-                parts.append(Part("tool_call", id=call.get("id") or new_id("call_"), name=fn.get("name", ""),
-                                  arguments=args if isinstance(args, str) else json.dumps(args)))  # fmt: skip
-            if msg.get("function_call"):  # legacy single function call
-                fn = msg["function_call"]
-                parts.append(
-                    Part("tool_call", id=fn.get("name", ""), name=fn.get("name", ""), arguments=fn.get("arguments", ""))
-                )
-            req.messages.append(Message("assistant", parts))
-        elif role in ("tool", "function"):
-            call_id = msg.get("tool_call_id") or msg.get("name") or ""
+            req.messages.append(Message("assistant", self._decode_assistant(msg, content, i)))
+        elif role == "tool" or role == "function":
+            where = f"messages[{i}]"
+            call_id = field_at(msg, "tool_call_id", str, where) or field_at(msg, "name", str, where) or ""
             result = Part("tool_result", id=call_id, content=self._decode_content(content, i))
             last = req.messages[-1] if req.messages else None
             if (
@@ -1911,57 +2009,107 @@ class OpenAIChatCodec(Codec):
             else:
                 req.messages.append(Message("user", [result]))
         else:
-            raise bad_request(f"messages[{i}].role must be system, developer, user, assistant or tool, got {role!r}")
+            raise bad_request(
+                f"messages[{i}].role must be system, developer, user, assistant or tool, got {json_preview(role)}"
+            )
+
+    def _decode_assistant(self, msg: dict, content, i: int) -> list:
+        where = f"messages[{i}]"
+        parts = []
+        reasoning = msg.get("reasoning_content") or msg.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            parts.append(Part("thinking", text=reasoning))
+        parts.extend(self._decode_content(content, i))
+        refusal = field_at(msg, "refusal", str, where)
+        if refusal:
+            parts.append(Part("text", text=refusal))
+        for j, call in enumerate(field_at(msg, "tool_calls", list, where) or ()):
+            parts.append(self._decode_call(call, f"{where}.tool_calls[{j}]"))
+        legacy = field_at(msg, "function_call", dict, where)
+        if legacy:  # the single function call of the old API
+            name = field_at(legacy, "name", str, f"{where}.function_call", default="")
+            arguments = field_at(legacy, "arguments", str, f"{where}.function_call", default="")
+            parts.append(Part("tool_call", id=name, name=name, arguments=arguments))
+        return parts
+
+    @staticmethod
+    def _decode_call(call, where: str) -> Part:
+        if type(call) is not dict:
+            raise bad_request(f"{where} must be an object")
+        call_id = field_at(call, "id", str, where) or new_id("call_")
+        if call.get("type") == "custom":  # free-form input travels as {"input": text}
+            custom = field_at(call, "custom", dict, where, default={})
+            text = field_at(custom, "input", str, f"{where}.custom", default="")
+            name = field_at(custom, "name", str, f"{where}.custom", default="")
+            return Part("tool_call", id=call_id, name=name, arguments=json.dumps({"input": text}))
+        fn = field_at(call, "function", dict, where, default={})
+        args = fn.get("arguments", "")
+        if type(args) is not str:  # some clients send the object itself
+            args = json.dumps(args) if args is not None else ""
+        return Part("tool_call", id=call_id, name=field_at(fn, "name", str, f"{where}.function", default=""),
+                    arguments=args)  # fmt: skip
 
     def _decode_content(self, content, i: int) -> list:
         if content is None:
             return []
-        if isinstance(content, str):
+        if type(content) is str:
             return [Part("text", text=content)] if content else []
-        if not isinstance(content, list):
+        if type(content) is not list:
             raise bad_request(f"messages[{i}].content must be a string or an array of content parts")
         parts = []
-        for item in content:
-            if isinstance(item, str):
+        for j, item in enumerate(content):
+            if type(item) is str:
                 parts.append(Part("text", text=item))
                 continue
-            kind = item.get("type") if isinstance(item, dict) else None
+            where = f"messages[{i}].content[{j}]"
+            if type(item) is not dict:
+                raise bad_request(f"{where} must be an object such as {{'type': 'text', 'text': ...}}")
+            kind = item.get("type")
             if kind == "text":
-                parts.append(Part("text", text=item.get("text") or ""))
+                parts.append(Part("text", text=field_at(item, "text", str, where, default="")))
             elif kind == "image_url":
                 image = item.get("image_url")
-                url = image.get("url", "") if isinstance(image, dict) else str(image or "")
+                if type(image) is dict:
+                    url = field_at(image, "url", str, f"{where}.image_url", required=True)
+                elif type(image) is str:
+                    url = image
+                else:
+                    raise bad_request(f"'{where}.image_url' must be an object {{'url': ...}} or a URL string")
                 data_uri = parse_data_uri(url)
                 if data_uri:
                     parts.append(Part("image", media_type=data_uri[0], data=data_uri[1]))
                 else:
                     parts.append(Part("image", url=url))
             elif kind == "refusal":
-                parts.append(Part("text", text=item.get("refusal") or ""))
-            elif kind in ("input_audio", "file"):
+                parts.append(Part("text", text=field_at(item, "refusal", str, where, default="")))
+            elif kind == "input_audio" or kind == "file":
                 parts.append(Part("text", text=f"[{kind} content omitted by the gateway]"))
             else:
-                raise bad_request(f"messages[{i}].content has an unknown part type {kind!r}")
+                raise bad_request(f"{where} has an unknown part type {json_preview(kind)}")
         return parts
 
     def _decode_tool(self, tool, i: int) -> Tool:
-        if not isinstance(tool, dict):
-            raise bad_request(f"tools[{i}] must be an object")
+        where = f"tools[{i}]"
+        if type(tool) is not dict:
+            raise bad_request(f"{where} must be an object")
         if tool.get("type") == "custom":
-            spec = tool.get("custom") or {}
+            spec = field_at(tool, "custom", dict, where, default={})
             fmt = spec.get("format")
             return Tool(
-                spec.get("name", ""),
-                spec.get("description", ""),
+                field_at(spec, "name", str, f"{where}.custom", default=""),
+                field_at(spec, "description", str, f"{where}.custom", default=""),
                 custom_tool_parameters(fmt),
                 "custom",
                 {"format": fmt},
             )
         fn = tool.get("function")
-        if tool.get("type", "function") != "function" or not isinstance(fn, dict) or not fn.get("name"):
-            raise bad_request(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}")
+        if tool.get("type", "function") != "function" or type(fn) is not dict or not fn.get("name"):
+            raise bad_request(f"{where} must be {{'type': 'function', 'function': {{'name': ...}}}}")
+        name = field_at(fn, "name", str, f"{where}.function")
+        description = field_at(fn, "description", str, f"{where}.function", default="")
+        parameters = field_at(fn, "parameters", dict, f"{where}.function", default={})
         extra = {"strict": fn["strict"]} if "strict" in fn else None
-        return Tool(fn["name"], fn.get("description", ""), fn.get("parameters") or {}, "function", extra)
+        return Tool(name, description, parameters, "function", extra)
 
     def encode_request(self, req: Request, model: str, provider=None) -> dict:
         messages = []
@@ -2086,13 +2234,15 @@ class OpenAIChatCodec(Codec):
     def decode_usage(usage) -> Usage:
         if not isinstance(usage, dict):
             return Usage()
-        prompt_details = usage.get("prompt_tokens_details") or {}
-        completion_details = usage.get("completion_tokens_details") or {}
+        prompt_details = usage.get("prompt_tokens_details")
+        completion_details = usage.get("completion_tokens_details")
         return Usage(
-            input_tokens=usage.get("prompt_tokens") or 0,
-            output_tokens=usage.get("completion_tokens") or 0,
-            cached_tokens=prompt_details.get("cached_tokens") or 0,
-            reasoning_tokens=completion_details.get("reasoning_tokens") or 0,
+            input_tokens=token_count(usage.get("prompt_tokens")),
+            output_tokens=token_count(usage.get("completion_tokens")),
+            cached_tokens=token_count(prompt_details.get("cached_tokens")) if type(prompt_details) is dict else 0,
+            reasoning_tokens=(
+                token_count(completion_details.get("reasoning_tokens")) if type(completion_details) is dict else 0
+            ),
         )
 
     @staticmethod
@@ -2219,7 +2369,7 @@ class OpenAIStreamDecoder:
         self.open_index: int | None = None
         self.open_key = None
         self.tool_index: dict[int, int] = {}
-        self.tool_arguments: dict[int, str] = {}  # block index -> arguments so far, of tool blocks not stopped
+        self.tool_arguments: dict[int, list] = {}  # block index -> argument pieces so far, of tool blocks not stopped
         self.stop_reason = ""
         self.usage: Usage | None = None
         self.finished = False
@@ -2238,10 +2388,11 @@ class OpenAIStreamDecoder:
     def _unfinished_tool(self, index: int) -> bool:
         """A tool call whose arguments are not yet whole JSON may get more (some servers
         interleave parallel calls): it stays open, and encoders hold later blocks back."""
-        if index not in self.tool_arguments:
+        pieces = self.tool_arguments.get(index)
+        if pieces is None:
             return False
-        try:
-            loads(self.tool_arguments[index])
+        try:  # once per block: only the open block is asked, and only when another one starts
+            loads("".join(pieces))
         except ValueError:
             return True
         return False
@@ -2254,52 +2405,65 @@ class OpenAIStreamDecoder:
             chunk = loads(data)
         except ValueError:
             return [StreamError(GatewayError(502, f"upstream sent malformed stream data: {data[:120]!r}"))]
+        if not isinstance(chunk, dict):
+            return [StreamError(malformed_answer(f"a stream chunk that is not an object: {json_preview(chunk)}"))]
         out: list = []
-        if "error" in chunk and not chunk.get("choices"):
+        choices = chunk.get("choices")
+        if "error" in chunk and not choices:
             err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
             self.finished = True
-            kind = (
-                err.get("type") if err.get("type") in GatewayError.KIND_BY_STATUS.values() else ""
-            )  # e.g. server_error
+            kind = err.get("type") if err.get("type") in GatewayError.KIND_BY_STATUS.values() else ""  # server_error..
             return [StreamError(GatewayError(502, err.get("message") or "upstream stream error", kind))]
         if not self.started:
             self.started = True
-            out.append(MessageStart(chunk.get("id") or new_id("chatcmpl-"), chunk.get("model", "")))
+            out.append(MessageStart(string_or(chunk.get("id")) or new_id("chatcmpl-"), string_or(chunk.get("model"))))
         if chunk.get("usage"):
             self.usage = OpenAIChatCodec.decode_usage(chunk["usage"])
-        for choice in chunk.get("choices") or []:
-            if choice.get("index", 0) != 0:
+        if choices is not None and type(choices) is not list:
+            return out + [StreamError(malformed_answer(f"'choices' must be an array, got {json_preview(choices)}"))]
+        for choice in choices or ():
+            if type(choice) is not dict or choice.get("index", 0) != 0:
                 continue
-            delta = choice.get("delta") or {}
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if isinstance(reasoning, str) and reasoning:
-                index = self._switch("thinking", Part("thinking"), out)
-                out.append(BlockDelta(index, "thinking", reasoning))
-            content = delta.get("content") or delta.get("refusal")
-            if content:
-                index = self._switch("text", Part("text"), out)
-                out.append(BlockDelta(index, "text", content))
-            for call in delta.get("tool_calls") or []:
-                position = call.get("index", 0)
-                fn = call.get("function") or {}
-                key = ("tool", position)
-                if position not in self.tool_index or self.open_key != key:
-                    if position in self.tool_index:  # interleaved parallel calls: its block is still open
-                        index = self.tool_index[position]
-                    else:
-                        part = Part("tool_call", id=call.get("id") or new_id("call_"), name=fn.get("name") or "")
-                        index = self._switch(key, part, out)
-                        self.tool_index[position] = index
-                        self.tool_arguments[index] = ""
-                else:
-                    index = self.tool_index[position]
-                if fn.get("arguments"):
-                    if index in self.tool_arguments:
-                        self.tool_arguments[index] += fn["arguments"]
-                    out.append(BlockDelta(index, "arguments", fn["arguments"]))
+            delta = choice.get("delta")
+            if type(delta) is dict:
+                self._feed_delta(delta, out)
             if choice.get("finish_reason"):
                 self.stop_reason = stop_reason_in("openai", choice["finish_reason"])
         return out
+
+    def _feed_delta(self, delta: dict, out: list) -> None:
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if type(reasoning) is str and reasoning:
+            index = self._switch("thinking", Part("thinking"), out)
+            out.append(BlockDelta(index, "thinking", reasoning))
+        content = delta.get("content") or delta.get("refusal")
+        if type(content) is str and content:
+            index = self._switch("text", Part("text"), out)
+            out.append(BlockDelta(index, "text", content))
+        calls = delta.get("tool_calls")
+        for call in calls if type(calls) is list else ():
+            if type(call) is not dict:
+                continue
+            position = call.get("index", 0)
+            position = position if type(position) is int else 0
+            fn = call.get("function") if type(call.get("function")) is dict else {}
+            key = ("tool", position)
+            if position not in self.tool_index or self.open_key != key:
+                if position in self.tool_index:  # interleaved parallel calls: its block is still open
+                    index = self.tool_index[position]
+                else:
+                    part = Part("tool_call", id=string_or(call.get("id")) or new_id("call_"),
+                                name=string_or(fn.get("name")))  # fmt: skip
+                    index = self._switch(key, part, out)
+                    self.tool_index[position] = index
+                    self.tool_arguments[index] = []
+            else:
+                index = self.tool_index[position]
+            arguments = fn.get("arguments")
+            if type(arguments) is str and arguments:
+                if index in self.tool_arguments:
+                    self.tool_arguments[index].append(arguments)
+                out.append(BlockDelta(index, "arguments", arguments))
 
     def finish(self) -> list:
         if self.finished:
@@ -2429,12 +2593,6 @@ ANTHROPIC_MEDIA_TYPES = {"image/jpg": "image/jpeg"}  # a common misspelling Anth
 _TOOL_ID_UNSAFE = re.compile(r"[^a-zA-Z0-9_-]")  # Anthropic's tool_use.id pattern is ^[a-zA-Z0-9_-]+$
 
 
-def field_at(obj: dict, name: str, kind, where: str, required: bool = False, default=None):
-    """field_of for a nested field, naming it by its path ('thinking.budget_tokens')."""
-    path = f"{where}.{name}"
-    return field_of({path: obj.get(name)}, path, kind, required, default)
-
-
 def anthropic_block_extra(block: dict, known: tuple) -> dict | None:
     """The fields of a block this codec does not model (cache_control, citations...)."""
     extra = {k: v for k, v in block.items() if k not in known}
@@ -2446,7 +2604,8 @@ def anthropic_opaque_text(block: dict) -> str:
     kind = block.get("type", "block")
     source = block.get("source") if isinstance(block.get("source"), dict) else {}
     texts = []
-    for item in block.get("content") or source.get("content") or []:
+    items = block.get("content") or source.get("content")
+    for item in items if isinstance(items, list) else ():
         if isinstance(item, dict) and isinstance(item.get("text"), str):
             texts.append(item["text"])
     if source.get("type") == "text" and isinstance(source.get("data"), str):
@@ -2543,7 +2702,7 @@ class AnthropicCodec(Codec):
         if system is None or isinstance(system, str):
             return [Part("text", text=system)] if system else []
         if not isinstance(system, list):
-            raise bad_request(f"'system' must be a string or an array of text blocks, got {json.dumps(system)[:60]}")
+            raise bad_request(f"'system' must be a string or an array of text blocks, got {json_preview(system)}")
         parts = []
         for j, block in enumerate(system):
             if not isinstance(block, dict) or block.get("type") != "text":
@@ -2560,7 +2719,7 @@ class AnthropicCodec(Codec):
             raise bad_request(f"{where} must be an object")
         role = msg.get("role")
         if role not in ("user", "assistant", "system"):
-            raise bad_request(f"{where}.role must be user, assistant or system, got {role!r}")
+            raise bad_request(f"{where}.role must be user, assistant or system, got {json_preview(role)}")
         if msg.get("content") is None:
             raise bad_request(f"{where}.content is required")
         return Message(role, self._decode_blocks(msg["content"], f"{where}.content", role))
@@ -2587,7 +2746,7 @@ class AnthropicCodec(Codec):
         if kind == "tool_use":
             call_id = field_at(block, "id", str, where, required=True)
             name = field_at(block, "name", str, where, required=True)
-            arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
+            arguments = json.dumps(field_at(block, "input", dict, where, default={}), ensure_ascii=False)
             return Part("tool_call", id=call_id, name=name, arguments=arguments,
                         extra=anthropic_block_extra(block, ("type", "id", "name", "input")))  # fmt: skip
         if kind == "tool_result":
@@ -2609,7 +2768,8 @@ class AnthropicCodec(Codec):
         extra = anthropic_block_extra(block, ("type", "source"))
         if source.get("type") == "base64":
             data = field_at(source, "data", str, f"{where}.source", required=True)
-            return Part("image", media_type=source.get("media_type") or "image/png", data=data, extra=extra)
+            media_type = field_at(source, "media_type", str, f"{where}.source", default="") or "image/png"
+            return Part("image", media_type=media_type, data=data, extra=extra)
         if source.get("type") == "url":
             return Part("image", url=field_at(source, "url", str, f"{where}.source", required=True), extra=extra)
         return self._opaque(block, role)  # file ids and future source types: Anthropic only
@@ -2623,8 +2783,9 @@ class AnthropicCodec(Codec):
     def _decode_tool(self, tool, where: str) -> Tool:
         if not isinstance(tool, dict):
             raise bad_request(f"{where} must be an object")
-        if tool.get("type") not in (None, "custom"):  # web_search_20250305, bash_20250124...
-            return Tool(str(tool.get("name") or tool["type"]), kind="builtin", extra={"anthropic": tool})
+        kind = field_at(tool, "type", str, where)
+        if kind not in (None, "custom"):  # web_search_20250305, bash_20250124...
+            return Tool(field_at(tool, "name", str, where) or kind, kind="builtin", extra={"anthropic": tool})
         name = field_at(tool, "name", str, where, required=True)
         description = field_at(tool, "description", str, where, default="")
         schema = field_at(tool, "input_schema", dict, where, default={})
@@ -2636,8 +2797,8 @@ class AnthropicCodec(Codec):
         if choice is None:
             return
         kinds = {"auto": "auto", "any": "required", "tool": "tool", "none": "none"}
-        if choice.get("type") not in kinds:
-            raise bad_request(f"tool_choice.type must be auto, any, tool or none, got {choice.get('type')!r}")
+        if field_at(choice, "type", str, "tool_choice") not in kinds:
+            raise bad_request(f"tool_choice.type must be auto, any, tool or none, got {json_preview(choice['type'])}")
         req.tool_choice = kinds[choice["type"]]
         if choice["type"] == "tool":
             req.tool_name = field_at(choice, "name", str, "tool_choice", required=True)
@@ -2648,8 +2809,10 @@ class AnthropicCodec(Codec):
     def _decode_thinking(req: Request, thinking: dict | None) -> None:
         if thinking is None:
             return
-        if thinking.get("type") not in ("enabled", "adaptive", "disabled"):
-            raise bad_request(f"thinking.type must be enabled, adaptive or disabled, got {thinking.get('type')!r}")
+        if field_at(thinking, "type", str, "thinking") not in ("enabled", "adaptive", "disabled"):
+            raise bad_request(
+                f"thinking.type must be enabled, adaptive or disabled, got {json_preview(thinking.get('type'))}"
+            )
         req.thinking = thinking["type"]
         req.thinking_budget = field_at(thinking, "budget_tokens", int, "thinking")
 
@@ -2659,10 +2822,8 @@ class AnthropicCodec(Codec):
         req.reasoning_effort = ANTHROPIC_EFFORT_IN.get(effort, effort)
         fmt = field_at(config, "format", dict, "output_config")
         if fmt and fmt.get("type") == "json_schema":
-            req.response_format = {
-                "type": "json_schema",
-                "json_schema": {"name": "output", "schema": fmt.get("schema") or {}},
-            }
+            schema = field_at(fmt, "schema", dict, "output_config.format") or {}
+            req.response_format = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
 
     def encode_request(self, req: Request, model: str, provider=None) -> dict:
         from_anthropic = req.protocol == "anthropic"  # only then do parts carry Anthropic extras
@@ -2885,10 +3046,11 @@ class AnthropicCodec(Codec):
     def decode_usage(usage) -> Usage:
         if not isinstance(usage, dict):
             return Usage()
-        read = usage.get("cache_read_input_tokens") or 0
-        created = usage.get("cache_creation_input_tokens") or 0
-        return Usage(input_tokens=(usage.get("input_tokens") or 0) + read + created,
-                     output_tokens=usage.get("output_tokens") or 0, cached_tokens=read, cache_creation_tokens=created)  # fmt: skip
+        read = token_count(usage.get("cache_read_input_tokens"))
+        created = token_count(usage.get("cache_creation_input_tokens"))
+        return Usage(input_tokens=token_sum(token_count(usage.get("input_tokens")), read, created),
+                     output_tokens=token_count(usage.get("output_tokens")), cached_tokens=read,
+                     cache_creation_tokens=created)  # fmt: skip
 
     @staticmethod
     def encode_usage(usage: Usage) -> dict:
@@ -3303,7 +3465,7 @@ def flat_tool_name(namespace, name: str) -> str:
         return name
     flat = _UNSAFE_TOOL_NAME_CHARS.sub("_", f"{namespace}__{name}")
     if len(flat) > 64:
-        flat = flat[:55] + "_" + hashlib.sha1(flat.encode()).hexdigest()[:8]
+        flat = flat[:55] + "_" + hashlib.sha1(flat.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return flat
 
 
@@ -3374,6 +3536,13 @@ def is_custom_call(part: Part, tool: Tool | None) -> bool:
     if tool is not None:
         return tool.kind == "custom"
     return (part.extra or {}).get("type") == "custom_tool_call"
+
+
+def item_texts(items) -> list:
+    """The strings under "text" in a list of objects (reasoning summaries, content parts)."""
+    if not isinstance(items, list):
+        return []
+    return [text for item in items if isinstance(item, dict) and isinstance(text := item.get("text"), str)]
 
 
 def responses_error_code(err: GatewayError) -> str:
@@ -3530,7 +3699,7 @@ class ResponsesCodec(Codec):
         specs = list(tools)
         for item in items:  # Codex "responses-lite" sends its tools as an input item
             if isinstance(item, dict) and item.get("type") == "additional_tools":
-                specs.extend(item.get("tools") or [])
+                specs.extend(field_at(item, "tools", list, "input[].additional_tools", default=[]))
         dropped: list[str] = []
         self._decode_tools(req, specs, dropped)
         hosted = [d for d in dropped if d.startswith(RESPONSES_HOSTED_TOOLS)]
@@ -3545,7 +3714,8 @@ class ResponsesCodec(Codec):
         for spec in specs:
             kind = spec.get("type") if isinstance(spec, dict) else None
             if kind == "namespace" and namespace is None:
-                self._decode_tools(req, spec.get("tools") or [], dropped, spec)
+                field_at(spec, "name", str, "tools[].namespace")
+                self._decode_tools(req, field_at(spec, "tools", list, "tools[].namespace", default=[]), dropped, spec)
                 seen = {t.name for t in req.tools}
             elif kind in ("function", "custom") and isinstance(spec.get("name"), str) and spec["name"]:
                 tool = self._decode_tool(spec, namespace)
@@ -3555,22 +3725,22 @@ class ResponsesCodec(Codec):
                 seen.add(tool.name)
                 req.tools.append(tool)
             else:
-                dropped.append(str(kind))
+                dropped.append(kind if isinstance(kind, str) else json_preview(kind))
 
     @staticmethod
     def _decode_tool(spec: dict, namespace: dict | None) -> Tool:
         extra: dict = {}
         if namespace is not None:
             extra.update(namespace=namespace.get("name") or "", name=spec["name"],
-                         namespace_description=namespace.get("description") or "")  # fmt: skip
+                         namespace_description=field_at(namespace, "description", str, "tools[].namespace") or "")  # fmt: skip
         name = flat_tool_name(extra.get("namespace"), spec["name"])
-        description = str(spec.get("description") or "")
+        description = field_at(spec, "description", str, f"tools[{name}]", default="")
         if spec["type"] == "custom":
             extra["format"] = spec.get("format")
             return Tool(name, description, custom_tool_parameters(spec.get("format")), "custom", extra)
         if "strict" in spec:
             extra["strict"] = spec["strict"]
-        parameters = spec.get("parameters") or {"type": "object", "properties": {}}
+        parameters = field_at(spec, "parameters", dict, f"tools[{name}]") or {"type": "object", "properties": {}}
         return Tool(name, description, parameters, "function", extra or None)
 
     def _decode_input(self, req: Request, items: list) -> None:
@@ -3579,17 +3749,17 @@ class ResponsesCodec(Codec):
         for i, item in enumerate(items):
             if not isinstance(item, dict):
                 raise bad_request(f"input[{i}] must be an object")
-            kind = item.get("type") or ("message" if "role" in item else None)
+            kind = field_at(item, "type", str, f"input[{i}]") or ("message" if "role" in item else None)
             if kind == "message":
                 self._decode_message(req, item, i)
             elif kind == "reasoning":
                 self._assistant_parts(req).append(self._decode_reasoning(item))
             elif kind in ("function_call", "custom_tool_call"):
-                part = self._decode_call(item)
+                part = self._decode_call(item, f"input[{i}]")
                 call_ids.add(part.id)
                 self._assistant_parts(req).append(part)
             elif kind in ("function_call_output", "custom_tool_call_output"):
-                call_id = item.get("call_id")
+                call_id = field_at(item, "call_id", str, f"input[{i}]")
                 if call_id not in call_ids:
                     raise bad_request(
                         f"input[{i}]: no function_call or custom_tool_call found for {kind} with call_id {call_id!r}"
@@ -3616,7 +3786,7 @@ class ResponsesCodec(Codec):
             if parts:
                 req.messages.append(Message("user", parts))
         else:
-            raise bad_request(f"input[{i}].role must be user, assistant, system or developer, got {role!r}")
+            raise bad_request(f"input[{i}].role must be user, assistant, system or developer, got {json_preview(role)}")
 
     @staticmethod
     def _assistant_parts(req: Request) -> list:
@@ -3637,26 +3807,28 @@ class ResponsesCodec(Codec):
         signed = unpack_thinking(item.get("encrypted_content"))
         if signed is not None:
             return signed
-        texts = [s.get("text") or "" for s in item.get("summary") or [] if isinstance(s, dict)]
+        texts = item_texts(item.get("summary"))
         if not any(texts):
-            texts = [c.get("text") or "" for c in item.get("content") or [] if isinstance(c, dict)]
+            texts = item_texts(item.get("content"))
         extra = {"id": item.get("id"), "encrypted_content": item.get("encrypted_content")}
+        extra = {k: v for k, v in extra.items() if isinstance(v, str)}  # ids and blobs are strings, or nothing
         return Part("thinking", text="\n\n".join(t for t in texts if t), extra=extra)
 
     @staticmethod
-    def _decode_call(item: dict) -> Part:
-        namespace = item.get("namespace")
-        name = str(item.get("name") or "")
-        extra = {"id": item.get("id"), "type": item.get("type")}
+    def _decode_call(item: dict, where: str = "output[]") -> Part:
+        namespace = field_at(item, "namespace", str, where)
+        name = field_at(item, "name", str, where) or ""
+        item_id = field_at(item, "id", str, where)
+        extra = {"id": item_id, "type": item.get("type")}
         if namespace:
             extra.update(namespace=namespace, name=name)
         if item.get("type") == "custom_tool_call":
-            arguments = json.dumps({"input": str(item.get("input") or "")}, ensure_ascii=False)
+            arguments = json.dumps({"input": field_at(item, "input", str, where) or ""}, ensure_ascii=False)
         else:
             arguments = item.get("arguments") or ""
             if not isinstance(arguments, str):
                 arguments = json.dumps(arguments, ensure_ascii=False)
-        call_id = item.get("call_id") or item.get("id") or new_id("call_")
+        call_id = field_at(item, "call_id", str, where) or item_id or new_id("call_")
         return Part("tool_call", id=call_id, name=flat_tool_name(namespace, name), arguments=arguments, extra=extra)
 
     def _decode_content(self, content, where: str) -> list:
@@ -3667,27 +3839,31 @@ class ResponsesCodec(Codec):
         if not isinstance(content, list):
             raise bad_request(f"{where} must be a string or an array of content parts")
         parts = []
-        for item in content:
+        for j, item in enumerate(content):
             kind = item.get("type") if isinstance(item, dict) else None
             if kind in ("input_text", "output_text", "text"):
-                if item.get("text"):
-                    parts.append(Part("text", text=item["text"]))
+                text = field_at(item, "text", str, f"{where}[{j}]")
+                if text:
+                    parts.append(Part("text", text=text))
             elif kind == "refusal":
-                parts.append(Part("text", text=item.get("refusal") or ""))
+                parts.append(Part("text", text=field_at(item, "refusal", str, f"{where}[{j}]") or ""))
             elif kind == "input_image":
-                parts.append(self._decode_image(item))
+                parts.append(self._decode_image(item, f"{where}[{j}]"))
             elif kind in ("input_file", "input_audio"):
                 parts.append(Part("text", text=f"[{kind} content omitted by the gateway]"))
             else:
-                log.info("responses: dropped a content part of unsupported type %r in %s", kind, where)
+                log.info("responses: dropped a content part of unsupported type %s in %s", json_preview(kind), where)
         return parts
 
     @staticmethod
-    def _decode_image(item: dict) -> Part:
+    def _decode_image(item: dict, where: str) -> Part:
         url = item.get("image_url")
-        url = url.get("url", "") if isinstance(url, dict) else str(url or "")
+        url = field_at(url, "url", str, f"{where}.image_url") if isinstance(url, dict) else url
+        if url is not None and not isinstance(url, str):
+            raise bad_request(f"'{where}.image_url' must be a URL string, got {json_preview(url)}")
         if not url:
-            return Part("text", text=f"[image file {item.get('file_id') or ''} omitted by the gateway]")
+            file_id = field_at(item, "file_id", str, where) or ""
+            return Part("text", text=f"[image file {file_id} omitted by the gateway]")
         data_uri = parse_data_uri(url)
         return Part("image", media_type=data_uri[0], data=data_uri[1]) if data_uri else Part("image", url=url)
 
@@ -3697,12 +3873,15 @@ class ResponsesCodec(Codec):
             req.tool_choice = choice
         elif isinstance(choice, dict):
             kind = choice.get("type")
-            if kind in ("function", "custom") and choice.get("name"):
-                req.tool_choice, req.tool_name = "tool", flat_tool_name(choice.get("namespace"), choice["name"])
+            name = field_at(choice, "name", str, "tool_choice")
+            if kind in ("function", "custom") and name:
+                namespace = field_at(choice, "namespace", str, "tool_choice")
+                req.tool_choice, req.tool_name = "tool", flat_tool_name(namespace, name)
             elif kind == "allowed_tools":
                 req.tool_choice = "required" if choice.get("mode") == "required" else "auto"
             else:
-                log.info("responses: tool_choice %r names a tool the upstream cannot run; using auto", kind)
+                log.info("responses: tool_choice %s names a tool the upstream cannot run; using auto",
+                         json_preview(kind))  # fmt: skip
                 req.tool_choice = "auto"
 
     @staticmethod
@@ -3720,6 +3899,7 @@ class ResponsesCodec(Codec):
             return {"type": "json_object"}
         if kind == "json_schema":
             schema = {k: fmt[k] for k in ("name", "description", "schema", "strict") if k in fmt}
+            check_response_format({"type": "json_schema", "json_schema": schema}, "text.format")
             return {"type": "json_schema", "json_schema": schema}
         return None
 
@@ -3908,8 +4088,9 @@ class ResponsesCodec(Codec):
     def decode_output_item(item: dict) -> list:
         kind = item.get("type")
         if kind == "message":
-            texts = [c.get("text") or c.get("refusal") or "" for c in item.get("content") or [] if isinstance(c, dict)]
-            return [Part("text", text=t) for t in texts if t]
+            content = item.get("content") if isinstance(item.get("content"), list) else []
+            texts = [c.get("text") or c.get("refusal") for c in content if isinstance(c, dict)]
+            return [Part("text", text=t) for t in texts if isinstance(t, str) and t]
         if kind == "reasoning":
             return [ResponsesCodec._decode_reasoning(item)]
         if kind in ("function_call", "custom_tool_call"):
@@ -3934,11 +4115,15 @@ class ResponsesCodec(Codec):
     def decode_usage(usage) -> Usage:
         if not isinstance(usage, dict):
             return Usage()
+        input_details = usage.get("input_tokens_details")
+        output_details = usage.get("output_tokens_details")
         return Usage(
-            input_tokens=usage.get("input_tokens") or 0,
-            output_tokens=usage.get("output_tokens") or 0,
-            cached_tokens=(usage.get("input_tokens_details") or {}).get("cached_tokens") or 0,
-            reasoning_tokens=(usage.get("output_tokens_details") or {}).get("reasoning_tokens") or 0,
+            input_tokens=token_count(usage.get("input_tokens")),
+            output_tokens=token_count(usage.get("output_tokens")),
+            cached_tokens=token_count(input_details.get("cached_tokens")) if type(input_details) is dict else 0,
+            reasoning_tokens=(
+                token_count(output_details.get("reasoning_tokens")) if type(output_details) is dict else 0
+            ),
         )
 
     @staticmethod
@@ -4599,11 +4784,15 @@ def gemini_wants_thoughts(req: Request) -> bool:
 def decode_gemini_usage(meta) -> Usage:
     if not isinstance(meta, dict):
         return Usage()
-    thoughts = gemini_field(meta, "thoughtsTokenCount", 0)
+
+    def count(name: str) -> int:
+        return token_count(gemini_field(meta, name))
+
+    thoughts = count("thoughtsTokenCount")
     return Usage(
-        input_tokens=gemini_field(meta, "promptTokenCount", 0) + gemini_field(meta, "toolUsePromptTokenCount", 0),
-        output_tokens=gemini_field(meta, "candidatesTokenCount", 0) + thoughts,
-        cached_tokens=gemini_field(meta, "cachedContentTokenCount", 0),
+        input_tokens=token_sum(count("promptTokenCount"), count("toolUsePromptTokenCount")),
+        output_tokens=token_sum(count("candidatesTokenCount"), thoughts),
+        cached_tokens=count("cachedContentTokenCount"),
         reasoning_tokens=thoughts,
     )
 
@@ -4661,10 +4850,10 @@ class GeminiCodec(Codec):
     def _decode_content(self, content, i: int, ids: GeminiCallIds) -> Message:
         where = f"contents[{i}]"
         if not isinstance(content, dict):
-            raise bad_request(f"{where} must be an object {{role, parts}}, got {json.dumps(content)[:60]}")
+            raise bad_request(f"{where} must be an object {{role, parts}}, got {json_preview(content)}")
         role = content.get("role") or "user"
         if role not in ("user", "model", "function", "tool"):
-            raise bad_request(f"{where}.role must be 'user' or 'model', got {role!r}")
+            raise bad_request(f"{where}.role must be 'user' or 'model', got {json_preview(role)}")
         raw_parts = content.get("parts")
         if not isinstance(raw_parts, list):
             raise bad_request(f"{where}.parts must be an array of parts")
@@ -4778,8 +4967,9 @@ class GeminiCodec(Codec):
     @staticmethod
     def _decode_tool_config(req: Request, config: dict) -> None:
         calling = _object_field(config, "functionCallingConfig", "toolConfig")
-        mode = str(gemini_field(calling, "mode", "")).upper()
+        mode = (_typed_field(calling, "mode", str, "toolConfig.functionCallingConfig") or "").upper()
         allowed = _typed_field(calling, "allowedFunctionNames", list, "toolConfig.functionCallingConfig") or []
+        string_list(allowed, "toolConfig.functionCallingConfig.allowedFunctionNames")
         if mode in ("AUTO", "VALIDATED"):
             req.tool_choice = "auto"
         elif mode == "NONE":
@@ -4859,7 +5049,8 @@ class GeminiCodec(Codec):
         if system:
             body["systemInstruction"] = {"parts": [{"text": text} for text in system]}
         if tools:
-            body["tools"] = [{"functionDeclarations": [self._encode_tool(t) for t in tools]}]
+            budget = SchemaBudget()  # one for the request: many small exploding schemas add up
+            body["tools"] = [{"functionDeclarations": [self._encode_tool(t, budget) for t in tools]}]
             mode = GEMINI_TOOL_CHOICE.get(req.tool_choice)
             if mode:
                 calling: dict = {"mode": mode}
@@ -4901,12 +5092,12 @@ class GeminiCodec(Codec):
         return out + media  # a turn's function responses first, then what they showed
 
     @staticmethod
-    def _encode_tool(tool: Tool) -> dict:
+    def _encode_tool(tool: Tool, budget: SchemaBudget | None = None) -> dict:
         decl: dict = {"name": tool.name}
         if tool.description:
             decl["description"] = tool.description
         schema = tool.parameters or {}
-        params = clean_schema_for_gemini(schema)
+        params = clean_schema_for_gemini(schema, budget)
         if params.get("type") == "OBJECT" and params.get("properties"):
             decl["parameters"] = params
         elif params and params.get("type") != "OBJECT":
@@ -5095,9 +5286,7 @@ class GeminiStreamDecoder:
     def feed_chunk(self, chunk) -> list:
         """One GenerateContentResponse (a stream chunk, or a whole JSON answer)."""
         if not isinstance(chunk, dict):
-            return [
-                StreamError(GatewayError(502, f"upstream sent an unexpected stream chunk: {json.dumps(chunk)[:120]}"))
-            ]
+            return [StreamError(GatewayError(502, f"upstream sent an unexpected stream chunk: {json_preview(chunk)}"))]
         if "error" in chunk and not chunk.get("candidates"):
             self.finished = True
             return [StreamError(gemini_stream_error(chunk["error"]))]
@@ -5320,11 +5509,14 @@ _SCHEMA_HANDLED = frozenset({"type", "description", "title", "default", "nullabl
                              "uniqueItems", "examples", "example", "deprecated"} | set(_GEMINI_COUNTS))  # fmt: skip
 
 
-def json_schema_from_gemini(schema):
+def json_schema_from_gemini(schema, depth: int = 0):
     """Gemini's OpenAPI-style schema (uppercase types, nullable, int64 counts as strings,
     either key case) -> JSON Schema."""
     if not isinstance(schema, dict):
         return schema
+    if depth > SCHEMA_MAX_DEPTH:
+        raise bad_request(f"a schema is nested deeper than {SCHEMA_MAX_DEPTH} levels")
+    depth += 1
     out: dict = {}
     for key, value in schema.items():
         key = key if key in ("properties", "required") else _camel_case(key)
@@ -5332,11 +5524,11 @@ def json_schema_from_gemini(schema):
             if value.upper() != "TYPE_UNSPECIFIED":
                 out["type"] = value.lower()
         elif key == "properties" and isinstance(value, dict):
-            out["properties"] = {name: json_schema_from_gemini(s) for name, s in value.items()}
+            out["properties"] = {name: json_schema_from_gemini(s, depth) for name, s in value.items()}
         elif key == "items":
-            out["items"] = json_schema_from_gemini(value)
+            out["items"] = json_schema_from_gemini(value, depth)
         elif key == "anyOf" and isinstance(value, list):
-            out["anyOf"] = [json_schema_from_gemini(s) for s in value]
+            out["anyOf"] = [json_schema_from_gemini(s, depth) for s in value]
         elif key in _GEMINI_COUNTS and isinstance(value, str) and value.isdigit():
             out[key] = int(value)
         elif key == "format" and value == "enum" or key in ("nullable", "propertyOrdering"):
@@ -5356,19 +5548,45 @@ def _camel_case(name: str) -> str:
     return head + "".join(w[:1].upper() + w[1:] for w in rest)
 
 
-def clean_schema_for_gemini(schema) -> dict:
+SCHEMA_MAX_DEPTH = 64  # levels a schema may nest (references followed included): Gemini's are far fewer
+SCHEMA_MAX_INLINED = 4000  # keys $ref inlining may add to one request's schemas (a DAG of refs is 2^N)
+
+
+class SchemaBudget:
+    """How much $ref inlining may still add to the schemas of one request. A tree schema costs
+    what its text costs; only the copies references make are counted, so a 2 KB schema of
+    definitions that each reference the next twice cannot grow to 2^N nodes."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, keys: int = SCHEMA_MAX_INLINED):
+        self.left = keys
+
+
+class _SchemaCleaning:
+    __slots__ = ("defs", "budget", "depth")
+
+    def __init__(self, defs: dict, budget: SchemaBudget):
+        self.defs = defs
+        self.budget = budget
+        self.depth = 0
+
+
+def clean_schema_for_gemini(schema, budget: SchemaBudget | None = None) -> dict:
     """A JSON Schema -> the OpenAPI subset Gemini accepts for parameters and responseSchema:
     $ref/$defs inlined, allOf merged, const -> enum, type arrays -> type + nullable,
     exclusive bounds -> inclusive ones, untyped values -> an explicit "any" union, required
     limited to declared properties, and whatever has no Gemini keyword (default, unsupported
-    formats, multipleOf...) told in the description instead of lost."""
+    formats, multipleOf...) told in the description instead of lost. Inlining stops when the
+    budget (shared by a request's schemas) is spent: the rest becomes a described any-value;
+    a schema nested deeper than SCHEMA_MAX_DEPTH is a 400."""
     if not isinstance(schema, dict):
         return {}
     defs: dict = {}
     for key in ("definitions", "$defs"):
         if isinstance(schema.get(key), dict):
             defs.update(schema[key])
-    return _gemini_schema(schema, defs, ())
+    return _gemini_schema(schema, _SchemaCleaning(defs, budget or SchemaBudget()), ())
 
 
 def any_value_schema(depth: int = 1) -> dict:
@@ -5379,12 +5597,26 @@ def any_value_schema(depth: int = 1) -> dict:
     return {"anyOf": branches}
 
 
-def _gemini_schema(node, defs: dict, refs: tuple) -> dict:
+def _gemini_schema(node, ctx: _SchemaCleaning, refs: tuple) -> dict:
     if not isinstance(node, dict) or not node:  # true / {}: any value
         return any_value_schema()
-    node, refs = _inline_refs(node, defs, refs)
+    if ctx.depth >= SCHEMA_MAX_DEPTH:
+        raise bad_request(f"a JSON schema is nested deeper than {SCHEMA_MAX_DEPTH} levels (references included)")
+    node, refs = _inline_refs(node, ctx, refs)
+    if refs:  # inside an inlined definition: a copy the request's size does not bound
+        if ctx.budget.left <= 0:
+            return _cut_short(node, refs)
+        ctx.budget.left -= len(node)
+    ctx.depth += 1
+    try:
+        return _gemini_node(node, ctx, refs)
+    finally:
+        ctx.depth -= 1
+
+
+def _gemini_node(node: dict, ctx: _SchemaCleaning, refs: tuple) -> dict:
     if isinstance(node.get("allOf"), list):
-        node = _merge_all_of(node, defs, refs)
+        node = _merge_all_of(node, ctx, refs)
     for key in node:
         if key not in _SCHEMA_HANDLED and key not in _SCHEMA_QUIET_DROPS:
             log.debug("schema keyword %r has no Gemini equivalent: dropped", key)
@@ -5392,12 +5624,12 @@ def _gemini_schema(node, defs: dict, refs: tuple) -> dict:
     types, nullable = _schema_types(node)
     union = node.get("anyOf") if isinstance(node.get("anyOf"), list) else node.get("oneOf")
     if isinstance(union, list) and any(_is_shape(b) for b in union):
-        out = _gemini_union(union, defs, refs)
+        out = _gemini_union(union, ctx, refs)
     elif len(types) > 1:
         shared = {k: v for k, v in node.items() if k not in ("type", "nullable", "description", "title", "default")}
-        out = {"anyOf": [_gemini_schema({**shared, "type": t}, defs, refs) for t in types]}
+        out = {"anyOf": [_gemini_schema({**shared, "type": t}, ctx, refs) for t in types]}
     elif types:
-        out = _gemini_typed(node, types[0], defs, refs, notes)
+        out = _gemini_typed(node, types[0], ctx, refs, notes)
     else:
         out = any_value_schema()
     if nullable:
@@ -5408,34 +5640,54 @@ def _gemini_schema(node, defs: dict, refs: tuple) -> dict:
     return out
 
 
-def _inline_refs(node: dict, defs: dict, refs: tuple) -> tuple[dict, tuple]:
+def _cut_short(node: dict, refs: tuple) -> dict:
+    """Where the inlining budget ran out: any value, with a description that says what it was."""
+    name = refs[-1].rsplit("/", 1)[-1]
+    own = node.get("description") if isinstance(node.get("description"), str) else ""
+    note = f"a {name} value (its definition was too large to repeat here)"
+    return {**any_value_schema(), "description": f"{own} ({note})" if own else note}
+
+
+def _inline_refs(node: dict, ctx: _SchemaCleaning, refs: tuple) -> tuple[dict, tuple]:
     """Replace a local $ref by its definition (sibling keys win); a recursive one becomes a
     plain object, since Gemini schemas cannot loop."""
-    while isinstance(node.get("$ref"), str):
+    while isinstance(node.get("$ref"), str) and ctx.budget.left > 0:
         ref = node["$ref"]
         siblings = {k: v for k, v in node.items() if k != "$ref"}
         name = ref.rsplit("/", 1)[-1]
-        target = defs.get(name) if ref.startswith("#/") else None
+        target = ctx.defs.get(name) if ref.startswith("#/") else None
         if ref in refs or not isinstance(target, dict):
             what = "recursive" if ref in refs else "unresolved"
             return {"type": "object", "description": f"({what} reference to {name})", **siblings}, refs
+        ctx.budget.left -= len(target)
         node, refs = {**target, **siblings}, refs + (ref,)
     return node, refs
 
 
-def _merge_all_of(node: dict, defs: dict, refs: tuple) -> dict:
+def _merge_all_of(node: dict, ctx: _SchemaCleaning, refs: tuple) -> dict:
+    """allOf folded into one schema: the node's own keys win, then those of earlier branches."""
     merged = {k: v for k, v in node.items() if k != "allOf"}
+    props = dict(merged["properties"]) if isinstance(merged.get("properties"), dict) else None
+    own = merged.get("required")
+    required = dict.fromkeys(r for r in own if isinstance(r, str)) if isinstance(own, list) else None
     for sub in node["allOf"]:
         if not isinstance(sub, dict):
             continue
-        sub, _ = _inline_refs(sub, defs, refs)
+        sub, _ = _inline_refs(sub, ctx, refs)
         for key, value in sub.items():
             if key == "properties" and isinstance(value, dict):
-                merged["properties"] = {**value, **(merged.get("properties") or {})}
+                props = props if props is not None else {}
+                for name, schema in value.items():
+                    props.setdefault(name, schema)
             elif key == "required" and isinstance(value, list):
-                merged["required"] = list(dict.fromkeys((merged.get("required") or []) + value))
+                required = required if required is not None else {}
+                required.update((r, None) for r in value if isinstance(r, str))
             else:
                 merged.setdefault(key, value)
+    if props is not None:
+        merged["properties"] = props
+    if required is not None:
+        merged["required"] = list(required)
     return merged
 
 
@@ -5485,7 +5737,7 @@ def _json_type(value) -> str:
     return {dict: "object", list: "array"}.get(type(value), "string")
 
 
-def _gemini_union(branches: list, defs: dict, refs: tuple) -> dict:
+def _gemini_union(branches: list, ctx: _SchemaCleaning, refs: tuple) -> dict:
     nullable = False
     kept = []
     for branch in branches:
@@ -5494,7 +5746,7 @@ def _gemini_union(branches: list, defs: dict, refs: tuple) -> dict:
         ):
             nullable = True
             continue
-        kept.append(_gemini_schema(branch, defs, refs))
+        kept.append(_gemini_schema(branch, ctx, refs))
     if kept and all(
         k.get("type") == "STRING" and "enum" in k and set(k) <= {"type", "enum", "description"} for k in kept
     ):
@@ -5508,7 +5760,7 @@ def _gemini_union(branches: list, defs: dict, refs: tuple) -> dict:
     return out
 
 
-def _gemini_typed(node: dict, kind: str, defs: dict, refs: tuple, notes: list) -> dict:
+def _gemini_typed(node: dict, kind: str, ctx: _SchemaCleaning, refs: tuple, notes: list) -> dict:
     out: dict = {"type": kind.upper()}
     _add_enum(node, kind, out, notes)
     fmt = node.get("format")
@@ -5518,9 +5770,9 @@ def _gemini_typed(node: dict, kind: str, defs: dict, refs: tuple, notes: list) -
         else:
             notes.append(f"format: {fmt}")
     if kind == "object":
-        _add_object_fields(node, out, defs, refs)
+        _add_object_fields(node, out, ctx, refs)
     elif kind == "array":
-        _add_array_fields(node, out, defs, refs, notes)
+        _add_array_fields(node, out, ctx, refs, notes)
     elif kind == "string":
         out.update({k: node[k] for k in ("minLength", "maxLength", "pattern") if k in node})
     elif kind in ("number", "integer"):
@@ -5546,17 +5798,18 @@ def _add_enum(node: dict, kind: str, out: dict, notes: list) -> None:
         notes.append("one of: " + ", ".join(json.dumps(v) for v in values))
 
 
-def _add_object_fields(node: dict, out: dict, defs: dict, refs: tuple) -> None:
+def _add_object_fields(node: dict, out: dict, ctx: _SchemaCleaning, refs: tuple) -> None:
     props = node.get("properties")
     if isinstance(props, dict) and props:  # Gemini rejects empty properties: a bare OBJECT means any object
-        out["properties"] = {name: _gemini_schema(s, defs, refs) for name, s in props.items()}
-        required = [r for r in node.get("required") or [] if r in props]  # Gemini rejects undeclared names
+        out["properties"] = {name: _gemini_schema(s, ctx, refs) for name, s in props.items()}
+        required = node.get("required") if isinstance(node.get("required"), list) else []
+        required = [r for r in required if isinstance(r, str) and r in props]  # Gemini rejects undeclared names
         if required:
             out["required"] = required
     out.update({k: node[k] for k in ("minProperties", "maxProperties") if k in node})
 
 
-def _add_array_fields(node: dict, out: dict, defs: dict, refs: tuple, notes: list) -> None:
+def _add_array_fields(node: dict, out: dict, ctx: _SchemaCleaning, refs: tuple, notes: list) -> None:
     items = node.get("items")
     if isinstance(node.get("prefixItems"), list) or isinstance(items, list):  # tuples: Gemini has none
         tuple_items = node.get("prefixItems") if isinstance(node.get("prefixItems"), list) else items
@@ -5564,7 +5817,7 @@ def _add_array_fields(node: dict, out: dict, defs: dict, refs: tuple, notes: lis
             "a tuple: " + ", ".join(str((s or {}).get("type", "any")) for s in tuple_items if isinstance(s, dict))
         )
         items = tuple_items[0] if tuple_items else None
-    out["items"] = _gemini_schema(items, defs, refs) if isinstance(items, dict) and items else any_value_schema(0)
+    out["items"] = _gemini_schema(items, ctx, refs) if isinstance(items, dict) and items else any_value_schema(0)
     out.update({k: node[k] for k in ("minItems", "maxItems") if k in node})
     if node.get("uniqueItems") is True:
         notes.append("items must be unique")
@@ -5742,6 +5995,11 @@ def build_providers(cfg: Config) -> dict[str, Provider]:
     return providers
 
 
+LOOPBACK_EMBEDDING_DIMENSIONS = 256  # when the client names none
+LOOPBACK_MAX_DIMENSIONS = 3072  # text-embedding-3-large's, the most any OpenAI model has
+LOOPBACK_MAX_EMBEDDING_VALUES = 65536  # per request: a few milliseconds of hashing, never seconds
+
+
 class LoopbackModel:
     """The built-in offline model. Deterministic: the same request gives the same answer.
 
@@ -5750,21 +6008,37 @@ class LoopbackModel:
     once a tool result comes back it answers with the result's text. Embeddings are a
     deterministic unit vector derived from a hash of each input."""
 
-    TOOL_DIRECTIVE = re.compile(r"\[\[tool:([A-Za-z0-9_.:-]+)\s*(\{.*?\})?\]\]", re.S)
+    TOOL_OPENING = re.compile(r"\[\[tool:([A-Za-z0-9_.:-]{1,128})\s*(\]\]|\{)")
+    TOOL_BARE = re.compile(r"\[\[tool:([A-Za-z0-9_.:-]{1,128})\s*\]\]")
+
+    @classmethod
+    def tool_directive(cls, text: str) -> tuple[str, str | None] | None:
+        """The first `[[tool:NAME {json}]]` (JSON optional) in the text, as (name, json), in linear
+        time (one regex with a lazy `.*?` took quadratic time on many unclosed directives)."""
+        found = cls.TOOL_OPENING.search(text)
+        if found is None:
+            return None
+        if found.group(2) == "]]":
+            return found.group(1), None
+        brace = found.end() - 1
+        close = text.find("}]]", brace + 1)
+        if close >= 0:
+            return found.group(1), text[brace : close + 1]
+        bare = cls.TOOL_BARE.search(text, found.end())  # no "}]]" after it: only a bare directive can match
+        return (bare.group(1), None) if bare else None
 
     def complete(self, req: Request) -> Response:
         # the latest user turn (clients such as Claude Code put system notes after it)
         last = next((m for m in reversed(req.messages) if m.role == "user"), Message("user", []))
         results = [p for p in last.parts if p.type == "tool_result"]
         user_text = text_of(last.parts)
-        directive = self.TOOL_DIRECTIVE.search(user_text) if not results else None
+        directive = self.tool_directive(user_text) if not results else None
         parts: list = []
         stop = "end_turn"
         if directive and req.tool_choice != "none":
-            name = directive.group(1)
-            arguments = directive.group(2) or "{}"
-            parts.append(Part("tool_call", id="call_" + hashlib.sha256(user_text.encode()).hexdigest()[:24], name=name,
-                              arguments=arguments))  # fmt: skip
+            name, arguments = directive[0], directive[1] or "{}"
+            digest = hashlib.sha256(user_text.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+            parts.append(Part("tool_call", id="call_" + digest, name=name, arguments=arguments))
             stop = "tool_use"
         elif results:
             parts.append(Part("text", text="Tool result received: " + tool_result_text(results[0])[:500]))
@@ -5799,10 +6073,11 @@ class LoopbackModel:
 
     @staticmethod
     def embed(text: str, dimensions: int) -> list[float]:
+        seed = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()  # the text is hashed once
         values = []
         counter = 0
         while len(values) < dimensions:
-            block = hashlib.sha256(f"{counter}:{text}".encode()).digest()
+            block = hashlib.sha256(b"%d:%b" % (counter, seed)).digest()
             values.extend((b - 127.5) / 127.5 for b in block)
             counter += 1
         values = values[:dimensions]
@@ -6192,6 +6467,7 @@ class Call:
     api_key_id: str = ""
     user: str = ""
     encoder: object = None  # the client's stream encoder, once a canonical lane streams
+    upstream_answered: bool = False  # from here on, input nobody foresaw is the upstream's fault
 
     def start_stream(self) -> None:
         if not self.exchange.started:
@@ -6316,12 +6592,16 @@ class Gateway:
                 self.authenticate(request, call)
             await handler(request, call)
         except GatewayError as err:
+            if call.upstream_answered and isinstance(err, InvalidInput):  # a check failed on the answer
+                err = malformed_answer(err.message)
             self.fail(call, err)
         except (asyncio.CancelledError, ConnectionError):
             call.error = "client disconnected"
             exchange.status = 499
             exchange.close_after = True
             raise
+        except MALFORMED_INPUT as exc:  # input of a shape no check foresaw: its sender's fault, never a 500
+            self.fail(call, self.malformed(call, request, exc))
         except Exception as exc:  # a bug: answer in the client's protocol, keep serving
             log.exception("internal error on %s %s", request.method, request.path)
             self.fail(call, GatewayError(500, f"internal gateway error ({type(exc).__name__}); see the gateway log"))
@@ -6331,6 +6611,23 @@ class Gateway:
             if log.isEnabledFor(logging.DEBUG) or exchange.status >= 400:
                 log.info("%s %s %s %s %s %.1fms", request.method, request.path, exchange.status, call.model_requested,
                          call.provider, (time.monotonic() - call.started) * 1000)  # fmt: skip
+
+    @staticmethod
+    def malformed(call: Call, request: HttpRequest, exc: Exception) -> GatewayError:
+        """The last resort behind the decoders' explicit checks: an error raised while reading a
+        client's body is a 400, one raised while reading an upstream's answer a 502."""
+        what = "JSON nested too deeply" if isinstance(exc, RecursionError) else f"{type(exc).__name__}: {exc}"
+        what = what[:200]
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{tb.tb_frame.f_code.co_name}:{tb.tb_lineno}" if tb is not None else "?"
+        if call.upstream_answered:
+            log.warning("upstream %s sent an answer of unexpected shape on %s (%s, at %s)", call.provider,
+                        request.path, what, where)  # fmt: skip
+            return GatewayError(502, f"upstream {call.provider} sent a malformed answer ({what})")
+        log.warning("malformed request on %s %s (%s, at %s)", request.method, request.path, what, where)
+        return bad_request(f"malformed request: a field has an unexpected type or shape ({what})")
 
     def authenticate(self, request: HttpRequest, call: Call) -> None:
         if not self.api_keys:
@@ -6554,10 +6851,11 @@ class Gateway:
         try:
             going = True
             while going and (chunk := await resp.next_chunk()):
-                going = all(emit(decoder.feed(sse)) for sse in parser.feed(chunk))
+                going = all(emit(upstream_events(decoder.feed, sse)) for sse in parser.feed(chunk))
                 await ex.drain()
             if going:
-                going = all(emit(decoder.feed(sse)) for sse in parser.finish()) and emit(decoder.finish())
+                going = all(emit(upstream_events(decoder.feed, sse)) for sse in parser.finish())
+                going = going and emit(upstream_events(decoder.finish))
         except GatewayError as err:  # the upstream broke mid-stream: tell the client in-stream
             emit([StreamError(err)])
         finally:
@@ -6604,7 +6902,7 @@ class Gateway:
             while chunk := await resp.next_chunk():
                 events = parser.feed(chunk)
                 for sse in events:
-                    for ev in observer.feed(sse):
+                    for ev in upstream_events(observer.feed, sse):  # bytes go on as sent; usage is read
                         self.observe(call, ev)
                 if hide_usage:
                     ex.write(b"".join(sse.raw for sse in events if not is_usage_only_chunk(sse)))
@@ -6614,9 +6912,9 @@ class Gateway:
                 await ex.drain()
             for sse in parser.finish():  # an unterminated last event: its bytes went out already
                 ex.write(sse.raw if hide_usage else b"\n\n")
-                for ev in observer.feed(sse):
+                for ev in upstream_events(observer.feed, sse):
                     self.observe(call, ev)
-            for ev in observer.finish():  # streams without an end event (Gemini) settle usage here
+            for ev in upstream_events(observer.finish):  # streams without an end event (Gemini) settle usage here
                 self.observe(call, ev)
         except GatewayError as err:
             call.error = err.message
@@ -6643,6 +6941,7 @@ class Gateway:
                 await asyncio.sleep(0.25 * 2**attempt)
                 continue
             if resp.status < 400:
+                call.upstream_answered = True
                 return resp
             error_body = await resp.read(4 * 1024 * 1024)
             err = upstream_codec.decode_error(resp.status, error_body)
@@ -6728,6 +7027,7 @@ class Gateway:
             raise GatewayError(404, f"no stored response with id {response_id!r}", "not_found_error")
         url = f"{provider.url('responses')}/{quote(response_id, safe='')}"
         resp = await self.pool.request(request.method, url, provider.auth_headers())
+        call.upstream_answered = True
         data = await resp.read()
         if resp.status >= 400:
             raise call.codec.decode_error(resp.status, data)
@@ -6791,15 +7091,13 @@ class Gateway:
     async def embeddings(self, request: HttpRequest, call: Call) -> None:
         body = parse_json_body(request.body)
         model = field_of(body, "model", str, required=True)
-        inputs = body.get("input")
-        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
-            inputs = [inputs]
-        if not isinstance(inputs, list) or not inputs:
-            raise bad_request("'input' must be a non-empty string or array of strings (or token arrays)")
+        inputs = embedding_inputs(body.get("input"))
         encoding = field_of(body, "encoding_format", str, default="float")
         if encoding not in ("float", "base64"):
-            raise bad_request(f"'encoding_format' must be 'float' or 'base64', got {encoding!r}")
+            raise bad_request(f"'encoding_format' must be 'float' or 'base64', got {json_preview(encoding)}")
         dimensions = field_of(body, "dimensions", int, default=None)
+        if dimensions is not None and dimensions < 1:
+            raise bad_request(f"'dimensions' must be a positive integer, got {dimensions}")
         route = self.begin_model_call(call, model, False)
         call.lane = "passthrough" if route.provider.protocol == "openai" else route.provider.protocol
         if route.provider.protocol == "openai":
@@ -6809,9 +7107,15 @@ class Gateway:
             raise bad_request(
                 f"model {model!r} is served by {route.provider.name!r}, which has no embeddings endpoint in tgw"
             )
+        dimensions = dimensions or LOOPBACK_EMBEDDING_DIMENSIONS
+        if dimensions > LOOPBACK_MAX_DIMENSIONS or dimensions * len(inputs) > LOOPBACK_MAX_EMBEDDING_VALUES:
+            raise bad_request(
+                f"the loopback model embeds up to {LOOPBACK_MAX_DIMENSIONS} dimensions and "
+                f"{LOOPBACK_MAX_EMBEDDING_VALUES} values per request; asked for {len(inputs)} x {dimensions}"
+            )
         data = []
         for index, item in enumerate(inputs):
-            vector = self.loopback.embed(item if isinstance(item, str) else json.dumps(item), dimensions or 256)
+            vector = self.loopback.embed(item if isinstance(item, str) else json.dumps(item), dimensions)
             packed = (
                 base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if encoding == "base64" else vector
             )
@@ -6835,11 +7139,27 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
 
 
-def json_or_502(data: bytes, provider: str):
+def json_or_502(data: bytes, provider: str) -> dict:
+    """An upstream's JSON answer, which must be an object."""
     try:
-        return loads(data)
-    except ValueError:
-        raise GatewayError(502, f"upstream {provider} answered with invalid JSON: {data[:200]!r}") from None
+        value = loads(data)
+    except ValueError as exc:
+        raise GatewayError(502, f"upstream {provider} answered with invalid JSON ({exc}): {data[:200]!r}") from None
+    if not isinstance(value, dict):
+        raise GatewayError(502, f"upstream {provider} answered with JSON that is not an object: {json_preview(value)}")
+    return value
+
+
+def upstream_events(step, *args) -> list:
+    """A stream decoder's step (feed(sse) or finish()), with an event it cannot read turned into
+    a stream error: whatever an upstream streams, the client gets a 502 event, never a 500."""
+    try:
+        return step(*args)
+    except InvalidInput as err:
+        return [StreamError(malformed_answer(err.message))]
+    except MALFORMED_INPUT as exc:
+        what = "JSON nested too deeply" if isinstance(exc, RecursionError) else f"{type(exc).__name__}: {exc}"
+        return [StreamError(GatewayError(502, f"upstream sent a malformed stream event ({what[:200]})"))]
 
 
 def is_usage_only_chunk(sse: SSEEvent) -> bool:
@@ -6872,6 +7192,23 @@ def is_gemini_client(request: HttpRequest) -> bool:
     return "x-goog-api-key" in request.headers or "key" in request.query
 
 
+EMBEDDING_MAX_INPUTS = 2048  # OpenAI's own limit
+
+
+def embedding_inputs(value) -> list:
+    """An embeddings `input` as a list of items, each a string or an array of token ids."""
+    if isinstance(value, str) or (isinstance(value, list) and value and type(value[0]) is int):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise bad_request("'input' must be a non-empty string or array of strings (or token arrays)")
+    if len(value) > EMBEDDING_MAX_INPUTS:
+        raise bad_request(f"'input' holds {len(value)} items; at most {EMBEDDING_MAX_INPUTS} are accepted")
+    for i, item in enumerate(value):
+        if type(item) is not str and not (type(item) is list and all(type(t) is int for t in item)):
+            raise bad_request(f"'input[{i}]' must be a string or an array of token ids, got {json_preview(item)}")
+    return value
+
+
 def responses_input_items(value) -> list:
     """A Responses `input` (a string or a list of items) as a list of items."""
     if value is None:
@@ -6880,7 +7217,7 @@ def responses_input_items(value) -> list:
         return [{"type": "message", "role": "user", "content": value}]
     if isinstance(value, list):
         return list(value)
-    raise bad_request(f"'input' must be a string or an array of items, got {json.dumps(value)[:60]}")
+    raise bad_request(f"'input' must be a string or an array of items, got {json_preview(value)}")
 
 
 def guard_tool_loops(req: Request, window: int, warn_after: int, stop_after: int) -> None:
