@@ -968,13 +968,20 @@ class ClientProtocol(asyncio.StreamReaderProtocol):
         if self.reading_body:
             transport.write(response_head(408, [("Content-Length", "0"), ("Connection", "close")]))
         elif self.reader._buffer:  # noqa: SLF001 - the only way to see a partial head
-            self.partial_since = self.partial_since or now
-            if now - self.partial_since < self.server.cfg.header_timeout:
-                self.deadline = now + self.server.watchdog.tick
+            since = self.partial_since or self.deadline - self.server.cfg.header_timeout
+            if now - since < self.server.cfg.header_timeout:  # its first bytes came later than the deadline's start
+                self.deadline = since + self.server.cfg.header_timeout
                 return
             transport.write(response_head(408, [("Content-Length", "0"), ("Connection", "close")]))
         self.deadline = 0.0
         transport.close()
+
+    def data_received(self, data):
+        if not self.busy and not self.partial_since:  # the first bytes of a request head: its clock starts
+            self.partial_since = now = time.monotonic()
+            if not self.deadline or self.deadline > now + self.server.cfg.header_timeout:
+                self.deadline = now + self.server.cfg.header_timeout
+        super().data_received(data)
 
     def connection_lost(self, exc):
         super().connection_lost(exc)
@@ -1452,7 +1459,15 @@ class UpstreamPool:
             raise
         finally:
             self.watchdog.entries.discard(waiting)
-        lines = head.decode("latin-1").split("\r\n")
+        text = head.decode("latin-1")
+        bare = text.replace("\r\n", "")
+        if "\n" in bare or "\r" in bare or "\0" in bare:  # never let one reach a client's response head
+            if "\r" in bare or "\0" in bare:
+                writer.transport.abort()
+                raise GatewayError(502, f"upstream {origin.host} sent a malformed response head (a bare CR or NUL)")
+            lines = [line.removesuffix("\r") for line in text.split("\n")]  # a bare LF ends a line (RFC 9112 2.2)
+        else:
+            lines = text.split("\r\n")
         status_parts = lines[0].split(" ", 2)
         if len(status_parts) < 2 or not status_parts[1].isdigit() or not status_parts[0].startswith("HTTP/1."):
             writer.transport.abort()
@@ -1505,42 +1520,60 @@ class SSEEvent:
     raw: bytes  # the event's bytes, normalised to LF, with its blank-line terminator
 
 
+SSE_MAX_EVENT_BYTES = 16 << 20  # an upstream event larger than this ends the stream with a 502
+
+
 class SSEParser:
     """Incremental text/event-stream parser: CRLF/CR/LF line ends, multi-line data,
     comments, and UTF-8 characters split across network reads (bytes are decoded only
-    once an event is complete)."""
+    once an event is complete). Linear in what it is fed: each read is normalised and
+    searched once (never the whole buffer again), and an event may not outgrow max_event."""
 
-    __slots__ = ("buffer",)
+    __slots__ = ("buffer", "max_event")
 
-    def __init__(self):
-        self.buffer = b""
+    def __init__(self, max_event: int = SSE_MAX_EVENT_BYTES):
+        self.buffer = bytearray()  # the unfinished event, LF line ends (a last CR held back)
+        self.max_event = max_event
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        buffer = self.buffer + chunk
-        if b"\r" in buffer:
-            hold_cr = buffer.endswith(b"\r")  # may be the first half of a CRLF
+        buffer = self.buffer
+        if buffer[-1:] == b"\r":  # held back last time: maybe the first half of a CRLF
+            del buffer[-1]
+            chunk = b"\r" + chunk
+        hold_cr = False
+        if b"\r" in chunk:
+            hold_cr = chunk.endswith(b"\r")
             if hold_cr:
-                buffer = buffer[:-1]
-            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            if hold_cr:
-                buffer += b"\r"
+                chunk = chunk[:-1]
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        scan_from = max(len(buffer) - 1, 0)  # what is buffered holds no blank line, but one may straddle reads
+        buffer += chunk
+        end = buffer.find(b"\n\n", scan_from)
         events = []
         start = 0
-        while True:
-            end = buffer.find(b"\n\n", start)
-            if end < 0:
-                break
-            raw = buffer[start : end + 2]
-            start = end + 2
-            event = self._parse(raw)
+        while end >= 0:
+            if end - start > self.max_event:
+                raise self._too_large()
+            event = self._parse(bytes(buffer[start : end + 2]))
             if event is not None:
                 events.append(event)
-        self.buffer = buffer[start:]
+            start = end + 2
+            end = buffer.find(b"\n\n", start)
+        if start:
+            del buffer[:start]
+        if len(buffer) > self.max_event:
+            raise self._too_large()
+        if hold_cr:
+            buffer += b"\r"
         return events
+
+    def _too_large(self) -> GatewayError:
+        self.buffer = bytearray()
+        return GatewayError(502, f"upstream sent a stream event larger than {self.max_event / (1 << 20):g} MB")
 
     def finish(self) -> list[SSEEvent]:
         """An unterminated last event, if the stream ended without a blank line."""
-        rest, self.buffer = self.buffer.rstrip(b"\r"), b""
+        rest, self.buffer = bytes(self.buffer).rstrip(b"\r"), bytearray()
         if rest.strip():
             event = self._parse(rest + b"\n\n")
             return [event] if event is not None else []
@@ -3294,13 +3327,18 @@ class AnthropicStreamEncoder:
         self.sent_tool_use = False
         self.sent_message_delta = False
         self.owner: int | None = None  # canonical index of the block started and not yet stopped
-        self.backlog: list = []  # events of blocks that started while another was still open
+        # events of blocks that came while another one was open, per block in order of arrival (one
+        # queue per block: rescanning one shared list at every stop was quadratic in the blocks)
+        self.backlog: dict[int, list] = {}
+        self.releasing = False
 
     def encode(self, ev) -> bytes:
         if self.done:
             return b""
         if isinstance(ev, (BlockStart, BlockDelta, BlockStop)) and self.owner not in (None, ev.index):
-            self.backlog.append(ev)  # another block still holds the wire: Anthropic cannot interleave blocks
+            self.backlog.setdefault(ev.index, []).append(
+                ev
+            )  # another block holds the wire: Anthropic cannot interleave
             return b""
         if isinstance(ev, MessageStart):
             return self._message_start(ev.id, ev.usage)
@@ -3330,15 +3368,26 @@ class AnthropicStreamEncoder:
         if self.owner != index:
             return out
         self.owner = None
-        held, self.backlog = self.backlog, []
-        return out + b"".join(self.encode(ev) for ev in held)  # in arrival order; may hold some again
+        return out if self.releasing else out + self._release_held()
+
+    def _release_held(self) -> bytes:
+        """The wire is free: the held blocks go out, first come first, until one stays open."""
+        out = []
+        self.releasing = True
+        try:
+            while self.owner is None and self.backlog:
+                events = self.backlog.pop(next(iter(self.backlog)))
+                out.extend(self.encode(ev) for ev in events)
+        finally:
+            self.releasing = False
+        return b"".join(out)
 
     def _release_all(self) -> bytes:
         """The message ends: blocks the upstream never stopped are closed, held ones sent."""
-        out = b""
+        out = []
         while self.owner is not None:
-            out += self._block_stop(self.owner)
-        return out
+            out.append(self._block_stop(self.owner))
+        return b"".join(out)
 
     def _message_start(self, msg_id: str, usage: Usage | None) -> bytes:
         if self.started:
@@ -4409,9 +4458,10 @@ class ResponsesItemState:
     item: dict
     output_index: int
     content_index: int = 0
-    text: str = ""  # text, summary, or a custom tool's raw input so far
-    arguments: str = ""
-    signature: str = ""
+    # pieces so far, joined once when the block stops (+= on a field would be quadratic in deltas)
+    text: list = field(default_factory=list)  # text, summary, or a custom tool's raw input
+    arguments: list = field(default_factory=list)
+    signature: list = field(default_factory=list)
     summary_open: bool = False
     reader: JsonStringFieldReader | None = None
     extra: dict | None = None  # the started Part's extra (a reasoning item's encrypted_content)
@@ -4537,7 +4587,7 @@ class ResponsesStreamEncoder:
         if item["type"] == "custom_tool_call":
             state.reader = JsonStringFieldReader("input")
         if part.type == "redacted_thinking":
-            state.signature = pack_thinking(part)
+            state.signature = [pack_thinking(part)]
         return out + added
 
     def _call_item(self, part: Part) -> dict:
@@ -4586,24 +4636,24 @@ class ResponsesStreamEncoder:
         kind = state.item["type"]
         where = {"item_id": state.item["id"], "output_index": state.output_index}
         if kind == "message" and ev.kind == "text":
-            state.text += ev.value
+            state.text.append(ev.value)
             return self._event("response.output_text.delta", **where, content_index=state.content_index, delta=ev.value,
                                logprobs=[])  # fmt: skip
         if kind == "reasoning":
             return self._reasoning_delta(state, ev, where)
         if kind == "function_call" and ev.kind == "arguments":
-            state.arguments += ev.value
+            state.arguments.append(ev.value)
             return self._event("response.function_call_arguments.delta", **where, delta=ev.value)
         if kind == "custom_tool_call" and ev.kind == "arguments":
-            state.arguments += ev.value
+            state.arguments.append(ev.value)
             piece = state.reader.feed(ev.value)
-            state.text += piece
+            state.text.append(piece)
             return self._event("response.custom_tool_call_input.delta", **where, delta=piece) if piece else b""
         return b""
 
     def _reasoning_delta(self, state: ResponsesItemState, ev: BlockDelta, where: dict) -> bytes:
         if ev.kind == "signature":
-            state.signature += ev.value
+            state.signature.append(ev.value)
             return b""
         if ev.kind != "thinking":
             return b""
@@ -4612,7 +4662,7 @@ class ResponsesStreamEncoder:
             state.summary_open = True
             out = self._event("response.reasoning_summary_part.added", **where, summary_index=0,
                               part={"type": "summary_text", "text": ""})  # fmt: skip
-        state.text += ev.value
+        state.text.append(ev.value)
         return out + self._event("response.reasoning_summary_text.delta", **where, summary_index=0, delta=ev.value)
 
     # -- block stops
@@ -4624,14 +4674,14 @@ class ResponsesStreamEncoder:
         kind = state.item["type"]
         if kind == "message":
             part = state.item["content"][state.content_index]
-            part["text"] = state.text
-            return self._event("response.output_text.done", **where, content_index=state.content_index, text=state.text,
+            part["text"] = text = "".join(state.text)
+            return self._event("response.output_text.done", **where, content_index=state.content_index, text=text,
                                logprobs=[]) + self._event("response.content_part.done", **where,
                                                           content_index=state.content_index, part=part)  # fmt: skip
         if kind == "reasoning":
             return self._reasoning_stop(state, where)
         if kind == "function_call":
-            state.item["arguments"] = state.arguments or "{}"
+            state.item["arguments"] = "".join(state.arguments) or "{}"
             done = self._event("response.function_call_arguments.done", **where, arguments=state.item["arguments"])
             return done + self._item_done(state)
         return self._custom_stop(state, where)
@@ -4639,8 +4689,8 @@ class ResponsesStreamEncoder:
     def _reasoning_stop(self, state: ResponsesItemState, where: dict) -> bytes:
         out = b""
         if state.summary_open:
-            summary = {"type": "summary_text", "text": state.text}
-            out = self._event("response.reasoning_summary_text.done", **where, summary_index=0, text=state.text)
+            summary = {"type": "summary_text", "text": "".join(state.text)}
+            out = self._event("response.reasoning_summary_text.done", **where, summary_index=0, text=summary["text"])
             out += self._event("response.reasoning_summary_part.done", **where, summary_index=0, part=summary)
             state.item["summary"] = [summary]
         encrypted = self._encrypted_content(state)
@@ -4650,18 +4700,19 @@ class ResponsesStreamEncoder:
 
     @staticmethod
     def _encrypted_content(state: ResponsesItemState) -> str:
-        if state.signature.startswith(SIGNED_THINKING_PREFIX):
-            return state.signature  # redacted thinking, packed at its start
-        if state.signature:
-            return pack_thinking(Part("thinking", text=state.text, signature=state.signature))
+        signature = "".join(state.signature)
+        if signature.startswith(SIGNED_THINKING_PREFIX):
+            return signature  # redacted thinking, packed at its start
+        if signature:
+            return pack_thinking(Part("thinking", text="".join(state.text), signature=signature))
         # A Responses upstream's own blob; its decoder may fill it in only when the item is done.
         return (state.extra or {}).get("encrypted_content") or ""
 
     def _custom_stop(self, state: ResponsesItemState, where: dict) -> bytes:
-        final = custom_input_of(state.arguments)
+        final, sent = custom_input_of("".join(state.arguments)), "".join(state.text)
         out = b""
-        if final != state.text and final.startswith(state.text):  # arguments that were not {"input": "..."}
-            out = self._event("response.custom_tool_call_input.delta", **where, delta=final[len(state.text) :])
+        if final != sent and final.startswith(sent):  # arguments that were not {"input": "..."}
+            out = self._event("response.custom_tool_call_input.delta", **where, delta=final[len(sent) :])
         state.item["input"] = final
         out += self._event("response.custom_tool_call_input.done", **where, input=final)
         return out + self._item_done(state)
@@ -5391,6 +5442,7 @@ class GeminiStreamEncoder:
         self.with_thoughts = gemini_wants_thoughts(req)
         self.blocks: dict[int, Part] = {}
         self.unsigned: set[int] = set()  # blocks whose signature has not gone out yet
+        self.arguments: dict[int, list] = {}  # tool call block -> its argument pieces
         self.opened = False  # the JSON array's "[" is out
 
     def _frame(self, obj: dict) -> bytes:
@@ -5426,7 +5478,7 @@ class GeminiStreamEncoder:
             if block is None:
                 return b""
             if ev.kind == "arguments":
-                block.arguments += ev.value
+                self.arguments.setdefault(ev.index, []).append(ev.value)  # joined at the stop: += is quadratic
             elif ev.kind == "text" or (ev.kind == "thinking" and self.with_thoughts):
                 return self._chunk([self._text_part(ev.index, ev.value, ev.kind == "thinking")])
             return b""  # Anthropic signatures mean nothing to a Gemini client
@@ -5454,7 +5506,8 @@ class GeminiStreamEncoder:
         if block is None:
             return b""
         if block.type == "tool_call":
-            call = {"functionCall": {"name": block.name, "args": json_object_arguments(block.arguments)}}
+            arguments = "".join(self.arguments.pop(index, ()))
+            call = {"functionCall": {"name": block.name, "args": json_object_arguments(arguments)}}
             return self._chunk([_signed(call, gemini_signature(block))])
         if index in self.unsigned and block.type == "text":  # a signed block that never said anything
             self.unsigned.discard(index)
@@ -6090,6 +6143,9 @@ class LoopbackModel:
 # ======================================================================================
 
 
+MODEL_NAME_MAX = 256  # characters; longer names are no model's, and they key the routing caches
+
+
 @dataclass(slots=True)
 class Route:
     provider: Provider
@@ -6119,6 +6175,11 @@ class Router:
         route = self._cache.get(model)
         if route is not None:
             return route
+        if len(model) > MODEL_NAME_MAX or not model.isprintable():  # it keys caches, URLs and log lines
+            raise bad_request(
+                f"a model name has at most {MODEL_NAME_MAX} printable characters (no control characters), "
+                f"got {json_preview(model)}"
+            )
         target = self.aliases.get(model, model)
         provider_name = "loopback" if self.offline else next((p for g, p in self.rules if glob_match(g, target)), None)
         if provider_name is None:
@@ -6710,7 +6771,7 @@ class Gateway:
     # -- model calls
     def begin_model_call(self, call: Call, model: str, stream: bool) -> Route:
         call.ledgered = True
-        call.model_requested = model
+        call.model_requested = model if len(model) <= MODEL_NAME_MAX else model[:MODEL_NAME_MAX]
         call.stream = stream
         route = self.router.resolve(model)
         call.provider = route.provider.name
@@ -6763,7 +6824,9 @@ class Gateway:
                 body["model"] = route.model
             url = route.provider.url("count_tokens")
             resp = await self.send_upstream(call, route.provider, url, dumps(body), request, call.codec)
-            call.exchange.send(resp.status, await resp.read(), "application/json")
+            call.exchange.send(
+                resp.status, json_passthrough(await resp.read(), route.provider.name), "application/json"
+            )
             return
         call.exchange.send_json(200, {"input_tokens": anthropic_count_tokens_estimate(body)})
 
@@ -6882,13 +6945,13 @@ class Gateway:
             if "text/event-stream" in resp.headers.get("content-type", ""):
                 await self.relay_passthrough_stream(call, resp, heartbeat, hide_usage)
             else:
-                data = await resp.read()
+                data = json_passthrough(await resp.read(), provider.name)
                 call.usage = call.codec.usage_of(data)
                 if call.exchange.started:  # a keep-alive already opened a stream: finish it with the body
                     call.exchange.write(data)
                     call.exchange.end_stream()
                 else:
-                    call.exchange.send(resp.status, data, resp.headers.get("content-type", "application/json"))
+                    call.exchange.send(resp.status, data, relayed_content_type(resp.headers))
         finally:
             if heartbeat:
                 heartbeat.cancel()
@@ -7031,7 +7094,8 @@ class Gateway:
         data = await resp.read()
         if resp.status >= 400:
             raise call.codec.decode_error(resp.status, data)
-        call.exchange.send(resp.status, data, resp.headers.get("content-type", "application/json"))
+        json_passthrough(data, provider.name)
+        call.exchange.send(resp.status, data, relayed_content_type(resp.headers))
 
     async def responses_input_tokens(self, request: HttpRequest, call: Call) -> None:
         body = parse_json_body(request.body)
@@ -7071,7 +7135,9 @@ class Gateway:
         if route.provider.protocol == "gemini" and self.cfg.work_mode != "translation":
             url = route.provider.url("count_gemini", route.model)
             resp = await self.send_upstream(call, route.provider, url, request.body, request, call.codec)
-            call.exchange.send(resp.status, await resp.read(), "application/json")
+            call.exchange.send(
+                resp.status, json_passthrough(await resp.read(), route.provider.name), "application/json"
+            )
             return
         call.exchange.send_json(200, {"totalTokens": gemini_count_tokens_estimate(body)})
 
@@ -7160,6 +7226,23 @@ def upstream_events(step, *args) -> list:
     except MALFORMED_INPUT as exc:
         what = "JSON nested too deeply" if isinstance(exc, RecursionError) else f"{type(exc).__name__}: {exc}"
         return [StreamError(GatewayError(502, f"upstream sent a malformed stream event ({what[:200]})"))]
+
+
+def json_passthrough(data: bytes, provider: str) -> bytes:
+    """A successful answer relayed untouched must be JSON: its first and last non-blank bytes are
+    checked (an HTML page from a proxy, a truncated body, plain text), never a parse on this lane."""
+    head = data[:64].lstrip() or data.lstrip()
+    tail = data[-64:].rstrip() or data.rstrip()
+    if head[:1] in (b"{", b"[") and tail[-1:] in (b"}", b"]"):
+        return data
+    raise GatewayError(502, f"upstream {provider} answered with a body that is not JSON: {data[:200]!r}")
+
+
+def relayed_content_type(headers: dict) -> str:
+    """An upstream's Content-Type as the client gets it: one printable ASCII line or the JSON
+    default (a CR or LF in it would let an upstream write headers into the client's response)."""
+    value = headers.get("content-type") or "application/json"
+    return value if value.isascii() and value.isprintable() else "application/json"
 
 
 def is_usage_only_chunk(sse: SSEEvent) -> bool:
@@ -7274,16 +7357,16 @@ class ShellArgumentsFixer:
             if t.name in ("shell", "container.exec", "local_shell")
             and ((t.parameters or {}).get("properties") or {}).get("command", {}).get("type") == "array"
         }  # fmt: skip
-        self.held: dict[int, str] = {}
+        self.held: dict[int, list] = {}  # block -> argument pieces
 
     def __call__(self, ev) -> list:
         if isinstance(ev, BlockStart) and ev.part.type == "tool_call" and ev.part.name in self.tools:
-            self.held[ev.index] = ""
+            self.held[ev.index] = []
         elif isinstance(ev, BlockDelta) and ev.index in self.held:
-            self.held[ev.index] += ev.value
+            self.held[ev.index].append(ev.value)
             return []
         elif isinstance(ev, BlockStop) and ev.index in self.held:
-            return [BlockDelta(ev.index, "arguments", self.fix(self.held.pop(ev.index))), ev]
+            return [BlockDelta(ev.index, "arguments", self.fix("".join(self.held.pop(ev.index)))), ev]
         return [ev]
 
     @staticmethod
