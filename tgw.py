@@ -133,6 +133,17 @@ def string_or(value, default: str = "") -> str:
     return value if type(value) is str else default
 
 
+def as_text(value) -> str:
+    """Any JSON value as text for a message: a string as it is, anything else previewed (str()
+    of a deep object would recurse without bound)."""
+    return value if type(value) is str else json_preview(value, 200)
+
+
+def object_or_empty(value) -> dict:
+    """A field read from an upstream's answer that must be an object."""
+    return value if type(value) is dict else {}
+
+
 def json_preview(value, limit: int = 60) -> str:
     """A short, safe picture of a JSON value for an error message: never a walk of a big or
     deep tree (a container is named by its type and size)."""
@@ -1149,6 +1160,9 @@ def proxy_for(scheme: str, host: str, env=os.environ) -> tuple | None:
     return (parts.hostname, parts.port or 80, auth)
 
 
+UPSTREAM_MAX_CHUNK = 64 << 20  # one chunk of a chunked upstream body is buffered whole
+
+
 class UpstreamResponse:
     """An upstream answer whose body is read as it arrives (de-chunked, gunzipped)."""
 
@@ -1187,6 +1201,9 @@ class UpstreamResponse:
         if self.chunked:
             line = await reader.readuntil(b"\r\n")
             size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+            if size > UPSTREAM_MAX_CHUNK:  # read whole before anything is checked: bound it
+                self.close()
+                raise GatewayError(502, f"upstream {self.origin.host} sent a chunk of {size} bytes")
             if size == 0:
                 while (await reader.readuntil(b"\r\n")) != b"\r\n":
                     pass
@@ -1230,10 +1247,13 @@ class UpstreamResponse:
                 watchdog.entries.discard(self)
             if self.decoder is not None and data:
                 try:
-                    data = self.decoder.decompress(data)
+                    data = self.decoder.decompress(data, UPSTREAM_MAX_CHUNK)
                 except zlib.error:
                     self.close()
                     raise GatewayError(502, f"upstream {self.origin.host} sent a corrupt compressed body") from None
+                if self.decoder.unconsumed_tail:  # a compression bomb: never inflate it all at once
+                    self.close()
+                    raise GatewayError(502, f"upstream {self.origin.host} sent a chunk that inflates beyond 64 MB")
             if data:
                 return data
         self.release()
@@ -1427,7 +1447,7 @@ class UpstreamPool:
             lines.append(f"Proxy-Authorization: {origin.proxy[2]}")
         return ("\r\n".join(lines) + "\r\n").encode("latin-1")
 
-    async def _exchange(self, origin, reader, writer, payload, method) -> UpstreamResponse:
+    async def _exchange(self, origin, reader, writer, payload, method, interim: int = 0) -> UpstreamResponse:
         self.watchdog.start()
         waiting = _HeadWait(writer, time.monotonic() + self.read_timeout)
         timed_out = waiting.fired
@@ -1469,7 +1489,10 @@ class UpstreamPool:
         else:
             lines = text.split("\r\n")
         status_parts = lines[0].split(" ", 2)
-        if len(status_parts) < 2 or not status_parts[1].isdigit() or not status_parts[0].startswith("HTTP/1."):
+        code = status_parts[1] if len(status_parts) > 1 else ""
+        if not (len(code) == 3 and code.isascii() and code.isdigit() and "100" <= code < "600") or not (
+            status_parts[0].startswith("HTTP/1.")
+        ):
             writer.transport.abort()
             raise GatewayError(502, f"upstream {origin.host} did not speak HTTP/1.1")
         headers = {}
@@ -1478,8 +1501,11 @@ class UpstreamPool:
             if sep:
                 headers[name.strip().lower()] = value.strip()
         status = int(status_parts[1])
-        if status == 100:  # an interim answer; the real head follows
-            return await self._exchange(origin, reader, writer, b"", method)
+        if status < 200 and status != 101 and interim < 8:  # 100 Continue, 103 Early Hints: the real head follows
+            return await self._exchange(origin, reader, writer, b"", method, interim + 1)
+        if status < 200:
+            writer.transport.abort()
+            raise GatewayError(502, f"upstream {origin.host} answered {status} and no final response")
         return UpstreamResponse(self, origin, reader, writer, status, headers, method)
 
     def close(self):
@@ -1928,7 +1954,7 @@ class Codec:
         if isinstance(data, dict):
             err = data.get("error", data)
             if isinstance(err, dict):
-                message = str(err.get("message") or "")
+                message = as_text(err.get("message") or "")
                 kind = err.get("type") if isinstance(err.get("type"), str) else ""
             elif isinstance(err, str):
                 message = err
@@ -2234,34 +2260,47 @@ class OpenAIChatCodec(Codec):
 
     # -- responses
     def decode_response(self, body: dict) -> Response:
-        choices = body.get("choices") or [{}]
-        choice = choices[0] or {}
-        message = choice.get("message") or {}
+        choices = body.get("choices")
+        if type(choices) is not list:
+            raise malformed_answer(f"'choices' must be an array, got {json_preview(choices)}")
+        choice = choices[0] if choices else {}
+        message = (choice.get("message") or {}) if type(choice) is dict else None
+        if type(message) is not dict:
+            raise malformed_answer(f"'choices[0].message' must be an object, got {json_preview(message)}")
         parts = []
         reasoning = message.get("reasoning_content") or message.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
             parts.append(Part("thinking", text=reasoning))
-        if message.get("content"):
-            parts.append(Part("text", text=message["content"]))
-        if message.get("refusal"):
-            parts.append(Part("text", text=message["refusal"]))
-        for call in message.get("tool_calls") or []:
-            fn = call.get("function") or {}
-            parts.append(
-                Part(
-                    "tool_call",
-                    id=call.get("id") or new_id("call_"),
-                    name=fn.get("name", ""),
-                    arguments=fn.get("arguments") or "",
-                )
-            )
+        content = message.get("content")
+        if isinstance(content, list):  # some compatible servers answer with content parts
+            content = "".join(item_texts(content))
+        elif content is not None and type(content) is not str:
+            raise malformed_answer(f"'choices[0].message.content' must be a string, got {json_preview(content)}")
+        if content:
+            parts.append(Part("text", text=content))
+        refusal = string_or(message.get("refusal"))
+        if refusal:
+            parts.append(Part("text", text=refusal))
+        calls = message.get("tool_calls") or []
+        if type(calls) is not list:
+            raise malformed_answer(f"'choices[0].message.tool_calls' must be an array, got {json_preview(calls)}")
+        for call in calls:
+            fn = call.get("function") if type(call) is dict else None
+            if type(fn) is not dict:
+                raise malformed_answer("each of 'choices[0].message.tool_calls' must be an object with a 'function'")
+            arguments = fn.get("arguments") or ""
+            arguments = arguments if type(arguments) is str else json.dumps(arguments)  # an object, from some servers
+            parts.append(Part("tool_call", id=string_or(call.get("id")) or new_id("call_"),
+                              name=string_or(fn.get("name")), arguments=arguments))  # fmt: skip
         stop = stop_reason_in("openai", choice.get("finish_reason"))
-        if message.get("refusal") and not message.get("content"):
+        if refusal and not content:
             stop = "refusal"
         if stop == "end_turn" and any(p.type == "tool_call" for p in parts):
             stop = "tool_use"
-        return Response(body.get("id") or new_id("chatcmpl-"), body.get("model", ""), parts, stop,
-                        usage=self.decode_usage(body.get("usage")), created=body.get("created") or 0)  # fmt: skip
+        created = body.get("created")
+        return Response(string_or(body.get("id")) or new_id("chatcmpl-"), string_or(body.get("model")), parts, stop,
+                        usage=self.decode_usage(body.get("usage")),
+                        created=created if type(created) is int and 0 < created < 1 << 40 else 0)  # fmt: skip
 
     @staticmethod
     def decode_usage(usage) -> Usage:
@@ -2443,7 +2482,7 @@ class OpenAIStreamDecoder:
         out: list = []
         choices = chunk.get("choices")
         if "error" in chunk and not choices:
-            err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+            err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": as_text(chunk["error"])}
             self.finished = True
             kind = err.get("type") if err.get("type") in GatewayError.KIND_BY_STATUS.values() else ""  # server_error..
             return [StreamError(GatewayError(502, err.get("message") or "upstream stream error", kind))]
@@ -3064,15 +3103,20 @@ class AnthropicCodec(Codec):
     # -- responses
     def decode_response(self, body: dict) -> Response:
         parts = []
-        for block in body.get("content") or []:
+        content = body.get("content") or []
+        if type(content) is not list:
+            raise malformed_answer(f"'content' must be an array, got {json_preview(content)}")
+        for block in content:
             if not isinstance(block, dict) or not isinstance(block.get("type"), str):
                 continue
             try:
                 parts.append(self._decode_block(block, "content", "assistant"))
             except GatewayError as exc:  # the upstream's fault, not the client's
-                raise GatewayError(502, f"upstream sent a malformed message: {exc.message}") from None
-        return Response(body.get("id") or new_id("msg_"), body.get("model", ""), parts,
-                        stop_reason_in("anthropic", body.get("stop_reason")), body.get("stop_sequence"),
+                raise malformed_answer(exc.message) from None
+        stop_sequence = body.get("stop_sequence")
+        return Response(string_or(body.get("id")) or new_id("msg_"), string_or(body.get("model")), parts,
+                        stop_reason_in("anthropic", body.get("stop_reason")),
+                        stop_sequence if type(stop_sequence) is str else None,
                         self.decode_usage(body.get("usage")))  # fmt: skip
 
     @staticmethod
@@ -3180,9 +3224,9 @@ class AnthropicStreamDecoder:
             return []
         kind = data.get("type") or event.event
         if kind == "message_start":
-            return self._message_start(data.get("message") or {})
+            return self._message_start(object_or_empty(data.get("message")))
         if kind == "error":
-            return self._error(data.get("error") or {})
+            return self._error(object_or_empty(data.get("error")))
         if kind not in (
             "content_block_start",
             "content_block_delta",
@@ -3193,10 +3237,13 @@ class AnthropicStreamDecoder:
             return []  # ping and event types newer than this code
         out = self._ensure_started()
         index = data.get("index")
+        if kind.startswith("content_block") and type(index) is not int:
+            self.finished = True
+            return out + [StreamError(malformed_answer(f"a {kind} event with the index {json_preview(index)}"))]
         if kind == "content_block_start":
-            out += self._block_start(index, data.get("content_block") or {})
+            out += self._block_start(index, object_or_empty(data.get("content_block")))
         elif kind == "content_block_delta":
-            out += self._block_delta(index, data.get("delta") or {})
+            out += self._block_delta(index, object_or_empty(data.get("delta")))
         elif kind == "content_block_stop":
             out += self._block_stop(index)
         elif kind == "message_delta":
@@ -3219,7 +3266,9 @@ class AnthropicStreamDecoder:
             self.usage.update(message["usage"])
         return [
             MessageStart(
-                message.get("id") or new_id("msg_"), message.get("model", ""), AnthropicCodec.decode_usage(self.usage)
+                string_or(message.get("id")) or new_id("msg_"),
+                string_or(message.get("model")),
+                AnthropicCodec.decode_usage(self.usage),
             )
         ]
 
@@ -3234,9 +3283,11 @@ class AnthropicStreamDecoder:
                 index, Part("thinking"), [("thinking", block.get("thinking")), ("signature", block.get("signature"))]
             )
         if kind == "redacted_thinking":
-            return self._open(index, Part("redacted_thinking", data=block.get("data") or ""), [])
+            return self._open(index, Part("redacted_thinking", data=string_or(block.get("data"))), [])
         if kind == "tool_use":
-            part = Part("tool_call", id=block.get("id") or new_id("toolu_"), name=block.get("name") or "")
+            part = Part(
+                "tool_call", id=string_or(block.get("id")) or new_id("toolu_"), name=string_or(block.get("name"))
+            )
             given = block.get("input")  # some compatible servers send the whole input here, with no deltas
             return self._open(index, part, [("arguments", json.dumps(given, ensure_ascii=False) if given else "")])
         self.opaque[index] = (dict(block), [])
@@ -3247,7 +3298,7 @@ class AnthropicStreamDecoder:
         return [BlockStart(index, part)] + [BlockDelta(index, k, v) for k, v in initial if isinstance(v, str) and v]
 
     def _block_delta(self, index, delta: dict) -> list:
-        kind, key = self.BLOCK_DELTAS.get(delta.get("type"), ("", ""))  # citations_delta and others: ignored
+        kind, key = self.BLOCK_DELTAS.get(string_or(delta.get("type")), ("", ""))  # citations_delta...: ignored
         value = delta.get(key) if key else None
         if not isinstance(value, str) or not value:
             return []
@@ -3270,11 +3321,11 @@ class AnthropicStreamDecoder:
         return [BlockStop(index)]
 
     def _message_delta(self, data: dict) -> None:
-        delta = data.get("delta") or {}
+        delta = object_or_empty(data.get("delta"))
         if delta.get("stop_reason"):
             self.stop_reason = stop_reason_in("anthropic", delta["stop_reason"])
         if "stop_sequence" in delta:
-            self.stop_sequence = delta["stop_sequence"]
+            self.stop_sequence = delta["stop_sequence"] if type(delta["stop_sequence"]) is str else None
         if isinstance(data.get("usage"), dict):
             self.usage.update({k: v for k, v in data["usage"].items() if v is not None})
         self.saw_message_delta = True
@@ -3288,9 +3339,10 @@ class AnthropicStreamDecoder:
 
     def _error(self, error: dict) -> list:
         self.finished = True
-        kind = error.get("type") if error.get("type") in ANTHROPIC_ERROR_STATUS else ""
+        kind = string_or(error.get("type"))
+        kind = kind if kind in ANTHROPIC_ERROR_STATUS else ""
         status = ANTHROPIC_ERROR_STATUS.get(kind, 502)
-        return [StreamError(GatewayError(status, str(error.get("message") or "upstream stream error"), kind))]
+        return [StreamError(GatewayError(status, as_text(error.get("message") or "upstream stream error"), kind))]
 
     def finish(self) -> list:
         """The upstream closed the stream. Without message_stop the answer is complete only if
@@ -3522,8 +3574,8 @@ def custom_tool_parameters(fmt) -> dict:
     """The schema a custom (free-form) tool gets upstream: one string, the tool's raw input."""
     about = "The complete raw input of this free-form tool, passed to it verbatim (plain text, not JSON)."
     if isinstance(fmt, dict) and fmt.get("type") == "grammar":
-        definition = str(fmt.get("definition") or "")
-        syntax = str(fmt.get("syntax") or "")
+        definition = as_text(fmt.get("definition") or "")
+        syntax = as_text(fmt.get("syntax") or "")
         if len(definition) <= CUSTOM_GRAMMAR_MAX_CHARS:
             about += f" It must match this {syntax} grammar:\n{definition}"
         else:
@@ -3569,8 +3621,8 @@ def unpack_thinking(encrypted) -> Part | None:
     if not isinstance(blob, dict):
         return None
     if blob.get("type") == "redacted_thinking":
-        return Part("redacted_thinking", data=str(blob.get("data") or ""))
-    return Part("thinking", text=str(blob.get("text") or ""), signature=str(blob.get("signature") or ""))
+        return Part("redacted_thinking", data=string_or(blob.get("data")))
+    return Part("thinking", text=string_or(blob.get("text")), signature=string_or(blob.get("signature")))
 
 
 def wire_tool_name(name: str, tool: Tool | None, extra: dict | None) -> tuple[str, str | None]:
@@ -4126,12 +4178,17 @@ class ResponsesCodec(Codec):
         if body.get("status") == "failed":
             raise self._upstream_error(body.get("error"))
         parts: list = []
-        for item in body.get("output") or []:
+        output = body.get("output") or []
+        if type(output) is not list:
+            raise malformed_answer(f"'output' must be an array, got {json_preview(output)}")
+        for item in output:
             if isinstance(item, dict):
                 parts.extend(self.decode_output_item(item))
         stop = self.stop_reason_of(body, any(p.type == "tool_call" for p in parts))
-        return Response(body.get("id") or new_id("resp_"), body.get("model", ""), parts, stop,
-                        usage=self.decode_usage(body.get("usage")), created=body.get("created_at") or 0)  # fmt: skip
+        created = body.get("created_at")
+        return Response(string_or(body.get("id")) or new_id("resp_"), string_or(body.get("model")), parts, stop,
+                        usage=self.decode_usage(body.get("usage")),
+                        created=created if type(created) is int and 0 < created < 1 << 40 else 0)  # fmt: skip
 
     @staticmethod
     def decode_output_item(item: dict) -> list:
@@ -4149,15 +4206,16 @@ class ResponsesCodec(Codec):
     @staticmethod
     def stop_reason_of(response: dict, has_calls: bool) -> str:
         if response.get("status") == "incomplete":
-            reason = (response.get("incomplete_details") or {}).get("reason")
-            return RESPONSES_INCOMPLETE_IN.get(reason, "max_tokens")
+            details = response.get("incomplete_details")
+            reason = details.get("reason") if isinstance(details, dict) else None
+            return RESPONSES_INCOMPLETE_IN.get(string_or(reason), "max_tokens")
         return "tool_use" if has_calls else "end_turn"
 
     @staticmethod
     def _upstream_error(error) -> GatewayError:
-        error = error if isinstance(error, dict) else {"message": str(error or "")}
-        code = str(error.get("code") or "")
-        message = str(error.get("message") or "") or "upstream response failed"
+        error = error if isinstance(error, dict) else {"message": as_text(error or "")}
+        code = string_or(error.get("code"))
+        message = as_text(error.get("message") or "") or "upstream response failed"
         return GatewayError(RESPONSES_ERROR_STATUS.get(code, 502), message)
 
     @staticmethod
@@ -4249,11 +4307,22 @@ class ResponsesStreamDecoder:
             return [StreamError(GatewayError(502, f"upstream sent malformed stream data: {event.data[:120]!r}"))]
         if not isinstance(data, dict):
             return []
-        handler = self.HANDLERS.get(data.get("type") or event.event)
+        handler = self.HANDLERS.get(string_or(data.get("type")) or event.event)
         out: list = []
         if handler is not None:
+            self._check_shapes(data)
             getattr(self, handler)(data, out)
         return out
+
+    SHAPES = (("output_index", int), ("content_index", int), ("summary_index", int), ("delta", str),
+              ("item", dict), ("part", dict), ("response", dict))  # fmt: skip
+
+    def _check_shapes(self, data: dict) -> None:
+        """The fields the handlers key blocks by or pass on, checked once per event."""
+        for name, kind in self.SHAPES:
+            if name in data and type(data[name]) is not kind and data[name] is not None:
+                self.finished = True
+                raise malformed_answer(f"'{name}' of a {data.get('type')} event is {json_preview(data[name])}")
 
     HANDLERS = {
         "response.created": "_on_created", "response.in_progress": "_on_created",
@@ -4273,7 +4342,7 @@ class ResponsesStreamDecoder:
         if not self.started:
             self.started = True
             response = response or {}
-            out.append(MessageStart(response.get("id") or new_id("resp_"), response.get("model") or ""))
+            out.append(MessageStart(string_or(response.get("id")) or new_id("resp_"), string_or(response.get("model"))))
 
     def _open(self, key: tuple, part: Part, out: list) -> int:
         self._start(out)
@@ -4296,7 +4365,7 @@ class ResponsesStreamDecoder:
         kind = item.get("type")
         key = (output_index, -1)
         if kind == "reasoning":
-            extra = {"id": item.get("id"), "encrypted_content": item.get("encrypted_content")}
+            extra = {"id": string_or(item.get("id")), "encrypted_content": string_or(item.get("encrypted_content"))}
             return self._open(key, Part("thinking", extra=extra), out)
         if kind in ("function_call", "custom_tool_call"):
             self.has_calls = True
@@ -4323,9 +4392,9 @@ class ResponsesStreamDecoder:
             if text:
                 out.append(BlockDelta(index, "thinking", text))
         elif kind == "function_call" and item.get("arguments"):
-            out.append(BlockDelta(index, "arguments", item["arguments"]))
+            out.append(BlockDelta(index, "arguments", ResponsesCodec._decode_call(item).arguments))
         elif kind == "custom_tool_call" and item.get("input"):
-            self._custom_piece(index, item["input"], out)
+            self._custom_piece(index, field_at(item, "input", str, "output_item"), out)
         else:
             return
         self.filled.add(index)
@@ -4358,7 +4427,7 @@ class ResponsesStreamDecoder:
                 return
         self._fill_from_item(index, item, out)
         part = self.parts[index]
-        if part.type == "thinking" and item.get("encrypted_content"):
+        if part.type == "thinking" and string_or(item.get("encrypted_content")):
             part.extra["encrypted_content"] = item["encrypted_content"]  # arrives only now; the Part is shared
         self._close_item(key, out)
 
@@ -4378,7 +4447,7 @@ class ResponsesStreamDecoder:
     def _on_part_done(self, data: dict, out: list) -> None:
         key = (data.get("output_index", 0), data.get("content_index", 0))
         part = data.get("part") or {}
-        text = part.get("text") or part.get("refusal") or ""
+        text = string_or(part.get("text")) or string_or(part.get("refusal"))
         index = self.blocks.get(key)
         if index is None and text:
             index = self._open(key, Part("text"), out)
@@ -4962,12 +5031,13 @@ class GeminiCodec(Codec):
 
     @staticmethod
     def _decode_code(code: dict, where: str) -> Part:
-        language = str(code.get("language") or "").lower().replace("language_unspecified", "")
-        return Part("text", text=f"```{language}\n{code.get('code') or ''}\n```")
+        language = as_text(code.get("language") or "").lower().replace("language_unspecified", "")
+        return Part("text", text=f"```{language}\n{as_text(code.get('code') or '')}\n```")
 
     @staticmethod
     def _decode_code_result(result: dict, where: str) -> Part:
-        return Part("text", text=f"[code execution {result.get('outcome') or 'result'}]\n{result.get('output') or ''}")
+        outcome, output = as_text(result.get("outcome") or "result"), as_text(result.get("output") or "")
+        return Part("text", text=f"[code execution {outcome}]\n{output}")
 
     @staticmethod
     def _decode_function_call(call: dict, where: str, extra, ids: GeminiCallIds) -> Part:
@@ -5350,8 +5420,8 @@ class GeminiStreamDecoder:
             start_usage = Usage(input_tokens=self.usage.input_tokens) if self.usage else None
             out.append(
                 MessageStart(
-                    gemini_field(chunk, "responseId") or new_id(""),
-                    gemini_field(chunk, "modelVersion", ""),
+                    string_or(gemini_field(chunk, "responseId")) or new_id(""),
+                    string_or(gemini_field(chunk, "modelVersion")),
                     start_usage,
                 )
             )
@@ -5361,7 +5431,8 @@ class GeminiStreamDecoder:
             (c for c in chunk.get("candidates") or [] if isinstance(c, dict) and c.get("index", 0) == 0), {}
         )
         content = candidate.get("content") if isinstance(candidate.get("content"), dict) else {}
-        for part in content.get("parts") or []:
+        parts = content.get("parts")
+        for part in parts if isinstance(parts, list) else ():
             if isinstance(part, dict):
                 self._feed_part(part, out)
         reason = gemini_field(candidate, "finishReason")
@@ -5370,7 +5441,7 @@ class GeminiStreamDecoder:
         return out
 
     def _feed_part(self, part: dict, out: list) -> None:
-        signature = gemini_field(part, "thoughtSignature")
+        signature = string_or(gemini_field(part, "thoughtSignature"))
         extra = {"thought_signature": signature} if signature else None
         call = gemini_field(part, "functionCall")
         if isinstance(part.get("text"), str):
@@ -5422,9 +5493,9 @@ class GeminiStreamDecoder:
 
 
 def gemini_stream_error(err) -> GatewayError:
-    err = err if isinstance(err, dict) else {"message": str(err)}
-    code = err.get("code") if isinstance(err.get("code"), int) and err.get("code") >= 400 else 502
-    return GatewayError(code, str(err.get("message") or "upstream stream error"))
+    err = err if isinstance(err, dict) else {"message": as_text(err)}
+    code = err.get("code") if type(err.get("code")) is int and 400 <= err.get("code") <= 599 else 502
+    return GatewayError(code, as_text(err.get("message") or "upstream stream error"))
 
 
 class GeminiStreamEncoder:
@@ -5866,9 +5937,7 @@ def _add_array_fields(node: dict, out: dict, ctx: _SchemaCleaning, refs: tuple, 
     items = node.get("items")
     if isinstance(node.get("prefixItems"), list) or isinstance(items, list):  # tuples: Gemini has none
         tuple_items = node.get("prefixItems") if isinstance(node.get("prefixItems"), list) else items
-        notes.append(
-            "a tuple: " + ", ".join(str((s or {}).get("type", "any")) for s in tuple_items if isinstance(s, dict))
-        )
+        notes.append("a tuple: " + ", ".join(as_text(s.get("type", "any")) for s in tuple_items if isinstance(s, dict)))
         items = tuple_items[0] if tuple_items else None
     out["items"] = _gemini_schema(items, ctx, refs) if isinstance(items, dict) and items else any_value_schema(0)
     out.update({k: node[k] for k in ("minItems", "maxItems") if k in node})
@@ -7223,6 +7292,8 @@ def upstream_events(step, *args) -> list:
         return step(*args)
     except InvalidInput as err:
         return [StreamError(malformed_answer(err.message))]
+    except GatewayError as err:
+        return [StreamError(err)]
     except MALFORMED_INPUT as exc:
         what = "JSON nested too deeply" if isinstance(exc, RecursionError) else f"{type(exc).__name__}: {exc}"
         return [StreamError(GatewayError(502, f"upstream sent a malformed stream event ({what[:200]})"))]
@@ -7342,7 +7413,7 @@ def guard_tool_loops(req: Request, window: int, warn_after: int, stop_after: int
 def canonical_json(text: str) -> str:
     try:
         return json.dumps(loads(text), sort_keys=True)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
 
 
