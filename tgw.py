@@ -1563,7 +1563,7 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         buffer = self.buffer
-        if buffer[-1:] == b"\r":  # held back last time: maybe the first half of a CRLF
+        if buffer and buffer[-1] == 13:  # a CR held back last time: maybe the first half of a CRLF
             del buffer[-1]
             chunk = b"\r" + chunk
         hold_cr = False
@@ -1572,25 +1572,34 @@ class SSEParser:
             if hold_cr:
                 chunk = chunk[:-1]
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        scan_from = max(len(buffer) - 1, 0)  # what is buffered holds no blank line, but one may straddle reads
-        buffer += chunk
-        end = buffer.find(b"\n\n", scan_from)
+        if buffer:  # what is buffered holds no blank line, but one may straddle reads
+            scan_from = len(buffer) - 1
+            buffer += chunk
+            data = buffer
+        else:  # the usual read: whole events, parsed from the bytes as they came
+            scan_from = 0
+            data = chunk
+        end = data.find(b"\n\n", scan_from)
         events = []
         start = 0
+        limit = self.max_event
         while end >= 0:
-            if end - start > self.max_event:
+            if end - start > limit:
                 raise self._too_large()
-            event = self._parse(bytes(buffer[start : end + 2]))
+            raw = data[start : end + 2]
+            event = self._parse(raw if data is chunk else bytes(raw))
             if event is not None:
                 events.append(event)
             start = end + 2
-            end = buffer.find(b"\n\n", start)
-        if start:
+            end = data.find(b"\n\n", start)
+        if data is buffer:
             del buffer[:start]
-        if len(buffer) > self.max_event:
+        elif start < len(chunk):
+            buffer += memoryview(chunk)[start:]
+        if len(buffer) > limit:
             raise self._too_large()
         if hold_cr:
-            buffer += b"\r"
+            buffer.append(13)
         return events
 
     def _too_large(self) -> GatewayError:
@@ -1599,6 +1608,8 @@ class SSEParser:
 
     def finish(self) -> list[SSEEvent]:
         """An unterminated last event, if the stream ended without a blank line."""
+        if not self.buffer:
+            return []
         rest, self.buffer = bytes(self.buffer).rstrip(b"\r"), bytearray()
         if rest.strip():
             event = self._parse(rest + b"\n\n")
@@ -1710,17 +1721,22 @@ def token_count(value) -> int:
     """A token count from an upstream as a sane int: never negative, below 2^63; a float is
     truncated, a string of digits read, anything else (null, an object, true) counts 0. Every
     codec's usage decoder passes its numbers through here, so nothing odd reaches the ledger."""
-    if type(value) is int:
-        return value if 0 <= value <= TOKEN_COUNT_MAX else 0 if value < 0 else TOKEN_COUNT_MAX
+    if type(value) is int and 0 <= value <= TOKEN_COUNT_MAX:  # the usual cases
+        return value
+    if value is None:
+        return 0
     if type(value) is float:  # finite: loads refuses the rest
-        return token_count(int(value))
-    if type(value) is str and value.isascii() and value.isdigit():
-        return token_count(int(value)) if len(value) < 20 else TOKEN_COUNT_MAX
-    return 0
+        value = int(value)
+    elif type(value) is str and value.isascii() and value.isdigit():
+        value = int(value) if len(value) < 20 else TOKEN_COUNT_MAX
+    elif type(value) is not int:
+        return 0
+    return value if 0 <= value <= TOKEN_COUNT_MAX else 0 if value < 0 else TOKEN_COUNT_MAX
 
 
-def token_sum(*counts: int) -> int:
-    return min(sum(counts), TOKEN_COUNT_MAX)
+def token_sum(total: int) -> int:
+    """A sum of token counts, clamped like each of them."""
+    return total if total <= TOKEN_COUNT_MAX else TOKEN_COUNT_MAX
 
 
 @dataclass(slots=True)
@@ -3125,7 +3141,7 @@ class AnthropicCodec(Codec):
             return Usage()
         read = token_count(usage.get("cache_read_input_tokens"))
         created = token_count(usage.get("cache_creation_input_tokens"))
-        return Usage(input_tokens=token_sum(token_count(usage.get("input_tokens")), read, created),
+        return Usage(input_tokens=token_sum(token_count(usage.get("input_tokens")) + read + created),
                      output_tokens=token_count(usage.get("output_tokens")), cached_tokens=read,
                      cache_creation_tokens=created)  # fmt: skip
 
@@ -3237,13 +3253,14 @@ class AnthropicStreamDecoder:
             return []  # ping and event types newer than this code
         out = self._ensure_started()
         index = data.get("index")
-        if kind.startswith("content_block") and type(index) is not int:
+        if type(index) is not int and kind.startswith("content_block"):
             self.finished = True
             return out + [StreamError(malformed_answer(f"a {kind} event with the index {json_preview(index)}"))]
-        if kind == "content_block_start":
+        if kind == "content_block_delta":
+            delta = data.get("delta")
+            out += self._block_delta(index, delta if type(delta) is dict else {})
+        elif kind == "content_block_start":
             out += self._block_start(index, object_or_empty(data.get("content_block")))
-        elif kind == "content_block_delta":
-            out += self._block_delta(index, object_or_empty(data.get("delta")))
         elif kind == "content_block_stop":
             out += self._block_stop(index)
         elif kind == "message_delta":
@@ -3298,7 +3315,8 @@ class AnthropicStreamDecoder:
         return [BlockStart(index, part)] + [BlockDelta(index, k, v) for k, v in initial if isinstance(v, str) and v]
 
     def _block_delta(self, index, delta: dict) -> list:
-        kind, key = self.BLOCK_DELTAS.get(string_or(delta.get("type")), ("", ""))  # citations_delta...: ignored
+        kind = delta.get("type")
+        kind, key = self.BLOCK_DELTAS.get(kind, ("", "")) if type(kind) is str else ("", "")  # citations...: ignored
         value = delta.get(key) if key else None
         if not isinstance(value, str) or not value:
             return []
@@ -4910,8 +4928,8 @@ def decode_gemini_usage(meta) -> Usage:
 
     thoughts = count("thoughtsTokenCount")
     return Usage(
-        input_tokens=token_sum(count("promptTokenCount"), count("toolUsePromptTokenCount")),
-        output_tokens=token_sum(count("candidatesTokenCount"), thoughts),
+        input_tokens=token_sum(count("promptTokenCount") + count("toolUsePromptTokenCount")),
+        output_tokens=token_sum(count("candidatesTokenCount") + thoughts),
         cached_tokens=count("cachedContentTokenCount"),
         reasoning_tokens=thoughts,
     )
