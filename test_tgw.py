@@ -6946,3 +6946,335 @@ def test_loopback_answers_claude_code_shaped_requests_offline(start_gateway):
         {"type": "text", "text": "Hello from the tgw loopback model. You said: say hi"}
     ]
     assert message["stop_reason"] == "end_turn" and gw.rows()[-1]["lane"] == "loopback"
+
+
+# ======================================================================================
+# Fidelity: structured output, Gemini signatures, OpenAI-compatible servers, completions, model lists (issue 11)
+# ======================================================================================
+
+F_PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}},
+            "required": ["name", "age"], "additionalProperties": False}  # fmt: skip
+F_PERSON_FOR_ANTHROPIC = {"type": "object", "properties": {"name": {"type": "string"},
+                                                            "age": {"type": "integer", "description": ">= 0"}},
+                          "additionalProperties": False, "required": ["name", "age"]}  # fmt: skip
+F_ANSWER = '{"name": "Ada", "age": 36}'
+F_USER = "Who wrote the first program? Name and age."
+
+
+def f_source_body(source: str, fmt: str, model: str) -> dict:
+    """A client's request asking for structured output in its own protocol's form."""
+    if source == "openai":
+        format_ = {"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": F_PERSON}}
+        return {"model": model, "messages": [{"role": "user", "content": F_USER}],
+                "response_format": format_ if fmt == "schema" else {"type": "json_object"}}  # fmt: skip
+    if source == "responses":
+        format_ = {"type": "json_schema", "name": "person", "strict": True, "schema": F_PERSON}
+        return {
+            "model": model,
+            "input": F_USER,
+            "text": {"format": format_ if fmt == "schema" else {"type": "json_object"}},
+        }
+    if source in ("anthropic", "anthropic_legacy"):
+        body = {"model": model, "max_tokens": 512, "messages": [{"role": "user", "content": F_USER}]}
+        key = "output_config" if source == "anthropic" else None
+        format_ = {"type": "json_schema", "schema": F_PERSON}
+        if key:
+            body["output_config"] = {"format": format_}
+        else:
+            body["output_format"] = format_
+        return body
+    config = {"responseMimeType": "application/json"}
+    if fmt == "schema":
+        config["responseJsonSchema"] = F_PERSON
+    return {"contents": [{"role": "user", "parts": [{"text": F_USER}]}], "generationConfig": config}
+
+
+def f_decode(source: str, body: dict) -> Request:
+    if source == "gemini":
+        return GEMINI_CODEC.decode_request(body, "m", False)
+    codec = {"openai": OPENAI_CODEC, "responses": RESPONSES_CODEC}.get(source, ANTHROPIC_CODEC)
+    return codec.decode_request(body)
+
+
+def f_upstream_answer(target: str, text: str) -> dict:
+    """What each upstream answers when it honoured the format: the JSON as the answer's text."""
+    if target == "openai":
+        return chat_completion(text)
+    if target == "responses":
+        return {"id": "resp_f1", "object": "response", "status": "completed", "model": "gpt-5",
+                "output": [{"type": "message", "id": "msg_f1", "role": "assistant", "status": "completed",
+                            "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+                "usage": {"input_tokens": 9, "output_tokens": 7}}  # fmt: skip
+    if target == "anthropic":
+        return a_message([{"type": "text", "text": text}])
+    return g_answer([{"text": text}])
+
+
+def f_client_text(source: str, answer: dict) -> str:
+    """The text a client's SDK parses: message.content, output_text, the text blocks, the text parts."""
+    if source == "openai":
+        return answer["choices"][0]["message"]["content"]
+    if source == "responses":  # the SDK's output_text property
+        return "".join(c["text"] for item in answer["output"] if item["type"] == "message"
+                       for c in item["content"] if c["type"] == "output_text")  # fmt: skip
+    if source.startswith("anthropic"):
+        return "".join(b["text"] for b in answer["content"] if b["type"] == "text")
+    return "".join(p["text"] for p in answer["candidates"][0]["content"]["parts"] if not p.get("thought"))
+
+
+def f_sdk_parse(text: str, schema: dict) -> dict:
+    """What an SDK's .parse() does with the answer: JSON, then validation against the schema."""
+    value = json.loads(text)
+    assert isinstance(value, dict) and set(schema["required"]) <= set(value) <= set(schema["properties"])
+    kinds = {"string": str, "integer": int}
+    assert all(isinstance(value[k], kinds[s["type"]]) for k, s in schema["properties"].items())
+    return value
+
+
+F_TARGETS = {"openai": (OPENAI_CODEC, "gpt-4o-mini"), "responses": (RESPONSES_CODEC, "gpt-5"),
+             "anthropic": (ANTHROPIC_CODEC, "claude-sonnet-4-5"), "gemini": (GEMINI_CODEC, "gemini-2.5-flash")}  # fmt: skip
+
+
+def f_format_sent(target: str, body: dict):
+    """The structured-output request as the target upstream reads it."""
+    if target == "openai":
+        return body.get("response_format")
+    if target == "responses":
+        return (body.get("text") or {}).get("format")
+    if target == "anthropic":
+        return (body.get("output_config") or {}).get("format")
+    config = body.get("generationConfig") or {}
+    return {k: config[k] for k in ("responseMimeType", "responseSchema", "responseJsonSchema") if k in config}
+
+
+@pytest.mark.parametrize("target", list(F_TARGETS))
+@pytest.mark.parametrize("source", ["openai", "responses", "anthropic", "anthropic_legacy", "gemini"])
+def test_golden_structured_output_schema_reaches_every_upstream_and_comes_back_parsed(source, target):
+    codec, model = F_TARGETS[target]
+    req = f_decode(source, f_source_body(source, "schema", model))
+    body = codec.encode_request(req, model, None)
+    sent = f_format_sent(target, body)
+    gemini_typed = {"type": "OBJECT", "properties": {"name": {"type": "STRING"}, "age": {"type": "INTEGER",
+                    "minimum": 0}}, "required": ["name", "age"]}  # fmt: skip
+    if target == "openai":
+        name = "person" if source in ("openai", "responses") else sent["json_schema"]["name"]
+        assert sent["type"] == "json_schema" and sent["json_schema"]["schema"] == F_PERSON and name
+        assert sent["json_schema"].get("strict") is (True if source in ("openai", "responses") else None)
+    elif target == "responses":
+        assert sent["type"] == "json_schema" and sent["schema"] == F_PERSON and sent["name"]
+    elif target == "anthropic":
+        expected = (
+            F_PERSON if source.startswith("anthropic") else F_PERSON_FOR_ANTHROPIC
+        )  # an Anthropic client's as sent
+        assert sent == {"type": "json_schema", "schema": expected}
+        assert "output_format" not in body and "JSON" not in str(body.get("system", ""))
+    elif source == "gemini":  # Gemini to Gemini: the client's own schema, not a round trip
+        assert sent == {"responseMimeType": "application/json", "responseJsonSchema": F_PERSON}
+    else:
+        assert sent == {"responseMimeType": "application/json", "responseSchema": gemini_typed}
+    # the answer, in the client's form, parses as the client's SDK parses it
+    result = codec.decode_response(f_upstream_answer(target, F_ANSWER))
+    client = {"openai": OPENAI_CODEC, "responses": RESPONSES_CODEC, "gemini": GEMINI_CODEC}.get(source, ANTHROPIC_CODEC)
+    answer = client.encode_response(result, req)
+    assert f_sdk_parse(f_client_text(source, answer), F_PERSON) == {"name": "Ada", "age": 36}
+
+
+@pytest.mark.parametrize("target", list(F_TARGETS))
+@pytest.mark.parametrize("source", ["openai", "responses", "gemini"])
+def test_golden_json_object_mode_reaches_every_upstream(source, target):
+    codec, model = F_TARGETS[target]
+    req = f_decode(source, f_source_body(source, "object", model))
+    body = codec.encode_request(req, model, None)
+    sent = f_format_sent(target, body)
+    if target in ("openai", "responses"):
+        assert sent == {"type": "json_object"}
+    elif target == "gemini":
+        assert sent == {"responseMimeType": "application/json"}
+    else:  # Anthropic has no JSON mode without a schema: it is asked in words, and no format is sent
+        assert sent is None and body["system"] == tgw.JSON_ANSWER_INSTRUCTION.replace(
+            "one JSON value", "one JSON object"
+        )
+    result = codec.decode_response(f_upstream_answer(target, F_ANSWER))
+    client = {"openai": OPENAI_CODEC, "responses": RESPONSES_CODEC, "gemini": GEMINI_CODEC}[source]
+    assert json.loads(f_client_text(source, client.encode_response(result, req))) == {"name": "Ada", "age": 36}
+
+
+def test_schema_cleaned_for_anthropic_keeps_meaning_in_descriptions():
+    schema = {  # what pydantic writes for a model with a nested, optional, recursive and constrained field
+        "$defs": {
+            "Kind": {"enum": ["a", "b"], "title": "Kind", "type": "string"},
+            "Node": {"type": "object", "title": "Node", "properties": {
+                "label": {"type": "string", "maxLength": 20},
+                "children": {"type": "array", "items": {"$ref": "#/$defs/Node"}}}, "required": ["label"]},
+        },
+        "title": "Report", "type": "object",
+        "properties": {
+            "kind": {"$ref": "#/$defs/Kind"},
+            "when": {"type": "string", "format": "date-time"},
+            "slug": {"type": "string", "format": "slug", "pattern": "^[a-z-]+$"},
+            "score": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.5},
+            "note": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None},
+            "tags": {"type": ["array", "null"], "items": {"type": "string"}, "minItems": 2, "uniqueItems": True},
+            "fixed": {"const": 3},
+            "tree": {"$ref": "#/$defs/Node"},
+            "extra": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "mixed": {"allOf": [{"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]},
+                                {"properties": {"y": {"type": "boolean"}}}]},
+        },
+        "required": ["kind", "when", "missing"],
+        "additionalProperties": True,
+    }  # fmt: skip
+    out = tgw.clean_schema_for_anthropic(schema)
+    props = out["properties"]
+    assert (
+        out["additionalProperties"] is False and out["required"] == ["kind", "when"] and out["description"] == "Report"
+    )
+    assert props["kind"] == {"$ref": "#/$defs/Kind"} and out["$defs"]["Kind"] == {
+        "enum": ["a", "b"],
+        "description": "Kind",
+    }
+    assert props["when"] == {"type": "string", "format": "date-time"}
+    assert props["slug"] == {"type": "string", "description": "format: slug; pattern: ^[a-z-]+$"}
+    assert props["score"] == {"type": "number", "description": "<= 1; > 0; default: 0.5"}
+    assert props["note"] == {"anyOf": [{"type": "string"}, {"type": "null"}], "description": "default: null"}
+    assert props["tags"] == {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "null"}],
+                             "description": "items must be unique; at least 2 items"}  # fmt: skip
+    assert props["fixed"] == {"enum": [3]}
+    node = out["$defs"]["Node"]
+    assert props["tree"] == {"$ref": "#/$defs/Node"} and node["properties"]["children"]["items"]["properties"] == {}
+    assert "recursive" in node["properties"]["children"]["items"]["description"]
+    assert node["properties"]["label"] == {"type": "string", "description": "at most 20 characters"}
+    assert props["extra"] == {"type": "object", "properties": {}, "additionalProperties": False}
+    assert props["mixed"] == {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "boolean"}},
+                              "additionalProperties": False, "required": ["x"]}  # fmt: skip
+
+    def closed(node):  # every object Anthropic sees is closed, wherever it is
+        if isinstance(node, dict):
+            assert node.get("type") != "object" or node["additionalProperties"] is False
+            any(closed(v) for v in node.values())
+        elif isinstance(node, list):
+            any(closed(v) for v in node)
+
+    closed(out)
+
+
+def test_schema_for_anthropic_is_bounded_and_an_older_claude_is_asked_in_words():
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(5000)}}
+    with pytest.raises(GatewayError) as info:
+        tgw.clean_schema_for_anthropic(wide)
+    assert info.value.status == 400 and "too large" in info.value.message
+    deep: dict = {"type": "string"}
+    for _ in range(100):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(GatewayError):
+        tgw.clean_schema_for_anthropic(deep)
+    # a Claude without structured outputs gets the schema as an instruction, after the client's own system text
+    req = f_decode("openai", f_source_body("openai", "schema", "claude-3-5-haiku-latest"))
+    req.system = [Part("text", text="Be brief.")]
+    body = ANTHROPIC_CODEC.encode_request(req, "claude-3-5-haiku-latest", None)
+    assert "output_config" not in body and body["system"].startswith("Be brief.\n\nAnswer with one JSON value")
+    assert json.loads(body["system"].split("JSON Schema:\n", 1)[1]) == F_PERSON
+    # an Anthropic client's system blocks keep their shape (and cache_control) with the instruction appended
+    raw = f_source_body("anthropic", "schema", "claude-3-7-sonnet-latest")
+    raw["system"] = [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}]
+    raw["output_config"] = {"effort": "low"}
+    req = ANTHROPIC_CODEC.decode_request(raw)
+    req.response_format = {"type": "json_object"}  # as a Chat client's json_object would arrive
+    body = ANTHROPIC_CODEC.encode_request(req, "claude-3-7-sonnet-latest", None)
+    assert body["system"][0]["cache_control"] == {"type": "ephemeral"} and body["system"][1]["text"].startswith(
+        "Answer"
+    )
+    assert body["output_config"] == {"effort": "low"}
+
+
+# ---- structured output over sockets -------------------------------------------------------
+
+
+def f_anthropic_json_events(text: str) -> list:
+    start = {"id": "msg_f2", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5", "content": [],
+             "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 1}}  # fmt: skip
+    half = len(text) // 2
+    return [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text[:half]}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text[half:]}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 9}},
+        {"type": "message_stop"},
+    ]  # fmt: skip
+
+
+def test_chat_parse_and_responses_stream_reach_an_anthropic_upstream_as_structured_output(start_gateway, upstream):
+    def script(h, body):
+        if body.get("stream"):
+            reply_anthropic_sse(h, f_anthropic_json_events(F_ANSWER))
+        else:
+            reply_json(h, a_message([{"type": "text", "text": F_ANSWER}]))
+
+    up = upstream(script)
+    gw = start_gateway(env=anthropic_env(up))
+    # what openai-python's chat.completions.parse(response_format=Person) sends, and then reads
+    status, _, data = post(gw, "/v1/chat/completions", f_source_body("openai", "schema", "claude-sonnet-4-5"))
+    assert status == 200
+    assert up.requests[0]["body"]["output_config"] == {
+        "format": {"type": "json_schema", "schema": F_PERSON_FOR_ANTHROPIC}
+    }
+    answer = json.loads(data)
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    assert f_sdk_parse(answer["choices"][0]["message"]["content"], F_PERSON)["name"] == "Ada"
+    # Responses, streamed: output_text of the completed response parses, and the format is echoed
+    body = {**f_source_body("responses", "schema", "claude-sonnet-4-5"), "stream": True}
+    status, _, data = post(gw, "/v1/responses", body)
+    assert status == 200 and up.requests[1]["body"]["output_config"]["format"]["schema"] == F_PERSON_FOR_ANTHROPIC
+    completed = r_events(data)[-1]["response"]
+    assert completed["text"]["format"]["name"] == "person"
+    assert f_sdk_parse(f_client_text("responses", completed), F_PERSON)["age"] == 36
+
+
+def test_gemini_response_schema_and_legacy_output_format_reach_anthropic(start_gateway, upstream):
+    up = upstream(lambda h, body: reply_json(h, a_message([{"type": "text", "text": F_ANSWER}])))
+    gw = start_gateway(env=anthropic_env(up), work_mode="translation")
+    gemini = {"contents": [{"role": "user", "parts": [{"text": F_USER}]}],
+              "generationConfig": {"responseMimeType": "application/json", "responseSchema": {
+                  "type": "OBJECT", "properties": {"name": {"type": "STRING"}, "age": {"type": "INTEGER"}},
+                  "required": ["name", "age"], "propertyOrdering": ["name", "age"]}}}  # fmt: skip
+    status, _, data = post(gw, "/v1beta/models/claude-sonnet-4-5:generateContent", gemini)
+    assert status == 200
+    sent = up.requests[0]["body"]["output_config"]["format"]["schema"]
+    assert sent == {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                    "additionalProperties": False, "required": ["name", "age"]}  # fmt: skip
+    assert json.loads(f_client_text("gemini", json.loads(data))) == {"name": "Ada", "age": 36}
+    # instructor / litellm: the beta's top-level output_format, Anthropic to Anthropic under work_mode=translation
+    beta = {"anthropic-beta": "structured-outputs-2025-11-13", "anthropic-version": "2023-06-01"}
+    status, _, data = post(gw, "/v1/messages", f_source_body("anthropic_legacy", "schema", "claude-sonnet-4-5"), beta)
+    assert status == 200 and json.loads(data)["content"][0]["text"] == F_ANSWER
+    sent = up.requests[1]
+    assert sent["body"]["output_config"] == {"format": {"type": "json_schema", "schema": F_PERSON}}
+    assert "output_format" not in sent["body"] and header_of(sent, "anthropic-beta") == beta["anthropic-beta"]
+
+
+def test_anthropic_and_chat_structured_output_reach_openai_and_gemini_upstreams(start_gateway, upstream):
+    def script(h, body):
+        if "contents" in body:
+            reply_json(h, g_answer([{"text": F_ANSWER}]))
+        elif body.get("stream"):
+            reply_sse(h, [lane_chunk({"role": "assistant", "content": ""}), lane_chunk({"content": F_ANSWER}),
+                          lane_chunk({}, "stop"), lane_chunk(usage=(9, 7)), "data: [DONE]\n\n"])  # fmt: skip
+        else:
+            reply_json(h, chat_completion(F_ANSWER))
+
+    up = upstream(script)
+    gw = start_gateway(env={**openai_env(up), **gemini_env(up)}, work_mode="translation")
+    body = {**f_source_body("anthropic", "schema", "gpt-4o-mini"), "stream": True}
+    status, _, data = post(gw, "/v1/messages", body)
+    assert status == 200
+    assert up.requests[0]["body"]["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "output", "schema": F_PERSON}}  # fmt: skip
+    text = "".join(d["delta"]["text"] for n, d in lane_sse(data) if n == "content_block_delta")
+    assert f_sdk_parse(text, F_PERSON)["name"] == "Ada"
+    status, _, data = post(gw, "/v1/chat/completions", f_source_body("openai", "schema", "gemini-2.5-flash"))
+    assert status == 200
+    config = up.requests[1]["body"]["generationConfig"]
+    assert config["responseMimeType"] == "application/json" and config["responseSchema"]["type"] == "OBJECT"
+    assert f_sdk_parse(json.loads(data)["choices"][0]["message"]["content"], F_PERSON)["age"] == 36

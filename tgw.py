@@ -2000,11 +2000,18 @@ class OpenAIChatCodec(Codec):
         if effort and (provider is None or provider.accepts_reasoning(model)):
             body["reasoning_effort"] = effort
         if req.response_format:
-            body["response_format"] = req.response_format
+            body["response_format"] = self._encode_response_format(req.response_format)
         if req.stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}  # the ledger needs real numbers
         return body
+
+    @staticmethod
+    def _encode_response_format(fmt: dict) -> dict:
+        spec = fmt.get("json_schema")
+        if fmt.get("type") != "json_schema" or not isinstance(spec, dict) or spec.get("name"):
+            return fmt
+        return {**fmt, "json_schema": {**spec, "name": "response"}}  # OpenAI requires a name
 
     def _encode_message(self, msg: Message) -> list:
         if msg.role == "system":
@@ -2514,7 +2521,7 @@ class AnthropicCodec(Codec):
     REQUEST_FIELDS = {
         "model": str, "messages": list, "tools": list, "tool_choice": dict, "max_tokens": int, "temperature": float,
         "top_p": float, "top_k": int, "stop_sequences": list, "stream": bool, "thinking": dict, "output_config": dict,
-        "metadata": dict,
+        "metadata": dict, "output_format": dict,
     }  # fmt: skip
 
     def decode_request(self, body: dict) -> Request:
@@ -2536,7 +2543,7 @@ class AnthropicCodec(Codec):
             req.tools.append(self._decode_tool(tool, f"tools[{i}]"))
         self._decode_tool_choice(req, get("tool_choice"))
         self._decode_thinking(req, get("thinking"))
-        self._decode_output_config(req, get("output_config") or {})
+        self._decode_output_config(req, get("output_config") or {}, get("output_format"))
         return req
 
     def _decode_system(self, system) -> list:
@@ -2654,10 +2661,10 @@ class AnthropicCodec(Codec):
         req.thinking_budget = field_at(thinking, "budget_tokens", int, "thinking")
 
     @staticmethod
-    def _decode_output_config(req: Request, config: dict) -> None:
+    def _decode_output_config(req: Request, config: dict, legacy_format: dict | None) -> None:
         effort = field_at(config, "effort", str, "output_config", default="")
         req.reasoning_effort = ANTHROPIC_EFFORT_IN.get(effort, effort)
-        fmt = field_at(config, "format", dict, "output_config")
+        fmt = field_at(config, "format", dict, "output_config") or legacy_format  # output_format: the beta's spelling
         if fmt and fmt.get("type") == "json_schema":
             req.response_format = {
                 "type": "json_schema",
@@ -2695,7 +2702,28 @@ class AnthropicCodec(Codec):
             body["stream"] = True
         if from_anthropic:
             body.update({k: req.raw[k] for k in ANTHROPIC_ONLY_FIELDS if k in req.raw})
+        if req.response_format is not None:
+            self._encode_output_format(req, model, body, from_anthropic)
         return body
+
+    @staticmethod
+    def _encode_output_format(req: Request, model: str, body: dict, from_anthropic: bool) -> None:
+        """A JSON answer as Anthropic asks for one: output_config.format with the schema cleaned to what
+        it accepts; a JSON object without a schema, or a model without structured outputs, by instruction."""
+        config = body.get("output_config") if isinstance(body.get("output_config"), dict) else {}
+        if "format" in config:
+            return  # an Anthropic client's own, as sent
+        legacy = req.raw.get("output_format") if from_anthropic else None
+        fmt = legacy if isinstance(legacy, dict) else anthropic_output_format(req.response_format, model)
+        if fmt is not None:
+            body["output_config"] = {**config, "format": fmt}
+            return
+        instruction = json_answer_instruction(req.response_format)
+        system = body.get("system")
+        if isinstance(system, list):
+            body["system"] = [*system, {"type": "text", "text": instruction}]
+        else:
+            body["system"] = f"{system}\n\n{instruction}" if system else instruction
 
     def _encode_system(self, req: Request, from_anthropic: bool):
         parts = list(req.system)
@@ -4950,6 +4978,12 @@ class GeminiCodec(Codec):
         if isinstance(sent, dict):
             kept = {key: gemini_field(sent, key) for key in GEMINI_ONLY_CONFIG + ("thinkingConfig",)}
             kept = {key: value for key, value in kept.items() if value is not None}
+            for key in ("responseJsonSchema", "responseSchema"):  # the client's own schema, not a round trip
+                schema = gemini_field(sent, key)
+                if isinstance(schema, dict):
+                    body.get("generationConfig", {}).pop("responseSchema", None)
+                    kept[key] = schema
+                    break
             if kept:
                 body["generationConfig"] = {**body.get("generationConfig", {}), **kept}
 
@@ -5614,6 +5648,186 @@ def _described(node: dict, notes: list) -> str:
     if not notes:
         return text
     return f"{text} ({'; '.join(notes)})" if text else "; ".join(notes)
+
+
+# ---- JSON Schema -> Anthropic's structured-output subset ----------------------------------
+#
+# What output_config.format accepts (Anthropic's structured-outputs docs, and the transform_schema of
+# its SDKs): every object closed (additionalProperties: false), enums of primitive values, anyOf
+# (oneOf is read as anyOf), local $ref/$defs that do not recurse, a short list of string formats,
+# minItems 0 or 1. Whatever else a schema says (bounds, lengths, patterns, defaults, other formats) is
+# told in the description, so the model still reads it.
+
+ANTHROPIC_STRING_FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "uri", "ipv4",
+                                      "ipv6", "uuid"})  # fmt: skip
+# Claude models older than structured outputs (Opus 4.1, Sonnet 4.5 and Haiku 4.5 were the first)
+ANTHROPIC_NO_JSON_OUTPUT = ("*claude-3*", "*claude-2*", "*claude-instant*", "*claude-sonnet-4-2025*",
+                            "*claude-sonnet-4-0*", "*claude-sonnet-4", "*claude-opus-4-2025*", "*claude-opus-4-0*",
+                            "*claude-opus-4")  # fmt: skip
+ANTHROPIC_SCHEMA_MAX_NODES = 4000  # a response schema larger than this is refused, not cleaned
+_ANTHROPIC_NOTED = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
+_ANTHROPIC_COUNT_NOTES = {"minLength": "at least {} characters", "maxLength": "at most {} characters",
+                          "minItems": "at least {} items", "maxItems": "at most {} items",
+                          "minProperties": "at least {} keys", "maxProperties": "at most {} keys"}  # fmt: skip
+JSON_ANSWER_INSTRUCTION = (
+    "Answer with one JSON value and nothing else: no text before or after it and no Markdown code fence."
+)
+
+
+@functools.lru_cache(maxsize=256)
+def anthropic_has_json_output(model: str) -> bool:
+    """Whether a model takes output_config.format: Claude 4.5 and later (unknown models behind an
+    Anthropic-compatible endpoint are asked by instruction instead)."""
+    return glob_match("*claude*", model) and not any(glob_match(g, model) for g in ANTHROPIC_NO_JSON_OUTPUT)
+
+
+def anthropic_output_format(response_format: dict, model: str) -> dict | None:
+    """The canonical response_format as output_config.format; None when it must be asked for in words."""
+    if response_format.get("type") != "json_schema" or not anthropic_has_json_output(model):
+        return None
+    spec = response_format.get("json_schema") if isinstance(response_format.get("json_schema"), dict) else {}
+    schema = clean_schema_for_anthropic(spec.get("schema") if isinstance(spec.get("schema"), dict) else {})
+    about = spec.get("description")
+    if isinstance(about, str) and about and "description" not in schema:
+        schema["description"] = about  # Anthropic's format has no place of its own for it
+    return {"type": "json_schema", "schema": schema}
+
+
+def json_answer_instruction(response_format: dict) -> str:
+    """What a model without structured outputs is told: JSON only, and the schema when there is one."""
+    spec = response_format.get("json_schema") if isinstance(response_format.get("json_schema"), dict) else {}
+    schema = spec.get("schema")
+    if response_format.get("type") == "json_schema" and isinstance(schema, dict):
+        return f"{JSON_ANSWER_INSTRUCTION} It must conform to this JSON Schema:\n{dumps(schema).decode()}"
+    return JSON_ANSWER_INSTRUCTION.replace("one JSON value", "one JSON object")
+
+
+def clean_schema_for_anthropic(schema: dict) -> dict:
+    """A JSON Schema -> the subset Anthropic's structured outputs accept (see the section comment):
+    objects closed, allOf merged, oneOf -> anyOf, const -> enum, type arrays -> anyOf, local refs kept
+    as $defs with recursion cut, and the rest told in descriptions. Linear in the schema's size."""
+    cleaner = _AnthropicSchema(schema)
+    out = cleaner.clean(schema, 0)
+    if cleaner.done:
+        out["$defs"] = {name: value for name, value in cleaner.done.items() if value is not None}
+    return out
+
+
+class _AnthropicSchema:
+    def __init__(self, root: dict):
+        self.defs: dict = {}
+        for key in ("definitions", "$defs"):
+            if isinstance(root.get(key), dict):
+                self.defs.update(root[key])
+        self.done: dict[str, dict | None] = {}  # definition name -> cleaned (None while being cleaned)
+        self.nodes = 0
+
+    def clean(self, node, depth: int) -> dict:
+        self.nodes += 1
+        if self.nodes > ANTHROPIC_SCHEMA_MAX_NODES or depth > 64:
+            raise bad_request(f"the response schema is too large or too deep (over {ANTHROPIC_SCHEMA_MAX_NODES} "
+                              "nodes or 64 levels) for structured output")  # fmt: skip
+        if not isinstance(node, dict) or not node:
+            return self.any_value("any JSON value")
+        if isinstance(node.get("$ref"), str):
+            return self.ref(node["$ref"], depth)
+        if isinstance(node.get("allOf"), list):
+            node = _merge_all_of(node, self.defs, ())
+        notes: list[str] = []
+        types, nullable = _schema_types(node)
+        union = node.get("anyOf") if isinstance(node.get("anyOf"), list) else node.get("oneOf")
+        if isinstance(union, list) and union:
+            out = {"anyOf": [self.clean(branch, depth + 1) for branch in union]}
+        elif isinstance(node.get("enum"), list) or "const" in node:
+            out = self.enum(node, notes)
+        elif len(types) > 1:
+            shared = {k: v for k, v in node.items() if k not in ("type", "nullable", "description", "title")}
+            out = {"anyOf": [self.typed({**shared, "type": t}, t, depth, notes) for t in types]}
+        elif types:
+            out = self.typed(node, types[0], depth, notes)
+        elif nullable:  # "type": "null"
+            out, nullable = {"type": "null"}, False
+        else:
+            out = self.any_value("")
+        if nullable and "enum" not in out:
+            out = (
+                {"anyOf": [*out["anyOf"], {"type": "null"}]}
+                if set(out) == {"anyOf"}
+                else {"anyOf": [out, {"type": "null"}]}
+            )
+        description = _described(node, notes)
+        if description:
+            out["description"] = description
+        return out
+
+    def ref(self, ref: str, depth: int) -> dict:
+        head, _, name = ref.rpartition("/")
+        if head not in ("#/$defs", "#/definitions") or not isinstance(self.defs.get(name), dict):
+            return self.any_value(f"(unresolved reference {ref})")
+        if name in self.done and self.done[name] is None:  # recursion: Anthropic's grammar cannot loop
+            return {"type": "object", "properties": {}, "additionalProperties": False,
+                    "description": f"(a nested {name}, left empty: recursive schemas are not supported)"}  # fmt: skip
+        if name not in self.done:
+            self.done[name] = None
+            self.done[name] = self.clean(self.defs[name], depth + 1)
+        return {"$ref": f"#/$defs/{name}"}
+
+    @staticmethod
+    def any_value(description: str) -> dict:
+        scalars = [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
+        out: dict = {"anyOf": [*scalars, {"type": "array", "items": {"anyOf": scalars}}]}
+        if description:
+            out["description"] = description
+        return out
+
+    @staticmethod
+    def enum(node: dict, notes: list) -> dict:
+        values = node["enum"] if isinstance(node.get("enum"), list) else [node["const"]]
+        primitive = [v for v in values if v is None or isinstance(v, (str, int, float, bool))]
+        if len(primitive) < len(values):  # objects and arrays cannot be enum values here
+            notes.append("one of: " + ", ".join(json.dumps(v) for v in values))
+            return _AnthropicSchema.any_value("")
+        return {"enum": primitive}
+
+    def typed(self, node: dict, kind: str, depth: int, notes: list) -> dict:
+        out: dict = {"type": kind}
+        if kind == "object":
+            props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+            out["properties"] = {name: self.clean(s, depth + 1) for name, s in props.items()}
+            out["additionalProperties"] = False  # the only value Anthropic accepts
+            required = [r for r in node.get("required") or () if isinstance(r, str) and r in props]
+            if required:
+                out["required"] = required
+        elif kind == "array":
+            items = node.get("items")
+            tuple_items = node.get("prefixItems") if isinstance(node.get("prefixItems"), list) else items
+            if isinstance(tuple_items, list):  # a tuple: Anthropic has none
+                notes.append(
+                    "a tuple of: " + ", ".join(str(s.get("type", "any")) for s in tuple_items if isinstance(s, dict))
+                )
+                items = tuple_items[0] if tuple_items else None
+            if isinstance(items, dict) and items:
+                out["items"] = self.clean(items, depth + 1)
+            if node.get("minItems") in (0, 1):
+                out["minItems"] = node["minItems"]
+            if node.get("uniqueItems") is True:
+                notes.append("items must be unique")
+        elif kind == "string":
+            fmt = node.get("format")
+            if fmt in ANTHROPIC_STRING_FORMATS:
+                out["format"] = fmt
+            elif isinstance(fmt, str) and fmt:
+                notes.append(f"format: {fmt}")
+            if isinstance(node.get("pattern"), str):
+                notes.append(f"pattern: {node['pattern']}")
+        elif kind in ("number", "integer"):
+            notes.extend(f"{sign} {node[key]}" for key, sign in _ANTHROPIC_NOTED.items() if _is_number(node.get(key)))
+            if _is_number(node.get("multipleOf")):
+                notes.append(f"a multiple of {node['multipleOf']}")
+        for key, text in _ANTHROPIC_COUNT_NOTES.items():
+            if _is_number(node.get(key)) and key not in out:
+                notes.append(text.format(node[key]))
+        return out
 
 
 # ======================================================================================
