@@ -5419,9 +5419,10 @@ def test_gemini_stream_encoder_errors_and_signatures():
     resp = Response("r", "m", [Part("text", text="Hi", extra={"thought_signature": "c2ln"}),
                                Part("thinking", text="t", signature="anthropic-sig")], "end_turn")  # fmt: skip
     frames = [json.loads(e.data) for e in sse_events(b"".join(encoder.encode(ev) for ev in unfold_response(resp)))]
+    carried = tgw.pack_gemini_thinking([Part("thinking", text="t", signature="anthropic-sig")])  # issue 11.4
     assert [f["candidates"][0].get("content") for f in frames] == [
         {"parts": [{"text": "Hi", "thoughtSignature": "c2ln"}], "role": "model"},
-        None,
+        {"parts": [{"text": "", "thoughtSignature": carried}], "role": "model"},
     ]
 
 
@@ -7278,3 +7279,121 @@ def test_anthropic_and_chat_structured_output_reach_openai_and_gemini_upstreams(
     config = up.requests[1]["body"]["generationConfig"]
     assert config["responseMimeType"] == "application/json" and config["responseSchema"]["type"] == "OBJECT"
     assert f_sdk_parse(json.loads(data)["choices"][0]["message"]["content"], F_PERSON)["age"] == 36
+
+
+# ---- Gemini thought signatures carry Claude's signed thinking (11.4) ----------------------
+
+F_THINKING = "The user wants Paris weather; call the tool. ünïcode \u2713"
+F_SIGNATURE = "EqQBCkYIARgCIkD+sig/with+base64=="
+
+
+def f_claude_thinking_tool_events() -> list:
+    start = {"id": "msg_f3", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5", "content": [],
+             "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 20, "output_tokens": 1}}  # fmt: skip
+    return [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": F_THINKING[:10]}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": F_THINKING[10:]}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": F_SIGNATURE}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "redacted_thinking", "data": "RED+/=="}},
+        {"type": "content_block_stop", "index": 1},
+        {"type": "content_block_start", "index": 2,
+         "content_block": {"type": "tool_use", "id": "toolu_f1", "name": "get_weather", "input": {}}},
+        {"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta", "partial_json": '{"city": "Paris"}'}},
+        {"type": "content_block_stop", "index": 2},
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None}, "usage": {"output_tokens": 30}},
+        {"type": "message_stop"},
+    ]  # fmt: skip
+
+
+def f_gemini_parts(payload: bytes, streamed: bool) -> list:
+    if not streamed:
+        return json.loads(payload)["candidates"][0]["content"]["parts"]
+    frames = [d for _, d in lane_sse(payload) if isinstance(d, dict)]
+    return [p for f in frames for p in (f["candidates"][0].get("content") or {}).get("parts", [])]
+
+
+def f_resigned(parts: list) -> list:
+    """What google-genai does with a signature (bytes): decoded, and written back in the URL-safe
+    alphabet without padding, so tgw must not depend on the exact spelling."""
+    out = []
+    for p in parts:
+        p = dict(p)
+        if "thoughtSignature" in p:
+            p["thoughtSignature"] = (
+                base64.urlsafe_b64encode(base64.b64decode(p["thoughtSignature"])).decode().rstrip("=")
+            )
+        out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "json"])
+@pytest.mark.parametrize("include_thoughts", [True, False], ids=["thoughts", "no-thoughts"])
+def test_gemini_client_keeps_claude_thinking_across_tool_rounds(start_gateway, upstream, streamed, include_thoughts):
+    def script(h, body):
+        if len(up.requests) == 1 and body.get("stream"):
+            reply_anthropic_sse(h, f_claude_thinking_tool_events())
+        elif len(up.requests) == 1:
+            content = [{"type": "thinking", "thinking": F_THINKING, "signature": F_SIGNATURE},
+                       {"type": "redacted_thinking", "data": "RED+/=="},
+                       {"type": "tool_use", "id": "toolu_f1", "name": "get_weather", "input": {"city": "Paris"}}]  # fmt: skip
+            reply_json(h, a_message(content, "tool_use"))
+        else:
+            reply_json(h, a_message([{"type": "text", "text": "Sunny."}]))
+
+    up = upstream(script)
+    gw = start_gateway(env=anthropic_env(up))
+    config = {"thinkingConfig": {"thinkingBudget": 2048, "includeThoughts": include_thoughts}}
+    tools = [{"functionDeclarations": [{"name": "get_weather", "parameters": L_WEATHER_SCHEMA}]}]
+    user = {"role": "user", "parts": [{"text": "Weather in Paris?"}]}
+    body = {"contents": [user], "tools": tools, "generationConfig": config}
+    method = "streamGenerateContent?alt=sse" if streamed else "generateContent"
+    status, _, data = post(gw, f"/v1beta/models/claude-sonnet-4-5:{method}", body)
+    assert status == 200
+    parts = f_gemini_parts(data, streamed)
+    call = next(p for p in parts if "functionCall" in p)
+    assert call["functionCall"] == {"name": "get_weather", "args": {"city": "Paris"}} and call["thoughtSignature"]
+    assert any(p.get("thought") for p in parts) is include_thoughts
+    assert all("thoughtSignature" not in p for p in parts if p is not call)  # carried once, on the call
+    # the client sends the model turn back as it got it (re-encoded), with the function's answer
+    model_turn = {"role": "model", "parts": f_resigned(parts)}
+    answer = {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"output": "sunny"}}}]}
+    status, _, data = post(gw, "/v1beta/models/claude-sonnet-4-5:generateContent",
+                           {**body, "contents": [user, model_turn, answer]})  # fmt: skip
+    assert status == 200
+    sent = up.requests[1]["body"]
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 2048}  # thinking survives the tool round
+    assert sent["messages"][1]["content"] == [
+        {"type": "thinking", "thinking": F_THINKING, "signature": F_SIGNATURE},
+        {"type": "redacted_thinking", "data": "RED+/=="},
+        {
+            "type": "tool_use",
+            "id": sent["messages"][1]["content"][2]["id"],
+            "name": "get_weather",
+            "input": {"city": "Paris"},
+        },
+    ]
+    assert sent["messages"][2]["content"][0]["type"] == "tool_result"
+
+
+def test_gemini_signed_thinking_before_text_or_at_the_end_and_foreign_signatures():
+    thinking = Part("thinking", text="hmm", signature="sig-1")
+    parts = gemini_response_parts([thinking, Part("text", text="Hello")], False)
+    assert parts[0]["text"] == "Hello" and len(parts) == 1
+    assert tgw.unpack_gemini_thinking(parts[0]["thoughtSignature"]) == [thinking]
+    alone = gemini_response_parts([thinking], True)  # thinking with nothing after it: a signature-only part
+    assert alone[0] == {"text": "hmm", "thought": True} and alone[1]["text"] == ""
+    echoed = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}, {"role": "model", "parts": alone},
+                           {"role": "user", "parts": [{"text": "go on"}]}]}  # fmt: skip
+    restored = GEMINI_CODEC.decode_request(echoed, "claude-sonnet-4-5", False).messages[1].parts
+    assert [p for p in restored if p.signature] == [thinking]
+    assert ANTHROPIC_CODEC.encode_request(GEMINI_CODEC.decode_request(echoed, "m", False), "claude-sonnet-4-5")[
+        "messages"][1]["content"] == [{"type": "thinking", "thinking": "hmm", "signature": "sig-1"}]  # fmt: skip
+    # Gemini's own signatures (and garbage that happens to look like ours) stay Gemini's
+    for signature in ("c2lnbmF0dXJl", "dGd3MX-not-base64!", base64.b64encode(b"tgw1 not json").decode()):
+        assert tgw.unpack_gemini_thinking(signature) is None
+        turn = {"role": "model", "parts": [{"functionCall": {"name": "f", "args": {}}, "thoughtSignature": signature}]}
+        part = GEMINI_CODEC.decode_request({"contents": [turn]}, "m", False).messages[0].parts[0]
+        assert gemini_signature(part) == signature

@@ -4529,6 +4529,10 @@ RESPONSES_CODEC = ResponsesCodec()
 # - Thought signatures (opaque, Gemini's own) live in Part.extra["thought_signature"], never in
 #   Part.signature, so they never reach Anthropic as a thinking signature. A functionCall going
 #   to Gemini without one gets Google's documented dummy, or Gemini 3 rejects the history.
+# - Signed Anthropic thinking reaches a Gemini client inside the thoughtSignature of the part that
+#   follows it (a functionCall or text part, which every client echoes; a signature-only part when
+#   nothing follows): base64 of "tgw1" + JSON of the blocks (pack_gemini_thinking). The client sends
+#   it back and the blocks are restored byte-exact before that part (restore_signed_thinking).
 # - Tool schemas go to Gemini as the OpenAPI subset it accepts (clean_schema_for_gemini).
 
 GEMINI_DUMMY_SIGNATURE = "skip_thought_signature_validator"  # documented by Google for foreign histories
@@ -4612,6 +4616,64 @@ def _signed(obj: dict, signature: str) -> dict:
     if signature:
         obj["thoughtSignature"] = signature
     return obj
+
+
+GEMINI_THINKING_MAGIC = b"tgw1"  # begins the decoded thoughtSignature that carries signed Anthropic thinking
+
+
+def is_signed_thinking(part: Part) -> bool:
+    """Thinking only Anthropic can read back: signed (or redacted) by it."""
+    return (part.type == "thinking" and bool(part.signature)) or (part.type == "redacted_thinking" and bool(part.data))
+
+
+def pack_gemini_thinking(parts: list) -> str:
+    """Signed thinking blocks as a thoughtSignature (base64, which Gemini clients hold as bytes)."""
+    blocks = [
+        {"type": "redacted_thinking", "data": p.data}
+        if p.type == "redacted_thinking"
+        else {"type": "thinking", "thinking": p.text, "signature": p.signature}
+        for p in parts
+    ]
+    return base64.b64encode(GEMINI_THINKING_MAGIC + dumps(blocks)).decode()
+
+
+def unpack_gemini_thinking(signature: str) -> list | None:
+    """The thinking parts a thoughtSignature from pack_gemini_thinking carries, whichever base64
+    alphabet and padding the client re-encoded it with; None for any other signature."""
+    if not signature.startswith("dGd3M"):  # base64 of "tgw1", in both alphabets
+        return None
+    text = signature.replace("-", "+").replace("_", "/")
+    try:
+        raw = base64.b64decode(text + "=" * (-len(text) % 4))
+        blocks = loads(raw[len(GEMINI_THINKING_MAGIC) :]) if raw.startswith(GEMINI_THINKING_MAGIC) else None
+    except ValueError:
+        return None
+    if not isinstance(blocks, list):
+        return None
+    parts = []
+    for block in blocks:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "redacted_thinking" and isinstance(block.get("data"), str):
+            parts.append(Part("redacted_thinking", data=block["data"]))
+        elif isinstance(block.get("thinking"), str) and isinstance(block.get("signature"), str):
+            parts.append(Part("thinking", text=block["thinking"], signature=block["signature"]))
+    return parts
+
+
+def restore_signed_thinking(parts: list) -> list:
+    """A model turn from a Gemini client: signed thinking carried in signatures goes back before
+    the part that carried it; text parts with nothing to say are dropped."""
+    out = []
+    for part in parts:
+        signature = gemini_signature(part)
+        restored = unpack_gemini_thinking(signature) if signature else None
+        if restored is not None:
+            out.extend(restored)
+            part.extra = {k: v for k, v in part.extra.items() if k != "thought_signature"} or None
+        if part.type != "text" or part.text:
+            out.append(part)
+    return out
 
 
 def gemini_wants_thoughts(req: Request) -> bool:
@@ -4698,7 +4760,8 @@ class GeminiCodec(Codec):
             raise bad_request(f"{where}.parts must be an array of parts")
         from_model = role == "model"
         parts = [self._decode_part(p, f"{where}.parts[{j}]", from_model, ids) for j, p in enumerate(raw_parts)]
-        return Message("assistant" if from_model else "user", [p for p in parts if p is not None])
+        parts = [p for p in parts if p is not None]
+        return Message("assistant" if from_model else "user", restore_signed_thinking(parts) if from_model else parts)
 
     def _decode_part(self, part, where: str, from_model: bool, ids: GeminiCallIds) -> Part | None:
         if not isinstance(part, dict):
@@ -4707,8 +4770,8 @@ class GeminiCodec(Codec):
         extra = {"thought_signature": signature} if signature else None
         if "text" in part:
             text = _typed_field(part, "text", str, where) or ""
-            if not text:
-                return None  # nothing to say (a signature-only part is optional context)
+            if not text:  # nothing to say: a signature-only part is optional context, or tgw's signed thinking
+                return Part("text", extra=extra) if extra else None
             return Part("thinking" if part.get("thought") is True else "text", text=text, extra=extra)
         for name, decode in (("inlineData", self._decode_inline_data), ("fileData", self._decode_file_data),
                              ("executableCode", self._decode_code), ("codeExecutionResult", self._decode_code_result)):  # fmt: skip
@@ -5084,19 +5147,27 @@ def gemini_thinking_config(req: Request, model: str) -> dict | None:
 
 def gemini_response_parts(parts: list, with_thoughts: bool) -> list:
     out = []
+    signed: list = []  # signed Anthropic thinking waiting for the part that will carry it
     for p in parts:
+        if is_signed_thinking(p):
+            signed.append(p)
         if p.type == "text" and (p.text or gemini_signature(p)):
-            out.append(_signed({"text": p.text}, gemini_signature(p)))
+            out.append({"text": p.text})
         elif p.type == "thinking" and with_thoughts and p.text:
             out.append(_signed({"text": p.text, "thought": True}, gemini_signature(p)))
+            continue
         elif p.type == "tool_call":
-            out.append(
-                _signed(
-                    {"functionCall": {"name": p.name, "args": json_object_arguments(p.arguments)}}, gemini_signature(p)
-                )
-            )
+            out.append({"functionCall": {"name": p.name, "args": json_object_arguments(p.arguments)}})
         elif p.type == "image":
             out.append(gemini_media_part(p))
+        else:
+            continue
+        signature = gemini_signature(p)
+        if not signature and signed:
+            signature, signed = pack_gemini_thinking(signed), []
+        _signed(out[-1], signature)
+    if signed:
+        out.append({"text": "", "thoughtSignature": pack_gemini_thinking(signed)})
     return out
 
 
@@ -5236,6 +5307,7 @@ class GeminiStreamEncoder:
         self.with_thoughts = gemini_wants_thoughts(req)
         self.blocks: dict[int, Part] = {}
         self.unsigned: set[int] = set()  # blocks whose signature has not gone out yet
+        self.signed: list = []  # signed Anthropic thinking for the next part to carry (pack_gemini_thinking)
         self.opened = False  # the JSON array's "[" is out
 
     def _frame(self, obj: dict) -> bytes:
@@ -5263,6 +5335,14 @@ class GeminiStreamEncoder:
         if index in self.unsigned:
             self.unsigned.discard(index)
             part["thoughtSignature"] = gemini_signature(self.blocks[index])
+        elif not thought:
+            self._carry_thinking(part)
+        return part
+
+    def _carry_thinking(self, part: dict) -> dict:
+        if self.signed and "thoughtSignature" not in part:
+            part["thoughtSignature"] = pack_gemini_thinking(self.signed)
+            self.signed = []
         return part
 
     def encode(self, ev) -> bytes:
@@ -5272,11 +5352,18 @@ class GeminiStreamEncoder:
                 return b""
             if ev.kind == "arguments":
                 block.arguments += ev.value
-            elif ev.kind == "text" or (ev.kind == "thinking" and self.with_thoughts):
-                return self._chunk([self._text_part(ev.index, ev.value, ev.kind == "thinking")])
-            return b""  # Anthropic signatures mean nothing to a Gemini client
+            elif ev.kind == "signature":
+                block.signature += ev.value  # Anthropic's: comes back inside a thoughtSignature
+            elif ev.kind == "thinking":
+                block.text += ev.value
+                if self.with_thoughts:
+                    return self._chunk([self._text_part(ev.index, ev.value, True)])
+            elif ev.kind == "text":
+                return self._chunk([self._text_part(ev.index, ev.value, False)])
+            return b""
         if isinstance(ev, BlockStart):
-            self.blocks[ev.index] = Part(ev.part.type, id=ev.part.id, name=ev.part.name, extra=ev.part.extra)
+            self.blocks[ev.index] = Part(ev.part.type, id=ev.part.id, name=ev.part.name, data=ev.part.data,
+                                         extra=ev.part.extra)  # fmt: skip
             if gemini_signature(ev.part):
                 self.unsigned.add(ev.index)
             return b""
@@ -5286,7 +5373,8 @@ class GeminiStreamEncoder:
             self.id = ev.id or new_id("")
             return b""
         if isinstance(ev, MessageDelta):
-            return self._chunk([], stop_reason_out("gemini", ev.stop_reason), ev.usage or Usage())
+            parts = [self._carry_thinking({"text": ""})] if self.signed else []  # thinking with nothing after it
+            return self._chunk(parts, stop_reason_out("gemini", ev.stop_reason), ev.usage or Usage())
         if isinstance(ev, MessageStop):
             return b"" if self.sse else (b"]" if self.opened else b"[]")
         if isinstance(ev, StreamError):
@@ -5298,9 +5386,12 @@ class GeminiStreamEncoder:
         block = self.blocks.pop(index, None)
         if block is None:
             return b""
+        if is_signed_thinking(block):
+            self.signed.append(block)
+            return b""
         if block.type == "tool_call":
             call = {"functionCall": {"name": block.name, "args": json_object_arguments(block.arguments)}}
-            return self._chunk([_signed(call, gemini_signature(block))])
+            return self._chunk([self._carry_thinking(_signed(call, gemini_signature(block)))])
         if index in self.unsigned and block.type == "text":  # a signed block that never said anything
             self.unsigned.discard(index)
             return self._chunk([{"text": "", "thoughtSignature": gemini_signature(block)}])
