@@ -7397,3 +7397,233 @@ def test_gemini_signed_thinking_before_text_or_at_the_end_and_foreign_signatures
         turn = {"role": "model", "parts": [{"functionCall": {"name": "f", "args": {}}, "thoughtSignature": signature}]}
         part = GEMINI_CODEC.decode_request({"contents": [turn]}, "m", False).messages[0].parts[0]
         assert gemini_signature(part) == signature
+
+
+# ---- OpenAI-compatible servers as they really stream and answer (11.5) -------------------
+
+
+def f_chunk(delta=None, finish=None, usage=None, **extra) -> dict:
+    chunk = {"id": "chatcmpl-c", "object": "chat.completion.chunk", "created": 1, "model": "m", **extra,
+             "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+    if usage:
+        chunk["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}
+    return chunk
+
+
+def f_call(arguments, call_id=None, name=None, index=None) -> dict:
+    call: dict = {"function": {"arguments": arguments}}
+    if index is not None:
+        call["index"] = index
+    if call_id:
+        call.update(id=call_id, type="function")
+    if name:
+        call["function"]["name"] = name
+    return call
+
+
+def f_stream(events: list, read_size: int = 17) -> bytes:
+    return b"".join((e if isinstance(e, str) else "data: " + json.dumps(e) + "\n\n").encode() for e in events)
+
+
+def f_openai_stream_result(events: list):
+    """Decode a server's stream as it arrives (small reads), fold it; an error comes back raised."""
+    data, parser, decoder, out = f_stream(events), SSEParser(), OPENAI_CODEC.stream_decoder(), []
+    for i in range(0, len(data), 17):
+        for sse in parser.feed(data[i : i + 17]):
+            out.extend(decoder.feed(sse))
+    for sse in parser.finish():
+        out.extend(decoder.feed(sse))
+    out.extend(decoder.finish())
+    return fold_events(out)
+
+
+def f_calls(resp: Response) -> list:
+    return [(p.id, p.name, json.loads(p.arguments)) for p in resp.parts if p.type == "tool_call"]
+
+
+F_PARIS, F_ROME = '{"city": "Paris"}', '{"city": "Rome"}'
+F_SERVER_STREAMS = {
+    # Ollama numbers every parallel call 0 (ollama#15457), each whole, and says "stop"
+    "ollama-parallel-index-0": ([f_chunk({"role": "assistant", "content": ""}),
+                                 f_chunk({"tool_calls": [f_call(F_PARIS, "call_a", "get_weather", 0)]}),
+                                 f_chunk({"tool_calls": [f_call(F_ROME, "call_b", "get_weather", 0)]}),
+                                 f_chunk({}, "stop"), f_chunk(usage=(5, 3)), "data: [DONE]\n\n"],
+                                [("call_a", "get_weather", {"city": "Paris"}), ("call_b", "get_weather", {"city": "Rome"})],
+                                "tool_use"),
+    # older Ollama and Gemini's compatible endpoint: no index at all; continuations carry neither id nor index
+    "no-index": ([f_chunk({"tool_calls": [f_call('{"city": ', "call_a", "get_weather")]}),
+                  f_chunk({"tool_calls": [f_call('"Paris"}')]}),
+                  f_chunk({"tool_calls": [f_call('{"city": "Rome"}', "call_b", "get_weather")]}),
+                  f_chunk({}, "tool_calls"), "data: [DONE]\n\n"],
+                 [("call_a", "get_weather", {"city": "Paris"}), ("call_b", "get_weather", {"city": "Rome"})], "tool_use"),
+    # LiteLLM-style: id and name repeated on every chunk
+    "ids-on-every-chunk": ([f_chunk({"tool_calls": [f_call('{"city"', "call_a", "get_weather", 0)]}),
+                            f_chunk({"tool_calls": [f_call(': "Paris"}', "call_a", "get_weather", 0)]}),
+                            f_chunk({}, "tool_calls"), "data: [DONE]\n\n"],
+                           [("call_a", "get_weather", {"city": "Paris"})], "tool_use"),
+    # the arguments streamed, then the whole arguments once more (and as an object, Ollama's native habit)
+    "arguments-repeated": ([f_chunk({"tool_calls": [f_call('{"city": ', "call_a", "get_weather", 0)]}),
+                            f_chunk({"tool_calls": [f_call('"Paris"}', index=0)]}),
+                            f_chunk({"tool_calls": [f_call(F_PARIS, index=0)]}),
+                            f_chunk({"tool_calls": [f_call({"city": "Paris"}, index=0)]}),
+                            f_chunk({}, "tool_calls"), "data: [DONE]\n\n"],
+                           [("call_a", "get_weather", {"city": "Paris"})], "tool_use"),
+    "arguments-as-object": ([f_chunk({"content": None, "tool_calls": [f_call({"city": "Rome"}, "call_r", "get_weather", 0)]}),
+                             f_chunk({}, "tool_calls"), "data: [DONE]\n\n"],
+                            [("call_r", "get_weather", {"city": "Rome"})], "tool_use"),
+    # finish_reason missing and no [DONE]: the stream just ends
+    "no-finish-no-done": ([f_chunk({"content": "Hel"}), f_chunk({"content": "lo"})], "Hello", "end_turn"),
+    # llama.cpp: content null deltas, eos, usage and timings on the last chunk; OpenRouter comments
+    "llamacpp-eos": ([": OPENROUTER PROCESSING\n\n", f_chunk({"role": "assistant", "content": None}),
+                      f_chunk({"content": "Hi"}), f_chunk({}, "eos", (4, 1), timings={"predicted_ms": 3.2})],
+                     "Hi", "end_turn"),
+    # vLLM continuous usage stats: usage on every chunk (a running total, never added up)
+    "usage-every-chunk": ([f_chunk({"content": "a"}, usage=(7, 1)), f_chunk({"content": "b"}, usage=(7, 2)),
+                           f_chunk({}, "length", (7, 3)), f_chunk(), "data: [DONE]\n\n"], "ab", "max_tokens"),
+    # Mistral: content as an array of text chunks
+    "content-array": ([f_chunk({"content": [{"type": "text", "text": "Bon"}]}),
+                       f_chunk({"content": [{"type": "text", "text": "jour"}]}, "stop"), "data: [DONE]\n\n"],
+                      "Bonjour", "end_turn"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(F_SERVER_STREAMS))
+def test_openai_compatible_server_streams_decode_as_openai_would(name):
+    events, expected, stop = F_SERVER_STREAMS[name]
+    resp = f_openai_stream_result(events)
+    if isinstance(expected, list):
+        assert f_calls(resp) == expected
+    else:
+        assert text_of(resp.parts) == expected and not f_calls(resp)
+    assert resp.stop_reason == stop
+    if name == "usage-every-chunk":
+        assert (resp.usage.input_tokens, resp.usage.output_tokens) == (7, 3)
+
+
+def test_reasoning_under_either_name_and_mid_stream_errors_of_openrouter_and_vllm():
+    for key in ("reasoning", "reasoning_content"):  # vLLM >= 0.10 and Ollama / llama.cpp and older vLLM
+        resp = f_openai_stream_result([f_chunk({key: "think"}), f_chunk({"content": "ok"}, "stop"), "data: [DONE]\n\n"])
+        assert [(p.type, p.text) for p in resp.parts] == [("thinking", "think"), ("text", "ok")]
+    openrouter = [": OPENROUTER PROCESSING\n\n", f_chunk({"content": "Par"}),
+                  f_chunk({"content": ""}, "error", error={"code": "server_error", "message": "Provider disconnected"})]  # fmt: skip
+    vllm = [f_chunk({"content": "Par"}), {"object": "error", "message": "CUDA out of memory", "type": "InternalServerError",
+                                          "param": None, "code": 500}]  # fmt: skip
+    for events, words in ((openrouter, "Provider disconnected"), (vllm, "CUDA out of memory")):
+        with pytest.raises(GatewayError) as info:
+            f_openai_stream_result(events)
+        assert words in info.value.message and info.value.status == 502
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "message"),
+    [
+        (400, {"object": "error", "message": "max_tokens is too large", "type": "BadRequestError", "param": None,
+               "code": 400}, "max_tokens is too large"),  # vLLM
+        (404, {"detail": "Not Found"}, "Not Found"),  # FastAPI-based servers
+        (404, {"error": "model 'qwen3' not found, try pulling it first"}, "model 'qwen3' not found"),  # Ollama
+        (400, {"error": {"code": 400, "message": "context too long", "type": "invalid_request_error"}},
+         "context too long"),  # llama.cpp
+        (402, {"error": {"code": 402, "message": "Insufficient credits", "metadata": {}}}, "Insufficient credits"),
+        (500, "Internal Server Error", "Internal Server Error"),  # a plain-text body
+    ],
+)  # fmt: skip
+def test_compatible_servers_error_bodies_keep_status_and_words(status, body, message):
+    data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    err = OPENAI_CODEC.decode_error(status, data)
+    assert err.status == status and message in err.message
+
+
+def test_compatible_servers_json_answers():
+    answer = chat_completion(None)
+    answer["choices"][0]["message"].update(reasoning="think", tool_calls=[
+        {"id": "call_o", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}])  # fmt: skip
+    resp = OPENAI_CODEC.decode_response(answer)
+    assert f_calls(resp) == [("call_o", "get_weather", {"city": "Oslo"})] and resp.stop_reason == "tool_use"
+    assert resp.parts[0] == Part("thinking", text="think")
+    mistral = chat_completion([{"type": "text", "text": "Bon"}, {"type": "text", "text": "jour"}])
+    assert text_of(OPENAI_CODEC.decode_response(mistral).parts) == "Bonjour"
+    empty = {
+        "id": "x",
+        "object": "chat.completion",
+        "choices": [],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 0},
+    }
+    assert OPENAI_CODEC.decode_response(empty).parts == []
+    failed = {**chat_completion(""), "error": {"code": 502, "message": "Upstream idle timeout"}}  # OpenRouter, HTTP 200
+    with pytest.raises(GatewayError) as info:
+        OPENAI_CODEC.decode_response(failed)
+    assert info.value.status == 502 and "Upstream idle timeout" in info.value.message
+
+
+def test_anthropic_client_on_ollama_gets_both_parallel_calls_and_openrouter_errors_in_stream(start_gateway, upstream):
+    def script(h, body):
+        if body["messages"][-1]["content"] == "fail":
+            reply_sse(h, F_SERVER_STREAMS["ollama-parallel-index-0"][0][:2] + [
+                ": OPENROUTER PROCESSING\n\n",
+                f_chunk({"content": ""}, "error", error={"code": 502, "message": "Provider disconnected"})])  # fmt: skip
+        else:
+            reply_sse(h, F_SERVER_STREAMS["ollama-parallel-index-0"][0][:-1])  # and no [DONE]
+
+    up = upstream(script)
+    gw = start_gateway(env={**openai_env(up), **routes_env("qwen*=>openai")})
+    body = {"model": "qwen3", "max_tokens": 100, "stream": True, "tools": [L_A_TOOL],
+            "messages": [{"role": "user", "content": "Weather in Paris and Rome?"}]}  # fmt: skip
+    status, _, data = post(gw, "/v1/messages", body)
+    events = [d for _, d in lane_sse(data)]
+    check_anthropic_stream(events)
+    uses = [e["content_block"] for e in events if e["type"] == "content_block_start"]
+    inputs = [json.loads("".join(e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta"
+                             and e["index"] == i)) for i in range(len(uses))]  # fmt: skip
+    assert [(u["id"], u["name"]) for u in uses] == [("call_a", "get_weather"), ("call_b", "get_weather")]
+    assert inputs == [{"city": "Paris"}, {"city": "Rome"}]
+    assert events[-2]["delta"]["stop_reason"] == "tool_use" and events[-2]["usage"]["output_tokens"] == 3
+    status, _, data = post(gw, "/v1/messages", {**body, "messages": [{"role": "user", "content": "fail"}]})
+    named = lane_sse(data)
+    assert named[-1][0] == "error" and "Provider disconnected" in named[-1][1]["error"]["message"]
+    assert gw.rows(2)[-1]["error"].endswith("Provider disconnected")
+
+
+F_PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n-pixels-").decode()
+
+
+def test_rich_tool_results_survive_to_each_upstream_as_far_as_it_can_take_them():
+    call = {"type": "tool_use", "id": "toolu_s", "name": "screenshot", "input": {}}
+    result = {"type": "tool_result", "tool_use_id": "toolu_s", "is_error": True, "content": [
+        {"type": "text", "text": "partial render"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": F_PNG}},
+        {"type": "text", "text": "timed out"}]}  # fmt: skip
+    req = ANTHROPIC_CODEC.decode_request({"model": "m", "max_tokens": 9, "messages": [
+        {"role": "user", "content": "shoot"}, {"role": "assistant", "content": [call]},
+        {"role": "user", "content": [result]}]})  # fmt: skip
+    # OpenAI Chat: tool messages carry text, so the image follows in a user message, and the error is marked
+    messages = OPENAI_CODEC.encode_request(req, "gpt-4o", None)["messages"]
+    assert messages[2] == {
+        "role": "tool",
+        "tool_call_id": "toolu_s",
+        "content": "[tool error] partial render\n[image]\ntimed out",
+    }
+    assert messages[3] == {"role": "user", "content": [
+        {"type": "text", "text": "[the image(s) that tool call toolu_s returned]"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{F_PNG}"}}]}  # fmt: skip
+    # Responses: function_call_output takes the image itself
+    output = RESPONSES_CODEC.encode_request(req, "gpt-5", None)["input"][2]["output"]
+    assert [o["type"] for o in output] == ["input_text", "input_text", "input_image", "input_text"]
+    assert output[0]["text"] == "[tool error]" and output[2]["image_url"].endswith(F_PNG)
+    # Gemini: {"error": ...} in the functionResponse, the image as its own part after it
+    parts = GEMINI_CODEC.encode_request(req, "gemini-2.5-flash", None)["contents"][2]["parts"]
+    assert parts == [{"functionResponse": {"name": "screenshot", "response": {"error": "partial render\ntimed out"}}},
+                     {"inlineData": {"mimeType": "image/png", "data": F_PNG}}]  # fmt: skip
+    # and back to Anthropic from a Responses or a Gemini client: tool_result blocks holding the image
+    responses = RESPONSES_CODEC.decode_request({"model": "m", "input": [
+        {"type": "function_call", "call_id": "c1", "name": "screenshot", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": [
+            {"type": "input_text", "text": "see"}, {"type": "input_image", "image_url": f"data:image/png;base64,{F_PNG}"}]}]})  # fmt: skip
+    gemini = GEMINI_CODEC.decode_request({"contents": [
+        {"role": "model", "parts": [{"functionCall": {"name": "screenshot", "args": {}}}]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "screenshot", "response": {"output": "see"},
+                                                         "parts": [{"inlineData": {"mimeType": "image/png", "data": F_PNG}}]}}]}]},
+        "m", False)  # fmt: skip
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": F_PNG}}
+    for client_req, text in ((responses, "see"), (gemini, '{"output":"see"}')):
+        turns = ANTHROPIC_CODEC.encode_request(client_req, "claude-sonnet-4-5")["messages"]
+        assert turns[-1]["content"][0]["content"] == [{"type": "text", "text": text}, image]

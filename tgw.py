@@ -1703,7 +1703,9 @@ STOP_REASONS = {
 }  # fmt: skip
 STOP_REASONS_IN = {
     "openai": {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
-               "content_filter": "content_filter"},
+               "content_filter": "content_filter", "eos": "end_turn", "eos_token": "end_turn", "tool_call": "tool_use",
+               "max_tokens": "max_tokens", "model_length": "max_tokens"},  # the last five: compatible servers'
+
     "anthropic": {v: v for v in ("end_turn", "stop_sequence", "max_tokens", "tool_use", "refusal", "pause_turn")}
     | {"model_context_window_exceeded": "max_tokens"},
     "gemini": {"STOP": "end_turn", "MAX_TOKENS": "max_tokens", "SAFETY": "content_filter", "RECITATION": "content_filter",
@@ -1788,6 +1790,8 @@ class Codec:
             if isinstance(err, dict):
                 message = str(err.get("message") or "")
                 kind = err.get("type") if isinstance(err.get("type"), str) else ""
+                if not message and isinstance(err.get("detail"), str):  # FastAPI-based servers
+                    message = err["detail"]
             elif isinstance(err, str):
                 message = err
         if not message:
@@ -2030,10 +2034,14 @@ class OpenAIChatCodec(Codec):
                 out["content"] = ""
             return [out]
         out = []
+        shown: list = []  # images tool results returned: a tool message holds text only
         for p in msg.parts:
             if p.type == "tool_result":
                 out.append({"role": "tool", "tool_call_id": p.id, "content": tool_result_text(p)})
-        rest = [p for p in msg.parts if p.type in ("text", "image")]
+                if p.content and any(c.type == "image" for c in p.content):
+                    shown.append(Part("text", text=f"[the image(s) that tool call {p.id} returned]"))
+                    shown.extend(c for c in p.content if c.type == "image")
+        rest = shown + [p for p in msg.parts if p.type in ("text", "image")]
         if rest:
             out.append({"role": "user", "content": self._encode_content(rest)})
         return out
@@ -2062,23 +2070,29 @@ class OpenAIChatCodec(Codec):
     def decode_response(self, body: dict) -> Response:
         choices = body.get("choices") or [{}]
         choice = choices[0] or {}
+        if "error" in body or "error" in choice:  # OpenRouter: an error met while generating, in a 200 answer
+            self._raise_answer_error(body, choice)
         message = choice.get("message") or {}
         parts = []
         reasoning = message.get("reasoning_content") or message.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
             parts.append(Part("thinking", text=reasoning))
-        if message.get("content"):
-            parts.append(Part("text", text=message["content"]))
+        content = message.get("content")
+        if content:
+            parts.append(Part("text", text=content if isinstance(content, str) else compatible_content_text(content)))
         if message.get("refusal"):
             parts.append(Part("text", text=message["refusal"]))
         for call in message.get("tool_calls") or []:
             fn = call.get("function") or {}
+            arguments = fn.get("arguments") or ""
             parts.append(
                 Part(
                     "tool_call",
                     id=call.get("id") or new_id("call_"),
                     name=fn.get("name", ""),
-                    arguments=fn.get("arguments") or "",
+                    arguments=arguments
+                    if isinstance(arguments, str)
+                    else dumps(arguments).decode(),  # Ollama: an object
                 )
             )
         stop = stop_reason_in("openai", choice.get("finish_reason"))
@@ -2088,6 +2102,14 @@ class OpenAIChatCodec(Codec):
             stop = "tool_use"
         return Response(body.get("id") or new_id("chatcmpl-"), body.get("model", ""), parts, stop,
                         usage=self.decode_usage(body.get("usage")), created=body.get("created") or 0)  # fmt: skip
+
+    @staticmethod
+    def _raise_answer_error(body: dict, choice: dict) -> None:
+        err = body.get("error") or choice.get("error")
+        if not err:
+            return
+        message = err.get("message") if isinstance(err, dict) else err
+        raise GatewayError(502, f"upstream error while generating: {str(message or err)[:500]}")
 
     @staticmethod
     def decode_usage(usage) -> Usage:
@@ -2195,6 +2217,13 @@ OPENAI_MAX_OUTPUT = (
 )  # fmt: skip
 
 
+def compatible_content_text(content) -> str:
+    """An answer's content some compatible servers (Mistral's) send as an array of text parts."""
+    if not isinstance(content, list):
+        return str(content)
+    return "".join(c.get("text") or "" for c in content if isinstance(c, dict) and c.get("type") == "text")
+
+
 @functools.lru_cache(maxsize=1024)
 def openai_max_output(model: str) -> int | None:
     return next((limit for pattern, limit in OPENAI_MAX_OUTPUT if glob_match(pattern, model)), None)
@@ -2225,8 +2254,9 @@ class OpenAIStreamDecoder:
         self.next_index = 0
         self.open_index: int | None = None
         self.open_key = None
-        self.tool_index: dict[int, int] = {}
+        self.tool_index: dict = {}  # tool call key (OpenAICallKeys) -> block index
         self.tool_arguments: dict[int, str] = {}  # block index -> arguments so far, of tool blocks not stopped
+        self.call_keys: OpenAICallKeys | None = None  # made at the first tool call
         self.stop_reason = ""
         self.usage: Usage | None = None
         self.finished = False
@@ -2262,8 +2292,9 @@ class OpenAIStreamDecoder:
         except ValueError:
             return [StreamError(GatewayError(502, f"upstream sent malformed stream data: {data[:120]!r}"))]
         out: list = []
-        if "error" in chunk and not chunk.get("choices"):
-            err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+        if chunk.get("error") or chunk.get("object") == "error":  # OpenRouter sends it with choices; vLLM bare
+            err = chunk["error"] if isinstance(chunk.get("error"), dict) else chunk
+            err = err if isinstance(err.get("message"), str) else {"message": str(chunk.get("error"))}
             self.finished = True
             kind = (
                 err.get("type") if err.get("type") in GatewayError.KIND_BY_STATUS.values() else ""
@@ -2283,11 +2314,15 @@ class OpenAIStreamDecoder:
                 index = self._switch("thinking", Part("thinking"), out)
                 out.append(BlockDelta(index, "thinking", reasoning))
             content = delta.get("content") or delta.get("refusal")
+            if content and not isinstance(content, str):
+                content = compatible_content_text(content)
             if content:
                 index = self._switch("text", Part("text"), out)
                 out.append(BlockDelta(index, "text", content))
             for call in delta.get("tool_calls") or []:
-                position = call.get("index", 0)
+                if self.call_keys is None:
+                    self.call_keys = OpenAICallKeys()
+                position = self.call_keys.key_of(call)
                 fn = call.get("function") or {}
                 key = ("tool", position)
                 if position not in self.tool_index or self.open_key != key:
@@ -2300,10 +2335,11 @@ class OpenAIStreamDecoder:
                         self.tool_arguments[index] = ""
                 else:
                     index = self.tool_index[position]
-                if fn.get("arguments"):
+                arguments = self.call_keys.new_arguments(position, fn.get("arguments"))
+                if arguments:
                     if index in self.tool_arguments:
-                        self.tool_arguments[index] += fn["arguments"]
-                    out.append(BlockDelta(index, "arguments", fn["arguments"]))
+                        self.tool_arguments[index] += arguments
+                    out.append(BlockDelta(index, "arguments", arguments))
             if choice.get("finish_reason"):
                 self.stop_reason = stop_reason_in("openai", choice["finish_reason"])
         return out
@@ -2323,6 +2359,60 @@ class OpenAIStreamDecoder:
         out.append(MessageDelta(stop, None, self.usage or Usage()))
         out.append(MessageStop())
         return out
+
+
+class OpenAICallKeys:
+    """Which call a streamed tool_calls delta belongs to, and what of its arguments is new, as
+    OpenAI-compatible servers really send them: Ollama numbers every parallel call index 0 and
+    older builds (and Gemini's compatible endpoint) give no index, so a new id is a new call; ids
+    repeated on every chunk name their call; a delta with neither continues the last call. Some
+    servers send the whole arguments again at the end (or as an object): a repeat is dropped."""
+
+    def __init__(self):
+        self.by_id: dict[str, tuple] = {}
+        self.id_of: dict[tuple, str] = {}
+        self.latest: dict[int, tuple] = {}  # wire index -> the newest call that used it
+        self.last: tuple | None = None
+        self.arguments: dict[tuple, str] = {}  # call -> its arguments so far
+
+    def key_of(self, call: dict) -> tuple:
+        index = call.get("index")
+        index = index if type(index) is int else None
+        call_id = call.get("id")
+        if isinstance(call_id, str) and call_id:
+            key = self.by_id.get(call_id)
+            if key is None:
+                key = (index, 0) if index is not None else (None, len(self.by_id))
+                if key in self.id_of:  # that index is taken by another call: a server that reuses it
+                    key = (index, len(self.by_id))
+                self.by_id[call_id], self.id_of[key] = key, call_id
+        elif index is not None:
+            key = self.latest.get(index, (index, 0))
+        else:
+            key = self.last or (None, 0)
+        if index is not None:
+            self.latest[index] = key
+        self.last = key
+        return key
+
+    def new_arguments(self, key: tuple, piece) -> str:
+        if isinstance(piece, (dict, list)):
+            piece = dumps(piece).decode()
+        if not isinstance(piece, str) or not piece:
+            return ""
+        so_far = self.arguments.get(key, "")
+        if so_far and piece[:1] in "{[" and self._whole(so_far) and self._whole(piece):
+            return ""  # the whole arguments again, after they were complete
+        self.arguments[key] = so_far + piece
+        return piece
+
+    @staticmethod
+    def _whole(text: str) -> bool:
+        try:
+            loads(text)
+        except ValueError:
+            return False
+        return True
 
 
 class OpenAIStreamEncoder:
