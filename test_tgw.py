@@ -7627,3 +7627,105 @@ def test_rich_tool_results_survive_to_each_upstream_as_far_as_it_can_take_them()
     for client_req, text in ((responses, "see"), (gemini, '{"output":"see"}')):
         turns = ANTHROPIC_CODEC.encode_request(client_req, "claude-sonnet-4-5")["messages"]
         assert turns[-1]["content"][0]["content"] == [{"type": "text", "text": text}, image]
+
+
+# ---- legacy POST /v1/completions (11.8) --------------------------------------------------
+
+
+def test_completions_pass_through_to_a_compatible_server(start_gateway, upstream):
+    answer = {"id": "cmpl-up", "object": "text_completion", "created": 1, "model": "qwen2.5-coder",
+              "choices": [{"text": " return a + b", "index": 0, "logprobs": {"tokens": [" return"]}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 6, "completion_tokens": 4, "total_tokens": 10}}  # fmt: skip
+    chunks = [{"id": "cmpl-s", "object": "text_completion", "created": 1, "model": "qwen2.5-coder",
+               "choices": [{"text": t, "index": 0, "logprobs": None, "finish_reason": f}]} for t, f in
+              ((" return", None), (" a + b", "stop"))]  # fmt: skip
+    usage_chunk = {"id": "cmpl-s", "object": "text_completion", "created": 1, "model": "qwen2.5-coder", "choices": [],
+                   "usage": {"prompt_tokens": 6, "completion_tokens": 2, "total_tokens": 8}}  # fmt: skip
+
+    def script(h, body):
+        if body.get("stream"):
+            reply_sse(h, [*chunks, usage_chunk, "data: [DONE]\n\n"])
+        else:
+            reply_json(h, answer)
+
+    up = upstream(script)
+    gw = start_gateway(
+        env={**openai_env(up), **routes_env("qwen*=>openai"), "TOKLIGENCE_MODEL_ALIASES": "coder=>qwen2.5-coder"}
+    )
+    body = {
+        "model": "coder",
+        "prompt": ["def add(a, b):"],
+        "suffix": "\n",
+        "logprobs": 1,
+        "echo": False,
+        "max_tokens": 8,
+    }
+    status, _, data = post(gw, "/v1/completions", body)
+    assert status == 200 and json.loads(data) == answer  # the server's answer, logprobs and all
+    assert up.requests[0]["path"] == "/v1/completions" and up.requests[0]["body"] == {**body, "model": "qwen2.5-coder"}
+    status, _, data = post(gw, "/v1/completions", {**body, "stream": True})
+    sent = up.requests[1]["body"]
+    assert sent["stream_options"] == {"include_usage": True}  # asked for the ledger, hidden from the client
+    assert [d for d in sse_data(data) if d != "[DONE]"] == chunks and sse_data(data)[-1] == "[DONE]"
+    rows = gw.rows(2)
+    assert [(r["endpoint"], r["lane"], r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [
+        ("/v1/completions", "passthrough", 6, 4), ("/v1/completions", "passthrough", 6, 2)]  # fmt: skip
+
+
+def test_completions_translated_for_anthropic_and_gemini_streamed_and_not(start_gateway, upstream):
+    def script(h, body):
+        if "contents" in body:
+            frames = [g_answer([{"text": " world"}], finish=None), g_answer([{"text": "!"}])]
+            reply_sse(h, frames)
+        elif body.get("stream"):
+            reply_anthropic_sse(h, f_anthropic_json_events(" there, friend"))
+        else:
+            reply_json(h, a_message([{"type": "text", "text": " there" if "Hello" in str(body) else " ok"}],
+                                    "max_tokens", {"input_tokens": 20, "output_tokens": 16}))  # fmt: skip
+
+    up = upstream(script)
+    gw = start_gateway(env={**anthropic_env(up), **gemini_env(up)})
+    body = {"model": "claude-sonnet-4-5", "prompt": ["Hello", "Bye"], "echo": True, "stop": "\n", "n": 1}
+    status, _, data = post(gw, "/v1/completions", body)
+    answer = json.loads(data)
+    assert status == 200 and answer["object"] == "text_completion"
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in answer["choices"]] == [
+        (0, "Hello there", "length"), (1, "Bye ok", "length")]  # fmt: skip
+    assert answer["usage"]["prompt_tokens"] == 40 and answer["usage"]["completion_tokens"] == 32
+    first = up.requests[0]["body"]
+    assert first["messages"] == [{"role": "user", "content": "Hello"}] and first["stop_sequences"] == ["\n"]
+    assert first["max_tokens"] == 16 and first["system"] == tgw.COMPLETION_INSTRUCTION
+    # streamed, with the client's usage chunk; and fill-in-the-middle asks for the gap
+    body = {"model": "claude-sonnet-4-5", "prompt": "Hi", "suffix": "Cheers.", "stream": True,
+            "stream_options": {"include_usage": True}, "max_tokens": 50}  # fmt: skip
+    status, _, data = post(gw, "/v1/completions", body)
+    chunks = sse_data(data)
+    assert chunks[-1] == "[DONE]" and all(c["object"] == "text_completion" for c in chunks[:-1])
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-2]) == " there, friend"
+    assert chunks[-3]["choices"][0]["finish_reason"] == "stop" and chunks[-2]["usage"]["completion_tokens"] == 9
+    sent = up.requests[2]["body"]
+    assert (
+        sent["system"] == tgw.INFILL_INSTRUCTION and sent["messages"][0]["content"] == "Text:\nHi\n\nEnding:\nCheers."
+    )
+    status, _, data = post(gw, "/v1/completions", {"model": "gemini-2.5-flash", "prompt": "Hello", "stream": True})
+    assert "".join(c["choices"][0]["text"] for c in sse_data(data)[:-1]) == " world!"
+    rows = gw.rows(3)
+    assert {(r["endpoint"], r["lane"], r["provider"]) for r in rows} == {
+        ("/v1/completions", "translation", "anthropic"), ("/v1/completions", "translation", "gemini")}  # fmt: skip
+    assert rows[0]["prompt_tokens"] == 40 and rows[1]["completion_tokens"] == 9
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [({"prompt": [1, 2, 3]}, "token-id prompts"), ({"prompt": "x", "logprobs": 2}, "logprobs"),
+     ({"prompt": ["a", "b"], "stream": True}, "streams one prompt"), ({"prompt": "x", "n": 9}, "between 1 and 8"),
+     ({"prompt": "  "}, "'prompt' is empty"), ({"prompt": "x", "max_tokens": "9"}, "'max_tokens' must be")],
+)  # fmt: skip
+def test_completions_translated_refusals_are_openai_errors(start_gateway, body, words):
+    gw = start_gateway()  # offline: the loopback model, a translated lane
+    status, _, data = post(gw, "/v1/completions", {"model": "loopback", **body})
+    assert status == 400 and words in json.loads(data)["error"]["message"]
+    status, _, data = post(gw, "/v1/completions", {"model": "loopback", "prompt": "Once upon", "n": 2})
+    answer = json.loads(data)
+    assert status == 200 and [c["index"] for c in answer["choices"]] == [0, 1]
+    assert "Once upon" in answer["choices"][0]["text"] and gw.rows(2)[-1]["lane"] == "loopback"

@@ -2418,6 +2418,8 @@ class OpenAICallKeys:
 class OpenAIStreamEncoder:
     """Canonical events -> chat.completion.chunk SSE, ending in data: [DONE]."""
 
+    OBJECT = "chat.completion.chunk"
+
     def __init__(self, req: Request):
         self.req = req
         self.id = "chatcmpl-" + uuid.uuid4().hex[:24]
@@ -2465,7 +2467,7 @@ class OpenAIStreamEncoder:
             out = self._chunk({}, OpenAIChatCodec._finish_reason(ev.stop_reason, self.has_calls))
             if self.req.include_usage:
                 usage = OpenAIChatCodec.encode_usage(ev.usage or Usage())
-                obj = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.req.model,
+                obj = {"id": self.id, "object": self.OBJECT, "created": self.created, "model": self.req.model,
                        "choices": [], "usage": usage}  # fmt: skip
                 out += b"data: " + dumps(obj) + b"\n\n"
             return out
@@ -2477,6 +2479,121 @@ class OpenAIStreamEncoder:
 
 
 OPENAI_CODEC = OpenAIChatCodec()
+
+
+# ---- OpenAI legacy Completions (POST /v1/completions) -------------------------------------
+#
+# Passthrough to OpenAI-compatible servers, which have the endpoint. For every other provider a
+# prompt becomes one chat turn with an instruction to continue it (or, with `suffix`, to fill the
+# gap), and the answer comes back as text_completion choices; several prompts or n > 1 are asked
+# one after another (not streamed). Token-id prompts, logprobs and best_of need a real completions
+# server and are refused when translated. Errors, usage and the ledger row are OpenAI Chat's.
+
+COMPLETIONS_MAX_CHOICES = 8  # prompts x n a translated request may ask for
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the legacy API's own default
+COMPLETION_INSTRUCTION = (
+    "You are a text completion engine. Continue the user's text exactly where it stops. Reply with the "
+    "continuation only: do not repeat the text and do not comment on it."
+)
+INFILL_INSTRUCTION = (
+    "You are a text completion engine. The user gives a text and its ending. Reply with only the text that "
+    "belongs between them: do not repeat either part and do not comment."
+)
+
+
+class CompletionsCodec(OpenAIChatCodec):
+    """text_completion bodies and chunks <-> the canonical model (see the section comment)."""
+
+    REQUEST_FIELDS = {"model": str, "max_tokens": int, "temperature": float, "top_p": float, "n": int, "stream": bool,
+                      "suffix": str, "echo": bool, "user": str, "best_of": int}  # fmt: skip
+
+    def decode_request(self, body: dict) -> list:
+        """One canonical Request per choice asked for (each prompt, n times)."""
+        check_fields(body, self.REQUEST_FIELDS, ("model",))
+        prompt = body.get("prompt", "")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise bad_request("'prompt' must be a string or an array of strings when the model is not served by an "
+                              "OpenAI-compatible completions server (token-id prompts need one)")  # fmt: skip
+        if body.get("logprobs") not in (None, False) or (body.get("best_of") or 1) > 1:
+            raise bad_request("'logprobs' and 'best_of' need an OpenAI-compatible completions server; this model is "
+                              "answered through a chat model")  # fmt: skip
+        n = body.get("n") or 1
+        if n < 1 or len(prompts) * n > COMPLETIONS_MAX_CHOICES:
+            raise bad_request(f"prompts x n must be between 1 and {COMPLETIONS_MAX_CHOICES} when translated")
+        stream = bool(body.get("stream"))
+        if stream and len(prompts) * n > 1:
+            raise bad_request("a translated completion streams one prompt with n = 1; send the others separately")
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else [s for s in stop or () if isinstance(s, str)]
+        suffix = body.get("suffix") or ""
+        reqs = []
+        for text in prompts:
+            if not text.strip():
+                raise bad_request("'prompt' is empty")
+            turn = f"Text:\n{text}\n\nEnding:\n{suffix}" if suffix else text
+            instruction = INFILL_INSTRUCTION if suffix else COMPLETION_INSTRUCTION
+            for _ in range(n):
+                reqs.append(Request(
+                    model=body["model"], messages=[Message("user", [Part("text", text=turn)])],
+                    system=[Part("text", text=instruction)], stop=stop,
+                    max_tokens=body.get("max_tokens") or COMPLETIONS_DEFAULT_MAX_TOKENS,
+                    temperature=body.get("temperature"), top_p=body.get("top_p"), stream=stream,
+                    include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
+                    user=body.get("user") or "", raw={**body, "prompt": text}, protocol="completions",
+                ))  # fmt: skip
+        return reqs
+
+    def encode_choices(self, results: list, reqs: list) -> dict:
+        """The text_completion answer holding one choice per (Response, Request) asked."""
+        usage = Usage()
+        choices = []
+        for index, (resp, req) in enumerate(zip(results, reqs, strict=True)):
+            echo = req.raw["prompt"] if req.raw.get("echo") else ""
+            choices.append({"text": echo + text_of(resp.parts), "index": index, "logprobs": None,
+                            "finish_reason": self._finish_reason(resp.stop_reason, False)})  # fmt: skip
+            usage = Usage(usage.input_tokens + resp.usage.input_tokens, usage.output_tokens + resp.usage.output_tokens,
+                          usage.cached_tokens + resp.usage.cached_tokens)  # fmt: skip
+        first = results[0]
+        return {"id": "cmpl-" + openai_id(first.id).split("-", 1)[-1], "object": "text_completion",
+                "created": first.created or int(time.time()), "model": reqs[0].model, "choices": choices,
+                "usage": self.encode_usage(usage)}  # fmt: skip
+
+    def encode_response(self, resp: Response, req: Request) -> dict:
+        return self.encode_choices([resp], [req])
+
+    response_json = Codec.response_json  # not Chat's template
+
+    def stream_encoder(self, req: Request):
+        return CompletionsStreamEncoder(req)
+
+
+class CompletionsStreamEncoder(OpenAIStreamEncoder):
+    """Canonical events -> text_completion chunks, ending in data: [DONE]; thinking is never text."""
+
+    OBJECT = "text_completion"
+
+    def __init__(self, req: Request):
+        super().__init__(req)
+        self.id = "cmpl-" + self.id.split("-", 1)[1]
+
+    def _chunk(self, delta: dict, finish=None) -> bytes:
+        choice = {"text": delta.get("content", ""), "index": 0, "logprobs": None, "finish_reason": finish}
+        obj = {"id": self.id, "object": self.OBJECT, "created": self.created, "model": self.req.model,
+               "choices": [choice]}  # fmt: skip
+        return b"data: " + dumps(obj) + b"\n\n"
+
+    def encode(self, ev) -> bytes:
+        if isinstance(ev, BlockDelta):
+            return self._chunk({"content": ev.value}) if ev.kind == "text" and ev.value else b""
+        if isinstance(ev, (BlockStart, BlockStop)):
+            return b""
+        if isinstance(ev, MessageStart):
+            return self._chunk({"content": self.req.raw["prompt"]}) if self.req.raw.get("echo") else b""
+        return super().encode(ev)  # the finish, the usage chunk, [DONE] and errors as Chat's
+
+
+COMPLETIONS_CODEC = CompletionsCodec()
 
 
 # ---- Anthropic Messages ----------------------------------------------------------------
@@ -6077,7 +6194,7 @@ class Provider:
         return headers
 
     def url(self, operation: str, model: str = "", stream: bool = False) -> str:
-        """The upstream URL of one operation: chat, embeddings, responses, messages,
+        """The upstream URL of one operation: chat, completions, embeddings, responses, messages,
         count_tokens, generate, count_gemini, models."""
         key = (operation, model, stream)
         url = self._urls.get(key)
@@ -6091,7 +6208,8 @@ class Provider:
         base = self.base_url.rstrip("/")
         if self.flavor == "azure":
             version = self.api_version or "2024-10-21"
-            path = {"chat": "chat/completions", "embeddings": "embeddings", "responses": "responses"}[operation]
+            path = {"chat": "chat/completions", "embeddings": "embeddings", "responses": "responses",
+                    "completions": "completions"}[operation]  # fmt: skip
             return f"{base}/openai/deployments/{quote(model, safe='')}/{path}?api-version={version}"
         if self.protocol == "anthropic":
             root = base if base.endswith("/v1") else base + "/v1"
@@ -6109,7 +6227,8 @@ class Provider:
                 "count_gemini": "countTokens",
             }
             return f"{root}/models/{quote(model, safe='.-_')}:{method[operation]}"
-        path = {"chat": "chat/completions", "embeddings": "embeddings", "responses": "responses", "models": "models"}
+        path = {"chat": "chat/completions", "embeddings": "embeddings", "responses": "responses", "models": "models",
+                "completions": "completions"}  # fmt: skip
         return f"{base}/{path[operation]}"
 
 
@@ -6650,6 +6769,7 @@ class Gateway:
             ("GET", "/health"): self.health,
             ("GET", "/v1/models"): self.list_models,
             ("POST", "/v1/chat/completions"): self.chat_completions,
+            ("POST", "/v1/completions"): self.completions,
             ("POST", "/v1/embeddings"): self.embeddings,
             ("POST", "/v1/messages"): self.messages,
             ("POST", "/v1/messages/count_tokens"): self.count_tokens,
@@ -7070,6 +7190,40 @@ class Gateway:
                 self._upstream_headers.clear()
             self._upstream_headers[key] = headers
         return headers
+
+    # -- legacy Completions
+    async def completions(self, request: HttpRequest, call: Call) -> None:
+        """POST /v1/completions: passthrough to OpenAI-compatible servers, translated for the rest
+        (see CompletionsCodec)."""
+        body = parse_json_body(request.body)
+        model = field_of(body, "model", str, required=True)
+        stream = bool(field_of(body, "stream", bool, default=False))
+        call.codec = COMPLETIONS_CODEC
+        route = self.begin_model_call(call, model, stream)
+        lane = self.choose_lane(call, route, route.provider.protocol == "openai")
+        if lane == "passthrough":
+            await self.passthrough(request, call, route, body, "completions")
+            return
+        reqs = COMPLETIONS_CODEC.decode_request(body)
+        if len(reqs) == 1:
+            await self.canonical_call(request, call, route, reqs[0], lane)
+            return
+        results = [await self.complete_unsent(request, call, route, req, lane) for req in reqs]
+        answer = COMPLETIONS_CODEC.encode_choices(results, reqs)
+        call.usage = OPENAI_CODEC.decode_usage(answer["usage"])
+        call.exchange.send_json(200, answer)
+
+    async def complete_unsent(
+        self, request: HttpRequest, call: Call, route: Route, req: Request, lane: str
+    ) -> Response:
+        """One whole canonical answer, not sent to the client (choices asked one after another)."""
+        if lane == "loopback":
+            return self.loopback.complete(req)
+        upstream_codec = self.codecs[route.provider.protocol]
+        body = upstream_codec.encode_request(req, route.model, route.provider)
+        url = route.provider.url(CALL_OPERATIONS[route.provider.protocol], route.model, False)
+        resp = await self.send_upstream(call, route.provider, url, dumps(body), request, upstream_codec)
+        return upstream_codec.decode_response(json_or_502(await resp.read(), route.provider.name))
 
     # -- Responses API
     async def responses(self, request: HttpRequest, call: Call) -> None:
