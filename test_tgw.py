@@ -6557,7 +6557,7 @@ def test_lane_gemini_and_openai_model_endpoints_share_the_v1_models_prefix(start
     status, _, body = get(gw, "/v1beta/models")
     names = [m["name"] for m in json.loads(body)["models"]]
     assert status == 200 and "models/gemini-2.5-flash" in names
-    assert up.requests == []
+    assert {r["path"] for r in up.requests} <= {"/v1/models", "/v1beta/models?pageSize=1000"}  # model lists only (11.15)
 
 
 def test_lane_gemini_openai_compatible_chat_path(start_gateway, upstream):
@@ -7729,3 +7729,99 @@ def test_completions_translated_refusals_are_openai_errors(start_gateway, body, 
     answer = json.loads(data)
     assert status == 200 and [c["index"] for c in answer["choices"]] == [0, 1]
     assert "Once upon" in answer["choices"][0]["text"] and gw.rows(2)[-1]["lane"] == "loopback"
+
+
+# ---- model lists from the providers themselves (11.15) -----------------------------------
+
+F_OPENAI_MODELS = {"object": "list", "data": [
+    {"id": "gpt-4o", "object": "model", "created": 1715367049, "owned_by": "system"},
+    {"id": "gpt-4o-mini", "object": "model", "created": 1721172741, "owned_by": "system"},
+    {"id": "dall-e-3", "object": "model", "created": 1698785189, "owned_by": "system"}]}  # fmt: skip
+F_ANTHROPIC_MODELS = {"data": [{"type": "model", "id": "claude-sonnet-4-5-20250929", "display_name": "Claude Sonnet 4.5",
+                                "created_at": "2025-09-29T00:00:00Z"}], "has_more": False}  # fmt: skip
+F_GEMINI_MODELS = {"models": [
+    {"name": "models/gemini-2.5-flash", "displayName": "Gemini 2.5 Flash", "inputTokenLimit": 1048576,
+     "outputTokenLimit": 65535, "supportedGenerationMethods": ["generateContent", "countTokens"]},
+    {"name": "models/text-embedding-004", "supportedGenerationMethods": ["embedContent"]}]}  # fmt: skip
+
+
+def f_models_upstream(upstream, listing: dict, gate: threading.Event | None = None, status=200):
+    def script(h, body):
+        if gate is not None:
+            gate.wait(10)
+        reply_json(h, listing, status)
+
+    return upstream(script)
+
+
+def f_ids(gw, path="/v1/models", headers=None) -> dict:
+    status, _, data = get(gw, path, headers)
+    assert status == 200
+    body = json.loads(data)
+    return body
+
+
+def test_model_lists_show_what_each_provider_serves_with_aliases(start_gateway, upstream):
+    openai_up = f_models_upstream(upstream, F_OPENAI_MODELS)
+    anthropic_up = f_models_upstream(upstream, F_ANTHROPIC_MODELS)
+    gemini_up = f_models_upstream(upstream, F_GEMINI_MODELS)
+    gw = start_gateway(env={**openai_env(openai_up), **anthropic_env(anthropic_up), **gemini_env(gemini_up),
+                            "TOKLIGENCE_MODEL_ALIASES": "fast=>gpt-4o-mini"})  # fmt: skip
+    listed = {m["id"]: m for m in f_ids(gw)["data"]}
+    assert {"loopback", "fast", "gpt-4o", "gpt-4o-mini", "claude-sonnet-4-5-20250929", "gemini-2.5-flash"} <= set(
+        listed
+    )
+    assert "dall-e-3" not in listed and "text-embedding-004" not in listed  # no route sends them there / no chat
+    assert listed["gpt-4o"] == {"id": "gpt-4o", "object": "model", "created": 1715367049, "owned_by": "openai"}
+    assert listed["claude-sonnet-4-5-20250929"]["owned_by"] == "anthropic" and listed["fast"]["owned_by"] == "openai"
+    # each provider was asked once, at its own models endpoint, with its own credentials
+    (o,), (a,), (g,) = openai_up.requests, anthropic_up.requests, gemini_up.requests
+    assert (o["path"], header_of(o, "authorization")) == ("/v1/models", "Bearer sk-upstream-secret-123456")
+    assert o["body"] is None  # a GET (the harness records every method as POST)
+    assert a["path"] == "/v1/models?limit=1000" and header_of(a, "x-api-key") == L_ANTHROPIC_KEY
+    assert header_of(a, "anthropic-version") == "2023-06-01"
+    assert g["path"] == "/v1beta/models?pageSize=1000" and header_of(g, "x-goog-api-key") == L_GEMINI_KEY
+    claude = next(m for m in f_ids(gw, headers={"anthropic-version": "2023-06-01"})["data"]
+                  if m["id"] == "claude-sonnet-4-5-20250929")  # fmt: skip
+    assert claude["display_name"] == "Claude Sonnet 4.5" and claude["type"] == "model"
+    flash = next(m for m in f_ids(gw, "/v1beta/models")["models"] if m["name"] == "models/gemini-2.5-flash")
+    assert flash["displayName"] == "Gemini 2.5 Flash" and flash["outputTokenLimit"] == 65535
+    assert [len(up.requests) for up in (openai_up, anthropic_up, gemini_up)] == [1, 1, 1]  # served from the cache
+    # once the list is due again it is served at once and fetched in the background
+    F_OPENAI_MODELS["data"].append({"id": "gpt-5", "object": "model", "created": 1754000000, "owned_by": "system"})
+    try:
+        gw.gateway.catalog.next_fetch["openai"] = 0.0
+        assert "gpt-5" not in {m["id"] for m in f_ids(gw)["data"]}
+        deadline = time.monotonic() + 10
+        while "gpt-5" not in {m["id"] for m in f_ids(gw)["data"]} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "gpt-5" in {m["id"] for m in f_ids(gw)["data"]} and len(openai_up.requests) == 2
+    finally:
+        F_OPENAI_MODELS["data"].pop()
+
+
+def test_model_list_never_waits_long_for_a_slow_or_failing_provider(start_gateway, upstream, monkeypatch, caplog):
+    monkeypatch.setattr(tgw, "MODEL_LIST_FIRST_WAIT", 0.5)
+    monkeypatch.setattr(tgw, "MODEL_LIST_TIMEOUT", 1.5)
+    gate = threading.Event()
+    slow = f_models_upstream(upstream, F_ANTHROPIC_MODELS, gate)
+    failing = f_models_upstream(upstream, {"error": {"code": 400, "message": f"API key {L_GEMINI_KEY} not valid",
+                                                     "status": "INVALID_ARGUMENT"}}, status=400)  # fmt: skip
+    openai_up = f_models_upstream(upstream, F_OPENAI_MODELS)
+    gw = start_gateway(env={**anthropic_env(slow), **gemini_env(failing), **openai_env(openai_up)})
+    try:
+        with caplog.at_level(logging.WARNING, logger="tgw"):
+            started = time.monotonic()
+            ids = {m["id"] for m in f_ids(gw)["data"]}
+            assert time.monotonic() - started < 1.4  # the first call waited its bound, not the slow provider
+            assert "gpt-4o" in ids and "claude-sonnet-4-5-20250929" not in ids
+            deadline = time.monotonic() + 10
+            while "anthropic not fetched: timed out" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert "model list of provider gemini not fetched" in caplog.text and "not valid" in caplog.text
+        assert "model list of provider anthropic not fetched: timed out" in caplog.text
+        assert L_GEMINI_KEY not in caplog.text and L_ANTHROPIC_KEY not in caplog.text
+        started = time.monotonic()
+        assert "gpt-4o" in {m["id"] for m in f_ids(gw)["data"]} and time.monotonic() - started < 0.4  # no wait now
+    finally:
+        gate.set()

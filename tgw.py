@@ -14,10 +14,11 @@ Sections, in the order data flows:
     2. Config                    defaults < gateway.ini < TOKLIGENCE_* env < command-line flags
     3. HTTP/1.1 wire             server connections, upstream client with pool, SSE parsing
     4. Canonical model           the hub every protocol converts to and from
-    5. Codecs                    one per wire protocol: OpenAI Chat, Anthropic Messages,
-                                 OpenAI Responses, Gemini (+ JSON Schema cleaning for Gemini)
+    5. Codecs                    one per wire protocol: OpenAI Chat (+ legacy Completions),
+                                 Anthropic Messages, OpenAI Responses, Gemini (+ JSON Schema
+                                 cleaning for Gemini and for Anthropic's structured outputs)
     6. Providers                 upstream endpoints, auth headers, the loopback model
-    7. Router                    model routes, aliases, work modes
+    7. Router                    model routes, aliases, work modes, model lists fetched from providers
     8. Ledger                    sqlite schema, background writer, usage queries, prices,
                                  stored Responses (previous_response_id)
     9. Gateway                   endpoints and lanes (passthrough, translation, loopback),
@@ -6385,18 +6386,136 @@ class Router:
         """Concrete model names the gateway can serve: (model, provider)."""
         seen: dict[str, str] = {"loopback": "loopback"}
         for alias, target in self.aliases.items():
-            seen.setdefault(alias, self._provider_of(target))
+            seen.setdefault(alias, self.provider_of(target))
         if not self.offline:
             for pattern, provider in self.rules:
                 if not any(c in pattern for c in "*?[") and self.providers[provider].configured:
                     seen.setdefault(pattern, provider)
         return list(seen.items())
 
-    def _provider_of(self, model: str) -> str:
+    def provider_of(self, model: str) -> str:
         try:
             return self.resolve(model).provider.name
         except GatewayError:
             return "unknown"
+
+
+# ---- model lists: what each configured provider really serves ------------------------------
+
+MODEL_LIST_TTL = 600.0  # seconds a provider's list is served before it is fetched again (in the background)
+MODEL_LIST_RETRY = 60.0  # after a failed fetch
+MODEL_LIST_TIMEOUT = 5.0  # one provider's fetch, connection and body
+MODEL_LIST_FIRST_WAIT = 2.0  # the most a model-list call waits for a provider never fetched yet
+MODEL_LIST_MAX = 2000  # models kept per provider
+MODEL_LIST_MAX_BYTES = 8 * 1024 * 1024
+MODEL_LIST_QUERY = {"anthropic": "?limit=1000", "gemini": "?pageSize=1000"}  # one page holds them all
+
+
+@dataclass(slots=True)
+class ListedModel:
+    id: str
+    provider: str
+    display_name: str = ""
+    created: int = 0
+    gemini: dict | None = None  # the limits and methods a Gemini provider gave for it
+
+
+class ModelCatalog:
+    """The models /v1/models (and the Anthropic and Gemini lists) show: loopback, aliases and the
+    routes' concrete names, then what each configured provider's own models endpoint lists and
+    the routes would send back to it. Fetched through the UpstreamPool, bounded in time and size,
+    cached for MODEL_LIST_TTL and refreshed in the background: a list call never waits, except
+    the first one, at most MODEL_LIST_FIRST_WAIT. A provider that fails is logged and skipped."""
+
+    def __init__(self, router: Router, pool, anthropic_version: str):
+        self.router = router
+        self.pool = pool
+        self.anthropic_version = anthropic_version
+        self.lists: dict[str, list[ListedModel]] = {}
+        self.next_fetch: dict[str, float] = {}  # provider -> when its list is due again
+        self.refreshing: asyncio.Task | None = None
+        self._headers: dict[str, dict] = {}
+
+    def sources(self) -> list[Provider]:
+        if self.router.offline:
+            return []
+        return [p for p in self.router.providers.values()
+                if p.protocol != "loopback" and p.flavor != "azure" and p.configured]  # fmt: skip
+
+    async def models(self) -> list[ListedModel]:
+        sources = self.sources()
+        now = time.monotonic()
+        due = [p for p in sources if self.next_fetch.get(p.name, 0.0) <= now]
+        if due and (self.refreshing is None or self.refreshing.done()):
+            self.refreshing = asyncio.get_running_loop().create_task(self.refresh(due))
+        if self.refreshing is not None and any(p.name not in self.next_fetch for p in sources):
+            await asyncio.wait({self.refreshing}, timeout=MODEL_LIST_FIRST_WAIT)  # only the very first time
+        listed = {m: ListedModel(m, p) for m, p in self.router.listed_models()}
+        for provider in sources:
+            for model in self.lists.get(provider.name, ()):
+                listed.setdefault(model.id, model)
+        return list(listed.values())
+
+    async def refresh(self, providers: list) -> None:
+        await asyncio.gather(*(self.fetch(p) for p in providers))
+
+    async def fetch(self, provider: Provider) -> None:
+        try:
+            models = await asyncio.wait_for(self._fetch(provider), MODEL_LIST_TIMEOUT)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure: logged, the list stays as it was
+            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}"
+            log.warning("model list of provider %s not fetched: %s", provider.name, redact(reason)[:300])
+            self.next_fetch[provider.name] = time.monotonic() + MODEL_LIST_RETRY
+            return
+        self.lists[provider.name] = models
+        self.next_fetch[provider.name] = time.monotonic() + MODEL_LIST_TTL
+
+    async def _fetch(self, provider: Provider) -> list[ListedModel]:
+        url = provider.url("models") + MODEL_LIST_QUERY.get(provider.protocol, "")
+        resp = await self.pool.request("GET", url, self.headers(provider))
+        data = await resp.read(MODEL_LIST_MAX_BYTES)
+        if resp.status >= 400:
+            raise OPENAI_CODEC.decode_error(resp.status, data)
+        body = loads(data)
+        items = body.get("models" if provider.protocol == "gemini" else "data") if isinstance(body, dict) else None
+        models = []
+        for item in items[:MODEL_LIST_MAX] if isinstance(items, list) else ():
+            model = self._listed(provider, item) if isinstance(item, dict) else None
+            if model is not None and self.router.provider_of(model.id) == provider.name:  # only what routes here
+                models.append(model)
+        return models
+
+    def headers(self, provider: Provider) -> dict:
+        headers = self._headers.get(provider.name)
+        if headers is None:
+            headers = dict(provider.auth_headers())
+            if provider.protocol == "anthropic":
+                headers["anthropic-version"] = self.anthropic_version
+            self._headers[provider.name] = headers
+        return headers
+
+    @staticmethod
+    def _listed(provider: Provider, item: dict) -> ListedModel | None:
+        if provider.protocol == "gemini":
+            name = item.get("name")
+            methods = item.get("supportedGenerationMethods")
+            if not isinstance(name, str) or (isinstance(methods, list) and "generateContent" not in methods):
+                return None  # embedding and other models a chat client cannot use
+            model_id = name.removeprefix("models/")
+            info = {k: item[k] for k in ("inputTokenLimit", "outputTokenLimit") if type(item.get(k)) is int}
+            display = item.get("displayName")
+            return ListedModel(model_id, provider.name, display if isinstance(display, str) else "", gemini=info)
+        model_id, display, created = item.get("id"), item.get("display_name"), item.get("created")
+        if not isinstance(model_id, str) or not model_id or len(model_id) > 256:
+            return None
+        return ListedModel(model_id, provider.name, display if isinstance(display, str) else "",
+                           created if type(created) is int else 0)  # fmt: skip
+
+    def close(self) -> None:
+        if self.refreshing is not None:
+            self.refreshing.cancel()
 
 
 # ======================================================================================
@@ -6762,6 +6881,7 @@ class Gateway:
             "openai": OPENAI_CODEC, "anthropic": ANTHROPIC_CODEC, "responses": RESPONSES_CODEC, "gemini": GEMINI_CODEC,
         }  # fmt: skip
         self.responses_store = ResponseStore(self.ledger, cfg.responses_retention_days)
+        self.catalog = ModelCatalog(self.router, self.pool, cfg.anthropic_version)
         self._upstream_headers: dict[tuple, dict] = {}
         self.started_at = time.time()
         self.routes = {
@@ -6784,6 +6904,7 @@ class Gateway:
         self.public = {"/", "/health"}
 
     def close(self) -> None:
+        self.catalog.close()
         self.pool.close()
         self.ledger.close()
         self.responses_store.close()
@@ -6907,16 +7028,16 @@ class Gateway:
         if is_gemini_client(request):
             await self.gemini_list_models(request, call)
             return
-        models = self.router.listed_models()
+        models = await self.catalog.models()
         if "anthropic-version" in request.headers or "x-api-key" in request.headers:
-            data = [
-                {"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"} for m, _ in models
-            ]
+            data = [{"type": "model", "id": m.id, "display_name": m.display_name or m.id,
+                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created or 1735689600))}
+                    for m in models]  # fmt: skip
             body = {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
         else:
             body = {
                 "object": "list",
-                "data": [{"id": m, "object": "model", "created": 0, "owned_by": p} for m, p in models],
+                "data": [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.provider} for m in models],
             }
         call.exchange.send_json(200, body)
 
@@ -7324,12 +7445,16 @@ class Gateway:
             return
         call.exchange.send_json(200, {"totalTokens": gemini_count_tokens_estimate(body)})
 
-    def gemini_model_info(self, model: str) -> dict:
-        return {"name": f"models/{model}", "displayName": model, "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
+    def gemini_model_info(self, model: str, listed: ListedModel | None = None) -> dict:
+        info = {"name": f"models/{model}", "displayName": (listed and listed.display_name) or model,
+                "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
                 "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens"]}  # fmt: skip
+        info.update((listed and listed.gemini) or {})
+        return info
 
     async def gemini_list_models(self, request: HttpRequest, call: Call) -> None:
-        call.exchange.send_json(200, {"models": [self.gemini_model_info(m) for m, _ in self.router.listed_models()]})
+        models = await self.catalog.models()
+        call.exchange.send_json(200, {"models": [self.gemini_model_info(m.id, m) for m in models]})
 
     async def gemini_get_model(self, request: HttpRequest, call: Call) -> None:
         model = request.path.split("/models/", 1)[1]
