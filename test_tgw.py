@@ -6557,7 +6557,10 @@ def test_lane_gemini_and_openai_model_endpoints_share_the_v1_models_prefix(start
     status, _, body = get(gw, "/v1beta/models")
     names = [m["name"] for m in json.loads(body)["models"]]
     assert status == 200 and "models/gemini-2.5-flash" in names
-    assert {r["path"] for r in up.requests} <= {"/v1/models", "/v1beta/models?pageSize=1000"}  # model lists only (11.15)
+    assert {r["path"] for r in up.requests} <= {
+        "/v1/models",
+        "/v1beta/models?pageSize=1000",
+    }  # model lists only (11.15)
 
 
 def test_lane_gemini_openai_compatible_chat_path(start_gateway, upstream):
@@ -7783,7 +7786,8 @@ def test_model_lists_show_what_each_provider_serves_with_aliases(start_gateway, 
     assert g["path"] == "/v1beta/models?pageSize=1000" and header_of(g, "x-goog-api-key") == L_GEMINI_KEY
     claude = next(m for m in f_ids(gw, headers={"anthropic-version": "2023-06-01"})["data"]
                   if m["id"] == "claude-sonnet-4-5-20250929")  # fmt: skip
-    assert claude["display_name"] == "Claude Sonnet 4.5" and claude["type"] == "model"
+    assert claude == {"type": "model", "id": "claude-sonnet-4-5-20250929", "display_name": "Claude Sonnet 4.5",
+                      "created_at": "2025-09-29T00:00:00Z"}  # fmt: skip
     flash = next(m for m in f_ids(gw, "/v1beta/models")["models"] if m["name"] == "models/gemini-2.5-flash")
     assert flash["displayName"] == "Gemini 2.5 Flash" and flash["outputTokenLimit"] == 65535
     assert [len(up.requests) for up in (openai_up, anthropic_up, gemini_up)] == [1, 1, 1]  # served from the cache

@@ -2506,7 +2506,7 @@ class CompletionsCodec(OpenAIChatCodec):
     """text_completion bodies and chunks <-> the canonical model (see the section comment)."""
 
     REQUEST_FIELDS = {"model": str, "max_tokens": int, "temperature": float, "top_p": float, "n": int, "stream": bool,
-                      "suffix": str, "echo": bool, "user": str, "best_of": int}  # fmt: skip
+                      "suffix": str, "echo": bool, "user": str, "best_of": int, "stream_options": dict}  # fmt: skip
 
     def decode_request(self, body: dict) -> list:
         """One canonical Request per choice asked for (each prompt, n times)."""
@@ -4969,7 +4969,9 @@ class GeminiCodec(Codec):
         from_model = role == "model"
         parts = [self._decode_part(p, f"{where}.parts[{j}]", from_model, ids) for j, p in enumerate(raw_parts)]
         parts = [p for p in parts if p is not None]
-        return Message("assistant" if from_model else "user", restore_signed_thinking(parts) if from_model else parts)
+        if from_model:
+            return Message("assistant", restore_signed_thinking(parts))
+        return Message("user", [p for p in parts if p.type != "text" or p.text])  # signature-only parts: nothing to say
 
     def _decode_part(self, part, where: str, from_model: bool, ids: GeminiCallIds) -> Part | None:
         if not isinstance(part, dict):
@@ -6417,6 +6419,7 @@ class ListedModel:
     provider: str
     display_name: str = ""
     created: int = 0
+    created_at: str = ""  # Anthropic's (an ISO date)
     gemini: dict | None = None  # the limits and methods a Gemini provider gave for it
 
 
@@ -6510,8 +6513,9 @@ class ModelCatalog:
         model_id, display, created = item.get("id"), item.get("display_name"), item.get("created")
         if not isinstance(model_id, str) or not model_id or len(model_id) > 256:
             return None
+        created_at = item.get("created_at") if isinstance(item.get("created_at"), str) else ""
         return ListedModel(model_id, provider.name, display if isinstance(display, str) else "",
-                           created if type(created) is int else 0)  # fmt: skip
+                           created if type(created) is int else 0, created_at[:40])  # fmt: skip
 
     def close(self) -> None:
         if self.refreshing is not None:
@@ -7031,7 +7035,7 @@ class Gateway:
         models = await self.catalog.models()
         if "anthropic-version" in request.headers or "x-api-key" in request.headers:
             data = [{"type": "model", "id": m.id, "display_name": m.display_name or m.id,
-                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created or 1735689600))}
+                     "created_at": m.created_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created or 1735689600))}
                     for m in models]  # fmt: skip
             body = {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
         else:
