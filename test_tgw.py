@@ -7205,6 +7205,11 @@ def test_text_log_lines_and_live_log_settings(start_gateway, tgw_logs):
     line = log_file.read_text().splitlines()[-1]
     assert " INFO tgw: POST /v1/messages 200 " in line and "lane=loopback" in line
     assert line.endswith("request_id=abc-1")
+    tgw.redact.add("sk-text-log-secret-77")
+    tgw.log.warning("upstream said: bad key sk-text-log-secret-77")
+    flush_logs(gw)
+    line = log_file.read_text().splitlines()[-1]
+    assert "bad key [redacted" in line and "sk-text-log-secret-77" not in log_file.read_text()
     # what apply_config (live reload) does: JSON from now on, into the same file; then no access lines
     gw.gateway.telemetry.apply_config(make_config(Path(os.getcwd()), log_file=str(log_file), log_format="json",
                                                   access_log="all", log_level="info"))  # fmt: skip

@@ -59,6 +59,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import uuid
 import zlib
 from collections import deque
@@ -7296,13 +7297,13 @@ class JsonLogFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
+        if getattr(record, "request_id", ""):
+            entry["request_id"] = record.request_id
         if record.msg is ACCESS_LINE and isinstance(record.args, dict):
             entry["event"] = "request"
             entry.update(record.args)
         else:
             entry["msg"] = redact(record.getMessage())
-        if getattr(record, "request_id", ""):
-            entry["request_id"] = record.request_id
         if record.exc_info:
             entry["exc"] = redact(self.formatException(record.exc_info))
         return redact(json.dumps(entry, separators=(",", ":"), default=str))
@@ -7501,7 +7502,10 @@ class LogSetup:
                     self._swap([])
                     return
                 if callable(item):  # a control message (new handlers, a flush marker)
-                    item()
+                    try:
+                        item()
+                    except Exception:  # the thread must outlive a bad handler
+                        traceback.print_exc(file=sys.stderr)
                     continue
                 for handler in self.handlers:
                     if item.levelno >= handler.level:
