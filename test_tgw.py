@@ -7830,6 +7830,16 @@ def test_model_list_never_waits_long_for_a_slow_or_failing_provider(start_gatewa
         assert "gpt-4o" in {m["id"] for m in f_ids(gw)["data"]} and time.monotonic() - started < 0.4  # no wait now
     finally:
         gate.set()
+
+
+def test_completions_belong_to_the_openai_bundle_in_multiport_mode(start_gateway):
+    gw = start_multiport(start_gateway)
+    body = {"model": "loopback", "prompt": "Once upon"}
+    assert post(port_of(gw, "openai"), "/v1/completions", body)[0] == 200
+    assert post(port_of(gw, "anthropic"), "/v1/completions", body)[0] == 404
+
+
+# ======================================================================================
 # Operations: multiport, logs, metrics (issue 14)
 # ======================================================================================
 

@@ -7723,7 +7723,7 @@ PORT_KEYS = tuple(port_key for port_key, _, _ in LISTENERS.values())
 # Paths of each bundle: exact ones, then prefixes. /metrics sits with the admin API; the
 # facade serves it too (where Tokligence Gateway documents it, on the main port).
 BUNDLE_PATHS = {"/v1/chat/completions": "openai_core", "/v1/embeddings": "openai_core", "/v1/models": "openai_core",
-                "/health": "health", "/": "health", "/metrics": "admin"}  # fmt: skip
+                "/v1/completions": "openai_core", "/health": "health", "/": "health", "/metrics": "admin"}  # fmt: skip
 BUNDLE_PREFIXES = (
     ("/v1/models/", "openai_core"), ("/v1/responses", "openai_responses"), ("/v1/messages", "anthropic"),
     ("/anthropic/", "anthropic"), ("/v1beta/", "gemini_native"), ("/api/v1/admin", "admin"), ("/api/v1/usage", "admin"),
