@@ -7168,6 +7168,9 @@ def test_schema_for_anthropic_is_bounded_and_an_older_claude_is_asked_in_words()
     with pytest.raises(GatewayError) as info:
         tgw.clean_schema_for_anthropic(wide)
     assert info.value.status == 400 and "too large" in info.value.message
+    many = {"allOf": [{"properties": {f"p{i}": {"type": "string"}}} for i in range(3000)] + [{"type": "object"}]}
+    with pytest.raises(GatewayError):  # every branch merged counts
+        tgw.clean_schema_for_anthropic(many)
     deep: dict = {"type": "string"}
     for _ in range(100):
         deep = {"type": "array", "items": deep}
@@ -7190,6 +7193,10 @@ def test_schema_for_anthropic_is_bounded_and_an_older_claude_is_asked_in_words()
         "Answer"
     )
     assert body["output_config"] == {"effort": "low"}
+    # {"type": "text"} asks for nothing
+    req = OPENAI_CODEC.decode_request({**f_source_body("openai", "object", "m"), "response_format": {"type": "text"}})
+    body = ANTHROPIC_CODEC.encode_request(req, "claude-sonnet-4-5", None)
+    assert "system" not in body and "output_config" not in body
 
 
 # ---- structured output over sockets -------------------------------------------------------
@@ -7472,6 +7479,11 @@ F_SERVER_STREAMS = {
                             f_chunk({"tool_calls": [f_call({"city": "Paris"}, index=0)]}),
                             f_chunk({}, "tool_calls"), "data: [DONE]\n\n"],
                            [("call_a", "get_weather", {"city": "Paris"})], "tool_use"),
+    # a piece that opens a nested object is more arguments, not a repeat
+    "nested-object-pieces": ([f_chunk({"tool_calls": [f_call('{"where": ', "call_n", "locate", 0)]}),
+                              f_chunk({"tool_calls": [f_call('{"city": "Paris"}', index=0)]}),
+                              f_chunk({"tool_calls": [f_call("}", index=0)]}), "data: [DONE]\n\n"],
+                             [("call_n", "locate", {"where": {"city": "Paris"}})], "tool_use"),
     "arguments-as-object": ([f_chunk({"content": None, "tool_calls": [f_call({"city": "Rome"}, "call_r", "get_weather", 0)]}),
                              f_chunk({}, "tool_calls"), "data: [DONE]\n\n"],
                             [("call_r", "get_weather", {"city": "Rome"})], "tool_use"),

@@ -2435,8 +2435,15 @@ class OpenAICallKeys:
         if not isinstance(piece, str) or not piece:
             return ""
         so_far = self.arguments.get(key, "")
-        if so_far and piece[:1] in "{[" and self._whole(so_far) and self._whole(piece):
-            return ""  # the whole arguments again, after they were complete
+        # the whole arguments again, after they were complete (the length test keeps this linear)
+        if (
+            so_far
+            and piece[:1] in "{["
+            and 2 * len(piece) >= len(so_far)
+            and self._whole(so_far)
+            and self._whole(piece)
+        ):
+            return ""
         self.arguments[key] = so_far + piece
         return piece
 
@@ -2943,7 +2950,7 @@ class AnthropicCodec(Codec):
             body["stream"] = True
         if from_anthropic:
             body.update({k: req.raw[k] for k in ANTHROPIC_ONLY_FIELDS if k in req.raw})
-        if req.response_format is not None:
+        if req.response_format is not None and req.response_format.get("type") in ("json_schema", "json_object"):
             self._encode_output_format(req, model, body, from_anthropic)
         return body
 
@@ -6056,17 +6063,20 @@ class _AnthropicSchema:
         self.done: dict[str, dict | None] = {}  # definition name -> cleaned (None while being cleaned)
         self.nodes = 0
 
-    def clean(self, node, depth: int) -> dict:
-        self.nodes += 1
+    def spend(self, nodes: int, depth: int = 0) -> None:
+        self.nodes += nodes
         if self.nodes > ANTHROPIC_SCHEMA_MAX_NODES or depth > 64:
             raise bad_request(f"the response schema is too large or too deep (over {ANTHROPIC_SCHEMA_MAX_NODES} "
                               "nodes or 64 levels) for structured output")  # fmt: skip
+
+    def clean(self, node, depth: int) -> dict:
+        self.spend(1, depth)
         if not isinstance(node, dict) or not node:
             return self.any_value("any JSON value")
         if isinstance(node.get("$ref"), str):
             return self.ref(node["$ref"], depth)
         if isinstance(node.get("allOf"), list):
-            node = _merge_all_of(node, self.defs, ())
+            node = self.merge_all_of(node)
         notes: list[str] = []
         types, nullable = _schema_types(node)
         union = node.get("anyOf") if isinstance(node.get("anyOf"), list) else node.get("oneOf")
@@ -6093,6 +6103,31 @@ class _AnthropicSchema:
         if description:
             out["description"] = description
         return out
+
+    def merge_all_of(self, node: dict) -> dict:
+        """allOf as one schema (closing each branch would reject the others' keys); each branch and
+        property merged counts against the size bound, and the merge is linear."""
+        merged = {k: v for k, v in node.items() if k != "allOf"}
+        props = dict(merged["properties"]) if isinstance(merged.get("properties"), dict) else {}
+        required = list(merged["required"]) if isinstance(merged.get("required"), list) else []
+        for sub in node["allOf"]:
+            if not isinstance(sub, dict):
+                continue
+            sub, _ = _inline_refs(sub, self.defs, ())
+            self.spend(1 + len(sub.get("properties") or ()))
+            for key, value in sub.items():
+                if key == "properties" and isinstance(value, dict):
+                    for name, schema in value.items():
+                        props.setdefault(name, schema)
+                elif key == "required" and isinstance(value, list):
+                    required.extend(value)
+                else:
+                    merged.setdefault(key, value)
+        if props:
+            merged["properties"] = props
+        if required:
+            merged["required"] = list(dict.fromkeys(r for r in required if isinstance(r, str)))
+        return merged
 
     def ref(self, ref: str, depth: int) -> dict:
         head, _, name = ref.rpartition("/")
