@@ -7176,6 +7176,10 @@ def test_schema_for_anthropic_is_bounded_and_an_older_claude_is_asked_in_words()
         deep = {"type": "array", "items": deep}
     with pytest.raises(GatewayError):
         tgw.clean_schema_for_anthropic(deep)
+    supported = {"claude-opus-4-1-20250805": True, "claude-sonnet-4-5": True, "claude-haiku-4-5-20251001": True,
+                 "claude-opus-4-6": True, "claude-opus-4-20250514": False, "claude-sonnet-4-0": False,
+                 "claude-3-7-sonnet-latest": False, "deepseek-chat": False}  # fmt: skip
+    assert {m: tgw.anthropic_has_json_output(m) for m in supported} == supported
     # a Claude without structured outputs gets the schema as an instruction, after the client's own system text
     req = f_decode("openai", f_source_body("openai", "schema", "claude-3-5-haiku-latest"))
     req.system = [Part("text", text="Be brief.")]
