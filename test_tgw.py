@@ -5420,9 +5420,10 @@ def test_gemini_stream_encoder_errors_and_signatures():
     resp = Response("r", "m", [Part("text", text="Hi", extra={"thought_signature": "c2ln"}),
                                Part("thinking", text="t", signature="anthropic-sig")], "end_turn")  # fmt: skip
     frames = [json.loads(e.data) for e in sse_events(b"".join(encoder.encode(ev) for ev in unfold_response(resp)))]
+    carried = tgw.pack_gemini_thinking([Part("thinking", text="t", signature="anthropic-sig")])  # issue 11.4
     assert [f["candidates"][0].get("content") for f in frames] == [
         {"parts": [{"text": "Hi", "thoughtSignature": "c2ln"}], "role": "model"},
-        None,
+        {"parts": [{"text": "", "thoughtSignature": carried}], "role": "model"},
     ]
 
 
@@ -6557,7 +6558,10 @@ def test_lane_gemini_and_openai_model_endpoints_share_the_v1_models_prefix(start
     status, _, body = get(gw, "/v1beta/models")
     names = [m["name"] for m in json.loads(body)["models"]]
     assert status == 200 and "models/gemini-2.5-flash" in names
-    assert up.requests == []
+    assert {r["path"] for r in up.requests} <= {
+        "/v1/models",
+        "/v1beta/models?pageSize=1000",
+    }  # model lists only (11.15)
 
 
 def test_lane_gemini_openai_compatible_chat_path(start_gateway, upstream):
@@ -6947,6 +6951,908 @@ def test_loopback_answers_claude_code_shaped_requests_offline(start_gateway):
         {"type": "text", "text": "Hello from the tgw loopback model. You said: say hi"}
     ]
     assert message["stop_reason"] == "end_turn" and gw.rows()[-1]["lane"] == "loopback"
+
+
+# ======================================================================================
+# Fidelity: structured output, Gemini signatures, OpenAI-compatible servers, completions, model lists (issue 11)
+# ======================================================================================
+
+F_PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}},
+            "required": ["name", "age"], "additionalProperties": False}  # fmt: skip
+F_PERSON_FOR_ANTHROPIC = {"type": "object", "properties": {"name": {"type": "string"},
+                                                            "age": {"type": "integer", "description": ">= 0"}},
+                          "additionalProperties": False, "required": ["name", "age"]}  # fmt: skip
+F_ANSWER = '{"name": "Ada", "age": 36}'
+F_USER = "Who wrote the first program? Name and age."
+
+
+def f_source_body(source: str, fmt: str, model: str) -> dict:
+    """A client's request asking for structured output in its own protocol's form."""
+    if source == "openai":
+        format_ = {"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": F_PERSON}}
+        return {"model": model, "messages": [{"role": "user", "content": F_USER}],
+                "response_format": format_ if fmt == "schema" else {"type": "json_object"}}  # fmt: skip
+    if source == "responses":
+        format_ = {"type": "json_schema", "name": "person", "strict": True, "schema": F_PERSON}
+        return {
+            "model": model,
+            "input": F_USER,
+            "text": {"format": format_ if fmt == "schema" else {"type": "json_object"}},
+        }
+    if source in ("anthropic", "anthropic_legacy"):
+        body = {"model": model, "max_tokens": 512, "messages": [{"role": "user", "content": F_USER}]}
+        key = "output_config" if source == "anthropic" else None
+        format_ = {"type": "json_schema", "schema": F_PERSON}
+        if key:
+            body["output_config"] = {"format": format_}
+        else:
+            body["output_format"] = format_
+        return body
+    config = {"responseMimeType": "application/json"}
+    if fmt == "schema":
+        config["responseJsonSchema"] = F_PERSON
+    return {"contents": [{"role": "user", "parts": [{"text": F_USER}]}], "generationConfig": config}
+
+
+def f_decode(source: str, body: dict) -> Request:
+    if source == "gemini":
+        return GEMINI_CODEC.decode_request(body, "m", False)
+    codec = {"openai": OPENAI_CODEC, "responses": RESPONSES_CODEC}.get(source, ANTHROPIC_CODEC)
+    return codec.decode_request(body)
+
+
+def f_upstream_answer(target: str, text: str) -> dict:
+    """What each upstream answers when it honoured the format: the JSON as the answer's text."""
+    if target == "openai":
+        return chat_completion(text)
+    if target == "responses":
+        return {"id": "resp_f1", "object": "response", "status": "completed", "model": "gpt-5",
+                "output": [{"type": "message", "id": "msg_f1", "role": "assistant", "status": "completed",
+                            "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+                "usage": {"input_tokens": 9, "output_tokens": 7}}  # fmt: skip
+    if target == "anthropic":
+        return a_message([{"type": "text", "text": text}])
+    return g_answer([{"text": text}])
+
+
+def f_client_text(source: str, answer: dict) -> str:
+    """The text a client's SDK parses: message.content, output_text, the text blocks, the text parts."""
+    if source == "openai":
+        return answer["choices"][0]["message"]["content"]
+    if source == "responses":  # the SDK's output_text property
+        return "".join(c["text"] for item in answer["output"] if item["type"] == "message"
+                       for c in item["content"] if c["type"] == "output_text")  # fmt: skip
+    if source.startswith("anthropic"):
+        return "".join(b["text"] for b in answer["content"] if b["type"] == "text")
+    return "".join(p["text"] for p in answer["candidates"][0]["content"]["parts"] if not p.get("thought"))
+
+
+def f_sdk_parse(text: str, schema: dict) -> dict:
+    """What an SDK's .parse() does with the answer: JSON, then validation against the schema."""
+    value = json.loads(text)
+    assert isinstance(value, dict) and set(schema["required"]) <= set(value) <= set(schema["properties"])
+    kinds = {"string": str, "integer": int}
+    assert all(isinstance(value[k], kinds[s["type"]]) for k, s in schema["properties"].items())
+    return value
+
+
+F_TARGETS = {"openai": (OPENAI_CODEC, "gpt-4o-mini"), "responses": (RESPONSES_CODEC, "gpt-5"),
+             "anthropic": (ANTHROPIC_CODEC, "claude-sonnet-4-5"), "gemini": (GEMINI_CODEC, "gemini-2.5-flash")}  # fmt: skip
+
+
+def f_format_sent(target: str, body: dict):
+    """The structured-output request as the target upstream reads it."""
+    if target == "openai":
+        return body.get("response_format")
+    if target == "responses":
+        return (body.get("text") or {}).get("format")
+    if target == "anthropic":
+        return (body.get("output_config") or {}).get("format")
+    config = body.get("generationConfig") or {}
+    return {k: config[k] for k in ("responseMimeType", "responseSchema", "responseJsonSchema") if k in config}
+
+
+@pytest.mark.parametrize("target", list(F_TARGETS))
+@pytest.mark.parametrize("source", ["openai", "responses", "anthropic", "anthropic_legacy", "gemini"])
+def test_golden_structured_output_schema_reaches_every_upstream_and_comes_back_parsed(source, target):
+    codec, model = F_TARGETS[target]
+    req = f_decode(source, f_source_body(source, "schema", model))
+    body = codec.encode_request(req, model, None)
+    sent = f_format_sent(target, body)
+    gemini_typed = {"type": "OBJECT", "properties": {"name": {"type": "STRING"}, "age": {"type": "INTEGER",
+                    "minimum": 0}}, "required": ["name", "age"]}  # fmt: skip
+    if target == "openai":
+        name = "person" if source in ("openai", "responses") else sent["json_schema"]["name"]
+        assert sent["type"] == "json_schema" and sent["json_schema"]["schema"] == F_PERSON and name
+        assert sent["json_schema"].get("strict") is (True if source in ("openai", "responses") else None)
+    elif target == "responses":
+        assert sent["type"] == "json_schema" and sent["schema"] == F_PERSON and sent["name"]
+    elif target == "anthropic":
+        expected = (
+            F_PERSON if source.startswith("anthropic") else F_PERSON_FOR_ANTHROPIC
+        )  # an Anthropic client's as sent
+        assert sent == {"type": "json_schema", "schema": expected}
+        assert "output_format" not in body and "JSON" not in str(body.get("system", ""))
+    elif source == "gemini":  # Gemini to Gemini: the client's own schema, not a round trip
+        assert sent == {"responseMimeType": "application/json", "responseJsonSchema": F_PERSON}
+    else:
+        assert sent == {"responseMimeType": "application/json", "responseSchema": gemini_typed}
+    # the answer, in the client's form, parses as the client's SDK parses it
+    result = codec.decode_response(f_upstream_answer(target, F_ANSWER))
+    client = {"openai": OPENAI_CODEC, "responses": RESPONSES_CODEC, "gemini": GEMINI_CODEC}.get(source, ANTHROPIC_CODEC)
+    answer = client.encode_response(result, req)
+    assert f_sdk_parse(f_client_text(source, answer), F_PERSON) == {"name": "Ada", "age": 36}
+
+
+@pytest.mark.parametrize("target", list(F_TARGETS))
+@pytest.mark.parametrize("source", ["openai", "responses", "gemini"])
+def test_golden_json_object_mode_reaches_every_upstream(source, target):
+    codec, model = F_TARGETS[target]
+    req = f_decode(source, f_source_body(source, "object", model))
+    body = codec.encode_request(req, model, None)
+    sent = f_format_sent(target, body)
+    if target in ("openai", "responses"):
+        assert sent == {"type": "json_object"}
+    elif target == "gemini":
+        assert sent == {"responseMimeType": "application/json"}
+    else:  # Anthropic has no JSON mode without a schema: it is asked in words, and no format is sent
+        assert sent is None and body["system"] == tgw.JSON_ANSWER_INSTRUCTION.replace(
+            "one JSON value", "one JSON object"
+        )
+    result = codec.decode_response(f_upstream_answer(target, F_ANSWER))
+    client = {"openai": OPENAI_CODEC, "responses": RESPONSES_CODEC, "gemini": GEMINI_CODEC}[source]
+    assert json.loads(f_client_text(source, client.encode_response(result, req))) == {"name": "Ada", "age": 36}
+
+
+def test_schema_cleaned_for_anthropic_keeps_meaning_in_descriptions():
+    schema = {  # what pydantic writes for a model with a nested, optional, recursive and constrained field
+        "$defs": {
+            "Kind": {"enum": ["a", "b"], "title": "Kind", "type": "string"},
+            "Node": {"type": "object", "title": "Node", "properties": {
+                "label": {"type": "string", "maxLength": 20},
+                "children": {"type": "array", "items": {"$ref": "#/$defs/Node"}}}, "required": ["label"]},
+        },
+        "title": "Report", "type": "object",
+        "properties": {
+            "kind": {"$ref": "#/$defs/Kind"},
+            "when": {"type": "string", "format": "date-time"},
+            "slug": {"type": "string", "format": "slug", "pattern": "^[a-z-]+$"},
+            "score": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.5},
+            "note": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None},
+            "tags": {"type": ["array", "null"], "items": {"type": "string"}, "minItems": 2, "uniqueItems": True},
+            "fixed": {"const": 3},
+            "tree": {"$ref": "#/$defs/Node"},
+            "extra": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "mixed": {"allOf": [{"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]},
+                                {"properties": {"y": {"type": "boolean"}}}]},
+        },
+        "required": ["kind", "when", "missing"],
+        "additionalProperties": True,
+    }  # fmt: skip
+    out = tgw.clean_schema_for_anthropic(schema)
+    props = out["properties"]
+    assert (
+        out["additionalProperties"] is False and out["required"] == ["kind", "when"] and out["description"] == "Report"
+    )
+    assert props["kind"] == {"$ref": "#/$defs/Kind"} and out["$defs"]["Kind"] == {
+        "enum": ["a", "b"],
+        "description": "Kind",
+    }
+    assert props["when"] == {"type": "string", "format": "date-time"}
+    assert props["slug"] == {"type": "string", "description": "format: slug; pattern: ^[a-z-]+$"}
+    assert props["score"] == {"type": "number", "description": "<= 1; > 0; default: 0.5"}
+    assert props["note"] == {"anyOf": [{"type": "string"}, {"type": "null"}], "description": "default: null"}
+    assert props["tags"] == {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "null"}],
+                             "description": "items must be unique; at least 2 items"}  # fmt: skip
+    assert props["fixed"] == {"enum": [3]}
+    node = out["$defs"]["Node"]
+    assert props["tree"] == {"$ref": "#/$defs/Node"} and node["properties"]["children"]["items"]["properties"] == {}
+    assert "recursive" in node["properties"]["children"]["items"]["description"]
+    assert node["properties"]["label"] == {"type": "string", "description": "at most 20 characters"}
+    assert props["extra"] == {"type": "object", "properties": {}, "additionalProperties": False}
+    assert props["mixed"] == {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "boolean"}},
+                              "additionalProperties": False, "required": ["x"]}  # fmt: skip
+
+    def closed(node):  # every object Anthropic sees is closed, wherever it is
+        if isinstance(node, dict):
+            assert node.get("type") != "object" or node["additionalProperties"] is False
+            any(closed(v) for v in node.values())
+        elif isinstance(node, list):
+            any(closed(v) for v in node)
+
+    closed(out)
+
+
+def test_schema_for_anthropic_is_bounded_and_an_older_claude_is_asked_in_words():
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(5000)}}
+    with pytest.raises(GatewayError) as info:
+        tgw.clean_schema_for_anthropic(wide)
+    assert info.value.status == 400 and "too large" in info.value.message
+    many = {"allOf": [{"properties": {f"p{i}": {"type": "string"}}} for i in range(3000)] + [{"type": "object"}]}
+    with pytest.raises(GatewayError):  # every branch merged counts
+        tgw.clean_schema_for_anthropic(many)
+    deep: dict = {"type": "string"}
+    for _ in range(100):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(GatewayError):
+        tgw.clean_schema_for_anthropic(deep)
+    supported = {"claude-opus-4-1-20250805": True, "claude-sonnet-4-5": True, "claude-haiku-4-5-20251001": True,
+                 "claude-opus-4-6": True, "claude-opus-4-20250514": False, "claude-sonnet-4-0": False,
+                 "claude-3-7-sonnet-latest": False, "deepseek-chat": False}  # fmt: skip
+    assert {m: tgw.anthropic_has_json_output(m) for m in supported} == supported
+    # a Claude without structured outputs gets the schema as an instruction, after the client's own system text
+    req = f_decode("openai", f_source_body("openai", "schema", "claude-3-5-haiku-latest"))
+    req.system = [Part("text", text="Be brief.")]
+    body = ANTHROPIC_CODEC.encode_request(req, "claude-3-5-haiku-latest", None)
+    assert "output_config" not in body and body["system"].startswith("Be brief.\n\nAnswer with one JSON value")
+    assert json.loads(body["system"].split("JSON Schema:\n", 1)[1]) == F_PERSON
+    # an Anthropic client's system blocks keep their shape (and cache_control) with the instruction appended
+    raw = f_source_body("anthropic", "schema", "claude-3-7-sonnet-latest")
+    raw["system"] = [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}]
+    raw["output_config"] = {"effort": "low"}
+    req = ANTHROPIC_CODEC.decode_request(raw)
+    req.response_format = {"type": "json_object"}  # as a Chat client's json_object would arrive
+    body = ANTHROPIC_CODEC.encode_request(req, "claude-3-7-sonnet-latest", None)
+    assert body["system"][0]["cache_control"] == {"type": "ephemeral"} and body["system"][1]["text"].startswith(
+        "Answer"
+    )
+    assert body["output_config"] == {"effort": "low"}
+    # {"type": "text"} asks for nothing
+    req = OPENAI_CODEC.decode_request({**f_source_body("openai", "object", "m"), "response_format": {"type": "text"}})
+    body = ANTHROPIC_CODEC.encode_request(req, "claude-sonnet-4-5", None)
+    assert "system" not in body and "output_config" not in body
+
+
+# ---- structured output over sockets -------------------------------------------------------
+
+
+def f_anthropic_json_events(text: str) -> list:
+    start = {"id": "msg_f2", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5", "content": [],
+             "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 1}}  # fmt: skip
+    half = len(text) // 2
+    return [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text[:half]}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text[half:]}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 9}},
+        {"type": "message_stop"},
+    ]  # fmt: skip
+
+
+def test_chat_parse_and_responses_stream_reach_an_anthropic_upstream_as_structured_output(start_gateway, upstream):
+    def script(h, body):
+        if body.get("stream"):
+            reply_anthropic_sse(h, f_anthropic_json_events(F_ANSWER))
+        else:
+            reply_json(h, a_message([{"type": "text", "text": F_ANSWER}]))
+
+    up = upstream(script)
+    gw = start_gateway(env=anthropic_env(up))
+    # what openai-python's chat.completions.parse(response_format=Person) sends, and then reads
+    status, _, data = post(gw, "/v1/chat/completions", f_source_body("openai", "schema", "claude-sonnet-4-5"))
+    assert status == 200
+    assert up.requests[0]["body"]["output_config"] == {
+        "format": {"type": "json_schema", "schema": F_PERSON_FOR_ANTHROPIC}
+    }
+    answer = json.loads(data)
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    assert f_sdk_parse(answer["choices"][0]["message"]["content"], F_PERSON)["name"] == "Ada"
+    # Responses, streamed: output_text of the completed response parses, and the format is echoed
+    body = {**f_source_body("responses", "schema", "claude-sonnet-4-5"), "stream": True}
+    status, _, data = post(gw, "/v1/responses", body)
+    assert status == 200 and up.requests[1]["body"]["output_config"]["format"]["schema"] == F_PERSON_FOR_ANTHROPIC
+    completed = r_events(data)[-1]["response"]
+    assert completed["text"]["format"]["name"] == "person"
+    assert f_sdk_parse(f_client_text("responses", completed), F_PERSON)["age"] == 36
+
+
+def test_gemini_response_schema_and_legacy_output_format_reach_anthropic(start_gateway, upstream):
+    up = upstream(lambda h, body: reply_json(h, a_message([{"type": "text", "text": F_ANSWER}])))
+    gw = start_gateway(env=anthropic_env(up), work_mode="translation")
+    gemini = {"contents": [{"role": "user", "parts": [{"text": F_USER}]}],
+              "generationConfig": {"responseMimeType": "application/json", "responseSchema": {
+                  "type": "OBJECT", "properties": {"name": {"type": "STRING"}, "age": {"type": "INTEGER"}},
+                  "required": ["name", "age"], "propertyOrdering": ["name", "age"]}}}  # fmt: skip
+    status, _, data = post(gw, "/v1beta/models/claude-sonnet-4-5:generateContent", gemini)
+    assert status == 200
+    sent = up.requests[0]["body"]["output_config"]["format"]["schema"]
+    assert sent == {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                    "additionalProperties": False, "required": ["name", "age"]}  # fmt: skip
+    assert json.loads(f_client_text("gemini", json.loads(data))) == {"name": "Ada", "age": 36}
+    # instructor / litellm: the beta's top-level output_format, Anthropic to Anthropic under work_mode=translation
+    beta = {"anthropic-beta": "structured-outputs-2025-11-13", "anthropic-version": "2023-06-01"}
+    status, _, data = post(gw, "/v1/messages", f_source_body("anthropic_legacy", "schema", "claude-sonnet-4-5"), beta)
+    assert status == 200 and json.loads(data)["content"][0]["text"] == F_ANSWER
+    sent = up.requests[1]
+    assert sent["body"]["output_config"] == {"format": {"type": "json_schema", "schema": F_PERSON}}
+    assert "output_format" not in sent["body"] and header_of(sent, "anthropic-beta") == beta["anthropic-beta"]
+
+
+def test_anthropic_and_chat_structured_output_reach_openai_and_gemini_upstreams(start_gateway, upstream):
+    def script(h, body):
+        if "contents" in body:
+            reply_json(h, g_answer([{"text": F_ANSWER}]))
+        elif body.get("stream"):
+            reply_sse(h, [lane_chunk({"role": "assistant", "content": ""}), lane_chunk({"content": F_ANSWER}),
+                          lane_chunk({}, "stop"), lane_chunk(usage=(9, 7)), "data: [DONE]\n\n"])  # fmt: skip
+        else:
+            reply_json(h, chat_completion(F_ANSWER))
+
+    up = upstream(script)
+    gw = start_gateway(env={**openai_env(up), **gemini_env(up)}, work_mode="translation")
+    body = {**f_source_body("anthropic", "schema", "gpt-4o-mini"), "stream": True}
+    status, _, data = post(gw, "/v1/messages", body)
+    assert status == 200
+    assert up.requests[0]["body"]["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "output", "schema": F_PERSON}}  # fmt: skip
+    text = "".join(d["delta"]["text"] for n, d in lane_sse(data) if n == "content_block_delta")
+    assert f_sdk_parse(text, F_PERSON)["name"] == "Ada"
+    status, _, data = post(gw, "/v1/chat/completions", f_source_body("openai", "schema", "gemini-2.5-flash"))
+    assert status == 200
+    config = up.requests[1]["body"]["generationConfig"]
+    assert config["responseMimeType"] == "application/json" and config["responseSchema"]["type"] == "OBJECT"
+    assert f_sdk_parse(json.loads(data)["choices"][0]["message"]["content"], F_PERSON)["age"] == 36
+
+
+# ---- Gemini thought signatures carry Claude's signed thinking (11.4) ----------------------
+
+F_THINKING = "The user wants Paris weather; call the tool. ünïcode \u2713"
+F_SIGNATURE = "EqQBCkYIARgCIkD+sig/with+base64=="
+
+
+def f_claude_thinking_tool_events() -> list:
+    start = {"id": "msg_f3", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5", "content": [],
+             "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 20, "output_tokens": 1}}  # fmt: skip
+    return [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": F_THINKING[:10]}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": F_THINKING[10:]}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": F_SIGNATURE}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "redacted_thinking", "data": "RED+/=="}},
+        {"type": "content_block_stop", "index": 1},
+        {"type": "content_block_start", "index": 2,
+         "content_block": {"type": "tool_use", "id": "toolu_f1", "name": "get_weather", "input": {}}},
+        {"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta", "partial_json": '{"city": "Paris"}'}},
+        {"type": "content_block_stop", "index": 2},
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None}, "usage": {"output_tokens": 30}},
+        {"type": "message_stop"},
+    ]  # fmt: skip
+
+
+def f_gemini_parts(payload: bytes, streamed: bool) -> list:
+    if not streamed:
+        return json.loads(payload)["candidates"][0]["content"]["parts"]
+    frames = [d for _, d in lane_sse(payload) if isinstance(d, dict)]
+    return [p for f in frames for p in (f["candidates"][0].get("content") or {}).get("parts", [])]
+
+
+def f_resigned(parts: list) -> list:
+    """What google-genai does with a signature (bytes): decoded, and written back in the URL-safe
+    alphabet without padding, so tgw must not depend on the exact spelling."""
+    out = []
+    for p in parts:
+        p = dict(p)
+        if "thoughtSignature" in p:
+            p["thoughtSignature"] = (
+                base64.urlsafe_b64encode(base64.b64decode(p["thoughtSignature"])).decode().rstrip("=")
+            )
+        out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "json"])
+@pytest.mark.parametrize("include_thoughts", [True, False], ids=["thoughts", "no-thoughts"])
+def test_gemini_client_keeps_claude_thinking_across_tool_rounds(start_gateway, upstream, streamed, include_thoughts):
+    def script(h, body):
+        if len(up.requests) == 1 and body.get("stream"):
+            reply_anthropic_sse(h, f_claude_thinking_tool_events())
+        elif len(up.requests) == 1:
+            content = [{"type": "thinking", "thinking": F_THINKING, "signature": F_SIGNATURE},
+                       {"type": "redacted_thinking", "data": "RED+/=="},
+                       {"type": "tool_use", "id": "toolu_f1", "name": "get_weather", "input": {"city": "Paris"}}]  # fmt: skip
+            reply_json(h, a_message(content, "tool_use"))
+        else:
+            reply_json(h, a_message([{"type": "text", "text": "Sunny."}]))
+
+    up = upstream(script)
+    gw = start_gateway(env=anthropic_env(up))
+    config = {"thinkingConfig": {"thinkingBudget": 2048, "includeThoughts": include_thoughts}}
+    tools = [{"functionDeclarations": [{"name": "get_weather", "parameters": L_WEATHER_SCHEMA}]}]
+    user = {"role": "user", "parts": [{"text": "Weather in Paris?"}]}
+    body = {"contents": [user], "tools": tools, "generationConfig": config}
+    method = "streamGenerateContent?alt=sse" if streamed else "generateContent"
+    status, _, data = post(gw, f"/v1beta/models/claude-sonnet-4-5:{method}", body)
+    assert status == 200
+    parts = f_gemini_parts(data, streamed)
+    call = next(p for p in parts if "functionCall" in p)
+    assert call["functionCall"] == {"name": "get_weather", "args": {"city": "Paris"}} and call["thoughtSignature"]
+    assert any(p.get("thought") for p in parts) is include_thoughts
+    assert all("thoughtSignature" not in p for p in parts if p is not call)  # carried once, on the call
+    # the client sends the model turn back as it got it (re-encoded), with the function's answer
+    model_turn = {"role": "model", "parts": f_resigned(parts)}
+    answer = {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"output": "sunny"}}}]}
+    status, _, data = post(gw, "/v1beta/models/claude-sonnet-4-5:generateContent",
+                           {**body, "contents": [user, model_turn, answer]})  # fmt: skip
+    assert status == 200
+    sent = up.requests[1]["body"]
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 2048}  # thinking survives the tool round
+    assert sent["messages"][1]["content"] == [
+        {"type": "thinking", "thinking": F_THINKING, "signature": F_SIGNATURE},
+        {"type": "redacted_thinking", "data": "RED+/=="},
+        {
+            "type": "tool_use",
+            "id": sent["messages"][1]["content"][2]["id"],
+            "name": "get_weather",
+            "input": {"city": "Paris"},
+        },
+    ]
+    assert sent["messages"][2]["content"][0]["type"] == "tool_result"
+
+
+def test_gemini_signed_thinking_before_text_or_at_the_end_and_foreign_signatures():
+    thinking = Part("thinking", text="hmm", signature="sig-1")
+    parts = gemini_response_parts([thinking, Part("text", text="Hello")], False)
+    assert parts[0]["text"] == "Hello" and len(parts) == 1
+    assert tgw.unpack_gemini_thinking(parts[0]["thoughtSignature"]) == [thinking]
+    alone = gemini_response_parts([thinking], True)  # thinking with nothing after it: a signature-only part
+    assert alone[0] == {"text": "hmm", "thought": True} and alone[1]["text"] == ""
+    echoed = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}, {"role": "model", "parts": alone},
+                           {"role": "user", "parts": [{"text": "go on"}]}]}  # fmt: skip
+    restored = GEMINI_CODEC.decode_request(echoed, "claude-sonnet-4-5", False).messages[1].parts
+    assert [p for p in restored if p.signature] == [thinking]
+    assert ANTHROPIC_CODEC.encode_request(GEMINI_CODEC.decode_request(echoed, "m", False), "claude-sonnet-4-5")[
+        "messages"][1]["content"] == [{"type": "thinking", "thinking": "hmm", "signature": "sig-1"}]  # fmt: skip
+    # Gemini's own signatures (and garbage that happens to look like ours) stay Gemini's
+    for signature in ("c2lnbmF0dXJl", "dGd3MX-not-base64!", base64.b64encode(b"tgw1 not json").decode()):
+        assert tgw.unpack_gemini_thinking(signature) is None
+        turn = {"role": "model", "parts": [{"functionCall": {"name": "f", "args": {}}, "thoughtSignature": signature}]}
+        part = GEMINI_CODEC.decode_request({"contents": [turn]}, "m", False).messages[0].parts[0]
+        assert gemini_signature(part) == signature
+
+
+# ---- OpenAI-compatible servers as they really stream and answer (11.5) -------------------
+
+
+def f_chunk(delta=None, finish=None, usage=None, **extra) -> dict:
+    chunk = {"id": "chatcmpl-c", "object": "chat.completion.chunk", "created": 1, "model": "m", **extra,
+             "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+    if usage:
+        chunk["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}
+    return chunk
+
+
+def f_call(arguments, call_id=None, name=None, index=None) -> dict:
+    call: dict = {"function": {"arguments": arguments}}
+    if index is not None:
+        call["index"] = index
+    if call_id:
+        call.update(id=call_id, type="function")
+    if name:
+        call["function"]["name"] = name
+    return call
+
+
+def f_stream(events: list, read_size: int = 17) -> bytes:
+    return b"".join((e if isinstance(e, str) else "data: " + json.dumps(e) + "\n\n").encode() for e in events)
+
+
+def f_openai_stream_result(events: list):
+    """Decode a server's stream as it arrives (small reads), fold it; an error comes back raised."""
+    data, parser, decoder, out = f_stream(events), SSEParser(), OPENAI_CODEC.stream_decoder(), []
+    for i in range(0, len(data), 17):
+        for sse in parser.feed(data[i : i + 17]):
+            out.extend(decoder.feed(sse))
+    for sse in parser.finish():
+        out.extend(decoder.feed(sse))
+    out.extend(decoder.finish())
+    return fold_events(out)
+
+
+def f_calls(resp: Response) -> list:
+    return [(p.id, p.name, json.loads(p.arguments)) for p in resp.parts if p.type == "tool_call"]
+
+
+F_PARIS, F_ROME = '{"city": "Paris"}', '{"city": "Rome"}'
+F_SERVER_STREAMS = {
+    # Ollama numbers every parallel call 0 (ollama#15457), each whole, and says "stop"
+    "ollama-parallel-index-0": ([f_chunk({"role": "assistant", "content": ""}),
+                                 f_chunk({"tool_calls": [f_call(F_PARIS, "call_a", "get_weather", 0)]}),
+                                 f_chunk({"tool_calls": [f_call(F_ROME, "call_b", "get_weather", 0)]}),
+                                 f_chunk({}, "stop"), f_chunk(usage=(5, 3)), "data: [DONE]\n\n"],
+                                [("call_a", "get_weather", {"city": "Paris"}), ("call_b", "get_weather", {"city": "Rome"})],
+                                "tool_use"),
+    # older Ollama and Gemini's compatible endpoint: no index at all; continuations carry neither id nor index
+    "no-index": ([f_chunk({"tool_calls": [f_call('{"city": ', "call_a", "get_weather")]}),
+                  f_chunk({"tool_calls": [f_call('"Paris"}')]}),
+                  f_chunk({"tool_calls": [f_call('{"city": "Rome"}', "call_b", "get_weather")]}),
+                  f_chunk({}, "tool_calls"), "data: [DONE]\n\n"],
+                 [("call_a", "get_weather", {"city": "Paris"}), ("call_b", "get_weather", {"city": "Rome"})], "tool_use"),
+    # LiteLLM-style: id and name repeated on every chunk
+    "ids-on-every-chunk": ([f_chunk({"tool_calls": [f_call('{"city"', "call_a", "get_weather", 0)]}),
+                            f_chunk({"tool_calls": [f_call(': "Paris"}', "call_a", "get_weather", 0)]}),
+                            f_chunk({}, "tool_calls"), "data: [DONE]\n\n"],
+                           [("call_a", "get_weather", {"city": "Paris"})], "tool_use"),
+    # the arguments streamed, then the whole arguments once more (and as an object, Ollama's native habit)
+    "arguments-repeated": ([f_chunk({"tool_calls": [f_call('{"city": ', "call_a", "get_weather", 0)]}),
+                            f_chunk({"tool_calls": [f_call('"Paris"}', index=0)]}),
+                            f_chunk({"tool_calls": [f_call(F_PARIS, index=0)]}),
+                            f_chunk({"tool_calls": [f_call({"city": "Paris"}, index=0)]}),
+                            f_chunk({}, "tool_calls"), "data: [DONE]\n\n"],
+                           [("call_a", "get_weather", {"city": "Paris"})], "tool_use"),
+    # a piece that opens a nested object is more arguments, not a repeat
+    "nested-object-pieces": ([f_chunk({"tool_calls": [f_call('{"where": ', "call_n", "locate", 0)]}),
+                              f_chunk({"tool_calls": [f_call('{"city": "Paris"}', index=0)]}),
+                              f_chunk({"tool_calls": [f_call("}", index=0)]}), "data: [DONE]\n\n"],
+                             [("call_n", "locate", {"where": {"city": "Paris"}})], "tool_use"),
+    "arguments-as-object": ([f_chunk({"content": None, "tool_calls": [f_call({"city": "Rome"}, "call_r", "get_weather", 0)]}),
+                             f_chunk({}, "tool_calls"), "data: [DONE]\n\n"],
+                            [("call_r", "get_weather", {"city": "Rome"})], "tool_use"),
+    # finish_reason missing and no [DONE]: the stream just ends
+    "no-finish-no-done": ([f_chunk({"content": "Hel"}), f_chunk({"content": "lo"})], "Hello", "end_turn"),
+    # llama.cpp: content null deltas, eos, usage and timings on the last chunk; OpenRouter comments
+    "llamacpp-eos": ([": OPENROUTER PROCESSING\n\n", f_chunk({"role": "assistant", "content": None}),
+                      f_chunk({"content": "Hi"}), f_chunk({}, "eos", (4, 1), timings={"predicted_ms": 3.2})],
+                     "Hi", "end_turn"),
+    # vLLM continuous usage stats: usage on every chunk (a running total, never added up)
+    "usage-every-chunk": ([f_chunk({"content": "a"}, usage=(7, 1)), f_chunk({"content": "b"}, usage=(7, 2)),
+                           f_chunk({}, "length", (7, 3)), f_chunk(), "data: [DONE]\n\n"], "ab", "max_tokens"),
+    # Mistral: content as an array of text chunks
+    "content-array": ([f_chunk({"content": [{"type": "text", "text": "Bon"}]}),
+                       f_chunk({"content": [{"type": "text", "text": "jour"}]}, "stop"), "data: [DONE]\n\n"],
+                      "Bonjour", "end_turn"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(F_SERVER_STREAMS))
+def test_openai_compatible_server_streams_decode_as_openai_would(name):
+    events, expected, stop = F_SERVER_STREAMS[name]
+    resp = f_openai_stream_result(events)
+    if isinstance(expected, list):
+        assert f_calls(resp) == expected
+    else:
+        assert text_of(resp.parts) == expected and not f_calls(resp)
+    assert resp.stop_reason == stop
+    if name == "usage-every-chunk":
+        assert (resp.usage.input_tokens, resp.usage.output_tokens) == (7, 3)
+
+
+def test_reasoning_under_either_name_and_mid_stream_errors_of_openrouter_and_vllm():
+    for key in ("reasoning", "reasoning_content"):  # vLLM >= 0.10 and Ollama / llama.cpp and older vLLM
+        resp = f_openai_stream_result([f_chunk({key: "think"}), f_chunk({"content": "ok"}, "stop"), "data: [DONE]\n\n"])
+        assert [(p.type, p.text) for p in resp.parts] == [("thinking", "think"), ("text", "ok")]
+    openrouter = [": OPENROUTER PROCESSING\n\n", f_chunk({"content": "Par"}),
+                  f_chunk({"content": ""}, "error", error={"code": "server_error", "message": "Provider disconnected"})]  # fmt: skip
+    vllm = [f_chunk({"content": "Par"}), {"object": "error", "message": "CUDA out of memory", "type": "InternalServerError",
+                                          "param": None, "code": 500}]  # fmt: skip
+    for events, words in ((openrouter, "Provider disconnected"), (vllm, "CUDA out of memory")):
+        with pytest.raises(GatewayError) as info:
+            f_openai_stream_result(events)
+        assert words in info.value.message and info.value.status == 502
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "message"),
+    [
+        (400, {"object": "error", "message": "max_tokens is too large", "type": "BadRequestError", "param": None,
+               "code": 400}, "max_tokens is too large"),  # vLLM
+        (404, {"detail": "Not Found"}, "Not Found"),  # FastAPI-based servers
+        (404, {"error": "model 'qwen3' not found, try pulling it first"}, "model 'qwen3' not found"),  # Ollama
+        (400, {"error": {"code": 400, "message": "context too long", "type": "invalid_request_error"}},
+         "context too long"),  # llama.cpp
+        (402, {"error": {"code": 402, "message": "Insufficient credits", "metadata": {}}}, "Insufficient credits"),
+        (500, "Internal Server Error", "Internal Server Error"),  # a plain-text body
+    ],
+)  # fmt: skip
+def test_compatible_servers_error_bodies_keep_status_and_words(status, body, message):
+    data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    err = OPENAI_CODEC.decode_error(status, data)
+    assert err.status == status and message in err.message
+
+
+def test_compatible_servers_json_answers():
+    answer = chat_completion(None)
+    answer["choices"][0]["message"].update(reasoning="think", tool_calls=[
+        {"id": "call_o", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}])  # fmt: skip
+    resp = OPENAI_CODEC.decode_response(answer)
+    assert f_calls(resp) == [("call_o", "get_weather", {"city": "Oslo"})] and resp.stop_reason == "tool_use"
+    assert resp.parts[0] == Part("thinking", text="think")
+    mistral = chat_completion([{"type": "text", "text": "Bon"}, {"type": "text", "text": "jour"}])
+    assert text_of(OPENAI_CODEC.decode_response(mistral).parts) == "Bonjour"
+    empty = {
+        "id": "x",
+        "object": "chat.completion",
+        "choices": [],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 0},
+    }
+    assert OPENAI_CODEC.decode_response(empty).parts == []
+    failed = {**chat_completion(""), "error": {"code": 502, "message": "Upstream idle timeout"}}  # OpenRouter, HTTP 200
+    with pytest.raises(GatewayError) as info:
+        OPENAI_CODEC.decode_response(failed)
+    assert info.value.status == 502 and "Upstream idle timeout" in info.value.message
+
+
+def test_anthropic_client_on_ollama_gets_both_parallel_calls_and_openrouter_errors_in_stream(start_gateway, upstream):
+    def script(h, body):
+        if body["messages"][-1]["content"] == "fail":
+            reply_sse(h, F_SERVER_STREAMS["ollama-parallel-index-0"][0][:2] + [
+                ": OPENROUTER PROCESSING\n\n",
+                f_chunk({"content": ""}, "error", error={"code": 502, "message": "Provider disconnected"})])  # fmt: skip
+        else:
+            reply_sse(h, F_SERVER_STREAMS["ollama-parallel-index-0"][0][:-1])  # and no [DONE]
+
+    up = upstream(script)
+    gw = start_gateway(env={**openai_env(up), **routes_env("qwen*=>openai")})
+    body = {"model": "qwen3", "max_tokens": 100, "stream": True, "tools": [L_A_TOOL],
+            "messages": [{"role": "user", "content": "Weather in Paris and Rome?"}]}  # fmt: skip
+    status, _, data = post(gw, "/v1/messages", body)
+    events = [d for _, d in lane_sse(data)]
+    check_anthropic_stream(events)
+    uses = [e["content_block"] for e in events if e["type"] == "content_block_start"]
+    inputs = [json.loads("".join(e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta"
+                             and e["index"] == i)) for i in range(len(uses))]  # fmt: skip
+    assert [(u["id"], u["name"]) for u in uses] == [("call_a", "get_weather"), ("call_b", "get_weather")]
+    assert inputs == [{"city": "Paris"}, {"city": "Rome"}]
+    assert events[-2]["delta"]["stop_reason"] == "tool_use" and events[-2]["usage"]["output_tokens"] == 3
+    status, _, data = post(gw, "/v1/messages", {**body, "messages": [{"role": "user", "content": "fail"}]})
+    named = lane_sse(data)
+    assert named[-1][0] == "error" and "Provider disconnected" in named[-1][1]["error"]["message"]
+    assert gw.rows(2)[-1]["error"].endswith("Provider disconnected")
+
+
+F_PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n-pixels-").decode()
+
+
+def test_rich_tool_results_survive_to_each_upstream_as_far_as_it_can_take_them():
+    call = {"type": "tool_use", "id": "toolu_s", "name": "screenshot", "input": {}}
+    result = {"type": "tool_result", "tool_use_id": "toolu_s", "is_error": True, "content": [
+        {"type": "text", "text": "partial render"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": F_PNG}},
+        {"type": "text", "text": "timed out"}]}  # fmt: skip
+    req = ANTHROPIC_CODEC.decode_request({"model": "m", "max_tokens": 9, "messages": [
+        {"role": "user", "content": "shoot"}, {"role": "assistant", "content": [call]},
+        {"role": "user", "content": [result]}]})  # fmt: skip
+    # OpenAI Chat: tool messages carry text, so the image follows in a user message, and the error is marked
+    messages = OPENAI_CODEC.encode_request(req, "gpt-4o", None)["messages"]
+    assert messages[2] == {
+        "role": "tool",
+        "tool_call_id": "toolu_s",
+        "content": "[tool error] partial render\n[image]\ntimed out",
+    }
+    assert messages[3] == {"role": "user", "content": [
+        {"type": "text", "text": "[the image(s) that tool call toolu_s returned]"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{F_PNG}"}}]}  # fmt: skip
+    # Responses: function_call_output takes the image itself
+    output = RESPONSES_CODEC.encode_request(req, "gpt-5", None)["input"][2]["output"]
+    assert [o["type"] for o in output] == ["input_text", "input_text", "input_image", "input_text"]
+    assert output[0]["text"] == "[tool error]" and output[2]["image_url"].endswith(F_PNG)
+    # Gemini: {"error": ...} in the functionResponse, the image as its own part after it
+    parts = GEMINI_CODEC.encode_request(req, "gemini-2.5-flash", None)["contents"][2]["parts"]
+    assert parts == [{"functionResponse": {"name": "screenshot", "response": {"error": "partial render\ntimed out"}}},
+                     {"inlineData": {"mimeType": "image/png", "data": F_PNG}}]  # fmt: skip
+    # and back to Anthropic from a Responses or a Gemini client: tool_result blocks holding the image
+    responses = RESPONSES_CODEC.decode_request({"model": "m", "input": [
+        {"type": "function_call", "call_id": "c1", "name": "screenshot", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": [
+            {"type": "input_text", "text": "see"}, {"type": "input_image", "image_url": f"data:image/png;base64,{F_PNG}"}]}]})  # fmt: skip
+    gemini = GEMINI_CODEC.decode_request({"contents": [
+        {"role": "model", "parts": [{"functionCall": {"name": "screenshot", "args": {}}}]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "screenshot", "response": {"output": "see"},
+                                                         "parts": [{"inlineData": {"mimeType": "image/png", "data": F_PNG}}]}}]}]},
+        "m", False)  # fmt: skip
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": F_PNG}}
+    for client_req, text in ((responses, "see"), (gemini, '{"output":"see"}')):
+        turns = ANTHROPIC_CODEC.encode_request(client_req, "claude-sonnet-4-5")["messages"]
+        assert turns[-1]["content"][0]["content"] == [{"type": "text", "text": text}, image]
+
+
+# ---- legacy POST /v1/completions (11.8) --------------------------------------------------
+
+
+def test_completions_pass_through_to_a_compatible_server(start_gateway, upstream):
+    answer = {"id": "cmpl-up", "object": "text_completion", "created": 1, "model": "qwen2.5-coder",
+              "choices": [{"text": " return a + b", "index": 0, "logprobs": {"tokens": [" return"]}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 6, "completion_tokens": 4, "total_tokens": 10}}  # fmt: skip
+    chunks = [{"id": "cmpl-s", "object": "text_completion", "created": 1, "model": "qwen2.5-coder",
+               "choices": [{"text": t, "index": 0, "logprobs": None, "finish_reason": f}]} for t, f in
+              ((" return", None), (" a + b", "stop"))]  # fmt: skip
+    usage_chunk = {"id": "cmpl-s", "object": "text_completion", "created": 1, "model": "qwen2.5-coder", "choices": [],
+                   "usage": {"prompt_tokens": 6, "completion_tokens": 2, "total_tokens": 8}}  # fmt: skip
+
+    def script(h, body):
+        if body.get("stream"):
+            reply_sse(h, [*chunks, usage_chunk, "data: [DONE]\n\n"])
+        else:
+            reply_json(h, answer)
+
+    up = upstream(script)
+    gw = start_gateway(
+        env={**openai_env(up), **routes_env("qwen*=>openai"), "TOKLIGENCE_MODEL_ALIASES": "coder=>qwen2.5-coder"}
+    )
+    body = {
+        "model": "coder",
+        "prompt": ["def add(a, b):"],
+        "suffix": "\n",
+        "logprobs": 1,
+        "echo": False,
+        "max_tokens": 8,
+    }
+    status, _, data = post(gw, "/v1/completions", body)
+    assert status == 200 and json.loads(data) == answer  # the server's answer, logprobs and all
+    assert up.requests[0]["path"] == "/v1/completions" and up.requests[0]["body"] == {**body, "model": "qwen2.5-coder"}
+    status, _, data = post(gw, "/v1/completions", {**body, "stream": True})
+    sent = up.requests[1]["body"]
+    assert sent["stream_options"] == {"include_usage": True}  # asked for the ledger, hidden from the client
+    assert [d for d in sse_data(data) if d != "[DONE]"] == chunks and sse_data(data)[-1] == "[DONE]"
+    rows = gw.rows(2)
+    assert [(r["endpoint"], r["lane"], r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [
+        ("/v1/completions", "passthrough", 6, 4), ("/v1/completions", "passthrough", 6, 2)]  # fmt: skip
+
+
+def test_completions_translated_for_anthropic_and_gemini_streamed_and_not(start_gateway, upstream):
+    def script(h, body):
+        if "contents" in body:
+            frames = [g_answer([{"text": " world"}], finish=None), g_answer([{"text": "!"}])]
+            reply_sse(h, frames)
+        elif body.get("stream"):
+            reply_anthropic_sse(h, f_anthropic_json_events(" there, friend"))
+        else:
+            reply_json(h, a_message([{"type": "text", "text": " there" if "Hello" in str(body) else " ok"}],
+                                    "max_tokens", {"input_tokens": 20, "output_tokens": 16}))  # fmt: skip
+
+    up = upstream(script)
+    gw = start_gateway(env={**anthropic_env(up), **gemini_env(up)})
+    body = {"model": "claude-sonnet-4-5", "prompt": ["Hello", "Bye"], "echo": True, "stop": "\n", "n": 1}
+    status, _, data = post(gw, "/v1/completions", body)
+    answer = json.loads(data)
+    assert status == 200 and answer["object"] == "text_completion"
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in answer["choices"]] == [
+        (0, "Hello there", "length"), (1, "Bye ok", "length")]  # fmt: skip
+    assert answer["usage"]["prompt_tokens"] == 40 and answer["usage"]["completion_tokens"] == 32
+    first = up.requests[0]["body"]
+    assert first["messages"] == [{"role": "user", "content": "Hello"}] and first["stop_sequences"] == ["\n"]
+    assert first["max_tokens"] == 16 and first["system"] == tgw.COMPLETION_INSTRUCTION
+    # streamed, with the client's usage chunk; and fill-in-the-middle asks for the gap
+    body = {"model": "claude-sonnet-4-5", "prompt": "Hi", "suffix": "Cheers.", "stream": True,
+            "stream_options": {"include_usage": True}, "max_tokens": 50}  # fmt: skip
+    status, _, data = post(gw, "/v1/completions", body)
+    chunks = sse_data(data)
+    assert chunks[-1] == "[DONE]" and all(c["object"] == "text_completion" for c in chunks[:-1])
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-2]) == " there, friend"
+    assert chunks[-3]["choices"][0]["finish_reason"] == "stop" and chunks[-2]["usage"]["completion_tokens"] == 9
+    sent = up.requests[2]["body"]
+    assert (
+        sent["system"] == tgw.INFILL_INSTRUCTION and sent["messages"][0]["content"] == "Text:\nHi\n\nEnding:\nCheers."
+    )
+    status, _, data = post(gw, "/v1/completions", {"model": "gemini-2.5-flash", "prompt": "Hello", "stream": True})
+    assert "".join(c["choices"][0]["text"] for c in sse_data(data)[:-1]) == " world!"
+    rows = gw.rows(3)
+    assert {(r["endpoint"], r["lane"], r["provider"]) for r in rows} == {
+        ("/v1/completions", "translation", "anthropic"), ("/v1/completions", "translation", "gemini")}  # fmt: skip
+    assert rows[0]["prompt_tokens"] == 40 and rows[1]["completion_tokens"] == 9
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [({"prompt": [1, 2, 3]}, "token-id prompts"), ({"prompt": "x", "logprobs": 2}, "logprobs"),
+     ({"prompt": ["a", "b"], "stream": True}, "streams one prompt"), ({"prompt": "x", "n": 9}, "between 1 and 8"),
+     ({"prompt": "  "}, "'prompt' is empty"), ({"prompt": "x", "max_tokens": "9"}, "'max_tokens' must be")],
+)  # fmt: skip
+def test_completions_translated_refusals_are_openai_errors(start_gateway, body, words):
+    gw = start_gateway()  # offline: the loopback model, a translated lane
+    status, _, data = post(gw, "/v1/completions", {"model": "loopback", **body})
+    assert status == 400 and words in json.loads(data)["error"]["message"]
+    status, _, data = post(gw, "/v1/completions", {"model": "loopback", "prompt": "Once upon", "n": 2})
+    answer = json.loads(data)
+    assert status == 200 and [c["index"] for c in answer["choices"]] == [0, 1]
+    assert "Once upon" in answer["choices"][0]["text"] and gw.rows(2)[-1]["lane"] == "loopback"
+
+
+# ---- model lists from the providers themselves (11.15) -----------------------------------
+
+F_OPENAI_MODELS = {"object": "list", "data": [
+    {"id": "gpt-4o", "object": "model", "created": 1715367049, "owned_by": "system"},
+    {"id": "gpt-4o-mini", "object": "model", "created": 1721172741, "owned_by": "system"},
+    {"id": "dall-e-3", "object": "model", "created": 1698785189, "owned_by": "system"}]}  # fmt: skip
+F_ANTHROPIC_MODELS = {"data": [{"type": "model", "id": "claude-sonnet-4-5-20250929", "display_name": "Claude Sonnet 4.5",
+                                "created_at": "2025-09-29T00:00:00Z"}], "has_more": False}  # fmt: skip
+F_GEMINI_MODELS = {"models": [
+    {"name": "models/gemini-2.5-flash", "displayName": "Gemini 2.5 Flash", "inputTokenLimit": 1048576,
+     "outputTokenLimit": 65535, "supportedGenerationMethods": ["generateContent", "countTokens"]},
+    {"name": "models/text-embedding-004", "supportedGenerationMethods": ["embedContent"]}]}  # fmt: skip
+
+
+def f_models_upstream(upstream, listing: dict, gate: threading.Event | None = None, status=200):
+    def script(h, body):
+        if gate is not None:
+            gate.wait(10)
+        reply_json(h, listing, status)
+
+    return upstream(script)
+
+
+def f_ids(gw, path="/v1/models", headers=None) -> dict:
+    status, _, data = get(gw, path, headers)
+    assert status == 200
+    body = json.loads(data)
+    return body
+
+
+def test_model_lists_show_what_each_provider_serves_with_aliases(start_gateway, upstream):
+    openai_up = f_models_upstream(upstream, F_OPENAI_MODELS)
+    anthropic_up = f_models_upstream(upstream, F_ANTHROPIC_MODELS)
+    gemini_up = f_models_upstream(upstream, F_GEMINI_MODELS)
+    gw = start_gateway(env={**openai_env(openai_up), **anthropic_env(anthropic_up), **gemini_env(gemini_up),
+                            "TOKLIGENCE_MODEL_ALIASES": "fast=>gpt-4o-mini"})  # fmt: skip
+    listed = {m["id"]: m for m in f_ids(gw)["data"]}
+    assert {"loopback", "fast", "gpt-4o", "gpt-4o-mini", "claude-sonnet-4-5-20250929", "gemini-2.5-flash"} <= set(
+        listed
+    )
+    assert "dall-e-3" not in listed and "text-embedding-004" not in listed  # no route sends them there / no chat
+    assert listed["gpt-4o"] == {"id": "gpt-4o", "object": "model", "created": 1715367049, "owned_by": "openai"}
+    assert listed["claude-sonnet-4-5-20250929"]["owned_by"] == "anthropic" and listed["fast"]["owned_by"] == "openai"
+    # each provider was asked once, at its own models endpoint, with its own credentials
+    (o,), (a,), (g,) = openai_up.requests, anthropic_up.requests, gemini_up.requests
+    assert (o["path"], header_of(o, "authorization")) == ("/v1/models", "Bearer sk-upstream-secret-123456")
+    assert o["body"] is None  # a GET (the harness records every method as POST)
+    assert a["path"] == "/v1/models?limit=1000" and header_of(a, "x-api-key") == L_ANTHROPIC_KEY
+    assert header_of(a, "anthropic-version") == "2023-06-01"
+    assert g["path"] == "/v1beta/models?pageSize=1000" and header_of(g, "x-goog-api-key") == L_GEMINI_KEY
+    claude = next(m for m in f_ids(gw, headers={"anthropic-version": "2023-06-01"})["data"]
+                  if m["id"] == "claude-sonnet-4-5-20250929")  # fmt: skip
+    assert claude == {"type": "model", "id": "claude-sonnet-4-5-20250929", "display_name": "Claude Sonnet 4.5",
+                      "created_at": "2025-09-29T00:00:00Z"}  # fmt: skip
+    flash = next(m for m in f_ids(gw, "/v1beta/models")["models"] if m["name"] == "models/gemini-2.5-flash")
+    assert flash["displayName"] == "Gemini 2.5 Flash" and flash["outputTokenLimit"] == 65535
+    assert [len(up.requests) for up in (openai_up, anthropic_up, gemini_up)] == [1, 1, 1]  # served from the cache
+    # once the list is due again it is served at once and fetched in the background
+    F_OPENAI_MODELS["data"].append({"id": "gpt-5", "object": "model", "created": 1754000000, "owned_by": "system"})
+    try:
+        gw.gateway.catalog.next_fetch["openai"] = 0.0
+        assert "gpt-5" not in {m["id"] for m in f_ids(gw)["data"]}
+        deadline = time.monotonic() + 10
+        while "gpt-5" not in {m["id"] for m in f_ids(gw)["data"]} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "gpt-5" in {m["id"] for m in f_ids(gw)["data"]} and len(openai_up.requests) == 2
+    finally:
+        F_OPENAI_MODELS["data"].pop()
+
+
+def test_model_list_never_waits_long_for_a_slow_or_failing_provider(start_gateway, upstream, monkeypatch, caplog):
+    monkeypatch.setattr(tgw, "MODEL_LIST_FIRST_WAIT", 0.5)
+    monkeypatch.setattr(tgw, "MODEL_LIST_TIMEOUT", 1.5)
+    gate = threading.Event()
+    slow = f_models_upstream(upstream, F_ANTHROPIC_MODELS, gate)
+    failing = f_models_upstream(upstream, {"error": {"code": 400, "message": f"API key {L_GEMINI_KEY} not valid",
+                                                     "status": "INVALID_ARGUMENT"}}, status=400)  # fmt: skip
+    openai_up = f_models_upstream(upstream, F_OPENAI_MODELS)
+    gw = start_gateway(env={**anthropic_env(slow), **gemini_env(failing), **openai_env(openai_up)})
+    try:
+        with caplog.at_level(logging.WARNING, logger="tgw"):
+            started = time.monotonic()
+            ids = {m["id"] for m in f_ids(gw)["data"]}
+            assert time.monotonic() - started < 1.4  # the first call waited its bound, not the slow provider
+            assert "gpt-4o" in ids and "claude-sonnet-4-5-20250929" not in ids
+            deadline = time.monotonic() + 10
+            while "anthropic not fetched: timed out" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert "model list of provider gemini not fetched" in caplog.text and "not valid" in caplog.text
+        assert "model list of provider anthropic not fetched: timed out" in caplog.text
+        assert L_GEMINI_KEY not in caplog.text and L_ANTHROPIC_KEY not in caplog.text
+        started = time.monotonic()
+        assert "gpt-4o" in {m["id"] for m in f_ids(gw)["data"]} and time.monotonic() - started < 0.4  # no wait now
+    finally:
+        gate.set()
+
+
+def test_completions_belong_to_the_openai_bundle_in_multiport_mode(start_gateway):
+    gw = start_multiport(start_gateway)
+    body = {"model": "loopback", "prompt": "Once upon"}
+    assert post(port_of(gw, "openai"), "/v1/completions", body)[0] == 200
+    assert post(port_of(gw, "anthropic"), "/v1/completions", body)[0] == 404
 
 
 # ======================================================================================

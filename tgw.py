@@ -14,10 +14,11 @@ Sections, in the order data flows:
     2. Config                    defaults < gateway.ini < TOKLIGENCE_* env < command-line flags
     3. HTTP/1.1 wire             server connections, upstream client with pool, SSE parsing
     4. Canonical model           the hub every protocol converts to and from
-    5. Codecs                    one per wire protocol: OpenAI Chat, Anthropic Messages,
-                                 OpenAI Responses, Gemini (+ JSON Schema cleaning for Gemini)
+    5. Codecs                    one per wire protocol: OpenAI Chat (+ legacy Completions),
+                                 Anthropic Messages, OpenAI Responses, Gemini (+ JSON Schema
+                                 cleaning for Gemini and for Anthropic's structured outputs)
     6. Providers                 upstream endpoints, auth headers, the loopback model
-    7. Router                    model routes, aliases, work modes
+    7. Router                    model routes, aliases, work modes, model lists fetched from providers
     8. Ledger                    sqlite schema, background writer, usage queries, prices,
                                  stored Responses (previous_response_id)
     9. Gateway                   endpoints and lanes (passthrough, translation, loopback),
@@ -1736,7 +1737,9 @@ STOP_REASONS = {
 }  # fmt: skip
 STOP_REASONS_IN = {
     "openai": {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
-               "content_filter": "content_filter"},
+               "content_filter": "content_filter", "eos": "end_turn", "eos_token": "end_turn", "tool_call": "tool_use",
+               "max_tokens": "max_tokens", "model_length": "max_tokens"},  # the last five: compatible servers'
+
     "anthropic": {v: v for v in ("end_turn", "stop_sequence", "max_tokens", "tool_use", "refusal", "pause_turn")}
     | {"model_context_window_exceeded": "max_tokens"},
     "gemini": {"STOP": "end_turn", "MAX_TOKENS": "max_tokens", "SAFETY": "content_filter", "RECITATION": "content_filter",
@@ -1821,6 +1824,8 @@ class Codec:
             if isinstance(err, dict):
                 message = str(err.get("message") or "")
                 kind = err.get("type") if isinstance(err.get("type"), str) else ""
+                if not message and isinstance(err.get("detail"), str):  # FastAPI-based servers
+                    message = err["detail"]
             elif isinstance(err, str):
                 message = err
         if not message:
@@ -2033,11 +2038,18 @@ class OpenAIChatCodec(Codec):
         if effort and (provider is None or provider.accepts_reasoning(model)):
             body["reasoning_effort"] = effort
         if req.response_format:
-            body["response_format"] = req.response_format
+            body["response_format"] = self._encode_response_format(req.response_format)
         if req.stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}  # the ledger needs real numbers
         return body
+
+    @staticmethod
+    def _encode_response_format(fmt: dict) -> dict:
+        spec = fmt.get("json_schema")
+        if fmt.get("type") != "json_schema" or not isinstance(spec, dict) or spec.get("name"):
+            return fmt
+        return {**fmt, "json_schema": {**spec, "name": "response"}}  # OpenAI requires a name
 
     def _encode_message(self, msg: Message) -> list:
         if msg.role == "system":
@@ -2056,10 +2068,14 @@ class OpenAIChatCodec(Codec):
                 out["content"] = ""
             return [out]
         out = []
+        shown: list = []  # images tool results returned: a tool message holds text only
         for p in msg.parts:
             if p.type == "tool_result":
                 out.append({"role": "tool", "tool_call_id": p.id, "content": tool_result_text(p)})
-        rest = [p for p in msg.parts if p.type in ("text", "image")]
+                if p.content and any(c.type == "image" for c in p.content):
+                    shown.append(Part("text", text=f"[the image(s) that tool call {p.id} returned]"))
+                    shown.extend(c for c in p.content if c.type == "image")
+        rest = shown + [p for p in msg.parts if p.type in ("text", "image")]
         if rest:
             out.append({"role": "user", "content": self._encode_content(rest)})
         return out
@@ -2088,23 +2104,29 @@ class OpenAIChatCodec(Codec):
     def decode_response(self, body: dict) -> Response:
         choices = body.get("choices") or [{}]
         choice = choices[0] or {}
+        if "error" in body or "error" in choice:  # OpenRouter: an error met while generating, in a 200 answer
+            self._raise_answer_error(body, choice)
         message = choice.get("message") or {}
         parts = []
         reasoning = message.get("reasoning_content") or message.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
             parts.append(Part("thinking", text=reasoning))
-        if message.get("content"):
-            parts.append(Part("text", text=message["content"]))
+        content = message.get("content")
+        if content:
+            parts.append(Part("text", text=content if isinstance(content, str) else compatible_content_text(content)))
         if message.get("refusal"):
             parts.append(Part("text", text=message["refusal"]))
         for call in message.get("tool_calls") or []:
             fn = call.get("function") or {}
+            arguments = fn.get("arguments") or ""
             parts.append(
                 Part(
                     "tool_call",
                     id=call.get("id") or new_id("call_"),
                     name=fn.get("name", ""),
-                    arguments=fn.get("arguments") or "",
+                    arguments=arguments
+                    if isinstance(arguments, str)
+                    else dumps(arguments).decode(),  # Ollama: an object
                 )
             )
         stop = stop_reason_in("openai", choice.get("finish_reason"))
@@ -2114,6 +2136,14 @@ class OpenAIChatCodec(Codec):
             stop = "tool_use"
         return Response(body.get("id") or new_id("chatcmpl-"), body.get("model", ""), parts, stop,
                         usage=self.decode_usage(body.get("usage")), created=body.get("created") or 0)  # fmt: skip
+
+    @staticmethod
+    def _raise_answer_error(body: dict, choice: dict) -> None:
+        err = body.get("error") or choice.get("error")
+        if not err:
+            return
+        message = err.get("message") if isinstance(err, dict) else err
+        raise GatewayError(502, f"upstream error while generating: {str(message or err)[:500]}")
 
     @staticmethod
     def decode_usage(usage) -> Usage:
@@ -2221,6 +2251,13 @@ OPENAI_MAX_OUTPUT = (
 )  # fmt: skip
 
 
+def compatible_content_text(content) -> str:
+    """An answer's content some compatible servers (Mistral's) send as an array of text parts."""
+    if not isinstance(content, list):
+        return str(content)
+    return "".join(c.get("text") or "" for c in content if isinstance(c, dict) and c.get("type") == "text")
+
+
 @functools.lru_cache(maxsize=1024)
 def openai_max_output(model: str) -> int | None:
     return next((limit for pattern, limit in OPENAI_MAX_OUTPUT if glob_match(pattern, model)), None)
@@ -2251,8 +2288,9 @@ class OpenAIStreamDecoder:
         self.next_index = 0
         self.open_index: int | None = None
         self.open_key = None
-        self.tool_index: dict[int, int] = {}
+        self.tool_index: dict = {}  # tool call key (OpenAICallKeys) -> block index
         self.tool_arguments: dict[int, str] = {}  # block index -> arguments so far, of tool blocks not stopped
+        self.call_keys: OpenAICallKeys | None = None  # made at the first tool call
         self.stop_reason = ""
         self.usage: Usage | None = None
         self.finished = False
@@ -2288,8 +2326,9 @@ class OpenAIStreamDecoder:
         except ValueError:
             return [StreamError(GatewayError(502, f"upstream sent malformed stream data: {data[:120]!r}"))]
         out: list = []
-        if "error" in chunk and not chunk.get("choices"):
-            err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+        if chunk.get("error") or chunk.get("object") == "error":  # OpenRouter sends it with choices; vLLM bare
+            err = chunk["error"] if isinstance(chunk.get("error"), dict) else chunk
+            err = err if isinstance(err.get("message"), str) else {"message": str(chunk.get("error"))}
             self.finished = True
             kind = (
                 err.get("type") if err.get("type") in GatewayError.KIND_BY_STATUS.values() else ""
@@ -2309,11 +2348,15 @@ class OpenAIStreamDecoder:
                 index = self._switch("thinking", Part("thinking"), out)
                 out.append(BlockDelta(index, "thinking", reasoning))
             content = delta.get("content") or delta.get("refusal")
+            if content and not isinstance(content, str):
+                content = compatible_content_text(content)
             if content:
                 index = self._switch("text", Part("text"), out)
                 out.append(BlockDelta(index, "text", content))
             for call in delta.get("tool_calls") or []:
-                position = call.get("index", 0)
+                if self.call_keys is None:
+                    self.call_keys = OpenAICallKeys()
+                position = self.call_keys.key_of(call)
                 fn = call.get("function") or {}
                 key = ("tool", position)
                 if position not in self.tool_index or self.open_key != key:
@@ -2326,10 +2369,11 @@ class OpenAIStreamDecoder:
                         self.tool_arguments[index] = ""
                 else:
                     index = self.tool_index[position]
-                if fn.get("arguments"):
+                arguments = self.call_keys.new_arguments(position, fn.get("arguments"))
+                if arguments:
                     if index in self.tool_arguments:
-                        self.tool_arguments[index] += fn["arguments"]
-                    out.append(BlockDelta(index, "arguments", fn["arguments"]))
+                        self.tool_arguments[index] += arguments
+                    out.append(BlockDelta(index, "arguments", arguments))
             if choice.get("finish_reason"):
                 self.stop_reason = stop_reason_in("openai", choice["finish_reason"])
         return out
@@ -2351,8 +2395,71 @@ class OpenAIStreamDecoder:
         return out
 
 
+class OpenAICallKeys:
+    """Which call a streamed tool_calls delta belongs to, and what of its arguments is new, as
+    OpenAI-compatible servers really send them: Ollama numbers every parallel call index 0 and
+    older builds (and Gemini's compatible endpoint) give no index, so a new id is a new call; ids
+    repeated on every chunk name their call; a delta with neither continues the last call. Some
+    servers send the whole arguments again at the end (or as an object): a repeat is dropped."""
+
+    def __init__(self):
+        self.by_id: dict[str, tuple] = {}
+        self.id_of: dict[tuple, str] = {}
+        self.latest: dict[int, tuple] = {}  # wire index -> the newest call that used it
+        self.last: tuple | None = None
+        self.arguments: dict[tuple, str] = {}  # call -> its arguments so far
+
+    def key_of(self, call: dict) -> tuple:
+        index = call.get("index")
+        index = index if type(index) is int else None
+        call_id = call.get("id")
+        if isinstance(call_id, str) and call_id:
+            key = self.by_id.get(call_id)
+            if key is None:
+                key = (index, 0) if index is not None else (None, len(self.by_id))
+                if key in self.id_of:  # that index is taken by another call: a server that reuses it
+                    key = (index, len(self.by_id))
+                self.by_id[call_id], self.id_of[key] = key, call_id
+        elif index is not None:
+            key = self.latest.get(index, (index, 0))
+        else:
+            key = self.last or (None, 0)
+        if index is not None:
+            self.latest[index] = key
+        self.last = key
+        return key
+
+    def new_arguments(self, key: tuple, piece) -> str:
+        if isinstance(piece, (dict, list)):
+            piece = dumps(piece).decode()
+        if not isinstance(piece, str) or not piece:
+            return ""
+        so_far = self.arguments.get(key, "")
+        # the whole arguments again, after they were complete (the length test keeps this linear)
+        if (
+            so_far
+            and piece[:1] in "{["
+            and 2 * len(piece) >= len(so_far)
+            and self._whole(so_far)
+            and self._whole(piece)
+        ):
+            return ""
+        self.arguments[key] = so_far + piece
+        return piece
+
+    @staticmethod
+    def _whole(text: str) -> bool:
+        try:
+            loads(text)
+        except ValueError:
+            return False
+        return True
+
+
 class OpenAIStreamEncoder:
     """Canonical events -> chat.completion.chunk SSE, ending in data: [DONE]."""
+
+    OBJECT = "chat.completion.chunk"
 
     def __init__(self, req: Request):
         self.req = req
@@ -2401,7 +2508,7 @@ class OpenAIStreamEncoder:
             out = self._chunk({}, OpenAIChatCodec._finish_reason(ev.stop_reason, self.has_calls))
             if self.req.include_usage:
                 usage = OpenAIChatCodec.encode_usage(ev.usage or Usage())
-                obj = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.req.model,
+                obj = {"id": self.id, "object": self.OBJECT, "created": self.created, "model": self.req.model,
                        "choices": [], "usage": usage}  # fmt: skip
                 out += b"data: " + dumps(obj) + b"\n\n"
             return out
@@ -2413,6 +2520,121 @@ class OpenAIStreamEncoder:
 
 
 OPENAI_CODEC = OpenAIChatCodec()
+
+
+# ---- OpenAI legacy Completions (POST /v1/completions) -------------------------------------
+#
+# Passthrough to OpenAI-compatible servers, which have the endpoint. For every other provider a
+# prompt becomes one chat turn with an instruction to continue it (or, with `suffix`, to fill the
+# gap), and the answer comes back as text_completion choices; several prompts or n > 1 are asked
+# one after another (not streamed). Token-id prompts, logprobs and best_of need a real completions
+# server and are refused when translated. Errors, usage and the ledger row are OpenAI Chat's.
+
+COMPLETIONS_MAX_CHOICES = 8  # prompts x n a translated request may ask for
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the legacy API's own default
+COMPLETION_INSTRUCTION = (
+    "You are a text completion engine. Continue the user's text exactly where it stops. Reply with the "
+    "continuation only: do not repeat the text and do not comment on it."
+)
+INFILL_INSTRUCTION = (
+    "You are a text completion engine. The user gives a text and its ending. Reply with only the text that "
+    "belongs between them: do not repeat either part and do not comment."
+)
+
+
+class CompletionsCodec(OpenAIChatCodec):
+    """text_completion bodies and chunks <-> the canonical model (see the section comment)."""
+
+    REQUEST_FIELDS = {"model": str, "max_tokens": int, "temperature": float, "top_p": float, "n": int, "stream": bool,
+                      "suffix": str, "echo": bool, "user": str, "best_of": int, "stream_options": dict}  # fmt: skip
+
+    def decode_request(self, body: dict) -> list:
+        """One canonical Request per choice asked for (each prompt, n times)."""
+        check_fields(body, self.REQUEST_FIELDS, ("model",))
+        prompt = body.get("prompt", "")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise bad_request("'prompt' must be a string or an array of strings when the model is not served by an "
+                              "OpenAI-compatible completions server (token-id prompts need one)")  # fmt: skip
+        if body.get("logprobs") not in (None, False) or (body.get("best_of") or 1) > 1:
+            raise bad_request("'logprobs' and 'best_of' need an OpenAI-compatible completions server; this model is "
+                              "answered through a chat model")  # fmt: skip
+        n = body.get("n") or 1
+        if n < 1 or len(prompts) * n > COMPLETIONS_MAX_CHOICES:
+            raise bad_request(f"prompts x n must be between 1 and {COMPLETIONS_MAX_CHOICES} when translated")
+        stream = bool(body.get("stream"))
+        if stream and len(prompts) * n > 1:
+            raise bad_request("a translated completion streams one prompt with n = 1; send the others separately")
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else [s for s in stop or () if isinstance(s, str)]
+        suffix = body.get("suffix") or ""
+        reqs = []
+        for text in prompts:
+            if not text.strip():
+                raise bad_request("'prompt' is empty")
+            turn = f"Text:\n{text}\n\nEnding:\n{suffix}" if suffix else text
+            instruction = INFILL_INSTRUCTION if suffix else COMPLETION_INSTRUCTION
+            for _ in range(n):
+                reqs.append(Request(
+                    model=body["model"], messages=[Message("user", [Part("text", text=turn)])],
+                    system=[Part("text", text=instruction)], stop=stop,
+                    max_tokens=body.get("max_tokens") or COMPLETIONS_DEFAULT_MAX_TOKENS,
+                    temperature=body.get("temperature"), top_p=body.get("top_p"), stream=stream,
+                    include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
+                    user=body.get("user") or "", raw={**body, "prompt": text}, protocol="completions",
+                ))  # fmt: skip
+        return reqs
+
+    def encode_choices(self, results: list, reqs: list) -> dict:
+        """The text_completion answer holding one choice per (Response, Request) asked."""
+        usage = Usage()
+        choices = []
+        for index, (resp, req) in enumerate(zip(results, reqs, strict=True)):
+            echo = req.raw["prompt"] if req.raw.get("echo") else ""
+            choices.append({"text": echo + text_of(resp.parts), "index": index, "logprobs": None,
+                            "finish_reason": self._finish_reason(resp.stop_reason, False)})  # fmt: skip
+            usage = Usage(usage.input_tokens + resp.usage.input_tokens, usage.output_tokens + resp.usage.output_tokens,
+                          usage.cached_tokens + resp.usage.cached_tokens)  # fmt: skip
+        first = results[0]
+        return {"id": "cmpl-" + openai_id(first.id).split("-", 1)[-1], "object": "text_completion",
+                "created": first.created or int(time.time()), "model": reqs[0].model, "choices": choices,
+                "usage": self.encode_usage(usage)}  # fmt: skip
+
+    def encode_response(self, resp: Response, req: Request) -> dict:
+        return self.encode_choices([resp], [req])
+
+    response_json = Codec.response_json  # not Chat's template
+
+    def stream_encoder(self, req: Request):
+        return CompletionsStreamEncoder(req)
+
+
+class CompletionsStreamEncoder(OpenAIStreamEncoder):
+    """Canonical events -> text_completion chunks, ending in data: [DONE]; thinking is never text."""
+
+    OBJECT = "text_completion"
+
+    def __init__(self, req: Request):
+        super().__init__(req)
+        self.id = "cmpl-" + self.id.split("-", 1)[1]
+
+    def _chunk(self, delta: dict, finish=None) -> bytes:
+        choice = {"text": delta.get("content", ""), "index": 0, "logprobs": None, "finish_reason": finish}
+        obj = {"id": self.id, "object": self.OBJECT, "created": self.created, "model": self.req.model,
+               "choices": [choice]}  # fmt: skip
+        return b"data: " + dumps(obj) + b"\n\n"
+
+    def encode(self, ev) -> bytes:
+        if isinstance(ev, BlockDelta):
+            return self._chunk({"content": ev.value}) if ev.kind == "text" and ev.value else b""
+        if isinstance(ev, (BlockStart, BlockStop)):
+            return b""
+        if isinstance(ev, MessageStart):
+            return self._chunk({"content": self.req.raw["prompt"]}) if self.req.raw.get("echo") else b""
+        return super().encode(ev)  # the finish, the usage chunk, [DONE] and errors as Chat's
+
+
+COMPLETIONS_CODEC = CompletionsCodec()
 
 
 # ---- Anthropic Messages ----------------------------------------------------------------
@@ -2547,7 +2769,7 @@ class AnthropicCodec(Codec):
     REQUEST_FIELDS = {
         "model": str, "messages": list, "tools": list, "tool_choice": dict, "max_tokens": int, "temperature": float,
         "top_p": float, "top_k": int, "stop_sequences": list, "stream": bool, "thinking": dict, "output_config": dict,
-        "metadata": dict,
+        "metadata": dict, "output_format": dict,
     }  # fmt: skip
 
     def decode_request(self, body: dict) -> Request:
@@ -2569,7 +2791,7 @@ class AnthropicCodec(Codec):
             req.tools.append(self._decode_tool(tool, f"tools[{i}]"))
         self._decode_tool_choice(req, get("tool_choice"))
         self._decode_thinking(req, get("thinking"))
-        self._decode_output_config(req, get("output_config") or {})
+        self._decode_output_config(req, get("output_config") or {}, get("output_format"))
         return req
 
     def _decode_system(self, system) -> list:
@@ -2687,10 +2909,10 @@ class AnthropicCodec(Codec):
         req.thinking_budget = field_at(thinking, "budget_tokens", int, "thinking")
 
     @staticmethod
-    def _decode_output_config(req: Request, config: dict) -> None:
+    def _decode_output_config(req: Request, config: dict, legacy_format: dict | None) -> None:
         effort = field_at(config, "effort", str, "output_config", default="")
         req.reasoning_effort = ANTHROPIC_EFFORT_IN.get(effort, effort)
-        fmt = field_at(config, "format", dict, "output_config")
+        fmt = field_at(config, "format", dict, "output_config") or legacy_format  # output_format: the beta's spelling
         if fmt and fmt.get("type") == "json_schema":
             req.response_format = {
                 "type": "json_schema",
@@ -2728,7 +2950,28 @@ class AnthropicCodec(Codec):
             body["stream"] = True
         if from_anthropic:
             body.update({k: req.raw[k] for k in ANTHROPIC_ONLY_FIELDS if k in req.raw})
+        if req.response_format is not None and req.response_format.get("type") in ("json_schema", "json_object"):
+            self._encode_output_format(req, model, body, from_anthropic)
         return body
+
+    @staticmethod
+    def _encode_output_format(req: Request, model: str, body: dict, from_anthropic: bool) -> None:
+        """A JSON answer as Anthropic asks for one: output_config.format with the schema cleaned to what
+        it accepts; a JSON object without a schema, or a model without structured outputs, by instruction."""
+        config = body.get("output_config") if isinstance(body.get("output_config"), dict) else {}
+        if "format" in config:
+            return  # an Anthropic client's own, as sent
+        legacy = req.raw.get("output_format") if from_anthropic else None
+        fmt = legacy if isinstance(legacy, dict) else anthropic_output_format(req.response_format, model)
+        if fmt is not None:
+            body["output_config"] = {**config, "format": fmt}
+            return
+        instruction = json_answer_instruction(req.response_format)
+        system = body.get("system")
+        if isinstance(system, list):
+            body["system"] = [*system, {"type": "text", "text": instruction}]
+        else:
+            body["system"] = f"{system}\n\n{instruction}" if system else instruction
 
     def _encode_system(self, req: Request, from_anthropic: bool):
         parts = list(req.system)
@@ -4534,6 +4777,10 @@ RESPONSES_CODEC = ResponsesCodec()
 # - Thought signatures (opaque, Gemini's own) live in Part.extra["thought_signature"], never in
 #   Part.signature, so they never reach Anthropic as a thinking signature. A functionCall going
 #   to Gemini without one gets Google's documented dummy, or Gemini 3 rejects the history.
+# - Signed Anthropic thinking reaches a Gemini client inside the thoughtSignature of the part that
+#   follows it (a functionCall or text part, which every client echoes; a signature-only part when
+#   nothing follows): base64 of "tgw1" + JSON of the blocks (pack_gemini_thinking). The client sends
+#   it back and the blocks are restored byte-exact before that part (restore_signed_thinking).
 # - Tool schemas go to Gemini as the OpenAPI subset it accepts (clean_schema_for_gemini).
 
 GEMINI_DUMMY_SIGNATURE = "skip_thought_signature_validator"  # documented by Google for foreign histories
@@ -4617,6 +4864,64 @@ def _signed(obj: dict, signature: str) -> dict:
     if signature:
         obj["thoughtSignature"] = signature
     return obj
+
+
+GEMINI_THINKING_MAGIC = b"tgw1"  # begins the decoded thoughtSignature that carries signed Anthropic thinking
+
+
+def is_signed_thinking(part: Part) -> bool:
+    """Thinking only Anthropic can read back: signed (or redacted) by it."""
+    return (part.type == "thinking" and bool(part.signature)) or (part.type == "redacted_thinking" and bool(part.data))
+
+
+def pack_gemini_thinking(parts: list) -> str:
+    """Signed thinking blocks as a thoughtSignature (base64, which Gemini clients hold as bytes)."""
+    blocks = [
+        {"type": "redacted_thinking", "data": p.data}
+        if p.type == "redacted_thinking"
+        else {"type": "thinking", "thinking": p.text, "signature": p.signature}
+        for p in parts
+    ]
+    return base64.b64encode(GEMINI_THINKING_MAGIC + dumps(blocks)).decode()
+
+
+def unpack_gemini_thinking(signature: str) -> list | None:
+    """The thinking parts a thoughtSignature from pack_gemini_thinking carries, whichever base64
+    alphabet and padding the client re-encoded it with; None for any other signature."""
+    if not signature.startswith("dGd3M"):  # base64 of "tgw1", in both alphabets
+        return None
+    text = signature.replace("-", "+").replace("_", "/")
+    try:
+        raw = base64.b64decode(text + "=" * (-len(text) % 4))
+        blocks = loads(raw[len(GEMINI_THINKING_MAGIC) :]) if raw.startswith(GEMINI_THINKING_MAGIC) else None
+    except ValueError:
+        return None
+    if not isinstance(blocks, list):
+        return None
+    parts = []
+    for block in blocks:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "redacted_thinking" and isinstance(block.get("data"), str):
+            parts.append(Part("redacted_thinking", data=block["data"]))
+        elif isinstance(block.get("thinking"), str) and isinstance(block.get("signature"), str):
+            parts.append(Part("thinking", text=block["thinking"], signature=block["signature"]))
+    return parts
+
+
+def restore_signed_thinking(parts: list) -> list:
+    """A model turn from a Gemini client: signed thinking carried in signatures goes back before
+    the part that carried it; text parts with nothing to say are dropped."""
+    out = []
+    for part in parts:
+        signature = gemini_signature(part)
+        restored = unpack_gemini_thinking(signature) if signature else None
+        if restored is not None:
+            out.extend(restored)
+            part.extra = {k: v for k, v in part.extra.items() if k != "thought_signature"} or None
+        if part.type != "text" or part.text:
+            out.append(part)
+    return out
 
 
 def gemini_wants_thoughts(req: Request) -> bool:
@@ -4703,7 +5008,10 @@ class GeminiCodec(Codec):
             raise bad_request(f"{where}.parts must be an array of parts")
         from_model = role == "model"
         parts = [self._decode_part(p, f"{where}.parts[{j}]", from_model, ids) for j, p in enumerate(raw_parts)]
-        return Message("assistant" if from_model else "user", [p for p in parts if p is not None])
+        parts = [p for p in parts if p is not None]
+        if from_model:
+            return Message("assistant", restore_signed_thinking(parts))
+        return Message("user", [p for p in parts if p.type != "text" or p.text])  # signature-only parts: nothing to say
 
     def _decode_part(self, part, where: str, from_model: bool, ids: GeminiCallIds) -> Part | None:
         if not isinstance(part, dict):
@@ -4712,8 +5020,8 @@ class GeminiCodec(Codec):
         extra = {"thought_signature": signature} if signature else None
         if "text" in part:
             text = _typed_field(part, "text", str, where) or ""
-            if not text:
-                return None  # nothing to say (a signature-only part is optional context)
+            if not text:  # nothing to say: a signature-only part is optional context, or tgw's signed thinking
+                return Part("text", extra=extra) if extra else None
             return Part("thinking" if part.get("thought") is True else "text", text=text, extra=extra)
         for name, decode in (("inlineData", self._decode_inline_data), ("fileData", self._decode_file_data),
                              ("executableCode", self._decode_code), ("codeExecutionResult", self._decode_code_result)):  # fmt: skip
@@ -4983,6 +5291,12 @@ class GeminiCodec(Codec):
         if isinstance(sent, dict):
             kept = {key: gemini_field(sent, key) for key in GEMINI_ONLY_CONFIG + ("thinkingConfig",)}
             kept = {key: value for key, value in kept.items() if value is not None}
+            for key in ("responseJsonSchema", "responseSchema"):  # the client's own schema, not a round trip
+                schema = gemini_field(sent, key)
+                if isinstance(schema, dict):
+                    body.get("generationConfig", {}).pop("responseSchema", None)
+                    kept[key] = schema
+                    break
             if kept:
                 body["generationConfig"] = {**body.get("generationConfig", {}), **kept}
 
@@ -5083,19 +5397,27 @@ def gemini_thinking_config(req: Request, model: str) -> dict | None:
 
 def gemini_response_parts(parts: list, with_thoughts: bool) -> list:
     out = []
+    signed: list = []  # signed Anthropic thinking waiting for the part that will carry it
     for p in parts:
+        if is_signed_thinking(p):
+            signed.append(p)
         if p.type == "text" and (p.text or gemini_signature(p)):
-            out.append(_signed({"text": p.text}, gemini_signature(p)))
+            out.append({"text": p.text})
         elif p.type == "thinking" and with_thoughts and p.text:
             out.append(_signed({"text": p.text, "thought": True}, gemini_signature(p)))
+            continue
         elif p.type == "tool_call":
-            out.append(
-                _signed(
-                    {"functionCall": {"name": p.name, "args": json_object_arguments(p.arguments)}}, gemini_signature(p)
-                )
-            )
+            out.append({"functionCall": {"name": p.name, "args": json_object_arguments(p.arguments)}})
         elif p.type == "image":
             out.append(gemini_media_part(p))
+        else:
+            continue
+        signature = gemini_signature(p)
+        if not signature and signed:
+            signature, signed = pack_gemini_thinking(signed), []
+        _signed(out[-1], signature)
+    if signed:
+        out.append({"text": "", "thoughtSignature": pack_gemini_thinking(signed)})
     return out
 
 
@@ -5235,6 +5557,7 @@ class GeminiStreamEncoder:
         self.with_thoughts = gemini_wants_thoughts(req)
         self.blocks: dict[int, Part] = {}
         self.unsigned: set[int] = set()  # blocks whose signature has not gone out yet
+        self.signed: list = []  # signed Anthropic thinking for the next part to carry (pack_gemini_thinking)
         self.opened = False  # the JSON array's "[" is out
 
     def _frame(self, obj: dict) -> bytes:
@@ -5262,6 +5585,14 @@ class GeminiStreamEncoder:
         if index in self.unsigned:
             self.unsigned.discard(index)
             part["thoughtSignature"] = gemini_signature(self.blocks[index])
+        elif not thought:
+            self._carry_thinking(part)
+        return part
+
+    def _carry_thinking(self, part: dict) -> dict:
+        if self.signed and "thoughtSignature" not in part:
+            part["thoughtSignature"] = pack_gemini_thinking(self.signed)
+            self.signed = []
         return part
 
     def encode(self, ev) -> bytes:
@@ -5271,11 +5602,18 @@ class GeminiStreamEncoder:
                 return b""
             if ev.kind == "arguments":
                 block.arguments += ev.value
-            elif ev.kind == "text" or (ev.kind == "thinking" and self.with_thoughts):
-                return self._chunk([self._text_part(ev.index, ev.value, ev.kind == "thinking")])
-            return b""  # Anthropic signatures mean nothing to a Gemini client
+            elif ev.kind == "signature":
+                block.signature += ev.value  # Anthropic's: comes back inside a thoughtSignature
+            elif ev.kind == "thinking":
+                block.text += ev.value
+                if self.with_thoughts:
+                    return self._chunk([self._text_part(ev.index, ev.value, True)])
+            elif ev.kind == "text":
+                return self._chunk([self._text_part(ev.index, ev.value, False)])
+            return b""
         if isinstance(ev, BlockStart):
-            self.blocks[ev.index] = Part(ev.part.type, id=ev.part.id, name=ev.part.name, extra=ev.part.extra)
+            self.blocks[ev.index] = Part(ev.part.type, id=ev.part.id, name=ev.part.name, data=ev.part.data,
+                                         extra=ev.part.extra)  # fmt: skip
             if gemini_signature(ev.part):
                 self.unsigned.add(ev.index)
             return b""
@@ -5285,7 +5623,8 @@ class GeminiStreamEncoder:
             self.id = ev.id or new_id("")
             return b""
         if isinstance(ev, MessageDelta):
-            return self._chunk([], stop_reason_out("gemini", ev.stop_reason), ev.usage or Usage())
+            parts = [self._carry_thinking({"text": ""})] if self.signed else []  # thinking with nothing after it
+            return self._chunk(parts, stop_reason_out("gemini", ev.stop_reason), ev.usage or Usage())
         if isinstance(ev, MessageStop):
             return b"" if self.sse else (b"]" if self.opened else b"[]")
         if isinstance(ev, StreamError):
@@ -5297,9 +5636,12 @@ class GeminiStreamEncoder:
         block = self.blocks.pop(index, None)
         if block is None:
             return b""
+        if is_signed_thinking(block):
+            self.signed.append(block)
+            return b""
         if block.type == "tool_call":
             call = {"functionCall": {"name": block.name, "args": json_object_arguments(block.arguments)}}
-            return self._chunk([_signed(call, gemini_signature(block))])
+            return self._chunk([self._carry_thinking(_signed(call, gemini_signature(block)))])
         if index in self.unsigned and block.type == "text":  # a signed block that never said anything
             self.unsigned.discard(index)
             return self._chunk([{"text": "", "thoughtSignature": gemini_signature(block)}])
@@ -5649,6 +5991,214 @@ def _described(node: dict, notes: list) -> str:
     return f"{text} ({'; '.join(notes)})" if text else "; ".join(notes)
 
 
+# ---- JSON Schema -> Anthropic's structured-output subset ----------------------------------
+#
+# What output_config.format accepts (Anthropic's structured-outputs docs, and the transform_schema of
+# its SDKs): every object closed (additionalProperties: false), enums of primitive values, anyOf
+# (oneOf is read as anyOf), local $ref/$defs that do not recurse, a short list of string formats,
+# minItems 0 or 1. Whatever else a schema says (bounds, lengths, patterns, defaults, other formats) is
+# told in the description, so the model still reads it.
+
+ANTHROPIC_STRING_FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "uri", "ipv4",
+                                      "ipv6", "uuid"})  # fmt: skip
+# Claude models older than structured outputs (Opus 4.1, Sonnet 4.5 and Haiku 4.5 were the first)
+ANTHROPIC_NO_JSON_OUTPUT = ("*claude-3*", "*claude-2*", "*claude-instant*", "*claude-sonnet-4-2025*",
+                            "*claude-sonnet-4-0*", "*claude-sonnet-4", "*claude-opus-4-2025*", "*claude-opus-4-0*",
+                            "*claude-opus-4")  # fmt: skip
+ANTHROPIC_SCHEMA_MAX_NODES = 4000  # a response schema larger than this is refused, not cleaned
+_ANTHROPIC_NOTED = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
+_ANTHROPIC_COUNT_NOTES = {"minLength": "at least {} characters", "maxLength": "at most {} characters",
+                          "minItems": "at least {} items", "maxItems": "at most {} items",
+                          "minProperties": "at least {} keys", "maxProperties": "at most {} keys"}  # fmt: skip
+JSON_ANSWER_INSTRUCTION = (
+    "Answer with one JSON value and nothing else: no text before or after it and no Markdown code fence."
+)
+
+
+@functools.lru_cache(maxsize=256)
+def anthropic_has_json_output(model: str) -> bool:
+    """Whether a model takes output_config.format: Claude 4.5 and later (unknown models behind an
+    Anthropic-compatible endpoint are asked by instruction instead)."""
+    return glob_match("*claude*", model) and not any(glob_match(g, model) for g in ANTHROPIC_NO_JSON_OUTPUT)
+
+
+def anthropic_output_format(response_format: dict, model: str) -> dict | None:
+    """The canonical response_format as output_config.format; None when it must be asked for in words."""
+    if response_format.get("type") != "json_schema" or not anthropic_has_json_output(model):
+        return None
+    spec = response_format.get("json_schema") if isinstance(response_format.get("json_schema"), dict) else {}
+    schema = clean_schema_for_anthropic(spec.get("schema") if isinstance(spec.get("schema"), dict) else {})
+    about = spec.get("description")
+    if isinstance(about, str) and about and "description" not in schema:
+        schema["description"] = about  # Anthropic's format has no place of its own for it
+    return {"type": "json_schema", "schema": schema}
+
+
+def json_answer_instruction(response_format: dict) -> str:
+    """What a model without structured outputs is told: JSON only, and the schema when there is one."""
+    spec = response_format.get("json_schema") if isinstance(response_format.get("json_schema"), dict) else {}
+    schema = spec.get("schema")
+    if response_format.get("type") == "json_schema" and isinstance(schema, dict):
+        return f"{JSON_ANSWER_INSTRUCTION} It must conform to this JSON Schema:\n{dumps(schema).decode()}"
+    return JSON_ANSWER_INSTRUCTION.replace("one JSON value", "one JSON object")
+
+
+def clean_schema_for_anthropic(schema: dict) -> dict:
+    """A JSON Schema -> the subset Anthropic's structured outputs accept (see the section comment):
+    objects closed, allOf merged, oneOf -> anyOf, const -> enum, type arrays -> anyOf, local refs kept
+    as $defs with recursion cut, and the rest told in descriptions. Linear in the schema's size."""
+    cleaner = _AnthropicSchema(schema)
+    out = cleaner.clean(schema, 0)
+    if cleaner.done:
+        out["$defs"] = {name: value for name, value in cleaner.done.items() if value is not None}
+    return out
+
+
+class _AnthropicSchema:
+    def __init__(self, root: dict):
+        self.defs: dict = {}
+        for key in ("definitions", "$defs"):
+            if isinstance(root.get(key), dict):
+                self.defs.update(root[key])
+        self.done: dict[str, dict | None] = {}  # definition name -> cleaned (None while being cleaned)
+        self.nodes = 0
+
+    def spend(self, nodes: int, depth: int = 0) -> None:
+        self.nodes += nodes
+        if self.nodes > ANTHROPIC_SCHEMA_MAX_NODES or depth > 64:
+            raise bad_request(f"the response schema is too large or too deep (over {ANTHROPIC_SCHEMA_MAX_NODES} "
+                              "nodes or 64 levels) for structured output")  # fmt: skip
+
+    def clean(self, node, depth: int) -> dict:
+        self.spend(1, depth)
+        if not isinstance(node, dict) or not node:
+            return self.any_value("any JSON value")
+        if isinstance(node.get("$ref"), str):
+            return self.ref(node["$ref"], depth)
+        if isinstance(node.get("allOf"), list):
+            node = self.merge_all_of(node)
+        notes: list[str] = []
+        types, nullable = _schema_types(node)
+        union = node.get("anyOf") if isinstance(node.get("anyOf"), list) else node.get("oneOf")
+        if isinstance(union, list) and union:
+            out = {"anyOf": [self.clean(branch, depth + 1) for branch in union]}
+        elif isinstance(node.get("enum"), list) or "const" in node:
+            out = self.enum(node, notes)
+        elif len(types) > 1:
+            shared = {k: v for k, v in node.items() if k not in ("type", "nullable", "description", "title")}
+            out = {"anyOf": [self.typed({**shared, "type": t}, t, depth, notes) for t in types]}
+        elif types:
+            out = self.typed(node, types[0], depth, notes)
+        elif nullable:  # "type": "null"
+            out, nullable = {"type": "null"}, False
+        else:
+            out = self.any_value("")
+        if nullable and "enum" not in out:
+            out = (
+                {"anyOf": [*out["anyOf"], {"type": "null"}]}
+                if set(out) == {"anyOf"}
+                else {"anyOf": [out, {"type": "null"}]}
+            )
+        description = _described(node, notes)
+        if description:
+            out["description"] = description
+        return out
+
+    def merge_all_of(self, node: dict) -> dict:
+        """allOf as one schema (closing each branch would reject the others' keys); each branch and
+        property merged counts against the size bound, and the merge is linear."""
+        merged = {k: v for k, v in node.items() if k != "allOf"}
+        props = dict(merged["properties"]) if isinstance(merged.get("properties"), dict) else {}
+        required = list(merged["required"]) if isinstance(merged.get("required"), list) else []
+        for sub in node["allOf"]:
+            if not isinstance(sub, dict):
+                continue
+            sub, _ = _inline_refs(sub, self.defs, ())
+            self.spend(1 + len(sub.get("properties") or ()))
+            for key, value in sub.items():
+                if key == "properties" and isinstance(value, dict):
+                    for name, schema in value.items():
+                        props.setdefault(name, schema)
+                elif key == "required" and isinstance(value, list):
+                    required.extend(value)
+                else:
+                    merged.setdefault(key, value)
+        if props:
+            merged["properties"] = props
+        if required:
+            merged["required"] = list(dict.fromkeys(r for r in required if isinstance(r, str)))
+        return merged
+
+    def ref(self, ref: str, depth: int) -> dict:
+        head, _, name = ref.rpartition("/")
+        if head not in ("#/$defs", "#/definitions") or not isinstance(self.defs.get(name), dict):
+            return self.any_value(f"(unresolved reference {ref})")
+        if name in self.done and self.done[name] is None:  # recursion: Anthropic's grammar cannot loop
+            return {"type": "object", "properties": {}, "additionalProperties": False,
+                    "description": f"(a nested {name}, left empty: recursive schemas are not supported)"}  # fmt: skip
+        if name not in self.done:
+            self.done[name] = None
+            self.done[name] = self.clean(self.defs[name], depth + 1)
+        return {"$ref": f"#/$defs/{name}"}
+
+    @staticmethod
+    def any_value(description: str) -> dict:
+        scalars = [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
+        out: dict = {"anyOf": [*scalars, {"type": "array", "items": {"anyOf": scalars}}]}
+        if description:
+            out["description"] = description
+        return out
+
+    @staticmethod
+    def enum(node: dict, notes: list) -> dict:
+        values = node["enum"] if isinstance(node.get("enum"), list) else [node["const"]]
+        primitive = [v for v in values if v is None or isinstance(v, (str, int, float, bool))]
+        if len(primitive) < len(values):  # objects and arrays cannot be enum values here
+            notes.append("one of: " + ", ".join(json.dumps(v) for v in values))
+            return _AnthropicSchema.any_value("")
+        return {"enum": primitive}
+
+    def typed(self, node: dict, kind: str, depth: int, notes: list) -> dict:
+        out: dict = {"type": kind}
+        if kind == "object":
+            props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+            out["properties"] = {name: self.clean(s, depth + 1) for name, s in props.items()}
+            out["additionalProperties"] = False  # the only value Anthropic accepts
+            required = [r for r in node.get("required") or () if isinstance(r, str) and r in props]
+            if required:
+                out["required"] = required
+        elif kind == "array":
+            items = node.get("items")
+            tuple_items = node.get("prefixItems") if isinstance(node.get("prefixItems"), list) else items
+            if isinstance(tuple_items, list):  # a tuple: Anthropic has none
+                notes.append(
+                    "a tuple of: " + ", ".join(str(s.get("type", "any")) for s in tuple_items if isinstance(s, dict))
+                )
+                items = tuple_items[0] if tuple_items else None
+            if isinstance(items, dict) and items:
+                out["items"] = self.clean(items, depth + 1)
+            if node.get("minItems") in (0, 1):
+                out["minItems"] = node["minItems"]
+            if node.get("uniqueItems") is True:
+                notes.append("items must be unique")
+        elif kind == "string":
+            fmt = node.get("format")
+            if fmt in ANTHROPIC_STRING_FORMATS:
+                out["format"] = fmt
+            elif isinstance(fmt, str) and fmt:
+                notes.append(f"format: {fmt}")
+            if isinstance(node.get("pattern"), str):
+                notes.append(f"pattern: {node['pattern']}")
+        elif kind in ("number", "integer"):
+            notes.extend(f"{sign} {node[key]}" for key, sign in _ANTHROPIC_NOTED.items() if _is_number(node.get(key)))
+            if _is_number(node.get("multipleOf")):
+                notes.append(f"a multiple of {node['multipleOf']}")
+        for key, text in _ANTHROPIC_COUNT_NOTES.items():
+            if _is_number(node.get(key)) and key not in out:
+                notes.append(text.format(node[key]))
+        return out
+
+
 # ======================================================================================
 # 6. Providers: where each model's requests go, and the built-in loopback model
 # ======================================================================================
@@ -5715,7 +6265,7 @@ class Provider:
         return headers
 
     def url(self, operation: str, model: str = "", stream: bool = False) -> str:
-        """The upstream URL of one operation: chat, embeddings, responses, messages,
+        """The upstream URL of one operation: chat, completions, embeddings, responses, messages,
         count_tokens, generate, count_gemini, models."""
         key = (operation, model, stream)
         url = self._urls.get(key)
@@ -5729,7 +6279,8 @@ class Provider:
         base = self.base_url.rstrip("/")
         if self.flavor == "azure":
             version = self.api_version or "2024-10-21"
-            path = {"chat": "chat/completions", "embeddings": "embeddings", "responses": "responses"}[operation]
+            path = {"chat": "chat/completions", "embeddings": "embeddings", "responses": "responses",
+                    "completions": "completions"}[operation]  # fmt: skip
             return f"{base}/openai/deployments/{quote(model, safe='')}/{path}?api-version={version}"
         if self.protocol == "anthropic":
             root = base if base.endswith("/v1") else base + "/v1"
@@ -5747,7 +6298,8 @@ class Provider:
                 "count_gemini": "countTokens",
             }
             return f"{root}/models/{quote(model, safe='.-_')}:{method[operation]}"
-        path = {"chat": "chat/completions", "embeddings": "embeddings", "responses": "responses", "models": "models"}
+        path = {"chat": "chat/completions", "embeddings": "embeddings", "responses": "responses", "models": "models",
+                "completions": "completions"}  # fmt: skip
         return f"{base}/{path[operation]}"
 
 
@@ -5904,18 +6456,138 @@ class Router:
         """Concrete model names the gateway can serve: (model, provider)."""
         seen: dict[str, str] = {"loopback": "loopback"}
         for alias, target in self.aliases.items():
-            seen.setdefault(alias, self._provider_of(target))
+            seen.setdefault(alias, self.provider_of(target))
         if not self.offline:
             for pattern, provider in self.rules:
                 if not any(c in pattern for c in "*?[") and self.providers[provider].configured:
                     seen.setdefault(pattern, provider)
         return list(seen.items())
 
-    def _provider_of(self, model: str) -> str:
+    def provider_of(self, model: str) -> str:
         try:
             return self.resolve(model).provider.name
         except GatewayError:
             return "unknown"
+
+
+# ---- model lists: what each configured provider really serves ------------------------------
+
+MODEL_LIST_TTL = 600.0  # seconds a provider's list is served before it is fetched again (in the background)
+MODEL_LIST_RETRY = 60.0  # after a failed fetch
+MODEL_LIST_TIMEOUT = 5.0  # one provider's fetch, connection and body
+MODEL_LIST_FIRST_WAIT = 2.0  # the most a model-list call waits for a provider never fetched yet
+MODEL_LIST_MAX = 2000  # models kept per provider
+MODEL_LIST_MAX_BYTES = 8 * 1024 * 1024
+MODEL_LIST_QUERY = {"anthropic": "?limit=1000", "gemini": "?pageSize=1000"}  # one page holds them all
+
+
+@dataclass(slots=True)
+class ListedModel:
+    id: str
+    provider: str
+    display_name: str = ""
+    created: int = 0
+    created_at: str = ""  # Anthropic's (an ISO date)
+    gemini: dict | None = None  # the limits and methods a Gemini provider gave for it
+
+
+class ModelCatalog:
+    """The models /v1/models (and the Anthropic and Gemini lists) show: loopback, aliases and the
+    routes' concrete names, then what each configured provider's own models endpoint lists and
+    the routes would send back to it. Fetched through the UpstreamPool, bounded in time and size,
+    cached for MODEL_LIST_TTL and refreshed in the background: a list call never waits, except
+    the first one, at most MODEL_LIST_FIRST_WAIT. A provider that fails is logged and skipped."""
+
+    def __init__(self, router: Router, pool, anthropic_version: str):
+        self.router = router
+        self.pool = pool
+        self.anthropic_version = anthropic_version
+        self.lists: dict[str, list[ListedModel]] = {}
+        self.next_fetch: dict[str, float] = {}  # provider -> when its list is due again
+        self.refreshing: asyncio.Task | None = None
+        self._headers: dict[str, dict] = {}
+
+    def sources(self) -> list[Provider]:
+        if self.router.offline:
+            return []
+        return [p for p in self.router.providers.values()
+                if p.protocol != "loopback" and p.flavor != "azure" and p.configured]  # fmt: skip
+
+    async def models(self) -> list[ListedModel]:
+        sources = self.sources()
+        now = time.monotonic()
+        due = [p for p in sources if self.next_fetch.get(p.name, 0.0) <= now]
+        if due and (self.refreshing is None or self.refreshing.done()):
+            self.refreshing = asyncio.get_running_loop().create_task(self.refresh(due))
+        if self.refreshing is not None and any(p.name not in self.next_fetch for p in sources):
+            await asyncio.wait({self.refreshing}, timeout=MODEL_LIST_FIRST_WAIT)  # only the very first time
+        listed = {m: ListedModel(m, p) for m, p in self.router.listed_models()}
+        for provider in sources:
+            for model in self.lists.get(provider.name, ()):
+                listed.setdefault(model.id, model)
+        return list(listed.values())
+
+    async def refresh(self, providers: list) -> None:
+        await asyncio.gather(*(self.fetch(p) for p in providers))
+
+    async def fetch(self, provider: Provider) -> None:
+        try:
+            models = await asyncio.wait_for(self._fetch(provider), MODEL_LIST_TIMEOUT)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure: logged, the list stays as it was
+            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}"
+            log.warning("model list of provider %s not fetched: %s", provider.name, redact(reason)[:300])
+            self.next_fetch[provider.name] = time.monotonic() + MODEL_LIST_RETRY
+            return
+        self.lists[provider.name] = models
+        self.next_fetch[provider.name] = time.monotonic() + MODEL_LIST_TTL
+
+    async def _fetch(self, provider: Provider) -> list[ListedModel]:
+        url = provider.url("models") + MODEL_LIST_QUERY.get(provider.protocol, "")
+        resp = await self.pool.request("GET", url, self.headers(provider))
+        data = await resp.read(MODEL_LIST_MAX_BYTES)
+        if resp.status >= 400:
+            raise OPENAI_CODEC.decode_error(resp.status, data)
+        body = loads(data)
+        items = body.get("models" if provider.protocol == "gemini" else "data") if isinstance(body, dict) else None
+        models = []
+        for item in items[:MODEL_LIST_MAX] if isinstance(items, list) else ():
+            model = self._listed(provider, item) if isinstance(item, dict) else None
+            if model is not None and self.router.provider_of(model.id) == provider.name:  # only what routes here
+                models.append(model)
+        return models
+
+    def headers(self, provider: Provider) -> dict:
+        headers = self._headers.get(provider.name)
+        if headers is None:
+            headers = dict(provider.auth_headers())
+            if provider.protocol == "anthropic":
+                headers["anthropic-version"] = self.anthropic_version
+            self._headers[provider.name] = headers
+        return headers
+
+    @staticmethod
+    def _listed(provider: Provider, item: dict) -> ListedModel | None:
+        if provider.protocol == "gemini":
+            name = item.get("name")
+            methods = item.get("supportedGenerationMethods")
+            if not isinstance(name, str) or (isinstance(methods, list) and "generateContent" not in methods):
+                return None  # embedding and other models a chat client cannot use
+            model_id = name.removeprefix("models/")
+            info = {k: item[k] for k in ("inputTokenLimit", "outputTokenLimit") if type(item.get(k)) is int}
+            display = item.get("displayName")
+            return ListedModel(model_id, provider.name, display if isinstance(display, str) else "", gemini=info)
+        model_id, display, created = item.get("id"), item.get("display_name"), item.get("created")
+        if not isinstance(model_id, str) or not model_id or len(model_id) > 256:
+            return None
+        created_at = item.get("created_at") if isinstance(item.get("created_at"), str) else ""
+        return ListedModel(model_id, provider.name, display if isinstance(display, str) else "",
+                           created if type(created) is int else 0, created_at[:40])  # fmt: skip
+
+    def close(self) -> None:
+        if self.refreshing is not None:
+            self.refreshing.cancel()
 
 
 # ======================================================================================
@@ -6281,6 +6953,7 @@ class Gateway:
             "openai": OPENAI_CODEC, "anthropic": ANTHROPIC_CODEC, "responses": RESPONSES_CODEC, "gemini": GEMINI_CODEC,
         }  # fmt: skip
         self.responses_store = ResponseStore(self.ledger, cfg.responses_retention_days)
+        self.catalog = ModelCatalog(self.router, self.pool, cfg.anthropic_version)
         self._upstream_headers: dict[tuple, dict] = {}
         self.started_at = time.time()
         self.routes = {
@@ -6288,6 +6961,7 @@ class Gateway:
             ("GET", "/health"): self.health,
             ("GET", "/v1/models"): self.list_models,
             ("POST", "/v1/chat/completions"): self.chat_completions,
+            ("POST", "/v1/completions"): self.completions,
             ("POST", "/v1/embeddings"): self.embeddings,
             ("POST", "/v1/messages"): self.messages,
             ("POST", "/v1/messages/count_tokens"): self.count_tokens,
@@ -6307,6 +6981,7 @@ class Gateway:
         self.metrics = self.telemetry.metrics  # the registry: metrics.counter(name, help, labels).inc(values), ...
 
     def close(self) -> None:
+        self.catalog.close()
         self.pool.close()
         self.ledger.close()
         self.responses_store.close()
@@ -6436,16 +7111,16 @@ class Gateway:
         if is_gemini_client(request):
             await self.gemini_list_models(request, call)
             return
-        models = self.router.listed_models()
+        models = await self.catalog.models()
         if "anthropic-version" in request.headers or "x-api-key" in request.headers:
-            data = [
-                {"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"} for m, _ in models
-            ]
+            data = [{"type": "model", "id": m.id, "display_name": m.display_name or m.id,
+                     "created_at": m.created_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created or 1735689600))}
+                    for m in models]  # fmt: skip
             body = {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
         else:
             body = {
                 "object": "list",
-                "data": [{"id": m, "object": "model", "created": 0, "owned_by": p} for m, p in models],
+                "data": [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.provider} for m in models],
             }
         call.exchange.send_json(200, body)
 
@@ -6721,6 +7396,40 @@ class Gateway:
             self._upstream_headers[key] = headers
         return headers
 
+    # -- legacy Completions
+    async def completions(self, request: HttpRequest, call: Call) -> None:
+        """POST /v1/completions: passthrough to OpenAI-compatible servers, translated for the rest
+        (see CompletionsCodec)."""
+        body = parse_json_body(request.body)
+        model = field_of(body, "model", str, required=True)
+        stream = bool(field_of(body, "stream", bool, default=False))
+        call.codec = COMPLETIONS_CODEC
+        route = self.begin_model_call(call, model, stream)
+        lane = self.choose_lane(call, route, route.provider.protocol == "openai")
+        if lane == "passthrough":
+            await self.passthrough(request, call, route, body, "completions")
+            return
+        reqs = COMPLETIONS_CODEC.decode_request(body)
+        if len(reqs) == 1:
+            await self.canonical_call(request, call, route, reqs[0], lane)
+            return
+        results = [await self.complete_unsent(request, call, route, req, lane) for req in reqs]
+        answer = COMPLETIONS_CODEC.encode_choices(results, reqs)
+        call.usage = OPENAI_CODEC.decode_usage(answer["usage"])
+        call.exchange.send_json(200, answer)
+
+    async def complete_unsent(
+        self, request: HttpRequest, call: Call, route: Route, req: Request, lane: str
+    ) -> Response:
+        """One whole canonical answer, not sent to the client (choices asked one after another)."""
+        if lane == "loopback":
+            return self.loopback.complete(req)
+        upstream_codec = self.codecs[route.provider.protocol]
+        body = upstream_codec.encode_request(req, route.model, route.provider)
+        url = route.provider.url(CALL_OPERATIONS[route.provider.protocol], route.model, False)
+        resp = await self.send_upstream(call, route.provider, url, dumps(body), request, upstream_codec)
+        return upstream_codec.decode_response(json_or_502(await resp.read(), route.provider.name))
+
     # -- Responses API
     async def responses(self, request: HttpRequest, call: Call) -> None:
         body = parse_json_body(request.body)
@@ -6820,12 +7529,16 @@ class Gateway:
             return
         call.exchange.send_json(200, {"totalTokens": gemini_count_tokens_estimate(body)})
 
-    def gemini_model_info(self, model: str) -> dict:
-        return {"name": f"models/{model}", "displayName": model, "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
+    def gemini_model_info(self, model: str, listed: ListedModel | None = None) -> dict:
+        info = {"name": f"models/{model}", "displayName": (listed and listed.display_name) or model,
+                "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
                 "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens"]}  # fmt: skip
+        info.update((listed and listed.gemini) or {})
+        return info
 
     async def gemini_list_models(self, request: HttpRequest, call: Call) -> None:
-        call.exchange.send_json(200, {"models": [self.gemini_model_info(m) for m, _ in self.router.listed_models()]})
+        models = await self.catalog.models()
+        call.exchange.send_json(200, {"models": [self.gemini_model_info(m.id, m) for m in models]})
 
     async def gemini_get_model(self, request: HttpRequest, call: Call) -> None:
         model = request.path.split("/models/", 1)[1]
@@ -7045,7 +7758,7 @@ PORT_KEYS = tuple(port_key for port_key, _, _ in LISTENERS.values())
 # Paths of each bundle: exact ones, then prefixes. /metrics sits with the admin API; the
 # facade serves it too (where Tokligence Gateway documents it, on the main port).
 BUNDLE_PATHS = {"/v1/chat/completions": "openai_core", "/v1/embeddings": "openai_core", "/v1/models": "openai_core",
-                "/health": "health", "/": "health", "/metrics": "admin"}  # fmt: skip
+                "/v1/completions": "openai_core", "/health": "health", "/": "health", "/metrics": "admin"}  # fmt: skip
 BUNDLE_PREFIXES = (
     ("/v1/models/", "openai_core"), ("/v1/responses", "openai_responses"), ("/v1/messages", "anthropic"),
     ("/anthropic/", "anthropic"), ("/v1beta/", "gemini_native"), ("/api/v1/admin", "admin"), ("/api/v1/usage", "admin"),
