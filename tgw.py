@@ -7268,6 +7268,14 @@ HEALTH_KEYS_SHOWN = ("status", "version", "work_mode", "offline", "routes", "ali
                      "ledger_rows_written")  # fmt: skip
 
 
+UNPRINTABLE = dict.fromkeys([c for c in range(32) if c not in (9, 10)] + list(range(127, 160)))  # ESC, CSI...
+
+
+def printable(text: str) -> str:
+    """Text from a model or an upstream, safe for a terminal (no escape sequences)."""
+    return text.translate(UNPRINTABLE)
+
+
 @dataclass
 class Outcome:
     """What an action did, in words for a person or a model."""
@@ -7295,7 +7303,7 @@ def read_pid_file(path: Path) -> dict | None:
         return None
     if type(data) is int:  # a bare pid, as other tools write them
         data = {"pid": data}
-    if not isinstance(data, dict) or type(data.get("pid")) is not int or data["pid"] <= 1:
+    if not isinstance(data, dict) or type(data.get("pid")) is not int or not 1 < data["pid"] < 1 << 31:
         return None
     if not (isinstance(data.get("url"), str) and data["url"].startswith("http://")):
         data.pop("url", None)
@@ -7364,7 +7372,7 @@ def load_config_or_defaults(config_arg: str | None, env=None) -> tuple[Config, s
     the chat assistant keep working, to help fix it)."""
     try:
         return load_config(config_arg, env=env), ""
-    except ConfigError as exc:
+    except (ConfigError, OSError, ValueError) as exc:  # a bad value; an unreadable or binary file
         values = {key: spec[0] for key, spec in CONFIG_KEYS.items()}
         path = find_config_file(config_arg, env)
         return Config(values, {}, dict(DEFAULT_PRICES), path, dict.fromkeys(values, "default")), str(exc)
@@ -7466,7 +7474,7 @@ async def fetch_json(pool: UpstreamPool, url: str, headers: dict | None = None, 
         raise OPENAI_CODEC.decode_error(resp.status, data)  # reads any of the four envelopes
     try:
         return loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise GatewayError(502, f"{url} did not answer JSON") from None
 
 
@@ -7535,6 +7543,10 @@ def format_status(status: dict) -> str:
         lines.append(f"gateway: not running at {status['url']} ({status['error']})")
     if daemon and not daemon["alive"]:
         lines.append(f"  stale pid file {daemon['pid_file']}: pid {daemon['pid']} is gone")
+    elif daemon and not status["running"]:
+        lines.append(
+            f"  the daemon (pid {daemon['pid']}) is alive but its /health does not answer: see {daemon['log']}"
+        )
     lines.append(f"config file: {status['config_file'] or '(none: defaults and TOKLIGENCE_* variables)'}")
     if status.get("config_error"):
         lines.append(f"config error: {status['config_error']}")
@@ -7567,7 +7579,7 @@ def format_status(status: dict) -> str:
         for key, value in health.items():
             if key not in HEALTH_KEYS_SHOWN:
                 lines.extend(format_section(str(key), value))
-    return redact("\n".join(lines))
+    return printable(redact("\n".join(lines)))  # /health's words could hold terminal escapes
 
 
 def format_section(name: str, value, depth: int = 0) -> list[str]:
@@ -7640,7 +7652,6 @@ CHAT_ENV_KEYS = (("openai", ("OPENAI_API_KEY",), "OPENAI_BASE_URL"), ("anthropic
 CHAT_LOCAL_SERVERS = (("ollama", "OLLAMA_BASE_URL", "http://127.0.0.1:11434"),
                       ("vllm", "VLLM_BASE_URL", "http://127.0.0.1:8000"),
                       ("lmstudio", "LMSTUDIO_BASE_URL", "http://127.0.0.1:1234"))  # fmt: skip
-UNPRINTABLE = dict.fromkeys([c for c in range(32) if c not in (9, 10)] + list(range(127, 160)))  # ESC, CSI...
 
 # Keys people paste: known prefixes, or long random-looking tokens (checked by looks_random).
 KNOWN_SECRET = (r"(?:sk-ant-|sk-proj-|sk-or-|sk-)[\w-]{16,}|AIza[\w-]{20,}|tok_[\w-]{12,}"
@@ -7654,11 +7665,6 @@ def looks_random(token: str) -> bool:
     """A long unbroken run of letters and digits, mixed: a key, not a path or a model name."""
     run = max(re.findall(r"[A-Za-z0-9]+", token), key=len, default="")
     return len(run) >= 24 and sum(c.isdigit() for c in run) >= 2 and sum(c.isalpha() for c in run) >= 2
-
-
-def printable(text: str) -> str:
-    """Text from a model or an upstream, safe for a terminal (no escape sequences)."""
-    return text.translate(UNPRINTABLE)
 
 
 class ChatSecrets:
@@ -7767,7 +7773,7 @@ async def call_model(pool: UpstreamPool, provider: Provider, headers: dict, req:
             take(decoder.feed(sse))
         take(decoder.finish())
         return fold_events(events)
-    except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:  # a malformed answer
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError, RecursionError) as exc:  # a malformed answer
         raise GatewayError(502, f"{provider.name} sent an answer tgw cannot read ({type(exc).__name__})") from None
     finally:
         resp.close() if not resp.done else resp.release()
@@ -7844,8 +7850,9 @@ def environment_candidates(cfg: Config, env, tgw_url: str) -> list[ChatCandidate
             out.append(ChatCandidate(name, source, "not set"))
             continue
         key = env[key_name]
-        redact.add(key)
         base = (env.get(base_variable) if base_variable else "") or CONFIG_KEYS[f"{name}_base_url"][0]
+        parts = urlsplit(base)
+        redact.add(key, parts.password or parts.username or "")  # never printed, logged or sent
         if not base.startswith(("http://", "https://")):
             out.append(ChatCandidate(name, key_name, f"{base_variable}={base!r} is not an http(s) URL"))
             continue
@@ -7862,6 +7869,8 @@ def environment_candidates(cfg: Config, env, tgw_url: str) -> list[ChatCandidate
 
 async def local_candidate(name: str, variable: str, default: str, env, pool: UpstreamPool) -> ChatCandidate:
     root = (env.get(variable) or default).rstrip("/")
+    parts = urlsplit(root)
+    redact.add(parts.password or parts.username or "")
     source = f"{name} ({variable})" if env.get(variable) else name
     if not root.startswith(("http://", "https://")):
         return ChatCandidate(name, source, f"{variable}={root!r} is not an http(s) URL")
@@ -8181,7 +8190,8 @@ class ChatTools:
         before, _ = self.app.load_config()
         path = self.app.config_path(before)
         try:
-            staged, after, changed = stage_config_change(path, key, value, self.app.env)
+            real = path.resolve()  # a symlinked gateway.ini is edited where it points, the link kept
+            staged, after, changed = stage_config_change(real, key, value, self.app.env)
         except (ConfigError, OSError) as exc:
             return Outcome(False, f"not changed: {redact(str(exc))}")
         if not changed:
@@ -8193,7 +8203,7 @@ class ChatTools:
         try:
             if not self.app.ui.confirm(f"set {key} = {new} in {path}?"):
                 return Outcome(False, f"not changed: the user did not confirm setting {key}")
-            os.replace(staged, path)
+            os.replace(staged, real)
         except OSError as exc:
             return Outcome(False, f"not changed: cannot write {path}: {exc.strerror}")
         finally:
@@ -8367,7 +8377,7 @@ class OfflineAssistant:
         "  how do I use claude code?           search the built-in docs\n"
         "  show config"
     )
-    IS_HELP = re.compile(r"^(help|\?|h|what can you do|commands|menu)\b", re.I)
+    IS_HELP = re.compile(r"^(help|\?|h|what can you do|commands|menu)$", re.I)
     ROUTE = re.compile(r"\b(?:route|send|map|point|direct)\s+(?:all\s+)?(?:the\s+)?(?:models?\s+)?[\"'`]?"
                        r"([\w.*?:/\[\]-]+?)[\"'`]?(?:\s+models?|\s+requests?)?\s+(?:to|=>|->|through|via|at|on)\s+"
                        r"(?:the\s+)?[\"'`]?([\w.-]+)", re.I)  # fmt: skip
@@ -8782,9 +8792,9 @@ class ChatApp:
         found, chosen = self.run(detect_chat_models(cfg, self.env, spec, source))
         if chosen is None:
             why = found[0].reason if spec else "no model is reachable (tgw chat --detect says why)"
-            return f"{why}: {offline_words}"
+            return redact(f"{why}: {offline_words}")
         self.assistant = ModelAssistant(self, chosen, cfg)
-        return f"model {chosen.model} on {chosen.provider.name} ({chosen.source}: {chosen.reason})"
+        return redact(f"model {chosen.model} on {chosen.provider.name} ({chosen.source}: {chosen.reason})")
 
     def detect(self, spec: str = "") -> str:
         cfg, error = self.load_config()
@@ -8795,10 +8805,11 @@ class ChatApp:
         if error:
             lines.append(f"  (the configuration does not load: {error})")
         if not spec:
-            lines.append("  - chat_model           not set (--model, or chat_model in gateway.ini)")
+            found = [ChatCandidate("", "chat_model", "not set (--model, or chat_model in gateway.ini)"), *found]
+        width = max([len(c.source) for c in found] + [10])
         for c in found:  # * the one used, + usable, - not usable
             mark = "*" if c is chosen else "+" if c.available else "-"
-            lines.append(f"  {mark} {c.source:<20} {c.model + ': ' if c.available else ''}{c.reason}")
+            lines.append(f"  {mark} {c.source:<{width}}  {c.model + ': ' if c.available else ''}{c.reason}")
         lines.append(f"using {chosen.model} on {chosen.provider.name}" if chosen else
                      "no model is available: tgw chat answers with its offline assistant")  # fmt: skip
         return redact("\n".join(lines))
@@ -8887,9 +8898,10 @@ def add_gateway_commands(commands) -> None:
 
 def cmd_chat(args) -> int:
     """Exit status: 0, or 1 when a change the user asked for failed or was not confirmed."""
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(errors="replace")  # a model may answer in any script
-    setup_logging("error")  # the configuration is read for every tool call: its warnings once would be plenty
+    for stream in (sys.stdin, sys.stdout):  # a model may answer in any script; a pipe may hold any bytes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+    setup_logging("error")  # the configuration is read for every tool call: its warnings would repeat
     app = ChatApp(args.config, args.yes)
     try:
         if args.detect:
