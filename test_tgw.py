@@ -7953,3 +7953,20 @@ def test_metrics_registry_api_for_other_parts_of_the_gateway(monkeypatch):
     assert sample(samples, "tgw_wait_seconds_bucket", kind="a", le="+Inf") == 4
     assert sample(samples, "tgw_wait_seconds_sum", kind="a") == pytest.approx(9.65)
     assert '# HELP tgw_hits_total Hits, with a "quote" and a \\\\ in the help\\nand a newline\n' in text
+
+
+def test_a_client_key_is_added_to_the_others_without_showing_them(tmp_path):
+    ini = tmp_path / "gateway.ini"
+    ini.write_text(f"api_keys = {CHAT_CLIENT_KEY}\n")
+    chat = OfflineChat(ini, offline=True)
+    try:
+        said = chat.say("add tok_second_client_key_abcdef012345 as a client key")
+        listed = chat.app.tools.call("get_config", {"key": "api_keys"}).text
+    finally:
+        chat.app.close()
+    assert f"api_keys = {CHAT_CLIENT_KEY},tok_second_client_key_abcdef012345" in ini.read_text()
+    assert (
+        "set_config(key=api_keys, value=[secret_2],[secret_1])" in said and "(set: 1 key(s)) -> (set: 2 key(s))" in said
+    )
+    assert CHAT_CLIENT_KEY not in said + listed and "tok_second" not in said + listed
+    assert listed.startswith("api_keys = [secret_2], [secret_1] (2 key(s); keep them to add one)")

@@ -8978,7 +8978,7 @@ class ChatTools:
             if key not in CONFIG_KEYS:
                 return Outcome(False, unknown_key_message(key))
             default, kind, meaning = CONFIG_KEYS[key]
-            text = (f"{key} = {shown_value(key, cfg.values[key])}  (from {cfg.sources.get(key, 'default')}; default "
+            text = (f"{key} = {self.shown(key, cfg.values[key])}  (from {cfg.sources.get(key, 'default')}; default "
                     f"{shown_value(key, default)}; {meaning})")  # fmt: skip
             return Outcome(True, text + (f"\nthe configuration does not load: {error}" if error else ""))
         lines = [f"config file: {cfg.path or '(none yet: set_config creates ' + str(self.app.config_path()) + ')'}"]
@@ -8986,11 +8986,18 @@ class ChatTools:
             lines.append(f"the configuration does not load: {error} (defaults shown)")
         for key, value in cfg.values.items():
             source = cfg.sources.get(key, "default")
-            lines.append(f"{key} = {shown_value(key, value)}" + ("" if source == "default" else f"  [{source}]"))
+            lines.append(f"{key} = {self.shown(key, value)}" + ("" if source == "default" else f"  [{source}]"))
         for name, pc in cfg.providers.items():
             lines.append(f"[provider.{name}] type={pc.type} base_url={redact(pc.base_url)} "
                          f"api_key={shown_value('openai_api_key', pc.api_key)} models={','.join(pc.models)}")  # fmt: skip
         return Outcome(True, "\n".join(lines))
+
+    def shown(self, key: str, value) -> str:
+        """shown_value, but client keys as placeholders: a key can then be added keeping the others."""
+        keys = [k.strip() for k in value.split(",") if k.strip()] if key == "api_keys" else []
+        if not keys:
+            return shown_value(key, value)
+        return f"{', '.join(map(self.app.secrets.placeholder, keys))} ({len(keys)} key(s); keep them to add one)"
 
     def set_config(self, args: dict) -> Outcome:
         key = text_argument(args, "key").lower()
@@ -9283,9 +9290,11 @@ class OfflineAssistant:
         return next((PROVIDER_WORDS[w] for w in re.findall(r"[a-z]+", text.lower()) if w in PROVIDER_WORDS), "")
 
     def store_key(self, placeholder: str, text: str) -> str:
-        if re.search(r"\b(client|gateway key|api_keys)\b", text, re.I):
-            return self.change("api_keys", placeholder)
         provider = self.provider_named(text.replace(placeholder, " ")) or self.app.secrets.kind(placeholder)
+        if re.search(r"\b(client|gateway key|api_keys)\b", text, re.I) or provider == "client":  # added to the others
+            keys = [k.strip() for k in self.app.load_config()[0].api_keys.split(",") if k.strip()]
+            held = [self.app.secrets.placeholder(k) for k in keys]
+            return self.change("api_keys", ",".join(dict.fromkeys([*held, placeholder])))
         if provider not in ("openai", "anthropic", "gemini"):
             self.pending_secret = placeholder
             return f"Which provider is {placeholder} for? Say 'it is for openai' (or anthropic, gemini)."
