@@ -7031,7 +7031,7 @@ def openai_stream(text="", calls=(), delay=0.0):
     for i, (name, args) in enumerate(calls):
         call = {"index": i, "id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": ""}}
         out.append(dict(base, choices=[{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}]))
-        arguments = json.dumps(args)
+        arguments = args if isinstance(args, str) else json.dumps(args)  # a str: sent as it is
         for part in (arguments[: len(arguments) // 2], arguments[len(arguments) // 2 :]):
             delta = {"tool_calls": [{"index": i, "function": {"arguments": part}}]}
             out.append(dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": None}]))
@@ -7970,3 +7970,29 @@ def test_a_client_key_is_added_to_the_others_without_showing_them(tmp_path):
     )
     assert CHAT_CLIENT_KEY not in said + listed and "tok_second" not in said + listed
     assert listed.startswith("api_keys = [secret_2], [secret_1] (2 key(s); keep them to add one)")
+
+
+def test_a_model_that_never_stops_calling_tools_is_stopped_and_bad_calls_get_errors(tmp_path, upstream):
+    def answer(h, body):
+        reply_sse(h, openai_stream(calls=[("get_status", '{"broken'), ("no_such_tool", {}),
+                                          ("set_config", {"key": "work_mode"})]))  # fmt: skip
+
+    up = upstream(openai_compatible(answer))
+    ini = tmp_path / "gateway.ini"
+    ini.write_text(f"openai_api_key = {CHAT_OPENAI_KEY}\nopenai_base_url = {up.url}/v1\n")
+    out = io.StringIO()
+    app = tgw.ChatApp(str(ini), yes=True, out=out, can_ask=False, env=nothing_reachable())
+    try:
+        assert app.choose().startswith("model gpt-4o-mini on openai")
+        app.turn("what is going on?")
+    finally:
+        app.close()
+    calls = [r for r in up.requests if r["path"] == "/v1/chat/completions"]
+    assert len(calls) == tgw.CHAT_TOOL_ROUNDS and "tool calls for one request is the limit" in out.getvalue()
+    results = {m["tool_call_id"]: m["content"] for m in calls[1]["body"]["messages"] if m["role"] == "tool"}
+    assert results["call_0"].startswith("[tool error] the arguments must be a JSON object")
+    assert results["call_1"].startswith("[tool error] there is no tool 'no_such_tool'")
+    assert results["call_2"] == "[tool error] 'value' is required"
+    assert (
+        ini.read_text().count("\n") == 2 and app.failed_changes == tgw.CHAT_TOOL_ROUNDS
+    )  # the set_config without a value, each round

@@ -8964,6 +8964,8 @@ class ChatTools:
             outcome = handler(args)
         except ToolArgumentError as exc:
             outcome = Outcome(False, str(exc))
+        except (OSError, sqlite3.Error, ConfigError, GatewayError) as exc:  # the machine's, not the model's, fault
+            outcome = Outcome(False, f"{name} failed: {getattr(exc, 'message', None) or exc}")
         outcome.text = self.app.secrets.hide(outcome.text)
         if name in CHANGING_TOOLS:
             self.app.ui.result(outcome.text)
@@ -9448,7 +9450,7 @@ class ModelAssistant:
             results: list[Part] = []
             try:
                 for call in calls[:CHAT_CALLS_PER_ROUND]:
-                    outcome = self.app.tools.call(call.name, json_object_arguments(call.arguments))
+                    outcome = self.app.tools.call(call.name, tool_arguments(call.arguments))
                     self.tools_ran = True
                     results.append(tool_result(call, outcome.text[:CHAT_TOOL_RESULT_LIMIT], not outcome.ok))
             finally:  # every call gets its result, or the conversation is malformed for the next request
@@ -9467,6 +9469,16 @@ class ModelAssistant:
     def on_text(self, text: str) -> None:
         self.partial.append(text)
         self.app.ui.stream(text)
+
+
+def tool_arguments(text: str) -> dict:
+    """A tool call's arguments as an object; anything else becomes an error the tool reports."""
+    if len(text) > 1 << 20:
+        return {"_raw_arguments": ""}
+    try:
+        return json_object_arguments(text)
+    except RecursionError:
+        return {"_raw_arguments": ""}
 
 
 def tool_result(call: Part, text: str, is_error: bool) -> Part:
@@ -9646,6 +9658,9 @@ class ChatApp:
         except KeyboardInterrupt:
             self.ui.end_line()
             self.ui.note("(interrupted)")
+        except Exception as exc:  # a bug: say so and keep the session (and the exit status says it failed)
+            self.failed_changes += 1
+            self.ui.note(redact(f"tgw chat: internal error ({type(exc).__name__}: {exc}); the session goes on"))
 
     def interactive(self, announcement: str) -> None:
         self.setup_readline()
@@ -9721,7 +9736,7 @@ def add_gateway_commands(commands) -> None:
 
 
 def cmd_chat(args) -> int:
-    """Exit status: 0, or 1 when a change the user asked for failed or was not confirmed."""
+    """Exit status: 0, or 1 when a change the user asked for failed or was not confirmed (or tgw chat failed)."""
     for stream in (sys.stdin, sys.stdout):  # a model may answer in any script; a pipe may hold any bytes
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
