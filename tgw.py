@@ -8655,7 +8655,7 @@ async def configured_candidate(provider: Provider, cfg: Config, router, pool: Up
     return ChatCandidate(provider.name, provider.name, where, provider, model)
 
 
-def environment_candidates(cfg: Config, env, tgw_url: str) -> list[ChatCandidate]:
+async def environment_candidates(cfg: Config, env, tgw_url: str, pool: UpstreamPool) -> list[ChatCandidate]:
     reasoning = tuple(g.strip() for g in cfg.reasoning_models.split(",") if g.strip())
     out = []
     for name, key_names, base_variable in CHAT_ENV_KEYS:
@@ -8677,8 +8677,11 @@ def environment_candidates(cfg: Config, env, tgw_url: str) -> list[ChatCandidate
         official = name == "openai" and "api.openai.com" in base
         flavor = "openai" if official else ("compatible" if name == "openai" else name)
         provider = Provider(name, name, base.rstrip("/"), key, flavor, key_setting=key_name, reasoning_globs=reasoning)
-        model = CHAT_DEFAULT_MODELS[name]
-        out.append(ChatCandidate(name, key_name, f"set in the environment; {base}", provider, model))
+        model, why = CHAT_DEFAULT_MODELS[name], f"set in the environment; {base}"
+        if flavor == "compatible":  # not OpenAI itself: ask which models it has
+            models, error = await list_models(pool, provider)
+            model, why = (models[0], why) if models else ("", f"{why} lists no model ({error or 'none'})")
+        out.append(ChatCandidate(name, key_name, why, provider, model))
     return out
 
 
@@ -8754,12 +8757,9 @@ async def detect_chat_models(cfg: Config, env, spec: str = "", spec_source: str 
     daemon = running_daemon()
     tgw_url = daemon["url"] if daemon and daemon.get("url") else gateway_url(cfg)
 
-    async def environment():
-        return environment_candidates(cfg, env, tgw_url)
-
     stages = (
         lambda: [configured_candidate(p, cfg, router, pool) for p in providers.values() if p.protocol != "loopback"],
-        lambda: [environment()],
+        lambda: [environment_candidates(cfg, env, tgw_url, pool)],
         lambda: (
             [local_candidate(n, v, d, env, pool) for n, v, d in CHAT_LOCAL_SERVERS]
             + [gateway_candidate(cfg, pool, tgw_url)]
