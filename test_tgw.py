@@ -12,10 +12,12 @@ import base64
 import copy
 import gzip
 import http.client
+import io
 import json
 import logging
 import os
 import re
+import signal
 import socket
 import sqlite3
 import struct
@@ -7856,6 +7858,533 @@ def test_completions_belong_to_the_openai_bundle_in_multiport_mode(start_gateway
 
 
 # ======================================================================================
+# tgw chat and gateway control (issue 12)
+# ======================================================================================
+#
+# Every model the chat finds is a scripted fake upstream on 127.0.0.1; every other place it
+# looks (Ollama, vLLM, LM Studio, a running tgw) is pointed at a port nothing listens on.
+
+CHAT_OPENAI_KEY = "sk-configured-openai-secret-0123456789"
+CHAT_ANTHROPIC_KEY = "sk-ant-configured-anthropic-secret-0123456789"
+CHAT_CLIENT_KEY = "tok_configured_client_secret_0123456789"
+CHAT_TYPED_GEMINI_KEY = "AIzaSyTypedGeminiKey0123456789abcdefghij"
+CHAT_TYPED_OPENAI_KEY = "sk-proj-TypedOpenAIKey0123456789abcdefXYZ"
+PLACEHOLDER = re.compile(r"\[secret_\d+\]")
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 nothing listens on (probes to it are refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nothing_reachable(**extra) -> dict:
+    """The environment of a chat that may look anywhere but finds nothing (tests' HOME)."""
+    env = dict(os.environ, TOKLIGENCE_FACADE_PORT=str(closed_port()), TERM="dumb")
+    for name in ("OLLAMA_BASE_URL", "VLLM_BASE_URL", "LMSTUDIO_BASE_URL"):
+        env[name] = f"http://127.0.0.1:{closed_port()}"
+    env.update(extra)
+    return env
+
+
+def run_tgw(*args, env, cwd, stdin="", timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, TGW, *args], input=stdin, capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=timeout)  # fmt: skip
+
+
+def last_user_text(body: dict) -> str:
+    """The latest user words in an OpenAI or Anthropic request."""
+    for message in reversed(body["messages"]):
+        content = message.get("content")
+        if message["role"] == "user" and isinstance(content, str):
+            return content
+        if message["role"] == "user" and isinstance(content, list):
+            texts = [b.get("text", "") for b in content if b.get("type") == "text"]
+            if texts:
+                return " ".join(texts)
+    return ""
+
+
+def openai_compatible(answer):
+    """A fake OpenAI-compatible server's script: GET /v1/models lists gpt-4o-mini (tgw chat
+    asks a base URL that is not api.openai.com which models it has); POSTs go to `answer`."""
+
+    def script(h, body):
+        if h.command == "GET":
+            reply_json(h, {"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]})
+        else:
+            answer(h, body)
+
+    return script
+
+
+def answered_tools(body: dict) -> bool:
+    """Does this request carry tool results (the second round of a turn)?"""
+    last = body["messages"][-1]
+    content = last.get("content")
+    return last["role"] == "tool" or (
+        isinstance(content, list) and any(b.get("type") == "tool_result" for b in content)
+    )
+
+
+def openai_stream(text="", calls=(), delay=0.0):
+    """chat.completion.chunk events: text in pieces, then tool calls."""
+    base = {"id": "chatcmpl-chat1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini"}
+    out = [dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
+    out += [dict(base, choices=[{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+            for piece in re.findall(r"\S+\s*", text)]  # fmt: skip
+    for i, (name, args) in enumerate(calls):
+        call = {"index": i, "id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": ""}}
+        out.append(dict(base, choices=[{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}]))
+        arguments = args if isinstance(args, str) else json.dumps(args)  # a str: sent as it is
+        for part in (arguments[: len(arguments) // 2], arguments[len(arguments) // 2 :]):
+            delta = {"tool_calls": [{"index": i, "function": {"arguments": part}}]}
+            out.append(dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": None}]))
+    finish = "tool_calls" if calls else "stop"
+    out.append(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": finish}]))
+    return out + ["data: [DONE]\n\n"]
+
+
+def anthropic_stream(text="", calls=()):
+    def event(name, obj):
+        return f"event: {name}\ndata: {json.dumps(obj)}\n\n"
+
+    out = [event("message_start", {"type": "message_start", "message": {"id": "msg_chat1", "type": "message",
+           "role": "assistant", "model": "claude-haiku-4-5", "content": [], "usage": {"input_tokens": 5}}})]  # fmt: skip
+    index = 0
+    if text:
+        out.append(event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                 "content_block": {"type": "text", "text": ""}}))  # fmt: skip
+        out.append(event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                 "delta": {"type": "text_delta", "text": text}}))  # fmt: skip
+        out.append(event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        index = 1
+    for i, (name, args) in enumerate(calls, index):
+        block = {"type": "tool_use", "id": f"toolu_{i}", "name": name, "input": {}}
+        out.append(event("content_block_start", {"type": "content_block_start", "index": i, "content_block": block}))
+        out.append(event("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                 "delta": {"type": "input_json_delta", "partial_json": json.dumps(args)}}))  # fmt: skip
+        out.append(event("content_block_stop", {"type": "content_block_stop", "index": i}))
+    stop = "tool_use" if calls else "end_turn"
+    out.append(event("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop},
+                                       "usage": {"output_tokens": 9}}))  # fmt: skip
+    return out + [event("message_stop", {"type": "message_stop"})]
+
+
+def assert_no_secret_sent(requests: list, secrets: tuple, auth_header: str, auth_value: str):
+    """No body carries a secret; the only secret in any head is the provider's own key."""
+    for req in requests:
+        body = json.dumps(req["body"])
+        heads = {k.lower(): v for k, v in req["headers"].items()}
+        assert heads.get(auth_header.lower()) == auth_value
+        heads.pop(auth_header.lower())
+        for secret in secrets:
+            assert secret not in body
+            assert secret not in json.dumps(heads)
+
+
+def test_chat_on_an_openai_upstream_changes_gateway_ini_and_sends_no_secret(tmp_path, upstream):
+    def answer(h, body):
+        if answered_tools(body):
+            reply_sse(h, openai_stream("Stored the key and switched to translation mode."))
+            return
+        placeholder = PLACEHOLDER.search(last_user_text(body)).group()
+        reply_sse(h, openai_stream("Let me look first.", [
+            ("get_config", {}), ("set_config", {"key": "gemini_api_key", "value": placeholder}),
+            ("set_config", {"key": "work_mode", "value": "translation"})]))  # fmt: skip
+
+    up = upstream(openai_compatible(answer))
+    ini = tmp_path / "gateway.ini"
+    ini.write_text(f"# my gateway\nopenai_api_key = {CHAT_OPENAI_KEY}\nopenai_base_url = {up.url}/v1\n"
+                   f"anthropic_api_key = {CHAT_ANTHROPIC_KEY}\napi_keys = {CHAT_CLIENT_KEY}\n")  # fmt: skip
+    prompt = f"my gemini key is {CHAT_TYPED_GEMINI_KEY}, store it and switch to translation mode"
+    out = run_tgw("chat", "-p", prompt, "--yes", env=nothing_reachable(), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr + out.stdout
+    text = ini.read_text()
+    assert "# my gateway" in text and f"gemini_api_key = {CHAT_TYPED_GEMINI_KEY}" in text
+    assert "work_mode = translation" in text and f"openai_api_key = {CHAT_OPENAI_KEY}" in text
+    assert "model gpt-4o-mini on openai" in out.stderr
+    assert "Let me look first." in out.stdout and "Stored the key and switched to translation mode." in out.stdout
+    assert (
+        "work_mode: auto -> translation" in out.stdout
+        and "* set_config(key=gemini_api_key, value=[secret_1])" in out.stdout
+    )
+    for secret in (CHAT_OPENAI_KEY, CHAT_ANTHROPIC_KEY, CHAT_CLIENT_KEY, CHAT_TYPED_GEMINI_KEY):
+        assert secret not in out.stdout + out.stderr
+    posts = [r for r in up.requests if r["path"] == "/v1/chat/completions"]
+    assert [r["path"] for r in up.requests] == ["/v1/models", "/v1/chat/completions", "/v1/chat/completions"]
+    first, second = (r["body"] for r in posts)
+    assert {t["function"]["name"] for t in first["tools"]} == {
+        "get_config", "set_config", "get_status", "test_model", "recent_errors", "usage_summary", "search_docs",
+        "start_gateway", "stop_gateway"}  # fmt: skip
+    assert first["stream"] is True and "[secret_1]" in last_user_text(first)
+    results = {m["tool_call_id"]: m["content"] for m in second["messages"] if m["role"] == "tool"}
+    assert "openai_api_key = sk-c…89 (set, 38 characters)" in results["call_0"]
+    assert "work_mode: auto -> translation" in results["call_2"]
+    assert_no_secret_sent(up.requests, (CHAT_OPENAI_KEY, CHAT_ANTHROPIC_KEY, CHAT_CLIENT_KEY, CHAT_TYPED_GEMINI_KEY),
+                          "Authorization", f"Bearer {CHAT_OPENAI_KEY}")  # fmt: skip
+
+
+def test_chat_on_an_anthropic_upstream_from_the_environment_reads_stdin(tmp_path, upstream):
+    def script(h, body):
+        if answered_tools(body):
+            reply_sse(h, anthropic_stream("Done: claude now goes to openai, with your key."))
+            return
+        placeholder = PLACEHOLDER.search(last_user_text(body)).group()
+        reply_sse(h, anthropic_stream(calls=[("set_config", {"key": "openai_api_key", "value": placeholder}),
+                                             ("set_config", {"key": "model_provider_routes",
+                                                             "value": "claude*=>openai,gpt*=>openai"})]))  # fmt: skip
+
+    up = upstream(script)
+    (tmp_path / "gateway.ini").write_text(f"; routes below\napi_keys = {CHAT_CLIENT_KEY}\n")
+    env_key = "sk-ant-environment-anthropic-secret-987654"
+    env = nothing_reachable(ANTHROPIC_API_KEY=env_key, ANTHROPIC_BASE_URL=up.url)
+    prompt = f"route claude to openai and use this openai key: {CHAT_TYPED_OPENAI_KEY}\n"
+    out = run_tgw("chat", "--yes", "--model", "anthropic/claude-haiku-4-5", env=env, cwd=tmp_path, stdin=prompt)
+    assert out.returncode == 0, out.stderr + out.stdout
+    text = (tmp_path / "gateway.ini").read_text()
+    assert text.startswith("; routes below\n") and f"openai_api_key = {CHAT_TYPED_OPENAI_KEY}" in text
+    assert "model_provider_routes = claude*=>openai,gpt*=>openai" in text
+    assert "model claude-haiku-4-5 on anthropic (--model: ANTHROPIC_API_KEY" in out.stderr
+    assert "Done: claude now goes to openai, with your key." in out.stdout
+    assert [r["path"] for r in up.requests] == ["/v1/messages", "/v1/messages"]
+    assert all(r["headers"]["anthropic-version"] == "2023-06-01" for r in up.requests)
+    second = up.requests[1]["body"]
+    assert second["model"] == "claude-haiku-4-5" and second["messages"][-1]["content"][0]["type"] == "tool_result"
+    assert_no_secret_sent(up.requests, (env_key, CHAT_CLIENT_KEY, CHAT_TYPED_OPENAI_KEY), "x-api-key", env_key)
+    assert CHAT_TYPED_OPENAI_KEY not in out.stdout + out.stderr
+
+
+def test_chat_exits_non_zero_when_a_requested_change_fails(tmp_path):
+    ini = tmp_path / "gateway.ini"
+    ini.write_text("work_mode = auto\n")
+    env = nothing_reachable()
+    unconfirmed = run_tgw("chat", "--offline", "-p", "switch to translation mode", env=env, cwd=tmp_path)
+    assert unconfirmed.returncode == 1 and "not confirmed: add --yes" in unconfirmed.stdout
+    invalid = run_tgw("chat", "--offline", "--yes", "-p", "set idle_timeout to 5", env=env, cwd=tmp_path)
+    assert invalid.returncode == 1 and "at least 120 seconds" in invalid.stdout
+    unknown = run_tgw("chat", "--offline", "--yes", "-p", "set model_provider_routes to claude*=>nowhere", env=env,
+                      cwd=tmp_path)  # fmt: skip
+    assert unknown.returncode == 1 and "unknown provider" in unknown.stdout
+    assert ini.read_text() == "work_mode = auto\n" and sorted(os.listdir(tmp_path)) == ["gateway.ini"]
+    fine = run_tgw("chat", "--offline", "--yes", "-p", "set idle_timeout to 1200", env=env, cwd=tmp_path)
+    assert fine.returncode == 0 and "idle_timeout: 900.0 -> 1200" in fine.stdout
+    assert ini.read_text() == "work_mode = auto\nidle_timeout = 1200\n"
+
+
+def test_chat_detect_gives_each_candidate_a_reason(tmp_path, upstream):
+    ollama = upstream(lambda h, b: reply_json(h, {"object": "list", "data": [
+        {"id": "nomic-embed-text", "object": "model"}, {"id": "llama3.2:1b", "object": "model"}]}))  # fmt: skip
+    env = nothing_reachable(OLLAMA_BASE_URL=ollama.url, GOOGLE_API_KEY="AIzaEnvironmentGoogleKey0123456789abc")
+    out = run_tgw("chat", "--detect", env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = {line.split()[1]: line for line in out.stdout.splitlines() if line.startswith("  ")}
+    assert lines["chat_model"].startswith("  - ") and "not set" in lines["chat_model"]
+    assert "not configured (no anthropic_api_key)" in lines["anthropic"]
+    assert lines["OPENAI_API_KEY"].startswith("  - ") and lines["OPENAI_API_KEY"].endswith("not set")
+    assert lines["GOOGLE_API_KEY"].startswith("  * ") and "gemini-2.5-flash" in lines["GOOGLE_API_KEY"]
+    assert lines["ollama"].startswith("  + ") and f"llama3.2:1b: answers at {ollama.url}" in lines["ollama"]
+    assert lines["vllm"].startswith("  - ") and "nothing answers at http://127.0.0.1:" in lines["vllm"]
+    assert lines["tgw"].startswith("  - ") and "no gateway answers" in lines["tgw"]
+    assert out.stdout.rstrip().endswith("using gemini-2.5-flash on gemini")
+    assert "AIzaEnvironmentGoogleKey0123456789abc" not in out.stdout
+    chosen = run_tgw("chat", "--detect", "--model", "ollama/qwen2.5", env=env, cwd=tmp_path)
+    assert chosen.stdout.splitlines()[1].startswith("  * --model") and "using qwen2.5 on ollama" in chosen.stdout
+
+
+class OfflineChat:
+    """tgw chat's offline assistant in this process, with everything unreachable."""
+
+    def __init__(self, config: Path, offline: bool = False):
+        self.out = io.StringIO()
+        self.app = tgw.ChatApp(str(config), yes=True, out=self.out, can_ask=False, env=nothing_reachable())
+        self.announcement = self.app.choose(offline=offline)
+
+    def say(self, text: str) -> str:
+        start = self.out.tell()
+        self.app.turn(self.app.secrets.hide(text))
+        return self.out.getvalue()[start:]
+
+
+def write_ledger_rows(path: Path, rows: list[dict]) -> None:
+    db = tgw.open_ledger_db(str(path))
+    for row in rows:
+        full = {c: None for c in tgw.LEDGER_COLUMNS} | {"ts": time.time(), "request_id": "r", "stream": 0} | row
+        db.execute(
+            f"INSERT INTO requests ({', '.join(full)}) VALUES ({', '.join('?' * len(full))})", list(full.values())
+        )
+    db.commit()
+    db.close()
+
+
+def test_offline_assistant_does_what_each_common_request_says(tmp_path, hermetic):
+    ini = tmp_path / "gateway.ini"
+    # openai at a closed port: whatever the requests do, nothing leaves the machine
+    ini.write_text(f"# tgw\nopenai_base_url = http://127.0.0.1:{closed_port()}/v1\n")
+    write_ledger_rows(hermetic / ".tokligence" / "ledger.db", [
+        {"model_requested": "gpt-4o-mini", "provider": "openai", "status": 200, "prompt_tokens": 12,
+         "completion_tokens": 30, "cost_usd": 0.5, "client_protocol": "openai"},
+        {"model_requested": "claude-sonnet-4-5", "provider": "anthropic", "status": 400, "client_protocol": "anthropic",
+         "lane": "translation", "error": "model 'claude-sonnet-4-5' routes to provider 'anthropic', which is not configured"},
+    ])  # fmt: skip
+    chat = OfflineChat(ini)
+    try:
+        assert chat.announcement.startswith("no model is reachable") and "not a language model" in chat.announcement
+        said = chat.say("status")
+        assert "gateway: not running" in said and "anthropic      anthropic  not configured" in said
+        chat.say("switch to translation mode")
+        assert "work_mode = translation" in ini.read_text()
+        said = chat.say(f"use my OpenAI key {CHAT_TYPED_OPENAI_KEY}")
+        assert f"openai_api_key = {CHAT_TYPED_OPENAI_KEY}" in ini.read_text() and CHAT_TYPED_OPENAI_KEY not in said
+        assert "openai_api_key: (not set) -> sk-p…YZ" in said
+        said = chat.say("why does claude-sonnet-4-5 fail?")
+        assert "which is not configured: set anthropic_api_key" in said and "use my anthropic key" in said
+        assert "HTTP 400 anthropic->anthropic translation claude-sonnet-4-5: model 'claude-sonnet-4-5' routes" in said
+        said = chat.say("route claude to openai")
+        assert "model_provider_routes = claude*=>openai,gpt*=>openai," in ini.read_text() and "claude* now goes" in said
+        said = chat.say("show usage for 30 days")
+        assert "usage over the last 30 days" in said and "gpt-4o-mini: 1 requests, 12 prompt + 30 completion" in said
+        said = chat.say("what is stream_keepalive?")
+        assert tgw.CONFIG_KEYS["stream_keepalive"][2] in said and "stream_keepalive = 15.0" in said
+        said = chat.say("how do I point claude code at it?")
+        port = chat.app.env["TOKLIGENCE_FACADE_PORT"]  # where the gateway listens, and the daemon below
+        assert f"ANTHROPIC_BASE_URL=http://127.0.0.1:{port} ANTHROPIC_API_KEY=anything claude" in said
+        said = chat.say("make me a sandwich")
+        assert "I did not understand" in said and "not a language model" in said and "route claude to openai" in said
+        said = chat.say("start the gateway")
+        assert "started tgw in the background" in said
+        said = chat.say("is the gateway running?")
+        assert f"gateway: running at http://127.0.0.1:{port} (pid" in said and "started by tgw start" in said
+        assert "work_mode: translation" in said and "routes: claude*=>openai" in said
+        said = chat.say("stop the gateway")
+        assert "stopped tgw (pid" in said and not (hermetic / ".tokligence" / "tgw.pid").exists()
+    finally:
+        tgw.stop_daemon(5)
+        chat.app.close()
+    assert CHAT_TYPED_OPENAI_KEY not in chat.out.getvalue()
+
+
+def test_offline_assistant_shows_the_providers_exact_error(tmp_path, upstream):
+    up = upstream(lambda h, b: reply_json(
+        h, {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}, 401))  # fmt: skip
+    ini = tmp_path / "gateway.ini"
+    ini.write_text(f"anthropic_api_key = {CHAT_ANTHROPIC_KEY}\nanthropic_base_url = {up.url}\n")
+    chat = OfflineChat(ini, offline=True)
+    try:
+        said = chat.say("why does claude-sonnet-4-5 fail")
+    finally:
+        chat.app.close()
+    assert "test request failed after" in said and "HTTP 401 from anthropic: invalid x-api-key" in said
+    assert "The provider refused the key" in said and CHAT_ANTHROPIC_KEY not in said
+    assert up.requests[-1]["headers"]["x-api-key"] == CHAT_ANTHROPIC_KEY
+    assert up.requests[-1]["body"]["max_tokens"] == 32
+
+
+def test_typed_keys_become_placeholders_and_only_they_come_back():
+    secrets = tgw.ChatSecrets()
+    text = (f"key {CHAT_TYPED_OPENAI_KEY} and {CHAT_TYPED_GEMINI_KEY}, again {CHAT_TYPED_OPENAI_KEY}; token "
+            "a8F3kq9ZmW2xT7vB1nY6cR4pL0sD5eHj; model claude-sonnet-4-5-20250929, path /home/me/projects/gateway.ini")  # fmt: skip
+    hidden = secrets.hide(text)
+    assert hidden == ("key [secret_1] and [secret_2], again [secret_1]; token [secret_3]; model "
+                      "claude-sonnet-4-5-20250929, path /home/me/projects/gateway.ini")  # fmt: skip
+    assert secrets.reveal("[secret_2]") == CHAT_TYPED_GEMINI_KEY and secrets.kind("[secret_1]") == "openai"
+    with pytest.raises(tgw.ConfigError):
+        secrets.reveal("[secret_9]")
+    assert "a8F3kq9ZmW2xT7vB1nY6cR4pL0sD5eHj" not in tgw.redact("logged a8F3kq9ZmW2xT7vB1nY6cR4pL0sD5eHj")
+
+
+def test_search_docs_reads_config_keys_added_at_runtime(monkeypatch):
+    monkeypatch.setitem(tgw.CONFIG_KEYS, "breaker_cooldown", (30.0, "float", "seconds a tripped breaker stays open"))
+    cfg = tgw.load_config(None, {}, env={})
+    hits = tgw.search_docs(tgw.chat_docs(cfg), "what does breaker_cooldown do")
+    assert hits[0] == ("config key breaker_cooldown", "seconds a tripped breaker stays open. Default: 30.0. "
+                       "Environment variable: TOKLIGENCE_BREAKER_COOLDOWN.")  # fmt: skip
+    assert tgw.search_docs(tgw.chat_docs(cfg), "codex")[0][0] == "client Codex"
+
+
+def test_status_prints_every_section_health_returns(tmp_path, upstream, start_gateway):
+    gw = start_gateway()
+    extra = {"status": "ok", "work_mode": "auto", "routes": [], "providers": {},
+             "breakers": {"openai/0": {"state": "open", "failures": 5}, "anthropic/0": "closed"}}  # fmt: skip
+    fake = upstream(lambda h, b: reply_json(h, extra))
+    for port, expected in ((gw.port, ["health: ok, version", "loopback       loopback   configured"]),
+                           (fake.port, ["breakers:", "  openai/0:", "    state: open", "    failures: 5",
+                                        "  anthropic/0: closed"])):  # fmt: skip
+        cfg = tgw.load_config(None, {"facade_port": str(port)}, env={})
+        status = tgw.run_with_pool(lambda pool, cfg=cfg: tgw.gateway_status(cfg, pool))
+        text = tgw.format_status(status)
+        assert status["running"] and text.startswith(f"gateway: running at http://127.0.0.1:{port} (not started by")
+        for line in expected:
+            assert line in text.splitlines() or line in text
+
+
+def test_start_status_stop_round_trip(tmp_path, hermetic):
+    env = nothing_reachable()
+    pid_file = hermetic / ".tokligence" / "tgw.pid"
+    try:
+        started = run_tgw("start", "--port", "0", env=env, cwd=tmp_path)
+        assert started.returncode == 0 and "started tgw in the background" in started.stdout, started.stderr
+        info = json.loads(pid_file.read_text())
+        port = int(info["url"].rsplit(":", 1)[1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/v1/chat/completions", json.dumps({"model": "m", "messages": [{"role": "user",
+                                                                 "content": "hi"}]}))  # fmt: skip
+        assert conn.getresponse().status == 200
+        conn.close()
+        status = run_tgw("status", env=env, cwd=tmp_path)
+        assert (
+            status.returncode == 0
+            and f"running at {info['url']} (pid {info['pid']}, started by tgw start" in status.stdout
+        )
+        data = json.loads(run_tgw("status", "--json", env=env, cwd=tmp_path).stdout)
+        assert data["running"] and data["health"]["status"] == "ok" and data["daemon"]["pid"] == info["pid"]
+        again = run_tgw("start", env=env, cwd=tmp_path)
+        assert again.returncode == 0 and f"already running (pid {info['pid']}" in again.stdout
+        stopped = run_tgw("stop", env=env, cwd=tmp_path)
+        assert stopped.returncode == 0 and f"stopped tgw (pid {info['pid']})" in stopped.stdout
+        assert not pid_file.exists() and not tgw.process_alive(info["pid"])
+        status = run_tgw("status", env=env, cwd=tmp_path)
+        assert status.returncode == 3 and "gateway: not running" in status.stdout
+        assert "listening on " + info["url"] in (hermetic / ".tokligence" / "tgw.log").read_text()
+    finally:
+        info = tgw.read_pid_file(pid_file)
+        if info and tgw.process_alive(info["pid"]):
+            os.kill(info["pid"], signal.SIGKILL)
+
+
+def test_start_reports_why_the_daemon_did_not_start_and_stop_clears_a_stale_pid_file(tmp_path, hermetic):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        outcome = tgw.start_daemon(None, {"facade_port": str(busy.getsockname()[1])})
+    assert not outcome.ok and "exited at start" in outcome.text and "address already in use" in outcome.text.lower()
+    pid_file = hermetic / ".tokligence" / "tgw.pid"
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    pid_file.write_text(json.dumps({"pid": gone.pid, "url": "http://127.0.0.1:1"}))
+    outcome = tgw.stop_daemon(1)
+    assert outcome.ok and f"stale pid file naming pid {gone.pid}" in outcome.text and not pid_file.exists()
+
+
+def test_chat_in_a_terminal_streams_confirms_survives_ctrl_c_and_exits(tmp_path, hermetic, upstream):
+    import pty
+    import select
+
+    def answer(h, body):
+        said = last_user_text(body)
+        if "story" in said and not answered_tools(body):
+            reply_sse(h, openai_stream(" ".join(f"word{i}" for i in range(150))), delay=0.2)
+        elif "translation" in said:
+            if answered_tools(body):
+                reply_sse(h, openai_stream("Switched to translation mode."))
+            else:
+                reply_sse(h, openai_stream(calls=[("set_config", {"key": "work_mode", "value": "translation"})]))
+        else:
+            reply_sse(h, openai_stream("Hello! I am the tgw assistant."))
+
+    up = upstream(openai_compatible(answer))
+    ini = tmp_path / "gateway.ini"
+    ini.write_text(f"openai_api_key = {CHAT_OPENAI_KEY}\nopenai_base_url = {up.url}/v1\n")
+    env = nothing_reachable()
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: become `tgw chat` at once
+        try:
+            os.chdir(tmp_path)
+            os.execve(sys.executable, [sys.executable, TGW, "chat"], env)
+        finally:
+            os._exit(127)
+    seen = b""
+
+    def expect(text: str, timeout=30.0) -> str:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while text.encode() not in seen:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(
+                    f"no {text!r} within {timeout} s; the terminal shows:\n{seen.decode(errors='replace')}"
+                )
+            try:
+                seen += os.read(fd, 65536)
+            except OSError:  # the child closed the terminal
+                raise AssertionError(f"no {text!r}; the terminal shows:\n{seen.decode(errors='replace')}") from None
+        at = seen.index(text.encode()) + len(text)
+        shown, seen = seen[:at], seen[at:]
+        return shown.decode(errors="replace")
+
+    def send(text: str):
+        os.write(fd, text.encode())
+
+    try:
+        assert "model gpt-4o-mini on openai" in expect("tgw> ")
+        send("hello\r")
+        expect("Hello! I am the tgw assistant.")
+        expect("tgw> ")
+        send("switch to translation mode\r")
+        assert "set work_mode = translation in" in expect("[y/N] ")
+        send("y\r")
+        expect("work_mode: auto -> translation")
+        expect("Switched to translation mode.")
+        expect("tgw> ")
+        assert "work_mode = translation" in ini.read_text()
+        send("tell me a story\r")
+        expect("word2 ")  # the answer is streaming
+        send("\x03")
+        expect("(interrupted)")
+        expect("tgw> ")
+        send(f"my gemini key is {CHAT_TYPED_GEMINI_KEY}\r")
+        expect("Hello! I am the tgw assistant.")
+        expect("tgw> ")
+        send("exit\r")
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    interrupted = up.requests[-1]["body"]["messages"]
+    assert any("word0" in (m.get("content") or "") and "[interrupted by the user]" in m["content"] for m in interrupted)
+    assert "word149" not in json.dumps(interrupted) and "[secret_1]" in last_user_text(up.requests[-1]["body"])
+    history = (hermetic / ".tokligence" / "chat_history").read_text()
+    assert "switch to translation mode" in history and "my gemini key is [secret_1]" in history
+    assert CHAT_TYPED_GEMINI_KEY not in history
+    assert_no_secret_sent(up.requests, (CHAT_OPENAI_KEY, CHAT_TYPED_GEMINI_KEY), "Authorization",
+                          f"Bearer {CHAT_OPENAI_KEY}")  # fmt: skip
+
+
+def test_chat_on_a_gemini_upstream_runs_the_same_tools(tmp_path, upstream):
+    def answer(h, body):
+        last = body["contents"][-1]["parts"][0]
+        if "functionResponse" in last:
+            parts = [{"text": "Now in passthrough mode."}]
+        else:
+            parts = [{"functionCall": {"name": "set_config", "args": {"key": "work_mode", "value": "passthrough"}}}]
+        chunk = {"candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP"}],
+                 "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 3}}  # fmt: skip
+        reply_sse(h, [chunk])
+
+    up = upstream(answer)
+    gemini_key = "AIzaConfiguredGeminiKey0123456789abcdefg"
+    ini = tmp_path / "gateway.ini"
+    ini.write_text(f"gemini_api_key = {gemini_key}\ngemini_base_url = {up.url}\n")
+    out = io.StringIO()
+    app = tgw.ChatApp(str(ini), yes=True, out=out, can_ask=False, env=nothing_reachable())
+    try:
+        assert app.choose() == f"model gemini-2.5-flash on gemini (gemini: gemini_api_key from {ini})"
+        app.turn(app.secrets.hide("use passthrough mode please"))
+    finally:
+        app.close()
+    assert "work_mode = passthrough" in ini.read_text() and "Now in passthrough mode." in out.getvalue()
+    assert [r["path"] for r in up.requests] == ["/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"] * 2
+    answered = up.requests[1]["body"]["contents"][-1]["parts"][0]["functionResponse"]
+    assert answered["name"] == "set_config" and "work_mode: auto -> passthrough" in json.dumps(answered)
+    assert all(r["headers"]["x-goog-api-key"] == gemini_key and gemini_key not in json.dumps(r["body"])
+               for r in up.requests)  # fmt: skip
+
+
 # Operations: multiport, logs, metrics (issue 14)
 # ======================================================================================
 
@@ -8330,3 +8859,46 @@ def test_metrics_registry_api_for_other_parts_of_the_gateway(monkeypatch):
     assert sample(samples, "tgw_wait_seconds_bucket", kind="a", le="+Inf") == 4
     assert sample(samples, "tgw_wait_seconds_sum", kind="a") == pytest.approx(9.65)
     assert '# HELP tgw_hits_total Hits, with a "quote" and a \\\\ in the help\\nand a newline\n' in text
+
+
+def test_a_client_key_is_added_to_the_others_without_showing_them(tmp_path):
+    ini = tmp_path / "gateway.ini"
+    ini.write_text(f"api_keys = {CHAT_CLIENT_KEY}\n")
+    chat = OfflineChat(ini, offline=True)
+    try:
+        said = chat.say("add tok_second_client_key_abcdef012345 as a client key")
+        listed = chat.app.tools.call("get_config", {"key": "api_keys"}).text
+    finally:
+        chat.app.close()
+    assert f"api_keys = {CHAT_CLIENT_KEY},tok_second_client_key_abcdef012345" in ini.read_text()
+    assert (
+        "set_config(key=api_keys, value=[secret_2],[secret_1])" in said and "(set: 1 key(s)) -> (set: 2 key(s))" in said
+    )
+    assert CHAT_CLIENT_KEY not in said + listed and "tok_second" not in said + listed
+    assert listed.startswith("api_keys = [secret_2], [secret_1] (2 key(s); keep them to add one)")
+
+
+def test_a_model_that_never_stops_calling_tools_is_stopped_and_bad_calls_get_errors(tmp_path, upstream):
+    def answer(h, body):
+        reply_sse(h, openai_stream(calls=[("get_status", '{"broken'), ("no_such_tool", {}),
+                                          ("set_config", {"key": "work_mode"})]))  # fmt: skip
+
+    up = upstream(openai_compatible(answer))
+    ini = tmp_path / "gateway.ini"
+    ini.write_text(f"openai_api_key = {CHAT_OPENAI_KEY}\nopenai_base_url = {up.url}/v1\n")
+    out = io.StringIO()
+    app = tgw.ChatApp(str(ini), yes=True, out=out, can_ask=False, env=nothing_reachable())
+    try:
+        assert app.choose().startswith("model gpt-4o-mini on openai")
+        app.turn("what is going on?")
+    finally:
+        app.close()
+    calls = [r for r in up.requests if r["path"] == "/v1/chat/completions"]
+    assert len(calls) == tgw.CHAT_TOOL_ROUNDS and "tool calls for one request is the limit" in out.getvalue()
+    results = {m["tool_call_id"]: m["content"] for m in calls[1]["body"]["messages"] if m["role"] == "tool"}
+    assert results["call_0"].startswith("[tool error] the arguments must be a JSON object")
+    assert results["call_1"].startswith("[tool error] there is no tool 'no_such_tool'")
+    assert results["call_2"] == "[tool error] 'value' is required"
+    assert (
+        ini.read_text().count("\n") == 2 and app.failed_changes == tgw.CHAT_TOOL_ROUNDS
+    )  # the set_config without a value, each round

@@ -8,6 +8,8 @@ routes each model to its provider and records every token in a sqlite ledger.
     python3 tgw.py usage              # token and cost totals from the ledger
     python3 tgw.py logs               # the most recent requests
     python3 tgw.py config list        # effective configuration (secrets masked)
+    python3 tgw.py chat               # an assistant that configures and troubleshoots it, online or offline
+    python3 tgw.py start | status | stop   # the gateway in the background
 
 Sections, in the order data flows:
     1. Utilities                 small helpers shared by everything below
@@ -26,7 +28,9 @@ Sections, in the order data flows:
                                  multiport listeners, serve()
    10. Observability             logs (queue thread, rotation, JSON, request ids) and
                                  Prometheus metrics (registry, GET /metrics)
-   11. CLI                       serve, config, usage, logs
+   11. CLI                       serve, config, usage, logs (chat, start, stop, status: 12 and 13)
+   12. Gateway control           tgw start / stop / status: the daemon, its pid file and log, /health
+   13. The chat assistant        model selection, tools, the offline assistant, the terminal loop
 
 Find a thing by its protocol: `AnthropicCodec.encode_request`, `ResponsesStreamEncoder`,
 `GeminiStreamDecoder`, ... Every codec converts to and from the canonical Request / Response /
@@ -40,7 +44,9 @@ import asyncio
 import atexit
 import base64
 import bisect
+import contextlib
 import contextvars
+import difflib
 import fnmatch
 import functools
 import gc
@@ -57,6 +63,7 @@ import socket
 import sqlite3
 import ssl
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -356,6 +363,7 @@ CONFIG_KEYS: dict[str, tuple] = {
         "str",
         "globs of OpenAI-protocol models that accept reasoning_effort",
     ),
+    "chat_model": ("", "str", "model tgw chat talks to (a routed name or PROVIDER/MODEL); empty: the first one found"),
     "ledger_path": ("~/.tokligence/ledger.db", "str", "sqlite ledger file (WAL); ':memory:' keeps nothing"),
     "ledger_queue_size": (10000, "int", "rows buffered before requests wait for the ledger writer"),
     "log_level": ("info", ("debug", "info", "warning", "error"), "log level (stderr, and log_file when set)"),
@@ -8598,6 +8606,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-public-bind", action="store_true", default=None, help="allow a non-loopback --host without api_keys"
     )
     serve_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    serve_p.add_argument("--pid-file", help=argparse.SUPPRESS)  # tgw start's daemon says here where it listens
 
     config_p = commands.add_parser("config", help="read and edit gateway.ini")
     add_config_flag(config_p)
@@ -8622,22 +8631,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flag(logs_p)
     logs_p.add_argument("-n", "--limit", type=int, default=20)
     logs_p.add_argument("--json", action="store_true", help="print JSON lines")
+    add_gateway_commands(commands)
     return parser
+
+
+def set_flags(items: list[str]) -> dict:
+    """--set KEY=VALUE flags as config overrides."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip().lower()] = value
+    return overrides
 
 
 def cmd_serve(args) -> int:
     overrides = {"host": args.host, "facade_port": args.port, "work_mode": args.work_mode, "ledger_path": args.ledger_path,
                  "log_level": args.log_level, "allow_public_bind": args.allow_public_bind}  # fmt: skip
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip().lower()] = value
+    overrides.update(set_flags(args.set))
     cfg = load_config(args.config, overrides)
     setup_logging(cfg.log_level, cfg)
+    pid_path = Path(args.pid_file) if args.pid_file else None
     try:
-        asyncio.run(serve(cfg))
+        asyncio.run(serve(cfg, functools.partial(announce_daemon, pid_path, cfg) if pid_path else None))
     finally:
+        if pid_path:
+            remove_pid_file(pid_path, os.getpid())
         LOGS.close()
     return 0
 
@@ -8648,7 +8668,7 @@ def cmd_config(args) -> int:
         return 0
     cfg = load_config(args.config)
     if args.action == "set":
-        path = cfg.path or Path(args.config or os.environ.get("TOKLIGENCE_CONFIG") or "gateway.ini")
+        path = config_path_for_writing(args.config, cfg)
         config_set_in_file(path, args.key, args.value)
         shown = mask_secret(args.value) if args.key.lower() in SECRET_KEYS else args.value
         print(f"{args.key.lower()} = {shown}  (written to {path})")
@@ -8735,7 +8755,8 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"serve": cmd_serve, "config": cmd_config, "usage": cmd_usage, "logs": cmd_logs}
+    handlers = {"serve": cmd_serve, "config": cmd_config, "usage": cmd_usage, "logs": cmd_logs, "chat": cmd_chat,
+                "start": cmd_start, "stop": cmd_stop, "status": cmd_status}  # fmt: skip
     try:
         return handlers[args.command](args)
     except ConfigError as exc:
@@ -8756,6 +8777,1704 @@ def reexec_as_import() -> None:
     os.execv(
         sys.executable, [sys.executable, "-S", "-c", bootstrap, str(Path(__file__).resolve().parent), *sys.argv[1:]]
     )
+
+
+# ======================================================================================
+# 12. Gateway control: tgw start, stop and status
+# ======================================================================================
+#
+# `tgw start` runs `tgw serve --pid-file …` in a session of its own, its output appended to
+# the log file. The daemon writes the pid file (JSON: pid, url, config, log, started) once it
+# listens and removes it when it exits, so the file says where a running daemon listens, even
+# on port 0. `tgw stop` sends SIGTERM (the gateway finishes in-flight requests and drains the
+# ledger) and waits. `tgw status` reads the pid file and asks the gateway's /health. The chat
+# assistant's start_gateway, stop_gateway and get_status tools call these same functions.
+
+DAEMON_START_TIMEOUT = 20.0  # seconds `tgw start` waits for the daemon to listen
+GET_JSON_HEADERS = {"User-Agent": f"tgw/{__version__}", "Accept": "application/json"}
+HEALTH_KEYS_SHOWN = ("status", "version", "work_mode", "offline", "routes", "aliases", "providers", "uptime_s",
+                     "ledger_rows_written")  # fmt: skip
+
+
+UNPRINTABLE = dict.fromkeys([c for c in range(32) if c not in (9, 10)] + list(range(127, 160)))  # ESC, CSI...
+
+
+def printable(text: str) -> str:
+    """Text from a model or an upstream, safe for a terminal (no escape sequences)."""
+    return text.translate(UNPRINTABLE)
+
+
+@dataclass
+class Outcome:
+    """What an action did, in words for a person or a model."""
+
+    ok: bool
+    text: str
+    changed: bool = False
+
+
+def tokligence_dir() -> Path:
+    return Path("~/.tokligence").expanduser()
+
+
+def daemon_paths() -> tuple[Path, Path]:
+    """The daemon's pid file and log file."""
+    home = tokligence_dir()
+    return home / "tgw.pid", home / "tgw.log"
+
+
+def read_pid_file(path: Path) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            data = loads(f.read(4096))
+    except (OSError, ValueError):
+        return None
+    if type(data) is int:  # a bare pid, as other tools write them
+        data = {"pid": data}
+    if not isinstance(data, dict) or type(data.get("pid")) is not int or not 1 < data["pid"] < 1 << 31:
+        return None
+    if not (isinstance(data.get("url"), str) and data["url"].startswith("http://")):
+        data.pop("url", None)
+    return data
+
+
+def write_pid_file(path: Path, info: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    staged.write_text(json.dumps(info) + "\n")
+    os.replace(staged, path)
+
+
+def remove_pid_file(path: Path, pid: int) -> None:
+    """Remove the pid file if it still names `pid` (a newer daemon may have replaced it)."""
+    info = read_pid_file(path)
+    if info is not None and info["pid"] == pid:
+        path.unlink(missing_ok=True)
+
+
+_daemon_children: dict[int, subprocess.Popen] = {}  # daemons this process started, reaped here
+
+
+def process_alive(pid: int) -> bool:
+    child = _daemon_children.get(pid)
+    if child is not None:
+        return child.poll() is None
+    if os.name != "posix":  # signal 0 means CTRL_C_EVENT on Windows: trust the pid file
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    try:  # a zombie (exited, its parent has not reaped it) is gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[:1] != ["Z"]
+    except OSError:
+        return True
+
+
+def is_tgw_process(pid: int) -> bool:
+    """A stale pid file's pid may belong to another program by now."""
+    try:
+        return b"tgw" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc (macOS): trust the pid file
+
+
+def running_daemon() -> dict | None:
+    """The pid file's contents when the daemon it names is alive."""
+    info = read_pid_file(daemon_paths()[0])
+    if info is not None and process_alive(info["pid"]) and is_tgw_process(info["pid"]):
+        return info
+    return None
+
+
+def gateway_url(cfg: Config, port: int | None = None) -> str:
+    """Where a gateway with this configuration (listening on `port`) is reached from this machine."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(cfg.host, cfg.host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{cfg.facade_port if port is None else port}"
+
+
+def load_config_or_defaults(config_arg: str | None, env=None) -> tuple[Config, str]:
+    """The configuration, or the defaults and the error when it does not load (status and
+    the chat assistant keep working, to help fix it)."""
+    try:
+        return load_config(config_arg, env=env), ""
+    except (ConfigError, OSError, ValueError) as exc:  # a bad value; an unreadable or binary file
+        values = {key: spec[0] for key, spec in CONFIG_KEYS.items()}
+        path = find_config_file(config_arg, env)
+        return Config(values, {}, dict(DEFAULT_PRICES), path, dict.fromkeys(values, "default")), str(exc)
+
+
+def config_path_for_writing(config_arg: str | None, cfg: Config | None, env=None) -> Path:
+    """Where `tgw config set` and the chat's set_config write: the file in use, else --config,
+    $TOKLIGENCE_CONFIG, ./gateway.ini."""
+    env = os.environ if env is None else env
+    if cfg is not None and cfg.path is not None:
+        return cfg.path
+    return Path(config_arg or env.get("TOKLIGENCE_CONFIG") or "gateway.ini").expanduser()
+
+
+def log_tail(path: Path, offset: int, lines: int = 8) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(offset, path.stat().st_size - 4096))
+            text = f.read(4096).decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+    return redact("\n".join(text.strip().splitlines()[-lines:])) or "(the log is empty)"
+
+
+def start_daemon(config_arg: str | None, overrides: dict | None = None, env=None) -> Outcome:
+    """`tgw serve` in the background, with environment `env`; waits until it listens (or says
+    why it did not)."""
+    env = os.environ if env is None else env
+    pid_path, log_path = daemon_paths()
+    info = running_daemon()
+    if info is not None:
+        return Outcome(True, f"tgw is already running (pid {info['pid']}, {info.get('url', 'address unknown')})")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    try:
+        cfg = load_config(config_arg, overrides, env)
+    except ConfigError as exc:
+        return Outcome(False, f"not started: configuration error: {redact(str(exc))}")
+    pid_path.unlink(missing_ok=True)  # stale: its process is gone
+    command = [sys.executable, str(Path(__file__).resolve()), "serve", "--pid-file", str(pid_path)]
+    if cfg.path is not None:
+        command += ["--config", str(cfg.path.resolve())]
+    command += [f"--set={key}={value}" for key, value in overrides.items()]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        log_file.write(f"--- tgw start {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
+        log_file.flush()
+        offset = log_file.tell()
+        detach = {"start_new_session": True} if os.name == "posix" else {"creationflags": 0x00000008}
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                env=dict(env), **detach)  # fmt: skip
+    _daemon_children[proc.pid] = proc
+    deadline = time.monotonic() + DAEMON_START_TIMEOUT
+    while time.monotonic() < deadline:
+        info = read_pid_file(pid_path)
+        if info is not None and info["pid"] == proc.pid:
+            url = info.get("url", gateway_url(cfg))
+            return Outcome(True, f"started tgw in the background: pid {proc.pid}, {url}, log {log_path}", True)
+        if proc.poll() is not None:
+            return Outcome(
+                False, f"tgw exited at start (status {proc.returncode}); the log says:\n{log_tail(log_path, offset)}"
+            )
+        time.sleep(0.05)
+    proc.terminate()
+    return Outcome(False, f"tgw did not listen within {DAEMON_START_TIMEOUT:g} s, so it was stopped; the log says:\n"
+                          f"{log_tail(log_path, offset)}")  # fmt: skip
+
+
+def stop_daemon(grace: float = 30.0) -> Outcome:
+    """SIGTERM to the daemon, then wait while it finishes in-flight requests."""
+    pid_path, _ = daemon_paths()
+    info = read_pid_file(pid_path)
+    if info is None:
+        return Outcome(True, "no tgw daemon is running (no pid file; a gateway run with `tgw serve` stops with Ctrl-C)")
+    pid = info["pid"]
+    if not (process_alive(pid) and is_tgw_process(pid)):
+        pid_path.unlink(missing_ok=True)
+        return Outcome(True, f"no tgw daemon is running (removed a stale pid file naming pid {pid})")
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        return Outcome(False, f"not allowed to stop pid {pid} (another user's process)")
+    deadline = time.monotonic() + grace + 5
+    while process_alive(pid):
+        if time.monotonic() > deadline:
+            return Outcome(False, f"tgw (pid {pid}) is still finishing requests after {grace + 5:g} s")
+        time.sleep(0.05)
+    remove_pid_file(pid_path, pid)
+    _daemon_children.pop(pid, None)
+    return Outcome(True, f"stopped tgw (pid {pid})", True)
+
+
+async def fetch_json(pool: UpstreamPool, url: str, headers: dict | None = None, limit: int = 1 << 20):
+    """GET a JSON document with the one HTTP client; errors as GatewayError."""
+    resp = await pool.request("GET", url, headers or GET_JSON_HEADERS)
+    data = await resp.read(limit)
+    if resp.status >= 400:
+        raise OPENAI_CODEC.decode_error(resp.status, data)  # reads any of the four envelopes
+    try:
+        return loads(data)
+    except (ValueError, RecursionError):
+        raise GatewayError(502, f"{url} did not answer JSON") from None
+
+
+def run_with_pool(work, connect_timeout: float = 1.0, read_timeout: float = 3.0):
+    """Run `work(pool)` (a coroutine function) to its end, for CLI commands."""
+
+    async def main():
+        pool = UpstreamPool(connect_timeout, read_timeout)
+        try:
+            return await work(pool)
+        finally:
+            pool.close()
+
+    return asyncio.run(main())
+
+
+def config_view(cfg: Config) -> dict:
+    """What the configuration says, in /health's shape (to show side by side with it)."""
+    providers = build_providers(cfg)
+    try:
+        router = Router(cfg, providers)
+        routes, aliases, offline = [f"{g}=>{p}" for g, p in router.rules], router.aliases, router.offline
+    except ConfigError as exc:
+        routes, aliases, offline = [f"(invalid: {exc})"], {}, False
+    shown = {name: {"protocol": p.protocol, "configured": p.configured, **({"base_url": p.base_url} if p.base_url else {})}
+             for name, p in providers.items()}  # fmt: skip
+    return {"work_mode": cfg.work_mode, "offline": offline, "routes": routes, "aliases": aliases, "providers": shown}
+
+
+async def gateway_status(cfg: Config, pool: UpstreamPool, config_error: str = "") -> dict:
+    """Is a gateway running where the config (or the daemon's pid file) says, and what its
+    /health reports, beside what the configuration says."""
+    pid_path, log_path = daemon_paths()
+    info = read_pid_file(pid_path)
+    daemon = None
+    if info is not None:
+        alive = process_alive(info["pid"]) and is_tgw_process(info["pid"])
+        daemon = {"pid": info["pid"], "alive": alive, "url": info.get("url"), "pid_file": str(pid_path),
+                  "log": str(log_path)}  # fmt: skip
+    url = daemon["url"] if daemon and daemon["alive"] and daemon["url"] else gateway_url(cfg)
+    status = {"url": url, "running": False, "daemon": daemon, "health": None, "error": "",
+              "config_file": str(cfg.path) if cfg.path else None, "config_error": config_error,
+              "config": config_view(cfg)}  # fmt: skip
+    try:
+        health = await fetch_json(pool, url + "/health")
+        if isinstance(health, dict) and health.get("status") == "ok":
+            status["running"], status["health"] = True, health
+        else:
+            status["error"] = "something answers there, but not a tgw /health"
+    except GatewayError as err:
+        status["error"] = err.message
+    return status
+
+
+def format_status(status: dict) -> str:
+    """`tgw status` in words. Sections of /health this code does not know are shown as they come."""
+    lines = []
+    daemon, health = status.get("daemon"), status.get("health")
+    if status["running"] and daemon and daemon["alive"]:
+        lines.append(
+            f"gateway: running at {status['url']} (pid {daemon['pid']}, started by tgw start; log {daemon['log']})"
+        )
+    elif status["running"]:
+        lines.append(f"gateway: running at {status['url']} (not started by tgw start)")
+    else:
+        lines.append(f"gateway: not running at {status['url']} ({status['error']})")
+    if daemon and not daemon["alive"]:
+        lines.append(f"  stale pid file {daemon['pid_file']}: pid {daemon['pid']} is gone")
+    elif daemon and not status["running"]:
+        lines.append(
+            f"  the daemon (pid {daemon['pid']}) is alive but its /health does not answer: see {daemon['log']}"
+        )
+    lines.append(f"config file: {status['config_file'] or '(none: defaults and TOKLIGENCE_* variables)'}")
+    if status.get("config_error"):
+        lines.append(f"config error: {status['config_error']}")
+    config = status["config"]
+    view = health if isinstance(health, dict) else config
+    if health:
+        lines.append(f"health: {health.get('status')}, version {health.get('version')}, up {health.get('uptime_s')} s, "
+                     f"{health.get('ledger_rows_written')} ledger rows written this run")  # fmt: skip
+    lines.append(f"work_mode: {view.get('work_mode')}" + ("  (offline: every model is answered by loopback)"
+                                                          if view.get("offline") else ""))  # fmt: skip
+    providers = view.get("providers") if isinstance(view.get("providers"), dict) else {}
+    lines.append("providers:")
+    for name, p in list(providers.items())[:50]:
+        p = p if isinstance(p, dict) else {}
+        state = "configured" if p.get("configured") else "not configured"
+        lines.append(
+            f"  {str(name):<14} {str(p.get('protocol', '?')):<10} {state:<15} {p.get('base_url', '')}".rstrip()
+        )
+    routes = view.get("routes") if isinstance(view.get("routes"), list) else []
+    lines.append("routes: " + (", ".join(map(str, routes[:100])) or "(none)"))
+    aliases = view.get("aliases") if isinstance(view.get("aliases"), dict) else {}
+    if aliases:
+        lines.append("aliases: " + ", ".join(f"{a}=>{m}" for a, m in list(aliases.items())[:100]))
+    if health:
+        for key in ("work_mode", "routes"):
+            if health.get(key) != config.get(key):
+                lines.append(
+                    f"note: the configuration now says {key} = {config.get(key)}; restart the gateway to apply it"
+                )
+        for key, value in health.items():
+            if key not in HEALTH_KEYS_SHOWN:
+                lines.extend(format_section(str(key), value))
+    return printable(redact("\n".join(lines)))  # /health's words could hold terminal escapes
+
+
+def format_section(name: str, value, depth: int = 0) -> list[str]:
+    """Any JSON value as indented lines (bounded in depth, items and length)."""
+    pad = "  " * depth
+    if isinstance(value, dict) and value and depth < 3:
+        out = [f"{pad}{name}:"]
+        for key, item in list(value.items())[:50]:
+            out += format_section(str(key), item, depth + 1)
+        return out
+    if isinstance(value, list) and value and depth < 3:
+        return [f"{pad}{name}:"] + [f"{pad}  - {json.dumps(item, default=str)[:200]}" for item in value[:50]]
+    shown = value if isinstance(value, str) else json.dumps(value, default=str)
+    return [f"{pad}{name}: {shown[:200]}"]
+
+
+def announce_daemon(pid_path: Path, cfg: Config, port: int, gateway) -> None:
+    """The daemon's serve(ready=...): say in the pid file where it listens."""
+    write_pid_file(pid_path, {"pid": os.getpid(), "url": gateway_url(cfg, port), "config": str(cfg.path) if cfg.path else None,
+                              "log": str(daemon_paths()[1]), "started": time.time()})  # fmt: skip
+
+
+def cmd_start(args) -> int:
+    outcome = start_daemon(args.config, {"host": args.host, "facade_port": args.port, **set_flags(args.set)})
+    print(outcome.text, file=sys.stdout if outcome.ok else sys.stderr)
+    return 0 if outcome.ok else 1
+
+
+def cmd_stop(args) -> int:
+    cfg, _ = load_config_or_defaults(args.config)
+    outcome = stop_daemon(cfg.shutdown_grace)
+    print(outcome.text, file=sys.stdout if outcome.ok else sys.stderr)
+    return 0 if outcome.ok else 1
+
+
+def cmd_status(args) -> int:
+    """Exit status 0 when a gateway answers, 3 when none does (as LSB init scripts say)."""
+    cfg, error = load_config_or_defaults(args.config)
+    status = run_with_pool(lambda pool: gateway_status(cfg, pool, error))
+    print(redact(json.dumps(status, indent=2)) if args.json else format_status(status))
+    return 0 if status["running"] else 3
+
+
+# ======================================================================================
+# 13. The chat assistant: model selection, tools, the offline assistant, the terminal loop
+# ======================================================================================
+#
+# `tgw chat` talks to a model through tgw's own providers and codecs, in-process: the
+# conversation is a canonical Request with Tools, encoded by the provider's codec, sent with
+# UpstreamPool, its stream decoded into canonical events. So it runs on any provider and
+# protocol. With no model reachable (or --offline) a rule-based helper drives the same tools.
+#
+# Secrets never reach the model: configured ones come back from get_config masked (and every
+# text sent passes through redact()); a key the user types becomes a placeholder ([secret_1])
+# before anything is sent or written to the history file, and set_config turns a placeholder
+# back into the real value locally. The placeholder map lives only in this process's memory.
+
+CHAT_TOOL_ROUNDS = 8  # model calls with tool results per user turn, at most
+CHAT_CALLS_PER_ROUND = 16  # tool calls run per model answer; more are refused
+CHAT_MAX_TOKENS = 4096
+CHAT_ANSWER_LIMIT = 4 << 20  # bytes of one streamed answer
+CHAT_TOOL_RESULT_LIMIT = 16000  # characters of a tool result sent to the model
+CHAT_HISTORY_TURNS = 24  # user turns kept in the conversation
+CHAT_MAX_INPUT = 1 << 20  # characters of a prompt (a line, -p or standard input)
+CHAT_PROBE_TIMEOUT = 0.5  # seconds to connect to a local server or gateway while looking for a model
+CHAT_DEFAULT_MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5", "gemini": "gemini-2.5-flash"}
+CHAT_CODECS = {"openai": OPENAI_CODEC, "anthropic": ANTHROPIC_CODEC, "gemini": GEMINI_CODEC}
+CHAT_ENV_KEYS = (("openai", ("OPENAI_API_KEY",), "OPENAI_BASE_URL"), ("anthropic", ("ANTHROPIC_API_KEY",), "ANTHROPIC_BASE_URL"),
+                 ("gemini", ("GEMINI_API_KEY", "GOOGLE_API_KEY"), ""))  # fmt: skip
+CHAT_LOCAL_SERVERS = (("ollama", "OLLAMA_BASE_URL", "http://127.0.0.1:11434"),
+                      ("vllm", "VLLM_BASE_URL", "http://127.0.0.1:8000"),
+                      ("lmstudio", "LMSTUDIO_BASE_URL", "http://127.0.0.1:1234"))  # fmt: skip
+
+# Keys people paste: known prefixes, or long random-looking tokens (checked by looks_random).
+KNOWN_SECRET = (r"(?:sk-ant-|sk-proj-|sk-or-|sk-)[\w-]{16,}|AIza[\w-]{20,}|tok_[\w-]{12,}"
+                r"|(?:gsk_|hf_|xai-|gh[pousr]_|github_pat_|glpat-|pplx-|r8_)[\w-]{16,}|AKIA[0-9A-Z]{16}")  # fmt: skip
+TYPED_SECRET = re.compile(rf"(?<![\w-])(?:(?P<known>{KNOWN_SECRET})|(?P<long>[\w+/.-]{{32,}}={{0,2}}))(?![\w-])")
+KNOWN_SECRET_INSIDE = re.compile(rf"(?<![A-Za-z0-9])(?:{KNOWN_SECRET})(?![\w-])")
+SECRET_KINDS = (("sk-ant-", "anthropic"), ("sk-", "openai"), ("AIza", "gemini"), ("tok_", "client"))
+
+
+def looks_random(token: str) -> bool:
+    """A long unbroken run of letters and digits, mixed: a key, not a path or a model name."""
+    run = max(re.findall(r"[A-Za-z0-9]+", token), key=len, default="")
+    return len(run) >= 24 and sum(c.isdigit() for c in run) >= 2 and sum(c.isalpha() for c in run) >= 2
+
+
+class ChatSecrets:
+    """Typed keys <-> placeholders, in this process's memory only."""
+
+    PLACEHOLDER = re.compile(r"\[secret_(\d{1,4})\]")
+
+    def __init__(self):
+        self.values: list[str] = []
+
+    def placeholder(self, value: str) -> str:
+        if value not in self.values:
+            if len(self.values) >= 1000:
+                return "[secret]"
+            self.values.append(value)
+            redact.add(value)  # nor in logs or tool results
+        return f"[secret_{self.values.index(value) + 1}]"
+
+    def hide(self, text: str) -> str:
+        """`text` as it may be sent or stored: typed keys as placeholders, configured ones redacted."""
+
+        def swap(m: re.Match) -> str:
+            value = m.group(0)
+            if m.group("known") or looks_random(value):
+                return self.placeholder(value)
+            return KNOWN_SECRET_INSIDE.sub(lambda k: self.placeholder(k.group()), value)  # a path holding a key
+
+        text = TYPED_SECRET.sub(swap, text)
+        for value in self.values:  # seen again inside other text
+            if value in text:
+                text = text.replace(value, self.placeholder(value))
+        return redact(text)
+
+    def reveal(self, text: str) -> str:
+        """Placeholders back to the values the user typed (for set_config, locally)."""
+
+        def real(m: re.Match) -> str:
+            number = int(m.group(1))
+            if not 1 <= number <= len(self.values):
+                raise ConfigError(f"{m.group()} is not a key typed in this chat session: type the key again")
+            return self.values[number - 1]
+
+        return self.PLACEHOLDER.sub(real, text)
+
+    def kind(self, placeholder: str) -> str:
+        """Which provider a typed key looks like it belongs to, from its prefix ('' if unknown)."""
+        try:
+            value = self.reveal(placeholder)
+        except ConfigError:
+            return ""
+        return next((kind for prefix, kind in SECRET_KINDS if value.startswith(prefix)), "")
+
+
+def shown_value(key: str, value) -> str:
+    """A config value as the assistant (and the model) may see it: secrets masked."""
+    if key in SECRET_KEYS:
+        if not value:
+            return "(not set)"
+        if key == "api_keys":
+            return f"(set: {len([k for k in value.split(',') if k.strip()])} key(s))"
+        return f"{mask_secret(value)} (set, {len(value)} characters)"
+    shown = str(value).lower() if isinstance(value, bool) else str(value)
+    return redact(shown) if shown else "(empty)"
+
+
+def provider_headers(provider: Provider, cfg: Config) -> dict:
+    """The provider's request headers, plus the anthropic-version every Messages call needs."""
+    headers = dict(provider.auth_headers())
+    if provider.protocol == "anthropic":
+        headers.setdefault("anthropic-version", cfg.anthropic_version)
+    return headers
+
+
+async def call_model(pool: UpstreamPool, provider: Provider, headers: dict, req: Request, on_text=None) -> Response:
+    """One canonical Request to a provider, with its codec; the answer folded, text passed to
+    `on_text` as it streams. The same path the gateway's translation lane takes."""
+    codec = CHAT_CODECS[provider.protocol]
+    body = codec.encode_request(req, req.model, provider)
+    url = provider.url(CALL_OPERATIONS[provider.protocol], req.model, req.stream)
+    resp = await pool.request("POST", url, headers, dumps(body))
+    try:
+        if resp.status >= 400:
+            raise codec.decode_error(resp.status, await resp.read(1 << 20))
+        if "text/event-stream" not in resp.headers.get("content-type", ""):
+            result = codec.decode_response(json_or_502(await resp.read(CHAT_ANSWER_LIMIT), provider.name))
+            if on_text is not None and text_of(result.parts):
+                on_text(text_of(result.parts))
+            return result
+        decoder, parser, events, size = codec.stream_decoder(), SSEParser(), [], 0
+
+        def take(new_events) -> None:
+            for ev in new_events:
+                if isinstance(ev, StreamError):
+                    raise ev.error
+                events.append(ev)
+                if on_text is not None and isinstance(ev, BlockDelta) and ev.kind == "text":
+                    on_text(ev.value)
+
+        while chunk := await resp.next_chunk():
+            size += len(chunk)
+            if size > CHAT_ANSWER_LIMIT:
+                raise GatewayError(502, f"the answer of {provider.name} is longer than {CHAT_ANSWER_LIMIT} bytes")
+            for sse in parser.feed(chunk):
+                take(decoder.feed(sse))
+        for sse in parser.finish():
+            take(decoder.feed(sse))
+        take(decoder.finish())
+        return fold_events(events)
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError, RecursionError) as exc:  # a malformed answer
+        raise GatewayError(502, f"{provider.name} sent an answer tgw cannot read ({type(exc).__name__})") from None
+    finally:
+        resp.close() if not resp.done else resp.release()
+
+
+# ---- model selection -------------------------------------------------------------------
+
+
+@dataclass
+class ChatCandidate:
+    """One place a chat model may come from, and why it can or cannot be used."""
+
+    name: str  # the provider's name: openai, anthropic, a named provider, ollama, vllm, lmstudio, tgw
+    source: str  # what was looked at, as --detect shows it
+    reason: str  # why it can or cannot be used, in a few words
+    provider: Provider | None = None
+    model: str = ""
+
+    @property
+    def available(self) -> bool:
+        return self.provider is not None and bool(self.model)
+
+
+def is_concrete(pattern: str) -> bool:
+    return not any(c in pattern for c in "*?[")
+
+
+async def list_models(pool: UpstreamPool, provider: Provider) -> tuple[list[str], str]:
+    """An OpenAI-compatible server's model ids (chat models first), or the error."""
+    try:
+        data = await fetch_json(pool, provider.url("models"), provider.auth_headers())
+    except GatewayError as err:
+        return [], err.message
+    items = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        return [], "its /models answer has no list of models"
+    ids = [
+        m["id"] for m in items[:1000] if isinstance(m, dict) and isinstance(m.get("id"), str) and 0 < len(m["id"]) < 200
+    ]
+    chat = [m for m in ids if "embed" not in m.lower() and not m.startswith("loopback")]
+    return chat, ""
+
+
+async def configured_candidate(provider: Provider, cfg: Config, router, pool: UpstreamPool) -> ChatCandidate:
+    where = f"[provider.{provider.name}] in {cfg.path or 'TOKLIGENCE_PROVIDER_* variables'}"
+    if provider.key_setting:
+        setting = provider.key_setting if provider.api_key else f"{provider.name}_base_url"
+        origin = cfg.sources.get(setting, "default")
+        origin = f"TOKLIGENCE_{setting.upper()}" if origin == "environment" else origin
+        where = f"{setting} from {origin}"
+        if not provider.configured:
+            return ChatCandidate(provider.name, provider.name, f"not configured (no {provider.key_setting})")
+    model = next((g for g in provider.models if is_concrete(g)), "")
+    if not model and router is not None:
+        model = next((g for g, p in router.rules if p == provider.name and is_concrete(g)), "")
+    if not model and (provider.protocol != "openai" or provider.official):
+        model = CHAT_DEFAULT_MODELS[provider.protocol]
+    if not model:
+        models, error = await list_models(pool, provider)
+        if not models:
+            reason = f"lists no model ({error})" if error else "lists no model"
+            return ChatCandidate(provider.name, provider.name, f"{reason}; {where}", provider)
+        model = models[0]
+    return ChatCandidate(provider.name, provider.name, where, provider, model)
+
+
+async def environment_candidates(cfg: Config, env, tgw_url: str, pool: UpstreamPool) -> list[ChatCandidate]:
+    reasoning = tuple(g.strip() for g in cfg.reasoning_models.split(",") if g.strip())
+    out = []
+    for name, key_names, base_variable in CHAT_ENV_KEYS:
+        source = "/".join(key_names)
+        key_name = next((k for k in key_names if env.get(k)), "")
+        if not key_name:
+            out.append(ChatCandidate(name, source, "not set"))
+            continue
+        key = env[key_name]
+        base = (env.get(base_variable) if base_variable else "") or CONFIG_KEYS[f"{name}_base_url"][0]
+        parts = urlsplit(base)
+        redact.add(key, parts.password or parts.username or "")  # never printed, logged or sent
+        if not base.startswith(("http://", "https://")):
+            out.append(ChatCandidate(name, key_name, f"{base_variable}={base!r} is not an http(s) URL"))
+            continue
+        if base.rstrip("/").removesuffix("/v1") == tgw_url:
+            out.append(ChatCandidate(name, key_name, f"{base_variable} points at tgw itself (see the tgw line)"))
+            continue
+        official = name == "openai" and "api.openai.com" in base
+        flavor = "openai" if official else ("compatible" if name == "openai" else name)
+        provider = Provider(name, name, base.rstrip("/"), key, flavor, key_setting=key_name, reasoning_globs=reasoning)
+        model, why = CHAT_DEFAULT_MODELS[name], f"set in the environment; {base}"
+        if flavor == "compatible":  # not OpenAI itself: ask which models it has
+            models, error = await list_models(pool, provider)
+            model, why = (models[0], why) if models else ("", f"{why} lists no model ({error or 'none'})")
+        out.append(ChatCandidate(name, key_name, why, provider, model))
+    return out
+
+
+async def local_candidate(name: str, variable: str, default: str, env, pool: UpstreamPool) -> ChatCandidate:
+    root = (env.get(variable) or default).rstrip("/")
+    parts = urlsplit(root)
+    redact.add(parts.password or parts.username or "")
+    source = f"{name} ({variable})" if env.get(variable) else name
+    if not root.startswith(("http://", "https://")):
+        return ChatCandidate(name, source, f"{variable}={root!r} is not an http(s) URL")
+    base = root if root.endswith("/v1") else root + "/v1"
+    provider = Provider(name, "openai", base, "", "compatible")
+    models, error = await list_models(pool, provider)
+    if error:
+        return ChatCandidate(name, source, f"nothing answers at {root} ({error})")
+    if not models:
+        return ChatCandidate(name, source, f"answers at {root} but lists no chat model", provider)
+    return ChatCandidate(name, source, f"answers at {root}", provider, models[0])
+
+
+async def gateway_candidate(cfg: Config, pool: UpstreamPool, url: str) -> ChatCandidate:
+    """A running tgw with real providers behind it (its loopback model is no assistant)."""
+    try:
+        health = await fetch_json(pool, url + "/health")
+    except GatewayError as err:
+        return ChatCandidate("tgw", "tgw", f"no gateway answers at {url} ({err.message})")
+    if not isinstance(health, dict) or health.get("status") != "ok":
+        return ChatCandidate("tgw", "tgw", f"something answers at {url}, but not a tgw /health")
+    if health.get("offline"):
+        return ChatCandidate("tgw", "tgw", f"a gateway runs at {url} with no provider configured (only loopback)")
+    client_key = next((k.strip() for k in cfg.api_keys.split(",") if k.strip()), "")
+    provider = Provider("tgw", "openai", url + "/v1", client_key, "compatible")
+    models, error = await list_models(pool, provider)
+    if not models:
+        return ChatCandidate(
+            "tgw", "tgw", f"the gateway at {url} lists no model ({error or 'only loopback'})", provider
+        )
+    return ChatCandidate("tgw", "tgw", f"the gateway answers at {url}", provider, models[0])
+
+
+def explicit_candidate(spec: str, source: str, found: list[ChatCandidate], router) -> ChatCandidate:
+    """--model / chat_model: 'model' (routed like the gateway routes it) or 'provider/model'."""
+    names = {c.name for c in found} | {n for n, _, _ in CHAT_LOCAL_SERVERS} | {"tgw"}
+    prefix, sep, rest = spec.partition("/")
+    if sep and prefix.lower() in names and rest:
+        wanted, model = prefix.lower(), rest
+    elif router is not None:
+        model = router.aliases.get(spec, spec)
+        wanted = next((p for g, p in router.rules if glob_match(g, model)), "")
+    else:
+        wanted, model = "", spec
+    if not wanted:
+        return ChatCandidate("", source, f"{spec}: matches no route and names no provider")
+    for c in found:
+        if c.name == wanted and c.provider is not None:
+            return ChatCandidate(c.name, source, f"{c.source}: {c.reason}", c.provider, model)
+    why = next((c.reason for c in found if c.name == wanted), "not found")
+    return ChatCandidate(wanted, source, f"{spec}: provider {wanted} is not available: {why}")
+
+
+async def detect_chat_models(cfg: Config, env, spec: str = "", spec_source: str = "--model",
+                             everything: bool = False) -> tuple[list[ChatCandidate], ChatCandidate | None]:  # fmt: skip
+    """Every place a chat model may come from, in order, and the one to use. Places are
+    looked at in stages (configured providers, environment keys, local servers and a
+    running tgw, probed in parallel and briefly); the first stage that yields a model ends the
+    search unless `everything` is asked for (--detect)."""
+    pool = UpstreamPool(CHAT_PROBE_TIMEOUT, CHAT_PROBE_TIMEOUT * 4)
+    providers = build_providers(cfg)
+    try:
+        router = Router(cfg, providers)
+    except ConfigError:
+        router = None
+    daemon = running_daemon()
+    tgw_url = daemon["url"] if daemon and daemon.get("url") else gateway_url(cfg)
+
+    stages = (
+        lambda: [configured_candidate(p, cfg, router, pool) for p in providers.values() if p.protocol != "loopback"],
+        lambda: [environment_candidates(cfg, env, tgw_url, pool)],
+        lambda: (
+            [local_candidate(n, v, d, env, pool) for n, v, d in CHAT_LOCAL_SERVERS]
+            + [gateway_candidate(cfg, pool, tgw_url)]
+        ),
+    )
+    found: list[ChatCandidate] = []
+    chosen = None
+    try:
+        for stage in stages:
+            for result in await asyncio.gather(*stage()):
+                found += result if isinstance(result, list) else [result]
+            chosen = explicit_candidate(spec, spec_source, found, router) if spec else next(
+                (c for c in found if c.available), None)  # fmt: skip
+            if chosen is not None and chosen.available and not everything:
+                break
+    finally:
+        pool.close()
+    if spec:
+        found.insert(0, chosen)
+    return found, chosen if chosen is not None and chosen.available else None
+
+
+# ---- documentation built in (search_docs) -----------------------------------------------
+
+CHAT_DOCS = (
+    ("endpoint POST /v1/chat/completions", "OpenAI Chat Completions, JSON and SSE streams (also at "
+     "/v1beta/openai/chat/completions); any model: the route decides the provider"),
+    ("endpoint POST /v1/responses", "the OpenAI Responses API, what Codex speaks; GET and DELETE /v1/responses/{{id}}; "
+     "previous_response_id works across restarts (responses_retention_days)"),
+    ("endpoint POST /v1/messages", "Anthropic Messages, what Claude Code speaks (also /anthropic/v1/messages); "
+     "token counting at /v1/messages/count_tokens"),
+    ("endpoint Gemini /v1beta/models/MODEL:generateContent", "Gemini generateContent, :streamGenerateContent and "
+     ":countTokens, what google-genai speaks"),
+    ("endpoint POST /v1/embeddings", "OpenAI embeddings, float or base64"),
+    ("endpoint GET /v1/models", "the models the gateway serves, in OpenAI's, Anthropic's or Gemini's shape"),
+    ("endpoint GET /health", "status, version, work mode, routes, providers and which are configured; needs no key"),
+    ("client Claude Code", "ANTHROPIC_BASE_URL={url} ANTHROPIC_API_KEY=anything claude   (to run Claude Code on GPT "
+     "or a local model, route claude* to that provider in model_provider_routes)"),
+    ("client Codex", 'in ~/.codex/config.toml: model_provider = "tgw" and a [model_providers.tgw] table with '
+     'base_url = "{url}/v1", wire_api = "responses", env_key = "TGW_API_KEY" (any value unless api_keys is set)'),
+    ("client OpenAI SDK and LangChain", 'OPENAI_BASE_URL={url}/v1 OPENAI_API_KEY=anything, or '
+     'OpenAI(base_url="{url}/v1"); LangChain: ChatOpenAI(base_url="{url}/v1", model="claude-sonnet-4-5")'),
+    ("client Anthropic SDK", 'Anthropic(base_url="{url}", api_key="anything")'),
+    ("client google-genai Gemini SDK", 'genai.Client(api_key="anything", '
+     'http_options=types.HttpOptions(base_url="{url}/"))'),
+    ("topic work modes", "work_mode auto: passthrough when the client's protocol is the provider's, translation "
+     "otherwise; passthrough: refuse translation; translation: always through the canonical model"),
+    ("topic routes and aliases", "model_provider_routes: ordered glob=>provider pairs, the first match wins, e.g. "
+     "claude*=>openai,gpt*=>openai; model_aliases: alias=>model pairs, e.g. fast=>gpt-4o-mini"),
+    ("topic named providers vLLM Ollama LM Studio Azure", "[provider.NAME] sections in gateway.ini: type "
+     "(openai|azure|anthropic|gemini), base_url, api_key, models (globs routed there), api_version, headers, "
+     "responses_api; e.g. [provider.ollama] type = openai, base_url = http://127.0.0.1:11434/v1, models = llama3*"),
+    ("topic client keys and auth", "api_keys: keys clients must present (Authorization: Bearer, x-api-key, "
+     "x-goog-api-key or ?key=); empty: any key is accepted; needed for a non-loopback host"),
+    ("topic offline loopback model", "with no provider configured every model is answered by the built-in loopback "
+     "model, which echoes; [[tool:NAME {{...}}]] in a prompt makes it call a tool"),
+    ("command tgw start stop status", "tgw start runs the gateway in the background (pid file "
+     "~/.tokligence/tgw.pid, log ~/.tokligence/tgw.log); tgw stop stops it; tgw status shows whether it runs, its "
+     "/health, providers, routes and work mode"),
+    ("command tgw serve", "runs the gateway in the foreground: --port, --host, --work-mode, --set key=value"),
+    ("command tgw config", "tgw config list | get KEY | set KEY VALUE | example: read and edit gateway.ini, "
+     "keeping its comments"),
+    ("command tgw usage logs ledger", "every request is a row in the sqlite ledger (ledger_path): tokens, cost, "
+     "latency, lane, status, error; tgw usage totals it by model, provider and day; tgw logs lists the latest"),
+    ("command tgw chat", "this assistant: tgw chat [--model M] [--offline] [--detect] [-p PROMPT] [--yes]; it picks "
+     "chat_model, then configured providers, OPENAI_API_KEY / ANTHROPIC_API_KEY / GEMINI_API_KEY, local Ollama, vLLM, "
+     "LM Studio, then a running tgw"),
+)  # fmt: skip
+DOC_STOPWORDS = frozenset(re.findall(r"\w+", "a an and are at be can do does for from how i in is it me my of on or "
+                                    "the to use what when where which who why with you"))  # fmt: skip
+
+
+def chat_docs(cfg: Config) -> list[tuple[str, str]]:
+    """The built-in documentation: every config key (read from CONFIG_KEYS now, so keys added
+    anywhere appear), the endpoints, the clients, the commands."""
+    entries = []
+    for key, (default, kind, meaning) in CONFIG_KEYS.items():
+        shown = "(empty)" if default == "" else (str(default).lower() if isinstance(default, bool) else default)
+        choices = f" One of: {', '.join(kind)}." if isinstance(kind, tuple) else ""
+        entries.append((f"config key {key}", f"{meaning}. Default: {shown}.{choices} "
+                                             f"Environment variable: TOKLIGENCE_{key.upper()}."))  # fmt: skip
+    url = gateway_url(cfg)
+    return entries + [(title, body.format(url=url)) for title, body in CHAT_DOCS]
+
+
+def search_docs(entries: list[tuple[str, str]], query: str, limit: int = 5) -> list[tuple[str, str]]:
+    words = [w for w in re.findall(r"[a-z0-9_*./-]+", query.lower()[:500]) if w not in DOC_STOPWORDS][:30]
+    scored = []
+    for position, (title, body) in enumerate(entries):
+        low_title, low_body = title.lower(), body.lower()
+        title_words = set(re.split(r"[\s_/.:-]+", low_title)) | set(low_title.split())
+        score = sum(10 if low_title == f"config key {w}" else 3 if w in title_words else 2 if w in low_title
+                    else 1 if w in low_body else 0 for w in words)  # fmt: skip
+        if score:
+            scored.append((-score, position, title, body))
+    return [(title, body) for _, _, title, body in sorted(scored)[:limit]]
+
+
+# ---- the tools --------------------------------------------------------------------------
+
+_NO_PARAMETERS = {"type": "object", "properties": {}}
+CHAT_TOOLS = (
+    Tool("get_config", "Read tgw's configuration: one key (its value, where it comes from, default and meaning) or, "
+         "without a key, every key. Secret values come back masked.",
+         {"type": "object", "properties": {"key": {"type": "string", "description": "e.g. work_mode; omit for all"}}}),
+    Tool("set_config", "Set one top-level key of gateway.ini, validated with the gateway's startup rules, comments "
+         "kept; the user confirms. For a key the user typed, pass its placeholder (e.g. [secret_1]) as the value.",
+         {"type": "object", "properties": {"key": {"type": "string"}, "value": {"type": "string"}},
+          "required": ["key", "value"]}),
+    Tool("get_status", "Is a gateway running where the config says; its /health, providers and which are "
+         "configured, routes, work mode.", _NO_PARAMETERS),
+    Tool("test_model", "How a model name resolves (provider, lane, upstream model), then a tiny real request to it: "
+         "its latency or the exact error.",
+         {"type": "object", "properties": {"model": {"type": "string"}}, "required": ["model"]}),
+    Tool("recent_errors", "The latest failed requests in the ledger.",
+         {"type": "object", "properties": {"n": {"type": "integer", "description": "how many (default 10)"}}}),
+    Tool("usage_summary", "Requests, tokens and cost by model and provider over the last days, from the ledger.",
+         {"type": "object", "properties": {"days": {"type": "number", "description": "default 7"}}}),
+    Tool("search_docs", "Search tgw's built-in documentation: every config key with meaning and default, the "
+         "endpoints, how to point Claude Code, Codex and the SDKs at the gateway, the commands.",
+         {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}),
+    Tool("start_gateway", "Start the gateway in the background (tgw start); the user confirms.", _NO_PARAMETERS),
+    Tool("stop_gateway", "Stop the background gateway (tgw stop); the user confirms.", _NO_PARAMETERS),
+)  # fmt: skip
+CHANGING_TOOLS = frozenset({"set_config", "start_gateway", "stop_gateway"})
+
+
+class ToolArgumentError(Exception):
+    pass
+
+
+def text_argument(args: dict, name: str, required: bool = True, limit: int = 8192) -> str:
+    value = args.get(name)
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    elif isinstance(value, (int, float)):
+        value = str(value)
+    if value is None or value == "":
+        if required:
+            raise ToolArgumentError(f"'{name}' is required")
+        return ""
+    if not isinstance(value, str) or len(value) > limit:
+        raise ToolArgumentError(f"'{name}' must be a string of at most {limit} characters")
+    return value.strip()
+
+
+def number_argument(args: dict, name: str, default: float, low: float, high: float) -> float:
+    value = args.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ToolArgumentError(f"'{name}' must be a number")
+    return min(max(number, low), high)
+
+
+def stage_config_change(path: Path, key: str, value: str, env=None) -> tuple[Path, Config, bool]:
+    """gateway.ini with one key set, written beside the real file and loaded with the startup
+    rules (values, and routes that name known providers). Returns the staged file, the
+    configuration it gives and whether the text changed; the caller renames the staged file
+    into place, or removes it."""
+    original = path.read_text() if path.exists() else ""
+    staged = path.with_name(f".{path.name}.{os.getpid()}.staged")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged.write_text(original)
+    try:
+        os.chmod(staged, path.stat().st_mode & 0o7777 if path.exists() else 0o600)
+        config_set_in_file(staged, key, value)
+        cfg = load_config(str(staged), env=env)
+        Router(cfg, build_providers(cfg))
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    return staged, cfg, staged.read_text() != original
+
+
+class ChatTools:
+    """The tools, run locally for the model or the offline assistant. Each returns an Outcome
+    whose text is what the model sees (after ChatSecrets.hide)."""
+
+    def __init__(self, app: ChatApp):
+        self.app = app
+        self.handlers = {
+            "get_config": self.get_config, "set_config": self.set_config, "get_status": self.get_status,
+            "test_model": self.test_model, "recent_errors": self.recent_errors, "usage_summary": self.usage_summary,
+            "search_docs": self.search_docs, "start_gateway": self.start_gateway, "stop_gateway": self.stop_gateway,
+        }  # fmt: skip
+
+    def call(self, name: str, args: dict) -> Outcome:
+        """Run one tool: shown as it happens; a change that fails (or is not confirmed) counts."""
+        shown = ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in args.items())
+        self.app.ui.action(f"{name}({shown[:300]})")
+        handler = self.handlers.get(name)
+        try:
+            if handler is None:
+                raise ToolArgumentError(f"there is no tool {name!r}; the tools are {', '.join(self.handlers)}")
+            if "_raw_arguments" in args or "_value" in args:
+                raise ToolArgumentError("the arguments must be a JSON object")
+            outcome = handler(args)
+        except ToolArgumentError as exc:
+            outcome = Outcome(False, str(exc))
+        except (OSError, sqlite3.Error, ConfigError, GatewayError) as exc:  # the machine's, not the model's, fault
+            outcome = Outcome(False, f"{name} failed: {getattr(exc, 'message', None) or exc}")
+        outcome.text = self.app.secrets.hide(outcome.text)
+        if name in CHANGING_TOOLS:
+            self.app.ui.result(outcome.text)
+            if not outcome.ok:
+                self.app.failed_changes += 1
+        return outcome
+
+    def get_config(self, args: dict) -> Outcome:
+        key = text_argument(args, "key", required=False).lower()
+        cfg, error = self.app.load_config()
+        if key:
+            if key not in CONFIG_KEYS:
+                return Outcome(False, unknown_key_message(key))
+            default, kind, meaning = CONFIG_KEYS[key]
+            text = (f"{key} = {self.shown(key, cfg.values[key])}  (from {cfg.sources.get(key, 'default')}; default "
+                    f"{shown_value(key, default)}; {meaning})")  # fmt: skip
+            return Outcome(True, text + (f"\nthe configuration does not load: {error}" if error else ""))
+        lines = [f"config file: {cfg.path or '(none yet: set_config creates ' + str(self.app.config_path()) + ')'}"]
+        if error:
+            lines.append(f"the configuration does not load: {error} (defaults shown)")
+        for key, value in cfg.values.items():
+            source = cfg.sources.get(key, "default")
+            lines.append(f"{key} = {self.shown(key, value)}" + ("" if source == "default" else f"  [{source}]"))
+        for name, pc in cfg.providers.items():
+            lines.append(f"[provider.{name}] type={pc.type} base_url={redact(pc.base_url)} "
+                         f"api_key={shown_value('openai_api_key', pc.api_key)} models={','.join(pc.models)}")  # fmt: skip
+        return Outcome(True, "\n".join(lines))
+
+    def shown(self, key: str, value) -> str:
+        """shown_value, but client keys as placeholders: a key can then be added keeping the others."""
+        keys = [k.strip() for k in value.split(",") if k.strip()] if key == "api_keys" else []
+        if not keys:
+            return shown_value(key, value)
+        return f"{', '.join(map(self.app.secrets.placeholder, keys))} ({len(keys)} key(s); keep them to add one)"
+
+    def set_config(self, args: dict) -> Outcome:
+        key = text_argument(args, "key").lower()
+        if key not in CONFIG_KEYS:
+            return Outcome(False, unknown_key_message(key))
+        try:
+            value = self.app.secrets.reveal(text_argument(args, "value", limit=65536))
+        except ConfigError as exc:
+            return Outcome(False, str(exc))
+        if "\n" in value or "\r" in value:
+            return Outcome(False, "a config value is one line")
+        before, _ = self.app.load_config()
+        path = self.app.config_path(before)
+        try:
+            real = path.resolve()  # a symlinked gateway.ini is edited where it points, the link kept
+            staged, after, changed = stage_config_change(real, key, value, self.app.env)
+        except (ConfigError, OSError) as exc:
+            return Outcome(False, f"not changed: {redact(str(exc))}")
+        if not changed:
+            staged.unlink(missing_ok=True)
+            return Outcome(True, f"{key} is already {shown_value(key, after.values[key])} in {path}; nothing to change")
+        if key in SECRET_KEYS:
+            redact.add(value)
+        new = shown_value(key, after.values[key] if after.sources[key] != "environment" else value)
+        try:
+            if not self.app.ui.confirm(f"set {key} = {new} in {path}?"):
+                return Outcome(False, f"not changed: the user did not confirm setting {key}")
+            os.replace(staged, real)
+        except OSError as exc:
+            return Outcome(False, f"not changed: cannot write {path}: {exc.strerror}")
+        finally:
+            staged.unlink(missing_ok=True)  # gone once renamed into place; else not wanted (even on Ctrl-C)
+        lines = [f"{path}: {key}: {shown_value(key, before.values[key])} -> {new}"]
+        variable = f"TOKLIGENCE_{key.upper()}"
+        if variable in self.app.env:
+            lines.append(f"note: {variable} is set in the environment and overrides gateway.ini")
+        daemon = running_daemon()
+        if daemon is not None:
+            lines.append(f"note: the gateway running as pid {daemon['pid']} reads its configuration at start: "
+                         "restart it (stop_gateway, then start_gateway) to apply this")  # fmt: skip
+        return Outcome(True, "\n".join(lines), True)
+
+    def get_status(self, args: dict) -> Outcome:
+        cfg, error = self.app.load_config()
+        status = self.app.run(gateway_status(cfg, self.app.probe_pool, error))
+        return Outcome(True, format_status(status))
+
+    def test_model(self, args: dict) -> Outcome:
+        model = text_argument(args, "model", limit=300)
+        cfg, error = self.app.load_config()
+        if error:
+            return Outcome(False, f"the configuration does not load: {error}")
+        try:
+            route = Router(cfg, build_providers(cfg)).resolve(model)
+        except (ConfigError, GatewayError) as exc:
+            return Outcome(False, f"{model}: {getattr(exc, 'message', exc)}")
+        provider = route.provider
+        where = f" at {provider.base_url}" if provider.base_url else ""
+        lines = [f"{model} goes to provider {provider.name} ({provider.protocol}{where}) as model {route.model}",
+                 f"lane: {describe_lanes(provider, cfg.work_mode)}"]  # fmt: skip
+        if provider.protocol == "loopback":
+            lines.append(
+                "the built-in loopback model answers it (no provider is configured): nothing leaves the machine"
+            )
+            return Outcome(True, "\n".join(lines))
+        req = Request(model=route.model, messages=[Message("user", [Part("text", text="Reply with the word OK.")])],
+                      max_tokens=32)  # fmt: skip
+        started = time.monotonic()
+        try:
+            result = self.app.run(asyncio.wait_for(call_model(self.app.pool, provider, provider_headers(provider, cfg),
+                                                              req), 60))  # fmt: skip
+        except GatewayError as err:
+            lines.append(f"test request failed after {(time.monotonic() - started) * 1000:.0f} ms: HTTP {err.status} "
+                         f"from {provider.name}: {err.message}")  # fmt: skip
+            return Outcome(False, "\n".join(lines))
+        except asyncio.TimeoutError:
+            lines.append(f"test request failed: no answer from {provider.name} within 60 s")
+            return Outcome(False, "\n".join(lines))
+        answer = printable(text_of(result.parts).strip())[:200]
+        lines.append(f"test request answered in {(time.monotonic() - started) * 1000:.0f} ms: {answer!r}")
+        return Outcome(True, "\n".join(lines))
+
+    def recent_errors(self, args: dict) -> Outcome:
+        n = int(number_argument(args, "n", 10, 1, 50))
+        model = text_argument(args, "model", required=False, limit=300)
+        db, problem = self.app.open_ledger()
+        if db is None:
+            return Outcome(True, problem)
+        where, params = ("status >= 400", [])
+        if model:
+            where, params = "status >= 400 AND (model_requested = ? OR model_upstream = ?)", [model, model]
+        try:
+            db.row_factory = sqlite3.Row
+            rows = [dict(r) for r in db.execute(f"SELECT * FROM requests WHERE {where} ORDER BY id DESC LIMIT ?",
+                                                  (*params, n))]  # fmt: skip
+        except sqlite3.Error as exc:
+            return Outcome(False, f"cannot read the ledger: {exc}")
+        finally:
+            db.close()
+        if not rows:
+            return Outcome(True, "no failed requests in the ledger" + (f" for {model}" if model else ""))
+        lines = []
+        for row in rows:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.get("ts") or 0))
+            lines.append(f"{when} HTTP {row.get('status')} {row.get('client_protocol')}->{row.get('provider') or '-'} "
+                         f"{row.get('lane') or '-'} {row.get('model_requested')}: {str(row.get('error') or '')[:400]}")  # fmt: skip
+        return Outcome(True, redact("\n".join(lines)))
+
+    def usage_summary(self, args: dict) -> Outcome:
+        days = number_argument(args, "days", 7, 0.01, 3650)
+        db, problem = self.app.open_ledger()
+        if db is None:
+            return Outcome(True, problem)
+        since = time.time() - days * 86400
+        try:
+            report = {group: query_usage(db, group, since) for group in ("model", "provider")}
+        except sqlite3.Error as exc:
+            return Outcome(False, f"cannot read the ledger: {exc}")
+        finally:
+            db.close()
+        lines = [f"usage over the last {days:g} days"]
+        for group, rows in report.items():
+            lines.append(f"by {group}:")
+            for name, count, prompt, completion, cached, _reasoning, cost, errors in rows[:100]:
+                lines.append(f"  {name or '-'}: {count} requests, {prompt or 0} prompt + {completion or 0} completion "
+                             f"tokens ({cached or 0} cached), ${cost or 0:.4f}, {errors or 0} errors")  # fmt: skip
+            if not rows:
+                lines.append("  (no requests)")
+        return Outcome(True, "\n".join(lines))
+
+    def search_docs(self, args: dict) -> Outcome:
+        query = text_argument(args, "query", limit=500)
+        cfg, _ = self.app.load_config()
+        hits = search_docs(chat_docs(cfg), query)
+        if not hits:
+            return Outcome(
+                True, f"nothing in the docs matches {query!r}; the config keys are: {', '.join(CONFIG_KEYS)}"
+            )
+        return Outcome(True, "\n".join(f"{title}: {body}" for title, body in hits))
+
+    def start_gateway(self, args: dict) -> Outcome:
+        daemon = running_daemon()
+        if daemon is not None:
+            return Outcome(True, f"tgw is already running (pid {daemon['pid']}, {daemon.get('url', '')})")
+        if not self.app.ui.confirm("start the gateway in the background?"):
+            return Outcome(False, "not started: the user did not confirm")
+        return start_daemon(self.app.config_arg, env=self.app.env)
+
+    def stop_gateway(self, args: dict) -> Outcome:
+        daemon = running_daemon()
+        if daemon is None:
+            return stop_daemon()  # says why nothing runs (and removes a stale pid file)
+        if not self.app.ui.confirm(f"stop the gateway (pid {daemon['pid']})?"):
+            return Outcome(False, "not stopped: the user did not confirm")
+        cfg, _ = self.app.load_config()
+        return stop_daemon(cfg.shutdown_grace)
+
+
+def unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, CONFIG_KEYS, n=3, cutoff=0.5)
+    return f"unknown config key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else
+                                            "; search_docs lists every key")  # fmt: skip
+
+
+def describe_lanes(provider: Provider, work_mode: str) -> str:
+    if provider.protocol == "loopback":
+        return "loopback"
+    native = {"openai": "OpenAI Chat" + (" and Responses" if provider.speaks_responses else ""),
+              "anthropic": "Anthropic Messages", "gemini": "Gemini"}[provider.protocol]  # fmt: skip
+    if work_mode == "translation":
+        return "translation for every client (work_mode = translation)"
+    if work_mode == "passthrough":
+        return f"passthrough for {native} clients; other protocols are refused (work_mode = passthrough)"
+    return f"passthrough for {native} clients, translation for the others"
+
+
+# ---- the offline assistant ---------------------------------------------------------------
+
+PROVIDER_WORDS = {"openai": "openai", "gpt": "openai", "chatgpt": "openai", "anthropic": "anthropic",
+                  "claude": "anthropic", "gemini": "gemini", "google": "gemini"}  # fmt: skip
+
+
+class OfflineAssistant:
+    """tgw chat without a model: rules for the common requests in plain words, driving the same
+    tools. It says what it is and what it understood; it never poses as a model."""
+
+    HELP = (
+        "I am tgw's built-in offline helper: rules, not a language model. I understand requests like:\n"
+        "  status                              is the gateway running; providers, routes, work mode\n"
+        "  switch to translation mode          (or passthrough, auto)\n"
+        "  route claude to openai              claude*=>openai first in model_provider_routes\n"
+        "  use my OpenAI key sk-...            store a provider key in gateway.ini\n"
+        "  set idle_timeout to 1200            any config key\n"
+        "  why does claude-sonnet-4-5 fail?    how it resolves, a test request, its recent errors\n"
+        "  start / stop / restart the gateway\n"
+        "  show usage (for 30 days)            requests, tokens and cost from the ledger\n"
+        "  show errors                         the latest failed requests\n"
+        "  what is stream_keepalive?           a key's meaning, default and value\n"
+        "  how do I use claude code?           search the built-in docs\n"
+        "  show config"
+    )
+    IS_HELP = re.compile(r"^(help|\?|h|what can you do|commands|menu)$", re.I)
+    ROUTE = re.compile(r"\b(?:route|send|map|point|direct)\s+(?:all\s+)?(?:the\s+)?(?:models?\s+)?[\"'`]?"
+                       r"([\w.*?:/\[\]-]+?)[\"'`]?(?:\s+models?|\s+requests?)?\s+(?:to|=>|->|through|via|at|on)\s+"
+                       r"(?:the\s+)?[\"'`]?([\w.-]+)", re.I)  # fmt: skip
+    MODE = re.compile(r"\b(?:(?:switch|use|set|change|turn|go|make|enable|put|move)\b.*\b(translation|passthrough|auto)"
+                      r"\b|^(translation|passthrough|auto)(?: mode)?$)", re.I)  # fmt: skip
+    SET_KEY = re.compile(r"\b(?:set|change|make|put)\s+([a-z][a-z0-9_]*)\s+(?:to|=|as)\s+(.+?)\s*$"
+                         r"|^\s*([a-z][a-z0-9_]*)\s*=\s*(.+?)\s*$", re.I)  # fmt: skip
+    WHY = re.compile(r"\bwhy\b.*?\b(?:does|do|is|are|did|would|will|can't|cannot|won't|doesn't|isn't)\s+(?:the\s+)?"
+                     r"(?:model\s+)?[\"'`]?([\w.:/*-]+)|([\w.:/-]*\d[\w.:/-]*|[\w.:/]+-[\w.:/-]+)\s+(?:fails|failed|"
+                     r"is failing|keeps failing|doesn't work|does not work|is broken|errors)", re.I)  # fmt: skip
+    CONTROL = re.compile(r"\b(restart|reboot|start|launch|boot|run|bring up|stop|kill|shut ?down|halt)\b", re.I)
+    CONTROL_TARGET = re.compile(r"\b(gateway|tgw|server|daemon|proxy|service|it)\b", re.I)
+    USAGE = re.compile(r"\b(usage|spend|spent|spending|cost|costs|tokens|bill)\b", re.I)
+    DAYS = re.compile(r"(\d+(?:\.\d+)?)\s*(days?|d|weeks?|months?)\b|\b(today|week|month|year)\b", re.I)
+    ERRORS = re.compile(r"\b(errors?|failures?|failed requests?|what failed|went wrong)\b", re.I)
+    STATUS = re.compile(r"\b(status|running|health|healthy|alive|up|check)\b", re.I)
+    CONFIG = re.compile(r"\b(config|configuration|settings)\b", re.I)
+    DOCS = re.compile(r"\b(what|how|explain|describe|meaning|docs?|documentation|claude code|codex|sdk|endpoints?|"
+                      r"clients?|langchain|connect|point)\b", re.I)  # fmt: skip
+    CLAUSES = re.compile(r"\s*(?:;|,\s+|\band then\b|\bthen\b|\band\b)\s*", re.I)
+    GENERAL = frozenset(re.findall(r"\w+", "it the gateway tgw this that my requests everything things calls"))
+
+    def __init__(self, app: ChatApp):
+        self.app = app
+        self.pending_secret = ""  # a typed key whose provider was not said yet
+
+    def respond(self, text: str) -> None:
+        """A request, or several joined by 'and', 'then', ';' (each part that is understood is done)."""
+        text = " ".join(text.split())
+        parts = [p for p in self.CLAUSES.split(text) if p]
+        plans = [(part, self.plan(part)) for part in parts] if len(parts) > 1 else []
+        if sum(plan is not None for _, plan in plans) < 2:
+            plan = self.plan(text)
+            plans = [(text, plan or (lambda: f"I did not understand {text[:200]!r}.\n{self.HELP}"))]
+        for part, plan in plans:
+            reply = plan() if plan else f"(I did not understand {part[:200]!r})" if len(part.split()) > 3 else ""
+            if reply:
+                self.app.ui.say(reply)
+
+    def tool(self, name: str, **args) -> Outcome:
+        return self.app.tools.call(name, args)
+
+    def plan(self, text: str):
+        """What a request asks for, as a function that does it and returns the answer; None when
+        it is not understood. Tool actions are shown as they run."""
+        plain = text.rstrip("?!. ")
+        secrets = ChatSecrets.PLACEHOLDER.findall(text)
+        if not plain or self.IS_HELP.match(plain):
+            return lambda: self.HELP
+        if secrets or (self.pending_secret and self.provider_named(plain)):
+            return lambda: self.store_key(f"[secret_{secrets[-1]}]" if secrets else self.pending_secret, plain)
+        if m := self.ROUTE.search(plain):
+            return lambda: self.route(m.group(1), m.group(2))
+        if (m := self.SET_KEY.search(plain)) and (m.group(1) or m.group(3)).lower() in CONFIG_KEYS:
+            key, value = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+            return lambda: self.change(key.lower(), value.strip("\"'`"))
+        if m := self.MODE.search(plain):
+            return lambda: self.change("work_mode", (m.group(1) or m.group(2)).lower())
+        if m := self.WHY.search(plain):
+            return lambda: self.diagnose((m.group(1) or m.group(2)).strip("\"'`"))
+        m = self.CONTROL.search(plain)
+        if (
+            m
+            and not plain.lower().startswith("how")
+            and (self.CONTROL_TARGET.search(plain) or plain.lower() == m[1].lower())
+        ):
+            return lambda: self.control(m.group(1).lower())
+        if self.USAGE.search(plain):
+            return lambda: self.tool("usage_summary", days=self.days(plain)).text
+        if self.ERRORS.search(plain):
+            return lambda: self.tool("recent_errors", n=10).text
+        if key := self.key_named(plain):
+            return lambda: self.explain_key(key)
+        if self.CONFIG.search(plain):
+            return lambda: self.tool("get_config").text
+        if self.STATUS.search(plain):
+            return lambda: self.tool("get_status").text
+        if self.DOCS.search(plain) and search_docs(chat_docs(self.app.load_config()[0]), plain):
+            return lambda: self.tool("search_docs", query=plain).text
+        return None
+
+    def change(self, key: str, value: str) -> str:
+        self.tool("set_config", key=key, value=value)
+        return ""  # the outcome is shown by the tool call itself
+
+    @staticmethod
+    def provider_named(text: str) -> str:
+        return next((PROVIDER_WORDS[w] for w in re.findall(r"[a-z]+", text.lower()) if w in PROVIDER_WORDS), "")
+
+    def store_key(self, placeholder: str, text: str) -> str:
+        provider = self.provider_named(text.replace(placeholder, " ")) or self.app.secrets.kind(placeholder)
+        if re.search(r"\b(client|gateway key|api_keys)\b", text, re.I) or provider == "client":  # added to the others
+            keys = [k.strip() for k in self.app.load_config()[0].api_keys.split(",") if k.strip()]
+            held = [self.app.secrets.placeholder(k) for k in keys]
+            return self.change("api_keys", ",".join(dict.fromkeys([*held, placeholder])))
+        if provider not in ("openai", "anthropic", "gemini"):
+            self.pending_secret = placeholder
+            return f"Which provider is {placeholder} for? Say 'it is for openai' (or anthropic, gemini)."
+        self.pending_secret = ""
+        return self.change(f"{provider}_api_key", placeholder)
+
+    def route(self, model: str, provider_word: str) -> str:
+        cfg, error = self.app.load_config()
+        if error:
+            return f"The configuration does not load, so I will not change routes: {error}"
+        providers = build_providers(cfg)
+        name = provider_word.lower()
+        name = name if name in providers else PROVIDER_WORDS.get(name, name)
+        if name not in providers:
+            return (f"There is no provider named {provider_word!r}; known: {', '.join(providers)}. Named providers are "
+                    "[provider.NAME] sections in gateway.ini.")  # fmt: skip
+        pattern = model if not is_concrete(model) or re.search(r"\d", model) else model + "*"
+        rules = [(g, p) for g, p in parse_pairs(cfg.model_provider_routes, "model_provider_routes") if g != pattern]
+        routes = ",".join(f"{g}=>{p}" for g, p in [(pattern, name), *rules])
+        outcome = self.tool("set_config", key="model_provider_routes", value=routes)
+        if outcome.changed:
+            return (f"{pattern} now goes to {name}; the model name is sent as the client gives it (add model_aliases "
+                    "if that provider knows it by another name).")  # fmt: skip
+        return ""
+
+    def diagnose(self, model: str) -> str:
+        if model.lower() in self.GENERAL:
+            return "\n".join([self.tool("get_status").text, "", "Recent failed requests:",
+                              self.tool("recent_errors", n=5).text])  # fmt: skip
+        test = self.tool("test_model", model=model)
+        errors = self.tool("recent_errors", n=5, model=model)
+        lines = [test.text, "", f"Recent failed requests for {model}:", errors.text]
+        words = test.text.lower()
+        if "not configured" in words:
+            provider = next((p for p in ("openai", "anthropic", "gemini") if f"set {p}_api_key" in words), "the")
+            lines.append(f"\nIt fails because that provider has no key. Tell me it ('use my {provider} key ...') and "
+                         "I will store it in gateway.ini, or route the model elsewhere ('route claude to openai').")  # fmt: skip
+        elif "matches no route" in words:
+            lines.append(f"\nNo route matches it: add one, e.g. 'route {model} to openai'.")
+        elif "http 401" in words or "http 403" in words:
+            lines.append("\nThe provider refused the key: check it (show config) or give me a new one.")
+        elif "cannot connect" in words or "timed out" in words:
+            lines.append("\nThe provider's address does not answer: check its base_url, the network or a proxy.")
+        elif test.ok:
+            lines.append("\nThe test request worked: if clients still fail, the errors above say how.")
+        return "\n".join(lines)
+
+    def control(self, verb: str) -> str:
+        if verb in ("restart", "reboot"):
+            stopped = self.tool("stop_gateway")
+            if not stopped.ok:
+                return ""
+            self.tool("start_gateway")
+            return ""
+        self.tool("stop_gateway" if verb in ("stop", "kill", "shutdown", "shut down", "halt") else "start_gateway")
+        return ""
+
+    def days(self, text: str) -> float:
+        m = self.DAYS.search(text)
+        if not m:
+            return 7
+        if m.group(3):
+            return {"today": 1, "week": 7, "month": 30, "year": 365}[m.group(3).lower()]
+        unit = m.group(2).lower()
+        return float(m.group(1)) * (30 if unit.startswith("month") else 7 if unit.startswith("week") else 1)
+
+    @staticmethod
+    def key_named(text: str) -> str:
+        """The config key a request names, written with '_' or spaces (the longest wins)."""
+        low = text.lower()
+        spaced = re.sub(r"[\s-]+", "_", low)
+        for key in sorted(CONFIG_KEYS, key=len, reverse=True):
+            pattern = rf"(?<![a-z0-9]){re.escape(key)}(?![a-z0-9])"
+            if re.search(pattern, low) or ("_" in key and re.search(pattern, spaced)):
+                return key
+        return ""
+
+    def explain_key(self, key: str) -> str:
+        hits = self.tool("search_docs", query=key).text.split("\n", 1)[0]
+        return hits + "\n" + self.tool("get_config", key=key).text.split("\n", 1)[0]
+
+
+# ---- the model assistant -----------------------------------------------------------------
+
+CHAT_SYSTEM_PROMPT = """You are the assistant built into tgw {version}, a local LLM gateway: one endpoint that speaks \
+the OpenAI, Anthropic and Gemini APIs, routes each model to a provider and records every request in a ledger. You help \
+the user configure and troubleshoot this gateway from a terminal, with your tools.
+Config file: {config}. Gateway address: {url}.
+- Look before answering: get_status, get_config, test_model, recent_errors, usage_summary, search_docs. search_docs \
+knows every config key; do not guess keys or defaults.
+- Change settings only with set_config, one key per call; the user confirms each change. A running gateway reads \
+gateway.ini at start: after a change, offer to restart it (stop_gateway, then start_gateway).
+- model_provider_routes is one ordered list: read it, put a new glob=>provider first and keep the rest.
+- You never see API keys. A key the user typed reaches you as a placeholder such as [secret_1]: pass the placeholder \
+unchanged as set_config's value and it is stored locally. Configured keys come back masked. Never ask for a key to be \
+pasted anywhere else.
+- Answer briefly, in plain text for a terminal (no tables, little markdown).
+Config keys: {keys}."""
+
+
+class ModelAssistant:
+    """A conversation with a model through tgw's providers and codecs, with the tools."""
+
+    def __init__(self, app: ChatApp, candidate: ChatCandidate, cfg: Config):
+        self.app = app
+        self.provider = candidate.provider
+        self.model = candidate.model
+        self.headers = provider_headers(self.provider, cfg)
+        self.history: list[Message] = []
+        self.partial: list[str] = []
+        self.tools_ran = False
+        self.system = CHAT_SYSTEM_PROMPT.format(version=__version__, config=app.config_path(cfg), url=gateway_url(cfg),
+                                                keys=", ".join(CONFIG_KEYS))  # fmt: skip
+
+    def respond(self, text: str) -> None:
+        self.history.append(Message("user", [Part("text", text=text)]))
+        self.trim_history()
+        self.tools_ran = False
+        try:
+            self.run_rounds()
+        except GatewayError as err:
+            message = self.app.secrets.hide(err.message)
+            self.app.ui.note(f"the model failed: HTTP {err.status}: {message}")
+            if not self.tools_ran:  # nothing happened yet: the offline assistant takes this request
+                self.history.pop()
+                self.app.ui.note("the offline assistant answers this request instead:")
+                self.app.offline.respond(text)
+            else:
+                self.history.append(Message("assistant", [Part("text", text=f"[the model failed: {message}]")]))
+        except KeyboardInterrupt:
+            said = "".join(self.partial).strip()
+            self.history.append(Message("assistant", [Part("text", text=f"{said} [interrupted by the user]".strip())]))
+            raise
+
+    def trim_history(self) -> None:
+        """Keep the latest CHAT_HISTORY_TURNS user turns (cut where a turn starts)."""
+        starts = [i for i, m in enumerate(self.history) if m.role == "user" and any(p.type == "text" for p in m.parts)]
+        if len(starts) > CHAT_HISTORY_TURNS:
+            del self.history[: starts[-CHAT_HISTORY_TURNS]]
+
+    def run_rounds(self) -> None:
+        for _ in range(CHAT_TOOL_ROUNDS):
+            self.partial = []
+            answer = self.app.run_interruptible(self.ask())
+            self.app.ui.end_line()
+            parts = [p for p in answer.parts if p.type in ("text", "tool_call", "thinking", "redacted_thinking")]
+            calls = [p for p in parts if p.type == "tool_call"]
+            self.history.append(Message("assistant", parts or [Part("text", text="(no answer)")]))
+            if not calls:
+                return
+            results: list[Part] = []
+            try:
+                for call in calls[:CHAT_CALLS_PER_ROUND]:
+                    outcome = self.app.tools.call(call.name, tool_arguments(call.arguments))
+                    self.tools_ran = True
+                    results.append(tool_result(call, outcome.text[:CHAT_TOOL_RESULT_LIMIT], not outcome.ok))
+            finally:  # every call gets its result, or the conversation is malformed for the next request
+                for call in calls[len(results) :]:
+                    why = "interrupted by the user" if len(results) < CHAT_CALLS_PER_ROUND else (
+                        f"at most {CHAT_CALLS_PER_ROUND} tool calls per answer")  # fmt: skip
+                    results.append(tool_result(call, f"not run: {why}", True))
+                self.history.append(Message("user", results))
+        self.app.ui.note(f"(stopped: {CHAT_TOOL_ROUNDS} rounds of tool calls for one request is the limit)")
+
+    async def ask(self) -> Response:
+        req = Request(model=self.model, messages=list(self.history), system=[Part("text", text=self.system)],
+                      tools=list(CHAT_TOOLS), stream=True, max_tokens=CHAT_MAX_TOKENS)  # fmt: skip
+        return await call_model(self.app.pool, self.provider, self.headers, req, self.on_text)
+
+    def on_text(self, text: str) -> None:
+        self.partial.append(text)
+        self.app.ui.stream(text)
+
+
+def tool_arguments(text: str) -> dict:
+    """A tool call's arguments as an object; anything else becomes an error the tool reports."""
+    if len(text) > 1 << 20:
+        return {"_raw_arguments": ""}
+    try:
+        return json_object_arguments(text)
+    except RecursionError:
+        return {"_raw_arguments": ""}
+
+
+def tool_result(call: Part, text: str, is_error: bool) -> Part:
+    return Part("tool_result", id=call.id, name=call.name, content=[Part("text", text=text)], is_error=is_error)
+
+
+# ---- the terminal ------------------------------------------------------------------------
+
+
+class ChatTerminal:
+    """Where the conversation shows: streamed answers, tool actions, notes, y/N questions."""
+
+    def __init__(self, out, can_ask: bool, yes: bool, color: bool):
+        self.out = out
+        self.can_ask = can_ask  # standard input is a terminal a person answers at
+        self.yes = yes
+        self.color = color
+        self.mid_line = False
+
+    def write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
+            self.mid_line = not text.endswith("\n")
+
+    def stream(self, text: str) -> None:
+        self.write(printable(text))
+
+    def end_line(self) -> None:
+        if self.mid_line:
+            self.write("\n")
+
+    def say(self, text: str) -> None:
+        self.end_line()
+        self.write(printable(text).rstrip("\n") + "\n")
+
+    def dim(self, text: str) -> str:
+        return f"\x1b[2m{text}\x1b[0m" if self.color else text
+
+    def note(self, text: str) -> None:
+        self.end_line()
+        self.write(self.dim(printable(text)) + "\n")
+
+    def action(self, text: str) -> None:
+        self.note(f"  * {text}")
+
+    def result(self, text: str) -> None:
+        self.say("\n".join("    " + line for line in text.splitlines()[:12]))
+
+    def confirm(self, question: str) -> bool:
+        if self.yes:
+            self.note(f"    {question} yes (--yes)")
+            return True
+        if not self.can_ask:
+            self.note(f"    {question} not confirmed: add --yes to allow changes without asking")
+            return False
+        self.end_line()
+        try:
+            answer = input(f"    {printable(question)} [y/N] ")
+        except EOFError:
+            answer = ""
+        return answer.strip().lower() in ("y", "yes")
+
+
+class ChatApp:
+    """One `tgw chat` session: its event loop and HTTP pools, secrets, tools and assistant."""
+
+    PROMPT = "tgw> "
+
+    def __init__(self, config_arg: str | None = None, yes: bool = False, out=None, can_ask: bool | None = None,
+                 env=None):  # fmt: skip
+        self.config_arg = config_arg
+        self.env = os.environ if env is None else env
+        out = out or sys.stdout
+        can_ask = sys.stdin.isatty() if can_ask is None else can_ask
+        color = bool(getattr(out, "isatty", lambda: False)()) and "NO_COLOR" not in self.env
+        self.ui = ChatTerminal(out, can_ask, yes, color)
+        self.secrets = ChatSecrets()
+        self.loop = asyncio.new_event_loop()
+        self.pool = UpstreamPool(10.0, 120.0)  # the model and test requests
+        self.probe_pool = UpstreamPool(1.0, 3.0)  # /health
+        self.tools = ChatTools(self)
+        self.offline = OfflineAssistant(self)
+        self.assistant: ModelAssistant | OfflineAssistant = self.offline
+        self.failed_changes = 0
+        self.readline = None
+
+    def close(self) -> None:
+        self.pool.close()
+        self.probe_pool.close()
+        self.loop.run_until_complete(asyncio.sleep(0))  # let aborted connections close
+        self.loop.close()
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def run_interruptible(self, coro):
+        """Run `coro` so that Ctrl-C cancels it (and only it) and raises KeyboardInterrupt."""
+        task = self.loop.create_task(coro)
+        try:
+            self.loop.add_signal_handler(signal.SIGINT, task.cancel)
+            installed = True
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or not POSIX
+            installed = False
+        try:
+            return self.loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            raise KeyboardInterrupt from None
+        except KeyboardInterrupt:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                self.loop.run_until_complete(task)
+            raise
+        finally:
+            if installed:
+                self.loop.remove_signal_handler(signal.SIGINT)
+
+    def load_config(self) -> tuple[Config, str]:
+        cfg, error = load_config_or_defaults(self.config_arg, self.env)
+        return cfg, redact(error)
+
+    def config_path(self, cfg: Config | None = None) -> Path:
+        return config_path_for_writing(self.config_arg, cfg or self.load_config()[0], self.env)
+
+    def open_ledger(self) -> tuple[sqlite3.Connection | None, str]:
+        """The ledger, read-only, or why there is none."""
+        cfg, _ = self.load_config()
+        if cfg.ledger_path == ":memory:":
+            return None, "the ledger is in memory (ledger_path = :memory:): nothing was kept"
+        path = Path(cfg.ledger_path).expanduser().resolve()
+        if not path.is_file():
+            return None, f"no ledger at {path} yet: no request has gone through the gateway"
+        try:
+            return sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=5), ""
+        except sqlite3.Error as exc:
+            return None, f"cannot open the ledger {path}: {exc}"
+
+    # -- choosing who answers
+    def choose(self, spec: str = "", offline: bool = False) -> str:
+        """Pick the model (or the offline assistant) and say which, in one line."""
+        offline_words = "the offline assistant answers (built-in rules, not a language model; say 'help')"
+        if offline:
+            return f"--offline: {offline_words}"
+        cfg, _ = self.load_config()
+        source = "--model" if spec else "chat_model"
+        spec = spec or cfg.chat_model
+        found, chosen = self.run(detect_chat_models(cfg, self.env, spec, source))
+        if chosen is None:
+            why = found[0].reason if spec else "no model is reachable (tgw chat --detect says why)"
+            return redact(f"{why}: {offline_words}")
+        self.assistant = ModelAssistant(self, chosen, cfg)
+        return redact(f"model {chosen.model} on {chosen.provider.name} ({chosen.source}: {chosen.reason})")
+
+    def detect(self, spec: str = "") -> str:
+        cfg, error = self.load_config()
+        source = "--model" if spec else "chat_model"
+        spec = spec or cfg.chat_model
+        found, chosen = self.run(detect_chat_models(cfg, self.env, spec, source, everything=True))
+        lines = ["tgw chat looks for a model in this order and uses the first one available:"]
+        if error:
+            lines.append(f"  (the configuration does not load: {error})")
+        if not spec:
+            found = [ChatCandidate("", "chat_model", "not set (--model, or chat_model in gateway.ini)"), *found]
+        width = max([len(c.source) for c in found] + [10])
+        for c in found:  # * the one used, + usable, - not usable
+            mark = "*" if c is chosen else "+" if c.available else "-"
+            lines.append(f"  {mark} {c.source:<{width}}  {c.model + ': ' if c.available else ''}{c.reason}")
+        lines.append(f"using {chosen.model} on {chosen.provider.name}" if chosen else
+                     "no model is available: tgw chat answers with its offline assistant")  # fmt: skip
+        return redact("\n".join(lines))
+
+    # -- turns
+    def turn(self, text: str) -> None:
+        """One request of the user's (secrets already hidden), answered; Ctrl-C stops it."""
+        try:
+            self.assistant.respond(text)
+        except KeyboardInterrupt:
+            self.ui.end_line()
+            self.ui.note("(interrupted)")
+        except Exception as exc:  # a bug: say so and keep the session (and the exit status says it failed)
+            self.failed_changes += 1
+            self.ui.note(redact(f"tgw chat: internal error ({type(exc).__name__}: {exc}); the session goes on"))
+
+    def interactive(self, announcement: str) -> None:
+        self.setup_readline()
+        self.ui.say(f"tgw chat: {announcement}")
+        self.ui.note("Ctrl-C stops an answer; exit, quit or Ctrl-D leaves.")
+        try:
+            while True:
+                try:
+                    line = input(self.PROMPT)
+                except EOFError:
+                    self.ui.write("\n")
+                    return
+                except KeyboardInterrupt:
+                    self.ui.write("\n")
+                    self.ui.note("(exit, quit or Ctrl-D leaves)")
+                    continue
+                line = line.strip()[:CHAT_MAX_INPUT]
+                if line.lower() in ("exit", "quit", "/exit", "/quit", ":q"):
+                    return
+                if line:
+                    hidden = self.secrets.hide(line)
+                    if self.readline is not None:
+                        self.readline.add_history(hidden)  # the history file never holds a typed key
+                    self.turn(hidden)
+        finally:
+            self.save_history()
+
+    def setup_readline(self) -> None:
+        try:
+            import readline
+        except ImportError:  # not on every platform: plain input() then
+            return
+        self.readline = readline
+        readline.set_auto_history(False)
+        readline.set_history_length(1000)
+        with contextlib.suppress(OSError):
+            readline.read_history_file(tokligence_dir() / "chat_history")
+
+    def save_history(self) -> None:
+        if self.readline is None:
+            return
+        path = tokligence_dir() / "chat_history"
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.readline.write_history_file(path)
+            os.chmod(path, 0o600)
+
+
+def add_gateway_commands(commands) -> None:
+    """`tgw chat`, `tgw start`, `tgw stop`, `tgw status` (build_parser calls this)."""
+    chat_p = commands.add_parser("chat", help="a terminal assistant that configures and troubleshoots the gateway")
+    add_config_flag(chat_p)
+    chat_p.add_argument("--model", help="model to talk to: a name routed like the gateway routes it, or PROVIDER/MODEL")
+    chat_p.add_argument("--offline", action="store_true", help="use the built-in rule-based assistant, no model")
+    chat_p.add_argument("--detect", action="store_true", help="show where a model was looked for and why, then exit")
+    chat_p.add_argument(
+        "-p", "--prompt", help="answer this one request and exit (default: standard input if not a terminal)"
+    )
+    chat_p.add_argument("-y", "--yes", action="store_true", help="make changes without asking for confirmation")
+
+    start_p = commands.add_parser("start", help="run the gateway in the background (pid and log in ~/.tokligence)")
+    add_config_flag(start_p)
+    start_p.add_argument("--host", help="address to listen on")
+    start_p.add_argument("--port", type=int, help="port (0 picks a free one)")
+    start_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+
+    stop_p = commands.add_parser("stop", help="stop the background gateway")
+    add_config_flag(stop_p)
+
+    status_p = commands.add_parser("status", help="is the gateway running; its health, providers, routes, work mode")
+    add_config_flag(status_p)
+    status_p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def cmd_chat(args) -> int:
+    """Exit status: 0, or 1 when a change the user asked for failed or was not confirmed (or tgw chat failed)."""
+    for stream in (sys.stdin, sys.stdout):  # a model may answer in any script; a pipe may hold any bytes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+    setup_logging("error")  # the configuration is read for every tool call: its warnings would repeat
+    app = ChatApp(args.config, args.yes)
+    try:
+        if args.detect:
+            print(app.detect(args.model or ""))
+            return 0
+        prompt = args.prompt
+        interactive = prompt is None and sys.stdin.isatty()
+        if prompt is None and not interactive:
+            prompt = sys.stdin.read(CHAT_MAX_INPUT)
+        announcement = app.choose(args.model or "", args.offline)
+        if interactive:
+            app.interactive(announcement)
+        else:
+            print(f"tgw chat: {announcement}", file=sys.stderr)
+            if not prompt.strip():
+                print("tgw chat: no request given (-p TEXT, or on standard input)", file=sys.stderr)
+                return 2
+            app.turn(app.secrets.hide(prompt.strip()[:CHAT_MAX_INPUT]))
+        return 1 if app.failed_changes else 0
+    finally:
+        app.close()
 
 
 if __name__ == "__main__":
