@@ -8385,6 +8385,7 @@ def test_chat_on_a_gemini_upstream_runs_the_same_tools(tmp_path, upstream):
                for r in up.requests)  # fmt: skip
 
 
+# ======================================================================================
 # Operations: multiport, logs, metrics (issue 14)
 # ======================================================================================
 
