@@ -2297,8 +2297,8 @@ class OpenAIStreamDecoder:
         self.open_index: int | None = None
         self.open_key = None
         self.tool_index: dict = {}  # tool call key (OpenAICallKeys) -> block index
-        self.tool_arguments: dict[int, str] = {}  # block index -> arguments so far, of tool blocks not stopped
-        self.call_keys: OpenAICallKeys | None = None  # made at the first tool call
+        self.open_calls: dict[int, tuple] = {}  # block index -> its call key, of tool blocks not stopped
+        self.call_keys: OpenAICallKeys | None = None  # made at the first tool call (it keeps the arguments)
         self.stop_reason = ""
         self.usage: Usage | None = None
         self.finished = False
@@ -2308,7 +2308,7 @@ class OpenAIStreamDecoder:
             return self.open_index
         if self.open_index is not None and not self._unfinished_tool(self.open_index):
             out.append(BlockStop(self.open_index))
-            self.tool_arguments.pop(self.open_index, None)
+            self.open_calls.pop(self.open_index, None)
         self.open_index, self.open_key = self.next_index, key
         self.next_index += 1
         out.append(BlockStart(self.open_index, part))
@@ -2317,13 +2317,8 @@ class OpenAIStreamDecoder:
     def _unfinished_tool(self, index: int) -> bool:
         """A tool call whose arguments are not yet whole JSON may get more (some servers
         interleave parallel calls): it stays open, and encoders hold later blocks back."""
-        if index not in self.tool_arguments:
-            return False
-        try:
-            loads(self.tool_arguments[index])
-        except ValueError:
-            return True
-        return False
+        key = self.open_calls.get(index)
+        return key is not None and not OpenAICallKeys.whole(self.call_keys.arguments_of(key))
 
     def feed(self, event: SSEEvent) -> list:
         data = event.data
@@ -2374,13 +2369,11 @@ class OpenAIStreamDecoder:
                         part = Part("tool_call", id=call.get("id") or new_id("call_"), name=fn.get("name") or "")
                         index = self._switch(key, part, out)
                         self.tool_index[position] = index
-                        self.tool_arguments[index] = ""
+                        self.open_calls[index] = position
                 else:
                     index = self.tool_index[position]
                 arguments = self.call_keys.new_arguments(position, fn.get("arguments"))
                 if arguments:
-                    if index in self.tool_arguments:
-                        self.tool_arguments[index] += arguments
                     out.append(BlockDelta(index, "arguments", arguments))
             if choice.get("finish_reason"):
                 self.stop_reason = stop_reason_in("openai", choice["finish_reason"])
@@ -2393,7 +2386,7 @@ class OpenAIStreamDecoder:
         out: list = []
         if not self.started:
             out.append(MessageStart(new_id("chatcmpl-"), ""))
-        still_open = set(self.tool_arguments) | ({self.open_index} if self.open_index is not None else set())
+        still_open = set(self.open_calls) | ({self.open_index} if self.open_index is not None else set())
         out.extend(BlockStop(index) for index in sorted(still_open))
         stop = self.stop_reason or "end_turn"
         if stop == "end_turn" and self.tool_index:
@@ -2415,7 +2408,10 @@ class OpenAICallKeys:
         self.id_of: dict[tuple, str] = {}
         self.latest: dict[int, tuple] = {}  # wire index -> the newest call that used it
         self.last: tuple | None = None
-        self.arguments: dict[tuple, str] = {}  # call -> its arguments so far
+        # call -> its arguments so far, as pieces joined only when read: a long call streamed in
+        # thousands of small deltas (a whole file written by a tool) stays linear
+        self.arguments: dict[tuple, list[str]] = {}
+        self.sizes: dict[tuple, int] = {}
 
     def key_of(self, call: dict) -> tuple:
         index = call.get("index")
@@ -2442,24 +2438,34 @@ class OpenAICallKeys:
             piece = dumps(piece).decode()
         if not isinstance(piece, str) or not piece:
             return ""
-        so_far = self.arguments.get(key, "")
+        size = self.sizes.get(key, 0)
         # the whole arguments again, after they were complete (the length test keeps this linear)
         if (
-            so_far
+            size
             and piece[:1] in "{["
-            and 2 * len(piece) >= len(so_far)
-            and self._whole(so_far)
-            and self._whole(piece)
+            and 2 * len(piece) >= size
+            and self.whole(self.arguments_of(key))
+            and self.whole(piece)
         ):
             return ""
-        self.arguments[key] = so_far + piece
+        self.arguments.setdefault(key, []).append(piece)
+        self.sizes[key] = size + len(piece)
         return piece
 
+    def arguments_of(self, key: tuple) -> str:
+        pieces = self.arguments.get(key)
+        if not pieces:
+            return ""
+        if len(pieces) > 1:
+            pieces[:] = ["".join(pieces)]
+        return pieces[0]
+
     @staticmethod
-    def _whole(text: str) -> bool:
+    def whole(text: str) -> bool:
+        """Complete JSON (an upstream's arguments nested too deep to parse are not)."""
         try:
             loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return False
         return True
 
@@ -2574,7 +2580,9 @@ class CompletionsCodec(OpenAIChatCodec):
         if stream and len(prompts) * n > 1:
             raise bad_request("a translated completion streams one prompt with n = 1; send the others separately")
         stop = body.get("stop")
-        stop = [stop] if isinstance(stop, str) else [s for s in stop or () if isinstance(s, str)]
+        stop = [stop] if isinstance(stop, str) else stop or []
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise bad_request(f"'stop' must be a string or an array of strings, got {json.dumps(body['stop'])[:60]}")
         suffix = body.get("suffix") or ""
         reqs = []
         for text in prompts:
@@ -4875,6 +4883,9 @@ def _signed(obj: dict, signature: str) -> dict:
 
 
 GEMINI_THINKING_MAGIC = b"tgw1"  # begins the decoded thoughtSignature that carries signed Anthropic thinking
+# A client sends these back and may forge them: one carries at most this many blocks (Anthropic puts one,
+# or a few redacted ones, between two parts)
+GEMINI_THINKING_MAX_BLOCKS = 64
 
 
 def is_signed_thinking(part: Part) -> bool:
@@ -4895,25 +4906,29 @@ def pack_gemini_thinking(parts: list) -> str:
 
 def unpack_gemini_thinking(signature: str) -> list | None:
     """The thinking parts a thoughtSignature from pack_gemini_thinking carries, whichever base64
-    alphabet and padding the client re-encoded it with; None for any other signature."""
+    alphabet and padding the client re-encoded it with; None for any other signature, and for
+    one that is not what pack_gemini_thinking makes (only thinking blocks, a flat list of at most
+    GEMINI_THINKING_MAX_BLOCKS): a forged one restores nothing else."""
     if not signature.startswith("dGd3M"):  # base64 of "tgw1", in both alphabets
         return None
     text = signature.replace("-", "+").replace("_", "/")
     try:
         raw = base64.b64decode(text + "=" * (-len(text) % 4))
         blocks = loads(raw[len(GEMINI_THINKING_MAGIC) :]) if raw.startswith(GEMINI_THINKING_MAGIC) else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than any JSON pack_gemini_thinking makes
         return None
-    if not isinstance(blocks, list):
+    if not isinstance(blocks, list) or len(blocks) > GEMINI_THINKING_MAX_BLOCKS:
         return None
     parts = []
     for block in blocks:
-        if not isinstance(block, dict):
-            continue
-        if block.get("type") == "redacted_thinking" and isinstance(block.get("data"), str):
-            parts.append(Part("redacted_thinking", data=block["data"]))
-        elif isinstance(block.get("thinking"), str) and isinstance(block.get("signature"), str):
-            parts.append(Part("thinking", text=block["thinking"], signature=block["signature"]))
+        block = block if isinstance(block, dict) else {}
+        kind, data, text, signature = (block.get(k) for k in ("type", "data", "thinking", "signature"))
+        if kind == "redacted_thinking" and isinstance(data, str) and data:
+            parts.append(Part("redacted_thinking", data=data))
+        elif kind == "thinking" and isinstance(text, str) and isinstance(signature, str) and signature:
+            parts.append(Part("thinking", text=text, signature=signature))
+        else:
+            return None  # not a block pack_gemini_thinking writes
     return parts
 
 
@@ -5550,6 +5565,11 @@ def gemini_stream_error(err) -> GatewayError:
     return GatewayError(code, str(err.get("message") or "upstream stream error"))
 
 
+# Deltas a Gemini stream keeps until their block stops (a call goes out whole; signed thinking rides
+# on the next part), by the Part field they fill. Kept as pieces: str += would be quadratic.
+GEMINI_HELD_DELTAS = {"arguments": "arguments", "signature": "signature", "thinking": "text"}
+
+
 class GeminiStreamEncoder:
     """Canonical events -> streamGenerateContent chunks, each a whole GenerateContentResponse:
     SSE frames (alt=sse) or, with sse=False, one JSON array. Text and thoughts go out as they
@@ -5566,6 +5586,7 @@ class GeminiStreamEncoder:
         self.blocks: dict[int, Part] = {}
         self.unsigned: set[int] = set()  # blocks whose signature has not gone out yet
         self.signed: list = []  # signed Anthropic thinking for the next part to carry (pack_gemini_thinking)
+        self.pieces: dict[int, dict[str, list]] = {}  # block -> delta kind -> pieces, joined when it stops
         self.opened = False  # the JSON array's "[" is out
 
     def _frame(self, obj: dict) -> bytes:
@@ -5608,13 +5629,9 @@ class GeminiStreamEncoder:
             block = self.blocks.get(ev.index)
             if block is None:
                 return b""
-            if ev.kind == "arguments":
-                block.arguments += ev.value
-            elif ev.kind == "signature":
-                block.signature += ev.value  # Anthropic's: comes back inside a thoughtSignature
-            elif ev.kind == "thinking":
-                block.text += ev.value
-                if self.with_thoughts:
+            if ev.kind in GEMINI_HELD_DELTAS:  # a signature is Anthropic's: it comes back inside a thoughtSignature
+                self.pieces.setdefault(ev.index, {}).setdefault(ev.kind, []).append(ev.value)
+                if ev.kind == "thinking" and self.with_thoughts:
                     return self._chunk([self._text_part(ev.index, ev.value, True)])
             elif ev.kind == "text":
                 return self._chunk([self._text_part(ev.index, ev.value, False)])
@@ -5644,6 +5661,8 @@ class GeminiStreamEncoder:
         block = self.blocks.pop(index, None)
         if block is None:
             return b""
+        for kind, pieces in self.pieces.pop(index, {}).items():
+            setattr(block, GEMINI_HELD_DELTAS[kind], "".join(pieces))
         if is_signed_thinking(block):
             self.signed.append(block)
             return b""
@@ -6121,7 +6140,7 @@ class _AnthropicSchema:
         for sub in node["allOf"]:
             if not isinstance(sub, dict):
                 continue
-            sub, _ = _inline_refs(sub, self.defs, ())
+            sub = self.follow_refs(sub)
             self.spend(1 + len(sub.get("properties") or ()))
             for key, value in sub.items():
                 if key == "properties" and isinstance(value, dict):
@@ -6136,6 +6155,24 @@ class _AnthropicSchema:
         if required:
             merged["required"] = list(dict.fromkeys(r for r in required if isinstance(r, str)))
         return merged
+
+    def follow_refs(self, node: dict) -> dict:
+        """An allOf branch with its local $ref chain followed (nearer keys win); each hop counts
+        against the size bound and each definition is read once, so a long chain stays linear."""
+        merged: dict = {}
+        seen: set = set()
+        while True:
+            for key, value in node.items():
+                if key != "$ref":
+                    merged.setdefault(key, value)
+            ref = node.get("$ref")
+            head, _, name = ref.rpartition("/") if isinstance(ref, str) else ("", "", "")
+            target = self.defs.get(name) if head in ("#/$defs", "#/definitions") else None
+            if not isinstance(target, dict) or ref in seen:  # none, unresolved or recursive: what was merged
+                return merged
+            seen.add(ref)
+            self.spend(1)
+            node = target
 
     def ref(self, ref: str, depth: int) -> dict:
         head, _, name = ref.rpartition("/")
@@ -6486,6 +6523,8 @@ MODEL_LIST_TIMEOUT = 5.0  # one provider's fetch, connection and body
 MODEL_LIST_FIRST_WAIT = 2.0  # the most a model-list call waits for a provider never fetched yet
 MODEL_LIST_MAX = 2000  # models kept per provider
 MODEL_LIST_MAX_BYTES = 8 * 1024 * 1024
+MODEL_LIST_PARSE_INLINE = 64 * 1024  # a longer answer is parsed in a thread
+MODEL_ID_MAX = 256  # characters of a listed model id (longer ones are skipped) and of a display name (cut)
 MODEL_LIST_QUERY = {"anthropic": "?limit=1000", "gemini": "?pageSize=1000"}  # one page holds them all
 
 
@@ -6557,7 +6596,8 @@ class ModelCatalog:
         data = await resp.read(MODEL_LIST_MAX_BYTES)
         if resp.status >= 400:
             raise OPENAI_CODEC.decode_error(resp.status, data)
-        body = loads(data)
+        # a long list (OpenRouter's is megabytes) is parsed off the event loop
+        body = loads(data) if len(data) < MODEL_LIST_PARSE_INLINE else await asyncio.to_thread(loads, data)
         items = body.get("models" if provider.protocol == "gemini" else "data") if isinstance(body, dict) else None
         models = []
         for item in items[:MODEL_LIST_MAX] if isinstance(items, list) else ():
@@ -6582,16 +6622,18 @@ class ModelCatalog:
             methods = item.get("supportedGenerationMethods")
             if not isinstance(name, str) or (isinstance(methods, list) and "generateContent" not in methods):
                 return None  # embedding and other models a chat client cannot use
-            model_id = name.removeprefix("models/")
-            info = {k: item[k] for k in ("inputTokenLimit", "outputTokenLimit") if type(item.get(k)) is int}
-            display = item.get("displayName")
-            return ListedModel(model_id, provider.name, display if isinstance(display, str) else "", gemini=info)
-        model_id, display, created = item.get("id"), item.get("display_name"), item.get("created")
-        if not isinstance(model_id, str) or not model_id or len(model_id) > 256:
+            model_id, display = name.removeprefix("models/"), item.get("displayName")
+        else:
+            model_id, display = item.get("id"), item.get("display_name")
+        if not isinstance(model_id, str) or not model_id or len(model_id) > MODEL_ID_MAX:
             return None
-        created_at = item.get("created_at") if isinstance(item.get("created_at"), str) else ""
-        return ListedModel(model_id, provider.name, display if isinstance(display, str) else "",
-                           created if type(created) is int else 0, created_at[:40])  # fmt: skip
+        display = display[:MODEL_ID_MAX] if isinstance(display, str) else ""
+        if provider.protocol == "gemini":
+            info = {k: item[k] for k in ("inputTokenLimit", "outputTokenLimit") if type(item.get(k)) is int}
+            return ListedModel(model_id, provider.name, display, gemini=info)
+        created, created_at = item.get("created"), item.get("created_at")
+        return ListedModel(model_id, provider.name, display, created if type(created) is int else 0,
+                           created_at[:40] if isinstance(created_at, str) else "")  # fmt: skip
 
     def close(self) -> None:
         if self.refreshing is not None:
