@@ -7970,9 +7970,10 @@ async def serve(cfg: Config, ready=None, stop: asyncio.Event | None = None) -> N
         else f"routes: {gateway.router.describe_routes()}"
     )
     release_startup_memory()
-    print(f"tgw {__version__} listening on http://{cfg.host}:{port} (work_mode={cfg.work_mode}; {mode})", flush=True)
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host  # an IPv6 address, as a URL writes it
+    print(f"tgw {__version__} listening on http://{host}:{port} (work_mode={cfg.work_mode}; {mode})", flush=True)
     for listener in list(gateway.listeners.values())[1:]:
-        print(f"  {listener.name} port: http://{cfg.host}:{listener.port} ({listener.bundle_list()})", flush=True)
+        print(f"  {listener.name} port: http://{host}:{listener.port} ({listener.bundle_list()})", flush=True)
     if ready is not None:
         ready(port, gateway)
     try:
@@ -8039,11 +8040,19 @@ class RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+# Control characters a client put in a path or a model name, shown as escapes: a text log line stays
+# one line (no forged lines) and sends no escape sequence to the terminal reading it
+_LOG_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), *range(127, 160)] if c != 9} | {10: "\\n", 13: "\\r"}
+
+
 class TextLogFormatter(RedactingFormatter):
-    """`time LEVEL logger: message request_id=...`, secrets redacted."""
+    """`time LEVEL logger: message request_id=...`, secrets redacted, control characters escaped."""
 
     def __init__(self):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # the line; a traceback follows it as it is
+        return super().formatMessage(record).translate(_LOG_CONTROL_ESCAPES)
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -8094,6 +8103,8 @@ class RotatingLogFile(logging.Handler):
         self.index = 1
         self.size = 0
         self.next_day_at = 0.0
+        self.failing = False  # the last write failed (said once on stderr until one succeeds)
+        self.dropped = 0  # lines lost to failed writes
 
     @staticmethod
     def check(path: str) -> None:
@@ -8132,7 +8143,9 @@ class RotatingLogFile(logging.Handler):
         while path.exists() and path.stat().st_size + incoming > self.max_bytes and index < self.MAX_INDEX:
             index += 1
             path = self.file_for(day, index)
-        self.stream = path.open("ab", buffering=1 << 16)
+        # private to its user; a symlink planted at the name is not followed (ELOOP, told by handleError)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        self.stream = os.fdopen(fd, "ab", buffering=1 << 16)
         self.path, self.day, self.index, self.size = path, day, index, self.stream.tell()
         self.point_to(path)
         self.prune()
@@ -8164,13 +8177,32 @@ class RotatingLogFile(logging.Handler):
                 pass
 
     def flush(self) -> None:
-        if self.stream is not None:
+        if self.stream is None:
+            return
+        try:
             self.stream.flush()
+        except OSError:  # disk full, I/O error: the buffered lines are lost, the next line reopens the file
+            self.handleError(None)
+        else:
+            self.failing = False
+
+    def handleError(self, record: logging.LogRecord | None) -> None:
+        """A write that failed (disk full, the directory gone or unwritable): said once on stderr
+        rather than a traceback per line; the file is opened again for the next line."""
+        self.dropped += 1
+        if not self.failing:
+            self.failing = True
+            with contextlib.suppress(Exception):
+                sys.stderr.write(f"tgw: cannot write the log file {self.base}: {sys.exc_info()[1]}; log lines are "
+                                 "dropped until it can be written\n")  # fmt: skip
+        with contextlib.suppress(OSError):
+            self.close_stream()
+        self.stream = None
 
     def close_stream(self) -> None:
         if self.stream is not None:
-            self.stream.close()
-            self.stream = None
+            stream, self.stream = self.stream, None
+            stream.close()
 
     def close(self) -> None:
         self.close_stream()
@@ -8282,9 +8314,12 @@ class LogSetup:
             self.queue.put(lambda: (self._flush_handlers(), done.set()))
             done.wait(timeout)
 
-    def _flush_handlers(self) -> None:  # on the log thread
+    def _flush_handlers(self) -> None:  # on the log thread, which must outlive a failing flush
         for handler in self.handlers:
-            handler.flush()
+            try:
+                handler.flush()
+            except Exception:  # stderr a closed pipe, say: nothing to tell it to
+                pass
 
     def close(self) -> None:
         """Write what is queued, close the files, take the handler off the root logger."""
@@ -8462,7 +8497,8 @@ class Metrics:
                 metric.render(out)
             except Exception:  # one broken callback must not hide every other metric
                 log.exception("metrics: rendering %s failed", metric.name)
-        return "".join(out).encode()
+        # label values a client or an upstream chose may hold a secret or a lone surrogate
+        return redact("".join(out)).encode("utf-8", "replace")
 
 
 class LabelCap:
@@ -8475,7 +8511,7 @@ class LabelCap:
     def __call__(self, value: str) -> str:
         if value in self.seen:
             return value
-        value = value[:MAX_LABEL_LENGTH]
+        value = value[:MAX_LABEL_LENGTH].encode("utf-8", "replace").decode()  # JSON's "\ud800" is no UTF-8
         if value in self.seen:
             return value
         if len(self.seen) < self.limit:
