@@ -8895,6 +8895,14 @@ def tokligence_dir() -> Path:
     return Path("~/.tokligence").expanduser()
 
 
+def open_private(path: Path, mode: str = "ab"):
+    """A file under ~/.tokligence that holds what its user would not show others (the daemon's
+    log, the chat history): created 0600, in a directory created 0700."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    return os.fdopen(os.open(path, flags, 0o600), mode)
+
+
 def daemon_paths() -> tuple[Path, Path]:
     """The daemon's pid file and log file."""
     home = tokligence_dir()
@@ -8917,7 +8925,7 @@ def read_pid_file(path: Path) -> dict | None:
 
 
 def write_pid_file(path: Path, info: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     staged = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     staged.write_text(json.dumps(info) + "\n")
     os.replace(staged, path)
@@ -8951,18 +8959,31 @@ def process_alive(pid: int) -> bool:
         return True
 
 
-def is_tgw_process(pid: int) -> bool:
-    """A stale pid file's pid may belong to another program by now."""
+def is_tgw_daemon(pid: int, pid_path: Path) -> bool:
+    """Whether `pid` runs `tgw serve --pid-file PID_PATH`, the gateway that file is for: a stale
+    pid file's pid may belong to any other program by now (an editor open on tgw.py, say), and
+    only the gateway is ever signalled."""
+    wanted = ["--pid-file", str(pid_path)]
     try:
-        return b"tgw" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+    except FileNotFoundError:
+        if Path("/proc/self").exists():
+            return False  # gone
+        try:  # no /proc (macOS): ps tells the command line, spaces between the arguments
+            shown = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return os.name != "posix"  # Windows: trust the pid file
+        return "serve" in shown.stdout.split() and " ".join(wanted) in shown.stdout
     except OSError:
-        return True  # no /proc (macOS): trust the pid file
+        return False  # another user's process, unreadable: not ours to stop
+    return "serve" in args and any(args[i : i + 2] == wanted for i in range(len(args) - 1))
 
 
 def running_daemon() -> dict | None:
     """The pid file's contents when the daemon it names is alive."""
-    info = read_pid_file(daemon_paths()[0])
-    if info is not None and process_alive(info["pid"]) and is_tgw_process(info["pid"]):
+    pid_path = daemon_paths()[0]
+    info = read_pid_file(pid_path)
+    if info is not None and process_alive(info["pid"]) and is_tgw_daemon(info["pid"], pid_path):
         return info
     return None
 
@@ -9021,8 +9042,7 @@ def start_daemon(config_arg: str | None, overrides: dict | None = None, env=None
     if cfg.path is not None:
         command += ["--config", str(cfg.path.resolve())]
     command += [f"--set={key}={value}" for key, value in overrides.items()]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log_file:
+    with open_private(log_path) as log_file:
         log_file.write(f"--- tgw start {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
         log_file.flush()
         offset = log_file.tell()
@@ -9053,7 +9073,7 @@ def stop_daemon(grace: float = 30.0) -> Outcome:
     if info is None:
         return Outcome(True, "no tgw daemon is running (no pid file; a gateway run with `tgw serve` stops with Ctrl-C)")
     pid = info["pid"]
-    if not (process_alive(pid) and is_tgw_process(pid)):
+    if not (process_alive(pid) and is_tgw_daemon(pid, pid_path)):
         pid_path.unlink(missing_ok=True)
         return Outcome(True, f"no tgw daemon is running (removed a stale pid file naming pid {pid})")
     try:
@@ -9117,7 +9137,7 @@ async def gateway_status(cfg: Config, pool: UpstreamPool, config_error: str = ""
     info = read_pid_file(pid_path)
     daemon = None
     if info is not None:
-        alive = process_alive(info["pid"]) and is_tgw_process(info["pid"])
+        alive = process_alive(info["pid"]) and is_tgw_daemon(info["pid"], pid_path)
         daemon = {"pid": info["pid"], "alive": alive, "url": info.get("url"), "pid_file": str(pid_path),
                   "log": str(log_path)}  # fmt: skip
     url = daemon["url"] if daemon and daemon["alive"] and daemon["url"] else gateway_url(cfg)
@@ -9969,6 +9989,7 @@ def describe_lanes(provider: Provider, work_mode: str) -> str:
 
 # ---- the offline assistant ---------------------------------------------------------------
 
+OFFLINE_MAX_REQUEST = 2000  # characters of one request the offline assistant's rules read
 PROVIDER_WORDS = {"openai": "openai", "gpt": "openai", "chatgpt": "openai", "anthropic": "anthropic",
                   "claude": "anthropic", "gemini": "gemini", "google": "gemini"}  # fmt: skip
 
@@ -10001,12 +10022,12 @@ class OfflineAssistant:
     SET_KEY = re.compile(r"\b(?:set|change|make|put)\s+([a-z][a-z0-9_]*)\s+(?:to|=|as)\s+(.+?)\s*$"
                          r"|^\s*([a-z][a-z0-9_]*)\s*=\s*(.+?)\s*$", re.I)  # fmt: skip
     WHY = re.compile(r"\bwhy\b.*?\b(?:does|do|is|are|did|would|will|can't|cannot|won't|doesn't|isn't)\s+(?:the\s+)?"
-                     r"(?:model\s+)?[\"'`]?([\w.:/*-]+)|([\w.:/-]*\d[\w.:/-]*|[\w.:/]+-[\w.:/-]+)\s+(?:fails|failed|"
+                     r"(?:model\s+)?[\"'`]?([\w.:/*-]+)|(?<![\w.:/-])((?=[\w.:/-]*\d)[\w.:/-]+|[\w.:/]+-[\w.:/-]+)\s+(?:fails|failed|"
                      r"is failing|keeps failing|doesn't work|does not work|is broken|errors)", re.I)  # fmt: skip
     CONTROL = re.compile(r"\b(restart|reboot|start|launch|boot|run|bring up|stop|kill|shut ?down|halt)\b", re.I)
     CONTROL_TARGET = re.compile(r"\b(gateway|tgw|server|daemon|proxy|service|it)\b", re.I)
     USAGE = re.compile(r"\b(usage|spend|spent|spending|cost|costs|tokens|bill)\b", re.I)
-    DAYS = re.compile(r"(\d+(?:\.\d+)?)\s*(days?|d|weeks?|months?)\b|\b(today|week|month|year)\b", re.I)
+    DAYS = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s*(days?|d|weeks?|months?)\b|\b(today|week|month|year)\b", re.I)
     ERRORS = re.compile(r"\b(errors?|failures?|failed requests?|what failed|went wrong)\b", re.I)
     STATUS = re.compile(r"\b(status|running|health|healthy|alive|up|check)\b", re.I)
     CONFIG = re.compile(r"\b(config|configuration|settings)\b", re.I)
@@ -10022,6 +10043,11 @@ class OfflineAssistant:
     def respond(self, text: str) -> None:
         """A request, or several joined by 'and', 'then', ';' (each part that is understood is done)."""
         text = " ".join(text.split())
+        if len(text) > OFFLINE_MAX_REQUEST:  # the rules are sentences: a pasted log would take them minutes
+            self.app.ui.say(f"That is {len(text)} characters; the offline helper reads requests of up to "
+                            f"{OFFLINE_MAX_REQUEST}, in plain words ('status', 'why does claude-sonnet-4-5 fail?'). "
+                            "Say 'help' to see what it understands.")  # fmt: skip
+            return
         parts = [p for p in self.CLAUSES.split(text) if p]
         plans = [(part, self.plan(part)) for part in parts] if len(parts) > 1 else []
         if sum(plan is not None for _, plan in plans) < 2:
@@ -10419,9 +10445,10 @@ class ChatApp:
         found, chosen = self.run(detect_chat_models(cfg, self.env, spec, source))
         if chosen is None:
             why = found[0].reason if spec else "no model is reachable (tgw chat --detect says why)"
-            return redact(f"{why}: {offline_words}")
+            return printable(redact(f"{why}: {offline_words}"))
         self.assistant = ModelAssistant(self, chosen, cfg)
-        return redact(f"model {chosen.model} on {chosen.provider.name} ({chosen.source}: {chosen.reason})")
+        said = f"model {chosen.model} on {chosen.provider.name} ({chosen.source}: {chosen.reason})"
+        return printable(redact(said))  # a model id and a reason are a server's words
 
     def detect(self, spec: str = "") -> str:
         cfg, error = self.load_config()
@@ -10439,7 +10466,7 @@ class ChatApp:
             lines.append(f"  {mark} {c.source:<{width}}  {c.model + ': ' if c.available else ''}{c.reason}")
         lines.append(f"using {chosen.model} on {chosen.provider.name}" if chosen else
                      "no model is available: tgw chat answers with its offline assistant")  # fmt: skip
-        return redact("\n".join(lines))
+        return printable(redact("\n".join(lines)))  # what local servers answered, safe for a terminal
 
     # -- turns
     def turn(self, text: str) -> None:
@@ -10495,9 +10522,9 @@ class ChatApp:
             return
         path = tokligence_dir() / "chat_history"
         with contextlib.suppress(OSError):
-            path.parent.mkdir(parents=True, exist_ok=True)
+            open_private(path).close()  # 0600 before a line is in it
             self.readline.write_history_file(path)
-            os.chmod(path, 0o600)
+            os.chmod(path, 0o600)  # a file from before this rule
 
 
 def add_gateway_commands(commands) -> None:
