@@ -9217,3 +9217,22 @@ def test_review_detect_shows_what_a_local_server_says_without_escape_sequences(t
     finally:
         app.close()
     assert "llama]0;owned[2J" in shown and "\x1b" not in shown and "\x07" not in shown
+
+
+def test_review_start_keeps_a_secret_override_off_the_daemons_command_line(tmp_path, hermetic):
+    secret = "sk-review-start-secret-0123456789"
+    outcome = tgw.start_daemon(None, {"facade_port": "0", "openai_api_key": secret}, env=nothing_reachable())
+    try:
+        assert outcome.ok, outcome.text
+        info = tgw.read_pid_file(hermetic / ".tokligence" / "tgw.pid")
+        cmdline = Path(f"/proc/{info['pid']}/cmdline").read_bytes() if Path("/proc/self").exists() else b""
+        assert b"--pid-file" in cmdline or not cmdline
+        assert secret.encode() not in cmdline  # ps shows a command line to every user
+        conn = http.client.HTTPConnection("127.0.0.1", int(info["url"].rsplit(":", 1)[1]), timeout=10)
+        conn.request("GET", "/health")
+        health = json.loads(conn.getresponse().read())
+        conn.close()
+        assert health["providers"]["openai"]["configured"] is True  # the key reached the daemon all the same
+    finally:
+        stopped = tgw.stop_daemon(10)
+    assert stopped.ok and "stopped tgw" in stopped.text

@@ -9041,14 +9041,16 @@ def start_daemon(config_arg: str | None, overrides: dict | None = None, env=None
     command = [sys.executable, str(Path(__file__).resolve()), "serve", "--pid-file", str(pid_path)]
     if cfg.path is not None:
         command += ["--config", str(cfg.path.resolve())]
-    command += [f"--set={key}={value}" for key, value in overrides.items()]
+    # a secret goes to the daemon in its environment: its command line is every user's to read (ps)
+    secrets = {f"TOKLIGENCE_{key.upper()}": value for key, value in overrides.items() if key in SECRET_KEYS}
+    command += [f"--set={key}={value}" for key, value in overrides.items() if key not in SECRET_KEYS]
     with open_private(log_path) as log_file:
         log_file.write(f"--- tgw start {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
         log_file.flush()
         offset = log_file.tell()
         detach = {"start_new_session": True} if os.name == "posix" else {"creationflags": 0x00000008}
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                env=dict(env), **detach)  # fmt: skip
+                                env={**env, **secrets}, **detach)  # fmt: skip
     _daemon_children[proc.pid] = proc
     deadline = time.monotonic() + DAEMON_START_TIMEOUT
     while time.monotonic() < deadline:
