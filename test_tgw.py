@@ -6946,3 +6946,292 @@ def test_loopback_answers_claude_code_shaped_requests_offline(start_gateway):
         {"type": "text", "text": "Hello from the tgw loopback model. You said: say hi"}
     ]
     assert message["stop_reason"] == "end_turn" and gw.rows()[-1]["lane"] == "loopback"
+
+
+# ======================================================================================
+# Ledger, secrets and configuration (issues 10 and 11)
+# ======================================================================================
+
+LEAKED = "sk-upstream-secret-123456"  # the provider key openai_env() configures
+
+
+def health(gw: RunningGateway) -> tuple[int, dict]:
+    status, _, body = get(gw, "/health")
+    return status, json.loads(body)
+
+
+def wait_until(condition, timeout=15.0, what="condition"):
+    """Poll `condition` (bounded): the machine is loaded, so deadlines are generous."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class LockedLedger:
+    """Another process's write transaction on the ledger file: the gateway's writer gets
+    'database is locked' until release()."""
+
+    def __init__(self, path: str):
+        self.db = sqlite3.connect(path, timeout=0, isolation_level=None)
+        self.db.execute("BEGIN EXCLUSIVE")
+
+    def release(self):
+        self.db.execute("ROLLBACK")
+        self.db.close()
+
+
+# ---- 10.1 the ledger writer cannot die or stick ---------------------------------------
+
+
+def test_ledger_stores_rows_sqlite_could_not_take_as_sent(start_gateway, upstream):
+    """A lone surrogate in the model, a count above 2**63, a count that is an object, NaN: the
+    row is repaired, the writer lives on, and the next rows are written too."""
+    usage = {"prompt_tokens": 2**70, "completion_tokens": 10**400, "total_tokens": 1,
+             "completion_tokens_details": {"reasoning_tokens": {"nested": 1}}}  # fmt: skip
+    up = upstream(lambda h, body: h.wfile.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(data := json.dumps({**chat_completion(), "usage": usage}).encode()), data)
+    ))  # fmt: skip
+    gw = start_gateway(env=openai_env(up), model_provider_routes="loopback*=>loopback,gpt*=>openai")
+    surrogate = b'{"model":"loopback-\\ud800","user":"u\\udfff","messages":[{"role":"user","content":"x"}]}'
+    assert post(gw, "/v1/chat/completions", surrogate)[0] == 200
+    assert post(gw, "/v1/chat/completions", CHAT)[0] == 200  # huge and object-valued usage
+    assert post(gw, "/v1/chat/completions", {**CHAT, "model": "loopback"})[0] == 200
+    rows = gw.rows(3)
+    assert [r["model_requested"] for r in rows] == ["loopback-\\ud800", "gpt-4o-mini", "loopback"]
+    assert rows[1]["prompt_tokens"] == 2**63 - 1 and rows[1]["completion_tokens"] == 2**63 - 1
+    assert rows[1]["reasoning_tokens"] in (None, 0) and rows[1]["cost_usd"] > 0
+    status, info = health(gw)
+    assert status == 200 and info["ledger"] == {"state": "running", "queued": 0, "written": 3, "failed": 0}
+
+
+def test_ledger_row_that_cannot_be_stored_costs_no_other_row(start_gateway, caplog):
+    """A row sqlite refuses even repaired (here: one value too many) is kept as a dropped-row
+    error with its time and id; the rows of the same batch are all written."""
+    gw = start_gateway()
+    ledger = gw.gateway.ledger
+    width = len(tgw.LEDGER_COLUMNS)
+    bad = (time.time(), "req_bad", *([None] * width))
+    odd = dict.fromkeys(tgw.LEDGER_COLUMNS)
+    odd.update(ts=time.time(), request_id="req_odd", reasoning_tokens={"a": 1}, latency_ms=float("nan"),
+               model_requested="m\ud800" + "x" * 10000, status=True, prompt_tokens="12")  # fmt: skip
+    plain = [(time.time(), f"req_{i}", *([None] * (width - 2))) for i in range(4)]
+    ledger.pending.extend([plain[0], bad, tuple(odd.values()), *plain[1:]])
+    rows = gw.rows(6)
+    assert sorted(r["request_id"] for r in rows) == ["req_0", "req_1", "req_2", "req_3", "req_bad", "req_odd"]
+    repaired = next(r for r in rows if r["request_id"] == "req_odd")
+    assert (repaired["reasoning_tokens"], repaired["latency_ms"], repaired["status"], repaired["prompt_tokens"]) == (
+        None, None, 1, 12)  # fmt: skip
+    assert repaired["model_requested"].startswith("m\\ud800x") and len(repaired["model_requested"]) <= 4096 + 6
+    stub = next(r for r in rows if r["request_id"] == "req_bad")
+    assert stub["error"].startswith("ledger: this row could not be stored (ProgrammingError")
+    assert health(gw)[1]["ledger"]["failed"] == 1 and "recorded as dropped-row errors" in caplog.text
+    assert post(gw, "/v1/chat/completions", CHAT)[0] == 200 and len(gw.rows(7)) == 7
+
+
+def test_ledger_locked_file_keeps_rows_applies_backpressure_and_recovers(start_gateway, monkeypatch):
+    monkeypatch.setattr(tgw.Ledger, "BUSY_TIMEOUT", 0.2)
+    gw = start_gateway(ledger_queue_size=2)
+    ledger = gw.gateway.ledger
+    attempts = []
+    store = ledger._store
+    monkeypatch.setattr(ledger, "_store", lambda items: (attempts.append(time.monotonic()), store(items))[1])
+    ledger.flush()  # the startup purge of stored Responses
+    lock = LockedLedger(ledger.path)
+    try:
+        assert post(gw, "/v1/chat/completions", CHAT)[0] == 200
+        assert post(gw, "/v1/chat/completions", CHAT)[0] == 200
+        status, info = wait_until(lambda: (s := health(gw))[1]["ledger"]["state"] == "failing" and s, what="failing")
+        assert status == 503 and info["status"] == "degraded" and info["ledger"]["queued"] == 2
+        assert "database is locked" in info["ledger"]["last_error"]
+        waiting = {}
+        third = threading.Thread(target=lambda: waiting.update(r=post(gw, "/v1/chat/completions", CHAT, timeout=30)))
+        third.start()
+        time.sleep(1.0)
+        assert third.is_alive() and health(gw)[0] == 503  # the third call waits; health still answers
+        span = attempts[-1] - attempts[0]
+        assert len(attempts) <= 4 + span * 10  # retried with a pause, not in a loop
+    finally:
+        lock.release()
+    third.join(30)
+    assert waiting["r"][0] == 200
+    assert len(gw.rows(3)) == 3
+    assert wait_until(lambda: (s := health(gw)) and s[0] == 200 and s[1]["ledger"]["state"] == "running" and s)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_ledger_writer_thread_that_ends_is_restarted_and_loses_nothing(start_gateway, monkeypatch):
+    gw = start_gateway()
+    ledger = gw.gateway.ledger
+    store = ledger._store
+    calls = []
+
+    def dies_once(items):
+        calls.append(1)
+        if len(calls) == 1:
+            raise SystemExit  # what no `except Exception` catches: the thread ends
+        return store(items)
+
+    monkeypatch.setattr(ledger, "_store", dies_once)
+    assert post(gw, "/v1/chat/completions", CHAT)[0] == 200
+    wait_until(lambda: not ledger.alive, what="the writer to end")
+    status, info = health(gw)
+    assert status == 503 and info["ledger"]["state"] == "stopped" and info["ledger"]["queued"] >= 1
+    assert post(gw, "/v1/chat/completions", CHAT)[0] == 200  # record() notices and restarts it
+    assert len(gw.rows(2)) == 2
+    status, info = health(gw)
+    assert status == 200 and info["ledger"]["restarts"] == 1 and info["ledger"]["written"] == 2
+
+
+def test_shutdown_does_not_wait_long_on_a_stuck_ledger(start_gateway, monkeypatch, caplog):
+    monkeypatch.setattr(tgw.Ledger, "BUSY_TIMEOUT", 0.2)
+    gw = start_gateway(shutdown_grace=1)
+    gw.gateway.ledger.flush()
+    lock = LockedLedger(gw.gateway.ledger.path)
+    try:
+        assert post(gw, "/v1/chat/completions", CHAT)[0] == 200
+        wait_until(lambda: gw.gateway.ledger.failing_since, what="the writer to fail")
+        started = time.monotonic()
+        gw.stop()
+        assert not gw.thread.is_alive() and time.monotonic() - started < 8
+    finally:
+        lock.release()
+    assert "1 rows could not be written before shutdown" in caplog.text
+
+
+# ---- 10.6 secrets are redacted in one place -----------------------------------------------
+
+ANTHROPIC_HI = {"model": "claude-x", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_upstream_error_that_quotes_the_key_is_redacted_on_every_lane(start_gateway, upstream, caplog, tmp_path):
+    caplog.set_level(logging.INFO)
+    quoted = f"Incorrect API key provided: {LEAKED}. Find your key at https://example.invalid"
+
+    def script(h, body):
+        if body.get("stream"):
+            reply_sse(h, [chat_chunks()[0], {"error": {"message": quoted, "type": "server_error"}}])
+        else:
+            reply_json(h, {"error": {"message": quoted, "type": "invalid_request_error"}}, status=401)
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up), model_provider_routes="gpt*=>openai,claude*=>openai", upstream_retries=0)
+    gemini = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+    answers = {
+        "passthrough json": post(gw, "/v1/chat/completions", CHAT),
+        "passthrough stream": post(gw, "/v1/chat/completions", {**CHAT, "stream": True}),
+        "translated json": post(gw, "/v1/messages", ANTHROPIC_HI),
+        "translated stream": post(gw, "/v1/messages", {**ANTHROPIC_HI, "stream": True}),
+        "responses": post(gw, "/v1/responses", {"model": "gpt-4o-mini", "input": "hi", "stream": True}),
+        "gemini": post(gw, "/v1beta/models/gpt-4o-mini:generateContent", gemini),
+    }
+    for lane, (_status, _, body) in answers.items():
+        text = body.decode()
+        assert LEAKED not in text and "Incorrect API key provided: [redacted sk-u…56]" in text, lane
+    assert answers["passthrough json"][0] == 401 and answers["passthrough stream"][0] == 200
+    rows = gw.rows(6)
+    assert len(rows) == 6 and all(LEAKED not in r["error"] and "[redacted" in r["error"] for r in rows)
+    ini = tmp_path / "cli.ini"
+    ini.write_text(f"ledger_path = {gw.gateway.ledger.path}\n")
+    logs = subprocess.run(
+        [sys.executable, TGW, "logs", "--config", str(ini)], capture_output=True, text=True, timeout=30
+    )
+    assert logs.returncode == 0 and "[redacted sk-u…56]" in logs.stdout and LEAKED not in logs.stdout
+    assert LEAKED not in caplog.text
+
+
+def test_log_records_of_any_logger_are_redacted(caplog):
+    tgw.redact.add("tok-log-secret-42")
+    try:
+        raise ValueError("failed with tok-log-secret-42 inside")
+    except ValueError:
+        logging.getLogger("some.library").exception("calling %s", "https://u:tok-log-secret-42@h/")
+    assert "tok-log-secret-42" not in caplog.text and "calling https://u:[redacted tok-…42]@h/" in caplog.text
+    assert "ValueError: failed with [redacted tok-…42] inside" in caplog.text
+
+
+def test_cli_output_never_shows_a_configured_secret(tmp_path):
+    """config list/get, logs and usage: a key or URL password in a ledger row written before it
+    was configured, or in the configuration itself, is never printed."""
+    ledger = tmp_path / "ledger.db"
+    ini = tmp_path / "gateway.ini"
+    ini.write_text(f"ledger_path = {ledger}\nopenai_api_key = {LEAKED}\n"
+                   "openai_base_url = http://me:pa55w0rd-x@127.0.0.1:9/v1\n"
+                   "[provider.local]\nbase_url = http://me:pa55w0rd-y@127.0.0.1:9/v1\n")  # fmt: skip
+    db = tgw.open_ledger_db(str(ledger))
+    row = dict.fromkeys(tgw.LEDGER_COLUMNS)
+    row.update(ts=time.time(), request_id="req_old", model_requested=LEAKED, status=500, error="pa55w0rd-x refused")
+    db.execute(f"INSERT INTO requests ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+    db.commit()
+    db.close()
+    outputs = []
+    for args in (["config", "list"], ["config", "get", "openai_base_url"], ["logs"], ["logs", "--json"], ["usage"]):
+        out = subprocess.run(
+            [sys.executable, TGW, *args, "--config", str(ini)], capture_output=True, text=True, timeout=30
+        )
+        assert out.returncode == 0, out.stderr
+        outputs.append(out.stdout)
+    for text in outputs:
+        assert LEAKED not in text and "pa55w0rd" not in text
+    assert (
+        "openai_base_url = http://****@127.0.0.1:9/v1" in outputs[0]
+        and "base_url=http://****@127.0.0.1:9/v1" in outputs[0]
+    )
+    assert outputs[1].strip() == "http://****@127.0.0.1:9/v1"
+    assert "[redacted sk-u…56]" in outputs[2] and "[redacted pa55…-x] refused" in outputs[2]
+
+
+def test_health_never_shows_userinfo_of_a_provider_url(start_gateway, upstream):
+    up = upstream(lambda h, body: reply_json(h, chat_completion()))
+    gw = start_gateway(env={"TOKLIGENCE_OPENAI_BASE_URL": f"http://me:pa55w0rd-z@127.0.0.1:{up.port}/v1",
+                            "TOKLIGENCE_OPENAI_API_KEY": LEAKED})  # fmt: skip
+    status, _, body = get(gw, "/health")
+    assert status == 200 and b"pa55w0rd" not in body and LEAKED.encode() not in body
+    assert json.loads(body)["providers"]["openai"]["base_url"] == f"http://****@127.0.0.1:{up.port}/v1"
+
+
+# ---- 10.12 calls cut at the shutdown deadline --------------------------------------------
+
+
+def test_calls_cut_at_the_shutdown_deadline_get_503_and_are_recorded_as_cut(start_gateway, upstream):
+    release = threading.Event()
+
+    def script(h, body):
+        if body.get("stream"):
+            reply_sse(h, chat_chunks(words=["a"] * 400), delay=0.05)  # 20 s: far past the deadline
+        else:
+            release.wait(30)
+            reply_json(h, chat_completion())
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up), shutdown_grace=0.5)
+    results = {}
+    calls = {"json": CHAT, "stream": {**CHAT, "stream": True}, "anthropic": {**ANTHROPIC_HI, "model": "gpt-4o",
+             "stream": True}}  # fmt: skip
+    threads = [
+        threading.Thread(target=lambda k=k, b=b: results.update({k: post(
+            gw, "/v1/messages" if k == "anthropic" else "/v1/chat/completions", b, timeout=30)}))
+        for k, b in calls.items()
+    ]  # fmt: skip
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(up.requests) == 3, what="three upstream calls")
+    ledger_path = gw.gateway.ledger.path
+    gw.stop()
+    release.set()
+    for t in threads:
+        t.join(30)
+    status, _, body = results["json"]
+    assert status == 503 and "shutting down" in json.loads(body)["error"]["message"]
+    status, _, body = results["stream"]
+    assert status == 200 and "shutting down" in sse_data(body)[-1]["error"]["message"]
+    status, _, body = results["anthropic"]
+    assert status == 200 and b"event: error" in body and b"shutting down" in body
+    rows = sqlite3.connect(ledger_path).execute("SELECT status, error FROM requests").fetchall()
+    assert len(rows) == 3 and all(s == 503 and e.startswith("cut by shutdown: the gateway is shutting down")
+                                  for s, e in rows)  # fmt: skip

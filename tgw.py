@@ -52,12 +52,13 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import uuid
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 __version__ = "0.1.0"
 log = logging.getLogger("tgw")
@@ -149,26 +150,80 @@ def mask_secret(value: str) -> str:
 
 class SecretRedactor:
     """Every secret this process knows (provider keys, client keys, userinfo in URLs), taken out
-    of any text that leaves it: responses, logs, ledger rows, CLI output. The one place."""
+    of any text that leaves it. The one place, applied once per exit: error messages (every
+    GatewayError, so every lane's JSON errors and stream error events), log records (a record
+    factory, so every handler), ledger rows (the writer's sanitiser), CLI output (main() wraps
+    stdout and stderr), and upstream error events relayed on passthrough. With no secret
+    configured it costs one attribute test; the success hot path never calls it."""
 
     def __init__(self):
         self.secrets: set[str] = set()
         self.pattern: re.Pattern | None = None
+        self.byte_pattern: re.Pattern | None = None
+        self.lock = threading.Lock()  # config reloads run on a worker thread
 
     def add(self, *values: str) -> None:
-        fresh = {v for v in values if isinstance(v, str) and len(v) >= 6} - self.secrets
-        if fresh:
-            self.secrets |= fresh
-            longest_first = sorted(self.secrets, key=len, reverse=True)
-            self.pattern = re.compile("|".join(map(re.escape, longest_first)))
+        candidates = set()
+        for value in values:
+            if isinstance(value, str) and len(value.strip()) >= 6:
+                candidates |= {value.strip(), unquote(value.strip())}  # as written in a URL, and as sent
+        with self.lock:
+            fresh = {v for v in candidates if len(v) >= 6} - self.secrets
+            if fresh:
+                self.secrets |= fresh
+                longest_first = sorted(self.secrets, key=len, reverse=True)
+                self.byte_pattern = re.compile(b"|".join(re.escape(s.encode()) for s in longest_first))
+                self.pattern = re.compile("|".join(map(re.escape, longest_first)))
 
     def __call__(self, text: str) -> str:
         if self.pattern is None or not text:
             return text
         return self.pattern.sub(lambda m: f"[redacted {mask_secret(m.group())}]", text)
 
+    def found_in(self, text: str) -> bool:
+        return self.pattern is not None and self.pattern.search(text) is not None
+
+    def raw(self, data: bytes) -> bytes:
+        """The same for raw bytes relayed as they are (an upstream's error event on passthrough)."""
+        if self.byte_pattern is None or not data:
+            return data
+        return self.byte_pattern.sub(lambda m: f"[redacted {mask_secret(m.group().decode())}]".encode(), data)
+
 
 redact = SecretRedactor()
+
+
+def public_url(url: str) -> str:
+    """A URL fit to show: any user:password@ replaced by ****@."""
+    scheme, sep, rest = (url or "").partition("://")
+    host, slash, path = rest.partition("/")
+    if not sep or "@" not in host:
+        return url
+    return f"{scheme}://****@{host.rpartition('@')[2]}{slash}{path}"
+
+
+_make_log_record = logging.getLogRecordFactory()
+
+
+def redacting_log_record(*args, **kwargs) -> logging.LogRecord:
+    """Every log record, of any logger for any handler, with the secrets taken out of its
+    message and traceback (formatters use exc_text when it is set)."""
+    record = _make_log_record(*args, **kwargs)
+    if redact.pattern is None:
+        return record
+    try:
+        message = record.getMessage()
+    except Exception:  # a bad format string: the handler reports it, as logging always does
+        return record
+    record.msg, record.args = redact(message), None
+    if record.exc_info and record.exc_info[0] is not None:
+        record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)).rstrip("\n"))
+    if record.stack_info:
+        record.stack_info = redact(record.stack_info)
+    return record
+
+
+logging.setLogRecordFactory(redacting_log_record)
 
 
 @functools.lru_cache(maxsize=1024)  # clients send the same key with every request
@@ -231,6 +286,7 @@ class GatewayError(Exception):
     }
 
     def __init__(self, status: int, message: str, kind: str = "", retry_after: float | None = None):
+        message = redact(message)  # every error any lane sends or records passes here
         super().__init__(message)
         self.status = status
         self.message = message
@@ -359,6 +415,10 @@ PROVIDER_TYPES = ("openai", "azure", "anthropic", "gemini")
 
 class ConfigError(Exception):
     pass
+
+
+class StartupError(Exception):
+    """The gateway cannot start (its port is taken, say): one line, exit code 1."""
 
 
 def find_config_file(explicit: str | None, env=None) -> Path | None:
@@ -996,8 +1056,9 @@ class HttpServer:
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))), ("Connection", "close")]
         writer.write(response_head(exc.status, headers) + body)
 
-    async def drain_and_close(self, grace: float) -> None:
-        """Stop accepting, close idle keep-alive connections, let busy ones finish."""
+    async def drain_and_close(self, grace: float, on_cut=None) -> None:
+        """Stop accepting, close idle keep-alive connections, let busy ones finish; at the
+        deadline call `on_cut` and cancel what is still running."""
         self.draining = True
         if self.server is not None:
             self.server.close()
@@ -1010,6 +1071,8 @@ class HttpServer:
                 break
             await asyncio.sleep(0.05)
         tasks = [p.handler_task for p in self.connections if p.handler_task is not None and not p.handler_task.done()]
+        if tasks and on_cut is not None:
+            on_cut()
         for task in tasks:
             task.cancel()
         if tasks:  # let them record their ledger rows before the ledger closes
@@ -5970,10 +6033,10 @@ class PriceTable:
         return round(total * 1e6) / 1e12  # USD to 12 decimals (round(x, 12) costs ~15x more per call)
 
 
-def open_ledger_db(path: str) -> sqlite3.Connection:
+def open_ledger_db(path: str, busy_timeout: float = 30.0) -> sqlite3.Connection:
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=30, check_same_thread=False)
+    db = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -5984,74 +6047,327 @@ def open_ledger_db(path: str) -> sqlite3.Connection:
     return db
 
 
+# ---- what sqlite may be given -----------------------------------------------------------
+#
+# A row holds numbers and text an upstream or a client chose. Before sqlite sees a batch, each
+# column is checked in a few C-level passes (types, range, encodability, secrets); only a column
+# that fails is repaired value by value: counts to int64, reals finite, text encodable, bounded
+# and redacted. What still cannot be written is stored as a dropped-row error, never lost quietly.
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+LEDGER_TEXT_LIMIT = 4096  # characters kept of one text value (model names and errors are far shorter)
+# sqlite's primary result codes that are the file's fault, not the row's (busy, locked, nomem,
+# readonly, ioerr, full, cantopen, protocol): the rows stay queued and the write is retried
+LEDGER_TRANSIENT_CODES = {5, 6, 7, 8, 10, 13, 14, 15}
+LEDGER_TRANSIENT_WORDS = ("locked", "busy", "disk", "full", "readonly", "unable to open", "i/o")
+
+
+def ledger_int(value):
+    if type(value) is not int:
+        if isinstance(value, float):
+            value = int(value) if math.isfinite(value) else None
+        elif isinstance(value, int):  # bool
+            value = int(value)
+        elif isinstance(value, str) and len(value) < 40:
+            try:
+                value = int(float(value.strip()))
+            except (ValueError, OverflowError):
+                return None
+        else:
+            return None
+    return None if value is None else min(max(value, INT64_MIN), INT64_MAX)
+
+
+def ledger_real(value):
+    if type(value) is not float:
+        if value is None or (isinstance(value, str) and len(value) > 40):
+            return None
+        try:
+            value = float(value)
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return value if math.isfinite(value) else None
+
+
+def ledger_text(value):
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        value = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+    value = value[:LEDGER_TEXT_LIMIT]
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # lone surrogates: kept visible as \\udxxx escapes
+        value = value.encode("utf-8", "backslashreplace").decode()
+    return redact(value)
+
+
+def ledger_any(value):
+    if value is None or type(value) is bytes:
+        return value
+    if isinstance(value, int):
+        return ledger_int(value)
+    if isinstance(value, float):
+        return ledger_real(value)
+    return ledger_text(value)
+
+
+LEDGER_REPAIRS = {"INTEGER": ledger_int, "REAL": ledger_real, "TEXT": ledger_text, "ANY": ledger_any}
+
+
+def column_kind(declared: str) -> str:
+    """sqlite's type affinity of a declared column type."""
+    declared = declared.upper()
+    if "INT" in declared:
+        return "INTEGER"
+    if any(word in declared for word in ("CHAR", "CLOB", "TEXT")):
+        return "TEXT"
+    if any(word in declared for word in ("REAL", "FLOA", "DOUB")):
+        return "REAL"
+    return "ANY"
+
+
+def column_fits(values: tuple, kind: str) -> bool:
+    """Every value of one column can go to sqlite as it is: one or two C-level passes over the
+    column (sums for numbers; the distinct texts joined once), no Python code per value."""
+    if kind == "INTEGER":  # the sum of magnitudes stays an int within int64 only if every value does
+        try:
+            total = sum(map(abs, filter(None, values)))
+        except TypeError:
+            return False
+        return type(total) is int and total <= INT64_MAX
+    if kind == "REAL":
+        try:
+            return math.isfinite(sum(filter(None, values), 0.0))
+        except (TypeError, OverflowError):
+            return False
+    if kind == "TEXT":  # a column repeats a few texts (provider, model, lane): each is checked once
+        distinct = set(values)
+        distinct.discard(None)
+        if not all(type(v) is str for v in distinct):
+            return False
+        joined = "\0".join(distinct)
+        if not joined.isascii():
+            try:
+                joined.encode()
+            except UnicodeEncodeError:  # a lone surrogate
+                return False
+        if len(joined) > LEDGER_TEXT_LIMIT and max(map(len, distinct)) > LEDGER_TEXT_LIMIT:
+            return False
+        return not redact.found_in(joined)
+    return all(ledger_any(v) is v for v in values)
+
+
+def sanitise_rows(rows: list, kinds: tuple) -> list:
+    """The rows with every value fit for its column (see above); the same list when all fit."""
+    if not rows:
+        return rows
+    if any(len(row) != len(kinds) for row in rows):  # a bug upstream of here: that row fails alone
+        return [sanitise_rows([row], kinds)[0] if len(row) == len(kinds) else row for row in rows]
+    columns = list(zip(*rows, strict=True))
+    repaired = False
+    for index, kind in enumerate(kinds):
+        if not column_fits(columns[index], kind):
+            columns[index] = tuple(map(LEDGER_REPAIRS[kind], columns[index]))
+            repaired = True
+    return list(zip(*columns, strict=True)) if repaired else rows
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    """A failure of the file (locked, full, unwritable) rather than of the rows being written."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return (code & 0xFF) in LEDGER_TRANSIENT_CODES
+    return any(word in str(exc).lower() for word in LEDGER_TRANSIENT_WORDS)
+
+
 class Ledger:
     """Rows go into an in-memory deque; one writer thread inserts them in batches, one commit
-    per batch. The event loop never touches sqlite. When `queue_size` rows are waiting,
-    the caller waits for the writer (never a dropped row); close() drains everything."""
+    per batch. The event loop never touches sqlite.
+
+    The writer cannot die or stick on what it is given: rows are sanitised first; a batch that
+    still fails is split until the bad row is alone, and that row is stored as a dropped-row
+    error (counted in `failed`, logged at most once a minute). A failure of the file itself
+    (locked, disk full) keeps every row queued and retries with a growing pause; requests then
+    wait for room (`wait_for_room`, backpressure without blocking the event loop). Should the
+    thread end anyway, `record()` starts a new one. close() drains, within a deadline."""
 
     LINGER = 0.05  # seconds the writer lets a batch gather
     CHUNK = 256  # most rows per INSERT statement (20 columns x 256 rows stays under sqlite's variable limit)
+    BUSY_TIMEOUT = 5.0  # seconds sqlite waits on a lock before the writer backs off (and sees a shutdown)
+    RETRY_MAX = 5.0  # longest pause between retries of a failing write
+    LOG_EVERY = 60.0  # seconds between repeated log lines about the same trouble
 
     def __init__(self, path: str, queue_size: int = 10000):
         self.path = str(Path(path).expanduser()) if path != ":memory:" else path
-        self.db = open_ledger_db(self.path)
+        self.db = open_ledger_db(self.path, self.BUSY_TIMEOUT)
+        declared = {row[1]: row[2] for row in self.db.execute("PRAGMA table_info(requests)")}
+        self.kinds = tuple(column_kind(declared.get(name, "")) for name in LEDGER_COLUMNS)
         self.pending: deque = deque()  # request rows (tuples) and other writes ((sql, params) lists)
         self.queue_size = queue_size
         self._insert_sql: dict[int, str] = {}
         self.written = 0
+        self.failed = 0  # rows whose content could not be stored (each kept as a dropped-row error)
+        self.restarts = 0
+        self.failing_since = 0.0  # when the current run of failed writes began (0: writing fine)
+        self.last_error = ""
         self.busy = False
+        self.inflight = 0  # items of the batch being written
         self.stopping = False
-        self.thread = threading.Thread(target=self._run, name="tgw-ledger", daemon=True)
-        self.thread.start()
+        self.closed = False
+        self.stop_deadline = 0.0
+        self.wake = threading.Event()
+        self._next_log = {"drop": 0.0, "fail": 0.0}
+        self._unlogged_drops = 0
+        self._revived_at = 0.0
+        self.alive = False
+        self._start_writer()
 
+    # -- the event loop's side
     def record(self, row: tuple) -> None:
-        """Queue one request row (called on the event loop: no I/O here)."""
-        if len(self.pending) >= self.queue_size:
-            log.warning("ledger queue full: waiting for the writer (backpressure)")
-            while len(self.pending) >= self.queue_size and self.thread.is_alive():
-                time.sleep(0.005)
+        """Queue one request row (called on the event loop: no I/O here). Never refuses a row:
+        callers wait for room before they start (see wait_for_room)."""
         self.pending.append(row)
+        if not self.alive:
+            self._revive()
 
     def write_later(self, sql: str, params: tuple) -> None:
         """Queue any other write (stored responses), in order with the request rows."""
         self.pending.append([sql, params])
+        if not self.alive:
+            self._revive()
 
+    @property
+    def queued(self) -> int:
+        """Rows and writes not yet committed: waiting, and in the batch being written."""
+        return len(self.pending) + self.inflight
+
+    @property
+    def full(self) -> bool:
+        return len(self.pending) + self.inflight >= self.queue_size
+
+    async def wait_for_room(self) -> None:
+        """Backpressure: a request waits while `queue_size` rows are waiting (the writer is slow
+        or the file is failing), without blocking the event loop."""
+        if self.full:
+            log.warning("ledger queue full (%d rows): requests wait for the writer", self.queued)
+        pause = 0.005
+        while self.full and not self.closed:
+            if not self.alive:
+                self._revive()
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.2)
+
+    @property
+    def state(self) -> str:
+        """running (writing), failing (its last write failed; rows are kept and retried) or stopped."""
+        if self.closed or not self.alive:
+            return "stopped"
+        return "failing" if self.failing_since else "running"
+
+    def status(self) -> dict:
+        info = {"state": self.state, "queued": self.queued, "written": self.written, "failed": self.failed}
+        if self.failing_since:
+            info["failing_for_s"] = round(time.monotonic() - self.failing_since, 1)
+        if self.last_error:
+            info["last_error"] = self.last_error
+        if self.restarts:
+            info["restarts"] = self.restarts
+        return info
+
+    def _start_writer(self) -> None:
+        self.alive = True
+        self.thread = threading.Thread(target=self._run, name="tgw-ledger", daemon=True)
+        self.thread.start()
+
+    def _revive(self) -> None:
+        """The writer thread ended although nothing stopped it: start another (at most once a second)."""
+        if self.stopping or self.closed or self.thread.is_alive() or time.monotonic() - self._revived_at < 1.0:
+            return
+        self._revived_at = time.monotonic()
+        self.restarts += 1
+        log.error("ledger writer thread had stopped (%s); restarted it, %d rows queued",
+                  self.last_error or "no error seen", len(self.pending))  # fmt: skip
+        self._start_writer()
+
+    # -- the writer thread
     def _run(self) -> None:
-        while True:
-            stopping = self.stopping
-            if self.pending:
-                self._write_pending()
-            elif stopping:
-                return
-            if not stopping and len(self.pending) < self.queue_size // 2:
-                # let the next batch gather: a commit costs file locks and WAL page writes,
-                # so a busy gateway pays for them once per LINGER, not once per few rows
-                time.sleep(self.LINGER)
+        try:
+            while True:
+                stopping = self.stopping
+                if self.pending:
+                    try:
+                        self._write_pending()
+                    except Exception as exc:  # a bug in the writer itself: reported, the rows kept
+                        self._note_failure(exc)
+                elif stopping:
+                    return
+                if self.failing_since:
+                    if not stopping:
+                        self.wake.wait(self._retry_pause())  # close() wakes it
+                    elif time.monotonic() < self.stop_deadline:
+                        time.sleep(0.1)
+                    else:
+                        return
+                elif not stopping and len(self.pending) < self.queue_size // 2:
+                    # let the next batch gather: a commit costs file locks and WAL page writes,
+                    # so a busy gateway pays for them once per LINGER, not once per few rows
+                    time.sleep(self.LINGER)
+        finally:
+            self.alive = False
+
+    def _retry_pause(self) -> float:
+        failing_for = time.monotonic() - self.failing_since
+        return min(max(0.1, failing_for / 2), self.RETRY_MAX)
 
     def _write_pending(self) -> None:
         self.busy = True
         batch = []
         while self.pending:
             batch.append(self.pending.popleft())
-        rows = [item for item in batch if isinstance(item, tuple)]
-        others = [item for item in batch if isinstance(item, list)]
-        for attempt in range(1, 1_000_000):
-            try:
-                start = 0
-                while start < len(rows):  # chunks of 256, 128, ... 1 rows: a handful of cached statements
-                    size = min(self.CHUNK, 1 << ((len(rows) - start).bit_length() - 1))
-                    self._insert_rows(rows[start : start + size])
-                    start += size
-                for sql, params in others:
-                    self.db.execute(sql, params)
-                self.db.commit()
-                break
-            except sqlite3.Error as exc:  # locked by a reader, disk full...: keep the rows, retry
-                self.db.rollback()
-                log.warning("ledger write failed (%s); retrying, %d rows held", exc, len(batch))
-                time.sleep(min(0.1 * attempt, 5.0))
-        self.written += len(rows)
-        self.busy = False
+        self.inflight = len(batch)
+        pieces = deque([batch])  # what is left to write, in order; a piece that fails is halved
+        try:
+            while pieces:
+                items = pieces[0]
+                try:
+                    self._store(items)
+                except Exception as exc:
+                    self._rollback()
+                    if is_transient_db_error(exc):  # the file's fault: keep everything, retry later
+                        self._note_failure(exc)
+                        return
+                    pieces.popleft()
+                    if len(items) > 1:
+                        half = len(items) // 2
+                        pieces.extendleft((items[half:], items[:half]))
+                    else:
+                        self._drop(items[0], exc)
+                    continue
+                pieces.popleft()
+                self.written += sum(1 for item in items if isinstance(item, tuple))
+                if self.failing_since:
+                    log.warning("ledger writes recovered after %.1fs", time.monotonic() - self.failing_since)
+                    self.failing_since = 0.0
+        finally:  # a failure (or the thread's end) leaves these unwritten: back to the front, in order
+            for items in reversed(pieces):
+                self.pending.extendleft(reversed(items))
+            self.inflight = 0
+            self.busy = False
+
+    def _store(self, items: list) -> None:
+        rows = sanitise_rows([item for item in items if isinstance(item, tuple)], self.kinds)
+        start = 0
+        while start < len(rows):  # chunks of 256, 128, ... 1 rows: a handful of cached statements
+            size = min(self.CHUNK, 1 << ((len(rows) - start).bit_length() - 1))
+            self._insert_rows(rows[start : start + size])
+            start += size
+        for item in items:
+            if isinstance(item, list):
+                self.db.execute(item[0], item[1])
+        self.db.commit()
 
     def _insert_rows(self, rows: list) -> None:
         """One multi-row INSERT: sqlite runs it in one step, so the writer lets go of the GIL
@@ -6063,16 +6379,76 @@ class Ledger:
             self._insert_sql[len(rows)] = sql
         self.db.execute(sql, [value for row in rows for value in row])
 
+    def _rollback(self) -> None:
+        try:
+            self.db.rollback()
+        except Exception:  # nothing to roll back, or the file is gone: the next write says which
+            pass
+
+    def _note_failure(self, exc: BaseException) -> None:
+        self.last_error = redact(f"{type(exc).__name__}: {exc}")[:300]
+        now = time.monotonic()
+        if not self.failing_since:
+            self.failing_since = now
+        if now >= self._next_log["fail"]:
+            self._next_log["fail"] = now + self.LOG_EVERY
+            log.error("ledger write failed (%s); %d rows kept in memory, retrying", self.last_error, self.queued)
+
+    def _drop(self, item, exc: BaseException) -> None:
+        """One row (or other write) that cannot be stored even repaired: kept as a row that says
+        so, with what could be saved (time, id, status), counted and logged."""
+        self.failed += 1
+        self._unlogged_drops += 1
+        reason = redact(f"{type(exc).__name__}: {exc}")[:300]
+        if isinstance(item, tuple):
+            stub = [None] * len(LEDGER_COLUMNS)
+            for name in ("ts", "request_id", "status", "endpoint", "client_protocol"):
+                at = LEDGER_COLUMNS.index(name)
+                if at < len(item):
+                    stub[at] = LEDGER_REPAIRS[self.kinds[at]](item[at])
+            stub[0] = stub[0] or time.time()
+            stub[1] = stub[1] or "unknown"
+            stub[LEDGER_COLUMNS.index("error")] = (
+                f"ledger: this row could not be stored ({reason}); kept: time, id, status"
+            )
+            try:
+                self._insert_rows([tuple(stub)])
+                self.db.commit()
+            except Exception:  # even the stub failed: the count and the log line remain
+                self._rollback()
+        now = time.monotonic()
+        if now >= self._next_log["drop"]:
+            self._next_log["drop"] = now + self.LOG_EVERY
+            log.error("ledger: %d row(s) could not be stored as sent and were recorded as dropped-row errors "
+                      "(latest: %s)", self._unlogged_drops, reason)  # fmt: skip
+            self._unlogged_drops = 0
+
+    # -- both
     def flush(self, timeout: float = 10.0) -> None:
-        """Wait until everything queued so far is written."""
+        """Wait until everything queued so far is written (or the writer is failing)."""
         deadline = time.monotonic() + timeout
-        while (self.pending or self.busy) and time.monotonic() < deadline:
+        while (self.pending or self.busy) and time.monotonic() < deadline and not self.failing_since:
+            if not self.alive:
+                self._revive()
             time.sleep(0.005)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Drain and close. A writer that cannot write gets `timeout` seconds, then what it
+        still holds is reported as lost, loudly; shutdown never waits longer than that."""
         self.stopping = True
-        self.thread.join(timeout=120)
-        self.db.close()
+        self.stop_deadline = time.monotonic() + timeout
+        self.wake.set()
+        if not self.thread.is_alive() and self.pending:
+            self._run()  # the writer is gone: drain on this thread
+        self.thread.join(timeout + self.BUSY_TIMEOUT + 1)
+        self.closed = True
+        if self.pending:
+            log.error("ledger: %d rows could not be written before shutdown (%s)", len(self.pending),
+                      self.last_error or "writer stuck")  # fmt: skip
+        if self._unlogged_drops:
+            log.error("ledger: %d more row(s) were recorded as dropped-row errors", self._unlogged_drops)
+        if not self.thread.is_alive():
+            self.db.close()
 
 
 class ResponseStore:
@@ -6192,6 +6568,7 @@ class Call:
     api_key_id: str = ""
     user: str = ""
     encoder: object = None  # the client's stream encoder, once a canonical lane streams
+    prices: object = None  # the PriceTable in force when the model call began
 
     def start_stream(self) -> None:
         if not self.exchange.started:
@@ -6250,6 +6627,7 @@ class Gateway:
         self.responses_store = ResponseStore(self.ledger, cfg.responses_retention_days)
         self._upstream_headers: dict[tuple, dict] = {}
         self.started_at = time.time()
+        self.cutting = False  # set at the shutdown deadline, when calls still running are cut
         self.routes = {
             ("GET", "/"): self.root,
             ("GET", "/health"): self.health,
@@ -6270,7 +6648,7 @@ class Gateway:
 
     def close(self) -> None:
         self.pool.close()
-        self.ledger.close()
+        self.ledger.close(self.cfg.shutdown_grace)
         self.responses_store.close()
 
     # -- dispatch
@@ -6314,12 +6692,17 @@ class Gateway:
             handler = self.find_handler(request)
             if request.path not in self.public:
                 self.authenticate(request, call)
+                if self.ledger.full:  # backpressure: the writer is behind or failing
+                    await self.ledger.wait_for_room()
             await handler(request, call)
         except GatewayError as err:
             self.fail(call, err)
         except (asyncio.CancelledError, ConnectionError):
-            call.error = "client disconnected"
-            exchange.status = 499
+            if self.cutting and not exchange.writer.transport.is_closing():
+                self.cut_by_shutdown(call)
+            else:
+                call.error = "client disconnected"
+                exchange.status = 499
             exchange.close_after = True
             raise
         except Exception as exc:  # a bug: answer in the client's protocol, keep serving
@@ -6354,6 +6737,20 @@ class Gateway:
             ex.end_stream()
             ex.close_after = True
 
+    def cut_by_shutdown(self, call: Call) -> None:
+        """A call still running at the shutdown deadline: a 503, or an error event in its stream,
+        and a ledger row that says it was cut (not that the client left)."""
+        ex = call.exchange
+        err = GatewayError(
+            503, f"the gateway is shutting down: this request was cut at the end of shutdown_grace "
+            f"({self.cfg.shutdown_grace:g} s); retry it", "overloaded_error",
+        )  # fmt: skip
+        if ex.streaming and not ex.finished and call.encoder is None:
+            ex.write(b"\n\n")  # a passthrough stream may be in the middle of an event: end it first
+        self.fail(call, err)
+        call.error = "cut by shutdown: " + err.message
+        ex.status = 503
+
     def record(self, call: Call) -> None:
         ex = call.exchange
         usage = call.usage
@@ -6361,10 +6758,18 @@ class Gateway:
         # milliseconds to 3 decimals; round(x) is cheap where round(x, 3) goes through dtoa
         latency = round((time.monotonic() - call.started) * 1e6) / 1000
         ttft = round((ex.first_byte_at - call.started) * 1e6) / 1000 if ex.first_byte_at else None
+        if call.lane == "loopback":
+            cost = 0.0  # the built-in model is free, whatever model name it answered to
+        else:
+            try:
+                cost = (call.prices or self.prices).cost(model, usage)
+            except (TypeError, ValueError, OverflowError):  # counts an upstream got wrong: priced as sane numbers
+                usage = Usage(*(max(ledger_int(getattr(usage, name)) or 0, 0) for name in Usage.__dataclass_fields__))
+                cost = (call.prices or self.prices).cost(model, usage)
         row = (
             call.ts, ex.request_id, call.api_key_id, call.user, call.codec.name, call.endpoint, call.lane, call.provider,
             call.model_requested, model, int(call.stream), ex.status or 499, usage.input_tokens, usage.output_tokens,
-            usage.cached_tokens, usage.reasoning_tokens, self.prices.cost(model, usage), latency, ttft, call.error[:1000],
+            usage.cached_tokens, usage.reasoning_tokens, cost, latency, ttft, str(call.error)[:1000],
         )  # fmt: skip
         self.ledger.record(row)
 
@@ -6377,15 +6782,18 @@ class Gateway:
             name: {
                 "protocol": p.protocol,
                 "configured": p.configured,
-                **({"base_url": p.base_url} if p.base_url else {}),
+                **({"base_url": public_url(p.base_url)} if p.base_url else {}),
             }
             for name, p in self.providers.items()
         }
-        call.exchange.send_json(200, {
-            "status": "ok", "version": __version__, "work_mode": self.cfg.work_mode,
+        ledger = self.ledger.status()
+        healthy = ledger["state"] == "running"  # a gateway that cannot record what it serves is not ok
+        call.exchange.send_json(200 if healthy else 503, {
+            "status": "ok" if healthy else "degraded", "version": __version__, "work_mode": self.cfg.work_mode,
             "offline": self.router.offline, "routes": [f"{g}=>{p}" for g, p in self.router.rules],
             "aliases": self.router.aliases, "providers": providers,
             "uptime_s": round(time.time() - self.started_at, 1), "ledger_rows_written": self.ledger.written,
+            "ledger": ledger,
         })  # fmt: skip
 
     async def list_models(self, request: HttpRequest, call: Call) -> None:
@@ -6413,6 +6821,7 @@ class Gateway:
     # -- model calls
     def begin_model_call(self, call: Call, model: str, stream: bool) -> Route:
         call.ledgered = True
+        call.prices = self.prices  # the prices of the config this call started with (see apply_config)
         call.model_requested = model
         call.stream = stream
         route = self.router.resolve(model)
@@ -6607,10 +7016,10 @@ class Gateway:
                     for ev in observer.feed(sse):
                         self.observe(call, ev)
                 if hide_usage:
-                    ex.write(b"".join(sse.raw for sse in events if not is_usage_only_chunk(sse)))
+                    chunk = b"".join(sse.raw for sse in events if not is_usage_only_chunk(sse))
                 else:
-                    ex.write(chunk)
                     heartbeat.mid_event = bool(parser.buffer)
+                ex.write(redact.raw(chunk) if call.error else chunk)  # an upstream error event may quote a key
                 await ex.drain()
             for sse in parser.finish():  # an unterminated last event: its bytes went out already
                 ex.write(sse.raw if hide_usage else b"\n\n")
@@ -7024,7 +7433,7 @@ async def serve(cfg: Config, ready=None, stop: asyncio.Event | None = None) -> N
         await stop.wait()
     finally:
         log.info("shutting down: finishing in-flight requests (up to %gs)", cfg.shutdown_grace)
-        await server.drain_and_close(cfg.shutdown_grace)
+        await server.drain_and_close(cfg.shutdown_grace, on_cut=lambda: setattr(gateway, "cutting", True))
         gateway.close()
         log.info("ledger flushed (%d rows written this run)", gateway.ledger.written)
 
@@ -7034,10 +7443,13 @@ async def serve(cfg: Config, ready=None, stop: asyncio.Event | None = None) -> N
 # ======================================================================================
 
 
-def add_config_flag(parser: argparse.ArgumentParser) -> None:
+def add_config_flag(parser: argparse.ArgumentParser, nested: bool = False) -> None:
+    """--config on a command, and again after an action (`config list --config X`): there it
+    only sets the value when given, so it never hides the command's own."""
     parser.add_argument(
-        "--config", help="gateway.ini to read (default: $TOKLIGENCE_CONFIG, ./gateway.ini, ~/.tokligence/gateway.ini)"
-    )
+        "--config", default=argparse.SUPPRESS if nested else None,
+        help="gateway.ini to read (default: $TOKLIGENCE_CONFIG, ./gateway.ini, ~/.tokligence/gateway.ini)",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -7062,13 +7474,15 @@ def build_parser() -> argparse.ArgumentParser:
     config_p = commands.add_parser("config", help="read and edit gateway.ini")
     add_config_flag(config_p)
     config_sub = config_p.add_subparsers(dest="action", required=True)
-    config_sub.add_parser("list", help="every key with its effective value and where it came from")
+    list_p = config_sub.add_parser("list", help="every key with its effective value and where it came from")
     get_p = config_sub.add_parser("get", help="one key's effective value")
     get_p.add_argument("key")
-    set_p = config_sub.add_parser("set", help="set a key in the ini file, keeping its comments")
+    set_p = config_sub.add_parser("set", help="set a key in the ini file (created if missing), keeping its comments")
     set_p.add_argument("key")
     set_p.add_argument("value")
-    config_sub.add_parser("example", help="print a gateway.ini with every key and its default")
+    example_p = config_sub.add_parser("example", help="print a gateway.ini with every key and its default")
+    for action_p in (list_p, get_p, set_p, example_p):
+        add_config_flag(action_p, nested=True)
 
     usage_p = commands.add_parser("usage", help="token and cost totals from the ledger")
     add_config_flag(usage_p)
@@ -7077,11 +7491,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     usage_p.add_argument("--days", type=float, default=30, help="look back this many days (default 30)")
     usage_p.add_argument("--json", action="store_true", help="print JSON")
+    usage_p.add_argument("--ledger-path", help="sqlite ledger file (default: the configured ledger_path)")
 
     logs_p = commands.add_parser("logs", help="the most recent requests in the ledger")
     add_config_flag(logs_p)
     logs_p.add_argument("-n", "--limit", type=int, default=20)
     logs_p.add_argument("--json", action="store_true", help="print JSON lines")
+    logs_p.add_argument("--ledger-path", help="sqlite ledger file (default: the configured ledger_path)")
     return parser
 
 
@@ -7116,37 +7532,75 @@ def cmd_config(args) -> int:
     if args.action == "example":
         print(write_example_config())
         return 0
-    cfg = load_config(args.config)
     if args.action == "set":
-        path = cfg.path or Path(args.config or os.environ.get("TOKLIGENCE_CONFIG") or "gateway.ini")
-        config_set_in_file(path, args.key, args.value)
-        shown = mask_secret(args.value) if args.key.lower() in SECRET_KEYS else args.value
-        print(f"{args.key.lower()} = {shown}  (written to {path})")
-        return 0
+        return cmd_config_set(args)
+    cfg = load_config(args.config)
     if args.action == "get":
         key = args.key.lower()
         if key not in cfg.values:
             raise ConfigError(f"unknown key {key!r}; run 'tgw config list' for the accepted keys")
-        value = cfg.values[key]
-        print(mask_secret(value) if key in SECRET_KEYS else value)
+        print(shown_value(key, cfg.values[key]))
         return 0
     print(f"# config file: {cfg.path or '(none found)'}")
     for key, value in cfg.values.items():
-        shown = mask_secret(value) if key in SECRET_KEYS else value
-        print(f"{key} = {shown}    # {cfg.sources[key]}")
+        print(f"{key} = {shown_value(key, value)}    # {cfg.sources[key]}")
     for name, pc in cfg.providers.items():
-        print(
-            f"[provider.{name}] type={pc.type} base_url={pc.base_url} api_key={mask_secret(pc.api_key)} models={','.join(pc.models)}"
-        )
+        print(f"[provider.{name}] type={pc.type} base_url={public_url(pc.base_url)} api_key={mask_secret(pc.api_key)} "
+              f"models={','.join(pc.models)}")  # fmt: skip
+    return 0
+
+
+def shown_value(key: str, value) -> str:
+    """A value as the CLI shows it: secrets masked, URLs without their userinfo."""
+    if key in SECRET_KEYS:
+        return mask_secret(value)
+    if CONFIG_KEYS[key][1] == "url":
+        return public_url(value)
+    return value
+
+
+def cmd_config_set(args) -> int:
+    """Write one key to the file tgw would read (./gateway.ini when there is none, said so), then
+    say if something of higher precedence (an environment variable) hides the value written."""
+    path = find_config_file(args.config) or Path("gateway.ini")
+    created = not path.exists()
+    key = args.key.lower()
+    config_set_in_file(path, key, args.value)
+    where = f"created {path.resolve()}" if created else f"written to {path}"
+    print(f"{key} = {shown_value(key, args.value)}  ({where})")
+    if created and not args.config and not os.environ.get("TOKLIGENCE_CONFIG"):
+        print(f"tgw: note: {path} is read by a gateway started in {Path.cwd()}; "
+              "--config or TOKLIGENCE_CONFIG choose another file", file=sys.stderr)  # fmt: skip
+    try:
+        cfg = load_config(str(path))
+    except ConfigError as exc:
+        print(f"tgw: note: the value is written, but the configuration has another problem: {exc}", file=sys.stderr)
+        return 2
+    source = cfg.sources.get(key)
+    if source != str(path):
+        by = f"TOKLIGENCE_{key.upper()} in the environment" if source == "environment" else source
+        print(f"tgw: note: {key} is overridden by {by}, which takes precedence over {path}: "
+              f"the effective value is {shown_value(key, cfg.values[key])}", file=sys.stderr)  # fmt: skip
     return 0
 
 
 def open_ledger_for_reading(args) -> sqlite3.Connection:
-    cfg = load_config(args.config)
-    path = str(Path(cfg.ledger_path).expanduser())
+    cfg = load_config(args.config)  # also registers the configured secrets, so what is printed is redacted
+    path = str(Path(args.ledger_path or cfg.ledger_path).expanduser())
     if path != ":memory:" and not Path(path).exists():
         raise ConfigError(f"no ledger at {path} yet: start the gateway with 'tgw serve' and send a request")
     return open_ledger_db(path)
+
+
+def format_usd(value) -> str:
+    """Dollars as the CLI shows them: cents, or two significant digits below a cent, so the
+    cost of a few tokens shows ($0.0000042) instead of rounding to zero."""
+    value = value or 0.0
+    if value == 0:
+        return "0.00"
+    if abs(value) >= 0.01:
+        return f"{value:.2f}"
+    return f"{value:.{min(12, 1 - math.floor(math.log10(abs(value))))}f}"
 
 
 def cmd_usage(args) -> int:
@@ -7177,7 +7631,7 @@ def cmd_usage(args) -> int:
         )
         for name, count, prompt, completion, cached, _reasoning, cost, errors in rows:
             print(
-                f"  {str(name or '-'):<32} {count:>9} {prompt or 0:>11} {completion or 0:>11} {cached or 0:>9} {cost or 0:>11.4f} {errors or 0:>7}"
+                f"  {str(name or '-'):<32} {count:>9} {prompt or 0:>11} {completion or 0:>11} {cached or 0:>9} {format_usd(cost):>11} {errors or 0:>7}"
             )
         if not rows:
             print("  (no requests)")
@@ -7195,7 +7649,7 @@ def cmd_logs(args) -> int:
         tokens = f"{row['prompt_tokens'] or 0}+{row['completion_tokens'] or 0} tok"
         print(f"{when} {row['status']} {row['client_protocol']}->{row['provider'] or '-'} {row['lane'] or '-'} "
               f"{row['model_requested'] or '-'} {'stream ' if row['stream'] else ''}{tokens} "
-              f"${row['cost_usd'] or 0:.5f} {row['latency_ms'] or 0:.0f}ms {row['error'] or ''}".rstrip())  # fmt: skip
+              f"${format_usd(row['cost_usd'])} {row['latency_ms'] or 0:.0f}ms {row['error'] or ''}".rstrip())  # fmt: skip
     return 0
 
 
@@ -7206,13 +7660,41 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     handlers = {"serve": cmd_serve, "config": cmd_config, "usage": cmd_usage, "logs": cmd_logs}
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactedStream(stdout), RedactedStream(stderr)  # the CLI's one exit
     try:
-        return handlers[args.command](args)
+        code = handlers[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
+        return code
     except ConfigError as exc:
         print(f"tgw: configuration error: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"tgw: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `tgw logs | head`: the reader has all it wanted
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())  # the final flush goes nowhere
+        except (OSError, ValueError):
+            pass
+        return 141  # what a shell reports for a command ended by SIGPIPE
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+
+
+class RedactedStream:
+    """sys.stdout or sys.stderr while a command runs: everything printed passes redact()."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(redact(text))
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def reexec_as_import() -> None:
