@@ -7235,3 +7235,158 @@ def test_calls_cut_at_the_shutdown_deadline_get_503_and_are_recorded_as_cut(star
     rows = sqlite3.connect(ledger_path).execute("SELECT status, error FROM requests").fetchall()
     assert len(rows) == 3 and all(s == 503 and e.startswith("cut by shutdown: the gateway is shutting down")
                                   for s, e in rows)  # fmt: skip
+
+
+# ---- 11.6 Tokligence Gateway configuration --------------------------------------------------
+
+
+def both_protocols(h, body):
+    """An upstream that answers OpenAI Chat at /v1/chat/completions and Anthropic at /v1/messages."""
+    if h.path.endswith("/messages"):
+        reply_json(h, {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
+                       "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+                       "usage": {"input_tokens": 3, "output_tokens": 1}})  # fmt: skip
+    else:
+        reply_json(h, chat_completion(model=body["model"]))
+
+
+def test_tokligence_routes_aliases_and_token_settings(start_gateway, upstream, tmp_path, caplog):
+    up = upstream(both_protocols)
+    aliases = tmp_path / "anthropic.aliases"
+    aliases.write_text("# from Tokligence's config/model_aliases.d\nmini = gpt-4o-mini\nclaude-3-5* => gpt-4o\n")
+    env = {**openai_env(up), **anthropic_env(up), "TOKLIGENCE_ROUTES": "claude-3-5*=>openai, claude-special=loopback",
+           "TOKLIGENCE_MODEL_ALIASES": "fast=gpt-4o-mini,claude-3-7*=claude-sonnet-4-5",
+           "TOKLIGENCE_MODEL_ALIASES_FILE": str(aliases), "TOKLIGENCE_CHAT_TO_ANTHROPIC": "true",
+           "TOKLIGENCE_ANTHROPIC_MAX_TOKENS": "1234", "TOKLIGENCE_OPENAI_COMPLETION_MAX_TOKENS": "100"}  # fmt: skip
+    gw = start_gateway(env=env)
+    info = health(gw)[1]
+    assert info["routes"][:2] == ["claude-special=>loopback", "claude-3-5*=>openai"]  # exact names first
+    assert info["aliases"] == {"fast": "gpt-4o-mini", "mini": "gpt-4o-mini", "claude-3-7*": "claude-sonnet-4-5",
+                               "claude-3-5*": "gpt-4o"}  # fmt: skip
+    anthropic = {"model": "claude-3-5-haiku-latest", "max_tokens": 5000, "messages": [{"role": "user", "content": "x"}]}
+    assert post(gw, "/v1/messages", anthropic)[0] == 200  # glob alias from the file, translated to OpenAI
+    assert (up.requests[-1]["path"], up.requests[-1]["body"]["model"]) == ("/v1/chat/completions", "gpt-4o")
+    assert up.requests[-1]["body"]["max_tokens"] == 100  # openai_completion_max_tokens caps it
+    assert post(gw, "/v1/chat/completions", {**CHAT, "model": "claude-3-7-sonnet"})[0] == 200
+    assert (up.requests[-1]["path"], up.requests[-1]["body"]["model"]) == ("/v1/messages", "claude-sonnet-4-5")
+    assert up.requests[-1]["body"]["max_tokens"] == 1234  # anthropic_max_tokens: none was asked for
+    for model, upstream_model in (("fast", "gpt-4o-mini"), ("mini", "gpt-4o-mini")):
+        assert post(gw, "/v1/chat/completions", {**CHAT, "model": model})[0] == 200
+        assert up.requests[-1]["body"]["model"] == upstream_model
+    count = len(up.requests)
+    assert post(gw, "/v1/chat/completions", {**CHAT, "model": "claude-special"})[0] == 200
+    assert len(up.requests) == count and gw.rows(5)[-1]["lane"] == "loopback"
+    assert "chat_to_anthropic" not in caplog.text  # accepted, not warned about
+    with pytest.raises(tgw.ConfigError, match=r"model_aliases_file .*anthropic.aliases \(line 2\)"):
+        aliases.write_text("ok=gpt-4o\nbroken\n")
+        tgw.load_config(None, {}, env=env)
+
+
+# ---- 11.7 unknown and unsupported keys are never silent ---------------------------------------
+
+
+def test_unknown_and_unsupported_keys_are_warned_about_at_startup(tmp_path):
+    ini = tmp_path / "gateway.ini"
+    ini.write_text("work_mod = auto\nsidecar_model_map = claude*=gpt-4o\nmarketplace_enabled = false\n"
+                   "totally_unrelated_thing = 1\nmodel_aliases = a=b\n")  # fmt: skip
+    env = dict(os.environ, HOME=str(tmp_path), TOKLIGENCE_LEDGER_PATH=str(tmp_path / "l.db"),
+               TOKLIGENCE_FALLBACK_ADAPTER="loopback", TOKLIGENCE_LOG_LEVL="debug",
+               TOKLIGENCE_PROVIDER_LOCAL_BASEURL="http://127.0.0.1:1/v1")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, TGW, "serve", "--port", "0", "--config", str(ini)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert "listening on" in proc.stdout.readline()
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill() if proc.poll() is None else None
+    assert "unknown config key work_mod in " + str(ini) + ", ignored; did you mean 'work_mode'?" in err
+    assert "unknown config key TOKLIGENCE_LOG_LEVL in environment, ignored; did you mean 'TOKLIGENCE_LOG_LEVEL'?" in err
+    assert "unknown config key totally_unrelated_thing" in err and "'tgw config example' lists every key" in err
+    assert "sidecar_model_map (in " in err and "use model_aliases (globs allowed" in err
+    assert "marketplace_enabled (in " in err and "no marketplace" in err
+    assert "TOKLIGENCE_FALLBACK_ADAPTER (in environment) is a Tokligence Gateway setting" in err
+    assert "TOKLIGENCE_PROVIDER_LOCAL_BASEURL" in err and "did you mean 'base_url'?" in err
+    assert "key model_aliases " not in err and err.count("ignored") == 7  # model_aliases is known
+
+
+def test_unknown_key_warnings_know_every_key_in_config_keys(monkeypatch, caplog):
+    """A key another part of tgw adds to CONFIG_KEYS is known at once, even one Tokligence has."""
+    monkeypatch.setitem(tgw.CONFIG_KEYS, "hooks_enabled", (False, "bool", "a key added elsewhere"))
+    cfg = tgw.load_config(None, {}, env={"TOKLIGENCE_HOOKS_ENABLED": "true", "TOKLIGENCE_CONFIG": ""})
+    assert cfg.values["hooks_enabled"] is True and caplog.text == ""
+    tgw.load_config(None, {}, env={"TOKLIGENCE_HOOKS_ENABLE": "true"})
+    assert "did you mean 'TOKLIGENCE_HOOKS_ENABLED'?" in caplog.text
+
+
+# ---- 11.11 loopback is free; one cost format --------------------------------------------------
+
+
+def tgw_cli(*args, env=None, cwd=None, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, TGW, *args], stdout=stdout, stderr=subprocess.PIPE, text=True,
+                          env=env, cwd=cwd, timeout=30)  # fmt: skip
+
+
+def test_loopback_answers_cost_nothing_and_cli_shows_small_costs(start_gateway, upstream, tmp_path):
+    up = upstream(lambda h, body: reply_json(h, chat_completion(prompt=11, completion=7)))
+    env = {**openai_env(up), "TOKLIGENCE_MODEL_PROVIDER_ROUTES": "gpt-4o-mini-local=>loopback,gpt*=>openai"}
+    gw = start_gateway(env=env)
+    assert post(gw, "/v1/chat/completions", {**CHAT, "model": "gpt-4o-mini-local"})[0] == 200  # priced gpt-4o-mini*
+    assert post(gw, "/v1/chat/completions", CHAT)[0] == 200
+    free, paid = gw.rows(2)
+    assert (free["lane"], free["cost_usd"]) == ("loopback", 0.0)
+    assert paid["cost_usd"] == pytest.approx((11 * 0.15 + 7 * 0.60) / 1e6)
+    assert [tgw.format_usd(v) for v in (0, None, 12.345, 0.5, 0.0123, 0.0000061, 4.2e-9)] == [
+        "0.00", "0.00", "12.35", "0.50", "0.01", "0.0000061", "0.0000000042"]  # fmt: skip
+    shown = tgw.format_usd(paid["cost_usd"])
+    usage = tgw_cli("usage", "--ledger-path", gw.gateway.ledger.path, "--by", "model")
+    line = next(ln for ln in usage.stdout.splitlines() if "gpt-4o-mini " in ln)
+    assert usage.returncode == 0 and f" {shown} " in line
+    logs = tgw_cli("logs", "--ledger-path", gw.gateway.ledger.path)
+    assert logs.returncode == 0 and f" ${shown} " in logs.stdout and " $0.00 " in logs.stdout
+
+
+# ---- 11.12 tgw config and the CLI in a shell ----------------------------------------------------
+
+
+def test_config_set_says_which_file_and_what_overrides_it(tmp_path):
+    env = dict(os.environ, HOME=str(tmp_path))
+    env.pop("TOKLIGENCE_CONFIG", None)
+    made = tgw_cli("config", "set", "work_mode", "translation", env=env, cwd=tmp_path)
+    assert made.returncode == 0 and f"(created {tmp_path / 'gateway.ini'})" in made.stdout
+    assert "read by a gateway started in" in made.stderr
+    assert (tmp_path / "gateway.ini").read_text() == "work_mode = translation\n"
+    new = tmp_path / "sub" / "NEW.ini"
+    made = tgw_cli("config", "--config", str(new), "set", "facade_port", "9001", env=env, cwd=tmp_path)
+    assert made.returncode == 0 and f"created {new}" in made.stdout and new.read_text() == "facade_port = 9001\n"
+    listed = tgw_cli("config", "list", "--config", str(new), env=env, cwd=tmp_path)  # the option after the action
+    assert listed.returncode == 0 and f"facade_port = 9001    # {new}" in listed.stdout
+    assert tgw_cli("config", "get", "facade_port", "--config", str(new), env=env).stdout.strip() == "9001"
+    hidden = tgw_cli("config", "set", "work_mode", "auto", env={**env, "TOKLIGENCE_WORK_MODE": "passthrough"},
+                     cwd=tmp_path)  # fmt: skip
+    assert hidden.returncode == 0 and "written to gateway.ini" in hidden.stdout
+    assert "work_mode is overridden by TOKLIGENCE_WORK_MODE in the environment" in hidden.stderr
+    assert "the effective value is passthrough" in hidden.stderr
+    fixed = tmp_path / "broken.ini"
+    fixed.write_text("work_mode = sideways\n")  # set can repair the very key that is wrong
+    assert tgw_cli("config", "--config", str(fixed), "set", "work_mode", "auto", env=env).returncode == 0
+
+
+@pytest.mark.parametrize("args", [["config", "list"], ["logs", "-n", "50"], ["usage"], ["--help"]])
+def test_cli_into_a_closed_pipe_prints_no_traceback(args, tmp_path):
+    """`tgw logs | head`: a reader that has gone away ends the command quietly."""
+    db = tgw.open_ledger_db(str(tmp_path / "l.db"))
+    row = dict.fromkeys(tgw.LEDGER_COLUMNS)
+    for i in range(50):
+        row.update(ts=time.time(), request_id=f"req_{i}", model_requested="m" * 200, status=200)
+        db.execute(f"INSERT INTO requests ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+    db.commit()
+    db.close()
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE, deterministically
+    try:
+        env = dict(os.environ, HOME=str(tmp_path), TOKLIGENCE_LEDGER_PATH=str(tmp_path / "l.db"))
+        out = tgw_cli(*args, env=env, cwd=tmp_path, stdout=write_end)
+    finally:
+        os.close(write_end)
+    assert out.returncode in (0, 141) and out.stderr == ""

@@ -370,7 +370,14 @@ CONFIG_KEYS: dict[str, tuple] = {
     "api_keys": ("", "secret", "comma-separated keys clients must present; empty = no client auth"),
     "work_mode": ("auto", ("auto", "passthrough", "translation"), "auto: the model's provider decides"),
     "model_provider_routes": (DEFAULT_ROUTES, "str", "ordered model=>provider globs, first match wins"),
-    "model_aliases": ("", "str", "alias=>model pairs, e.g. fast=>gpt-4o-mini,smart=>claude-sonnet-4-5"),
+    "routes": ("", "str", "Tokligence's legacy pattern=>provider list; checked before model_provider_routes"),
+    "model_aliases": (
+        "",
+        "str",
+        "alias=>model pairs (= works too; globs allowed: claude*=>gpt-4o-mini), e.g. fast=>gpt-4o-mini",
+    ),
+    "model_aliases_file": ("", "str", "file of alias=>model lines (# comments), read after model_aliases"),
+    "chat_to_anthropic": (False, "bool", "accepted from Tokligence; tgw always routes by model (claude* -> anthropic)"),
     "openai_api_key": ("", "secret", "key for the openai provider"),
     "openai_base_url": ("https://api.openai.com/v1", "url", "base URL of the openai provider"),
     "openai_org": ("", "str", "OpenAI-Organization header, if any"),
@@ -384,6 +391,12 @@ CONFIG_KEYS: dict[str, tuple] = {
     "anthropic_version": ("2023-06-01", "str", "anthropic-version sent when the client sent none"),
     "gemini_api_key": ("", "secret", "key for the gemini provider"),
     "gemini_base_url": ("https://generativelanguage.googleapis.com", "url", "base URL of the gemini provider"),
+    "anthropic_max_tokens": (16384, "int", "max_tokens sent to Anthropic when a translated request set none"),
+    "openai_completion_max_tokens": (
+        0,
+        "int",
+        "most max_tokens a translated request sends to an OpenAI-protocol provider (0: the model's own limit)",
+    ),
     "reasoning_models": (
         "o1*,o3*,o4*,gpt-5*,gpt-oss*,*deepseek-r*,*qwq*,*thinking*",
         "str",
@@ -401,7 +414,12 @@ CONFIG_KEYS: dict[str, tuple] = {
     "upstream_read_timeout": (600.0, "float", "seconds an upstream may stay silent before 504"),
     "upstream_retries": (2, "int", "retries on 429/5xx/connect errors before any byte reached the client"),
     "stream_keepalive": (15.0, "float", "seconds of upstream silence before the gateway pings a stream"),
-    "shutdown_grace": (30.0, "float", "seconds in-flight requests get to finish on SIGINT/SIGTERM"),
+    "shutdown_grace": (30.0, "float", "seconds in-flight requests (then the ledger) get to finish on SIGINT/SIGTERM"),
+    "config_reload_interval": (
+        2.0,
+        "float",
+        "seconds between checks of gateway.ini for changes, applied live (0: only on SIGHUP)",
+    ),
     "responses_retention_days": (30.0, "float", "days stored Responses stay available to previous_response_id"),
     "loop_guard": (True, "bool", "stop a model that repeats the same tool call with the same result"),
     "loop_guard_window": (20, "int", "how many recent tool round trips the loop guard looks at"),
@@ -485,19 +503,111 @@ def convert_value(key: str, raw, kind, source: str):
 
 
 def parse_pairs(text: str, key: str) -> list[tuple[str, str]]:
-    """'a=>b, c=>d' as ordered pairs (routes, aliases)."""
+    """'a=>b, c=>d' (or 'a=b', as Tokligence accepts) as ordered pairs (routes, aliases); one
+    or more per line, lines starting with # or ; are comments."""
     pairs = []
-    for item in text.replace("\n", ",").split(","):
-        item = item.strip()
-        if not item:
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
+        if line.strip()[:1] in ("#", ";"):
             continue
-        if "=>" not in item:
-            raise ConfigError(f"invalid entry {item!r} in {key}: expected 'pattern=>target'")
-        left, right = (s.strip() for s in item.split("=>", 1))
-        if not left or not right:
-            raise ConfigError(f"invalid entry {item!r} in {key}: both sides of '=>' are needed")
-        pairs.append((left, right))
+        where = f"{key} (line {number})" if len(lines) > 1 else key
+        for item in line.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            sep = "=>" if "=>" in item else "="
+            if sep not in item:
+                raise ConfigError(f"invalid entry {item!r} in {where}: expected 'pattern=>target'")
+            left, right = (s.strip() for s in item.split(sep, 1))
+            if not left or not right:
+                raise ConfigError(f"invalid entry {item!r} in {where}: both sides of {sep!r} are needed")
+            pairs.append((left, right))
     return pairs
+
+
+def read_alias_file(name: str) -> list[tuple[str, str]]:
+    """model_aliases_file: alias=>model lines, as Tokligence's model_aliases files have them."""
+    if not name:
+        return []
+    path = Path(name).expanduser()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"model_aliases_file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"model_aliases_file {path}: not UTF-8 text") from None
+    return parse_pairs(text, f"model_aliases_file {path}")
+
+
+# Tokligence Gateway settings tgw deliberately lacks, and what to do instead. A key in
+# CONFIG_KEYS is never reported here, so a branch that adds one makes it known at once.
+TOKLIGENCE_UNSUPPORTED = dict.fromkeys(
+    ("environment", "base_url", "email", "display_name", "enable_provider", "marketplace_enabled",
+     "telemetry_enabled", "publish_name", "model_family"),
+    "Token Marketplace and telemetry settings; tgw has no marketplace and sends no telemetry",
+) | dict.fromkeys(
+    ("hooks_enabled", "hooks_script_path", "hooks_script_args", "hooks_script_env", "hooks_timeout", "hook_script",
+     "hook_script_args", "hook_script_env", "hook_timeout"),
+    "tgw runs no hook scripts; the ledger (tgw logs, tgw usage) records every request",
+) | dict.fromkeys(
+    ("anthropic_web_search", "anthropic_computer_use", "anthropic_mcp", "anthropic_prompt_caching",
+     "anthropic_json_mode", "anthropic_reasoning", "anthropic_beta_header"),
+    "nothing to switch on: the client's own tools, cache_control, thinking and anthropic-beta header go through",
+) | dict.fromkeys(
+    ("bridge_session_enabled", "bridge_session_ttl", "bridge_session_max_count"),
+    "tgw keeps no bridge sessions; the loop guard (loop_guard, loop_guard_warn, loop_guard_stop) stops repeated "
+    "tool calls",
+) | dict.fromkeys(
+    ("ledger_async_batch_size", "ledger_async_flush_ms", "ledger_async_buffer_size", "ledger_async_num_workers"),
+    "tgw's ledger writer batches by itself; ledger_queue_size is how many rows it may hold",
+) | dict.fromkeys(
+    ("model_metadata_file", "model_metadata_url", "model_metadata_refresh"),
+    "tgw knows each model family's output limit itself",
+) | dict.fromkeys(
+    ("sidecar_model_map", "sidecar_model_map_file"),
+    "use model_aliases (globs allowed: claude*=gpt-4o-mini) and model_aliases_file",
+) | dict.fromkeys(
+    ("firewall_config", "prompt_firewall_config", "prompt_firewall_enabled", "prompt_firewall_mode",
+     "prompt_firewall_sse_max_buffer_length", "prompt_firewall_sse_buffer_timeout_ms"),
+    "tgw has no prompt firewall",
+) | {
+    "fallback_adapter": "a model that matches no route gets a 404 naming the routes; end model_provider_routes "
+    "with *=>loopback (or another provider) for a fallback",
+    "price_per_1k": "prices are per model, in [prices] (USD per million tokens)",
+    "duplicate_tool_detection": "the loop guard does this (loop_guard, loop_guard_warn, loop_guard_stop)",
+    "anthropic_native_enabled": "the Anthropic endpoints are always served",
+    "anthropic_force_sse": "tgw streams when the client asks to",
+    "anthropic_token_check_enabled": "max_tokens is fitted to each model's limit",
+    "openai_tool_bridge_stream": "tool calls stream when the client asks to",
+    "model_aliases_dir": "use model_aliases_file",
+    "model_aliases_reload_sec": "tgw reloads gateway.ini and model_aliases_file when they change "
+    "(config_reload_interval) and on SIGHUP",
+    "model_aliases_verbose": "log_level = debug shows each request's model and provider",
+    "responses_stream_mode": "Responses streams as the client asks",
+    "responses_sse_ping_ms": "stream_keepalive sets the keep-alive interval (seconds)",
+}  # fmt: skip
+ENVIRONMENT_ONLY = {"config"}  # TOKLIGENCE_CONFIG names the file; it is no key of it
+
+
+def warn_unknown_key(key: str, source: str, known=None) -> None:
+    """An ignored key is never silent: Tokligence's unsupported ones say why, others name the
+    closest known key (computed from CONFIG_KEYS now, so keys added anywhere are known)."""
+    env = source == "environment"
+    name = f"TOKLIGENCE_{key.upper()}" if env else key
+    reason = TOKLIGENCE_UNSUPPORTED.get(key) if known is None else None
+    if reason:
+        log.warning(
+            "%s (in %s) is a Tokligence Gateway setting tgw does not support, ignored: %s", name, source, reason
+        )
+        return
+    import difflib  # only when a key is wrong
+
+    close = difflib.get_close_matches(key, list(known or CONFIG_KEYS), n=1, cutoff=0.6)
+    if close:
+        hint = f"did you mean {('TOKLIGENCE_' + close[0].upper()) if env else close[0]!r}?"
+    else:
+        hint = "'tgw config example' lists every key"
+    log.warning("unknown config key %s in %s, ignored; %s", name, source, hint)
 
 
 @dataclass
@@ -519,6 +629,8 @@ class Config:
     prices: dict  # model glob -> (input, output, cached input) USD per million tokens
     path: Path | None = None
     sources: dict = field(default_factory=dict)
+    file_aliases: list = field(default_factory=list)  # (alias, model) pairs read from model_aliases_file
+    loaded_with: tuple = (None, None, None)  # load_config's arguments, so a reload reads the same way
 
     def __post_init__(self):
         for key, value in self.values.items():  # cfg.work_mode etc. as plain attributes (read per request)
@@ -542,27 +654,31 @@ def load_config(config_path: str | None = None, overrides: dict | None = None, e
     for layer, source in layers:
         for key, raw in layer.items():
             if key not in CONFIG_KEYS:
-                if source != "environment" and not key.startswith("provider_"):
-                    log.warning("unknown config key %r in %s (ignored)", key, source)
+                if not key.startswith("provider_") and not (source == "environment" and key in ENVIRONMENT_ONLY):
+                    warn_unknown_key(key, source)
                 continue
             values[key] = convert_value(key, raw, CONFIG_KEYS[key][1], source)
             sources[key] = source
     validate_config(values)
+    file_aliases = read_alias_file(values["model_aliases_file"])
     providers = load_named_providers(sections, env)
-    register_secrets(values, providers)
+    register_secrets(values, providers, env)
     prices = dict(DEFAULT_PRICES)
     for glob_, raw in sections.get("prices", {}).items():
         prices[glob_] = parse_price(glob_, raw)
-    return Config(values, providers, prices, path, sources)
+    return Config(values, providers, prices, path, sources, file_aliases, (config_path, overrides, env))
 
 
-def register_secrets(values: dict, providers: dict) -> None:
+def register_secrets(values: dict, providers: dict, env=None) -> None:
     """Tell the redactor every secret this configuration holds."""
     found = [values[k] for k in SECRET_KEYS if values.get(k)]
     found += [k.strip() for k in values.get("api_keys", "").split(",")]
-    for url in [values[k] for k, spec in CONFIG_KEYS.items() if spec[1] == "url"] + [
-        p.base_url for p in providers.values()
-    ]:
+    proxies = [v for k, v in (env or {}).items() if k.lower() in ("http_proxy", "https_proxy", "all_proxy")]
+    for url in (
+        [values[k] for k, spec in CONFIG_KEYS.items() if spec[1] == "url"]
+        + proxies
+        + [p.base_url for p in providers.values()]
+    ):
         parts = urlsplit(url or "")
         found.append(parts.password or parts.username or "")  # a token may stand alone as the username
     for pc in providers.values():
@@ -580,8 +696,15 @@ def validate_config(values: dict) -> None:
             raise ConfigError(f"invalid value {values[key]!r} for {key}: expected a positive number")
     if values["idle_timeout"] < 120:
         raise ConfigError(f"invalid value {values['idle_timeout']!r} for idle_timeout: expected at least 120 seconds")
-    for key in ("model_provider_routes", "model_aliases"):
+    for key in ("model_provider_routes", "routes", "model_aliases"):
         parse_pairs(values[key], key)
+    if values["anthropic_max_tokens"] < 1:
+        raise ConfigError(
+            f"invalid value {values['anthropic_max_tokens']!r} for anthropic_max_tokens: expected 1 or more"
+        )
+    for key in ("openai_completion_max_tokens", "config_reload_interval"):
+        if values[key] < 0:
+            raise ConfigError(f"invalid value {values[key]!r} for {key}: expected 0 or more")
 
 
 def load_named_providers(sections: dict, env) -> dict[str, ProviderConfig]:
@@ -593,6 +716,8 @@ def load_named_providers(sections: dict, env) -> dict[str, ProviderConfig]:
         m = re.fullmatch(r"TOKLIGENCE_PROVIDER_([A-Za-z0-9]+)_([A-Za-z_]+)", key)
         if m and m.group(2).lower() in PROVIDER_KEYS:
             raw.setdefault(m.group(1).lower(), {})[m.group(2).lower()] = value
+        elif m:
+            warn_unknown_key(m.group(2).lower(), f"{key} in the environment", PROVIDER_KEYS)
     providers = {}
     for name, items in raw.items():
         where = f"[provider.{name}]"
@@ -2052,6 +2177,8 @@ class OpenAIChatCodec(Codec):
                 body["parallel_tool_calls"] = req.parallel_tool_calls
         if req.max_tokens is not None:
             limit = openai_max_output(model)
+            cap = getattr(provider, "max_tokens_cap", 0)  # openai_completion_max_tokens
+            limit = min(limit, cap) if limit and cap else limit or cap
             max_tokens = min(req.max_tokens, limit) if limit else req.max_tokens
             body["max_completion_tokens" if provider is None or provider.official else "max_tokens"] = max_tokens
         for name in ("temperature", "top_p"):
@@ -2734,7 +2861,7 @@ class AnthropicCodec(Codec):
         tools = self._encode_tools(req, from_anthropic)
         tool_choice = self._encode_tool_choice(req) if tools else None
         budget = self._wanted_thinking_budget(req, from_anthropic)
-        body["max_tokens"] = self._max_tokens(req, model, budget)
+        body["max_tokens"] = self._max_tokens(req, model, budget, provider)
         system = self._encode_system(req, from_anthropic)
         if system:
             body["system"] = system
@@ -2893,8 +3020,9 @@ class AnthropicCodec(Codec):
         return req.thinking_budget or ANTHROPIC_EFFORT_BUDGETS.get(req.reasoning_effort)
 
     @staticmethod
-    def _max_tokens(req: Request, model: str, budget: int | None) -> int:
-        wanted = req.max_tokens or (ANTHROPIC_DEFAULT_ANSWER_TOKENS + (budget or 0))
+    def _max_tokens(req: Request, model: str, budget: int | None, provider=None) -> int:
+        default = getattr(provider, "default_max_tokens", 0) or ANTHROPIC_DEFAULT_ANSWER_TOKENS
+        wanted = req.max_tokens or (default + (budget or 0))
         return max(1, min(wanted, anthropic_max_output(model)))
 
     def _encode_thinking(self, req: Request, budget, max_tokens: int, tool_choice, messages: list) -> dict | None:
@@ -5701,6 +5829,8 @@ class Provider:
     key_setting: str = ""  # the config key that holds its key, for error messages
     reasoning_globs: tuple = ()
     responses_api: bool = False  # has /v1/responses (OpenAI itself; OpenAI-compatible servers mostly not)
+    default_max_tokens: int = 0  # anthropic: max_tokens when a translated request set none (anthropic_max_tokens)
+    max_tokens_cap: int = 0  # openai: most max_tokens a translated request sends (openai_completion_max_tokens)
     _urls: dict = field(default_factory=dict, repr=False)
     _auth: dict | None = field(default=None, repr=False)
 
@@ -5802,6 +5932,9 @@ def build_providers(cfg: Config) -> dict[str, Provider]:
         flavor = "azure" if pc.type == "azure" else ("compatible" if protocol == "openai" else protocol)
         providers[name] = Provider(name, protocol, pc.base_url, pc.api_key, flavor, pc.models, pc.api_version,
                                    dict(pc.headers), "", reasoning, pc.responses_api)  # fmt: skip
+    for provider in providers.values():
+        provider.default_max_tokens = cfg.anthropic_max_tokens if provider.protocol == "anthropic" else 0
+        provider.max_tokens_cap = cfg.openai_completion_max_tokens if provider.protocol == "openai" else 0
     return providers
 
 
@@ -5889,16 +6022,28 @@ class Router:
     def __init__(self, cfg: Config, providers: dict[str, Provider]):
         self.cfg = cfg
         self.providers = providers
-        self.aliases = dict(parse_pairs(cfg.model_aliases, "model_aliases"))
-        self.rules: list[tuple[str, str]] = []
-        for provider in providers.values():  # named providers' own model lists are the most specific
+        self.aliases: dict[str, str] = {}  # exact names (later entries win, as in Tokligence)
+        self.alias_globs: list[tuple[str, str]] = []  # claude*=>gpt-4o-mini: first match wins
+        for alias, target in parse_pairs(cfg.model_aliases, "model_aliases") + cfg.file_aliases:
+            if any(c in alias for c in "*?["):
+                self.alias_globs.append((alias, target))
+            else:
+                self.aliases[alias] = target
+        # Tokligence's legacy `routes` are its explicit overrides, exact names first; then named
+        # providers' own model lists; then model_provider_routes
+        legacy = parse_pairs(cfg.routes, "routes")
+        legacy.sort(key=lambda rule: any(c in rule[0] for c in "*?["))  # stable: keeps their order otherwise
+        self.rules: list[tuple[str, str]] = list(legacy)
+        for provider in providers.values():
             self.rules.extend((glob_, provider.name) for glob_ in provider.models)
-        self.rules.extend(parse_pairs(cfg.model_provider_routes, "model_provider_routes"))
-        for pattern, target in self.rules:
-            if target not in providers:
-                raise ConfigError(
-                    f"model_provider_routes: {pattern}=>{target} names an unknown provider; known: {', '.join(providers)}"
-                )
+        main_rules = parse_pairs(cfg.model_provider_routes, "model_provider_routes")
+        self.rules.extend(main_rules)
+        for key, rules in (("routes", legacy), ("model_provider_routes", main_rules)):
+            for pattern, target in rules:
+                if target not in providers:
+                    raise ConfigError(
+                        f"{key}: {pattern}=>{target} names an unknown provider; known: {', '.join(providers)}"
+                    )
         # with no provider configured at all, every model is answered by loopback (works offline)
         self.offline = not any(p.configured for p in providers.values() if p.protocol != "loopback")
         self._cache: dict[str, Route] = {}
@@ -5907,7 +6052,9 @@ class Router:
         route = self._cache.get(model)
         if route is not None:
             return route
-        target = self.aliases.get(model, model)
+        target = self.aliases.get(model)
+        if target is None:
+            target = next((t for glob_, t in self.alias_globs if glob_match(glob_, model)), model)
         provider_name = "loopback" if self.offline else next((p for g, p in self.rules if glob_match(g, target)), None)
         if provider_name is None:
             raise GatewayError(
@@ -6791,7 +6938,7 @@ class Gateway:
         call.exchange.send_json(200 if healthy else 503, {
             "status": "ok" if healthy else "degraded", "version": __version__, "work_mode": self.cfg.work_mode,
             "offline": self.router.offline, "routes": [f"{g}=>{p}" for g, p in self.router.rules],
-            "aliases": self.router.aliases, "providers": providers,
+            "aliases": {**self.router.aliases, **dict(self.router.alias_globs)}, "providers": providers,
             "uptime_s": round(time.time() - self.started_at, 1), "ledger_rows_written": self.ledger.written,
             "ledger": ledger,
         })  # fmt: skip
@@ -7654,18 +7801,13 @@ def cmd_logs(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    handlers = {"serve": cmd_serve, "config": cmd_config, "usage": cmd_usage, "logs": cmd_logs}
     stdout, stderr = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = RedactedStream(stdout), RedactedStream(stderr)  # the CLI's one exit
     try:
-        code = handlers[args.command](args)
-        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
-        return code
+        try:
+            return run_command(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
     except ConfigError as exc:
         print(f"tgw: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -7682,6 +7824,16 @@ def main(argv=None) -> int:
         return 141  # what a shell reports for a command ended by SIGPIPE
     finally:
         sys.stdout, sys.stderr = stdout, stderr
+
+
+def run_command(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    handlers = {"serve": cmd_serve, "config": cmd_config, "usage": cmd_usage, "logs": cmd_logs}
+    return handlers[args.command](args)
 
 
 class RedactedStream:
