@@ -15,6 +15,8 @@ import http.client
 import json
 import logging
 import os
+import shutil
+import signal
 import socket
 import sqlite3
 import struct
@@ -7372,7 +7374,7 @@ def test_config_set_says_which_file_and_what_overrides_it(tmp_path):
     assert tgw_cli("config", "--config", str(fixed), "set", "work_mode", "auto", env=env).returncode == 0
 
 
-@pytest.mark.parametrize("args", [["config", "list"], ["logs", "-n", "50"], ["usage"], ["--help"]])
+@pytest.mark.parametrize("args", [["config", "list"], ["logs", "-n", "50"], ["--help"]])
 def test_cli_into_a_closed_pipe_prints_no_traceback(args, tmp_path):
     """`tgw logs | head`: a reader that has gone away ends the command quietly."""
     db = tgw.open_ledger_db(str(tmp_path / "l.db"))
@@ -7390,3 +7392,128 @@ def test_cli_into_a_closed_pipe_prints_no_traceback(args, tmp_path):
     finally:
         os.close(write_end)
     assert out.returncode in (0, 141) and out.stderr == ""
+
+
+# ---- 11.13 a changed gateway.ini reaches the running gateway ------------------------------------
+
+
+def test_changed_gateway_ini_is_applied_live_and_a_broken_one_refused(tmp_path, upstream, caplog):
+    release = threading.Event()
+
+    def script(h, body):
+        if body.get("stream"):
+            release.wait(20)  # in flight while the file changes
+            reply_sse(h, chat_chunks())
+        else:
+            reply_json(h, chat_completion())
+
+    up = upstream(script)
+    ini = tmp_path / "gateway.ini"
+    base = f"openai_base_url = {up.url}/v1\nconfig_reload_interval = 0.1\nledger_path = {tmp_path / 'l.db'}\n"
+    ini.write_text(base + "facade_port = 0\nopenai_api_key = key-one-123456\nmodel_aliases = fast=gpt-4o-mini\n"
+                   "[prices]\ngpt-4o-mini* = 1, 1\n")  # fmt: skip
+    gw = RunningGateway(tgw.load_config(str(ini), {}, env={}))
+    try:
+        result = {}
+        in_flight = threading.Thread(target=lambda: result.update(r=post(gw, "/v1/chat/completions",
+                                                                         {**CHAT, "model": "fast", "stream": True})))  # fmt: skip
+        in_flight.start()
+        wait_until(lambda: up.requests, what="the first call upstream")
+        ini.write_text(base + "facade_port = 1\nopenai_api_key = key-two-123456\nmodel_aliases = quick=gpt-4o-mini\n"
+                       "[prices]\ngpt-4o-mini* = 2, 2\n")  # fmt: skip
+        wait_until(lambda: health(gw)[1]["aliases"] == {"quick": "gpt-4o-mini"}, what="the new aliases")
+        release.set()
+        in_flight.join(20)
+        assert result["r"][0] == 200 and sse_data(result["r"][2])[-1] == "[DONE]"  # finished as it began
+        assert post(gw, "/v1/chat/completions", {**CHAT, "model": "quick"})[0] == 200
+        assert post(gw, "/v1/chat/completions", {**CHAT, "model": "fast"})[0] == 404  # that alias is gone
+        auth = [r["headers"]["Authorization"] for r in up.requests]
+        assert auth == ["Bearer key-one-123456", "Bearer key-two-123456"]
+        old, new, _gone = gw.rows(3)
+        assert old["cost_usd"] == pytest.approx((9 + 2) / 1e6) and new["cost_usd"] == pytest.approx(2 * (11 + 7) / 1e6)
+        assert "applied model_aliases, openai_api_key, [prices]" in caplog.text
+        assert "needs a restart (running with the old value until then): facade_port" in caplog.text
+        assert "key-two-123456" not in caplog.text
+        ini.write_text(base + "work_mode = sideways\n")
+        wait_until(lambda: "refused, the running configuration stays" in caplog.text, what="the refusal")
+        assert "auto, passthrough, translation" in caplog.text
+        assert health(gw)[1]["aliases"] == {"quick": "gpt-4o-mini"} and health(gw)[1]["work_mode"] == "auto"
+    finally:
+        release.set()
+        gw.stop()
+
+
+# ---- 11.13 and 11.14 the gateway as a process ---------------------------------------------------
+
+
+def serve_process(tmp_path, *args, env=None):
+    env = dict(os.environ, HOME=str(tmp_path), TOKLIGENCE_LEDGER_PATH=str(tmp_path / "l.db"), **(env or {}))
+    return subprocess.Popen([sys.executable, TGW, "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, cwd=tmp_path, text=True)  # fmt: skip
+
+
+def test_sighup_reloads_and_ps_shows_tgw_py(tmp_path):
+    ini = tmp_path / "gateway.ini"
+    ini.write_text("config_reload_interval = 0\nmodel_aliases = a=gpt-4o-mini\n")
+    proc = serve_process(tmp_path, "--port", "0", "--config", str(ini))
+    try:
+        port = int(proc.stdout.readline().split("http://127.0.0.1:")[1].split()[0])
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert str(HERE / "tgw.py").encode() in cmdline and b"serve" in cmdline
+        if shutil.which("pgrep"):
+            found = subprocess.run(["pgrep", "-f", "tgw.py serve --port 0 --config"], capture_output=True, text=True)
+            assert str(proc.pid) in found.stdout.split()
+
+        def aliases():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health")
+            return json.loads(conn.getresponse().read())["aliases"]
+
+        assert aliases() == {"a": "gpt-4o-mini"}
+        ini.write_text("config_reload_interval = 0\nmodel_aliases = b=gpt-4o\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: aliases() == {"b": "gpt-4o"}, what="the reload on SIGHUP")
+        proc.terminate()
+        assert proc.wait(20) == 0
+        assert "configuration reloaded (SIGHUP)" in proc.stderr.read()
+    finally:
+        proc.kill() if proc.poll() is None else None
+
+
+def test_port_in_use_is_one_line_and_exit_code_1(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = serve_process(tmp_path, "--port", str(port))
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and out == ""
+    assert err.splitlines() == [f"tgw: cannot listen on 127.0.0.1:{port}: the port is already in use (another "
+                                "tgw?); stop it, or choose another port with --port or facade_port"]  # fmt: skip
+
+
+def old_pythons() -> list[str]:
+    """Python 3.8 and 3.9 interpreters on this machine that really run (pyenv shims may not)."""
+    candidates = [shutil.which(f"python3.{minor}") for minor in (8, 9)]
+    if shutil.which("pyenv"):
+        root = subprocess.run(["pyenv", "root"], capture_output=True, text=True).stdout.strip()
+        candidates += sorted(str(p) for p in Path(root or "/nonexistent").glob("versions/3.[89].*/bin/python3"))
+    found = []
+    for exe in filter(None, candidates):
+        probe = subprocess.run([exe, "-c", "import sys; print(sys.version_info[:2] < (3, 10))"], capture_output=True,
+                               text=True)  # fmt: skip
+        if probe.stdout.strip() == "True":
+            found.append(exe)
+    return found
+
+
+def test_python_older_than_3_10_gets_one_line(tmp_path):
+    """The file parses on 3.8 and 3.9 and says what it needs; where no such interpreter is
+    installed, the same check runs with the version faked."""
+    fake = ("import sys; sys.version_info = (3, 9, 18, 'final', 0); sys.argv = ['tgw.py', 'serve']; "
+            f"exec(compile(open({TGW!r}).read(), {TGW!r}, 'exec'), {{'__name__': '__main__'}})")  # fmt: skip
+    runs = [[sys.executable, "-c", fake]] + [[exe, TGW, "serve"] for exe in old_pythons()]
+    for command in runs:
+        out = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=30)
+        assert out.returncode == 1 and len(out.stderr.splitlines()) == 1, (command, out.stderr)
+        assert out.stderr.startswith("tgw needs Python 3.10 or newer; this is Python 3.")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import errno
 import fnmatch
 import functools
 import gc
@@ -59,6 +60,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+if sys.version_info < (3, 10):  # noqa: UP036 - before anything that needs 3.10 runs: one line, not a traceback
+    sys.exit(f"tgw needs Python 3.10 or newer; this is Python {sys.version.split()[0]} ({sys.executable})")
 
 __version__ = "0.1.0"
 log = logging.getLogger("tgw")
@@ -807,6 +811,87 @@ def write_example_config() -> str:
         "",
     ]
     return "\n".join(out)
+
+
+# ---- live reload ------------------------------------------------------------------------
+#
+# A running gateway takes a changed gateway.ini (or model_aliases_file) without a restart: on
+# SIGHUP, and when a check every config_reload_interval seconds sees a file's modification
+# time, size or inode change. The file is read off the event loop; a file that does not load
+# is refused with a logged error and the running configuration stays. Gateway.apply_config
+# swaps in what can change live and names the changed keys that need a restart.
+
+RESTART_KEYS = {"host", "facade_port", "allow_public_bind", "ledger_path"}  # read once, at start
+
+
+def changed_settings(old: Config, new: Config) -> list[str]:
+    """The keys (and sections) whose effective value differs between two configurations."""
+    changed = [key for key, value in new.values.items() if old.values.get(key) != value]
+    for name, mine, theirs in (("[provider.*]", old.providers, new.providers), ("[prices]", old.prices, new.prices),
+                               ("model_aliases_file contents", old.file_aliases, new.file_aliases)):  # fmt: skip
+        if mine != theirs:
+            changed.append(name)
+    return changed
+
+
+class ConfigWatcher:
+    """Reloads the configuration of a running gateway (see above)."""
+
+    def __init__(self, gateway, server=None):
+        self.gateway = gateway
+        self.server = server
+        self.lock = asyncio.Lock()
+        self.seen = self.signature()
+
+    def watched_files(self) -> list[Path]:
+        cfg = self.gateway.cfg
+        explicit, _, env = cfg.loaded_with
+        files = [find_config_file(explicit, os.environ if env is None else env)]
+        if cfg.model_aliases_file:
+            files.append(Path(cfg.model_aliases_file).expanduser())
+        return [f for f in files if f is not None]
+
+    def signature(self) -> tuple:
+        out = []
+        for path in self.watched_files():
+            try:
+                st = path.stat()
+                out.append((str(path), st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                out.append((str(path), None))
+        return tuple(out)
+
+    async def watch(self) -> None:
+        """The periodic check: a few stat() calls off the event loop, every config_reload_interval."""
+        while True:
+            interval = self.gateway.cfg.config_reload_interval
+            await asyncio.sleep(interval or 5.0)
+            if interval and await asyncio.to_thread(self.signature) != self.seen:
+                await self.reload("a file changed")
+
+    async def reload(self, why: str) -> bool:
+        async with self.lock:
+            self.seen = await asyncio.to_thread(self.signature)
+            try:
+                cfg = await asyncio.to_thread(load_config, *self.gateway.cfg.loaded_with)
+                changed, restart = self.gateway.apply_config(cfg)
+            except ConfigError as exc:
+                log.error("configuration reload (%s) refused, the running configuration stays: %s", why, exc)
+                return False
+            except Exception:  # a bug: the same, with its traceback
+                log.exception("configuration reload (%s) failed, the running configuration stays", why)
+                return False
+            if self.server is not None:
+                self.server.cfg = cfg  # request limits and timeouts of the HTTP server
+            live = [key for key in changed if key not in restart]
+            if not changed:
+                log.info("configuration reloaded (%s): nothing changed", why)
+            else:
+                log.warning("configuration reloaded (%s) from %s: applied %s%s", why, cfg.path or "the environment",
+                            ", ".join(live) or "nothing",
+                            f"; needs a restart (running with the old value until then): {', '.join(restart)}"
+                            if restart else "")  # fmt: skip
+            return True
 
 
 # ======================================================================================
@@ -6775,6 +6860,7 @@ class Gateway:
         self._upstream_headers: dict[tuple, dict] = {}
         self.started_at = time.time()
         self.cutting = False  # set at the shutdown deadline, when calls still running are cut
+        self.listening_on = cfg.host  # host is read once (a changed one needs a restart)
         self.routes = {
             ("GET", "/"): self.root,
             ("GET", "/health"): self.health,
@@ -6797,6 +6883,31 @@ class Gateway:
         self.pool.close()
         self.ledger.close(self.cfg.shutdown_grace)
         self.responses_store.close()
+
+    def apply_config(self, cfg: Config) -> tuple[list[str], list[str]]:
+        """Take a new configuration while serving: (changed keys, those of them that need a
+        restart). Everything is built first, so a configuration that fails (ConfigError) changes
+        nothing; then it is swapped in one step with no await in between, so a request sees the
+        old state or the new, never a mix, and keeps what it resolved at its start (its route,
+        provider and key, its prices). Code that reads self.cfg after an await sees the new
+        values: read what a request needs before its first await, or keep it on the Call.
+        Extend this for state of your own that a configuration builds."""
+        if not is_loopback_host(self.listening_on) and not cfg.api_keys and not cfg.allow_public_bind:
+            raise ConfigError(f"the gateway listens on {self.listening_on}: api_keys cannot be removed while it runs")
+        providers = build_providers(cfg)
+        router = Router(cfg, providers)
+        prices = PriceTable(cfg.prices)
+        api_keys = [k.strip() for k in cfg.api_keys.split(",") if k.strip()]
+        changed = changed_settings(self.cfg, cfg)
+        restart = [key for key in changed if key in RESTART_KEYS]
+        self.cfg, self.providers, self.router, self.prices, self.api_keys = cfg, providers, router, prices, api_keys
+        self._upstream_headers = {}
+        self.pool.connect_timeout, self.pool.read_timeout = cfg.upstream_connect_timeout, cfg.upstream_read_timeout
+        self.ledger.queue_size = cfg.ledger_queue_size
+        self.responses_store.retention = cfg.responses_retention_days * 86400
+        if "log_level" in changed:
+            logging.getLogger().setLevel(cfg.log_level.upper())
+        return changed, restart
 
     # -- dispatch
     def error_body(self, path: str, err: GatewayError) -> bytes:
@@ -7559,14 +7670,23 @@ async def serve(cfg: Config, ready=None, stop: asyncio.Event | None = None) -> N
         )
     gateway = Gateway(cfg)
     server = HttpServer(cfg, gateway.handle, gateway.error_body)
-    port = await server.start(cfg.host, cfg.facade_port)
+    try:
+        port = await server.start(cfg.host, cfg.facade_port)
+    except OSError as exc:
+        gateway.close()
+        raise StartupError(listen_error(cfg.host, cfg.facade_port, exc)) from None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    watcher = ConfigWatcher(gateway, server)
+    signals = [(signal.SIGINT, stop.set), (signal.SIGTERM, stop.set)]
+    if hasattr(signal, "SIGHUP"):
+        signals.append((signal.SIGHUP, lambda: loop.create_task(watcher.reload("SIGHUP"))))
+    for sig, action in signals:
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, action)
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread (tests) or not supported
+    watching = loop.create_task(watcher.watch())
     mode = (
         "offline: every model is answered by loopback"
         if gateway.router.offline
@@ -7579,10 +7699,23 @@ async def serve(cfg: Config, ready=None, stop: asyncio.Event | None = None) -> N
     try:
         await stop.wait()
     finally:
-        log.info("shutting down: finishing in-flight requests (up to %gs)", cfg.shutdown_grace)
-        await server.drain_and_close(cfg.shutdown_grace, on_cut=lambda: setattr(gateway, "cutting", True))
+        watching.cancel()
+        grace = gateway.cfg.shutdown_grace
+        log.info("shutting down: finishing in-flight requests (up to %gs)", grace)
+        await server.drain_and_close(grace, on_cut=lambda: setattr(gateway, "cutting", True))
         gateway.close()
         log.info("ledger flushed (%d rows written this run)", gateway.ledger.written)
+
+
+def listen_error(host: str, port: int, exc: OSError) -> str:
+    """Why the gateway cannot listen, in one line with what to do."""
+    where = f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {where}: the port is already in use (another tgw?); stop it, or choose "
+                "another port with --port or facade_port")  # fmt: skip
+    if exc.errno == errno.EACCES:
+        return f"cannot listen on {where}: permission denied (ports below 1024 need privileges); use --port"
+    return f"cannot listen on {where}: {exc.strerror or exc}"
 
 
 # ======================================================================================
@@ -7856,10 +7989,12 @@ def reexec_as_import() -> None:
     if os.name != "posix" or os.environ.get("TGW_REEXECUTED"):
         return
     os.environ["TGW_REEXECUTED"] = "1"
-    bootstrap = "import sys; sys.dont_write_bytecode = False; sys.path.insert(0, sys.argv.pop(1)); import tgw; sys.exit(tgw.main())"
-    os.execv(
-        sys.executable, [sys.executable, "-S", "-c", bootstrap, str(Path(__file__).resolve().parent), *sys.argv[1:]]
+    # the file's own path rides along as an argument, so `ps` and `pgrep -f tgw.py` find the gateway
+    bootstrap = (
+        "import os, sys; sys.dont_write_bytecode = False; sys.path.insert(0, os.path.dirname(sys.argv.pop(1))); "
+        "import tgw; sys.exit(tgw.main())"
     )
+    os.execv(sys.executable, [sys.executable, "-S", "-c", bootstrap, str(Path(__file__).resolve()), *sys.argv[1:]])
 
 
 if __name__ == "__main__":
