@@ -7004,12 +7004,15 @@ def test_ledger_stores_rows_sqlite_could_not_take_as_sent(start_gateway, upstrea
     assert post(gw, "/v1/chat/completions", surrogate)[0] == 200
     assert post(gw, "/v1/chat/completions", CHAT)[0] == 200  # huge and object-valued usage
     assert post(gw, "/v1/chat/completions", {**CHAT, "model": "loopback"})[0] == 200
-    rows = gw.rows(3)
-    assert [r["model_requested"] for r in rows] == ["loopback-\\ud800", "gpt-4o-mini", "loopback"]
+    assert post(gw, "/v1/responses", b'{"model":"loopback-\\ud800","input":"hi"}')[0] == 200  # a stored Response
+    rows = gw.rows(4)
+    assert [r["model_requested"] for r in rows] == ["loopback-\\ud800", "gpt-4o-mini", "loopback", "loopback-\\ud800"]
+    stored = sqlite3.connect(gw.gateway.ledger.path).execute("SELECT model FROM responses").fetchall()
+    assert stored == [("loopback-\\ud800",)]
     assert rows[1]["prompt_tokens"] == 2**63 - 1 and rows[1]["completion_tokens"] == 2**63 - 1
     assert rows[1]["reasoning_tokens"] in (None, 0) and rows[1]["cost_usd"] > 0
     status, info = health(gw)
-    assert status == 200 and info["ledger"] == {"state": "running", "queued": 0, "written": 3, "failed": 0}
+    assert status == 200 and info["ledger"] == {"state": "running", "queued": 0, "written": 4, "failed": 0}
 
 
 def test_ledger_row_that_cannot_be_stored_costs_no_other_row(start_gateway, caplog):

@@ -11,15 +11,16 @@ routes each model to its provider and records every token in a sqlite ledger.
 
 Sections, in the order data flows:
     1. Utilities                 small helpers shared by everything below
-    2. Config                    defaults < gateway.ini < TOKLIGENCE_* env < command-line flags
+    2. Config                    defaults < gateway.ini < TOKLIGENCE_* env < command-line flags,
+                                 unknown-key warnings, live reload (SIGHUP, file changes)
     3. HTTP/1.1 wire             server connections, upstream client with pool, SSE parsing
     4. Canonical model           the hub every protocol converts to and from
     5. Codecs                    one per wire protocol: OpenAI Chat, Anthropic Messages,
                                  OpenAI Responses, Gemini (+ JSON Schema cleaning for Gemini)
     6. Providers                 upstream endpoints, auth headers, the loopback model
     7. Router                    model routes, aliases, work modes
-    8. Ledger                    sqlite schema, background writer, usage queries, prices,
-                                 stored Responses (previous_response_id)
+    8. Ledger                    sqlite schema, background writer (rows sanitised, never lost),
+                                 usage queries, prices, stored Responses (previous_response_id)
     9. Gateway                   endpoints and lanes (passthrough, translation, loopback),
                                  errors per protocol, loop guard, serve()
    10. CLI                       serve, config, usage, logs
@@ -6326,12 +6327,16 @@ def ledger_text(value):
         return None
     if not isinstance(value, str):
         value = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
-    value = value[:LEDGER_TEXT_LIMIT]
+    return redact(encodable(value[:LEDGER_TEXT_LIMIT]))
+
+
+def encodable(text: str) -> str:
+    """Text sqlite can store: lone surrogates (which UTF-8 cannot encode) kept visible as \\udxxx."""
     try:
-        value.encode()
-    except UnicodeEncodeError:  # lone surrogates: kept visible as \\udxxx escapes
-        value = value.encode("utf-8", "backslashreplace").decode()
-    return redact(value)
+        text.encode()
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
 
 
 def ledger_any(value):
@@ -6647,6 +6652,15 @@ class Ledger:
                 self._insert_rows([tuple(stub)])
                 self.db.commit()
             except Exception:  # even the stub failed: the count and the log line remain
+                self._rollback()
+        elif isinstance(item, list):  # a stored Response: once more with unencodable text escaped
+            try:
+                self.db.execute(item[0], [encodable(v) if isinstance(v, str) else v for v in item[1]])
+                self.db.commit()
+                self.failed -= 1
+                self._unlogged_drops -= 1
+                return
+            except Exception:
                 self._rollback()
         now = time.monotonic()
         if now >= self._next_log["drop"]:
