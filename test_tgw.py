@@ -9010,6 +9010,10 @@ def test_ledger_locked_file_keeps_rows_applies_backpressure_and_recovers(start_g
         status, info = wait_until(lambda: (s := health(gw))[1]["ledger"]["state"] == "failing" and s, what="failing")
         assert status == 503 and info["status"] == "degraded" and info["ledger"]["queued"] == 2
         assert "database is locked" in info["ledger"]["last_error"]
+        ledger.ROOM_WAIT = 0.3
+        status, headers, body = post(gw, "/v1/chat/completions", CHAT)  # waited, then refused in its protocol
+        assert status == 503 and headers["Retry-After"] == "5" and "ledger is not keeping up" in body.decode()
+        ledger.ROOM_WAIT = 30
         waiting = {}
         third = threading.Thread(target=lambda: waiting.update(r=post(gw, "/v1/chat/completions", CHAT, timeout=30)))
         third.start()
@@ -9356,6 +9360,14 @@ def test_cli_into_a_closed_pipe_prints_no_traceback(args, tmp_path):
 # ---- 11.13 a changed gateway.ini reaches the running gateway ------------------------------------
 
 
+def replace_file(path: Path, text: str) -> None:
+    """Write a file the way careful tools do (a new file renamed over the old): a reader sees
+    the old text or the new, never half of it."""
+    fresh = path.with_name(path.name + ".new")
+    fresh.write_text(text)
+    os.replace(fresh, path)
+
+
 def test_changed_gateway_ini_is_applied_live_and_a_broken_one_refused(tmp_path, upstream, caplog):
     release = threading.Event()
 
@@ -9369,7 +9381,7 @@ def test_changed_gateway_ini_is_applied_live_and_a_broken_one_refused(tmp_path, 
     up = upstream(script)
     ini = tmp_path / "gateway.ini"
     base = f"openai_base_url = {up.url}/v1\nconfig_reload_interval = 0.1\nledger_path = {tmp_path / 'l.db'}\n"
-    ini.write_text(base + "facade_port = 0\nopenai_api_key = key-one-123456\nmodel_aliases = fast=gpt-4o-mini\n"
+    replace_file(ini, base + "facade_port = 0\nopenai_api_key = key-one-123456\nmodel_aliases = fast=gpt-4o-mini\n"
                    "[prices]\ngpt-4o-mini* = 1, 1\n")  # fmt: skip
     gw = RunningGateway(tgw.load_config(str(ini), {}, env={}))
     try:
@@ -9378,7 +9390,7 @@ def test_changed_gateway_ini_is_applied_live_and_a_broken_one_refused(tmp_path, 
                                                                          {**CHAT, "model": "fast", "stream": True})))  # fmt: skip
         in_flight.start()
         wait_until(lambda: up.requests, what="the first call upstream")
-        ini.write_text(base + "facade_port = 1\nopenai_api_key = key-two-123456\nmodel_aliases = quick=gpt-4o-mini\n"
+        replace_file(ini, base + "facade_port = 1\nopenai_api_key = key-two-123456\nmodel_aliases = quick=gpt-4o-mini\n"
                        "[prices]\ngpt-4o-mini* = 2, 2\n")  # fmt: skip
         wait_until(lambda: health(gw)[1]["aliases"] == {"quick": "gpt-4o-mini"}, what="the new aliases")
         release.set()
@@ -9393,7 +9405,7 @@ def test_changed_gateway_ini_is_applied_live_and_a_broken_one_refused(tmp_path, 
         assert "applied model_aliases, openai_api_key, [prices]" in caplog.text
         assert "needs a restart (running with the old value until then): facade_port" in caplog.text
         assert "key-two-123456" not in caplog.text
-        ini.write_text(base + "work_mode = sideways\n")
+        replace_file(ini, base + "work_mode = sideways\n")
         wait_until(lambda: "refused, the running configuration stays" in caplog.text, what="the refusal")
         assert "auto, passthrough, translation" in caplog.text
         assert health(gw)[1]["aliases"] == {"quick": "gpt-4o-mini"} and health(gw)[1]["work_mode"] == "auto"

@@ -885,6 +885,8 @@ def changed_settings(old: Config, new: Config) -> list[str]:
 class ConfigWatcher:
     """Reloads the configuration of a running gateway (see above)."""
 
+    SETTLE = 0.25  # seconds a changed file must stay unchanged before it is read
+
     def __init__(self, gateway, servers=()):
         self.gateway = gateway
         self.servers = servers  # the HttpServers (one per listener), whose limits and timeouts apply live
@@ -910,11 +912,18 @@ class ConfigWatcher:
         return tuple(out)
 
     async def watch(self) -> None:
-        """The periodic check: a few stat() calls off the event loop, every config_reload_interval."""
+        """The periodic check: a few stat() calls off the event loop, every config_reload_interval.
+        A change is read once the file holds still (one written in place is empty for a moment)."""
         while True:
             interval = self.gateway.cfg.config_reload_interval
             await asyncio.sleep(interval or 5.0)
-            if interval and await asyncio.to_thread(self.signature) != self.seen:
+            if not interval:
+                continue
+            changed = await asyncio.to_thread(self.signature)
+            if changed == self.seen:
+                continue
+            await asyncio.sleep(self.SETTLE)
+            if await asyncio.to_thread(self.signature) == changed:
                 await self.reload("a file changed")
 
     async def reload(self, why: str) -> bool:
@@ -7154,6 +7163,7 @@ class Ledger:
     BUSY_TIMEOUT = 5.0  # seconds sqlite waits on a lock before the writer backs off (and sees a shutdown)
     RETRY_MAX = 5.0  # longest pause between retries of a failing write
     LOG_EVERY = 60.0  # seconds between repeated log lines about the same trouble
+    ROOM_WAIT = 30.0  # seconds a request waits for room in a full queue before a 503
 
     def __init__(self, path: str, queue_size: int = 10000):
         self.path = str(Path(path).expanduser()) if path != ":memory:" else path
@@ -7205,13 +7215,18 @@ class Ledger:
 
     async def wait_for_room(self) -> None:
         """Backpressure: a request waits while `queue_size` rows are waiting (the writer is slow
-        or the file is failing), without blocking the event loop."""
+        or the file is failing), without blocking the event loop; after ROOM_WAIT seconds it is
+        refused with a 503 instead (it never reached a model: no row is owed for it)."""
         if self.full:
             log.warning("ledger queue full (%d rows): requests wait for the writer", self.queued)
+        deadline = time.monotonic() + self.ROOM_WAIT
         pause = 0.005
         while self.full and not self.closed:
             if not self.alive:
                 self._revive()
+            if time.monotonic() >= deadline:
+                raise GatewayError(503, f"the gateway's ledger is not keeping up ({self.state}: "
+                                   f"{self.last_error or 'busy'}); retry shortly", retry_after=5)  # fmt: skip
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.2)
 
@@ -7638,9 +7653,13 @@ class Gateway:
         router = Router(cfg, providers)
         prices = PriceTable(cfg.prices)
         api_keys = [k.strip() for k in cfg.api_keys.split(",") if k.strip()]
+        catalog = ModelCatalog(router, self.pool, cfg.anthropic_version)
         changed = changed_settings(self.cfg, cfg)
         restart = [key for key in changed if key in RESTART_KEYS]
+        old_catalog = self.catalog
         self.cfg, self.providers, self.router, self.prices, self.api_keys = cfg, providers, router, prices, api_keys
+        self.catalog = catalog  # model lists fetched again, with the new providers and keys
+        old_catalog.close()
         self._upstream_headers = {}
         self.pool.connect_timeout, self.pool.read_timeout = cfg.upstream_connect_timeout, cfg.upstream_read_timeout
         self.ledger.queue_size = cfg.ledger_queue_size
