@@ -8,21 +8,30 @@ routes each model to its provider and records every token in a sqlite ledger.
     python3 tgw.py usage              # token and cost totals from the ledger
     python3 tgw.py logs               # the most recent requests
     python3 tgw.py config list        # effective configuration (secrets masked)
+    python3 tgw.py chat               # an assistant that configures and troubleshoots it, online or offline
+    python3 tgw.py start | status | stop   # the gateway in the background
 
 Sections, in the order data flows:
     1. Utilities                 small helpers shared by everything below
-    2. Config                    defaults < gateway.ini < TOKLIGENCE_* env < command-line flags
+    2. Config                    defaults < gateway.ini < TOKLIGENCE_* env < command-line flags,
+                                 unknown-key warnings, live reload (SIGHUP, file changes)
     3. HTTP/1.1 wire             server connections, upstream client with pool, SSE parsing
     4. Canonical model           the hub every protocol converts to and from
-    5. Codecs                    one per wire protocol: OpenAI Chat, Anthropic Messages,
-                                 OpenAI Responses, Gemini (+ JSON Schema cleaning for Gemini)
+    5. Codecs                    one per wire protocol: OpenAI Chat (+ legacy Completions),
+                                 Anthropic Messages, OpenAI Responses, Gemini (+ JSON Schema
+                                 cleaning for Gemini and for Anthropic's structured outputs)
     6. Providers                 upstream endpoints, auth headers, the loopback model
-    7. Router                    model routes, aliases, work modes
-    8. Ledger                    sqlite schema, background writer, usage queries, prices,
-                                 stored Responses (previous_response_id)
+    7. Router                    model routes, aliases, work modes, model lists fetched from providers
+    8. Ledger                    sqlite schema, background writer (rows sanitised, never lost),
+                                 usage queries, prices, stored Responses (previous_response_id)
     9. Gateway                   endpoints and lanes (passthrough, translation, loopback),
-                                 errors per protocol, loop guard, serve()
-   10. CLI                       serve, config, usage, logs
+                                 errors per protocol, loop guard, endpoint bundles and
+                                 multiport listeners, serve()
+   10. Observability             logs (queue thread, rotation, JSON, request ids) and
+                                 Prometheus metrics (registry, GET /metrics)
+   11. CLI                       serve, config, usage, logs (chat, start, stop, status: 12 and 13)
+   12. Gateway control           tgw start / stop / status: the daemon, its pid file and log, /health
+   13. The chat assistant        model selection, tools, the offline assistant, the terminal loop
 
 Find a thing by its protocol: `AnthropicCodec.encode_request`, `ResponsesStreamEncoder`,
 `GeminiStreamDecoder`, ... Every codec converts to and from the canonical Request / Response /
@@ -33,7 +42,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import base64
+import bisect
+import contextlib
+import contextvars
+import difflib
+import errno
 import fnmatch
 import functools
 import gc
@@ -43,21 +58,27 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import signal
 import socket
 import sqlite3
 import ssl
 import struct
+import subprocess
 import sys
 import threading
 import time
+import traceback
 import uuid
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+if sys.version_info < (3, 10):  # noqa: UP036 - before anything that needs 3.10 runs: one line, not a traceback
+    sys.exit(f"tgw needs Python 3.10 or newer; this is Python {sys.version.split()[0]} ({sys.executable})")
 
 __version__ = "0.1.0"
 log = logging.getLogger("tgw")
@@ -196,50 +217,84 @@ def mask_secret(value: str) -> str:
 
 class SecretRedactor:
     """Every secret this process knows (provider keys, client keys, userinfo in URLs), taken out
-    of any text that leaves it: responses, logs, ledger rows, CLI output. The one place."""
+    of any text that leaves it. The one place, applied once per exit: error messages (every
+    GatewayError, so every lane's JSON errors and stream error events), log records (a record
+    factory, so every handler), ledger rows (the writer's sanitiser), CLI output (main() wraps
+    stdout and stderr), and upstream error events relayed on passthrough. With no secret
+    configured it costs one attribute test; the success hot path never calls it."""
 
     def __init__(self):
         self.secrets: set[str] = set()
         self.pattern: re.Pattern | None = None
+        self.byte_pattern: re.Pattern | None = None
+        self.lock = threading.Lock()  # config reloads run on a worker thread
 
     def add(self, *values: str) -> None:
-        fresh = {v for v in values if isinstance(v, str) and len(v) >= 6} - self.secrets
-        if fresh:
-            self.secrets |= fresh
-            longest_first = sorted(self.secrets, key=len, reverse=True)
-            self.pattern = re.compile("|".join(map(re.escape, longest_first)))
+        candidates = set()
+        for value in values:
+            if isinstance(value, str) and len(value.strip()) >= 6:
+                candidates |= {value.strip(), unquote(value.strip())}  # as written in a URL, and as sent
+        with self.lock:
+            fresh = {v for v in candidates if len(v) >= 6} - self.secrets
+            if fresh:
+                self.secrets |= fresh
+                longest_first = sorted(self.secrets, key=len, reverse=True)
+                self.byte_pattern = re.compile(b"|".join(re.escape(s.encode()) for s in longest_first))
+                self.pattern = re.compile("|".join(map(re.escape, longest_first)))
 
     def __call__(self, text: str) -> str:
         if self.pattern is None or not text:
             return text
         return self.pattern.sub(lambda m: f"[redacted {mask_secret(m.group())}]", text)
 
+    def found_in(self, text: str) -> bool:
+        return self.pattern is not None and self.pattern.search(text) is not None
+
+    def raw(self, data: bytes) -> bytes:
+        """The same for raw bytes relayed as they are (an upstream's error event on passthrough)."""
+        if self.byte_pattern is None or not data:
+            return data
+        return self.byte_pattern.sub(lambda m: f"[redacted {mask_secret(m.group().decode())}]".encode(), data)
+
 
 redact = SecretRedactor()
 
 
-def escape_controls(text: str) -> str:
-    """Control characters (newlines, escapes, lone surrogates...) written as repr() writes them."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+def public_url(url: str) -> str:
+    """A URL fit to show: any user:password@ replaced by ****@."""
+    scheme, sep, rest = (url or "").partition("://")
+    host, slash, path = rest.partition("/")
+    if not sep or "@" not in host:
+        return url
+    return f"{scheme}://****@{host.rpartition('@')[2]}{slash}{path}"
 
 
-class LogArgumentEscaper(logging.Filter):
-    """Text from clients and upstreams reaches log lines as %s arguments (a model name, a path,
-    a tool name): a newline there would forge a line, a lone surrogate would fail to be written.
-    Every string argument of every tgw log record is written escaped."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if isinstance(args, tuple):
-            record.args = tuple(escape_controls(a) if isinstance(a, str) else a for a in args)
-        elif isinstance(args, dict):
-            record.args = {k: escape_controls(v) if isinstance(v, str) else v for k, v in args.items()}
-        return True
+_make_log_record = logging.getLogRecordFactory()
 
 
-log.addFilter(LogArgumentEscaper())
+def redacting_log_record(*args, **kwargs) -> logging.LogRecord:
+    """Every log record, of any logger for any handler, with the secrets taken out of its
+    message and traceback (formatters use exc_text when it is set)."""
+    record = _make_log_record(*args, **kwargs)
+    if redact.pattern is None:
+        return record
+    if isinstance(record.args, dict):  # structured fields (the access line): each one, keeping the structure
+        record.args = {k: redact(v) if isinstance(v, str) else v for k, v in record.args.items()}
+    else:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: the handler reports it, as logging always does
+            return record
+        if redact.found_in(message):
+            record.msg, record.args = redact(message), None
+    if record.exc_info and record.exc_info[0] is not None:
+        record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)).rstrip("\n"))
+    if record.stack_info:
+        record.stack_info = redact(record.stack_info)
+    return record
+
+
+logging.setLogRecordFactory(redacting_log_record)
 
 
 @functools.lru_cache(maxsize=1024)  # clients send the same key with every request
@@ -303,6 +358,7 @@ class GatewayError(Exception):
 
     def __init__(self, status: int, message: str, kind: str = "", retry_after: float | None = None):
         message = message if type(message) is str else json_preview(message, 200)  # an upstream's "message": {}
+        message = redact(message)  # every error any lane sends or records passes here
         super().__init__(message)
         self.status = status
         self.message = message
@@ -411,12 +467,33 @@ DEFAULT_ROUTES = (
 # key: (default, kind, meaning). kind is "str", "secret", "int", "float", "bool", or a tuple of choices.
 CONFIG_KEYS: dict[str, tuple] = {
     "host": ("127.0.0.1", "str", "address to listen on; a non-loopback address needs api_keys or allow_public_bind"),
-    "facade_port": (8081, "int", "port of the gateway's one endpoint (all protocols)"),
+    "facade_port": (8081, "int", "port of the gateway's one endpoint (every protocol in facade_endpoints)"),
+    "multiport_mode": (False, "bool", "also listen on admin_port, openai_port, anthropic_port, gemini_port (0 = off)"),
+    "admin_port": (8079, "int", "multiport: port serving admin_endpoints"),
+    "openai_port": (8082, "int", "multiport: port serving openai_endpoints"),
+    "anthropic_port": (8083, "int", "multiport: port serving anthropic_endpoints"),
+    "gemini_port": (8084, "int", "multiport: port serving gemini_endpoints"),
+    "facade_endpoints": (
+        "openai_core,openai_responses,anthropic,gemini_native,admin,health",
+        "str",
+        "bundles the facade port serves: openai_core, openai_responses, anthropic, gemini_native, admin, health",
+    ),
+    "openai_endpoints": ("openai_core,health", "str", "multiport: endpoint bundles of openai_port"),
+    "anthropic_endpoints": ("anthropic,health", "str", "multiport: endpoint bundles of anthropic_port"),
+    "gemini_endpoints": ("gemini_native,health", "str", "multiport: endpoint bundles of gemini_port"),
+    "admin_endpoints": ("admin,health", "str", "multiport: endpoint bundles of admin_port"),
     "allow_public_bind": (False, "bool", "allow a non-loopback host while no api_keys are set"),
     "api_keys": ("", "secret", "comma-separated keys clients must present; empty = no client auth"),
     "work_mode": ("auto", ("auto", "passthrough", "translation"), "auto: the model's provider decides"),
     "model_provider_routes": (DEFAULT_ROUTES, "str", "ordered model=>provider globs, first match wins"),
-    "model_aliases": ("", "str", "alias=>model pairs, e.g. fast=>gpt-4o-mini,smart=>claude-sonnet-4-5"),
+    "routes": ("", "str", "Tokligence's legacy pattern=>provider list; checked before model_provider_routes"),
+    "model_aliases": (
+        "",
+        "str",
+        "alias=>model pairs (= works too; globs allowed: claude*=>gpt-4o-mini), e.g. fast=>gpt-4o-mini",
+    ),
+    "model_aliases_file": ("", "str", "file of alias=>model lines (# comments), read after model_aliases"),
+    "chat_to_anthropic": (False, "bool", "accepted from Tokligence; tgw always routes by model (claude* -> anthropic)"),
     "openai_api_key": ("", "secret", "key for the openai provider"),
     "openai_base_url": ("https://api.openai.com/v1", "url", "base URL of the openai provider"),
     "openai_org": ("", "str", "OpenAI-Organization header, if any"),
@@ -430,14 +507,30 @@ CONFIG_KEYS: dict[str, tuple] = {
     "anthropic_version": ("2023-06-01", "str", "anthropic-version sent when the client sent none"),
     "gemini_api_key": ("", "secret", "key for the gemini provider"),
     "gemini_base_url": ("https://generativelanguage.googleapis.com", "url", "base URL of the gemini provider"),
+    "anthropic_max_tokens": (16384, "int", "max_tokens sent to Anthropic when a translated request set none"),
+    "openai_completion_max_tokens": (
+        0,
+        "int",
+        "most max_tokens a translated request sends to an OpenAI-protocol provider (0: the model's own limit)",
+    ),
     "reasoning_models": (
         "o1*,o3*,o4*,gpt-5*,gpt-oss*,*deepseek-r*,*qwq*,*thinking*",
         "str",
         "globs of OpenAI-protocol models that accept reasoning_effort",
     ),
+    "chat_model": ("", "str", "model tgw chat talks to (a routed name or PROVIDER/MODEL); empty: the first one found"),
     "ledger_path": ("~/.tokligence/ledger.db", "str", "sqlite ledger file (WAL); ':memory:' keeps nothing"),
     "ledger_queue_size": (10000, "int", "rows buffered before requests wait for the ledger writer"),
-    "log_level": ("info", ("debug", "info", "warning", "error"), "stderr log level"),
+    "log_level": ("info", ("debug", "info", "warning", "error"), "log level (stderr, and log_file when set)"),
+    "log_format": ("text", ("text", "json"), "text lines, or one JSON object per line"),
+    "log_file": ("", "str", "also log to this file, rotated daily (UTC) and by size: NAME-YYYY-MM-DD[-N].EXT"),
+    "log_max_mb": (100.0, "float", "megabytes a log file may reach before the next one of the day starts"),
+    "log_max_files": (14, "int", "rotated log files kept; older ones are deleted"),
+    "access_log": (
+        "errors",
+        ("off", "errors", "all"),
+        "one log line per request: none, answers >= 400 only, or all (log_level = debug logs all)",
+    ),
     "max_body_bytes": (33554432, "int", "largest request body accepted (413 above)"),
     "max_header_bytes": (65536, "int", "largest request head accepted (431 above)"),
     "max_request_line": (16384, "int", "longest request line accepted (414 above)"),
@@ -447,7 +540,12 @@ CONFIG_KEYS: dict[str, tuple] = {
     "upstream_read_timeout": (600.0, "float", "seconds an upstream may stay silent before 504"),
     "upstream_retries": (2, "int", "retries on 429/5xx/connect errors before any byte reached the client"),
     "stream_keepalive": (15.0, "float", "seconds of upstream silence before the gateway pings a stream"),
-    "shutdown_grace": (30.0, "float", "seconds in-flight requests get to finish on SIGINT/SIGTERM"),
+    "shutdown_grace": (30.0, "float", "seconds in-flight requests (then the ledger) get to finish on SIGINT/SIGTERM"),
+    "config_reload_interval": (
+        2.0,
+        "float",
+        "seconds between checks of gateway.ini for changes, applied live (0: only on SIGHUP)",
+    ),
     "responses_retention_days": (30.0, "float", "days stored Responses stay available to previous_response_id"),
     "loop_guard": (True, "bool", "stop a model that repeats the same tool call with the same result"),
     "loop_guard_window": (20, "int", "how many recent tool round trips the loop guard looks at"),
@@ -461,6 +559,10 @@ PROVIDER_TYPES = ("openai", "azure", "anthropic", "gemini")
 
 class ConfigError(Exception):
     pass
+
+
+class StartupError(ConfigError):
+    """The gateway cannot start (its port is taken, say): one line, exit code 1."""
 
 
 def find_config_file(explicit: str | None, env=None) -> Path | None:
@@ -527,19 +629,109 @@ def convert_value(key: str, raw, kind, source: str):
 
 
 def parse_pairs(text: str, key: str) -> list[tuple[str, str]]:
-    """'a=>b, c=>d' as ordered pairs (routes, aliases)."""
+    """'a=>b, c=>d' (or 'a=b', as Tokligence accepts) as ordered pairs (routes, aliases); one
+    or more per line, lines starting with # or ; are comments."""
     pairs = []
-    for item in text.replace("\n", ",").split(","):
-        item = item.strip()
-        if not item:
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
+        if line.strip()[:1] in ("#", ";"):
             continue
-        if "=>" not in item:
-            raise ConfigError(f"invalid entry {item!r} in {key}: expected 'pattern=>target'")
-        left, right = (s.strip() for s in item.split("=>", 1))
-        if not left or not right:
-            raise ConfigError(f"invalid entry {item!r} in {key}: both sides of '=>' are needed")
-        pairs.append((left, right))
+        where = f"{key} (line {number})" if len(lines) > 1 else key
+        for item in line.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            sep = "=>" if "=>" in item else "="
+            if sep not in item:
+                raise ConfigError(f"invalid entry {item!r} in {where}: expected 'pattern=>target'")
+            left, right = (s.strip() for s in item.split(sep, 1))
+            if not left or not right:
+                raise ConfigError(f"invalid entry {item!r} in {where}: both sides of {sep!r} are needed")
+            pairs.append((left, right))
     return pairs
+
+
+def read_alias_file(name: str) -> list[tuple[str, str]]:
+    """model_aliases_file: alias=>model lines, as Tokligence's model_aliases files have them."""
+    if not name:
+        return []
+    path = Path(name).expanduser()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"model_aliases_file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"model_aliases_file {path}: not UTF-8 text") from None
+    return parse_pairs(text, f"model_aliases_file {path}")
+
+
+# Tokligence Gateway settings tgw deliberately lacks, and what to do instead. A key in
+# CONFIG_KEYS is never reported here, so a branch that adds one makes it known at once.
+TOKLIGENCE_UNSUPPORTED = dict.fromkeys(
+    ("environment", "base_url", "email", "display_name", "enable_provider", "marketplace_enabled",
+     "telemetry_enabled", "publish_name", "model_family"),
+    "Token Marketplace and telemetry settings; tgw has no marketplace and sends no telemetry",
+) | dict.fromkeys(
+    ("hooks_enabled", "hooks_script_path", "hooks_script_args", "hooks_script_env", "hooks_timeout", "hook_script",
+     "hook_script_args", "hook_script_env", "hook_timeout"),
+    "tgw runs no hook scripts; the ledger (tgw logs, tgw usage) records every request",
+) | dict.fromkeys(
+    ("anthropic_web_search", "anthropic_computer_use", "anthropic_mcp", "anthropic_prompt_caching",
+     "anthropic_json_mode", "anthropic_reasoning", "anthropic_beta_header"),
+    "nothing to switch on: the client's own tools, cache_control, thinking and anthropic-beta header go through",
+) | dict.fromkeys(
+    ("bridge_session_enabled", "bridge_session_ttl", "bridge_session_max_count"),
+    "tgw keeps no bridge sessions; the loop guard (loop_guard, loop_guard_warn, loop_guard_stop) stops repeated "
+    "tool calls",
+) | dict.fromkeys(
+    ("ledger_async_batch_size", "ledger_async_flush_ms", "ledger_async_buffer_size", "ledger_async_num_workers"),
+    "tgw's ledger writer batches by itself; ledger_queue_size is how many rows it may hold",
+) | dict.fromkeys(
+    ("model_metadata_file", "model_metadata_url", "model_metadata_refresh"),
+    "tgw knows each model family's output limit itself",
+) | dict.fromkeys(
+    ("sidecar_model_map", "sidecar_model_map_file"),
+    "use model_aliases (globs allowed: claude*=gpt-4o-mini) and model_aliases_file",
+) | dict.fromkeys(
+    ("firewall_config", "prompt_firewall_config", "prompt_firewall_enabled", "prompt_firewall_mode",
+     "prompt_firewall_sse_max_buffer_length", "prompt_firewall_sse_buffer_timeout_ms"),
+    "tgw has no prompt firewall",
+) | {
+    "fallback_adapter": "a model that matches no route gets a 404 naming the routes; end model_provider_routes "
+    "with *=>loopback (or another provider) for a fallback",
+    "price_per_1k": "prices are per model, in [prices] (USD per million tokens)",
+    "duplicate_tool_detection": "the loop guard does this (loop_guard, loop_guard_warn, loop_guard_stop)",
+    "anthropic_native_enabled": "the Anthropic endpoints are always served",
+    "anthropic_force_sse": "tgw streams when the client asks to",
+    "anthropic_token_check_enabled": "max_tokens is fitted to each model's limit",
+    "openai_tool_bridge_stream": "tool calls stream when the client asks to",
+    "model_aliases_dir": "use model_aliases_file",
+    "model_aliases_reload_sec": "tgw reloads gateway.ini and model_aliases_file when they change "
+    "(config_reload_interval) and on SIGHUP",
+    "model_aliases_verbose": "log_level = debug shows each request's model and provider",
+    "responses_stream_mode": "Responses streams as the client asks",
+    "responses_sse_ping_ms": "stream_keepalive sets the keep-alive interval (seconds)",
+}  # fmt: skip
+ENVIRONMENT_ONLY = {"config"}  # TOKLIGENCE_CONFIG names the file; it is no key of it
+
+
+def warn_unknown_key(key: str, source: str, known=None) -> None:
+    """An ignored key is never silent: Tokligence's unsupported ones say why, others name the
+    closest known key (computed from CONFIG_KEYS now, so keys added anywhere are known)."""
+    env = source == "environment"
+    name = f"TOKLIGENCE_{key.upper()}" if env else key
+    reason = TOKLIGENCE_UNSUPPORTED.get(key) if known is None else None
+    if reason:
+        log.warning(
+            "%s (in %s) is a Tokligence Gateway setting tgw does not support, ignored: %s", name, source, reason
+        )
+        return
+    close = difflib.get_close_matches(key, list(known or CONFIG_KEYS), n=1, cutoff=0.6)
+    if close:
+        hint = f"did you mean {('TOKLIGENCE_' + close[0].upper()) if env else close[0]!r}?"
+    else:
+        hint = "'tgw config example' lists every key"
+    log.warning("unknown config key %s in %s, ignored; %s", name, source, hint)
 
 
 @dataclass
@@ -561,6 +753,8 @@ class Config:
     prices: dict  # model glob -> (input, output, cached input) USD per million tokens
     path: Path | None = None
     sources: dict = field(default_factory=dict)
+    file_aliases: list = field(default_factory=list)  # (alias, model) pairs read from model_aliases_file
+    loaded_with: tuple = (None, None, None)  # load_config's arguments, so a reload reads the same way
 
     def __post_init__(self):
         for key, value in self.values.items():  # cfg.work_mode etc. as plain attributes (read per request)
@@ -584,27 +778,31 @@ def load_config(config_path: str | None = None, overrides: dict | None = None, e
     for layer, source in layers:
         for key, raw in layer.items():
             if key not in CONFIG_KEYS:
-                if source != "environment" and not key.startswith("provider_"):
-                    log.warning("unknown config key %r in %s (ignored)", key, source)
+                if not key.startswith("provider_") and not (source == "environment" and key in ENVIRONMENT_ONLY):
+                    warn_unknown_key(key, source)
                 continue
             values[key] = convert_value(key, raw, CONFIG_KEYS[key][1], source)
             sources[key] = source
     validate_config(values)
+    file_aliases = read_alias_file(values["model_aliases_file"])
     providers = load_named_providers(sections, env)
-    register_secrets(values, providers)
+    register_secrets(values, providers, env)
     prices = dict(DEFAULT_PRICES)
     for glob_, raw in sections.get("prices", {}).items():
         prices[glob_] = parse_price(glob_, raw)
-    return Config(values, providers, prices, path, sources)
+    return Config(values, providers, prices, path, sources, file_aliases, (config_path, overrides, env))
 
 
-def register_secrets(values: dict, providers: dict) -> None:
+def register_secrets(values: dict, providers: dict, env=None) -> None:
     """Tell the redactor every secret this configuration holds."""
     found = [values[k] for k in SECRET_KEYS if values.get(k)]
     found += [k.strip() for k in values.get("api_keys", "").split(",")]
-    for url in [values[k] for k, spec in CONFIG_KEYS.items() if spec[1] == "url"] + [
-        p.base_url for p in providers.values()
-    ]:
+    proxies = [v for k, v in (env or {}).items() if k.lower() in ("http_proxy", "https_proxy", "all_proxy")]
+    for url in (
+        [values[k] for k, spec in CONFIG_KEYS.items() if spec[1] == "url"]
+        + proxies
+        + [p.base_url for p in providers.values()]
+    ):
         parts = urlsplit(url or "")
         found.append(parts.password or parts.username or "")  # a token may stand alone as the username
     for pc in providers.values():
@@ -614,16 +812,25 @@ def register_secrets(values: dict, providers: dict) -> None:
 
 
 def validate_config(values: dict) -> None:
-    for key in ("facade_port",):
+    for key in PORT_KEYS:
         if not 0 <= values[key] <= 65535:
             raise ConfigError(f"invalid value {values[key]!r} for {key}: expected a port from 0 to 65535")
-    for key in ("max_body_bytes", "max_header_bytes", "max_request_line", "ledger_queue_size"):
+    validate_multiport(values)
+    for key in ("max_body_bytes", "max_header_bytes", "max_request_line", "ledger_queue_size", "log_max_mb",
+                "log_max_files"):  # fmt: skip
         if values[key] <= 0:
             raise ConfigError(f"invalid value {values[key]!r} for {key}: expected a positive number")
     if values["idle_timeout"] < 120:
         raise ConfigError(f"invalid value {values['idle_timeout']!r} for idle_timeout: expected at least 120 seconds")
-    for key in ("model_provider_routes", "model_aliases"):
+    for key in ("model_provider_routes", "routes", "model_aliases"):
         parse_pairs(values[key], key)
+    if values["anthropic_max_tokens"] < 1:
+        raise ConfigError(
+            f"invalid value {values['anthropic_max_tokens']!r} for anthropic_max_tokens: expected 1 or more"
+        )
+    for key in ("openai_completion_max_tokens", "config_reload_interval"):
+        if values[key] < 0:
+            raise ConfigError(f"invalid value {values[key]!r} for {key}: expected 0 or more")
 
 
 def load_named_providers(sections: dict, env) -> dict[str, ProviderConfig]:
@@ -635,6 +842,8 @@ def load_named_providers(sections: dict, env) -> dict[str, ProviderConfig]:
         m = re.fullmatch(r"TOKLIGENCE_PROVIDER_([A-Za-z0-9]+)_([A-Za-z_]+)", key)
         if m and m.group(2).lower() in PROVIDER_KEYS:
             raw.setdefault(m.group(1).lower(), {})[m.group(2).lower()] = value
+        elif m:
+            warn_unknown_key(m.group(2).lower(), f"{key} in the environment", PROVIDER_KEYS)
     providers = {}
     for name, items in raw.items():
         where = f"[provider.{name}]"
@@ -724,6 +933,100 @@ def write_example_config() -> str:
         "",
     ]
     return "\n".join(out)
+
+
+# ---- live reload ------------------------------------------------------------------------
+#
+# A running gateway takes a changed gateway.ini (or model_aliases_file) without a restart: on
+# SIGHUP, and when a check every config_reload_interval seconds sees a file's modification
+# time, size or inode change. The file is read off the event loop; a file that does not load
+# is refused with a logged error and the running configuration stays. Gateway.apply_config
+# swaps in what can change live and names the changed keys that need a restart.
+
+RESTART_KEYS = {"host", "allow_public_bind", "ledger_path", "multiport_mode"} | {  # read once, at start
+    key
+    for key in CONFIG_KEYS
+    if key.endswith(("_port", "_endpoints"))  # the listeners
+}
+
+
+def changed_settings(old: Config, new: Config) -> list[str]:
+    """The keys (and sections) whose effective value differs between two configurations."""
+    changed = [key for key, value in new.values.items() if old.values.get(key) != value]
+    for name, mine, theirs in (("[provider.*]", old.providers, new.providers), ("[prices]", old.prices, new.prices),
+                               ("model_aliases_file contents", old.file_aliases, new.file_aliases)):  # fmt: skip
+        if mine != theirs:
+            changed.append(name)
+    return changed
+
+
+class ConfigWatcher:
+    """Reloads the configuration of a running gateway (see above)."""
+
+    SETTLE = 0.25  # seconds a changed file must stay unchanged before it is read
+
+    def __init__(self, gateway, servers=()):
+        self.gateway = gateway
+        self.servers = servers  # the HttpServers (one per listener), whose limits and timeouts apply live
+        self.lock = asyncio.Lock()
+        self.seen = self.signature()
+
+    def watched_files(self) -> list[Path]:
+        cfg = self.gateway.cfg
+        explicit, _, env = cfg.loaded_with
+        files = [find_config_file(explicit, os.environ if env is None else env)]
+        if cfg.model_aliases_file:
+            files.append(Path(cfg.model_aliases_file).expanduser())
+        return [f for f in files if f is not None]
+
+    def signature(self) -> tuple:
+        out = []
+        for path in self.watched_files():
+            try:
+                st = path.stat()
+                out.append((str(path), st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                out.append((str(path), None))
+        return tuple(out)
+
+    async def watch(self) -> None:
+        """The periodic check: a few stat() calls off the event loop, every config_reload_interval.
+        A change is read once the file holds still (one written in place is empty for a moment)."""
+        while True:
+            interval = self.gateway.cfg.config_reload_interval
+            await asyncio.sleep(interval or 5.0)
+            if not interval:
+                continue
+            changed = await asyncio.to_thread(self.signature)
+            if changed == self.seen:
+                continue
+            await asyncio.sleep(self.SETTLE)
+            if await asyncio.to_thread(self.signature) == changed:
+                await self.reload("a file changed")
+
+    async def reload(self, why: str) -> bool:
+        async with self.lock:
+            self.seen = await asyncio.to_thread(self.signature)
+            try:
+                cfg = await asyncio.to_thread(load_config, *self.gateway.cfg.loaded_with)
+                changed, restart = self.gateway.apply_config(cfg)
+            except ConfigError as exc:
+                log.error("configuration reload (%s) refused, the running configuration stays: %s", why, exc)
+                return False
+            except Exception:  # a bug: the same, with its traceback
+                log.exception("configuration reload (%s) failed, the running configuration stays", why)
+                return False
+            for server in self.servers:
+                server.cfg = cfg
+            live = [key for key in changed if key not in restart]
+            if not changed:
+                log.info("configuration reloaded (%s): nothing changed", why)
+            else:
+                log.warning("configuration reloaded (%s) from %s: applied %s%s", why, cfg.path or "the environment",
+                            ", ".join(live) or "nothing",
+                            f"; needs a restart (running with the old value until then): {', '.join(restart)}"
+                            if restart else "")  # fmt: skip
+            return True
 
 
 # ======================================================================================
@@ -1074,7 +1377,7 @@ class HttpServer:
                 except asyncio.LimitOverrunError:
                     self._reject(writer, HttpError(400, "malformed chunked body"))
                     return
-                exchange = Exchange(writer, request, new_id("req_"))
+                exchange = Exchange(writer, request, request_id_of(request))
                 if self.draining:
                     exchange.close_after = True
                 await self.handler(request, exchange)
@@ -1105,8 +1408,9 @@ class HttpServer:
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))), ("Connection", "close")]
         writer.write(response_head(exc.status, headers) + body)
 
-    async def drain_and_close(self, grace: float) -> None:
-        """Stop accepting, close idle keep-alive connections, let busy ones finish."""
+    async def drain_and_close(self, grace: float, on_cut=None) -> None:
+        """Stop accepting, close idle keep-alive connections, let busy ones finish; at the
+        deadline call `on_cut` and cancel what is still running."""
         self.draining = True
         if self.server is not None:
             self.server.close()
@@ -1119,6 +1423,8 @@ class HttpServer:
                 break
             await asyncio.sleep(0.05)
         tasks = [p.handler_task for p in self.connections if p.handler_task is not None and not p.handler_task.done()]
+        if tasks and on_cut is not None:
+            on_cut()
         for task in tasks:
             task.cancel()
         if tasks:  # let them record their ledger rows before the ledger closes
@@ -1887,7 +2193,9 @@ STOP_REASONS = {
 }  # fmt: skip
 STOP_REASONS_IN = {
     "openai": {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
-               "content_filter": "content_filter"},
+               "content_filter": "content_filter", "eos": "end_turn", "eos_token": "end_turn", "tool_call": "tool_use",
+               "max_tokens": "max_tokens", "model_length": "max_tokens"},  # the last five: compatible servers'
+
     "anthropic": {v: v for v in ("end_turn", "stop_sequence", "max_tokens", "tool_use", "refusal", "pause_turn")}
     | {"model_context_window_exceeded": "max_tokens"},
     "gemini": {"STOP": "end_turn", "MAX_TOKENS": "max_tokens", "SAFETY": "content_filter", "RECITATION": "content_filter",
@@ -1972,6 +2280,8 @@ class Codec:
             if isinstance(err, dict):
                 message = as_text(err.get("message") or "")
                 kind = err.get("type") if isinstance(err.get("type"), str) else ""
+                if not message and isinstance(err.get("detail"), str):  # FastAPI-based servers
+                    message = err["detail"]
             elif isinstance(err, str):
                 message = err
         if not message:
@@ -2212,6 +2522,8 @@ class OpenAIChatCodec(Codec):
                 body["parallel_tool_calls"] = req.parallel_tool_calls
         if req.max_tokens is not None:
             limit = openai_max_output(model)
+            cap = getattr(provider, "max_tokens_cap", 0)  # openai_completion_max_tokens
+            limit = min(limit, cap) if limit and cap else limit or cap
             max_tokens = min(req.max_tokens, limit) if limit else req.max_tokens
             body["max_completion_tokens" if provider is None or provider.official else "max_tokens"] = max_tokens
         for name in ("temperature", "top_p"):
@@ -2223,11 +2535,18 @@ class OpenAIChatCodec(Codec):
         if effort and (provider is None or provider.accepts_reasoning(model)):
             body["reasoning_effort"] = effort
         if req.response_format:
-            body["response_format"] = req.response_format
+            body["response_format"] = self._encode_response_format(req.response_format)
         if req.stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}  # the ledger needs real numbers
         return body
+
+    @staticmethod
+    def _encode_response_format(fmt: dict) -> dict:
+        spec = fmt.get("json_schema")
+        if fmt.get("type") != "json_schema" or not isinstance(spec, dict) or spec.get("name"):
+            return fmt
+        return {**fmt, "json_schema": {**spec, "name": "response"}}  # OpenAI requires a name
 
     def _encode_message(self, msg: Message) -> list:
         if msg.role == "system":
@@ -2246,10 +2565,14 @@ class OpenAIChatCodec(Codec):
                 out["content"] = ""
             return [out]
         out = []
+        shown: list = []  # images tool results returned: a tool message holds text only
         for p in msg.parts:
             if p.type == "tool_result":
                 out.append({"role": "tool", "tool_call_id": p.id, "content": tool_result_text(p)})
-        rest = [p for p in msg.parts if p.type in ("text", "image")]
+                if p.content and any(c.type == "image" for c in p.content):
+                    shown.append(Part("text", text=f"[the image(s) that tool call {p.id} returned]"))
+                    shown.extend(c for c in p.content if c.type == "image")
+        rest = shown + [p for p in msg.parts if p.type in ("text", "image")]
         if rest:
             out.append({"role": "user", "content": self._encode_content(rest)})
         return out
@@ -2277,9 +2600,11 @@ class OpenAIChatCodec(Codec):
     # -- responses
     def decode_response(self, body: dict) -> Response:
         choices = body.get("choices")
+        choice = choices[0] if type(choices) is list and choices else {}
+        if "error" in body or (type(choice) is dict and "error" in choice):  # OpenRouter: an error met while generating
+            self._raise_answer_error(body, object_or_empty(choice))
         if type(choices) is not list:
             raise malformed_answer(f"'choices' must be an array, got {json_preview(choices)}")
-        choice = choices[0] if choices else {}
         message = (choice.get("message") or {}) if type(choice) is dict else None
         if type(message) is not dict:
             raise malformed_answer(f"'choices[0].message' must be an object, got {json_preview(message)}")
@@ -2288,8 +2613,8 @@ class OpenAIChatCodec(Codec):
         if isinstance(reasoning, str) and reasoning:
             parts.append(Part("thinking", text=reasoning))
         content = message.get("content")
-        if isinstance(content, list):  # some compatible servers answer with content parts
-            content = "".join(item_texts(content))
+        if isinstance(content, list):  # some compatible servers (Mistral's) answer with text parts
+            content = compatible_content_text(content)
         elif content is not None and type(content) is not str:
             raise malformed_answer(f"'choices[0].message.content' must be a string, got {json_preview(content)}")
         if content:
@@ -2305,7 +2630,7 @@ class OpenAIChatCodec(Codec):
             if type(fn) is not dict:
                 raise malformed_answer("each of 'choices[0].message.tool_calls' must be an object with a 'function'")
             arguments = fn.get("arguments") or ""
-            arguments = arguments if type(arguments) is str else json.dumps(arguments)  # an object, from some servers
+            arguments = arguments if type(arguments) is str else dumps(arguments).decode()  # Ollama: an object
             parts.append(Part("tool_call", id=string_or(call.get("id")) or new_id("call_"),
                               name=string_or(fn.get("name")), arguments=arguments))  # fmt: skip
         stop = stop_reason_in("openai", choice.get("finish_reason"))
@@ -2317,6 +2642,14 @@ class OpenAIChatCodec(Codec):
         return Response(string_or(body.get("id")) or new_id("chatcmpl-"), string_or(body.get("model")), parts, stop,
                         usage=self.decode_usage(body.get("usage")),
                         created=created if type(created) is int and 0 < created < 1 << 40 else 0)  # fmt: skip
+
+    @staticmethod
+    def _raise_answer_error(body: dict, choice: dict) -> None:
+        err = body.get("error") or choice.get("error")
+        if not err:
+            return
+        message = err.get("message") if isinstance(err, dict) else err
+        raise GatewayError(502, f"upstream error while generating: {as_text(message or err)[:500]}")
 
     @staticmethod
     def decode_usage(usage) -> Usage:
@@ -2426,6 +2759,15 @@ OPENAI_MAX_OUTPUT = (
 )  # fmt: skip
 
 
+def compatible_content_text(content) -> str:
+    """An answer's content some compatible servers (Mistral's) send as an array of text parts."""
+    if not isinstance(content, list):
+        return as_text(content)
+    return "".join(
+        t for c in content if isinstance(c, dict) and c.get("type") == "text" and isinstance(t := c.get("text"), str)
+    )
+
+
 @functools.lru_cache(maxsize=1024)
 def openai_max_output(model: str) -> int | None:
     return next((limit for pattern, limit in OPENAI_MAX_OUTPUT if glob_match(pattern, model)), None)
@@ -2456,8 +2798,9 @@ class OpenAIStreamDecoder:
         self.next_index = 0
         self.open_index: int | None = None
         self.open_key = None
-        self.tool_index: dict[int, int] = {}
-        self.tool_arguments: dict[int, list] = {}  # block index -> argument pieces so far, of tool blocks not stopped
+        self.tool_index: dict = {}  # tool call key (OpenAICallKeys) -> block index
+        self.open_calls: dict[int, tuple] = {}  # block index -> its call key, of tool blocks not stopped
+        self.call_keys: OpenAICallKeys | None = None  # made at the first tool call (it keeps the arguments)
         self.stop_reason = ""
         self.usage: Usage | None = None
         self.finished = False
@@ -2467,7 +2810,7 @@ class OpenAIStreamDecoder:
             return self.open_index
         if self.open_index is not None and not self._unfinished_tool(self.open_index):
             out.append(BlockStop(self.open_index))
-            self.tool_arguments.pop(self.open_index, None)
+            self.open_calls.pop(self.open_index, None)
         self.open_index, self.open_key = self.next_index, key
         self.next_index += 1
         out.append(BlockStart(self.open_index, part))
@@ -2476,14 +2819,8 @@ class OpenAIStreamDecoder:
     def _unfinished_tool(self, index: int) -> bool:
         """A tool call whose arguments are not yet whole JSON may get more (some servers
         interleave parallel calls): it stays open, and encoders hold later blocks back."""
-        pieces = self.tool_arguments.get(index)
-        if pieces is None:
-            return False
-        try:  # once per block: only the open block is asked, and only when another one starts
-            loads("".join(pieces))
-        except ValueError:
-            return True
-        return False
+        key = self.open_calls.get(index)
+        return key is not None and not OpenAICallKeys.whole(self.call_keys.arguments_of(key))
 
     def feed(self, event: SSEEvent) -> list:
         data = event.data
@@ -2496,9 +2833,9 @@ class OpenAIStreamDecoder:
         if not isinstance(chunk, dict):
             return [StreamError(malformed_answer(f"a stream chunk that is not an object: {json_preview(chunk)}"))]
         out: list = []
-        choices = chunk.get("choices")
-        if "error" in chunk and not choices:
-            err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": as_text(chunk["error"])}
+        if chunk.get("error") or chunk.get("object") == "error":  # OpenRouter sends it with choices; vLLM bare
+            err = chunk["error"] if isinstance(chunk.get("error"), dict) else chunk
+            err = err if isinstance(err.get("message"), str) else {"message": as_text(chunk.get("error"))}
             self.finished = True
             kind = err.get("type") if err.get("type") in GatewayError.KIND_BY_STATUS.values() else ""  # server_error..
             return [StreamError(GatewayError(502, err.get("message") or "upstream stream error", kind))]
@@ -2507,6 +2844,7 @@ class OpenAIStreamDecoder:
             out.append(MessageStart(string_or(chunk.get("id")) or new_id("chatcmpl-"), string_or(chunk.get("model"))))
         if chunk.get("usage"):
             self.usage = OpenAIChatCodec.decode_usage(chunk["usage"])
+        choices = chunk.get("choices")
         if choices is not None and type(choices) is not list:
             return out + [StreamError(malformed_answer(f"'choices' must be an array, got {json_preview(choices)}"))]
         for choice in choices or ():
@@ -2521,19 +2859,22 @@ class OpenAIStreamDecoder:
 
     def _feed_delta(self, delta: dict, out: list) -> None:
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-        if type(reasoning) is str and reasoning:
+        if isinstance(reasoning, str) and reasoning:
             index = self._switch("thinking", Part("thinking"), out)
             out.append(BlockDelta(index, "thinking", reasoning))
         content = delta.get("content") or delta.get("refusal")
-        if type(content) is str and content:
+        if content and not isinstance(content, str):
+            content = compatible_content_text(content)
+        if content:
             index = self._switch("text", Part("text"), out)
             out.append(BlockDelta(index, "text", content))
         calls = delta.get("tool_calls")
         for call in calls if type(calls) is list else ():
             if type(call) is not dict:
                 continue
-            position = call.get("index", 0)
-            position = position if type(position) is int else 0
+            if self.call_keys is None:
+                self.call_keys = OpenAICallKeys()
+            position = self.call_keys.key_of(call)
             fn = call.get("function") if type(call.get("function")) is dict else {}
             key = ("tool", position)
             if position not in self.tool_index or self.open_key != key:
@@ -2544,13 +2885,11 @@ class OpenAIStreamDecoder:
                                 name=string_or(fn.get("name")))  # fmt: skip
                     index = self._switch(key, part, out)
                     self.tool_index[position] = index
-                    self.tool_arguments[index] = []
+                    self.open_calls[index] = position
             else:
                 index = self.tool_index[position]
-            arguments = fn.get("arguments")
-            if type(arguments) is str and arguments:
-                if index in self.tool_arguments:
-                    self.tool_arguments[index].append(arguments)
+            arguments = self.call_keys.new_arguments(position, fn.get("arguments"))
+            if arguments:
                 out.append(BlockDelta(index, "arguments", arguments))
 
     def finish(self) -> list:
@@ -2560,7 +2899,7 @@ class OpenAIStreamDecoder:
         out: list = []
         if not self.started:
             out.append(MessageStart(new_id("chatcmpl-"), ""))
-        still_open = set(self.tool_arguments) | ({self.open_index} if self.open_index is not None else set())
+        still_open = set(self.open_calls) | ({self.open_index} if self.open_index is not None else set())
         out.extend(BlockStop(index) for index in sorted(still_open))
         stop = self.stop_reason or "end_turn"
         if stop == "end_turn" and self.tool_index:
@@ -2570,8 +2909,84 @@ class OpenAIStreamDecoder:
         return out
 
 
+class OpenAICallKeys:
+    """Which call a streamed tool_calls delta belongs to, and what of its arguments is new, as
+    OpenAI-compatible servers really send them: Ollama numbers every parallel call index 0 and
+    older builds (and Gemini's compatible endpoint) give no index, so a new id is a new call; ids
+    repeated on every chunk name their call; a delta with neither continues the last call. Some
+    servers send the whole arguments again at the end (or as an object): a repeat is dropped."""
+
+    def __init__(self):
+        self.by_id: dict[str, tuple] = {}
+        self.id_of: dict[tuple, str] = {}
+        self.latest: dict[int, tuple] = {}  # wire index -> the newest call that used it
+        self.last: tuple | None = None
+        # call -> its arguments so far, as pieces joined only when read: a long call streamed in
+        # thousands of small deltas (a whole file written by a tool) stays linear
+        self.arguments: dict[tuple, list[str]] = {}
+        self.sizes: dict[tuple, int] = {}
+
+    def key_of(self, call: dict) -> tuple:
+        index = call.get("index")
+        index = index if type(index) is int else None
+        call_id = call.get("id")
+        if isinstance(call_id, str) and call_id:
+            key = self.by_id.get(call_id)
+            if key is None:
+                key = (index, 0) if index is not None else (None, len(self.by_id))
+                if key in self.id_of:  # that index is taken by another call: a server that reuses it
+                    key = (index, len(self.by_id))
+                self.by_id[call_id], self.id_of[key] = key, call_id
+        elif index is not None:
+            key = self.latest.get(index, (index, 0))
+        else:
+            key = self.last or (None, 0)
+        if index is not None:
+            self.latest[index] = key
+        self.last = key
+        return key
+
+    def new_arguments(self, key: tuple, piece) -> str:
+        if isinstance(piece, (dict, list)):
+            piece = dumps(piece).decode()
+        if not isinstance(piece, str) or not piece:
+            return ""
+        size = self.sizes.get(key, 0)
+        # the whole arguments again, after they were complete (the length test keeps this linear)
+        if (
+            size
+            and piece[:1] in "{["
+            and 2 * len(piece) >= size
+            and self.whole(self.arguments_of(key))
+            and self.whole(piece)
+        ):
+            return ""
+        self.arguments.setdefault(key, []).append(piece)
+        self.sizes[key] = size + len(piece)
+        return piece
+
+    def arguments_of(self, key: tuple) -> str:
+        pieces = self.arguments.get(key)
+        if not pieces:
+            return ""
+        if len(pieces) > 1:
+            pieces[:] = ["".join(pieces)]
+        return pieces[0]
+
+    @staticmethod
+    def whole(text: str) -> bool:
+        """Complete JSON (an upstream's arguments nested too deep to parse are not)."""
+        try:
+            loads(text)
+        except (ValueError, RecursionError):
+            return False
+        return True
+
+
 class OpenAIStreamEncoder:
     """Canonical events -> chat.completion.chunk SSE, ending in data: [DONE]."""
+
+    OBJECT = "chat.completion.chunk"
 
     def __init__(self, req: Request):
         self.req = req
@@ -2620,7 +3035,7 @@ class OpenAIStreamEncoder:
             out = self._chunk({}, OpenAIChatCodec._finish_reason(ev.stop_reason, self.has_calls))
             if self.req.include_usage:
                 usage = OpenAIChatCodec.encode_usage(ev.usage or Usage())
-                obj = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.req.model,
+                obj = {"id": self.id, "object": self.OBJECT, "created": self.created, "model": self.req.model,
                        "choices": [], "usage": usage}  # fmt: skip
                 out += b"data: " + dumps(obj) + b"\n\n"
             return out
@@ -2632,6 +3047,123 @@ class OpenAIStreamEncoder:
 
 
 OPENAI_CODEC = OpenAIChatCodec()
+
+
+# ---- OpenAI legacy Completions (POST /v1/completions) -------------------------------------
+#
+# Passthrough to OpenAI-compatible servers, which have the endpoint. For every other provider a
+# prompt becomes one chat turn with an instruction to continue it (or, with `suffix`, to fill the
+# gap), and the answer comes back as text_completion choices; several prompts or n > 1 are asked
+# one after another (not streamed). Token-id prompts, logprobs and best_of need a real completions
+# server and are refused when translated. Errors, usage and the ledger row are OpenAI Chat's.
+
+COMPLETIONS_MAX_CHOICES = 8  # prompts x n a translated request may ask for
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the legacy API's own default
+COMPLETION_INSTRUCTION = (
+    "You are a text completion engine. Continue the user's text exactly where it stops. Reply with the "
+    "continuation only: do not repeat the text and do not comment on it."
+)
+INFILL_INSTRUCTION = (
+    "You are a text completion engine. The user gives a text and its ending. Reply with only the text that "
+    "belongs between them: do not repeat either part and do not comment."
+)
+
+
+class CompletionsCodec(OpenAIChatCodec):
+    """text_completion bodies and chunks <-> the canonical model (see the section comment)."""
+
+    REQUEST_FIELDS = {"model": str, "max_tokens": int, "temperature": float, "top_p": float, "n": int, "stream": bool,
+                      "suffix": str, "echo": bool, "user": str, "best_of": int, "stream_options": dict}  # fmt: skip
+
+    def decode_request(self, body: dict) -> list:
+        """One canonical Request per choice asked for (each prompt, n times)."""
+        check_fields(body, self.REQUEST_FIELDS, ("model",))
+        prompt = body.get("prompt", "")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise bad_request("'prompt' must be a string or an array of strings when the model is not served by an "
+                              "OpenAI-compatible completions server (token-id prompts need one)")  # fmt: skip
+        if body.get("logprobs") not in (None, False) or (body.get("best_of") or 1) > 1:
+            raise bad_request("'logprobs' and 'best_of' need an OpenAI-compatible completions server; this model is "
+                              "answered through a chat model")  # fmt: skip
+        n = body.get("n") or 1
+        if n < 1 or len(prompts) * n > COMPLETIONS_MAX_CHOICES:
+            raise bad_request(f"prompts x n must be between 1 and {COMPLETIONS_MAX_CHOICES} when translated")
+        stream = bool(body.get("stream"))
+        if stream and len(prompts) * n > 1:
+            raise bad_request("a translated completion streams one prompt with n = 1; send the others separately")
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else stop or []
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise bad_request(f"'stop' must be a string or an array of strings, got {json.dumps(body['stop'])[:60]}")
+        suffix = body.get("suffix") or ""
+        reqs = []
+        for text in prompts:
+            if not text.strip():
+                raise bad_request("'prompt' is empty")
+            turn = f"Text:\n{text}\n\nEnding:\n{suffix}" if suffix else text
+            instruction = INFILL_INSTRUCTION if suffix else COMPLETION_INSTRUCTION
+            for _ in range(n):
+                reqs.append(Request(
+                    model=body["model"], messages=[Message("user", [Part("text", text=turn)])],
+                    system=[Part("text", text=instruction)], stop=stop,
+                    max_tokens=body.get("max_tokens") or COMPLETIONS_DEFAULT_MAX_TOKENS,
+                    temperature=body.get("temperature"), top_p=body.get("top_p"), stream=stream,
+                    include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
+                    user=body.get("user") or "", raw={**body, "prompt": text}, protocol="completions",
+                ))  # fmt: skip
+        return reqs
+
+    def encode_choices(self, results: list, reqs: list) -> dict:
+        """The text_completion answer holding one choice per (Response, Request) asked."""
+        usage = Usage()
+        choices = []
+        for index, (resp, req) in enumerate(zip(results, reqs, strict=True)):
+            echo = req.raw["prompt"] if req.raw.get("echo") else ""
+            choices.append({"text": echo + text_of(resp.parts), "index": index, "logprobs": None,
+                            "finish_reason": self._finish_reason(resp.stop_reason, False)})  # fmt: skip
+            usage = Usage(usage.input_tokens + resp.usage.input_tokens, usage.output_tokens + resp.usage.output_tokens,
+                          usage.cached_tokens + resp.usage.cached_tokens)  # fmt: skip
+        first = results[0]
+        return {"id": "cmpl-" + openai_id(first.id).split("-", 1)[-1], "object": "text_completion",
+                "created": first.created or int(time.time()), "model": reqs[0].model, "choices": choices,
+                "usage": self.encode_usage(usage)}  # fmt: skip
+
+    def encode_response(self, resp: Response, req: Request) -> dict:
+        return self.encode_choices([resp], [req])
+
+    response_json = Codec.response_json  # not Chat's template
+
+    def stream_encoder(self, req: Request):
+        return CompletionsStreamEncoder(req)
+
+
+class CompletionsStreamEncoder(OpenAIStreamEncoder):
+    """Canonical events -> text_completion chunks, ending in data: [DONE]; thinking is never text."""
+
+    OBJECT = "text_completion"
+
+    def __init__(self, req: Request):
+        super().__init__(req)
+        self.id = "cmpl-" + self.id.split("-", 1)[1]
+
+    def _chunk(self, delta: dict, finish=None) -> bytes:
+        choice = {"text": delta.get("content", ""), "index": 0, "logprobs": None, "finish_reason": finish}
+        obj = {"id": self.id, "object": self.OBJECT, "created": self.created, "model": self.req.model,
+               "choices": [choice]}  # fmt: skip
+        return b"data: " + dumps(obj) + b"\n\n"
+
+    def encode(self, ev) -> bytes:
+        if isinstance(ev, BlockDelta):
+            return self._chunk({"content": ev.value}) if ev.kind == "text" and ev.value else b""
+        if isinstance(ev, (BlockStart, BlockStop)):
+            return b""
+        if isinstance(ev, MessageStart):
+            return self._chunk({"content": self.req.raw["prompt"]}) if self.req.raw.get("echo") else b""
+        return super().encode(ev)  # the finish, the usage chunk, [DONE] and errors as Chat's
+
+
+COMPLETIONS_CODEC = CompletionsCodec()
 
 
 # ---- Anthropic Messages ----------------------------------------------------------------
@@ -2761,7 +3293,7 @@ class AnthropicCodec(Codec):
     REQUEST_FIELDS = {
         "model": str, "messages": list, "tools": list, "tool_choice": dict, "max_tokens": int, "temperature": float,
         "top_p": float, "top_k": int, "stop_sequences": list, "stream": bool, "thinking": dict, "output_config": dict,
-        "metadata": dict,
+        "metadata": dict, "output_format": dict,
     }  # fmt: skip
 
     def decode_request(self, body: dict) -> Request:
@@ -2783,7 +3315,7 @@ class AnthropicCodec(Codec):
             req.tools.append(self._decode_tool(tool, f"tools[{i}]"))
         self._decode_tool_choice(req, get("tool_choice"))
         self._decode_thinking(req, get("thinking"))
-        self._decode_output_config(req, get("output_config") or {})
+        self._decode_output_config(req, get("output_config") or {}, get("output_format"))
         return req
 
     def _decode_system(self, system) -> list:
@@ -2905,10 +3437,10 @@ class AnthropicCodec(Codec):
         req.thinking_budget = field_at(thinking, "budget_tokens", int, "thinking")
 
     @staticmethod
-    def _decode_output_config(req: Request, config: dict) -> None:
+    def _decode_output_config(req: Request, config: dict, legacy_format: dict | None) -> None:
         effort = field_at(config, "effort", str, "output_config", default="")
         req.reasoning_effort = ANTHROPIC_EFFORT_IN.get(effort, effort)
-        fmt = field_at(config, "format", dict, "output_config")
+        fmt = field_at(config, "format", dict, "output_config") or legacy_format  # output_format: the beta's spelling
         if fmt and fmt.get("type") == "json_schema":
             schema = field_at(fmt, "schema", dict, "output_config.format") or {}
             req.response_format = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
@@ -2920,7 +3452,7 @@ class AnthropicCodec(Codec):
         tools = self._encode_tools(req, from_anthropic)
         tool_choice = self._encode_tool_choice(req) if tools else None
         budget = self._wanted_thinking_budget(req, from_anthropic)
-        body["max_tokens"] = self._max_tokens(req, model, budget)
+        body["max_tokens"] = self._max_tokens(req, model, budget, provider)
         system = self._encode_system(req, from_anthropic)
         if system:
             body["system"] = system
@@ -2944,7 +3476,28 @@ class AnthropicCodec(Codec):
             body["stream"] = True
         if from_anthropic:
             body.update({k: req.raw[k] for k in ANTHROPIC_ONLY_FIELDS if k in req.raw})
+        if req.response_format is not None and req.response_format.get("type") in ("json_schema", "json_object"):
+            self._encode_output_format(req, model, body, from_anthropic)
         return body
+
+    @staticmethod
+    def _encode_output_format(req: Request, model: str, body: dict, from_anthropic: bool) -> None:
+        """A JSON answer as Anthropic asks for one: output_config.format with the schema cleaned to what
+        it accepts; a JSON object without a schema, or a model without structured outputs, by instruction."""
+        config = body.get("output_config") if isinstance(body.get("output_config"), dict) else {}
+        if "format" in config:
+            return  # an Anthropic client's own, as sent
+        legacy = req.raw.get("output_format") if from_anthropic else None
+        fmt = legacy if isinstance(legacy, dict) else anthropic_output_format(req.response_format, model)
+        if fmt is not None:
+            body["output_config"] = {**config, "format": fmt}
+            return
+        instruction = json_answer_instruction(req.response_format)
+        system = body.get("system")
+        if isinstance(system, list):
+            body["system"] = [*system, {"type": "text", "text": instruction}]
+        else:
+            body["system"] = f"{system}\n\n{instruction}" if system else instruction
 
     def _encode_system(self, req: Request, from_anthropic: bool):
         parts = list(req.system)
@@ -3079,8 +3632,9 @@ class AnthropicCodec(Codec):
         return req.thinking_budget or ANTHROPIC_EFFORT_BUDGETS.get(req.reasoning_effort)
 
     @staticmethod
-    def _max_tokens(req: Request, model: str, budget: int | None) -> int:
-        wanted = req.max_tokens or (ANTHROPIC_DEFAULT_ANSWER_TOKENS + (budget or 0))
+    def _max_tokens(req: Request, model: str, budget: int | None, provider=None) -> int:
+        default = getattr(provider, "default_max_tokens", 0) or ANTHROPIC_DEFAULT_ANSWER_TOKENS
+        wanted = req.max_tokens or (default + (budget or 0))
         return max(1, min(wanted, anthropic_max_output(model)))
 
     def _encode_thinking(self, req: Request, budget, max_tokens: int, tool_choice, messages: list) -> dict | None:
@@ -4824,6 +5378,10 @@ RESPONSES_CODEC = ResponsesCodec()
 # - Thought signatures (opaque, Gemini's own) live in Part.extra["thought_signature"], never in
 #   Part.signature, so they never reach Anthropic as a thinking signature. A functionCall going
 #   to Gemini without one gets Google's documented dummy, or Gemini 3 rejects the history.
+# - Signed Anthropic thinking reaches a Gemini client inside the thoughtSignature of the part that
+#   follows it (a functionCall or text part, which every client echoes; a signature-only part when
+#   nothing follows): base64 of "tgw1" + JSON of the blocks (pack_gemini_thinking). The client sends
+#   it back and the blocks are restored byte-exact before that part (restore_signed_thinking).
 # - Tool schemas go to Gemini as the OpenAPI subset it accepts (clean_schema_for_gemini).
 
 GEMINI_DUMMY_SIGNATURE = "skip_thought_signature_validator"  # documented by Google for foreign histories
@@ -4907,6 +5465,71 @@ def _signed(obj: dict, signature: str) -> dict:
     if signature:
         obj["thoughtSignature"] = signature
     return obj
+
+
+GEMINI_THINKING_MAGIC = b"tgw1"  # begins the decoded thoughtSignature that carries signed Anthropic thinking
+# A client sends these back and may forge them: one carries at most this many blocks (Anthropic puts one,
+# or a few redacted ones, between two parts)
+GEMINI_THINKING_MAX_BLOCKS = 64
+
+
+def is_signed_thinking(part: Part) -> bool:
+    """Thinking only Anthropic can read back: signed (or redacted) by it."""
+    return (part.type == "thinking" and bool(part.signature)) or (part.type == "redacted_thinking" and bool(part.data))
+
+
+def pack_gemini_thinking(parts: list) -> str:
+    """Signed thinking blocks as a thoughtSignature (base64, which Gemini clients hold as bytes)."""
+    blocks = [
+        {"type": "redacted_thinking", "data": p.data}
+        if p.type == "redacted_thinking"
+        else {"type": "thinking", "thinking": p.text, "signature": p.signature}
+        for p in parts
+    ]
+    return base64.b64encode(GEMINI_THINKING_MAGIC + dumps(blocks)).decode()
+
+
+def unpack_gemini_thinking(signature: str) -> list | None:
+    """The thinking parts a thoughtSignature from pack_gemini_thinking carries, whichever base64
+    alphabet and padding the client re-encoded it with; None for any other signature, and for
+    one that is not what pack_gemini_thinking makes (only thinking blocks, a flat list of at most
+    GEMINI_THINKING_MAX_BLOCKS): a forged one restores nothing else."""
+    if not signature.startswith("dGd3M"):  # base64 of "tgw1", in both alphabets
+        return None
+    text = signature.replace("-", "+").replace("_", "/")
+    try:
+        raw = base64.b64decode(text + "=" * (-len(text) % 4))
+        blocks = loads(raw[len(GEMINI_THINKING_MAGIC) :]) if raw.startswith(GEMINI_THINKING_MAGIC) else None
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than any JSON pack_gemini_thinking makes
+        return None
+    if not isinstance(blocks, list) or len(blocks) > GEMINI_THINKING_MAX_BLOCKS:
+        return None
+    parts = []
+    for block in blocks:
+        block = block if isinstance(block, dict) else {}
+        kind, data, text, signature = (block.get(k) for k in ("type", "data", "thinking", "signature"))
+        if kind == "redacted_thinking" and isinstance(data, str) and data:
+            parts.append(Part("redacted_thinking", data=data))
+        elif kind == "thinking" and isinstance(text, str) and isinstance(signature, str) and signature:
+            parts.append(Part("thinking", text=text, signature=signature))
+        else:
+            return None  # not a block pack_gemini_thinking writes
+    return parts
+
+
+def restore_signed_thinking(parts: list) -> list:
+    """A model turn from a Gemini client: signed thinking carried in signatures goes back before
+    the part that carried it; text parts with nothing to say are dropped."""
+    out = []
+    for part in parts:
+        signature = gemini_signature(part)
+        restored = unpack_gemini_thinking(signature) if signature else None
+        if restored is not None:
+            out.extend(restored)
+            part.extra = {k: v for k, v in part.extra.items() if k != "thought_signature"} or None
+        if part.type != "text" or part.text:
+            out.append(part)
+    return out
 
 
 def gemini_wants_thoughts(req: Request) -> bool:
@@ -4997,7 +5620,10 @@ class GeminiCodec(Codec):
             raise bad_request(f"{where}.parts must be an array of parts")
         from_model = role == "model"
         parts = [self._decode_part(p, f"{where}.parts[{j}]", from_model, ids) for j, p in enumerate(raw_parts)]
-        return Message("assistant" if from_model else "user", [p for p in parts if p is not None])
+        parts = [p for p in parts if p is not None]
+        if from_model:
+            return Message("assistant", restore_signed_thinking(parts))
+        return Message("user", [p for p in parts if p.type != "text" or p.text])  # signature-only parts: nothing to say
 
     def _decode_part(self, part, where: str, from_model: bool, ids: GeminiCallIds) -> Part | None:
         if not isinstance(part, dict):
@@ -5006,8 +5632,8 @@ class GeminiCodec(Codec):
         extra = {"thought_signature": signature} if signature else None
         if "text" in part:
             text = _typed_field(part, "text", str, where) or ""
-            if not text:
-                return None  # nothing to say (a signature-only part is optional context)
+            if not text:  # nothing to say: a signature-only part is optional context, or tgw's signed thinking
+                return Part("text", extra=extra) if extra else None
             return Part("thinking" if part.get("thought") is True else "text", text=text, extra=extra)
         for name, decode in (("inlineData", self._decode_inline_data), ("fileData", self._decode_file_data),
                              ("executableCode", self._decode_code), ("codeExecutionResult", self._decode_code_result)):  # fmt: skip
@@ -5280,6 +5906,12 @@ class GeminiCodec(Codec):
         if isinstance(sent, dict):
             kept = {key: gemini_field(sent, key) for key in GEMINI_ONLY_CONFIG + ("thinkingConfig",)}
             kept = {key: value for key, value in kept.items() if value is not None}
+            for key in ("responseJsonSchema", "responseSchema"):  # the client's own schema, not a round trip
+                schema = gemini_field(sent, key)
+                if isinstance(schema, dict):
+                    body.get("generationConfig", {}).pop("responseSchema", None)
+                    kept[key] = schema
+                    break
             if kept:
                 body["generationConfig"] = {**body.get("generationConfig", {}), **kept}
 
@@ -5380,19 +6012,27 @@ def gemini_thinking_config(req: Request, model: str) -> dict | None:
 
 def gemini_response_parts(parts: list, with_thoughts: bool) -> list:
     out = []
+    signed: list = []  # signed Anthropic thinking waiting for the part that will carry it
     for p in parts:
+        if is_signed_thinking(p):
+            signed.append(p)
         if p.type == "text" and (p.text or gemini_signature(p)):
-            out.append(_signed({"text": p.text}, gemini_signature(p)))
+            out.append({"text": p.text})
         elif p.type == "thinking" and with_thoughts and p.text:
             out.append(_signed({"text": p.text, "thought": True}, gemini_signature(p)))
+            continue
         elif p.type == "tool_call":
-            out.append(
-                _signed(
-                    {"functionCall": {"name": p.name, "args": json_object_arguments(p.arguments)}}, gemini_signature(p)
-                )
-            )
+            out.append({"functionCall": {"name": p.name, "args": json_object_arguments(p.arguments)}})
         elif p.type == "image":
             out.append(gemini_media_part(p))
+        else:
+            continue
+        signature = gemini_signature(p)
+        if not signature and signed:
+            signature, signed = pack_gemini_thinking(signed), []
+        _signed(out[-1], signature)
+    if signed:
+        out.append({"text": "", "thoughtSignature": pack_gemini_thinking(signed)})
     return out
 
 
@@ -5516,6 +6156,11 @@ def gemini_stream_error(err) -> GatewayError:
     return GatewayError(code, as_text(err.get("message") or "upstream stream error"))
 
 
+# Deltas a Gemini stream keeps until their block stops (a call goes out whole; signed thinking rides
+# on the next part), by the Part field they fill. Kept as pieces: str += would be quadratic.
+GEMINI_HELD_DELTAS = {"arguments": "arguments", "signature": "signature", "thinking": "text"}
+
+
 class GeminiStreamEncoder:
     """Canonical events -> streamGenerateContent chunks, each a whole GenerateContentResponse:
     SSE frames (alt=sse) or, with sse=False, one JSON array. Text and thoughts go out as they
@@ -5531,7 +6176,8 @@ class GeminiStreamEncoder:
         self.with_thoughts = gemini_wants_thoughts(req)
         self.blocks: dict[int, Part] = {}
         self.unsigned: set[int] = set()  # blocks whose signature has not gone out yet
-        self.arguments: dict[int, list] = {}  # tool call block -> its argument pieces
+        self.signed: list = []  # signed Anthropic thinking for the next part to carry (pack_gemini_thinking)
+        self.pieces: dict[int, dict[str, list]] = {}  # block -> delta kind -> pieces, joined when it stops
         self.opened = False  # the JSON array's "[" is out
 
     def _frame(self, obj: dict) -> bytes:
@@ -5559,6 +6205,14 @@ class GeminiStreamEncoder:
         if index in self.unsigned:
             self.unsigned.discard(index)
             part["thoughtSignature"] = gemini_signature(self.blocks[index])
+        elif not thought:
+            self._carry_thinking(part)
+        return part
+
+    def _carry_thinking(self, part: dict) -> dict:
+        if self.signed and "thoughtSignature" not in part:
+            part["thoughtSignature"] = pack_gemini_thinking(self.signed)
+            self.signed = []
         return part
 
     def encode(self, ev) -> bytes:
@@ -5566,13 +6220,16 @@ class GeminiStreamEncoder:
             block = self.blocks.get(ev.index)
             if block is None:
                 return b""
-            if ev.kind == "arguments":
-                self.arguments.setdefault(ev.index, []).append(ev.value)  # joined at the stop: += is quadratic
-            elif ev.kind == "text" or (ev.kind == "thinking" and self.with_thoughts):
-                return self._chunk([self._text_part(ev.index, ev.value, ev.kind == "thinking")])
-            return b""  # Anthropic signatures mean nothing to a Gemini client
+            if ev.kind in GEMINI_HELD_DELTAS:  # a signature is Anthropic's: it comes back inside a thoughtSignature
+                self.pieces.setdefault(ev.index, {}).setdefault(ev.kind, []).append(ev.value)
+                if ev.kind == "thinking" and self.with_thoughts:
+                    return self._chunk([self._text_part(ev.index, ev.value, True)])
+            elif ev.kind == "text":
+                return self._chunk([self._text_part(ev.index, ev.value, False)])
+            return b""
         if isinstance(ev, BlockStart):
-            self.blocks[ev.index] = Part(ev.part.type, id=ev.part.id, name=ev.part.name, extra=ev.part.extra)
+            self.blocks[ev.index] = Part(ev.part.type, id=ev.part.id, name=ev.part.name, data=ev.part.data,
+                                         extra=ev.part.extra)  # fmt: skip
             if gemini_signature(ev.part):
                 self.unsigned.add(ev.index)
             return b""
@@ -5582,7 +6239,8 @@ class GeminiStreamEncoder:
             self.id = ev.id or new_id("")
             return b""
         if isinstance(ev, MessageDelta):
-            return self._chunk([], stop_reason_out("gemini", ev.stop_reason), ev.usage or Usage())
+            parts = [self._carry_thinking({"text": ""})] if self.signed else []  # thinking with nothing after it
+            return self._chunk(parts, stop_reason_out("gemini", ev.stop_reason), ev.usage or Usage())
         if isinstance(ev, MessageStop):
             return b"" if self.sse else (b"]" if self.opened else b"[]")
         if isinstance(ev, StreamError):
@@ -5594,10 +6252,14 @@ class GeminiStreamEncoder:
         block = self.blocks.pop(index, None)
         if block is None:
             return b""
+        for kind, pieces in self.pieces.pop(index, {}).items():
+            setattr(block, GEMINI_HELD_DELTAS[kind], "".join(pieces))
+        if is_signed_thinking(block):
+            self.signed.append(block)
+            return b""
         if block.type == "tool_call":
-            arguments = "".join(self.arguments.pop(index, ()))
-            call = {"functionCall": {"name": block.name, "args": json_object_arguments(arguments)}}
-            return self._chunk([_signed(call, gemini_signature(block))])
+            call = {"functionCall": {"name": block.name, "args": json_object_arguments(block.arguments)}}
+            return self._chunk([self._carry_thinking(_signed(call, gemini_signature(block)))])
         if index in self.unsigned and block.type == "text":  # a signed block that never said anything
             self.unsigned.discard(index)
             return self._chunk([{"text": "", "thoughtSignature": gemini_signature(block)}])
@@ -6009,6 +6671,232 @@ def _described(node: dict, notes: list) -> str:
     return f"{text} ({'; '.join(notes)})" if text else "; ".join(notes)
 
 
+# ---- JSON Schema -> Anthropic's structured-output subset ----------------------------------
+#
+# What output_config.format accepts (Anthropic's structured-outputs docs, and the transform_schema of
+# its SDKs): every object closed (additionalProperties: false), enums of primitive values, anyOf
+# (oneOf is read as anyOf), local $ref/$defs that do not recurse, a short list of string formats,
+# minItems 0 or 1. Whatever else a schema says (bounds, lengths, patterns, defaults, other formats) is
+# told in the description, so the model still reads it.
+
+ANTHROPIC_STRING_FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "uri", "ipv4",
+                                      "ipv6", "uuid"})  # fmt: skip
+# Claude models older than structured outputs (Opus 4.1, Sonnet 4.5 and Haiku 4.5 were the first)
+ANTHROPIC_NO_JSON_OUTPUT = ("*claude-3*", "*claude-2*", "*claude-instant*", "*claude-sonnet-4-2025*",
+                            "*claude-sonnet-4-0*", "*claude-sonnet-4", "*claude-opus-4-2025*", "*claude-opus-4-0*",
+                            "*claude-opus-4")  # fmt: skip
+ANTHROPIC_SCHEMA_MAX_NODES = 4000  # a response schema larger than this is refused, not cleaned
+_ANTHROPIC_NOTED = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
+_ANTHROPIC_COUNT_NOTES = {"minLength": "at least {} characters", "maxLength": "at most {} characters",
+                          "minItems": "at least {} items", "maxItems": "at most {} items",
+                          "minProperties": "at least {} keys", "maxProperties": "at most {} keys"}  # fmt: skip
+JSON_ANSWER_INSTRUCTION = (
+    "Answer with one JSON value and nothing else: no text before or after it and no Markdown code fence."
+)
+
+
+@functools.lru_cache(maxsize=256)
+def anthropic_has_json_output(model: str) -> bool:
+    """Whether a model takes output_config.format: Claude 4.5 and later (unknown models behind an
+    Anthropic-compatible endpoint are asked by instruction instead)."""
+    return glob_match("*claude*", model) and not any(glob_match(g, model) for g in ANTHROPIC_NO_JSON_OUTPUT)
+
+
+def anthropic_output_format(response_format: dict, model: str) -> dict | None:
+    """The canonical response_format as output_config.format; None when it must be asked for in words."""
+    if response_format.get("type") != "json_schema" or not anthropic_has_json_output(model):
+        return None
+    spec = response_format.get("json_schema") if isinstance(response_format.get("json_schema"), dict) else {}
+    schema = clean_schema_for_anthropic(spec.get("schema") if isinstance(spec.get("schema"), dict) else {})
+    about = spec.get("description")
+    if isinstance(about, str) and about and "description" not in schema:
+        schema["description"] = about  # Anthropic's format has no place of its own for it
+    return {"type": "json_schema", "schema": schema}
+
+
+def json_answer_instruction(response_format: dict) -> str:
+    """What a model without structured outputs is told: JSON only, and the schema when there is one."""
+    spec = response_format.get("json_schema") if isinstance(response_format.get("json_schema"), dict) else {}
+    schema = spec.get("schema")
+    if response_format.get("type") == "json_schema" and isinstance(schema, dict):
+        return f"{JSON_ANSWER_INSTRUCTION} It must conform to this JSON Schema:\n{dumps(schema).decode()}"
+    return JSON_ANSWER_INSTRUCTION.replace("one JSON value", "one JSON object")
+
+
+def clean_schema_for_anthropic(schema: dict) -> dict:
+    """A JSON Schema -> the subset Anthropic's structured outputs accept (see the section comment):
+    objects closed, allOf merged, oneOf -> anyOf, const -> enum, type arrays -> anyOf, local refs kept
+    as $defs with recursion cut, and the rest told in descriptions. Linear in the schema's size."""
+    cleaner = _AnthropicSchema(schema)
+    out = cleaner.clean(schema, 0)
+    if cleaner.done:
+        out["$defs"] = {name: value for name, value in cleaner.done.items() if value is not None}
+    return out
+
+
+class _AnthropicSchema:
+    def __init__(self, root: dict):
+        self.defs: dict = {}
+        for key in ("definitions", "$defs"):
+            if isinstance(root.get(key), dict):
+                self.defs.update(root[key])
+        self.done: dict[str, dict | None] = {}  # definition name -> cleaned (None while being cleaned)
+        self.nodes = 0
+
+    def spend(self, nodes: int, depth: int = 0) -> None:
+        self.nodes += nodes
+        if self.nodes > ANTHROPIC_SCHEMA_MAX_NODES or depth > 64:
+            raise bad_request(f"the response schema is too large or too deep (over {ANTHROPIC_SCHEMA_MAX_NODES} "
+                              "nodes or 64 levels) for structured output")  # fmt: skip
+
+    def clean(self, node, depth: int) -> dict:
+        self.spend(1, depth)
+        if not isinstance(node, dict) or not node:
+            return self.any_value("any JSON value")
+        if isinstance(node.get("$ref"), str):
+            return self.ref(node["$ref"], depth)
+        if isinstance(node.get("allOf"), list):
+            node = self.merge_all_of(node)
+        notes: list[str] = []
+        types, nullable = _schema_types(node)
+        union = node.get("anyOf") if isinstance(node.get("anyOf"), list) else node.get("oneOf")
+        if isinstance(union, list) and union:
+            out = {"anyOf": [self.clean(branch, depth + 1) for branch in union]}
+        elif isinstance(node.get("enum"), list) or "const" in node:
+            out = self.enum(node, notes)
+        elif len(types) > 1:
+            shared = {k: v for k, v in node.items() if k not in ("type", "nullable", "description", "title")}
+            out = {"anyOf": [self.typed({**shared, "type": t}, t, depth, notes) for t in types]}
+        elif types:
+            out = self.typed(node, types[0], depth, notes)
+        elif nullable:  # "type": "null"
+            out, nullable = {"type": "null"}, False
+        else:
+            out = self.any_value("")
+        if nullable and "enum" not in out:
+            out = (
+                {"anyOf": [*out["anyOf"], {"type": "null"}]}
+                if set(out) == {"anyOf"}
+                else {"anyOf": [out, {"type": "null"}]}
+            )
+        description = _described(node, notes)
+        if description:
+            out["description"] = description
+        return out
+
+    def merge_all_of(self, node: dict) -> dict:
+        """allOf as one schema (closing each branch would reject the others' keys); each branch and
+        property merged counts against the size bound, and the merge is linear."""
+        merged = {k: v for k, v in node.items() if k != "allOf"}
+        props = dict(merged["properties"]) if isinstance(merged.get("properties"), dict) else {}
+        required = list(merged["required"]) if isinstance(merged.get("required"), list) else []
+        for sub in node["allOf"]:
+            if not isinstance(sub, dict):
+                continue
+            sub = self.follow_refs(sub)
+            self.spend(1 + len(sub.get("properties") or ()))
+            for key, value in sub.items():
+                if key == "properties" and isinstance(value, dict):
+                    for name, schema in value.items():
+                        props.setdefault(name, schema)
+                elif key == "required" and isinstance(value, list):
+                    required.extend(value)
+                else:
+                    merged.setdefault(key, value)
+        if props:
+            merged["properties"] = props
+        if required:
+            merged["required"] = list(dict.fromkeys(r for r in required if isinstance(r, str)))
+        return merged
+
+    def follow_refs(self, node: dict) -> dict:
+        """An allOf branch with its local $ref chain followed (nearer keys win); each hop counts
+        against the size bound and each definition is read once, so a long chain stays linear."""
+        merged: dict = {}
+        seen: set = set()
+        while True:
+            for key, value in node.items():
+                if key != "$ref":
+                    merged.setdefault(key, value)
+            ref = node.get("$ref")
+            head, _, name = ref.rpartition("/") if isinstance(ref, str) else ("", "", "")
+            target = self.defs.get(name) if head in ("#/$defs", "#/definitions") else None
+            if not isinstance(target, dict) or ref in seen:  # none, unresolved or recursive: what was merged
+                return merged
+            seen.add(ref)
+            self.spend(1)
+            node = target
+
+    def ref(self, ref: str, depth: int) -> dict:
+        head, _, name = ref.rpartition("/")
+        if head not in ("#/$defs", "#/definitions") or not isinstance(self.defs.get(name), dict):
+            return self.any_value(f"(unresolved reference {ref})")
+        if name in self.done and self.done[name] is None:  # recursion: Anthropic's grammar cannot loop
+            return {"type": "object", "properties": {}, "additionalProperties": False,
+                    "description": f"(a nested {name}, left empty: recursive schemas are not supported)"}  # fmt: skip
+        if name not in self.done:
+            self.done[name] = None
+            self.done[name] = self.clean(self.defs[name], depth + 1)
+        return {"$ref": f"#/$defs/{name}"}
+
+    @staticmethod
+    def any_value(description: str) -> dict:
+        scalars = [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
+        out: dict = {"anyOf": [*scalars, {"type": "array", "items": {"anyOf": scalars}}]}
+        if description:
+            out["description"] = description
+        return out
+
+    @staticmethod
+    def enum(node: dict, notes: list) -> dict:
+        values = node["enum"] if isinstance(node.get("enum"), list) else [node["const"]]
+        primitive = [v for v in values if v is None or isinstance(v, (str, int, float, bool))]
+        if len(primitive) < len(values):  # objects and arrays cannot be enum values here
+            notes.append("one of: " + ", ".join(json.dumps(v) for v in values))
+            return _AnthropicSchema.any_value("")
+        return {"enum": primitive}
+
+    def typed(self, node: dict, kind: str, depth: int, notes: list) -> dict:
+        out: dict = {"type": kind}
+        if kind == "object":
+            props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+            out["properties"] = {name: self.clean(s, depth + 1) for name, s in props.items()}
+            out["additionalProperties"] = False  # the only value Anthropic accepts
+            required = [r for r in node.get("required") or () if isinstance(r, str) and r in props]
+            if required:
+                out["required"] = required
+        elif kind == "array":
+            items = node.get("items")
+            tuple_items = node.get("prefixItems") if isinstance(node.get("prefixItems"), list) else items
+            if isinstance(tuple_items, list):  # a tuple: Anthropic has none
+                notes.append(
+                    "a tuple of: " + ", ".join(str(s.get("type", "any")) for s in tuple_items if isinstance(s, dict))
+                )
+                items = tuple_items[0] if tuple_items else None
+            if isinstance(items, dict) and items:
+                out["items"] = self.clean(items, depth + 1)
+            if node.get("minItems") in (0, 1):
+                out["minItems"] = node["minItems"]
+            if node.get("uniqueItems") is True:
+                notes.append("items must be unique")
+        elif kind == "string":
+            fmt = node.get("format")
+            if fmt in ANTHROPIC_STRING_FORMATS:
+                out["format"] = fmt
+            elif isinstance(fmt, str) and fmt:
+                notes.append(f"format: {fmt}")
+            if isinstance(node.get("pattern"), str):
+                notes.append(f"pattern: {node['pattern']}")
+        elif kind in ("number", "integer"):
+            notes.extend(f"{sign} {node[key]}" for key, sign in _ANTHROPIC_NOTED.items() if _is_number(node.get(key)))
+            if _is_number(node.get("multipleOf")):
+                notes.append(f"a multiple of {node['multipleOf']}")
+        for key, text in _ANTHROPIC_COUNT_NOTES.items():
+            if _is_number(node.get(key)) and key not in out:
+                notes.append(text.format(node[key]))
+        return out
+
+
 # ======================================================================================
 # 6. Providers: where each model's requests go, and the built-in loopback model
 # ======================================================================================
@@ -6031,6 +6919,8 @@ class Provider:
     key_setting: str = ""  # the config key that holds its key, for error messages
     reasoning_globs: tuple = ()
     responses_api: bool = False  # has /v1/responses (OpenAI itself; OpenAI-compatible servers mostly not)
+    default_max_tokens: int = 0  # anthropic: max_tokens when a translated request set none (anthropic_max_tokens)
+    max_tokens_cap: int = 0  # openai: most max_tokens a translated request sends (openai_completion_max_tokens)
     _urls: dict = field(default_factory=dict, repr=False)
     _auth: dict | None = field(default=None, repr=False)
 
@@ -6075,7 +6965,7 @@ class Provider:
         return headers
 
     def url(self, operation: str, model: str = "", stream: bool = False) -> str:
-        """The upstream URL of one operation: chat, embeddings, responses, messages,
+        """The upstream URL of one operation: chat, completions, embeddings, responses, messages,
         count_tokens, generate, count_gemini, models."""
         key = (operation, model, stream)
         url = self._urls.get(key)
@@ -6089,7 +6979,8 @@ class Provider:
         base = self.base_url.rstrip("/")
         if self.flavor == "azure":
             version = self.api_version or "2024-10-21"
-            path = {"chat": "chat/completions", "embeddings": "embeddings", "responses": "responses"}[operation]
+            path = {"chat": "chat/completions", "embeddings": "embeddings", "responses": "responses",
+                    "completions": "completions"}[operation]  # fmt: skip
             return f"{base}/openai/deployments/{quote(model, safe='')}/{path}?api-version={version}"
         if self.protocol == "anthropic":
             root = base if base.endswith("/v1") else base + "/v1"
@@ -6107,7 +6998,8 @@ class Provider:
                 "count_gemini": "countTokens",
             }
             return f"{root}/models/{quote(model, safe='.-_')}:{method[operation]}"
-        path = {"chat": "chat/completions", "embeddings": "embeddings", "responses": "responses", "models": "models"}
+        path = {"chat": "chat/completions", "embeddings": "embeddings", "responses": "responses", "models": "models",
+                "completions": "completions"}  # fmt: skip
         return f"{base}/{path[operation]}"
 
 
@@ -6132,6 +7024,9 @@ def build_providers(cfg: Config) -> dict[str, Provider]:
         flavor = "azure" if pc.type == "azure" else ("compatible" if protocol == "openai" else protocol)
         providers[name] = Provider(name, protocol, pc.base_url, pc.api_key, flavor, pc.models, pc.api_version,
                                    dict(pc.headers), "", reasoning, pc.responses_api)  # fmt: skip
+    for provider in providers.values():
+        provider.default_max_tokens = cfg.anthropic_max_tokens if provider.protocol == "anthropic" else 0
+        provider.max_tokens_cap = cfg.openai_completion_max_tokens if provider.protocol == "openai" else 0
     return providers
 
 
@@ -6230,7 +7125,7 @@ class LoopbackModel:
 # ======================================================================================
 
 
-MODEL_NAME_MAX = 256  # characters; longer names are no model's, and they key the routing caches
+MODEL_NAME_MAX = 8192  # characters: a model name keys the routing caches (only names up to 256 are cached)
 
 
 @dataclass(slots=True)
@@ -6244,16 +7139,28 @@ class Router:
     def __init__(self, cfg: Config, providers: dict[str, Provider]):
         self.cfg = cfg
         self.providers = providers
-        self.aliases = dict(parse_pairs(cfg.model_aliases, "model_aliases"))
-        self.rules: list[tuple[str, str]] = []
-        for provider in providers.values():  # named providers' own model lists are the most specific
+        self.aliases: dict[str, str] = {}  # exact names (later entries win, as in Tokligence)
+        self.alias_globs: list[tuple[str, str]] = []  # claude*=>gpt-4o-mini: first match wins
+        for alias, target in parse_pairs(cfg.model_aliases, "model_aliases") + cfg.file_aliases:
+            if any(c in alias for c in "*?["):
+                self.alias_globs.append((alias, target))
+            else:
+                self.aliases[alias] = target
+        # Tokligence's legacy `routes` are its explicit overrides, exact names first; then named
+        # providers' own model lists; then model_provider_routes
+        legacy = parse_pairs(cfg.routes, "routes")
+        legacy.sort(key=lambda rule: any(c in rule[0] for c in "*?["))  # stable: keeps their order otherwise
+        self.rules: list[tuple[str, str]] = list(legacy)
+        for provider in providers.values():
             self.rules.extend((glob_, provider.name) for glob_ in provider.models)
-        self.rules.extend(parse_pairs(cfg.model_provider_routes, "model_provider_routes"))
-        for pattern, target in self.rules:
-            if target not in providers:
-                raise ConfigError(
-                    f"model_provider_routes: {pattern}=>{target} names an unknown provider; known: {', '.join(providers)}"
-                )
+        main_rules = parse_pairs(cfg.model_provider_routes, "model_provider_routes")
+        self.rules.extend(main_rules)
+        for key, rules in (("routes", legacy), ("model_provider_routes", main_rules)):
+            for pattern, target in rules:
+                if target not in providers:
+                    raise ConfigError(
+                        f"{key}: {pattern}=>{target} names an unknown provider; known: {', '.join(providers)}"
+                    )
         # with no provider configured at all, every model is answered by loopback (works offline)
         self.offline = not any(p.configured for p in providers.values() if p.protocol != "loopback")
         self._cache: dict[str, Route] = {}
@@ -6262,12 +7169,11 @@ class Router:
         route = self._cache.get(model)
         if route is not None:
             return route
-        if len(model) > MODEL_NAME_MAX or not model.isprintable():  # it keys caches, URLs and log lines
-            raise bad_request(
-                f"a model name has at most {MODEL_NAME_MAX} printable characters (no control characters), "
-                f"got {json_preview(model)}"
-            )
-        target = self.aliases.get(model, model)
+        if len(model) > MODEL_NAME_MAX:  # it keys the routing caches
+            raise bad_request(f"a model name has at most {MODEL_NAME_MAX} characters, got {len(model)}")
+        target = self.aliases.get(model)
+        if target is None:
+            target = next((t for glob_, t in self.alias_globs if glob_match(glob_, model)), model)
         provider_name = "loopback" if self.offline else next((p for g, p in self.rules if glob_match(g, target)), None)
         if provider_name is None:
             raise GatewayError(
@@ -6283,7 +7189,7 @@ class Router:
                 "invalid_request_error",
             )
         route = Route(provider, target, model)
-        if len(self._cache) < 10000:
+        if len(self._cache) < 10000 and len(model) <= 256:
             self._cache[model] = route
         return route
 
@@ -6294,18 +7200,143 @@ class Router:
         """Concrete model names the gateway can serve: (model, provider)."""
         seen: dict[str, str] = {"loopback": "loopback"}
         for alias, target in self.aliases.items():
-            seen.setdefault(alias, self._provider_of(target))
+            seen.setdefault(alias, self.provider_of(target))
         if not self.offline:
             for pattern, provider in self.rules:
                 if not any(c in pattern for c in "*?[") and self.providers[provider].configured:
                     seen.setdefault(pattern, provider)
         return list(seen.items())
 
-    def _provider_of(self, model: str) -> str:
+    def provider_of(self, model: str) -> str:
         try:
             return self.resolve(model).provider.name
         except GatewayError:
             return "unknown"
+
+
+# ---- model lists: what each configured provider really serves ------------------------------
+
+MODEL_LIST_TTL = 600.0  # seconds a provider's list is served before it is fetched again (in the background)
+MODEL_LIST_RETRY = 60.0  # after a failed fetch
+MODEL_LIST_TIMEOUT = 5.0  # one provider's fetch, connection and body
+MODEL_LIST_FIRST_WAIT = 2.0  # the most a model-list call waits for a provider never fetched yet
+MODEL_LIST_MAX = 2000  # models kept per provider
+MODEL_LIST_MAX_BYTES = 8 * 1024 * 1024
+MODEL_LIST_PARSE_INLINE = 64 * 1024  # a longer answer is parsed in a thread
+MODEL_ID_MAX = 256  # characters of a listed model id (longer ones are skipped) and of a display name (cut)
+MODEL_LIST_QUERY = {"anthropic": "?limit=1000", "gemini": "?pageSize=1000"}  # one page holds them all
+
+
+@dataclass(slots=True)
+class ListedModel:
+    id: str
+    provider: str
+    display_name: str = ""
+    created: int = 0
+    created_at: str = ""  # Anthropic's (an ISO date)
+    gemini: dict | None = None  # the limits and methods a Gemini provider gave for it
+
+
+class ModelCatalog:
+    """The models /v1/models (and the Anthropic and Gemini lists) show: loopback, aliases and the
+    routes' concrete names, then what each configured provider's own models endpoint lists and
+    the routes would send back to it. Fetched through the UpstreamPool, bounded in time and size,
+    cached for MODEL_LIST_TTL and refreshed in the background: a list call never waits, except
+    the first one, at most MODEL_LIST_FIRST_WAIT. A provider that fails is logged and skipped."""
+
+    def __init__(self, router: Router, pool, anthropic_version: str):
+        self.router = router
+        self.pool = pool
+        self.anthropic_version = anthropic_version
+        self.lists: dict[str, list[ListedModel]] = {}
+        self.next_fetch: dict[str, float] = {}  # provider -> when its list is due again
+        self.refreshing: asyncio.Task | None = None
+        self._headers: dict[str, dict] = {}
+
+    def sources(self) -> list[Provider]:
+        if self.router.offline:
+            return []
+        return [p for p in self.router.providers.values()
+                if p.protocol != "loopback" and p.flavor != "azure" and p.configured]  # fmt: skip
+
+    async def models(self) -> list[ListedModel]:
+        sources = self.sources()
+        now = time.monotonic()
+        due = [p for p in sources if self.next_fetch.get(p.name, 0.0) <= now]
+        if due and (self.refreshing is None or self.refreshing.done()):
+            self.refreshing = asyncio.get_running_loop().create_task(self.refresh(due))
+        if self.refreshing is not None and any(p.name not in self.next_fetch for p in sources):
+            await asyncio.wait({self.refreshing}, timeout=MODEL_LIST_FIRST_WAIT)  # only the very first time
+        listed = {m: ListedModel(m, p) for m, p in self.router.listed_models()}
+        for provider in sources:
+            for model in self.lists.get(provider.name, ()):
+                listed.setdefault(model.id, model)
+        return list(listed.values())
+
+    async def refresh(self, providers: list) -> None:
+        await asyncio.gather(*(self.fetch(p) for p in providers))
+
+    async def fetch(self, provider: Provider) -> None:
+        try:
+            models = await asyncio.wait_for(self._fetch(provider), MODEL_LIST_TIMEOUT)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure: logged, the list stays as it was
+            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}"
+            log.warning("model list of provider %s not fetched: %s", provider.name, redact(reason)[:300])
+            self.next_fetch[provider.name] = time.monotonic() + MODEL_LIST_RETRY
+            return
+        self.lists[provider.name] = models
+        self.next_fetch[provider.name] = time.monotonic() + MODEL_LIST_TTL
+
+    async def _fetch(self, provider: Provider) -> list[ListedModel]:
+        url = provider.url("models") + MODEL_LIST_QUERY.get(provider.protocol, "")
+        resp = await self.pool.request("GET", url, self.headers(provider))
+        data = await resp.read(MODEL_LIST_MAX_BYTES)
+        if resp.status >= 400:
+            raise OPENAI_CODEC.decode_error(resp.status, data)
+        # a long list (OpenRouter's is megabytes) is parsed off the event loop
+        body = loads(data) if len(data) < MODEL_LIST_PARSE_INLINE else await asyncio.to_thread(loads, data)
+        items = body.get("models" if provider.protocol == "gemini" else "data") if isinstance(body, dict) else None
+        models = []
+        for item in items[:MODEL_LIST_MAX] if isinstance(items, list) else ():
+            model = self._listed(provider, item) if isinstance(item, dict) else None
+            if model is not None and self.router.provider_of(model.id) == provider.name:  # only what routes here
+                models.append(model)
+        return models
+
+    def headers(self, provider: Provider) -> dict:
+        headers = self._headers.get(provider.name)
+        if headers is None:
+            headers = dict(provider.auth_headers())
+            if provider.protocol == "anthropic":
+                headers["anthropic-version"] = self.anthropic_version
+            self._headers[provider.name] = headers
+        return headers
+
+    @staticmethod
+    def _listed(provider: Provider, item: dict) -> ListedModel | None:
+        if provider.protocol == "gemini":
+            name = item.get("name")
+            methods = item.get("supportedGenerationMethods")
+            if not isinstance(name, str) or (isinstance(methods, list) and "generateContent" not in methods):
+                return None  # embedding and other models a chat client cannot use
+            model_id, display = name.removeprefix("models/"), item.get("displayName")
+        else:
+            model_id, display = item.get("id"), item.get("display_name")
+        if not isinstance(model_id, str) or not model_id or len(model_id) > MODEL_ID_MAX:
+            return None
+        display = display[:MODEL_ID_MAX] if isinstance(display, str) else ""
+        if provider.protocol == "gemini":
+            info = {k: item[k] for k in ("inputTokenLimit", "outputTokenLimit") if type(item.get(k)) is int}
+            return ListedModel(model_id, provider.name, display, gemini=info)
+        created, created_at = item.get("created"), item.get("created_at")
+        return ListedModel(model_id, provider.name, display, created if type(created) is int else 0,
+                           created_at[:40] if isinstance(created_at, str) else "")  # fmt: skip
+
+    def close(self) -> None:
+        if self.refreshing is not None:
+            self.refreshing.cancel()
 
 
 # ======================================================================================
@@ -6393,10 +7424,10 @@ class PriceTable:
         return round(total * 1e6) / 1e12  # USD to 12 decimals (round(x, 12) costs ~15x more per call)
 
 
-def open_ledger_db(path: str) -> sqlite3.Connection:
+def open_ledger_db(path: str, busy_timeout: float = 30.0) -> sqlite3.Connection:
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=30, check_same_thread=False)
+    db = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -6407,74 +7438,337 @@ def open_ledger_db(path: str) -> sqlite3.Connection:
     return db
 
 
+# ---- what sqlite may be given -----------------------------------------------------------
+#
+# A row holds numbers and text an upstream or a client chose. Before sqlite sees a batch, each
+# column is checked in a few C-level passes (types, range, encodability, secrets); only a column
+# that fails is repaired value by value: counts to int64, reals finite, text encodable, bounded
+# and redacted. What still cannot be written is stored as a dropped-row error, never lost quietly.
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+LEDGER_TEXT_LIMIT = 4096  # characters kept of one text value (model names and errors are far shorter)
+# sqlite's primary result codes that are the file's fault, not the row's (busy, locked, nomem,
+# readonly, ioerr, full, cantopen, protocol): the rows stay queued and the write is retried
+LEDGER_TRANSIENT_CODES = {5, 6, 7, 8, 10, 13, 14, 15}
+LEDGER_TRANSIENT_WORDS = ("locked", "busy", "disk", "full", "readonly", "unable to open", "i/o")
+
+
+def ledger_int(value):
+    if type(value) is not int:
+        if isinstance(value, float):
+            value = int(value) if math.isfinite(value) else None
+        elif isinstance(value, int):  # bool
+            value = int(value)
+        elif isinstance(value, str) and len(value) < 40:
+            try:
+                value = int(float(value.strip()))
+            except (ValueError, OverflowError):
+                return None
+        else:
+            return None
+    return None if value is None else min(max(value, INT64_MIN), INT64_MAX)
+
+
+def ledger_real(value):
+    if type(value) is not float:
+        if value is None or (isinstance(value, str) and len(value) > 40):
+            return None
+        try:
+            value = float(value)
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return value if math.isfinite(value) else None
+
+
+def ledger_text(value):
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        value = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+    return redact(encodable(value[:LEDGER_TEXT_LIMIT]))
+
+
+def encodable(text: str) -> str:
+    """Text sqlite can store: lone surrogates (which UTF-8 cannot encode) kept visible as \\udxxx."""
+    try:
+        text.encode()
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+
+
+def ledger_any(value):
+    if value is None or type(value) is bytes:
+        return value
+    if isinstance(value, int):
+        return ledger_int(value)
+    if isinstance(value, float):
+        return ledger_real(value)
+    return ledger_text(value)
+
+
+LEDGER_REPAIRS = {"INTEGER": ledger_int, "REAL": ledger_real, "TEXT": ledger_text, "ANY": ledger_any}
+
+
+def column_kind(declared: str) -> str:
+    """sqlite's type affinity of a declared column type."""
+    declared = declared.upper()
+    if "INT" in declared:
+        return "INTEGER"
+    if any(word in declared for word in ("CHAR", "CLOB", "TEXT")):
+        return "TEXT"
+    if any(word in declared for word in ("REAL", "FLOA", "DOUB")):
+        return "REAL"
+    return "ANY"
+
+
+def column_fits(values: tuple, kind: str) -> bool:
+    """Every value of one column can go to sqlite as it is: one or two C-level passes over the
+    column (sums for numbers; the distinct texts joined once), no Python code per value."""
+    if kind == "INTEGER":  # the sum of magnitudes stays an int within int64 only if every value does
+        try:
+            total = sum(map(abs, filter(None, values)))
+        except TypeError:
+            return False
+        return type(total) is int and total <= INT64_MAX
+    if kind == "REAL":
+        try:
+            return math.isfinite(sum(filter(None, values), 0.0))
+        except (TypeError, OverflowError):
+            return False
+    if kind == "TEXT":  # a column repeats a few texts (provider, model, lane): each is checked once
+        distinct = set(values)
+        distinct.discard(None)
+        if not all(type(v) is str for v in distinct):
+            return False
+        joined = "\0".join(distinct)
+        if not joined.isascii():
+            try:
+                joined.encode()
+            except UnicodeEncodeError:  # a lone surrogate
+                return False
+        if len(joined) > LEDGER_TEXT_LIMIT and max(map(len, distinct)) > LEDGER_TEXT_LIMIT:
+            return False
+        return not redact.found_in(joined)
+    return all(ledger_any(v) is v for v in values)
+
+
+def sanitise_rows(rows: list, kinds: tuple) -> list:
+    """The rows with every value fit for its column (see above); the same list when all fit."""
+    if not rows:
+        return rows
+    if any(len(row) != len(kinds) for row in rows):  # a bug upstream of here: that row fails alone
+        return [sanitise_rows([row], kinds)[0] if len(row) == len(kinds) else row for row in rows]
+    columns = list(zip(*rows, strict=True))
+    repaired = False
+    for index, kind in enumerate(kinds):
+        if not column_fits(columns[index], kind):
+            columns[index] = tuple(map(LEDGER_REPAIRS[kind], columns[index]))
+            repaired = True
+    return list(zip(*columns, strict=True)) if repaired else rows
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    """A failure of the file (locked, full, unwritable) rather than of the rows being written."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return (code & 0xFF) in LEDGER_TRANSIENT_CODES
+    return any(word in str(exc).lower() for word in LEDGER_TRANSIENT_WORDS)
+
+
 class Ledger:
     """Rows go into an in-memory deque; one writer thread inserts them in batches, one commit
-    per batch. The event loop never touches sqlite. When `queue_size` rows are waiting,
-    the caller waits for the writer (never a dropped row); close() drains everything."""
+    per batch. The event loop never touches sqlite.
+
+    The writer cannot die or stick on what it is given: rows are sanitised first; a batch that
+    still fails is split until the bad row is alone, and that row is stored as a dropped-row
+    error (counted in `failed`, logged at most once a minute). A failure of the file itself
+    (locked, disk full) keeps every row queued and retries with a growing pause; requests then
+    wait for room (`wait_for_room`, backpressure without blocking the event loop). Should the
+    thread end anyway, `record()` starts a new one. close() drains, within a deadline."""
 
     LINGER = 0.05  # seconds the writer lets a batch gather
     CHUNK = 256  # most rows per INSERT statement (20 columns x 256 rows stays under sqlite's variable limit)
+    BUSY_TIMEOUT = 5.0  # seconds sqlite waits on a lock before the writer backs off (and sees a shutdown)
+    RETRY_MAX = 5.0  # longest pause between retries of a failing write
+    LOG_EVERY = 60.0  # seconds between repeated log lines about the same trouble
+    ROOM_WAIT = 30.0  # seconds a request waits for room in a full queue before a 503
 
     def __init__(self, path: str, queue_size: int = 10000):
         self.path = str(Path(path).expanduser()) if path != ":memory:" else path
-        self.db = open_ledger_db(self.path)
+        self.db = open_ledger_db(self.path, self.BUSY_TIMEOUT)
+        declared = {row[1]: row[2] for row in self.db.execute("PRAGMA table_info(requests)")}
+        self.kinds = tuple(column_kind(declared.get(name, "")) for name in LEDGER_COLUMNS)
         self.pending: deque = deque()  # request rows (tuples) and other writes ((sql, params) lists)
         self.queue_size = queue_size
         self._insert_sql: dict[int, str] = {}
         self.written = 0
+        self.failed = 0  # rows whose content could not be stored (each kept as a dropped-row error)
+        self.restarts = 0
+        self.failing_since = 0.0  # when the current run of failed writes began (0: writing fine)
+        self.last_error = ""
         self.busy = False
+        self.inflight = 0  # items of the batch being written
         self.stopping = False
-        self.thread = threading.Thread(target=self._run, name="tgw-ledger", daemon=True)
-        self.thread.start()
+        self.closed = False
+        self.stop_deadline = 0.0
+        self.wake = threading.Event()
+        self._next_log = {"drop": 0.0, "fail": 0.0}
+        self._unlogged_drops = 0
+        self._revived_at = 0.0
+        self.alive = False
+        self._start_writer()
 
+    # -- the event loop's side
     def record(self, row: tuple) -> None:
-        """Queue one request row (called on the event loop: no I/O here)."""
-        if len(self.pending) >= self.queue_size:
-            log.warning("ledger queue full: waiting for the writer (backpressure)")
-            while len(self.pending) >= self.queue_size and self.thread.is_alive():
-                time.sleep(0.005)
+        """Queue one request row (called on the event loop: no I/O here). Never refuses a row:
+        callers wait for room before they start (see wait_for_room)."""
         self.pending.append(row)
+        if not self.alive:
+            self._revive()
 
     def write_later(self, sql: str, params: tuple) -> None:
         """Queue any other write (stored responses), in order with the request rows."""
         self.pending.append([sql, params])
+        if not self.alive:
+            self._revive()
 
+    @property
+    def queued(self) -> int:
+        """Rows and writes not yet committed: waiting, and in the batch being written."""
+        return len(self.pending) + self.inflight
+
+    @property
+    def full(self) -> bool:
+        return len(self.pending) + self.inflight >= self.queue_size
+
+    async def wait_for_room(self) -> None:
+        """Backpressure: a request waits while `queue_size` rows are waiting (the writer is slow
+        or the file is failing), without blocking the event loop; after ROOM_WAIT seconds it is
+        refused with a 503 instead (it never reached a model: no row is owed for it)."""
+        if self.full:
+            log.warning("ledger queue full (%d rows): requests wait for the writer", self.queued)
+        deadline = time.monotonic() + self.ROOM_WAIT
+        pause = 0.005
+        while self.full and not self.closed:
+            if not self.alive:
+                self._revive()
+            if time.monotonic() >= deadline:
+                raise GatewayError(503, f"the gateway's ledger is not keeping up ({self.state}: "
+                                   f"{self.last_error or 'busy'}); retry shortly", retry_after=5)  # fmt: skip
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.2)
+
+    @property
+    def state(self) -> str:
+        """running (writing), failing (its last write failed; rows are kept and retried) or stopped."""
+        if self.closed or not self.alive:
+            return "stopped"
+        return "failing" if self.failing_since else "running"
+
+    def status(self) -> dict:
+        info = {"state": self.state, "queued": self.queued, "written": self.written, "failed": self.failed}
+        if self.failing_since:
+            info["failing_for_s"] = round(time.monotonic() - self.failing_since, 1)
+        if self.last_error:
+            info["last_error"] = self.last_error
+        if self.restarts:
+            info["restarts"] = self.restarts
+        return info
+
+    def _start_writer(self) -> None:
+        self.alive = True
+        self.thread = threading.Thread(target=self._run, name="tgw-ledger", daemon=True)
+        self.thread.start()
+
+    def _revive(self) -> None:
+        """The writer thread ended although nothing stopped it: start another (at most once a second)."""
+        if self.stopping or self.closed or self.thread.is_alive() or time.monotonic() - self._revived_at < 1.0:
+            return
+        self._revived_at = time.monotonic()
+        self.restarts += 1
+        log.error("ledger writer thread had stopped (%s); restarted it, %d rows queued",
+                  self.last_error or "no error seen", len(self.pending))  # fmt: skip
+        self._start_writer()
+
+    # -- the writer thread
     def _run(self) -> None:
-        while True:
-            stopping = self.stopping
-            if self.pending:
-                self._write_pending()
-            elif stopping:
-                return
-            if not stopping and len(self.pending) < self.queue_size // 2:
-                # let the next batch gather: a commit costs file locks and WAL page writes,
-                # so a busy gateway pays for them once per LINGER, not once per few rows
-                time.sleep(self.LINGER)
+        try:
+            while True:
+                stopping = self.stopping
+                if self.pending:
+                    try:
+                        self._write_pending()
+                    except Exception as exc:  # a bug in the writer itself: reported, the rows kept
+                        self._note_failure(exc)
+                elif stopping:
+                    return
+                if self.failing_since:
+                    if not stopping:
+                        self.wake.wait(self._retry_pause())  # close() wakes it
+                    elif time.monotonic() < self.stop_deadline:
+                        time.sleep(0.1)
+                    else:
+                        return
+                elif not stopping and len(self.pending) < self.queue_size // 2:
+                    # let the next batch gather: a commit costs file locks and WAL page writes,
+                    # so a busy gateway pays for them once per LINGER, not once per few rows
+                    time.sleep(self.LINGER)
+        finally:
+            self.alive = False
+
+    def _retry_pause(self) -> float:
+        failing_for = time.monotonic() - self.failing_since
+        return min(max(0.1, failing_for / 2), self.RETRY_MAX)
 
     def _write_pending(self) -> None:
         self.busy = True
         batch = []
         while self.pending:
             batch.append(self.pending.popleft())
-        rows = [item for item in batch if isinstance(item, tuple)]
-        others = [item for item in batch if isinstance(item, list)]
-        for attempt in range(1, 1_000_000):
-            try:
-                start = 0
-                while start < len(rows):  # chunks of 256, 128, ... 1 rows: a handful of cached statements
-                    size = min(self.CHUNK, 1 << ((len(rows) - start).bit_length() - 1))
-                    self._insert_rows(rows[start : start + size])
-                    start += size
-                for sql, params in others:
-                    self.db.execute(sql, params)
-                self.db.commit()
-                break
-            except sqlite3.Error as exc:  # locked by a reader, disk full...: keep the rows, retry
-                self.db.rollback()
-                log.warning("ledger write failed (%s); retrying, %d rows held", exc, len(batch))
-                time.sleep(min(0.1 * attempt, 5.0))
-        self.written += len(rows)
-        self.busy = False
+        self.inflight = len(batch)
+        pieces = deque([batch])  # what is left to write, in order; a piece that fails is halved
+        try:
+            while pieces:
+                items = pieces[0]
+                try:
+                    self._store(items)
+                except Exception as exc:
+                    self._rollback()
+                    if is_transient_db_error(exc):  # the file's fault: keep everything, retry later
+                        self._note_failure(exc)
+                        return
+                    pieces.popleft()
+                    if len(items) > 1:
+                        half = len(items) // 2
+                        pieces.extendleft((items[half:], items[:half]))
+                    else:
+                        self._drop(items[0], exc)
+                    continue
+                pieces.popleft()
+                self.written += sum(1 for item in items if isinstance(item, tuple))
+                if self.failing_since:
+                    log.warning("ledger writes recovered after %.1fs", time.monotonic() - self.failing_since)
+                    self.failing_since = 0.0
+        finally:  # a failure (or the thread's end) leaves these unwritten: back to the front, in order
+            for items in reversed(pieces):
+                self.pending.extendleft(reversed(items))
+            self.inflight = 0
+            self.busy = False
+
+    def _store(self, items: list) -> None:
+        rows = sanitise_rows([item for item in items if isinstance(item, tuple)], self.kinds)
+        start = 0
+        while start < len(rows):  # chunks of 256, 128, ... 1 rows: a handful of cached statements
+            size = min(self.CHUNK, 1 << ((len(rows) - start).bit_length() - 1))
+            self._insert_rows(rows[start : start + size])
+            start += size
+        for item in items:
+            if isinstance(item, list):
+                self.db.execute(item[0], item[1])
+        self.db.commit()
 
     def _insert_rows(self, rows: list) -> None:
         """One multi-row INSERT: sqlite runs it in one step, so the writer lets go of the GIL
@@ -6486,16 +7780,85 @@ class Ledger:
             self._insert_sql[len(rows)] = sql
         self.db.execute(sql, [value for row in rows for value in row])
 
+    def _rollback(self) -> None:
+        try:
+            self.db.rollback()
+        except Exception:  # nothing to roll back, or the file is gone: the next write says which
+            pass
+
+    def _note_failure(self, exc: BaseException) -> None:
+        self.last_error = redact(f"{type(exc).__name__}: {exc}")[:300]
+        now = time.monotonic()
+        if not self.failing_since:
+            self.failing_since = now
+        if now >= self._next_log["fail"]:
+            self._next_log["fail"] = now + self.LOG_EVERY
+            log.error("ledger write failed (%s); %d rows kept in memory, retrying", self.last_error, self.queued)
+
+    def _drop(self, item, exc: BaseException) -> None:
+        """One row (or other write) that cannot be stored even repaired: kept as a row that says
+        so, with what could be saved (time, id, status), counted and logged."""
+        self.failed += 1
+        self._unlogged_drops += 1
+        reason = redact(f"{type(exc).__name__}: {exc}")[:300]
+        if isinstance(item, tuple):
+            stub = [None] * len(LEDGER_COLUMNS)
+            for name in ("ts", "request_id", "status", "endpoint", "client_protocol"):
+                at = LEDGER_COLUMNS.index(name)
+                if at < len(item):
+                    stub[at] = LEDGER_REPAIRS[self.kinds[at]](item[at])
+            stub[0] = stub[0] or time.time()
+            stub[1] = stub[1] or "unknown"
+            stub[LEDGER_COLUMNS.index("error")] = (
+                f"ledger: this row could not be stored ({reason}); kept: time, id, status"
+            )
+            try:
+                self._insert_rows([tuple(stub)])
+                self.db.commit()
+            except Exception:  # even the stub failed: the count and the log line remain
+                self._rollback()
+        elif isinstance(item, list):  # a stored Response: once more with unencodable text escaped
+            try:
+                self.db.execute(item[0], [encodable(v) if isinstance(v, str) else v for v in item[1]])
+                self.db.commit()
+                self.failed -= 1
+                self._unlogged_drops -= 1
+                return
+            except Exception:
+                self._rollback()
+        now = time.monotonic()
+        if now >= self._next_log["drop"]:
+            self._next_log["drop"] = now + self.LOG_EVERY
+            log.error("ledger: %d row(s) could not be stored as sent and were recorded as dropped-row errors "
+                      "(latest: %s)", self._unlogged_drops, reason)  # fmt: skip
+            self._unlogged_drops = 0
+
+    # -- both
     def flush(self, timeout: float = 10.0) -> None:
-        """Wait until everything queued so far is written."""
+        """Wait until everything queued so far is written (or the writer is failing)."""
         deadline = time.monotonic() + timeout
-        while (self.pending or self.busy) and time.monotonic() < deadline:
+        while (self.pending or self.busy) and time.monotonic() < deadline and not self.failing_since:
+            if not self.alive:
+                self._revive()
             time.sleep(0.005)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Drain and close. A writer that cannot write gets `timeout` seconds, then what it
+        still holds is reported as lost, loudly; shutdown never waits longer than that."""
         self.stopping = True
-        self.thread.join(timeout=120)
-        self.db.close()
+        self.stop_deadline = time.monotonic() + timeout
+        self.wake.set()
+        if not self.thread.is_alive() and self.pending:
+            self._run()  # the writer is gone: drain on this thread
+        self.thread.join(timeout + self.BUSY_TIMEOUT + 1)
+        self.closed = True
+        if self.pending:
+            log.error("ledger: %d rows could not be written before shutdown (%s)", len(self.pending),
+                      self.last_error or "writer stuck")  # fmt: skip
+        if self._unlogged_drops:
+            log.error("ledger: %d more row(s) were recorded as dropped-row errors", self._unlogged_drops)
+        if not self.thread.is_alive():
+            self.db.close()
 
 
 class ResponseStore:
@@ -6615,6 +7978,7 @@ class Call:
     api_key_id: str = ""
     user: str = ""
     encoder: object = None  # the client's stream encoder, once a canonical lane streams
+    prices: object = None  # the PriceTable in force when the model call began
     upstream_answered: bool = False  # from here on, input nobody foresaw is the upstream's fault
 
     def start_stream(self) -> None:
@@ -6672,13 +8036,17 @@ class Gateway:
             "openai": OPENAI_CODEC, "anthropic": ANTHROPIC_CODEC, "responses": RESPONSES_CODEC, "gemini": GEMINI_CODEC,
         }  # fmt: skip
         self.responses_store = ResponseStore(self.ledger, cfg.responses_retention_days)
+        self.catalog = ModelCatalog(self.router, self.pool, cfg.anthropic_version)
         self._upstream_headers: dict[tuple, dict] = {}
         self.started_at = time.time()
+        self.cutting = False  # set at the shutdown deadline, when calls still running are cut
+        self.listening_on = cfg.host  # host is read once (a changed one needs a restart)
         self.routes = {
             ("GET", "/"): self.root,
             ("GET", "/health"): self.health,
             ("GET", "/v1/models"): self.list_models,
             ("POST", "/v1/chat/completions"): self.chat_completions,
+            ("POST", "/v1/completions"): self.completions,
             ("POST", "/v1/embeddings"): self.embeddings,
             ("POST", "/v1/messages"): self.messages,
             ("POST", "/v1/messages/count_tokens"): self.count_tokens,
@@ -6689,16 +8057,52 @@ class Gateway:
             ("POST", "/v1/responses/input_tokens"): self.responses_input_tokens,
             ("GET", "/v1beta/models"): self.gemini_list_models,
             ("POST", "/v1beta/openai/chat/completions"): self.chat_completions,
+            ("GET", "/metrics"): self.metrics_text,
         }
         self.public = {"/", "/health"}
+        self.listeners: dict[str, Listener] = {}  # name -> Listener, filled by start_listeners
+        self.servers: dict[str, HttpServer] = {}
+        self.telemetry = Telemetry(self)
+        self.metrics = self.telemetry.metrics  # the registry: metrics.counter(name, help, labels).inc(values), ...
 
     def close(self) -> None:
+        self.catalog.close()
         self.pool.close()
-        self.ledger.close()
+        self.ledger.close(self.cfg.shutdown_grace)
         self.responses_store.close()
 
+    def apply_config(self, cfg: Config) -> tuple[list[str], list[str]]:
+        """Take a new configuration while serving: (changed keys, those of them that need a
+        restart). Everything is built first, so a configuration that fails (ConfigError) changes
+        nothing; then it is swapped in one step with no await in between, so a request sees the
+        old state or the new, never a mix, and keeps what it resolved at its start (its route,
+        provider and key, its prices). Code that reads self.cfg after an await sees the new
+        values: read what a request needs before its first await, or keep it on the Call.
+        Extend this for state of your own that a configuration builds."""
+        if not is_loopback_host(self.listening_on) and not cfg.api_keys and not cfg.allow_public_bind:
+            raise ConfigError(f"the gateway listens on {self.listening_on}: api_keys cannot be removed while it runs")
+        providers = build_providers(cfg)
+        router = Router(cfg, providers)
+        prices = PriceTable(cfg.prices)
+        api_keys = [k.strip() for k in cfg.api_keys.split(",") if k.strip()]
+        catalog = ModelCatalog(router, self.pool, cfg.anthropic_version)
+        changed = changed_settings(self.cfg, cfg)
+        restart = [key for key in changed if key in RESTART_KEYS]
+        old_catalog = self.catalog
+        self.cfg, self.providers, self.router, self.prices, self.api_keys = cfg, providers, router, prices, api_keys
+        self.catalog = catalog  # model lists fetched again, with the new providers and keys
+        old_catalog.close()
+        self._upstream_headers = {}
+        self.pool.connect_timeout, self.pool.read_timeout = cfg.upstream_connect_timeout, cfg.upstream_read_timeout
+        self.ledger.queue_size = cfg.ledger_queue_size
+        self.responses_store.retention = cfg.responses_retention_days * 86400
+        self.telemetry.apply_config(cfg)  # log level, format and file, the access log
+        return changed, restart
+
     # -- dispatch
-    def error_body(self, path: str, err: GatewayError) -> bytes:
+    def error_body(self, path: str, err: GatewayError, listener: Listener | None = None) -> bytes:
+        if listener is not None and listener.codec is not None and not listener.serves(path):
+            return dumps(listener.codec.encode_error(err))
         return dumps(self.client_codec(path).encode_error(err))
 
     def client_codec(self, path: str, method: str = "POST") -> Codec:
@@ -6732,20 +8136,28 @@ class Gateway:
             raise GatewayError(405, f"method {request.method} is not allowed on {path}; use {', '.join(allowed)}")
         raise GatewayError(404, f"no endpoint {request.method} {path}", "not_found_error")
 
-    async def handle(self, request: HttpRequest, exchange: Exchange) -> None:
+    async def handle(self, request: HttpRequest, exchange: Exchange, listener: Listener | None = None) -> None:
         call = Call(exchange, self.client_codec(request.path, request.method), request.path)
+        CURRENT_REQUEST_ID.set(exchange.request_id)  # log lines of this request carry its id
         try:
+            if listener is not None:
+                listener.admit(request, call)
             handler = self.find_handler(request)
             if request.path not in self.public:
                 self.authenticate(request, call)
+                if self.ledger.full:  # backpressure: the writer is behind or failing
+                    await self.ledger.wait_for_room()
             await handler(request, call)
         except GatewayError as err:
             if call.upstream_answered and isinstance(err, InvalidInput):  # a check failed on the answer
                 err = malformed_answer(err.message)
             self.fail(call, err)
         except (asyncio.CancelledError, ConnectionError):
-            call.error = "client disconnected"
-            exchange.status = 499
+            if self.cutting and not exchange.writer.transport.is_closing():
+                self.cut_by_shutdown(call)
+            else:
+                call.error = "client disconnected"
+                exchange.status = 499
             exchange.close_after = True
             raise
         except MALFORMED_INPUT as exc:  # input of a shape no check foresaw: its sender's fault, never a 500
@@ -6756,9 +8168,7 @@ class Gateway:
         finally:
             if call.ledgered:
                 self.record(call)
-            if log.isEnabledFor(logging.DEBUG) or exchange.status >= 400:
-                log.info("%s %s %s %s %s %.1fms", request.method, request.path, exchange.status, call.model_requested,
-                         call.provider, (time.monotonic() - call.started) * 1000)  # fmt: skip
+            self.telemetry.request_ended(call)  # metrics and the access log line
 
     @staticmethod
     def malformed(call: Call, request: HttpRequest, exc: Exception) -> GatewayError:
@@ -6799,6 +8209,20 @@ class Gateway:
             ex.end_stream()
             ex.close_after = True
 
+    def cut_by_shutdown(self, call: Call) -> None:
+        """A call still running at the shutdown deadline: a 503, or an error event in its stream,
+        and a ledger row that says it was cut (not that the client left)."""
+        ex = call.exchange
+        err = GatewayError(
+            503, f"the gateway is shutting down: this request was cut at the end of shutdown_grace "
+            f"({self.cfg.shutdown_grace:g} s); retry it", "overloaded_error",
+        )  # fmt: skip
+        if ex.streaming and not ex.finished and call.encoder is None:
+            ex.write(b"\n\n")  # a passthrough stream may be in the middle of an event: end it first
+        self.fail(call, err)
+        call.error = "cut by shutdown: " + err.message
+        ex.status = 503
+
     def record(self, call: Call) -> None:
         ex = call.exchange
         usage = call.usage
@@ -6806,10 +8230,18 @@ class Gateway:
         # milliseconds to 3 decimals; round(x) is cheap where round(x, 3) goes through dtoa
         latency = round((time.monotonic() - call.started) * 1e6) / 1000
         ttft = round((ex.first_byte_at - call.started) * 1e6) / 1000 if ex.first_byte_at else None
+        if call.lane == "loopback":
+            cost = 0.0  # the built-in model is free, whatever model name it answered to
+        else:
+            try:
+                cost = (call.prices or self.prices).cost(model, usage)
+            except (TypeError, ValueError, OverflowError):  # counts an upstream got wrong: priced as sane numbers
+                usage = Usage(*(max(ledger_int(getattr(usage, name)) or 0, 0) for name in Usage.__dataclass_fields__))
+                cost = (call.prices or self.prices).cost(model, usage)
         row = (
             call.ts, ex.request_id, call.api_key_id, call.user, call.codec.name, call.endpoint, call.lane, call.provider,
             call.model_requested, model, int(call.stream), ex.status or 499, usage.input_tokens, usage.output_tokens,
-            usage.cached_tokens, usage.reasoning_tokens, self.prices.cost(model, usage), latency, ttft, call.error[:1000],
+            usage.cached_tokens, usage.reasoning_tokens, cost, latency, ttft, str(call.error)[:1000],
         )  # fmt: skip
         self.ledger.record(row)
 
@@ -6817,36 +8249,42 @@ class Gateway:
     async def root(self, request: HttpRequest, call: Call) -> None:
         call.exchange.send_json(200, {"name": "tgw", "version": __version__, "status": "ok"})
 
+    async def metrics_text(self, request: HttpRequest, call: Call) -> None:
+        call.exchange.send(200, self.metrics.render(), PROMETHEUS_CONTENT_TYPE)
+
     async def health(self, request: HttpRequest, call: Call) -> None:
         providers = {
             name: {
                 "protocol": p.protocol,
                 "configured": p.configured,
-                **({"base_url": p.base_url} if p.base_url else {}),
+                **({"base_url": public_url(p.base_url)} if p.base_url else {}),
             }
             for name, p in self.providers.items()
         }
-        call.exchange.send_json(200, {
-            "status": "ok", "version": __version__, "work_mode": self.cfg.work_mode,
+        ledger = self.ledger.status()
+        healthy = ledger["state"] == "running"  # a gateway that cannot record what it serves is not ok
+        call.exchange.send_json(200 if healthy else 503, {
+            "status": "ok" if healthy else "degraded", "version": __version__, "work_mode": self.cfg.work_mode,
             "offline": self.router.offline, "routes": [f"{g}=>{p}" for g, p in self.router.rules],
-            "aliases": self.router.aliases, "providers": providers,
+            "aliases": {**self.router.aliases, **dict(self.router.alias_globs)}, "providers": providers,
             "uptime_s": round(time.time() - self.started_at, 1), "ledger_rows_written": self.ledger.written,
+            "ledger": ledger,
         })  # fmt: skip
 
     async def list_models(self, request: HttpRequest, call: Call) -> None:
         if is_gemini_client(request):
             await self.gemini_list_models(request, call)
             return
-        models = self.router.listed_models()
+        models = await self.catalog.models()
         if "anthropic-version" in request.headers or "x-api-key" in request.headers:
-            data = [
-                {"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"} for m, _ in models
-            ]
+            data = [{"type": "model", "id": m.id, "display_name": m.display_name or m.id,
+                     "created_at": m.created_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created or 1735689600))}
+                    for m in models]  # fmt: skip
             body = {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
         else:
             body = {
                 "object": "list",
-                "data": [{"id": m, "object": "model", "created": 0, "owned_by": p} for m, p in models],
+                "data": [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.provider} for m in models],
             }
         call.exchange.send_json(200, body)
 
@@ -6858,7 +8296,8 @@ class Gateway:
     # -- model calls
     def begin_model_call(self, call: Call, model: str, stream: bool) -> Route:
         call.ledgered = True
-        call.model_requested = model if len(model) <= MODEL_NAME_MAX else model[:MODEL_NAME_MAX]
+        call.prices = self.prices  # the prices of the config this call started with (see apply_config)
+        call.model_requested = model
         call.stream = stream
         route = self.router.resolve(model)
         call.provider = route.provider.name
@@ -7055,10 +8494,10 @@ class Gateway:
                     for ev in upstream_events(observer.feed, sse):  # bytes go on as sent; usage is read
                         self.observe(call, ev)
                 if hide_usage:
-                    ex.write(b"".join(sse.raw for sse in events if not is_usage_only_chunk(sse)))
+                    chunk = b"".join(sse.raw for sse in events if not is_usage_only_chunk(sse))
                 else:
-                    ex.write(chunk)
                     heartbeat.mid_event = bool(parser.buffer)
+                ex.write(redact.raw(chunk) if call.error else chunk)  # an upstream error event may quote a key
                 await ex.drain()
             for sse in parser.finish():  # an unterminated last event: its bytes went out already
                 ex.write(sse.raw if hide_usage else b"\n\n")
@@ -7083,6 +8522,7 @@ class Gateway:
         attempts = max(self.cfg.upstream_retries, 0) + 1
         for attempt in range(attempts):
             last = attempt == attempts - 1
+            self.telemetry.upstream_attempt(provider.name, attempt)
             try:
                 resp = await self.pool.request("POST", url, headers, body)
             except GatewayError as err:
@@ -7124,6 +8564,40 @@ class Gateway:
                 self._upstream_headers.clear()
             self._upstream_headers[key] = headers
         return headers
+
+    # -- legacy Completions
+    async def completions(self, request: HttpRequest, call: Call) -> None:
+        """POST /v1/completions: passthrough to OpenAI-compatible servers, translated for the rest
+        (see CompletionsCodec)."""
+        body = parse_json_body(request.body)
+        model = field_of(body, "model", str, required=True)
+        stream = bool(field_of(body, "stream", bool, default=False))
+        call.codec = COMPLETIONS_CODEC
+        route = self.begin_model_call(call, model, stream)
+        lane = self.choose_lane(call, route, route.provider.protocol == "openai")
+        if lane == "passthrough":
+            await self.passthrough(request, call, route, body, "completions")
+            return
+        reqs = COMPLETIONS_CODEC.decode_request(body)
+        if len(reqs) == 1:
+            await self.canonical_call(request, call, route, reqs[0], lane)
+            return
+        results = [await self.complete_unsent(request, call, route, req, lane) for req in reqs]
+        answer = COMPLETIONS_CODEC.encode_choices(results, reqs)
+        call.usage = OPENAI_CODEC.decode_usage(answer["usage"])
+        call.exchange.send_json(200, answer)
+
+    async def complete_unsent(
+        self, request: HttpRequest, call: Call, route: Route, req: Request, lane: str
+    ) -> Response:
+        """One whole canonical answer, not sent to the client (choices asked one after another)."""
+        if lane == "loopback":
+            return self.loopback.complete(req)
+        upstream_codec = self.codecs[route.provider.protocol]
+        body = upstream_codec.encode_request(req, route.model, route.provider)
+        url = route.provider.url(CALL_OPERATIONS[route.provider.protocol], route.model, False)
+        resp = await self.send_upstream(call, route.provider, url, dumps(body), request, upstream_codec)
+        return upstream_codec.decode_response(json_or_502(await resp.read(), route.provider.name))
 
     # -- Responses API
     async def responses(self, request: HttpRequest, call: Call) -> None:
@@ -7228,12 +8702,16 @@ class Gateway:
             return
         call.exchange.send_json(200, {"totalTokens": gemini_count_tokens_estimate(body)})
 
-    def gemini_model_info(self, model: str) -> dict:
-        return {"name": f"models/{model}", "displayName": model, "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
+    def gemini_model_info(self, model: str, listed: ListedModel | None = None) -> dict:
+        info = {"name": f"models/{model}", "displayName": (listed and listed.display_name) or model,
+                "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
                 "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens"]}  # fmt: skip
+        info.update((listed and listed.gemini) or {})
+        return info
 
     async def gemini_list_models(self, request: HttpRequest, call: Call) -> None:
-        call.exchange.send_json(200, {"models": [self.gemini_model_info(m) for m, _ in self.router.listed_models()]})
+        models = await self.catalog.models()
+        call.exchange.send_json(200, {"models": [self.gemini_model_info(m.id, m) for m in models]})
 
     async def gemini_get_model(self, request: HttpRequest, call: Call) -> None:
         model = request.path.split("/models/", 1)[1]
@@ -7484,6 +8962,143 @@ class FilteredEncoder:
         return getattr(self.encoder, name)
 
 
+# ---- ports: endpoint bundles, multiport mode ----------------------------------------------
+#
+# Tokligence Gateway's endpoint bundles and multiport mode. Every listener serves a set of
+# bundles; the facade (facade_port) serves facade_endpoints, all of them by default, in both
+# modes. multiport_mode = true adds one listener per dedicated port (admin, openai, anthropic,
+# gemini), each serving only its *_endpoints; port 0 turns one off (the facade's 0 picks a free
+# port). All listeners share one Gateway: one ledger, one upstream pool, one metrics registry.
+# A path outside a port's bundles gets a 404 in that port's protocol.
+
+# Tokligence Gateway's bundle names, and the other spellings it accepts for them
+ENDPOINT_BUNDLES = ("openai_core", "openai_responses", "anthropic", "gemini_native", "admin", "health")
+BUNDLE_ALIASES = {"openai": "openai_core", "openai-chat": "openai_core", "openai_default": "openai_core",
+                  "responses": "openai_responses", "gemini": "gemini_native", "status": "health"}  # fmt: skip
+# listener name -> (port key, bundles key, protocol its 404s speak; None: the protocol of the path)
+LISTENERS = {
+    "facade": ("facade_port", "facade_endpoints", None),
+    "admin": ("admin_port", "admin_endpoints", "openai"),
+    "openai": ("openai_port", "openai_endpoints", "openai"),
+    "anthropic": ("anthropic_port", "anthropic_endpoints", "anthropic"),
+    "gemini": ("gemini_port", "gemini_endpoints", "gemini"),
+}
+PORT_KEYS = tuple(port_key for port_key, _, _ in LISTENERS.values())
+# Paths of each bundle: exact ones, then prefixes. /metrics sits with the admin API; the
+# facade serves it too (where Tokligence Gateway documents it, on the main port).
+BUNDLE_PATHS = {"/v1/chat/completions": "openai_core", "/v1/embeddings": "openai_core", "/v1/models": "openai_core",
+                "/v1/completions": "openai_core", "/health": "health", "/": "health", "/metrics": "admin"}  # fmt: skip
+BUNDLE_PREFIXES = (
+    ("/v1/models/", "openai_core"), ("/v1/responses", "openai_responses"), ("/v1/messages", "anthropic"),
+    ("/anthropic/", "anthropic"), ("/v1beta/", "gemini_native"), ("/api/v1/admin", "admin"), ("/api/v1/usage", "admin"),
+)  # fmt: skip
+
+
+def parse_bundles(text: str, key: str) -> frozenset:
+    """'openai_core, health' as a set of bundle names; empty means the key's default (as in Tokligence)."""
+    names = [name.strip().lower() for name in text.split(",") if name.strip()] or CONFIG_KEYS[key][0].split(",")
+    bundles = set()
+    for name in names:
+        name = BUNDLE_ALIASES.get(name, name)
+        if name not in ENDPOINT_BUNDLES:
+            raise ConfigError(
+                f"unknown endpoint bundle {name!r} in {key}: expected some of {', '.join(ENDPOINT_BUNDLES)}"
+            )
+        bundles.add(name)
+    return frozenset(bundles)
+
+
+def validate_multiport(values: dict) -> None:
+    for _, bundles_key, _ in LISTENERS.values():
+        parse_bundles(values[bundles_key], bundles_key)
+    if values["multiport_mode"]:
+        taken: dict[int, str] = {}
+        for port_key in PORT_KEYS:
+            port = values[port_key]
+            if port and port in taken:
+                raise ConfigError(f"{port_key} and {taken[port]} are both {port}: each listener needs its own port")
+            taken[port] = port_key
+
+
+def endpoint_bundle(path: str, method: str = "POST", request: HttpRequest | None = None) -> str:
+    """The bundle a path belongs to ('' for none). GET /v1/models belongs to the protocol its
+    caller speaks, told the way list_models tells it."""
+    path = path.rstrip("/") or "/"
+    bundle = BUNDLE_PATHS.get(path) or next((b for prefix, b in BUNDLE_PREFIXES if path.startswith(prefix)), "")
+    if bundle == "openai_core" and path.startswith("/v1/models"):
+        if is_gemini_call_path(path, method) or (request is not None and is_gemini_client(request)):
+            return "gemini_native"
+        if (
+            path == "/v1/models"
+            and request is not None
+            and ("anthropic-version" in request.headers or "x-api-key" in request.headers)
+        ):
+            return "anthropic"
+    return bundle
+
+
+@dataclass
+class Listener:
+    """One port: the bundles it serves (None: every one, so nothing is checked) and the codec
+    its 404s speak (None: the protocol of the path)."""
+
+    name: str
+    port: int
+    bundles: frozenset | None
+    codec: Codec | None = None
+
+    def serves(self, path: str, method: str = "POST", request: HttpRequest | None = None) -> bool:
+        return self.bundles is None or endpoint_bundle(path, method, request) in self.bundles
+
+    def bundle_list(self) -> str:
+        return ", ".join(b for b in ENDPOINT_BUNDLES if self.bundles is None or b in self.bundles)
+
+    def admit(self, request: HttpRequest, call: Call) -> None:
+        """A path outside this port's bundles: 404 in the port's protocol."""
+        if not self.serves(request.path, request.method, request):
+            call.codec = self.codec or call.codec
+            raise GatewayError(
+                404, f"no endpoint {request.method} {request.path} on the {self.name} port (it serves "
+                f"{self.bundle_list()})", "not_found_error",
+            )  # fmt: skip
+
+
+def listeners_of(cfg: Config, codecs: dict) -> list[Listener]:
+    listeners = []
+    for name in LISTENERS if cfg.multiport_mode else ("facade",):
+        port_key, bundles_key, protocol = LISTENERS[name]
+        port = getattr(cfg, port_key)
+        if name != "facade" and not port:
+            continue
+        bundles = parse_bundles(getattr(cfg, bundles_key), bundles_key)
+        everything = bundles == frozenset(ENDPOINT_BUNDLES)
+        listeners.append(Listener(name, port, None if everything else bundles, codecs[protocol] if protocol else None))
+    return listeners
+
+
+async def start_listeners(cfg: Config, gateway: Gateway) -> dict[str, HttpServer]:
+    """One HttpServer per listener, all handing requests to `gateway`; on a failure the ones
+    started are closed and the failure is told as a ConfigError naming the port."""
+    servers: dict[str, HttpServer] = {}
+    try:
+        for listener in listeners_of(cfg, gateway.codecs):
+            handle = (
+                gateway.handle if listener.bundles is None else functools.partial(gateway.handle, listener=listener)
+            )
+            server = HttpServer(cfg, handle, functools.partial(gateway.error_body, listener=listener))
+            try:
+                listener.port = await server.start(cfg.host, listener.port)
+            except OSError as exc:
+                raise StartupError(listen_error(cfg.host, listener.port, LISTENERS[listener.name][0], exc)) from None
+            servers[listener.name] = server
+            gateway.listeners[listener.name] = listener
+    except BaseException:
+        for server in servers.values():
+            await server.drain_and_close(0)
+        raise
+    return servers
+
+
 # ---- running it -----------------------------------------------------------------------
 
 
@@ -7511,42 +9126,742 @@ async def serve(cfg: Config, ready=None, stop: asyncio.Event | None = None) -> N
             "your provider keys. Set api_keys, or pass --allow-public-bind if you mean it."
         )
     gateway = Gateway(cfg)
-    server = HttpServer(cfg, gateway.handle, gateway.error_body)
-    port = await server.start(cfg.host, cfg.facade_port)
+    try:
+        servers = await start_listeners(cfg, gateway)
+    except BaseException:
+        gateway.close()
+        raise
+    gateway.servers = servers
+    port = gateway.listeners["facade"].port
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    watcher = ConfigWatcher(gateway, list(servers.values()))
+    signals = [(signal.SIGINT, stop.set), (signal.SIGTERM, stop.set)]
+    if hasattr(signal, "SIGHUP"):
+        signals.append((signal.SIGHUP, lambda: loop.create_task(watcher.reload("SIGHUP"))))
+    for sig, action in signals:
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, action)
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread (tests) or not supported
+    watching = loop.create_task(watcher.watch())
     mode = (
         "offline: every model is answered by loopback"
         if gateway.router.offline
         else f"routes: {gateway.router.describe_routes()}"
     )
     release_startup_memory()
-    print(f"tgw {__version__} listening on http://{cfg.host}:{port} (work_mode={cfg.work_mode}; {mode})", flush=True)
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host  # an IPv6 address, as a URL writes it
+    print(f"tgw {__version__} listening on http://{host}:{port} (work_mode={cfg.work_mode}; {mode})", flush=True)
+    for listener in list(gateway.listeners.values())[1:]:
+        print(f"  {listener.name} port: http://{host}:{listener.port} ({listener.bundle_list()})", flush=True)
     if ready is not None:
         ready(port, gateway)
     try:
         await stop.wait()
     finally:
-        log.info("shutting down: finishing in-flight requests (up to %gs)", cfg.shutdown_grace)
-        await server.drain_and_close(cfg.shutdown_grace)
+        watching.cancel()
+        grace = gateway.cfg.shutdown_grace
+        log.info("shutting down: finishing in-flight requests (up to %gs)", grace)
+        cut = functools.partial(setattr, gateway, "cutting", True)
+        await asyncio.gather(*(server.drain_and_close(grace, on_cut=cut) for server in servers.values()))
         gateway.close()
         log.info("ledger flushed (%d rows written this run)", gateway.ledger.written)
 
 
+def listen_error(host: str, port: int, port_key: str, exc: OSError) -> str:
+    """Why the gateway cannot listen, in one line with what to do."""
+    where = f"{host}:{port} ({port_key})"
+    if exc.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {where}: address already in use (another tgw?); stop it, or choose "
+                f"another port with {'--port or ' if port_key == 'facade_port' else ''}{port_key}")  # fmt: skip
+    if exc.errno == errno.EACCES:
+        return f"cannot listen on {where}: permission denied (ports below 1024 need privileges); choose another"
+    return f"cannot listen on {where}: {exc.strerror or exc}"
+
+
 # ======================================================================================
-# 10. CLI
+# 10. Observability: logs, metrics
+# ======================================================================================
+#
+# Logs. Every record goes through one queue to one thread (tgw-log), which formats it (text or
+# JSON, every known secret redacted) and writes it to stderr and to log_file, so the event loop
+# never waits on a disk or a pipe. Records made while a request runs carry its request id (the
+# client's X-Request-Id when it is a safe one, else a fresh id; returned in the response and
+# written to the ledger row). log_file rotates each UTC day and at log_max_mb, the way Tokligence
+# Gateway names its files: gateway.log -> gateway-2026-01-05.log, gateway-2026-01-05-2.log, ...,
+# with gateway.log a symlink to the current one; log_max_files of them are kept.
+#
+# Metrics. A small in-process registry, rendered at GET /metrics in Prometheus's text format
+# 0.0.4. Its API, for any part of the gateway that wants a metric:
+#
+#     hits = gateway.metrics.counter("tgw_things_total", "Things done, by kind", ("kind",))
+#     hits.inc(("big",))                    # label values in the order the labels were named
+#     hits.inc(("small",), 3)
+#     gateway.metrics.gauge("tgw_open_things", "Things open now", callback=lambda: len(things))
+#     gateway.metrics.gauge("tgw_thing_state", "...", ("name",), callback=lambda: [(("a",), 1), (("b",), 0)])
+#     gateway.metrics.histogram("tgw_thing_seconds", "...", ("kind",), buckets=(0.1, 1, 10)).observe(("big",), 0.4)
+#
+# A callback runs at scrape time and returns a number, or (label values, number) pairs. Each
+# metric keeps at most MAX_SERIES label combinations (more fold into one "other" series), and
+# model names, which clients choose, are capped at MAX_MODEL_LABELS distinct values. The
+# gateway's own metrics live in Telemetry and are updated from the one place a request ends
+# (Gateway.handle -> Telemetry.request_ended): a few dict operations per request.
+
+CURRENT_REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("tgw_request_id", default="")
+_safe_request_id = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}").fullmatch
+
+
+def request_id_of(request: HttpRequest) -> str:
+    """The client's X-Request-Id when it is short and made of safe characters, else a new id."""
+    given = request.headers.get("x-request-id")
+    if given and _safe_request_id(given):
+        return given
+    return new_id("req_")
+
+
+# ---- logs -----------------------------------------------------------------------------
+
+ACCESS_LINE = (
+    "%(method)s %(path)s %(status)s %(latency_ms).1fms lane=%(lane)s provider=%(provider)s model=%(model)s "
+    "tokens=%(prompt_tokens)s+%(completion_tokens)s"
+)  # one line per request; log_format = json writes its fields instead
+
+
+class RedactingFormatter(logging.Formatter):
+    """Log lines with every known secret taken out (see SecretRedactor)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+# Control characters a client put in a path or a model name, shown as escapes: a text log line stays
+# one line (no forged lines) and sends no escape sequence to the terminal reading it
+_LOG_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), *range(127, 160)] if c != 9} | {10: "\\n", 13: "\\r"}
+
+
+class TextLogFormatter(RedactingFormatter):
+    """`time LEVEL logger: message request_id=...`, secrets redacted, control characters escaped."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # the line; a traceback follows it as it is
+        return super().formatMessage(record).translate(_LOG_CONTROL_ESCAPES)
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        request_id = getattr(record, "request_id", "")
+        return f"{line} request_id={request_id}" if request_id else line
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg (or a request's fields), request_id."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        if getattr(record, "request_id", ""):
+            entry["request_id"] = record.request_id
+        if record.msg is ACCESS_LINE and isinstance(record.args, dict):
+            entry["event"] = "request"
+            entry.update(record.args)
+        else:
+            entry["msg"] = redact(record.getMessage())
+        if record.exc_info:
+            entry["exc"] = redact(self.formatException(record.exc_info))
+        return redact(json.dumps(entry, separators=(",", ":"), default=str))
+
+
+class RotatingLogFile(logging.Handler):
+    """log_file, rotated each UTC day and when the next line would take it past `max_bytes`.
+    Writes are buffered; the log thread flushes after each batch. `clock` is injectable."""
+
+    MAX_INDEX = 10000  # files of one day
+
+    def __init__(self, path: str, max_bytes: int, keep: int, clock=time.time):
+        super().__init__()
+        self.base = Path(path).expanduser()
+        self.stem, self.ext = self.base.stem, self.base.suffix or ".log"
+        self.name_pattern = re.compile(
+            re.escape(self.stem) + r"-(\d{4}-\d{2}-\d{2})(?:-(\d+))?" + re.escape(self.ext)
+        ).fullmatch
+        self.max_bytes = max(int(max_bytes), 1)
+        self.keep = max(keep, 1)
+        self.clock = clock
+        self.stream = None
+        self.path: Path | None = None
+        self.day = ""
+        self.index = 1
+        self.size = 0
+        self.next_day_at = 0.0
+        self.failing = False  # the last write failed (said once on stderr until one succeeds)
+        self.dropped = 0  # lines lost to failed writes
+
+    @staticmethod
+    def check(path: str) -> None:
+        """Fail early (at startup) when the log directory cannot be written."""
+        directory = Path(path).expanduser().parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if not os.access(directory, os.W_OK):
+                raise PermissionError(f"{directory} is not writable")
+        except OSError as exc:
+            raise ConfigError(f"invalid value {path!r} for log_file: {exc}") from None
+
+    def file_for(self, day: str, index: int) -> Path:
+        suffix = f"-{index}" if index > 1 else ""
+        return self.base.with_name(f"{self.stem}-{day}{suffix}{self.ext}")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+            now = self.clock()
+            if self.stream is None or now >= self.next_day_at:
+                self.next_day_at = now - now % 86400 + 86400  # the next UTC midnight
+                self.open(time.strftime("%Y-%m-%d", time.gmtime(now)), 1, len(data))
+            elif self.size + len(data) > self.max_bytes:
+                self.open(self.day, self.index + 1, len(data))
+            self.stream.write(data)
+            self.size += len(data)
+        except Exception:
+            self.handleError(record)
+
+    def open(self, day: str, index: int, incoming: int) -> None:
+        """The day's file number `index`, or the first after it with room (a restart resumes)."""
+        self.close_stream()
+        self.base.parent.mkdir(parents=True, exist_ok=True)
+        path = self.file_for(day, index)
+        while path.exists() and path.stat().st_size + incoming > self.max_bytes and index < self.MAX_INDEX:
+            index += 1
+            path = self.file_for(day, index)
+        # private to its user; a symlink planted at the name is not followed (ELOOP, told by handleError)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        self.stream = os.fdopen(fd, "ab", buffering=1 << 16)
+        self.path, self.day, self.index, self.size = path, day, index, self.stream.tell()
+        self.point_to(path)
+        self.prune()
+
+    def point_to(self, path: Path) -> None:
+        """log_file itself: a symlink to the current file (a real file there is left alone)."""
+        if self.base.exists() and not self.base.is_symlink():
+            return
+        temporary = self.base.with_name(f".{self.base.name}.{os.getpid()}")
+        try:
+            temporary.unlink(missing_ok=True)
+            os.symlink(path.name, temporary)
+            os.replace(temporary, self.base)
+        except OSError:  # no symlinks here (some filesystems, Windows without the privilege)
+            pass
+
+    def prune(self) -> None:
+        """Keep the newest `keep` files of this log."""
+        found = []
+        for entry in self.base.parent.iterdir():
+            match = self.name_pattern(entry.name)
+            if match and entry != self.path:
+                found.append((match.group(1), int(match.group(2) or 1), entry))
+        found.sort()
+        for _, _, entry in found[: max(len(found) - (self.keep - 1), 0)]:
+            try:
+                entry.unlink()
+            except OSError:
+                pass
+
+    def flush(self) -> None:
+        if self.stream is None:
+            return
+        try:
+            self.stream.flush()
+        except OSError:  # disk full, I/O error: the buffered lines are lost, the next line reopens the file
+            self.handleError(None)
+        else:
+            self.failing = False
+
+    def handleError(self, record: logging.LogRecord | None) -> None:
+        """A write that failed (disk full, the directory gone or unwritable): said once on stderr
+        rather than a traceback per line; the file is opened again for the next line."""
+        self.dropped += 1
+        if not self.failing:
+            self.failing = True
+            with contextlib.suppress(Exception):
+                sys.stderr.write(f"tgw: cannot write the log file {self.base}: {sys.exc_info()[1]}; log lines are "
+                                 "dropped until it can be written\n")  # fmt: skip
+        with contextlib.suppress(OSError):
+            self.close_stream()
+        self.stream = None
+
+    def close_stream(self) -> None:
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            stream.close()
+
+    def close(self) -> None:
+        self.close_stream()
+        super().close()
+
+
+class LogQueueHandler(logging.Handler):
+    """The only handler on the event loop's side: stamps the record with the current request's
+    id and hands it to the log thread (formatting and writing happen there)."""
+
+    def __init__(self, setup: LogSetup):
+        super().__init__()
+        self.setup = setup
+
+    def handle(self, record: logging.LogRecord) -> bool:  # no lock, no filters: a queue put
+        record.request_id = CURRENT_REQUEST_ID.get()
+        self.setup.put(record)
+        return True
+
+    emit = handle
+
+
+class LogSetup:
+    """The process's logging: one LogQueueHandler on the root logger, one thread writing to
+    stderr and log_file. apply(cfg) may be called again with a new config (live reload)."""
+
+    QUEUE_LIMIT = 100_000  # records waiting; beyond it new ones are counted and dropped (never the ledger)
+    BATCH = 512
+
+    def __init__(self):
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.handlers: list[logging.Handler] = []  # touched by the log thread only
+        self.handler: LogQueueHandler | None = None
+        self.thread: threading.Thread | None = None
+        self.dropped = 0
+        self.file: RotatingLogFile | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.thread is not None
+
+    def put(self, item) -> None:
+        if self.queue.qsize() >= self.QUEUE_LIMIT:
+            self.dropped += 1
+            return
+        self.queue.put(item)
+
+    def apply(self, cfg: Config | None = None, level: str = "info", clock=time.time) -> None:
+        """Level, format and log_file from `cfg` (or stderr text at `level` without one)."""
+        level = cfg.log_level if cfg is not None else level
+        formatter = JsonLogFormatter() if cfg is not None and cfg.log_format == "json" else TextLogFormatter()
+        stderr = logging.StreamHandler(sys.stderr)
+        stderr.setFormatter(formatter)
+        handlers: list[logging.Handler] = [stderr]
+        log_file = cfg.log_file if cfg is not None else ""
+        if log_file:
+            stderr.setLevel(logging.WARNING)  # the file has everything; the terminal keeps the problems
+            settings = (str(Path(log_file).expanduser()), int(cfg.log_max_mb * (1 << 20)), cfg.log_max_files)
+            old = self.file
+            if old is None or (str(old.base), old.max_bytes, old.keep) != settings:  # else keep writing where it is
+                self.file = RotatingLogFile(*settings, clock)
+            self.file.setFormatter(formatter)
+            handlers.append(self.file)
+        else:
+            self.file = None
+        root = logging.getLogger()
+        root.setLevel(getattr(logging, level.upper()))
+        if self.thread is None:
+            self.handler = LogQueueHandler(self)
+            root.addHandler(self.handler)
+            self.thread = threading.Thread(target=self._run, name="tgw-log", daemon=True)
+            self.thread.start()
+            atexit.register(self.close)
+        self.queue.put(functools.partial(self._swap, handlers))  # control messages are never dropped
+
+    def _swap(self, handlers: list) -> None:  # on the log thread
+        for handler in self.handlers:
+            if handler not in handlers:
+                handler.close()
+        self.handlers = handlers
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            while len(batch) < self.BATCH:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            for item in batch:
+                if item is None:
+                    self._swap([])
+                    return
+                if callable(item):  # a control message (new handlers, a flush marker)
+                    try:
+                        item()
+                    except Exception:  # the thread must outlive a bad handler
+                        traceback.print_exc(file=sys.stderr)
+                    continue
+                for handler in self.handlers:
+                    if item.levelno >= handler.level:
+                        handler.handle(item)
+            self._flush_handlers()
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every record logged so far is written."""
+        if self.thread is not None:
+            done = threading.Event()
+            self.queue.put(lambda: (self._flush_handlers(), done.set()))
+            done.wait(timeout)
+
+    def _flush_handlers(self) -> None:  # on the log thread, which must outlive a failing flush
+        for handler in self.handlers:
+            try:
+                handler.flush()
+            except Exception:  # stderr a closed pipe, say: nothing to tell it to
+                pass
+
+    def close(self) -> None:
+        """Write what is queued, close the files, take the handler off the root logger."""
+        if self.thread is None:
+            return
+        logging.getLogger().removeHandler(self.handler)
+        self.queue.put(None)
+        self.thread.join(10)
+        self.thread = self.handler = self.file = None
+        atexit.unregister(self.close)
+
+
+LOGS = LogSetup()
+
+
+def setup_logging(level: str, cfg: Config | None = None) -> None:
+    """The process's logging: stderr text at `level`, or everything `cfg` says (log_* keys)."""
+    if cfg is not None and cfg.log_file:
+        RotatingLogFile.check(cfg.log_file)
+    LOGS.apply(cfg, level)
+
+
+# ---- metrics ----------------------------------------------------------------------------
+
+ENDPOINT_FAMILIES = (  # path prefix -> its endpoint label (paths that hold ids or model names)
+    ("/v1/models/", "/v1/models/{id}"), ("/v1beta/models/", "/v1beta/models/{id}"),
+    ("/v1/responses/", "/v1/responses/{id}"), ("/api/v1/admin/", "/api/v1/admin/*"),
+    ("/api/v1/usage/", "/api/v1/usage/*"),
+)  # fmt: skip
+MAX_SERIES = 10000  # label combinations per metric
+MAX_MODEL_LABELS = 200  # distinct model names; the rest are "other"
+MAX_LABEL_LENGTH = 200  # characters of a label value a client chose
+MAX_TOKENS = 1e9  # a usage number (or cost) beyond this in one answer is an upstream's nonsense: not counted
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120)
+_metric_name = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*").fullmatch
+_label_name = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*").fullmatch
+
+
+def prometheus_value(value) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    value = float(value)
+    if value != value:
+        return "NaN"
+    if value in (math.inf, -math.inf):
+        return "+Inf" if value > 0 else "-Inf"
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+_LABEL_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n"})
+_HELP_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n"})
+
+
+def prometheus_labels(names: tuple, values: tuple, le: str = "") -> str:
+    """{a="x",b="y"} with values escaped (backslash, double quote, newline), or '' for none."""
+    pairs = [f'{name}="{str(value).translate(_LABEL_ESCAPES)}"' for name, value in zip(names, values, strict=True)]
+    if le:
+        pairs.append(f'le="{le}"')
+    return "{" + ",".join(pairs) + "}" if pairs else ""
+
+
+class Metric:
+    kind = "untyped"
+
+    def __init__(self, name: str, help: str, labels: tuple = (), callback=None):
+        if not _metric_name(name) or not all(_label_name(label) and label != "le" for label in labels):
+            raise ValueError(f"invalid metric or label name in {name}{labels}")
+        self.name = name
+        self.help = help
+        self.labels = tuple(labels)
+        self.callback = callback  # at scrape time: a number, or an iterable of (label values, number)
+        self.values: dict[tuple, object] = {}
+        self.other = ("other",) * len(self.labels)
+
+    def key_for(self, labels: tuple) -> tuple:
+        """A new series' key: checked once, then folded into "other" past MAX_SERIES."""
+        if len(labels) != len(self.labels):
+            raise ValueError(f"{self.name} takes labels {self.labels}, got {labels!r}")
+        return labels if len(self.values) < MAX_SERIES else self.other
+
+    def series(self):
+        if self.callback is None:
+            return list(self.values.items())
+        result = self.callback()
+        if isinstance(result, (int, float)):
+            return [((), result)]
+        return [(tuple(labels), value) for labels, value in result]
+
+    def render(self, out: list) -> None:
+        out.append(f"# HELP {self.name} {self.help.translate(_HELP_ESCAPES)}\n# TYPE {self.name} {self.kind}\n")
+        for labels, value in self.series():
+            out.append(f"{self.name}{prometheus_labels(self.labels, labels)} {prometheus_value(value)}\n")
+
+
+class Counter(Metric):
+    kind = "counter"
+
+    def inc(self, labels: tuple = (), amount: float = 1) -> None:
+        try:
+            self.values[labels] += amount
+        except KeyError:
+            key = self.key_for(labels)
+            self.values[key] = self.values.get(key, 0) + amount
+
+
+class Gauge(Counter):
+    """A counter that may also go down, or be set."""
+
+    kind = "gauge"
+
+    def set(self, labels: tuple, value: float) -> None:
+        self.values[labels if labels in self.values else self.key_for(labels)] = value
+
+    def dec(self, labels: tuple = (), amount: float = 1) -> None:
+        self.inc(labels, -amount)
+
+
+class Histogram(Metric):
+    """Fixed buckets; per series a list of counts per bucket (the last one +Inf) and the sum."""
+
+    kind = "histogram"
+
+    def __init__(self, name: str, help: str, labels: tuple = (), buckets=LATENCY_BUCKETS):
+        super().__init__(name, help, labels)
+        self.buckets = tuple(sorted(float(b) for b in buckets))
+        self.bounds = [prometheus_value(b) for b in self.buckets] + ["+Inf"]
+
+    def observe(self, labels: tuple, value: float) -> None:
+        counts = self.values.get(labels)
+        if counts is None:
+            counts = self.values.setdefault(self.key_for(labels), [0] * (len(self.buckets) + 1) + [0.0])
+        counts[bisect.bisect_left(self.buckets, value)] += 1
+        counts[-1] += value
+
+    def render(self, out: list) -> None:
+        out.append(f"# HELP {self.name} {self.help.translate(_HELP_ESCAPES)}\n# TYPE {self.name} histogram\n")
+        for labels, counts in list(self.values.items()):
+            cumulative = 0
+            for bound, count in zip(self.bounds, counts, strict=False):
+                cumulative += count
+                out.append(f"{self.name}_bucket{prometheus_labels(self.labels, labels, bound)} {cumulative}\n")
+            text = prometheus_labels(self.labels, labels)
+            out.append(f"{self.name}_sum{text} {prometheus_value(counts[-1])}\n{self.name}_count{text} {cumulative}\n")
+
+
+class Metrics:
+    """The registry: metrics by name, rendered in the order they were made."""
+
+    def __init__(self):
+        self.metrics: dict[str, Metric] = {}
+
+    def _add(self, metric: Metric) -> Metric:
+        if metric.name in self.metrics:
+            raise ValueError(f"metric {metric.name} is already registered")
+        self.metrics[metric.name] = metric
+        return metric
+
+    def counter(self, name: str, help: str, labels: tuple = (), callback=None) -> Counter:
+        return self._add(Counter(name, help, labels, callback))
+
+    def gauge(self, name: str, help: str, labels: tuple = (), callback=None) -> Gauge:
+        return self._add(Gauge(name, help, labels, callback))
+
+    def histogram(self, name: str, help: str, labels: tuple = (), buckets=LATENCY_BUCKETS) -> Histogram:
+        return self._add(Histogram(name, help, labels, buckets))
+
+    def render(self) -> bytes:
+        out: list[str] = []
+        for metric in list(self.metrics.values()):
+            try:
+                metric.render(out)
+            except Exception:  # one broken callback must not hide every other metric
+                log.exception("metrics: rendering %s failed", metric.name)
+        # label values a client or an upstream chose may hold a secret or a lone surrogate
+        return redact("".join(out)).encode("utf-8", "replace")
+
+
+class LabelCap:
+    """Label values a client chooses (model names): the first `limit` distinct ones, then "other"."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self.seen:
+            return value
+        value = value[:MAX_LABEL_LENGTH].encode("utf-8", "replace").decode()  # JSON's "\ud800" is no UTF-8
+        if value in self.seen:
+            return value
+        if len(self.seen) < self.limit:
+            self.seen.add(value)
+            return value
+        return "other"
+
+
+class Telemetry:
+    """The gateway's metrics and its access log line, both fed when a request ends.
+
+    Hooks for the upstream side (resilience): upstream_attempt() per attempt (the retry loop
+    calls it), `failovers.inc((from_provider, to_provider))`, and `breakers.callback`, set to a
+    function returning ((provider, account), state) pairs with state 0 closed, 1 half-open, 2 open."""
+
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+        m = self.metrics = Metrics()
+        self.requests = m.counter(
+            "tgw_requests_total", "Requests answered, by endpoint, lane, provider, model and HTTP status",
+            ("endpoint", "lane", "provider", "model", "status"),
+        )  # fmt: skip
+        self.latency = m.histogram(
+            "tgw_request_duration_seconds", "Seconds from a request's head to its answer's end",
+            ("endpoint", "lane", "provider"), LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.ttft = m.histogram(
+            "tgw_time_to_first_token_seconds", "Streamed model calls: seconds until the first byte reached the client",
+            ("lane", "provider"), TTFT_BUCKETS,
+        )  # fmt: skip
+        self.tokens = m.counter(
+            "tgw_tokens_total", "Tokens by provider, model and kind (cached is part of prompt, reasoning of completion)",
+            ("provider", "model", "kind"),
+        )  # fmt: skip
+        self.cost = m.counter("tgw_cost_usd_total", "Cost in USD from the price table", ("provider", "model"))
+        self.attempts = m.counter("tgw_upstream_attempts_total", "Upstream requests, retries included", ("provider",))
+        self.retries = m.counter("tgw_upstream_retries_total", "Upstream requests that were retries", ("provider",))
+        self.failovers = m.counter(
+            "tgw_upstream_failovers_total", "Requests moved to another upstream account or fallback model",
+            ("from_provider", "to_provider"),
+        )  # fmt: skip
+        self.breakers = m.gauge(
+            "tgw_upstream_breaker_state", "Circuit breaker per upstream account: 0 closed, 1 half-open, 2 open",
+            ("provider", "account"), callback=lambda: (),
+        )  # fmt: skip
+        ledger = gateway.ledger
+        m.gauge("tgw_requests_in_flight", "Requests being answered, by port", ("port",), callback=self.in_flight)
+        m.gauge("tgw_ledger_queue_depth", "Ledger rows waiting for the writer", callback=lambda: len(ledger.pending))
+        m.counter("tgw_ledger_rows_written_total", "Ledger rows written", callback=lambda: ledger.written)
+        m.counter("tgw_log_lines_dropped_total", "Log lines dropped: the log thread was behind",
+                  callback=lambda: LOGS.dropped)  # fmt: skip
+        m.gauge("tgw_uptime_seconds", "Seconds since the gateway started",
+                callback=lambda: time.time() - gateway.started_at)  # fmt: skip
+        m.gauge("tgw_build_info", "tgw's version", ("version",), callback=lambda: [((__version__,), 1)])
+        self.models = LabelCap(MAX_MODEL_LABELS)
+        self.route_paths = {path for _, path in gateway.routes}
+        self.endpoint_labels: dict[str, str] = {}
+        self.access_from = self.access_threshold(gateway.cfg)
+
+    @staticmethod
+    def access_threshold(cfg: Config) -> int:
+        """The lowest status that gets an access line (1000: none)."""
+        if cfg.access_log == "all" or (cfg.log_level == "debug" and cfg.access_log != "off"):
+            return 0
+        return 400 if cfg.access_log == "errors" else 1000
+
+    def apply_config(self, cfg: Config) -> None:
+        """The log settings that may change while running (log_level, log_format, log_file,
+        log_max_mb, log_max_files, access_log). Gateway.apply_config (live reload) calls this."""
+        self.access_from = self.access_threshold(cfg)
+        if LOGS.active:  # this process's logging is tgw's own (tgw serve), not a host program's
+            LOGS.apply(cfg)
+
+    def in_flight(self):
+        return [((name,), sum(p.busy for p in server.connections)) for name, server in self.gateway.servers.items()]
+
+    def endpoint_label(self, path: str) -> str:
+        """A bounded label for a path: a route's own path, its family, or "other"."""
+        label = self.endpoint_labels.get(path)
+        if label is None:
+            bare = path.rstrip("/") or "/"
+            if bare in self.route_paths:
+                label = bare
+            elif is_gemini_call_path(bare):
+                method = bare.rpartition(":")[2]
+                method = method if method in GEMINI_METHODS else "other"
+                label = bare.split("/models/", 1)[0] + "/models/{model}:" + method
+            else:
+                label = next((family for prefix, family in ENDPOINT_FAMILIES if bare.startswith(prefix)), "other")
+            if len(self.endpoint_labels) < 4096:
+                self.endpoint_labels[path] = label
+        return label
+
+    def upstream_attempt(self, provider: str, attempt: int) -> None:
+        self.attempts.inc((provider,))
+        if attempt:
+            self.retries.inc((provider,))
+
+    def request_ended(self, call: Call) -> None:
+        ex = call.exchange
+        status = ex.status or 499
+        elapsed = time.monotonic() - call.started
+        endpoint = self.endpoint_label(call.endpoint)
+        model_name = call.model_upstream or call.model_requested
+        model = self.models(model_name) if model_name else ""
+        provider = call.provider
+        self.requests.inc((endpoint, call.lane, provider, model, status))
+        self.latency.observe((endpoint, call.lane, provider), elapsed)
+        if call.ledgered:
+            usage = call.usage  # numbers by now (record() has priced it); bounded, as an upstream sent them
+            tokens = self.tokens
+            if 0 < usage.input_tokens < MAX_TOKENS:
+                tokens.inc((provider, model, "prompt"), usage.input_tokens)
+            if 0 < usage.output_tokens < MAX_TOKENS:
+                tokens.inc((provider, model, "completion"), usage.output_tokens)
+            if 0 < usage.cached_tokens < MAX_TOKENS:
+                tokens.inc((provider, model, "cached"), usage.cached_tokens)
+            if 0 < usage.reasoning_tokens < MAX_TOKENS:
+                tokens.inc((provider, model, "reasoning"), usage.reasoning_tokens)
+            cost = self.gateway.prices.cost(model_name, usage) if usage.input_tokens or usage.output_tokens else 0
+            if 0 < cost < MAX_TOKENS:
+                self.cost.inc((provider, model), cost)
+            if call.stream and ex.first_byte_at:
+                self.ttft.observe((call.lane, provider), ex.first_byte_at - call.started)
+        if status >= self.access_from and log.isEnabledFor(logging.INFO):
+            self.access_line(call, status, elapsed)
+
+    @staticmethod
+    def access_line(call: Call, status: int, elapsed: float) -> None:
+        ex = call.exchange
+        usage = call.usage
+        ttft = round((ex.first_byte_at - call.started) * 1e6) / 1000 if ex.first_byte_at else None
+        log.info(ACCESS_LINE, {
+            "method": ex.request.method, "path": call.endpoint[:1000], "status": status, "protocol": call.codec.name,
+            "lane": call.lane, "provider": call.provider, "model": call.model_requested[:MAX_LABEL_LENGTH],
+            "model_upstream": call.model_upstream[:MAX_LABEL_LENGTH], "stream": call.stream,
+            "prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
+            "cached_tokens": usage.cached_tokens,
+            "latency_ms": round(elapsed * 1e6) / 1000, "ttft_ms": ttft, "api_key_id": call.api_key_id,
+            "error": call.error[:500],
+        })  # fmt: skip
+
+
+# ======================================================================================
+# 11. CLI
 # ======================================================================================
 
 
-def add_config_flag(parser: argparse.ArgumentParser) -> None:
+def add_config_flag(parser: argparse.ArgumentParser, nested: bool = False) -> None:
+    """--config on a command, and again after an action (`config list --config X`): there it
+    only sets the value when given, so it never hides the command's own."""
     parser.add_argument(
-        "--config", help="gateway.ini to read (default: $TOKLIGENCE_CONFIG, ./gateway.ini, ~/.tokligence/gateway.ini)"
-    )
+        "--config", default=argparse.SUPPRESS if nested else None,
+        help="gateway.ini to read (default: $TOKLIGENCE_CONFIG, ./gateway.ini, ~/.tokligence/gateway.ini)",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -7567,17 +9882,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-public-bind", action="store_true", default=None, help="allow a non-loopback --host without api_keys"
     )
     serve_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    serve_p.add_argument("--pid-file", help=argparse.SUPPRESS)  # tgw start's daemon says here where it listens
 
     config_p = commands.add_parser("config", help="read and edit gateway.ini")
     add_config_flag(config_p)
     config_sub = config_p.add_subparsers(dest="action", required=True)
-    config_sub.add_parser("list", help="every key with its effective value and where it came from")
+    list_p = config_sub.add_parser("list", help="every key with its effective value and where it came from")
     get_p = config_sub.add_parser("get", help="one key's effective value")
     get_p.add_argument("key")
-    set_p = config_sub.add_parser("set", help="set a key in the ini file, keeping its comments")
+    set_p = config_sub.add_parser("set", help="set a key in the ini file (created if missing), keeping its comments")
     set_p.add_argument("key")
     set_p.add_argument("value")
-    config_sub.add_parser("example", help="print a gateway.ini with every key and its default")
+    example_p = config_sub.add_parser("example", help="print a gateway.ini with every key and its default")
+    for action_p in (list_p, get_p, set_p, example_p):
+        add_config_flag(action_p, nested=True)
 
     usage_p = commands.add_parser("usage", help="token and cost totals from the ledger")
     add_config_flag(usage_p)
@@ -7586,38 +9904,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     usage_p.add_argument("--days", type=float, default=30, help="look back this many days (default 30)")
     usage_p.add_argument("--json", action="store_true", help="print JSON")
+    usage_p.add_argument("--ledger-path", help="sqlite ledger file (default: the configured ledger_path)")
 
     logs_p = commands.add_parser("logs", help="the most recent requests in the ledger")
     add_config_flag(logs_p)
     logs_p.add_argument("-n", "--limit", type=int, default=20)
     logs_p.add_argument("--json", action="store_true", help="print JSON lines")
+    logs_p.add_argument("--ledger-path", help="sqlite ledger file (default: the configured ledger_path)")
+    add_gateway_commands(commands)
     return parser
 
 
-class RedactingFormatter(logging.Formatter):
-    """Log lines with every known secret taken out (see SecretRedactor)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+def set_flags(items: list[str]) -> dict:
+    """--set KEY=VALUE flags as config overrides."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip().lower()] = value
+    return overrides
 
 
 def cmd_serve(args) -> int:
     overrides = {"host": args.host, "facade_port": args.port, "work_mode": args.work_mode, "ledger_path": args.ledger_path,
                  "log_level": args.log_level, "allow_public_bind": args.allow_public_bind}  # fmt: skip
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip().lower()] = value
+    overrides.update(set_flags(args.set))
     cfg = load_config(args.config, overrides)
-    setup_logging(cfg.log_level)
-    asyncio.run(serve(cfg))
+    setup_logging(cfg.log_level, cfg)
+    pid_path = Path(args.pid_file) if args.pid_file else None
+    try:
+        asyncio.run(serve(cfg, functools.partial(announce_daemon, pid_path, cfg) if pid_path else None))
+    finally:
+        if pid_path:
+            remove_pid_file(pid_path, os.getpid())
+        LOGS.close()
     return 0
 
 
@@ -7625,37 +9946,75 @@ def cmd_config(args) -> int:
     if args.action == "example":
         print(write_example_config())
         return 0
-    cfg = load_config(args.config)
     if args.action == "set":
-        path = cfg.path or Path(args.config or os.environ.get("TOKLIGENCE_CONFIG") or "gateway.ini")
-        config_set_in_file(path, args.key, args.value)
-        shown = mask_secret(args.value) if args.key.lower() in SECRET_KEYS else args.value
-        print(f"{args.key.lower()} = {shown}  (written to {path})")
-        return 0
+        return cmd_config_set(args)
+    cfg = load_config(args.config)
     if args.action == "get":
         key = args.key.lower()
         if key not in cfg.values:
             raise ConfigError(f"unknown key {key!r}; run 'tgw config list' for the accepted keys")
-        value = cfg.values[key]
-        print(mask_secret(value) if key in SECRET_KEYS else value)
+        print(cli_value(key, cfg.values[key]))
         return 0
     print(f"# config file: {cfg.path or '(none found)'}")
     for key, value in cfg.values.items():
-        shown = mask_secret(value) if key in SECRET_KEYS else value
-        print(f"{key} = {shown}    # {cfg.sources[key]}")
+        print(f"{key} = {cli_value(key, value)}    # {cfg.sources[key]}")
     for name, pc in cfg.providers.items():
-        print(
-            f"[provider.{name}] type={pc.type} base_url={pc.base_url} api_key={mask_secret(pc.api_key)} models={','.join(pc.models)}"
-        )
+        print(f"[provider.{name}] type={pc.type} base_url={public_url(pc.base_url)} api_key={mask_secret(pc.api_key)} "
+              f"models={','.join(pc.models)}")  # fmt: skip
+    return 0
+
+
+def cli_value(key: str, value) -> str:
+    """A value as the CLI shows it: secrets masked, URLs without their userinfo."""
+    if key in SECRET_KEYS:
+        return mask_secret(value)
+    if CONFIG_KEYS[key][1] == "url":
+        return public_url(value)
+    return value
+
+
+def cmd_config_set(args) -> int:
+    """Write one key to the file tgw would read (./gateway.ini when there is none, said so), then
+    say if something of higher precedence (an environment variable) hides the value written."""
+    path = find_config_file(args.config) or config_path_for_writing(args.config, None)
+    created = not path.exists()
+    key = args.key.lower()
+    config_set_in_file(path, key, args.value)
+    where = f"created {path.resolve()}" if created else f"written to {path}"
+    print(f"{key} = {cli_value(key, args.value)}  ({where})")
+    if created and not args.config and not os.environ.get("TOKLIGENCE_CONFIG"):
+        print(f"tgw: note: {path} is read by a gateway started in {Path.cwd()}; "
+              "--config or TOKLIGENCE_CONFIG choose another file", file=sys.stderr)  # fmt: skip
+    try:
+        cfg = load_config(str(path))
+    except ConfigError as exc:
+        print(f"tgw: note: the value is written, but the configuration has another problem: {exc}", file=sys.stderr)
+        return 2
+    source = cfg.sources.get(key)
+    if source != str(path):
+        by = f"TOKLIGENCE_{key.upper()} in the environment" if source == "environment" else source
+        print(f"tgw: note: {key} is overridden by {by}, which takes precedence over {path}: "
+              f"the effective value is {cli_value(key, cfg.values[key])}", file=sys.stderr)  # fmt: skip
     return 0
 
 
 def open_ledger_for_reading(args) -> sqlite3.Connection:
-    cfg = load_config(args.config)
-    path = str(Path(cfg.ledger_path).expanduser())
+    cfg = load_config(args.config)  # also registers the configured secrets, so what is printed is redacted
+    path = str(Path(args.ledger_path or cfg.ledger_path).expanduser())
     if path != ":memory:" and not Path(path).exists():
         raise ConfigError(f"no ledger at {path} yet: start the gateway with 'tgw serve' and send a request")
     return open_ledger_db(path)
+
+
+def format_usd(value) -> str:
+    """Dollars as the CLI shows them: cents, or two significant digits below a cent, so the
+    cost of a few tokens shows ($0.0000042) instead of rounding to zero."""
+    value = value or 0.0
+    if value == 0:
+        return "0.00"
+    if abs(value) >= 0.01:
+        return f"{value:.2f}"
+    return f"{value:.{min(12, 1 - math.floor(math.log10(abs(value))))}f}"
 
 
 def cmd_usage(args) -> int:
@@ -7686,7 +10045,7 @@ def cmd_usage(args) -> int:
         )
         for name, count, prompt, completion, cached, _reasoning, cost, errors in rows:
             print(
-                f"  {str(name or '-'):<32} {count:>9} {prompt or 0:>11} {completion or 0:>11} {cached or 0:>9} {cost or 0:>11.4f} {errors or 0:>7}"
+                f"  {str(name or '-'):<32} {count:>9} {prompt or 0:>11} {completion or 0:>11} {cached or 0:>9} {format_usd(cost):>11} {errors or 0:>7}"
             )
         if not rows:
             print("  (no requests)")
@@ -7704,24 +10063,58 @@ def cmd_logs(args) -> int:
         tokens = f"{row['prompt_tokens'] or 0}+{row['completion_tokens'] or 0} tok"
         print(f"{when} {row['status']} {row['client_protocol']}->{row['provider'] or '-'} {row['lane'] or '-'} "
               f"{row['model_requested'] or '-'} {'stream ' if row['stream'] else ''}{tokens} "
-              f"${row['cost_usd'] or 0:.5f} {row['latency_ms'] or 0:.0f}ms {row['error'] or ''}".rstrip())  # fmt: skip
+              f"${format_usd(row['cost_usd'])} {row['latency_ms'] or 0:.0f}ms {row['error'] or ''}".rstrip())  # fmt: skip
     return 0
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    handlers = {"serve": cmd_serve, "config": cmd_config, "usage": cmd_usage, "logs": cmd_logs}
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactedStream(stdout), RedactedStream(stderr)  # the CLI's one exit
     try:
-        return handlers[args.command](args)
+        try:
+            return run_command(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
+    except StartupError as exc:
+        print(f"tgw: {exc}", file=sys.stderr)
+        return 1
     except ConfigError as exc:
         print(f"tgw: configuration error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `tgw logs | head`: the reader has all it wanted
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())  # the final flush goes nowhere
+        except (OSError, ValueError):
+            pass
+        return 141  # what a shell reports for a command ended by SIGPIPE
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+
+
+def run_command(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    handlers = {"serve": cmd_serve, "config": cmd_config, "usage": cmd_usage, "logs": cmd_logs, "chat": cmd_chat,
+                "start": cmd_start, "stop": cmd_stop, "status": cmd_status}  # fmt: skip
+    return handlers[args.command](args)
+
+
+class RedactedStream:
+    """sys.stdout or sys.stderr while a command runs: everything printed passes redact()."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(redact(text))
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def reexec_as_import() -> None:
@@ -7731,10 +10124,1739 @@ def reexec_as_import() -> None:
     if os.name != "posix" or os.environ.get("TGW_REEXECUTED"):
         return
     os.environ["TGW_REEXECUTED"] = "1"
-    bootstrap = "import sys; sys.dont_write_bytecode = False; sys.path.insert(0, sys.argv.pop(1)); import tgw; sys.exit(tgw.main())"
-    os.execv(
-        sys.executable, [sys.executable, "-S", "-c", bootstrap, str(Path(__file__).resolve().parent), *sys.argv[1:]]
+    # the file's own path rides along as an argument, so `ps` and `pgrep -f tgw.py` find the gateway
+    bootstrap = (
+        "import os, sys; sys.dont_write_bytecode = False; sys.path.insert(0, os.path.dirname(sys.argv.pop(1))); "
+        "import tgw; sys.exit(tgw.main())"
     )
+    os.execv(sys.executable, [sys.executable, "-S", "-c", bootstrap, str(Path(__file__).resolve()), *sys.argv[1:]])
+
+
+# ======================================================================================
+# 12. Gateway control: tgw start, stop and status
+# ======================================================================================
+#
+# `tgw start` runs `tgw serve --pid-file …` in a session of its own, its output appended to
+# the log file. The daemon writes the pid file (JSON: pid, url, config, log, started) once it
+# listens and removes it when it exits, so the file says where a running daemon listens, even
+# on port 0. `tgw stop` sends SIGTERM (the gateway finishes in-flight requests and drains the
+# ledger) and waits. `tgw status` reads the pid file and asks the gateway's /health. The chat
+# assistant's start_gateway, stop_gateway and get_status tools call these same functions.
+
+DAEMON_START_TIMEOUT = 20.0  # seconds `tgw start` waits for the daemon to listen
+GET_JSON_HEADERS = {"User-Agent": f"tgw/{__version__}", "Accept": "application/json"}
+HEALTH_KEYS_SHOWN = ("status", "version", "work_mode", "offline", "routes", "aliases", "providers", "uptime_s",
+                     "ledger_rows_written")  # fmt: skip
+
+
+UNPRINTABLE = dict.fromkeys([c for c in range(32) if c not in (9, 10)] + list(range(127, 160)))  # ESC, CSI...
+
+
+def printable(text: str) -> str:
+    """Text from a model or an upstream, safe for a terminal (no escape sequences)."""
+    return text.translate(UNPRINTABLE)
+
+
+@dataclass
+class Outcome:
+    """What an action did, in words for a person or a model."""
+
+    ok: bool
+    text: str
+    changed: bool = False
+
+
+def tokligence_dir() -> Path:
+    return Path("~/.tokligence").expanduser()
+
+
+def open_private(path: Path, mode: str = "ab"):
+    """A file under ~/.tokligence that holds what its user would not show others (the daemon's
+    log, the chat history): created 0600, in a directory created 0700."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    return os.fdopen(os.open(path, flags, 0o600), mode)
+
+
+def daemon_paths() -> tuple[Path, Path]:
+    """The daemon's pid file and log file."""
+    home = tokligence_dir()
+    return home / "tgw.pid", home / "tgw.log"
+
+
+def read_pid_file(path: Path) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            data = loads(f.read(4096))
+    except (OSError, ValueError):
+        return None
+    if type(data) is int:  # a bare pid, as other tools write them
+        data = {"pid": data}
+    if not isinstance(data, dict) or type(data.get("pid")) is not int or not 1 < data["pid"] < 1 << 31:
+        return None
+    if not (isinstance(data.get("url"), str) and data["url"].startswith("http://")):
+        data.pop("url", None)
+    return data
+
+
+def write_pid_file(path: Path, info: dict) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    staged = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    staged.write_text(json.dumps(info) + "\n")
+    os.replace(staged, path)
+
+
+def remove_pid_file(path: Path, pid: int) -> None:
+    """Remove the pid file if it still names `pid` (a newer daemon may have replaced it)."""
+    info = read_pid_file(path)
+    if info is not None and info["pid"] == pid:
+        path.unlink(missing_ok=True)
+
+
+_daemon_children: dict[int, subprocess.Popen] = {}  # daemons this process started, reaped here
+
+
+def process_alive(pid: int) -> bool:
+    child = _daemon_children.get(pid)
+    if child is not None:
+        return child.poll() is None
+    if os.name != "posix":  # signal 0 means CTRL_C_EVENT on Windows: trust the pid file
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    try:  # a zombie (exited, its parent has not reaped it) is gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[:1] != ["Z"]
+    except OSError:
+        return True
+
+
+def is_tgw_daemon(pid: int, pid_path: Path) -> bool:
+    """Whether `pid` runs `tgw serve --pid-file PID_PATH`, the gateway that file is for: a stale
+    pid file's pid may belong to any other program by now (an editor open on tgw.py, say), and
+    only the gateway is ever signalled."""
+    wanted = ["--pid-file", str(pid_path)]
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+    except FileNotFoundError:
+        if Path("/proc/self").exists():
+            return False  # gone
+        try:  # no /proc (macOS): ps tells the command line, spaces between the arguments
+            shown = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return os.name != "posix"  # Windows: trust the pid file
+        return "serve" in shown.stdout.split() and " ".join(wanted) in shown.stdout
+    except OSError:
+        return False  # another user's process, unreadable: not ours to stop
+    return "serve" in args and any(args[i : i + 2] == wanted for i in range(len(args) - 1))
+
+
+def running_daemon() -> dict | None:
+    """The pid file's contents when the daemon it names is alive."""
+    pid_path = daemon_paths()[0]
+    info = read_pid_file(pid_path)
+    if info is not None and process_alive(info["pid"]) and is_tgw_daemon(info["pid"], pid_path):
+        return info
+    return None
+
+
+def gateway_url(cfg: Config, port: int | None = None) -> str:
+    """Where a gateway with this configuration (listening on `port`) is reached from this machine."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(cfg.host, cfg.host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{cfg.facade_port if port is None else port}"
+
+
+def load_config_or_defaults(config_arg: str | None, env=None) -> tuple[Config, str]:
+    """The configuration, or the defaults and the error when it does not load (status and
+    the chat assistant keep working, to help fix it)."""
+    try:
+        return load_config(config_arg, env=env), ""
+    except (ConfigError, OSError, ValueError) as exc:  # a bad value; an unreadable or binary file
+        values = {key: spec[0] for key, spec in CONFIG_KEYS.items()}
+        path = find_config_file(config_arg, env)
+        return Config(values, {}, dict(DEFAULT_PRICES), path, dict.fromkeys(values, "default")), str(exc)
+
+
+def config_path_for_writing(config_arg: str | None, cfg: Config | None, env=None) -> Path:
+    """Where `tgw config set` and the chat's set_config write: the file in use, else --config,
+    $TOKLIGENCE_CONFIG, ./gateway.ini."""
+    env = os.environ if env is None else env
+    if cfg is not None and cfg.path is not None:
+        return cfg.path
+    return Path(config_arg or env.get("TOKLIGENCE_CONFIG") or "gateway.ini").expanduser()
+
+
+def log_tail(path: Path, offset: int, lines: int = 8) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(offset, path.stat().st_size - 4096))
+            text = f.read(4096).decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+    return redact("\n".join(text.strip().splitlines()[-lines:])) or "(the log is empty)"
+
+
+def start_daemon(config_arg: str | None, overrides: dict | None = None, env=None) -> Outcome:
+    """`tgw serve` in the background, with environment `env`; waits until it listens (or says
+    why it did not)."""
+    env = os.environ if env is None else env
+    pid_path, log_path = daemon_paths()
+    info = running_daemon()
+    if info is not None:
+        return Outcome(True, f"tgw is already running (pid {info['pid']}, {info.get('url', 'address unknown')})")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    try:
+        cfg = load_config(config_arg, overrides, env)
+    except ConfigError as exc:
+        return Outcome(False, f"not started: configuration error: {redact(str(exc))}")
+    pid_path.unlink(missing_ok=True)  # stale: its process is gone
+    command = [sys.executable, str(Path(__file__).resolve()), "serve", "--pid-file", str(pid_path)]
+    if cfg.path is not None:
+        command += ["--config", str(cfg.path.resolve())]
+    # a secret goes to the daemon in its environment: its command line is every user's to read (ps)
+    secrets = {f"TOKLIGENCE_{key.upper()}": value for key, value in overrides.items() if key in SECRET_KEYS}
+    command += [f"--set={key}={value}" for key, value in overrides.items() if key not in SECRET_KEYS]
+    with open_private(log_path) as log_file:
+        log_file.write(f"--- tgw start {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
+        log_file.flush()
+        offset = log_file.tell()
+        detach = {"start_new_session": True} if os.name == "posix" else {"creationflags": 0x00000008}
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                env={**env, **secrets}, **detach)  # fmt: skip
+    _daemon_children[proc.pid] = proc
+    deadline = time.monotonic() + DAEMON_START_TIMEOUT
+    while time.monotonic() < deadline:
+        info = read_pid_file(pid_path)
+        if info is not None and info["pid"] == proc.pid:
+            url = info.get("url", gateway_url(cfg))
+            return Outcome(True, f"started tgw in the background: pid {proc.pid}, {url}, log {log_path}", True)
+        if proc.poll() is not None:
+            return Outcome(
+                False, f"tgw exited at start (status {proc.returncode}); the log says:\n{log_tail(log_path, offset)}"
+            )
+        time.sleep(0.05)
+    proc.terminate()
+    return Outcome(False, f"tgw did not listen within {DAEMON_START_TIMEOUT:g} s, so it was stopped; the log says:\n"
+                          f"{log_tail(log_path, offset)}")  # fmt: skip
+
+
+def stop_daemon(grace: float = 30.0) -> Outcome:
+    """SIGTERM to the daemon, then wait while it finishes in-flight requests."""
+    pid_path, _ = daemon_paths()
+    info = read_pid_file(pid_path)
+    if info is None:
+        return Outcome(True, "no tgw daemon is running (no pid file; a gateway run with `tgw serve` stops with Ctrl-C)")
+    pid = info["pid"]
+    if not (process_alive(pid) and is_tgw_daemon(pid, pid_path)):
+        pid_path.unlink(missing_ok=True)
+        return Outcome(True, f"no tgw daemon is running (removed a stale pid file naming pid {pid})")
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        return Outcome(False, f"not allowed to stop pid {pid} (another user's process)")
+    deadline = time.monotonic() + grace + 5
+    while process_alive(pid):
+        if time.monotonic() > deadline:
+            return Outcome(False, f"tgw (pid {pid}) is still finishing requests after {grace + 5:g} s")
+        time.sleep(0.05)
+    remove_pid_file(pid_path, pid)
+    _daemon_children.pop(pid, None)
+    return Outcome(True, f"stopped tgw (pid {pid})", True)
+
+
+async def fetch_json(pool: UpstreamPool, url: str, headers: dict | None = None, limit: int = 1 << 20):
+    """GET a JSON document with the one HTTP client; errors as GatewayError."""
+    resp = await pool.request("GET", url, headers or GET_JSON_HEADERS)
+    data = await resp.read(limit)
+    if resp.status >= 400:
+        raise OPENAI_CODEC.decode_error(resp.status, data)  # reads any of the four envelopes
+    try:
+        return loads(data)
+    except (ValueError, RecursionError):
+        raise GatewayError(502, f"{url} did not answer JSON") from None
+
+
+def run_with_pool(work, connect_timeout: float = 1.0, read_timeout: float = 3.0):
+    """Run `work(pool)` (a coroutine function) to its end, for CLI commands."""
+
+    async def main():
+        pool = UpstreamPool(connect_timeout, read_timeout)
+        try:
+            return await work(pool)
+        finally:
+            pool.close()
+
+    return asyncio.run(main())
+
+
+def config_view(cfg: Config) -> dict:
+    """What the configuration says, in /health's shape (to show side by side with it)."""
+    providers = build_providers(cfg)
+    try:
+        router = Router(cfg, providers)
+        routes, aliases, offline = [f"{g}=>{p}" for g, p in router.rules], router.aliases, router.offline
+    except ConfigError as exc:
+        routes, aliases, offline = [f"(invalid: {exc})"], {}, False
+    shown = {name: {"protocol": p.protocol, "configured": p.configured, **({"base_url": p.base_url} if p.base_url else {})}
+             for name, p in providers.items()}  # fmt: skip
+    return {"work_mode": cfg.work_mode, "offline": offline, "routes": routes, "aliases": aliases, "providers": shown}
+
+
+async def gateway_status(cfg: Config, pool: UpstreamPool, config_error: str = "") -> dict:
+    """Is a gateway running where the config (or the daemon's pid file) says, and what its
+    /health reports, beside what the configuration says."""
+    pid_path, log_path = daemon_paths()
+    info = read_pid_file(pid_path)
+    daemon = None
+    if info is not None:
+        alive = process_alive(info["pid"]) and is_tgw_daemon(info["pid"], pid_path)
+        daemon = {"pid": info["pid"], "alive": alive, "url": info.get("url"), "pid_file": str(pid_path),
+                  "log": str(log_path)}  # fmt: skip
+    url = daemon["url"] if daemon and daemon["alive"] and daemon["url"] else gateway_url(cfg)
+    status = {"url": url, "running": False, "daemon": daemon, "health": None, "error": "",
+              "config_file": str(cfg.path) if cfg.path else None, "config_error": config_error,
+              "config": config_view(cfg)}  # fmt: skip
+    try:
+        health = await fetch_json(pool, url + "/health")
+        if isinstance(health, dict) and health.get("status") == "ok":
+            status["running"], status["health"] = True, health
+        else:
+            status["error"] = "something answers there, but not a tgw /health"
+    except GatewayError as err:
+        status["error"] = err.message
+    return status
+
+
+def format_status(status: dict) -> str:
+    """`tgw status` in words. Sections of /health this code does not know are shown as they come."""
+    lines = []
+    daemon, health = status.get("daemon"), status.get("health")
+    if status["running"] and daemon and daemon["alive"]:
+        lines.append(
+            f"gateway: running at {status['url']} (pid {daemon['pid']}, started by tgw start; log {daemon['log']})"
+        )
+    elif status["running"]:
+        lines.append(f"gateway: running at {status['url']} (not started by tgw start)")
+    else:
+        lines.append(f"gateway: not running at {status['url']} ({status['error']})")
+    if daemon and not daemon["alive"]:
+        lines.append(f"  stale pid file {daemon['pid_file']}: pid {daemon['pid']} is gone")
+    elif daemon and not status["running"]:
+        lines.append(
+            f"  the daemon (pid {daemon['pid']}) is alive but its /health does not answer: see {daemon['log']}"
+        )
+    lines.append(f"config file: {status['config_file'] or '(none: defaults and TOKLIGENCE_* variables)'}")
+    if status.get("config_error"):
+        lines.append(f"config error: {status['config_error']}")
+    config = status["config"]
+    view = health if isinstance(health, dict) else config
+    if health:
+        lines.append(f"health: {health.get('status')}, version {health.get('version')}, up {health.get('uptime_s')} s, "
+                     f"{health.get('ledger_rows_written')} ledger rows written this run")  # fmt: skip
+    lines.append(f"work_mode: {view.get('work_mode')}" + ("  (offline: every model is answered by loopback)"
+                                                          if view.get("offline") else ""))  # fmt: skip
+    providers = view.get("providers") if isinstance(view.get("providers"), dict) else {}
+    lines.append("providers:")
+    for name, p in list(providers.items())[:50]:
+        p = p if isinstance(p, dict) else {}
+        state = "configured" if p.get("configured") else "not configured"
+        lines.append(
+            f"  {str(name):<14} {str(p.get('protocol', '?')):<10} {state:<15} {p.get('base_url', '')}".rstrip()
+        )
+    routes = view.get("routes") if isinstance(view.get("routes"), list) else []
+    lines.append("routes: " + (", ".join(map(str, routes[:100])) or "(none)"))
+    aliases = view.get("aliases") if isinstance(view.get("aliases"), dict) else {}
+    if aliases:
+        lines.append("aliases: " + ", ".join(f"{a}=>{m}" for a, m in list(aliases.items())[:100]))
+    if health:
+        for key in ("work_mode", "routes"):
+            if health.get(key) != config.get(key):
+                lines.append(
+                    f"note: the configuration now says {key} = {config.get(key)}; restart the gateway to apply it"
+                )
+        for key, value in health.items():
+            if key not in HEALTH_KEYS_SHOWN:
+                lines.extend(format_section(str(key), value))
+    return printable(redact("\n".join(lines)))  # /health's words could hold terminal escapes
+
+
+def format_section(name: str, value, depth: int = 0) -> list[str]:
+    """Any JSON value as indented lines (bounded in depth, items and length)."""
+    pad = "  " * depth
+    if isinstance(value, dict) and value and depth < 3:
+        out = [f"{pad}{name}:"]
+        for key, item in list(value.items())[:50]:
+            out += format_section(str(key), item, depth + 1)
+        return out
+    if isinstance(value, list) and value and depth < 3:
+        return [f"{pad}{name}:"] + [f"{pad}  - {json.dumps(item, default=str)[:200]}" for item in value[:50]]
+    shown = value if isinstance(value, str) else json.dumps(value, default=str)
+    return [f"{pad}{name}: {shown[:200]}"]
+
+
+def announce_daemon(pid_path: Path, cfg: Config, port: int, gateway) -> None:
+    """The daemon's serve(ready=...): say in the pid file where it listens."""
+    write_pid_file(pid_path, {"pid": os.getpid(), "url": gateway_url(cfg, port), "config": str(cfg.path) if cfg.path else None,
+                              "log": str(daemon_paths()[1]), "started": time.time()})  # fmt: skip
+
+
+def cmd_start(args) -> int:
+    outcome = start_daemon(args.config, {"host": args.host, "facade_port": args.port, **set_flags(args.set)})
+    print(outcome.text, file=sys.stdout if outcome.ok else sys.stderr)
+    return 0 if outcome.ok else 1
+
+
+def cmd_stop(args) -> int:
+    cfg, _ = load_config_or_defaults(args.config)
+    outcome = stop_daemon(cfg.shutdown_grace)
+    print(outcome.text, file=sys.stdout if outcome.ok else sys.stderr)
+    return 0 if outcome.ok else 1
+
+
+def cmd_status(args) -> int:
+    """Exit status 0 when a gateway answers, 3 when none does (as LSB init scripts say)."""
+    cfg, error = load_config_or_defaults(args.config)
+    status = run_with_pool(lambda pool: gateway_status(cfg, pool, error))
+    print(redact(json.dumps(status, indent=2)) if args.json else format_status(status))
+    return 0 if status["running"] else 3
+
+
+# ======================================================================================
+# 13. The chat assistant: model selection, tools, the offline assistant, the terminal loop
+# ======================================================================================
+#
+# `tgw chat` talks to a model through tgw's own providers and codecs, in-process: the
+# conversation is a canonical Request with Tools, encoded by the provider's codec, sent with
+# UpstreamPool, its stream decoded into canonical events. So it runs on any provider and
+# protocol. With no model reachable (or --offline) a rule-based helper drives the same tools.
+#
+# Secrets never reach the model: configured ones come back from get_config masked (and every
+# text sent passes through redact()); a key the user types becomes a placeholder ([secret_1])
+# before anything is sent or written to the history file, and set_config turns a placeholder
+# back into the real value locally. The placeholder map lives only in this process's memory.
+
+CHAT_TOOL_ROUNDS = 8  # model calls with tool results per user turn, at most
+CHAT_CALLS_PER_ROUND = 16  # tool calls run per model answer; more are refused
+CHAT_MAX_TOKENS = 4096
+CHAT_ANSWER_LIMIT = 4 << 20  # bytes of one streamed answer
+CHAT_TOOL_RESULT_LIMIT = 16000  # characters of a tool result sent to the model
+CHAT_HISTORY_TURNS = 24  # user turns kept in the conversation
+CHAT_MAX_INPUT = 1 << 20  # characters of a prompt (a line, -p or standard input)
+CHAT_PROBE_TIMEOUT = 0.5  # seconds to connect to a local server or gateway while looking for a model
+CHAT_DEFAULT_MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5", "gemini": "gemini-2.5-flash"}
+CHAT_CODECS = {"openai": OPENAI_CODEC, "anthropic": ANTHROPIC_CODEC, "gemini": GEMINI_CODEC}
+CHAT_ENV_KEYS = (("openai", ("OPENAI_API_KEY",), "OPENAI_BASE_URL"), ("anthropic", ("ANTHROPIC_API_KEY",), "ANTHROPIC_BASE_URL"),
+                 ("gemini", ("GEMINI_API_KEY", "GOOGLE_API_KEY"), ""))  # fmt: skip
+CHAT_LOCAL_SERVERS = (("ollama", "OLLAMA_BASE_URL", "http://127.0.0.1:11434"),
+                      ("vllm", "VLLM_BASE_URL", "http://127.0.0.1:8000"),
+                      ("lmstudio", "LMSTUDIO_BASE_URL", "http://127.0.0.1:1234"))  # fmt: skip
+
+# Keys people paste: known prefixes, or long random-looking tokens (checked by looks_random).
+KNOWN_SECRET = (r"(?:sk-ant-|sk-proj-|sk-or-|sk-)[\w-]{16,}|AIza[\w-]{20,}|tok_[\w-]{12,}"
+                r"|(?:gsk_|hf_|xai-|gh[pousr]_|github_pat_|glpat-|pplx-|r8_)[\w-]{16,}|AKIA[0-9A-Z]{16}")  # fmt: skip
+TYPED_SECRET = re.compile(rf"(?<![\w-])(?:(?P<known>{KNOWN_SECRET})|(?P<long>[\w+/.-]{{32,}}={{0,2}}))(?![\w-])")
+KNOWN_SECRET_INSIDE = re.compile(rf"(?<![A-Za-z0-9])(?:{KNOWN_SECRET})(?![\w-])")
+SECRET_KINDS = (("sk-ant-", "anthropic"), ("sk-", "openai"), ("AIza", "gemini"), ("tok_", "client"))
+
+
+def looks_random(token: str) -> bool:
+    """A long unbroken run of letters and digits, mixed: a key, not a path or a model name."""
+    run = max(re.findall(r"[A-Za-z0-9]+", token), key=len, default="")
+    return len(run) >= 24 and sum(c.isdigit() for c in run) >= 2 and sum(c.isalpha() for c in run) >= 2
+
+
+class ChatSecrets:
+    """Typed keys <-> placeholders, in this process's memory only."""
+
+    PLACEHOLDER = re.compile(r"\[secret_(\d{1,4})\]")
+
+    def __init__(self):
+        self.values: list[str] = []
+
+    def placeholder(self, value: str) -> str:
+        if value not in self.values:
+            if len(self.values) >= 1000:
+                return "[secret]"
+            self.values.append(value)
+            redact.add(value)  # nor in logs or tool results
+        return f"[secret_{self.values.index(value) + 1}]"
+
+    def hide(self, text: str) -> str:
+        """`text` as it may be sent or stored: typed keys as placeholders, configured ones redacted."""
+
+        def swap(m: re.Match) -> str:
+            value = m.group(0)
+            if m.group("known") or looks_random(value):
+                return self.placeholder(value)
+            return KNOWN_SECRET_INSIDE.sub(lambda k: self.placeholder(k.group()), value)  # a path holding a key
+
+        text = TYPED_SECRET.sub(swap, text)
+        for value in self.values:  # seen again inside other text
+            if value in text:
+                text = text.replace(value, self.placeholder(value))
+        return redact(text)
+
+    def reveal(self, text: str) -> str:
+        """Placeholders back to the values the user typed (for set_config, locally)."""
+
+        def real(m: re.Match) -> str:
+            number = int(m.group(1))
+            if not 1 <= number <= len(self.values):
+                raise ConfigError(f"{m.group()} is not a key typed in this chat session: type the key again")
+            return self.values[number - 1]
+
+        return self.PLACEHOLDER.sub(real, text)
+
+    def kind(self, placeholder: str) -> str:
+        """Which provider a typed key looks like it belongs to, from its prefix ('' if unknown)."""
+        try:
+            value = self.reveal(placeholder)
+        except ConfigError:
+            return ""
+        return next((kind for prefix, kind in SECRET_KINDS if value.startswith(prefix)), "")
+
+
+def shown_value(key: str, value) -> str:
+    """A config value as the assistant (and the model) may see it: secrets masked."""
+    if key in SECRET_KEYS:
+        if not value:
+            return "(not set)"
+        if key == "api_keys":
+            return f"(set: {len([k for k in value.split(',') if k.strip()])} key(s))"
+        return f"{mask_secret(value)} (set, {len(value)} characters)"
+    shown = str(value).lower() if isinstance(value, bool) else str(value)
+    return redact(shown) if shown else "(empty)"
+
+
+def provider_headers(provider: Provider, cfg: Config) -> dict:
+    """The provider's request headers, plus the anthropic-version every Messages call needs."""
+    headers = dict(provider.auth_headers())
+    if provider.protocol == "anthropic":
+        headers.setdefault("anthropic-version", cfg.anthropic_version)
+    return headers
+
+
+async def call_model(pool: UpstreamPool, provider: Provider, headers: dict, req: Request, on_text=None) -> Response:
+    """One canonical Request to a provider, with its codec; the answer folded, text passed to
+    `on_text` as it streams. The same path the gateway's translation lane takes."""
+    codec = CHAT_CODECS[provider.protocol]
+    body = codec.encode_request(req, req.model, provider)
+    url = provider.url(CALL_OPERATIONS[provider.protocol], req.model, req.stream)
+    resp = await pool.request("POST", url, headers, dumps(body))
+    try:
+        if resp.status >= 400:
+            raise codec.decode_error(resp.status, await resp.read(1 << 20))
+        if "text/event-stream" not in resp.headers.get("content-type", ""):
+            result = codec.decode_response(json_or_502(await resp.read(CHAT_ANSWER_LIMIT), provider.name))
+            if on_text is not None and text_of(result.parts):
+                on_text(text_of(result.parts))
+            return result
+        decoder, parser, events, size = codec.stream_decoder(), SSEParser(), [], 0
+
+        def take(new_events) -> None:
+            for ev in new_events:
+                if isinstance(ev, StreamError):
+                    raise ev.error
+                events.append(ev)
+                if on_text is not None and isinstance(ev, BlockDelta) and ev.kind == "text":
+                    on_text(ev.value)
+
+        while chunk := await resp.next_chunk():
+            size += len(chunk)
+            if size > CHAT_ANSWER_LIMIT:
+                raise GatewayError(502, f"the answer of {provider.name} is longer than {CHAT_ANSWER_LIMIT} bytes")
+            for sse in parser.feed(chunk):
+                take(decoder.feed(sse))
+        for sse in parser.finish():
+            take(decoder.feed(sse))
+        take(decoder.finish())
+        return fold_events(events)
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError, RecursionError) as exc:  # a malformed answer
+        raise GatewayError(502, f"{provider.name} sent an answer tgw cannot read ({type(exc).__name__})") from None
+    finally:
+        resp.close() if not resp.done else resp.release()
+
+
+# ---- model selection -------------------------------------------------------------------
+
+
+@dataclass
+class ChatCandidate:
+    """One place a chat model may come from, and why it can or cannot be used."""
+
+    name: str  # the provider's name: openai, anthropic, a named provider, ollama, vllm, lmstudio, tgw
+    source: str  # what was looked at, as --detect shows it
+    reason: str  # why it can or cannot be used, in a few words
+    provider: Provider | None = None
+    model: str = ""
+
+    @property
+    def available(self) -> bool:
+        return self.provider is not None and bool(self.model)
+
+
+def is_concrete(pattern: str) -> bool:
+    return not any(c in pattern for c in "*?[")
+
+
+async def list_models(pool: UpstreamPool, provider: Provider) -> tuple[list[str], str]:
+    """An OpenAI-compatible server's model ids (chat models first), or the error."""
+    try:
+        data = await fetch_json(pool, provider.url("models"), provider.auth_headers())
+    except GatewayError as err:
+        return [], err.message
+    items = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        return [], "its /models answer has no list of models"
+    ids = [
+        m["id"] for m in items[:1000] if isinstance(m, dict) and isinstance(m.get("id"), str) and 0 < len(m["id"]) < 200
+    ]
+    chat = [m for m in ids if "embed" not in m.lower() and not m.startswith("loopback")]
+    return chat, ""
+
+
+async def configured_candidate(provider: Provider, cfg: Config, router, pool: UpstreamPool) -> ChatCandidate:
+    where = f"[provider.{provider.name}] in {cfg.path or 'TOKLIGENCE_PROVIDER_* variables'}"
+    if provider.key_setting:
+        setting = provider.key_setting if provider.api_key else f"{provider.name}_base_url"
+        origin = cfg.sources.get(setting, "default")
+        origin = f"TOKLIGENCE_{setting.upper()}" if origin == "environment" else origin
+        where = f"{setting} from {origin}"
+        if not provider.configured:
+            return ChatCandidate(provider.name, provider.name, f"not configured (no {provider.key_setting})")
+    model = next((g for g in provider.models if is_concrete(g)), "")
+    if not model and router is not None:
+        model = next((g for g, p in router.rules if p == provider.name and is_concrete(g)), "")
+    if not model and (provider.protocol != "openai" or provider.official):
+        model = CHAT_DEFAULT_MODELS[provider.protocol]
+    if not model:
+        models, error = await list_models(pool, provider)
+        if not models:
+            reason = f"lists no model ({error})" if error else "lists no model"
+            return ChatCandidate(provider.name, provider.name, f"{reason}; {where}", provider)
+        model = models[0]
+    return ChatCandidate(provider.name, provider.name, where, provider, model)
+
+
+async def environment_candidates(cfg: Config, env, tgw_url: str, pool: UpstreamPool) -> list[ChatCandidate]:
+    reasoning = tuple(g.strip() for g in cfg.reasoning_models.split(",") if g.strip())
+    out = []
+    for name, key_names, base_variable in CHAT_ENV_KEYS:
+        source = "/".join(key_names)
+        key_name = next((k for k in key_names if env.get(k)), "")
+        if not key_name:
+            out.append(ChatCandidate(name, source, "not set"))
+            continue
+        key = env[key_name]
+        base = (env.get(base_variable) if base_variable else "") or CONFIG_KEYS[f"{name}_base_url"][0]
+        parts = urlsplit(base)
+        redact.add(key, parts.password or parts.username or "")  # never printed, logged or sent
+        if not base.startswith(("http://", "https://")):
+            out.append(ChatCandidate(name, key_name, f"{base_variable}={base!r} is not an http(s) URL"))
+            continue
+        if base.rstrip("/").removesuffix("/v1") == tgw_url:
+            out.append(ChatCandidate(name, key_name, f"{base_variable} points at tgw itself (see the tgw line)"))
+            continue
+        official = name == "openai" and "api.openai.com" in base
+        flavor = "openai" if official else ("compatible" if name == "openai" else name)
+        provider = Provider(name, name, base.rstrip("/"), key, flavor, key_setting=key_name, reasoning_globs=reasoning)
+        model, why = CHAT_DEFAULT_MODELS[name], f"set in the environment; {base}"
+        if flavor == "compatible":  # not OpenAI itself: ask which models it has
+            models, error = await list_models(pool, provider)
+            model, why = (models[0], why) if models else ("", f"{why} lists no model ({error or 'none'})")
+        out.append(ChatCandidate(name, key_name, why, provider, model))
+    return out
+
+
+async def local_candidate(name: str, variable: str, default: str, env, pool: UpstreamPool) -> ChatCandidate:
+    root = (env.get(variable) or default).rstrip("/")
+    parts = urlsplit(root)
+    redact.add(parts.password or parts.username or "")
+    source = f"{name} ({variable})" if env.get(variable) else name
+    if not root.startswith(("http://", "https://")):
+        return ChatCandidate(name, source, f"{variable}={root!r} is not an http(s) URL")
+    base = root if root.endswith("/v1") else root + "/v1"
+    provider = Provider(name, "openai", base, "", "compatible")
+    models, error = await list_models(pool, provider)
+    if error:
+        return ChatCandidate(name, source, f"nothing answers at {root} ({error})")
+    if not models:
+        return ChatCandidate(name, source, f"answers at {root} but lists no chat model", provider)
+    return ChatCandidate(name, source, f"answers at {root}", provider, models[0])
+
+
+async def gateway_candidate(cfg: Config, pool: UpstreamPool, url: str) -> ChatCandidate:
+    """A running tgw with real providers behind it (its loopback model is no assistant)."""
+    try:
+        health = await fetch_json(pool, url + "/health")
+    except GatewayError as err:
+        return ChatCandidate("tgw", "tgw", f"no gateway answers at {url} ({err.message})")
+    if not isinstance(health, dict) or health.get("status") != "ok":
+        return ChatCandidate("tgw", "tgw", f"something answers at {url}, but not a tgw /health")
+    if health.get("offline"):
+        return ChatCandidate("tgw", "tgw", f"a gateway runs at {url} with no provider configured (only loopback)")
+    client_key = next((k.strip() for k in cfg.api_keys.split(",") if k.strip()), "")
+    provider = Provider("tgw", "openai", url + "/v1", client_key, "compatible")
+    models, error = await list_models(pool, provider)
+    if not models:
+        return ChatCandidate(
+            "tgw", "tgw", f"the gateway at {url} lists no model ({error or 'only loopback'})", provider
+        )
+    return ChatCandidate("tgw", "tgw", f"the gateway answers at {url}", provider, models[0])
+
+
+def explicit_candidate(spec: str, source: str, found: list[ChatCandidate], router) -> ChatCandidate:
+    """--model / chat_model: 'model' (routed like the gateway routes it) or 'provider/model'."""
+    names = {c.name for c in found} | {n for n, _, _ in CHAT_LOCAL_SERVERS} | {"tgw"}
+    prefix, sep, rest = spec.partition("/")
+    if sep and prefix.lower() in names and rest:
+        wanted, model = prefix.lower(), rest
+    elif router is not None:
+        model = router.aliases.get(spec, spec)
+        wanted = next((p for g, p in router.rules if glob_match(g, model)), "")
+    else:
+        wanted, model = "", spec
+    if not wanted:
+        return ChatCandidate("", source, f"{spec}: matches no route and names no provider")
+    for c in found:
+        if c.name == wanted and c.provider is not None:
+            return ChatCandidate(c.name, source, f"{c.source}: {c.reason}", c.provider, model)
+    why = next((c.reason for c in found if c.name == wanted), "not found")
+    return ChatCandidate(wanted, source, f"{spec}: provider {wanted} is not available: {why}")
+
+
+async def detect_chat_models(cfg: Config, env, spec: str = "", spec_source: str = "--model",
+                             everything: bool = False) -> tuple[list[ChatCandidate], ChatCandidate | None]:  # fmt: skip
+    """Every place a chat model may come from, in order, and the one to use. Places are
+    looked at in stages (configured providers, environment keys, local servers and a
+    running tgw, probed in parallel and briefly); the first stage that yields a model ends the
+    search unless `everything` is asked for (--detect)."""
+    pool = UpstreamPool(CHAT_PROBE_TIMEOUT, CHAT_PROBE_TIMEOUT * 4)
+    providers = build_providers(cfg)
+    try:
+        router = Router(cfg, providers)
+    except ConfigError:
+        router = None
+    daemon = running_daemon()
+    tgw_url = daemon["url"] if daemon and daemon.get("url") else gateway_url(cfg)
+
+    stages = (
+        lambda: [configured_candidate(p, cfg, router, pool) for p in providers.values() if p.protocol != "loopback"],
+        lambda: [environment_candidates(cfg, env, tgw_url, pool)],
+        lambda: (
+            [local_candidate(n, v, d, env, pool) for n, v, d in CHAT_LOCAL_SERVERS]
+            + [gateway_candidate(cfg, pool, tgw_url)]
+        ),
+    )
+    found: list[ChatCandidate] = []
+    chosen = None
+    try:
+        for stage in stages:
+            for result in await asyncio.gather(*stage()):
+                found += result if isinstance(result, list) else [result]
+            chosen = explicit_candidate(spec, spec_source, found, router) if spec else next(
+                (c for c in found if c.available), None)  # fmt: skip
+            if chosen is not None and chosen.available and not everything:
+                break
+    finally:
+        pool.close()
+    if spec:
+        found.insert(0, chosen)
+    return found, chosen if chosen is not None and chosen.available else None
+
+
+# ---- documentation built in (search_docs) -----------------------------------------------
+
+CHAT_DOCS = (
+    ("endpoint POST /v1/chat/completions", "OpenAI Chat Completions, JSON and SSE streams (also at "
+     "/v1beta/openai/chat/completions); any model: the route decides the provider"),
+    ("endpoint POST /v1/responses", "the OpenAI Responses API, what Codex speaks; GET and DELETE /v1/responses/{{id}}; "
+     "previous_response_id works across restarts (responses_retention_days)"),
+    ("endpoint POST /v1/messages", "Anthropic Messages, what Claude Code speaks (also /anthropic/v1/messages); "
+     "token counting at /v1/messages/count_tokens"),
+    ("endpoint Gemini /v1beta/models/MODEL:generateContent", "Gemini generateContent, :streamGenerateContent and "
+     ":countTokens, what google-genai speaks"),
+    ("endpoint POST /v1/embeddings", "OpenAI embeddings, float or base64"),
+    ("endpoint GET /v1/models", "the models the gateway serves, in OpenAI's, Anthropic's or Gemini's shape"),
+    ("endpoint GET /health", "status, version, work mode, routes, providers and which are configured; needs no key"),
+    ("client Claude Code", "ANTHROPIC_BASE_URL={url} ANTHROPIC_API_KEY=anything claude   (to run Claude Code on GPT "
+     "or a local model, route claude* to that provider in model_provider_routes)"),
+    ("client Codex", 'in ~/.codex/config.toml: model_provider = "tgw" and a [model_providers.tgw] table with '
+     'base_url = "{url}/v1", wire_api = "responses", env_key = "TGW_API_KEY" (any value unless api_keys is set)'),
+    ("client OpenAI SDK and LangChain", 'OPENAI_BASE_URL={url}/v1 OPENAI_API_KEY=anything, or '
+     'OpenAI(base_url="{url}/v1"); LangChain: ChatOpenAI(base_url="{url}/v1", model="claude-sonnet-4-5")'),
+    ("client Anthropic SDK", 'Anthropic(base_url="{url}", api_key="anything")'),
+    ("client google-genai Gemini SDK", 'genai.Client(api_key="anything", '
+     'http_options=types.HttpOptions(base_url="{url}/"))'),
+    ("topic work modes", "work_mode auto: passthrough when the client's protocol is the provider's, translation "
+     "otherwise; passthrough: refuse translation; translation: always through the canonical model"),
+    ("topic routes and aliases", "model_provider_routes: ordered glob=>provider pairs, the first match wins, e.g. "
+     "claude*=>openai,gpt*=>openai; model_aliases: alias=>model pairs, e.g. fast=>gpt-4o-mini"),
+    ("topic named providers vLLM Ollama LM Studio Azure", "[provider.NAME] sections in gateway.ini: type "
+     "(openai|azure|anthropic|gemini), base_url, api_key, models (globs routed there), api_version, headers, "
+     "responses_api; e.g. [provider.ollama] type = openai, base_url = http://127.0.0.1:11434/v1, models = llama3*"),
+    ("topic client keys and auth", "api_keys: keys clients must present (Authorization: Bearer, x-api-key, "
+     "x-goog-api-key or ?key=); empty: any key is accepted; needed for a non-loopback host"),
+    ("topic offline loopback model", "with no provider configured every model is answered by the built-in loopback "
+     "model, which echoes; [[tool:NAME {{...}}]] in a prompt makes it call a tool"),
+    ("command tgw start stop status", "tgw start runs the gateway in the background (pid file "
+     "~/.tokligence/tgw.pid, log ~/.tokligence/tgw.log); tgw stop stops it; tgw status shows whether it runs, its "
+     "/health, providers, routes and work mode"),
+    ("command tgw serve", "runs the gateway in the foreground: --port, --host, --work-mode, --set key=value"),
+    ("command tgw config", "tgw config list | get KEY | set KEY VALUE | example: read and edit gateway.ini, "
+     "keeping its comments"),
+    ("command tgw usage logs ledger", "every request is a row in the sqlite ledger (ledger_path): tokens, cost, "
+     "latency, lane, status, error; tgw usage totals it by model, provider and day; tgw logs lists the latest"),
+    ("command tgw chat", "this assistant: tgw chat [--model M] [--offline] [--detect] [-p PROMPT] [--yes]; it picks "
+     "chat_model, then configured providers, OPENAI_API_KEY / ANTHROPIC_API_KEY / GEMINI_API_KEY, local Ollama, vLLM, "
+     "LM Studio, then a running tgw"),
+)  # fmt: skip
+DOC_STOPWORDS = frozenset(re.findall(r"\w+", "a an and are at be can do does for from how i in is it me my of on or "
+                                    "the to use what when where which who why with you"))  # fmt: skip
+
+
+def chat_docs(cfg: Config) -> list[tuple[str, str]]:
+    """The built-in documentation: every config key (read from CONFIG_KEYS now, so keys added
+    anywhere appear), the endpoints, the clients, the commands."""
+    entries = []
+    for key, (default, kind, meaning) in CONFIG_KEYS.items():
+        shown = "(empty)" if default == "" else (str(default).lower() if isinstance(default, bool) else default)
+        choices = f" One of: {', '.join(kind)}." if isinstance(kind, tuple) else ""
+        entries.append((f"config key {key}", f"{meaning}. Default: {shown}.{choices} "
+                                             f"Environment variable: TOKLIGENCE_{key.upper()}."))  # fmt: skip
+    url = gateway_url(cfg)
+    return entries + [(title, body.format(url=url)) for title, body in CHAT_DOCS]
+
+
+def search_docs(entries: list[tuple[str, str]], query: str, limit: int = 5) -> list[tuple[str, str]]:
+    words = [w for w in re.findall(r"[a-z0-9_*./-]+", query.lower()[:500]) if w not in DOC_STOPWORDS][:30]
+    scored = []
+    for position, (title, body) in enumerate(entries):
+        low_title, low_body = title.lower(), body.lower()
+        title_words = set(re.split(r"[\s_/.:-]+", low_title)) | set(low_title.split())
+        score = sum(10 if low_title == f"config key {w}" else 3 if w in title_words else 2 if w in low_title
+                    else 1 if w in low_body else 0 for w in words)  # fmt: skip
+        if score:
+            scored.append((-score, position, title, body))
+    return [(title, body) for _, _, title, body in sorted(scored)[:limit]]
+
+
+# ---- the tools --------------------------------------------------------------------------
+
+_NO_PARAMETERS = {"type": "object", "properties": {}}
+CHAT_TOOLS = (
+    Tool("get_config", "Read tgw's configuration: one key (its value, where it comes from, default and meaning) or, "
+         "without a key, every key. Secret values come back masked.",
+         {"type": "object", "properties": {"key": {"type": "string", "description": "e.g. work_mode; omit for all"}}}),
+    Tool("set_config", "Set one top-level key of gateway.ini, validated with the gateway's startup rules, comments "
+         "kept; the user confirms. For a key the user typed, pass its placeholder (e.g. [secret_1]) as the value.",
+         {"type": "object", "properties": {"key": {"type": "string"}, "value": {"type": "string"}},
+          "required": ["key", "value"]}),
+    Tool("get_status", "Is a gateway running where the config says; its /health, providers and which are "
+         "configured, routes, work mode.", _NO_PARAMETERS),
+    Tool("test_model", "How a model name resolves (provider, lane, upstream model), then a tiny real request to it: "
+         "its latency or the exact error.",
+         {"type": "object", "properties": {"model": {"type": "string"}}, "required": ["model"]}),
+    Tool("recent_errors", "The latest failed requests in the ledger.",
+         {"type": "object", "properties": {"n": {"type": "integer", "description": "how many (default 10)"}}}),
+    Tool("usage_summary", "Requests, tokens and cost by model and provider over the last days, from the ledger.",
+         {"type": "object", "properties": {"days": {"type": "number", "description": "default 7"}}}),
+    Tool("search_docs", "Search tgw's built-in documentation: every config key with meaning and default, the "
+         "endpoints, how to point Claude Code, Codex and the SDKs at the gateway, the commands.",
+         {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}),
+    Tool("start_gateway", "Start the gateway in the background (tgw start); the user confirms.", _NO_PARAMETERS),
+    Tool("stop_gateway", "Stop the background gateway (tgw stop); the user confirms.", _NO_PARAMETERS),
+)  # fmt: skip
+CHANGING_TOOLS = frozenset({"set_config", "start_gateway", "stop_gateway"})
+
+
+class ToolArgumentError(Exception):
+    pass
+
+
+def text_argument(args: dict, name: str, required: bool = True, limit: int = 8192) -> str:
+    value = args.get(name)
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    elif isinstance(value, (int, float)):
+        value = str(value)
+    if value is None or value == "":
+        if required:
+            raise ToolArgumentError(f"'{name}' is required")
+        return ""
+    if not isinstance(value, str) or len(value) > limit:
+        raise ToolArgumentError(f"'{name}' must be a string of at most {limit} characters")
+    return value.strip()
+
+
+def number_argument(args: dict, name: str, default: float, low: float, high: float) -> float:
+    value = args.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ToolArgumentError(f"'{name}' must be a number")
+    return min(max(number, low), high)
+
+
+def stage_config_change(path: Path, key: str, value: str, env=None) -> tuple[Path, Config, bool]:
+    """gateway.ini with one key set, written beside the real file and loaded with the startup
+    rules (values, and routes that name known providers). Returns the staged file, the
+    configuration it gives and whether the text changed; the caller renames the staged file
+    into place, or removes it."""
+    original = path.read_text() if path.exists() else ""
+    staged = path.with_name(f".{path.name}.{os.getpid()}.staged")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged.write_text(original)
+    try:
+        os.chmod(staged, path.stat().st_mode & 0o7777 if path.exists() else 0o600)
+        config_set_in_file(staged, key, value)
+        cfg = load_config(str(staged), env=env)
+        Router(cfg, build_providers(cfg))
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    return staged, cfg, staged.read_text() != original
+
+
+class ChatTools:
+    """The tools, run locally for the model or the offline assistant. Each returns an Outcome
+    whose text is what the model sees (after ChatSecrets.hide)."""
+
+    def __init__(self, app: ChatApp):
+        self.app = app
+        self.handlers = {
+            "get_config": self.get_config, "set_config": self.set_config, "get_status": self.get_status,
+            "test_model": self.test_model, "recent_errors": self.recent_errors, "usage_summary": self.usage_summary,
+            "search_docs": self.search_docs, "start_gateway": self.start_gateway, "stop_gateway": self.stop_gateway,
+        }  # fmt: skip
+
+    def call(self, name: str, args: dict) -> Outcome:
+        """Run one tool: shown as it happens; a change that fails (or is not confirmed) counts."""
+        shown = ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in args.items())
+        self.app.ui.action(f"{name}({shown[:300]})")
+        handler = self.handlers.get(name)
+        try:
+            if handler is None:
+                raise ToolArgumentError(f"there is no tool {name!r}; the tools are {', '.join(self.handlers)}")
+            if "_raw_arguments" in args or "_value" in args:
+                raise ToolArgumentError("the arguments must be a JSON object")
+            outcome = handler(args)
+        except ToolArgumentError as exc:
+            outcome = Outcome(False, str(exc))
+        except (OSError, sqlite3.Error, ConfigError, GatewayError) as exc:  # the machine's, not the model's, fault
+            outcome = Outcome(False, f"{name} failed: {getattr(exc, 'message', None) or exc}")
+        outcome.text = self.app.secrets.hide(outcome.text)
+        if name in CHANGING_TOOLS:
+            self.app.ui.result(outcome.text)
+            if not outcome.ok:
+                self.app.failed_changes += 1
+        return outcome
+
+    def get_config(self, args: dict) -> Outcome:
+        key = text_argument(args, "key", required=False).lower()
+        cfg, error = self.app.load_config()
+        if key:
+            if key not in CONFIG_KEYS:
+                return Outcome(False, unknown_key_message(key))
+            default, kind, meaning = CONFIG_KEYS[key]
+            text = (f"{key} = {self.shown(key, cfg.values[key])}  (from {cfg.sources.get(key, 'default')}; default "
+                    f"{shown_value(key, default)}; {meaning})")  # fmt: skip
+            return Outcome(True, text + (f"\nthe configuration does not load: {error}" if error else ""))
+        lines = [f"config file: {cfg.path or '(none yet: set_config creates ' + str(self.app.config_path()) + ')'}"]
+        if error:
+            lines.append(f"the configuration does not load: {error} (defaults shown)")
+        for key, value in cfg.values.items():
+            source = cfg.sources.get(key, "default")
+            lines.append(f"{key} = {self.shown(key, value)}" + ("" if source == "default" else f"  [{source}]"))
+        for name, pc in cfg.providers.items():
+            lines.append(f"[provider.{name}] type={pc.type} base_url={redact(pc.base_url)} "
+                         f"api_key={shown_value('openai_api_key', pc.api_key)} models={','.join(pc.models)}")  # fmt: skip
+        return Outcome(True, "\n".join(lines))
+
+    def shown(self, key: str, value) -> str:
+        """shown_value, but client keys as placeholders: a key can then be added keeping the others."""
+        keys = [k.strip() for k in value.split(",") if k.strip()] if key == "api_keys" else []
+        if not keys:
+            return shown_value(key, value)
+        return f"{', '.join(map(self.app.secrets.placeholder, keys))} ({len(keys)} key(s); keep them to add one)"
+
+    def set_config(self, args: dict) -> Outcome:
+        key = text_argument(args, "key").lower()
+        if key not in CONFIG_KEYS:
+            return Outcome(False, unknown_key_message(key))
+        try:
+            value = self.app.secrets.reveal(text_argument(args, "value", limit=65536))
+        except ConfigError as exc:
+            return Outcome(False, str(exc))
+        if "\n" in value or "\r" in value:
+            return Outcome(False, "a config value is one line")
+        before, _ = self.app.load_config()
+        path = self.app.config_path(before)
+        try:
+            real = path.resolve()  # a symlinked gateway.ini is edited where it points, the link kept
+            staged, after, changed = stage_config_change(real, key, value, self.app.env)
+        except (ConfigError, OSError) as exc:
+            return Outcome(False, f"not changed: {redact(str(exc))}")
+        if not changed:
+            staged.unlink(missing_ok=True)
+            return Outcome(True, f"{key} is already {shown_value(key, after.values[key])} in {path}; nothing to change")
+        if key in SECRET_KEYS:
+            redact.add(value)
+        new = shown_value(key, after.values[key] if after.sources[key] != "environment" else value)
+        try:
+            if not self.app.ui.confirm(f"set {key} = {new} in {path}?"):
+                return Outcome(False, f"not changed: the user did not confirm setting {key}")
+            os.replace(staged, real)
+        except OSError as exc:
+            return Outcome(False, f"not changed: cannot write {path}: {exc.strerror}")
+        finally:
+            staged.unlink(missing_ok=True)  # gone once renamed into place; else not wanted (even on Ctrl-C)
+        lines = [f"{path}: {key}: {shown_value(key, before.values[key])} -> {new}"]
+        variable = f"TOKLIGENCE_{key.upper()}"
+        if variable in self.app.env:
+            lines.append(f"note: {variable} is set in the environment and overrides gateway.ini")
+        daemon = running_daemon()
+        if daemon is not None:
+            lines.append(f"note: the gateway running as pid {daemon['pid']} reads its configuration at start: "
+                         "restart it (stop_gateway, then start_gateway) to apply this")  # fmt: skip
+        return Outcome(True, "\n".join(lines), True)
+
+    def get_status(self, args: dict) -> Outcome:
+        cfg, error = self.app.load_config()
+        status = self.app.run(gateway_status(cfg, self.app.probe_pool, error))
+        return Outcome(True, format_status(status))
+
+    def test_model(self, args: dict) -> Outcome:
+        model = text_argument(args, "model", limit=300)
+        cfg, error = self.app.load_config()
+        if error:
+            return Outcome(False, f"the configuration does not load: {error}")
+        try:
+            route = Router(cfg, build_providers(cfg)).resolve(model)
+        except (ConfigError, GatewayError) as exc:
+            return Outcome(False, f"{model}: {getattr(exc, 'message', exc)}")
+        provider = route.provider
+        where = f" at {provider.base_url}" if provider.base_url else ""
+        lines = [f"{model} goes to provider {provider.name} ({provider.protocol}{where}) as model {route.model}",
+                 f"lane: {describe_lanes(provider, cfg.work_mode)}"]  # fmt: skip
+        if provider.protocol == "loopback":
+            lines.append(
+                "the built-in loopback model answers it (no provider is configured): nothing leaves the machine"
+            )
+            return Outcome(True, "\n".join(lines))
+        req = Request(model=route.model, messages=[Message("user", [Part("text", text="Reply with the word OK.")])],
+                      max_tokens=32)  # fmt: skip
+        started = time.monotonic()
+        try:
+            result = self.app.run(asyncio.wait_for(call_model(self.app.pool, provider, provider_headers(provider, cfg),
+                                                              req), 60))  # fmt: skip
+        except GatewayError as err:
+            lines.append(f"test request failed after {(time.monotonic() - started) * 1000:.0f} ms: HTTP {err.status} "
+                         f"from {provider.name}: {err.message}")  # fmt: skip
+            return Outcome(False, "\n".join(lines))
+        except asyncio.TimeoutError:
+            lines.append(f"test request failed: no answer from {provider.name} within 60 s")
+            return Outcome(False, "\n".join(lines))
+        answer = printable(text_of(result.parts).strip())[:200]
+        lines.append(f"test request answered in {(time.monotonic() - started) * 1000:.0f} ms: {answer!r}")
+        return Outcome(True, "\n".join(lines))
+
+    def recent_errors(self, args: dict) -> Outcome:
+        n = int(number_argument(args, "n", 10, 1, 50))
+        model = text_argument(args, "model", required=False, limit=300)
+        db, problem = self.app.open_ledger()
+        if db is None:
+            return Outcome(True, problem)
+        where, params = ("status >= 400", [])
+        if model:
+            where, params = "status >= 400 AND (model_requested = ? OR model_upstream = ?)", [model, model]
+        try:
+            db.row_factory = sqlite3.Row
+            rows = [dict(r) for r in db.execute(f"SELECT * FROM requests WHERE {where} ORDER BY id DESC LIMIT ?",
+                                                  (*params, n))]  # fmt: skip
+        except sqlite3.Error as exc:
+            return Outcome(False, f"cannot read the ledger: {exc}")
+        finally:
+            db.close()
+        if not rows:
+            return Outcome(True, "no failed requests in the ledger" + (f" for {model}" if model else ""))
+        lines = []
+        for row in rows:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.get("ts") or 0))
+            lines.append(f"{when} HTTP {row.get('status')} {row.get('client_protocol')}->{row.get('provider') or '-'} "
+                         f"{row.get('lane') or '-'} {row.get('model_requested')}: {str(row.get('error') or '')[:400]}")  # fmt: skip
+        return Outcome(True, redact("\n".join(lines)))
+
+    def usage_summary(self, args: dict) -> Outcome:
+        days = number_argument(args, "days", 7, 0.01, 3650)
+        db, problem = self.app.open_ledger()
+        if db is None:
+            return Outcome(True, problem)
+        since = time.time() - days * 86400
+        try:
+            report = {group: query_usage(db, group, since) for group in ("model", "provider")}
+        except sqlite3.Error as exc:
+            return Outcome(False, f"cannot read the ledger: {exc}")
+        finally:
+            db.close()
+        lines = [f"usage over the last {days:g} days"]
+        for group, rows in report.items():
+            lines.append(f"by {group}:")
+            for name, count, prompt, completion, cached, _reasoning, cost, errors in rows[:100]:
+                lines.append(f"  {name or '-'}: {count} requests, {prompt or 0} prompt + {completion or 0} completion "
+                             f"tokens ({cached or 0} cached), ${cost or 0:.4f}, {errors or 0} errors")  # fmt: skip
+            if not rows:
+                lines.append("  (no requests)")
+        return Outcome(True, "\n".join(lines))
+
+    def search_docs(self, args: dict) -> Outcome:
+        query = text_argument(args, "query", limit=500)
+        cfg, _ = self.app.load_config()
+        hits = search_docs(chat_docs(cfg), query)
+        if not hits:
+            return Outcome(
+                True, f"nothing in the docs matches {query!r}; the config keys are: {', '.join(CONFIG_KEYS)}"
+            )
+        return Outcome(True, "\n".join(f"{title}: {body}" for title, body in hits))
+
+    def start_gateway(self, args: dict) -> Outcome:
+        daemon = running_daemon()
+        if daemon is not None:
+            return Outcome(True, f"tgw is already running (pid {daemon['pid']}, {daemon.get('url', '')})")
+        if not self.app.ui.confirm("start the gateway in the background?"):
+            return Outcome(False, "not started: the user did not confirm")
+        return start_daemon(self.app.config_arg, env=self.app.env)
+
+    def stop_gateway(self, args: dict) -> Outcome:
+        daemon = running_daemon()
+        if daemon is None:
+            return stop_daemon()  # says why nothing runs (and removes a stale pid file)
+        if not self.app.ui.confirm(f"stop the gateway (pid {daemon['pid']})?"):
+            return Outcome(False, "not stopped: the user did not confirm")
+        cfg, _ = self.app.load_config()
+        return stop_daemon(cfg.shutdown_grace)
+
+
+def unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, CONFIG_KEYS, n=3, cutoff=0.5)
+    return f"unknown config key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else
+                                            "; search_docs lists every key")  # fmt: skip
+
+
+def describe_lanes(provider: Provider, work_mode: str) -> str:
+    if provider.protocol == "loopback":
+        return "loopback"
+    native = {"openai": "OpenAI Chat" + (" and Responses" if provider.speaks_responses else ""),
+              "anthropic": "Anthropic Messages", "gemini": "Gemini"}[provider.protocol]  # fmt: skip
+    if work_mode == "translation":
+        return "translation for every client (work_mode = translation)"
+    if work_mode == "passthrough":
+        return f"passthrough for {native} clients; other protocols are refused (work_mode = passthrough)"
+    return f"passthrough for {native} clients, translation for the others"
+
+
+# ---- the offline assistant ---------------------------------------------------------------
+
+OFFLINE_MAX_REQUEST = 2000  # characters of one request the offline assistant's rules read
+PROVIDER_WORDS = {"openai": "openai", "gpt": "openai", "chatgpt": "openai", "anthropic": "anthropic",
+                  "claude": "anthropic", "gemini": "gemini", "google": "gemini"}  # fmt: skip
+
+
+class OfflineAssistant:
+    """tgw chat without a model: rules for the common requests in plain words, driving the same
+    tools. It says what it is and what it understood; it never poses as a model."""
+
+    HELP = (
+        "I am tgw's built-in offline helper: rules, not a language model. I understand requests like:\n"
+        "  status                              is the gateway running; providers, routes, work mode\n"
+        "  switch to translation mode          (or passthrough, auto)\n"
+        "  route claude to openai              claude*=>openai first in model_provider_routes\n"
+        "  use my OpenAI key sk-...            store a provider key in gateway.ini\n"
+        "  set idle_timeout to 1200            any config key\n"
+        "  why does claude-sonnet-4-5 fail?    how it resolves, a test request, its recent errors\n"
+        "  start / stop / restart the gateway\n"
+        "  show usage (for 30 days)            requests, tokens and cost from the ledger\n"
+        "  show errors                         the latest failed requests\n"
+        "  what is stream_keepalive?           a key's meaning, default and value\n"
+        "  how do I use claude code?           search the built-in docs\n"
+        "  show config"
+    )
+    IS_HELP = re.compile(r"^(help|\?|h|what can you do|commands|menu)$", re.I)
+    ROUTE = re.compile(r"\b(?:route|send|map|point|direct)\s+(?:all\s+)?(?:the\s+)?(?:models?\s+)?[\"'`]?"
+                       r"([\w.*?:/\[\]-]+?)[\"'`]?(?:\s+models?|\s+requests?)?\s+(?:to|=>|->|through|via|at|on)\s+"
+                       r"(?:the\s+)?[\"'`]?([\w.-]+)", re.I)  # fmt: skip
+    MODE = re.compile(r"\b(?:(?:switch|use|set|change|turn|go|make|enable|put|move)\b.*\b(translation|passthrough|auto)"
+                      r"\b|^(translation|passthrough|auto)(?: mode)?$)", re.I)  # fmt: skip
+    SET_KEY = re.compile(r"\b(?:set|change|make|put)\s+([a-z][a-z0-9_]*)\s+(?:to|=|as)\s+(.+?)\s*$"
+                         r"|^\s*([a-z][a-z0-9_]*)\s*=\s*(.+?)\s*$", re.I)  # fmt: skip
+    WHY = re.compile(r"\bwhy\b.*?\b(?:does|do|is|are|did|would|will|can't|cannot|won't|doesn't|isn't)\s+(?:the\s+)?"
+                     r"(?:model\s+)?[\"'`]?([\w.:/*-]+)|(?<![\w.:/-])((?=[\w.:/-]*\d)[\w.:/-]+|[\w.:/]+-[\w.:/-]+)\s+(?:fails|failed|"
+                     r"is failing|keeps failing|doesn't work|does not work|is broken|errors)", re.I)  # fmt: skip
+    CONTROL = re.compile(r"\b(restart|reboot|start|launch|boot|run|bring up|stop|kill|shut ?down|halt)\b", re.I)
+    CONTROL_TARGET = re.compile(r"\b(gateway|tgw|server|daemon|proxy|service|it)\b", re.I)
+    USAGE = re.compile(r"\b(usage|spend|spent|spending|cost|costs|tokens|bill)\b", re.I)
+    DAYS = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s*(days?|d|weeks?|months?)\b|\b(today|week|month|year)\b", re.I)
+    ERRORS = re.compile(r"\b(errors?|failures?|failed requests?|what failed|went wrong)\b", re.I)
+    STATUS = re.compile(r"\b(status|running|health|healthy|alive|up|check)\b", re.I)
+    CONFIG = re.compile(r"\b(config|configuration|settings)\b", re.I)
+    DOCS = re.compile(r"\b(what|how|explain|describe|meaning|docs?|documentation|claude code|codex|sdk|endpoints?|"
+                      r"clients?|langchain|connect|point)\b", re.I)  # fmt: skip
+    CLAUSES = re.compile(r"\s*(?:;|,\s+|\band then\b|\bthen\b|\band\b)\s*", re.I)
+    GENERAL = frozenset(re.findall(r"\w+", "it the gateway tgw this that my requests everything things calls"))
+
+    def __init__(self, app: ChatApp):
+        self.app = app
+        self.pending_secret = ""  # a typed key whose provider was not said yet
+
+    def respond(self, text: str) -> None:
+        """A request, or several joined by 'and', 'then', ';' (each part that is understood is done)."""
+        text = " ".join(text.split())
+        if len(text) > OFFLINE_MAX_REQUEST:  # the rules are sentences: a pasted log would take them minutes
+            self.app.ui.say(f"That is {len(text)} characters; the offline helper reads requests of up to "
+                            f"{OFFLINE_MAX_REQUEST}, in plain words ('status', 'why does claude-sonnet-4-5 fail?'). "
+                            "Say 'help' to see what it understands.")  # fmt: skip
+            return
+        parts = [p for p in self.CLAUSES.split(text) if p]
+        plans = [(part, self.plan(part)) for part in parts] if len(parts) > 1 else []
+        if sum(plan is not None for _, plan in plans) < 2:
+            plan = self.plan(text)
+            plans = [(text, plan or (lambda: f"I did not understand {text[:200]!r}.\n{self.HELP}"))]
+        for part, plan in plans:
+            reply = plan() if plan else f"(I did not understand {part[:200]!r})" if len(part.split()) > 3 else ""
+            if reply:
+                self.app.ui.say(reply)
+
+    def tool(self, name: str, **args) -> Outcome:
+        return self.app.tools.call(name, args)
+
+    def plan(self, text: str):
+        """What a request asks for, as a function that does it and returns the answer; None when
+        it is not understood. Tool actions are shown as they run."""
+        plain = text.rstrip("?!. ")
+        secrets = ChatSecrets.PLACEHOLDER.findall(text)
+        if not plain or self.IS_HELP.match(plain):
+            return lambda: self.HELP
+        if secrets or (self.pending_secret and self.provider_named(plain)):
+            return lambda: self.store_key(f"[secret_{secrets[-1]}]" if secrets else self.pending_secret, plain)
+        if m := self.ROUTE.search(plain):
+            return lambda: self.route(m.group(1), m.group(2))
+        if (m := self.SET_KEY.search(plain)) and (m.group(1) or m.group(3)).lower() in CONFIG_KEYS:
+            key, value = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+            return lambda: self.change(key.lower(), value.strip("\"'`"))
+        if m := self.MODE.search(plain):
+            return lambda: self.change("work_mode", (m.group(1) or m.group(2)).lower())
+        if m := self.WHY.search(plain):
+            return lambda: self.diagnose((m.group(1) or m.group(2)).strip("\"'`"))
+        m = self.CONTROL.search(plain)
+        if (
+            m
+            and not plain.lower().startswith("how")
+            and (self.CONTROL_TARGET.search(plain) or plain.lower() == m[1].lower())
+        ):
+            return lambda: self.control(m.group(1).lower())
+        if self.USAGE.search(plain):
+            return lambda: self.tool("usage_summary", days=self.days(plain)).text
+        if self.ERRORS.search(plain):
+            return lambda: self.tool("recent_errors", n=10).text
+        if key := self.key_named(plain):
+            return lambda: self.explain_key(key)
+        if self.CONFIG.search(plain):
+            return lambda: self.tool("get_config").text
+        if self.STATUS.search(plain):
+            return lambda: self.tool("get_status").text
+        if self.DOCS.search(plain) and search_docs(chat_docs(self.app.load_config()[0]), plain):
+            return lambda: self.tool("search_docs", query=plain).text
+        return None
+
+    def change(self, key: str, value: str) -> str:
+        self.tool("set_config", key=key, value=value)
+        return ""  # the outcome is shown by the tool call itself
+
+    @staticmethod
+    def provider_named(text: str) -> str:
+        return next((PROVIDER_WORDS[w] for w in re.findall(r"[a-z]+", text.lower()) if w in PROVIDER_WORDS), "")
+
+    def store_key(self, placeholder: str, text: str) -> str:
+        provider = self.provider_named(text.replace(placeholder, " ")) or self.app.secrets.kind(placeholder)
+        if re.search(r"\b(client|gateway key|api_keys)\b", text, re.I) or provider == "client":  # added to the others
+            keys = [k.strip() for k in self.app.load_config()[0].api_keys.split(",") if k.strip()]
+            held = [self.app.secrets.placeholder(k) for k in keys]
+            return self.change("api_keys", ",".join(dict.fromkeys([*held, placeholder])))
+        if provider not in ("openai", "anthropic", "gemini"):
+            self.pending_secret = placeholder
+            return f"Which provider is {placeholder} for? Say 'it is for openai' (or anthropic, gemini)."
+        self.pending_secret = ""
+        return self.change(f"{provider}_api_key", placeholder)
+
+    def route(self, model: str, provider_word: str) -> str:
+        cfg, error = self.app.load_config()
+        if error:
+            return f"The configuration does not load, so I will not change routes: {error}"
+        providers = build_providers(cfg)
+        name = provider_word.lower()
+        name = name if name in providers else PROVIDER_WORDS.get(name, name)
+        if name not in providers:
+            return (f"There is no provider named {provider_word!r}; known: {', '.join(providers)}. Named providers are "
+                    "[provider.NAME] sections in gateway.ini.")  # fmt: skip
+        pattern = model if not is_concrete(model) or re.search(r"\d", model) else model + "*"
+        rules = [(g, p) for g, p in parse_pairs(cfg.model_provider_routes, "model_provider_routes") if g != pattern]
+        routes = ",".join(f"{g}=>{p}" for g, p in [(pattern, name), *rules])
+        outcome = self.tool("set_config", key="model_provider_routes", value=routes)
+        if outcome.changed:
+            return (f"{pattern} now goes to {name}; the model name is sent as the client gives it (add model_aliases "
+                    "if that provider knows it by another name).")  # fmt: skip
+        return ""
+
+    def diagnose(self, model: str) -> str:
+        if model.lower() in self.GENERAL:
+            return "\n".join([self.tool("get_status").text, "", "Recent failed requests:",
+                              self.tool("recent_errors", n=5).text])  # fmt: skip
+        test = self.tool("test_model", model=model)
+        errors = self.tool("recent_errors", n=5, model=model)
+        lines = [test.text, "", f"Recent failed requests for {model}:", errors.text]
+        words = test.text.lower()
+        if "not configured" in words:
+            provider = next((p for p in ("openai", "anthropic", "gemini") if f"set {p}_api_key" in words), "the")
+            lines.append(f"\nIt fails because that provider has no key. Tell me it ('use my {provider} key ...') and "
+                         "I will store it in gateway.ini, or route the model elsewhere ('route claude to openai').")  # fmt: skip
+        elif "matches no route" in words:
+            lines.append(f"\nNo route matches it: add one, e.g. 'route {model} to openai'.")
+        elif "http 401" in words or "http 403" in words:
+            lines.append("\nThe provider refused the key: check it (show config) or give me a new one.")
+        elif "cannot connect" in words or "timed out" in words:
+            lines.append("\nThe provider's address does not answer: check its base_url, the network or a proxy.")
+        elif test.ok:
+            lines.append("\nThe test request worked: if clients still fail, the errors above say how.")
+        return "\n".join(lines)
+
+    def control(self, verb: str) -> str:
+        if verb in ("restart", "reboot"):
+            stopped = self.tool("stop_gateway")
+            if not stopped.ok:
+                return ""
+            self.tool("start_gateway")
+            return ""
+        self.tool("stop_gateway" if verb in ("stop", "kill", "shutdown", "shut down", "halt") else "start_gateway")
+        return ""
+
+    def days(self, text: str) -> float:
+        m = self.DAYS.search(text)
+        if not m:
+            return 7
+        if m.group(3):
+            return {"today": 1, "week": 7, "month": 30, "year": 365}[m.group(3).lower()]
+        unit = m.group(2).lower()
+        return float(m.group(1)) * (30 if unit.startswith("month") else 7 if unit.startswith("week") else 1)
+
+    @staticmethod
+    def key_named(text: str) -> str:
+        """The config key a request names, written with '_' or spaces (the longest wins)."""
+        low = text.lower()
+        spaced = re.sub(r"[\s-]+", "_", low)
+        for key in sorted(CONFIG_KEYS, key=len, reverse=True):
+            pattern = rf"(?<![a-z0-9]){re.escape(key)}(?![a-z0-9])"
+            if re.search(pattern, low) or ("_" in key and re.search(pattern, spaced)):
+                return key
+        return ""
+
+    def explain_key(self, key: str) -> str:
+        hits = self.tool("search_docs", query=key).text.split("\n", 1)[0]
+        return hits + "\n" + self.tool("get_config", key=key).text.split("\n", 1)[0]
+
+
+# ---- the model assistant -----------------------------------------------------------------
+
+CHAT_SYSTEM_PROMPT = """You are the assistant built into tgw {version}, a local LLM gateway: one endpoint that speaks \
+the OpenAI, Anthropic and Gemini APIs, routes each model to a provider and records every request in a ledger. You help \
+the user configure and troubleshoot this gateway from a terminal, with your tools.
+Config file: {config}. Gateway address: {url}.
+- Look before answering: get_status, get_config, test_model, recent_errors, usage_summary, search_docs. search_docs \
+knows every config key; do not guess keys or defaults.
+- Change settings only with set_config, one key per call; the user confirms each change. A running gateway reads \
+gateway.ini at start: after a change, offer to restart it (stop_gateway, then start_gateway).
+- model_provider_routes is one ordered list: read it, put a new glob=>provider first and keep the rest.
+- You never see API keys. A key the user typed reaches you as a placeholder such as [secret_1]: pass the placeholder \
+unchanged as set_config's value and it is stored locally. Configured keys come back masked. Never ask for a key to be \
+pasted anywhere else.
+- Answer briefly, in plain text for a terminal (no tables, little markdown).
+Config keys: {keys}."""
+
+
+class ModelAssistant:
+    """A conversation with a model through tgw's providers and codecs, with the tools."""
+
+    def __init__(self, app: ChatApp, candidate: ChatCandidate, cfg: Config):
+        self.app = app
+        self.provider = candidate.provider
+        self.model = candidate.model
+        self.headers = provider_headers(self.provider, cfg)
+        self.history: list[Message] = []
+        self.partial: list[str] = []
+        self.tools_ran = False
+        self.system = CHAT_SYSTEM_PROMPT.format(version=__version__, config=app.config_path(cfg), url=gateway_url(cfg),
+                                                keys=", ".join(CONFIG_KEYS))  # fmt: skip
+
+    def respond(self, text: str) -> None:
+        self.history.append(Message("user", [Part("text", text=text)]))
+        self.trim_history()
+        self.tools_ran = False
+        try:
+            self.run_rounds()
+        except GatewayError as err:
+            message = self.app.secrets.hide(err.message)
+            self.app.ui.note(f"the model failed: HTTP {err.status}: {message}")
+            if not self.tools_ran:  # nothing happened yet: the offline assistant takes this request
+                self.history.pop()
+                self.app.ui.note("the offline assistant answers this request instead:")
+                self.app.offline.respond(text)
+            else:
+                self.history.append(Message("assistant", [Part("text", text=f"[the model failed: {message}]")]))
+        except KeyboardInterrupt:
+            said = "".join(self.partial).strip()
+            self.history.append(Message("assistant", [Part("text", text=f"{said} [interrupted by the user]".strip())]))
+            raise
+
+    def trim_history(self) -> None:
+        """Keep the latest CHAT_HISTORY_TURNS user turns (cut where a turn starts)."""
+        starts = [i for i, m in enumerate(self.history) if m.role == "user" and any(p.type == "text" for p in m.parts)]
+        if len(starts) > CHAT_HISTORY_TURNS:
+            del self.history[: starts[-CHAT_HISTORY_TURNS]]
+
+    def run_rounds(self) -> None:
+        for _ in range(CHAT_TOOL_ROUNDS):
+            self.partial = []
+            answer = self.app.run_interruptible(self.ask())
+            self.app.ui.end_line()
+            parts = [p for p in answer.parts if p.type in ("text", "tool_call", "thinking", "redacted_thinking")]
+            calls = [p for p in parts if p.type == "tool_call"]
+            self.history.append(Message("assistant", parts or [Part("text", text="(no answer)")]))
+            if not calls:
+                return
+            results: list[Part] = []
+            try:
+                for call in calls[:CHAT_CALLS_PER_ROUND]:
+                    outcome = self.app.tools.call(call.name, tool_arguments(call.arguments))
+                    self.tools_ran = True
+                    results.append(tool_result(call, outcome.text[:CHAT_TOOL_RESULT_LIMIT], not outcome.ok))
+            finally:  # every call gets its result, or the conversation is malformed for the next request
+                for call in calls[len(results) :]:
+                    why = "interrupted by the user" if len(results) < CHAT_CALLS_PER_ROUND else (
+                        f"at most {CHAT_CALLS_PER_ROUND} tool calls per answer")  # fmt: skip
+                    results.append(tool_result(call, f"not run: {why}", True))
+                self.history.append(Message("user", results))
+        self.app.ui.note(f"(stopped: {CHAT_TOOL_ROUNDS} rounds of tool calls for one request is the limit)")
+
+    async def ask(self) -> Response:
+        req = Request(model=self.model, messages=list(self.history), system=[Part("text", text=self.system)],
+                      tools=list(CHAT_TOOLS), stream=True, max_tokens=CHAT_MAX_TOKENS)  # fmt: skip
+        return await call_model(self.app.pool, self.provider, self.headers, req, self.on_text)
+
+    def on_text(self, text: str) -> None:
+        self.partial.append(text)
+        self.app.ui.stream(text)
+
+
+def tool_arguments(text: str) -> dict:
+    """A tool call's arguments as an object; anything else becomes an error the tool reports."""
+    if len(text) > 1 << 20:
+        return {"_raw_arguments": ""}
+    try:
+        return json_object_arguments(text)
+    except RecursionError:
+        return {"_raw_arguments": ""}
+
+
+def tool_result(call: Part, text: str, is_error: bool) -> Part:
+    return Part("tool_result", id=call.id, name=call.name, content=[Part("text", text=text)], is_error=is_error)
+
+
+# ---- the terminal ------------------------------------------------------------------------
+
+
+class ChatTerminal:
+    """Where the conversation shows: streamed answers, tool actions, notes, y/N questions."""
+
+    def __init__(self, out, can_ask: bool, yes: bool, color: bool):
+        self.out = out
+        self.can_ask = can_ask  # standard input is a terminal a person answers at
+        self.yes = yes
+        self.color = color
+        self.mid_line = False
+
+    def write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
+            self.mid_line = not text.endswith("\n")
+
+    def stream(self, text: str) -> None:
+        self.write(printable(text))
+
+    def end_line(self) -> None:
+        if self.mid_line:
+            self.write("\n")
+
+    def say(self, text: str) -> None:
+        self.end_line()
+        self.write(printable(text).rstrip("\n") + "\n")
+
+    def dim(self, text: str) -> str:
+        return f"\x1b[2m{text}\x1b[0m" if self.color else text
+
+    def note(self, text: str) -> None:
+        self.end_line()
+        self.write(self.dim(printable(text)) + "\n")
+
+    def action(self, text: str) -> None:
+        self.note(f"  * {text}")
+
+    def result(self, text: str) -> None:
+        self.say("\n".join("    " + line for line in text.splitlines()[:12]))
+
+    def confirm(self, question: str) -> bool:
+        if self.yes:
+            self.note(f"    {question} yes (--yes)")
+            return True
+        if not self.can_ask:
+            self.note(f"    {question} not confirmed: add --yes to allow changes without asking")
+            return False
+        self.end_line()
+        try:
+            answer = input(f"    {printable(question)} [y/N] ")
+        except EOFError:
+            answer = ""
+        return answer.strip().lower() in ("y", "yes")
+
+
+class ChatApp:
+    """One `tgw chat` session: its event loop and HTTP pools, secrets, tools and assistant."""
+
+    PROMPT = "tgw> "
+
+    def __init__(self, config_arg: str | None = None, yes: bool = False, out=None, can_ask: bool | None = None,
+                 env=None):  # fmt: skip
+        self.config_arg = config_arg
+        self.env = os.environ if env is None else env
+        out = out or sys.stdout
+        can_ask = sys.stdin.isatty() if can_ask is None else can_ask
+        color = bool(getattr(out, "isatty", lambda: False)()) and "NO_COLOR" not in self.env
+        self.ui = ChatTerminal(out, can_ask, yes, color)
+        self.secrets = ChatSecrets()
+        self.loop = asyncio.new_event_loop()
+        self.pool = UpstreamPool(10.0, 120.0)  # the model and test requests
+        self.probe_pool = UpstreamPool(1.0, 3.0)  # /health
+        self.tools = ChatTools(self)
+        self.offline = OfflineAssistant(self)
+        self.assistant: ModelAssistant | OfflineAssistant = self.offline
+        self.failed_changes = 0
+        self.readline = None
+
+    def close(self) -> None:
+        self.pool.close()
+        self.probe_pool.close()
+        self.loop.run_until_complete(asyncio.sleep(0))  # let aborted connections close
+        self.loop.close()
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def run_interruptible(self, coro):
+        """Run `coro` so that Ctrl-C cancels it (and only it) and raises KeyboardInterrupt."""
+        task = self.loop.create_task(coro)
+        try:
+            self.loop.add_signal_handler(signal.SIGINT, task.cancel)
+            installed = True
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or not POSIX
+            installed = False
+        try:
+            return self.loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            raise KeyboardInterrupt from None
+        except KeyboardInterrupt:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                self.loop.run_until_complete(task)
+            raise
+        finally:
+            if installed:
+                self.loop.remove_signal_handler(signal.SIGINT)
+
+    def load_config(self) -> tuple[Config, str]:
+        cfg, error = load_config_or_defaults(self.config_arg, self.env)
+        return cfg, redact(error)
+
+    def config_path(self, cfg: Config | None = None) -> Path:
+        return config_path_for_writing(self.config_arg, cfg or self.load_config()[0], self.env)
+
+    def open_ledger(self) -> tuple[sqlite3.Connection | None, str]:
+        """The ledger, read-only, or why there is none."""
+        cfg, _ = self.load_config()
+        if cfg.ledger_path == ":memory:":
+            return None, "the ledger is in memory (ledger_path = :memory:): nothing was kept"
+        path = Path(cfg.ledger_path).expanduser().resolve()
+        if not path.is_file():
+            return None, f"no ledger at {path} yet: no request has gone through the gateway"
+        try:
+            return sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=5), ""
+        except sqlite3.Error as exc:
+            return None, f"cannot open the ledger {path}: {exc}"
+
+    # -- choosing who answers
+    def choose(self, spec: str = "", offline: bool = False) -> str:
+        """Pick the model (or the offline assistant) and say which, in one line."""
+        offline_words = "the offline assistant answers (built-in rules, not a language model; say 'help')"
+        if offline:
+            return f"--offline: {offline_words}"
+        cfg, _ = self.load_config()
+        source = "--model" if spec else "chat_model"
+        spec = spec or cfg.chat_model
+        found, chosen = self.run(detect_chat_models(cfg, self.env, spec, source))
+        if chosen is None:
+            why = found[0].reason if spec else "no model is reachable (tgw chat --detect says why)"
+            return printable(redact(f"{why}: {offline_words}"))
+        self.assistant = ModelAssistant(self, chosen, cfg)
+        said = f"model {chosen.model} on {chosen.provider.name} ({chosen.source}: {chosen.reason})"
+        return printable(redact(said))  # a model id and a reason are a server's words
+
+    def detect(self, spec: str = "") -> str:
+        cfg, error = self.load_config()
+        source = "--model" if spec else "chat_model"
+        spec = spec or cfg.chat_model
+        found, chosen = self.run(detect_chat_models(cfg, self.env, spec, source, everything=True))
+        lines = ["tgw chat looks for a model in this order and uses the first one available:"]
+        if error:
+            lines.append(f"  (the configuration does not load: {error})")
+        if not spec:
+            found = [ChatCandidate("", "chat_model", "not set (--model, or chat_model in gateway.ini)"), *found]
+        width = max([len(c.source) for c in found] + [10])
+        for c in found:  # * the one used, + usable, - not usable
+            mark = "*" if c is chosen else "+" if c.available else "-"
+            lines.append(f"  {mark} {c.source:<{width}}  {c.model + ': ' if c.available else ''}{c.reason}")
+        lines.append(f"using {chosen.model} on {chosen.provider.name}" if chosen else
+                     "no model is available: tgw chat answers with its offline assistant")  # fmt: skip
+        return printable(redact("\n".join(lines)))  # what local servers answered, safe for a terminal
+
+    # -- turns
+    def turn(self, text: str) -> None:
+        """One request of the user's (secrets already hidden), answered; Ctrl-C stops it."""
+        try:
+            self.assistant.respond(text)
+        except KeyboardInterrupt:
+            self.ui.end_line()
+            self.ui.note("(interrupted)")
+        except Exception as exc:  # a bug: say so and keep the session (and the exit status says it failed)
+            self.failed_changes += 1
+            self.ui.note(redact(f"tgw chat: internal error ({type(exc).__name__}: {exc}); the session goes on"))
+
+    def interactive(self, announcement: str) -> None:
+        self.setup_readline()
+        self.ui.say(f"tgw chat: {announcement}")
+        self.ui.note("Ctrl-C stops an answer; exit, quit or Ctrl-D leaves.")
+        try:
+            while True:
+                try:
+                    line = input(self.PROMPT)
+                except EOFError:
+                    self.ui.write("\n")
+                    return
+                except KeyboardInterrupt:
+                    self.ui.write("\n")
+                    self.ui.note("(exit, quit or Ctrl-D leaves)")
+                    continue
+                line = line.strip()[:CHAT_MAX_INPUT]
+                if line.lower() in ("exit", "quit", "/exit", "/quit", ":q"):
+                    return
+                if line:
+                    hidden = self.secrets.hide(line)
+                    if self.readline is not None:
+                        self.readline.add_history(hidden)  # the history file never holds a typed key
+                    self.turn(hidden)
+        finally:
+            self.save_history()
+
+    def setup_readline(self) -> None:
+        try:
+            import readline
+        except ImportError:  # not on every platform: plain input() then
+            return
+        self.readline = readline
+        readline.set_auto_history(False)
+        readline.set_history_length(1000)
+        with contextlib.suppress(OSError):
+            readline.read_history_file(tokligence_dir() / "chat_history")
+
+    def save_history(self) -> None:
+        if self.readline is None:
+            return
+        path = tokligence_dir() / "chat_history"
+        with contextlib.suppress(OSError):
+            open_private(path).close()  # 0600 before a line is in it
+            self.readline.write_history_file(path)
+            os.chmod(path, 0o600)  # a file from before this rule
+
+
+def add_gateway_commands(commands) -> None:
+    """`tgw chat`, `tgw start`, `tgw stop`, `tgw status` (build_parser calls this)."""
+    chat_p = commands.add_parser("chat", help="a terminal assistant that configures and troubleshoots the gateway")
+    add_config_flag(chat_p)
+    chat_p.add_argument("--model", help="model to talk to: a name routed like the gateway routes it, or PROVIDER/MODEL")
+    chat_p.add_argument("--offline", action="store_true", help="use the built-in rule-based assistant, no model")
+    chat_p.add_argument("--detect", action="store_true", help="show where a model was looked for and why, then exit")
+    chat_p.add_argument(
+        "-p", "--prompt", help="answer this one request and exit (default: standard input if not a terminal)"
+    )
+    chat_p.add_argument("-y", "--yes", action="store_true", help="make changes without asking for confirmation")
+
+    start_p = commands.add_parser("start", help="run the gateway in the background (pid and log in ~/.tokligence)")
+    add_config_flag(start_p)
+    start_p.add_argument("--host", help="address to listen on")
+    start_p.add_argument("--port", type=int, help="port (0 picks a free one)")
+    start_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+
+    stop_p = commands.add_parser("stop", help="stop the background gateway")
+    add_config_flag(stop_p)
+
+    status_p = commands.add_parser("status", help="is the gateway running; its health, providers, routes, work mode")
+    add_config_flag(status_p)
+    status_p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def cmd_chat(args) -> int:
+    """Exit status: 0, or 1 when a change the user asked for failed or was not confirmed (or tgw chat failed)."""
+    for stream in (sys.stdin, sys.stdout):  # a model may answer in any script; a pipe may hold any bytes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+    setup_logging("error")  # the configuration is read for every tool call: its warnings would repeat
+    app = ChatApp(args.config, args.yes)
+    try:
+        if args.detect:
+            print(app.detect(args.model or ""))
+            return 0
+        prompt = args.prompt
+        interactive = prompt is None and sys.stdin.isatty()
+        if prompt is None and not interactive:
+            prompt = sys.stdin.read(CHAT_MAX_INPUT)
+        announcement = app.choose(args.model or "", args.offline)
+        if interactive:
+            app.interactive(announcement)
+        else:
+            print(f"tgw chat: {announcement}", file=sys.stderr)
+            if not prompt.strip():
+                print("tgw chat: no request given (-p TEXT, or on standard input)", file=sys.stderr)
+                return 2
+            app.turn(app.secrets.hide(prompt.strip()[:CHAT_MAX_INPUT]))
+        return 1 if app.failed_changes else 0
+    finally:
+        app.close()
 
 
 if __name__ == "__main__":
