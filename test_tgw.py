@@ -1013,11 +1013,11 @@ def test_unreachable_upstream_is_502_and_gateway_keeps_serving(start_gateway):
 def test_silent_upstream_times_out_with_504(start_gateway, upstream):
     release = threading.Event()
     up = upstream(lambda h, b: release.wait(10))
-    gw = start_gateway(env=openai_env(up), upstream_read_timeout=0.5, upstream_retries=0)
+    gw = start_gateway(env=openai_env(up), upstream_first_byte_timeout=0.5, upstream_retries=0)
     started = time.monotonic()
     status, _, body = post(gw, "/v1/chat/completions", CHAT)
     release.set()
-    assert status == 504 and "did not answer within 0.5 s" in json.loads(body)["error"]["message"]
+    assert status == 504 and "did not answer within 0.5 s (first-byte timeout)" in json.loads(body)["error"]["message"]
     assert time.monotonic() - started < 5
     assert_serving(gw)
 
