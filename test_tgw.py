@@ -6946,3 +6946,415 @@ def test_loopback_answers_claude_code_shaped_requests_offline(start_gateway):
         {"type": "text", "text": "Hello from the tgw loopback model. You said: say hi"}
     ]
     assert message["stop_reason"] == "end_turn" and gw.rows()[-1]["lane"] == "loopback"
+
+
+# ======================================================================================
+# Resilience: pools, breakers, failover, timeouts (issue 14) and retries (issue 10)
+# ======================================================================================
+
+R_GOOD, R_BAD = "sk-good-key-1111", "sk-bad-key-2222"
+R_OVERLOADED = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+
+
+def key_of(h) -> str:
+    """The provider key a fake upstream was sent."""
+    auth = h.headers.get("Authorization") or ""
+    return auth[7:] if auth.startswith("Bearer ") else h.headers.get("x-api-key") or h.headers.get("x-goog-api-key")
+
+
+def sent_keys(up: FakeUpstream) -> list:
+    return [key_of_headers(r["headers"]) for r in up.requests]
+
+
+def key_of_headers(headers: dict) -> str:
+    auth = headers.get("Authorization") or ""
+    return auth[7:] if auth.startswith("Bearer ") else headers.get("x-api-key") or headers.get("x-goog-api-key")
+
+
+def accounts(gw: RunningGateway) -> dict:
+    return json.loads(get(gw, "/health")[2])["accounts"]
+
+
+def wait_until(predicate, timeout=10.0, what="condition"):
+    """Poll `predicate` until it is true (bounded): the machine is loaded, so deadlines are generous."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_pool_one_of_two_keys_failing_opens_its_breaker_then_half_open_then_closed(start_gateway, upstream):
+    healed = threading.Event()
+
+    def script(h, body):
+        if key_of(h) == R_BAD and not healed.is_set():
+            reply_json(h, {"error": {"message": "upstream exploded", "type": "server_error"}}, status=500)
+        else:
+            reply_json(h, chat_completion(f"answered by {key_of(h)[:7]}"))
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up, key=f"{R_GOOD}, {R_BAD}"), breaker_failures=2, breaker_cooldown=0.5,
+                       upstream_retries=0)  # fmt: skip
+    answers = [post(gw, "/v1/chat/completions", CHAT) for _ in range(6)]
+    assert [a[0] for a in answers] == [200] * 6  # every request answered, by the good key when the bad one failed
+    assert sent_keys(up).count(R_BAD) == 2  # two failures opened its breaker: then it was skipped
+    failed_over = [a for a in answers if a[1]["x-tgw-attempts"] == "2"]
+    assert len(failed_over) == 2 and all(a[1]["x-tgw-provider"] == "openai" for a in answers)
+    state = accounts(gw)
+    assert state["openai#2"]["state"] in ("open", "half_open") and state["openai#2"]["consecutive_failures"] == 2
+    assert state["openai#2"]["last_status"] == 500 and "upstream exploded" in state["openai#2"]["last_error"]
+    assert state["openai#1"]["state"] == "closed" and R_BAD not in json.dumps(state)  # keys never shown
+    rows = gw.rows(6)
+    assert sorted(r["attempts"] for r in rows) == [1, 1, 1, 1, 2, 2]
+    assert {r["account"] for r in rows} == {"openai#1"} and {r["status"] for r in rows} == {200}
+    wait_until(lambda: accounts(gw)["openai#2"]["state"] == "half_open", what="the cooldown to end")
+    healed.set()
+    for _ in range(4):  # the half-open breaker lets one trial through; its success closes it
+        assert post(gw, "/v1/chat/completions", CHAT)[0] == 200
+        if sent_keys(up).count(R_BAD) == 3:
+            break
+    assert sent_keys(up).count(R_BAD) == 3
+    state = accounts(gw)["openai#2"]
+    assert state["state"] == "closed" and state["consecutive_failures"] == 0
+
+
+def test_pool_429_with_retry_after_cools_only_that_account(start_gateway, upstream):
+    limited = {R_BAD}
+
+    def script(h, body):
+        if key_of(h) in limited:
+            reply_json(h, {"error": {"message": f"Rate limit for {key_of(h)[:7]}", "type": "requests"}}, status=429,
+                       headers={"Retry-After": "30"})  # fmt: skip
+        else:
+            reply_json(h, chat_completion())
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up, key=f"{R_BAD},{R_GOOD}"), upstream_retries=0)
+    assert [post(gw, "/v1/chat/completions", CHAT)[0] for _ in range(4)] == [200] * 4
+    assert sent_keys(up).count(R_BAD) == 1  # asked once, then left alone for its Retry-After
+    state = accounts(gw)
+    assert state["openai#1"]["state"] == "cooling" and state["openai#1"]["cooldown_left_s"] > 20
+    assert state["openai#1"]["consecutive_failures"] == 0  # a 429 is no breaker failure
+    assert state["openai#2"]["state"] == "closed"
+    limited.add(R_GOOD)  # now the other one is limited too: the client gets the last upstream's words
+    status, headers, body = post(gw, "/v1/chat/completions", CHAT)
+    assert status == 429 and json.loads(body)["error"]["message"] == "Rate limit for sk-good"
+    assert headers["Retry-After"] == "30"
+    asked = len(up.requests)
+    status, headers, body = post(gw, "/v1/chat/completions", CHAT)  # every account cooling: answered at once
+    assert status == 429 and len(up.requests) == asked and int(headers["Retry-After"]) >= 28
+    assert "cooling down" in json.loads(body)["error"]["message"]
+    assert [r["status"] for r in gw.rows(6)][-2:] == [429, 429]
+
+
+def cc_request(**changes) -> dict:
+    body = copy.deepcopy(CLAUDE_CODE_BODY)
+    body.update(model="claude-sonnet-4-5", **changes)
+    return body
+
+
+CC_HEADERS = {"anthropic-version": "2023-06-01", "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14",
+              "x-api-key": "anything", "user-agent": "claude-cli/2.1.197 (external, sdk-cli)"}  # fmt: skip
+
+
+def assert_valid_anthropic_stream(received: list) -> str:
+    """The event grammar of an Anthropic stream; returns the text it carried."""
+    names = [name for name, _ in received if name != "ping"]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"], names
+    text, open_blocks = "", set()
+    for name, data in received:
+        assert name == data["type"]
+        if name == "content_block_start":
+            open_blocks.add(data["index"])
+        elif name == "content_block_delta":
+            assert data["index"] in open_blocks
+            text += data["delta"].get("text", "")
+        elif name == "content_block_stop":
+            open_blocks.remove(data["index"])
+    assert not open_blocks
+    return text
+
+
+def test_claude_code_streams_fail_over_from_a_529ing_anthropic_to_openai_as_anthropic_sse(start_gateway, upstream):
+    anthropic_up = upstream(lambda h, b: reply_json(h, R_OVERLOADED, status=529))
+    openai_up = upstream(lambda h, b: reply_sse(h, chat_chunks(words=("Hi", " from", " GPT"), prompt=30, completion=3)))
+    gw = start_gateway(env={**anthropic_env(anthropic_up), **openai_env(openai_up)}, breaker_failures=2,
+                       model_fallbacks="claude-sonnet-4*=>gpt-4.1", upstream_retries=0)  # fmt: skip
+    for attempts in ("2", "2", "1"):  # the third finds anthropic's breaker open and goes straight to the fallback
+        status, headers, payload = post(gw, "/v1/messages?beta=true", cc_request(), CC_HEADERS)
+        assert status == 200 and headers["Content-Type"] == "text/event-stream"
+        assert (headers["x-tgw-provider"], headers["x-tgw-model"], headers["x-tgw-attempts"]) == ("openai", "gpt-4.1",
+                                                                                                 attempts)  # fmt: skip
+        assert assert_valid_anthropic_stream(lane_sse(payload)) == "Hi from GPT"
+    assert len(anthropic_up.requests) == 2 and header_of(anthropic_up.requests[0], "anthropic-beta")
+    sent = openai_up.requests[0]["body"]
+    assert sent["model"] == "gpt-4.1" and sent["stream"] is True and sent["messages"][0]["role"] == "system"
+    rows = gw.rows(3)
+    assert [(r["provider"], r["model_upstream"], r["lane"], r["attempts"], r["status"]) for r in rows] == [
+        ("openai", "gpt-4.1", "translation", 2, 200), ("openai", "gpt-4.1", "translation", 2, 200),
+        ("openai", "gpt-4.1", "translation", 1, 200),
+    ]  # fmt: skip
+    assert rows[0]["model_requested"] == "claude-sonnet-4-5" and rows[0]["completion_tokens"] == 3
+
+
+def test_fallback_chain_in_order_and_the_last_upstreams_words_when_all_fail(start_gateway, upstream):
+    gemini_ok = threading.Event()
+
+    def gemini_script(h, body):
+        if gemini_ok.is_set():
+            reply_json(h, {"candidates": [{"content": {"role": "model", "parts": [{"text": "Gemini here"}]},
+                                           "finishReason": "STOP"}],
+                           "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 2}})  # fmt: skip
+        else:
+            reply_json(h, {"error": {"code": 500, "message": "gemini is down too", "status": "INTERNAL"}}, status=500)
+
+    anthropic_up = upstream(lambda h, b: reply_json(h, R_OVERLOADED, status=529))
+    openai_up = upstream(lambda h, b: reply_json(h, {"error": {"message": "openai unavailable"}}, status=503))
+    gemini_up = upstream(gemini_script)
+    env = {**anthropic_env(anthropic_up), **openai_env(openai_up), **gemini_env(gemini_up)}
+    gw = start_gateway(env=env, model_fallbacks="claude-sonnet-4*=>gpt-4.1, claude-sonnet-4*=>gemini-2.5-pro",
+                       upstream_retries=0)  # fmt: skip
+    status, headers, body = post(gw, "/v1/messages", L_CLAUDE, {"anthropic-version": "2023-06-01"})
+    assert status == 500 and json.loads(body) == {"type": "error", "error": {"type": "api_error",
+                                                                           "message": "gemini is down too"}}  # fmt: skip
+    assert (headers["x-tgw-provider"], headers["x-tgw-attempts"]) == ("gemini", "3")
+    gemini_ok.set()
+    status, headers, body = post(gw, "/v1/messages", L_CLAUDE, {"anthropic-version": "2023-06-01"})
+    message = json.loads(body)
+    assert status == 200 and message["type"] == "message" and message["content"][0]["text"] == "Gemini here"
+    assert (headers["x-tgw-provider"], headers["x-tgw-model"]) == ("gemini", "gemini-2.5-pro")
+    assert gemini_up.requests[-1]["path"] == "/v1beta/models/gemini-2.5-pro:generateContent"
+    assert [len(u.requests) for u in (anthropic_up, openai_up, gemini_up)] == [2, 2, 2]  # in the order listed
+    rows = gw.rows(2)
+    assert [(r["status"], r["attempts"], r["provider"]) for r in rows] == [(500, 3, "gemini"), (200, 3, "gemini")]
+    assert rows[0]["error"] == "gemini is down too"
+
+
+def test_no_failover_once_the_first_byte_reached_the_client(start_gateway, upstream):
+    events = [{"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                                                    "model": "claude-sonnet-4-5", "content": [],
+                                                    "usage": {"input_tokens": 5, "output_tokens": 0}}},
+              {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+              {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "partial"}},
+              {"type": "content_block_stop", "index": 0}]  # fmt: skip
+    anthropic_up = upstream(lambda h, b: reply_anthropic_sse(h, events, drop_after=3))
+    openai_up = upstream(lambda h, b: reply_sse(h, chat_chunks()))
+    gw = start_gateway(env={**anthropic_env(anthropic_up), **openai_env(openai_up)},
+                       model_fallbacks="claude-sonnet-4*=>gpt-4.1")  # fmt: skip
+    status, _, payload = post(gw, "/v1/messages", {**L_CLAUDE, "stream": True}, {"anthropic-version": "2023-06-01"})
+    received = lane_sse(payload)
+    assert status == 200 and ("content_block_delta", events[2]) in received
+    assert received[-1][0] == "error" and "closed the connection" in received[-1][1]["error"]["message"]
+    assert openai_up.requests == [] and len(anthropic_up.requests) == 1  # no replay after partial output
+    row = gw.rows()[-1]  # a stream that failed after its 200 is a failure in the ledger
+    assert row["status"] == 502 and row["attempts"] == 1 and "closed the connection" in row["error"]
+    assert tgw.query_usage(sqlite3.connect(gw.gateway.ledger.path), "model", 0)[0][-1] == 1  # tgw usage: 1 error
+
+
+def test_failover_goes_on_after_keepalive_pings_and_a_failed_stream_is_recorded_as_a_failure(start_gateway, upstream):
+    fallback_ok = threading.Event()
+
+    def slow_529(h, body):
+        time.sleep(0.7)  # longer than stream_keepalive: pings commit the 200 meanwhile
+        reply_json(h, R_OVERLOADED, status=529)
+
+    def fallback(h, body):
+        if fallback_ok.is_set():
+            reply_sse(h, chat_chunks(words=("saved",)))
+        else:
+            reply_json(h, {"error": {"message": "fallback overloaded too"}}, status=503)
+
+    anthropic_up = upstream(slow_529)
+    openai_up = upstream(fallback)
+    gw = start_gateway(env={**anthropic_env(anthropic_up), **openai_env(openai_up)}, stream_keepalive=0.2,
+                       model_fallbacks="claude-sonnet-4*=>gpt-4.1", upstream_retries=0)  # fmt: skip
+    fallback_ok.set()
+    status, _, payload = post(gw, "/v1/messages", {**L_CLAUDE, "stream": True}, {"anthropic-version": "2023-06-01"})
+    received = lane_sse(payload)
+    assert status == 200 and received[0][0] == "ping"  # the 200 went out with pings ...
+    assert assert_valid_anthropic_stream(received) == "saved"  # ... and the fallback still answered
+    fallback_ok.clear()
+    status, _, payload = post(gw, "/v1/messages", {**L_CLAUDE, "stream": True}, {"anthropic-version": "2023-06-01"})
+    received = lane_sse(payload)
+    assert status == 200 and received[0][0] == "ping" and received[-1][0] == "error"
+    assert received[-1][1]["error"]["message"] == "fallback overloaded too"
+    rows = gw.rows(2)
+    assert [(r["status"], r["attempts"]) for r in rows] == [(200, 2), (503, 2)]  # not "200 plus an error event"
+
+
+def test_silent_upstream_is_answered_once_within_the_deadline_and_never_sent_twice(start_gateway, upstream):
+    release = threading.Event()
+    up = upstream(lambda h, b: release.wait(10))
+    other = upstream(lambda h, b: reply_json(h, chat_completion()))
+    env = {**openai_env(up), "TOKLIGENCE_PROVIDER_SPARE_BASE_URL": other.url + "/v1",
+           "TOKLIGENCE_PROVIDER_SPARE_MODELS": "other-*"}  # fmt: skip
+    gw = start_gateway(env=env, upstream_first_byte_timeout=0.5, model_fallbacks="gpt*=>other-model")
+    started = time.monotonic()
+    status, _, body = post(gw, "/v1/chat/completions", CHAT)  # upstream_retries is 2 by default
+    elapsed = time.monotonic() - started
+    release.set()
+    assert status == 504 and "did not answer within 0.5 s (first-byte timeout)" in json.loads(body)["error"]["message"]
+    assert elapsed < 3 and len(up.requests) == 1 and other.requests == []  # it may be running: never resent
+    assert gw.rows()[-1]["attempts"] == 1
+
+
+def blackhole_port():
+    """A port whose SYNs go unanswered: a listener whose accept queue is full and never drained."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(listener.getsockname())
+        fillers.append(s)
+    return listener, fillers
+
+
+def test_each_timeout_fires_and_names_itself(start_gateway, upstream):
+    listener, fillers = blackhole_port()
+    try:
+        env = {"TOKLIGENCE_OPENAI_BASE_URL": f"http://127.0.0.1:{listener.getsockname()[1]}/v1",
+               "TOKLIGENCE_OPENAI_API_KEY": "sk-x-123456"}  # fmt: skip
+        gw = start_gateway(env=env, upstream_connect_timeout=0.3, upstream_retries=0)
+        started = time.monotonic()
+        status, _, body = post(gw, "/v1/chat/completions", CHAT)
+        message = json.loads(body)["error"]["message"]
+        assert status == 504 and "after 0.3 s (connect timeout)" in message and time.monotonic() - started < 3
+    finally:
+        for s in fillers + [listener]:
+            s.close()
+
+    def silent_mid_stream(h, body):
+        reply_sse(h, chat_chunks()[:2], terminate=False)
+        time.sleep(3)
+
+    def trickle(h, body):
+        reply_sse(h, chat_chunks(words=["x"] * 100), delay=0.1)
+
+    scripts = {"silent": silent_mid_stream, "trickle": trickle, "quiet": lambda h, b: time.sleep(3)}
+    up = upstream(lambda h, b: scripts[b["model"]](h, b))
+    env = {**openai_env(up), **routes_env("*=>openai"), "TOKLIGENCE_PROVIDER_OPENAI_FIRST_BYTE_TIMEOUT": "0.4"}
+    gw = start_gateway(env=env, upstream_read_timeout=0.5, upstream_total_timeout=1.0)
+    status, _, payload = post(gw, "/v1/chat/completions", {**CHAT, "model": "silent", "stream": True})
+    assert status == 200 and "sent nothing for 0.5 s mid-answer (read timeout)" in sse_data(payload)[-1]["error"]["message"]
+    status, _, payload = post(gw, "/v1/chat/completions", {**CHAT, "model": "trickle", "stream": True})
+    assert "total timeout of 1 s ran out (total timeout)" in sse_data(payload)[-1]["error"]["message"]
+    status, _, body = post(gw, "/v1/chat/completions", {**CHAT, "model": "quiet"})  # the provider's own first byte
+    assert status == 504 and "did not answer within 0.4 s (first-byte timeout)" in json.loads(body)["error"]["message"]
+    assert [r["status"] for r in gw.rows(4)][-3:] == [504, 504, 504]  # both gateways share the ledger file
+
+
+def test_a_connection_that_could_not_be_made_moves_on_to_the_next_account(start_gateway, upstream):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    up = upstream(lambda h, b: reply_json(h, chat_completion("from the live one")))
+    env = {**openai_env(up), **routes_env("gpt-4o-mini=>dead|openai"),
+           "TOKLIGENCE_PROVIDER_DEAD_BASE_URL": f"http://127.0.0.1:{dead_port}/v1"}  # fmt: skip
+    gw = start_gateway(env=env)
+    for sent in range(1, 11):
+        status, headers, body = post(gw, "/v1/chat/completions", CHAT)
+        assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "from the live one"
+        if accounts(gw)["dead"]["state"] == "open":
+            break
+    state = accounts(gw)["dead"]
+    assert state["state"] == "open" and "cannot connect" in state["last_error"]
+    assert state["requests"] == state["errors"] == 3  # breaker_failures (3) in a row opened it
+    assert post(gw, "/v1/chat/completions", CHAT)[1]["x-tgw-attempts"] == "1"  # then it is skipped
+    assert len(up.requests) == sent + 1 and {r["account"] for r in gw.rows(sent + 1)} == {"openai"}
+
+
+def test_pool_spreads_by_weight_and_prefers_fewer_requests_in_flight(start_gateway, upstream):
+    release = threading.Event()
+
+    def script_for(name):
+        def script(h, body):
+            if body["messages"][0]["content"] == "hold":
+                release.wait(10)
+            reply_json(h, chat_completion(name))
+
+        return script
+
+    heavy, light = upstream(script_for("heavy")), upstream(script_for("light"))
+    env = {"TOKLIGENCE_PROVIDER_HEAVY_BASE_URL": heavy.url + "/v1", "TOKLIGENCE_PROVIDER_HEAVY_MODELS": "pooled*",
+           "TOKLIGENCE_PROVIDER_HEAVY_WEIGHT": "3", "TOKLIGENCE_PROVIDER_LIGHT_BASE_URL": light.url + "/v1",
+           "TOKLIGENCE_PROVIDER_LIGHT_MODELS": "pooled*"}  # fmt: skip
+    gw = start_gateway(env=env)
+    body = {**CHAT, "model": "pooled-1"}
+    served = [json.loads(post(gw, "/v1/chat/completions", body)[2])["choices"][0]["message"]["content"] for _ in range(8)]
+    assert served.count("heavy") == 6 and served.count("light") == 2
+    held = {}
+    holder = threading.Thread(target=lambda: held.update(r=post(gw, "/v1/chat/completions",
+                                                                {**body, "messages": [{"role": "user", "content": "hold"}]})))  # fmt: skip
+    holder.start()
+    wait_until(lambda: accounts(gw)["heavy"]["in_flight"] + accounts(gw)["light"]["in_flight"] == 1)
+    busy = "heavy" if accounts(gw)["heavy"]["in_flight"] else "light"
+    served = [json.loads(post(gw, "/v1/chat/completions", body)[2])["choices"][0]["message"]["content"] for _ in range(3)]
+    release.set()
+    holder.join(10)
+    assert held["r"][0] == 200 and busy not in served  # the account with a request in flight was passed over
+
+
+def open_upstream_sockets(port: int) -> dict:
+    """The gateway's open connections to an upstream on `port`, by TCP state: {"ESTABLISHED": n,
+    "CLOSE_WAIT": n} (read from the kernel's table: sockets whose far end is `port`)."""
+    names = {"01": "ESTABLISHED", "08": "CLOSE_WAIT"}  # TIME_WAIT and the like hold no descriptor
+    states: dict = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == port and fields[3] in names:
+            states[names[fields[3]]] = states.get(names[fields[3]], 0) + 1
+    return states
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's socket table")
+def test_idle_upstream_connections_are_capped_and_expire(start_gateway, upstream):
+    arrived = threading.Semaphore(0)
+    go = threading.Event()
+
+    def script(h, body):
+        arrived.release()
+        go.wait(10)
+        reply_json(h, chat_completion())
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up), upstream_max_idle_per_origin=3, upstream_idle_expiry=1.0)
+    results = []
+    clients = [threading.Thread(target=lambda: results.append(post(gw, "/v1/chat/completions", CHAT)[0]))
+               for _ in range(10)]  # fmt: skip
+    for c in clients:
+        c.start()
+    for _ in range(10):  # all ten on their own upstream connection at once
+        assert arrived.acquire(timeout=10)
+    go.set()
+    for c in clients:
+        c.join(10)
+    assert results == [200] * 10
+    assert json.loads(get(gw, "/health")[2])["upstream"]["idle_connections"] <= 3
+    wait_until(lambda: open_upstream_sockets(up.port).get("ESTABLISHED", 0) <= 3, what="the idle cap")
+    wait_until(lambda: not open_upstream_sockets(up.port), what="idle connections to expire")  # after idle_expiry
+    assert json.loads(get(gw, "/health")[2])["upstream"]["idle_connections"] == 0
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's socket table")
+def test_idle_connections_the_upstream_closed_do_not_pile_up_in_close_wait(start_gateway, upstream):
+    def answer_then_hang_up(h, body):
+        reply_json(h, chat_completion())  # keep-alive as far as the headers say ...
+        h.wfile.flush()
+        h.close_connection = True  # ... but the upstream closes its end right after
+
+    up = upstream(answer_then_hang_up)
+    gw = start_gateway(env=openai_env(up))  # idle_expiry 30 s: only the EOF can clear them
+    results = []
+    clients = [threading.Thread(target=lambda: results.append(post(gw, "/v1/chat/completions", CHAT)[0]))
+               for _ in range(20)]  # fmt: skip
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join(10)
+    assert results == [200] * 20
+    wait_until(lambda: not open_upstream_sockets(up.port), what="closed upstream connections to be dropped")
+    assert_serving(gw)
