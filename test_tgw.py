@@ -15,6 +15,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import socket
 import sqlite3
 import struct
@@ -6949,6 +6950,483 @@ def test_loopback_answers_claude_code_shaped_requests_offline(start_gateway):
 
 
 # ======================================================================================
+# Operations: multiport, logs, metrics (issue 14)
+# ======================================================================================
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nobody listens on right now (held open together, so they are distinct)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def start_multiport(start_gateway, **overrides) -> RunningGateway:
+    """A multiport gateway on free ports; another process may take a port between our probe
+    and the bind, so a bind failure is retried with fresh ports (bounded)."""
+    for attempt in range(5):
+        admin, openai, anthropic, gemini = free_ports(4)
+        try:
+            return start_gateway(multiport_mode="true", admin_port=admin, openai_port=openai,
+                                 anthropic_port=anthropic, gemini_port=gemini, **overrides)  # fmt: skip
+        except tgw.ConfigError as exc:
+            if "cannot listen" not in str(exc) or attempt == 4:
+                raise
+
+
+def port_of(gw: RunningGateway, name: str) -> RunningGateway:
+    """The same gateway seen through another of its ports (post/get take a RunningGateway)."""
+    view = object.__new__(RunningGateway)
+    view.port = gw.gateway.listeners[name].port
+    return view
+
+
+MESSAGES = {"model": "claude-x", "max_tokens": 20, "messages": [{"role": "user", "content": "hello"}]}
+GEMINI_CALL = "/v1beta/models/gemini-x:generateContent"
+GEMINI_BODY = {"contents": [{"role": "user", "parts": [{"text": "hello"}]}]}
+
+
+def test_multiport_ports_serve_only_their_bundles_in_their_protocol(start_gateway):
+    gw = start_multiport(start_gateway)
+    facade, admin, openai, anthropic, gemini = (
+        port_of(gw, n) for n in ("facade", "admin", "openai", "anthropic", "gemini")
+    )
+    # the facade serves every bundle
+    assert post(facade, "/v1/chat/completions", CHAT)[0] == 200
+    assert post(facade, "/v1/messages", MESSAGES)[0] == 200
+    assert post(facade, GEMINI_CALL, GEMINI_BODY)[0] == 200
+    assert post(facade, "/v1/responses", {"model": "gpt-4o", "input": "hi"})[0] == 200
+    assert get(facade, "/metrics")[0] == 200
+    # each dedicated port serves its own bundles and /health
+    assert post(openai, "/v1/chat/completions", CHAT)[0] == 200
+    assert get(openai, "/v1/models")[0] == 200
+    assert post(anthropic, "/v1/messages", MESSAGES)[0] == 200
+    assert post(anthropic, "/anthropic/v1/messages/count_tokens", MESSAGES)[0] == 200
+    assert post(gemini, GEMINI_CALL, GEMINI_BODY)[0] == 200
+    assert get(gemini, "/v1beta/models")[0] == 200
+    assert get(admin, "/metrics")[0] == 200
+    for view in (admin, openai, anthropic, gemini):
+        status, _, body = get(view, "/health")
+        assert status == 200 and json.loads(body)["status"] == "ok"
+    # anything else: 404 in the port's own protocol, whatever protocol the path speaks
+    status, _, body = post(openai, "/v1/messages", MESSAGES)
+    error = json.loads(body)["error"]
+    assert status == 404 and error["code"] == "not_found_error" and "openai port" in error["message"]
+    assert post(openai, "/v1/responses", {"model": "gpt-4o", "input": "hi"})[0] == 404  # not in openai_endpoints
+    assert get(openai, "/metrics")[0] == 404
+    status, _, body = post(anthropic, "/v1/chat/completions", CHAT)
+    assert status == 404 and json.loads(body)["type"] == "error"
+    assert json.loads(body)["error"]["type"] == "not_found_error"
+    status, _, body = post(gemini, "/v1/chat/completions", CHAT)
+    assert status == 404 and json.loads(body)["error"]["status"] == "NOT_FOUND"
+    status, _, body = post(admin, "/v1/messages", MESSAGES)
+    assert status == 404 and "message" in json.loads(body)["error"] and "type" not in json.loads(body)
+    # the model list belongs to the protocol its caller speaks
+    assert get(anthropic, "/v1/models", {"anthropic-version": "2023-06-01"})[0] == 200
+    assert get(anthropic, "/v1/models")[0] == 404
+    # a broken request on a dedicated port is refused in that port's protocol too
+    data = raw_exchange(gemini.port, b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: x\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 400") and json.loads(data.partition(b"\r\n\r\n")[2])["error"]["status"]
+    # one gateway behind every port: one ledger
+    rows = gw.rows(7)
+    assert {r["client_protocol"] for r in rows} >= {"openai", "anthropic", "gemini", "responses"}
+
+
+def test_multiport_shutdown_drains_and_stops_every_port(start_gateway, upstream):
+    release = threading.Event()
+
+    def slow(h, b):
+        release.wait(20)
+        reply_json(h, chat_completion())
+
+    up = upstream(slow)
+    gw = start_multiport(start_gateway, env=openai_env(up))
+    ports = [listener.port for listener in gw.gateway.listeners.values()]
+    assert len(ports) == 5 and len(set(ports)) == 5
+    answer: dict = {}
+    client = threading.Thread(target=lambda: answer.update(r=post(port_of(gw, "openai"), "/v1/chat/completions",
+                                                                    CHAT, timeout=30)))  # fmt: skip
+    client.start()
+    deadline = time.monotonic() + 10
+    while not up.requests and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stopper = threading.Thread(target=gw.stop)
+    stopper.start()
+
+    def refused(port):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            return False
+        except OSError:
+            return True
+
+    deadline = time.monotonic() + 10
+    while not all(refused(p) for p in ports) and time.monotonic() < deadline:  # every port stops accepting
+        time.sleep(0.05)
+    assert all(refused(p) for p in ports)
+    release.set()  # ...while the request in flight on the openai port finishes
+    client.join(30)
+    stopper.join(30)
+    assert answer["r"][0] == 200 and json.loads(answer["r"][2])["choices"][0]["message"]["content"]
+    assert not gw.thread.is_alive()
+
+
+def test_facade_endpoints_narrow_the_single_port(start_gateway):
+    gw = start_gateway(facade_endpoints="anthropic, health")
+    assert post(gw, "/v1/messages", MESSAGES)[0] == 200 and get(gw, "/health")[0] == 200
+    status, _, body = post(gw, "/v1/chat/completions", CHAT)
+    assert status == 404 and "facade port" in json.loads(body)["error"]["message"]
+    assert get(gw, "/metrics")[0] == 404
+    assert list(gw.gateway.listeners) == ["facade"]  # multiport_mode is off: no other port
+
+
+def test_multiport_configuration_errors_name_the_key(tmp_path):
+    with pytest.raises(tgw.ConfigError, match="unknown endpoint bundle 'chat' in openai_endpoints"):
+        make_config(tmp_path, openai_endpoints="openai_core,chat")
+    with pytest.raises(tgw.ConfigError, match="anthropic_port and openai_port are both 9000"):
+        make_config(tmp_path, multiport_mode="true", openai_port=9000, anthropic_port=9000)
+    cfg = make_config(tmp_path, gemini_endpoints="", facade_endpoints="OpenAI, status")  # Tokligence's spellings
+    assert tgw.parse_bundles(cfg.gemini_endpoints, "gemini_endpoints") == {"gemini_native", "health"}
+    assert tgw.parse_bundles(cfg.facade_endpoints, "facade_endpoints") == {"openai_core", "health"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cfg = make_config(tmp_path, multiport_mode="true", admin_port=0, anthropic_port=0, gemini_port=0,
+                          openai_port=taken.getsockname()[1])  # fmt: skip
+        with pytest.raises(tgw.ConfigError, match=r"cannot listen on 127\.0\.0\.1:\d+ \(openai_port\)"):
+            asyncio.run(tgw.serve(cfg))
+
+
+@pytest.fixture
+def tgw_logs():
+    """tgw's own logging (what `tgw serve` sets up), undone after the test."""
+    root = logging.getLogger()
+    level = root.level
+    yield tgw.LOGS
+    tgw.LOGS.close()
+    root.setLevel(level)
+
+
+def flush_logs(gw: RunningGateway) -> None:
+    """Every line the gateway logged for the requests answered so far, written out: a request's
+    line is logged just after its answer is sent, in the same step of the gateway's event loop,
+    so once the loop has run a callback queued now, that step is over."""
+    reached = threading.Event()
+    gw.loop.call_soon_threadsafe(reached.set)
+    assert reached.wait(10)
+    tgw.LOGS.flush()
+
+
+def log_record(message: str, level=logging.INFO) -> logging.LogRecord:
+    return logging.LogRecord("tgw", level, __file__, 1, message, None, None)
+
+
+def test_log_file_rotates_by_size_and_by_utc_day(tmp_path):
+    now = [time.mktime((2026, 3, 9, 23, 0, 0, 0, 0, 0)) - time.timezone]  # 2026-03-09 23:00 UTC
+    path = tmp_path / "logs" / "gateway.log"
+    handler = tgw.RotatingLogFile(str(path), max_bytes=300, keep=3, clock=lambda: now[0])
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    lines = [f"line {i:03d} " + "x" * 80 for i in range(8)]  # 89 bytes each: 3 to a file
+    for line in lines[:5]:
+        handler.emit(log_record(line))
+    handler.flush()
+    day1, day1_2 = path.with_name("gateway-2026-03-09.log"), path.with_name("gateway-2026-03-09-2.log")
+    assert day1.read_text().splitlines() == lines[:3] and day1_2.read_text().splitlines() == lines[3:5]
+    assert path.is_symlink() and path.resolve() == day1_2.resolve()
+    now[0] += 3600  # past midnight UTC: a new day, a new file
+    handler.emit(log_record(lines[5]))
+    handler.flush()
+    day2 = path.with_name("gateway-2026-03-10.log")
+    assert day2.read_text().splitlines() == [lines[5]] and path.resolve() == day2.resolve()
+    handler.close()
+    # a restart the same day appends to the day's file that has room, and old files are pruned
+    handler = tgw.RotatingLogFile(str(path), max_bytes=300, keep=3, clock=lambda: now[0])
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for line in lines[6:]:
+        handler.emit(log_record(line))
+    handler.flush()
+    assert day2.read_text().splitlines() == [lines[5], *lines[6:]]
+    handler.emit(log_record("y" * 200))  # no room left: the next file of the day, and only 3 files are kept
+    handler.close()
+    kept = sorted(p.name for p in path.parent.iterdir() if not p.is_symlink())
+    assert kept == ["gateway-2026-03-09-2.log", "gateway-2026-03-10-2.log", "gateway-2026-03-10.log"]
+    assert path.resolve().name == "gateway-2026-03-10-2.log"
+
+
+def test_json_log_lines_carry_the_request_id_of_the_response_and_the_ledger(start_gateway, upstream, tgw_logs):
+    secret = "sk-upstream-TOPSECRET-4242"
+
+    def script(h, b):
+        if b["model"] == "gpt-bad":  # an upstream that quotes the key back, as OpenAI does on a 401
+            reply_json(h, {"error": {"message": f"Incorrect API key provided: {secret}"}}, status=401)
+        else:
+            reply_json(h, chat_completion())
+
+    up = upstream(script)
+    log_file = Path(os.getcwd()) / "logs" / "gateway.log"
+    gw = start_gateway(env=openai_env(up, key=secret), log_format="json", log_file=str(log_file),
+                       access_log="all", log_level="info")  # fmt: skip
+    tgw_logs.apply(gw.cfg)
+    status, headers, _ = post(gw, "/v1/chat/completions", CHAT, {"X-Request-Id": "client-7f3a.01"})
+    assert status == 200 and headers["x-request-id"] == "client-7f3a.01"
+    status, headers, _ = post(gw, "/v1/chat/completions", CHAT)
+    generated = headers["x-request-id"]
+    assert status == 200 and generated.startswith("req_")
+    status, headers, body = post(gw, "/v1/chat/completions", dict(CHAT, model="gpt-bad"))
+    assert status == 401
+    failed = headers["x-request-id"]
+    rows = gw.rows(3)
+    flush_logs(gw)
+    text = "".join(p.read_text() for p in log_file.parent.iterdir() if not p.is_symlink())
+    entries = [json.loads(line) for line in text.splitlines()]  # every line is one JSON object
+    requests = {e["request_id"]: e for e in entries if e.get("event") == "request"}
+    assert [r["request_id"] for r in rows] == ["client-7f3a.01", generated, failed]
+    first = requests["client-7f3a.01"]
+    assert first["method"] == "POST" and first["path"] == "/v1/chat/completions" and first["status"] == 200
+    assert first["lane"] == "passthrough" and first["provider"] == "openai" and first["model"] == "gpt-4o-mini"
+    assert first["prompt_tokens"] == 11 and first["completion_tokens"] == 7 and first["latency_ms"] > 0
+    assert first["level"] == "info" and first["ts"].endswith("Z")
+    assert requests[generated]["status"] == 200
+    assert requests[failed]["status"] == 401 and "Incorrect API key" in requests[failed]["error"]
+    assert secret not in text and "[redacted" in requests[failed]["error"]  # masked in every line
+
+
+def test_text_log_lines_and_live_log_settings(start_gateway, tgw_logs):
+    log_file = Path(os.getcwd()) / "gateway.log"
+    gw = start_gateway(log_file=str(log_file), access_log="all", log_level="info")
+    tgw_logs.apply(gw.cfg)
+    post(gw, "/v1/messages", MESSAGES, {"X-Request-Id": "abc-1"})
+    flush_logs(gw)
+    line = log_file.read_text().splitlines()[-1]
+    assert " INFO tgw: POST /v1/messages 200 " in line and "lane=loopback" in line
+    assert line.endswith("request_id=abc-1")
+    tgw.redact.add("sk-text-log-secret-77")
+    tgw.log.warning("upstream said: bad key sk-text-log-secret-77")
+    flush_logs(gw)
+    line = log_file.read_text().splitlines()[-1]
+    assert "bad key [redacted" in line and "sk-text-log-secret-77" not in log_file.read_text()
+    # what apply_config (live reload) does: JSON from now on, into the same file; then no access lines
+    gw.gateway.telemetry.apply_config(make_config(Path(os.getcwd()), log_file=str(log_file), log_format="json",
+                                                  access_log="all", log_level="info"))  # fmt: skip
+    post(gw, "/v1/messages", MESSAGES, {"X-Request-Id": "abc-2"})
+    flush_logs(gw)
+    assert json.loads(log_file.read_text().splitlines()[-1])["request_id"] == "abc-2"
+    gw.gateway.telemetry.apply_config(make_config(Path(os.getcwd()), log_file=str(log_file), access_log="off"))
+    size = log_file.stat().st_size
+    post(gw, "/v1/messages", MESSAGES, {"X-Request-Id": "abc-3"})
+    flush_logs(gw)
+    assert log_file.stat().st_size == size
+
+
+@pytest.mark.parametrize(
+    "sent, kept",
+    [
+        ("01HZX3K9Q7-trace.span:42", True),
+        ("a" * 128, True),
+        ("a" * 129, False),
+        ("has space", False),
+        ('quote"d', False),
+        ("<script>", False),
+        ("", False),
+    ],
+)
+def test_request_id_is_the_clients_when_safe_else_generated(start_gateway, sent, kept):
+    gw = start_gateway()
+    status, headers, _ = post(gw, "/v1/chat/completions", CHAT, {"X-Request-Id": sent})
+    assert status == 200
+    if kept:
+        assert headers["x-request-id"] == sent
+    else:
+        assert headers["x-request-id"].startswith("req_") and headers["x-request-id"] != sent
+    assert gw.rows()[-1]["request_id"] == headers["x-request-id"]
+
+
+_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"(,|$)')
+
+
+def parse_prometheus(text: str) -> dict:
+    """Prometheus text format 0.0.4, checked strictly: HELP then TYPE once per family before
+    its samples, sample names of that family, well-formed and escaped labels, float values,
+    no duplicate series, cumulative histogram buckets ending in +Inf == _count.
+    Returns {name: {labels (sorted tuple): value}}."""
+    assert text.endswith("\n")
+    families: dict[str, str] = {}
+    samples: dict[str, dict] = {}
+    family = kind = None
+    helped = None
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split(" ", 3)[2]
+            assert name not in families and name.startswith("tgw_"), line
+            helped = name
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert name == helped and kind in ("counter", "gauge", "histogram"), line
+            families[name] = kind
+            family = name
+            continue
+        assert line and not line.startswith("#"), line
+        m = _SAMPLE.fullmatch(line)
+        assert m, line
+        name, label_text, value = m.groups()
+        suffixes = ("_bucket", "_sum", "_count") if kind == "histogram" else ("",)
+        assert any(name == family + s for s in suffixes), (family, line)
+        labels = []
+        rest = label_text or ""
+        while rest:
+            lm = _LABEL.match(rest)
+            assert lm, line
+            raw = lm.group(2)
+            labels.append((lm.group(1), re.sub(r"\\(.)", lambda e: {"n": "\n"}.get(e.group(1), e.group(1)), raw)))
+            rest = rest[lm.end() :]
+        key = tuple(sorted(labels))
+        series = samples.setdefault(name, {})
+        assert key not in series, f"duplicate series {line}"
+        series[key] = float(value)  # accepts +Inf, -Inf, NaN
+    for name, kind in families.items():
+        if kind != "histogram":
+            continue
+        groups: dict = {}
+        for key, value in samples.get(name + "_bucket", {}).items():
+            le = dict(key)["le"]
+            groups.setdefault(tuple(kv for kv in key if kv[0] != "le"), []).append((float(le), value))
+        for rest_key, buckets in groups.items():
+            buckets.sort()
+            assert buckets[-1][0] == float("inf")
+            assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:], strict=False))
+            assert buckets[-1][1] == samples[name + "_count"][rest_key]
+            assert rest_key in samples[name + "_sum"]
+    return samples
+
+
+def sample(samples: dict, metric: str, /, **labels) -> float:
+    """One series' value (0 when absent) selected by all its labels."""
+    return samples.get(metric, {}).get(tuple(sorted((k, str(v)) for k, v in labels.items())), 0.0)
+
+
+def test_metrics_text_parses_back_with_counts_that_match_the_requests(start_gateway, upstream):
+    flaky = {"failed": False}
+
+    def script(h, b):
+        if b["model"] == "gpt-flaky" and not flaky["failed"]:
+            flaky["failed"] = True
+            reply_json(h, {"error": {"message": "try again"}}, status=503)
+        elif b.get("stream"):
+            reply_sse(h, chat_chunks())
+        else:
+            reply_json(h, chat_completion())
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up), upstream_retries=1)
+    for _ in range(3):
+        assert post(gw, "/v1/chat/completions", CHAT)[0] == 200
+    assert post(gw, "/v1/chat/completions", dict(CHAT, stream=True))[0] == 200
+    assert post(gw, "/v1/chat/completions", dict(CHAT, model="gpt-flaky"))[0] == 200  # one retry
+    for _ in range(2):
+        assert post(gw, "/v1/messages", dict(MESSAGES, model="loopback"))[0] == 200
+    weird = 'we"ird\\mo\ndel'
+    assert post(gw, "/v1/chat/completions", dict(CHAT, model=weird))[0] == 404  # no route
+    assert get(gw, "/no/such/path")[0] == 404
+    rows = gw.rows(8)
+    status, headers, body = get(gw, "/metrics")
+    assert status == 200 and headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    m = parse_prometheus(body.decode())
+    chat = dict(endpoint="/v1/chat/completions", lane="passthrough", provider="openai")
+    assert sample(m, "tgw_requests_total", **chat, model="gpt-4o-mini", status=200) == 4
+    assert sample(m, "tgw_requests_total", **chat, model="gpt-flaky", status=200) == 1
+    assert sample(m, "tgw_requests_total", endpoint="/v1/messages", lane="loopback", provider="loopback",
+                  model="loopback", status=200) == 2  # fmt: skip
+    assert sample(m, "tgw_requests_total", endpoint="/v1/chat/completions", lane="", provider="", model=weird,
+                  status=404) == 1  # fmt: skip
+    assert sample(m, "tgw_requests_total", endpoint="other", lane="", provider="", model="", status=404) == 1
+    assert sample(m, "tgw_request_duration_seconds_count", **chat) == 5
+    assert sample(m, "tgw_time_to_first_token_seconds_count", lane="passthrough", provider="openai") == 1
+    assert sample(m, "tgw_tokens_total", provider="openai", model="gpt-4o-mini", kind="prompt") == 3 * 11 + 9
+    assert sample(m, "tgw_tokens_total", provider="openai", model="gpt-4o-mini", kind="completion") == 3 * 7 + 2
+    cost = sum(r["cost_usd"] for r in rows if r["model_upstream"] == "gpt-4o-mini")
+    assert cost > 0 and sample(m, "tgw_cost_usd_total", provider="openai", model="gpt-4o-mini") == pytest.approx(cost)
+    assert sample(m, "tgw_upstream_attempts_total", provider="openai") == len(up.requests) == 6
+    assert sample(m, "tgw_upstream_retries_total", provider="openai") == 1
+    assert sample(m, "tgw_ledger_rows_written_total") == len(rows) == 8
+    assert sample(m, "tgw_ledger_queue_depth") == 0
+    assert sample(m, "tgw_requests_in_flight", port="facade") == 1  # this scrape
+    assert sample(m, "tgw_build_info", version=tgw.__version__) == 1
+    assert "tgw_upstream_breaker_state" in body.decode() and "tgw_upstream_failovers_total" in body.decode()
+    # a second scrape counts the first one
+    m = parse_prometheus(get(gw, "/metrics")[2].decode())
+    assert sample(m, "tgw_requests_total", endpoint="/metrics", lane="", provider="", model="", status=200) == 1
+
+
+def test_metrics_bound_client_chosen_labels(start_gateway, monkeypatch):
+    monkeypatch.setattr(tgw, "MAX_MODEL_LABELS", 3)
+    gw = start_gateway()
+    for name in ("m-a", "m-b", "m-c", "m-d", "m-e", "x" * 5000):
+        assert post(gw, "/v1/messages", dict(MESSAGES, model=name))[0] == 200
+    post(gw, "/v1beta/models/some-model:generateContent", GEMINI_BODY)
+    post(gw, "/v1beta/models/other-model:streamGenerateContent?alt=sse", GEMINI_BODY)
+    m = parse_prometheus(get(gw, "/metrics")[2].decode())
+    models = {dict(k)["model"]: v for k, v in m["tgw_requests_total"].items() if dict(k)["endpoint"] == "/v1/messages"}
+    assert models == {"m-a": 1, "m-b": 1, "m-c": 1, "other": 3}
+    endpoints = {dict(k)["endpoint"] for k in m["tgw_requests_total"]}
+    assert {"/v1beta/models/{model}:generateContent", "/v1beta/models/{model}:streamGenerateContent"} <= endpoints
+
+
+def test_metrics_need_the_gateway_key_and_health_stays_public(start_gateway):
+    gw = start_gateway(api_keys="gw-key-1")
+    assert get(gw, "/metrics")[0] == 401
+    status, _, body = get(gw, "/metrics", {"Authorization": "Bearer gw-key-1"})
+    assert status == 200 and b"# TYPE tgw_requests_total counter" in body
+    assert get(gw, "/health")[0] == 200
+
+
+def test_metrics_registry_api_for_other_parts_of_the_gateway(monkeypatch):
+    monkeypatch.setattr(tgw, "MAX_SERIES", 2)
+    m = tgw.Metrics()
+    hits = m.counter("tgw_hits_total", 'Hits, with a "quote" and a \\ in the help\nand a newline', ("kind",))
+    hits.inc(("a",))
+    hits.inc(("a",), 2)
+    hits.inc(("b",))
+    hits.inc(("c",))  # past MAX_SERIES: folded into "other"
+    hits.inc(("d",))
+    state = m.gauge("tgw_state", "Settable", ("name",))
+    state.set(("x",), 3)
+    state.inc(("x",))
+    state.dec(("x",), 2)
+    m.gauge("tgw_computed", "At scrape time", ("name",), callback=lambda: [(("p",), 1.5), (("q",), float("inf"))])
+    m.gauge("tgw_broken", "A callback that fails", callback=lambda: 1 / 0)
+    m.counter("tgw_plain_total", "No labels", callback=lambda: 7)
+    latency = m.histogram("tgw_wait_seconds", "Waits", ("kind",), buckets=(0.1, 1))
+    for value in (0.05, 0.1, 0.5, 9):
+        latency.observe(("a",), value)
+    with pytest.raises(ValueError, match="already registered"):
+        m.counter("tgw_hits_total", "again")
+    with pytest.raises(ValueError, match="invalid metric or label name"):
+        m.counter("tgw-bad", "dash")
+    with pytest.raises(ValueError, match="invalid metric or label name"):
+        m.histogram("tgw_bad_seconds", "le is reserved", ("le",))
+    with pytest.raises(ValueError, match="takes labels"):
+        hits.inc(("a", "b"))
+    text = m.render().decode()
+    samples = parse_prometheus(text)
+    assert sample(samples, "tgw_hits_total", kind="a") == 3 and sample(samples, "tgw_hits_total", kind="other") == 2
+    assert sample(samples, "tgw_state", name="x") == 2
+    assert sample(samples, "tgw_computed", name="q") == float("inf") and 'name="q"} +Inf' in text
+    assert sample(samples, "tgw_plain_total") == 7 and "tgw_plain_total 7\n" in text
+    assert "# TYPE tgw_broken gauge" in text  # its samples are left out, every other metric is there
+    assert sample(samples, "tgw_wait_seconds_bucket", kind="a", le="0.1") == 2
+    assert sample(samples, "tgw_wait_seconds_bucket", kind="a", le="+Inf") == 4
+    assert sample(samples, "tgw_wait_seconds_sum", kind="a") == pytest.approx(9.65)
+    assert '# HELP tgw_hits_total Hits, with a "quote" and a \\\\ in the help\\nand a newline\n' in text
+
+
+# ======================================================================================
 # Resilience: pools, breakers, failover, timeouts (issue 14) and retries (issue 10)
 # ======================================================================================
 
@@ -7239,7 +7717,10 @@ def test_each_timeout_fires_and_names_itself(start_gateway, upstream):
     env = {**openai_env(up), **routes_env("*=>openai"), "TOKLIGENCE_PROVIDER_OPENAI_FIRST_BYTE_TIMEOUT": "0.4"}
     gw = start_gateway(env=env, upstream_read_timeout=0.5, upstream_total_timeout=1.0)
     status, _, payload = post(gw, "/v1/chat/completions", {**CHAT, "model": "silent", "stream": True})
-    assert status == 200 and "sent nothing for 0.5 s mid-answer (read timeout)" in sse_data(payload)[-1]["error"]["message"]
+    assert (
+        status == 200
+        and "sent nothing for 0.5 s mid-answer (read timeout)" in sse_data(payload)[-1]["error"]["message"]
+    )
     status, _, payload = post(gw, "/v1/chat/completions", {**CHAT, "model": "trickle", "stream": True})
     assert "total timeout of 1 s ran out (total timeout)" in sse_data(payload)[-1]["error"]["message"]
     status, _, body = post(gw, "/v1/chat/completions", {**CHAT, "model": "quiet"})  # the provider's own first byte
@@ -7255,11 +7736,11 @@ def test_a_connection_that_could_not_be_made_moves_on_to_the_next_account(start_
     env = {**openai_env(up), **routes_env("gpt-4o-mini=>dead|openai"),
            "TOKLIGENCE_PROVIDER_DEAD_BASE_URL": f"http://127.0.0.1:{dead_port}/v1"}  # fmt: skip
     gw = start_gateway(env=env)
-    for sent in range(1, 11):
+    sent = 0
+    while sent < 10 and accounts(gw)["dead"]["state"] != "open":
         status, headers, body = post(gw, "/v1/chat/completions", CHAT)
         assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "from the live one"
-        if accounts(gw)["dead"]["state"] == "open":
-            break
+        sent += 1
     state = accounts(gw)["dead"]
     assert state["state"] == "open" and "cannot connect" in state["last_error"]
     assert state["requests"] == state["errors"] == 3  # breaker_failures (3) in a row opened it
@@ -7284,7 +7765,9 @@ def test_pool_spreads_by_weight_and_prefers_fewer_requests_in_flight(start_gatew
            "TOKLIGENCE_PROVIDER_LIGHT_MODELS": "pooled*"}  # fmt: skip
     gw = start_gateway(env=env)
     body = {**CHAT, "model": "pooled-1"}
-    served = [json.loads(post(gw, "/v1/chat/completions", body)[2])["choices"][0]["message"]["content"] for _ in range(8)]
+    served = [
+        json.loads(post(gw, "/v1/chat/completions", body)[2])["choices"][0]["message"]["content"] for _ in range(8)
+    ]
     assert served.count("heavy") == 6 and served.count("light") == 2
     held = {}
     holder = threading.Thread(target=lambda: held.update(r=post(gw, "/v1/chat/completions",
@@ -7292,7 +7775,9 @@ def test_pool_spreads_by_weight_and_prefers_fewer_requests_in_flight(start_gatew
     holder.start()
     wait_until(lambda: accounts(gw)["heavy"]["in_flight"] + accounts(gw)["light"]["in_flight"] == 1)
     busy = "heavy" if accounts(gw)["heavy"]["in_flight"] else "light"
-    served = [json.loads(post(gw, "/v1/chat/completions", body)[2])["choices"][0]["message"]["content"] for _ in range(3)]
+    served = [
+        json.loads(post(gw, "/v1/chat/completions", body)[2])["choices"][0]["message"]["content"] for _ in range(3)
+    ]
     release.set()
     holder.join(10)
     assert held["r"][0] == 200 and busy not in served  # the account with a request in flight was passed over

@@ -22,8 +22,11 @@ Sections, in the order data flows:
     9. Ledger                    sqlite schema, background writer, usage queries, prices,
                                  stored Responses (previous_response_id)
    10. Gateway                   endpoints and lanes (passthrough, translation, loopback), the
-                                 attempt loop (retries, failover), errors per protocol, loop guard, serve()
-   11. CLI                       serve, config, usage, logs
+                                 attempt loop (retries, failover), errors per protocol, loop guard,
+                                 endpoint bundles and multiport listeners, serve()
+   11. Observability             logs (queue thread, rotation, JSON, request ids) and
+                                 Prometheus metrics (registry, GET /metrics)
+   12. CLI                       serve, config, usage, logs
 
 Find a thing by its protocol: `AnthropicCodec.encode_request`, `ResponsesStreamEncoder`,
 `GeminiStreamDecoder`, ... Every codec converts to and from the canonical Request / Response /
@@ -34,7 +37,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import base64
+import bisect
+import contextvars
 import fnmatch
 import functools
 import gc
@@ -44,6 +50,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import signal
 import socket
@@ -53,6 +60,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import uuid
 import zlib
 from collections import deque
@@ -310,7 +318,21 @@ DEFAULT_ROUTES = (
 # key: (default, kind, meaning). kind is "str", "secret", "int", "float", "bool", or a tuple of choices.
 CONFIG_KEYS: dict[str, tuple] = {
     "host": ("127.0.0.1", "str", "address to listen on; a non-loopback address needs api_keys or allow_public_bind"),
-    "facade_port": (8081, "int", "port of the gateway's one endpoint (all protocols)"),
+    "facade_port": (8081, "int", "port of the gateway's one endpoint (every protocol in facade_endpoints)"),
+    "multiport_mode": (False, "bool", "also listen on admin_port, openai_port, anthropic_port, gemini_port (0 = off)"),
+    "admin_port": (8079, "int", "multiport: port serving admin_endpoints"),
+    "openai_port": (8082, "int", "multiport: port serving openai_endpoints"),
+    "anthropic_port": (8083, "int", "multiport: port serving anthropic_endpoints"),
+    "gemini_port": (8084, "int", "multiport: port serving gemini_endpoints"),
+    "facade_endpoints": (
+        "openai_core,openai_responses,anthropic,gemini_native,admin,health",
+        "str",
+        "bundles the facade port serves: openai_core, openai_responses, anthropic, gemini_native, admin, health",
+    ),
+    "openai_endpoints": ("openai_core,health", "str", "multiport: endpoint bundles of openai_port"),
+    "anthropic_endpoints": ("anthropic,health", "str", "multiport: endpoint bundles of anthropic_port"),
+    "gemini_endpoints": ("gemini_native,health", "str", "multiport: endpoint bundles of gemini_port"),
+    "admin_endpoints": ("admin,health", "str", "multiport: endpoint bundles of admin_port"),
     "allow_public_bind": (False, "bool", "allow a non-loopback host while no api_keys are set"),
     "api_keys": ("", "secret", "comma-separated keys clients must present; empty = no client auth"),
     "work_mode": ("auto", ("auto", "passthrough", "translation"), "auto: the model's provider decides"),
@@ -336,7 +358,16 @@ CONFIG_KEYS: dict[str, tuple] = {
     ),
     "ledger_path": ("~/.tokligence/ledger.db", "str", "sqlite ledger file (WAL); ':memory:' keeps nothing"),
     "ledger_queue_size": (10000, "int", "rows buffered before requests wait for the ledger writer"),
-    "log_level": ("info", ("debug", "info", "warning", "error"), "stderr log level"),
+    "log_level": ("info", ("debug", "info", "warning", "error"), "log level (stderr, and log_file when set)"),
+    "log_format": ("text", ("text", "json"), "text lines, or one JSON object per line"),
+    "log_file": ("", "str", "also log to this file, rotated daily (UTC) and by size: NAME-YYYY-MM-DD[-N].EXT"),
+    "log_max_mb": (100.0, "float", "megabytes a log file may reach before the next one of the day starts"),
+    "log_max_files": (14, "int", "rotated log files kept; older ones are deleted"),
+    "access_log": (
+        "errors",
+        ("off", "errors", "all"),
+        "one log line per request: none, answers >= 400 only, or all (log_level = debug logs all)",
+    ),
     "max_body_bytes": (33554432, "int", "largest request body accepted (413 above)"),
     "max_header_bytes": (65536, "int", "largest request head accepted (431 above)"),
     "max_request_line": (16384, "int", "longest request line accepted (414 above)"),
@@ -539,10 +570,12 @@ def register_secrets(values: dict, providers: dict) -> None:
 
 
 def validate_config(values: dict) -> None:
-    for key in ("facade_port",):
+    for key in PORT_KEYS:
         if not 0 <= values[key] <= 65535:
             raise ConfigError(f"invalid value {values[key]!r} for {key}: expected a port from 0 to 65535")
-    for key in ("max_body_bytes", "max_header_bytes", "max_request_line", "ledger_queue_size"):
+    validate_multiport(values)
+    for key in ("max_body_bytes", "max_header_bytes", "max_request_line", "ledger_queue_size", "log_max_mb",
+                "log_max_files"):  # fmt: skip
         if values[key] <= 0:
             raise ConfigError(f"invalid value {values[key]!r} for {key}: expected a positive number")
     if values["idle_timeout"] < 120:
@@ -1033,7 +1066,7 @@ class HttpServer:
                 except asyncio.LimitOverrunError:
                     self._reject(writer, HttpError(400, "malformed chunked body"))
                     return
-                exchange = Exchange(writer, request, new_id("req_"))
+                exchange = Exchange(writer, request, request_id_of(request))
                 if self.draining:
                     exchange.close_after = True
                 await self.handler(request, exchange)
@@ -6396,6 +6429,14 @@ class Pools:
         now = time.monotonic()
         return {name: account.describe(now) for name, account in self.accounts.items()}
 
+    BREAKER_GAUGE = {"closed": 0, "half_open": 1, "open": 2, "cooling": 2}
+
+    def breaker_states(self) -> list:
+        """((provider, account), 0 closed | 1 half-open | 2 open or cooling down) per account: /metrics."""
+        now = time.monotonic()
+        gauge = self.BREAKER_GAUGE
+        return [((a.provider.name, name), gauge[a.status(now)]) for name, a in self.accounts.items()]
+
 
 # ======================================================================================
 # 9. Ledger: one row per request, written by one background thread
@@ -6813,8 +6854,14 @@ class Gateway:
             ("POST", "/v1/responses/input_tokens"): self.responses_input_tokens,
             ("GET", "/v1beta/models"): self.gemini_list_models,
             ("POST", "/v1beta/openai/chat/completions"): self.chat_completions,
+            ("GET", "/metrics"): self.metrics_text,
         }
         self.public = {"/", "/health"}
+        self.listeners: dict[str, Listener] = {}  # name -> Listener, filled by start_listeners
+        self.servers: dict[str, HttpServer] = {}
+        self.telemetry = Telemetry(self)
+        self.metrics = self.telemetry.metrics  # the registry: metrics.counter(name, help, labels).inc(values), ...
+        self.telemetry.breakers.callback = self.pools.breaker_states
 
     def close(self) -> None:
         self.pool.close()
@@ -6822,7 +6869,9 @@ class Gateway:
         self.responses_store.close()
 
     # -- dispatch
-    def error_body(self, path: str, err: GatewayError) -> bytes:
+    def error_body(self, path: str, err: GatewayError, listener: Listener | None = None) -> bytes:
+        if listener is not None and listener.codec is not None and not listener.serves(path):
+            return dumps(listener.codec.encode_error(err))
         return dumps(self.client_codec(path).encode_error(err))
 
     def client_codec(self, path: str, method: str = "POST") -> Codec:
@@ -6856,9 +6905,12 @@ class Gateway:
             raise GatewayError(405, f"method {request.method} is not allowed on {path}; use {', '.join(allowed)}")
         raise GatewayError(404, f"no endpoint {request.method} {path}", "not_found_error")
 
-    async def handle(self, request: HttpRequest, exchange: Exchange) -> None:
+    async def handle(self, request: HttpRequest, exchange: Exchange, listener: Listener | None = None) -> None:
         call = Call(exchange, self.client_codec(request.path, request.method), request.path)
+        CURRENT_REQUEST_ID.set(exchange.request_id)  # log lines of this request carry its id
         try:
+            if listener is not None:
+                listener.admit(request, call)
             handler = self.find_handler(request)
             if request.path not in self.public:
                 self.authenticate(request, call)
@@ -6876,9 +6928,7 @@ class Gateway:
         finally:
             if call.ledgered:
                 self.record(call)
-            if log.isEnabledFor(logging.DEBUG) or exchange.status >= 400:
-                log.info("%s %s %s %s %s %.1fms", request.method, request.path, exchange.status, call.model_requested,
-                         call.provider, (time.monotonic() - call.started) * 1000)  # fmt: skip
+            self.telemetry.request_ended(call)  # metrics and the access log line
 
     def authenticate(self, request: HttpRequest, call: Call) -> None:
         if not self.api_keys:
@@ -6921,6 +6971,9 @@ class Gateway:
     # -- simple endpoints
     async def root(self, request: HttpRequest, call: Call) -> None:
         call.exchange.send_json(200, {"name": "tgw", "version": __version__, "status": "ok"})
+
+    async def metrics_text(self, request: HttpRequest, call: Call) -> None:
+        call.exchange.send(200, self.metrics.render(), PROMETHEUS_CONTENT_TYPE)
 
     async def health(self, request: HttpRequest, call: Call) -> None:
         providers = {
@@ -7229,6 +7282,7 @@ class Gateway:
         now = time.monotonic()
         end_by = 0.0
         last_error = None
+        previous = ""  # the provider of the last attempt
         while True:
             target = walk.next(now)
             if target is None:
@@ -7251,10 +7305,13 @@ class Gateway:
             call.provider, call.model_upstream, call.account, call.lane = provider.name, model, account.name, lane
             call.exchange.tags = f"{account.tags(model)}x-tgw-attempts: {call.attempts}\r\n"
             pools.attempts += 1
+            self.telemetry.upstream_attempt(provider.name, again)
             if again:
                 pools.retries += 1
             elif call.attempts > 1:
                 pools.failovers += 1
+                self.telemetry.failovers.inc((previous, provider.name))
+            previous = provider.name
             trial = account.begin(now)
             try:
                 resp = await self.pool.request("POST", url, self.upstream_headers(provider, request), body, timeouts,
@@ -7629,6 +7686,146 @@ class FilteredEncoder:
         return getattr(self.encoder, name)
 
 
+# ---- ports: endpoint bundles, multiport mode ----------------------------------------------
+#
+# Tokligence Gateway's endpoint bundles and multiport mode. Every listener serves a set of
+# bundles; the facade (facade_port) serves facade_endpoints, all of them by default, in both
+# modes. multiport_mode = true adds one listener per dedicated port (admin, openai, anthropic,
+# gemini), each serving only its *_endpoints; port 0 turns one off (the facade's 0 picks a free
+# port). All listeners share one Gateway: one ledger, one upstream pool, one metrics registry.
+# A path outside a port's bundles gets a 404 in that port's protocol.
+
+# Tokligence Gateway's bundle names, and the other spellings it accepts for them
+ENDPOINT_BUNDLES = ("openai_core", "openai_responses", "anthropic", "gemini_native", "admin", "health")
+BUNDLE_ALIASES = {"openai": "openai_core", "openai-chat": "openai_core", "openai_default": "openai_core",
+                  "responses": "openai_responses", "gemini": "gemini_native", "status": "health"}  # fmt: skip
+# listener name -> (port key, bundles key, protocol its 404s speak; None: the protocol of the path)
+LISTENERS = {
+    "facade": ("facade_port", "facade_endpoints", None),
+    "admin": ("admin_port", "admin_endpoints", "openai"),
+    "openai": ("openai_port", "openai_endpoints", "openai"),
+    "anthropic": ("anthropic_port", "anthropic_endpoints", "anthropic"),
+    "gemini": ("gemini_port", "gemini_endpoints", "gemini"),
+}
+PORT_KEYS = tuple(port_key for port_key, _, _ in LISTENERS.values())
+# Paths of each bundle: exact ones, then prefixes. /metrics sits with the admin API; the
+# facade serves it too (where Tokligence Gateway documents it, on the main port).
+BUNDLE_PATHS = {"/v1/chat/completions": "openai_core", "/v1/embeddings": "openai_core", "/v1/models": "openai_core",
+                "/health": "health", "/": "health", "/metrics": "admin"}  # fmt: skip
+BUNDLE_PREFIXES = (
+    ("/v1/models/", "openai_core"), ("/v1/responses", "openai_responses"), ("/v1/messages", "anthropic"),
+    ("/anthropic/", "anthropic"), ("/v1beta/", "gemini_native"), ("/api/v1/admin", "admin"), ("/api/v1/usage", "admin"),
+)  # fmt: skip
+
+
+def parse_bundles(text: str, key: str) -> frozenset:
+    """'openai_core, health' as a set of bundle names; empty means the key's default (as in Tokligence)."""
+    names = [name.strip().lower() for name in text.split(",") if name.strip()] or CONFIG_KEYS[key][0].split(",")
+    bundles = set()
+    for name in names:
+        name = BUNDLE_ALIASES.get(name, name)
+        if name not in ENDPOINT_BUNDLES:
+            raise ConfigError(
+                f"unknown endpoint bundle {name!r} in {key}: expected some of {', '.join(ENDPOINT_BUNDLES)}"
+            )
+        bundles.add(name)
+    return frozenset(bundles)
+
+
+def validate_multiport(values: dict) -> None:
+    for _, bundles_key, _ in LISTENERS.values():
+        parse_bundles(values[bundles_key], bundles_key)
+    if values["multiport_mode"]:
+        taken: dict[int, str] = {}
+        for port_key in PORT_KEYS:
+            port = values[port_key]
+            if port and port in taken:
+                raise ConfigError(f"{port_key} and {taken[port]} are both {port}: each listener needs its own port")
+            taken[port] = port_key
+
+
+def endpoint_bundle(path: str, method: str = "POST", request: HttpRequest | None = None) -> str:
+    """The bundle a path belongs to ('' for none). GET /v1/models belongs to the protocol its
+    caller speaks, told the way list_models tells it."""
+    path = path.rstrip("/") or "/"
+    bundle = BUNDLE_PATHS.get(path) or next((b for prefix, b in BUNDLE_PREFIXES if path.startswith(prefix)), "")
+    if bundle == "openai_core" and path.startswith("/v1/models"):
+        if is_gemini_call_path(path, method) or (request is not None and is_gemini_client(request)):
+            return "gemini_native"
+        if (
+            path == "/v1/models"
+            and request is not None
+            and ("anthropic-version" in request.headers or "x-api-key" in request.headers)
+        ):
+            return "anthropic"
+    return bundle
+
+
+@dataclass
+class Listener:
+    """One port: the bundles it serves (None: every one, so nothing is checked) and the codec
+    its 404s speak (None: the protocol of the path)."""
+
+    name: str
+    port: int
+    bundles: frozenset | None
+    codec: Codec | None = None
+
+    def serves(self, path: str, method: str = "POST", request: HttpRequest | None = None) -> bool:
+        return self.bundles is None or endpoint_bundle(path, method, request) in self.bundles
+
+    def bundle_list(self) -> str:
+        return ", ".join(b for b in ENDPOINT_BUNDLES if self.bundles is None or b in self.bundles)
+
+    def admit(self, request: HttpRequest, call: Call) -> None:
+        """A path outside this port's bundles: 404 in the port's protocol."""
+        if not self.serves(request.path, request.method, request):
+            call.codec = self.codec or call.codec
+            raise GatewayError(
+                404, f"no endpoint {request.method} {request.path} on the {self.name} port (it serves "
+                f"{self.bundle_list()})", "not_found_error",
+            )  # fmt: skip
+
+
+def listeners_of(cfg: Config, codecs: dict) -> list[Listener]:
+    listeners = []
+    for name in LISTENERS if cfg.multiport_mode else ("facade",):
+        port_key, bundles_key, protocol = LISTENERS[name]
+        port = getattr(cfg, port_key)
+        if name != "facade" and not port:
+            continue
+        bundles = parse_bundles(getattr(cfg, bundles_key), bundles_key)
+        everything = bundles == frozenset(ENDPOINT_BUNDLES)
+        listeners.append(Listener(name, port, None if everything else bundles, codecs[protocol] if protocol else None))
+    return listeners
+
+
+async def start_listeners(cfg: Config, gateway: Gateway) -> dict[str, HttpServer]:
+    """One HttpServer per listener, all handing requests to `gateway`; on a failure the ones
+    started are closed and the failure is told as a ConfigError naming the port."""
+    servers: dict[str, HttpServer] = {}
+    try:
+        for listener in listeners_of(cfg, gateway.codecs):
+            handle = (
+                gateway.handle if listener.bundles is None else functools.partial(gateway.handle, listener=listener)
+            )
+            server = HttpServer(cfg, handle, functools.partial(gateway.error_body, listener=listener))
+            try:
+                listener.port = await server.start(cfg.host, listener.port)
+            except OSError as exc:
+                port_key = LISTENERS[listener.name][0]
+                raise ConfigError(
+                    f"cannot listen on {cfg.host}:{listener.port} ({port_key}): {exc.strerror or exc}"
+                ) from None
+            servers[listener.name] = server
+            gateway.listeners[listener.name] = listener
+    except BaseException:
+        for server in servers.values():
+            await server.drain_and_close(0)
+        raise
+    return servers
+
+
 # ---- running it -----------------------------------------------------------------------
 
 
@@ -7656,8 +7853,13 @@ async def serve(cfg: Config, ready=None, stop: asyncio.Event | None = None) -> N
             "your provider keys. Set api_keys, or pass --allow-public-bind if you mean it."
         )
     gateway = Gateway(cfg)
-    server = HttpServer(cfg, gateway.handle, gateway.error_body)
-    port = await server.start(cfg.host, cfg.facade_port)
+    try:
+        servers = await start_listeners(cfg, gateway)
+    except BaseException:
+        gateway.close()
+        raise
+    gateway.servers = servers
+    port = gateway.listeners["facade"].port
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -7672,19 +7874,657 @@ async def serve(cfg: Config, ready=None, stop: asyncio.Event | None = None) -> N
     )
     release_startup_memory()
     print(f"tgw {__version__} listening on http://{cfg.host}:{port} (work_mode={cfg.work_mode}; {mode})", flush=True)
+    for listener in list(gateway.listeners.values())[1:]:
+        print(f"  {listener.name} port: http://{cfg.host}:{listener.port} ({listener.bundle_list()})", flush=True)
     if ready is not None:
         ready(port, gateway)
     try:
         await stop.wait()
     finally:
         log.info("shutting down: finishing in-flight requests (up to %gs)", cfg.shutdown_grace)
-        await server.drain_and_close(cfg.shutdown_grace)
+        await asyncio.gather(*(server.drain_and_close(cfg.shutdown_grace) for server in servers.values()))
         gateway.close()
         log.info("ledger flushed (%d rows written this run)", gateway.ledger.written)
 
 
 # ======================================================================================
-# 11. CLI
+# 11. Observability: logs, metrics
+# ======================================================================================
+#
+# Logs. Every record goes through one queue to one thread (tgw-log), which formats it (text or
+# JSON, every known secret redacted) and writes it to stderr and to log_file, so the event loop
+# never waits on a disk or a pipe. Records made while a request runs carry its request id (the
+# client's X-Request-Id when it is a safe one, else a fresh id; returned in the response and
+# written to the ledger row). log_file rotates each UTC day and at log_max_mb, the way Tokligence
+# Gateway names its files: gateway.log -> gateway-2026-01-05.log, gateway-2026-01-05-2.log, ...,
+# with gateway.log a symlink to the current one; log_max_files of them are kept.
+#
+# Metrics. A small in-process registry, rendered at GET /metrics in Prometheus's text format
+# 0.0.4. Its API, for any part of the gateway that wants a metric:
+#
+#     hits = gateway.metrics.counter("tgw_things_total", "Things done, by kind", ("kind",))
+#     hits.inc(("big",))                    # label values in the order the labels were named
+#     hits.inc(("small",), 3)
+#     gateway.metrics.gauge("tgw_open_things", "Things open now", callback=lambda: len(things))
+#     gateway.metrics.gauge("tgw_thing_state", "...", ("name",), callback=lambda: [(("a",), 1), (("b",), 0)])
+#     gateway.metrics.histogram("tgw_thing_seconds", "...", ("kind",), buckets=(0.1, 1, 10)).observe(("big",), 0.4)
+#
+# A callback runs at scrape time and returns a number, or (label values, number) pairs. Each
+# metric keeps at most MAX_SERIES label combinations (more fold into one "other" series), and
+# model names, which clients choose, are capped at MAX_MODEL_LABELS distinct values. The
+# gateway's own metrics live in Telemetry and are updated from the one place a request ends
+# (Gateway.handle -> Telemetry.request_ended): a few dict operations per request.
+
+CURRENT_REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("tgw_request_id", default="")
+_safe_request_id = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}").fullmatch
+
+
+def request_id_of(request: HttpRequest) -> str:
+    """The client's X-Request-Id when it is short and made of safe characters, else a new id."""
+    given = request.headers.get("x-request-id")
+    if given and _safe_request_id(given):
+        return given
+    return new_id("req_")
+
+
+# ---- logs -----------------------------------------------------------------------------
+
+ACCESS_LINE = (
+    "%(method)s %(path)s %(status)s %(latency_ms).1fms lane=%(lane)s provider=%(provider)s model=%(model)s "
+    "tokens=%(prompt_tokens)s+%(completion_tokens)s"
+)  # one line per request; log_format = json writes its fields instead
+
+
+class RedactingFormatter(logging.Formatter):
+    """Log lines with every known secret taken out (see SecretRedactor)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+class TextLogFormatter(RedactingFormatter):
+    """`time LEVEL logger: message request_id=...`, secrets redacted."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        request_id = getattr(record, "request_id", "")
+        return f"{line} request_id={request_id}" if request_id else line
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg (or a request's fields), request_id."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        if getattr(record, "request_id", ""):
+            entry["request_id"] = record.request_id
+        if record.msg is ACCESS_LINE and isinstance(record.args, dict):
+            entry["event"] = "request"
+            entry.update(record.args)
+        else:
+            entry["msg"] = redact(record.getMessage())
+        if record.exc_info:
+            entry["exc"] = redact(self.formatException(record.exc_info))
+        return redact(json.dumps(entry, separators=(",", ":"), default=str))
+
+
+class RotatingLogFile(logging.Handler):
+    """log_file, rotated each UTC day and when the next line would take it past `max_bytes`.
+    Writes are buffered; the log thread flushes after each batch. `clock` is injectable."""
+
+    MAX_INDEX = 10000  # files of one day
+
+    def __init__(self, path: str, max_bytes: int, keep: int, clock=time.time):
+        super().__init__()
+        self.base = Path(path).expanduser()
+        self.stem, self.ext = self.base.stem, self.base.suffix or ".log"
+        self.name_pattern = re.compile(
+            re.escape(self.stem) + r"-(\d{4}-\d{2}-\d{2})(?:-(\d+))?" + re.escape(self.ext)
+        ).fullmatch
+        self.max_bytes = max(int(max_bytes), 1)
+        self.keep = max(keep, 1)
+        self.clock = clock
+        self.stream = None
+        self.path: Path | None = None
+        self.day = ""
+        self.index = 1
+        self.size = 0
+        self.next_day_at = 0.0
+
+    @staticmethod
+    def check(path: str) -> None:
+        """Fail early (at startup) when the log directory cannot be written."""
+        directory = Path(path).expanduser().parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if not os.access(directory, os.W_OK):
+                raise PermissionError(f"{directory} is not writable")
+        except OSError as exc:
+            raise ConfigError(f"invalid value {path!r} for log_file: {exc}") from None
+
+    def file_for(self, day: str, index: int) -> Path:
+        suffix = f"-{index}" if index > 1 else ""
+        return self.base.with_name(f"{self.stem}-{day}{suffix}{self.ext}")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+            now = self.clock()
+            if self.stream is None or now >= self.next_day_at:
+                self.next_day_at = now - now % 86400 + 86400  # the next UTC midnight
+                self.open(time.strftime("%Y-%m-%d", time.gmtime(now)), 1, len(data))
+            elif self.size + len(data) > self.max_bytes:
+                self.open(self.day, self.index + 1, len(data))
+            self.stream.write(data)
+            self.size += len(data)
+        except Exception:
+            self.handleError(record)
+
+    def open(self, day: str, index: int, incoming: int) -> None:
+        """The day's file number `index`, or the first after it with room (a restart resumes)."""
+        self.close_stream()
+        self.base.parent.mkdir(parents=True, exist_ok=True)
+        path = self.file_for(day, index)
+        while path.exists() and path.stat().st_size + incoming > self.max_bytes and index < self.MAX_INDEX:
+            index += 1
+            path = self.file_for(day, index)
+        self.stream = path.open("ab", buffering=1 << 16)
+        self.path, self.day, self.index, self.size = path, day, index, self.stream.tell()
+        self.point_to(path)
+        self.prune()
+
+    def point_to(self, path: Path) -> None:
+        """log_file itself: a symlink to the current file (a real file there is left alone)."""
+        if self.base.exists() and not self.base.is_symlink():
+            return
+        temporary = self.base.with_name(f".{self.base.name}.{os.getpid()}")
+        try:
+            temporary.unlink(missing_ok=True)
+            os.symlink(path.name, temporary)
+            os.replace(temporary, self.base)
+        except OSError:  # no symlinks here (some filesystems, Windows without the privilege)
+            pass
+
+    def prune(self) -> None:
+        """Keep the newest `keep` files of this log."""
+        found = []
+        for entry in self.base.parent.iterdir():
+            match = self.name_pattern(entry.name)
+            if match and entry != self.path:
+                found.append((match.group(1), int(match.group(2) or 1), entry))
+        found.sort()
+        for _, _, entry in found[: max(len(found) - (self.keep - 1), 0)]:
+            try:
+                entry.unlink()
+            except OSError:
+                pass
+
+    def flush(self) -> None:
+        if self.stream is not None:
+            self.stream.flush()
+
+    def close_stream(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+    def close(self) -> None:
+        self.close_stream()
+        super().close()
+
+
+class LogQueueHandler(logging.Handler):
+    """The only handler on the event loop's side: stamps the record with the current request's
+    id and hands it to the log thread (formatting and writing happen there)."""
+
+    def __init__(self, setup: LogSetup):
+        super().__init__()
+        self.setup = setup
+
+    def handle(self, record: logging.LogRecord) -> bool:  # no lock, no filters: a queue put
+        record.request_id = CURRENT_REQUEST_ID.get()
+        self.setup.put(record)
+        return True
+
+    emit = handle
+
+
+class LogSetup:
+    """The process's logging: one LogQueueHandler on the root logger, one thread writing to
+    stderr and log_file. apply(cfg) may be called again with a new config (live reload)."""
+
+    QUEUE_LIMIT = 100_000  # records waiting; beyond it new ones are counted and dropped (never the ledger)
+    BATCH = 512
+
+    def __init__(self):
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.handlers: list[logging.Handler] = []  # touched by the log thread only
+        self.handler: LogQueueHandler | None = None
+        self.thread: threading.Thread | None = None
+        self.dropped = 0
+        self.file: RotatingLogFile | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.thread is not None
+
+    def put(self, item) -> None:
+        if self.queue.qsize() >= self.QUEUE_LIMIT:
+            self.dropped += 1
+            return
+        self.queue.put(item)
+
+    def apply(self, cfg: Config | None = None, level: str = "info", clock=time.time) -> None:
+        """Level, format and log_file from `cfg` (or stderr text at `level` without one)."""
+        level = cfg.log_level if cfg is not None else level
+        formatter = JsonLogFormatter() if cfg is not None and cfg.log_format == "json" else TextLogFormatter()
+        stderr = logging.StreamHandler(sys.stderr)
+        stderr.setFormatter(formatter)
+        handlers: list[logging.Handler] = [stderr]
+        log_file = cfg.log_file if cfg is not None else ""
+        if log_file:
+            stderr.setLevel(logging.WARNING)  # the file has everything; the terminal keeps the problems
+            settings = (str(Path(log_file).expanduser()), int(cfg.log_max_mb * (1 << 20)), cfg.log_max_files)
+            old = self.file
+            if old is None or (str(old.base), old.max_bytes, old.keep) != settings:  # else keep writing where it is
+                self.file = RotatingLogFile(*settings, clock)
+            self.file.setFormatter(formatter)
+            handlers.append(self.file)
+        else:
+            self.file = None
+        root = logging.getLogger()
+        root.setLevel(getattr(logging, level.upper()))
+        if self.thread is None:
+            self.handler = LogQueueHandler(self)
+            root.addHandler(self.handler)
+            self.thread = threading.Thread(target=self._run, name="tgw-log", daemon=True)
+            self.thread.start()
+            atexit.register(self.close)
+        self.queue.put(functools.partial(self._swap, handlers))  # control messages are never dropped
+
+    def _swap(self, handlers: list) -> None:  # on the log thread
+        for handler in self.handlers:
+            if handler not in handlers:
+                handler.close()
+        self.handlers = handlers
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            while len(batch) < self.BATCH:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            for item in batch:
+                if item is None:
+                    self._swap([])
+                    return
+                if callable(item):  # a control message (new handlers, a flush marker)
+                    try:
+                        item()
+                    except Exception:  # the thread must outlive a bad handler
+                        traceback.print_exc(file=sys.stderr)
+                    continue
+                for handler in self.handlers:
+                    if item.levelno >= handler.level:
+                        handler.handle(item)
+            self._flush_handlers()
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every record logged so far is written."""
+        if self.thread is not None:
+            done = threading.Event()
+            self.queue.put(lambda: (self._flush_handlers(), done.set()))
+            done.wait(timeout)
+
+    def _flush_handlers(self) -> None:  # on the log thread
+        for handler in self.handlers:
+            handler.flush()
+
+    def close(self) -> None:
+        """Write what is queued, close the files, take the handler off the root logger."""
+        if self.thread is None:
+            return
+        logging.getLogger().removeHandler(self.handler)
+        self.queue.put(None)
+        self.thread.join(10)
+        self.thread = self.handler = self.file = None
+        atexit.unregister(self.close)
+
+
+LOGS = LogSetup()
+
+
+def setup_logging(level: str, cfg: Config | None = None) -> None:
+    """The process's logging: stderr text at `level`, or everything `cfg` says (log_* keys)."""
+    if cfg is not None and cfg.log_file:
+        RotatingLogFile.check(cfg.log_file)
+    LOGS.apply(cfg, level)
+
+
+# ---- metrics ----------------------------------------------------------------------------
+
+ENDPOINT_FAMILIES = (  # path prefix -> its endpoint label (paths that hold ids or model names)
+    ("/v1/models/", "/v1/models/{id}"), ("/v1beta/models/", "/v1beta/models/{id}"),
+    ("/v1/responses/", "/v1/responses/{id}"), ("/api/v1/admin/", "/api/v1/admin/*"),
+    ("/api/v1/usage/", "/api/v1/usage/*"),
+)  # fmt: skip
+MAX_SERIES = 10000  # label combinations per metric
+MAX_MODEL_LABELS = 200  # distinct model names; the rest are "other"
+MAX_LABEL_LENGTH = 200  # characters of a label value a client chose
+MAX_TOKENS = 1e9  # a usage number (or cost) beyond this in one answer is an upstream's nonsense: not counted
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120)
+_metric_name = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*").fullmatch
+_label_name = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*").fullmatch
+
+
+def prometheus_value(value) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    value = float(value)
+    if value != value:
+        return "NaN"
+    if value in (math.inf, -math.inf):
+        return "+Inf" if value > 0 else "-Inf"
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+_LABEL_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n"})
+_HELP_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n"})
+
+
+def prometheus_labels(names: tuple, values: tuple, le: str = "") -> str:
+    """{a="x",b="y"} with values escaped (backslash, double quote, newline), or '' for none."""
+    pairs = [f'{name}="{str(value).translate(_LABEL_ESCAPES)}"' for name, value in zip(names, values, strict=True)]
+    if le:
+        pairs.append(f'le="{le}"')
+    return "{" + ",".join(pairs) + "}" if pairs else ""
+
+
+class Metric:
+    kind = "untyped"
+
+    def __init__(self, name: str, help: str, labels: tuple = (), callback=None):
+        if not _metric_name(name) or not all(_label_name(label) and label != "le" for label in labels):
+            raise ValueError(f"invalid metric or label name in {name}{labels}")
+        self.name = name
+        self.help = help
+        self.labels = tuple(labels)
+        self.callback = callback  # at scrape time: a number, or an iterable of (label values, number)
+        self.values: dict[tuple, object] = {}
+        self.other = ("other",) * len(self.labels)
+
+    def key_for(self, labels: tuple) -> tuple:
+        """A new series' key: checked once, then folded into "other" past MAX_SERIES."""
+        if len(labels) != len(self.labels):
+            raise ValueError(f"{self.name} takes labels {self.labels}, got {labels!r}")
+        return labels if len(self.values) < MAX_SERIES else self.other
+
+    def series(self):
+        if self.callback is None:
+            return list(self.values.items())
+        result = self.callback()
+        if isinstance(result, (int, float)):
+            return [((), result)]
+        return [(tuple(labels), value) for labels, value in result]
+
+    def render(self, out: list) -> None:
+        out.append(f"# HELP {self.name} {self.help.translate(_HELP_ESCAPES)}\n# TYPE {self.name} {self.kind}\n")
+        for labels, value in self.series():
+            out.append(f"{self.name}{prometheus_labels(self.labels, labels)} {prometheus_value(value)}\n")
+
+
+class Counter(Metric):
+    kind = "counter"
+
+    def inc(self, labels: tuple = (), amount: float = 1) -> None:
+        try:
+            self.values[labels] += amount
+        except KeyError:
+            key = self.key_for(labels)
+            self.values[key] = self.values.get(key, 0) + amount
+
+
+class Gauge(Counter):
+    """A counter that may also go down, or be set."""
+
+    kind = "gauge"
+
+    def set(self, labels: tuple, value: float) -> None:
+        self.values[labels if labels in self.values else self.key_for(labels)] = value
+
+    def dec(self, labels: tuple = (), amount: float = 1) -> None:
+        self.inc(labels, -amount)
+
+
+class Histogram(Metric):
+    """Fixed buckets; per series a list of counts per bucket (the last one +Inf) and the sum."""
+
+    kind = "histogram"
+
+    def __init__(self, name: str, help: str, labels: tuple = (), buckets=LATENCY_BUCKETS):
+        super().__init__(name, help, labels)
+        self.buckets = tuple(sorted(float(b) for b in buckets))
+        self.bounds = [prometheus_value(b) for b in self.buckets] + ["+Inf"]
+
+    def observe(self, labels: tuple, value: float) -> None:
+        counts = self.values.get(labels)
+        if counts is None:
+            counts = self.values.setdefault(self.key_for(labels), [0] * (len(self.buckets) + 1) + [0.0])
+        counts[bisect.bisect_left(self.buckets, value)] += 1
+        counts[-1] += value
+
+    def render(self, out: list) -> None:
+        out.append(f"# HELP {self.name} {self.help.translate(_HELP_ESCAPES)}\n# TYPE {self.name} histogram\n")
+        for labels, counts in list(self.values.items()):
+            cumulative = 0
+            for bound, count in zip(self.bounds, counts, strict=False):
+                cumulative += count
+                out.append(f"{self.name}_bucket{prometheus_labels(self.labels, labels, bound)} {cumulative}\n")
+            text = prometheus_labels(self.labels, labels)
+            out.append(f"{self.name}_sum{text} {prometheus_value(counts[-1])}\n{self.name}_count{text} {cumulative}\n")
+
+
+class Metrics:
+    """The registry: metrics by name, rendered in the order they were made."""
+
+    def __init__(self):
+        self.metrics: dict[str, Metric] = {}
+
+    def _add(self, metric: Metric) -> Metric:
+        if metric.name in self.metrics:
+            raise ValueError(f"metric {metric.name} is already registered")
+        self.metrics[metric.name] = metric
+        return metric
+
+    def counter(self, name: str, help: str, labels: tuple = (), callback=None) -> Counter:
+        return self._add(Counter(name, help, labels, callback))
+
+    def gauge(self, name: str, help: str, labels: tuple = (), callback=None) -> Gauge:
+        return self._add(Gauge(name, help, labels, callback))
+
+    def histogram(self, name: str, help: str, labels: tuple = (), buckets=LATENCY_BUCKETS) -> Histogram:
+        return self._add(Histogram(name, help, labels, buckets))
+
+    def render(self) -> bytes:
+        out: list[str] = []
+        for metric in list(self.metrics.values()):
+            try:
+                metric.render(out)
+            except Exception:  # one broken callback must not hide every other metric
+                log.exception("metrics: rendering %s failed", metric.name)
+        return "".join(out).encode()
+
+
+class LabelCap:
+    """Label values a client chooses (model names): the first `limit` distinct ones, then "other"."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self.seen:
+            return value
+        value = value[:MAX_LABEL_LENGTH]
+        if value in self.seen:
+            return value
+        if len(self.seen) < self.limit:
+            self.seen.add(value)
+            return value
+        return "other"
+
+
+class Telemetry:
+    """The gateway's metrics and its access log line, both fed when a request ends.
+
+    The upstream side (section 8) feeds it from Gateway.send_upstream: upstream_attempt() per
+    attempt, `failovers.inc((from_provider, to_provider))`, and `breakers.callback` =
+    Pools.breaker_states, ((provider, account), state) pairs: 0 closed, 1 half-open, 2 open."""
+
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+        m = self.metrics = Metrics()
+        self.requests = m.counter(
+            "tgw_requests_total", "Requests answered, by endpoint, lane, provider, model and HTTP status",
+            ("endpoint", "lane", "provider", "model", "status"),
+        )  # fmt: skip
+        self.latency = m.histogram(
+            "tgw_request_duration_seconds", "Seconds from a request's head to its answer's end",
+            ("endpoint", "lane", "provider"), LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.ttft = m.histogram(
+            "tgw_time_to_first_token_seconds", "Streamed model calls: seconds until the first byte reached the client",
+            ("lane", "provider"), TTFT_BUCKETS,
+        )  # fmt: skip
+        self.tokens = m.counter(
+            "tgw_tokens_total", "Tokens by provider, model and kind (cached is part of prompt, reasoning of completion)",
+            ("provider", "model", "kind"),
+        )  # fmt: skip
+        self.cost = m.counter("tgw_cost_usd_total", "Cost in USD from the price table", ("provider", "model"))
+        self.attempts = m.counter("tgw_upstream_attempts_total", "Upstream requests, retries included", ("provider",))
+        self.retries = m.counter("tgw_upstream_retries_total", "Upstream requests that were retries", ("provider",))
+        self.failovers = m.counter(
+            "tgw_upstream_failovers_total", "Requests moved to another upstream account or fallback model",
+            ("from_provider", "to_provider"),
+        )  # fmt: skip
+        self.breakers = m.gauge(
+            "tgw_upstream_breaker_state",
+            "Circuit breaker per upstream account: 0 closed, 1 half-open, 2 open (or cooling down after a 429)",
+            ("provider", "account"), callback=lambda: (),
+        )  # fmt: skip
+        ledger = gateway.ledger
+        m.gauge("tgw_requests_in_flight", "Requests being answered, by port", ("port",), callback=self.in_flight)
+        m.gauge("tgw_ledger_queue_depth", "Ledger rows waiting for the writer", callback=lambda: len(ledger.pending))
+        m.counter("tgw_ledger_rows_written_total", "Ledger rows written", callback=lambda: ledger.written)
+        m.counter("tgw_log_lines_dropped_total", "Log lines dropped: the log thread was behind",
+                  callback=lambda: LOGS.dropped)  # fmt: skip
+        m.gauge("tgw_uptime_seconds", "Seconds since the gateway started",
+                callback=lambda: time.time() - gateway.started_at)  # fmt: skip
+        m.gauge("tgw_build_info", "tgw's version", ("version",), callback=lambda: [((__version__,), 1)])
+        self.models = LabelCap(MAX_MODEL_LABELS)
+        self.route_paths = {path for _, path in gateway.routes}
+        self.endpoint_labels: dict[str, str] = {}
+        self.access_from = self.access_threshold(gateway.cfg)
+
+    @staticmethod
+    def access_threshold(cfg: Config) -> int:
+        """The lowest status that gets an access line (1000: none)."""
+        if cfg.access_log == "all" or (cfg.log_level == "debug" and cfg.access_log != "off"):
+            return 0
+        return 400 if cfg.access_log == "errors" else 1000
+
+    def apply_config(self, cfg: Config) -> None:
+        """The log settings that may change while running (log_level, log_format, log_file,
+        log_max_mb, log_max_files, access_log). Gateway.apply_config (live reload) calls this."""
+        self.access_from = self.access_threshold(cfg)
+        if LOGS.active:  # this process's logging is tgw's own (tgw serve), not a host program's
+            LOGS.apply(cfg)
+
+    def in_flight(self):
+        return [((name,), sum(p.busy for p in server.connections)) for name, server in self.gateway.servers.items()]
+
+    def endpoint_label(self, path: str) -> str:
+        """A bounded label for a path: a route's own path, its family, or "other"."""
+        label = self.endpoint_labels.get(path)
+        if label is None:
+            bare = path.rstrip("/") or "/"
+            if bare in self.route_paths:
+                label = bare
+            elif is_gemini_call_path(bare):
+                method = bare.rpartition(":")[2]
+                method = method if method in GEMINI_METHODS else "other"
+                label = bare.split("/models/", 1)[0] + "/models/{model}:" + method
+            else:
+                label = next((family for prefix, family in ENDPOINT_FAMILIES if bare.startswith(prefix)), "other")
+            if len(self.endpoint_labels) < 4096:
+                self.endpoint_labels[path] = label
+        return label
+
+    def upstream_attempt(self, provider: str, retry: bool) -> None:
+        self.attempts.inc((provider,))
+        if retry:
+            self.retries.inc((provider,))
+
+    def request_ended(self, call: Call) -> None:
+        ex = call.exchange
+        status = call.status or ex.status or 499  # a stream that failed after its 200 counts as its failure
+        elapsed = time.monotonic() - call.started
+        endpoint = self.endpoint_label(call.endpoint)
+        model_name = call.model_upstream or call.model_requested
+        model = self.models(model_name) if model_name else ""
+        provider = call.provider
+        self.requests.inc((endpoint, call.lane, provider, model, status))
+        self.latency.observe((endpoint, call.lane, provider), elapsed)
+        if call.ledgered:
+            usage = call.usage  # numbers by now (record() has priced it); bounded, as an upstream sent them
+            tokens = self.tokens
+            if 0 < usage.input_tokens < MAX_TOKENS:
+                tokens.inc((provider, model, "prompt"), usage.input_tokens)
+            if 0 < usage.output_tokens < MAX_TOKENS:
+                tokens.inc((provider, model, "completion"), usage.output_tokens)
+            if 0 < usage.cached_tokens < MAX_TOKENS:
+                tokens.inc((provider, model, "cached"), usage.cached_tokens)
+            if 0 < usage.reasoning_tokens < MAX_TOKENS:
+                tokens.inc((provider, model, "reasoning"), usage.reasoning_tokens)
+            cost = self.gateway.prices.cost(model_name, usage) if usage.input_tokens or usage.output_tokens else 0
+            if 0 < cost < MAX_TOKENS:
+                self.cost.inc((provider, model), cost)
+            if call.stream and ex.first_byte_at:
+                self.ttft.observe((call.lane, provider), ex.first_byte_at - call.started)
+        if status >= self.access_from and log.isEnabledFor(logging.INFO):
+            self.access_line(call, status, elapsed)
+
+    @staticmethod
+    def access_line(call: Call, status: int, elapsed: float) -> None:
+        ex = call.exchange
+        usage = call.usage
+        ttft = round((ex.first_byte_at - call.started) * 1e6) / 1000 if ex.first_byte_at else None
+        log.info(ACCESS_LINE, {
+            "method": ex.request.method, "path": call.endpoint[:1000], "status": status, "protocol": call.codec.name,
+            "lane": call.lane, "provider": call.provider, "model": call.model_requested[:MAX_LABEL_LENGTH],
+            "model_upstream": call.model_upstream[:MAX_LABEL_LENGTH], "stream": call.stream,
+            "prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
+            "cached_tokens": usage.cached_tokens,
+            "latency_ms": round(elapsed * 1e6) / 1000, "ttft_ms": ttft, "api_key_id": call.api_key_id,
+            "error": call.error[:500],
+        })  # fmt: skip
+
+
+# ======================================================================================
+# 12. CLI
 # ======================================================================================
 
 
@@ -7739,19 +8579,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class RedactingFormatter(logging.Formatter):
-    """Log lines with every known secret taken out (see SecretRedactor)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
-
-
 def cmd_serve(args) -> int:
     overrides = {"host": args.host, "facade_port": args.port, "work_mode": args.work_mode, "ledger_path": args.ledger_path,
                  "log_level": args.log_level, "allow_public_bind": args.allow_public_bind}  # fmt: skip
@@ -7761,8 +8588,11 @@ def cmd_serve(args) -> int:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key.strip().lower()] = value
     cfg = load_config(args.config, overrides)
-    setup_logging(cfg.log_level)
-    asyncio.run(serve(cfg))
+    setup_logging(cfg.log_level, cfg)
+    try:
+        asyncio.run(serve(cfg))
+    finally:
+        LOGS.close()
     return 0
 
 
