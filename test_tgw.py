@@ -7735,7 +7735,7 @@ def test_a_connection_that_could_not_be_made_moves_on_to_the_next_account(start_
     up = upstream(lambda h, b: reply_json(h, chat_completion("from the live one")))
     env = {**openai_env(up), **routes_env("gpt-4o-mini=>dead|openai"),
            "TOKLIGENCE_PROVIDER_DEAD_BASE_URL": f"http://127.0.0.1:{dead_port}/v1"}  # fmt: skip
-    gw = start_gateway(env=env)
+    gw = start_gateway(env=env, breaker_failures=3)
     sent = 0
     while sent < 10 and accounts(gw)["dead"]["state"] != "open":
         status, headers, body = post(gw, "/v1/chat/completions", CHAT)
@@ -7743,7 +7743,7 @@ def test_a_connection_that_could_not_be_made_moves_on_to_the_next_account(start_
         sent += 1
     state = accounts(gw)["dead"]
     assert state["state"] == "open" and "cannot connect" in state["last_error"]
-    assert state["requests"] == state["errors"] == 3  # breaker_failures (3) in a row opened it
+    assert state["requests"] == state["errors"] == 3  # breaker_failures in a row opened it
     assert post(gw, "/v1/chat/completions", CHAT)[1]["x-tgw-attempts"] == "1"  # then it is skipped
     assert len(up.requests) == sent + 1 and {r["account"] for r in gw.rows(sent + 1)} == {"openai"}
 
@@ -7843,3 +7843,32 @@ def test_idle_connections_the_upstream_closed_do_not_pile_up_in_close_wait(start
     assert results == [200] * 20
     wait_until(lambda: not open_upstream_sockets(up.port), what="closed upstream connections to be dropped")
     assert_serving(gw)
+
+
+def test_fault_mix_every_request_answered_with_exactly_one_ledger_row(start_gateway, monkeypatch):
+    """bench/fault_mix.py, shortened: a third of upstream attempts fail at random (529, 503, 500,
+    429, dropped connections, streams cut after their first event), 50 concurrent clients."""
+    monkeypatch.syspath_prepend(str(HERE / "bench"))
+    fault_mix = __import__("fault_mix")
+    faulty = fault_mix.FaultyUpstream(seed=1414)
+    try:
+        gw = start_gateway(**fault_mix.gateway_settings(faulty.port), log_level="error")
+        results = fault_mix.run_clients(gw.base, clients=50, duration=6, seed=1414)
+        summary = fault_mix.report(results, fault_mix.ledger_rows(gw.gateway.ledger.path, {r["id"] for r in results}),
+                                   faulty)  # fmt: skip
+    finally:
+        faulty.close()
+    assert summary["requests"] > 200 and summary["answered"] == summary["requests"], summary
+    assert (
+        summary["ledger_rows"] == summary["requests"] and not summary["missing_rows"] and not summary["duplicate_rows"]
+    )
+    assert all(r["echoed"] for r in results)
+    assert sum(summary["upstream_faults"].values()) > summary["upstream_attempts"] / 4  # the faults did happen
+    assert summary["status_200"] > 0.9 * summary["requests"], summary  # and were failed over
+    m = parse_prometheus(get(gw, "/metrics")[2].decode())
+    assert sum(m["tgw_upstream_failovers_total"].values()) > 0
+    counted, drops = sum(m["tgw_upstream_attempts_total"].values()), summary["upstream_faults"]["drop"]
+    assert summary["upstream_attempts"] - drops <= counted <= summary["upstream_attempts"]  # a pooled connection
+    # closed without an answer is stale: sent again on another within the same attempt
+    states = {dict(k)["account"]: v for k, v in m["tgw_upstream_breaker_state"].items()}
+    assert set(states) == {"openai#1", "openai#2", "anthropic"} and set(states.values()) <= {0, 1, 2}

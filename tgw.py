@@ -383,7 +383,7 @@ CONFIG_KEYS: dict[str, tuple] = {
         "extra attempts on an account already tried (failed connect; 429/5xx after backoff)",
     ),
     "model_fallbacks": ("", "str", "pattern=>model pairs tried when a model's accounts fail; repeats chain in order"),
-    "breaker_failures": (3, "int", "consecutive failures (connect, timeout, 5xx, 529) that open an account's breaker"),
+    "breaker_failures": (5, "int", "consecutive failures (connect, timeout, 5xx, 529) that open an account's breaker"),
     "breaker_cooldown": (5.0, "float", "seconds an open breaker keeps an account out; doubles each time it reopens"),
     "breaker_cooldown_max": (300.0, "float", "longest cooldown of an account"),
     "upstream_max_idle_per_origin": (128, "int", "idle keep-alive connections kept per upstream origin"),
@@ -6148,7 +6148,7 @@ MAX_RETRY_WAIT = 30.0  # longest a request waits for a backoff or a Retry-After 
 
 @dataclass(slots=True)
 class BreakerSettings:
-    failures: int = 3
+    failures: int = 5
     cooldown: float = 5.0
     cooldown_max: float = 300.0
 
@@ -6379,7 +6379,7 @@ class Pools:
         self.accounts = {}
         self.of_provider: dict[str, tuple] = {}
         for provider in providers.values():
-            if provider.protocol == "loopback":
+            if provider.protocol == "loopback" or not provider.configured:
                 continue
             keys = provider.keys or ("",)
             members = []
