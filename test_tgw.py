@@ -7872,3 +7872,84 @@ def test_fault_mix_every_request_answered_with_exactly_one_ledger_row(start_gate
     # closed without an answer is stale: sent again on another within the same attempt
     states = {dict(k)["account"]: v for k, v in m["tgw_upstream_breaker_state"].items()}
     assert set(states) == {"openai#1", "openai#2", "anthropic"} and set(states.values()) <= {0, 1, 2}
+
+
+def test_codex_and_gemini_clients_fail_over_across_protocols_in_their_own_shapes(start_gateway, upstream):
+    openai_up = upstream(lambda h, b: reply_json(h, {"error": {"message": "openai is down"}}, status=503))
+    anthropic_up = upstream(lambda h, b: reply_json(h, a_message([{"type": "text", "text": "Claude covers"}], "end_turn",
+                                                                 {"input_tokens": 9, "output_tokens": 2})))  # fmt: skip
+    gemini_up = upstream(lambda h, b: reply_json(h, R_OVERLOADED, status=529))
+    env = {**openai_env(openai_up), **anthropic_env(anthropic_up), **gemini_env(gemini_up)}
+    gw = start_gateway(env=env, openai_responses_api="on", upstream_retries=0,
+                       model_fallbacks="gpt-5*=>claude-sonnet-4-5, gemini*=>claude-sonnet-4-5")  # fmt: skip
+    status, headers, body = post(gw, "/v1/responses", {"model": "gpt-5-codex", "input": "hi", "store": False})
+    answer = json.loads(body)  # passthrough first (OpenAI has /v1/responses), then translated to Anthropic
+    assert (
+        status == 200
+        and answer["object"] == "response"
+        and answer["output"][0]["content"][0]["text"] == "Claude covers"
+    )
+    assert openai_up.requests[0]["path"] == "/v1/responses" and headers["x-tgw-provider"] == "anthropic"
+    status, headers, body = post(gw, "/v1beta/models/gemini-2.5-pro:generateContent", L_GEMINI)
+    answer = json.loads(body)
+    assert status == 200 and answer["candidates"][0]["content"]["parts"][0]["text"] == "Claude covers"
+    assert headers["x-tgw-attempts"] == "2"
+    assert [(r["lane"], r["provider"], r["attempts"]) for r in gw.rows(2)] == [("translation", "anthropic", 2)] * 2
+
+
+def test_x_tgw_headers_cannot_be_used_to_inject_a_header(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion()))
+    gw = start_gateway(env=openai_env(up))
+    raw = raw_exchange(gw.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (
+                           len(body := json.dumps({**CHAT, "model": "gpt-4o\r\nSet-Cookie: stolen=1 \u00e9"}).encode()),
+                           body))  # fmt: skip
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    assert head.startswith("HTTP/1.1 200") and "\r\nSet-Cookie" not in head
+    assert "\r\nx-tgw-model: gpt-4o%0D%0ASet-Cookie: stolen%3D1 %C3%A9\r\n" in head  # percent-encoded
+
+
+def test_hostile_retry_after_values_neither_stick_an_account_nor_break_the_answer(start_gateway, upstream):
+    values = iter(["nan", "1e9", "-inf", "Wed, 21 Oct 2015 07:28:00 GMT"])
+
+    def script(h, body):
+        reply_json(h, {"error": {"message": "slow down"}}, status=429, headers={"Retry-After": next(values, "0")})
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up), upstream_retries=0)
+    for expected in (None, "86400", None, None):
+        status, headers, _ = post(gw, "/v1/chat/completions", CHAT)
+        assert status == 429 and headers.get("Retry-After") == expected
+        if expected:  # a day is the longest an upstream may cool an account (then breaker_cooldown_max applies)
+            assert accounts(gw)["openai"]["cooldown_left_s"] <= 300
+            gw.gateway.pools.accounts["openai"].until = 0.0  # (end that cooldown for the next case)
+    assert len(up.requests) == 4 and accounts(gw)["openai"]["state"] == "closed"
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"model_fallbacks": "claude*=>no-such-model"}, ["model_fallbacks", "no-such-model", "matches no route"]),
+        ({"model_fallbacks": "gpt*=>loopback"}, ["loopback model cannot be a fallback"]),
+        ({"model_fallbacks": "gpt*"}, ["model_fallbacks", "pattern=>target"]),
+        ({"env": {"TOKLIGENCE_PROVIDER_OPENAI_API_KEY": "sk-x"}}, ["[provider.openai]", "built-in provider"]),
+        (
+            {
+                "env": {
+                    "TOKLIGENCE_PROVIDER_LOCAL_BASE_URL": "http://127.0.0.1:1/v1",
+                    "TOKLIGENCE_PROVIDER_LOCAL_WEIGHT": "0",
+                }
+            },
+            ["[provider.local]", "weight"],
+        ),
+        ({"env": {"TOKLIGENCE_PROVIDER_GEMINI_READ_TIMEOUT": "soon"}}, ["read_timeout", "number of seconds"]),
+        ({"breaker_failures": "0"}, ["breaker_failures", "positive"]),
+        ({"upstream_total_timeout": "0"}, ["upstream_total_timeout", "positive"]),
+    ],
+)
+def test_pool_settings_are_checked_at_startup(tmp_path, settings, words):
+    settings = dict(settings)
+    env = {"TOKLIGENCE_OPENAI_API_KEY": "sk-real-123456", **settings.pop("env", {})}
+    with pytest.raises(tgw.ConfigError) as caught:
+        tgw.Gateway(make_config(tmp_path, env, **settings))
+    assert all(w in str(caught.value) for w in words), str(caught.value)

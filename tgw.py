@@ -399,7 +399,8 @@ CONFIG_KEYS: dict[str, tuple] = {
 }
 
 PROVIDER_KEYS = ("type", "base_url", "api_key", "models", "api_version", "headers", "responses_api")
-# how a provider serves in a pool; accepted for the built-in providers too ([provider.openai] weight = 2)
+# how a provider serves in a pool; accepted for the built-in providers too ([provider.openai] weight = 2),
+# with `models` (globs it serves, sharing their pool with the named providers that serve them too)
 POOL_KEYS = ("weight", "connect_timeout", "first_byte_timeout", "read_timeout", "total_timeout")
 TIMEOUT_KINDS = ("connect", "first_byte", "read", "total")
 PROVIDER_TYPES = ("openai", "azure", "anthropic", "gemini")
@@ -621,13 +622,14 @@ def load_named_providers(sections: dict, env, tuning: dict | None = None) -> dic
     for name, items in raw.items():
         where = f"[provider.{name}]"
         if name in ("openai", "anthropic", "gemini", "loopback"):
-            if set(items) - set(POOL_KEYS) or name == "loopback":
+            if set(items) - {"models", *POOL_KEYS} or name == "loopback":
                 raise ConfigError(
                     f"{where}: '{name}' is a built-in provider; configure it with {name}_* keys "
-                    f"(this section may only set {', '.join(POOL_KEYS)})"
+                    f"(this section may only set models, {', '.join(POOL_KEYS)})"
                 )
             if tuning is not None:
                 tuning[name] = pool_settings(items, where)
+                tuning[name]["models"] = [m.strip() for m in items.get("models", "").split(",") if m.strip()]
             continue
         accepted = PROVIDER_KEYS + ("api_keys",) + POOL_KEYS
         unknown = set(items) - set(accepted)
@@ -5952,6 +5954,7 @@ def build_providers(cfg: Config) -> dict[str, Provider]:
     for name, provider in providers.items():  # pools: the keys, weight and timeouts of each
         pc = cfg.providers.get(name)
         tuned = cfg.tuning.get(name, {}) if pc is None else {"weight": pc.weight, "timeouts": pc.timeouts}
+        provider.models = provider.models or tuned.get("models", [])
         provider.keys = tuple(split_keys(provider.api_key))
         provider.api_key = provider.keys[0] if provider.keys else ""
         provider.weight = tuned.get("weight", 1.0)
@@ -6245,7 +6248,7 @@ class Account:
             if len(self._tags) >= 256:  # model names are the client's to choose
                 self._tags.clear()
             lines = self._tags[model] = (
-                f"x-tgw-provider: {header_safe(self.provider.name)}\r\nx-tgw-model: {header_safe(model)}\r\n"
+                f"x-tgw-provider: {header_safe(self.provider.name)}\r\nx-tgw-model: {header_safe(model[:200])}\r\n"
             )
         return lines
 
@@ -6338,9 +6341,10 @@ class Walk:
         self.again.remove(entry)
         return entry[0], entry[1], True
 
-    def failed(self, account: Account, model: str, now: float, ask_again: bool) -> None:
+    def failed(self, account: Account, model: str, now: float, ask_again: bool, retry_after: float | None = None):
+        """An attempt failed; the account may be asked again after a backoff (or the answer's Retry-After)."""
         if ask_again and self.retries > 0:
-            self.again.append([account, model, now + 0.25 * 2 ** min(self.asked, 5)])
+            self.again.append([account, model, now + max(0.25 * 2 ** min(self.asked, 5), retry_after or 0.0)])
 
     def unavailable(self, now: float) -> GatewayError:
         """The error when no account of the chain could be asked: every one cooling down."""
@@ -7300,7 +7304,7 @@ class Gateway:
                 last_error = last_error or err
                 continue
             timeouts = provider.timeouts
-            end_by = min(end_by, now + timeouts.total) if end_by else call.started + timeouts.total
+            end_by = end_by or call.started + timeouts.total  # the first account's total bounds them all
             call.attempts += 1
             call.provider, call.model_upstream, call.account, call.lane = provider.name, model, account.name, lane
             call.exchange.tags = f"{account.tags(model)}x-tgw-attempts: {call.attempts}\r\n"
@@ -7314,8 +7318,8 @@ class Gateway:
             previous = provider.name
             trial = account.begin(now)
             try:
-                resp = await self.pool.request("POST", url, self.upstream_headers(provider, request), body, timeouts,
-                                               end_by)  # fmt: skip
+                headers = self.upstream_headers(provider, request)
+                resp = await self.pool.request("POST", url, headers, body, timeouts, min(end_by, now + timeouts.total))
             except UpstreamUnreached as err:
                 account.end(trial)
                 now = time.monotonic()
@@ -7349,7 +7353,7 @@ class Gateway:
             else:
                 account.succeeded()  # it answered: the request is what failed, and is not tried elsewhere
                 raise err
-            walk.failed(account, model, now, resp.status in ASK_AGAIN_STATUSES)
+            walk.failed(account, model, now, resp.status in ASK_AGAIN_STATUSES, err.retry_after)
             last_error = err
 
     def upstream_headers(self, provider: Provider, request: HttpRequest) -> dict:
@@ -7538,12 +7542,15 @@ def hmac_compare(a: str, b: str) -> bool:
 
 
 def parse_retry_after(value: str | None) -> float | None:
+    """An upstream's Retry-After in seconds (within a day), or None: an HTTP date, NaN or
+    garbage is no usable time."""
     if not value:
         return None
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
     except ValueError:
         return None
+    return min(max(seconds, 0.0), 86400.0) if math.isfinite(seconds) else None
 
 
 def json_or_502(data: bytes, provider: str):
