@@ -7953,3 +7953,31 @@ def test_pool_settings_are_checked_at_startup(tmp_path, settings, words):
     with pytest.raises(tgw.ConfigError) as caught:
         tgw.Gateway(make_config(tmp_path, env, **settings))
     assert all(w in str(caught.value) for w in words), str(caught.value)
+
+
+def test_a_stream_that_opens_with_an_overloaded_error_still_fails_over(start_gateway, upstream):
+    opening = {"type": "message_start", "message": {"id": "msg_up", "type": "message", "role": "assistant",
+                                                    "model": "claude-sonnet-4-5", "content": [],
+                                                    "usage": {"input_tokens": 5, "output_tokens": 0}}}  # fmt: skip
+    anthropic_up = upstream(lambda h, b: reply_anthropic_sse(h, [opening, {"type": "ping"}, R_OVERLOADED]))
+    openai_up = upstream(lambda h, b: reply_sse(h, chat_chunks(words=("Hi", " there"))))
+    gw = start_gateway(env={**anthropic_env(anthropic_up), **openai_env(openai_up)}, breaker_failures=2,
+                       model_fallbacks="claude-sonnet-4*=>gpt-4.1", upstream_retries=0)  # fmt: skip
+    # Claude Code's lane: passthrough to Anthropic, whose 200 stream says overloaded before any content
+    status, headers, payload = post(
+        gw, "/v1/messages", {**L_CLAUDE, "stream": True}, {"anthropic-version": "2023-06-01"}
+    )
+    received = lane_sse(payload)
+    assert status == 200 and headers["x-tgw-attempts"] == "2" and headers["x-tgw-provider"] == "openai"
+    assert assert_valid_anthropic_stream(received) == "Hi there"
+    assert [d["message"]["id"] for n, d in received if n == "message_start"] != ["msg_up"]  # only the fallback's
+    # an OpenAI client translated to Anthropic, failing over to OpenAI itself: its chunks arrive as they are
+    status, headers, payload = post(gw, "/v1/chat/completions", {**CHAT, "model": "claude-sonnet-4-5", "stream": True})
+    chunks = sse_data(payload)
+    assert status == 200 and headers["x-tgw-attempts"] == "2" and chunks[-1] == "[DONE]"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1] if c["choices"]) == "Hi there"
+    state = accounts(gw)["anthropic"]  # the 200 heads did not count as successes: two failures opened it
+    assert state["state"] == "open" and state["last_status"] == 529
+    rows = gw.rows(2)
+    assert [(r["status"], r["attempts"], r["provider"], r["lane"]) for r in rows] == [
+        (200, 2, "openai", "translation"), (200, 2, "openai", "passthrough")]  # fmt: skip

@@ -377,11 +377,7 @@ CONFIG_KEYS: dict[str, tuple] = {
     "upstream_first_byte_timeout": (600.0, "float", "seconds from a request sent to its answer's head"),
     "upstream_read_timeout": (600.0, "float", "seconds an upstream may stay silent between chunks of an answer"),
     "upstream_total_timeout": (3600.0, "float", "seconds a request may take upstream in all (attempts, waits, stream)"),
-    "upstream_retries": (
-        2,
-        "int",
-        "extra attempts on an account already tried (failed connect; 429/5xx after backoff)",
-    ),
+    "upstream_retries": (2, "int", "extra attempts on accounts already tried (a failed connect, a 429/5xx)"),
     "model_fallbacks": ("", "str", "pattern=>model pairs tried when a model's accounts fail; repeats chain in order"),
     "breaker_failures": (5, "int", "consecutive failures (connect, timeout, 5xx, 529) that open an account's breaker"),
     "breaker_cooldown": (5.0, "float", "seconds an open breaker keeps an account out; doubles each time it reopens"),
@@ -510,9 +506,8 @@ class Config:
     prices: dict  # model glob -> (input, output, cached input) USD per million tokens
     path: Path | None = None
     sources: dict = field(default_factory=dict)
-    tuning: dict = field(
-        default_factory=dict
-    )  # built-in provider name -> {"weight":, "timeouts":} from [provider.NAME]
+    # a built-in provider's pool settings from its [provider.NAME] section: {"weight", "timeouts", "models"}
+    tuning: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for key, value in self.values.items():  # cfg.work_mode etc. as plain attributes (read per request)
@@ -1173,6 +1168,15 @@ def upstream_timeout(which: str, host: str, seconds: float) -> GatewayError:
         "total": f"upstream {host} had not finished when the total timeout of {seconds:g} s ran out",
     }[which]
     return (UpstreamUnreached if which == "connect" else GatewayError)(504, f"{what} ({which} timeout)")
+
+
+class Unanswered(Exception):
+    """An upstream's stream opened with an error before any content: it said no, and nothing
+    has reached the client, so the request may still go elsewhere."""
+
+    def __init__(self, error: GatewayError):
+        super().__init__(error.message)
+        self.error = error
 
 
 class UpstreamUnreached(GatewayError):
@@ -6146,6 +6150,9 @@ class Router:
 BREAKER_STATUSES = frozenset((401, 403, 408, 500, 502, 503, 504, 529))  # an answer that counts against the account
 FAILOVER_STATUSES = BREAKER_STATUSES | {429}  # answers after which the next account is tried
 ASK_AGAIN_STATUSES = FAILOVER_STATUSES - {401, 403}  # answers after which the same account may be asked again
+# errors a stream may open with, before any content, that still fail over (overloaded, rate limited, api
+# error): the upstream said no. A broken or garbled stream is no such answer.
+STREAM_FAILOVER_STATUSES = frozenset((429, 500, 503, 529))
 MAX_RETRY_WAIT = 30.0  # longest a request waits for a backoff or a Retry-After before giving up
 
 
@@ -6301,7 +6308,7 @@ class Pool:
 class Walk:
     """One request's way through its chain: what it tried, what may be asked again, what is left."""
 
-    __slots__ = ("chain", "tried", "again", "retries", "asked", "wait")
+    __slots__ = ("chain", "tried", "again", "retries", "asked", "wait", "end_by", "last_error", "previous")
 
     def __init__(self, chain: tuple, retries: int):
         self.chain = chain
@@ -6310,6 +6317,9 @@ class Walk:
         self.retries = retries
         self.asked = 0  # accounts asked again so far (the backoff doubles each time)
         self.wait = 0.0  # when next() found nothing: seconds until something may be ready (0: nothing will)
+        self.end_by = 0.0  # the request's deadline, set by its first attempt
+        self.last_error: GatewayError | None = None
+        self.previous = ""  # the provider of the last attempt
 
     def next(self, now: float) -> tuple | None:
         """(account, model, asked again?) to try now, or None (then `wait` says how long until
@@ -6345,6 +6355,21 @@ class Walk:
         """An attempt failed; the account may be asked again after a backoff (or the answer's Retry-After)."""
         if ask_again and self.retries > 0:
             self.again.append([account, model, now + max(0.25 * 2 ** min(self.asked, 5), retry_after or 0.0)])
+
+    def answered(self, account: Account, model: str, err: GatewayError, trial: bool) -> bool:
+        """An upstream answered `err` (its status, or an error a stream opened with): count it
+        against the account, and say whether another attempt may follow."""
+        now = time.monotonic()
+        if err.status == 429:
+            account.rate_limited(err.retry_after, err.message, now, trial)
+        elif err.status in BREAKER_STATUSES:
+            account.failed(err.status, err.message, now, trial)
+        else:
+            account.succeeded()  # it answered: the request is what failed, and is not tried elsewhere
+            return False
+        self.failed(account, model, now, err.status in ASK_AGAIN_STATUSES, err.retry_after)
+        self.last_error = err
+        return True
 
     def unavailable(self, now: float) -> GatewayError:
         """The error when no account of the chain could be asked: every one cooling down."""
@@ -6755,6 +6780,7 @@ class Call:
     attempts: int = 0  # upstream requests made (section 8)
     account: str = ""  # the account that answered, or failed last
     status: int = 0  # a failure after the 200 (a stream's error event): the ledger's status
+    unconfirmed: object = None  # the account of a stream that has shown no content yet (section 8)
 
     def start_stream(self) -> None:
         if not self.exchange.started:
@@ -7096,15 +7122,19 @@ class Gateway:
             Heartbeat(call, self.cfg.stream_keepalive, getattr(out.encoder, "keepalive", None)) if call.stream else None
         )
         try:
-            chain = self.pools.chain(route, out.fallbacks)
-            resp, account, trial = await self.send_upstream(call, chain, request, out)
-            try:
-                if call.lane == "passthrough":
-                    await self.relay_passthrough(call, resp, heartbeat, out.hide_usage)
-                    return None
-                return await self.relay_translated(call, resp, account.provider, out)
-            finally:
-                account.end(trial)
+            walk = Walk(self.pools.chain(route, out.fallbacks), max(self.cfg.upstream_retries, 0))
+            while True:
+                resp, account, trial = await self.send_upstream(call, walk, request, out)
+                try:
+                    if call.lane == "passthrough":
+                        await self.relay_passthrough(call, resp, heartbeat, out.hide_usage)
+                        return None
+                    return await self.relay_translated(call, resp, account.provider, out)
+                except Unanswered as unanswered:  # the stream opened with an error: the client saw none of it
+                    call.unconfirmed = None
+                    walk.answered(account, call.model_upstream, unanswered.error, trial)
+                finally:
+                    account.end(trial)
         finally:
             if heartbeat:
                 heartbeat.cancel()
@@ -7198,16 +7228,27 @@ class Gateway:
         ex = call.exchange
         decoder = upstream_codec.stream_decoder()
         parser = SSEParser()
-        call.start_stream()
+        held: list = []  # the stream's opening (MessageStart), kept until its first content
 
-        def emit(events) -> bool:
+        def emit(events, opening: bool = True) -> bool:
             """Encode events for the client; False once an error has ended the stream."""
             for ev in events:
+                if held is not None and opening and self.still_opening(ev):
+                    held.append(ev)
+                    continue
+                release()
                 self.observe(call, ev)
                 ex.write(encoder.encode(ev))
                 if isinstance(ev, StreamError):
                     return False
             return True
+
+        def release() -> None:
+            nonlocal held
+            if held is not None:
+                self.stream_shows_content(call)
+                opening, held = held, None
+                emit(opening, False)
 
         try:
             going = True
@@ -7216,11 +7257,31 @@ class Gateway:
                 await ex.drain()
             if going:
                 going = all(emit(decoder.feed(sse)) for sse in parser.finish()) and emit(decoder.finish())
+            release()
         except GatewayError as err:  # the upstream broke mid-stream: tell the client in-stream
-            emit([StreamError(err)])
+            emit([StreamError(err)], False)
         finally:
             resp.close() if not resp.done else resp.release()
         ex.end_stream()
+
+    @staticmethod
+    def still_opening(ev) -> bool:
+        """Is this event part of a stream's opening, before any content? An error the upstream
+        opens its stream with (overloaded, rate limited) is raised as Unanswered: nothing has
+        reached the client, so the attempt loop can still go to another account."""
+        if type(ev) is MessageStart:
+            return True
+        if type(ev) is StreamError and ev.error.status in STREAM_FAILOVER_STATUSES:
+            raise Unanswered(ev.error)
+        return False
+
+    @staticmethod
+    def stream_shows_content(call: Call) -> None:
+        """The first content (or the end) of a stream: its head goes out, and its account succeeded."""
+        call.start_stream()
+        if call.unconfirmed is not None:
+            call.unconfirmed.succeeded()
+            call.unconfirmed = None
 
     async def relay_passthrough(self, call: Call, resp: UpstreamResponse, heartbeat, hide_usage: bool) -> None:
         """Same protocol on both sides: the answer's bytes go to the client as they are, usage observed."""
@@ -7239,20 +7300,25 @@ class Gateway:
         ex = call.exchange
         observer = call.codec.stream_decoder()
         parser = SSEParser()
-        call.start_stream()
+        held: list | None = []  # the stream's opening bytes, kept until its first content (still_opening)
         try:
             while chunk := await resp.next_chunk():
                 events = parser.feed(chunk)
                 for sse in events:
                     for ev in observer.feed(sse):
+                        if held is not None and not self.still_opening(ev):
+                            held = self.release_opening(call, held)
                         self.observe(call, ev)
-                if hide_usage:
-                    ex.write(b"".join(sse.raw for sse in events if not is_usage_only_chunk(sse)))
-                else:
-                    ex.write(chunk)
-                    if heartbeat is not None:
-                        heartbeat.mid_event = bool(parser.buffer)
+                data = b"".join(sse.raw for sse in events if not is_usage_only_chunk(sse)) if hide_usage else chunk
+                if held is not None:
+                    held.append(data)
+                    continue
+                ex.write(data)
+                if heartbeat is not None and not hide_usage:
+                    heartbeat.mid_event = bool(parser.buffer)
                 await ex.drain()
+            if held is not None:
+                held = self.release_opening(call, held)
             for sse in parser.finish():  # an unterminated last event: its bytes went out already
                 ex.write(sse.raw if hide_usage else b"\n\n")
                 for ev in observer.feed(sse):
@@ -7260,6 +7326,8 @@ class Gateway:
             for ev in observer.finish():  # streams without an end event (Gemini) settle usage here
                 self.observe(call, ev)
         except GatewayError as err:
+            if held is not None:
+                held = self.release_opening(call, held)
             call.error, call.status = err.message, err.status
             cut = b"\n\n" if parser.buffer and not hide_usage else b""  # end the half-sent event first
             ex.write(cut + call.codec.encode_stream_error(err))
@@ -7267,7 +7335,13 @@ class Gateway:
             resp.close() if not resp.done else resp.release()
         ex.end_stream()
 
-    async def send_upstream(self, call: Call, chain: tuple, request: HttpRequest, out: Outbound) -> tuple:
+    def release_opening(self, call: Call, held: list) -> None:
+        """A passthrough stream's first content: what it opened with goes out first."""
+        self.stream_shows_content(call)
+        for data in held:
+            call.exchange.write(data)
+
+    async def send_upstream(self, call: Call, walk: Walk, request: HttpRequest, out: Outbound) -> tuple:
         """The attempt loop: the one place that decides retries and failover, for every lane
         (section 8 says how the next account is chosen). Nothing but keep-alive pings can have
         reached the client while it runs, so after each failure it may move on:
@@ -7279,32 +7353,29 @@ class Gateway:
             upstream, so it is never sent again: the client gets that error.
         All within one deadline: the first account's total timeout. Returns (response, account,
         trial) for the first answer below 400, and the caller ends the account's exchange when
-        it has relayed it. When every attempt fails the client gets the last upstream's status
+        it has relayed it (and calls again, with the same walk, when a stream opened with an
+        error: Unanswered). When every attempt fails the client gets the last upstream's status
         and words."""
         pools = self.pools
-        walk = Walk(chain, max(self.cfg.upstream_retries, 0))
         now = time.monotonic()
-        end_by = 0.0
-        last_error = None
-        previous = ""  # the provider of the last attempt
         while True:
             target = walk.next(now)
             if target is None:
                 wait = walk.wait
-                if wait and wait <= MAX_RETRY_WAIT and now + wait < end_by:
+                if wait and wait <= MAX_RETRY_WAIT and now + wait < walk.end_by:
                     await asyncio.sleep(wait)
                     now = time.monotonic()
                     continue
-                raise last_error or walk.unavailable(now)
+                raise walk.last_error or walk.unavailable(now)
             account, model, again = target
             provider = account.provider
             try:
                 url, body, codec, lane = self.outbound_request(call, request, out, provider, model)
             except GatewayError as err:  # this provider cannot take the request: the next one may
-                last_error = last_error or err
+                walk.last_error = walk.last_error or err
                 continue
             timeouts = provider.timeouts
-            end_by = end_by or call.started + timeouts.total  # the first account's total bounds them all
+            end_by = walk.end_by = walk.end_by or call.started + timeouts.total  # the first account's bounds all
             call.attempts += 1
             call.provider, call.model_upstream, call.account, call.lane = provider.name, model, account.name, lane
             call.exchange.tags = f"{account.tags(model)}x-tgw-attempts: {call.attempts}\r\n"
@@ -7314,8 +7385,8 @@ class Gateway:
                 pools.retries += 1
             elif call.attempts > 1:
                 pools.failovers += 1
-                self.telemetry.failovers.inc((previous, provider.name))
-            previous = provider.name
+                self.telemetry.failovers.inc((walk.previous, provider.name))
+            walk.previous = provider.name
             trial = account.begin(now)
             try:
                 headers = self.upstream_headers(provider, request)
@@ -7325,7 +7396,7 @@ class Gateway:
                 now = time.monotonic()
                 account.failed(err.status, err.message, now, trial)
                 walk.failed(account, model, now, True)
-                last_error = err
+                walk.last_error = err
                 continue
             except GatewayError as err:
                 account.end(trial)
@@ -7335,7 +7406,10 @@ class Gateway:
                 account.end(trial)
                 raise
             if resp.status < 400:
-                account.succeeded()
+                if "text/event-stream" in resp.headers.get("content-type", ""):
+                    call.unconfirmed = account  # a success once the stream shows content (it may open with an error)
+                else:
+                    account.succeeded()
                 return resp, account, trial
             try:
                 error_body = await resp.read(4 * 1024 * 1024)
@@ -7345,16 +7419,9 @@ class Gateway:
                 account.end(trial)
             err = codec.decode_error(resp.status, error_body)
             err.retry_after = parse_retry_after(resp.headers.get("retry-after"))
-            now = time.monotonic()
-            if resp.status == 429:
-                account.rate_limited(err.retry_after, err.message, now, trial)
-            elif resp.status in BREAKER_STATUSES:
-                account.failed(resp.status, err.message, now, trial)
-            else:
-                account.succeeded()  # it answered: the request is what failed, and is not tried elsewhere
+            if not walk.answered(account, model, err, trial):
                 raise err
-            walk.failed(account, model, now, resp.status in ASK_AGAIN_STATUSES, err.retry_after)
-            last_error = err
+            now = time.monotonic()
 
     def upstream_headers(self, provider: Provider, request: HttpRequest) -> dict:
         """The provider's headers plus the API version and beta flags the client chose: built once
