@@ -9460,3 +9460,26 @@ def test_a_model_that_never_stops_calling_tools_is_stopped_and_bad_calls_get_err
     assert (
         ini.read_text().count("\n") == 2 and app.failed_changes == tgw.CHAT_TOOL_ROUNDS
     )  # the set_config without a value, each round
+
+
+def test_rebuilding_the_pools_from_a_new_config_keeps_the_accounts_that_stay(start_gateway, upstream, tmp_path):
+    up = upstream(lambda h, b: reply_json(h, {"error": {"message": "bad key"}}, status=500) if key_of(h) == R_BAD
+                  else reply_json(h, chat_completion()))  # fmt: skip
+    gw = start_gateway(env=openai_env(up, key=R_BAD), breaker_failures=1, upstream_retries=0)
+    assert post(gw, "/v1/chat/completions", CHAT)[0] == 500
+    assert accounts(gw)["openai"]["state"] == "open"
+    cfg = make_config(tmp_path, openai_env(up, key=f"{R_BAD}, {R_GOOD}"), breaker_failures=1, upstream_retries=0)
+
+    def reload():  # what Gateway.apply_config (live reload) does, on the gateway's own loop
+        gateway = gw.gateway
+        gateway.cfg, gateway.providers = cfg, tgw.build_providers(cfg)
+        gateway.router = tgw.Router(cfg, gateway.providers)
+        gateway.rebuild_pools()
+
+    gw.loop.call_soon_threadsafe(reload)
+    wait_until(lambda: set(accounts(gw)) == {"openai#1", "openai#2"}, what="the new pools")
+    state = accounts(gw)
+    assert state["openai#1"]["state"] == "open" and state["openai#1"]["errors"] == 1  # the same key kept its breaker
+    assert state["openai#2"]["state"] == "closed"
+    status, headers, _ = post(gw, "/v1/chat/completions", CHAT)
+    assert status == 200 and headers["x-tgw-attempts"] == "1" and sent_keys(up)[-1] == R_GOOD

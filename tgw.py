@@ -1205,6 +1205,7 @@ class UpstreamResponse:
         self.writer = writer
         self.status = status
         self.headers = headers
+        self.event_stream = "text/event-stream" in headers.get("content-type", "")
         self.done = method == "HEAD" or status in (204, 304)
         self.reusable = "close" not in headers.get("connection", "").lower()
         te = headers.get("transfer-encoding", "").lower()
@@ -1558,7 +1559,7 @@ class UpstreamPool:
         conns.append((reader, writer, time.monotonic()))
         self.idle_count += 1
         if not self.sweeper.deadline:
-            self.sweeper.deadline = time.monotonic() + self.sweeper.interval
+            self.sweeper.deadline = time.monotonic() + self.sweeper.interval()
 
     def sweep_idle(self, now: float) -> None:
         """Close idle connections that expired or that the upstream closed (their reader saw EOF:
@@ -1589,16 +1590,18 @@ class UpstreamPool:
 class _IdleSweep:
     """The watchdog entry that sweeps the idle connections (about once a second while any are idle)."""
 
-    __slots__ = ("pool", "deadline", "interval")
+    __slots__ = ("pool", "deadline")
 
     def __init__(self, pool: UpstreamPool):
         self.pool = pool
         self.deadline = 0.0
-        self.interval = min(1.0, pool.idle_expiry / 2)
+
+    def interval(self) -> float:
+        return min(1.0, self.pool.idle_expiry / 2)
 
     def expire(self, now: float) -> None:
         self.pool.sweep_idle(now)
-        self.deadline = now + self.interval if self.pool.idle_count else 0.0
+        self.deadline = now + self.interval() if self.pool.idle_count else 0.0
 
 
 class _StaleConnection(Exception):
@@ -6928,16 +6931,18 @@ class Account:
             return "cooling" if now < self.until else "closed"
         return "open" if now < self.until else "half_open"
 
-    def tags(self, model: str) -> str:
-        """The x-tgw-provider and x-tgw-model header lines for an answer from this account."""
+    def tags(self, model: str, attempts: int) -> str:
+        """The x-tgw-provider, x-tgw-model and x-tgw-attempts header lines of an answer from this
+        account (the usual first attempt's made once per model)."""
         lines = self._tags.get(model)
         if lines is None:
             if len(self._tags) >= 256:  # model names are the client's to choose
                 self._tags.clear()
             lines = self._tags[model] = (
                 f"x-tgw-provider: {header_safe(self.provider.name)}\r\nx-tgw-model: {header_safe(model[:200])}\r\n"
+                "x-tgw-attempts: 1\r\n"
             )
-        return lines
+        return lines if attempts == 1 else f"{lines[:-3]}{attempts}\r\n"
 
     def describe(self, now: float) -> dict:
         """This account in /health (and `tgw status`)."""
@@ -7084,7 +7089,7 @@ class Pools:
         self.settings.cooldown = cfg.breaker_cooldown
         self.settings.cooldown_max = cfg.breaker_cooldown_max
         self.router = router
-        old = {(a.name, a.provider.base_url, a.provider.api_key): a for a in self.accounts.values()}
+        old = {(a.provider.name, a.provider.base_url, a.provider.api_key): a for a in self.accounts.values()}
         self.accounts = {}
         self.of_provider: dict[str, tuple] = {}
         for provider in providers.values():
@@ -7095,10 +7100,11 @@ class Pools:
             for number, key in enumerate(keys, 1):
                 name = provider.name if len(keys) == 1 else f"{provider.name}#{number}"
                 one = provider if len(keys) == 1 else replace(provider, api_key=key, keys=(key,), _urls={}, _auth=None)
-                account = old.get((name, provider.base_url, key))
+                account = old.get((provider.name, provider.base_url, key))
                 if account is None:
                     account = Account(name, one, self.settings)
-                account.provider, account.weight = one, provider.weight
+                account.name, account.provider, account.weight = name, one, provider.weight
+                account._tags.clear()
                 self.accounts[name] = account
                 members.append(account)
             self.of_provider[provider.name] = tuple(members)
@@ -7575,6 +7581,16 @@ class Gateway:
         self.metrics = self.telemetry.metrics  # the registry: metrics.counter(name, help, labels).inc(values), ...
         self.telemetry.breakers.callback = self.pools.breaker_states
 
+    def rebuild_pools(self) -> None:
+        """After self.cfg, self.providers and self.router were made anew (live reload): the upstream
+        accounts, chains and breaker settings follow (an account whose provider, URL and key stay
+        keeps its breaker and counters), and so do the idle-connection caps and the watchdog's tick."""
+        cfg = self.cfg
+        self.pools.rebuild(cfg, self.providers, self.router)
+        self.pool.max_idle_per_origin, self.pool.max_idle = cfg.upstream_max_idle_per_origin, cfg.upstream_max_idle
+        self.pool.idle_expiry = cfg.upstream_idle_expiry
+        self.pool.watchdog.tick = watchdog_tick(self.providers.values())
+
     def close(self) -> None:
         self.catalog.close()
         self.pool.close()
@@ -7797,10 +7813,13 @@ class Gateway:
             while True:
                 resp, account, trial = await self.send_upstream(call, walk, request, out)
                 try:
-                    if call.lane == "passthrough":
-                        await self.relay_passthrough(call, resp, heartbeat, out.hide_usage)
-                        return None
-                    return await self.relay_translated(call, resp, account.provider, out)
+                    if call.lane != "passthrough":
+                        return await self.relay_translated(call, resp, account.provider, out)
+                    if resp.event_stream:
+                        await self.relay_passthrough_stream(call, resp, heartbeat, out.hide_usage)
+                    else:
+                        self.relay_passthrough(call, resp, await resp.read())
+                    return None
                 except Unanswered as unanswered:  # the stream opened with an error: the client saw none of it
                     call.unconfirmed = None
                     walk.answered(account, call.model_upstream, unanswered.error, trial)
@@ -7908,7 +7927,7 @@ class Gateway:
     async def relay_translated(self, call: Call, resp: UpstreamResponse, provider: Provider, out: Outbound):
         """An upstream's answer in another protocol, converted for the client."""
         codec = self.codecs[provider.protocol]
-        if "text/event-stream" in resp.headers.get("content-type", ""):
+        if resp.event_stream:
             await self.relay_translated_stream(call, resp, codec, out.req, out.encoder)
             return getattr(out.encoder, "response", None)
         result = codec.decode_response(json_or_502(await resp.read(), provider.name))
@@ -7975,12 +7994,10 @@ class Gateway:
             call.unconfirmed.succeeded()
             call.unconfirmed = None
 
-    async def relay_passthrough(self, call: Call, resp: UpstreamResponse, heartbeat, hide_usage: bool) -> None:
-        """Same protocol on both sides: the answer's bytes go to the client as they are, usage observed."""
-        if "text/event-stream" in resp.headers.get("content-type", ""):
-            await self.relay_passthrough_stream(call, resp, heartbeat, hide_usage)
-            return
-        data = await resp.read()
+    @staticmethod
+    def relay_passthrough(call: Call, resp: UpstreamResponse, data: bytes) -> None:
+        """Same protocol on both sides, a whole answer: its bytes go to the client as they are,
+        usage observed (streams: relay_passthrough_stream)."""
         call.usage = call.codec.usage_of(data)
         if call.exchange.started:  # a keep-alive already opened a stream: finish it with the body
             call.exchange.write(data)
@@ -8070,7 +8087,7 @@ class Gateway:
             end_by = walk.end_by = walk.end_by or call.started + timeouts.total  # the first account's bounds all
             call.attempts += 1
             call.provider, call.model_upstream, call.account, call.lane = provider.name, model, account.name, lane
-            call.exchange.tags = f"{account.tags(model)}x-tgw-attempts: {call.attempts}\r\n"
+            call.exchange.tags = account.tags(model, call.attempts)
             pools.attempts += 1
             self.telemetry.upstream_attempt(provider.name, again)
             if again:
@@ -8098,7 +8115,7 @@ class Gateway:
                 account.end(trial)
                 raise
             if resp.status < 400:
-                if "text/event-stream" in resp.headers.get("content-type", ""):
+                if resp.event_stream:
                     call.unconfirmed = account  # a success once the stream shows content (it may open with an error)
                 else:
                     account.succeeded()
