@@ -9300,7 +9300,7 @@ def test_fault_mix_every_request_answered_with_exactly_one_ledger_row(start_gate
     )
     assert all(r["echoed"] for r in results)
     assert sum(summary["upstream_faults"].values()) > summary["upstream_attempts"] / 4  # the faults did happen
-    assert summary["status_200"] > 0.9 * summary["requests"], summary  # and were failed over
+    assert summary["succeeded"] > 0.8 * summary["requests"], summary  # and were failed over
     m = parse_prometheus(get(gw, "/metrics")[2].decode())
     assert sum(m["tgw_upstream_failovers_total"].values()) > 0
     counted, drops = sum(m["tgw_upstream_attempts_total"].values()), summary["upstream_faults"]["drop"]
@@ -9483,3 +9483,21 @@ def test_rebuilding_the_pools_from_a_new_config_keeps_the_accounts_that_stay(sta
     assert state["openai#2"]["state"] == "closed"
     status, headers, _ = post(gw, "/v1/chat/completions", CHAT)
     assert status == 200 and headers["x-tgw-attempts"] == "1" and sent_keys(up)[-1] == R_GOOD
+
+
+def test_a_fallback_model_may_go_to_the_account_that_just_failed_another_model(start_gateway, upstream):
+    def script(h, body):
+        if body["model"] == "gpt-4.1":
+            reply_json(h, {"error": {"message": "gpt-4.1 is overloaded"}}, status=503)
+        else:
+            reply_json(h, chat_completion(f"from {body['model']}"))
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up), model_fallbacks="gpt-4.1=>gpt-4o-mini", upstream_retries=0)
+    status, headers, body = post(gw, "/v1/chat/completions", {**CHAT, "model": "gpt-4.1"})
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "from gpt-4o-mini"
+    assert (headers["x-tgw-model"], headers["x-tgw-attempts"]) == ("gpt-4o-mini", "2")
+    assert [r["body"]["model"] for r in up.requests] == ["gpt-4.1", "gpt-4o-mini"]
+    row = gw.rows()[-1]
+    assert (row["model_requested"], row["model_upstream"], row["account"], row["attempts"]) == (
+        "gpt-4.1", "gpt-4o-mini", "openai", 2)  # fmt: skip

@@ -1501,7 +1501,7 @@ class UpstreamPool:
     async def _exchange(self, origin, reader, writer, payload, method, timeouts, end_by) -> UpstreamResponse:
         self.watchdog.start()
         first_byte_by = time.monotonic() + timeouts.first_byte
-        waiting = _HeadWait(writer, min(first_byte_by, end_by))
+        waiting = _HeadWait(writer, first_byte_by if first_byte_by < end_by else end_by)  # (min() costs more)
         timed_out = waiting.fired
         self.watchdog.entries.add(waiting)
         try:
@@ -6968,14 +6968,15 @@ class Pool:
     accounts: tuple
 
     def pick(self, now: float, tried: list) -> Account | None:
+        """The account to ask next for this model, of those not `tried` ((account, model) pairs)."""
         accounts = self.accounts
         if len(accounts) == 1:  # the usual pool: no arithmetic
             account = accounts[0]
-            return account if account.ready(now) and account not in tried else None
+            return account if account.ready(now) and not (tried and (account, self.model) in tried) else None
         best = None
         total = 0.0
         for account in accounts:
-            if account in tried or not account.ready(now):
+            if (tried and (account, self.model) in tried) or not account.ready(now):
                 continue
             account.credit += account.weight
             total += account.weight
@@ -6997,7 +6998,7 @@ class Walk:
 
     def __init__(self, chain: tuple, retries: int):
         self.chain = chain
-        self.tried: list = []
+        self.tried: list = []  # (account, model): a fallback model may go to an account tried already
         self.again: list = []  # [account, model, not before (monotonic)] that may be asked again
         self.retries = retries
         self.asked = 0  # accounts asked again so far (the backoff doubles each time)
@@ -7012,7 +7013,7 @@ class Walk:
         for pool in self.chain:
             account = pool.pick(now, self.tried)
             if account is not None:
-                self.tried.append(account)
+                self.tried.append((account, pool.model))
                 return account, pool.model, False
         self.wait = 0.0
         if self.retries <= 0 or not self.again:
@@ -7497,6 +7498,7 @@ class Outbound:
     event_filter: object = None
     hide_usage: bool = False  # usage was asked for the ledger: keep it from the client
     client_model: str | None = None  # the model the client's body names
+    through: object = None  # the route's provider when it takes the body as it is (decided once)
 
 
 class Heartbeat:
@@ -7835,6 +7837,7 @@ class Gateway:
         provider = route.provider
         if self.passes_through(out, provider):
             call.lane = "passthrough"
+            out.through = provider
         elif out.decode is None:
             raise bad_request(
                 f"model {call.model_requested!r} is served by {provider.name!r}, which cannot answer this"
@@ -7878,7 +7881,7 @@ class Gateway:
         """What one attempt sends `provider` for `model`: (url, body, upstream codec, lane). A
         provider of another protocol gets the request by translation; GatewayError when that
         is not allowed or not possible (the attempt loop then skips the provider)."""
-        if self.passes_through(out, provider):
+        if provider is out.through or self.passes_through(out, provider):
             body = request.body
             if out.hide_usage or (out.client_model is not None and out.client_model != model):
                 out.body["model"] = model  # Gemini names it in the URL instead
@@ -8099,7 +8102,10 @@ class Gateway:
             trial = account.begin(now)
             try:
                 headers = self.upstream_headers(provider, request)
-                resp = await self.pool.request("POST", url, headers, body, timeouts, min(end_by, now + timeouts.total))
+                until = now + timeouts.total  # this account's own total, within the request's
+                resp = await self.pool.request(
+                    "POST", url, headers, body, timeouts, until if until < end_by else end_by
+                )
             except UpstreamUnreached as err:
                 account.end(trial)
                 now = time.monotonic()

@@ -143,17 +143,19 @@ REQUESTS = (  # (path, body): half OpenAI, half Anthropic clients, half of each 
 )  # fmt: skip
 
 
-def complete(payload: bytes, stream: bool, status: int) -> bool:
-    """A whole answer: a JSON body, or a stream whose last event ends it ([DONE], message_stop)
-    or says it failed (an error event)."""
+def outcome(payload: bytes, stream: bool, status: int) -> str:
+    """How an answer ended: "ok" (a JSON body, or a stream ending in [DONE] / message_stop),
+    "error" (an error body, or a stream whose last event is an error), or "broken"."""
     if not stream or status != 200:
         try:
             json.loads(payload)
-            return True
         except ValueError:
-            return False
+            return "broken"
+        return "ok" if status == 200 else "error"
     events = [e for e in payload.decode("utf-8", "replace").replace("\r\n", "\n").split("\n\n") if e.strip()]
-    return bool(events) and any(end in events[-1] for end in ("[DONE]", "message_stop", '"error"'))
+    if events and any(end in events[-1] for end in ("[DONE]", "message_stop")):
+        return "ok"
+    return "error" if events and '"error"' in events[-1] else "broken"
 
 
 def client(base: str, number: int, until: float, results: list, seed: int) -> None:
@@ -165,7 +167,7 @@ def client(base: str, number: int, until: float, results: list, seed: int) -> No
         path, body = rng.choice(REQUESTS)
         request_id = f"fault-mix-{seed}-{number}-{sent}"
         started = time.monotonic()
-        result = {"id": request_id, "status": 0, "complete": False, "error": ""}
+        result = {"id": request_id, "status": 0, "outcome": "unanswered", "error": ""}
         try:
             conn = http.client.HTTPConnection(host, int(port), timeout=60)
             conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json", "X-Request-Id": request_id,
@@ -173,7 +175,7 @@ def client(base: str, number: int, until: float, results: list, seed: int) -> No
             resp = conn.getresponse()
             payload = resp.read()
             conn.close()
-            result.update(status=resp.status, complete=complete(payload, body.get("stream", False), resp.status),
+            result.update(status=resp.status, outcome=outcome(payload, body.get("stream", False), resp.status),
                           echoed=resp.getheader("x-request-id") == request_id)  # fmt: skip
         except (OSError, http.client.HTTPException) as exc:
             result["error"] = f"{type(exc).__name__}: {exc}"
@@ -214,12 +216,14 @@ def report(results: list[dict], rows: Counter, upstream: FaultyUpstream | None) 
     ids = {r["id"] for r in results}
     statuses = Counter(r["status"] for r in results)
     latencies = sorted(r["seconds"] for r in results)
+    outcomes = Counter(r["outcome"] for r in results)
     summary = {
         "requests": len(results),
-        "answered": sum(1 for r in results if r["status"] and r["complete"]),
-        "unanswered": [r for r in results if not (r["status"] and r["complete"])][:5],
-        "status_200": statuses.get(200, 0),
+        "answered": outcomes["ok"] + outcomes["error"],
+        "unanswered": [r for r in results if r["outcome"] not in ("ok", "error")][:5],
+        "succeeded": outcomes["ok"],
         "statuses": dict(sorted(statuses.items())),
+        "streams_ended_by_an_error_event": sum(1 for r in results if r["status"] == 200 and r["outcome"] == "error"),
         "ledger_rows": sum(rows[i] for i in ids),
         "missing_rows": sorted(i for i in ids if rows[i] == 0)[:5],
         "duplicate_rows": sorted(i for i in ids if rows[i] > 1)[:5],
