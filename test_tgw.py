@@ -9012,7 +9012,7 @@ def test_claude_code_streams_fail_over_from_a_529ing_anthropic_to_openai_as_anth
     assert rows[0]["model_requested"] == "claude-sonnet-4-5" and rows[0]["completion_tokens"] == 3
 
 
-def test_fallback_chain_in_order_and_the_last_upstreams_words_when_all_fail(start_gateway, upstream):
+def test_fallback_chain_in_order_and_the_last_upstreams_words_when_all_fail(start_gateway, upstream, tmp_path, capsys):
     gemini_ok = threading.Event()
 
     def gemini_script(h, body):
@@ -9043,6 +9043,11 @@ def test_fallback_chain_in_order_and_the_last_upstreams_words_when_all_fail(star
     rows = gw.rows(2)
     assert [(r["status"], r["attempts"], r["provider"]) for r in rows] == [(500, 3, "gemini"), (200, 3, "gemini")]
     assert rows[0]["error"] == "gemini is down too"
+    ini = tmp_path / "cli.ini"
+    ini.write_text(f"ledger_path = {gw.gateway.ledger.path}\n")
+    capsys.readouterr()
+    assert tgw.main(["logs", "--config", str(ini), "-n", "2"]) == 0
+    assert capsys.readouterr().out.count("claude-sonnet-4-5 (3 attempts, gemini: gemini-2.5-pro)") == 2
 
 
 def test_no_failover_once_the_first_byte_reached_the_client(start_gateway, upstream):

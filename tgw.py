@@ -9522,8 +9522,10 @@ def cmd_logs(args) -> int:
             continue
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["ts"]))
         tokens = f"{row['prompt_tokens'] or 0}+{row['completion_tokens'] or 0} tok"
+        failover = f"({row['attempts']} attempts, {row['account']}: {row['model_upstream']}) " if (
+            row.get("attempts") or 0) > 1 else ""  # fmt: skip
         print(f"{when} {row['status']} {row['client_protocol']}->{row['provider'] or '-'} {row['lane'] or '-'} "
-              f"{row['model_requested'] or '-'} {'stream ' if row['stream'] else ''}{tokens} "
+              f"{row['model_requested'] or '-'} {failover}{'stream ' if row['stream'] else ''}{tokens} "
               f"${row['cost_usd'] or 0:.5f} {row['latency_ms'] or 0:.0f}ms {row['error'] or ''}".rstrip())  # fmt: skip
     return 0
 
