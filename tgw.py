@@ -590,6 +590,8 @@ def validate_config(values: dict) -> None:
     for key in ("breaker_failures", "upstream_max_idle_per_origin", "upstream_max_idle"):
         if values[key] <= 0:
             raise ConfigError(f"invalid value {values[key]!r} for {key}: expected a positive number")
+    if not 0 <= values["upstream_retries"] <= 100:
+        raise ConfigError(f"invalid value {values['upstream_retries']!r} for upstream_retries: expected 0 to 100")
     for key in ("upstream_connect_timeout", "upstream_first_byte_timeout", "upstream_read_timeout",
                 "upstream_total_timeout", "breaker_cooldown", "breaker_cooldown_max", "upstream_idle_expiry"):  # fmt: skip
         if not values[key] > 0:
@@ -6970,9 +6972,11 @@ class Pool:
     def pick(self, now: float, tried: list) -> Account | None:
         """The account to ask next for this model, of those not `tried` ((account, model) pairs)."""
         accounts = self.accounts
-        if len(accounts) == 1:  # the usual pool: no arithmetic
+        if len(accounts) == 1:  # the usual pool: no arithmetic, and a closed breaker asks nothing more
             account = accounts[0]
-            return account if account.ready(now) and not (tried and (account, self.model) in tried) else None
+            if (account.until and not account.ready(now)) or (tried and (account, self.model) in tried):
+                return None
+            return account
         best = None
         total = 0.0
         for account in accounts:
@@ -7811,7 +7815,7 @@ class Gateway:
             Heartbeat(call, self.cfg.stream_keepalive, getattr(out.encoder, "keepalive", None)) if call.stream else None
         )
         try:
-            walk = Walk(self.pools.chain(route, out.fallbacks), max(self.cfg.upstream_retries, 0))
+            walk = Walk(self.pools.chain(route, out.fallbacks), self.cfg.upstream_retries)
             while True:
                 resp, account, trial = await self.send_upstream(call, walk, request, out)
                 try:
@@ -8123,7 +8127,7 @@ class Gateway:
             if resp.status < 400:
                 if resp.event_stream:
                     call.unconfirmed = account  # a success once the stream shows content (it may open with an error)
-                else:
+                elif account.failures or account.until:  # (a healthy account has nothing to reset)
                     account.succeeded()
                 return resp, account, trial
             try:
@@ -8196,7 +8200,7 @@ class Gateway:
         if route.provider.protocol == "loopback":
             return self.loopback.complete(req)
         out = Outbound(None, "chat", SPEAKS["none"], lambda: (req, None, None))
-        walk = Walk(self.pools.chain(route), max(self.cfg.upstream_retries, 0))
+        walk = Walk(self.pools.chain(route), self.cfg.upstream_retries)
         resp, account, trial = await self.send_upstream(call, walk, request, out)
         try:
             codec = self.codecs[account.provider.protocol]
