@@ -9506,3 +9506,18 @@ def test_a_fallback_model_may_go_to_the_account_that_just_failed_another_model(s
     row = gw.rows()[-1]
     assert (row["model_requested"], row["model_upstream"], row["account"], row["attempts"]) == (
         "gpt-4.1", "gpt-4o-mini", "openai", 2)  # fmt: skip
+
+
+def test_a_stream_that_only_ever_opens_is_relayed_not_held_forever(start_gateway, upstream):
+    opening = {"type": "message_start", "message": {"id": "msg_up", "type": "message", "role": "assistant",
+                                                    "model": "claude-sonnet-4-5", "content": [],
+                                                    "usage": {"input_tokens": 5, "output_tokens": 0}}}  # fmt: skip
+    pings = [{"type": "ping", "pad": "x" * 1000}] * 400  # 400 KB of opening, then an overload error
+    up = upstream(lambda h, b: reply_anthropic_sse(h, [opening, *pings, R_OVERLOADED]))
+    gw = start_gateway(env=anthropic_env(up), upstream_retries=0)
+    status, _, payload = post(gw, "/v1/messages", {**L_CLAUDE, "stream": True}, {"anthropic-version": "2023-06-01"})
+    received = lane_sse(
+        payload
+    )  # past HOLD_LIMIT the opening went out: too late to fail over, so the error is in-stream
+    assert status == 200 and received[0] == ("message_start", opening) and received[-1] == ("error", R_OVERLOADED)
+    assert len(received) == 402 and gw.rows()[-1]["status"] == 529

@@ -6839,6 +6839,7 @@ ASK_AGAIN_STATUSES = FAILOVER_STATUSES - {401, 403}  # answers after which the s
 # errors a stream may open with, before any content, that still fail over (overloaded, rate limited, api
 # error): the upstream said no. A broken or garbled stream is no such answer.
 STREAM_FAILOVER_STATUSES = frozenset((429, 500, 503, 529))
+HOLD_LIMIT = 256 * 1024  # bytes of a passthrough stream's opening held back, at most
 MAX_RETRY_WAIT = 30.0  # longest a request waits for a backoff or a Retry-After before giving up
 
 
@@ -7952,8 +7953,8 @@ class Gateway:
         def emit(events, opening: bool = True) -> bool:
             """Encode events for the client; False once an error has ended the stream."""
             for ev in events:
-                if held is not None and opening and self.still_opening(ev):
-                    held.append(ev)
+                if held is not None and opening and len(held) < 64 and self.still_opening(ev):
+                    held.append(ev)  # (bounded: an upstream that only ever opens gets no more chances)
                     continue
                 release()
                 self.observe(call, ev)
@@ -8027,10 +8028,13 @@ class Gateway:
                             held = self.release_opening(call, held)
                         self.observe(call, ev)
                 data = b"".join(sse.raw for sse in events if not is_usage_only_chunk(sse)) if hide_usage else chunk
-                if held is not None:
+                if held is None:
+                    ex.write(data)
+                else:
                     held.append(data)
-                    continue
-                ex.write(data)
+                    if len(held) < 256 and sum(map(len, held)) < HOLD_LIMIT:
+                        continue
+                    held = self.release_opening(call, held)  # an opening that never ends is sent as it is
                 if heartbeat is not None and not hide_usage:
                     heartbeat.mid_event = bool(parser.buffer)
                 await ex.drain()
