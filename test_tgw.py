@@ -10657,15 +10657,7 @@ def test_deep_upstream_answers_are_502s(start_gateway, upstream):
         json.dumps(o_tool_answer("n", "{}")).replace('"{}"', f'{{"a": {deep_array(950)}}}').encode(),
     ] * 4)  # fmt: skip
 
-    def script(h, body):
-        data = next(answers)
-        h.send_response(200)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
-
-    up = upstream(script)
+    up = upstream(lambda h, b: send_answer(h, next(answers)))
     gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")})
     status, _, payload = post(gw, H_MESSAGES, L_CLAUDE)
     assert status == 502 and "nested too deeply" in error_message(H_MESSAGES, status, payload)
@@ -11025,16 +11017,7 @@ def test_a_partial_head_gets_its_408_after_header_timeout_even_on_a_kept_alive_c
 def test_passthrough_success_that_is_not_json_is_a_502(start_gateway, upstream):
     bodies = [b"<html>gateway error</html>", b"OK", b"", b'{"choices": [', b"   "]
     answers = iter(body for body in bodies for _ in range(2))
-
-    def script(h, b):
-        body = next(answers)
-        h.send_response(200)
-        h.send_header("Content-Type", "text/html")
-        h.send_header("Content-Length", str(len(body)))
-        h.end_headers()
-        h.wfile.write(body)
-
-    up = upstream(script)
+    up = upstream(lambda h, b: send_answer(h, next(answers)))  # 200, application/json, and not JSON
     gw = start_gateway(env={**openai_env(up), **anthropic_env(up)})
     for _ in bodies:
         status, _, payload = post(gw, H_CHAT, CHAT)
