@@ -190,7 +190,10 @@ def glob_match(pattern: str, name: str) -> bool:
 
 def estimate_tokens(obj) -> int:
     """The one token estimator: about four characters a token over every string sent,
-    a fixed cost for images, and a small overhead per message and tool."""
+    a fixed cost for images, and a small overhead per message and tool. Given a raw body
+    (bytes), four bytes a token over all of it, at no cost (what budgets reserve per call)."""
+    if type(obj) is bytes:
+        return max(1, math.ceil(len(obj) / 4))
     total = 0
     stack = [obj]
     while stack:
@@ -1835,7 +1838,7 @@ OPENAI_ERROR_TYPES = {
     "permission_error": "permission_error", "not_found_error": "not_found_error",
     "request_too_large": "invalid_request_error", "rate_limit_error": "rate_limit_error",
     "api_error": "server_error", "overloaded_error": "server_error", "timeout_error": "timeout_error",
-    "client_closed": "invalid_request_error",
+    "client_closed": "invalid_request_error", "billing_error": "insufficient_quota",
 }  # fmt: skip
 
 
@@ -3305,7 +3308,8 @@ RESPONSES_INCOMPLETE_REASONS = {"max_tokens": "max_output_tokens", "content_filt
 RESPONSES_INCOMPLETE_IN = {"max_output_tokens": "max_tokens", "content_filter": "content_filter"}
 # GatewayError kinds -> the error codes Codex acts on (retry after a delay, give up, overloaded).
 RESPONSES_ERROR_CODES = {"rate_limit_error": "rate_limit_exceeded", "overloaded_error": "server_is_overloaded",
-                         "invalid_request_error": "invalid_prompt", "request_too_large": "invalid_prompt"}  # fmt: skip
+                         "invalid_request_error": "invalid_prompt", "request_too_large": "invalid_prompt",
+                         "billing_error": "insufficient_quota"}  # fmt: skip
 RESPONSES_ERROR_STATUS = {"rate_limit_exceeded": 429, "insufficient_quota": 429, "server_is_overloaded": 503,
                           "slow_down": 503, "invalid_prompt": 400, "context_length_exceeded": 400}  # fmt: skip
 _CONTEXT_OVERFLOW = re.compile(
@@ -4527,7 +4531,7 @@ GEMINI_DUMMY_SIGNATURE = "skip_thought_signature_validator"  # documented by Goo
 GEMINI_MAX_THINKING_BUDGET = 24576  # the largest budget every 2.5/3 model accepts
 GEMINI_EFFORT_BUDGETS = {"minimal": 512, "low": 1024, "medium": 8192, "high": 24576, "xhigh": 24576}
 GEMINI_STATUS = {
-    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 402: "FAILED_PRECONDITION", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
     408: "DEADLINE_EXCEEDED", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
     499: "CANCELLED", 500: "INTERNAL", 502: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
     529: "UNAVAILABLE",
@@ -5956,7 +5960,6 @@ LEDGER_MIGRATIONS = [
     ALTER TABLE requests ADD COLUMN key_id INTEGER;
     ALTER TABLE requests ADD COLUMN user_id INTEGER;
     CREATE INDEX requests_key ON requests(key_id, ts) WHERE key_id IS NOT NULL;
-    CREATE INDEX requests_user ON requests(user_id, ts) WHERE user_id IS NOT NULL;
     ALTER TABLE responses ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     PRAGMA user_version = 3;
     COMMIT;""",
@@ -6216,7 +6219,9 @@ def query_usage(db: sqlite3.Connection, group: str, since: float) -> list[tuple]
 def query_logs(db: sqlite3.Connection, limit: int, user_ids: list | None = None) -> list[dict]:
     """The latest rows, optionally only those of some users (section 9's ids)."""
     db.row_factory = sqlite3.Row
-    where = f"WHERE user_id IN ({', '.join('?' * len(user_ids))})" if user_ids is not None else ""
+    where = ""
+    if user_ids is not None:  # through the index on key_id (a user's rows are its keys' rows)
+        where = f"WHERE key_id IN (SELECT id FROM api_keys WHERE user_id IN ({', '.join('?' * len(user_ids))}))"
     rows = db.execute(f"SELECT * FROM requests {where} ORDER BY id DESC LIMIT ?", (*(user_ids or ()), limit)).fetchall()
     return [dict(r) for r in rows]
 
@@ -6291,10 +6296,15 @@ def duration_text(seconds: float) -> str:
     """A wait as OpenAI's x-ratelimit-reset-* headers write it: 250ms, 1.5s, 6m0s."""
     if seconds < 1:
         return f"{max(int(seconds * 1000), 0)}ms"
-    if seconds < 60:
-        return f"{math.ceil(seconds * 10) / 10:g}s"
+    tenths = math.ceil(seconds * 10) / 10
+    if tenths < 60:
+        return f"{tenths:g}s"
     minutes, rest = divmod(math.ceil(seconds), 60)
     return f"{minutes}m{rest}s"
+
+
+def money(usd: float) -> str:
+    return f"${usd:.2f}" if usd >= 10 else f"${usd:.4f}"
 
 
 def new_key_secret() -> tuple[str, str, str]:
@@ -6588,10 +6598,11 @@ class IdentityStore:
 
     def spent(self, holder: str, holder_id: int, since: float) -> tuple[float, int]:
         """USD and tokens a key or user spent since `since`, from the ledger rows."""
-        column = "key_id" if holder == "key" else "user_id"
+        # by key, through the one index the writer keeps up (a user's rows are its keys' rows)
+        keys = "= ?" if holder == "key" else "IN (SELECT id FROM api_keys WHERE user_id = ?)"
         row = self.db_row(
             f"SELECT COALESCE(SUM(cost_usd), 0), COALESCE(SUM(prompt_tokens), 0) + COALESCE(SUM(completion_tokens), 0) "
-            f"FROM requests WHERE {column} = ? AND ts >= ?",
+            f"FROM requests WHERE key_id {keys} AND ts >= ?",
             (holder_id, since),
         )
         return float(row[0]), int(row[1])
@@ -6639,18 +6650,25 @@ class Budget:
         self.spent_usd, self.spent_tokens = spent
         self.reserved_usd, self.reserved_tokens, self.in_flight = 0.0, 0, 0
 
-    def refusal(self, now: float) -> GatewayError | None:
-        """None while the budget has room, else the error that says which budget, spent/limit and the reset."""
+    def has_room(self, now: float) -> bool:
+        """Whether what was spent plus what calls in flight reserved is under every limit."""
         if now >= self.end:  # a new period starts from nothing
             self.start, self.end = period_bounds(self.period, now)
             self.spent_usd, self.spent_tokens = 0.0, 0
             self.reserved_usd, self.reserved_tokens, self.in_flight = 0.0, 0, 0
-        if self.usd is not None and self.spent_usd + self.reserved_usd >= self.usd:
-            used = f"spent ${self.spent_usd:.4f} (+${self.reserved_usd:.4f} reserved by calls in flight) of its ${self.usd:.2f}"
-        elif self.tokens is not None and self.spent_tokens + self.reserved_tokens >= self.tokens:
-            used = f"used {self.spent_tokens} tokens (+{self.reserved_tokens} reserved by calls in flight) of its {self.tokens}-token"
-        else:
+        usd, tokens = self.usd, self.tokens
+        return (usd is None or self.spent_usd + self.reserved_usd < usd) and (
+            tokens is None or self.spent_tokens + self.reserved_tokens < tokens
+        )
+
+    def refusal(self, now: float) -> GatewayError | None:
+        """None while the budget has room, else the error that says which budget, spent/limit and the reset."""
+        if self.has_room(now):
             return None
+        if self.usd is not None and self.spent_usd + self.reserved_usd >= self.usd:
+            used = f"spent {money(self.spent_usd)} (+{money(self.reserved_usd)} reserved by calls in flight) of its {money(self.usd)}"
+        else:
+            used = f"used {self.spent_tokens} tokens (+{self.reserved_tokens} reserved by calls in flight) of its {self.tokens}-token"
         resets = (
             f"it resets at {iso_time(self.end)}"
             if math.isfinite(self.end)
@@ -6662,11 +6680,6 @@ class Budget:
                            "billing_error")  # fmt: skip
         err.headers = (("x-should-retry", "false"),)
         return err
-
-    def hold(self, usd: float, tokens: int) -> None:
-        self.reserved_usd += usd
-        self.reserved_tokens += tokens
-        self.in_flight += 1
 
     def release(self, start: float, usd: float, tokens: int, cost: float, used: int) -> None:
         """A call ends: its reservation goes, its real cost counts (unless its period has ended since:
@@ -6699,34 +6712,44 @@ class RateLimit:
         self.requests, self.tokens = float(rpm), float(tpm)
         self.at = now
 
-    def _refill(self, now: float) -> None:
+    def refill(self, now: float) -> None:
         elapsed = now - self.at
         if elapsed > 0:
             self.at = now
-            if self.rpm:
-                self.requests = min(self.rpm, self.requests + elapsed * self.rpm / 60)
-            if self.tpm:
-                self.tokens = min(self.tpm, self.tokens + elapsed * self.tpm / 60)
+            rpm, tpm = self.rpm, self.tpm
+            if rpm:
+                left = self.requests + elapsed * rpm / 60
+                self.requests = left if left < rpm else rpm
+            if tpm:
+                left = self.tokens + elapsed * tpm / 60
+                self.tokens = left if left < tpm else tpm
 
     def take(self, now: float, tokens: int, label: str) -> None:
         """Take one request and `tokens`, or raise the 429 (with Retry-After and x-ratelimit-*)."""
-        self._refill(now)
+        self.refill(now)
+        if (self.rpm and self.requests < 1) or (self.tpm and self.tokens <= 0):
+            self.refuse(label)
+        if self.rpm:
+            self.requests -= 1
+        if self.tpm:
+            self.tokens -= tokens
+
+    def refuse(self, label: str) -> None:
+        """The 429 for the allowance that runs out last, with Retry-After and the x-ratelimit-* headers."""
         wait, what = 0.0, ""
         if self.rpm and self.requests < 1:
             wait, what = (1 - self.requests) * 60 / self.rpm, f"{self.rpm} requests"
         if self.tpm and self.tokens <= 0 and (1 - self.tokens) * 60 / self.tpm > wait:
             wait, what = (1 - self.tokens) * 60 / self.tpm, f"{self.tpm} tokens"
-        if what:
-            err = GatewayError(429, f"rate limit reached: API key {label} may send {what} per minute; "
-                               f"try again in {duration_text(wait)}", "rate_limit_error", retry_after=math.ceil(wait))  # fmt: skip
-            err.headers = tuple(self.headers())
-            raise err
-        self.requests -= 1
-        self.tokens -= tokens
+        err = GatewayError(429, f"rate limit reached: API key {label} may send {what} per minute; "
+                           f"try again in {duration_text(wait)}", "rate_limit_error", retry_after=math.ceil(wait))  # fmt: skip
+        err.headers = tuple(self.headers())
+        raise err
 
     def refund(self, tokens: int) -> None:
         if self.tpm:
-            self.tokens = min(self.tpm, self.tokens + tokens)
+            left = self.tokens + tokens
+            self.tokens = left if left < self.tpm else self.tpm
 
     def headers(self) -> list[tuple[str, str]]:
         """OpenAI's x-ratelimit-* headers: limit, remaining and time to a full allowance."""
@@ -6743,7 +6766,7 @@ class Principal:
     `api_keys` key. Built by Identity.apply; read per request."""
 
     __slots__ = ("digest", "key_id", "user_id", "label", "email", "name", "role", "models", "refusal", "expires_at",
-                 "budgets", "limit", "owner", "guarded", "last_used", "written_used")  # fmt: skip
+                 "budgets", "limit", "owner", "guarded", "estimates", "priced", "last_used", "written_used")  # fmt: skip
 
     def __init__(self, digest: str, label: str, owner: str):
         self.digest, self.label, self.owner = digest, label, owner
@@ -6752,21 +6775,20 @@ class Principal:
         self.models: tuple = ()
         self.budgets: tuple = ()
         self.guarded = False  # an allow-list, a budget or a rate limit to check per call
+        self.estimates = False  # a budget or a token rate: each call's tokens are estimated
+        self.priced = False  # a USD budget: each call's cost is estimated
         self.last_used = self.written_used = 0.0
 
     def seal(self) -> Principal:
         self.guarded = bool(self.models or self.budgets or self.limit)
+        self.estimates = bool(self.budgets or (self.limit and self.limit.tpm))
+        self.priced = any(b.usd is not None for b in self.budgets)
         return self
 
 
-@dataclass(slots=True)
-class Reservation:
-    """What one admitted call holds until it ends: its share of each budget and of the token rate."""
-
-    holds: tuple  # (Budget, the period start it reserved in)
-    usd: float
-    tokens: int
-    limit: RateLimit | None
+# What one admitted call holds until it ends (a tuple: made per call): (budget, the period start it
+# reserved in) pairs, the USD and tokens it reserved, and its rate limit.
+Reservation = tuple
 
 
 def requested_output_tokens(body: dict) -> int | None:
@@ -6774,7 +6796,7 @@ def requested_output_tokens(body: dict) -> int | None:
     for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(name)
         if type(value) is int:
-            return min(max(value, 0), 10_000_000)
+            return value if 0 <= value <= 10_000_000 else min(max(value, 0), 10_000_000)
     config = body.get("generationConfig", body.get("generation_config"))
     if isinstance(config, dict):
         value = config.get("maxOutputTokens", config.get("max_output_tokens"))
@@ -6807,6 +6829,7 @@ class Identity:
         self.version = -1
         self.has_keys = False
         self.required = False
+        self.usd_rates: dict[str, tuple] = {}  # model -> USD per input and per output token
         self.store = IdentityStore(open_ledger_db(ledger.path))
         self.apply(self.load())
         self.seen_version = self.version
@@ -6832,7 +6855,6 @@ class Identity:
         version = self.store.version()
         if only_if_changed and version == self.seen_version:
             return None
-        self.seen_version = version
         users, keys = self.store.snapshot()
         now = time.time()
         spends = {}
@@ -6841,6 +6863,7 @@ class Identity:
                 ident = (holder, row["id"], row["budget_period"])
                 if budget_payload(row) is not None and ident not in self.budgets:
                     spends[ident] = self.store.spent(holder, row["id"], period_bounds(row["budget_period"], now)[0])
+        self.seen_version = version
         return version, users, keys, spends
 
     def apply(self, loaded: tuple) -> None:
@@ -6954,37 +6977,57 @@ class Identity:
     def admit(self, call, route: Route, body: dict | None) -> Reservation | None:
         """Before a model call: its allow-list, budgets and rate limit, then its reservation."""
         principal = call.principal
-        self.check_model(principal, call.model_requested, route.model)
+        if principal.models:
+            self.check_model(principal, call.model_requested, route.model)
         limit = principal.limit
         budgets = principal.budgets
         if not budgets and limit is None:
             return None
+        now = call.ts
         for budget in budgets:
-            err = budget.refusal(call.ts)
-            if err is not None:
-                raise err
-        tokens = usd = output = 0
-        if budgets or limit.tpm:
-            if body is None:  # an endpoint that did not hand its body over: read it once more
-                body = parse_json_body(call.exchange.request.body)
+            if not budget.has_room(now):
+                raise budget.refusal(now)
+        tokens = usd = 0
+        if principal.estimates:
+            # the body as sent, four bytes a token (walking a long agent request costs more than parsing it;
+            # an image counts at its size, which only makes calls in flight beside it reserve more)
+            sent = estimate_tokens(call.exchange.request.body)
+            output = 0
             if not call.endpoint.endswith("embeddings"):
+                if body is None:  # an endpoint that did not hand its body over: read it once more
+                    body = parse_json_body(call.exchange.request.body)
                 output = requested_output_tokens(body)
                 output = RESERVED_OUTPUT_DEFAULT if output is None else output
-            tokens = estimate_tokens(body) + output
-            if any(b.usd is not None for b in budgets):
-                usd = self.prices.cost(route.model, Usage(input_tokens=tokens - output, output_tokens=output))
+            tokens = sent + output
+            if principal.priced:
+                rates = self.usd_rates.get(route.model) or self.rates_of(route.model)
+                usd = sent * rates[0] + output * rates[1]
         if limit is not None:
             limit.take(call.started, tokens, principal.label)
+        holds = []
         for budget in budgets:
-            budget.hold(usd, tokens)
-        return Reservation(tuple((b, b.start) for b in budgets), usd, tokens, limit)
+            budget.reserved_usd += usd
+            budget.reserved_tokens += tokens
+            budget.in_flight += 1
+            holds.append((budget, budget.start))
+        return holds, usd, tokens, limit
+
+    def rates_of(self, model: str) -> tuple:
+        if len(self.usd_rates) >= 4096:
+            self.usd_rates.clear()
+        rates = self.usd_rates[model] = (
+            self.prices.cost(model, Usage(1_000_000, 0)) / 1e6,
+            self.prices.cost(model, Usage(0, 1_000_000)) / 1e6,
+        )
+        return rates
 
     @staticmethod
     def settle(reservation: Reservation, cost: float, used: int) -> None:
-        for budget, start in reservation.holds:
-            budget.release(start, reservation.usd, reservation.tokens, cost, used)
-        if reservation.limit is not None:
-            reservation.limit.refund(reservation.tokens - used)
+        holds, usd, tokens, limit = reservation
+        for budget, start in holds:
+            budget.release(start, usd, tokens, cost, used)
+        if limit is not None and limit.tpm:
+            limit.refund(tokens - used)
 
 
 # ======================================================================================
@@ -8050,7 +8093,7 @@ class AdminApi:
             summary["budgets"] = [b.view() | {"holder": b.holder} for b in principal.budgets]
             limit = principal.limit
             if limit is not None:
-                limit._refill(time.monotonic())  # noqa: SLF001 - what is left right now
+                limit.refill(time.monotonic())  # what is left right now
                 summary["rate_limit"] = {"rpm": limit.rpm or None, "tpm": limit.tpm or None,
                                          "remaining_requests": int(limit.requests) if limit.rpm else None,
                                          "remaining_tokens": max(int(limit.tokens), 0) if limit.tpm else None}  # fmt: skip
@@ -8192,7 +8235,7 @@ def budget_text(budget: dict | None) -> str:
     if budget is None:
         return "-"
     limits = [
-        f"${budget['usd']:g}" if budget["usd"] is not None else "",
+        money(budget["usd"]) if budget["usd"] is not None else "",
         f"{budget['tokens']} tok" if budget["tokens"] is not None else "",
     ]
     return " + ".join(x for x in limits if x) + f"/{budget['period']}"
@@ -8202,7 +8245,7 @@ def left_text(status: dict | None) -> str:
     if status is None:
         return "-"
     left = [
-        f"${status['left_usd']:.4f}" if "left_usd" in status else "",
+        money(status["left_usd"]) if "left_usd" in status else "",
         f"{status['left_tokens']} tok" if "left_tokens" in status else "",
     ]
     return " + ".join(x for x in left if x) + f" left (resets {status['resets_at'] or 'never'})"
