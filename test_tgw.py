@@ -7242,7 +7242,7 @@ def test_team_reservations_settle_when_calls_fail_or_are_cancelled(team, start_g
     assert wait_for(lambda: len(gw.rows(2)) == 2) and gw.rows(2)[1]["status"] == 499
     release.set()
     assert wait_for(lambda: budget.in_flight == 0) and budget.reserved_tokens == 0
-    assert identity.by_id[row["id"]].limit.tokens > 99_000  # the token rate got its estimates back
+    assert identity.by_id[row["id"]].limits[0].tokens > 99_000  # the token rate got its estimates back
 
 
 def test_team_rate_limits_are_429s_with_retry_after_and_ratelimit_headers(team, start_gateway):
@@ -7272,23 +7272,38 @@ def test_team_rate_limits_are_429s_with_retry_after_and_ratelimit_headers(team, 
     assert team_model_call(gw, 0, "loopback", defaulted)[0] == 429
 
 
+def test_team_user_rate_limit_is_shared_by_its_keys(team, start_gateway):
+    first, row = team_key(team, "sam@example.com", user_fields={"rpm": 2}, rpm=5)
+    second, _ = team_key(team, "sam@example.com")
+    gw = start_gateway()
+    assert team_model_call(gw, 0, "loopback", first)[0] == 200
+    assert team_model_call(gw, 1, "loopback", second)[0] == 200
+    status, headers, payload, protocol = team_model_call(gw, 3, "loopback", first)
+    assert (
+        status == 429 and "user sam@example.com may send 2 requests per minute" in team_error(protocol, 429, payload)[1]
+    )
+    assert headers["x-ratelimit-limit-requests"] == "2"
+    key_limit, user_limit = gw.gateway.identity.by_id[row["id"]].limits
+    assert key_limit.requests > 3.9 and user_limit.requests < 1  # the key's allowance was given back
+
+
 def test_team_rate_limit_and_budget_windows_with_an_injected_clock():
     limit = tgw.RateLimit(rpm=2, tpm=1000, now=100.0)
-    limit.take(100.0, 400, "k")
-    limit.take(100.0, 400, "k")
+    limit.take(100.0, 400)
+    limit.take(100.0, 400)
     with pytest.raises(tgw.GatewayError) as err:
-        limit.take(100.0, 10, "k")
+        limit.take(100.0, 10)
     assert err.value.status == 429 and err.value.retry_after == 30  # one request back every 30 s
-    limit.take(130.0, 10, "k")  # refilled: one request back after 30 s
+    limit.take(130.0, 10)  # refilled: one request back after 30 s
     tokens = tgw.RateLimit(rpm=0, tpm=1000, now=0.0)
-    tokens.take(0.0, 100, "k")
+    tokens.take(0.0, 100)
     tokens.refund(-1000)  # the call used 1000 more tokens than it reserved: 100 in debt
     with pytest.raises(tgw.GatewayError) as err:
-        tokens.take(3.0, 10, "k")  # 50 tokens back, still 50 short
+        tokens.take(3.0, 10)  # 50 tokens back, still 50 short
     assert "1000 tokens per minute" in err.value.message and err.value.retry_after == 4
     headers = dict(err.value.headers)
     assert headers["x-ratelimit-remaining-tokens"] == "0" and "x-ratelimit-limit-requests" not in headers
-    tokens.take(9.0, 10, "k")
+    tokens.take(9.0, 10)
     start, end = tgw.period_bounds("month", 1767225600.0 - 1)  # 2025-12-31T23:59:59Z
     assert (tgw.iso_time(start), tgw.iso_time(end)) == ("2025-12-01T00:00:00Z", "2026-01-01T00:00:00Z")
     assert tgw.iso_time(tgw.period_bounds("week", 1767225600.0)[0]) == "2025-12-29T00:00:00Z"  # a Monday
@@ -7424,7 +7439,9 @@ def test_team_usage_summary_and_logs_show_only_the_callers_own(team, start_gatew
     assert status == 200 and summary["requests"] == 2 and summary["key"]["prefix"] == mine[:12]
     assert summary["user"]["email"] == "me@example.com" and summary["consumed_tokens"] > 0
     assert summary["budgets"][0]["tokens"] == 100_000 and summary["budgets"][0]["left_tokens"] < 100_000
-    assert summary["rate_limit"]["rpm"] == 50 and summary["rate_limit"]["remaining_requests"] <= 48
+    (limit,) = summary["rate_limits"]
+    assert (limit["holder"], limit["rpm"], limit["tpm"]) == (f"API key {mine[:12]}", 50, None)
+    assert 48 <= limit["remaining_requests"] < 50
     status, _, payload = team_call(gw, "GET", "/api/v1/usage/logs?limit=10", None, team_auth("openai", mine))
     entries = json.loads(payload)["entries"]
     assert status == 200 and len(entries) == 2 and {e["key_id"] for e in entries} == {row["id"]}

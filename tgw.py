@@ -5936,7 +5936,8 @@ LEDGER_MIGRATIONS = [
     CREATE TABLE users (
         id INTEGER PRIMARY KEY AUTOINCREMENT, email TEXT NOT NULL, display_name TEXT NOT NULL DEFAULT '',
         role TEXT NOT NULL DEFAULT 'user', status TEXT NOT NULL DEFAULT 'active', budget_usd REAL, budget_tokens INTEGER,
-        budget_period TEXT NOT NULL DEFAULT 'month', created_at REAL NOT NULL, updated_at REAL NOT NULL, deleted_at REAL);
+        budget_period TEXT NOT NULL DEFAULT 'month', rpm INTEGER, tpm INTEGER, created_at REAL NOT NULL,
+        updated_at REAL NOT NULL, deleted_at REAL);
     CREATE UNIQUE INDEX users_email ON users(email) WHERE deleted_at IS NULL;
     CREATE TABLE api_keys (
         id INTEGER PRIMARY KEY AUTOINCREMENT, user_id INTEGER NOT NULL REFERENCES users(id), name TEXT NOT NULL DEFAULT '',
@@ -6380,6 +6381,8 @@ USER_CHANGES = {
     "budget_usd": lambda v: check_amount("budget_usd", v),
     "budget_tokens": lambda v: check_amount("budget_tokens", v, int),
     "budget_period": lambda v: check_choice("budget_period", v, PERIODS),
+    "rpm": lambda v: check_amount("rpm", v, int),
+    "tpm": lambda v: check_amount("tpm", v, int),
 }
 KEY_CHANGES = {
     "name": lambda v: check_text("name", v),
@@ -6420,8 +6423,8 @@ def budget_payload(row: dict) -> dict | None:
 def user_payload(row: dict) -> dict:
     """A user as Tokligence Gateway's admin API shows one, plus its budget (and key count in lists)."""
     out = {"id": row["id"], "email": row["email"], "role": row["role"], "display_name": row["display_name"],
-           "status": row["status"], "budget": budget_payload(row), "created_at": iso_time(row["created_at"]),
-           "updated_at": iso_time(row["updated_at"])}  # fmt: skip
+           "status": row["status"], "budget": budget_payload(row), "rpm": row["rpm"], "tpm": row["tpm"],
+           "created_at": iso_time(row["created_at"]), "updated_at": iso_time(row["updated_at"])}  # fmt: skip
     if "keys" in row:
         out["keys"] = row["keys"]
     return out
@@ -6701,13 +6704,14 @@ class Budget:
 
 
 class RateLimit:
-    """Requests and tokens per minute for one key: two buckets that refill continuously, each
-    holding one minute's allowance (so O(1) per call and no window to sweep). A call takes one
+    """Requests and tokens per minute for a key or a user: two buckets that refill continuously,
+    each holding one minute's allowance (so O(1) per call and no window to sweep). A call takes one
     request and its token estimate; when it ends, the estimate is corrected to the real usage."""
 
-    __slots__ = ("rpm", "tpm", "requests", "tokens", "at")
+    __slots__ = ("holder", "rpm", "tpm", "requests", "tokens", "at")
 
-    def __init__(self, rpm: int, tpm: int, now: float):
+    def __init__(self, rpm: int, tpm: int, now: float, holder: str = "this key"):
+        self.holder = holder
         self.rpm, self.tpm = rpm, tpm
         self.requests, self.tokens = float(rpm), float(tpm)
         self.at = now
@@ -6724,24 +6728,30 @@ class RateLimit:
                 left = self.tokens + elapsed * tpm / 60
                 self.tokens = left if left < tpm else tpm
 
-    def take(self, now: float, tokens: int, label: str) -> None:
+    def take(self, now: float, tokens: int) -> None:
         """Take one request and `tokens`, or raise the 429 (with Retry-After and x-ratelimit-*)."""
         self.refill(now)
         if (self.rpm and self.requests < 1) or (self.tpm and self.tokens <= 0):
-            self.refuse(label)
+            self.refuse()
         if self.rpm:
             self.requests -= 1
         if self.tpm:
             self.tokens -= tokens
 
-    def refuse(self, label: str) -> None:
+    def give_back(self, tokens: int) -> None:
+        """Undo a take (another limit of the same call refused it)."""
+        if self.rpm:
+            self.requests += 1
+        self.refund(tokens)
+
+    def refuse(self) -> None:
         """The 429 for the allowance that runs out last, with Retry-After and the x-ratelimit-* headers."""
         wait, what = 0.0, ""
         if self.rpm and self.requests < 1:
             wait, what = (1 - self.requests) * 60 / self.rpm, f"{self.rpm} requests"
         if self.tpm and self.tokens <= 0 and (1 - self.tokens) * 60 / self.tpm > wait:
             wait, what = (1 - self.tokens) * 60 / self.tpm, f"{self.tpm} tokens"
-        err = GatewayError(429, f"rate limit reached: API key {label} may send {what} per minute; "
+        err = GatewayError(429, f"rate limit reached: {self.holder} may send {what} per minute; "
                            f"try again in {duration_text(wait)}", "rate_limit_error", retry_after=math.ceil(wait))  # fmt: skip
         err.headers = tuple(self.headers())
         raise err
@@ -6750,6 +6760,13 @@ class RateLimit:
         if self.tpm:
             left = self.tokens + tokens
             self.tokens = left if left < self.tpm else self.tpm
+
+    def view(self, now: float) -> dict:
+        """What is left right now (the usage summary)."""
+        self.refill(now)
+        return {"holder": self.holder, "rpm": self.rpm or None, "tpm": self.tpm or None,
+                "remaining_requests": max(int(self.requests), 0) if self.rpm else None,
+                "remaining_tokens": max(int(self.tokens), 0) if self.tpm else None}  # fmt: skip
 
     def headers(self) -> list[tuple[str, str]]:
         """OpenAI's x-ratelimit-* headers: limit, remaining and time to a full allowance."""
@@ -6766,28 +6783,29 @@ class Principal:
     `api_keys` key. Built by Identity.apply; read per request."""
 
     __slots__ = ("digest", "key_id", "user_id", "label", "email", "name", "role", "models", "refusal", "expires_at",
-                 "budgets", "limit", "owner", "guarded", "estimates", "priced", "last_used", "written_used")  # fmt: skip
+                 "budgets", "limits", "owner", "guarded", "estimates", "priced", "last_used", "written_used")  # fmt: skip
 
     def __init__(self, digest: str, label: str, owner: str):
         self.digest, self.label, self.owner = digest, label, owner
-        self.key_id = self.user_id = self.expires_at = self.refusal = self.limit = None
+        self.key_id = self.user_id = self.expires_at = self.refusal = None
         self.email = self.name = self.role = ""
         self.models: tuple = ()
-        self.budgets: tuple = ()
+        self.budgets: tuple = ()  # the key's and its user's
+        self.limits: tuple = ()  # RateLimits: the key's and its user's
         self.guarded = False  # an allow-list, a budget or a rate limit to check per call
         self.estimates = False  # a budget or a token rate: each call's tokens are estimated
         self.priced = False  # a USD budget: each call's cost is estimated
         self.last_used = self.written_used = 0.0
 
     def seal(self) -> Principal:
-        self.guarded = bool(self.models or self.budgets or self.limit)
-        self.estimates = bool(self.budgets or (self.limit and self.limit.tpm))
+        self.guarded = bool(self.models or self.budgets or self.limits)
+        self.estimates = bool(self.budgets or any(limit.tpm for limit in self.limits))
         self.priced = any(b.usd is not None for b in self.budgets)
         return self
 
 
 # What one admitted call holds until it ends (a tuple: made per call): (budget, the period start it
-# reserved in) pairs, the USD and tokens it reserved, and its rate limit.
+# reserved in) pairs, the USD and tokens it reserved, and its rate limits.
 Reservation = tuple
 
 
@@ -6819,13 +6837,14 @@ class Identity:
             digest = hashlib.sha256(key.encode()).hexdigest()
             principal = Principal(digest, key_fingerprint(key), "static:" + key_fingerprint(key))
             if self.default_rpm or self.default_tpm:
-                principal.limit = RateLimit(self.default_rpm, self.default_tpm, time.monotonic())
+                holder = f"API key {principal.label}"
+                principal.limits = (RateLimit(self.default_rpm, self.default_tpm, time.monotonic(), holder),)
             self.static[digest] = principal.seal()
         self.by_hash: dict[str, Principal] = dict(self.static)  # SHA-256 hex -> principal
         self.by_id: dict[int, Principal] = {}
         self.digests: dict[str, str] = {}  # key -> SHA-256 hex, for keys that matched
         self.budgets: dict[tuple, Budget] = {}  # ("key"|"user", id, period) -> Budget
-        self.limits: dict[int, RateLimit] = {}
+        self.limits: dict[tuple, RateLimit] = {}  # ("key"|"user", id) -> RateLimit
         self.version = -1
         self.has_keys = False
         self.required = False
@@ -6883,8 +6902,22 @@ class Identity:
             budgets[ident] = budget
             return budget
 
+        limits: dict[tuple, RateLimit] = {}
+
+        def limit_of(holder: str, row: dict, rpm, tpm, label: str) -> RateLimit | None:
+            rpm, tpm = rpm or 0, tpm or 0
+            if not (rpm or tpm):
+                return None
+            limit = self.limits.get((holder, row["id"]))
+            if limit is None or (limit.rpm, limit.tpm) != (rpm, tpm):
+                limit = RateLimit(rpm, tpm, clock, label)
+            limit.holder = label
+            limits[holder, row["id"]] = limit
+            return limit
+
         user_budgets = {u["id"]: budget_of("user", u, f"user {u['email']}") for u in users}
-        by_hash, by_id, limits = dict(self.static), {}, {}
+        user_limits = {u["id"]: limit_of("user", u, u["rpm"], u["tpm"], f"user {u['email']}") for u in users}
+        by_hash, by_id = dict(self.static), {}
         for row in keys:
             prefix = row["key_prefix"]
             named = f"{prefix} ({row['name']!r})" if row["name"] else prefix
@@ -6900,11 +6933,8 @@ class Identity:
             principal.budgets = tuple(b for b in (key_budget, user_budgets.get(row["user_id"])) if b is not None)
             rpm = row["rpm"] if row["rpm"] is not None else self.default_rpm
             tpm = row["tpm"] if row["tpm"] is not None else self.default_tpm
-            if rpm or tpm:
-                limit = self.limits.get(row["id"])
-                if limit is None or (limit.rpm, limit.tpm) != (rpm, tpm):
-                    limit = RateLimit(rpm, tpm, clock)
-                principal.limit = limits[row["id"]] = limit
+            key_limit = limit_of("key", row, rpm, tpm, f"API key {named}")
+            principal.limits = tuple(x for x in (key_limit, user_limits.get(row["user_id"])) if x is not None)
             old = self.by_id.get(row["id"])
             if old is not None:
                 principal.last_used, principal.written_used = old.last_used, old.written_used
@@ -6979,9 +7009,9 @@ class Identity:
         principal = call.principal
         if principal.models:
             self.check_model(principal, call.model_requested, route.model)
-        limit = principal.limit
+        limits = principal.limits
         budgets = principal.budgets
-        if not budgets and limit is None:
+        if not budgets and not limits:
             return None
         now = call.ts
         for budget in budgets:
@@ -7002,15 +7032,21 @@ class Identity:
             if principal.priced:
                 rates = self.usd_rates.get(route.model) or self.rates_of(route.model)
                 usd = sent * rates[0] + output * rates[1]
-        if limit is not None:
-            limit.take(call.started, tokens, principal.label)
+        if limits:
+            try:
+                for limit in limits:
+                    limit.take(call.started, tokens)
+            except GatewayError:
+                for taken in limits[: limits.index(limit)]:  # the key's allowance when the user's ran out
+                    taken.give_back(tokens)
+                raise
         holds = []
         for budget in budgets:
             budget.reserved_usd += usd
             budget.reserved_tokens += tokens
             budget.in_flight += 1
             holds.append((budget, budget.start))
-        return holds, usd, tokens, limit
+        return holds, usd, tokens, limits
 
     def rates_of(self, model: str) -> tuple:
         if len(self.usd_rates) >= 4096:
@@ -7023,10 +7059,10 @@ class Identity:
 
     @staticmethod
     def settle(reservation: Reservation, cost: float, used: int) -> None:
-        holds, usd, tokens, limit = reservation
+        holds, usd, tokens, limits = reservation
         for budget, start in holds:
             budget.release(start, usd, tokens, cost, used)
-        if limit is not None and limit.tpm:
+        for limit in limits:
             limit.refund(tokens - used)
 
 
@@ -8081,7 +8117,7 @@ class AdminApi:
             "consumed_tokens": prompt + completion, "supplied_tokens": 0, "net_tokens": prompt + completion,
             "requests": count, "prompt_tokens": prompt, "completion_tokens": completion, "cost_usd": round(cost, 6),
             "errors": errors, "since": iso_time(since) if since else None, "key": None, "user": None, "budgets": [],
-            "rate_limit": None,
+            "rate_limits": [],
         }  # fmt: skip
         if principal is not None:
             if principal.key_id is not None:
@@ -8091,12 +8127,7 @@ class AdminApi:
             else:
                 summary["key"] = {"fingerprint": principal.label, "static": True}
             summary["budgets"] = [b.view() | {"holder": b.holder} for b in principal.budgets]
-            limit = principal.limit
-            if limit is not None:
-                limit.refill(time.monotonic())  # what is left right now
-                summary["rate_limit"] = {"rpm": limit.rpm or None, "tpm": limit.tpm or None,
-                                         "remaining_requests": int(limit.requests) if limit.rpm else None,
-                                         "remaining_tokens": max(int(limit.tokens), 0) if limit.tpm else None}  # fmt: skip
+            summary["rate_limits"] = [limit.view(time.monotonic()) for limit in principal.limits]
         call.exchange.send_json(200, {"summary": summary})
 
     async def usage_logs(self, request: HttpRequest, call: Call) -> None:
@@ -8194,6 +8225,8 @@ def add_identity_commands(commands) -> None:
     add_p.add_argument("--name", default="", help="display name")
     add_p.add_argument("--role", choices=ROLES, default="user")
     budget_flags(add_p)
+    add_p.add_argument("--rpm", type=int, help="requests per minute for all the user's keys together")
+    add_p.add_argument("--tpm", type=int, help="tokens per minute for all the user's keys together")
     leaf(user_sub, "list", "every user").add_argument("--json", action="store_true", help="print JSON")
     leaf(user_sub, "show", "one user, its keys and budget", "user").add_argument("--json", action="store_true")
     for action, text in (("disable", "refuse the user's keys"), ("enable", "accept the user's keys again"),
@@ -8261,7 +8294,8 @@ def cmd_user(args) -> int:
     store = open_identity(args)
     now = time.time()
     if args.action == "add":
-        user = store.add_user(args.email, {"display_name": args.name, "role": args.role, **budget_fields(args)})
+        fields = {"display_name": args.name, "role": args.role, "rpm": args.rpm, "tpm": args.tpm, **budget_fields(args)}
+        user = store.add_user(args.email, {k: v for k, v in fields.items() if v is not None})
         print(
             f"user {user['id']} {user['email']} added (role {user['role']}; budget {budget_text(budget_payload(user))})"
         )
