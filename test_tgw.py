@@ -7400,6 +7400,7 @@ def test_team_admin_api_round_trip(team, start_gateway):
         ("PATCH", "/users/1", {"budget_usd": -1}, 400, "'budget_usd' must be a number from 0 up"),
         ("PATCH", "/users/1", {"budget_tokens": 1.5}, 400, "'budget_tokens' must be a whole number"),
         ("PATCH", "/users/1", {"budget_usd": True}, 400, "'budget_usd'"),
+        ("PATCH", "/users/1", {"rpm": 10**30}, 400, "'rpm' must be a whole number"),
         ("PATCH", "/users/1", {"status": "asleep"}, 400, "'status' must be one of active, disabled"),
         ("POST", "/users/1/api-keys", {"models": "a,,b" * 500}, 400, "at most 100"),
         ("POST", "/users/1/api-keys", {"models": [{"x": 1}]}, 400, "'models' entries"),

@@ -6348,10 +6348,10 @@ def check_amount(name: str, value, kind=float, minimum=0):
     """A non-negative number (None stays None: not set). Booleans, NaN and infinities are refused."""
     if value is None:
         return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and kind is int and not float(value).is_integer():
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and minimum <= value <= 1e15
+    if ok and kind is int and not float(value).is_integer():  # (bounded first: a huge int overflows a float)
         ok = False
-    if not ok or value < minimum or value > 1e15:
+    if not ok:
         wanted = "a whole number" if kind is int else "a number"
         raise bad_request(f"'{name}' must be {wanted} from {minimum} up, got {json.dumps(value)[:60]}")
     return kind(value)
@@ -6959,7 +6959,7 @@ class Identity:
                     self.loop.call_soon_threadsafe(self.apply, loaded)
                 if time.monotonic() - self.last_used_at >= LAST_USED_EVERY:
                     self.save_last_used()
-            except (sqlite3.Error, RuntimeError) as exc:  # a locked or damaged file, a closed loop
+            except Exception as exc:  # a locked or damaged file, a closed loop: keep watching
                 log.warning("identity reload failed (%s); the keys loaded before stay in force", exc)
 
     def save_last_used(self) -> None:
@@ -8015,9 +8015,9 @@ class AdminApi:
                                    "on this machine; create an admin with 'tgw user add EMAIL --role admin' and "
                                    "'tgw key create --user EMAIL'", "permission_error")  # fmt: skip
         elif principal.role != "admin":
-            owner = f"user {principal.email}, whose role is {principal.role}" if principal.email else "api_keys"
+            whose = f"belongs to {principal.email}, whose role is {principal.role}" if principal.email else "is static"
             raise GatewayError(403, f"the admin API needs the key of an admin user; API key {principal.label} "
-                               f"belongs to {owner}", "permission_error")  # fmt: skip
+                               f"{whose}", "permission_error")  # fmt: skip
         await handler(request, call)
 
     @staticmethod
