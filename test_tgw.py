@@ -12,11 +12,13 @@ import base64
 import copy
 import gzip
 import http.client
+import io
 import json
 import logging
 import math
 import os
 import re
+import signal
 import socket
 import sqlite3
 import struct
@@ -5421,9 +5423,10 @@ def test_gemini_stream_encoder_errors_and_signatures():
     resp = Response("r", "m", [Part("text", text="Hi", extra={"thought_signature": "c2ln"}),
                                Part("thinking", text="t", signature="anthropic-sig")], "end_turn")  # fmt: skip
     frames = [json.loads(e.data) for e in sse_events(b"".join(encoder.encode(ev) for ev in unfold_response(resp)))]
+    carried = tgw.pack_gemini_thinking([Part("thinking", text="t", signature="anthropic-sig")])  # issue 11.4
     assert [f["candidates"][0].get("content") for f in frames] == [
         {"parts": [{"text": "Hi", "thoughtSignature": "c2ln"}], "role": "model"},
-        None,
+        {"parts": [{"text": "", "thoughtSignature": carried}], "role": "model"},
     ]
 
 
@@ -6558,7 +6561,10 @@ def test_lane_gemini_and_openai_model_endpoints_share_the_v1_models_prefix(start
     status, _, body = get(gw, "/v1beta/models")
     names = [m["name"] for m in json.loads(body)["models"]]
     assert status == 200 and "models/gemini-2.5-flash" in names
-    assert up.requests == []
+    assert {r["path"] for r in up.requests} <= {
+        "/v1/models",
+        "/v1beta/models?pageSize=1000",
+    }  # model lists only (11.15)
 
 
 def test_lane_gemini_openai_compatible_chat_path(start_gateway, upstream):
@@ -7610,3 +7616,1952 @@ def test_team_last_used_is_written_and_ledger_rows_name_the_key_and_user(team, s
     assert ledger_row["user_id"] == team.user("lee@example.com")["id"]
     gw.stop()
     assert team.key(row["id"])["last_used_at"] is not None
+
+
+# Fidelity: structured output, Gemini signatures, OpenAI-compatible servers, completions, model lists (issue 11)
+# ======================================================================================
+
+F_PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}},
+            "required": ["name", "age"], "additionalProperties": False}  # fmt: skip
+F_PERSON_FOR_ANTHROPIC = {"type": "object", "properties": {"name": {"type": "string"},
+                                                            "age": {"type": "integer", "description": ">= 0"}},
+                          "additionalProperties": False, "required": ["name", "age"]}  # fmt: skip
+F_ANSWER = '{"name": "Ada", "age": 36}'
+F_USER = "Who wrote the first program? Name and age."
+
+
+def f_source_body(source: str, fmt: str, model: str) -> dict:
+    """A client's request asking for structured output in its own protocol's form."""
+    if source == "openai":
+        format_ = {"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": F_PERSON}}
+        return {"model": model, "messages": [{"role": "user", "content": F_USER}],
+                "response_format": format_ if fmt == "schema" else {"type": "json_object"}}  # fmt: skip
+    if source == "responses":
+        format_ = {"type": "json_schema", "name": "person", "strict": True, "schema": F_PERSON}
+        return {
+            "model": model,
+            "input": F_USER,
+            "text": {"format": format_ if fmt == "schema" else {"type": "json_object"}},
+        }
+    if source in ("anthropic", "anthropic_legacy"):
+        body = {"model": model, "max_tokens": 512, "messages": [{"role": "user", "content": F_USER}]}
+        key = "output_config" if source == "anthropic" else None
+        format_ = {"type": "json_schema", "schema": F_PERSON}
+        if key:
+            body["output_config"] = {"format": format_}
+        else:
+            body["output_format"] = format_
+        return body
+    config = {"responseMimeType": "application/json"}
+    if fmt == "schema":
+        config["responseJsonSchema"] = F_PERSON
+    return {"contents": [{"role": "user", "parts": [{"text": F_USER}]}], "generationConfig": config}
+
+
+def f_decode(source: str, body: dict) -> Request:
+    if source == "gemini":
+        return GEMINI_CODEC.decode_request(body, "m", False)
+    codec = {"openai": OPENAI_CODEC, "responses": RESPONSES_CODEC}.get(source, ANTHROPIC_CODEC)
+    return codec.decode_request(body)
+
+
+def f_upstream_answer(target: str, text: str) -> dict:
+    """What each upstream answers when it honoured the format: the JSON as the answer's text."""
+    if target == "openai":
+        return chat_completion(text)
+    if target == "responses":
+        return {"id": "resp_f1", "object": "response", "status": "completed", "model": "gpt-5",
+                "output": [{"type": "message", "id": "msg_f1", "role": "assistant", "status": "completed",
+                            "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+                "usage": {"input_tokens": 9, "output_tokens": 7}}  # fmt: skip
+    if target == "anthropic":
+        return a_message([{"type": "text", "text": text}])
+    return g_answer([{"text": text}])
+
+
+def f_client_text(source: str, answer: dict) -> str:
+    """The text a client's SDK parses: message.content, output_text, the text blocks, the text parts."""
+    if source == "openai":
+        return answer["choices"][0]["message"]["content"]
+    if source == "responses":  # the SDK's output_text property
+        return "".join(c["text"] for item in answer["output"] if item["type"] == "message"
+                       for c in item["content"] if c["type"] == "output_text")  # fmt: skip
+    if source.startswith("anthropic"):
+        return "".join(b["text"] for b in answer["content"] if b["type"] == "text")
+    return "".join(p["text"] for p in answer["candidates"][0]["content"]["parts"] if not p.get("thought"))
+
+
+def f_sdk_parse(text: str, schema: dict) -> dict:
+    """What an SDK's .parse() does with the answer: JSON, then validation against the schema."""
+    value = json.loads(text)
+    assert isinstance(value, dict) and set(schema["required"]) <= set(value) <= set(schema["properties"])
+    kinds = {"string": str, "integer": int}
+    assert all(isinstance(value[k], kinds[s["type"]]) for k, s in schema["properties"].items())
+    return value
+
+
+F_TARGETS = {"openai": (OPENAI_CODEC, "gpt-4o-mini"), "responses": (RESPONSES_CODEC, "gpt-5"),
+             "anthropic": (ANTHROPIC_CODEC, "claude-sonnet-4-5"), "gemini": (GEMINI_CODEC, "gemini-2.5-flash")}  # fmt: skip
+
+
+def f_format_sent(target: str, body: dict):
+    """The structured-output request as the target upstream reads it."""
+    if target == "openai":
+        return body.get("response_format")
+    if target == "responses":
+        return (body.get("text") or {}).get("format")
+    if target == "anthropic":
+        return (body.get("output_config") or {}).get("format")
+    config = body.get("generationConfig") or {}
+    return {k: config[k] for k in ("responseMimeType", "responseSchema", "responseJsonSchema") if k in config}
+
+
+@pytest.mark.parametrize("target", list(F_TARGETS))
+@pytest.mark.parametrize("source", ["openai", "responses", "anthropic", "anthropic_legacy", "gemini"])
+def test_golden_structured_output_schema_reaches_every_upstream_and_comes_back_parsed(source, target):
+    codec, model = F_TARGETS[target]
+    req = f_decode(source, f_source_body(source, "schema", model))
+    body = codec.encode_request(req, model, None)
+    sent = f_format_sent(target, body)
+    gemini_typed = {"type": "OBJECT", "properties": {"name": {"type": "STRING"}, "age": {"type": "INTEGER",
+                    "minimum": 0}}, "required": ["name", "age"]}  # fmt: skip
+    if target == "openai":
+        name = "person" if source in ("openai", "responses") else sent["json_schema"]["name"]
+        assert sent["type"] == "json_schema" and sent["json_schema"]["schema"] == F_PERSON and name
+        assert sent["json_schema"].get("strict") is (True if source in ("openai", "responses") else None)
+    elif target == "responses":
+        assert sent["type"] == "json_schema" and sent["schema"] == F_PERSON and sent["name"]
+    elif target == "anthropic":
+        expected = (
+            F_PERSON if source.startswith("anthropic") else F_PERSON_FOR_ANTHROPIC
+        )  # an Anthropic client's as sent
+        assert sent == {"type": "json_schema", "schema": expected}
+        assert "output_format" not in body and "JSON" not in str(body.get("system", ""))
+    elif source == "gemini":  # Gemini to Gemini: the client's own schema, not a round trip
+        assert sent == {"responseMimeType": "application/json", "responseJsonSchema": F_PERSON}
+    else:
+        assert sent == {"responseMimeType": "application/json", "responseSchema": gemini_typed}
+    # the answer, in the client's form, parses as the client's SDK parses it
+    result = codec.decode_response(f_upstream_answer(target, F_ANSWER))
+    client = {"openai": OPENAI_CODEC, "responses": RESPONSES_CODEC, "gemini": GEMINI_CODEC}.get(source, ANTHROPIC_CODEC)
+    answer = client.encode_response(result, req)
+    assert f_sdk_parse(f_client_text(source, answer), F_PERSON) == {"name": "Ada", "age": 36}
+
+
+@pytest.mark.parametrize("target", list(F_TARGETS))
+@pytest.mark.parametrize("source", ["openai", "responses", "gemini"])
+def test_golden_json_object_mode_reaches_every_upstream(source, target):
+    codec, model = F_TARGETS[target]
+    req = f_decode(source, f_source_body(source, "object", model))
+    body = codec.encode_request(req, model, None)
+    sent = f_format_sent(target, body)
+    if target in ("openai", "responses"):
+        assert sent == {"type": "json_object"}
+    elif target == "gemini":
+        assert sent == {"responseMimeType": "application/json"}
+    else:  # Anthropic has no JSON mode without a schema: it is asked in words, and no format is sent
+        assert sent is None and body["system"] == tgw.JSON_ANSWER_INSTRUCTION.replace(
+            "one JSON value", "one JSON object"
+        )
+    result = codec.decode_response(f_upstream_answer(target, F_ANSWER))
+    client = {"openai": OPENAI_CODEC, "responses": RESPONSES_CODEC, "gemini": GEMINI_CODEC}[source]
+    assert json.loads(f_client_text(source, client.encode_response(result, req))) == {"name": "Ada", "age": 36}
+
+
+def test_schema_cleaned_for_anthropic_keeps_meaning_in_descriptions():
+    schema = {  # what pydantic writes for a model with a nested, optional, recursive and constrained field
+        "$defs": {
+            "Kind": {"enum": ["a", "b"], "title": "Kind", "type": "string"},
+            "Node": {"type": "object", "title": "Node", "properties": {
+                "label": {"type": "string", "maxLength": 20},
+                "children": {"type": "array", "items": {"$ref": "#/$defs/Node"}}}, "required": ["label"]},
+        },
+        "title": "Report", "type": "object",
+        "properties": {
+            "kind": {"$ref": "#/$defs/Kind"},
+            "when": {"type": "string", "format": "date-time"},
+            "slug": {"type": "string", "format": "slug", "pattern": "^[a-z-]+$"},
+            "score": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.5},
+            "note": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None},
+            "tags": {"type": ["array", "null"], "items": {"type": "string"}, "minItems": 2, "uniqueItems": True},
+            "fixed": {"const": 3},
+            "tree": {"$ref": "#/$defs/Node"},
+            "extra": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "mixed": {"allOf": [{"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]},
+                                {"properties": {"y": {"type": "boolean"}}}]},
+        },
+        "required": ["kind", "when", "missing"],
+        "additionalProperties": True,
+    }  # fmt: skip
+    out = tgw.clean_schema_for_anthropic(schema)
+    props = out["properties"]
+    assert (
+        out["additionalProperties"] is False and out["required"] == ["kind", "when"] and out["description"] == "Report"
+    )
+    assert props["kind"] == {"$ref": "#/$defs/Kind"} and out["$defs"]["Kind"] == {
+        "enum": ["a", "b"],
+        "description": "Kind",
+    }
+    assert props["when"] == {"type": "string", "format": "date-time"}
+    assert props["slug"] == {"type": "string", "description": "format: slug; pattern: ^[a-z-]+$"}
+    assert props["score"] == {"type": "number", "description": "<= 1; > 0; default: 0.5"}
+    assert props["note"] == {"anyOf": [{"type": "string"}, {"type": "null"}], "description": "default: null"}
+    assert props["tags"] == {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "null"}],
+                             "description": "items must be unique; at least 2 items"}  # fmt: skip
+    assert props["fixed"] == {"enum": [3]}
+    node = out["$defs"]["Node"]
+    assert props["tree"] == {"$ref": "#/$defs/Node"} and node["properties"]["children"]["items"]["properties"] == {}
+    assert "recursive" in node["properties"]["children"]["items"]["description"]
+    assert node["properties"]["label"] == {"type": "string", "description": "at most 20 characters"}
+    assert props["extra"] == {"type": "object", "properties": {}, "additionalProperties": False}
+    assert props["mixed"] == {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "boolean"}},
+                              "additionalProperties": False, "required": ["x"]}  # fmt: skip
+
+    def closed(node):  # every object Anthropic sees is closed, wherever it is
+        if isinstance(node, dict):
+            assert node.get("type") != "object" or node["additionalProperties"] is False
+            any(closed(v) for v in node.values())
+        elif isinstance(node, list):
+            any(closed(v) for v in node)
+
+    closed(out)
+
+
+def test_schema_for_anthropic_is_bounded_and_an_older_claude_is_asked_in_words():
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(5000)}}
+    with pytest.raises(GatewayError) as info:
+        tgw.clean_schema_for_anthropic(wide)
+    assert info.value.status == 400 and "too large" in info.value.message
+    many = {"allOf": [{"properties": {f"p{i}": {"type": "string"}}} for i in range(3000)] + [{"type": "object"}]}
+    with pytest.raises(GatewayError):  # every branch merged counts
+        tgw.clean_schema_for_anthropic(many)
+    deep: dict = {"type": "string"}
+    for _ in range(100):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(GatewayError):
+        tgw.clean_schema_for_anthropic(deep)
+    supported = {"claude-opus-4-1-20250805": True, "claude-sonnet-4-5": True, "claude-haiku-4-5-20251001": True,
+                 "claude-opus-4-6": True, "claude-opus-4-20250514": False, "claude-sonnet-4-0": False,
+                 "claude-3-7-sonnet-latest": False, "deepseek-chat": False}  # fmt: skip
+    assert {m: tgw.anthropic_has_json_output(m) for m in supported} == supported
+    # a Claude without structured outputs gets the schema as an instruction, after the client's own system text
+    req = f_decode("openai", f_source_body("openai", "schema", "claude-3-5-haiku-latest"))
+    req.system = [Part("text", text="Be brief.")]
+    body = ANTHROPIC_CODEC.encode_request(req, "claude-3-5-haiku-latest", None)
+    assert "output_config" not in body and body["system"].startswith("Be brief.\n\nAnswer with one JSON value")
+    assert json.loads(body["system"].split("JSON Schema:\n", 1)[1]) == F_PERSON
+    # an Anthropic client's system blocks keep their shape (and cache_control) with the instruction appended
+    raw = f_source_body("anthropic", "schema", "claude-3-7-sonnet-latest")
+    raw["system"] = [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}]
+    raw["output_config"] = {"effort": "low"}
+    req = ANTHROPIC_CODEC.decode_request(raw)
+    req.response_format = {"type": "json_object"}  # as a Chat client's json_object would arrive
+    body = ANTHROPIC_CODEC.encode_request(req, "claude-3-7-sonnet-latest", None)
+    assert body["system"][0]["cache_control"] == {"type": "ephemeral"} and body["system"][1]["text"].startswith(
+        "Answer"
+    )
+    assert body["output_config"] == {"effort": "low"}
+    # {"type": "text"} asks for nothing
+    req = OPENAI_CODEC.decode_request({**f_source_body("openai", "object", "m"), "response_format": {"type": "text"}})
+    body = ANTHROPIC_CODEC.encode_request(req, "claude-sonnet-4-5", None)
+    assert "system" not in body and "output_config" not in body
+
+
+# ---- structured output over sockets -------------------------------------------------------
+
+
+def f_anthropic_json_events(text: str) -> list:
+    start = {"id": "msg_f2", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5", "content": [],
+             "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 1}}  # fmt: skip
+    half = len(text) // 2
+    return [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text[:half]}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text[half:]}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 9}},
+        {"type": "message_stop"},
+    ]  # fmt: skip
+
+
+def test_chat_parse_and_responses_stream_reach_an_anthropic_upstream_as_structured_output(start_gateway, upstream):
+    def script(h, body):
+        if body.get("stream"):
+            reply_anthropic_sse(h, f_anthropic_json_events(F_ANSWER))
+        else:
+            reply_json(h, a_message([{"type": "text", "text": F_ANSWER}]))
+
+    up = upstream(script)
+    gw = start_gateway(env=anthropic_env(up))
+    # what openai-python's chat.completions.parse(response_format=Person) sends, and then reads
+    status, _, data = post(gw, "/v1/chat/completions", f_source_body("openai", "schema", "claude-sonnet-4-5"))
+    assert status == 200
+    assert up.requests[0]["body"]["output_config"] == {
+        "format": {"type": "json_schema", "schema": F_PERSON_FOR_ANTHROPIC}
+    }
+    answer = json.loads(data)
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    assert f_sdk_parse(answer["choices"][0]["message"]["content"], F_PERSON)["name"] == "Ada"
+    # Responses, streamed: output_text of the completed response parses, and the format is echoed
+    body = {**f_source_body("responses", "schema", "claude-sonnet-4-5"), "stream": True}
+    status, _, data = post(gw, "/v1/responses", body)
+    assert status == 200 and up.requests[1]["body"]["output_config"]["format"]["schema"] == F_PERSON_FOR_ANTHROPIC
+    completed = r_events(data)[-1]["response"]
+    assert completed["text"]["format"]["name"] == "person"
+    assert f_sdk_parse(f_client_text("responses", completed), F_PERSON)["age"] == 36
+
+
+def test_gemini_response_schema_and_legacy_output_format_reach_anthropic(start_gateway, upstream):
+    up = upstream(lambda h, body: reply_json(h, a_message([{"type": "text", "text": F_ANSWER}])))
+    gw = start_gateway(env=anthropic_env(up), work_mode="translation")
+    gemini = {"contents": [{"role": "user", "parts": [{"text": F_USER}]}],
+              "generationConfig": {"responseMimeType": "application/json", "responseSchema": {
+                  "type": "OBJECT", "properties": {"name": {"type": "STRING"}, "age": {"type": "INTEGER"}},
+                  "required": ["name", "age"], "propertyOrdering": ["name", "age"]}}}  # fmt: skip
+    status, _, data = post(gw, "/v1beta/models/claude-sonnet-4-5:generateContent", gemini)
+    assert status == 200
+    sent = up.requests[0]["body"]["output_config"]["format"]["schema"]
+    assert sent == {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                    "additionalProperties": False, "required": ["name", "age"]}  # fmt: skip
+    assert json.loads(f_client_text("gemini", json.loads(data))) == {"name": "Ada", "age": 36}
+    # instructor / litellm: the beta's top-level output_format, Anthropic to Anthropic under work_mode=translation
+    beta = {"anthropic-beta": "structured-outputs-2025-11-13", "anthropic-version": "2023-06-01"}
+    status, _, data = post(gw, "/v1/messages", f_source_body("anthropic_legacy", "schema", "claude-sonnet-4-5"), beta)
+    assert status == 200 and json.loads(data)["content"][0]["text"] == F_ANSWER
+    sent = up.requests[1]
+    assert sent["body"]["output_config"] == {"format": {"type": "json_schema", "schema": F_PERSON}}
+    assert "output_format" not in sent["body"] and header_of(sent, "anthropic-beta") == beta["anthropic-beta"]
+
+
+def test_anthropic_and_chat_structured_output_reach_openai_and_gemini_upstreams(start_gateway, upstream):
+    def script(h, body):
+        if "contents" in body:
+            reply_json(h, g_answer([{"text": F_ANSWER}]))
+        elif body.get("stream"):
+            reply_sse(h, [lane_chunk({"role": "assistant", "content": ""}), lane_chunk({"content": F_ANSWER}),
+                          lane_chunk({}, "stop"), lane_chunk(usage=(9, 7)), "data: [DONE]\n\n"])  # fmt: skip
+        else:
+            reply_json(h, chat_completion(F_ANSWER))
+
+    up = upstream(script)
+    gw = start_gateway(env={**openai_env(up), **gemini_env(up)}, work_mode="translation")
+    body = {**f_source_body("anthropic", "schema", "gpt-4o-mini"), "stream": True}
+    status, _, data = post(gw, "/v1/messages", body)
+    assert status == 200
+    assert up.requests[0]["body"]["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "output", "schema": F_PERSON}}  # fmt: skip
+    text = "".join(d["delta"]["text"] for n, d in lane_sse(data) if n == "content_block_delta")
+    assert f_sdk_parse(text, F_PERSON)["name"] == "Ada"
+    status, _, data = post(gw, "/v1/chat/completions", f_source_body("openai", "schema", "gemini-2.5-flash"))
+    assert status == 200
+    config = up.requests[1]["body"]["generationConfig"]
+    assert config["responseMimeType"] == "application/json" and config["responseSchema"]["type"] == "OBJECT"
+    assert f_sdk_parse(json.loads(data)["choices"][0]["message"]["content"], F_PERSON)["age"] == 36
+
+
+# ---- Gemini thought signatures carry Claude's signed thinking (11.4) ----------------------
+
+F_THINKING = "The user wants Paris weather; call the tool. ünïcode \u2713"
+F_SIGNATURE = "EqQBCkYIARgCIkD+sig/with+base64=="
+
+
+def f_claude_thinking_tool_events() -> list:
+    start = {"id": "msg_f3", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5", "content": [],
+             "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 20, "output_tokens": 1}}  # fmt: skip
+    return [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": F_THINKING[:10]}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": F_THINKING[10:]}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": F_SIGNATURE}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "redacted_thinking", "data": "RED+/=="}},
+        {"type": "content_block_stop", "index": 1},
+        {"type": "content_block_start", "index": 2,
+         "content_block": {"type": "tool_use", "id": "toolu_f1", "name": "get_weather", "input": {}}},
+        {"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta", "partial_json": '{"city": "Paris"}'}},
+        {"type": "content_block_stop", "index": 2},
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None}, "usage": {"output_tokens": 30}},
+        {"type": "message_stop"},
+    ]  # fmt: skip
+
+
+def f_gemini_parts(payload: bytes, streamed: bool) -> list:
+    if not streamed:
+        return json.loads(payload)["candidates"][0]["content"]["parts"]
+    frames = [d for _, d in lane_sse(payload) if isinstance(d, dict)]
+    return [p for f in frames for p in (f["candidates"][0].get("content") or {}).get("parts", [])]
+
+
+def f_resigned(parts: list) -> list:
+    """What google-genai does with a signature (bytes): decoded, and written back in the URL-safe
+    alphabet without padding, so tgw must not depend on the exact spelling."""
+    out = []
+    for p in parts:
+        p = dict(p)
+        if "thoughtSignature" in p:
+            p["thoughtSignature"] = (
+                base64.urlsafe_b64encode(base64.b64decode(p["thoughtSignature"])).decode().rstrip("=")
+            )
+        out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "json"])
+@pytest.mark.parametrize("include_thoughts", [True, False], ids=["thoughts", "no-thoughts"])
+def test_gemini_client_keeps_claude_thinking_across_tool_rounds(start_gateway, upstream, streamed, include_thoughts):
+    def script(h, body):
+        if len(up.requests) == 1 and body.get("stream"):
+            reply_anthropic_sse(h, f_claude_thinking_tool_events())
+        elif len(up.requests) == 1:
+            content = [{"type": "thinking", "thinking": F_THINKING, "signature": F_SIGNATURE},
+                       {"type": "redacted_thinking", "data": "RED+/=="},
+                       {"type": "tool_use", "id": "toolu_f1", "name": "get_weather", "input": {"city": "Paris"}}]  # fmt: skip
+            reply_json(h, a_message(content, "tool_use"))
+        else:
+            reply_json(h, a_message([{"type": "text", "text": "Sunny."}]))
+
+    up = upstream(script)
+    gw = start_gateway(env=anthropic_env(up))
+    config = {"thinkingConfig": {"thinkingBudget": 2048, "includeThoughts": include_thoughts}}
+    tools = [{"functionDeclarations": [{"name": "get_weather", "parameters": L_WEATHER_SCHEMA}]}]
+    user = {"role": "user", "parts": [{"text": "Weather in Paris?"}]}
+    body = {"contents": [user], "tools": tools, "generationConfig": config}
+    method = "streamGenerateContent?alt=sse" if streamed else "generateContent"
+    status, _, data = post(gw, f"/v1beta/models/claude-sonnet-4-5:{method}", body)
+    assert status == 200
+    parts = f_gemini_parts(data, streamed)
+    call = next(p for p in parts if "functionCall" in p)
+    assert call["functionCall"] == {"name": "get_weather", "args": {"city": "Paris"}} and call["thoughtSignature"]
+    assert any(p.get("thought") for p in parts) is include_thoughts
+    assert all("thoughtSignature" not in p for p in parts if p is not call)  # carried once, on the call
+    # the client sends the model turn back as it got it (re-encoded), with the function's answer
+    model_turn = {"role": "model", "parts": f_resigned(parts)}
+    answer = {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"output": "sunny"}}}]}
+    status, _, data = post(gw, "/v1beta/models/claude-sonnet-4-5:generateContent",
+                           {**body, "contents": [user, model_turn, answer]})  # fmt: skip
+    assert status == 200
+    sent = up.requests[1]["body"]
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 2048}  # thinking survives the tool round
+    assert sent["messages"][1]["content"] == [
+        {"type": "thinking", "thinking": F_THINKING, "signature": F_SIGNATURE},
+        {"type": "redacted_thinking", "data": "RED+/=="},
+        {
+            "type": "tool_use",
+            "id": sent["messages"][1]["content"][2]["id"],
+            "name": "get_weather",
+            "input": {"city": "Paris"},
+        },
+    ]
+    assert sent["messages"][2]["content"][0]["type"] == "tool_result"
+
+
+def test_gemini_signed_thinking_before_text_or_at_the_end_and_foreign_signatures():
+    thinking = Part("thinking", text="hmm", signature="sig-1")
+    parts = gemini_response_parts([thinking, Part("text", text="Hello")], False)
+    assert parts[0]["text"] == "Hello" and len(parts) == 1
+    assert tgw.unpack_gemini_thinking(parts[0]["thoughtSignature"]) == [thinking]
+    alone = gemini_response_parts([thinking], True)  # thinking with nothing after it: a signature-only part
+    assert alone[0] == {"text": "hmm", "thought": True} and alone[1]["text"] == ""
+    echoed = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}, {"role": "model", "parts": alone},
+                           {"role": "user", "parts": [{"text": "go on"}]}]}  # fmt: skip
+    restored = GEMINI_CODEC.decode_request(echoed, "claude-sonnet-4-5", False).messages[1].parts
+    assert [p for p in restored if p.signature] == [thinking]
+    assert ANTHROPIC_CODEC.encode_request(GEMINI_CODEC.decode_request(echoed, "m", False), "claude-sonnet-4-5")[
+        "messages"][1]["content"] == [{"type": "thinking", "thinking": "hmm", "signature": "sig-1"}]  # fmt: skip
+    # Gemini's own signatures (and garbage that happens to look like ours) stay Gemini's
+    for signature in ("c2lnbmF0dXJl", "dGd3MX-not-base64!", base64.b64encode(b"tgw1 not json").decode()):
+        assert tgw.unpack_gemini_thinking(signature) is None
+        turn = {"role": "model", "parts": [{"functionCall": {"name": "f", "args": {}}, "thoughtSignature": signature}]}
+        part = GEMINI_CODEC.decode_request({"contents": [turn]}, "m", False).messages[0].parts[0]
+        assert gemini_signature(part) == signature
+
+
+# ---- OpenAI-compatible servers as they really stream and answer (11.5) -------------------
+
+
+def f_chunk(delta=None, finish=None, usage=None, **extra) -> dict:
+    chunk = {"id": "chatcmpl-c", "object": "chat.completion.chunk", "created": 1, "model": "m", **extra,
+             "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+    if usage:
+        chunk["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}
+    return chunk
+
+
+def f_call(arguments, call_id=None, name=None, index=None) -> dict:
+    call: dict = {"function": {"arguments": arguments}}
+    if index is not None:
+        call["index"] = index
+    if call_id:
+        call.update(id=call_id, type="function")
+    if name:
+        call["function"]["name"] = name
+    return call
+
+
+def f_stream(events: list, read_size: int = 17) -> bytes:
+    return b"".join((e if isinstance(e, str) else "data: " + json.dumps(e) + "\n\n").encode() for e in events)
+
+
+def f_openai_stream_result(events: list):
+    """Decode a server's stream as it arrives (small reads), fold it; an error comes back raised."""
+    data, parser, decoder, out = f_stream(events), SSEParser(), OPENAI_CODEC.stream_decoder(), []
+    for i in range(0, len(data), 17):
+        for sse in parser.feed(data[i : i + 17]):
+            out.extend(decoder.feed(sse))
+    for sse in parser.finish():
+        out.extend(decoder.feed(sse))
+    out.extend(decoder.finish())
+    return fold_events(out)
+
+
+def f_calls(resp: Response) -> list:
+    return [(p.id, p.name, json.loads(p.arguments)) for p in resp.parts if p.type == "tool_call"]
+
+
+F_PARIS, F_ROME = '{"city": "Paris"}', '{"city": "Rome"}'
+F_SERVER_STREAMS = {
+    # Ollama numbers every parallel call 0 (ollama#15457), each whole, and says "stop"
+    "ollama-parallel-index-0": ([f_chunk({"role": "assistant", "content": ""}),
+                                 f_chunk({"tool_calls": [f_call(F_PARIS, "call_a", "get_weather", 0)]}),
+                                 f_chunk({"tool_calls": [f_call(F_ROME, "call_b", "get_weather", 0)]}),
+                                 f_chunk({}, "stop"), f_chunk(usage=(5, 3)), "data: [DONE]\n\n"],
+                                [("call_a", "get_weather", {"city": "Paris"}), ("call_b", "get_weather", {"city": "Rome"})],
+                                "tool_use"),
+    # older Ollama and Gemini's compatible endpoint: no index at all; continuations carry neither id nor index
+    "no-index": ([f_chunk({"tool_calls": [f_call('{"city": ', "call_a", "get_weather")]}),
+                  f_chunk({"tool_calls": [f_call('"Paris"}')]}),
+                  f_chunk({"tool_calls": [f_call('{"city": "Rome"}', "call_b", "get_weather")]}),
+                  f_chunk({}, "tool_calls"), "data: [DONE]\n\n"],
+                 [("call_a", "get_weather", {"city": "Paris"}), ("call_b", "get_weather", {"city": "Rome"})], "tool_use"),
+    # LiteLLM-style: id and name repeated on every chunk
+    "ids-on-every-chunk": ([f_chunk({"tool_calls": [f_call('{"city"', "call_a", "get_weather", 0)]}),
+                            f_chunk({"tool_calls": [f_call(': "Paris"}', "call_a", "get_weather", 0)]}),
+                            f_chunk({}, "tool_calls"), "data: [DONE]\n\n"],
+                           [("call_a", "get_weather", {"city": "Paris"})], "tool_use"),
+    # the arguments streamed, then the whole arguments once more (and as an object, Ollama's native habit)
+    "arguments-repeated": ([f_chunk({"tool_calls": [f_call('{"city": ', "call_a", "get_weather", 0)]}),
+                            f_chunk({"tool_calls": [f_call('"Paris"}', index=0)]}),
+                            f_chunk({"tool_calls": [f_call(F_PARIS, index=0)]}),
+                            f_chunk({"tool_calls": [f_call({"city": "Paris"}, index=0)]}),
+                            f_chunk({}, "tool_calls"), "data: [DONE]\n\n"],
+                           [("call_a", "get_weather", {"city": "Paris"})], "tool_use"),
+    # a piece that opens a nested object is more arguments, not a repeat
+    "nested-object-pieces": ([f_chunk({"tool_calls": [f_call('{"where": ', "call_n", "locate", 0)]}),
+                              f_chunk({"tool_calls": [f_call('{"city": "Paris"}', index=0)]}),
+                              f_chunk({"tool_calls": [f_call("}", index=0)]}), "data: [DONE]\n\n"],
+                             [("call_n", "locate", {"where": {"city": "Paris"}})], "tool_use"),
+    "arguments-as-object": ([f_chunk({"content": None, "tool_calls": [f_call({"city": "Rome"}, "call_r", "get_weather", 0)]}),
+                             f_chunk({}, "tool_calls"), "data: [DONE]\n\n"],
+                            [("call_r", "get_weather", {"city": "Rome"})], "tool_use"),
+    # finish_reason missing and no [DONE]: the stream just ends
+    "no-finish-no-done": ([f_chunk({"content": "Hel"}), f_chunk({"content": "lo"})], "Hello", "end_turn"),
+    # llama.cpp: content null deltas, eos, usage and timings on the last chunk; OpenRouter comments
+    "llamacpp-eos": ([": OPENROUTER PROCESSING\n\n", f_chunk({"role": "assistant", "content": None}),
+                      f_chunk({"content": "Hi"}), f_chunk({}, "eos", (4, 1), timings={"predicted_ms": 3.2})],
+                     "Hi", "end_turn"),
+    # vLLM continuous usage stats: usage on every chunk (a running total, never added up)
+    "usage-every-chunk": ([f_chunk({"content": "a"}, usage=(7, 1)), f_chunk({"content": "b"}, usage=(7, 2)),
+                           f_chunk({}, "length", (7, 3)), f_chunk(), "data: [DONE]\n\n"], "ab", "max_tokens"),
+    # Mistral: content as an array of text chunks
+    "content-array": ([f_chunk({"content": [{"type": "text", "text": "Bon"}]}),
+                       f_chunk({"content": [{"type": "text", "text": "jour"}]}, "stop"), "data: [DONE]\n\n"],
+                      "Bonjour", "end_turn"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(F_SERVER_STREAMS))
+def test_openai_compatible_server_streams_decode_as_openai_would(name):
+    events, expected, stop = F_SERVER_STREAMS[name]
+    resp = f_openai_stream_result(events)
+    if isinstance(expected, list):
+        assert f_calls(resp) == expected
+    else:
+        assert text_of(resp.parts) == expected and not f_calls(resp)
+    assert resp.stop_reason == stop
+    if name == "usage-every-chunk":
+        assert (resp.usage.input_tokens, resp.usage.output_tokens) == (7, 3)
+
+
+def test_reasoning_under_either_name_and_mid_stream_errors_of_openrouter_and_vllm():
+    for key in ("reasoning", "reasoning_content"):  # vLLM >= 0.10 and Ollama / llama.cpp and older vLLM
+        resp = f_openai_stream_result([f_chunk({key: "think"}), f_chunk({"content": "ok"}, "stop"), "data: [DONE]\n\n"])
+        assert [(p.type, p.text) for p in resp.parts] == [("thinking", "think"), ("text", "ok")]
+    openrouter = [": OPENROUTER PROCESSING\n\n", f_chunk({"content": "Par"}),
+                  f_chunk({"content": ""}, "error", error={"code": "server_error", "message": "Provider disconnected"})]  # fmt: skip
+    vllm = [f_chunk({"content": "Par"}), {"object": "error", "message": "CUDA out of memory", "type": "InternalServerError",
+                                          "param": None, "code": 500}]  # fmt: skip
+    for events, words in ((openrouter, "Provider disconnected"), (vllm, "CUDA out of memory")):
+        with pytest.raises(GatewayError) as info:
+            f_openai_stream_result(events)
+        assert words in info.value.message and info.value.status == 502
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "message"),
+    [
+        (400, {"object": "error", "message": "max_tokens is too large", "type": "BadRequestError", "param": None,
+               "code": 400}, "max_tokens is too large"),  # vLLM
+        (404, {"detail": "Not Found"}, "Not Found"),  # FastAPI-based servers
+        (404, {"error": "model 'qwen3' not found, try pulling it first"}, "model 'qwen3' not found"),  # Ollama
+        (400, {"error": {"code": 400, "message": "context too long", "type": "invalid_request_error"}},
+         "context too long"),  # llama.cpp
+        (402, {"error": {"code": 402, "message": "Insufficient credits", "metadata": {}}}, "Insufficient credits"),
+        (500, "Internal Server Error", "Internal Server Error"),  # a plain-text body
+    ],
+)  # fmt: skip
+def test_compatible_servers_error_bodies_keep_status_and_words(status, body, message):
+    data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    err = OPENAI_CODEC.decode_error(status, data)
+    assert err.status == status and message in err.message
+
+
+def test_compatible_servers_json_answers():
+    answer = chat_completion(None)
+    answer["choices"][0]["message"].update(reasoning="think", tool_calls=[
+        {"id": "call_o", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}])  # fmt: skip
+    resp = OPENAI_CODEC.decode_response(answer)
+    assert f_calls(resp) == [("call_o", "get_weather", {"city": "Oslo"})] and resp.stop_reason == "tool_use"
+    assert resp.parts[0] == Part("thinking", text="think")
+    mistral = chat_completion([{"type": "text", "text": "Bon"}, {"type": "text", "text": "jour"}])
+    assert text_of(OPENAI_CODEC.decode_response(mistral).parts) == "Bonjour"
+    empty = {
+        "id": "x",
+        "object": "chat.completion",
+        "choices": [],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 0},
+    }
+    assert OPENAI_CODEC.decode_response(empty).parts == []
+    failed = {**chat_completion(""), "error": {"code": 502, "message": "Upstream idle timeout"}}  # OpenRouter, HTTP 200
+    with pytest.raises(GatewayError) as info:
+        OPENAI_CODEC.decode_response(failed)
+    assert info.value.status == 502 and "Upstream idle timeout" in info.value.message
+
+
+def test_anthropic_client_on_ollama_gets_both_parallel_calls_and_openrouter_errors_in_stream(start_gateway, upstream):
+    def script(h, body):
+        if body["messages"][-1]["content"] == "fail":
+            reply_sse(h, F_SERVER_STREAMS["ollama-parallel-index-0"][0][:2] + [
+                ": OPENROUTER PROCESSING\n\n",
+                f_chunk({"content": ""}, "error", error={"code": 502, "message": "Provider disconnected"})])  # fmt: skip
+        else:
+            reply_sse(h, F_SERVER_STREAMS["ollama-parallel-index-0"][0][:-1])  # and no [DONE]
+
+    up = upstream(script)
+    gw = start_gateway(env={**openai_env(up), **routes_env("qwen*=>openai")})
+    body = {"model": "qwen3", "max_tokens": 100, "stream": True, "tools": [L_A_TOOL],
+            "messages": [{"role": "user", "content": "Weather in Paris and Rome?"}]}  # fmt: skip
+    status, _, data = post(gw, "/v1/messages", body)
+    events = [d for _, d in lane_sse(data)]
+    check_anthropic_stream(events)
+    uses = [e["content_block"] for e in events if e["type"] == "content_block_start"]
+    inputs = [json.loads("".join(e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta"
+                             and e["index"] == i)) for i in range(len(uses))]  # fmt: skip
+    assert [(u["id"], u["name"]) for u in uses] == [("call_a", "get_weather"), ("call_b", "get_weather")]
+    assert inputs == [{"city": "Paris"}, {"city": "Rome"}]
+    assert events[-2]["delta"]["stop_reason"] == "tool_use" and events[-2]["usage"]["output_tokens"] == 3
+    status, _, data = post(gw, "/v1/messages", {**body, "messages": [{"role": "user", "content": "fail"}]})
+    named = lane_sse(data)
+    assert named[-1][0] == "error" and "Provider disconnected" in named[-1][1]["error"]["message"]
+    assert gw.rows(2)[-1]["error"].endswith("Provider disconnected")
+
+
+F_PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n-pixels-").decode()
+
+
+def test_rich_tool_results_survive_to_each_upstream_as_far_as_it_can_take_them():
+    call = {"type": "tool_use", "id": "toolu_s", "name": "screenshot", "input": {}}
+    result = {"type": "tool_result", "tool_use_id": "toolu_s", "is_error": True, "content": [
+        {"type": "text", "text": "partial render"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": F_PNG}},
+        {"type": "text", "text": "timed out"}]}  # fmt: skip
+    req = ANTHROPIC_CODEC.decode_request({"model": "m", "max_tokens": 9, "messages": [
+        {"role": "user", "content": "shoot"}, {"role": "assistant", "content": [call]},
+        {"role": "user", "content": [result]}]})  # fmt: skip
+    # OpenAI Chat: tool messages carry text, so the image follows in a user message, and the error is marked
+    messages = OPENAI_CODEC.encode_request(req, "gpt-4o", None)["messages"]
+    assert messages[2] == {
+        "role": "tool",
+        "tool_call_id": "toolu_s",
+        "content": "[tool error] partial render\n[image]\ntimed out",
+    }
+    assert messages[3] == {"role": "user", "content": [
+        {"type": "text", "text": "[the image(s) that tool call toolu_s returned]"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{F_PNG}"}}]}  # fmt: skip
+    # Responses: function_call_output takes the image itself
+    output = RESPONSES_CODEC.encode_request(req, "gpt-5", None)["input"][2]["output"]
+    assert [o["type"] for o in output] == ["input_text", "input_text", "input_image", "input_text"]
+    assert output[0]["text"] == "[tool error]" and output[2]["image_url"].endswith(F_PNG)
+    # Gemini: {"error": ...} in the functionResponse, the image as its own part after it
+    parts = GEMINI_CODEC.encode_request(req, "gemini-2.5-flash", None)["contents"][2]["parts"]
+    assert parts == [{"functionResponse": {"name": "screenshot", "response": {"error": "partial render\ntimed out"}}},
+                     {"inlineData": {"mimeType": "image/png", "data": F_PNG}}]  # fmt: skip
+    # and back to Anthropic from a Responses or a Gemini client: tool_result blocks holding the image
+    responses = RESPONSES_CODEC.decode_request({"model": "m", "input": [
+        {"type": "function_call", "call_id": "c1", "name": "screenshot", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": [
+            {"type": "input_text", "text": "see"}, {"type": "input_image", "image_url": f"data:image/png;base64,{F_PNG}"}]}]})  # fmt: skip
+    gemini = GEMINI_CODEC.decode_request({"contents": [
+        {"role": "model", "parts": [{"functionCall": {"name": "screenshot", "args": {}}}]},
+        {"role": "user", "parts": [{"functionResponse": {"name": "screenshot", "response": {"output": "see"},
+                                                         "parts": [{"inlineData": {"mimeType": "image/png", "data": F_PNG}}]}}]}]},
+        "m", False)  # fmt: skip
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": F_PNG}}
+    for client_req, text in ((responses, "see"), (gemini, '{"output":"see"}')):
+        turns = ANTHROPIC_CODEC.encode_request(client_req, "claude-sonnet-4-5")["messages"]
+        assert turns[-1]["content"][0]["content"] == [{"type": "text", "text": text}, image]
+
+
+# ---- legacy POST /v1/completions (11.8) --------------------------------------------------
+
+
+def test_completions_pass_through_to_a_compatible_server(start_gateway, upstream):
+    answer = {"id": "cmpl-up", "object": "text_completion", "created": 1, "model": "qwen2.5-coder",
+              "choices": [{"text": " return a + b", "index": 0, "logprobs": {"tokens": [" return"]}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 6, "completion_tokens": 4, "total_tokens": 10}}  # fmt: skip
+    chunks = [{"id": "cmpl-s", "object": "text_completion", "created": 1, "model": "qwen2.5-coder",
+               "choices": [{"text": t, "index": 0, "logprobs": None, "finish_reason": f}]} for t, f in
+              ((" return", None), (" a + b", "stop"))]  # fmt: skip
+    usage_chunk = {"id": "cmpl-s", "object": "text_completion", "created": 1, "model": "qwen2.5-coder", "choices": [],
+                   "usage": {"prompt_tokens": 6, "completion_tokens": 2, "total_tokens": 8}}  # fmt: skip
+
+    def script(h, body):
+        if body.get("stream"):
+            reply_sse(h, [*chunks, usage_chunk, "data: [DONE]\n\n"])
+        else:
+            reply_json(h, answer)
+
+    up = upstream(script)
+    gw = start_gateway(
+        env={**openai_env(up), **routes_env("qwen*=>openai"), "TOKLIGENCE_MODEL_ALIASES": "coder=>qwen2.5-coder"}
+    )
+    body = {
+        "model": "coder",
+        "prompt": ["def add(a, b):"],
+        "suffix": "\n",
+        "logprobs": 1,
+        "echo": False,
+        "max_tokens": 8,
+    }
+    status, _, data = post(gw, "/v1/completions", body)
+    assert status == 200 and json.loads(data) == answer  # the server's answer, logprobs and all
+    assert up.requests[0]["path"] == "/v1/completions" and up.requests[0]["body"] == {**body, "model": "qwen2.5-coder"}
+    status, _, data = post(gw, "/v1/completions", {**body, "stream": True})
+    sent = up.requests[1]["body"]
+    assert sent["stream_options"] == {"include_usage": True}  # asked for the ledger, hidden from the client
+    assert [d for d in sse_data(data) if d != "[DONE]"] == chunks and sse_data(data)[-1] == "[DONE]"
+    rows = gw.rows(2)
+    assert [(r["endpoint"], r["lane"], r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [
+        ("/v1/completions", "passthrough", 6, 4), ("/v1/completions", "passthrough", 6, 2)]  # fmt: skip
+
+
+def test_completions_translated_for_anthropic_and_gemini_streamed_and_not(start_gateway, upstream):
+    def script(h, body):
+        if "contents" in body:
+            frames = [g_answer([{"text": " world"}], finish=None), g_answer([{"text": "!"}])]
+            reply_sse(h, frames)
+        elif body.get("stream"):
+            reply_anthropic_sse(h, f_anthropic_json_events(" there, friend"))
+        else:
+            reply_json(h, a_message([{"type": "text", "text": " there" if "Hello" in str(body) else " ok"}],
+                                    "max_tokens", {"input_tokens": 20, "output_tokens": 16}))  # fmt: skip
+
+    up = upstream(script)
+    gw = start_gateway(env={**anthropic_env(up), **gemini_env(up)})
+    body = {"model": "claude-sonnet-4-5", "prompt": ["Hello", "Bye"], "echo": True, "stop": "\n", "n": 1}
+    status, _, data = post(gw, "/v1/completions", body)
+    answer = json.loads(data)
+    assert status == 200 and answer["object"] == "text_completion"
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in answer["choices"]] == [
+        (0, "Hello there", "length"), (1, "Bye ok", "length")]  # fmt: skip
+    assert answer["usage"]["prompt_tokens"] == 40 and answer["usage"]["completion_tokens"] == 32
+    first = up.requests[0]["body"]
+    assert first["messages"] == [{"role": "user", "content": "Hello"}] and first["stop_sequences"] == ["\n"]
+    assert first["max_tokens"] == 16 and first["system"] == tgw.COMPLETION_INSTRUCTION
+    # streamed, with the client's usage chunk; and fill-in-the-middle asks for the gap
+    body = {"model": "claude-sonnet-4-5", "prompt": "Hi", "suffix": "Cheers.", "stream": True,
+            "stream_options": {"include_usage": True}, "max_tokens": 50}  # fmt: skip
+    status, _, data = post(gw, "/v1/completions", body)
+    chunks = sse_data(data)
+    assert chunks[-1] == "[DONE]" and all(c["object"] == "text_completion" for c in chunks[:-1])
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-2]) == " there, friend"
+    assert chunks[-3]["choices"][0]["finish_reason"] == "stop" and chunks[-2]["usage"]["completion_tokens"] == 9
+    sent = up.requests[2]["body"]
+    assert (
+        sent["system"] == tgw.INFILL_INSTRUCTION and sent["messages"][0]["content"] == "Text:\nHi\n\nEnding:\nCheers."
+    )
+    status, _, data = post(gw, "/v1/completions", {"model": "gemini-2.5-flash", "prompt": "Hello", "stream": True})
+    assert "".join(c["choices"][0]["text"] for c in sse_data(data)[:-1]) == " world!"
+    rows = gw.rows(3)
+    assert {(r["endpoint"], r["lane"], r["provider"]) for r in rows} == {
+        ("/v1/completions", "translation", "anthropic"), ("/v1/completions", "translation", "gemini")}  # fmt: skip
+    assert rows[0]["prompt_tokens"] == 40 and rows[1]["completion_tokens"] == 9
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [({"prompt": [1, 2, 3]}, "token-id prompts"), ({"prompt": "x", "logprobs": 2}, "logprobs"),
+     ({"prompt": ["a", "b"], "stream": True}, "streams one prompt"), ({"prompt": "x", "n": 9}, "between 1 and 8"),
+     ({"prompt": "  "}, "'prompt' is empty"), ({"prompt": "x", "max_tokens": "9"}, "'max_tokens' must be")],
+)  # fmt: skip
+def test_completions_translated_refusals_are_openai_errors(start_gateway, body, words):
+    gw = start_gateway()  # offline: the loopback model, a translated lane
+    status, _, data = post(gw, "/v1/completions", {"model": "loopback", **body})
+    assert status == 400 and words in json.loads(data)["error"]["message"]
+    status, _, data = post(gw, "/v1/completions", {"model": "loopback", "prompt": "Once upon", "n": 2})
+    answer = json.loads(data)
+    assert status == 200 and [c["index"] for c in answer["choices"]] == [0, 1]
+    assert "Once upon" in answer["choices"][0]["text"] and gw.rows(2)[-1]["lane"] == "loopback"
+
+
+# ---- model lists from the providers themselves (11.15) -----------------------------------
+
+F_OPENAI_MODELS = {"object": "list", "data": [
+    {"id": "gpt-4o", "object": "model", "created": 1715367049, "owned_by": "system"},
+    {"id": "gpt-4o-mini", "object": "model", "created": 1721172741, "owned_by": "system"},
+    {"id": "dall-e-3", "object": "model", "created": 1698785189, "owned_by": "system"}]}  # fmt: skip
+F_ANTHROPIC_MODELS = {"data": [{"type": "model", "id": "claude-sonnet-4-5-20250929", "display_name": "Claude Sonnet 4.5",
+                                "created_at": "2025-09-29T00:00:00Z"}], "has_more": False}  # fmt: skip
+F_GEMINI_MODELS = {"models": [
+    {"name": "models/gemini-2.5-flash", "displayName": "Gemini 2.5 Flash", "inputTokenLimit": 1048576,
+     "outputTokenLimit": 65535, "supportedGenerationMethods": ["generateContent", "countTokens"]},
+    {"name": "models/text-embedding-004", "supportedGenerationMethods": ["embedContent"]}]}  # fmt: skip
+
+
+def f_models_upstream(upstream, listing: dict, gate: threading.Event | None = None, status=200):
+    def script(h, body):
+        if gate is not None:
+            gate.wait(10)
+        reply_json(h, listing, status)
+
+    return upstream(script)
+
+
+def f_ids(gw, path="/v1/models", headers=None) -> dict:
+    status, _, data = get(gw, path, headers)
+    assert status == 200
+    body = json.loads(data)
+    return body
+
+
+def test_model_lists_show_what_each_provider_serves_with_aliases(start_gateway, upstream):
+    openai_up = f_models_upstream(upstream, F_OPENAI_MODELS)
+    anthropic_up = f_models_upstream(upstream, F_ANTHROPIC_MODELS)
+    gemini_up = f_models_upstream(upstream, F_GEMINI_MODELS)
+    gw = start_gateway(env={**openai_env(openai_up), **anthropic_env(anthropic_up), **gemini_env(gemini_up),
+                            "TOKLIGENCE_MODEL_ALIASES": "fast=>gpt-4o-mini"})  # fmt: skip
+    listed = {m["id"]: m for m in f_ids(gw)["data"]}
+    assert {"loopback", "fast", "gpt-4o", "gpt-4o-mini", "claude-sonnet-4-5-20250929", "gemini-2.5-flash"} <= set(
+        listed
+    )
+    assert "dall-e-3" not in listed and "text-embedding-004" not in listed  # no route sends them there / no chat
+    assert listed["gpt-4o"] == {"id": "gpt-4o", "object": "model", "created": 1715367049, "owned_by": "openai"}
+    assert listed["claude-sonnet-4-5-20250929"]["owned_by"] == "anthropic" and listed["fast"]["owned_by"] == "openai"
+    # each provider was asked once, at its own models endpoint, with its own credentials
+    (o,), (a,), (g,) = openai_up.requests, anthropic_up.requests, gemini_up.requests
+    assert (o["path"], header_of(o, "authorization")) == ("/v1/models", "Bearer sk-upstream-secret-123456")
+    assert o["body"] is None  # a GET (the harness records every method as POST)
+    assert a["path"] == "/v1/models?limit=1000" and header_of(a, "x-api-key") == L_ANTHROPIC_KEY
+    assert header_of(a, "anthropic-version") == "2023-06-01"
+    assert g["path"] == "/v1beta/models?pageSize=1000" and header_of(g, "x-goog-api-key") == L_GEMINI_KEY
+    claude = next(m for m in f_ids(gw, headers={"anthropic-version": "2023-06-01"})["data"]
+                  if m["id"] == "claude-sonnet-4-5-20250929")  # fmt: skip
+    assert claude == {"type": "model", "id": "claude-sonnet-4-5-20250929", "display_name": "Claude Sonnet 4.5",
+                      "created_at": "2025-09-29T00:00:00Z"}  # fmt: skip
+    flash = next(m for m in f_ids(gw, "/v1beta/models")["models"] if m["name"] == "models/gemini-2.5-flash")
+    assert flash["displayName"] == "Gemini 2.5 Flash" and flash["outputTokenLimit"] == 65535
+    assert [len(up.requests) for up in (openai_up, anthropic_up, gemini_up)] == [1, 1, 1]  # served from the cache
+    # once the list is due again it is served at once and fetched in the background
+    F_OPENAI_MODELS["data"].append({"id": "gpt-5", "object": "model", "created": 1754000000, "owned_by": "system"})
+    try:
+        gw.gateway.catalog.next_fetch["openai"] = 0.0
+        assert "gpt-5" not in {m["id"] for m in f_ids(gw)["data"]}
+        deadline = time.monotonic() + 10
+        while "gpt-5" not in {m["id"] for m in f_ids(gw)["data"]} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "gpt-5" in {m["id"] for m in f_ids(gw)["data"]} and len(openai_up.requests) == 2
+    finally:
+        F_OPENAI_MODELS["data"].pop()
+
+
+def test_model_list_never_waits_long_for_a_slow_or_failing_provider(start_gateway, upstream, monkeypatch, caplog):
+    monkeypatch.setattr(tgw, "MODEL_LIST_FIRST_WAIT", 0.5)
+    monkeypatch.setattr(tgw, "MODEL_LIST_TIMEOUT", 1.5)
+    gate = threading.Event()
+    slow = f_models_upstream(upstream, F_ANTHROPIC_MODELS, gate)
+    failing = f_models_upstream(upstream, {"error": {"code": 400, "message": f"API key {L_GEMINI_KEY} not valid",
+                                                     "status": "INVALID_ARGUMENT"}}, status=400)  # fmt: skip
+    openai_up = f_models_upstream(upstream, F_OPENAI_MODELS)
+    gw = start_gateway(env={**anthropic_env(slow), **gemini_env(failing), **openai_env(openai_up)})
+    try:
+        with caplog.at_level(logging.WARNING, logger="tgw"):
+            started = time.monotonic()
+            ids = {m["id"] for m in f_ids(gw)["data"]}
+            assert time.monotonic() - started < 1.4  # the first call waited its bound, not the slow provider
+            assert "gpt-4o" in ids and "claude-sonnet-4-5-20250929" not in ids
+            deadline = time.monotonic() + 10
+            while "anthropic not fetched: timed out" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert "model list of provider gemini not fetched" in caplog.text and "not valid" in caplog.text
+        assert "model list of provider anthropic not fetched: timed out" in caplog.text
+        assert L_GEMINI_KEY not in caplog.text and L_ANTHROPIC_KEY not in caplog.text
+        started = time.monotonic()
+        assert "gpt-4o" in {m["id"] for m in f_ids(gw)["data"]} and time.monotonic() - started < 0.4  # no wait now
+    finally:
+        gate.set()
+
+
+def test_completions_belong_to_the_openai_bundle_in_multiport_mode(start_gateway):
+    gw = start_multiport(start_gateway)
+    body = {"model": "loopback", "prompt": "Once upon"}
+    assert post(port_of(gw, "openai"), "/v1/completions", body)[0] == 200
+    assert post(port_of(gw, "anthropic"), "/v1/completions", body)[0] == 404
+
+
+# ======================================================================================
+# tgw chat and gateway control (issue 12)
+# ======================================================================================
+#
+# Every model the chat finds is a scripted fake upstream on 127.0.0.1; every other place it
+# looks (Ollama, vLLM, LM Studio, a running tgw) is pointed at a port nothing listens on.
+
+CHAT_OPENAI_KEY = "sk-configured-openai-secret-0123456789"
+CHAT_ANTHROPIC_KEY = "sk-ant-configured-anthropic-secret-0123456789"
+CHAT_CLIENT_KEY = "tok_configured_client_secret_0123456789"
+CHAT_TYPED_GEMINI_KEY = "AIzaSyTypedGeminiKey0123456789abcdefghij"
+CHAT_TYPED_OPENAI_KEY = "sk-proj-TypedOpenAIKey0123456789abcdefXYZ"
+PLACEHOLDER = re.compile(r"\[secret_\d+\]")
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 nothing listens on (probes to it are refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nothing_reachable(**extra) -> dict:
+    """The environment of a chat that may look anywhere but finds nothing (tests' HOME)."""
+    env = dict(os.environ, TOKLIGENCE_FACADE_PORT=str(closed_port()), TERM="dumb")
+    for name in ("OLLAMA_BASE_URL", "VLLM_BASE_URL", "LMSTUDIO_BASE_URL"):
+        env[name] = f"http://127.0.0.1:{closed_port()}"
+    env.update(extra)
+    return env
+
+
+def run_tgw(*args, env, cwd, stdin="", timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, TGW, *args], input=stdin, capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=timeout)  # fmt: skip
+
+
+def last_user_text(body: dict) -> str:
+    """The latest user words in an OpenAI or Anthropic request."""
+    for message in reversed(body["messages"]):
+        content = message.get("content")
+        if message["role"] == "user" and isinstance(content, str):
+            return content
+        if message["role"] == "user" and isinstance(content, list):
+            texts = [b.get("text", "") for b in content if b.get("type") == "text"]
+            if texts:
+                return " ".join(texts)
+    return ""
+
+
+def openai_compatible(answer):
+    """A fake OpenAI-compatible server's script: GET /v1/models lists gpt-4o-mini (tgw chat
+    asks a base URL that is not api.openai.com which models it has); POSTs go to `answer`."""
+
+    def script(h, body):
+        if h.command == "GET":
+            reply_json(h, {"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]})
+        else:
+            answer(h, body)
+
+    return script
+
+
+def answered_tools(body: dict) -> bool:
+    """Does this request carry tool results (the second round of a turn)?"""
+    last = body["messages"][-1]
+    content = last.get("content")
+    return last["role"] == "tool" or (
+        isinstance(content, list) and any(b.get("type") == "tool_result" for b in content)
+    )
+
+
+def openai_stream(text="", calls=(), delay=0.0):
+    """chat.completion.chunk events: text in pieces, then tool calls."""
+    base = {"id": "chatcmpl-chat1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini"}
+    out = [dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])]
+    out += [dict(base, choices=[{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+            for piece in re.findall(r"\S+\s*", text)]  # fmt: skip
+    for i, (name, args) in enumerate(calls):
+        call = {"index": i, "id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": ""}}
+        out.append(dict(base, choices=[{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}]))
+        arguments = args if isinstance(args, str) else json.dumps(args)  # a str: sent as it is
+        for part in (arguments[: len(arguments) // 2], arguments[len(arguments) // 2 :]):
+            delta = {"tool_calls": [{"index": i, "function": {"arguments": part}}]}
+            out.append(dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": None}]))
+    finish = "tool_calls" if calls else "stop"
+    out.append(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": finish}]))
+    return out + ["data: [DONE]\n\n"]
+
+
+def anthropic_stream(text="", calls=()):
+    def event(name, obj):
+        return f"event: {name}\ndata: {json.dumps(obj)}\n\n"
+
+    out = [event("message_start", {"type": "message_start", "message": {"id": "msg_chat1", "type": "message",
+           "role": "assistant", "model": "claude-haiku-4-5", "content": [], "usage": {"input_tokens": 5}}})]  # fmt: skip
+    index = 0
+    if text:
+        out.append(event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                 "content_block": {"type": "text", "text": ""}}))  # fmt: skip
+        out.append(event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                 "delta": {"type": "text_delta", "text": text}}))  # fmt: skip
+        out.append(event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        index = 1
+    for i, (name, args) in enumerate(calls, index):
+        block = {"type": "tool_use", "id": f"toolu_{i}", "name": name, "input": {}}
+        out.append(event("content_block_start", {"type": "content_block_start", "index": i, "content_block": block}))
+        out.append(event("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                 "delta": {"type": "input_json_delta", "partial_json": json.dumps(args)}}))  # fmt: skip
+        out.append(event("content_block_stop", {"type": "content_block_stop", "index": i}))
+    stop = "tool_use" if calls else "end_turn"
+    out.append(event("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop},
+                                       "usage": {"output_tokens": 9}}))  # fmt: skip
+    return out + [event("message_stop", {"type": "message_stop"})]
+
+
+def assert_no_secret_sent(requests: list, secrets: tuple, auth_header: str, auth_value: str):
+    """No body carries a secret; the only secret in any head is the provider's own key."""
+    for req in requests:
+        body = json.dumps(req["body"])
+        heads = {k.lower(): v for k, v in req["headers"].items()}
+        assert heads.get(auth_header.lower()) == auth_value
+        heads.pop(auth_header.lower())
+        for secret in secrets:
+            assert secret not in body
+            assert secret not in json.dumps(heads)
+
+
+def test_chat_on_an_openai_upstream_changes_gateway_ini_and_sends_no_secret(tmp_path, upstream):
+    def answer(h, body):
+        if answered_tools(body):
+            reply_sse(h, openai_stream("Stored the key and switched to translation mode."))
+            return
+        placeholder = PLACEHOLDER.search(last_user_text(body)).group()
+        reply_sse(h, openai_stream("Let me look first.", [
+            ("get_config", {}), ("set_config", {"key": "gemini_api_key", "value": placeholder}),
+            ("set_config", {"key": "work_mode", "value": "translation"})]))  # fmt: skip
+
+    up = upstream(openai_compatible(answer))
+    ini = tmp_path / "gateway.ini"
+    ini.write_text(f"# my gateway\nopenai_api_key = {CHAT_OPENAI_KEY}\nopenai_base_url = {up.url}/v1\n"
+                   f"anthropic_api_key = {CHAT_ANTHROPIC_KEY}\napi_keys = {CHAT_CLIENT_KEY}\n")  # fmt: skip
+    prompt = f"my gemini key is {CHAT_TYPED_GEMINI_KEY}, store it and switch to translation mode"
+    out = run_tgw("chat", "-p", prompt, "--yes", env=nothing_reachable(), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr + out.stdout
+    text = ini.read_text()
+    assert "# my gateway" in text and f"gemini_api_key = {CHAT_TYPED_GEMINI_KEY}" in text
+    assert "work_mode = translation" in text and f"openai_api_key = {CHAT_OPENAI_KEY}" in text
+    assert "model gpt-4o-mini on openai" in out.stderr
+    assert "Let me look first." in out.stdout and "Stored the key and switched to translation mode." in out.stdout
+    assert (
+        "work_mode: auto -> translation" in out.stdout
+        and "* set_config(key=gemini_api_key, value=[secret_1])" in out.stdout
+    )
+    for secret in (CHAT_OPENAI_KEY, CHAT_ANTHROPIC_KEY, CHAT_CLIENT_KEY, CHAT_TYPED_GEMINI_KEY):
+        assert secret not in out.stdout + out.stderr
+    posts = [r for r in up.requests if r["path"] == "/v1/chat/completions"]
+    assert [r["path"] for r in up.requests] == ["/v1/models", "/v1/chat/completions", "/v1/chat/completions"]
+    first, second = (r["body"] for r in posts)
+    assert {t["function"]["name"] for t in first["tools"]} == {
+        "get_config", "set_config", "get_status", "test_model", "recent_errors", "usage_summary", "search_docs",
+        "start_gateway", "stop_gateway"}  # fmt: skip
+    assert first["stream"] is True and "[secret_1]" in last_user_text(first)
+    results = {m["tool_call_id"]: m["content"] for m in second["messages"] if m["role"] == "tool"}
+    assert "openai_api_key = sk-c…89 (set, 38 characters)" in results["call_0"]
+    assert "work_mode: auto -> translation" in results["call_2"]
+    assert_no_secret_sent(up.requests, (CHAT_OPENAI_KEY, CHAT_ANTHROPIC_KEY, CHAT_CLIENT_KEY, CHAT_TYPED_GEMINI_KEY),
+                          "Authorization", f"Bearer {CHAT_OPENAI_KEY}")  # fmt: skip
+
+
+def test_chat_on_an_anthropic_upstream_from_the_environment_reads_stdin(tmp_path, upstream):
+    def script(h, body):
+        if answered_tools(body):
+            reply_sse(h, anthropic_stream("Done: claude now goes to openai, with your key."))
+            return
+        placeholder = PLACEHOLDER.search(last_user_text(body)).group()
+        reply_sse(h, anthropic_stream(calls=[("set_config", {"key": "openai_api_key", "value": placeholder}),
+                                             ("set_config", {"key": "model_provider_routes",
+                                                             "value": "claude*=>openai,gpt*=>openai"})]))  # fmt: skip
+
+    up = upstream(script)
+    (tmp_path / "gateway.ini").write_text(f"; routes below\napi_keys = {CHAT_CLIENT_KEY}\n")
+    env_key = "sk-ant-environment-anthropic-secret-987654"
+    env = nothing_reachable(ANTHROPIC_API_KEY=env_key, ANTHROPIC_BASE_URL=up.url)
+    prompt = f"route claude to openai and use this openai key: {CHAT_TYPED_OPENAI_KEY}\n"
+    out = run_tgw("chat", "--yes", "--model", "anthropic/claude-haiku-4-5", env=env, cwd=tmp_path, stdin=prompt)
+    assert out.returncode == 0, out.stderr + out.stdout
+    text = (tmp_path / "gateway.ini").read_text()
+    assert text.startswith("; routes below\n") and f"openai_api_key = {CHAT_TYPED_OPENAI_KEY}" in text
+    assert "model_provider_routes = claude*=>openai,gpt*=>openai" in text
+    assert "model claude-haiku-4-5 on anthropic (--model: ANTHROPIC_API_KEY" in out.stderr
+    assert "Done: claude now goes to openai, with your key." in out.stdout
+    assert [r["path"] for r in up.requests] == ["/v1/messages", "/v1/messages"]
+    assert all(r["headers"]["anthropic-version"] == "2023-06-01" for r in up.requests)
+    second = up.requests[1]["body"]
+    assert second["model"] == "claude-haiku-4-5" and second["messages"][-1]["content"][0]["type"] == "tool_result"
+    assert_no_secret_sent(up.requests, (env_key, CHAT_CLIENT_KEY, CHAT_TYPED_OPENAI_KEY), "x-api-key", env_key)
+    assert CHAT_TYPED_OPENAI_KEY not in out.stdout + out.stderr
+
+
+def test_chat_exits_non_zero_when_a_requested_change_fails(tmp_path):
+    ini = tmp_path / "gateway.ini"
+    ini.write_text("work_mode = auto\n")
+    env = nothing_reachable()
+    unconfirmed = run_tgw("chat", "--offline", "-p", "switch to translation mode", env=env, cwd=tmp_path)
+    assert unconfirmed.returncode == 1 and "not confirmed: add --yes" in unconfirmed.stdout
+    invalid = run_tgw("chat", "--offline", "--yes", "-p", "set idle_timeout to 5", env=env, cwd=tmp_path)
+    assert invalid.returncode == 1 and "at least 120 seconds" in invalid.stdout
+    unknown = run_tgw("chat", "--offline", "--yes", "-p", "set model_provider_routes to claude*=>nowhere", env=env,
+                      cwd=tmp_path)  # fmt: skip
+    assert unknown.returncode == 1 and "unknown provider" in unknown.stdout
+    assert ini.read_text() == "work_mode = auto\n" and sorted(os.listdir(tmp_path)) == ["gateway.ini"]
+    fine = run_tgw("chat", "--offline", "--yes", "-p", "set idle_timeout to 1200", env=env, cwd=tmp_path)
+    assert fine.returncode == 0 and "idle_timeout: 900.0 -> 1200" in fine.stdout
+    assert ini.read_text() == "work_mode = auto\nidle_timeout = 1200\n"
+
+
+def test_chat_detect_gives_each_candidate_a_reason(tmp_path, upstream):
+    ollama = upstream(lambda h, b: reply_json(h, {"object": "list", "data": [
+        {"id": "nomic-embed-text", "object": "model"}, {"id": "llama3.2:1b", "object": "model"}]}))  # fmt: skip
+    env = nothing_reachable(OLLAMA_BASE_URL=ollama.url, GOOGLE_API_KEY="AIzaEnvironmentGoogleKey0123456789abc")
+    out = run_tgw("chat", "--detect", env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = {line.split()[1]: line for line in out.stdout.splitlines() if line.startswith("  ")}
+    assert lines["chat_model"].startswith("  - ") and "not set" in lines["chat_model"]
+    assert "not configured (no anthropic_api_key)" in lines["anthropic"]
+    assert lines["OPENAI_API_KEY"].startswith("  - ") and lines["OPENAI_API_KEY"].endswith("not set")
+    assert lines["GOOGLE_API_KEY"].startswith("  * ") and "gemini-2.5-flash" in lines["GOOGLE_API_KEY"]
+    assert lines["ollama"].startswith("  + ") and f"llama3.2:1b: answers at {ollama.url}" in lines["ollama"]
+    assert lines["vllm"].startswith("  - ") and "nothing answers at http://127.0.0.1:" in lines["vllm"]
+    assert lines["tgw"].startswith("  - ") and "no gateway answers" in lines["tgw"]
+    assert out.stdout.rstrip().endswith("using gemini-2.5-flash on gemini")
+    assert "AIzaEnvironmentGoogleKey0123456789abc" not in out.stdout
+    chosen = run_tgw("chat", "--detect", "--model", "ollama/qwen2.5", env=env, cwd=tmp_path)
+    assert chosen.stdout.splitlines()[1].startswith("  * --model") and "using qwen2.5 on ollama" in chosen.stdout
+
+
+class OfflineChat:
+    """tgw chat's offline assistant in this process, with everything unreachable."""
+
+    def __init__(self, config: Path, offline: bool = False):
+        self.out = io.StringIO()
+        self.app = tgw.ChatApp(str(config), yes=True, out=self.out, can_ask=False, env=nothing_reachable())
+        self.announcement = self.app.choose(offline=offline)
+
+    def say(self, text: str) -> str:
+        start = self.out.tell()
+        self.app.turn(self.app.secrets.hide(text))
+        return self.out.getvalue()[start:]
+
+
+def write_ledger_rows(path: Path, rows: list[dict]) -> None:
+    db = tgw.open_ledger_db(str(path))
+    for row in rows:
+        full = {c: None for c in tgw.LEDGER_COLUMNS} | {"ts": time.time(), "request_id": "r", "stream": 0} | row
+        db.execute(
+            f"INSERT INTO requests ({', '.join(full)}) VALUES ({', '.join('?' * len(full))})", list(full.values())
+        )
+    db.commit()
+    db.close()
+
+
+def test_offline_assistant_does_what_each_common_request_says(tmp_path, hermetic):
+    ini = tmp_path / "gateway.ini"
+    # openai at a closed port: whatever the requests do, nothing leaves the machine
+    ini.write_text(f"# tgw\nopenai_base_url = http://127.0.0.1:{closed_port()}/v1\n")
+    write_ledger_rows(hermetic / ".tokligence" / "ledger.db", [
+        {"model_requested": "gpt-4o-mini", "provider": "openai", "status": 200, "prompt_tokens": 12,
+         "completion_tokens": 30, "cost_usd": 0.5, "client_protocol": "openai"},
+        {"model_requested": "claude-sonnet-4-5", "provider": "anthropic", "status": 400, "client_protocol": "anthropic",
+         "lane": "translation", "error": "model 'claude-sonnet-4-5' routes to provider 'anthropic', which is not configured"},
+    ])  # fmt: skip
+    chat = OfflineChat(ini)
+    try:
+        assert chat.announcement.startswith("no model is reachable") and "not a language model" in chat.announcement
+        said = chat.say("status")
+        assert "gateway: not running" in said and "anthropic      anthropic  not configured" in said
+        chat.say("switch to translation mode")
+        assert "work_mode = translation" in ini.read_text()
+        said = chat.say(f"use my OpenAI key {CHAT_TYPED_OPENAI_KEY}")
+        assert f"openai_api_key = {CHAT_TYPED_OPENAI_KEY}" in ini.read_text() and CHAT_TYPED_OPENAI_KEY not in said
+        assert "openai_api_key: (not set) -> sk-p…YZ" in said
+        said = chat.say("why does claude-sonnet-4-5 fail?")
+        assert "which is not configured: set anthropic_api_key" in said and "use my anthropic key" in said
+        assert "HTTP 400 anthropic->anthropic translation claude-sonnet-4-5: model 'claude-sonnet-4-5' routes" in said
+        said = chat.say("route claude to openai")
+        assert "model_provider_routes = claude*=>openai,gpt*=>openai," in ini.read_text() and "claude* now goes" in said
+        said = chat.say("show usage for 30 days")
+        assert "usage over the last 30 days" in said and "gpt-4o-mini: 1 requests, 12 prompt + 30 completion" in said
+        said = chat.say("what is stream_keepalive?")
+        assert tgw.CONFIG_KEYS["stream_keepalive"][2] in said and "stream_keepalive = 15.0" in said
+        said = chat.say("how do I point claude code at it?")
+        port = chat.app.env["TOKLIGENCE_FACADE_PORT"]  # where the gateway listens, and the daemon below
+        assert f"ANTHROPIC_BASE_URL=http://127.0.0.1:{port} ANTHROPIC_API_KEY=anything claude" in said
+        said = chat.say("make me a sandwich")
+        assert "I did not understand" in said and "not a language model" in said and "route claude to openai" in said
+        said = chat.say("start the gateway")
+        assert "started tgw in the background" in said
+        said = chat.say("is the gateway running?")
+        assert f"gateway: running at http://127.0.0.1:{port} (pid" in said and "started by tgw start" in said
+        assert "work_mode: translation" in said and "routes: claude*=>openai" in said
+        said = chat.say("stop the gateway")
+        assert "stopped tgw (pid" in said and not (hermetic / ".tokligence" / "tgw.pid").exists()
+    finally:
+        tgw.stop_daemon(5)
+        chat.app.close()
+    assert CHAT_TYPED_OPENAI_KEY not in chat.out.getvalue()
+
+
+def test_offline_assistant_shows_the_providers_exact_error(tmp_path, upstream):
+    up = upstream(lambda h, b: reply_json(
+        h, {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}, 401))  # fmt: skip
+    ini = tmp_path / "gateway.ini"
+    ini.write_text(f"anthropic_api_key = {CHAT_ANTHROPIC_KEY}\nanthropic_base_url = {up.url}\n")
+    chat = OfflineChat(ini, offline=True)
+    try:
+        said = chat.say("why does claude-sonnet-4-5 fail")
+    finally:
+        chat.app.close()
+    assert "test request failed after" in said and "HTTP 401 from anthropic: invalid x-api-key" in said
+    assert "The provider refused the key" in said and CHAT_ANTHROPIC_KEY not in said
+    assert up.requests[-1]["headers"]["x-api-key"] == CHAT_ANTHROPIC_KEY
+    assert up.requests[-1]["body"]["max_tokens"] == 32
+
+
+def test_typed_keys_become_placeholders_and_only_they_come_back():
+    secrets = tgw.ChatSecrets()
+    text = (f"key {CHAT_TYPED_OPENAI_KEY} and {CHAT_TYPED_GEMINI_KEY}, again {CHAT_TYPED_OPENAI_KEY}; token "
+            "a8F3kq9ZmW2xT7vB1nY6cR4pL0sD5eHj; model claude-sonnet-4-5-20250929, path /home/me/projects/gateway.ini")  # fmt: skip
+    hidden = secrets.hide(text)
+    assert hidden == ("key [secret_1] and [secret_2], again [secret_1]; token [secret_3]; model "
+                      "claude-sonnet-4-5-20250929, path /home/me/projects/gateway.ini")  # fmt: skip
+    assert secrets.reveal("[secret_2]") == CHAT_TYPED_GEMINI_KEY and secrets.kind("[secret_1]") == "openai"
+    with pytest.raises(tgw.ConfigError):
+        secrets.reveal("[secret_9]")
+    assert "a8F3kq9ZmW2xT7vB1nY6cR4pL0sD5eHj" not in tgw.redact("logged a8F3kq9ZmW2xT7vB1nY6cR4pL0sD5eHj")
+
+
+def test_search_docs_reads_config_keys_added_at_runtime(monkeypatch):
+    monkeypatch.setitem(tgw.CONFIG_KEYS, "breaker_cooldown", (30.0, "float", "seconds a tripped breaker stays open"))
+    cfg = tgw.load_config(None, {}, env={})
+    hits = tgw.search_docs(tgw.chat_docs(cfg), "what does breaker_cooldown do")
+    assert hits[0] == ("config key breaker_cooldown", "seconds a tripped breaker stays open. Default: 30.0. "
+                       "Environment variable: TOKLIGENCE_BREAKER_COOLDOWN.")  # fmt: skip
+    assert tgw.search_docs(tgw.chat_docs(cfg), "codex")[0][0] == "client Codex"
+
+
+def test_status_prints_every_section_health_returns(tmp_path, upstream, start_gateway):
+    gw = start_gateway()
+    extra = {"status": "ok", "work_mode": "auto", "routes": [], "providers": {},
+             "breakers": {"openai/0": {"state": "open", "failures": 5}, "anthropic/0": "closed"}}  # fmt: skip
+    fake = upstream(lambda h, b: reply_json(h, extra))
+    for port, expected in ((gw.port, ["health: ok, version", "loopback       loopback   configured"]),
+                           (fake.port, ["breakers:", "  openai/0:", "    state: open", "    failures: 5",
+                                        "  anthropic/0: closed"])):  # fmt: skip
+        cfg = tgw.load_config(None, {"facade_port": str(port)}, env={})
+        status = tgw.run_with_pool(lambda pool, cfg=cfg: tgw.gateway_status(cfg, pool))
+        text = tgw.format_status(status)
+        assert status["running"] and text.startswith(f"gateway: running at http://127.0.0.1:{port} (not started by")
+        for line in expected:
+            assert line in text.splitlines() or line in text
+
+
+def test_start_status_stop_round_trip(tmp_path, hermetic):
+    env = nothing_reachable()
+    pid_file = hermetic / ".tokligence" / "tgw.pid"
+    try:
+        started = run_tgw("start", "--port", "0", env=env, cwd=tmp_path)
+        assert started.returncode == 0 and "started tgw in the background" in started.stdout, started.stderr
+        info = json.loads(pid_file.read_text())
+        port = int(info["url"].rsplit(":", 1)[1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/v1/chat/completions", json.dumps({"model": "m", "messages": [{"role": "user",
+                                                                 "content": "hi"}]}))  # fmt: skip
+        assert conn.getresponse().status == 200
+        conn.close()
+        status = run_tgw("status", env=env, cwd=tmp_path)
+        assert (
+            status.returncode == 0
+            and f"running at {info['url']} (pid {info['pid']}, started by tgw start" in status.stdout
+        )
+        data = json.loads(run_tgw("status", "--json", env=env, cwd=tmp_path).stdout)
+        assert data["running"] and data["health"]["status"] == "ok" and data["daemon"]["pid"] == info["pid"]
+        again = run_tgw("start", env=env, cwd=tmp_path)
+        assert again.returncode == 0 and f"already running (pid {info['pid']}" in again.stdout
+        stopped = run_tgw("stop", env=env, cwd=tmp_path)
+        assert stopped.returncode == 0 and f"stopped tgw (pid {info['pid']})" in stopped.stdout
+        assert not pid_file.exists() and not tgw.process_alive(info["pid"])
+        status = run_tgw("status", env=env, cwd=tmp_path)
+        assert status.returncode == 3 and "gateway: not running" in status.stdout
+        assert "listening on " + info["url"] in (hermetic / ".tokligence" / "tgw.log").read_text()
+    finally:
+        info = tgw.read_pid_file(pid_file)
+        if info and tgw.process_alive(info["pid"]):
+            os.kill(info["pid"], signal.SIGKILL)
+
+
+def test_start_reports_why_the_daemon_did_not_start_and_stop_clears_a_stale_pid_file(tmp_path, hermetic):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        outcome = tgw.start_daemon(None, {"facade_port": str(busy.getsockname()[1])})
+    assert not outcome.ok and "exited at start" in outcome.text and "address already in use" in outcome.text.lower()
+    pid_file = hermetic / ".tokligence" / "tgw.pid"
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    pid_file.write_text(json.dumps({"pid": gone.pid, "url": "http://127.0.0.1:1"}))
+    outcome = tgw.stop_daemon(1)
+    assert outcome.ok and f"stale pid file naming pid {gone.pid}" in outcome.text and not pid_file.exists()
+
+
+def test_chat_in_a_terminal_streams_confirms_survives_ctrl_c_and_exits(tmp_path, hermetic, upstream):
+    import pty
+    import select
+
+    def answer(h, body):
+        said = last_user_text(body)
+        if "story" in said and not answered_tools(body):
+            reply_sse(h, openai_stream(" ".join(f"word{i}" for i in range(150))), delay=0.2)
+        elif "translation" in said:
+            if answered_tools(body):
+                reply_sse(h, openai_stream("Switched to translation mode."))
+            else:
+                reply_sse(h, openai_stream(calls=[("set_config", {"key": "work_mode", "value": "translation"})]))
+        else:
+            reply_sse(h, openai_stream("Hello! I am the tgw assistant."))
+
+    up = upstream(openai_compatible(answer))
+    ini = tmp_path / "gateway.ini"
+    ini.write_text(f"openai_api_key = {CHAT_OPENAI_KEY}\nopenai_base_url = {up.url}/v1\n")
+    env = nothing_reachable()
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: become `tgw chat` at once
+        try:
+            os.chdir(tmp_path)
+            os.execve(sys.executable, [sys.executable, TGW, "chat"], env)
+        finally:
+            os._exit(127)
+    seen = b""
+
+    def expect(text: str, timeout=30.0) -> str:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while text.encode() not in seen:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(
+                    f"no {text!r} within {timeout} s; the terminal shows:\n{seen.decode(errors='replace')}"
+                )
+            try:
+                seen += os.read(fd, 65536)
+            except OSError:  # the child closed the terminal
+                raise AssertionError(f"no {text!r}; the terminal shows:\n{seen.decode(errors='replace')}") from None
+        at = seen.index(text.encode()) + len(text)
+        shown, seen = seen[:at], seen[at:]
+        return shown.decode(errors="replace")
+
+    def send(text: str):
+        os.write(fd, text.encode())
+
+    try:
+        assert "model gpt-4o-mini on openai" in expect("tgw> ")
+        send("hello\r")
+        expect("Hello! I am the tgw assistant.")
+        expect("tgw> ")
+        send("switch to translation mode\r")
+        assert "set work_mode = translation in" in expect("[y/N] ")
+        send("y\r")
+        expect("work_mode: auto -> translation")
+        expect("Switched to translation mode.")
+        expect("tgw> ")
+        assert "work_mode = translation" in ini.read_text()
+        send("tell me a story\r")
+        expect("word2 ")  # the answer is streaming
+        send("\x03")
+        expect("(interrupted)")
+        expect("tgw> ")
+        send(f"my gemini key is {CHAT_TYPED_GEMINI_KEY}\r")
+        expect("Hello! I am the tgw assistant.")
+        expect("tgw> ")
+        send("exit\r")
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    interrupted = up.requests[-1]["body"]["messages"]
+    assert any("word0" in (m.get("content") or "") and "[interrupted by the user]" in m["content"] for m in interrupted)
+    assert "word149" not in json.dumps(interrupted) and "[secret_1]" in last_user_text(up.requests[-1]["body"])
+    history = (hermetic / ".tokligence" / "chat_history").read_text()
+    assert "switch to translation mode" in history and "my gemini key is [secret_1]" in history
+    assert CHAT_TYPED_GEMINI_KEY not in history
+    assert_no_secret_sent(up.requests, (CHAT_OPENAI_KEY, CHAT_TYPED_GEMINI_KEY), "Authorization",
+                          f"Bearer {CHAT_OPENAI_KEY}")  # fmt: skip
+
+
+def test_chat_on_a_gemini_upstream_runs_the_same_tools(tmp_path, upstream):
+    def answer(h, body):
+        last = body["contents"][-1]["parts"][0]
+        if "functionResponse" in last:
+            parts = [{"text": "Now in passthrough mode."}]
+        else:
+            parts = [{"functionCall": {"name": "set_config", "args": {"key": "work_mode", "value": "passthrough"}}}]
+        chunk = {"candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP"}],
+                 "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 3}}  # fmt: skip
+        reply_sse(h, [chunk])
+
+    up = upstream(answer)
+    gemini_key = "AIzaConfiguredGeminiKey0123456789abcdefg"
+    ini = tmp_path / "gateway.ini"
+    ini.write_text(f"gemini_api_key = {gemini_key}\ngemini_base_url = {up.url}\n")
+    out = io.StringIO()
+    app = tgw.ChatApp(str(ini), yes=True, out=out, can_ask=False, env=nothing_reachable())
+    try:
+        assert app.choose() == f"model gemini-2.5-flash on gemini (gemini: gemini_api_key from {ini})"
+        app.turn(app.secrets.hide("use passthrough mode please"))
+    finally:
+        app.close()
+    assert "work_mode = passthrough" in ini.read_text() and "Now in passthrough mode." in out.getvalue()
+    assert [r["path"] for r in up.requests] == ["/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"] * 2
+    answered = up.requests[1]["body"]["contents"][-1]["parts"][0]["functionResponse"]
+    assert answered["name"] == "set_config" and "work_mode: auto -> passthrough" in json.dumps(answered)
+    assert all(r["headers"]["x-goog-api-key"] == gemini_key and gemini_key not in json.dumps(r["body"])
+               for r in up.requests)  # fmt: skip
+
+
+# ======================================================================================
+# Operations: multiport, logs, metrics (issue 14)
+# ======================================================================================
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nobody listens on right now (held open together, so they are distinct)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def start_multiport(start_gateway, **overrides) -> RunningGateway:
+    """A multiport gateway on free ports; another process may take a port between our probe
+    and the bind, so a bind failure is retried with fresh ports (bounded)."""
+    for attempt in range(5):
+        admin, openai, anthropic, gemini = free_ports(4)
+        try:
+            return start_gateway(multiport_mode="true", admin_port=admin, openai_port=openai,
+                                 anthropic_port=anthropic, gemini_port=gemini, **overrides)  # fmt: skip
+        except tgw.ConfigError as exc:
+            if "cannot listen" not in str(exc) or attempt == 4:
+                raise
+
+
+def port_of(gw: RunningGateway, name: str) -> RunningGateway:
+    """The same gateway seen through another of its ports (post/get take a RunningGateway)."""
+    view = object.__new__(RunningGateway)
+    view.port = gw.gateway.listeners[name].port
+    return view
+
+
+MESSAGES = {"model": "claude-x", "max_tokens": 20, "messages": [{"role": "user", "content": "hello"}]}
+GEMINI_CALL = "/v1beta/models/gemini-x:generateContent"
+GEMINI_BODY = {"contents": [{"role": "user", "parts": [{"text": "hello"}]}]}
+
+
+def test_multiport_ports_serve_only_their_bundles_in_their_protocol(start_gateway):
+    gw = start_multiport(start_gateway)
+    facade, admin, openai, anthropic, gemini = (
+        port_of(gw, n) for n in ("facade", "admin", "openai", "anthropic", "gemini")
+    )
+    # the facade serves every bundle
+    assert post(facade, "/v1/chat/completions", CHAT)[0] == 200
+    assert post(facade, "/v1/messages", MESSAGES)[0] == 200
+    assert post(facade, GEMINI_CALL, GEMINI_BODY)[0] == 200
+    assert post(facade, "/v1/responses", {"model": "gpt-4o", "input": "hi"})[0] == 200
+    assert get(facade, "/metrics")[0] == 200
+    # each dedicated port serves its own bundles and /health
+    assert post(openai, "/v1/chat/completions", CHAT)[0] == 200
+    assert get(openai, "/v1/models")[0] == 200
+    assert post(anthropic, "/v1/messages", MESSAGES)[0] == 200
+    assert post(anthropic, "/anthropic/v1/messages/count_tokens", MESSAGES)[0] == 200
+    assert post(gemini, GEMINI_CALL, GEMINI_BODY)[0] == 200
+    assert get(gemini, "/v1beta/models")[0] == 200
+    assert get(admin, "/metrics")[0] == 200
+    for view in (admin, openai, anthropic, gemini):
+        status, _, body = get(view, "/health")
+        assert status == 200 and json.loads(body)["status"] == "ok"
+    # anything else: 404 in the port's own protocol, whatever protocol the path speaks
+    status, _, body = post(openai, "/v1/messages", MESSAGES)
+    error = json.loads(body)["error"]
+    assert status == 404 and error["code"] == "not_found_error" and "openai port" in error["message"]
+    assert post(openai, "/v1/responses", {"model": "gpt-4o", "input": "hi"})[0] == 404  # not in openai_endpoints
+    assert get(openai, "/metrics")[0] == 404
+    status, _, body = post(anthropic, "/v1/chat/completions", CHAT)
+    assert status == 404 and json.loads(body)["type"] == "error"
+    assert json.loads(body)["error"]["type"] == "not_found_error"
+    status, _, body = post(gemini, "/v1/chat/completions", CHAT)
+    assert status == 404 and json.loads(body)["error"]["status"] == "NOT_FOUND"
+    status, _, body = post(admin, "/v1/messages", MESSAGES)
+    assert status == 404 and "message" in json.loads(body)["error"] and "type" not in json.loads(body)
+    # the model list belongs to the protocol its caller speaks
+    assert get(anthropic, "/v1/models", {"anthropic-version": "2023-06-01"})[0] == 200
+    assert get(anthropic, "/v1/models")[0] == 404
+    # a broken request on a dedicated port is refused in that port's protocol too
+    data = raw_exchange(gemini.port, b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: x\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 400") and json.loads(data.partition(b"\r\n\r\n")[2])["error"]["status"]
+    # one gateway behind every port: one ledger
+    rows = gw.rows(7)
+    assert {r["client_protocol"] for r in rows} >= {"openai", "anthropic", "gemini", "responses"}
+
+
+def test_multiport_shutdown_drains_and_stops_every_port(start_gateway, upstream):
+    release = threading.Event()
+
+    def slow(h, b):
+        release.wait(20)
+        reply_json(h, chat_completion())
+
+    up = upstream(slow)
+    gw = start_multiport(start_gateway, env=openai_env(up))
+    ports = [listener.port for listener in gw.gateway.listeners.values()]
+    assert len(ports) == 5 and len(set(ports)) == 5
+    answer: dict = {}
+    client = threading.Thread(target=lambda: answer.update(r=post(port_of(gw, "openai"), "/v1/chat/completions",
+                                                                    CHAT, timeout=30)))  # fmt: skip
+    client.start()
+    deadline = time.monotonic() + 10
+    while not up.requests and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stopper = threading.Thread(target=gw.stop)
+    stopper.start()
+
+    def refused(port):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            return False
+        except OSError:
+            return True
+
+    deadline = time.monotonic() + 10
+    while not all(refused(p) for p in ports) and time.monotonic() < deadline:  # every port stops accepting
+        time.sleep(0.05)
+    assert all(refused(p) for p in ports)
+    release.set()  # ...while the request in flight on the openai port finishes
+    client.join(30)
+    stopper.join(30)
+    assert answer["r"][0] == 200 and json.loads(answer["r"][2])["choices"][0]["message"]["content"]
+    assert not gw.thread.is_alive()
+
+
+def test_facade_endpoints_narrow_the_single_port(start_gateway):
+    gw = start_gateway(facade_endpoints="anthropic, health")
+    assert post(gw, "/v1/messages", MESSAGES)[0] == 200 and get(gw, "/health")[0] == 200
+    status, _, body = post(gw, "/v1/chat/completions", CHAT)
+    assert status == 404 and "facade port" in json.loads(body)["error"]["message"]
+    assert get(gw, "/metrics")[0] == 404
+    assert list(gw.gateway.listeners) == ["facade"]  # multiport_mode is off: no other port
+
+
+def test_multiport_configuration_errors_name_the_key(tmp_path):
+    with pytest.raises(tgw.ConfigError, match="unknown endpoint bundle 'chat' in openai_endpoints"):
+        make_config(tmp_path, openai_endpoints="openai_core,chat")
+    with pytest.raises(tgw.ConfigError, match="anthropic_port and openai_port are both 9000"):
+        make_config(tmp_path, multiport_mode="true", openai_port=9000, anthropic_port=9000)
+    cfg = make_config(tmp_path, gemini_endpoints="", facade_endpoints="OpenAI, status")  # Tokligence's spellings
+    assert tgw.parse_bundles(cfg.gemini_endpoints, "gemini_endpoints") == {"gemini_native", "health"}
+    assert tgw.parse_bundles(cfg.facade_endpoints, "facade_endpoints") == {"openai_core", "health"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cfg = make_config(tmp_path, multiport_mode="true", admin_port=0, anthropic_port=0, gemini_port=0,
+                          openai_port=taken.getsockname()[1])  # fmt: skip
+        with pytest.raises(tgw.ConfigError, match=r"cannot listen on 127\.0\.0\.1:\d+ \(openai_port\)"):
+            asyncio.run(tgw.serve(cfg))
+
+
+@pytest.fixture
+def tgw_logs():
+    """tgw's own logging (what `tgw serve` sets up), undone after the test."""
+    root = logging.getLogger()
+    level = root.level
+    yield tgw.LOGS
+    tgw.LOGS.close()
+    root.setLevel(level)
+
+
+def flush_logs(gw: RunningGateway) -> None:
+    """Every line the gateway logged for the requests answered so far, written out: a request's
+    line is logged just after its answer is sent, in the same step of the gateway's event loop,
+    so once the loop has run a callback queued now, that step is over."""
+    reached = threading.Event()
+    gw.loop.call_soon_threadsafe(reached.set)
+    assert reached.wait(10)
+    tgw.LOGS.flush()
+
+
+def log_record(message: str, level=logging.INFO) -> logging.LogRecord:
+    return logging.LogRecord("tgw", level, __file__, 1, message, None, None)
+
+
+def test_log_file_rotates_by_size_and_by_utc_day(tmp_path):
+    now = [time.mktime((2026, 3, 9, 23, 0, 0, 0, 0, 0)) - time.timezone]  # 2026-03-09 23:00 UTC
+    path = tmp_path / "logs" / "gateway.log"
+    handler = tgw.RotatingLogFile(str(path), max_bytes=300, keep=3, clock=lambda: now[0])
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    lines = [f"line {i:03d} " + "x" * 80 for i in range(8)]  # 89 bytes each: 3 to a file
+    for line in lines[:5]:
+        handler.emit(log_record(line))
+    handler.flush()
+    day1, day1_2 = path.with_name("gateway-2026-03-09.log"), path.with_name("gateway-2026-03-09-2.log")
+    assert day1.read_text().splitlines() == lines[:3] and day1_2.read_text().splitlines() == lines[3:5]
+    assert path.is_symlink() and path.resolve() == day1_2.resolve()
+    now[0] += 3600  # past midnight UTC: a new day, a new file
+    handler.emit(log_record(lines[5]))
+    handler.flush()
+    day2 = path.with_name("gateway-2026-03-10.log")
+    assert day2.read_text().splitlines() == [lines[5]] and path.resolve() == day2.resolve()
+    handler.close()
+    # a restart the same day appends to the day's file that has room, and old files are pruned
+    handler = tgw.RotatingLogFile(str(path), max_bytes=300, keep=3, clock=lambda: now[0])
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for line in lines[6:]:
+        handler.emit(log_record(line))
+    handler.flush()
+    assert day2.read_text().splitlines() == [lines[5], *lines[6:]]
+    handler.emit(log_record("y" * 200))  # no room left: the next file of the day, and only 3 files are kept
+    handler.close()
+    kept = sorted(p.name for p in path.parent.iterdir() if not p.is_symlink())
+    assert kept == ["gateway-2026-03-09-2.log", "gateway-2026-03-10-2.log", "gateway-2026-03-10.log"]
+    assert path.resolve().name == "gateway-2026-03-10-2.log"
+
+
+def test_json_log_lines_carry_the_request_id_of_the_response_and_the_ledger(start_gateway, upstream, tgw_logs):
+    secret = "sk-upstream-TOPSECRET-4242"
+
+    def script(h, b):
+        if b["model"] == "gpt-bad":  # an upstream that quotes the key back, as OpenAI does on a 401
+            reply_json(h, {"error": {"message": f"Incorrect API key provided: {secret}"}}, status=401)
+        else:
+            reply_json(h, chat_completion())
+
+    up = upstream(script)
+    log_file = Path(os.getcwd()) / "logs" / "gateway.log"
+    gw = start_gateway(env=openai_env(up, key=secret), log_format="json", log_file=str(log_file),
+                       access_log="all", log_level="info")  # fmt: skip
+    tgw_logs.apply(gw.cfg)
+    status, headers, _ = post(gw, "/v1/chat/completions", CHAT, {"X-Request-Id": "client-7f3a.01"})
+    assert status == 200 and headers["x-request-id"] == "client-7f3a.01"
+    status, headers, _ = post(gw, "/v1/chat/completions", CHAT)
+    generated = headers["x-request-id"]
+    assert status == 200 and generated.startswith("req_")
+    status, headers, body = post(gw, "/v1/chat/completions", dict(CHAT, model="gpt-bad"))
+    assert status == 401
+    failed = headers["x-request-id"]
+    rows = gw.rows(3)
+    flush_logs(gw)
+    text = "".join(p.read_text() for p in log_file.parent.iterdir() if not p.is_symlink())
+    entries = [json.loads(line) for line in text.splitlines()]  # every line is one JSON object
+    requests = {e["request_id"]: e for e in entries if e.get("event") == "request"}
+    assert [r["request_id"] for r in rows] == ["client-7f3a.01", generated, failed]
+    first = requests["client-7f3a.01"]
+    assert first["method"] == "POST" and first["path"] == "/v1/chat/completions" and first["status"] == 200
+    assert first["lane"] == "passthrough" and first["provider"] == "openai" and first["model"] == "gpt-4o-mini"
+    assert first["prompt_tokens"] == 11 and first["completion_tokens"] == 7 and first["latency_ms"] > 0
+    assert first["level"] == "info" and first["ts"].endswith("Z")
+    assert requests[generated]["status"] == 200
+    assert requests[failed]["status"] == 401 and "Incorrect API key" in requests[failed]["error"]
+    assert secret not in text and "[redacted" in requests[failed]["error"]  # masked in every line
+
+
+def test_text_log_lines_and_live_log_settings(start_gateway, tgw_logs):
+    log_file = Path(os.getcwd()) / "gateway.log"
+    gw = start_gateway(log_file=str(log_file), access_log="all", log_level="info")
+    tgw_logs.apply(gw.cfg)
+    post(gw, "/v1/messages", MESSAGES, {"X-Request-Id": "abc-1"})
+    flush_logs(gw)
+    line = log_file.read_text().splitlines()[-1]
+    assert " INFO tgw: POST /v1/messages 200 " in line and "lane=loopback" in line
+    assert line.endswith("request_id=abc-1")
+    tgw.redact.add("sk-text-log-secret-77")
+    tgw.log.warning("upstream said: bad key sk-text-log-secret-77")
+    flush_logs(gw)
+    line = log_file.read_text().splitlines()[-1]
+    assert "bad key [redacted" in line and "sk-text-log-secret-77" not in log_file.read_text()
+    # what apply_config (live reload) does: JSON from now on, into the same file; then no access lines
+    gw.gateway.telemetry.apply_config(make_config(Path(os.getcwd()), log_file=str(log_file), log_format="json",
+                                                  access_log="all", log_level="info"))  # fmt: skip
+    post(gw, "/v1/messages", MESSAGES, {"X-Request-Id": "abc-2"})
+    flush_logs(gw)
+    assert json.loads(log_file.read_text().splitlines()[-1])["request_id"] == "abc-2"
+    gw.gateway.telemetry.apply_config(make_config(Path(os.getcwd()), log_file=str(log_file), access_log="off"))
+    size = log_file.stat().st_size
+    post(gw, "/v1/messages", MESSAGES, {"X-Request-Id": "abc-3"})
+    flush_logs(gw)
+    assert log_file.stat().st_size == size
+
+
+@pytest.mark.parametrize(
+    "sent, kept",
+    [
+        ("01HZX3K9Q7-trace.span:42", True),
+        ("a" * 128, True),
+        ("a" * 129, False),
+        ("has space", False),
+        ('quote"d', False),
+        ("<script>", False),
+        ("", False),
+    ],
+)
+def test_request_id_is_the_clients_when_safe_else_generated(start_gateway, sent, kept):
+    gw = start_gateway()
+    status, headers, _ = post(gw, "/v1/chat/completions", CHAT, {"X-Request-Id": sent})
+    assert status == 200
+    if kept:
+        assert headers["x-request-id"] == sent
+    else:
+        assert headers["x-request-id"].startswith("req_") and headers["x-request-id"] != sent
+    assert gw.rows()[-1]["request_id"] == headers["x-request-id"]
+
+
+_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"(,|$)')
+
+
+def parse_prometheus(text: str) -> dict:
+    """Prometheus text format 0.0.4, checked strictly: HELP then TYPE once per family before
+    its samples, sample names of that family, well-formed and escaped labels, float values,
+    no duplicate series, cumulative histogram buckets ending in +Inf == _count.
+    Returns {name: {labels (sorted tuple): value}}."""
+    assert text.endswith("\n")
+    families: dict[str, str] = {}
+    samples: dict[str, dict] = {}
+    family = kind = None
+    helped = None
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split(" ", 3)[2]
+            assert name not in families and name.startswith("tgw_"), line
+            helped = name
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert name == helped and kind in ("counter", "gauge", "histogram"), line
+            families[name] = kind
+            family = name
+            continue
+        assert line and not line.startswith("#"), line
+        m = _SAMPLE.fullmatch(line)
+        assert m, line
+        name, label_text, value = m.groups()
+        suffixes = ("_bucket", "_sum", "_count") if kind == "histogram" else ("",)
+        assert any(name == family + s for s in suffixes), (family, line)
+        labels = []
+        rest = label_text or ""
+        while rest:
+            lm = _LABEL.match(rest)
+            assert lm, line
+            raw = lm.group(2)
+            labels.append((lm.group(1), re.sub(r"\\(.)", lambda e: {"n": "\n"}.get(e.group(1), e.group(1)), raw)))
+            rest = rest[lm.end() :]
+        key = tuple(sorted(labels))
+        series = samples.setdefault(name, {})
+        assert key not in series, f"duplicate series {line}"
+        series[key] = float(value)  # accepts +Inf, -Inf, NaN
+    for name, kind in families.items():
+        if kind != "histogram":
+            continue
+        groups: dict = {}
+        for key, value in samples.get(name + "_bucket", {}).items():
+            le = dict(key)["le"]
+            groups.setdefault(tuple(kv for kv in key if kv[0] != "le"), []).append((float(le), value))
+        for rest_key, buckets in groups.items():
+            buckets.sort()
+            assert buckets[-1][0] == float("inf")
+            assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:], strict=False))
+            assert buckets[-1][1] == samples[name + "_count"][rest_key]
+            assert rest_key in samples[name + "_sum"]
+    return samples
+
+
+def sample(samples: dict, metric: str, /, **labels) -> float:
+    """One series' value (0 when absent) selected by all its labels."""
+    return samples.get(metric, {}).get(tuple(sorted((k, str(v)) for k, v in labels.items())), 0.0)
+
+
+def test_metrics_text_parses_back_with_counts_that_match_the_requests(start_gateway, upstream):
+    flaky = {"failed": False}
+
+    def script(h, b):
+        if b["model"] == "gpt-flaky" and not flaky["failed"]:
+            flaky["failed"] = True
+            reply_json(h, {"error": {"message": "try again"}}, status=503)
+        elif b.get("stream"):
+            reply_sse(h, chat_chunks())
+        else:
+            reply_json(h, chat_completion())
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up), upstream_retries=1)
+    for _ in range(3):
+        assert post(gw, "/v1/chat/completions", CHAT)[0] == 200
+    assert post(gw, "/v1/chat/completions", dict(CHAT, stream=True))[0] == 200
+    assert post(gw, "/v1/chat/completions", dict(CHAT, model="gpt-flaky"))[0] == 200  # one retry
+    for _ in range(2):
+        assert post(gw, "/v1/messages", dict(MESSAGES, model="loopback"))[0] == 200
+    weird = 'we"ird\\mo\ndel'
+    assert post(gw, "/v1/chat/completions", dict(CHAT, model=weird))[0] == 404  # no route
+    assert get(gw, "/no/such/path")[0] == 404
+    rows = gw.rows(8)
+    status, headers, body = get(gw, "/metrics")
+    assert status == 200 and headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    m = parse_prometheus(body.decode())
+    chat = dict(endpoint="/v1/chat/completions", lane="passthrough", provider="openai")
+    assert sample(m, "tgw_requests_total", **chat, model="gpt-4o-mini", status=200) == 4
+    assert sample(m, "tgw_requests_total", **chat, model="gpt-flaky", status=200) == 1
+    assert sample(m, "tgw_requests_total", endpoint="/v1/messages", lane="loopback", provider="loopback",
+                  model="loopback", status=200) == 2  # fmt: skip
+    assert sample(m, "tgw_requests_total", endpoint="/v1/chat/completions", lane="", provider="", model=weird,
+                  status=404) == 1  # fmt: skip
+    assert sample(m, "tgw_requests_total", endpoint="other", lane="", provider="", model="", status=404) == 1
+    assert sample(m, "tgw_request_duration_seconds_count", **chat) == 5
+    assert sample(m, "tgw_time_to_first_token_seconds_count", lane="passthrough", provider="openai") == 1
+    assert sample(m, "tgw_tokens_total", provider="openai", model="gpt-4o-mini", kind="prompt") == 3 * 11 + 9
+    assert sample(m, "tgw_tokens_total", provider="openai", model="gpt-4o-mini", kind="completion") == 3 * 7 + 2
+    cost = sum(r["cost_usd"] for r in rows if r["model_upstream"] == "gpt-4o-mini")
+    assert cost > 0 and sample(m, "tgw_cost_usd_total", provider="openai", model="gpt-4o-mini") == pytest.approx(cost)
+    assert sample(m, "tgw_upstream_attempts_total", provider="openai") == len(up.requests) == 6
+    assert sample(m, "tgw_upstream_retries_total", provider="openai") == 1
+    assert sample(m, "tgw_ledger_rows_written_total") == len(rows) == 8
+    assert sample(m, "tgw_ledger_queue_depth") == 0
+    assert sample(m, "tgw_requests_in_flight", port="facade") == 1  # this scrape
+    assert sample(m, "tgw_build_info", version=tgw.__version__) == 1
+    assert "tgw_upstream_breaker_state" in body.decode() and "tgw_upstream_failovers_total" in body.decode()
+    # a second scrape counts the first one
+    m = parse_prometheus(get(gw, "/metrics")[2].decode())
+    assert sample(m, "tgw_requests_total", endpoint="/metrics", lane="", provider="", model="", status=200) == 1
+
+
+def test_metrics_bound_client_chosen_labels(start_gateway, monkeypatch):
+    monkeypatch.setattr(tgw, "MAX_MODEL_LABELS", 3)
+    gw = start_gateway()
+    for name in ("m-a", "m-b", "m-c", "m-d", "m-e", "x" * 5000):
+        assert post(gw, "/v1/messages", dict(MESSAGES, model=name))[0] == 200
+    post(gw, "/v1beta/models/some-model:generateContent", GEMINI_BODY)
+    post(gw, "/v1beta/models/other-model:streamGenerateContent?alt=sse", GEMINI_BODY)
+    m = parse_prometheus(get(gw, "/metrics")[2].decode())
+    models = {dict(k)["model"]: v for k, v in m["tgw_requests_total"].items() if dict(k)["endpoint"] == "/v1/messages"}
+    assert models == {"m-a": 1, "m-b": 1, "m-c": 1, "other": 3}
+    endpoints = {dict(k)["endpoint"] for k in m["tgw_requests_total"]}
+    assert {"/v1beta/models/{model}:generateContent", "/v1beta/models/{model}:streamGenerateContent"} <= endpoints
+
+
+def test_metrics_need_the_gateway_key_and_health_stays_public(start_gateway):
+    gw = start_gateway(api_keys="gw-key-1")
+    assert get(gw, "/metrics")[0] == 401
+    status, _, body = get(gw, "/metrics", {"Authorization": "Bearer gw-key-1"})
+    assert status == 200 and b"# TYPE tgw_requests_total counter" in body
+    assert get(gw, "/health")[0] == 200
+
+
+def test_metrics_registry_api_for_other_parts_of_the_gateway(monkeypatch):
+    monkeypatch.setattr(tgw, "MAX_SERIES", 2)
+    m = tgw.Metrics()
+    hits = m.counter("tgw_hits_total", 'Hits, with a "quote" and a \\ in the help\nand a newline', ("kind",))
+    hits.inc(("a",))
+    hits.inc(("a",), 2)
+    hits.inc(("b",))
+    hits.inc(("c",))  # past MAX_SERIES: folded into "other"
+    hits.inc(("d",))
+    state = m.gauge("tgw_state", "Settable", ("name",))
+    state.set(("x",), 3)
+    state.inc(("x",))
+    state.dec(("x",), 2)
+    m.gauge("tgw_computed", "At scrape time", ("name",), callback=lambda: [(("p",), 1.5), (("q",), float("inf"))])
+    m.gauge("tgw_broken", "A callback that fails", callback=lambda: 1 / 0)
+    m.counter("tgw_plain_total", "No labels", callback=lambda: 7)
+    latency = m.histogram("tgw_wait_seconds", "Waits", ("kind",), buckets=(0.1, 1))
+    for value in (0.05, 0.1, 0.5, 9):
+        latency.observe(("a",), value)
+    with pytest.raises(ValueError, match="already registered"):
+        m.counter("tgw_hits_total", "again")
+    with pytest.raises(ValueError, match="invalid metric or label name"):
+        m.counter("tgw-bad", "dash")
+    with pytest.raises(ValueError, match="invalid metric or label name"):
+        m.histogram("tgw_bad_seconds", "le is reserved", ("le",))
+    with pytest.raises(ValueError, match="takes labels"):
+        hits.inc(("a", "b"))
+    text = m.render().decode()
+    samples = parse_prometheus(text)
+    assert sample(samples, "tgw_hits_total", kind="a") == 3 and sample(samples, "tgw_hits_total", kind="other") == 2
+    assert sample(samples, "tgw_state", name="x") == 2
+    assert sample(samples, "tgw_computed", name="q") == float("inf") and 'name="q"} +Inf' in text
+    assert sample(samples, "tgw_plain_total") == 7 and "tgw_plain_total 7\n" in text
+    assert "# TYPE tgw_broken gauge" in text  # its samples are left out, every other metric is there
+    assert sample(samples, "tgw_wait_seconds_bucket", kind="a", le="0.1") == 2
+    assert sample(samples, "tgw_wait_seconds_bucket", kind="a", le="+Inf") == 4
+    assert sample(samples, "tgw_wait_seconds_sum", kind="a") == pytest.approx(9.65)
+    assert '# HELP tgw_hits_total Hits, with a "quote" and a \\\\ in the help\\nand a newline\n' in text
+
+
+def test_a_client_key_is_added_to_the_others_without_showing_them(tmp_path):
+    ini = tmp_path / "gateway.ini"
+    ini.write_text(f"api_keys = {CHAT_CLIENT_KEY}\n")
+    chat = OfflineChat(ini, offline=True)
+    try:
+        said = chat.say("add tok_second_client_key_abcdef012345 as a client key")
+        listed = chat.app.tools.call("get_config", {"key": "api_keys"}).text
+    finally:
+        chat.app.close()
+    assert f"api_keys = {CHAT_CLIENT_KEY},tok_second_client_key_abcdef012345" in ini.read_text()
+    assert (
+        "set_config(key=api_keys, value=[secret_2],[secret_1])" in said and "(set: 1 key(s)) -> (set: 2 key(s))" in said
+    )
+    assert CHAT_CLIENT_KEY not in said + listed and "tok_second" not in said + listed
+    assert listed.startswith("api_keys = [secret_2], [secret_1] (2 key(s); keep them to add one)")
+
+
+def test_a_model_that_never_stops_calling_tools_is_stopped_and_bad_calls_get_errors(tmp_path, upstream):
+    def answer(h, body):
+        reply_sse(h, openai_stream(calls=[("get_status", '{"broken'), ("no_such_tool", {}),
+                                          ("set_config", {"key": "work_mode"})]))  # fmt: skip
+
+    up = upstream(openai_compatible(answer))
+    ini = tmp_path / "gateway.ini"
+    ini.write_text(f"openai_api_key = {CHAT_OPENAI_KEY}\nopenai_base_url = {up.url}/v1\n")
+    out = io.StringIO()
+    app = tgw.ChatApp(str(ini), yes=True, out=out, can_ask=False, env=nothing_reachable())
+    try:
+        assert app.choose().startswith("model gpt-4o-mini on openai")
+        app.turn("what is going on?")
+    finally:
+        app.close()
+    calls = [r for r in up.requests if r["path"] == "/v1/chat/completions"]
+    assert len(calls) == tgw.CHAT_TOOL_ROUNDS and "tool calls for one request is the limit" in out.getvalue()
+    results = {m["tool_call_id"]: m["content"] for m in calls[1]["body"]["messages"] if m["role"] == "tool"}
+    assert results["call_0"].startswith("[tool error] the arguments must be a JSON object")
+    assert results["call_1"].startswith("[tool error] there is no tool 'no_such_tool'")
+    assert results["call_2"] == "[tool error] 'value' is required"
+    assert (
+        ini.read_text().count("\n") == 2 and app.failed_changes == tgw.CHAT_TOOL_ROUNDS
+    )  # the set_config without a value, each round

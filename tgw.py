@@ -9,23 +9,31 @@ routes each model to its provider and records every token in a sqlite ledger.
     python3 tgw.py logs               # the most recent requests
     python3 tgw.py config list        # effective configuration (secrets masked)
     python3 tgw.py user add a@b.c     # a team member; `tgw key create --user a@b.c` gives them a key
+    python3 tgw.py chat               # an assistant that configures and troubleshoots it, online or offline
+    python3 tgw.py start | status | stop   # the gateway in the background
 
 Sections, in the order data flows:
     1. Utilities                 small helpers shared by everything below
     2. Config                    defaults < gateway.ini < TOKLIGENCE_* env < command-line flags
     3. HTTP/1.1 wire             server connections, upstream client with pool, SSE parsing
     4. Canonical model           the hub every protocol converts to and from
-    5. Codecs                    one per wire protocol: OpenAI Chat, Anthropic Messages,
-                                 OpenAI Responses, Gemini (+ JSON Schema cleaning for Gemini)
+    5. Codecs                    one per wire protocol: OpenAI Chat (+ legacy Completions),
+                                 Anthropic Messages, OpenAI Responses, Gemini (+ JSON Schema
+                                 cleaning for Gemini and for Anthropic's structured outputs)
     6. Providers                 upstream endpoints, auth headers, the loopback model
-    7. Router                    model routes, aliases, work modes
+    7. Router                    model routes, aliases, work modes, model lists fetched from providers
     8. Ledger                    sqlite schema, background writer, usage queries, prices,
                                  stored Responses (previous_response_id)
     9. Identity                  users, API keys, budgets, rate limits (in the ledger's database)
    10. Gateway                   endpoints and lanes (passthrough, translation, loopback),
-                                 auth, errors per protocol, loop guard, serve()
-   11. Admin API                 Tokligence Gateway's /api/v1/admin/* and /api/v1/usage/*
-   12. CLI                       serve, config, usage, logs, user, key
+                                 auth, errors per protocol, loop guard, endpoint bundles and
+                                 multiport listeners, serve()
+   11. Observability             logs (queue thread, rotation, JSON, request ids) and
+                                 Prometheus metrics (registry, GET /metrics)
+   12. Admin API                 Tokligence Gateway's /api/v1/admin/* and /api/v1/usage/*
+   13. CLI                       serve, config, usage, logs, user, key (chat, start, stop, status: 14 and 15)
+   14. Gateway control           tgw start / stop / status: the daemon, its pid file and log, /health
+   15. The chat assistant        model selection, tools, the offline assistant, the terminal loop
 
 Find a thing by its protocol: `AnthropicCodec.encode_request`, `ResponsesStreamEncoder`,
 `GeminiStreamDecoder`, ... Every codec converts to and from the canonical Request / Response /
@@ -36,9 +44,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import base64
+import bisect
 import calendar
+import contextlib
+import contextvars
 import datetime
+import difflib
 import fnmatch
 import functools
 import gc
@@ -48,6 +61,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import secrets
 import signal
@@ -55,9 +69,11 @@ import socket
 import sqlite3
 import ssl
 import struct
+import subprocess
 import sys
 import threading
 import time
+import traceback
 import uuid
 import zlib
 from collections import deque
@@ -321,7 +337,21 @@ DEFAULT_ROUTES = (
 # key: (default, kind, meaning). kind is "str", "secret", "int", "float", "bool", or a tuple of choices.
 CONFIG_KEYS: dict[str, tuple] = {
     "host": ("127.0.0.1", "str", "address to listen on; a non-loopback address needs api_keys or allow_public_bind"),
-    "facade_port": (8081, "int", "port of the gateway's one endpoint (all protocols)"),
+    "facade_port": (8081, "int", "port of the gateway's one endpoint (every protocol in facade_endpoints)"),
+    "multiport_mode": (False, "bool", "also listen on admin_port, openai_port, anthropic_port, gemini_port (0 = off)"),
+    "admin_port": (8079, "int", "multiport: port serving admin_endpoints"),
+    "openai_port": (8082, "int", "multiport: port serving openai_endpoints"),
+    "anthropic_port": (8083, "int", "multiport: port serving anthropic_endpoints"),
+    "gemini_port": (8084, "int", "multiport: port serving gemini_endpoints"),
+    "facade_endpoints": (
+        "openai_core,openai_responses,anthropic,gemini_native,admin,health",
+        "str",
+        "bundles the facade port serves: openai_core, openai_responses, anthropic, gemini_native, admin, health",
+    ),
+    "openai_endpoints": ("openai_core,health", "str", "multiport: endpoint bundles of openai_port"),
+    "anthropic_endpoints": ("anthropic,health", "str", "multiport: endpoint bundles of anthropic_port"),
+    "gemini_endpoints": ("gemini_native,health", "str", "multiport: endpoint bundles of gemini_port"),
+    "admin_endpoints": ("admin,health", "str", "multiport: endpoint bundles of admin_port"),
     "allow_public_bind": (False, "bool", "allow a non-loopback host while no api_keys are set"),
     "api_keys": ("", "secret", "comma-separated keys clients must present; empty = no client auth"),
     "auth": (
@@ -353,9 +383,19 @@ CONFIG_KEYS: dict[str, tuple] = {
         "str",
         "globs of OpenAI-protocol models that accept reasoning_effort",
     ),
+    "chat_model": ("", "str", "model tgw chat talks to (a routed name or PROVIDER/MODEL); empty: the first one found"),
     "ledger_path": ("~/.tokligence/ledger.db", "str", "sqlite ledger file (WAL); ':memory:' keeps nothing"),
     "ledger_queue_size": (10000, "int", "rows buffered before requests wait for the ledger writer"),
-    "log_level": ("info", ("debug", "info", "warning", "error"), "stderr log level"),
+    "log_level": ("info", ("debug", "info", "warning", "error"), "log level (stderr, and log_file when set)"),
+    "log_format": ("text", ("text", "json"), "text lines, or one JSON object per line"),
+    "log_file": ("", "str", "also log to this file, rotated daily (UTC) and by size: NAME-YYYY-MM-DD[-N].EXT"),
+    "log_max_mb": (100.0, "float", "megabytes a log file may reach before the next one of the day starts"),
+    "log_max_files": (14, "int", "rotated log files kept; older ones are deleted"),
+    "access_log": (
+        "errors",
+        ("off", "errors", "all"),
+        "one log line per request: none, answers >= 400 only, or all (log_level = debug logs all)",
+    ),
     "max_body_bytes": (33554432, "int", "largest request body accepted (413 above)"),
     "max_header_bytes": (65536, "int", "largest request head accepted (431 above)"),
     "max_request_line": (16384, "int", "longest request line accepted (414 above)"),
@@ -532,10 +572,12 @@ def register_secrets(values: dict, providers: dict) -> None:
 
 
 def validate_config(values: dict) -> None:
-    for key in ("facade_port",):
+    for key in PORT_KEYS:
         if not 0 <= values[key] <= 65535:
             raise ConfigError(f"invalid value {values[key]!r} for {key}: expected a port from 0 to 65535")
-    for key in ("max_body_bytes", "max_header_bytes", "max_request_line", "ledger_queue_size"):
+    validate_multiport(values)
+    for key in ("max_body_bytes", "max_header_bytes", "max_request_line", "ledger_queue_size", "log_max_mb",
+                "log_max_files"):  # fmt: skip
         if values[key] <= 0:
             raise ConfigError(f"invalid value {values[key]!r} for {key}: expected a positive number")
     for key in ("default_rpm", "default_tpm"):
@@ -988,7 +1030,7 @@ class HttpServer:
                 except asyncio.LimitOverrunError:
                     self._reject(writer, HttpError(400, "malformed chunked body"))
                     return
-                exchange = Exchange(writer, request, new_id("req_"))
+                exchange = Exchange(writer, request, request_id_of(request))
                 if self.draining:
                     exchange.close_after = True
                 await self.handler(request, exchange)
@@ -1726,7 +1768,9 @@ STOP_REASONS = {
 }  # fmt: skip
 STOP_REASONS_IN = {
     "openai": {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
-               "content_filter": "content_filter"},
+               "content_filter": "content_filter", "eos": "end_turn", "eos_token": "end_turn", "tool_call": "tool_use",
+               "max_tokens": "max_tokens", "model_length": "max_tokens"},  # the last five: compatible servers'
+
     "anthropic": {v: v for v in ("end_turn", "stop_sequence", "max_tokens", "tool_use", "refusal", "pause_turn")}
     | {"model_context_window_exceeded": "max_tokens"},
     "gemini": {"STOP": "end_turn", "MAX_TOKENS": "max_tokens", "SAFETY": "content_filter", "RECITATION": "content_filter",
@@ -1811,6 +1855,8 @@ class Codec:
             if isinstance(err, dict):
                 message = str(err.get("message") or "")
                 kind = err.get("type") if isinstance(err.get("type"), str) else ""
+                if not message and isinstance(err.get("detail"), str):  # FastAPI-based servers
+                    message = err["detail"]
             elif isinstance(err, str):
                 message = err
         if not message:
@@ -2023,11 +2069,18 @@ class OpenAIChatCodec(Codec):
         if effort and (provider is None or provider.accepts_reasoning(model)):
             body["reasoning_effort"] = effort
         if req.response_format:
-            body["response_format"] = req.response_format
+            body["response_format"] = self._encode_response_format(req.response_format)
         if req.stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}  # the ledger needs real numbers
         return body
+
+    @staticmethod
+    def _encode_response_format(fmt: dict) -> dict:
+        spec = fmt.get("json_schema")
+        if fmt.get("type") != "json_schema" or not isinstance(spec, dict) or spec.get("name"):
+            return fmt
+        return {**fmt, "json_schema": {**spec, "name": "response"}}  # OpenAI requires a name
 
     def _encode_message(self, msg: Message) -> list:
         if msg.role == "system":
@@ -2046,10 +2099,14 @@ class OpenAIChatCodec(Codec):
                 out["content"] = ""
             return [out]
         out = []
+        shown: list = []  # images tool results returned: a tool message holds text only
         for p in msg.parts:
             if p.type == "tool_result":
                 out.append({"role": "tool", "tool_call_id": p.id, "content": tool_result_text(p)})
-        rest = [p for p in msg.parts if p.type in ("text", "image")]
+                if p.content and any(c.type == "image" for c in p.content):
+                    shown.append(Part("text", text=f"[the image(s) that tool call {p.id} returned]"))
+                    shown.extend(c for c in p.content if c.type == "image")
+        rest = shown + [p for p in msg.parts if p.type in ("text", "image")]
         if rest:
             out.append({"role": "user", "content": self._encode_content(rest)})
         return out
@@ -2078,23 +2135,29 @@ class OpenAIChatCodec(Codec):
     def decode_response(self, body: dict) -> Response:
         choices = body.get("choices") or [{}]
         choice = choices[0] or {}
+        if "error" in body or "error" in choice:  # OpenRouter: an error met while generating, in a 200 answer
+            self._raise_answer_error(body, choice)
         message = choice.get("message") or {}
         parts = []
         reasoning = message.get("reasoning_content") or message.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
             parts.append(Part("thinking", text=reasoning))
-        if message.get("content"):
-            parts.append(Part("text", text=message["content"]))
+        content = message.get("content")
+        if content:
+            parts.append(Part("text", text=content if isinstance(content, str) else compatible_content_text(content)))
         if message.get("refusal"):
             parts.append(Part("text", text=message["refusal"]))
         for call in message.get("tool_calls") or []:
             fn = call.get("function") or {}
+            arguments = fn.get("arguments") or ""
             parts.append(
                 Part(
                     "tool_call",
                     id=call.get("id") or new_id("call_"),
                     name=fn.get("name", ""),
-                    arguments=fn.get("arguments") or "",
+                    arguments=arguments
+                    if isinstance(arguments, str)
+                    else dumps(arguments).decode(),  # Ollama: an object
                 )
             )
         stop = stop_reason_in("openai", choice.get("finish_reason"))
@@ -2104,6 +2167,14 @@ class OpenAIChatCodec(Codec):
             stop = "tool_use"
         return Response(body.get("id") or new_id("chatcmpl-"), body.get("model", ""), parts, stop,
                         usage=self.decode_usage(body.get("usage")), created=body.get("created") or 0)  # fmt: skip
+
+    @staticmethod
+    def _raise_answer_error(body: dict, choice: dict) -> None:
+        err = body.get("error") or choice.get("error")
+        if not err:
+            return
+        message = err.get("message") if isinstance(err, dict) else err
+        raise GatewayError(502, f"upstream error while generating: {str(message or err)[:500]}")
 
     @staticmethod
     def decode_usage(usage) -> Usage:
@@ -2211,6 +2282,13 @@ OPENAI_MAX_OUTPUT = (
 )  # fmt: skip
 
 
+def compatible_content_text(content) -> str:
+    """An answer's content some compatible servers (Mistral's) send as an array of text parts."""
+    if not isinstance(content, list):
+        return str(content)
+    return "".join(c.get("text") or "" for c in content if isinstance(c, dict) and c.get("type") == "text")
+
+
 @functools.lru_cache(maxsize=1024)
 def openai_max_output(model: str) -> int | None:
     return next((limit for pattern, limit in OPENAI_MAX_OUTPUT if glob_match(pattern, model)), None)
@@ -2241,8 +2319,9 @@ class OpenAIStreamDecoder:
         self.next_index = 0
         self.open_index: int | None = None
         self.open_key = None
-        self.tool_index: dict[int, int] = {}
+        self.tool_index: dict = {}  # tool call key (OpenAICallKeys) -> block index
         self.tool_arguments: dict[int, str] = {}  # block index -> arguments so far, of tool blocks not stopped
+        self.call_keys: OpenAICallKeys | None = None  # made at the first tool call
         self.stop_reason = ""
         self.usage: Usage | None = None
         self.finished = False
@@ -2278,8 +2357,9 @@ class OpenAIStreamDecoder:
         except ValueError:
             return [StreamError(GatewayError(502, f"upstream sent malformed stream data: {data[:120]!r}"))]
         out: list = []
-        if "error" in chunk and not chunk.get("choices"):
-            err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+        if chunk.get("error") or chunk.get("object") == "error":  # OpenRouter sends it with choices; vLLM bare
+            err = chunk["error"] if isinstance(chunk.get("error"), dict) else chunk
+            err = err if isinstance(err.get("message"), str) else {"message": str(chunk.get("error"))}
             self.finished = True
             kind = (
                 err.get("type") if err.get("type") in GatewayError.KIND_BY_STATUS.values() else ""
@@ -2299,11 +2379,15 @@ class OpenAIStreamDecoder:
                 index = self._switch("thinking", Part("thinking"), out)
                 out.append(BlockDelta(index, "thinking", reasoning))
             content = delta.get("content") or delta.get("refusal")
+            if content and not isinstance(content, str):
+                content = compatible_content_text(content)
             if content:
                 index = self._switch("text", Part("text"), out)
                 out.append(BlockDelta(index, "text", content))
             for call in delta.get("tool_calls") or []:
-                position = call.get("index", 0)
+                if self.call_keys is None:
+                    self.call_keys = OpenAICallKeys()
+                position = self.call_keys.key_of(call)
                 fn = call.get("function") or {}
                 key = ("tool", position)
                 if position not in self.tool_index or self.open_key != key:
@@ -2316,10 +2400,11 @@ class OpenAIStreamDecoder:
                         self.tool_arguments[index] = ""
                 else:
                     index = self.tool_index[position]
-                if fn.get("arguments"):
+                arguments = self.call_keys.new_arguments(position, fn.get("arguments"))
+                if arguments:
                     if index in self.tool_arguments:
-                        self.tool_arguments[index] += fn["arguments"]
-                    out.append(BlockDelta(index, "arguments", fn["arguments"]))
+                        self.tool_arguments[index] += arguments
+                    out.append(BlockDelta(index, "arguments", arguments))
             if choice.get("finish_reason"):
                 self.stop_reason = stop_reason_in("openai", choice["finish_reason"])
         return out
@@ -2341,8 +2426,71 @@ class OpenAIStreamDecoder:
         return out
 
 
+class OpenAICallKeys:
+    """Which call a streamed tool_calls delta belongs to, and what of its arguments is new, as
+    OpenAI-compatible servers really send them: Ollama numbers every parallel call index 0 and
+    older builds (and Gemini's compatible endpoint) give no index, so a new id is a new call; ids
+    repeated on every chunk name their call; a delta with neither continues the last call. Some
+    servers send the whole arguments again at the end (or as an object): a repeat is dropped."""
+
+    def __init__(self):
+        self.by_id: dict[str, tuple] = {}
+        self.id_of: dict[tuple, str] = {}
+        self.latest: dict[int, tuple] = {}  # wire index -> the newest call that used it
+        self.last: tuple | None = None
+        self.arguments: dict[tuple, str] = {}  # call -> its arguments so far
+
+    def key_of(self, call: dict) -> tuple:
+        index = call.get("index")
+        index = index if type(index) is int else None
+        call_id = call.get("id")
+        if isinstance(call_id, str) and call_id:
+            key = self.by_id.get(call_id)
+            if key is None:
+                key = (index, 0) if index is not None else (None, len(self.by_id))
+                if key in self.id_of:  # that index is taken by another call: a server that reuses it
+                    key = (index, len(self.by_id))
+                self.by_id[call_id], self.id_of[key] = key, call_id
+        elif index is not None:
+            key = self.latest.get(index, (index, 0))
+        else:
+            key = self.last or (None, 0)
+        if index is not None:
+            self.latest[index] = key
+        self.last = key
+        return key
+
+    def new_arguments(self, key: tuple, piece) -> str:
+        if isinstance(piece, (dict, list)):
+            piece = dumps(piece).decode()
+        if not isinstance(piece, str) or not piece:
+            return ""
+        so_far = self.arguments.get(key, "")
+        # the whole arguments again, after they were complete (the length test keeps this linear)
+        if (
+            so_far
+            and piece[:1] in "{["
+            and 2 * len(piece) >= len(so_far)
+            and self._whole(so_far)
+            and self._whole(piece)
+        ):
+            return ""
+        self.arguments[key] = so_far + piece
+        return piece
+
+    @staticmethod
+    def _whole(text: str) -> bool:
+        try:
+            loads(text)
+        except ValueError:
+            return False
+        return True
+
+
 class OpenAIStreamEncoder:
     """Canonical events -> chat.completion.chunk SSE, ending in data: [DONE]."""
+
+    OBJECT = "chat.completion.chunk"
 
     def __init__(self, req: Request):
         self.req = req
@@ -2391,7 +2539,7 @@ class OpenAIStreamEncoder:
             out = self._chunk({}, OpenAIChatCodec._finish_reason(ev.stop_reason, self.has_calls))
             if self.req.include_usage:
                 usage = OpenAIChatCodec.encode_usage(ev.usage or Usage())
-                obj = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.req.model,
+                obj = {"id": self.id, "object": self.OBJECT, "created": self.created, "model": self.req.model,
                        "choices": [], "usage": usage}  # fmt: skip
                 out += b"data: " + dumps(obj) + b"\n\n"
             return out
@@ -2403,6 +2551,121 @@ class OpenAIStreamEncoder:
 
 
 OPENAI_CODEC = OpenAIChatCodec()
+
+
+# ---- OpenAI legacy Completions (POST /v1/completions) -------------------------------------
+#
+# Passthrough to OpenAI-compatible servers, which have the endpoint. For every other provider a
+# prompt becomes one chat turn with an instruction to continue it (or, with `suffix`, to fill the
+# gap), and the answer comes back as text_completion choices; several prompts or n > 1 are asked
+# one after another (not streamed). Token-id prompts, logprobs and best_of need a real completions
+# server and are refused when translated. Errors, usage and the ledger row are OpenAI Chat's.
+
+COMPLETIONS_MAX_CHOICES = 8  # prompts x n a translated request may ask for
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the legacy API's own default
+COMPLETION_INSTRUCTION = (
+    "You are a text completion engine. Continue the user's text exactly where it stops. Reply with the "
+    "continuation only: do not repeat the text and do not comment on it."
+)
+INFILL_INSTRUCTION = (
+    "You are a text completion engine. The user gives a text and its ending. Reply with only the text that "
+    "belongs between them: do not repeat either part and do not comment."
+)
+
+
+class CompletionsCodec(OpenAIChatCodec):
+    """text_completion bodies and chunks <-> the canonical model (see the section comment)."""
+
+    REQUEST_FIELDS = {"model": str, "max_tokens": int, "temperature": float, "top_p": float, "n": int, "stream": bool,
+                      "suffix": str, "echo": bool, "user": str, "best_of": int, "stream_options": dict}  # fmt: skip
+
+    def decode_request(self, body: dict) -> list:
+        """One canonical Request per choice asked for (each prompt, n times)."""
+        check_fields(body, self.REQUEST_FIELDS, ("model",))
+        prompt = body.get("prompt", "")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise bad_request("'prompt' must be a string or an array of strings when the model is not served by an "
+                              "OpenAI-compatible completions server (token-id prompts need one)")  # fmt: skip
+        if body.get("logprobs") not in (None, False) or (body.get("best_of") or 1) > 1:
+            raise bad_request("'logprobs' and 'best_of' need an OpenAI-compatible completions server; this model is "
+                              "answered through a chat model")  # fmt: skip
+        n = body.get("n") or 1
+        if n < 1 or len(prompts) * n > COMPLETIONS_MAX_CHOICES:
+            raise bad_request(f"prompts x n must be between 1 and {COMPLETIONS_MAX_CHOICES} when translated")
+        stream = bool(body.get("stream"))
+        if stream and len(prompts) * n > 1:
+            raise bad_request("a translated completion streams one prompt with n = 1; send the others separately")
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else [s for s in stop or () if isinstance(s, str)]
+        suffix = body.get("suffix") or ""
+        reqs = []
+        for text in prompts:
+            if not text.strip():
+                raise bad_request("'prompt' is empty")
+            turn = f"Text:\n{text}\n\nEnding:\n{suffix}" if suffix else text
+            instruction = INFILL_INSTRUCTION if suffix else COMPLETION_INSTRUCTION
+            for _ in range(n):
+                reqs.append(Request(
+                    model=body["model"], messages=[Message("user", [Part("text", text=turn)])],
+                    system=[Part("text", text=instruction)], stop=stop,
+                    max_tokens=body.get("max_tokens") or COMPLETIONS_DEFAULT_MAX_TOKENS,
+                    temperature=body.get("temperature"), top_p=body.get("top_p"), stream=stream,
+                    include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
+                    user=body.get("user") or "", raw={**body, "prompt": text}, protocol="completions",
+                ))  # fmt: skip
+        return reqs
+
+    def encode_choices(self, results: list, reqs: list) -> dict:
+        """The text_completion answer holding one choice per (Response, Request) asked."""
+        usage = Usage()
+        choices = []
+        for index, (resp, req) in enumerate(zip(results, reqs, strict=True)):
+            echo = req.raw["prompt"] if req.raw.get("echo") else ""
+            choices.append({"text": echo + text_of(resp.parts), "index": index, "logprobs": None,
+                            "finish_reason": self._finish_reason(resp.stop_reason, False)})  # fmt: skip
+            usage = Usage(usage.input_tokens + resp.usage.input_tokens, usage.output_tokens + resp.usage.output_tokens,
+                          usage.cached_tokens + resp.usage.cached_tokens)  # fmt: skip
+        first = results[0]
+        return {"id": "cmpl-" + openai_id(first.id).split("-", 1)[-1], "object": "text_completion",
+                "created": first.created or int(time.time()), "model": reqs[0].model, "choices": choices,
+                "usage": self.encode_usage(usage)}  # fmt: skip
+
+    def encode_response(self, resp: Response, req: Request) -> dict:
+        return self.encode_choices([resp], [req])
+
+    response_json = Codec.response_json  # not Chat's template
+
+    def stream_encoder(self, req: Request):
+        return CompletionsStreamEncoder(req)
+
+
+class CompletionsStreamEncoder(OpenAIStreamEncoder):
+    """Canonical events -> text_completion chunks, ending in data: [DONE]; thinking is never text."""
+
+    OBJECT = "text_completion"
+
+    def __init__(self, req: Request):
+        super().__init__(req)
+        self.id = "cmpl-" + self.id.split("-", 1)[1]
+
+    def _chunk(self, delta: dict, finish=None) -> bytes:
+        choice = {"text": delta.get("content", ""), "index": 0, "logprobs": None, "finish_reason": finish}
+        obj = {"id": self.id, "object": self.OBJECT, "created": self.created, "model": self.req.model,
+               "choices": [choice]}  # fmt: skip
+        return b"data: " + dumps(obj) + b"\n\n"
+
+    def encode(self, ev) -> bytes:
+        if isinstance(ev, BlockDelta):
+            return self._chunk({"content": ev.value}) if ev.kind == "text" and ev.value else b""
+        if isinstance(ev, (BlockStart, BlockStop)):
+            return b""
+        if isinstance(ev, MessageStart):
+            return self._chunk({"content": self.req.raw["prompt"]}) if self.req.raw.get("echo") else b""
+        return super().encode(ev)  # the finish, the usage chunk, [DONE] and errors as Chat's
+
+
+COMPLETIONS_CODEC = CompletionsCodec()
 
 
 # ---- Anthropic Messages ----------------------------------------------------------------
@@ -2537,7 +2800,7 @@ class AnthropicCodec(Codec):
     REQUEST_FIELDS = {
         "model": str, "messages": list, "tools": list, "tool_choice": dict, "max_tokens": int, "temperature": float,
         "top_p": float, "top_k": int, "stop_sequences": list, "stream": bool, "thinking": dict, "output_config": dict,
-        "metadata": dict,
+        "metadata": dict, "output_format": dict,
     }  # fmt: skip
 
     def decode_request(self, body: dict) -> Request:
@@ -2559,7 +2822,7 @@ class AnthropicCodec(Codec):
             req.tools.append(self._decode_tool(tool, f"tools[{i}]"))
         self._decode_tool_choice(req, get("tool_choice"))
         self._decode_thinking(req, get("thinking"))
-        self._decode_output_config(req, get("output_config") or {})
+        self._decode_output_config(req, get("output_config") or {}, get("output_format"))
         return req
 
     def _decode_system(self, system) -> list:
@@ -2677,10 +2940,10 @@ class AnthropicCodec(Codec):
         req.thinking_budget = field_at(thinking, "budget_tokens", int, "thinking")
 
     @staticmethod
-    def _decode_output_config(req: Request, config: dict) -> None:
+    def _decode_output_config(req: Request, config: dict, legacy_format: dict | None) -> None:
         effort = field_at(config, "effort", str, "output_config", default="")
         req.reasoning_effort = ANTHROPIC_EFFORT_IN.get(effort, effort)
-        fmt = field_at(config, "format", dict, "output_config")
+        fmt = field_at(config, "format", dict, "output_config") or legacy_format  # output_format: the beta's spelling
         if fmt and fmt.get("type") == "json_schema":
             req.response_format = {
                 "type": "json_schema",
@@ -2718,7 +2981,28 @@ class AnthropicCodec(Codec):
             body["stream"] = True
         if from_anthropic:
             body.update({k: req.raw[k] for k in ANTHROPIC_ONLY_FIELDS if k in req.raw})
+        if req.response_format is not None and req.response_format.get("type") in ("json_schema", "json_object"):
+            self._encode_output_format(req, model, body, from_anthropic)
         return body
+
+    @staticmethod
+    def _encode_output_format(req: Request, model: str, body: dict, from_anthropic: bool) -> None:
+        """A JSON answer as Anthropic asks for one: output_config.format with the schema cleaned to what
+        it accepts; a JSON object without a schema, or a model without structured outputs, by instruction."""
+        config = body.get("output_config") if isinstance(body.get("output_config"), dict) else {}
+        if "format" in config:
+            return  # an Anthropic client's own, as sent
+        legacy = req.raw.get("output_format") if from_anthropic else None
+        fmt = legacy if isinstance(legacy, dict) else anthropic_output_format(req.response_format, model)
+        if fmt is not None:
+            body["output_config"] = {**config, "format": fmt}
+            return
+        instruction = json_answer_instruction(req.response_format)
+        system = body.get("system")
+        if isinstance(system, list):
+            body["system"] = [*system, {"type": "text", "text": instruction}]
+        else:
+            body["system"] = f"{system}\n\n{instruction}" if system else instruction
 
     def _encode_system(self, req: Request, from_anthropic: bool):
         parts = list(req.system)
@@ -4525,6 +4809,10 @@ RESPONSES_CODEC = ResponsesCodec()
 # - Thought signatures (opaque, Gemini's own) live in Part.extra["thought_signature"], never in
 #   Part.signature, so they never reach Anthropic as a thinking signature. A functionCall going
 #   to Gemini without one gets Google's documented dummy, or Gemini 3 rejects the history.
+# - Signed Anthropic thinking reaches a Gemini client inside the thoughtSignature of the part that
+#   follows it (a functionCall or text part, which every client echoes; a signature-only part when
+#   nothing follows): base64 of "tgw1" + JSON of the blocks (pack_gemini_thinking). The client sends
+#   it back and the blocks are restored byte-exact before that part (restore_signed_thinking).
 # - Tool schemas go to Gemini as the OpenAPI subset it accepts (clean_schema_for_gemini).
 
 GEMINI_DUMMY_SIGNATURE = "skip_thought_signature_validator"  # documented by Google for foreign histories
@@ -4608,6 +4896,64 @@ def _signed(obj: dict, signature: str) -> dict:
     if signature:
         obj["thoughtSignature"] = signature
     return obj
+
+
+GEMINI_THINKING_MAGIC = b"tgw1"  # begins the decoded thoughtSignature that carries signed Anthropic thinking
+
+
+def is_signed_thinking(part: Part) -> bool:
+    """Thinking only Anthropic can read back: signed (or redacted) by it."""
+    return (part.type == "thinking" and bool(part.signature)) or (part.type == "redacted_thinking" and bool(part.data))
+
+
+def pack_gemini_thinking(parts: list) -> str:
+    """Signed thinking blocks as a thoughtSignature (base64, which Gemini clients hold as bytes)."""
+    blocks = [
+        {"type": "redacted_thinking", "data": p.data}
+        if p.type == "redacted_thinking"
+        else {"type": "thinking", "thinking": p.text, "signature": p.signature}
+        for p in parts
+    ]
+    return base64.b64encode(GEMINI_THINKING_MAGIC + dumps(blocks)).decode()
+
+
+def unpack_gemini_thinking(signature: str) -> list | None:
+    """The thinking parts a thoughtSignature from pack_gemini_thinking carries, whichever base64
+    alphabet and padding the client re-encoded it with; None for any other signature."""
+    if not signature.startswith("dGd3M"):  # base64 of "tgw1", in both alphabets
+        return None
+    text = signature.replace("-", "+").replace("_", "/")
+    try:
+        raw = base64.b64decode(text + "=" * (-len(text) % 4))
+        blocks = loads(raw[len(GEMINI_THINKING_MAGIC) :]) if raw.startswith(GEMINI_THINKING_MAGIC) else None
+    except ValueError:
+        return None
+    if not isinstance(blocks, list):
+        return None
+    parts = []
+    for block in blocks:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "redacted_thinking" and isinstance(block.get("data"), str):
+            parts.append(Part("redacted_thinking", data=block["data"]))
+        elif isinstance(block.get("thinking"), str) and isinstance(block.get("signature"), str):
+            parts.append(Part("thinking", text=block["thinking"], signature=block["signature"]))
+    return parts
+
+
+def restore_signed_thinking(parts: list) -> list:
+    """A model turn from a Gemini client: signed thinking carried in signatures goes back before
+    the part that carried it; text parts with nothing to say are dropped."""
+    out = []
+    for part in parts:
+        signature = gemini_signature(part)
+        restored = unpack_gemini_thinking(signature) if signature else None
+        if restored is not None:
+            out.extend(restored)
+            part.extra = {k: v for k, v in part.extra.items() if k != "thought_signature"} or None
+        if part.type != "text" or part.text:
+            out.append(part)
+    return out
 
 
 def gemini_wants_thoughts(req: Request) -> bool:
@@ -4694,7 +5040,10 @@ class GeminiCodec(Codec):
             raise bad_request(f"{where}.parts must be an array of parts")
         from_model = role == "model"
         parts = [self._decode_part(p, f"{where}.parts[{j}]", from_model, ids) for j, p in enumerate(raw_parts)]
-        return Message("assistant" if from_model else "user", [p for p in parts if p is not None])
+        parts = [p for p in parts if p is not None]
+        if from_model:
+            return Message("assistant", restore_signed_thinking(parts))
+        return Message("user", [p for p in parts if p.type != "text" or p.text])  # signature-only parts: nothing to say
 
     def _decode_part(self, part, where: str, from_model: bool, ids: GeminiCallIds) -> Part | None:
         if not isinstance(part, dict):
@@ -4703,8 +5052,8 @@ class GeminiCodec(Codec):
         extra = {"thought_signature": signature} if signature else None
         if "text" in part:
             text = _typed_field(part, "text", str, where) or ""
-            if not text:
-                return None  # nothing to say (a signature-only part is optional context)
+            if not text:  # nothing to say: a signature-only part is optional context, or tgw's signed thinking
+                return Part("text", extra=extra) if extra else None
             return Part("thinking" if part.get("thought") is True else "text", text=text, extra=extra)
         for name, decode in (("inlineData", self._decode_inline_data), ("fileData", self._decode_file_data),
                              ("executableCode", self._decode_code), ("codeExecutionResult", self._decode_code_result)):  # fmt: skip
@@ -4974,6 +5323,12 @@ class GeminiCodec(Codec):
         if isinstance(sent, dict):
             kept = {key: gemini_field(sent, key) for key in GEMINI_ONLY_CONFIG + ("thinkingConfig",)}
             kept = {key: value for key, value in kept.items() if value is not None}
+            for key in ("responseJsonSchema", "responseSchema"):  # the client's own schema, not a round trip
+                schema = gemini_field(sent, key)
+                if isinstance(schema, dict):
+                    body.get("generationConfig", {}).pop("responseSchema", None)
+                    kept[key] = schema
+                    break
             if kept:
                 body["generationConfig"] = {**body.get("generationConfig", {}), **kept}
 
@@ -5074,19 +5429,27 @@ def gemini_thinking_config(req: Request, model: str) -> dict | None:
 
 def gemini_response_parts(parts: list, with_thoughts: bool) -> list:
     out = []
+    signed: list = []  # signed Anthropic thinking waiting for the part that will carry it
     for p in parts:
+        if is_signed_thinking(p):
+            signed.append(p)
         if p.type == "text" and (p.text or gemini_signature(p)):
-            out.append(_signed({"text": p.text}, gemini_signature(p)))
+            out.append({"text": p.text})
         elif p.type == "thinking" and with_thoughts and p.text:
             out.append(_signed({"text": p.text, "thought": True}, gemini_signature(p)))
+            continue
         elif p.type == "tool_call":
-            out.append(
-                _signed(
-                    {"functionCall": {"name": p.name, "args": json_object_arguments(p.arguments)}}, gemini_signature(p)
-                )
-            )
+            out.append({"functionCall": {"name": p.name, "args": json_object_arguments(p.arguments)}})
         elif p.type == "image":
             out.append(gemini_media_part(p))
+        else:
+            continue
+        signature = gemini_signature(p)
+        if not signature and signed:
+            signature, signed = pack_gemini_thinking(signed), []
+        _signed(out[-1], signature)
+    if signed:
+        out.append({"text": "", "thoughtSignature": pack_gemini_thinking(signed)})
     return out
 
 
@@ -5226,6 +5589,7 @@ class GeminiStreamEncoder:
         self.with_thoughts = gemini_wants_thoughts(req)
         self.blocks: dict[int, Part] = {}
         self.unsigned: set[int] = set()  # blocks whose signature has not gone out yet
+        self.signed: list = []  # signed Anthropic thinking for the next part to carry (pack_gemini_thinking)
         self.opened = False  # the JSON array's "[" is out
 
     def _frame(self, obj: dict) -> bytes:
@@ -5253,6 +5617,14 @@ class GeminiStreamEncoder:
         if index in self.unsigned:
             self.unsigned.discard(index)
             part["thoughtSignature"] = gemini_signature(self.blocks[index])
+        elif not thought:
+            self._carry_thinking(part)
+        return part
+
+    def _carry_thinking(self, part: dict) -> dict:
+        if self.signed and "thoughtSignature" not in part:
+            part["thoughtSignature"] = pack_gemini_thinking(self.signed)
+            self.signed = []
         return part
 
     def encode(self, ev) -> bytes:
@@ -5262,11 +5634,18 @@ class GeminiStreamEncoder:
                 return b""
             if ev.kind == "arguments":
                 block.arguments += ev.value
-            elif ev.kind == "text" or (ev.kind == "thinking" and self.with_thoughts):
-                return self._chunk([self._text_part(ev.index, ev.value, ev.kind == "thinking")])
-            return b""  # Anthropic signatures mean nothing to a Gemini client
+            elif ev.kind == "signature":
+                block.signature += ev.value  # Anthropic's: comes back inside a thoughtSignature
+            elif ev.kind == "thinking":
+                block.text += ev.value
+                if self.with_thoughts:
+                    return self._chunk([self._text_part(ev.index, ev.value, True)])
+            elif ev.kind == "text":
+                return self._chunk([self._text_part(ev.index, ev.value, False)])
+            return b""
         if isinstance(ev, BlockStart):
-            self.blocks[ev.index] = Part(ev.part.type, id=ev.part.id, name=ev.part.name, extra=ev.part.extra)
+            self.blocks[ev.index] = Part(ev.part.type, id=ev.part.id, name=ev.part.name, data=ev.part.data,
+                                         extra=ev.part.extra)  # fmt: skip
             if gemini_signature(ev.part):
                 self.unsigned.add(ev.index)
             return b""
@@ -5276,7 +5655,8 @@ class GeminiStreamEncoder:
             self.id = ev.id or new_id("")
             return b""
         if isinstance(ev, MessageDelta):
-            return self._chunk([], stop_reason_out("gemini", ev.stop_reason), ev.usage or Usage())
+            parts = [self._carry_thinking({"text": ""})] if self.signed else []  # thinking with nothing after it
+            return self._chunk(parts, stop_reason_out("gemini", ev.stop_reason), ev.usage or Usage())
         if isinstance(ev, MessageStop):
             return b"" if self.sse else (b"]" if self.opened else b"[]")
         if isinstance(ev, StreamError):
@@ -5288,9 +5668,12 @@ class GeminiStreamEncoder:
         block = self.blocks.pop(index, None)
         if block is None:
             return b""
+        if is_signed_thinking(block):
+            self.signed.append(block)
+            return b""
         if block.type == "tool_call":
             call = {"functionCall": {"name": block.name, "args": json_object_arguments(block.arguments)}}
-            return self._chunk([_signed(call, gemini_signature(block))])
+            return self._chunk([self._carry_thinking(_signed(call, gemini_signature(block)))])
         if index in self.unsigned and block.type == "text":  # a signed block that never said anything
             self.unsigned.discard(index)
             return self._chunk([{"text": "", "thoughtSignature": gemini_signature(block)}])
@@ -5640,6 +6023,214 @@ def _described(node: dict, notes: list) -> str:
     return f"{text} ({'; '.join(notes)})" if text else "; ".join(notes)
 
 
+# ---- JSON Schema -> Anthropic's structured-output subset ----------------------------------
+#
+# What output_config.format accepts (Anthropic's structured-outputs docs, and the transform_schema of
+# its SDKs): every object closed (additionalProperties: false), enums of primitive values, anyOf
+# (oneOf is read as anyOf), local $ref/$defs that do not recurse, a short list of string formats,
+# minItems 0 or 1. Whatever else a schema says (bounds, lengths, patterns, defaults, other formats) is
+# told in the description, so the model still reads it.
+
+ANTHROPIC_STRING_FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "uri", "ipv4",
+                                      "ipv6", "uuid"})  # fmt: skip
+# Claude models older than structured outputs (Opus 4.1, Sonnet 4.5 and Haiku 4.5 were the first)
+ANTHROPIC_NO_JSON_OUTPUT = ("*claude-3*", "*claude-2*", "*claude-instant*", "*claude-sonnet-4-2025*",
+                            "*claude-sonnet-4-0*", "*claude-sonnet-4", "*claude-opus-4-2025*", "*claude-opus-4-0*",
+                            "*claude-opus-4")  # fmt: skip
+ANTHROPIC_SCHEMA_MAX_NODES = 4000  # a response schema larger than this is refused, not cleaned
+_ANTHROPIC_NOTED = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
+_ANTHROPIC_COUNT_NOTES = {"minLength": "at least {} characters", "maxLength": "at most {} characters",
+                          "minItems": "at least {} items", "maxItems": "at most {} items",
+                          "minProperties": "at least {} keys", "maxProperties": "at most {} keys"}  # fmt: skip
+JSON_ANSWER_INSTRUCTION = (
+    "Answer with one JSON value and nothing else: no text before or after it and no Markdown code fence."
+)
+
+
+@functools.lru_cache(maxsize=256)
+def anthropic_has_json_output(model: str) -> bool:
+    """Whether a model takes output_config.format: Claude 4.5 and later (unknown models behind an
+    Anthropic-compatible endpoint are asked by instruction instead)."""
+    return glob_match("*claude*", model) and not any(glob_match(g, model) for g in ANTHROPIC_NO_JSON_OUTPUT)
+
+
+def anthropic_output_format(response_format: dict, model: str) -> dict | None:
+    """The canonical response_format as output_config.format; None when it must be asked for in words."""
+    if response_format.get("type") != "json_schema" or not anthropic_has_json_output(model):
+        return None
+    spec = response_format.get("json_schema") if isinstance(response_format.get("json_schema"), dict) else {}
+    schema = clean_schema_for_anthropic(spec.get("schema") if isinstance(spec.get("schema"), dict) else {})
+    about = spec.get("description")
+    if isinstance(about, str) and about and "description" not in schema:
+        schema["description"] = about  # Anthropic's format has no place of its own for it
+    return {"type": "json_schema", "schema": schema}
+
+
+def json_answer_instruction(response_format: dict) -> str:
+    """What a model without structured outputs is told: JSON only, and the schema when there is one."""
+    spec = response_format.get("json_schema") if isinstance(response_format.get("json_schema"), dict) else {}
+    schema = spec.get("schema")
+    if response_format.get("type") == "json_schema" and isinstance(schema, dict):
+        return f"{JSON_ANSWER_INSTRUCTION} It must conform to this JSON Schema:\n{dumps(schema).decode()}"
+    return JSON_ANSWER_INSTRUCTION.replace("one JSON value", "one JSON object")
+
+
+def clean_schema_for_anthropic(schema: dict) -> dict:
+    """A JSON Schema -> the subset Anthropic's structured outputs accept (see the section comment):
+    objects closed, allOf merged, oneOf -> anyOf, const -> enum, type arrays -> anyOf, local refs kept
+    as $defs with recursion cut, and the rest told in descriptions. Linear in the schema's size."""
+    cleaner = _AnthropicSchema(schema)
+    out = cleaner.clean(schema, 0)
+    if cleaner.done:
+        out["$defs"] = {name: value for name, value in cleaner.done.items() if value is not None}
+    return out
+
+
+class _AnthropicSchema:
+    def __init__(self, root: dict):
+        self.defs: dict = {}
+        for key in ("definitions", "$defs"):
+            if isinstance(root.get(key), dict):
+                self.defs.update(root[key])
+        self.done: dict[str, dict | None] = {}  # definition name -> cleaned (None while being cleaned)
+        self.nodes = 0
+
+    def spend(self, nodes: int, depth: int = 0) -> None:
+        self.nodes += nodes
+        if self.nodes > ANTHROPIC_SCHEMA_MAX_NODES or depth > 64:
+            raise bad_request(f"the response schema is too large or too deep (over {ANTHROPIC_SCHEMA_MAX_NODES} "
+                              "nodes or 64 levels) for structured output")  # fmt: skip
+
+    def clean(self, node, depth: int) -> dict:
+        self.spend(1, depth)
+        if not isinstance(node, dict) or not node:
+            return self.any_value("any JSON value")
+        if isinstance(node.get("$ref"), str):
+            return self.ref(node["$ref"], depth)
+        if isinstance(node.get("allOf"), list):
+            node = self.merge_all_of(node)
+        notes: list[str] = []
+        types, nullable = _schema_types(node)
+        union = node.get("anyOf") if isinstance(node.get("anyOf"), list) else node.get("oneOf")
+        if isinstance(union, list) and union:
+            out = {"anyOf": [self.clean(branch, depth + 1) for branch in union]}
+        elif isinstance(node.get("enum"), list) or "const" in node:
+            out = self.enum(node, notes)
+        elif len(types) > 1:
+            shared = {k: v for k, v in node.items() if k not in ("type", "nullable", "description", "title")}
+            out = {"anyOf": [self.typed({**shared, "type": t}, t, depth, notes) for t in types]}
+        elif types:
+            out = self.typed(node, types[0], depth, notes)
+        elif nullable:  # "type": "null"
+            out, nullable = {"type": "null"}, False
+        else:
+            out = self.any_value("")
+        if nullable and "enum" not in out:
+            out = (
+                {"anyOf": [*out["anyOf"], {"type": "null"}]}
+                if set(out) == {"anyOf"}
+                else {"anyOf": [out, {"type": "null"}]}
+            )
+        description = _described(node, notes)
+        if description:
+            out["description"] = description
+        return out
+
+    def merge_all_of(self, node: dict) -> dict:
+        """allOf as one schema (closing each branch would reject the others' keys); each branch and
+        property merged counts against the size bound, and the merge is linear."""
+        merged = {k: v for k, v in node.items() if k != "allOf"}
+        props = dict(merged["properties"]) if isinstance(merged.get("properties"), dict) else {}
+        required = list(merged["required"]) if isinstance(merged.get("required"), list) else []
+        for sub in node["allOf"]:
+            if not isinstance(sub, dict):
+                continue
+            sub, _ = _inline_refs(sub, self.defs, ())
+            self.spend(1 + len(sub.get("properties") or ()))
+            for key, value in sub.items():
+                if key == "properties" and isinstance(value, dict):
+                    for name, schema in value.items():
+                        props.setdefault(name, schema)
+                elif key == "required" and isinstance(value, list):
+                    required.extend(value)
+                else:
+                    merged.setdefault(key, value)
+        if props:
+            merged["properties"] = props
+        if required:
+            merged["required"] = list(dict.fromkeys(r for r in required if isinstance(r, str)))
+        return merged
+
+    def ref(self, ref: str, depth: int) -> dict:
+        head, _, name = ref.rpartition("/")
+        if head not in ("#/$defs", "#/definitions") or not isinstance(self.defs.get(name), dict):
+            return self.any_value(f"(unresolved reference {ref})")
+        if name in self.done and self.done[name] is None:  # recursion: Anthropic's grammar cannot loop
+            return {"type": "object", "properties": {}, "additionalProperties": False,
+                    "description": f"(a nested {name}, left empty: recursive schemas are not supported)"}  # fmt: skip
+        if name not in self.done:
+            self.done[name] = None
+            self.done[name] = self.clean(self.defs[name], depth + 1)
+        return {"$ref": f"#/$defs/{name}"}
+
+    @staticmethod
+    def any_value(description: str) -> dict:
+        scalars = [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
+        out: dict = {"anyOf": [*scalars, {"type": "array", "items": {"anyOf": scalars}}]}
+        if description:
+            out["description"] = description
+        return out
+
+    @staticmethod
+    def enum(node: dict, notes: list) -> dict:
+        values = node["enum"] if isinstance(node.get("enum"), list) else [node["const"]]
+        primitive = [v for v in values if v is None or isinstance(v, (str, int, float, bool))]
+        if len(primitive) < len(values):  # objects and arrays cannot be enum values here
+            notes.append("one of: " + ", ".join(json.dumps(v) for v in values))
+            return _AnthropicSchema.any_value("")
+        return {"enum": primitive}
+
+    def typed(self, node: dict, kind: str, depth: int, notes: list) -> dict:
+        out: dict = {"type": kind}
+        if kind == "object":
+            props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+            out["properties"] = {name: self.clean(s, depth + 1) for name, s in props.items()}
+            out["additionalProperties"] = False  # the only value Anthropic accepts
+            required = [r for r in node.get("required") or () if isinstance(r, str) and r in props]
+            if required:
+                out["required"] = required
+        elif kind == "array":
+            items = node.get("items")
+            tuple_items = node.get("prefixItems") if isinstance(node.get("prefixItems"), list) else items
+            if isinstance(tuple_items, list):  # a tuple: Anthropic has none
+                notes.append(
+                    "a tuple of: " + ", ".join(str(s.get("type", "any")) for s in tuple_items if isinstance(s, dict))
+                )
+                items = tuple_items[0] if tuple_items else None
+            if isinstance(items, dict) and items:
+                out["items"] = self.clean(items, depth + 1)
+            if node.get("minItems") in (0, 1):
+                out["minItems"] = node["minItems"]
+            if node.get("uniqueItems") is True:
+                notes.append("items must be unique")
+        elif kind == "string":
+            fmt = node.get("format")
+            if fmt in ANTHROPIC_STRING_FORMATS:
+                out["format"] = fmt
+            elif isinstance(fmt, str) and fmt:
+                notes.append(f"format: {fmt}")
+            if isinstance(node.get("pattern"), str):
+                notes.append(f"pattern: {node['pattern']}")
+        elif kind in ("number", "integer"):
+            notes.extend(f"{sign} {node[key]}" for key, sign in _ANTHROPIC_NOTED.items() if _is_number(node.get(key)))
+            if _is_number(node.get("multipleOf")):
+                notes.append(f"a multiple of {node['multipleOf']}")
+        for key, text in _ANTHROPIC_COUNT_NOTES.items():
+            if _is_number(node.get(key)) and key not in out:
+                notes.append(text.format(node[key]))
+        return out
+
+
 # ======================================================================================
 # 6. Providers: where each model's requests go, and the built-in loopback model
 # ======================================================================================
@@ -5706,7 +6297,7 @@ class Provider:
         return headers
 
     def url(self, operation: str, model: str = "", stream: bool = False) -> str:
-        """The upstream URL of one operation: chat, embeddings, responses, messages,
+        """The upstream URL of one operation: chat, completions, embeddings, responses, messages,
         count_tokens, generate, count_gemini, models."""
         key = (operation, model, stream)
         url = self._urls.get(key)
@@ -5720,7 +6311,8 @@ class Provider:
         base = self.base_url.rstrip("/")
         if self.flavor == "azure":
             version = self.api_version or "2024-10-21"
-            path = {"chat": "chat/completions", "embeddings": "embeddings", "responses": "responses"}[operation]
+            path = {"chat": "chat/completions", "embeddings": "embeddings", "responses": "responses",
+                    "completions": "completions"}[operation]  # fmt: skip
             return f"{base}/openai/deployments/{quote(model, safe='')}/{path}?api-version={version}"
         if self.protocol == "anthropic":
             root = base if base.endswith("/v1") else base + "/v1"
@@ -5738,7 +6330,8 @@ class Provider:
                 "count_gemini": "countTokens",
             }
             return f"{root}/models/{quote(model, safe='.-_')}:{method[operation]}"
-        path = {"chat": "chat/completions", "embeddings": "embeddings", "responses": "responses", "models": "models"}
+        path = {"chat": "chat/completions", "embeddings": "embeddings", "responses": "responses", "models": "models",
+                "completions": "completions"}  # fmt: skip
         return f"{base}/{path[operation]}"
 
 
@@ -5895,18 +6488,138 @@ class Router:
         """Concrete model names the gateway can serve: (model, provider)."""
         seen: dict[str, str] = {"loopback": "loopback"}
         for alias, target in self.aliases.items():
-            seen.setdefault(alias, self._provider_of(target))
+            seen.setdefault(alias, self.provider_of(target))
         if not self.offline:
             for pattern, provider in self.rules:
                 if not any(c in pattern for c in "*?[") and self.providers[provider].configured:
                     seen.setdefault(pattern, provider)
         return list(seen.items())
 
-    def _provider_of(self, model: str) -> str:
+    def provider_of(self, model: str) -> str:
         try:
             return self.resolve(model).provider.name
         except GatewayError:
             return "unknown"
+
+
+# ---- model lists: what each configured provider really serves ------------------------------
+
+MODEL_LIST_TTL = 600.0  # seconds a provider's list is served before it is fetched again (in the background)
+MODEL_LIST_RETRY = 60.0  # after a failed fetch
+MODEL_LIST_TIMEOUT = 5.0  # one provider's fetch, connection and body
+MODEL_LIST_FIRST_WAIT = 2.0  # the most a model-list call waits for a provider never fetched yet
+MODEL_LIST_MAX = 2000  # models kept per provider
+MODEL_LIST_MAX_BYTES = 8 * 1024 * 1024
+MODEL_LIST_QUERY = {"anthropic": "?limit=1000", "gemini": "?pageSize=1000"}  # one page holds them all
+
+
+@dataclass(slots=True)
+class ListedModel:
+    id: str
+    provider: str
+    display_name: str = ""
+    created: int = 0
+    created_at: str = ""  # Anthropic's (an ISO date)
+    gemini: dict | None = None  # the limits and methods a Gemini provider gave for it
+
+
+class ModelCatalog:
+    """The models /v1/models (and the Anthropic and Gemini lists) show: loopback, aliases and the
+    routes' concrete names, then what each configured provider's own models endpoint lists and
+    the routes would send back to it. Fetched through the UpstreamPool, bounded in time and size,
+    cached for MODEL_LIST_TTL and refreshed in the background: a list call never waits, except
+    the first one, at most MODEL_LIST_FIRST_WAIT. A provider that fails is logged and skipped."""
+
+    def __init__(self, router: Router, pool, anthropic_version: str):
+        self.router = router
+        self.pool = pool
+        self.anthropic_version = anthropic_version
+        self.lists: dict[str, list[ListedModel]] = {}
+        self.next_fetch: dict[str, float] = {}  # provider -> when its list is due again
+        self.refreshing: asyncio.Task | None = None
+        self._headers: dict[str, dict] = {}
+
+    def sources(self) -> list[Provider]:
+        if self.router.offline:
+            return []
+        return [p for p in self.router.providers.values()
+                if p.protocol != "loopback" and p.flavor != "azure" and p.configured]  # fmt: skip
+
+    async def models(self) -> list[ListedModel]:
+        sources = self.sources()
+        now = time.monotonic()
+        due = [p for p in sources if self.next_fetch.get(p.name, 0.0) <= now]
+        if due and (self.refreshing is None or self.refreshing.done()):
+            self.refreshing = asyncio.get_running_loop().create_task(self.refresh(due))
+        if self.refreshing is not None and any(p.name not in self.next_fetch for p in sources):
+            await asyncio.wait({self.refreshing}, timeout=MODEL_LIST_FIRST_WAIT)  # only the very first time
+        listed = {m: ListedModel(m, p) for m, p in self.router.listed_models()}
+        for provider in sources:
+            for model in self.lists.get(provider.name, ()):
+                listed.setdefault(model.id, model)
+        return list(listed.values())
+
+    async def refresh(self, providers: list) -> None:
+        await asyncio.gather(*(self.fetch(p) for p in providers))
+
+    async def fetch(self, provider: Provider) -> None:
+        try:
+            models = await asyncio.wait_for(self._fetch(provider), MODEL_LIST_TIMEOUT)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure: logged, the list stays as it was
+            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else f"{type(exc).__name__}: {exc}"
+            log.warning("model list of provider %s not fetched: %s", provider.name, redact(reason)[:300])
+            self.next_fetch[provider.name] = time.monotonic() + MODEL_LIST_RETRY
+            return
+        self.lists[provider.name] = models
+        self.next_fetch[provider.name] = time.monotonic() + MODEL_LIST_TTL
+
+    async def _fetch(self, provider: Provider) -> list[ListedModel]:
+        url = provider.url("models") + MODEL_LIST_QUERY.get(provider.protocol, "")
+        resp = await self.pool.request("GET", url, self.headers(provider))
+        data = await resp.read(MODEL_LIST_MAX_BYTES)
+        if resp.status >= 400:
+            raise OPENAI_CODEC.decode_error(resp.status, data)
+        body = loads(data)
+        items = body.get("models" if provider.protocol == "gemini" else "data") if isinstance(body, dict) else None
+        models = []
+        for item in items[:MODEL_LIST_MAX] if isinstance(items, list) else ():
+            model = self._listed(provider, item) if isinstance(item, dict) else None
+            if model is not None and self.router.provider_of(model.id) == provider.name:  # only what routes here
+                models.append(model)
+        return models
+
+    def headers(self, provider: Provider) -> dict:
+        headers = self._headers.get(provider.name)
+        if headers is None:
+            headers = dict(provider.auth_headers())
+            if provider.protocol == "anthropic":
+                headers["anthropic-version"] = self.anthropic_version
+            self._headers[provider.name] = headers
+        return headers
+
+    @staticmethod
+    def _listed(provider: Provider, item: dict) -> ListedModel | None:
+        if provider.protocol == "gemini":
+            name = item.get("name")
+            methods = item.get("supportedGenerationMethods")
+            if not isinstance(name, str) or (isinstance(methods, list) and "generateContent" not in methods):
+                return None  # embedding and other models a chat client cannot use
+            model_id = name.removeprefix("models/")
+            info = {k: item[k] for k in ("inputTokenLimit", "outputTokenLimit") if type(item.get(k)) is int}
+            display = item.get("displayName")
+            return ListedModel(model_id, provider.name, display if isinstance(display, str) else "", gemini=info)
+        model_id, display, created = item.get("id"), item.get("display_name"), item.get("created")
+        if not isinstance(model_id, str) or not model_id or len(model_id) > 256:
+            return None
+        created_at = item.get("created_at") if isinstance(item.get("created_at"), str) else ""
+        return ListedModel(model_id, provider.name, display if isinstance(display, str) else "",
+                           created if type(created) is int else 0, created_at[:40])  # fmt: skip
+
+    def close(self) -> None:
+        if self.refreshing is not None:
+            self.refreshing.cancel()
 
 
 # ======================================================================================
@@ -7160,6 +7873,7 @@ class Gateway:
             "openai": OPENAI_CODEC, "anthropic": ANTHROPIC_CODEC, "responses": RESPONSES_CODEC, "gemini": GEMINI_CODEC,
         }  # fmt: skip
         self.responses_store = ResponseStore(self.ledger, cfg.responses_retention_days)
+        self.catalog = ModelCatalog(self.router, self.pool, cfg.anthropic_version)
         self._upstream_headers: dict[tuple, dict] = {}
         self.started_at = time.time()
         self.routes = {
@@ -7167,6 +7881,7 @@ class Gateway:
             ("GET", "/health"): self.health,
             ("GET", "/v1/models"): self.list_models,
             ("POST", "/v1/chat/completions"): self.chat_completions,
+            ("POST", "/v1/completions"): self.completions,
             ("POST", "/v1/embeddings"): self.embeddings,
             ("POST", "/v1/messages"): self.messages,
             ("POST", "/v1/messages/count_tokens"): self.count_tokens,
@@ -7177,19 +7892,27 @@ class Gateway:
             ("POST", "/v1/responses/input_tokens"): self.responses_input_tokens,
             ("GET", "/v1beta/models"): self.gemini_list_models,
             ("POST", "/v1beta/openai/chat/completions"): self.chat_completions,
+            ("GET", "/metrics"): self.metrics_text,
             ("GET", "/api/v1/usage/summary"): self.admin.usage_summary,
             ("GET", "/api/v1/usage/logs"): self.admin.usage_logs,
         }
         self.public = {"/", "/health"}  # every other path, present or future, needs a key once auth is required
+        self.listeners: dict[str, Listener] = {}  # name -> Listener, filled by start_listeners
+        self.servers: dict[str, HttpServer] = {}
+        self.telemetry = Telemetry(self)
+        self.metrics = self.telemetry.metrics  # the registry: metrics.counter(name, help, labels).inc(values), ...
 
     def close(self) -> None:
+        self.catalog.close()
         self.pool.close()
         self.identity.close()  # first: its last-used times go through the ledger's writer
         self.ledger.close()
         self.responses_store.close()
 
     # -- dispatch
-    def error_body(self, path: str, err: GatewayError) -> bytes:
+    def error_body(self, path: str, err: GatewayError, listener: Listener | None = None) -> bytes:
+        if listener is not None and listener.codec is not None and not listener.serves(path):
+            return dumps(listener.codec.encode_error(err))
         return dumps(self.client_codec(path).encode_error(err))
 
     def client_codec(self, path: str, method: str = "POST") -> Codec:
@@ -7225,9 +7948,12 @@ class Gateway:
             raise GatewayError(405, f"method {request.method} is not allowed on {path}; use {', '.join(allowed)}")
         raise GatewayError(404, f"no endpoint {request.method} {path}", "not_found_error")
 
-    async def handle(self, request: HttpRequest, exchange: Exchange) -> None:
+    async def handle(self, request: HttpRequest, exchange: Exchange, listener: Listener | None = None) -> None:
         call = Call(exchange, self.client_codec(request.path, request.method), request.path)
+        CURRENT_REQUEST_ID.set(exchange.request_id)  # log lines of this request carry its id
         try:
+            if listener is not None:
+                listener.admit(request, call)
             handler = self.find_handler(request)
             if request.path not in self.public:
                 self.authenticate(request, call)
@@ -7245,9 +7971,7 @@ class Gateway:
         finally:
             if call.ledgered:
                 self.record(call)
-            if log.isEnabledFor(logging.DEBUG) or exchange.status >= 400:
-                log.info("%s %s %s %s %s %.1fms", request.method, request.path, exchange.status, call.model_requested,
-                         call.provider, (time.monotonic() - call.started) * 1000)  # fmt: skip
+            self.telemetry.request_ended(call)  # metrics and the access log line
 
     def authenticate(self, request: HttpRequest, call: Call) -> None:
         """Every path but the public ones: once keys are required (section 9), the key the client
@@ -7299,6 +8023,9 @@ class Gateway:
     async def root(self, request: HttpRequest, call: Call) -> None:
         call.exchange.send_json(200, {"name": "tgw", "version": __version__, "status": "ok"})
 
+    async def metrics_text(self, request: HttpRequest, call: Call) -> None:
+        call.exchange.send(200, self.metrics.render(), PROMETHEUS_CONTENT_TYPE)
+
     async def health(self, request: HttpRequest, call: Call) -> None:
         providers = {
             name: {
@@ -7319,16 +8046,16 @@ class Gateway:
         if is_gemini_client(request):
             await self.gemini_list_models(request, call)
             return
-        models = self.router.listed_models()
+        models = await self.catalog.models()
         if "anthropic-version" in request.headers or "x-api-key" in request.headers:
-            data = [
-                {"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"} for m, _ in models
-            ]
+            data = [{"type": "model", "id": m.id, "display_name": m.display_name or m.id,
+                     "created_at": m.created_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created or 1735689600))}
+                    for m in models]  # fmt: skip
             body = {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
         else:
             body = {
                 "object": "list",
-                "data": [{"id": m, "object": "model", "created": 0, "owned_by": p} for m, p in models],
+                "data": [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.provider} for m in models],
             }
         call.exchange.send_json(200, body)
 
@@ -7568,6 +8295,7 @@ class Gateway:
         attempts = max(self.cfg.upstream_retries, 0) + 1
         for attempt in range(attempts):
             last = attempt == attempts - 1
+            self.telemetry.upstream_attempt(provider.name, attempt)
             try:
                 resp = await self.pool.request("POST", url, headers, body)
             except GatewayError as err:
@@ -7608,6 +8336,40 @@ class Gateway:
                 self._upstream_headers.clear()
             self._upstream_headers[key] = headers
         return headers
+
+    # -- legacy Completions
+    async def completions(self, request: HttpRequest, call: Call) -> None:
+        """POST /v1/completions: passthrough to OpenAI-compatible servers, translated for the rest
+        (see CompletionsCodec)."""
+        body = parse_json_body(request.body)
+        model = field_of(body, "model", str, required=True)
+        stream = bool(field_of(body, "stream", bool, default=False))
+        call.codec = COMPLETIONS_CODEC
+        route = self.begin_model_call(call, model, stream)
+        lane = self.choose_lane(call, route, route.provider.protocol == "openai")
+        if lane == "passthrough":
+            await self.passthrough(request, call, route, body, "completions")
+            return
+        reqs = COMPLETIONS_CODEC.decode_request(body)
+        if len(reqs) == 1:
+            await self.canonical_call(request, call, route, reqs[0], lane)
+            return
+        results = [await self.complete_unsent(request, call, route, req, lane) for req in reqs]
+        answer = COMPLETIONS_CODEC.encode_choices(results, reqs)
+        call.usage = OPENAI_CODEC.decode_usage(answer["usage"])
+        call.exchange.send_json(200, answer)
+
+    async def complete_unsent(
+        self, request: HttpRequest, call: Call, route: Route, req: Request, lane: str
+    ) -> Response:
+        """One whole canonical answer, not sent to the client (choices asked one after another)."""
+        if lane == "loopback":
+            return self.loopback.complete(req)
+        upstream_codec = self.codecs[route.provider.protocol]
+        body = upstream_codec.encode_request(req, route.model, route.provider)
+        url = route.provider.url(CALL_OPERATIONS[route.provider.protocol], route.model, False)
+        resp = await self.send_upstream(call, route.provider, url, dumps(body), request, upstream_codec)
+        return upstream_codec.decode_response(json_or_502(await resp.read(), route.provider.name))
 
     # -- Responses API
     async def responses(self, request: HttpRequest, call: Call) -> None:
@@ -7711,12 +8473,16 @@ class Gateway:
             return
         call.exchange.send_json(200, {"totalTokens": gemini_count_tokens_estimate(body)})
 
-    def gemini_model_info(self, model: str) -> dict:
-        return {"name": f"models/{model}", "displayName": model, "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
+    def gemini_model_info(self, model: str, listed: ListedModel | None = None) -> dict:
+        info = {"name": f"models/{model}", "displayName": (listed and listed.display_name) or model,
+                "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
                 "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens"]}  # fmt: skip
+        info.update((listed and listed.gemini) or {})
+        return info
 
     async def gemini_list_models(self, request: HttpRequest, call: Call) -> None:
-        call.exchange.send_json(200, {"models": [self.gemini_model_info(m) for m, _ in self.router.listed_models()]})
+        models = await self.catalog.models()
+        call.exchange.send_json(200, {"models": [self.gemini_model_info(m.id, m) for m in models]})
 
     async def gemini_get_model(self, request: HttpRequest, call: Call) -> None:
         model = request.path.split("/models/", 1)[1]
@@ -7911,6 +8677,146 @@ class FilteredEncoder:
         return getattr(self.encoder, name)
 
 
+# ---- ports: endpoint bundles, multiport mode ----------------------------------------------
+#
+# Tokligence Gateway's endpoint bundles and multiport mode. Every listener serves a set of
+# bundles; the facade (facade_port) serves facade_endpoints, all of them by default, in both
+# modes. multiport_mode = true adds one listener per dedicated port (admin, openai, anthropic,
+# gemini), each serving only its *_endpoints; port 0 turns one off (the facade's 0 picks a free
+# port). All listeners share one Gateway: one ledger, one upstream pool, one metrics registry.
+# A path outside a port's bundles gets a 404 in that port's protocol.
+
+# Tokligence Gateway's bundle names, and the other spellings it accepts for them
+ENDPOINT_BUNDLES = ("openai_core", "openai_responses", "anthropic", "gemini_native", "admin", "health")
+BUNDLE_ALIASES = {"openai": "openai_core", "openai-chat": "openai_core", "openai_default": "openai_core",
+                  "responses": "openai_responses", "gemini": "gemini_native", "status": "health"}  # fmt: skip
+# listener name -> (port key, bundles key, protocol its 404s speak; None: the protocol of the path)
+LISTENERS = {
+    "facade": ("facade_port", "facade_endpoints", None),
+    "admin": ("admin_port", "admin_endpoints", "openai"),
+    "openai": ("openai_port", "openai_endpoints", "openai"),
+    "anthropic": ("anthropic_port", "anthropic_endpoints", "anthropic"),
+    "gemini": ("gemini_port", "gemini_endpoints", "gemini"),
+}
+PORT_KEYS = tuple(port_key for port_key, _, _ in LISTENERS.values())
+# Paths of each bundle: exact ones, then prefixes. /metrics sits with the admin API; the
+# facade serves it too (where Tokligence Gateway documents it, on the main port).
+BUNDLE_PATHS = {"/v1/chat/completions": "openai_core", "/v1/embeddings": "openai_core", "/v1/models": "openai_core",
+                "/v1/completions": "openai_core", "/health": "health", "/": "health", "/metrics": "admin"}  # fmt: skip
+BUNDLE_PREFIXES = (
+    ("/v1/models/", "openai_core"), ("/v1/responses", "openai_responses"), ("/v1/messages", "anthropic"),
+    ("/anthropic/", "anthropic"), ("/v1beta/", "gemini_native"), ("/api/v1/admin", "admin"), ("/api/v1/usage", "admin"),
+)  # fmt: skip
+
+
+def parse_bundles(text: str, key: str) -> frozenset:
+    """'openai_core, health' as a set of bundle names; empty means the key's default (as in Tokligence)."""
+    names = [name.strip().lower() for name in text.split(",") if name.strip()] or CONFIG_KEYS[key][0].split(",")
+    bundles = set()
+    for name in names:
+        name = BUNDLE_ALIASES.get(name, name)
+        if name not in ENDPOINT_BUNDLES:
+            raise ConfigError(
+                f"unknown endpoint bundle {name!r} in {key}: expected some of {', '.join(ENDPOINT_BUNDLES)}"
+            )
+        bundles.add(name)
+    return frozenset(bundles)
+
+
+def validate_multiport(values: dict) -> None:
+    for _, bundles_key, _ in LISTENERS.values():
+        parse_bundles(values[bundles_key], bundles_key)
+    if values["multiport_mode"]:
+        taken: dict[int, str] = {}
+        for port_key in PORT_KEYS:
+            port = values[port_key]
+            if port and port in taken:
+                raise ConfigError(f"{port_key} and {taken[port]} are both {port}: each listener needs its own port")
+            taken[port] = port_key
+
+
+def endpoint_bundle(path: str, method: str = "POST", request: HttpRequest | None = None) -> str:
+    """The bundle a path belongs to ('' for none). GET /v1/models belongs to the protocol its
+    caller speaks, told the way list_models tells it."""
+    path = path.rstrip("/") or "/"
+    bundle = BUNDLE_PATHS.get(path) or next((b for prefix, b in BUNDLE_PREFIXES if path.startswith(prefix)), "")
+    if bundle == "openai_core" and path.startswith("/v1/models"):
+        if is_gemini_call_path(path, method) or (request is not None and is_gemini_client(request)):
+            return "gemini_native"
+        if (
+            path == "/v1/models"
+            and request is not None
+            and ("anthropic-version" in request.headers or "x-api-key" in request.headers)
+        ):
+            return "anthropic"
+    return bundle
+
+
+@dataclass
+class Listener:
+    """One port: the bundles it serves (None: every one, so nothing is checked) and the codec
+    its 404s speak (None: the protocol of the path)."""
+
+    name: str
+    port: int
+    bundles: frozenset | None
+    codec: Codec | None = None
+
+    def serves(self, path: str, method: str = "POST", request: HttpRequest | None = None) -> bool:
+        return self.bundles is None or endpoint_bundle(path, method, request) in self.bundles
+
+    def bundle_list(self) -> str:
+        return ", ".join(b for b in ENDPOINT_BUNDLES if self.bundles is None or b in self.bundles)
+
+    def admit(self, request: HttpRequest, call: Call) -> None:
+        """A path outside this port's bundles: 404 in the port's protocol."""
+        if not self.serves(request.path, request.method, request):
+            call.codec = self.codec or call.codec
+            raise GatewayError(
+                404, f"no endpoint {request.method} {request.path} on the {self.name} port (it serves "
+                f"{self.bundle_list()})", "not_found_error",
+            )  # fmt: skip
+
+
+def listeners_of(cfg: Config, codecs: dict) -> list[Listener]:
+    listeners = []
+    for name in LISTENERS if cfg.multiport_mode else ("facade",):
+        port_key, bundles_key, protocol = LISTENERS[name]
+        port = getattr(cfg, port_key)
+        if name != "facade" and not port:
+            continue
+        bundles = parse_bundles(getattr(cfg, bundles_key), bundles_key)
+        everything = bundles == frozenset(ENDPOINT_BUNDLES)
+        listeners.append(Listener(name, port, None if everything else bundles, codecs[protocol] if protocol else None))
+    return listeners
+
+
+async def start_listeners(cfg: Config, gateway: Gateway) -> dict[str, HttpServer]:
+    """One HttpServer per listener, all handing requests to `gateway`; on a failure the ones
+    started are closed and the failure is told as a ConfigError naming the port."""
+    servers: dict[str, HttpServer] = {}
+    try:
+        for listener in listeners_of(cfg, gateway.codecs):
+            handle = (
+                gateway.handle if listener.bundles is None else functools.partial(gateway.handle, listener=listener)
+            )
+            server = HttpServer(cfg, handle, functools.partial(gateway.error_body, listener=listener))
+            try:
+                listener.port = await server.start(cfg.host, listener.port)
+            except OSError as exc:
+                port_key = LISTENERS[listener.name][0]
+                raise ConfigError(
+                    f"cannot listen on {cfg.host}:{listener.port} ({port_key}): {exc.strerror or exc}"
+                ) from None
+            servers[listener.name] = server
+            gateway.listeners[listener.name] = listener
+    except BaseException:
+        for server in servers.values():
+            await server.drain_and_close(0)
+        raise
+    return servers
+
+
 # ---- running it -----------------------------------------------------------------------
 
 
@@ -7942,8 +8848,13 @@ async def serve(cfg: Config, ready=None, stop: asyncio.Event | None = None) -> N
                 "create a key, or pass --allow-public-bind if you mean it."
             )
         gateway.identity.require_always()  # deleting the last key later must not open it to the network
-    server = HttpServer(cfg, gateway.handle, gateway.error_body)
-    port = await server.start(cfg.host, cfg.facade_port)
+    try:
+        servers = await start_listeners(cfg, gateway)
+    except BaseException:
+        gateway.close()
+        raise
+    gateway.servers = servers
+    port = gateway.listeners["facade"].port
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -7958,19 +8869,656 @@ async def serve(cfg: Config, ready=None, stop: asyncio.Event | None = None) -> N
     )
     release_startup_memory()
     print(f"tgw {__version__} listening on http://{cfg.host}:{port} (work_mode={cfg.work_mode}; {mode})", flush=True)
+    for listener in list(gateway.listeners.values())[1:]:
+        print(f"  {listener.name} port: http://{cfg.host}:{listener.port} ({listener.bundle_list()})", flush=True)
     if ready is not None:
         ready(port, gateway)
     try:
         await stop.wait()
     finally:
         log.info("shutting down: finishing in-flight requests (up to %gs)", cfg.shutdown_grace)
-        await server.drain_and_close(cfg.shutdown_grace)
+        await asyncio.gather(*(server.drain_and_close(cfg.shutdown_grace) for server in servers.values()))
         gateway.close()
         log.info("ledger flushed (%d rows written this run)", gateway.ledger.written)
 
 
 # ======================================================================================
-# 11. Admin API
+# 11. Observability: logs, metrics
+# ======================================================================================
+#
+# Logs. Every record goes through one queue to one thread (tgw-log), which formats it (text or
+# JSON, every known secret redacted) and writes it to stderr and to log_file, so the event loop
+# never waits on a disk or a pipe. Records made while a request runs carry its request id (the
+# client's X-Request-Id when it is a safe one, else a fresh id; returned in the response and
+# written to the ledger row). log_file rotates each UTC day and at log_max_mb, the way Tokligence
+# Gateway names its files: gateway.log -> gateway-2026-01-05.log, gateway-2026-01-05-2.log, ...,
+# with gateway.log a symlink to the current one; log_max_files of them are kept.
+#
+# Metrics. A small in-process registry, rendered at GET /metrics in Prometheus's text format
+# 0.0.4. Its API, for any part of the gateway that wants a metric:
+#
+#     hits = gateway.metrics.counter("tgw_things_total", "Things done, by kind", ("kind",))
+#     hits.inc(("big",))                    # label values in the order the labels were named
+#     hits.inc(("small",), 3)
+#     gateway.metrics.gauge("tgw_open_things", "Things open now", callback=lambda: len(things))
+#     gateway.metrics.gauge("tgw_thing_state", "...", ("name",), callback=lambda: [(("a",), 1), (("b",), 0)])
+#     gateway.metrics.histogram("tgw_thing_seconds", "...", ("kind",), buckets=(0.1, 1, 10)).observe(("big",), 0.4)
+#
+# A callback runs at scrape time and returns a number, or (label values, number) pairs. Each
+# metric keeps at most MAX_SERIES label combinations (more fold into one "other" series), and
+# model names, which clients choose, are capped at MAX_MODEL_LABELS distinct values. The
+# gateway's own metrics live in Telemetry and are updated from the one place a request ends
+# (Gateway.handle -> Telemetry.request_ended): a few dict operations per request.
+
+CURRENT_REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("tgw_request_id", default="")
+_safe_request_id = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}").fullmatch
+
+
+def request_id_of(request: HttpRequest) -> str:
+    """The client's X-Request-Id when it is short and made of safe characters, else a new id."""
+    given = request.headers.get("x-request-id")
+    if given and _safe_request_id(given):
+        return given
+    return new_id("req_")
+
+
+# ---- logs -----------------------------------------------------------------------------
+
+ACCESS_LINE = (
+    "%(method)s %(path)s %(status)s %(latency_ms).1fms lane=%(lane)s provider=%(provider)s model=%(model)s "
+    "tokens=%(prompt_tokens)s+%(completion_tokens)s"
+)  # one line per request; log_format = json writes its fields instead
+
+
+class RedactingFormatter(logging.Formatter):
+    """Log lines with every known secret taken out (see SecretRedactor)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+class TextLogFormatter(RedactingFormatter):
+    """`time LEVEL logger: message request_id=...`, secrets redacted."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        request_id = getattr(record, "request_id", "")
+        return f"{line} request_id={request_id}" if request_id else line
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg (or a request's fields), request_id."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        if getattr(record, "request_id", ""):
+            entry["request_id"] = record.request_id
+        if record.msg is ACCESS_LINE and isinstance(record.args, dict):
+            entry["event"] = "request"
+            entry.update(record.args)
+        else:
+            entry["msg"] = redact(record.getMessage())
+        if record.exc_info:
+            entry["exc"] = redact(self.formatException(record.exc_info))
+        return redact(json.dumps(entry, separators=(",", ":"), default=str))
+
+
+class RotatingLogFile(logging.Handler):
+    """log_file, rotated each UTC day and when the next line would take it past `max_bytes`.
+    Writes are buffered; the log thread flushes after each batch. `clock` is injectable."""
+
+    MAX_INDEX = 10000  # files of one day
+
+    def __init__(self, path: str, max_bytes: int, keep: int, clock=time.time):
+        super().__init__()
+        self.base = Path(path).expanduser()
+        self.stem, self.ext = self.base.stem, self.base.suffix or ".log"
+        self.name_pattern = re.compile(
+            re.escape(self.stem) + r"-(\d{4}-\d{2}-\d{2})(?:-(\d+))?" + re.escape(self.ext)
+        ).fullmatch
+        self.max_bytes = max(int(max_bytes), 1)
+        self.keep = max(keep, 1)
+        self.clock = clock
+        self.stream = None
+        self.path: Path | None = None
+        self.day = ""
+        self.index = 1
+        self.size = 0
+        self.next_day_at = 0.0
+
+    @staticmethod
+    def check(path: str) -> None:
+        """Fail early (at startup) when the log directory cannot be written."""
+        directory = Path(path).expanduser().parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if not os.access(directory, os.W_OK):
+                raise PermissionError(f"{directory} is not writable")
+        except OSError as exc:
+            raise ConfigError(f"invalid value {path!r} for log_file: {exc}") from None
+
+    def file_for(self, day: str, index: int) -> Path:
+        suffix = f"-{index}" if index > 1 else ""
+        return self.base.with_name(f"{self.stem}-{day}{suffix}{self.ext}")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+            now = self.clock()
+            if self.stream is None or now >= self.next_day_at:
+                self.next_day_at = now - now % 86400 + 86400  # the next UTC midnight
+                self.open(time.strftime("%Y-%m-%d", time.gmtime(now)), 1, len(data))
+            elif self.size + len(data) > self.max_bytes:
+                self.open(self.day, self.index + 1, len(data))
+            self.stream.write(data)
+            self.size += len(data)
+        except Exception:
+            self.handleError(record)
+
+    def open(self, day: str, index: int, incoming: int) -> None:
+        """The day's file number `index`, or the first after it with room (a restart resumes)."""
+        self.close_stream()
+        self.base.parent.mkdir(parents=True, exist_ok=True)
+        path = self.file_for(day, index)
+        while path.exists() and path.stat().st_size + incoming > self.max_bytes and index < self.MAX_INDEX:
+            index += 1
+            path = self.file_for(day, index)
+        self.stream = path.open("ab", buffering=1 << 16)
+        self.path, self.day, self.index, self.size = path, day, index, self.stream.tell()
+        self.point_to(path)
+        self.prune()
+
+    def point_to(self, path: Path) -> None:
+        """log_file itself: a symlink to the current file (a real file there is left alone)."""
+        if self.base.exists() and not self.base.is_symlink():
+            return
+        temporary = self.base.with_name(f".{self.base.name}.{os.getpid()}")
+        try:
+            temporary.unlink(missing_ok=True)
+            os.symlink(path.name, temporary)
+            os.replace(temporary, self.base)
+        except OSError:  # no symlinks here (some filesystems, Windows without the privilege)
+            pass
+
+    def prune(self) -> None:
+        """Keep the newest `keep` files of this log."""
+        found = []
+        for entry in self.base.parent.iterdir():
+            match = self.name_pattern(entry.name)
+            if match and entry != self.path:
+                found.append((match.group(1), int(match.group(2) or 1), entry))
+        found.sort()
+        for _, _, entry in found[: max(len(found) - (self.keep - 1), 0)]:
+            try:
+                entry.unlink()
+            except OSError:
+                pass
+
+    def flush(self) -> None:
+        if self.stream is not None:
+            self.stream.flush()
+
+    def close_stream(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+    def close(self) -> None:
+        self.close_stream()
+        super().close()
+
+
+class LogQueueHandler(logging.Handler):
+    """The only handler on the event loop's side: stamps the record with the current request's
+    id and hands it to the log thread (formatting and writing happen there)."""
+
+    def __init__(self, setup: LogSetup):
+        super().__init__()
+        self.setup = setup
+
+    def handle(self, record: logging.LogRecord) -> bool:  # no lock, no filters: a queue put
+        record.request_id = CURRENT_REQUEST_ID.get()
+        self.setup.put(record)
+        return True
+
+    emit = handle
+
+
+class LogSetup:
+    """The process's logging: one LogQueueHandler on the root logger, one thread writing to
+    stderr and log_file. apply(cfg) may be called again with a new config (live reload)."""
+
+    QUEUE_LIMIT = 100_000  # records waiting; beyond it new ones are counted and dropped (never the ledger)
+    BATCH = 512
+
+    def __init__(self):
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.handlers: list[logging.Handler] = []  # touched by the log thread only
+        self.handler: LogQueueHandler | None = None
+        self.thread: threading.Thread | None = None
+        self.dropped = 0
+        self.file: RotatingLogFile | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.thread is not None
+
+    def put(self, item) -> None:
+        if self.queue.qsize() >= self.QUEUE_LIMIT:
+            self.dropped += 1
+            return
+        self.queue.put(item)
+
+    def apply(self, cfg: Config | None = None, level: str = "info", clock=time.time) -> None:
+        """Level, format and log_file from `cfg` (or stderr text at `level` without one)."""
+        level = cfg.log_level if cfg is not None else level
+        formatter = JsonLogFormatter() if cfg is not None and cfg.log_format == "json" else TextLogFormatter()
+        stderr = logging.StreamHandler(sys.stderr)
+        stderr.setFormatter(formatter)
+        handlers: list[logging.Handler] = [stderr]
+        log_file = cfg.log_file if cfg is not None else ""
+        if log_file:
+            stderr.setLevel(logging.WARNING)  # the file has everything; the terminal keeps the problems
+            settings = (str(Path(log_file).expanduser()), int(cfg.log_max_mb * (1 << 20)), cfg.log_max_files)
+            old = self.file
+            if old is None or (str(old.base), old.max_bytes, old.keep) != settings:  # else keep writing where it is
+                self.file = RotatingLogFile(*settings, clock)
+            self.file.setFormatter(formatter)
+            handlers.append(self.file)
+        else:
+            self.file = None
+        root = logging.getLogger()
+        root.setLevel(getattr(logging, level.upper()))
+        if self.thread is None:
+            self.handler = LogQueueHandler(self)
+            root.addHandler(self.handler)
+            self.thread = threading.Thread(target=self._run, name="tgw-log", daemon=True)
+            self.thread.start()
+            atexit.register(self.close)
+        self.queue.put(functools.partial(self._swap, handlers))  # control messages are never dropped
+
+    def _swap(self, handlers: list) -> None:  # on the log thread
+        for handler in self.handlers:
+            if handler not in handlers:
+                handler.close()
+        self.handlers = handlers
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            while len(batch) < self.BATCH:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            for item in batch:
+                if item is None:
+                    self._swap([])
+                    return
+                if callable(item):  # a control message (new handlers, a flush marker)
+                    try:
+                        item()
+                    except Exception:  # the thread must outlive a bad handler
+                        traceback.print_exc(file=sys.stderr)
+                    continue
+                for handler in self.handlers:
+                    if item.levelno >= handler.level:
+                        handler.handle(item)
+            self._flush_handlers()
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every record logged so far is written."""
+        if self.thread is not None:
+            done = threading.Event()
+            self.queue.put(lambda: (self._flush_handlers(), done.set()))
+            done.wait(timeout)
+
+    def _flush_handlers(self) -> None:  # on the log thread
+        for handler in self.handlers:
+            handler.flush()
+
+    def close(self) -> None:
+        """Write what is queued, close the files, take the handler off the root logger."""
+        if self.thread is None:
+            return
+        logging.getLogger().removeHandler(self.handler)
+        self.queue.put(None)
+        self.thread.join(10)
+        self.thread = self.handler = self.file = None
+        atexit.unregister(self.close)
+
+
+LOGS = LogSetup()
+
+
+def setup_logging(level: str, cfg: Config | None = None) -> None:
+    """The process's logging: stderr text at `level`, or everything `cfg` says (log_* keys)."""
+    if cfg is not None and cfg.log_file:
+        RotatingLogFile.check(cfg.log_file)
+    LOGS.apply(cfg, level)
+
+
+# ---- metrics ----------------------------------------------------------------------------
+
+ENDPOINT_FAMILIES = (  # path prefix -> its endpoint label (paths that hold ids or model names)
+    ("/v1/models/", "/v1/models/{id}"), ("/v1beta/models/", "/v1beta/models/{id}"),
+    ("/v1/responses/", "/v1/responses/{id}"), ("/api/v1/admin/", "/api/v1/admin/*"),
+    ("/api/v1/usage/", "/api/v1/usage/*"),
+)  # fmt: skip
+MAX_SERIES = 10000  # label combinations per metric
+MAX_MODEL_LABELS = 200  # distinct model names; the rest are "other"
+MAX_LABEL_LENGTH = 200  # characters of a label value a client chose
+MAX_TOKENS = 1e9  # a usage number (or cost) beyond this in one answer is an upstream's nonsense: not counted
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120)
+_metric_name = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*").fullmatch
+_label_name = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*").fullmatch
+
+
+def prometheus_value(value) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    value = float(value)
+    if value != value:
+        return "NaN"
+    if value in (math.inf, -math.inf):
+        return "+Inf" if value > 0 else "-Inf"
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+_LABEL_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n"})
+_HELP_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n"})
+
+
+def prometheus_labels(names: tuple, values: tuple, le: str = "") -> str:
+    """{a="x",b="y"} with values escaped (backslash, double quote, newline), or '' for none."""
+    pairs = [f'{name}="{str(value).translate(_LABEL_ESCAPES)}"' for name, value in zip(names, values, strict=True)]
+    if le:
+        pairs.append(f'le="{le}"')
+    return "{" + ",".join(pairs) + "}" if pairs else ""
+
+
+class Metric:
+    kind = "untyped"
+
+    def __init__(self, name: str, help: str, labels: tuple = (), callback=None):
+        if not _metric_name(name) or not all(_label_name(label) and label != "le" for label in labels):
+            raise ValueError(f"invalid metric or label name in {name}{labels}")
+        self.name = name
+        self.help = help
+        self.labels = tuple(labels)
+        self.callback = callback  # at scrape time: a number, or an iterable of (label values, number)
+        self.values: dict[tuple, object] = {}
+        self.other = ("other",) * len(self.labels)
+
+    def key_for(self, labels: tuple) -> tuple:
+        """A new series' key: checked once, then folded into "other" past MAX_SERIES."""
+        if len(labels) != len(self.labels):
+            raise ValueError(f"{self.name} takes labels {self.labels}, got {labels!r}")
+        return labels if len(self.values) < MAX_SERIES else self.other
+
+    def series(self):
+        if self.callback is None:
+            return list(self.values.items())
+        result = self.callback()
+        if isinstance(result, (int, float)):
+            return [((), result)]
+        return [(tuple(labels), value) for labels, value in result]
+
+    def render(self, out: list) -> None:
+        out.append(f"# HELP {self.name} {self.help.translate(_HELP_ESCAPES)}\n# TYPE {self.name} {self.kind}\n")
+        for labels, value in self.series():
+            out.append(f"{self.name}{prometheus_labels(self.labels, labels)} {prometheus_value(value)}\n")
+
+
+class Counter(Metric):
+    kind = "counter"
+
+    def inc(self, labels: tuple = (), amount: float = 1) -> None:
+        try:
+            self.values[labels] += amount
+        except KeyError:
+            key = self.key_for(labels)
+            self.values[key] = self.values.get(key, 0) + amount
+
+
+class Gauge(Counter):
+    """A counter that may also go down, or be set."""
+
+    kind = "gauge"
+
+    def set(self, labels: tuple, value: float) -> None:
+        self.values[labels if labels in self.values else self.key_for(labels)] = value
+
+    def dec(self, labels: tuple = (), amount: float = 1) -> None:
+        self.inc(labels, -amount)
+
+
+class Histogram(Metric):
+    """Fixed buckets; per series a list of counts per bucket (the last one +Inf) and the sum."""
+
+    kind = "histogram"
+
+    def __init__(self, name: str, help: str, labels: tuple = (), buckets=LATENCY_BUCKETS):
+        super().__init__(name, help, labels)
+        self.buckets = tuple(sorted(float(b) for b in buckets))
+        self.bounds = [prometheus_value(b) for b in self.buckets] + ["+Inf"]
+
+    def observe(self, labels: tuple, value: float) -> None:
+        counts = self.values.get(labels)
+        if counts is None:
+            counts = self.values.setdefault(self.key_for(labels), [0] * (len(self.buckets) + 1) + [0.0])
+        counts[bisect.bisect_left(self.buckets, value)] += 1
+        counts[-1] += value
+
+    def render(self, out: list) -> None:
+        out.append(f"# HELP {self.name} {self.help.translate(_HELP_ESCAPES)}\n# TYPE {self.name} histogram\n")
+        for labels, counts in list(self.values.items()):
+            cumulative = 0
+            for bound, count in zip(self.bounds, counts, strict=False):
+                cumulative += count
+                out.append(f"{self.name}_bucket{prometheus_labels(self.labels, labels, bound)} {cumulative}\n")
+            text = prometheus_labels(self.labels, labels)
+            out.append(f"{self.name}_sum{text} {prometheus_value(counts[-1])}\n{self.name}_count{text} {cumulative}\n")
+
+
+class Metrics:
+    """The registry: metrics by name, rendered in the order they were made."""
+
+    def __init__(self):
+        self.metrics: dict[str, Metric] = {}
+
+    def _add(self, metric: Metric) -> Metric:
+        if metric.name in self.metrics:
+            raise ValueError(f"metric {metric.name} is already registered")
+        self.metrics[metric.name] = metric
+        return metric
+
+    def counter(self, name: str, help: str, labels: tuple = (), callback=None) -> Counter:
+        return self._add(Counter(name, help, labels, callback))
+
+    def gauge(self, name: str, help: str, labels: tuple = (), callback=None) -> Gauge:
+        return self._add(Gauge(name, help, labels, callback))
+
+    def histogram(self, name: str, help: str, labels: tuple = (), buckets=LATENCY_BUCKETS) -> Histogram:
+        return self._add(Histogram(name, help, labels, buckets))
+
+    def render(self) -> bytes:
+        out: list[str] = []
+        for metric in list(self.metrics.values()):
+            try:
+                metric.render(out)
+            except Exception:  # one broken callback must not hide every other metric
+                log.exception("metrics: rendering %s failed", metric.name)
+        return "".join(out).encode()
+
+
+class LabelCap:
+    """Label values a client chooses (model names): the first `limit` distinct ones, then "other"."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self.seen:
+            return value
+        value = value[:MAX_LABEL_LENGTH]
+        if value in self.seen:
+            return value
+        if len(self.seen) < self.limit:
+            self.seen.add(value)
+            return value
+        return "other"
+
+
+class Telemetry:
+    """The gateway's metrics and its access log line, both fed when a request ends.
+
+    Hooks for the upstream side (resilience): upstream_attempt() per attempt (the retry loop
+    calls it), `failovers.inc((from_provider, to_provider))`, and `breakers.callback`, set to a
+    function returning ((provider, account), state) pairs with state 0 closed, 1 half-open, 2 open."""
+
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+        m = self.metrics = Metrics()
+        self.requests = m.counter(
+            "tgw_requests_total", "Requests answered, by endpoint, lane, provider, model and HTTP status",
+            ("endpoint", "lane", "provider", "model", "status"),
+        )  # fmt: skip
+        self.latency = m.histogram(
+            "tgw_request_duration_seconds", "Seconds from a request's head to its answer's end",
+            ("endpoint", "lane", "provider"), LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.ttft = m.histogram(
+            "tgw_time_to_first_token_seconds", "Streamed model calls: seconds until the first byte reached the client",
+            ("lane", "provider"), TTFT_BUCKETS,
+        )  # fmt: skip
+        self.tokens = m.counter(
+            "tgw_tokens_total", "Tokens by provider, model and kind (cached is part of prompt, reasoning of completion)",
+            ("provider", "model", "kind"),
+        )  # fmt: skip
+        self.cost = m.counter("tgw_cost_usd_total", "Cost in USD from the price table", ("provider", "model"))
+        self.attempts = m.counter("tgw_upstream_attempts_total", "Upstream requests, retries included", ("provider",))
+        self.retries = m.counter("tgw_upstream_retries_total", "Upstream requests that were retries", ("provider",))
+        self.failovers = m.counter(
+            "tgw_upstream_failovers_total", "Requests moved to another upstream account or fallback model",
+            ("from_provider", "to_provider"),
+        )  # fmt: skip
+        self.breakers = m.gauge(
+            "tgw_upstream_breaker_state", "Circuit breaker per upstream account: 0 closed, 1 half-open, 2 open",
+            ("provider", "account"), callback=lambda: (),
+        )  # fmt: skip
+        ledger = gateway.ledger
+        m.gauge("tgw_requests_in_flight", "Requests being answered, by port", ("port",), callback=self.in_flight)
+        m.gauge("tgw_ledger_queue_depth", "Ledger rows waiting for the writer", callback=lambda: len(ledger.pending))
+        m.counter("tgw_ledger_rows_written_total", "Ledger rows written", callback=lambda: ledger.written)
+        m.counter("tgw_log_lines_dropped_total", "Log lines dropped: the log thread was behind",
+                  callback=lambda: LOGS.dropped)  # fmt: skip
+        m.gauge("tgw_uptime_seconds", "Seconds since the gateway started",
+                callback=lambda: time.time() - gateway.started_at)  # fmt: skip
+        m.gauge("tgw_build_info", "tgw's version", ("version",), callback=lambda: [((__version__,), 1)])
+        self.models = LabelCap(MAX_MODEL_LABELS)
+        self.route_paths = {path for _, path in gateway.routes}
+        self.endpoint_labels: dict[str, str] = {}
+        self.access_from = self.access_threshold(gateway.cfg)
+
+    @staticmethod
+    def access_threshold(cfg: Config) -> int:
+        """The lowest status that gets an access line (1000: none)."""
+        if cfg.access_log == "all" or (cfg.log_level == "debug" and cfg.access_log != "off"):
+            return 0
+        return 400 if cfg.access_log == "errors" else 1000
+
+    def apply_config(self, cfg: Config) -> None:
+        """The log settings that may change while running (log_level, log_format, log_file,
+        log_max_mb, log_max_files, access_log). Gateway.apply_config (live reload) calls this."""
+        self.access_from = self.access_threshold(cfg)
+        if LOGS.active:  # this process's logging is tgw's own (tgw serve), not a host program's
+            LOGS.apply(cfg)
+
+    def in_flight(self):
+        return [((name,), sum(p.busy for p in server.connections)) for name, server in self.gateway.servers.items()]
+
+    def endpoint_label(self, path: str) -> str:
+        """A bounded label for a path: a route's own path, its family, or "other"."""
+        label = self.endpoint_labels.get(path)
+        if label is None:
+            bare = path.rstrip("/") or "/"
+            if bare in self.route_paths:
+                label = bare
+            elif is_gemini_call_path(bare):
+                method = bare.rpartition(":")[2]
+                method = method if method in GEMINI_METHODS else "other"
+                label = bare.split("/models/", 1)[0] + "/models/{model}:" + method
+            else:
+                label = next((family for prefix, family in ENDPOINT_FAMILIES if bare.startswith(prefix)), "other")
+            if len(self.endpoint_labels) < 4096:
+                self.endpoint_labels[path] = label
+        return label
+
+    def upstream_attempt(self, provider: str, attempt: int) -> None:
+        self.attempts.inc((provider,))
+        if attempt:
+            self.retries.inc((provider,))
+
+    def request_ended(self, call: Call) -> None:
+        ex = call.exchange
+        status = ex.status or 499
+        elapsed = time.monotonic() - call.started
+        endpoint = self.endpoint_label(call.endpoint)
+        model_name = call.model_upstream or call.model_requested
+        model = self.models(model_name) if model_name else ""
+        provider = call.provider
+        self.requests.inc((endpoint, call.lane, provider, model, status))
+        self.latency.observe((endpoint, call.lane, provider), elapsed)
+        if call.ledgered:
+            usage = call.usage  # numbers by now (record() has priced it); bounded, as an upstream sent them
+            tokens = self.tokens
+            if 0 < usage.input_tokens < MAX_TOKENS:
+                tokens.inc((provider, model, "prompt"), usage.input_tokens)
+            if 0 < usage.output_tokens < MAX_TOKENS:
+                tokens.inc((provider, model, "completion"), usage.output_tokens)
+            if 0 < usage.cached_tokens < MAX_TOKENS:
+                tokens.inc((provider, model, "cached"), usage.cached_tokens)
+            if 0 < usage.reasoning_tokens < MAX_TOKENS:
+                tokens.inc((provider, model, "reasoning"), usage.reasoning_tokens)
+            cost = self.gateway.prices.cost(model_name, usage) if usage.input_tokens or usage.output_tokens else 0
+            if 0 < cost < MAX_TOKENS:
+                self.cost.inc((provider, model), cost)
+            if call.stream and ex.first_byte_at:
+                self.ttft.observe((call.lane, provider), ex.first_byte_at - call.started)
+        if status >= self.access_from and log.isEnabledFor(logging.INFO):
+            self.access_line(call, status, elapsed)
+
+    @staticmethod
+    def access_line(call: Call, status: int, elapsed: float) -> None:
+        ex = call.exchange
+        usage = call.usage
+        ttft = round((ex.first_byte_at - call.started) * 1e6) / 1000 if ex.first_byte_at else None
+        log.info(ACCESS_LINE, {
+            "method": ex.request.method, "path": call.endpoint[:1000], "status": status, "protocol": call.codec.name,
+            "lane": call.lane, "provider": call.provider, "model": call.model_requested[:MAX_LABEL_LENGTH],
+            "model_upstream": call.model_upstream[:MAX_LABEL_LENGTH], "stream": call.stream,
+            "prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
+            "cached_tokens": usage.cached_tokens,
+            "latency_ms": round(elapsed * 1e6) / 1000, "ttft_ms": ttft, "api_key_id": call.api_key_id,
+            "error": call.error[:500],
+        })  # fmt: skip
+
+
+# ======================================================================================
+# 12. Admin API
 # ======================================================================================
 #
 # Tokligence Gateway's paths and JSON shapes: {"users": [...]}, {"user": {...}}, {"api_keys": [...]},
@@ -8142,7 +9690,7 @@ class AdminApi:
 
 
 # ======================================================================================
-# 12. CLI
+# 13. CLI
 # ======================================================================================
 
 
@@ -8170,6 +9718,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-public-bind", action="store_true", default=None, help="allow a non-loopback --host without api_keys"
     )
     serve_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    serve_p.add_argument("--pid-file", help=argparse.SUPPRESS)  # tgw start's daemon says here where it listens
 
     config_p = commands.add_parser("config", help="read and edit gateway.ini")
     add_config_flag(config_p)
@@ -8199,6 +9748,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs_p.add_argument("--json", action="store_true", help="print JSON lines")
     logs_p.add_argument("--user", metavar="EMAIL", help="only this user's requests")
     add_identity_commands(commands)
+    add_gateway_commands(commands)
     return parser
 
 
@@ -8383,30 +9933,30 @@ def cmd_key(args) -> int:
     return 0
 
 
-class RedactingFormatter(logging.Formatter):
-    """Log lines with every known secret taken out (see SecretRedactor)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+def set_flags(items: list[str]) -> dict:
+    """--set KEY=VALUE flags as config overrides."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip().lower()] = value
+    return overrides
 
 
 def cmd_serve(args) -> int:
     overrides = {"host": args.host, "facade_port": args.port, "work_mode": args.work_mode, "ledger_path": args.ledger_path,
                  "log_level": args.log_level, "allow_public_bind": args.allow_public_bind}  # fmt: skip
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip().lower()] = value
+    overrides.update(set_flags(args.set))
     cfg = load_config(args.config, overrides)
-    setup_logging(cfg.log_level)
-    asyncio.run(serve(cfg))
+    setup_logging(cfg.log_level, cfg)
+    pid_path = Path(args.pid_file) if args.pid_file else None
+    try:
+        asyncio.run(serve(cfg, functools.partial(announce_daemon, pid_path, cfg) if pid_path else None))
+    finally:
+        if pid_path:
+            remove_pid_file(pid_path, os.getpid())
+        LOGS.close()
     return 0
 
 
@@ -8416,7 +9966,7 @@ def cmd_config(args) -> int:
         return 0
     cfg = load_config(args.config)
     if args.action == "set":
-        path = cfg.path or Path(args.config or os.environ.get("TOKLIGENCE_CONFIG") or "gateway.ini")
+        path = config_path_for_writing(args.config, cfg)
         config_set_in_file(path, args.key, args.value)
         shown = mask_secret(args.value) if args.key.lower() in SECRET_KEYS else args.value
         print(f"{args.key.lower()} = {shown}  (written to {path})")
@@ -8535,7 +10085,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     handlers = {"serve": cmd_serve, "config": cmd_config, "usage": cmd_usage, "logs": cmd_logs, "user": cmd_user,
-                "key": cmd_key}  # fmt: skip
+                "key": cmd_key, "chat": cmd_chat, "start": cmd_start, "stop": cmd_stop, "status": cmd_status}  # fmt: skip
     try:
         return handlers[args.command](args)
     except ConfigError as exc:
@@ -8559,6 +10109,1704 @@ def reexec_as_import() -> None:
     os.execv(
         sys.executable, [sys.executable, "-S", "-c", bootstrap, str(Path(__file__).resolve().parent), *sys.argv[1:]]
     )
+
+
+# ======================================================================================
+# 14. Gateway control: tgw start, stop and status
+# ======================================================================================
+#
+# `tgw start` runs `tgw serve --pid-file …` in a session of its own, its output appended to
+# the log file. The daemon writes the pid file (JSON: pid, url, config, log, started) once it
+# listens and removes it when it exits, so the file says where a running daemon listens, even
+# on port 0. `tgw stop` sends SIGTERM (the gateway finishes in-flight requests and drains the
+# ledger) and waits. `tgw status` reads the pid file and asks the gateway's /health. The chat
+# assistant's start_gateway, stop_gateway and get_status tools call these same functions.
+
+DAEMON_START_TIMEOUT = 20.0  # seconds `tgw start` waits for the daemon to listen
+GET_JSON_HEADERS = {"User-Agent": f"tgw/{__version__}", "Accept": "application/json"}
+HEALTH_KEYS_SHOWN = ("status", "version", "work_mode", "offline", "routes", "aliases", "providers", "uptime_s",
+                     "ledger_rows_written")  # fmt: skip
+
+
+UNPRINTABLE = dict.fromkeys([c for c in range(32) if c not in (9, 10)] + list(range(127, 160)))  # ESC, CSI...
+
+
+def printable(text: str) -> str:
+    """Text from a model or an upstream, safe for a terminal (no escape sequences)."""
+    return text.translate(UNPRINTABLE)
+
+
+@dataclass
+class Outcome:
+    """What an action did, in words for a person or a model."""
+
+    ok: bool
+    text: str
+    changed: bool = False
+
+
+def tokligence_dir() -> Path:
+    return Path("~/.tokligence").expanduser()
+
+
+def daemon_paths() -> tuple[Path, Path]:
+    """The daemon's pid file and log file."""
+    home = tokligence_dir()
+    return home / "tgw.pid", home / "tgw.log"
+
+
+def read_pid_file(path: Path) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            data = loads(f.read(4096))
+    except (OSError, ValueError):
+        return None
+    if type(data) is int:  # a bare pid, as other tools write them
+        data = {"pid": data}
+    if not isinstance(data, dict) or type(data.get("pid")) is not int or not 1 < data["pid"] < 1 << 31:
+        return None
+    if not (isinstance(data.get("url"), str) and data["url"].startswith("http://")):
+        data.pop("url", None)
+    return data
+
+
+def write_pid_file(path: Path, info: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    staged.write_text(json.dumps(info) + "\n")
+    os.replace(staged, path)
+
+
+def remove_pid_file(path: Path, pid: int) -> None:
+    """Remove the pid file if it still names `pid` (a newer daemon may have replaced it)."""
+    info = read_pid_file(path)
+    if info is not None and info["pid"] == pid:
+        path.unlink(missing_ok=True)
+
+
+_daemon_children: dict[int, subprocess.Popen] = {}  # daemons this process started, reaped here
+
+
+def process_alive(pid: int) -> bool:
+    child = _daemon_children.get(pid)
+    if child is not None:
+        return child.poll() is None
+    if os.name != "posix":  # signal 0 means CTRL_C_EVENT on Windows: trust the pid file
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    try:  # a zombie (exited, its parent has not reaped it) is gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[:1] != ["Z"]
+    except OSError:
+        return True
+
+
+def is_tgw_process(pid: int) -> bool:
+    """A stale pid file's pid may belong to another program by now."""
+    try:
+        return b"tgw" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc (macOS): trust the pid file
+
+
+def running_daemon() -> dict | None:
+    """The pid file's contents when the daemon it names is alive."""
+    info = read_pid_file(daemon_paths()[0])
+    if info is not None and process_alive(info["pid"]) and is_tgw_process(info["pid"]):
+        return info
+    return None
+
+
+def gateway_url(cfg: Config, port: int | None = None) -> str:
+    """Where a gateway with this configuration (listening on `port`) is reached from this machine."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(cfg.host, cfg.host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{cfg.facade_port if port is None else port}"
+
+
+def load_config_or_defaults(config_arg: str | None, env=None) -> tuple[Config, str]:
+    """The configuration, or the defaults and the error when it does not load (status and
+    the chat assistant keep working, to help fix it)."""
+    try:
+        return load_config(config_arg, env=env), ""
+    except (ConfigError, OSError, ValueError) as exc:  # a bad value; an unreadable or binary file
+        values = {key: spec[0] for key, spec in CONFIG_KEYS.items()}
+        path = find_config_file(config_arg, env)
+        return Config(values, {}, dict(DEFAULT_PRICES), path, dict.fromkeys(values, "default")), str(exc)
+
+
+def config_path_for_writing(config_arg: str | None, cfg: Config | None, env=None) -> Path:
+    """Where `tgw config set` and the chat's set_config write: the file in use, else --config,
+    $TOKLIGENCE_CONFIG, ./gateway.ini."""
+    env = os.environ if env is None else env
+    if cfg is not None and cfg.path is not None:
+        return cfg.path
+    return Path(config_arg or env.get("TOKLIGENCE_CONFIG") or "gateway.ini").expanduser()
+
+
+def log_tail(path: Path, offset: int, lines: int = 8) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(offset, path.stat().st_size - 4096))
+            text = f.read(4096).decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+    return redact("\n".join(text.strip().splitlines()[-lines:])) or "(the log is empty)"
+
+
+def start_daemon(config_arg: str | None, overrides: dict | None = None, env=None) -> Outcome:
+    """`tgw serve` in the background, with environment `env`; waits until it listens (or says
+    why it did not)."""
+    env = os.environ if env is None else env
+    pid_path, log_path = daemon_paths()
+    info = running_daemon()
+    if info is not None:
+        return Outcome(True, f"tgw is already running (pid {info['pid']}, {info.get('url', 'address unknown')})")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    try:
+        cfg = load_config(config_arg, overrides, env)
+    except ConfigError as exc:
+        return Outcome(False, f"not started: configuration error: {redact(str(exc))}")
+    pid_path.unlink(missing_ok=True)  # stale: its process is gone
+    command = [sys.executable, str(Path(__file__).resolve()), "serve", "--pid-file", str(pid_path)]
+    if cfg.path is not None:
+        command += ["--config", str(cfg.path.resolve())]
+    command += [f"--set={key}={value}" for key, value in overrides.items()]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        log_file.write(f"--- tgw start {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
+        log_file.flush()
+        offset = log_file.tell()
+        detach = {"start_new_session": True} if os.name == "posix" else {"creationflags": 0x00000008}
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                env=dict(env), **detach)  # fmt: skip
+    _daemon_children[proc.pid] = proc
+    deadline = time.monotonic() + DAEMON_START_TIMEOUT
+    while time.monotonic() < deadline:
+        info = read_pid_file(pid_path)
+        if info is not None and info["pid"] == proc.pid:
+            url = info.get("url", gateway_url(cfg))
+            return Outcome(True, f"started tgw in the background: pid {proc.pid}, {url}, log {log_path}", True)
+        if proc.poll() is not None:
+            return Outcome(
+                False, f"tgw exited at start (status {proc.returncode}); the log says:\n{log_tail(log_path, offset)}"
+            )
+        time.sleep(0.05)
+    proc.terminate()
+    return Outcome(False, f"tgw did not listen within {DAEMON_START_TIMEOUT:g} s, so it was stopped; the log says:\n"
+                          f"{log_tail(log_path, offset)}")  # fmt: skip
+
+
+def stop_daemon(grace: float = 30.0) -> Outcome:
+    """SIGTERM to the daemon, then wait while it finishes in-flight requests."""
+    pid_path, _ = daemon_paths()
+    info = read_pid_file(pid_path)
+    if info is None:
+        return Outcome(True, "no tgw daemon is running (no pid file; a gateway run with `tgw serve` stops with Ctrl-C)")
+    pid = info["pid"]
+    if not (process_alive(pid) and is_tgw_process(pid)):
+        pid_path.unlink(missing_ok=True)
+        return Outcome(True, f"no tgw daemon is running (removed a stale pid file naming pid {pid})")
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        return Outcome(False, f"not allowed to stop pid {pid} (another user's process)")
+    deadline = time.monotonic() + grace + 5
+    while process_alive(pid):
+        if time.monotonic() > deadline:
+            return Outcome(False, f"tgw (pid {pid}) is still finishing requests after {grace + 5:g} s")
+        time.sleep(0.05)
+    remove_pid_file(pid_path, pid)
+    _daemon_children.pop(pid, None)
+    return Outcome(True, f"stopped tgw (pid {pid})", True)
+
+
+async def fetch_json(pool: UpstreamPool, url: str, headers: dict | None = None, limit: int = 1 << 20):
+    """GET a JSON document with the one HTTP client; errors as GatewayError."""
+    resp = await pool.request("GET", url, headers or GET_JSON_HEADERS)
+    data = await resp.read(limit)
+    if resp.status >= 400:
+        raise OPENAI_CODEC.decode_error(resp.status, data)  # reads any of the four envelopes
+    try:
+        return loads(data)
+    except (ValueError, RecursionError):
+        raise GatewayError(502, f"{url} did not answer JSON") from None
+
+
+def run_with_pool(work, connect_timeout: float = 1.0, read_timeout: float = 3.0):
+    """Run `work(pool)` (a coroutine function) to its end, for CLI commands."""
+
+    async def main():
+        pool = UpstreamPool(connect_timeout, read_timeout)
+        try:
+            return await work(pool)
+        finally:
+            pool.close()
+
+    return asyncio.run(main())
+
+
+def config_view(cfg: Config) -> dict:
+    """What the configuration says, in /health's shape (to show side by side with it)."""
+    providers = build_providers(cfg)
+    try:
+        router = Router(cfg, providers)
+        routes, aliases, offline = [f"{g}=>{p}" for g, p in router.rules], router.aliases, router.offline
+    except ConfigError as exc:
+        routes, aliases, offline = [f"(invalid: {exc})"], {}, False
+    shown = {name: {"protocol": p.protocol, "configured": p.configured, **({"base_url": p.base_url} if p.base_url else {})}
+             for name, p in providers.items()}  # fmt: skip
+    return {"work_mode": cfg.work_mode, "offline": offline, "routes": routes, "aliases": aliases, "providers": shown}
+
+
+async def gateway_status(cfg: Config, pool: UpstreamPool, config_error: str = "") -> dict:
+    """Is a gateway running where the config (or the daemon's pid file) says, and what its
+    /health reports, beside what the configuration says."""
+    pid_path, log_path = daemon_paths()
+    info = read_pid_file(pid_path)
+    daemon = None
+    if info is not None:
+        alive = process_alive(info["pid"]) and is_tgw_process(info["pid"])
+        daemon = {"pid": info["pid"], "alive": alive, "url": info.get("url"), "pid_file": str(pid_path),
+                  "log": str(log_path)}  # fmt: skip
+    url = daemon["url"] if daemon and daemon["alive"] and daemon["url"] else gateway_url(cfg)
+    status = {"url": url, "running": False, "daemon": daemon, "health": None, "error": "",
+              "config_file": str(cfg.path) if cfg.path else None, "config_error": config_error,
+              "config": config_view(cfg)}  # fmt: skip
+    try:
+        health = await fetch_json(pool, url + "/health")
+        if isinstance(health, dict) and health.get("status") == "ok":
+            status["running"], status["health"] = True, health
+        else:
+            status["error"] = "something answers there, but not a tgw /health"
+    except GatewayError as err:
+        status["error"] = err.message
+    return status
+
+
+def format_status(status: dict) -> str:
+    """`tgw status` in words. Sections of /health this code does not know are shown as they come."""
+    lines = []
+    daemon, health = status.get("daemon"), status.get("health")
+    if status["running"] and daemon and daemon["alive"]:
+        lines.append(
+            f"gateway: running at {status['url']} (pid {daemon['pid']}, started by tgw start; log {daemon['log']})"
+        )
+    elif status["running"]:
+        lines.append(f"gateway: running at {status['url']} (not started by tgw start)")
+    else:
+        lines.append(f"gateway: not running at {status['url']} ({status['error']})")
+    if daemon and not daemon["alive"]:
+        lines.append(f"  stale pid file {daemon['pid_file']}: pid {daemon['pid']} is gone")
+    elif daemon and not status["running"]:
+        lines.append(
+            f"  the daemon (pid {daemon['pid']}) is alive but its /health does not answer: see {daemon['log']}"
+        )
+    lines.append(f"config file: {status['config_file'] or '(none: defaults and TOKLIGENCE_* variables)'}")
+    if status.get("config_error"):
+        lines.append(f"config error: {status['config_error']}")
+    config = status["config"]
+    view = health if isinstance(health, dict) else config
+    if health:
+        lines.append(f"health: {health.get('status')}, version {health.get('version')}, up {health.get('uptime_s')} s, "
+                     f"{health.get('ledger_rows_written')} ledger rows written this run")  # fmt: skip
+    lines.append(f"work_mode: {view.get('work_mode')}" + ("  (offline: every model is answered by loopback)"
+                                                          if view.get("offline") else ""))  # fmt: skip
+    providers = view.get("providers") if isinstance(view.get("providers"), dict) else {}
+    lines.append("providers:")
+    for name, p in list(providers.items())[:50]:
+        p = p if isinstance(p, dict) else {}
+        state = "configured" if p.get("configured") else "not configured"
+        lines.append(
+            f"  {str(name):<14} {str(p.get('protocol', '?')):<10} {state:<15} {p.get('base_url', '')}".rstrip()
+        )
+    routes = view.get("routes") if isinstance(view.get("routes"), list) else []
+    lines.append("routes: " + (", ".join(map(str, routes[:100])) or "(none)"))
+    aliases = view.get("aliases") if isinstance(view.get("aliases"), dict) else {}
+    if aliases:
+        lines.append("aliases: " + ", ".join(f"{a}=>{m}" for a, m in list(aliases.items())[:100]))
+    if health:
+        for key in ("work_mode", "routes"):
+            if health.get(key) != config.get(key):
+                lines.append(
+                    f"note: the configuration now says {key} = {config.get(key)}; restart the gateway to apply it"
+                )
+        for key, value in health.items():
+            if key not in HEALTH_KEYS_SHOWN:
+                lines.extend(format_section(str(key), value))
+    return printable(redact("\n".join(lines)))  # /health's words could hold terminal escapes
+
+
+def format_section(name: str, value, depth: int = 0) -> list[str]:
+    """Any JSON value as indented lines (bounded in depth, items and length)."""
+    pad = "  " * depth
+    if isinstance(value, dict) and value and depth < 3:
+        out = [f"{pad}{name}:"]
+        for key, item in list(value.items())[:50]:
+            out += format_section(str(key), item, depth + 1)
+        return out
+    if isinstance(value, list) and value and depth < 3:
+        return [f"{pad}{name}:"] + [f"{pad}  - {json.dumps(item, default=str)[:200]}" for item in value[:50]]
+    shown = value if isinstance(value, str) else json.dumps(value, default=str)
+    return [f"{pad}{name}: {shown[:200]}"]
+
+
+def announce_daemon(pid_path: Path, cfg: Config, port: int, gateway) -> None:
+    """The daemon's serve(ready=...): say in the pid file where it listens."""
+    write_pid_file(pid_path, {"pid": os.getpid(), "url": gateway_url(cfg, port), "config": str(cfg.path) if cfg.path else None,
+                              "log": str(daemon_paths()[1]), "started": time.time()})  # fmt: skip
+
+
+def cmd_start(args) -> int:
+    outcome = start_daemon(args.config, {"host": args.host, "facade_port": args.port, **set_flags(args.set)})
+    print(outcome.text, file=sys.stdout if outcome.ok else sys.stderr)
+    return 0 if outcome.ok else 1
+
+
+def cmd_stop(args) -> int:
+    cfg, _ = load_config_or_defaults(args.config)
+    outcome = stop_daemon(cfg.shutdown_grace)
+    print(outcome.text, file=sys.stdout if outcome.ok else sys.stderr)
+    return 0 if outcome.ok else 1
+
+
+def cmd_status(args) -> int:
+    """Exit status 0 when a gateway answers, 3 when none does (as LSB init scripts say)."""
+    cfg, error = load_config_or_defaults(args.config)
+    status = run_with_pool(lambda pool: gateway_status(cfg, pool, error))
+    print(redact(json.dumps(status, indent=2)) if args.json else format_status(status))
+    return 0 if status["running"] else 3
+
+
+# ======================================================================================
+# 15. The chat assistant: model selection, tools, the offline assistant, the terminal loop
+# ======================================================================================
+#
+# `tgw chat` talks to a model through tgw's own providers and codecs, in-process: the
+# conversation is a canonical Request with Tools, encoded by the provider's codec, sent with
+# UpstreamPool, its stream decoded into canonical events. So it runs on any provider and
+# protocol. With no model reachable (or --offline) a rule-based helper drives the same tools.
+#
+# Secrets never reach the model: configured ones come back from get_config masked (and every
+# text sent passes through redact()); a key the user types becomes a placeholder ([secret_1])
+# before anything is sent or written to the history file, and set_config turns a placeholder
+# back into the real value locally. The placeholder map lives only in this process's memory.
+
+CHAT_TOOL_ROUNDS = 8  # model calls with tool results per user turn, at most
+CHAT_CALLS_PER_ROUND = 16  # tool calls run per model answer; more are refused
+CHAT_MAX_TOKENS = 4096
+CHAT_ANSWER_LIMIT = 4 << 20  # bytes of one streamed answer
+CHAT_TOOL_RESULT_LIMIT = 16000  # characters of a tool result sent to the model
+CHAT_HISTORY_TURNS = 24  # user turns kept in the conversation
+CHAT_MAX_INPUT = 1 << 20  # characters of a prompt (a line, -p or standard input)
+CHAT_PROBE_TIMEOUT = 0.5  # seconds to connect to a local server or gateway while looking for a model
+CHAT_DEFAULT_MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5", "gemini": "gemini-2.5-flash"}
+CHAT_CODECS = {"openai": OPENAI_CODEC, "anthropic": ANTHROPIC_CODEC, "gemini": GEMINI_CODEC}
+CHAT_ENV_KEYS = (("openai", ("OPENAI_API_KEY",), "OPENAI_BASE_URL"), ("anthropic", ("ANTHROPIC_API_KEY",), "ANTHROPIC_BASE_URL"),
+                 ("gemini", ("GEMINI_API_KEY", "GOOGLE_API_KEY"), ""))  # fmt: skip
+CHAT_LOCAL_SERVERS = (("ollama", "OLLAMA_BASE_URL", "http://127.0.0.1:11434"),
+                      ("vllm", "VLLM_BASE_URL", "http://127.0.0.1:8000"),
+                      ("lmstudio", "LMSTUDIO_BASE_URL", "http://127.0.0.1:1234"))  # fmt: skip
+
+# Keys people paste: known prefixes, or long random-looking tokens (checked by looks_random).
+KNOWN_SECRET = (r"(?:sk-ant-|sk-proj-|sk-or-|sk-)[\w-]{16,}|AIza[\w-]{20,}|tok_[\w-]{12,}"
+                r"|(?:gsk_|hf_|xai-|gh[pousr]_|github_pat_|glpat-|pplx-|r8_)[\w-]{16,}|AKIA[0-9A-Z]{16}")  # fmt: skip
+TYPED_SECRET = re.compile(rf"(?<![\w-])(?:(?P<known>{KNOWN_SECRET})|(?P<long>[\w+/.-]{{32,}}={{0,2}}))(?![\w-])")
+KNOWN_SECRET_INSIDE = re.compile(rf"(?<![A-Za-z0-9])(?:{KNOWN_SECRET})(?![\w-])")
+SECRET_KINDS = (("sk-ant-", "anthropic"), ("sk-", "openai"), ("AIza", "gemini"), ("tok_", "client"))
+
+
+def looks_random(token: str) -> bool:
+    """A long unbroken run of letters and digits, mixed: a key, not a path or a model name."""
+    run = max(re.findall(r"[A-Za-z0-9]+", token), key=len, default="")
+    return len(run) >= 24 and sum(c.isdigit() for c in run) >= 2 and sum(c.isalpha() for c in run) >= 2
+
+
+class ChatSecrets:
+    """Typed keys <-> placeholders, in this process's memory only."""
+
+    PLACEHOLDER = re.compile(r"\[secret_(\d{1,4})\]")
+
+    def __init__(self):
+        self.values: list[str] = []
+
+    def placeholder(self, value: str) -> str:
+        if value not in self.values:
+            if len(self.values) >= 1000:
+                return "[secret]"
+            self.values.append(value)
+            redact.add(value)  # nor in logs or tool results
+        return f"[secret_{self.values.index(value) + 1}]"
+
+    def hide(self, text: str) -> str:
+        """`text` as it may be sent or stored: typed keys as placeholders, configured ones redacted."""
+
+        def swap(m: re.Match) -> str:
+            value = m.group(0)
+            if m.group("known") or looks_random(value):
+                return self.placeholder(value)
+            return KNOWN_SECRET_INSIDE.sub(lambda k: self.placeholder(k.group()), value)  # a path holding a key
+
+        text = TYPED_SECRET.sub(swap, text)
+        for value in self.values:  # seen again inside other text
+            if value in text:
+                text = text.replace(value, self.placeholder(value))
+        return redact(text)
+
+    def reveal(self, text: str) -> str:
+        """Placeholders back to the values the user typed (for set_config, locally)."""
+
+        def real(m: re.Match) -> str:
+            number = int(m.group(1))
+            if not 1 <= number <= len(self.values):
+                raise ConfigError(f"{m.group()} is not a key typed in this chat session: type the key again")
+            return self.values[number - 1]
+
+        return self.PLACEHOLDER.sub(real, text)
+
+    def kind(self, placeholder: str) -> str:
+        """Which provider a typed key looks like it belongs to, from its prefix ('' if unknown)."""
+        try:
+            value = self.reveal(placeholder)
+        except ConfigError:
+            return ""
+        return next((kind for prefix, kind in SECRET_KINDS if value.startswith(prefix)), "")
+
+
+def shown_value(key: str, value) -> str:
+    """A config value as the assistant (and the model) may see it: secrets masked."""
+    if key in SECRET_KEYS:
+        if not value:
+            return "(not set)"
+        if key == "api_keys":
+            return f"(set: {len([k for k in value.split(',') if k.strip()])} key(s))"
+        return f"{mask_secret(value)} (set, {len(value)} characters)"
+    shown = str(value).lower() if isinstance(value, bool) else str(value)
+    return redact(shown) if shown else "(empty)"
+
+
+def provider_headers(provider: Provider, cfg: Config) -> dict:
+    """The provider's request headers, plus the anthropic-version every Messages call needs."""
+    headers = dict(provider.auth_headers())
+    if provider.protocol == "anthropic":
+        headers.setdefault("anthropic-version", cfg.anthropic_version)
+    return headers
+
+
+async def call_model(pool: UpstreamPool, provider: Provider, headers: dict, req: Request, on_text=None) -> Response:
+    """One canonical Request to a provider, with its codec; the answer folded, text passed to
+    `on_text` as it streams. The same path the gateway's translation lane takes."""
+    codec = CHAT_CODECS[provider.protocol]
+    body = codec.encode_request(req, req.model, provider)
+    url = provider.url(CALL_OPERATIONS[provider.protocol], req.model, req.stream)
+    resp = await pool.request("POST", url, headers, dumps(body))
+    try:
+        if resp.status >= 400:
+            raise codec.decode_error(resp.status, await resp.read(1 << 20))
+        if "text/event-stream" not in resp.headers.get("content-type", ""):
+            result = codec.decode_response(json_or_502(await resp.read(CHAT_ANSWER_LIMIT), provider.name))
+            if on_text is not None and text_of(result.parts):
+                on_text(text_of(result.parts))
+            return result
+        decoder, parser, events, size = codec.stream_decoder(), SSEParser(), [], 0
+
+        def take(new_events) -> None:
+            for ev in new_events:
+                if isinstance(ev, StreamError):
+                    raise ev.error
+                events.append(ev)
+                if on_text is not None and isinstance(ev, BlockDelta) and ev.kind == "text":
+                    on_text(ev.value)
+
+        while chunk := await resp.next_chunk():
+            size += len(chunk)
+            if size > CHAT_ANSWER_LIMIT:
+                raise GatewayError(502, f"the answer of {provider.name} is longer than {CHAT_ANSWER_LIMIT} bytes")
+            for sse in parser.feed(chunk):
+                take(decoder.feed(sse))
+        for sse in parser.finish():
+            take(decoder.feed(sse))
+        take(decoder.finish())
+        return fold_events(events)
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError, RecursionError) as exc:  # a malformed answer
+        raise GatewayError(502, f"{provider.name} sent an answer tgw cannot read ({type(exc).__name__})") from None
+    finally:
+        resp.close() if not resp.done else resp.release()
+
+
+# ---- model selection -------------------------------------------------------------------
+
+
+@dataclass
+class ChatCandidate:
+    """One place a chat model may come from, and why it can or cannot be used."""
+
+    name: str  # the provider's name: openai, anthropic, a named provider, ollama, vllm, lmstudio, tgw
+    source: str  # what was looked at, as --detect shows it
+    reason: str  # why it can or cannot be used, in a few words
+    provider: Provider | None = None
+    model: str = ""
+
+    @property
+    def available(self) -> bool:
+        return self.provider is not None and bool(self.model)
+
+
+def is_concrete(pattern: str) -> bool:
+    return not any(c in pattern for c in "*?[")
+
+
+async def list_models(pool: UpstreamPool, provider: Provider) -> tuple[list[str], str]:
+    """An OpenAI-compatible server's model ids (chat models first), or the error."""
+    try:
+        data = await fetch_json(pool, provider.url("models"), provider.auth_headers())
+    except GatewayError as err:
+        return [], err.message
+    items = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        return [], "its /models answer has no list of models"
+    ids = [
+        m["id"] for m in items[:1000] if isinstance(m, dict) and isinstance(m.get("id"), str) and 0 < len(m["id"]) < 200
+    ]
+    chat = [m for m in ids if "embed" not in m.lower() and not m.startswith("loopback")]
+    return chat, ""
+
+
+async def configured_candidate(provider: Provider, cfg: Config, router, pool: UpstreamPool) -> ChatCandidate:
+    where = f"[provider.{provider.name}] in {cfg.path or 'TOKLIGENCE_PROVIDER_* variables'}"
+    if provider.key_setting:
+        setting = provider.key_setting if provider.api_key else f"{provider.name}_base_url"
+        origin = cfg.sources.get(setting, "default")
+        origin = f"TOKLIGENCE_{setting.upper()}" if origin == "environment" else origin
+        where = f"{setting} from {origin}"
+        if not provider.configured:
+            return ChatCandidate(provider.name, provider.name, f"not configured (no {provider.key_setting})")
+    model = next((g for g in provider.models if is_concrete(g)), "")
+    if not model and router is not None:
+        model = next((g for g, p in router.rules if p == provider.name and is_concrete(g)), "")
+    if not model and (provider.protocol != "openai" or provider.official):
+        model = CHAT_DEFAULT_MODELS[provider.protocol]
+    if not model:
+        models, error = await list_models(pool, provider)
+        if not models:
+            reason = f"lists no model ({error})" if error else "lists no model"
+            return ChatCandidate(provider.name, provider.name, f"{reason}; {where}", provider)
+        model = models[0]
+    return ChatCandidate(provider.name, provider.name, where, provider, model)
+
+
+async def environment_candidates(cfg: Config, env, tgw_url: str, pool: UpstreamPool) -> list[ChatCandidate]:
+    reasoning = tuple(g.strip() for g in cfg.reasoning_models.split(",") if g.strip())
+    out = []
+    for name, key_names, base_variable in CHAT_ENV_KEYS:
+        source = "/".join(key_names)
+        key_name = next((k for k in key_names if env.get(k)), "")
+        if not key_name:
+            out.append(ChatCandidate(name, source, "not set"))
+            continue
+        key = env[key_name]
+        base = (env.get(base_variable) if base_variable else "") or CONFIG_KEYS[f"{name}_base_url"][0]
+        parts = urlsplit(base)
+        redact.add(key, parts.password or parts.username or "")  # never printed, logged or sent
+        if not base.startswith(("http://", "https://")):
+            out.append(ChatCandidate(name, key_name, f"{base_variable}={base!r} is not an http(s) URL"))
+            continue
+        if base.rstrip("/").removesuffix("/v1") == tgw_url:
+            out.append(ChatCandidate(name, key_name, f"{base_variable} points at tgw itself (see the tgw line)"))
+            continue
+        official = name == "openai" and "api.openai.com" in base
+        flavor = "openai" if official else ("compatible" if name == "openai" else name)
+        provider = Provider(name, name, base.rstrip("/"), key, flavor, key_setting=key_name, reasoning_globs=reasoning)
+        model, why = CHAT_DEFAULT_MODELS[name], f"set in the environment; {base}"
+        if flavor == "compatible":  # not OpenAI itself: ask which models it has
+            models, error = await list_models(pool, provider)
+            model, why = (models[0], why) if models else ("", f"{why} lists no model ({error or 'none'})")
+        out.append(ChatCandidate(name, key_name, why, provider, model))
+    return out
+
+
+async def local_candidate(name: str, variable: str, default: str, env, pool: UpstreamPool) -> ChatCandidate:
+    root = (env.get(variable) or default).rstrip("/")
+    parts = urlsplit(root)
+    redact.add(parts.password or parts.username or "")
+    source = f"{name} ({variable})" if env.get(variable) else name
+    if not root.startswith(("http://", "https://")):
+        return ChatCandidate(name, source, f"{variable}={root!r} is not an http(s) URL")
+    base = root if root.endswith("/v1") else root + "/v1"
+    provider = Provider(name, "openai", base, "", "compatible")
+    models, error = await list_models(pool, provider)
+    if error:
+        return ChatCandidate(name, source, f"nothing answers at {root} ({error})")
+    if not models:
+        return ChatCandidate(name, source, f"answers at {root} but lists no chat model", provider)
+    return ChatCandidate(name, source, f"answers at {root}", provider, models[0])
+
+
+async def gateway_candidate(cfg: Config, pool: UpstreamPool, url: str) -> ChatCandidate:
+    """A running tgw with real providers behind it (its loopback model is no assistant)."""
+    try:
+        health = await fetch_json(pool, url + "/health")
+    except GatewayError as err:
+        return ChatCandidate("tgw", "tgw", f"no gateway answers at {url} ({err.message})")
+    if not isinstance(health, dict) or health.get("status") != "ok":
+        return ChatCandidate("tgw", "tgw", f"something answers at {url}, but not a tgw /health")
+    if health.get("offline"):
+        return ChatCandidate("tgw", "tgw", f"a gateway runs at {url} with no provider configured (only loopback)")
+    client_key = next((k.strip() for k in cfg.api_keys.split(",") if k.strip()), "")
+    provider = Provider("tgw", "openai", url + "/v1", client_key, "compatible")
+    models, error = await list_models(pool, provider)
+    if not models:
+        return ChatCandidate(
+            "tgw", "tgw", f"the gateway at {url} lists no model ({error or 'only loopback'})", provider
+        )
+    return ChatCandidate("tgw", "tgw", f"the gateway answers at {url}", provider, models[0])
+
+
+def explicit_candidate(spec: str, source: str, found: list[ChatCandidate], router) -> ChatCandidate:
+    """--model / chat_model: 'model' (routed like the gateway routes it) or 'provider/model'."""
+    names = {c.name for c in found} | {n for n, _, _ in CHAT_LOCAL_SERVERS} | {"tgw"}
+    prefix, sep, rest = spec.partition("/")
+    if sep and prefix.lower() in names and rest:
+        wanted, model = prefix.lower(), rest
+    elif router is not None:
+        model = router.aliases.get(spec, spec)
+        wanted = next((p for g, p in router.rules if glob_match(g, model)), "")
+    else:
+        wanted, model = "", spec
+    if not wanted:
+        return ChatCandidate("", source, f"{spec}: matches no route and names no provider")
+    for c in found:
+        if c.name == wanted and c.provider is not None:
+            return ChatCandidate(c.name, source, f"{c.source}: {c.reason}", c.provider, model)
+    why = next((c.reason for c in found if c.name == wanted), "not found")
+    return ChatCandidate(wanted, source, f"{spec}: provider {wanted} is not available: {why}")
+
+
+async def detect_chat_models(cfg: Config, env, spec: str = "", spec_source: str = "--model",
+                             everything: bool = False) -> tuple[list[ChatCandidate], ChatCandidate | None]:  # fmt: skip
+    """Every place a chat model may come from, in order, and the one to use. Places are
+    looked at in stages (configured providers, environment keys, local servers and a
+    running tgw, probed in parallel and briefly); the first stage that yields a model ends the
+    search unless `everything` is asked for (--detect)."""
+    pool = UpstreamPool(CHAT_PROBE_TIMEOUT, CHAT_PROBE_TIMEOUT * 4)
+    providers = build_providers(cfg)
+    try:
+        router = Router(cfg, providers)
+    except ConfigError:
+        router = None
+    daemon = running_daemon()
+    tgw_url = daemon["url"] if daemon and daemon.get("url") else gateway_url(cfg)
+
+    stages = (
+        lambda: [configured_candidate(p, cfg, router, pool) for p in providers.values() if p.protocol != "loopback"],
+        lambda: [environment_candidates(cfg, env, tgw_url, pool)],
+        lambda: (
+            [local_candidate(n, v, d, env, pool) for n, v, d in CHAT_LOCAL_SERVERS]
+            + [gateway_candidate(cfg, pool, tgw_url)]
+        ),
+    )
+    found: list[ChatCandidate] = []
+    chosen = None
+    try:
+        for stage in stages:
+            for result in await asyncio.gather(*stage()):
+                found += result if isinstance(result, list) else [result]
+            chosen = explicit_candidate(spec, spec_source, found, router) if spec else next(
+                (c for c in found if c.available), None)  # fmt: skip
+            if chosen is not None and chosen.available and not everything:
+                break
+    finally:
+        pool.close()
+    if spec:
+        found.insert(0, chosen)
+    return found, chosen if chosen is not None and chosen.available else None
+
+
+# ---- documentation built in (search_docs) -----------------------------------------------
+
+CHAT_DOCS = (
+    ("endpoint POST /v1/chat/completions", "OpenAI Chat Completions, JSON and SSE streams (also at "
+     "/v1beta/openai/chat/completions); any model: the route decides the provider"),
+    ("endpoint POST /v1/responses", "the OpenAI Responses API, what Codex speaks; GET and DELETE /v1/responses/{{id}}; "
+     "previous_response_id works across restarts (responses_retention_days)"),
+    ("endpoint POST /v1/messages", "Anthropic Messages, what Claude Code speaks (also /anthropic/v1/messages); "
+     "token counting at /v1/messages/count_tokens"),
+    ("endpoint Gemini /v1beta/models/MODEL:generateContent", "Gemini generateContent, :streamGenerateContent and "
+     ":countTokens, what google-genai speaks"),
+    ("endpoint POST /v1/embeddings", "OpenAI embeddings, float or base64"),
+    ("endpoint GET /v1/models", "the models the gateway serves, in OpenAI's, Anthropic's or Gemini's shape"),
+    ("endpoint GET /health", "status, version, work mode, routes, providers and which are configured; needs no key"),
+    ("client Claude Code", "ANTHROPIC_BASE_URL={url} ANTHROPIC_API_KEY=anything claude   (to run Claude Code on GPT "
+     "or a local model, route claude* to that provider in model_provider_routes)"),
+    ("client Codex", 'in ~/.codex/config.toml: model_provider = "tgw" and a [model_providers.tgw] table with '
+     'base_url = "{url}/v1", wire_api = "responses", env_key = "TGW_API_KEY" (any value unless api_keys is set)'),
+    ("client OpenAI SDK and LangChain", 'OPENAI_BASE_URL={url}/v1 OPENAI_API_KEY=anything, or '
+     'OpenAI(base_url="{url}/v1"); LangChain: ChatOpenAI(base_url="{url}/v1", model="claude-sonnet-4-5")'),
+    ("client Anthropic SDK", 'Anthropic(base_url="{url}", api_key="anything")'),
+    ("client google-genai Gemini SDK", 'genai.Client(api_key="anything", '
+     'http_options=types.HttpOptions(base_url="{url}/"))'),
+    ("topic work modes", "work_mode auto: passthrough when the client's protocol is the provider's, translation "
+     "otherwise; passthrough: refuse translation; translation: always through the canonical model"),
+    ("topic routes and aliases", "model_provider_routes: ordered glob=>provider pairs, the first match wins, e.g. "
+     "claude*=>openai,gpt*=>openai; model_aliases: alias=>model pairs, e.g. fast=>gpt-4o-mini"),
+    ("topic named providers vLLM Ollama LM Studio Azure", "[provider.NAME] sections in gateway.ini: type "
+     "(openai|azure|anthropic|gemini), base_url, api_key, models (globs routed there), api_version, headers, "
+     "responses_api; e.g. [provider.ollama] type = openai, base_url = http://127.0.0.1:11434/v1, models = llama3*"),
+    ("topic client keys and auth", "api_keys: keys clients must present (Authorization: Bearer, x-api-key, "
+     "x-goog-api-key or ?key=); empty: any key is accepted; needed for a non-loopback host"),
+    ("topic offline loopback model", "with no provider configured every model is answered by the built-in loopback "
+     "model, which echoes; [[tool:NAME {{...}}]] in a prompt makes it call a tool"),
+    ("command tgw start stop status", "tgw start runs the gateway in the background (pid file "
+     "~/.tokligence/tgw.pid, log ~/.tokligence/tgw.log); tgw stop stops it; tgw status shows whether it runs, its "
+     "/health, providers, routes and work mode"),
+    ("command tgw serve", "runs the gateway in the foreground: --port, --host, --work-mode, --set key=value"),
+    ("command tgw config", "tgw config list | get KEY | set KEY VALUE | example: read and edit gateway.ini, "
+     "keeping its comments"),
+    ("command tgw usage logs ledger", "every request is a row in the sqlite ledger (ledger_path): tokens, cost, "
+     "latency, lane, status, error; tgw usage totals it by model, provider and day; tgw logs lists the latest"),
+    ("command tgw chat", "this assistant: tgw chat [--model M] [--offline] [--detect] [-p PROMPT] [--yes]; it picks "
+     "chat_model, then configured providers, OPENAI_API_KEY / ANTHROPIC_API_KEY / GEMINI_API_KEY, local Ollama, vLLM, "
+     "LM Studio, then a running tgw"),
+)  # fmt: skip
+DOC_STOPWORDS = frozenset(re.findall(r"\w+", "a an and are at be can do does for from how i in is it me my of on or "
+                                    "the to use what when where which who why with you"))  # fmt: skip
+
+
+def chat_docs(cfg: Config) -> list[tuple[str, str]]:
+    """The built-in documentation: every config key (read from CONFIG_KEYS now, so keys added
+    anywhere appear), the endpoints, the clients, the commands."""
+    entries = []
+    for key, (default, kind, meaning) in CONFIG_KEYS.items():
+        shown = "(empty)" if default == "" else (str(default).lower() if isinstance(default, bool) else default)
+        choices = f" One of: {', '.join(kind)}." if isinstance(kind, tuple) else ""
+        entries.append((f"config key {key}", f"{meaning}. Default: {shown}.{choices} "
+                                             f"Environment variable: TOKLIGENCE_{key.upper()}."))  # fmt: skip
+    url = gateway_url(cfg)
+    return entries + [(title, body.format(url=url)) for title, body in CHAT_DOCS]
+
+
+def search_docs(entries: list[tuple[str, str]], query: str, limit: int = 5) -> list[tuple[str, str]]:
+    words = [w for w in re.findall(r"[a-z0-9_*./-]+", query.lower()[:500]) if w not in DOC_STOPWORDS][:30]
+    scored = []
+    for position, (title, body) in enumerate(entries):
+        low_title, low_body = title.lower(), body.lower()
+        title_words = set(re.split(r"[\s_/.:-]+", low_title)) | set(low_title.split())
+        score = sum(10 if low_title == f"config key {w}" else 3 if w in title_words else 2 if w in low_title
+                    else 1 if w in low_body else 0 for w in words)  # fmt: skip
+        if score:
+            scored.append((-score, position, title, body))
+    return [(title, body) for _, _, title, body in sorted(scored)[:limit]]
+
+
+# ---- the tools --------------------------------------------------------------------------
+
+_NO_PARAMETERS = {"type": "object", "properties": {}}
+CHAT_TOOLS = (
+    Tool("get_config", "Read tgw's configuration: one key (its value, where it comes from, default and meaning) or, "
+         "without a key, every key. Secret values come back masked.",
+         {"type": "object", "properties": {"key": {"type": "string", "description": "e.g. work_mode; omit for all"}}}),
+    Tool("set_config", "Set one top-level key of gateway.ini, validated with the gateway's startup rules, comments "
+         "kept; the user confirms. For a key the user typed, pass its placeholder (e.g. [secret_1]) as the value.",
+         {"type": "object", "properties": {"key": {"type": "string"}, "value": {"type": "string"}},
+          "required": ["key", "value"]}),
+    Tool("get_status", "Is a gateway running where the config says; its /health, providers and which are "
+         "configured, routes, work mode.", _NO_PARAMETERS),
+    Tool("test_model", "How a model name resolves (provider, lane, upstream model), then a tiny real request to it: "
+         "its latency or the exact error.",
+         {"type": "object", "properties": {"model": {"type": "string"}}, "required": ["model"]}),
+    Tool("recent_errors", "The latest failed requests in the ledger.",
+         {"type": "object", "properties": {"n": {"type": "integer", "description": "how many (default 10)"}}}),
+    Tool("usage_summary", "Requests, tokens and cost by model and provider over the last days, from the ledger.",
+         {"type": "object", "properties": {"days": {"type": "number", "description": "default 7"}}}),
+    Tool("search_docs", "Search tgw's built-in documentation: every config key with meaning and default, the "
+         "endpoints, how to point Claude Code, Codex and the SDKs at the gateway, the commands.",
+         {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}),
+    Tool("start_gateway", "Start the gateway in the background (tgw start); the user confirms.", _NO_PARAMETERS),
+    Tool("stop_gateway", "Stop the background gateway (tgw stop); the user confirms.", _NO_PARAMETERS),
+)  # fmt: skip
+CHANGING_TOOLS = frozenset({"set_config", "start_gateway", "stop_gateway"})
+
+
+class ToolArgumentError(Exception):
+    pass
+
+
+def text_argument(args: dict, name: str, required: bool = True, limit: int = 8192) -> str:
+    value = args.get(name)
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    elif isinstance(value, (int, float)):
+        value = str(value)
+    if value is None or value == "":
+        if required:
+            raise ToolArgumentError(f"'{name}' is required")
+        return ""
+    if not isinstance(value, str) or len(value) > limit:
+        raise ToolArgumentError(f"'{name}' must be a string of at most {limit} characters")
+    return value.strip()
+
+
+def number_argument(args: dict, name: str, default: float, low: float, high: float) -> float:
+    value = args.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ToolArgumentError(f"'{name}' must be a number")
+    return min(max(number, low), high)
+
+
+def stage_config_change(path: Path, key: str, value: str, env=None) -> tuple[Path, Config, bool]:
+    """gateway.ini with one key set, written beside the real file and loaded with the startup
+    rules (values, and routes that name known providers). Returns the staged file, the
+    configuration it gives and whether the text changed; the caller renames the staged file
+    into place, or removes it."""
+    original = path.read_text() if path.exists() else ""
+    staged = path.with_name(f".{path.name}.{os.getpid()}.staged")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged.write_text(original)
+    try:
+        os.chmod(staged, path.stat().st_mode & 0o7777 if path.exists() else 0o600)
+        config_set_in_file(staged, key, value)
+        cfg = load_config(str(staged), env=env)
+        Router(cfg, build_providers(cfg))
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    return staged, cfg, staged.read_text() != original
+
+
+class ChatTools:
+    """The tools, run locally for the model or the offline assistant. Each returns an Outcome
+    whose text is what the model sees (after ChatSecrets.hide)."""
+
+    def __init__(self, app: ChatApp):
+        self.app = app
+        self.handlers = {
+            "get_config": self.get_config, "set_config": self.set_config, "get_status": self.get_status,
+            "test_model": self.test_model, "recent_errors": self.recent_errors, "usage_summary": self.usage_summary,
+            "search_docs": self.search_docs, "start_gateway": self.start_gateway, "stop_gateway": self.stop_gateway,
+        }  # fmt: skip
+
+    def call(self, name: str, args: dict) -> Outcome:
+        """Run one tool: shown as it happens; a change that fails (or is not confirmed) counts."""
+        shown = ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in args.items())
+        self.app.ui.action(f"{name}({shown[:300]})")
+        handler = self.handlers.get(name)
+        try:
+            if handler is None:
+                raise ToolArgumentError(f"there is no tool {name!r}; the tools are {', '.join(self.handlers)}")
+            if "_raw_arguments" in args or "_value" in args:
+                raise ToolArgumentError("the arguments must be a JSON object")
+            outcome = handler(args)
+        except ToolArgumentError as exc:
+            outcome = Outcome(False, str(exc))
+        except (OSError, sqlite3.Error, ConfigError, GatewayError) as exc:  # the machine's, not the model's, fault
+            outcome = Outcome(False, f"{name} failed: {getattr(exc, 'message', None) or exc}")
+        outcome.text = self.app.secrets.hide(outcome.text)
+        if name in CHANGING_TOOLS:
+            self.app.ui.result(outcome.text)
+            if not outcome.ok:
+                self.app.failed_changes += 1
+        return outcome
+
+    def get_config(self, args: dict) -> Outcome:
+        key = text_argument(args, "key", required=False).lower()
+        cfg, error = self.app.load_config()
+        if key:
+            if key not in CONFIG_KEYS:
+                return Outcome(False, unknown_key_message(key))
+            default, kind, meaning = CONFIG_KEYS[key]
+            text = (f"{key} = {self.shown(key, cfg.values[key])}  (from {cfg.sources.get(key, 'default')}; default "
+                    f"{shown_value(key, default)}; {meaning})")  # fmt: skip
+            return Outcome(True, text + (f"\nthe configuration does not load: {error}" if error else ""))
+        lines = [f"config file: {cfg.path or '(none yet: set_config creates ' + str(self.app.config_path()) + ')'}"]
+        if error:
+            lines.append(f"the configuration does not load: {error} (defaults shown)")
+        for key, value in cfg.values.items():
+            source = cfg.sources.get(key, "default")
+            lines.append(f"{key} = {self.shown(key, value)}" + ("" if source == "default" else f"  [{source}]"))
+        for name, pc in cfg.providers.items():
+            lines.append(f"[provider.{name}] type={pc.type} base_url={redact(pc.base_url)} "
+                         f"api_key={shown_value('openai_api_key', pc.api_key)} models={','.join(pc.models)}")  # fmt: skip
+        return Outcome(True, "\n".join(lines))
+
+    def shown(self, key: str, value) -> str:
+        """shown_value, but client keys as placeholders: a key can then be added keeping the others."""
+        keys = [k.strip() for k in value.split(",") if k.strip()] if key == "api_keys" else []
+        if not keys:
+            return shown_value(key, value)
+        return f"{', '.join(map(self.app.secrets.placeholder, keys))} ({len(keys)} key(s); keep them to add one)"
+
+    def set_config(self, args: dict) -> Outcome:
+        key = text_argument(args, "key").lower()
+        if key not in CONFIG_KEYS:
+            return Outcome(False, unknown_key_message(key))
+        try:
+            value = self.app.secrets.reveal(text_argument(args, "value", limit=65536))
+        except ConfigError as exc:
+            return Outcome(False, str(exc))
+        if "\n" in value or "\r" in value:
+            return Outcome(False, "a config value is one line")
+        before, _ = self.app.load_config()
+        path = self.app.config_path(before)
+        try:
+            real = path.resolve()  # a symlinked gateway.ini is edited where it points, the link kept
+            staged, after, changed = stage_config_change(real, key, value, self.app.env)
+        except (ConfigError, OSError) as exc:
+            return Outcome(False, f"not changed: {redact(str(exc))}")
+        if not changed:
+            staged.unlink(missing_ok=True)
+            return Outcome(True, f"{key} is already {shown_value(key, after.values[key])} in {path}; nothing to change")
+        if key in SECRET_KEYS:
+            redact.add(value)
+        new = shown_value(key, after.values[key] if after.sources[key] != "environment" else value)
+        try:
+            if not self.app.ui.confirm(f"set {key} = {new} in {path}?"):
+                return Outcome(False, f"not changed: the user did not confirm setting {key}")
+            os.replace(staged, real)
+        except OSError as exc:
+            return Outcome(False, f"not changed: cannot write {path}: {exc.strerror}")
+        finally:
+            staged.unlink(missing_ok=True)  # gone once renamed into place; else not wanted (even on Ctrl-C)
+        lines = [f"{path}: {key}: {shown_value(key, before.values[key])} -> {new}"]
+        variable = f"TOKLIGENCE_{key.upper()}"
+        if variable in self.app.env:
+            lines.append(f"note: {variable} is set in the environment and overrides gateway.ini")
+        daemon = running_daemon()
+        if daemon is not None:
+            lines.append(f"note: the gateway running as pid {daemon['pid']} reads its configuration at start: "
+                         "restart it (stop_gateway, then start_gateway) to apply this")  # fmt: skip
+        return Outcome(True, "\n".join(lines), True)
+
+    def get_status(self, args: dict) -> Outcome:
+        cfg, error = self.app.load_config()
+        status = self.app.run(gateway_status(cfg, self.app.probe_pool, error))
+        return Outcome(True, format_status(status))
+
+    def test_model(self, args: dict) -> Outcome:
+        model = text_argument(args, "model", limit=300)
+        cfg, error = self.app.load_config()
+        if error:
+            return Outcome(False, f"the configuration does not load: {error}")
+        try:
+            route = Router(cfg, build_providers(cfg)).resolve(model)
+        except (ConfigError, GatewayError) as exc:
+            return Outcome(False, f"{model}: {getattr(exc, 'message', exc)}")
+        provider = route.provider
+        where = f" at {provider.base_url}" if provider.base_url else ""
+        lines = [f"{model} goes to provider {provider.name} ({provider.protocol}{where}) as model {route.model}",
+                 f"lane: {describe_lanes(provider, cfg.work_mode)}"]  # fmt: skip
+        if provider.protocol == "loopback":
+            lines.append(
+                "the built-in loopback model answers it (no provider is configured): nothing leaves the machine"
+            )
+            return Outcome(True, "\n".join(lines))
+        req = Request(model=route.model, messages=[Message("user", [Part("text", text="Reply with the word OK.")])],
+                      max_tokens=32)  # fmt: skip
+        started = time.monotonic()
+        try:
+            result = self.app.run(asyncio.wait_for(call_model(self.app.pool, provider, provider_headers(provider, cfg),
+                                                              req), 60))  # fmt: skip
+        except GatewayError as err:
+            lines.append(f"test request failed after {(time.monotonic() - started) * 1000:.0f} ms: HTTP {err.status} "
+                         f"from {provider.name}: {err.message}")  # fmt: skip
+            return Outcome(False, "\n".join(lines))
+        except asyncio.TimeoutError:
+            lines.append(f"test request failed: no answer from {provider.name} within 60 s")
+            return Outcome(False, "\n".join(lines))
+        answer = printable(text_of(result.parts).strip())[:200]
+        lines.append(f"test request answered in {(time.monotonic() - started) * 1000:.0f} ms: {answer!r}")
+        return Outcome(True, "\n".join(lines))
+
+    def recent_errors(self, args: dict) -> Outcome:
+        n = int(number_argument(args, "n", 10, 1, 50))
+        model = text_argument(args, "model", required=False, limit=300)
+        db, problem = self.app.open_ledger()
+        if db is None:
+            return Outcome(True, problem)
+        where, params = ("status >= 400", [])
+        if model:
+            where, params = "status >= 400 AND (model_requested = ? OR model_upstream = ?)", [model, model]
+        try:
+            db.row_factory = sqlite3.Row
+            rows = [dict(r) for r in db.execute(f"SELECT * FROM requests WHERE {where} ORDER BY id DESC LIMIT ?",
+                                                  (*params, n))]  # fmt: skip
+        except sqlite3.Error as exc:
+            return Outcome(False, f"cannot read the ledger: {exc}")
+        finally:
+            db.close()
+        if not rows:
+            return Outcome(True, "no failed requests in the ledger" + (f" for {model}" if model else ""))
+        lines = []
+        for row in rows:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.get("ts") or 0))
+            lines.append(f"{when} HTTP {row.get('status')} {row.get('client_protocol')}->{row.get('provider') or '-'} "
+                         f"{row.get('lane') or '-'} {row.get('model_requested')}: {str(row.get('error') or '')[:400]}")  # fmt: skip
+        return Outcome(True, redact("\n".join(lines)))
+
+    def usage_summary(self, args: dict) -> Outcome:
+        days = number_argument(args, "days", 7, 0.01, 3650)
+        db, problem = self.app.open_ledger()
+        if db is None:
+            return Outcome(True, problem)
+        since = time.time() - days * 86400
+        try:
+            report = {group: query_usage(db, group, since) for group in ("model", "provider")}
+        except sqlite3.Error as exc:
+            return Outcome(False, f"cannot read the ledger: {exc}")
+        finally:
+            db.close()
+        lines = [f"usage over the last {days:g} days"]
+        for group, rows in report.items():
+            lines.append(f"by {group}:")
+            for name, count, prompt, completion, cached, _reasoning, cost, errors in rows[:100]:
+                lines.append(f"  {name or '-'}: {count} requests, {prompt or 0} prompt + {completion or 0} completion "
+                             f"tokens ({cached or 0} cached), ${cost or 0:.4f}, {errors or 0} errors")  # fmt: skip
+            if not rows:
+                lines.append("  (no requests)")
+        return Outcome(True, "\n".join(lines))
+
+    def search_docs(self, args: dict) -> Outcome:
+        query = text_argument(args, "query", limit=500)
+        cfg, _ = self.app.load_config()
+        hits = search_docs(chat_docs(cfg), query)
+        if not hits:
+            return Outcome(
+                True, f"nothing in the docs matches {query!r}; the config keys are: {', '.join(CONFIG_KEYS)}"
+            )
+        return Outcome(True, "\n".join(f"{title}: {body}" for title, body in hits))
+
+    def start_gateway(self, args: dict) -> Outcome:
+        daemon = running_daemon()
+        if daemon is not None:
+            return Outcome(True, f"tgw is already running (pid {daemon['pid']}, {daemon.get('url', '')})")
+        if not self.app.ui.confirm("start the gateway in the background?"):
+            return Outcome(False, "not started: the user did not confirm")
+        return start_daemon(self.app.config_arg, env=self.app.env)
+
+    def stop_gateway(self, args: dict) -> Outcome:
+        daemon = running_daemon()
+        if daemon is None:
+            return stop_daemon()  # says why nothing runs (and removes a stale pid file)
+        if not self.app.ui.confirm(f"stop the gateway (pid {daemon['pid']})?"):
+            return Outcome(False, "not stopped: the user did not confirm")
+        cfg, _ = self.app.load_config()
+        return stop_daemon(cfg.shutdown_grace)
+
+
+def unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, CONFIG_KEYS, n=3, cutoff=0.5)
+    return f"unknown config key {key!r}" + (f"; did you mean {', '.join(close)}?" if close else
+                                            "; search_docs lists every key")  # fmt: skip
+
+
+def describe_lanes(provider: Provider, work_mode: str) -> str:
+    if provider.protocol == "loopback":
+        return "loopback"
+    native = {"openai": "OpenAI Chat" + (" and Responses" if provider.speaks_responses else ""),
+              "anthropic": "Anthropic Messages", "gemini": "Gemini"}[provider.protocol]  # fmt: skip
+    if work_mode == "translation":
+        return "translation for every client (work_mode = translation)"
+    if work_mode == "passthrough":
+        return f"passthrough for {native} clients; other protocols are refused (work_mode = passthrough)"
+    return f"passthrough for {native} clients, translation for the others"
+
+
+# ---- the offline assistant ---------------------------------------------------------------
+
+PROVIDER_WORDS = {"openai": "openai", "gpt": "openai", "chatgpt": "openai", "anthropic": "anthropic",
+                  "claude": "anthropic", "gemini": "gemini", "google": "gemini"}  # fmt: skip
+
+
+class OfflineAssistant:
+    """tgw chat without a model: rules for the common requests in plain words, driving the same
+    tools. It says what it is and what it understood; it never poses as a model."""
+
+    HELP = (
+        "I am tgw's built-in offline helper: rules, not a language model. I understand requests like:\n"
+        "  status                              is the gateway running; providers, routes, work mode\n"
+        "  switch to translation mode          (or passthrough, auto)\n"
+        "  route claude to openai              claude*=>openai first in model_provider_routes\n"
+        "  use my OpenAI key sk-...            store a provider key in gateway.ini\n"
+        "  set idle_timeout to 1200            any config key\n"
+        "  why does claude-sonnet-4-5 fail?    how it resolves, a test request, its recent errors\n"
+        "  start / stop / restart the gateway\n"
+        "  show usage (for 30 days)            requests, tokens and cost from the ledger\n"
+        "  show errors                         the latest failed requests\n"
+        "  what is stream_keepalive?           a key's meaning, default and value\n"
+        "  how do I use claude code?           search the built-in docs\n"
+        "  show config"
+    )
+    IS_HELP = re.compile(r"^(help|\?|h|what can you do|commands|menu)$", re.I)
+    ROUTE = re.compile(r"\b(?:route|send|map|point|direct)\s+(?:all\s+)?(?:the\s+)?(?:models?\s+)?[\"'`]?"
+                       r"([\w.*?:/\[\]-]+?)[\"'`]?(?:\s+models?|\s+requests?)?\s+(?:to|=>|->|through|via|at|on)\s+"
+                       r"(?:the\s+)?[\"'`]?([\w.-]+)", re.I)  # fmt: skip
+    MODE = re.compile(r"\b(?:(?:switch|use|set|change|turn|go|make|enable|put|move)\b.*\b(translation|passthrough|auto)"
+                      r"\b|^(translation|passthrough|auto)(?: mode)?$)", re.I)  # fmt: skip
+    SET_KEY = re.compile(r"\b(?:set|change|make|put)\s+([a-z][a-z0-9_]*)\s+(?:to|=|as)\s+(.+?)\s*$"
+                         r"|^\s*([a-z][a-z0-9_]*)\s*=\s*(.+?)\s*$", re.I)  # fmt: skip
+    WHY = re.compile(r"\bwhy\b.*?\b(?:does|do|is|are|did|would|will|can't|cannot|won't|doesn't|isn't)\s+(?:the\s+)?"
+                     r"(?:model\s+)?[\"'`]?([\w.:/*-]+)|([\w.:/-]*\d[\w.:/-]*|[\w.:/]+-[\w.:/-]+)\s+(?:fails|failed|"
+                     r"is failing|keeps failing|doesn't work|does not work|is broken|errors)", re.I)  # fmt: skip
+    CONTROL = re.compile(r"\b(restart|reboot|start|launch|boot|run|bring up|stop|kill|shut ?down|halt)\b", re.I)
+    CONTROL_TARGET = re.compile(r"\b(gateway|tgw|server|daemon|proxy|service|it)\b", re.I)
+    USAGE = re.compile(r"\b(usage|spend|spent|spending|cost|costs|tokens|bill)\b", re.I)
+    DAYS = re.compile(r"(\d+(?:\.\d+)?)\s*(days?|d|weeks?|months?)\b|\b(today|week|month|year)\b", re.I)
+    ERRORS = re.compile(r"\b(errors?|failures?|failed requests?|what failed|went wrong)\b", re.I)
+    STATUS = re.compile(r"\b(status|running|health|healthy|alive|up|check)\b", re.I)
+    CONFIG = re.compile(r"\b(config|configuration|settings)\b", re.I)
+    DOCS = re.compile(r"\b(what|how|explain|describe|meaning|docs?|documentation|claude code|codex|sdk|endpoints?|"
+                      r"clients?|langchain|connect|point)\b", re.I)  # fmt: skip
+    CLAUSES = re.compile(r"\s*(?:;|,\s+|\band then\b|\bthen\b|\band\b)\s*", re.I)
+    GENERAL = frozenset(re.findall(r"\w+", "it the gateway tgw this that my requests everything things calls"))
+
+    def __init__(self, app: ChatApp):
+        self.app = app
+        self.pending_secret = ""  # a typed key whose provider was not said yet
+
+    def respond(self, text: str) -> None:
+        """A request, or several joined by 'and', 'then', ';' (each part that is understood is done)."""
+        text = " ".join(text.split())
+        parts = [p for p in self.CLAUSES.split(text) if p]
+        plans = [(part, self.plan(part)) for part in parts] if len(parts) > 1 else []
+        if sum(plan is not None for _, plan in plans) < 2:
+            plan = self.plan(text)
+            plans = [(text, plan or (lambda: f"I did not understand {text[:200]!r}.\n{self.HELP}"))]
+        for part, plan in plans:
+            reply = plan() if plan else f"(I did not understand {part[:200]!r})" if len(part.split()) > 3 else ""
+            if reply:
+                self.app.ui.say(reply)
+
+    def tool(self, name: str, **args) -> Outcome:
+        return self.app.tools.call(name, args)
+
+    def plan(self, text: str):
+        """What a request asks for, as a function that does it and returns the answer; None when
+        it is not understood. Tool actions are shown as they run."""
+        plain = text.rstrip("?!. ")
+        secrets = ChatSecrets.PLACEHOLDER.findall(text)
+        if not plain or self.IS_HELP.match(plain):
+            return lambda: self.HELP
+        if secrets or (self.pending_secret and self.provider_named(plain)):
+            return lambda: self.store_key(f"[secret_{secrets[-1]}]" if secrets else self.pending_secret, plain)
+        if m := self.ROUTE.search(plain):
+            return lambda: self.route(m.group(1), m.group(2))
+        if (m := self.SET_KEY.search(plain)) and (m.group(1) or m.group(3)).lower() in CONFIG_KEYS:
+            key, value = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+            return lambda: self.change(key.lower(), value.strip("\"'`"))
+        if m := self.MODE.search(plain):
+            return lambda: self.change("work_mode", (m.group(1) or m.group(2)).lower())
+        if m := self.WHY.search(plain):
+            return lambda: self.diagnose((m.group(1) or m.group(2)).strip("\"'`"))
+        m = self.CONTROL.search(plain)
+        if (
+            m
+            and not plain.lower().startswith("how")
+            and (self.CONTROL_TARGET.search(plain) or plain.lower() == m[1].lower())
+        ):
+            return lambda: self.control(m.group(1).lower())
+        if self.USAGE.search(plain):
+            return lambda: self.tool("usage_summary", days=self.days(plain)).text
+        if self.ERRORS.search(plain):
+            return lambda: self.tool("recent_errors", n=10).text
+        if key := self.key_named(plain):
+            return lambda: self.explain_key(key)
+        if self.CONFIG.search(plain):
+            return lambda: self.tool("get_config").text
+        if self.STATUS.search(plain):
+            return lambda: self.tool("get_status").text
+        if self.DOCS.search(plain) and search_docs(chat_docs(self.app.load_config()[0]), plain):
+            return lambda: self.tool("search_docs", query=plain).text
+        return None
+
+    def change(self, key: str, value: str) -> str:
+        self.tool("set_config", key=key, value=value)
+        return ""  # the outcome is shown by the tool call itself
+
+    @staticmethod
+    def provider_named(text: str) -> str:
+        return next((PROVIDER_WORDS[w] for w in re.findall(r"[a-z]+", text.lower()) if w in PROVIDER_WORDS), "")
+
+    def store_key(self, placeholder: str, text: str) -> str:
+        provider = self.provider_named(text.replace(placeholder, " ")) or self.app.secrets.kind(placeholder)
+        if re.search(r"\b(client|gateway key|api_keys)\b", text, re.I) or provider == "client":  # added to the others
+            keys = [k.strip() for k in self.app.load_config()[0].api_keys.split(",") if k.strip()]
+            held = [self.app.secrets.placeholder(k) for k in keys]
+            return self.change("api_keys", ",".join(dict.fromkeys([*held, placeholder])))
+        if provider not in ("openai", "anthropic", "gemini"):
+            self.pending_secret = placeholder
+            return f"Which provider is {placeholder} for? Say 'it is for openai' (or anthropic, gemini)."
+        self.pending_secret = ""
+        return self.change(f"{provider}_api_key", placeholder)
+
+    def route(self, model: str, provider_word: str) -> str:
+        cfg, error = self.app.load_config()
+        if error:
+            return f"The configuration does not load, so I will not change routes: {error}"
+        providers = build_providers(cfg)
+        name = provider_word.lower()
+        name = name if name in providers else PROVIDER_WORDS.get(name, name)
+        if name not in providers:
+            return (f"There is no provider named {provider_word!r}; known: {', '.join(providers)}. Named providers are "
+                    "[provider.NAME] sections in gateway.ini.")  # fmt: skip
+        pattern = model if not is_concrete(model) or re.search(r"\d", model) else model + "*"
+        rules = [(g, p) for g, p in parse_pairs(cfg.model_provider_routes, "model_provider_routes") if g != pattern]
+        routes = ",".join(f"{g}=>{p}" for g, p in [(pattern, name), *rules])
+        outcome = self.tool("set_config", key="model_provider_routes", value=routes)
+        if outcome.changed:
+            return (f"{pattern} now goes to {name}; the model name is sent as the client gives it (add model_aliases "
+                    "if that provider knows it by another name).")  # fmt: skip
+        return ""
+
+    def diagnose(self, model: str) -> str:
+        if model.lower() in self.GENERAL:
+            return "\n".join([self.tool("get_status").text, "", "Recent failed requests:",
+                              self.tool("recent_errors", n=5).text])  # fmt: skip
+        test = self.tool("test_model", model=model)
+        errors = self.tool("recent_errors", n=5, model=model)
+        lines = [test.text, "", f"Recent failed requests for {model}:", errors.text]
+        words = test.text.lower()
+        if "not configured" in words:
+            provider = next((p for p in ("openai", "anthropic", "gemini") if f"set {p}_api_key" in words), "the")
+            lines.append(f"\nIt fails because that provider has no key. Tell me it ('use my {provider} key ...') and "
+                         "I will store it in gateway.ini, or route the model elsewhere ('route claude to openai').")  # fmt: skip
+        elif "matches no route" in words:
+            lines.append(f"\nNo route matches it: add one, e.g. 'route {model} to openai'.")
+        elif "http 401" in words or "http 403" in words:
+            lines.append("\nThe provider refused the key: check it (show config) or give me a new one.")
+        elif "cannot connect" in words or "timed out" in words:
+            lines.append("\nThe provider's address does not answer: check its base_url, the network or a proxy.")
+        elif test.ok:
+            lines.append("\nThe test request worked: if clients still fail, the errors above say how.")
+        return "\n".join(lines)
+
+    def control(self, verb: str) -> str:
+        if verb in ("restart", "reboot"):
+            stopped = self.tool("stop_gateway")
+            if not stopped.ok:
+                return ""
+            self.tool("start_gateway")
+            return ""
+        self.tool("stop_gateway" if verb in ("stop", "kill", "shutdown", "shut down", "halt") else "start_gateway")
+        return ""
+
+    def days(self, text: str) -> float:
+        m = self.DAYS.search(text)
+        if not m:
+            return 7
+        if m.group(3):
+            return {"today": 1, "week": 7, "month": 30, "year": 365}[m.group(3).lower()]
+        unit = m.group(2).lower()
+        return float(m.group(1)) * (30 if unit.startswith("month") else 7 if unit.startswith("week") else 1)
+
+    @staticmethod
+    def key_named(text: str) -> str:
+        """The config key a request names, written with '_' or spaces (the longest wins)."""
+        low = text.lower()
+        spaced = re.sub(r"[\s-]+", "_", low)
+        for key in sorted(CONFIG_KEYS, key=len, reverse=True):
+            pattern = rf"(?<![a-z0-9]){re.escape(key)}(?![a-z0-9])"
+            if re.search(pattern, low) or ("_" in key and re.search(pattern, spaced)):
+                return key
+        return ""
+
+    def explain_key(self, key: str) -> str:
+        hits = self.tool("search_docs", query=key).text.split("\n", 1)[0]
+        return hits + "\n" + self.tool("get_config", key=key).text.split("\n", 1)[0]
+
+
+# ---- the model assistant -----------------------------------------------------------------
+
+CHAT_SYSTEM_PROMPT = """You are the assistant built into tgw {version}, a local LLM gateway: one endpoint that speaks \
+the OpenAI, Anthropic and Gemini APIs, routes each model to a provider and records every request in a ledger. You help \
+the user configure and troubleshoot this gateway from a terminal, with your tools.
+Config file: {config}. Gateway address: {url}.
+- Look before answering: get_status, get_config, test_model, recent_errors, usage_summary, search_docs. search_docs \
+knows every config key; do not guess keys or defaults.
+- Change settings only with set_config, one key per call; the user confirms each change. A running gateway reads \
+gateway.ini at start: after a change, offer to restart it (stop_gateway, then start_gateway).
+- model_provider_routes is one ordered list: read it, put a new glob=>provider first and keep the rest.
+- You never see API keys. A key the user typed reaches you as a placeholder such as [secret_1]: pass the placeholder \
+unchanged as set_config's value and it is stored locally. Configured keys come back masked. Never ask for a key to be \
+pasted anywhere else.
+- Answer briefly, in plain text for a terminal (no tables, little markdown).
+Config keys: {keys}."""
+
+
+class ModelAssistant:
+    """A conversation with a model through tgw's providers and codecs, with the tools."""
+
+    def __init__(self, app: ChatApp, candidate: ChatCandidate, cfg: Config):
+        self.app = app
+        self.provider = candidate.provider
+        self.model = candidate.model
+        self.headers = provider_headers(self.provider, cfg)
+        self.history: list[Message] = []
+        self.partial: list[str] = []
+        self.tools_ran = False
+        self.system = CHAT_SYSTEM_PROMPT.format(version=__version__, config=app.config_path(cfg), url=gateway_url(cfg),
+                                                keys=", ".join(CONFIG_KEYS))  # fmt: skip
+
+    def respond(self, text: str) -> None:
+        self.history.append(Message("user", [Part("text", text=text)]))
+        self.trim_history()
+        self.tools_ran = False
+        try:
+            self.run_rounds()
+        except GatewayError as err:
+            message = self.app.secrets.hide(err.message)
+            self.app.ui.note(f"the model failed: HTTP {err.status}: {message}")
+            if not self.tools_ran:  # nothing happened yet: the offline assistant takes this request
+                self.history.pop()
+                self.app.ui.note("the offline assistant answers this request instead:")
+                self.app.offline.respond(text)
+            else:
+                self.history.append(Message("assistant", [Part("text", text=f"[the model failed: {message}]")]))
+        except KeyboardInterrupt:
+            said = "".join(self.partial).strip()
+            self.history.append(Message("assistant", [Part("text", text=f"{said} [interrupted by the user]".strip())]))
+            raise
+
+    def trim_history(self) -> None:
+        """Keep the latest CHAT_HISTORY_TURNS user turns (cut where a turn starts)."""
+        starts = [i for i, m in enumerate(self.history) if m.role == "user" and any(p.type == "text" for p in m.parts)]
+        if len(starts) > CHAT_HISTORY_TURNS:
+            del self.history[: starts[-CHAT_HISTORY_TURNS]]
+
+    def run_rounds(self) -> None:
+        for _ in range(CHAT_TOOL_ROUNDS):
+            self.partial = []
+            answer = self.app.run_interruptible(self.ask())
+            self.app.ui.end_line()
+            parts = [p for p in answer.parts if p.type in ("text", "tool_call", "thinking", "redacted_thinking")]
+            calls = [p for p in parts if p.type == "tool_call"]
+            self.history.append(Message("assistant", parts or [Part("text", text="(no answer)")]))
+            if not calls:
+                return
+            results: list[Part] = []
+            try:
+                for call in calls[:CHAT_CALLS_PER_ROUND]:
+                    outcome = self.app.tools.call(call.name, tool_arguments(call.arguments))
+                    self.tools_ran = True
+                    results.append(tool_result(call, outcome.text[:CHAT_TOOL_RESULT_LIMIT], not outcome.ok))
+            finally:  # every call gets its result, or the conversation is malformed for the next request
+                for call in calls[len(results) :]:
+                    why = "interrupted by the user" if len(results) < CHAT_CALLS_PER_ROUND else (
+                        f"at most {CHAT_CALLS_PER_ROUND} tool calls per answer")  # fmt: skip
+                    results.append(tool_result(call, f"not run: {why}", True))
+                self.history.append(Message("user", results))
+        self.app.ui.note(f"(stopped: {CHAT_TOOL_ROUNDS} rounds of tool calls for one request is the limit)")
+
+    async def ask(self) -> Response:
+        req = Request(model=self.model, messages=list(self.history), system=[Part("text", text=self.system)],
+                      tools=list(CHAT_TOOLS), stream=True, max_tokens=CHAT_MAX_TOKENS)  # fmt: skip
+        return await call_model(self.app.pool, self.provider, self.headers, req, self.on_text)
+
+    def on_text(self, text: str) -> None:
+        self.partial.append(text)
+        self.app.ui.stream(text)
+
+
+def tool_arguments(text: str) -> dict:
+    """A tool call's arguments as an object; anything else becomes an error the tool reports."""
+    if len(text) > 1 << 20:
+        return {"_raw_arguments": ""}
+    try:
+        return json_object_arguments(text)
+    except RecursionError:
+        return {"_raw_arguments": ""}
+
+
+def tool_result(call: Part, text: str, is_error: bool) -> Part:
+    return Part("tool_result", id=call.id, name=call.name, content=[Part("text", text=text)], is_error=is_error)
+
+
+# ---- the terminal ------------------------------------------------------------------------
+
+
+class ChatTerminal:
+    """Where the conversation shows: streamed answers, tool actions, notes, y/N questions."""
+
+    def __init__(self, out, can_ask: bool, yes: bool, color: bool):
+        self.out = out
+        self.can_ask = can_ask  # standard input is a terminal a person answers at
+        self.yes = yes
+        self.color = color
+        self.mid_line = False
+
+    def write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
+            self.mid_line = not text.endswith("\n")
+
+    def stream(self, text: str) -> None:
+        self.write(printable(text))
+
+    def end_line(self) -> None:
+        if self.mid_line:
+            self.write("\n")
+
+    def say(self, text: str) -> None:
+        self.end_line()
+        self.write(printable(text).rstrip("\n") + "\n")
+
+    def dim(self, text: str) -> str:
+        return f"\x1b[2m{text}\x1b[0m" if self.color else text
+
+    def note(self, text: str) -> None:
+        self.end_line()
+        self.write(self.dim(printable(text)) + "\n")
+
+    def action(self, text: str) -> None:
+        self.note(f"  * {text}")
+
+    def result(self, text: str) -> None:
+        self.say("\n".join("    " + line for line in text.splitlines()[:12]))
+
+    def confirm(self, question: str) -> bool:
+        if self.yes:
+            self.note(f"    {question} yes (--yes)")
+            return True
+        if not self.can_ask:
+            self.note(f"    {question} not confirmed: add --yes to allow changes without asking")
+            return False
+        self.end_line()
+        try:
+            answer = input(f"    {printable(question)} [y/N] ")
+        except EOFError:
+            answer = ""
+        return answer.strip().lower() in ("y", "yes")
+
+
+class ChatApp:
+    """One `tgw chat` session: its event loop and HTTP pools, secrets, tools and assistant."""
+
+    PROMPT = "tgw> "
+
+    def __init__(self, config_arg: str | None = None, yes: bool = False, out=None, can_ask: bool | None = None,
+                 env=None):  # fmt: skip
+        self.config_arg = config_arg
+        self.env = os.environ if env is None else env
+        out = out or sys.stdout
+        can_ask = sys.stdin.isatty() if can_ask is None else can_ask
+        color = bool(getattr(out, "isatty", lambda: False)()) and "NO_COLOR" not in self.env
+        self.ui = ChatTerminal(out, can_ask, yes, color)
+        self.secrets = ChatSecrets()
+        self.loop = asyncio.new_event_loop()
+        self.pool = UpstreamPool(10.0, 120.0)  # the model and test requests
+        self.probe_pool = UpstreamPool(1.0, 3.0)  # /health
+        self.tools = ChatTools(self)
+        self.offline = OfflineAssistant(self)
+        self.assistant: ModelAssistant | OfflineAssistant = self.offline
+        self.failed_changes = 0
+        self.readline = None
+
+    def close(self) -> None:
+        self.pool.close()
+        self.probe_pool.close()
+        self.loop.run_until_complete(asyncio.sleep(0))  # let aborted connections close
+        self.loop.close()
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def run_interruptible(self, coro):
+        """Run `coro` so that Ctrl-C cancels it (and only it) and raises KeyboardInterrupt."""
+        task = self.loop.create_task(coro)
+        try:
+            self.loop.add_signal_handler(signal.SIGINT, task.cancel)
+            installed = True
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or not POSIX
+            installed = False
+        try:
+            return self.loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            raise KeyboardInterrupt from None
+        except KeyboardInterrupt:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                self.loop.run_until_complete(task)
+            raise
+        finally:
+            if installed:
+                self.loop.remove_signal_handler(signal.SIGINT)
+
+    def load_config(self) -> tuple[Config, str]:
+        cfg, error = load_config_or_defaults(self.config_arg, self.env)
+        return cfg, redact(error)
+
+    def config_path(self, cfg: Config | None = None) -> Path:
+        return config_path_for_writing(self.config_arg, cfg or self.load_config()[0], self.env)
+
+    def open_ledger(self) -> tuple[sqlite3.Connection | None, str]:
+        """The ledger, read-only, or why there is none."""
+        cfg, _ = self.load_config()
+        if cfg.ledger_path == ":memory:":
+            return None, "the ledger is in memory (ledger_path = :memory:): nothing was kept"
+        path = Path(cfg.ledger_path).expanduser().resolve()
+        if not path.is_file():
+            return None, f"no ledger at {path} yet: no request has gone through the gateway"
+        try:
+            return sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=5), ""
+        except sqlite3.Error as exc:
+            return None, f"cannot open the ledger {path}: {exc}"
+
+    # -- choosing who answers
+    def choose(self, spec: str = "", offline: bool = False) -> str:
+        """Pick the model (or the offline assistant) and say which, in one line."""
+        offline_words = "the offline assistant answers (built-in rules, not a language model; say 'help')"
+        if offline:
+            return f"--offline: {offline_words}"
+        cfg, _ = self.load_config()
+        source = "--model" if spec else "chat_model"
+        spec = spec or cfg.chat_model
+        found, chosen = self.run(detect_chat_models(cfg, self.env, spec, source))
+        if chosen is None:
+            why = found[0].reason if spec else "no model is reachable (tgw chat --detect says why)"
+            return redact(f"{why}: {offline_words}")
+        self.assistant = ModelAssistant(self, chosen, cfg)
+        return redact(f"model {chosen.model} on {chosen.provider.name} ({chosen.source}: {chosen.reason})")
+
+    def detect(self, spec: str = "") -> str:
+        cfg, error = self.load_config()
+        source = "--model" if spec else "chat_model"
+        spec = spec or cfg.chat_model
+        found, chosen = self.run(detect_chat_models(cfg, self.env, spec, source, everything=True))
+        lines = ["tgw chat looks for a model in this order and uses the first one available:"]
+        if error:
+            lines.append(f"  (the configuration does not load: {error})")
+        if not spec:
+            found = [ChatCandidate("", "chat_model", "not set (--model, or chat_model in gateway.ini)"), *found]
+        width = max([len(c.source) for c in found] + [10])
+        for c in found:  # * the one used, + usable, - not usable
+            mark = "*" if c is chosen else "+" if c.available else "-"
+            lines.append(f"  {mark} {c.source:<{width}}  {c.model + ': ' if c.available else ''}{c.reason}")
+        lines.append(f"using {chosen.model} on {chosen.provider.name}" if chosen else
+                     "no model is available: tgw chat answers with its offline assistant")  # fmt: skip
+        return redact("\n".join(lines))
+
+    # -- turns
+    def turn(self, text: str) -> None:
+        """One request of the user's (secrets already hidden), answered; Ctrl-C stops it."""
+        try:
+            self.assistant.respond(text)
+        except KeyboardInterrupt:
+            self.ui.end_line()
+            self.ui.note("(interrupted)")
+        except Exception as exc:  # a bug: say so and keep the session (and the exit status says it failed)
+            self.failed_changes += 1
+            self.ui.note(redact(f"tgw chat: internal error ({type(exc).__name__}: {exc}); the session goes on"))
+
+    def interactive(self, announcement: str) -> None:
+        self.setup_readline()
+        self.ui.say(f"tgw chat: {announcement}")
+        self.ui.note("Ctrl-C stops an answer; exit, quit or Ctrl-D leaves.")
+        try:
+            while True:
+                try:
+                    line = input(self.PROMPT)
+                except EOFError:
+                    self.ui.write("\n")
+                    return
+                except KeyboardInterrupt:
+                    self.ui.write("\n")
+                    self.ui.note("(exit, quit or Ctrl-D leaves)")
+                    continue
+                line = line.strip()[:CHAT_MAX_INPUT]
+                if line.lower() in ("exit", "quit", "/exit", "/quit", ":q"):
+                    return
+                if line:
+                    hidden = self.secrets.hide(line)
+                    if self.readline is not None:
+                        self.readline.add_history(hidden)  # the history file never holds a typed key
+                    self.turn(hidden)
+        finally:
+            self.save_history()
+
+    def setup_readline(self) -> None:
+        try:
+            import readline
+        except ImportError:  # not on every platform: plain input() then
+            return
+        self.readline = readline
+        readline.set_auto_history(False)
+        readline.set_history_length(1000)
+        with contextlib.suppress(OSError):
+            readline.read_history_file(tokligence_dir() / "chat_history")
+
+    def save_history(self) -> None:
+        if self.readline is None:
+            return
+        path = tokligence_dir() / "chat_history"
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.readline.write_history_file(path)
+            os.chmod(path, 0o600)
+
+
+def add_gateway_commands(commands) -> None:
+    """`tgw chat`, `tgw start`, `tgw stop`, `tgw status` (build_parser calls this)."""
+    chat_p = commands.add_parser("chat", help="a terminal assistant that configures and troubleshoots the gateway")
+    add_config_flag(chat_p)
+    chat_p.add_argument("--model", help="model to talk to: a name routed like the gateway routes it, or PROVIDER/MODEL")
+    chat_p.add_argument("--offline", action="store_true", help="use the built-in rule-based assistant, no model")
+    chat_p.add_argument("--detect", action="store_true", help="show where a model was looked for and why, then exit")
+    chat_p.add_argument(
+        "-p", "--prompt", help="answer this one request and exit (default: standard input if not a terminal)"
+    )
+    chat_p.add_argument("-y", "--yes", action="store_true", help="make changes without asking for confirmation")
+
+    start_p = commands.add_parser("start", help="run the gateway in the background (pid and log in ~/.tokligence)")
+    add_config_flag(start_p)
+    start_p.add_argument("--host", help="address to listen on")
+    start_p.add_argument("--port", type=int, help="port (0 picks a free one)")
+    start_p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+
+    stop_p = commands.add_parser("stop", help="stop the background gateway")
+    add_config_flag(stop_p)
+
+    status_p = commands.add_parser("status", help="is the gateway running; its health, providers, routes, work mode")
+    add_config_flag(status_p)
+    status_p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def cmd_chat(args) -> int:
+    """Exit status: 0, or 1 when a change the user asked for failed or was not confirmed (or tgw chat failed)."""
+    for stream in (sys.stdin, sys.stdout):  # a model may answer in any script; a pipe may hold any bytes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+    setup_logging("error")  # the configuration is read for every tool call: its warnings would repeat
+    app = ChatApp(args.config, args.yes)
+    try:
+        if args.detect:
+            print(app.detect(args.model or ""))
+            return 0
+        prompt = args.prompt
+        interactive = prompt is None and sys.stdin.isatty()
+        if prompt is None and not interactive:
+            prompt = sys.stdin.read(CHAT_MAX_INPUT)
+        announcement = app.choose(args.model or "", args.offline)
+        if interactive:
+            app.interactive(announcement)
+        else:
+            print(f"tgw chat: {announcement}", file=sys.stderr)
+            if not prompt.strip():
+                print("tgw chat: no request given (-p TEXT, or on standard input)", file=sys.stderr)
+                return 2
+            app.turn(app.secrets.hide(prompt.strip()[:CHAT_MAX_INPUT]))
+        return 1 if app.failed_changes else 0
+    finally:
+        app.close()
 
 
 if __name__ == "__main__":
