@@ -7505,7 +7505,7 @@ def test_team_keys_and_long_hash_prefixes_never_appear_in_logs_ledger_errors_or_
     files = b"".join(p.read_bytes() for p in tmp_path.glob("ledger.db*"))  # the key's hash is stored, the key never
     places = {"logs": caplog.text.encode(), "errors": b"".join(bodies), "cli": cli.encode(), "ledger": ledger_rows}
     assert f"API key {key[:12]}".encode() in places["errors"] and key[:12].encode() in places["cli"]
-    assert key[:12].encode() in places["ledger"]
+    assert key[:12].encode() in places["ledger"] and b"POST /v1/chat/completions 401" in places["logs"]
     for secret in (key, spare):
         digest = tgw.hashlib.sha256(secret.encode()).hexdigest()
         assert secret[12:].encode() not in files and secret[4:24].encode() not in files
@@ -9565,3 +9565,28 @@ def test_a_model_that_never_stops_calling_tools_is_stopped_and_bad_calls_get_err
     assert (
         ini.read_text().count("\n") == 2 and app.failed_changes == tgw.CHAT_TOOL_ROUNDS
     )  # the set_config without a value, each round
+
+
+def test_team_admin_and_usage_apis_are_the_admin_ports_in_multiport_mode(team, start_gateway):
+    admin_key, _ = team_key(team, "root@example.com", role="admin")
+    gw = start_multiport(start_gateway)
+    admin, openai = port_of(gw, "admin"), port_of(gw, "openai")
+    auth = team_auth("openai", admin_key)
+    assert team_call(admin, "GET", "/api/v1/admin/users", None, auth)[0] == 200
+    assert team_call(admin, "GET", "/api/v1/usage/summary", None, auth)[0] == 200
+    assert team_call(admin, "GET", "/api/v1/admin/users")[0] == 401  # the admin port asks for a key too
+    assert team_call(openai, "GET", "/api/v1/admin/users", None, auth)[0] == 404
+    assert team_call(openai, "POST", "/v1/chat/completions", CHAT)[0] == 401
+    assert team_call(openai, "POST", "/v1/chat/completions", CHAT, auth)[0] == 200
+
+
+def test_team_identity_configure_applies_a_changed_config_live(team, start_gateway, tmp_path):
+    key, _ = team_key(team)
+    gw = start_gateway(api_keys="old-static-key-1")
+    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", "old-static-key-1"))[0] == 200
+    changed = make_config(tmp_path, api_keys="new-static-key-2", default_rpm=1)
+    gw.loop.call_soon_threadsafe(gw.gateway.identity.configure, changed)  # what a live config reload calls
+    assert wait_for(lambda: post(gw, "/v1/chat/completions", CHAT, team_auth("openai", "old-static-key-1"))[0] == 401)
+    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", "new-static-key-2"))[0] == 200
+    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 200
+    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 429  # the new default_rpm

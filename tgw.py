@@ -7541,30 +7541,19 @@ class Identity:
     make this call (admit: allow-list, budgets, rate limits) and what it cost (settle)."""
 
     def __init__(self, cfg: Config, ledger: Ledger, prices: PriceTable):
-        self.mode = "off" if cfg.auth_disabled else cfg.auth
         self.ledger = ledger
         self.prices = prices
-        self.default_rpm, self.default_tpm = cfg.default_rpm, cfg.default_tpm
-        self.static: dict[str, Principal] = {}
-        for key in {k.strip() for k in cfg.api_keys.split(",") if k.strip()}:
-            digest = hashlib.sha256(key.encode()).hexdigest()
-            principal = Principal(digest, key_fingerprint(key), "static:" + key_fingerprint(key))
-            if self.default_rpm or self.default_tpm:
-                holder = f"API key {principal.label}"
-                principal.limits = (RateLimit(self.default_rpm, self.default_tpm, time.monotonic(), holder),)
-            self.static[digest] = principal.seal()
+        self.always = False  # a public bind: auth = auto stays on
+        self.has_keys = False  # any live key in the database
+        self.configure(cfg)
         self.by_hash: dict[str, Principal] = dict(self.static)  # SHA-256 hex -> principal
         self.by_id: dict[int, Principal] = {}
         self.digests: dict[str, str] = {}  # key -> SHA-256 hex, for keys that matched
         self.budgets: dict[tuple, Budget] = {}  # ("key"|"user", id, period) -> Budget
         self.limits: dict[tuple, RateLimit] = {}  # ("key"|"user", id) -> RateLimit
-        self.version = -1
-        self.has_keys = False
-        self.required = False
         self.usd_rates: dict[str, tuple] = {}  # model -> USD per input and per output token
         self.store = IdentityStore(open_ledger_db(ledger.path))
         self.apply(self.load())
-        self.seen_version = self.version
         self.last_used_at = time.monotonic()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="tgw-identity", daemon=True)
@@ -7575,8 +7564,26 @@ class Identity:
         else:
             self.thread.start()
 
+    def configure(self, cfg: Config) -> None:
+        """The config's part: auth mode, static api_keys and default rate limits. At start, and on a
+        live config reload (on the loop, no I/O); the keys are rebuilt with them at the next poll."""
+        mode = "off" if cfg.auth_disabled else cfg.auth
+        self.mode = "on" if self.always and mode == "auto" else mode
+        self.default_rpm, self.default_tpm = cfg.default_rpm, cfg.default_tpm
+        self.static: dict[str, Principal] = {}
+        for key in {k.strip() for k in cfg.api_keys.split(",") if k.strip()}:
+            digest = hashlib.sha256(key.encode()).hexdigest()
+            principal = Principal(digest, key_fingerprint(key), "static:" + key_fingerprint(key))
+            if self.default_rpm or self.default_tpm:
+                holder = f"API key {principal.label}"
+                principal.limits = (RateLimit(self.default_rpm, self.default_tpm, time.monotonic(), holder),)
+            self.static[digest] = principal.seal()
+        self.version = self.seen_version = -1  # the next load applies, whatever the database's version
+        self.required = self.mode == "on" or (self.mode == "auto" and bool(self.static or self.has_keys))
+
     def require_always(self) -> None:
         """A public bind that refused to start open stays closed, even if every key is deleted later."""
+        self.always = True
         if self.mode == "auto":
             self.mode = "on"
             self.required = True
@@ -7866,7 +7873,6 @@ class Gateway:
         self.ledger = ledger or Ledger(cfg.ledger_path, cfg.ledger_queue_size)
         self.prices = PriceTable(cfg.prices)
         self.loopback = LoopbackModel()
-        self.api_keys = [k.strip() for k in cfg.api_keys.split(",") if k.strip()]
         self.identity = Identity(cfg, self.ledger, self.prices)
         self.admin = AdminApi(self)
         self.codecs: dict[str, Codec] = {
