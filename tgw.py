@@ -14,7 +14,8 @@ routes each model to its provider and records every token in a sqlite ledger.
 
 Sections, in the order data flows:
     1. Utilities                 small helpers shared by everything below
-    2. Config                    defaults < gateway.ini < TOKLIGENCE_* env < command-line flags
+    2. Config                    defaults < gateway.ini < TOKLIGENCE_* env < command-line flags,
+                                 unknown-key warnings, live reload (SIGHUP, file changes)
     3. HTTP/1.1 wire             server connections, upstream client with pool, SSE parsing
     4. Canonical model           the hub every protocol converts to and from
     5. Codecs                    one per wire protocol: OpenAI Chat (+ legacy Completions),
@@ -22,8 +23,8 @@ Sections, in the order data flows:
                                  cleaning for Gemini and for Anthropic's structured outputs)
     6. Providers                 upstream endpoints, auth headers, the loopback model
     7. Router                    model routes, aliases, work modes, model lists fetched from providers
-    8. Ledger                    sqlite schema, background writer, usage queries, prices,
-                                 stored Responses (previous_response_id)
+    8. Ledger                    sqlite schema, background writer (rows sanitised, never lost),
+                                 usage queries, prices, stored Responses (previous_response_id)
     9. Identity                  users, API keys, budgets, rate limits (in the ledger's database)
    10. Gateway                   endpoints and lanes (passthrough, translation, loopback),
                                  auth, errors per protocol, loop guard, endpoint bundles and
@@ -52,6 +53,7 @@ import contextlib
 import contextvars
 import datetime
 import difflib
+import errno
 import fnmatch
 import functools
 import gc
@@ -79,7 +81,10 @@ import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+if sys.version_info < (3, 10):  # noqa: UP036 - before anything that needs 3.10 runs: one line, not a traceback
+    sys.exit(f"tgw needs Python 3.10 or newer; this is Python {sys.version.split()[0]} ({sys.executable})")
 
 __version__ = "0.1.0"
 log = logging.getLogger("tgw")
@@ -171,26 +176,84 @@ def mask_secret(value: str) -> str:
 
 class SecretRedactor:
     """Every secret this process knows (provider keys, client keys, userinfo in URLs), taken out
-    of any text that leaves it: responses, logs, ledger rows, CLI output. The one place."""
+    of any text that leaves it. The one place, applied once per exit: error messages (every
+    GatewayError, so every lane's JSON errors and stream error events), log records (a record
+    factory, so every handler), ledger rows (the writer's sanitiser), CLI output (main() wraps
+    stdout and stderr), and upstream error events relayed on passthrough. With no secret
+    configured it costs one attribute test; the success hot path never calls it."""
 
     def __init__(self):
         self.secrets: set[str] = set()
         self.pattern: re.Pattern | None = None
+        self.byte_pattern: re.Pattern | None = None
+        self.lock = threading.Lock()  # config reloads run on a worker thread
 
     def add(self, *values: str) -> None:
-        fresh = {v for v in values if isinstance(v, str) and len(v) >= 6} - self.secrets
-        if fresh:
-            self.secrets |= fresh
-            longest_first = sorted(self.secrets, key=len, reverse=True)
-            self.pattern = re.compile("|".join(map(re.escape, longest_first)))
+        candidates = set()
+        for value in values:
+            if isinstance(value, str) and len(value.strip()) >= 6:
+                candidates |= {value.strip(), unquote(value.strip())}  # as written in a URL, and as sent
+        with self.lock:
+            fresh = {v for v in candidates if len(v) >= 6} - self.secrets
+            if fresh:
+                self.secrets |= fresh
+                longest_first = sorted(self.secrets, key=len, reverse=True)
+                self.byte_pattern = re.compile(b"|".join(re.escape(s.encode()) for s in longest_first))
+                self.pattern = re.compile("|".join(map(re.escape, longest_first)))
 
     def __call__(self, text: str) -> str:
         if self.pattern is None or not text:
             return text
         return self.pattern.sub(lambda m: f"[redacted {mask_secret(m.group())}]", text)
 
+    def found_in(self, text: str) -> bool:
+        return self.pattern is not None and self.pattern.search(text) is not None
+
+    def raw(self, data: bytes) -> bytes:
+        """The same for raw bytes relayed as they are (an upstream's error event on passthrough)."""
+        if self.byte_pattern is None or not data:
+            return data
+        return self.byte_pattern.sub(lambda m: f"[redacted {mask_secret(m.group().decode())}]".encode(), data)
+
 
 redact = SecretRedactor()
+
+
+def public_url(url: str) -> str:
+    """A URL fit to show: any user:password@ replaced by ****@."""
+    scheme, sep, rest = (url or "").partition("://")
+    host, slash, path = rest.partition("/")
+    if not sep or "@" not in host:
+        return url
+    return f"{scheme}://****@{host.rpartition('@')[2]}{slash}{path}"
+
+
+_make_log_record = logging.getLogRecordFactory()
+
+
+def redacting_log_record(*args, **kwargs) -> logging.LogRecord:
+    """Every log record, of any logger for any handler, with the secrets taken out of its
+    message and traceback (formatters use exc_text when it is set)."""
+    record = _make_log_record(*args, **kwargs)
+    if redact.pattern is None:
+        return record
+    if isinstance(record.args, dict):  # structured fields (the access line): each one, keeping the structure
+        record.args = {k: redact(v) if isinstance(v, str) else v for k, v in record.args.items()}
+    else:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: the handler reports it, as logging always does
+            return record
+        if redact.found_in(message):
+            record.msg, record.args = redact(message), None
+    if record.exc_info and record.exc_info[0] is not None:
+        record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)).rstrip("\n"))
+    if record.stack_info:
+        record.stack_info = redact(record.stack_info)
+    return record
+
+
+logging.setLogRecordFactory(redacting_log_record)
 
 
 @functools.lru_cache(maxsize=1024)  # clients send the same key with every request
@@ -259,6 +322,7 @@ class GatewayError(Exception):
     headers: tuple = ()  # extra response headers (rate-limit state, x-should-retry)
 
     def __init__(self, status: int, message: str, kind: str = "", retry_after: float | None = None):
+        message = redact(message)  # every error any lane sends or records passes here
         super().__init__(message)
         self.status = status
         self.message = message
@@ -364,7 +428,14 @@ CONFIG_KEYS: dict[str, tuple] = {
     "default_tpm": (0, "int", "tokens per minute for a key that sets none (0 = no limit)"),
     "work_mode": ("auto", ("auto", "passthrough", "translation"), "auto: the model's provider decides"),
     "model_provider_routes": (DEFAULT_ROUTES, "str", "ordered model=>provider globs, first match wins"),
-    "model_aliases": ("", "str", "alias=>model pairs, e.g. fast=>gpt-4o-mini,smart=>claude-sonnet-4-5"),
+    "routes": ("", "str", "Tokligence's legacy pattern=>provider list; checked before model_provider_routes"),
+    "model_aliases": (
+        "",
+        "str",
+        "alias=>model pairs (= works too; globs allowed: claude*=>gpt-4o-mini), e.g. fast=>gpt-4o-mini",
+    ),
+    "model_aliases_file": ("", "str", "file of alias=>model lines (# comments), read after model_aliases"),
+    "chat_to_anthropic": (False, "bool", "accepted from Tokligence; tgw always routes by model (claude* -> anthropic)"),
     "openai_api_key": ("", "secret", "key for the openai provider"),
     "openai_base_url": ("https://api.openai.com/v1", "url", "base URL of the openai provider"),
     "openai_org": ("", "str", "OpenAI-Organization header, if any"),
@@ -378,6 +449,12 @@ CONFIG_KEYS: dict[str, tuple] = {
     "anthropic_version": ("2023-06-01", "str", "anthropic-version sent when the client sent none"),
     "gemini_api_key": ("", "secret", "key for the gemini provider"),
     "gemini_base_url": ("https://generativelanguage.googleapis.com", "url", "base URL of the gemini provider"),
+    "anthropic_max_tokens": (16384, "int", "max_tokens sent to Anthropic when a translated request set none"),
+    "openai_completion_max_tokens": (
+        0,
+        "int",
+        "most max_tokens a translated request sends to an OpenAI-protocol provider (0: the model's own limit)",
+    ),
     "reasoning_models": (
         "o1*,o3*,o4*,gpt-5*,gpt-oss*,*deepseek-r*,*qwq*,*thinking*",
         "str",
@@ -405,7 +482,12 @@ CONFIG_KEYS: dict[str, tuple] = {
     "upstream_read_timeout": (600.0, "float", "seconds an upstream may stay silent before 504"),
     "upstream_retries": (2, "int", "retries on 429/5xx/connect errors before any byte reached the client"),
     "stream_keepalive": (15.0, "float", "seconds of upstream silence before the gateway pings a stream"),
-    "shutdown_grace": (30.0, "float", "seconds in-flight requests get to finish on SIGINT/SIGTERM"),
+    "shutdown_grace": (30.0, "float", "seconds in-flight requests (then the ledger) get to finish on SIGINT/SIGTERM"),
+    "config_reload_interval": (
+        2.0,
+        "float",
+        "seconds between checks of gateway.ini for changes, applied live (0: only on SIGHUP)",
+    ),
     "responses_retention_days": (30.0, "float", "days stored Responses stay available to previous_response_id"),
     "loop_guard": (True, "bool", "stop a model that repeats the same tool call with the same result"),
     "loop_guard_window": (20, "int", "how many recent tool round trips the loop guard looks at"),
@@ -419,6 +501,10 @@ PROVIDER_TYPES = ("openai", "azure", "anthropic", "gemini")
 
 class ConfigError(Exception):
     pass
+
+
+class StartupError(ConfigError):
+    """The gateway cannot start (its port is taken, say): one line, exit code 1."""
 
 
 def find_config_file(explicit: str | None, env=None) -> Path | None:
@@ -485,19 +571,109 @@ def convert_value(key: str, raw, kind, source: str):
 
 
 def parse_pairs(text: str, key: str) -> list[tuple[str, str]]:
-    """'a=>b, c=>d' as ordered pairs (routes, aliases)."""
+    """'a=>b, c=>d' (or 'a=b', as Tokligence accepts) as ordered pairs (routes, aliases); one
+    or more per line, lines starting with # or ; are comments."""
     pairs = []
-    for item in text.replace("\n", ",").split(","):
-        item = item.strip()
-        if not item:
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
+        if line.strip()[:1] in ("#", ";"):
             continue
-        if "=>" not in item:
-            raise ConfigError(f"invalid entry {item!r} in {key}: expected 'pattern=>target'")
-        left, right = (s.strip() for s in item.split("=>", 1))
-        if not left or not right:
-            raise ConfigError(f"invalid entry {item!r} in {key}: both sides of '=>' are needed")
-        pairs.append((left, right))
+        where = f"{key} (line {number})" if len(lines) > 1 else key
+        for item in line.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            sep = "=>" if "=>" in item else "="
+            if sep not in item:
+                raise ConfigError(f"invalid entry {item!r} in {where}: expected 'pattern=>target'")
+            left, right = (s.strip() for s in item.split(sep, 1))
+            if not left or not right:
+                raise ConfigError(f"invalid entry {item!r} in {where}: both sides of {sep!r} are needed")
+            pairs.append((left, right))
     return pairs
+
+
+def read_alias_file(name: str) -> list[tuple[str, str]]:
+    """model_aliases_file: alias=>model lines, as Tokligence's model_aliases files have them."""
+    if not name:
+        return []
+    path = Path(name).expanduser()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"model_aliases_file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"model_aliases_file {path}: not UTF-8 text") from None
+    return parse_pairs(text, f"model_aliases_file {path}")
+
+
+# Tokligence Gateway settings tgw deliberately lacks, and what to do instead. A key in
+# CONFIG_KEYS is never reported here, so a branch that adds one makes it known at once.
+TOKLIGENCE_UNSUPPORTED = dict.fromkeys(
+    ("environment", "base_url", "email", "display_name", "enable_provider", "marketplace_enabled",
+     "telemetry_enabled", "publish_name", "model_family"),
+    "Token Marketplace and telemetry settings; tgw has no marketplace and sends no telemetry",
+) | dict.fromkeys(
+    ("hooks_enabled", "hooks_script_path", "hooks_script_args", "hooks_script_env", "hooks_timeout", "hook_script",
+     "hook_script_args", "hook_script_env", "hook_timeout"),
+    "tgw runs no hook scripts; the ledger (tgw logs, tgw usage) records every request",
+) | dict.fromkeys(
+    ("anthropic_web_search", "anthropic_computer_use", "anthropic_mcp", "anthropic_prompt_caching",
+     "anthropic_json_mode", "anthropic_reasoning", "anthropic_beta_header"),
+    "nothing to switch on: the client's own tools, cache_control, thinking and anthropic-beta header go through",
+) | dict.fromkeys(
+    ("bridge_session_enabled", "bridge_session_ttl", "bridge_session_max_count"),
+    "tgw keeps no bridge sessions; the loop guard (loop_guard, loop_guard_warn, loop_guard_stop) stops repeated "
+    "tool calls",
+) | dict.fromkeys(
+    ("ledger_async_batch_size", "ledger_async_flush_ms", "ledger_async_buffer_size", "ledger_async_num_workers"),
+    "tgw's ledger writer batches by itself; ledger_queue_size is how many rows it may hold",
+) | dict.fromkeys(
+    ("model_metadata_file", "model_metadata_url", "model_metadata_refresh"),
+    "tgw knows each model family's output limit itself",
+) | dict.fromkeys(
+    ("sidecar_model_map", "sidecar_model_map_file"),
+    "use model_aliases (globs allowed: claude*=gpt-4o-mini) and model_aliases_file",
+) | dict.fromkeys(
+    ("firewall_config", "prompt_firewall_config", "prompt_firewall_enabled", "prompt_firewall_mode",
+     "prompt_firewall_sse_max_buffer_length", "prompt_firewall_sse_buffer_timeout_ms"),
+    "tgw has no prompt firewall",
+) | {
+    "fallback_adapter": "a model that matches no route gets a 404 naming the routes; end model_provider_routes "
+    "with *=>loopback (or another provider) for a fallback",
+    "price_per_1k": "prices are per model, in [prices] (USD per million tokens)",
+    "duplicate_tool_detection": "the loop guard does this (loop_guard, loop_guard_warn, loop_guard_stop)",
+    "anthropic_native_enabled": "the Anthropic endpoints are always served",
+    "anthropic_force_sse": "tgw streams when the client asks to",
+    "anthropic_token_check_enabled": "max_tokens is fitted to each model's limit",
+    "openai_tool_bridge_stream": "tool calls stream when the client asks to",
+    "model_aliases_dir": "use model_aliases_file",
+    "model_aliases_reload_sec": "tgw reloads gateway.ini and model_aliases_file when they change "
+    "(config_reload_interval) and on SIGHUP",
+    "model_aliases_verbose": "log_level = debug shows each request's model and provider",
+    "responses_stream_mode": "Responses streams as the client asks",
+    "responses_sse_ping_ms": "stream_keepalive sets the keep-alive interval (seconds)",
+}  # fmt: skip
+ENVIRONMENT_ONLY = {"config"}  # TOKLIGENCE_CONFIG names the file; it is no key of it
+
+
+def warn_unknown_key(key: str, source: str, known=None) -> None:
+    """An ignored key is never silent: Tokligence's unsupported ones say why, others name the
+    closest known key (computed from CONFIG_KEYS now, so keys added anywhere are known)."""
+    env = source == "environment"
+    name = f"TOKLIGENCE_{key.upper()}" if env else key
+    reason = TOKLIGENCE_UNSUPPORTED.get(key) if known is None else None
+    if reason:
+        log.warning(
+            "%s (in %s) is a Tokligence Gateway setting tgw does not support, ignored: %s", name, source, reason
+        )
+        return
+    close = difflib.get_close_matches(key, list(known or CONFIG_KEYS), n=1, cutoff=0.6)
+    if close:
+        hint = f"did you mean {('TOKLIGENCE_' + close[0].upper()) if env else close[0]!r}?"
+    else:
+        hint = "'tgw config example' lists every key"
+    log.warning("unknown config key %s in %s, ignored; %s", name, source, hint)
 
 
 @dataclass
@@ -519,6 +695,8 @@ class Config:
     prices: dict  # model glob -> (input, output, cached input) USD per million tokens
     path: Path | None = None
     sources: dict = field(default_factory=dict)
+    file_aliases: list = field(default_factory=list)  # (alias, model) pairs read from model_aliases_file
+    loaded_with: tuple = (None, None, None)  # load_config's arguments, so a reload reads the same way
 
     def __post_init__(self):
         for key, value in self.values.items():  # cfg.work_mode etc. as plain attributes (read per request)
@@ -542,27 +720,31 @@ def load_config(config_path: str | None = None, overrides: dict | None = None, e
     for layer, source in layers:
         for key, raw in layer.items():
             if key not in CONFIG_KEYS:
-                if source != "environment" and not key.startswith("provider_"):
-                    log.warning("unknown config key %r in %s (ignored)", key, source)
+                if not key.startswith("provider_") and not (source == "environment" and key in ENVIRONMENT_ONLY):
+                    warn_unknown_key(key, source)
                 continue
             values[key] = convert_value(key, raw, CONFIG_KEYS[key][1], source)
             sources[key] = source
     validate_config(values)
+    file_aliases = read_alias_file(values["model_aliases_file"])
     providers = load_named_providers(sections, env)
-    register_secrets(values, providers)
+    register_secrets(values, providers, env)
     prices = dict(DEFAULT_PRICES)
     for glob_, raw in sections.get("prices", {}).items():
         prices[glob_] = parse_price(glob_, raw)
-    return Config(values, providers, prices, path, sources)
+    return Config(values, providers, prices, path, sources, file_aliases, (config_path, overrides, env))
 
 
-def register_secrets(values: dict, providers: dict) -> None:
+def register_secrets(values: dict, providers: dict, env=None) -> None:
     """Tell the redactor every secret this configuration holds."""
     found = [values[k] for k in SECRET_KEYS if values.get(k)]
     found += [k.strip() for k in values.get("api_keys", "").split(",")]
-    for url in [values[k] for k, spec in CONFIG_KEYS.items() if spec[1] == "url"] + [
-        p.base_url for p in providers.values()
-    ]:
+    proxies = [v for k, v in (env or {}).items() if k.lower() in ("http_proxy", "https_proxy", "all_proxy")]
+    for url in (
+        [values[k] for k, spec in CONFIG_KEYS.items() if spec[1] == "url"]
+        + proxies
+        + [p.base_url for p in providers.values()]
+    ):
         parts = urlsplit(url or "")
         found.append(parts.password or parts.username or "")  # a token may stand alone as the username
     for pc in providers.values():
@@ -585,8 +767,15 @@ def validate_config(values: dict) -> None:
             raise ConfigError(f"invalid value {values[key]!r} for {key}: expected 0 (no limit) or more")
     if values["idle_timeout"] < 120:
         raise ConfigError(f"invalid value {values['idle_timeout']!r} for idle_timeout: expected at least 120 seconds")
-    for key in ("model_provider_routes", "model_aliases"):
+    for key in ("model_provider_routes", "routes", "model_aliases"):
         parse_pairs(values[key], key)
+    if values["anthropic_max_tokens"] < 1:
+        raise ConfigError(
+            f"invalid value {values['anthropic_max_tokens']!r} for anthropic_max_tokens: expected 1 or more"
+        )
+    for key in ("openai_completion_max_tokens", "config_reload_interval"):
+        if values[key] < 0:
+            raise ConfigError(f"invalid value {values[key]!r} for {key}: expected 0 or more")
 
 
 def load_named_providers(sections: dict, env) -> dict[str, ProviderConfig]:
@@ -598,6 +787,8 @@ def load_named_providers(sections: dict, env) -> dict[str, ProviderConfig]:
         m = re.fullmatch(r"TOKLIGENCE_PROVIDER_([A-Za-z0-9]+)_([A-Za-z_]+)", key)
         if m and m.group(2).lower() in PROVIDER_KEYS:
             raw.setdefault(m.group(1).lower(), {})[m.group(2).lower()] = value
+        elif m:
+            warn_unknown_key(m.group(2).lower(), f"{key} in the environment", PROVIDER_KEYS)
     providers = {}
     for name, items in raw.items():
         where = f"[provider.{name}]"
@@ -687,6 +878,100 @@ def write_example_config() -> str:
         "",
     ]
     return "\n".join(out)
+
+
+# ---- live reload ------------------------------------------------------------------------
+#
+# A running gateway takes a changed gateway.ini (or model_aliases_file) without a restart: on
+# SIGHUP, and when a check every config_reload_interval seconds sees a file's modification
+# time, size or inode change. The file is read off the event loop; a file that does not load
+# is refused with a logged error and the running configuration stays. Gateway.apply_config
+# swaps in what can change live and names the changed keys that need a restart.
+
+RESTART_KEYS = {"host", "allow_public_bind", "ledger_path", "multiport_mode"} | {  # read once, at start
+    key
+    for key in CONFIG_KEYS
+    if key.endswith(("_port", "_endpoints"))  # the listeners
+}
+
+
+def changed_settings(old: Config, new: Config) -> list[str]:
+    """The keys (and sections) whose effective value differs between two configurations."""
+    changed = [key for key, value in new.values.items() if old.values.get(key) != value]
+    for name, mine, theirs in (("[provider.*]", old.providers, new.providers), ("[prices]", old.prices, new.prices),
+                               ("model_aliases_file contents", old.file_aliases, new.file_aliases)):  # fmt: skip
+        if mine != theirs:
+            changed.append(name)
+    return changed
+
+
+class ConfigWatcher:
+    """Reloads the configuration of a running gateway (see above)."""
+
+    SETTLE = 0.25  # seconds a changed file must stay unchanged before it is read
+
+    def __init__(self, gateway, servers=()):
+        self.gateway = gateway
+        self.servers = servers  # the HttpServers (one per listener), whose limits and timeouts apply live
+        self.lock = asyncio.Lock()
+        self.seen = self.signature()
+
+    def watched_files(self) -> list[Path]:
+        cfg = self.gateway.cfg
+        explicit, _, env = cfg.loaded_with
+        files = [find_config_file(explicit, os.environ if env is None else env)]
+        if cfg.model_aliases_file:
+            files.append(Path(cfg.model_aliases_file).expanduser())
+        return [f for f in files if f is not None]
+
+    def signature(self) -> tuple:
+        out = []
+        for path in self.watched_files():
+            try:
+                st = path.stat()
+                out.append((str(path), st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                out.append((str(path), None))
+        return tuple(out)
+
+    async def watch(self) -> None:
+        """The periodic check: a few stat() calls off the event loop, every config_reload_interval.
+        A change is read once the file holds still (one written in place is empty for a moment)."""
+        while True:
+            interval = self.gateway.cfg.config_reload_interval
+            await asyncio.sleep(interval or 5.0)
+            if not interval:
+                continue
+            changed = await asyncio.to_thread(self.signature)
+            if changed == self.seen:
+                continue
+            await asyncio.sleep(self.SETTLE)
+            if await asyncio.to_thread(self.signature) == changed:
+                await self.reload("a file changed")
+
+    async def reload(self, why: str) -> bool:
+        async with self.lock:
+            self.seen = await asyncio.to_thread(self.signature)
+            try:
+                cfg = await asyncio.to_thread(load_config, *self.gateway.cfg.loaded_with)
+                changed, restart = self.gateway.apply_config(cfg)
+            except ConfigError as exc:
+                log.error("configuration reload (%s) refused, the running configuration stays: %s", why, exc)
+                return False
+            except Exception:  # a bug: the same, with its traceback
+                log.exception("configuration reload (%s) failed, the running configuration stays", why)
+                return False
+            for server in self.servers:
+                server.cfg = cfg
+            live = [key for key in changed if key not in restart]
+            if not changed:
+                log.info("configuration reloaded (%s): nothing changed", why)
+            else:
+                log.warning("configuration reloaded (%s) from %s: applied %s%s", why, cfg.path or "the environment",
+                            ", ".join(live) or "nothing",
+                            f"; needs a restart (running with the old value until then): {', '.join(restart)}"
+                            if restart else "")  # fmt: skip
+            return True
 
 
 # ======================================================================================
@@ -1061,8 +1346,9 @@ class HttpServer:
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))), ("Connection", "close")]
         writer.write(response_head(exc.status, headers) + body)
 
-    async def drain_and_close(self, grace: float) -> None:
-        """Stop accepting, close idle keep-alive connections, let busy ones finish."""
+    async def drain_and_close(self, grace: float, on_cut=None) -> None:
+        """Stop accepting, close idle keep-alive connections, let busy ones finish; at the
+        deadline call `on_cut` and cancel what is still running."""
         self.draining = True
         if self.server is not None:
             self.server.close()
@@ -1075,6 +1361,8 @@ class HttpServer:
                 break
             await asyncio.sleep(0.05)
         tasks = [p.handler_task for p in self.connections if p.handler_task is not None and not p.handler_task.done()]
+        if tasks and on_cut is not None:
+            on_cut()
         for task in tasks:
             task.cancel()
         if tasks:  # let them record their ledger rows before the ledger closes
@@ -2058,6 +2346,8 @@ class OpenAIChatCodec(Codec):
                 body["parallel_tool_calls"] = req.parallel_tool_calls
         if req.max_tokens is not None:
             limit = openai_max_output(model)
+            cap = getattr(provider, "max_tokens_cap", 0)  # openai_completion_max_tokens
+            limit = min(limit, cap) if limit and cap else limit or cap
             max_tokens = min(req.max_tokens, limit) if limit else req.max_tokens
             body["max_completion_tokens" if provider is None or provider.official else "max_tokens"] = max_tokens
         for name in ("temperature", "top_p"):
@@ -2957,7 +3247,7 @@ class AnthropicCodec(Codec):
         tools = self._encode_tools(req, from_anthropic)
         tool_choice = self._encode_tool_choice(req) if tools else None
         budget = self._wanted_thinking_budget(req, from_anthropic)
-        body["max_tokens"] = self._max_tokens(req, model, budget)
+        body["max_tokens"] = self._max_tokens(req, model, budget, provider)
         system = self._encode_system(req, from_anthropic)
         if system:
             body["system"] = system
@@ -3137,8 +3427,9 @@ class AnthropicCodec(Codec):
         return req.thinking_budget or ANTHROPIC_EFFORT_BUDGETS.get(req.reasoning_effort)
 
     @staticmethod
-    def _max_tokens(req: Request, model: str, budget: int | None) -> int:
-        wanted = req.max_tokens or (ANTHROPIC_DEFAULT_ANSWER_TOKENS + (budget or 0))
+    def _max_tokens(req: Request, model: str, budget: int | None, provider=None) -> int:
+        default = getattr(provider, "default_max_tokens", 0) or ANTHROPIC_DEFAULT_ANSWER_TOKENS
+        wanted = req.max_tokens or (default + (budget or 0))
         return max(1, min(wanted, anthropic_max_output(model)))
 
     def _encode_thinking(self, req: Request, budget, max_tokens: int, tool_choice, messages: list) -> dict | None:
@@ -6253,6 +6544,8 @@ class Provider:
     key_setting: str = ""  # the config key that holds its key, for error messages
     reasoning_globs: tuple = ()
     responses_api: bool = False  # has /v1/responses (OpenAI itself; OpenAI-compatible servers mostly not)
+    default_max_tokens: int = 0  # anthropic: max_tokens when a translated request set none (anthropic_max_tokens)
+    max_tokens_cap: int = 0  # openai: most max_tokens a translated request sends (openai_completion_max_tokens)
     _urls: dict = field(default_factory=dict, repr=False)
     _auth: dict | None = field(default=None, repr=False)
 
@@ -6356,6 +6649,9 @@ def build_providers(cfg: Config) -> dict[str, Provider]:
         flavor = "azure" if pc.type == "azure" else ("compatible" if protocol == "openai" else protocol)
         providers[name] = Provider(name, protocol, pc.base_url, pc.api_key, flavor, pc.models, pc.api_version,
                                    dict(pc.headers), "", reasoning, pc.responses_api)  # fmt: skip
+    for provider in providers.values():
+        provider.default_max_tokens = cfg.anthropic_max_tokens if provider.protocol == "anthropic" else 0
+        provider.max_tokens_cap = cfg.openai_completion_max_tokens if provider.protocol == "openai" else 0
     return providers
 
 
@@ -6443,16 +6739,28 @@ class Router:
     def __init__(self, cfg: Config, providers: dict[str, Provider]):
         self.cfg = cfg
         self.providers = providers
-        self.aliases = dict(parse_pairs(cfg.model_aliases, "model_aliases"))
-        self.rules: list[tuple[str, str]] = []
-        for provider in providers.values():  # named providers' own model lists are the most specific
+        self.aliases: dict[str, str] = {}  # exact names (later entries win, as in Tokligence)
+        self.alias_globs: list[tuple[str, str]] = []  # claude*=>gpt-4o-mini: first match wins
+        for alias, target in parse_pairs(cfg.model_aliases, "model_aliases") + cfg.file_aliases:
+            if any(c in alias for c in "*?["):
+                self.alias_globs.append((alias, target))
+            else:
+                self.aliases[alias] = target
+        # Tokligence's legacy `routes` are its explicit overrides, exact names first; then named
+        # providers' own model lists; then model_provider_routes
+        legacy = parse_pairs(cfg.routes, "routes")
+        legacy.sort(key=lambda rule: any(c in rule[0] for c in "*?["))  # stable: keeps their order otherwise
+        self.rules: list[tuple[str, str]] = list(legacy)
+        for provider in providers.values():
             self.rules.extend((glob_, provider.name) for glob_ in provider.models)
-        self.rules.extend(parse_pairs(cfg.model_provider_routes, "model_provider_routes"))
-        for pattern, target in self.rules:
-            if target not in providers:
-                raise ConfigError(
-                    f"model_provider_routes: {pattern}=>{target} names an unknown provider; known: {', '.join(providers)}"
-                )
+        main_rules = parse_pairs(cfg.model_provider_routes, "model_provider_routes")
+        self.rules.extend(main_rules)
+        for key, rules in (("routes", legacy), ("model_provider_routes", main_rules)):
+            for pattern, target in rules:
+                if target not in providers:
+                    raise ConfigError(
+                        f"{key}: {pattern}=>{target} names an unknown provider; known: {', '.join(providers)}"
+                    )
         # with no provider configured at all, every model is answered by loopback (works offline)
         self.offline = not any(p.configured for p in providers.values() if p.protocol != "loopback")
         self._cache: dict[str, Route] = {}
@@ -6461,7 +6769,9 @@ class Router:
         route = self._cache.get(model)
         if route is not None:
             return route
-        target = self.aliases.get(model, model)
+        target = self.aliases.get(model)
+        if target is None:
+            target = next((t for glob_, t in self.alias_globs if glob_match(glob_, model)), model)
         provider_name = "loopback" if self.offline else next((p for g, p in self.rules if glob_match(g, target)), None)
         if provider_name is None:
             raise GatewayError(
@@ -6741,10 +7051,10 @@ class PriceTable:
         return round(total * 1e6) / 1e12  # USD to 12 decimals (round(x, 12) costs ~15x more per call)
 
 
-def open_ledger_db(path: str) -> sqlite3.Connection:
+def open_ledger_db(path: str, busy_timeout: float = 30.0) -> sqlite3.Connection:
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=30, check_same_thread=False)
+    db = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -6755,74 +7065,337 @@ def open_ledger_db(path: str) -> sqlite3.Connection:
     return db
 
 
+# ---- what sqlite may be given -----------------------------------------------------------
+#
+# A row holds numbers and text an upstream or a client chose. Before sqlite sees a batch, each
+# column is checked in a few C-level passes (types, range, encodability, secrets); only a column
+# that fails is repaired value by value: counts to int64, reals finite, text encodable, bounded
+# and redacted. What still cannot be written is stored as a dropped-row error, never lost quietly.
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+LEDGER_TEXT_LIMIT = 4096  # characters kept of one text value (model names and errors are far shorter)
+# sqlite's primary result codes that are the file's fault, not the row's (busy, locked, nomem,
+# readonly, ioerr, full, cantopen, protocol): the rows stay queued and the write is retried
+LEDGER_TRANSIENT_CODES = {5, 6, 7, 8, 10, 13, 14, 15}
+LEDGER_TRANSIENT_WORDS = ("locked", "busy", "disk", "full", "readonly", "unable to open", "i/o")
+
+
+def ledger_int(value):
+    if type(value) is not int:
+        if isinstance(value, float):
+            value = int(value) if math.isfinite(value) else None
+        elif isinstance(value, int):  # bool
+            value = int(value)
+        elif isinstance(value, str) and len(value) < 40:
+            try:
+                value = int(float(value.strip()))
+            except (ValueError, OverflowError):
+                return None
+        else:
+            return None
+    return None if value is None else min(max(value, INT64_MIN), INT64_MAX)
+
+
+def ledger_real(value):
+    if type(value) is not float:
+        if value is None or (isinstance(value, str) and len(value) > 40):
+            return None
+        try:
+            value = float(value)
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return value if math.isfinite(value) else None
+
+
+def ledger_text(value):
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        value = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+    return redact(encodable(value[:LEDGER_TEXT_LIMIT]))
+
+
+def encodable(text: str) -> str:
+    """Text sqlite can store: lone surrogates (which UTF-8 cannot encode) kept visible as \\udxxx."""
+    try:
+        text.encode()
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+
+
+def ledger_any(value):
+    if value is None or type(value) is bytes:
+        return value
+    if isinstance(value, int):
+        return ledger_int(value)
+    if isinstance(value, float):
+        return ledger_real(value)
+    return ledger_text(value)
+
+
+LEDGER_REPAIRS = {"INTEGER": ledger_int, "REAL": ledger_real, "TEXT": ledger_text, "ANY": ledger_any}
+
+
+def column_kind(declared: str) -> str:
+    """sqlite's type affinity of a declared column type."""
+    declared = declared.upper()
+    if "INT" in declared:
+        return "INTEGER"
+    if any(word in declared for word in ("CHAR", "CLOB", "TEXT")):
+        return "TEXT"
+    if any(word in declared for word in ("REAL", "FLOA", "DOUB")):
+        return "REAL"
+    return "ANY"
+
+
+def column_fits(values: tuple, kind: str) -> bool:
+    """Every value of one column can go to sqlite as it is: one or two C-level passes over the
+    column (sums for numbers; the distinct texts joined once), no Python code per value."""
+    if kind == "INTEGER":  # the sum of magnitudes stays an int within int64 only if every value does
+        try:
+            total = sum(map(abs, filter(None, values)))
+        except TypeError:
+            return False
+        return type(total) is int and total <= INT64_MAX
+    if kind == "REAL":
+        try:
+            return math.isfinite(sum(filter(None, values), 0.0))
+        except (TypeError, OverflowError):
+            return False
+    if kind == "TEXT":  # a column repeats a few texts (provider, model, lane): each is checked once
+        distinct = set(values)
+        distinct.discard(None)
+        if not all(type(v) is str for v in distinct):
+            return False
+        joined = "\0".join(distinct)
+        if not joined.isascii():
+            try:
+                joined.encode()
+            except UnicodeEncodeError:  # a lone surrogate
+                return False
+        if len(joined) > LEDGER_TEXT_LIMIT and max(map(len, distinct)) > LEDGER_TEXT_LIMIT:
+            return False
+        return not redact.found_in(joined)
+    return all(ledger_any(v) is v for v in values)
+
+
+def sanitise_rows(rows: list, kinds: tuple) -> list:
+    """The rows with every value fit for its column (see above); the same list when all fit."""
+    if not rows:
+        return rows
+    if any(len(row) != len(kinds) for row in rows):  # a bug upstream of here: that row fails alone
+        return [sanitise_rows([row], kinds)[0] if len(row) == len(kinds) else row for row in rows]
+    columns = list(zip(*rows, strict=True))
+    repaired = False
+    for index, kind in enumerate(kinds):
+        if not column_fits(columns[index], kind):
+            columns[index] = tuple(map(LEDGER_REPAIRS[kind], columns[index]))
+            repaired = True
+    return list(zip(*columns, strict=True)) if repaired else rows
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    """A failure of the file (locked, full, unwritable) rather than of the rows being written."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return (code & 0xFF) in LEDGER_TRANSIENT_CODES
+    return any(word in str(exc).lower() for word in LEDGER_TRANSIENT_WORDS)
+
+
 class Ledger:
     """Rows go into an in-memory deque; one writer thread inserts them in batches, one commit
-    per batch. The event loop never touches sqlite. When `queue_size` rows are waiting,
-    the caller waits for the writer (never a dropped row); close() drains everything."""
+    per batch. The event loop never touches sqlite.
+
+    The writer cannot die or stick on what it is given: rows are sanitised first; a batch that
+    still fails is split until the bad row is alone, and that row is stored as a dropped-row
+    error (counted in `failed`, logged at most once a minute). A failure of the file itself
+    (locked, disk full) keeps every row queued and retries with a growing pause; requests then
+    wait for room (`wait_for_room`, backpressure without blocking the event loop). Should the
+    thread end anyway, `record()` starts a new one. close() drains, within a deadline."""
 
     LINGER = 0.05  # seconds the writer lets a batch gather
     CHUNK = 256  # most rows per INSERT statement (22 columns x 256 rows stays under sqlite's variable limit)
+    BUSY_TIMEOUT = 5.0  # seconds sqlite waits on a lock before the writer backs off (and sees a shutdown)
+    RETRY_MAX = 5.0  # longest pause between retries of a failing write
+    LOG_EVERY = 60.0  # seconds between repeated log lines about the same trouble
+    ROOM_WAIT = 30.0  # seconds a request waits for room in a full queue before a 503
 
     def __init__(self, path: str, queue_size: int = 10000):
         self.path = str(Path(path).expanduser()) if path != ":memory:" else path
-        self.db = open_ledger_db(self.path)
+        self.db = open_ledger_db(self.path, self.BUSY_TIMEOUT)
+        declared = {row[1]: row[2] for row in self.db.execute("PRAGMA table_info(requests)")}
+        self.kinds = tuple(column_kind(declared.get(name, "")) for name in LEDGER_COLUMNS)
         self.pending: deque = deque()  # request rows (tuples) and other writes ((sql, params) lists)
         self.queue_size = queue_size
         self._insert_sql: dict[int, str] = {}
         self.written = 0
+        self.failed = 0  # rows whose content could not be stored (each kept as a dropped-row error)
+        self.restarts = 0
+        self.failing_since = 0.0  # when the current run of failed writes began (0: writing fine)
+        self.last_error = ""
         self.busy = False
+        self.inflight = 0  # items of the batch being written
         self.stopping = False
-        self.thread = threading.Thread(target=self._run, name="tgw-ledger", daemon=True)
-        self.thread.start()
+        self.closed = False
+        self.stop_deadline = 0.0
+        self.wake = threading.Event()
+        self._next_log = {"drop": 0.0, "fail": 0.0}
+        self._unlogged_drops = 0
+        self._revived_at = 0.0
+        self.alive = False
+        self._start_writer()
 
+    # -- the event loop's side
     def record(self, row: tuple) -> None:
-        """Queue one request row (called on the event loop: no I/O here)."""
-        if len(self.pending) >= self.queue_size:
-            log.warning("ledger queue full: waiting for the writer (backpressure)")
-            while len(self.pending) >= self.queue_size and self.thread.is_alive():
-                time.sleep(0.005)
+        """Queue one request row (called on the event loop: no I/O here). Never refuses a row:
+        callers wait for room before they start (see wait_for_room)."""
         self.pending.append(row)
+        if not self.alive:
+            self._revive()
 
     def write_later(self, sql: str, params: tuple) -> None:
         """Queue any other write (stored responses), in order with the request rows."""
         self.pending.append([sql, params])
+        if not self.alive:
+            self._revive()
 
+    @property
+    def queued(self) -> int:
+        """Rows and writes not yet committed: waiting, and in the batch being written."""
+        return len(self.pending) + self.inflight
+
+    @property
+    def full(self) -> bool:
+        return len(self.pending) + self.inflight >= self.queue_size
+
+    async def wait_for_room(self) -> None:
+        """Backpressure: a request waits while `queue_size` rows are waiting (the writer is slow
+        or the file is failing), without blocking the event loop; after ROOM_WAIT seconds it is
+        refused with a 503 instead (it never reached a model: no row is owed for it)."""
+        if self.full:
+            log.warning("ledger queue full (%d rows): requests wait for the writer", self.queued)
+        deadline = time.monotonic() + self.ROOM_WAIT
+        pause = 0.005
+        while self.full and not self.closed:
+            if not self.alive:
+                self._revive()
+            if time.monotonic() >= deadline:
+                raise GatewayError(503, f"the gateway's ledger is not keeping up ({self.state}: "
+                                   f"{self.last_error or 'busy'}); retry shortly", retry_after=5)  # fmt: skip
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.2)
+
+    @property
+    def state(self) -> str:
+        """running (writing), failing (its last write failed; rows are kept and retried) or stopped."""
+        if self.closed or not self.alive:
+            return "stopped"
+        return "failing" if self.failing_since else "running"
+
+    def status(self) -> dict:
+        info = {"state": self.state, "queued": self.queued, "written": self.written, "failed": self.failed}
+        if self.failing_since:
+            info["failing_for_s"] = round(time.monotonic() - self.failing_since, 1)
+        if self.last_error:
+            info["last_error"] = self.last_error
+        if self.restarts:
+            info["restarts"] = self.restarts
+        return info
+
+    def _start_writer(self) -> None:
+        self.alive = True
+        self.thread = threading.Thread(target=self._run, name="tgw-ledger", daemon=True)
+        self.thread.start()
+
+    def _revive(self) -> None:
+        """The writer thread ended although nothing stopped it: start another (at most once a second)."""
+        if self.stopping or self.closed or self.thread.is_alive() or time.monotonic() - self._revived_at < 1.0:
+            return
+        self._revived_at = time.monotonic()
+        self.restarts += 1
+        log.error("ledger writer thread had stopped (%s); restarted it, %d rows queued",
+                  self.last_error or "no error seen", len(self.pending))  # fmt: skip
+        self._start_writer()
+
+    # -- the writer thread
     def _run(self) -> None:
-        while True:
-            stopping = self.stopping
-            if self.pending:
-                self._write_pending()
-            elif stopping:
-                return
-            if not stopping and len(self.pending) < self.queue_size // 2:
-                # let the next batch gather: a commit costs file locks and WAL page writes,
-                # so a busy gateway pays for them once per LINGER, not once per few rows
-                time.sleep(self.LINGER)
+        try:
+            while True:
+                stopping = self.stopping
+                if self.pending:
+                    try:
+                        self._write_pending()
+                    except Exception as exc:  # a bug in the writer itself: reported, the rows kept
+                        self._note_failure(exc)
+                elif stopping:
+                    return
+                if self.failing_since:
+                    if not stopping:
+                        self.wake.wait(self._retry_pause())  # close() wakes it
+                    elif time.monotonic() < self.stop_deadline:
+                        time.sleep(0.1)
+                    else:
+                        return
+                elif not stopping and len(self.pending) < self.queue_size // 2:
+                    # let the next batch gather: a commit costs file locks and WAL page writes,
+                    # so a busy gateway pays for them once per LINGER, not once per few rows
+                    time.sleep(self.LINGER)
+        finally:
+            self.alive = False
+
+    def _retry_pause(self) -> float:
+        failing_for = time.monotonic() - self.failing_since
+        return min(max(0.1, failing_for / 2), self.RETRY_MAX)
 
     def _write_pending(self) -> None:
         self.busy = True
         batch = []
         while self.pending:
             batch.append(self.pending.popleft())
-        rows = [item for item in batch if isinstance(item, tuple)]
-        others = [item for item in batch if isinstance(item, list)]
-        for attempt in range(1, 1_000_000):
-            try:
-                start = 0
-                while start < len(rows):  # chunks of 256, 128, ... 1 rows: a handful of cached statements
-                    size = min(self.CHUNK, 1 << ((len(rows) - start).bit_length() - 1))
-                    self._insert_rows(rows[start : start + size])
-                    start += size
-                for sql, params in others:
-                    self.db.execute(sql, params)
-                self.db.commit()
-                break
-            except sqlite3.Error as exc:  # locked by a reader, disk full...: keep the rows, retry
-                self.db.rollback()
-                log.warning("ledger write failed (%s); retrying, %d rows held", exc, len(batch))
-                time.sleep(min(0.1 * attempt, 5.0))
-        self.written += len(rows)
-        self.busy = False
+        self.inflight = len(batch)
+        pieces = deque([batch])  # what is left to write, in order; a piece that fails is halved
+        try:
+            while pieces:
+                items = pieces[0]
+                try:
+                    self._store(items)
+                except Exception as exc:
+                    self._rollback()
+                    if is_transient_db_error(exc):  # the file's fault: keep everything, retry later
+                        self._note_failure(exc)
+                        return
+                    pieces.popleft()
+                    if len(items) > 1:
+                        half = len(items) // 2
+                        pieces.extendleft((items[half:], items[:half]))
+                    else:
+                        self._drop(items[0], exc)
+                    continue
+                pieces.popleft()
+                self.written += sum(1 for item in items if isinstance(item, tuple))
+                if self.failing_since:
+                    log.warning("ledger writes recovered after %.1fs", time.monotonic() - self.failing_since)
+                    self.failing_since = 0.0
+        finally:  # a failure (or the thread's end) leaves these unwritten: back to the front, in order
+            for items in reversed(pieces):
+                self.pending.extendleft(reversed(items))
+            self.inflight = 0
+            self.busy = False
+
+    def _store(self, items: list) -> None:
+        rows = sanitise_rows([item for item in items if isinstance(item, tuple)], self.kinds)
+        start = 0
+        while start < len(rows):  # chunks of 256, 128, ... 1 rows: a handful of cached statements
+            size = min(self.CHUNK, 1 << ((len(rows) - start).bit_length() - 1))
+            self._insert_rows(rows[start : start + size])
+            start += size
+        for item in items:
+            if isinstance(item, list):
+                self.db.execute(item[0], item[1])
+        self.db.commit()
 
     def _insert_rows(self, rows: list) -> None:
         """One multi-row INSERT: sqlite runs it in one step, so the writer lets go of the GIL
@@ -6834,16 +7407,85 @@ class Ledger:
             self._insert_sql[len(rows)] = sql
         self.db.execute(sql, [value for row in rows for value in row])
 
+    def _rollback(self) -> None:
+        try:
+            self.db.rollback()
+        except Exception:  # nothing to roll back, or the file is gone: the next write says which
+            pass
+
+    def _note_failure(self, exc: BaseException) -> None:
+        self.last_error = redact(f"{type(exc).__name__}: {exc}")[:300]
+        now = time.monotonic()
+        if not self.failing_since:
+            self.failing_since = now
+        if now >= self._next_log["fail"]:
+            self._next_log["fail"] = now + self.LOG_EVERY
+            log.error("ledger write failed (%s); %d rows kept in memory, retrying", self.last_error, self.queued)
+
+    def _drop(self, item, exc: BaseException) -> None:
+        """One row (or other write) that cannot be stored even repaired: kept as a row that says
+        so, with what could be saved (time, id, status), counted and logged."""
+        self.failed += 1
+        self._unlogged_drops += 1
+        reason = redact(f"{type(exc).__name__}: {exc}")[:300]
+        if isinstance(item, tuple):
+            stub = [None] * len(LEDGER_COLUMNS)
+            for name in ("ts", "request_id", "status", "endpoint", "client_protocol"):
+                at = LEDGER_COLUMNS.index(name)
+                if at < len(item):
+                    stub[at] = LEDGER_REPAIRS[self.kinds[at]](item[at])
+            stub[0] = stub[0] or time.time()
+            stub[1] = stub[1] or "unknown"
+            stub[LEDGER_COLUMNS.index("error")] = (
+                f"ledger: this row could not be stored ({reason}); kept: time, id, status"
+            )
+            try:
+                self._insert_rows([tuple(stub)])
+                self.db.commit()
+            except Exception:  # even the stub failed: the count and the log line remain
+                self._rollback()
+        elif isinstance(item, list):  # a stored Response: once more with unencodable text escaped
+            try:
+                self.db.execute(item[0], [encodable(v) if isinstance(v, str) else v for v in item[1]])
+                self.db.commit()
+                self.failed -= 1
+                self._unlogged_drops -= 1
+                return
+            except Exception:
+                self._rollback()
+        now = time.monotonic()
+        if now >= self._next_log["drop"]:
+            self._next_log["drop"] = now + self.LOG_EVERY
+            log.error("ledger: %d row(s) could not be stored as sent and were recorded as dropped-row errors "
+                      "(latest: %s)", self._unlogged_drops, reason)  # fmt: skip
+            self._unlogged_drops = 0
+
+    # -- both
     def flush(self, timeout: float = 10.0) -> None:
-        """Wait until everything queued so far is written."""
+        """Wait until everything queued so far is written (or the writer is failing)."""
         deadline = time.monotonic() + timeout
-        while (self.pending or self.busy) and time.monotonic() < deadline:
+        while (self.pending or self.busy) and time.monotonic() < deadline and not self.failing_since:
+            if not self.alive:
+                self._revive()
             time.sleep(0.005)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Drain and close. A writer that cannot write gets `timeout` seconds, then what it
+        still holds is reported as lost, loudly; shutdown never waits longer than that."""
         self.stopping = True
-        self.thread.join(timeout=120)
-        self.db.close()
+        self.stop_deadline = time.monotonic() + timeout
+        self.wake.set()
+        if not self.thread.is_alive() and self.pending:
+            self._run()  # the writer is gone: drain on this thread
+        self.thread.join(timeout + self.BUSY_TIMEOUT + 1)
+        self.closed = True
+        if self.pending:
+            log.error("ledger: %d rows could not be written before shutdown (%s)", len(self.pending),
+                      self.last_error or "writer stuck")  # fmt: skip
+        if self._unlogged_drops:
+            log.error("ledger: %d more row(s) were recorded as dropped-row errors", self._unlogged_drops)
+        if not self.thread.is_alive():
+            self.db.close()
 
 
 class ResponseStore:
@@ -7564,9 +8206,13 @@ class Identity:
         else:
             self.thread.start()
 
-    def configure(self, cfg: Config) -> None:
-        """The config's part: auth mode, static api_keys and default rate limits. At start, and on a
-        live config reload (on the loop, no I/O); the keys are rebuilt with them at the next poll."""
+    def configure(self, cfg: Config, prices: PriceTable | None = None) -> None:
+        """The config's part: auth mode, static api_keys, default rate limits (and a new price table).
+        At start, and on a live config reload (on the loop, no I/O); the keys are rebuilt with them at
+        the next poll."""
+        if prices is not None:
+            self.prices = prices
+            self.usd_rates = {}
         mode = "off" if cfg.auth_disabled else cfg.auth
         self.mode = "on" if self.always and mode == "auto" else mode
         self.default_rpm, self.default_tpm = cfg.default_rpm, cfg.default_tpm
@@ -7820,6 +8466,7 @@ class Call:
     api_key_id: str = ""
     user: str = ""
     encoder: object = None  # the client's stream encoder, once a canonical lane streams
+    prices: object = None  # the PriceTable in force when the model call began
     principal: Principal | None = None  # the key that authenticated the request (section 9)
     reservation: Reservation | None = None  # its hold on budgets and the token rate, until record()
 
@@ -7882,6 +8529,8 @@ class Gateway:
         self.catalog = ModelCatalog(self.router, self.pool, cfg.anthropic_version)
         self._upstream_headers: dict[tuple, dict] = {}
         self.started_at = time.time()
+        self.cutting = False  # set at the shutdown deadline, when calls still running are cut
+        self.listening_on = cfg.host  # host is read once (a changed one needs a restart)
         self.routes = {
             ("GET", "/"): self.root,
             ("GET", "/health"): self.health,
@@ -7912,8 +8561,43 @@ class Gateway:
         self.catalog.close()
         self.pool.close()
         self.identity.close()  # first: its last-used times go through the ledger's writer
-        self.ledger.close()
+        self.ledger.close(self.cfg.shutdown_grace)
         self.responses_store.close()
+
+    def apply_config(self, cfg: Config) -> tuple[list[str], list[str]]:
+        """Take a new configuration while serving: (changed keys, those of them that need a
+        restart). Everything is built first, so a configuration that fails (ConfigError) changes
+        nothing; then it is swapped in one step with no await in between, so a request sees the
+        old state or the new, never a mix, and keeps what it resolved at its start (its route,
+        provider and key, its prices). Code that reads self.cfg after an await sees the new
+        values: read what a request needs before its first await, or keep it on the Call.
+        Extend this for state of your own that a configuration builds."""
+        if not is_loopback_host(self.listening_on) and not cfg.allow_public_bind:
+            if cfg.auth == "off" or cfg.auth_disabled:
+                raise ConfigError(
+                    f"the gateway listens on {self.listening_on}: auth cannot be turned off while it runs"
+                )
+            if not cfg.api_keys and not self.identity.has_keys:
+                raise ConfigError(
+                    f"the gateway listens on {self.listening_on}: api_keys cannot be removed while it runs"
+                )
+        providers = build_providers(cfg)
+        router = Router(cfg, providers)
+        prices = PriceTable(cfg.prices)
+        catalog = ModelCatalog(router, self.pool, cfg.anthropic_version)
+        changed = changed_settings(self.cfg, cfg)
+        restart = [key for key in changed if key in RESTART_KEYS]
+        old_catalog = self.catalog
+        self.cfg, self.providers, self.router, self.prices = cfg, providers, router, prices
+        self.catalog = catalog  # model lists fetched again, with the new providers and keys
+        old_catalog.close()
+        self._upstream_headers = {}
+        self.pool.connect_timeout, self.pool.read_timeout = cfg.upstream_connect_timeout, cfg.upstream_read_timeout
+        self.ledger.queue_size = cfg.ledger_queue_size
+        self.responses_store.retention = cfg.responses_retention_days * 86400
+        self.telemetry.apply_config(cfg)  # log level, format and file, the access log
+        self.identity.configure(cfg, prices)  # auth mode, static keys, default rate limits, prices
+        return changed, restart
 
     # -- dispatch
     def error_body(self, path: str, err: GatewayError, listener: Listener | None = None) -> bytes:
@@ -7963,12 +8647,17 @@ class Gateway:
             handler = self.find_handler(request)
             if request.path not in self.public:
                 self.authenticate(request, call)
+                if self.ledger.full:  # backpressure: the writer is behind or failing
+                    await self.ledger.wait_for_room()
             await handler(request, call)
         except GatewayError as err:
             self.fail(call, err)
         except (asyncio.CancelledError, ConnectionError):
-            call.error = "client disconnected"
-            exchange.status = 499
+            if self.cutting and not exchange.writer.transport.is_closing():
+                self.cut_by_shutdown(call)
+            else:
+                call.error = "client disconnected"
+                exchange.status = 499
             exchange.close_after = True
             raise
         except Exception as exc:  # a bug: answer in the client's protocol, keep serving
@@ -8005,6 +8694,20 @@ class Gateway:
             ex.end_stream()
             ex.close_after = True
 
+    def cut_by_shutdown(self, call: Call) -> None:
+        """A call still running at the shutdown deadline: a 503, or an error event in its stream,
+        and a ledger row that says it was cut (not that the client left)."""
+        ex = call.exchange
+        err = GatewayError(
+            503, f"the gateway is shutting down: this request was cut at the end of shutdown_grace "
+            f"({self.cfg.shutdown_grace:g} s); retry it", "overloaded_error",
+        )  # fmt: skip
+        if ex.streaming and not ex.finished and call.encoder is None:
+            ex.write(b"\n\n")  # a passthrough stream may be in the middle of an event: end it first
+        self.fail(call, err)
+        call.error = "cut by shutdown: " + err.message
+        ex.status = 503
+
     def record(self, call: Call) -> None:
         ex = call.exchange
         usage = call.usage
@@ -8012,18 +8715,35 @@ class Gateway:
         # milliseconds to 3 decimals; round(x) is cheap where round(x, 3) goes through dtoa
         latency = round((time.monotonic() - call.started) * 1e6) / 1000
         ttft = round((ex.first_byte_at - call.started) * 1e6) / 1000 if ex.first_byte_at else None
-        cost = self.prices.cost(model, usage)
+        if call.lane == "loopback":
+            cost = 0.0  # the built-in model is free, whatever model name it answered to
+        else:
+            try:
+                cost = (call.prices or self.prices).cost(model, usage)
+            except (TypeError, ValueError, OverflowError):  # counts an upstream got wrong: priced as sane numbers
+                usage = Usage(*(max(ledger_int(getattr(usage, name)) or 0, 0) for name in Usage.__dataclass_fields__))
+                cost = (call.prices or self.prices).cost(model, usage)
         if call.reservation is not None:  # the call's budgets and token rate learn what it really cost
-            self.identity.settle(call.reservation, cost, usage.input_tokens + usage.output_tokens)
-            call.reservation = None
+            self.settle(call, cost, usage)
         principal = call.principal
         row = (
             call.ts, ex.request_id, call.api_key_id, call.user, call.codec.name, call.endpoint, call.lane, call.provider,
             call.model_requested, model, int(call.stream), ex.status or 499, usage.input_tokens, usage.output_tokens,
-            usage.cached_tokens, usage.reasoning_tokens, cost, latency, ttft, call.error[:1000],
+            usage.cached_tokens, usage.reasoning_tokens, cost, latency, ttft, str(call.error)[:1000],
             principal.key_id if principal else None, principal.user_id if principal else None,
         )  # fmt: skip
         self.ledger.record(row)
+
+    def settle(self, call: Call, cost: float, usage: Usage) -> None:
+        """A call's budgets and token rate learn what it really cost (never at the expense of its row)."""
+        reservation, call.reservation = call.reservation, None
+        try:
+            used = usage.input_tokens + usage.output_tokens
+        except TypeError:
+            used = None
+        if type(used) is not int:  # counts an upstream got wrong (an unpriced model is not sanitised above)
+            used = max(ledger_int(usage.input_tokens) or 0, 0) + max(ledger_int(usage.output_tokens) or 0, 0)
+        self.identity.settle(reservation, cost, used)
 
     # -- simple endpoints
     async def root(self, request: HttpRequest, call: Call) -> None:
@@ -8037,15 +8757,18 @@ class Gateway:
             name: {
                 "protocol": p.protocol,
                 "configured": p.configured,
-                **({"base_url": p.base_url} if p.base_url else {}),
+                **({"base_url": public_url(p.base_url)} if p.base_url else {}),
             }
             for name, p in self.providers.items()
         }
-        call.exchange.send_json(200, {
-            "status": "ok", "version": __version__, "work_mode": self.cfg.work_mode,
+        ledger = self.ledger.status()
+        healthy = ledger["state"] == "running"  # a gateway that cannot record what it serves is not ok
+        call.exchange.send_json(200 if healthy else 503, {
+            "status": "ok" if healthy else "degraded", "version": __version__, "work_mode": self.cfg.work_mode,
             "offline": self.router.offline, "routes": [f"{g}=>{p}" for g, p in self.router.rules],
-            "aliases": self.router.aliases, "providers": providers,
+            "aliases": {**self.router.aliases, **dict(self.router.alias_globs)}, "providers": providers,
             "uptime_s": round(time.time() - self.started_at, 1), "ledger_rows_written": self.ledger.written,
+            "ledger": ledger,
         })  # fmt: skip
 
     async def list_models(self, request: HttpRequest, call: Call) -> None:
@@ -8075,6 +8798,7 @@ class Gateway:
         """Every model call starts here: its ledger row, its route, and (for a key with an allow-list,
         a budget or a rate limit) its admission, which may refuse it. `body` is the parsed request."""
         call.ledgered = True
+        call.prices = self.prices  # the prices of the config this call started with (see apply_config)
         call.model_requested = model
         call.stream = stream
         route = self.router.resolve(model)
@@ -8273,10 +8997,10 @@ class Gateway:
                     for ev in observer.feed(sse):
                         self.observe(call, ev)
                 if hide_usage:
-                    ex.write(b"".join(sse.raw for sse in events if not is_usage_only_chunk(sse)))
+                    chunk = b"".join(sse.raw for sse in events if not is_usage_only_chunk(sse))
                 else:
-                    ex.write(chunk)
                     heartbeat.mid_event = bool(parser.buffer)
+                ex.write(redact.raw(chunk) if call.error else chunk)  # an upstream error event may quote a key
                 await ex.drain()
             for sse in parser.finish():  # an unterminated last event: its bytes went out already
                 ex.write(sse.raw if hide_usage else b"\n\n")
@@ -8810,10 +9534,7 @@ async def start_listeners(cfg: Config, gateway: Gateway) -> dict[str, HttpServer
             try:
                 listener.port = await server.start(cfg.host, listener.port)
             except OSError as exc:
-                port_key = LISTENERS[listener.name][0]
-                raise ConfigError(
-                    f"cannot listen on {cfg.host}:{listener.port} ({port_key}): {exc.strerror or exc}"
-                ) from None
+                raise StartupError(listen_error(cfg.host, listener.port, LISTENERS[listener.name][0], exc)) from None
             servers[listener.name] = server
             gateway.listeners[listener.name] = listener
     except BaseException:
@@ -8863,11 +9584,16 @@ async def serve(cfg: Config, ready=None, stop: asyncio.Event | None = None) -> N
     port = gateway.listeners["facade"].port
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    watcher = ConfigWatcher(gateway, list(servers.values()))
+    signals = [(signal.SIGINT, stop.set), (signal.SIGTERM, stop.set)]
+    if hasattr(signal, "SIGHUP"):
+        signals.append((signal.SIGHUP, lambda: loop.create_task(watcher.reload("SIGHUP"))))
+    for sig, action in signals:
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, action)
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread (tests) or not supported
+    watching = loop.create_task(watcher.watch())
     mode = (
         "offline: every model is answered by loopback"
         if gateway.router.offline
@@ -8882,10 +9608,24 @@ async def serve(cfg: Config, ready=None, stop: asyncio.Event | None = None) -> N
     try:
         await stop.wait()
     finally:
-        log.info("shutting down: finishing in-flight requests (up to %gs)", cfg.shutdown_grace)
-        await asyncio.gather(*(server.drain_and_close(cfg.shutdown_grace) for server in servers.values()))
+        watching.cancel()
+        grace = gateway.cfg.shutdown_grace
+        log.info("shutting down: finishing in-flight requests (up to %gs)", grace)
+        cut = functools.partial(setattr, gateway, "cutting", True)
+        await asyncio.gather(*(server.drain_and_close(grace, on_cut=cut) for server in servers.values()))
         gateway.close()
         log.info("ledger flushed (%d rows written this run)", gateway.ledger.written)
+
+
+def listen_error(host: str, port: int, port_key: str, exc: OSError) -> str:
+    """Why the gateway cannot listen, in one line with what to do."""
+    where = f"{host}:{port} ({port_key})"
+    if exc.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {where}: address already in use (another tgw?); stop it, or choose "
+                f"another port with {'--port or ' if port_key == 'facade_port' else ''}{port_key}")  # fmt: skip
+    if exc.errno == errno.EACCES:
+        return f"cannot listen on {where}: permission denied (ports below 1024 need privileges); choose another"
+    return f"cannot listen on {where}: {exc.strerror or exc}"
 
 
 # ======================================================================================
@@ -9700,10 +10440,13 @@ class AdminApi:
 # ======================================================================================
 
 
-def add_config_flag(parser: argparse.ArgumentParser) -> None:
+def add_config_flag(parser: argparse.ArgumentParser, nested: bool = False) -> None:
+    """--config on a command, and again after an action (`config list --config X`): there it
+    only sets the value when given, so it never hides the command's own."""
     parser.add_argument(
-        "--config", help="gateway.ini to read (default: $TOKLIGENCE_CONFIG, ./gateway.ini, ~/.tokligence/gateway.ini)"
-    )
+        "--config", default=argparse.SUPPRESS if nested else None,
+        help="gateway.ini to read (default: $TOKLIGENCE_CONFIG, ./gateway.ini, ~/.tokligence/gateway.ini)",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -9729,13 +10472,15 @@ def build_parser() -> argparse.ArgumentParser:
     config_p = commands.add_parser("config", help="read and edit gateway.ini")
     add_config_flag(config_p)
     config_sub = config_p.add_subparsers(dest="action", required=True)
-    config_sub.add_parser("list", help="every key with its effective value and where it came from")
+    list_p = config_sub.add_parser("list", help="every key with its effective value and where it came from")
     get_p = config_sub.add_parser("get", help="one key's effective value")
     get_p.add_argument("key")
-    set_p = config_sub.add_parser("set", help="set a key in the ini file, keeping its comments")
+    set_p = config_sub.add_parser("set", help="set a key in the ini file (created if missing), keeping its comments")
     set_p.add_argument("key")
     set_p.add_argument("value")
-    config_sub.add_parser("example", help="print a gateway.ini with every key and its default")
+    example_p = config_sub.add_parser("example", help="print a gateway.ini with every key and its default")
+    for action_p in (list_p, get_p, set_p, example_p):
+        add_config_flag(action_p, nested=True)
 
     usage_p = commands.add_parser("usage", help="token and cost totals from the ledger")
     add_config_flag(usage_p)
@@ -9747,11 +10492,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     usage_p.add_argument("--days", type=float, default=30, help="look back this many days (default 30)")
     usage_p.add_argument("--json", action="store_true", help="print JSON")
+    usage_p.add_argument("--ledger-path", help="sqlite ledger file (default: the configured ledger_path)")
 
     logs_p = commands.add_parser("logs", help="the most recent requests in the ledger")
     add_config_flag(logs_p)
     logs_p.add_argument("-n", "--limit", type=int, default=20)
     logs_p.add_argument("--json", action="store_true", help="print JSON lines")
+    logs_p.add_argument("--ledger-path", help="sqlite ledger file (default: the configured ledger_path)")
     logs_p.add_argument("--user", metavar="EMAIL", help="only this user's requests")
     add_identity_commands(commands)
     add_gateway_commands(commands)
@@ -9970,37 +10717,75 @@ def cmd_config(args) -> int:
     if args.action == "example":
         print(write_example_config())
         return 0
-    cfg = load_config(args.config)
     if args.action == "set":
-        path = config_path_for_writing(args.config, cfg)
-        config_set_in_file(path, args.key, args.value)
-        shown = mask_secret(args.value) if args.key.lower() in SECRET_KEYS else args.value
-        print(f"{args.key.lower()} = {shown}  (written to {path})")
-        return 0
+        return cmd_config_set(args)
+    cfg = load_config(args.config)
     if args.action == "get":
         key = args.key.lower()
         if key not in cfg.values:
             raise ConfigError(f"unknown key {key!r}; run 'tgw config list' for the accepted keys")
-        value = cfg.values[key]
-        print(mask_secret(value) if key in SECRET_KEYS else value)
+        print(cli_value(key, cfg.values[key]))
         return 0
     print(f"# config file: {cfg.path or '(none found)'}")
     for key, value in cfg.values.items():
-        shown = mask_secret(value) if key in SECRET_KEYS else value
-        print(f"{key} = {shown}    # {cfg.sources[key]}")
+        print(f"{key} = {cli_value(key, value)}    # {cfg.sources[key]}")
     for name, pc in cfg.providers.items():
-        print(
-            f"[provider.{name}] type={pc.type} base_url={pc.base_url} api_key={mask_secret(pc.api_key)} models={','.join(pc.models)}"
-        )
+        print(f"[provider.{name}] type={pc.type} base_url={public_url(pc.base_url)} api_key={mask_secret(pc.api_key)} "
+              f"models={','.join(pc.models)}")  # fmt: skip
+    return 0
+
+
+def cli_value(key: str, value) -> str:
+    """A value as the CLI shows it: secrets masked, URLs without their userinfo."""
+    if key in SECRET_KEYS:
+        return mask_secret(value)
+    if CONFIG_KEYS[key][1] == "url":
+        return public_url(value)
+    return value
+
+
+def cmd_config_set(args) -> int:
+    """Write one key to the file tgw would read (./gateway.ini when there is none, said so), then
+    say if something of higher precedence (an environment variable) hides the value written."""
+    path = find_config_file(args.config) or config_path_for_writing(args.config, None)
+    created = not path.exists()
+    key = args.key.lower()
+    config_set_in_file(path, key, args.value)
+    where = f"created {path.resolve()}" if created else f"written to {path}"
+    print(f"{key} = {cli_value(key, args.value)}  ({where})")
+    if created and not args.config and not os.environ.get("TOKLIGENCE_CONFIG"):
+        print(f"tgw: note: {path} is read by a gateway started in {Path.cwd()}; "
+              "--config or TOKLIGENCE_CONFIG choose another file", file=sys.stderr)  # fmt: skip
+    try:
+        cfg = load_config(str(path))
+    except ConfigError as exc:
+        print(f"tgw: note: the value is written, but the configuration has another problem: {exc}", file=sys.stderr)
+        return 2
+    source = cfg.sources.get(key)
+    if source != str(path):
+        by = f"TOKLIGENCE_{key.upper()} in the environment" if source == "environment" else source
+        print(f"tgw: note: {key} is overridden by {by}, which takes precedence over {path}: "
+              f"the effective value is {cli_value(key, cfg.values[key])}", file=sys.stderr)  # fmt: skip
     return 0
 
 
 def open_ledger_for_reading(args) -> sqlite3.Connection:
-    cfg = load_config(args.config)
-    path = str(Path(cfg.ledger_path).expanduser())
+    cfg = load_config(args.config)  # also registers the configured secrets, so what is printed is redacted
+    path = str(Path(args.ledger_path or cfg.ledger_path).expanduser())
     if path != ":memory:" and not Path(path).exists():
         raise ConfigError(f"no ledger at {path} yet: start the gateway with 'tgw serve' and send a request")
     return open_ledger_db(path)
+
+
+def format_usd(value) -> str:
+    """Dollars as the CLI shows them: cents, or two significant digits below a cent, so the
+    cost of a few tokens shows ($0.0000042) instead of rounding to zero."""
+    value = value or 0.0
+    if value == 0:
+        return "0.00"
+    if abs(value) >= 0.01:
+        return f"{value:.2f}"
+    return f"{value:.{min(12, 1 - math.floor(math.log10(abs(value))))}f}"
 
 
 def cmd_usage(args) -> int:
@@ -10035,7 +10820,7 @@ def cmd_usage(args) -> int:
             budget = budgets.get((group, name))
             shown = f"  budget {budget_text(budget)}: {left_text(budget)}" if budget else ""
             print(
-                f"  {str(name or '-'):<32} {count:>9} {prompt or 0:>11} {completion or 0:>11} {cached or 0:>9} {cost or 0:>11.4f} {errors or 0:>7}{shown}"
+                f"  {str(name or '-'):<32} {count:>9} {prompt or 0:>11} {completion or 0:>11} {cached or 0:>9} {format_usd(cost):>11} {errors or 0:>7}{shown}"
             )
         if not rows:
             print("  (no requests)")
@@ -10080,20 +10865,21 @@ def cmd_logs(args) -> int:
         who = f"{row['user']} " if row["key_id"] is not None else ""
         print(f"{when} {row['status']} {who}{row['client_protocol']}->{row['provider'] or '-'} {row['lane'] or '-'} "
               f"{row['model_requested'] or '-'} {'stream ' if row['stream'] else ''}{tokens} "
-              f"${row['cost_usd'] or 0:.5f} {row['latency_ms'] or 0:.0f}ms {row['error'] or ''}".rstrip())  # fmt: skip
+              f"${format_usd(row['cost_usd'])} {row['latency_ms'] or 0:.0f}ms {row['error'] or ''}".rstrip())  # fmt: skip
     return 0
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    handlers = {"serve": cmd_serve, "config": cmd_config, "usage": cmd_usage, "logs": cmd_logs, "user": cmd_user,
-                "key": cmd_key, "chat": cmd_chat, "start": cmd_start, "stop": cmd_stop, "status": cmd_status}  # fmt: skip
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactedStream(stdout), RedactedStream(stderr)  # the CLI's one exit
     try:
-        return handlers[args.command](args)
+        try:
+            return run_command(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
+    except StartupError as exc:
+        print(f"tgw: {exc}", file=sys.stderr)
+        return 1
     except ConfigError as exc:
         print(f"tgw: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -10102,6 +10888,38 @@ def main(argv=None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `tgw logs | head`: the reader has all it wanted
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())  # the final flush goes nowhere
+        except (OSError, ValueError):
+            pass
+        return 141  # what a shell reports for a command ended by SIGPIPE
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+
+
+def run_command(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    handlers = {"serve": cmd_serve, "config": cmd_config, "usage": cmd_usage, "logs": cmd_logs, "user": cmd_user,
+                "key": cmd_key, "chat": cmd_chat, "start": cmd_start, "stop": cmd_stop, "status": cmd_status}  # fmt: skip
+    return handlers[args.command](args)
+
+
+class RedactedStream:
+    """sys.stdout or sys.stderr while a command runs: everything printed passes redact()."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(redact(text))
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def reexec_as_import() -> None:
@@ -10111,10 +10929,12 @@ def reexec_as_import() -> None:
     if os.name != "posix" or os.environ.get("TGW_REEXECUTED"):
         return
     os.environ["TGW_REEXECUTED"] = "1"
-    bootstrap = "import sys; sys.dont_write_bytecode = False; sys.path.insert(0, sys.argv.pop(1)); import tgw; sys.exit(tgw.main())"
-    os.execv(
-        sys.executable, [sys.executable, "-S", "-c", bootstrap, str(Path(__file__).resolve().parent), *sys.argv[1:]]
+    # the file's own path rides along as an argument, so `ps` and `pgrep -f tgw.py` find the gateway
+    bootstrap = (
+        "import os, sys; sys.dont_write_bytecode = False; sys.path.insert(0, os.path.dirname(sys.argv.pop(1))); "
+        "import tgw; sys.exit(tgw.main())"
     )
+    os.execv(sys.executable, [sys.executable, "-S", "-c", bootstrap, str(Path(__file__).resolve()), *sys.argv[1:]])
 
 
 # ======================================================================================
