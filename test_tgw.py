@@ -10167,13 +10167,22 @@ def test_team_admin_and_usage_apis_are_the_admin_ports_in_multiport_mode(team, s
     assert team_call(openai, "POST", "/v1/chat/completions", CHAT, auth)[0] == 200
 
 
-def test_team_identity_configure_applies_a_changed_config_live(team, start_gateway, tmp_path):
+def test_team_a_changed_gateway_ini_reaches_auth_keys_and_limits_live(team, tmp_path):
     key, _ = team_key(team)
-    gw = start_gateway(api_keys="old-static-key-1")
-    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", "old-static-key-1"))[0] == 200
-    changed = make_config(tmp_path, api_keys="new-static-key-2", default_rpm=1)
-    gw.loop.call_soon_threadsafe(gw.gateway.identity.configure, changed)  # what a live config reload calls
-    assert wait_for(lambda: post(gw, "/v1/chat/completions", CHAT, team_auth("openai", "old-static-key-1"))[0] == 401)
-    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", "new-static-key-2"))[0] == 200
-    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 200
-    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 429  # the new default_rpm
+    ini = tmp_path / "gateway.ini"
+    base = (
+        f"config_reload_interval = 0.1\nledger_path = {tmp_path / 'ledger.db'}\nfacade_port = 0\nlog_level = warning\n"
+    )
+    replace_file(ini, base + "api_keys = old-static-key-1\n")
+    gw = RunningGateway(tgw.load_config(str(ini), {}, env={}))
+    try:
+        assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", "old-static-key-1"))[0] == 200
+        replace_file(ini, base + "api_keys = new-static-key-2\ndefault_rpm = 1\n")
+        assert wait_for(lambda: post(gw, "/v1/chat/completions", CHAT, team_auth("openai", "old-static-key-1"))[0]
+                        == 401, timeout=10)  # fmt: skip
+        assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", "new-static-key-2"))[0] == 200
+        assert wait_for(lambda: post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 429)
+        replace_file(ini, base + "auth = off\n")
+        assert wait_for(lambda: post(gw, "/v1/chat/completions", CHAT)[0] == 200, timeout=10)
+    finally:
+        gw.stop()
