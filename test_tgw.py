@@ -9559,6 +9559,7 @@ TEAM_ENDPOINTS = [
     ("POST", "/v1/chat/completions", CHAT, "openai"),
     ("POST", "/v1beta/openai/chat/completions", CHAT, "openai"),
     ("POST", "/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"}, "openai"),
+    ("POST", "/v1/completions", {"model": "gpt-4o-mini", "prompt": "hi", "max_tokens": 5}, "openai"),
     ("GET", "/v1/models", None, "openai"),
     ("GET", "/v1/models/gpt-4o-mini", None, "openai"),
     ("POST", "/v1/messages", L_CLAUDE, "anthropic"),
@@ -9586,6 +9587,7 @@ TEAM_MODEL_CALLS = [
     ("/v1/responses", {"model": "{model}", "input": "hi"}, "responses"),
     ("/v1beta/models/{model}:generateContent", L_GEMINI, "gemini"),
     ("/v1/embeddings", {"model": "{model}", "input": "hi"}, "openai"),
+    ("/v1/completions", {"model": "{model}", "prompt": "hi", "max_tokens": 5}, "openai"),
 ]
 
 
@@ -9699,8 +9701,8 @@ def test_team_model_allow_list_is_a_403_naming_the_globs_in_each_protocol(team, 
         protocol = "anthropic" if "messages" in path else "gemini"
         status, _, payload = team_call(gw, "POST", path, body, team_auth(protocol, key))
         assert status == 403 and "gpt-4o-mini*" in team_error(protocol, 403, payload)[1]
-    refused = [r for r in gw.rows(11) if r["status"] == 403]
-    assert len(refused) == 5 and {r["key_id"] for r in refused} == {team.key(key[:12])["id"]}
+    refused = [r for r in gw.rows(2 * len(TEAM_MODEL_CALLS) + 1) if r["status"] == 403]
+    assert len(refused) == len(TEAM_MODEL_CALLS) and {r["key_id"] for r in refused} == {team.key(key[:12])["id"]}
 
 
 def test_team_budget_stops_the_next_call_and_holds_under_20_parallel_requests(team, start_gateway, upstream):

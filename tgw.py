@@ -9075,7 +9075,7 @@ class Gateway:
         model = field_of(body, "model", str, required=True)
         stream = bool(field_of(body, "stream", bool, default=False))
         call.codec = COMPLETIONS_CODEC
-        route = self.begin_model_call(call, model, stream)
+        route = self.begin_model_call(call, model, stream, body)
         lane = self.choose_lane(call, route, route.provider.protocol == "openai")
         if lane == "passthrough":
             await self.passthrough(request, call, route, body, "completions")
