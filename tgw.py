@@ -2610,8 +2610,8 @@ class OpenAIStreamDecoder:
         self.open_index: int | None = None
         self.open_key = None
         self.tool_index: dict = {}  # tool call key (OpenAICallKeys) -> block index
-        self.tool_arguments: dict[int, str] = {}  # block index -> arguments so far, of tool blocks not stopped
-        self.call_keys: OpenAICallKeys | None = None  # made at the first tool call
+        self.open_calls: dict[int, tuple] = {}  # block index -> its call key, of tool blocks not stopped
+        self.call_keys: OpenAICallKeys | None = None  # made at the first tool call (it keeps the arguments)
         self.stop_reason = ""
         self.usage: Usage | None = None
         self.finished = False
@@ -2621,7 +2621,7 @@ class OpenAIStreamDecoder:
             return self.open_index
         if self.open_index is not None and not self._unfinished_tool(self.open_index):
             out.append(BlockStop(self.open_index))
-            self.tool_arguments.pop(self.open_index, None)
+            self.open_calls.pop(self.open_index, None)
         self.open_index, self.open_key = self.next_index, key
         self.next_index += 1
         out.append(BlockStart(self.open_index, part))
@@ -2630,13 +2630,8 @@ class OpenAIStreamDecoder:
     def _unfinished_tool(self, index: int) -> bool:
         """A tool call whose arguments are not yet whole JSON may get more (some servers
         interleave parallel calls): it stays open, and encoders hold later blocks back."""
-        if index not in self.tool_arguments:
-            return False
-        try:
-            loads(self.tool_arguments[index])
-        except ValueError:
-            return True
-        return False
+        key = self.open_calls.get(index)
+        return key is not None and not OpenAICallKeys.whole(self.call_keys.arguments_of(key))
 
     def feed(self, event: SSEEvent) -> list:
         data = event.data
@@ -2687,13 +2682,11 @@ class OpenAIStreamDecoder:
                         part = Part("tool_call", id=call.get("id") or new_id("call_"), name=fn.get("name") or "")
                         index = self._switch(key, part, out)
                         self.tool_index[position] = index
-                        self.tool_arguments[index] = ""
+                        self.open_calls[index] = position
                 else:
                     index = self.tool_index[position]
                 arguments = self.call_keys.new_arguments(position, fn.get("arguments"))
                 if arguments:
-                    if index in self.tool_arguments:
-                        self.tool_arguments[index] += arguments
                     out.append(BlockDelta(index, "arguments", arguments))
             if choice.get("finish_reason"):
                 self.stop_reason = stop_reason_in("openai", choice["finish_reason"])
@@ -2706,7 +2699,7 @@ class OpenAIStreamDecoder:
         out: list = []
         if not self.started:
             out.append(MessageStart(new_id("chatcmpl-"), ""))
-        still_open = set(self.tool_arguments) | ({self.open_index} if self.open_index is not None else set())
+        still_open = set(self.open_calls) | ({self.open_index} if self.open_index is not None else set())
         out.extend(BlockStop(index) for index in sorted(still_open))
         stop = self.stop_reason or "end_turn"
         if stop == "end_turn" and self.tool_index:
@@ -2728,7 +2721,10 @@ class OpenAICallKeys:
         self.id_of: dict[tuple, str] = {}
         self.latest: dict[int, tuple] = {}  # wire index -> the newest call that used it
         self.last: tuple | None = None
-        self.arguments: dict[tuple, str] = {}  # call -> its arguments so far
+        # call -> its arguments so far, as pieces joined only when read: a long call streamed in
+        # thousands of small deltas (a whole file written by a tool) stays linear
+        self.arguments: dict[tuple, list[str]] = {}
+        self.sizes: dict[tuple, int] = {}
 
     def key_of(self, call: dict) -> tuple:
         index = call.get("index")
@@ -2755,24 +2751,34 @@ class OpenAICallKeys:
             piece = dumps(piece).decode()
         if not isinstance(piece, str) or not piece:
             return ""
-        so_far = self.arguments.get(key, "")
+        size = self.sizes.get(key, 0)
         # the whole arguments again, after they were complete (the length test keeps this linear)
         if (
-            so_far
+            size
             and piece[:1] in "{["
-            and 2 * len(piece) >= len(so_far)
-            and self._whole(so_far)
-            and self._whole(piece)
+            and 2 * len(piece) >= size
+            and self.whole(self.arguments_of(key))
+            and self.whole(piece)
         ):
             return ""
-        self.arguments[key] = so_far + piece
+        self.arguments.setdefault(key, []).append(piece)
+        self.sizes[key] = size + len(piece)
         return piece
 
+    def arguments_of(self, key: tuple) -> str:
+        pieces = self.arguments.get(key)
+        if not pieces:
+            return ""
+        if len(pieces) > 1:
+            pieces[:] = ["".join(pieces)]
+        return pieces[0]
+
     @staticmethod
-    def _whole(text: str) -> bool:
+    def whole(text: str) -> bool:
+        """Complete JSON (an upstream's arguments nested too deep to parse are not)."""
         try:
             loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return False
         return True
 
@@ -2887,7 +2893,9 @@ class CompletionsCodec(OpenAIChatCodec):
         if stream and len(prompts) * n > 1:
             raise bad_request("a translated completion streams one prompt with n = 1; send the others separately")
         stop = body.get("stop")
-        stop = [stop] if isinstance(stop, str) else [s for s in stop or () if isinstance(s, str)]
+        stop = [stop] if isinstance(stop, str) else stop or []
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise bad_request(f"'stop' must be a string or an array of strings, got {json.dumps(body['stop'])[:60]}")
         suffix = body.get("suffix") or ""
         reqs = []
         for text in prompts:
@@ -5190,6 +5198,9 @@ def _signed(obj: dict, signature: str) -> dict:
 
 
 GEMINI_THINKING_MAGIC = b"tgw1"  # begins the decoded thoughtSignature that carries signed Anthropic thinking
+# A client sends these back and may forge them: one carries at most this many blocks (Anthropic puts one,
+# or a few redacted ones, between two parts)
+GEMINI_THINKING_MAX_BLOCKS = 64
 
 
 def is_signed_thinking(part: Part) -> bool:
@@ -5210,25 +5221,29 @@ def pack_gemini_thinking(parts: list) -> str:
 
 def unpack_gemini_thinking(signature: str) -> list | None:
     """The thinking parts a thoughtSignature from pack_gemini_thinking carries, whichever base64
-    alphabet and padding the client re-encoded it with; None for any other signature."""
+    alphabet and padding the client re-encoded it with; None for any other signature, and for
+    one that is not what pack_gemini_thinking makes (only thinking blocks, a flat list of at most
+    GEMINI_THINKING_MAX_BLOCKS): a forged one restores nothing else."""
     if not signature.startswith("dGd3M"):  # base64 of "tgw1", in both alphabets
         return None
     text = signature.replace("-", "+").replace("_", "/")
     try:
         raw = base64.b64decode(text + "=" * (-len(text) % 4))
         blocks = loads(raw[len(GEMINI_THINKING_MAGIC) :]) if raw.startswith(GEMINI_THINKING_MAGIC) else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than any JSON pack_gemini_thinking makes
         return None
-    if not isinstance(blocks, list):
+    if not isinstance(blocks, list) or len(blocks) > GEMINI_THINKING_MAX_BLOCKS:
         return None
     parts = []
     for block in blocks:
-        if not isinstance(block, dict):
-            continue
-        if block.get("type") == "redacted_thinking" and isinstance(block.get("data"), str):
-            parts.append(Part("redacted_thinking", data=block["data"]))
-        elif isinstance(block.get("thinking"), str) and isinstance(block.get("signature"), str):
-            parts.append(Part("thinking", text=block["thinking"], signature=block["signature"]))
+        block = block if isinstance(block, dict) else {}
+        kind, data, text, signature = (block.get(k) for k in ("type", "data", "thinking", "signature"))
+        if kind == "redacted_thinking" and isinstance(data, str) and data:
+            parts.append(Part("redacted_thinking", data=data))
+        elif kind == "thinking" and isinstance(text, str) and isinstance(signature, str) and signature:
+            parts.append(Part("thinking", text=text, signature=signature))
+        else:
+            return None  # not a block pack_gemini_thinking writes
     return parts
 
 
@@ -5865,6 +5880,11 @@ def gemini_stream_error(err) -> GatewayError:
     return GatewayError(code, str(err.get("message") or "upstream stream error"))
 
 
+# Deltas a Gemini stream keeps until their block stops (a call goes out whole; signed thinking rides
+# on the next part), by the Part field they fill. Kept as pieces: str += would be quadratic.
+GEMINI_HELD_DELTAS = {"arguments": "arguments", "signature": "signature", "thinking": "text"}
+
+
 class GeminiStreamEncoder:
     """Canonical events -> streamGenerateContent chunks, each a whole GenerateContentResponse:
     SSE frames (alt=sse) or, with sse=False, one JSON array. Text and thoughts go out as they
@@ -5881,6 +5901,7 @@ class GeminiStreamEncoder:
         self.blocks: dict[int, Part] = {}
         self.unsigned: set[int] = set()  # blocks whose signature has not gone out yet
         self.signed: list = []  # signed Anthropic thinking for the next part to carry (pack_gemini_thinking)
+        self.pieces: dict[int, dict[str, list]] = {}  # block -> delta kind -> pieces, joined when it stops
         self.opened = False  # the JSON array's "[" is out
 
     def _frame(self, obj: dict) -> bytes:
@@ -5923,13 +5944,9 @@ class GeminiStreamEncoder:
             block = self.blocks.get(ev.index)
             if block is None:
                 return b""
-            if ev.kind == "arguments":
-                block.arguments += ev.value
-            elif ev.kind == "signature":
-                block.signature += ev.value  # Anthropic's: comes back inside a thoughtSignature
-            elif ev.kind == "thinking":
-                block.text += ev.value
-                if self.with_thoughts:
+            if ev.kind in GEMINI_HELD_DELTAS:  # a signature is Anthropic's: it comes back inside a thoughtSignature
+                self.pieces.setdefault(ev.index, {}).setdefault(ev.kind, []).append(ev.value)
+                if ev.kind == "thinking" and self.with_thoughts:
                     return self._chunk([self._text_part(ev.index, ev.value, True)])
             elif ev.kind == "text":
                 return self._chunk([self._text_part(ev.index, ev.value, False)])
@@ -5959,6 +5976,8 @@ class GeminiStreamEncoder:
         block = self.blocks.pop(index, None)
         if block is None:
             return b""
+        for kind, pieces in self.pieces.pop(index, {}).items():
+            setattr(block, GEMINI_HELD_DELTAS[kind], "".join(pieces))
         if is_signed_thinking(block):
             self.signed.append(block)
             return b""
@@ -6436,7 +6455,7 @@ class _AnthropicSchema:
         for sub in node["allOf"]:
             if not isinstance(sub, dict):
                 continue
-            sub, _ = _inline_refs(sub, self.defs, ())
+            sub = self.follow_refs(sub)
             self.spend(1 + len(sub.get("properties") or ()))
             for key, value in sub.items():
                 if key == "properties" and isinstance(value, dict):
@@ -6451,6 +6470,24 @@ class _AnthropicSchema:
         if required:
             merged["required"] = list(dict.fromkeys(r for r in required if isinstance(r, str)))
         return merged
+
+    def follow_refs(self, node: dict) -> dict:
+        """An allOf branch with its local $ref chain followed (nearer keys win); each hop counts
+        against the size bound and each definition is read once, so a long chain stays linear."""
+        merged: dict = {}
+        seen: set = set()
+        while True:
+            for key, value in node.items():
+                if key != "$ref":
+                    merged.setdefault(key, value)
+            ref = node.get("$ref")
+            head, _, name = ref.rpartition("/") if isinstance(ref, str) else ("", "", "")
+            target = self.defs.get(name) if head in ("#/$defs", "#/definitions") else None
+            if not isinstance(target, dict) or ref in seen:  # none, unresolved or recursive: what was merged
+                return merged
+            seen.add(ref)
+            self.spend(1)
+            node = target
 
     def ref(self, ref: str, depth: int) -> dict:
         head, _, name = ref.rpartition("/")
@@ -6820,6 +6857,8 @@ MODEL_LIST_TIMEOUT = 5.0  # one provider's fetch, connection and body
 MODEL_LIST_FIRST_WAIT = 2.0  # the most a model-list call waits for a provider never fetched yet
 MODEL_LIST_MAX = 2000  # models kept per provider
 MODEL_LIST_MAX_BYTES = 8 * 1024 * 1024
+MODEL_LIST_PARSE_INLINE = 64 * 1024  # a longer answer is parsed in a thread
+MODEL_ID_MAX = 256  # characters of a listed model id (longer ones are skipped) and of a display name (cut)
 MODEL_LIST_QUERY = {"anthropic": "?limit=1000", "gemini": "?pageSize=1000"}  # one page holds them all
 
 
@@ -6891,7 +6930,8 @@ class ModelCatalog:
         data = await resp.read(MODEL_LIST_MAX_BYTES)
         if resp.status >= 400:
             raise OPENAI_CODEC.decode_error(resp.status, data)
-        body = loads(data)
+        # a long list (OpenRouter's is megabytes) is parsed off the event loop
+        body = loads(data) if len(data) < MODEL_LIST_PARSE_INLINE else await asyncio.to_thread(loads, data)
         items = body.get("models" if provider.protocol == "gemini" else "data") if isinstance(body, dict) else None
         models = []
         for item in items[:MODEL_LIST_MAX] if isinstance(items, list) else ():
@@ -6916,16 +6956,18 @@ class ModelCatalog:
             methods = item.get("supportedGenerationMethods")
             if not isinstance(name, str) or (isinstance(methods, list) and "generateContent" not in methods):
                 return None  # embedding and other models a chat client cannot use
-            model_id = name.removeprefix("models/")
-            info = {k: item[k] for k in ("inputTokenLimit", "outputTokenLimit") if type(item.get(k)) is int}
-            display = item.get("displayName")
-            return ListedModel(model_id, provider.name, display if isinstance(display, str) else "", gemini=info)
-        model_id, display, created = item.get("id"), item.get("display_name"), item.get("created")
-        if not isinstance(model_id, str) or not model_id or len(model_id) > 256:
+            model_id, display = name.removeprefix("models/"), item.get("displayName")
+        else:
+            model_id, display = item.get("id"), item.get("display_name")
+        if not isinstance(model_id, str) or not model_id or len(model_id) > MODEL_ID_MAX:
             return None
-        created_at = item.get("created_at") if isinstance(item.get("created_at"), str) else ""
-        return ListedModel(model_id, provider.name, display if isinstance(display, str) else "",
-                           created if type(created) is int else 0, created_at[:40])  # fmt: skip
+        display = display[:MODEL_ID_MAX] if isinstance(display, str) else ""
+        if provider.protocol == "gemini":
+            info = {k: item[k] for k in ("inputTokenLimit", "outputTokenLimit") if type(item.get(k)) is int}
+            return ListedModel(model_id, provider.name, display, gemini=info)
+        created, created_at = item.get("created"), item.get("created_at")
+        return ListedModel(model_id, provider.name, display, created if type(created) is int else 0,
+                           created_at[:40] if isinstance(created_at, str) else "")  # fmt: skip
 
     def close(self) -> None:
         if self.refreshing is not None:
@@ -9600,9 +9642,10 @@ async def serve(cfg: Config, ready=None, stop: asyncio.Event | None = None) -> N
         else f"routes: {gateway.router.describe_routes()}"
     )
     release_startup_memory()
-    print(f"tgw {__version__} listening on http://{cfg.host}:{port} (work_mode={cfg.work_mode}; {mode})", flush=True)
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host  # an IPv6 address, as a URL writes it
+    print(f"tgw {__version__} listening on http://{host}:{port} (work_mode={cfg.work_mode}; {mode})", flush=True)
     for listener in list(gateway.listeners.values())[1:]:
-        print(f"  {listener.name} port: http://{cfg.host}:{listener.port} ({listener.bundle_list()})", flush=True)
+        print(f"  {listener.name} port: http://{host}:{listener.port} ({listener.bundle_list()})", flush=True)
     if ready is not None:
         ready(port, gateway)
     try:
@@ -9683,11 +9726,19 @@ class RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+# Control characters a client put in a path or a model name, shown as escapes: a text log line stays
+# one line (no forged lines) and sends no escape sequence to the terminal reading it
+_LOG_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), *range(127, 160)] if c != 9} | {10: "\\n", 13: "\\r"}
+
+
 class TextLogFormatter(RedactingFormatter):
-    """`time LEVEL logger: message request_id=...`, secrets redacted."""
+    """`time LEVEL logger: message request_id=...`, secrets redacted, control characters escaped."""
 
     def __init__(self):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # the line; a traceback follows it as it is
+        return super().formatMessage(record).translate(_LOG_CONTROL_ESCAPES)
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -9738,6 +9789,8 @@ class RotatingLogFile(logging.Handler):
         self.index = 1
         self.size = 0
         self.next_day_at = 0.0
+        self.failing = False  # the last write failed (said once on stderr until one succeeds)
+        self.dropped = 0  # lines lost to failed writes
 
     @staticmethod
     def check(path: str) -> None:
@@ -9776,7 +9829,9 @@ class RotatingLogFile(logging.Handler):
         while path.exists() and path.stat().st_size + incoming > self.max_bytes and index < self.MAX_INDEX:
             index += 1
             path = self.file_for(day, index)
-        self.stream = path.open("ab", buffering=1 << 16)
+        # private to its user; a symlink planted at the name is not followed (ELOOP, told by handleError)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        self.stream = os.fdopen(fd, "ab", buffering=1 << 16)
         self.path, self.day, self.index, self.size = path, day, index, self.stream.tell()
         self.point_to(path)
         self.prune()
@@ -9808,13 +9863,32 @@ class RotatingLogFile(logging.Handler):
                 pass
 
     def flush(self) -> None:
-        if self.stream is not None:
+        if self.stream is None:
+            return
+        try:
             self.stream.flush()
+        except OSError:  # disk full, I/O error: the buffered lines are lost, the next line reopens the file
+            self.handleError(None)
+        else:
+            self.failing = False
+
+    def handleError(self, record: logging.LogRecord | None) -> None:
+        """A write that failed (disk full, the directory gone or unwritable): said once on stderr
+        rather than a traceback per line; the file is opened again for the next line."""
+        self.dropped += 1
+        if not self.failing:
+            self.failing = True
+            with contextlib.suppress(Exception):
+                sys.stderr.write(f"tgw: cannot write the log file {self.base}: {sys.exc_info()[1]}; log lines are "
+                                 "dropped until it can be written\n")  # fmt: skip
+        with contextlib.suppress(OSError):
+            self.close_stream()
+        self.stream = None
 
     def close_stream(self) -> None:
         if self.stream is not None:
-            self.stream.close()
-            self.stream = None
+            stream, self.stream = self.stream, None
+            stream.close()
 
     def close(self) -> None:
         self.close_stream()
@@ -9926,9 +10000,12 @@ class LogSetup:
             self.queue.put(lambda: (self._flush_handlers(), done.set()))
             done.wait(timeout)
 
-    def _flush_handlers(self) -> None:  # on the log thread
+    def _flush_handlers(self) -> None:  # on the log thread, which must outlive a failing flush
         for handler in self.handlers:
-            handler.flush()
+            try:
+                handler.flush()
+            except Exception:  # stderr a closed pipe, say: nothing to tell it to
+                pass
 
     def close(self) -> None:
         """Write what is queued, close the files, take the handler off the root logger."""
@@ -10106,7 +10183,8 @@ class Metrics:
                 metric.render(out)
             except Exception:  # one broken callback must not hide every other metric
                 log.exception("metrics: rendering %s failed", metric.name)
-        return "".join(out).encode()
+        # label values a client or an upstream chose may hold a secret or a lone surrogate
+        return redact("".join(out)).encode("utf-8", "replace")
 
 
 class LabelCap:
@@ -10119,7 +10197,7 @@ class LabelCap:
     def __call__(self, value: str) -> str:
         if value in self.seen:
             return value
-        value = value[:MAX_LABEL_LENGTH]
+        value = value[:MAX_LABEL_LENGTH].encode("utf-8", "replace").decode()  # JSON's "\ud800" is no UTF-8
         if value in self.seen:
             return value
         if len(self.seen) < self.limit:
@@ -10975,6 +11053,14 @@ def tokligence_dir() -> Path:
     return Path("~/.tokligence").expanduser()
 
 
+def open_private(path: Path, mode: str = "ab"):
+    """A file under ~/.tokligence that holds what its user would not show others (the daemon's
+    log, the chat history): created 0600, in a directory created 0700."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    return os.fdopen(os.open(path, flags, 0o600), mode)
+
+
 def daemon_paths() -> tuple[Path, Path]:
     """The daemon's pid file and log file."""
     home = tokligence_dir()
@@ -10997,7 +11083,7 @@ def read_pid_file(path: Path) -> dict | None:
 
 
 def write_pid_file(path: Path, info: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     staged = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     staged.write_text(json.dumps(info) + "\n")
     os.replace(staged, path)
@@ -11031,18 +11117,31 @@ def process_alive(pid: int) -> bool:
         return True
 
 
-def is_tgw_process(pid: int) -> bool:
-    """A stale pid file's pid may belong to another program by now."""
+def is_tgw_daemon(pid: int, pid_path: Path) -> bool:
+    """Whether `pid` runs `tgw serve --pid-file PID_PATH`, the gateway that file is for: a stale
+    pid file's pid may belong to any other program by now (an editor open on tgw.py, say), and
+    only the gateway is ever signalled."""
+    wanted = ["--pid-file", str(pid_path)]
     try:
-        return b"tgw" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+    except FileNotFoundError:
+        if Path("/proc/self").exists():
+            return False  # gone
+        try:  # no /proc (macOS): ps tells the command line, spaces between the arguments
+            shown = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return os.name != "posix"  # Windows: trust the pid file
+        return "serve" in shown.stdout.split() and " ".join(wanted) in shown.stdout
     except OSError:
-        return True  # no /proc (macOS): trust the pid file
+        return False  # another user's process, unreadable: not ours to stop
+    return "serve" in args and any(args[i : i + 2] == wanted for i in range(len(args) - 1))
 
 
 def running_daemon() -> dict | None:
     """The pid file's contents when the daemon it names is alive."""
-    info = read_pid_file(daemon_paths()[0])
-    if info is not None and process_alive(info["pid"]) and is_tgw_process(info["pid"]):
+    pid_path = daemon_paths()[0]
+    info = read_pid_file(pid_path)
+    if info is not None and process_alive(info["pid"]) and is_tgw_daemon(info["pid"], pid_path):
         return info
     return None
 
@@ -11100,15 +11199,16 @@ def start_daemon(config_arg: str | None, overrides: dict | None = None, env=None
     command = [sys.executable, str(Path(__file__).resolve()), "serve", "--pid-file", str(pid_path)]
     if cfg.path is not None:
         command += ["--config", str(cfg.path.resolve())]
-    command += [f"--set={key}={value}" for key, value in overrides.items()]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log_file:
+    # a secret goes to the daemon in its environment: its command line is every user's to read (ps)
+    secrets = {f"TOKLIGENCE_{key.upper()}": value for key, value in overrides.items() if key in SECRET_KEYS}
+    command += [f"--set={key}={value}" for key, value in overrides.items() if key not in SECRET_KEYS]
+    with open_private(log_path) as log_file:
         log_file.write(f"--- tgw start {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
         log_file.flush()
         offset = log_file.tell()
         detach = {"start_new_session": True} if os.name == "posix" else {"creationflags": 0x00000008}
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                env=dict(env), **detach)  # fmt: skip
+                                env={**env, **secrets}, **detach)  # fmt: skip
     _daemon_children[proc.pid] = proc
     deadline = time.monotonic() + DAEMON_START_TIMEOUT
     while time.monotonic() < deadline:
@@ -11133,7 +11233,7 @@ def stop_daemon(grace: float = 30.0) -> Outcome:
     if info is None:
         return Outcome(True, "no tgw daemon is running (no pid file; a gateway run with `tgw serve` stops with Ctrl-C)")
     pid = info["pid"]
-    if not (process_alive(pid) and is_tgw_process(pid)):
+    if not (process_alive(pid) and is_tgw_daemon(pid, pid_path)):
         pid_path.unlink(missing_ok=True)
         return Outcome(True, f"no tgw daemon is running (removed a stale pid file naming pid {pid})")
     try:
@@ -11197,7 +11297,7 @@ async def gateway_status(cfg: Config, pool: UpstreamPool, config_error: str = ""
     info = read_pid_file(pid_path)
     daemon = None
     if info is not None:
-        alive = process_alive(info["pid"]) and is_tgw_process(info["pid"])
+        alive = process_alive(info["pid"]) and is_tgw_daemon(info["pid"], pid_path)
         daemon = {"pid": info["pid"], "alive": alive, "url": info.get("url"), "pid_file": str(pid_path),
                   "log": str(log_path)}  # fmt: skip
     url = daemon["url"] if daemon and daemon["alive"] and daemon["url"] else gateway_url(cfg)
@@ -12049,6 +12149,7 @@ def describe_lanes(provider: Provider, work_mode: str) -> str:
 
 # ---- the offline assistant ---------------------------------------------------------------
 
+OFFLINE_MAX_REQUEST = 2000  # characters of one request the offline assistant's rules read
 PROVIDER_WORDS = {"openai": "openai", "gpt": "openai", "chatgpt": "openai", "anthropic": "anthropic",
                   "claude": "anthropic", "gemini": "gemini", "google": "gemini"}  # fmt: skip
 
@@ -12081,12 +12182,12 @@ class OfflineAssistant:
     SET_KEY = re.compile(r"\b(?:set|change|make|put)\s+([a-z][a-z0-9_]*)\s+(?:to|=|as)\s+(.+?)\s*$"
                          r"|^\s*([a-z][a-z0-9_]*)\s*=\s*(.+?)\s*$", re.I)  # fmt: skip
     WHY = re.compile(r"\bwhy\b.*?\b(?:does|do|is|are|did|would|will|can't|cannot|won't|doesn't|isn't)\s+(?:the\s+)?"
-                     r"(?:model\s+)?[\"'`]?([\w.:/*-]+)|([\w.:/-]*\d[\w.:/-]*|[\w.:/]+-[\w.:/-]+)\s+(?:fails|failed|"
+                     r"(?:model\s+)?[\"'`]?([\w.:/*-]+)|(?<![\w.:/-])((?=[\w.:/-]*\d)[\w.:/-]+|[\w.:/]+-[\w.:/-]+)\s+(?:fails|failed|"
                      r"is failing|keeps failing|doesn't work|does not work|is broken|errors)", re.I)  # fmt: skip
     CONTROL = re.compile(r"\b(restart|reboot|start|launch|boot|run|bring up|stop|kill|shut ?down|halt)\b", re.I)
     CONTROL_TARGET = re.compile(r"\b(gateway|tgw|server|daemon|proxy|service|it)\b", re.I)
     USAGE = re.compile(r"\b(usage|spend|spent|spending|cost|costs|tokens|bill)\b", re.I)
-    DAYS = re.compile(r"(\d+(?:\.\d+)?)\s*(days?|d|weeks?|months?)\b|\b(today|week|month|year)\b", re.I)
+    DAYS = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s*(days?|d|weeks?|months?)\b|\b(today|week|month|year)\b", re.I)
     ERRORS = re.compile(r"\b(errors?|failures?|failed requests?|what failed|went wrong)\b", re.I)
     STATUS = re.compile(r"\b(status|running|health|healthy|alive|up|check)\b", re.I)
     CONFIG = re.compile(r"\b(config|configuration|settings)\b", re.I)
@@ -12102,6 +12203,11 @@ class OfflineAssistant:
     def respond(self, text: str) -> None:
         """A request, or several joined by 'and', 'then', ';' (each part that is understood is done)."""
         text = " ".join(text.split())
+        if len(text) > OFFLINE_MAX_REQUEST:  # the rules are sentences: a pasted log would take them minutes
+            self.app.ui.say(f"That is {len(text)} characters; the offline helper reads requests of up to "
+                            f"{OFFLINE_MAX_REQUEST}, in plain words ('status', 'why does claude-sonnet-4-5 fail?'). "
+                            "Say 'help' to see what it understands.")  # fmt: skip
+            return
         parts = [p for p in self.CLAUSES.split(text) if p]
         plans = [(part, self.plan(part)) for part in parts] if len(parts) > 1 else []
         if sum(plan is not None for _, plan in plans) < 2:
@@ -12499,9 +12605,10 @@ class ChatApp:
         found, chosen = self.run(detect_chat_models(cfg, self.env, spec, source))
         if chosen is None:
             why = found[0].reason if spec else "no model is reachable (tgw chat --detect says why)"
-            return redact(f"{why}: {offline_words}")
+            return printable(redact(f"{why}: {offline_words}"))
         self.assistant = ModelAssistant(self, chosen, cfg)
-        return redact(f"model {chosen.model} on {chosen.provider.name} ({chosen.source}: {chosen.reason})")
+        said = f"model {chosen.model} on {chosen.provider.name} ({chosen.source}: {chosen.reason})"
+        return printable(redact(said))  # a model id and a reason are a server's words
 
     def detect(self, spec: str = "") -> str:
         cfg, error = self.load_config()
@@ -12519,7 +12626,7 @@ class ChatApp:
             lines.append(f"  {mark} {c.source:<{width}}  {c.model + ': ' if c.available else ''}{c.reason}")
         lines.append(f"using {chosen.model} on {chosen.provider.name}" if chosen else
                      "no model is available: tgw chat answers with its offline assistant")  # fmt: skip
-        return redact("\n".join(lines))
+        return printable(redact("\n".join(lines)))  # what local servers answered, safe for a terminal
 
     # -- turns
     def turn(self, text: str) -> None:
@@ -12575,9 +12682,9 @@ class ChatApp:
             return
         path = tokligence_dir() / "chat_history"
         with contextlib.suppress(OSError):
-            path.parent.mkdir(parents=True, exist_ok=True)
+            open_private(path).close()  # 0600 before a line is in it
             self.readline.write_history_file(path)
-            os.chmod(path, 0o600)
+            os.chmod(path, 0o600)  # a file from before this rule
 
 
 def add_gateway_commands(commands) -> None:
