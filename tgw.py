@@ -9296,10 +9296,6 @@ class Gateway:
                                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
 
 
-def hmac_compare(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
-
-
 def parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
