@@ -1018,11 +1018,11 @@ def test_unreachable_upstream_is_502_and_gateway_keeps_serving(start_gateway):
 def test_silent_upstream_times_out_with_504(start_gateway, upstream):
     release = threading.Event()
     up = upstream(lambda h, b: release.wait(10))
-    gw = start_gateway(env=openai_env(up), upstream_read_timeout=0.5, upstream_retries=0)
+    gw = start_gateway(env=openai_env(up), upstream_first_byte_timeout=0.5, upstream_retries=0)
     started = time.monotonic()
     status, _, body = post(gw, "/v1/chat/completions", CHAT)
     release.set()
-    assert status == 504 and "did not answer within 0.5 s" in json.loads(body)["error"]["message"]
+    assert status == 504 and "did not answer within 0.5 s (first-byte timeout)" in json.loads(body)["error"]["message"]
     assert time.monotonic() - started < 5
     assert_serving(gw)
 
@@ -9826,6 +9826,616 @@ def test_review_start_keeps_a_secret_override_off_the_daemons_command_line(tmp_p
 
 
 # ======================================================================================
+# Resilience: pools, breakers, failover, timeouts (issue 14) and retries (issue 10)
+# ======================================================================================
+
+R_GOOD, R_BAD = "sk-good-key-1111", "sk-bad-key-2222"
+R_OVERLOADED = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+
+
+def key_of(h) -> str:
+    """The provider key a fake upstream was sent."""
+    auth = h.headers.get("Authorization") or ""
+    return auth[7:] if auth.startswith("Bearer ") else h.headers.get("x-api-key") or h.headers.get("x-goog-api-key")
+
+
+def sent_keys(up: FakeUpstream) -> list:
+    return [key_of_headers(r["headers"]) for r in up.requests]
+
+
+def key_of_headers(headers: dict) -> str:
+    auth = headers.get("Authorization") or ""
+    return auth[7:] if auth.startswith("Bearer ") else headers.get("x-api-key") or headers.get("x-goog-api-key")
+
+
+def accounts(gw: RunningGateway) -> dict:
+    return json.loads(get(gw, "/health")[2])["accounts"]
+
+
+def test_pool_one_of_two_keys_failing_opens_its_breaker_then_half_open_then_closed(start_gateway, upstream):
+    healed = threading.Event()
+
+    def script(h, body):
+        if key_of(h) == R_BAD and not healed.is_set():
+            reply_json(h, {"error": {"message": "upstream exploded", "type": "server_error"}}, status=500)
+        else:
+            reply_json(h, chat_completion(f"answered by {key_of(h)[:7]}"))
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up, key=f"{R_GOOD}, {R_BAD}"), breaker_failures=2, breaker_cooldown=0.5,
+                       upstream_retries=0)  # fmt: skip
+    answers = [post(gw, "/v1/chat/completions", CHAT) for _ in range(6)]
+    assert [a[0] for a in answers] == [200] * 6  # every request answered, by the good key when the bad one failed
+    assert sent_keys(up).count(R_BAD) == 2  # two failures opened its breaker: then it was skipped
+    failed_over = [a for a in answers if a[1]["x-tgw-attempts"] == "2"]
+    assert len(failed_over) == 2 and all(a[1]["x-tgw-provider"] == "openai" for a in answers)
+    state = accounts(gw)
+    assert state["openai#2"]["state"] in ("open", "half_open") and state["openai#2"]["consecutive_failures"] == 2
+    assert state["openai#2"]["last_status"] == 500 and "upstream exploded" in state["openai#2"]["last_error"]
+    assert state["openai#1"]["state"] == "closed" and R_BAD not in json.dumps(state)  # keys never shown
+    rows = gw.rows(6)
+    assert sorted(r["attempts"] for r in rows) == [1, 1, 1, 1, 2, 2]
+    assert {r["account"] for r in rows} == {"openai#1"} and {r["status"] for r in rows} == {200}
+    wait_until(lambda: accounts(gw)["openai#2"]["state"] == "half_open", what="the cooldown to end")
+    healed.set()
+    for _ in range(4):  # the half-open breaker lets one trial through; its success closes it
+        assert post(gw, "/v1/chat/completions", CHAT)[0] == 200
+        if sent_keys(up).count(R_BAD) == 3:
+            break
+    assert sent_keys(up).count(R_BAD) == 3
+    state = accounts(gw)["openai#2"]
+    assert state["state"] == "closed" and state["consecutive_failures"] == 0
+
+
+def test_pool_429_with_retry_after_cools_only_that_account(start_gateway, upstream):
+    limited = {R_BAD}
+
+    def script(h, body):
+        if key_of(h) in limited:
+            reply_json(h, {"error": {"message": f"Rate limit for {key_of(h)[:7]}", "type": "requests"}}, status=429,
+                       headers={"Retry-After": "30"})  # fmt: skip
+        else:
+            reply_json(h, chat_completion())
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up, key=f"{R_BAD},{R_GOOD}"), upstream_retries=0)
+    assert [post(gw, "/v1/chat/completions", CHAT)[0] for _ in range(4)] == [200] * 4
+    assert sent_keys(up).count(R_BAD) == 1  # asked once, then left alone for its Retry-After
+    state = accounts(gw)
+    assert state["openai#1"]["state"] == "cooling" and state["openai#1"]["cooldown_left_s"] > 20
+    assert state["openai#1"]["consecutive_failures"] == 0  # a 429 is no breaker failure
+    assert state["openai#2"]["state"] == "closed"
+    limited.add(R_GOOD)  # now the other one is limited too: the client gets the last upstream's words
+    status, headers, body = post(gw, "/v1/chat/completions", CHAT)
+    assert status == 429 and json.loads(body)["error"]["message"] == "Rate limit for sk-good"
+    assert headers["Retry-After"] == "30"
+    asked = len(up.requests)
+    status, headers, body = post(gw, "/v1/chat/completions", CHAT)  # every account cooling: answered at once
+    assert status == 429 and len(up.requests) == asked and int(headers["Retry-After"]) >= 28
+    assert "cooling down" in json.loads(body)["error"]["message"]
+    assert [r["status"] for r in gw.rows(6)][-2:] == [429, 429]
+
+
+def cc_request(**changes) -> dict:
+    body = copy.deepcopy(CLAUDE_CODE_BODY)
+    body.update(model="claude-sonnet-4-5", **changes)
+    return body
+
+
+CC_HEADERS = {"anthropic-version": "2023-06-01", "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14",
+              "x-api-key": "anything", "user-agent": "claude-cli/2.1.197 (external, sdk-cli)"}  # fmt: skip
+
+
+def assert_valid_anthropic_stream(received: list) -> str:
+    """The event grammar of an Anthropic stream; returns the text it carried."""
+    names = [name for name, _ in received if name != "ping"]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"], names
+    text, open_blocks = "", set()
+    for name, data in received:
+        assert name == data["type"]
+        if name == "content_block_start":
+            open_blocks.add(data["index"])
+        elif name == "content_block_delta":
+            assert data["index"] in open_blocks
+            text += data["delta"].get("text", "")
+        elif name == "content_block_stop":
+            open_blocks.remove(data["index"])
+    assert not open_blocks
+    return text
+
+
+def test_claude_code_streams_fail_over_from_a_529ing_anthropic_to_openai_as_anthropic_sse(start_gateway, upstream):
+    anthropic_up = upstream(lambda h, b: reply_json(h, R_OVERLOADED, status=529))
+    openai_up = upstream(lambda h, b: reply_sse(h, chat_chunks(words=("Hi", " from", " GPT"), prompt=30, completion=3)))
+    gw = start_gateway(env={**anthropic_env(anthropic_up), **openai_env(openai_up)}, breaker_failures=2,
+                       model_fallbacks="claude-sonnet-4*=>gpt-4.1", upstream_retries=0)  # fmt: skip
+    for attempts in ("2", "2", "1"):  # the third finds anthropic's breaker open and goes straight to the fallback
+        status, headers, payload = post(gw, "/v1/messages?beta=true", cc_request(), CC_HEADERS)
+        assert status == 200 and headers["Content-Type"] == "text/event-stream"
+        assert (headers["x-tgw-provider"], headers["x-tgw-model"], headers["x-tgw-attempts"]) == ("openai", "gpt-4.1",
+                                                                                                 attempts)  # fmt: skip
+        assert assert_valid_anthropic_stream(lane_sse(payload)) == "Hi from GPT"
+    assert len(anthropic_up.requests) == 2 and header_of(anthropic_up.requests[0], "anthropic-beta")
+    sent = openai_up.requests[0]["body"]
+    assert sent["model"] == "gpt-4.1" and sent["stream"] is True and sent["messages"][0]["role"] == "system"
+    rows = gw.rows(3)
+    assert [(r["provider"], r["model_upstream"], r["lane"], r["attempts"], r["status"]) for r in rows] == [
+        ("openai", "gpt-4.1", "translation", 2, 200), ("openai", "gpt-4.1", "translation", 2, 200),
+        ("openai", "gpt-4.1", "translation", 1, 200),
+    ]  # fmt: skip
+    assert rows[0]["model_requested"] == "claude-sonnet-4-5" and rows[0]["completion_tokens"] == 3
+
+
+def test_fallback_chain_in_order_and_the_last_upstreams_words_when_all_fail(start_gateway, upstream, tmp_path, capsys):
+    gemini_ok = threading.Event()
+
+    def gemini_script(h, body):
+        if gemini_ok.is_set():
+            reply_json(h, {"candidates": [{"content": {"role": "model", "parts": [{"text": "Gemini here"}]},
+                                           "finishReason": "STOP"}],
+                           "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 2}})  # fmt: skip
+        else:
+            reply_json(h, {"error": {"code": 500, "message": "gemini is down too", "status": "INTERNAL"}}, status=500)
+
+    anthropic_up = upstream(lambda h, b: reply_json(h, R_OVERLOADED, status=529))
+    openai_up = upstream(lambda h, b: reply_json(h, {"error": {"message": "openai unavailable"}}, status=503))
+    gemini_up = upstream(gemini_script)
+    env = {**anthropic_env(anthropic_up), **openai_env(openai_up), **gemini_env(gemini_up)}
+    gw = start_gateway(env=env, model_fallbacks="claude-sonnet-4*=>gpt-4.1, claude-sonnet-4*=>gemini-2.5-pro",
+                       upstream_retries=0)  # fmt: skip
+    status, headers, body = post(gw, "/v1/messages", L_CLAUDE, {"anthropic-version": "2023-06-01"})
+    assert status == 500 and json.loads(body) == {"type": "error", "error": {"type": "api_error",
+                                                                           "message": "gemini is down too"}}  # fmt: skip
+    assert (headers["x-tgw-provider"], headers["x-tgw-attempts"]) == ("gemini", "3")
+    gemini_ok.set()
+    status, headers, body = post(gw, "/v1/messages", L_CLAUDE, {"anthropic-version": "2023-06-01"})
+    message = json.loads(body)
+    assert status == 200 and message["type"] == "message" and message["content"][0]["text"] == "Gemini here"
+    assert (headers["x-tgw-provider"], headers["x-tgw-model"]) == ("gemini", "gemini-2.5-pro")
+    assert gemini_up.requests[-1]["path"] == "/v1beta/models/gemini-2.5-pro:generateContent"
+    assert [len(u.requests) for u in (anthropic_up, openai_up, gemini_up)] == [2, 2, 2]  # in the order listed
+    rows = gw.rows(2)
+    assert [(r["status"], r["attempts"], r["provider"]) for r in rows] == [(500, 3, "gemini"), (200, 3, "gemini")]
+    assert rows[0]["error"] == "gemini is down too"
+    ini = tmp_path / "cli.ini"
+    ini.write_text(f"ledger_path = {gw.gateway.ledger.path}\n")
+    capsys.readouterr()
+    assert tgw.main(["logs", "--config", str(ini), "-n", "2"]) == 0
+    assert capsys.readouterr().out.count("claude-sonnet-4-5 (3 attempts, gemini: gemini-2.5-pro)") == 2
+
+
+def test_no_failover_once_the_first_byte_reached_the_client(start_gateway, upstream):
+    events = [{"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                                                    "model": "claude-sonnet-4-5", "content": [],
+                                                    "usage": {"input_tokens": 5, "output_tokens": 0}}},
+              {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+              {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "partial"}},
+              {"type": "content_block_stop", "index": 0}]  # fmt: skip
+    anthropic_up = upstream(lambda h, b: reply_anthropic_sse(h, events, drop_after=3))
+    openai_up = upstream(lambda h, b: reply_sse(h, chat_chunks()))
+    gw = start_gateway(env={**anthropic_env(anthropic_up), **openai_env(openai_up)},
+                       model_fallbacks="claude-sonnet-4*=>gpt-4.1")  # fmt: skip
+    status, _, payload = post(gw, "/v1/messages", {**L_CLAUDE, "stream": True}, {"anthropic-version": "2023-06-01"})
+    received = lane_sse(payload)
+    assert status == 200 and ("content_block_delta", events[2]) in received
+    assert received[-1][0] == "error" and "closed the connection" in received[-1][1]["error"]["message"]
+    assert openai_up.requests == [] and len(anthropic_up.requests) == 1  # no replay after partial output
+    row = gw.rows()[-1]  # a stream that failed after its 200 is a failure in the ledger
+    assert row["status"] == 502 and row["attempts"] == 1 and "closed the connection" in row["error"]
+    assert tgw.query_usage(sqlite3.connect(gw.gateway.ledger.path), "model", 0)[0][-1] == 1  # tgw usage: 1 error
+
+
+def test_failover_goes_on_after_keepalive_pings_and_a_failed_stream_is_recorded_as_a_failure(start_gateway, upstream):
+    fallback_ok = threading.Event()
+
+    def slow_529(h, body):
+        time.sleep(0.7)  # longer than stream_keepalive: pings commit the 200 meanwhile
+        reply_json(h, R_OVERLOADED, status=529)
+
+    def fallback(h, body):
+        if fallback_ok.is_set():
+            reply_sse(h, chat_chunks(words=("saved",)))
+        else:
+            reply_json(h, {"error": {"message": "fallback overloaded too"}}, status=503)
+
+    anthropic_up = upstream(slow_529)
+    openai_up = upstream(fallback)
+    gw = start_gateway(env={**anthropic_env(anthropic_up), **openai_env(openai_up)}, stream_keepalive=0.2,
+                       model_fallbacks="claude-sonnet-4*=>gpt-4.1", upstream_retries=0)  # fmt: skip
+    fallback_ok.set()
+    status, _, payload = post(gw, "/v1/messages", {**L_CLAUDE, "stream": True}, {"anthropic-version": "2023-06-01"})
+    received = lane_sse(payload)
+    assert status == 200 and received[0][0] == "ping"  # the 200 went out with pings ...
+    assert assert_valid_anthropic_stream(received) == "saved"  # ... and the fallback still answered
+    fallback_ok.clear()
+    status, _, payload = post(gw, "/v1/messages", {**L_CLAUDE, "stream": True}, {"anthropic-version": "2023-06-01"})
+    received = lane_sse(payload)
+    assert status == 200 and received[0][0] == "ping" and received[-1][0] == "error"
+    assert received[-1][1]["error"]["message"] == "fallback overloaded too"
+    rows = gw.rows(2)
+    assert [(r["status"], r["attempts"]) for r in rows] == [(200, 2), (503, 2)]  # not "200 plus an error event"
+
+
+def test_silent_upstream_is_answered_once_within_the_deadline_and_never_sent_twice(start_gateway, upstream):
+    release = threading.Event()
+    up = upstream(lambda h, b: release.wait(10))
+    other = upstream(lambda h, b: reply_json(h, chat_completion()))
+    env = {**openai_env(up), "TOKLIGENCE_PROVIDER_SPARE_BASE_URL": other.url + "/v1",
+           "TOKLIGENCE_PROVIDER_SPARE_MODELS": "other-*"}  # fmt: skip
+    gw = start_gateway(env=env, upstream_first_byte_timeout=0.5, model_fallbacks="gpt*=>other-model")
+    started = time.monotonic()
+    status, _, body = post(gw, "/v1/chat/completions", CHAT)  # upstream_retries is 2 by default
+    elapsed = time.monotonic() - started
+    release.set()
+    assert status == 504 and "did not answer within 0.5 s (first-byte timeout)" in json.loads(body)["error"]["message"]
+    assert elapsed < 3 and len(up.requests) == 1 and other.requests == []  # it may be running: never resent
+    assert gw.rows()[-1]["attempts"] == 1
+
+
+def blackhole_port():
+    """A port whose SYNs go unanswered: a listener whose accept queue is full and never drained."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(listener.getsockname())
+        fillers.append(s)
+    return listener, fillers
+
+
+def test_each_timeout_fires_and_names_itself(start_gateway, upstream):
+    listener, fillers = blackhole_port()
+    try:
+        env = {"TOKLIGENCE_OPENAI_BASE_URL": f"http://127.0.0.1:{listener.getsockname()[1]}/v1",
+               "TOKLIGENCE_OPENAI_API_KEY": "sk-x-123456"}  # fmt: skip
+        gw = start_gateway(env=env, upstream_connect_timeout=0.3, upstream_retries=0)
+        started = time.monotonic()
+        status, _, body = post(gw, "/v1/chat/completions", CHAT)
+        message = json.loads(body)["error"]["message"]
+        assert status == 504 and "after 0.3 s (connect timeout)" in message and time.monotonic() - started < 3
+    finally:
+        for s in fillers + [listener]:
+            s.close()
+
+    def silent_mid_stream(h, body):
+        reply_sse(h, chat_chunks()[:2], terminate=False)
+        time.sleep(3)
+
+    def trickle(h, body):
+        reply_sse(h, chat_chunks(words=["x"] * 100), delay=0.1)
+
+    scripts = {"silent": silent_mid_stream, "trickle": trickle, "quiet": lambda h, b: time.sleep(3)}
+    up = upstream(lambda h, b: scripts[b["model"]](h, b))
+    env = {**openai_env(up), **routes_env("*=>openai"), "TOKLIGENCE_PROVIDER_OPENAI_FIRST_BYTE_TIMEOUT": "0.4"}
+    gw = start_gateway(env=env, upstream_read_timeout=0.5, upstream_total_timeout=1.0)
+    status, _, payload = post(gw, "/v1/chat/completions", {**CHAT, "model": "silent", "stream": True})
+    assert (
+        status == 200
+        and "sent nothing for 0.5 s mid-answer (read timeout)" in sse_data(payload)[-1]["error"]["message"]
+    )
+    status, _, payload = post(gw, "/v1/chat/completions", {**CHAT, "model": "trickle", "stream": True})
+    assert "total timeout of 1 s ran out (total timeout)" in sse_data(payload)[-1]["error"]["message"]
+    status, _, body = post(gw, "/v1/chat/completions", {**CHAT, "model": "quiet"})  # the provider's own first byte
+    assert status == 504 and "did not answer within 0.4 s (first-byte timeout)" in json.loads(body)["error"]["message"]
+    assert [r["status"] for r in gw.rows(4)][-3:] == [504, 504, 504]  # both gateways share the ledger file
+
+
+def test_a_connection_that_could_not_be_made_moves_on_to_the_next_account(start_gateway, upstream):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    up = upstream(lambda h, b: reply_json(h, chat_completion("from the live one")))
+    env = {**openai_env(up), **routes_env("gpt-4o-mini=>dead|openai"),
+           "TOKLIGENCE_PROVIDER_DEAD_BASE_URL": f"http://127.0.0.1:{dead_port}/v1"}  # fmt: skip
+    gw = start_gateway(env=env, breaker_failures=3)
+    sent = 0
+    while sent < 10 and accounts(gw)["dead"]["state"] != "open":
+        status, headers, body = post(gw, "/v1/chat/completions", CHAT)
+        assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "from the live one"
+        sent += 1
+    state = accounts(gw)["dead"]
+    assert state["state"] == "open" and "cannot connect" in state["last_error"]
+    assert state["requests"] == state["errors"] == 3  # breaker_failures in a row opened it
+    assert post(gw, "/v1/chat/completions", CHAT)[1]["x-tgw-attempts"] == "1"  # then it is skipped
+    assert len(up.requests) == sent + 1 and {r["account"] for r in gw.rows(sent + 1)} == {"openai"}
+
+
+def test_pool_spreads_by_weight_and_prefers_fewer_requests_in_flight(start_gateway, upstream):
+    release = threading.Event()
+
+    def script_for(name):
+        def script(h, body):
+            if body["messages"][0]["content"] == "hold":
+                release.wait(10)
+            reply_json(h, chat_completion(name))
+
+        return script
+
+    heavy, light = upstream(script_for("heavy")), upstream(script_for("light"))
+    env = {"TOKLIGENCE_PROVIDER_HEAVY_BASE_URL": heavy.url + "/v1", "TOKLIGENCE_PROVIDER_HEAVY_MODELS": "pooled*",
+           "TOKLIGENCE_PROVIDER_HEAVY_WEIGHT": "3", "TOKLIGENCE_PROVIDER_LIGHT_BASE_URL": light.url + "/v1",
+           "TOKLIGENCE_PROVIDER_LIGHT_MODELS": "pooled*"}  # fmt: skip
+    gw = start_gateway(env=env)
+    body = {**CHAT, "model": "pooled-1"}
+    served = [
+        json.loads(post(gw, "/v1/chat/completions", body)[2])["choices"][0]["message"]["content"] for _ in range(8)
+    ]
+    assert served.count("heavy") == 6 and served.count("light") == 2
+    held = {}
+    holder = threading.Thread(target=lambda: held.update(r=post(gw, "/v1/chat/completions",
+                                                                {**body, "messages": [{"role": "user", "content": "hold"}]})))  # fmt: skip
+    holder.start()
+    wait_until(lambda: accounts(gw)["heavy"]["in_flight"] + accounts(gw)["light"]["in_flight"] == 1)
+    busy = "heavy" if accounts(gw)["heavy"]["in_flight"] else "light"
+    served = [
+        json.loads(post(gw, "/v1/chat/completions", body)[2])["choices"][0]["message"]["content"] for _ in range(3)
+    ]
+    release.set()
+    holder.join(10)
+    assert held["r"][0] == 200 and busy not in served  # the account with a request in flight was passed over
+
+
+def open_upstream_sockets(port: int) -> dict:
+    """The gateway's open connections to an upstream on `port`, by TCP state: {"ESTABLISHED": n,
+    "CLOSE_WAIT": n} (read from the kernel's table: sockets whose far end is `port`)."""
+    names = {"01": "ESTABLISHED", "08": "CLOSE_WAIT"}  # TIME_WAIT and the like hold no descriptor
+    states: dict = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == port and fields[3] in names:
+            states[names[fields[3]]] = states.get(names[fields[3]], 0) + 1
+    return states
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's socket table")
+def test_idle_upstream_connections_are_capped_and_expire(start_gateway, upstream):
+    arrived = threading.Semaphore(0)
+    go = threading.Event()
+
+    def script(h, body):
+        arrived.release()
+        go.wait(10)
+        reply_json(h, chat_completion())
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up), upstream_max_idle_per_origin=3, upstream_idle_expiry=1.0)
+    results = []
+    clients = [threading.Thread(target=lambda: results.append(post(gw, "/v1/chat/completions", CHAT)[0]))
+               for _ in range(10)]  # fmt: skip
+    for c in clients:
+        c.start()
+    for _ in range(10):  # all ten on their own upstream connection at once
+        assert arrived.acquire(timeout=10)
+    go.set()
+    for c in clients:
+        c.join(10)
+    assert results == [200] * 10
+    assert json.loads(get(gw, "/health")[2])["upstream"]["idle_connections"] <= 3
+    wait_until(lambda: open_upstream_sockets(up.port).get("ESTABLISHED", 0) <= 3, what="the idle cap")
+    wait_until(lambda: not open_upstream_sockets(up.port), what="idle connections to expire")  # after idle_expiry
+    assert json.loads(get(gw, "/health")[2])["upstream"]["idle_connections"] == 0
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's socket table")
+def test_idle_connections_the_upstream_closed_do_not_pile_up_in_close_wait(start_gateway, upstream):
+    def answer_then_hang_up(h, body):
+        reply_json(h, chat_completion())  # keep-alive as far as the headers say ...
+        h.wfile.flush()
+        h.close_connection = True  # ... but the upstream closes its end right after
+
+    up = upstream(answer_then_hang_up)
+    gw = start_gateway(env=openai_env(up))  # idle_expiry 30 s: only the EOF can clear them
+    results = []
+    clients = [threading.Thread(target=lambda: results.append(post(gw, "/v1/chat/completions", CHAT)[0]))
+               for _ in range(20)]  # fmt: skip
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join(10)
+    assert results == [200] * 20
+    wait_until(lambda: not open_upstream_sockets(up.port), what="closed upstream connections to be dropped")
+    assert_serving(gw)
+
+
+def test_fault_mix_every_request_answered_with_exactly_one_ledger_row(start_gateway, monkeypatch):
+    """bench/fault_mix.py, shortened: a third of upstream attempts fail at random (529, 503, 500,
+    429, dropped connections, streams cut after their first event), 50 concurrent clients."""
+    monkeypatch.syspath_prepend(str(HERE / "bench"))
+    fault_mix = __import__("fault_mix")
+    faulty = fault_mix.FaultyUpstream(seed=1414)
+    try:
+        gw = start_gateway(**fault_mix.gateway_settings(faulty.port), log_level="error")
+        results = fault_mix.run_clients(gw.base, clients=50, duration=6, seed=1414)
+        summary = fault_mix.report(results, fault_mix.ledger_rows(gw.gateway.ledger.path, {r["id"] for r in results}),
+                                   faulty)  # fmt: skip
+    finally:
+        faulty.close()
+    assert summary["requests"] > 200 and summary["answered"] == summary["requests"], summary
+    assert (
+        summary["ledger_rows"] == summary["requests"] and not summary["missing_rows"] and not summary["duplicate_rows"]
+    )
+    assert all(r["echoed"] for r in results)
+    assert sum(summary["upstream_faults"].values()) > summary["upstream_attempts"] / 4  # the faults did happen
+    assert summary["succeeded"] > 0.8 * summary["requests"], summary  # and were failed over
+    m = parse_prometheus(get(gw, "/metrics")[2].decode())
+    assert sum(m["tgw_upstream_failovers_total"].values()) > 0
+    counted, drops = sum(m["tgw_upstream_attempts_total"].values()), summary["upstream_faults"]["drop"]
+    assert summary["upstream_attempts"] - drops <= counted <= summary["upstream_attempts"]  # a pooled connection
+    # closed without an answer is stale: sent again on another within the same attempt
+    states = {dict(k)["account"]: v for k, v in m["tgw_upstream_breaker_state"].items()}
+    assert set(states) == {"openai#1", "openai#2", "anthropic"} and set(states.values()) <= {0, 1, 2}
+
+
+def test_codex_and_gemini_clients_fail_over_across_protocols_in_their_own_shapes(start_gateway, upstream):
+    openai_up = upstream(lambda h, b: reply_json(h, {"error": {"message": "openai is down"}}, status=503))
+    anthropic_up = upstream(lambda h, b: reply_json(h, a_message([{"type": "text", "text": "Claude covers"}], "end_turn",
+                                                                 {"input_tokens": 9, "output_tokens": 2})))  # fmt: skip
+    gemini_up = upstream(lambda h, b: reply_json(h, R_OVERLOADED, status=529))
+    env = {**openai_env(openai_up), **anthropic_env(anthropic_up), **gemini_env(gemini_up)}
+    gw = start_gateway(env=env, openai_responses_api="on", upstream_retries=0,
+                       model_fallbacks="gpt-5*=>claude-sonnet-4-5, gemini*=>claude-sonnet-4-5")  # fmt: skip
+    status, headers, body = post(gw, "/v1/responses", {"model": "gpt-5-codex", "input": "hi", "store": False})
+    answer = json.loads(body)  # passthrough first (OpenAI has /v1/responses), then translated to Anthropic
+    assert (
+        status == 200
+        and answer["object"] == "response"
+        and answer["output"][0]["content"][0]["text"] == "Claude covers"
+    )
+    assert openai_up.requests[0]["path"] == "/v1/responses" and headers["x-tgw-provider"] == "anthropic"
+    status, headers, body = post(gw, "/v1beta/models/gemini-2.5-pro:generateContent", L_GEMINI)
+    answer = json.loads(body)
+    assert status == 200 and answer["candidates"][0]["content"]["parts"][0]["text"] == "Claude covers"
+    assert headers["x-tgw-attempts"] == "2"
+    assert [(r["lane"], r["provider"], r["attempts"]) for r in gw.rows(2)] == [("translation", "anthropic", 2)] * 2
+
+
+def test_x_tgw_headers_cannot_be_used_to_inject_a_header(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion()))
+    gw = start_gateway(env=openai_env(up))
+    raw = raw_exchange(gw.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (
+                           len(body := json.dumps({**CHAT, "model": "gpt-4o\r\nSet-Cookie: stolen=1 \u00e9"}).encode()),
+                           body))  # fmt: skip
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    assert head.startswith("HTTP/1.1 200") and "\r\nSet-Cookie" not in head
+    assert "\r\nx-tgw-model: gpt-4o%0D%0ASet-Cookie: stolen%3D1 %C3%A9\r\n" in head  # percent-encoded
+
+
+def test_hostile_retry_after_values_neither_stick_an_account_nor_break_the_answer(start_gateway, upstream):
+    values = iter(["nan", "1e9", "-inf", "Wed, 21 Oct 2015 07:28:00 GMT"])
+
+    def script(h, body):
+        reply_json(h, {"error": {"message": "slow down"}}, status=429, headers={"Retry-After": next(values, "0")})
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up), upstream_retries=0)
+    for expected in (None, "86400", None, None):
+        status, headers, _ = post(gw, "/v1/chat/completions", CHAT)
+        assert status == 429 and headers.get("Retry-After") == expected
+        if expected:  # a day is the longest an upstream may cool an account (then breaker_cooldown_max applies)
+            assert accounts(gw)["openai"]["cooldown_left_s"] <= 300
+            gw.gateway.pools.accounts["openai"].until = 0.0  # (end that cooldown for the next case)
+    assert len(up.requests) == 4 and accounts(gw)["openai"]["state"] == "closed"
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"model_fallbacks": "claude*=>no-such-model"}, ["model_fallbacks", "no-such-model", "matches no route"]),
+        ({"model_fallbacks": "gpt*=>loopback"}, ["loopback model cannot be a fallback"]),
+        ({"model_fallbacks": "gpt*"}, ["model_fallbacks", "pattern=>target"]),
+        ({"env": {"TOKLIGENCE_PROVIDER_OPENAI_API_KEY": "sk-x"}}, ["[provider.openai]", "built-in provider"]),
+        (
+            {
+                "env": {
+                    "TOKLIGENCE_PROVIDER_LOCAL_BASE_URL": "http://127.0.0.1:1/v1",
+                    "TOKLIGENCE_PROVIDER_LOCAL_WEIGHT": "0",
+                }
+            },
+            ["[provider.local]", "weight"],
+        ),
+        ({"env": {"TOKLIGENCE_PROVIDER_GEMINI_READ_TIMEOUT": "soon"}}, ["read_timeout", "number of seconds"]),
+        ({"breaker_failures": "0"}, ["breaker_failures", "positive"]),
+        ({"upstream_total_timeout": "0"}, ["upstream_total_timeout", "positive"]),
+    ],
+)
+def test_pool_settings_are_checked_at_startup(tmp_path, settings, words):
+    settings = dict(settings)
+    env = {"TOKLIGENCE_OPENAI_API_KEY": "sk-real-123456", **settings.pop("env", {})}
+    with pytest.raises(tgw.ConfigError) as caught:
+        tgw.Gateway(make_config(tmp_path, env, **settings))
+    assert all(w in str(caught.value) for w in words), str(caught.value)
+
+
+def test_a_stream_that_opens_with_an_overloaded_error_still_fails_over(start_gateway, upstream):
+    opening = {"type": "message_start", "message": {"id": "msg_up", "type": "message", "role": "assistant",
+                                                    "model": "claude-sonnet-4-5", "content": [],
+                                                    "usage": {"input_tokens": 5, "output_tokens": 0}}}  # fmt: skip
+    anthropic_up = upstream(lambda h, b: reply_anthropic_sse(h, [opening, {"type": "ping"}, R_OVERLOADED]))
+    openai_up = upstream(lambda h, b: reply_sse(h, chat_chunks(words=("Hi", " there"))))
+    gw = start_gateway(env={**anthropic_env(anthropic_up), **openai_env(openai_up)}, breaker_failures=2,
+                       model_fallbacks="claude-sonnet-4*=>gpt-4.1", upstream_retries=0)  # fmt: skip
+    # Claude Code's lane: passthrough to Anthropic, whose 200 stream says overloaded before any content
+    status, headers, payload = post(
+        gw, "/v1/messages", {**L_CLAUDE, "stream": True}, {"anthropic-version": "2023-06-01"}
+    )
+    received = lane_sse(payload)
+    assert status == 200 and headers["x-tgw-attempts"] == "2" and headers["x-tgw-provider"] == "openai"
+    assert assert_valid_anthropic_stream(received) == "Hi there"
+    assert [d["message"]["id"] for n, d in received if n == "message_start"] != ["msg_up"]  # only the fallback's
+    # an OpenAI client translated to Anthropic, failing over to OpenAI itself: its chunks arrive as they are
+    status, headers, payload = post(gw, "/v1/chat/completions", {**CHAT, "model": "claude-sonnet-4-5", "stream": True})
+    chunks = sse_data(payload)
+    assert status == 200 and headers["x-tgw-attempts"] == "2" and chunks[-1] == "[DONE]"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1] if c["choices"]) == "Hi there"
+    state = accounts(gw)["anthropic"]  # the 200 heads did not count as successes: two failures opened it
+    assert state["state"] == "open" and state["last_status"] == 529
+    rows = gw.rows(2)
+    assert [(r["status"], r["attempts"], r["provider"], r["lane"]) for r in rows] == [
+        (200, 2, "openai", "translation"), (200, 2, "openai", "passthrough")]  # fmt: skip
+
+
+def test_rebuilding_the_pools_from_a_new_config_keeps_the_accounts_that_stay(start_gateway, upstream, tmp_path):
+    up = upstream(lambda h, b: reply_json(h, {"error": {"message": "bad key"}}, status=500) if key_of(h) == R_BAD
+                  else reply_json(h, chat_completion()))  # fmt: skip
+    gw = start_gateway(env=openai_env(up, key=R_BAD), breaker_failures=1, upstream_retries=0)
+    assert post(gw, "/v1/chat/completions", CHAT)[0] == 500
+    assert accounts(gw)["openai"]["state"] == "open"
+
+    def reload(**settings):  # live reload, on the gateway's own loop
+        async def apply():
+            return gw.gateway.apply_config(make_config(tmp_path, openai_env(up, key=f"{R_BAD}, {R_GOOD}"), **settings))
+
+        return asyncio.run_coroutine_threadsafe(apply(), gw.loop).result(10)
+
+    with pytest.raises(tgw.ConfigError, match="model_fallbacks"):  # refused: nothing changes
+        reload(model_fallbacks="gpt*=>no-such-model")
+    assert set(accounts(gw)) == {"openai"}
+    changed, _ = reload(breaker_failures=1, upstream_retries=0)
+    assert "openai_api_key" in changed
+    state = accounts(gw)
+    assert state["openai#1"]["state"] == "open" and state["openai#1"]["errors"] == 1  # the same key kept its breaker
+    assert state["openai#2"]["state"] == "closed"
+    status, headers, _ = post(gw, "/v1/chat/completions", CHAT)
+    assert status == 200 and headers["x-tgw-attempts"] == "1" and sent_keys(up)[-1] == R_GOOD
+
+
+def test_a_fallback_model_may_go_to_the_account_that_just_failed_another_model(start_gateway, upstream):
+    def script(h, body):
+        if body["model"] == "gpt-4.1":
+            reply_json(h, {"error": {"message": "gpt-4.1 is overloaded"}}, status=503)
+        else:
+            reply_json(h, chat_completion(f"from {body['model']}"))
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up), model_fallbacks="gpt-4.1=>gpt-4o-mini", upstream_retries=0)
+    status, headers, body = post(gw, "/v1/chat/completions", {**CHAT, "model": "gpt-4.1"})
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "from gpt-4o-mini"
+    assert (headers["x-tgw-model"], headers["x-tgw-attempts"]) == ("gpt-4o-mini", "2")
+    assert [r["body"]["model"] for r in up.requests] == ["gpt-4.1", "gpt-4o-mini"]
+    row = gw.rows()[-1]
+    assert (row["model_requested"], row["model_upstream"], row["account"], row["attempts"]) == (
+        "gpt-4.1", "gpt-4o-mini", "openai", 2)  # fmt: skip
+
+
+def test_a_stream_that_only_ever_opens_is_relayed_not_held_forever(start_gateway, upstream):
+    opening = {"type": "message_start", "message": {"id": "msg_up", "type": "message", "role": "assistant",
+                                                    "model": "claude-sonnet-4-5", "content": [],
+                                                    "usage": {"input_tokens": 5, "output_tokens": 0}}}  # fmt: skip
+    pings = [{"type": "ping", "pad": "x" * 1000}] * 400  # 400 KB of opening, then an overload error
+    up = upstream(lambda h, b: reply_anthropic_sse(h, [opening, *pings, R_OVERLOADED]))
+    gw = start_gateway(env=anthropic_env(up), upstream_retries=0)
+    status, _, payload = post(gw, "/v1/messages", {**L_CLAUDE, "stream": True}, {"anthropic-version": "2023-06-01"})
+    # past HOLD_LIMIT the opening went out: too late to fail over, so the error is in-stream
+    received = lane_sse(payload)
+    assert status == 200 and received[0] == ("message_start", opening) and received[-1] == ("error", R_OVERLOADED)
+    assert len(received) == 402 and gw.rows()[-1]["status"] == 529
+
+
+# ======================================================================================
 # Team gateway: users, keys, budgets, rate limits, admin API (issue 13)
 # ======================================================================================
 
@@ -9931,18 +10541,19 @@ def team_model_call(gw, index: int, model: str, key: str, **extra) -> tuple[int,
     return status, headers, payload, protocol
 
 
-def test_team_migration_from_todays_ledger_keeps_every_row(tmp_path, start_gateway):
-    """A ledger made by today's schema (versions 1 and 2) gains identity with nothing lost."""
+@pytest.mark.parametrize("version", [2, 3])  # the ledger as this branch began, and main's before identity
+def test_team_migration_from_todays_ledger_keeps_every_row(tmp_path, start_gateway, version):
+    """A ledger made by an earlier schema gains identity with nothing lost."""
     path = tmp_path / "ledger.db"
     db = sqlite3.connect(path)
-    for script in tgw.LEDGER_MIGRATIONS[:2]:
+    for script in tgw.LEDGER_MIGRATIONS[:version]:
         db.executescript(script)
-    db.execute("PRAGMA user_version=2")
-    old_columns = tgw.LEDGER_COLUMNS[:20]
-    assert old_columns[-1] == "error"
+    db.execute(f"PRAGMA user_version={version}")
+    old_columns = [row[1] for row in db.execute("PRAGMA table_info(requests)")][1:]  # all but the id
+    assert old_columns == list(tgw.LEDGER_COLUMNS[: len(old_columns)]) and "key_id" not in old_columns
     old_row = (1700000000.0, "req_old", "abc123def456", "someone", "openai", "/v1/chat/completions", "passthrough",
-               "openai", "gpt-4o", "gpt-4o", 0, 200, 10, 5, 0, 0, 0.01, 12.5, 3.0, "")  # fmt: skip
-    db.execute(f"INSERT INTO requests ({', '.join(old_columns)}) VALUES ({', '.join('?' * 20)})", old_row)
+               "openai", "gpt-4o", "gpt-4o", 0, 200, 10, 5, 0, 0, 0.01, 12.5, 3.0, "", 1, "openai")[: len(old_columns)]  # fmt: skip
+    db.execute(f"INSERT INTO requests ({', '.join(old_columns)}) VALUES ({', '.join('?' * len(old_columns))})", old_row)
     stored = {"id": "resp_old", "object": "response", "status": "completed", "output": []}
     db.execute("INSERT INTO responses (id, created, model, input, response) VALUES (?, ?, ?, ?, ?)",
                ("resp_old", time.time(), "gpt-4o", "[]", json.dumps(stored)))  # fmt: skip
@@ -9957,7 +10568,7 @@ def test_team_migration_from_todays_ledger_keeps_every_row(tmp_path, start_gatew
     assert status == 200 and json.loads(body) == stored
     gw.stop()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == len(tgw.LEDGER_MIGRATIONS) == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(tgw.LEDGER_MIGRATIONS) == 4
     assert db.execute("SELECT COUNT(*) FROM users").fetchone()[0] == 0
     assert db.execute("SELECT owner FROM responses").fetchall() == [("",)]
     db.close()

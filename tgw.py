@@ -23,18 +23,19 @@ Sections, in the order data flows:
                                  cleaning for Gemini and for Anthropic's structured outputs)
     6. Providers                 upstream endpoints, auth headers, the loopback model
     7. Router                    model routes, aliases, work modes, model lists fetched from providers
-    8. Ledger                    sqlite schema, background writer (rows sanitised, never lost),
+    8. Pools and breakers        upstream accounts (keys), weights, circuit breakers, failover chains
+    9. Ledger                    sqlite schema, background writer (rows sanitised, never lost),
                                  usage queries, prices, stored Responses (previous_response_id)
-    9. Identity                  users, API keys, budgets, rate limits (in the ledger's database)
-   10. Gateway                   endpoints and lanes (passthrough, translation, loopback),
-                                 auth, errors per protocol, loop guard, endpoint bundles and
-                                 multiport listeners, serve()
-   11. Observability             logs (queue thread, rotation, JSON, request ids) and
+   10. Identity                  users, API keys, budgets, rate limits (in the ledger's database)
+   11. Gateway                   endpoints and lanes (passthrough, translation, loopback), the
+                                 attempt loop (retries, failover), auth, errors per protocol, loop
+                                 guard, endpoint bundles and multiport listeners, serve()
+   12. Observability             logs (queue thread, rotation, JSON, request ids) and
                                  Prometheus metrics (registry, GET /metrics)
-   12. Admin API                 Tokligence Gateway's /api/v1/admin/* and /api/v1/usage/*
-   13. CLI                       serve, config, usage, logs, user, key (chat, start, stop, status: 14 and 15)
-   14. Gateway control           tgw start / stop / status: the daemon, its pid file and log, /health
-   15. The chat assistant        model selection, tools, the offline assistant, the terminal loop
+   13. Admin API                 Tokligence Gateway's /api/v1/admin/* and /api/v1/usage/*
+   14. CLI                       serve, config, usage, logs, user, key (chat, start, stop, status: 15 and 16)
+   15. Gateway control           tgw start / stop / status: the daemon, its pid file and log, /health
+   16. The chat assistant        model selection, tools, the offline assistant, the terminal loop
 
 Find a thing by its protocol: `AnthropicCodec.encode_request`, `ResponsesStreamEncoder`,
 `GeminiStreamDecoder`, ... Every codec converts to and from the canonical Request / Response /
@@ -79,7 +80,7 @@ import traceback
 import uuid
 import zlib
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
@@ -478,9 +479,18 @@ CONFIG_KEYS: dict[str, tuple] = {
     "max_request_line": (16384, "int", "longest request line accepted (414 above)"),
     "header_timeout": (30.0, "float", "seconds a client may take to send a request head"),
     "idle_timeout": (900.0, "float", "seconds an idle keep-alive connection stays open (>= 120)"),
-    "upstream_connect_timeout": (15.0, "float", "seconds to connect to an upstream"),
-    "upstream_read_timeout": (600.0, "float", "seconds an upstream may stay silent before 504"),
-    "upstream_retries": (2, "int", "retries on 429/5xx/connect errors before any byte reached the client"),
+    "upstream_connect_timeout": (15.0, "float", "seconds to connect to an upstream (TCP, TLS, proxy)"),
+    "upstream_first_byte_timeout": (600.0, "float", "seconds from a request sent to its answer's head"),
+    "upstream_read_timeout": (600.0, "float", "seconds an upstream may stay silent between chunks of an answer"),
+    "upstream_total_timeout": (3600.0, "float", "seconds a request may take upstream in all (attempts, waits, stream)"),
+    "upstream_retries": (2, "int", "extra attempts on accounts already tried (a failed connect, a 429/5xx)"),
+    "model_fallbacks": ("", "str", "pattern=>model pairs tried when a model's accounts fail; repeats chain in order"),
+    "breaker_failures": (5, "int", "consecutive failures (connect, timeout, 5xx, 529) that open an account's breaker"),
+    "breaker_cooldown": (5.0, "float", "seconds an open breaker keeps an account out; doubles each time it reopens"),
+    "breaker_cooldown_max": (300.0, "float", "longest cooldown of an account"),
+    "upstream_max_idle_per_origin": (128, "int", "idle keep-alive connections kept per upstream origin"),
+    "upstream_max_idle": (512, "int", "idle keep-alive connections kept to all upstreams together"),
+    "upstream_idle_expiry": (30.0, "float", "seconds an idle upstream connection is kept before it is closed"),
     "stream_keepalive": (15.0, "float", "seconds of upstream silence before the gateway pings a stream"),
     "shutdown_grace": (30.0, "float", "seconds in-flight requests (then the ledger) get to finish on SIGINT/SIGTERM"),
     "config_reload_interval": (
@@ -496,6 +506,10 @@ CONFIG_KEYS: dict[str, tuple] = {
 }
 
 PROVIDER_KEYS = ("type", "base_url", "api_key", "models", "api_version", "headers", "responses_api")
+# how a provider serves in a pool; accepted for the built-in providers too ([provider.openai] weight = 2),
+# with `models` (globs it serves, sharing their pool with the named providers that serve them too)
+POOL_KEYS = ("weight", "connect_timeout", "first_byte_timeout", "read_timeout", "total_timeout")
+TIMEOUT_KINDS = ("connect", "first_byte", "read", "total")
 PROVIDER_TYPES = ("openai", "azure", "anthropic", "gemini")
 
 
@@ -686,6 +700,8 @@ class ProviderConfig:
     api_version: str = ""
     headers: dict = field(default_factory=dict)
     responses_api: bool = False
+    weight: float = 1.0  # its share of a pool's requests
+    timeouts: dict = field(default_factory=dict)  # connect/first_byte/read/total overrides, seconds
 
 
 @dataclass
@@ -697,6 +713,8 @@ class Config:
     sources: dict = field(default_factory=dict)
     file_aliases: list = field(default_factory=list)  # (alias, model) pairs read from model_aliases_file
     loaded_with: tuple = (None, None, None)  # load_config's arguments, so a reload reads the same way
+    # a built-in provider's pool settings from its [provider.NAME] section: {"weight", "timeouts", "models"}
+    tuning: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for key, value in self.values.items():  # cfg.work_mode etc. as plain attributes (read per request)
@@ -727,18 +745,23 @@ def load_config(config_path: str | None = None, overrides: dict | None = None, e
             sources[key] = source
     validate_config(values)
     file_aliases = read_alias_file(values["model_aliases_file"])
-    providers = load_named_providers(sections, env)
+    tuning: dict[str, dict] = {}
+    providers = load_named_providers(sections, env, tuning)
     register_secrets(values, providers, env)
     prices = dict(DEFAULT_PRICES)
     for glob_, raw in sections.get("prices", {}).items():
         prices[glob_] = parse_price(glob_, raw)
-    return Config(values, providers, prices, path, sources, file_aliases, (config_path, overrides, env))
+    return Config(values, providers, prices, path, sources, file_aliases, (config_path, overrides, env), tuning)
+
+
+def split_keys(text: str) -> list[str]:
+    """'k1, k2' as keys: a provider with several keys is a pool of accounts."""
+    return [k.strip() for k in (text or "").split(",") if k.strip()]
 
 
 def register_secrets(values: dict, providers: dict, env=None) -> None:
     """Tell the redactor every secret this configuration holds."""
-    found = [values[k] for k in SECRET_KEYS if values.get(k)]
-    found += [k.strip() for k in values.get("api_keys", "").split(",")]
+    found = [key for k in SECRET_KEYS for key in split_keys(values.get(k, ""))]  # comma lists are pools
     proxies = [v for k, v in (env or {}).items() if k.lower() in ("http_proxy", "https_proxy", "all_proxy")]
     for url in (
         [values[k] for k, spec in CONFIG_KEYS.items() if spec[1] == "url"]
@@ -748,7 +771,7 @@ def register_secrets(values: dict, providers: dict, env=None) -> None:
         parts = urlsplit(url or "")
         found.append(parts.password or parts.username or "")  # a token may stand alone as the username
     for pc in providers.values():
-        found.append(pc.api_key)
+        found += split_keys(pc.api_key)
         found += [v for k, v in pc.headers.items() if re.search(r"auth|key|token|secret", k, re.I)]
     redact.add(*found)
 
@@ -767,7 +790,7 @@ def validate_config(values: dict) -> None:
             raise ConfigError(f"invalid value {values[key]!r} for {key}: expected 0 (no limit) or more")
     if values["idle_timeout"] < 120:
         raise ConfigError(f"invalid value {values['idle_timeout']!r} for idle_timeout: expected at least 120 seconds")
-    for key in ("model_provider_routes", "routes", "model_aliases"):
+    for key in ("model_provider_routes", "routes", "model_aliases", "model_fallbacks"):
         parse_pairs(values[key], key)
     if values["anthropic_max_tokens"] < 1:
         raise ConfigError(
@@ -776,16 +799,42 @@ def validate_config(values: dict) -> None:
     for key in ("openai_completion_max_tokens", "config_reload_interval"):
         if values[key] < 0:
             raise ConfigError(f"invalid value {values[key]!r} for {key}: expected 0 or more")
+    for key in ("breaker_failures", "upstream_max_idle_per_origin", "upstream_max_idle"):
+        if values[key] <= 0:
+            raise ConfigError(f"invalid value {values[key]!r} for {key}: expected a positive number")
+    if not 0 <= values["upstream_retries"] <= 100:
+        raise ConfigError(f"invalid value {values['upstream_retries']!r} for upstream_retries: expected 0 to 100")
+    for key in ("upstream_connect_timeout", "upstream_first_byte_timeout", "upstream_read_timeout",
+                "upstream_total_timeout", "breaker_cooldown", "breaker_cooldown_max", "upstream_idle_expiry"):  # fmt: skip
+        if not values[key] > 0:
+            raise ConfigError(f"invalid value {values[key]!r} for {key}: expected a positive number of seconds")
 
 
-def load_named_providers(sections: dict, env) -> dict[str, ProviderConfig]:
+def pool_settings(items: dict, where: str) -> dict:
+    """A [provider.NAME] section's weight and timeouts: {"weight": w, "timeouts": {kind: seconds}}."""
+    weight = convert_value("weight", items.get("weight", "1"), "float", where)
+    if not 0 < weight < 1e6:
+        raise ConfigError(f"{where}: invalid weight {weight!r}; expected a positive number")
+    timeouts = {}
+    for kind in TIMEOUT_KINDS:
+        if f"{kind}_timeout" in items:
+            seconds = convert_value(f"{kind}_timeout", items[f"{kind}_timeout"], "float", where)
+            if not seconds > 0:
+                raise ConfigError(f"{where}: invalid {kind}_timeout {seconds!r}; expected a positive number of seconds")
+            timeouts[kind] = seconds
+    return {"weight": weight, "timeouts": timeouts}
+
+
+def load_named_providers(sections: dict, env, tuning: dict | None = None) -> dict[str, ProviderConfig]:
+    """Named providers from [provider.NAME] sections and TOKLIGENCE_PROVIDER_<NAME>_<KEY>; a section
+    named after a built-in provider may only tune its pool settings (into `tuning`)."""
     raw: dict[str, dict[str, str]] = {}
     for section, items in sections.items():
         if section.startswith("provider."):
             raw[section[9:].strip().lower()] = dict(items)
     for key, value in env.items():
         m = re.fullmatch(r"TOKLIGENCE_PROVIDER_([A-Za-z0-9]+)_([A-Za-z_]+)", key)
-        if m and m.group(2).lower() in PROVIDER_KEYS:
+        if m and m.group(2).lower() in PROVIDER_KEYS + POOL_KEYS + ("api_keys",):
             raw.setdefault(m.group(1).lower(), {})[m.group(2).lower()] = value
         elif m:
             warn_unknown_key(m.group(2).lower(), f"{key} in the environment", PROVIDER_KEYS)
@@ -793,12 +842,19 @@ def load_named_providers(sections: dict, env) -> dict[str, ProviderConfig]:
     for name, items in raw.items():
         where = f"[provider.{name}]"
         if name in ("openai", "anthropic", "gemini", "loopback"):
-            raise ConfigError(f"{where}: '{name}' is a built-in provider; configure it with {name}_* keys")
-        unknown = set(items) - set(PROVIDER_KEYS)
+            if set(items) - {"models", *POOL_KEYS} or name == "loopback":
+                raise ConfigError(
+                    f"{where}: '{name}' is a built-in provider; configure it with {name}_* keys "
+                    f"(this section may only set models, {', '.join(POOL_KEYS)})"
+                )
+            if tuning is not None:
+                tuning[name] = pool_settings(items, where)
+                tuning[name]["models"] = [m.strip() for m in items.get("models", "").split(",") if m.strip()]
+            continue
+        accepted = PROVIDER_KEYS + ("api_keys",) + POOL_KEYS
+        unknown = set(items) - set(accepted)
         if unknown:
-            raise ConfigError(
-                f"{where}: unknown key(s) {', '.join(sorted(unknown))}; accepted: {', '.join(PROVIDER_KEYS)}"
-            )
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; accepted: {', '.join(accepted)}")
         ptype = convert_value("type", items.get("type", "openai"), PROVIDER_TYPES, where)
         base_url = convert_value("base_url", items.get("base_url", ""), "url", where)
         if not base_url:
@@ -806,9 +862,11 @@ def load_named_providers(sections: dict, env) -> dict[str, ProviderConfig]:
         headers = parse_header_list(items.get("headers", ""), where)
         models = [m.strip() for m in items.get("models", "").split(",") if m.strip()]
         responses_api = convert_value("responses_api", items.get("responses_api", "false"), "bool", where)
+        keys = ", ".join(split_keys(items.get("api_key", "")) + split_keys(items.get("api_keys", "")))
+        pool = pool_settings(items, where)
         providers[name] = ProviderConfig(
-            name, ptype, base_url.rstrip("/"), items.get("api_key", ""), models, items.get("api_version", ""), headers,
-            responses_api,
+            name, ptype, base_url.rstrip("/"), keys, models, items.get("api_version", ""), headers, responses_api,
+            pool["weight"], pool["timeouts"],
         )  # fmt: skip
     return providers
 
@@ -871,6 +929,14 @@ def write_example_config() -> str:
         "# type = openai",
         "# base_url = http://127.0.0.1:11434/v1",
         "# models = llama3*,qwen*",
+        "",
+        "# Pools: several keys (api_keys = k1, k2, or a comma list in openai_api_key) are accounts",
+        "# served in turn; providers whose models globs match the same model share its pool.",
+        "# Each provider section (the built-in ones too: [provider.anthropic]) may set weight and",
+        "# connect_timeout, first_byte_timeout, read_timeout, total_timeout (seconds); a built-in",
+        "# one's section may also set models (to share a pool with named providers).",
+        "# [provider.anthropic]",
+        "# first_byte_timeout = 900",
         "",
         "# Prices in USD per million tokens: input, output[, cached input]. Globs, first match wins.",
         "# [prices]",
@@ -1120,17 +1186,18 @@ async def read_chunked_body(reader: asyncio.StreamReader, max_body: int) -> byte
             raise HttpError(400, "chunk not terminated by CRLF")
 
 
-def response_head(status: int, headers: list[tuple[str, str]]) -> bytes:
+def response_head(status: int, headers: list[tuple[str, str]], lines_after: str = "") -> bytes:
+    """A response head; `lines_after` is already formatted header lines, each ending in CRLF."""
     lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}"]
     lines += [f"{name}: {value}" for name, value in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return ("\r\n".join(lines) + "\r\n" + lines_after + "\r\n").encode("latin-1")
 
 
 class Exchange:
     """One request's response side: a whole body, or a chunked stream (SSE)."""
 
     __slots__ = ("writer", "request", "request_id", "status", "started", "finished", "streaming", "bytes_out",
-                 "first_byte_at", "last_write_at", "close_after")  # fmt: skip
+                 "first_byte_at", "last_write_at", "close_after", "tags")  # fmt: skip
 
     def __init__(self, writer: asyncio.StreamWriter, request: HttpRequest, request_id: str):
         self.writer = writer
@@ -1144,6 +1211,7 @@ class Exchange:
         self.first_byte_at = 0.0
         self.last_write_at = 0.0
         self.close_after = not request.keep_alive
+        self.tags = ""  # header lines saying which upstream answered (x-tgw-provider, ...), CRLF-ended
 
     def _base_headers(self, content_type: str) -> list[tuple[str, str]]:
         headers = [("Content-Type", content_type), ("x-request-id", self.request_id)]
@@ -1158,12 +1226,12 @@ class Exchange:
             headers = self._base_headers(content_type)
             headers.extend(extra)
             headers.append(("Content-Length", str(len(body))))
-            payload = response_head(status, headers)
+            payload = response_head(status, headers, self.tags)
         else:  # the common answer, formatted in one step
             reason = REASONS.get(status, "Status")
             payload = (
                 f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nx-request-id: {self.request_id}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n"
+                f"{self.tags}Content-Length: {len(body)}\r\n\r\n"
             ).encode("latin-1")
         if self.request.method != "HEAD":
             payload += body
@@ -1179,7 +1247,7 @@ class Exchange:
         headers.extend(extra)
         self.status = status
         self.started = self.streaming = True
-        self.writer.write(response_head(status, headers))
+        self.writer.write(response_head(status, headers, self.tags))
         self.last_write_at = time.monotonic()
 
     def write(self, data: bytes) -> None:
@@ -1404,16 +1472,54 @@ def proxy_for(scheme: str, host: str, env=os.environ) -> tuple | None:
     return (parts.hostname, parts.port or 80, auth)
 
 
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """An upstream's four timeouts in seconds. Each one names itself in the error it causes."""
+
+    connect: float = 15.0  # TCP, TLS and a proxy's CONNECT
+    first_byte: float = 600.0  # from the request written to the answer's head
+    read: float = 600.0  # silence between chunks of the answer's body
+    total: float = 3600.0  # the whole request: every attempt, every wait, the whole stream
+
+
+def upstream_timeout(which: str, host: str, seconds: float) -> GatewayError:
+    """The 504 of one timeout, saying which fired (connect, first-byte, read or total)."""
+    what = {
+        "connect": f"timed out connecting to upstream {host} after {seconds:g} s",
+        "first-byte": f"upstream {host} did not answer within {seconds:g} s",
+        "read": f"upstream {host} sent nothing for {seconds:g} s mid-answer",
+        "total": f"upstream {host} had not finished when the total timeout of {seconds:g} s ran out",
+    }[which]
+    return (UpstreamUnreached if which == "connect" else GatewayError)(504, f"{what} ({which} timeout)")
+
+
+class Unanswered(Exception):
+    """An upstream's stream opened with an error before any content: it said no, and nothing
+    has reached the client, so the request may still go elsewhere."""
+
+    def __init__(self, error: GatewayError):
+        super().__init__(error.message)
+        self.error = error
+
+
+class UpstreamUnreached(GatewayError):
+    """No connection to the upstream could be made: the request never left, so sending it again
+    (or elsewhere) cannot run it twice."""
+
+
 class UpstreamResponse:
     """An upstream answer whose body is read as it arrives (de-chunked, gunzipped)."""
 
-    def __init__(self, pool, origin, reader, writer, status, headers, method):
+    def __init__(self, pool, origin, reader, writer, status, headers, method, timeouts: Timeouts, end_by: float):
         self.pool = pool
+        self.timeouts = timeouts
+        self.end_by = end_by  # the request's total deadline (monotonic)
         self.origin = origin
         self.reader = reader
         self.writer = writer
         self.status = status
         self.headers = headers
+        self.event_stream = "text/event-stream" in headers.get("content-type", "")
         self.done = method == "HEAD" or status in (204, 304)
         self.reusable = "close" not in headers.get("connection", "").lower()
         te = headers.get("transfer-encoding", "").lower()
@@ -1429,13 +1535,19 @@ class UpstreamResponse:
         if encoding == "deflate":
             self.decoder = zlib.decompressobj()
         self.deadline = 0.0
-        self.timed_out = False
+        self.timed_out = ""  # which timeout cut the body: "read" or "total"
 
     def expire(self, now: float) -> None:
-        self.timed_out = True
+        self.timed_out = "total" if now >= self.end_by else "read"
         self.deadline = 0.0
         if self.writer is not None:
             self.writer.transport.abort()
+
+    def _arm(self) -> None:
+        """Wait for the next piece of body: for the read timeout, or what is left of the total."""
+        deadline = time.monotonic() + self.timeouts.read
+        self.deadline = deadline if deadline < self.end_by else self.end_by
+        self.pool.watchdog.entries.add(self)
 
     async def _raw_chunk(self) -> bytes:
         reader = self.reader
@@ -1472,8 +1584,7 @@ class UpstreamResponse:
         """The next piece of the decoded body; b"" at the end."""
         watchdog = self.pool.watchdog
         while not self.done:
-            self.deadline = time.monotonic() + self.pool.read_timeout
-            watchdog.entries.add(self)
+            self._arm()
             try:
                 data = await self._raw_chunk()
             except asyncio.CancelledError:
@@ -1510,8 +1621,7 @@ class UpstreamResponse:
     async def _read_whole(self) -> bytes:
         """The usual JSON answer: one Content-Length body, read in one step."""
         watchdog = self.pool.watchdog
-        self.deadline = time.monotonic() + self.pool.read_timeout
-        watchdog.entries.add(self)
+        self._arm()
         try:
             data = await self.reader.readexactly(self.remaining)
         except asyncio.CancelledError:
@@ -1530,7 +1640,8 @@ class UpstreamResponse:
         """The body could not be read: close the connection and say why."""
         self.close()
         if self.timed_out:
-            return GatewayError(504, f"upstream {self.origin.host} sent nothing for {self.pool.read_timeout:g} s")
+            seconds = self.timeouts.total if self.timed_out == "total" else self.timeouts.read
+            return upstream_timeout(self.timed_out, self.origin.host, seconds)
         return GatewayError(
             502, f"upstream {self.origin.host} closed the connection mid-response ({type(exc).__name__})"
         )
@@ -1540,7 +1651,7 @@ class UpstreamResponse:
         if self.writer is None:
             return
         if self.done and self.reusable and not self.writer.transport.is_closing():
-            self.pool.idle.setdefault(self.origin.key, []).append((self.reader, self.writer))
+            self.pool.keep(self.origin.key, self.reader, self.writer)
         else:
             self.writer.transport.abort()
         self.writer = None
@@ -1553,13 +1664,22 @@ class UpstreamResponse:
 
 
 class UpstreamPool:
-    """One HTTP/1.1 client: keep-alive pool per origin, TLS with verification, proxies."""
+    """One HTTP/1.1 client: keep-alive pool per origin, TLS with verification, proxies. Idle
+    connections are capped per origin and in total, and closed when they expire or the
+    upstream closes them (no CLOSE_WAIT pile-up); one watchdog enforces every timeout."""
 
-    def __init__(self, connect_timeout: float = 15.0, read_timeout: float = 600.0):
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self.watchdog = Watchdog(min(1.0, read_timeout / 4))
-        self.idle: dict[tuple, list] = {}
+    def __init__(self, connect_timeout: float = 15.0, read_timeout: float = 600.0, first_byte_timeout: float = 0.0,
+                 total_timeout: float = 3600.0, max_idle_per_origin: int = 128, max_idle: int = 512,
+                 idle_expiry: float = 30.0):  # fmt: skip
+        self.timeouts = Timeouts(connect_timeout, first_byte_timeout or read_timeout, read_timeout, total_timeout)
+        self.watchdog = Watchdog(min(1.0, min(self.timeouts.first_byte, read_timeout) / 4))
+        self.idle: dict[tuple, list] = {}  # origin key -> [(reader, writer, idle since)], most recent last
+        self.idle_count = 0
+        self.max_idle_per_origin = max_idle_per_origin
+        self.max_idle = max_idle
+        self.idle_expiry = idle_expiry
+        self.sweeper = _IdleSweep(self)
+        self.watchdog.entries.add(self.sweeper)
         self._ssl: ssl.SSLContext | None = None
         self._origins: dict[str, tuple[Origin, str]] = {}
         self._heads: dict[tuple, tuple[dict, bytes]] = {}
@@ -1584,47 +1704,51 @@ class UpstreamPool:
                 self._origins[url] = cached
         return cached
 
-    async def _connect(self, origin: Origin):
+    async def _connect(self, origin: Origin, timeouts: Timeouts, end_by: float):
+        """A new connection, or UpstreamUnreached: within the connect timeout (and what is left
+        of the total)."""
         host, port = (origin.proxy[0], origin.proxy[1]) if origin.proxy else (origin.host, origin.port)
         tls = origin.scheme == "https"
+        left = end_by - time.monotonic()
+        limit = min(timeouts.connect, max(left, 0.001))
         try:
             if origin.proxy and tls:
                 if not hasattr(asyncio.StreamWriter, "start_tls"):
-                    raise GatewayError(502, "HTTPS through a proxy needs Python 3.11 or newer")
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.connect_timeout)
+                    raise UpstreamUnreached(502, "HTTPS through a proxy needs Python 3.11 or newer")
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), limit)
                 try:
-                    await self._tunnel(origin, reader, writer)
-                    await asyncio.wait_for(
-                        writer.start_tls(self.ssl_context, server_hostname=origin.host), self.connect_timeout
-                    )
+                    await self._tunnel(origin, reader, writer, limit)
+                    await asyncio.wait_for(writer.start_tls(self.ssl_context, server_hostname=origin.host), limit)
                 except BaseException:
                     writer.transport.abort()  # never leak the proxy connection
                     raise
             else:
                 ctx = self.ssl_context if tls else None
                 opener = asyncio.open_connection(host, port, ssl=ctx, server_hostname=origin.host if tls else None)
-                reader, writer = await asyncio.wait_for(opener, self.connect_timeout)
+                reader, writer = await asyncio.wait_for(opener, limit)
         except asyncio.TimeoutError:
-            raise GatewayError(504, f"timed out connecting to upstream {origin.host}:{origin.port}") from None
+            which = "connect" if timeouts.connect <= left else "total"
+            err = upstream_timeout(which, f"{origin.host}:{origin.port}", getattr(timeouts, which))
+            raise UpstreamUnreached(err.status, err.message) from None
         except ssl.SSLCertVerificationError as exc:
-            raise GatewayError(
+            raise UpstreamUnreached(
                 502, f"TLS certificate of upstream {origin.host} failed verification: {exc.verify_message}"
             ) from None
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
-            raise GatewayError(502, f"cannot connect to upstream {origin.host}:{origin.port}: {reason}") from None
+            raise UpstreamUnreached(502, f"cannot connect to upstream {origin.host}:{origin.port}: {reason}") from None
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return reader, writer
 
-    async def _tunnel(self, origin: Origin, reader, writer):
+    async def _tunnel(self, origin: Origin, reader, writer, limit: float):
         auth = f"Proxy-Authorization: {origin.proxy[2]}\r\n" if origin.proxy[2] else ""
         writer.write(
             f"CONNECT {origin.host}:{origin.port} HTTP/1.1\r\nHost: {origin.host}:{origin.port}\r\n{auth}\r\n".encode()
         )
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.connect_timeout)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), limit)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             writer.close()
             raise OSError(0, "the proxy closed the connection during CONNECT") from None
@@ -1634,7 +1758,12 @@ class UpstreamPool:
             first_line = head.split(b"\r\n", 1)[0].decode("latin-1")
             raise OSError(0, f"proxy refused CONNECT ({first_line})")
 
-    async def request(self, method: str, url: str, headers: dict, body: bytes = b"") -> UpstreamResponse:
+    async def request(self, method: str, url: str, headers: dict, body: bytes = b"", timeouts: Timeouts | None = None,
+                      end_by: float = 0.0) -> UpstreamResponse:  # fmt: skip
+        """Send one request and read its answer's head. A connection that could not be made is
+        UpstreamUnreached; `end_by` (monotonic) is the request's total deadline."""
+        timeouts = timeouts or self.timeouts
+        end_by = end_by or time.monotonic() + timeouts.total
         origin, _ = self.parse_url(url)
         # keyed by the headers' identity (callers pass shared dicts they never change); the entry
         # holds the dict, so its id cannot be reused while cached
@@ -1653,17 +1782,18 @@ class UpstreamPool:
             payload = head + b"\r\n"
         idle = self.idle.get(origin.key)
         while idle:
-            reader, writer = idle.pop()
+            reader, writer, _ = idle.pop()
+            self.idle_count -= 1
             if writer.transport.is_closing() or reader.at_eof():
                 writer.transport.abort()
                 continue
             try:
-                return await self._exchange(origin, reader, writer, payload, method)
+                return await self._exchange(origin, reader, writer, payload, method, timeouts, end_by)
             except _StaleConnection:
                 continue  # the server closed a pooled connection; nothing was processed
-        reader, writer = await self._connect(origin)
+        reader, writer = await self._connect(origin, timeouts, end_by)
         try:
-            return await self._exchange(origin, reader, writer, payload, method)
+            return await self._exchange(origin, reader, writer, payload, method, timeouts, end_by)
         except _StaleConnection:
             raise GatewayError(502, f"upstream {origin.host} closed the connection without answering") from None
 
@@ -1682,9 +1812,10 @@ class UpstreamPool:
             lines.append(f"Proxy-Authorization: {origin.proxy[2]}")
         return ("\r\n".join(lines) + "\r\n").encode("latin-1")
 
-    async def _exchange(self, origin, reader, writer, payload, method) -> UpstreamResponse:
+    async def _exchange(self, origin, reader, writer, payload, method, timeouts, end_by) -> UpstreamResponse:
         self.watchdog.start()
-        waiting = _HeadWait(writer, time.monotonic() + self.read_timeout)
+        first_byte_by = time.monotonic() + timeouts.first_byte
+        waiting = _HeadWait(writer, first_byte_by if first_byte_by < end_by else end_by)  # (min() costs more)
         timed_out = waiting.fired
         self.watchdog.entries.add(waiting)
         try:
@@ -1693,18 +1824,14 @@ class UpstreamPool:
         except asyncio.IncompleteReadError as exc:
             writer.transport.abort()
             if timed_out:
-                raise GatewayError(
-                    504, f"upstream {origin.host} did not answer within {self.read_timeout:g} s"
-                ) from None
+                raise self._head_timeout(origin, timeouts, first_byte_by, end_by) from None
             if not exc.partial:
                 raise _StaleConnection() from None
             raise GatewayError(502, f"upstream {origin.host} sent a truncated response head") from None
         except (ConnectionError, OSError):
             writer.transport.abort()
             if timed_out:
-                raise GatewayError(
-                    504, f"upstream {origin.host} did not answer within {self.read_timeout:g} s"
-                ) from None
+                raise self._head_timeout(origin, timeouts, first_byte_by, end_by) from None
             raise _StaleConnection() from None
         except asyncio.LimitOverrunError:
             writer.transport.abort()
@@ -1726,15 +1853,69 @@ class UpstreamPool:
                 headers[name.strip().lower()] = value.strip()
         status = int(status_parts[1])
         if status == 100:  # an interim answer; the real head follows
-            return await self._exchange(origin, reader, writer, b"", method)
-        return UpstreamResponse(self, origin, reader, writer, status, headers, method)
+            return await self._exchange(origin, reader, writer, b"", method, timeouts, end_by)
+        return UpstreamResponse(self, origin, reader, writer, status, headers, method, timeouts, end_by)
+
+    @staticmethod
+    def _head_timeout(origin, timeouts: Timeouts, first_byte_by: float, end_by: float) -> GatewayError:
+        if first_byte_by <= end_by:
+            return upstream_timeout("first-byte", origin.host, timeouts.first_byte)
+        return upstream_timeout("total", origin.host, timeouts.total)
+
+    def keep(self, key: tuple, reader, writer) -> None:
+        """Pool a connection whose answer was read to its end, within the idle caps."""
+        conns = self.idle.get(key)
+        if conns is None:
+            conns = self.idle[key] = []
+        if len(conns) >= self.max_idle_per_origin or self.idle_count >= self.max_idle:
+            writer.transport.abort()
+            return
+        conns.append((reader, writer, time.monotonic()))
+        self.idle_count += 1
+        if not self.sweeper.deadline:
+            self.sweeper.deadline = time.monotonic() + self.sweeper.interval()
+
+    def sweep_idle(self, now: float) -> None:
+        """Close idle connections that expired or that the upstream closed (their reader saw EOF:
+        left alone they would sit in CLOSE_WAIT)."""
+        oldest = now - self.idle_expiry
+        for key, conns in list(self.idle.items()):
+            kept = []
+            for conn in conns:
+                reader, writer, since = conn
+                if since < oldest or reader.at_eof() or writer.transport.is_closing():
+                    writer.transport.abort()
+                else:
+                    kept.append(conn)
+            self.idle_count -= len(conns) - len(kept)
+            conns[:] = kept  # in place: a request popping from this list meanwhile sees the same one
+            if not kept:
+                del self.idle[key]
 
     def close(self):
         self.watchdog.stop()
         for conns in self.idle.values():
-            for _, writer in conns:
+            for _, writer, _ in conns:
                 writer.transport.abort()
         self.idle.clear()
+        self.idle_count = 0
+
+
+class _IdleSweep:
+    """The watchdog entry that sweeps the idle connections (about once a second while any are idle)."""
+
+    __slots__ = ("pool", "deadline")
+
+    def __init__(self, pool: UpstreamPool):
+        self.pool = pool
+        self.deadline = 0.0
+
+    def interval(self) -> float:
+        return min(1.0, self.pool.idle_expiry / 2)
+
+    def expire(self, now: float) -> None:
+        self.pool.sweep_idle(now)
+        self.deadline = now + self.interval() if self.pool.idle_count else 0.0
 
 
 class _StaleConnection(Exception):
@@ -6583,6 +6764,9 @@ class Provider:
     responses_api: bool = False  # has /v1/responses (OpenAI itself; OpenAI-compatible servers mostly not)
     default_max_tokens: int = 0  # anthropic: max_tokens when a translated request set none (anthropic_max_tokens)
     max_tokens_cap: int = 0  # openai: most max_tokens a translated request sends (openai_completion_max_tokens)
+    keys: tuple = ()  # every key it was given: each is an account of its pool (api_key is the first)
+    weight: float = 1.0  # each account's share of a pool's requests
+    timeouts: Timeouts = field(default_factory=Timeouts)
     _urls: dict = field(default_factory=dict, repr=False)
     _auth: dict | None = field(default=None, repr=False)
 
@@ -6665,6 +6849,11 @@ class Provider:
         return f"{base}/{path[operation]}"
 
 
+def provider_timeouts(cfg: Config, overrides: dict) -> Timeouts:
+    """The global upstream_*_timeout values, with a provider's own overrides."""
+    return Timeouts(*(overrides.get(kind, getattr(cfg, f"upstream_{kind}_timeout")) for kind in TIMEOUT_KINDS))
+
+
 def build_providers(cfg: Config) -> dict[str, Provider]:
     reasoning = tuple(g.strip() for g in cfg.reasoning_models.split(",") if g.strip())
     org = {"OpenAI-Organization": cfg.openai_org} if cfg.openai_org else {}
@@ -6686,7 +6875,14 @@ def build_providers(cfg: Config) -> dict[str, Provider]:
         flavor = "azure" if pc.type == "azure" else ("compatible" if protocol == "openai" else protocol)
         providers[name] = Provider(name, protocol, pc.base_url, pc.api_key, flavor, pc.models, pc.api_version,
                                    dict(pc.headers), "", reasoning, pc.responses_api)  # fmt: skip
-    for provider in providers.values():
+    for name, provider in providers.items():  # pools: the keys, weight and timeouts of each
+        pc = cfg.providers.get(name)
+        tuned = cfg.tuning.get(name, {}) if pc is None else {"weight": pc.weight, "timeouts": pc.timeouts}
+        provider.models = provider.models or tuned.get("models", [])
+        provider.keys = tuple(split_keys(provider.api_key))
+        provider.api_key = provider.keys[0] if provider.keys else ""
+        provider.weight = tuned.get("weight", 1.0)
+        provider.timeouts = provider_timeouts(cfg, tuned.get("timeouts", {}))
         provider.default_max_tokens = cfg.anthropic_max_tokens if provider.protocol == "anthropic" else 0
         provider.max_tokens_cap = cfg.openai_completion_max_tokens if provider.protocol == "openai" else 0
     return providers
@@ -6770,9 +6966,14 @@ class Route:
     provider: Provider
     model: str  # the model name the upstream sees
     requested: str
+    pool: tuple = ()  # every configured provider serving the model (provider first): see section 8
 
 
 class Router:
+    """First matching rule wins. Named providers' `models` globs come first, and every named
+    provider whose globs match serves in the model's pool; a route may name a pool itself
+    (`gpt-4o=>openai|azure`)."""
+
     def __init__(self, cfg: Config, providers: dict[str, Provider]):
         self.cfg = cfg
         self.providers = providers
@@ -6788,13 +6989,15 @@ class Router:
         legacy = parse_pairs(cfg.routes, "routes")
         legacy.sort(key=lambda rule: any(c in rule[0] for c in "*?["))  # stable: keeps their order otherwise
         self.rules: list[tuple[str, str]] = list(legacy)
+        named_start = len(self.rules)
         for provider in providers.values():
             self.rules.extend((glob_, provider.name) for glob_ in provider.models)
+        self.named_rules = (named_start, len(self.rules))  # the providers' own globs: all that match share a pool
         main_rules = parse_pairs(cfg.model_provider_routes, "model_provider_routes")
         self.rules.extend(main_rules)
         for key, rules in (("routes", legacy), ("model_provider_routes", main_rules)):
             for pattern, target in rules:
-                if target not in providers:
+                if any(name.strip() not in providers for name in target.split("|")):
                     raise ConfigError(
                         f"{key}: {pattern}=>{target} names an unknown provider; known: {', '.join(providers)}"
                     )
@@ -6809,12 +7012,13 @@ class Router:
         target = self.aliases.get(model)
         if target is None:
             target = next((t for glob_, t in self.alias_globs if glob_match(glob_, model)), model)
-        provider_name = "loopback" if self.offline else next((p for g, p in self.rules if glob_match(g, target)), None)
-        if provider_name is None:
+        names = ["loopback"] if self.offline else self._pool_of(target)
+        if not names:
             raise GatewayError(
                 404, f"model {model!r} matches no route; routes: {self.describe_routes()}", "not_found_error"
             )
-        provider = self.providers[provider_name]
+        pool = tuple(self.providers[n] for n in names if self.providers[n].configured)
+        provider = pool[0] if pool else self.providers[names[0]]
         if not provider.configured:
             setting = provider.key_setting
             raise GatewayError(
@@ -6823,10 +7027,20 @@ class Router:
                 f"set {setting} (or TOKLIGENCE_{setting.upper()}) in gateway.ini or the environment",
                 "invalid_request_error",
             )
-        route = Route(provider, target, model)
+        route = Route(provider, target, model, pool)
         if len(self._cache) < 10000:
             self._cache[model] = route
         return route
+
+    def _pool_of(self, target: str) -> list[str]:
+        """The names of the providers the first matching rule gives `target` (none: no route)."""
+        start, end = self.named_rules
+        for i, (pattern, name) in enumerate(self.rules):
+            if glob_match(pattern, target):
+                if start <= i < end:
+                    return list(dict.fromkeys(n for g, n in self.rules[start:end] if glob_match(g, target)))
+                return list(dict.fromkeys(n.strip() for n in name.split("|")))
+        return []
 
     def describe_routes(self) -> str:
         return ", ".join(f"{g}=>{p}" for g, p in self.rules)
@@ -6838,6 +7052,7 @@ class Router:
             seen.setdefault(alias, self.provider_of(target))
         if not self.offline:
             for pattern, provider in self.rules:
+                provider = provider.split("|")[0].strip()
                 if not any(c in pattern for c in "*?[") and self.providers[provider].configured:
                     seen.setdefault(pattern, provider)
         return list(seen.items())
@@ -6975,13 +7190,366 @@ class ModelCatalog:
 
 
 # ======================================================================================
-# 8. Ledger: one row per request, written by one background thread
+# 8. Pools and breakers: upstream accounts, weights, health, circuit breakers, failover chains
+# ======================================================================================
+#
+# An account is one key of one provider (`openai_api_key = k1, k2` makes openai#1 and openai#2).
+# A model's pool is every account of every provider serving it (Route.pool); its chain is that
+# pool, then the pools of its model_fallbacks in the order listed. Gateway.send_upstream walks
+# the chain for every lane, and is the one place that decides retries and failover:
+#   - the next account not tried yet and not cooling down, pool by pool: by weight (smooth
+#     weighted round robin), an account with fewer requests in flight per weight first;
+#   - then, while upstream_retries last, an account already tried whose failure allows asking
+#     it again (a failed connection, a 408/429/5xx/529), after a backoff or its Retry-After.
+# Breaker per account:
+#   closed --breaker_failures in a row--> open --cooldown--> half-open (one trial request)
+#   half-open --success--> closed;  half-open --failure--> open, the cooldown doubled (up to
+#   breaker_cooldown_max). A 429 cools the account for its Retry-After instead (without one the
+#   request just moves on) and counts no failure. Failures: connect errors, timeouts, 5xx, 529,
+#   401/403. A request that finds every account of its chain cooling down is answered at once
+#   (429 or 503 with Retry-After): a breaker exists not to hammer an upstream that is down.
+
+BREAKER_STATUSES = frozenset((401, 403, 408, 500, 502, 503, 504, 529))  # an answer that counts against the account
+FAILOVER_STATUSES = BREAKER_STATUSES | {429}  # answers after which the next account is tried
+ASK_AGAIN_STATUSES = FAILOVER_STATUSES - {401, 403}  # answers after which the same account may be asked again
+# errors a stream may open with, before any content, that still fail over (overloaded, rate limited, api
+# error): the upstream said no. A broken or garbled stream is no such answer.
+STREAM_FAILOVER_STATUSES = frozenset((429, 500, 503, 529))
+HOLD_LIMIT = 256 * 1024  # bytes of a passthrough stream's opening held back, at most
+MAX_RETRY_WAIT = 30.0  # longest a request waits for a backoff or a Retry-After before giving up
+
+
+@dataclass(slots=True)
+class BreakerSettings:
+    failures: int = 5
+    cooldown: float = 5.0
+    cooldown_max: float = 300.0
+
+
+class Account:
+    """One upstream key: its breaker, what it has in flight and its counters (for /health and
+    the metrics). `provider` is a Provider holding this one key."""
+
+    __slots__ = ("name", "provider", "weight", "settings", "in_flight", "credit", "state", "until", "failures",
+                 "opens", "trial", "requests", "errors", "last_status", "last_error", "_tags")  # fmt: skip
+
+    def __init__(self, name: str, provider: Provider, settings: BreakerSettings):
+        self.name = name
+        self.provider = provider
+        self.weight = provider.weight
+        self.settings = settings
+        self.in_flight = 0
+        self.credit = 0.0  # smooth weighted round robin
+        self.state = "closed"  # closed | open | cooling (a 429's Retry-After)
+        self.until = 0.0  # monotonic end of the cooldown; 0 while closed
+        self.failures = 0  # consecutive
+        self.opens = 0  # times opened in a row (the cooldown doubles each time)
+        self.trial = False  # a half-open breaker's one trial request is in flight
+        self.requests = 0
+        self.errors = 0
+        self.last_status = 0
+        self.last_error = ""
+        self._tags: dict[str, str] = {}
+
+    def ready(self, now: float) -> bool:
+        """May a request go to this account now?"""
+        until = self.until
+        return not until or (now >= until and not self.trial)
+
+    def begin(self, now: float) -> bool:
+        """A request goes out; True when it is a half-open breaker's trial."""
+        self.in_flight += 1
+        self.requests += 1
+        if self.until:  # a cooldown is over: a 429's simply ends; an open breaker lets this one through
+            if self.state == "cooling":
+                self.state, self.until = "closed", 0.0
+            else:
+                self.trial = True
+                return True
+        return False
+
+    def end(self, trial: bool) -> None:
+        """The upstream exchange is over (its answer read, or abandoned)."""
+        self.in_flight -= 1
+        if trial:
+            self.trial = False
+
+    def succeeded(self) -> None:
+        if self.failures or self.until:
+            self.failures = self.opens = 0
+            self.state, self.until = "closed", 0.0
+
+    def failed(self, status: int, message: str, now: float, trial: bool) -> None:
+        self._count_error(status, message)
+        self.failures += 1
+        if trial:  # the half-open trial failed: open again, for longer
+            self._open(now, self.opens + 1)
+        elif self.state != "open" and self.failures >= self.settings.failures:
+            self._open(now, 1)
+
+    def rate_limited(self, retry_after: float | None, message: str, now: float, trial: bool) -> None:
+        self._count_error(429, message)
+        if retry_after is None or (self.state == "open" and not trial):
+            return  # no time given: only this request moves on; or an older request's answer: the breaker stays
+        self.state, self.until = "cooling", now + min(retry_after, self.settings.cooldown_max)
+
+    def _open(self, now: float, opens: int) -> None:
+        self.opens = min(opens, 32)
+        cooldown = min(self.settings.cooldown * 2 ** (self.opens - 1), self.settings.cooldown_max)
+        self.state, self.until = "open", now + cooldown
+        log.warning("account %s: breaker open for %gs after %d failures (%s)", self.name, cooldown, self.failures,
+                    self.last_error[:200])  # fmt: skip
+
+    def _count_error(self, status: int, message: str) -> None:
+        self.errors += 1
+        self.last_status, self.last_error = status, redact(message[:300])
+
+    def status(self, now: float) -> str:
+        if not self.until:
+            return "closed"
+        if self.state == "cooling":
+            return "cooling" if now < self.until else "closed"
+        return "open" if now < self.until else "half_open"
+
+    def tags(self, model: str, attempts: int) -> str:
+        """The x-tgw-provider, x-tgw-model and x-tgw-attempts header lines of an answer from this
+        account (the usual first attempt's made once per model)."""
+        lines = self._tags.get(model)
+        if lines is None:
+            if len(self._tags) >= 256:  # model names are the client's to choose
+                self._tags.clear()
+            lines = self._tags[model] = (
+                f"x-tgw-provider: {header_safe(self.provider.name)}\r\nx-tgw-model: {header_safe(model[:200])}\r\n"
+                "x-tgw-attempts: 1\r\n"
+            )
+        return lines if attempts == 1 else f"{lines[:-3]}{attempts}\r\n"
+
+    def describe(self, now: float) -> dict:
+        """This account in /health (and `tgw status`)."""
+        return {
+            "provider": self.provider.name, "state": self.status(now), "weight": self.weight,
+            "in_flight": self.in_flight, "consecutive_failures": self.failures,
+            "cooldown_left_s": round(max(self.until - now, 0.0), 1), "requests": self.requests, "errors": self.errors,
+            "last_status": self.last_status, "last_error": self.last_error,
+        }  # fmt: skip
+
+
+def header_safe(text: str) -> str:
+    """A value fit for a response header: printable ASCII as is, anything else percent-encoded
+    (a model name is the client's and could carry CR LF)."""
+    return text if text.isascii() and text.isprintable() else quote(text, safe=" /:@+")
+
+
+@dataclass(slots=True)
+class Pool:
+    """The accounts serving one model, tried in weighted turn."""
+
+    model: str  # the model name these accounts are sent
+    accounts: tuple
+
+    def pick(self, now: float, tried: list) -> Account | None:
+        """The account to ask next for this model, of those not `tried` ((account, model) pairs)."""
+        accounts = self.accounts
+        if len(accounts) == 1:  # the usual pool: no arithmetic, and a closed breaker asks nothing more
+            account = accounts[0]
+            if (account.until and not account.ready(now)) or (tried and (account, self.model) in tried):
+                return None
+            return account
+        best = None
+        total = 0.0
+        for account in accounts:
+            if (tried and (account, self.model) in tried) or not account.ready(now):
+                continue
+            account.credit += account.weight
+            total += account.weight
+            if best is None:
+                best = account
+                continue
+            load, best_load = account.in_flight / account.weight, best.in_flight / best.weight
+            if load < best_load or (load == best_load and account.credit > best.credit):
+                best = account
+        if best is not None:
+            best.credit -= total
+        return best
+
+
+class Walk:
+    """One request's way through its chain: what it tried, what may be asked again, what is left."""
+
+    __slots__ = ("chain", "tried", "again", "retries", "asked", "wait", "end_by", "last_error", "previous")
+
+    def __init__(self, chain: tuple, retries: int):
+        self.chain = chain
+        self.tried: list = []  # (account, model): a fallback model may go to an account tried already
+        self.again: list = []  # [account, model, not before (monotonic)] that may be asked again
+        self.retries = retries
+        self.asked = 0  # accounts asked again so far (the backoff doubles each time)
+        self.wait = 0.0  # when next() found nothing: seconds until something may be ready (0: nothing will)
+        self.end_by = 0.0  # the request's deadline, set by its first attempt
+        self.last_error: GatewayError | None = None
+        self.previous = ""  # the provider of the last attempt
+
+    def next(self, now: float) -> tuple | None:
+        """(account, model, asked again?) to try now, or None (then `wait` says how long until
+        one may be, 0 when none will)."""
+        for pool in self.chain:
+            account = pool.pick(now, self.tried)
+            if account is not None:
+                self.tried.append((account, pool.model))
+                return account, pool.model, False
+        self.wait = 0.0
+        if self.retries <= 0 or not self.again:
+            return None
+        best = None
+        for entry in self.again:
+            account = entry[0]
+            if account.trial:  # another request's half-open trial
+                continue
+            at = max(entry[2], account.until)
+            if best is None or at < best[1]:
+                best = (entry, at)
+        if best is None:
+            return None
+        entry, at = best
+        if at > now:
+            self.wait = at - now
+            return None
+        self.retries -= 1
+        self.asked += 1
+        self.again.remove(entry)
+        return entry[0], entry[1], True
+
+    def failed(self, account: Account, model: str, now: float, ask_again: bool, retry_after: float | None = None):
+        """An attempt failed; the account may be asked again after a backoff (or the answer's Retry-After)."""
+        if ask_again and self.retries > 0:
+            self.again.append([account, model, now + max(0.25 * 2 ** min(self.asked, 5), retry_after or 0.0)])
+
+    def answered(self, account: Account, model: str, err: GatewayError, trial: bool) -> bool:
+        """An upstream answered `err` (its status, or an error a stream opened with): count it
+        against the account, and say whether another attempt may follow."""
+        now = time.monotonic()
+        if err.status == 429:
+            account.rate_limited(err.retry_after, err.message, now, trial)
+        elif err.status in BREAKER_STATUSES:
+            account.failed(err.status, err.message, now, trial)
+        else:
+            account.succeeded()  # it answered: the request is what failed, and is not tried elsewhere
+            return False
+        self.failed(account, model, now, err.status in ASK_AGAIN_STATUSES, err.retry_after)
+        self.last_error = err
+        return True
+
+    def unavailable(self, now: float) -> GatewayError:
+        """The error when no account of the chain could be asked: every one cooling down."""
+        accounts = [a for pool in self.chain for a in pool.accounts]
+        waits = [a.until - now for a in accounts if a.until > now]
+        retry_after = math.ceil(min(waits)) if waits else 1
+        limited = all(a.state == "cooling" for a in accounts if a.until)
+        last = next((a for a in accounts if a.last_error), None)
+        words = f"{last.last_error} " if last is not None else ""
+        model = self.chain[0].model if self.chain else "this model"
+        return GatewayError(
+            429 if limited else 503,
+            f"{words}(tgw: every upstream account for {model} is cooling down; retry in {retry_after} s)",
+            retry_after=retry_after,
+        )
+
+
+class Pools:
+    """Every account, and every model's chain of pools. Built from a configuration; `rebuild`
+    takes a new one (live reload) and keeps the state of the accounts it still has."""
+
+    def __init__(self, cfg: Config, providers: dict[str, Provider], router: Router):
+        self.accounts: dict[str, Account] = {}
+        self.settings = BreakerSettings()
+        self.attempts = 0  # upstream requests sent, all accounts
+        self.retries = 0  # ... of which to an account this request had tried already
+        self.failovers = 0  # ... of which to another account or fallback model than the last attempt's
+        self.rebuild(cfg, providers, router)
+
+    @staticmethod
+    def fallbacks_of(cfg: Config, router: Router) -> list:
+        """model_fallbacks as (pattern, model) pairs, each model checked to route somewhere real."""
+        fallbacks = [] if router.offline else parse_pairs(cfg.model_fallbacks, "model_fallbacks")
+        for pattern, model in fallbacks:
+            try:
+                route = router.resolve(model)
+            except GatewayError as err:
+                raise ConfigError(f"model_fallbacks: {pattern}=>{model}: {err.message}") from None
+            if route.provider.protocol == "loopback":
+                raise ConfigError(f"model_fallbacks: {pattern}=>{model}: the loopback model cannot be a fallback")
+        return fallbacks
+
+    def rebuild(self, cfg: Config, providers: dict[str, Provider], router: Router) -> None:
+        fallbacks = self.fallbacks_of(cfg, router)  # (a ConfigError changes nothing)
+        self.settings.failures = cfg.breaker_failures
+        self.settings.cooldown = cfg.breaker_cooldown
+        self.settings.cooldown_max = cfg.breaker_cooldown_max
+        self.router, self.fallbacks = router, fallbacks
+        old = {(a.provider.name, a.provider.base_url, a.provider.api_key): a for a in self.accounts.values()}
+        self.accounts = {}
+        self.of_provider: dict[str, tuple] = {}
+        for provider in providers.values():
+            if provider.protocol == "loopback" or not provider.configured:
+                continue
+            keys = provider.keys or ("",)
+            members = []
+            for number, key in enumerate(keys, 1):
+                name = provider.name if len(keys) == 1 else f"{provider.name}#{number}"
+                one = provider if len(keys) == 1 else replace(provider, api_key=key, keys=(key,), _urls={}, _auth=None)
+                account = old.get((provider.name, provider.base_url, key))
+                if account is None:
+                    account = Account(name, one, self.settings)
+                account.name, account.provider, account.weight = name, one, provider.weight
+                account._tags.clear()
+                self.accounts[name] = account
+                members.append(account)
+            self.of_provider[provider.name] = tuple(members)
+        self._chains: dict[tuple, tuple] = {}
+
+    def chain(self, route: Route, fallbacks: bool = True) -> tuple:
+        """The pools a request for `route` may try, in order: its own, then its fallbacks'."""
+        key = (route.requested, fallbacks)
+        chain = self._chains.get(key)
+        if chain is None:
+            chain = [Pool(route.model, self.pool_accounts(route))]
+            if fallbacks:
+                seen = {route.model}
+                for pattern, model in self.fallbacks:
+                    if model not in seen and (glob_match(pattern, route.requested) or glob_match(pattern, route.model)):
+                        seen.add(model)
+                        fallback = self.router.resolve(model)
+                        chain.append(Pool(fallback.model, self.pool_accounts(fallback)))
+            chain = tuple(pool for pool in chain if pool.accounts)
+            if len(self._chains) >= 10000:
+                self._chains.clear()
+            self._chains[key] = chain
+        return chain
+
+    def pool_accounts(self, route: Route) -> tuple:
+        return tuple(a for provider in route.pool or (route.provider,) for a in self.of_provider.get(provider.name, ()))
+
+    def describe(self) -> dict:
+        now = time.monotonic()
+        return {name: account.describe(now) for name, account in self.accounts.items()}
+
+    BREAKER_GAUGE = {"closed": 0, "half_open": 1, "open": 2, "cooling": 2}
+
+    def breaker_states(self) -> list:
+        """((provider, account), 0 closed | 1 half-open | 2 open or cooling down) per account: /metrics."""
+        now = time.monotonic()
+        gauge = self.BREAKER_GAUGE
+        return [((a.provider.name, name), gauge[a.status(now)]) for name, a in self.accounts.items()]
+
+
+# ======================================================================================
+# 9. Ledger: one row per request, written by one background thread
 # ======================================================================================
 
 LEDGER_COLUMNS = (
     "ts", "request_id", "api_key_id", "user", "client_protocol", "endpoint", "lane", "provider", "model_requested",
     "model_upstream", "stream", "status", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens",
-    "cost_usd", "latency_ms", "ttft_ms", "error", "key_id", "user_id",
+    "cost_usd", "latency_ms", "ttft_ms", "error", "attempts", "account", "key_id", "user_id",
 )  # fmt: skip
 LEDGER_MIGRATIONS = [
     # version 1
@@ -6995,8 +7563,11 @@ LEDGER_MIGRATIONS = [
     """CREATE TABLE IF NOT EXISTS responses (
         id TEXT PRIMARY KEY, created REAL NOT NULL, model TEXT, input TEXT NOT NULL, response TEXT NOT NULL);
     CREATE INDEX IF NOT EXISTS responses_created ON responses(created);""",
-    # version 3: users and API keys (section 9), who made each request, who owns each stored response.
-    # One transaction, so a file is either at version 2 or wholly at version 3.
+    # version 3: failover (section 8): upstream requests made, and the account that answered (or failed last)
+    """ALTER TABLE requests ADD COLUMN attempts INTEGER;
+    ALTER TABLE requests ADD COLUMN account TEXT;""",
+    # version 4: users and API keys (section 10), who made each request, who owns each stored response.
+    # One transaction, so a file is either at version 3 or wholly at version 4.
     """BEGIN;
     CREATE TABLE users (
         id INTEGER PRIMARY KEY AUTOINCREMENT, email TEXT NOT NULL, display_name TEXT NOT NULL DEFAULT '',
@@ -7027,7 +7598,7 @@ LEDGER_MIGRATIONS = [
     ALTER TABLE requests ADD COLUMN user_id INTEGER;
     CREATE INDEX requests_key ON requests(key_id, ts) WHERE key_id IS NOT NULL;
     ALTER TABLE responses ADD COLUMN owner TEXT NOT NULL DEFAULT '';
-    PRAGMA user_version = 3;
+    PRAGMA user_version = 4;
     COMMIT;""",
 ]
 
@@ -7615,7 +8186,7 @@ def query_usage(db: sqlite3.Connection, group: str, since: float) -> list[tuple]
 
 
 def query_logs(db: sqlite3.Connection, limit: int, user_ids: list | None = None) -> list[dict]:
-    """The latest rows, optionally only those of some users (section 9's ids)."""
+    """The latest rows, optionally only those of some users (section 10's ids)."""
     db.row_factory = sqlite3.Row
     where = ""
     if user_ids is not None:  # through the index on key_id (a user's rows are its keys' rows)
@@ -7625,10 +8196,10 @@ def query_logs(db: sqlite3.Connection, limit: int, user_ids: list | None = None)
 
 
 # ======================================================================================
-# 9. Identity: users, keys, budgets, rate limits
+# 10. Identity: users, keys, budgets, rate limits
 # ======================================================================================
 #
-# Users and their API keys live in the ledger's database (migration 3), so one sqlite file says
+# Users and their API keys live in the ledger's database (migration 4), so one sqlite file says
 # who exists and what each spent. A key is `tok_` + 32 random bytes (base64url, 47 characters);
 # only its SHA-256 and a 12-character display prefix are stored, and the key is shown once.
 #
@@ -8475,7 +9046,7 @@ class Identity:
 
 
 # ======================================================================================
-# 10. Gateway: endpoints wired into the pipeline
+# 11. Gateway: endpoints wired into the pipeline
 # ======================================================================================
 #
 # Every model call takes one of three lanes:
@@ -8509,12 +9080,43 @@ class Call:
     user: str = ""
     encoder: object = None  # the client's stream encoder, once a canonical lane streams
     prices: object = None  # the PriceTable in force when the model call began
-    principal: Principal | None = None  # the key that authenticated the request (section 9)
+    attempts: int = 0  # upstream requests made (section 8)
+    account: str = ""  # the account that answered, or failed last
+    status: int = 0  # a failure after the 200 (a stream's error event): the ledger's status
+    unconfirmed: object = None  # the account of a stream that has shown no content yet (section 8)
+    principal: Principal | None = None  # the key that authenticated the request (section 10)
     reservation: Reservation | None = None  # its hold on budgets and the token rate, until record()
 
     def start_stream(self) -> None:
         if not self.exchange.started:
             self.exchange.start_stream(200, getattr(self.encoder, "content_type", "text/event-stream"))
+
+
+# does a provider take a client's body in this protocol as it is (passthrough)?
+SPEAKS = {
+    "openai": lambda provider: provider.protocol == "openai",
+    "anthropic": lambda provider: provider.protocol == "anthropic",
+    "gemini": lambda provider: provider.protocol == "gemini",
+    "responses": lambda provider: provider.speaks_responses,
+    "none": lambda provider: False,
+}
+
+
+@dataclass(slots=True)
+class Outbound:
+    """What a model call sends upstream, whichever lane each attempt takes (Gateway.forward)."""
+
+    body: dict | None  # the client's JSON body for passthrough; None: translation only
+    operation: str  # its upstream operation: chat, messages, responses, generate, embeddings, count_tokens...
+    native: object  # SPEAKS[...]: does a provider take `body` as it is?
+    decode: object = None  # () -> (Request, stream encoder or None, event filter or None); None: no translation
+    fallbacks: bool = True  # may the model's fallbacks answer?
+    req: Request | None = None  # the canonical request, once decoded
+    encoder: object = None
+    event_filter: object = None
+    hide_usage: bool = False  # usage was asked for the ledger: keep it from the client
+    client_model: str | None = None  # the model the client's body names
+    through: object = None  # the route's provider when it takes the body as it is (decided once)
 
 
 class Heartbeat:
@@ -8556,9 +9158,13 @@ def client_key_of(request: HttpRequest) -> str:
 class Gateway:
     def __init__(self, cfg: Config, ledger: Ledger | None = None):
         self.cfg = cfg
-        self.pool = UpstreamPool(cfg.upstream_connect_timeout, cfg.upstream_read_timeout)
+        self.pool = UpstreamPool(cfg.upstream_connect_timeout, cfg.upstream_read_timeout, cfg.upstream_first_byte_timeout,
+                                 cfg.upstream_total_timeout, cfg.upstream_max_idle_per_origin, cfg.upstream_max_idle,
+                                 cfg.upstream_idle_expiry)  # fmt: skip
         self.providers = build_providers(cfg)
         self.router = Router(cfg, self.providers)
+        self.pools = Pools(cfg, self.providers, self.router)
+        self.pool.watchdog.tick = watchdog_tick(self.providers.values())
         self.ledger = ledger or Ledger(cfg.ledger_path, cfg.ledger_queue_size)
         self.prices = PriceTable(cfg.prices)
         self.loopback = LoopbackModel()
@@ -8598,6 +9204,18 @@ class Gateway:
         self.servers: dict[str, HttpServer] = {}
         self.telemetry = Telemetry(self)
         self.metrics = self.telemetry.metrics  # the registry: metrics.counter(name, help, labels).inc(values), ...
+        self.telemetry.breakers.callback = self.pools.breaker_states
+
+    def rebuild_pools(self) -> None:
+        """After self.cfg, self.providers and self.router were made anew (live reload): the upstream
+        accounts, chains and breaker settings follow (an account whose provider, URL and key stay
+        keeps its breaker and counters), and so do the idle-connection caps and the watchdog's tick."""
+        cfg = self.cfg
+        self.pools.rebuild(cfg, self.providers, self.router)
+        self.pool.timeouts = provider_timeouts(cfg, {})  # for requests of no provider's (model lists, the chat)
+        self.pool.max_idle_per_origin, self.pool.max_idle = cfg.upstream_max_idle_per_origin, cfg.upstream_max_idle
+        self.pool.idle_expiry = cfg.upstream_idle_expiry
+        self.pool.watchdog.tick = watchdog_tick(self.providers.values())
 
     def close(self) -> None:
         self.catalog.close()
@@ -8626,6 +9244,7 @@ class Gateway:
         providers = build_providers(cfg)
         router = Router(cfg, providers)
         prices = PriceTable(cfg.prices)
+        Pools.fallbacks_of(cfg, router)  # model_fallbacks checked before anything changes
         catalog = ModelCatalog(router, self.pool, cfg.anthropic_version)
         changed = changed_settings(self.cfg, cfg)
         restart = [key for key in changed if key in RESTART_KEYS]
@@ -8634,7 +9253,7 @@ class Gateway:
         self.catalog = catalog  # model lists fetched again, with the new providers and keys
         old_catalog.close()
         self._upstream_headers = {}
-        self.pool.connect_timeout, self.pool.read_timeout = cfg.upstream_connect_timeout, cfg.upstream_read_timeout
+        self.rebuild_pools()  # accounts, breakers, chains, timeouts, idle-connection caps (section 8)
         self.ledger.queue_size = cfg.ledger_queue_size
         self.responses_store.retention = cfg.responses_retention_days * 86400
         self.telemetry.apply_config(cfg)  # log level, format and file, the access log
@@ -8711,7 +9330,7 @@ class Gateway:
             self.telemetry.request_ended(call)  # metrics and the access log line
 
     def authenticate(self, request: HttpRequest, call: Call) -> None:
-        """Every path but the public ones: once keys are required (section 9), the key the client
+        """Every path but the public ones: once keys are required (section 10), the key the client
         sent in its own protocol's place names its principal, or the request gets a 401."""
         key = client_key_of(request)
         if not self.identity.required:
@@ -8731,6 +9350,7 @@ class Gateway:
             extra = [("Retry-After", str(int(err.retry_after)))] if err.retry_after else []
             ex.send_json(err.status, call.codec.encode_error(err), extra + list(err.headers))
         elif ex.streaming and not ex.finished:
+            call.status = err.status  # the 200 went out (keep-alives): the ledger records the failure
             encoder = call.encoder
             ex.write(encoder.encode(StreamError(err)) if encoder is not None else call.codec.encode_stream_error(err))
             ex.end_stream()
@@ -8770,9 +9390,9 @@ class Gateway:
         principal = call.principal
         row = (
             call.ts, ex.request_id, call.api_key_id, call.user, call.codec.name, call.endpoint, call.lane, call.provider,
-            call.model_requested, model, int(call.stream), ex.status or 499, usage.input_tokens, usage.output_tokens,
-            usage.cached_tokens, usage.reasoning_tokens, cost, latency, ttft, str(call.error)[:1000],
-            principal.key_id if principal else None, principal.user_id if principal else None,
+            call.model_requested, model, int(call.stream), call.status or ex.status or 499, usage.input_tokens,
+            usage.output_tokens, usage.cached_tokens, usage.reasoning_tokens, cost, latency, ttft, str(call.error)[:1000],
+            call.attempts, call.account, principal.key_id if principal else None, principal.user_id if principal else None,
         )  # fmt: skip
         self.ledger.record(row)
 
@@ -8809,6 +9429,9 @@ class Gateway:
             "status": "ok" if healthy else "degraded", "version": __version__, "work_mode": self.cfg.work_mode,
             "offline": self.router.offline, "routes": [f"{g}=>{p}" for g, p in self.router.rules],
             "aliases": {**self.router.aliases, **dict(self.router.alias_globs)}, "providers": providers,
+            "accounts": self.pools.describe(),
+            "upstream": {"attempts": self.pools.attempts, "retries": self.pools.retries,
+                         "failovers": self.pools.failovers, "idle_connections": self.pool.idle_count},
             "uptime_s": round(time.time() - self.started_at, 1), "ledger_rows_written": self.ledger.written,
             "ledger": ledger,
         })  # fmt: skip
@@ -8850,22 +9473,6 @@ class Gateway:
             call.reservation = self.identity.admit(call, route, body)
         return route
 
-    def choose_lane(self, call: Call, route: Route, native: bool) -> str:
-        provider = route.provider
-        if provider.protocol == "loopback":
-            lane = "loopback"
-        elif native and self.cfg.work_mode != "translation":
-            lane = "passthrough"
-        elif self.cfg.work_mode == "passthrough":
-            raise bad_request(
-                f"work_mode=passthrough refuses translation: this endpoint speaks {call.codec.name} but model "
-                f"{call.model_requested!r} is served by {provider.name!r}, which speaks {provider.protocol}"
-            )
-        else:
-            lane = "translation"
-        call.lane = lane
-        return lane
-
     async def chat_completions(self, request: HttpRequest, call: Call) -> None:
         await self.model_call(request, call, "openai", "chat")
 
@@ -8873,17 +9480,15 @@ class Gateway:
         await self.model_call(request, call, "anthropic", "messages")
 
     async def model_call(self, request: HttpRequest, call: Call, native_protocol: str, operation: str) -> None:
-        """A Chat Completions or Messages call: passthrough when the provider speaks the
+        """A Chat Completions or Messages call: passthrough to a provider that speaks the
         client's protocol, the canonical lanes otherwise."""
         body = parse_json_body(request.body)
         model = field_of(body, "model", str, required=True)
         stream = bool(field_of(body, "stream", bool, default=False))
         route = self.begin_model_call(call, model, stream, body)
-        lane = self.choose_lane(call, route, route.provider.protocol == native_protocol)
-        if lane == "passthrough":
-            await self.passthrough(request, call, route, body, operation)
-        else:
-            await self.canonical_call(request, call, route, call.codec.decode_request(body), lane)
+        codec = call.codec
+        await self.forward(request, call, route, Outbound(body, operation, SPEAKS[native_protocol],
+                                                          lambda: (codec.decode_request(body), None, None)))  # fmt: skip
 
     async def count_tokens(self, request: HttpRequest, call: Call) -> None:
         """Anthropic's own count on passthrough; otherwise an estimate of everything sent."""
@@ -8894,47 +9499,121 @@ class Gateway:
         if call.principal is not None:
             self.identity.check_model(call.principal, model, route.model)
         if route.provider.protocol == "anthropic" and self.cfg.work_mode != "translation":
-            if route.model != model:
-                body["model"] = route.model
-            url = route.provider.url("count_tokens")
-            resp = await self.send_upstream(call, route.provider, url, dumps(body), request, call.codec)
-            call.exchange.send(resp.status, await resp.read(), "application/json")
+            await self.forward(
+                request, call, route, Outbound(body, "count_tokens", SPEAKS["anthropic"], fallbacks=False)
+            )
             return
         call.exchange.send_json(200, {"input_tokens": anthropic_count_tokens_estimate(body)})
 
-    async def canonical_call(self, request: HttpRequest, call: Call, route: Route, req: Request, lane: str,
-                             encoder=None, event_filter=None) -> dict | None:  # fmt: skip
-        """Loopback and translation lanes: the client's canonical request, answered in its
-        protocol. `event_filter` (event -> events) rewrites the answer, streamed or not.
-        Returns the response object the client got (the Responses lane stores it)."""
-        call.user = call.user or req.user
-        if self.cfg.loop_guard:
-            guard_tool_loops(req, self.cfg.loop_guard_window, self.cfg.loop_guard_warn, self.cfg.loop_guard_stop)
-        if req.stream and encoder is None:
-            encoder = call.codec.stream_encoder(req)
-        if event_filter is not None and encoder is not None:
-            encoder = FilteredEncoder(encoder, event_filter)
-        call.encoder = encoder
-        if lane == "loopback":
-            result = self.loopback.complete(req)
-            return self.answer(call, req, result, encoder, self.loopback.stream_events(result), event_filter)
-        upstream_codec = self.codecs[route.provider.protocol]
-        body = upstream_codec.encode_request(req, route.model, route.provider)
-        operation = CALL_OPERATIONS[route.provider.protocol]
+    async def forward(self, request: HttpRequest, call: Call, route: Route, out: Outbound) -> dict | None:
+        """Answer a model call. Loopback answers it here; otherwise each attempt goes to the next
+        account of the route's chain (section 8): by passthrough when that account's provider
+        speaks the client's protocol, by translation when it speaks another. Returns the response
+        object a translated answer gave the client (the Responses lane stores it)."""
+        lane = self.lane_of(call, route, out)
+        if lane != "passthrough":
+            req = self.canonical(call, out)  # decoded now: a bad request is a 400 before anything is sent
+            if lane == "loopback":
+                result = self.loopback.complete(req)
+                return self.answer(
+                    call, req, result, out.encoder, self.loopback.stream_events(result), out.event_filter
+                )
+        if out.body is not None:
+            out.client_model = out.body.get("model")
+            if call.stream and call.codec.name == "openai":
+                options = out.body.get("stream_options")
+                options = options if isinstance(options, dict) else {}
+                if not options.get("include_usage"):  # ask anyway, for the ledger; the client will not see it
+                    out.body["stream_options"] = {**options, "include_usage": True}
+                    out.hide_usage = True
         heartbeat = (
-            Heartbeat(call, self.cfg.stream_keepalive, getattr(encoder, "keepalive", None)) if req.stream else None
+            Heartbeat(call, self.cfg.stream_keepalive, getattr(out.encoder, "keepalive", None)) if call.stream else None
         )
         try:
-            url = route.provider.url(operation, route.model, req.stream)
-            resp = await self.send_upstream(call, route.provider, url, dumps(body), request, upstream_codec)
-            if "text/event-stream" in resp.headers.get("content-type", ""):
-                await self.relay_translated_stream(call, resp, upstream_codec, req, encoder)
-                return getattr(encoder, "response", None)
-            result = upstream_codec.decode_response(json_or_502(await resp.read(), route.provider.name))
-            return self.answer(call, req, result, encoder, None, event_filter)
+            walk = Walk(self.pools.chain(route, out.fallbacks), self.cfg.upstream_retries)
+            while True:
+                resp, account, trial = await self.send_upstream(call, walk, request, out)
+                try:
+                    if call.lane != "passthrough":
+                        return await self.relay_translated(call, resp, account.provider, out)
+                    if resp.event_stream:
+                        await self.relay_passthrough_stream(call, resp, heartbeat, out.hide_usage)
+                    else:
+                        self.relay_passthrough(call, resp, await resp.read())
+                    return None
+                except Unanswered as unanswered:  # the stream opened with an error: the client saw none of it
+                    call.unconfirmed = None
+                    walk.answered(account, call.model_upstream, unanswered.error, trial)
+                finally:
+                    account.end(trial)
         finally:
             if heartbeat:
                 heartbeat.cancel()
+
+    def lane_of(self, call: Call, route: Route, out: Outbound) -> str:
+        """The lane of the route's own provider (a fallback's attempt may take another one), or
+        the 400 of a request that cannot be answered as work_mode says."""
+        provider = route.provider
+        if self.passes_through(out, provider):
+            call.lane = "passthrough"
+            out.through = provider
+        elif out.decode is None:
+            raise bad_request(
+                f"model {call.model_requested!r} is served by {provider.name!r}, which cannot answer this"
+            )
+        elif provider.protocol == "loopback":
+            call.lane = "loopback"
+        elif self.cfg.work_mode == "passthrough":
+            raise bad_request(
+                f"work_mode=passthrough refuses translation: this endpoint speaks {call.codec.name} but model "
+                f"{call.model_requested!r} is served by {provider.name!r}, which speaks {provider.protocol}"
+            )
+        else:
+            call.lane = "translation"
+        return call.lane
+
+    def passes_through(self, out: Outbound, provider: Provider) -> bool:
+        """Does `provider` take the client's body as it is (the passthrough lane)?"""
+        return (
+            out.body is not None
+            and out.native(provider)
+            and (self.cfg.work_mode != "translation" or out.decode is None)
+        )
+
+    def canonical(self, call: Call, out: Outbound) -> Request:
+        """The call's canonical request, decoded once (when a lane first needs it), with the
+        loop guard applied and the client's stream encoder made."""
+        if out.req is None:
+            req, encoder, event_filter = out.decode()
+            call.user = call.user or req.user
+            if self.cfg.loop_guard:
+                guard_tool_loops(req, self.cfg.loop_guard_window, self.cfg.loop_guard_warn, self.cfg.loop_guard_stop)
+            if req.stream and encoder is None:
+                encoder = call.codec.stream_encoder(req)
+            if event_filter is not None and encoder is not None:
+                encoder = FilteredEncoder(encoder, event_filter)
+            out.req, out.encoder, out.event_filter = req, encoder, event_filter
+            call.encoder = encoder
+        return out.req
+
+    def outbound_request(self, call: Call, request: HttpRequest, out: Outbound, provider: Provider, model: str):
+        """What one attempt sends `provider` for `model`: (url, body, upstream codec, lane). A
+        provider of another protocol gets the request by translation; GatewayError when that
+        is not allowed or not possible (the attempt loop then skips the provider)."""
+        if provider is out.through or self.passes_through(out, provider):
+            body = request.body
+            if out.hide_usage or (out.client_model is not None and out.client_model != model):
+                out.body["model"] = model  # Gemini names it in the URL instead
+                body = dumps(out.body)
+            return provider.url(out.operation, model, call.stream), body, call.codec, "passthrough"
+        if out.decode is None or self.cfg.work_mode == "passthrough":
+            raise GatewayError(
+                400, f"provider {provider.name!r} does not speak {call.codec.name} and cannot translate this"
+            )
+        req = self.canonical(call, out)
+        codec = self.codecs[provider.protocol]
+        body = dumps(codec.encode_request(req, model, provider))
+        return provider.url(CALL_OPERATIONS[provider.protocol], model, req.stream), body, codec, "translation"
 
     def answer(
         self, call: Call, req: Request, result: Response, encoder, events=None, event_filter=None
@@ -8965,6 +9644,16 @@ class Gateway:
             call.usage = ev.usage
         elif isinstance(ev, StreamError):
             call.error = ev.error.message
+            call.status = ev.error.status  # the stream failed after its 200: the ledger says so
+
+    async def relay_translated(self, call: Call, resp: UpstreamResponse, provider: Provider, out: Outbound):
+        """An upstream's answer in another protocol, converted for the client."""
+        codec = self.codecs[provider.protocol]
+        if resp.event_stream:
+            await self.relay_translated_stream(call, resp, codec, out.req, out.encoder)
+            return getattr(out.encoder, "response", None)
+        result = codec.decode_response(json_or_502(await resp.read(), provider.name))
+        return self.answer(call, out.req, result, out.encoder, None, out.event_filter)
 
     async def relay_translated_stream(
         self, call: Call, resp: UpstreamResponse, upstream_codec: Codec, req: Request, encoder
@@ -8972,16 +9661,27 @@ class Gateway:
         ex = call.exchange
         decoder = upstream_codec.stream_decoder()
         parser = SSEParser()
-        call.start_stream()
+        held: list = []  # the stream's opening (MessageStart), kept until its first content
 
-        def emit(events) -> bool:
+        def emit(events, opening: bool = True) -> bool:
             """Encode events for the client; False once an error has ended the stream."""
             for ev in events:
+                if held is not None and opening and len(held) < 64 and self.still_opening(ev):
+                    held.append(ev)  # (bounded: an upstream that only ever opens gets no more chances)
+                    continue
+                release()
                 self.observe(call, ev)
                 ex.write(encoder.encode(ev))
                 if isinstance(ev, StreamError):
                     return False
             return True
+
+        def release() -> None:
+            nonlocal held
+            if held is not None:
+                self.stream_shows_content(call)
+                opening, held = held, None
+                emit(opening, False)
 
         try:
             going = True
@@ -8990,60 +9690,71 @@ class Gateway:
                 await ex.drain()
             if going:
                 going = all(emit(decoder.feed(sse)) for sse in parser.finish()) and emit(decoder.finish())
+            release()
         except GatewayError as err:  # the upstream broke mid-stream: tell the client in-stream
-            emit([StreamError(err)])
+            emit([StreamError(err)], False)
         finally:
             resp.close() if not resp.done else resp.release()
         ex.end_stream()
 
-    async def passthrough(self, request: HttpRequest, call: Call, route: Route, body: dict, operation: str) -> None:
-        """Same protocol on both sides: forward bytes, observe usage."""
-        provider = route.provider
-        raw = request.body
-        hide_usage = False
-        if call.stream and call.codec.name == "openai":
-            options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
-            if not options.get("include_usage"):  # ask anyway, for the ledger; the client will not see it
-                body["stream_options"] = {**options, "include_usage": True}
-                hide_usage = True
-        if hide_usage or ("model" in body and route.model != body["model"]):  # Gemini names it in the URL
-            body["model"] = route.model
-            raw = dumps(body)
-        heartbeat = Heartbeat(call, self.cfg.stream_keepalive) if call.stream else None
-        try:
-            url = provider.url(operation, route.model, call.stream)
-            resp = await self.send_upstream(call, provider, url, raw, request, call.codec)
-            if "text/event-stream" in resp.headers.get("content-type", ""):
-                await self.relay_passthrough_stream(call, resp, heartbeat, hide_usage)
-            else:
-                data = await resp.read()
-                call.usage = call.codec.usage_of(data)
-                if call.exchange.started:  # a keep-alive already opened a stream: finish it with the body
-                    call.exchange.write(data)
-                    call.exchange.end_stream()
-                else:
-                    call.exchange.send(resp.status, data, resp.headers.get("content-type", "application/json"))
-        finally:
-            if heartbeat:
-                heartbeat.cancel()
+    @staticmethod
+    def still_opening(ev) -> bool:
+        """Is this event part of a stream's opening, before any content? An error the upstream
+        opens its stream with (overloaded, rate limited) is raised as Unanswered: nothing has
+        reached the client, so the attempt loop can still go to another account."""
+        if type(ev) is MessageStart:
+            return True
+        if type(ev) is StreamError and ev.error.status in STREAM_FAILOVER_STATUSES:
+            raise Unanswered(ev.error)
+        return False
+
+    @staticmethod
+    def stream_shows_content(call: Call) -> None:
+        """The first content (or the end) of a stream: its head goes out, and its account succeeded."""
+        call.start_stream()
+        if call.unconfirmed is not None:
+            call.unconfirmed.succeeded()
+            call.unconfirmed = None
+
+    @staticmethod
+    def relay_passthrough(call: Call, resp: UpstreamResponse, data: bytes) -> None:
+        """Same protocol on both sides, a whole answer: its bytes go to the client as they are,
+        usage observed (streams: relay_passthrough_stream)."""
+        call.usage = call.codec.usage_of(data)
+        if call.exchange.started:  # a keep-alive already opened a stream: finish it with the body
+            call.exchange.write(data)
+            call.exchange.end_stream()
+        else:
+            call.exchange.send(resp.status, data, resp.headers.get("content-type", "application/json"))
 
     async def relay_passthrough_stream(self, call: Call, resp: UpstreamResponse, heartbeat, hide_usage: bool) -> None:
         ex = call.exchange
         observer = call.codec.stream_decoder()
         parser = SSEParser()
-        call.start_stream()
+        held: list | None = []  # the stream's opening bytes, kept until its first content (still_opening)
         try:
             while chunk := await resp.next_chunk():
                 events = parser.feed(chunk)
                 for sse in events:
                     for ev in observer.feed(sse):
+                        if held is not None and not self.still_opening(ev):
+                            held = self.release_opening(call, held)
                         self.observe(call, ev)
-                if hide_usage:
-                    chunk = b"".join(sse.raw for sse in events if not is_usage_only_chunk(sse))
+                data = b"".join(sse.raw for sse in events if not is_usage_only_chunk(sse)) if hide_usage else chunk
+                if call.error:
+                    data = redact.raw(data)  # an upstream error event may quote a key
+                if held is None:
+                    ex.write(data)
                 else:
+                    held.append(data)
+                    if len(held) < 256 and sum(map(len, held)) < HOLD_LIMIT:
+                        continue
+                    held = self.release_opening(call, held)  # an opening that never ends is sent as it is
+                if heartbeat is not None and not hide_usage:
                     heartbeat.mid_event = bool(parser.buffer)
-                ex.write(redact.raw(chunk) if call.error else chunk)  # an upstream error event may quote a key
                 await ex.drain()
+            if held is not None:
+                held = self.release_opening(call, held)
             for sse in parser.finish():  # an unterminated last event: its bytes went out already
                 ex.write(sse.raw if hide_usage else b"\n\n")
                 for ev in observer.feed(sse):
@@ -9051,40 +9762,105 @@ class Gateway:
             for ev in observer.finish():  # streams without an end event (Gemini) settle usage here
                 self.observe(call, ev)
         except GatewayError as err:
-            call.error = err.message
+            if held is not None:
+                held = self.release_opening(call, held)
+            call.error, call.status = err.message, err.status
             cut = b"\n\n" if parser.buffer and not hide_usage else b""  # end the half-sent event first
             ex.write(cut + call.codec.encode_stream_error(err))
         finally:
             resp.close() if not resp.done else resp.release()
         ex.end_stream()
 
-    async def send_upstream(self, call: Call, provider: Provider, url: str, body: bytes, request: HttpRequest,
-                            upstream_codec: Codec) -> UpstreamResponse:  # fmt: skip
-        """POST to an upstream, retrying 429/5xx and connection failures (nothing has reached
-        the client yet, so a retry is safe). Errors come back as GatewayError with the
-        upstream's status and words."""
-        headers = self.upstream_headers(provider, request)
-        attempts = max(self.cfg.upstream_retries, 0) + 1
-        for attempt in range(attempts):
-            last = attempt == attempts - 1
-            self.telemetry.upstream_attempt(provider.name, attempt)
+    def release_opening(self, call: Call, held: list) -> None:
+        """A passthrough stream's first content: what it opened with goes out first."""
+        self.stream_shows_content(call)
+        for data in held:
+            call.exchange.write(data)
+
+    async def send_upstream(self, call: Call, walk: Walk, request: HttpRequest, out: Outbound) -> tuple:
+        """The attempt loop: the one place that decides retries and failover, for every lane
+        (section 8 says how the next account is chosen). Nothing but keep-alive pings can have
+        reached the client while it runs, so after each failure it may move on:
+          - a connection that could not be made never reached the model: that account may be
+            asked again (upstream_retries) once the others were;
+          - a 429/5xx/529 (or 401/403) answer: the next account or fallback model, the same
+            account again after a backoff (or its Retry-After) when none is left;
+          - a request sent but not answered (a timeout, a dropped connection) may be running
+            upstream, so it is never sent again: the client gets that error.
+        All within one deadline: the first account's total timeout. Returns (response, account,
+        trial) for the first answer below 400, and the caller ends the account's exchange when
+        it has relayed it (and calls again, with the same walk, when a stream opened with an
+        error: Unanswered). When every attempt fails the client gets the last upstream's status
+        and words."""
+        pools = self.pools
+        now = time.monotonic()
+        while True:
+            target = walk.next(now)
+            if target is None:
+                wait = walk.wait
+                if wait and wait <= MAX_RETRY_WAIT and now + wait < walk.end_by:
+                    await asyncio.sleep(wait)
+                    now = time.monotonic()
+                    continue
+                raise walk.last_error or walk.unavailable(now)
+            account, model, again = target
+            provider = account.provider
             try:
-                resp = await self.pool.request("POST", url, headers, body)
-            except GatewayError as err:
-                if last or err.status not in (502, 504) or call.exchange.started:
-                    raise
-                await asyncio.sleep(0.25 * 2**attempt)
+                url, body, codec, lane = self.outbound_request(call, request, out, provider, model)
+            except GatewayError as err:  # this provider cannot take the request: the next one may
+                walk.last_error = walk.last_error or err
                 continue
+            timeouts = provider.timeouts
+            end_by = walk.end_by = walk.end_by or call.started + timeouts.total  # the first account's bounds all
+            call.attempts += 1
+            call.provider, call.model_upstream, call.account, call.lane = provider.name, model, account.name, lane
+            call.exchange.tags = account.tags(model, call.attempts)
+            pools.attempts += 1
+            self.telemetry.upstream_attempt(provider.name, again)
+            if again:
+                pools.retries += 1
+            elif call.attempts > 1:
+                pools.failovers += 1
+                self.telemetry.failovers.inc((walk.previous, provider.name))
+            walk.previous = provider.name
+            trial = account.begin(now)
+            try:
+                headers = self.upstream_headers(provider, request)
+                until = now + timeouts.total  # this account's own total, within the request's
+                resp = await self.pool.request(
+                    "POST", url, headers, body, timeouts, until if until < end_by else end_by
+                )
+            except UpstreamUnreached as err:
+                account.end(trial)
+                now = time.monotonic()
+                account.failed(err.status, err.message, now, trial)
+                walk.failed(account, model, now, True)
+                walk.last_error = err
+                continue
+            except GatewayError as err:
+                account.end(trial)
+                account.failed(err.status, err.message, time.monotonic(), trial)
+                raise
+            except BaseException:
+                account.end(trial)
+                raise
             if resp.status < 400:
-                return resp
-            error_body = await resp.read(4 * 1024 * 1024)
-            err = upstream_codec.decode_error(resp.status, error_body)
-            retry_after = parse_retry_after(resp.headers.get("retry-after"))
-            err.retry_after = retry_after
-            if last or resp.status not in (408, 429, 500, 502, 503, 504, 529) or call.exchange.started:
+                if resp.event_stream:
+                    call.unconfirmed = account  # a success once the stream shows content (it may open with an error)
+                elif account.failures or account.until:  # (a healthy account has nothing to reset)
+                    account.succeeded()
+                return resp, account, trial
+            try:
+                error_body = await resp.read(4 * 1024 * 1024)
+            except GatewayError:
+                error_body = b""
+            finally:
+                account.end(trial)
+            err = codec.decode_error(resp.status, error_body)
+            err.retry_after = parse_retry_after(resp.headers.get("retry-after"))
+            if not walk.answered(account, model, err, trial):
                 raise err
-            await asyncio.sleep(min(retry_after if retry_after is not None else 0.5 * 2**attempt, 30.0))
-        raise GatewayError(502, "upstream retries exhausted")  # not reached
+            now = time.monotonic()
 
     def upstream_headers(self, provider: Provider, request: HttpRequest) -> dict:
         """The provider's headers plus the API version and beta flags the client chose: built once
@@ -9096,17 +9872,20 @@ class Gateway:
             version, beta = None, sent.get("openai-beta")
         else:
             return provider.auth_headers()
-        key = (provider.name, version, beta)
-        headers = self._upstream_headers.get(key)
-        if headers is None:
-            headers = dict(provider.auth_headers())
-            if version is not None:
-                headers["anthropic-version"] = version
-            if beta is not None:
-                headers["anthropic-beta" if provider.protocol == "anthropic" else "OpenAI-Beta"] = beta
-            if len(self._upstream_headers) >= 1024:  # beta flags are the client's to choose
-                self._upstream_headers.clear()
-            self._upstream_headers[key] = headers
+        # keyed by the provider object (each account of a pool is one, with its own key); the
+        # entry holds it, so its id cannot be reused while cached
+        key = (id(provider), version, beta)
+        cached = self._upstream_headers.get(key)
+        if cached is not None and cached[0] is provider:
+            return cached[1]
+        headers = dict(provider.auth_headers())
+        if version is not None:
+            headers["anthropic-version"] = version
+        if beta is not None:
+            headers["anthropic-beta" if provider.protocol == "anthropic" else "OpenAI-Beta"] = beta
+        if len(self._upstream_headers) >= 1024:  # beta flags are the client's to choose
+            self._upstream_headers.clear()
+        self._upstream_headers[key] = (provider, headers)
         return headers
 
     # -- legacy Completions
@@ -9118,30 +9897,36 @@ class Gateway:
         stream = bool(field_of(body, "stream", bool, default=False))
         call.codec = COMPLETIONS_CODEC
         route = self.begin_model_call(call, model, stream, body)
-        lane = self.choose_lane(call, route, route.provider.protocol == "openai")
-        if lane == "passthrough":
-            await self.passthrough(request, call, route, body, "completions")
+
+        def one_request():
+            reqs = COMPLETIONS_CODEC.decode_request(body)
+            if len(reqs) > 1:  # several prompts (or n) are asked one after another, below: not as one request
+                raise bad_request("several prompts or choices can only be translated from the model's own provider")
+            return reqs[0], None, None
+
+        out = Outbound(body, "completions", SPEAKS["openai"], one_request)
+        reqs = [] if self.lane_of(call, route, out) == "passthrough" else COMPLETIONS_CODEC.decode_request(body)
+        if len(reqs) <= 1:
+            await self.forward(request, call, route, out)
             return
-        reqs = COMPLETIONS_CODEC.decode_request(body)
-        if len(reqs) == 1:
-            await self.canonical_call(request, call, route, reqs[0], lane)
-            return
-        results = [await self.complete_unsent(request, call, route, req, lane) for req in reqs]
+        results = [await self.complete_unsent(request, call, route, req) for req in reqs]
         answer = COMPLETIONS_CODEC.encode_choices(results, reqs)
         call.usage = OPENAI_CODEC.decode_usage(answer["usage"])
         call.exchange.send_json(200, answer)
 
-    async def complete_unsent(
-        self, request: HttpRequest, call: Call, route: Route, req: Request, lane: str
-    ) -> Response:
-        """One whole canonical answer, not sent to the client (choices asked one after another)."""
-        if lane == "loopback":
+    async def complete_unsent(self, request: HttpRequest, call: Call, route: Route, req: Request) -> Response:
+        """One whole canonical answer, not sent to the client (choices asked one after another),
+        through the attempt loop like any other."""
+        if route.provider.protocol == "loopback":
             return self.loopback.complete(req)
-        upstream_codec = self.codecs[route.provider.protocol]
-        body = upstream_codec.encode_request(req, route.model, route.provider)
-        url = route.provider.url(CALL_OPERATIONS[route.provider.protocol], route.model, False)
-        resp = await self.send_upstream(call, route.provider, url, dumps(body), request, upstream_codec)
-        return upstream_codec.decode_response(json_or_502(await resp.read(), route.provider.name))
+        out = Outbound(None, "chat", SPEAKS["none"], lambda: (req, None, None))
+        walk = Walk(self.pools.chain(route), self.cfg.upstream_retries)
+        resp, account, trial = await self.send_upstream(call, walk, request, out)
+        try:
+            codec = self.codecs[account.provider.protocol]
+            return codec.decode_response(json_or_502(await resp.read(), account.provider.name))
+        finally:
+            account.end(trial)
 
     # -- Responses API
     async def responses(self, request: HttpRequest, call: Call) -> None:
@@ -9149,26 +9934,32 @@ class Gateway:
         model = field_of(body, "model", str, required=True)
         stream = bool(field_of(body, "stream", bool, default=False))
         route = self.begin_model_call(call, model, stream, body)
-        lane = self.choose_lane(call, route, route.provider.speaks_responses)
-        if lane == "passthrough":  # OpenAI keeps its own state for previous_response_id
-            await self.passthrough(request, call, route, body, "responses")
-            return
-        new_input = responses_input_items(body.get("input"))
         previous = field_of(body, "previous_response_id", str)
         history: list = []
-        owner = call.principal.owner if call.principal is not None else None
-        if previous:
-            stored = await self.responses_store.load(previous, owner)
-            if stored is None:
-                raise GatewayError(
-                    404, f"previous_response_id {previous!r} was not found: it was never stored by this gateway, "
-                    "was deleted, or is older than responses_retention_days", "not_found_error",
-                )  # fmt: skip
-            history = stored["input"] + stored["response"].get("output", [])
-        full_input = history + new_input
-        req = call.codec.decode_request({**body, "input": full_input})
-        fixer = ShellArgumentsFixer(req)  # Codex `shell` arguments from models that send a string
-        result = await self.canonical_call(request, call, route, req, lane, None, fixer if fixer.tools else None)
+        full_input: list = []
+        owner = call.principal.owner if call.principal is not None else None  # a key sees only its own
+        out = Outbound(body, "responses", SPEAKS["responses"])
+        if previous and self.passes_through(out, route.provider):
+            out.fallbacks = False  # OpenAI keeps the state of previous_response_id: only it can go on
+        else:
+            if previous:
+                stored = await self.responses_store.load(previous, owner)
+                if stored is None:
+                    raise GatewayError(
+                        404, f"previous_response_id {previous!r} was not found: it was never stored by this gateway, "
+                        "was deleted, or is older than responses_retention_days", "not_found_error",
+                    )  # fmt: skip
+                history = stored["input"] + stored["response"].get("output", [])
+                out.body = None  # the stored history goes with every attempt: translation only
+
+            def decode():
+                full_input[:] = history + responses_input_items(body.get("input"))
+                req = call.codec.decode_request({**body, "input": full_input})
+                fixer = ShellArgumentsFixer(req)  # Codex `shell` arguments from models that send a string
+                return req, None, fixer if fixer.tools else None
+
+            out.decode = decode
+        result = await self.forward(request, call, route, out)
         if result and body.get("store") is not False and result.get("status") in ("completed", "incomplete"):
             self.responses_store.save(result, full_input, owner or "")
 
@@ -9223,25 +10014,22 @@ class Gateway:
         stream = method == "streamGenerateContent"
         sse = request.query.get("alt") == "sse"
         route = self.begin_model_call(call, model, stream, body)
-        if route.provider.protocol == "gemini" and stream and not sse:
-            lane = call.lane = "translation"  # same protocol, re-framed from upstream SSE into a JSON-array stream
-        else:
-            lane = self.choose_lane(call, route, route.provider.protocol == "gemini")
-        if lane == "passthrough":
-            await self.passthrough(request, call, route, body, "generate")
-            return
-        req = call.codec.decode_request(body, model, stream)
-        encoder = call.codec.stream_encoder(req, sse=sse) if stream else None
-        await self.canonical_call(request, call, route, req, lane, encoder)
+        codec = call.codec
+
+        def decode():
+            req = codec.decode_request(body, model, stream)
+            return req, codec.stream_encoder(req, sse=sse) if stream else None, None
+
+        # a JSON-array stream is re-framed from the upstream's SSE: translation even from Gemini
+        native = SPEAKS["gemini"] if sse or not stream else SPEAKS["none"]
+        await self.forward(request, call, route, Outbound(body, "generate", native, decode))
 
     async def gemini_count_tokens(self, request: HttpRequest, call: Call, model: str, body: dict) -> None:
         route = self.router.resolve(model)
         if call.principal is not None:
             self.identity.check_model(call.principal, model, route.model)
         if route.provider.protocol == "gemini" and self.cfg.work_mode != "translation":
-            url = route.provider.url("count_gemini", route.model)
-            resp = await self.send_upstream(call, route.provider, url, request.body, request, call.codec)
-            call.exchange.send(resp.status, await resp.read(), "application/json")
+            await self.forward(request, call, route, Outbound(body, "count_gemini", SPEAKS["gemini"], fallbacks=False))
             return
         call.exchange.send_json(200, {"totalTokens": gemini_count_tokens_estimate(body)})
 
@@ -9276,8 +10064,8 @@ class Gateway:
         dimensions = field_of(body, "dimensions", int, default=None)
         route = self.begin_model_call(call, model, False, body)
         call.lane = "passthrough" if route.provider.protocol == "openai" else route.provider.protocol
-        if route.provider.protocol == "openai":
-            await self.passthrough(request, call, route, body, "embeddings")
+        if route.provider.protocol == "openai":  # vectors of another model would not compare: no fallbacks
+            await self.forward(request, call, route, Outbound(body, "embeddings", SPEAKS["openai"], fallbacks=False))
             return
         if route.provider.protocol != "loopback":
             raise bad_request(
@@ -9296,13 +10084,22 @@ class Gateway:
                                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
 
 
+def watchdog_tick(providers) -> float:
+    """How often the upstream watchdog sweeps: a quarter of the shortest timeout, at most a second."""
+    shortest = min((min(p.timeouts.first_byte, p.timeouts.read, p.timeouts.total) for p in providers), default=4.0)
+    return max(0.01, min(1.0, shortest / 4))
+
+
 def parse_retry_after(value: str | None) -> float | None:
+    """An upstream's Retry-After in seconds (within a day), or None: an HTTP date, NaN or
+    garbage is no usable time."""
     if not value:
         return None
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
     except ValueError:
         return None
+    return min(max(seconds, 0.0), 86400.0) if math.isfinite(seconds) else None
 
 
 def json_or_502(data: bytes, provider: str):
@@ -9668,7 +10465,7 @@ def listen_error(host: str, port: int, port_key: str, exc: OSError) -> str:
 
 
 # ======================================================================================
-# 11. Observability: logs, metrics
+# 12. Observability: logs, metrics
 # ======================================================================================
 #
 # Logs. Every record goes through one queue to one thread (tgw-log), which formats it (text or
@@ -10205,9 +11002,9 @@ class LabelCap:
 class Telemetry:
     """The gateway's metrics and its access log line, both fed when a request ends.
 
-    Hooks for the upstream side (resilience): upstream_attempt() per attempt (the retry loop
-    calls it), `failovers.inc((from_provider, to_provider))`, and `breakers.callback`, set to a
-    function returning ((provider, account), state) pairs with state 0 closed, 1 half-open, 2 open."""
+    The upstream side (section 8) feeds it from Gateway.send_upstream: upstream_attempt() per
+    attempt, `failovers.inc((from_provider, to_provider))`, and `breakers.callback` =
+    Pools.breaker_states, ((provider, account), state) pairs: 0 closed, 1 half-open, 2 open."""
 
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
@@ -10236,7 +11033,8 @@ class Telemetry:
             ("from_provider", "to_provider"),
         )  # fmt: skip
         self.breakers = m.gauge(
-            "tgw_upstream_breaker_state", "Circuit breaker per upstream account: 0 closed, 1 half-open, 2 open",
+            "tgw_upstream_breaker_state",
+            "Circuit breaker per upstream account: 0 closed, 1 half-open, 2 open (or cooling down after a 429)",
             ("provider", "account"), callback=lambda: (),
         )  # fmt: skip
         ledger = gateway.ledger
@@ -10287,14 +11085,14 @@ class Telemetry:
                 self.endpoint_labels[path] = label
         return label
 
-    def upstream_attempt(self, provider: str, attempt: int) -> None:
+    def upstream_attempt(self, provider: str, retry: bool) -> None:
         self.attempts.inc((provider,))
-        if attempt:
+        if retry:
             self.retries.inc((provider,))
 
     def request_ended(self, call: Call) -> None:
         ex = call.exchange
-        status = ex.status or 499
+        status = call.status or ex.status or 499  # a stream that failed after its 200 counts as its failure
         elapsed = time.monotonic() - call.started
         endpoint = self.endpoint_label(call.endpoint)
         model_name = call.model_upstream or call.model_requested
@@ -10338,7 +11136,7 @@ class Telemetry:
 
 
 # ======================================================================================
-# 12. Admin API
+# 13. Admin API
 # ======================================================================================
 #
 # Tokligence Gateway's paths and JSON shapes: {"users": [...]}, {"user": {...}}, {"api_keys": [...]},
@@ -10510,7 +11308,7 @@ class AdminApi:
 
 
 # ======================================================================================
-# 13. CLI
+# 14. CLI
 # ======================================================================================
 
 
@@ -10937,8 +11735,10 @@ def cmd_logs(args) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["ts"]))
         tokens = f"{row['prompt_tokens'] or 0}+{row['completion_tokens'] or 0} tok"
         who = f"{row['user']} " if row["key_id"] is not None else ""
+        failover = f"({row['attempts']} attempts, {row['account']}: {row['model_upstream']}) " if (
+            row.get("attempts") or 0) > 1 else ""  # fmt: skip
         print(f"{when} {row['status']} {who}{row['client_protocol']}->{row['provider'] or '-'} {row['lane'] or '-'} "
-              f"{row['model_requested'] or '-'} {'stream ' if row['stream'] else ''}{tokens} "
+              f"{row['model_requested'] or '-'} {failover}{'stream ' if row['stream'] else ''}{tokens} "
               f"${format_usd(row['cost_usd'])} {row['latency_ms'] or 0:.0f}ms {row['error'] or ''}".rstrip())  # fmt: skip
     return 0
 
@@ -11012,7 +11812,7 @@ def reexec_as_import() -> None:
 
 
 # ======================================================================================
-# 14. Gateway control: tgw start, stop and status
+# 15. Gateway control: tgw start, stop and status
 # ======================================================================================
 #
 # `tgw start` runs `tgw serve --pid-file …` in a session of its own, its output appended to
@@ -11406,7 +12206,7 @@ def cmd_status(args) -> int:
 
 
 # ======================================================================================
-# 15. The chat assistant: model selection, tools, the offline assistant, the terminal loop
+# 16. The chat assistant: model selection, tools, the offline assistant, the terminal loop
 # ======================================================================================
 #
 # `tgw chat` talks to a model through tgw's own providers and codecs, in-process: the
