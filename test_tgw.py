@@ -15,6 +15,7 @@ import http.client
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -9035,6 +9036,7 @@ def test_ledger_locked_file_keeps_rows_applies_backpressure_and_recovers(start_g
 def test_ledger_writer_thread_that_ends_is_restarted_and_loses_nothing(start_gateway, monkeypatch):
     gw = start_gateway()
     ledger = gw.gateway.ledger
+    ledger.flush()  # the start's own writes first: the thread must die on the request's row, not before it
     store = ledger._store
     calls = []
 
@@ -10432,6 +10434,705 @@ def test_a_stream_that_only_ever_opens_is_relayed_not_held_forever(start_gateway
     received = lane_sse(payload)
     assert status == 200 and received[0] == ("message_start", opening) and received[-1] == ("error", R_OVERLOADED)
     assert len(received) == 402 and gw.rows()[-1]["status"] == 529
+
+
+# ======================================================================================
+# Team gateway: users, keys, budgets, rate limits, admin API (issue 13)
+# ======================================================================================
+
+
+@pytest.fixture
+def team(tmp_path):
+    """The identity store of the ledger that start_gateway's gateways use (tmp_path/ledger.db)."""
+    store = tgw.IdentityStore(tgw.open_ledger_db(str(tmp_path / "ledger.db")))
+    yield store
+    store.db.close()
+
+
+def team_key(store, email="dev@example.com", role="user", user_fields=None, **key_fields) -> tuple[str, dict]:
+    """A key for `email` (the user is added when missing)."""
+    try:
+        user = store.user(email)
+    except tgw.GatewayError:
+        user = store.add_user(email, {"role": role, **(user_fields or {})})
+    return store.create_key(user["id"], key_fields)
+
+
+def team_call(gw, method, path, body=None, headers=None) -> tuple[int, dict, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=20)
+    data = None if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    payload = resp.read()
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, payload
+
+
+def team_auth(protocol: str, key: str) -> dict:
+    """A key where each protocol's SDK sends it."""
+    return {"anthropic": {"x-api-key": key}, "gemini": {"x-goog-api-key": key}}.get(
+        protocol, {"Authorization": f"Bearer {key}"}
+    )
+
+
+def team_error(protocol: str, status: int, payload: bytes) -> tuple[str, str]:
+    """(type, message) of an error, checking it came in `protocol`'s own envelope."""
+    data = json.loads(payload)
+    if protocol == "anthropic":
+        assert data["type"] == "error"
+        return data["error"]["type"], data["error"]["message"]
+    if protocol == "gemini":
+        assert data["error"]["code"] == status
+        return data["error"]["status"], data["error"]["message"]
+    assert set(data["error"]) >= {"message", "type", "code"}  # OpenAI's (Chat, Responses, the admin API)
+    return data["error"]["type"], data["error"]["message"]
+
+
+def wait_for(condition, timeout=5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+TEAM_COUNT = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hello"}]}
+# every endpoint, in its protocol: (method, path, body, protocol)
+TEAM_ENDPOINTS = [
+    ("POST", "/v1/chat/completions", CHAT, "openai"),
+    ("POST", "/v1beta/openai/chat/completions", CHAT, "openai"),
+    ("POST", "/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"}, "openai"),
+    ("POST", "/v1/completions", {"model": "gpt-4o-mini", "prompt": "hi", "max_tokens": 5}, "openai"),
+    ("GET", "/v1/models", None, "openai"),
+    ("GET", "/v1/models/gpt-4o-mini", None, "openai"),
+    ("POST", "/v1/messages", L_CLAUDE, "anthropic"),
+    ("POST", "/anthropic/v1/messages?beta=true", L_CLAUDE, "anthropic"),
+    ("POST", "/v1/messages/count_tokens", TEAM_COUNT, "anthropic"),
+    ("POST", "/anthropic/v1/messages/count_tokens", TEAM_COUNT, "anthropic"),
+    ("GET", "/anthropic/v1/models", None, "anthropic"),
+    ("POST", "/v1/responses", {"model": "gpt-4o-mini", "input": "hi"}, "responses"),
+    ("POST", "/v1/responses/input_tokens", {"input": "hi"}, "responses"),
+    ("GET", "/v1/responses/resp_missing", None, "responses"),
+    ("DELETE", "/v1/responses/resp_missing", None, "responses"),
+    ("POST", "/v1beta/models/gemini-2.5-flash:generateContent", L_GEMINI, "gemini"),
+    ("POST", "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", L_GEMINI, "gemini"),
+    ("POST", "/v1beta/models/gemini-2.5-flash:countTokens", L_GEMINI, "gemini"),
+    ("GET", "/v1beta/models", None, "gemini"),
+    ("GET", "/v1beta/models/gemini-2.5-flash", None, "gemini"),
+    ("GET", "/api/v1/usage/summary", None, "openai"),
+    ("GET", "/api/v1/usage/logs", None, "openai"),
+    ("GET", "/api/v1/admin/users", None, "openai"),
+]
+# the model calls, each naming a model (for allow-lists, budgets and rate limits)
+TEAM_MODEL_CALLS = [
+    ("/v1/chat/completions", {**CHAT, "model": "{model}"}, "openai"),
+    ("/v1/messages", {**L_CLAUDE, "model": "{model}"}, "anthropic"),
+    ("/v1/responses", {"model": "{model}", "input": "hi"}, "responses"),
+    ("/v1beta/models/{model}:generateContent", L_GEMINI, "gemini"),
+    ("/v1/embeddings", {"model": "{model}", "input": "hi"}, "openai"),
+    ("/v1/completions", {"model": "{model}", "prompt": "hi", "max_tokens": 5}, "openai"),
+]
+
+
+def team_model_call(gw, index: int, model: str, key: str, **extra) -> tuple[int, dict, bytes, str]:
+    path, body, protocol = TEAM_MODEL_CALLS[index]
+    body = {k: (model if v == "{model}" else v) for k, v in body.items()} | extra
+    status, headers, payload = team_call(gw, "POST", path.replace("{model}", model), body, team_auth(protocol, key))
+    return status, headers, payload, protocol
+
+
+@pytest.mark.parametrize("version", [2, 3])  # the ledger as this branch began, and main's before identity
+def test_team_migration_from_todays_ledger_keeps_every_row(tmp_path, start_gateway, version):
+    """A ledger made by an earlier schema gains identity with nothing lost."""
+    path = tmp_path / "ledger.db"
+    db = sqlite3.connect(path)
+    for script in tgw.LEDGER_MIGRATIONS[:version]:
+        db.executescript(script)
+    db.execute(f"PRAGMA user_version={version}")
+    old_columns = [row[1] for row in db.execute("PRAGMA table_info(requests)")][1:]  # all but the id
+    assert old_columns == list(tgw.LEDGER_COLUMNS[: len(old_columns)]) and "key_id" not in old_columns
+    old_row = (1700000000.0, "req_old", "abc123def456", "someone", "openai", "/v1/chat/completions", "passthrough",
+               "openai", "gpt-4o", "gpt-4o", 0, 200, 10, 5, 0, 0, 0.01, 12.5, 3.0, "", 1, "openai")[: len(old_columns)]  # fmt: skip
+    db.execute(f"INSERT INTO requests ({', '.join(old_columns)}) VALUES ({', '.join('?' * len(old_columns))})", old_row)
+    stored = {"id": "resp_old", "object": "response", "status": "completed", "output": []}
+    db.execute("INSERT INTO responses (id, created, model, input, response) VALUES (?, ?, ?, ?, ?)",
+               ("resp_old", time.time(), "gpt-4o", "[]", json.dumps(stored)))  # fmt: skip
+    db.commit()
+    db.close()
+    gw = start_gateway()
+    assert post(gw, "/v1/chat/completions", CHAT)[0] == 200
+    rows = gw.rows(2)
+    assert tuple(rows[0][c] for c in old_columns) == old_row and rows[0]["key_id"] is None
+    assert rows[1]["model_requested"] == "gpt-4o-mini" and rows[1]["user_id"] is None
+    status, _, body = get(gw, "/v1/responses/resp_old")
+    assert status == 200 and json.loads(body) == stored
+    gw.stop()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(tgw.LEDGER_MIGRATIONS) == 4
+    assert db.execute("SELECT COUNT(*) FROM users").fetchone()[0] == 0
+    assert db.execute("SELECT owner FROM responses").fetchall() == [("",)]
+    db.close()
+    tgw.open_ledger_db(str(path)).close()  # opening again changes nothing
+    store = tgw.IdentityStore(tgw.open_ledger_db(str(path)))
+    assert store.version() == 0 and store.users() == []
+
+
+def test_team_keys_are_random_and_stored_only_as_sha256_and_a_display_prefix(team, tmp_path):
+    key, row = team_key(team, name="laptop")
+    other, _ = team_key(team)
+    assert key.startswith("tok_") and other != key
+    assert len(base64.urlsafe_b64decode(key[4:] + "=")) == 32
+    stored = team.rows("SELECT * FROM api_keys WHERE id = ?", (row["id"],))[0]
+    assert stored["key_hash"] == tgw.hashlib.sha256(key.encode()).hexdigest() and stored["key_prefix"] == key[:12]
+    assert key not in json.dumps(team.rows("SELECT * FROM api_keys"))
+    files = b"".join(p.read_bytes() for p in tmp_path.glob("ledger.db*"))
+    assert key.encode() not in files and key[4:].encode() not in files
+
+
+def test_team_auth_on_every_endpoint_in_each_protocols_envelope(team, start_gateway):
+    key, _ = team_key(team, role="admin")
+    gw = start_gateway()
+    for method, path, body, protocol in TEAM_ENDPOINTS:
+        status, _, payload = team_call(gw, method, path, body)
+        assert status == 401, (path, payload)
+        kind, message = team_error(protocol, 401, payload)
+        assert kind in ("authentication_error", "UNAUTHENTICATED") and "missing API key" in message, path
+        status, _, payload = team_call(gw, method, path, body, team_auth(protocol, "tok_" + "x" * 43))
+        assert status == 401 and "invalid API key" in team_error(protocol, 401, payload)[1], path
+        status, _, payload = team_call(gw, method, path, body, team_auth(protocol, key))
+        assert status not in (401, 403), (path, payload)
+    assert team_call(gw, "POST", "/v1beta/models/gemini-2.5-flash:generateContent?key=" + key, L_GEMINI)[0] == 200
+    # a route added later is covered too: only the public paths are open
+    gw.gateway.routes[("GET", "/v1/added-later")] = gw.gateway.root
+    assert team_call(gw, "GET", "/v1/added-later")[0] == 401
+    assert team_call(gw, "GET", "/v1/added-later", None, team_auth("openai", key))[0] == 200
+    status, _, health = team_call(gw, "GET", "/health")
+    assert status == 200 and key[4:12].encode() not in health and b"tok_" not in health
+    assert team_call(gw, "HEAD", "/")[0] == 200 and team_call(gw, "GET", "/")[0] == 200
+
+
+def test_team_disabled_expired_and_deleted_keys_are_refused_saying_which(team, start_gateway):
+    disabled, row = team_key(team, name="ci")
+    team.update_key(row["id"], {"status": "disabled"})
+    expired, _ = team_key(team, expires_at=time.time() - 1)
+    deleted, row = team_key(team)
+    team.delete_key(row["id"])
+    suspended, _ = team_key(team, "gone@example.com")
+    team.update_user("gone@example.com", {"status": "disabled"})
+    live, _ = team_key(team)
+    gw = start_gateway()
+    for index in range(4):
+        for key, words in ((disabled, f"{disabled[:12]} ('ci') is disabled"), (expired, "expired at"),
+                           (deleted, "invalid API key"), (suspended, "gone@example.com, whose account is disabled")):  # fmt: skip
+            status, _, payload, protocol = team_model_call(gw, index, "loopback", key)
+            kind, message = team_error(protocol, status, payload)
+            assert status == 401 and words in message, (index, message)
+        assert team_model_call(gw, index, "loopback", live)[0] == 200
+
+
+def test_team_model_allow_list_is_a_403_naming_the_globs_in_each_protocol(team, start_gateway):
+    key, _ = team_key(team, models="gpt-4o-mini*,fast")
+    gw = start_gateway(model_aliases="fast=>gpt-4o-mini,quick=>gpt-4o-mini")
+    for index in range(len(TEAM_MODEL_CALLS)):
+        status, _, payload, protocol = team_model_call(gw, index, "claude-opus-4", key)
+        kind, message = team_error(protocol, status, payload)
+        assert status == 403 and kind in ("permission_error", "PERMISSION_DENIED")
+        assert "may not use model 'claude-opus-4'" in message and "gpt-4o-mini*, fast" in message
+        assert team_model_call(gw, index, "gpt-4o-mini", key)[0] == 200
+    assert team_model_call(gw, 0, "quick", key)[0] == 200  # an alias of an allowed model is allowed
+    for path, body in (("/v1/messages/count_tokens", {**TEAM_COUNT, "model": "claude-opus-4"}),
+                       ("/v1beta/models/claude-opus-4:countTokens", L_GEMINI)):  # fmt: skip
+        protocol = "anthropic" if "messages" in path else "gemini"
+        status, _, payload = team_call(gw, "POST", path, body, team_auth(protocol, key))
+        assert status == 403 and "gpt-4o-mini*" in team_error(protocol, 403, payload)[1]
+    refused = [r for r in gw.rows(2 * len(TEAM_MODEL_CALLS) + 1) if r["status"] == 403]
+    assert len(refused) == len(TEAM_MODEL_CALLS) and {r["key_id"] for r in refused} == {team.key(key[:12])["id"]}
+
+
+def test_team_budget_stops_the_next_call_and_holds_under_20_parallel_requests(team, start_gateway, upstream):
+    release = threading.Event()
+
+    def held(h, b):
+        release.wait(20)
+        reply_json(h, chat_completion(prompt=20, completion=180))
+
+    up = upstream(held)
+    key, row = team_key(team, name="batch", budget_tokens=1000, budget_period="day")
+    gw = start_gateway(env=openai_env(up))
+    body = {**CHAT, "max_tokens": 200}
+    admitted = math.ceil(1000 / (tgw.estimate_tokens(json.dumps(body).encode()) + 200))  # each reserves its estimate
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(post(gw, "/v1/chat/completions", body,
+                                                                  team_auth("openai", key), timeout=30)))
+               for _ in range(20)]  # fmt: skip
+    for t in threads:
+        t.start()
+    # the refused answer at once; the admitted wait in the upstream until all 20 were decided
+    assert wait_for(lambda: len(up.requests) + len(results) == 20, timeout=20)
+    assert len(up.requests) == admitted
+    release.set()
+    for t in threads:
+        t.join(30)
+    statuses = sorted(status for status, _, _ in results)
+    assert statuses == [200] * admitted + [402] * (20 - admitted)
+    spent = sum(r["prompt_tokens"] + r["completion_tokens"] for r in gw.rows(20))
+    assert spent == 200 * admitted <= 1000
+    status, headers, payload = post(gw, "/v1/chat/completions", body, team_auth("openai", key))
+    kind, message = team_error("openai", status, payload)
+    assert status == 402 and kind == "insufficient_quota" and headers["x-should-retry"] == "false"
+    assert f"API key {key[:12]} ('batch') has used 1000 tokens" in message and "1000-token daily budget" in message
+    assert "resets at " in message and message.endswith("T00:00:00Z")
+    assert len(up.requests) == admitted
+
+
+def test_team_usd_budget_of_a_user_covers_all_its_keys_and_refuses_in_each_protocol(team, start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion(prompt=1000, completion=1000)))  # $0.00075 on gpt-4o-mini
+    first, _ = team_key(team, "ann@example.com", user_fields={"budget_usd": 0.001})
+    second, _ = team_key(team, "ann@example.com")
+    gw = start_gateway(env={**openai_env(up), **routes_env("gpt*=>openai", "claude*=>openai", "gemini*=>openai")},
+                       model_aliases="claude-x=>gpt-4o-mini,gemini-x=>gpt-4o-mini")  # fmt: skip
+    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", first))[0] == 200
+    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", second))[0] == 200  # $0.0015 of $0.001
+    for index, model in ((0, "gpt-4o-mini"), (1, "claude-x"), (2, "gpt-4o-mini"), (3, "gemini-x")):
+        status, headers, payload, protocol = team_model_call(gw, index, model, first if index % 2 else second)
+        kind, message = team_error(protocol, status, payload)
+        assert status == 402 and headers["x-should-retry"] == "false", payload
+        assert kind in ("billing_error", "insufficient_quota", "FAILED_PRECONDITION")
+        assert "user ann@example.com has spent $0.0015" in message and "of its $0.0010 monthly budget" in message
+    if True:  # the Responses codes Codex acts on: insufficient_quota is not retried
+        status, _, payload, _ = team_model_call(gw, 2, "gpt-4o-mini", first)
+        assert json.loads(payload)["error"]["code"] == "insufficient_quota"
+    assert len(up.requests) == 2
+    rows = gw.rows(7)
+    assert [r["status"] for r in rows].count(402) == 5 and {r["user"] for r in rows} == {"ann@example.com"}
+
+
+def test_team_reservations_settle_when_calls_fail_or_are_cancelled(team, start_gateway, upstream):
+    release = threading.Event()
+
+    def script(h, b):
+        if b.get("stream"):  # held until the client has gone
+            release.wait(10)
+        reply_json(h, {"error": {"message": "boom", "type": "server_error"}}, status=500)
+
+    up = upstream(script)
+    key, row = team_key(team, budget_tokens=10_000, tpm=100_000)
+    gw = start_gateway(env=openai_env(up), upstream_retries=0)
+    assert post(gw, "/v1/chat/completions", {**CHAT, "max_tokens": 5000}, team_auth("openai", key))[0] == 500
+    identity = gw.gateway.identity
+    budget = identity.by_id[row["id"]].budgets[0]
+    assert wait_for(lambda: budget.in_flight == 0) and (budget.reserved_tokens, budget.spent_tokens) == (0, 0)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:  # a streaming client that walks away
+        data = json.dumps({**CHAT, "stream": True, "max_tokens": 5000}).encode()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+                  % (key.encode(), len(data), data))  # fmt: skip
+        assert wait_for(lambda: len(up.requests) == 2) and budget.in_flight == 1 and budget.reserved_tokens > 5000
+    assert wait_for(lambda: len(gw.rows(2)) == 2) and gw.rows(2)[1]["status"] == 499
+    release.set()
+    assert wait_for(lambda: budget.in_flight == 0) and budget.reserved_tokens == 0
+    assert identity.by_id[row["id"]].limits[0].tokens > 99_000  # the token rate got its estimates back
+
+
+def test_team_rate_limits_are_429s_with_retry_after_and_ratelimit_headers(team, start_gateway):
+    one_rpm, _ = team_key(team, rpm=1)
+    tokens, _ = team_key(team, tpm=200)
+    unlimited, _ = team_key(team, rpm=0)
+    defaulted, _ = team_key(team)
+    gw = start_gateway(default_rpm=1)
+    assert team_model_call(gw, 0, "loopback", one_rpm)[0] == 200
+    for index in range(len(TEAM_MODEL_CALLS)):
+        status, headers, payload, protocol = team_model_call(gw, index, "loopback", one_rpm)
+        kind, message = team_error(protocol, status, payload)
+        assert (
+            status == 429 and kind in ("rate_limit_error", "RESOURCE_EXHAUSTED") and "1 requests per minute" in message
+        )
+        assert 50 <= int(headers["retry-after"]) <= 60
+        assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"]) == ("1", "0")
+        assert re.fullmatch(r"1m0s|[45]\d(\.\d)?s", headers["x-ratelimit-reset-requests"])
+    big = {"messages": [{"role": "user", "content": "word " * 400}], "max_tokens": 10}
+    assert team_model_call(gw, 0, "loopback", tokens, **big)[0] == 200  # ~500 tokens used of 200 a minute
+    status, headers, payload, _ = team_model_call(gw, 0, "loopback", tokens)
+    assert status == 429 and "200 tokens per minute" in team_error("openai", status, payload)[1]
+    assert headers["x-ratelimit-limit-tokens"] == "200" and headers["x-ratelimit-remaining-tokens"] == "0"
+    assert int(headers["retry-after"]) >= 60 and headers["x-ratelimit-reset-tokens"].endswith("s")
+    assert all(team_model_call(gw, 0, "loopback", unlimited)[0] == 200 for _ in range(3))  # rpm 0: no limit
+    assert team_model_call(gw, 0, "loopback", defaulted)[0] == 200  # default_rpm = 1 for a key that sets none
+    assert team_model_call(gw, 0, "loopback", defaulted)[0] == 429
+
+
+def test_team_user_rate_limit_is_shared_by_its_keys(team, start_gateway):
+    first, row = team_key(team, "sam@example.com", user_fields={"rpm": 2}, rpm=5)
+    second, _ = team_key(team, "sam@example.com")
+    gw = start_gateway()
+    assert team_model_call(gw, 0, "loopback", first)[0] == 200
+    assert team_model_call(gw, 1, "loopback", second)[0] == 200
+    status, headers, payload, protocol = team_model_call(gw, 3, "loopback", first)
+    assert (
+        status == 429 and "user sam@example.com may send 2 requests per minute" in team_error(protocol, 429, payload)[1]
+    )
+    assert headers["x-ratelimit-limit-requests"] == "2"
+    key_limit, user_limit = gw.gateway.identity.by_id[row["id"]].limits
+    assert key_limit.requests > 3.9 and user_limit.requests < 1  # the key's allowance was given back
+
+
+def test_team_rate_limit_and_budget_windows_with_an_injected_clock():
+    limit = tgw.RateLimit(rpm=2, tpm=1000, now=100.0)
+    limit.take(100.0, 400)
+    limit.take(100.0, 400)
+    with pytest.raises(tgw.GatewayError) as err:
+        limit.take(100.0, 10)
+    assert err.value.status == 429 and err.value.retry_after == 30  # one request back every 30 s
+    limit.take(130.0, 10)  # refilled: one request back after 30 s
+    tokens = tgw.RateLimit(rpm=0, tpm=1000, now=0.0)
+    tokens.take(0.0, 100)
+    tokens.refund(-1000)  # the call used 1000 more tokens than it reserved: 100 in debt
+    with pytest.raises(tgw.GatewayError) as err:
+        tokens.take(3.0, 10)  # 50 tokens back, still 50 short
+    assert "1000 tokens per minute" in err.value.message and err.value.retry_after == 4
+    headers = dict(err.value.headers)
+    assert headers["x-ratelimit-remaining-tokens"] == "0" and "x-ratelimit-limit-requests" not in headers
+    tokens.take(9.0, 10)
+    start, end = tgw.period_bounds("month", 1767225600.0 - 1)  # 2025-12-31T23:59:59Z
+    assert (tgw.iso_time(start), tgw.iso_time(end)) == ("2025-12-01T00:00:00Z", "2026-01-01T00:00:00Z")
+    assert tgw.iso_time(tgw.period_bounds("week", 1767225600.0)[0]) == "2025-12-29T00:00:00Z"  # a Monday
+    budget = tgw.Budget("user u@x", "day", 1767225600.0, (0.0, 0))
+    budget.tokens = 100
+    budget.reserved_tokens, budget.in_flight = 60, 1  # a call in flight
+    budget.release(budget.start, 0.0, 60, 0.0, 120)
+    assert "used 120 tokens" in budget.refusal(1767225600.0 + 10).message
+    assert budget.refusal(1767225600.0 + 86400) is None  # the next day starts from nothing
+    assert budget.spent_tokens == 0 and tgw.iso_time(budget.end) == "2026-01-03T00:00:00Z"
+
+
+def test_team_key_made_by_the_cli_works_on_a_running_gateway_without_restart(team, start_gateway, tmp_path):
+    existing, _ = team_key(team)
+    team.add_user("new@example.com", {})
+    gw = start_gateway()
+    env = dict(os.environ, TOKLIGENCE_LEDGER_PATH=str(tmp_path / "ledger.db"))
+    out = subprocess.run([sys.executable, TGW, "key", "create", "--user", "new@example.com", "--name", "cli",
+                          "--models", "loopback*"], capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    key = out.stdout.strip()
+    assert out.returncode == 0 and key.startswith("tok_") and "only time it is shown" in out.stderr
+    assert key[12:] not in out.stderr
+    started = time.monotonic()
+    assert wait_for(lambda: post(gw, "/v1/chat/completions", {**CHAT, "model": "loopback"},
+                                 team_auth("openai", key))[0] == 200, timeout=5)  # fmt: skip
+    assert time.monotonic() - started < 2.5
+    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", existing))[0] == 200
+    assert [r["user"] for r in gw.rows(2)] == ["new@example.com", "dev@example.com"]
+
+
+def test_team_disabled_key_is_refused_within_two_seconds(team, start_gateway, tmp_path, monkeypatch, capsys):
+    key, row = team_key(team)
+    gw = start_gateway()
+    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 200
+    monkeypatch.setenv("TOKLIGENCE_LEDGER_PATH", str(tmp_path / "ledger.db"))
+    assert tgw.main(["key", "disable", key[:12]]) == 0
+    started = time.monotonic()
+    assert wait_for(lambda: post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 401, timeout=5)
+    assert time.monotonic() - started < 2.0
+    assert tgw.main(["key", "enable", str(row["id"])]) == 0
+    assert wait_for(lambda: post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 200, timeout=5)
+    assert tgw.main(["user", "disable", "dev@example.com"]) == 0
+    assert wait_for(lambda: post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 401, timeout=5)
+    assert "is disabled" in capsys.readouterr().out
+
+
+def test_team_admin_api_round_trip(team, start_gateway):
+    admin, _ = team_key(team, "root@example.com", role="admin")
+    user_key, _ = team_key(team, "plain@example.com")
+    gw = start_gateway()
+    auth = team_auth("openai", admin)
+
+    def api(method, path, body=None, headers=auth):
+        status, _, payload = team_call(gw, method, "/api/v1/admin" + path, body, headers)
+        return status, json.loads(payload) if payload else None
+
+    status, listed = api("GET", "/users")
+    assert status == 200 and [u["email"] for u in listed["users"]] == ["root@example.com", "plain@example.com"]
+    assert set(listed["users"][0]) >= {"id", "email", "role", "display_name", "status", "created_at", "updated_at"}
+    status, made = api("POST", "/users", {"email": "New@Example.com", "display_name": "New", "role": "gateway_user"})
+    assert status == 201 and made["user"]["email"] == "new@example.com" and made["user"]["role"] == "user"
+    uid = made["user"]["id"]
+    status, changed = api("PATCH", f"/users/{uid}", {"display_name": "Renamed", "role": "", "budget_usd": 2.5})
+    assert status == 200 and changed["user"]["display_name"] == "Renamed" and changed["user"]["role"] == "user"
+    assert changed["user"]["budget"] == {"usd": 2.5, "tokens": None, "period": "month"}
+    status, created = api("POST", f"/users/{uid}/api-keys",
+                          {"name": "bot", "models": ["loopback*"], "rpm": 100, "expires_at": "2099-01-01T00:00:00Z"})  # fmt: skip
+    token, key = created["token"], created["api_key"]
+    assert status == 201 and token.startswith("tok_") and key["prefix"] == token[:12] and "key_hash" not in key
+    assert key["expires_at"] == "2099-01-01T00:00:00Z" and key["models"] == ["loopback*"] and key["rpm"] == 100
+    assert post(gw, "/v1/chat/completions", {**CHAT, "model": "loopback"}, team_auth("openai", token))[0] == 200
+    status, keys = api("GET", f"/users/{uid}/api-keys")
+    assert status == 200 and [k["id"] for k in keys["api_keys"]] == [key["id"]]
+    assert keys["api_keys"][0]["last_used_at"] is None or keys["api_keys"][0]["last_used_at"].endswith("Z")
+    assert api("DELETE", f"/api-keys/{key['id']}") == (204, None)
+    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", token))[0] == 401  # at once, no poll wait
+    assert api("DELETE", f"/users/{uid}") == (204, None)
+    assert api("PATCH", f"/users/{uid}", {"display_name": "x"})[0] == 404
+    # who may, and bad input
+    status, body = api("GET", "/users", headers=team_auth("openai", user_key))
+    assert status == 403 and "admin user" in body["error"]["message"]
+    bad = [
+        ("POST", "/users", {"email": "not-an-email"}, 400, "'email'"),
+        ("POST", "/users", {"email": 5}, 400, "'email' must be a string"),
+        ("POST", "/users", {"display_name": "x"}, 400, "'email' is required"),
+        ("POST", "/users", {"email": "plain@example.com"}, 409, "already exists"),
+        ("POST", "/users", {"email": "z@example.com", "role": "god"}, 400, "'role' must be one of admin, user"),
+        ("POST", "/users", {"email": "z@example.com", "is_admin": True}, 400, "unknown field(s) is_admin"),
+        ("POST", "/users", [1, 2], 400, "must be a JSON object"),
+        ("POST", "/users", b"{broken", 400, "not valid JSON"),
+        ("POST", "/users", {"email": "z@example.com", "display_name": "x" * 70000}, 413, "limited to 65536 bytes"),
+        ("PATCH", "/users/abc", {}, 400, "invalid user id"),
+        ("PATCH", "/users/99999", {}, 404, "no user"),
+        ("PATCH", "/users/1", {"budget_usd": -1}, 400, "'budget_usd' must be a number from 0 up"),
+        ("PATCH", "/users/1", {"budget_tokens": 1.5}, 400, "'budget_tokens' must be a whole number"),
+        ("PATCH", "/users/1", {"budget_usd": True}, 400, "'budget_usd'"),
+        ("PATCH", "/users/1", {"rpm": 10**30}, 400, "'rpm' must be a whole number"),
+        ("PATCH", "/users/1", {"status": "asleep"}, 400, "'status' must be one of active, disabled"),
+        ("POST", "/users/1/api-keys", {"models": "a,,b" * 500}, 400, "at most 100"),
+        ("POST", "/users/1/api-keys", {"models": [{"x": 1}]}, 400, "'models' entries"),
+        ("POST", "/users/1/api-keys", {"expires_at": "tomorrow"}, 400, "RFC 3339"),
+        ("POST", "/users/1/api-keys", {"scopes": ["admin"]}, 400, "'scopes' are not supported"),
+        ("POST", "/users/1/api-keys", {"rpm": "many"}, 400, "'rpm' must be a whole number"),
+        ("DELETE", "/api-keys/99999", None, 404, "no API key"),
+        ("PUT", "/users/1", {}, 405, "use PATCH, DELETE"),
+        ("GET", "/nothing-here", None, 404, "no admin endpoint"),
+    ]
+    for method, path, body, want, words in bad:
+        status, answer = api(method, path, body)
+        assert status == want and words in answer["error"]["message"], (path, body if not isinstance(body, dict) else
+                                                                         str(body)[:80], answer)  # fmt: skip
+    assert_serving(gw)
+
+
+def test_team_admin_api_without_any_key_answers_only_this_machine(start_gateway):
+    gw = start_gateway()
+    status, _, payload = team_call(gw, "POST", "/api/v1/admin/users", {"email": "first@example.com", "role": "admin"})
+    assert status == 201 and json.loads(payload)["user"]["role"] == "admin"
+    status, _, payload = team_call(gw, "POST", "/api/v1/admin/users/1/api-keys", {})
+    key = json.loads(payload)["token"]
+    assert status == 201 and team_call(gw, "GET", "/api/v1/admin/users")[0] == 401  # keys are required now
+    assert team_call(gw, "GET", "/api/v1/admin/users", None, team_auth("openai", key))[0] == 200
+
+
+def test_team_usage_summary_and_logs_show_only_the_callers_own(team, start_gateway):
+    mine, row = team_key(team, "me@example.com", budget_tokens=100_000, rpm=50)
+    theirs, _ = team_key(team, "you@example.com")
+    gw = start_gateway(api_keys="static-key-123")
+    for key in (mine, mine, theirs, "static-key-123"):
+        assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 200
+    gw.rows(4)
+    status, _, payload = team_call(gw, "GET", "/api/v1/usage/summary", None, team_auth("openai", mine))
+    summary = json.loads(payload)["summary"]
+    assert status == 200 and summary["requests"] == 2 and summary["key"]["prefix"] == mine[:12]
+    assert summary["user"]["email"] == "me@example.com" and summary["consumed_tokens"] > 0
+    assert summary["budgets"][0]["tokens"] == 100_000 and summary["budgets"][0]["left_tokens"] < 100_000
+    (limit,) = summary["rate_limits"]
+    assert (limit["holder"], limit["rpm"], limit["tpm"]) == (f"API key {mine[:12]}", 50, None)
+    assert 48 <= limit["remaining_requests"] < 50
+    status, _, payload = team_call(gw, "GET", "/api/v1/usage/logs?limit=10", None, team_auth("openai", mine))
+    entries = json.loads(payload)["entries"]
+    assert status == 200 and len(entries) == 2 and {e["key_id"] for e in entries} == {row["id"]}
+    assert entries[0]["created_at"].endswith("Z") and entries[0]["api_key_id"] == mine[:12]
+    status, _, payload = team_call(gw, "GET", "/api/v1/usage/logs", None, team_auth("openai", "static-key-123"))
+    assert status == 200 and len(json.loads(payload)["entries"]) == 1
+    for query in ("limit=0", "limit=abc", "limit=100000", "limit=00000000001"):
+        assert team_call(gw, "GET", f"/api/v1/usage/logs?{query}", None, team_auth("openai", mine))[0] == 400
+    assert team_call(gw, "GET", "/api/v1/usage/summary?days=nan", None, team_auth("openai", mine))[0] == 400
+
+
+def test_team_stored_responses_are_seen_only_by_the_key_that_made_them(team, start_gateway):
+    mine, _ = team_key(team, "me@example.com")
+    theirs, _ = team_key(team, "you@example.com")
+    gw = start_gateway()
+    status, _, payload = post(gw, "/v1/responses", {"model": "gpt-4o-mini", "input": "hi"}, team_auth("openai", mine))
+    response_id = json.loads(payload)["id"]
+    assert status == 200
+    follow_up = {"model": "gpt-4o-mini", "input": "more", "previous_response_id": response_id}
+    assert post(gw, "/v1/responses", follow_up, team_auth("openai", mine))[0] == 200
+    assert post(gw, "/v1/responses", follow_up, team_auth("openai", theirs))[0] == 404
+    assert team_call(gw, "GET", f"/v1/responses/{response_id}", None, team_auth("openai", theirs))[0] == 404
+    assert team_call(gw, "DELETE", f"/v1/responses/{response_id}", None, team_auth("openai", theirs))[0] == 404
+    assert team_call(gw, "GET", f"/v1/responses/{response_id}", None, team_auth("openai", mine))[0] == 200
+    gw.gateway.ledger.flush()
+    gw.gateway.responses_store.recent.clear()  # from sqlite too, not only from memory
+    assert team_call(gw, "GET", f"/v1/responses/{response_id}", None, team_auth("openai", theirs))[0] == 404
+    assert team_call(gw, "GET", f"/v1/responses/{response_id}", None, team_auth("openai", mine))[0] == 200
+
+
+def test_team_keys_and_long_hash_prefixes_never_appear_in_logs_ledger_errors_or_cli(
+    team, start_gateway, tmp_path, caplog, monkeypatch, capsys
+):
+    key, row = team_key(team, name="ci", models="loopback*", budget_tokens=50)
+    spare, spare_row = team_key(team)
+    team.update_key(spare_row["id"], {"status": "disabled"})
+    gw = start_gateway(log_level="debug")
+    bodies = []
+    with caplog.at_level(logging.DEBUG, logger="tgw"):
+        for headers in (team_auth("openai", key), team_auth("anthropic", key), team_auth("openai", spare),
+                        team_auth("openai", key + "x"), team_auth("gemini", key[:-1])):  # fmt: skip
+            for model in ("loopback", "gpt-4o"):
+                bodies.append(post(gw, "/v1/chat/completions", {**CHAT, "model": model}, headers)[2])
+        bodies.append(team_call(gw, "GET", f"/v1beta/models?key={key}")[2])
+        gw.rows(3)
+    monkeypatch.setenv("TOKLIGENCE_LEDGER_PATH", str(tmp_path / "ledger.db"))
+    for argv in (["logs", "-n", "50"], ["logs", "--json"], ["logs", "--user", "dev@example.com"],
+                 ["usage", "--by", "key", "--by", "user", "--json"], ["key", "list", "--json"], ["key", "show", "1"],
+                 ["user", "show", "dev@example.com", "--json"], ["key", "list"]):  # fmt: skip
+        assert tgw.main(argv) == 0
+    cli = capsys.readouterr().out
+    ledger_rows = json.dumps(gw.rows(3)).encode()
+    gw.stop()
+    files = b"".join(p.read_bytes() for p in tmp_path.glob("ledger.db*"))  # the key's hash is stored, the key never
+    places = {"logs": caplog.text.encode(), "errors": b"".join(bodies), "cli": cli.encode(), "ledger": ledger_rows}
+    assert f"API key {key[:12]}".encode() in places["errors"] and key[:12].encode() in places["cli"]
+    assert key[:12].encode() in places["ledger"] and b"POST /v1/chat/completions 401" in places["logs"]
+    for secret in (key, spare):
+        digest = tgw.hashlib.sha256(secret.encode()).hexdigest()
+        assert secret[12:].encode() not in files and secret[4:24].encode() not in files
+        for fragment in [secret[:13], secret[4:17], secret[-12:]]:
+            for place, data in places.items():
+                assert fragment.encode() not in data, (place, fragment)
+        for fragment in [digest[i : i + 13] for i in (0, 20, 40, 51)]:
+            for place, data in places.items():
+                assert fragment.encode() not in data, (place, fragment)
+
+
+def test_team_usage_by_user_and_key_and_logs_by_user_show_budgets(team, start_gateway, tmp_path, monkeypatch, capsys):
+    key, _ = team_key(team, "ann@example.com", user_fields={"budget_tokens": 100_000}, name="laptop", budget_usd=5.0)
+    other, _ = team_key(team, "bob@example.com")
+    gw = start_gateway()
+    for k in (key, key, other):
+        assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", k))[0] == 200
+    gw.rows(3)
+    monkeypatch.setenv("TOKLIGENCE_LEDGER_PATH", str(tmp_path / "ledger.db"))
+    capsys.readouterr()
+    assert tgw.main(["usage", "--by", "user", "--by", "key"]) == 0
+    text = capsys.readouterr().out
+    assert "by user" in text and "by key" in text
+    ann = next(line for line in text.splitlines() if "ann@example.com" in line)
+    assert "budget 100000 tok/month" in ann and " tok left (resets " in ann
+    assert "budget $5.0000/month: $5.0000 left" in next(line for line in text.splitlines() if key[:12] in line)
+    assert tgw.main(["usage", "--by", "user", "--json"]) == 0
+    users = {row["name"]: row for row in json.loads(capsys.readouterr().out)["user"]}
+    assert users["ann@example.com"]["requests"] == 2 and users["bob@example.com"]["requests"] == 1
+    assert (
+        users["ann@example.com"]["budget"]["left_tokens"]
+        == 100_000 - users["ann@example.com"]["prompt_tokens"] - (users["ann@example.com"]["completion_tokens"])
+    )
+    assert "budget" not in users["bob@example.com"]
+    assert tgw.main(["logs", "--user", "Ann@Example.com"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all("ann@example.com" in line for line in lines)
+    assert tgw.main(["logs", "--user", "nobody@example.com"]) == 1
+    assert "no user nobody@example.com" in capsys.readouterr().err
+
+
+def test_team_cli_user_and_key_commands(team, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TOKLIGENCE_LEDGER_PATH", str(tmp_path / "ledger.db"))
+    assert tgw.main(["user", "add", "Cat@Example.com", "--name", "Cat", "--role", "admin", "--budget", "3"]) == 0
+    assert tgw.main(["key", "create", "--user", "cat@example.com", "--models", "gpt*,claude*", "--token-budget",
+                     "5000", "--period", "week", "--rpm", "10", "--tpm", "9000", "--expires", "30"]) == 0  # fmt: skip
+    key = capsys.readouterr().out.strip().splitlines()[-1]
+    assert key.startswith("tok_")
+    assert tgw.main(["user", "list", "--json"]) == 0
+    users = json.loads(capsys.readouterr().out)
+    assert users[0]["email"] == "cat@example.com" and users[0]["keys"] == 1 and users[0]["budget"]["usd"] == 3
+    assert tgw.main(["key", "list", "--json", "--user", "cat@example.com"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert listed["models"] == ["gpt*", "claude*"] and listed["budget"] == {
+        "usd": None,
+        "tokens": 5000,
+        "period": "week",
+    }
+    assert (listed["rpm"], listed["tpm"], listed["status"]) == (10, 9000, "active") and listed["expires_at"]
+    assert tgw.main(["key", "list"]) == 0 and key[:12] in capsys.readouterr().out
+    assert tgw.main(["key", "rotate", key[:12]]) == 0
+    rotated = capsys.readouterr().out.strip()
+    assert rotated != key and team.key(rotated)["id"] == listed["id"]
+    with pytest.raises(tgw.GatewayError):
+        team.key(key)
+    assert tgw.main(["user", "add", "cat@example.com"]) == 1 and "already exists" in capsys.readouterr().err
+    assert tgw.main(["key", "create", "--user", "nobody@example.com"]) == 1 and "no user" in capsys.readouterr().err
+    assert tgw.main(["key", "delete", str(listed["id"])]) == 0
+    assert tgw.main(["user", "delete", "cat@example.com"]) == 0 and team.users() == []
+    assert tgw.main(["user", "add", "cat@example.com"]) == 0  # a deleted user's address can come back
+
+
+def test_team_static_api_keys_and_auth_modes(team, start_gateway):
+    key, _ = team_key(team)
+    gw = start_gateway(api_keys="gw-static-key-1")
+    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", "gw-static-key-1"))[0] == 200
+    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 200
+    assert gw.rows(2)[0]["api_key_id"] == tgw.key_fingerprint("gw-static-key-1")
+    gw.stop()
+    assert post(start_gateway(auth_disabled="true"), "/v1/chat/completions", CHAT)[0] == 200
+    assert post(start_gateway(auth="off"), "/v1/chat/completions", CHAT)[0] == 200
+    team.delete_key(team.keys()[0]["id"])
+    assert post(start_gateway(), "/v1/chat/completions", CHAT)[0] == 200  # auto: no key left, none required
+    closed = start_gateway(auth="on")
+    assert post(closed, "/v1/chat/completions", CHAT)[0] == 401
+    assert get(closed, "/health")[0] == 200
+
+
+def test_team_public_bind_with_a_key_starts_and_stays_closed(team, start_gateway):
+    key, row = team_key(team)
+    gw = start_gateway(host="0.0.0.0")
+    assert gw.gateway.identity.mode == "on"  # deleting every key later must not open it to the network
+    team.delete_key(row["id"])
+    assert wait_for(lambda: post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 401)
+    assert post(gw, "/v1/chat/completions", CHAT)[0] == 401
+
+
+def test_team_last_used_is_written_and_ledger_rows_name_the_key_and_user(team, start_gateway, tmp_path):
+    key, row = team_key(team, "lee@example.com")
+    gw = start_gateway()
+    assert post(gw, "/v1/messages", L_CLAUDE, team_auth("anthropic", key))[0] == 200
+    (ledger_row,) = gw.rows(1)
+    assert (ledger_row["api_key_id"], ledger_row["key_id"], ledger_row["user"]) == (
+        key[:12],
+        row["id"],
+        "lee@example.com",
+    )
+    assert ledger_row["user_id"] == team.user("lee@example.com")["id"]
+    gw.stop()
+    assert team.key(row["id"])["last_used_at"] is not None
+
+
+def test_team_admin_and_usage_apis_are_the_admin_ports_in_multiport_mode(team, start_gateway):
+    admin_key, _ = team_key(team, "root@example.com", role="admin")
+    gw = start_multiport(start_gateway)
+    admin, openai = port_of(gw, "admin"), port_of(gw, "openai")
+    auth = team_auth("openai", admin_key)
+    assert team_call(admin, "GET", "/api/v1/admin/users", None, auth)[0] == 200
+    assert team_call(admin, "GET", "/api/v1/usage/summary", None, auth)[0] == 200
+    assert team_call(admin, "GET", "/api/v1/admin/users")[0] == 401  # the admin port asks for a key too
+    assert team_call(openai, "GET", "/api/v1/admin/users", None, auth)[0] == 404
+    assert team_call(openai, "POST", "/v1/chat/completions", CHAT)[0] == 401
+    assert team_call(openai, "POST", "/v1/chat/completions", CHAT, auth)[0] == 200
+
+
+def test_team_a_changed_gateway_ini_reaches_auth_keys_and_limits_live(team, tmp_path):
+    key, _ = team_key(team)
+    ini = tmp_path / "gateway.ini"
+    base = (
+        f"config_reload_interval = 0.1\nledger_path = {tmp_path / 'ledger.db'}\nfacade_port = 0\nlog_level = warning\n"
+    )
+    replace_file(ini, base + "api_keys = old-static-key-1\n")
+    gw = RunningGateway(tgw.load_config(str(ini), {}, env={}))
+    try:
+        assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", "old-static-key-1"))[0] == 200
+        replace_file(ini, base + "api_keys = new-static-key-2\ndefault_rpm = 1\n")
+        assert wait_for(lambda: post(gw, "/v1/chat/completions", CHAT, team_auth("openai", "old-static-key-1"))[0]
+                        == 401, timeout=10)  # fmt: skip
+        assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", "new-static-key-2"))[0] == 200
+        assert wait_for(lambda: post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 429)
+        replace_file(ini, base + "auth = off\n")
+        assert wait_for(lambda: post(gw, "/v1/chat/completions", CHAT)[0] == 200, timeout=10)
+    finally:
+        gw.stop()
 
 
 # ======================================================================================

@@ -8,6 +8,7 @@ routes each model to its provider and records every token in a sqlite ledger.
     python3 tgw.py usage              # token and cost totals from the ledger
     python3 tgw.py logs               # the most recent requests
     python3 tgw.py config list        # effective configuration (secrets masked)
+    python3 tgw.py user add a@b.c     # a team member; `tgw key create --user a@b.c` gives them a key
     python3 tgw.py chat               # an assistant that configures and troubleshoots it, online or offline
     python3 tgw.py start | status | stop   # the gateway in the background
 
@@ -25,14 +26,16 @@ Sections, in the order data flows:
     8. Pools and breakers        upstream accounts (keys), weights, circuit breakers, failover chains
     9. Ledger                    sqlite schema, background writer (rows sanitised, never lost),
                                  usage queries, prices, stored Responses (previous_response_id)
-   10. Gateway                   endpoints and lanes (passthrough, translation, loopback), the
-                                 attempt loop (retries, failover), errors per protocol, loop guard,
-                                 endpoint bundles and multiport listeners, serve()
-   11. Observability             logs (queue thread, rotation, JSON, request ids) and
+   10. Identity                  users, API keys, budgets, rate limits (in the ledger's database)
+   11. Gateway                   endpoints and lanes (passthrough, translation, loopback), the
+                                 attempt loop (retries, failover), auth, errors per protocol, loop
+                                 guard, endpoint bundles and multiport listeners, serve()
+   12. Observability             logs (queue thread, rotation, JSON, request ids) and
                                  Prometheus metrics (registry, GET /metrics)
-   12. CLI                       serve, config, usage, logs (chat, start, stop, status: 13 and 14)
-   13. Gateway control           tgw start / stop / status: the daemon, its pid file and log, /health
-   14. The chat assistant        model selection, tools, the offline assistant, the terminal loop
+   13. Admin API                 Tokligence Gateway's /api/v1/admin/* and /api/v1/usage/*
+   14. CLI                       serve, config, usage, logs, user, key (chat, start, stop, status: 15 and 16)
+   15. Gateway control           tgw start / stop / status: the daemon, its pid file and log, /health
+   16. The chat assistant        model selection, tools, the offline assistant, the terminal loop
 
 Find a thing by its protocol: `AnthropicCodec.encode_request`, `ResponsesStreamEncoder`,
 `GeminiStreamDecoder`, ... Every codec converts to and from the canonical Request / Response /
@@ -46,8 +49,10 @@ import asyncio
 import atexit
 import base64
 import bisect
+import calendar
 import contextlib
 import contextvars
+import datetime
 import difflib
 import errno
 import fnmatch
@@ -61,6 +66,7 @@ import math
 import os
 import queue
 import re
+import secrets
 import signal
 import socket
 import sqlite3
@@ -311,7 +317,10 @@ def glob_match(pattern: str, name: str) -> bool:
 
 def estimate_tokens(obj) -> int:
     """The one token estimator: about four characters a token over every string sent,
-    a fixed cost for images, and a small overhead per message and tool."""
+    a fixed cost for images, and a small overhead per message and tool. Given a raw body
+    (bytes), four bytes a token over all of it, at no cost (what budgets reserve per call)."""
+    if type(obj) is bytes:
+        return max(1, math.ceil(len(obj) / 4))
     total = 0
     stack = [obj]
     while stack:
@@ -342,6 +351,7 @@ class GatewayError(Exception):
     KIND_BY_STATUS = {
         400: "invalid_request_error",
         401: "authentication_error",
+        402: "billing_error",
         403: "permission_error",
         404: "not_found_error",
         405: "invalid_request_error",
@@ -356,6 +366,8 @@ class GatewayError(Exception):
         504: "timeout_error",
         529: "overloaded_error",
     }
+
+    headers: tuple = ()  # extra response headers (rate-limit state, x-should-retry)
 
     def __init__(self, status: int, message: str, kind: str = "", retry_after: float | None = None):
         message = message if type(message) is str else json_preview(message, 200)  # an upstream's "message": {}
@@ -485,6 +497,14 @@ CONFIG_KEYS: dict[str, tuple] = {
     "admin_endpoints": ("admin,health", "str", "multiport: endpoint bundles of admin_port"),
     "allow_public_bind": (False, "bool", "allow a non-loopback host while no api_keys are set"),
     "api_keys": ("", "secret", "comma-separated keys clients must present; empty = no client auth"),
+    "auth": (
+        "auto",
+        ("auto", "on", "off"),
+        "client keys: auto = required once api_keys or any 'tgw key create' key exists; on = always; off = never",
+    ),
+    "auth_disabled": (False, "bool", "Tokligence Gateway's switch: true means auth = off"),
+    "default_rpm": (0, "int", "requests per minute for a key that sets none (0 = no limit)"),
+    "default_tpm": (0, "int", "tokens per minute for a key that sets none (0 = no limit)"),
     "work_mode": ("auto", ("auto", "passthrough", "translation"), "auto: the model's provider decides"),
     "model_provider_routes": (DEFAULT_ROUTES, "str", "ordered model=>provider globs, first match wins"),
     "routes": ("", "str", "Tokligence's legacy pattern=>provider list; checked before model_provider_routes"),
@@ -843,6 +863,9 @@ def validate_config(values: dict) -> None:
                 "log_max_files"):  # fmt: skip
         if values[key] <= 0:
             raise ConfigError(f"invalid value {values[key]!r} for {key}: expected a positive number")
+    for key in ("default_rpm", "default_tpm"):
+        if values[key] < 0:
+            raise ConfigError(f"invalid value {values[key]!r} for {key}: expected 0 (no limit) or more")
     if values["idle_timeout"] < 120:
         raise ConfigError(f"invalid value {values['idle_timeout']!r} for idle_timeout: expected at least 120 seconds")
     for key in ("model_provider_routes", "routes", "model_aliases", "model_fallbacks"):
@@ -1100,9 +1123,9 @@ class ConfigWatcher:
 # ======================================================================================
 
 REASONS = {
-    100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
-    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-    411: "Length Required", 413: "Content Too Large", 414: "URI Too Long", 422: "Unprocessable Content",
+    100: "Continue", 200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+    402: "Payment Required", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+    409: "Conflict", 411: "Length Required", 413: "Content Too Large", 414: "URI Too Long", 422: "Unprocessable Content",
     429: "Too Many Requests", 431: "Request Header Fields Too Large", 499: "Client Closed Request",
     500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
     504: "Gateway Timeout", 505: "HTTP Version Not Supported", 529: "Overloaded",
@@ -2502,7 +2525,7 @@ OPENAI_ERROR_TYPES = {
     "permission_error": "permission_error", "not_found_error": "not_found_error",
     "request_too_large": "invalid_request_error", "rate_limit_error": "rate_limit_error",
     "api_error": "server_error", "overloaded_error": "server_error", "timeout_error": "timeout_error",
-    "client_closed": "invalid_request_error",
+    "client_closed": "invalid_request_error", "billing_error": "insufficient_quota",
 }  # fmt: skip
 
 
@@ -4303,7 +4326,8 @@ RESPONSES_INCOMPLETE_REASONS = {"max_tokens": "max_output_tokens", "content_filt
 RESPONSES_INCOMPLETE_IN = {"max_output_tokens": "max_tokens", "content_filter": "content_filter"}
 # GatewayError kinds -> the error codes Codex acts on (retry after a delay, give up, overloaded).
 RESPONSES_ERROR_CODES = {"rate_limit_error": "rate_limit_exceeded", "overloaded_error": "server_is_overloaded",
-                         "invalid_request_error": "invalid_prompt", "request_too_large": "invalid_prompt"}  # fmt: skip
+                         "invalid_request_error": "invalid_prompt", "request_too_large": "invalid_prompt",
+                         "billing_error": "insufficient_quota"}  # fmt: skip
 RESPONSES_ERROR_STATUS = {"rate_limit_exceeded": 429, "insufficient_quota": 429, "server_is_overloaded": 503,
                           "slow_down": 503, "invalid_prompt": 400, "context_length_exceeded": 400}  # fmt: skip
 _CONTEXT_OVERFLOW = re.compile(
@@ -5571,7 +5595,7 @@ GEMINI_DUMMY_SIGNATURE = "skip_thought_signature_validator"  # documented by Goo
 GEMINI_MAX_THINKING_BUDGET = 24576  # the largest budget every 2.5/3 model accepts
 GEMINI_EFFORT_BUDGETS = {"minimal": 512, "low": 1024, "medium": 8192, "high": 24576, "xhigh": 24576}
 GEMINI_STATUS = {
-    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 402: "FAILED_PRECONDITION", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
     408: "DEADLINE_EXCEEDED", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
     499: "CANCELLED", 500: "INTERNAL", 502: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
     529: "UNAVAILABLE",
@@ -7916,7 +7940,7 @@ class Pools:
 LEDGER_COLUMNS = (
     "ts", "request_id", "api_key_id", "user", "client_protocol", "endpoint", "lane", "provider", "model_requested",
     "model_upstream", "stream", "status", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens",
-    "cost_usd", "latency_ms", "ttft_ms", "error", "attempts", "account",
+    "cost_usd", "latency_ms", "ttft_ms", "error", "attempts", "account", "key_id", "user_id",
 )  # fmt: skip
 LEDGER_MIGRATIONS = [
     # version 1
@@ -7933,6 +7957,40 @@ LEDGER_MIGRATIONS = [
     # version 3: failover (section 8): upstream requests made, and the account that answered (or failed last)
     """ALTER TABLE requests ADD COLUMN attempts INTEGER;
     ALTER TABLE requests ADD COLUMN account TEXT;""",
+    # version 4: users and API keys (section 10), who made each request, who owns each stored response.
+    # One transaction, so a file is either at version 3 or wholly at version 4.
+    """BEGIN;
+    CREATE TABLE users (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, email TEXT NOT NULL, display_name TEXT NOT NULL DEFAULT '',
+        role TEXT NOT NULL DEFAULT 'user', status TEXT NOT NULL DEFAULT 'active', budget_usd REAL, budget_tokens INTEGER,
+        budget_period TEXT NOT NULL DEFAULT 'month', rpm INTEGER, tpm INTEGER, created_at REAL NOT NULL,
+        updated_at REAL NOT NULL, deleted_at REAL);
+    CREATE UNIQUE INDEX users_email ON users(email) WHERE deleted_at IS NULL;
+    CREATE TABLE api_keys (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, user_id INTEGER NOT NULL REFERENCES users(id), name TEXT NOT NULL DEFAULT '',
+        key_hash TEXT NOT NULL UNIQUE, key_prefix TEXT NOT NULL, models TEXT NOT NULL DEFAULT '',
+        status TEXT NOT NULL DEFAULT 'active', expires_at REAL, budget_usd REAL, budget_tokens INTEGER,
+        budget_period TEXT NOT NULL DEFAULT 'month', rpm INTEGER, tpm INTEGER, created_at REAL NOT NULL,
+        updated_at REAL NOT NULL, last_used_at REAL, deleted_at REAL);
+    CREATE INDEX api_keys_user ON api_keys(user_id);
+    CREATE TABLE identity_version (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
+    INSERT INTO identity_version VALUES (1, 0);
+    CREATE TRIGGER users_inserted AFTER INSERT ON users BEGIN UPDATE identity_version SET version = version + 1; END;
+    CREATE TRIGGER users_updated AFTER UPDATE ON users BEGIN UPDATE identity_version SET version = version + 1; END;
+    CREATE TRIGGER users_deleted AFTER DELETE ON users BEGIN UPDATE identity_version SET version = version + 1; END;
+    CREATE TRIGGER api_keys_inserted AFTER INSERT ON api_keys
+        BEGIN UPDATE identity_version SET version = version + 1; END;
+    CREATE TRIGGER api_keys_updated AFTER UPDATE OF user_id, name, key_hash, key_prefix, models, status, expires_at,
+        budget_usd, budget_tokens, budget_period, rpm, tpm, deleted_at ON api_keys
+        BEGIN UPDATE identity_version SET version = version + 1; END;
+    CREATE TRIGGER api_keys_deleted AFTER DELETE ON api_keys
+        BEGIN UPDATE identity_version SET version = version + 1; END;
+    ALTER TABLE requests ADD COLUMN key_id INTEGER;
+    ALTER TABLE requests ADD COLUMN user_id INTEGER;
+    CREATE INDEX requests_key ON requests(key_id, ts) WHERE key_id IS NOT NULL;
+    ALTER TABLE responses ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    PRAGMA user_version = 4;
+    COMMIT;""",
 ]
 
 # USD per million tokens: (input, output, cached input). Globs, first match wins; [prices] in
@@ -8163,7 +8221,7 @@ class Ledger:
     thread end anyway, `record()` starts a new one. close() drains, within a deadline."""
 
     LINGER = 0.05  # seconds the writer lets a batch gather
-    CHUNK = 256  # most rows per INSERT statement (20 columns x 256 rows stays under sqlite's variable limit)
+    CHUNK = 256  # most rows per INSERT statement (22 columns x 256 rows stays under sqlite's variable limit)
     BUSY_TIMEOUT = 5.0  # seconds sqlite waits on a lock before the writer backs off (and sees a shutdown)
     RETRY_MAX = 5.0  # longest pause between retries of a failing write
     LOG_EVERY = 60.0  # seconds between repeated log lines about the same trouble
@@ -8455,11 +8513,12 @@ class ResponseStore:
         """Forget responses older than the retention (at start, then every 1000 saves)."""
         self.ledger.write_later("DELETE FROM responses WHERE created < ?", (time.time() - self.retention,))
 
-    def save(self, response: dict, input_items: list) -> None:
+    def save(self, response: dict, input_items: list, owner: str = "") -> None:
+        """`owner` is the principal that made it (Principal.owner; "" while the gateway needs no key)."""
         self.saves += 1
         if self.saves % 1000 == 0:
             self.purge()
-        entry = {"input": input_items, "response": response}
+        entry = {"input": input_items, "response": response, "owner": owner}
         self.recent[response["id"]] = entry
         while len(self.recent) > self.RECENT:
             self.recent.pop(next(iter(self.recent)))
@@ -8469,23 +8528,30 @@ class ResponseStore:
             response.get("model"),
             dumps(input_items).decode(),
             dumps(response).decode(),
+            owner,
         )
         self.ledger.write_later(
-            "INSERT OR REPLACE INTO responses (id, created, model, input, response) VALUES (?, ?, ?, ?, ?)", params
+            "INSERT OR REPLACE INTO responses (id, created, model, input, response, owner) VALUES (?, ?, ?, ?, ?, ?)",
+            params,
         )
 
-    async def load(self, response_id: str) -> dict | None:
+    async def load(self, response_id: str, owner: str | None = None) -> dict | None:
+        """A stored response, if `owner` may see it: a key sees only its own (None: anyone may)."""
         if response_id in self.deleted:
             return None
         entry = self.recent.get(response_id)
         if entry is None and self.db is not None:
             entry = await asyncio.to_thread(self._load_from_db, response_id)
+        if entry is not None and owner is not None and entry["owner"] != owner:
+            return None
         return entry
 
     def _load_from_db(self, response_id: str) -> dict | None:
         with self.lock:
-            row = self.db.execute("SELECT input, response FROM responses WHERE id = ?", (response_id,)).fetchone()
-        return {"input": loads(row[0]), "response": loads(row[1])} if row else None
+            row = self.db.execute(
+                "SELECT input, response, owner FROM responses WHERE id = ?", (response_id,)
+            ).fetchone()
+        return {"input": loads(row[0]), "response": loads(row[1]), "owner": row[2]} if row else None
 
     def delete(self, response_id: str) -> None:
         self.recent.pop(response_id, None)
@@ -8500,9 +8566,8 @@ class ResponseStore:
 
 
 def query_usage(db: sqlite3.Connection, group: str, since: float) -> list[tuple]:
-    column = {"model": "model_requested", "provider": "provider", "day": "date(ts, 'unixepoch')", "key": "api_key_id"}[
-        group
-    ]
+    column = {"model": "model_requested", "provider": "provider", "day": "date(ts, 'unixepoch')", "key": "api_key_id",
+              "user": "user"}[group]  # fmt: skip
     return db.execute(
         f"""SELECT {column}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens),
                    SUM(reasoning_tokens), SUM(cost_usd), SUM(status >= 400)
@@ -8511,14 +8576,868 @@ def query_usage(db: sqlite3.Connection, group: str, since: float) -> list[tuple]
     ).fetchall()
 
 
-def query_logs(db: sqlite3.Connection, limit: int) -> list[dict]:
+def query_logs(db: sqlite3.Connection, limit: int, user_ids: list | None = None) -> list[dict]:
+    """The latest rows, optionally only those of some users (section 10's ids)."""
     db.row_factory = sqlite3.Row
-    rows = db.execute("SELECT * FROM requests ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+    where = ""
+    if user_ids is not None:  # through the index on key_id (a user's rows are its keys' rows)
+        where = f"WHERE key_id IN (SELECT id FROM api_keys WHERE user_id IN ({', '.join('?' * len(user_ids))}))"
+    rows = db.execute(f"SELECT * FROM requests {where} ORDER BY id DESC LIMIT ?", (*(user_ids or ()), limit)).fetchall()
     return [dict(r) for r in rows]
 
 
 # ======================================================================================
-# 10. Gateway: endpoints wired into the pipeline
+# 10. Identity: users, keys, budgets, rate limits
+# ======================================================================================
+#
+# Users and their API keys live in the ledger's database (migration 4), so one sqlite file says
+# who exists and what each spent. A key is `tok_` + 32 random bytes (base64url, 47 characters);
+# only its SHA-256 and a 12-character display prefix are stored, and the key is shown once.
+#
+# The CLI and the admin API write through IdentityStore. Triggers bump a change counter on
+# every change; the gateway's identity thread checks it every IDENTITY_POLL seconds, reloads
+# users and keys off the event loop and hands the snapshot to the loop (Identity.apply). Per
+# request everything is in memory: the key's SHA-256 (cached for keys that matched), one dict
+# lookup, then O(1) budget and rate-limit counters. Spend is persisted by the ledger rows
+# themselves (key_id, user_id, cost, tokens): a budget's spend in its period is summed from them
+# when the gateway first sees that budget.
+#
+# A budget admits a call while what was spent plus what calls in flight reserved is under its
+# limit. A call reserves its estimate (estimate_tokens of the body plus its max output tokens)
+# and settles to its real usage when it ends, however it ends, so parallel calls cannot overspend
+# together: only the last one admitted can run past the limit, by at most its own size.
+
+KEY_PREFIX = "tok_"
+KEY_DISPLAY_CHARS = 12  # "tok_" + 8 characters: all that lists, logs and ledger rows show of a key
+IDENTITY_POLL = 0.25  # seconds between checks of the change counter by a running gateway
+LAST_USED_EVERY = 5.0  # seconds between writes of the keys' last-used times
+RESERVED_OUTPUT_DEFAULT = 4096  # output tokens a call reserves when it sets no limit of its own
+ROLES = ("admin", "user")
+ROLE_ALIASES = {"root_admin": "admin", "gateway_admin": "admin", "gateway_user": "user"}  # Tokligence's names
+STATUSES = ("active", "disabled")
+STATUS_ALIASES = {"inactive": "disabled"}  # Tokligence's name
+PERIODS = ("day", "week", "month", "total")
+PERIOD_WORDS = {"day": "daily", "week": "weekly", "month": "monthly", "total": "total"}
+
+
+def iso_time(ts) -> str | None:
+    """Epoch seconds as ISO 8601 UTC (what the admin API and the CLI show)."""
+    if ts is None or not math.isfinite(ts):
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def parse_iso_time(text: str, name: str) -> float:
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise bad_request(f"'{name}' must be an RFC 3339 time like 2026-01-31T00:00:00Z, got {text[:40]!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def period_bounds(period: str, now: float) -> tuple[float, float]:
+    """The UTC day, week (from Monday), month or all time that holds `now`, as (start, end)."""
+    if period == "total":
+        return 0.0, math.inf
+    t = time.gmtime(now)
+    day = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0))
+    if period == "day":
+        return day, day + 86400
+    if period == "week":
+        start = day - t.tm_wday * 86400
+        return start, start + 7 * 86400
+    year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+    return calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0)), calendar.timegm((year, month, 1, 0, 0, 0))
+
+
+def duration_text(seconds: float) -> str:
+    """A wait as OpenAI's x-ratelimit-reset-* headers write it: 250ms, 1.5s, 6m0s."""
+    if seconds < 1:
+        return f"{max(int(seconds * 1000), 0)}ms"
+    tenths = math.ceil(seconds * 10) / 10
+    if tenths < 60:
+        return f"{tenths:g}s"
+    minutes, rest = divmod(math.ceil(seconds), 60)
+    return f"{minutes}m{rest}s"
+
+
+def money(usd: float) -> str:
+    return f"${usd:.2f}" if usd >= 10 else f"${usd:.4f}"
+
+
+def new_key_secret() -> tuple[str, str, str]:
+    """A fresh client key: (the key, its SHA-256 hex, its display prefix)."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    return key, hashlib.sha256(key.encode()).hexdigest(), key[:KEY_DISPLAY_CHARS]
+
+
+# ---- validation: one set of checks for the CLI and the admin API (GatewayError 400s) ----------
+
+
+def check_email(value) -> str:
+    if not isinstance(value, str):
+        raise bad_request(f"'email' must be a string, got {json.dumps(value)[:60]}")
+    email = value.strip().lower()
+    local, _, domain = email.partition("@")
+    if not local or not domain or "@" in domain or len(email) > 254 or not email.isprintable() or " " in email:
+        raise bad_request(f"'email' must be an address like name@example.com, got {value[:80]!r}")
+    return email
+
+
+def check_choice(name: str, value, choices: tuple, aliases: dict | None = None) -> str:
+    if isinstance(value, str):
+        value = value.strip().lower()
+        value = (aliases or {}).get(value, value)
+        if value in choices:
+            return value
+    raise bad_request(f"'{name}' must be one of {', '.join(choices)}, got {json.dumps(value)[:60]}")
+
+
+def check_text(name: str, value, limit: int = 200) -> str:
+    if not isinstance(value, str):
+        raise bad_request(f"'{name}' must be a string, got {json.dumps(value)[:60]}")
+    if len(value) > limit or not value.isprintable():
+        raise bad_request(f"'{name}' must be printable text of at most {limit} characters")
+    return value.strip()
+
+
+def check_amount(name: str, value, kind=float, minimum=0):
+    """A non-negative number (None stays None: not set). Booleans, NaN and infinities are refused."""
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and minimum <= value <= 1e15
+    if ok and kind is int and not float(value).is_integer():  # (bounded first: a huge int overflows a float)
+        ok = False
+    if not ok:
+        wanted = "a whole number" if kind is int else "a number"
+        raise bad_request(f"'{name}' must be {wanted} from {minimum} up, got {json.dumps(value)[:60]}")
+    return kind(value)
+
+
+def check_models(value) -> str:
+    """Model allow-list globs, as a list or a comma-separated string; stored comma-separated."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or len(items) > 100:
+        raise bad_request("'models' must be a list of at most 100 model globs (or a comma-separated string)")
+    globs = []
+    for item in items:
+        if not isinstance(item, str) or len(item) > 200 or "," in item or not item.isprintable():
+            raise bad_request(
+                f"'models' entries must be model names or globs like gpt-4o*, got {json.dumps(item)[:60]}"
+            )
+        if item.strip():
+            globs.append(item.strip())
+    return ",".join(globs)
+
+
+# What each may change, and how it is checked (the admin API's PATCH and POST bodies, the CLI's flags)
+USER_CHANGES = {
+    "display_name": lambda v: check_text("display_name", v),
+    "role": lambda v: check_choice("role", v, ROLES, ROLE_ALIASES),
+    "status": lambda v: check_choice("status", v, STATUSES, STATUS_ALIASES),
+    "budget_usd": lambda v: check_amount("budget_usd", v),
+    "budget_tokens": lambda v: check_amount("budget_tokens", v, int),
+    "budget_period": lambda v: check_choice("budget_period", v, PERIODS),
+    "rpm": lambda v: check_amount("rpm", v, int),
+    "tpm": lambda v: check_amount("tpm", v, int),
+}
+KEY_CHANGES = {
+    "name": lambda v: check_text("name", v),
+    "models": check_models,
+    "status": lambda v: check_choice("status", v, STATUSES, STATUS_ALIASES),
+    "expires_at": lambda v: None if v is None else check_amount("expires_at", v),
+    "budget_usd": lambda v: check_amount("budget_usd", v),
+    "budget_tokens": lambda v: check_amount("budget_tokens", v, int),
+    "budget_period": lambda v: check_choice("budget_period", v, PERIODS),
+    "rpm": lambda v: check_amount("rpm", v, int),
+    "tpm": lambda v: check_amount("tpm", v, int),
+}
+
+
+def checked_changes(changes: dict, checks: dict) -> dict:
+    unknown = sorted(set(changes) - set(checks))
+    if unknown:
+        raise bad_request(f"unknown field(s) {', '.join(unknown)[:200]}; accepted: {', '.join(checks)}")
+    return {name: checks[name](value) for name, value in changes.items()}
+
+
+def key_state(row: dict, now: float) -> str:
+    if row.get("deleted_at") is not None:
+        return "deleted"
+    if row["status"] != "active":
+        return "disabled"
+    if row["expires_at"] is not None and now >= row["expires_at"]:
+        return "expired"
+    return "active"
+
+
+def budget_payload(row: dict) -> dict | None:
+    if row["budget_usd"] is None and row["budget_tokens"] is None:
+        return None
+    return {"usd": row["budget_usd"], "tokens": row["budget_tokens"], "period": row["budget_period"]}
+
+
+def user_payload(row: dict) -> dict:
+    """A user as Tokligence Gateway's admin API shows one, plus its budget (and key count in lists)."""
+    out = {"id": row["id"], "email": row["email"], "role": row["role"], "display_name": row["display_name"],
+           "status": row["status"], "budget": budget_payload(row), "rpm": row["rpm"], "tpm": row["tpm"],
+           "created_at": iso_time(row["created_at"]), "updated_at": iso_time(row["updated_at"])}  # fmt: skip
+    if "keys" in row:
+        out["keys"] = row["keys"]
+    return out
+
+
+def key_payload(row: dict, now: float | None = None) -> dict:
+    """An API key as Tokligence Gateway's admin API shows one (never its hash), plus tgw's settings."""
+    return {
+        "id": row["id"], "user_id": row["user_id"], "user_email": row.get("email"), "name": row["name"],
+        "prefix": row["key_prefix"], "scopes": [], "models": [m for m in row["models"].split(",") if m],
+        "status": key_state(row, time.time() if now is None else now), "expires_at": iso_time(row["expires_at"]),
+        "budget": budget_payload(row), "rpm": row["rpm"], "tpm": row["tpm"], "created_at": iso_time(row["created_at"]),
+        "updated_at": iso_time(row["updated_at"]), "last_used_at": iso_time(row["last_used_at"]),
+    }  # fmt: skip
+
+
+class IdentityStore:
+    """Users and API keys in sqlite: what the CLI, the admin API (through asyncio.to_thread) and
+    the gateway's identity thread read and write; never called on the event loop. Errors are the
+    gateway's own (400 bad input, 404 not found, 409 conflict), so the CLI and the API agree."""
+
+    KEY_COLUMNS = "k.*, u.email, u.role, u.status AS user_status"
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+        self.lock = threading.RLock()
+
+    def rows(self, sql: str, params=()) -> list[dict]:
+        with self.lock:
+            cursor = self.db.execute(sql, params)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def write(self, sql: str, params=()) -> sqlite3.Cursor:
+        with self.lock:
+            try:
+                cursor = self.db.execute(sql, params)
+                self.db.commit()
+            except sqlite3.IntegrityError as exc:
+                self.db.rollback()
+                raise GatewayError(409, f"conflicts with an existing entry ({exc})") from None
+            except BaseException:
+                self.db.rollback()
+                raise
+            return cursor
+
+    def insert(self, table: str, fields: dict) -> int:
+        now = time.time()
+        names = [*fields, "created_at", "updated_at"]
+        sql = f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+        return self.write(sql, (*fields.values(), now, now)).lastrowid
+
+    def update(self, table: str, row_id: int, fields: dict) -> None:
+        if fields:
+            sets = ", ".join(f"{name} = ?" for name in fields)
+            self.write(
+                f"UPDATE {table} SET {sets}, updated_at = ? WHERE id = ?", (*fields.values(), time.time(), row_id)
+            )
+
+    def version(self) -> int:
+        return self.rows("SELECT version FROM identity_version")[0]["version"]
+
+    # -- users
+    def add_user(self, email, fields: dict | None = None) -> dict:
+        """A new user; `fields` as USER_CHANGES names them (display_name, role, budget_*...)."""
+        email = check_email(email)
+        fields = checked_changes(fields or {}, USER_CHANGES)
+        if self.rows("SELECT id FROM users WHERE email = ? AND deleted_at IS NULL", (email,)):
+            raise GatewayError(409, f"user {email} already exists")
+        return self.user(self.insert("users", {"email": email, **fields}))
+
+    def user(self, ref) -> dict:
+        """A live user by id or email (404 when there is none)."""
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit() and len(ref) < 19):
+            found = self.rows("SELECT * FROM users WHERE id = ? AND deleted_at IS NULL", (int(ref),))
+        else:
+            found = self.rows("SELECT * FROM users WHERE email = ? AND deleted_at IS NULL", (str(ref).strip().lower(),))
+        if not found:
+            raise GatewayError(404, f"no user {str(ref)[:80]!r}", "not_found_error")
+        return found[0]
+
+    def users(self) -> list[dict]:
+        return self.rows(
+            """SELECT u.*, (SELECT COUNT(*) FROM api_keys k WHERE k.user_id = u.id AND k.deleted_at IS NULL) AS keys
+               FROM users u WHERE u.deleted_at IS NULL ORDER BY u.id"""
+        )
+
+    def update_user(self, ref, changes: dict) -> dict:
+        user = self.user(ref)
+        self.update("users", user["id"], checked_changes(changes, USER_CHANGES))
+        return self.user(user["id"])
+
+    def delete_user(self, ref) -> dict:
+        """Soft delete: the user and its keys stop working; their ledger rows stay."""
+        user = self.user(ref)
+        now = time.time()
+        with self.lock:
+            self.db.execute(
+                "UPDATE api_keys SET deleted_at = ? WHERE user_id = ? AND deleted_at IS NULL", (now, user["id"])
+            )
+            self.update("users", user["id"], {"deleted_at": now})
+        return user
+
+    # -- keys
+    def create_key(self, user_ref, fields: dict | None = None) -> tuple[str, dict]:
+        """A new key for a live user, `fields` as KEY_CHANGES names them: (the key, shown this once; its row)."""
+        user = self.user(user_ref)
+        fields = checked_changes(fields or {}, KEY_CHANGES)
+        key, secret = self.new_secret()
+        return key, self.key(self.insert("api_keys", {"user_id": user["id"], **secret, **fields}))
+
+    def new_secret(self) -> tuple[str, dict]:
+        """A fresh key and the columns that store it (a display prefix names one key: draw again on a collision)."""
+        for _ in range(8):
+            key, digest, prefix = new_key_secret()
+            if not self.rows("SELECT id FROM api_keys WHERE key_prefix = ?", (prefix,)):
+                break
+        return key, {"key_hash": digest, "key_prefix": prefix}
+
+    def key(self, ref) -> dict:
+        """A live key by id, display prefix or the key itself (404 when there is none)."""
+        ref = str(ref).strip()
+        if ref.isdigit() and len(ref) < 19:
+            where, param = "k.id = ?", int(ref)
+        elif ref.startswith(KEY_PREFIX) and len(ref) <= KEY_DISPLAY_CHARS:
+            where, param = "k.key_prefix = ?", ref
+        else:
+            where, param = "k.key_hash = ?", hashlib.sha256(ref.encode("utf-8", "surrogatepass")).hexdigest()
+        found = self.rows(
+            f"SELECT {self.KEY_COLUMNS} FROM api_keys k JOIN users u ON u.id = k.user_id "
+            f"WHERE {where} AND k.deleted_at IS NULL",
+            (param,),
+        )
+        if not found:
+            shown = ref if ref.isdigit() or len(ref) <= KEY_DISPLAY_CHARS else ref[:KEY_DISPLAY_CHARS] + "…"
+            raise GatewayError(404, f"no API key {shown[:40]!r} (give its id or its prefix)", "not_found_error")
+        return found[0]
+
+    def keys(self, user_ref=None) -> list[dict]:
+        where, params = "k.deleted_at IS NULL", ()
+        if user_ref is not None:
+            where, params = "k.deleted_at IS NULL AND k.user_id = ?", (self.user(user_ref)["id"],)
+        return self.rows(
+            f"SELECT {self.KEY_COLUMNS} FROM api_keys k JOIN users u ON u.id = k.user_id WHERE {where} ORDER BY k.id",
+            params,
+        )
+
+    def update_key(self, ref, changes: dict) -> dict:
+        row = self.key(ref)
+        self.update("api_keys", row["id"], checked_changes(changes, KEY_CHANGES))
+        return self.key(row["id"])
+
+    def delete_key(self, ref) -> dict:
+        row = self.key(ref)
+        self.update("api_keys", row["id"], {"deleted_at": time.time()})
+        return row
+
+    def rotate_key(self, ref) -> tuple[str, dict]:
+        """A new secret for the same key (id, name, settings, budget and ledger rows): the old one stops working."""
+        row = self.key(ref)
+        key, secret = self.new_secret()
+        self.update("api_keys", row["id"], secret)
+        return key, self.key(row["id"])
+
+    # -- what the gateway loads, and spend
+    def snapshot(self) -> tuple[list[dict], list[dict]]:
+        """Live users and live keys of live users (the keys with their hashes)."""
+        users = self.rows("SELECT * FROM users WHERE deleted_at IS NULL")
+        keys = self.rows(
+            f"SELECT {self.KEY_COLUMNS} FROM api_keys k JOIN users u ON u.id = k.user_id "
+            "WHERE k.deleted_at IS NULL AND u.deleted_at IS NULL"
+        )
+        return users, keys
+
+    def spent(self, holder: str, holder_id: int, since: float) -> tuple[float, int]:
+        """USD and tokens a key or user spent since `since`, from the ledger rows."""
+        # by key, through the one index the writer keeps up (a user's rows are its keys' rows)
+        keys = "= ?" if holder == "key" else "IN (SELECT id FROM api_keys WHERE user_id = ?)"
+        row = self.db_row(
+            f"SELECT COALESCE(SUM(cost_usd), 0), COALESCE(SUM(prompt_tokens), 0) + COALESCE(SUM(completion_tokens), 0) "
+            f"FROM requests WHERE key_id {keys} AND ts >= ?",
+            (holder_id, since),
+        )
+        return float(row[0]), int(row[1])
+
+    def db_row(self, sql: str, params=()) -> tuple:
+        with self.lock:
+            return self.db.execute(sql, params).fetchone()
+
+    def budget_status(self, holder: str, row: dict, now: float) -> dict | None:
+        """A budget with what its period has spent so far and what is left (the CLI's view)."""
+        budget = budget_payload(row)
+        if budget is None:
+            return None
+        start, end = period_bounds(row["budget_period"], now)
+        usd, tokens = self.spent(holder, row["id"], start)
+        return budget_view(budget, usd, tokens, 0.0, 0, end)
+
+
+def budget_view(budget: dict, usd: float, tokens: int, reserved_usd: float, reserved_tokens: int, end: float) -> dict:
+    out = dict(budget, spent_usd=round(usd, 6), spent_tokens=tokens, resets_at=iso_time(end))
+    if reserved_usd or reserved_tokens:
+        out.update(reserved_usd=round(reserved_usd, 6), reserved_tokens=reserved_tokens)
+    if budget["usd"] is not None:
+        out["left_usd"] = round(max(budget["usd"] - usd - reserved_usd, 0.0), 6)
+    if budget["tokens"] is not None:
+        out["left_tokens"] = max(budget["tokens"] - tokens - reserved_tokens, 0)
+    return out
+
+
+# ---- the gateway's side: in memory, read and updated on the event loop -------------------------
+
+
+class Budget:
+    """One spending limit (USD and/or tokens) of a key or a user over a period. `spent` is what
+    finished calls cost in this period; `reserved` is what calls in flight may still cost."""
+
+    __slots__ = ("holder", "usd", "tokens", "period", "start", "end", "spent_usd", "spent_tokens", "reserved_usd",
+                 "reserved_tokens", "in_flight")  # fmt: skip
+
+    def __init__(self, holder: str, period: str, now: float, spent: tuple = (0.0, 0)):
+        self.holder = holder
+        self.usd = self.tokens = None
+        self.period = period
+        self.start, self.end = period_bounds(period, now)
+        self.spent_usd, self.spent_tokens = spent
+        self.reserved_usd, self.reserved_tokens, self.in_flight = 0.0, 0, 0
+
+    def has_room(self, now: float) -> bool:
+        """Whether what was spent plus what calls in flight reserved is under every limit."""
+        if now >= self.end:  # a new period starts from nothing
+            self.start, self.end = period_bounds(self.period, now)
+            self.spent_usd, self.spent_tokens = 0.0, 0
+            self.reserved_usd, self.reserved_tokens, self.in_flight = 0.0, 0, 0
+        usd, tokens = self.usd, self.tokens
+        return (usd is None or self.spent_usd + self.reserved_usd < usd) and (
+            tokens is None or self.spent_tokens + self.reserved_tokens < tokens
+        )
+
+    def refusal(self, now: float) -> GatewayError | None:
+        """None while the budget has room, else the error that says which budget, spent/limit and the reset."""
+        if self.has_room(now):
+            return None
+        if self.usd is not None and self.spent_usd + self.reserved_usd >= self.usd:
+            used = f"spent {money(self.spent_usd)} (+{money(self.reserved_usd)} reserved by calls in flight) of its {money(self.usd)}"
+        else:
+            used = f"used {self.spent_tokens} tokens (+{self.reserved_tokens} reserved by calls in flight) of its {self.tokens}-token"
+        resets = (
+            f"it resets at {iso_time(self.end)}"
+            if math.isfinite(self.end)
+            else "it does not reset; an admin can raise it"
+        )
+        # 402 (Anthropic's billing_error), not 429: the OpenAI and Anthropic SDKs retry 408, 409, 429 and
+        # 5xx (and agents on top of them retry 429 for minutes), but no client retries a 402
+        err = GatewayError(402, f"budget exhausted: {self.holder} has {used} {PERIOD_WORDS[self.period]} budget; {resets}",
+                           "billing_error")  # fmt: skip
+        err.headers = (("x-should-retry", "false"),)
+        return err
+
+    def release(self, start: float, usd: float, tokens: int, cost: float, used: int) -> None:
+        """A call ends: its reservation goes, its real cost counts (unless its period has ended since:
+        the ledger counts it where it started)."""
+        if start != self.start:
+            return
+        self.in_flight -= 1
+        if self.in_flight <= 0:  # no float residue left behind
+            self.reserved_usd, self.reserved_tokens, self.in_flight = 0.0, 0, 0
+        else:
+            self.reserved_usd -= usd
+            self.reserved_tokens -= tokens
+        self.spent_usd += cost
+        self.spent_tokens += used
+
+    def view(self) -> dict:
+        budget = {"usd": self.usd, "tokens": self.tokens, "period": self.period}
+        return budget_view(budget, self.spent_usd, self.spent_tokens, self.reserved_usd, self.reserved_tokens, self.end)
+
+
+class RateLimit:
+    """Requests and tokens per minute for a key or a user: two buckets that refill continuously,
+    each holding one minute's allowance (so O(1) per call and no window to sweep). A call takes one
+    request and its token estimate; when it ends, the estimate is corrected to the real usage."""
+
+    __slots__ = ("holder", "rpm", "tpm", "requests", "tokens", "at")
+
+    def __init__(self, rpm: int, tpm: int, now: float, holder: str = "this key"):
+        self.holder = holder
+        self.rpm, self.tpm = rpm, tpm
+        self.requests, self.tokens = float(rpm), float(tpm)
+        self.at = now
+
+    def refill(self, now: float) -> None:
+        elapsed = now - self.at
+        if elapsed > 0:
+            self.at = now
+            rpm, tpm = self.rpm, self.tpm
+            if rpm:
+                left = self.requests + elapsed * rpm / 60
+                self.requests = left if left < rpm else rpm
+            if tpm:
+                left = self.tokens + elapsed * tpm / 60
+                self.tokens = left if left < tpm else tpm
+
+    def take(self, now: float, tokens: int) -> None:
+        """Take one request and `tokens`, or raise the 429 (with Retry-After and x-ratelimit-*)."""
+        self.refill(now)
+        if (self.rpm and self.requests < 1) or (self.tpm and self.tokens <= 0):
+            self.refuse()
+        if self.rpm:
+            self.requests -= 1
+        if self.tpm:
+            self.tokens -= tokens
+
+    def give_back(self, tokens: int) -> None:
+        """Undo a take (another limit of the same call refused it)."""
+        if self.rpm:
+            self.requests += 1
+        self.refund(tokens)
+
+    def refuse(self) -> None:
+        """The 429 for the allowance that runs out last, with Retry-After and the x-ratelimit-* headers."""
+        wait, what = 0.0, ""
+        if self.rpm and self.requests < 1:
+            wait, what = (1 - self.requests) * 60 / self.rpm, f"{self.rpm} requests"
+        if self.tpm and self.tokens <= 0 and (1 - self.tokens) * 60 / self.tpm > wait:
+            wait, what = (1 - self.tokens) * 60 / self.tpm, f"{self.tpm} tokens"
+        err = GatewayError(429, f"rate limit reached: {self.holder} may send {what} per minute; "
+                           f"try again in {duration_text(wait)}", "rate_limit_error", retry_after=math.ceil(wait))  # fmt: skip
+        err.headers = tuple(self.headers())
+        raise err
+
+    def refund(self, tokens: int) -> None:
+        if self.tpm:
+            left = self.tokens + tokens
+            self.tokens = left if left < self.tpm else self.tpm
+
+    def view(self, now: float) -> dict:
+        """What is left right now (the usage summary)."""
+        self.refill(now)
+        return {"holder": self.holder, "rpm": self.rpm or None, "tpm": self.tpm or None,
+                "remaining_requests": max(int(self.requests), 0) if self.rpm else None,
+                "remaining_tokens": max(int(self.tokens), 0) if self.tpm else None}  # fmt: skip
+
+    def headers(self) -> list[tuple[str, str]]:
+        """OpenAI's x-ratelimit-* headers: limit, remaining and time to a full allowance."""
+        out = []
+        for name, limit, left in (("requests", self.rpm, self.requests), ("tokens", self.tpm, self.tokens)):
+            if limit:
+                out += [(f"x-ratelimit-limit-{name}", str(limit)), (f"x-ratelimit-remaining-{name}", str(max(int(left), 0))),
+                        (f"x-ratelimit-reset-{name}", duration_text((limit - left) * 60 / limit))]  # fmt: skip
+        return out
+
+
+class Principal:
+    """Who a request is: an identity key (its user, allow-list, budgets, limits) or a static
+    `api_keys` key. Built by Identity.apply; read per request."""
+
+    __slots__ = ("digest", "key_id", "user_id", "label", "email", "name", "role", "models", "refusal", "expires_at",
+                 "budgets", "limits", "owner", "guarded", "estimates", "priced", "last_used", "written_used")  # fmt: skip
+
+    def __init__(self, digest: str, label: str, owner: str):
+        self.digest, self.label, self.owner = digest, label, owner
+        self.key_id = self.user_id = self.expires_at = self.refusal = None
+        self.email = self.name = self.role = ""
+        self.models: tuple = ()
+        self.budgets: tuple = ()  # the key's and its user's
+        self.limits: tuple = ()  # RateLimits: the key's and its user's
+        self.guarded = False  # an allow-list, a budget or a rate limit to check per call
+        self.estimates = False  # a budget or a token rate: each call's tokens are estimated
+        self.priced = False  # a USD budget: each call's cost is estimated
+        self.last_used = self.written_used = 0.0
+
+    def seal(self) -> Principal:
+        self.guarded = bool(self.models or self.budgets or self.limits)
+        self.estimates = bool(self.budgets or any(limit.tpm for limit in self.limits))
+        self.priced = any(b.usd is not None for b in self.budgets)
+        return self
+
+
+# What one admitted call holds until it ends (a tuple: made per call): (budget, the period start it
+# reserved in) pairs, the USD and tokens it reserved, and its rate limits.
+Reservation = tuple
+
+
+def requested_output_tokens(body: dict) -> int | None:
+    """The output limit a request sets, in whichever protocol's field (None when it sets none)."""
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        value = body.get(name)
+        if type(value) is int:
+            return value if 0 <= value <= 10_000_000 else min(max(value, 0), 10_000_000)
+    config = body.get("generationConfig", body.get("generation_config"))
+    if isinstance(config, dict):
+        value = config.get("maxOutputTokens", config.get("max_output_tokens"))
+        if type(value) is int:
+            return min(max(value, 0), 10_000_000)
+    return None
+
+
+class Identity:
+    """The gateway's view of users and keys: who a request is (authenticate), whether it may
+    make this call (admit: allow-list, budgets, rate limits) and what it cost (settle)."""
+
+    def __init__(self, cfg: Config, ledger: Ledger, prices: PriceTable):
+        self.ledger = ledger
+        self.prices = prices
+        self.always = False  # a public bind: auth = auto stays on
+        self.has_keys = False  # any live key in the database
+        self.configure(cfg)
+        self.by_hash: dict[str, Principal] = dict(self.static)  # SHA-256 hex -> principal
+        self.by_id: dict[int, Principal] = {}
+        self.digests: dict[str, str] = {}  # key -> SHA-256 hex, for keys that matched
+        self.budgets: dict[tuple, Budget] = {}  # ("key"|"user", id, period) -> Budget
+        self.limits: dict[tuple, RateLimit] = {}  # ("key"|"user", id) -> RateLimit
+        self.usd_rates: dict[str, tuple] = {}  # model -> USD per input and per output token
+        self.store = IdentityStore(open_ledger_db(ledger.path))
+        self.apply(self.load())
+        self.last_used_at = time.monotonic()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="tgw-identity", daemon=True)
+        try:
+            self.loop = asyncio.get_running_loop()
+        except RuntimeError:  # built outside a running gateway: no live reload
+            self.loop = None
+        else:
+            self.thread.start()
+
+    def configure(self, cfg: Config, prices: PriceTable | None = None) -> None:
+        """The config's part: auth mode, static api_keys, default rate limits (and a new price table).
+        At start, and on a live config reload (on the loop, no I/O); the keys are rebuilt with them at
+        the next poll."""
+        if prices is not None:
+            self.prices = prices
+            self.usd_rates = {}
+        mode = "off" if cfg.auth_disabled else cfg.auth
+        self.mode = "on" if self.always and mode == "auto" else mode
+        self.default_rpm, self.default_tpm = cfg.default_rpm, cfg.default_tpm
+        self.static: dict[str, Principal] = {}
+        for key in {k.strip() for k in cfg.api_keys.split(",") if k.strip()}:
+            digest = hashlib.sha256(key.encode()).hexdigest()
+            principal = Principal(digest, key_fingerprint(key), "static:" + key_fingerprint(key))
+            if self.default_rpm or self.default_tpm:
+                holder = f"API key {principal.label}"
+                principal.limits = (RateLimit(self.default_rpm, self.default_tpm, time.monotonic(), holder),)
+            self.static[digest] = principal.seal()
+        self.version = self.seen_version = -1  # the next load applies, whatever the database's version
+        self.required = self.mode == "on" or (self.mode == "auto" and bool(self.static or self.has_keys))
+
+    def require_always(self) -> None:
+        """A public bind that refused to start open stays closed, even if every key is deleted later."""
+        self.always = True
+        if self.mode == "auto":
+            self.mode = "on"
+            self.required = True
+
+    # -- loading (the thread) and applying (the loop)
+    def load(self, only_if_changed: bool = False) -> tuple | None:
+        """Read users, keys and the spend of budgets not yet tracked (off the event loop)."""
+        version = self.store.version()
+        if only_if_changed and version == self.seen_version:
+            return None
+        users, keys = self.store.snapshot()
+        now = time.time()
+        spends = {}
+        for holder, rows in (("user", users), ("key", keys)):
+            for row in rows:
+                ident = (holder, row["id"], row["budget_period"])
+                if budget_payload(row) is not None and ident not in self.budgets:
+                    spends[ident] = self.store.spent(holder, row["id"], period_bounds(row["budget_period"], now)[0])
+        self.seen_version = version
+        return version, users, keys, spends
+
+    def apply(self, loaded: tuple) -> None:
+        """Swap in a loaded snapshot, keeping the counters of budgets and limits that carry over."""
+        version, users, keys, spends = loaded
+        if version <= self.version:
+            return
+        now, clock = time.time(), time.monotonic()
+        budgets: dict[tuple, Budget] = {}
+
+        def budget_of(holder: str, row: dict, label: str) -> Budget | None:
+            if budget_payload(row) is None:
+                return None
+            ident = (holder, row["id"], row["budget_period"])
+            budget = self.budgets.get(ident) or Budget(label, row["budget_period"], now, spends.get(ident, (0.0, 0)))
+            budget.holder, budget.usd, budget.tokens = label, row["budget_usd"], row["budget_tokens"]
+            budgets[ident] = budget
+            return budget
+
+        limits: dict[tuple, RateLimit] = {}
+
+        def limit_of(holder: str, row: dict, rpm, tpm, label: str) -> RateLimit | None:
+            rpm, tpm = rpm or 0, tpm or 0
+            if not (rpm or tpm):
+                return None
+            limit = self.limits.get((holder, row["id"]))
+            if limit is None or (limit.rpm, limit.tpm) != (rpm, tpm):
+                limit = RateLimit(rpm, tpm, clock, label)
+            limit.holder = label
+            limits[holder, row["id"]] = limit
+            return limit
+
+        user_budgets = {u["id"]: budget_of("user", u, f"user {u['email']}") for u in users}
+        user_limits = {u["id"]: limit_of("user", u, u["rpm"], u["tpm"], f"user {u['email']}") for u in users}
+        by_hash, by_id = dict(self.static), {}
+        for row in keys:
+            prefix = row["key_prefix"]
+            named = f"{prefix} ({row['name']!r})" if row["name"] else prefix
+            principal = Principal(row["key_hash"], prefix, f"key:{row['id']}")
+            principal.key_id, principal.user_id, principal.email = row["id"], row["user_id"], row["email"]
+            principal.name, principal.role, principal.expires_at = row["name"], row["role"], row["expires_at"]
+            principal.models = tuple(m for m in row["models"].split(",") if m)
+            if row["status"] != "active":
+                principal.refusal = f"API key {named} is disabled"
+            elif row["user_status"] != "active":
+                principal.refusal = f"API key {named} belongs to {row['email']}, whose account is disabled"
+            key_budget = budget_of("key", row, f"API key {named}")
+            principal.budgets = tuple(b for b in (key_budget, user_budgets.get(row["user_id"])) if b is not None)
+            rpm = row["rpm"] if row["rpm"] is not None else self.default_rpm
+            tpm = row["tpm"] if row["tpm"] is not None else self.default_tpm
+            key_limit = limit_of("key", row, rpm, tpm, f"API key {named}")
+            principal.limits = tuple(x for x in (key_limit, user_limits.get(row["user_id"])) if x is not None)
+            old = self.by_id.get(row["id"])
+            if old is not None:
+                principal.last_used, principal.written_used = old.last_used, old.written_used
+            by_hash[row["key_hash"]] = by_id[row["id"]] = principal.seal()
+        self.by_hash, self.by_id, self.budgets, self.limits = by_hash, by_id, budgets, limits
+        if len(self.digests) > 4096:
+            self.digests = {}
+        self.version = version
+        self.has_keys = bool(keys)
+        self.required = self.mode == "on" or (self.mode == "auto" and bool(self.static or self.has_keys))
+
+    async def refresh(self) -> None:
+        """Apply a change made through this gateway (the admin API) now, not at the next poll."""
+        loaded = await asyncio.to_thread(self.load)
+        self.apply(loaded)
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(IDENTITY_POLL):
+            try:
+                loaded = self.load(only_if_changed=True)
+                if loaded is not None:
+                    self.loop.call_soon_threadsafe(self.apply, loaded)
+                if time.monotonic() - self.last_used_at >= LAST_USED_EVERY:
+                    self.save_last_used()
+            except Exception as exc:  # a locked or damaged file, a closed loop: keep watching
+                log.warning("identity reload failed (%s); the keys loaded before stay in force", exc)
+
+    def save_last_used(self) -> None:
+        """Keys' last-used times go to the database every few seconds, through the ledger's writer."""
+        self.last_used_at = time.monotonic()
+        for principal in list(self.by_id.values()):
+            used = principal.last_used
+            if used > principal.written_used:
+                principal.written_used = used
+                self.ledger.write_later("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (used, principal.key_id))
+
+    def close(self) -> None:
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
+        self.save_last_used()
+        self.store.db.close()
+
+    # -- per request
+    def authenticate(self, key: str, now: float) -> Principal:
+        """The principal of a key, or the 401 that says what is wrong with it."""
+        digest = self.digests.get(key)
+        if digest is None:
+            digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+        principal = self.by_hash.get(digest)
+        if principal is None or not hmac.compare_digest(principal.digest, digest):
+            raise GatewayError(401, "invalid API key: this gateway never issued it, or it was deleted or rotated",
+                               "authentication_error")  # fmt: skip
+        self.digests[key] = digest
+        if principal.refusal is not None:
+            raise GatewayError(401, principal.refusal, "authentication_error")
+        if principal.expires_at is not None and now >= principal.expires_at:
+            raise GatewayError(401, f"API key {principal.label} expired at {iso_time(principal.expires_at)}",
+                               "authentication_error")  # fmt: skip
+        principal.last_used = now
+        return principal
+
+    def check_model(self, principal: Principal, model: str, upstream_model: str) -> None:
+        if principal.models and not any(
+            glob_match(g, model) or glob_match(g, upstream_model) for g in principal.models
+        ):
+            raise GatewayError(403, f"API key {principal.label} may not use model {model[:200]!r}; its allowed models: "
+                               f"{', '.join(principal.models)}", "permission_error")  # fmt: skip
+
+    def admit(self, call, route: Route, body: dict | None) -> Reservation | None:
+        """Before a model call: its allow-list, budgets and rate limit, then its reservation."""
+        principal = call.principal
+        if principal.models:
+            self.check_model(principal, call.model_requested, route.model)
+        limits = principal.limits
+        budgets = principal.budgets
+        if not budgets and not limits:
+            return None
+        now = call.ts
+        for budget in budgets:
+            if not budget.has_room(now):
+                raise budget.refusal(now)
+        tokens = usd = 0
+        if principal.estimates:
+            # the body as sent, four bytes a token (walking a long agent request costs more than parsing it;
+            # an image counts at its size, which only makes calls in flight beside it reserve more)
+            sent = estimate_tokens(call.exchange.request.body)
+            output = 0
+            if not call.endpoint.endswith("embeddings"):
+                if body is None:  # an endpoint that did not hand its body over: read it once more
+                    body = parse_json_body(call.exchange.request.body)
+                output = requested_output_tokens(body)
+                output = RESERVED_OUTPUT_DEFAULT if output is None else output
+            tokens = sent + output
+            if principal.priced:
+                rates = self.usd_rates.get(route.model) or self.rates_of(route.model)
+                usd = sent * rates[0] + output * rates[1]
+        if limits:
+            try:
+                for limit in limits:
+                    limit.take(call.started, tokens)
+            except GatewayError:
+                for taken in limits[: limits.index(limit)]:  # the key's allowance when the user's ran out
+                    taken.give_back(tokens)
+                raise
+        holds = []
+        for budget in budgets:
+            budget.reserved_usd += usd
+            budget.reserved_tokens += tokens
+            budget.in_flight += 1
+            holds.append((budget, budget.start))
+        return holds, usd, tokens, limits
+
+    def rates_of(self, model: str) -> tuple:
+        if len(self.usd_rates) >= 4096:
+            self.usd_rates.clear()
+        rates = self.usd_rates[model] = (
+            self.prices.cost(model, Usage(1_000_000, 0)) / 1e6,
+            self.prices.cost(model, Usage(0, 1_000_000)) / 1e6,
+        )
+        return rates
+
+    @staticmethod
+    def settle(reservation: Reservation, cost: float, used: int) -> None:
+        holds, usd, tokens, limits = reservation
+        for budget, start in holds:
+            budget.release(start, usd, tokens, cost, used)
+        for limit in limits:
+            limit.refund(tokens - used)
+
+
+# ======================================================================================
+# 11. Gateway: endpoints wired into the pipeline
 # ======================================================================================
 #
 # Every model call takes one of three lanes:
@@ -8556,6 +9475,8 @@ class Call:
     account: str = ""  # the account that answered, or failed last
     status: int = 0  # a failure after the 200 (a stream's error event): the ledger's status
     unconfirmed: object = None  # the account of a stream that has shown no content yet (section 8)
+    principal: Principal | None = None  # the key that authenticated the request (section 10)
+    reservation: Reservation | None = None  # its hold on budgets and the token rate, until record()
     upstream_answered: bool = False  # from here on, input nobody foresaw is the upstream's fault
 
     def start_stream(self) -> None:
@@ -8639,7 +9560,8 @@ class Gateway:
         self.ledger = ledger or Ledger(cfg.ledger_path, cfg.ledger_queue_size)
         self.prices = PriceTable(cfg.prices)
         self.loopback = LoopbackModel()
-        self.api_keys = [k.strip() for k in cfg.api_keys.split(",") if k.strip()]
+        self.identity = Identity(cfg, self.ledger, self.prices)
+        self.admin = AdminApi(self)
         self.codecs: dict[str, Codec] = {
             "openai": OPENAI_CODEC, "anthropic": ANTHROPIC_CODEC, "responses": RESPONSES_CODEC, "gemini": GEMINI_CODEC,
         }  # fmt: skip
@@ -8666,8 +9588,10 @@ class Gateway:
             ("GET", "/v1beta/models"): self.gemini_list_models,
             ("POST", "/v1beta/openai/chat/completions"): self.chat_completions,
             ("GET", "/metrics"): self.metrics_text,
+            ("GET", "/api/v1/usage/summary"): self.admin.usage_summary,
+            ("GET", "/api/v1/usage/logs"): self.admin.usage_logs,
         }
-        self.public = {"/", "/health"}
+        self.public = {"/", "/health"}  # every other path, present or future, needs a key once auth is required
         self.listeners: dict[str, Listener] = {}  # name -> Listener, filled by start_listeners
         self.servers: dict[str, HttpServer] = {}
         self.telemetry = Telemetry(self)
@@ -8688,6 +9612,7 @@ class Gateway:
     def close(self) -> None:
         self.catalog.close()
         self.pool.close()
+        self.identity.close()  # first: its last-used times go through the ledger's writer
         self.ledger.close(self.cfg.shutdown_grace)
         self.responses_store.close()
 
@@ -8699,18 +9624,24 @@ class Gateway:
         provider and key, its prices). Code that reads self.cfg after an await sees the new
         values: read what a request needs before its first await, or keep it on the Call.
         Extend this for state of your own that a configuration builds."""
-        if not is_loopback_host(self.listening_on) and not cfg.api_keys and not cfg.allow_public_bind:
-            raise ConfigError(f"the gateway listens on {self.listening_on}: api_keys cannot be removed while it runs")
+        if not is_loopback_host(self.listening_on) and not cfg.allow_public_bind:
+            if cfg.auth == "off" or cfg.auth_disabled:
+                raise ConfigError(
+                    f"the gateway listens on {self.listening_on}: auth cannot be turned off while it runs"
+                )
+            if not cfg.api_keys and not self.identity.has_keys:
+                raise ConfigError(
+                    f"the gateway listens on {self.listening_on}: api_keys cannot be removed while it runs"
+                )
         providers = build_providers(cfg)
         router = Router(cfg, providers)
         prices = PriceTable(cfg.prices)
-        api_keys = [k.strip() for k in cfg.api_keys.split(",") if k.strip()]
         Pools.fallbacks_of(cfg, router)  # model_fallbacks checked before anything changes
         catalog = ModelCatalog(router, self.pool, cfg.anthropic_version)
         changed = changed_settings(self.cfg, cfg)
         restart = [key for key in changed if key in RESTART_KEYS]
         old_catalog = self.catalog
-        self.cfg, self.providers, self.router, self.prices, self.api_keys = cfg, providers, router, prices, api_keys
+        self.cfg, self.providers, self.router, self.prices = cfg, providers, router, prices
         self.catalog = catalog  # model lists fetched again, with the new providers and keys
         old_catalog.close()
         self._upstream_headers = {}
@@ -8718,6 +9649,7 @@ class Gateway:
         self.ledger.queue_size = cfg.ledger_queue_size
         self.responses_store.retention = cfg.responses_retention_days * 86400
         self.telemetry.apply_config(cfg)  # log level, format and file, the access log
+        self.identity.configure(cfg, prices)  # auth mode, static keys, default rate limits, prices
         return changed, restart
 
     # -- dispatch
@@ -8752,6 +9684,8 @@ class Gateway:
             return self.gemini_get_model if is_gemini_client(request) else self.get_model
         if path.startswith("/v1/responses/") and method in ("GET", "DELETE"):
             return self.get_response if method == "GET" else self.delete_response
+        if path.startswith("/api/v1/admin/"):
+            return self.admin.find(method, path)
         allowed = sorted({m for (m, p) in self.routes if p == path})
         if allowed:
             raise GatewayError(405, f"method {request.method} is not allowed on {path}; use {', '.join(allowed)}")
@@ -8809,21 +9743,25 @@ class Gateway:
         return bad_request(f"malformed request: a field has an unexpected type or shape ({what})")
 
     def authenticate(self, request: HttpRequest, call: Call) -> None:
-        if not self.api_keys:
-            key = client_key_of(request)
+        """Every path but the public ones: once keys are required (section 10), the key the client
+        sent in its own protocol's place names its principal, or the request gets a 401."""
+        key = client_key_of(request)
+        if not self.identity.required:
             call.api_key_id = key_fingerprint(key) if key else ""
             return
-        key = client_key_of(request)
-        if not key or not any(hmac_compare(key, k) for k in self.api_keys):
-            raise GatewayError(401, "missing or invalid API key for this gateway", "authentication_error")
-        call.api_key_id = key_fingerprint(key)
+        if not key:
+            raise GatewayError(401, "missing API key: send it as 'Authorization: Bearer KEY', 'x-api-key', "
+                               "'x-goog-api-key' or '?key='", "authentication_error")  # fmt: skip
+        principal = call.principal = self.identity.authenticate(key, call.ts)
+        call.api_key_id = principal.label
+        call.user = principal.email
 
     def fail(self, call: Call, err: GatewayError) -> None:
         ex = call.exchange
         call.error = call.error or err.message
         if not ex.started:
             extra = [("Retry-After", str(int(err.retry_after)))] if err.retry_after else []
-            ex.send_json(err.status, call.codec.encode_error(err), extra)
+            ex.send_json(err.status, call.codec.encode_error(err), extra + list(err.headers))
         elif ex.streaming and not ex.finished:
             call.status = err.status  # the 200 went out (keep-alives): the ledger records the failure
             encoder = call.encoder
@@ -8860,13 +9798,27 @@ class Gateway:
             except (TypeError, ValueError, OverflowError):  # counts an upstream got wrong: priced as sane numbers
                 usage = Usage(*(max(ledger_int(getattr(usage, name)) or 0, 0) for name in Usage.__dataclass_fields__))
                 cost = (call.prices or self.prices).cost(model, usage)
+        if call.reservation is not None:  # the call's budgets and token rate learn what it really cost
+            self.settle(call, cost, usage)
+        principal = call.principal
         row = (
             call.ts, ex.request_id, call.api_key_id, call.user, call.codec.name, call.endpoint, call.lane, call.provider,
             call.model_requested, model, int(call.stream), call.status or ex.status or 499, usage.input_tokens,
             usage.output_tokens, usage.cached_tokens, usage.reasoning_tokens, cost, latency, ttft, str(call.error)[:1000],
-            call.attempts, call.account,
+            call.attempts, call.account, principal.key_id if principal else None, principal.user_id if principal else None,
         )  # fmt: skip
         self.ledger.record(row)
+
+    def settle(self, call: Call, cost: float, usage: Usage) -> None:
+        """A call's budgets and token rate learn what it really cost (never at the expense of its row)."""
+        reservation, call.reservation = call.reservation, None
+        try:
+            used = usage.input_tokens + usage.output_tokens
+        except TypeError:
+            used = None
+        if type(used) is not int:  # counts an upstream got wrong (an unpriced model is not sanitised above)
+            used = max(ledger_int(usage.input_tokens) or 0, 0) + max(ledger_int(usage.output_tokens) or 0, 0)
+        self.identity.settle(reservation, cost, used)
 
     # -- simple endpoints
     async def root(self, request: HttpRequest, call: Call) -> None:
@@ -8920,7 +9872,9 @@ class Gateway:
         call.exchange.send_json(200, {"id": model, "object": "model", "created": 0, "owned_by": route.provider.name})
 
     # -- model calls
-    def begin_model_call(self, call: Call, model: str, stream: bool) -> Route:
+    def begin_model_call(self, call: Call, model: str, stream: bool, body: dict | None = None) -> Route:
+        """Every model call starts here: its ledger row, its route, and (for a key with an allow-list,
+        a budget or a rate limit) its admission, which may refuse it. `body` is the parsed request."""
         call.ledgered = True
         call.prices = self.prices  # the prices of the config this call started with (see apply_config)
         call.model_requested = model
@@ -8928,6 +9882,8 @@ class Gateway:
         route = self.router.resolve(model)
         call.provider = route.provider.name
         call.model_upstream = route.model
+        if call.principal is not None and call.principal.guarded:
+            call.reservation = self.identity.admit(call, route, body)
         return route
 
     async def chat_completions(self, request: HttpRequest, call: Call) -> None:
@@ -8942,7 +9898,7 @@ class Gateway:
         body = parse_json_body(request.body)
         model = field_of(body, "model", str, required=True)
         stream = bool(field_of(body, "stream", bool, default=False))
-        route = self.begin_model_call(call, model, stream)
+        route = self.begin_model_call(call, model, stream, body)
         codec = call.codec
         await self.forward(request, call, route, Outbound(body, operation, SPEAKS[native_protocol],
                                                           lambda: (codec.decode_request(body), None, None)))  # fmt: skip
@@ -8953,6 +9909,8 @@ class Gateway:
         model = field_of(body, "model", str, required=True)
         call.codec.decode_request(body)  # the same validation as a real call
         route = self.router.resolve(model)
+        if call.principal is not None:
+            self.identity.check_model(call.principal, model, route.model)
         if route.provider.protocol == "anthropic" and self.cfg.work_mode != "translation":
             await self.forward(
                 request, call, route, Outbound(body, "count_tokens", SPEAKS["anthropic"], fallbacks=False)
@@ -9355,7 +10313,7 @@ class Gateway:
         model = field_of(body, "model", str, required=True)
         stream = bool(field_of(body, "stream", bool, default=False))
         call.codec = COMPLETIONS_CODEC
-        route = self.begin_model_call(call, model, stream)
+        route = self.begin_model_call(call, model, stream, body)
 
         def one_request():
             reqs = COMPLETIONS_CODEC.decode_request(body)
@@ -9392,16 +10350,17 @@ class Gateway:
         body = parse_json_body(request.body)
         model = field_of(body, "model", str, required=True)
         stream = bool(field_of(body, "stream", bool, default=False))
-        route = self.begin_model_call(call, model, stream)
+        route = self.begin_model_call(call, model, stream, body)
         previous = field_of(body, "previous_response_id", str)
         history: list = []
         full_input: list = []
+        owner = call.principal.owner if call.principal is not None else None  # a key sees only its own
         out = Outbound(body, "responses", SPEAKS["responses"])
         if previous and self.passes_through(out, route.provider):
             out.fallbacks = False  # OpenAI keeps the state of previous_response_id: only it can go on
         else:
             if previous:
-                stored = await self.responses_store.load(previous)
+                stored = await self.responses_store.load(previous, owner)
                 if stored is None:
                     raise GatewayError(
                         404, f"previous_response_id {previous!r} was not found: it was never stored by this gateway, "
@@ -9419,11 +10378,11 @@ class Gateway:
             out.decode = decode
         result = await self.forward(request, call, route, out)
         if result and body.get("store") is not False and result.get("status") in ("completed", "incomplete"):
-            self.responses_store.save(result, full_input)
+            self.responses_store.save(result, full_input, owner or "")
 
     async def get_response(self, request: HttpRequest, call: Call) -> None:
         response_id = request.path.rstrip("/").rsplit("/", 1)[-1]
-        stored = await self.responses_store.load(response_id)
+        stored = await self.responses_store.load(response_id, call.principal.owner if call.principal else None)
         if stored is None:
             await self.forward_response_request(request, call, response_id)
             return
@@ -9431,7 +10390,7 @@ class Gateway:
 
     async def delete_response(self, request: HttpRequest, call: Call) -> None:
         response_id = request.path.rstrip("/").rsplit("/", 1)[-1]
-        if await self.responses_store.load(response_id) is None:
+        if await self.responses_store.load(response_id, call.principal.owner if call.principal else None) is None:
             await self.forward_response_request(request, call, response_id)
             return
         self.responses_store.delete(response_id)
@@ -9473,7 +10432,7 @@ class Gateway:
             return
         stream = method == "streamGenerateContent"
         sse = request.query.get("alt") == "sse"
-        route = self.begin_model_call(call, model, stream)
+        route = self.begin_model_call(call, model, stream, body)
         codec = call.codec
 
         def decode():
@@ -9486,6 +10445,8 @@ class Gateway:
 
     async def gemini_count_tokens(self, request: HttpRequest, call: Call, model: str, body: dict) -> None:
         route = self.router.resolve(model)
+        if call.principal is not None:
+            self.identity.check_model(call.principal, model, route.model)
         if route.provider.protocol == "gemini" and self.cfg.work_mode != "translation":
             await self.forward(request, call, route, Outbound(body, "count_gemini", SPEAKS["gemini"], fallbacks=False))
             return
@@ -9518,7 +10479,7 @@ class Gateway:
         dimensions = field_of(body, "dimensions", int, default=None)
         if dimensions is not None and dimensions < 1:
             raise bad_request(f"'dimensions' must be a positive integer, got {dimensions}")
-        route = self.begin_model_call(call, model, False)
+        route = self.begin_model_call(call, model, False, body)
         call.lane = "passthrough" if route.provider.protocol == "openai" else route.provider.protocol
         if route.provider.protocol == "openai":  # vectors of another model would not compare: no fallbacks
             await self.forward(request, call, route, Outbound(body, "embeddings", SPEAKS["openai"], fallbacks=False))
@@ -9550,10 +10511,6 @@ def watchdog_tick(providers) -> float:
     """How often the upstream watchdog sweeps: a quarter of the shortest timeout, at most a second."""
     shortest = min((min(p.timeouts.first_byte, p.timeouts.read, p.timeouts.total) for p in providers), default=4.0)
     return max(0.01, min(1.0, shortest / 4))
-
-
-def hmac_compare(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -9918,12 +10875,16 @@ def is_loopback_host(host: str) -> bool:
 
 async def serve(cfg: Config, ready=None, stop: asyncio.Event | None = None) -> None:
     """Run until SIGINT/SIGTERM (or `stop` is set), then drain and flush the ledger."""
-    if not is_loopback_host(cfg.host) and not cfg.api_keys and not cfg.allow_public_bind:
-        raise ConfigError(
-            f"refusing to listen on {cfg.host} with no api_keys configured: anyone on the network could spend "
-            "your provider keys. Set api_keys, or pass --allow-public-bind if you mean it."
-        )
     gateway = Gateway(cfg)
+    if not is_loopback_host(cfg.host) and not cfg.allow_public_bind:
+        if not gateway.identity.required:
+            gateway.close()
+            raise ConfigError(
+                f"refusing to listen on {cfg.host} while clients need no key (no api_keys, no key made by 'tgw key "
+                "create', or auth = off): anyone on the network could spend your provider keys. Set api_keys or "
+                "create a key, or pass --allow-public-bind if you mean it."
+            )
+        gateway.identity.require_always()  # deleting the last key later must not open it to the network
     try:
         servers = await start_listeners(cfg, gateway)
     except BaseException:
@@ -9979,7 +10940,7 @@ def listen_error(host: str, port: int, port_key: str, exc: OSError) -> str:
 
 
 # ======================================================================================
-# 11. Observability: logs, metrics
+# 12. Observability: logs, metrics
 # ======================================================================================
 #
 # Logs. Every record goes through one queue to one thread (tgw-log), which formats it (text or
@@ -10650,7 +11611,179 @@ class Telemetry:
 
 
 # ======================================================================================
-# 12. CLI
+# 13. Admin API
+# ======================================================================================
+#
+# Tokligence Gateway's paths and JSON shapes: {"users": [...]}, {"user": {...}}, {"api_keys": [...]},
+# {"token": KEY, "api_key": {...}} (the key shown this once), 201 on create, 204 on delete; for any
+# key its own {"summary": {...}} and {"entries": [...]}. Errors come in the gateway's envelope
+# (OpenAI's). /api/v1/admin/* needs the key of an admin user; while the gateway requires no key at
+# all, it answers only callers on this machine. Writes go through IdentityStore in a thread and
+# take effect before the answer.
+
+ADMIN_BODY_LIMIT = 65536  # bytes: an admin request is a handful of fields
+USAGE_LOG_LIMIT = 1000
+
+
+class AdminApi:
+    def __init__(self, gateway: Gateway):
+        self.identity = gateway.identity
+        self.store = gateway.identity.store
+        # /api/v1/admin/ + path shape ('*' = a numeric id) -> method -> handler
+        self.paths = {
+            ("users",): {"GET": self.list_users, "POST": self.create_user},
+            ("users", "*"): {"PATCH": self.update_user, "DELETE": self.delete_user},
+            ("users", "*", "api-keys"): {"GET": self.list_keys, "POST": self.create_key},
+            ("api-keys", "*"): {"DELETE": self.delete_key},
+        }
+
+    def find(self, method: str, path: str):
+        tail = path[len("/api/v1/admin/") :].split("/")
+        methods = self.paths.get(tuple("*" if i == 1 else part for i, part in enumerate(tail)))
+        if methods is None:
+            raise GatewayError(404, f"no admin endpoint {method} {path[:200]}", "not_found_error")
+        handler = methods.get(method)
+        if handler is None:
+            raise GatewayError(405, f"method {method} is not allowed on {path[:200]}; use {', '.join(methods)}")
+        return functools.partial(self.as_admin, handler)
+
+    async def as_admin(self, handler, request: HttpRequest, call: Call) -> None:
+        principal = call.principal
+        if principal is None:
+            peer = call.exchange.writer.get_extra_info("peername")
+            if not (isinstance(peer, tuple) and is_loopback_host(str(peer[0]))):
+                raise GatewayError(403, "this gateway has no client keys yet, so its admin API answers only callers "
+                                   "on this machine; create an admin with 'tgw user add EMAIL --role admin' and "
+                                   "'tgw key create --user EMAIL'", "permission_error")  # fmt: skip
+        elif principal.role != "admin":
+            whose = f"belongs to {principal.email}, whose role is {principal.role}" if principal.email else "is static"
+            raise GatewayError(403, f"the admin API needs the key of an admin user; API key {principal.label} "
+                               f"{whose}", "permission_error")  # fmt: skip
+        await handler(request, call)
+
+    @staticmethod
+    def body_of(request: HttpRequest) -> dict:
+        if len(request.body) > ADMIN_BODY_LIMIT:
+            raise GatewayError(413, f"admin request bodies are limited to {ADMIN_BODY_LIMIT} bytes")
+        return parse_json_body(request.body) if request.body.strip() else {}
+
+    @staticmethod
+    def id_in(path: str, position: int, what: str) -> int:
+        text = path.split("/")[position]
+        if not (text.isascii() and text.isdigit() and len(text) < 19):
+            raise bad_request(f"invalid {what} id {text[:40]!r}: expected a number")
+        return int(text)
+
+    async def write(self, fn, *args):
+        """One change through the store (off the loop), in force before the answer."""
+        result = await asyncio.to_thread(fn, *args)
+        await self.identity.refresh()
+        return result
+
+    # -- users
+    async def list_users(self, request: HttpRequest, call: Call) -> None:
+        users = await asyncio.to_thread(self.store.users)
+        call.exchange.send_json(200, {"users": [user_payload(u) for u in users]})
+
+    async def create_user(self, request: HttpRequest, call: Call) -> None:
+        body = self.body_of(request)
+        if "email" not in body:
+            raise bad_request("'email' is required")
+        email = body.pop("email")
+        user = await self.write(self.store.add_user, email, body)
+        call.exchange.send_json(201, {"user": user_payload(user)})
+
+    async def update_user(self, request: HttpRequest, call: Call) -> None:
+        user_id = self.id_in(request.path, 5, "user")
+        # as in Tokligence Gateway, an empty role or status leaves it as it is
+        body = {k: v for k, v in self.body_of(request).items() if not (k in ("role", "status") and v == "")}
+        user = await self.write(self.store.update_user, user_id, body)
+        call.exchange.send_json(200, {"user": user_payload(user)})
+
+    async def delete_user(self, request: HttpRequest, call: Call) -> None:
+        await self.write(self.store.delete_user, self.id_in(request.path, 5, "user"))
+        call.exchange.send(204, b"")
+
+    # -- keys
+    async def list_keys(self, request: HttpRequest, call: Call) -> None:
+        keys = await asyncio.to_thread(self.store.keys, self.id_in(request.path, 5, "user"))
+        call.exchange.send_json(200, {"api_keys": [key_payload(k) for k in keys]})
+
+    async def create_key(self, request: HttpRequest, call: Call) -> None:
+        user_id = self.id_in(request.path, 5, "user")
+        body = self.body_of(request)
+        scopes = body.pop("scopes", None)
+        if scopes not in (None, []):
+            raise bad_request("'scopes' are not supported by tgw; limit a key's models with 'models' (globs)")
+        if "expires_days" in body:
+            days = check_amount("expires_days", body.pop("expires_days"))
+            body["expires_at"] = None if days is None else time.time() + days * 86400
+        elif isinstance(body.get("expires_at"), str):
+            body["expires_at"] = parse_iso_time(body["expires_at"], "expires_at")
+        elif body.get("expires_at") is not None:
+            raise bad_request("'expires_at' must be an RFC 3339 time like 2026-01-31T00:00:00Z, or null")
+        key, row = await self.write(self.store.create_key, user_id, body)
+        call.exchange.send_json(201, {"token": key, "api_key": key_payload(row)})
+
+    async def delete_key(self, request: HttpRequest, call: Call) -> None:
+        await self.write(self.store.delete_key, self.id_in(request.path, 5, "api key"))
+        call.exchange.send(204, b"")
+
+    # -- a key's own usage
+    def scope_of(self, principal: Principal | None) -> tuple[str, tuple]:
+        """The ledger rows a caller may read: its key's (all of them while no key is required)."""
+        if principal is None:
+            return "1", ()
+        if principal.key_id is not None:
+            return "key_id = ?", (principal.key_id,)
+        return "api_key_id = ? AND key_id IS NULL", (principal.label,)
+
+    async def usage_summary(self, request: HttpRequest, call: Call) -> None:
+        days = request.query.get("days")
+        since = 0.0
+        if days is not None:
+            try:
+                since = time.time() - check_amount("days", float(days)) * 86400
+            except (ValueError, OverflowError):
+                raise bad_request(f"'days' must be a number, got {days[:40]!r}") from None
+        principal = call.principal
+        where, params = self.scope_of(principal)
+        count, prompt, completion, cost, errors = await asyncio.to_thread(
+            self.store.db_row,
+            "SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
+            f"COALESCE(SUM(cost_usd), 0), COALESCE(SUM(status >= 400), 0) FROM requests WHERE {where} AND ts >= ?",
+            (*params, since),
+        )
+        summary = {
+            "consumed_tokens": prompt + completion, "supplied_tokens": 0, "net_tokens": prompt + completion,
+            "requests": count, "prompt_tokens": prompt, "completion_tokens": completion, "cost_usd": round(cost, 6),
+            "errors": errors, "since": iso_time(since) if since else None, "key": None, "user": None, "budgets": [],
+            "rate_limits": [],
+        }  # fmt: skip
+        if principal is not None:
+            if principal.key_id is not None:
+                row = await asyncio.to_thread(self.store.key, principal.key_id)
+                summary["key"] = key_payload(row)
+                summary["user"] = {"id": principal.user_id, "email": principal.email, "role": principal.role}
+            else:
+                summary["key"] = {"fingerprint": principal.label, "static": True}
+            summary["budgets"] = [b.view() | {"holder": b.holder} for b in principal.budgets]
+            summary["rate_limits"] = [limit.view(time.monotonic()) for limit in principal.limits]
+        call.exchange.send_json(200, {"summary": summary})
+
+    async def usage_logs(self, request: HttpRequest, call: Call) -> None:
+        text = request.query.get("limit", "20")
+        if not (text.isascii() and text.isdigit() and len(text) <= 4 and 0 < int(text) <= USAGE_LOG_LIMIT):
+            raise bad_request(f"'limit' must be a whole number from 1 to {USAGE_LOG_LIMIT}, got {text[:40]!r}")
+        where, params = self.scope_of(call.principal)
+        rows = await asyncio.to_thread(
+            self.store.rows, f"SELECT * FROM requests WHERE {where} ORDER BY id DESC LIMIT ?", (*params, int(text))
+        )
+        call.exchange.send_json(200, {"entries": [dict(row, created_at=iso_time(row["ts"])) for row in rows]})
+
+
+# ======================================================================================
+# 14. CLI
 # ======================================================================================
 
 
@@ -10699,7 +11832,10 @@ def build_parser() -> argparse.ArgumentParser:
     usage_p = commands.add_parser("usage", help="token and cost totals from the ledger")
     add_config_flag(usage_p)
     usage_p.add_argument(
-        "--by", choices=("model", "provider", "day", "key"), action="append", help="grouping (repeatable; default all)"
+        "--by",
+        choices=("model", "provider", "day", "key", "user"),
+        action="append",
+        help="grouping (repeatable; default model, provider and day); key and user show budgets and what is left",
     )
     usage_p.add_argument("--days", type=float, default=30, help="look back this many days (default 30)")
     usage_p.add_argument("--json", action="store_true", help="print JSON")
@@ -10710,8 +11846,191 @@ def build_parser() -> argparse.ArgumentParser:
     logs_p.add_argument("-n", "--limit", type=int, default=20)
     logs_p.add_argument("--json", action="store_true", help="print JSON lines")
     logs_p.add_argument("--ledger-path", help="sqlite ledger file (default: the configured ledger_path)")
+    logs_p.add_argument("--user", metavar="EMAIL", help="only this user's requests")
+    add_identity_commands(commands)
     add_gateway_commands(commands)
     return parser
+
+
+def add_identity_commands(commands) -> None:
+    """`tgw user ...` and `tgw key ...`: they write the ledger's database, running gateway or not;
+    a running one applies each change within a second."""
+
+    def leaf(sub, name: str, help_text: str, *positional: str) -> argparse.ArgumentParser:
+        parser = sub.add_parser(name, help=help_text)
+        parser.add_argument("--config", default=argparse.SUPPRESS, help="gateway.ini to read")
+        for arg in positional:
+            parser.add_argument(arg)
+        return parser
+
+    def budget_flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--budget", type=float, metavar="USD", help="spending limit in USD per period")
+        parser.add_argument("--token-budget", type=int, metavar="N", help="limit in tokens (input + output) per period")
+        parser.add_argument("--period", choices=PERIODS, help="budget period, UTC (default month)")
+
+    user_p = commands.add_parser("user", help="team members: add, list, show, disable, enable, delete")
+    add_config_flag(user_p)
+    user_sub = user_p.add_subparsers(dest="action", required=True)
+    add_p = leaf(user_sub, "add", "add a user", "email")
+    add_p.add_argument("--name", default="", help="display name")
+    add_p.add_argument("--role", choices=ROLES, default="user")
+    budget_flags(add_p)
+    add_p.add_argument("--rpm", type=int, help="requests per minute for all the user's keys together")
+    add_p.add_argument("--tpm", type=int, help="tokens per minute for all the user's keys together")
+    leaf(user_sub, "list", "every user").add_argument("--json", action="store_true", help="print JSON")
+    leaf(user_sub, "show", "one user, its keys and budget", "user").add_argument("--json", action="store_true")
+    for action, text in (("disable", "refuse the user's keys"), ("enable", "accept the user's keys again"),
+                         ("delete", "delete the user and its keys (their ledger rows stay)")):  # fmt: skip
+        leaf(user_sub, action, text, "user")
+
+    key_p = commands.add_parser("key", help="API keys: create, list, show, disable, enable, delete, rotate")
+    add_config_flag(key_p)
+    key_sub = key_p.add_subparsers(dest="action", required=True)
+    create_p = leaf(key_sub, "create", "a new key for a user (printed once)")
+    create_p.add_argument("--user", required=True, metavar="EMAIL")
+    create_p.add_argument("--name", default="", help="what the key is for (e.g. laptop, ci)")
+    create_p.add_argument("--models", default="", metavar="GLOBS", help="models it may use, comma-separated globs")
+    budget_flags(create_p)
+    create_p.add_argument("--rpm", type=int, help="requests per minute (default: default_rpm)")
+    create_p.add_argument("--tpm", type=int, help="tokens per minute (default: default_tpm)")
+    create_p.add_argument("--expires", type=float, metavar="DAYS", help="stop working after this many days")
+    list_p = leaf(key_sub, "list", "every key (or one user's)")
+    list_p.add_argument("--user", metavar="EMAIL")
+    list_p.add_argument("--json", action="store_true", help="print JSON")
+    leaf(key_sub, "show", "one key (by id or prefix)", "key").add_argument("--json", action="store_true")
+    for action, text in (("disable", "refuse the key"), ("enable", "accept the key again"), ("delete", "delete the key"),
+                         ("rotate", "a new secret for the key, same settings (printed once)")):  # fmt: skip
+        leaf(key_sub, action, text, "key")
+
+
+def open_identity(args) -> IdentityStore:
+    cfg = load_config(getattr(args, "config", None))
+    path = cfg.ledger_path if cfg.ledger_path == ":memory:" else str(Path(cfg.ledger_path).expanduser())
+    return IdentityStore(open_ledger_db(path))
+
+
+def budget_fields(args) -> dict:
+    fields = {"budget_usd": args.budget, "budget_tokens": args.token_budget, "budget_period": args.period}
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def budget_text(budget: dict | None) -> str:
+    if budget is None:
+        return "-"
+    limits = [
+        money(budget["usd"]) if budget["usd"] is not None else "",
+        f"{budget['tokens']} tok" if budget["tokens"] is not None else "",
+    ]
+    return " + ".join(x for x in limits if x) + f"/{budget['period']}"
+
+
+def left_text(status: dict | None) -> str:
+    if status is None:
+        return "-"
+    left = [
+        money(status["left_usd"]) if "left_usd" in status else "",
+        f"{status['left_tokens']} tok" if "left_tokens" in status else "",
+    ]
+    return " + ".join(x for x in left if x) + f" left (resets {status['resets_at'] or 'never'})"
+
+
+def print_table(header: tuple, rows: list) -> None:
+    widths = [max(len(str(v)) for v in column) for column in zip(header, *rows, strict=True)]
+    for row in (header, *rows):
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_user(args) -> int:
+    store = open_identity(args)
+    now = time.time()
+    if args.action == "add":
+        fields = {"display_name": args.name, "role": args.role, "rpm": args.rpm, "tpm": args.tpm, **budget_fields(args)}
+        user = store.add_user(args.email, {k: v for k, v in fields.items() if v is not None})
+        print(
+            f"user {user['id']} {user['email']} added (role {user['role']}; budget {budget_text(budget_payload(user))})"
+        )
+    elif args.action == "list":
+        users = store.users()
+        if args.json:
+            print(json.dumps([user_payload(u) for u in users], indent=2))
+            return 0
+        print_table(("id", "email", "name", "role", "status", "keys", "budget", "left"),
+                    [(u["id"], u["email"], u["display_name"] or "-", u["role"], u["status"], u["keys"],
+                      budget_text(budget_payload(u)), left_text(store.budget_status("user", u, now))) for u in users])  # fmt: skip
+        if not users:
+            print("(no users: add one with 'tgw user add EMAIL')")
+    elif args.action == "show":
+        user = store.user(args.user)
+        payload = user_payload(user) | {"budget_status": store.budget_status("user", user, now),
+                                        "api_keys": [key_payload(k, now) for k in store.keys(user["id"])]}  # fmt: skip
+        if args.json:
+            print(json.dumps(payload, indent=2))
+            return 0
+        print(f"user {user['id']}: {user['email']} ({user['display_name'] or 'no name'}), role {user['role']}, "
+              f"{user['status']}; created {iso_time(user['created_at'])}")  # fmt: skip
+        if payload["budget_status"]:
+            print(f"budget: {budget_text(payload['budget_status'])}; {left_text(payload['budget_status'])}")
+        for key in payload["api_keys"]:
+            print(f"  key {key['id']} {key['prefix']} {key['name'] or '-'} {key['status']}")
+    elif args.action in ("disable", "enable"):
+        user = store.update_user(args.user, {"status": "disabled" if args.action == "disable" else "active"})
+        print(f"user {user['email']} is {user['status']}")
+    else:
+        user = store.delete_user(args.user)
+        print(f"user {user['email']} deleted; its keys no longer work (its ledger rows stay)")
+    return 0
+
+
+def cmd_key(args) -> int:
+    store = open_identity(args)
+    now = time.time()
+    if args.action in ("create", "rotate"):
+        if args.action == "create":
+            fields = {"name": args.name, "models": args.models, "rpm": args.rpm, "tpm": args.tpm, **budget_fields(args)}
+            if args.expires is not None:
+                fields["expires_at"] = now + check_amount("--expires", args.expires) * 86400
+            key, row = store.create_key(args.user, {k: v for k, v in fields.items() if v is not None})
+        else:
+            key, row = store.rotate_key(args.key)
+        print(key)
+        print(f"key {row['id']} ({row['key_prefix']}) for {row['email']}: this is the only time it is shown; store "
+              "it now (a running gateway accepts it within a second)", file=sys.stderr)  # fmt: skip
+        return 0
+    if args.action == "list":
+        keys = store.keys(args.user)
+        if args.json:
+            print(json.dumps([key_payload(k, now) for k in keys], indent=2))
+            return 0
+        print_table(("id", "prefix", "name", "user", "models", "status", "budget", "rpm", "tpm", "expires", "last used"),
+                    [(k["id"], k["key_prefix"], k["name"] or "-", k["email"], k["models"] or "*", key_state(k, now),
+                      budget_text(budget_payload(k)), k["rpm"] if k["rpm"] is not None else "-",
+                      k["tpm"] if k["tpm"] is not None else "-", iso_time(k["expires_at"]) or "never",
+                      iso_time(k["last_used_at"]) or "never") for k in keys])  # fmt: skip
+        if not keys:
+            print("(no keys: create one with 'tgw key create --user EMAIL')")
+        return 0
+    if args.action == "show":
+        row = store.key(args.key)
+        payload = key_payload(row, now) | {"budget_status": store.budget_status("key", row, now)}
+        if args.json:
+            print(json.dumps(payload, indent=2))
+            return 0
+        for name in ("id", "prefix", "name", "user_email", "models", "status", "expires_at", "rpm", "tpm", "created_at",
+                     "last_used_at"):  # fmt: skip
+            value = payload[name]
+            print(
+                f"{name:<13} {', '.join(value) if isinstance(value, list) else value if value not in (None, '') else '-'}"
+            )
+        budget = payload["budget_status"]
+        print(f"{'budget':<13} {budget_text(budget)}; {left_text(budget)}" if budget else f"{'budget':<13} -")
+        return 0
+    if args.action == "delete":
+        row = store.delete_key(args.key)
+        print(f"key {row['id']} ({row['key_prefix']}) deleted")
+        return 0
+    row = store.update_key(args.key, {"status": "disabled" if args.action == "disable" else "active"})
+    print(f"key {row['id']} ({row['key_prefix']}) is {key_state(row, now)}")
+    return 0
 
 
 def set_flags(items: list[str]) -> dict:
@@ -10820,6 +12139,7 @@ def cmd_usage(args) -> int:
     db = open_ledger_for_reading(args)
     since = time.time() - args.days * 86400
     report = {group: query_usage(db, group, since) for group in (args.by or ["model", "provider", "day"])}
+    budgets = usage_budgets(IdentityStore(db), report)
     if args.json:
         names = (
             "name",
@@ -10831,11 +12151,12 @@ def cmd_usage(args) -> int:
             "cost_usd",
             "errors",
         )
-        print(
-            json.dumps(
-                {g: [dict(zip(names, row, strict=True)) for row in rows] for g, rows in report.items()}, indent=2
-            )
-        )
+        out = {g: [dict(zip(names, row, strict=True)) for row in rows] for g, rows in report.items()}
+        for group, rows in out.items():
+            for row in rows:
+                if (group, row["name"]) in budgets:
+                    row["budget"] = budgets[group, row["name"]]
+        print(json.dumps(out, indent=2))
         return 0
     for group, rows in report.items():
         print(f"\nby {group} (last {args.days:g} days)")
@@ -10843,26 +12164,55 @@ def cmd_usage(args) -> int:
             f"  {group:<32} {'requests':>9} {'prompt':>11} {'completion':>11} {'cached':>9} {'cost $':>11} {'errors':>7}"
         )
         for name, count, prompt, completion, cached, _reasoning, cost, errors in rows:
+            budget = budgets.get((group, name))
+            shown = f"  budget {budget_text(budget)}: {left_text(budget)}" if budget else ""
             print(
-                f"  {str(name or '-'):<32} {count:>9} {prompt or 0:>11} {completion or 0:>11} {cached or 0:>9} {format_usd(cost):>11} {errors or 0:>7}"
+                f"  {str(name or '-'):<32} {count:>9} {prompt or 0:>11} {completion or 0:>11} {cached or 0:>9} {format_usd(cost):>11} {errors or 0:>7}{shown}"
             )
         if not rows:
             print("  (no requests)")
     return 0
 
 
+def usage_budgets(store: IdentityStore, report: dict) -> dict:
+    """(group, name) -> budget with spend and what is left, for the key and user groups of a usage report."""
+    found, now = {}, time.time()
+    for group in ("key", "user"):
+        for name, *_ in report.get(group, []):
+            try:
+                if group == "key" and isinstance(name, str) and name.startswith(KEY_PREFIX):
+                    row = store.key(name)
+                elif group == "user" and isinstance(name, str) and "@" in name:
+                    row = store.user(name)
+                else:
+                    continue
+            except GatewayError:  # deleted since
+                continue
+            status = store.budget_status(group, row, now)
+            if status is not None:
+                found[group, name] = status
+    return found
+
+
 def cmd_logs(args) -> int:
     db = open_ledger_for_reading(args)
-    rows = query_logs(db, args.limit)
+    user_ids = None
+    if args.user:
+        email = check_email(args.user)
+        user_ids = [row[0] for row in db.execute("SELECT id FROM users WHERE email = ?", (email,))]
+        if not user_ids:
+            raise GatewayError(404, f"no user {email} in this ledger")
+    rows = query_logs(db, args.limit, user_ids)
     for row in reversed(rows):
         if args.json:
             print(json.dumps(row))
             continue
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["ts"]))
         tokens = f"{row['prompt_tokens'] or 0}+{row['completion_tokens'] or 0} tok"
+        who = f"{row['user']} " if row["key_id"] is not None else ""
         failover = f"({row['attempts']} attempts, {row['account']}: {row['model_upstream']}) " if (
             row.get("attempts") or 0) > 1 else ""  # fmt: skip
-        print(f"{when} {row['status']} {row['client_protocol']}->{row['provider'] or '-'} {row['lane'] or '-'} "
+        print(f"{when} {row['status']} {who}{row['client_protocol']}->{row['provider'] or '-'} {row['lane'] or '-'} "
               f"{row['model_requested'] or '-'} {failover}{'stream ' if row['stream'] else ''}{tokens} "
               f"${format_usd(row['cost_usd'])} {row['latency_ms'] or 0:.0f}ms {row['error'] or ''}".rstrip())  # fmt: skip
     return 0
@@ -10882,6 +12232,9 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"tgw: configuration error: {exc}", file=sys.stderr)
         return 2
+    except GatewayError as exc:  # a user or key command refused (unknown user, bad value, duplicate)
+        print(f"tgw: {exc.message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `tgw logs | head`: the reader has all it wanted
@@ -10900,8 +12253,8 @@ def run_command(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"serve": cmd_serve, "config": cmd_config, "usage": cmd_usage, "logs": cmd_logs, "chat": cmd_chat,
-                "start": cmd_start, "stop": cmd_stop, "status": cmd_status}  # fmt: skip
+    handlers = {"serve": cmd_serve, "config": cmd_config, "usage": cmd_usage, "logs": cmd_logs, "user": cmd_user,
+                "key": cmd_key, "chat": cmd_chat, "start": cmd_start, "stop": cmd_stop, "status": cmd_status}  # fmt: skip
     return handlers[args.command](args)
 
 
@@ -10934,7 +12287,7 @@ def reexec_as_import() -> None:
 
 
 # ======================================================================================
-# 13. Gateway control: tgw start, stop and status
+# 15. Gateway control: tgw start, stop and status
 # ======================================================================================
 #
 # `tgw start` runs `tgw serve --pid-file …` in a session of its own, its output appended to
@@ -11328,7 +12681,7 @@ def cmd_status(args) -> int:
 
 
 # ======================================================================================
-# 14. The chat assistant: model selection, tools, the offline assistant, the terminal loop
+# 16. The chat assistant: model selection, tools, the offline assistant, the terminal loop
 # ======================================================================================
 #
 # `tgw chat` talks to a model through tgw's own providers and codecs, in-process: the
