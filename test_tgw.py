@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -11132,3 +11133,856 @@ def test_team_a_changed_gateway_ini_reaches_auth_keys_and_limits_live(team, tmp_
         assert wait_for(lambda: post(gw, "/v1/chat/completions", CHAT)[0] == 200, timeout=10)
     finally:
         gw.stop()
+
+
+# ======================================================================================
+# Hardening: hostile requests and upstream answers (issue 10)
+# ======================================================================================
+#
+# One regression test per item of issue 10 this section owns (10.2-10.5, 10.9, 10.11, parts of
+# 10.12), then seeded fuzzers: mutated client requests of every protocol against a loopback,
+# a translating and a passthrough gateway, and mutated upstream answers (JSON and SSE) on the
+# translation and passthrough lanes. Every answer must be a 2xx or a 4xx in the caller's own
+# protocol (a 502 when the upstream's answer is at fault), never a 500, and the gateway and its
+# ledger must still work afterwards.
+
+H_CHAT = "/v1/chat/completions"
+H_MESSAGES = "/v1/messages"
+H_RESPONSES = "/v1/responses"
+H_GEMINI = "/v1beta/models/gemini-2.5-flash:generateContent"
+H_GEMINI_STREAM = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+
+
+def error_message(path: str, status: int, payload: bytes) -> str:
+    """The message of an error answer, checking it is in the envelope of the path's protocol."""
+    body = json.loads(payload)
+    protocol = "anthropic" if path.startswith("/v1/messages") else "gemini" if path.startswith("/v1beta/") else ""
+    if protocol == "anthropic":
+        assert body["type"] == "error" and isinstance(body["error"]["type"], str), body
+        return body["error"]["message"]
+    if protocol == "gemini":
+        assert body["error"]["code"] == status and isinstance(body["error"]["status"], str), body
+        return body["error"]["message"]
+    assert isinstance(body["error"]["type"], str) and "message" in body["error"], body
+    return body["error"]["message"]
+
+
+class KeepAliveClient:
+    """One keep-alive connection for many requests (the fuzzers send thousands)."""
+
+    def __init__(self, port: int, timeout: float = 20):
+        self.port, self.timeout = port, timeout
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+
+    def post(self, path: str, data: bytes) -> tuple[int, dict, bytes]:
+        for attempt in range(2):
+            try:
+                self.conn.request("POST", path, data, {"Content-Type": "application/json"})
+                resp = self.conn.getresponse()
+                payload = resp.read()
+                if resp.getheader("Connection", "").lower() == "close":
+                    self.reconnect()
+                return resp.status, dict(resp.getheaders()), payload
+            except (http.client.RemoteDisconnected, ConnectionError, http.client.BadStatusLine):
+                self.reconnect()
+                if attempt:
+                    raise
+        raise AssertionError("not reached")
+
+    def reconnect(self):
+        self.conn.close()
+        self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+
+    def close(self):
+        self.conn.close()
+
+
+def ledger_is_writing(gw: RunningGateway) -> None:
+    """A fresh request's row reaches the ledger (its writer survived whatever came before)."""
+    status, headers, _ = post(gw, H_CHAT, {"model": "loopback", "messages": [{"role": "user", "content": "alive?"}]})
+    assert status in (200, 404)  # loopback, or no route to it: a row either way
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if any(row["request_id"] == headers["x-request-id"] for row in gw.rows()):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the ledger stopped writing")
+
+
+def no_internal_errors(caplog) -> None:
+    internal = [r.getMessage() for r in caplog.records if "internal error" in r.getMessage()]
+    assert not internal, internal[:3]
+
+
+# ---- 10.2 loopback embeddings: dimensions, input count and size bounded ------------------
+
+
+def test_loopback_embeddings_refuse_huge_dimensions_and_counts_quickly(start_gateway):
+    gw = start_gateway()
+    started = time.monotonic()
+    for body, fragment in [
+        ({"input": "x", "dimensions": 10**30}, "dimensions"),
+        ({"input": "x", "dimensions": 3_000_000}, "3072 dimensions"),
+        ({"input": "x", "dimensions": 0}, "positive"),
+        ({"input": ["x"] * 2049}, "at most 2048"),
+        ({"input": ["x"] * 100, "dimensions": 3072}, "65536 values"),
+        ({"input": ["a", 5]}, "input[1]"),
+        ({"input": [[1, "2"]]}, "input[0]"),
+        ({"input": "x", "dimensions": True}, "dimensions"),
+    ]:
+        status, _, payload = post(gw, "/v1/embeddings", {"model": "text-embedding-3-small", **body})
+        assert status == 400 and fragment in error_message("/v1/embeddings", status, payload), (body, payload)
+    assert time.monotonic() - started < 5  # each refused before any work proportional to it
+    status, _, payload = post(gw, "/v1/embeddings", {"model": "text-embedding-3-small", "input": ["\ud800 lone", "ok"]})
+    data = json.loads(payload)["data"]
+    assert status == 200 and len(data) == 2 and len(data[0]["embedding"]) == 256  # a lone surrogate embeds too
+    status, _, payload = post(gw, "/v1/embeddings", {"model": "x", "input": ["a"] * 16, "dimensions": 3072})
+    assert status == 200 and len(json.loads(payload)["data"][15]["embedding"]) == 3072
+    ledger_is_writing(gw)
+
+
+# ---- 10.3 / 10.4 Gemini schema cleaning: a DAG of $refs and deep schemas -----------------
+
+
+def dag_schema(levels: int) -> dict:
+    """~2 KB: each definition has two properties referencing the next one (2^levels paths)."""
+    defs = {f"N{i}": {"type": "object", "properties": {"a": {"$ref": f"#/$defs/N{i + 1}"},
+                                                         "b": {"$ref": f"#/$defs/N{i + 1}"}}}
+            for i in range(levels)}  # fmt: skip
+    defs[f"N{levels}"] = {"type": "string"}
+    return {"type": "object", "$defs": defs, "properties": {"root": {"$ref": "#/$defs/N0"}}}
+
+
+def nested_schema(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"x": schema}}
+    return schema
+
+
+def test_clean_schema_bounds_ref_expansion_and_describes_what_it_cut():
+    schema = dag_schema(30)
+    assert len(json.dumps(schema)) < 4000
+    started = time.monotonic()
+    cleaned = clean_schema_for_gemini(schema)
+    assert time.monotonic() - started < 2  # 2^30 nodes unbounded; a budget of inlined keys bounded
+    text = json.dumps(cleaned)
+    assert len(text) < 400_000 and "its definition was too large to repeat here" in text
+    node = cleaned["properties"]["root"]
+    assert node["type"] == "OBJECT" and node["properties"]["a"]["type"] == "OBJECT"  # the top keeps its meaning
+    cut = next(n for n in iter_schema_nodes(cleaned) if "too large" in n.get("description", ""))
+    assert {b["type"] for b in cut["anyOf"]} >= {"STRING", "OBJECT"}  # a described any-value
+    budget = tgw.SchemaBudget()  # shared by a request's tools: many small exploding schemas add up
+    for _ in range(50):
+        clean_schema_for_gemini(schema, budget)
+    assert budget.left <= 0
+    with pytest.raises(GatewayError) as raised:
+        clean_schema_for_gemini(nested_schema(250))
+    assert raised.value.status == 400 and "nested deeper than 64" in raised.value.message
+    ok = clean_schema_for_gemini(nested_schema(40))
+    assert json.dumps(ok).count('"OBJECT"') == 40
+
+
+def iter_schema_nodes(node):
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            yield item
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def test_gemini_route_survives_exploding_and_deep_tool_schemas(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, g_answer([{"text": "ok"}])))
+    gw = start_gateway(env={**gemini_env(up), **openai_env(up), **routes_env("gpt*=>gemini", "claude*=>openai")})
+    tool = {"type": "function", "function": {"name": "walk", "parameters": dag_schema(30)}}
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "tools": [tool] * 20}
+    started = time.monotonic()
+    status, _, payload = post(gw, H_CHAT, body)
+    assert status == 200 and time.monotonic() - started < 10
+    sent = json.dumps(up.requests[-1]["body"]["tools"])
+    assert len(sent) < 2_000_000 and "too large to repeat" in sent
+    deep = {"type": "function", "function": {"name": "deep", "parameters": nested_schema(250)}}
+    status, _, payload = post(gw, H_CHAT, {**body, "tools": [deep]})
+    assert status == 400 and "nested deeper than 64" in error_message(H_CHAT, status, payload)
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": nested_schema(250)}}
+    status, _, payload = post(gw, H_CHAT, {**body, "tools": [], "response_format": fmt})
+    assert status == 400 and "nested deeper than 64" in error_message(H_CHAT, status, payload)
+    declaration = {"name": "deep", "parameters": json.loads(json.dumps(nested_schema(250)).replace("object", "OBJECT"))}
+    gemini_body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}], "tools": [{"functionDeclarations": [declaration]}]}  # fmt: skip
+    status, _, payload = post(gw, "/v1beta/models/claude-x:generateContent", gemini_body)  # translated to OpenAI
+    assert status == 400 and "nested deeper than 64" in error_message(H_GEMINI, status, payload)
+    assert_serving(gw)
+
+
+# ---- 10.4 deep JSON: never a RecursionError, 400 for a client, 502 for an upstream -------
+
+
+def deep_array(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+@pytest.mark.parametrize("levels", [120, 900, 5000])
+def test_deep_json_bodies_are_400s_in_each_protocol(start_gateway, levels):
+    gw = start_gateway()
+    deep = deep_array(levels)
+    bodies = {
+        H_CHAT: '{"model": "loopback", "messages": [{"role": "user", "content": "hi"}], "metadata": {"x": %s}}',
+        H_MESSAGES: '{"model": "claude-x", "max_tokens": 5, "messages": [{"role": "assistant", "content": [{"type":'
+        ' "tool_use", "id": "t1", "name": "n", "input": {"x": %s}}]}, {"role": "user", "content": "hi"}]}',
+        H_RESPONSES: '{"model": "gpt-5", "input": [{"type": "function_call", "call_id": "c", "name": "n", '
+        '"arguments": {"a": %s}}, {"type": "function_call_output", "call_id": "c", "output": "o"}]}',
+        H_GEMINI: '{"contents": [{"role": "user", "parts": [{"text": "hi"}]}], "tools": [{"functionDeclarations":'
+        ' [{"name": "n", "parameters": {"type": "OBJECT", "properties": {"x": %s}}}]}]}',
+        "/v1/embeddings": '{"model": "x", "input": %s}',
+        "/v1/messages/count_tokens": '{"model": "claude-x", "messages": [{"role": "user", "content": "hi"}], "tools": %s}',
+        "/v1/responses/input_tokens": '{"model": "gpt-5", "input": %s}',
+    }
+    for path, template in bodies.items():
+        status, _, payload = post(gw, path, (template % deep).encode())
+        assert status < 500, (path, levels, payload[:300])
+        if status >= 400:
+            error_message(path, status, payload)
+        if levels == 5000:
+            assert status == 400 and "nested too deeply" in error_message(path, status, payload), (path, payload)
+    status, _, payload = post(gw, H_CHAT, deep_array(5000).encode())
+    assert status == 400 and "nested too deeply" in error_message(H_CHAT, status, payload)
+    ledger_is_writing(gw)
+
+
+def test_deep_upstream_answers_are_502s(start_gateway, upstream):
+    answers = iter([
+        b'{"choices": ' + deep_array(5000).encode() + b"}",
+        json.dumps(o_tool_answer("n", "{}")).replace('"{}"', f'{{"a": {deep_array(950)}}}').encode(),
+    ] * 4)  # fmt: skip
+
+    up = upstream(lambda h, b: send_answer(h, next(answers)))
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")})
+    status, _, payload = post(gw, H_MESSAGES, L_CLAUDE)
+    assert status == 502 and "nested too deeply" in error_message(H_MESSAGES, status, payload)
+    status, _, payload = post(gw, H_MESSAGES, L_CLAUDE)
+    assert status in (200, 502), payload[:300]  # parsed; too deep for a later walk at most a 502
+    assert_serving(gw)
+
+
+# ---- 10.5 wrong nested types: a 400 naming the field, never a 500 ------------------------
+
+O_USER = {"role": "user", "content": "hi"}
+O_CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+WRONG_SHAPES = [
+    (H_CHAT, {"stop": 5}, "'stop' must be a string or an array"),
+    (H_CHAT, {"stop": ["a", 5]}, "'stop' must be an array of strings"),
+    (H_CHAT, {"stream_options": "x"}, "'stream_options' must be an object"),
+    (H_CHAT, {"messages": [O_USER, {"role": "assistant", "tool_calls": "x"}]}, "'messages[1].tool_calls' must be"),
+    (H_CHAT, {"messages": [O_USER, {"role": "assistant", "tool_calls": [{"function": 5}]}]},
+     "'messages[1].tool_calls[0].function' must be an object"),
+    (H_CHAT, {"messages": [O_USER, {"role": "assistant", "tool_calls": [{"id": [], "function": {"name": "f"}}]}]},
+     "'messages[1].tool_calls[0].id' must be a string"),
+    (H_CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "'messages[0].content[0].text' must be a string"),
+    (H_CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": None}}]}]},
+     "'messages[0].content[0].image_url.url' is required"),
+    (H_CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": 7}]}]},
+     "'messages[0].content[0].image_url' must be"),
+    (H_CHAT, {"messages": [O_USER, {"role": "assistant", "tool_calls": [O_CALL]}, {"role": "tool", "tool_call_id": [],
+                                                                                 "content": "r"}]},
+     "'messages[2].tool_call_id' must be a string"),
+    (H_CHAT, {"messages": [{"role": {"x": 1}, "content": "hi"}]}, "messages[0].role must be"),
+    (H_CHAT, {"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]},
+     "'tools[0].function.parameters' must be an object"),
+    (H_CHAT, {"tool_choice": {"type": "function", "function": {"name": 5}}}, "'tool_choice.function.name'"),
+    (H_CHAT, {"response_format": {"type": "json_schema", "json_schema": {"schema": "x"}}},
+     "'response_format.json_schema.schema' must be an object"),
+    (H_MESSAGES, {"tool_choice": {"type": {}}}, "'tool_choice.type' must be a string"),
+    (H_MESSAGES, {"thinking": {"type": []}}, "'thinking.type' must be a string"),
+    (H_MESSAGES, {"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "data": "x",
+                                                                                         "media_type": 5}}]}]},
+     "'messages[0].content[0].source.media_type' must be a string"),
+    (H_MESSAGES, {"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "n",
+                                                                  "input": 5}]}]},
+     "'messages[0].content[0].input' must be an object"),
+    (H_MESSAGES, {"tools": [{"type": 5, "name": "x"}]}, "'tools[0].type' must be a string"),
+    (H_MESSAGES, {"output_config": {"format": {"type": "json_schema", "schema": 3}}},
+     "'output_config.format.schema' must be an object"),
+    (H_RESPONSES, {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                             {"type": "function_call_output", "call_id": [], "output": "x"}]},
+     "'input[1].call_id' must be a string"),
+    (H_RESPONSES, {"input": [{"type": "function_call", "call_id": {}, "name": "f"}]}, "'input[0].call_id'"),
+    (H_RESPONSES, {"input": [{"type": "reasoning", "summary": 5}, {"role": "user", "content": "x"}]}, None),
+    (H_RESPONSES, {"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]},
+     "'input[0].content[0].text' must be a string"),
+    (H_RESPONSES, {"input": [{"type": ["x"]}]}, "'input[0].type' must be a string"),
+    (H_RESPONSES, {"tool_choice": {"type": "function", "name": []}}, "'tool_choice.name' must be a string"),
+    (H_RESPONSES, {"text": {"format": {"type": "json_schema", "name": "x", "schema": []}}},
+     "'text.format.json_schema.schema' must be an object"),
+    (H_GEMINI, {"generationConfig": {"topK": "__NaN__"}}, "NaN is not valid JSON"),
+    (H_GEMINI, {"generationConfig": {"topK": "__1e400__"}}, "out of range"),
+    (H_GEMINI, {"toolConfig": {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [5]}}},
+     "allowedFunctionNames' must be an array of strings"),
+    (H_GEMINI, {"toolConfig": {"functionCallingConfig": {"mode": {}}}}, "functionCallingConfig.mode' must be a string"),
+]  # fmt: skip
+BASE_OF = {
+    H_CHAT: {"model": "gpt-4o-mini", "messages": [O_USER]},
+    H_MESSAGES: {"model": "claude-x", "max_tokens": 10, "messages": [O_USER]},
+    H_RESPONSES: {"model": "gpt-5", "input": "hi"},
+    H_GEMINI: {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
+}
+
+
+def raw_body(base: dict, change: dict) -> bytes:
+    """base updated with change; "__NaN__"-style strings become those literals in the JSON text."""
+    text = json.dumps({**base, **change})
+    for literal in ("NaN", "Infinity", "-Infinity", "1e400"):
+        text = text.replace(f'"__{literal}__"', literal)
+    return text.encode()
+
+
+@pytest.mark.parametrize("lane", ["loopback", "translation"])
+def test_wrong_nested_types_are_400s_naming_the_field(start_gateway, upstream, lane, caplog):
+    env = {}
+    if lane == "translation":  # the same checks when the request is translated for an upstream
+        up = upstream(lambda h, b: reply_json(h, chat_completion("ok")))
+        env = {**openai_env(up), **gemini_env(up), **anthropic_env(up),
+               **routes_env("claude*=>openai", "gemini*=>openai", "gpt*=>anthropic")}  # fmt: skip
+    gw = start_gateway(env=env)
+    client = KeepAliveClient(gw.port)
+    for path, change, fragment in WRONG_SHAPES:
+        status, _, payload = client.post(path, raw_body(BASE_OF[path], change))
+        if fragment is None:
+            assert status in (200, 400), (change, payload)
+            continue
+        assert status == 400, (path, change, payload[:300])
+        message = error_message(path, status, payload)
+        assert fragment in message, (change, message)
+    client.close()
+    no_internal_errors(caplog)
+    ledger_is_writing(gw)
+
+
+def test_last_resort_guard_makes_unforeseen_shapes_400_or_502(start_gateway, upstream, monkeypatch, caplog):
+    up = upstream(lambda h, b: reply_json(h, chat_completion("ok")))
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")})
+
+    def surprise(*args, **kwargs):
+        raise KeyError("a shape no check foresaw")
+
+    original = tgw.AnthropicCodec.__dict__["_decode_thinking"]
+    monkeypatch.setattr(tgw.AnthropicCodec, "_decode_thinking", staticmethod(surprise))
+    status, _, payload = post(gw, H_MESSAGES, L_CLAUDE)
+    message = error_message(H_MESSAGES, status, payload)
+    assert status == 400 and message.startswith("malformed request") and "KeyError" in message
+    monkeypatch.setattr(tgw.AnthropicCodec, "_decode_thinking", original)
+    monkeypatch.setattr(tgw.OpenAIChatCodec, "decode_response", lambda self, body: surprise())
+    status, _, payload = post(gw, H_MESSAGES, L_CLAUDE)
+    message = error_message(H_MESSAGES, status, payload)
+    assert status == 502 and "malformed answer" in message and "KeyError" in message
+    assert "internal gateway error" not in message
+    assert any("malformed request" in r.getMessage() for r in caplog.records)  # the log says where
+    no_internal_errors(caplog)
+
+
+# ---- 10.12 NaN / Infinity ------------------------------------------------------------------
+
+
+def test_nan_infinity_and_overflowing_numbers_are_refused_in_every_protocol(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion("ok")))
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai", "gemini*=>openai", "gpt*=>openai")})
+    for path in (H_CHAT, H_MESSAGES, H_RESPONSES, H_GEMINI):
+        for literal in ("NaN", "Infinity", "-Infinity", "1e400"):
+            status, _, payload = post(gw, path, raw_body(BASE_OF[path], {"temperature": f"__{literal}__"}))
+            message = error_message(path, status, payload)
+            assert status == 400 and "not valid JSON" in message, (path, literal, message)
+    assert up.requests == []  # nothing invalid was sent upstream (passthrough lanes included)
+    assert tgw.loads(b'{"a": 1.5e300, "b": -0.0}') == {"a": 1.5e300, "b": -0.0}
+
+
+# ---- hostile upstream answers: 502 in the client's protocol, sane usage in the ledger -------
+
+
+def test_broken_upstream_json_answers_are_502s_in_the_clients_protocol(start_gateway, upstream, caplog):
+    good = chat_completion("fine")
+    broken = [
+        {**good, "choices": "x"},
+        {**good, "choices": [5]},
+        {**good, "choices": [{"message": 5}]},
+        {**good, "choices": [{"message": {"content": {"a": 1}}}]},
+        {**good, "choices": [{"message": {"tool_calls": "x"}}]},
+        {**good, "choices": [{"message": {"tool_calls": [{"function": 7}]}}]},
+        [1, 2, 3],
+        "just a string",
+    ]
+    answers = iter(broken + [{**good, "usage": u} for u in (
+        {"prompt_tokens": "12", "completion_tokens": 1.9, "prompt_tokens_details": "x"},
+        {"prompt_tokens": 10**30, "completion_tokens": -5, "completion_tokens_details": {"reasoning_tokens": {}}},
+        {"prompt_tokens": [], "completion_tokens": True},
+    )])  # fmt: skip
+    up = upstream(lambda h, b: reply_json(h, next(answers)))
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")})
+    for answer in broken:
+        status, _, payload = post(gw, H_MESSAGES, L_CLAUDE)
+        assert status == 502, (answer, payload)
+        assert "upstream" in error_message(H_MESSAGES, status, payload)
+    usages = []
+    for _ in range(3):
+        status, _, payload = post(gw, H_MESSAGES, L_CLAUDE)
+        assert status == 200, payload
+        usages.append(json.loads(payload)["usage"])
+    assert [(u["input_tokens"], u["output_tokens"]) for u in usages] == [(12, 1), (2**63 - 1, 0), (0, 0)]
+    rows = gw.rows(at_least=11)
+    for row in rows:
+        for column in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"):
+            assert isinstance(row[column], int) and 0 <= row[column] < 2**63, row
+    no_internal_errors(caplog)
+
+
+def test_broken_upstream_streams_end_with_an_error_event(start_gateway, upstream, caplog):
+    good = a_events_text_and_tool()
+    variants = [
+        [good[0], {"type": "content_block_delta", "index": 7, "delta": {"type": "text_delta", "text": "orphan"}}]
+        + good[1:],  # a delta for a block never started: dropped
+        [good[0], {"type": "content_block_start", "index": [], "content_block": {"type": "text"}}] + good[1:],
+        [good[0], {"type": "content_block_start", "index": 0, "content_block": 5}] + good[1:],
+        [good[0], {**good[3], "delta": "x"}] + good[1:],
+        [good[0], {"type": "message_delta", "delta": 5, "usage": {"output_tokens": "7"}}] + good[1:],
+        good[5:] + good[:5],  # out of order
+        [good[0], {"type": "error", "error": "overloaded"}],
+        [{"type": "message_start", "message": "x"}] + good[1:],
+        [{**good[0], "message": {**good[0]["message"], "usage": {"input_tokens": 10**40}}}] + good[1:],
+    ]
+    answers = iter(variants)
+    up = upstream(lambda h, b: reply_anthropic_sse(h, next(answers)))
+    gw = start_gateway(env={**anthropic_env(up), **routes_env("gpt*=>anthropic")})
+    for events in variants:
+        status, _, payload = post(gw, H_CHAT, {"model": "gpt-4o", "stream": True, "messages": [O_USER]})
+        assert status == 200, payload
+        chunks = sse_data(payload)
+        ended = chunks[-1] == "[DONE]" or "error" in chunks[-1]
+        assert ended and b"internal gateway error" not in payload, (events[:2], payload[-300:])
+    no_internal_errors(caplog)
+    ledger_is_writing(gw)
+
+
+def test_tool_arguments_streamed_in_many_pieces_stay_linear():
+    """Hundreds of thousands of small deltas (a hostile or just chatty upstream): every place that
+    gathers them joins once instead of copying the text so far at every piece (seconds before,
+    for each of these, at this size; growing with the square of the count)."""
+
+    def deltas(count: int) -> list:
+        tool = [BlockStart(0, Part("tool_call", id="c", name="f"))] + [BlockDelta(0, "arguments", "abcd")] * count
+        return (
+            tool
+            + [BlockStart(1, Part("text"))]
+            + [BlockDelta(1, "text", "abcd")] * count
+            + [BlockStop(1), BlockStop(0)]
+        )
+
+    events = deltas(400_000)
+    started = time.monotonic()
+    folded = fold_events(events)
+    assert time.monotonic() - started < 6
+    assert len(folded.parts[0].arguments) == len(folded.parts[1].text) == 1_600_000
+    events = deltas(200_000)
+    started = time.monotonic()
+    responses = ResponsesStreamEncoder(Request("gpt-5", [], protocol="responses"), emit=False)
+    for ev in [MessageStart("r", "m")] + events:
+        responses.encode(ev)
+    assert time.monotonic() - started < 6
+    assert len(responses.output[-1]["content"][0]["text"]) == 800_000
+    assert len(responses.output[0]["arguments"]) == 800_000
+    gemini = GeminiStreamEncoder(Request("gpt-5", []))
+    frames = b"".join(gemini.encode(ev) for ev in events[:200_001] + [BlockStop(0)])
+    assert frames.count(b"functionCall") == 1 and frames.count(b"abcd" * 1000) >= 200
+
+
+def test_anthropic_encoder_holds_many_open_blocks_in_linear_time():
+    """Blocks that stay open while others start (interleaved parallel calls) are held back per
+    block; releasing them no longer rescans one shared backlog at every stop."""
+    blocks = 8000
+    encoder = AnthropicStreamEncoder(Request("claude-x", []))
+    out = [encoder.encode(MessageStart("m", "x"))]
+    started = time.monotonic()
+    for i in range(blocks):
+        out.append(encoder.encode(BlockStart(i, Part("tool_call", id=f"toolu_{i}", name="f"))))
+        out.append(encoder.encode(BlockDelta(i, "arguments", "{}")))
+    for i in range(blocks):
+        out.append(encoder.encode(BlockStop(i)))
+    out.append(encoder.encode(MessageDelta("tool_use", None, Usage())) + encoder.encode(MessageStop()))
+    assert time.monotonic() - started < 5  # about 20 s before: every stop re-encoded all that was held
+    events = lane_sse(b"".join(out))
+    starts = [d["index"] for name, d in events if name == "content_block_start"]
+    stops = [d["index"] for name, d in events if name == "content_block_stop"]
+    assert starts == stops == list(range(blocks))  # one block at a time, each started and stopped once
+
+
+# ---- 10.9 SSE parsing: linear, and an event may not grow without bound ----------------------
+
+
+def test_sse_parser_is_linear_and_caps_an_events_size():
+    parser = SSEParser()
+    started = time.monotonic()
+    parser.feed(b"data: ")
+    piece = b"x" * 8192
+    for _ in range(1800):  # 14.7 MB in 8 KB reads: quadratic re-scanning took minutes
+        assert parser.feed(piece) == []
+    events = parser.feed(b"\r\n\r\ndata: next\r")
+    assert [len(e.data) for e in events] == [1800 * 8192] and time.monotonic() - started < 10
+    assert [e.data for e in parser.feed(b"\n\n")] == ["next"]  # the CR held back was half a CRLF
+    small = SSEParser(max_event=1000)
+    small.feed(b"data: " + b"y" * 900)
+    with pytest.raises(GatewayError) as raised:
+        small.feed(b"y" * 200)
+    assert raised.value.status == 502 and "larger than" in raised.value.message
+    with pytest.raises(GatewayError):
+        SSEParser(max_event=1000).feed(b"data: " + b"z" * 2000 + b"\n\n")  # whole in one read, too
+
+
+def test_a_huge_upstream_event_is_a_stream_error_and_others_are_served_meanwhile(start_gateway, upstream):
+    def script(h, body):
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        head = b'data: {"choices": [{"index": 0, "delta": {"content": "'
+        for data in [head] + [b"x" * 65536] * 320:  # 20 MB, one event
+            h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        h.wfile.write(b"0\r\n\r\n")
+
+    up = upstream(script)
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")})
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(answer=post(gw, H_MESSAGES, {**L_CLAUDE, "stream": True},
+                                                                      timeout=60)))  # fmt: skip
+    worker.start()
+    while worker.is_alive() and not up.requests:
+        time.sleep(0.01)
+    for _ in range(3):  # the loop is not stalled by the big event
+        assert_serving(gw)
+    worker.join(60)
+    status, _, payload = result["answer"]
+    assert status == 200 and b"event: error" in payload and b"larger than 16 MB" in payload
+
+
+# ---- 10.11 header injection from an upstream -------------------------------------------------
+
+
+def raw_upstream_answer(head: bytes, data: bytes):
+    def script(h, body):
+        h.wfile.write(b"HTTP/1.1 200 OK\r\n" + head + b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+
+    return script
+
+
+def test_upstream_header_values_never_reach_the_clients_response_head(start_gateway, upstream):
+    answer = json.dumps(chat_completion("ok")).encode()
+    heads = iter([
+        b"Content-Type: application/json\nSet-Cookie: stolen=1\r\n",  # a bare LF: a line of its own, not relayed
+        b"Content-Type: text/plain\x0bX-Evil: 1\r\n",  # a control character: the JSON default instead
+        b"Content-Type: application/json\rSet-Cookie: stolen=1\r\n",  # a bare CR: refused
+    ])  # fmt: skip
+    up = upstream(lambda h, b: raw_upstream_answer(next(heads), answer)(h, b))
+    gw = start_gateway(env=openai_env(up), upstream_retries=0)
+    request = json.dumps(CHAT).encode()
+    wire = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+    for expected in (b"200", b"200", b"502"):
+        data = raw_exchange(gw.port, wire % (len(request), request))
+        head = data.partition(b"\r\n\r\n")[0]
+        assert head.startswith(b"HTTP/1.1 " + expected), data[:300]
+        assert b"Set-Cookie" not in head and b"X-Evil" not in head and b"\x0b" not in head
+        assert b"Content-Type: application/json" in head
+
+
+# ---- 10.12 slow heads, non-JSON success answers -----------------------------------------------
+
+
+def test_a_partial_head_gets_its_408_after_header_timeout_even_on_a_kept_alive_connection(start_gateway):
+    gw = start_gateway(header_timeout=2, idle_timeout=120)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=20) as s:
+        started = time.monotonic()
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        assert s.recv(1000).startswith(b"HTTP/1.1 408")
+        assert time.monotonic() - started < 3.6  # not 2 x header_timeout
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=20) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while b'"status"' not in answer:
+            answer += s.recv(65536)
+        time.sleep(0.3)
+        started = time.monotonic()
+        s.sendall(b"GET /health HTTP/1.1\r\n")  # the next head starts and stalls: idle_timeout does not apply
+        assert s.recv(1000).startswith(b"HTTP/1.1 408")
+        assert time.monotonic() - started < 6
+
+
+def test_passthrough_success_that_is_not_json_is_a_502(start_gateway, upstream):
+    bodies = [b"<html>gateway error</html>", b"OK", b"", b'{"choices": [', b"   "]
+    answers = iter(body for body in bodies for _ in range(2))
+    up = upstream(lambda h, b: send_answer(h, next(answers)))  # 200, application/json, and not JSON
+    gw = start_gateway(env={**openai_env(up), **anthropic_env(up)})
+    for _ in bodies:
+        status, _, payload = post(gw, H_CHAT, CHAT)
+        assert status == 502 and "not JSON" in error_message(H_CHAT, status, payload)
+        status, _, payload = post(gw, H_MESSAGES, L_CLAUDE)
+        assert status == 502 and "not JSON" in error_message(H_MESSAGES, status, payload)
+
+
+# ---- fuzzing: mutated requests of every protocol, mutated upstream answers ------------------
+
+FUZZ_VALUES = [0, -1, 7, 2.5, -1e308, 10**30, -(10**30), 2**63, "", "x", "\ud800", "tail \udfff", "a\nb\r\x00\x1b[2J",
+               "x" * 5000, None, True, False, [], {}, [None, 1, "a", [], {}], {"type": {}, "text": 5, "index": []},
+               "__NaN__", "__Infinity__", "__1e400__"]  # fmt: skip
+
+
+def json_slots(tree) -> list:
+    """(container, key) of every value inside a JSON tree, found without recursion."""
+    slots, stack = [], [tree]
+    while stack:
+        node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            slots.append((node, key))
+            stack.append(value)
+    return slots
+
+
+def fuzz_value(rnd: random.Random):
+    if rnd.random() < 0.08:  # deep: shallow enough to parse, or not; deep enough to hurt a recursive walk
+        return f"__DEEP{rnd.choice([60, 300, 900, 1500])}__"
+    return copy.deepcopy(rnd.choice(FUZZ_VALUES))
+
+
+def fuzz_text(tree) -> str:
+    """JSON text of a fuzzed tree, its placeholders replaced by what json.dumps cannot write."""
+    text = json.dumps(tree)
+    for literal in ("NaN", "Infinity", "1e400"):
+        text = text.replace(f'"__{literal}__"', literal)
+    for depth in (60, 300, 900, 1500):
+        text = text.replace(f'"__DEEP{depth}__"', '{"x": ' * (depth // 2) + deep_array(depth // 2) + "}" * (depth // 2))
+    return text
+
+
+def mutate_tree(rnd: random.Random, tree):
+    """Up to three changes at random places: a new value of another type, a deletion, an array
+    and an object swapped, or a value buried deep."""
+    tree = copy.deepcopy(tree)
+    for _ in range(rnd.randint(1, 3)):
+        slots = json_slots(tree)
+        if not slots:
+            return fuzz_value(rnd)
+        parent, key = rnd.choice(slots)
+        value, op = parent[key], rnd.random()
+        if op < 0.15 and isinstance(parent, dict):
+            del parent[key]
+        elif op < 0.3 and isinstance(value, (dict, list)):
+            parent[key] = list(value.values()) if isinstance(value, dict) else {str(i): v for i, v in enumerate(value)}
+        elif op < 0.37:
+            parent[key] = [value, value]
+        else:
+            parent[key] = fuzz_value(rnd)
+    return tree
+
+
+def fuzz_json(rnd: random.Random, tree) -> bytes:
+    data = fuzz_text(mutate_tree(rnd, tree)).encode()
+    if rnd.random() < 0.04:  # broken text: cut short, or bytes that are not UTF-8
+        data = data[: rnd.randrange(len(data) + 1)] if rnd.random() < 0.5 else data.replace(b'"', b'"\xff', 1)
+    return data
+
+
+R_ANSWER = {"id": "resp_up9", "object": "response", "status": "completed", "model": "gpt-5",
+            "output": [{"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                        "content": [{"type": "output_text", "text": "hi", "annotations": []}]},
+                       {"type": "function_call", "id": "fc_1", "call_id": "call_9", "name": "shell",
+                        "arguments": '{"command": ["ls"]}', "status": "completed"}],
+            "usage": {"input_tokens": 9, "output_tokens": 3, "input_tokens_details": {"cached_tokens": 1},
+                      "output_tokens_details": {"reasoning_tokens": 0}}}  # fmt: skip
+
+
+def r_stream_events() -> list:
+    item = R_ANSWER["output"][1]
+    return [
+        {"type": "response.created", "response": {**R_ANSWER, "status": "in_progress", "output": []}},
+        {"type": "response.output_item.added", "output_index": 0, "item": {**R_ANSWER["output"][0], "content": []}},
+        {"type": "response.content_part.added", "output_index": 0, "content_index": 0,
+         "part": {"type": "output_text", "text": ""}},
+        {"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": "hi"},
+        {"type": "response.output_item.done", "output_index": 0, "item": R_ANSWER["output"][0]},
+        {"type": "response.output_item.added", "output_index": 1, "item": {**item, "arguments": ""}},
+        {"type": "response.function_call_arguments.delta", "output_index": 1, "delta": item["arguments"]},
+        {"type": "response.output_item.done", "output_index": 1, "item": item},
+        {"type": "response.completed", "response": R_ANSWER},
+    ]  # fmt: skip
+
+
+def valid_answer(path: str, stream: bool):
+    """What a well-behaved upstream answers on `path`: a JSON object, or a list of SSE events."""
+    if path.endswith("/chat/completions"):
+        return o_tool_chunks("get_weather", '{"city": "Paris"}', text="Checking.") if stream else o_tool_answer(
+            "get_weather", '{"city": "Paris"}', content="Checking.")  # fmt: skip
+    if path.endswith("/count_tokens"):
+        return {"input_tokens": 5}
+    if path.endswith("/messages"):
+        return a_events_text_and_tool() if stream else a_message(
+            [{"type": "text", "text": "Checking."},
+             {"type": "tool_use", "id": "toolu_9", "name": "get_weather", "input": {"city": "Paris"}}], "tool_use")  # fmt: skip
+    if path.endswith("/responses"):
+        return r_stream_events() if stream else R_ANSWER
+    if path.endswith("/embeddings"):
+        return {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.5, 0.5]}],
+                "model": "m", "usage": {"prompt_tokens": 2, "total_tokens": 2}}  # fmt: skip
+    if ":countTokens" in path:
+        return {"totalTokens": 3}
+    call = {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}
+    if ":streamGenerateContent" in path:
+        return [g_answer([{"text": "Check"}], finish=None), g_answer([{"text": "ing."}, call])]
+    return g_answer([{"text": "Checking."}, call])
+
+
+def sse_frame(event, named: bool) -> str:
+    """One SSE event as a fake upstream frames it (Anthropic and Responses name their events)."""
+    if isinstance(event, str):
+        return event
+    text = fuzz_text(event)
+    name = event.get("type") if named and isinstance(event, dict) and isinstance(event.get("type"), str) else None
+    return f"event: {name}\ndata: {text}\n\n" if name else f"data: {text}\n\n"
+
+
+def send_answer(h, answer):
+    """A JSON answer (an object, or raw bytes), or an SSE stream (a list of events), written in
+    one piece: a head and a body in two small writes would wait on delayed ACKs, 40 ms a request."""
+    if isinstance(answer, list):
+        named = h.path.split("?")[0].endswith(("/messages", "/responses"))
+        frames = [sse_frame(event, named).encode("utf-8", "surrogatepass") for event in answer]
+        body = b"".join(b"%x\r\n%s\r\n" % (len(f), f) for f in frames if f) + b"0\r\n\r\n"
+        head = b"Content-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+    else:
+        body = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+        head = b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+    h.wfile.write(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n" + body)
+
+
+def universal_upstream(h, body):
+    """A well-behaved upstream for every protocol and path (the request fuzzers' far side)."""
+    stream = isinstance(body, dict) and body.get("stream") is True or ":streamGenerateContent" in h.path
+    send_answer(h, valid_answer(h.path.split("?")[0], stream))
+
+
+FUZZ_REQUESTS = [
+    (H_CHAT, OPENAI_BODY), (H_CHAT, {**CHAT, "stream": True, "stream_options": {"include_usage": True}}),
+    (H_MESSAGES, CLAUDE_CODE_BODY), (H_MESSAGES, L_CC_REQUEST),
+    (H_RESPONSES, CODEX_APPLY_PATCH_TURN), (H_RESPONSES, CODEX_RESPONSES_LITE_TURN), (H_RESPONSES, SDK_FUNCTION_HISTORY),
+    (H_GEMINI, CAPTURE_04), (H_GEMINI_STREAM, CAPTURE_08),
+    ("/v1/embeddings", {"model": "text-embedding-3-small", "input": ["a", "b"], "dimensions": 8}),
+    ("/v1/messages/count_tokens", CLAUDE_CODE_BODY), ("/v1/responses/input_tokens", SDK_FUNCTION_HISTORY),
+    ("/v1beta/models/gemini-2.5-flash:countTokens", CAPTURE_04),
+]  # fmt: skip
+FUZZ_ROUTES = {
+    "loopback": {},
+    "translation": routes_env("gpt*=>gemini", "claude*=>openai", "gemini*=>anthropic", "*=>openai"),
+    "passthrough": {**routes_env("gpt*=>openai", "claude*=>anthropic", "gemini*=>gemini", "*=>openai"),
+                    "TOKLIGENCE_OPENAI_RESPONSES_API": "on"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("lanes", sorted(FUZZ_ROUTES))
+def test_fuzzed_requests_never_get_a_5xx(start_gateway, upstream, caplog, lanes):
+    env = {}
+    if lanes != "loopback":
+        up = upstream(universal_upstream)
+        env = {**openai_env(up), **anthropic_env(up), **gemini_env(up), **FUZZ_ROUTES[lanes]}
+    gw = start_gateway(env=env, upstream_retries=0)
+    client = KeepAliveClient(gw.port)
+    rnd = random.Random(f"issue-10-requests-{lanes}")
+    deadline = time.monotonic() + 60
+    seen: dict[int, int] = {}
+    for i in range(100 * len(FUZZ_REQUESTS)):
+        path, body = FUZZ_REQUESTS[i % len(FUZZ_REQUESTS)]
+        data = fuzz_json(rnd, body)
+        status, _, payload = client.post(path, data)
+        seen[status] = seen.get(status, 0) + 1
+        assert status < 500, (path, data[:400], payload[:400])
+        if status >= 400:
+            error_message(path, status, payload)
+        assert time.monotonic() < deadline, "fuzzing took too long: something is slow"
+    client.close()
+    assert seen.get(200, 0) > 50 and seen.get(400, 0) > 50, seen  # both valid and refused bodies were exercised
+    if lanes != "loopback":
+        assert all(not isinstance(r["body"], bytes) for r in up.requests)  # never invalid JSON upstream
+    no_internal_errors(caplog)
+    assert_serving(gw)
+    ledger_is_writing(gw)
+
+
+def fuzz_answer(rnd: random.Random, answer):
+    """A valid upstream answer made hostile: one event or field changed, events dropped,
+    repeated, reordered or cut short, or garbage among them."""
+    if not isinstance(answer, list):
+        return fuzz_json(rnd, answer)
+    events, op = list(answer), rnd.random()
+    pick = rnd.randrange(len(events))
+    if op < 0.5 and not isinstance(events[pick], str):
+        events[pick] = mutate_tree(rnd, events[pick])
+    elif op < 0.6:
+        del events[pick]
+    elif op < 0.7:
+        events.insert(pick, events[pick])
+    elif op < 0.8:
+        other = rnd.randrange(len(events))
+        events[pick], events[other] = events[other], events[pick]
+    elif op < 0.9:
+        events = events[:pick]
+    else:
+        events.insert(pick, rnd.choice(["data: {not json\n\n", "data: \xff\n\n", ": comment\n\n", "event: x\n\n",
+                                        "data: [1, 2]\n\n", "data: " + deep_array(3000) + "\n\n"]))  # fmt: skip
+    return events
+
+
+def test_fuzzed_upstream_answers_are_502s_or_stream_errors_never_500s(start_gateway, upstream, caplog):
+    rnd = random.Random("issue-10-answers")
+    lock = threading.Lock()
+
+    def hostile_upstream(h, body):
+        stream = isinstance(body, dict) and body.get("stream") is True or ":streamGenerateContent" in h.path
+        with lock:
+            answer = fuzz_answer(rnd, valid_answer(h.path.split("?")[0], stream))
+        send_answer(h, answer)
+
+    up = upstream(hostile_upstream)
+    env = {**openai_env(up), **anthropic_env(up), **gemini_env(up), "TOKLIGENCE_OPENAI_RESPONSES_API": "on",
+           **routes_env("to-openai*=>openai", "to-anthropic*=>anthropic", "to-gemini*=>gemini")}  # fmt: skip
+    gw = start_gateway(env=env, upstream_retries=0)
+    user = [{"role": "user", "content": "weather in Paris?"}]
+    lanes = [
+        (H_MESSAGES, {"model": "to-openai", "max_tokens": 99, "messages": user, "tools": [L_A_TOOL]}),
+        (H_CHAT, {"model": "to-anthropic", "messages": user, "tools": [L_O_TOOL]}),
+        (H_CHAT, {"model": "to-gemini", "messages": user, "tools": [L_O_TOOL]}),
+        (H_RESPONSES, {"model": "to-anthropic", "input": "weather in Paris?", "tools": [L_R_TOOL]}),
+        ("/v1beta/models/to-openai:streamGenerateContent?alt=sse", CAPTURE_04),
+        ("/v1beta/models/to-openai:generateContent", CAPTURE_04),
+        (H_CHAT, {"model": "to-openai", "messages": user}),  # passthrough: bytes relayed, usage observed
+        (H_MESSAGES, {"model": "to-anthropic", "max_tokens": 99, "messages": user}),
+        (H_RESPONSES, {"model": "to-openai", "input": "hi"}),
+    ]
+    client = KeepAliveClient(gw.port)
+    deadline = time.monotonic() + 60
+    statuses: dict[int, int] = {}
+    for i in range(80 * len(lanes)):
+        path, body = lanes[i % len(lanes)]
+        body = {**body, "stream": True} if i // len(lanes) % 2 and "generateContent" not in path else body
+        status, _, payload = client.post(path, json.dumps(body).encode())
+        statuses[status] = statuses.get(status, 0) + 1
+        assert status in (200, 502), (path, status, payload[:400])
+        assert b"internal gateway error" not in payload, payload[:400]
+        if status == 502:
+            assert "upstream" in error_message(path, status, payload)
+        assert time.monotonic() < deadline, "too slow: an answer made the gateway work too hard"
+    client.close()
+    assert statuses.get(200, 0) > 40 and statuses.get(502, 0) > 10, statuses
+    no_internal_errors(caplog)
+    assert_serving(gw)
+    rows = gw.rows(at_least=80 * len(lanes))
+    assert len(rows) >= 80 * len(lanes)
+    for row in rows:
+        for column in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"):
+            assert isinstance(row[column], int) and 0 <= row[column] < 2**63, row

@@ -119,14 +119,28 @@ def dumps(obj) -> bytes:
         return json.dumps(obj, separators=(",", ":")).encode()
 
 
-_scan_json = json.JSONDecoder().scan_once
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")  # Python's json accepts NaN and Infinity; no peer does
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value - value == 0.0:  # false for inf (1e400 overflows to it) and nan
+        return value
+    raise ValueError(f"number {text[:40]} is out of range")
+
+
+# NaN/Infinity literals and numbers that overflow to infinity are refused: they would be sent on
+# as invalid JSON. The hooks cost nothing per document, only per literal (and per float).
+_JSON_OPTIONS = {"parse_constant": _refuse_constant, "parse_float": _finite_float}
+_scan_json = json.JSONDecoder(**_JSON_OPTIONS).scan_once
 
 
 def loads(data):
     """JSON text (UTF-8 bytes or str) to Python (the one JSON decoder on the wire). A UTF-8
     document with no leading whitespace, the usual case, skips json.loads's encoding detection
     and whitespace handling; anything else goes to json.loads, so errors and edge cases are
-    exactly its own."""
+    exactly its own. Every failure, too deep a document included, is a ValueError."""
     try:
         text = data.decode() if type(data) is bytes else data
         value, end = _scan_json(text, 0)
@@ -134,7 +148,40 @@ def loads(data):
             return value
     except (StopIteration, ValueError, TypeError):
         pass
-    return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    try:
+        return json.loads(data, **_JSON_OPTIONS)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def string_or(value, default: str = "") -> str:
+    """A field read from an upstream's answer that must be a string (an id, a text)."""
+    return value if type(value) is str else default
+
+
+def as_text(value) -> str:
+    """Any JSON value as text for a message: a string as it is, anything else previewed (str()
+    of a deep object would recurse without bound)."""
+    return value if type(value) is str else json_preview(value, 200)
+
+
+def object_or_empty(value) -> dict:
+    """A field read from an upstream's answer that must be an object."""
+    return value if type(value) is dict else {}
+
+
+def json_preview(value, limit: int = 60) -> str:
+    """A short, safe picture of a JSON value for an error message: never a walk of a big or
+    deep tree (a container is named by its type and size)."""
+    if isinstance(value, dict):
+        return f"an object with {len(value)} keys" if value else "{}"
+    if isinstance(value, list):
+        return f"an array of {len(value)} items" if value else "[]"
+    if isinstance(value, str) and len(value) > limit:
+        value = value[:limit] + "…"
+    return json.dumps(value)[: limit + 10]
 
 
 def top_level_value(data: bytes, key: str):
@@ -323,6 +370,7 @@ class GatewayError(Exception):
     headers: tuple = ()  # extra response headers (rate-limit state, x-should-retry)
 
     def __init__(self, status: int, message: str, kind: str = "", retry_after: float | None = None):
+        message = message if type(message) is str else json_preview(message, 200)  # an upstream's "message": {}
         message = redact(message)  # every error any lane sends or records passes here
         super().__init__(message)
         self.status = status
@@ -331,8 +379,22 @@ class GatewayError(Exception):
         self.retry_after = retry_after
 
 
+# What a walk over JSON of a shape nobody checked for raises: a wrong type, a missing key, a tree
+# too deep, a number too big. The gateway answers these 400 (client) or 502 (upstream), never 500.
+MALFORMED_INPUT = (TypeError, AttributeError, KeyError, IndexError, ValueError, RecursionError, OverflowError)
+
+
+class InvalidInput(GatewayError):
+    """A 400 from a check on input. The codecs read requests and answers with the same helpers,
+    so met while reading an upstream's answer it becomes a 502 (the upstream's fault)."""
+
+
 def bad_request(message: str) -> GatewayError:
-    return GatewayError(400, message, "invalid_request_error")
+    return InvalidInput(400, message, "invalid_request_error")
+
+
+def malformed_answer(what: str) -> GatewayError:
+    return GatewayError(502, f"upstream sent a malformed answer: {what}")
 
 
 def parse_json_body(body: bytes) -> dict:
@@ -368,7 +430,23 @@ def field_of(body: dict, name: str, kind, required: bool = False, default=None):
         ok = True
     if not ok:
         wanted = " or ".join(_TYPE_NAMES.get(k, "a number") for k in kinds)
-        raise bad_request(f"'{name}' must be {wanted}, got {json.dumps(value)[:60]}")
+        raise bad_request(f"'{name}' must be {wanted}, got {json_preview(value)}")
+    return value
+
+
+def field_at(obj: dict, name: str, kind, where: str, required: bool = False, default=None):
+    """field_of for a nested field, naming it by its path ('messages[2].content[0].text')."""
+    value = obj.get(name)
+    if type(value) is kind:  # the usual case, checked first
+        return value
+    path = f"{where}.{name}" if where else name
+    return field_of({path: value}, path, kind, required, default)
+
+
+def string_list(value, where: str) -> list:
+    """A JSON array of strings (stop sequences, allowed names), or the 400 naming the field."""
+    if not isinstance(value, list) or not all(type(s) is str for s in value):
+        raise bad_request(f"'{where}' must be an array of strings, got {json_preview(value)}")
     return value
 
 
@@ -1295,13 +1373,20 @@ class ClientProtocol(asyncio.StreamReaderProtocol):
         if self.reading_body:
             transport.write(response_head(408, [("Content-Length", "0"), ("Connection", "close")]))
         elif self.reader._buffer:  # noqa: SLF001 - the only way to see a partial head
-            self.partial_since = self.partial_since or now
-            if now - self.partial_since < self.server.cfg.header_timeout:
-                self.deadline = now + self.server.watchdog.tick
+            since = self.partial_since or self.deadline - self.server.cfg.header_timeout
+            if now - since < self.server.cfg.header_timeout:  # its first bytes came later than the deadline's start
+                self.deadline = since + self.server.cfg.header_timeout
                 return
             transport.write(response_head(408, [("Content-Length", "0"), ("Connection", "close")]))
         self.deadline = 0.0
         transport.close()
+
+    def data_received(self, data):
+        if not self.busy and not self.partial_since:  # the first bytes of a request head: its clock starts
+            self.partial_since = now = time.monotonic()
+            if not self.deadline or self.deadline > now + self.server.cfg.header_timeout:
+                self.deadline = now + self.server.cfg.header_timeout
+        super().data_received(data)
 
     def connection_lost(self, exc):
         super().connection_lost(exc)
@@ -1472,6 +1557,9 @@ def proxy_for(scheme: str, host: str, env=os.environ) -> tuple | None:
     return (parts.hostname, parts.port or 80, auth)
 
 
+UPSTREAM_MAX_CHUNK = 64 << 20  # one chunk of a chunked upstream body is buffered whole
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     """An upstream's four timeouts in seconds. Each one names itself in the error it causes."""
@@ -1554,6 +1642,9 @@ class UpstreamResponse:
         if self.chunked:
             line = await reader.readuntil(b"\r\n")
             size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+            if size > UPSTREAM_MAX_CHUNK:  # read whole before anything is checked: bound it
+                self.close()
+                raise GatewayError(502, f"upstream {self.origin.host} sent a chunk of {size} bytes")
             if size == 0:
                 while (await reader.readuntil(b"\r\n")) != b"\r\n":
                     pass
@@ -1596,10 +1687,13 @@ class UpstreamResponse:
                 watchdog.entries.discard(self)
             if self.decoder is not None and data:
                 try:
-                    data = self.decoder.decompress(data)
+                    data = self.decoder.decompress(data, UPSTREAM_MAX_CHUNK)
                 except zlib.error:
                     self.close()
                     raise GatewayError(502, f"upstream {self.origin.host} sent a corrupt compressed body") from None
+                if self.decoder.unconsumed_tail:  # a compression bomb: never inflate it all at once
+                    self.close()
+                    raise GatewayError(502, f"upstream {self.origin.host} sent a chunk that inflates beyond 64 MB")
             if data:
                 return data
         self.release()
@@ -1812,7 +1906,9 @@ class UpstreamPool:
             lines.append(f"Proxy-Authorization: {origin.proxy[2]}")
         return ("\r\n".join(lines) + "\r\n").encode("latin-1")
 
-    async def _exchange(self, origin, reader, writer, payload, method, timeouts, end_by) -> UpstreamResponse:
+    async def _exchange(
+        self, origin, reader, writer, payload, method, timeouts, end_by, interim: int = 0
+    ) -> UpstreamResponse:
         self.watchdog.start()
         first_byte_by = time.monotonic() + timeouts.first_byte
         waiting = _HeadWait(writer, first_byte_by if first_byte_by < end_by else end_by)  # (min() costs more)
@@ -1841,9 +1937,20 @@ class UpstreamPool:
             raise
         finally:
             self.watchdog.entries.discard(waiting)
-        lines = head.decode("latin-1").split("\r\n")
+        text = head.decode("latin-1")
+        bare = text.replace("\r\n", "")
+        if "\n" in bare or "\r" in bare or "\0" in bare:  # never let one reach a client's response head
+            if "\r" in bare or "\0" in bare:
+                writer.transport.abort()
+                raise GatewayError(502, f"upstream {origin.host} sent a malformed response head (a bare CR or NUL)")
+            lines = [line.removesuffix("\r") for line in text.split("\n")]  # a bare LF ends a line (RFC 9112 2.2)
+        else:
+            lines = text.split("\r\n")
         status_parts = lines[0].split(" ", 2)
-        if len(status_parts) < 2 or not status_parts[1].isdigit() or not status_parts[0].startswith("HTTP/1."):
+        code = status_parts[1] if len(status_parts) > 1 else ""
+        if not (len(code) == 3 and code.isascii() and code.isdigit() and "100" <= code < "600") or not (
+            status_parts[0].startswith("HTTP/1.")
+        ):
             writer.transport.abort()
             raise GatewayError(502, f"upstream {origin.host} did not speak HTTP/1.1")
         headers = {}
@@ -1852,8 +1959,11 @@ class UpstreamPool:
             if sep:
                 headers[name.strip().lower()] = value.strip()
         status = int(status_parts[1])
-        if status == 100:  # an interim answer; the real head follows
-            return await self._exchange(origin, reader, writer, b"", method, timeouts, end_by)
+        if status < 200 and status != 101 and interim < 8:  # 100 Continue, 103 Early Hints: the real head follows
+            return await self._exchange(origin, reader, writer, b"", method, timeouts, end_by, interim + 1)
+        if status < 200:
+            writer.transport.abort()
+            raise GatewayError(502, f"upstream {origin.host} answered {status} and no final response")
         return UpstreamResponse(self, origin, reader, writer, status, headers, method, timeouts, end_by)
 
     @staticmethod
@@ -1948,42 +2058,71 @@ class SSEEvent:
     raw: bytes  # the event's bytes, normalised to LF, with its blank-line terminator
 
 
+SSE_MAX_EVENT_BYTES = 16 << 20  # an upstream event larger than this ends the stream with a 502
+
+
 class SSEParser:
     """Incremental text/event-stream parser: CRLF/CR/LF line ends, multi-line data,
     comments, and UTF-8 characters split across network reads (bytes are decoded only
-    once an event is complete)."""
+    once an event is complete). Linear in what it is fed: each read is normalised and
+    searched once (never the whole buffer again), and an event may not outgrow max_event."""
 
-    __slots__ = ("buffer",)
+    __slots__ = ("buffer", "max_event")
 
-    def __init__(self):
-        self.buffer = b""
+    def __init__(self, max_event: int = SSE_MAX_EVENT_BYTES):
+        self.buffer = bytearray()  # the unfinished event, LF line ends (a last CR held back)
+        self.max_event = max_event
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        buffer = self.buffer + chunk
-        if b"\r" in buffer:
-            hold_cr = buffer.endswith(b"\r")  # may be the first half of a CRLF
+        buffer = self.buffer
+        if buffer and buffer[-1] == 13:  # a CR held back last time: maybe the first half of a CRLF
+            del buffer[-1]
+            chunk = b"\r" + chunk
+        hold_cr = False
+        if b"\r" in chunk:
+            hold_cr = chunk.endswith(b"\r")
             if hold_cr:
-                buffer = buffer[:-1]
-            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            if hold_cr:
-                buffer += b"\r"
+                chunk = chunk[:-1]
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if buffer:  # what is buffered holds no blank line, but one may straddle reads
+            scan_from = len(buffer) - 1
+            buffer += chunk
+            data = buffer
+        else:  # the usual read: whole events, parsed from the bytes as they came
+            scan_from = 0
+            data = chunk
+        end = data.find(b"\n\n", scan_from)
         events = []
         start = 0
-        while True:
-            end = buffer.find(b"\n\n", start)
-            if end < 0:
-                break
-            raw = buffer[start : end + 2]
-            start = end + 2
-            event = self._parse(raw)
+        limit = self.max_event
+        while end >= 0:
+            if end - start > limit:
+                raise self._too_large()
+            raw = data[start : end + 2]
+            event = self._parse(raw if data is chunk else bytes(raw))
             if event is not None:
                 events.append(event)
-        self.buffer = buffer[start:]
+            start = end + 2
+            end = data.find(b"\n\n", start)
+        if data is buffer:
+            del buffer[:start]
+        elif start < len(chunk):
+            buffer += memoryview(chunk)[start:]
+        if len(buffer) > limit:
+            raise self._too_large()
+        if hold_cr:
+            buffer.append(13)
         return events
+
+    def _too_large(self) -> GatewayError:
+        self.buffer = bytearray()
+        return GatewayError(502, f"upstream sent a stream event larger than {self.max_event / (1 << 20):g} MB")
 
     def finish(self) -> list[SSEEvent]:
         """An unterminated last event, if the stream ended without a blank line."""
-        rest, self.buffer = self.buffer.rstrip(b"\r"), b""
+        if not self.buffer:
+            return []
+        rest, self.buffer = bytes(self.buffer).rstrip(b"\r"), bytearray()
         if rest.strip():
             event = self._parse(rest + b"\n\n")
             return [event] if event is not None else []
@@ -2087,6 +2226,31 @@ class Usage:
     reasoning_tokens: int = 0
 
 
+TOKEN_COUNT_MAX = (1 << 63) - 1  # what sqlite's INTEGER holds
+
+
+def token_count(value) -> int:
+    """A token count from an upstream as a sane int: never negative, below 2^63; a float is
+    truncated, a string of digits read, anything else (null, an object, true) counts 0. Every
+    codec's usage decoder passes its numbers through here, so nothing odd reaches the ledger."""
+    if type(value) is int and 0 <= value <= TOKEN_COUNT_MAX:  # the usual cases
+        return value
+    if value is None:
+        return 0
+    if type(value) is float:  # finite: loads refuses the rest
+        value = int(value)
+    elif type(value) is str and value.isascii() and value.isdigit():
+        value = int(value) if len(value) < 20 else TOKEN_COUNT_MAX
+    elif type(value) is not int:
+        return 0
+    return value if 0 <= value <= TOKEN_COUNT_MAX else 0 if value < 0 else TOKEN_COUNT_MAX
+
+
+def token_sum(total: int) -> int:
+    """A sum of token counts, clamped like each of them."""
+    return total if total <= TOKEN_COUNT_MAX else TOKEN_COUNT_MAX
+
+
 @dataclass(slots=True)
 class Request:
     model: str
@@ -2170,7 +2334,7 @@ class StreamError:
 def fold_events(events) -> Response:
     """Fold a canonical event stream into one Response (what a JSON answer holds)."""
     response = Response(id="", model="", parts=[])
-    blocks: dict[int, Part] = {}
+    blocks: dict[int, tuple[Part, dict]] = {}  # index -> (part, its delta pieces by field)
     for ev in events:
         if isinstance(ev, MessageStart):
             response.id, response.model = ev.id, ev.model
@@ -2179,22 +2343,20 @@ def fold_events(events) -> Response:
         elif isinstance(ev, BlockStart):
             part = Part(ev.part.type, ev.part.text, ev.part.id, ev.part.name, ev.part.arguments, data=ev.part.data,
                         signature=ev.part.signature, extra=ev.part.extra)  # fmt: skip
-            blocks[ev.index] = part
+            blocks[ev.index] = (part, {})
             response.parts.append(part)
-        elif isinstance(ev, BlockDelta):
-            part = blocks[ev.index]
-            if ev.kind == "arguments":
-                part.arguments += ev.value
-            elif ev.kind == "signature":
-                part.signature += ev.value
-            else:
-                part.text += ev.value
+        elif isinstance(ev, BlockDelta) and ev.index in blocks:
+            name = ev.kind if ev.kind in ("arguments", "signature") else "text"
+            blocks[ev.index][1].setdefault(name, []).append(ev.value)  # joined once: += on a field is quadratic
         elif isinstance(ev, MessageDelta):
             response.stop_reason, response.stop_sequence = ev.stop_reason, ev.stop_sequence
             if ev.usage is not None:
                 response.usage = ev.usage
         elif isinstance(ev, StreamError):
             raise ev.error
+    for part, pieces in blocks.values():
+        for name, values in pieces.items():
+            setattr(part, name, getattr(part, name) + "".join(values))
     return response
 
 
@@ -2253,7 +2415,7 @@ def stop_reason_out(protocol: str, reason: str) -> str:
 
 
 def stop_reason_in(protocol: str, reason) -> str:
-    return STOP_REASONS_IN[protocol].get(reason or "", "end_turn")
+    return STOP_REASONS_IN[protocol].get(reason if type(reason) is str else "", "end_turn")
 
 
 def parse_data_uri(url: str) -> tuple[str, str] | None:
@@ -2300,7 +2462,7 @@ class Codec:
             return self.decode_usage(usage)
         try:
             return self.usage_of_whole(loads(body))
-        except (ValueError, AttributeError, TypeError, KeyError, IndexError, GatewayError):
+        except (*MALFORMED_INPUT, GatewayError):
             return Usage()
 
     def usage_of_whole(self, data) -> Usage:
@@ -2322,7 +2484,7 @@ class Codec:
         if isinstance(data, dict):
             err = data.get("error", data)
             if isinstance(err, dict):
-                message = str(err.get("message") or "")
+                message = as_text(err.get("message") or "")
                 kind = err.get("type") if isinstance(err.get("type"), str) else ""
                 if not message and isinstance(err.get("detail"), str):  # FastAPI-based servers
                     message = err["detail"]
@@ -2333,6 +2495,16 @@ class Codec:
         if kind not in GatewayError.KIND_BY_STATUS.values():
             kind = ""
         return GatewayError(status, message, kind)
+
+
+def check_response_format(fmt: dict, where: str) -> None:
+    """The canonical response_format ({"type": "json_object"} or {"type": "json_schema",
+    "json_schema": {"name", "schema", ...}}) with the shapes every encoder relies on."""
+    kind = field_at(fmt, "type", str, where, required=True)
+    if kind == "json_schema":
+        spec = field_at(fmt, "json_schema", dict, where, required=True)
+        field_at(spec, "name", str, f"{where}.json_schema")
+        field_at(spec, "schema", dict, f"{where}.json_schema")
 
 
 def json_object_arguments(text: str) -> dict:
@@ -2364,79 +2536,58 @@ class OpenAIChatCodec(Codec):
     REQUEST_FIELDS = {
         "model": str, "messages": list, "tools": list, "parallel_tool_calls": bool, "max_completion_tokens": int,
         "max_tokens": int, "temperature": float, "top_p": float, "stream": bool, "reasoning_effort": str,
-        "response_format": dict, "metadata": dict, "user": str,
+        "response_format": dict, "metadata": dict, "user": str, "stream_options": dict, "stop": (str, list),
+        "tool_choice": (str, dict),
     }  # fmt: skip
 
     def decode_request(self, body: dict) -> Request:
         check_fields(body, self.REQUEST_FIELDS, ("model", "messages"))
         get = body.get
         stop = get("stop")
+        options = get("stream_options")
         req = Request(
             model=body["model"], messages=[], parallel_tool_calls=get("parallel_tool_calls"),
             max_tokens=get("max_completion_tokens") or get("max_tokens"), temperature=get("temperature"),
-            top_p=get("top_p"), stop=[stop] if isinstance(stop, str) else list(stop or []), stream=bool(get("stream")),
-            include_usage=bool((get("stream_options") or {}).get("include_usage")),
+            top_p=get("top_p"), stop=[stop] if type(stop) is str else string_list(stop, "stop") if stop else [],
+            stream=bool(get("stream")), include_usage=bool(options and options.get("include_usage")),
             reasoning_effort=get("reasoning_effort") or "", response_format=get("response_format"),
             metadata=get("metadata") or {}, user=get("user") or "", raw=body, protocol="openai",
         )  # fmt: skip
+        if req.response_format:
+            check_response_format(req.response_format, "response_format")
         for i, msg in enumerate(body["messages"]):
-            if not isinstance(msg, dict):
+            if type(msg) is not dict:
                 raise bad_request(f"messages[{i}] must be an object")
             self._decode_message(req, msg, i)
         for i, tool in enumerate(get("tools") or ()):
             req.tools.append(self._decode_tool(tool, i))
         choice = get("tool_choice")
-        if isinstance(choice, str):
+        if type(choice) is str:
             req.tool_choice = choice
-        elif isinstance(choice, dict):
+        elif choice:
             req.tool_choice = "tool"
-            req.tool_name = (choice.get("function") or choice.get("custom") or {}).get("name", "")
+            named = choice.get("function") or choice.get("custom") or {}
+            if type(named) is not dict:
+                raise bad_request("'tool_choice.function' must be an object with a 'name'")
+            req.tool_name = field_at(named, "name", str, "tool_choice.function", default="")
         return req
 
     def _decode_message(self, req: Request, msg: dict, i: int) -> None:
         role = msg.get("role")
         content = msg.get("content")
-        if role in ("system", "developer"):
+        if role == "user":
+            req.messages.append(Message("user", self._decode_content(content, i)))
+        elif role == "system" or role == "developer":
             parts = self._decode_content(content, i)
             if not req.messages:
                 req.system.extend(parts)
             else:
                 req.messages.append(Message("system", parts))
-        elif role == "user":
-            req.messages.append(Message("user", self._decode_content(content, i)))
         elif role == "assistant":
-            parts = []
-            reasoning = msg.get("reasoning_content") or msg.get("reasoning")
-            if isinstance(reasoning, str) and reasoning:
-                parts.append(Part("thinking", text=reasoning))
-            parts.extend(self._decode_content(content, i))
-            if msg.get("refusal"):
-                parts.append(Part("text", text=msg["refusal"]))
-            for call in msg.get("tool_calls") or []:
-                if call.get("type") == "custom":  # free-form input travels as {"input": text}
-                    custom = call.get("custom") or {}
-                    args = json.dumps({"input": custom.get("input", "")})
-                    parts.append(
-                        Part(
-                            "tool_call",
-                            id=call.get("id") or new_id("call_"),
-                            name=custom.get("name", ""),
-                            arguments=args,
-                        )
-                    )
-                    continue
-                fn = call.get("function") or {}
-                args = fn.get("arguments", "")
-                parts.append(Part("tool_call", id=call.get("id") or new_id("call_"), name=fn.get("name", ""),
-                                  arguments=args if isinstance(args, str) else json.dumps(args)))  # fmt: skip
-            if msg.get("function_call"):  # legacy single function call
-                fn = msg["function_call"]
-                parts.append(
-                    Part("tool_call", id=fn.get("name", ""), name=fn.get("name", ""), arguments=fn.get("arguments", ""))
-                )
-            req.messages.append(Message("assistant", parts))
-        elif role in ("tool", "function"):
-            call_id = msg.get("tool_call_id") or msg.get("name") or ""
+            req.messages.append(Message("assistant", self._decode_assistant(msg, content, i)))
+        elif role == "tool" or role == "function":
+            where = f"messages[{i}]"
+            call_id = field_at(msg, "tool_call_id", str, where) or field_at(msg, "name", str, where) or ""
             result = Part("tool_result", id=call_id, content=self._decode_content(content, i))
             last = req.messages[-1] if req.messages else None
             if (
@@ -2449,57 +2600,107 @@ class OpenAIChatCodec(Codec):
             else:
                 req.messages.append(Message("user", [result]))
         else:
-            raise bad_request(f"messages[{i}].role must be system, developer, user, assistant or tool, got {role!r}")
+            raise bad_request(
+                f"messages[{i}].role must be system, developer, user, assistant or tool, got {json_preview(role)}"
+            )
+
+    def _decode_assistant(self, msg: dict, content, i: int) -> list:
+        where = f"messages[{i}]"
+        parts = []
+        reasoning = msg.get("reasoning_content") or msg.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            parts.append(Part("thinking", text=reasoning))
+        parts.extend(self._decode_content(content, i))
+        refusal = field_at(msg, "refusal", str, where)
+        if refusal:
+            parts.append(Part("text", text=refusal))
+        for j, call in enumerate(field_at(msg, "tool_calls", list, where) or ()):
+            parts.append(self._decode_call(call, f"{where}.tool_calls[{j}]"))
+        legacy = field_at(msg, "function_call", dict, where)
+        if legacy:  # the single function call of the old API
+            name = field_at(legacy, "name", str, f"{where}.function_call", default="")
+            arguments = field_at(legacy, "arguments", str, f"{where}.function_call", default="")
+            parts.append(Part("tool_call", id=name, name=name, arguments=arguments))
+        return parts
+
+    @staticmethod
+    def _decode_call(call, where: str) -> Part:
+        if type(call) is not dict:
+            raise bad_request(f"{where} must be an object")
+        call_id = field_at(call, "id", str, where) or new_id("call_")
+        if call.get("type") == "custom":  # free-form input travels as {"input": text}
+            custom = field_at(call, "custom", dict, where, default={})
+            text = field_at(custom, "input", str, f"{where}.custom", default="")
+            name = field_at(custom, "name", str, f"{where}.custom", default="")
+            return Part("tool_call", id=call_id, name=name, arguments=json.dumps({"input": text}))
+        fn = field_at(call, "function", dict, where, default={})
+        args = fn.get("arguments", "")
+        if type(args) is not str:  # some clients send the object itself
+            args = json.dumps(args) if args is not None else ""
+        return Part("tool_call", id=call_id, name=field_at(fn, "name", str, f"{where}.function", default=""),
+                    arguments=args)  # fmt: skip
 
     def _decode_content(self, content, i: int) -> list:
         if content is None:
             return []
-        if isinstance(content, str):
+        if type(content) is str:
             return [Part("text", text=content)] if content else []
-        if not isinstance(content, list):
+        if type(content) is not list:
             raise bad_request(f"messages[{i}].content must be a string or an array of content parts")
         parts = []
-        for item in content:
-            if isinstance(item, str):
+        for j, item in enumerate(content):
+            if type(item) is str:
                 parts.append(Part("text", text=item))
                 continue
-            kind = item.get("type") if isinstance(item, dict) else None
+            where = f"messages[{i}].content[{j}]"
+            if type(item) is not dict:
+                raise bad_request(f"{where} must be an object such as {{'type': 'text', 'text': ...}}")
+            kind = item.get("type")
             if kind == "text":
-                parts.append(Part("text", text=item.get("text") or ""))
+                parts.append(Part("text", text=field_at(item, "text", str, where, default="")))
             elif kind == "image_url":
                 image = item.get("image_url")
-                url = image.get("url", "") if isinstance(image, dict) else str(image or "")
+                if type(image) is dict:
+                    url = field_at(image, "url", str, f"{where}.image_url", required=True)
+                elif type(image) is str:
+                    url = image
+                else:
+                    raise bad_request(f"'{where}.image_url' must be an object {{'url': ...}} or a URL string")
                 data_uri = parse_data_uri(url)
                 if data_uri:
                     parts.append(Part("image", media_type=data_uri[0], data=data_uri[1]))
                 else:
                     parts.append(Part("image", url=url))
             elif kind == "refusal":
-                parts.append(Part("text", text=item.get("refusal") or ""))
-            elif kind in ("input_audio", "file"):
+                parts.append(Part("text", text=field_at(item, "refusal", str, where, default="")))
+            elif kind == "input_audio" or kind == "file":
                 parts.append(Part("text", text=f"[{kind} content omitted by the gateway]"))
             else:
-                raise bad_request(f"messages[{i}].content has an unknown part type {kind!r}")
+                raise bad_request(f"{where} has an unknown part type {json_preview(kind)}")
         return parts
 
     def _decode_tool(self, tool, i: int) -> Tool:
-        if not isinstance(tool, dict):
-            raise bad_request(f"tools[{i}] must be an object")
+        where = f"tools[{i}]"
+        if type(tool) is not dict:
+            raise bad_request(f"{where} must be an object")
         if tool.get("type") == "custom":
-            spec = tool.get("custom") or {}
+            spec = field_at(tool, "custom", dict, where, default={})
             fmt = spec.get("format")
             return Tool(
-                spec.get("name", ""),
-                spec.get("description", ""),
+                field_at(spec, "name", str, f"{where}.custom", default=""),
+                field_at(spec, "description", str, f"{where}.custom", default=""),
                 custom_tool_parameters(fmt),
                 "custom",
                 {"format": fmt},
             )
         fn = tool.get("function")
-        if tool.get("type", "function") != "function" or not isinstance(fn, dict) or not fn.get("name"):
-            raise bad_request(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}")
+        if tool.get("type", "function") != "function" or type(fn) is not dict or not fn.get("name"):
+            raise bad_request(f"{where} must be {{'type': 'function', 'function': {{'name': ...}}}}")
+        name = field_at(fn, "name", str, f"{where}.function")
+        description = field_at(fn, "description", str, f"{where}.function", default="")
+        parameters = field_at(fn, "parameters", dict, f"{where}.function", default={})
         extra = {"strict": fn["strict"]} if "strict" in fn else None
-        return Tool(fn["name"], fn.get("description", ""), fn.get("parameters") or {}, "function", extra)
+        return Tool(name, description, parameters, "function", extra)
 
     def encode_request(self, req: Request, model: str, provider=None) -> dict:
         messages = []
@@ -2604,40 +2805,49 @@ class OpenAIChatCodec(Codec):
 
     # -- responses
     def decode_response(self, body: dict) -> Response:
-        choices = body.get("choices") or [{}]
-        choice = choices[0] or {}
-        if "error" in body or "error" in choice:  # OpenRouter: an error met while generating, in a 200 answer
-            self._raise_answer_error(body, choice)
-        message = choice.get("message") or {}
+        choices = body.get("choices")
+        choice = choices[0] if type(choices) is list and choices else {}
+        if "error" in body or (type(choice) is dict and "error" in choice):  # OpenRouter: an error met while generating
+            self._raise_answer_error(body, object_or_empty(choice))
+        if type(choices) is not list:
+            raise malformed_answer(f"'choices' must be an array, got {json_preview(choices)}")
+        message = (choice.get("message") or {}) if type(choice) is dict else None
+        if type(message) is not dict:
+            raise malformed_answer(f"'choices[0].message' must be an object, got {json_preview(message)}")
         parts = []
         reasoning = message.get("reasoning_content") or message.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
             parts.append(Part("thinking", text=reasoning))
         content = message.get("content")
+        if isinstance(content, list):  # some compatible servers (Mistral's) answer with text parts
+            content = compatible_content_text(content)
+        elif content is not None and type(content) is not str:
+            raise malformed_answer(f"'choices[0].message.content' must be a string, got {json_preview(content)}")
         if content:
-            parts.append(Part("text", text=content if isinstance(content, str) else compatible_content_text(content)))
-        if message.get("refusal"):
-            parts.append(Part("text", text=message["refusal"]))
-        for call in message.get("tool_calls") or []:
-            fn = call.get("function") or {}
+            parts.append(Part("text", text=content))
+        refusal = string_or(message.get("refusal"))
+        if refusal:
+            parts.append(Part("text", text=refusal))
+        calls = message.get("tool_calls") or []
+        if type(calls) is not list:
+            raise malformed_answer(f"'choices[0].message.tool_calls' must be an array, got {json_preview(calls)}")
+        for call in calls:
+            fn = call.get("function") if type(call) is dict else None
+            if type(fn) is not dict:
+                raise malformed_answer("each of 'choices[0].message.tool_calls' must be an object with a 'function'")
             arguments = fn.get("arguments") or ""
-            parts.append(
-                Part(
-                    "tool_call",
-                    id=call.get("id") or new_id("call_"),
-                    name=fn.get("name", ""),
-                    arguments=arguments
-                    if isinstance(arguments, str)
-                    else dumps(arguments).decode(),  # Ollama: an object
-                )
-            )
+            arguments = arguments if type(arguments) is str else dumps(arguments).decode()  # Ollama: an object
+            parts.append(Part("tool_call", id=string_or(call.get("id")) or new_id("call_"),
+                              name=string_or(fn.get("name")), arguments=arguments))  # fmt: skip
         stop = stop_reason_in("openai", choice.get("finish_reason"))
-        if message.get("refusal") and not message.get("content"):
+        if refusal and not content:
             stop = "refusal"
         if stop == "end_turn" and any(p.type == "tool_call" for p in parts):
             stop = "tool_use"
-        return Response(body.get("id") or new_id("chatcmpl-"), body.get("model", ""), parts, stop,
-                        usage=self.decode_usage(body.get("usage")), created=body.get("created") or 0)  # fmt: skip
+        created = body.get("created")
+        return Response(string_or(body.get("id")) or new_id("chatcmpl-"), string_or(body.get("model")), parts, stop,
+                        usage=self.decode_usage(body.get("usage")),
+                        created=created if type(created) is int and 0 < created < 1 << 40 else 0)  # fmt: skip
 
     @staticmethod
     def _raise_answer_error(body: dict, choice: dict) -> None:
@@ -2645,19 +2855,21 @@ class OpenAIChatCodec(Codec):
         if not err:
             return
         message = err.get("message") if isinstance(err, dict) else err
-        raise GatewayError(502, f"upstream error while generating: {str(message or err)[:500]}")
+        raise GatewayError(502, f"upstream error while generating: {as_text(message or err)[:500]}")
 
     @staticmethod
     def decode_usage(usage) -> Usage:
         if not isinstance(usage, dict):
             return Usage()
-        prompt_details = usage.get("prompt_tokens_details") or {}
-        completion_details = usage.get("completion_tokens_details") or {}
+        prompt_details = usage.get("prompt_tokens_details")
+        completion_details = usage.get("completion_tokens_details")
         return Usage(
-            input_tokens=usage.get("prompt_tokens") or 0,
-            output_tokens=usage.get("completion_tokens") or 0,
-            cached_tokens=prompt_details.get("cached_tokens") or 0,
-            reasoning_tokens=completion_details.get("reasoning_tokens") or 0,
+            input_tokens=token_count(usage.get("prompt_tokens")),
+            output_tokens=token_count(usage.get("completion_tokens")),
+            cached_tokens=token_count(prompt_details.get("cached_tokens")) if type(prompt_details) is dict else 0,
+            reasoning_tokens=(
+                token_count(completion_details.get("reasoning_tokens")) if type(completion_details) is dict else 0
+            ),
         )
 
     @staticmethod
@@ -2756,8 +2968,10 @@ OPENAI_MAX_OUTPUT = (
 def compatible_content_text(content) -> str:
     """An answer's content some compatible servers (Mistral's) send as an array of text parts."""
     if not isinstance(content, list):
-        return str(content)
-    return "".join(c.get("text") or "" for c in content if isinstance(c, dict) and c.get("type") == "text")
+        return as_text(content)
+    return "".join(
+        t for c in content if isinstance(c, dict) and c.get("type") == "text" and isinstance(t := c.get("text"), str)
+    )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -2822,56 +3036,67 @@ class OpenAIStreamDecoder:
             chunk = loads(data)
         except ValueError:
             return [StreamError(GatewayError(502, f"upstream sent malformed stream data: {data[:120]!r}"))]
+        if not isinstance(chunk, dict):
+            return [StreamError(malformed_answer(f"a stream chunk that is not an object: {json_preview(chunk)}"))]
         out: list = []
         if chunk.get("error") or chunk.get("object") == "error":  # OpenRouter sends it with choices; vLLM bare
             err = chunk["error"] if isinstance(chunk.get("error"), dict) else chunk
-            err = err if isinstance(err.get("message"), str) else {"message": str(chunk.get("error"))}
+            err = err if isinstance(err.get("message"), str) else {"message": as_text(chunk.get("error"))}
             self.finished = True
-            kind = (
-                err.get("type") if err.get("type") in GatewayError.KIND_BY_STATUS.values() else ""
-            )  # e.g. server_error
+            kind = err.get("type") if err.get("type") in GatewayError.KIND_BY_STATUS.values() else ""  # server_error..
             return [StreamError(GatewayError(502, err.get("message") or "upstream stream error", kind))]
         if not self.started:
             self.started = True
-            out.append(MessageStart(chunk.get("id") or new_id("chatcmpl-"), chunk.get("model", "")))
+            out.append(MessageStart(string_or(chunk.get("id")) or new_id("chatcmpl-"), string_or(chunk.get("model"))))
         if chunk.get("usage"):
             self.usage = OpenAIChatCodec.decode_usage(chunk["usage"])
-        for choice in chunk.get("choices") or []:
-            if choice.get("index", 0) != 0:
+        choices = chunk.get("choices")
+        if choices is not None and type(choices) is not list:
+            return out + [StreamError(malformed_answer(f"'choices' must be an array, got {json_preview(choices)}"))]
+        for choice in choices or ():
+            if type(choice) is not dict or choice.get("index", 0) != 0:
                 continue
-            delta = choice.get("delta") or {}
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if isinstance(reasoning, str) and reasoning:
-                index = self._switch("thinking", Part("thinking"), out)
-                out.append(BlockDelta(index, "thinking", reasoning))
-            content = delta.get("content") or delta.get("refusal")
-            if content and not isinstance(content, str):
-                content = compatible_content_text(content)
-            if content:
-                index = self._switch("text", Part("text"), out)
-                out.append(BlockDelta(index, "text", content))
-            for call in delta.get("tool_calls") or []:
-                if self.call_keys is None:
-                    self.call_keys = OpenAICallKeys()
-                position = self.call_keys.key_of(call)
-                fn = call.get("function") or {}
-                key = ("tool", position)
-                if position not in self.tool_index or self.open_key != key:
-                    if position in self.tool_index:  # interleaved parallel calls: its block is still open
-                        index = self.tool_index[position]
-                    else:
-                        part = Part("tool_call", id=call.get("id") or new_id("call_"), name=fn.get("name") or "")
-                        index = self._switch(key, part, out)
-                        self.tool_index[position] = index
-                        self.open_calls[index] = position
-                else:
-                    index = self.tool_index[position]
-                arguments = self.call_keys.new_arguments(position, fn.get("arguments"))
-                if arguments:
-                    out.append(BlockDelta(index, "arguments", arguments))
+            delta = choice.get("delta")
+            if type(delta) is dict:
+                self._feed_delta(delta, out)
             if choice.get("finish_reason"):
                 self.stop_reason = stop_reason_in("openai", choice["finish_reason"])
         return out
+
+    def _feed_delta(self, delta: dict, out: list) -> None:
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            index = self._switch("thinking", Part("thinking"), out)
+            out.append(BlockDelta(index, "thinking", reasoning))
+        content = delta.get("content") or delta.get("refusal")
+        if content and not isinstance(content, str):
+            content = compatible_content_text(content)
+        if content:
+            index = self._switch("text", Part("text"), out)
+            out.append(BlockDelta(index, "text", content))
+        calls = delta.get("tool_calls")
+        for call in calls if type(calls) is list else ():
+            if type(call) is not dict:
+                continue
+            if self.call_keys is None:
+                self.call_keys = OpenAICallKeys()
+            position = self.call_keys.key_of(call)
+            fn = call.get("function") if type(call.get("function")) is dict else {}
+            key = ("tool", position)
+            if position not in self.tool_index or self.open_key != key:
+                if position in self.tool_index:  # interleaved parallel calls: its block is still open
+                    index = self.tool_index[position]
+                else:
+                    part = Part("tool_call", id=string_or(call.get("id")) or new_id("call_"),
+                                name=string_or(fn.get("name")))  # fmt: skip
+                    index = self._switch(key, part, out)
+                    self.tool_index[position] = index
+                    self.open_calls[index] = position
+            else:
+                index = self.tool_index[position]
+            arguments = self.call_keys.new_arguments(position, fn.get("arguments"))
+            if arguments:
+                out.append(BlockDelta(index, "arguments", arguments))
 
     def finish(self) -> list:
         if self.finished:
@@ -3194,12 +3419,6 @@ ANTHROPIC_MEDIA_TYPES = {"image/jpg": "image/jpeg"}  # a common misspelling Anth
 _TOOL_ID_UNSAFE = re.compile(r"[^a-zA-Z0-9_-]")  # Anthropic's tool_use.id pattern is ^[a-zA-Z0-9_-]+$
 
 
-def field_at(obj: dict, name: str, kind, where: str, required: bool = False, default=None):
-    """field_of for a nested field, naming it by its path ('thinking.budget_tokens')."""
-    path = f"{where}.{name}"
-    return field_of({path: obj.get(name)}, path, kind, required, default)
-
-
 def anthropic_block_extra(block: dict, known: tuple) -> dict | None:
     """The fields of a block this codec does not model (cache_control, citations...)."""
     extra = {k: v for k, v in block.items() if k not in known}
@@ -3211,7 +3430,8 @@ def anthropic_opaque_text(block: dict) -> str:
     kind = block.get("type", "block")
     source = block.get("source") if isinstance(block.get("source"), dict) else {}
     texts = []
-    for item in block.get("content") or source.get("content") or []:
+    items = block.get("content") or source.get("content")
+    for item in items if isinstance(items, list) else ():
         if isinstance(item, dict) and isinstance(item.get("text"), str):
             texts.append(item["text"])
     if source.get("type") == "text" and isinstance(source.get("data"), str):
@@ -3308,7 +3528,7 @@ class AnthropicCodec(Codec):
         if system is None or isinstance(system, str):
             return [Part("text", text=system)] if system else []
         if not isinstance(system, list):
-            raise bad_request(f"'system' must be a string or an array of text blocks, got {json.dumps(system)[:60]}")
+            raise bad_request(f"'system' must be a string or an array of text blocks, got {json_preview(system)}")
         parts = []
         for j, block in enumerate(system):
             if not isinstance(block, dict) or block.get("type") != "text":
@@ -3325,7 +3545,7 @@ class AnthropicCodec(Codec):
             raise bad_request(f"{where} must be an object")
         role = msg.get("role")
         if role not in ("user", "assistant", "system"):
-            raise bad_request(f"{where}.role must be user, assistant or system, got {role!r}")
+            raise bad_request(f"{where}.role must be user, assistant or system, got {json_preview(role)}")
         if msg.get("content") is None:
             raise bad_request(f"{where}.content is required")
         return Message(role, self._decode_blocks(msg["content"], f"{where}.content", role))
@@ -3352,7 +3572,7 @@ class AnthropicCodec(Codec):
         if kind == "tool_use":
             call_id = field_at(block, "id", str, where, required=True)
             name = field_at(block, "name", str, where, required=True)
-            arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
+            arguments = json.dumps(field_at(block, "input", dict, where, default={}), ensure_ascii=False)
             return Part("tool_call", id=call_id, name=name, arguments=arguments,
                         extra=anthropic_block_extra(block, ("type", "id", "name", "input")))  # fmt: skip
         if kind == "tool_result":
@@ -3374,7 +3594,8 @@ class AnthropicCodec(Codec):
         extra = anthropic_block_extra(block, ("type", "source"))
         if source.get("type") == "base64":
             data = field_at(source, "data", str, f"{where}.source", required=True)
-            return Part("image", media_type=source.get("media_type") or "image/png", data=data, extra=extra)
+            media_type = field_at(source, "media_type", str, f"{where}.source", default="") or "image/png"
+            return Part("image", media_type=media_type, data=data, extra=extra)
         if source.get("type") == "url":
             return Part("image", url=field_at(source, "url", str, f"{where}.source", required=True), extra=extra)
         return self._opaque(block, role)  # file ids and future source types: Anthropic only
@@ -3388,8 +3609,9 @@ class AnthropicCodec(Codec):
     def _decode_tool(self, tool, where: str) -> Tool:
         if not isinstance(tool, dict):
             raise bad_request(f"{where} must be an object")
-        if tool.get("type") not in (None, "custom"):  # web_search_20250305, bash_20250124...
-            return Tool(str(tool.get("name") or tool["type"]), kind="builtin", extra={"anthropic": tool})
+        kind = field_at(tool, "type", str, where)
+        if kind not in (None, "custom"):  # web_search_20250305, bash_20250124...
+            return Tool(field_at(tool, "name", str, where) or kind, kind="builtin", extra={"anthropic": tool})
         name = field_at(tool, "name", str, where, required=True)
         description = field_at(tool, "description", str, where, default="")
         schema = field_at(tool, "input_schema", dict, where, default={})
@@ -3401,8 +3623,8 @@ class AnthropicCodec(Codec):
         if choice is None:
             return
         kinds = {"auto": "auto", "any": "required", "tool": "tool", "none": "none"}
-        if choice.get("type") not in kinds:
-            raise bad_request(f"tool_choice.type must be auto, any, tool or none, got {choice.get('type')!r}")
+        if field_at(choice, "type", str, "tool_choice") not in kinds:
+            raise bad_request(f"tool_choice.type must be auto, any, tool or none, got {json_preview(choice['type'])}")
         req.tool_choice = kinds[choice["type"]]
         if choice["type"] == "tool":
             req.tool_name = field_at(choice, "name", str, "tool_choice", required=True)
@@ -3413,8 +3635,10 @@ class AnthropicCodec(Codec):
     def _decode_thinking(req: Request, thinking: dict | None) -> None:
         if thinking is None:
             return
-        if thinking.get("type") not in ("enabled", "adaptive", "disabled"):
-            raise bad_request(f"thinking.type must be enabled, adaptive or disabled, got {thinking.get('type')!r}")
+        if field_at(thinking, "type", str, "thinking") not in ("enabled", "adaptive", "disabled"):
+            raise bad_request(
+                f"thinking.type must be enabled, adaptive or disabled, got {json_preview(thinking.get('type'))}"
+            )
         req.thinking = thinking["type"]
         req.thinking_budget = field_at(thinking, "budget_tokens", int, "thinking")
 
@@ -3424,10 +3648,8 @@ class AnthropicCodec(Codec):
         req.reasoning_effort = ANTHROPIC_EFFORT_IN.get(effort, effort)
         fmt = field_at(config, "format", dict, "output_config") or legacy_format  # output_format: the beta's spelling
         if fmt and fmt.get("type") == "json_schema":
-            req.response_format = {
-                "type": "json_schema",
-                "json_schema": {"name": "output", "schema": fmt.get("schema") or {}},
-            }
+            schema = field_at(fmt, "schema", dict, "output_config.format") or {}
+            req.response_format = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
 
     def encode_request(self, req: Request, model: str, provider=None) -> dict:
         from_anthropic = req.protocol == "anthropic"  # only then do parts carry Anthropic extras
@@ -3657,25 +3879,31 @@ class AnthropicCodec(Codec):
     # -- responses
     def decode_response(self, body: dict) -> Response:
         parts = []
-        for block in body.get("content") or []:
+        content = body.get("content") or []
+        if type(content) is not list:
+            raise malformed_answer(f"'content' must be an array, got {json_preview(content)}")
+        for block in content:
             if not isinstance(block, dict) or not isinstance(block.get("type"), str):
                 continue
             try:
                 parts.append(self._decode_block(block, "content", "assistant"))
             except GatewayError as exc:  # the upstream's fault, not the client's
-                raise GatewayError(502, f"upstream sent a malformed message: {exc.message}") from None
-        return Response(body.get("id") or new_id("msg_"), body.get("model", ""), parts,
-                        stop_reason_in("anthropic", body.get("stop_reason")), body.get("stop_sequence"),
+                raise malformed_answer(exc.message) from None
+        stop_sequence = body.get("stop_sequence")
+        return Response(string_or(body.get("id")) or new_id("msg_"), string_or(body.get("model")), parts,
+                        stop_reason_in("anthropic", body.get("stop_reason")),
+                        stop_sequence if type(stop_sequence) is str else None,
                         self.decode_usage(body.get("usage")))  # fmt: skip
 
     @staticmethod
     def decode_usage(usage) -> Usage:
         if not isinstance(usage, dict):
             return Usage()
-        read = usage.get("cache_read_input_tokens") or 0
-        created = usage.get("cache_creation_input_tokens") or 0
-        return Usage(input_tokens=(usage.get("input_tokens") or 0) + read + created,
-                     output_tokens=usage.get("output_tokens") or 0, cached_tokens=read, cache_creation_tokens=created)  # fmt: skip
+        read = token_count(usage.get("cache_read_input_tokens"))
+        created = token_count(usage.get("cache_creation_input_tokens"))
+        return Usage(input_tokens=token_sum(token_count(usage.get("input_tokens")) + read + created),
+                     output_tokens=token_count(usage.get("output_tokens")), cached_tokens=read,
+                     cache_creation_tokens=created)  # fmt: skip
 
     @staticmethod
     def encode_usage(usage: Usage) -> dict:
@@ -3772,9 +4000,9 @@ class AnthropicStreamDecoder:
             return []
         kind = data.get("type") or event.event
         if kind == "message_start":
-            return self._message_start(data.get("message") or {})
+            return self._message_start(object_or_empty(data.get("message")))
         if kind == "error":
-            return self._error(data.get("error") or {})
+            return self._error(object_or_empty(data.get("error")))
         if kind not in (
             "content_block_start",
             "content_block_delta",
@@ -3785,10 +4013,14 @@ class AnthropicStreamDecoder:
             return []  # ping and event types newer than this code
         out = self._ensure_started()
         index = data.get("index")
-        if kind == "content_block_start":
-            out += self._block_start(index, data.get("content_block") or {})
-        elif kind == "content_block_delta":
-            out += self._block_delta(index, data.get("delta") or {})
+        if type(index) is not int and kind.startswith("content_block"):
+            self.finished = True
+            return out + [StreamError(malformed_answer(f"a {kind} event with the index {json_preview(index)}"))]
+        if kind == "content_block_delta":
+            delta = data.get("delta")
+            out += self._block_delta(index, delta if type(delta) is dict else {})
+        elif kind == "content_block_start":
+            out += self._block_start(index, object_or_empty(data.get("content_block")))
         elif kind == "content_block_stop":
             out += self._block_stop(index)
         elif kind == "message_delta":
@@ -3811,7 +4043,9 @@ class AnthropicStreamDecoder:
             self.usage.update(message["usage"])
         return [
             MessageStart(
-                message.get("id") or new_id("msg_"), message.get("model", ""), AnthropicCodec.decode_usage(self.usage)
+                string_or(message.get("id")) or new_id("msg_"),
+                string_or(message.get("model")),
+                AnthropicCodec.decode_usage(self.usage),
             )
         ]
 
@@ -3826,9 +4060,11 @@ class AnthropicStreamDecoder:
                 index, Part("thinking"), [("thinking", block.get("thinking")), ("signature", block.get("signature"))]
             )
         if kind == "redacted_thinking":
-            return self._open(index, Part("redacted_thinking", data=block.get("data") or ""), [])
+            return self._open(index, Part("redacted_thinking", data=string_or(block.get("data"))), [])
         if kind == "tool_use":
-            part = Part("tool_call", id=block.get("id") or new_id("toolu_"), name=block.get("name") or "")
+            part = Part(
+                "tool_call", id=string_or(block.get("id")) or new_id("toolu_"), name=string_or(block.get("name"))
+            )
             given = block.get("input")  # some compatible servers send the whole input here, with no deltas
             return self._open(index, part, [("arguments", json.dumps(given, ensure_ascii=False) if given else "")])
         self.opaque[index] = (dict(block), [])
@@ -3839,7 +4075,8 @@ class AnthropicStreamDecoder:
         return [BlockStart(index, part)] + [BlockDelta(index, k, v) for k, v in initial if isinstance(v, str) and v]
 
     def _block_delta(self, index, delta: dict) -> list:
-        kind, key = self.BLOCK_DELTAS.get(delta.get("type"), ("", ""))  # citations_delta and others: ignored
+        kind = delta.get("type")
+        kind, key = self.BLOCK_DELTAS.get(kind, ("", "")) if type(kind) is str else ("", "")  # citations...: ignored
         value = delta.get(key) if key else None
         if not isinstance(value, str) or not value:
             return []
@@ -3862,11 +4099,11 @@ class AnthropicStreamDecoder:
         return [BlockStop(index)]
 
     def _message_delta(self, data: dict) -> None:
-        delta = data.get("delta") or {}
+        delta = object_or_empty(data.get("delta"))
         if delta.get("stop_reason"):
             self.stop_reason = stop_reason_in("anthropic", delta["stop_reason"])
         if "stop_sequence" in delta:
-            self.stop_sequence = delta["stop_sequence"]
+            self.stop_sequence = delta["stop_sequence"] if type(delta["stop_sequence"]) is str else None
         if isinstance(data.get("usage"), dict):
             self.usage.update({k: v for k, v in data["usage"].items() if v is not None})
         self.saw_message_delta = True
@@ -3880,9 +4117,10 @@ class AnthropicStreamDecoder:
 
     def _error(self, error: dict) -> list:
         self.finished = True
-        kind = error.get("type") if error.get("type") in ANTHROPIC_ERROR_STATUS else ""
+        kind = string_or(error.get("type"))
+        kind = kind if kind in ANTHROPIC_ERROR_STATUS else ""
         status = ANTHROPIC_ERROR_STATUS.get(kind, 502)
-        return [StreamError(GatewayError(status, str(error.get("message") or "upstream stream error"), kind))]
+        return [StreamError(GatewayError(status, as_text(error.get("message") or "upstream stream error"), kind))]
 
     def finish(self) -> list:
         """The upstream closed the stream. Without message_stop the answer is complete only if
@@ -3919,13 +4157,18 @@ class AnthropicStreamEncoder:
         self.sent_tool_use = False
         self.sent_message_delta = False
         self.owner: int | None = None  # canonical index of the block started and not yet stopped
-        self.backlog: list = []  # events of blocks that started while another was still open
+        # events of blocks that came while another one was open, per block in order of arrival (one
+        # queue per block: rescanning one shared list at every stop was quadratic in the blocks)
+        self.backlog: dict[int, list] = {}
+        self.releasing = False
 
     def encode(self, ev) -> bytes:
         if self.done:
             return b""
         if isinstance(ev, (BlockStart, BlockDelta, BlockStop)) and self.owner not in (None, ev.index):
-            self.backlog.append(ev)  # another block still holds the wire: Anthropic cannot interleave blocks
+            self.backlog.setdefault(ev.index, []).append(
+                ev
+            )  # another block holds the wire: Anthropic cannot interleave
             return b""
         if isinstance(ev, MessageStart):
             return self._message_start(ev.id, ev.usage)
@@ -3955,15 +4198,26 @@ class AnthropicStreamEncoder:
         if self.owner != index:
             return out
         self.owner = None
-        held, self.backlog = self.backlog, []
-        return out + b"".join(self.encode(ev) for ev in held)  # in arrival order; may hold some again
+        return out if self.releasing else out + self._release_held()
+
+    def _release_held(self) -> bytes:
+        """The wire is free: the held blocks go out, first come first, until one stays open."""
+        out = []
+        self.releasing = True
+        try:
+            while self.owner is None and self.backlog:
+                events = self.backlog.pop(next(iter(self.backlog)))
+                out.extend(self.encode(ev) for ev in events)
+        finally:
+            self.releasing = False
+        return b"".join(out)
 
     def _release_all(self) -> bytes:
         """The message ends: blocks the upstream never stopped are closed, held ones sent."""
-        out = b""
+        out = []
         while self.owner is not None:
-            out += self._block_stop(self.owner)
-        return out
+            out.append(self._block_stop(self.owner))
+        return b"".join(out)
 
     def _message_start(self, msg_id: str, usage: Usage | None) -> bytes:
         if self.started:
@@ -4091,7 +4345,7 @@ def flat_tool_name(namespace, name: str) -> str:
         return name
     flat = _UNSAFE_TOOL_NAME_CHARS.sub("_", f"{namespace}__{name}")
     if len(flat) > 64:
-        flat = flat[:55] + "_" + hashlib.sha1(flat.encode()).hexdigest()[:8]
+        flat = flat[:55] + "_" + hashlib.sha1(flat.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return flat
 
 
@@ -4099,8 +4353,8 @@ def custom_tool_parameters(fmt) -> dict:
     """The schema a custom (free-form) tool gets upstream: one string, the tool's raw input."""
     about = "The complete raw input of this free-form tool, passed to it verbatim (plain text, not JSON)."
     if isinstance(fmt, dict) and fmt.get("type") == "grammar":
-        definition = str(fmt.get("definition") or "")
-        syntax = str(fmt.get("syntax") or "")
+        definition = as_text(fmt.get("definition") or "")
+        syntax = as_text(fmt.get("syntax") or "")
         if len(definition) <= CUSTOM_GRAMMAR_MAX_CHARS:
             about += f" It must match this {syntax} grammar:\n{definition}"
         else:
@@ -4146,8 +4400,8 @@ def unpack_thinking(encrypted) -> Part | None:
     if not isinstance(blob, dict):
         return None
     if blob.get("type") == "redacted_thinking":
-        return Part("redacted_thinking", data=str(blob.get("data") or ""))
-    return Part("thinking", text=str(blob.get("text") or ""), signature=str(blob.get("signature") or ""))
+        return Part("redacted_thinking", data=string_or(blob.get("data")))
+    return Part("thinking", text=string_or(blob.get("text")), signature=string_or(blob.get("signature")))
 
 
 def wire_tool_name(name: str, tool: Tool | None, extra: dict | None) -> tuple[str, str | None]:
@@ -4162,6 +4416,13 @@ def is_custom_call(part: Part, tool: Tool | None) -> bool:
     if tool is not None:
         return tool.kind == "custom"
     return (part.extra or {}).get("type") == "custom_tool_call"
+
+
+def item_texts(items) -> list:
+    """The strings under "text" in a list of objects (reasoning summaries, content parts)."""
+    if not isinstance(items, list):
+        return []
+    return [text for item in items if isinstance(item, dict) and isinstance(text := item.get("text"), str)]
 
 
 def responses_error_code(err: GatewayError) -> str:
@@ -4318,7 +4579,7 @@ class ResponsesCodec(Codec):
         specs = list(tools)
         for item in items:  # Codex "responses-lite" sends its tools as an input item
             if isinstance(item, dict) and item.get("type") == "additional_tools":
-                specs.extend(item.get("tools") or [])
+                specs.extend(field_at(item, "tools", list, "input[].additional_tools", default=[]))
         dropped: list[str] = []
         self._decode_tools(req, specs, dropped)
         hosted = [d for d in dropped if d.startswith(RESPONSES_HOSTED_TOOLS)]
@@ -4333,7 +4594,8 @@ class ResponsesCodec(Codec):
         for spec in specs:
             kind = spec.get("type") if isinstance(spec, dict) else None
             if kind == "namespace" and namespace is None:
-                self._decode_tools(req, spec.get("tools") or [], dropped, spec)
+                field_at(spec, "name", str, "tools[].namespace")
+                self._decode_tools(req, field_at(spec, "tools", list, "tools[].namespace", default=[]), dropped, spec)
                 seen = {t.name for t in req.tools}
             elif kind in ("function", "custom") and isinstance(spec.get("name"), str) and spec["name"]:
                 tool = self._decode_tool(spec, namespace)
@@ -4343,22 +4605,22 @@ class ResponsesCodec(Codec):
                 seen.add(tool.name)
                 req.tools.append(tool)
             else:
-                dropped.append(str(kind))
+                dropped.append(kind if isinstance(kind, str) else json_preview(kind))
 
     @staticmethod
     def _decode_tool(spec: dict, namespace: dict | None) -> Tool:
         extra: dict = {}
         if namespace is not None:
             extra.update(namespace=namespace.get("name") or "", name=spec["name"],
-                         namespace_description=namespace.get("description") or "")  # fmt: skip
+                         namespace_description=field_at(namespace, "description", str, "tools[].namespace") or "")  # fmt: skip
         name = flat_tool_name(extra.get("namespace"), spec["name"])
-        description = str(spec.get("description") or "")
+        description = field_at(spec, "description", str, f"tools[{name}]", default="")
         if spec["type"] == "custom":
             extra["format"] = spec.get("format")
             return Tool(name, description, custom_tool_parameters(spec.get("format")), "custom", extra)
         if "strict" in spec:
             extra["strict"] = spec["strict"]
-        parameters = spec.get("parameters") or {"type": "object", "properties": {}}
+        parameters = field_at(spec, "parameters", dict, f"tools[{name}]") or {"type": "object", "properties": {}}
         return Tool(name, description, parameters, "function", extra or None)
 
     def _decode_input(self, req: Request, items: list) -> None:
@@ -4367,17 +4629,17 @@ class ResponsesCodec(Codec):
         for i, item in enumerate(items):
             if not isinstance(item, dict):
                 raise bad_request(f"input[{i}] must be an object")
-            kind = item.get("type") or ("message" if "role" in item else None)
+            kind = field_at(item, "type", str, f"input[{i}]") or ("message" if "role" in item else None)
             if kind == "message":
                 self._decode_message(req, item, i)
             elif kind == "reasoning":
                 self._assistant_parts(req).append(self._decode_reasoning(item))
             elif kind in ("function_call", "custom_tool_call"):
-                part = self._decode_call(item)
+                part = self._decode_call(item, f"input[{i}]")
                 call_ids.add(part.id)
                 self._assistant_parts(req).append(part)
             elif kind in ("function_call_output", "custom_tool_call_output"):
-                call_id = item.get("call_id")
+                call_id = field_at(item, "call_id", str, f"input[{i}]")
                 if call_id not in call_ids:
                     raise bad_request(
                         f"input[{i}]: no function_call or custom_tool_call found for {kind} with call_id {call_id!r}"
@@ -4404,7 +4666,7 @@ class ResponsesCodec(Codec):
             if parts:
                 req.messages.append(Message("user", parts))
         else:
-            raise bad_request(f"input[{i}].role must be user, assistant, system or developer, got {role!r}")
+            raise bad_request(f"input[{i}].role must be user, assistant, system or developer, got {json_preview(role)}")
 
     @staticmethod
     def _assistant_parts(req: Request) -> list:
@@ -4425,26 +4687,28 @@ class ResponsesCodec(Codec):
         signed = unpack_thinking(item.get("encrypted_content"))
         if signed is not None:
             return signed
-        texts = [s.get("text") or "" for s in item.get("summary") or [] if isinstance(s, dict)]
+        texts = item_texts(item.get("summary"))
         if not any(texts):
-            texts = [c.get("text") or "" for c in item.get("content") or [] if isinstance(c, dict)]
+            texts = item_texts(item.get("content"))
         extra = {"id": item.get("id"), "encrypted_content": item.get("encrypted_content")}
+        extra = {k: v for k, v in extra.items() if isinstance(v, str)}  # ids and blobs are strings, or nothing
         return Part("thinking", text="\n\n".join(t for t in texts if t), extra=extra)
 
     @staticmethod
-    def _decode_call(item: dict) -> Part:
-        namespace = item.get("namespace")
-        name = str(item.get("name") or "")
-        extra = {"id": item.get("id"), "type": item.get("type")}
+    def _decode_call(item: dict, where: str = "output[]") -> Part:
+        namespace = field_at(item, "namespace", str, where)
+        name = field_at(item, "name", str, where) or ""
+        item_id = field_at(item, "id", str, where)
+        extra = {"id": item_id, "type": item.get("type")}
         if namespace:
             extra.update(namespace=namespace, name=name)
         if item.get("type") == "custom_tool_call":
-            arguments = json.dumps({"input": str(item.get("input") or "")}, ensure_ascii=False)
+            arguments = json.dumps({"input": field_at(item, "input", str, where) or ""}, ensure_ascii=False)
         else:
             arguments = item.get("arguments") or ""
             if not isinstance(arguments, str):
                 arguments = json.dumps(arguments, ensure_ascii=False)
-        call_id = item.get("call_id") or item.get("id") or new_id("call_")
+        call_id = field_at(item, "call_id", str, where) or item_id or new_id("call_")
         return Part("tool_call", id=call_id, name=flat_tool_name(namespace, name), arguments=arguments, extra=extra)
 
     def _decode_content(self, content, where: str) -> list:
@@ -4455,27 +4719,31 @@ class ResponsesCodec(Codec):
         if not isinstance(content, list):
             raise bad_request(f"{where} must be a string or an array of content parts")
         parts = []
-        for item in content:
+        for j, item in enumerate(content):
             kind = item.get("type") if isinstance(item, dict) else None
             if kind in ("input_text", "output_text", "text"):
-                if item.get("text"):
-                    parts.append(Part("text", text=item["text"]))
+                text = field_at(item, "text", str, f"{where}[{j}]")
+                if text:
+                    parts.append(Part("text", text=text))
             elif kind == "refusal":
-                parts.append(Part("text", text=item.get("refusal") or ""))
+                parts.append(Part("text", text=field_at(item, "refusal", str, f"{where}[{j}]") or ""))
             elif kind == "input_image":
-                parts.append(self._decode_image(item))
+                parts.append(self._decode_image(item, f"{where}[{j}]"))
             elif kind in ("input_file", "input_audio"):
                 parts.append(Part("text", text=f"[{kind} content omitted by the gateway]"))
             else:
-                log.info("responses: dropped a content part of unsupported type %r in %s", kind, where)
+                log.info("responses: dropped a content part of unsupported type %s in %s", json_preview(kind), where)
         return parts
 
     @staticmethod
-    def _decode_image(item: dict) -> Part:
+    def _decode_image(item: dict, where: str) -> Part:
         url = item.get("image_url")
-        url = url.get("url", "") if isinstance(url, dict) else str(url or "")
+        url = field_at(url, "url", str, f"{where}.image_url") if isinstance(url, dict) else url
+        if url is not None and not isinstance(url, str):
+            raise bad_request(f"'{where}.image_url' must be a URL string, got {json_preview(url)}")
         if not url:
-            return Part("text", text=f"[image file {item.get('file_id') or ''} omitted by the gateway]")
+            file_id = field_at(item, "file_id", str, where) or ""
+            return Part("text", text=f"[image file {file_id} omitted by the gateway]")
         data_uri = parse_data_uri(url)
         return Part("image", media_type=data_uri[0], data=data_uri[1]) if data_uri else Part("image", url=url)
 
@@ -4485,12 +4753,15 @@ class ResponsesCodec(Codec):
             req.tool_choice = choice
         elif isinstance(choice, dict):
             kind = choice.get("type")
-            if kind in ("function", "custom") and choice.get("name"):
-                req.tool_choice, req.tool_name = "tool", flat_tool_name(choice.get("namespace"), choice["name"])
+            name = field_at(choice, "name", str, "tool_choice")
+            if kind in ("function", "custom") and name:
+                namespace = field_at(choice, "namespace", str, "tool_choice")
+                req.tool_choice, req.tool_name = "tool", flat_tool_name(namespace, name)
             elif kind == "allowed_tools":
                 req.tool_choice = "required" if choice.get("mode") == "required" else "auto"
             else:
-                log.info("responses: tool_choice %r names a tool the upstream cannot run; using auto", kind)
+                log.info("responses: tool_choice %s names a tool the upstream cannot run; using auto",
+                         json_preview(kind))  # fmt: skip
                 req.tool_choice = "auto"
 
     @staticmethod
@@ -4508,6 +4779,7 @@ class ResponsesCodec(Codec):
             return {"type": "json_object"}
         if kind == "json_schema":
             schema = {k: fmt[k] for k in ("name", "description", "schema", "strict") if k in fmt}
+            check_response_format({"type": "json_schema", "json_schema": schema}, "text.format")
             return {"type": "json_schema", "json_schema": schema}
         return None
 
@@ -4685,19 +4957,25 @@ class ResponsesCodec(Codec):
         if body.get("status") == "failed":
             raise self._upstream_error(body.get("error"))
         parts: list = []
-        for item in body.get("output") or []:
+        output = body.get("output") or []
+        if type(output) is not list:
+            raise malformed_answer(f"'output' must be an array, got {json_preview(output)}")
+        for item in output:
             if isinstance(item, dict):
                 parts.extend(self.decode_output_item(item))
         stop = self.stop_reason_of(body, any(p.type == "tool_call" for p in parts))
-        return Response(body.get("id") or new_id("resp_"), body.get("model", ""), parts, stop,
-                        usage=self.decode_usage(body.get("usage")), created=body.get("created_at") or 0)  # fmt: skip
+        created = body.get("created_at")
+        return Response(string_or(body.get("id")) or new_id("resp_"), string_or(body.get("model")), parts, stop,
+                        usage=self.decode_usage(body.get("usage")),
+                        created=created if type(created) is int and 0 < created < 1 << 40 else 0)  # fmt: skip
 
     @staticmethod
     def decode_output_item(item: dict) -> list:
         kind = item.get("type")
         if kind == "message":
-            texts = [c.get("text") or c.get("refusal") or "" for c in item.get("content") or [] if isinstance(c, dict)]
-            return [Part("text", text=t) for t in texts if t]
+            content = item.get("content") if isinstance(item.get("content"), list) else []
+            texts = [c.get("text") or c.get("refusal") for c in content if isinstance(c, dict)]
+            return [Part("text", text=t) for t in texts if isinstance(t, str) and t]
         if kind == "reasoning":
             return [ResponsesCodec._decode_reasoning(item)]
         if kind in ("function_call", "custom_tool_call"):
@@ -4707,26 +4985,31 @@ class ResponsesCodec(Codec):
     @staticmethod
     def stop_reason_of(response: dict, has_calls: bool) -> str:
         if response.get("status") == "incomplete":
-            reason = (response.get("incomplete_details") or {}).get("reason")
-            return RESPONSES_INCOMPLETE_IN.get(reason, "max_tokens")
+            details = response.get("incomplete_details")
+            reason = details.get("reason") if isinstance(details, dict) else None
+            return RESPONSES_INCOMPLETE_IN.get(string_or(reason), "max_tokens")
         return "tool_use" if has_calls else "end_turn"
 
     @staticmethod
     def _upstream_error(error) -> GatewayError:
-        error = error if isinstance(error, dict) else {"message": str(error or "")}
-        code = str(error.get("code") or "")
-        message = str(error.get("message") or "") or "upstream response failed"
+        error = error if isinstance(error, dict) else {"message": as_text(error or "")}
+        code = string_or(error.get("code"))
+        message = as_text(error.get("message") or "") or "upstream response failed"
         return GatewayError(RESPONSES_ERROR_STATUS.get(code, 502), message)
 
     @staticmethod
     def decode_usage(usage) -> Usage:
         if not isinstance(usage, dict):
             return Usage()
+        input_details = usage.get("input_tokens_details")
+        output_details = usage.get("output_tokens_details")
         return Usage(
-            input_tokens=usage.get("input_tokens") or 0,
-            output_tokens=usage.get("output_tokens") or 0,
-            cached_tokens=(usage.get("input_tokens_details") or {}).get("cached_tokens") or 0,
-            reasoning_tokens=(usage.get("output_tokens_details") or {}).get("reasoning_tokens") or 0,
+            input_tokens=token_count(usage.get("input_tokens")),
+            output_tokens=token_count(usage.get("output_tokens")),
+            cached_tokens=token_count(input_details.get("cached_tokens")) if type(input_details) is dict else 0,
+            reasoning_tokens=(
+                token_count(output_details.get("reasoning_tokens")) if type(output_details) is dict else 0
+            ),
         )
 
     @staticmethod
@@ -4803,11 +5086,22 @@ class ResponsesStreamDecoder:
             return [StreamError(GatewayError(502, f"upstream sent malformed stream data: {event.data[:120]!r}"))]
         if not isinstance(data, dict):
             return []
-        handler = self.HANDLERS.get(data.get("type") or event.event)
+        handler = self.HANDLERS.get(string_or(data.get("type")) or event.event)
         out: list = []
         if handler is not None:
+            self._check_shapes(data)
             getattr(self, handler)(data, out)
         return out
+
+    SHAPES = (("output_index", int), ("content_index", int), ("summary_index", int), ("delta", str),
+              ("item", dict), ("part", dict), ("response", dict))  # fmt: skip
+
+    def _check_shapes(self, data: dict) -> None:
+        """The fields the handlers key blocks by or pass on, checked once per event."""
+        for name, kind in self.SHAPES:
+            if name in data and type(data[name]) is not kind and data[name] is not None:
+                self.finished = True
+                raise malformed_answer(f"'{name}' of a {data.get('type')} event is {json_preview(data[name])}")
 
     HANDLERS = {
         "response.created": "_on_created", "response.in_progress": "_on_created",
@@ -4827,7 +5121,7 @@ class ResponsesStreamDecoder:
         if not self.started:
             self.started = True
             response = response or {}
-            out.append(MessageStart(response.get("id") or new_id("resp_"), response.get("model") or ""))
+            out.append(MessageStart(string_or(response.get("id")) or new_id("resp_"), string_or(response.get("model"))))
 
     def _open(self, key: tuple, part: Part, out: list) -> int:
         self._start(out)
@@ -4850,7 +5144,7 @@ class ResponsesStreamDecoder:
         kind = item.get("type")
         key = (output_index, -1)
         if kind == "reasoning":
-            extra = {"id": item.get("id"), "encrypted_content": item.get("encrypted_content")}
+            extra = {"id": string_or(item.get("id")), "encrypted_content": string_or(item.get("encrypted_content"))}
             return self._open(key, Part("thinking", extra=extra), out)
         if kind in ("function_call", "custom_tool_call"):
             self.has_calls = True
@@ -4877,9 +5171,9 @@ class ResponsesStreamDecoder:
             if text:
                 out.append(BlockDelta(index, "thinking", text))
         elif kind == "function_call" and item.get("arguments"):
-            out.append(BlockDelta(index, "arguments", item["arguments"]))
+            out.append(BlockDelta(index, "arguments", ResponsesCodec._decode_call(item).arguments))
         elif kind == "custom_tool_call" and item.get("input"):
-            self._custom_piece(index, item["input"], out)
+            self._custom_piece(index, field_at(item, "input", str, "output_item"), out)
         else:
             return
         self.filled.add(index)
@@ -4912,7 +5206,7 @@ class ResponsesStreamDecoder:
                 return
         self._fill_from_item(index, item, out)
         part = self.parts[index]
-        if part.type == "thinking" and item.get("encrypted_content"):
+        if part.type == "thinking" and string_or(item.get("encrypted_content")):
             part.extra["encrypted_content"] = item["encrypted_content"]  # arrives only now; the Part is shared
         self._close_item(key, out)
 
@@ -4932,7 +5226,7 @@ class ResponsesStreamDecoder:
     def _on_part_done(self, data: dict, out: list) -> None:
         key = (data.get("output_index", 0), data.get("content_index", 0))
         part = data.get("part") or {}
-        text = part.get("text") or part.get("refusal") or ""
+        text = string_or(part.get("text")) or string_or(part.get("refusal"))
         index = self.blocks.get(key)
         if index is None and text:
             index = self._open(key, Part("text"), out)
@@ -5012,9 +5306,10 @@ class ResponsesItemState:
     item: dict
     output_index: int
     content_index: int = 0
-    text: str = ""  # text, summary, or a custom tool's raw input so far
-    arguments: str = ""
-    signature: str = ""
+    # pieces so far, joined once when the block stops (+= on a field would be quadratic in deltas)
+    text: list = field(default_factory=list)  # text, summary, or a custom tool's raw input
+    arguments: list = field(default_factory=list)
+    signature: list = field(default_factory=list)
     summary_open: bool = False
     reader: JsonStringFieldReader | None = None
     extra: dict | None = None  # the started Part's extra (a reasoning item's encrypted_content)
@@ -5140,7 +5435,7 @@ class ResponsesStreamEncoder:
         if item["type"] == "custom_tool_call":
             state.reader = JsonStringFieldReader("input")
         if part.type == "redacted_thinking":
-            state.signature = pack_thinking(part)
+            state.signature = [pack_thinking(part)]
         return out + added
 
     def _call_item(self, part: Part) -> dict:
@@ -5189,24 +5484,24 @@ class ResponsesStreamEncoder:
         kind = state.item["type"]
         where = {"item_id": state.item["id"], "output_index": state.output_index}
         if kind == "message" and ev.kind == "text":
-            state.text += ev.value
+            state.text.append(ev.value)
             return self._event("response.output_text.delta", **where, content_index=state.content_index, delta=ev.value,
                                logprobs=[])  # fmt: skip
         if kind == "reasoning":
             return self._reasoning_delta(state, ev, where)
         if kind == "function_call" and ev.kind == "arguments":
-            state.arguments += ev.value
+            state.arguments.append(ev.value)
             return self._event("response.function_call_arguments.delta", **where, delta=ev.value)
         if kind == "custom_tool_call" and ev.kind == "arguments":
-            state.arguments += ev.value
+            state.arguments.append(ev.value)
             piece = state.reader.feed(ev.value)
-            state.text += piece
+            state.text.append(piece)
             return self._event("response.custom_tool_call_input.delta", **where, delta=piece) if piece else b""
         return b""
 
     def _reasoning_delta(self, state: ResponsesItemState, ev: BlockDelta, where: dict) -> bytes:
         if ev.kind == "signature":
-            state.signature += ev.value
+            state.signature.append(ev.value)
             return b""
         if ev.kind != "thinking":
             return b""
@@ -5215,7 +5510,7 @@ class ResponsesStreamEncoder:
             state.summary_open = True
             out = self._event("response.reasoning_summary_part.added", **where, summary_index=0,
                               part={"type": "summary_text", "text": ""})  # fmt: skip
-        state.text += ev.value
+        state.text.append(ev.value)
         return out + self._event("response.reasoning_summary_text.delta", **where, summary_index=0, delta=ev.value)
 
     # -- block stops
@@ -5227,14 +5522,14 @@ class ResponsesStreamEncoder:
         kind = state.item["type"]
         if kind == "message":
             part = state.item["content"][state.content_index]
-            part["text"] = state.text
-            return self._event("response.output_text.done", **where, content_index=state.content_index, text=state.text,
+            part["text"] = text = "".join(state.text)
+            return self._event("response.output_text.done", **where, content_index=state.content_index, text=text,
                                logprobs=[]) + self._event("response.content_part.done", **where,
                                                           content_index=state.content_index, part=part)  # fmt: skip
         if kind == "reasoning":
             return self._reasoning_stop(state, where)
         if kind == "function_call":
-            state.item["arguments"] = state.arguments or "{}"
+            state.item["arguments"] = "".join(state.arguments) or "{}"
             done = self._event("response.function_call_arguments.done", **where, arguments=state.item["arguments"])
             return done + self._item_done(state)
         return self._custom_stop(state, where)
@@ -5242,8 +5537,8 @@ class ResponsesStreamEncoder:
     def _reasoning_stop(self, state: ResponsesItemState, where: dict) -> bytes:
         out = b""
         if state.summary_open:
-            summary = {"type": "summary_text", "text": state.text}
-            out = self._event("response.reasoning_summary_text.done", **where, summary_index=0, text=state.text)
+            summary = {"type": "summary_text", "text": "".join(state.text)}
+            out = self._event("response.reasoning_summary_text.done", **where, summary_index=0, text=summary["text"])
             out += self._event("response.reasoning_summary_part.done", **where, summary_index=0, part=summary)
             state.item["summary"] = [summary]
         encrypted = self._encrypted_content(state)
@@ -5253,18 +5548,19 @@ class ResponsesStreamEncoder:
 
     @staticmethod
     def _encrypted_content(state: ResponsesItemState) -> str:
-        if state.signature.startswith(SIGNED_THINKING_PREFIX):
-            return state.signature  # redacted thinking, packed at its start
-        if state.signature:
-            return pack_thinking(Part("thinking", text=state.text, signature=state.signature))
+        signature = "".join(state.signature)
+        if signature.startswith(SIGNED_THINKING_PREFIX):
+            return signature  # redacted thinking, packed at its start
+        if signature:
+            return pack_thinking(Part("thinking", text="".join(state.text), signature=signature))
         # A Responses upstream's own blob; its decoder may fill it in only when the item is done.
         return (state.extra or {}).get("encrypted_content") or ""
 
     def _custom_stop(self, state: ResponsesItemState, where: dict) -> bytes:
-        final = custom_input_of(state.arguments)
+        final, sent = custom_input_of("".join(state.arguments)), "".join(state.text)
         out = b""
-        if final != state.text and final.startswith(state.text):  # arguments that were not {"input": "..."}
-            out = self._event("response.custom_tool_call_input.delta", **where, delta=final[len(state.text) :])
+        if final != sent and final.startswith(sent):  # arguments that were not {"input": "..."}
+            out = self._event("response.custom_tool_call_input.delta", **where, delta=final[len(sent) :])
         state.item["input"] = final
         out += self._event("response.custom_tool_call_input.done", **where, input=final)
         return out + self._item_done(state)
@@ -5456,11 +5752,15 @@ def gemini_wants_thoughts(req: Request) -> bool:
 def decode_gemini_usage(meta) -> Usage:
     if not isinstance(meta, dict):
         return Usage()
-    thoughts = gemini_field(meta, "thoughtsTokenCount", 0)
+
+    def count(name: str) -> int:
+        return token_count(gemini_field(meta, name))
+
+    thoughts = count("thoughtsTokenCount")
     return Usage(
-        input_tokens=gemini_field(meta, "promptTokenCount", 0) + gemini_field(meta, "toolUsePromptTokenCount", 0),
-        output_tokens=gemini_field(meta, "candidatesTokenCount", 0) + thoughts,
-        cached_tokens=gemini_field(meta, "cachedContentTokenCount", 0),
+        input_tokens=token_sum(count("promptTokenCount") + count("toolUsePromptTokenCount")),
+        output_tokens=token_sum(count("candidatesTokenCount") + thoughts),
+        cached_tokens=count("cachedContentTokenCount"),
         reasoning_tokens=thoughts,
     )
 
@@ -5518,10 +5818,10 @@ class GeminiCodec(Codec):
     def _decode_content(self, content, i: int, ids: GeminiCallIds) -> Message:
         where = f"contents[{i}]"
         if not isinstance(content, dict):
-            raise bad_request(f"{where} must be an object {{role, parts}}, got {json.dumps(content)[:60]}")
+            raise bad_request(f"{where} must be an object {{role, parts}}, got {json_preview(content)}")
         role = content.get("role") or "user"
         if role not in ("user", "model", "function", "tool"):
-            raise bad_request(f"{where}.role must be 'user' or 'model', got {role!r}")
+            raise bad_request(f"{where}.role must be 'user' or 'model', got {json_preview(role)}")
         raw_parts = content.get("parts")
         if not isinstance(raw_parts, list):
             raise bad_request(f"{where}.parts must be an array of parts")
@@ -5582,12 +5882,13 @@ class GeminiCodec(Codec):
 
     @staticmethod
     def _decode_code(code: dict, where: str) -> Part:
-        language = str(code.get("language") or "").lower().replace("language_unspecified", "")
-        return Part("text", text=f"```{language}\n{code.get('code') or ''}\n```")
+        language = as_text(code.get("language") or "").lower().replace("language_unspecified", "")
+        return Part("text", text=f"```{language}\n{as_text(code.get('code') or '')}\n```")
 
     @staticmethod
     def _decode_code_result(result: dict, where: str) -> Part:
-        return Part("text", text=f"[code execution {result.get('outcome') or 'result'}]\n{result.get('output') or ''}")
+        outcome, output = as_text(result.get("outcome") or "result"), as_text(result.get("output") or "")
+        return Part("text", text=f"[code execution {outcome}]\n{output}")
 
     @staticmethod
     def _decode_function_call(call: dict, where: str, extra, ids: GeminiCallIds) -> Part:
@@ -5638,8 +5939,9 @@ class GeminiCodec(Codec):
     @staticmethod
     def _decode_tool_config(req: Request, config: dict) -> None:
         calling = _object_field(config, "functionCallingConfig", "toolConfig")
-        mode = str(gemini_field(calling, "mode", "")).upper()
+        mode = (_typed_field(calling, "mode", str, "toolConfig.functionCallingConfig") or "").upper()
         allowed = _typed_field(calling, "allowedFunctionNames", list, "toolConfig.functionCallingConfig") or []
+        string_list(allowed, "toolConfig.functionCallingConfig.allowedFunctionNames")
         if mode in ("AUTO", "VALIDATED"):
             req.tool_choice = "auto"
         elif mode == "NONE":
@@ -5719,7 +6021,8 @@ class GeminiCodec(Codec):
         if system:
             body["systemInstruction"] = {"parts": [{"text": text} for text in system]}
         if tools:
-            body["tools"] = [{"functionDeclarations": [self._encode_tool(t) for t in tools]}]
+            budget = SchemaBudget()  # one for the request: many small exploding schemas add up
+            body["tools"] = [{"functionDeclarations": [self._encode_tool(t, budget) for t in tools]}]
             mode = GEMINI_TOOL_CHOICE.get(req.tool_choice)
             if mode:
                 calling: dict = {"mode": mode}
@@ -5761,12 +6064,12 @@ class GeminiCodec(Codec):
         return out + media  # a turn's function responses first, then what they showed
 
     @staticmethod
-    def _encode_tool(tool: Tool) -> dict:
+    def _encode_tool(tool: Tool, budget: SchemaBudget | None = None) -> dict:
         decl: dict = {"name": tool.name}
         if tool.description:
             decl["description"] = tool.description
         schema = tool.parameters or {}
-        params = clean_schema_for_gemini(schema)
+        params = clean_schema_for_gemini(schema, budget)
         if params.get("type") == "OBJECT" and params.get("properties"):
             decl["parameters"] = params
         elif params and params.get("type") != "OBJECT":
@@ -5969,9 +6272,7 @@ class GeminiStreamDecoder:
     def feed_chunk(self, chunk) -> list:
         """One GenerateContentResponse (a stream chunk, or a whole JSON answer)."""
         if not isinstance(chunk, dict):
-            return [
-                StreamError(GatewayError(502, f"upstream sent an unexpected stream chunk: {json.dumps(chunk)[:120]}"))
-            ]
+            return [StreamError(GatewayError(502, f"upstream sent an unexpected stream chunk: {json_preview(chunk)}"))]
         if "error" in chunk and not chunk.get("candidates"):
             self.finished = True
             return [StreamError(gemini_stream_error(chunk["error"]))]
@@ -5984,8 +6285,8 @@ class GeminiStreamDecoder:
             start_usage = Usage(input_tokens=self.usage.input_tokens) if self.usage else None
             out.append(
                 MessageStart(
-                    gemini_field(chunk, "responseId") or new_id(""),
-                    gemini_field(chunk, "modelVersion", ""),
+                    string_or(gemini_field(chunk, "responseId")) or new_id(""),
+                    string_or(gemini_field(chunk, "modelVersion")),
                     start_usage,
                 )
             )
@@ -5995,7 +6296,8 @@ class GeminiStreamDecoder:
             (c for c in chunk.get("candidates") or [] if isinstance(c, dict) and c.get("index", 0) == 0), {}
         )
         content = candidate.get("content") if isinstance(candidate.get("content"), dict) else {}
-        for part in content.get("parts") or []:
+        parts = content.get("parts")
+        for part in parts if isinstance(parts, list) else ():
             if isinstance(part, dict):
                 self._feed_part(part, out)
         reason = gemini_field(candidate, "finishReason")
@@ -6004,7 +6306,7 @@ class GeminiStreamDecoder:
         return out
 
     def _feed_part(self, part: dict, out: list) -> None:
-        signature = gemini_field(part, "thoughtSignature")
+        signature = string_or(gemini_field(part, "thoughtSignature"))
         extra = {"thought_signature": signature} if signature else None
         call = gemini_field(part, "functionCall")
         if isinstance(part.get("text"), str):
@@ -6056,9 +6358,9 @@ class GeminiStreamDecoder:
 
 
 def gemini_stream_error(err) -> GatewayError:
-    err = err if isinstance(err, dict) else {"message": str(err)}
-    code = err.get("code") if isinstance(err.get("code"), int) and err.get("code") >= 400 else 502
-    return GatewayError(code, str(err.get("message") or "upstream stream error"))
+    err = err if isinstance(err, dict) else {"message": as_text(err)}
+    code = err.get("code") if type(err.get("code")) is int and 400 <= err.get("code") <= 599 else 502
+    return GatewayError(code, as_text(err.get("message") or "upstream stream error"))
 
 
 # Deltas a Gemini stream keeps until their block stops (a call goes out whole; signed thinking rides
@@ -6218,11 +6520,14 @@ _SCHEMA_HANDLED = frozenset({"type", "description", "title", "default", "nullabl
                              "uniqueItems", "examples", "example", "deprecated"} | set(_GEMINI_COUNTS))  # fmt: skip
 
 
-def json_schema_from_gemini(schema):
+def json_schema_from_gemini(schema, depth: int = 0):
     """Gemini's OpenAPI-style schema (uppercase types, nullable, int64 counts as strings,
     either key case) -> JSON Schema."""
     if not isinstance(schema, dict):
         return schema
+    if depth > SCHEMA_MAX_DEPTH:
+        raise bad_request(f"a schema is nested deeper than {SCHEMA_MAX_DEPTH} levels")
+    depth += 1
     out: dict = {}
     for key, value in schema.items():
         key = key if key in ("properties", "required") else _camel_case(key)
@@ -6230,11 +6535,11 @@ def json_schema_from_gemini(schema):
             if value.upper() != "TYPE_UNSPECIFIED":
                 out["type"] = value.lower()
         elif key == "properties" and isinstance(value, dict):
-            out["properties"] = {name: json_schema_from_gemini(s) for name, s in value.items()}
+            out["properties"] = {name: json_schema_from_gemini(s, depth) for name, s in value.items()}
         elif key == "items":
-            out["items"] = json_schema_from_gemini(value)
+            out["items"] = json_schema_from_gemini(value, depth)
         elif key == "anyOf" and isinstance(value, list):
-            out["anyOf"] = [json_schema_from_gemini(s) for s in value]
+            out["anyOf"] = [json_schema_from_gemini(s, depth) for s in value]
         elif key in _GEMINI_COUNTS and isinstance(value, str) and value.isdigit():
             out[key] = int(value)
         elif key == "format" and value == "enum" or key in ("nullable", "propertyOrdering"):
@@ -6254,19 +6559,45 @@ def _camel_case(name: str) -> str:
     return head + "".join(w[:1].upper() + w[1:] for w in rest)
 
 
-def clean_schema_for_gemini(schema) -> dict:
+SCHEMA_MAX_DEPTH = 64  # levels a schema may nest (references followed included): Gemini's are far fewer
+SCHEMA_MAX_INLINED = 4000  # keys $ref inlining may add to one request's schemas (a DAG of refs is 2^N)
+
+
+class SchemaBudget:
+    """How much $ref inlining may still add to the schemas of one request. A tree schema costs
+    what its text costs; only the copies references make are counted, so a 2 KB schema of
+    definitions that each reference the next twice cannot grow to 2^N nodes."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, keys: int = SCHEMA_MAX_INLINED):
+        self.left = keys
+
+
+class _SchemaCleaning:
+    __slots__ = ("defs", "budget", "depth")
+
+    def __init__(self, defs: dict, budget: SchemaBudget):
+        self.defs = defs
+        self.budget = budget
+        self.depth = 0
+
+
+def clean_schema_for_gemini(schema, budget: SchemaBudget | None = None) -> dict:
     """A JSON Schema -> the OpenAPI subset Gemini accepts for parameters and responseSchema:
     $ref/$defs inlined, allOf merged, const -> enum, type arrays -> type + nullable,
     exclusive bounds -> inclusive ones, untyped values -> an explicit "any" union, required
     limited to declared properties, and whatever has no Gemini keyword (default, unsupported
-    formats, multipleOf...) told in the description instead of lost."""
+    formats, multipleOf...) told in the description instead of lost. Inlining stops when the
+    budget (shared by a request's schemas) is spent: the rest becomes a described any-value;
+    a schema nested deeper than SCHEMA_MAX_DEPTH is a 400."""
     if not isinstance(schema, dict):
         return {}
     defs: dict = {}
     for key in ("definitions", "$defs"):
         if isinstance(schema.get(key), dict):
             defs.update(schema[key])
-    return _gemini_schema(schema, defs, ())
+    return _gemini_schema(schema, _SchemaCleaning(defs, budget or SchemaBudget()), ())
 
 
 def any_value_schema(depth: int = 1) -> dict:
@@ -6277,12 +6608,26 @@ def any_value_schema(depth: int = 1) -> dict:
     return {"anyOf": branches}
 
 
-def _gemini_schema(node, defs: dict, refs: tuple) -> dict:
+def _gemini_schema(node, ctx: _SchemaCleaning, refs: tuple) -> dict:
     if not isinstance(node, dict) or not node:  # true / {}: any value
         return any_value_schema()
-    node, refs = _inline_refs(node, defs, refs)
+    if ctx.depth >= SCHEMA_MAX_DEPTH:
+        raise bad_request(f"a JSON schema is nested deeper than {SCHEMA_MAX_DEPTH} levels (references included)")
+    node, refs = _inline_refs(node, ctx, refs)
+    if refs:  # inside an inlined definition: a copy the request's size does not bound
+        if ctx.budget.left <= 0:
+            return _cut_short(node, refs)
+        ctx.budget.left -= len(node)
+    ctx.depth += 1
+    try:
+        return _gemini_node(node, ctx, refs)
+    finally:
+        ctx.depth -= 1
+
+
+def _gemini_node(node: dict, ctx: _SchemaCleaning, refs: tuple) -> dict:
     if isinstance(node.get("allOf"), list):
-        node = _merge_all_of(node, defs, refs)
+        node = _merge_all_of(node, ctx, refs)
     for key in node:
         if key not in _SCHEMA_HANDLED and key not in _SCHEMA_QUIET_DROPS:
             log.debug("schema keyword %r has no Gemini equivalent: dropped", key)
@@ -6290,12 +6635,12 @@ def _gemini_schema(node, defs: dict, refs: tuple) -> dict:
     types, nullable = _schema_types(node)
     union = node.get("anyOf") if isinstance(node.get("anyOf"), list) else node.get("oneOf")
     if isinstance(union, list) and any(_is_shape(b) for b in union):
-        out = _gemini_union(union, defs, refs)
+        out = _gemini_union(union, ctx, refs)
     elif len(types) > 1:
         shared = {k: v for k, v in node.items() if k not in ("type", "nullable", "description", "title", "default")}
-        out = {"anyOf": [_gemini_schema({**shared, "type": t}, defs, refs) for t in types]}
+        out = {"anyOf": [_gemini_schema({**shared, "type": t}, ctx, refs) for t in types]}
     elif types:
-        out = _gemini_typed(node, types[0], defs, refs, notes)
+        out = _gemini_typed(node, types[0], ctx, refs, notes)
     else:
         out = any_value_schema()
     if nullable:
@@ -6306,34 +6651,54 @@ def _gemini_schema(node, defs: dict, refs: tuple) -> dict:
     return out
 
 
-def _inline_refs(node: dict, defs: dict, refs: tuple) -> tuple[dict, tuple]:
+def _cut_short(node: dict, refs: tuple) -> dict:
+    """Where the inlining budget ran out: any value, with a description that says what it was."""
+    name = refs[-1].rsplit("/", 1)[-1]
+    own = node.get("description") if isinstance(node.get("description"), str) else ""
+    note = f"a {name} value (its definition was too large to repeat here)"
+    return {**any_value_schema(), "description": f"{own} ({note})" if own else note}
+
+
+def _inline_refs(node: dict, ctx: _SchemaCleaning, refs: tuple) -> tuple[dict, tuple]:
     """Replace a local $ref by its definition (sibling keys win); a recursive one becomes a
     plain object, since Gemini schemas cannot loop."""
-    while isinstance(node.get("$ref"), str):
+    while isinstance(node.get("$ref"), str) and ctx.budget.left > 0:
         ref = node["$ref"]
         siblings = {k: v for k, v in node.items() if k != "$ref"}
         name = ref.rsplit("/", 1)[-1]
-        target = defs.get(name) if ref.startswith("#/") else None
+        target = ctx.defs.get(name) if ref.startswith("#/") else None
         if ref in refs or not isinstance(target, dict):
             what = "recursive" if ref in refs else "unresolved"
             return {"type": "object", "description": f"({what} reference to {name})", **siblings}, refs
+        ctx.budget.left -= len(target)
         node, refs = {**target, **siblings}, refs + (ref,)
     return node, refs
 
 
-def _merge_all_of(node: dict, defs: dict, refs: tuple) -> dict:
+def _merge_all_of(node: dict, ctx: _SchemaCleaning, refs: tuple) -> dict:
+    """allOf folded into one schema: the node's own keys win, then those of earlier branches."""
     merged = {k: v for k, v in node.items() if k != "allOf"}
+    props = dict(merged["properties"]) if isinstance(merged.get("properties"), dict) else None
+    own = merged.get("required")
+    required = dict.fromkeys(r for r in own if isinstance(r, str)) if isinstance(own, list) else None
     for sub in node["allOf"]:
         if not isinstance(sub, dict):
             continue
-        sub, _ = _inline_refs(sub, defs, refs)
+        sub, _ = _inline_refs(sub, ctx, refs)
         for key, value in sub.items():
             if key == "properties" and isinstance(value, dict):
-                merged["properties"] = {**value, **(merged.get("properties") or {})}
+                props = props if props is not None else {}
+                for name, schema in value.items():
+                    props.setdefault(name, schema)
             elif key == "required" and isinstance(value, list):
-                merged["required"] = list(dict.fromkeys((merged.get("required") or []) + value))
+                required = required if required is not None else {}
+                required.update((r, None) for r in value if isinstance(r, str))
             else:
                 merged.setdefault(key, value)
+    if props is not None:
+        merged["properties"] = props
+    if required is not None:
+        merged["required"] = list(required)
     return merged
 
 
@@ -6383,7 +6748,7 @@ def _json_type(value) -> str:
     return {dict: "object", list: "array"}.get(type(value), "string")
 
 
-def _gemini_union(branches: list, defs: dict, refs: tuple) -> dict:
+def _gemini_union(branches: list, ctx: _SchemaCleaning, refs: tuple) -> dict:
     nullable = False
     kept = []
     for branch in branches:
@@ -6392,7 +6757,7 @@ def _gemini_union(branches: list, defs: dict, refs: tuple) -> dict:
         ):
             nullable = True
             continue
-        kept.append(_gemini_schema(branch, defs, refs))
+        kept.append(_gemini_schema(branch, ctx, refs))
     if kept and all(
         k.get("type") == "STRING" and "enum" in k and set(k) <= {"type", "enum", "description"} for k in kept
     ):
@@ -6406,7 +6771,7 @@ def _gemini_union(branches: list, defs: dict, refs: tuple) -> dict:
     return out
 
 
-def _gemini_typed(node: dict, kind: str, defs: dict, refs: tuple, notes: list) -> dict:
+def _gemini_typed(node: dict, kind: str, ctx: _SchemaCleaning, refs: tuple, notes: list) -> dict:
     out: dict = {"type": kind.upper()}
     _add_enum(node, kind, out, notes)
     fmt = node.get("format")
@@ -6416,9 +6781,9 @@ def _gemini_typed(node: dict, kind: str, defs: dict, refs: tuple, notes: list) -
         else:
             notes.append(f"format: {fmt}")
     if kind == "object":
-        _add_object_fields(node, out, defs, refs)
+        _add_object_fields(node, out, ctx, refs)
     elif kind == "array":
-        _add_array_fields(node, out, defs, refs, notes)
+        _add_array_fields(node, out, ctx, refs, notes)
     elif kind == "string":
         out.update({k: node[k] for k in ("minLength", "maxLength", "pattern") if k in node})
     elif kind in ("number", "integer"):
@@ -6444,25 +6809,24 @@ def _add_enum(node: dict, kind: str, out: dict, notes: list) -> None:
         notes.append("one of: " + ", ".join(json.dumps(v) for v in values))
 
 
-def _add_object_fields(node: dict, out: dict, defs: dict, refs: tuple) -> None:
+def _add_object_fields(node: dict, out: dict, ctx: _SchemaCleaning, refs: tuple) -> None:
     props = node.get("properties")
     if isinstance(props, dict) and props:  # Gemini rejects empty properties: a bare OBJECT means any object
-        out["properties"] = {name: _gemini_schema(s, defs, refs) for name, s in props.items()}
-        required = [r for r in node.get("required") or [] if r in props]  # Gemini rejects undeclared names
+        out["properties"] = {name: _gemini_schema(s, ctx, refs) for name, s in props.items()}
+        required = node.get("required") if isinstance(node.get("required"), list) else []
+        required = [r for r in required if isinstance(r, str) and r in props]  # Gemini rejects undeclared names
         if required:
             out["required"] = required
     out.update({k: node[k] for k in ("minProperties", "maxProperties") if k in node})
 
 
-def _add_array_fields(node: dict, out: dict, defs: dict, refs: tuple, notes: list) -> None:
+def _add_array_fields(node: dict, out: dict, ctx: _SchemaCleaning, refs: tuple, notes: list) -> None:
     items = node.get("items")
     if isinstance(node.get("prefixItems"), list) or isinstance(items, list):  # tuples: Gemini has none
         tuple_items = node.get("prefixItems") if isinstance(node.get("prefixItems"), list) else items
-        notes.append(
-            "a tuple: " + ", ".join(str((s or {}).get("type", "any")) for s in tuple_items if isinstance(s, dict))
-        )
+        notes.append("a tuple: " + ", ".join(as_text(s.get("type", "any")) for s in tuple_items if isinstance(s, dict)))
         items = tuple_items[0] if tuple_items else None
-    out["items"] = _gemini_schema(items, defs, refs) if isinstance(items, dict) and items else any_value_schema(0)
+    out["items"] = _gemini_schema(items, ctx, refs) if isinstance(items, dict) and items else any_value_schema(0)
     out.update({k: node[k] for k in ("minItems", "maxItems") if k in node})
     if node.get("uniqueItems") is True:
         notes.append("items must be unique")
@@ -6888,6 +7252,11 @@ def build_providers(cfg: Config) -> dict[str, Provider]:
     return providers
 
 
+LOOPBACK_EMBEDDING_DIMENSIONS = 256  # when the client names none
+LOOPBACK_MAX_DIMENSIONS = 3072  # text-embedding-3-large's, the most any OpenAI model has
+LOOPBACK_MAX_EMBEDDING_VALUES = 65536  # per request: a few milliseconds of hashing, never seconds
+
+
 class LoopbackModel:
     """The built-in offline model. Deterministic: the same request gives the same answer.
 
@@ -6896,21 +7265,37 @@ class LoopbackModel:
     once a tool result comes back it answers with the result's text. Embeddings are a
     deterministic unit vector derived from a hash of each input."""
 
-    TOOL_DIRECTIVE = re.compile(r"\[\[tool:([A-Za-z0-9_.:-]+)\s*(\{.*?\})?\]\]", re.S)
+    TOOL_OPENING = re.compile(r"\[\[tool:([A-Za-z0-9_.:-]{1,128})\s*(\]\]|\{)")
+    TOOL_BARE = re.compile(r"\[\[tool:([A-Za-z0-9_.:-]{1,128})\s*\]\]")
+
+    @classmethod
+    def tool_directive(cls, text: str) -> tuple[str, str | None] | None:
+        """The first `[[tool:NAME {json}]]` (JSON optional) in the text, as (name, json), in linear
+        time (one regex with a lazy `.*?` took quadratic time on many unclosed directives)."""
+        found = cls.TOOL_OPENING.search(text)
+        if found is None:
+            return None
+        if found.group(2) == "]]":
+            return found.group(1), None
+        brace = found.end() - 1
+        close = text.find("}]]", brace + 1)
+        if close >= 0:
+            return found.group(1), text[brace : close + 1]
+        bare = cls.TOOL_BARE.search(text, found.end())  # no "}]]" after it: only a bare directive can match
+        return (bare.group(1), None) if bare else None
 
     def complete(self, req: Request) -> Response:
         # the latest user turn (clients such as Claude Code put system notes after it)
         last = next((m for m in reversed(req.messages) if m.role == "user"), Message("user", []))
         results = [p for p in last.parts if p.type == "tool_result"]
         user_text = text_of(last.parts)
-        directive = self.TOOL_DIRECTIVE.search(user_text) if not results else None
+        directive = self.tool_directive(user_text) if not results else None
         parts: list = []
         stop = "end_turn"
         if directive and req.tool_choice != "none":
-            name = directive.group(1)
-            arguments = directive.group(2) or "{}"
-            parts.append(Part("tool_call", id="call_" + hashlib.sha256(user_text.encode()).hexdigest()[:24], name=name,
-                              arguments=arguments))  # fmt: skip
+            name, arguments = directive[0], directive[1] or "{}"
+            digest = hashlib.sha256(user_text.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+            parts.append(Part("tool_call", id="call_" + digest, name=name, arguments=arguments))
             stop = "tool_use"
         elif results:
             parts.append(Part("text", text="Tool result received: " + tool_result_text(results[0])[:500]))
@@ -6945,10 +7330,11 @@ class LoopbackModel:
 
     @staticmethod
     def embed(text: str, dimensions: int) -> list[float]:
+        seed = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()  # the text is hashed once
         values = []
         counter = 0
         while len(values) < dimensions:
-            block = hashlib.sha256(f"{counter}:{text}".encode()).digest()
+            block = hashlib.sha256(b"%d:%b" % (counter, seed)).digest()
             values.extend((b - 127.5) / 127.5 for b in block)
             counter += 1
         values = values[:dimensions]
@@ -6959,6 +7345,9 @@ class LoopbackModel:
 # ======================================================================================
 # 7. Router: model -> (provider, upstream model), aliases, work modes
 # ======================================================================================
+
+
+MODEL_NAME_MAX = 8192  # characters: a model name keys the routing caches (only names up to 256 are cached)
 
 
 @dataclass(slots=True)
@@ -7009,6 +7398,8 @@ class Router:
         route = self._cache.get(model)
         if route is not None:
             return route
+        if len(model) > MODEL_NAME_MAX:  # it keys the routing caches
+            raise bad_request(f"a model name has at most {MODEL_NAME_MAX} characters, got {len(model)}")
         target = self.aliases.get(model)
         if target is None:
             target = next((t for glob_, t in self.alias_globs if glob_match(glob_, model)), model)
@@ -7028,7 +7419,7 @@ class Router:
                 "invalid_request_error",
             )
         route = Route(provider, target, model, pool)
-        if len(self._cache) < 10000:
+        if len(self._cache) < 10000 and len(model) <= 256:
             self._cache[model] = route
         return route
 
@@ -9086,6 +9477,7 @@ class Call:
     unconfirmed: object = None  # the account of a stream that has shown no content yet (section 8)
     principal: Principal | None = None  # the key that authenticated the request (section 10)
     reservation: Reservation | None = None  # its hold on budgets and the token rate, until record()
+    upstream_answered: bool = False  # from here on, input nobody foresaw is the upstream's fault
 
     def start_stream(self) -> None:
         if not self.exchange.started:
@@ -9312,6 +9704,8 @@ class Gateway:
                     await self.ledger.wait_for_room()
             await handler(request, call)
         except GatewayError as err:
+            if call.upstream_answered and isinstance(err, InvalidInput):  # a check failed on the answer
+                err = malformed_answer(err.message)
             self.fail(call, err)
         except (asyncio.CancelledError, ConnectionError):
             if self.cutting and not exchange.writer.transport.is_closing():
@@ -9321,6 +9715,8 @@ class Gateway:
                 exchange.status = 499
             exchange.close_after = True
             raise
+        except MALFORMED_INPUT as exc:  # input of a shape no check foresaw: its sender's fault, never a 500
+            self.fail(call, self.malformed(call, request, exc))
         except Exception as exc:  # a bug: answer in the client's protocol, keep serving
             log.exception("internal error on %s %s", request.method, request.path)
             self.fail(call, GatewayError(500, f"internal gateway error ({type(exc).__name__}); see the gateway log"))
@@ -9328,6 +9724,23 @@ class Gateway:
             if call.ledgered:
                 self.record(call)
             self.telemetry.request_ended(call)  # metrics and the access log line
+
+    @staticmethod
+    def malformed(call: Call, request: HttpRequest, exc: Exception) -> GatewayError:
+        """The last resort behind the decoders' explicit checks: an error raised while reading a
+        client's body is a 400, one raised while reading an upstream's answer a 502."""
+        what = "JSON nested too deeply" if isinstance(exc, RecursionError) else f"{type(exc).__name__}: {exc}"
+        what = what[:200]
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{tb.tb_frame.f_code.co_name}:{tb.tb_lineno}" if tb is not None else "?"
+        if call.upstream_answered:
+            log.warning("upstream %s sent an answer of unexpected shape on %s (%s, at %s)", call.provider,
+                        request.path, what, where)  # fmt: skip
+            return GatewayError(502, f"upstream {call.provider} sent a malformed answer ({what})")
+        log.warning("malformed request on %s %s (%s, at %s)", request.method, request.path, what, where)
+        return bad_request(f"malformed request: a field has an unexpected type or shape ({what})")
 
     def authenticate(self, request: HttpRequest, call: Call) -> None:
         """Every path but the public ones: once keys are required (section 10), the key the client
@@ -9543,6 +9956,7 @@ class Gateway:
                     return None
                 except Unanswered as unanswered:  # the stream opened with an error: the client saw none of it
                     call.unconfirmed = None
+                    call.upstream_answered = False  # what the next attempt meets first is the request again
                     walk.answered(account, call.model_upstream, unanswered.error, trial)
                 finally:
                     account.end(trial)
@@ -9686,10 +10100,11 @@ class Gateway:
         try:
             going = True
             while going and (chunk := await resp.next_chunk()):
-                going = all(emit(decoder.feed(sse)) for sse in parser.feed(chunk))
+                going = all(emit(upstream_events(decoder.feed, sse)) for sse in parser.feed(chunk))
                 await ex.drain()
             if going:
-                going = all(emit(decoder.feed(sse)) for sse in parser.finish()) and emit(decoder.finish())
+                going = all(emit(upstream_events(decoder.feed, sse)) for sse in parser.finish())
+                going = going and emit(upstream_events(decoder.finish))
             release()
         except GatewayError as err:  # the upstream broke mid-stream: tell the client in-stream
             emit([StreamError(err)], False)
@@ -9720,12 +10135,13 @@ class Gateway:
     def relay_passthrough(call: Call, resp: UpstreamResponse, data: bytes) -> None:
         """Same protocol on both sides, a whole answer: its bytes go to the client as they are,
         usage observed (streams: relay_passthrough_stream)."""
+        json_passthrough(data, call.provider)
         call.usage = call.codec.usage_of(data)
         if call.exchange.started:  # a keep-alive already opened a stream: finish it with the body
             call.exchange.write(data)
             call.exchange.end_stream()
         else:
-            call.exchange.send(resp.status, data, resp.headers.get("content-type", "application/json"))
+            call.exchange.send(resp.status, data, relayed_content_type(resp.headers))
 
     async def relay_passthrough_stream(self, call: Call, resp: UpstreamResponse, heartbeat, hide_usage: bool) -> None:
         ex = call.exchange
@@ -9736,7 +10152,7 @@ class Gateway:
             while chunk := await resp.next_chunk():
                 events = parser.feed(chunk)
                 for sse in events:
-                    for ev in observer.feed(sse):
+                    for ev in upstream_events(observer.feed, sse):  # bytes go on as sent; usage is read
                         if held is not None and not self.still_opening(ev):
                             held = self.release_opening(call, held)
                         self.observe(call, ev)
@@ -9757,9 +10173,9 @@ class Gateway:
                 held = self.release_opening(call, held)
             for sse in parser.finish():  # an unterminated last event: its bytes went out already
                 ex.write(sse.raw if hide_usage else b"\n\n")
-                for ev in observer.feed(sse):
+                for ev in upstream_events(observer.feed, sse):
                     self.observe(call, ev)
-            for ev in observer.finish():  # streams without an end event (Gemini) settle usage here
+            for ev in upstream_events(observer.finish):  # streams without an end event (Gemini) settle usage here
                 self.observe(call, ev)
         except GatewayError as err:
             if held is not None:
@@ -9849,6 +10265,7 @@ class Gateway:
                     call.unconfirmed = account  # a success once the stream shows content (it may open with an error)
                 elif account.failures or account.until:  # (a healthy account has nothing to reset)
                     account.succeeded()
+                call.upstream_answered = True
                 return resp, account, trial
             try:
                 error_body = await resp.read(4 * 1024 * 1024)
@@ -9987,10 +10404,12 @@ class Gateway:
             raise GatewayError(404, f"no stored response with id {response_id!r}", "not_found_error")
         url = f"{provider.url('responses')}/{quote(response_id, safe='')}"
         resp = await self.pool.request(request.method, url, provider.auth_headers())
+        call.upstream_answered = True
         data = await resp.read()
         if resp.status >= 400:
             raise call.codec.decode_error(resp.status, data)
-        call.exchange.send(resp.status, data, resp.headers.get("content-type", "application/json"))
+        json_passthrough(data, provider.name)
+        call.exchange.send(resp.status, data, relayed_content_type(resp.headers))
 
     async def responses_input_tokens(self, request: HttpRequest, call: Call) -> None:
         body = parse_json_body(request.body)
@@ -10053,15 +10472,13 @@ class Gateway:
     async def embeddings(self, request: HttpRequest, call: Call) -> None:
         body = parse_json_body(request.body)
         model = field_of(body, "model", str, required=True)
-        inputs = body.get("input")
-        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
-            inputs = [inputs]
-        if not isinstance(inputs, list) or not inputs:
-            raise bad_request("'input' must be a non-empty string or array of strings (or token arrays)")
+        inputs = embedding_inputs(body.get("input"))
         encoding = field_of(body, "encoding_format", str, default="float")
         if encoding not in ("float", "base64"):
-            raise bad_request(f"'encoding_format' must be 'float' or 'base64', got {encoding!r}")
+            raise bad_request(f"'encoding_format' must be 'float' or 'base64', got {json_preview(encoding)}")
         dimensions = field_of(body, "dimensions", int, default=None)
+        if dimensions is not None and dimensions < 1:
+            raise bad_request(f"'dimensions' must be a positive integer, got {dimensions}")
         route = self.begin_model_call(call, model, False, body)
         call.lane = "passthrough" if route.provider.protocol == "openai" else route.provider.protocol
         if route.provider.protocol == "openai":  # vectors of another model would not compare: no fallbacks
@@ -10071,9 +10488,15 @@ class Gateway:
             raise bad_request(
                 f"model {model!r} is served by {route.provider.name!r}, which has no embeddings endpoint in tgw"
             )
+        dimensions = dimensions or LOOPBACK_EMBEDDING_DIMENSIONS
+        if dimensions > LOOPBACK_MAX_DIMENSIONS or dimensions * len(inputs) > LOOPBACK_MAX_EMBEDDING_VALUES:
+            raise bad_request(
+                f"the loopback model embeds up to {LOOPBACK_MAX_DIMENSIONS} dimensions and "
+                f"{LOOPBACK_MAX_EMBEDDING_VALUES} values per request; asked for {len(inputs)} x {dimensions}"
+            )
         data = []
         for index, item in enumerate(inputs):
-            vector = self.loopback.embed(item if isinstance(item, str) else json.dumps(item), dimensions or 256)
+            vector = self.loopback.embed(item if isinstance(item, str) else json.dumps(item), dimensions)
             packed = (
                 base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if encoding == "base64" else vector
             )
@@ -10102,11 +10525,46 @@ def parse_retry_after(value: str | None) -> float | None:
     return min(max(seconds, 0.0), 86400.0) if math.isfinite(seconds) else None
 
 
-def json_or_502(data: bytes, provider: str):
+def json_or_502(data: bytes, provider: str) -> dict:
+    """An upstream's JSON answer, which must be an object."""
     try:
-        return loads(data)
-    except ValueError:
-        raise GatewayError(502, f"upstream {provider} answered with invalid JSON: {data[:200]!r}") from None
+        value = loads(data)
+    except ValueError as exc:
+        raise GatewayError(502, f"upstream {provider} answered with invalid JSON ({exc}): {data[:200]!r}") from None
+    if not isinstance(value, dict):
+        raise GatewayError(502, f"upstream {provider} answered with JSON that is not an object: {json_preview(value)}")
+    return value
+
+
+def upstream_events(step, *args) -> list:
+    """A stream decoder's step (feed(sse) or finish()), with an event it cannot read turned into
+    a stream error: whatever an upstream streams, the client gets a 502 event, never a 500."""
+    try:
+        return step(*args)
+    except InvalidInput as err:
+        return [StreamError(malformed_answer(err.message))]
+    except GatewayError as err:
+        return [StreamError(err)]
+    except MALFORMED_INPUT as exc:
+        what = "JSON nested too deeply" if isinstance(exc, RecursionError) else f"{type(exc).__name__}: {exc}"
+        return [StreamError(GatewayError(502, f"upstream sent a malformed stream event ({what[:200]})"))]
+
+
+def json_passthrough(data: bytes, provider: str) -> bytes:
+    """A successful answer relayed untouched must be JSON: its first and last non-blank bytes are
+    checked (an HTML page from a proxy, a truncated body, plain text), never a parse on this lane."""
+    head = data[:64].lstrip() or data.lstrip()
+    tail = data[-64:].rstrip() or data.rstrip()
+    if head[:1] in (b"{", b"[") and tail[-1:] in (b"}", b"]"):
+        return data
+    raise GatewayError(502, f"upstream {provider} answered with a body that is not JSON: {data[:200]!r}")
+
+
+def relayed_content_type(headers: dict) -> str:
+    """An upstream's Content-Type as the client gets it: one printable ASCII line or the JSON
+    default (a CR or LF in it would let an upstream write headers into the client's response)."""
+    value = headers.get("content-type") or "application/json"
+    return value if value.isascii() and value.isprintable() else "application/json"
 
 
 def is_usage_only_chunk(sse: SSEEvent) -> bool:
@@ -10139,6 +10597,23 @@ def is_gemini_client(request: HttpRequest) -> bool:
     return "x-goog-api-key" in request.headers or "key" in request.query
 
 
+EMBEDDING_MAX_INPUTS = 2048  # OpenAI's own limit
+
+
+def embedding_inputs(value) -> list:
+    """An embeddings `input` as a list of items, each a string or an array of token ids."""
+    if isinstance(value, str) or (isinstance(value, list) and value and type(value[0]) is int):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise bad_request("'input' must be a non-empty string or array of strings (or token arrays)")
+    if len(value) > EMBEDDING_MAX_INPUTS:
+        raise bad_request(f"'input' holds {len(value)} items; at most {EMBEDDING_MAX_INPUTS} are accepted")
+    for i, item in enumerate(value):
+        if type(item) is not str and not (type(item) is list and all(type(t) is int for t in item)):
+            raise bad_request(f"'input[{i}]' must be a string or an array of token ids, got {json_preview(item)}")
+    return value
+
+
 def responses_input_items(value) -> list:
     """A Responses `input` (a string or a list of items) as a list of items."""
     if value is None:
@@ -10147,7 +10622,7 @@ def responses_input_items(value) -> list:
         return [{"type": "message", "role": "user", "content": value}]
     if isinstance(value, list):
         return list(value)
-    raise bad_request(f"'input' must be a string or an array of items, got {json.dumps(value)[:60]}")
+    raise bad_request(f"'input' must be a string or an array of items, got {json_preview(value)}")
 
 
 def guard_tool_loops(req: Request, window: int, warn_after: int, stop_after: int) -> None:
@@ -10189,7 +10664,7 @@ def guard_tool_loops(req: Request, window: int, warn_after: int, stop_after: int
 def canonical_json(text: str) -> str:
     try:
         return json.dumps(loads(text), sort_keys=True)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
 
 
@@ -10204,16 +10679,16 @@ class ShellArgumentsFixer:
             if t.name in ("shell", "container.exec", "local_shell")
             and ((t.parameters or {}).get("properties") or {}).get("command", {}).get("type") == "array"
         }  # fmt: skip
-        self.held: dict[int, str] = {}
+        self.held: dict[int, list] = {}  # block -> argument pieces
 
     def __call__(self, ev) -> list:
         if isinstance(ev, BlockStart) and ev.part.type == "tool_call" and ev.part.name in self.tools:
-            self.held[ev.index] = ""
+            self.held[ev.index] = []
         elif isinstance(ev, BlockDelta) and ev.index in self.held:
-            self.held[ev.index] += ev.value
+            self.held[ev.index].append(ev.value)
             return []
         elif isinstance(ev, BlockStop) and ev.index in self.held:
-            return [BlockDelta(ev.index, "arguments", self.fix(self.held.pop(ev.index))), ev]
+            return [BlockDelta(ev.index, "arguments", self.fix("".join(self.held.pop(ev.index)))), ev]
         return [ev]
 
     @staticmethod
