@@ -1078,11 +1078,12 @@ def test_ledger_row_fields_and_usage_and_logs_commands(start_gateway, tmp_path):
     post(gw, "/v1/chat/completions", CHAT)
     post(gw, "/v1/chat/completions", {**CHAT, "stream": True})
     post(gw, "/v1/chat/completions", b"{broken")
-    rows = gw.rows(2)
+    rows = gw.rows(3)
     assert [(r["client_protocol"], r["endpoint"], r["lane"], r["stream"], r["status"]) for r in rows] == [
         ("openai", "/v1/chat/completions", "loopback", 0, 200),
         ("openai", "/v1/chat/completions", "loopback", 1, 200),
-    ]  # a body that is not JSON never reached a model: no ledger row
+        ("openai", "/v1/chat/completions", "", 0, 400),
+    ]  # a body that is not JSON is a model call refused: its row says so (every model call has one)
     assert rows[0]["prompt_tokens"] > 0 and rows[0]["latency_ms"] > 0 and rows[0]["request_id"].startswith("req_")
     ini = tmp_path / "cli.ini"
     ini.write_text(f"ledger_path = {gw.gateway.ledger.path}\n")
@@ -1097,7 +1098,7 @@ def test_ledger_row_fields_and_usage_and_logs_commands(start_gateway, tmp_path):
     )
     data = json.loads(subprocess.run([sys.executable, TGW, "usage", "--config", str(ini), "--by", "provider", "--json"],
                                      capture_output=True, text=True, timeout=30).stdout)  # fmt: skip
-    assert data["provider"][0]["name"] == "loopback" and data["provider"][0]["requests"] == 2
+    assert {p["name"]: p["requests"] for p in data["provider"]} == {"": 1, "loopback": 2}
     logs = subprocess.run(
         [sys.executable, TGW, "logs", "--config", str(ini), "-n", "5"], capture_output=True, text=True, timeout=30
     )
@@ -8618,7 +8619,7 @@ def test_json_log_lines_carry_the_request_id_of_the_response_and_the_ledger(star
     generated = headers["x-request-id"]
     assert status == 200 and generated.startswith("req_")
     status, headers, body = post(gw, "/v1/chat/completions", dict(CHAT, model="gpt-bad"))
-    assert status == 401
+    assert status == 502  # the upstream refused the gateway's key, not the client's
     failed = headers["x-request-id"]
     rows = gw.rows(3)
     flush_logs(gw)
@@ -8632,7 +8633,7 @@ def test_json_log_lines_carry_the_request_id_of_the_response_and_the_ledger(star
     assert first["prompt_tokens"] == 11 and first["completion_tokens"] == 7 and first["latency_ms"] > 0
     assert first["level"] == "info" and first["ts"].endswith("Z")
     assert requests[generated]["status"] == 200
-    assert requests[failed]["status"] == 401 and "Incorrect API key" in requests[failed]["error"]
+    assert requests[failed]["status"] == 502 and "Incorrect API key" in requests[failed]["error"]
     assert secret not in text and "[redacted" in requests[failed]["error"]  # masked in every line
 
 
@@ -9099,10 +9100,14 @@ def test_upstream_error_that_quotes_the_key_is_redacted_on_every_lane(start_gate
         "responses": post(gw, "/v1/responses", {"model": "gpt-4o-mini", "input": "hi", "stream": True}),
         "gemini": post(gw, "/v1beta/models/gpt-4o-mini:generateContent", gemini),
     }
-    for lane, (_status, _, body) in answers.items():
+    for lane, (status, _, body) in answers.items():
         text = body.decode()
-        assert LEAKED not in text and "Incorrect API key provided: [redacted sk-u…56]" in text, lane
-    assert answers["passthrough json"][0] == 401 and answers["passthrough stream"][0] == 200
+        assert LEAKED not in text, lane
+        if status == 200:  # the error event of a stream that had begun: the upstream's words, redacted
+            assert "Incorrect API key provided: [redacted sk-u…56]" in text, lane
+        else:  # a 401 refused the gateway's key, not the client's: a 502 without the upstream's words
+            assert status == 502 and "refused the API key this gateway holds" in text and "sk-u" not in text, lane
+    assert answers["passthrough json"][0] == 502 and answers["passthrough stream"][0] == 200
     rows = gw.rows(6)
     assert len(rows) == 6 and all(LEAKED not in r["error"] and "[redacted" in r["error"] for r in rows)
     ini = tmp_path / "cli.ini"
@@ -10313,7 +10318,7 @@ def test_hostile_retry_after_values_neither_stick_an_account_nor_break_the_answe
 
     up = upstream(script)
     gw = start_gateway(env=openai_env(up), upstream_retries=0)
-    for expected in (None, "86400", None, None):
+    for expected in (None, "300", None, None):  # 1e9 s: what a breaker would wait at most (breaker_cooldown_max)
         status, headers, _ = post(gw, "/v1/chat/completions", CHAT)
         assert status == 429 and headers.get("Retry-After") == expected
         if expected:  # a day is the longest an upstream may cool an account (then breaker_cooldown_max applies)
@@ -10662,12 +10667,7 @@ def test_team_budget_stops_the_next_call_and_holds_under_20_parallel_requests(te
     gw = start_gateway(env=openai_env(up))
     body = {**CHAT, "max_tokens": 200}
     admitted = math.ceil(1000 / (tgw.estimate_tokens(json.dumps(body).encode()) + 200))  # each reserves its estimate
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(post(gw, "/v1/chat/completions", body,
-                                                                  team_auth("openai", key), timeout=30)))
-               for _ in range(20)]  # fmt: skip
-    for t in threads:
-        t.start()
+    results, threads = start_parallel_posts(gw, body, team_auth("openai", key), 20)
     # the refused answer at once; the admitted wait in the upstream until all 20 were decided
     assert wait_for(lambda: len(up.requests) + len(results) == 20, timeout=20)
     assert len(up.requests) == admitted
@@ -10820,7 +10820,8 @@ def test_team_key_made_by_the_cli_works_on_a_running_gateway_without_restart(tea
                                  team_auth("openai", key))[0] == 200, timeout=5)  # fmt: skip
     assert time.monotonic() - started < 2.5
     assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", existing))[0] == 200
-    assert [r["user"] for r in gw.rows(2)] == ["new@example.com", "dev@example.com"]
+    answered = ["new@example.com", "dev@example.com"]  # (the polls refused before the key applied have rows too)
+    assert wait_for(lambda: [r["user"] for r in gw.rows(2) if r["status"] == 200] == answered)
 
 
 def test_team_disabled_key_is_refused_within_two_seconds(team, start_gateway, tmp_path, monkeypatch, capsys):
@@ -11986,3 +11987,201 @@ def test_fuzzed_upstream_answers_are_502s_or_stream_errors_never_500s(start_gate
     for row in rows:
         for column in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"):
             assert isinstance(row[column], int) and 0 <= row[column] < 2**63, row
+
+
+# ======================================================================================
+# Review: hardening, ledger, team, resilience
+# ======================================================================================
+#
+# Regression tests for what an adversarial review of issues 10, 11 (ledger, secrets, config), 13
+# and 14.1-14.4 found, mostly where those capabilities meet: auth and budgets across failover,
+# the admin API's keyless bootstrap, upstream auth failures, refused requests in the ledger.
+
+
+def start_parallel_posts(gw, body, headers: dict, count: int) -> tuple[list, list]:
+    """`count` chat calls at once, each on its own connection: (the answers as they come, the threads)."""
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(post(gw, "/v1/chat/completions", body, headers,
+                                                                  timeout=30))) for _ in range(count)]  # fmt: skip
+    for t in threads:
+        t.start()
+    return results, threads
+
+
+def review_admin_call(gw, headers: dict) -> int:
+    return team_call(gw, "POST", "/api/v1/admin/users", {"email": "boss@example.com", "role": "admin"}, headers)[0]
+
+
+def test_review_keyless_admin_api_refuses_what_a_proxy_relayed_or_a_web_page_sent(start_gateway):
+    gw = start_gateway()  # no key anywhere: the admin API answers programs on this machine only
+    local = f"127.0.0.1:{gw.port}"
+    for headers in ({"X-Forwarded-For": "203.0.113.9"}, {"Forwarded": "for=203.0.113.9"}, {"X-Real-IP": "203.0.113.9"},
+                    {"Host": "gateway.example.com"},  # a proxy passing the public Host on
+                    {"Host": f"rebind.attacker.example:{gw.port}"},  # DNS rebinding: a page's name resolving to 127.0.0.1
+                    {"Host": f"127.attacker.example:{gw.port}"},  # a name, not an address, that starts with 127.
+                    {"Origin": "http://attacker.example", "Host": local}, {"Origin": "null", "Host": local},
+                    {"Sec-Fetch-Site": "cross-site", "Host": local}):  # fmt: skip
+        status, _, payload = team_call(gw, "POST", "/api/v1/admin/users", {"email": "boss@example.com"}, headers)
+        assert status == 403 and "tgw user add" in json.loads(payload)["error"]["message"], headers
+    assert gw.gateway.identity.store.users() == []  # nothing was created
+    assert review_admin_call(gw, {"Host": f"localhost:{gw.port}", "Origin": "http://localhost:3000"}) == 201
+    assert [tgw.is_loopback_host(h) for h in ("127.0.0.1", "::1", "[::1]", "::ffff:127.0.0.2", "localhost")] == [
+        True
+    ] * 5
+    assert not any(tgw.is_loopback_host(h) for h in ("127.evil.example", "0.0.0.0", "10.0.0.1", "", "::ffff:10.0.0.1"))
+
+
+def test_review_fallbacks_stay_inside_a_keys_allow_list(team, start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, {"error": {"message": "overloaded", "type": "server_error"}}, status=503)
+                  if b["model"] == "gpt-4o-mini" else reply_json(h, chat_completion(model=b["model"])))  # fmt: skip
+    narrow, _ = team_key(team, models="gpt-4o-mini")
+    wide, _ = team_key(team, "ops@example.com", models="gpt-4o-mini, gpt-4.1*")
+    gw = start_gateway(env=openai_env(up), model_fallbacks="gpt-4o-mini=>gpt-4.1", upstream_retries=0)
+    status, headers, _ = post(gw, "/v1/chat/completions", CHAT, team_auth("openai", narrow))
+    assert status == 503 and [r["body"]["model"] for r in up.requests] == ["gpt-4o-mini"]  # gpt-4.1 is not its to use
+    status, headers, _ = post(gw, "/v1/chat/completions", CHAT, team_auth("openai", wide))
+    assert status == 200 and headers["x-tgw-model"] == "gpt-4.1" and headers["x-tgw-attempts"] == "2"
+
+
+def test_review_parallel_calls_that_fail_over_to_a_pricier_model_cannot_overspend_together(
+    team, start_gateway, upstream
+):
+    release = threading.Event()
+
+    def script(h, b):
+        if b["model"] == "gpt-4o-mini":
+            reply_json(h, {"error": {"message": "overloaded", "type": "server_error"}}, status=503)
+        else:  # gpt-4.1, 13x the price: held until every call was admitted or refused
+            release.wait(20)
+            reply_json(h, chat_completion(prompt=30, completion=1000, model="gpt-4.1"))
+
+    up = upstream(script)
+    key, row = team_key(team, budget_usd=0.03, budget_period="total")
+    gw = start_gateway(env=openai_env(up), model_fallbacks="gpt-4o-mini=>gpt-4.1", upstream_retries=0)
+    body = {**CHAT, "max_tokens": 1000}
+    sent = tgw.estimate_tokens(json.dumps(body).encode())
+    dearest = sent * 2.0e-6 + 1000 * 8.0e-6  # gpt-4.1's price: what each call reserves (gpt-4o-mini's is 0.0006)
+    admitted = math.ceil(0.03 / dearest)
+    results, threads = start_parallel_posts(gw, body, team_auth("openai", key), 40)
+    assert wait_for(lambda: sum(r["body"]["model"] == "gpt-4.1" for r in up.requests) + len(results) == 40, 20)
+    release.set()
+    for t in threads:
+        t.join(30)
+    assert sorted(s for s, _, _ in results) == [200] * admitted + [402] * (40 - admitted)
+    budget = gw.gateway.identity.by_id[row["id"]].budgets[0]
+    assert wait_for(lambda: budget.in_flight == 0) and budget.reserved_usd == 0.0
+    spent = sum(r["cost_usd"] for r in gw.rows(40))
+    assert spent == pytest.approx(budget.spent_usd) and spent < 0.03 + dearest  # at most the last call's size over
+
+
+def test_review_an_upstream_401_is_the_gateways_key_failing_not_the_clients(start_gateway, upstream):
+    def script(h, b):
+        if key_of(h) == R_BAD:  # OpenAI's own words, with its own partial mask of the key
+            reply_json(h, {"error": {"message": "Incorrect API key provided: sk-bad-****2222.", "type":
+                                     "invalid_request_error", "code": "invalid_api_key"}}, status=401)  # fmt: skip
+        else:
+            reply_json(h, chat_completion())
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up, key=f"{R_BAD}, {R_GOOD}"), breaker_failures=2, upstream_retries=3,
+                       stream_keepalive=0.05)  # fmt: skip
+    answers = [post(gw, "/v1/chat/completions", CHAT) for _ in range(6)]
+    assert [a[0] for a in answers] == [200] * 6  # the other account answered each time
+    assert sent_keys(up).count(R_BAD) == 2  # never asked again within a request; its breaker opened after two
+    local = accounts(gw)["openai#1"]
+    assert local["state"] == "open" and local["last_status"] == 401 and "sk-bad-****" in local["last_error"]
+    relayed = json.loads(get(gw, "/health", {"X-Forwarded-For": "203.0.113.9"})[2])["accounts"]["openai#1"]
+    assert relayed["state"] == "open" and "last_error" not in relayed  # an upstream's words stay on this machine
+    gw.stop()
+    up.requests.clear()
+    gw = start_gateway(env=openai_env(up, key=R_BAD), upstream_retries=3)
+    for body in (CHAT, {**CHAT, "stream": True}):
+        status, _, payload = post(gw, "/v1/chat/completions", body)
+        message = json.loads(payload)["error"]["message"]
+        assert status == 502 and "refused the API key this gateway holds" in message and "sk-bad" not in message
+    assert len(up.requests) == 2  # one attempt each: a refused key is not asked again
+    rows = gw.rows(8)[6:]  # (the first gateway's six rows are in the same ledger)
+    assert [r["status"] for r in rows] == [502, 502] and all("openai: Incorrect API key" in r["error"] for r in rows)
+    for _ in range(4):  # its breaker opens: the answer says why without the upstream's words
+        status, _, payload = post(gw, "/v1/chat/completions", CHAT)
+    assert status == 503 and "sk-bad" not in payload.decode() and "HTTP 401" in payload.decode()
+
+
+def test_review_requests_refused_for_their_key_have_ledger_rows_without_key_material(team, start_gateway):
+    key, row = team_key(team, name="ci")
+    disabled, disabled_row = team_key(team)
+    team.update_key(disabled_row["id"], {"status": "disabled"})
+    gw = start_gateway()
+    wrong = "tok_" + "w" * 43
+    assert post(gw, "/v1/chat/completions", CHAT)[0] == 401
+    assert post(gw, "/v1/messages", L_CLAUDE, team_auth("anthropic", wrong))[0] == 401
+    assert team_call(gw, "GET", "/v1/models", None, team_auth("openai", disabled))[0] == 401
+    assert post(gw, "/v1/chat/completions", b"{broken", team_auth("openai", key))[0] == 400
+    rows = gw.rows(4)
+    assert [(r["status"], r["endpoint"]) for r in rows] == [
+        (401, "/v1/chat/completions"),
+        (401, "/v1/messages"),
+        (401, "/v1/models"),
+        (400, "/v1/chat/completions"),
+    ]
+    assert all("(client 127.0.0.1" in r["error"] for r in rows[:3])
+    assert (rows[0]["api_key_id"], rows[1]["api_key_id"], rows[1]["key_id"]) == ("", "", None)  # nothing of a wrong key
+    assert (rows[2]["key_id"], rows[2]["user_id"], rows[2]["api_key_id"]) == (
+        disabled_row["id"],
+        disabled_row["user_id"],
+        disabled[:12],
+    )  # a known key: who, by its display prefix
+    assert rows[3]["key_id"] == row["id"] and rows[3]["user"] == "dev@example.com"
+    text = json.dumps(rows)
+    for secret in (wrong, disabled, key):
+        assert secret[12:20] not in text and tgw.hashlib.sha256(secret.encode()).hexdigest()[:12] not in text
+
+
+def test_review_refused_key_rows_are_bounded_per_second_and_count_the_rest():
+    throttle = tgw.RowThrottle(3)
+    taken = [throttle.take(100.0 + i / 10) for i in range(10)]  # ten in one second
+    assert taken == [0, 0, 0, None, None, None, None, None, None, None]
+    assert throttle.take(101.0) == 7 and throttle.take(101.5) == 0  # the next second's first row counts them
+
+
+def test_review_a_config_reload_keeps_the_rate_limits_of_static_keys(start_gateway):
+    gw = start_gateway(api_keys="gw-static-key-1", default_rpm=2)
+    auth = team_auth("openai", "gw-static-key-1")
+    assert [post(gw, "/v1/chat/completions", CHAT, auth)[0] for _ in range(3)] == [200, 200, 429]
+    done = threading.Event()
+    changed = tgw.load_config(None, {**{k: str(v) for k, v in gw.cfg.values.items() if v is not None},
+                                     "log_level": "error"}, env={})  # fmt: skip
+    gw.loop.call_soon_threadsafe(lambda: (gw.gateway.apply_config(changed), done.set()))
+    assert done.wait(10) and wait_for(lambda: gw.gateway.identity.version != -1)
+    assert post(gw, "/v1/chat/completions", CHAT, auth)[0] == 429  # the reload refilled nothing
+
+
+def test_review_reservations_take_the_largest_output_limit_a_body_sets():
+    assert tgw.requested_output_tokens({"max_tokens": 1, "max_completion_tokens": 90000}) == 90000
+    assert tgw.requested_output_tokens({"max_output_tokens": 5, "generationConfig": {"maxOutputTokens": 700}}) == 700
+    assert tgw.requested_output_tokens({"max_tokens": 2**80}) == 10_000_000
+    assert tgw.requested_output_tokens({"max_tokens": -5}) == 0 and tgw.requested_output_tokens({}) is None
+
+
+def test_review_cli_text_output_escapes_what_clients_and_upstreams_chose(start_gateway, tmp_path, monkeypatch, capsys):
+    gw = start_gateway()  # offline: every model name reaches the loopback model and the ledger
+    forged = "loopback\x1b]0;owned\x07\x1b[2J\n2026-01-01 00:00:00 200 FORGED"
+    assert post(gw, "/v1/chat/completions", {**CHAT, "model": forged, "user": "eve\x1b[31m"})[0] == 200
+    gw.rows(1)
+    monkeypatch.setenv("TOKLIGENCE_LEDGER_PATH", str(tmp_path / "ledger.db"))
+    for argv in (["logs"], ["usage", "--by", "model", "--by", "user"]):
+        assert tgw.main(argv) == 0
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\x07" not in out and "\\x1b]0;owned" in out, argv
+        assert "\nFORGED" not in out and "\n2026-01-01 00:00:00 200 FORGED" not in out, argv
+    assert tgw.main(["logs", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_requested"] == forged  # JSON keeps it exact (escaped)
+
+
+def test_review_ledger_checks_a_batch_by_kind_of_column_and_repairs_only_what_fails():
+    kinds = ("REAL", "TEXT", "INTEGER", "TEXT", "INTEGER")
+    good = (1.5, "req_1", 200, "gpt-4o", 7)
+    assert tgw.sanitise_rows([good, good], kinds) == [good, good]  # the same list: nothing to repair
+    bad = (2.5, "req_2", 2**70, "gpt-\ud800", 8)
+    repaired = tgw.sanitise_rows([good, bad], kinds)
+    assert repaired[0] == good and repaired[1] == (2.5, "req_2", 2**63 - 1, "gpt-\\ud800", 8)

@@ -60,6 +60,8 @@ import functools
 import gc
 import hashlib
 import hmac
+import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -7838,6 +7840,8 @@ class Walk:
         limited = all(a.state == "cooling" for a in accounts if a.until)
         last = next((a for a in accounts if a.last_error), None)
         words = f"{last.last_error} " if last is not None else ""
+        if last is not None and last.last_status == 401:  # its words are about the gateway's own key
+            words = "the upstream refused the API key this gateway holds for it (HTTP 401) "
         model = self.chain[0].model if self.chain else "this model"
         return GatewayError(
             429 if limited else 503,
@@ -8153,9 +8157,10 @@ def column_kind(declared: str) -> str:
     return "ANY"
 
 
-def column_fits(values: tuple, kind: str) -> bool:
-    """Every value of one column can go to sqlite as it is: one or two C-level passes over the
-    column (sums for numbers; the distinct texts joined once), no Python code per value."""
+def column_fits(values, kind: str) -> bool:
+    """Every value of one column (or of several of one kind) can go to sqlite as it is: one or two
+    C-level passes over the values (sums for numbers; the distinct texts joined once), no Python
+    code per value."""
     if kind == "INTEGER":  # the sum of magnitudes stays an int within int64 only if every value does
         try:
             total = sum(map(abs, filter(None, values)))
@@ -8170,7 +8175,7 @@ def column_fits(values: tuple, kind: str) -> bool:
     if kind == "TEXT":  # a column repeats a few texts (provider, model, lane): each is checked once
         distinct = set(values)
         distinct.discard(None)
-        if not all(type(v) is str for v in distinct):
+        if not set(map(type, distinct)) <= {str}:
             return False
         joined = "\0".join(distinct)
         if not joined.isascii():
@@ -8192,11 +8197,20 @@ def sanitise_rows(rows: list, kinds: tuple) -> list:
         return [sanitise_rows([row], kinds)[0] if len(row) == len(kinds) else row for row in rows]
     columns = list(zip(*rows, strict=True))
     repaired = False
-    for index, kind in enumerate(kinds):
-        if not column_fits(columns[index], kind):
-            columns[index] = tuple(map(LEDGER_REPAIRS[kind], columns[index]))
-            repaired = True
+    for kind, indices in column_groups(kinds):
+        if column_fits(itertools.chain.from_iterable([columns[i] for i in indices]), kind):
+            continue  # the usual batch: one check per kind of column (a batch of one row costs that much less)
+        for index in indices:
+            if not column_fits(columns[index], kind):
+                columns[index] = tuple(map(LEDGER_REPAIRS[kind], columns[index]))
+                repaired = True
     return list(zip(*columns, strict=True)) if repaired else rows
+
+
+@functools.lru_cache(maxsize=8)
+def column_groups(kinds: tuple) -> tuple:
+    """((kind, the indices of the columns of that kind), ...)."""
+    return tuple((kind, tuple(i for i, k in enumerate(kinds) if k == kind)) for kind in dict.fromkeys(kinds))
 
 
 def is_transient_db_error(exc: BaseException) -> bool:
@@ -8603,9 +8617,10 @@ def query_logs(db: sqlite3.Connection, limit: int, user_ids: list | None = None)
 # when the gateway first sees that budget.
 #
 # A budget admits a call while what was spent plus what calls in flight reserved is under its
-# limit. A call reserves its estimate (estimate_tokens of the body plus its max output tokens)
-# and settles to its real usage when it ends, however it ends, so parallel calls cannot overspend
-# together: only the last one admitted can run past the limit, by at most its own size.
+# limit. A call reserves its estimate (estimate_tokens of the body plus its max output tokens,
+# priced as the dearest model of its failover chain) and settles to its real usage when it ends,
+# however it ends, so parallel calls cannot overspend together: only the last one admitted can
+# run past the limit, by at most its own size. A fallback outside a key's allow-list is skipped.
 
 KEY_PREFIX = "tok_"
 KEY_DISPLAY_CHARS = 12  # "tok_" + 8 characters: all that lists, logs and ledger rows show of a key
@@ -9169,17 +9184,20 @@ Reservation = tuple
 
 
 def requested_output_tokens(body: dict) -> int | None:
-    """The output limit a request sets, in whichever protocol's field (None when it sets none)."""
+    """The output limit a request sets, in whichever protocol's field (None when it sets none); the
+    largest when it sets several (a small max_tokens beside a large max_completion_tokens reserves
+    the large one: which of them an upstream obeys is the upstream's choice)."""
+    found = None
     for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(name)
-        if type(value) is int:
-            return value if 0 <= value <= 10_000_000 else min(max(value, 0), 10_000_000)
+        if type(value) is int and (found is None or value > found):
+            found = value
     config = body.get("generationConfig", body.get("generation_config"))
     if isinstance(config, dict):
-        value = config.get("maxOutputTokens", config.get("max_output_tokens"))
-        if type(value) is int:
-            return min(max(value, 0), 10_000_000)
-    return None
+        for value in (config.get("maxOutputTokens"), config.get("max_output_tokens")):
+            if type(value) is int and (found is None or value > found):
+                found = value
+    return found if found is None or 0 <= found <= 10_000_000 else min(max(found, 0), 10_000_000)
 
 
 class Identity:
@@ -9197,7 +9215,8 @@ class Identity:
         self.digests: dict[str, str] = {}  # key -> SHA-256 hex, for keys that matched
         self.budgets: dict[tuple, Budget] = {}  # ("key"|"user", id, period) -> Budget
         self.limits: dict[tuple, RateLimit] = {}  # ("key"|"user", id) -> RateLimit
-        self.usd_rates: dict[str, tuple] = {}  # model -> USD per input and per output token
+        self.usd_rates: dict[str, tuple] = {}  # model requested -> USD per input and per output token (rates_of)
+        self.chain_models = lambda route: (route.model,)  # the models that may answer (the gateway's chains)
         self.store = IdentityStore(open_ledger_db(ledger.path))
         self.apply(self.load())
         self.last_used_at = time.monotonic()
@@ -9220,13 +9239,17 @@ class Identity:
         mode = "off" if cfg.auth_disabled else cfg.auth
         self.mode = "on" if self.always and mode == "auto" else mode
         self.default_rpm, self.default_tpm = cfg.default_rpm, cfg.default_tpm
-        self.static: dict[str, Principal] = {}
+        before, self.static = getattr(self, "static", {}), {}
         for key in {k.strip() for k in cfg.api_keys.split(",") if k.strip()}:
             digest = hashlib.sha256(key.encode()).hexdigest()
             principal = Principal(digest, key_fingerprint(key), "static:" + key_fingerprint(key))
             if self.default_rpm or self.default_tpm:
-                holder = f"API key {principal.label}"
-                principal.limits = (RateLimit(self.default_rpm, self.default_tpm, time.monotonic(), holder),)
+                kept = before[digest].limits if digest in before else ()
+                if kept and (kept[0].rpm, kept[0].tpm) == (self.default_rpm, self.default_tpm):
+                    principal.limits = kept  # a reload of anything else does not refill a key's allowance
+                else:
+                    holder = f"API key {principal.label}"
+                    principal.limits = (RateLimit(self.default_rpm, self.default_tpm, time.monotonic(), holder),)
             self.static[digest] = principal.seal()
         self.version = self.seen_version = -1  # the next load applies, whatever the database's version
         self.required = self.mode == "on" or (self.mode == "auto" and bool(self.static or self.has_keys))
@@ -9349,23 +9372,24 @@ class Identity:
         self.store.db.close()
 
     # -- per request
-    def authenticate(self, key: str, now: float) -> Principal:
-        """The principal of a key, or the 401 that says what is wrong with it."""
+    def authenticate(self, key: str, now: float) -> tuple[Principal | None, GatewayError | None]:
+        """(the principal of a key, None) or, for a key that may not be used, (its principal when the
+        key is known, the 401 that says what is wrong with it)."""
         digest = self.digests.get(key)
         if digest is None:
             digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
         principal = self.by_hash.get(digest)
         if principal is None or not hmac.compare_digest(principal.digest, digest):
-            raise GatewayError(401, "invalid API key: this gateway never issued it, or it was deleted or rotated",
-                               "authentication_error")  # fmt: skip
+            return None, GatewayError(401, "invalid API key: this gateway never issued it, or it was deleted or "
+                                      "rotated", "authentication_error")  # fmt: skip
         self.digests[key] = digest
         if principal.refusal is not None:
-            raise GatewayError(401, principal.refusal, "authentication_error")
+            return principal, GatewayError(401, principal.refusal, "authentication_error")
         if principal.expires_at is not None and now >= principal.expires_at:
-            raise GatewayError(401, f"API key {principal.label} expired at {iso_time(principal.expires_at)}",
-                               "authentication_error")  # fmt: skip
+            return principal, GatewayError(401, f"API key {principal.label} expired at "
+                                           f"{iso_time(principal.expires_at)}", "authentication_error")  # fmt: skip
         principal.last_used = now
-        return principal
+        return principal, None
 
     def check_model(self, principal: Principal, model: str, upstream_model: str) -> None:
         if principal.models and not any(
@@ -9400,7 +9424,7 @@ class Identity:
                 output = RESERVED_OUTPUT_DEFAULT if output is None else output
             tokens = sent + output
             if principal.priced:
-                rates = self.usd_rates.get(route.model) or self.rates_of(route.model)
+                rates = self.usd_rates.get(route.requested) or self.rates_of(route)
                 usd = sent * rates[0] + output * rates[1]
         if limits:
             try:
@@ -9418,12 +9442,22 @@ class Identity:
             holds.append((budget, budget.start))
         return holds, usd, tokens, limits
 
-    def rates_of(self, model: str) -> tuple:
+    @staticmethod
+    def may_fail_over(principal: Principal, model: str) -> bool:
+        """May an admitted call's next attempt go to `model`, a fallback of the model its key was
+        admitted for? Not when the key's allow-list leaves it out."""
+        return not principal.models or any(glob_match(g, model) for g in principal.models)
+
+    def rates_of(self, route: Route) -> tuple:
+        """USD per input and per output token of the dearest model that may answer a call for `route`
+        (its own, or a fallback's: parallel calls that fail over to a pricier model reserved that
+        price, so together they cannot overspend either)."""
         if len(self.usd_rates) >= 4096:
             self.usd_rates.clear()
-        rates = self.usd_rates[model] = (
-            self.prices.cost(model, Usage(1_000_000, 0)) / 1e6,
-            self.prices.cost(model, Usage(0, 1_000_000)) / 1e6,
+        models = self.chain_models(route) or (route.model,)
+        rates = self.usd_rates[route.requested] = (
+            max(self.prices.cost(model, Usage(1_000_000, 0)) for model in models) / 1e6,
+            max(self.prices.cost(model, Usage(0, 1_000_000)) for model in models) / 1e6,
         )
         return rates
 
@@ -9477,6 +9511,7 @@ class Call:
     unconfirmed: object = None  # the account of a stream that has shown no content yet (section 8)
     principal: Principal | None = None  # the key that authenticated the request (section 10)
     reservation: Reservation | None = None  # its hold on budgets and the token rate, until record()
+    allow_listed: str = ""  # the model its key's allow-list admitted: a fallback's attempt is checked too
     upstream_answered: bool = False  # from here on, input nobody foresaw is the upstream's fault
 
     def start_stream(self) -> None:
@@ -9540,6 +9575,30 @@ class Heartbeat:
         self.handle.cancel()
 
 
+REFUSED_ROWS_PER_SECOND = 20  # ledger rows for requests refused for their key (unauthenticated: bounded)
+
+
+class RowThrottle:
+    """At most `per_second` rows a second; counts what it held back."""
+
+    __slots__ = ("per_second", "second", "taken", "skipped")
+
+    def __init__(self, per_second: int):
+        self.per_second, self.second, self.taken, self.skipped = per_second, -1, 0, 0
+
+    def take(self, now: float) -> int | None:
+        """None: no row this time; else a row, and how many were held back before it."""
+        second = int(now)
+        if second != self.second:
+            self.second, self.taken = second, 0
+        if self.taken >= self.per_second:
+            self.skipped += 1
+            return None
+        self.taken += 1
+        skipped, self.skipped = self.skipped, 0
+        return skipped
+
+
 def client_key_of(request: HttpRequest) -> str:
     auth = request.headers.get("authorization", "")
     if auth[:7].lower() == "bearer ":
@@ -9561,6 +9620,7 @@ class Gateway:
         self.prices = PriceTable(cfg.prices)
         self.loopback = LoopbackModel()
         self.identity = Identity(cfg, self.ledger, self.prices)
+        self.identity.chain_models = lambda route: tuple(pool.model for pool in self.pools.chain(route))
         self.admin = AdminApi(self)
         self.codecs: dict[str, Codec] = {
             "openai": OPENAI_CODEC, "anthropic": ANTHROPIC_CODEC, "responses": RESPONSES_CODEC, "gemini": GEMINI_CODEC,
@@ -9592,6 +9652,7 @@ class Gateway:
             ("GET", "/api/v1/usage/logs"): self.admin.usage_logs,
         }
         self.public = {"/", "/health"}  # every other path, present or future, needs a key once auth is required
+        self.refused_rows = RowThrottle(REFUSED_ROWS_PER_SECOND)  # ledger rows of requests refused for their key
         self.listeners: dict[str, Listener] = {}  # name -> Listener, filled by start_listeners
         self.servers: dict[str, HttpServer] = {}
         self.telemetry = Telemetry(self)
@@ -9750,11 +9811,28 @@ class Gateway:
             call.api_key_id = key_fingerprint(key) if key else ""
             return
         if not key:
-            raise GatewayError(401, "missing API key: send it as 'Authorization: Bearer KEY', 'x-api-key', "
-                               "'x-goog-api-key' or '?key='", "authentication_error")  # fmt: skip
-        principal = call.principal = self.identity.authenticate(key, call.ts)
-        call.api_key_id = principal.label
-        call.user = principal.email
+            self.refuse_key(call, GatewayError(401, "missing API key: send it as 'Authorization: Bearer KEY', "
+                                               "'x-api-key', 'x-goog-api-key' or '?key='", "authentication_error"))  # fmt: skip
+        principal, refusal = self.identity.authenticate(key, call.ts)
+        if principal is not None:
+            call.principal = principal
+            call.api_key_id = principal.label
+            call.user = principal.email
+        if refusal is not None:
+            self.refuse_key(call, refusal)
+
+    def refuse_key(self, call: Call, err: GatewayError) -> None:
+        """A request refused for its key gets a ledger row (someone trying keys shows in `tgw logs`):
+        its known key's id and user, or nothing of a key it does not know, and where it came from.
+        Anyone can send such requests, so at most REFUSED_ROWS_PER_SECOND of them are rows; the next
+        row says how many were not (the metrics and the access log count every one)."""
+        skipped = self.refused_rows.take(call.started)
+        if skipped is not None:
+            call.ledgered = True
+            peer = call.exchange.writer.get_extra_info("peername")
+            more = f"; {skipped} more requests refused for their key since the last such row" if skipped else ""
+            call.error = f"{err.message} (client {peer[0] if isinstance(peer, tuple) else 'unknown'}{more})"
+        raise err
 
     def fail(self, call: Call, err: GatewayError) -> None:
         ex = call.exchange
@@ -9838,11 +9916,15 @@ class Gateway:
         }
         ledger = self.ledger.status()
         healthy = ledger["state"] == "running"  # a gateway that cannot record what it serves is not ok
+        accounts = self.pools.describe()
+        if local_caller(request, call.exchange):  # an upstream's words (which may quote part of a key) stay local
+            for account in accounts.values():
+                account.pop("last_error")
         call.exchange.send_json(200 if healthy else 503, {
             "status": "ok" if healthy else "degraded", "version": __version__, "work_mode": self.cfg.work_mode,
             "offline": self.router.offline, "routes": [f"{g}=>{p}" for g, p in self.router.rules],
             "aliases": {**self.router.aliases, **dict(self.router.alias_globs)}, "providers": providers,
-            "accounts": self.pools.describe(),
+            "accounts": accounts,
             "upstream": {"attempts": self.pools.attempts, "retries": self.pools.retries,
                          "failovers": self.pools.failovers, "idle_connections": self.pool.idle_count},
             "uptime_s": round(time.time() - self.started_at, 1), "ledger_rows_written": self.ledger.written,
@@ -9872,6 +9954,13 @@ class Gateway:
         call.exchange.send_json(200, {"id": model, "object": "model", "created": 0, "owned_by": route.provider.name})
 
     # -- model calls
+    @staticmethod
+    def model_call_body(call: Call, request: HttpRequest) -> dict:
+        """A model call's JSON body. From here on the call has its ledger row however it ends: one
+        refused for its body (not JSON, no model) shows in `tgw logs` like one refused for its budget."""
+        call.ledgered = True
+        return parse_json_body(request.body)
+
     def begin_model_call(self, call: Call, model: str, stream: bool, body: dict | None = None) -> Route:
         """Every model call starts here: its ledger row, its route, and (for a key with an allow-list,
         a budget or a rate limit) its admission, which may refuse it. `body` is the parsed request."""
@@ -9884,6 +9973,8 @@ class Gateway:
         call.model_upstream = route.model
         if call.principal is not None and call.principal.guarded:
             call.reservation = self.identity.admit(call, route, body)
+            if call.principal.models:
+                call.allow_listed = route.model
         return route
 
     async def chat_completions(self, request: HttpRequest, call: Call) -> None:
@@ -9895,7 +9986,7 @@ class Gateway:
     async def model_call(self, request: HttpRequest, call: Call, native_protocol: str, operation: str) -> None:
         """A Chat Completions or Messages call: passthrough to a provider that speaks the
         client's protocol, the canonical lanes otherwise."""
-        body = parse_json_body(request.body)
+        body = self.model_call_body(call, request)
         model = field_of(body, "model", str, required=True)
         stream = bool(field_of(body, "stream", bool, default=False))
         route = self.begin_model_call(call, model, stream, body)
@@ -10218,8 +10309,10 @@ class Gateway:
                     await asyncio.sleep(wait)
                     now = time.monotonic()
                     continue
-                raise walk.last_error or walk.unavailable(now)
+                raise gateway_key_refused(call, walk.last_error or walk.unavailable(now))
             account, model, again = target
+            if call.allow_listed and model != call.allow_listed and not Identity.may_fail_over(call.principal, model):
+                continue  # a fallback outside the key's allow-list
             provider = account.provider
             try:
                 url, body, codec, lane = self.outbound_request(call, request, out, provider, model)
@@ -10274,7 +10367,9 @@ class Gateway:
             finally:
                 account.end(trial)
             err = codec.decode_error(resp.status, error_body)
-            err.retry_after = parse_retry_after(resp.headers.get("retry-after"))
+            retry_after = parse_retry_after(resp.headers.get("retry-after"))
+            # what the client is told to wait, too: never longer than a breaker would (not an upstream's day)
+            err.retry_after = retry_after if retry_after is None else min(retry_after, pools.settings.cooldown_max)
             if not walk.answered(account, model, err, trial):
                 raise err
             now = time.monotonic()
@@ -10309,7 +10404,7 @@ class Gateway:
     async def completions(self, request: HttpRequest, call: Call) -> None:
         """POST /v1/completions: passthrough to OpenAI-compatible servers, translated for the rest
         (see CompletionsCodec)."""
-        body = parse_json_body(request.body)
+        body = self.model_call_body(call, request)
         model = field_of(body, "model", str, required=True)
         stream = bool(field_of(body, "stream", bool, default=False))
         call.codec = COMPLETIONS_CODEC
@@ -10347,7 +10442,7 @@ class Gateway:
 
     # -- Responses API
     async def responses(self, request: HttpRequest, call: Call) -> None:
-        body = parse_json_body(request.body)
+        body = self.model_call_body(call, request)
         model = field_of(body, "model", str, required=True)
         stream = bool(field_of(body, "stream", bool, default=False))
         route = self.begin_model_call(call, model, stream, body)
@@ -10407,7 +10502,8 @@ class Gateway:
         call.upstream_answered = True
         data = await resp.read()
         if resp.status >= 400:
-            raise call.codec.decode_error(resp.status, data)
+            call.provider = call.account = provider.name
+            raise gateway_key_refused(call, call.codec.decode_error(resp.status, data))
         json_passthrough(data, provider.name)
         call.exchange.send(resp.status, data, relayed_content_type(resp.headers))
 
@@ -10426,10 +10522,10 @@ class Gateway:
                 f"unknown method {method!r}; tgw serves generateContent, streamGenerateContent and countTokens",
                 "not_found_error",
             )
-        body = parse_json_body(request.body)
         if method == "countTokens":
-            await self.gemini_count_tokens(request, call, model, body)
+            await self.gemini_count_tokens(request, call, model, parse_json_body(request.body))
             return
+        body = self.model_call_body(call, request)
         stream = method == "streamGenerateContent"
         sse = request.query.get("alt") == "sse"
         route = self.begin_model_call(call, model, stream, body)
@@ -10470,7 +10566,7 @@ class Gateway:
 
     # -- embeddings
     async def embeddings(self, request: HttpRequest, call: Call) -> None:
-        body = parse_json_body(request.body)
+        body = self.model_call_body(call, request)
         model = field_of(body, "model", str, required=True)
         inputs = embedding_inputs(body.get("input"))
         encoding = field_of(body, "encoding_format", str, default="float")
@@ -10511,6 +10607,17 @@ def watchdog_tick(providers) -> float:
     """How often the upstream watchdog sweeps: a quarter of the shortest timeout, at most a second."""
     shortest = min((min(p.timeouts.first_byte, p.timeouts.read, p.timeouts.total) for p in providers), default=4.0)
     return max(0.01, min(1.0, shortest / 4))
+
+
+def gateway_key_refused(call: Call, err: GatewayError) -> GatewayError:
+    """An upstream's 401 refused the gateway's own key for that provider, not the client's: the client
+    gets a 502 (a 401 would tell it that its key is wrong, and the upstream's words may quote part of
+    the gateway's), the ledger row keeps the upstream's words and the account."""
+    if err.status != 401:
+        return err
+    call.error = call.error or f"{call.account}: {err.message}"
+    return GatewayError(502, f"upstream {call.provider} refused the API key this gateway holds for it (HTTP 401); "
+                        "the gateway's operator must check that key (see 'tgw logs')")  # fmt: skip
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -10870,7 +10977,50 @@ def release_startup_memory() -> None:
 
 
 def is_loopback_host(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """localhost or a loopback address (127.0.0.0/8, ::1, ::ffff:127.x): not any name that starts with 127."""
+    host = host.strip().strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def url_hostname(url: str) -> str:
+    try:
+        return urlsplit(url).hostname or ""
+    except ValueError:  # "[::1" and the like
+        return ""
+
+
+# headers a reverse proxy adds to what it relays (nginx's proxy_pass adds none by default: see local_caller)
+RELAY_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip", "via")
+
+
+def local_caller(request: HttpRequest, exchange: Exchange) -> str:
+    """Why a request does not come straight from a program on this machine (empty when it does):
+    another machine, a proxy that relayed it (its forwarding headers), a web page (its Origin,
+    Sec-Fetch-Site), or a name in Host that is not this machine (DNS rebinding: a page's name
+    resolving to 127.0.0.1)."""
+    peer = exchange.writer.get_extra_info("peername")
+    if not (isinstance(peer, tuple) and is_loopback_host(str(peer[0]))):
+        return "it comes from another machine"
+    headers = request.headers
+    relayed = next((name for name in RELAY_HEADERS if name in headers), None)
+    if relayed is not None:
+        return f"a proxy relayed it (its {relayed} header)"
+    host = headers.get("host")
+    if host is not None and not is_loopback_host(url_hostname("//" + host)):
+        return f"its Host header names {host[:80]!r}, not this machine"
+    origin = headers.get("origin")
+    if origin is not None and not is_loopback_host(url_hostname(origin)):
+        return "a web page sent it"
+    if headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+        return "a web page sent it"
+    return ""
 
 
 async def serve(cfg: Config, ready=None, stop: asyncio.Event | None = None) -> None:
@@ -11650,11 +11800,11 @@ class AdminApi:
     async def as_admin(self, handler, request: HttpRequest, call: Call) -> None:
         principal = call.principal
         if principal is None:
-            peer = call.exchange.writer.get_extra_info("peername")
-            if not (isinstance(peer, tuple) and is_loopback_host(str(peer[0]))):
-                raise GatewayError(403, "this gateway has no client keys yet, so its admin API answers only callers "
-                                   "on this machine; create an admin with 'tgw user add EMAIL --role admin' and "
-                                   "'tgw key create --user EMAIL'", "permission_error")  # fmt: skip
+            why = local_caller(request, call.exchange)
+            if why:
+                raise GatewayError(403, f"this gateway requires no client key, so its admin API answers only programs "
+                                   f"on this machine, and {why}; create an admin with 'tgw user add EMAIL --role admin' "
+                                   "and 'tgw key create --user EMAIL'", "permission_error")  # fmt: skip
         elif principal.role != "admin":
             whose = f"belongs to {principal.email}, whose role is {principal.role}" if principal.email else "is static"
             raise GatewayError(403, f"the admin API needs the key of an admin user; API key {principal.label} "
@@ -11934,10 +12084,16 @@ def left_text(status: dict | None) -> str:
     return " + ".join(x for x in left if x) + f" left (resets {status['resets_at'] or 'never'})"
 
 
+def one_line(text: str) -> str:
+    """A line of the CLI's text output made of what clients and upstreams sent (model names, users,
+    error words): control characters shown escaped, so none moves the cursor or starts a new line."""
+    return text.translate(_LOG_CONTROL_ESCAPES)
+
+
 def print_table(header: tuple, rows: list) -> None:
     widths = [max(len(str(v)) for v in column) for column in zip(header, *rows, strict=True)]
     for row in (header, *rows):
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        print(one_line("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()))
 
 
 def cmd_user(args) -> int:
@@ -12167,7 +12323,9 @@ def cmd_usage(args) -> int:
             budget = budgets.get((group, name))
             shown = f"  budget {budget_text(budget)}: {left_text(budget)}" if budget else ""
             print(
-                f"  {str(name or '-'):<32} {count:>9} {prompt or 0:>11} {completion or 0:>11} {cached or 0:>9} {format_usd(cost):>11} {errors or 0:>7}{shown}"
+                one_line(  # names are what clients sent (models, users): no terminal escapes
+                    f"  {str(name or '-'):<32} {count:>9} {prompt or 0:>11} {completion or 0:>11} {cached or 0:>9} {format_usd(cost):>11} {errors or 0:>7}{shown}"
+                )
             )
         if not rows:
             print("  (no requests)")
@@ -12212,9 +12370,10 @@ def cmd_logs(args) -> int:
         who = f"{row['user']} " if row["key_id"] is not None else ""
         failover = f"({row['attempts']} attempts, {row['account']}: {row['model_upstream']}) " if (
             row.get("attempts") or 0) > 1 else ""  # fmt: skip
-        print(f"{when} {row['status']} {who}{row['client_protocol']}->{row['provider'] or '-'} {row['lane'] or '-'} "
-              f"{row['model_requested'] or '-'} {failover}{'stream ' if row['stream'] else ''}{tokens} "
-              f"${format_usd(row['cost_usd'])} {row['latency_ms'] or 0:.0f}ms {row['error'] or ''}".rstrip())  # fmt: skip
+        # what clients and upstreams chose (model names, error words) reaches a terminal: no escape sequences
+        print(one_line(f"{when} {row['status']} {who}{row['client_protocol']}->{row['provider'] or '-'} "
+                        f"{row['lane'] or '-'} {row['model_requested'] or '-'} {failover}{'stream ' if row['stream'] else ''}"
+                        f"{tokens} ${format_usd(row['cost_usd'])} {row['latency_ms'] or 0:.0f}ms {row['error'] or ''}".rstrip()))  # fmt: skip
     return 0
 
 
