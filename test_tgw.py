@@ -12185,3 +12185,53 @@ def test_review_ledger_checks_a_batch_by_kind_of_column_and_repairs_only_what_fa
     bad = (2.5, "req_2", 2**70, "gpt-\ud800", 8)
     repaired = tgw.sanitise_rows([good, bad], kinds)
     assert repaired[0] == good and repaired[1] == (2.5, "req_2", 2**63 - 1, "gpt-\\ud800", 8)
+
+
+def test_review_identity_snapshots_are_built_off_the_event_loop(team, tmp_path):
+    user = team.add_user("many@example.com", {"budget_usd": 5.0})
+    with team.lock:  # three thousand keys (a CI fleet), each with a budget and a rate limit
+        for _ in range(3000):
+            _, digest, prefix = tgw.new_key_secret()
+            team.db.execute("INSERT INTO api_keys (user_id, key_hash, key_prefix, budget_usd, rpm, created_at, "
+                            "updated_at) VALUES (?, ?, ?, 1.0, 60, 0, 0)", (user["id"], digest, prefix))  # fmt: skip
+        team.db.commit()
+    cfg = make_config(tmp_path)
+    ledger = tgw.Ledger(cfg.ledger_path)
+    identity = tgw.Identity(cfg, ledger, tgw.PriceTable(cfg.prices))
+    try:
+        before = identity.by_id[1]
+        before.budgets[0].reserved_usd = 0.5  # a call in flight
+        team.update_key(2, {"rpm": 30})
+        built = identity.load(only_if_changed=True)  # the identity thread's part
+        calls = []
+        sys.setprofile(lambda frame, event, arg: calls.append(event) if event in ("call", "c_call") else None)
+        try:
+            identity.apply(built)  # the loop's part: a swap, nothing per key (not even freeing the old ones)
+        finally:
+            sys.setprofile(None)
+        assert len(calls) < 20, len(calls)
+        after = identity.by_id[1]
+        assert after is not before and after.budgets[0] is before.budgets[0]  # the counters carried over
+        assert identity.by_id[2].limits[0].rpm == 30 and len(identity.by_id) == 3000
+        assert identity.retired is not None and identity.load(only_if_changed=True) is None
+        assert identity.retired is None  # freed by the next poll, on its thread
+    finally:
+        identity.store.db.close()
+        ledger.close()
+
+
+def test_review_what_the_last_resort_guard_catches_shows_its_traceback_once_per_place(
+    start_gateway, monkeypatch, caplog
+):
+    def buggy(self, body):
+        raise KeyError("a bug, not the client's fault")
+
+    monkeypatch.setattr(type(tgw.OPENAI_CODEC), "decode_request", buggy)
+    tgw.MALFORMED_PLACES_SEEN.discard("buggy:" + str(buggy.__code__.co_firstlineno + 1))
+    gw = start_gateway()
+    with caplog.at_level(logging.WARNING, logger="tgw"):
+        statuses = [post(gw, "/v1/chat/completions", CHAT)[0] for _ in range(3)]
+    assert statuses == [400, 400, 400]  # the answer stays a 400 in the client's protocol
+    caught = [r for r in caplog.records if "malformed request" in r.getMessage()]
+    assert len(caught) == 3 and "at buggy:" in caught[0].getMessage()
+    assert [r.exc_info is not None for r in caught] == [True, False, False]  # the bug's traceback, once

@@ -9212,12 +9212,14 @@ class Identity:
         self.configure(cfg)
         self.by_hash: dict[str, Principal] = dict(self.static)  # SHA-256 hex -> principal
         self.by_id: dict[int, Principal] = {}
+        self.retired: tuple | None = None  # the principals swapped out, until a build frees them off the loop
         self.digests: dict[str, str] = {}  # key -> SHA-256 hex, for keys that matched
         self.budgets: dict[tuple, Budget] = {}  # ("key"|"user", id, period) -> Budget
         self.limits: dict[tuple, RateLimit] = {}  # ("key"|"user", id) -> RateLimit
         self.usd_rates: dict[str, tuple] = {}  # model requested -> USD per input and per output token (rates_of)
         self.chain_models = lambda route: (route.model,)  # the models that may answer (the gateway's chains)
         self.store = IdentityStore(open_ledger_db(ledger.path))
+        self.building = threading.Lock()  # one build at a time (the identity thread, the admin API's refresh)
         self.apply(self.load())
         self.last_used_at = time.monotonic()
         self.stopping = threading.Event()
@@ -9261,28 +9263,31 @@ class Identity:
             self.mode = "on"
             self.required = True
 
-    # -- loading (the thread) and applying (the loop)
+    # -- loading and building (a thread), swapping in (the loop)
     def load(self, only_if_changed: bool = False) -> tuple | None:
-        """Read users, keys and the spend of budgets not yet tracked (off the event loop)."""
-        version = self.store.version()
-        if only_if_changed and version == self.seen_version:
-            return None
-        users, keys = self.store.snapshot()
-        now = time.time()
-        spends = {}
-        for holder, rows in (("user", users), ("key", keys)):
-            for row in rows:
-                ident = (holder, row["id"], row["budget_period"])
-                if budget_payload(row) is not None and ident not in self.budgets:
-                    spends[ident] = self.store.spent(holder, row["id"], period_bounds(row["budget_period"], now)[0])
-        self.seen_version = version
-        return version, users, keys, spends
+        """Read users and keys and build their principals, off the event loop (a thousand keys
+        take milliseconds to build: the loop only swaps them in, see apply). Builds run one at a
+        time, each keeping the counters of the budgets and rate limits of the build before it, so
+        calls in flight settle into the objects that the next snapshot holds."""
+        with self.building:
+            self.retired = None
+            version = self.store.version()
+            if only_if_changed and version == self.seen_version:
+                return None
+            users, keys = self.store.snapshot()
+            now = time.time()
+            spends = {}
+            for holder, rows in (("user", users), ("key", keys)):
+                for row in rows:
+                    ident = (holder, row["id"], row["budget_period"])
+                    if budget_payload(row) is not None and ident not in self.budgets:
+                        spends[ident] = self.store.spent(holder, row["id"], period_bounds(row["budget_period"], now)[0])
+            built = self.build(version, users, keys, spends)
+            self.seen_version = version
+            return built
 
-    def apply(self, loaded: tuple) -> None:
-        """Swap in a loaded snapshot, keeping the counters of budgets and limits that carry over."""
-        version, users, keys, spends = loaded
-        if version <= self.version:
-            return
+    def build(self, version: int, users: list, keys: list, spends: dict) -> tuple:
+        """The principals of a snapshot, keeping the counters of budgets and limits that carry over."""
         now, clock = time.time(), time.monotonic()
         budgets: dict[tuple, Budget] = {}
 
@@ -9310,7 +9315,7 @@ class Identity:
 
         user_budgets = {u["id"]: budget_of("user", u, f"user {u['email']}") for u in users}
         user_limits = {u["id"]: limit_of("user", u, u["rpm"], u["tpm"], f"user {u['email']}") for u in users}
-        by_hash, by_id = dict(self.static), {}
+        by_hash, by_id, in_use = dict(self.static), {}, self.by_id
         for row in keys:
             prefix = row["key_prefix"]
             named = f"{prefix} ({row['name']!r})" if row["name"] else prefix
@@ -9328,15 +9333,26 @@ class Identity:
             tpm = row["tpm"] if row["tpm"] is not None else self.default_tpm
             key_limit = limit_of("key", row, rpm, tpm, f"API key {named}")
             principal.limits = tuple(x for x in (key_limit, user_limits.get(row["user_id"])) if x is not None)
-            old = self.by_id.get(row["id"])
+            old = in_use.get(row["id"])  # the principal requests use now (the loop stamps its last use)
             if old is not None:
                 principal.last_used, principal.written_used = old.last_used, old.written_used
             by_hash[row["key_hash"]] = by_id[row["id"]] = principal.seal()
-        self.by_hash, self.by_id, self.budgets, self.limits = by_hash, by_id, budgets, limits
+        self.budgets, self.limits = budgets, limits  # what the next build carries over
+        return version, by_hash, by_id, bool(keys)
+
+    def apply(self, built: tuple) -> None:
+        """Swap in a built snapshot (on the loop: no work proportional to the keys)."""
+        version, by_hash, by_id, has_keys = built
+        if version <= self.version:
+            return
+        # the old principals are freed by the next build, on its thread (ten thousand take milliseconds);
+        # a use stamped since this build is stamped again at the key's next
+        self.retired = (self.by_hash, self.by_id)
+        self.by_hash, self.by_id = by_hash, by_id
         if len(self.digests) > 4096:
             self.digests = {}
         self.version = version
-        self.has_keys = bool(keys)
+        self.has_keys = has_keys
         self.required = self.mode == "on" or (self.mode == "auto" and bool(self.static or self.has_keys))
 
     async def refresh(self) -> None:
@@ -9482,6 +9498,7 @@ class Identity:
 
 
 CALL_OPERATIONS = {"openai": "chat", "anthropic": "messages", "gemini": "generate"}  # a model call, per protocol
+MALFORMED_PLACES_SEEN: set[str] = set()  # where the last-resort guard caught something (Gateway.malformed)
 
 
 @dataclass(slots=True)
@@ -9796,11 +9813,15 @@ class Gateway:
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
         where = f"{tb.tb_frame.f_code.co_name}:{tb.tb_lineno}" if tb is not None else "?"
+        # a gateway bug can land here too, as a 400 or 502: the first time each place is seen, its
+        # traceback is logged (the places are the code's own: a bounded set, whatever clients send)
+        shown = exc if where not in MALFORMED_PLACES_SEEN and len(MALFORMED_PLACES_SEEN) < 1024 else None
+        MALFORMED_PLACES_SEEN.add(where)
         if call.upstream_answered:
             log.warning("upstream %s sent an answer of unexpected shape on %s (%s, at %s)", call.provider,
-                        request.path, what, where)  # fmt: skip
+                        request.path, what, where, exc_info=shown)  # fmt: skip
             return GatewayError(502, f"upstream {call.provider} sent a malformed answer ({what})")
-        log.warning("malformed request on %s %s (%s, at %s)", request.method, request.path, what, where)
+        log.warning("malformed request on %s %s (%s, at %s)", request.method, request.path, what, where, exc_info=shown)
         return bad_request(f"malformed request: a field has an unexpected type or shape ({what})")
 
     def authenticate(self, request: HttpRequest, call: Call) -> None:
