@@ -12152,7 +12152,8 @@ def test_review_a_config_reload_keeps_the_rate_limits_of_static_keys(start_gatew
     changed = tgw.load_config(None, {**{k: str(v) for k, v in gw.cfg.values.items() if v is not None},
                                      "log_level": "error"}, env={})  # fmt: skip
     gw.loop.call_soon_threadsafe(lambda: (gw.gateway.apply_config(changed), done.set()))
-    assert done.wait(10) and wait_for(lambda: gw.gateway.identity.version != -1)
+    identity = gw.gateway.identity
+    assert done.wait(10) and wait_for(lambda: identity.version[0] == identity.generation)  # the keys rebuilt
     assert post(gw, "/v1/chat/completions", CHAT, auth)[0] == 429  # the reload refilled nothing
 
 
@@ -12235,3 +12236,30 @@ def test_review_what_the_last_resort_guard_catches_shows_its_traceback_once_per_
     caught = [r for r in caplog.records if "malformed request" in r.getMessage()]
     assert len(caught) == 3 and "at buggy:" in caught[0].getMessage()
     assert [r.exc_info is not None for r in caught] == [True, False, False]  # the bug's traceback, once
+
+
+def test_review_a_config_reload_during_an_identity_build_is_not_lost(team, tmp_path):
+    key, _ = team_key(team)
+    cfg = make_config(tmp_path)
+    ledger = tgw.Ledger(cfg.ledger_path)
+    identity = tgw.Identity(cfg, ledger, tgw.PriceTable(cfg.prices))
+    try:
+        team_key(team, "other@example.com")  # a change for the identity thread to build
+        build = identity.build
+
+        def reload_meanwhile(*args):  # the loop takes a new config while the thread builds with the old
+            built = build(*args)
+            identity.configure(make_config(tmp_path, default_rpm=7))
+            return built
+
+        identity.build = reload_meanwhile
+        identity.apply(identity.load(only_if_changed=True))
+        identity.build = build
+        assert identity.by_id[1].limits == ()  # that build knew nothing of default_rpm
+        rebuilt = identity.load(only_if_changed=True)  # the next poll builds again: the settings changed
+        assert rebuilt is not None
+        identity.apply(rebuilt)
+        assert identity.by_id[1].limits[0].rpm == 7
+    finally:
+        identity.store.db.close()
+        ledger.close()

@@ -9209,6 +9209,8 @@ class Identity:
         self.prices = prices
         self.always = False  # a public bind: auth = auto stays on
         self.has_keys = False  # any live key in the database
+        self.version: tuple = (0, -1)  # (settings generation, database version) of the snapshot in force
+        self.seen: tuple | None = None  # ... of the last snapshot built
         self.configure(cfg)
         self.by_hash: dict[str, Principal] = dict(self.static)  # SHA-256 hex -> principal
         self.by_id: dict[int, Principal] = {}
@@ -9253,7 +9255,9 @@ class Identity:
                     holder = f"API key {principal.label}"
                     principal.limits = (RateLimit(self.default_rpm, self.default_tpm, time.monotonic(), holder),)
             self.static[digest] = principal.seal()
-        self.version = self.seen_version = -1  # the next load applies, whatever the database's version
+        # a new generation: the next build applies these settings whatever the database's version (and
+        # a build begun before this call, with the settings it replaces, is superseded by it)
+        self.generation = getattr(self, "generation", 0) + 1
         self.required = self.mode == "on" or (self.mode == "auto" and bool(self.static or self.has_keys))
 
     def require_always(self) -> None:
@@ -9272,7 +9276,8 @@ class Identity:
         with self.building:
             self.retired = None
             version = self.store.version()
-            if only_if_changed and version == self.seen_version:
+            generation = self.generation  # (read first: a configure() during the build makes it stale)
+            if only_if_changed and (generation, version) == self.seen:
                 return None
             users, keys = self.store.snapshot()
             now = time.time()
@@ -9282,11 +9287,11 @@ class Identity:
                     ident = (holder, row["id"], row["budget_period"])
                     if budget_payload(row) is not None and ident not in self.budgets:
                         spends[ident] = self.store.spent(holder, row["id"], period_bounds(row["budget_period"], now)[0])
-            built = self.build(version, users, keys, spends)
-            self.seen_version = version
+            built = self.build((generation, version), users, keys, spends)
+            self.seen = (generation, version)
             return built
 
-    def build(self, version: int, users: list, keys: list, spends: dict) -> tuple:
+    def build(self, version: tuple, users: list, keys: list, spends: dict) -> tuple:
         """The principals of a snapshot, keeping the counters of budgets and limits that carry over."""
         now, clock = time.time(), time.monotonic()
         budgets: dict[tuple, Budget] = {}
