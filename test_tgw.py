@@ -12157,11 +12157,17 @@ def test_review_a_config_reload_keeps_the_rate_limits_of_static_keys(start_gatew
     assert post(gw, "/v1/chat/completions", CHAT, auth)[0] == 429  # the reload refilled nothing
 
 
-def test_review_reservations_take_the_largest_output_limit_a_body_sets():
+def test_review_reservations_take_the_largest_output_limit_times_the_answers_asked():
     assert tgw.requested_output_tokens({"max_tokens": 1, "max_completion_tokens": 90000}) == 90000
     assert tgw.requested_output_tokens({"max_output_tokens": 5, "generationConfig": {"maxOutputTokens": 700}}) == 700
     assert tgw.requested_output_tokens({"max_tokens": 2**80}) == 10_000_000
     assert tgw.requested_output_tokens({"max_tokens": -5}) == 0 and tgw.requested_output_tokens({}) is None
+    assert tgw.requested_output_tokens({"max_tokens": 100, "n": 4}) == 400  # each answer may use all of it
+    assert tgw.requested_output_tokens({"generationConfig": {"maxOutputTokens": 50, "candidateCount": 3}}) == 150
+    assert tgw.requested_output_tokens({"max_tokens": 10, "prompt": ["a", "b", "c"]}) == 30
+    assert tgw.requested_output_tokens({"max_tokens": 10, "prompt": [1, 2, 3]}) == 10  # token ids: one prompt
+    assert tgw.requested_output_tokens({"max_tokens": 10**6, "n": 10**9}) == 10_000_000
+    assert tgw.requested_output_tokens({"n": 3}, tgw.RESERVED_OUTPUT_DEFAULT) == 3 * tgw.RESERVED_OUTPUT_DEFAULT
 
 
 def test_review_cli_text_output_escapes_what_clients_and_upstreams_chose(start_gateway, tmp_path, monkeypatch, capsys):
@@ -12263,3 +12269,29 @@ def test_review_a_config_reload_during_an_identity_build_is_not_lost(team, tmp_p
     finally:
         identity.store.db.close()
         ledger.close()
+
+
+def test_review_no_key_but_an_active_admins_reaches_the_admin_api(team, start_gateway, tmp_path, monkeypatch):
+    admin, admin_row = team_key(team, "root@example.com", role="admin")
+    plain, plain_row = team_key(team, "plain@example.com")
+    gw = start_gateway(api_keys="static-key-123")
+    attempts = [("POST", "/users", {"email": "evil@example.com", "role": "admin"}),
+                ("PATCH", f"/users/{plain_row['user_id']}", {"role": "admin"}),  # promote itself
+                ("POST", f"/users/{admin_row['user_id']}/api-keys", {}),  # a key of the admin's
+                ("DELETE", f"/api-keys/{admin_row['id']}", None), ("GET", f"/users/{admin_row['user_id']}/api-keys", None),
+                ("DELETE", f"/users/{admin_row['user_id']}", None)]  # fmt: skip
+    for key in (plain, "static-key-123"):
+        for method, path, body in attempts:
+            assert team_call(gw, method, "/api/v1/admin" + path, body, team_auth("openai", key))[0] == 403, (key, path)
+    assert [u["role"] for u in team.users()] == ["admin", "user"] and len(team.keys()) == 2  # nothing changed
+    for key in (admin, plain):
+        assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 200
+    gw.rows(2)
+    logs = json.loads(team_call(gw, "GET", "/api/v1/usage/logs", None, team_auth("openai", plain))[2])["entries"]
+    assert [e["key_id"] for e in logs] == [plain_row["id"]]  # its own calls, not the admin's
+    monkeypatch.setenv("TOKLIGENCE_LEDGER_PATH", str(tmp_path / "ledger.db"))
+    assert tgw.main(["user", "disable", "root@example.com"]) == 0
+    assert wait_for(lambda: team_call(gw, "GET", "/api/v1/admin/users", None, team_auth("openai", admin))[0] == 401)
+    assert tgw.main(["user", "enable", "root@example.com"]) == 0
+    team.update_user("root@example.com", {"role": "user"})  # demoted: its key stops being an admin's
+    assert wait_for(lambda: team_call(gw, "GET", "/api/v1/admin/users", None, team_auth("openai", admin))[0] == 403)

@@ -9183,21 +9183,31 @@ class Principal:
 Reservation = tuple
 
 
-def requested_output_tokens(body: dict) -> int | None:
-    """The output limit a request sets, in whichever protocol's field (None when it sets none); the
+def requested_output_tokens(body: dict, default: int | None = None) -> int | None:
+    """The output limit a request sets, in whichever protocol's field (`default` when it sets none); the
     largest when it sets several (a small max_tokens beside a large max_completion_tokens reserves
-    the large one: which of them an upstream obeys is the upstream's choice)."""
+    the large one: which of them an upstream obeys is the upstream's choice), times the answers it
+    asks for (`n`, Gemini's candidateCount, a legacy completion's list of prompts)."""
     found = None
     for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(name)
         if type(value) is int and (found is None or value > found):
             found = value
+    answers = body.get("n")
     config = body.get("generationConfig", body.get("generation_config"))
     if isinstance(config, dict):
         for value in (config.get("maxOutputTokens"), config.get("max_output_tokens")):
             if type(value) is int and (found is None or value > found):
                 found = value
-    return found if found is None or 0 <= found <= 10_000_000 else min(max(found, 0), 10_000_000)
+        answers = config.get("candidateCount", answers)
+    found = default if found is None else found
+    if found is None:
+        return None
+    answers = answers if type(answers) is int and answers > 1 else 1
+    prompts = body.get("prompt")
+    if type(prompts) is list and len(prompts) > 1 and type(prompts[0]) is not int:  # several prompts, not token ids
+        answers *= len(prompts)
+    return min(max(found, 0) * min(answers, 10_000), 10_000_000)
 
 
 class Identity:
@@ -9441,8 +9451,7 @@ class Identity:
             if not call.endpoint.endswith("embeddings"):
                 if body is None:  # an endpoint that did not hand its body over: read it once more
                     body = parse_json_body(call.exchange.request.body)
-                output = requested_output_tokens(body)
-                output = RESERVED_OUTPUT_DEFAULT if output is None else output
+                output = requested_output_tokens(body, RESERVED_OUTPUT_DEFAULT)
             tokens = sent + output
             if principal.priced:
                 rates = self.usd_rates.get(route.requested) or self.rates_of(route)
