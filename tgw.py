@@ -121,6 +121,14 @@ def dumps(obj) -> bytes:
         return json.dumps(obj, separators=(",", ":")).encode()
 
 
+def json_string(text: str) -> bytes:
+    """dumps(text) for one string, with no tree built around it (the deltas of a stream)."""
+    try:
+        return json.encoder.encode_basestring(text).encode()
+    except UnicodeEncodeError:  # a lone surrogate: escaped, as dumps does
+        return json.dumps(text).encode()
+
+
 def _refuse_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")  # Python's json accepts NaN and Infinity; no peer does
 
@@ -2076,6 +2084,18 @@ class SSEParser:
         self.max_event = max_event
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
+        return [event for raw in self.feed_raw(chunk) if (event := self.parse(raw)) is not None]
+
+    def feed_lazily(self, chunk: bytes):
+        """The events `chunk` completes, each parsed when the caller gets to it (a translated
+        stream sends its first event before it has read the rest of a burst)."""
+        for raw in self.feed_raw(chunk):
+            if (event := self.parse(raw)) is not None:
+                yield event
+
+    def feed_raw(self, chunk: bytes) -> list[bytes]:
+        """The events `chunk` completes, as their bytes (LF line ends, with the blank line), not yet
+        parsed: a relay parses each as it gets to it, or not at all when its bytes tell enough."""
         buffer = self.buffer
         if buffer and buffer[-1] == 13:  # a CR held back last time: maybe the first half of a CRLF
             del buffer[-1]
@@ -2090,7 +2110,7 @@ class SSEParser:
             scan_from = len(buffer) - 1
             buffer += chunk
             data = buffer
-        else:  # the usual read: whole events, parsed from the bytes as they came
+        else:  # the usual read: whole events, sliced from the bytes as they came
             scan_from = 0
             data = chunk
         end = data.find(b"\n\n", scan_from)
@@ -2100,10 +2120,7 @@ class SSEParser:
         while end >= 0:
             if end - start > limit:
                 raise self._too_large()
-            raw = data[start : end + 2]
-            event = self._parse(raw if data is chunk else bytes(raw))
-            if event is not None:
-                events.append(event)
+            events.append(data[start : end + 2] if data is chunk else bytes(data[start : end + 2]))
             start = end + 2
             end = data.find(b"\n\n", start)
         if data is buffer:
@@ -2126,12 +2143,22 @@ class SSEParser:
             return []
         rest, self.buffer = bytes(self.buffer).rstrip(b"\r"), bytearray()
         if rest.strip():
-            event = self._parse(rest + b"\n\n")
+            event = self.parse(rest + b"\n\n")
             return [event] if event is not None else []
         return []
 
     @staticmethod
-    def _parse(raw: bytes) -> SSEEvent | None:
+    def parse(raw: bytes) -> SSEEvent | None:
+        """One event's bytes (from feed_raw) as an SSEEvent; None for one of comments only."""
+        end = len(raw) - 2
+        if raw.startswith(b"data: ") and raw.find(b"\n") == end:  # the usual shapes, read without a split:
+            return SSEEvent("", raw[6:end].decode("utf-8", "replace"), raw)  # one data line,
+        if raw.startswith(b"event: "):  # or an event line and one data line
+            line = raw.find(b"\n")
+            if raw.startswith(b"data: ", line + 1) and raw.find(b"\n", line + 1) == end:
+                return SSEEvent(
+                    raw[7:line].decode("utf-8", "replace"), raw[line + 7 : end].decode("utf-8", "replace"), raw
+                )
         name = ""
         data = []
         for line in raw.decode("utf-8", "replace").split("\n"):
@@ -2474,6 +2501,13 @@ class Codec:
     def encode_stream_error(self, err: GatewayError) -> bytes:
         return b"data: " + dumps(self.encode_error(err)) + b"\n\n"
 
+    @staticmethod
+    def skippable(raw: bytes) -> bool:
+        """May a passthrough stream's observer leave this event undecoded once content flows:
+        do its bytes alone show that it carries no usage and no error? (Its bytes go to the
+        client either way; a coding agent's answer is hundreds of such events.)"""
+        return False
+
     def decode_error(self, status: int, body: bytes) -> GatewayError:
         """Read an upstream's error, in any of the four envelopes, keeping its status."""
         message, kind = "", ""
@@ -2533,6 +2567,10 @@ OPENAI_ERROR_TYPES = {
 
 class OpenAIChatCodec(Codec):
     name = "openai"
+
+    @staticmethod
+    def skippable(raw: bytes) -> bool:  # content chunks: usage and errors name themselves
+        return b'"usage"' not in raw and b'"error"' not in raw and b"[DONE]" not in raw
 
     # -- requests
     REQUEST_FIELDS = {
@@ -3497,6 +3535,10 @@ class AnthropicCodec(Codec):
     name = "anthropic"
     keepalive = b'event: ping\ndata: {"type": "ping"}\n\n'
 
+    @staticmethod
+    def skippable(raw: bytes) -> bool:  # content blocks and pings: usage comes in message_start/_delta
+        return raw.startswith((b"event: content_block_", b"event: ping\n")) and b'"error"' not in raw
+
     # -- requests
     REQUEST_FIELDS = {
         "model": str, "messages": list, "tools": list, "tool_choice": dict, "max_tokens": int, "temperature": float,
@@ -4146,6 +4188,12 @@ class AnthropicStreamEncoder:
     DELTAS = {"text": ("text_delta", "text"), "thinking": ("thinking_delta", "thinking"),
               "signature": ("signature_delta", "signature"), "arguments": ("input_json_delta", "partial_json")}  # fmt: skip
     FITS = {"text": ("text",), "thinking": ("thinking", "signature"), "tool_use": ("arguments",)}
+    # each delta's event with its index and value still to fill in: sse_event of the dict, byte for byte
+    DELTA_EVENTS = {
+        kind: b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,"delta":{"type":"'
+        + name.encode() + b'","' + key.encode() + b'":%b}}\n\n'
+        for kind, (name, key) in DELTAS.items()
+    }  # fmt: skip
 
     def __init__(self, req: Request):
         self.req = req
@@ -4263,9 +4311,7 @@ class AnthropicStreamEncoder:
             out += self._start(ev.index, block)
         if self.open != ev.index or ev.kind not in self.FITS.get(self.wire[ev.index][1], ()):
             return out  # a delta outside its open block cannot be said in Anthropic's stream
-        name, key = self.DELTAS[ev.kind]
-        delta = {"type": "content_block_delta", "index": self.wire[ev.index][0], "delta": {"type": name, key: ev.value}}
-        return out + sse_event("content_block_delta", delta)
+        return out + self.DELTA_EVENTS[ev.kind] % (self.wire[ev.index][0], json_string(ev.value))
 
     def _start(self, index: int, block: dict) -> bytes:
         out = self._stop_open()
@@ -10172,11 +10218,13 @@ class Gateway:
         return body
 
     def emit_events(self, call: Call, encoder, events) -> None:
-        ex = call.exchange
+        """A whole answer streamed: every event encoded, then one write."""
         call.start_stream()
+        out = []
         for ev in events:
             self.observe(call, ev)
-            ex.write(encoder.encode(ev))
+            out.append(encoder.encode(ev))
+        call.exchange.write(b"".join(out))
 
     @staticmethod
     def observe(call: Call, ev) -> None:
@@ -10202,17 +10250,20 @@ class Gateway:
         decoder = upstream_codec.stream_decoder()
         parser = SSEParser()
         held: list = []  # the stream's opening (MessageStart), kept until its first content
+        batch: list = []  # the client's bytes for the upstream read at hand: one write per read, not per event
 
         def emit(events, opening: bool = True) -> bool:
             """Encode events for the client; False once an error has ended the stream."""
             for ev in events:
-                if held is not None and opening and len(held) < 64 and self.still_opening(ev):
-                    held.append(ev)  # (bounded: an upstream that only ever opens gets no more chances)
-                    continue
-                release()
-                self.observe(call, ev)
-                ex.write(encoder.encode(ev))
-                if isinstance(ev, StreamError):
+                if held is not None:
+                    if opening and len(held) < 64 and self.still_opening(ev):
+                        held.append(ev)  # (bounded: an upstream that only ever opens gets no more chances)
+                        continue
+                    release()
+                if type(ev) is not BlockDelta:  # deltas carry no usage and no error
+                    self.observe(call, ev)
+                batch.append(encoder.encode(ev))
+                if type(ev) is StreamError:
                     return False
             return True
 
@@ -10223,10 +10274,23 @@ class Gateway:
                 opening, held = held, None
                 emit(opening, False)
 
+        def send() -> None:
+            if batch:
+                ex.write(b"".join(batch))
+                batch.clear()
+
         try:
             going = True
+            first_sent = False
             while going and (chunk := await resp.next_chunk()):
-                going = all(emit(upstream_events(decoder.feed, sse)) for sse in parser.feed(chunk))
+                for sse in parser.feed_lazily(chunk):
+                    going = emit(upstream_events(decoder.feed, sse))
+                    if not going:
+                        break
+                    if not first_sent and held is None:  # the first content goes at once, not after the burst
+                        send()
+                        first_sent = True
+                send()
                 await ex.drain()
             if going:
                 going = all(emit(upstream_events(decoder.feed, sse)) for sse in parser.finish())
@@ -10236,6 +10300,7 @@ class Gateway:
             emit([StreamError(err)], False)
         finally:
             resp.close() if not resp.done else resp.release()
+        send()
         ex.end_stream()
 
     @staticmethod
@@ -10274,24 +10339,39 @@ class Gateway:
         observer = call.codec.stream_decoder()
         parser = SSEParser()
         held: list | None = []  # the stream's opening bytes, kept until its first content (still_opening)
+        skippable = call.codec.skippable
         try:
             while chunk := await resp.next_chunk():
-                events = parser.feed(chunk)
-                for sse in events:
+                # once content flows, whole events with no error in them go out before they are
+                # read, so a burst's first token waits for nobody
+                sent = held is None and not hide_usage and not parser.buffer and b"error" not in chunk
+                if sent:
+                    ex.write(chunk)
+                kept = []  # hide_usage: the events the client gets
+                for raw in parser.feed_raw(chunk):
+                    if held is None and skippable(raw):
+                        kept.append(raw)
+                        continue
+                    sse = SSEParser.parse(raw)
+                    if sse is None:
+                        continue
                     for ev in upstream_events(observer.feed, sse):  # bytes go on as sent; usage is read
                         if held is not None and not self.still_opening(ev):
                             held = self.release_opening(call, held)
                         self.observe(call, ev)
-                data = b"".join(sse.raw for sse in events if not is_usage_only_chunk(sse)) if hide_usage else chunk
-                if call.error:
-                    data = redact.raw(data)  # an upstream error event may quote a key
-                if held is None:
-                    ex.write(data)
-                else:
-                    held.append(data)
-                    if len(held) < 256 and sum(map(len, held)) < HOLD_LIMIT:
-                        continue
-                    held = self.release_opening(call, held)  # an opening that never ends is sent as it is
+                    if not (hide_usage and is_usage_only_chunk(sse)):
+                        kept.append(raw)
+                if not sent:
+                    data = b"".join(kept) if hide_usage else chunk
+                    if call.error:
+                        data = redact.raw(data)  # an upstream error event may quote a key
+                    if held is None:
+                        ex.write(data)
+                    else:
+                        held.append(data)
+                        if len(held) < 256 and sum(map(len, held)) < HOLD_LIMIT:
+                            continue
+                        held = self.release_opening(call, held)  # an opening that never ends is sent as it is
                 if heartbeat is not None and not hide_usage:
                     heartbeat.mid_event = bool(parser.buffer)
                 await ex.drain()
