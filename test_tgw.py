@@ -11990,6 +11990,111 @@ def test_fuzzed_upstream_answers_are_502s_or_stream_errors_never_500s(start_gate
 
 
 # ======================================================================================
+# Streams on the coding agents' lane: long answers relayed cheaply (issue 11)
+# ======================================================================================
+#
+# A coding agent's answer is hundreds of SSE events. Passthrough decodes only the events that can
+# carry usage or an error; translation parses each event when it gets to it and writes once per
+# upstream read. These tests pin that nothing is lost on the way.
+
+LONG_PIECES = [f"tok{i} " for i in range(300)]
+
+
+def long_anthropic_stream(error_at: int | None = None, secret: str = "") -> bytes:
+    events = [a_event(message_start({"input_tokens": 21, "output_tokens": 1})),
+              a_event(block_start(0, {"type": "text", "text": ""})),
+              b'event: ping\ndata: {"type": "ping"}\n\n']  # fmt: skip
+    for i, piece in enumerate(LONG_PIECES):
+        if i == error_at:  # an error dressed as content: still an error
+            events.append(b"event: content_block_delta\ndata: " + json.dumps(
+                {"type": "error", "error": {"type": "overloaded_error", "message": f"bad key {secret}"}}).encode() + b"\n\n")  # fmt: skip
+            return b"".join(events)
+        events.append(a_event(block_delta(0, {"type": "text_delta", "text": piece})))
+    events += [a_event(block_stop(0)), a_event(message_delta("end_turn", {"output_tokens": 300})),
+               a_event({"type": "message_stop"})]  # fmt: skip
+    return b"".join(events)
+
+
+def reply_burst(h, data: bytes):
+    """The whole stream in one write, as a fast upstream (or a buffering proxy) sends it."""
+    h.send_response(200)
+    h.send_header("Content-Type", "text/event-stream")
+    h.send_header("Content-Length", str(len(data)))
+    h.end_headers()
+    h.wfile.write(data)
+
+
+def test_sse_parser_fast_shapes_agree_with_the_general_reading():
+    shapes = [b'data: {"a":1}\n\n', b"event: x\ndata: y\n\n", b"data:z\n\n", b"event: x\ndata: a\ndata: b\n\n",
+              b": comment\ndata: q\n\n", b"data: \n\n", b"event: e\n\n", b"data: \xc3\n\n", b"event:\ndata: v\n\n",
+              b"data: a\nevent: late\n\n", b": only a comment\n\n", b"id: 7\ndata: x\n\n"]  # fmt: skip
+    for raw in shapes:
+        name, data = "", []
+        for line in raw.decode("utf-8", "replace").split("\n"):
+            if line and line[0] != ":":
+                key, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                data += [value] if key == "data" else []
+                name = value if key == "event" else name
+        expected = tgw.SSEEvent(name, "\n".join(data), raw) if data or name else None
+        assert tgw.SSEParser.parse(raw) == expected, raw
+    parser = tgw.SSEParser()
+    assert parser.feed_raw(b"data: 1\n\ndata: 2\n") == [b"data: 1\n\n"]
+    assert [e.data for e in parser.feed_lazily(b"\ndata: 3\n\n")] == ["2", "3"]
+
+
+def test_anthropic_delta_events_are_byte_for_byte_what_sse_event_makes():
+    enc = tgw.AnthropicStreamEncoder(tgw.Request(model="m", messages=[]))
+    for kind, (name, key) in enc.DELTAS.items():
+        for value in ["hi", 'é"\\\n\u2028', "\ud800x", "😀", "</script>"]:
+            expected = tgw.sse_event("content_block_delta",
+                                     {"type": "content_block_delta", "index": 3, "delta": {"type": name, key: value}})  # fmt: skip
+            assert enc.DELTA_EVENTS[kind] % (3, tgw.json_string(value)) == expected
+            assert tgw.json_string(value) == tgw.dumps(value)
+
+
+def test_long_passthrough_stream_arrives_byte_exact_with_its_usage_in_the_ledger(start_gateway, upstream):
+    data = long_anthropic_stream()
+    up = upstream(lambda h, b: reply_burst(h, data))
+    gw = start_gateway(env={"TOKLIGENCE_ANTHROPIC_BASE_URL": up.url, "TOKLIGENCE_ANTHROPIC_API_KEY": "sk-ant-x1"})
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 4096, "stream": True,
+            "messages": [{"role": "user", "content": "write it"}]}  # fmt: skip
+    status, _, got = post(gw, "/v1/messages", body, {"anthropic-version": "2023-06-01"})
+    assert status == 200 and got == data  # every skipped event still went out, untouched
+    row = gw.rows(1)[-1]
+    assert (row["lane"], row["status"], row["prompt_tokens"], row["completion_tokens"]) == ("passthrough", 200, 21, 300)
+
+
+def test_an_error_inside_a_long_passthrough_stream_is_seen_recorded_and_redacted(start_gateway, upstream):
+    key = "sk-ant-upstream-secret-7788"
+    data = long_anthropic_stream(error_at=150, secret=key)
+    up = upstream(lambda h, b: reply_burst(h, data))
+    gw = start_gateway(env={"TOKLIGENCE_ANTHROPIC_BASE_URL": up.url, "TOKLIGENCE_ANTHROPIC_API_KEY": key})
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 4096, "stream": True,
+            "messages": [{"role": "user", "content": "write it"}]}  # fmt: skip
+    status, _, got = post(gw, "/v1/messages", body, {"anthropic-version": "2023-06-01"})
+    assert status == 200 and b"tok149 " in got and key.encode() not in got
+    row = gw.rows(1)[-1]
+    assert row["status"] == 529 and "bad key" in row["error"] and key not in row["error"]
+
+
+def test_long_translated_stream_keeps_every_piece_in_order(start_gateway, upstream):
+    chunks = [o_chunk({"role": "assistant", "content": ""})] + [o_chunk({"content": p}) for p in LONG_PIECES]
+    chunks += [o_chunk({}, "stop"), o_chunk(None, usage={"prompt_tokens": 9, "completion_tokens": 300}, choices=False)]
+    data = b"".join(chunks) + b"data: [DONE]\n\n"
+    up = upstream(lambda h, b: reply_burst(h, data))
+    gw = start_gateway(env=openai_env(up), model_provider_routes="claude*=>openai")
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 4096, "stream": True,
+            "messages": [{"role": "user", "content": "write it"}]}  # fmt: skip
+    status, _, got = post(gw, "/v1/messages", body, {"anthropic-version": "2023-06-01"})
+    events = parse_anthropic_sse(got)
+    check_anthropic_stream(events)
+    texts = [e["delta"]["text"] for e in events if e["type"] == "content_block_delta"]
+    assert status == 200 and "".join(texts) == "".join(LONG_PIECES)
+    assert gw.rows(1)[-1]["completion_tokens"] == 300
+
+
+# ======================================================================================
 # Review: hardening, ledger, team, resilience
 # ======================================================================================
 #
@@ -12295,105 +12400,3 @@ def test_review_no_key_but_an_active_admins_reaches_the_admin_api(team, start_ga
     assert tgw.main(["user", "enable", "root@example.com"]) == 0
     team.update_user("root@example.com", {"role": "user"})  # demoted: its key stops being an admin's
     assert wait_for(lambda: team_call(gw, "GET", "/api/v1/admin/users", None, team_auth("openai", admin))[0] == 403)
-# Streams on the coding agents' lane: long answers relayed cheaply (issue 11)
-# ======================================================================================
-#
-# A coding agent's answer is hundreds of SSE events. Passthrough decodes only the events that can
-# carry usage or an error; translation parses each event when it gets to it and writes once per
-# upstream read. These tests pin that nothing is lost on the way.
-
-LONG_PIECES = [f"tok{i} " for i in range(300)]
-
-
-def long_anthropic_stream(error_at: int | None = None, secret: str = "") -> bytes:
-    events = [a_event(message_start({"input_tokens": 21, "output_tokens": 1})),
-              a_event(block_start(0, {"type": "text", "text": ""})),
-              b'event: ping\ndata: {"type": "ping"}\n\n']  # fmt: skip
-    for i, piece in enumerate(LONG_PIECES):
-        if i == error_at:  # an error dressed as content: still an error
-            events.append(b"event: content_block_delta\ndata: " + json.dumps(
-                {"type": "error", "error": {"type": "overloaded_error", "message": f"bad key {secret}"}}).encode() + b"\n\n")  # fmt: skip
-            return b"".join(events)
-        events.append(a_event(block_delta(0, {"type": "text_delta", "text": piece})))
-    events += [a_event(block_stop(0)), a_event(message_delta("end_turn", {"output_tokens": 300})),
-               a_event({"type": "message_stop"})]  # fmt: skip
-    return b"".join(events)
-
-
-def reply_burst(h, data: bytes):
-    """The whole stream in one write, as a fast upstream (or a buffering proxy) sends it."""
-    h.send_response(200)
-    h.send_header("Content-Type", "text/event-stream")
-    h.send_header("Content-Length", str(len(data)))
-    h.end_headers()
-    h.wfile.write(data)
-
-
-def test_sse_parser_fast_shapes_agree_with_the_general_reading():
-    shapes = [b'data: {"a":1}\n\n', b"event: x\ndata: y\n\n", b"data:z\n\n", b"event: x\ndata: a\ndata: b\n\n",
-              b": comment\ndata: q\n\n", b"data: \n\n", b"event: e\n\n", b"data: \xc3\n\n", b"event:\ndata: v\n\n",
-              b"data: a\nevent: late\n\n", b": only a comment\n\n", b"id: 7\ndata: x\n\n"]  # fmt: skip
-    for raw in shapes:
-        name, data = "", []
-        for line in raw.decode("utf-8", "replace").split("\n"):
-            if line and line[0] != ":":
-                key, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                data += [value] if key == "data" else []
-                name = value if key == "event" else name
-        expected = tgw.SSEEvent(name, "\n".join(data), raw) if data or name else None
-        assert tgw.SSEParser.parse(raw) == expected, raw
-    parser = tgw.SSEParser()
-    assert parser.feed_raw(b"data: 1\n\ndata: 2\n") == [b"data: 1\n\n"]
-    assert [e.data for e in parser.feed_lazily(b"\ndata: 3\n\n")] == ["2", "3"]
-
-
-def test_anthropic_delta_events_are_byte_for_byte_what_sse_event_makes():
-    enc = tgw.AnthropicStreamEncoder(tgw.Request(model="m", messages=[]))
-    for kind, (name, key) in enc.DELTAS.items():
-        for value in ["hi", 'é"\\\n\u2028', "\ud800x", "😀", "</script>"]:
-            expected = tgw.sse_event("content_block_delta",
-                                     {"type": "content_block_delta", "index": 3, "delta": {"type": name, key: value}})  # fmt: skip
-            assert enc.DELTA_EVENTS[kind] % (3, tgw.json_string(value)) == expected
-            assert tgw.json_string(value) == tgw.dumps(value)
-
-
-def test_long_passthrough_stream_arrives_byte_exact_with_its_usage_in_the_ledger(start_gateway, upstream):
-    data = long_anthropic_stream()
-    up = upstream(lambda h, b: reply_burst(h, data))
-    gw = start_gateway(env={"TOKLIGENCE_ANTHROPIC_BASE_URL": up.url, "TOKLIGENCE_ANTHROPIC_API_KEY": "sk-ant-x1"})
-    body = {"model": "claude-sonnet-4-5", "max_tokens": 4096, "stream": True,
-            "messages": [{"role": "user", "content": "write it"}]}  # fmt: skip
-    status, _, got = post(gw, "/v1/messages", body, {"anthropic-version": "2023-06-01"})
-    assert status == 200 and got == data  # every skipped event still went out, untouched
-    row = gw.rows(1)[-1]
-    assert (row["lane"], row["status"], row["prompt_tokens"], row["completion_tokens"]) == ("passthrough", 200, 21, 300)
-
-
-def test_an_error_inside_a_long_passthrough_stream_is_seen_recorded_and_redacted(start_gateway, upstream):
-    key = "sk-ant-upstream-secret-7788"
-    data = long_anthropic_stream(error_at=150, secret=key)
-    up = upstream(lambda h, b: reply_burst(h, data))
-    gw = start_gateway(env={"TOKLIGENCE_ANTHROPIC_BASE_URL": up.url, "TOKLIGENCE_ANTHROPIC_API_KEY": key})
-    body = {"model": "claude-sonnet-4-5", "max_tokens": 4096, "stream": True,
-            "messages": [{"role": "user", "content": "write it"}]}  # fmt: skip
-    status, _, got = post(gw, "/v1/messages", body, {"anthropic-version": "2023-06-01"})
-    assert status == 200 and b"tok149 " in got and key.encode() not in got
-    row = gw.rows(1)[-1]
-    assert row["status"] == 529 and "bad key" in row["error"] and key not in row["error"]
-
-
-def test_long_translated_stream_keeps_every_piece_in_order(start_gateway, upstream):
-    chunks = [o_chunk({"role": "assistant", "content": ""})] + [o_chunk({"content": p}) for p in LONG_PIECES]
-    chunks += [o_chunk({}, "stop"), o_chunk(None, usage={"prompt_tokens": 9, "completion_tokens": 300}, choices=False)]
-    data = b"".join(chunks) + b"data: [DONE]\n\n"
-    up = upstream(lambda h, b: reply_burst(h, data))
-    gw = start_gateway(env=openai_env(up), model_provider_routes="claude*=>openai")
-    body = {"model": "claude-sonnet-4-5", "max_tokens": 4096, "stream": True,
-            "messages": [{"role": "user", "content": "write it"}]}  # fmt: skip
-    status, _, got = post(gw, "/v1/messages", body, {"anthropic-version": "2023-06-01"})
-    events = parse_anthropic_sse(got)
-    check_anthropic_stream(events)
-    texts = [e["delta"]["text"] for e in events if e["type"] == "content_block_delta"]
-    assert status == 200 and "".join(texts) == "".join(LONG_PIECES)
-    assert gw.rows(1)[-1]["completion_tokens"] == 300
