@@ -5385,9 +5385,8 @@ def openai_sse() -> bytes:
 GEMINI_OBJECTS = [
     b'{"candidates":[{"content":{"parts":[{"text":"Hel"}],"role":"model"},"index":0}],"modelVersion":"gemini-2.5-flash","responseId":"chatcmpl-1"}',
     b'{"candidates":[{"content":{"parts":[{"text":"lo"}],"role":"model"},"index":0}],"modelVersion":"gemini-2.5-flash","responseId":"chatcmpl-1"}',
-    b'{"candidates":[{"content":{"parts":[{"functionCall":{"name":"get_weather","args":{"city":"Paris"}}}],"role":"model"},"index":0}],'
-    b'"modelVersion":"gemini-2.5-flash","responseId":"chatcmpl-1"}',
-    b'{"candidates":[{"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":12,"candidatesTokenCount":7,'
+    b'{"candidates":[{"content":{"parts":[{"functionCall":{"name":"get_weather","args":{"city":"Paris"}}}],"role":"model"},'
+    b'"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":12,"candidatesTokenCount":7,'
     b'"totalTokenCount":19},"modelVersion":"gemini-2.5-flash","responseId":"chatcmpl-1"}',
 ]
 
@@ -5405,7 +5404,7 @@ def test_openai_stream_to_gemini_sse_exact_bytes():
 def test_openai_stream_to_gemini_json_array_exact_bytes():
     out = encode_openai_stream_for_gemini(sse=False)
     assert out == b"[" + b",\r\n".join(GEMINI_OBJECTS) + b"]"
-    assert len(json.loads(out)) == 4
+    assert len(json.loads(out)) == 3
 
 
 def test_gemini_stream_encoder_shows_thoughts_when_asked():
@@ -9648,7 +9647,8 @@ def test_review_gemini_stream_holds_long_deltas_linearly_and_joins_them():
         enc.encode(piece)
     enc.encode(BlockDelta(1, "arguments", '"}'))
     assert time.monotonic() - started < 10
-    frame = enc.encode(BlockStop(1))
+    assert enc.encode(BlockStop(1)) == b""  # the call travels with the finish
+    frame = enc.encode(MessageDelta("tool_use", None, Usage()))
     (part,) = json.loads(frame.decode().removeprefix("data: "))["candidates"][0]["content"]["parts"]
     assert part["functionCall"] == {"name": "Write", "args": {"content": "0123456789" * 300_000}}
     assert tgw.unpack_gemini_thinking(part["thoughtSignature"]) == [
@@ -9821,3 +9821,53 @@ def test_review_start_keeps_a_secret_override_off_the_daemons_command_line(tmp_p
     finally:
         stopped = tgw.stop_daemon(10)
     assert stopped.ok and "stopped tgw" in stopped.text
+
+
+# ======================================================================================
+# Conformance: real clients on every lane
+# ======================================================================================
+# Each test replays a request a real client sent (captured from google-genai, the openai SDK, ...
+# against the conformance kit) through the lane where that client broke, with a scripted upstream
+# answering the way that provider does.
+
+# google-genai 3.6.1, generate_content_stream with a function declaration (parameters_json_schema)
+C_GENAI_TOOL_STREAM = {
+    "contents": [{"parts": [{"text": "weather in Paris and Tokyo?"}], "role": "user"}],
+    "tools": [{"functionDeclarations": [{"description": "weather", "name": "get_weather",
+                                         "parameters_json_schema": L_WEATHER_SCHEMA}]}],
+    "generationConfig": {},
+}  # fmt: skip
+
+
+def o_parallel_tool_chunks(name: str, cities: tuple) -> list:
+    """A Chat stream of parallel calls: each call opened, then argument pieces interleaved, as OpenAI sends them."""
+    args = [json.dumps({"city": c}) for c in cities]
+    chunks = [lane_chunk({"role": "assistant", "content": None})]
+    chunks += [lane_chunk({"tool_calls": [{"index": i, "id": f"call_{i}", "type": "function",
+                                          "function": {"name": name, "arguments": ""}}]}) for i in range(len(args))]  # fmt: skip
+    for half in (slice(0, 5), slice(5, None)):
+        chunks += [
+            lane_chunk({"tool_calls": [{"index": i, "function": {"arguments": a[half]}}]}) for i, a in enumerate(args)
+        ]
+    return chunks + [lane_chunk({}, "tool_calls"), lane_chunk(usage=(20, 9)), "data: [DONE]\n\n"]
+
+
+def test_conformance_genai_stream_chunks_all_have_content_and_calls_come_with_the_finish(start_gateway, upstream):
+    # google-genai code reads chunk.candidates[0].content.parts; tgw's last chunk had no content at all
+    up = upstream(lambda h, b: reply_sse(h, o_parallel_tool_chunks("get_weather", ("Paris", "Tokyo"))))
+    gw = start_gateway(env={**openai_env(up), **routes_env("gemini*=>openai")})
+    status, _, body = post(gw, "/v1/models/gemini-2.5-flash:streamGenerateContent?alt=sse", C_GENAI_TOOL_STREAM)
+    frames = [data for _, data in lane_sse(body)]
+    assert status == 200 and frames and all(f["candidates"][0]["content"]["parts"] for f in frames)
+    last = frames[-1]["candidates"][0]
+    assert [p["functionCall"] for p in last["content"]["parts"]] == [
+        {"name": "get_weather", "args": {"city": "Paris"}}, {"name": "get_weather", "args": {"city": "Tokyo"}}]  # fmt: skip
+    assert last["finishReason"] == "STOP" and frames[-1]["usageMetadata"]["promptTokenCount"] == 20
+    up2 = upstream(lambda h, b: reply_sse(h, chat_chunks(("Hel", "lo"))))
+    gw2 = start_gateway(env={**openai_env(up2), **routes_env("gemini*=>openai")})
+    status, _, body = post(gw2, "/v1/models/gemini-2.5-flash:streamGenerateContent?alt=sse", L_GEMINI)
+    frames = [data for _, data in lane_sse(body)]
+    assert status == 200 and all(f["candidates"][0]["content"]["parts"] for f in frames)
+    assert frames[-1]["candidates"][0] == {"content": {"parts": [{"text": ""}], "role": "model"}, "finishReason": "STOP",
+                                           "index": 0}  # fmt: skip
+    assert "".join(p["text"] for f in frames for p in f["candidates"][0]["content"]["parts"]) == "Hello"

@@ -5864,8 +5864,9 @@ GEMINI_HELD_DELTAS = {"arguments": "arguments", "signature": "signature", "think
 class GeminiStreamEncoder:
     """Canonical events -> streamGenerateContent chunks, each a whole GenerateContentResponse:
     SSE frames (alt=sse) or, with sse=False, one JSON array. Text and thoughts go out as they
-    arrive; a tool call goes out whole when its block stops (Gemini never splits a call);
-    finishReason and usageMetadata ride on the last chunk."""
+    arrive; a tool call goes out whole (Gemini never splits a call), held until the next chunk so
+    that a turn's calls travel with its finishReason and usageMetadata, as Gemini sends them; the
+    last chunk always has content (an empty text part at least), as Gemini's has."""
 
     def __init__(self, req: Request, sse: bool = True):
         self.req = req
@@ -5878,6 +5879,7 @@ class GeminiStreamEncoder:
         self.unsigned: set[int] = set()  # blocks whose signature has not gone out yet
         self.signed: list = []  # signed Anthropic thinking for the next part to carry (pack_gemini_thinking)
         self.pieces: dict[int, dict[str, list]] = {}  # block -> delta kind -> pieces, joined when it stops
+        self.calls: list = []  # functionCall parts not sent yet: they go with the next chunk
         self.opened = False  # the JSON array's "[" is out
 
     def _frame(self, obj: dict) -> bytes:
@@ -5889,6 +5891,8 @@ class GeminiStreamEncoder:
         return prefix + data
 
     def _chunk(self, parts: list, finish: str = "", usage: Usage | None = None) -> bytes:
+        if self.calls:
+            parts, self.calls = [*self.calls, *parts], []
         candidate: dict = {"content": {"parts": parts, "role": "model"}} if parts else {}
         if finish:
             candidate["finishReason"] = finish
@@ -5939,12 +5943,15 @@ class GeminiStreamEncoder:
             self.id = ev.id or new_id("")
             return b""
         if isinstance(ev, MessageDelta):
-            parts = [self._carry_thinking({"text": ""})] if self.signed else []  # thinking with nothing after it
+            # thinking with nothing after it rides on an empty text part; so does a finish with nothing to carry
+            # (clients read candidates[0].content.parts of every chunk: Gemini's last one always has some)
+            parts = [self._carry_thinking({"text": ""})] if self.signed or not self.calls else []
             return self._chunk(parts, stop_reason_out("gemini", ev.stop_reason), ev.usage or Usage())
         if isinstance(ev, MessageStop):
             return b"" if self.sse else (b"]" if self.opened else b"[]")
         if isinstance(ev, StreamError):
-            frame = self._frame(GEMINI_CODEC.encode_error(ev.error))
+            frame = self._chunk([]) if self.calls else b""  # whole calls made before the failure still go out
+            frame += self._frame(GEMINI_CODEC.encode_error(ev.error))
             return frame if self.sse else frame + b"]"
         return b""
 
@@ -5959,7 +5966,8 @@ class GeminiStreamEncoder:
             return b""
         if block.type == "tool_call":
             call = {"functionCall": {"name": block.name, "args": json_object_arguments(block.arguments)}}
-            return self._chunk([self._carry_thinking(_signed(call, gemini_signature(block)))])
+            self.calls.append(self._carry_thinking(_signed(call, gemini_signature(block))))
+            return b""
         if index in self.unsigned and block.type == "text":  # a signed block that never said anything
             self.unsigned.discard(index)
             return self._chunk([{"text": "", "thoughtSignature": gemini_signature(block)}])
