@@ -2420,8 +2420,9 @@ def test_unknown_blocks_become_text_for_openai_and_stay_whole_for_anthropic():
     body = {"model": "claude-x", "max_tokens": 10, "messages": [{"role": "user", "content": [pdf, note, result]}]}
     req = ANTHROPIC_CODEC.decode_request(copy.deepcopy(body))
     o_body = OPENAI_CODEC.encode_request(req, "gpt-4o")
-    assert o_body["messages"] == [{"role": "user", "content": "[document omitted by the gateway]\n\n[document: notes]\nbuy milk"
-                                                              "\n\n[search_result: Docs]\nUse --fast."}]  # fmt: skip
+    assert o_body["messages"] == [{"role": "user", "content": [  # a PDF is a file part (Conformance, below)
+        {"type": "file", "file": {"filename": "document.pdf", "file_data": "data:application/pdf;base64,JVBER"}},
+        {"type": "text", "text": "[document: notes]\nbuy milk"}, {"type": "text", "text": "[search_result: Docs]\nUse --fast."}]}]  # fmt: skip
     assert ANTHROPIC_CODEC.encode_request(req, "claude-sonnet-4-5")["messages"] == body["messages"]
 
 
@@ -4473,11 +4474,11 @@ def test_parts_inline_data_file_data_thoughts_and_signatures():
         ("image", "image/png", "iVBORw0KGgo=", ""),
         ("image", "image/jpeg", "", "https://example.com/cat.jpg"),
     ]
-    assert [p.text for p in user.parts[2:]] == [
-        "[file files/abc (application/pdf) omitted by the gateway]",
-        "[audio/wav attachment omitted by the gateway]",
-        "what is this?",
+    assert [(p.type, p.media_type, p.data, p.url) for p in user.parts[2:4]] == [  # documents (Conformance, below)
+        ("document", "application/pdf", "", "files/abc"),
+        ("document", "audio/wav", "UklGRg==", ""),
     ]
+    assert user.parts[4].text == "what is this?"
     thought, text, call = model.parts
     assert (thought.type, thought.text, thought.signature, thought.extra) == (
         "thinking",
@@ -9871,3 +9872,85 @@ def test_conformance_genai_stream_chunks_all_have_content_and_calls_come_with_th
     assert frames[-1]["candidates"][0] == {"content": {"parts": [{"text": ""}], "role": "model"}, "finishReason": "STOP",
                                            "index": 0}  # fmt: skip
     assert "".join(p["text"] for f in frames for p in f["candidates"][0]["content"]["parts"]) == "Hello"
+
+
+# What the Vercel AI SDK (ai 6.0, @ai-sdk/* 3.0) sends for a PDF file part, through each provider package
+C_PDF = "JVBERi0xLjQKMSAwIG9iajw8Pj5lbmRvYmoKdHJhaWxlcjw8Pj4KJSVFT0YK"
+C_PDF_REQUESTS = {
+    "openai": ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "summarise"},
+        {"type": "file", "file": {"filename": "tiny.pdf", "file_data": "data:application/pdf;base64," + C_PDF}}]}]}),
+    "responses": ("/v1/responses", {"model": "gpt-4o-mini", "input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "summarise"},
+        {"type": "input_file", "filename": "tiny.pdf", "file_data": "data:application/pdf;base64," + C_PDF}]}]}),
+    "anthropic": ("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 64000, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "summarise"},
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": C_PDF}, "title": "tiny.pdf"}]}]}),
+    "gemini": ("/v1beta/models/gemini-2.5-flash:generateContent", {"generationConfig": {}, "contents": [{"role": "user", "parts": [
+        {"text": "summarise"}, {"inlineData": {"mimeType": "application/pdf", "data": C_PDF}}]}]}),
+}  # fmt: skip
+# The PDF as each upstream takes it. Only a Responses client reaches /v1/responses (passthrough): tgw
+# sends every other client's call to an OpenAI provider as Chat Completions.
+C_PDF_UPSTREAM = {
+    "openai": {"type": "file", "file": {"filename": "tiny.pdf", "file_data": "data:application/pdf;base64," + C_PDF}},
+    "anthropic": {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": C_PDF},
+                  "title": "tiny.pdf"},
+    "gemini": {"inlineData": {"mimeType": "application/pdf", "data": C_PDF}},
+}  # fmt: skip
+
+
+def answer_any_protocol(h, body):
+    """A one-word answer in the protocol of the path asked (the scripted upstream of every lane)."""
+    if h.path.startswith("/v1/chat/completions"):
+        return reply_json(h, chat_completion("ok"))
+    if h.path.startswith("/v1/messages"):
+        return reply_json(h, a_message([{"type": "text", "text": "ok"}]))
+    return reply_json(h, g_answer([{"text": "ok"}]))
+
+
+def lane_env(up: FakeUpstream, provider: str) -> dict:
+    """Every model of every protocol to one provider (the conformance kit's lanes)."""
+    return {**openai_env(up), **anthropic_env(up), **gemini_env(up), **routes_env(f"*=>{provider}")}
+
+
+def upstream_user_parts(sent: dict) -> list:
+    body = sent["body"]
+    if "contents" in body:
+        return body["contents"][-1]["parts"]
+    return body["messages"][-1]["content"]
+
+
+@pytest.mark.parametrize("client", list(C_PDF_REQUESTS))
+def test_conformance_pdf_documents_reach_every_upstream_as_files(start_gateway, upstream, client):
+    # a PDF from any client reached every other upstream as "[... omitted by the gateway]": the model never saw it
+    path, body = C_PDF_REQUESTS[client]
+    for target in [t for t in C_PDF_UPSTREAM if t != client]:
+        up = upstream(answer_any_protocol)
+        gw = start_gateway(env=lane_env(up, target))
+        status, _, answer = post(gw, path, body)
+        expected = C_PDF_UPSTREAM[target]
+        if client == "gemini" and target != "gemini":  # Gemini's inlineData names no file
+            expected = {"openai": {"type": "file", "file": {**expected.get("file", {}), "filename": "document.pdf"}},
+                        "anthropic": {k: v for k, v in expected.items() if k != "title"}}[target]  # fmt: skip
+        assert status == 200 and expected in upstream_user_parts(up.requests[-1]), (target, up.requests[-1]["body"])
+
+
+def test_conformance_document_urls_and_text_documents_keep_their_content():
+    url_doc = {"type": "document", "source": {"type": "url", "url": "https://example.com/paper.pdf"}, "title": "paper"}
+    req = ANTHROPIC_CODEC.decode_request({"model": "claude-x", "max_tokens": 9, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "read"}, url_doc]}]})  # fmt: skip
+    assert GEMINI_CODEC.encode_request(req, "gemini-2.5-flash")["contents"][0]["parts"][1] == {
+        "fileData": {"mimeType": "application/pdf", "fileUri": "https://example.com/paper.pdf"}}  # fmt: skip
+    assert RESPONSES_CODEC.encode_request(req, "gpt-5")["input"][0]["content"][1] == {
+        "type": "input_file", "filename": "paper", "file_url": "https://example.com/paper.pdf"}  # fmt: skip
+    chat = OPENAI_CODEC.encode_request(req, "gpt-4o")["messages"][0]["content"][1]  # Chat takes no file URL
+    assert chat["type"] == "text" and "https://example.com/paper.pdf" in chat["text"]
+    text = base64.b64encode(b"buy milk").decode()
+    req = GEMINI_CODEC.decode_request({"contents": [{"role": "user", "parts": [
+        {"inlineData": {"mimeType": "text/plain", "data": text}}, {"inlineData": {"mimeType": "video/mp4", "data": "AAAA"}}]}]},
+        "gemini-2.5-flash", False)  # fmt: skip
+    blocks = ANTHROPIC_CODEC.encode_request(req, "claude-sonnet-4-5")["messages"][0]["content"]
+    assert blocks[0] == {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "buy milk"}}
+    assert blocks[1]["type"] == "text" and "video/mp4" in blocks[1]["text"]  # said, not silently dropped
+    assert OPENAI_CODEC.encode_request(req, "gpt-4o")["messages"][0]["content"][0] == {
+        "type": "text", "text": "[document]\nbuy milk"}  # fmt: skip

@@ -1818,6 +1818,7 @@ def sse_event(name: str | None, obj) -> bytes:
 # Parts (message content), one dataclass with a `type` tag:
 #   text               text
 #   image              media_type + data (base64) or url
+#   document           a file (PDF, text...) as media_type + data (base64) or url, name (file name or title)
 #   tool_call          id, name, arguments (JSON text; a custom tool's free text is {"input": text})
 #   tool_result        id (of the call), content (list of text/image Parts), is_error
 #   thinking           text, signature (kept byte-exact for Anthropic)
@@ -2065,6 +2066,41 @@ def image_url_of(part: Part) -> str:
     return part.url or f"data:{part.media_type or 'image/png'};base64,{part.data}"
 
 
+DOCUMENT_TYPES = {"pdf": "application/pdf", "txt": "text/plain", "md": "text/markdown", "csv": "text/csv",
+                  "html": "text/html", "json": "application/json"}  # fmt: skip
+
+
+def document_part(data_or_uri: str, url: str = "", name: str = "", media_type: str = "") -> Part:
+    """A document from base64 data (or a data: URI holding it) or a URL. Its type, when not given,
+    comes from the data URI or the file name; PDF, what every protocol's file input takes, otherwise."""
+    data_uri = parse_data_uri(data_or_uri or url)
+    if data_uri:
+        return Part("document", media_type=media_type or data_uri[0], data=data_uri[1], name=name)
+    suffix = (name or url).split("?", 1)[0].rsplit(".", 1)[-1].lower()
+    media_type = media_type or DOCUMENT_TYPES.get(suffix, "application/pdf")
+    return Part("document", media_type=media_type, data=data_or_uri, url="" if data_or_uri else url, name=name)
+
+
+def document_text(part: Part) -> str | None:
+    """The text of a text/* document given as data, for upstreams that take no such file; None otherwise."""
+    if not part.media_type.startswith("text/") or not part.data:
+        return None
+    try:
+        return base64.b64decode(part.data, validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def document_as_text(part: Part) -> str:
+    """A document an upstream cannot take as a file: its text when it is text, else a note saying what it was."""
+    text = document_text(part)
+    label = f"document {part.name}" if part.name else "document"
+    if text is not None:
+        return f"[{label}]\n{text}"
+    where = f" at {part.url}" if part.url else ""
+    return f"[{label} ({part.media_type}){where} omitted by the gateway: this upstream takes no such file]"
+
+
 # ======================================================================================
 # 5. Codecs
 # ======================================================================================
@@ -2272,7 +2308,11 @@ class OpenAIChatCodec(Codec):
                     parts.append(Part("image", url=url))
             elif kind == "refusal":
                 parts.append(Part("text", text=item.get("refusal") or ""))
-            elif kind in ("input_audio", "file"):
+            elif kind == "file" and isinstance(item.get("file"), dict) and item["file"].get("file_data"):
+                spec = item["file"]
+                name = spec.get("filename") if isinstance(spec.get("filename"), str) else ""
+                parts.append(document_part(field_at(spec, "file_data", str, f"messages[{i}].content.file"), name=name))
+            elif kind in ("input_audio", "file"):  # a file id only OpenAI can read, audio no other upstream takes
                 parts.append(Part("text", text=f"[{kind} content omitted by the gateway]"))
             else:
                 raise bad_request(f"messages[{i}].content has an unknown part type {kind!r}")
@@ -2373,7 +2413,7 @@ class OpenAIChatCodec(Codec):
                 if p.content and any(c.type == "image" for c in p.content):
                     shown.append(Part("text", text=f"[the image(s) that tool call {p.id} returned]"))
                     shown.extend(c for c in p.content if c.type == "image")
-        rest = shown + [p for p in msg.parts if p.type in ("text", "image")]
+        rest = shown + [p for p in msg.parts if p.type in ("text", "image", "document")]
         if rest:
             out.append({"role": "user", "content": self._encode_content(rest)})
         return out
@@ -2381,12 +2421,15 @@ class OpenAIChatCodec(Codec):
     def _encode_content(self, parts):
         if all(p.type == "text" for p in parts):
             return "".join(p.text for p in parts) if len(parts) == 1 else "\n\n".join(p.text for p in parts)
-        return [
-            {"type": "text", "text": p.text}
-            if p.type == "text"
-            else {"type": "image_url", "image_url": {"url": image_url_of(p)}}
-            for p in parts
-        ]
+        return [self._encode_content_part(p) for p in parts]
+
+    @staticmethod
+    def _encode_content_part(part: Part) -> dict:
+        if part.type == "image":
+            return {"type": "image_url", "image_url": {"url": image_url_of(part)}}
+        if part.type == "document" and part.media_type == "application/pdf" and part.data:  # Chat takes PDFs as data
+            return {"type": "file", "file": {"filename": part.name or "document.pdf", "file_data": image_url_of(part)}}
+        return {"type": "text", "text": document_as_text(part) if part.type == "document" else part.text}
 
     def _encode_tool(self, tool: Tool) -> dict:
         fn = {
@@ -2567,7 +2610,10 @@ def openai_id(resp_id: str) -> str:
 
 def tool_result_text(part: Part) -> str:
     """A tool result as plain text, keeping the error marker protocols without is_error need."""
-    text = "\n".join(p.text if p.type == "text" else "[image]" for p in part.content or [])
+    text = "\n".join(
+        p.text if p.type == "text" else document_as_text(p) if p.type == "document" else "[image]"
+        for p in part.content or []
+    )
     return f"[tool error] {text}" if part.is_error else text
 
 
@@ -3058,6 +3104,22 @@ def anthropic_image_source(part: Part) -> dict:
     return {"type": "base64", "media_type": ANTHROPIC_MEDIA_TYPES.get(media_type, media_type), "data": part.data}
 
 
+def anthropic_document(part: Part) -> dict:
+    """A document block: PDFs as base64 or URL sources, text as a text source, anything else in words."""
+    text = document_text(part)
+    if part.media_type == "application/pdf":
+        source = {"type": "base64", "media_type": "application/pdf", "data": part.data} if part.data else {
+            "type": "url", "url": part.url}  # fmt: skip
+    elif text is not None:
+        source = {"type": "text", "media_type": "text/plain", "data": text}
+    else:
+        return {"type": "text", "text": document_as_text(part)}
+    block = {"type": "document", "source": source}
+    if part.name:
+        block["title"] = part.name
+    return block
+
+
 def anthropic_orphan_result(block: dict) -> dict:
     """A tool_result whose tool_use is not in the turn before, as text Anthropic accepts."""
     content = block.get("content")
@@ -3145,6 +3207,8 @@ class AnthropicCodec(Codec):
             return Part("text", text=text, extra=anthropic_block_extra(block, ("type", "text")))
         if kind == "image":
             return self._decode_image(block, where, role)
+        if kind == "document":
+            return self._decode_document(block, where, role)
         if kind == "tool_use":
             call_id = field_at(block, "id", str, where, required=True)
             name = field_at(block, "name", str, where, required=True)
@@ -3174,6 +3238,22 @@ class AnthropicCodec(Codec):
         if source.get("type") == "url":
             return Part("image", url=field_at(source, "url", str, f"{where}.source", required=True), extra=extra)
         return self._opaque(block, role)  # file ids and future source types: Anthropic only
+
+    def _decode_document(self, block: dict, where: str, role: str) -> Part:
+        source = field_at(block, "source", dict, where, required=True)
+        kind = source.get("type")
+        if kind not in ("base64", "url") or role != "user":
+            return self._opaque(block, role)  # text and content sources: their text for others, the block for us
+        title = block.get("title") if isinstance(block.get("title"), str) else ""
+        if kind == "base64":
+            data = field_at(source, "data", str, f"{where}.source", required=True)
+            part = document_part(
+                data, name=title, media_type=field_at(source, "media_type", str, f"{where}.source") or ""
+            )
+        else:
+            part = document_part("", url=field_at(source, "url", str, f"{where}.source", required=True), name=title)
+        part.extra = anthropic_block_extra(block, ("type", "source", "title"))  # context, citations, cache_control
+        return part
 
     @staticmethod
     def _opaque(block: dict, role: str) -> Part:
@@ -3320,6 +3400,8 @@ class AnthropicCodec(Codec):
             block = {"type": "text", "text": part.text} if part.text.strip() else None  # Anthropic rejects blank text
         elif kind == "image" and role == "user":
             block = {"type": "image", "source": anthropic_image_source(part)}
+        elif kind == "document" and role == "user":
+            block = anthropic_document(part)
         elif kind == "tool_call" and role == "assistant":
             arguments = json_object_arguments(part.arguments)
             block = {"type": "tool_use", "id": anthropic_tool_id(part.id), "name": part.name, "input": arguments}
@@ -4259,7 +4341,11 @@ class ResponsesCodec(Codec):
                 parts.append(Part("text", text=item.get("refusal") or ""))
             elif kind == "input_image":
                 parts.append(self._decode_image(item))
-            elif kind in ("input_file", "input_audio"):
+            elif kind == "input_file" and (item.get("file_data") or item.get("file_url")):
+                data = field_at(item, "file_data", str, where) or ""
+                name = item.get("filename") if isinstance(item.get("filename"), str) else ""
+                parts.append(document_part(data, url=field_at(item, "file_url", str, where) or "", name=name))
+            elif kind in ("input_file", "input_audio"):  # a file id only OpenAI can read, audio
                 parts.append(Part("text", text=f"[{kind} content omitted by the gateway]"))
             else:
                 log.info("responses: dropped a content part of unsupported type %r in %s", kind, where)
@@ -4406,7 +4492,7 @@ class ResponsesCodec(Codec):
             for p in parts
             if p.type == "tool_result"
         ]  # fmt: skip
-        content = [self._encode_content_part(p) for p in parts if p.type in ("text", "image")]
+        content = [self._encode_content_part(p) for p in parts if p.type in ("text", "image", "document")]
         if content:
             items.append({"type": "message", "role": "user", "content": content})
         return items
@@ -4423,7 +4509,11 @@ class ResponsesCodec(Codec):
     def _encode_content_part(part: Part) -> dict:
         if part.type == "image":
             return {"type": "input_image", "image_url": image_url_of(part)}
-        return {"type": "input_text", "text": part.text}
+        if part.type == "document" and part.media_type == "application/pdf":
+            item = {"type": "input_file", "filename": part.name or "document.pdf"}
+            item.update({"file_data": image_url_of(part)} if part.data else {"file_url": part.url})
+            return item
+        return {"type": "input_text", "text": document_as_text(part) if part.type == "document" else part.text}
 
     def _encode_tools(self, tools: list) -> list:
         out: list = []
@@ -5363,7 +5453,7 @@ class GeminiCodec(Codec):
             raise bad_request(f"'{where}.data' is required (base64)")
         if mime.startswith("image/"):
             return Part("image", media_type=mime, data=data)
-        return Part("text", text=f"[{mime or 'binary'} attachment omitted by the gateway]")
+        return Part("document", media_type=mime or "application/octet-stream", data=data)
 
     @staticmethod
     def _decode_file_data(file: dict, where: str) -> Part:
@@ -5373,7 +5463,7 @@ class GeminiCodec(Codec):
             raise bad_request(f"'{where}.fileUri' is required")
         if mime.startswith("image/"):
             return Part("image", media_type=mime, url=uri)
-        return Part("text", text=f"[file {uri} ({mime or 'unknown type'}) omitted by the gateway]")
+        return document_part("", url=uri, media_type=mime)
 
     @staticmethod
     def _decode_code(code: dict, where: str) -> Part:
@@ -5534,7 +5624,7 @@ class GeminiCodec(Codec):
             if p.type == "text":
                 if p.text:
                     out.append(_signed({"text": p.text}, gemini_signature(p)))
-            elif p.type == "image":
+            elif p.type in ("image", "document"):  # Gemini takes any file type inline or by URI
                 out.append(gemini_media_part(p))
             elif p.type == "thinking":
                 if gemini_signature(p):
