@@ -9954,3 +9954,92 @@ def test_conformance_document_urls_and_text_documents_keep_their_content():
     assert blocks[1]["type"] == "text" and "video/mp4" in blocks[1]["text"]  # said, not silently dropped
     assert OPENAI_CODEC.encode_request(req, "gpt-4o")["messages"][0]["content"][0] == {
         "type": "text", "text": "[document]\nbuy milk"}  # fmt: skip
+
+
+# The pydantic model the clients below were driven with, as pydantic 2 writes its schema
+C_PERSON_SCHEMA = {
+    "$defs": {"Address": {"properties": {"street": {"title": "Street", "type": "string"},
+                                         "city": {"title": "City", "type": "string"}},
+                          "required": ["street", "city"], "title": "Address", "type": "object"}},
+    "properties": {"name": {"title": "Name", "type": "string"}, "age": {"title": "Age", "type": "integer"},
+                   "mood": {"enum": ["happy", "sad"], "title": "Mood", "type": "string"},
+                   "address": {"$ref": "#/$defs/Address"},
+                   "nickname": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None, "title": "Nickname"},
+                   "tags": {"items": {"type": "string"}, "title": "Tags", "type": "array"}},
+    "required": ["name", "age", "mood", "address", "tags"], "title": "Person", "type": "object",
+}  # fmt: skip
+C_PROMPT = "Extract: Ann, 31, happy, lives at 1 Main St, Paris; tags a,b"
+C_PERSON_EXAMPLE = {"name": "loopback", "age": 1, "mood": "happy", "address": {"street": "loopback", "city": "loopback"},
+                    "tags": ["loopback"]}  # fmt: skip
+
+
+def test_conformance_loopback_obeys_a_forced_tool_choice_with_schema_valid_arguments(start_gateway):
+    # instructor (TOOLS / ANTHROPIC_TOOLS), LangChain with_structured_output(function_calling): the offline model
+    # answered text to a forced tool choice, so every such client failed offline
+    gw = start_gateway()
+    openai_body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": C_PROMPT}],
+                   "tool_choice": {"type": "function", "function": {"name": "Person"}},
+                   "tools": [{"type": "function", "function": {"name": "Person", "description": "Correctly extracted",
+                                                               "parameters": C_PERSON_SCHEMA}}]}  # fmt: skip
+    status, _, body = post(gw, "/v1/chat/completions", openai_body)
+    choice = json.loads(body)["choices"][0]
+    assert status == 200 and choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "Person" and json.loads(call["function"]["arguments"]) == C_PERSON_EXAMPLE
+    anthropic_body = {"max_tokens": 800, "messages": [{"role": "user", "content": C_PROMPT}], "model": "claude-sonnet-4-5",
+                      "stream": True, "tool_choice": {"type": "tool", "name": "Person", "disable_parallel_tool_use": True},
+                      "tools": [{"name": "Weather", "input_schema": {"type": "object"}},
+                                {"name": "Person", "description": "Correctly extracted", "input_schema": C_PERSON_SCHEMA}]}  # fmt: skip
+    status, _, body = post(gw, "/v1/messages", anthropic_body)
+    events = [data for _, data in lane_sse(body)]
+    (start,) = [e for e in events if e["type"] == "content_block_start"]
+    pieces = [e["delta"]["partial_json"] for e in events if e.get("delta", {}).get("type") == "input_json_delta"]
+    assert status == 200 and start["content_block"]["name"] == "Person"
+    assert json.loads("".join(pieces)) == C_PERSON_EXAMPLE
+    assert [e["delta"]["stop_reason"] for e in events if e["type"] == "message_delta"] == ["tool_use"]
+    status, _, body = post(gw, "/v1/chat/completions", {**openai_body, "tool_choice": "auto"})
+    assert status == 200 and "tool_calls" not in json.loads(body)["choices"][0]["message"]  # unforced: words, as before
+
+
+def test_conformance_loopback_answers_structured_output_with_schema_valid_json(start_gateway):
+    # openai chat.completions.parse(response_format=Person) and google-genai response_schema, offline
+    strict = {**C_PERSON_SCHEMA, "additionalProperties": False, "required": [*C_PERSON_SCHEMA["required"], "nickname"]}
+    gw = start_gateway()
+    status, _, body = post(gw, "/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [
+        {"role": "user", "content": C_PROMPT}], "response_format": {"type": "json_schema", "json_schema": {
+            "schema": strict, "name": "Person", "strict": True}}})  # fmt: skip
+    assert status == 200
+    assert json.loads(json.loads(body)["choices"][0]["message"]["content"]) == {
+        **C_PERSON_EXAMPLE,
+        "nickname": "loopback",
+    }
+    status, _, body = post(gw, "/v1beta/models/gemini-2.5-flash:generateContent", {
+        "contents": [{"role": "user", "parts": [{"text": C_PROMPT}]}],
+        "generationConfig": {"responseMimeType": "application/json", "responseSchema": {
+            "type": "OBJECT", "properties": {"count": {"type": "INTEGER", "minimum": 3},
+                                             "when": {"type": "STRING", "format": "date-time"}},
+            "required": ["count", "when"]}}})  # fmt: skip
+    text = json.loads(body)["candidates"][0]["content"]["parts"][0]["text"]
+    assert status == 200 and json.loads(text) == {"count": 3, "when": "2025-01-01T00:00:00Z"}
+    status, _, body = post(gw, "/v1/responses", {"model": "gpt-4o-mini", "input": "hi",
+                                                 "text": {"format": {"type": "json_object"}}})  # fmt: skip
+    answer = json.loads(body)["output"][0]["content"][0]["text"]
+    assert status == 200 and json.loads(answer) == {"reply": "Hello from the tgw loopback model. You said: hi"}
+
+
+def test_conformance_schema_example_is_bounded_on_hostile_schemas():
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(50_000)}}
+    cyclic = {"$defs": {"a": {"type": "object", "properties": {"a": {"$ref": "#/$defs/a"}}}}, "$ref": "#/$defs/a"}
+    deep: dict = {"type": "string"}
+    for _ in range(500):
+        deep = {"type": "array", "items": deep, "minItems": 10**9}
+    started = time.monotonic()
+    assert len(tgw.schema_example(wide)) <= 2000
+    assert tgw.schema_example(cyclic) == {"a": None}
+    assert tgw.schema_example({"allOf": [wide] * 16}) is None  # over the budget: null, quickly
+    shown = json.dumps(tgw.schema_example(deep))  # 10**9 items at each of 500 levels: 2000 nodes, 32 deep at most
+    assert shown.count("[") + shown.count("null") <= 2000 + 8 * 33 and shown.startswith("[" * 33 + "null")
+    assert tgw.schema_example({"type": "integer", "exclusiveMinimum": 5, "maximum": 9}) == 6
+    assert tgw.schema_example({"type": "number", "maximum": -2.5}) == -3.0
+    assert tgw.schema_example({"type": "string", "minLength": 12}) == "loopbackxxxx"
+    assert time.monotonic() - started < 2

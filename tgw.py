@@ -6766,13 +6766,100 @@ def build_providers(cfg: Config) -> dict[str, Provider]:
     return providers
 
 
+def schema_example(schema, budget: int = 2000):
+    """A deterministic JSON value valid for a JSON Schema's usual keywords (types, required
+    properties, enum/const, local $refs, anyOf/oneOf/allOf, item, length and number bounds,
+    common formats): what the loopback model answers for structured output and forced tool
+    calls. Every node and property visited spends `budget`, depth stops at 32: a hostile schema
+    costs little, and past the bounds the value is null."""
+    left = [budget]
+    defs = (schema.get("$defs") or schema.get("definitions")) if isinstance(schema, dict) else None
+    defs = defs if isinstance(defs, dict) else {}
+
+    def resolved(node):
+        ref = node.get("$ref") if isinstance(node, dict) else None
+        return defs.get(ref.rsplit("/", 1)[-1]) if isinstance(ref, str) else node
+
+    def value(node, depth: int, refs: tuple):
+        left[0] -= 1
+        if not isinstance(node, dict) or depth > 32 or left[0] < 0:
+            return None
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            name = ref.rsplit("/", 1)[-1]
+            return None if name in refs else value(defs.get(name), depth + 1, (*refs, name))
+        if isinstance(node.get("enum"), list) and node["enum"]:
+            return node["enum"][0]
+        if "const" in node:
+            return node["const"]
+        for key in ("anyOf", "oneOf"):
+            branches = node.get(key)
+            if isinstance(branches, list) and branches:
+                typed = [b for b in branches[:64] if not (isinstance(b, dict) and b.get("type") in ("null", "NULL"))]
+                return value((typed or branches)[0], depth + 1, refs)
+        if isinstance(node.get("allOf"), list):
+            merged = {k: v for k, v in node.items() if k != "allOf"}
+            for branch in map(resolved, node["allOf"][:16]):
+                props = branch.get("properties") if isinstance(branch, dict) else None
+                if isinstance(props, dict):
+                    left[0] -= len(props)
+                    merged["properties"] = {**(merged.get("properties") or {}), **props}
+                    merged["required"] = [*(merged.get("required") or []), *(branch.get("required") or [])]
+                    merged.setdefault("type", branch.get("type"))
+            return value(merged, depth + 1, refs) if left[0] >= 0 else None
+        kind = node.get("type")
+        if isinstance(kind, list):
+            kind = next((k for k in kind if k not in ("null", "NULL")), "null")
+        kind = kind.lower() if isinstance(kind, str) else "object" if "properties" in node else "string"
+        if kind == "object":
+            props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+            names = node.get("required") if isinstance(node.get("required"), list) else list(props)
+            return {n: value(props[n], depth + 1, refs) for n in names[: max(left[0], 0)] if n in props}
+        if kind == "array":
+            count = node.get("minItems") if isinstance(node.get("minItems"), int) else 1
+            return [value(node.get("items"), depth + 1, refs) for _ in range(max(0, min(count, 8, left[0])))]
+        if kind in ("integer", "number"):
+            return _example_number(node, kind)
+        if kind == "boolean":
+            return False
+        if kind == "null":
+            return None
+        text = LOOPBACK_FORMATS.get(node.get("format"), "loopback")
+        length = node.get("minLength") if isinstance(node.get("minLength"), int) else 0
+        return text + "x" * max(0, min(length, 1000) - len(text))
+
+    return value(schema, 0, ())
+
+
+def _example_number(node: dict, kind: str):
+    """1, or the smallest whole number the schema's bounds allow."""
+    low, high = node.get("minimum"), node.get("maximum")
+    number = 1
+    if _is_number(low) and math.isfinite(low):
+        number = math.ceil(low)
+    elif _is_number(high) and math.isfinite(high) and high < 1:
+        number = math.floor(high)
+    above = node.get("exclusiveMinimum")
+    if _is_number(above) and math.isfinite(above) and number <= above:
+        number = math.floor(above) + 1
+    return number if kind == "integer" else float(number)
+
+
+LOOPBACK_FORMATS = {"date-time": "2025-01-01T00:00:00Z", "date": "2025-01-01", "time": "00:00:00",
+                    "email": "loopback@example.com", "uri": "https://example.com/", "url": "https://example.com/",
+                    "uuid": "00000000-0000-4000-8000-000000000000", "ipv4": "127.0.0.1", "ipv6": "::1"}  # fmt: skip
+
+
 class LoopbackModel:
     """The built-in offline model. Deterministic: the same request gives the same answer.
 
     It echoes the last user text. To make it call a tool (for testing tool flows offline),
     put `[[tool:NAME {"json": "arguments"}]]` in the last user message (arguments optional);
-    once a tool result comes back it answers with the result's text. Embeddings are a
-    deterministic unit vector derived from a hash of each input."""
+    once a tool result comes back it answers with the result's text. A forced tool choice
+    (required, or a named tool) is obeyed with arguments made from the tool's schema, and a
+    JSON response format is answered with JSON (a value valid for the schema, when there is
+    one), so structured-output clients work offline. Embeddings are a deterministic unit
+    vector derived from a hash of each input."""
 
     TOOL_DIRECTIVE = re.compile(r"\[\[tool:([A-Za-z0-9_.:-]+)\s*(\{.*?\})?\]\]", re.S)
 
@@ -6782,11 +6869,12 @@ class LoopbackModel:
         results = [p for p in last.parts if p.type == "tool_result"]
         user_text = text_of(last.parts)
         directive = self.TOOL_DIRECTIVE.search(user_text) if not results else None
+        forced = self.forced_tool(req) if not results and not directive else None
         parts: list = []
         stop = "end_turn"
-        if directive and req.tool_choice != "none":
-            name = directive.group(1)
-            arguments = directive.group(2) or "{}"
+        if (directive or forced) and req.tool_choice != "none":
+            name = directive.group(1) if directive else forced.name
+            arguments = (directive.group(2) or "{}") if directive else dumps(schema_example(forced.parameters)).decode()
             parts.append(Part("tool_call", id="call_" + hashlib.sha256(user_text.encode()).hexdigest()[:24], name=name,
                               arguments=arguments))  # fmt: skip
             stop = "tool_use"
@@ -6795,7 +6883,8 @@ class LoopbackModel:
         else:
             said = next((p.text for p in reversed(last.parts) if p.type == "text" and p.text.strip()), "")
             shown = said.strip()[:500] or "(no text)"  # the prompt itself, not the notes clients prepend
-            parts.append(Part("text", text=f"Hello from the tgw loopback model. You said: {shown}"))
+            text = f"Hello from the tgw loopback model. You said: {shown}"
+            parts.append(Part("text", text=self.json_answer(req.response_format, text)))
         output = estimate_tokens([p.text or p.arguments for p in parts])
         max_tokens = req.max_tokens or 0
         if max_tokens and output > max_tokens and parts[0].type == "text":
@@ -6808,6 +6897,25 @@ class LoopbackModel:
         return Response(
             "msg_loop" + digest, req.model, parts, stop, usage=Usage(prompt, output), created=int(time.time())
         )
+
+    @staticmethod
+    def forced_tool(req: Request) -> Tool | None:
+        """The tool a forced tool_choice names (the first one for 'required'), if the request has it."""
+        if req.tool_choice == "required":
+            return next((t for t in req.tools if t.kind == "function"), None)
+        if req.tool_choice == "tool":
+            return next((t for t in req.tools if t.name == req.tool_name), None)
+        return None
+
+    @staticmethod
+    def json_answer(response_format: dict | None, text: str) -> str:
+        """The answer as the response format asks: JSON valid for the schema, a JSON object, or the text."""
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind == "json_schema":
+            spec = response_format.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            return dumps(schema_example(schema if isinstance(schema, dict) else {})).decode()
+        return dumps({"reply": text}).decode() if kind == "json_object" else text
 
     @staticmethod
     def stream_events(resp: Response) -> list:
