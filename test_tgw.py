@@ -15,7 +15,9 @@ import http.client
 import io
 import json
 import logging
+import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -1017,11 +1019,11 @@ def test_unreachable_upstream_is_502_and_gateway_keeps_serving(start_gateway):
 def test_silent_upstream_times_out_with_504(start_gateway, upstream):
     release = threading.Event()
     up = upstream(lambda h, b: release.wait(10))
-    gw = start_gateway(env=openai_env(up), upstream_read_timeout=0.5, upstream_retries=0)
+    gw = start_gateway(env=openai_env(up), upstream_first_byte_timeout=0.5, upstream_retries=0)
     started = time.monotonic()
     status, _, body = post(gw, "/v1/chat/completions", CHAT)
     release.set()
-    assert status == 504 and "did not answer within 0.5 s" in json.loads(body)["error"]["message"]
+    assert status == 504 and "did not answer within 0.5 s (first-byte timeout)" in json.loads(body)["error"]["message"]
     assert time.monotonic() - started < 5
     assert_serving(gw)
 
@@ -9034,6 +9036,7 @@ def test_ledger_locked_file_keeps_rows_applies_backpressure_and_recovers(start_g
 def test_ledger_writer_thread_that_ends_is_restarted_and_loses_nothing(start_gateway, monkeypatch):
     gw = start_gateway()
     ledger = gw.gateway.ledger
+    ledger.flush()  # the start's own writes first: the thread must die on the request's row, not before it
     store = ledger._store
     calls = []
 
@@ -9822,6 +9825,2273 @@ def test_review_start_keeps_a_secret_override_off_the_daemons_command_line(tmp_p
     finally:
         stopped = tgw.stop_daemon(10)
     assert stopped.ok and "stopped tgw" in stopped.text
+
+
+# ======================================================================================
+# Resilience: pools, breakers, failover, timeouts (issue 14) and retries (issue 10)
+# ======================================================================================
+
+R_GOOD, R_BAD = "sk-good-key-1111", "sk-bad-key-2222"
+R_OVERLOADED = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+
+
+def key_of(h) -> str:
+    """The provider key a fake upstream was sent."""
+    auth = h.headers.get("Authorization") or ""
+    return auth[7:] if auth.startswith("Bearer ") else h.headers.get("x-api-key") or h.headers.get("x-goog-api-key")
+
+
+def sent_keys(up: FakeUpstream) -> list:
+    return [key_of_headers(r["headers"]) for r in up.requests]
+
+
+def key_of_headers(headers: dict) -> str:
+    auth = headers.get("Authorization") or ""
+    return auth[7:] if auth.startswith("Bearer ") else headers.get("x-api-key") or headers.get("x-goog-api-key")
+
+
+def accounts(gw: RunningGateway) -> dict:
+    return json.loads(get(gw, "/health")[2])["accounts"]
+
+
+def test_pool_one_of_two_keys_failing_opens_its_breaker_then_half_open_then_closed(start_gateway, upstream):
+    healed = threading.Event()
+
+    def script(h, body):
+        if key_of(h) == R_BAD and not healed.is_set():
+            reply_json(h, {"error": {"message": "upstream exploded", "type": "server_error"}}, status=500)
+        else:
+            reply_json(h, chat_completion(f"answered by {key_of(h)[:7]}"))
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up, key=f"{R_GOOD}, {R_BAD}"), breaker_failures=2, breaker_cooldown=0.5,
+                       upstream_retries=0)  # fmt: skip
+    answers = [post(gw, "/v1/chat/completions", CHAT) for _ in range(6)]
+    assert [a[0] for a in answers] == [200] * 6  # every request answered, by the good key when the bad one failed
+    assert sent_keys(up).count(R_BAD) == 2  # two failures opened its breaker: then it was skipped
+    failed_over = [a for a in answers if a[1]["x-tgw-attempts"] == "2"]
+    assert len(failed_over) == 2 and all(a[1]["x-tgw-provider"] == "openai" for a in answers)
+    state = accounts(gw)
+    assert state["openai#2"]["state"] in ("open", "half_open") and state["openai#2"]["consecutive_failures"] == 2
+    assert state["openai#2"]["last_status"] == 500 and "upstream exploded" in state["openai#2"]["last_error"]
+    assert state["openai#1"]["state"] == "closed" and R_BAD not in json.dumps(state)  # keys never shown
+    rows = gw.rows(6)
+    assert sorted(r["attempts"] for r in rows) == [1, 1, 1, 1, 2, 2]
+    assert {r["account"] for r in rows} == {"openai#1"} and {r["status"] for r in rows} == {200}
+    wait_until(lambda: accounts(gw)["openai#2"]["state"] == "half_open", what="the cooldown to end")
+    healed.set()
+    for _ in range(4):  # the half-open breaker lets one trial through; its success closes it
+        assert post(gw, "/v1/chat/completions", CHAT)[0] == 200
+        if sent_keys(up).count(R_BAD) == 3:
+            break
+    assert sent_keys(up).count(R_BAD) == 3
+    state = accounts(gw)["openai#2"]
+    assert state["state"] == "closed" and state["consecutive_failures"] == 0
+
+
+def test_pool_429_with_retry_after_cools_only_that_account(start_gateway, upstream):
+    limited = {R_BAD}
+
+    def script(h, body):
+        if key_of(h) in limited:
+            reply_json(h, {"error": {"message": f"Rate limit for {key_of(h)[:7]}", "type": "requests"}}, status=429,
+                       headers={"Retry-After": "30"})  # fmt: skip
+        else:
+            reply_json(h, chat_completion())
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up, key=f"{R_BAD},{R_GOOD}"), upstream_retries=0)
+    assert [post(gw, "/v1/chat/completions", CHAT)[0] for _ in range(4)] == [200] * 4
+    assert sent_keys(up).count(R_BAD) == 1  # asked once, then left alone for its Retry-After
+    state = accounts(gw)
+    assert state["openai#1"]["state"] == "cooling" and state["openai#1"]["cooldown_left_s"] > 20
+    assert state["openai#1"]["consecutive_failures"] == 0  # a 429 is no breaker failure
+    assert state["openai#2"]["state"] == "closed"
+    limited.add(R_GOOD)  # now the other one is limited too: the client gets the last upstream's words
+    status, headers, body = post(gw, "/v1/chat/completions", CHAT)
+    assert status == 429 and json.loads(body)["error"]["message"] == "Rate limit for sk-good"
+    assert headers["Retry-After"] == "30"
+    asked = len(up.requests)
+    status, headers, body = post(gw, "/v1/chat/completions", CHAT)  # every account cooling: answered at once
+    assert status == 429 and len(up.requests) == asked and int(headers["Retry-After"]) >= 28
+    assert "cooling down" in json.loads(body)["error"]["message"]
+    assert [r["status"] for r in gw.rows(6)][-2:] == [429, 429]
+
+
+def cc_request(**changes) -> dict:
+    body = copy.deepcopy(CLAUDE_CODE_BODY)
+    body.update(model="claude-sonnet-4-5", **changes)
+    return body
+
+
+CC_HEADERS = {"anthropic-version": "2023-06-01", "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14",
+              "x-api-key": "anything", "user-agent": "claude-cli/2.1.197 (external, sdk-cli)"}  # fmt: skip
+
+
+def assert_valid_anthropic_stream(received: list) -> str:
+    """The event grammar of an Anthropic stream; returns the text it carried."""
+    names = [name for name, _ in received if name != "ping"]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"], names
+    text, open_blocks = "", set()
+    for name, data in received:
+        assert name == data["type"]
+        if name == "content_block_start":
+            open_blocks.add(data["index"])
+        elif name == "content_block_delta":
+            assert data["index"] in open_blocks
+            text += data["delta"].get("text", "")
+        elif name == "content_block_stop":
+            open_blocks.remove(data["index"])
+    assert not open_blocks
+    return text
+
+
+def test_claude_code_streams_fail_over_from_a_529ing_anthropic_to_openai_as_anthropic_sse(start_gateway, upstream):
+    anthropic_up = upstream(lambda h, b: reply_json(h, R_OVERLOADED, status=529))
+    openai_up = upstream(lambda h, b: reply_sse(h, chat_chunks(words=("Hi", " from", " GPT"), prompt=30, completion=3)))
+    gw = start_gateway(env={**anthropic_env(anthropic_up), **openai_env(openai_up)}, breaker_failures=2,
+                       model_fallbacks="claude-sonnet-4*=>gpt-4.1", upstream_retries=0)  # fmt: skip
+    for attempts in ("2", "2", "1"):  # the third finds anthropic's breaker open and goes straight to the fallback
+        status, headers, payload = post(gw, "/v1/messages?beta=true", cc_request(), CC_HEADERS)
+        assert status == 200 and headers["Content-Type"] == "text/event-stream"
+        assert (headers["x-tgw-provider"], headers["x-tgw-model"], headers["x-tgw-attempts"]) == ("openai", "gpt-4.1",
+                                                                                                 attempts)  # fmt: skip
+        assert assert_valid_anthropic_stream(lane_sse(payload)) == "Hi from GPT"
+    assert len(anthropic_up.requests) == 2 and header_of(anthropic_up.requests[0], "anthropic-beta")
+    sent = openai_up.requests[0]["body"]
+    assert sent["model"] == "gpt-4.1" and sent["stream"] is True and sent["messages"][0]["role"] == "system"
+    rows = gw.rows(3)
+    assert [(r["provider"], r["model_upstream"], r["lane"], r["attempts"], r["status"]) for r in rows] == [
+        ("openai", "gpt-4.1", "translation", 2, 200), ("openai", "gpt-4.1", "translation", 2, 200),
+        ("openai", "gpt-4.1", "translation", 1, 200),
+    ]  # fmt: skip
+    assert rows[0]["model_requested"] == "claude-sonnet-4-5" and rows[0]["completion_tokens"] == 3
+
+
+def test_fallback_chain_in_order_and_the_last_upstreams_words_when_all_fail(start_gateway, upstream, tmp_path, capsys):
+    gemini_ok = threading.Event()
+
+    def gemini_script(h, body):
+        if gemini_ok.is_set():
+            reply_json(h, {"candidates": [{"content": {"role": "model", "parts": [{"text": "Gemini here"}]},
+                                           "finishReason": "STOP"}],
+                           "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 2}})  # fmt: skip
+        else:
+            reply_json(h, {"error": {"code": 500, "message": "gemini is down too", "status": "INTERNAL"}}, status=500)
+
+    anthropic_up = upstream(lambda h, b: reply_json(h, R_OVERLOADED, status=529))
+    openai_up = upstream(lambda h, b: reply_json(h, {"error": {"message": "openai unavailable"}}, status=503))
+    gemini_up = upstream(gemini_script)
+    env = {**anthropic_env(anthropic_up), **openai_env(openai_up), **gemini_env(gemini_up)}
+    gw = start_gateway(env=env, model_fallbacks="claude-sonnet-4*=>gpt-4.1, claude-sonnet-4*=>gemini-2.5-pro",
+                       upstream_retries=0)  # fmt: skip
+    status, headers, body = post(gw, "/v1/messages", L_CLAUDE, {"anthropic-version": "2023-06-01"})
+    assert status == 500 and json.loads(body) == {"type": "error", "error": {"type": "api_error",
+                                                                           "message": "gemini is down too"}}  # fmt: skip
+    assert (headers["x-tgw-provider"], headers["x-tgw-attempts"]) == ("gemini", "3")
+    gemini_ok.set()
+    status, headers, body = post(gw, "/v1/messages", L_CLAUDE, {"anthropic-version": "2023-06-01"})
+    message = json.loads(body)
+    assert status == 200 and message["type"] == "message" and message["content"][0]["text"] == "Gemini here"
+    assert (headers["x-tgw-provider"], headers["x-tgw-model"]) == ("gemini", "gemini-2.5-pro")
+    assert gemini_up.requests[-1]["path"] == "/v1beta/models/gemini-2.5-pro:generateContent"
+    assert [len(u.requests) for u in (anthropic_up, openai_up, gemini_up)] == [2, 2, 2]  # in the order listed
+    rows = gw.rows(2)
+    assert [(r["status"], r["attempts"], r["provider"]) for r in rows] == [(500, 3, "gemini"), (200, 3, "gemini")]
+    assert rows[0]["error"] == "gemini is down too"
+    ini = tmp_path / "cli.ini"
+    ini.write_text(f"ledger_path = {gw.gateway.ledger.path}\n")
+    capsys.readouterr()
+    assert tgw.main(["logs", "--config", str(ini), "-n", "2"]) == 0
+    assert capsys.readouterr().out.count("claude-sonnet-4-5 (3 attempts, gemini: gemini-2.5-pro)") == 2
+
+
+def test_no_failover_once_the_first_byte_reached_the_client(start_gateway, upstream):
+    events = [{"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                                                    "model": "claude-sonnet-4-5", "content": [],
+                                                    "usage": {"input_tokens": 5, "output_tokens": 0}}},
+              {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+              {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "partial"}},
+              {"type": "content_block_stop", "index": 0}]  # fmt: skip
+    anthropic_up = upstream(lambda h, b: reply_anthropic_sse(h, events, drop_after=3))
+    openai_up = upstream(lambda h, b: reply_sse(h, chat_chunks()))
+    gw = start_gateway(env={**anthropic_env(anthropic_up), **openai_env(openai_up)},
+                       model_fallbacks="claude-sonnet-4*=>gpt-4.1")  # fmt: skip
+    status, _, payload = post(gw, "/v1/messages", {**L_CLAUDE, "stream": True}, {"anthropic-version": "2023-06-01"})
+    received = lane_sse(payload)
+    assert status == 200 and ("content_block_delta", events[2]) in received
+    assert received[-1][0] == "error" and "closed the connection" in received[-1][1]["error"]["message"]
+    assert openai_up.requests == [] and len(anthropic_up.requests) == 1  # no replay after partial output
+    row = gw.rows()[-1]  # a stream that failed after its 200 is a failure in the ledger
+    assert row["status"] == 502 and row["attempts"] == 1 and "closed the connection" in row["error"]
+    assert tgw.query_usage(sqlite3.connect(gw.gateway.ledger.path), "model", 0)[0][-1] == 1  # tgw usage: 1 error
+
+
+def test_failover_goes_on_after_keepalive_pings_and_a_failed_stream_is_recorded_as_a_failure(start_gateway, upstream):
+    fallback_ok = threading.Event()
+
+    def slow_529(h, body):
+        time.sleep(0.7)  # longer than stream_keepalive: pings commit the 200 meanwhile
+        reply_json(h, R_OVERLOADED, status=529)
+
+    def fallback(h, body):
+        if fallback_ok.is_set():
+            reply_sse(h, chat_chunks(words=("saved",)))
+        else:
+            reply_json(h, {"error": {"message": "fallback overloaded too"}}, status=503)
+
+    anthropic_up = upstream(slow_529)
+    openai_up = upstream(fallback)
+    gw = start_gateway(env={**anthropic_env(anthropic_up), **openai_env(openai_up)}, stream_keepalive=0.2,
+                       model_fallbacks="claude-sonnet-4*=>gpt-4.1", upstream_retries=0)  # fmt: skip
+    fallback_ok.set()
+    status, _, payload = post(gw, "/v1/messages", {**L_CLAUDE, "stream": True}, {"anthropic-version": "2023-06-01"})
+    received = lane_sse(payload)
+    assert status == 200 and received[0][0] == "ping"  # the 200 went out with pings ...
+    assert assert_valid_anthropic_stream(received) == "saved"  # ... and the fallback still answered
+    fallback_ok.clear()
+    status, _, payload = post(gw, "/v1/messages", {**L_CLAUDE, "stream": True}, {"anthropic-version": "2023-06-01"})
+    received = lane_sse(payload)
+    assert status == 200 and received[0][0] == "ping" and received[-1][0] == "error"
+    assert received[-1][1]["error"]["message"] == "fallback overloaded too"
+    rows = gw.rows(2)
+    assert [(r["status"], r["attempts"]) for r in rows] == [(200, 2), (503, 2)]  # not "200 plus an error event"
+
+
+def test_silent_upstream_is_answered_once_within_the_deadline_and_never_sent_twice(start_gateway, upstream):
+    release = threading.Event()
+    up = upstream(lambda h, b: release.wait(10))
+    other = upstream(lambda h, b: reply_json(h, chat_completion()))
+    env = {**openai_env(up), "TOKLIGENCE_PROVIDER_SPARE_BASE_URL": other.url + "/v1",
+           "TOKLIGENCE_PROVIDER_SPARE_MODELS": "other-*"}  # fmt: skip
+    gw = start_gateway(env=env, upstream_first_byte_timeout=0.5, model_fallbacks="gpt*=>other-model")
+    started = time.monotonic()
+    status, _, body = post(gw, "/v1/chat/completions", CHAT)  # upstream_retries is 2 by default
+    elapsed = time.monotonic() - started
+    release.set()
+    assert status == 504 and "did not answer within 0.5 s (first-byte timeout)" in json.loads(body)["error"]["message"]
+    assert elapsed < 3 and len(up.requests) == 1 and other.requests == []  # it may be running: never resent
+    assert gw.rows()[-1]["attempts"] == 1
+
+
+def blackhole_port():
+    """A port whose SYNs go unanswered: a listener whose accept queue is full and never drained."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(listener.getsockname())
+        fillers.append(s)
+    return listener, fillers
+
+
+def test_each_timeout_fires_and_names_itself(start_gateway, upstream):
+    listener, fillers = blackhole_port()
+    try:
+        env = {"TOKLIGENCE_OPENAI_BASE_URL": f"http://127.0.0.1:{listener.getsockname()[1]}/v1",
+               "TOKLIGENCE_OPENAI_API_KEY": "sk-x-123456"}  # fmt: skip
+        gw = start_gateway(env=env, upstream_connect_timeout=0.3, upstream_retries=0)
+        started = time.monotonic()
+        status, _, body = post(gw, "/v1/chat/completions", CHAT)
+        message = json.loads(body)["error"]["message"]
+        assert status == 504 and "after 0.3 s (connect timeout)" in message and time.monotonic() - started < 3
+    finally:
+        for s in fillers + [listener]:
+            s.close()
+
+    def silent_mid_stream(h, body):
+        reply_sse(h, chat_chunks()[:2], terminate=False)
+        time.sleep(3)
+
+    def trickle(h, body):
+        reply_sse(h, chat_chunks(words=["x"] * 100), delay=0.1)
+
+    scripts = {"silent": silent_mid_stream, "trickle": trickle, "quiet": lambda h, b: time.sleep(3)}
+    up = upstream(lambda h, b: scripts[b["model"]](h, b))
+    env = {**openai_env(up), **routes_env("*=>openai"), "TOKLIGENCE_PROVIDER_OPENAI_FIRST_BYTE_TIMEOUT": "0.4"}
+    gw = start_gateway(env=env, upstream_read_timeout=0.5, upstream_total_timeout=1.0)
+    status, _, payload = post(gw, "/v1/chat/completions", {**CHAT, "model": "silent", "stream": True})
+    assert (
+        status == 200
+        and "sent nothing for 0.5 s mid-answer (read timeout)" in sse_data(payload)[-1]["error"]["message"]
+    )
+    status, _, payload = post(gw, "/v1/chat/completions", {**CHAT, "model": "trickle", "stream": True})
+    assert "total timeout of 1 s ran out (total timeout)" in sse_data(payload)[-1]["error"]["message"]
+    status, _, body = post(gw, "/v1/chat/completions", {**CHAT, "model": "quiet"})  # the provider's own first byte
+    assert status == 504 and "did not answer within 0.4 s (first-byte timeout)" in json.loads(body)["error"]["message"]
+    assert [r["status"] for r in gw.rows(4)][-3:] == [504, 504, 504]  # both gateways share the ledger file
+
+
+def test_a_connection_that_could_not_be_made_moves_on_to_the_next_account(start_gateway, upstream):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    up = upstream(lambda h, b: reply_json(h, chat_completion("from the live one")))
+    env = {**openai_env(up), **routes_env("gpt-4o-mini=>dead|openai"),
+           "TOKLIGENCE_PROVIDER_DEAD_BASE_URL": f"http://127.0.0.1:{dead_port}/v1"}  # fmt: skip
+    gw = start_gateway(env=env, breaker_failures=3)
+    sent = 0
+    while sent < 10 and accounts(gw)["dead"]["state"] != "open":
+        status, headers, body = post(gw, "/v1/chat/completions", CHAT)
+        assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "from the live one"
+        sent += 1
+    state = accounts(gw)["dead"]
+    assert state["state"] == "open" and "cannot connect" in state["last_error"]
+    assert state["requests"] == state["errors"] == 3  # breaker_failures in a row opened it
+    assert post(gw, "/v1/chat/completions", CHAT)[1]["x-tgw-attempts"] == "1"  # then it is skipped
+    assert len(up.requests) == sent + 1 and {r["account"] for r in gw.rows(sent + 1)} == {"openai"}
+
+
+def test_pool_spreads_by_weight_and_prefers_fewer_requests_in_flight(start_gateway, upstream):
+    release = threading.Event()
+
+    def script_for(name):
+        def script(h, body):
+            if body["messages"][0]["content"] == "hold":
+                release.wait(10)
+            reply_json(h, chat_completion(name))
+
+        return script
+
+    heavy, light = upstream(script_for("heavy")), upstream(script_for("light"))
+    env = {"TOKLIGENCE_PROVIDER_HEAVY_BASE_URL": heavy.url + "/v1", "TOKLIGENCE_PROVIDER_HEAVY_MODELS": "pooled*",
+           "TOKLIGENCE_PROVIDER_HEAVY_WEIGHT": "3", "TOKLIGENCE_PROVIDER_LIGHT_BASE_URL": light.url + "/v1",
+           "TOKLIGENCE_PROVIDER_LIGHT_MODELS": "pooled*"}  # fmt: skip
+    gw = start_gateway(env=env)
+    body = {**CHAT, "model": "pooled-1"}
+    served = [
+        json.loads(post(gw, "/v1/chat/completions", body)[2])["choices"][0]["message"]["content"] for _ in range(8)
+    ]
+    assert served.count("heavy") == 6 and served.count("light") == 2
+    held = {}
+    holder = threading.Thread(target=lambda: held.update(r=post(gw, "/v1/chat/completions",
+                                                                {**body, "messages": [{"role": "user", "content": "hold"}]})))  # fmt: skip
+    holder.start()
+    wait_until(lambda: accounts(gw)["heavy"]["in_flight"] + accounts(gw)["light"]["in_flight"] == 1)
+    busy = "heavy" if accounts(gw)["heavy"]["in_flight"] else "light"
+    served = [
+        json.loads(post(gw, "/v1/chat/completions", body)[2])["choices"][0]["message"]["content"] for _ in range(3)
+    ]
+    release.set()
+    holder.join(10)
+    assert held["r"][0] == 200 and busy not in served  # the account with a request in flight was passed over
+
+
+def open_upstream_sockets(port: int) -> dict:
+    """The gateway's open connections to an upstream on `port`, by TCP state: {"ESTABLISHED": n,
+    "CLOSE_WAIT": n} (read from the kernel's table: sockets whose far end is `port`)."""
+    names = {"01": "ESTABLISHED", "08": "CLOSE_WAIT"}  # TIME_WAIT and the like hold no descriptor
+    states: dict = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == port and fields[3] in names:
+            states[names[fields[3]]] = states.get(names[fields[3]], 0) + 1
+    return states
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's socket table")
+def test_idle_upstream_connections_are_capped_and_expire(start_gateway, upstream):
+    arrived = threading.Semaphore(0)
+    go = threading.Event()
+
+    def script(h, body):
+        arrived.release()
+        go.wait(10)
+        reply_json(h, chat_completion())
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up), upstream_max_idle_per_origin=3, upstream_idle_expiry=1.0)
+    results = []
+    clients = [threading.Thread(target=lambda: results.append(post(gw, "/v1/chat/completions", CHAT)[0]))
+               for _ in range(10)]  # fmt: skip
+    for c in clients:
+        c.start()
+    for _ in range(10):  # all ten on their own upstream connection at once
+        assert arrived.acquire(timeout=10)
+    go.set()
+    for c in clients:
+        c.join(10)
+    assert results == [200] * 10
+    assert json.loads(get(gw, "/health")[2])["upstream"]["idle_connections"] <= 3
+    wait_until(lambda: open_upstream_sockets(up.port).get("ESTABLISHED", 0) <= 3, what="the idle cap")
+    wait_until(lambda: not open_upstream_sockets(up.port), what="idle connections to expire")  # after idle_expiry
+    assert json.loads(get(gw, "/health")[2])["upstream"]["idle_connections"] == 0
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's socket table")
+def test_idle_connections_the_upstream_closed_do_not_pile_up_in_close_wait(start_gateway, upstream):
+    def answer_then_hang_up(h, body):
+        reply_json(h, chat_completion())  # keep-alive as far as the headers say ...
+        h.wfile.flush()
+        h.close_connection = True  # ... but the upstream closes its end right after
+
+    up = upstream(answer_then_hang_up)
+    gw = start_gateway(env=openai_env(up))  # idle_expiry 30 s: only the EOF can clear them
+    results = []
+    clients = [threading.Thread(target=lambda: results.append(post(gw, "/v1/chat/completions", CHAT)[0]))
+               for _ in range(20)]  # fmt: skip
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join(10)
+    assert results == [200] * 20
+    wait_until(lambda: not open_upstream_sockets(up.port), what="closed upstream connections to be dropped")
+    assert_serving(gw)
+
+
+def test_fault_mix_every_request_answered_with_exactly_one_ledger_row(start_gateway, monkeypatch):
+    """bench/fault_mix.py, shortened: a third of upstream attempts fail at random (529, 503, 500,
+    429, dropped connections, streams cut after their first event), 50 concurrent clients."""
+    monkeypatch.syspath_prepend(str(HERE / "bench"))
+    fault_mix = __import__("fault_mix")
+    faulty = fault_mix.FaultyUpstream(seed=1414)
+    try:
+        gw = start_gateway(**fault_mix.gateway_settings(faulty.port), log_level="error")
+        results = fault_mix.run_clients(gw.base, clients=50, duration=6, seed=1414)
+        summary = fault_mix.report(results, fault_mix.ledger_rows(gw.gateway.ledger.path, {r["id"] for r in results}),
+                                   faulty)  # fmt: skip
+    finally:
+        faulty.close()
+    assert summary["requests"] > 200 and summary["answered"] == summary["requests"], summary
+    assert (
+        summary["ledger_rows"] == summary["requests"] and not summary["missing_rows"] and not summary["duplicate_rows"]
+    )
+    assert all(r["echoed"] for r in results)
+    assert sum(summary["upstream_faults"].values()) > summary["upstream_attempts"] / 4  # the faults did happen
+    assert summary["succeeded"] > 0.8 * summary["requests"], summary  # and were failed over
+    m = parse_prometheus(get(gw, "/metrics")[2].decode())
+    assert sum(m["tgw_upstream_failovers_total"].values()) > 0
+    counted, drops = sum(m["tgw_upstream_attempts_total"].values()), summary["upstream_faults"]["drop"]
+    assert summary["upstream_attempts"] - drops <= counted <= summary["upstream_attempts"]  # a pooled connection
+    # closed without an answer is stale: sent again on another within the same attempt
+    states = {dict(k)["account"]: v for k, v in m["tgw_upstream_breaker_state"].items()}
+    assert set(states) == {"openai#1", "openai#2", "anthropic"} and set(states.values()) <= {0, 1, 2}
+
+
+def test_codex_and_gemini_clients_fail_over_across_protocols_in_their_own_shapes(start_gateway, upstream):
+    openai_up = upstream(lambda h, b: reply_json(h, {"error": {"message": "openai is down"}}, status=503))
+    anthropic_up = upstream(lambda h, b: reply_json(h, a_message([{"type": "text", "text": "Claude covers"}], "end_turn",
+                                                                 {"input_tokens": 9, "output_tokens": 2})))  # fmt: skip
+    gemini_up = upstream(lambda h, b: reply_json(h, R_OVERLOADED, status=529))
+    env = {**openai_env(openai_up), **anthropic_env(anthropic_up), **gemini_env(gemini_up)}
+    gw = start_gateway(env=env, openai_responses_api="on", upstream_retries=0,
+                       model_fallbacks="gpt-5*=>claude-sonnet-4-5, gemini*=>claude-sonnet-4-5")  # fmt: skip
+    status, headers, body = post(gw, "/v1/responses", {"model": "gpt-5-codex", "input": "hi", "store": False})
+    answer = json.loads(body)  # passthrough first (OpenAI has /v1/responses), then translated to Anthropic
+    assert (
+        status == 200
+        and answer["object"] == "response"
+        and answer["output"][0]["content"][0]["text"] == "Claude covers"
+    )
+    assert openai_up.requests[0]["path"] == "/v1/responses" and headers["x-tgw-provider"] == "anthropic"
+    status, headers, body = post(gw, "/v1beta/models/gemini-2.5-pro:generateContent", L_GEMINI)
+    answer = json.loads(body)
+    assert status == 200 and answer["candidates"][0]["content"]["parts"][0]["text"] == "Claude covers"
+    assert headers["x-tgw-attempts"] == "2"
+    assert [(r["lane"], r["provider"], r["attempts"]) for r in gw.rows(2)] == [("translation", "anthropic", 2)] * 2
+
+
+def test_x_tgw_headers_cannot_be_used_to_inject_a_header(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion()))
+    gw = start_gateway(env=openai_env(up))
+    raw = raw_exchange(gw.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (
+                           len(body := json.dumps({**CHAT, "model": "gpt-4o\r\nSet-Cookie: stolen=1 \u00e9"}).encode()),
+                           body))  # fmt: skip
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    assert head.startswith("HTTP/1.1 200") and "\r\nSet-Cookie" not in head
+    assert "\r\nx-tgw-model: gpt-4o%0D%0ASet-Cookie: stolen%3D1 %C3%A9\r\n" in head  # percent-encoded
+
+
+def test_hostile_retry_after_values_neither_stick_an_account_nor_break_the_answer(start_gateway, upstream):
+    values = iter(["nan", "1e9", "-inf", "Wed, 21 Oct 2015 07:28:00 GMT"])
+
+    def script(h, body):
+        reply_json(h, {"error": {"message": "slow down"}}, status=429, headers={"Retry-After": next(values, "0")})
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up), upstream_retries=0)
+    for expected in (None, "86400", None, None):
+        status, headers, _ = post(gw, "/v1/chat/completions", CHAT)
+        assert status == 429 and headers.get("Retry-After") == expected
+        if expected:  # a day is the longest an upstream may cool an account (then breaker_cooldown_max applies)
+            assert accounts(gw)["openai"]["cooldown_left_s"] <= 300
+            gw.gateway.pools.accounts["openai"].until = 0.0  # (end that cooldown for the next case)
+    assert len(up.requests) == 4 and accounts(gw)["openai"]["state"] == "closed"
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"model_fallbacks": "claude*=>no-such-model"}, ["model_fallbacks", "no-such-model", "matches no route"]),
+        ({"model_fallbacks": "gpt*=>loopback"}, ["loopback model cannot be a fallback"]),
+        ({"model_fallbacks": "gpt*"}, ["model_fallbacks", "pattern=>target"]),
+        ({"env": {"TOKLIGENCE_PROVIDER_OPENAI_API_KEY": "sk-x"}}, ["[provider.openai]", "built-in provider"]),
+        (
+            {
+                "env": {
+                    "TOKLIGENCE_PROVIDER_LOCAL_BASE_URL": "http://127.0.0.1:1/v1",
+                    "TOKLIGENCE_PROVIDER_LOCAL_WEIGHT": "0",
+                }
+            },
+            ["[provider.local]", "weight"],
+        ),
+        ({"env": {"TOKLIGENCE_PROVIDER_GEMINI_READ_TIMEOUT": "soon"}}, ["read_timeout", "number of seconds"]),
+        ({"breaker_failures": "0"}, ["breaker_failures", "positive"]),
+        ({"upstream_total_timeout": "0"}, ["upstream_total_timeout", "positive"]),
+    ],
+)
+def test_pool_settings_are_checked_at_startup(tmp_path, settings, words):
+    settings = dict(settings)
+    env = {"TOKLIGENCE_OPENAI_API_KEY": "sk-real-123456", **settings.pop("env", {})}
+    with pytest.raises(tgw.ConfigError) as caught:
+        tgw.Gateway(make_config(tmp_path, env, **settings))
+    assert all(w in str(caught.value) for w in words), str(caught.value)
+
+
+def test_a_stream_that_opens_with_an_overloaded_error_still_fails_over(start_gateway, upstream):
+    opening = {"type": "message_start", "message": {"id": "msg_up", "type": "message", "role": "assistant",
+                                                    "model": "claude-sonnet-4-5", "content": [],
+                                                    "usage": {"input_tokens": 5, "output_tokens": 0}}}  # fmt: skip
+    anthropic_up = upstream(lambda h, b: reply_anthropic_sse(h, [opening, {"type": "ping"}, R_OVERLOADED]))
+    openai_up = upstream(lambda h, b: reply_sse(h, chat_chunks(words=("Hi", " there"))))
+    gw = start_gateway(env={**anthropic_env(anthropic_up), **openai_env(openai_up)}, breaker_failures=2,
+                       model_fallbacks="claude-sonnet-4*=>gpt-4.1", upstream_retries=0)  # fmt: skip
+    # Claude Code's lane: passthrough to Anthropic, whose 200 stream says overloaded before any content
+    status, headers, payload = post(
+        gw, "/v1/messages", {**L_CLAUDE, "stream": True}, {"anthropic-version": "2023-06-01"}
+    )
+    received = lane_sse(payload)
+    assert status == 200 and headers["x-tgw-attempts"] == "2" and headers["x-tgw-provider"] == "openai"
+    assert assert_valid_anthropic_stream(received) == "Hi there"
+    assert [d["message"]["id"] for n, d in received if n == "message_start"] != ["msg_up"]  # only the fallback's
+    # an OpenAI client translated to Anthropic, failing over to OpenAI itself: its chunks arrive as they are
+    status, headers, payload = post(gw, "/v1/chat/completions", {**CHAT, "model": "claude-sonnet-4-5", "stream": True})
+    chunks = sse_data(payload)
+    assert status == 200 and headers["x-tgw-attempts"] == "2" and chunks[-1] == "[DONE]"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1] if c["choices"]) == "Hi there"
+    state = accounts(gw)["anthropic"]  # the 200 heads did not count as successes: two failures opened it
+    assert state["state"] == "open" and state["last_status"] == 529
+    rows = gw.rows(2)
+    assert [(r["status"], r["attempts"], r["provider"], r["lane"]) for r in rows] == [
+        (200, 2, "openai", "translation"), (200, 2, "openai", "passthrough")]  # fmt: skip
+
+
+def test_rebuilding_the_pools_from_a_new_config_keeps_the_accounts_that_stay(start_gateway, upstream, tmp_path):
+    up = upstream(lambda h, b: reply_json(h, {"error": {"message": "bad key"}}, status=500) if key_of(h) == R_BAD
+                  else reply_json(h, chat_completion()))  # fmt: skip
+    gw = start_gateway(env=openai_env(up, key=R_BAD), breaker_failures=1, upstream_retries=0)
+    assert post(gw, "/v1/chat/completions", CHAT)[0] == 500
+    assert accounts(gw)["openai"]["state"] == "open"
+
+    def reload(**settings):  # live reload, on the gateway's own loop
+        async def apply():
+            return gw.gateway.apply_config(make_config(tmp_path, openai_env(up, key=f"{R_BAD}, {R_GOOD}"), **settings))
+
+        return asyncio.run_coroutine_threadsafe(apply(), gw.loop).result(10)
+
+    with pytest.raises(tgw.ConfigError, match="model_fallbacks"):  # refused: nothing changes
+        reload(model_fallbacks="gpt*=>no-such-model")
+    assert set(accounts(gw)) == {"openai"}
+    changed, _ = reload(breaker_failures=1, upstream_retries=0)
+    assert "openai_api_key" in changed
+    state = accounts(gw)
+    assert state["openai#1"]["state"] == "open" and state["openai#1"]["errors"] == 1  # the same key kept its breaker
+    assert state["openai#2"]["state"] == "closed"
+    status, headers, _ = post(gw, "/v1/chat/completions", CHAT)
+    assert status == 200 and headers["x-tgw-attempts"] == "1" and sent_keys(up)[-1] == R_GOOD
+
+
+def test_a_fallback_model_may_go_to_the_account_that_just_failed_another_model(start_gateway, upstream):
+    def script(h, body):
+        if body["model"] == "gpt-4.1":
+            reply_json(h, {"error": {"message": "gpt-4.1 is overloaded"}}, status=503)
+        else:
+            reply_json(h, chat_completion(f"from {body['model']}"))
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up), model_fallbacks="gpt-4.1=>gpt-4o-mini", upstream_retries=0)
+    status, headers, body = post(gw, "/v1/chat/completions", {**CHAT, "model": "gpt-4.1"})
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "from gpt-4o-mini"
+    assert (headers["x-tgw-model"], headers["x-tgw-attempts"]) == ("gpt-4o-mini", "2")
+    assert [r["body"]["model"] for r in up.requests] == ["gpt-4.1", "gpt-4o-mini"]
+    row = gw.rows()[-1]
+    assert (row["model_requested"], row["model_upstream"], row["account"], row["attempts"]) == (
+        "gpt-4.1", "gpt-4o-mini", "openai", 2)  # fmt: skip
+
+
+def test_a_stream_that_only_ever_opens_is_relayed_not_held_forever(start_gateway, upstream):
+    opening = {"type": "message_start", "message": {"id": "msg_up", "type": "message", "role": "assistant",
+                                                    "model": "claude-sonnet-4-5", "content": [],
+                                                    "usage": {"input_tokens": 5, "output_tokens": 0}}}  # fmt: skip
+    pings = [{"type": "ping", "pad": "x" * 1000}] * 400  # 400 KB of opening, then an overload error
+    up = upstream(lambda h, b: reply_anthropic_sse(h, [opening, *pings, R_OVERLOADED]))
+    gw = start_gateway(env=anthropic_env(up), upstream_retries=0)
+    status, _, payload = post(gw, "/v1/messages", {**L_CLAUDE, "stream": True}, {"anthropic-version": "2023-06-01"})
+    # past HOLD_LIMIT the opening went out: too late to fail over, so the error is in-stream
+    received = lane_sse(payload)
+    assert status == 200 and received[0] == ("message_start", opening) and received[-1] == ("error", R_OVERLOADED)
+    assert len(received) == 402 and gw.rows()[-1]["status"] == 529
+
+
+# ======================================================================================
+# Team gateway: users, keys, budgets, rate limits, admin API (issue 13)
+# ======================================================================================
+
+
+@pytest.fixture
+def team(tmp_path):
+    """The identity store of the ledger that start_gateway's gateways use (tmp_path/ledger.db)."""
+    store = tgw.IdentityStore(tgw.open_ledger_db(str(tmp_path / "ledger.db")))
+    yield store
+    store.db.close()
+
+
+def team_key(store, email="dev@example.com", role="user", user_fields=None, **key_fields) -> tuple[str, dict]:
+    """A key for `email` (the user is added when missing)."""
+    try:
+        user = store.user(email)
+    except tgw.GatewayError:
+        user = store.add_user(email, {"role": role, **(user_fields or {})})
+    return store.create_key(user["id"], key_fields)
+
+
+def team_call(gw, method, path, body=None, headers=None) -> tuple[int, dict, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=20)
+    data = None if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    payload = resp.read()
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, payload
+
+
+def team_auth(protocol: str, key: str) -> dict:
+    """A key where each protocol's SDK sends it."""
+    return {"anthropic": {"x-api-key": key}, "gemini": {"x-goog-api-key": key}}.get(
+        protocol, {"Authorization": f"Bearer {key}"}
+    )
+
+
+def team_error(protocol: str, status: int, payload: bytes) -> tuple[str, str]:
+    """(type, message) of an error, checking it came in `protocol`'s own envelope."""
+    data = json.loads(payload)
+    if protocol == "anthropic":
+        assert data["type"] == "error"
+        return data["error"]["type"], data["error"]["message"]
+    if protocol == "gemini":
+        assert data["error"]["code"] == status
+        return data["error"]["status"], data["error"]["message"]
+    assert set(data["error"]) >= {"message", "type", "code"}  # OpenAI's (Chat, Responses, the admin API)
+    return data["error"]["type"], data["error"]["message"]
+
+
+def wait_for(condition, timeout=5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+TEAM_COUNT = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hello"}]}
+# every endpoint, in its protocol: (method, path, body, protocol)
+TEAM_ENDPOINTS = [
+    ("POST", "/v1/chat/completions", CHAT, "openai"),
+    ("POST", "/v1beta/openai/chat/completions", CHAT, "openai"),
+    ("POST", "/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"}, "openai"),
+    ("POST", "/v1/completions", {"model": "gpt-4o-mini", "prompt": "hi", "max_tokens": 5}, "openai"),
+    ("GET", "/v1/models", None, "openai"),
+    ("GET", "/v1/models/gpt-4o-mini", None, "openai"),
+    ("POST", "/v1/messages", L_CLAUDE, "anthropic"),
+    ("POST", "/anthropic/v1/messages?beta=true", L_CLAUDE, "anthropic"),
+    ("POST", "/v1/messages/count_tokens", TEAM_COUNT, "anthropic"),
+    ("POST", "/anthropic/v1/messages/count_tokens", TEAM_COUNT, "anthropic"),
+    ("GET", "/anthropic/v1/models", None, "anthropic"),
+    ("POST", "/v1/responses", {"model": "gpt-4o-mini", "input": "hi"}, "responses"),
+    ("POST", "/v1/responses/input_tokens", {"input": "hi"}, "responses"),
+    ("GET", "/v1/responses/resp_missing", None, "responses"),
+    ("DELETE", "/v1/responses/resp_missing", None, "responses"),
+    ("POST", "/v1beta/models/gemini-2.5-flash:generateContent", L_GEMINI, "gemini"),
+    ("POST", "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", L_GEMINI, "gemini"),
+    ("POST", "/v1beta/models/gemini-2.5-flash:countTokens", L_GEMINI, "gemini"),
+    ("GET", "/v1beta/models", None, "gemini"),
+    ("GET", "/v1beta/models/gemini-2.5-flash", None, "gemini"),
+    ("GET", "/api/v1/usage/summary", None, "openai"),
+    ("GET", "/api/v1/usage/logs", None, "openai"),
+    ("GET", "/api/v1/admin/users", None, "openai"),
+]
+# the model calls, each naming a model (for allow-lists, budgets and rate limits)
+TEAM_MODEL_CALLS = [
+    ("/v1/chat/completions", {**CHAT, "model": "{model}"}, "openai"),
+    ("/v1/messages", {**L_CLAUDE, "model": "{model}"}, "anthropic"),
+    ("/v1/responses", {"model": "{model}", "input": "hi"}, "responses"),
+    ("/v1beta/models/{model}:generateContent", L_GEMINI, "gemini"),
+    ("/v1/embeddings", {"model": "{model}", "input": "hi"}, "openai"),
+    ("/v1/completions", {"model": "{model}", "prompt": "hi", "max_tokens": 5}, "openai"),
+]
+
+
+def team_model_call(gw, index: int, model: str, key: str, **extra) -> tuple[int, dict, bytes, str]:
+    path, body, protocol = TEAM_MODEL_CALLS[index]
+    body = {k: (model if v == "{model}" else v) for k, v in body.items()} | extra
+    status, headers, payload = team_call(gw, "POST", path.replace("{model}", model), body, team_auth(protocol, key))
+    return status, headers, payload, protocol
+
+
+@pytest.mark.parametrize("version", [2, 3])  # the ledger as this branch began, and main's before identity
+def test_team_migration_from_todays_ledger_keeps_every_row(tmp_path, start_gateway, version):
+    """A ledger made by an earlier schema gains identity with nothing lost."""
+    path = tmp_path / "ledger.db"
+    db = sqlite3.connect(path)
+    for script in tgw.LEDGER_MIGRATIONS[:version]:
+        db.executescript(script)
+    db.execute(f"PRAGMA user_version={version}")
+    old_columns = [row[1] for row in db.execute("PRAGMA table_info(requests)")][1:]  # all but the id
+    assert old_columns == list(tgw.LEDGER_COLUMNS[: len(old_columns)]) and "key_id" not in old_columns
+    old_row = (1700000000.0, "req_old", "abc123def456", "someone", "openai", "/v1/chat/completions", "passthrough",
+               "openai", "gpt-4o", "gpt-4o", 0, 200, 10, 5, 0, 0, 0.01, 12.5, 3.0, "", 1, "openai")[: len(old_columns)]  # fmt: skip
+    db.execute(f"INSERT INTO requests ({', '.join(old_columns)}) VALUES ({', '.join('?' * len(old_columns))})", old_row)
+    stored = {"id": "resp_old", "object": "response", "status": "completed", "output": []}
+    db.execute("INSERT INTO responses (id, created, model, input, response) VALUES (?, ?, ?, ?, ?)",
+               ("resp_old", time.time(), "gpt-4o", "[]", json.dumps(stored)))  # fmt: skip
+    db.commit()
+    db.close()
+    gw = start_gateway()
+    assert post(gw, "/v1/chat/completions", CHAT)[0] == 200
+    rows = gw.rows(2)
+    assert tuple(rows[0][c] for c in old_columns) == old_row and rows[0]["key_id"] is None
+    assert rows[1]["model_requested"] == "gpt-4o-mini" and rows[1]["user_id"] is None
+    status, _, body = get(gw, "/v1/responses/resp_old")
+    assert status == 200 and json.loads(body) == stored
+    gw.stop()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(tgw.LEDGER_MIGRATIONS) == 4
+    assert db.execute("SELECT COUNT(*) FROM users").fetchone()[0] == 0
+    assert db.execute("SELECT owner FROM responses").fetchall() == [("",)]
+    db.close()
+    tgw.open_ledger_db(str(path)).close()  # opening again changes nothing
+    store = tgw.IdentityStore(tgw.open_ledger_db(str(path)))
+    assert store.version() == 0 and store.users() == []
+
+
+def test_team_keys_are_random_and_stored_only_as_sha256_and_a_display_prefix(team, tmp_path):
+    key, row = team_key(team, name="laptop")
+    other, _ = team_key(team)
+    assert key.startswith("tok_") and other != key
+    assert len(base64.urlsafe_b64decode(key[4:] + "=")) == 32
+    stored = team.rows("SELECT * FROM api_keys WHERE id = ?", (row["id"],))[0]
+    assert stored["key_hash"] == tgw.hashlib.sha256(key.encode()).hexdigest() and stored["key_prefix"] == key[:12]
+    assert key not in json.dumps(team.rows("SELECT * FROM api_keys"))
+    files = b"".join(p.read_bytes() for p in tmp_path.glob("ledger.db*"))
+    assert key.encode() not in files and key[4:].encode() not in files
+
+
+def test_team_auth_on_every_endpoint_in_each_protocols_envelope(team, start_gateway):
+    key, _ = team_key(team, role="admin")
+    gw = start_gateway()
+    for method, path, body, protocol in TEAM_ENDPOINTS:
+        status, _, payload = team_call(gw, method, path, body)
+        assert status == 401, (path, payload)
+        kind, message = team_error(protocol, 401, payload)
+        assert kind in ("authentication_error", "UNAUTHENTICATED") and "missing API key" in message, path
+        status, _, payload = team_call(gw, method, path, body, team_auth(protocol, "tok_" + "x" * 43))
+        assert status == 401 and "invalid API key" in team_error(protocol, 401, payload)[1], path
+        status, _, payload = team_call(gw, method, path, body, team_auth(protocol, key))
+        assert status not in (401, 403), (path, payload)
+    assert team_call(gw, "POST", "/v1beta/models/gemini-2.5-flash:generateContent?key=" + key, L_GEMINI)[0] == 200
+    # a route added later is covered too: only the public paths are open
+    gw.gateway.routes[("GET", "/v1/added-later")] = gw.gateway.root
+    assert team_call(gw, "GET", "/v1/added-later")[0] == 401
+    assert team_call(gw, "GET", "/v1/added-later", None, team_auth("openai", key))[0] == 200
+    status, _, health = team_call(gw, "GET", "/health")
+    assert status == 200 and key[4:12].encode() not in health and b"tok_" not in health
+    assert team_call(gw, "HEAD", "/")[0] == 200 and team_call(gw, "GET", "/")[0] == 200
+
+
+def test_team_disabled_expired_and_deleted_keys_are_refused_saying_which(team, start_gateway):
+    disabled, row = team_key(team, name="ci")
+    team.update_key(row["id"], {"status": "disabled"})
+    expired, _ = team_key(team, expires_at=time.time() - 1)
+    deleted, row = team_key(team)
+    team.delete_key(row["id"])
+    suspended, _ = team_key(team, "gone@example.com")
+    team.update_user("gone@example.com", {"status": "disabled"})
+    live, _ = team_key(team)
+    gw = start_gateway()
+    for index in range(4):
+        for key, words in ((disabled, f"{disabled[:12]} ('ci') is disabled"), (expired, "expired at"),
+                           (deleted, "invalid API key"), (suspended, "gone@example.com, whose account is disabled")):  # fmt: skip
+            status, _, payload, protocol = team_model_call(gw, index, "loopback", key)
+            kind, message = team_error(protocol, status, payload)
+            assert status == 401 and words in message, (index, message)
+        assert team_model_call(gw, index, "loopback", live)[0] == 200
+
+
+def test_team_model_allow_list_is_a_403_naming_the_globs_in_each_protocol(team, start_gateway):
+    key, _ = team_key(team, models="gpt-4o-mini*,fast")
+    gw = start_gateway(model_aliases="fast=>gpt-4o-mini,quick=>gpt-4o-mini")
+    for index in range(len(TEAM_MODEL_CALLS)):
+        status, _, payload, protocol = team_model_call(gw, index, "claude-opus-4", key)
+        kind, message = team_error(protocol, status, payload)
+        assert status == 403 and kind in ("permission_error", "PERMISSION_DENIED")
+        assert "may not use model 'claude-opus-4'" in message and "gpt-4o-mini*, fast" in message
+        assert team_model_call(gw, index, "gpt-4o-mini", key)[0] == 200
+    assert team_model_call(gw, 0, "quick", key)[0] == 200  # an alias of an allowed model is allowed
+    for path, body in (("/v1/messages/count_tokens", {**TEAM_COUNT, "model": "claude-opus-4"}),
+                       ("/v1beta/models/claude-opus-4:countTokens", L_GEMINI)):  # fmt: skip
+        protocol = "anthropic" if "messages" in path else "gemini"
+        status, _, payload = team_call(gw, "POST", path, body, team_auth(protocol, key))
+        assert status == 403 and "gpt-4o-mini*" in team_error(protocol, 403, payload)[1]
+    refused = [r for r in gw.rows(2 * len(TEAM_MODEL_CALLS) + 1) if r["status"] == 403]
+    assert len(refused) == len(TEAM_MODEL_CALLS) and {r["key_id"] for r in refused} == {team.key(key[:12])["id"]}
+
+
+def test_team_budget_stops_the_next_call_and_holds_under_20_parallel_requests(team, start_gateway, upstream):
+    release = threading.Event()
+
+    def held(h, b):
+        release.wait(20)
+        reply_json(h, chat_completion(prompt=20, completion=180))
+
+    up = upstream(held)
+    key, row = team_key(team, name="batch", budget_tokens=1000, budget_period="day")
+    gw = start_gateway(env=openai_env(up))
+    body = {**CHAT, "max_tokens": 200}
+    admitted = math.ceil(1000 / (tgw.estimate_tokens(json.dumps(body).encode()) + 200))  # each reserves its estimate
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(post(gw, "/v1/chat/completions", body,
+                                                                  team_auth("openai", key), timeout=30)))
+               for _ in range(20)]  # fmt: skip
+    for t in threads:
+        t.start()
+    # the refused answer at once; the admitted wait in the upstream until all 20 were decided
+    assert wait_for(lambda: len(up.requests) + len(results) == 20, timeout=20)
+    assert len(up.requests) == admitted
+    release.set()
+    for t in threads:
+        t.join(30)
+    statuses = sorted(status for status, _, _ in results)
+    assert statuses == [200] * admitted + [402] * (20 - admitted)
+    spent = sum(r["prompt_tokens"] + r["completion_tokens"] for r in gw.rows(20))
+    assert spent == 200 * admitted <= 1000
+    status, headers, payload = post(gw, "/v1/chat/completions", body, team_auth("openai", key))
+    kind, message = team_error("openai", status, payload)
+    assert status == 402 and kind == "insufficient_quota" and headers["x-should-retry"] == "false"
+    assert f"API key {key[:12]} ('batch') has used 1000 tokens" in message and "1000-token daily budget" in message
+    assert "resets at " in message and message.endswith("T00:00:00Z")
+    assert len(up.requests) == admitted
+
+
+def test_team_usd_budget_of_a_user_covers_all_its_keys_and_refuses_in_each_protocol(team, start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion(prompt=1000, completion=1000)))  # $0.00075 on gpt-4o-mini
+    first, _ = team_key(team, "ann@example.com", user_fields={"budget_usd": 0.001})
+    second, _ = team_key(team, "ann@example.com")
+    gw = start_gateway(env={**openai_env(up), **routes_env("gpt*=>openai", "claude*=>openai", "gemini*=>openai")},
+                       model_aliases="claude-x=>gpt-4o-mini,gemini-x=>gpt-4o-mini")  # fmt: skip
+    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", first))[0] == 200
+    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", second))[0] == 200  # $0.0015 of $0.001
+    for index, model in ((0, "gpt-4o-mini"), (1, "claude-x"), (2, "gpt-4o-mini"), (3, "gemini-x")):
+        status, headers, payload, protocol = team_model_call(gw, index, model, first if index % 2 else second)
+        kind, message = team_error(protocol, status, payload)
+        assert status == 402 and headers["x-should-retry"] == "false", payload
+        assert kind in ("billing_error", "insufficient_quota", "FAILED_PRECONDITION")
+        assert "user ann@example.com has spent $0.0015" in message and "of its $0.0010 monthly budget" in message
+    if True:  # the Responses codes Codex acts on: insufficient_quota is not retried
+        status, _, payload, _ = team_model_call(gw, 2, "gpt-4o-mini", first)
+        assert json.loads(payload)["error"]["code"] == "insufficient_quota"
+    assert len(up.requests) == 2
+    rows = gw.rows(7)
+    assert [r["status"] for r in rows].count(402) == 5 and {r["user"] for r in rows} == {"ann@example.com"}
+
+
+def test_team_reservations_settle_when_calls_fail_or_are_cancelled(team, start_gateway, upstream):
+    release = threading.Event()
+
+    def script(h, b):
+        if b.get("stream"):  # held until the client has gone
+            release.wait(10)
+        reply_json(h, {"error": {"message": "boom", "type": "server_error"}}, status=500)
+
+    up = upstream(script)
+    key, row = team_key(team, budget_tokens=10_000, tpm=100_000)
+    gw = start_gateway(env=openai_env(up), upstream_retries=0)
+    assert post(gw, "/v1/chat/completions", {**CHAT, "max_tokens": 5000}, team_auth("openai", key))[0] == 500
+    identity = gw.gateway.identity
+    budget = identity.by_id[row["id"]].budgets[0]
+    assert wait_for(lambda: budget.in_flight == 0) and (budget.reserved_tokens, budget.spent_tokens) == (0, 0)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:  # a streaming client that walks away
+        data = json.dumps({**CHAT, "stream": True, "max_tokens": 5000}).encode()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+                  % (key.encode(), len(data), data))  # fmt: skip
+        assert wait_for(lambda: len(up.requests) == 2) and budget.in_flight == 1 and budget.reserved_tokens > 5000
+    assert wait_for(lambda: len(gw.rows(2)) == 2) and gw.rows(2)[1]["status"] == 499
+    release.set()
+    assert wait_for(lambda: budget.in_flight == 0) and budget.reserved_tokens == 0
+    assert identity.by_id[row["id"]].limits[0].tokens > 99_000  # the token rate got its estimates back
+
+
+def test_team_rate_limits_are_429s_with_retry_after_and_ratelimit_headers(team, start_gateway):
+    one_rpm, _ = team_key(team, rpm=1)
+    tokens, _ = team_key(team, tpm=200)
+    unlimited, _ = team_key(team, rpm=0)
+    defaulted, _ = team_key(team)
+    gw = start_gateway(default_rpm=1)
+    assert team_model_call(gw, 0, "loopback", one_rpm)[0] == 200
+    for index in range(len(TEAM_MODEL_CALLS)):
+        status, headers, payload, protocol = team_model_call(gw, index, "loopback", one_rpm)
+        kind, message = team_error(protocol, status, payload)
+        assert (
+            status == 429 and kind in ("rate_limit_error", "RESOURCE_EXHAUSTED") and "1 requests per minute" in message
+        )
+        assert 50 <= int(headers["retry-after"]) <= 60
+        assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"]) == ("1", "0")
+        assert re.fullmatch(r"1m0s|[45]\d(\.\d)?s", headers["x-ratelimit-reset-requests"])
+    big = {"messages": [{"role": "user", "content": "word " * 400}], "max_tokens": 10}
+    assert team_model_call(gw, 0, "loopback", tokens, **big)[0] == 200  # ~500 tokens used of 200 a minute
+    status, headers, payload, _ = team_model_call(gw, 0, "loopback", tokens)
+    assert status == 429 and "200 tokens per minute" in team_error("openai", status, payload)[1]
+    assert headers["x-ratelimit-limit-tokens"] == "200" and headers["x-ratelimit-remaining-tokens"] == "0"
+    assert int(headers["retry-after"]) >= 60 and headers["x-ratelimit-reset-tokens"].endswith("s")
+    assert all(team_model_call(gw, 0, "loopback", unlimited)[0] == 200 for _ in range(3))  # rpm 0: no limit
+    assert team_model_call(gw, 0, "loopback", defaulted)[0] == 200  # default_rpm = 1 for a key that sets none
+    assert team_model_call(gw, 0, "loopback", defaulted)[0] == 429
+
+
+def test_team_user_rate_limit_is_shared_by_its_keys(team, start_gateway):
+    first, row = team_key(team, "sam@example.com", user_fields={"rpm": 2}, rpm=5)
+    second, _ = team_key(team, "sam@example.com")
+    gw = start_gateway()
+    assert team_model_call(gw, 0, "loopback", first)[0] == 200
+    assert team_model_call(gw, 1, "loopback", second)[0] == 200
+    status, headers, payload, protocol = team_model_call(gw, 3, "loopback", first)
+    assert (
+        status == 429 and "user sam@example.com may send 2 requests per minute" in team_error(protocol, 429, payload)[1]
+    )
+    assert headers["x-ratelimit-limit-requests"] == "2"
+    key_limit, user_limit = gw.gateway.identity.by_id[row["id"]].limits
+    assert key_limit.requests > 3.9 and user_limit.requests < 1  # the key's allowance was given back
+
+
+def test_team_rate_limit_and_budget_windows_with_an_injected_clock():
+    limit = tgw.RateLimit(rpm=2, tpm=1000, now=100.0)
+    limit.take(100.0, 400)
+    limit.take(100.0, 400)
+    with pytest.raises(tgw.GatewayError) as err:
+        limit.take(100.0, 10)
+    assert err.value.status == 429 and err.value.retry_after == 30  # one request back every 30 s
+    limit.take(130.0, 10)  # refilled: one request back after 30 s
+    tokens = tgw.RateLimit(rpm=0, tpm=1000, now=0.0)
+    tokens.take(0.0, 100)
+    tokens.refund(-1000)  # the call used 1000 more tokens than it reserved: 100 in debt
+    with pytest.raises(tgw.GatewayError) as err:
+        tokens.take(3.0, 10)  # 50 tokens back, still 50 short
+    assert "1000 tokens per minute" in err.value.message and err.value.retry_after == 4
+    headers = dict(err.value.headers)
+    assert headers["x-ratelimit-remaining-tokens"] == "0" and "x-ratelimit-limit-requests" not in headers
+    tokens.take(9.0, 10)
+    start, end = tgw.period_bounds("month", 1767225600.0 - 1)  # 2025-12-31T23:59:59Z
+    assert (tgw.iso_time(start), tgw.iso_time(end)) == ("2025-12-01T00:00:00Z", "2026-01-01T00:00:00Z")
+    assert tgw.iso_time(tgw.period_bounds("week", 1767225600.0)[0]) == "2025-12-29T00:00:00Z"  # a Monday
+    budget = tgw.Budget("user u@x", "day", 1767225600.0, (0.0, 0))
+    budget.tokens = 100
+    budget.reserved_tokens, budget.in_flight = 60, 1  # a call in flight
+    budget.release(budget.start, 0.0, 60, 0.0, 120)
+    assert "used 120 tokens" in budget.refusal(1767225600.0 + 10).message
+    assert budget.refusal(1767225600.0 + 86400) is None  # the next day starts from nothing
+    assert budget.spent_tokens == 0 and tgw.iso_time(budget.end) == "2026-01-03T00:00:00Z"
+
+
+def test_team_key_made_by_the_cli_works_on_a_running_gateway_without_restart(team, start_gateway, tmp_path):
+    existing, _ = team_key(team)
+    team.add_user("new@example.com", {})
+    gw = start_gateway()
+    env = dict(os.environ, TOKLIGENCE_LEDGER_PATH=str(tmp_path / "ledger.db"))
+    out = subprocess.run([sys.executable, TGW, "key", "create", "--user", "new@example.com", "--name", "cli",
+                          "--models", "loopback*"], capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    key = out.stdout.strip()
+    assert out.returncode == 0 and key.startswith("tok_") and "only time it is shown" in out.stderr
+    assert key[12:] not in out.stderr
+    started = time.monotonic()
+    assert wait_for(lambda: post(gw, "/v1/chat/completions", {**CHAT, "model": "loopback"},
+                                 team_auth("openai", key))[0] == 200, timeout=5)  # fmt: skip
+    assert time.monotonic() - started < 2.5
+    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", existing))[0] == 200
+    assert [r["user"] for r in gw.rows(2)] == ["new@example.com", "dev@example.com"]
+
+
+def test_team_disabled_key_is_refused_within_two_seconds(team, start_gateway, tmp_path, monkeypatch, capsys):
+    key, row = team_key(team)
+    gw = start_gateway()
+    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 200
+    monkeypatch.setenv("TOKLIGENCE_LEDGER_PATH", str(tmp_path / "ledger.db"))
+    assert tgw.main(["key", "disable", key[:12]]) == 0
+    started = time.monotonic()
+    assert wait_for(lambda: post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 401, timeout=5)
+    assert time.monotonic() - started < 2.0
+    assert tgw.main(["key", "enable", str(row["id"])]) == 0
+    assert wait_for(lambda: post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 200, timeout=5)
+    assert tgw.main(["user", "disable", "dev@example.com"]) == 0
+    assert wait_for(lambda: post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 401, timeout=5)
+    assert "is disabled" in capsys.readouterr().out
+
+
+def test_team_admin_api_round_trip(team, start_gateway):
+    admin, _ = team_key(team, "root@example.com", role="admin")
+    user_key, _ = team_key(team, "plain@example.com")
+    gw = start_gateway()
+    auth = team_auth("openai", admin)
+
+    def api(method, path, body=None, headers=auth):
+        status, _, payload = team_call(gw, method, "/api/v1/admin" + path, body, headers)
+        return status, json.loads(payload) if payload else None
+
+    status, listed = api("GET", "/users")
+    assert status == 200 and [u["email"] for u in listed["users"]] == ["root@example.com", "plain@example.com"]
+    assert set(listed["users"][0]) >= {"id", "email", "role", "display_name", "status", "created_at", "updated_at"}
+    status, made = api("POST", "/users", {"email": "New@Example.com", "display_name": "New", "role": "gateway_user"})
+    assert status == 201 and made["user"]["email"] == "new@example.com" and made["user"]["role"] == "user"
+    uid = made["user"]["id"]
+    status, changed = api("PATCH", f"/users/{uid}", {"display_name": "Renamed", "role": "", "budget_usd": 2.5})
+    assert status == 200 and changed["user"]["display_name"] == "Renamed" and changed["user"]["role"] == "user"
+    assert changed["user"]["budget"] == {"usd": 2.5, "tokens": None, "period": "month"}
+    status, created = api("POST", f"/users/{uid}/api-keys",
+                          {"name": "bot", "models": ["loopback*"], "rpm": 100, "expires_at": "2099-01-01T00:00:00Z"})  # fmt: skip
+    token, key = created["token"], created["api_key"]
+    assert status == 201 and token.startswith("tok_") and key["prefix"] == token[:12] and "key_hash" not in key
+    assert key["expires_at"] == "2099-01-01T00:00:00Z" and key["models"] == ["loopback*"] and key["rpm"] == 100
+    assert post(gw, "/v1/chat/completions", {**CHAT, "model": "loopback"}, team_auth("openai", token))[0] == 200
+    status, keys = api("GET", f"/users/{uid}/api-keys")
+    assert status == 200 and [k["id"] for k in keys["api_keys"]] == [key["id"]]
+    assert keys["api_keys"][0]["last_used_at"] is None or keys["api_keys"][0]["last_used_at"].endswith("Z")
+    assert api("DELETE", f"/api-keys/{key['id']}") == (204, None)
+    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", token))[0] == 401  # at once, no poll wait
+    assert api("DELETE", f"/users/{uid}") == (204, None)
+    assert api("PATCH", f"/users/{uid}", {"display_name": "x"})[0] == 404
+    # who may, and bad input
+    status, body = api("GET", "/users", headers=team_auth("openai", user_key))
+    assert status == 403 and "admin user" in body["error"]["message"]
+    bad = [
+        ("POST", "/users", {"email": "not-an-email"}, 400, "'email'"),
+        ("POST", "/users", {"email": 5}, 400, "'email' must be a string"),
+        ("POST", "/users", {"display_name": "x"}, 400, "'email' is required"),
+        ("POST", "/users", {"email": "plain@example.com"}, 409, "already exists"),
+        ("POST", "/users", {"email": "z@example.com", "role": "god"}, 400, "'role' must be one of admin, user"),
+        ("POST", "/users", {"email": "z@example.com", "is_admin": True}, 400, "unknown field(s) is_admin"),
+        ("POST", "/users", [1, 2], 400, "must be a JSON object"),
+        ("POST", "/users", b"{broken", 400, "not valid JSON"),
+        ("POST", "/users", {"email": "z@example.com", "display_name": "x" * 70000}, 413, "limited to 65536 bytes"),
+        ("PATCH", "/users/abc", {}, 400, "invalid user id"),
+        ("PATCH", "/users/99999", {}, 404, "no user"),
+        ("PATCH", "/users/1", {"budget_usd": -1}, 400, "'budget_usd' must be a number from 0 up"),
+        ("PATCH", "/users/1", {"budget_tokens": 1.5}, 400, "'budget_tokens' must be a whole number"),
+        ("PATCH", "/users/1", {"budget_usd": True}, 400, "'budget_usd'"),
+        ("PATCH", "/users/1", {"rpm": 10**30}, 400, "'rpm' must be a whole number"),
+        ("PATCH", "/users/1", {"status": "asleep"}, 400, "'status' must be one of active, disabled"),
+        ("POST", "/users/1/api-keys", {"models": "a,,b" * 500}, 400, "at most 100"),
+        ("POST", "/users/1/api-keys", {"models": [{"x": 1}]}, 400, "'models' entries"),
+        ("POST", "/users/1/api-keys", {"expires_at": "tomorrow"}, 400, "RFC 3339"),
+        ("POST", "/users/1/api-keys", {"scopes": ["admin"]}, 400, "'scopes' are not supported"),
+        ("POST", "/users/1/api-keys", {"rpm": "many"}, 400, "'rpm' must be a whole number"),
+        ("DELETE", "/api-keys/99999", None, 404, "no API key"),
+        ("PUT", "/users/1", {}, 405, "use PATCH, DELETE"),
+        ("GET", "/nothing-here", None, 404, "no admin endpoint"),
+    ]
+    for method, path, body, want, words in bad:
+        status, answer = api(method, path, body)
+        assert status == want and words in answer["error"]["message"], (path, body if not isinstance(body, dict) else
+                                                                         str(body)[:80], answer)  # fmt: skip
+    assert_serving(gw)
+
+
+def test_team_admin_api_without_any_key_answers_only_this_machine(start_gateway):
+    gw = start_gateway()
+    status, _, payload = team_call(gw, "POST", "/api/v1/admin/users", {"email": "first@example.com", "role": "admin"})
+    assert status == 201 and json.loads(payload)["user"]["role"] == "admin"
+    status, _, payload = team_call(gw, "POST", "/api/v1/admin/users/1/api-keys", {})
+    key = json.loads(payload)["token"]
+    assert status == 201 and team_call(gw, "GET", "/api/v1/admin/users")[0] == 401  # keys are required now
+    assert team_call(gw, "GET", "/api/v1/admin/users", None, team_auth("openai", key))[0] == 200
+
+
+def test_team_usage_summary_and_logs_show_only_the_callers_own(team, start_gateway):
+    mine, row = team_key(team, "me@example.com", budget_tokens=100_000, rpm=50)
+    theirs, _ = team_key(team, "you@example.com")
+    gw = start_gateway(api_keys="static-key-123")
+    for key in (mine, mine, theirs, "static-key-123"):
+        assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 200
+    gw.rows(4)
+    status, _, payload = team_call(gw, "GET", "/api/v1/usage/summary", None, team_auth("openai", mine))
+    summary = json.loads(payload)["summary"]
+    assert status == 200 and summary["requests"] == 2 and summary["key"]["prefix"] == mine[:12]
+    assert summary["user"]["email"] == "me@example.com" and summary["consumed_tokens"] > 0
+    assert summary["budgets"][0]["tokens"] == 100_000 and summary["budgets"][0]["left_tokens"] < 100_000
+    (limit,) = summary["rate_limits"]
+    assert (limit["holder"], limit["rpm"], limit["tpm"]) == (f"API key {mine[:12]}", 50, None)
+    assert 48 <= limit["remaining_requests"] < 50
+    status, _, payload = team_call(gw, "GET", "/api/v1/usage/logs?limit=10", None, team_auth("openai", mine))
+    entries = json.loads(payload)["entries"]
+    assert status == 200 and len(entries) == 2 and {e["key_id"] for e in entries} == {row["id"]}
+    assert entries[0]["created_at"].endswith("Z") and entries[0]["api_key_id"] == mine[:12]
+    status, _, payload = team_call(gw, "GET", "/api/v1/usage/logs", None, team_auth("openai", "static-key-123"))
+    assert status == 200 and len(json.loads(payload)["entries"]) == 1
+    for query in ("limit=0", "limit=abc", "limit=100000", "limit=00000000001"):
+        assert team_call(gw, "GET", f"/api/v1/usage/logs?{query}", None, team_auth("openai", mine))[0] == 400
+    assert team_call(gw, "GET", "/api/v1/usage/summary?days=nan", None, team_auth("openai", mine))[0] == 400
+
+
+def test_team_stored_responses_are_seen_only_by_the_key_that_made_them(team, start_gateway):
+    mine, _ = team_key(team, "me@example.com")
+    theirs, _ = team_key(team, "you@example.com")
+    gw = start_gateway()
+    status, _, payload = post(gw, "/v1/responses", {"model": "gpt-4o-mini", "input": "hi"}, team_auth("openai", mine))
+    response_id = json.loads(payload)["id"]
+    assert status == 200
+    follow_up = {"model": "gpt-4o-mini", "input": "more", "previous_response_id": response_id}
+    assert post(gw, "/v1/responses", follow_up, team_auth("openai", mine))[0] == 200
+    assert post(gw, "/v1/responses", follow_up, team_auth("openai", theirs))[0] == 404
+    assert team_call(gw, "GET", f"/v1/responses/{response_id}", None, team_auth("openai", theirs))[0] == 404
+    assert team_call(gw, "DELETE", f"/v1/responses/{response_id}", None, team_auth("openai", theirs))[0] == 404
+    assert team_call(gw, "GET", f"/v1/responses/{response_id}", None, team_auth("openai", mine))[0] == 200
+    gw.gateway.ledger.flush()
+    gw.gateway.responses_store.recent.clear()  # from sqlite too, not only from memory
+    assert team_call(gw, "GET", f"/v1/responses/{response_id}", None, team_auth("openai", theirs))[0] == 404
+    assert team_call(gw, "GET", f"/v1/responses/{response_id}", None, team_auth("openai", mine))[0] == 200
+
+
+def test_team_keys_and_long_hash_prefixes_never_appear_in_logs_ledger_errors_or_cli(
+    team, start_gateway, tmp_path, caplog, monkeypatch, capsys
+):
+    key, row = team_key(team, name="ci", models="loopback*", budget_tokens=50)
+    spare, spare_row = team_key(team)
+    team.update_key(spare_row["id"], {"status": "disabled"})
+    gw = start_gateway(log_level="debug")
+    bodies = []
+    with caplog.at_level(logging.DEBUG, logger="tgw"):
+        for headers in (team_auth("openai", key), team_auth("anthropic", key), team_auth("openai", spare),
+                        team_auth("openai", key + "x"), team_auth("gemini", key[:-1])):  # fmt: skip
+            for model in ("loopback", "gpt-4o"):
+                bodies.append(post(gw, "/v1/chat/completions", {**CHAT, "model": model}, headers)[2])
+        bodies.append(team_call(gw, "GET", f"/v1beta/models?key={key}")[2])
+        gw.rows(3)
+    monkeypatch.setenv("TOKLIGENCE_LEDGER_PATH", str(tmp_path / "ledger.db"))
+    for argv in (["logs", "-n", "50"], ["logs", "--json"], ["logs", "--user", "dev@example.com"],
+                 ["usage", "--by", "key", "--by", "user", "--json"], ["key", "list", "--json"], ["key", "show", "1"],
+                 ["user", "show", "dev@example.com", "--json"], ["key", "list"]):  # fmt: skip
+        assert tgw.main(argv) == 0
+    cli = capsys.readouterr().out
+    ledger_rows = json.dumps(gw.rows(3)).encode()
+    gw.stop()
+    files = b"".join(p.read_bytes() for p in tmp_path.glob("ledger.db*"))  # the key's hash is stored, the key never
+    places = {"logs": caplog.text.encode(), "errors": b"".join(bodies), "cli": cli.encode(), "ledger": ledger_rows}
+    assert f"API key {key[:12]}".encode() in places["errors"] and key[:12].encode() in places["cli"]
+    assert key[:12].encode() in places["ledger"] and b"POST /v1/chat/completions 401" in places["logs"]
+    for secret in (key, spare):
+        digest = tgw.hashlib.sha256(secret.encode()).hexdigest()
+        assert secret[12:].encode() not in files and secret[4:24].encode() not in files
+        for fragment in [secret[:13], secret[4:17], secret[-12:]]:
+            for place, data in places.items():
+                assert fragment.encode() not in data, (place, fragment)
+        for fragment in [digest[i : i + 13] for i in (0, 20, 40, 51)]:
+            for place, data in places.items():
+                assert fragment.encode() not in data, (place, fragment)
+
+
+def test_team_usage_by_user_and_key_and_logs_by_user_show_budgets(team, start_gateway, tmp_path, monkeypatch, capsys):
+    key, _ = team_key(team, "ann@example.com", user_fields={"budget_tokens": 100_000}, name="laptop", budget_usd=5.0)
+    other, _ = team_key(team, "bob@example.com")
+    gw = start_gateway()
+    for k in (key, key, other):
+        assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", k))[0] == 200
+    gw.rows(3)
+    monkeypatch.setenv("TOKLIGENCE_LEDGER_PATH", str(tmp_path / "ledger.db"))
+    capsys.readouterr()
+    assert tgw.main(["usage", "--by", "user", "--by", "key"]) == 0
+    text = capsys.readouterr().out
+    assert "by user" in text and "by key" in text
+    ann = next(line for line in text.splitlines() if "ann@example.com" in line)
+    assert "budget 100000 tok/month" in ann and " tok left (resets " in ann
+    assert "budget $5.0000/month: $5.0000 left" in next(line for line in text.splitlines() if key[:12] in line)
+    assert tgw.main(["usage", "--by", "user", "--json"]) == 0
+    users = {row["name"]: row for row in json.loads(capsys.readouterr().out)["user"]}
+    assert users["ann@example.com"]["requests"] == 2 and users["bob@example.com"]["requests"] == 1
+    assert (
+        users["ann@example.com"]["budget"]["left_tokens"]
+        == 100_000 - users["ann@example.com"]["prompt_tokens"] - (users["ann@example.com"]["completion_tokens"])
+    )
+    assert "budget" not in users["bob@example.com"]
+    assert tgw.main(["logs", "--user", "Ann@Example.com"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all("ann@example.com" in line for line in lines)
+    assert tgw.main(["logs", "--user", "nobody@example.com"]) == 1
+    assert "no user nobody@example.com" in capsys.readouterr().err
+
+
+def test_team_cli_user_and_key_commands(team, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TOKLIGENCE_LEDGER_PATH", str(tmp_path / "ledger.db"))
+    assert tgw.main(["user", "add", "Cat@Example.com", "--name", "Cat", "--role", "admin", "--budget", "3"]) == 0
+    assert tgw.main(["key", "create", "--user", "cat@example.com", "--models", "gpt*,claude*", "--token-budget",
+                     "5000", "--period", "week", "--rpm", "10", "--tpm", "9000", "--expires", "30"]) == 0  # fmt: skip
+    key = capsys.readouterr().out.strip().splitlines()[-1]
+    assert key.startswith("tok_")
+    assert tgw.main(["user", "list", "--json"]) == 0
+    users = json.loads(capsys.readouterr().out)
+    assert users[0]["email"] == "cat@example.com" and users[0]["keys"] == 1 and users[0]["budget"]["usd"] == 3
+    assert tgw.main(["key", "list", "--json", "--user", "cat@example.com"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert listed["models"] == ["gpt*", "claude*"] and listed["budget"] == {
+        "usd": None,
+        "tokens": 5000,
+        "period": "week",
+    }
+    assert (listed["rpm"], listed["tpm"], listed["status"]) == (10, 9000, "active") and listed["expires_at"]
+    assert tgw.main(["key", "list"]) == 0 and key[:12] in capsys.readouterr().out
+    assert tgw.main(["key", "rotate", key[:12]]) == 0
+    rotated = capsys.readouterr().out.strip()
+    assert rotated != key and team.key(rotated)["id"] == listed["id"]
+    with pytest.raises(tgw.GatewayError):
+        team.key(key)
+    assert tgw.main(["user", "add", "cat@example.com"]) == 1 and "already exists" in capsys.readouterr().err
+    assert tgw.main(["key", "create", "--user", "nobody@example.com"]) == 1 and "no user" in capsys.readouterr().err
+    assert tgw.main(["key", "delete", str(listed["id"])]) == 0
+    assert tgw.main(["user", "delete", "cat@example.com"]) == 0 and team.users() == []
+    assert tgw.main(["user", "add", "cat@example.com"]) == 0  # a deleted user's address can come back
+
+
+def test_team_static_api_keys_and_auth_modes(team, start_gateway):
+    key, _ = team_key(team)
+    gw = start_gateway(api_keys="gw-static-key-1")
+    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", "gw-static-key-1"))[0] == 200
+    assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 200
+    assert gw.rows(2)[0]["api_key_id"] == tgw.key_fingerprint("gw-static-key-1")
+    gw.stop()
+    assert post(start_gateway(auth_disabled="true"), "/v1/chat/completions", CHAT)[0] == 200
+    assert post(start_gateway(auth="off"), "/v1/chat/completions", CHAT)[0] == 200
+    team.delete_key(team.keys()[0]["id"])
+    assert post(start_gateway(), "/v1/chat/completions", CHAT)[0] == 200  # auto: no key left, none required
+    closed = start_gateway(auth="on")
+    assert post(closed, "/v1/chat/completions", CHAT)[0] == 401
+    assert get(closed, "/health")[0] == 200
+
+
+def test_team_public_bind_with_a_key_starts_and_stays_closed(team, start_gateway):
+    key, row = team_key(team)
+    gw = start_gateway(host="0.0.0.0")
+    assert gw.gateway.identity.mode == "on"  # deleting every key later must not open it to the network
+    team.delete_key(row["id"])
+    assert wait_for(lambda: post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 401)
+    assert post(gw, "/v1/chat/completions", CHAT)[0] == 401
+
+
+def test_team_last_used_is_written_and_ledger_rows_name_the_key_and_user(team, start_gateway, tmp_path):
+    key, row = team_key(team, "lee@example.com")
+    gw = start_gateway()
+    assert post(gw, "/v1/messages", L_CLAUDE, team_auth("anthropic", key))[0] == 200
+    (ledger_row,) = gw.rows(1)
+    assert (ledger_row["api_key_id"], ledger_row["key_id"], ledger_row["user"]) == (
+        key[:12],
+        row["id"],
+        "lee@example.com",
+    )
+    assert ledger_row["user_id"] == team.user("lee@example.com")["id"]
+    gw.stop()
+    assert team.key(row["id"])["last_used_at"] is not None
+
+
+def test_team_admin_and_usage_apis_are_the_admin_ports_in_multiport_mode(team, start_gateway):
+    admin_key, _ = team_key(team, "root@example.com", role="admin")
+    gw = start_multiport(start_gateway)
+    admin, openai = port_of(gw, "admin"), port_of(gw, "openai")
+    auth = team_auth("openai", admin_key)
+    assert team_call(admin, "GET", "/api/v1/admin/users", None, auth)[0] == 200
+    assert team_call(admin, "GET", "/api/v1/usage/summary", None, auth)[0] == 200
+    assert team_call(admin, "GET", "/api/v1/admin/users")[0] == 401  # the admin port asks for a key too
+    assert team_call(openai, "GET", "/api/v1/admin/users", None, auth)[0] == 404
+    assert team_call(openai, "POST", "/v1/chat/completions", CHAT)[0] == 401
+    assert team_call(openai, "POST", "/v1/chat/completions", CHAT, auth)[0] == 200
+
+
+def test_team_a_changed_gateway_ini_reaches_auth_keys_and_limits_live(team, tmp_path):
+    key, _ = team_key(team)
+    ini = tmp_path / "gateway.ini"
+    base = (
+        f"config_reload_interval = 0.1\nledger_path = {tmp_path / 'ledger.db'}\nfacade_port = 0\nlog_level = warning\n"
+    )
+    replace_file(ini, base + "api_keys = old-static-key-1\n")
+    gw = RunningGateway(tgw.load_config(str(ini), {}, env={}))
+    try:
+        assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", "old-static-key-1"))[0] == 200
+        replace_file(ini, base + "api_keys = new-static-key-2\ndefault_rpm = 1\n")
+        assert wait_for(lambda: post(gw, "/v1/chat/completions", CHAT, team_auth("openai", "old-static-key-1"))[0]
+                        == 401, timeout=10)  # fmt: skip
+        assert post(gw, "/v1/chat/completions", CHAT, team_auth("openai", "new-static-key-2"))[0] == 200
+        assert wait_for(lambda: post(gw, "/v1/chat/completions", CHAT, team_auth("openai", key))[0] == 429)
+        replace_file(ini, base + "auth = off\n")
+        assert wait_for(lambda: post(gw, "/v1/chat/completions", CHAT)[0] == 200, timeout=10)
+    finally:
+        gw.stop()
+
+
+# ======================================================================================
+# Hardening: hostile requests and upstream answers (issue 10)
+# ======================================================================================
+#
+# One regression test per item of issue 10 this section owns (10.2-10.5, 10.9, 10.11, parts of
+# 10.12), then seeded fuzzers: mutated client requests of every protocol against a loopback,
+# a translating and a passthrough gateway, and mutated upstream answers (JSON and SSE) on the
+# translation and passthrough lanes. Every answer must be a 2xx or a 4xx in the caller's own
+# protocol (a 502 when the upstream's answer is at fault), never a 500, and the gateway and its
+# ledger must still work afterwards.
+
+H_CHAT = "/v1/chat/completions"
+H_MESSAGES = "/v1/messages"
+H_RESPONSES = "/v1/responses"
+H_GEMINI = "/v1beta/models/gemini-2.5-flash:generateContent"
+H_GEMINI_STREAM = "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+
+
+def error_message(path: str, status: int, payload: bytes) -> str:
+    """The message of an error answer, checking it is in the envelope of the path's protocol."""
+    body = json.loads(payload)
+    protocol = "anthropic" if path.startswith("/v1/messages") else "gemini" if path.startswith("/v1beta/") else ""
+    if protocol == "anthropic":
+        assert body["type"] == "error" and isinstance(body["error"]["type"], str), body
+        return body["error"]["message"]
+    if protocol == "gemini":
+        assert body["error"]["code"] == status and isinstance(body["error"]["status"], str), body
+        return body["error"]["message"]
+    assert isinstance(body["error"]["type"], str) and "message" in body["error"], body
+    return body["error"]["message"]
+
+
+class KeepAliveClient:
+    """One keep-alive connection for many requests (the fuzzers send thousands)."""
+
+    def __init__(self, port: int, timeout: float = 20):
+        self.port, self.timeout = port, timeout
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+
+    def post(self, path: str, data: bytes) -> tuple[int, dict, bytes]:
+        for attempt in range(2):
+            try:
+                self.conn.request("POST", path, data, {"Content-Type": "application/json"})
+                resp = self.conn.getresponse()
+                payload = resp.read()
+                if resp.getheader("Connection", "").lower() == "close":
+                    self.reconnect()
+                return resp.status, dict(resp.getheaders()), payload
+            except (http.client.RemoteDisconnected, ConnectionError, http.client.BadStatusLine):
+                self.reconnect()
+                if attempt:
+                    raise
+        raise AssertionError("not reached")
+
+    def reconnect(self):
+        self.conn.close()
+        self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+
+    def close(self):
+        self.conn.close()
+
+
+def ledger_is_writing(gw: RunningGateway) -> None:
+    """A fresh request's row reaches the ledger (its writer survived whatever came before)."""
+    status, headers, _ = post(gw, H_CHAT, {"model": "loopback", "messages": [{"role": "user", "content": "alive?"}]})
+    assert status in (200, 404)  # loopback, or no route to it: a row either way
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if any(row["request_id"] == headers["x-request-id"] for row in gw.rows()):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the ledger stopped writing")
+
+
+def no_internal_errors(caplog) -> None:
+    internal = [r.getMessage() for r in caplog.records if "internal error" in r.getMessage()]
+    assert not internal, internal[:3]
+
+
+# ---- 10.2 loopback embeddings: dimensions, input count and size bounded ------------------
+
+
+def test_loopback_embeddings_refuse_huge_dimensions_and_counts_quickly(start_gateway):
+    gw = start_gateway()
+    started = time.monotonic()
+    for body, fragment in [
+        ({"input": "x", "dimensions": 10**30}, "dimensions"),
+        ({"input": "x", "dimensions": 3_000_000}, "3072 dimensions"),
+        ({"input": "x", "dimensions": 0}, "positive"),
+        ({"input": ["x"] * 2049}, "at most 2048"),
+        ({"input": ["x"] * 100, "dimensions": 3072}, "65536 values"),
+        ({"input": ["a", 5]}, "input[1]"),
+        ({"input": [[1, "2"]]}, "input[0]"),
+        ({"input": "x", "dimensions": True}, "dimensions"),
+    ]:
+        status, _, payload = post(gw, "/v1/embeddings", {"model": "text-embedding-3-small", **body})
+        assert status == 400 and fragment in error_message("/v1/embeddings", status, payload), (body, payload)
+    assert time.monotonic() - started < 5  # each refused before any work proportional to it
+    status, _, payload = post(gw, "/v1/embeddings", {"model": "text-embedding-3-small", "input": ["\ud800 lone", "ok"]})
+    data = json.loads(payload)["data"]
+    assert status == 200 and len(data) == 2 and len(data[0]["embedding"]) == 256  # a lone surrogate embeds too
+    status, _, payload = post(gw, "/v1/embeddings", {"model": "x", "input": ["a"] * 16, "dimensions": 3072})
+    assert status == 200 and len(json.loads(payload)["data"][15]["embedding"]) == 3072
+    ledger_is_writing(gw)
+
+
+# ---- 10.3 / 10.4 Gemini schema cleaning: a DAG of $refs and deep schemas -----------------
+
+
+def dag_schema(levels: int) -> dict:
+    """~2 KB: each definition has two properties referencing the next one (2^levels paths)."""
+    defs = {f"N{i}": {"type": "object", "properties": {"a": {"$ref": f"#/$defs/N{i + 1}"},
+                                                         "b": {"$ref": f"#/$defs/N{i + 1}"}}}
+            for i in range(levels)}  # fmt: skip
+    defs[f"N{levels}"] = {"type": "string"}
+    return {"type": "object", "$defs": defs, "properties": {"root": {"$ref": "#/$defs/N0"}}}
+
+
+def nested_schema(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"x": schema}}
+    return schema
+
+
+def test_clean_schema_bounds_ref_expansion_and_describes_what_it_cut():
+    schema = dag_schema(30)
+    assert len(json.dumps(schema)) < 4000
+    started = time.monotonic()
+    cleaned = clean_schema_for_gemini(schema)
+    assert time.monotonic() - started < 2  # 2^30 nodes unbounded; a budget of inlined keys bounded
+    text = json.dumps(cleaned)
+    assert len(text) < 400_000 and "its definition was too large to repeat here" in text
+    node = cleaned["properties"]["root"]
+    assert node["type"] == "OBJECT" and node["properties"]["a"]["type"] == "OBJECT"  # the top keeps its meaning
+    cut = next(n for n in iter_schema_nodes(cleaned) if "too large" in n.get("description", ""))
+    assert {b["type"] for b in cut["anyOf"]} >= {"STRING", "OBJECT"}  # a described any-value
+    budget = tgw.SchemaBudget()  # shared by a request's tools: many small exploding schemas add up
+    for _ in range(50):
+        clean_schema_for_gemini(schema, budget)
+    assert budget.left <= 0
+    with pytest.raises(GatewayError) as raised:
+        clean_schema_for_gemini(nested_schema(250))
+    assert raised.value.status == 400 and "nested deeper than 64" in raised.value.message
+    ok = clean_schema_for_gemini(nested_schema(40))
+    assert json.dumps(ok).count('"OBJECT"') == 40
+
+
+def iter_schema_nodes(node):
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            yield item
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def test_gemini_route_survives_exploding_and_deep_tool_schemas(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, g_answer([{"text": "ok"}])))
+    gw = start_gateway(env={**gemini_env(up), **openai_env(up), **routes_env("gpt*=>gemini", "claude*=>openai")})
+    tool = {"type": "function", "function": {"name": "walk", "parameters": dag_schema(30)}}
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "tools": [tool] * 20}
+    started = time.monotonic()
+    status, _, payload = post(gw, H_CHAT, body)
+    assert status == 200 and time.monotonic() - started < 10
+    sent = json.dumps(up.requests[-1]["body"]["tools"])
+    assert len(sent) < 2_000_000 and "too large to repeat" in sent
+    deep = {"type": "function", "function": {"name": "deep", "parameters": nested_schema(250)}}
+    status, _, payload = post(gw, H_CHAT, {**body, "tools": [deep]})
+    assert status == 400 and "nested deeper than 64" in error_message(H_CHAT, status, payload)
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": nested_schema(250)}}
+    status, _, payload = post(gw, H_CHAT, {**body, "tools": [], "response_format": fmt})
+    assert status == 400 and "nested deeper than 64" in error_message(H_CHAT, status, payload)
+    declaration = {"name": "deep", "parameters": json.loads(json.dumps(nested_schema(250)).replace("object", "OBJECT"))}
+    gemini_body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}], "tools": [{"functionDeclarations": [declaration]}]}  # fmt: skip
+    status, _, payload = post(gw, "/v1beta/models/claude-x:generateContent", gemini_body)  # translated to OpenAI
+    assert status == 400 and "nested deeper than 64" in error_message(H_GEMINI, status, payload)
+    assert_serving(gw)
+
+
+# ---- 10.4 deep JSON: never a RecursionError, 400 for a client, 502 for an upstream -------
+
+
+def deep_array(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+@pytest.mark.parametrize("levels", [120, 900, 5000])
+def test_deep_json_bodies_are_400s_in_each_protocol(start_gateway, levels):
+    gw = start_gateway()
+    deep = deep_array(levels)
+    bodies = {
+        H_CHAT: '{"model": "loopback", "messages": [{"role": "user", "content": "hi"}], "metadata": {"x": %s}}',
+        H_MESSAGES: '{"model": "claude-x", "max_tokens": 5, "messages": [{"role": "assistant", "content": [{"type":'
+        ' "tool_use", "id": "t1", "name": "n", "input": {"x": %s}}]}, {"role": "user", "content": "hi"}]}',
+        H_RESPONSES: '{"model": "gpt-5", "input": [{"type": "function_call", "call_id": "c", "name": "n", '
+        '"arguments": {"a": %s}}, {"type": "function_call_output", "call_id": "c", "output": "o"}]}',
+        H_GEMINI: '{"contents": [{"role": "user", "parts": [{"text": "hi"}]}], "tools": [{"functionDeclarations":'
+        ' [{"name": "n", "parameters": {"type": "OBJECT", "properties": {"x": %s}}}]}]}',
+        "/v1/embeddings": '{"model": "x", "input": %s}',
+        "/v1/messages/count_tokens": '{"model": "claude-x", "messages": [{"role": "user", "content": "hi"}], "tools": %s}',
+        "/v1/responses/input_tokens": '{"model": "gpt-5", "input": %s}',
+    }
+    for path, template in bodies.items():
+        status, _, payload = post(gw, path, (template % deep).encode())
+        assert status < 500, (path, levels, payload[:300])
+        if status >= 400:
+            error_message(path, status, payload)
+        if levels == 5000:
+            assert status == 400 and "nested too deeply" in error_message(path, status, payload), (path, payload)
+    status, _, payload = post(gw, H_CHAT, deep_array(5000).encode())
+    assert status == 400 and "nested too deeply" in error_message(H_CHAT, status, payload)
+    ledger_is_writing(gw)
+
+
+def test_deep_upstream_answers_are_502s(start_gateway, upstream):
+    answers = iter([
+        b'{"choices": ' + deep_array(5000).encode() + b"}",
+        json.dumps(o_tool_answer("n", "{}")).replace('"{}"', f'{{"a": {deep_array(950)}}}').encode(),
+    ] * 4)  # fmt: skip
+
+    up = upstream(lambda h, b: send_answer(h, next(answers)))
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")})
+    status, _, payload = post(gw, H_MESSAGES, L_CLAUDE)
+    assert status == 502 and "nested too deeply" in error_message(H_MESSAGES, status, payload)
+    status, _, payload = post(gw, H_MESSAGES, L_CLAUDE)
+    assert status in (200, 502), payload[:300]  # parsed; too deep for a later walk at most a 502
+    assert_serving(gw)
+
+
+# ---- 10.5 wrong nested types: a 400 naming the field, never a 500 ------------------------
+
+O_USER = {"role": "user", "content": "hi"}
+O_CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+WRONG_SHAPES = [
+    (H_CHAT, {"stop": 5}, "'stop' must be a string or an array"),
+    (H_CHAT, {"stop": ["a", 5]}, "'stop' must be an array of strings"),
+    (H_CHAT, {"stream_options": "x"}, "'stream_options' must be an object"),
+    (H_CHAT, {"messages": [O_USER, {"role": "assistant", "tool_calls": "x"}]}, "'messages[1].tool_calls' must be"),
+    (H_CHAT, {"messages": [O_USER, {"role": "assistant", "tool_calls": [{"function": 5}]}]},
+     "'messages[1].tool_calls[0].function' must be an object"),
+    (H_CHAT, {"messages": [O_USER, {"role": "assistant", "tool_calls": [{"id": [], "function": {"name": "f"}}]}]},
+     "'messages[1].tool_calls[0].id' must be a string"),
+    (H_CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "'messages[0].content[0].text' must be a string"),
+    (H_CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": None}}]}]},
+     "'messages[0].content[0].image_url.url' is required"),
+    (H_CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": 7}]}]},
+     "'messages[0].content[0].image_url' must be"),
+    (H_CHAT, {"messages": [O_USER, {"role": "assistant", "tool_calls": [O_CALL]}, {"role": "tool", "tool_call_id": [],
+                                                                                 "content": "r"}]},
+     "'messages[2].tool_call_id' must be a string"),
+    (H_CHAT, {"messages": [{"role": {"x": 1}, "content": "hi"}]}, "messages[0].role must be"),
+    (H_CHAT, {"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]},
+     "'tools[0].function.parameters' must be an object"),
+    (H_CHAT, {"tool_choice": {"type": "function", "function": {"name": 5}}}, "'tool_choice.function.name'"),
+    (H_CHAT, {"response_format": {"type": "json_schema", "json_schema": {"schema": "x"}}},
+     "'response_format.json_schema.schema' must be an object"),
+    (H_MESSAGES, {"tool_choice": {"type": {}}}, "'tool_choice.type' must be a string"),
+    (H_MESSAGES, {"thinking": {"type": []}}, "'thinking.type' must be a string"),
+    (H_MESSAGES, {"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "data": "x",
+                                                                                         "media_type": 5}}]}]},
+     "'messages[0].content[0].source.media_type' must be a string"),
+    (H_MESSAGES, {"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "n",
+                                                                  "input": 5}]}]},
+     "'messages[0].content[0].input' must be an object"),
+    (H_MESSAGES, {"tools": [{"type": 5, "name": "x"}]}, "'tools[0].type' must be a string"),
+    (H_MESSAGES, {"output_config": {"format": {"type": "json_schema", "schema": 3}}},
+     "'output_config.format.schema' must be an object"),
+    (H_RESPONSES, {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                             {"type": "function_call_output", "call_id": [], "output": "x"}]},
+     "'input[1].call_id' must be a string"),
+    (H_RESPONSES, {"input": [{"type": "function_call", "call_id": {}, "name": "f"}]}, "'input[0].call_id'"),
+    (H_RESPONSES, {"input": [{"type": "reasoning", "summary": 5}, {"role": "user", "content": "x"}]}, None),
+    (H_RESPONSES, {"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]},
+     "'input[0].content[0].text' must be a string"),
+    (H_RESPONSES, {"input": [{"type": ["x"]}]}, "'input[0].type' must be a string"),
+    (H_RESPONSES, {"tool_choice": {"type": "function", "name": []}}, "'tool_choice.name' must be a string"),
+    (H_RESPONSES, {"text": {"format": {"type": "json_schema", "name": "x", "schema": []}}},
+     "'text.format.json_schema.schema' must be an object"),
+    (H_GEMINI, {"generationConfig": {"topK": "__NaN__"}}, "NaN is not valid JSON"),
+    (H_GEMINI, {"generationConfig": {"topK": "__1e400__"}}, "out of range"),
+    (H_GEMINI, {"toolConfig": {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [5]}}},
+     "allowedFunctionNames' must be an array of strings"),
+    (H_GEMINI, {"toolConfig": {"functionCallingConfig": {"mode": {}}}}, "functionCallingConfig.mode' must be a string"),
+]  # fmt: skip
+BASE_OF = {
+    H_CHAT: {"model": "gpt-4o-mini", "messages": [O_USER]},
+    H_MESSAGES: {"model": "claude-x", "max_tokens": 10, "messages": [O_USER]},
+    H_RESPONSES: {"model": "gpt-5", "input": "hi"},
+    H_GEMINI: {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
+}
+
+
+def raw_body(base: dict, change: dict) -> bytes:
+    """base updated with change; "__NaN__"-style strings become those literals in the JSON text."""
+    text = json.dumps({**base, **change})
+    for literal in ("NaN", "Infinity", "-Infinity", "1e400"):
+        text = text.replace(f'"__{literal}__"', literal)
+    return text.encode()
+
+
+@pytest.mark.parametrize("lane", ["loopback", "translation"])
+def test_wrong_nested_types_are_400s_naming_the_field(start_gateway, upstream, lane, caplog):
+    env = {}
+    if lane == "translation":  # the same checks when the request is translated for an upstream
+        up = upstream(lambda h, b: reply_json(h, chat_completion("ok")))
+        env = {**openai_env(up), **gemini_env(up), **anthropic_env(up),
+               **routes_env("claude*=>openai", "gemini*=>openai", "gpt*=>anthropic")}  # fmt: skip
+    gw = start_gateway(env=env)
+    client = KeepAliveClient(gw.port)
+    for path, change, fragment in WRONG_SHAPES:
+        status, _, payload = client.post(path, raw_body(BASE_OF[path], change))
+        if fragment is None:
+            assert status in (200, 400), (change, payload)
+            continue
+        assert status == 400, (path, change, payload[:300])
+        message = error_message(path, status, payload)
+        assert fragment in message, (change, message)
+    client.close()
+    no_internal_errors(caplog)
+    ledger_is_writing(gw)
+
+
+def test_last_resort_guard_makes_unforeseen_shapes_400_or_502(start_gateway, upstream, monkeypatch, caplog):
+    up = upstream(lambda h, b: reply_json(h, chat_completion("ok")))
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")})
+
+    def surprise(*args, **kwargs):
+        raise KeyError("a shape no check foresaw")
+
+    original = tgw.AnthropicCodec.__dict__["_decode_thinking"]
+    monkeypatch.setattr(tgw.AnthropicCodec, "_decode_thinking", staticmethod(surprise))
+    status, _, payload = post(gw, H_MESSAGES, L_CLAUDE)
+    message = error_message(H_MESSAGES, status, payload)
+    assert status == 400 and message.startswith("malformed request") and "KeyError" in message
+    monkeypatch.setattr(tgw.AnthropicCodec, "_decode_thinking", original)
+    monkeypatch.setattr(tgw.OpenAIChatCodec, "decode_response", lambda self, body: surprise())
+    status, _, payload = post(gw, H_MESSAGES, L_CLAUDE)
+    message = error_message(H_MESSAGES, status, payload)
+    assert status == 502 and "malformed answer" in message and "KeyError" in message
+    assert "internal gateway error" not in message
+    assert any("malformed request" in r.getMessage() for r in caplog.records)  # the log says where
+    no_internal_errors(caplog)
+
+
+# ---- 10.12 NaN / Infinity ------------------------------------------------------------------
+
+
+def test_nan_infinity_and_overflowing_numbers_are_refused_in_every_protocol(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion("ok")))
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai", "gemini*=>openai", "gpt*=>openai")})
+    for path in (H_CHAT, H_MESSAGES, H_RESPONSES, H_GEMINI):
+        for literal in ("NaN", "Infinity", "-Infinity", "1e400"):
+            status, _, payload = post(gw, path, raw_body(BASE_OF[path], {"temperature": f"__{literal}__"}))
+            message = error_message(path, status, payload)
+            assert status == 400 and "not valid JSON" in message, (path, literal, message)
+    assert up.requests == []  # nothing invalid was sent upstream (passthrough lanes included)
+    assert tgw.loads(b'{"a": 1.5e300, "b": -0.0}') == {"a": 1.5e300, "b": -0.0}
+
+
+# ---- hostile upstream answers: 502 in the client's protocol, sane usage in the ledger -------
+
+
+def test_broken_upstream_json_answers_are_502s_in_the_clients_protocol(start_gateway, upstream, caplog):
+    good = chat_completion("fine")
+    broken = [
+        {**good, "choices": "x"},
+        {**good, "choices": [5]},
+        {**good, "choices": [{"message": 5}]},
+        {**good, "choices": [{"message": {"content": {"a": 1}}}]},
+        {**good, "choices": [{"message": {"tool_calls": "x"}}]},
+        {**good, "choices": [{"message": {"tool_calls": [{"function": 7}]}}]},
+        [1, 2, 3],
+        "just a string",
+    ]
+    answers = iter(broken + [{**good, "usage": u} for u in (
+        {"prompt_tokens": "12", "completion_tokens": 1.9, "prompt_tokens_details": "x"},
+        {"prompt_tokens": 10**30, "completion_tokens": -5, "completion_tokens_details": {"reasoning_tokens": {}}},
+        {"prompt_tokens": [], "completion_tokens": True},
+    )])  # fmt: skip
+    up = upstream(lambda h, b: reply_json(h, next(answers)))
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")})
+    for answer in broken:
+        status, _, payload = post(gw, H_MESSAGES, L_CLAUDE)
+        assert status == 502, (answer, payload)
+        assert "upstream" in error_message(H_MESSAGES, status, payload)
+    usages = []
+    for _ in range(3):
+        status, _, payload = post(gw, H_MESSAGES, L_CLAUDE)
+        assert status == 200, payload
+        usages.append(json.loads(payload)["usage"])
+    assert [(u["input_tokens"], u["output_tokens"]) for u in usages] == [(12, 1), (2**63 - 1, 0), (0, 0)]
+    rows = gw.rows(at_least=11)
+    for row in rows:
+        for column in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"):
+            assert isinstance(row[column], int) and 0 <= row[column] < 2**63, row
+    no_internal_errors(caplog)
+
+
+def test_broken_upstream_streams_end_with_an_error_event(start_gateway, upstream, caplog):
+    good = a_events_text_and_tool()
+    variants = [
+        [good[0], {"type": "content_block_delta", "index": 7, "delta": {"type": "text_delta", "text": "orphan"}}]
+        + good[1:],  # a delta for a block never started: dropped
+        [good[0], {"type": "content_block_start", "index": [], "content_block": {"type": "text"}}] + good[1:],
+        [good[0], {"type": "content_block_start", "index": 0, "content_block": 5}] + good[1:],
+        [good[0], {**good[3], "delta": "x"}] + good[1:],
+        [good[0], {"type": "message_delta", "delta": 5, "usage": {"output_tokens": "7"}}] + good[1:],
+        good[5:] + good[:5],  # out of order
+        [good[0], {"type": "error", "error": "overloaded"}],
+        [{"type": "message_start", "message": "x"}] + good[1:],
+        [{**good[0], "message": {**good[0]["message"], "usage": {"input_tokens": 10**40}}}] + good[1:],
+    ]
+    answers = iter(variants)
+    up = upstream(lambda h, b: reply_anthropic_sse(h, next(answers)))
+    gw = start_gateway(env={**anthropic_env(up), **routes_env("gpt*=>anthropic")})
+    for events in variants:
+        status, _, payload = post(gw, H_CHAT, {"model": "gpt-4o", "stream": True, "messages": [O_USER]})
+        assert status == 200, payload
+        chunks = sse_data(payload)
+        ended = chunks[-1] == "[DONE]" or "error" in chunks[-1]
+        assert ended and b"internal gateway error" not in payload, (events[:2], payload[-300:])
+    no_internal_errors(caplog)
+    ledger_is_writing(gw)
+
+
+def test_tool_arguments_streamed_in_many_pieces_stay_linear():
+    """Hundreds of thousands of small deltas (a hostile or just chatty upstream): every place that
+    gathers them joins once instead of copying the text so far at every piece (seconds before,
+    for each of these, at this size; growing with the square of the count)."""
+
+    def deltas(count: int) -> list:
+        tool = [BlockStart(0, Part("tool_call", id="c", name="f"))] + [BlockDelta(0, "arguments", "abcd")] * count
+        return (
+            tool
+            + [BlockStart(1, Part("text"))]
+            + [BlockDelta(1, "text", "abcd")] * count
+            + [BlockStop(1), BlockStop(0)]
+        )
+
+    events = deltas(400_000)
+    started = time.monotonic()
+    folded = fold_events(events)
+    assert time.monotonic() - started < 6
+    assert len(folded.parts[0].arguments) == len(folded.parts[1].text) == 1_600_000
+    events = deltas(200_000)
+    started = time.monotonic()
+    responses = ResponsesStreamEncoder(Request("gpt-5", [], protocol="responses"), emit=False)
+    for ev in [MessageStart("r", "m")] + events:
+        responses.encode(ev)
+    assert time.monotonic() - started < 6
+    assert len(responses.output[-1]["content"][0]["text"]) == 800_000
+    assert len(responses.output[0]["arguments"]) == 800_000
+    gemini = GeminiStreamEncoder(Request("gpt-5", []))
+    frames = b"".join(gemini.encode(ev) for ev in events[:200_001] + [BlockStop(0), MessageDelta("tool_use")])
+    assert frames.count(b"functionCall") == 1 and frames.count(b"abcd" * 1000) >= 200
+
+
+def test_anthropic_encoder_holds_many_open_blocks_in_linear_time():
+    """Blocks that stay open while others start (interleaved parallel calls) are held back per
+    block; releasing them no longer rescans one shared backlog at every stop."""
+    blocks = 8000
+    encoder = AnthropicStreamEncoder(Request("claude-x", []))
+    out = [encoder.encode(MessageStart("m", "x"))]
+    started = time.monotonic()
+    for i in range(blocks):
+        out.append(encoder.encode(BlockStart(i, Part("tool_call", id=f"toolu_{i}", name="f"))))
+        out.append(encoder.encode(BlockDelta(i, "arguments", "{}")))
+    for i in range(blocks):
+        out.append(encoder.encode(BlockStop(i)))
+    out.append(encoder.encode(MessageDelta("tool_use", None, Usage())) + encoder.encode(MessageStop()))
+    assert time.monotonic() - started < 5  # about 20 s before: every stop re-encoded all that was held
+    events = lane_sse(b"".join(out))
+    starts = [d["index"] for name, d in events if name == "content_block_start"]
+    stops = [d["index"] for name, d in events if name == "content_block_stop"]
+    assert starts == stops == list(range(blocks))  # one block at a time, each started and stopped once
+
+
+# ---- 10.9 SSE parsing: linear, and an event may not grow without bound ----------------------
+
+
+def test_sse_parser_is_linear_and_caps_an_events_size():
+    parser = SSEParser()
+    started = time.monotonic()
+    parser.feed(b"data: ")
+    piece = b"x" * 8192
+    for _ in range(1800):  # 14.7 MB in 8 KB reads: quadratic re-scanning took minutes
+        assert parser.feed(piece) == []
+    events = parser.feed(b"\r\n\r\ndata: next\r")
+    assert [len(e.data) for e in events] == [1800 * 8192] and time.monotonic() - started < 10
+    assert [e.data for e in parser.feed(b"\n\n")] == ["next"]  # the CR held back was half a CRLF
+    small = SSEParser(max_event=1000)
+    small.feed(b"data: " + b"y" * 900)
+    with pytest.raises(GatewayError) as raised:
+        small.feed(b"y" * 200)
+    assert raised.value.status == 502 and "larger than" in raised.value.message
+    with pytest.raises(GatewayError):
+        SSEParser(max_event=1000).feed(b"data: " + b"z" * 2000 + b"\n\n")  # whole in one read, too
+
+
+def test_a_huge_upstream_event_is_a_stream_error_and_others_are_served_meanwhile(start_gateway, upstream):
+    def script(h, body):
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        head = b'data: {"choices": [{"index": 0, "delta": {"content": "'
+        for data in [head] + [b"x" * 65536] * 320:  # 20 MB, one event
+            h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        h.wfile.write(b"0\r\n\r\n")
+
+    up = upstream(script)
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")})
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(answer=post(gw, H_MESSAGES, {**L_CLAUDE, "stream": True},
+                                                                      timeout=60)))  # fmt: skip
+    worker.start()
+    while worker.is_alive() and not up.requests:
+        time.sleep(0.01)
+    for _ in range(3):  # the loop is not stalled by the big event
+        assert_serving(gw)
+    worker.join(60)
+    status, _, payload = result["answer"]
+    assert status == 200 and b"event: error" in payload and b"larger than 16 MB" in payload
+
+
+# ---- 10.11 header injection from an upstream -------------------------------------------------
+
+
+def raw_upstream_answer(head: bytes, data: bytes):
+    def script(h, body):
+        h.wfile.write(b"HTTP/1.1 200 OK\r\n" + head + b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+
+    return script
+
+
+def test_upstream_header_values_never_reach_the_clients_response_head(start_gateway, upstream):
+    answer = json.dumps(chat_completion("ok")).encode()
+    heads = iter([
+        b"Content-Type: application/json\nSet-Cookie: stolen=1\r\n",  # a bare LF: a line of its own, not relayed
+        b"Content-Type: text/plain\x0bX-Evil: 1\r\n",  # a control character: the JSON default instead
+        b"Content-Type: application/json\rSet-Cookie: stolen=1\r\n",  # a bare CR: refused
+    ])  # fmt: skip
+    up = upstream(lambda h, b: raw_upstream_answer(next(heads), answer)(h, b))
+    gw = start_gateway(env=openai_env(up), upstream_retries=0)
+    request = json.dumps(CHAT).encode()
+    wire = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+    for expected in (b"200", b"200", b"502"):
+        data = raw_exchange(gw.port, wire % (len(request), request))
+        head = data.partition(b"\r\n\r\n")[0]
+        assert head.startswith(b"HTTP/1.1 " + expected), data[:300]
+        assert b"Set-Cookie" not in head and b"X-Evil" not in head and b"\x0b" not in head
+        assert b"Content-Type: application/json" in head
+
+
+# ---- 10.12 slow heads, non-JSON success answers -----------------------------------------------
+
+
+def test_a_partial_head_gets_its_408_after_header_timeout_even_on_a_kept_alive_connection(start_gateway):
+    gw = start_gateway(header_timeout=2, idle_timeout=120)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=20) as s:
+        started = time.monotonic()
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        assert s.recv(1000).startswith(b"HTTP/1.1 408")
+        assert time.monotonic() - started < 3.6  # not 2 x header_timeout
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=20) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while b'"status"' not in answer:
+            answer += s.recv(65536)
+        time.sleep(0.3)
+        started = time.monotonic()
+        s.sendall(b"GET /health HTTP/1.1\r\n")  # the next head starts and stalls: idle_timeout does not apply
+        assert s.recv(1000).startswith(b"HTTP/1.1 408")
+        assert time.monotonic() - started < 6
+
+
+def test_passthrough_success_that_is_not_json_is_a_502(start_gateway, upstream):
+    bodies = [b"<html>gateway error</html>", b"OK", b"", b'{"choices": [', b"   "]
+    answers = iter(body for body in bodies for _ in range(2))
+    up = upstream(lambda h, b: send_answer(h, next(answers)))  # 200, application/json, and not JSON
+    gw = start_gateway(env={**openai_env(up), **anthropic_env(up)})
+    for _ in bodies:
+        status, _, payload = post(gw, H_CHAT, CHAT)
+        assert status == 502 and "not JSON" in error_message(H_CHAT, status, payload)
+        status, _, payload = post(gw, H_MESSAGES, L_CLAUDE)
+        assert status == 502 and "not JSON" in error_message(H_MESSAGES, status, payload)
+
+
+# ---- fuzzing: mutated requests of every protocol, mutated upstream answers ------------------
+
+FUZZ_VALUES = [0, -1, 7, 2.5, -1e308, 10**30, -(10**30), 2**63, "", "x", "\ud800", "tail \udfff", "a\nb\r\x00\x1b[2J",
+               "x" * 5000, None, True, False, [], {}, [None, 1, "a", [], {}], {"type": {}, "text": 5, "index": []},
+               "__NaN__", "__Infinity__", "__1e400__"]  # fmt: skip
+
+
+def json_slots(tree) -> list:
+    """(container, key) of every value inside a JSON tree, found without recursion."""
+    slots, stack = [], [tree]
+    while stack:
+        node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            slots.append((node, key))
+            stack.append(value)
+    return slots
+
+
+def fuzz_value(rnd: random.Random):
+    if rnd.random() < 0.08:  # deep: shallow enough to parse, or not; deep enough to hurt a recursive walk
+        return f"__DEEP{rnd.choice([60, 300, 900, 1500])}__"
+    return copy.deepcopy(rnd.choice(FUZZ_VALUES))
+
+
+def fuzz_text(tree) -> str:
+    """JSON text of a fuzzed tree, its placeholders replaced by what json.dumps cannot write."""
+    text = json.dumps(tree)
+    for literal in ("NaN", "Infinity", "1e400"):
+        text = text.replace(f'"__{literal}__"', literal)
+    for depth in (60, 300, 900, 1500):
+        text = text.replace(f'"__DEEP{depth}__"', '{"x": ' * (depth // 2) + deep_array(depth // 2) + "}" * (depth // 2))
+    return text
+
+
+def mutate_tree(rnd: random.Random, tree):
+    """Up to three changes at random places: a new value of another type, a deletion, an array
+    and an object swapped, or a value buried deep."""
+    tree = copy.deepcopy(tree)
+    for _ in range(rnd.randint(1, 3)):
+        slots = json_slots(tree)
+        if not slots:
+            return fuzz_value(rnd)
+        parent, key = rnd.choice(slots)
+        value, op = parent[key], rnd.random()
+        if op < 0.15 and isinstance(parent, dict):
+            del parent[key]
+        elif op < 0.3 and isinstance(value, (dict, list)):
+            parent[key] = list(value.values()) if isinstance(value, dict) else {str(i): v for i, v in enumerate(value)}
+        elif op < 0.37:
+            parent[key] = [value, value]
+        else:
+            parent[key] = fuzz_value(rnd)
+    return tree
+
+
+def fuzz_json(rnd: random.Random, tree) -> bytes:
+    data = fuzz_text(mutate_tree(rnd, tree)).encode()
+    if rnd.random() < 0.04:  # broken text: cut short, or bytes that are not UTF-8
+        data = data[: rnd.randrange(len(data) + 1)] if rnd.random() < 0.5 else data.replace(b'"', b'"\xff', 1)
+    return data
+
+
+R_ANSWER = {"id": "resp_up9", "object": "response", "status": "completed", "model": "gpt-5",
+            "output": [{"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                        "content": [{"type": "output_text", "text": "hi", "annotations": []}]},
+                       {"type": "function_call", "id": "fc_1", "call_id": "call_9", "name": "shell",
+                        "arguments": '{"command": ["ls"]}', "status": "completed"}],
+            "usage": {"input_tokens": 9, "output_tokens": 3, "input_tokens_details": {"cached_tokens": 1},
+                      "output_tokens_details": {"reasoning_tokens": 0}}}  # fmt: skip
+
+
+def r_stream_events() -> list:
+    item = R_ANSWER["output"][1]
+    return [
+        {"type": "response.created", "response": {**R_ANSWER, "status": "in_progress", "output": []}},
+        {"type": "response.output_item.added", "output_index": 0, "item": {**R_ANSWER["output"][0], "content": []}},
+        {"type": "response.content_part.added", "output_index": 0, "content_index": 0,
+         "part": {"type": "output_text", "text": ""}},
+        {"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": "hi"},
+        {"type": "response.output_item.done", "output_index": 0, "item": R_ANSWER["output"][0]},
+        {"type": "response.output_item.added", "output_index": 1, "item": {**item, "arguments": ""}},
+        {"type": "response.function_call_arguments.delta", "output_index": 1, "delta": item["arguments"]},
+        {"type": "response.output_item.done", "output_index": 1, "item": item},
+        {"type": "response.completed", "response": R_ANSWER},
+    ]  # fmt: skip
+
+
+def valid_answer(path: str, stream: bool):
+    """What a well-behaved upstream answers on `path`: a JSON object, or a list of SSE events."""
+    if path.endswith("/chat/completions"):
+        return o_tool_chunks("get_weather", '{"city": "Paris"}', text="Checking.") if stream else o_tool_answer(
+            "get_weather", '{"city": "Paris"}', content="Checking.")  # fmt: skip
+    if path.endswith("/count_tokens"):
+        return {"input_tokens": 5}
+    if path.endswith("/messages"):
+        return a_events_text_and_tool() if stream else a_message(
+            [{"type": "text", "text": "Checking."},
+             {"type": "tool_use", "id": "toolu_9", "name": "get_weather", "input": {"city": "Paris"}}], "tool_use")  # fmt: skip
+    if path.endswith("/responses"):
+        return r_stream_events() if stream else R_ANSWER
+    if path.endswith("/embeddings"):
+        return {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.5, 0.5]}],
+                "model": "m", "usage": {"prompt_tokens": 2, "total_tokens": 2}}  # fmt: skip
+    if ":countTokens" in path:
+        return {"totalTokens": 3}
+    call = {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}
+    if ":streamGenerateContent" in path:
+        return [g_answer([{"text": "Check"}], finish=None), g_answer([{"text": "ing."}, call])]
+    return g_answer([{"text": "Checking."}, call])
+
+
+def sse_frame(event, named: bool) -> str:
+    """One SSE event as a fake upstream frames it (Anthropic and Responses name their events)."""
+    if isinstance(event, str):
+        return event
+    text = fuzz_text(event)
+    name = event.get("type") if named and isinstance(event, dict) and isinstance(event.get("type"), str) else None
+    return f"event: {name}\ndata: {text}\n\n" if name else f"data: {text}\n\n"
+
+
+def send_answer(h, answer):
+    """A JSON answer (an object, or raw bytes), or an SSE stream (a list of events), written in
+    one piece: a head and a body in two small writes would wait on delayed ACKs, 40 ms a request."""
+    if isinstance(answer, list):
+        named = h.path.split("?")[0].endswith(("/messages", "/responses"))
+        frames = [sse_frame(event, named).encode("utf-8", "surrogatepass") for event in answer]
+        body = b"".join(b"%x\r\n%s\r\n" % (len(f), f) for f in frames if f) + b"0\r\n\r\n"
+        head = b"Content-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+    else:
+        body = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+        head = b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+    h.wfile.write(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n" + body)
+
+
+def universal_upstream(h, body):
+    """A well-behaved upstream for every protocol and path (the request fuzzers' far side)."""
+    stream = isinstance(body, dict) and body.get("stream") is True or ":streamGenerateContent" in h.path
+    send_answer(h, valid_answer(h.path.split("?")[0], stream))
+
+
+FUZZ_REQUESTS = [
+    (H_CHAT, OPENAI_BODY), (H_CHAT, {**CHAT, "stream": True, "stream_options": {"include_usage": True}}),
+    (H_MESSAGES, CLAUDE_CODE_BODY), (H_MESSAGES, L_CC_REQUEST),
+    (H_RESPONSES, CODEX_APPLY_PATCH_TURN), (H_RESPONSES, CODEX_RESPONSES_LITE_TURN), (H_RESPONSES, SDK_FUNCTION_HISTORY),
+    (H_GEMINI, CAPTURE_04), (H_GEMINI_STREAM, CAPTURE_08),
+    ("/v1/embeddings", {"model": "text-embedding-3-small", "input": ["a", "b"], "dimensions": 8}),
+    ("/v1/messages/count_tokens", CLAUDE_CODE_BODY), ("/v1/responses/input_tokens", SDK_FUNCTION_HISTORY),
+    ("/v1beta/models/gemini-2.5-flash:countTokens", CAPTURE_04),
+]  # fmt: skip
+FUZZ_ROUTES = {
+    "loopback": {},
+    "translation": routes_env("gpt*=>gemini", "claude*=>openai", "gemini*=>anthropic", "*=>openai"),
+    "passthrough": {**routes_env("gpt*=>openai", "claude*=>anthropic", "gemini*=>gemini", "*=>openai"),
+                    "TOKLIGENCE_OPENAI_RESPONSES_API": "on"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("lanes", sorted(FUZZ_ROUTES))
+def test_fuzzed_requests_never_get_a_5xx(start_gateway, upstream, caplog, lanes):
+    env = {}
+    if lanes != "loopback":
+        up = upstream(universal_upstream)
+        env = {**openai_env(up), **anthropic_env(up), **gemini_env(up), **FUZZ_ROUTES[lanes]}
+    gw = start_gateway(env=env, upstream_retries=0)
+    client = KeepAliveClient(gw.port)
+    rnd = random.Random(f"issue-10-requests-{lanes}")
+    deadline = time.monotonic() + 60
+    seen: dict[int, int] = {}
+    for i in range(100 * len(FUZZ_REQUESTS)):
+        path, body = FUZZ_REQUESTS[i % len(FUZZ_REQUESTS)]
+        data = fuzz_json(rnd, body)
+        status, _, payload = client.post(path, data)
+        seen[status] = seen.get(status, 0) + 1
+        assert status < 500, (path, data[:400], payload[:400])
+        if status >= 400:
+            error_message(path, status, payload)
+        assert time.monotonic() < deadline, "fuzzing took too long: something is slow"
+    client.close()
+    assert seen.get(200, 0) > 50 and seen.get(400, 0) > 50, seen  # both valid and refused bodies were exercised
+    if lanes != "loopback":
+        assert all(not isinstance(r["body"], bytes) for r in up.requests)  # never invalid JSON upstream
+    no_internal_errors(caplog)
+    assert_serving(gw)
+    ledger_is_writing(gw)
+
+
+def fuzz_answer(rnd: random.Random, answer):
+    """A valid upstream answer made hostile: one event or field changed, events dropped,
+    repeated, reordered or cut short, or garbage among them."""
+    if not isinstance(answer, list):
+        return fuzz_json(rnd, answer)
+    events, op = list(answer), rnd.random()
+    pick = rnd.randrange(len(events))
+    if op < 0.5 and not isinstance(events[pick], str):
+        events[pick] = mutate_tree(rnd, events[pick])
+    elif op < 0.6:
+        del events[pick]
+    elif op < 0.7:
+        events.insert(pick, events[pick])
+    elif op < 0.8:
+        other = rnd.randrange(len(events))
+        events[pick], events[other] = events[other], events[pick]
+    elif op < 0.9:
+        events = events[:pick]
+    else:
+        events.insert(pick, rnd.choice(["data: {not json\n\n", "data: \xff\n\n", ": comment\n\n", "event: x\n\n",
+                                        "data: [1, 2]\n\n", "data: " + deep_array(3000) + "\n\n"]))  # fmt: skip
+    return events
+
+
+def test_fuzzed_upstream_answers_are_502s_or_stream_errors_never_500s(start_gateway, upstream, caplog):
+    rnd = random.Random("issue-10-answers")
+    lock = threading.Lock()
+
+    def hostile_upstream(h, body):
+        stream = isinstance(body, dict) and body.get("stream") is True or ":streamGenerateContent" in h.path
+        with lock:
+            answer = fuzz_answer(rnd, valid_answer(h.path.split("?")[0], stream))
+        send_answer(h, answer)
+
+    up = upstream(hostile_upstream)
+    env = {**openai_env(up), **anthropic_env(up), **gemini_env(up), "TOKLIGENCE_OPENAI_RESPONSES_API": "on",
+           **routes_env("to-openai*=>openai", "to-anthropic*=>anthropic", "to-gemini*=>gemini")}  # fmt: skip
+    gw = start_gateway(env=env, upstream_retries=0)
+    user = [{"role": "user", "content": "weather in Paris?"}]
+    lanes = [
+        (H_MESSAGES, {"model": "to-openai", "max_tokens": 99, "messages": user, "tools": [L_A_TOOL]}),
+        (H_CHAT, {"model": "to-anthropic", "messages": user, "tools": [L_O_TOOL]}),
+        (H_CHAT, {"model": "to-gemini", "messages": user, "tools": [L_O_TOOL]}),
+        (H_RESPONSES, {"model": "to-anthropic", "input": "weather in Paris?", "tools": [L_R_TOOL]}),
+        ("/v1beta/models/to-openai:streamGenerateContent?alt=sse", CAPTURE_04),
+        ("/v1beta/models/to-openai:generateContent", CAPTURE_04),
+        (H_CHAT, {"model": "to-openai", "messages": user}),  # passthrough: bytes relayed, usage observed
+        (H_MESSAGES, {"model": "to-anthropic", "max_tokens": 99, "messages": user}),
+        (H_RESPONSES, {"model": "to-openai", "input": "hi"}),
+    ]
+    client = KeepAliveClient(gw.port)
+    deadline = time.monotonic() + 60
+    statuses: dict[int, int] = {}
+    for i in range(80 * len(lanes)):
+        path, body = lanes[i % len(lanes)]
+        body = {**body, "stream": True} if i // len(lanes) % 2 and "generateContent" not in path else body
+        status, _, payload = client.post(path, json.dumps(body).encode())
+        statuses[status] = statuses.get(status, 0) + 1
+        assert status in (200, 502), (path, status, payload[:400])
+        assert b"internal gateway error" not in payload, payload[:400]
+        if status == 502:
+            assert "upstream" in error_message(path, status, payload)
+        assert time.monotonic() < deadline, "too slow: an answer made the gateway work too hard"
+    client.close()
+    assert statuses.get(200, 0) > 40 and statuses.get(502, 0) > 10, statuses
+    no_internal_errors(caplog)
+    assert_serving(gw)
+    rows = gw.rows(at_least=80 * len(lanes))
+    assert len(rows) >= 80 * len(lanes)
+    for row in rows:
+        for column in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"):
+            assert isinstance(row[column], int) and 0 <= row[column] < 2**63, row
+
+
+# ======================================================================================
+# Streams on the coding agents' lane: long answers relayed cheaply (issue 11)
+# ======================================================================================
+#
+# A coding agent's answer is hundreds of SSE events. Passthrough decodes only the events that can
+# carry usage or an error; translation parses each event when it gets to it and writes once per
+# upstream read. These tests pin that nothing is lost on the way.
+
+LONG_PIECES = [f"tok{i} " for i in range(300)]
+
+
+def long_anthropic_stream(error_at: int | None = None, secret: str = "") -> bytes:
+    events = [a_event(message_start({"input_tokens": 21, "output_tokens": 1})),
+              a_event(block_start(0, {"type": "text", "text": ""})),
+              b'event: ping\ndata: {"type": "ping"}\n\n']  # fmt: skip
+    for i, piece in enumerate(LONG_PIECES):
+        if i == error_at:  # an error dressed as content: still an error
+            events.append(b"event: content_block_delta\ndata: " + json.dumps(
+                {"type": "error", "error": {"type": "overloaded_error", "message": f"bad key {secret}"}}).encode() + b"\n\n")  # fmt: skip
+            return b"".join(events)
+        events.append(a_event(block_delta(0, {"type": "text_delta", "text": piece})))
+    events += [a_event(block_stop(0)), a_event(message_delta("end_turn", {"output_tokens": 300})),
+               a_event({"type": "message_stop"})]  # fmt: skip
+    return b"".join(events)
+
+
+def reply_burst(h, data: bytes):
+    """The whole stream in one write, as a fast upstream (or a buffering proxy) sends it."""
+    h.send_response(200)
+    h.send_header("Content-Type", "text/event-stream")
+    h.send_header("Content-Length", str(len(data)))
+    h.end_headers()
+    h.wfile.write(data)
+
+
+def test_sse_parser_fast_shapes_agree_with_the_general_reading():
+    shapes = [b'data: {"a":1}\n\n', b"event: x\ndata: y\n\n", b"data:z\n\n", b"event: x\ndata: a\ndata: b\n\n",
+              b": comment\ndata: q\n\n", b"data: \n\n", b"event: e\n\n", b"data: \xc3\n\n", b"event:\ndata: v\n\n",
+              b"data: a\nevent: late\n\n", b": only a comment\n\n", b"id: 7\ndata: x\n\n"]  # fmt: skip
+    for raw in shapes:
+        name, data = "", []
+        for line in raw.decode("utf-8", "replace").split("\n"):
+            if line and line[0] != ":":
+                key, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                data += [value] if key == "data" else []
+                name = value if key == "event" else name
+        expected = tgw.SSEEvent(name, "\n".join(data), raw) if data or name else None
+        assert tgw.SSEParser.parse(raw) == expected, raw
+    parser = tgw.SSEParser()
+    assert parser.feed_raw(b"data: 1\n\ndata: 2\n") == [b"data: 1\n\n"]
+    assert [e.data for e in parser.feed_lazily(b"\ndata: 3\n\n")] == ["2", "3"]
+
+
+def test_anthropic_delta_events_are_byte_for_byte_what_sse_event_makes():
+    enc = tgw.AnthropicStreamEncoder(tgw.Request(model="m", messages=[]))
+    for kind, (name, key) in enc.DELTAS.items():
+        for value in ["hi", 'é"\\\n\u2028', "\ud800x", "😀", "</script>"]:
+            expected = tgw.sse_event("content_block_delta",
+                                     {"type": "content_block_delta", "index": 3, "delta": {"type": name, key: value}})  # fmt: skip
+            assert enc.DELTA_EVENTS[kind] % (3, tgw.json_string(value)) == expected
+            assert tgw.json_string(value) == tgw.dumps(value)
+
+
+def test_long_passthrough_stream_arrives_byte_exact_with_its_usage_in_the_ledger(start_gateway, upstream):
+    data = long_anthropic_stream()
+    up = upstream(lambda h, b: reply_burst(h, data))
+    gw = start_gateway(env={"TOKLIGENCE_ANTHROPIC_BASE_URL": up.url, "TOKLIGENCE_ANTHROPIC_API_KEY": "sk-ant-x1"})
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 4096, "stream": True,
+            "messages": [{"role": "user", "content": "write it"}]}  # fmt: skip
+    status, _, got = post(gw, "/v1/messages", body, {"anthropic-version": "2023-06-01"})
+    assert status == 200 and got == data  # every skipped event still went out, untouched
+    row = gw.rows(1)[-1]
+    assert (row["lane"], row["status"], row["prompt_tokens"], row["completion_tokens"]) == ("passthrough", 200, 21, 300)
+
+
+def test_an_error_inside_a_long_passthrough_stream_is_seen_recorded_and_redacted(start_gateway, upstream):
+    key = "sk-ant-upstream-secret-7788"
+    data = long_anthropic_stream(error_at=150, secret=key)
+    up = upstream(lambda h, b: reply_burst(h, data))
+    gw = start_gateway(env={"TOKLIGENCE_ANTHROPIC_BASE_URL": up.url, "TOKLIGENCE_ANTHROPIC_API_KEY": key})
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 4096, "stream": True,
+            "messages": [{"role": "user", "content": "write it"}]}  # fmt: skip
+    status, _, got = post(gw, "/v1/messages", body, {"anthropic-version": "2023-06-01"})
+    assert status == 200 and b"tok149 " in got and key.encode() not in got
+    row = gw.rows(1)[-1]
+    assert row["status"] == 529 and "bad key" in row["error"] and key not in row["error"]
+
+
+def test_long_translated_stream_keeps_every_piece_in_order(start_gateway, upstream):
+    chunks = [o_chunk({"role": "assistant", "content": ""})] + [o_chunk({"content": p}) for p in LONG_PIECES]
+    chunks += [o_chunk({}, "stop"), o_chunk(None, usage={"prompt_tokens": 9, "completion_tokens": 300}, choices=False)]
+    data = b"".join(chunks) + b"data: [DONE]\n\n"
+    up = upstream(lambda h, b: reply_burst(h, data))
+    gw = start_gateway(env=openai_env(up), model_provider_routes="claude*=>openai")
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 4096, "stream": True,
+            "messages": [{"role": "user", "content": "write it"}]}  # fmt: skip
+    status, _, got = post(gw, "/v1/messages", body, {"anthropic-version": "2023-06-01"})
+    events = parse_anthropic_sse(got)
+    check_anthropic_stream(events)
+    texts = [e["delta"]["text"] for e in events if e["type"] == "content_block_delta"]
+    assert status == 200 and "".join(texts) == "".join(LONG_PIECES)
+    assert gw.rows(1)[-1]["completion_tokens"] == 300
 
 
 # ======================================================================================

@@ -8,6 +8,7 @@ routes each model to its provider and records every token in a sqlite ledger.
     python3 tgw.py usage              # token and cost totals from the ledger
     python3 tgw.py logs               # the most recent requests
     python3 tgw.py config list        # effective configuration (secrets masked)
+    python3 tgw.py user add a@b.c     # a team member; `tgw key create --user a@b.c` gives them a key
     python3 tgw.py chat               # an assistant that configures and troubleshoots it, online or offline
     python3 tgw.py start | status | stop   # the gateway in the background
 
@@ -22,16 +23,19 @@ Sections, in the order data flows:
                                  cleaning for Gemini and for Anthropic's structured outputs)
     6. Providers                 upstream endpoints, auth headers, the loopback model
     7. Router                    model routes, aliases, work modes, model lists fetched from providers
-    8. Ledger                    sqlite schema, background writer (rows sanitised, never lost),
+    8. Pools and breakers        upstream accounts (keys), weights, circuit breakers, failover chains
+    9. Ledger                    sqlite schema, background writer (rows sanitised, never lost),
                                  usage queries, prices, stored Responses (previous_response_id)
-    9. Gateway                   endpoints and lanes (passthrough, translation, loopback),
-                                 errors per protocol, loop guard, endpoint bundles and
-                                 multiport listeners, serve()
-   10. Observability             logs (queue thread, rotation, JSON, request ids) and
+   10. Identity                  users, API keys, budgets, rate limits (in the ledger's database)
+   11. Gateway                   endpoints and lanes (passthrough, translation, loopback), the
+                                 attempt loop (retries, failover), auth, errors per protocol, loop
+                                 guard, endpoint bundles and multiport listeners, serve()
+   12. Observability             logs (queue thread, rotation, JSON, request ids) and
                                  Prometheus metrics (registry, GET /metrics)
-   11. CLI                       serve, config, usage, logs (chat, start, stop, status: 12 and 13)
-   12. Gateway control           tgw start / stop / status: the daemon, its pid file and log, /health
-   13. The chat assistant        model selection, tools, the offline assistant, the terminal loop
+   13. Admin API                 Tokligence Gateway's /api/v1/admin/* and /api/v1/usage/*
+   14. CLI                       serve, config, usage, logs, user, key (chat, start, stop, status: 15 and 16)
+   15. Gateway control           tgw start / stop / status: the daemon, its pid file and log, /health
+   16. The chat assistant        model selection, tools, the offline assistant, the terminal loop
 
 Find a thing by its protocol: `AnthropicCodec.encode_request`, `ResponsesStreamEncoder`,
 `GeminiStreamDecoder`, ... Every codec converts to and from the canonical Request / Response /
@@ -45,8 +49,10 @@ import asyncio
 import atexit
 import base64
 import bisect
+import calendar
 import contextlib
 import contextvars
+import datetime
 import difflib
 import errno
 import fnmatch
@@ -60,6 +66,7 @@ import math
 import os
 import queue
 import re
+import secrets
 import signal
 import socket
 import sqlite3
@@ -73,7 +80,7 @@ import traceback
 import uuid
 import zlib
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
@@ -112,14 +119,36 @@ def dumps(obj) -> bytes:
         return json.dumps(obj, separators=(",", ":")).encode()
 
 
-_scan_json = json.JSONDecoder().scan_once
+def json_string(text: str) -> bytes:
+    """dumps(text) for one string, with no tree built around it (the deltas of a stream)."""
+    try:
+        return json.encoder.encode_basestring(text).encode()
+    except UnicodeEncodeError:  # a lone surrogate: escaped, as dumps does
+        return json.dumps(text).encode()
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")  # Python's json accepts NaN and Infinity; no peer does
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value - value == 0.0:  # false for inf (1e400 overflows to it) and nan
+        return value
+    raise ValueError(f"number {text[:40]} is out of range")
+
+
+# NaN/Infinity literals and numbers that overflow to infinity are refused: they would be sent on
+# as invalid JSON. The hooks cost nothing per document, only per literal (and per float).
+_JSON_OPTIONS = {"parse_constant": _refuse_constant, "parse_float": _finite_float}
+_scan_json = json.JSONDecoder(**_JSON_OPTIONS).scan_once
 
 
 def loads(data):
     """JSON text (UTF-8 bytes or str) to Python (the one JSON decoder on the wire). A UTF-8
     document with no leading whitespace, the usual case, skips json.loads's encoding detection
     and whitespace handling; anything else goes to json.loads, so errors and edge cases are
-    exactly its own."""
+    exactly its own. Every failure, too deep a document included, is a ValueError."""
     try:
         text = data.decode() if type(data) is bytes else data
         value, end = _scan_json(text, 0)
@@ -127,7 +156,40 @@ def loads(data):
             return value
     except (StopIteration, ValueError, TypeError):
         pass
-    return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    try:
+        return json.loads(data, **_JSON_OPTIONS)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def string_or(value, default: str = "") -> str:
+    """A field read from an upstream's answer that must be a string (an id, a text)."""
+    return value if type(value) is str else default
+
+
+def as_text(value) -> str:
+    """Any JSON value as text for a message: a string as it is, anything else previewed (str()
+    of a deep object would recurse without bound)."""
+    return value if type(value) is str else json_preview(value, 200)
+
+
+def object_or_empty(value) -> dict:
+    """A field read from an upstream's answer that must be an object."""
+    return value if type(value) is dict else {}
+
+
+def json_preview(value, limit: int = 60) -> str:
+    """A short, safe picture of a JSON value for an error message: never a walk of a big or
+    deep tree (a container is named by its type and size)."""
+    if isinstance(value, dict):
+        return f"an object with {len(value)} keys" if value else "{}"
+    if isinstance(value, list):
+        return f"an array of {len(value)} items" if value else "[]"
+    if isinstance(value, str) and len(value) > limit:
+        value = value[:limit] + "…"
+    return json.dumps(value)[: limit + 10]
 
 
 def top_level_value(data: bytes, key: str):
@@ -263,7 +325,10 @@ def glob_match(pattern: str, name: str) -> bool:
 
 def estimate_tokens(obj) -> int:
     """The one token estimator: about four characters a token over every string sent,
-    a fixed cost for images, and a small overhead per message and tool."""
+    a fixed cost for images, and a small overhead per message and tool. Given a raw body
+    (bytes), four bytes a token over all of it, at no cost (what budgets reserve per call)."""
+    if type(obj) is bytes:
+        return max(1, math.ceil(len(obj) / 4))
     total = 0
     stack = [obj]
     while stack:
@@ -294,6 +359,7 @@ class GatewayError(Exception):
     KIND_BY_STATUS = {
         400: "invalid_request_error",
         401: "authentication_error",
+        402: "billing_error",
         403: "permission_error",
         404: "not_found_error",
         405: "invalid_request_error",
@@ -309,7 +375,10 @@ class GatewayError(Exception):
         529: "overloaded_error",
     }
 
+    headers: tuple = ()  # extra response headers (rate-limit state, x-should-retry)
+
     def __init__(self, status: int, message: str, kind: str = "", retry_after: float | None = None):
+        message = message if type(message) is str else json_preview(message, 200)  # an upstream's "message": {}
         message = redact(message)  # every error any lane sends or records passes here
         super().__init__(message)
         self.status = status
@@ -318,8 +387,22 @@ class GatewayError(Exception):
         self.retry_after = retry_after
 
 
+# What a walk over JSON of a shape nobody checked for raises: a wrong type, a missing key, a tree
+# too deep, a number too big. The gateway answers these 400 (client) or 502 (upstream), never 500.
+MALFORMED_INPUT = (TypeError, AttributeError, KeyError, IndexError, ValueError, RecursionError, OverflowError)
+
+
+class InvalidInput(GatewayError):
+    """A 400 from a check on input. The codecs read requests and answers with the same helpers,
+    so met while reading an upstream's answer it becomes a 502 (the upstream's fault)."""
+
+
 def bad_request(message: str) -> GatewayError:
-    return GatewayError(400, message, "invalid_request_error")
+    return InvalidInput(400, message, "invalid_request_error")
+
+
+def malformed_answer(what: str) -> GatewayError:
+    return GatewayError(502, f"upstream sent a malformed answer: {what}")
 
 
 def parse_json_body(body: bytes) -> dict:
@@ -355,7 +438,23 @@ def field_of(body: dict, name: str, kind, required: bool = False, default=None):
         ok = True
     if not ok:
         wanted = " or ".join(_TYPE_NAMES.get(k, "a number") for k in kinds)
-        raise bad_request(f"'{name}' must be {wanted}, got {json.dumps(value)[:60]}")
+        raise bad_request(f"'{name}' must be {wanted}, got {json_preview(value)}")
+    return value
+
+
+def field_at(obj: dict, name: str, kind, where: str, required: bool = False, default=None):
+    """field_of for a nested field, naming it by its path ('messages[2].content[0].text')."""
+    value = obj.get(name)
+    if type(value) is kind:  # the usual case, checked first
+        return value
+    path = f"{where}.{name}" if where else name
+    return field_of({path: value}, path, kind, required, default)
+
+
+def string_list(value, where: str) -> list:
+    """A JSON array of strings (stop sequences, allowed names), or the 400 naming the field."""
+    if not isinstance(value, list) or not all(type(s) is str for s in value):
+        raise bad_request(f"'{where}' must be an array of strings, got {json_preview(value)}")
     return value
 
 
@@ -406,6 +505,14 @@ CONFIG_KEYS: dict[str, tuple] = {
     "admin_endpoints": ("admin,health", "str", "multiport: endpoint bundles of admin_port"),
     "allow_public_bind": (False, "bool", "allow a non-loopback host while no api_keys are set"),
     "api_keys": ("", "secret", "comma-separated keys clients must present; empty = no client auth"),
+    "auth": (
+        "auto",
+        ("auto", "on", "off"),
+        "client keys: auto = required once api_keys or any 'tgw key create' key exists; on = always; off = never",
+    ),
+    "auth_disabled": (False, "bool", "Tokligence Gateway's switch: true means auth = off"),
+    "default_rpm": (0, "int", "requests per minute for a key that sets none (0 = no limit)"),
+    "default_tpm": (0, "int", "tokens per minute for a key that sets none (0 = no limit)"),
     "work_mode": ("auto", ("auto", "passthrough", "translation"), "auto: the model's provider decides"),
     "model_provider_routes": (DEFAULT_ROUTES, "str", "ordered model=>provider globs, first match wins"),
     "routes": ("", "str", "Tokligence's legacy pattern=>provider list; checked before model_provider_routes"),
@@ -458,9 +565,18 @@ CONFIG_KEYS: dict[str, tuple] = {
     "max_request_line": (16384, "int", "longest request line accepted (414 above)"),
     "header_timeout": (30.0, "float", "seconds a client may take to send a request head"),
     "idle_timeout": (900.0, "float", "seconds an idle keep-alive connection stays open (>= 120)"),
-    "upstream_connect_timeout": (15.0, "float", "seconds to connect to an upstream"),
-    "upstream_read_timeout": (600.0, "float", "seconds an upstream may stay silent before 504"),
-    "upstream_retries": (2, "int", "retries on 429/5xx/connect errors before any byte reached the client"),
+    "upstream_connect_timeout": (15.0, "float", "seconds to connect to an upstream (TCP, TLS, proxy)"),
+    "upstream_first_byte_timeout": (600.0, "float", "seconds from a request sent to its answer's head"),
+    "upstream_read_timeout": (600.0, "float", "seconds an upstream may stay silent between chunks of an answer"),
+    "upstream_total_timeout": (3600.0, "float", "seconds a request may take upstream in all (attempts, waits, stream)"),
+    "upstream_retries": (2, "int", "extra attempts on accounts already tried (a failed connect, a 429/5xx)"),
+    "model_fallbacks": ("", "str", "pattern=>model pairs tried when a model's accounts fail; repeats chain in order"),
+    "breaker_failures": (5, "int", "consecutive failures (connect, timeout, 5xx, 529) that open an account's breaker"),
+    "breaker_cooldown": (5.0, "float", "seconds an open breaker keeps an account out; doubles each time it reopens"),
+    "breaker_cooldown_max": (300.0, "float", "longest cooldown of an account"),
+    "upstream_max_idle_per_origin": (128, "int", "idle keep-alive connections kept per upstream origin"),
+    "upstream_max_idle": (512, "int", "idle keep-alive connections kept to all upstreams together"),
+    "upstream_idle_expiry": (30.0, "float", "seconds an idle upstream connection is kept before it is closed"),
     "stream_keepalive": (15.0, "float", "seconds of upstream silence before the gateway pings a stream"),
     "shutdown_grace": (30.0, "float", "seconds in-flight requests (then the ledger) get to finish on SIGINT/SIGTERM"),
     "config_reload_interval": (
@@ -476,6 +592,10 @@ CONFIG_KEYS: dict[str, tuple] = {
 }
 
 PROVIDER_KEYS = ("type", "base_url", "api_key", "models", "api_version", "headers", "responses_api")
+# how a provider serves in a pool; accepted for the built-in providers too ([provider.openai] weight = 2),
+# with `models` (globs it serves, sharing their pool with the named providers that serve them too)
+POOL_KEYS = ("weight", "connect_timeout", "first_byte_timeout", "read_timeout", "total_timeout")
+TIMEOUT_KINDS = ("connect", "first_byte", "read", "total")
 PROVIDER_TYPES = ("openai", "azure", "anthropic", "gemini")
 
 
@@ -666,6 +786,8 @@ class ProviderConfig:
     api_version: str = ""
     headers: dict = field(default_factory=dict)
     responses_api: bool = False
+    weight: float = 1.0  # its share of a pool's requests
+    timeouts: dict = field(default_factory=dict)  # connect/first_byte/read/total overrides, seconds
 
 
 @dataclass
@@ -677,6 +799,8 @@ class Config:
     sources: dict = field(default_factory=dict)
     file_aliases: list = field(default_factory=list)  # (alias, model) pairs read from model_aliases_file
     loaded_with: tuple = (None, None, None)  # load_config's arguments, so a reload reads the same way
+    # a built-in provider's pool settings from its [provider.NAME] section: {"weight", "timeouts", "models"}
+    tuning: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for key, value in self.values.items():  # cfg.work_mode etc. as plain attributes (read per request)
@@ -707,18 +831,23 @@ def load_config(config_path: str | None = None, overrides: dict | None = None, e
             sources[key] = source
     validate_config(values)
     file_aliases = read_alias_file(values["model_aliases_file"])
-    providers = load_named_providers(sections, env)
+    tuning: dict[str, dict] = {}
+    providers = load_named_providers(sections, env, tuning)
     register_secrets(values, providers, env)
     prices = dict(DEFAULT_PRICES)
     for glob_, raw in sections.get("prices", {}).items():
         prices[glob_] = parse_price(glob_, raw)
-    return Config(values, providers, prices, path, sources, file_aliases, (config_path, overrides, env))
+    return Config(values, providers, prices, path, sources, file_aliases, (config_path, overrides, env), tuning)
+
+
+def split_keys(text: str) -> list[str]:
+    """'k1, k2' as keys: a provider with several keys is a pool of accounts."""
+    return [k.strip() for k in (text or "").split(",") if k.strip()]
 
 
 def register_secrets(values: dict, providers: dict, env=None) -> None:
     """Tell the redactor every secret this configuration holds."""
-    found = [values[k] for k in SECRET_KEYS if values.get(k)]
-    found += [k.strip() for k in values.get("api_keys", "").split(",")]
+    found = [key for k in SECRET_KEYS for key in split_keys(values.get(k, ""))]  # comma lists are pools
     proxies = [v for k, v in (env or {}).items() if k.lower() in ("http_proxy", "https_proxy", "all_proxy")]
     for url in (
         [values[k] for k, spec in CONFIG_KEYS.items() if spec[1] == "url"]
@@ -728,7 +857,7 @@ def register_secrets(values: dict, providers: dict, env=None) -> None:
         parts = urlsplit(url or "")
         found.append(parts.password or parts.username or "")  # a token may stand alone as the username
     for pc in providers.values():
-        found.append(pc.api_key)
+        found += split_keys(pc.api_key)
         found += [v for k, v in pc.headers.items() if re.search(r"auth|key|token|secret", k, re.I)]
     redact.add(*found)
 
@@ -742,9 +871,12 @@ def validate_config(values: dict) -> None:
                 "log_max_files"):  # fmt: skip
         if values[key] <= 0:
             raise ConfigError(f"invalid value {values[key]!r} for {key}: expected a positive number")
+    for key in ("default_rpm", "default_tpm"):
+        if values[key] < 0:
+            raise ConfigError(f"invalid value {values[key]!r} for {key}: expected 0 (no limit) or more")
     if values["idle_timeout"] < 120:
         raise ConfigError(f"invalid value {values['idle_timeout']!r} for idle_timeout: expected at least 120 seconds")
-    for key in ("model_provider_routes", "routes", "model_aliases"):
+    for key in ("model_provider_routes", "routes", "model_aliases", "model_fallbacks"):
         parse_pairs(values[key], key)
     if values["anthropic_max_tokens"] < 1:
         raise ConfigError(
@@ -753,16 +885,42 @@ def validate_config(values: dict) -> None:
     for key in ("openai_completion_max_tokens", "config_reload_interval"):
         if values[key] < 0:
             raise ConfigError(f"invalid value {values[key]!r} for {key}: expected 0 or more")
+    for key in ("breaker_failures", "upstream_max_idle_per_origin", "upstream_max_idle"):
+        if values[key] <= 0:
+            raise ConfigError(f"invalid value {values[key]!r} for {key}: expected a positive number")
+    if not 0 <= values["upstream_retries"] <= 100:
+        raise ConfigError(f"invalid value {values['upstream_retries']!r} for upstream_retries: expected 0 to 100")
+    for key in ("upstream_connect_timeout", "upstream_first_byte_timeout", "upstream_read_timeout",
+                "upstream_total_timeout", "breaker_cooldown", "breaker_cooldown_max", "upstream_idle_expiry"):  # fmt: skip
+        if not values[key] > 0:
+            raise ConfigError(f"invalid value {values[key]!r} for {key}: expected a positive number of seconds")
 
 
-def load_named_providers(sections: dict, env) -> dict[str, ProviderConfig]:
+def pool_settings(items: dict, where: str) -> dict:
+    """A [provider.NAME] section's weight and timeouts: {"weight": w, "timeouts": {kind: seconds}}."""
+    weight = convert_value("weight", items.get("weight", "1"), "float", where)
+    if not 0 < weight < 1e6:
+        raise ConfigError(f"{where}: invalid weight {weight!r}; expected a positive number")
+    timeouts = {}
+    for kind in TIMEOUT_KINDS:
+        if f"{kind}_timeout" in items:
+            seconds = convert_value(f"{kind}_timeout", items[f"{kind}_timeout"], "float", where)
+            if not seconds > 0:
+                raise ConfigError(f"{where}: invalid {kind}_timeout {seconds!r}; expected a positive number of seconds")
+            timeouts[kind] = seconds
+    return {"weight": weight, "timeouts": timeouts}
+
+
+def load_named_providers(sections: dict, env, tuning: dict | None = None) -> dict[str, ProviderConfig]:
+    """Named providers from [provider.NAME] sections and TOKLIGENCE_PROVIDER_<NAME>_<KEY>; a section
+    named after a built-in provider may only tune its pool settings (into `tuning`)."""
     raw: dict[str, dict[str, str]] = {}
     for section, items in sections.items():
         if section.startswith("provider."):
             raw[section[9:].strip().lower()] = dict(items)
     for key, value in env.items():
         m = re.fullmatch(r"TOKLIGENCE_PROVIDER_([A-Za-z0-9]+)_([A-Za-z_]+)", key)
-        if m and m.group(2).lower() in PROVIDER_KEYS:
+        if m and m.group(2).lower() in PROVIDER_KEYS + POOL_KEYS + ("api_keys",):
             raw.setdefault(m.group(1).lower(), {})[m.group(2).lower()] = value
         elif m:
             warn_unknown_key(m.group(2).lower(), f"{key} in the environment", PROVIDER_KEYS)
@@ -770,12 +928,19 @@ def load_named_providers(sections: dict, env) -> dict[str, ProviderConfig]:
     for name, items in raw.items():
         where = f"[provider.{name}]"
         if name in ("openai", "anthropic", "gemini", "loopback"):
-            raise ConfigError(f"{where}: '{name}' is a built-in provider; configure it with {name}_* keys")
-        unknown = set(items) - set(PROVIDER_KEYS)
+            if set(items) - {"models", *POOL_KEYS} or name == "loopback":
+                raise ConfigError(
+                    f"{where}: '{name}' is a built-in provider; configure it with {name}_* keys "
+                    f"(this section may only set models, {', '.join(POOL_KEYS)})"
+                )
+            if tuning is not None:
+                tuning[name] = pool_settings(items, where)
+                tuning[name]["models"] = [m.strip() for m in items.get("models", "").split(",") if m.strip()]
+            continue
+        accepted = PROVIDER_KEYS + ("api_keys",) + POOL_KEYS
+        unknown = set(items) - set(accepted)
         if unknown:
-            raise ConfigError(
-                f"{where}: unknown key(s) {', '.join(sorted(unknown))}; accepted: {', '.join(PROVIDER_KEYS)}"
-            )
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; accepted: {', '.join(accepted)}")
         ptype = convert_value("type", items.get("type", "openai"), PROVIDER_TYPES, where)
         base_url = convert_value("base_url", items.get("base_url", ""), "url", where)
         if not base_url:
@@ -783,9 +948,11 @@ def load_named_providers(sections: dict, env) -> dict[str, ProviderConfig]:
         headers = parse_header_list(items.get("headers", ""), where)
         models = [m.strip() for m in items.get("models", "").split(",") if m.strip()]
         responses_api = convert_value("responses_api", items.get("responses_api", "false"), "bool", where)
+        keys = ", ".join(split_keys(items.get("api_key", "")) + split_keys(items.get("api_keys", "")))
+        pool = pool_settings(items, where)
         providers[name] = ProviderConfig(
-            name, ptype, base_url.rstrip("/"), items.get("api_key", ""), models, items.get("api_version", ""), headers,
-            responses_api,
+            name, ptype, base_url.rstrip("/"), keys, models, items.get("api_version", ""), headers, responses_api,
+            pool["weight"], pool["timeouts"],
         )  # fmt: skip
     return providers
 
@@ -848,6 +1015,14 @@ def write_example_config() -> str:
         "# type = openai",
         "# base_url = http://127.0.0.1:11434/v1",
         "# models = llama3*,qwen*",
+        "",
+        "# Pools: several keys (api_keys = k1, k2, or a comma list in openai_api_key) are accounts",
+        "# served in turn; providers whose models globs match the same model share its pool.",
+        "# Each provider section (the built-in ones too: [provider.anthropic]) may set weight and",
+        "# connect_timeout, first_byte_timeout, read_timeout, total_timeout (seconds); a built-in",
+        "# one's section may also set models (to share a pool with named providers).",
+        "# [provider.anthropic]",
+        "# first_byte_timeout = 900",
         "",
         "# Prices in USD per million tokens: input, output[, cached input]. Globs, first match wins.",
         "# [prices]",
@@ -956,9 +1131,9 @@ class ConfigWatcher:
 # ======================================================================================
 
 REASONS = {
-    100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
-    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-    411: "Length Required", 413: "Content Too Large", 414: "URI Too Long", 422: "Unprocessable Content",
+    100: "Continue", 200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+    402: "Payment Required", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+    409: "Conflict", 411: "Length Required", 413: "Content Too Large", 414: "URI Too Long", 422: "Unprocessable Content",
     429: "Too Many Requests", 431: "Request Header Fields Too Large", 499: "Client Closed Request",
     500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
     504: "Gateway Timeout", 505: "HTTP Version Not Supported", 529: "Overloaded",
@@ -1097,17 +1272,18 @@ async def read_chunked_body(reader: asyncio.StreamReader, max_body: int) -> byte
             raise HttpError(400, "chunk not terminated by CRLF")
 
 
-def response_head(status: int, headers: list[tuple[str, str]]) -> bytes:
+def response_head(status: int, headers: list[tuple[str, str]], lines_after: str = "") -> bytes:
+    """A response head; `lines_after` is already formatted header lines, each ending in CRLF."""
     lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}"]
     lines += [f"{name}: {value}" for name, value in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return ("\r\n".join(lines) + "\r\n" + lines_after + "\r\n").encode("latin-1")
 
 
 class Exchange:
     """One request's response side: a whole body, or a chunked stream (SSE)."""
 
     __slots__ = ("writer", "request", "request_id", "status", "started", "finished", "streaming", "bytes_out",
-                 "first_byte_at", "last_write_at", "close_after")  # fmt: skip
+                 "first_byte_at", "last_write_at", "close_after", "tags")  # fmt: skip
 
     def __init__(self, writer: asyncio.StreamWriter, request: HttpRequest, request_id: str):
         self.writer = writer
@@ -1121,6 +1297,7 @@ class Exchange:
         self.first_byte_at = 0.0
         self.last_write_at = 0.0
         self.close_after = not request.keep_alive
+        self.tags = ""  # header lines saying which upstream answered (x-tgw-provider, ...), CRLF-ended
 
     def _base_headers(self, content_type: str) -> list[tuple[str, str]]:
         headers = [("Content-Type", content_type), ("x-request-id", self.request_id)]
@@ -1135,12 +1312,12 @@ class Exchange:
             headers = self._base_headers(content_type)
             headers.extend(extra)
             headers.append(("Content-Length", str(len(body))))
-            payload = response_head(status, headers)
+            payload = response_head(status, headers, self.tags)
         else:  # the common answer, formatted in one step
             reason = REASONS.get(status, "Status")
             payload = (
                 f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nx-request-id: {self.request_id}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n"
+                f"{self.tags}Content-Length: {len(body)}\r\n\r\n"
             ).encode("latin-1")
         if self.request.method != "HEAD":
             payload += body
@@ -1156,7 +1333,7 @@ class Exchange:
         headers.extend(extra)
         self.status = status
         self.started = self.streaming = True
-        self.writer.write(response_head(status, headers))
+        self.writer.write(response_head(status, headers, self.tags))
         self.last_write_at = time.monotonic()
 
     def write(self, data: bytes) -> None:
@@ -1204,13 +1381,20 @@ class ClientProtocol(asyncio.StreamReaderProtocol):
         if self.reading_body:
             transport.write(response_head(408, [("Content-Length", "0"), ("Connection", "close")]))
         elif self.reader._buffer:  # noqa: SLF001 - the only way to see a partial head
-            self.partial_since = self.partial_since or now
-            if now - self.partial_since < self.server.cfg.header_timeout:
-                self.deadline = now + self.server.watchdog.tick
+            since = self.partial_since or self.deadline - self.server.cfg.header_timeout
+            if now - since < self.server.cfg.header_timeout:  # its first bytes came later than the deadline's start
+                self.deadline = since + self.server.cfg.header_timeout
                 return
             transport.write(response_head(408, [("Content-Length", "0"), ("Connection", "close")]))
         self.deadline = 0.0
         transport.close()
+
+    def data_received(self, data):
+        if not self.busy and not self.partial_since:  # the first bytes of a request head: its clock starts
+            self.partial_since = now = time.monotonic()
+            if not self.deadline or self.deadline > now + self.server.cfg.header_timeout:
+                self.deadline = now + self.server.cfg.header_timeout
+        super().data_received(data)
 
     def connection_lost(self, exc):
         super().connection_lost(exc)
@@ -1381,16 +1565,57 @@ def proxy_for(scheme: str, host: str, env=os.environ) -> tuple | None:
     return (parts.hostname, parts.port or 80, auth)
 
 
+UPSTREAM_MAX_CHUNK = 64 << 20  # one chunk of a chunked upstream body is buffered whole
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """An upstream's four timeouts in seconds. Each one names itself in the error it causes."""
+
+    connect: float = 15.0  # TCP, TLS and a proxy's CONNECT
+    first_byte: float = 600.0  # from the request written to the answer's head
+    read: float = 600.0  # silence between chunks of the answer's body
+    total: float = 3600.0  # the whole request: every attempt, every wait, the whole stream
+
+
+def upstream_timeout(which: str, host: str, seconds: float) -> GatewayError:
+    """The 504 of one timeout, saying which fired (connect, first-byte, read or total)."""
+    what = {
+        "connect": f"timed out connecting to upstream {host} after {seconds:g} s",
+        "first-byte": f"upstream {host} did not answer within {seconds:g} s",
+        "read": f"upstream {host} sent nothing for {seconds:g} s mid-answer",
+        "total": f"upstream {host} had not finished when the total timeout of {seconds:g} s ran out",
+    }[which]
+    return (UpstreamUnreached if which == "connect" else GatewayError)(504, f"{what} ({which} timeout)")
+
+
+class Unanswered(Exception):
+    """An upstream's stream opened with an error before any content: it said no, and nothing
+    has reached the client, so the request may still go elsewhere."""
+
+    def __init__(self, error: GatewayError):
+        super().__init__(error.message)
+        self.error = error
+
+
+class UpstreamUnreached(GatewayError):
+    """No connection to the upstream could be made: the request never left, so sending it again
+    (or elsewhere) cannot run it twice."""
+
+
 class UpstreamResponse:
     """An upstream answer whose body is read as it arrives (de-chunked, gunzipped)."""
 
-    def __init__(self, pool, origin, reader, writer, status, headers, method):
+    def __init__(self, pool, origin, reader, writer, status, headers, method, timeouts: Timeouts, end_by: float):
         self.pool = pool
+        self.timeouts = timeouts
+        self.end_by = end_by  # the request's total deadline (monotonic)
         self.origin = origin
         self.reader = reader
         self.writer = writer
         self.status = status
         self.headers = headers
+        self.event_stream = "text/event-stream" in headers.get("content-type", "")
         self.done = method == "HEAD" or status in (204, 304)
         self.reusable = "close" not in headers.get("connection", "").lower()
         te = headers.get("transfer-encoding", "").lower()
@@ -1406,19 +1631,28 @@ class UpstreamResponse:
         if encoding == "deflate":
             self.decoder = zlib.decompressobj()
         self.deadline = 0.0
-        self.timed_out = False
+        self.timed_out = ""  # which timeout cut the body: "read" or "total"
 
     def expire(self, now: float) -> None:
-        self.timed_out = True
+        self.timed_out = "total" if now >= self.end_by else "read"
         self.deadline = 0.0
         if self.writer is not None:
             self.writer.transport.abort()
+
+    def _arm(self) -> None:
+        """Wait for the next piece of body: for the read timeout, or what is left of the total."""
+        deadline = time.monotonic() + self.timeouts.read
+        self.deadline = deadline if deadline < self.end_by else self.end_by
+        self.pool.watchdog.entries.add(self)
 
     async def _raw_chunk(self) -> bytes:
         reader = self.reader
         if self.chunked:
             line = await reader.readuntil(b"\r\n")
             size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+            if size > UPSTREAM_MAX_CHUNK:  # read whole before anything is checked: bound it
+                self.close()
+                raise GatewayError(502, f"upstream {self.origin.host} sent a chunk of {size} bytes")
             if size == 0:
                 while (await reader.readuntil(b"\r\n")) != b"\r\n":
                     pass
@@ -1449,8 +1683,7 @@ class UpstreamResponse:
         """The next piece of the decoded body; b"" at the end."""
         watchdog = self.pool.watchdog
         while not self.done:
-            self.deadline = time.monotonic() + self.pool.read_timeout
-            watchdog.entries.add(self)
+            self._arm()
             try:
                 data = await self._raw_chunk()
             except asyncio.CancelledError:
@@ -1462,10 +1695,13 @@ class UpstreamResponse:
                 watchdog.entries.discard(self)
             if self.decoder is not None and data:
                 try:
-                    data = self.decoder.decompress(data)
+                    data = self.decoder.decompress(data, UPSTREAM_MAX_CHUNK)
                 except zlib.error:
                     self.close()
                     raise GatewayError(502, f"upstream {self.origin.host} sent a corrupt compressed body") from None
+                if self.decoder.unconsumed_tail:  # a compression bomb: never inflate it all at once
+                    self.close()
+                    raise GatewayError(502, f"upstream {self.origin.host} sent a chunk that inflates beyond 64 MB")
             if data:
                 return data
         self.release()
@@ -1487,8 +1723,7 @@ class UpstreamResponse:
     async def _read_whole(self) -> bytes:
         """The usual JSON answer: one Content-Length body, read in one step."""
         watchdog = self.pool.watchdog
-        self.deadline = time.monotonic() + self.pool.read_timeout
-        watchdog.entries.add(self)
+        self._arm()
         try:
             data = await self.reader.readexactly(self.remaining)
         except asyncio.CancelledError:
@@ -1507,7 +1742,8 @@ class UpstreamResponse:
         """The body could not be read: close the connection and say why."""
         self.close()
         if self.timed_out:
-            return GatewayError(504, f"upstream {self.origin.host} sent nothing for {self.pool.read_timeout:g} s")
+            seconds = self.timeouts.total if self.timed_out == "total" else self.timeouts.read
+            return upstream_timeout(self.timed_out, self.origin.host, seconds)
         return GatewayError(
             502, f"upstream {self.origin.host} closed the connection mid-response ({type(exc).__name__})"
         )
@@ -1517,7 +1753,7 @@ class UpstreamResponse:
         if self.writer is None:
             return
         if self.done and self.reusable and not self.writer.transport.is_closing():
-            self.pool.idle.setdefault(self.origin.key, []).append((self.reader, self.writer))
+            self.pool.keep(self.origin.key, self.reader, self.writer)
         else:
             self.writer.transport.abort()
         self.writer = None
@@ -1530,13 +1766,22 @@ class UpstreamResponse:
 
 
 class UpstreamPool:
-    """One HTTP/1.1 client: keep-alive pool per origin, TLS with verification, proxies."""
+    """One HTTP/1.1 client: keep-alive pool per origin, TLS with verification, proxies. Idle
+    connections are capped per origin and in total, and closed when they expire or the
+    upstream closes them (no CLOSE_WAIT pile-up); one watchdog enforces every timeout."""
 
-    def __init__(self, connect_timeout: float = 15.0, read_timeout: float = 600.0):
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self.watchdog = Watchdog(min(1.0, read_timeout / 4))
-        self.idle: dict[tuple, list] = {}
+    def __init__(self, connect_timeout: float = 15.0, read_timeout: float = 600.0, first_byte_timeout: float = 0.0,
+                 total_timeout: float = 3600.0, max_idle_per_origin: int = 128, max_idle: int = 512,
+                 idle_expiry: float = 30.0):  # fmt: skip
+        self.timeouts = Timeouts(connect_timeout, first_byte_timeout or read_timeout, read_timeout, total_timeout)
+        self.watchdog = Watchdog(min(1.0, min(self.timeouts.first_byte, read_timeout) / 4))
+        self.idle: dict[tuple, list] = {}  # origin key -> [(reader, writer, idle since)], most recent last
+        self.idle_count = 0
+        self.max_idle_per_origin = max_idle_per_origin
+        self.max_idle = max_idle
+        self.idle_expiry = idle_expiry
+        self.sweeper = _IdleSweep(self)
+        self.watchdog.entries.add(self.sweeper)
         self._ssl: ssl.SSLContext | None = None
         self._origins: dict[str, tuple[Origin, str]] = {}
         self._heads: dict[tuple, tuple[dict, bytes]] = {}
@@ -1561,47 +1806,51 @@ class UpstreamPool:
                 self._origins[url] = cached
         return cached
 
-    async def _connect(self, origin: Origin):
+    async def _connect(self, origin: Origin, timeouts: Timeouts, end_by: float):
+        """A new connection, or UpstreamUnreached: within the connect timeout (and what is left
+        of the total)."""
         host, port = (origin.proxy[0], origin.proxy[1]) if origin.proxy else (origin.host, origin.port)
         tls = origin.scheme == "https"
+        left = end_by - time.monotonic()
+        limit = min(timeouts.connect, max(left, 0.001))
         try:
             if origin.proxy and tls:
                 if not hasattr(asyncio.StreamWriter, "start_tls"):
-                    raise GatewayError(502, "HTTPS through a proxy needs Python 3.11 or newer")
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.connect_timeout)
+                    raise UpstreamUnreached(502, "HTTPS through a proxy needs Python 3.11 or newer")
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), limit)
                 try:
-                    await self._tunnel(origin, reader, writer)
-                    await asyncio.wait_for(
-                        writer.start_tls(self.ssl_context, server_hostname=origin.host), self.connect_timeout
-                    )
+                    await self._tunnel(origin, reader, writer, limit)
+                    await asyncio.wait_for(writer.start_tls(self.ssl_context, server_hostname=origin.host), limit)
                 except BaseException:
                     writer.transport.abort()  # never leak the proxy connection
                     raise
             else:
                 ctx = self.ssl_context if tls else None
                 opener = asyncio.open_connection(host, port, ssl=ctx, server_hostname=origin.host if tls else None)
-                reader, writer = await asyncio.wait_for(opener, self.connect_timeout)
+                reader, writer = await asyncio.wait_for(opener, limit)
         except asyncio.TimeoutError:
-            raise GatewayError(504, f"timed out connecting to upstream {origin.host}:{origin.port}") from None
+            which = "connect" if timeouts.connect <= left else "total"
+            err = upstream_timeout(which, f"{origin.host}:{origin.port}", getattr(timeouts, which))
+            raise UpstreamUnreached(err.status, err.message) from None
         except ssl.SSLCertVerificationError as exc:
-            raise GatewayError(
+            raise UpstreamUnreached(
                 502, f"TLS certificate of upstream {origin.host} failed verification: {exc.verify_message}"
             ) from None
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
-            raise GatewayError(502, f"cannot connect to upstream {origin.host}:{origin.port}: {reason}") from None
+            raise UpstreamUnreached(502, f"cannot connect to upstream {origin.host}:{origin.port}: {reason}") from None
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return reader, writer
 
-    async def _tunnel(self, origin: Origin, reader, writer):
+    async def _tunnel(self, origin: Origin, reader, writer, limit: float):
         auth = f"Proxy-Authorization: {origin.proxy[2]}\r\n" if origin.proxy[2] else ""
         writer.write(
             f"CONNECT {origin.host}:{origin.port} HTTP/1.1\r\nHost: {origin.host}:{origin.port}\r\n{auth}\r\n".encode()
         )
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.connect_timeout)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), limit)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             writer.close()
             raise OSError(0, "the proxy closed the connection during CONNECT") from None
@@ -1611,7 +1860,12 @@ class UpstreamPool:
             first_line = head.split(b"\r\n", 1)[0].decode("latin-1")
             raise OSError(0, f"proxy refused CONNECT ({first_line})")
 
-    async def request(self, method: str, url: str, headers: dict, body: bytes = b"") -> UpstreamResponse:
+    async def request(self, method: str, url: str, headers: dict, body: bytes = b"", timeouts: Timeouts | None = None,
+                      end_by: float = 0.0) -> UpstreamResponse:  # fmt: skip
+        """Send one request and read its answer's head. A connection that could not be made is
+        UpstreamUnreached; `end_by` (monotonic) is the request's total deadline."""
+        timeouts = timeouts or self.timeouts
+        end_by = end_by or time.monotonic() + timeouts.total
         origin, _ = self.parse_url(url)
         # keyed by the headers' identity (callers pass shared dicts they never change); the entry
         # holds the dict, so its id cannot be reused while cached
@@ -1630,17 +1884,18 @@ class UpstreamPool:
             payload = head + b"\r\n"
         idle = self.idle.get(origin.key)
         while idle:
-            reader, writer = idle.pop()
+            reader, writer, _ = idle.pop()
+            self.idle_count -= 1
             if writer.transport.is_closing() or reader.at_eof():
                 writer.transport.abort()
                 continue
             try:
-                return await self._exchange(origin, reader, writer, payload, method)
+                return await self._exchange(origin, reader, writer, payload, method, timeouts, end_by)
             except _StaleConnection:
                 continue  # the server closed a pooled connection; nothing was processed
-        reader, writer = await self._connect(origin)
+        reader, writer = await self._connect(origin, timeouts, end_by)
         try:
-            return await self._exchange(origin, reader, writer, payload, method)
+            return await self._exchange(origin, reader, writer, payload, method, timeouts, end_by)
         except _StaleConnection:
             raise GatewayError(502, f"upstream {origin.host} closed the connection without answering") from None
 
@@ -1659,9 +1914,12 @@ class UpstreamPool:
             lines.append(f"Proxy-Authorization: {origin.proxy[2]}")
         return ("\r\n".join(lines) + "\r\n").encode("latin-1")
 
-    async def _exchange(self, origin, reader, writer, payload, method) -> UpstreamResponse:
+    async def _exchange(
+        self, origin, reader, writer, payload, method, timeouts, end_by, interim: int = 0
+    ) -> UpstreamResponse:
         self.watchdog.start()
-        waiting = _HeadWait(writer, time.monotonic() + self.read_timeout)
+        first_byte_by = time.monotonic() + timeouts.first_byte
+        waiting = _HeadWait(writer, first_byte_by if first_byte_by < end_by else end_by)  # (min() costs more)
         timed_out = waiting.fired
         self.watchdog.entries.add(waiting)
         try:
@@ -1670,18 +1928,14 @@ class UpstreamPool:
         except asyncio.IncompleteReadError as exc:
             writer.transport.abort()
             if timed_out:
-                raise GatewayError(
-                    504, f"upstream {origin.host} did not answer within {self.read_timeout:g} s"
-                ) from None
+                raise self._head_timeout(origin, timeouts, first_byte_by, end_by) from None
             if not exc.partial:
                 raise _StaleConnection() from None
             raise GatewayError(502, f"upstream {origin.host} sent a truncated response head") from None
         except (ConnectionError, OSError):
             writer.transport.abort()
             if timed_out:
-                raise GatewayError(
-                    504, f"upstream {origin.host} did not answer within {self.read_timeout:g} s"
-                ) from None
+                raise self._head_timeout(origin, timeouts, first_byte_by, end_by) from None
             raise _StaleConnection() from None
         except asyncio.LimitOverrunError:
             writer.transport.abort()
@@ -1691,9 +1945,20 @@ class UpstreamPool:
             raise
         finally:
             self.watchdog.entries.discard(waiting)
-        lines = head.decode("latin-1").split("\r\n")
+        text = head.decode("latin-1")
+        bare = text.replace("\r\n", "")
+        if "\n" in bare or "\r" in bare or "\0" in bare:  # never let one reach a client's response head
+            if "\r" in bare or "\0" in bare:
+                writer.transport.abort()
+                raise GatewayError(502, f"upstream {origin.host} sent a malformed response head (a bare CR or NUL)")
+            lines = [line.removesuffix("\r") for line in text.split("\n")]  # a bare LF ends a line (RFC 9112 2.2)
+        else:
+            lines = text.split("\r\n")
         status_parts = lines[0].split(" ", 2)
-        if len(status_parts) < 2 or not status_parts[1].isdigit() or not status_parts[0].startswith("HTTP/1."):
+        code = status_parts[1] if len(status_parts) > 1 else ""
+        if not (len(code) == 3 and code.isascii() and code.isdigit() and "100" <= code < "600") or not (
+            status_parts[0].startswith("HTTP/1.")
+        ):
             writer.transport.abort()
             raise GatewayError(502, f"upstream {origin.host} did not speak HTTP/1.1")
         headers = {}
@@ -1702,16 +1967,73 @@ class UpstreamPool:
             if sep:
                 headers[name.strip().lower()] = value.strip()
         status = int(status_parts[1])
-        if status == 100:  # an interim answer; the real head follows
-            return await self._exchange(origin, reader, writer, b"", method)
-        return UpstreamResponse(self, origin, reader, writer, status, headers, method)
+        if status < 200 and status != 101 and interim < 8:  # 100 Continue, 103 Early Hints: the real head follows
+            return await self._exchange(origin, reader, writer, b"", method, timeouts, end_by, interim + 1)
+        if status < 200:
+            writer.transport.abort()
+            raise GatewayError(502, f"upstream {origin.host} answered {status} and no final response")
+        return UpstreamResponse(self, origin, reader, writer, status, headers, method, timeouts, end_by)
+
+    @staticmethod
+    def _head_timeout(origin, timeouts: Timeouts, first_byte_by: float, end_by: float) -> GatewayError:
+        if first_byte_by <= end_by:
+            return upstream_timeout("first-byte", origin.host, timeouts.first_byte)
+        return upstream_timeout("total", origin.host, timeouts.total)
+
+    def keep(self, key: tuple, reader, writer) -> None:
+        """Pool a connection whose answer was read to its end, within the idle caps."""
+        conns = self.idle.get(key)
+        if conns is None:
+            conns = self.idle[key] = []
+        if len(conns) >= self.max_idle_per_origin or self.idle_count >= self.max_idle:
+            writer.transport.abort()
+            return
+        conns.append((reader, writer, time.monotonic()))
+        self.idle_count += 1
+        if not self.sweeper.deadline:
+            self.sweeper.deadline = time.monotonic() + self.sweeper.interval()
+
+    def sweep_idle(self, now: float) -> None:
+        """Close idle connections that expired or that the upstream closed (their reader saw EOF:
+        left alone they would sit in CLOSE_WAIT)."""
+        oldest = now - self.idle_expiry
+        for key, conns in list(self.idle.items()):
+            kept = []
+            for conn in conns:
+                reader, writer, since = conn
+                if since < oldest or reader.at_eof() or writer.transport.is_closing():
+                    writer.transport.abort()
+                else:
+                    kept.append(conn)
+            self.idle_count -= len(conns) - len(kept)
+            conns[:] = kept  # in place: a request popping from this list meanwhile sees the same one
+            if not kept:
+                del self.idle[key]
 
     def close(self):
         self.watchdog.stop()
         for conns in self.idle.values():
-            for _, writer in conns:
+            for _, writer, _ in conns:
                 writer.transport.abort()
         self.idle.clear()
+        self.idle_count = 0
+
+
+class _IdleSweep:
+    """The watchdog entry that sweeps the idle connections (about once a second while any are idle)."""
+
+    __slots__ = ("pool", "deadline")
+
+    def __init__(self, pool: UpstreamPool):
+        self.pool = pool
+        self.deadline = 0.0
+
+    def interval(self) -> float:
+        return min(1.0, self.pool.idle_expiry / 2)
+
+    def expire(self, now: float) -> None:
+        self.pool.sweep_idle(now)
+        self.deadline = now + self.interval() if self.pool.idle_count else 0.0
 
 
 class _StaleConnection(Exception):
@@ -1744,49 +2066,97 @@ class SSEEvent:
     raw: bytes  # the event's bytes, normalised to LF, with its blank-line terminator
 
 
+SSE_MAX_EVENT_BYTES = 16 << 20  # an upstream event larger than this ends the stream with a 502
+
+
 class SSEParser:
     """Incremental text/event-stream parser: CRLF/CR/LF line ends, multi-line data,
     comments, and UTF-8 characters split across network reads (bytes are decoded only
-    once an event is complete)."""
+    once an event is complete). Linear in what it is fed: each read is normalised and
+    searched once (never the whole buffer again), and an event may not outgrow max_event."""
 
-    __slots__ = ("buffer",)
+    __slots__ = ("buffer", "max_event")
 
-    def __init__(self):
-        self.buffer = b""
+    def __init__(self, max_event: int = SSE_MAX_EVENT_BYTES):
+        self.buffer = bytearray()  # the unfinished event, LF line ends (a last CR held back)
+        self.max_event = max_event
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        buffer = self.buffer + chunk
-        if b"\r" in buffer:
-            hold_cr = buffer.endswith(b"\r")  # may be the first half of a CRLF
+        return [event for raw in self.feed_raw(chunk) if (event := self.parse(raw)) is not None]
+
+    def feed_lazily(self, chunk: bytes):
+        """The events `chunk` completes, each parsed when the caller gets to it (a translated
+        stream sends its first event before it has read the rest of a burst)."""
+        for raw in self.feed_raw(chunk):
+            if (event := self.parse(raw)) is not None:
+                yield event
+
+    def feed_raw(self, chunk: bytes) -> list[bytes]:
+        """The events `chunk` completes, as their bytes (LF line ends, with the blank line), not yet
+        parsed: a relay parses each as it gets to it, or not at all when its bytes tell enough."""
+        buffer = self.buffer
+        if buffer and buffer[-1] == 13:  # a CR held back last time: maybe the first half of a CRLF
+            del buffer[-1]
+            chunk = b"\r" + chunk
+        hold_cr = False
+        if b"\r" in chunk:
+            hold_cr = chunk.endswith(b"\r")
             if hold_cr:
-                buffer = buffer[:-1]
-            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            if hold_cr:
-                buffer += b"\r"
+                chunk = chunk[:-1]
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if buffer:  # what is buffered holds no blank line, but one may straddle reads
+            scan_from = len(buffer) - 1
+            buffer += chunk
+            data = buffer
+        else:  # the usual read: whole events, sliced from the bytes as they came
+            scan_from = 0
+            data = chunk
+        end = data.find(b"\n\n", scan_from)
         events = []
         start = 0
-        while True:
-            end = buffer.find(b"\n\n", start)
-            if end < 0:
-                break
-            raw = buffer[start : end + 2]
+        limit = self.max_event
+        while end >= 0:
+            if end - start > limit:
+                raise self._too_large()
+            events.append(data[start : end + 2] if data is chunk else bytes(data[start : end + 2]))
             start = end + 2
-            event = self._parse(raw)
-            if event is not None:
-                events.append(event)
-        self.buffer = buffer[start:]
+            end = data.find(b"\n\n", start)
+        if data is buffer:
+            del buffer[:start]
+        elif start < len(chunk):
+            buffer += memoryview(chunk)[start:]
+        if len(buffer) > limit:
+            raise self._too_large()
+        if hold_cr:
+            buffer.append(13)
         return events
+
+    def _too_large(self) -> GatewayError:
+        self.buffer = bytearray()
+        return GatewayError(502, f"upstream sent a stream event larger than {self.max_event / (1 << 20):g} MB")
 
     def finish(self) -> list[SSEEvent]:
         """An unterminated last event, if the stream ended without a blank line."""
-        rest, self.buffer = self.buffer.rstrip(b"\r"), b""
+        if not self.buffer:
+            return []
+        rest, self.buffer = bytes(self.buffer).rstrip(b"\r"), bytearray()
         if rest.strip():
-            event = self._parse(rest + b"\n\n")
+            event = self.parse(rest + b"\n\n")
             return [event] if event is not None else []
         return []
 
     @staticmethod
-    def _parse(raw: bytes) -> SSEEvent | None:
+    def parse(raw: bytes) -> SSEEvent | None:
+        """One event's bytes (from feed_raw) as an SSEEvent; None for one of comments only."""
+        end = len(raw) - 2
+        if raw.startswith(b"data: ") and raw.find(b"\n") == end:  # the usual shapes, read without a split:
+            return SSEEvent("", raw[6:end].decode("utf-8", "replace"), raw)  # one data line,
+        if raw.startswith(b"event: "):  # or an event line and one data line
+            line = raw.find(b"\n")
+            if raw.startswith(b"data: ", line + 1) and raw.find(b"\n", line + 1) == end:
+                return SSEEvent(
+                    raw[7:line].decode("utf-8", "replace"), raw[line + 7 : end].decode("utf-8", "replace"), raw
+                )
         name = ""
         data = []
         for line in raw.decode("utf-8", "replace").split("\n"):
@@ -1884,6 +2254,31 @@ class Usage:
     reasoning_tokens: int = 0
 
 
+TOKEN_COUNT_MAX = (1 << 63) - 1  # what sqlite's INTEGER holds
+
+
+def token_count(value) -> int:
+    """A token count from an upstream as a sane int: never negative, below 2^63; a float is
+    truncated, a string of digits read, anything else (null, an object, true) counts 0. Every
+    codec's usage decoder passes its numbers through here, so nothing odd reaches the ledger."""
+    if type(value) is int and 0 <= value <= TOKEN_COUNT_MAX:  # the usual cases
+        return value
+    if value is None:
+        return 0
+    if type(value) is float:  # finite: loads refuses the rest
+        value = int(value)
+    elif type(value) is str and value.isascii() and value.isdigit():
+        value = int(value) if len(value) < 20 else TOKEN_COUNT_MAX
+    elif type(value) is not int:
+        return 0
+    return value if 0 <= value <= TOKEN_COUNT_MAX else 0 if value < 0 else TOKEN_COUNT_MAX
+
+
+def token_sum(total: int) -> int:
+    """A sum of token counts, clamped like each of them."""
+    return total if total <= TOKEN_COUNT_MAX else TOKEN_COUNT_MAX
+
+
 @dataclass(slots=True)
 class Request:
     model: str
@@ -1967,7 +2362,7 @@ class StreamError:
 def fold_events(events) -> Response:
     """Fold a canonical event stream into one Response (what a JSON answer holds)."""
     response = Response(id="", model="", parts=[])
-    blocks: dict[int, Part] = {}
+    blocks: dict[int, tuple[Part, dict]] = {}  # index -> (part, its delta pieces by field)
     for ev in events:
         if isinstance(ev, MessageStart):
             response.id, response.model = ev.id, ev.model
@@ -1976,22 +2371,20 @@ def fold_events(events) -> Response:
         elif isinstance(ev, BlockStart):
             part = Part(ev.part.type, ev.part.text, ev.part.id, ev.part.name, ev.part.arguments, data=ev.part.data,
                         signature=ev.part.signature, extra=ev.part.extra)  # fmt: skip
-            blocks[ev.index] = part
+            blocks[ev.index] = (part, {})
             response.parts.append(part)
-        elif isinstance(ev, BlockDelta):
-            part = blocks[ev.index]
-            if ev.kind == "arguments":
-                part.arguments += ev.value
-            elif ev.kind == "signature":
-                part.signature += ev.value
-            else:
-                part.text += ev.value
+        elif isinstance(ev, BlockDelta) and ev.index in blocks:
+            name = ev.kind if ev.kind in ("arguments", "signature") else "text"
+            blocks[ev.index][1].setdefault(name, []).append(ev.value)  # joined once: += on a field is quadratic
         elif isinstance(ev, MessageDelta):
             response.stop_reason, response.stop_sequence = ev.stop_reason, ev.stop_sequence
             if ev.usage is not None:
                 response.usage = ev.usage
         elif isinstance(ev, StreamError):
             raise ev.error
+    for part, pieces in blocks.values():
+        for name, values in pieces.items():
+            setattr(part, name, getattr(part, name) + "".join(values))
     return response
 
 
@@ -2050,7 +2443,7 @@ def stop_reason_out(protocol: str, reason: str) -> str:
 
 
 def stop_reason_in(protocol: str, reason) -> str:
-    return STOP_REASONS_IN[protocol].get(reason or "", "end_turn")
+    return STOP_REASONS_IN[protocol].get(reason if type(reason) is str else "", "end_turn")
 
 
 def parse_data_uri(url: str) -> tuple[str, str] | None:
@@ -2132,7 +2525,7 @@ class Codec:
             return self.decode_usage(usage)
         try:
             return self.usage_of_whole(loads(body))
-        except (ValueError, AttributeError, TypeError, KeyError, IndexError, GatewayError):
+        except (*MALFORMED_INPUT, GatewayError):
             return Usage()
 
     def usage_of_whole(self, data) -> Usage:
@@ -2141,6 +2534,13 @@ class Codec:
 
     def encode_stream_error(self, err: GatewayError) -> bytes:
         return b"data: " + dumps(self.encode_error(err)) + b"\n\n"
+
+    @staticmethod
+    def skippable(raw: bytes) -> bool:
+        """May a passthrough stream's observer leave this event undecoded once content flows:
+        do its bytes alone show that it carries no usage and no error? (Its bytes go to the
+        client either way; a coding agent's answer is hundreds of such events.)"""
+        return False
 
     def decode_error(self, status: int, body: bytes) -> GatewayError:
         """Read an upstream's error, in any of the four envelopes, keeping its status."""
@@ -2154,7 +2554,7 @@ class Codec:
         if isinstance(data, dict):
             err = data.get("error", data)
             if isinstance(err, dict):
-                message = str(err.get("message") or "")
+                message = as_text(err.get("message") or "")
                 kind = err.get("type") if isinstance(err.get("type"), str) else ""
                 if not message and isinstance(err.get("detail"), str):  # FastAPI-based servers
                     message = err["detail"]
@@ -2165,6 +2565,16 @@ class Codec:
         if kind not in GatewayError.KIND_BY_STATUS.values():
             kind = ""
         return GatewayError(status, message, kind)
+
+
+def check_response_format(fmt: dict, where: str) -> None:
+    """The canonical response_format ({"type": "json_object"} or {"type": "json_schema",
+    "json_schema": {"name", "schema", ...}}) with the shapes every encoder relies on."""
+    kind = field_at(fmt, "type", str, where, required=True)
+    if kind == "json_schema":
+        spec = field_at(fmt, "json_schema", dict, where, required=True)
+        field_at(spec, "name", str, f"{where}.json_schema")
+        field_at(spec, "schema", dict, f"{where}.json_schema")
 
 
 def json_object_arguments(text: str) -> dict:
@@ -2185,90 +2595,73 @@ OPENAI_ERROR_TYPES = {
     "permission_error": "permission_error", "not_found_error": "not_found_error",
     "request_too_large": "invalid_request_error", "rate_limit_error": "rate_limit_error",
     "api_error": "server_error", "overloaded_error": "server_error", "timeout_error": "timeout_error",
-    "client_closed": "invalid_request_error",
+    "client_closed": "invalid_request_error", "billing_error": "insufficient_quota",
 }  # fmt: skip
 
 
 class OpenAIChatCodec(Codec):
     name = "openai"
 
+    @staticmethod
+    def skippable(raw: bytes) -> bool:  # content chunks: usage and errors name themselves
+        return b'"usage"' not in raw and b'"error"' not in raw and b"[DONE]" not in raw
+
     # -- requests
     REQUEST_FIELDS = {
         "model": str, "messages": list, "tools": list, "parallel_tool_calls": bool, "max_completion_tokens": int,
         "max_tokens": int, "temperature": float, "top_p": float, "stream": bool, "reasoning_effort": str,
-        "response_format": dict, "metadata": dict, "user": str,
+        "response_format": dict, "metadata": dict, "user": str, "stream_options": dict, "stop": (str, list),
+        "tool_choice": (str, dict),
     }  # fmt: skip
 
     def decode_request(self, body: dict) -> Request:
         check_fields(body, self.REQUEST_FIELDS, ("model", "messages"))
         get = body.get
         stop = get("stop")
+        options = get("stream_options")
         req = Request(
             model=body["model"], messages=[], parallel_tool_calls=get("parallel_tool_calls"),
             max_tokens=get("max_completion_tokens") or get("max_tokens"), temperature=get("temperature"),
-            top_p=get("top_p"), stop=[stop] if isinstance(stop, str) else list(stop or []), stream=bool(get("stream")),
-            include_usage=bool((get("stream_options") or {}).get("include_usage")),
+            top_p=get("top_p"), stop=[stop] if type(stop) is str else string_list(stop, "stop") if stop else [],
+            stream=bool(get("stream")), include_usage=bool(options and options.get("include_usage")),
             reasoning_effort=get("reasoning_effort") or "", response_format=get("response_format"),
             metadata=get("metadata") or {}, user=get("user") or "", raw=body, protocol="openai",
         )  # fmt: skip
+        if req.response_format:
+            check_response_format(req.response_format, "response_format")
         for i, msg in enumerate(body["messages"]):
-            if not isinstance(msg, dict):
+            if type(msg) is not dict:
                 raise bad_request(f"messages[{i}] must be an object")
             self._decode_message(req, msg, i)
         for i, tool in enumerate(get("tools") or ()):
             req.tools.append(self._decode_tool(tool, i))
         choice = get("tool_choice")
-        if isinstance(choice, str):
+        if type(choice) is str:
             req.tool_choice = choice
-        elif isinstance(choice, dict):
+        elif choice:
             req.tool_choice = "tool"
-            req.tool_name = (choice.get("function") or choice.get("custom") or {}).get("name", "")
+            named = choice.get("function") or choice.get("custom") or {}
+            if type(named) is not dict:
+                raise bad_request("'tool_choice.function' must be an object with a 'name'")
+            req.tool_name = field_at(named, "name", str, "tool_choice.function", default="")
         return req
 
     def _decode_message(self, req: Request, msg: dict, i: int) -> None:
         role = msg.get("role")
         content = msg.get("content")
-        if role in ("system", "developer"):
+        if role == "user":
+            req.messages.append(Message("user", self._decode_content(content, i)))
+        elif role == "system" or role == "developer":
             parts = self._decode_content(content, i)
             if not req.messages:
                 req.system.extend(parts)
             else:
                 req.messages.append(Message("system", parts))
-        elif role == "user":
-            req.messages.append(Message("user", self._decode_content(content, i)))
         elif role == "assistant":
-            parts = []
-            reasoning = msg.get("reasoning_content") or msg.get("reasoning")
-            if isinstance(reasoning, str) and reasoning:
-                parts.append(Part("thinking", text=reasoning))
-            parts.extend(self._decode_content(content, i))
-            if msg.get("refusal"):
-                parts.append(Part("text", text=msg["refusal"]))
-            for call in msg.get("tool_calls") or []:
-                if call.get("type") == "custom":  # free-form input travels as {"input": text}
-                    custom = call.get("custom") or {}
-                    args = json.dumps({"input": custom.get("input", "")})
-                    parts.append(
-                        Part(
-                            "tool_call",
-                            id=call.get("id") or new_id("call_"),
-                            name=custom.get("name", ""),
-                            arguments=args,
-                        )
-                    )
-                    continue
-                fn = call.get("function") or {}
-                args = fn.get("arguments", "")
-                parts.append(Part("tool_call", id=call.get("id") or new_id("call_"), name=fn.get("name", ""),
-                                  arguments=args if isinstance(args, str) else json.dumps(args)))  # fmt: skip
-            if msg.get("function_call"):  # legacy single function call
-                fn = msg["function_call"]
-                parts.append(
-                    Part("tool_call", id=fn.get("name", ""), name=fn.get("name", ""), arguments=fn.get("arguments", ""))
-                )
-            req.messages.append(Message("assistant", parts))
-        elif role in ("tool", "function"):
-            call_id = msg.get("tool_call_id") or msg.get("name") or ""
+            req.messages.append(Message("assistant", self._decode_assistant(msg, content, i)))
+        elif role == "tool" or role == "function":
+            where = f"messages[{i}]"
+            call_id = field_at(msg, "tool_call_id", str, where) or field_at(msg, "name", str, where) or ""
             result = Part("tool_result", id=call_id, content=self._decode_content(content, i))
             last = req.messages[-1] if req.messages else None
             if (
@@ -2281,61 +2674,113 @@ class OpenAIChatCodec(Codec):
             else:
                 req.messages.append(Message("user", [result]))
         else:
-            raise bad_request(f"messages[{i}].role must be system, developer, user, assistant or tool, got {role!r}")
+            raise bad_request(
+                f"messages[{i}].role must be system, developer, user, assistant or tool, got {json_preview(role)}"
+            )
+
+    def _decode_assistant(self, msg: dict, content, i: int) -> list:
+        where = f"messages[{i}]"
+        parts = []
+        reasoning = msg.get("reasoning_content") or msg.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            parts.append(Part("thinking", text=reasoning))
+        parts.extend(self._decode_content(content, i))
+        refusal = field_at(msg, "refusal", str, where)
+        if refusal:
+            parts.append(Part("text", text=refusal))
+        for j, call in enumerate(field_at(msg, "tool_calls", list, where) or ()):
+            parts.append(self._decode_call(call, f"{where}.tool_calls[{j}]"))
+        legacy = field_at(msg, "function_call", dict, where)
+        if legacy:  # the single function call of the old API
+            name = field_at(legacy, "name", str, f"{where}.function_call", default="")
+            arguments = field_at(legacy, "arguments", str, f"{where}.function_call", default="")
+            parts.append(Part("tool_call", id=name, name=name, arguments=arguments))
+        return parts
+
+    @staticmethod
+    def _decode_call(call, where: str) -> Part:
+        if type(call) is not dict:
+            raise bad_request(f"{where} must be an object")
+        call_id = field_at(call, "id", str, where) or new_id("call_")
+        if call.get("type") == "custom":  # free-form input travels as {"input": text}
+            custom = field_at(call, "custom", dict, where, default={})
+            text = field_at(custom, "input", str, f"{where}.custom", default="")
+            name = field_at(custom, "name", str, f"{where}.custom", default="")
+            return Part("tool_call", id=call_id, name=name, arguments=json.dumps({"input": text}))
+        fn = field_at(call, "function", dict, where, default={})
+        args = fn.get("arguments", "")
+        if type(args) is not str:  # some clients send the object itself
+            args = json.dumps(args) if args is not None else ""
+        return Part("tool_call", id=call_id, name=field_at(fn, "name", str, f"{where}.function", default=""),
+                    arguments=args)  # fmt: skip
 
     def _decode_content(self, content, i: int) -> list:
         if content is None:
             return []
-        if isinstance(content, str):
+        if type(content) is str:
             return [Part("text", text=content)] if content else []
-        if not isinstance(content, list):
+        if type(content) is not list:
             raise bad_request(f"messages[{i}].content must be a string or an array of content parts")
         parts = []
-        for item in content:
-            if isinstance(item, str):
+        for j, item in enumerate(content):
+            if type(item) is str:
                 parts.append(Part("text", text=item))
                 continue
-            kind = item.get("type") if isinstance(item, dict) else None
+            where = f"messages[{i}].content[{j}]"
+            if type(item) is not dict:
+                raise bad_request(f"{where} must be an object such as {{'type': 'text', 'text': ...}}")
+            kind = item.get("type")
             if kind == "text":
-                parts.append(Part("text", text=item.get("text") or ""))
+                parts.append(Part("text", text=field_at(item, "text", str, where, default="")))
             elif kind == "image_url":
                 image = item.get("image_url")
-                url = image.get("url", "") if isinstance(image, dict) else str(image or "")
+                if type(image) is dict:
+                    url = field_at(image, "url", str, f"{where}.image_url", required=True)
+                elif type(image) is str:
+                    url = image
+                else:
+                    raise bad_request(f"'{where}.image_url' must be an object {{'url': ...}} or a URL string")
                 data_uri = parse_data_uri(url)
                 if data_uri:
                     parts.append(Part("image", media_type=data_uri[0], data=data_uri[1]))
                 else:
                     parts.append(Part("image", url=url))
             elif kind == "refusal":
-                parts.append(Part("text", text=item.get("refusal") or ""))
+                parts.append(Part("text", text=field_at(item, "refusal", str, where, default="")))
             elif kind == "file" and isinstance(item.get("file"), dict) and item["file"].get("file_data"):
                 spec = item["file"]
                 name = spec.get("filename") if isinstance(spec.get("filename"), str) else ""
-                parts.append(document_part(field_at(spec, "file_data", str, f"messages[{i}].content.file"), name=name))
-            elif kind in ("input_audio", "file"):  # a file id only OpenAI can read, audio no other upstream takes
+                parts.append(document_part(field_at(spec, "file_data", str, f"{where}.file"), name=name))
+            elif (
+                kind == "input_audio" or kind == "file"
+            ):  # a file id only OpenAI can read, audio no other upstream takes
                 parts.append(Part("text", text=f"[{kind} content omitted by the gateway]"))
             else:
-                raise bad_request(f"messages[{i}].content has an unknown part type {kind!r}")
+                raise bad_request(f"{where} has an unknown part type {json_preview(kind)}")
         return parts
 
     def _decode_tool(self, tool, i: int) -> Tool:
-        if not isinstance(tool, dict):
-            raise bad_request(f"tools[{i}] must be an object")
+        where = f"tools[{i}]"
+        if type(tool) is not dict:
+            raise bad_request(f"{where} must be an object")
         if tool.get("type") == "custom":
-            spec = tool.get("custom") or {}
+            spec = field_at(tool, "custom", dict, where, default={})
             fmt = spec.get("format")
             return Tool(
-                spec.get("name", ""),
-                spec.get("description", ""),
+                field_at(spec, "name", str, f"{where}.custom", default=""),
+                field_at(spec, "description", str, f"{where}.custom", default=""),
                 custom_tool_parameters(fmt),
                 "custom",
                 {"format": fmt},
             )
         fn = tool.get("function")
-        if tool.get("type", "function") != "function" or not isinstance(fn, dict) or not fn.get("name"):
-            raise bad_request(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}")
+        if tool.get("type", "function") != "function" or type(fn) is not dict or not fn.get("name"):
+            raise bad_request(f"{where} must be {{'type': 'function', 'function': {{'name': ...}}}}")
+        name = field_at(fn, "name", str, f"{where}.function")
+        description = field_at(fn, "description", str, f"{where}.function", default="")
+        parameters = field_at(fn, "parameters", dict, f"{where}.function", default={})
         extra = {"strict": fn["strict"]} if "strict" in fn else None
-        return Tool(fn["name"], fn.get("description", ""), fn.get("parameters") or {}, "function", extra)
+        return Tool(name, description, parameters, "function", extra)
 
     def encode_request(self, req: Request, model: str, provider=None) -> dict:
         messages = []
@@ -2443,40 +2888,49 @@ class OpenAIChatCodec(Codec):
 
     # -- responses
     def decode_response(self, body: dict) -> Response:
-        choices = body.get("choices") or [{}]
-        choice = choices[0] or {}
-        if "error" in body or "error" in choice:  # OpenRouter: an error met while generating, in a 200 answer
-            self._raise_answer_error(body, choice)
-        message = choice.get("message") or {}
+        choices = body.get("choices")
+        choice = choices[0] if type(choices) is list and choices else {}
+        if "error" in body or (type(choice) is dict and "error" in choice):  # OpenRouter: an error met while generating
+            self._raise_answer_error(body, object_or_empty(choice))
+        if type(choices) is not list:
+            raise malformed_answer(f"'choices' must be an array, got {json_preview(choices)}")
+        message = (choice.get("message") or {}) if type(choice) is dict else None
+        if type(message) is not dict:
+            raise malformed_answer(f"'choices[0].message' must be an object, got {json_preview(message)}")
         parts = []
         reasoning = message.get("reasoning_content") or message.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
             parts.append(Part("thinking", text=reasoning))
         content = message.get("content")
+        if isinstance(content, list):  # some compatible servers (Mistral's) answer with text parts
+            content = compatible_content_text(content)
+        elif content is not None and type(content) is not str:
+            raise malformed_answer(f"'choices[0].message.content' must be a string, got {json_preview(content)}")
         if content:
-            parts.append(Part("text", text=content if isinstance(content, str) else compatible_content_text(content)))
-        if message.get("refusal"):
-            parts.append(Part("text", text=message["refusal"]))
-        for call in message.get("tool_calls") or []:
-            fn = call.get("function") or {}
+            parts.append(Part("text", text=content))
+        refusal = string_or(message.get("refusal"))
+        if refusal:
+            parts.append(Part("text", text=refusal))
+        calls = message.get("tool_calls") or []
+        if type(calls) is not list:
+            raise malformed_answer(f"'choices[0].message.tool_calls' must be an array, got {json_preview(calls)}")
+        for call in calls:
+            fn = call.get("function") if type(call) is dict else None
+            if type(fn) is not dict:
+                raise malformed_answer("each of 'choices[0].message.tool_calls' must be an object with a 'function'")
             arguments = fn.get("arguments") or ""
-            parts.append(
-                Part(
-                    "tool_call",
-                    id=call.get("id") or new_id("call_"),
-                    name=fn.get("name", ""),
-                    arguments=arguments
-                    if isinstance(arguments, str)
-                    else dumps(arguments).decode(),  # Ollama: an object
-                )
-            )
+            arguments = arguments if type(arguments) is str else dumps(arguments).decode()  # Ollama: an object
+            parts.append(Part("tool_call", id=string_or(call.get("id")) or new_id("call_"),
+                              name=string_or(fn.get("name")), arguments=arguments))  # fmt: skip
         stop = stop_reason_in("openai", choice.get("finish_reason"))
-        if message.get("refusal") and not message.get("content"):
+        if refusal and not content:
             stop = "refusal"
         if stop == "end_turn" and any(p.type == "tool_call" for p in parts):
             stop = "tool_use"
-        return Response(body.get("id") or new_id("chatcmpl-"), body.get("model", ""), parts, stop,
-                        usage=self.decode_usage(body.get("usage")), created=body.get("created") or 0)  # fmt: skip
+        created = body.get("created")
+        return Response(string_or(body.get("id")) or new_id("chatcmpl-"), string_or(body.get("model")), parts, stop,
+                        usage=self.decode_usage(body.get("usage")),
+                        created=created if type(created) is int and 0 < created < 1 << 40 else 0)  # fmt: skip
 
     @staticmethod
     def _raise_answer_error(body: dict, choice: dict) -> None:
@@ -2484,19 +2938,21 @@ class OpenAIChatCodec(Codec):
         if not err:
             return
         message = err.get("message") if isinstance(err, dict) else err
-        raise GatewayError(502, f"upstream error while generating: {str(message or err)[:500]}")
+        raise GatewayError(502, f"upstream error while generating: {as_text(message or err)[:500]}")
 
     @staticmethod
     def decode_usage(usage) -> Usage:
         if not isinstance(usage, dict):
             return Usage()
-        prompt_details = usage.get("prompt_tokens_details") or {}
-        completion_details = usage.get("completion_tokens_details") or {}
+        prompt_details = usage.get("prompt_tokens_details")
+        completion_details = usage.get("completion_tokens_details")
         return Usage(
-            input_tokens=usage.get("prompt_tokens") or 0,
-            output_tokens=usage.get("completion_tokens") or 0,
-            cached_tokens=prompt_details.get("cached_tokens") or 0,
-            reasoning_tokens=completion_details.get("reasoning_tokens") or 0,
+            input_tokens=token_count(usage.get("prompt_tokens")),
+            output_tokens=token_count(usage.get("completion_tokens")),
+            cached_tokens=token_count(prompt_details.get("cached_tokens")) if type(prompt_details) is dict else 0,
+            reasoning_tokens=(
+                token_count(completion_details.get("reasoning_tokens")) if type(completion_details) is dict else 0
+            ),
         )
 
     @staticmethod
@@ -2595,8 +3051,10 @@ OPENAI_MAX_OUTPUT = (
 def compatible_content_text(content) -> str:
     """An answer's content some compatible servers (Mistral's) send as an array of text parts."""
     if not isinstance(content, list):
-        return str(content)
-    return "".join(c.get("text") or "" for c in content if isinstance(c, dict) and c.get("type") == "text")
+        return as_text(content)
+    return "".join(
+        t for c in content if isinstance(c, dict) and c.get("type") == "text" and isinstance(t := c.get("text"), str)
+    )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -2664,56 +3122,67 @@ class OpenAIStreamDecoder:
             chunk = loads(data)
         except ValueError:
             return [StreamError(GatewayError(502, f"upstream sent malformed stream data: {data[:120]!r}"))]
+        if not isinstance(chunk, dict):
+            return [StreamError(malformed_answer(f"a stream chunk that is not an object: {json_preview(chunk)}"))]
         out: list = []
         if chunk.get("error") or chunk.get("object") == "error":  # OpenRouter sends it with choices; vLLM bare
             err = chunk["error"] if isinstance(chunk.get("error"), dict) else chunk
-            err = err if isinstance(err.get("message"), str) else {"message": str(chunk.get("error"))}
+            err = err if isinstance(err.get("message"), str) else {"message": as_text(chunk.get("error"))}
             self.finished = True
-            kind = (
-                err.get("type") if err.get("type") in GatewayError.KIND_BY_STATUS.values() else ""
-            )  # e.g. server_error
+            kind = err.get("type") if err.get("type") in GatewayError.KIND_BY_STATUS.values() else ""  # server_error..
             return [StreamError(GatewayError(502, err.get("message") or "upstream stream error", kind))]
         if not self.started:
             self.started = True
-            out.append(MessageStart(chunk.get("id") or new_id("chatcmpl-"), chunk.get("model", "")))
+            out.append(MessageStart(string_or(chunk.get("id")) or new_id("chatcmpl-"), string_or(chunk.get("model"))))
         if chunk.get("usage"):
             self.usage = OpenAIChatCodec.decode_usage(chunk["usage"])
-        for choice in chunk.get("choices") or []:
-            if choice.get("index", 0) != 0:
+        choices = chunk.get("choices")
+        if choices is not None and type(choices) is not list:
+            return out + [StreamError(malformed_answer(f"'choices' must be an array, got {json_preview(choices)}"))]
+        for choice in choices or ():
+            if type(choice) is not dict or choice.get("index", 0) != 0:
                 continue
-            delta = choice.get("delta") or {}
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if isinstance(reasoning, str) and reasoning:
-                index = self._switch("thinking", Part("thinking"), out)
-                out.append(BlockDelta(index, "thinking", reasoning))
-            content = delta.get("content") or delta.get("refusal")
-            if content and not isinstance(content, str):
-                content = compatible_content_text(content)
-            if content:
-                index = self._switch("text", Part("text"), out)
-                out.append(BlockDelta(index, "text", content))
-            for call in delta.get("tool_calls") or []:
-                if self.call_keys is None:
-                    self.call_keys = OpenAICallKeys()
-                position = self.call_keys.key_of(call)
-                fn = call.get("function") or {}
-                key = ("tool", position)
-                if position not in self.tool_index or self.open_key != key:
-                    if position in self.tool_index:  # interleaved parallel calls: its block is still open
-                        index = self.tool_index[position]
-                    else:
-                        part = Part("tool_call", id=call.get("id") or new_id("call_"), name=fn.get("name") or "")
-                        index = self._switch(key, part, out)
-                        self.tool_index[position] = index
-                        self.open_calls[index] = position
-                else:
-                    index = self.tool_index[position]
-                arguments = self.call_keys.new_arguments(position, fn.get("arguments"))
-                if arguments:
-                    out.append(BlockDelta(index, "arguments", arguments))
+            delta = choice.get("delta")
+            if type(delta) is dict:
+                self._feed_delta(delta, out)
             if choice.get("finish_reason"):
                 self.stop_reason = stop_reason_in("openai", choice["finish_reason"])
         return out
+
+    def _feed_delta(self, delta: dict, out: list) -> None:
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            index = self._switch("thinking", Part("thinking"), out)
+            out.append(BlockDelta(index, "thinking", reasoning))
+        content = delta.get("content") or delta.get("refusal")
+        if content and not isinstance(content, str):
+            content = compatible_content_text(content)
+        if content:
+            index = self._switch("text", Part("text"), out)
+            out.append(BlockDelta(index, "text", content))
+        calls = delta.get("tool_calls")
+        for call in calls if type(calls) is list else ():
+            if type(call) is not dict:
+                continue
+            if self.call_keys is None:
+                self.call_keys = OpenAICallKeys()
+            position = self.call_keys.key_of(call)
+            fn = call.get("function") if type(call.get("function")) is dict else {}
+            key = ("tool", position)
+            if position not in self.tool_index or self.open_key != key:
+                if position in self.tool_index:  # interleaved parallel calls: its block is still open
+                    index = self.tool_index[position]
+                else:
+                    part = Part("tool_call", id=string_or(call.get("id")) or new_id("call_"),
+                                name=string_or(fn.get("name")))  # fmt: skip
+                    index = self._switch(key, part, out)
+                    self.tool_index[position] = index
+                    self.open_calls[index] = position
+            else:
+                index = self.tool_index[position]
+            arguments = self.call_keys.new_arguments(position, fn.get("arguments"))
+            if arguments:
+                out.append(BlockDelta(index, "arguments", arguments))
 
     def finish(self) -> list:
         if self.finished:
@@ -3036,12 +3505,6 @@ ANTHROPIC_MEDIA_TYPES = {"image/jpg": "image/jpeg"}  # a common misspelling Anth
 _TOOL_ID_UNSAFE = re.compile(r"[^a-zA-Z0-9_-]")  # Anthropic's tool_use.id pattern is ^[a-zA-Z0-9_-]+$
 
 
-def field_at(obj: dict, name: str, kind, where: str, required: bool = False, default=None):
-    """field_of for a nested field, naming it by its path ('thinking.budget_tokens')."""
-    path = f"{where}.{name}"
-    return field_of({path: obj.get(name)}, path, kind, required, default)
-
-
 def anthropic_block_extra(block: dict, known: tuple) -> dict | None:
     """The fields of a block this codec does not model (cache_control, citations...)."""
     extra = {k: v for k, v in block.items() if k not in known}
@@ -3053,7 +3516,8 @@ def anthropic_opaque_text(block: dict) -> str:
     kind = block.get("type", "block")
     source = block.get("source") if isinstance(block.get("source"), dict) else {}
     texts = []
-    for item in block.get("content") or source.get("content") or []:
+    items = block.get("content") or source.get("content")
+    for item in items if isinstance(items, list) else ():
         if isinstance(item, dict) and isinstance(item.get("text"), str):
             texts.append(item["text"])
     if source.get("type") == "text" and isinstance(source.get("data"), str):
@@ -3133,6 +3597,10 @@ class AnthropicCodec(Codec):
     name = "anthropic"
     keepalive = b'event: ping\ndata: {"type": "ping"}\n\n'
 
+    @staticmethod
+    def skippable(raw: bytes) -> bool:  # content blocks and pings: usage comes in message_start/_delta
+        return raw.startswith((b"event: content_block_", b"event: ping\n")) and b'"error"' not in raw
+
     # -- requests
     REQUEST_FIELDS = {
         "model": str, "messages": list, "tools": list, "tool_choice": dict, "max_tokens": int, "temperature": float,
@@ -3166,7 +3634,7 @@ class AnthropicCodec(Codec):
         if system is None or isinstance(system, str):
             return [Part("text", text=system)] if system else []
         if not isinstance(system, list):
-            raise bad_request(f"'system' must be a string or an array of text blocks, got {json.dumps(system)[:60]}")
+            raise bad_request(f"'system' must be a string or an array of text blocks, got {json_preview(system)}")
         parts = []
         for j, block in enumerate(system):
             if not isinstance(block, dict) or block.get("type") != "text":
@@ -3183,7 +3651,7 @@ class AnthropicCodec(Codec):
             raise bad_request(f"{where} must be an object")
         role = msg.get("role")
         if role not in ("user", "assistant", "system"):
-            raise bad_request(f"{where}.role must be user, assistant or system, got {role!r}")
+            raise bad_request(f"{where}.role must be user, assistant or system, got {json_preview(role)}")
         if msg.get("content") is None:
             raise bad_request(f"{where}.content is required")
         return Message(role, self._decode_blocks(msg["content"], f"{where}.content", role))
@@ -3212,7 +3680,7 @@ class AnthropicCodec(Codec):
         if kind == "tool_use":
             call_id = field_at(block, "id", str, where, required=True)
             name = field_at(block, "name", str, where, required=True)
-            arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
+            arguments = json.dumps(field_at(block, "input", dict, where, default={}), ensure_ascii=False)
             return Part("tool_call", id=call_id, name=name, arguments=arguments,
                         extra=anthropic_block_extra(block, ("type", "id", "name", "input")))  # fmt: skip
         if kind == "tool_result":
@@ -3234,7 +3702,8 @@ class AnthropicCodec(Codec):
         extra = anthropic_block_extra(block, ("type", "source"))
         if source.get("type") == "base64":
             data = field_at(source, "data", str, f"{where}.source", required=True)
-            return Part("image", media_type=source.get("media_type") or "image/png", data=data, extra=extra)
+            media_type = field_at(source, "media_type", str, f"{where}.source", default="") or "image/png"
+            return Part("image", media_type=media_type, data=data, extra=extra)
         if source.get("type") == "url":
             return Part("image", url=field_at(source, "url", str, f"{where}.source", required=True), extra=extra)
         return self._opaque(block, role)  # file ids and future source types: Anthropic only
@@ -3264,8 +3733,9 @@ class AnthropicCodec(Codec):
     def _decode_tool(self, tool, where: str) -> Tool:
         if not isinstance(tool, dict):
             raise bad_request(f"{where} must be an object")
-        if tool.get("type") not in (None, "custom"):  # web_search_20250305, bash_20250124...
-            return Tool(str(tool.get("name") or tool["type"]), kind="builtin", extra={"anthropic": tool})
+        kind = field_at(tool, "type", str, where)
+        if kind not in (None, "custom"):  # web_search_20250305, bash_20250124...
+            return Tool(field_at(tool, "name", str, where) or kind, kind="builtin", extra={"anthropic": tool})
         name = field_at(tool, "name", str, where, required=True)
         description = field_at(tool, "description", str, where, default="")
         schema = field_at(tool, "input_schema", dict, where, default={})
@@ -3277,8 +3747,8 @@ class AnthropicCodec(Codec):
         if choice is None:
             return
         kinds = {"auto": "auto", "any": "required", "tool": "tool", "none": "none"}
-        if choice.get("type") not in kinds:
-            raise bad_request(f"tool_choice.type must be auto, any, tool or none, got {choice.get('type')!r}")
+        if field_at(choice, "type", str, "tool_choice") not in kinds:
+            raise bad_request(f"tool_choice.type must be auto, any, tool or none, got {json_preview(choice['type'])}")
         req.tool_choice = kinds[choice["type"]]
         if choice["type"] == "tool":
             req.tool_name = field_at(choice, "name", str, "tool_choice", required=True)
@@ -3289,8 +3759,10 @@ class AnthropicCodec(Codec):
     def _decode_thinking(req: Request, thinking: dict | None) -> None:
         if thinking is None:
             return
-        if thinking.get("type") not in ("enabled", "adaptive", "disabled"):
-            raise bad_request(f"thinking.type must be enabled, adaptive or disabled, got {thinking.get('type')!r}")
+        if field_at(thinking, "type", str, "thinking") not in ("enabled", "adaptive", "disabled"):
+            raise bad_request(
+                f"thinking.type must be enabled, adaptive or disabled, got {json_preview(thinking.get('type'))}"
+            )
         req.thinking = thinking["type"]
         req.thinking_budget = field_at(thinking, "budget_tokens", int, "thinking")
 
@@ -3300,10 +3772,8 @@ class AnthropicCodec(Codec):
         req.reasoning_effort = ANTHROPIC_EFFORT_IN.get(effort, effort)
         fmt = field_at(config, "format", dict, "output_config") or legacy_format  # output_format: the beta's spelling
         if fmt and fmt.get("type") == "json_schema":
-            req.response_format = {
-                "type": "json_schema",
-                "json_schema": {"name": "output", "schema": fmt.get("schema") or {}},
-            }
+            schema = field_at(fmt, "schema", dict, "output_config.format") or {}
+            req.response_format = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
 
     def encode_request(self, req: Request, model: str, provider=None) -> dict:
         from_anthropic = req.protocol == "anthropic"  # only then do parts carry Anthropic extras
@@ -3535,25 +4005,31 @@ class AnthropicCodec(Codec):
     # -- responses
     def decode_response(self, body: dict) -> Response:
         parts = []
-        for block in body.get("content") or []:
+        content = body.get("content") or []
+        if type(content) is not list:
+            raise malformed_answer(f"'content' must be an array, got {json_preview(content)}")
+        for block in content:
             if not isinstance(block, dict) or not isinstance(block.get("type"), str):
                 continue
             try:
                 parts.append(self._decode_block(block, "content", "assistant"))
             except GatewayError as exc:  # the upstream's fault, not the client's
-                raise GatewayError(502, f"upstream sent a malformed message: {exc.message}") from None
-        return Response(body.get("id") or new_id("msg_"), body.get("model", ""), parts,
-                        stop_reason_in("anthropic", body.get("stop_reason")), body.get("stop_sequence"),
+                raise malformed_answer(exc.message) from None
+        stop_sequence = body.get("stop_sequence")
+        return Response(string_or(body.get("id")) or new_id("msg_"), string_or(body.get("model")), parts,
+                        stop_reason_in("anthropic", body.get("stop_reason")),
+                        stop_sequence if type(stop_sequence) is str else None,
                         self.decode_usage(body.get("usage")))  # fmt: skip
 
     @staticmethod
     def decode_usage(usage) -> Usage:
         if not isinstance(usage, dict):
             return Usage()
-        read = usage.get("cache_read_input_tokens") or 0
-        created = usage.get("cache_creation_input_tokens") or 0
-        return Usage(input_tokens=(usage.get("input_tokens") or 0) + read + created,
-                     output_tokens=usage.get("output_tokens") or 0, cached_tokens=read, cache_creation_tokens=created)  # fmt: skip
+        read = token_count(usage.get("cache_read_input_tokens"))
+        created = token_count(usage.get("cache_creation_input_tokens"))
+        return Usage(input_tokens=token_sum(token_count(usage.get("input_tokens")) + read + created),
+                     output_tokens=token_count(usage.get("output_tokens")), cached_tokens=read,
+                     cache_creation_tokens=created)  # fmt: skip
 
     @staticmethod
     def encode_usage(usage: Usage) -> dict:
@@ -3650,9 +4126,9 @@ class AnthropicStreamDecoder:
             return []
         kind = data.get("type") or event.event
         if kind == "message_start":
-            return self._message_start(data.get("message") or {})
+            return self._message_start(object_or_empty(data.get("message")))
         if kind == "error":
-            return self._error(data.get("error") or {})
+            return self._error(object_or_empty(data.get("error")))
         if kind not in (
             "content_block_start",
             "content_block_delta",
@@ -3663,10 +4139,14 @@ class AnthropicStreamDecoder:
             return []  # ping and event types newer than this code
         out = self._ensure_started()
         index = data.get("index")
-        if kind == "content_block_start":
-            out += self._block_start(index, data.get("content_block") or {})
-        elif kind == "content_block_delta":
-            out += self._block_delta(index, data.get("delta") or {})
+        if type(index) is not int and kind.startswith("content_block"):
+            self.finished = True
+            return out + [StreamError(malformed_answer(f"a {kind} event with the index {json_preview(index)}"))]
+        if kind == "content_block_delta":
+            delta = data.get("delta")
+            out += self._block_delta(index, delta if type(delta) is dict else {})
+        elif kind == "content_block_start":
+            out += self._block_start(index, object_or_empty(data.get("content_block")))
         elif kind == "content_block_stop":
             out += self._block_stop(index)
         elif kind == "message_delta":
@@ -3689,7 +4169,9 @@ class AnthropicStreamDecoder:
             self.usage.update(message["usage"])
         return [
             MessageStart(
-                message.get("id") or new_id("msg_"), message.get("model", ""), AnthropicCodec.decode_usage(self.usage)
+                string_or(message.get("id")) or new_id("msg_"),
+                string_or(message.get("model")),
+                AnthropicCodec.decode_usage(self.usage),
             )
         ]
 
@@ -3704,9 +4186,11 @@ class AnthropicStreamDecoder:
                 index, Part("thinking"), [("thinking", block.get("thinking")), ("signature", block.get("signature"))]
             )
         if kind == "redacted_thinking":
-            return self._open(index, Part("redacted_thinking", data=block.get("data") or ""), [])
+            return self._open(index, Part("redacted_thinking", data=string_or(block.get("data"))), [])
         if kind == "tool_use":
-            part = Part("tool_call", id=block.get("id") or new_id("toolu_"), name=block.get("name") or "")
+            part = Part(
+                "tool_call", id=string_or(block.get("id")) or new_id("toolu_"), name=string_or(block.get("name"))
+            )
             given = block.get("input")  # some compatible servers send the whole input here, with no deltas
             return self._open(index, part, [("arguments", json.dumps(given, ensure_ascii=False) if given else "")])
         self.opaque[index] = (dict(block), [])
@@ -3717,7 +4201,8 @@ class AnthropicStreamDecoder:
         return [BlockStart(index, part)] + [BlockDelta(index, k, v) for k, v in initial if isinstance(v, str) and v]
 
     def _block_delta(self, index, delta: dict) -> list:
-        kind, key = self.BLOCK_DELTAS.get(delta.get("type"), ("", ""))  # citations_delta and others: ignored
+        kind = delta.get("type")
+        kind, key = self.BLOCK_DELTAS.get(kind, ("", "")) if type(kind) is str else ("", "")  # citations...: ignored
         value = delta.get(key) if key else None
         if not isinstance(value, str) or not value:
             return []
@@ -3740,11 +4225,11 @@ class AnthropicStreamDecoder:
         return [BlockStop(index)]
 
     def _message_delta(self, data: dict) -> None:
-        delta = data.get("delta") or {}
+        delta = object_or_empty(data.get("delta"))
         if delta.get("stop_reason"):
             self.stop_reason = stop_reason_in("anthropic", delta["stop_reason"])
         if "stop_sequence" in delta:
-            self.stop_sequence = delta["stop_sequence"]
+            self.stop_sequence = delta["stop_sequence"] if type(delta["stop_sequence"]) is str else None
         if isinstance(data.get("usage"), dict):
             self.usage.update({k: v for k, v in data["usage"].items() if v is not None})
         self.saw_message_delta = True
@@ -3758,9 +4243,10 @@ class AnthropicStreamDecoder:
 
     def _error(self, error: dict) -> list:
         self.finished = True
-        kind = error.get("type") if error.get("type") in ANTHROPIC_ERROR_STATUS else ""
+        kind = string_or(error.get("type"))
+        kind = kind if kind in ANTHROPIC_ERROR_STATUS else ""
         status = ANTHROPIC_ERROR_STATUS.get(kind, 502)
-        return [StreamError(GatewayError(status, str(error.get("message") or "upstream stream error"), kind))]
+        return [StreamError(GatewayError(status, as_text(error.get("message") or "upstream stream error"), kind))]
 
     def finish(self) -> list:
         """The upstream closed the stream. Without message_stop the answer is complete only if
@@ -3784,6 +4270,12 @@ class AnthropicStreamEncoder:
     DELTAS = {"text": ("text_delta", "text"), "thinking": ("thinking_delta", "thinking"),
               "signature": ("signature_delta", "signature"), "arguments": ("input_json_delta", "partial_json")}  # fmt: skip
     FITS = {"text": ("text",), "thinking": ("thinking", "signature"), "tool_use": ("arguments",)}
+    # each delta's event with its index and value still to fill in: sse_event of the dict, byte for byte
+    DELTA_EVENTS = {
+        kind: b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,"delta":{"type":"'
+        + name.encode() + b'","' + key.encode() + b'":%b}}\n\n'
+        for kind, (name, key) in DELTAS.items()
+    }  # fmt: skip
 
     def __init__(self, req: Request):
         self.req = req
@@ -3797,13 +4289,18 @@ class AnthropicStreamEncoder:
         self.sent_tool_use = False
         self.sent_message_delta = False
         self.owner: int | None = None  # canonical index of the block started and not yet stopped
-        self.backlog: list = []  # events of blocks that started while another was still open
+        # events of blocks that came while another one was open, per block in order of arrival (one
+        # queue per block: rescanning one shared list at every stop was quadratic in the blocks)
+        self.backlog: dict[int, list] = {}
+        self.releasing = False
 
     def encode(self, ev) -> bytes:
         if self.done:
             return b""
         if isinstance(ev, (BlockStart, BlockDelta, BlockStop)) and self.owner not in (None, ev.index):
-            self.backlog.append(ev)  # another block still holds the wire: Anthropic cannot interleave blocks
+            self.backlog.setdefault(ev.index, []).append(
+                ev
+            )  # another block holds the wire: Anthropic cannot interleave
             return b""
         if isinstance(ev, MessageStart):
             return self._message_start(ev.id, ev.usage)
@@ -3833,15 +4330,26 @@ class AnthropicStreamEncoder:
         if self.owner != index:
             return out
         self.owner = None
-        held, self.backlog = self.backlog, []
-        return out + b"".join(self.encode(ev) for ev in held)  # in arrival order; may hold some again
+        return out if self.releasing else out + self._release_held()
+
+    def _release_held(self) -> bytes:
+        """The wire is free: the held blocks go out, first come first, until one stays open."""
+        out = []
+        self.releasing = True
+        try:
+            while self.owner is None and self.backlog:
+                events = self.backlog.pop(next(iter(self.backlog)))
+                out.extend(self.encode(ev) for ev in events)
+        finally:
+            self.releasing = False
+        return b"".join(out)
 
     def _release_all(self) -> bytes:
         """The message ends: blocks the upstream never stopped are closed, held ones sent."""
-        out = b""
+        out = []
         while self.owner is not None:
-            out += self._block_stop(self.owner)
-        return out
+            out.append(self._block_stop(self.owner))
+        return b"".join(out)
 
     def _message_start(self, msg_id: str, usage: Usage | None) -> bytes:
         if self.started:
@@ -3885,9 +4393,7 @@ class AnthropicStreamEncoder:
             out += self._start(ev.index, block)
         if self.open != ev.index or ev.kind not in self.FITS.get(self.wire[ev.index][1], ()):
             return out  # a delta outside its open block cannot be said in Anthropic's stream
-        name, key = self.DELTAS[ev.kind]
-        delta = {"type": "content_block_delta", "index": self.wire[ev.index][0], "delta": {"type": name, key: ev.value}}
-        return out + sse_event("content_block_delta", delta)
+        return out + self.DELTA_EVENTS[ev.kind] % (self.wire[ev.index][0], json_string(ev.value))
 
     def _start(self, index: int, block: dict) -> bytes:
         out = self._stop_open()
@@ -3950,7 +4456,8 @@ RESPONSES_INCOMPLETE_REASONS = {"max_tokens": "max_output_tokens", "content_filt
 RESPONSES_INCOMPLETE_IN = {"max_output_tokens": "max_tokens", "content_filter": "content_filter"}
 # GatewayError kinds -> the error codes Codex acts on (retry after a delay, give up, overloaded).
 RESPONSES_ERROR_CODES = {"rate_limit_error": "rate_limit_exceeded", "overloaded_error": "server_is_overloaded",
-                         "invalid_request_error": "invalid_prompt", "request_too_large": "invalid_prompt"}  # fmt: skip
+                         "invalid_request_error": "invalid_prompt", "request_too_large": "invalid_prompt",
+                         "billing_error": "insufficient_quota"}  # fmt: skip
 RESPONSES_ERROR_STATUS = {"rate_limit_exceeded": 429, "insufficient_quota": 429, "server_is_overloaded": 503,
                           "slow_down": 503, "invalid_prompt": 400, "context_length_exceeded": 400}  # fmt: skip
 _CONTEXT_OVERFLOW = re.compile(
@@ -3968,7 +4475,7 @@ def flat_tool_name(namespace, name: str) -> str:
         return name
     flat = _UNSAFE_TOOL_NAME_CHARS.sub("_", f"{namespace}__{name}")
     if len(flat) > 64:
-        flat = flat[:55] + "_" + hashlib.sha1(flat.encode()).hexdigest()[:8]
+        flat = flat[:55] + "_" + hashlib.sha1(flat.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return flat
 
 
@@ -3976,8 +4483,8 @@ def custom_tool_parameters(fmt) -> dict:
     """The schema a custom (free-form) tool gets upstream: one string, the tool's raw input."""
     about = "The complete raw input of this free-form tool, passed to it verbatim (plain text, not JSON)."
     if isinstance(fmt, dict) and fmt.get("type") == "grammar":
-        definition = str(fmt.get("definition") or "")
-        syntax = str(fmt.get("syntax") or "")
+        definition = as_text(fmt.get("definition") or "")
+        syntax = as_text(fmt.get("syntax") or "")
         if len(definition) <= CUSTOM_GRAMMAR_MAX_CHARS:
             about += f" It must match this {syntax} grammar:\n{definition}"
         else:
@@ -4023,8 +4530,8 @@ def unpack_thinking(encrypted) -> Part | None:
     if not isinstance(blob, dict):
         return None
     if blob.get("type") == "redacted_thinking":
-        return Part("redacted_thinking", data=str(blob.get("data") or ""))
-    return Part("thinking", text=str(blob.get("text") or ""), signature=str(blob.get("signature") or ""))
+        return Part("redacted_thinking", data=string_or(blob.get("data")))
+    return Part("thinking", text=string_or(blob.get("text")), signature=string_or(blob.get("signature")))
 
 
 def wire_tool_name(name: str, tool: Tool | None, extra: dict | None) -> tuple[str, str | None]:
@@ -4039,6 +4546,13 @@ def is_custom_call(part: Part, tool: Tool | None) -> bool:
     if tool is not None:
         return tool.kind == "custom"
     return (part.extra or {}).get("type") == "custom_tool_call"
+
+
+def item_texts(items) -> list:
+    """The strings under "text" in a list of objects (reasoning summaries, content parts)."""
+    if not isinstance(items, list):
+        return []
+    return [text for item in items if isinstance(item, dict) and isinstance(text := item.get("text"), str)]
 
 
 def responses_error_code(err: GatewayError) -> str:
@@ -4195,7 +4709,7 @@ class ResponsesCodec(Codec):
         specs = list(tools)
         for item in items:  # Codex "responses-lite" sends its tools as an input item
             if isinstance(item, dict) and item.get("type") == "additional_tools":
-                specs.extend(item.get("tools") or [])
+                specs.extend(field_at(item, "tools", list, "input[].additional_tools", default=[]))
         dropped: list[str] = []
         self._decode_tools(req, specs, dropped)
         hosted = [d for d in dropped if d.startswith(RESPONSES_HOSTED_TOOLS)]
@@ -4210,7 +4724,8 @@ class ResponsesCodec(Codec):
         for spec in specs:
             kind = spec.get("type") if isinstance(spec, dict) else None
             if kind == "namespace" and namespace is None:
-                self._decode_tools(req, spec.get("tools") or [], dropped, spec)
+                field_at(spec, "name", str, "tools[].namespace")
+                self._decode_tools(req, field_at(spec, "tools", list, "tools[].namespace", default=[]), dropped, spec)
                 seen = {t.name for t in req.tools}
             elif kind in ("function", "custom") and isinstance(spec.get("name"), str) and spec["name"]:
                 tool = self._decode_tool(spec, namespace)
@@ -4220,22 +4735,22 @@ class ResponsesCodec(Codec):
                 seen.add(tool.name)
                 req.tools.append(tool)
             else:
-                dropped.append(str(kind))
+                dropped.append(kind if isinstance(kind, str) else json_preview(kind))
 
     @staticmethod
     def _decode_tool(spec: dict, namespace: dict | None) -> Tool:
         extra: dict = {}
         if namespace is not None:
             extra.update(namespace=namespace.get("name") or "", name=spec["name"],
-                         namespace_description=namespace.get("description") or "")  # fmt: skip
+                         namespace_description=field_at(namespace, "description", str, "tools[].namespace") or "")  # fmt: skip
         name = flat_tool_name(extra.get("namespace"), spec["name"])
-        description = str(spec.get("description") or "")
+        description = field_at(spec, "description", str, f"tools[{name}]", default="")
         if spec["type"] == "custom":
             extra["format"] = spec.get("format")
             return Tool(name, description, custom_tool_parameters(spec.get("format")), "custom", extra)
         if "strict" in spec:
             extra["strict"] = spec["strict"]
-        parameters = spec.get("parameters") or {"type": "object", "properties": {}}
+        parameters = field_at(spec, "parameters", dict, f"tools[{name}]") or {"type": "object", "properties": {}}
         return Tool(name, description, parameters, "function", extra or None)
 
     def _decode_input(self, req: Request, items: list) -> None:
@@ -4244,17 +4759,17 @@ class ResponsesCodec(Codec):
         for i, item in enumerate(items):
             if not isinstance(item, dict):
                 raise bad_request(f"input[{i}] must be an object")
-            kind = item.get("type") or ("message" if "role" in item else None)
+            kind = field_at(item, "type", str, f"input[{i}]") or ("message" if "role" in item else None)
             if kind == "message":
                 self._decode_message(req, item, i)
             elif kind == "reasoning":
                 self._assistant_parts(req).append(self._decode_reasoning(item))
             elif kind in ("function_call", "custom_tool_call"):
-                part = self._decode_call(item)
+                part = self._decode_call(item, f"input[{i}]")
                 call_ids.add(part.id)
                 self._assistant_parts(req).append(part)
             elif kind in ("function_call_output", "custom_tool_call_output"):
-                call_id = item.get("call_id")
+                call_id = field_at(item, "call_id", str, f"input[{i}]")
                 if call_id not in call_ids:
                     raise bad_request(
                         f"input[{i}]: no function_call or custom_tool_call found for {kind} with call_id {call_id!r}"
@@ -4281,7 +4796,7 @@ class ResponsesCodec(Codec):
             if parts:
                 req.messages.append(Message("user", parts))
         else:
-            raise bad_request(f"input[{i}].role must be user, assistant, system or developer, got {role!r}")
+            raise bad_request(f"input[{i}].role must be user, assistant, system or developer, got {json_preview(role)}")
 
     @staticmethod
     def _assistant_parts(req: Request) -> list:
@@ -4302,26 +4817,28 @@ class ResponsesCodec(Codec):
         signed = unpack_thinking(item.get("encrypted_content"))
         if signed is not None:
             return signed
-        texts = [s.get("text") or "" for s in item.get("summary") or [] if isinstance(s, dict)]
+        texts = item_texts(item.get("summary"))
         if not any(texts):
-            texts = [c.get("text") or "" for c in item.get("content") or [] if isinstance(c, dict)]
+            texts = item_texts(item.get("content"))
         extra = {"id": item.get("id"), "encrypted_content": item.get("encrypted_content")}
+        extra = {k: v for k, v in extra.items() if isinstance(v, str)}  # ids and blobs are strings, or nothing
         return Part("thinking", text="\n\n".join(t for t in texts if t), extra=extra)
 
     @staticmethod
-    def _decode_call(item: dict) -> Part:
-        namespace = item.get("namespace")
-        name = str(item.get("name") or "")
-        extra = {"id": item.get("id"), "type": item.get("type")}
+    def _decode_call(item: dict, where: str = "output[]") -> Part:
+        namespace = field_at(item, "namespace", str, where)
+        name = field_at(item, "name", str, where) or ""
+        item_id = field_at(item, "id", str, where)
+        extra = {"id": item_id, "type": item.get("type")}
         if namespace:
             extra.update(namespace=namespace, name=name)
         if item.get("type") == "custom_tool_call":
-            arguments = json.dumps({"input": str(item.get("input") or "")}, ensure_ascii=False)
+            arguments = json.dumps({"input": field_at(item, "input", str, where) or ""}, ensure_ascii=False)
         else:
             arguments = item.get("arguments") or ""
             if not isinstance(arguments, str):
                 arguments = json.dumps(arguments, ensure_ascii=False)
-        call_id = item.get("call_id") or item.get("id") or new_id("call_")
+        call_id = field_at(item, "call_id", str, where) or item_id or new_id("call_")
         return Part("tool_call", id=call_id, name=flat_tool_name(namespace, name), arguments=arguments, extra=extra)
 
     def _decode_content(self, content, where: str) -> list:
@@ -4332,31 +4849,35 @@ class ResponsesCodec(Codec):
         if not isinstance(content, list):
             raise bad_request(f"{where} must be a string or an array of content parts")
         parts = []
-        for item in content:
+        for j, item in enumerate(content):
             kind = item.get("type") if isinstance(item, dict) else None
             if kind in ("input_text", "output_text", "text"):
-                if item.get("text"):
-                    parts.append(Part("text", text=item["text"]))
+                text = field_at(item, "text", str, f"{where}[{j}]")
+                if text:
+                    parts.append(Part("text", text=text))
             elif kind == "refusal":
-                parts.append(Part("text", text=item.get("refusal") or ""))
+                parts.append(Part("text", text=field_at(item, "refusal", str, f"{where}[{j}]") or ""))
             elif kind == "input_image":
-                parts.append(self._decode_image(item))
+                parts.append(self._decode_image(item, f"{where}[{j}]"))
             elif kind == "input_file" and (item.get("file_data") or item.get("file_url")):
-                data = field_at(item, "file_data", str, where) or ""
+                data = field_at(item, "file_data", str, f"{where}[{j}]") or ""
                 name = item.get("filename") if isinstance(item.get("filename"), str) else ""
-                parts.append(document_part(data, url=field_at(item, "file_url", str, where) or "", name=name))
+                parts.append(document_part(data, url=field_at(item, "file_url", str, f"{where}[{j}]") or "", name=name))
             elif kind in ("input_file", "input_audio"):  # a file id only OpenAI can read, audio
                 parts.append(Part("text", text=f"[{kind} content omitted by the gateway]"))
             else:
-                log.info("responses: dropped a content part of unsupported type %r in %s", kind, where)
+                log.info("responses: dropped a content part of unsupported type %s in %s", json_preview(kind), where)
         return parts
 
     @staticmethod
-    def _decode_image(item: dict) -> Part:
+    def _decode_image(item: dict, where: str) -> Part:
         url = item.get("image_url")
-        url = url.get("url", "") if isinstance(url, dict) else str(url or "")
+        url = field_at(url, "url", str, f"{where}.image_url") if isinstance(url, dict) else url
+        if url is not None and not isinstance(url, str):
+            raise bad_request(f"'{where}.image_url' must be a URL string, got {json_preview(url)}")
         if not url:
-            return Part("text", text=f"[image file {item.get('file_id') or ''} omitted by the gateway]")
+            file_id = field_at(item, "file_id", str, where) or ""
+            return Part("text", text=f"[image file {file_id} omitted by the gateway]")
         data_uri = parse_data_uri(url)
         return Part("image", media_type=data_uri[0], data=data_uri[1]) if data_uri else Part("image", url=url)
 
@@ -4366,12 +4887,15 @@ class ResponsesCodec(Codec):
             req.tool_choice = choice
         elif isinstance(choice, dict):
             kind = choice.get("type")
-            if kind in ("function", "custom") and choice.get("name"):
-                req.tool_choice, req.tool_name = "tool", flat_tool_name(choice.get("namespace"), choice["name"])
+            name = field_at(choice, "name", str, "tool_choice")
+            if kind in ("function", "custom") and name:
+                namespace = field_at(choice, "namespace", str, "tool_choice")
+                req.tool_choice, req.tool_name = "tool", flat_tool_name(namespace, name)
             elif kind == "allowed_tools":
                 req.tool_choice = "required" if choice.get("mode") == "required" else "auto"
             else:
-                log.info("responses: tool_choice %r names a tool the upstream cannot run; using auto", kind)
+                log.info("responses: tool_choice %s names a tool the upstream cannot run; using auto",
+                         json_preview(kind))  # fmt: skip
                 req.tool_choice = "auto"
 
     @staticmethod
@@ -4389,6 +4913,7 @@ class ResponsesCodec(Codec):
             return {"type": "json_object"}
         if kind == "json_schema":
             schema = {k: fmt[k] for k in ("name", "description", "schema", "strict") if k in fmt}
+            check_response_format({"type": "json_schema", "json_schema": schema}, "text.format")
             return {"type": "json_schema", "json_schema": schema}
         return None
 
@@ -4570,19 +5095,25 @@ class ResponsesCodec(Codec):
         if body.get("status") == "failed":
             raise self._upstream_error(body.get("error"))
         parts: list = []
-        for item in body.get("output") or []:
+        output = body.get("output") or []
+        if type(output) is not list:
+            raise malformed_answer(f"'output' must be an array, got {json_preview(output)}")
+        for item in output:
             if isinstance(item, dict):
                 parts.extend(self.decode_output_item(item))
         stop = self.stop_reason_of(body, any(p.type == "tool_call" for p in parts))
-        return Response(body.get("id") or new_id("resp_"), body.get("model", ""), parts, stop,
-                        usage=self.decode_usage(body.get("usage")), created=body.get("created_at") or 0)  # fmt: skip
+        created = body.get("created_at")
+        return Response(string_or(body.get("id")) or new_id("resp_"), string_or(body.get("model")), parts, stop,
+                        usage=self.decode_usage(body.get("usage")),
+                        created=created if type(created) is int and 0 < created < 1 << 40 else 0)  # fmt: skip
 
     @staticmethod
     def decode_output_item(item: dict) -> list:
         kind = item.get("type")
         if kind == "message":
-            texts = [c.get("text") or c.get("refusal") or "" for c in item.get("content") or [] if isinstance(c, dict)]
-            return [Part("text", text=t) for t in texts if t]
+            content = item.get("content") if isinstance(item.get("content"), list) else []
+            texts = [c.get("text") or c.get("refusal") for c in content if isinstance(c, dict)]
+            return [Part("text", text=t) for t in texts if isinstance(t, str) and t]
         if kind == "reasoning":
             return [ResponsesCodec._decode_reasoning(item)]
         if kind in ("function_call", "custom_tool_call"):
@@ -4592,26 +5123,31 @@ class ResponsesCodec(Codec):
     @staticmethod
     def stop_reason_of(response: dict, has_calls: bool) -> str:
         if response.get("status") == "incomplete":
-            reason = (response.get("incomplete_details") or {}).get("reason")
-            return RESPONSES_INCOMPLETE_IN.get(reason, "max_tokens")
+            details = response.get("incomplete_details")
+            reason = details.get("reason") if isinstance(details, dict) else None
+            return RESPONSES_INCOMPLETE_IN.get(string_or(reason), "max_tokens")
         return "tool_use" if has_calls else "end_turn"
 
     @staticmethod
     def _upstream_error(error) -> GatewayError:
-        error = error if isinstance(error, dict) else {"message": str(error or "")}
-        code = str(error.get("code") or "")
-        message = str(error.get("message") or "") or "upstream response failed"
+        error = error if isinstance(error, dict) else {"message": as_text(error or "")}
+        code = string_or(error.get("code"))
+        message = as_text(error.get("message") or "") or "upstream response failed"
         return GatewayError(RESPONSES_ERROR_STATUS.get(code, 502), message)
 
     @staticmethod
     def decode_usage(usage) -> Usage:
         if not isinstance(usage, dict):
             return Usage()
+        input_details = usage.get("input_tokens_details")
+        output_details = usage.get("output_tokens_details")
         return Usage(
-            input_tokens=usage.get("input_tokens") or 0,
-            output_tokens=usage.get("output_tokens") or 0,
-            cached_tokens=(usage.get("input_tokens_details") or {}).get("cached_tokens") or 0,
-            reasoning_tokens=(usage.get("output_tokens_details") or {}).get("reasoning_tokens") or 0,
+            input_tokens=token_count(usage.get("input_tokens")),
+            output_tokens=token_count(usage.get("output_tokens")),
+            cached_tokens=token_count(input_details.get("cached_tokens")) if type(input_details) is dict else 0,
+            reasoning_tokens=(
+                token_count(output_details.get("reasoning_tokens")) if type(output_details) is dict else 0
+            ),
         )
 
     @staticmethod
@@ -4688,11 +5224,22 @@ class ResponsesStreamDecoder:
             return [StreamError(GatewayError(502, f"upstream sent malformed stream data: {event.data[:120]!r}"))]
         if not isinstance(data, dict):
             return []
-        handler = self.HANDLERS.get(data.get("type") or event.event)
+        handler = self.HANDLERS.get(string_or(data.get("type")) or event.event)
         out: list = []
         if handler is not None:
+            self._check_shapes(data)
             getattr(self, handler)(data, out)
         return out
+
+    SHAPES = (("output_index", int), ("content_index", int), ("summary_index", int), ("delta", str),
+              ("item", dict), ("part", dict), ("response", dict))  # fmt: skip
+
+    def _check_shapes(self, data: dict) -> None:
+        """The fields the handlers key blocks by or pass on, checked once per event."""
+        for name, kind in self.SHAPES:
+            if name in data and type(data[name]) is not kind and data[name] is not None:
+                self.finished = True
+                raise malformed_answer(f"'{name}' of a {data.get('type')} event is {json_preview(data[name])}")
 
     HANDLERS = {
         "response.created": "_on_created", "response.in_progress": "_on_created",
@@ -4712,7 +5259,7 @@ class ResponsesStreamDecoder:
         if not self.started:
             self.started = True
             response = response or {}
-            out.append(MessageStart(response.get("id") or new_id("resp_"), response.get("model") or ""))
+            out.append(MessageStart(string_or(response.get("id")) or new_id("resp_"), string_or(response.get("model"))))
 
     def _open(self, key: tuple, part: Part, out: list) -> int:
         self._start(out)
@@ -4735,7 +5282,7 @@ class ResponsesStreamDecoder:
         kind = item.get("type")
         key = (output_index, -1)
         if kind == "reasoning":
-            extra = {"id": item.get("id"), "encrypted_content": item.get("encrypted_content")}
+            extra = {"id": string_or(item.get("id")), "encrypted_content": string_or(item.get("encrypted_content"))}
             return self._open(key, Part("thinking", extra=extra), out)
         if kind in ("function_call", "custom_tool_call"):
             self.has_calls = True
@@ -4762,9 +5309,9 @@ class ResponsesStreamDecoder:
             if text:
                 out.append(BlockDelta(index, "thinking", text))
         elif kind == "function_call" and item.get("arguments"):
-            out.append(BlockDelta(index, "arguments", item["arguments"]))
+            out.append(BlockDelta(index, "arguments", ResponsesCodec._decode_call(item).arguments))
         elif kind == "custom_tool_call" and item.get("input"):
-            self._custom_piece(index, item["input"], out)
+            self._custom_piece(index, field_at(item, "input", str, "output_item"), out)
         else:
             return
         self.filled.add(index)
@@ -4797,7 +5344,7 @@ class ResponsesStreamDecoder:
                 return
         self._fill_from_item(index, item, out)
         part = self.parts[index]
-        if part.type == "thinking" and item.get("encrypted_content"):
+        if part.type == "thinking" and string_or(item.get("encrypted_content")):
             part.extra["encrypted_content"] = item["encrypted_content"]  # arrives only now; the Part is shared
         self._close_item(key, out)
 
@@ -4817,7 +5364,7 @@ class ResponsesStreamDecoder:
     def _on_part_done(self, data: dict, out: list) -> None:
         key = (data.get("output_index", 0), data.get("content_index", 0))
         part = data.get("part") or {}
-        text = part.get("text") or part.get("refusal") or ""
+        text = string_or(part.get("text")) or string_or(part.get("refusal"))
         index = self.blocks.get(key)
         if index is None and text:
             index = self._open(key, Part("text"), out)
@@ -4897,9 +5444,10 @@ class ResponsesItemState:
     item: dict
     output_index: int
     content_index: int = 0
-    text: str = ""  # text, summary, or a custom tool's raw input so far
-    arguments: str = ""
-    signature: str = ""
+    # pieces so far, joined once when the block stops (+= on a field would be quadratic in deltas)
+    text: list = field(default_factory=list)  # text, summary, or a custom tool's raw input
+    arguments: list = field(default_factory=list)
+    signature: list = field(default_factory=list)
     summary_open: bool = False
     reader: JsonStringFieldReader | None = None
     extra: dict | None = None  # the started Part's extra (a reasoning item's encrypted_content)
@@ -5025,7 +5573,7 @@ class ResponsesStreamEncoder:
         if item["type"] == "custom_tool_call":
             state.reader = JsonStringFieldReader("input")
         if part.type == "redacted_thinking":
-            state.signature = pack_thinking(part)
+            state.signature = [pack_thinking(part)]
         return out + added
 
     def _call_item(self, part: Part) -> dict:
@@ -5074,24 +5622,24 @@ class ResponsesStreamEncoder:
         kind = state.item["type"]
         where = {"item_id": state.item["id"], "output_index": state.output_index}
         if kind == "message" and ev.kind == "text":
-            state.text += ev.value
+            state.text.append(ev.value)
             return self._event("response.output_text.delta", **where, content_index=state.content_index, delta=ev.value,
                                logprobs=[])  # fmt: skip
         if kind == "reasoning":
             return self._reasoning_delta(state, ev, where)
         if kind == "function_call" and ev.kind == "arguments":
-            state.arguments += ev.value
+            state.arguments.append(ev.value)
             return self._event("response.function_call_arguments.delta", **where, delta=ev.value)
         if kind == "custom_tool_call" and ev.kind == "arguments":
-            state.arguments += ev.value
+            state.arguments.append(ev.value)
             piece = state.reader.feed(ev.value)
-            state.text += piece
+            state.text.append(piece)
             return self._event("response.custom_tool_call_input.delta", **where, delta=piece) if piece else b""
         return b""
 
     def _reasoning_delta(self, state: ResponsesItemState, ev: BlockDelta, where: dict) -> bytes:
         if ev.kind == "signature":
-            state.signature += ev.value
+            state.signature.append(ev.value)
             return b""
         if ev.kind != "thinking":
             return b""
@@ -5100,7 +5648,7 @@ class ResponsesStreamEncoder:
             state.summary_open = True
             out = self._event("response.reasoning_summary_part.added", **where, summary_index=0,
                               part={"type": "summary_text", "text": ""})  # fmt: skip
-        state.text += ev.value
+        state.text.append(ev.value)
         return out + self._event("response.reasoning_summary_text.delta", **where, summary_index=0, delta=ev.value)
 
     # -- block stops
@@ -5112,14 +5660,14 @@ class ResponsesStreamEncoder:
         kind = state.item["type"]
         if kind == "message":
             part = state.item["content"][state.content_index]
-            part["text"] = state.text
-            return self._event("response.output_text.done", **where, content_index=state.content_index, text=state.text,
+            part["text"] = text = "".join(state.text)
+            return self._event("response.output_text.done", **where, content_index=state.content_index, text=text,
                                logprobs=[]) + self._event("response.content_part.done", **where,
                                                           content_index=state.content_index, part=part)  # fmt: skip
         if kind == "reasoning":
             return self._reasoning_stop(state, where)
         if kind == "function_call":
-            state.item["arguments"] = state.arguments or "{}"
+            state.item["arguments"] = "".join(state.arguments) or "{}"
             done = self._event("response.function_call_arguments.done", **where, arguments=state.item["arguments"])
             return done + self._item_done(state)
         return self._custom_stop(state, where)
@@ -5127,8 +5675,8 @@ class ResponsesStreamEncoder:
     def _reasoning_stop(self, state: ResponsesItemState, where: dict) -> bytes:
         out = b""
         if state.summary_open:
-            summary = {"type": "summary_text", "text": state.text}
-            out = self._event("response.reasoning_summary_text.done", **where, summary_index=0, text=state.text)
+            summary = {"type": "summary_text", "text": "".join(state.text)}
+            out = self._event("response.reasoning_summary_text.done", **where, summary_index=0, text=summary["text"])
             out += self._event("response.reasoning_summary_part.done", **where, summary_index=0, part=summary)
             state.item["summary"] = [summary]
         encrypted = self._encrypted_content(state)
@@ -5138,18 +5686,19 @@ class ResponsesStreamEncoder:
 
     @staticmethod
     def _encrypted_content(state: ResponsesItemState) -> str:
-        if state.signature.startswith(SIGNED_THINKING_PREFIX):
-            return state.signature  # redacted thinking, packed at its start
-        if state.signature:
-            return pack_thinking(Part("thinking", text=state.text, signature=state.signature))
+        signature = "".join(state.signature)
+        if signature.startswith(SIGNED_THINKING_PREFIX):
+            return signature  # redacted thinking, packed at its start
+        if signature:
+            return pack_thinking(Part("thinking", text="".join(state.text), signature=signature))
         # A Responses upstream's own blob; its decoder may fill it in only when the item is done.
         return (state.extra or {}).get("encrypted_content") or ""
 
     def _custom_stop(self, state: ResponsesItemState, where: dict) -> bytes:
-        final = custom_input_of(state.arguments)
+        final, sent = custom_input_of("".join(state.arguments)), "".join(state.text)
         out = b""
-        if final != state.text and final.startswith(state.text):  # arguments that were not {"input": "..."}
-            out = self._event("response.custom_tool_call_input.delta", **where, delta=final[len(state.text) :])
+        if final != sent and final.startswith(sent):  # arguments that were not {"input": "..."}
+            out = self._event("response.custom_tool_call_input.delta", **where, delta=final[len(sent) :])
         state.item["input"] = final
         out += self._event("response.custom_tool_call_input.done", **where, input=final)
         return out + self._item_done(state)
@@ -5184,7 +5733,7 @@ GEMINI_DUMMY_SIGNATURE = "skip_thought_signature_validator"  # documented by Goo
 GEMINI_MAX_THINKING_BUDGET = 24576  # the largest budget every 2.5/3 model accepts
 GEMINI_EFFORT_BUDGETS = {"minimal": 512, "low": 1024, "medium": 8192, "high": 24576, "xhigh": 24576}
 GEMINI_STATUS = {
-    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 402: "FAILED_PRECONDITION", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
     408: "DEADLINE_EXCEEDED", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
     499: "CANCELLED", 500: "INTERNAL", 502: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
     529: "UNAVAILABLE",
@@ -5341,11 +5890,15 @@ def gemini_wants_thoughts(req: Request) -> bool:
 def decode_gemini_usage(meta) -> Usage:
     if not isinstance(meta, dict):
         return Usage()
-    thoughts = gemini_field(meta, "thoughtsTokenCount", 0)
+
+    def count(name: str) -> int:
+        return token_count(gemini_field(meta, name))
+
+    thoughts = count("thoughtsTokenCount")
     return Usage(
-        input_tokens=gemini_field(meta, "promptTokenCount", 0) + gemini_field(meta, "toolUsePromptTokenCount", 0),
-        output_tokens=gemini_field(meta, "candidatesTokenCount", 0) + thoughts,
-        cached_tokens=gemini_field(meta, "cachedContentTokenCount", 0),
+        input_tokens=token_sum(count("promptTokenCount") + count("toolUsePromptTokenCount")),
+        output_tokens=token_sum(count("candidatesTokenCount") + thoughts),
+        cached_tokens=count("cachedContentTokenCount"),
         reasoning_tokens=thoughts,
     )
 
@@ -5403,10 +5956,10 @@ class GeminiCodec(Codec):
     def _decode_content(self, content, i: int, ids: GeminiCallIds) -> Message:
         where = f"contents[{i}]"
         if not isinstance(content, dict):
-            raise bad_request(f"{where} must be an object {{role, parts}}, got {json.dumps(content)[:60]}")
+            raise bad_request(f"{where} must be an object {{role, parts}}, got {json_preview(content)}")
         role = content.get("role") or "user"
         if role not in ("user", "model", "function", "tool"):
-            raise bad_request(f"{where}.role must be 'user' or 'model', got {role!r}")
+            raise bad_request(f"{where}.role must be 'user' or 'model', got {json_preview(role)}")
         raw_parts = content.get("parts")
         if not isinstance(raw_parts, list):
             raise bad_request(f"{where}.parts must be an array of parts")
@@ -5467,12 +6020,13 @@ class GeminiCodec(Codec):
 
     @staticmethod
     def _decode_code(code: dict, where: str) -> Part:
-        language = str(code.get("language") or "").lower().replace("language_unspecified", "")
-        return Part("text", text=f"```{language}\n{code.get('code') or ''}\n```")
+        language = as_text(code.get("language") or "").lower().replace("language_unspecified", "")
+        return Part("text", text=f"```{language}\n{as_text(code.get('code') or '')}\n```")
 
     @staticmethod
     def _decode_code_result(result: dict, where: str) -> Part:
-        return Part("text", text=f"[code execution {result.get('outcome') or 'result'}]\n{result.get('output') or ''}")
+        outcome, output = as_text(result.get("outcome") or "result"), as_text(result.get("output") or "")
+        return Part("text", text=f"[code execution {outcome}]\n{output}")
 
     @staticmethod
     def _decode_function_call(call: dict, where: str, extra, ids: GeminiCallIds) -> Part:
@@ -5523,8 +6077,9 @@ class GeminiCodec(Codec):
     @staticmethod
     def _decode_tool_config(req: Request, config: dict) -> None:
         calling = _object_field(config, "functionCallingConfig", "toolConfig")
-        mode = str(gemini_field(calling, "mode", "")).upper()
+        mode = (_typed_field(calling, "mode", str, "toolConfig.functionCallingConfig") or "").upper()
         allowed = _typed_field(calling, "allowedFunctionNames", list, "toolConfig.functionCallingConfig") or []
+        string_list(allowed, "toolConfig.functionCallingConfig.allowedFunctionNames")
         if mode in ("AUTO", "VALIDATED"):
             req.tool_choice = "auto"
         elif mode == "NONE":
@@ -5604,7 +6159,8 @@ class GeminiCodec(Codec):
         if system:
             body["systemInstruction"] = {"parts": [{"text": text} for text in system]}
         if tools:
-            body["tools"] = [{"functionDeclarations": [self._encode_tool(t) for t in tools]}]
+            budget = SchemaBudget()  # one for the request: many small exploding schemas add up
+            body["tools"] = [{"functionDeclarations": [self._encode_tool(t, budget) for t in tools]}]
             mode = GEMINI_TOOL_CHOICE.get(req.tool_choice)
             if mode:
                 calling: dict = {"mode": mode}
@@ -5646,12 +6202,12 @@ class GeminiCodec(Codec):
         return out + media  # a turn's function responses first, then what they showed
 
     @staticmethod
-    def _encode_tool(tool: Tool) -> dict:
+    def _encode_tool(tool: Tool, budget: SchemaBudget | None = None) -> dict:
         decl: dict = {"name": tool.name}
         if tool.description:
             decl["description"] = tool.description
         schema = tool.parameters or {}
-        params = clean_schema_for_gemini(schema)
+        params = clean_schema_for_gemini(schema, budget)
         if params.get("type") == "OBJECT" and params.get("properties"):
             decl["parameters"] = params
         elif params and params.get("type") != "OBJECT":
@@ -5854,9 +6410,7 @@ class GeminiStreamDecoder:
     def feed_chunk(self, chunk) -> list:
         """One GenerateContentResponse (a stream chunk, or a whole JSON answer)."""
         if not isinstance(chunk, dict):
-            return [
-                StreamError(GatewayError(502, f"upstream sent an unexpected stream chunk: {json.dumps(chunk)[:120]}"))
-            ]
+            return [StreamError(GatewayError(502, f"upstream sent an unexpected stream chunk: {json_preview(chunk)}"))]
         if "error" in chunk and not chunk.get("candidates"):
             self.finished = True
             return [StreamError(gemini_stream_error(chunk["error"]))]
@@ -5869,8 +6423,8 @@ class GeminiStreamDecoder:
             start_usage = Usage(input_tokens=self.usage.input_tokens) if self.usage else None
             out.append(
                 MessageStart(
-                    gemini_field(chunk, "responseId") or new_id(""),
-                    gemini_field(chunk, "modelVersion", ""),
+                    string_or(gemini_field(chunk, "responseId")) or new_id(""),
+                    string_or(gemini_field(chunk, "modelVersion")),
                     start_usage,
                 )
             )
@@ -5880,7 +6434,8 @@ class GeminiStreamDecoder:
             (c for c in chunk.get("candidates") or [] if isinstance(c, dict) and c.get("index", 0) == 0), {}
         )
         content = candidate.get("content") if isinstance(candidate.get("content"), dict) else {}
-        for part in content.get("parts") or []:
+        parts = content.get("parts")
+        for part in parts if isinstance(parts, list) else ():
             if isinstance(part, dict):
                 self._feed_part(part, out)
         reason = gemini_field(candidate, "finishReason")
@@ -5889,7 +6444,7 @@ class GeminiStreamDecoder:
         return out
 
     def _feed_part(self, part: dict, out: list) -> None:
-        signature = gemini_field(part, "thoughtSignature")
+        signature = string_or(gemini_field(part, "thoughtSignature"))
         extra = {"thought_signature": signature} if signature else None
         call = gemini_field(part, "functionCall")
         if isinstance(part.get("text"), str):
@@ -5941,9 +6496,9 @@ class GeminiStreamDecoder:
 
 
 def gemini_stream_error(err) -> GatewayError:
-    err = err if isinstance(err, dict) else {"message": str(err)}
-    code = err.get("code") if isinstance(err.get("code"), int) and err.get("code") >= 400 else 502
-    return GatewayError(code, str(err.get("message") or "upstream stream error"))
+    err = err if isinstance(err, dict) else {"message": as_text(err)}
+    code = err.get("code") if type(err.get("code")) is int and 400 <= err.get("code") <= 599 else 502
+    return GatewayError(code, as_text(err.get("message") or "upstream stream error"))
 
 
 # Deltas a Gemini stream keeps until their block stops (a call goes out whole; signed thinking rides
@@ -6111,11 +6666,14 @@ _SCHEMA_HANDLED = frozenset({"type", "description", "title", "default", "nullabl
                              "uniqueItems", "examples", "example", "deprecated"} | set(_GEMINI_COUNTS))  # fmt: skip
 
 
-def json_schema_from_gemini(schema):
+def json_schema_from_gemini(schema, depth: int = 0):
     """Gemini's OpenAPI-style schema (uppercase types, nullable, int64 counts as strings,
     either key case) -> JSON Schema."""
     if not isinstance(schema, dict):
         return schema
+    if depth > SCHEMA_MAX_DEPTH:
+        raise bad_request(f"a schema is nested deeper than {SCHEMA_MAX_DEPTH} levels")
+    depth += 1
     out: dict = {}
     for key, value in schema.items():
         key = key if key in ("properties", "required") else _camel_case(key)
@@ -6123,11 +6681,11 @@ def json_schema_from_gemini(schema):
             if value.upper() != "TYPE_UNSPECIFIED":
                 out["type"] = value.lower()
         elif key == "properties" and isinstance(value, dict):
-            out["properties"] = {name: json_schema_from_gemini(s) for name, s in value.items()}
+            out["properties"] = {name: json_schema_from_gemini(s, depth) for name, s in value.items()}
         elif key == "items":
-            out["items"] = json_schema_from_gemini(value)
+            out["items"] = json_schema_from_gemini(value, depth)
         elif key == "anyOf" and isinstance(value, list):
-            out["anyOf"] = [json_schema_from_gemini(s) for s in value]
+            out["anyOf"] = [json_schema_from_gemini(s, depth) for s in value]
         elif key in _GEMINI_COUNTS and isinstance(value, str) and value.isdigit():
             out[key] = int(value)
         elif key == "format" and value == "enum" or key in ("nullable", "propertyOrdering"):
@@ -6147,19 +6705,45 @@ def _camel_case(name: str) -> str:
     return head + "".join(w[:1].upper() + w[1:] for w in rest)
 
 
-def clean_schema_for_gemini(schema) -> dict:
+SCHEMA_MAX_DEPTH = 64  # levels a schema may nest (references followed included): Gemini's are far fewer
+SCHEMA_MAX_INLINED = 4000  # keys $ref inlining may add to one request's schemas (a DAG of refs is 2^N)
+
+
+class SchemaBudget:
+    """How much $ref inlining may still add to the schemas of one request. A tree schema costs
+    what its text costs; only the copies references make are counted, so a 2 KB schema of
+    definitions that each reference the next twice cannot grow to 2^N nodes."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, keys: int = SCHEMA_MAX_INLINED):
+        self.left = keys
+
+
+class _SchemaCleaning:
+    __slots__ = ("defs", "budget", "depth")
+
+    def __init__(self, defs: dict, budget: SchemaBudget):
+        self.defs = defs
+        self.budget = budget
+        self.depth = 0
+
+
+def clean_schema_for_gemini(schema, budget: SchemaBudget | None = None) -> dict:
     """A JSON Schema -> the OpenAPI subset Gemini accepts for parameters and responseSchema:
     $ref/$defs inlined, allOf merged, const -> enum, type arrays -> type + nullable,
     exclusive bounds -> inclusive ones, untyped values -> an explicit "any" union, required
     limited to declared properties, and whatever has no Gemini keyword (default, unsupported
-    formats, multipleOf...) told in the description instead of lost."""
+    formats, multipleOf...) told in the description instead of lost. Inlining stops when the
+    budget (shared by a request's schemas) is spent: the rest becomes a described any-value;
+    a schema nested deeper than SCHEMA_MAX_DEPTH is a 400."""
     if not isinstance(schema, dict):
         return {}
     defs: dict = {}
     for key in ("definitions", "$defs"):
         if isinstance(schema.get(key), dict):
             defs.update(schema[key])
-    return _gemini_schema(schema, defs, ())
+    return _gemini_schema(schema, _SchemaCleaning(defs, budget or SchemaBudget()), ())
 
 
 def any_value_schema(depth: int = 1) -> dict:
@@ -6170,12 +6754,26 @@ def any_value_schema(depth: int = 1) -> dict:
     return {"anyOf": branches}
 
 
-def _gemini_schema(node, defs: dict, refs: tuple) -> dict:
+def _gemini_schema(node, ctx: _SchemaCleaning, refs: tuple) -> dict:
     if not isinstance(node, dict) or not node:  # true / {}: any value
         return any_value_schema()
-    node, refs = _inline_refs(node, defs, refs)
+    if ctx.depth >= SCHEMA_MAX_DEPTH:
+        raise bad_request(f"a JSON schema is nested deeper than {SCHEMA_MAX_DEPTH} levels (references included)")
+    node, refs = _inline_refs(node, ctx, refs)
+    if refs:  # inside an inlined definition: a copy the request's size does not bound
+        if ctx.budget.left <= 0:
+            return _cut_short(node, refs)
+        ctx.budget.left -= len(node)
+    ctx.depth += 1
+    try:
+        return _gemini_node(node, ctx, refs)
+    finally:
+        ctx.depth -= 1
+
+
+def _gemini_node(node: dict, ctx: _SchemaCleaning, refs: tuple) -> dict:
     if isinstance(node.get("allOf"), list):
-        node = _merge_all_of(node, defs, refs)
+        node = _merge_all_of(node, ctx, refs)
     for key in node:
         if key not in _SCHEMA_HANDLED and key not in _SCHEMA_QUIET_DROPS:
             log.debug("schema keyword %r has no Gemini equivalent: dropped", key)
@@ -6183,12 +6781,12 @@ def _gemini_schema(node, defs: dict, refs: tuple) -> dict:
     types, nullable = _schema_types(node)
     union = node.get("anyOf") if isinstance(node.get("anyOf"), list) else node.get("oneOf")
     if isinstance(union, list) and any(_is_shape(b) for b in union):
-        out = _gemini_union(union, defs, refs)
+        out = _gemini_union(union, ctx, refs)
     elif len(types) > 1:
         shared = {k: v for k, v in node.items() if k not in ("type", "nullable", "description", "title", "default")}
-        out = {"anyOf": [_gemini_schema({**shared, "type": t}, defs, refs) for t in types]}
+        out = {"anyOf": [_gemini_schema({**shared, "type": t}, ctx, refs) for t in types]}
     elif types:
-        out = _gemini_typed(node, types[0], defs, refs, notes)
+        out = _gemini_typed(node, types[0], ctx, refs, notes)
     else:
         out = any_value_schema()
     if nullable:
@@ -6199,34 +6797,54 @@ def _gemini_schema(node, defs: dict, refs: tuple) -> dict:
     return out
 
 
-def _inline_refs(node: dict, defs: dict, refs: tuple) -> tuple[dict, tuple]:
+def _cut_short(node: dict, refs: tuple) -> dict:
+    """Where the inlining budget ran out: any value, with a description that says what it was."""
+    name = refs[-1].rsplit("/", 1)[-1]
+    own = node.get("description") if isinstance(node.get("description"), str) else ""
+    note = f"a {name} value (its definition was too large to repeat here)"
+    return {**any_value_schema(), "description": f"{own} ({note})" if own else note}
+
+
+def _inline_refs(node: dict, ctx: _SchemaCleaning, refs: tuple) -> tuple[dict, tuple]:
     """Replace a local $ref by its definition (sibling keys win); a recursive one becomes a
     plain object, since Gemini schemas cannot loop."""
-    while isinstance(node.get("$ref"), str):
+    while isinstance(node.get("$ref"), str) and ctx.budget.left > 0:
         ref = node["$ref"]
         siblings = {k: v for k, v in node.items() if k != "$ref"}
         name = ref.rsplit("/", 1)[-1]
-        target = defs.get(name) if ref.startswith("#/") else None
+        target = ctx.defs.get(name) if ref.startswith("#/") else None
         if ref in refs or not isinstance(target, dict):
             what = "recursive" if ref in refs else "unresolved"
             return {"type": "object", "description": f"({what} reference to {name})", **siblings}, refs
+        ctx.budget.left -= len(target)
         node, refs = {**target, **siblings}, refs + (ref,)
     return node, refs
 
 
-def _merge_all_of(node: dict, defs: dict, refs: tuple) -> dict:
+def _merge_all_of(node: dict, ctx: _SchemaCleaning, refs: tuple) -> dict:
+    """allOf folded into one schema: the node's own keys win, then those of earlier branches."""
     merged = {k: v for k, v in node.items() if k != "allOf"}
+    props = dict(merged["properties"]) if isinstance(merged.get("properties"), dict) else None
+    own = merged.get("required")
+    required = dict.fromkeys(r for r in own if isinstance(r, str)) if isinstance(own, list) else None
     for sub in node["allOf"]:
         if not isinstance(sub, dict):
             continue
-        sub, _ = _inline_refs(sub, defs, refs)
+        sub, _ = _inline_refs(sub, ctx, refs)
         for key, value in sub.items():
             if key == "properties" and isinstance(value, dict):
-                merged["properties"] = {**value, **(merged.get("properties") or {})}
+                props = props if props is not None else {}
+                for name, schema in value.items():
+                    props.setdefault(name, schema)
             elif key == "required" and isinstance(value, list):
-                merged["required"] = list(dict.fromkeys((merged.get("required") or []) + value))
+                required = required if required is not None else {}
+                required.update((r, None) for r in value if isinstance(r, str))
             else:
                 merged.setdefault(key, value)
+    if props is not None:
+        merged["properties"] = props
+    if required is not None:
+        merged["required"] = list(required)
     return merged
 
 
@@ -6276,7 +6894,7 @@ def _json_type(value) -> str:
     return {dict: "object", list: "array"}.get(type(value), "string")
 
 
-def _gemini_union(branches: list, defs: dict, refs: tuple) -> dict:
+def _gemini_union(branches: list, ctx: _SchemaCleaning, refs: tuple) -> dict:
     nullable = False
     kept = []
     for branch in branches:
@@ -6285,7 +6903,7 @@ def _gemini_union(branches: list, defs: dict, refs: tuple) -> dict:
         ):
             nullable = True
             continue
-        kept.append(_gemini_schema(branch, defs, refs))
+        kept.append(_gemini_schema(branch, ctx, refs))
     if kept and all(
         k.get("type") == "STRING" and "enum" in k and set(k) <= {"type", "enum", "description"} for k in kept
     ):
@@ -6299,7 +6917,7 @@ def _gemini_union(branches: list, defs: dict, refs: tuple) -> dict:
     return out
 
 
-def _gemini_typed(node: dict, kind: str, defs: dict, refs: tuple, notes: list) -> dict:
+def _gemini_typed(node: dict, kind: str, ctx: _SchemaCleaning, refs: tuple, notes: list) -> dict:
     out: dict = {"type": kind.upper()}
     _add_enum(node, kind, out, notes)
     fmt = node.get("format")
@@ -6309,9 +6927,9 @@ def _gemini_typed(node: dict, kind: str, defs: dict, refs: tuple, notes: list) -
         else:
             notes.append(f"format: {fmt}")
     if kind == "object":
-        _add_object_fields(node, out, defs, refs)
+        _add_object_fields(node, out, ctx, refs)
     elif kind == "array":
-        _add_array_fields(node, out, defs, refs, notes)
+        _add_array_fields(node, out, ctx, refs, notes)
     elif kind == "string":
         out.update({k: node[k] for k in ("minLength", "maxLength", "pattern") if k in node})
     elif kind in ("number", "integer"):
@@ -6337,25 +6955,24 @@ def _add_enum(node: dict, kind: str, out: dict, notes: list) -> None:
         notes.append("one of: " + ", ".join(json.dumps(v) for v in values))
 
 
-def _add_object_fields(node: dict, out: dict, defs: dict, refs: tuple) -> None:
+def _add_object_fields(node: dict, out: dict, ctx: _SchemaCleaning, refs: tuple) -> None:
     props = node.get("properties")
     if isinstance(props, dict) and props:  # Gemini rejects empty properties: a bare OBJECT means any object
-        out["properties"] = {name: _gemini_schema(s, defs, refs) for name, s in props.items()}
-        required = [r for r in node.get("required") or [] if r in props]  # Gemini rejects undeclared names
+        out["properties"] = {name: _gemini_schema(s, ctx, refs) for name, s in props.items()}
+        required = node.get("required") if isinstance(node.get("required"), list) else []
+        required = [r for r in required if isinstance(r, str) and r in props]  # Gemini rejects undeclared names
         if required:
             out["required"] = required
     out.update({k: node[k] for k in ("minProperties", "maxProperties") if k in node})
 
 
-def _add_array_fields(node: dict, out: dict, defs: dict, refs: tuple, notes: list) -> None:
+def _add_array_fields(node: dict, out: dict, ctx: _SchemaCleaning, refs: tuple, notes: list) -> None:
     items = node.get("items")
     if isinstance(node.get("prefixItems"), list) or isinstance(items, list):  # tuples: Gemini has none
         tuple_items = node.get("prefixItems") if isinstance(node.get("prefixItems"), list) else items
-        notes.append(
-            "a tuple: " + ", ".join(str((s or {}).get("type", "any")) for s in tuple_items if isinstance(s, dict))
-        )
+        notes.append("a tuple: " + ", ".join(as_text(s.get("type", "any")) for s in tuple_items if isinstance(s, dict)))
         items = tuple_items[0] if tuple_items else None
-    out["items"] = _gemini_schema(items, defs, refs) if isinstance(items, dict) and items else any_value_schema(0)
+    out["items"] = _gemini_schema(items, ctx, refs) if isinstance(items, dict) and items else any_value_schema(0)
     out.update({k: node[k] for k in ("minItems", "maxItems") if k in node})
     if node.get("uniqueItems") is True:
         notes.append("items must be unique")
@@ -6657,6 +7274,9 @@ class Provider:
     responses_api: bool = False  # has /v1/responses (OpenAI itself; OpenAI-compatible servers mostly not)
     default_max_tokens: int = 0  # anthropic: max_tokens when a translated request set none (anthropic_max_tokens)
     max_tokens_cap: int = 0  # openai: most max_tokens a translated request sends (openai_completion_max_tokens)
+    keys: tuple = ()  # every key it was given: each is an account of its pool (api_key is the first)
+    weight: float = 1.0  # each account's share of a pool's requests
+    timeouts: Timeouts = field(default_factory=Timeouts)
     _urls: dict = field(default_factory=dict, repr=False)
     _auth: dict | None = field(default=None, repr=False)
 
@@ -6739,6 +7359,11 @@ class Provider:
         return f"{base}/{path[operation]}"
 
 
+def provider_timeouts(cfg: Config, overrides: dict) -> Timeouts:
+    """The global upstream_*_timeout values, with a provider's own overrides."""
+    return Timeouts(*(overrides.get(kind, getattr(cfg, f"upstream_{kind}_timeout")) for kind in TIMEOUT_KINDS))
+
+
 def build_providers(cfg: Config) -> dict[str, Provider]:
     reasoning = tuple(g.strip() for g in cfg.reasoning_models.split(",") if g.strip())
     org = {"OpenAI-Organization": cfg.openai_org} if cfg.openai_org else {}
@@ -6760,7 +7385,14 @@ def build_providers(cfg: Config) -> dict[str, Provider]:
         flavor = "azure" if pc.type == "azure" else ("compatible" if protocol == "openai" else protocol)
         providers[name] = Provider(name, protocol, pc.base_url, pc.api_key, flavor, pc.models, pc.api_version,
                                    dict(pc.headers), "", reasoning, pc.responses_api)  # fmt: skip
-    for provider in providers.values():
+    for name, provider in providers.items():  # pools: the keys, weight and timeouts of each
+        pc = cfg.providers.get(name)
+        tuned = cfg.tuning.get(name, {}) if pc is None else {"weight": pc.weight, "timeouts": pc.timeouts}
+        provider.models = provider.models or tuned.get("models", [])
+        provider.keys = tuple(split_keys(provider.api_key))
+        provider.api_key = provider.keys[0] if provider.keys else ""
+        provider.weight = tuned.get("weight", 1.0)
+        provider.timeouts = provider_timeouts(cfg, tuned.get("timeouts", {}))
         provider.default_max_tokens = cfg.anthropic_max_tokens if provider.protocol == "anthropic" else 0
         provider.max_tokens_cap = cfg.openai_completion_max_tokens if provider.protocol == "openai" else 0
     return providers
@@ -6850,6 +7482,11 @@ LOOPBACK_FORMATS = {"date-time": "2025-01-01T00:00:00Z", "date": "2025-01-01", "
                     "uuid": "00000000-0000-4000-8000-000000000000", "ipv4": "127.0.0.1", "ipv6": "::1"}  # fmt: skip
 
 
+LOOPBACK_EMBEDDING_DIMENSIONS = 256  # when the client names none
+LOOPBACK_MAX_DIMENSIONS = 3072  # text-embedding-3-large's, the most any OpenAI model has
+LOOPBACK_MAX_EMBEDDING_VALUES = 65536  # per request: a few milliseconds of hashing, never seconds
+
+
 class LoopbackModel:
     """The built-in offline model. Deterministic: the same request gives the same answer.
 
@@ -6861,22 +7498,41 @@ class LoopbackModel:
     one), so structured-output clients work offline. Embeddings are a deterministic unit
     vector derived from a hash of each input."""
 
-    TOOL_DIRECTIVE = re.compile(r"\[\[tool:([A-Za-z0-9_.:-]+)\s*(\{.*?\})?\]\]", re.S)
+    TOOL_OPENING = re.compile(r"\[\[tool:([A-Za-z0-9_.:-]{1,128})\s*(\]\]|\{)")
+    TOOL_BARE = re.compile(r"\[\[tool:([A-Za-z0-9_.:-]{1,128})\s*\]\]")
+
+    @classmethod
+    def tool_directive(cls, text: str) -> tuple[str, str | None] | None:
+        """The first `[[tool:NAME {json}]]` (JSON optional) in the text, as (name, json), in linear
+        time (one regex with a lazy `.*?` took quadratic time on many unclosed directives)."""
+        found = cls.TOOL_OPENING.search(text)
+        if found is None:
+            return None
+        if found.group(2) == "]]":
+            return found.group(1), None
+        brace = found.end() - 1
+        close = text.find("}]]", brace + 1)
+        if close >= 0:
+            return found.group(1), text[brace : close + 1]
+        bare = cls.TOOL_BARE.search(text, found.end())  # no "}]]" after it: only a bare directive can match
+        return (bare.group(1), None) if bare else None
 
     def complete(self, req: Request) -> Response:
         # the latest user turn (clients such as Claude Code put system notes after it)
         last = next((m for m in reversed(req.messages) if m.role == "user"), Message("user", []))
         results = [p for p in last.parts if p.type == "tool_result"]
         user_text = text_of(last.parts)
-        directive = self.TOOL_DIRECTIVE.search(user_text) if not results else None
+        directive = self.tool_directive(user_text) if not results else None
         forced = self.forced_tool(req) if not results and not directive else None
         parts: list = []
         stop = "end_turn"
         if (directive or forced) and req.tool_choice != "none":
-            name = directive.group(1) if directive else forced.name
-            arguments = (directive.group(2) or "{}") if directive else dumps(schema_example(forced.parameters)).decode()
-            parts.append(Part("tool_call", id="call_" + hashlib.sha256(user_text.encode()).hexdigest()[:24], name=name,
-                              arguments=arguments))  # fmt: skip
+            if directive:
+                name, arguments = directive[0], directive[1] or "{}"
+            else:
+                name, arguments = forced.name, dumps(schema_example(forced.parameters)).decode()
+            digest = hashlib.sha256(user_text.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+            parts.append(Part("tool_call", id="call_" + digest, name=name, arguments=arguments))
             stop = "tool_use"
         elif results:
             parts.append(Part("text", text="Tool result received: " + tool_result_text(results[0])[:500]))
@@ -6931,10 +7587,11 @@ class LoopbackModel:
 
     @staticmethod
     def embed(text: str, dimensions: int) -> list[float]:
+        seed = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()  # the text is hashed once
         values = []
         counter = 0
         while len(values) < dimensions:
-            block = hashlib.sha256(f"{counter}:{text}".encode()).digest()
+            block = hashlib.sha256(b"%d:%b" % (counter, seed)).digest()
             values.extend((b - 127.5) / 127.5 for b in block)
             counter += 1
         values = values[:dimensions]
@@ -6947,14 +7604,22 @@ class LoopbackModel:
 # ======================================================================================
 
 
+MODEL_NAME_MAX = 8192  # characters: a model name keys the routing caches (only names up to 256 are cached)
+
+
 @dataclass(slots=True)
 class Route:
     provider: Provider
     model: str  # the model name the upstream sees
     requested: str
+    pool: tuple = ()  # every configured provider serving the model (provider first): see section 8
 
 
 class Router:
+    """First matching rule wins. Named providers' `models` globs come first, and every named
+    provider whose globs match serves in the model's pool; a route may name a pool itself
+    (`gpt-4o=>openai|azure`)."""
+
     def __init__(self, cfg: Config, providers: dict[str, Provider]):
         self.cfg = cfg
         self.providers = providers
@@ -6970,13 +7635,15 @@ class Router:
         legacy = parse_pairs(cfg.routes, "routes")
         legacy.sort(key=lambda rule: any(c in rule[0] for c in "*?["))  # stable: keeps their order otherwise
         self.rules: list[tuple[str, str]] = list(legacy)
+        named_start = len(self.rules)
         for provider in providers.values():
             self.rules.extend((glob_, provider.name) for glob_ in provider.models)
+        self.named_rules = (named_start, len(self.rules))  # the providers' own globs: all that match share a pool
         main_rules = parse_pairs(cfg.model_provider_routes, "model_provider_routes")
         self.rules.extend(main_rules)
         for key, rules in (("routes", legacy), ("model_provider_routes", main_rules)):
             for pattern, target in rules:
-                if target not in providers:
+                if any(name.strip() not in providers for name in target.split("|")):
                     raise ConfigError(
                         f"{key}: {pattern}=>{target} names an unknown provider; known: {', '.join(providers)}"
                     )
@@ -6988,15 +7655,18 @@ class Router:
         route = self._cache.get(model)
         if route is not None:
             return route
+        if len(model) > MODEL_NAME_MAX:  # it keys the routing caches
+            raise bad_request(f"a model name has at most {MODEL_NAME_MAX} characters, got {len(model)}")
         target = self.aliases.get(model)
         if target is None:
             target = next((t for glob_, t in self.alias_globs if glob_match(glob_, model)), model)
-        provider_name = "loopback" if self.offline else next((p for g, p in self.rules if glob_match(g, target)), None)
-        if provider_name is None:
+        names = ["loopback"] if self.offline else self._pool_of(target)
+        if not names:
             raise GatewayError(
                 404, f"model {model!r} matches no route; routes: {self.describe_routes()}", "not_found_error"
             )
-        provider = self.providers[provider_name]
+        pool = tuple(self.providers[n] for n in names if self.providers[n].configured)
+        provider = pool[0] if pool else self.providers[names[0]]
         if not provider.configured:
             setting = provider.key_setting
             raise GatewayError(
@@ -7005,10 +7675,20 @@ class Router:
                 f"set {setting} (or TOKLIGENCE_{setting.upper()}) in gateway.ini or the environment",
                 "invalid_request_error",
             )
-        route = Route(provider, target, model)
-        if len(self._cache) < 10000:
+        route = Route(provider, target, model, pool)
+        if len(self._cache) < 10000 and len(model) <= 256:
             self._cache[model] = route
         return route
+
+    def _pool_of(self, target: str) -> list[str]:
+        """The names of the providers the first matching rule gives `target` (none: no route)."""
+        start, end = self.named_rules
+        for i, (pattern, name) in enumerate(self.rules):
+            if glob_match(pattern, target):
+                if start <= i < end:
+                    return list(dict.fromkeys(n for g, n in self.rules[start:end] if glob_match(g, target)))
+                return list(dict.fromkeys(n.strip() for n in name.split("|")))
+        return []
 
     def describe_routes(self) -> str:
         return ", ".join(f"{g}=>{p}" for g, p in self.rules)
@@ -7020,6 +7700,7 @@ class Router:
             seen.setdefault(alias, self.provider_of(target))
         if not self.offline:
             for pattern, provider in self.rules:
+                provider = provider.split("|")[0].strip()
                 if not any(c in pattern for c in "*?[") and self.providers[provider].configured:
                     seen.setdefault(pattern, provider)
         return list(seen.items())
@@ -7157,13 +7838,366 @@ class ModelCatalog:
 
 
 # ======================================================================================
-# 8. Ledger: one row per request, written by one background thread
+# 8. Pools and breakers: upstream accounts, weights, health, circuit breakers, failover chains
+# ======================================================================================
+#
+# An account is one key of one provider (`openai_api_key = k1, k2` makes openai#1 and openai#2).
+# A model's pool is every account of every provider serving it (Route.pool); its chain is that
+# pool, then the pools of its model_fallbacks in the order listed. Gateway.send_upstream walks
+# the chain for every lane, and is the one place that decides retries and failover:
+#   - the next account not tried yet and not cooling down, pool by pool: by weight (smooth
+#     weighted round robin), an account with fewer requests in flight per weight first;
+#   - then, while upstream_retries last, an account already tried whose failure allows asking
+#     it again (a failed connection, a 408/429/5xx/529), after a backoff or its Retry-After.
+# Breaker per account:
+#   closed --breaker_failures in a row--> open --cooldown--> half-open (one trial request)
+#   half-open --success--> closed;  half-open --failure--> open, the cooldown doubled (up to
+#   breaker_cooldown_max). A 429 cools the account for its Retry-After instead (without one the
+#   request just moves on) and counts no failure. Failures: connect errors, timeouts, 5xx, 529,
+#   401/403. A request that finds every account of its chain cooling down is answered at once
+#   (429 or 503 with Retry-After): a breaker exists not to hammer an upstream that is down.
+
+BREAKER_STATUSES = frozenset((401, 403, 408, 500, 502, 503, 504, 529))  # an answer that counts against the account
+FAILOVER_STATUSES = BREAKER_STATUSES | {429}  # answers after which the next account is tried
+ASK_AGAIN_STATUSES = FAILOVER_STATUSES - {401, 403}  # answers after which the same account may be asked again
+# errors a stream may open with, before any content, that still fail over (overloaded, rate limited, api
+# error): the upstream said no. A broken or garbled stream is no such answer.
+STREAM_FAILOVER_STATUSES = frozenset((429, 500, 503, 529))
+HOLD_LIMIT = 256 * 1024  # bytes of a passthrough stream's opening held back, at most
+MAX_RETRY_WAIT = 30.0  # longest a request waits for a backoff or a Retry-After before giving up
+
+
+@dataclass(slots=True)
+class BreakerSettings:
+    failures: int = 5
+    cooldown: float = 5.0
+    cooldown_max: float = 300.0
+
+
+class Account:
+    """One upstream key: its breaker, what it has in flight and its counters (for /health and
+    the metrics). `provider` is a Provider holding this one key."""
+
+    __slots__ = ("name", "provider", "weight", "settings", "in_flight", "credit", "state", "until", "failures",
+                 "opens", "trial", "requests", "errors", "last_status", "last_error", "_tags")  # fmt: skip
+
+    def __init__(self, name: str, provider: Provider, settings: BreakerSettings):
+        self.name = name
+        self.provider = provider
+        self.weight = provider.weight
+        self.settings = settings
+        self.in_flight = 0
+        self.credit = 0.0  # smooth weighted round robin
+        self.state = "closed"  # closed | open | cooling (a 429's Retry-After)
+        self.until = 0.0  # monotonic end of the cooldown; 0 while closed
+        self.failures = 0  # consecutive
+        self.opens = 0  # times opened in a row (the cooldown doubles each time)
+        self.trial = False  # a half-open breaker's one trial request is in flight
+        self.requests = 0
+        self.errors = 0
+        self.last_status = 0
+        self.last_error = ""
+        self._tags: dict[str, str] = {}
+
+    def ready(self, now: float) -> bool:
+        """May a request go to this account now?"""
+        until = self.until
+        return not until or (now >= until and not self.trial)
+
+    def begin(self, now: float) -> bool:
+        """A request goes out; True when it is a half-open breaker's trial."""
+        self.in_flight += 1
+        self.requests += 1
+        if self.until:  # a cooldown is over: a 429's simply ends; an open breaker lets this one through
+            if self.state == "cooling":
+                self.state, self.until = "closed", 0.0
+            else:
+                self.trial = True
+                return True
+        return False
+
+    def end(self, trial: bool) -> None:
+        """The upstream exchange is over (its answer read, or abandoned)."""
+        self.in_flight -= 1
+        if trial:
+            self.trial = False
+
+    def succeeded(self) -> None:
+        if self.failures or self.until:
+            self.failures = self.opens = 0
+            self.state, self.until = "closed", 0.0
+
+    def failed(self, status: int, message: str, now: float, trial: bool) -> None:
+        self._count_error(status, message)
+        self.failures += 1
+        if trial:  # the half-open trial failed: open again, for longer
+            self._open(now, self.opens + 1)
+        elif self.state != "open" and self.failures >= self.settings.failures:
+            self._open(now, 1)
+
+    def rate_limited(self, retry_after: float | None, message: str, now: float, trial: bool) -> None:
+        self._count_error(429, message)
+        if retry_after is None or (self.state == "open" and not trial):
+            return  # no time given: only this request moves on; or an older request's answer: the breaker stays
+        self.state, self.until = "cooling", now + min(retry_after, self.settings.cooldown_max)
+
+    def _open(self, now: float, opens: int) -> None:
+        self.opens = min(opens, 32)
+        cooldown = min(self.settings.cooldown * 2 ** (self.opens - 1), self.settings.cooldown_max)
+        self.state, self.until = "open", now + cooldown
+        log.warning("account %s: breaker open for %gs after %d failures (%s)", self.name, cooldown, self.failures,
+                    self.last_error[:200])  # fmt: skip
+
+    def _count_error(self, status: int, message: str) -> None:
+        self.errors += 1
+        self.last_status, self.last_error = status, redact(message[:300])
+
+    def status(self, now: float) -> str:
+        if not self.until:
+            return "closed"
+        if self.state == "cooling":
+            return "cooling" if now < self.until else "closed"
+        return "open" if now < self.until else "half_open"
+
+    def tags(self, model: str, attempts: int) -> str:
+        """The x-tgw-provider, x-tgw-model and x-tgw-attempts header lines of an answer from this
+        account (the usual first attempt's made once per model)."""
+        lines = self._tags.get(model)
+        if lines is None:
+            if len(self._tags) >= 256:  # model names are the client's to choose
+                self._tags.clear()
+            lines = self._tags[model] = (
+                f"x-tgw-provider: {header_safe(self.provider.name)}\r\nx-tgw-model: {header_safe(model[:200])}\r\n"
+                "x-tgw-attempts: 1\r\n"
+            )
+        return lines if attempts == 1 else f"{lines[:-3]}{attempts}\r\n"
+
+    def describe(self, now: float) -> dict:
+        """This account in /health (and `tgw status`)."""
+        return {
+            "provider": self.provider.name, "state": self.status(now), "weight": self.weight,
+            "in_flight": self.in_flight, "consecutive_failures": self.failures,
+            "cooldown_left_s": round(max(self.until - now, 0.0), 1), "requests": self.requests, "errors": self.errors,
+            "last_status": self.last_status, "last_error": self.last_error,
+        }  # fmt: skip
+
+
+def header_safe(text: str) -> str:
+    """A value fit for a response header: printable ASCII as is, anything else percent-encoded
+    (a model name is the client's and could carry CR LF)."""
+    return text if text.isascii() and text.isprintable() else quote(text, safe=" /:@+")
+
+
+@dataclass(slots=True)
+class Pool:
+    """The accounts serving one model, tried in weighted turn."""
+
+    model: str  # the model name these accounts are sent
+    accounts: tuple
+
+    def pick(self, now: float, tried: list) -> Account | None:
+        """The account to ask next for this model, of those not `tried` ((account, model) pairs)."""
+        accounts = self.accounts
+        if len(accounts) == 1:  # the usual pool: no arithmetic, and a closed breaker asks nothing more
+            account = accounts[0]
+            if (account.until and not account.ready(now)) or (tried and (account, self.model) in tried):
+                return None
+            return account
+        best = None
+        total = 0.0
+        for account in accounts:
+            if (tried and (account, self.model) in tried) or not account.ready(now):
+                continue
+            account.credit += account.weight
+            total += account.weight
+            if best is None:
+                best = account
+                continue
+            load, best_load = account.in_flight / account.weight, best.in_flight / best.weight
+            if load < best_load or (load == best_load and account.credit > best.credit):
+                best = account
+        if best is not None:
+            best.credit -= total
+        return best
+
+
+class Walk:
+    """One request's way through its chain: what it tried, what may be asked again, what is left."""
+
+    __slots__ = ("chain", "tried", "again", "retries", "asked", "wait", "end_by", "last_error", "previous")
+
+    def __init__(self, chain: tuple, retries: int):
+        self.chain = chain
+        self.tried: list = []  # (account, model): a fallback model may go to an account tried already
+        self.again: list = []  # [account, model, not before (monotonic)] that may be asked again
+        self.retries = retries
+        self.asked = 0  # accounts asked again so far (the backoff doubles each time)
+        self.wait = 0.0  # when next() found nothing: seconds until something may be ready (0: nothing will)
+        self.end_by = 0.0  # the request's deadline, set by its first attempt
+        self.last_error: GatewayError | None = None
+        self.previous = ""  # the provider of the last attempt
+
+    def next(self, now: float) -> tuple | None:
+        """(account, model, asked again?) to try now, or None (then `wait` says how long until
+        one may be, 0 when none will)."""
+        for pool in self.chain:
+            account = pool.pick(now, self.tried)
+            if account is not None:
+                self.tried.append((account, pool.model))
+                return account, pool.model, False
+        self.wait = 0.0
+        if self.retries <= 0 or not self.again:
+            return None
+        best = None
+        for entry in self.again:
+            account = entry[0]
+            if account.trial:  # another request's half-open trial
+                continue
+            at = max(entry[2], account.until)
+            if best is None or at < best[1]:
+                best = (entry, at)
+        if best is None:
+            return None
+        entry, at = best
+        if at > now:
+            self.wait = at - now
+            return None
+        self.retries -= 1
+        self.asked += 1
+        self.again.remove(entry)
+        return entry[0], entry[1], True
+
+    def failed(self, account: Account, model: str, now: float, ask_again: bool, retry_after: float | None = None):
+        """An attempt failed; the account may be asked again after a backoff (or the answer's Retry-After)."""
+        if ask_again and self.retries > 0:
+            self.again.append([account, model, now + max(0.25 * 2 ** min(self.asked, 5), retry_after or 0.0)])
+
+    def answered(self, account: Account, model: str, err: GatewayError, trial: bool) -> bool:
+        """An upstream answered `err` (its status, or an error a stream opened with): count it
+        against the account, and say whether another attempt may follow."""
+        now = time.monotonic()
+        if err.status == 429:
+            account.rate_limited(err.retry_after, err.message, now, trial)
+        elif err.status in BREAKER_STATUSES:
+            account.failed(err.status, err.message, now, trial)
+        else:
+            account.succeeded()  # it answered: the request is what failed, and is not tried elsewhere
+            return False
+        self.failed(account, model, now, err.status in ASK_AGAIN_STATUSES, err.retry_after)
+        self.last_error = err
+        return True
+
+    def unavailable(self, now: float) -> GatewayError:
+        """The error when no account of the chain could be asked: every one cooling down."""
+        accounts = [a for pool in self.chain for a in pool.accounts]
+        waits = [a.until - now for a in accounts if a.until > now]
+        retry_after = math.ceil(min(waits)) if waits else 1
+        limited = all(a.state == "cooling" for a in accounts if a.until)
+        last = next((a for a in accounts if a.last_error), None)
+        words = f"{last.last_error} " if last is not None else ""
+        model = self.chain[0].model if self.chain else "this model"
+        return GatewayError(
+            429 if limited else 503,
+            f"{words}(tgw: every upstream account for {model} is cooling down; retry in {retry_after} s)",
+            retry_after=retry_after,
+        )
+
+
+class Pools:
+    """Every account, and every model's chain of pools. Built from a configuration; `rebuild`
+    takes a new one (live reload) and keeps the state of the accounts it still has."""
+
+    def __init__(self, cfg: Config, providers: dict[str, Provider], router: Router):
+        self.accounts: dict[str, Account] = {}
+        self.settings = BreakerSettings()
+        self.attempts = 0  # upstream requests sent, all accounts
+        self.retries = 0  # ... of which to an account this request had tried already
+        self.failovers = 0  # ... of which to another account or fallback model than the last attempt's
+        self.rebuild(cfg, providers, router)
+
+    @staticmethod
+    def fallbacks_of(cfg: Config, router: Router) -> list:
+        """model_fallbacks as (pattern, model) pairs, each model checked to route somewhere real."""
+        fallbacks = [] if router.offline else parse_pairs(cfg.model_fallbacks, "model_fallbacks")
+        for pattern, model in fallbacks:
+            try:
+                route = router.resolve(model)
+            except GatewayError as err:
+                raise ConfigError(f"model_fallbacks: {pattern}=>{model}: {err.message}") from None
+            if route.provider.protocol == "loopback":
+                raise ConfigError(f"model_fallbacks: {pattern}=>{model}: the loopback model cannot be a fallback")
+        return fallbacks
+
+    def rebuild(self, cfg: Config, providers: dict[str, Provider], router: Router) -> None:
+        fallbacks = self.fallbacks_of(cfg, router)  # (a ConfigError changes nothing)
+        self.settings.failures = cfg.breaker_failures
+        self.settings.cooldown = cfg.breaker_cooldown
+        self.settings.cooldown_max = cfg.breaker_cooldown_max
+        self.router, self.fallbacks = router, fallbacks
+        old = {(a.provider.name, a.provider.base_url, a.provider.api_key): a for a in self.accounts.values()}
+        self.accounts = {}
+        self.of_provider: dict[str, tuple] = {}
+        for provider in providers.values():
+            if provider.protocol == "loopback" or not provider.configured:
+                continue
+            keys = provider.keys or ("",)
+            members = []
+            for number, key in enumerate(keys, 1):
+                name = provider.name if len(keys) == 1 else f"{provider.name}#{number}"
+                one = provider if len(keys) == 1 else replace(provider, api_key=key, keys=(key,), _urls={}, _auth=None)
+                account = old.get((provider.name, provider.base_url, key))
+                if account is None:
+                    account = Account(name, one, self.settings)
+                account.name, account.provider, account.weight = name, one, provider.weight
+                account._tags.clear()
+                self.accounts[name] = account
+                members.append(account)
+            self.of_provider[provider.name] = tuple(members)
+        self._chains: dict[tuple, tuple] = {}
+
+    def chain(self, route: Route, fallbacks: bool = True) -> tuple:
+        """The pools a request for `route` may try, in order: its own, then its fallbacks'."""
+        key = (route.requested, fallbacks)
+        chain = self._chains.get(key)
+        if chain is None:
+            chain = [Pool(route.model, self.pool_accounts(route))]
+            if fallbacks:
+                seen = {route.model}
+                for pattern, model in self.fallbacks:
+                    if model not in seen and (glob_match(pattern, route.requested) or glob_match(pattern, route.model)):
+                        seen.add(model)
+                        fallback = self.router.resolve(model)
+                        chain.append(Pool(fallback.model, self.pool_accounts(fallback)))
+            chain = tuple(pool for pool in chain if pool.accounts)
+            if len(self._chains) >= 10000:
+                self._chains.clear()
+            self._chains[key] = chain
+        return chain
+
+    def pool_accounts(self, route: Route) -> tuple:
+        return tuple(a for provider in route.pool or (route.provider,) for a in self.of_provider.get(provider.name, ()))
+
+    def describe(self) -> dict:
+        now = time.monotonic()
+        return {name: account.describe(now) for name, account in self.accounts.items()}
+
+    BREAKER_GAUGE = {"closed": 0, "half_open": 1, "open": 2, "cooling": 2}
+
+    def breaker_states(self) -> list:
+        """((provider, account), 0 closed | 1 half-open | 2 open or cooling down) per account: /metrics."""
+        now = time.monotonic()
+        gauge = self.BREAKER_GAUGE
+        return [((a.provider.name, name), gauge[a.status(now)]) for name, a in self.accounts.items()]
+
+
+# ======================================================================================
+# 9. Ledger: one row per request, written by one background thread
 # ======================================================================================
 
 LEDGER_COLUMNS = (
     "ts", "request_id", "api_key_id", "user", "client_protocol", "endpoint", "lane", "provider", "model_requested",
     "model_upstream", "stream", "status", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens",
-    "cost_usd", "latency_ms", "ttft_ms", "error",
+    "cost_usd", "latency_ms", "ttft_ms", "error", "attempts", "account", "key_id", "user_id",
 )  # fmt: skip
 LEDGER_MIGRATIONS = [
     # version 1
@@ -7177,6 +8211,43 @@ LEDGER_MIGRATIONS = [
     """CREATE TABLE IF NOT EXISTS responses (
         id TEXT PRIMARY KEY, created REAL NOT NULL, model TEXT, input TEXT NOT NULL, response TEXT NOT NULL);
     CREATE INDEX IF NOT EXISTS responses_created ON responses(created);""",
+    # version 3: failover (section 8): upstream requests made, and the account that answered (or failed last)
+    """ALTER TABLE requests ADD COLUMN attempts INTEGER;
+    ALTER TABLE requests ADD COLUMN account TEXT;""",
+    # version 4: users and API keys (section 10), who made each request, who owns each stored response.
+    # One transaction, so a file is either at version 3 or wholly at version 4.
+    """BEGIN;
+    CREATE TABLE users (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, email TEXT NOT NULL, display_name TEXT NOT NULL DEFAULT '',
+        role TEXT NOT NULL DEFAULT 'user', status TEXT NOT NULL DEFAULT 'active', budget_usd REAL, budget_tokens INTEGER,
+        budget_period TEXT NOT NULL DEFAULT 'month', rpm INTEGER, tpm INTEGER, created_at REAL NOT NULL,
+        updated_at REAL NOT NULL, deleted_at REAL);
+    CREATE UNIQUE INDEX users_email ON users(email) WHERE deleted_at IS NULL;
+    CREATE TABLE api_keys (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, user_id INTEGER NOT NULL REFERENCES users(id), name TEXT NOT NULL DEFAULT '',
+        key_hash TEXT NOT NULL UNIQUE, key_prefix TEXT NOT NULL, models TEXT NOT NULL DEFAULT '',
+        status TEXT NOT NULL DEFAULT 'active', expires_at REAL, budget_usd REAL, budget_tokens INTEGER,
+        budget_period TEXT NOT NULL DEFAULT 'month', rpm INTEGER, tpm INTEGER, created_at REAL NOT NULL,
+        updated_at REAL NOT NULL, last_used_at REAL, deleted_at REAL);
+    CREATE INDEX api_keys_user ON api_keys(user_id);
+    CREATE TABLE identity_version (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
+    INSERT INTO identity_version VALUES (1, 0);
+    CREATE TRIGGER users_inserted AFTER INSERT ON users BEGIN UPDATE identity_version SET version = version + 1; END;
+    CREATE TRIGGER users_updated AFTER UPDATE ON users BEGIN UPDATE identity_version SET version = version + 1; END;
+    CREATE TRIGGER users_deleted AFTER DELETE ON users BEGIN UPDATE identity_version SET version = version + 1; END;
+    CREATE TRIGGER api_keys_inserted AFTER INSERT ON api_keys
+        BEGIN UPDATE identity_version SET version = version + 1; END;
+    CREATE TRIGGER api_keys_updated AFTER UPDATE OF user_id, name, key_hash, key_prefix, models, status, expires_at,
+        budget_usd, budget_tokens, budget_period, rpm, tpm, deleted_at ON api_keys
+        BEGIN UPDATE identity_version SET version = version + 1; END;
+    CREATE TRIGGER api_keys_deleted AFTER DELETE ON api_keys
+        BEGIN UPDATE identity_version SET version = version + 1; END;
+    ALTER TABLE requests ADD COLUMN key_id INTEGER;
+    ALTER TABLE requests ADD COLUMN user_id INTEGER;
+    CREATE INDEX requests_key ON requests(key_id, ts) WHERE key_id IS NOT NULL;
+    ALTER TABLE responses ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    PRAGMA user_version = 4;
+    COMMIT;""",
 ]
 
 # USD per million tokens: (input, output, cached input). Globs, first match wins; [prices] in
@@ -7407,7 +8478,7 @@ class Ledger:
     thread end anyway, `record()` starts a new one. close() drains, within a deadline."""
 
     LINGER = 0.05  # seconds the writer lets a batch gather
-    CHUNK = 256  # most rows per INSERT statement (20 columns x 256 rows stays under sqlite's variable limit)
+    CHUNK = 256  # most rows per INSERT statement (22 columns x 256 rows stays under sqlite's variable limit)
     BUSY_TIMEOUT = 5.0  # seconds sqlite waits on a lock before the writer backs off (and sees a shutdown)
     RETRY_MAX = 5.0  # longest pause between retries of a failing write
     LOG_EVERY = 60.0  # seconds between repeated log lines about the same trouble
@@ -7699,11 +8770,12 @@ class ResponseStore:
         """Forget responses older than the retention (at start, then every 1000 saves)."""
         self.ledger.write_later("DELETE FROM responses WHERE created < ?", (time.time() - self.retention,))
 
-    def save(self, response: dict, input_items: list) -> None:
+    def save(self, response: dict, input_items: list, owner: str = "") -> None:
+        """`owner` is the principal that made it (Principal.owner; "" while the gateway needs no key)."""
         self.saves += 1
         if self.saves % 1000 == 0:
             self.purge()
-        entry = {"input": input_items, "response": response}
+        entry = {"input": input_items, "response": response, "owner": owner}
         self.recent[response["id"]] = entry
         while len(self.recent) > self.RECENT:
             self.recent.pop(next(iter(self.recent)))
@@ -7713,23 +8785,30 @@ class ResponseStore:
             response.get("model"),
             dumps(input_items).decode(),
             dumps(response).decode(),
+            owner,
         )
         self.ledger.write_later(
-            "INSERT OR REPLACE INTO responses (id, created, model, input, response) VALUES (?, ?, ?, ?, ?)", params
+            "INSERT OR REPLACE INTO responses (id, created, model, input, response, owner) VALUES (?, ?, ?, ?, ?, ?)",
+            params,
         )
 
-    async def load(self, response_id: str) -> dict | None:
+    async def load(self, response_id: str, owner: str | None = None) -> dict | None:
+        """A stored response, if `owner` may see it: a key sees only its own (None: anyone may)."""
         if response_id in self.deleted:
             return None
         entry = self.recent.get(response_id)
         if entry is None and self.db is not None:
             entry = await asyncio.to_thread(self._load_from_db, response_id)
+        if entry is not None and owner is not None and entry["owner"] != owner:
+            return None
         return entry
 
     def _load_from_db(self, response_id: str) -> dict | None:
         with self.lock:
-            row = self.db.execute("SELECT input, response FROM responses WHERE id = ?", (response_id,)).fetchone()
-        return {"input": loads(row[0]), "response": loads(row[1])} if row else None
+            row = self.db.execute(
+                "SELECT input, response, owner FROM responses WHERE id = ?", (response_id,)
+            ).fetchone()
+        return {"input": loads(row[0]), "response": loads(row[1]), "owner": row[2]} if row else None
 
     def delete(self, response_id: str) -> None:
         self.recent.pop(response_id, None)
@@ -7744,9 +8823,8 @@ class ResponseStore:
 
 
 def query_usage(db: sqlite3.Connection, group: str, since: float) -> list[tuple]:
-    column = {"model": "model_requested", "provider": "provider", "day": "date(ts, 'unixepoch')", "key": "api_key_id"}[
-        group
-    ]
+    column = {"model": "model_requested", "provider": "provider", "day": "date(ts, 'unixepoch')", "key": "api_key_id",
+              "user": "user"}[group]  # fmt: skip
     return db.execute(
         f"""SELECT {column}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens),
                    SUM(reasoning_tokens), SUM(cost_usd), SUM(status >= 400)
@@ -7755,14 +8833,868 @@ def query_usage(db: sqlite3.Connection, group: str, since: float) -> list[tuple]
     ).fetchall()
 
 
-def query_logs(db: sqlite3.Connection, limit: int) -> list[dict]:
+def query_logs(db: sqlite3.Connection, limit: int, user_ids: list | None = None) -> list[dict]:
+    """The latest rows, optionally only those of some users (section 10's ids)."""
     db.row_factory = sqlite3.Row
-    rows = db.execute("SELECT * FROM requests ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+    where = ""
+    if user_ids is not None:  # through the index on key_id (a user's rows are its keys' rows)
+        where = f"WHERE key_id IN (SELECT id FROM api_keys WHERE user_id IN ({', '.join('?' * len(user_ids))}))"
+    rows = db.execute(f"SELECT * FROM requests {where} ORDER BY id DESC LIMIT ?", (*(user_ids or ()), limit)).fetchall()
     return [dict(r) for r in rows]
 
 
 # ======================================================================================
-# 9. Gateway: endpoints wired into the pipeline
+# 10. Identity: users, keys, budgets, rate limits
+# ======================================================================================
+#
+# Users and their API keys live in the ledger's database (migration 4), so one sqlite file says
+# who exists and what each spent. A key is `tok_` + 32 random bytes (base64url, 47 characters);
+# only its SHA-256 and a 12-character display prefix are stored, and the key is shown once.
+#
+# The CLI and the admin API write through IdentityStore. Triggers bump a change counter on
+# every change; the gateway's identity thread checks it every IDENTITY_POLL seconds, reloads
+# users and keys off the event loop and hands the snapshot to the loop (Identity.apply). Per
+# request everything is in memory: the key's SHA-256 (cached for keys that matched), one dict
+# lookup, then O(1) budget and rate-limit counters. Spend is persisted by the ledger rows
+# themselves (key_id, user_id, cost, tokens): a budget's spend in its period is summed from them
+# when the gateway first sees that budget.
+#
+# A budget admits a call while what was spent plus what calls in flight reserved is under its
+# limit. A call reserves its estimate (estimate_tokens of the body plus its max output tokens)
+# and settles to its real usage when it ends, however it ends, so parallel calls cannot overspend
+# together: only the last one admitted can run past the limit, by at most its own size.
+
+KEY_PREFIX = "tok_"
+KEY_DISPLAY_CHARS = 12  # "tok_" + 8 characters: all that lists, logs and ledger rows show of a key
+IDENTITY_POLL = 0.25  # seconds between checks of the change counter by a running gateway
+LAST_USED_EVERY = 5.0  # seconds between writes of the keys' last-used times
+RESERVED_OUTPUT_DEFAULT = 4096  # output tokens a call reserves when it sets no limit of its own
+ROLES = ("admin", "user")
+ROLE_ALIASES = {"root_admin": "admin", "gateway_admin": "admin", "gateway_user": "user"}  # Tokligence's names
+STATUSES = ("active", "disabled")
+STATUS_ALIASES = {"inactive": "disabled"}  # Tokligence's name
+PERIODS = ("day", "week", "month", "total")
+PERIOD_WORDS = {"day": "daily", "week": "weekly", "month": "monthly", "total": "total"}
+
+
+def iso_time(ts) -> str | None:
+    """Epoch seconds as ISO 8601 UTC (what the admin API and the CLI show)."""
+    if ts is None or not math.isfinite(ts):
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def parse_iso_time(text: str, name: str) -> float:
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise bad_request(f"'{name}' must be an RFC 3339 time like 2026-01-31T00:00:00Z, got {text[:40]!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def period_bounds(period: str, now: float) -> tuple[float, float]:
+    """The UTC day, week (from Monday), month or all time that holds `now`, as (start, end)."""
+    if period == "total":
+        return 0.0, math.inf
+    t = time.gmtime(now)
+    day = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0))
+    if period == "day":
+        return day, day + 86400
+    if period == "week":
+        start = day - t.tm_wday * 86400
+        return start, start + 7 * 86400
+    year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+    return calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0)), calendar.timegm((year, month, 1, 0, 0, 0))
+
+
+def duration_text(seconds: float) -> str:
+    """A wait as OpenAI's x-ratelimit-reset-* headers write it: 250ms, 1.5s, 6m0s."""
+    if seconds < 1:
+        return f"{max(int(seconds * 1000), 0)}ms"
+    tenths = math.ceil(seconds * 10) / 10
+    if tenths < 60:
+        return f"{tenths:g}s"
+    minutes, rest = divmod(math.ceil(seconds), 60)
+    return f"{minutes}m{rest}s"
+
+
+def money(usd: float) -> str:
+    return f"${usd:.2f}" if usd >= 10 else f"${usd:.4f}"
+
+
+def new_key_secret() -> tuple[str, str, str]:
+    """A fresh client key: (the key, its SHA-256 hex, its display prefix)."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    return key, hashlib.sha256(key.encode()).hexdigest(), key[:KEY_DISPLAY_CHARS]
+
+
+# ---- validation: one set of checks for the CLI and the admin API (GatewayError 400s) ----------
+
+
+def check_email(value) -> str:
+    if not isinstance(value, str):
+        raise bad_request(f"'email' must be a string, got {json.dumps(value)[:60]}")
+    email = value.strip().lower()
+    local, _, domain = email.partition("@")
+    if not local or not domain or "@" in domain or len(email) > 254 or not email.isprintable() or " " in email:
+        raise bad_request(f"'email' must be an address like name@example.com, got {value[:80]!r}")
+    return email
+
+
+def check_choice(name: str, value, choices: tuple, aliases: dict | None = None) -> str:
+    if isinstance(value, str):
+        value = value.strip().lower()
+        value = (aliases or {}).get(value, value)
+        if value in choices:
+            return value
+    raise bad_request(f"'{name}' must be one of {', '.join(choices)}, got {json.dumps(value)[:60]}")
+
+
+def check_text(name: str, value, limit: int = 200) -> str:
+    if not isinstance(value, str):
+        raise bad_request(f"'{name}' must be a string, got {json.dumps(value)[:60]}")
+    if len(value) > limit or not value.isprintable():
+        raise bad_request(f"'{name}' must be printable text of at most {limit} characters")
+    return value.strip()
+
+
+def check_amount(name: str, value, kind=float, minimum=0):
+    """A non-negative number (None stays None: not set). Booleans, NaN and infinities are refused."""
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and minimum <= value <= 1e15
+    if ok and kind is int and not float(value).is_integer():  # (bounded first: a huge int overflows a float)
+        ok = False
+    if not ok:
+        wanted = "a whole number" if kind is int else "a number"
+        raise bad_request(f"'{name}' must be {wanted} from {minimum} up, got {json.dumps(value)[:60]}")
+    return kind(value)
+
+
+def check_models(value) -> str:
+    """Model allow-list globs, as a list or a comma-separated string; stored comma-separated."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or len(items) > 100:
+        raise bad_request("'models' must be a list of at most 100 model globs (or a comma-separated string)")
+    globs = []
+    for item in items:
+        if not isinstance(item, str) or len(item) > 200 or "," in item or not item.isprintable():
+            raise bad_request(
+                f"'models' entries must be model names or globs like gpt-4o*, got {json.dumps(item)[:60]}"
+            )
+        if item.strip():
+            globs.append(item.strip())
+    return ",".join(globs)
+
+
+# What each may change, and how it is checked (the admin API's PATCH and POST bodies, the CLI's flags)
+USER_CHANGES = {
+    "display_name": lambda v: check_text("display_name", v),
+    "role": lambda v: check_choice("role", v, ROLES, ROLE_ALIASES),
+    "status": lambda v: check_choice("status", v, STATUSES, STATUS_ALIASES),
+    "budget_usd": lambda v: check_amount("budget_usd", v),
+    "budget_tokens": lambda v: check_amount("budget_tokens", v, int),
+    "budget_period": lambda v: check_choice("budget_period", v, PERIODS),
+    "rpm": lambda v: check_amount("rpm", v, int),
+    "tpm": lambda v: check_amount("tpm", v, int),
+}
+KEY_CHANGES = {
+    "name": lambda v: check_text("name", v),
+    "models": check_models,
+    "status": lambda v: check_choice("status", v, STATUSES, STATUS_ALIASES),
+    "expires_at": lambda v: None if v is None else check_amount("expires_at", v),
+    "budget_usd": lambda v: check_amount("budget_usd", v),
+    "budget_tokens": lambda v: check_amount("budget_tokens", v, int),
+    "budget_period": lambda v: check_choice("budget_period", v, PERIODS),
+    "rpm": lambda v: check_amount("rpm", v, int),
+    "tpm": lambda v: check_amount("tpm", v, int),
+}
+
+
+def checked_changes(changes: dict, checks: dict) -> dict:
+    unknown = sorted(set(changes) - set(checks))
+    if unknown:
+        raise bad_request(f"unknown field(s) {', '.join(unknown)[:200]}; accepted: {', '.join(checks)}")
+    return {name: checks[name](value) for name, value in changes.items()}
+
+
+def key_state(row: dict, now: float) -> str:
+    if row.get("deleted_at") is not None:
+        return "deleted"
+    if row["status"] != "active":
+        return "disabled"
+    if row["expires_at"] is not None and now >= row["expires_at"]:
+        return "expired"
+    return "active"
+
+
+def budget_payload(row: dict) -> dict | None:
+    if row["budget_usd"] is None and row["budget_tokens"] is None:
+        return None
+    return {"usd": row["budget_usd"], "tokens": row["budget_tokens"], "period": row["budget_period"]}
+
+
+def user_payload(row: dict) -> dict:
+    """A user as Tokligence Gateway's admin API shows one, plus its budget (and key count in lists)."""
+    out = {"id": row["id"], "email": row["email"], "role": row["role"], "display_name": row["display_name"],
+           "status": row["status"], "budget": budget_payload(row), "rpm": row["rpm"], "tpm": row["tpm"],
+           "created_at": iso_time(row["created_at"]), "updated_at": iso_time(row["updated_at"])}  # fmt: skip
+    if "keys" in row:
+        out["keys"] = row["keys"]
+    return out
+
+
+def key_payload(row: dict, now: float | None = None) -> dict:
+    """An API key as Tokligence Gateway's admin API shows one (never its hash), plus tgw's settings."""
+    return {
+        "id": row["id"], "user_id": row["user_id"], "user_email": row.get("email"), "name": row["name"],
+        "prefix": row["key_prefix"], "scopes": [], "models": [m for m in row["models"].split(",") if m],
+        "status": key_state(row, time.time() if now is None else now), "expires_at": iso_time(row["expires_at"]),
+        "budget": budget_payload(row), "rpm": row["rpm"], "tpm": row["tpm"], "created_at": iso_time(row["created_at"]),
+        "updated_at": iso_time(row["updated_at"]), "last_used_at": iso_time(row["last_used_at"]),
+    }  # fmt: skip
+
+
+class IdentityStore:
+    """Users and API keys in sqlite: what the CLI, the admin API (through asyncio.to_thread) and
+    the gateway's identity thread read and write; never called on the event loop. Errors are the
+    gateway's own (400 bad input, 404 not found, 409 conflict), so the CLI and the API agree."""
+
+    KEY_COLUMNS = "k.*, u.email, u.role, u.status AS user_status"
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+        self.lock = threading.RLock()
+
+    def rows(self, sql: str, params=()) -> list[dict]:
+        with self.lock:
+            cursor = self.db.execute(sql, params)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def write(self, sql: str, params=()) -> sqlite3.Cursor:
+        with self.lock:
+            try:
+                cursor = self.db.execute(sql, params)
+                self.db.commit()
+            except sqlite3.IntegrityError as exc:
+                self.db.rollback()
+                raise GatewayError(409, f"conflicts with an existing entry ({exc})") from None
+            except BaseException:
+                self.db.rollback()
+                raise
+            return cursor
+
+    def insert(self, table: str, fields: dict) -> int:
+        now = time.time()
+        names = [*fields, "created_at", "updated_at"]
+        sql = f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+        return self.write(sql, (*fields.values(), now, now)).lastrowid
+
+    def update(self, table: str, row_id: int, fields: dict) -> None:
+        if fields:
+            sets = ", ".join(f"{name} = ?" for name in fields)
+            self.write(
+                f"UPDATE {table} SET {sets}, updated_at = ? WHERE id = ?", (*fields.values(), time.time(), row_id)
+            )
+
+    def version(self) -> int:
+        return self.rows("SELECT version FROM identity_version")[0]["version"]
+
+    # -- users
+    def add_user(self, email, fields: dict | None = None) -> dict:
+        """A new user; `fields` as USER_CHANGES names them (display_name, role, budget_*...)."""
+        email = check_email(email)
+        fields = checked_changes(fields or {}, USER_CHANGES)
+        if self.rows("SELECT id FROM users WHERE email = ? AND deleted_at IS NULL", (email,)):
+            raise GatewayError(409, f"user {email} already exists")
+        return self.user(self.insert("users", {"email": email, **fields}))
+
+    def user(self, ref) -> dict:
+        """A live user by id or email (404 when there is none)."""
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit() and len(ref) < 19):
+            found = self.rows("SELECT * FROM users WHERE id = ? AND deleted_at IS NULL", (int(ref),))
+        else:
+            found = self.rows("SELECT * FROM users WHERE email = ? AND deleted_at IS NULL", (str(ref).strip().lower(),))
+        if not found:
+            raise GatewayError(404, f"no user {str(ref)[:80]!r}", "not_found_error")
+        return found[0]
+
+    def users(self) -> list[dict]:
+        return self.rows(
+            """SELECT u.*, (SELECT COUNT(*) FROM api_keys k WHERE k.user_id = u.id AND k.deleted_at IS NULL) AS keys
+               FROM users u WHERE u.deleted_at IS NULL ORDER BY u.id"""
+        )
+
+    def update_user(self, ref, changes: dict) -> dict:
+        user = self.user(ref)
+        self.update("users", user["id"], checked_changes(changes, USER_CHANGES))
+        return self.user(user["id"])
+
+    def delete_user(self, ref) -> dict:
+        """Soft delete: the user and its keys stop working; their ledger rows stay."""
+        user = self.user(ref)
+        now = time.time()
+        with self.lock:
+            self.db.execute(
+                "UPDATE api_keys SET deleted_at = ? WHERE user_id = ? AND deleted_at IS NULL", (now, user["id"])
+            )
+            self.update("users", user["id"], {"deleted_at": now})
+        return user
+
+    # -- keys
+    def create_key(self, user_ref, fields: dict | None = None) -> tuple[str, dict]:
+        """A new key for a live user, `fields` as KEY_CHANGES names them: (the key, shown this once; its row)."""
+        user = self.user(user_ref)
+        fields = checked_changes(fields or {}, KEY_CHANGES)
+        key, secret = self.new_secret()
+        return key, self.key(self.insert("api_keys", {"user_id": user["id"], **secret, **fields}))
+
+    def new_secret(self) -> tuple[str, dict]:
+        """A fresh key and the columns that store it (a display prefix names one key: draw again on a collision)."""
+        for _ in range(8):
+            key, digest, prefix = new_key_secret()
+            if not self.rows("SELECT id FROM api_keys WHERE key_prefix = ?", (prefix,)):
+                break
+        return key, {"key_hash": digest, "key_prefix": prefix}
+
+    def key(self, ref) -> dict:
+        """A live key by id, display prefix or the key itself (404 when there is none)."""
+        ref = str(ref).strip()
+        if ref.isdigit() and len(ref) < 19:
+            where, param = "k.id = ?", int(ref)
+        elif ref.startswith(KEY_PREFIX) and len(ref) <= KEY_DISPLAY_CHARS:
+            where, param = "k.key_prefix = ?", ref
+        else:
+            where, param = "k.key_hash = ?", hashlib.sha256(ref.encode("utf-8", "surrogatepass")).hexdigest()
+        found = self.rows(
+            f"SELECT {self.KEY_COLUMNS} FROM api_keys k JOIN users u ON u.id = k.user_id "
+            f"WHERE {where} AND k.deleted_at IS NULL",
+            (param,),
+        )
+        if not found:
+            shown = ref if ref.isdigit() or len(ref) <= KEY_DISPLAY_CHARS else ref[:KEY_DISPLAY_CHARS] + "…"
+            raise GatewayError(404, f"no API key {shown[:40]!r} (give its id or its prefix)", "not_found_error")
+        return found[0]
+
+    def keys(self, user_ref=None) -> list[dict]:
+        where, params = "k.deleted_at IS NULL", ()
+        if user_ref is not None:
+            where, params = "k.deleted_at IS NULL AND k.user_id = ?", (self.user(user_ref)["id"],)
+        return self.rows(
+            f"SELECT {self.KEY_COLUMNS} FROM api_keys k JOIN users u ON u.id = k.user_id WHERE {where} ORDER BY k.id",
+            params,
+        )
+
+    def update_key(self, ref, changes: dict) -> dict:
+        row = self.key(ref)
+        self.update("api_keys", row["id"], checked_changes(changes, KEY_CHANGES))
+        return self.key(row["id"])
+
+    def delete_key(self, ref) -> dict:
+        row = self.key(ref)
+        self.update("api_keys", row["id"], {"deleted_at": time.time()})
+        return row
+
+    def rotate_key(self, ref) -> tuple[str, dict]:
+        """A new secret for the same key (id, name, settings, budget and ledger rows): the old one stops working."""
+        row = self.key(ref)
+        key, secret = self.new_secret()
+        self.update("api_keys", row["id"], secret)
+        return key, self.key(row["id"])
+
+    # -- what the gateway loads, and spend
+    def snapshot(self) -> tuple[list[dict], list[dict]]:
+        """Live users and live keys of live users (the keys with their hashes)."""
+        users = self.rows("SELECT * FROM users WHERE deleted_at IS NULL")
+        keys = self.rows(
+            f"SELECT {self.KEY_COLUMNS} FROM api_keys k JOIN users u ON u.id = k.user_id "
+            "WHERE k.deleted_at IS NULL AND u.deleted_at IS NULL"
+        )
+        return users, keys
+
+    def spent(self, holder: str, holder_id: int, since: float) -> tuple[float, int]:
+        """USD and tokens a key or user spent since `since`, from the ledger rows."""
+        # by key, through the one index the writer keeps up (a user's rows are its keys' rows)
+        keys = "= ?" if holder == "key" else "IN (SELECT id FROM api_keys WHERE user_id = ?)"
+        row = self.db_row(
+            f"SELECT COALESCE(SUM(cost_usd), 0), COALESCE(SUM(prompt_tokens), 0) + COALESCE(SUM(completion_tokens), 0) "
+            f"FROM requests WHERE key_id {keys} AND ts >= ?",
+            (holder_id, since),
+        )
+        return float(row[0]), int(row[1])
+
+    def db_row(self, sql: str, params=()) -> tuple:
+        with self.lock:
+            return self.db.execute(sql, params).fetchone()
+
+    def budget_status(self, holder: str, row: dict, now: float) -> dict | None:
+        """A budget with what its period has spent so far and what is left (the CLI's view)."""
+        budget = budget_payload(row)
+        if budget is None:
+            return None
+        start, end = period_bounds(row["budget_period"], now)
+        usd, tokens = self.spent(holder, row["id"], start)
+        return budget_view(budget, usd, tokens, 0.0, 0, end)
+
+
+def budget_view(budget: dict, usd: float, tokens: int, reserved_usd: float, reserved_tokens: int, end: float) -> dict:
+    out = dict(budget, spent_usd=round(usd, 6), spent_tokens=tokens, resets_at=iso_time(end))
+    if reserved_usd or reserved_tokens:
+        out.update(reserved_usd=round(reserved_usd, 6), reserved_tokens=reserved_tokens)
+    if budget["usd"] is not None:
+        out["left_usd"] = round(max(budget["usd"] - usd - reserved_usd, 0.0), 6)
+    if budget["tokens"] is not None:
+        out["left_tokens"] = max(budget["tokens"] - tokens - reserved_tokens, 0)
+    return out
+
+
+# ---- the gateway's side: in memory, read and updated on the event loop -------------------------
+
+
+class Budget:
+    """One spending limit (USD and/or tokens) of a key or a user over a period. `spent` is what
+    finished calls cost in this period; `reserved` is what calls in flight may still cost."""
+
+    __slots__ = ("holder", "usd", "tokens", "period", "start", "end", "spent_usd", "spent_tokens", "reserved_usd",
+                 "reserved_tokens", "in_flight")  # fmt: skip
+
+    def __init__(self, holder: str, period: str, now: float, spent: tuple = (0.0, 0)):
+        self.holder = holder
+        self.usd = self.tokens = None
+        self.period = period
+        self.start, self.end = period_bounds(period, now)
+        self.spent_usd, self.spent_tokens = spent
+        self.reserved_usd, self.reserved_tokens, self.in_flight = 0.0, 0, 0
+
+    def has_room(self, now: float) -> bool:
+        """Whether what was spent plus what calls in flight reserved is under every limit."""
+        if now >= self.end:  # a new period starts from nothing
+            self.start, self.end = period_bounds(self.period, now)
+            self.spent_usd, self.spent_tokens = 0.0, 0
+            self.reserved_usd, self.reserved_tokens, self.in_flight = 0.0, 0, 0
+        usd, tokens = self.usd, self.tokens
+        return (usd is None or self.spent_usd + self.reserved_usd < usd) and (
+            tokens is None or self.spent_tokens + self.reserved_tokens < tokens
+        )
+
+    def refusal(self, now: float) -> GatewayError | None:
+        """None while the budget has room, else the error that says which budget, spent/limit and the reset."""
+        if self.has_room(now):
+            return None
+        if self.usd is not None and self.spent_usd + self.reserved_usd >= self.usd:
+            used = f"spent {money(self.spent_usd)} (+{money(self.reserved_usd)} reserved by calls in flight) of its {money(self.usd)}"
+        else:
+            used = f"used {self.spent_tokens} tokens (+{self.reserved_tokens} reserved by calls in flight) of its {self.tokens}-token"
+        resets = (
+            f"it resets at {iso_time(self.end)}"
+            if math.isfinite(self.end)
+            else "it does not reset; an admin can raise it"
+        )
+        # 402 (Anthropic's billing_error), not 429: the OpenAI and Anthropic SDKs retry 408, 409, 429 and
+        # 5xx (and agents on top of them retry 429 for minutes), but no client retries a 402
+        err = GatewayError(402, f"budget exhausted: {self.holder} has {used} {PERIOD_WORDS[self.period]} budget; {resets}",
+                           "billing_error")  # fmt: skip
+        err.headers = (("x-should-retry", "false"),)
+        return err
+
+    def release(self, start: float, usd: float, tokens: int, cost: float, used: int) -> None:
+        """A call ends: its reservation goes, its real cost counts (unless its period has ended since:
+        the ledger counts it where it started)."""
+        if start != self.start:
+            return
+        self.in_flight -= 1
+        if self.in_flight <= 0:  # no float residue left behind
+            self.reserved_usd, self.reserved_tokens, self.in_flight = 0.0, 0, 0
+        else:
+            self.reserved_usd -= usd
+            self.reserved_tokens -= tokens
+        self.spent_usd += cost
+        self.spent_tokens += used
+
+    def view(self) -> dict:
+        budget = {"usd": self.usd, "tokens": self.tokens, "period": self.period}
+        return budget_view(budget, self.spent_usd, self.spent_tokens, self.reserved_usd, self.reserved_tokens, self.end)
+
+
+class RateLimit:
+    """Requests and tokens per minute for a key or a user: two buckets that refill continuously,
+    each holding one minute's allowance (so O(1) per call and no window to sweep). A call takes one
+    request and its token estimate; when it ends, the estimate is corrected to the real usage."""
+
+    __slots__ = ("holder", "rpm", "tpm", "requests", "tokens", "at")
+
+    def __init__(self, rpm: int, tpm: int, now: float, holder: str = "this key"):
+        self.holder = holder
+        self.rpm, self.tpm = rpm, tpm
+        self.requests, self.tokens = float(rpm), float(tpm)
+        self.at = now
+
+    def refill(self, now: float) -> None:
+        elapsed = now - self.at
+        if elapsed > 0:
+            self.at = now
+            rpm, tpm = self.rpm, self.tpm
+            if rpm:
+                left = self.requests + elapsed * rpm / 60
+                self.requests = left if left < rpm else rpm
+            if tpm:
+                left = self.tokens + elapsed * tpm / 60
+                self.tokens = left if left < tpm else tpm
+
+    def take(self, now: float, tokens: int) -> None:
+        """Take one request and `tokens`, or raise the 429 (with Retry-After and x-ratelimit-*)."""
+        self.refill(now)
+        if (self.rpm and self.requests < 1) or (self.tpm and self.tokens <= 0):
+            self.refuse()
+        if self.rpm:
+            self.requests -= 1
+        if self.tpm:
+            self.tokens -= tokens
+
+    def give_back(self, tokens: int) -> None:
+        """Undo a take (another limit of the same call refused it)."""
+        if self.rpm:
+            self.requests += 1
+        self.refund(tokens)
+
+    def refuse(self) -> None:
+        """The 429 for the allowance that runs out last, with Retry-After and the x-ratelimit-* headers."""
+        wait, what = 0.0, ""
+        if self.rpm and self.requests < 1:
+            wait, what = (1 - self.requests) * 60 / self.rpm, f"{self.rpm} requests"
+        if self.tpm and self.tokens <= 0 and (1 - self.tokens) * 60 / self.tpm > wait:
+            wait, what = (1 - self.tokens) * 60 / self.tpm, f"{self.tpm} tokens"
+        err = GatewayError(429, f"rate limit reached: {self.holder} may send {what} per minute; "
+                           f"try again in {duration_text(wait)}", "rate_limit_error", retry_after=math.ceil(wait))  # fmt: skip
+        err.headers = tuple(self.headers())
+        raise err
+
+    def refund(self, tokens: int) -> None:
+        if self.tpm:
+            left = self.tokens + tokens
+            self.tokens = left if left < self.tpm else self.tpm
+
+    def view(self, now: float) -> dict:
+        """What is left right now (the usage summary)."""
+        self.refill(now)
+        return {"holder": self.holder, "rpm": self.rpm or None, "tpm": self.tpm or None,
+                "remaining_requests": max(int(self.requests), 0) if self.rpm else None,
+                "remaining_tokens": max(int(self.tokens), 0) if self.tpm else None}  # fmt: skip
+
+    def headers(self) -> list[tuple[str, str]]:
+        """OpenAI's x-ratelimit-* headers: limit, remaining and time to a full allowance."""
+        out = []
+        for name, limit, left in (("requests", self.rpm, self.requests), ("tokens", self.tpm, self.tokens)):
+            if limit:
+                out += [(f"x-ratelimit-limit-{name}", str(limit)), (f"x-ratelimit-remaining-{name}", str(max(int(left), 0))),
+                        (f"x-ratelimit-reset-{name}", duration_text((limit - left) * 60 / limit))]  # fmt: skip
+        return out
+
+
+class Principal:
+    """Who a request is: an identity key (its user, allow-list, budgets, limits) or a static
+    `api_keys` key. Built by Identity.apply; read per request."""
+
+    __slots__ = ("digest", "key_id", "user_id", "label", "email", "name", "role", "models", "refusal", "expires_at",
+                 "budgets", "limits", "owner", "guarded", "estimates", "priced", "last_used", "written_used")  # fmt: skip
+
+    def __init__(self, digest: str, label: str, owner: str):
+        self.digest, self.label, self.owner = digest, label, owner
+        self.key_id = self.user_id = self.expires_at = self.refusal = None
+        self.email = self.name = self.role = ""
+        self.models: tuple = ()
+        self.budgets: tuple = ()  # the key's and its user's
+        self.limits: tuple = ()  # RateLimits: the key's and its user's
+        self.guarded = False  # an allow-list, a budget or a rate limit to check per call
+        self.estimates = False  # a budget or a token rate: each call's tokens are estimated
+        self.priced = False  # a USD budget: each call's cost is estimated
+        self.last_used = self.written_used = 0.0
+
+    def seal(self) -> Principal:
+        self.guarded = bool(self.models or self.budgets or self.limits)
+        self.estimates = bool(self.budgets or any(limit.tpm for limit in self.limits))
+        self.priced = any(b.usd is not None for b in self.budgets)
+        return self
+
+
+# What one admitted call holds until it ends (a tuple: made per call): (budget, the period start it
+# reserved in) pairs, the USD and tokens it reserved, and its rate limits.
+Reservation = tuple
+
+
+def requested_output_tokens(body: dict) -> int | None:
+    """The output limit a request sets, in whichever protocol's field (None when it sets none)."""
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        value = body.get(name)
+        if type(value) is int:
+            return value if 0 <= value <= 10_000_000 else min(max(value, 0), 10_000_000)
+    config = body.get("generationConfig", body.get("generation_config"))
+    if isinstance(config, dict):
+        value = config.get("maxOutputTokens", config.get("max_output_tokens"))
+        if type(value) is int:
+            return min(max(value, 0), 10_000_000)
+    return None
+
+
+class Identity:
+    """The gateway's view of users and keys: who a request is (authenticate), whether it may
+    make this call (admit: allow-list, budgets, rate limits) and what it cost (settle)."""
+
+    def __init__(self, cfg: Config, ledger: Ledger, prices: PriceTable):
+        self.ledger = ledger
+        self.prices = prices
+        self.always = False  # a public bind: auth = auto stays on
+        self.has_keys = False  # any live key in the database
+        self.configure(cfg)
+        self.by_hash: dict[str, Principal] = dict(self.static)  # SHA-256 hex -> principal
+        self.by_id: dict[int, Principal] = {}
+        self.digests: dict[str, str] = {}  # key -> SHA-256 hex, for keys that matched
+        self.budgets: dict[tuple, Budget] = {}  # ("key"|"user", id, period) -> Budget
+        self.limits: dict[tuple, RateLimit] = {}  # ("key"|"user", id) -> RateLimit
+        self.usd_rates: dict[str, tuple] = {}  # model -> USD per input and per output token
+        self.store = IdentityStore(open_ledger_db(ledger.path))
+        self.apply(self.load())
+        self.last_used_at = time.monotonic()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="tgw-identity", daemon=True)
+        try:
+            self.loop = asyncio.get_running_loop()
+        except RuntimeError:  # built outside a running gateway: no live reload
+            self.loop = None
+        else:
+            self.thread.start()
+
+    def configure(self, cfg: Config, prices: PriceTable | None = None) -> None:
+        """The config's part: auth mode, static api_keys, default rate limits (and a new price table).
+        At start, and on a live config reload (on the loop, no I/O); the keys are rebuilt with them at
+        the next poll."""
+        if prices is not None:
+            self.prices = prices
+            self.usd_rates = {}
+        mode = "off" if cfg.auth_disabled else cfg.auth
+        self.mode = "on" if self.always and mode == "auto" else mode
+        self.default_rpm, self.default_tpm = cfg.default_rpm, cfg.default_tpm
+        self.static: dict[str, Principal] = {}
+        for key in {k.strip() for k in cfg.api_keys.split(",") if k.strip()}:
+            digest = hashlib.sha256(key.encode()).hexdigest()
+            principal = Principal(digest, key_fingerprint(key), "static:" + key_fingerprint(key))
+            if self.default_rpm or self.default_tpm:
+                holder = f"API key {principal.label}"
+                principal.limits = (RateLimit(self.default_rpm, self.default_tpm, time.monotonic(), holder),)
+            self.static[digest] = principal.seal()
+        self.version = self.seen_version = -1  # the next load applies, whatever the database's version
+        self.required = self.mode == "on" or (self.mode == "auto" and bool(self.static or self.has_keys))
+
+    def require_always(self) -> None:
+        """A public bind that refused to start open stays closed, even if every key is deleted later."""
+        self.always = True
+        if self.mode == "auto":
+            self.mode = "on"
+            self.required = True
+
+    # -- loading (the thread) and applying (the loop)
+    def load(self, only_if_changed: bool = False) -> tuple | None:
+        """Read users, keys and the spend of budgets not yet tracked (off the event loop)."""
+        version = self.store.version()
+        if only_if_changed and version == self.seen_version:
+            return None
+        users, keys = self.store.snapshot()
+        now = time.time()
+        spends = {}
+        for holder, rows in (("user", users), ("key", keys)):
+            for row in rows:
+                ident = (holder, row["id"], row["budget_period"])
+                if budget_payload(row) is not None and ident not in self.budgets:
+                    spends[ident] = self.store.spent(holder, row["id"], period_bounds(row["budget_period"], now)[0])
+        self.seen_version = version
+        return version, users, keys, spends
+
+    def apply(self, loaded: tuple) -> None:
+        """Swap in a loaded snapshot, keeping the counters of budgets and limits that carry over."""
+        version, users, keys, spends = loaded
+        if version <= self.version:
+            return
+        now, clock = time.time(), time.monotonic()
+        budgets: dict[tuple, Budget] = {}
+
+        def budget_of(holder: str, row: dict, label: str) -> Budget | None:
+            if budget_payload(row) is None:
+                return None
+            ident = (holder, row["id"], row["budget_period"])
+            budget = self.budgets.get(ident) or Budget(label, row["budget_period"], now, spends.get(ident, (0.0, 0)))
+            budget.holder, budget.usd, budget.tokens = label, row["budget_usd"], row["budget_tokens"]
+            budgets[ident] = budget
+            return budget
+
+        limits: dict[tuple, RateLimit] = {}
+
+        def limit_of(holder: str, row: dict, rpm, tpm, label: str) -> RateLimit | None:
+            rpm, tpm = rpm or 0, tpm or 0
+            if not (rpm or tpm):
+                return None
+            limit = self.limits.get((holder, row["id"]))
+            if limit is None or (limit.rpm, limit.tpm) != (rpm, tpm):
+                limit = RateLimit(rpm, tpm, clock, label)
+            limit.holder = label
+            limits[holder, row["id"]] = limit
+            return limit
+
+        user_budgets = {u["id"]: budget_of("user", u, f"user {u['email']}") for u in users}
+        user_limits = {u["id"]: limit_of("user", u, u["rpm"], u["tpm"], f"user {u['email']}") for u in users}
+        by_hash, by_id = dict(self.static), {}
+        for row in keys:
+            prefix = row["key_prefix"]
+            named = f"{prefix} ({row['name']!r})" if row["name"] else prefix
+            principal = Principal(row["key_hash"], prefix, f"key:{row['id']}")
+            principal.key_id, principal.user_id, principal.email = row["id"], row["user_id"], row["email"]
+            principal.name, principal.role, principal.expires_at = row["name"], row["role"], row["expires_at"]
+            principal.models = tuple(m for m in row["models"].split(",") if m)
+            if row["status"] != "active":
+                principal.refusal = f"API key {named} is disabled"
+            elif row["user_status"] != "active":
+                principal.refusal = f"API key {named} belongs to {row['email']}, whose account is disabled"
+            key_budget = budget_of("key", row, f"API key {named}")
+            principal.budgets = tuple(b for b in (key_budget, user_budgets.get(row["user_id"])) if b is not None)
+            rpm = row["rpm"] if row["rpm"] is not None else self.default_rpm
+            tpm = row["tpm"] if row["tpm"] is not None else self.default_tpm
+            key_limit = limit_of("key", row, rpm, tpm, f"API key {named}")
+            principal.limits = tuple(x for x in (key_limit, user_limits.get(row["user_id"])) if x is not None)
+            old = self.by_id.get(row["id"])
+            if old is not None:
+                principal.last_used, principal.written_used = old.last_used, old.written_used
+            by_hash[row["key_hash"]] = by_id[row["id"]] = principal.seal()
+        self.by_hash, self.by_id, self.budgets, self.limits = by_hash, by_id, budgets, limits
+        if len(self.digests) > 4096:
+            self.digests = {}
+        self.version = version
+        self.has_keys = bool(keys)
+        self.required = self.mode == "on" or (self.mode == "auto" and bool(self.static or self.has_keys))
+
+    async def refresh(self) -> None:
+        """Apply a change made through this gateway (the admin API) now, not at the next poll."""
+        loaded = await asyncio.to_thread(self.load)
+        self.apply(loaded)
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(IDENTITY_POLL):
+            try:
+                loaded = self.load(only_if_changed=True)
+                if loaded is not None:
+                    self.loop.call_soon_threadsafe(self.apply, loaded)
+                if time.monotonic() - self.last_used_at >= LAST_USED_EVERY:
+                    self.save_last_used()
+            except Exception as exc:  # a locked or damaged file, a closed loop: keep watching
+                log.warning("identity reload failed (%s); the keys loaded before stay in force", exc)
+
+    def save_last_used(self) -> None:
+        """Keys' last-used times go to the database every few seconds, through the ledger's writer."""
+        self.last_used_at = time.monotonic()
+        for principal in list(self.by_id.values()):
+            used = principal.last_used
+            if used > principal.written_used:
+                principal.written_used = used
+                self.ledger.write_later("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (used, principal.key_id))
+
+    def close(self) -> None:
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
+        self.save_last_used()
+        self.store.db.close()
+
+    # -- per request
+    def authenticate(self, key: str, now: float) -> Principal:
+        """The principal of a key, or the 401 that says what is wrong with it."""
+        digest = self.digests.get(key)
+        if digest is None:
+            digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+        principal = self.by_hash.get(digest)
+        if principal is None or not hmac.compare_digest(principal.digest, digest):
+            raise GatewayError(401, "invalid API key: this gateway never issued it, or it was deleted or rotated",
+                               "authentication_error")  # fmt: skip
+        self.digests[key] = digest
+        if principal.refusal is not None:
+            raise GatewayError(401, principal.refusal, "authentication_error")
+        if principal.expires_at is not None and now >= principal.expires_at:
+            raise GatewayError(401, f"API key {principal.label} expired at {iso_time(principal.expires_at)}",
+                               "authentication_error")  # fmt: skip
+        principal.last_used = now
+        return principal
+
+    def check_model(self, principal: Principal, model: str, upstream_model: str) -> None:
+        if principal.models and not any(
+            glob_match(g, model) or glob_match(g, upstream_model) for g in principal.models
+        ):
+            raise GatewayError(403, f"API key {principal.label} may not use model {model[:200]!r}; its allowed models: "
+                               f"{', '.join(principal.models)}", "permission_error")  # fmt: skip
+
+    def admit(self, call, route: Route, body: dict | None) -> Reservation | None:
+        """Before a model call: its allow-list, budgets and rate limit, then its reservation."""
+        principal = call.principal
+        if principal.models:
+            self.check_model(principal, call.model_requested, route.model)
+        limits = principal.limits
+        budgets = principal.budgets
+        if not budgets and not limits:
+            return None
+        now = call.ts
+        for budget in budgets:
+            if not budget.has_room(now):
+                raise budget.refusal(now)
+        tokens = usd = 0
+        if principal.estimates:
+            # the body as sent, four bytes a token (walking a long agent request costs more than parsing it;
+            # an image counts at its size, which only makes calls in flight beside it reserve more)
+            sent = estimate_tokens(call.exchange.request.body)
+            output = 0
+            if not call.endpoint.endswith("embeddings"):
+                if body is None:  # an endpoint that did not hand its body over: read it once more
+                    body = parse_json_body(call.exchange.request.body)
+                output = requested_output_tokens(body)
+                output = RESERVED_OUTPUT_DEFAULT if output is None else output
+            tokens = sent + output
+            if principal.priced:
+                rates = self.usd_rates.get(route.model) or self.rates_of(route.model)
+                usd = sent * rates[0] + output * rates[1]
+        if limits:
+            try:
+                for limit in limits:
+                    limit.take(call.started, tokens)
+            except GatewayError:
+                for taken in limits[: limits.index(limit)]:  # the key's allowance when the user's ran out
+                    taken.give_back(tokens)
+                raise
+        holds = []
+        for budget in budgets:
+            budget.reserved_usd += usd
+            budget.reserved_tokens += tokens
+            budget.in_flight += 1
+            holds.append((budget, budget.start))
+        return holds, usd, tokens, limits
+
+    def rates_of(self, model: str) -> tuple:
+        if len(self.usd_rates) >= 4096:
+            self.usd_rates.clear()
+        rates = self.usd_rates[model] = (
+            self.prices.cost(model, Usage(1_000_000, 0)) / 1e6,
+            self.prices.cost(model, Usage(0, 1_000_000)) / 1e6,
+        )
+        return rates
+
+    @staticmethod
+    def settle(reservation: Reservation, cost: float, used: int) -> None:
+        holds, usd, tokens, limits = reservation
+        for budget, start in holds:
+            budget.release(start, usd, tokens, cost, used)
+        for limit in limits:
+            limit.refund(tokens - used)
+
+
+# ======================================================================================
+# 11. Gateway: endpoints wired into the pipeline
 # ======================================================================================
 #
 # Every model call takes one of three lanes:
@@ -7796,10 +9728,44 @@ class Call:
     user: str = ""
     encoder: object = None  # the client's stream encoder, once a canonical lane streams
     prices: object = None  # the PriceTable in force when the model call began
+    attempts: int = 0  # upstream requests made (section 8)
+    account: str = ""  # the account that answered, or failed last
+    status: int = 0  # a failure after the 200 (a stream's error event): the ledger's status
+    unconfirmed: object = None  # the account of a stream that has shown no content yet (section 8)
+    principal: Principal | None = None  # the key that authenticated the request (section 10)
+    reservation: Reservation | None = None  # its hold on budgets and the token rate, until record()
+    upstream_answered: bool = False  # from here on, input nobody foresaw is the upstream's fault
 
     def start_stream(self) -> None:
         if not self.exchange.started:
             self.exchange.start_stream(200, getattr(self.encoder, "content_type", "text/event-stream"))
+
+
+# does a provider take a client's body in this protocol as it is (passthrough)?
+SPEAKS = {
+    "openai": lambda provider: provider.protocol == "openai",
+    "anthropic": lambda provider: provider.protocol == "anthropic",
+    "gemini": lambda provider: provider.protocol == "gemini",
+    "responses": lambda provider: provider.speaks_responses,
+    "none": lambda provider: False,
+}
+
+
+@dataclass(slots=True)
+class Outbound:
+    """What a model call sends upstream, whichever lane each attempt takes (Gateway.forward)."""
+
+    body: dict | None  # the client's JSON body for passthrough; None: translation only
+    operation: str  # its upstream operation: chat, messages, responses, generate, embeddings, count_tokens...
+    native: object  # SPEAKS[...]: does a provider take `body` as it is?
+    decode: object = None  # () -> (Request, stream encoder or None, event filter or None); None: no translation
+    fallbacks: bool = True  # may the model's fallbacks answer?
+    req: Request | None = None  # the canonical request, once decoded
+    encoder: object = None
+    event_filter: object = None
+    hide_usage: bool = False  # usage was asked for the ledger: keep it from the client
+    client_model: str | None = None  # the model the client's body names
+    through: object = None  # the route's provider when it takes the body as it is (decided once)
 
 
 class Heartbeat:
@@ -7841,13 +9807,18 @@ def client_key_of(request: HttpRequest) -> str:
 class Gateway:
     def __init__(self, cfg: Config, ledger: Ledger | None = None):
         self.cfg = cfg
-        self.pool = UpstreamPool(cfg.upstream_connect_timeout, cfg.upstream_read_timeout)
+        self.pool = UpstreamPool(cfg.upstream_connect_timeout, cfg.upstream_read_timeout, cfg.upstream_first_byte_timeout,
+                                 cfg.upstream_total_timeout, cfg.upstream_max_idle_per_origin, cfg.upstream_max_idle,
+                                 cfg.upstream_idle_expiry)  # fmt: skip
         self.providers = build_providers(cfg)
         self.router = Router(cfg, self.providers)
+        self.pools = Pools(cfg, self.providers, self.router)
+        self.pool.watchdog.tick = watchdog_tick(self.providers.values())
         self.ledger = ledger or Ledger(cfg.ledger_path, cfg.ledger_queue_size)
         self.prices = PriceTable(cfg.prices)
         self.loopback = LoopbackModel()
-        self.api_keys = [k.strip() for k in cfg.api_keys.split(",") if k.strip()]
+        self.identity = Identity(cfg, self.ledger, self.prices)
+        self.admin = AdminApi(self)
         self.codecs: dict[str, Codec] = {
             "openai": OPENAI_CODEC, "anthropic": ANTHROPIC_CODEC, "responses": RESPONSES_CODEC, "gemini": GEMINI_CODEC,
         }  # fmt: skip
@@ -7874,16 +9845,31 @@ class Gateway:
             ("GET", "/v1beta/models"): self.gemini_list_models,
             ("POST", "/v1beta/openai/chat/completions"): self.chat_completions,
             ("GET", "/metrics"): self.metrics_text,
+            ("GET", "/api/v1/usage/summary"): self.admin.usage_summary,
+            ("GET", "/api/v1/usage/logs"): self.admin.usage_logs,
         }
-        self.public = {"/", "/health"}
+        self.public = {"/", "/health"}  # every other path, present or future, needs a key once auth is required
         self.listeners: dict[str, Listener] = {}  # name -> Listener, filled by start_listeners
         self.servers: dict[str, HttpServer] = {}
         self.telemetry = Telemetry(self)
         self.metrics = self.telemetry.metrics  # the registry: metrics.counter(name, help, labels).inc(values), ...
+        self.telemetry.breakers.callback = self.pools.breaker_states
+
+    def rebuild_pools(self) -> None:
+        """After self.cfg, self.providers and self.router were made anew (live reload): the upstream
+        accounts, chains and breaker settings follow (an account whose provider, URL and key stay
+        keeps its breaker and counters), and so do the idle-connection caps and the watchdog's tick."""
+        cfg = self.cfg
+        self.pools.rebuild(cfg, self.providers, self.router)
+        self.pool.timeouts = provider_timeouts(cfg, {})  # for requests of no provider's (model lists, the chat)
+        self.pool.max_idle_per_origin, self.pool.max_idle = cfg.upstream_max_idle_per_origin, cfg.upstream_max_idle
+        self.pool.idle_expiry = cfg.upstream_idle_expiry
+        self.pool.watchdog.tick = watchdog_tick(self.providers.values())
 
     def close(self) -> None:
         self.catalog.close()
         self.pool.close()
+        self.identity.close()  # first: its last-used times go through the ledger's writer
         self.ledger.close(self.cfg.shutdown_grace)
         self.responses_store.close()
 
@@ -7895,24 +9881,32 @@ class Gateway:
         provider and key, its prices). Code that reads self.cfg after an await sees the new
         values: read what a request needs before its first await, or keep it on the Call.
         Extend this for state of your own that a configuration builds."""
-        if not is_loopback_host(self.listening_on) and not cfg.api_keys and not cfg.allow_public_bind:
-            raise ConfigError(f"the gateway listens on {self.listening_on}: api_keys cannot be removed while it runs")
+        if not is_loopback_host(self.listening_on) and not cfg.allow_public_bind:
+            if cfg.auth == "off" or cfg.auth_disabled:
+                raise ConfigError(
+                    f"the gateway listens on {self.listening_on}: auth cannot be turned off while it runs"
+                )
+            if not cfg.api_keys and not self.identity.has_keys:
+                raise ConfigError(
+                    f"the gateway listens on {self.listening_on}: api_keys cannot be removed while it runs"
+                )
         providers = build_providers(cfg)
         router = Router(cfg, providers)
         prices = PriceTable(cfg.prices)
-        api_keys = [k.strip() for k in cfg.api_keys.split(",") if k.strip()]
+        Pools.fallbacks_of(cfg, router)  # model_fallbacks checked before anything changes
         catalog = ModelCatalog(router, self.pool, cfg.anthropic_version)
         changed = changed_settings(self.cfg, cfg)
         restart = [key for key in changed if key in RESTART_KEYS]
         old_catalog = self.catalog
-        self.cfg, self.providers, self.router, self.prices, self.api_keys = cfg, providers, router, prices, api_keys
+        self.cfg, self.providers, self.router, self.prices = cfg, providers, router, prices
         self.catalog = catalog  # model lists fetched again, with the new providers and keys
         old_catalog.close()
         self._upstream_headers = {}
-        self.pool.connect_timeout, self.pool.read_timeout = cfg.upstream_connect_timeout, cfg.upstream_read_timeout
+        self.rebuild_pools()  # accounts, breakers, chains, timeouts, idle-connection caps (section 8)
         self.ledger.queue_size = cfg.ledger_queue_size
         self.responses_store.retention = cfg.responses_retention_days * 86400
         self.telemetry.apply_config(cfg)  # log level, format and file, the access log
+        self.identity.configure(cfg, prices)  # auth mode, static keys, default rate limits, prices
         return changed, restart
 
     # -- dispatch
@@ -7947,6 +9941,8 @@ class Gateway:
             return self.gemini_get_model if is_gemini_client(request) else self.get_model
         if path.startswith("/v1/responses/") and method in ("GET", "DELETE"):
             return self.get_response if method == "GET" else self.delete_response
+        if path.startswith("/api/v1/admin/"):
+            return self.admin.find(method, path)
         allowed = sorted({m for (m, p) in self.routes if p == path})
         if allowed:
             raise GatewayError(405, f"method {request.method} is not allowed on {path}; use {', '.join(allowed)}")
@@ -7965,6 +9961,8 @@ class Gateway:
                     await self.ledger.wait_for_room()
             await handler(request, call)
         except GatewayError as err:
+            if call.upstream_answered and isinstance(err, InvalidInput):  # a check failed on the answer
+                err = malformed_answer(err.message)
             self.fail(call, err)
         except (asyncio.CancelledError, ConnectionError):
             if self.cutting and not exchange.writer.transport.is_closing():
@@ -7974,6 +9972,8 @@ class Gateway:
                 exchange.status = 499
             exchange.close_after = True
             raise
+        except MALFORMED_INPUT as exc:  # input of a shape no check foresaw: its sender's fault, never a 500
+            self.fail(call, self.malformed(call, request, exc))
         except Exception as exc:  # a bug: answer in the client's protocol, keep serving
             log.exception("internal error on %s %s", request.method, request.path)
             self.fail(call, GatewayError(500, f"internal gateway error ({type(exc).__name__}); see the gateway log"))
@@ -7982,23 +9982,45 @@ class Gateway:
                 self.record(call)
             self.telemetry.request_ended(call)  # metrics and the access log line
 
+    @staticmethod
+    def malformed(call: Call, request: HttpRequest, exc: Exception) -> GatewayError:
+        """The last resort behind the decoders' explicit checks: an error raised while reading a
+        client's body is a 400, one raised while reading an upstream's answer a 502."""
+        what = "JSON nested too deeply" if isinstance(exc, RecursionError) else f"{type(exc).__name__}: {exc}"
+        what = what[:200]
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{tb.tb_frame.f_code.co_name}:{tb.tb_lineno}" if tb is not None else "?"
+        if call.upstream_answered:
+            log.warning("upstream %s sent an answer of unexpected shape on %s (%s, at %s)", call.provider,
+                        request.path, what, where)  # fmt: skip
+            return GatewayError(502, f"upstream {call.provider} sent a malformed answer ({what})")
+        log.warning("malformed request on %s %s (%s, at %s)", request.method, request.path, what, where)
+        return bad_request(f"malformed request: a field has an unexpected type or shape ({what})")
+
     def authenticate(self, request: HttpRequest, call: Call) -> None:
-        if not self.api_keys:
-            key = client_key_of(request)
+        """Every path but the public ones: once keys are required (section 10), the key the client
+        sent in its own protocol's place names its principal, or the request gets a 401."""
+        key = client_key_of(request)
+        if not self.identity.required:
             call.api_key_id = key_fingerprint(key) if key else ""
             return
-        key = client_key_of(request)
-        if not key or not any(hmac_compare(key, k) for k in self.api_keys):
-            raise GatewayError(401, "missing or invalid API key for this gateway", "authentication_error")
-        call.api_key_id = key_fingerprint(key)
+        if not key:
+            raise GatewayError(401, "missing API key: send it as 'Authorization: Bearer KEY', 'x-api-key', "
+                               "'x-goog-api-key' or '?key='", "authentication_error")  # fmt: skip
+        principal = call.principal = self.identity.authenticate(key, call.ts)
+        call.api_key_id = principal.label
+        call.user = principal.email
 
     def fail(self, call: Call, err: GatewayError) -> None:
         ex = call.exchange
         call.error = call.error or err.message
         if not ex.started:
             extra = [("Retry-After", str(int(err.retry_after)))] if err.retry_after else []
-            ex.send_json(err.status, call.codec.encode_error(err), extra)
+            ex.send_json(err.status, call.codec.encode_error(err), extra + list(err.headers))
         elif ex.streaming and not ex.finished:
+            call.status = err.status  # the 200 went out (keep-alives): the ledger records the failure
             encoder = call.encoder
             ex.write(encoder.encode(StreamError(err)) if encoder is not None else call.codec.encode_stream_error(err))
             ex.end_stream()
@@ -8033,12 +10055,27 @@ class Gateway:
             except (TypeError, ValueError, OverflowError):  # counts an upstream got wrong: priced as sane numbers
                 usage = Usage(*(max(ledger_int(getattr(usage, name)) or 0, 0) for name in Usage.__dataclass_fields__))
                 cost = (call.prices or self.prices).cost(model, usage)
+        if call.reservation is not None:  # the call's budgets and token rate learn what it really cost
+            self.settle(call, cost, usage)
+        principal = call.principal
         row = (
             call.ts, ex.request_id, call.api_key_id, call.user, call.codec.name, call.endpoint, call.lane, call.provider,
-            call.model_requested, model, int(call.stream), ex.status or 499, usage.input_tokens, usage.output_tokens,
-            usage.cached_tokens, usage.reasoning_tokens, cost, latency, ttft, str(call.error)[:1000],
+            call.model_requested, model, int(call.stream), call.status or ex.status or 499, usage.input_tokens,
+            usage.output_tokens, usage.cached_tokens, usage.reasoning_tokens, cost, latency, ttft, str(call.error)[:1000],
+            call.attempts, call.account, principal.key_id if principal else None, principal.user_id if principal else None,
         )  # fmt: skip
         self.ledger.record(row)
+
+    def settle(self, call: Call, cost: float, usage: Usage) -> None:
+        """A call's budgets and token rate learn what it really cost (never at the expense of its row)."""
+        reservation, call.reservation = call.reservation, None
+        try:
+            used = usage.input_tokens + usage.output_tokens
+        except TypeError:
+            used = None
+        if type(used) is not int:  # counts an upstream got wrong (an unpriced model is not sanitised above)
+            used = max(ledger_int(usage.input_tokens) or 0, 0) + max(ledger_int(usage.output_tokens) or 0, 0)
+        self.identity.settle(reservation, cost, used)
 
     # -- simple endpoints
     async def root(self, request: HttpRequest, call: Call) -> None:
@@ -8062,6 +10099,9 @@ class Gateway:
             "status": "ok" if healthy else "degraded", "version": __version__, "work_mode": self.cfg.work_mode,
             "offline": self.router.offline, "routes": [f"{g}=>{p}" for g, p in self.router.rules],
             "aliases": {**self.router.aliases, **dict(self.router.alias_globs)}, "providers": providers,
+            "accounts": self.pools.describe(),
+            "upstream": {"attempts": self.pools.attempts, "retries": self.pools.retries,
+                         "failovers": self.pools.failovers, "idle_connections": self.pool.idle_count},
             "uptime_s": round(time.time() - self.started_at, 1), "ledger_rows_written": self.ledger.written,
             "ledger": ledger,
         })  # fmt: skip
@@ -8089,7 +10129,9 @@ class Gateway:
         call.exchange.send_json(200, {"id": model, "object": "model", "created": 0, "owned_by": route.provider.name})
 
     # -- model calls
-    def begin_model_call(self, call: Call, model: str, stream: bool) -> Route:
+    def begin_model_call(self, call: Call, model: str, stream: bool, body: dict | None = None) -> Route:
+        """Every model call starts here: its ledger row, its route, and (for a key with an allow-list,
+        a budget or a rate limit) its admission, which may refuse it. `body` is the parsed request."""
         call.ledgered = True
         call.prices = self.prices  # the prices of the config this call started with (see apply_config)
         call.model_requested = model
@@ -8097,23 +10139,9 @@ class Gateway:
         route = self.router.resolve(model)
         call.provider = route.provider.name
         call.model_upstream = route.model
+        if call.principal is not None and call.principal.guarded:
+            call.reservation = self.identity.admit(call, route, body)
         return route
-
-    def choose_lane(self, call: Call, route: Route, native: bool) -> str:
-        provider = route.provider
-        if provider.protocol == "loopback":
-            lane = "loopback"
-        elif native and self.cfg.work_mode != "translation":
-            lane = "passthrough"
-        elif self.cfg.work_mode == "passthrough":
-            raise bad_request(
-                f"work_mode=passthrough refuses translation: this endpoint speaks {call.codec.name} but model "
-                f"{call.model_requested!r} is served by {provider.name!r}, which speaks {provider.protocol}"
-            )
-        else:
-            lane = "translation"
-        call.lane = lane
-        return lane
 
     async def chat_completions(self, request: HttpRequest, call: Call) -> None:
         await self.model_call(request, call, "openai", "chat")
@@ -8122,17 +10150,15 @@ class Gateway:
         await self.model_call(request, call, "anthropic", "messages")
 
     async def model_call(self, request: HttpRequest, call: Call, native_protocol: str, operation: str) -> None:
-        """A Chat Completions or Messages call: passthrough when the provider speaks the
+        """A Chat Completions or Messages call: passthrough to a provider that speaks the
         client's protocol, the canonical lanes otherwise."""
         body = parse_json_body(request.body)
         model = field_of(body, "model", str, required=True)
         stream = bool(field_of(body, "stream", bool, default=False))
-        route = self.begin_model_call(call, model, stream)
-        lane = self.choose_lane(call, route, route.provider.protocol == native_protocol)
-        if lane == "passthrough":
-            await self.passthrough(request, call, route, body, operation)
-        else:
-            await self.canonical_call(request, call, route, call.codec.decode_request(body), lane)
+        route = self.begin_model_call(call, model, stream, body)
+        codec = call.codec
+        await self.forward(request, call, route, Outbound(body, operation, SPEAKS[native_protocol],
+                                                          lambda: (codec.decode_request(body), None, None)))  # fmt: skip
 
     async def count_tokens(self, request: HttpRequest, call: Call) -> None:
         """Anthropic's own count on passthrough; otherwise an estimate of everything sent."""
@@ -8140,48 +10166,125 @@ class Gateway:
         model = field_of(body, "model", str, required=True)
         call.codec.decode_request(body)  # the same validation as a real call
         route = self.router.resolve(model)
+        if call.principal is not None:
+            self.identity.check_model(call.principal, model, route.model)
         if route.provider.protocol == "anthropic" and self.cfg.work_mode != "translation":
-            if route.model != model:
-                body["model"] = route.model
-            url = route.provider.url("count_tokens")
-            resp = await self.send_upstream(call, route.provider, url, dumps(body), request, call.codec)
-            call.exchange.send(resp.status, await resp.read(), "application/json")
+            await self.forward(
+                request, call, route, Outbound(body, "count_tokens", SPEAKS["anthropic"], fallbacks=False)
+            )
             return
         call.exchange.send_json(200, {"input_tokens": anthropic_count_tokens_estimate(body)})
 
-    async def canonical_call(self, request: HttpRequest, call: Call, route: Route, req: Request, lane: str,
-                             encoder=None, event_filter=None) -> dict | None:  # fmt: skip
-        """Loopback and translation lanes: the client's canonical request, answered in its
-        protocol. `event_filter` (event -> events) rewrites the answer, streamed or not.
-        Returns the response object the client got (the Responses lane stores it)."""
-        call.user = call.user or req.user
-        if self.cfg.loop_guard:
-            guard_tool_loops(req, self.cfg.loop_guard_window, self.cfg.loop_guard_warn, self.cfg.loop_guard_stop)
-        if req.stream and encoder is None:
-            encoder = call.codec.stream_encoder(req)
-        if event_filter is not None and encoder is not None:
-            encoder = FilteredEncoder(encoder, event_filter)
-        call.encoder = encoder
-        if lane == "loopback":
-            result = self.loopback.complete(req)
-            return self.answer(call, req, result, encoder, self.loopback.stream_events(result), event_filter)
-        upstream_codec = self.codecs[route.provider.protocol]
-        body = upstream_codec.encode_request(req, route.model, route.provider)
-        operation = CALL_OPERATIONS[route.provider.protocol]
+    async def forward(self, request: HttpRequest, call: Call, route: Route, out: Outbound) -> dict | None:
+        """Answer a model call. Loopback answers it here; otherwise each attempt goes to the next
+        account of the route's chain (section 8): by passthrough when that account's provider
+        speaks the client's protocol, by translation when it speaks another. Returns the response
+        object a translated answer gave the client (the Responses lane stores it)."""
+        lane = self.lane_of(call, route, out)
+        if lane != "passthrough":
+            req = self.canonical(call, out)  # decoded now: a bad request is a 400 before anything is sent
+            if lane == "loopback":
+                result = self.loopback.complete(req)
+                return self.answer(
+                    call, req, result, out.encoder, self.loopback.stream_events(result), out.event_filter
+                )
+        if out.body is not None:
+            out.client_model = out.body.get("model")
+            if call.stream and call.codec.name == "openai":
+                options = out.body.get("stream_options")
+                options = options if isinstance(options, dict) else {}
+                if not options.get("include_usage"):  # ask anyway, for the ledger; the client will not see it
+                    out.body["stream_options"] = {**options, "include_usage": True}
+                    out.hide_usage = True
         heartbeat = (
-            Heartbeat(call, self.cfg.stream_keepalive, getattr(encoder, "keepalive", None)) if req.stream else None
+            Heartbeat(call, self.cfg.stream_keepalive, getattr(out.encoder, "keepalive", None)) if call.stream else None
         )
         try:
-            url = route.provider.url(operation, route.model, req.stream)
-            resp = await self.send_upstream(call, route.provider, url, dumps(body), request, upstream_codec)
-            if "text/event-stream" in resp.headers.get("content-type", ""):
-                await self.relay_translated_stream(call, resp, upstream_codec, req, encoder)
-                return getattr(encoder, "response", None)
-            result = upstream_codec.decode_response(json_or_502(await resp.read(), route.provider.name))
-            return self.answer(call, req, result, encoder, None, event_filter)
+            walk = Walk(self.pools.chain(route, out.fallbacks), self.cfg.upstream_retries)
+            while True:
+                resp, account, trial = await self.send_upstream(call, walk, request, out)
+                try:
+                    if call.lane != "passthrough":
+                        return await self.relay_translated(call, resp, account.provider, out)
+                    if resp.event_stream:
+                        await self.relay_passthrough_stream(call, resp, heartbeat, out.hide_usage)
+                    else:
+                        self.relay_passthrough(call, resp, await resp.read())
+                    return None
+                except Unanswered as unanswered:  # the stream opened with an error: the client saw none of it
+                    call.unconfirmed = None
+                    call.upstream_answered = False  # what the next attempt meets first is the request again
+                    walk.answered(account, call.model_upstream, unanswered.error, trial)
+                finally:
+                    account.end(trial)
         finally:
             if heartbeat:
                 heartbeat.cancel()
+
+    def lane_of(self, call: Call, route: Route, out: Outbound) -> str:
+        """The lane of the route's own provider (a fallback's attempt may take another one), or
+        the 400 of a request that cannot be answered as work_mode says."""
+        provider = route.provider
+        if self.passes_through(out, provider):
+            call.lane = "passthrough"
+            out.through = provider
+        elif out.decode is None:
+            raise bad_request(
+                f"model {call.model_requested!r} is served by {provider.name!r}, which cannot answer this"
+            )
+        elif provider.protocol == "loopback":
+            call.lane = "loopback"
+        elif self.cfg.work_mode == "passthrough":
+            raise bad_request(
+                f"work_mode=passthrough refuses translation: this endpoint speaks {call.codec.name} but model "
+                f"{call.model_requested!r} is served by {provider.name!r}, which speaks {provider.protocol}"
+            )
+        else:
+            call.lane = "translation"
+        return call.lane
+
+    def passes_through(self, out: Outbound, provider: Provider) -> bool:
+        """Does `provider` take the client's body as it is (the passthrough lane)?"""
+        return (
+            out.body is not None
+            and out.native(provider)
+            and (self.cfg.work_mode != "translation" or out.decode is None)
+        )
+
+    def canonical(self, call: Call, out: Outbound) -> Request:
+        """The call's canonical request, decoded once (when a lane first needs it), with the
+        loop guard applied and the client's stream encoder made."""
+        if out.req is None:
+            req, encoder, event_filter = out.decode()
+            call.user = call.user or req.user
+            if self.cfg.loop_guard:
+                guard_tool_loops(req, self.cfg.loop_guard_window, self.cfg.loop_guard_warn, self.cfg.loop_guard_stop)
+            if req.stream and encoder is None:
+                encoder = call.codec.stream_encoder(req)
+            if event_filter is not None and encoder is not None:
+                encoder = FilteredEncoder(encoder, event_filter)
+            out.req, out.encoder, out.event_filter = req, encoder, event_filter
+            call.encoder = encoder
+        return out.req
+
+    def outbound_request(self, call: Call, request: HttpRequest, out: Outbound, provider: Provider, model: str):
+        """What one attempt sends `provider` for `model`: (url, body, upstream codec, lane). A
+        provider of another protocol gets the request by translation; GatewayError when that
+        is not allowed or not possible (the attempt loop then skips the provider)."""
+        if provider is out.through or self.passes_through(out, provider):
+            body = request.body
+            if out.hide_usage or (out.client_model is not None and out.client_model != model):
+                out.body["model"] = model  # Gemini names it in the URL instead
+                body = dumps(out.body)
+            return provider.url(out.operation, model, call.stream), body, call.codec, "passthrough"
+        if out.decode is None or self.cfg.work_mode == "passthrough":
+            raise GatewayError(
+                400, f"provider {provider.name!r} does not speak {call.codec.name} and cannot translate this"
+            )
+        req = self.canonical(call, out)
+        codec = self.codecs[provider.protocol]
+        body = dumps(codec.encode_request(req, model, provider))
+        return provider.url(CALL_OPERATIONS[provider.protocol], model, req.stream), body, codec, "translation"
 
     def answer(
         self, call: Call, req: Request, result: Response, encoder, events=None, event_filter=None
@@ -8200,11 +10303,13 @@ class Gateway:
         return body
 
     def emit_events(self, call: Call, encoder, events) -> None:
-        ex = call.exchange
+        """A whole answer streamed: every event encoded, then one write."""
         call.start_stream()
+        out = []
         for ev in events:
             self.observe(call, ev)
-            ex.write(encoder.encode(ev))
+            out.append(encoder.encode(ev))
+        call.exchange.write(b"".join(out))
 
     @staticmethod
     def observe(call: Call, ev) -> None:
@@ -8212,6 +10317,16 @@ class Gateway:
             call.usage = ev.usage
         elif isinstance(ev, StreamError):
             call.error = ev.error.message
+            call.status = ev.error.status  # the stream failed after its 200: the ledger says so
+
+    async def relay_translated(self, call: Call, resp: UpstreamResponse, provider: Provider, out: Outbound):
+        """An upstream's answer in another protocol, converted for the client."""
+        codec = self.codecs[provider.protocol]
+        if resp.event_stream:
+            await self.relay_translated_stream(call, resp, codec, out.req, out.encoder)
+            return getattr(out.encoder, "response", None)
+        result = codec.decode_response(json_or_502(await resp.read(), provider.name))
+        return self.answer(call, out.req, result, out.encoder, None, out.event_filter)
 
     async def relay_translated_stream(
         self, call: Call, resp: UpstreamResponse, upstream_codec: Codec, req: Request, encoder
@@ -8219,119 +10334,241 @@ class Gateway:
         ex = call.exchange
         decoder = upstream_codec.stream_decoder()
         parser = SSEParser()
-        call.start_stream()
+        held: list = []  # the stream's opening (MessageStart), kept until its first content
+        batch: list = []  # the client's bytes for the upstream read at hand: one write per read, not per event
 
-        def emit(events) -> bool:
+        def emit(events, opening: bool = True) -> bool:
             """Encode events for the client; False once an error has ended the stream."""
             for ev in events:
-                self.observe(call, ev)
-                ex.write(encoder.encode(ev))
-                if isinstance(ev, StreamError):
+                if held is not None:
+                    if opening and len(held) < 64 and self.still_opening(ev):
+                        held.append(ev)  # (bounded: an upstream that only ever opens gets no more chances)
+                        continue
+                    release()
+                if type(ev) is not BlockDelta:  # deltas carry no usage and no error
+                    self.observe(call, ev)
+                batch.append(encoder.encode(ev))
+                if type(ev) is StreamError:
                     return False
             return True
 
+        def release() -> None:
+            nonlocal held
+            if held is not None:
+                self.stream_shows_content(call)
+                opening, held = held, None
+                emit(opening, False)
+
+        def send() -> None:
+            if batch:
+                ex.write(b"".join(batch))
+                batch.clear()
+
         try:
             going = True
+            first_sent = False
             while going and (chunk := await resp.next_chunk()):
-                going = all(emit(decoder.feed(sse)) for sse in parser.feed(chunk))
+                for sse in parser.feed_lazily(chunk):
+                    going = emit(upstream_events(decoder.feed, sse))
+                    if not going:
+                        break
+                    if not first_sent and held is None:  # the first content goes at once, not after the burst
+                        send()
+                        first_sent = True
+                send()
                 await ex.drain()
             if going:
-                going = all(emit(decoder.feed(sse)) for sse in parser.finish()) and emit(decoder.finish())
+                going = all(emit(upstream_events(decoder.feed, sse)) for sse in parser.finish())
+                going = going and emit(upstream_events(decoder.finish))
+            release()
         except GatewayError as err:  # the upstream broke mid-stream: tell the client in-stream
-            emit([StreamError(err)])
+            emit([StreamError(err)], False)
         finally:
             resp.close() if not resp.done else resp.release()
+        send()
         ex.end_stream()
 
-    async def passthrough(self, request: HttpRequest, call: Call, route: Route, body: dict, operation: str) -> None:
-        """Same protocol on both sides: forward bytes, observe usage."""
-        provider = route.provider
-        raw = request.body
-        hide_usage = False
-        if call.stream and call.codec.name == "openai":
-            options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
-            if not options.get("include_usage"):  # ask anyway, for the ledger; the client will not see it
-                body["stream_options"] = {**options, "include_usage": True}
-                hide_usage = True
-        if hide_usage or ("model" in body and route.model != body["model"]):  # Gemini names it in the URL
-            body["model"] = route.model
-            raw = dumps(body)
-        heartbeat = Heartbeat(call, self.cfg.stream_keepalive) if call.stream else None
-        try:
-            url = provider.url(operation, route.model, call.stream)
-            resp = await self.send_upstream(call, provider, url, raw, request, call.codec)
-            if "text/event-stream" in resp.headers.get("content-type", ""):
-                await self.relay_passthrough_stream(call, resp, heartbeat, hide_usage)
-            else:
-                data = await resp.read()
-                call.usage = call.codec.usage_of(data)
-                if call.exchange.started:  # a keep-alive already opened a stream: finish it with the body
-                    call.exchange.write(data)
-                    call.exchange.end_stream()
-                else:
-                    call.exchange.send(resp.status, data, resp.headers.get("content-type", "application/json"))
-        finally:
-            if heartbeat:
-                heartbeat.cancel()
+    @staticmethod
+    def still_opening(ev) -> bool:
+        """Is this event part of a stream's opening, before any content? An error the upstream
+        opens its stream with (overloaded, rate limited) is raised as Unanswered: nothing has
+        reached the client, so the attempt loop can still go to another account."""
+        if type(ev) is MessageStart:
+            return True
+        if type(ev) is StreamError and ev.error.status in STREAM_FAILOVER_STATUSES:
+            raise Unanswered(ev.error)
+        return False
+
+    @staticmethod
+    def stream_shows_content(call: Call) -> None:
+        """The first content (or the end) of a stream: its head goes out, and its account succeeded."""
+        call.start_stream()
+        if call.unconfirmed is not None:
+            call.unconfirmed.succeeded()
+            call.unconfirmed = None
+
+    @staticmethod
+    def relay_passthrough(call: Call, resp: UpstreamResponse, data: bytes) -> None:
+        """Same protocol on both sides, a whole answer: its bytes go to the client as they are,
+        usage observed (streams: relay_passthrough_stream)."""
+        json_passthrough(data, call.provider)
+        call.usage = call.codec.usage_of(data)
+        if call.exchange.started:  # a keep-alive already opened a stream: finish it with the body
+            call.exchange.write(data)
+            call.exchange.end_stream()
+        else:
+            call.exchange.send(resp.status, data, relayed_content_type(resp.headers))
 
     async def relay_passthrough_stream(self, call: Call, resp: UpstreamResponse, heartbeat, hide_usage: bool) -> None:
         ex = call.exchange
         observer = call.codec.stream_decoder()
         parser = SSEParser()
-        call.start_stream()
+        held: list | None = []  # the stream's opening bytes, kept until its first content (still_opening)
+        skippable = call.codec.skippable
         try:
             while chunk := await resp.next_chunk():
-                events = parser.feed(chunk)
-                for sse in events:
-                    for ev in observer.feed(sse):
+                # once content flows, whole events with no error in them go out before they are
+                # read, so a burst's first token waits for nobody
+                sent = held is None and not hide_usage and not parser.buffer and b"error" not in chunk
+                if sent:
+                    ex.write(chunk)
+                kept = []  # hide_usage: the events the client gets
+                for raw in parser.feed_raw(chunk):
+                    if held is None and skippable(raw):
+                        kept.append(raw)
+                        continue
+                    sse = SSEParser.parse(raw)
+                    if sse is None:
+                        continue
+                    for ev in upstream_events(observer.feed, sse):  # bytes go on as sent; usage is read
+                        if held is not None and not self.still_opening(ev):
+                            held = self.release_opening(call, held)
                         self.observe(call, ev)
-                if hide_usage:
-                    chunk = b"".join(sse.raw for sse in events if not is_usage_only_chunk(sse))
-                else:
+                    if not (hide_usage and is_usage_only_chunk(sse)):
+                        kept.append(raw)
+                if not sent:
+                    data = b"".join(kept) if hide_usage else chunk
+                    if call.error:
+                        data = redact.raw(data)  # an upstream error event may quote a key
+                    if held is None:
+                        ex.write(data)
+                    else:
+                        held.append(data)
+                        if len(held) < 256 and sum(map(len, held)) < HOLD_LIMIT:
+                            continue
+                        held = self.release_opening(call, held)  # an opening that never ends is sent as it is
+                if heartbeat is not None and not hide_usage:
                     heartbeat.mid_event = bool(parser.buffer)
-                ex.write(redact.raw(chunk) if call.error else chunk)  # an upstream error event may quote a key
                 await ex.drain()
+            if held is not None:
+                held = self.release_opening(call, held)
             for sse in parser.finish():  # an unterminated last event: its bytes went out already
                 ex.write(sse.raw if hide_usage else b"\n\n")
-                for ev in observer.feed(sse):
+                for ev in upstream_events(observer.feed, sse):
                     self.observe(call, ev)
-            for ev in observer.finish():  # streams without an end event (Gemini) settle usage here
+            for ev in upstream_events(observer.finish):  # streams without an end event (Gemini) settle usage here
                 self.observe(call, ev)
         except GatewayError as err:
-            call.error = err.message
+            if held is not None:
+                held = self.release_opening(call, held)
+            call.error, call.status = err.message, err.status
             cut = b"\n\n" if parser.buffer and not hide_usage else b""  # end the half-sent event first
             ex.write(cut + call.codec.encode_stream_error(err))
         finally:
             resp.close() if not resp.done else resp.release()
         ex.end_stream()
 
-    async def send_upstream(self, call: Call, provider: Provider, url: str, body: bytes, request: HttpRequest,
-                            upstream_codec: Codec) -> UpstreamResponse:  # fmt: skip
-        """POST to an upstream, retrying 429/5xx and connection failures (nothing has reached
-        the client yet, so a retry is safe). Errors come back as GatewayError with the
-        upstream's status and words."""
-        headers = self.upstream_headers(provider, request)
-        attempts = max(self.cfg.upstream_retries, 0) + 1
-        for attempt in range(attempts):
-            last = attempt == attempts - 1
-            self.telemetry.upstream_attempt(provider.name, attempt)
+    def release_opening(self, call: Call, held: list) -> None:
+        """A passthrough stream's first content: what it opened with goes out first."""
+        self.stream_shows_content(call)
+        for data in held:
+            call.exchange.write(data)
+
+    async def send_upstream(self, call: Call, walk: Walk, request: HttpRequest, out: Outbound) -> tuple:
+        """The attempt loop: the one place that decides retries and failover, for every lane
+        (section 8 says how the next account is chosen). Nothing but keep-alive pings can have
+        reached the client while it runs, so after each failure it may move on:
+          - a connection that could not be made never reached the model: that account may be
+            asked again (upstream_retries) once the others were;
+          - a 429/5xx/529 (or 401/403) answer: the next account or fallback model, the same
+            account again after a backoff (or its Retry-After) when none is left;
+          - a request sent but not answered (a timeout, a dropped connection) may be running
+            upstream, so it is never sent again: the client gets that error.
+        All within one deadline: the first account's total timeout. Returns (response, account,
+        trial) for the first answer below 400, and the caller ends the account's exchange when
+        it has relayed it (and calls again, with the same walk, when a stream opened with an
+        error: Unanswered). When every attempt fails the client gets the last upstream's status
+        and words."""
+        pools = self.pools
+        now = time.monotonic()
+        while True:
+            target = walk.next(now)
+            if target is None:
+                wait = walk.wait
+                if wait and wait <= MAX_RETRY_WAIT and now + wait < walk.end_by:
+                    await asyncio.sleep(wait)
+                    now = time.monotonic()
+                    continue
+                raise walk.last_error or walk.unavailable(now)
+            account, model, again = target
+            provider = account.provider
             try:
-                resp = await self.pool.request("POST", url, headers, body)
-            except GatewayError as err:
-                if last or err.status not in (502, 504) or call.exchange.started:
-                    raise
-                await asyncio.sleep(0.25 * 2**attempt)
+                url, body, codec, lane = self.outbound_request(call, request, out, provider, model)
+            except GatewayError as err:  # this provider cannot take the request: the next one may
+                walk.last_error = walk.last_error or err
                 continue
+            timeouts = provider.timeouts
+            end_by = walk.end_by = walk.end_by or call.started + timeouts.total  # the first account's bounds all
+            call.attempts += 1
+            call.provider, call.model_upstream, call.account, call.lane = provider.name, model, account.name, lane
+            call.exchange.tags = account.tags(model, call.attempts)
+            pools.attempts += 1
+            self.telemetry.upstream_attempt(provider.name, again)
+            if again:
+                pools.retries += 1
+            elif call.attempts > 1:
+                pools.failovers += 1
+                self.telemetry.failovers.inc((walk.previous, provider.name))
+            walk.previous = provider.name
+            trial = account.begin(now)
+            try:
+                headers = self.upstream_headers(provider, request)
+                until = now + timeouts.total  # this account's own total, within the request's
+                resp = await self.pool.request(
+                    "POST", url, headers, body, timeouts, until if until < end_by else end_by
+                )
+            except UpstreamUnreached as err:
+                account.end(trial)
+                now = time.monotonic()
+                account.failed(err.status, err.message, now, trial)
+                walk.failed(account, model, now, True)
+                walk.last_error = err
+                continue
+            except GatewayError as err:
+                account.end(trial)
+                account.failed(err.status, err.message, time.monotonic(), trial)
+                raise
+            except BaseException:
+                account.end(trial)
+                raise
             if resp.status < 400:
-                return resp
-            error_body = await resp.read(4 * 1024 * 1024)
-            err = upstream_codec.decode_error(resp.status, error_body)
-            retry_after = parse_retry_after(resp.headers.get("retry-after"))
-            err.retry_after = retry_after
-            if last or resp.status not in (408, 429, 500, 502, 503, 504, 529) or call.exchange.started:
+                if resp.event_stream:
+                    call.unconfirmed = account  # a success once the stream shows content (it may open with an error)
+                elif account.failures or account.until:  # (a healthy account has nothing to reset)
+                    account.succeeded()
+                call.upstream_answered = True
+                return resp, account, trial
+            try:
+                error_body = await resp.read(4 * 1024 * 1024)
+            except GatewayError:
+                error_body = b""
+            finally:
+                account.end(trial)
+            err = codec.decode_error(resp.status, error_body)
+            err.retry_after = parse_retry_after(resp.headers.get("retry-after"))
+            if not walk.answered(account, model, err, trial):
                 raise err
-            await asyncio.sleep(min(retry_after if retry_after is not None else 0.5 * 2**attempt, 30.0))
-        raise GatewayError(502, "upstream retries exhausted")  # not reached
+            now = time.monotonic()
 
     def upstream_headers(self, provider: Provider, request: HttpRequest) -> dict:
         """The provider's headers plus the API version and beta flags the client chose: built once
@@ -8343,17 +10580,20 @@ class Gateway:
             version, beta = None, sent.get("openai-beta")
         else:
             return provider.auth_headers()
-        key = (provider.name, version, beta)
-        headers = self._upstream_headers.get(key)
-        if headers is None:
-            headers = dict(provider.auth_headers())
-            if version is not None:
-                headers["anthropic-version"] = version
-            if beta is not None:
-                headers["anthropic-beta" if provider.protocol == "anthropic" else "OpenAI-Beta"] = beta
-            if len(self._upstream_headers) >= 1024:  # beta flags are the client's to choose
-                self._upstream_headers.clear()
-            self._upstream_headers[key] = headers
+        # keyed by the provider object (each account of a pool is one, with its own key); the
+        # entry holds it, so its id cannot be reused while cached
+        key = (id(provider), version, beta)
+        cached = self._upstream_headers.get(key)
+        if cached is not None and cached[0] is provider:
+            return cached[1]
+        headers = dict(provider.auth_headers())
+        if version is not None:
+            headers["anthropic-version"] = version
+        if beta is not None:
+            headers["anthropic-beta" if provider.protocol == "anthropic" else "OpenAI-Beta"] = beta
+        if len(self._upstream_headers) >= 1024:  # beta flags are the client's to choose
+            self._upstream_headers.clear()
+        self._upstream_headers[key] = (provider, headers)
         return headers
 
     # -- legacy Completions
@@ -8364,63 +10604,76 @@ class Gateway:
         model = field_of(body, "model", str, required=True)
         stream = bool(field_of(body, "stream", bool, default=False))
         call.codec = COMPLETIONS_CODEC
-        route = self.begin_model_call(call, model, stream)
-        lane = self.choose_lane(call, route, route.provider.protocol == "openai")
-        if lane == "passthrough":
-            await self.passthrough(request, call, route, body, "completions")
+        route = self.begin_model_call(call, model, stream, body)
+
+        def one_request():
+            reqs = COMPLETIONS_CODEC.decode_request(body)
+            if len(reqs) > 1:  # several prompts (or n) are asked one after another, below: not as one request
+                raise bad_request("several prompts or choices can only be translated from the model's own provider")
+            return reqs[0], None, None
+
+        out = Outbound(body, "completions", SPEAKS["openai"], one_request)
+        reqs = [] if self.lane_of(call, route, out) == "passthrough" else COMPLETIONS_CODEC.decode_request(body)
+        if len(reqs) <= 1:
+            await self.forward(request, call, route, out)
             return
-        reqs = COMPLETIONS_CODEC.decode_request(body)
-        if len(reqs) == 1:
-            await self.canonical_call(request, call, route, reqs[0], lane)
-            return
-        results = [await self.complete_unsent(request, call, route, req, lane) for req in reqs]
+        results = [await self.complete_unsent(request, call, route, req) for req in reqs]
         answer = COMPLETIONS_CODEC.encode_choices(results, reqs)
         call.usage = OPENAI_CODEC.decode_usage(answer["usage"])
         call.exchange.send_json(200, answer)
 
-    async def complete_unsent(
-        self, request: HttpRequest, call: Call, route: Route, req: Request, lane: str
-    ) -> Response:
-        """One whole canonical answer, not sent to the client (choices asked one after another)."""
-        if lane == "loopback":
+    async def complete_unsent(self, request: HttpRequest, call: Call, route: Route, req: Request) -> Response:
+        """One whole canonical answer, not sent to the client (choices asked one after another),
+        through the attempt loop like any other."""
+        if route.provider.protocol == "loopback":
             return self.loopback.complete(req)
-        upstream_codec = self.codecs[route.provider.protocol]
-        body = upstream_codec.encode_request(req, route.model, route.provider)
-        url = route.provider.url(CALL_OPERATIONS[route.provider.protocol], route.model, False)
-        resp = await self.send_upstream(call, route.provider, url, dumps(body), request, upstream_codec)
-        return upstream_codec.decode_response(json_or_502(await resp.read(), route.provider.name))
+        out = Outbound(None, "chat", SPEAKS["none"], lambda: (req, None, None))
+        walk = Walk(self.pools.chain(route), self.cfg.upstream_retries)
+        resp, account, trial = await self.send_upstream(call, walk, request, out)
+        try:
+            codec = self.codecs[account.provider.protocol]
+            return codec.decode_response(json_or_502(await resp.read(), account.provider.name))
+        finally:
+            account.end(trial)
 
     # -- Responses API
     async def responses(self, request: HttpRequest, call: Call) -> None:
         body = parse_json_body(request.body)
         model = field_of(body, "model", str, required=True)
         stream = bool(field_of(body, "stream", bool, default=False))
-        route = self.begin_model_call(call, model, stream)
-        lane = self.choose_lane(call, route, route.provider.speaks_responses)
-        if lane == "passthrough":  # OpenAI keeps its own state for previous_response_id
-            await self.passthrough(request, call, route, body, "responses")
-            return
-        new_input = responses_input_items(body.get("input"))
+        route = self.begin_model_call(call, model, stream, body)
         previous = field_of(body, "previous_response_id", str)
         history: list = []
-        if previous:
-            stored = await self.responses_store.load(previous)
-            if stored is None:
-                raise GatewayError(
-                    404, f"previous_response_id {previous!r} was not found: it was never stored by this gateway, "
-                    "was deleted, or is older than responses_retention_days", "not_found_error",
-                )  # fmt: skip
-            history = stored["input"] + stored["response"].get("output", [])
-        full_input = history + new_input
-        req = call.codec.decode_request({**body, "input": full_input})
-        fixer = ShellArgumentsFixer(req)  # Codex `shell` arguments from models that send a string
-        result = await self.canonical_call(request, call, route, req, lane, None, fixer if fixer.tools else None)
+        full_input: list = []
+        owner = call.principal.owner if call.principal is not None else None  # a key sees only its own
+        out = Outbound(body, "responses", SPEAKS["responses"])
+        if previous and self.passes_through(out, route.provider):
+            out.fallbacks = False  # OpenAI keeps the state of previous_response_id: only it can go on
+        else:
+            if previous:
+                stored = await self.responses_store.load(previous, owner)
+                if stored is None:
+                    raise GatewayError(
+                        404, f"previous_response_id {previous!r} was not found: it was never stored by this gateway, "
+                        "was deleted, or is older than responses_retention_days", "not_found_error",
+                    )  # fmt: skip
+                history = stored["input"] + stored["response"].get("output", [])
+                out.body = None  # the stored history goes with every attempt: translation only
+
+            def decode():
+                full_input[:] = history + responses_input_items(body.get("input"))
+                req = call.codec.decode_request({**body, "input": full_input})
+                fixer = ShellArgumentsFixer(req)  # Codex `shell` arguments from models that send a string
+                return req, None, fixer if fixer.tools else None
+
+            out.decode = decode
+        result = await self.forward(request, call, route, out)
         if result and body.get("store") is not False and result.get("status") in ("completed", "incomplete"):
-            self.responses_store.save(result, full_input)
+            self.responses_store.save(result, full_input, owner or "")
 
     async def get_response(self, request: HttpRequest, call: Call) -> None:
         response_id = request.path.rstrip("/").rsplit("/", 1)[-1]
-        stored = await self.responses_store.load(response_id)
+        stored = await self.responses_store.load(response_id, call.principal.owner if call.principal else None)
         if stored is None:
             await self.forward_response_request(request, call, response_id)
             return
@@ -8428,7 +10681,7 @@ class Gateway:
 
     async def delete_response(self, request: HttpRequest, call: Call) -> None:
         response_id = request.path.rstrip("/").rsplit("/", 1)[-1]
-        if await self.responses_store.load(response_id) is None:
+        if await self.responses_store.load(response_id, call.principal.owner if call.principal else None) is None:
             await self.forward_response_request(request, call, response_id)
             return
         self.responses_store.delete(response_id)
@@ -8442,10 +10695,12 @@ class Gateway:
             raise GatewayError(404, f"no stored response with id {response_id!r}", "not_found_error")
         url = f"{provider.url('responses')}/{quote(response_id, safe='')}"
         resp = await self.pool.request(request.method, url, provider.auth_headers())
+        call.upstream_answered = True
         data = await resp.read()
         if resp.status >= 400:
             raise call.codec.decode_error(resp.status, data)
-        call.exchange.send(resp.status, data, resp.headers.get("content-type", "application/json"))
+        json_passthrough(data, provider.name)
+        call.exchange.send(resp.status, data, relayed_content_type(resp.headers))
 
     async def responses_input_tokens(self, request: HttpRequest, call: Call) -> None:
         body = parse_json_body(request.body)
@@ -8468,24 +10723,23 @@ class Gateway:
             return
         stream = method == "streamGenerateContent"
         sse = request.query.get("alt") == "sse"
-        route = self.begin_model_call(call, model, stream)
-        if route.provider.protocol == "gemini" and stream and not sse:
-            lane = call.lane = "translation"  # same protocol, re-framed from upstream SSE into a JSON-array stream
-        else:
-            lane = self.choose_lane(call, route, route.provider.protocol == "gemini")
-        if lane == "passthrough":
-            await self.passthrough(request, call, route, body, "generate")
-            return
-        req = call.codec.decode_request(body, model, stream)
-        encoder = call.codec.stream_encoder(req, sse=sse) if stream else None
-        await self.canonical_call(request, call, route, req, lane, encoder)
+        route = self.begin_model_call(call, model, stream, body)
+        codec = call.codec
+
+        def decode():
+            req = codec.decode_request(body, model, stream)
+            return req, codec.stream_encoder(req, sse=sse) if stream else None, None
+
+        # a JSON-array stream is re-framed from the upstream's SSE: translation even from Gemini
+        native = SPEAKS["gemini"] if sse or not stream else SPEAKS["none"]
+        await self.forward(request, call, route, Outbound(body, "generate", native, decode))
 
     async def gemini_count_tokens(self, request: HttpRequest, call: Call, model: str, body: dict) -> None:
         route = self.router.resolve(model)
+        if call.principal is not None:
+            self.identity.check_model(call.principal, model, route.model)
         if route.provider.protocol == "gemini" and self.cfg.work_mode != "translation":
-            url = route.provider.url("count_gemini", route.model)
-            resp = await self.send_upstream(call, route.provider, url, request.body, request, call.codec)
-            call.exchange.send(resp.status, await resp.read(), "application/json")
+            await self.forward(request, call, route, Outbound(body, "count_gemini", SPEAKS["gemini"], fallbacks=False))
             return
         call.exchange.send_json(200, {"totalTokens": gemini_count_tokens_estimate(body)})
 
@@ -8509,27 +10763,31 @@ class Gateway:
     async def embeddings(self, request: HttpRequest, call: Call) -> None:
         body = parse_json_body(request.body)
         model = field_of(body, "model", str, required=True)
-        inputs = body.get("input")
-        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
-            inputs = [inputs]
-        if not isinstance(inputs, list) or not inputs:
-            raise bad_request("'input' must be a non-empty string or array of strings (or token arrays)")
+        inputs = embedding_inputs(body.get("input"))
         encoding = field_of(body, "encoding_format", str, default="float")
         if encoding not in ("float", "base64"):
-            raise bad_request(f"'encoding_format' must be 'float' or 'base64', got {encoding!r}")
+            raise bad_request(f"'encoding_format' must be 'float' or 'base64', got {json_preview(encoding)}")
         dimensions = field_of(body, "dimensions", int, default=None)
-        route = self.begin_model_call(call, model, False)
+        if dimensions is not None and dimensions < 1:
+            raise bad_request(f"'dimensions' must be a positive integer, got {dimensions}")
+        route = self.begin_model_call(call, model, False, body)
         call.lane = "passthrough" if route.provider.protocol == "openai" else route.provider.protocol
-        if route.provider.protocol == "openai":
-            await self.passthrough(request, call, route, body, "embeddings")
+        if route.provider.protocol == "openai":  # vectors of another model would not compare: no fallbacks
+            await self.forward(request, call, route, Outbound(body, "embeddings", SPEAKS["openai"], fallbacks=False))
             return
         if route.provider.protocol != "loopback":
             raise bad_request(
                 f"model {model!r} is served by {route.provider.name!r}, which has no embeddings endpoint in tgw"
             )
+        dimensions = dimensions or LOOPBACK_EMBEDDING_DIMENSIONS
+        if dimensions > LOOPBACK_MAX_DIMENSIONS or dimensions * len(inputs) > LOOPBACK_MAX_EMBEDDING_VALUES:
+            raise bad_request(
+                f"the loopback model embeds up to {LOOPBACK_MAX_DIMENSIONS} dimensions and "
+                f"{LOOPBACK_MAX_EMBEDDING_VALUES} values per request; asked for {len(inputs)} x {dimensions}"
+            )
         data = []
         for index, item in enumerate(inputs):
-            vector = self.loopback.embed(item if isinstance(item, str) else json.dumps(item), dimensions or 256)
+            vector = self.loopback.embed(item if isinstance(item, str) else json.dumps(item), dimensions)
             packed = (
                 base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if encoding == "base64" else vector
             )
@@ -8540,24 +10798,64 @@ class Gateway:
                                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
 
 
-def hmac_compare(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
+def watchdog_tick(providers) -> float:
+    """How often the upstream watchdog sweeps: a quarter of the shortest timeout, at most a second."""
+    shortest = min((min(p.timeouts.first_byte, p.timeouts.read, p.timeouts.total) for p in providers), default=4.0)
+    return max(0.01, min(1.0, shortest / 4))
 
 
 def parse_retry_after(value: str | None) -> float | None:
+    """An upstream's Retry-After in seconds (within a day), or None: an HTTP date, NaN or
+    garbage is no usable time."""
     if not value:
         return None
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
     except ValueError:
         return None
+    return min(max(seconds, 0.0), 86400.0) if math.isfinite(seconds) else None
 
 
-def json_or_502(data: bytes, provider: str):
+def json_or_502(data: bytes, provider: str) -> dict:
+    """An upstream's JSON answer, which must be an object."""
     try:
-        return loads(data)
-    except ValueError:
-        raise GatewayError(502, f"upstream {provider} answered with invalid JSON: {data[:200]!r}") from None
+        value = loads(data)
+    except ValueError as exc:
+        raise GatewayError(502, f"upstream {provider} answered with invalid JSON ({exc}): {data[:200]!r}") from None
+    if not isinstance(value, dict):
+        raise GatewayError(502, f"upstream {provider} answered with JSON that is not an object: {json_preview(value)}")
+    return value
+
+
+def upstream_events(step, *args) -> list:
+    """A stream decoder's step (feed(sse) or finish()), with an event it cannot read turned into
+    a stream error: whatever an upstream streams, the client gets a 502 event, never a 500."""
+    try:
+        return step(*args)
+    except InvalidInput as err:
+        return [StreamError(malformed_answer(err.message))]
+    except GatewayError as err:
+        return [StreamError(err)]
+    except MALFORMED_INPUT as exc:
+        what = "JSON nested too deeply" if isinstance(exc, RecursionError) else f"{type(exc).__name__}: {exc}"
+        return [StreamError(GatewayError(502, f"upstream sent a malformed stream event ({what[:200]})"))]
+
+
+def json_passthrough(data: bytes, provider: str) -> bytes:
+    """A successful answer relayed untouched must be JSON: its first and last non-blank bytes are
+    checked (an HTML page from a proxy, a truncated body, plain text), never a parse on this lane."""
+    head = data[:64].lstrip() or data.lstrip()
+    tail = data[-64:].rstrip() or data.rstrip()
+    if head[:1] in (b"{", b"[") and tail[-1:] in (b"}", b"]"):
+        return data
+    raise GatewayError(502, f"upstream {provider} answered with a body that is not JSON: {data[:200]!r}")
+
+
+def relayed_content_type(headers: dict) -> str:
+    """An upstream's Content-Type as the client gets it: one printable ASCII line or the JSON
+    default (a CR or LF in it would let an upstream write headers into the client's response)."""
+    value = headers.get("content-type") or "application/json"
+    return value if value.isascii() and value.isprintable() else "application/json"
 
 
 def is_usage_only_chunk(sse: SSEEvent) -> bool:
@@ -8590,6 +10888,23 @@ def is_gemini_client(request: HttpRequest) -> bool:
     return "x-goog-api-key" in request.headers or "key" in request.query
 
 
+EMBEDDING_MAX_INPUTS = 2048  # OpenAI's own limit
+
+
+def embedding_inputs(value) -> list:
+    """An embeddings `input` as a list of items, each a string or an array of token ids."""
+    if isinstance(value, str) or (isinstance(value, list) and value and type(value[0]) is int):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise bad_request("'input' must be a non-empty string or array of strings (or token arrays)")
+    if len(value) > EMBEDDING_MAX_INPUTS:
+        raise bad_request(f"'input' holds {len(value)} items; at most {EMBEDDING_MAX_INPUTS} are accepted")
+    for i, item in enumerate(value):
+        if type(item) is not str and not (type(item) is list and all(type(t) is int for t in item)):
+            raise bad_request(f"'input[{i}]' must be a string or an array of token ids, got {json_preview(item)}")
+    return value
+
+
 def responses_input_items(value) -> list:
     """A Responses `input` (a string or a list of items) as a list of items."""
     if value is None:
@@ -8598,7 +10913,7 @@ def responses_input_items(value) -> list:
         return [{"type": "message", "role": "user", "content": value}]
     if isinstance(value, list):
         return list(value)
-    raise bad_request(f"'input' must be a string or an array of items, got {json.dumps(value)[:60]}")
+    raise bad_request(f"'input' must be a string or an array of items, got {json_preview(value)}")
 
 
 def guard_tool_loops(req: Request, window: int, warn_after: int, stop_after: int) -> None:
@@ -8640,7 +10955,7 @@ def guard_tool_loops(req: Request, window: int, warn_after: int, stop_after: int
 def canonical_json(text: str) -> str:
     try:
         return json.dumps(loads(text), sort_keys=True)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
 
 
@@ -8655,16 +10970,16 @@ class ShellArgumentsFixer:
             if t.name in ("shell", "container.exec", "local_shell")
             and ((t.parameters or {}).get("properties") or {}).get("command", {}).get("type") == "array"
         }  # fmt: skip
-        self.held: dict[int, str] = {}
+        self.held: dict[int, list] = {}  # block -> argument pieces
 
     def __call__(self, ev) -> list:
         if isinstance(ev, BlockStart) and ev.part.type == "tool_call" and ev.part.name in self.tools:
-            self.held[ev.index] = ""
+            self.held[ev.index] = []
         elif isinstance(ev, BlockDelta) and ev.index in self.held:
-            self.held[ev.index] += ev.value
+            self.held[ev.index].append(ev.value)
             return []
         elif isinstance(ev, BlockStop) and ev.index in self.held:
-            return [BlockDelta(ev.index, "arguments", self.fix(self.held.pop(ev.index))), ev]
+            return [BlockDelta(ev.index, "arguments", self.fix("".join(self.held.pop(ev.index)))), ev]
         return [ev]
 
     @staticmethod
@@ -8851,12 +11166,16 @@ def is_loopback_host(host: str) -> bool:
 
 async def serve(cfg: Config, ready=None, stop: asyncio.Event | None = None) -> None:
     """Run until SIGINT/SIGTERM (or `stop` is set), then drain and flush the ledger."""
-    if not is_loopback_host(cfg.host) and not cfg.api_keys and not cfg.allow_public_bind:
-        raise ConfigError(
-            f"refusing to listen on {cfg.host} with no api_keys configured: anyone on the network could spend "
-            "your provider keys. Set api_keys, or pass --allow-public-bind if you mean it."
-        )
     gateway = Gateway(cfg)
+    if not is_loopback_host(cfg.host) and not cfg.allow_public_bind:
+        if not gateway.identity.required:
+            gateway.close()
+            raise ConfigError(
+                f"refusing to listen on {cfg.host} while clients need no key (no api_keys, no key made by 'tgw key "
+                "create', or auth = off): anyone on the network could spend your provider keys. Set api_keys or "
+                "create a key, or pass --allow-public-bind if you mean it."
+            )
+        gateway.identity.require_always()  # deleting the last key later must not open it to the network
     try:
         servers = await start_listeners(cfg, gateway)
     except BaseException:
@@ -8912,7 +11231,7 @@ def listen_error(host: str, port: int, port_key: str, exc: OSError) -> str:
 
 
 # ======================================================================================
-# 10. Observability: logs, metrics
+# 12. Observability: logs, metrics
 # ======================================================================================
 #
 # Logs. Every record goes through one queue to one thread (tgw-log), which formats it (text or
@@ -9449,9 +11768,9 @@ class LabelCap:
 class Telemetry:
     """The gateway's metrics and its access log line, both fed when a request ends.
 
-    Hooks for the upstream side (resilience): upstream_attempt() per attempt (the retry loop
-    calls it), `failovers.inc((from_provider, to_provider))`, and `breakers.callback`, set to a
-    function returning ((provider, account), state) pairs with state 0 closed, 1 half-open, 2 open."""
+    The upstream side (section 8) feeds it from Gateway.send_upstream: upstream_attempt() per
+    attempt, `failovers.inc((from_provider, to_provider))`, and `breakers.callback` =
+    Pools.breaker_states, ((provider, account), state) pairs: 0 closed, 1 half-open, 2 open."""
 
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
@@ -9480,7 +11799,8 @@ class Telemetry:
             ("from_provider", "to_provider"),
         )  # fmt: skip
         self.breakers = m.gauge(
-            "tgw_upstream_breaker_state", "Circuit breaker per upstream account: 0 closed, 1 half-open, 2 open",
+            "tgw_upstream_breaker_state",
+            "Circuit breaker per upstream account: 0 closed, 1 half-open, 2 open (or cooling down after a 429)",
             ("provider", "account"), callback=lambda: (),
         )  # fmt: skip
         ledger = gateway.ledger
@@ -9531,14 +11851,14 @@ class Telemetry:
                 self.endpoint_labels[path] = label
         return label
 
-    def upstream_attempt(self, provider: str, attempt: int) -> None:
+    def upstream_attempt(self, provider: str, retry: bool) -> None:
         self.attempts.inc((provider,))
-        if attempt:
+        if retry:
             self.retries.inc((provider,))
 
     def request_ended(self, call: Call) -> None:
         ex = call.exchange
-        status = ex.status or 499
+        status = call.status or ex.status or 499  # a stream that failed after its 200 counts as its failure
         elapsed = time.monotonic() - call.started
         endpoint = self.endpoint_label(call.endpoint)
         model_name = call.model_upstream or call.model_requested
@@ -9582,7 +11902,179 @@ class Telemetry:
 
 
 # ======================================================================================
-# 11. CLI
+# 13. Admin API
+# ======================================================================================
+#
+# Tokligence Gateway's paths and JSON shapes: {"users": [...]}, {"user": {...}}, {"api_keys": [...]},
+# {"token": KEY, "api_key": {...}} (the key shown this once), 201 on create, 204 on delete; for any
+# key its own {"summary": {...}} and {"entries": [...]}. Errors come in the gateway's envelope
+# (OpenAI's). /api/v1/admin/* needs the key of an admin user; while the gateway requires no key at
+# all, it answers only callers on this machine. Writes go through IdentityStore in a thread and
+# take effect before the answer.
+
+ADMIN_BODY_LIMIT = 65536  # bytes: an admin request is a handful of fields
+USAGE_LOG_LIMIT = 1000
+
+
+class AdminApi:
+    def __init__(self, gateway: Gateway):
+        self.identity = gateway.identity
+        self.store = gateway.identity.store
+        # /api/v1/admin/ + path shape ('*' = a numeric id) -> method -> handler
+        self.paths = {
+            ("users",): {"GET": self.list_users, "POST": self.create_user},
+            ("users", "*"): {"PATCH": self.update_user, "DELETE": self.delete_user},
+            ("users", "*", "api-keys"): {"GET": self.list_keys, "POST": self.create_key},
+            ("api-keys", "*"): {"DELETE": self.delete_key},
+        }
+
+    def find(self, method: str, path: str):
+        tail = path[len("/api/v1/admin/") :].split("/")
+        methods = self.paths.get(tuple("*" if i == 1 else part for i, part in enumerate(tail)))
+        if methods is None:
+            raise GatewayError(404, f"no admin endpoint {method} {path[:200]}", "not_found_error")
+        handler = methods.get(method)
+        if handler is None:
+            raise GatewayError(405, f"method {method} is not allowed on {path[:200]}; use {', '.join(methods)}")
+        return functools.partial(self.as_admin, handler)
+
+    async def as_admin(self, handler, request: HttpRequest, call: Call) -> None:
+        principal = call.principal
+        if principal is None:
+            peer = call.exchange.writer.get_extra_info("peername")
+            if not (isinstance(peer, tuple) and is_loopback_host(str(peer[0]))):
+                raise GatewayError(403, "this gateway has no client keys yet, so its admin API answers only callers "
+                                   "on this machine; create an admin with 'tgw user add EMAIL --role admin' and "
+                                   "'tgw key create --user EMAIL'", "permission_error")  # fmt: skip
+        elif principal.role != "admin":
+            whose = f"belongs to {principal.email}, whose role is {principal.role}" if principal.email else "is static"
+            raise GatewayError(403, f"the admin API needs the key of an admin user; API key {principal.label} "
+                               f"{whose}", "permission_error")  # fmt: skip
+        await handler(request, call)
+
+    @staticmethod
+    def body_of(request: HttpRequest) -> dict:
+        if len(request.body) > ADMIN_BODY_LIMIT:
+            raise GatewayError(413, f"admin request bodies are limited to {ADMIN_BODY_LIMIT} bytes")
+        return parse_json_body(request.body) if request.body.strip() else {}
+
+    @staticmethod
+    def id_in(path: str, position: int, what: str) -> int:
+        text = path.split("/")[position]
+        if not (text.isascii() and text.isdigit() and len(text) < 19):
+            raise bad_request(f"invalid {what} id {text[:40]!r}: expected a number")
+        return int(text)
+
+    async def write(self, fn, *args):
+        """One change through the store (off the loop), in force before the answer."""
+        result = await asyncio.to_thread(fn, *args)
+        await self.identity.refresh()
+        return result
+
+    # -- users
+    async def list_users(self, request: HttpRequest, call: Call) -> None:
+        users = await asyncio.to_thread(self.store.users)
+        call.exchange.send_json(200, {"users": [user_payload(u) for u in users]})
+
+    async def create_user(self, request: HttpRequest, call: Call) -> None:
+        body = self.body_of(request)
+        if "email" not in body:
+            raise bad_request("'email' is required")
+        email = body.pop("email")
+        user = await self.write(self.store.add_user, email, body)
+        call.exchange.send_json(201, {"user": user_payload(user)})
+
+    async def update_user(self, request: HttpRequest, call: Call) -> None:
+        user_id = self.id_in(request.path, 5, "user")
+        # as in Tokligence Gateway, an empty role or status leaves it as it is
+        body = {k: v for k, v in self.body_of(request).items() if not (k in ("role", "status") and v == "")}
+        user = await self.write(self.store.update_user, user_id, body)
+        call.exchange.send_json(200, {"user": user_payload(user)})
+
+    async def delete_user(self, request: HttpRequest, call: Call) -> None:
+        await self.write(self.store.delete_user, self.id_in(request.path, 5, "user"))
+        call.exchange.send(204, b"")
+
+    # -- keys
+    async def list_keys(self, request: HttpRequest, call: Call) -> None:
+        keys = await asyncio.to_thread(self.store.keys, self.id_in(request.path, 5, "user"))
+        call.exchange.send_json(200, {"api_keys": [key_payload(k) for k in keys]})
+
+    async def create_key(self, request: HttpRequest, call: Call) -> None:
+        user_id = self.id_in(request.path, 5, "user")
+        body = self.body_of(request)
+        scopes = body.pop("scopes", None)
+        if scopes not in (None, []):
+            raise bad_request("'scopes' are not supported by tgw; limit a key's models with 'models' (globs)")
+        if "expires_days" in body:
+            days = check_amount("expires_days", body.pop("expires_days"))
+            body["expires_at"] = None if days is None else time.time() + days * 86400
+        elif isinstance(body.get("expires_at"), str):
+            body["expires_at"] = parse_iso_time(body["expires_at"], "expires_at")
+        elif body.get("expires_at") is not None:
+            raise bad_request("'expires_at' must be an RFC 3339 time like 2026-01-31T00:00:00Z, or null")
+        key, row = await self.write(self.store.create_key, user_id, body)
+        call.exchange.send_json(201, {"token": key, "api_key": key_payload(row)})
+
+    async def delete_key(self, request: HttpRequest, call: Call) -> None:
+        await self.write(self.store.delete_key, self.id_in(request.path, 5, "api key"))
+        call.exchange.send(204, b"")
+
+    # -- a key's own usage
+    def scope_of(self, principal: Principal | None) -> tuple[str, tuple]:
+        """The ledger rows a caller may read: its key's (all of them while no key is required)."""
+        if principal is None:
+            return "1", ()
+        if principal.key_id is not None:
+            return "key_id = ?", (principal.key_id,)
+        return "api_key_id = ? AND key_id IS NULL", (principal.label,)
+
+    async def usage_summary(self, request: HttpRequest, call: Call) -> None:
+        days = request.query.get("days")
+        since = 0.0
+        if days is not None:
+            try:
+                since = time.time() - check_amount("days", float(days)) * 86400
+            except (ValueError, OverflowError):
+                raise bad_request(f"'days' must be a number, got {days[:40]!r}") from None
+        principal = call.principal
+        where, params = self.scope_of(principal)
+        count, prompt, completion, cost, errors = await asyncio.to_thread(
+            self.store.db_row,
+            "SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
+            f"COALESCE(SUM(cost_usd), 0), COALESCE(SUM(status >= 400), 0) FROM requests WHERE {where} AND ts >= ?",
+            (*params, since),
+        )
+        summary = {
+            "consumed_tokens": prompt + completion, "supplied_tokens": 0, "net_tokens": prompt + completion,
+            "requests": count, "prompt_tokens": prompt, "completion_tokens": completion, "cost_usd": round(cost, 6),
+            "errors": errors, "since": iso_time(since) if since else None, "key": None, "user": None, "budgets": [],
+            "rate_limits": [],
+        }  # fmt: skip
+        if principal is not None:
+            if principal.key_id is not None:
+                row = await asyncio.to_thread(self.store.key, principal.key_id)
+                summary["key"] = key_payload(row)
+                summary["user"] = {"id": principal.user_id, "email": principal.email, "role": principal.role}
+            else:
+                summary["key"] = {"fingerprint": principal.label, "static": True}
+            summary["budgets"] = [b.view() | {"holder": b.holder} for b in principal.budgets]
+            summary["rate_limits"] = [limit.view(time.monotonic()) for limit in principal.limits]
+        call.exchange.send_json(200, {"summary": summary})
+
+    async def usage_logs(self, request: HttpRequest, call: Call) -> None:
+        text = request.query.get("limit", "20")
+        if not (text.isascii() and text.isdigit() and len(text) <= 4 and 0 < int(text) <= USAGE_LOG_LIMIT):
+            raise bad_request(f"'limit' must be a whole number from 1 to {USAGE_LOG_LIMIT}, got {text[:40]!r}")
+        where, params = self.scope_of(call.principal)
+        rows = await asyncio.to_thread(
+            self.store.rows, f"SELECT * FROM requests WHERE {where} ORDER BY id DESC LIMIT ?", (*params, int(text))
+        )
+        call.exchange.send_json(200, {"entries": [dict(row, created_at=iso_time(row["ts"])) for row in rows]})
+
+
+# ======================================================================================
+# 14. CLI
 # ======================================================================================
 
 
@@ -9631,7 +12123,10 @@ def build_parser() -> argparse.ArgumentParser:
     usage_p = commands.add_parser("usage", help="token and cost totals from the ledger")
     add_config_flag(usage_p)
     usage_p.add_argument(
-        "--by", choices=("model", "provider", "day", "key"), action="append", help="grouping (repeatable; default all)"
+        "--by",
+        choices=("model", "provider", "day", "key", "user"),
+        action="append",
+        help="grouping (repeatable; default model, provider and day); key and user show budgets and what is left",
     )
     usage_p.add_argument("--days", type=float, default=30, help="look back this many days (default 30)")
     usage_p.add_argument("--json", action="store_true", help="print JSON")
@@ -9642,8 +12137,191 @@ def build_parser() -> argparse.ArgumentParser:
     logs_p.add_argument("-n", "--limit", type=int, default=20)
     logs_p.add_argument("--json", action="store_true", help="print JSON lines")
     logs_p.add_argument("--ledger-path", help="sqlite ledger file (default: the configured ledger_path)")
+    logs_p.add_argument("--user", metavar="EMAIL", help="only this user's requests")
+    add_identity_commands(commands)
     add_gateway_commands(commands)
     return parser
+
+
+def add_identity_commands(commands) -> None:
+    """`tgw user ...` and `tgw key ...`: they write the ledger's database, running gateway or not;
+    a running one applies each change within a second."""
+
+    def leaf(sub, name: str, help_text: str, *positional: str) -> argparse.ArgumentParser:
+        parser = sub.add_parser(name, help=help_text)
+        parser.add_argument("--config", default=argparse.SUPPRESS, help="gateway.ini to read")
+        for arg in positional:
+            parser.add_argument(arg)
+        return parser
+
+    def budget_flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--budget", type=float, metavar="USD", help="spending limit in USD per period")
+        parser.add_argument("--token-budget", type=int, metavar="N", help="limit in tokens (input + output) per period")
+        parser.add_argument("--period", choices=PERIODS, help="budget period, UTC (default month)")
+
+    user_p = commands.add_parser("user", help="team members: add, list, show, disable, enable, delete")
+    add_config_flag(user_p)
+    user_sub = user_p.add_subparsers(dest="action", required=True)
+    add_p = leaf(user_sub, "add", "add a user", "email")
+    add_p.add_argument("--name", default="", help="display name")
+    add_p.add_argument("--role", choices=ROLES, default="user")
+    budget_flags(add_p)
+    add_p.add_argument("--rpm", type=int, help="requests per minute for all the user's keys together")
+    add_p.add_argument("--tpm", type=int, help="tokens per minute for all the user's keys together")
+    leaf(user_sub, "list", "every user").add_argument("--json", action="store_true", help="print JSON")
+    leaf(user_sub, "show", "one user, its keys and budget", "user").add_argument("--json", action="store_true")
+    for action, text in (("disable", "refuse the user's keys"), ("enable", "accept the user's keys again"),
+                         ("delete", "delete the user and its keys (their ledger rows stay)")):  # fmt: skip
+        leaf(user_sub, action, text, "user")
+
+    key_p = commands.add_parser("key", help="API keys: create, list, show, disable, enable, delete, rotate")
+    add_config_flag(key_p)
+    key_sub = key_p.add_subparsers(dest="action", required=True)
+    create_p = leaf(key_sub, "create", "a new key for a user (printed once)")
+    create_p.add_argument("--user", required=True, metavar="EMAIL")
+    create_p.add_argument("--name", default="", help="what the key is for (e.g. laptop, ci)")
+    create_p.add_argument("--models", default="", metavar="GLOBS", help="models it may use, comma-separated globs")
+    budget_flags(create_p)
+    create_p.add_argument("--rpm", type=int, help="requests per minute (default: default_rpm)")
+    create_p.add_argument("--tpm", type=int, help="tokens per minute (default: default_tpm)")
+    create_p.add_argument("--expires", type=float, metavar="DAYS", help="stop working after this many days")
+    list_p = leaf(key_sub, "list", "every key (or one user's)")
+    list_p.add_argument("--user", metavar="EMAIL")
+    list_p.add_argument("--json", action="store_true", help="print JSON")
+    leaf(key_sub, "show", "one key (by id or prefix)", "key").add_argument("--json", action="store_true")
+    for action, text in (("disable", "refuse the key"), ("enable", "accept the key again"), ("delete", "delete the key"),
+                         ("rotate", "a new secret for the key, same settings (printed once)")):  # fmt: skip
+        leaf(key_sub, action, text, "key")
+
+
+def open_identity(args) -> IdentityStore:
+    cfg = load_config(getattr(args, "config", None))
+    path = cfg.ledger_path if cfg.ledger_path == ":memory:" else str(Path(cfg.ledger_path).expanduser())
+    return IdentityStore(open_ledger_db(path))
+
+
+def budget_fields(args) -> dict:
+    fields = {"budget_usd": args.budget, "budget_tokens": args.token_budget, "budget_period": args.period}
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def budget_text(budget: dict | None) -> str:
+    if budget is None:
+        return "-"
+    limits = [
+        money(budget["usd"]) if budget["usd"] is not None else "",
+        f"{budget['tokens']} tok" if budget["tokens"] is not None else "",
+    ]
+    return " + ".join(x for x in limits if x) + f"/{budget['period']}"
+
+
+def left_text(status: dict | None) -> str:
+    if status is None:
+        return "-"
+    left = [
+        money(status["left_usd"]) if "left_usd" in status else "",
+        f"{status['left_tokens']} tok" if "left_tokens" in status else "",
+    ]
+    return " + ".join(x for x in left if x) + f" left (resets {status['resets_at'] or 'never'})"
+
+
+def print_table(header: tuple, rows: list) -> None:
+    widths = [max(len(str(v)) for v in column) for column in zip(header, *rows, strict=True)]
+    for row in (header, *rows):
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def cmd_user(args) -> int:
+    store = open_identity(args)
+    now = time.time()
+    if args.action == "add":
+        fields = {"display_name": args.name, "role": args.role, "rpm": args.rpm, "tpm": args.tpm, **budget_fields(args)}
+        user = store.add_user(args.email, {k: v for k, v in fields.items() if v is not None})
+        print(
+            f"user {user['id']} {user['email']} added (role {user['role']}; budget {budget_text(budget_payload(user))})"
+        )
+    elif args.action == "list":
+        users = store.users()
+        if args.json:
+            print(json.dumps([user_payload(u) for u in users], indent=2))
+            return 0
+        print_table(("id", "email", "name", "role", "status", "keys", "budget", "left"),
+                    [(u["id"], u["email"], u["display_name"] or "-", u["role"], u["status"], u["keys"],
+                      budget_text(budget_payload(u)), left_text(store.budget_status("user", u, now))) for u in users])  # fmt: skip
+        if not users:
+            print("(no users: add one with 'tgw user add EMAIL')")
+    elif args.action == "show":
+        user = store.user(args.user)
+        payload = user_payload(user) | {"budget_status": store.budget_status("user", user, now),
+                                        "api_keys": [key_payload(k, now) for k in store.keys(user["id"])]}  # fmt: skip
+        if args.json:
+            print(json.dumps(payload, indent=2))
+            return 0
+        print(f"user {user['id']}: {user['email']} ({user['display_name'] or 'no name'}), role {user['role']}, "
+              f"{user['status']}; created {iso_time(user['created_at'])}")  # fmt: skip
+        if payload["budget_status"]:
+            print(f"budget: {budget_text(payload['budget_status'])}; {left_text(payload['budget_status'])}")
+        for key in payload["api_keys"]:
+            print(f"  key {key['id']} {key['prefix']} {key['name'] or '-'} {key['status']}")
+    elif args.action in ("disable", "enable"):
+        user = store.update_user(args.user, {"status": "disabled" if args.action == "disable" else "active"})
+        print(f"user {user['email']} is {user['status']}")
+    else:
+        user = store.delete_user(args.user)
+        print(f"user {user['email']} deleted; its keys no longer work (its ledger rows stay)")
+    return 0
+
+
+def cmd_key(args) -> int:
+    store = open_identity(args)
+    now = time.time()
+    if args.action in ("create", "rotate"):
+        if args.action == "create":
+            fields = {"name": args.name, "models": args.models, "rpm": args.rpm, "tpm": args.tpm, **budget_fields(args)}
+            if args.expires is not None:
+                fields["expires_at"] = now + check_amount("--expires", args.expires) * 86400
+            key, row = store.create_key(args.user, {k: v for k, v in fields.items() if v is not None})
+        else:
+            key, row = store.rotate_key(args.key)
+        print(key)
+        print(f"key {row['id']} ({row['key_prefix']}) for {row['email']}: this is the only time it is shown; store "
+              "it now (a running gateway accepts it within a second)", file=sys.stderr)  # fmt: skip
+        return 0
+    if args.action == "list":
+        keys = store.keys(args.user)
+        if args.json:
+            print(json.dumps([key_payload(k, now) for k in keys], indent=2))
+            return 0
+        print_table(("id", "prefix", "name", "user", "models", "status", "budget", "rpm", "tpm", "expires", "last used"),
+                    [(k["id"], k["key_prefix"], k["name"] or "-", k["email"], k["models"] or "*", key_state(k, now),
+                      budget_text(budget_payload(k)), k["rpm"] if k["rpm"] is not None else "-",
+                      k["tpm"] if k["tpm"] is not None else "-", iso_time(k["expires_at"]) or "never",
+                      iso_time(k["last_used_at"]) or "never") for k in keys])  # fmt: skip
+        if not keys:
+            print("(no keys: create one with 'tgw key create --user EMAIL')")
+        return 0
+    if args.action == "show":
+        row = store.key(args.key)
+        payload = key_payload(row, now) | {"budget_status": store.budget_status("key", row, now)}
+        if args.json:
+            print(json.dumps(payload, indent=2))
+            return 0
+        for name in ("id", "prefix", "name", "user_email", "models", "status", "expires_at", "rpm", "tpm", "created_at",
+                     "last_used_at"):  # fmt: skip
+            value = payload[name]
+            print(
+                f"{name:<13} {', '.join(value) if isinstance(value, list) else value if value not in (None, '') else '-'}"
+            )
+        budget = payload["budget_status"]
+        print(f"{'budget':<13} {budget_text(budget)}; {left_text(budget)}" if budget else f"{'budget':<13} -")
+        return 0
+    if args.action == "delete":
+        row = store.delete_key(args.key)
+        print(f"key {row['id']} ({row['key_prefix']}) deleted")
+        return 0
+    row = store.update_key(args.key, {"status": "disabled" if args.action == "disable" else "active"})
+    print(f"key {row['id']} ({row['key_prefix']}) is {key_state(row, now)}")
+    return 0
 
 
 def set_flags(items: list[str]) -> dict:
@@ -9752,6 +12430,7 @@ def cmd_usage(args) -> int:
     db = open_ledger_for_reading(args)
     since = time.time() - args.days * 86400
     report = {group: query_usage(db, group, since) for group in (args.by or ["model", "provider", "day"])}
+    budgets = usage_budgets(IdentityStore(db), report)
     if args.json:
         names = (
             "name",
@@ -9763,11 +12442,12 @@ def cmd_usage(args) -> int:
             "cost_usd",
             "errors",
         )
-        print(
-            json.dumps(
-                {g: [dict(zip(names, row, strict=True)) for row in rows] for g, rows in report.items()}, indent=2
-            )
-        )
+        out = {g: [dict(zip(names, row, strict=True)) for row in rows] for g, rows in report.items()}
+        for group, rows in out.items():
+            for row in rows:
+                if (group, row["name"]) in budgets:
+                    row["budget"] = budgets[group, row["name"]]
+        print(json.dumps(out, indent=2))
         return 0
     for group, rows in report.items():
         print(f"\nby {group} (last {args.days:g} days)")
@@ -9775,25 +12455,56 @@ def cmd_usage(args) -> int:
             f"  {group:<32} {'requests':>9} {'prompt':>11} {'completion':>11} {'cached':>9} {'cost $':>11} {'errors':>7}"
         )
         for name, count, prompt, completion, cached, _reasoning, cost, errors in rows:
+            budget = budgets.get((group, name))
+            shown = f"  budget {budget_text(budget)}: {left_text(budget)}" if budget else ""
             print(
-                f"  {str(name or '-'):<32} {count:>9} {prompt or 0:>11} {completion or 0:>11} {cached or 0:>9} {format_usd(cost):>11} {errors or 0:>7}"
+                f"  {str(name or '-'):<32} {count:>9} {prompt or 0:>11} {completion or 0:>11} {cached or 0:>9} {format_usd(cost):>11} {errors or 0:>7}{shown}"
             )
         if not rows:
             print("  (no requests)")
     return 0
 
 
+def usage_budgets(store: IdentityStore, report: dict) -> dict:
+    """(group, name) -> budget with spend and what is left, for the key and user groups of a usage report."""
+    found, now = {}, time.time()
+    for group in ("key", "user"):
+        for name, *_ in report.get(group, []):
+            try:
+                if group == "key" and isinstance(name, str) and name.startswith(KEY_PREFIX):
+                    row = store.key(name)
+                elif group == "user" and isinstance(name, str) and "@" in name:
+                    row = store.user(name)
+                else:
+                    continue
+            except GatewayError:  # deleted since
+                continue
+            status = store.budget_status(group, row, now)
+            if status is not None:
+                found[group, name] = status
+    return found
+
+
 def cmd_logs(args) -> int:
     db = open_ledger_for_reading(args)
-    rows = query_logs(db, args.limit)
+    user_ids = None
+    if args.user:
+        email = check_email(args.user)
+        user_ids = [row[0] for row in db.execute("SELECT id FROM users WHERE email = ?", (email,))]
+        if not user_ids:
+            raise GatewayError(404, f"no user {email} in this ledger")
+    rows = query_logs(db, args.limit, user_ids)
     for row in reversed(rows):
         if args.json:
             print(json.dumps(row))
             continue
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["ts"]))
         tokens = f"{row['prompt_tokens'] or 0}+{row['completion_tokens'] or 0} tok"
-        print(f"{when} {row['status']} {row['client_protocol']}->{row['provider'] or '-'} {row['lane'] or '-'} "
-              f"{row['model_requested'] or '-'} {'stream ' if row['stream'] else ''}{tokens} "
+        who = f"{row['user']} " if row["key_id"] is not None else ""
+        failover = f"({row['attempts']} attempts, {row['account']}: {row['model_upstream']}) " if (
+            row.get("attempts") or 0) > 1 else ""  # fmt: skip
+        print(f"{when} {row['status']} {who}{row['client_protocol']}->{row['provider'] or '-'} {row['lane'] or '-'} "
+              f"{row['model_requested'] or '-'} {failover}{'stream ' if row['stream'] else ''}{tokens} "
               f"${format_usd(row['cost_usd'])} {row['latency_ms'] or 0:.0f}ms {row['error'] or ''}".rstrip())  # fmt: skip
     return 0
 
@@ -9812,6 +12523,9 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"tgw: configuration error: {exc}", file=sys.stderr)
         return 2
+    except GatewayError as exc:  # a user or key command refused (unknown user, bad value, duplicate)
+        print(f"tgw: {exc.message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `tgw logs | head`: the reader has all it wanted
@@ -9830,8 +12544,8 @@ def run_command(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"serve": cmd_serve, "config": cmd_config, "usage": cmd_usage, "logs": cmd_logs, "chat": cmd_chat,
-                "start": cmd_start, "stop": cmd_stop, "status": cmd_status}  # fmt: skip
+    handlers = {"serve": cmd_serve, "config": cmd_config, "usage": cmd_usage, "logs": cmd_logs, "user": cmd_user,
+                "key": cmd_key, "chat": cmd_chat, "start": cmd_start, "stop": cmd_stop, "status": cmd_status}  # fmt: skip
     return handlers[args.command](args)
 
 
@@ -9864,7 +12578,7 @@ def reexec_as_import() -> None:
 
 
 # ======================================================================================
-# 12. Gateway control: tgw start, stop and status
+# 15. Gateway control: tgw start, stop and status
 # ======================================================================================
 #
 # `tgw start` runs `tgw serve --pid-file …` in a session of its own, its output appended to
@@ -10258,7 +12972,7 @@ def cmd_status(args) -> int:
 
 
 # ======================================================================================
-# 13. The chat assistant: model selection, tools, the offline assistant, the terminal loop
+# 16. The chat assistant: model selection, tools, the offline assistant, the terminal loop
 # ======================================================================================
 #
 # `tgw chat` talks to a model through tgw's own providers and codecs, in-process: the

@@ -5,6 +5,7 @@
     python3 bench/bench.py                      # every lane, sequentially; tables on stdout
     python3 bench/bench.py --targets passthrough,translation --conc 10,50,100 --duration 15
     python3 bench/bench.py --pair passthrough,passthrough-team   # A/B interleaved: a drift-free ratio
+    python3 bench/bench.py --pair passthrough@/tmp/old/tgw.py,passthrough   # another build, same lane
     python3 bench/bench.py --python /usr/bin/python3.11          # the interpreter for tgw and the proxy
     python3 bench/bench.py --litellm /path/to/venv              # add LiteLLM (pip install 'litellm[proxy]')
 
@@ -227,7 +228,21 @@ class Running:
         return self.proc.pid if self.proc else None
 
 
-def start_target(target: Target, procs: Processes, python: str, litellm: str | None) -> Running:
+def target_named(spec: str) -> tuple[Target, Path]:
+    """'passthrough' or 'passthrough@/path/to/other/tgw.py' (another build of tgw, same lane)."""
+    name, _, other = spec.partition("@")
+    if name not in TARGETS:
+        raise SystemExit(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
+    if other and not Path(other).is_file():
+        raise SystemExit(f"{spec}: no such tgw.py")
+    target = TARGETS[name]
+    if other:
+        target = Target(**{**target.__dict__, "name": spec})
+    return target, Path(other).resolve() if other else ROOT / "tgw.py"
+
+
+def start_target(spec: str, procs: Processes, python: str, litellm: str | None) -> Running:
+    target, tgw_py = target_named(spec)
     if target.kind == "nginx":
         return Running(target, target.path, None)
     port = free_port()
@@ -238,7 +253,8 @@ def start_target(target: Target, procs: Processes, python: str, litellm: str | N
         headers["anthropic-version"] = "2023-06-01"
     if target.api_key:
         headers["Authorization"] = f"Bearer {target.api_key}"
-    log = WORK / f"{target.name}.log"
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in target.name)
+    log = WORK / f"{slug}.log"
     if target.kind == "minimal":
         proc = procs.start([python, str(HERE / "minimal_proxy.py"), str(port), target.prefix], log=log)
     elif target.kind == "litellm":
@@ -253,14 +269,14 @@ def start_target(target: Target, procs: Processes, python: str, litellm: str | N
                 "--port", str(port), "--num_workers", "1"]  # fmt: skip
         proc = procs.start(argv, env=env, log=log)
     else:
-        home = Path(tempfile.mkdtemp(prefix=f"{target.name}-", dir=WORK))
+        home = Path(tempfile.mkdtemp(prefix=f"{slug}-", dir=WORK))
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOKLIGENCE_")}
         env.update(target.env, HOME=str(home), TOKLIGENCE_LEDGER_PATH=str(home / "ledger.db"))
         env["TOKLIGENCE_LOG_LEVEL"] = "warning"
         for command in target.setup:
-            subprocess.run([python, str(ROOT / "tgw.py"), *command], env=env, cwd=home, check=True,
+            subprocess.run([python, str(tgw_py), *command], env=env, cwd=home, check=True,
                            capture_output=True)  # fmt: skip
-        proc = procs.start([python, str(ROOT / "tgw.py"), "serve", "--port", str(port)], env=env, log=log)
+        proc = procs.start([python, str(tgw_py), "serve", "--port", str(port)], env=env, log=log)
     start_s = wait_http(url, 120 if target.kind == "litellm" else 30, body, headers)
     return Running(target, url, proc, start_s)
 
@@ -321,13 +337,22 @@ def ttft(run: Running, n: int) -> dict:
 # ---- runs --------------------------------------------------------------------------------
 
 
-def start_mock(procs: Processes) -> None:
+def port_answer(url: str) -> bytes | None:
     try:
-        wait_http(f"{MOCK}/health", 0.5)
-        print(f"# a mock already answers on {MOCK}: using it", file=sys.stderr)
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.read()
+    except OSError:
+        return None
+
+
+def start_mock(procs: Processes) -> None:
+    answer = port_answer(f"{MOCK}/v1/models")
+    if answer == mock.MODELS.encode():
+        print(f"# the mock already answers on {MOCK}: using it", file=sys.stderr)
         return
-    except SystemExit:
-        pass
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", mock.PORT)) == 0:
+            raise SystemExit(f"port {mock.PORT} is taken by something that is not the mock: stop it first")
     if shutil.which("nginx"):
         conf = mock.write_nginx(WORK / "nginx")
         procs.start(["nginx", "-p", str(WORK / "nginx"), "-c", str(conf), "-g", "daemon off;"], cpus=LOAD_CPU)
@@ -340,8 +365,8 @@ def start_mock(procs: Processes) -> None:
 def run_sequential(args, procs: Processes) -> list[dict]:
     rows = []
     for name in args.targets:
-        target = TARGETS[name]
-        run = start_target(target, procs, args.python, args.litellm)
+        run = start_target(name, procs, args.python, args.litellm)
+        target = run.target
         idle = rss_mib(run.pid) if run.pid else None
         up = f"up in {run.start_s:.2f} s" if run.start_s is not None else "already up"
         print(f"# {name}: {up}" + (f", idle RSS {idle:.1f} MiB" if idle else ""), file=sys.stderr)
@@ -368,7 +393,7 @@ def run_sequential(args, procs: Processes) -> list[dict]:
 def run_pair(args, procs: Processes) -> list[dict]:
     """Both targets up at once on the gateway core, loaded in turn (A B A B ...): the machine's
     drift hits both alike, so their ratio holds even when absolute figures swing."""
-    a, b = (start_target(TARGETS[n], procs, args.python, args.litellm) for n in args.pair)
+    a, b = (start_target(n, procs, args.python, args.litellm) for n in args.pair)
     rows = []
     for conc in args.conc:
         totals = {r.target.name: {"requests": 0.0, "seconds": 0.0, "cpu": 0.0, "p50": []} for r in (a, b)}
@@ -450,8 +475,7 @@ def main() -> int:
     if args.pair:
         args.pair = args.pair.split(",")
     for name in args.pair or args.targets:
-        if name not in TARGETS:
-            raise SystemExit(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
+        target_named(name)  # a typo fails before anything starts
     if not shutil.which("wrk"):
         raise SystemExit("wrk not found: apt-get install -y wrk (and nginx-light for the mock)")
     WORK.mkdir(parents=True, exist_ok=True)

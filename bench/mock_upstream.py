@@ -4,7 +4,7 @@
     python3 bench/mock_upstream.py nginx DIR          # write DIR/nginx.conf and DIR/www/ (the long streams)
     python3 bench/mock_upstream.py serve [--port N]   # the same answers from a stdlib server (much slower)
 
-Endpoints on 127.0.0.1:18080 (any method; the request body is read and ignored):
+Endpoints on 127.0.0.1:18080 ($TGW_BENCH_MOCK_PORT to change it; any method; the request body is read and ignored):
     /v1/chat/completions, /v1/messages             a JSON answer with usage
     /stream/v1/chat/completions, /stream/v1/...    a short SSE stream (4 events)
     /long/v1/chat/completions, /long/v1/messages   a long SSE stream: LONG_EVENTS text deltas, the
@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-PORT = 18080
+PORT = int(os.environ.get("TGW_BENCH_MOCK_PORT", "18080"))
 LONG_EVENTS = 400  # text deltas per long stream: a few hundred, like a long agent answer
 CONTENT = "Hello! This is a mock response."
 MODEL_OPENAI = "gpt-4o-mini"
