@@ -12313,3 +12313,34 @@ def test_conformance_schema_example_is_bounded_on_hostile_schemas():
     assert tgw.schema_example({"type": "number", "maximum": -2.5}) == -3.0
     assert tgw.schema_example({"type": "string", "minLength": 12}) == "loopbackxxxx"
     assert time.monotonic() - started < 2
+
+
+def test_conformance_chat_n_choices_translated_is_a_clear_error_not_one_choice(start_gateway, upstream):
+    # openai SDK chat.completions.create(n=2) to a Claude model: one choice came back and choices[1] failed
+    up = upstream(answer_any_protocol)
+    gw = start_gateway(env=lane_env(up, "anthropic"))
+    status, _, body = post(gw, "/v1/chat/completions", {"model": "gpt-4o-mini", "n": 2, "messages": [
+        {"role": "user", "content": "hi"}]})  # fmt: skip
+    error = json.loads(body)["error"]
+    assert status == 400 and "'n'" in error["message"] and error["type"] == "invalid_request_error"
+    assert up.requests == []  # nothing half-answered upstream
+    status, _, body = post(gw, "/v1/chat/completions", {"model": "gpt-4o-mini", "n": 1, "messages": [
+        {"role": "user", "content": "hi"}]})  # fmt: skip
+    assert status == 200 and len(json.loads(body)["choices"]) == 1
+    up2 = upstream(lambda h, b: reply_json(h, {**chat_completion("a"), "choices": [
+        {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"} for i, t in enumerate("ab")]}))  # fmt: skip
+    gw2 = start_gateway(env=lane_env(up2, "openai"))
+    status, _, body = post(gw2, "/v1/chat/completions", {"model": "gpt-4o-mini", "n": 2, "messages": [
+        {"role": "user", "content": "hi"}]})  # fmt: skip
+    assert status == 200 and len(json.loads(body)["choices"]) == 2  # the OpenAI provider itself: passthrough
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"a": {"type": "string"}}, "required": [{"x": 1}, ["a"], "a"]},
+    {"allOf": [{"properties": {"a": {}}, "required": 7}, {"properties": []}], "properties": "no"},
+    {"type": "string", "format": ["date"]}, {"type": "integer", "minimum": 10**400, "maximum": float("nan")},
+    {"type": "number", "exclusiveMinimum": float("inf")}, {"anyOf": [None, 3]}, {"$ref": 5}, {"type": 7},
+    {"type": ["null"]}, {"enum": []}, {"items": {"type": "integer"}, "type": "array", "minItems": -5},
+])  # fmt: skip
+def test_conformance_schema_example_never_raises_on_odd_schemas(schema):
+    json.dumps(tgw.schema_example(schema))  # a value (or null) for anything a client can send

@@ -2611,12 +2611,15 @@ class OpenAIChatCodec(Codec):
         "model": str, "messages": list, "tools": list, "parallel_tool_calls": bool, "max_completion_tokens": int,
         "max_tokens": int, "temperature": float, "top_p": float, "stream": bool, "reasoning_effort": str,
         "response_format": dict, "metadata": dict, "user": str, "stream_options": dict, "stop": (str, list),
-        "tool_choice": (str, dict),
+        "tool_choice": (str, dict), "n": int,
     }  # fmt: skip
 
     def decode_request(self, body: dict) -> Request:
         check_fields(body, self.REQUEST_FIELDS, ("model", "messages"))
         get = body.get
+        if (get("n") or 1) != 1:  # the canonical answer is one choice: n choices would come back as one, silently
+            raise bad_request("'n' other than 1 needs the model's own OpenAI-compatible provider: this model is "
+                              "answered through another protocol, one choice per request; send n requests")  # fmt: skip
         stop = get("stop")
         options = get("stream_options")
         req = Request(
@@ -7435,8 +7438,11 @@ def schema_example(schema, budget: int = 2000):
                 props = branch.get("properties") if isinstance(branch, dict) else None
                 if isinstance(props, dict):
                     left[0] -= len(props)
-                    merged["properties"] = {**(merged.get("properties") or {}), **props}
-                    merged["required"] = [*(merged.get("required") or []), *(branch.get("required") or [])]
+                    merged["properties"] = {**_dict_or_empty(merged.get("properties")), **props}
+                    merged["required"] = [
+                        *_list_or_empty(merged.get("required")),
+                        *_list_or_empty(branch.get("required")),
+                    ]
                     merged.setdefault("type", branch.get("type"))
             return value(merged, depth + 1, refs) if left[0] >= 0 else None
         kind = node.get("type")
@@ -7446,7 +7452,9 @@ def schema_example(schema, budget: int = 2000):
         if kind == "object":
             props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
             names = node.get("required") if isinstance(node.get("required"), list) else list(props)
-            return {n: value(props[n], depth + 1, refs) for n in names[: max(left[0], 0)] if n in props}
+            return {
+                n: value(props[n], depth + 1, refs) for n in names[: max(left[0], 0)] if type(n) is str and n in props
+            }
         if kind == "array":
             count = node.get("minItems") if isinstance(node.get("minItems"), int) else 1
             return [value(node.get("items"), depth + 1, refs) for _ in range(max(0, min(count, 8, left[0])))]
@@ -7456,7 +7464,7 @@ def schema_example(schema, budget: int = 2000):
             return False
         if kind == "null":
             return None
-        text = LOOPBACK_FORMATS.get(node.get("format"), "loopback")
+        text = LOOPBACK_FORMATS.get(node["format"], "loopback") if type(node.get("format")) is str else "loopback"
         length = node.get("minLength") if isinstance(node.get("minLength"), int) else 0
         return text + "x" * max(0, min(length, 1000) - len(text))
 
@@ -7464,17 +7472,28 @@ def schema_example(schema, budget: int = 2000):
 
 
 def _example_number(node: dict, kind: str):
-    """1, or the smallest whole number the schema's bounds allow."""
-    low, high = node.get("minimum"), node.get("maximum")
+    """1, or the smallest whole number the schema's bounds allow (bounds past 1e15 are ignored)."""
+    low, high, above = (node.get(k) for k in ("minimum", "maximum", "exclusiveMinimum"))
     number = 1
-    if _is_number(low) and math.isfinite(low):
+    if _plain_number(low):
         number = math.ceil(low)
-    elif _is_number(high) and math.isfinite(high) and high < 1:
+    elif _plain_number(high) and high < 1:
         number = math.floor(high)
-    above = node.get("exclusiveMinimum")
-    if _is_number(above) and math.isfinite(above) and number <= above:
+    if _plain_number(above) and number <= above:
         number = math.floor(above) + 1
     return number if kind == "integer" else float(number)
+
+
+def _plain_number(value) -> bool:
+    return _is_number(value) and -1e15 < value < 1e15  # NaN fails both comparisons
+
+
+def _dict_or_empty(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _list_or_empty(value) -> list:
+    return value if isinstance(value, list) else []
 
 
 LOOPBACK_FORMATS = {"date-time": "2025-01-01T00:00:00Z", "date": "2025-01-01", "time": "00:00:00",
