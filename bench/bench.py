@@ -113,6 +113,43 @@ TARGETS = {
             anthropic=True,
             stream=True,
         ),  # fmt: skip
+        # issue 13: a team key with a budget and rate limits (never reached, always checked)
+        Target(
+            "passthrough-team",
+            "tgw",
+            "/v1/chat/completions",
+            "openai.json",
+            OPENAI_UP,
+            setup=[
+                ["user", "add", "bench@example.com"],
+                [
+                    "key",
+                    "create",
+                    "--user",
+                    "bench@example.com",
+                    "--name",
+                    "bench",
+                    "--budget",
+                    "1000000",
+                    "--token-budget",
+                    "1000000000000",
+                    "--period",
+                    "month",
+                    "--rpm",
+                    "100000000",
+                    "--tpm",
+                    "1000000000000",
+                ],
+            ],
+        ),  # fmt: skip
+        # issue 14: a two-account pool (metrics are always on)
+        Target(
+            "passthrough-pool",
+            "tgw",
+            "/v1/chat/completions",
+            "openai.json",
+            {**OPENAI_UP, "TOKLIGENCE_OPENAI_API_KEY": "dummy-a,dummy-b"},
+        ),  # fmt: skip
         Target("litellm", "litellm", "/v1/chat/completions", "openai.json", api_key="sk-bench-local-7f3c9a1e5b2d8f40"),
     ]
 }
@@ -274,8 +311,12 @@ def start_target(spec: str, procs: Processes, python: str, litellm: str | None) 
         env.update(target.env, HOME=str(home), TOKLIGENCE_LEDGER_PATH=str(home / "ledger.db"))
         env["TOKLIGENCE_LOG_LEVEL"] = "warning"
         for command in target.setup:
-            subprocess.run([python, str(tgw_py), *command], env=env, cwd=home, check=True,
-                           capture_output=True)  # fmt: skip
+            done = subprocess.run([python, str(tgw_py), *command], env=env, cwd=home, check=True,
+                                  capture_output=True, text=True)  # fmt: skip
+            made = next((w for w in done.stdout.split() if w.startswith("tok_")), "")
+            if made:  # `tgw key create` prints the key once: the load uses it
+                target = Target(**{**target.__dict__, "api_key": made})
+                headers["Authorization"] = f"Bearer {made}"
         proc = procs.start([python, str(tgw_py), "serve", "--port", str(port)], env=env, log=log)
     start_s = wait_http(url, 120 if target.kind == "litellm" else 30, body, headers)
     return Running(target, url, proc, start_s)
