@@ -2423,8 +2423,9 @@ def test_unknown_blocks_become_text_for_openai_and_stay_whole_for_anthropic():
     body = {"model": "claude-x", "max_tokens": 10, "messages": [{"role": "user", "content": [pdf, note, result]}]}
     req = ANTHROPIC_CODEC.decode_request(copy.deepcopy(body))
     o_body = OPENAI_CODEC.encode_request(req, "gpt-4o")
-    assert o_body["messages"] == [{"role": "user", "content": "[document omitted by the gateway]\n\n[document: notes]\nbuy milk"
-                                                              "\n\n[search_result: Docs]\nUse --fast."}]  # fmt: skip
+    assert o_body["messages"] == [{"role": "user", "content": [  # a PDF is a file part (Conformance, below)
+        {"type": "file", "file": {"filename": "document.pdf", "file_data": "data:application/pdf;base64,JVBER"}},
+        {"type": "text", "text": "[document: notes]\nbuy milk"}, {"type": "text", "text": "[search_result: Docs]\nUse --fast."}]}]  # fmt: skip
     assert ANTHROPIC_CODEC.encode_request(req, "claude-sonnet-4-5")["messages"] == body["messages"]
 
 
@@ -4476,11 +4477,11 @@ def test_parts_inline_data_file_data_thoughts_and_signatures():
         ("image", "image/png", "iVBORw0KGgo=", ""),
         ("image", "image/jpeg", "", "https://example.com/cat.jpg"),
     ]
-    assert [p.text for p in user.parts[2:]] == [
-        "[file files/abc (application/pdf) omitted by the gateway]",
-        "[audio/wav attachment omitted by the gateway]",
-        "what is this?",
+    assert [(p.type, p.media_type, p.data, p.url) for p in user.parts[2:4]] == [  # documents (Conformance, below)
+        ("document", "application/pdf", "", "files/abc"),
+        ("document", "audio/wav", "UklGRg==", ""),
     ]
+    assert user.parts[4].text == "what is this?"
     thought, text, call = model.parts
     assert (thought.type, thought.text, thought.signature, thought.extra) == (
         "thinking",
@@ -5388,9 +5389,8 @@ def openai_sse() -> bytes:
 GEMINI_OBJECTS = [
     b'{"candidates":[{"content":{"parts":[{"text":"Hel"}],"role":"model"},"index":0}],"modelVersion":"gemini-2.5-flash","responseId":"chatcmpl-1"}',
     b'{"candidates":[{"content":{"parts":[{"text":"lo"}],"role":"model"},"index":0}],"modelVersion":"gemini-2.5-flash","responseId":"chatcmpl-1"}',
-    b'{"candidates":[{"content":{"parts":[{"functionCall":{"name":"get_weather","args":{"city":"Paris"}}}],"role":"model"},"index":0}],'
-    b'"modelVersion":"gemini-2.5-flash","responseId":"chatcmpl-1"}',
-    b'{"candidates":[{"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":12,"candidatesTokenCount":7,'
+    b'{"candidates":[{"content":{"parts":[{"functionCall":{"name":"get_weather","args":{"city":"Paris"}}}],"role":"model"},'
+    b'"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":12,"candidatesTokenCount":7,'
     b'"totalTokenCount":19},"modelVersion":"gemini-2.5-flash","responseId":"chatcmpl-1"}',
 ]
 
@@ -5408,7 +5408,7 @@ def test_openai_stream_to_gemini_sse_exact_bytes():
 def test_openai_stream_to_gemini_json_array_exact_bytes():
     out = encode_openai_stream_for_gemini(sse=False)
     assert out == b"[" + b",\r\n".join(GEMINI_OBJECTS) + b"]"
-    assert len(json.loads(out)) == 4
+    assert len(json.loads(out)) == 3
 
 
 def test_gemini_stream_encoder_shows_thoughts_when_asked():
@@ -9656,7 +9656,8 @@ def test_review_gemini_stream_holds_long_deltas_linearly_and_joins_them():
         enc.encode(piece)
     enc.encode(BlockDelta(1, "arguments", '"}'))
     assert time.monotonic() - started < 10
-    frame = enc.encode(BlockStop(1))
+    assert enc.encode(BlockStop(1)) == b""  # the call travels with the finish
+    frame = enc.encode(MessageDelta("tool_use", None, Usage()))
     (part,) = json.loads(frame.decode().removeprefix("data: "))["candidates"][0]["content"]["parts"]
     assert part["functionCall"] == {"name": "Write", "args": {"content": "0123456789" * 300_000}}
     assert tgw.unpack_gemini_thinking(part["thoughtSignature"]) == [
@@ -11593,7 +11594,7 @@ def test_tool_arguments_streamed_in_many_pieces_stay_linear():
     assert len(responses.output[-1]["content"][0]["text"]) == 800_000
     assert len(responses.output[0]["arguments"]) == 800_000
     gemini = GeminiStreamEncoder(Request("gpt-5", []))
-    frames = b"".join(gemini.encode(ev) for ev in events[:200_001] + [BlockStop(0)])
+    frames = b"".join(gemini.encode(ev) for ev in events[:200_001] + [BlockStop(0), MessageDelta("tool_use")])
     assert frames.count(b"functionCall") == 1 and frames.count(b"abcd" * 1000) >= 200
 
 
@@ -12400,3 +12401,252 @@ def test_review_no_key_but_an_active_admins_reaches_the_admin_api(team, start_ga
     assert tgw.main(["user", "enable", "root@example.com"]) == 0
     team.update_user("root@example.com", {"role": "user"})  # demoted: its key stops being an admin's
     assert wait_for(lambda: team_call(gw, "GET", "/api/v1/admin/users", None, team_auth("openai", admin))[0] == 403)
+# Conformance: real clients on every lane
+# ======================================================================================
+# Each test replays a request a real client sent (captured from google-genai, the openai SDK, ...
+# against the conformance kit) through the lane where that client broke, with a scripted upstream
+# answering the way that provider does.
+
+# google-genai 3.6.1, generate_content_stream with a function declaration (parameters_json_schema)
+C_GENAI_TOOL_STREAM = {
+    "contents": [{"parts": [{"text": "weather in Paris and Tokyo?"}], "role": "user"}],
+    "tools": [{"functionDeclarations": [{"description": "weather", "name": "get_weather",
+                                         "parameters_json_schema": L_WEATHER_SCHEMA}]}],
+    "generationConfig": {},
+}  # fmt: skip
+
+
+def o_parallel_tool_chunks(name: str, cities: tuple) -> list:
+    """A Chat stream of parallel calls: each call opened, then argument pieces interleaved, as OpenAI sends them."""
+    args = [json.dumps({"city": c}) for c in cities]
+    chunks = [lane_chunk({"role": "assistant", "content": None})]
+    chunks += [lane_chunk({"tool_calls": [{"index": i, "id": f"call_{i}", "type": "function",
+                                          "function": {"name": name, "arguments": ""}}]}) for i in range(len(args))]  # fmt: skip
+    for half in (slice(0, 5), slice(5, None)):
+        chunks += [
+            lane_chunk({"tool_calls": [{"index": i, "function": {"arguments": a[half]}}]}) for i, a in enumerate(args)
+        ]
+    return chunks + [lane_chunk({}, "tool_calls"), lane_chunk(usage=(20, 9)), "data: [DONE]\n\n"]
+
+
+def test_conformance_genai_stream_chunks_all_have_content_and_calls_come_with_the_finish(start_gateway, upstream):
+    # google-genai code reads chunk.candidates[0].content.parts; tgw's last chunk had no content at all
+    up = upstream(lambda h, b: reply_sse(h, o_parallel_tool_chunks("get_weather", ("Paris", "Tokyo"))))
+    gw = start_gateway(env={**openai_env(up), **routes_env("gemini*=>openai")})
+    status, _, body = post(gw, "/v1/models/gemini-2.5-flash:streamGenerateContent?alt=sse", C_GENAI_TOOL_STREAM)
+    frames = [data for _, data in lane_sse(body)]
+    assert status == 200 and frames and all(f["candidates"][0]["content"]["parts"] for f in frames)
+    last = frames[-1]["candidates"][0]
+    assert [p["functionCall"] for p in last["content"]["parts"]] == [
+        {"name": "get_weather", "args": {"city": "Paris"}}, {"name": "get_weather", "args": {"city": "Tokyo"}}]  # fmt: skip
+    assert last["finishReason"] == "STOP" and frames[-1]["usageMetadata"]["promptTokenCount"] == 20
+    up2 = upstream(lambda h, b: reply_sse(h, chat_chunks(("Hel", "lo"))))
+    gw2 = start_gateway(env={**openai_env(up2), **routes_env("gemini*=>openai")})
+    status, _, body = post(gw2, "/v1/models/gemini-2.5-flash:streamGenerateContent?alt=sse", L_GEMINI)
+    frames = [data for _, data in lane_sse(body)]
+    assert status == 200 and all(f["candidates"][0]["content"]["parts"] for f in frames)
+    assert frames[-1]["candidates"][0] == {"content": {"parts": [{"text": ""}], "role": "model"}, "finishReason": "STOP",
+                                           "index": 0}  # fmt: skip
+    assert "".join(p["text"] for f in frames for p in f["candidates"][0]["content"]["parts"]) == "Hello"
+
+
+# What the Vercel AI SDK (ai 6.0, @ai-sdk/* 3.0) sends for a PDF file part, through each provider package
+C_PDF = "JVBERi0xLjQKMSAwIG9iajw8Pj5lbmRvYmoKdHJhaWxlcjw8Pj4KJSVFT0YK"
+C_PDF_REQUESTS = {
+    "openai": ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "summarise"},
+        {"type": "file", "file": {"filename": "tiny.pdf", "file_data": "data:application/pdf;base64," + C_PDF}}]}]}),
+    "responses": ("/v1/responses", {"model": "gpt-4o-mini", "input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "summarise"},
+        {"type": "input_file", "filename": "tiny.pdf", "file_data": "data:application/pdf;base64," + C_PDF}]}]}),
+    "anthropic": ("/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 64000, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "summarise"},
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": C_PDF}, "title": "tiny.pdf"}]}]}),
+    "gemini": ("/v1beta/models/gemini-2.5-flash:generateContent", {"generationConfig": {}, "contents": [{"role": "user", "parts": [
+        {"text": "summarise"}, {"inlineData": {"mimeType": "application/pdf", "data": C_PDF}}]}]}),
+}  # fmt: skip
+# The PDF as each upstream takes it. Only a Responses client reaches /v1/responses (passthrough): tgw
+# sends every other client's call to an OpenAI provider as Chat Completions.
+C_PDF_UPSTREAM = {
+    "openai": {"type": "file", "file": {"filename": "tiny.pdf", "file_data": "data:application/pdf;base64," + C_PDF}},
+    "anthropic": {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": C_PDF},
+                  "title": "tiny.pdf"},
+    "gemini": {"inlineData": {"mimeType": "application/pdf", "data": C_PDF}},
+}  # fmt: skip
+
+
+def answer_any_protocol(h, body):
+    """A one-word answer in the protocol of the path asked (the scripted upstream of every lane)."""
+    if h.path.startswith("/v1/chat/completions"):
+        return reply_json(h, chat_completion("ok"))
+    if h.path.startswith("/v1/messages"):
+        return reply_json(h, a_message([{"type": "text", "text": "ok"}]))
+    return reply_json(h, g_answer([{"text": "ok"}]))
+
+
+def lane_env(up: FakeUpstream, provider: str) -> dict:
+    """Every model of every protocol to one provider (the conformance kit's lanes)."""
+    return {**openai_env(up), **anthropic_env(up), **gemini_env(up), **routes_env(f"*=>{provider}")}
+
+
+def upstream_user_parts(sent: dict) -> list:
+    body = sent["body"]
+    if "contents" in body:
+        return body["contents"][-1]["parts"]
+    return body["messages"][-1]["content"]
+
+
+@pytest.mark.parametrize("client", list(C_PDF_REQUESTS))
+def test_conformance_pdf_documents_reach_every_upstream_as_files(start_gateway, upstream, client):
+    # a PDF from any client reached every other upstream as "[... omitted by the gateway]": the model never saw it
+    path, body = C_PDF_REQUESTS[client]
+    for target in [t for t in C_PDF_UPSTREAM if t != client]:
+        up = upstream(answer_any_protocol)
+        gw = start_gateway(env=lane_env(up, target))
+        status, _, answer = post(gw, path, body)
+        expected = C_PDF_UPSTREAM[target]
+        if client == "gemini" and target != "gemini":  # Gemini's inlineData names no file
+            expected = {"openai": {"type": "file", "file": {**expected.get("file", {}), "filename": "document.pdf"}},
+                        "anthropic": {k: v for k, v in expected.items() if k != "title"}}[target]  # fmt: skip
+        assert status == 200 and expected in upstream_user_parts(up.requests[-1]), (target, up.requests[-1]["body"])
+
+
+def test_conformance_document_urls_and_text_documents_keep_their_content():
+    url_doc = {"type": "document", "source": {"type": "url", "url": "https://example.com/paper.pdf"}, "title": "paper"}
+    req = ANTHROPIC_CODEC.decode_request({"model": "claude-x", "max_tokens": 9, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "read"}, url_doc]}]})  # fmt: skip
+    assert GEMINI_CODEC.encode_request(req, "gemini-2.5-flash")["contents"][0]["parts"][1] == {
+        "fileData": {"mimeType": "application/pdf", "fileUri": "https://example.com/paper.pdf"}}  # fmt: skip
+    assert RESPONSES_CODEC.encode_request(req, "gpt-5")["input"][0]["content"][1] == {
+        "type": "input_file", "filename": "paper", "file_url": "https://example.com/paper.pdf"}  # fmt: skip
+    chat = OPENAI_CODEC.encode_request(req, "gpt-4o")["messages"][0]["content"][1]  # Chat takes no file URL
+    assert chat["type"] == "text" and "https://example.com/paper.pdf" in chat["text"]
+    text = base64.b64encode(b"buy milk").decode()
+    req = GEMINI_CODEC.decode_request({"contents": [{"role": "user", "parts": [
+        {"inlineData": {"mimeType": "text/plain", "data": text}}, {"inlineData": {"mimeType": "video/mp4", "data": "AAAA"}}]}]},
+        "gemini-2.5-flash", False)  # fmt: skip
+    blocks = ANTHROPIC_CODEC.encode_request(req, "claude-sonnet-4-5")["messages"][0]["content"]
+    assert blocks[0] == {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "buy milk"}}
+    assert blocks[1]["type"] == "text" and "video/mp4" in blocks[1]["text"]  # said, not silently dropped
+    assert OPENAI_CODEC.encode_request(req, "gpt-4o")["messages"][0]["content"][0] == {
+        "type": "text", "text": "[document]\nbuy milk"}  # fmt: skip
+
+
+# The pydantic model the clients below were driven with, as pydantic 2 writes its schema
+C_PERSON_SCHEMA = {
+    "$defs": {"Address": {"properties": {"street": {"title": "Street", "type": "string"},
+                                         "city": {"title": "City", "type": "string"}},
+                          "required": ["street", "city"], "title": "Address", "type": "object"}},
+    "properties": {"name": {"title": "Name", "type": "string"}, "age": {"title": "Age", "type": "integer"},
+                   "mood": {"enum": ["happy", "sad"], "title": "Mood", "type": "string"},
+                   "address": {"$ref": "#/$defs/Address"},
+                   "nickname": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None, "title": "Nickname"},
+                   "tags": {"items": {"type": "string"}, "title": "Tags", "type": "array"}},
+    "required": ["name", "age", "mood", "address", "tags"], "title": "Person", "type": "object",
+}  # fmt: skip
+C_PROMPT = "Extract: Ann, 31, happy, lives at 1 Main St, Paris; tags a,b"
+C_PERSON_EXAMPLE = {"name": "loopback", "age": 1, "mood": "happy", "address": {"street": "loopback", "city": "loopback"},
+                    "tags": ["loopback"]}  # fmt: skip
+
+
+def test_conformance_loopback_obeys_a_forced_tool_choice_with_schema_valid_arguments(start_gateway):
+    # instructor (TOOLS / ANTHROPIC_TOOLS), LangChain with_structured_output(function_calling): the offline model
+    # answered text to a forced tool choice, so every such client failed offline
+    gw = start_gateway()
+    openai_body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": C_PROMPT}],
+                   "tool_choice": {"type": "function", "function": {"name": "Person"}},
+                   "tools": [{"type": "function", "function": {"name": "Person", "description": "Correctly extracted",
+                                                               "parameters": C_PERSON_SCHEMA}}]}  # fmt: skip
+    status, _, body = post(gw, "/v1/chat/completions", openai_body)
+    choice = json.loads(body)["choices"][0]
+    assert status == 200 and choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "Person" and json.loads(call["function"]["arguments"]) == C_PERSON_EXAMPLE
+    anthropic_body = {"max_tokens": 800, "messages": [{"role": "user", "content": C_PROMPT}], "model": "claude-sonnet-4-5",
+                      "stream": True, "tool_choice": {"type": "tool", "name": "Person", "disable_parallel_tool_use": True},
+                      "tools": [{"name": "Weather", "input_schema": {"type": "object"}},
+                                {"name": "Person", "description": "Correctly extracted", "input_schema": C_PERSON_SCHEMA}]}  # fmt: skip
+    status, _, body = post(gw, "/v1/messages", anthropic_body)
+    events = [data for _, data in lane_sse(body)]
+    (start,) = [e for e in events if e["type"] == "content_block_start"]
+    pieces = [e["delta"]["partial_json"] for e in events if e.get("delta", {}).get("type") == "input_json_delta"]
+    assert status == 200 and start["content_block"]["name"] == "Person"
+    assert json.loads("".join(pieces)) == C_PERSON_EXAMPLE
+    assert [e["delta"]["stop_reason"] for e in events if e["type"] == "message_delta"] == ["tool_use"]
+    status, _, body = post(gw, "/v1/chat/completions", {**openai_body, "tool_choice": "auto"})
+    assert status == 200 and "tool_calls" not in json.loads(body)["choices"][0]["message"]  # unforced: words, as before
+
+
+def test_conformance_loopback_answers_structured_output_with_schema_valid_json(start_gateway):
+    # openai chat.completions.parse(response_format=Person) and google-genai response_schema, offline
+    strict = {**C_PERSON_SCHEMA, "additionalProperties": False, "required": [*C_PERSON_SCHEMA["required"], "nickname"]}
+    gw = start_gateway()
+    status, _, body = post(gw, "/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [
+        {"role": "user", "content": C_PROMPT}], "response_format": {"type": "json_schema", "json_schema": {
+            "schema": strict, "name": "Person", "strict": True}}})  # fmt: skip
+    assert status == 200
+    assert json.loads(json.loads(body)["choices"][0]["message"]["content"]) == {
+        **C_PERSON_EXAMPLE,
+        "nickname": "loopback",
+    }
+    status, _, body = post(gw, "/v1beta/models/gemini-2.5-flash:generateContent", {
+        "contents": [{"role": "user", "parts": [{"text": C_PROMPT}]}],
+        "generationConfig": {"responseMimeType": "application/json", "responseSchema": {
+            "type": "OBJECT", "properties": {"count": {"type": "INTEGER", "minimum": 3},
+                                             "when": {"type": "STRING", "format": "date-time"}},
+            "required": ["count", "when"]}}})  # fmt: skip
+    text = json.loads(body)["candidates"][0]["content"]["parts"][0]["text"]
+    assert status == 200 and json.loads(text) == {"count": 3, "when": "2025-01-01T00:00:00Z"}
+    status, _, body = post(gw, "/v1/responses", {"model": "gpt-4o-mini", "input": "hi",
+                                                 "text": {"format": {"type": "json_object"}}})  # fmt: skip
+    answer = json.loads(body)["output"][0]["content"][0]["text"]
+    assert status == 200 and json.loads(answer) == {"reply": "Hello from the tgw loopback model. You said: hi"}
+
+
+def test_conformance_schema_example_is_bounded_on_hostile_schemas():
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(50_000)}}
+    cyclic = {"$defs": {"a": {"type": "object", "properties": {"a": {"$ref": "#/$defs/a"}}}}, "$ref": "#/$defs/a"}
+    deep: dict = {"type": "string"}
+    for _ in range(500):
+        deep = {"type": "array", "items": deep, "minItems": 10**9}
+    started = time.monotonic()
+    assert len(tgw.schema_example(wide)) <= 2000
+    assert tgw.schema_example(cyclic) == {"a": None}
+    assert tgw.schema_example({"allOf": [wide] * 16}) is None  # over the budget: null, quickly
+    shown = json.dumps(tgw.schema_example(deep))  # 10**9 items at each of 500 levels: 2000 nodes, 32 deep at most
+    assert shown.count("[") + shown.count("null") <= 2000 + 8 * 33 and shown.startswith("[" * 33 + "null")
+    assert tgw.schema_example({"type": "integer", "exclusiveMinimum": 5, "maximum": 9}) == 6
+    assert tgw.schema_example({"type": "number", "maximum": -2.5}) == -3.0
+    assert tgw.schema_example({"type": "string", "minLength": 12}) == "loopbackxxxx"
+    assert time.monotonic() - started < 2
+
+
+def test_conformance_chat_n_choices_translated_is_a_clear_error_not_one_choice(start_gateway, upstream):
+    # openai SDK chat.completions.create(n=2) to a Claude model: one choice came back and choices[1] failed
+    up = upstream(answer_any_protocol)
+    gw = start_gateway(env=lane_env(up, "anthropic"))
+    status, _, body = post(gw, "/v1/chat/completions", {"model": "gpt-4o-mini", "n": 2, "messages": [
+        {"role": "user", "content": "hi"}]})  # fmt: skip
+    error = json.loads(body)["error"]
+    assert status == 400 and "'n'" in error["message"] and error["type"] == "invalid_request_error"
+    assert up.requests == []  # nothing half-answered upstream
+    status, _, body = post(gw, "/v1/chat/completions", {"model": "gpt-4o-mini", "n": 1, "messages": [
+        {"role": "user", "content": "hi"}]})  # fmt: skip
+    assert status == 200 and len(json.loads(body)["choices"]) == 1
+    up2 = upstream(lambda h, b: reply_json(h, {**chat_completion("a"), "choices": [
+        {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"} for i, t in enumerate("ab")]}))  # fmt: skip
+    gw2 = start_gateway(env=lane_env(up2, "openai"))
+    status, _, body = post(gw2, "/v1/chat/completions", {"model": "gpt-4o-mini", "n": 2, "messages": [
+        {"role": "user", "content": "hi"}]})  # fmt: skip
+    assert status == 200 and len(json.loads(body)["choices"]) == 2  # the OpenAI provider itself: passthrough
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"a": {"type": "string"}}, "required": [{"x": 1}, ["a"], "a"]},
+    {"allOf": [{"properties": {"a": {}}, "required": 7}, {"properties": []}], "properties": "no"},
+    {"type": "string", "format": ["date"]}, {"type": "integer", "minimum": 10**400, "maximum": float("nan")},
+    {"type": "number", "exclusiveMinimum": float("inf")}, {"anyOf": [None, 3]}, {"$ref": 5}, {"type": 7},
+    {"type": ["null"]}, {"enum": []}, {"items": {"type": "integer"}, "type": "array", "minItems": -5},
+])  # fmt: skip
+def test_conformance_schema_example_never_raises_on_odd_schemas(schema):
+    json.dumps(tgw.schema_example(schema))  # a value (or null) for anything a client can send

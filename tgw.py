@@ -2190,6 +2190,7 @@ def sse_event(name: str | None, obj) -> bytes:
 # Parts (message content), one dataclass with a `type` tag:
 #   text               text
 #   image              media_type + data (base64) or url
+#   document           a file (PDF, text...) as media_type + data (base64) or url, name (file name or title)
 #   tool_call          id, name, arguments (JSON text; a custom tool's free text is {"input": text})
 #   tool_result        id (of the call), content (list of text/image Parts), is_error
 #   thinking           text, signature (kept byte-exact for Anthropic)
@@ -2460,6 +2461,41 @@ def image_url_of(part: Part) -> str:
     return part.url or f"data:{part.media_type or 'image/png'};base64,{part.data}"
 
 
+DOCUMENT_TYPES = {"pdf": "application/pdf", "txt": "text/plain", "md": "text/markdown", "csv": "text/csv",
+                  "html": "text/html", "json": "application/json"}  # fmt: skip
+
+
+def document_part(data_or_uri: str, url: str = "", name: str = "", media_type: str = "") -> Part:
+    """A document from base64 data (or a data: URI holding it) or a URL. Its type, when not given,
+    comes from the data URI or the file name; PDF, what every protocol's file input takes, otherwise."""
+    data_uri = parse_data_uri(data_or_uri or url)
+    if data_uri:
+        return Part("document", media_type=media_type or data_uri[0], data=data_uri[1], name=name)
+    suffix = (name or url).split("?", 1)[0].rsplit(".", 1)[-1].lower()
+    media_type = media_type or DOCUMENT_TYPES.get(suffix, "application/pdf")
+    return Part("document", media_type=media_type, data=data_or_uri, url="" if data_or_uri else url, name=name)
+
+
+def document_text(part: Part) -> str | None:
+    """The text of a text/* document given as data, for upstreams that take no such file; None otherwise."""
+    if not part.media_type.startswith("text/") or not part.data:
+        return None
+    try:
+        return base64.b64decode(part.data, validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def document_as_text(part: Part) -> str:
+    """A document an upstream cannot take as a file: its text when it is text, else a note saying what it was."""
+    text = document_text(part)
+    label = f"document {part.name}" if part.name else "document"
+    if text is not None:
+        return f"[{label}]\n{text}"
+    where = f" at {part.url}" if part.url else ""
+    return f"[{label} ({part.media_type}){where} omitted by the gateway: this upstream takes no such file]"
+
+
 # ======================================================================================
 # 5. Codecs
 # ======================================================================================
@@ -2577,12 +2613,15 @@ class OpenAIChatCodec(Codec):
         "model": str, "messages": list, "tools": list, "parallel_tool_calls": bool, "max_completion_tokens": int,
         "max_tokens": int, "temperature": float, "top_p": float, "stream": bool, "reasoning_effort": str,
         "response_format": dict, "metadata": dict, "user": str, "stream_options": dict, "stop": (str, list),
-        "tool_choice": (str, dict),
+        "tool_choice": (str, dict), "n": int,
     }  # fmt: skip
 
     def decode_request(self, body: dict) -> Request:
         check_fields(body, self.REQUEST_FIELDS, ("model", "messages"))
         get = body.get
+        if (get("n") or 1) != 1:  # the canonical answer is one choice: n choices would come back as one, silently
+            raise bad_request("'n' other than 1 needs the model's own OpenAI-compatible provider: this model is "
+                              "answered through another protocol, one choice per request; send n requests")  # fmt: skip
         stop = get("stop")
         options = get("stream_options")
         req = Request(
@@ -2713,7 +2752,13 @@ class OpenAIChatCodec(Codec):
                     parts.append(Part("image", url=url))
             elif kind == "refusal":
                 parts.append(Part("text", text=field_at(item, "refusal", str, where, default="")))
-            elif kind == "input_audio" or kind == "file":
+            elif kind == "file" and isinstance(item.get("file"), dict) and item["file"].get("file_data"):
+                spec = item["file"]
+                name = spec.get("filename") if isinstance(spec.get("filename"), str) else ""
+                parts.append(document_part(field_at(spec, "file_data", str, f"{where}.file"), name=name))
+            elif (
+                kind == "input_audio" or kind == "file"
+            ):  # a file id only OpenAI can read, audio no other upstream takes
                 parts.append(Part("text", text=f"[{kind} content omitted by the gateway]"))
             else:
                 raise bad_request(f"{where} has an unknown part type {json_preview(kind)}")
@@ -2818,7 +2863,7 @@ class OpenAIChatCodec(Codec):
                 if p.content and any(c.type == "image" for c in p.content):
                     shown.append(Part("text", text=f"[the image(s) that tool call {p.id} returned]"))
                     shown.extend(c for c in p.content if c.type == "image")
-        rest = shown + [p for p in msg.parts if p.type in ("text", "image")]
+        rest = shown + [p for p in msg.parts if p.type in ("text", "image", "document")]
         if rest:
             out.append({"role": "user", "content": self._encode_content(rest)})
         return out
@@ -2826,12 +2871,15 @@ class OpenAIChatCodec(Codec):
     def _encode_content(self, parts):
         if all(p.type == "text" for p in parts):
             return "".join(p.text for p in parts) if len(parts) == 1 else "\n\n".join(p.text for p in parts)
-        return [
-            {"type": "text", "text": p.text}
-            if p.type == "text"
-            else {"type": "image_url", "image_url": {"url": image_url_of(p)}}
-            for p in parts
-        ]
+        return [self._encode_content_part(p) for p in parts]
+
+    @staticmethod
+    def _encode_content_part(part: Part) -> dict:
+        if part.type == "image":
+            return {"type": "image_url", "image_url": {"url": image_url_of(part)}}
+        if part.type == "document" and part.media_type == "application/pdf" and part.data:  # Chat takes PDFs as data
+            return {"type": "file", "file": {"filename": part.name or "document.pdf", "file_data": image_url_of(part)}}
+        return {"type": "text", "text": document_as_text(part) if part.type == "document" else part.text}
 
     def _encode_tool(self, tool: Tool) -> dict:
         fn = {
@@ -3025,7 +3073,10 @@ def openai_id(resp_id: str) -> str:
 
 def tool_result_text(part: Part) -> str:
     """A tool result as plain text, keeping the error marker protocols without is_error need."""
-    text = "\n".join(p.text if p.type == "text" else "[image]" for p in part.content or [])
+    text = "\n".join(
+        p.text if p.type == "text" else document_as_text(p) if p.type == "document" else "[image]"
+        for p in part.content or []
+    )
     return f"[tool error] {text}" if part.is_error else text
 
 
@@ -3522,6 +3573,22 @@ def anthropic_image_source(part: Part) -> dict:
     return {"type": "base64", "media_type": ANTHROPIC_MEDIA_TYPES.get(media_type, media_type), "data": part.data}
 
 
+def anthropic_document(part: Part) -> dict:
+    """A document block: PDFs as base64 or URL sources, text as a text source, anything else in words."""
+    text = document_text(part)
+    if part.media_type == "application/pdf":
+        source = {"type": "base64", "media_type": "application/pdf", "data": part.data} if part.data else {
+            "type": "url", "url": part.url}  # fmt: skip
+    elif text is not None:
+        source = {"type": "text", "media_type": "text/plain", "data": text}
+    else:
+        return {"type": "text", "text": document_as_text(part)}
+    block = {"type": "document", "source": source}
+    if part.name:
+        block["title"] = part.name
+    return block
+
+
 def anthropic_orphan_result(block: dict) -> dict:
     """A tool_result whose tool_use is not in the turn before, as text Anthropic accepts."""
     content = block.get("content")
@@ -3613,6 +3680,8 @@ class AnthropicCodec(Codec):
             return Part("text", text=text, extra=anthropic_block_extra(block, ("type", "text")))
         if kind == "image":
             return self._decode_image(block, where, role)
+        if kind == "document":
+            return self._decode_document(block, where, role)
         if kind == "tool_use":
             call_id = field_at(block, "id", str, where, required=True)
             name = field_at(block, "name", str, where, required=True)
@@ -3643,6 +3712,22 @@ class AnthropicCodec(Codec):
         if source.get("type") == "url":
             return Part("image", url=field_at(source, "url", str, f"{where}.source", required=True), extra=extra)
         return self._opaque(block, role)  # file ids and future source types: Anthropic only
+
+    def _decode_document(self, block: dict, where: str, role: str) -> Part:
+        source = field_at(block, "source", dict, where, required=True)
+        kind = source.get("type")
+        if kind not in ("base64", "url") or role != "user":
+            return self._opaque(block, role)  # text and content sources: their text for others, the block for us
+        title = block.get("title") if isinstance(block.get("title"), str) else ""
+        if kind == "base64":
+            data = field_at(source, "data", str, f"{where}.source", required=True)
+            part = document_part(
+                data, name=title, media_type=field_at(source, "media_type", str, f"{where}.source") or ""
+            )
+        else:
+            part = document_part("", url=field_at(source, "url", str, f"{where}.source", required=True), name=title)
+        part.extra = anthropic_block_extra(block, ("type", "source", "title"))  # context, citations, cache_control
+        return part
 
     @staticmethod
     def _opaque(block: dict, role: str) -> Part:
@@ -3790,6 +3875,8 @@ class AnthropicCodec(Codec):
             block = {"type": "text", "text": part.text} if part.text.strip() else None  # Anthropic rejects blank text
         elif kind == "image" and role == "user":
             block = {"type": "image", "source": anthropic_image_source(part)}
+        elif kind == "document" and role == "user":
+            block = anthropic_document(part)
         elif kind == "tool_call" and role == "assistant":
             arguments = json_object_arguments(part.arguments)
             block = {"type": "tool_use", "id": anthropic_tool_id(part.id), "name": part.name, "input": arguments}
@@ -4777,7 +4864,11 @@ class ResponsesCodec(Codec):
                 parts.append(Part("text", text=field_at(item, "refusal", str, f"{where}[{j}]") or ""))
             elif kind == "input_image":
                 parts.append(self._decode_image(item, f"{where}[{j}]"))
-            elif kind in ("input_file", "input_audio"):
+            elif kind == "input_file" and (item.get("file_data") or item.get("file_url")):
+                data = field_at(item, "file_data", str, f"{where}[{j}]") or ""
+                name = item.get("filename") if isinstance(item.get("filename"), str) else ""
+                parts.append(document_part(data, url=field_at(item, "file_url", str, f"{where}[{j}]") or "", name=name))
+            elif kind in ("input_file", "input_audio"):  # a file id only OpenAI can read, audio
                 parts.append(Part("text", text=f"[{kind} content omitted by the gateway]"))
             else:
                 log.info("responses: dropped a content part of unsupported type %s in %s", json_preview(kind), where)
@@ -4931,7 +5022,7 @@ class ResponsesCodec(Codec):
             for p in parts
             if p.type == "tool_result"
         ]  # fmt: skip
-        content = [self._encode_content_part(p) for p in parts if p.type in ("text", "image")]
+        content = [self._encode_content_part(p) for p in parts if p.type in ("text", "image", "document")]
         if content:
             items.append({"type": "message", "role": "user", "content": content})
         return items
@@ -4948,7 +5039,11 @@ class ResponsesCodec(Codec):
     def _encode_content_part(part: Part) -> dict:
         if part.type == "image":
             return {"type": "input_image", "image_url": image_url_of(part)}
-        return {"type": "input_text", "text": part.text}
+        if part.type == "document" and part.media_type == "application/pdf":
+            item = {"type": "input_file", "filename": part.name or "document.pdf"}
+            item.update({"file_data": image_url_of(part)} if part.data else {"file_url": part.url})
+            return item
+        return {"type": "input_text", "text": document_as_text(part) if part.type == "document" else part.text}
 
     def _encode_tools(self, tools: list) -> list:
         out: list = []
@@ -5916,7 +6011,7 @@ class GeminiCodec(Codec):
             raise bad_request(f"'{where}.data' is required (base64)")
         if mime.startswith("image/"):
             return Part("image", media_type=mime, data=data)
-        return Part("text", text=f"[{mime or 'binary'} attachment omitted by the gateway]")
+        return Part("document", media_type=mime or "application/octet-stream", data=data)
 
     @staticmethod
     def _decode_file_data(file: dict, where: str) -> Part:
@@ -5926,7 +6021,7 @@ class GeminiCodec(Codec):
             raise bad_request(f"'{where}.fileUri' is required")
         if mime.startswith("image/"):
             return Part("image", media_type=mime, url=uri)
-        return Part("text", text=f"[file {uri} ({mime or 'unknown type'}) omitted by the gateway]")
+        return document_part("", url=uri, media_type=mime)
 
     @staticmethod
     def _decode_code(code: dict, where: str) -> Part:
@@ -6090,7 +6185,7 @@ class GeminiCodec(Codec):
             if p.type == "text":
                 if p.text:
                     out.append(_signed({"text": p.text}, gemini_signature(p)))
-            elif p.type == "image":
+            elif p.type in ("image", "document"):  # Gemini takes any file type inline or by URI
                 out.append(gemini_media_part(p))
             elif p.type == "thinking":
                 if gemini_signature(p):
@@ -6419,8 +6514,9 @@ GEMINI_HELD_DELTAS = {"arguments": "arguments", "signature": "signature", "think
 class GeminiStreamEncoder:
     """Canonical events -> streamGenerateContent chunks, each a whole GenerateContentResponse:
     SSE frames (alt=sse) or, with sse=False, one JSON array. Text and thoughts go out as they
-    arrive; a tool call goes out whole when its block stops (Gemini never splits a call);
-    finishReason and usageMetadata ride on the last chunk."""
+    arrive; a tool call goes out whole (Gemini never splits a call), held until the next chunk so
+    that a turn's calls travel with its finishReason and usageMetadata, as Gemini sends them; the
+    last chunk always has content (an empty text part at least), as Gemini's has."""
 
     def __init__(self, req: Request, sse: bool = True):
         self.req = req
@@ -6433,6 +6529,7 @@ class GeminiStreamEncoder:
         self.unsigned: set[int] = set()  # blocks whose signature has not gone out yet
         self.signed: list = []  # signed Anthropic thinking for the next part to carry (pack_gemini_thinking)
         self.pieces: dict[int, dict[str, list]] = {}  # block -> delta kind -> pieces, joined when it stops
+        self.calls: list = []  # functionCall parts not sent yet: they go with the next chunk
         self.opened = False  # the JSON array's "[" is out
 
     def _frame(self, obj: dict) -> bytes:
@@ -6444,6 +6541,8 @@ class GeminiStreamEncoder:
         return prefix + data
 
     def _chunk(self, parts: list, finish: str = "", usage: Usage | None = None) -> bytes:
+        if self.calls:
+            parts, self.calls = [*self.calls, *parts], []
         candidate: dict = {"content": {"parts": parts, "role": "model"}} if parts else {}
         if finish:
             candidate["finishReason"] = finish
@@ -6494,12 +6593,15 @@ class GeminiStreamEncoder:
             self.id = ev.id or new_id("")
             return b""
         if isinstance(ev, MessageDelta):
-            parts = [self._carry_thinking({"text": ""})] if self.signed else []  # thinking with nothing after it
+            # thinking with nothing after it rides on an empty text part; so does a finish with nothing to carry
+            # (clients read candidates[0].content.parts of every chunk: Gemini's last one always has some)
+            parts = [self._carry_thinking({"text": ""})] if self.signed or not self.calls else []
             return self._chunk(parts, stop_reason_out("gemini", ev.stop_reason), ev.usage or Usage())
         if isinstance(ev, MessageStop):
             return b"" if self.sse else (b"]" if self.opened else b"[]")
         if isinstance(ev, StreamError):
-            frame = self._frame(GEMINI_CODEC.encode_error(ev.error))
+            frame = self._chunk([]) if self.calls else b""  # whole calls made before the failure still go out
+            frame += self._frame(GEMINI_CODEC.encode_error(ev.error))
             return frame if self.sse else frame + b"]"
         return b""
 
@@ -6514,7 +6616,8 @@ class GeminiStreamEncoder:
             return b""
         if block.type == "tool_call":
             call = {"functionCall": {"name": block.name, "args": json_object_arguments(block.arguments)}}
-            return self._chunk([self._carry_thinking(_signed(call, gemini_signature(block)))])
+            self.calls.append(self._carry_thinking(_signed(call, gemini_signature(block))))
+            return b""
         if index in self.unsigned and block.type == "text":  # a signed block that never said anything
             self.unsigned.discard(index)
             return self._chunk([{"text": "", "thoughtSignature": gemini_signature(block)}])
@@ -7300,6 +7403,106 @@ def build_providers(cfg: Config) -> dict[str, Provider]:
     return providers
 
 
+def schema_example(schema, budget: int = 2000):
+    """A deterministic JSON value valid for a JSON Schema's usual keywords (types, required
+    properties, enum/const, local $refs, anyOf/oneOf/allOf, item, length and number bounds,
+    common formats): what the loopback model answers for structured output and forced tool
+    calls. Every node and property visited spends `budget`, depth stops at 32: a hostile schema
+    costs little, and past the bounds the value is null."""
+    left = [budget]
+    defs = (schema.get("$defs") or schema.get("definitions")) if isinstance(schema, dict) else None
+    defs = defs if isinstance(defs, dict) else {}
+
+    def resolved(node):
+        ref = node.get("$ref") if isinstance(node, dict) else None
+        return defs.get(ref.rsplit("/", 1)[-1]) if isinstance(ref, str) else node
+
+    def value(node, depth: int, refs: tuple):
+        left[0] -= 1
+        if not isinstance(node, dict) or depth > 32 or left[0] < 0:
+            return None
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            name = ref.rsplit("/", 1)[-1]
+            return None if name in refs else value(defs.get(name), depth + 1, (*refs, name))
+        if isinstance(node.get("enum"), list) and node["enum"]:
+            return node["enum"][0]
+        if "const" in node:
+            return node["const"]
+        for key in ("anyOf", "oneOf"):
+            branches = node.get(key)
+            if isinstance(branches, list) and branches:
+                typed = [b for b in branches[:64] if not (isinstance(b, dict) and b.get("type") in ("null", "NULL"))]
+                return value((typed or branches)[0], depth + 1, refs)
+        if isinstance(node.get("allOf"), list):
+            merged = {k: v for k, v in node.items() if k != "allOf"}
+            for branch in map(resolved, node["allOf"][:16]):
+                props = branch.get("properties") if isinstance(branch, dict) else None
+                if isinstance(props, dict):
+                    left[0] -= len(props)
+                    merged["properties"] = {**_dict_or_empty(merged.get("properties")), **props}
+                    merged["required"] = [
+                        *_list_or_empty(merged.get("required")),
+                        *_list_or_empty(branch.get("required")),
+                    ]
+                    merged.setdefault("type", branch.get("type"))
+            return value(merged, depth + 1, refs) if left[0] >= 0 else None
+        kind = node.get("type")
+        if isinstance(kind, list):
+            kind = next((k for k in kind if k not in ("null", "NULL")), "null")
+        kind = kind.lower() if isinstance(kind, str) else "object" if "properties" in node else "string"
+        if kind == "object":
+            props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+            names = node.get("required") if isinstance(node.get("required"), list) else list(props)
+            return {
+                n: value(props[n], depth + 1, refs) for n in names[: max(left[0], 0)] if type(n) is str and n in props
+            }
+        if kind == "array":
+            count = node.get("minItems") if isinstance(node.get("minItems"), int) else 1
+            return [value(node.get("items"), depth + 1, refs) for _ in range(max(0, min(count, 8, left[0])))]
+        if kind in ("integer", "number"):
+            return _example_number(node, kind)
+        if kind == "boolean":
+            return False
+        if kind == "null":
+            return None
+        text = LOOPBACK_FORMATS.get(node["format"], "loopback") if type(node.get("format")) is str else "loopback"
+        length = node.get("minLength") if isinstance(node.get("minLength"), int) else 0
+        return text + "x" * max(0, min(length, 1000) - len(text))
+
+    return value(schema, 0, ())
+
+
+def _example_number(node: dict, kind: str):
+    """1, or the smallest whole number the schema's bounds allow (bounds past 1e15 are ignored)."""
+    low, high, above = (node.get(k) for k in ("minimum", "maximum", "exclusiveMinimum"))
+    number = 1
+    if _plain_number(low):
+        number = math.ceil(low)
+    elif _plain_number(high) and high < 1:
+        number = math.floor(high)
+    if _plain_number(above) and number <= above:
+        number = math.floor(above) + 1
+    return number if kind == "integer" else float(number)
+
+
+def _plain_number(value) -> bool:
+    return _is_number(value) and -1e15 < value < 1e15  # NaN fails both comparisons
+
+
+def _dict_or_empty(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _list_or_empty(value) -> list:
+    return value if isinstance(value, list) else []
+
+
+LOOPBACK_FORMATS = {"date-time": "2025-01-01T00:00:00Z", "date": "2025-01-01", "time": "00:00:00",
+                    "email": "loopback@example.com", "uri": "https://example.com/", "url": "https://example.com/",
+                    "uuid": "00000000-0000-4000-8000-000000000000", "ipv4": "127.0.0.1", "ipv6": "::1"}  # fmt: skip
+
+
 LOOPBACK_EMBEDDING_DIMENSIONS = 256  # when the client names none
 LOOPBACK_MAX_DIMENSIONS = 3072  # text-embedding-3-large's, the most any OpenAI model has
 LOOPBACK_MAX_EMBEDDING_VALUES = 65536  # per request: a few milliseconds of hashing, never seconds
@@ -7310,8 +7513,11 @@ class LoopbackModel:
 
     It echoes the last user text. To make it call a tool (for testing tool flows offline),
     put `[[tool:NAME {"json": "arguments"}]]` in the last user message (arguments optional);
-    once a tool result comes back it answers with the result's text. Embeddings are a
-    deterministic unit vector derived from a hash of each input."""
+    once a tool result comes back it answers with the result's text. A forced tool choice
+    (required, or a named tool) is obeyed with arguments made from the tool's schema, and a
+    JSON response format is answered with JSON (a value valid for the schema, when there is
+    one), so structured-output clients work offline. Embeddings are a deterministic unit
+    vector derived from a hash of each input."""
 
     TOOL_OPENING = re.compile(r"\[\[tool:([A-Za-z0-9_.:-]{1,128})\s*(\]\]|\{)")
     TOOL_BARE = re.compile(r"\[\[tool:([A-Za-z0-9_.:-]{1,128})\s*\]\]")
@@ -7338,10 +7544,14 @@ class LoopbackModel:
         results = [p for p in last.parts if p.type == "tool_result"]
         user_text = text_of(last.parts)
         directive = self.tool_directive(user_text) if not results else None
+        forced = self.forced_tool(req) if not results and not directive else None
         parts: list = []
         stop = "end_turn"
-        if directive and req.tool_choice != "none":
-            name, arguments = directive[0], directive[1] or "{}"
+        if (directive or forced) and req.tool_choice != "none":
+            if directive:
+                name, arguments = directive[0], directive[1] or "{}"
+            else:
+                name, arguments = forced.name, dumps(schema_example(forced.parameters)).decode()
             digest = hashlib.sha256(user_text.encode("utf-8", "surrogatepass")).hexdigest()[:24]
             parts.append(Part("tool_call", id="call_" + digest, name=name, arguments=arguments))
             stop = "tool_use"
@@ -7350,7 +7560,8 @@ class LoopbackModel:
         else:
             said = next((p.text for p in reversed(last.parts) if p.type == "text" and p.text.strip()), "")
             shown = said.strip()[:500] or "(no text)"  # the prompt itself, not the notes clients prepend
-            parts.append(Part("text", text=f"Hello from the tgw loopback model. You said: {shown}"))
+            text = f"Hello from the tgw loopback model. You said: {shown}"
+            parts.append(Part("text", text=self.json_answer(req.response_format, text)))
         output = estimate_tokens([p.text or p.arguments for p in parts])
         max_tokens = req.max_tokens or 0
         if max_tokens and output > max_tokens and parts[0].type == "text":
@@ -7363,6 +7574,25 @@ class LoopbackModel:
         return Response(
             "msg_loop" + digest, req.model, parts, stop, usage=Usage(prompt, output), created=int(time.time())
         )
+
+    @staticmethod
+    def forced_tool(req: Request) -> Tool | None:
+        """The tool a forced tool_choice names (the first one for 'required'), if the request has it."""
+        if req.tool_choice == "required":
+            return next((t for t in req.tools if t.kind == "function"), None)
+        if req.tool_choice == "tool":
+            return next((t for t in req.tools if t.name == req.tool_name), None)
+        return None
+
+    @staticmethod
+    def json_answer(response_format: dict | None, text: str) -> str:
+        """The answer as the response format asks: JSON valid for the schema, a JSON object, or the text."""
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind == "json_schema":
+            spec = response_format.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            return dumps(schema_example(schema if isinstance(schema, dict) else {})).decode()
+        return dumps({"reply": text}).decode() if kind == "json_object" else text
 
     @staticmethod
     def stream_events(resp: Response) -> list:
