@@ -12401,6 +12401,9 @@ def test_review_no_key_but_an_active_admins_reaches_the_admin_api(team, start_ga
     assert tgw.main(["user", "enable", "root@example.com"]) == 0
     team.update_user("root@example.com", {"role": "user"})  # demoted: its key stops being an admin's
     assert wait_for(lambda: team_call(gw, "GET", "/api/v1/admin/users", None, team_auth("openai", admin))[0] == 403)
+
+
+# ======================================================================================
 # Conformance: real clients on every lane
 # ======================================================================================
 # Each test replays a request a real client sent (captured from google-genai, the openai SDK, ...
