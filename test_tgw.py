@@ -145,6 +145,12 @@ def start_gateway(tmp_path):
         gw.stop()
 
 
+class QuietHTTPServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a pooled connection the gateway dropped is normal
+            super().handle_error(request, client_address)
+
+
 class FakeUpstream:
     """A scripted upstream on 127.0.0.1. `script(handler, body)` answers each request;
     every request is recorded (method, path, headers, body)."""
@@ -183,7 +189,7 @@ class FakeUpstream:
 
             do_GET = do_POST
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = QuietHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -1113,6 +1119,10 @@ def test_price_table_from_config_overrides_defaults(tmp_path):
     assert table.cost("gpt-4o-mini", tgw.Usage(1_000_000, 1_000_000, 0)) == 3.0
     assert table.cost("claude-sonnet-4-5", tgw.Usage(1_000_000, 0)) == 3.0
     assert table.cost("unknown", tgw.Usage(10, 10)) == 0.0
+    for i in range(3 * tgw.PriceTable.CACHE_MAX):  # model names are the clients': the cache stays bounded
+        table.cost(f"client-chosen-{i}", tgw.Usage(1, 1))
+    assert len(table._cache) <= tgw.PriceTable.CACHE_MAX
+    assert table.cost("gpt-4o-mini", tgw.Usage(1_000_000, 0)) == 1.0
 
 
 # ======================================================================================
@@ -10654,6 +10664,37 @@ def test_team_model_allow_list_is_a_403_naming_the_globs_in_each_protocol(team, 
         assert status == 403 and "gpt-4o-mini*" in team_error(protocol, 403, payload)[1]
     refused = [r for r in gw.rows(2 * len(TEAM_MODEL_CALLS) + 1) if r["status"] == 403]
     assert len(refused) == len(TEAM_MODEL_CALLS) and {r["key_id"] for r in refused} == {team.key(key[:12])["id"]}
+
+
+def test_team_model_lists_show_a_key_only_the_models_its_allow_list_admits(team, start_gateway):
+    narrow, _ = team_key(team, models="gpt-4o-mini*,fast")
+    empty, _ = team_key(team, name="nothing-listed", models="no-such-model*")
+    wide, _ = team_key(team, name="any")
+    gw = start_gateway(model_aliases="fast=>gpt-4o-mini,quick=>gpt-4o-mini")
+
+    def listed(key: str, protocol: str) -> list[str]:
+        path = "/v1beta/models" if protocol == "gemini" else "/v1/models"
+        headers = {
+            **team_auth(protocol, key),
+            **({"anthropic-version": "2023-06-01"} if protocol == "anthropic" else {}),
+        }
+        status, _, payload = team_call(gw, "GET", path, None, headers)
+        assert status == 200
+        data = json.loads(payload)
+        if protocol == "gemini":
+            return [m["name"].removeprefix("models/") for m in data.get("models", [])]
+        return [m["id"] for m in data["data"]]
+
+    for protocol in ("openai", "anthropic", "gemini"):
+        everything = listed(wide, protocol)
+        assert {"loopback", "fast", "quick"} <= set(everything)
+        callable_ = {m for m in everything if m in ("fast", "quick") or m.startswith("gpt-4o-mini")}  # quick: an alias
+        assert set(listed(narrow, protocol)) == callable_ and "loopback" not in callable_
+        assert listed(empty, protocol) == []  # an empty list in each shape, not an error
+    status, _, payload = team_call(
+        gw, "GET", "/v1/models", None, {**team_auth("anthropic", empty), "anthropic-version": "2023-06-01"}
+    )
+    assert json.loads(payload) == {"data": [], "has_more": False, "first_id": None, "last_id": None}
 
 
 def test_team_budget_stops_the_next_call_and_holds_under_20_parallel_requests(team, start_gateway, upstream):

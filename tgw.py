@@ -8315,6 +8315,8 @@ def parse_price(glob_: str, raw: str) -> tuple:
 
 
 class PriceTable:
+    CACHE_MAX = 4096  # distinct models priced before the cache starts over
+
     def __init__(self, prices: dict):
         # configured entries (added last to the dict) are checked before the built-in ones
         items = list(prices.items())
@@ -8327,6 +8329,8 @@ class PriceTable:
         price = self._cache.get(model, False)
         if price is False:
             price = next((p for g, p in self.entries if glob_match(g, model)), None)
+            if len(self._cache) >= self.CACHE_MAX:  # model names are the clients' to choose
+                self._cache.clear()
             self._cache[model] = price
         if price is None:
             return 0.0
@@ -9749,9 +9753,9 @@ class Identity:
         return holds, usd, tokens, limits
 
     @staticmethod
-    def may_fail_over(principal: Principal, model: str) -> bool:
-        """May an admitted call's next attempt go to `model`, a fallback of the model its key was
-        admitted for? Not when the key's allow-list leaves it out."""
+    def allows(principal: Principal, model: str) -> bool:
+        """Does the key's allow-list admit `model`? Asked of a fallback before an admitted call's next
+        attempt goes to it, and of each model a model list shows."""
         return not principal.models or any(glob_match(g, model) for g in principal.models)
 
     def rates_of(self, route: Route) -> tuple:
@@ -10246,18 +10250,34 @@ class Gateway:
         if is_gemini_client(request):
             await self.gemini_list_models(request, call)
             return
-        models = await self.catalog.models()
+        models = await self.listed_models(call)
         if "anthropic-version" in request.headers or "x-api-key" in request.headers:
             data = [{"type": "model", "id": m.id, "display_name": m.display_name or m.id,
                      "created_at": m.created_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(m.created or 1735689600))}
                     for m in models]  # fmt: skip
-            body = {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
+            first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+            body = {"data": data, "has_more": False, "first_id": first, "last_id": last}
         else:
             body = {
                 "object": "list",
                 "data": [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.provider} for m in models],
             }
         call.exchange.send_json(200, body)
+
+    async def listed_models(self, call: Call) -> list:
+        """The catalog as the caller's key may use it: model pickers offer only what its allow-list admits."""
+        models = await self.catalog.models()
+        principal = call.principal
+        if principal is None or not principal.models:
+            return models
+        return [m for m in models if Identity.allows(principal, m.id) or self.admits_alias(principal, m.id)]
+
+    def admits_alias(self, principal: Principal, model: str) -> bool:
+        """An alias of an allowed model may be called (Identity.check_model), so it is listed too."""
+        try:
+            return Identity.allows(principal, self.router.resolve(model).model)
+        except GatewayError:  # a listed name this config no longer routes
+            return False
 
     async def get_model(self, request: HttpRequest, call: Call) -> None:
         model = request.path[len("/v1/models/") :]
@@ -10656,7 +10676,7 @@ class Gateway:
                     continue
                 raise gateway_key_refused(call, walk.last_error or walk.unavailable(now))
             account, model, again = target
-            if call.allow_listed and model != call.allow_listed and not Identity.may_fail_over(call.principal, model):
+            if call.allow_listed and model != call.allow_listed and not Identity.allows(call.principal, model):
                 continue  # a fallback outside the key's allow-list
             provider = account.provider
             try:
@@ -10901,7 +10921,7 @@ class Gateway:
         return info
 
     async def gemini_list_models(self, request: HttpRequest, call: Call) -> None:
-        models = await self.catalog.models()
+        models = await self.listed_models(call)
         call.exchange.send_json(200, {"models": [self.gemini_model_info(m.id, m) for m in models]})
 
     async def gemini_get_model(self, request: HttpRequest, call: Call) -> None:
