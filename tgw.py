@@ -9816,6 +9816,7 @@ class Call:
     user: str = ""
     encoder: object = None  # the client's stream encoder, once a canonical lane streams
     prices: object = None  # the PriceTable in force when the model call began
+    cost: float = 0.0  # USD, as its ledger row has it (record() prices the call once; metrics reuse it)
     attempts: int = 0  # upstream requests made (section 8)
     account: str = ""  # the account that answered, or failed last
     status: int = 0  # a failure after the 200 (a stream's error event): the ledger's status
@@ -10191,6 +10192,7 @@ class Gateway:
             except (TypeError, ValueError, OverflowError):  # counts an upstream got wrong: priced as sane numbers
                 usage = Usage(*(max(ledger_int(getattr(usage, name)) or 0, 0) for name in Usage.__dataclass_fields__))
                 cost = (call.prices or self.prices).cost(model, usage)
+        call.cost = cost
         if call.reservation is not None:  # the call's budgets and token rate learn what it really cost
             self.settle(call, cost, usage)
         principal = call.principal
@@ -12101,7 +12103,7 @@ class Telemetry:
                 tokens.inc((provider, model, "cached"), usage.cached_tokens)
             if 0 < usage.reasoning_tokens < MAX_TOKENS:
                 tokens.inc((provider, model, "reasoning"), usage.reasoning_tokens)
-            cost = self.gateway.prices.cost(model_name, usage) if usage.input_tokens or usage.output_tokens else 0
+            cost = call.cost
             if 0 < cost < MAX_TOKENS:
                 self.cost.inc((provider, model), cost)
             if call.stream and ex.first_byte_at:
