@@ -12136,6 +12136,60 @@ def test_long_translated_stream_keeps_every_piece_in_order(start_gateway, upstre
     assert gw.rows(1)[-1]["completion_tokens"] == 300
 
 
+@pytest.mark.parametrize("lane", ["passthrough", "translation"])
+def test_a_stream_sent_with_a_content_length_goes_on_as_it_arrives(start_gateway, upstream, lane):
+    """Some servers and caching proxies send an event stream with a Content-Length: its first
+    events must reach the client while the rest is still on its way, not after the whole body."""
+    if lane == "passthrough":
+        data = long_anthropic_stream()
+        env = {"TOKLIGENCE_ANTHROPIC_BASE_URL": "", "TOKLIGENCE_ANTHROPIC_API_KEY": "sk-ant-x1"}
+    else:
+        chunks = [o_chunk({"role": "assistant", "content": ""})] + [o_chunk({"content": p}) for p in LONG_PIECES]
+        chunks += [
+            o_chunk({}, "stop"),
+            o_chunk(None, usage={"prompt_tokens": 9, "completion_tokens": 300}, choices=False),
+        ]
+        data = b"".join(chunks) + b"data: [DONE]\n\n"
+        env = {}
+    split = data.index(b"tok1 ")  # the first piece (tok0) and what came before it, then the rest
+    release, rest_sent = threading.Event(), threading.Event()
+
+    def held_back(h, b):
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data[: data.rfind(b"\n\n", 0, split) + 2])
+        h.wfile.flush()
+        release.wait(10)  # until the client has seen the first piece
+        rest_sent.set()
+        h.wfile.write(data[data.rfind(b"\n\n", 0, split) + 2 :])
+
+    up = upstream(held_back)
+    if lane == "passthrough":
+        env["TOKLIGENCE_ANTHROPIC_BASE_URL"] = up.url
+        gw = start_gateway(env=env)
+    else:
+        gw = start_gateway(env=openai_env(up), model_provider_routes="claude*=>openai")
+    body = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 4096, "stream": True,
+                       "messages": [{"role": "user", "content": "write it"}]}).encode()  # fmt: skip
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"anthropic-version: 2023-06-01\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n%b" % (len(body), body))  # fmt: skip
+        got = b""
+        while b"tok0" not in got:
+            piece = sock.recv(65536)
+            assert piece, "the stream ended before its first piece"
+            got += piece
+        assert not rest_sent.is_set()  # the first piece came while the upstream still held the rest
+        release.set()
+        while piece := sock.recv(65536):
+            got += piece
+    assert b"tok299" in got and b"message_stop" in got
+    assert gw.rows(1)[-1]["completion_tokens"] == 300
+
+
 # ======================================================================================
 # Review: hardening, ledger, team, resilience
 # ======================================================================================

@@ -1664,10 +1664,12 @@ class UpstreamResponse:
             await reader.readexactly(2)
             return data
         if self.remaining >= 0:
-            if self.remaining <= 1 << 20:  # the usual JSON answer: one read for the whole body
+            if (
+                self.remaining <= 1 << 20 and not self.event_stream
+            ):  # the usual JSON answer: one read for the whole body
                 data = await reader.readexactly(self.remaining)
-            else:
-                data = await reader.read(1 << 18)
+            else:  # a stream goes on as it arrives, even one sent with a Content-Length (some proxies do)
+                data = await reader.read(min(self.remaining, 1 << 18))
             if not data:
                 raise asyncio.IncompleteReadError(b"", self.remaining)
             self.remaining -= len(data)
