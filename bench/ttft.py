@@ -62,13 +62,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--marker", default="tok0")
     parser.add_argument("--anthropic", action="store_true")
-    parser.add_argument("--api-key", default="")
+    parser.add_argument("--api-key", default="sk-bench-client", help="sent where the client's SDK sends it")
     args = parser.parse_args()
     parts = urlsplit(args.url)
     body = Path(args.body).read_bytes().strip()
-    extra = "anthropic-version: 2023-06-01\r\n" if args.anthropic else ""
-    if args.api_key:
-        extra += f"Authorization: Bearer {args.api_key}\r\nx-api-key: {args.api_key}\r\n"
+    if args.anthropic:
+        extra = f"anthropic-version: 2023-06-01\r\nx-api-key: {args.api_key}\r\n"
+    else:
+        extra = f"Authorization: Bearer {args.api_key}\r\n"
     request = (
         f"POST {parts.path} HTTP/1.1\r\nHost: {parts.hostname}\r\nContent-Type: application/json\r\n{extra}"
         f"Content-Length: {len(body)}\r\n\r\n"
