@@ -1664,11 +1664,11 @@ class UpstreamResponse:
             await reader.readexactly(2)
             return data
         if self.remaining >= 0:
-            if (
-                self.remaining <= 1 << 20 and not self.event_stream
-            ):  # the usual JSON answer: one read for the whole body
+            # the usual JSON answer is read whole in one step; a stream goes on as it arrives, even
+            # one sent with a Content-Length (some servers and caching proxies do)
+            if self.remaining <= 1 << 20 and not self.event_stream:
                 data = await reader.readexactly(self.remaining)
-            else:  # a stream goes on as it arrives, even one sent with a Content-Length (some proxies do)
+            else:
                 data = await reader.read(min(self.remaining, 1 << 18))
             if not data:
                 raise asyncio.IncompleteReadError(b"", self.remaining)
@@ -8686,7 +8686,7 @@ class Ledger:
             self.busy = False
 
     def _store(self, items: list) -> None:
-        writes = [item for item in items if type(item) is list]  # stored Responses, usually none
+        writes = [item for item in items if type(item) is list]  # stored Responses, last-used times: usually none
         rows = sanitise_rows([item for item in items if type(item) is tuple] if writes else items, self.kinds)
         start = 0
         while start < len(rows):  # chunks of 256, 128, ... 1 rows: a handful of cached statements
