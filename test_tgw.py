@@ -12190,6 +12190,31 @@ def test_a_stream_sent_with_a_content_length_goes_on_as_it_arrives(start_gateway
     assert gw.rows(1)[-1]["completion_tokens"] == 300
 
 
+def test_a_stream_whose_content_length_is_never_reached_ends_with_an_error(start_gateway, upstream):
+    data = long_anthropic_stream()
+    cut = data.index(b"tok100 ")  # in the middle of an event: the gateway ends that event before its error
+
+    def short(h, b):  # promises the whole stream, sends a third of it, hangs up
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data[:cut])
+        h.wfile.flush()
+        h.close_connection = True
+
+    up = upstream(short)
+    gw = start_gateway(env={"TOKLIGENCE_ANTHROPIC_BASE_URL": up.url, "TOKLIGENCE_ANTHROPIC_API_KEY": "sk-ant-x1"})
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 4096, "stream": True,
+            "messages": [{"role": "user", "content": "write it"}]}  # fmt: skip
+    status, _, got = post(gw, "/v1/messages", body, {"anthropic-version": "2023-06-01"})
+    assert status == 200 and b"tok99 " in got and b"message_stop" not in got
+    last = got.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+    assert last.startswith(b"event: error\n") and json.loads(last.split(b"data: ", 1)[1])["type"] == "error"
+    row = gw.rows(1)[-1]
+    assert row["status"] >= 500 and row["error"]
+
+
 # ======================================================================================
 # Review: hardening, ledger, team, resilience
 # ======================================================================================
