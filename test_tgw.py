@@ -8829,6 +8829,22 @@ def test_metrics_bound_client_chosen_labels(start_gateway, monkeypatch):
     assert {"/v1beta/models/{model}:generateContent", "/v1beta/models/{model}:streamGenerateContent"} <= endpoints
 
 
+def test_metrics_fold_series_past_the_cap_and_sum_them_at_scrape_time(start_gateway, monkeypatch):
+    monkeypatch.setattr(tgw, "MAX_SERIES", 3)  # label combinations; more fold into one "other" series
+    monkeypatch.setattr(tgw, "RAW_TALLIES", 2)  # (path, model, ...) as requests name them; more are labelled anew
+    gw = start_gateway()
+    names = [f"m-{i}" for i in range(6)]
+    for name in names + names[:2]:
+        assert post(gw, "/v1/messages", dict(MESSAGES, model=name))[0] == 200
+    m = parse_prometheus(get(gw, "/metrics")[2].decode())
+    calls = {dict(k)["model"]: v for k, v in m["tgw_requests_total"].items() if dict(k)["endpoint"] != "/metrics"}
+    assert sum(calls.values()) == 8 and calls["other"] == 8 - sum(v for k, v in calls.items() if k != "other")
+    assert len(calls) == 4 and calls["m-0"] == calls["m-1"] == 2  # the first three combinations, then "other"
+    durations = sum(v for k, v in m["tgw_request_duration_seconds_count"].items() if dict(k)["endpoint"] != "/metrics")
+    assert durations == 8
+    assert sum(v for k, v in m["tgw_request_duration_seconds_bucket"].items() if dict(k)["le"] == "+Inf") == 8
+
+
 def test_metrics_need_the_gateway_key_and_health_stays_public(start_gateway):
     gw = start_gateway(api_keys="gw-key-1")
     assert get(gw, "/metrics")[0] == 401
@@ -10418,6 +10434,23 @@ def test_rebuilding_the_pools_from_a_new_config_keeps_the_accounts_that_stay(sta
     assert state["openai#2"]["state"] == "closed"
     status, headers, _ = post(gw, "/v1/chat/completions", CHAT)
     assert status == 200 and headers["x-tgw-attempts"] == "1" and sent_keys(up)[-1] == R_GOOD
+
+
+def test_upstream_attempts_metric_still_counts_an_account_a_reload_dropped(start_gateway, upstream, tmp_path):
+    up = upstream(lambda h, b: reply_json(h, chat_completion()))
+    gw = start_gateway(env=openai_env(up, key=f"{R_BAD}, {R_GOOD}"))
+    for _ in range(4):
+        assert post(gw, "/v1/chat/completions", CHAT)[0] == 200
+    assert set(sent_keys(up)) == {R_BAD, R_GOOD}
+
+    async def drop_one():  # live reload, on the gateway's own loop: only R_GOOD stays
+        return gw.gateway.apply_config(make_config(tmp_path, openai_env(up, key=R_GOOD)))
+
+    asyncio.run_coroutine_threadsafe(drop_one(), gw.loop).result(10)
+    assert post(gw, "/v1/chat/completions", CHAT)[0] == 200
+    assert set(accounts(gw)) == {"openai"}
+    m = parse_prometheus(get(gw, "/metrics")[2].decode())
+    assert sample(m, "tgw_upstream_attempts_total", provider="openai") == len(up.requests) == 5  # a counter never drops
 
 
 def test_a_fallback_model_may_go_to_the_account_that_just_failed_another_model(start_gateway, upstream):

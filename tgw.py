@@ -1193,6 +1193,12 @@ class HttpRequest:
     keep_alive: bool = True
 
 
+def has_bare_cr_lf_or_nul(text: str) -> bool:
+    """Does a head hold a CR or LF outside a CRLF pair, or a NUL?"""
+    bare = text.replace("\r\n", "")
+    return "\r" in bare or "\n" in bare or "\0" in bare
+
+
 def parse_request_head(head: bytes, max_request_line: int) -> HttpRequest:
     text = head.decode("latin-1").lstrip("\r\n")  # tolerate stray CRLFs between pipelined requests
     lines = text.split("\r\n")
@@ -1217,8 +1223,7 @@ def parse_request_head(head: bytes, max_request_line: int) -> HttpRequest:
         key = name.lower()
         value = value.strip()
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    bare = text.replace("\r\n", "")  # a lone CR, LF or NUL could smuggle a header upstream
-    if "\r" in bare or "\n" in bare or "\0" in bare:
+    if has_bare_cr_lf_or_nul(text):  # one could smuggle a header upstream
         raise HttpError(400, "malformed header line: a bare CR, LF or NUL")
     if target.startswith(("http://", "https://")):  # absolute-form: keep only the path
         target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
@@ -1485,7 +1490,7 @@ class HttpServer:
                 protocol.busy = False
                 if exchange.close_after or transport.is_closing():
                     break
-                if writer.transport.get_write_buffer_size() > 65536:
+                if transport.get_write_buffer_size() > 65536:
                     await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
@@ -1542,10 +1547,10 @@ class Origin:
     host: str
     port: int
     proxy: tuple | None  # (host, port, proxy-authorization or "") when a proxy applies
+    key: tuple = ()  # the pool's key for its idle connections: all of the above (made once, in __post_init__)
 
-    @property
-    def key(self):
-        return (self.scheme, self.host, self.port, self.proxy)
+    def __post_init__(self):
+        self.key = (self.scheme, self.host, self.port, self.proxy)
 
 
 def proxy_for(scheme: str, host: str, env=os.environ) -> tuple | None:
@@ -1950,9 +1955,8 @@ class UpstreamPool:
         finally:
             self.watchdog.entries.discard(waiting)
         text = head.decode("latin-1")
-        bare = text.replace("\r\n", "")
-        if "\n" in bare or "\r" in bare or "\0" in bare:  # never let one reach a client's response head
-            if "\r" in bare or "\0" in bare:
+        if has_bare_cr_lf_or_nul(text):  # never let one reach a client's response head
+            if "\r" in text.replace("\r\n", "") or "\0" in text:
                 writer.transport.abort()
                 raise GatewayError(502, f"upstream {origin.host} sent a malformed response head (a bare CR or NUL)")
             lines = [line.removesuffix("\r") for line in text.split("\n")]  # a bare LF ends a line (RFC 9112 2.2)
@@ -8027,18 +8031,16 @@ class Pool:
                 return None
             return account
         best = None
-        total = 0.0
+        best_load = total = 0.0
         for account in accounts:
-            if (tried and (account, self.model) in tried) or not account.ready(now):
+            if (account.until and not account.ready(now)) or (tried and (account, self.model) in tried):
                 continue
-            account.credit += account.weight
-            total += account.weight
-            if best is None:
-                best = account
-                continue
-            load, best_load = account.in_flight / account.weight, best.in_flight / best.weight
-            if load < best_load or (load == best_load and account.credit > best.credit):
-                best = account
+            weight = account.weight
+            account.credit += weight
+            total += weight
+            load = account.in_flight / weight
+            if best is None or load < best_load or (load == best_load and account.credit > best.credit):
+                best, best_load = account, load
         if best is not None:
             best.credit -= total
         return best
@@ -8138,6 +8140,7 @@ class Pools:
         self.attempts = 0  # upstream requests sent, all accounts
         self.retries = 0  # ... of which to an account this request had tried already
         self.failovers = 0  # ... of which to another account or fallback model than the last attempt's
+        self.retired_attempts: dict[str, int] = {}  # provider -> requests of accounts a reload dropped
         self.rebuild(cfg, providers, router)
 
     @staticmethod
@@ -8178,6 +8181,11 @@ class Pools:
                 self.accounts[name] = account
                 members.append(account)
             self.of_provider[provider.name] = tuple(members)
+        kept = {id(account) for account in self.accounts.values()}
+        for account in old.values():  # what they sent still counts in the metrics
+            if id(account) not in kept:
+                name = account.provider.name
+                self.retired_attempts[name] = self.retired_attempts.get(name, 0) + account.requests
         self._chains: dict[tuple, tuple] = {}
 
     def chain(self, route: Route, fallbacks: bool = True) -> tuple:
@@ -8207,6 +8215,14 @@ class Pools:
         return {name: account.describe(now) for name, account in self.accounts.items()}
 
     BREAKER_GAUGE = {"closed": 0, "half_open": 1, "open": 2, "cooling": 2}
+
+    def attempts_by_provider(self) -> list:
+        """((provider,), upstream requests made, retries included) for /metrics: the accounts count them."""
+        totals = dict(self.retired_attempts)
+        for account in list(self.accounts.values()):
+            name = account.provider.name
+            totals[name] = totals.get(name, 0) + account.requests
+        return [((name,), count) for name, count in totals.items() if count]
 
     def breaker_states(self) -> list:
         """((provider, account), 0 closed | 1 half-open | 2 open or cooling down) per account: /metrics."""
@@ -8339,6 +8355,13 @@ class PriceTable:
         fresh = max(usage.input_tokens - usage.cached_tokens, 0)
         total = fresh * price[0] + usage.cached_tokens * price[2] + usage.output_tokens * price[1]
         return round(total * 1e6) / 1e12  # USD to 12 decimals (round(x, 12) costs ~15x more per call)
+
+
+# sqlite3 binds int, float and str directly but looks any other value up as an adapter, and for
+# None (a NULL: the ttft of a whole answer, the key of a keyless call) finds none only after two
+# formatted AttributeErrors: a few microseconds per NULL per row on the writer thread, which holds
+# the GIL meanwhile. An adapter that returns None itself binds it at once.
+sqlite3.register_adapter(type(None), {}.get)  # (a C function that answers None for None: no Python frame per NULL)
 
 
 def open_ledger_db(path: str, busy_timeout: float = 30.0) -> sqlite3.Connection:
@@ -8475,7 +8498,7 @@ def sanitise_rows(rows: list, kinds: tuple) -> list:
     """The rows with every value fit for its column (see above); the same list when all fit."""
     if not rows:
         return rows
-    if any(len(row) != len(kinds) for row in rows):  # a bug upstream of here: that row fails alone
+    if set(map(len, rows)) != {len(kinds)}:  # a bug upstream of here: that row fails alone
         return [sanitise_rows([row], kinds)[0] if len(row) == len(kinds) else row for row in rows]
     columns = list(zip(*rows, strict=True))
     repaired = False
@@ -9857,7 +9880,7 @@ class Outbound:
     event_filter: object = None
     hide_usage: bool = False  # usage was asked for the ledger: keep it from the client
     client_model: str | None = None  # the model the client's body names
-    through: object = None  # the route's provider when it takes the body as it is (decided once)
+    through: str = ""  # the name of the route's provider when it takes the body as it is (decided once)
 
 
 class Heartbeat:
@@ -10396,7 +10419,7 @@ class Gateway:
         provider = route.provider
         if self.passes_through(out, provider):
             call.lane = "passthrough"
-            out.through = provider
+            out.through = provider.name  # (each account of its pool is a Provider of this name)
         elif out.decode is None:
             raise bad_request(
                 f"model {call.model_requested!r} is served by {provider.name!r}, which cannot answer this"
@@ -10440,7 +10463,7 @@ class Gateway:
         """What one attempt sends `provider` for `model`: (url, body, upstream codec, lane). A
         provider of another protocol gets the request by translation; GatewayError when that
         is not allowed or not possible (the attempt loop then skips the provider)."""
-        if provider is out.through or self.passes_through(out, provider):
+        if provider.name == out.through or self.passes_through(out, provider):
             body = request.body
             if out.hide_usage or (out.client_model is not None and out.client_model != model):
                 out.body["model"] = model  # Gemini names it in the URL instead
@@ -10694,9 +10717,9 @@ class Gateway:
             call.provider, call.model_upstream, call.account, call.lane = provider.name, model, account.name, lane
             call.exchange.tags = account.tags(model, call.attempts)
             pools.attempts += 1
-            self.telemetry.upstream_attempt(provider.name, again)
             if again:
                 pools.retries += 1
+                self.telemetry.retries.inc((provider.name,))
             elif call.attempts > 1:
                 pools.failovers += 1
                 self.telemetry.failovers.inc((walk.previous, provider.name))
@@ -11484,7 +11507,8 @@ def listen_error(host: str, port: int, port_key: str, exc: OSError) -> str:
 # metric keeps at most MAX_SERIES label combinations (more fold into one "other" series), and
 # model names, which clients choose, are capped at MAX_MODEL_LABELS distinct values. The
 # gateway's own metrics live in Telemetry and are updated from the one place a request ends
-# (Gateway.handle -> Telemetry.request_ended): a few dict operations per request.
+# (Gateway.handle -> Telemetry.request_ended), which adds to one RequestTally: the series are its
+# sums, made at scrape time, so a request costs one dict lookup, not an update of every series.
 
 CURRENT_REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("tgw_request_id", default="")
 _safe_request_id = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}").fullmatch
@@ -11919,8 +11943,8 @@ class Histogram(Metric):
 
     kind = "histogram"
 
-    def __init__(self, name: str, help: str, labels: tuple = (), buckets=LATENCY_BUCKETS):
-        super().__init__(name, help, labels)
+    def __init__(self, name: str, help: str, labels: tuple = (), buckets=LATENCY_BUCKETS, callback=None):
+        super().__init__(name, help, labels, callback)  # a callback gives (labels, counts) in this layout
         self.buckets = tuple(sorted(float(b) for b in buckets))
         self.bounds = [prometheus_value(b) for b in self.buckets] + ["+Inf"]
 
@@ -11933,7 +11957,7 @@ class Histogram(Metric):
 
     def render(self, out: list) -> None:
         out.append(f"# HELP {self.name} {self.help.translate(_HELP_ESCAPES)}\n# TYPE {self.name} histogram\n")
-        for labels, counts in list(self.values.items()):
+        for labels, counts in self.series():
             cumulative = 0
             for bound, count in zip(self.bounds, counts, strict=False):
                 cumulative += count
@@ -11960,8 +11984,8 @@ class Metrics:
     def gauge(self, name: str, help: str, labels: tuple = (), callback=None) -> Gauge:
         return self._add(Gauge(name, help, labels, callback))
 
-    def histogram(self, name: str, help: str, labels: tuple = (), buckets=LATENCY_BUCKETS) -> Histogram:
-        return self._add(Histogram(name, help, labels, buckets))
+    def histogram(self, name: str, help: str, labels: tuple = (), buckets=LATENCY_BUCKETS, callback=None) -> Histogram:
+        return self._add(Histogram(name, help, labels, buckets, callback))
 
     def render(self) -> bytes:
         out: list[str] = []
@@ -11993,6 +12017,26 @@ class LabelCap:
         return "other"
 
 
+TOKEN_KINDS = ("prompt", "completion", "cached", "reasoning")  # tgw_tokens_total's kinds, in RequestTally.tokens
+RAW_TALLIES = 4096  # (path, lane, provider, model, status) combinations remembered as a request names them
+
+
+class RequestTally:
+    """What the requests of one (endpoint, lane, provider, model, status) took and used. A request
+    updates its one tally; the request, latency, token and cost series are sums of tallies made
+    at scrape time (Telemetry.histogram_sums, token_sums, cost_sums)."""
+
+    __slots__ = ("labels", "count", "latency", "ttft", "tokens", "cost")
+
+    def __init__(self, labels: tuple):
+        self.labels = labels
+        self.count = 0
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1) + [0.0]  # per bucket (the last +Inf), then the sum
+        self.ttft = [0] * (len(TTFT_BUCKETS) + 1) + [0.0]
+        self.tokens = [0] * len(TOKEN_KINDS)
+        self.cost = 0.0
+
+
 class Telemetry:
     """The gateway's metrics and its access log line, both fed when a request ends.
 
@@ -12003,24 +12047,30 @@ class Telemetry:
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
         m = self.metrics = Metrics()
-        self.requests = m.counter(
+        self.tallies: dict[tuple, RequestTally] = {}  # by what a request names: (path, lane, provider, model, status)
+        self.labelled: dict[tuple, RequestTally] = {}  # by their label values (see tally_for)
+        m.counter(
             "tgw_requests_total", "Requests answered, by endpoint, lane, provider, model and HTTP status",
             ("endpoint", "lane", "provider", "model", "status"),
+            callback=lambda: [(tally.labels, tally.count) for tally in list(self.labelled.values())],
         )  # fmt: skip
-        self.latency = m.histogram(
+        m.histogram(
             "tgw_request_duration_seconds", "Seconds from a request's head to its answer's end",
-            ("endpoint", "lane", "provider"), LATENCY_BUCKETS,
+            ("endpoint", "lane", "provider"), LATENCY_BUCKETS, callback=lambda: self.histogram_sums("latency", (0, 1, 2)),
         )  # fmt: skip
-        self.ttft = m.histogram(
+        m.histogram(
             "tgw_time_to_first_token_seconds", "Streamed model calls: seconds until the first byte reached the client",
-            ("lane", "provider"), TTFT_BUCKETS,
+            ("lane", "provider"), TTFT_BUCKETS, callback=lambda: self.histogram_sums("ttft", (1, 2)),
         )  # fmt: skip
-        self.tokens = m.counter(
+        m.counter(
             "tgw_tokens_total", "Tokens by provider, model and kind (cached is part of prompt, reasoning of completion)",
-            ("provider", "model", "kind"),
+            ("provider", "model", "kind"), callback=self.token_sums,
         )  # fmt: skip
-        self.cost = m.counter("tgw_cost_usd_total", "Cost in USD from the price table", ("provider", "model"))
-        self.attempts = m.counter("tgw_upstream_attempts_total", "Upstream requests, retries included", ("provider",))
+        m.counter(
+            "tgw_cost_usd_total", "Cost in USD from the price table", ("provider", "model"), callback=self.cost_sums
+        )
+        m.counter("tgw_upstream_attempts_total", "Upstream requests, retries included", ("provider",),
+                  callback=lambda: gateway.pools.attempts_by_provider())  # fmt: skip
         self.retries = m.counter("tgw_upstream_retries_total", "Upstream requests that were retries", ("provider",))
         self.failovers = m.counter(
             "tgw_upstream_failovers_total", "Requests moved to another upstream account or fallback model",
@@ -12079,39 +12129,82 @@ class Telemetry:
                 self.endpoint_labels[path] = label
         return label
 
-    def upstream_attempt(self, provider: str, retry: bool) -> None:
-        self.attempts.inc((provider,))
-        if retry:
-            self.retries.inc((provider,))
-
     def request_ended(self, call: Call) -> None:
         ex = call.exchange
         status = call.status or ex.status or 499  # a stream that failed after its 200 counts as its failure
         elapsed = time.monotonic() - call.started
-        endpoint = self.endpoint_label(call.endpoint)
-        model_name = call.model_upstream or call.model_requested
-        model = self.models(model_name) if model_name else ""
-        provider = call.provider
-        self.requests.inc((endpoint, call.lane, provider, model, status))
-        self.latency.observe((endpoint, call.lane, provider), elapsed)
+        key = (call.endpoint, call.lane, call.provider, call.model_upstream or call.model_requested, status)
+        tally = self.tallies.get(key) or self.tally_for(key)
+        tally.count += 1
+        latency = tally.latency
+        latency[bisect.bisect_left(LATENCY_BUCKETS, elapsed)] += 1
+        latency[-1] += elapsed
         if call.ledgered:
             usage = call.usage  # numbers by now (record() has priced it); bounded, as an upstream sent them
-            tokens = self.tokens
+            tokens = tally.tokens
             if 0 < usage.input_tokens < MAX_TOKENS:
-                tokens.inc((provider, model, "prompt"), usage.input_tokens)
+                tokens[0] += usage.input_tokens
             if 0 < usage.output_tokens < MAX_TOKENS:
-                tokens.inc((provider, model, "completion"), usage.output_tokens)
+                tokens[1] += usage.output_tokens
             if 0 < usage.cached_tokens < MAX_TOKENS:
-                tokens.inc((provider, model, "cached"), usage.cached_tokens)
+                tokens[2] += usage.cached_tokens
             if 0 < usage.reasoning_tokens < MAX_TOKENS:
-                tokens.inc((provider, model, "reasoning"), usage.reasoning_tokens)
-            cost = call.cost
-            if 0 < cost < MAX_TOKENS:
-                self.cost.inc((provider, model), cost)
+                tokens[3] += usage.reasoning_tokens
+            if 0 < call.cost < MAX_TOKENS:
+                tally.cost += call.cost
             if call.stream and ex.first_byte_at:
-                self.ttft.observe((call.lane, provider), ex.first_byte_at - call.started)
+                ttft, seconds = tally.ttft, ex.first_byte_at - call.started
+                ttft[bisect.bisect_left(TTFT_BUCKETS, seconds)] += 1
+                ttft[-1] += seconds
         if status >= self.access_from and log.isEnabledFor(logging.INFO):
             self.access_line(call, status, elapsed)
+
+    def tally_for(self, key: tuple) -> RequestTally:
+        """The tally of a request's (path, lane, provider, model, status), by bounded label values:
+        past MAX_SERIES combinations they are folded into one "other" tally. Paths and model names
+        are the clients' to choose, so at most RAW_TALLIES of them are remembered as sent."""
+        path, lane, provider, model, status = key
+        labels = (self.endpoint_label(path), lane, provider, self.models(model) if model else "", status)
+        tally = self.labelled.get(labels)
+        if tally is None:
+            if len(self.labelled) >= MAX_SERIES:
+                labels = ("other",) * len(labels)
+                tally = self.labelled.get(labels)
+            if tally is None:
+                tally = self.labelled[labels] = RequestTally(labels)
+        if len(self.tallies) < RAW_TALLIES:
+            self.tallies[key] = tally
+        return tally
+
+    def histogram_sums(self, which: str, positions: tuple) -> list:
+        """A histogram's series: the tallies' bucket counts (`which`: latency or ttft) summed by the
+        labels at `positions`."""
+        sums: dict[tuple, list] = {}
+        for tally in list(self.labelled.values()):
+            counts = getattr(tally, which)
+            if not any(counts):  # (time to first token: streamed calls only)
+                continue
+            key = tuple(tally.labels[i] for i in positions)
+            total = sums.get(key)
+            sums[key] = list(counts) if total is None else [a + b for a, b in zip(total, counts, strict=True)]
+        return list(sums.items())
+
+    def token_sums(self) -> list:
+        sums: dict[tuple, int] = {}
+        for tally in list(self.labelled.values()):
+            for kind, count in zip(TOKEN_KINDS, tally.tokens, strict=True):
+                if count:
+                    key = (tally.labels[2], tally.labels[3], kind)
+                    sums[key] = sums.get(key, 0) + count
+        return list(sums.items())
+
+    def cost_sums(self) -> list:
+        sums: dict[tuple, float] = {}
+        for tally in list(self.labelled.values()):
+            if tally.cost:
+                key = tally.labels[2:4]
+                sums[key] = sums.get(key, 0.0) + tally.cost
+        return list(sums.items())
 
     @staticmethod
     def access_line(call: Call, status: int, elapsed: float) -> None:
