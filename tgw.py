@@ -1218,11 +1218,14 @@ def parse_request_head(head: bytes, max_request_line: int) -> HttpRequest:
         if not line:
             continue
         name, sep, value = line.partition(":")
-        if not sep or not name or name[-1] in " \t" or " " in name:
+        if not sep or not name:
             raise HttpError(400, f"malformed header line {line[:60]!r}")
         key = name.lower()
-        value = value.strip()
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
+    names = "".join(headers)
+    if " " in names or "\t" in names:  # a field name is a token: no whitespace in it, nor before its colon
+        line = next(line for line in lines[1:] if " " in line.partition(":")[0] or "\t" in line.partition(":")[0])
+        raise HttpError(400, f"malformed header line {line[:60]!r}")
     if has_bare_cr_lf_or_nul(text):  # one could smuggle a header upstream
         raise HttpError(400, "malformed header line: a bare CR, LF or NUL")
     if target.startswith(("http://", "https://")):  # absolute-form: keep only the path
