@@ -8845,6 +8845,33 @@ def test_metrics_fold_series_past_the_cap_and_sum_them_at_scrape_time(start_gate
     assert sum(v for k, v in m["tgw_request_duration_seconds_bucket"].items() if dict(k)["le"] == "+Inf") == 8
 
 
+def test_caches_keyed_by_client_chosen_names_never_remember_long_ones(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion()))
+    gw = start_gateway(env=openai_env(up))
+    gateway = gw.gateway
+    fingerprints = tgw._remembered_fingerprint.cache_info().currsize
+    for i in range(20):  # model names may have 8192 characters and a key a header's 64 KB: none is kept
+        model, key = f"gpt-{i}-" + "m" * 5000, f"sk-{i}-" + "k" * 20000
+        assert post(gw, "/v1/chat/completions", dict(CHAT, model=model), {"Authorization": f"Bearer {key}"})[0] == 200
+        assert post(gw, "/v1/" + "p" * 3000 + str(i), CHAT)[0] == 404
+    assert len(up.requests) == 20 and all(len(r["body"]["model"]) > 5000 for r in up.requests)
+    remembered = [
+        *gateway.router._cache,
+        *(k[0] for k in gateway.pools._chains),
+        *gateway.prices._cache,
+        *(k[1] for p in gateway.providers.values() for k in p._urls),
+        *gateway.telemetry.endpoint_labels,
+        *(k[0] for k in gateway.telemetry.tallies),
+        *(k[3] for k in gateway.telemetry.tallies),
+    ]
+    assert remembered and max(map(len, remembered)) <= tgw.CACHED_NAME_MAX
+    assert tgw._remembered_fingerprint.cache_info().currsize == fingerprints
+    m = parse_prometheus(get(gw, "/metrics")[2].decode())
+    assert sum(v for k, v in m["tgw_requests_total"].items() if dict(k)["status"] == "200") == 20  # all counted
+    rows = gw.rows(20)  # (a path with no endpoint is no model call: no row)
+    assert len({r["api_key_id"] for r in rows}) == 20 and all(r["status"] == 200 for r in rows)  # each key its own id
+
+
 def test_metrics_need_the_gateway_key_and_health_stays_public(start_gateway):
     gw = start_gateway(api_keys="gw-key-1")
     assert get(gw, "/metrics")[0] == 401

@@ -314,15 +314,32 @@ def redacting_log_record(*args, **kwargs) -> logging.LogRecord:
 logging.setLogRecordFactory(redacting_log_record)
 
 
-@functools.lru_cache(maxsize=1024)  # clients send the same key with every request
+# Caches keyed by a name a client chose (a model, a path, a key) remember it only up to this many characters:
+# a longer one (model names may have 8192) is answered each time, so a cache holds kilobytes, not megabytes.
+CACHED_NAME_MAX = 256
+
+
 def key_fingerprint(key: str) -> str:
-    """A stable, non-reversible id for an API key (what the ledger stores)."""
-    return hashlib.sha256(key.encode()).hexdigest()[:12] if key else ""
+    """A stable, non-reversible id for an API key (what the ledger stores). Clients send the same
+    key with every request, so short ones are remembered."""
+    return _remembered_fingerprint(key) if len(key) <= CACHED_NAME_MAX else _fingerprint(key)
 
 
-@functools.lru_cache(maxsize=8192)  # routes, prices and model limits ask the same questions per request
+def _fingerprint(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:12] if key else ""
+
+
 def glob_match(pattern: str, name: str) -> bool:
+    """Routes, prices and model limits ask the same questions per request: short names' answers are remembered."""
+    return _remembered_match(pattern, name) if len(name) <= CACHED_NAME_MAX else _glob_match(pattern, name)
+
+
+def _glob_match(pattern: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name.lower(), pattern.lower())
+
+
+_remembered_fingerprint = functools.lru_cache(maxsize=1024)(_fingerprint)
+_remembered_match = functools.lru_cache(maxsize=8192)(_glob_match)
 
 
 def estimate_tokens(obj) -> int:
@@ -7341,7 +7358,7 @@ class Provider:
         url = self._urls.get(key)
         if url is None:
             url = self._build_url(operation, model, stream)
-            if len(self._urls) < 4096:
+            if len(self._urls) < 4096 and len(model) <= CACHED_NAME_MAX:
                 self._urls[key] = url
         return url
 
@@ -7634,7 +7651,7 @@ class LoopbackModel:
 # ======================================================================================
 
 
-MODEL_NAME_MAX = 8192  # characters: a model name keys the routing caches (only names up to 256 are cached)
+MODEL_NAME_MAX = 8192  # characters (only names up to CACHED_NAME_MAX are remembered by the caches)
 
 
 @dataclass(slots=True)
@@ -7706,7 +7723,7 @@ class Router:
                 "invalid_request_error",
             )
         route = Route(provider, target, model, pool)
-        if len(self._cache) < 10000 and len(model) <= 256:
+        if len(self._cache) < 10000 and len(model) <= CACHED_NAME_MAX:
             self._cache[model] = route
         return route
 
@@ -8207,7 +8224,8 @@ class Pools:
             chain = tuple(pool for pool in chain if pool.accounts)
             if len(self._chains) >= 10000:
                 self._chains.clear()
-            self._chains[key] = chain
+            if len(route.requested) <= CACHED_NAME_MAX:
+                self._chains[key] = chain
         return chain
 
     def pool_accounts(self, route: Route) -> tuple:
@@ -8352,7 +8370,8 @@ class PriceTable:
             price = next((p for g, p in self.entries if glob_match(g, model)), None)
             if len(self._cache) >= self.CACHE_MAX:  # model names are the clients' to choose
                 self._cache.clear()
-            self._cache[model] = price
+            if len(model) <= CACHED_NAME_MAX:
+                self._cache[model] = price
         if price is None:
             return 0.0
         fresh = max(usage.input_tokens - usage.cached_tokens, 0)
@@ -12128,7 +12147,7 @@ class Telemetry:
                 label = bare.split("/models/", 1)[0] + "/models/{model}:" + method
             else:
                 label = next((family for prefix, family in ENDPOINT_FAMILIES if bare.startswith(prefix)), "other")
-            if len(self.endpoint_labels) < 4096:
+            if len(self.endpoint_labels) < 4096 and len(path) <= CACHED_NAME_MAX:
                 self.endpoint_labels[path] = label
         return label
 
@@ -12175,7 +12194,7 @@ class Telemetry:
                 tally = self.labelled.get(labels)
             if tally is None:
                 tally = self.labelled[labels] = RequestTally(labels)
-        if len(self.tallies) < RAW_TALLIES:
+        if len(self.tallies) < RAW_TALLIES and len(path) <= CACHED_NAME_MAX and len(model) <= CACHED_NAME_MAX:
             self.tallies[key] = tally
         return tally
 
