@@ -8,6 +8,8 @@
     python3 bench/bench.py --pair passthrough@/tmp/old/tgw.py,passthrough   # another build, same lane
     python3 bench/bench.py --python /usr/bin/python3.11          # the interpreter for tgw and the proxy
     python3 bench/bench.py --litellm /path/to/venv              # add LiteLLM (pip install 'litellm[proxy]')
+    python3 bench/bench.py --count --pair passthrough@/tmp/old/tgw.py,passthrough-pool   # instructions per
+                                                # request under load, counted by callgrind: no drift at all
 
 Layout on a 2-core machine: the gateway under test is pinned to core 0; nginx (one worker, the mock
 upstream of bench/mock_upstream.py) and wrk (one thread) share core 1. Every target answers the same
@@ -278,7 +280,8 @@ def target_named(spec: str) -> tuple[Target, Path]:
     return target, Path(other).resolve() if other else ROOT / "tgw.py"
 
 
-def start_target(spec: str, procs: Processes, python: str, litellm: str | None) -> Running:
+def start_target(spec: str, procs: Processes, python: str, litellm: str | None, count: bool = False) -> Running:
+    """`count`: run it under callgrind with instrumentation off until run_count turns it on."""
     target, tgw_py = target_named(spec)
     if target.kind == "nginx":
         return Running(target, target.path, None)
@@ -292,8 +295,12 @@ def start_target(spec: str, procs: Processes, python: str, litellm: str | None) 
         headers["Authorization"] = f"Bearer {target.api_key}"
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in target.name)
     log = WORK / f"{slug}.log"
+    counted = [] if not count else [
+        "valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+        f"--callgrind-out-file={WORK / 'callgrind' / slug}.%p",
+    ]  # fmt: skip
     if target.kind == "minimal":
-        proc = procs.start([python, str(HERE / "minimal_proxy.py"), str(port), target.prefix], log=log)
+        proc = procs.start([*counted, python, str(HERE / "minimal_proxy.py"), str(port), target.prefix], log=log)
     elif target.kind == "litellm":
         if not litellm:
             raise SystemExit("the litellm target needs --litellm VENV (a venv with 'litellm[proxy]' installed)")
@@ -310,6 +317,8 @@ def start_target(spec: str, procs: Processes, python: str, litellm: str | None) 
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOKLIGENCE_")}
         env.update(target.env, HOME=str(home), TOKLIGENCE_LEDGER_PATH=str(home / "ledger.db"))
         env["TOKLIGENCE_LOG_LEVEL"] = "warning"
+        if count:
+            env["TGW_REEXECUTED"] = "1"  # tgw re-executes itself once at start; callgrind would not follow
         for command in target.setup:
             done = subprocess.run([python, str(tgw_py), *command], env=env, cwd=home, check=True,
                                   capture_output=True, text=True)  # fmt: skip
@@ -317,8 +326,8 @@ def start_target(spec: str, procs: Processes, python: str, litellm: str | None) 
             if made:  # `tgw key create` prints the key once: the load uses it
                 target = Target(**{**target.__dict__, "api_key": made})
                 headers["Authorization"] = f"Bearer {made}"
-        proc = procs.start([python, str(tgw_py), "serve", "--port", str(port)], env=env, log=log)
-    start_s = wait_http(url, 120 if target.kind == "litellm" else 30, body, headers)
+        proc = procs.start([*counted, python, str(tgw_py), "serve", "--port", str(port)], env=env, log=log)
+    start_s = wait_http(url, 120 if target.kind == "litellm" or count else 30, body, headers)
     return Running(target, url, proc, start_s)
 
 
@@ -463,6 +472,59 @@ def run_pair(args, procs: Processes) -> list[dict]:
     return rows
 
 
+def run_count(args, procs: Processes) -> list[dict]:
+    """Machine instructions per request under load, counted by callgrind (instrumentation on only
+    while wrk runs): a figure the machine's drift cannot touch, though the gateway runs ~50x slower,
+    so batches (the ledger's) are smaller than at full speed. One level: the first of --conc."""
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        raise SystemExit("--count needs valgrind: apt-get install -y valgrind")
+    (WORK / "callgrind").mkdir(parents=True, exist_ok=True)
+    conc, rows = args.conc[0], []
+    for name in args.pair or args.targets:
+        if target_named(name)[0].kind not in ("tgw", "minimal"):
+            raise SystemExit(f"--count counts tgw targets and minimal, not {name}")
+        run = start_target(name, procs, args.python, args.litellm, count=True)
+        wrk(run, conc, args.warmup or 3)
+        subprocess.run(["callgrind_control", "-i", "on", str(run.pid)], capture_output=True, check=True)
+        result = wrk(run, conc, args.duration)
+        subprocess.run(["callgrind_control", "-i", "off", str(run.pid)], capture_output=True, check=True)
+        procs.stop(run.proc)  # callgrind writes its counts as the process ends
+        threads = sorted((WORK / "callgrind").glob(f"*.{run.pid}-*"))
+        counts = [callgrind_total(path) for path in threads]
+        requests = max(result["requests"], 1)
+        row = {"target": name, "conc": conc, "requests": result["requests"],
+               "instructions_per_request": sum(counts) / requests,
+               "event_loop_per_request": (counts[0] if counts else 0) / requests}  # fmt: skip
+        row["other_threads_per_request"] = row["instructions_per_request"] - row["event_loop_per_request"]
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    if args.pair:
+        a, b = rows
+        rows.append({"pair": f"{a['target']} vs {b['target']}", "conc": conc,
+                     "instructions_ratio": b["instructions_per_request"] / a["instructions_per_request"]})  # fmt: skip
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def callgrind_total(path: Path) -> int:
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("totals:"):
+            return int(line.split()[1])
+    return 0
+
+
+def count_markdown(rows: list[dict]) -> str:
+    out = ["| target | connections | requests counted | instructions per request | event loop | other threads |",
+           "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        if "target" in r:
+            out.append(f"| {r['target']} | {r['conc']} | {r['requests']:,.0f} | {r['instructions_per_request']:,.0f} | "
+                       f"{r['event_loop_per_request']:,.0f} | {r['other_threads_per_request']:,.0f} |")  # fmt: skip
+        else:
+            out.append(f"\n{r['pair']}: {r['instructions_ratio']:.3f}x the instructions per request")
+    return "\n".join(out)
+
+
 def format_row(row: dict) -> str:
     text = (f"  {row['target']:<20} c={row['conc']:<4} {row['rps']:>9.0f} rps  p50 {row['p50_ms']:.2f} ms  "
             f"p99 {row['p99_ms']:.2f} ms  errors {row['errors']:.0f}")  # fmt: skip
@@ -510,6 +572,7 @@ def main() -> int:
     parser.add_argument("--ttft", type=int, default=300, help="stream targets: sequential requests timed (0 = skip)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for tgw and the minimal proxy")
     parser.add_argument("--litellm", help="a venv with litellm[proxy] (for the litellm target)")
+    parser.add_argument("--count", action="store_true", help="instructions per request under callgrind (valgrind)")
     args = parser.parse_args()
     args.conc = [int(c) for c in args.conc.split(",")]
     args.targets = [t for t in args.targets.split(",") if t]
@@ -524,7 +587,10 @@ def main() -> int:
     stamp = time.strftime("%Y%m%dT%H%M%S")
     try:
         start_mock(procs)
-        rows = run_pair(args, procs) if args.pair else run_sequential(args, procs)
+        if args.count:
+            rows = run_count(args, procs)
+        else:
+            rows = run_pair(args, procs) if args.pair else run_sequential(args, procs)
     finally:
         procs.stop_all()
     results = WORK / "results"
@@ -533,7 +599,9 @@ def main() -> int:
     meta = {"python": args.python, "version": subprocess.run([args.python, "-VV"], capture_output=True,
             text=True).stdout.strip(), "args": {k: v for k, v in vars(args).items()}}  # fmt: skip
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    if not args.pair:
+    if args.count:
+        print(count_markdown(rows))
+    elif not args.pair:
         print(markdown(rows))
     print(f"# results: {out}", file=sys.stderr)
     return 0
