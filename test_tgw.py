@@ -8843,6 +8843,7 @@ def test_metrics_fold_series_past_the_cap_and_sum_them_at_scrape_time(start_gate
     durations = sum(v for k, v in m["tgw_request_duration_seconds_count"].items() if dict(k)["endpoint"] != "/metrics")
     assert durations == 8
     assert sum(v for k, v in m["tgw_request_duration_seconds_bucket"].items() if dict(k)["le"] == "+Inf") == 8
+    assert "tgw_time_to_first_token_seconds_count" not in m  # whole answers only: no such series, not even zeros
 
 
 def test_caches_keyed_by_client_chosen_names_never_remember_long_ones(start_gateway, upstream):

@@ -11529,8 +11529,8 @@ def listen_error(host: str, port: int, port_key: str, exc: OSError) -> str:
 # metric keeps at most MAX_SERIES label combinations (more fold into one "other" series), and
 # model names, which clients choose, are capped at MAX_MODEL_LABELS distinct values. The
 # gateway's own metrics live in Telemetry and are updated from the one place a request ends
-# (Gateway.handle -> Telemetry.request_ended), which adds to one RequestTally: the series are its
-# sums, made at scrape time, so a request costs one dict lookup, not an update of every series.
+# (Gateway.handle -> Telemetry.request_ended): one dict lookup finds the request's RequestTally, which
+# holds its series' own lists, updated in place; no label tuple is built and no series looked up.
 
 CURRENT_REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("tgw_request_id", default="")
 _safe_request_id = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}").fullmatch
@@ -11965,21 +11965,26 @@ class Histogram(Metric):
 
     kind = "histogram"
 
-    def __init__(self, name: str, help: str, labels: tuple = (), buckets=LATENCY_BUCKETS, callback=None):
-        super().__init__(name, help, labels, callback)  # a callback gives (labels, counts) in this layout
+    def __init__(self, name: str, help: str, labels: tuple = (), buckets=LATENCY_BUCKETS):
+        super().__init__(name, help, labels)
         self.buckets = tuple(sorted(float(b) for b in buckets))
         self.bounds = [prometheus_value(b) for b in self.buckets] + ["+Inf"]
 
     def observe(self, labels: tuple, value: float) -> None:
-        counts = self.values.get(labels)
-        if counts is None:
-            counts = self.values.setdefault(self.key_for(labels), [0] * (len(self.buckets) + 1) + [0.0])
+        counts = self.counts(labels)
         counts[bisect.bisect_left(self.buckets, value)] += 1
         counts[-1] += value
 
+    def counts(self, labels: tuple) -> list:
+        """One series' counts per bucket (the last +Inf), then its sum: a caller may add to them directly."""
+        counts = self.values.get(labels)
+        if counts is None:
+            counts = self.values.setdefault(self.key_for(labels), [0] * (len(self.buckets) + 1) + [0.0])
+        return counts
+
     def render(self, out: list) -> None:
         out.append(f"# HELP {self.name} {self.help.translate(_HELP_ESCAPES)}\n# TYPE {self.name} histogram\n")
-        for labels, counts in self.series():
+        for labels, counts in list(self.values.items()):
             cumulative = 0
             for bound, count in zip(self.bounds, counts, strict=False):
                 cumulative += count
@@ -12006,8 +12011,8 @@ class Metrics:
     def gauge(self, name: str, help: str, labels: tuple = (), callback=None) -> Gauge:
         return self._add(Gauge(name, help, labels, callback))
 
-    def histogram(self, name: str, help: str, labels: tuple = (), buckets=LATENCY_BUCKETS, callback=None) -> Histogram:
-        return self._add(Histogram(name, help, labels, buckets, callback))
+    def histogram(self, name: str, help: str, labels: tuple = (), buckets=LATENCY_BUCKETS) -> Histogram:
+        return self._add(Histogram(name, help, labels, buckets))
 
     def render(self) -> bytes:
         out: list[str] = []
@@ -12039,24 +12044,21 @@ class LabelCap:
         return "other"
 
 
-TOKEN_KINDS = ("prompt", "completion", "cached", "reasoning")  # tgw_tokens_total's kinds, in RequestTally.tokens
+TOKEN_KINDS = ("prompt", "completion", "cached", "reasoning")  # tgw_tokens_total's kinds, in RequestTally.usage
 RAW_TALLIES = 4096  # (path, lane, provider, model, status) combinations remembered as a request names them
 
 
 class RequestTally:
-    """What the requests of one (endpoint, lane, provider, model, status) took and used. A request
-    updates its one tally; the request, latency, token and cost series are sums of tallies made
-    at scrape time (Telemetry.histogram_sums, token_sums, cost_sums)."""
+    """The series one (endpoint, lane, provider, model, status) of requests adds to: its own count,
+    and the lists it shares with others of its latency histogram (endpoint, lane, provider), time to
+    first token histogram (lane, provider) and usage (provider, model: the TOKEN_KINDS, then USD).
+    A request updates them in place; a scrape only reads them."""
 
-    __slots__ = ("labels", "count", "latency", "ttft", "tokens", "cost")
+    __slots__ = ("labels", "count", "latency", "ttft", "usage")
 
-    def __init__(self, labels: tuple):
-        self.labels = labels
-        self.count = 0
-        self.latency = [0] * (len(LATENCY_BUCKETS) + 1) + [0.0]  # per bucket (the last +Inf), then the sum
-        self.ttft = [0] * (len(TTFT_BUCKETS) + 1) + [0.0]
-        self.tokens = [0] * len(TOKEN_KINDS)
-        self.cost = 0.0
+    def __init__(self, labels: tuple, latency: list, usage: list):
+        self.labels, self.count, self.latency, self.usage = labels, 0, latency, usage
+        self.ttft: list | None = None  # made by the first streamed call (whole answers have no such series)
 
 
 class Telemetry:
@@ -12076,21 +12078,24 @@ class Telemetry:
             ("endpoint", "lane", "provider", "model", "status"),
             callback=lambda: [(tally.labels, tally.count) for tally in list(self.labelled.values())],
         )  # fmt: skip
-        m.histogram(
+        self.latency = m.histogram(
             "tgw_request_duration_seconds", "Seconds from a request's head to its answer's end",
-            ("endpoint", "lane", "provider"), LATENCY_BUCKETS, callback=lambda: self.histogram_sums("latency", (0, 1, 2)),
+            ("endpoint", "lane", "provider"), LATENCY_BUCKETS,
         )  # fmt: skip
-        m.histogram(
+        self.ttft = m.histogram(
             "tgw_time_to_first_token_seconds", "Streamed model calls: seconds until the first byte reached the client",
-            ("lane", "provider"), TTFT_BUCKETS, callback=lambda: self.histogram_sums("ttft", (1, 2)),
+            ("lane", "provider"), TTFT_BUCKETS,
         )  # fmt: skip
+        self.usage: dict[tuple, list] = {}  # (provider, model) -> [tokens of each TOKEN_KINDS, USD]
         m.counter(
             "tgw_tokens_total", "Tokens by provider, model and kind (cached is part of prompt, reasoning of completion)",
-            ("provider", "model", "kind"), callback=self.token_sums,
+            ("provider", "model", "kind"), callback=lambda: [
+                ((*key, kind), count) for key, usage in list(self.usage.items())
+                for kind, count in zip(TOKEN_KINDS, usage, strict=False) if count
+            ],
         )  # fmt: skip
-        m.counter(
-            "tgw_cost_usd_total", "Cost in USD from the price table", ("provider", "model"), callback=self.cost_sums
-        )
+        m.counter("tgw_cost_usd_total", "Cost in USD from the price table", ("provider", "model"),
+                  callback=lambda: [(key, usage[-1]) for key, usage in list(self.usage.items()) if usage[-1]])  # fmt: skip
         m.counter("tgw_upstream_attempts_total", "Upstream requests, retries included", ("provider",),
                   callback=lambda: gateway.pools.attempts_by_provider())  # fmt: skip
         self.retries = m.counter("tgw_upstream_retries_total", "Upstream requests that were retries", ("provider",))
@@ -12163,19 +12168,20 @@ class Telemetry:
         latency[-1] += elapsed
         if call.ledgered:
             usage = call.usage  # numbers by now (record() has priced it); bounded, as an upstream sent them
-            tokens = tally.tokens
+            sums = tally.usage
             if 0 < usage.input_tokens < MAX_TOKENS:
-                tokens[0] += usage.input_tokens
+                sums[0] += usage.input_tokens
             if 0 < usage.output_tokens < MAX_TOKENS:
-                tokens[1] += usage.output_tokens
+                sums[1] += usage.output_tokens
             if 0 < usage.cached_tokens < MAX_TOKENS:
-                tokens[2] += usage.cached_tokens
+                sums[2] += usage.cached_tokens
             if 0 < usage.reasoning_tokens < MAX_TOKENS:
-                tokens[3] += usage.reasoning_tokens
+                sums[3] += usage.reasoning_tokens
             if 0 < call.cost < MAX_TOKENS:
-                tally.cost += call.cost
+                sums[4] += call.cost
             if call.stream and ex.first_byte_at:
-                ttft, seconds = tally.ttft, ex.first_byte_at - call.started
+                ttft = tally.ttft or self.first_token_counts(tally)
+                seconds = ex.first_byte_at - call.started
                 ttft[bisect.bisect_left(TTFT_BUCKETS, seconds)] += 1
                 ttft[-1] += seconds
         if status >= self.access_from and log.isEnabledFor(logging.INFO):
@@ -12193,40 +12199,23 @@ class Telemetry:
                 labels = ("other",) * len(labels)
                 tally = self.labelled.get(labels)
             if tally is None:
-                tally = self.labelled[labels] = RequestTally(labels)
+                tally = self.labelled[labels] = self.new_tally(labels)
         if len(self.tallies) < RAW_TALLIES and len(path) <= CACHED_NAME_MAX and len(model) <= CACHED_NAME_MAX:
             self.tallies[key] = tally
         return tally
 
-    def histogram_sums(self, which: str, positions: tuple) -> list:
-        """A histogram's series: the tallies' bucket counts (`which`: latency or ttft) summed by the
-        labels at `positions`."""
-        sums: dict[tuple, list] = {}
-        for tally in list(self.labelled.values()):
-            counts = getattr(tally, which)
-            if not any(counts):  # (time to first token: streamed calls only)
-                continue
-            key = tuple(tally.labels[i] for i in positions)
-            total = sums.get(key)
-            sums[key] = list(counts) if total is None else [a + b for a, b in zip(total, counts, strict=True)]
-        return list(sums.items())
+    def first_token_counts(self, tally: RequestTally) -> list:
+        tally.ttft = self.ttft.counts(tally.labels[1:3])  # (lane, provider)
+        return tally.ttft
 
-    def token_sums(self) -> list:
-        sums: dict[tuple, int] = {}
-        for tally in list(self.labelled.values()):
-            for kind, count in zip(TOKEN_KINDS, tally.tokens, strict=True):
-                if count:
-                    key = (tally.labels[2], tally.labels[3], kind)
-                    sums[key] = sums.get(key, 0) + count
-        return list(sums.items())
-
-    def cost_sums(self) -> list:
-        sums: dict[tuple, float] = {}
-        for tally in list(self.labelled.values()):
-            if tally.cost:
-                key = tally.labels[2:4]
-                sums[key] = sums.get(key, 0.0) + tally.cost
-        return list(sums.items())
+    def new_tally(self, labels: tuple) -> RequestTally:
+        """A tally bound to its series, each by the tally's own labels (a folded tally's are "other")."""
+        endpoint, lane, provider, model, _ = labels
+        usage = self.usage.get((provider, model))
+        if usage is None:
+            key = (provider, model) if len(self.usage) < MAX_SERIES else ("other", "other")
+            usage = self.usage.setdefault(key, [0] * len(TOKEN_KINDS) + [0.0])
+        return RequestTally(labels, self.latency.counts((endpoint, lane, provider)), usage)
 
     @staticmethod
     def access_line(call: Call, status: int, elapsed: float) -> None:
