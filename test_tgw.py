@@ -8829,7 +8829,7 @@ def test_metrics_bound_client_chosen_labels(start_gateway, monkeypatch):
     assert {"/v1beta/models/{model}:generateContent", "/v1beta/models/{model}:streamGenerateContent"} <= endpoints
 
 
-def test_metrics_fold_series_past_the_cap_and_sum_them_at_scrape_time(start_gateway, monkeypatch):
+def test_metrics_fold_series_past_the_cap_and_count_every_request(start_gateway, monkeypatch):
     monkeypatch.setattr(tgw, "MAX_SERIES", 3)  # label combinations; more fold into one "other" series
     monkeypatch.setattr(tgw, "RAW_TALLIES", 2)  # (path, model, ...) as requests name them; more are labelled anew
     gw = start_gateway()
