@@ -1567,7 +1567,7 @@ class Origin:
     host: str
     port: int
     proxy: tuple | None  # (host, port, proxy-authorization or "") when a proxy applies
-    key: tuple = ()  # the pool's key for its idle connections: all of the above (made once, in __post_init__)
+    key: tuple = field(init=False, compare=False)  # the pool's key for its idle connections: all of the above
 
     def __post_init__(self):
         self.key = (self.scheme, self.host, self.port, self.proxy)
@@ -10342,9 +10342,9 @@ class Gateway:
         return parse_json_body(request.body)
 
     def begin_model_call(self, call: Call, model: str, stream: bool, body: dict | None = None) -> Route:
-        """Every model call starts here: its ledger row, its route, and (for a key with an allow-list,
-        a budget or a rate limit) its admission, which may refuse it. `body` is the parsed request."""
-        call.ledgered = True
+        """Every model call starts here, once model_call_body has read its body (and so given it its
+        ledger row): its route, and (for a key with an allow-list, a budget or a rate limit) its
+        admission, which may refuse it. `body` is the parsed request."""
         call.prices = self.prices  # the prices of the config this call started with (see apply_config)
         call.model_requested = model
         call.stream = stream
@@ -12064,9 +12064,10 @@ class RequestTally:
 class Telemetry:
     """The gateway's metrics and its access log line, both fed when a request ends.
 
-    The upstream side (section 8) feeds it from Gateway.send_upstream: upstream_attempt() per
-    attempt, `failovers.inc((from_provider, to_provider))`, and `breakers.callback` =
-    Pools.breaker_states, ((provider, account), state) pairs: 0 closed, 1 half-open, 2 open."""
+    The upstream side (section 8) feeds it from Gateway.send_upstream: `retries.inc((provider,))`,
+    `failovers.inc((from_provider, to_provider))`; attempts are the accounts' own counts
+    (Pools.attempts_by_provider) and `breakers.callback` = Pools.breaker_states, ((provider, account),
+    state) pairs: 0 closed, 1 half-open, 2 open."""
 
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
@@ -12091,7 +12092,7 @@ class Telemetry:
             "tgw_tokens_total", "Tokens by provider, model and kind (cached is part of prompt, reasoning of completion)",
             ("provider", "model", "kind"), callback=lambda: [
                 ((*key, kind), count) for key, usage in list(self.usage.items())
-                for kind, count in zip(TOKEN_KINDS, usage, strict=False) if count
+                for kind, count in zip(TOKEN_KINDS, usage[: len(TOKEN_KINDS)], strict=True) if count
             ],
         )  # fmt: skip
         m.counter("tgw_cost_usd_total", "Cost in USD from the price table", ("provider", "model"),
