@@ -6858,6 +6858,9 @@ def test_lane_responses_error_after_a_keepalive_is_response_failed(start_gateway
         b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\n",
         b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0x10\r\n",
         b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length : 2\r\n\r\n{}",  # whitespace before the colon
+        b"POST /v1/chat/completions HTTP/1.1\r\nContent\tLength: 2\r\n\r\n{}",  # a tab inside a field name
+        b"POST /v1/chat/completions HTTP/1.1\r\n Content-Length: 2\r\n\r\n{}",  # a folded (obsolete) line
     ],
 )
 def test_smuggling_shaped_requests_are_refused(start_gateway, request_bytes):
