@@ -1189,6 +1189,172 @@ class Watchdog:
             self.handle = None
 
 
+class Connection(asyncio.Protocol):
+    """One TCP or TLS connection, read and written by one task: a client's to the server, or the
+    upstream client's to a provider. It keeps the names and errors of asyncio's StreamReader and
+    StreamWriter (readuntil, readexactly, read, at_eof, write, drain; IncompleteReadError,
+    LimitOverrunError, the connection's own error once it is lost), which take a dozen Python calls
+    per read where this takes two. While more than twice `limit` bytes wait unread it stops reading
+    from the socket, as theirs does; a read waiting for more starts it again."""
+
+    def __init__(self, limit: int = 1 << 16):
+        self.loop = asyncio.get_running_loop()
+        self.limit = limit
+        self.high_water = 2 * limit
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.eof = False  # the peer sent its last byte (what is buffered can still be read)
+        self.error: BaseException | None = None  # what ended the connection, raised instead of IncompleteReadError
+        self.lost = False
+        self.waiter: asyncio.Future | None = None  # the read waiting for bytes
+        self.reading_paused = False
+        self.writing_paused = False
+        self.drained: asyncio.Future | None = None  # the drain waiting for the socket to take our bytes
+
+    # -- the event loop's calls
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():  # (a cancelled read)
+                waiter.set_result(None)
+        if len(buffer) > self.high_water and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return self.transport.get_extra_info("sslcontext") is None  # TLS has no half-closed state
+
+    def connection_lost(self, exc) -> None:
+        self.eof = self.lost = True
+        self.error = exc
+        self._wake()
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)  # the drain then raises
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
+    def _wake(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _more(self) -> asyncio.Future:
+        """What a read awaits for more bytes (or the end): a plain future, no coroutine."""
+        if self.reading_paused:  # a read longer than the buffer's limit: the socket must be read
+            self._resume()
+        waiter = self.waiter = self.loop.create_future()
+        return waiter
+
+    def _resume(self) -> None:
+        self.reading_paused = False
+        self.transport.resume_reading()
+
+    def _ended(self, expected: int | None) -> BaseException:
+        """What a read that cannot be satisfied raises: the connection's error, or what came."""
+        if self.error is not None:
+            return self.error
+        partial = bytes(self.buffer)
+        self.buffer.clear()
+        return asyncio.IncompleteReadError(partial, expected)
+
+    # -- the task's calls (each takes its bytes in place: these run for every request)
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        buffer = self.buffer
+        start = 0
+        while (at := buffer.find(separator, start)) < 0:
+            start = max(len(buffer) + 1 - len(separator), 0)  # (never search the same bytes twice)
+            if start > self.limit:
+                raise asyncio.LimitOverrunError("the separator is not found within the limit", start)
+            if self.eof:
+                raise self._ended(None)
+            await self._more()
+        if at > self.limit:
+            raise asyncio.LimitOverrunError("the separator is found, but the chunk is longer than the limit", at)
+        end = at + len(separator)
+        data = bytes(buffer[:end])
+        del buffer[:end]
+        if self.reading_paused and len(buffer) <= self.limit:
+            self._resume()
+        return data
+
+    def take(self, n: int) -> bytes | None:
+        """`n` bytes if they are here already (the usual body came with its head), else None:
+        no coroutine made, no await."""
+        buffer = self.buffer
+        if len(buffer) == n:
+            data = bytes(buffer)
+            buffer.clear()
+        elif len(buffer) > n:
+            data = bytes(buffer[:n])
+            del buffer[:n]
+        else:
+            return None
+        if self.reading_paused and len(buffer) <= self.limit:
+            self._resume()
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            if self.eof:
+                raise self._ended(n)
+            await self._more()
+        return self.take(n)
+
+    async def read(self, n: int) -> bytes:
+        """Up to `n` bytes, as soon as there are any; b"" at the end."""
+        buffer = self.buffer
+        while not buffer:
+            if self.eof:
+                if self.error is not None:
+                    raise self.error
+                return b""
+            await self._more()
+        data = bytes(buffer[:n])
+        del buffer[:n]
+        if self.reading_paused and len(buffer) <= self.limit:
+            self._resume()
+        return data
+
+    def at_eof(self) -> bool:
+        return self.eof and not self.buffer
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the socket is behind (the peer reads slower than we write)."""
+        if self.writing_paused and not self.lost:
+            if self.drained is None or self.drained.done():
+                self.drained = self.loop.create_future()
+            await self.drained
+        if self.lost:
+            raise ConnectionResetError("connection lost")
+
+    def get_extra_info(self, name: str, default=None):
+        return self.transport.get_extra_info(name, default)
+
+    def close(self) -> None:
+        self.transport.close()
+
+    async def start_tls(self, context: ssl.SSLContext, server_hostname: str) -> None:
+        """TLS from here on (a proxy's tunnel): the loop gives the connection a new transport."""
+        self.transport = await self.loop.start_tls(self.transport, self, context, server_hostname=server_hostname)
+
+
 class HttpError(Exception):
     """A protocol violation by the client: answered, then the connection is closed."""
 
@@ -1216,6 +1382,22 @@ def has_bare_cr_lf_or_nul(text: str) -> bool:
     return "\r" in bare or "\n" in bare or "\0" in bare
 
 
+COLONS = itertools.repeat(":")
+
+
+def repeated_or_malformed_fields(fields: list[str]) -> dict[str, str]:
+    """Header fields one by one: a repeated name's values joined (RFC 9110 5.3), a line that is
+    not `name: value` a 400."""
+    headers: dict[str, str] = {}
+    for line in fields:
+        name, sep, value = line.partition(":")
+        if not sep or not name:
+            raise HttpError(400, f"malformed header line {line[:60]!r}")
+        key = name.lower()
+        headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
+    return headers
+
+
 def parse_request_head(head: bytes, max_request_line: int) -> HttpRequest:
     text = head.decode("latin-1").lstrip("\r\n")  # tolerate stray CRLFs between pipelined requests
     lines = text.split("\r\n")
@@ -1230,18 +1412,13 @@ def parse_request_head(head: bytes, max_request_line: int) -> HttpRequest:
         if version.startswith("HTTP/"):
             raise HttpError(505, f"HTTP version {version} is not supported")
         raise HttpError(400, "malformed request line; expected 'METHOD /path HTTP/1.1'")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not name:
-            raise HttpError(400, f"malformed header line {line[:60]!r}")
-        key = name.lower()
-        headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
+    fields = lines[1:-2]  # (the head ends in CRLF CRLF: two empty strings after the last field)
+    headers = {name.lower(): value.strip() for name, _, value in map(str.partition, fields, COLONS)}
+    if len(headers) != len(fields) or "" in headers or not all(map(str.__contains__, fields, COLONS)):
+        headers = repeated_or_malformed_fields(fields)  # (C-level checks above: the usual head has neither)
     names = "".join(headers)
     if " " in names or "\t" in names:  # a field name is a token: no whitespace in it, nor before its colon
-        line = next(line for line in lines[1:] if " " in line.partition(":")[0] or "\t" in line.partition(":")[0])
+        line = next(line for line in fields if " " in line.partition(":")[0] or "\t" in line.partition(":")[0])
         raise HttpError(400, f"malformed header line {line[:60]!r}")
     if has_bare_cr_lf_or_nul(text):  # one could smuggle a header upstream
         raise HttpError(400, "malformed header line: a bare CR, LF or NUL")
@@ -1256,7 +1433,7 @@ def parse_request_head(head: bytes, max_request_line: int) -> HttpRequest:
     return HttpRequest(method, target, path, query, version, headers, b"", keep_alive)
 
 
-async def read_request_body(reader: asyncio.StreamReader, writer, request: HttpRequest, max_body: int) -> bytes:
+async def read_request_body(conn: Connection, request: HttpRequest, max_body: int) -> bytes:
     headers = request.headers
     te = headers.get("transfer-encoding", "").lower()
     cl = headers.get("content-length")
@@ -1272,30 +1449,30 @@ async def read_request_body(reader: asyncio.StreamReader, writer, request: HttpR
         if length > max_body:
             raise HttpError(413, f"request body of {length} bytes exceeds the limit of {max_body} bytes")
     if headers.get("expect", "").lower() == "100-continue" and (length or te):
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     if te == "chunked":
-        return await read_chunked_body(reader, max_body)
-    return await reader.readexactly(length) if length else b""
+        return await read_chunked_body(conn, max_body)
+    return await conn.readexactly(length) if length else b""
 
 
-async def read_chunked_body(reader: asyncio.StreamReader, max_body: int) -> bytes:
+async def read_chunked_body(conn: Connection, max_body: int) -> bytes:
     chunks = []
     total = 0
     while True:
-        line = await reader.readuntil(b"\r\n")
+        line = await conn.readuntil(b"\r\n")
         size_text = line.split(b";", 1)[0].strip()
         if not size_text or size_text.strip(b"0123456789abcdefABCDEF") or len(size_text) > 16:
             raise HttpError(400, f"malformed chunk size {size_text[:20]!r}")
         size = int(size_text, 16)
         if size == 0:
-            while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
+            while (await conn.readuntil(b"\r\n")) != b"\r\n":  # trailers
                 pass
             return b"".join(chunks)
         total += size
         if total > max_body:
             raise HttpError(413, f"request body exceeds the limit of {max_body} bytes")
-        chunks.append(await reader.readexactly(size))
-        if await reader.readexactly(2) != b"\r\n":
+        chunks.append(await conn.readexactly(size))
+        if await conn.readexactly(2) != b"\r\n":
             raise HttpError(400, "chunk not terminated by CRLF")
 
 
@@ -1312,7 +1489,7 @@ class Exchange:
     __slots__ = ("writer", "request", "request_id", "status", "started", "finished", "streaming", "bytes_out",
                  "first_byte_at", "last_write_at", "close_after", "tags")  # fmt: skip
 
-    def __init__(self, writer: asyncio.StreamWriter, request: HttpRequest, request_id: str):
+    def __init__(self, writer: Connection, request: HttpRequest, request_id: str):
         self.writer = writer
         self.request = request
         self.request_id = request_id
@@ -1384,30 +1561,32 @@ class Exchange:
         self.finished = True
 
 
-class ClientProtocol(asyncio.StreamReaderProtocol):
-    """StreamReaderProtocol that cancels the in-flight request when the client goes away,
-    so the upstream request is cancelled too and its connection is not reused."""
+class ClientProtocol(Connection):
+    """A client's connection: its task serves its requests in turn (HttpServer.serve_connection),
+    and is cancelled when the client goes away mid-request, so the upstream request is cancelled
+    too and its connection is not reused."""
 
     def __init__(self, server: HttpServer):
-        loop = asyncio.get_running_loop()
-        self.reader = asyncio.StreamReader(limit=server.cfg.max_header_bytes, loop=loop)
-        super().__init__(self.reader, server.serve_connection, loop=loop)
+        super().__init__(server.cfg.max_header_bytes)
         self.handler_task: asyncio.Task | None = None
         self.busy = False
-        self.writer_ref: asyncio.StreamWriter | None = None
         self.server = server
         self.deadline = 0.0  # while waiting for a request head or body: when to give up on the client
         self.partial_since = 0.0
         self.reading_body = False
 
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.handler_task = self.loop.create_task(self.server.serve_connection(self))
+
     def expire(self, now: float) -> None:
         """Idle too long: close. Halfway through a head or body for too long (slow client): 408."""
-        transport = self._transport
-        if transport is None or (self.busy and not self.reading_body):
+        transport = self.transport
+        if self.lost or (self.busy and not self.reading_body):
             return
         if self.reading_body:
             transport.write(response_head(408, [("Content-Length", "0"), ("Connection", "close")]))
-        elif self.reader._buffer:  # noqa: SLF001 - the only way to see a partial head
+        elif self.buffer:  # a partial head
             since = self.partial_since or self.deadline - self.server.cfg.header_timeout
             if now - since < self.server.cfg.header_timeout:  # its first bytes came later than the deadline's start
                 self.deadline = since + self.server.cfg.header_timeout
@@ -1416,22 +1595,22 @@ class ClientProtocol(asyncio.StreamReaderProtocol):
         self.deadline = 0.0
         transport.close()
 
-    def data_received(self, data):
+    def data_received(self, data: bytes) -> None:
         if not self.busy and not self.partial_since:  # the first bytes of a request head: its clock starts
             self.partial_since = now = time.monotonic()
             if not self.deadline or self.deadline > now + self.server.cfg.header_timeout:
                 self.deadline = now + self.server.cfg.header_timeout
-        super().data_received(data)
+        Connection.data_received(self, data)
 
-    def connection_lost(self, exc):
-        super().connection_lost(exc)
+    def connection_lost(self, exc) -> None:
+        Connection.connection_lost(self, exc)
         if self.busy and self.handler_task is not None and not self.handler_task.done():
             self.handler_task.cancel()
 
-    def eof_received(self):
+    def eof_received(self) -> bool:
         """The client closed its side while its request is in flight: it is gone, so stop
         (and stop paying for) the upstream call too."""
-        keep_open = super().eof_received()
+        keep_open = Connection.eof_received(self)
         return keep_open and not self.busy
 
 
@@ -1454,85 +1633,86 @@ class HttpServer:
         self.watchdog.start()
         return self.server.sockets[0].getsockname()[1]
 
-    async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        protocol: ClientProtocol = writer.transport.get_protocol()
-        protocol.handler_task = asyncio.current_task()
-        protocol.writer_ref = writer
-        self.connections.add(protocol)
-        self.watchdog.entries.add(protocol)
-        transport = writer.transport
+    async def serve_connection(self, conn: ClientProtocol) -> None:
+        self.connections.add(conn)
+        self.watchdog.entries.add(conn)
+        transport = conn.transport
         limit = self.cfg.header_timeout
         try:
             while not self.draining:
-                protocol.deadline = time.monotonic() + limit
-                protocol.partial_since = 0.0
+                conn.deadline = time.monotonic() + limit
+                conn.partial_since = 0.0
                 try:
-                    head = await reader.readuntil(b"\r\n\r\n")
+                    head = await conn.readuntil(b"\r\n\r\n")
                 except asyncio.IncompleteReadError as exc:
                     if exc.partial.strip():
-                        self._reject(writer, HttpError(400, "connection closed in the middle of a request head"))
+                        self._reject(conn, HttpError(400, "connection closed in the middle of a request head"))
                     return
                 except asyncio.LimitOverrunError:
-                    self._reject(writer, HttpError(431, f"request head exceeds {self.cfg.max_header_bytes} bytes"))
+                    self._reject(conn, HttpError(431, f"request head exceeds {self.cfg.max_header_bytes} bytes"))
                     return
                 limit = self.cfg.idle_timeout
-                protocol.busy = True
+                conn.busy = True
                 request = None
                 try:
                     request = parse_request_head(head, self.cfg.max_request_line)
                     headers = request.headers
                     length = headers.get("content-length", "")
                     size = int(length) if length.isascii() and length.isdigit() else -1
-                    protocol.reading_body = True
                     # a body gets header_timeout plus a second per MB before the client counts as stuck
                     if 0 <= size <= self.cfg.max_body_bytes and not (
                         "transfer-encoding" in headers or "expect" in headers
                     ):
-                        protocol.deadline = time.monotonic() + self.cfg.header_timeout + size / 1e6
-                        request.body = await reader.readexactly(size)  # the usual request
+                        body = conn.take(size)  # the usual request: its body came with its head
+                        if body is None:
+                            conn.reading_body = True
+                            conn.deadline = time.monotonic() + self.cfg.header_timeout + size / 1e6
+                            body = await conn.readexactly(size)
+                        request.body = body
                     else:  # chunked, 100-continue, or an error to answer
-                        protocol.deadline = time.monotonic() + self.cfg.header_timeout + self.cfg.max_body_bytes / 1e6
-                        request.body = await read_request_body(reader, writer, request, self.cfg.max_body_bytes)
-                    protocol.reading_body = False
-                    protocol.deadline = 0.0
+                        conn.reading_body = True
+                        conn.deadline = time.monotonic() + self.cfg.header_timeout + self.cfg.max_body_bytes / 1e6
+                        request.body = await read_request_body(conn, request, self.cfg.max_body_bytes)
+                    conn.reading_body = False
+                    conn.deadline = 0.0
                 except HttpError as exc:
-                    self._reject(writer, exc, request.path if request is not None else "")
+                    self._reject(conn, exc, request.path if request is not None else "")
                     return
                 except asyncio.IncompleteReadError:
                     return  # the body was cut short: the client is gone, nobody to answer
                 except asyncio.LimitOverrunError:
-                    self._reject(writer, HttpError(400, "malformed chunked body"))
+                    self._reject(conn, HttpError(400, "malformed chunked body"))
                     return
-                exchange = Exchange(writer, request, request_id_of(request))
+                exchange = Exchange(conn, request, request_id_of(request))
                 if self.draining:
                     exchange.close_after = True
                 await self.handler(request, exchange)
-                protocol.busy = False
+                conn.busy = False
                 if exchange.close_after or transport.is_closing():
                     break
                 if transport.get_write_buffer_size() > 65536:
-                    await writer.drain()
+                    await conn.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
-            protocol.busy = False
-            self.connections.discard(protocol)
-            self.watchdog.entries.discard(protocol)
+            conn.busy = False
+            self.connections.discard(conn)
+            self.watchdog.entries.discard(conn)
             if not transport.is_closing():
                 try:
-                    await writer.drain()
+                    await conn.drain()
                 except (ConnectionError, asyncio.CancelledError):
                     pass
                 transport.close()
 
-    def _reject(self, writer, exc: HttpError, path: str = "") -> None:
+    def _reject(self, conn: Connection, exc: HttpError, path: str = "") -> None:
         """Answer a broken request (in the protocol its path speaks, when known) and close."""
         if self.error_body is not None:
             body = self.error_body(path, GatewayError(exc.status, exc.message))
         else:
             body = dumps({"error": {"message": exc.message, "type": "invalid_request_error", "code": exc.status}})
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))), ("Connection", "close")]
-        writer.write(response_head(exc.status, headers) + body)
+        conn.write(response_head(exc.status, headers) + body)
 
     async def drain_and_close(self, grace: float, on_cut=None) -> None:
         """Stop accepting, close idle keep-alive connections, let busy ones finish; at the
@@ -1543,8 +1723,8 @@ class HttpServer:
         deadline = time.monotonic() + grace
         while True:
             for protocol in list(self.connections):
-                if not protocol.busy and protocol.writer_ref is not None:
-                    protocol.writer_ref.transport.close()
+                if not protocol.busy:
+                    protocol.transport.close()
             if not any(p.busy for p in self.connections) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
@@ -1630,41 +1810,45 @@ class UpstreamUnreached(GatewayError):
     (or elsewhere) cannot run it twice."""
 
 
+def body_decoder(encoding: str):
+    """The decompressor of a Content-Encoding (gzip, deflate), or None for any other."""
+    encoding = encoding.lower()
+    if encoding == "gzip":
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    return zlib.decompressobj() if encoding == "deflate" else None
+
+
 class UpstreamResponse:
     """An upstream answer whose body is read as it arrives (de-chunked, gunzipped)."""
 
-    def __init__(self, pool, origin, reader, writer, status, headers, method, timeouts: Timeouts, end_by: float):
+    __slots__ = ("pool", "timeouts", "end_by", "origin", "conn", "status", "headers", "event_stream", "chunked",
+                 "remaining", "done", "reusable", "decoder", "deadline", "timed_out")  # fmt: skip
+
+    def __init__(self, pool, origin, conn: Connection, status, headers, method, timeouts: Timeouts, end_by: float):
         self.pool = pool
         self.timeouts = timeouts
         self.end_by = end_by  # the request's total deadline (monotonic)
         self.origin = origin
-        self.reader = reader
-        self.writer = writer
+        self.conn: Connection | None = conn  # None once given back to the pool or closed
         self.status = status
         self.headers = headers
-        self.event_stream = "text/event-stream" in headers.get("content-type", "")
-        self.done = method == "HEAD" or status in (204, 304)
-        self.reusable = "close" not in headers.get("connection", "").lower()
-        te = headers.get("transfer-encoding", "").lower()
-        self.chunked = "chunked" in te
-        cl = headers.get("content-length")
-        self.remaining = int(cl) if cl and cl.isdigit() and not self.chunked else -1
-        if self.remaining == 0:
-            self.done = True
-        if not self.chunked and self.remaining < 0:
-            self.reusable = False  # body runs until the connection closes
-        encoding = headers.get("content-encoding", "").lower()
-        self.decoder = zlib.decompressobj(16 + zlib.MAX_WBITS) if encoding == "gzip" else None
-        if encoding == "deflate":
-            self.decoder = zlib.decompressobj()
+        get = headers.get
+        self.event_stream = "text/event-stream" in get("content-type", "")
+        self.chunked = chunked = "chunked" in get("transfer-encoding", "").lower()
+        cl = get("content-length", "")
+        self.remaining = remaining = int(cl) if cl.isdigit() and cl.isascii() and not chunked else -1
+        self.done = remaining == 0 or method == "HEAD" or status in (204, 304)
+        # a body that runs until the connection closes leaves no connection to reuse
+        self.reusable = (chunked or remaining >= 0) and "close" not in get("connection", "").lower()
+        self.decoder = body_decoder(headers["content-encoding"]) if "content-encoding" in headers else None
         self.deadline = 0.0
         self.timed_out = ""  # which timeout cut the body: "read" or "total"
 
     def expire(self, now: float) -> None:
         self.timed_out = "total" if now >= self.end_by else "read"
         self.deadline = 0.0
-        if self.writer is not None:
-            self.writer.transport.abort()
+        if self.conn is not None:
+            self.conn.transport.abort()
 
     def _arm(self) -> None:
         """Wait for the next piece of body: for the read timeout, or what is left of the total."""
@@ -1673,7 +1857,7 @@ class UpstreamResponse:
         self.pool.watchdog.entries.add(self)
 
     async def _raw_chunk(self) -> bytes:
-        reader = self.reader
+        reader = self.conn
         if self.chunked:
             line = await reader.readuntil(b"\r\n")
             size = int(line.split(b";", 1)[0].strip() or b"0", 16)
@@ -1737,8 +1921,15 @@ class UpstreamResponse:
         return b""
 
     async def read(self, limit: int = 256 * 1024 * 1024) -> bytes:
-        if 0 < self.remaining <= min(limit, 1 << 20) and self.decoder is None and not self.done:
-            return await self._read_whole()
+        remaining = self.remaining
+        if 0 < remaining <= limit and remaining <= 1 << 20 and self.decoder is None and not self.done:
+            data = self.conn.take(remaining)  # the usual answer: its body came with its head
+            if data is None:
+                return await self._read_whole()
+            self.remaining = 0
+            self.done = True
+            self.release()
+            return data
         parts = []
         total = 0
         while data := await self.next_chunk():
@@ -1754,7 +1945,7 @@ class UpstreamResponse:
         watchdog = self.pool.watchdog
         self._arm()
         try:
-            data = await self.reader.readexactly(self.remaining)
+            data = await self.conn.readexactly(self.remaining)
         except asyncio.CancelledError:
             self.close()
             raise
@@ -1779,19 +1970,20 @@ class UpstreamResponse:
 
     def release(self):
         """Give the connection back to the pool if the body was read to its end."""
-        if self.writer is None:
+        conn = self.conn
+        if conn is None:
             return
-        if self.done and self.reusable and not self.writer.transport.is_closing():
-            self.pool.keep(self.origin.key, self.reader, self.writer)
+        if self.done and self.reusable and not conn.transport.is_closing():
+            self.pool.keep(self.origin.key, conn)
         else:
-            self.writer.transport.abort()
-        self.writer = None
+            conn.transport.abort()
+        self.conn = None
 
     def close(self):
         """Abandon the response: the connection is closed, never reused."""
-        if self.writer is not None:
-            self.writer.transport.abort()
-            self.writer = None
+        if self.conn is not None:
+            self.conn.transport.abort()
+            self.conn = None
 
 
 class UpstreamPool:
@@ -1804,7 +1996,7 @@ class UpstreamPool:
                  idle_expiry: float = 30.0):  # fmt: skip
         self.timeouts = Timeouts(connect_timeout, first_byte_timeout or read_timeout, read_timeout, total_timeout)
         self.watchdog = Watchdog(min(1.0, min(self.timeouts.first_byte, read_timeout) / 4))
-        self.idle: dict[tuple, list] = {}  # origin key -> [(reader, writer, idle since)], most recent last
+        self.idle: dict[tuple, list] = {}  # origin key -> [(connection, idle since)], most recent last
         self.idle_count = 0
         self.max_idle_per_origin = max_idle_per_origin
         self.max_idle = max_idle
@@ -1842,21 +2034,21 @@ class UpstreamPool:
         tls = origin.scheme == "https"
         left = end_by - time.monotonic()
         limit = min(timeouts.connect, max(left, 0.001))
+        loop = asyncio.get_running_loop()
         try:
             if origin.proxy and tls:
-                if not hasattr(asyncio.StreamWriter, "start_tls"):
-                    raise UpstreamUnreached(502, "HTTPS through a proxy needs Python 3.11 or newer")
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), limit)
+                _, conn = await asyncio.wait_for(loop.create_connection(Connection, host, port), limit)
                 try:
-                    await self._tunnel(origin, reader, writer, limit)
-                    await asyncio.wait_for(writer.start_tls(self.ssl_context, server_hostname=origin.host), limit)
+                    await self._tunnel(origin, conn, limit)
+                    await asyncio.wait_for(conn.start_tls(self.ssl_context, origin.host), limit)
                 except BaseException:
-                    writer.transport.abort()  # never leak the proxy connection
+                    conn.transport.abort()  # never leak the proxy connection
                     raise
             else:
                 ctx = self.ssl_context if tls else None
-                opener = asyncio.open_connection(host, port, ssl=ctx, server_hostname=origin.host if tls else None)
-                reader, writer = await asyncio.wait_for(opener, limit)
+                opener = loop.create_connection(Connection, host, port, ssl=ctx,
+                                                server_hostname=origin.host if tls else None)  # fmt: skip
+                _, conn = await asyncio.wait_for(opener, limit)
         except asyncio.TimeoutError:
             which = "connect" if timeouts.connect <= left else "total"
             err = upstream_timeout(which, f"{origin.host}:{origin.port}", getattr(timeouts, which))
@@ -1868,24 +2060,24 @@ class UpstreamPool:
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise UpstreamUnreached(502, f"cannot connect to upstream {origin.host}:{origin.port}: {reason}") from None
-        sock = writer.get_extra_info("socket")
+        sock = conn.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return reader, writer
+        return conn
 
-    async def _tunnel(self, origin: Origin, reader, writer, limit: float):
+    async def _tunnel(self, origin: Origin, conn: Connection, limit: float):
         auth = f"Proxy-Authorization: {origin.proxy[2]}\r\n" if origin.proxy[2] else ""
-        writer.write(
+        conn.write(
             f"CONNECT {origin.host}:{origin.port} HTTP/1.1\r\nHost: {origin.host}:{origin.port}\r\n{auth}\r\n".encode()
         )
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), limit)
+            head = await asyncio.wait_for(conn.readuntil(b"\r\n\r\n"), limit)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            writer.close()
+            conn.close()
             raise OSError(0, "the proxy closed the connection during CONNECT") from None
         status = head.split(b" ", 2)[1] if head.count(b" ") >= 1 else b""
         if status != b"200":
-            writer.close()
+            conn.close()
             first_line = head.split(b"\r\n", 1)[0].decode("latin-1")
             raise OSError(0, f"proxy refused CONNECT ({first_line})")
 
@@ -1913,18 +2105,18 @@ class UpstreamPool:
             payload = head + b"\r\n"
         idle = self.idle.get(origin.key)
         while idle:
-            reader, writer, _ = idle.pop()
+            conn, _ = idle.pop()
             self.idle_count -= 1
-            if writer.transport.is_closing() or reader.at_eof():
-                writer.transport.abort()
+            if conn.transport.is_closing() or conn.eof:
+                conn.transport.abort()
                 continue
             try:
-                return await self._exchange(origin, reader, writer, payload, method, timeouts, end_by)
+                return await self._exchange(origin, conn, payload, method, timeouts, end_by)
             except _StaleConnection:
                 continue  # the server closed a pooled connection; nothing was processed
-        reader, writer = await self._connect(origin, timeouts, end_by)
+        conn = await self._connect(origin, timeouts, end_by)
         try:
-            return await self._exchange(origin, reader, writer, payload, method, timeouts, end_by)
+            return await self._exchange(origin, conn, payload, method, timeouts, end_by)
         except _StaleConnection:
             raise GatewayError(502, f"upstream {origin.host} closed the connection without answering") from None
 
@@ -1944,40 +2136,40 @@ class UpstreamPool:
         return ("\r\n".join(lines) + "\r\n").encode("latin-1")
 
     async def _exchange(
-        self, origin, reader, writer, payload, method, timeouts, end_by, interim: int = 0
+        self, origin, conn: Connection, payload, method, timeouts, end_by, interim: int = 0
     ) -> UpstreamResponse:
         self.watchdog.start()
         first_byte_by = time.monotonic() + timeouts.first_byte
-        waiting = _HeadWait(writer, first_byte_by if first_byte_by < end_by else end_by)  # (min() costs more)
+        waiting = _HeadWait(conn, first_byte_by if first_byte_by < end_by else end_by)  # (min() costs more)
         timed_out = waiting.fired
         self.watchdog.entries.add(waiting)
         try:
-            writer.write(payload)
-            head = await reader.readuntil(b"\r\n\r\n")
+            conn.transport.write(payload)
+            head = await conn.readuntil(b"\r\n\r\n")
         except asyncio.IncompleteReadError as exc:
-            writer.transport.abort()
+            conn.transport.abort()
             if timed_out:
                 raise self._head_timeout(origin, timeouts, first_byte_by, end_by) from None
             if not exc.partial:
                 raise _StaleConnection() from None
             raise GatewayError(502, f"upstream {origin.host} sent a truncated response head") from None
         except (ConnectionError, OSError):
-            writer.transport.abort()
+            conn.transport.abort()
             if timed_out:
                 raise self._head_timeout(origin, timeouts, first_byte_by, end_by) from None
             raise _StaleConnection() from None
         except asyncio.LimitOverrunError:
-            writer.transport.abort()
+            conn.transport.abort()
             raise GatewayError(502, f"upstream {origin.host} sent an oversized response head") from None
         except asyncio.CancelledError:
-            writer.transport.abort()
+            conn.transport.abort()
             raise
         finally:
             self.watchdog.entries.discard(waiting)
         text = head.decode("latin-1")
         if has_bare_cr_lf_or_nul(text):  # never let one reach a client's response head
             if "\r" in text.replace("\r\n", "") or "\0" in text:
-                writer.transport.abort()
+                conn.transport.abort()
                 raise GatewayError(502, f"upstream {origin.host} sent a malformed response head (a bare CR or NUL)")
             lines = [line.removesuffix("\r") for line in text.split("\n")]  # a bare LF ends a line (RFC 9112 2.2)
         else:
@@ -1987,20 +2179,18 @@ class UpstreamPool:
         if not (len(code) == 3 and code.isascii() and code.isdigit() and "100" <= code < "600") or not (
             status_parts[0].startswith("HTTP/1.")
         ):
-            writer.transport.abort()
+            conn.transport.abort()
             raise GatewayError(502, f"upstream {origin.host} did not speak HTTP/1.1")
-        headers = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        status = int(status_parts[1])
+        # lenient with what an upstream sends: a line that is no field is skipped, a repeated name's last value kept
+        headers = {name.strip().lower(): value.strip() for name, sep, value in map(str.partition, lines[1:], COLONS)
+                   if sep}  # fmt: skip
+        status = int(code)
         if status < 200 and status != 101 and interim < 8:  # 100 Continue, 103 Early Hints: the real head follows
-            return await self._exchange(origin, reader, writer, b"", method, timeouts, end_by, interim + 1)
+            return await self._exchange(origin, conn, b"", method, timeouts, end_by, interim + 1)
         if status < 200:
-            writer.transport.abort()
+            conn.transport.abort()
             raise GatewayError(502, f"upstream {origin.host} answered {status} and no final response")
-        return UpstreamResponse(self, origin, reader, writer, status, headers, method, timeouts, end_by)
+        return UpstreamResponse(self, origin, conn, status, headers, method, timeouts, end_by)
 
     @staticmethod
     def _head_timeout(origin, timeouts: Timeouts, first_byte_by: float, end_by: float) -> GatewayError:
@@ -2008,15 +2198,15 @@ class UpstreamPool:
             return upstream_timeout("first-byte", origin.host, timeouts.first_byte)
         return upstream_timeout("total", origin.host, timeouts.total)
 
-    def keep(self, key: tuple, reader, writer) -> None:
+    def keep(self, key: tuple, conn: Connection) -> None:
         """Pool a connection whose answer was read to its end, within the idle caps."""
         conns = self.idle.get(key)
         if conns is None:
             conns = self.idle[key] = []
         if len(conns) >= self.max_idle_per_origin or self.idle_count >= self.max_idle:
-            writer.transport.abort()
+            conn.transport.abort()
             return
-        conns.append((reader, writer, time.monotonic()))
+        conns.append((conn, time.monotonic()))
         self.idle_count += 1
         if not self.sweeper.deadline:
             self.sweeper.deadline = time.monotonic() + self.sweeper.interval()
@@ -2027,12 +2217,12 @@ class UpstreamPool:
         oldest = now - self.idle_expiry
         for key, conns in list(self.idle.items()):
             kept = []
-            for conn in conns:
-                reader, writer, since = conn
-                if since < oldest or reader.at_eof() or writer.transport.is_closing():
-                    writer.transport.abort()
+            for entry in conns:
+                conn, since = entry
+                if since < oldest or conn.eof or conn.transport.is_closing():
+                    conn.transport.abort()
                 else:
-                    kept.append(conn)
+                    kept.append(entry)
             self.idle_count -= len(conns) - len(kept)
             conns[:] = kept  # in place: a request popping from this list meanwhile sees the same one
             if not kept:
@@ -2041,8 +2231,8 @@ class UpstreamPool:
     def close(self):
         self.watchdog.stop()
         for conns in self.idle.values():
-            for _, writer, _ in conns:
-                writer.transport.abort()
+            for conn, _ in conns:
+                conn.transport.abort()
         self.idle.clear()
         self.idle_count = 0
 
@@ -2071,17 +2261,17 @@ class _StaleConnection(Exception):
 class _HeadWait:
     """A request waiting for its response head: aborted by the watchdog when too late."""
 
-    __slots__ = ("writer", "deadline", "fired")
+    __slots__ = ("conn", "deadline", "fired")
 
-    def __init__(self, writer, deadline: float):
-        self.writer = writer
+    def __init__(self, conn: Connection, deadline: float):
+        self.conn = conn
         self.deadline = deadline
         self.fired: list = []
 
     def expire(self, now: float) -> None:
         self.fired.append(now)
         self.deadline = 0.0
-        self.writer.transport.abort()
+        self.conn.transport.abort()
 
 
 # ---- SSE ------------------------------------------------------------------------------
@@ -9990,26 +10180,31 @@ class Gateway:
         self.started_at = time.time()
         self.cutting = False  # set at the shutdown deadline, when calls still running are cut
         self.listening_on = cfg.host  # host is read once (a changed one needs a restart)
+        chat_completions = functools.partial(self.model_call, "openai", "chat")
+        messages = functools.partial(self.model_call, "anthropic", "messages")
         self.routes = {
             ("GET", "/"): self.root,
             ("GET", "/health"): self.health,
             ("GET", "/v1/models"): self.list_models,
-            ("POST", "/v1/chat/completions"): self.chat_completions,
+            ("POST", "/v1/chat/completions"): chat_completions,
             ("POST", "/v1/completions"): self.completions,
             ("POST", "/v1/embeddings"): self.embeddings,
-            ("POST", "/v1/messages"): self.messages,
+            ("POST", "/v1/messages"): messages,
             ("POST", "/v1/messages/count_tokens"): self.count_tokens,
             ("GET", "/anthropic/v1/models"): self.list_models,
-            ("POST", "/anthropic/v1/messages"): self.messages,
+            ("POST", "/anthropic/v1/messages"): messages,
             ("POST", "/anthropic/v1/messages/count_tokens"): self.count_tokens,
             ("POST", "/v1/responses"): self.responses,
             ("POST", "/v1/responses/input_tokens"): self.responses_input_tokens,
             ("GET", "/v1beta/models"): self.gemini_list_models,
-            ("POST", "/v1beta/openai/chat/completions"): self.chat_completions,
+            ("POST", "/v1beta/openai/chat/completions"): chat_completions,
             ("GET", "/metrics"): self.metrics_text,
             ("GET", "/api/v1/usage/summary"): self.admin.usage_summary,
             ("GET", "/api/v1/usage/logs"): self.admin.usage_logs,
         }
+        # (method, path) -> (the client's codec, the handler) of every fixed endpoint, as client_codec and find_handler say
+        self.endpoints = {(method, path): (self.client_codec(path, method), handler)
+                          for (method, path), handler in self.routes.items()}  # fmt: skip
         self.public = {"/", "/health"}  # every other path, present or future, needs a key once auth is required
         self.refused_rows = RowThrottle(REFUSED_ROWS_PER_SECOND)  # ledger rows of requests refused for their key
         self.listeners: dict[str, Listener] = {}  # name -> Listener, filled by start_listeners
@@ -10112,12 +10307,14 @@ class Gateway:
         raise GatewayError(404, f"no endpoint {request.method} {path}", "not_found_error")
 
     async def handle(self, request: HttpRequest, exchange: Exchange, listener: Listener | None = None) -> None:
-        call = Call(exchange, self.client_codec(request.path, request.method), request.path)
+        known = self.endpoints.get((request.method, request.path))  # the usual call: its protocol and handler at once
+        codec = known[0] if known is not None else self.client_codec(request.path, request.method)
+        call = Call(exchange, codec, request.path)
         CURRENT_REQUEST_ID.set(exchange.request_id)  # log lines of this request carry its id
         try:
             if listener is not None:
                 listener.admit(request, call)
-            handler = self.find_handler(request)
+            handler = known[1] if known is not None else self.find_handler(request)
             if request.path not in self.public:
                 self.authenticate(request, call)
                 if self.ledger.full:  # backpressure: the writer is behind or failing
@@ -10357,15 +10554,10 @@ class Gateway:
                 call.allow_listed = route.model
         return route
 
-    async def chat_completions(self, request: HttpRequest, call: Call) -> None:
-        await self.model_call(request, call, "openai", "chat")
-
-    async def messages(self, request: HttpRequest, call: Call) -> None:
-        await self.model_call(request, call, "anthropic", "messages")
-
-    async def model_call(self, request: HttpRequest, call: Call, native_protocol: str, operation: str) -> None:
-        """A Chat Completions or Messages call: passthrough to a provider that speaks the
-        client's protocol, the canonical lanes otherwise."""
+    async def model_call(self, native_protocol: str, operation: str, request: HttpRequest, call: Call) -> None:
+        """A Chat Completions or Messages call (their endpoints' handlers are this, given the protocol
+        and operation): passthrough to a provider that speaks the client's protocol, the canonical
+        lanes otherwise."""
         body = self.model_call_body(call, request)
         model = field_of(body, "model", str, required=True)
         stream = bool(field_of(body, "stream", bool, default=False))
