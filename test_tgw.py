@@ -632,6 +632,72 @@ def test_oversized_body_gets_413_and_huge_head_gets_431(start_gateway):
     assert_serving(gw)
 
 
+def test_a_body_many_times_the_read_buffer_arrives_whole_upstream(start_gateway, upstream):
+    """A 20 MB body: the connection stops reading past twice its limit and starts again as the
+    body is taken, so it arrives byte for byte (sent in small writes, as a slow network would)."""
+    up = upstream(lambda h, body: reply_json(h, chat_completion("ok")))
+    gw = start_gateway(env=openai_env(up), max_header_bytes=4096)
+    text = "".join(chr(0x41 + i % 26) for i in range(20 << 20))
+    body = json.dumps({**CHAT, "messages": [{"role": "user", "content": text}]}).encode()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+        for at in range(0, len(body), 1 << 16):
+            s.sendall(body[at : at + (1 << 16)])
+        head = s.recv(65536)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert up.requests[0]["body"]["messages"][0]["content"] == text
+    assert_serving(gw)
+
+
+def test_a_client_that_stops_reading_holds_its_upstream_stream_back(start_gateway, upstream):
+    """Flow control end to end: while the client reads nothing, the gateway stops reading the
+    upstream once its buffers are full (the upstream's writes block), rather than holding the
+    whole stream in memory; when the client reads again every event arrives, in order."""
+    events, piece = 16000, "x" * 4000  # 64 MB of SSE
+    progress = {"sent": 0}
+
+    def script(h, body):
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        for i in range(events):
+            data = ("data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": f"{i:05d}{piece}"}}]})
+                    + "\n\n").encode()  # fmt: skip
+            h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            progress["sent"] += len(data)
+        h.wfile.write(b"0\r\n\r\n")
+        h.wfile.flush()
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up))
+    total = events * (len(piece) + 80)
+    request = json.dumps({**CHAT, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(request), request))  # fmt: skip
+        received = [s.recv(4096)]
+        assert received[0].startswith(b"HTTP/1.1 200")
+        stalled_at, deadline = -1, time.monotonic() + 30
+        while time.monotonic() < deadline:  # until the upstream's progress stops: every buffer on the way is full
+            before = progress["sent"]
+            time.sleep(0.5)
+            if progress["sent"] == before:
+                stalled_at = before
+                break
+        assert 0 < stalled_at < total // 2  # socket buffers and the gateway's, never the whole stream
+        while chunk := s.recv(1 << 20):
+            received.append(chunk)
+            if received[-1].endswith(b"0\r\n\r\n"):
+                break
+    payload = b"".join(received).split(b"\r\n\r\n", 1)[1]
+    text = b"".join(payload.split(b"\r\n")[1::2])  # the chunks' data (the stream's bytes are ASCII)
+    numbers = [int(part[:5]) for part in text.split(b'"content": "')[1:]]
+    assert numbers == list(range(events))
+    assert_serving(gw)
+
+
 def test_truncated_body_does_not_break_the_gateway(start_gateway):
     gw = start_gateway()
     with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
