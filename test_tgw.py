@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import struct
 import subprocess
 import sys
@@ -155,7 +156,7 @@ class FakeUpstream:
     """A scripted upstream on 127.0.0.1. `script(handler, body)` answers each request;
     every request is recorded (method, path, headers, body)."""
 
-    def __init__(self, script):
+    def __init__(self, script, tls: ssl.SSLContext | None = None):
         self.requests: list[dict] = []
         self.connections = 0
         self.script = script
@@ -191,13 +192,16 @@ class FakeUpstream:
 
         self.server = QuietHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        if tls is not None:  # HTTPS: each connection's handshake runs as it is accepted
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.scheme = "https" if tls is not None else "http"
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def close(self):
         self.server.shutdown()
@@ -208,8 +212,8 @@ class FakeUpstream:
 def upstream():
     made = []
 
-    def make(script) -> FakeUpstream:
-        up = FakeUpstream(script)
+    def make(script, tls: ssl.SSLContext | None = None) -> FakeUpstream:
+        up = FakeUpstream(script, tls)
         made.append(up)
         return up
 
@@ -764,6 +768,149 @@ def test_http_proxy_gets_absolute_form_request(start_gateway, upstream, monkeypa
     status, _, body = post(gw, "/v1/chat/completions", CHAT)
     assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "via proxy"
     assert seen == ["http://llm.example.test/v1/chat/completions"]
+
+
+# A test CA and a certificate it signed for 127.0.0.1 (EC P-256, valid until 2126), made once with openssl
+TEST_CA_PEM = """-----BEGIN CERTIFICATE-----
+MIIBlDCCATmgAwIBAgIUVom7yoWkF83E09aJwik3xHfkb04wCgYIKoZIzj0EAwIw
+FjEUMBIGA1UEAwwLdGd3IHRlc3QgQ0EwIBcNMjYxMjAyMDU0MjEwWhgPMjEyNjEx
+MDgwNTQyMTBaMBYxFDASBgNVBAMMC3RndyB0ZXN0IENBMFkwEwYHKoZIzj0CAQYI
+KoZIzj0DAQcDQgAEcHYpqlNUXOo5JEha1OKUOTOKZN+Ex8VYxRvxhrOT5Ay06m05
+WJGdvlaA5wSJqMiJm+fcKXGiVZ2+ed5JO/ODd6NjMGEwHQYDVR0OBBYEFNkwigBl
+GWtaMAtYDnNr4NgXvMqDMB8GA1UdIwQYMBaAFNkwigBlGWtaMAtYDnNr4NgXvMqD
+MA8GA1UdEwEB/wQFMAMBAf8wDgYDVR0PAQH/BAQDAgEGMAoGCCqGSM49BAMCA0kA
+MEYCIQDoHZa73Iach7GsN/4myuySRW47KGb0jjG2RX5mZJdtGgIhAInSlmRyQQnM
+TyU1gHzw4q7DD6M74Zc8YUNN8d6z/bk1
+-----END CERTIFICATE-----
+"""
+TEST_UPSTREAM_CERT_PEM = """-----BEGIN CERTIFICATE-----
+MIIBwjCCAWegAwIBAgIUWBtkEEkmAsLUM4P/Gu9m7XNzLV8wCgYIKoZIzj0EAwIw
+FjEUMBIGA1UEAwwLdGd3IHRlc3QgQ0EwIBcNMjYxMjAyMDU0MjEwWhgPMjEyNjEx
+MDgwNTQyMTBaMBQxEjAQBgNVBAMMCTEyNy4wLjAuMTBZMBMGByqGSM49AgEGCCqG
+SM49AwEHA0IABMUNTRsHa/ssv3+iR4pCuPDNXLIRLYubTKnnaZ9+wwb9y6p5QIHd
+bkzjl+IqSusFDZtv34Vv+0QvUxkJxOQA6GejgZIwgY8wGgYDVR0RBBMwEYcEfwAA
+AYIJbG9jYWxob3N0MAwGA1UdEwEB/wQCMAAwDgYDVR0PAQH/BAQDAgeAMBMGA1Ud
+JQQMMAoGCCsGAQUFBwMBMB8GA1UdIwQYMBaAFNkwigBlGWtaMAtYDnNr4NgXvMqD
+MB0GA1UdDgQWBBQiSelRME6sd0gghbOZsk/RktPRHzAKBggqhkjOPQQDAgNJADBG
+AiEAkNYy9R6in2NYM6sL7HsyF3VCpLXchinKahvX6XAoi1wCIQDIeaFVorxCRVcG
+0ZzzqEISO4nW5c9jIg2P2Kqt6dFv9w==
+-----END CERTIFICATE-----
+"""
+TEST_UPSTREAM_KEY_PEM = """-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgit4aIv8WLocwVBhO
+VHhWMB11fkefE7b9f3aW1VXLxIehRANCAATFDU0bB2v7LL9/okeKQrjwzVyyES2L
+m0yp52mffsMG/cuqeUCB3W5M45fiKkrrBQ2bb9+Fb/tEL1MZCcTkAOhn
+-----END PRIVATE KEY-----
+"""
+
+
+@pytest.fixture
+def tls_upstream(tmp_path, monkeypatch):
+    """(server context for an HTTPS FakeUpstream, path of the CA file). The gateway trusts the CA
+    only when a test points SSL_CERT_FILE at it (OpenSSL reads it as the context is made)."""
+    (tmp_path / "ca.pem").write_text(TEST_CA_PEM)
+    (tmp_path / "cert.pem").write_text(TEST_UPSTREAM_CERT_PEM)
+    (tmp_path / "key.pem").write_text(TEST_UPSTREAM_KEY_PEM)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    return context, str(tmp_path / "ca.pem")
+
+
+def test_https_upstream_answers_whole_and_streamed_over_one_verified_connection(
+    start_gateway, upstream, tls_upstream, monkeypatch
+):
+    context, ca_file = tls_upstream
+    monkeypatch.setenv("SSL_CERT_FILE", ca_file)
+
+    def script(h, body):
+        if body.get("stream"):
+            reply_sse(h, [{"choices": [{"index": 0, "delta": {"content": "over TLS"}}]}, "data: [DONE]\n\n"])
+        else:
+            reply_json(h, chat_completion("over TLS"))
+
+    up = upstream(script, context)
+    gw = start_gateway(env=openai_env(up))
+    for _ in range(3):
+        status, _, body = post(gw, "/v1/chat/completions", CHAT)
+        assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "over TLS"
+    status, _, body = post(gw, "/v1/chat/completions", {**CHAT, "stream": True})
+    assert status == 200 and sse_data(body)[0]["choices"][0]["delta"]["content"] == "over TLS"
+    assert up.connections == 1  # kept alive and reused, TLS and all
+
+
+def test_https_upstream_with_an_untrusted_certificate_is_a_502_that_says_so(start_gateway, upstream, tls_upstream):
+    context, _ = tls_upstream  # SSL_CERT_FILE unset: the system's CAs, which never signed it
+    up = upstream(lambda h, body: reply_json(h, chat_completion("never")), context)
+    gw = start_gateway(env=openai_env(up))
+    status, _, body = post(gw, "/v1/chat/completions", CHAT)
+    assert status == 502 and "TLS certificate of upstream 127.0.0.1 failed verification" in body.decode()
+    assert up.requests == []
+    assert_serving(gw)
+
+
+class ConnectProxy:
+    """An HTTPS proxy on 127.0.0.1: answers CONNECT with 200 and relays bytes both ways."""
+
+    def __init__(self):
+        self.heads: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.tunnel, args=(client,), daemon=True).start()
+
+    def tunnel(self, client: socket.socket):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += client.recv(4096)
+        self.heads.append(head)
+        host, port = head.split(b" ")[1].decode().rsplit(":", 1)
+        server = socket.create_connection((host, int(port)))
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        def pump(src, dst):
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            for sock in (src, dst):
+                sock.close()
+
+        threading.Thread(target=pump, args=(server, client), daemon=True).start()
+        pump(client, server)
+
+    def close(self):
+        self.listener.close()
+
+
+def test_https_upstream_through_a_connect_proxy_with_credentials(start_gateway, upstream, tls_upstream, monkeypatch):
+    context, ca_file = tls_upstream
+    monkeypatch.setenv("SSL_CERT_FILE", ca_file)
+    proxy = ConnectProxy()
+    try:
+        monkeypatch.setenv("HTTPS_PROXY", f"http://proxyuser:proxy-secret-77@127.0.0.1:{proxy.port}")
+        up = upstream(lambda h, body: reply_json(h, chat_completion("through the tunnel")), context)
+        gw = start_gateway(env=openai_env(up))
+        for _ in range(2):
+            status, _, body = post(gw, "/v1/chat/completions", CHAT)
+            assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "through the tunnel"
+        assert len(proxy.heads) == 1 and up.connections == 1  # one tunnel, kept alive
+        head = proxy.heads[0].decode()
+        assert head.startswith(f"CONNECT 127.0.0.1:{up.port} HTTP/1.1\r\n")
+        assert "Proxy-Authorization: Basic " + base64.b64encode(b"proxyuser:proxy-secret-77").decode() in head
+        assert up.requests[0]["headers"]["Authorization"] == "Bearer sk-upstream-secret-123456"
+        assert "Proxy-Authorization" not in up.requests[0]["headers"]  # for the proxy, never the upstream
+    finally:
+        proxy.close()
 
 
 def test_upstream_pool_reuses_connections_and_reads_gzip_and_chunked(start_gateway, upstream):
