@@ -16,7 +16,8 @@ Sections, in the order data flows:
     1. Utilities                 small helpers shared by everything below
     2. Config                    defaults < gateway.ini < TOKLIGENCE_* env < command-line flags,
                                  unknown-key warnings, live reload (SIGHUP, file changes)
-    3. HTTP/1.1 wire             server connections, upstream client with pool, SSE parsing
+    3. HTTP/1.1 wire             connections (one asyncio Protocol for both sides), the server,
+                                 the upstream client with its pool, SSE parsing
     4. Canonical model           the hub every protocol converts to and from
     5. Codecs                    one per wire protocol: OpenAI Chat (+ legacy Completions),
                                  Anthropic Messages, OpenAI Responses, Gemini (+ JSON Schema
@@ -1615,8 +1616,8 @@ class ClientProtocol(Connection):
 
 
 class HttpServer:
-    """HTTP/1.1 on asyncio streams: keep-alive, pipelining (answered in order), chunked and
-    Content-Length bodies, 100-continue, HEAD, limits and timeouts, graceful drain."""
+    """HTTP/1.1 on asyncio, a Connection per client: keep-alive, pipelining (answered in order),
+    chunked and Content-Length bodies, 100-continue, HEAD, limits and timeouts, graceful drain."""
 
     def __init__(self, cfg: Config, handler, error_body=None):
         self.cfg = cfg
