@@ -1193,7 +1193,7 @@ class Watchdog:
 class Connection(asyncio.Protocol):
     """One TCP or TLS connection, read and written by one task: a client's to the server, or the
     upstream client's to a provider. It keeps the names and errors of asyncio's StreamReader and
-    StreamWriter (readuntil, readexactly, read, at_eof, write, drain; IncompleteReadError,
+    StreamWriter (readuntil, readexactly, read, write, drain; IncompleteReadError,
     LimitOverrunError, the connection's own error once it is lost), which take a dozen Python calls
     per read where this takes two. While more than twice `limit` bytes wait unread it stops reading
     from the socket, as theirs does; a read waiting for more starts it again."""
@@ -1220,7 +1220,7 @@ class Connection(asyncio.Protocol):
         buffer = self.buffer
         buffer += data
         waiter = self.waiter
-        if waiter is not None:
+        if waiter is not None:  # (_wake, inline: this runs for every read from the socket)
             self.waiter = None
             if not waiter.done():  # (a cancelled read)
                 waiter.set_result(None)
@@ -1285,12 +1285,7 @@ class Connection(asyncio.Protocol):
             await self._more()
         if at > self.limit:
             raise asyncio.LimitOverrunError("the separator is found, but the chunk is longer than the limit", at)
-        end = at + len(separator)
-        data = bytes(buffer[:end])
-        del buffer[:end]
-        if self.reading_paused and len(buffer) <= self.limit:
-            self._resume()
-        return data
+        return self.take(at + len(separator))
 
     def take(self, n: int) -> bytes | None:
         """`n` bytes if they are here already (the usual body came with its head), else None:
@@ -1324,14 +1319,7 @@ class Connection(asyncio.Protocol):
                     raise self.error
                 return b""
             await self._more()
-        data = bytes(buffer[:n])
-        del buffer[:n]
-        if self.reading_paused and len(buffer) <= self.limit:
-            self._resume()
-        return data
-
-    def at_eof(self) -> bool:
-        return self.eof and not self.buffer
+        return self.take(min(n, len(buffer)))
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
@@ -1858,35 +1846,35 @@ class UpstreamResponse:
         self.pool.watchdog.entries.add(self)
 
     async def _raw_chunk(self) -> bytes:
-        reader = self.conn
+        conn = self.conn
         if self.chunked:
-            line = await reader.readuntil(b"\r\n")
+            line = await conn.readuntil(b"\r\n")
             size = int(line.split(b";", 1)[0].strip() or b"0", 16)
             if size > UPSTREAM_MAX_CHUNK:  # read whole before anything is checked: bound it
                 self.close()
                 raise GatewayError(502, f"upstream {self.origin.host} sent a chunk of {size} bytes")
             if size == 0:
-                while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                while (await conn.readuntil(b"\r\n")) != b"\r\n":
                     pass
                 self.done = True
                 return b""
-            data = await reader.readexactly(size)
-            await reader.readexactly(2)
+            data = await conn.readexactly(size)
+            await conn.readexactly(2)
             return data
         if self.remaining >= 0:
             # the usual JSON answer is read whole in one step; a stream goes on as it arrives, even
             # one sent with a Content-Length (some servers and caching proxies do)
             if self.remaining <= 1 << 20 and not self.event_stream:
-                data = await reader.readexactly(self.remaining)
+                data = await conn.readexactly(self.remaining)
             else:
-                data = await reader.read(min(self.remaining, 1 << 18))
+                data = await conn.read(min(self.remaining, 1 << 18))
             if not data:
                 raise asyncio.IncompleteReadError(b"", self.remaining)
             self.remaining -= len(data)
             if self.remaining == 0:
                 self.done = True
             return data
-        data = await reader.read(262144)
+        data = await conn.read(262144)
         if not data:
             if self.timed_out:  # the watchdog cut it: not a complete body
                 raise asyncio.IncompleteReadError(b"", None)
@@ -1925,12 +1913,7 @@ class UpstreamResponse:
         remaining = self.remaining
         if 0 < remaining <= limit and remaining <= 1 << 20 and self.decoder is None and not self.done:
             data = self.conn.take(remaining)  # the usual answer: its body came with its head
-            if data is None:
-                return await self._read_whole()
-            self.remaining = 0
-            self.done = True
-            self.release()
-            return data
+            return self._read_to_end(data) if data is not None else await self._read_whole()
         parts = []
         total = 0
         while data := await self.next_chunk():
@@ -1954,6 +1937,10 @@ class UpstreamResponse:
             raise self._broken(exc) from None
         finally:
             watchdog.entries.discard(self)
+        return self._read_to_end(data)
+
+    def _read_to_end(self, data: bytes) -> bytes:
+        """The whole body has been read: the connection goes back to the pool."""
         self.remaining = 0
         self.done = True
         self.release()
