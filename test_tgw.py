@@ -702,6 +702,39 @@ def test_a_client_that_stops_reading_holds_its_upstream_stream_back(start_gatewa
     assert_serving(gw)
 
 
+def test_a_burst_of_tiny_chunks_lets_other_tasks_run_while_it_is_read():
+    """Reads answered from the buffer never wait, so without a turn now and then a client's
+    126 KB of one-byte chunks (21,000 chunks, three reads each) would hold the event loop for the
+    whole body: here another task gets turns all through it, and the body is whole."""
+    chunks = b"1\r\nx\r\n" * 21000 + b"0\r\n\r\n"
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        made = []
+
+        def connection():
+            made.append(tgw.Connection(1 << 16))
+            return made[-1]
+
+        server = await loop.create_server(connection, "127.0.0.1", 0)
+        with socket.create_connection(server.sockets[0].getsockname()) as client:
+            client.sendall(chunks)  # (126 KB: the socket buffers take it at once)
+            while not made or len(made[0].buffer) < len(chunks):  # every byte buffered before the read starts
+                await asyncio.sleep(0.01)
+            turns = 0
+            reading = asyncio.ensure_future(tgw.read_chunked_body(made[0], 1 << 20))
+            while not reading.done():
+                turns += 1
+                await asyncio.sleep(0)
+            body = reading.result()
+        server.close()
+        return turns, body
+
+    turns, body = asyncio.run(scenario())
+    assert body == b"x" * 21000
+    assert turns >= 500  # a turn every 64 reads: about 980
+
+
 def test_truncated_body_does_not_break_the_gateway(start_gateway):
     gw = start_gateway()
     with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:

@@ -1196,7 +1196,9 @@ class Connection(asyncio.Protocol):
     StreamWriter (readuntil, readexactly, read, write, drain; IncompleteReadError,
     LimitOverrunError, the connection's own error once it is lost), which take a dozen Python calls
     per read where this takes two. While more than twice `limit` bytes wait unread it stops reading
-    from the socket, as theirs does; a read waiting for more starts it again."""
+    from the socket, as theirs does; a read waiting for more starts it again. Every 64th read lets
+    the loop run other tasks first: reads answered from the buffer never wait, so a burst of tiny
+    chunks (a chunked body, an upstream's stream) would otherwise hold the loop while it lasts."""
 
     def __init__(self, limit: int = 1 << 16):
         self.loop = asyncio.get_running_loop()
@@ -1211,6 +1213,7 @@ class Connection(asyncio.Protocol):
         self.reading_paused = False
         self.writing_paused = False
         self.drained: asyncio.Future | None = None  # the drain waiting for the socket to take our bytes
+        self.reads = 0
 
     # -- the event loop's calls
     def connection_made(self, transport) -> None:
@@ -1253,6 +1256,11 @@ class Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _turn_due(self) -> bool:
+        """Is this read the 64th since the task last let others run (see the class's comment)?"""
+        self.reads += 1
+        return not self.reads & 63
+
     def _more(self) -> asyncio.Future:
         """What a read awaits for more bytes (or the end): a plain future, no coroutine."""
         if self.reading_paused:  # a read longer than the buffer's limit: the socket must be read
@@ -1274,6 +1282,8 @@ class Connection(asyncio.Protocol):
 
     # -- the task's calls (each takes its bytes in place: these run for every request)
     async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        if self._turn_due():
+            await asyncio.sleep(0)
         buffer = self.buffer
         start = 0
         while (at := buffer.find(separator, start)) < 0:
@@ -1304,6 +1314,8 @@ class Connection(asyncio.Protocol):
         return data
 
     async def readexactly(self, n: int) -> bytes:
+        if self._turn_due():
+            await asyncio.sleep(0)
         while len(self.buffer) < n:
             if self.eof:
                 raise self._ended(n)
@@ -1312,6 +1324,8 @@ class Connection(asyncio.Protocol):
 
     async def read(self, n: int) -> bytes:
         """Up to `n` bytes, as soon as there are any; b"" at the end."""
+        if self._turn_due():
+            await asyncio.sleep(0)
         buffer = self.buffer
         while not buffer:
             if self.eof:
