@@ -732,7 +732,7 @@ def test_a_burst_of_tiny_chunks_lets_other_tasks_run_while_it_is_read():
 
     turns, body = asyncio.run(scenario())
     assert body == b"x" * 21000
-    assert turns >= 500  # a turn every 64 reads: about 980
+    assert turns >= 200  # a turn every 64 lines read (one per chunk): about 330
 
 
 def test_truncated_body_does_not_break_the_gateway(start_gateway):

@@ -1196,9 +1196,10 @@ class Connection(asyncio.Protocol):
     StreamWriter (readuntil, readexactly, read, write, drain; IncompleteReadError,
     LimitOverrunError, the connection's own error once it is lost), which take a dozen Python calls
     per read where this takes two. While more than twice `limit` bytes wait unread it stops reading
-    from the socket, as theirs does; a read waiting for more starts it again. Every 64th read lets
-    the loop run other tasks first: reads answered from the buffer never wait, so a burst of tiny
-    chunks (a chunked body, an upstream's stream) would otherwise hold the loop while it lasts."""
+    from the socket, as theirs does; a read waiting for more starts it again. Every 64th readuntil
+    lets the loop run other tasks first: reads answered from the buffer never wait, so a burst of
+    tiny chunks (a chunked body, an upstream's stream; one line each) or of pipelined requests would
+    otherwise hold the loop while it lasts."""
 
     def __init__(self, limit: int = 1 << 16):
         self.loop = asyncio.get_running_loop()
@@ -1213,7 +1214,7 @@ class Connection(asyncio.Protocol):
         self.reading_paused = False
         self.writing_paused = False
         self.drained: asyncio.Future | None = None  # the drain waiting for the socket to take our bytes
-        self.reads = 0
+        self.reads = 0  # readuntil calls, for the turns it gives other tasks
 
     # -- the event loop's calls
     def connection_made(self, transport) -> None:
@@ -1256,11 +1257,6 @@ class Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _turn_due(self) -> bool:
-        """Is this read the 64th since the task last let others run (see the class's comment)?"""
-        self.reads += 1
-        return not self.reads & 63
-
     def _more(self) -> asyncio.Future:
         """What a read awaits for more bytes (or the end): a plain future, no coroutine."""
         if self.reading_paused:  # a read longer than the buffer's limit: the socket must be read
@@ -1282,7 +1278,8 @@ class Connection(asyncio.Protocol):
 
     # -- the task's calls (each takes its bytes in place: these run for every request)
     async def readuntil(self, separator: bytes = b"\n") -> bytes:
-        if self._turn_due():
+        self.reads += 1
+        if not self.reads & 63:  # others' turn (see above)
             await asyncio.sleep(0)
         buffer = self.buffer
         start = 0
@@ -1295,13 +1292,18 @@ class Connection(asyncio.Protocol):
             await self._more()
         if at > self.limit:
             raise asyncio.LimitOverrunError("the separator is found, but the chunk is longer than the limit", at)
-        return self.take(at + len(separator))
+        end = at + len(separator)  # (take's work, inline: two of these run for every request)
+        data = bytes(buffer[:end])
+        del buffer[:end]
+        if self.reading_paused and len(buffer) <= self.limit:
+            self._resume()
+        return data
 
     def take(self, n: int) -> bytes | None:
         """`n` bytes if they are here already (the usual body came with its head), else None:
         no coroutine made, no await."""
         buffer = self.buffer
-        if len(buffer) == n:
+        if len(buffer) == n:  # all that came: one copy, not two
             data = bytes(buffer)
             buffer.clear()
         elif len(buffer) > n:
@@ -1314,8 +1316,6 @@ class Connection(asyncio.Protocol):
         return data
 
     async def readexactly(self, n: int) -> bytes:
-        if self._turn_due():
-            await asyncio.sleep(0)
         while len(self.buffer) < n:
             if self.eof:
                 raise self._ended(n)
@@ -1324,8 +1324,6 @@ class Connection(asyncio.Protocol):
 
     async def read(self, n: int) -> bytes:
         """Up to `n` bytes, as soon as there are any; b"" at the end."""
-        if self._turn_due():
-            await asyncio.sleep(0)
         buffer = self.buffer
         while not buffer:
             if self.eof:
