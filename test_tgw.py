@@ -9131,6 +9131,42 @@ def test_metrics_need_the_gateway_key_and_health_stays_public(start_gateway):
     assert get(gw, "/health")[0] == 200
 
 
+def test_a_scrape_of_thousands_of_series_lets_other_tasks_run_between_its_pieces(start_gateway):
+    """A scrape of the worst case (MAX_SERIES series in several metrics, ~50,000 lines) held the
+    event loop for its whole render, 60-95 ms here. It is rendered in pieces of PIECE_LINES lines
+    with a turn for other tasks after each: a task on the gateway's loop counts its turns, and
+    the count seen by a metric's callback after 5,000 lines is ahead of the count seen before."""
+    gw = start_gateway()
+    ticks, seen = [0], {}
+
+    def wide():
+        seen["before"] = ticks[0]
+        return [((f"series-{i}",), i) for i in range(5000)]
+
+    def after():
+        seen["after"] = ticks[0]
+        return 1
+
+    gw.gateway.metrics.counter("tgw_test_wide_total", "Many series", ("name",), callback=wide)
+    gw.gateway.metrics.gauge("tgw_test_after", "Rendered after them", callback=after)
+    stop = threading.Event()
+
+    async def count_turns():
+        while not stop.is_set():
+            ticks[0] += 1
+            await asyncio.sleep(0)
+
+    counting = asyncio.run_coroutine_threadsafe(count_turns(), gw.loop)
+    try:
+        status, _, body = get(gw, "/metrics")
+    finally:
+        stop.set()
+        counting.result(10)
+    samples = parse_prometheus(body.decode())
+    assert status == 200 and sum(samples["tgw_test_wide_total"].values()) == sum(range(5000))
+    assert seen["after"] >= seen["before"] + 5  # 5,000 lines: five pieces, a turn after each
+
+
 def test_metrics_registry_api_for_other_parts_of_the_gateway(monkeypatch):
     monkeypatch.setattr(tgw, "MAX_SERIES", 2)
     m = tgw.Metrics()

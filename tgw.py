@@ -10480,7 +10480,11 @@ class Gateway:
         call.exchange.send_json(200, {"name": "tgw", "version": __version__, "status": "ok"})
 
     async def metrics_text(self, request: HttpRequest, call: Call) -> None:
-        call.exchange.send(200, self.metrics.render(), PROMETHEUS_CONTENT_TYPE)
+        pieces = []
+        for piece in self.metrics.pieces():
+            pieces.append(piece)
+            await asyncio.sleep(0)  # (the worst case, 10,000 series of each metric, is ~50,000 lines)
+        call.exchange.send(200, b"".join(pieces), PROMETHEUS_CONTENT_TYPE)
 
     async def health(self, request: HttpRequest, call: Call) -> None:
         providers = {
@@ -12121,12 +12125,14 @@ _LABEL_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n"})
 _HELP_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n"})
 
 
-def prometheus_labels(names: tuple, values: tuple, le: str = "") -> str:
-    """{a="x",b="y"} with values escaped (backslash, double quote, newline), or '' for none."""
-    pairs = [f'{name}="{str(value).translate(_LABEL_ESCAPES)}"' for name, value in zip(names, values, strict=True)]
-    if le:
-        pairs.append(f'le="{le}"')
-    return "{" + ",".join(pairs) + "}" if pairs else ""
+def label_pairs(names: tuple, values: tuple) -> str:
+    """a="x",b="y": the inside of a series' braces."""
+    return ",".join([f'{name}="{label_value(value)}"' for name, value in zip(names, values, strict=True)])
+
+
+def label_value(value) -> str:
+    text = str(value)  # (translate is slow: escape only the rare value that needs it)
+    return text.translate(_LABEL_ESCAPES) if "\\" in text or '"' in text or "\n" in text else text
 
 
 class Metric:
@@ -12141,6 +12147,19 @@ class Metric:
         self.callback = callback  # at scrape time: a number, or an iterable of (label values, number)
         self.values: dict[tuple, object] = {}
         self.other = ("other",) * len(self.labels)
+        self._pairs: dict[tuple, str] = {}  # label values -> their a="x",b="y" (a series renders alike each scrape)
+
+    def pairs(self, labels: tuple) -> str:
+        text = self._pairs.get(labels)
+        if text is None:
+            text = label_pairs(self.labels, labels)
+            if len(self._pairs) >= 2 * MAX_SERIES:  # a callback's labels come and go: start over
+                self._pairs.clear()
+            self._pairs[labels] = text
+        return text
+
+    def head(self) -> str:
+        return f"# HELP {self.name} {self.help.translate(_HELP_ESCAPES)}\n# TYPE {self.name} {self.kind}\n"
 
     def key_for(self, labels: tuple) -> tuple:
         """A new series' key: checked once, then folded into "other" past MAX_SERIES."""
@@ -12156,10 +12175,13 @@ class Metric:
             return [((), result)]
         return [(tuple(labels), value) for labels, value in result]
 
-    def render(self, out: list) -> None:
-        out.append(f"# HELP {self.name} {self.help.translate(_HELP_ESCAPES)}\n# TYPE {self.name} {self.kind}\n")
+    def lines(self):
+        """The metric's exposition text, a line (its head: two) at a time."""
+        yield self.head()
+        name = self.name
         for labels, value in self.series():
-            out.append(f"{self.name}{prometheus_labels(self.labels, labels)} {prometheus_value(value)}\n")
+            pairs = self.pairs(labels)
+            yield f"{name}{{{pairs}}} {prometheus_value(value)}\n" if pairs else f"{name} {prometheus_value(value)}\n"
 
 
 class Counter(Metric):
@@ -12207,15 +12229,18 @@ class Histogram(Metric):
             counts = self.values.setdefault(self.key_for(labels), [0] * (len(self.buckets) + 1) + [0.0])
         return counts
 
-    def render(self, out: list) -> None:
-        out.append(f"# HELP {self.name} {self.help.translate(_HELP_ESCAPES)}\n# TYPE {self.name} histogram\n")
+    def lines(self):
+        yield self.head()
+        name = self.name
         for labels, counts in list(self.values.items()):
+            pairs = self.pairs(labels)
+            bucket = f"{name}_bucket{{{pairs},le=" if pairs else f"{name}_bucket{{le="
             cumulative = 0
             for bound, count in zip(self.bounds, counts, strict=False):
                 cumulative += count
-                out.append(f"{self.name}_bucket{prometheus_labels(self.labels, labels, bound)} {cumulative}\n")
-            text = prometheus_labels(self.labels, labels)
-            out.append(f"{self.name}_sum{text} {prometheus_value(counts[-1])}\n{self.name}_count{text} {cumulative}\n")
+                yield f'{bucket}"{bound}"}} {cumulative}\n'
+            text = "{" + pairs + "}" if pairs else ""
+            yield f"{name}_sum{text} {prometheus_value(counts[-1])}\n{name}_count{text} {cumulative}\n"
 
 
 class Metrics:
@@ -12239,15 +12264,30 @@ class Metrics:
     def histogram(self, name: str, help: str, labels: tuple = (), buckets=LATENCY_BUCKETS) -> Histogram:
         return self._add(Histogram(name, help, labels, buckets))
 
+    PIECE_LINES = 1000  # lines of one piece: a scrape of tens of thousands of series lets requests run between
+
     def render(self) -> bytes:
+        return b"".join(self.pieces())
+
+    def pieces(self):
+        """The exposition text in pieces of PIECE_LINES lines (GET /metrics awaits between them)."""
         out: list[str] = []
         for metric in list(self.metrics.values()):
             try:
-                metric.render(out)
+                for line in metric.lines():
+                    out.append(line)
+                    if len(out) >= self.PIECE_LINES:
+                        yield self.finish(out)
+                        out = []
             except Exception:  # one broken callback must not hide every other metric
                 log.exception("metrics: rendering %s failed", metric.name)
-        # label values a client or an upstream chose may hold a secret or a lone surrogate
-        return redact("".join(out)).encode("utf-8", "replace")
+        yield self.finish(out)
+
+    @staticmethod
+    def finish(lines: list) -> bytes:
+        # label values a client or an upstream chose may hold a secret or a lone surrogate (a line
+        # holds whole values: no secret spans two pieces)
+        return redact("".join(lines)).encode("utf-8", "replace")
 
 
 class LabelCap:
