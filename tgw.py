@@ -8319,7 +8319,7 @@ class Walk:
             account.succeeded()  # it answered: the request is what failed, and is not tried elsewhere
             return False
         self.failed(account, model, now, err.status in ASK_AGAIN_STATUSES, err.retry_after)
-        self.last_error = err
+        self.last_error = err.with_traceback(None)
         return True
 
     def unavailable(self, now: float) -> GatewayError:
@@ -10030,10 +10030,13 @@ class Identity:
 
 def release_frames(exc: BaseException) -> None:
     """Let go of what a handled request error's finished frames hold. An error kept where one of
-    them can reach it (raised from a local, or the attempt loop's last error on its Walk) forms
-    a cycle with its traceback, which would keep the request's body, answer and objects alive
-    until the cyclic collector ran (rarely, by design: settle_collector); cleared, reference
-    counting frees them as the request ends. Its causes and contexts are cleared too."""
+    them can reach it (raised from a local, as send_upstream does) forms a cycle with its
+    traceback, which would keep the request's body, answer and objects alive until the cyclic
+    collector ran (rarely, by design: settle_collector); cleared, reference counting frees them
+    as the request ends. Its causes and contexts are cleared too. (Errors a request keeps to
+    raise later, the Walk's last one, are kept without their traceback, since a request that
+    then succeeds never comes here.) Only for errors raised in the request's own task: clearing
+    the frame of a coroutine still suspended elsewhere would end that coroutine."""
     for _ in range(8):  # (a chain is a handful long; a loop in it ends here)
         if exc is None:
             return
@@ -10943,7 +10946,7 @@ class Gateway:
             try:
                 url, body, codec, lane = self.outbound_request(call, request, out, provider, model)
             except GatewayError as err:  # this provider cannot take the request: the next one may
-                walk.last_error = walk.last_error or err
+                walk.last_error = walk.last_error or err.with_traceback(None)  # (kept without: see release_frames)
                 continue
             timeouts = provider.timeouts
             end_by = walk.end_by = walk.end_by or call.started + timeouts.total  # the first account's bounds all
@@ -10970,7 +10973,7 @@ class Gateway:
                 now = time.monotonic()
                 account.failed(err.status, err.message, now, trial)
                 walk.failed(account, model, now, True)
-                walk.last_error = err
+                walk.last_error = err.with_traceback(None)
                 continue
             except GatewayError as err:
                 account.end(trial)
@@ -12152,11 +12155,14 @@ class Metric:
     def pairs(self, labels: tuple) -> str:
         text = self._pairs.get(labels)
         if text is None:
-            text = label_pairs(self.labels, labels)
-            if len(self._pairs) >= 2 * MAX_SERIES:  # a callback's labels come and go: start over
-                self._pairs.clear()
-            self._pairs[labels] = text
+            text = self._pairs[labels] = label_pairs(self.labels, labels)
         return text
+
+    def forget_pairs(self, series: int) -> None:
+        """At the start of a scrape of `series` series: a callback's labels may come and go, so
+        the memo starts over once it holds twice as many as a scrape needs."""
+        if len(self._pairs) > 2 * max(series, MAX_SERIES):
+            self._pairs.clear()
 
     def head(self) -> str:
         return f"# HELP {self.name} {self.help.translate(_HELP_ESCAPES)}\n# TYPE {self.name} {self.kind}\n"
@@ -12179,7 +12185,9 @@ class Metric:
         """The metric's exposition text, a line (its head: two) at a time."""
         yield self.head()
         name = self.name
-        for labels, value in self.series():
+        series = self.series()
+        self.forget_pairs(len(series))
+        for labels, value in series:
             pairs = self.pairs(labels)
             yield f"{name}{{{pairs}}} {prometheus_value(value)}\n" if pairs else f"{name} {prometheus_value(value)}\n"
 
@@ -12232,7 +12240,10 @@ class Histogram(Metric):
     def lines(self):
         yield self.head()
         name = self.name
-        for labels, counts in list(self.values.items()):
+        series = list(self.values.items())
+        self.forget_pairs(len(series))
+        for labels, counts in series:
+            counts = counts[:]  # as it is now: requests may end while earlier pieces are sent
             pairs = self.pairs(labels)
             bucket = f"{name}_bucket{{{pairs},le=" if pairs else f"{name}_bucket{{le="
             cumulative = 0
