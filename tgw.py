@@ -8259,7 +8259,7 @@ class Pool:
 class Walk:
     """One request's way through its chain: what it tried, what may be asked again, what is left."""
 
-    __slots__ = ("chain", "tried", "again", "retries", "asked", "wait", "end_by", "last_error", "previous")
+    __slots__ = ("chain", "tried", "again", "retries", "asked", "wait", "end_by", "_last_error", "previous")
 
     def __init__(self, chain: tuple, retries: int):
         self.chain = chain
@@ -8269,8 +8269,19 @@ class Walk:
         self.asked = 0  # accounts asked again so far (the backoff doubles each time)
         self.wait = 0.0  # when next() found nothing: seconds until something may be ready (0: nothing will)
         self.end_by = 0.0  # the request's deadline, set by its first attempt
-        self.last_error: GatewayError | None = None
+        self._last_error: GatewayError | None = None
         self.previous = ""  # the provider of the last attempt
+
+    @property
+    def last_error(self) -> GatewayError | None:
+        """The error the client gets if nothing answers. Kept without its traceback: raised
+        in the attempt loop, it would hold that loop's frame (and the request) in a cycle that
+        outlives a request which then succeeds (see release_frames)."""
+        return self._last_error
+
+    @last_error.setter
+    def last_error(self, err: GatewayError | None) -> None:
+        self._last_error = err if err is None else err.with_traceback(None)
 
     def next(self, now: float) -> tuple | None:
         """(account, model, asked again?) to try now, or None (then `wait` says how long until
@@ -8319,7 +8330,7 @@ class Walk:
             account.succeeded()  # it answered: the request is what failed, and is not tried elsewhere
             return False
         self.failed(account, model, now, err.status in ASK_AGAIN_STATUSES, err.retry_after)
-        self.last_error = err.with_traceback(None)
+        self.last_error = err
         return True
 
     def unavailable(self, now: float) -> GatewayError:
@@ -10033,9 +10044,9 @@ def release_frames(exc: BaseException) -> None:
     them can reach it (raised from a local, as send_upstream does) forms a cycle with its
     traceback, which would keep the request's body, answer and objects alive until the cyclic
     collector ran (rarely, by design: settle_collector); cleared, reference counting frees them
-    as the request ends. Its causes and contexts are cleared too. (Errors a request keeps to
-    raise later, the Walk's last one, are kept without their traceback, since a request that
-    then succeeds never comes here.) Only for errors raised in the request's own task: clearing
+    as the request ends. Its causes and contexts are cleared too. (An error a request keeps to
+    raise later, Walk.last_error, is kept without its traceback, since a request that then
+    succeeds never comes here.) Only for errors raised in the request's own task: clearing
     the frame of a coroutine still suspended elsewhere would end that coroutine."""
     for _ in range(8):  # (a chain is a handful long; a loop in it ends here)
         if exc is None:
@@ -10946,7 +10957,7 @@ class Gateway:
             try:
                 url, body, codec, lane = self.outbound_request(call, request, out, provider, model)
             except GatewayError as err:  # this provider cannot take the request: the next one may
-                walk.last_error = walk.last_error or err.with_traceback(None)  # (kept without: see release_frames)
+                walk.last_error = walk.last_error or err
                 continue
             timeouts = provider.timeouts
             end_by = walk.end_by = walk.end_by or call.started + timeouts.total  # the first account's bounds all
@@ -10973,7 +10984,7 @@ class Gateway:
                 now = time.monotonic()
                 account.failed(err.status, err.message, now, trial)
                 walk.failed(account, model, now, True)
-                walk.last_error = err.with_traceback(None)
+                walk.last_error = err
                 continue
             except GatewayError as err:
                 account.end(trial)
@@ -11616,8 +11627,7 @@ def settle_collector() -> None:
     startup made, holding the loop 10-17 ms: ~3% of a busy gateway's CPU in all. What startup
     made is frozen out of collections, and a young one waits for GC_YOUNG_THRESHOLD objects
     (what it still finds, such as the few objects a closed connection leaves in a cycle, is
-    collected as before)."""
-    gc.collect()
+    collected as before). serve() has just collected (release_startup_memory) when it calls this."""
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
