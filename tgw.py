@@ -1377,9 +1377,10 @@ class HttpRequest:
     keep_alive: bool = True
 
 
-def has_bare_cr_lf_or_nul(text: str) -> bool:
-    """Does a head hold a CR or LF outside a CRLF pair, or a NUL?"""
-    bare = text.replace("\r\n", "")
+def has_bare_cr_lf_or_nul(lines: list) -> bool:
+    """Does a head (split at its CRLFs) hold a CR or LF outside a CRLF pair, or a NUL? (Joining
+    the lines it was split into is a third of the time of taking the CRLFs out of the text.)"""
+    bare = "".join(lines)
     return "\r" in bare or "\n" in bare or "\0" in bare
 
 
@@ -1421,7 +1422,7 @@ def parse_request_head(head: bytes, max_request_line: int) -> HttpRequest:
     if " " in names or "\t" in names:  # a field name is a token: no whitespace in it, nor before its colon
         line = next(line for line in fields if " " in line.partition(":")[0] or "\t" in line.partition(":")[0])
         raise HttpError(400, f"malformed header line {line[:60]!r}")
-    if has_bare_cr_lf_or_nul(text):  # one could smuggle a header upstream
+    if has_bare_cr_lf_or_nul(lines):  # one could smuggle a header upstream
         raise HttpError(400, "malformed header line: a bare CR, LF or NUL")
     if target.startswith(("http://", "https://")):  # absolute-form: keep only the path
         target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
@@ -2167,13 +2168,12 @@ class UpstreamPool:
         finally:
             self.watchdog.entries.discard(waiting)
         text = head.decode("latin-1")
-        if has_bare_cr_lf_or_nul(text):  # never let one reach a client's response head
-            if "\r" in text.replace("\r\n", "") or "\0" in text:
+        lines = text.split("\r\n")
+        if has_bare_cr_lf_or_nul(lines):  # never let one reach a client's response head
+            if "\r" in "".join(lines) or "\0" in text:
                 conn.transport.abort()
                 raise GatewayError(502, f"upstream {origin.host} sent a malformed response head (a bare CR or NUL)")
             lines = [line.removesuffix("\r") for line in text.split("\n")]  # a bare LF ends a line (RFC 9112 2.2)
-        else:
-            lines = text.split("\r\n")
         status_parts = lines[0].split(" ", 2)
         code = status_parts[1] if len(status_parts) > 1 else ""
         if not (len(code) == 3 and code.isascii() and code.isdigit() and "100" <= code < "600") or not (
@@ -11297,12 +11297,17 @@ def upstream_events(step, *args) -> list:
         return [StreamError(GatewayError(502, f"upstream sent a malformed stream event ({what[:200]})"))]
 
 
+JSON_OPENERS, JSON_CLOSERS = (b"{", b"["), (b"}", b"]")
+
+
 def json_passthrough(data: bytes, provider: str) -> bytes:
     """A successful answer relayed untouched must be JSON: its first and last non-blank bytes are
     checked (an HTML page from a proxy, a truncated body, plain text), never a parse on this lane."""
+    if data[:1] in JSON_OPENERS and data[-1:] in JSON_CLOSERS:  # the usual answer: no copies made
+        return data
     head = data[:64].lstrip() or data.lstrip()
     tail = data[-64:].rstrip() or data.rstrip()
-    if head[:1] in (b"{", b"[") and tail[-1:] in (b"}", b"]"):
+    if head[:1] in JSON_OPENERS and tail[-1:] in JSON_CLOSERS:
         return data
     raise GatewayError(502, f"upstream {provider} answered with a body that is not JSON: {data[:200]!r}")
 
