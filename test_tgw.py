@@ -7797,7 +7797,7 @@ def test_reasoning_under_either_name_and_mid_stream_errors_of_openrouter_and_vll
     for events, words in ((openrouter, "Provider disconnected"), (vllm, "CUDA out of memory")):
         with pytest.raises(GatewayError) as info:
             f_openai_stream_result(events)
-        assert words in info.value.message and info.value.status == 502
+        assert words in info.value.message and info.value.status == 500  # the status their error names
 
 
 @pytest.mark.parametrize(
@@ -9449,7 +9449,12 @@ def test_upstream_error_that_quotes_the_key_is_redacted_on_every_lane(start_gate
             reply_json(h, {"error": {"message": quoted, "type": "invalid_request_error"}}, status=401)
 
     up = upstream(script)
-    gw = start_gateway(env=openai_env(up), model_provider_routes="gpt*=>openai,claude*=>openai", upstream_retries=0)
+    gw = start_gateway(
+        env=openai_env(up),
+        model_provider_routes="gpt*=>openai,claude*=>openai",
+        upstream_retries=0,
+        breaker_failures=100,
+    )  # (six failures in a row: each lane is checked, not the breaker)
     gemini = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
     answers = {
         "passthrough json": post(gw, "/v1/chat/completions", CHAT),
@@ -9462,11 +9467,11 @@ def test_upstream_error_that_quotes_the_key_is_redacted_on_every_lane(start_gate
     for lane, (status, _, body) in answers.items():
         text = body.decode()
         assert LEAKED not in text, lane
-        if status == 200:  # the error event of a stream that had begun: the upstream's words, redacted
+        if status in (200, 500):  # a stream's error event (500: before any content, answered as it): redacted
             assert "Incorrect API key provided: [redacted sk-u…56]" in text, lane
         else:  # a 401 refused the gateway's key, not the client's: a 502 without the upstream's words
             assert status == 502 and "refused the API key this gateway holds" in text and "sk-u" not in text, lane
-    assert answers["passthrough json"][0] == 502 and answers["passthrough stream"][0] == 200
+    assert answers["passthrough json"][0] == 502 and answers["passthrough stream"][0] == 500
     rows = gw.rows(6)
     assert len(rows) == 6 and all(LEAKED not in r["error"] and "[redacted" in r["error"] for r in rows)
     ini = tmp_path / "cli.ini"
@@ -10818,6 +10823,163 @@ def test_a_stream_that_only_ever_opens_is_relayed_not_held_forever(start_gateway
     assert len(received) == 402 and gw.rows()[-1]["status"] == 529
 
 
+BAD_KEY, GOOD_KEY = "sk-bad-key-2222", "sk-good-key-1111"
+
+
+def answer_head(h, content_type: str, length: int | None = None) -> None:
+    """A fake upstream's 200 head: a body of `length` bytes, or chunked."""
+    h.send_response(200)
+    h.send_header("Content-Type", content_type)
+    h.send_header(*(("Content-Length", str(length)) if length is not None else ("Transfer-Encoding", "chunked")))
+    h.end_headers()
+
+
+def reply_head_then_hang_up(h, body):
+    """A 200 event stream whose connection drops before its first byte of body."""
+    answer_head(h, "text/event-stream")
+    h.wfile.flush()
+    h.connection.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_stream_cut_before_any_content_counts_against_its_account(start_gateway, upstream):
+    # a half-open trial whose stream breaks reopens the breaker; streams that always break open it
+    mode = {"answer": "500"}
+    up = upstream(lambda h, b: reply_json(h, {"error": {"message": "boom"}}, status=500) if mode["answer"] == "500"
+                  else reply_head_then_hang_up(h, b))  # fmt: skip
+    gw = start_gateway(env=openai_env(up), breaker_failures=1, breaker_cooldown=0.3, upstream_retries=0)
+    assert post(gw, "/v1/chat/completions", CHAT)[0] == 500
+    wait_until(lambda: accounts(gw)["openai"]["state"] == "half_open")
+    mode["answer"] = "cut"
+    status, _, payload = post(gw, "/v1/chat/completions", {**CHAT, "stream": True})
+    assert status == 200 and b"closed the connection mid-response" in payload  # told in-stream, never replayed
+    assert accounts(gw)["openai"]["state"] == "open" and accounts(gw)["openai"]["in_flight"] == 0
+    assert gw.rows()[-1]["attempts"] == 1
+
+    up2 = upstream(reply_head_then_hang_up)
+    gw2 = start_gateway(env=anthropic_env(up2), breaker_failures=2, upstream_retries=0)
+    statuses = [post(gw2, "/v1/messages", {**L_CLAUDE, "stream": True}, {"anthropic-version": "2023-06-01"})[0]
+                for _ in range(3)]  # fmt: skip
+    assert statuses == [200, 200, 503] and accounts(gw2)["anthropic"]["state"] == "open"  # then not hammered
+
+
+def test_a_whole_answer_cut_before_its_end_counts_against_its_account(start_gateway, upstream):
+    def cut(h, body):
+        answer_head(h, "application/json", 500)
+        h.wfile.write(b'{"id": "chatcmpl-cut", "choi')
+        h.wfile.flush()
+        h.connection.shutdown(socket.SHUT_RDWR)
+
+    gw = start_gateway(env=openai_env(upstream(cut)), breaker_failures=2, upstream_retries=0)
+    assert [post(gw, "/v1/chat/completions", CHAT)[0] for _ in range(2)] == [502, 502]
+    assert accounts(gw)["openai"]["state"] == "open"
+    assert post(gw, "/v1/chat/completions", CHAT)[0] == 503  # not hammered while it cools down
+
+
+@pytest.mark.parametrize("status", [520, 522, 524, 530, 599])
+def test_a_proxys_5xx_fails_over_and_counts_against_the_account(start_gateway, upstream, status):
+    up = upstream(lambda h, b: reply_json(h, {"error": {"message": "origin down"}}, status=status)
+                  if key_of(h) == BAD_KEY else reply_json(h, chat_completion()))  # fmt: skip
+    gw = start_gateway(env=openai_env(up, key=f"{BAD_KEY}, {GOOD_KEY}"), breaker_failures=1, upstream_retries=0)
+    assert [post(gw, "/v1/chat/completions", CHAT)[0] for _ in range(4)] == [200] * 4
+    assert accounts(gw)["openai#1"]["state"] == "open" and accounts(gw)["openai#1"]["last_status"] == status
+
+
+def test_a_501_is_the_requests_fault_and_is_not_tried_elsewhere(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, {"error": {"message": "not implemented"}}, status=501))
+    gw = start_gateway(env=openai_env(up, key=f"{BAD_KEY}, {GOOD_KEY}"), breaker_failures=1, upstream_retries=0)
+    status, headers, _ = post(gw, "/v1/chat/completions", CHAT)
+    assert status == 501 and gw.rows()[-1]["attempts"] == 1
+    assert all(a["state"] == "closed" for a in accounts(gw).values())
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        {"message": "Rate limit reached", "type": "rate_limit_error", "code": 429},
+        {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"},
+        {"message": "The server is overloaded", "type": "server_error", "code": "503"},
+        {"message": "The server had an error", "type": "server_error", "code": None},
+    ],
+)
+def test_an_openai_stream_that_opens_with_a_rate_limit_or_server_error_fails_over(start_gateway, upstream, error):
+    up = upstream(lambda h, b: reply_sse(h, [{"error": error}]) if key_of(h) == BAD_KEY
+                  else reply_sse(h, chat_chunks(words=("ok",))))  # fmt: skip
+    gw = start_gateway(env=openai_env(up, key=f"{BAD_KEY}, {GOOD_KEY}"), upstream_retries=0)
+    for _ in range(2):  # whichever account is asked first
+        status, headers, payload = post(gw, "/v1/chat/completions", {**CHAT, "stream": True})
+        assert status == 200 and error["message"].encode() not in payload and headers["x-tgw-attempts"] in ("1", "2")
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in sse_data(payload)[:-1]
+                       if c["choices"]) == "ok"  # fmt: skip
+    assert accounts(gw)["openai#1"]["errors"] == 1 and accounts(gw)["openai#2"]["errors"] == 0
+
+
+def test_a_stream_that_opened_with_usage_then_failed_bills_nothing(start_gateway, upstream):
+    opening = {"type": "message_start", "message": {"id": "msg_up", "type": "message", "role": "assistant",
+                                                    "model": "claude-sonnet-4-5", "content": [],
+                                                    "usage": {"input_tokens": 50000, "output_tokens": 0}}}  # fmt: skip
+    gw = start_gateway(env=anthropic_env(upstream(lambda h, b: reply_anthropic_sse(h, [opening, R_OVERLOADED]))),
+                       upstream_retries=0)  # fmt: skip
+    status, _, _ = post(gw, "/v1/messages", {**L_CLAUDE, "stream": True}, {"anthropic-version": "2023-06-01"})
+    row = gw.rows()[-1]
+    assert status == 529 and row["status"] == 529
+    assert row["prompt_tokens"] == 0 and row["cost_usd"] == 0
+
+
+def test_a_stream_failing_over_to_translation_sends_no_usage_chunk_the_client_did_not_ask_for(start_gateway, upstream):
+    events = [
+        {"type": "message_start", "message": {"id": "msg_up", "type": "message", "role": "assistant",
+                                              "model": "claude-sonnet-4-5", "content": [],
+                                              "usage": {"input_tokens": 7, "output_tokens": 0}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 1}},
+        {"type": "message_stop"},
+    ]  # fmt: skip
+    openai_up = upstream(lambda h, b: reply_json(h, {"error": {"message": "openai is down"}}, status=503))
+    anthropic_up = upstream(lambda h, b: reply_anthropic_sse(h, events))
+    gw = start_gateway(env={**openai_env(openai_up), **anthropic_env(anthropic_up)}, upstream_retries=0,
+                       model_fallbacks="gpt-4o*=>claude-sonnet-4-5")  # fmt: skip
+    status, headers, payload = post(gw, "/v1/chat/completions", {**CHAT, "stream": True})
+    chunks = [c for c in sse_data(payload) if c != "[DONE]"]
+    assert status == 200 and headers["x-tgw-provider"] == "anthropic" and chunks
+    assert all(c["choices"] for c in chunks)  # no usage-only chunk: the client never asked for one
+    row = gw.rows()[-1]
+    assert (row["prompt_tokens"], row["completion_tokens"], row["attempts"]) == (7, 1, 2)  # the ledger still has it
+
+
+def test_a_request_only_a_cooling_account_could_take_gets_a_429_not_a_400(start_gateway, upstream):
+    anthropic_up = upstream(lambda h, b: reply_json(h, {"type": "error", "error": {
+        "type": "rate_limit_error", "message": "slow down"}}, status=429, headers={"Retry-After": "30"}))  # fmt: skip
+    router_up = upstream(lambda h, b: reply_json(h, chat_completion("from router")))
+    env = {**anthropic_env(anthropic_up), "TOKLIGENCE_PROVIDER_ANTHROPIC_MODELS": "claude*",
+           "TOKLIGENCE_PROVIDER_ROUTER_BASE_URL": router_up.url + "/v1", "TOKLIGENCE_PROVIDER_ROUTER_MODELS": "claude*",
+           "TOKLIGENCE_PROVIDER_ROUTER_API_KEY": "sk-router-123456"}  # fmt: skip
+    gw = start_gateway(env=env, upstream_retries=0)
+    version = {"anthropic-version": "2023-06-01"}
+    assert post(gw, "/v1/messages", L_CLAUDE, version)[0] == 200  # the router answered; anthropic cools down
+    status, headers, body = post(gw, "/v1/messages/count_tokens", L_CLAUDE, version)
+    assert status == 429 and int(headers["Retry-After"]) > 0, (status, body)
+    assert json.loads(body)["error"]["type"] == "rate_limit_error"
+
+
+def test_the_requests_own_deadline_running_out_is_no_failure_of_the_account_asked_last(start_gateway, upstream):
+    def script(h, body):
+        time.sleep(0.85 if key_of(h) == BAD_KEY else 0.3)
+        if key_of(h) == BAD_KEY:
+            reply_json(h, {"error": {"message": "down"}}, status=503)
+        else:
+            reply_json(h, chat_completion())
+
+    gw = start_gateway(env=openai_env(upstream(script), key=f"{BAD_KEY}, {GOOD_KEY}"), breaker_failures=1,
+                       upstream_retries=0, upstream_total_timeout=1.0)  # fmt: skip
+    status, _, body = post(gw, "/v1/chat/completions", CHAT)  # the bad key is asked first (the pool's first)
+    assert status == 504 and b"total timeout" in body
+    bad, good = accounts(gw)["openai#1"], accounts(gw)["openai#2"]
+    assert (bad["state"], bad["last_status"]) == ("open", 503)
+    assert (good["state"], good["errors"], good["in_flight"]) == ("closed", 0, 0)  # it had 0.15 s of the 1 s left
+
+
 def live_calls() -> int:
     return sum(1 for obj in gc.get_objects() if type(obj) is tgw.Call)
 
@@ -12032,7 +12194,8 @@ def test_broken_upstream_json_answers_are_502s_in_the_clients_protocol(start_gat
         {"prompt_tokens": [], "completion_tokens": True},
     )])  # fmt: skip
     up = upstream(lambda h, b: reply_json(h, next(answers)))
-    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")})
+    # (eight broken answers in a row would open the account's breaker: each is checked here instead)
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")}, breaker_failures=100)
     for answer in broken:
         status, _, payload = post(gw, H_MESSAGES, L_CLAUDE)
         assert status == 502, (answer, payload)
@@ -12153,10 +12316,7 @@ def test_sse_parser_is_linear_and_caps_an_events_size():
 
 def test_a_huge_upstream_event_is_a_stream_error_and_others_are_served_meanwhile(start_gateway, upstream):
     def script(h, body):
-        h.send_response(200)
-        h.send_header("Content-Type", "text/event-stream")
-        h.send_header("Transfer-Encoding", "chunked")
-        h.end_headers()
+        answer_head(h, "text/event-stream")
         head = b'data: {"choices": [{"index": 0, "delta": {"content": "'
         for data in [head] + [b"x" * 65536] * 320:  # 20 MB, one event
             h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))

@@ -3302,6 +3302,23 @@ def effort_from_budget(budget: int | None) -> str:
     return "low" if budget <= 2048 else "medium" if budget <= 16384 else "high"
 
 
+OPENAI_ERROR_WORDS = (("rate_limit", 429), ("overloaded", 503), ("unavailable", 503), ("server_error", 500))
+
+
+def openai_stream_error_status(err: dict) -> int:
+    """The status an OpenAI-style stream's error event stands for: its `code` when that is an
+    HTTP status (OpenRouter, vLLM), else what its type or code names (rate_limit_exceeded,
+    server_error...), else 502. A stream that opens with a rate limit or an overload can then
+    fail over like an answer with that status (STREAM_FAILOVER_STATUSES)."""
+    code = err.get("code")
+    if type(code) is str and code.isascii() and code.isdigit() and len(code) == 3:
+        code = int(code)
+    if type(code) is int and 400 <= code <= 599:
+        return code
+    words = f"{string_or(err.get('type'))} {string_or(code)}".lower()
+    return next((status for word, status in OPENAI_ERROR_WORDS if word in words), 502)
+
+
 class OpenAIStreamDecoder:
     """chat.completion.chunk events -> canonical events. One block open at a time: text,
     reasoning and each tool_calls[i] get their own index, in the order they appear."""
@@ -3351,7 +3368,8 @@ class OpenAIStreamDecoder:
             err = err if isinstance(err.get("message"), str) else {"message": as_text(chunk.get("error"))}
             self.finished = True
             kind = err.get("type") if err.get("type") in GatewayError.KIND_BY_STATUS.values() else ""  # server_error..
-            return [StreamError(GatewayError(502, err.get("message") or "upstream stream error", kind))]
+            return [StreamError(GatewayError(openai_stream_error_status(err), err.get("message") or "upstream stream error",
+                                             kind))]  # fmt: skip
         if not self.started:
             self.started = True
             out.append(MessageStart(string_or(chunk.get("id")) or new_id("chatcmpl-"), string_or(chunk.get("model"))))
@@ -8094,7 +8112,9 @@ class ModelCatalog:
 #   401/403. A request that finds every account of its chain cooling down is answered at once
 #   (429 or 503 with Retry-After): a breaker exists not to hammer an upstream that is down.
 
-BREAKER_STATUSES = frozenset((401, 403, 408, 500, 502, 503, 504, 529))  # an answer that counts against the account
+# answers that count against the account: every 5xx (a proxy's 520-530 too) but the request's own (501 not
+# implemented, 505 HTTP version), a timeout, and 401/403 (the key this gateway holds)
+BREAKER_STATUSES = frozenset((401, 403, 408, *range(500, 600))) - {501, 505}
 FAILOVER_STATUSES = BREAKER_STATUSES | {429}  # answers after which the next account is tried
 ASK_AGAIN_STATUSES = FAILOVER_STATUSES - {401, 403}  # answers after which the same account may be asked again
 # errors a stream may open with, before any content, that still fail over (overloaded, rate limited, api
@@ -8259,7 +8279,8 @@ class Pool:
 class Walk:
     """One request's way through its chain: what it tried, what may be asked again, what is left."""
 
-    __slots__ = ("chain", "tried", "again", "retries", "asked", "wait", "end_by", "_last_error", "previous")
+    __slots__ = ("chain", "tried", "again", "retries", "asked", "wait", "end_by", "_last_error", "previous", "skipped",
+                 "unable")  # fmt: skip
 
     def __init__(self, chain: tuple, retries: int):
         self.chain = chain
@@ -8271,6 +8292,8 @@ class Walk:
         self.end_by = 0.0  # the request's deadline, set by its first attempt
         self._last_error: GatewayError | None = None
         self.previous = ""  # the provider of the last attempt
+        self.skipped: GatewayError | None = None  # why the first account that could not take the request could not
+        self.unable: list = []  # the accounts that could not take it (another protocol, work_mode)
 
     @property
     def last_error(self) -> GatewayError | None:
@@ -8332,6 +8355,18 @@ class Walk:
         self.failed(account, model, now, err.status in ASK_AGAIN_STATUSES, err.retry_after)
         self.last_error = err
         return True
+
+    def cannot_take(self, account: Account, err: GatewayError) -> None:
+        """`account` cannot take this request at all (its provider speaks another protocol and
+        translation is not allowed or not possible): the next one may."""
+        self.skipped = self.skipped or err.with_traceback(None)
+        self.unable.append(account)
+
+    def refusal(self, now: float) -> GatewayError:
+        """The error when nothing answered and no upstream error was met: a 429/503 while an
+        account that could take the request cools down, else why none could take it."""
+        cooling = any(a.until > now and a not in self.unable for pool in self.chain for a in pool.accounts)
+        return self.unavailable(now) if cooling or self.skipped is None else self.skipped
 
     def unavailable(self, now: float) -> GatewayError:
         """The error when no account of the chain could be asked: every one cooling down."""
@@ -10084,7 +10119,7 @@ class Call:
     attempts: int = 0  # upstream requests made (section 8)
     account: str = ""  # the account that answered, or failed last
     status: int = 0  # a failure after the 200 (a stream's error event): the ledger's status
-    unconfirmed: object = None  # the account of a stream that has shown no content yet (section 8)
+    unconfirmed: tuple | None = None  # (account, trial) of a stream that has shown no content yet (section 8)
     principal: Principal | None = None  # the key that authenticated the request (section 10)
     reservation: Reservation | None = None  # its hold on budgets and the token rate, until record()
     allow_listed: str = ""  # the model its key's allow-list admitted: a fallback's attempt is checked too
@@ -10645,16 +10680,23 @@ class Gateway:
                 resp, account, trial = await self.send_upstream(call, walk, request, out)
                 try:
                     if call.lane != "passthrough":
-                        return await self.relay_translated(call, resp, account.provider, out)
-                    if resp.event_stream:
-                        await self.relay_passthrough_stream(call, resp, heartbeat, out.hide_usage)
+                        response = await self.relay_translated(call, resp, account.provider, out)
+                    elif resp.event_stream:
+                        response = await self.relay_passthrough_stream(call, resp, heartbeat, out.hide_usage)
                     else:
-                        self.relay_passthrough(call, resp, await resp.read())
-                    return None
+                        response = self.relay_passthrough(call, resp, await resp.read())
+                    self.answer_shown(call)  # (a stream's was at its first content)
+                    return response
                 except Unanswered as unanswered:  # the stream opened with an error: the client saw none of it
                     call.unconfirmed = None
+                    call.usage = Usage()  # what its opening reported was not billed (the next answer's is)
                     call.upstream_answered = False  # what the next attempt meets first is the request again
                     walk.answered(account, call.model_upstream, unanswered.error, trial)
+                except GatewayError as err:  # a whole answer cut, timed out or not JSON: the account failed
+                    if err.status >= 500 and call.unconfirmed is not None:
+                        call.unconfirmed = None
+                        account.failed(err.status, err.message, time.monotonic(), trial)
+                    raise
                 finally:
                     account.end(trial)
         finally:
@@ -10696,6 +10738,8 @@ class Gateway:
         loop guard applied and the client's stream encoder made."""
         if out.req is None:
             req, encoder, event_filter = out.decode()
+            if out.hide_usage:  # forward asked a passthrough upstream for usage in the client's body, not the client
+                req.include_usage = False
             call.user = call.user or req.user
             if self.cfg.loop_guard:
                 guard_tool_loops(req, self.cfg.loop_guard_window, self.cfg.loop_guard_warn, self.cfg.loop_guard_stop)
@@ -10822,6 +10866,8 @@ class Gateway:
                 going = going and emit(upstream_events(decoder.finish))
             release()
         except GatewayError as err:  # the upstream broke mid-stream: tell the client in-stream
+            if held is not None:
+                self.stream_broke(call, err)
             emit([StreamError(err)], False)
         finally:
             resp.close() if not resp.done else resp.release()
@@ -10843,9 +10889,23 @@ class Gateway:
     def stream_shows_content(call: Call) -> None:
         """The first content (or the end) of a stream: its head goes out, and its account succeeded."""
         call.start_stream()
+        Gateway.answer_shown(call)
+
+    @staticmethod
+    def answer_shown(call: Call) -> None:
+        """An answer (or a stream's first content) reached the client: its account succeeded."""
         if call.unconfirmed is not None:
-            call.unconfirmed.succeeded()
+            call.unconfirmed[0].succeeded()  # (a healthy account has nothing to reset)
             call.unconfirmed = None
+
+    @staticmethod
+    def stream_broke(call: Call, err: GatewayError) -> None:
+        """A stream cut or timed out before it showed any content: a failure of its account (it is
+        not asked again for this request: the upstream may have run it)."""
+        if call.unconfirmed is not None:
+            account, trial = call.unconfirmed
+            call.unconfirmed = None
+            account.failed(err.status, err.message, time.monotonic(), trial)
 
     @staticmethod
     def relay_passthrough(call: Call, resp: UpstreamResponse, data: bytes) -> None:
@@ -10910,6 +10970,7 @@ class Gateway:
                 self.observe(call, ev)
         except GatewayError as err:
             if held is not None:
+                self.stream_broke(call, err)
                 held = self.release_opening(call, held)
             call.error, call.status = err.message, err.status
             cut = b"\n\n" if parser.buffer and not hide_usage else b""  # end the half-sent event first
@@ -10949,15 +11010,17 @@ class Gateway:
                     await asyncio.sleep(wait)
                     now = time.monotonic()
                     continue
-                raise gateway_key_refused(call, walk.last_error or walk.unavailable(now))
+                raise gateway_key_refused(call, walk.last_error or walk.refusal(now))
             account, model, again = target
+            if walk.last_error is not None and now >= walk.end_by:  # no time left to ask anyone else
+                raise gateway_key_refused(call, walk.last_error)
             if call.allow_listed and model != call.allow_listed and not Identity.allows(call.principal, model):
                 continue  # a fallback outside the key's allow-list
             provider = account.provider
             try:
                 url, body, codec, lane = self.outbound_request(call, request, out, provider, model)
             except GatewayError as err:  # this provider cannot take the request: the next one may
-                walk.last_error = walk.last_error or err
+                walk.cannot_take(account, err)
                 continue
             timeouts = provider.timeouts
             end_by = walk.end_by = walk.end_by or call.started + timeouts.total  # the first account's bounds all
@@ -10973,31 +11036,31 @@ class Gateway:
                 self.telemetry.failovers.inc((walk.previous, provider.name))
             walk.previous = provider.name
             trial = account.begin(now)
+            until = now + timeouts.total  # this account's own total, within the request's
             try:
                 headers = self.upstream_headers(provider, request)
-                until = now + timeouts.total  # this account's own total, within the request's
                 resp = await self.pool.request(
                     "POST", url, headers, body, timeouts, until if until < end_by else end_by
                 )
             except UpstreamUnreached as err:
                 account.end(trial)
                 now = time.monotonic()
-                account.failed(err.status, err.message, now, trial)
+                if until <= end_by or now < end_by:  # (the request's own deadline is not this account's failure)
+                    account.failed(err.status, err.message, now, trial)
                 walk.failed(account, model, now, True)
                 walk.last_error = err
                 continue
             except GatewayError as err:
                 account.end(trial)
-                account.failed(err.status, err.message, time.monotonic(), trial)
+                now = time.monotonic()
+                if until <= end_by or now < end_by:
+                    account.failed(err.status, err.message, now, trial)
                 raise
             except BaseException:
                 account.end(trial)
                 raise
             if resp.status < 400:
-                if resp.event_stream:
-                    call.unconfirmed = account  # a success once the stream shows content (it may open with an error)
-                elif account.failures or account.until:  # (a healthy account has nothing to reset)
-                    account.succeeded()
+                call.unconfirmed = (account, trial)  # a success once its answer shows content (it may fail first)
                 call.upstream_answered = True
                 return resp, account, trial
             try:
