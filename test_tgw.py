@@ -8827,6 +8827,141 @@ def log_record(message: str, level=logging.INFO) -> logging.LogRecord:
     return logging.LogRecord("tgw", level, __file__, 1, message, None, None)
 
 
+def test_a_client_request_id_holding_a_secret_is_replaced_and_never_logged(start_gateway, upstream, tgw_logs, tmp_path):
+    secret = "sk-upstream-secret-123456"
+    log_file = tmp_path / "logs" / "gateway.log"
+    gw = start_gateway(env=openai_env(upstream(lambda h, b: reply_json(h, chat_completion())), key=secret),
+                       log_file=str(log_file), access_log="all", log_level="info")  # fmt: skip
+    tgw_logs.apply(gw.cfg)
+    _, headers, _ = post(gw, "/v1/chat/completions", CHAT, {"X-Request-Id": secret})
+    _, kept, _ = post(gw, "/v1/chat/completions", CHAT, {"X-Request-Id": "trace-42"})
+    flush_logs(gw)
+    rows = gw.rows(2)
+    assert headers["x-request-id"].startswith("req_") and headers["x-request-id"] == rows[-2]["request_id"]
+    assert kept["x-request-id"] == "trace-42" == rows[-1]["request_id"]  # an ordinary one is kept
+    text = log_file.read_text()
+    assert secret not in text and f"request_id={headers['x-request-id']}" in text and "request_id=trace-42" in text
+
+
+def test_a_text_access_line_has_one_token_per_field_whatever_the_model_name(start_gateway, tgw_logs, tmp_path):
+    log_file = tmp_path / "gateway.log"
+    gw = start_gateway(log_file=str(log_file), access_log="all", log_level="info")
+    tgw_logs.apply(gw.cfg)
+    post(gw, "/v1/messages", dict(MESSAGES, model='m tokens=999999+999999 request_id=victim-1 "x" 100%'))
+    flush_logs(gw)
+    line = log_file.read_text().splitlines()[-1]
+    fields = dict(token.split("=", 1) for token in line.split() if "=" in token)
+    assert line.count(" tokens=") == 1 and line.count(" request_id=") == 1, line
+    assert unquote(fields["model"]) == 'm tokens=999999+999999 request_id=victim-1 "x" 100%'  # one token, read back
+    assert fields["request_id"].startswith("req_") and fields["lane"] == "loopback"
+
+
+def test_a_log_file_removed_while_running_is_opened_again(tmp_path):
+    now = [1_800_000_000.0]
+    path = tmp_path / "logs" / "gateway.log"
+    handler = tgw.RotatingLogFile(str(path), max_bytes=1 << 20, keep=3, clock=lambda: now[0])
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.emit(log_record("before"))
+    handler.flush()
+    shutil.rmtree(path.parent)  # a clean-up job takes the log directory away
+    now[0] += 2.0  # (looked at once a second)
+    for i in range(3):
+        handler.emit(log_record(f"after {i}"))
+    handler.flush()
+    handler.close()
+    assert path.read_text().splitlines() == ["after 0", "after 1", "after 2"] and handler.dropped == 0
+
+
+def test_a_log_setting_that_cannot_work_is_refused_at_startup_and_on_reload(tmp_path, tgw_logs):
+    for value in ("inf", "nan", "-1"):
+        with pytest.raises(tgw.ConfigError, match="log_max_mb: expected a positive number"):
+            tgw.load_config(None, {"log_max_mb": value}, env={})
+    with pytest.raises(tgw.ConfigError, match=r"log_max_mb \(from .*\): expected a number$"):
+        tgw.load_config(None, {"log_max_mb": "lots"}, env={})
+    (tmp_path / "afile").write_text("x")
+    unwritable = tmp_path / "afile" / "gateway.log"  # under a regular file: never a directory
+    ini = tmp_path / "gateway.ini"
+    good = tmp_path / "logs" / "gateway.log"
+    ini.write_text(f"[gateway]\nlog_file = {good}\n")
+    gw = RunningGateway(tgw.load_config(str(ini), {"facade_port": "0", "ledger_path": str(tmp_path / "l.db"),
+                                                   "log_level": "info"}, env={}))  # fmt: skip
+    try:
+        tgw_logs.apply(gw.cfg)
+        for bad in (f"log_file = {unwritable}\napi_keys = gw-key-new-1", f"log_file = {good}\nlog_max_mb = inf\n"
+                    "api_keys = gw-key-new-1"):  # fmt: skip
+            ini.write_text(f"[gateway]\n{bad}\n")
+            reload = tgw.ConfigWatcher(gw.gateway).reload("test")
+            assert asyncio.run_coroutine_threadsafe(reload, gw.loop).result(10) is False
+            assert gw.gateway.cfg.api_keys == "" and gw.gateway.cfg.log_file == str(good)  # nothing half-applied
+            assert post(gw, "/v1/chat/completions", CHAT)[0] == 200
+        logging.getLogger("tgw").warning("still written")
+        tgw.LOGS.flush()
+        assert "still written" in good.read_text()
+    finally:
+        gw.stop()
+
+
+def test_log_lines_the_file_could_not_take_are_counted_in_the_metric(start_gateway, tgw_logs, tmp_path):
+    log_file = tmp_path / "logs" / "gateway.log"
+    gw = start_gateway(log_file=str(log_file), log_level="info")
+    tgw_logs.apply(gw.cfg)
+    tgw.LOGS.flush()
+    tgw.LOGS.file.handleError(None)  # what a failed write does (disk full)
+    assert sample(parse_prometheus(get(gw, "/metrics")[2].decode()), "tgw_log_lines_dropped_total") == 1
+
+
+def test_errors_before_a_path_is_read_answer_in_the_ports_own_protocol(start_gateway):
+    gw = start_multiport(start_gateway)
+    out = raw_exchange(gw.gateway.listeners["anthropic"].port, b"GARBAGE\r\n\r\n")
+    body = json.loads(out.partition(b"\r\n\r\n")[2])
+    assert out.startswith(b"HTTP/1.1 400") and body["type"] == "error" and body["error"]["type"]
+    out = raw_exchange(gw.gateway.listeners["gemini"].port, b"GET / HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 431") and json.loads(out.partition(b"\r\n\r\n")[2])["error"]["status"]
+    out = raw_exchange(gw.port, b"GARBAGE\r\n\r\n")  # the facade speaks every protocol: OpenAI's
+    assert json.loads(out.partition(b"\r\n\r\n")[2])["error"]["type"] == "invalid_request_error"
+
+
+def test_requests_refused_by_the_http_layer_have_an_id_a_metric_and_an_access_line(start_gateway, tgw_logs, tmp_path):
+    log_file = tmp_path / "gateway.log"
+    gw = start_gateway(log_file=str(log_file), access_log="all", log_level="info")
+    tgw_logs.apply(gw.cfg)
+    too_big = raw_exchange(gw.port, b"POST /v1/chat/completions HTTP/1.1\r\nX-Request-Id: mine-2\r\n"
+                                    b"Content-Length: 999999999999\r\n\r\n")  # fmt: skip
+    garbage = raw_exchange(gw.port, b"GARBAGE\r\n\r\n")
+    assert too_big.startswith(b"HTTP/1.1 413") and b"x-request-id: mine-2\r\n" in too_big
+    assert garbage.startswith(b"HTTP/1.1 400") and re.search(rb"x-request-id: req_[0-9a-f]{24}\r\n", garbage)
+    metrics = parse_prometheus(get(gw, "/metrics")[2].decode())
+    refused = {"lane": "", "provider": "", "model": ""}  # no endpoint saw them
+    assert sample(metrics, "tgw_requests_total", endpoint="/v1/chat/completions", status=413, **refused) == 1
+    assert sample(metrics, "tgw_requests_total", endpoint="other", status=400, **refused) == 1
+    flush_logs(gw)
+    lines = log_file.read_text().splitlines()
+    assert any(" /v1/chat/completions 413 " in line and line.endswith("request_id=mine-2") for line in lines)
+    assert any(line.split(": ", 1)[1].startswith("- - 400 ") for line in lines)
+
+
+def test_time_to_first_token_is_the_first_token_not_a_keep_alive(start_gateway, upstream):
+    def script(h, body):
+        time.sleep(0.8)  # the model thinks before its first token; the gateway pings meanwhile
+        reply_sse(h, chat_chunks())
+
+    gw = start_gateway(env=openai_env(upstream(script)), stream_keepalive=0.2)
+    status, _, payload = post(gw, "/v1/chat/completions", {**CHAT, "stream": True})
+    assert status == 200 and payload.startswith(b": keep-alive")
+    assert gw.rows()[-1]["ttft_ms"] >= 750
+    metrics = parse_prometheus(get(gw, "/metrics")[2].decode())
+    assert sample(metrics, "tgw_time_to_first_token_seconds_sum", lane="passthrough", provider="openai") >= 0.75
+
+
+def test_status_finds_a_multiport_gateway_whose_facade_serves_no_health(start_gateway):
+    gw = start_multiport(start_gateway, facade_endpoints="openai_core")
+    assert get(gw, "/health")[0] == 404 and get(gw, "/v1/models")[0] == 200
+    cfg = tgw.load_config(None, {"facade_port": str(gw.port), "facade_endpoints": "openai_core", "multiport_mode": "true",
+                                 "admin_port": str(gw.gateway.listeners["admin"].port)}, env={})  # fmt: skip
+    status = tgw.run_with_pool(lambda pool: tgw.gateway_status(cfg, pool))
+    assert status["running"] and status["url"].endswith(f":{gw.port}"), tgw.format_status(status)
+
+
 def test_log_file_rotates_by_size_and_by_utc_day(tmp_path):
     now = [time.mktime((2026, 3, 9, 23, 0, 0, 0, 0, 0)) - time.timezone]  # 2026-03-09 23:00 UTC
     path = tmp_path / "logs" / "gateway.log"
@@ -9898,6 +10033,7 @@ def fill_the_log_disk(logs) -> None:
     def swap():
         logs.file.stream.close()
         logs.file.stream = open("/dev/full", "ab")  # noqa: SIM115
+        logs.file.next_check_at = math.inf  # (the file stays in place on a full disk: only its writes fail)
         done.set()
 
     logs.queue.put(swap)
@@ -9950,7 +10086,7 @@ def test_review_text_log_lines_stay_one_line_without_escape_sequences(start_gate
     assert post(gw, "/v1/messages", dict(MESSAGES, model=forged), {"X-Request-Id": "rv-1"})[0] == 200
     flush_logs(gw)
     text = log_file.read_text()
-    lines = [line for line in text.splitlines() if "forged line" in line]
+    lines = [line for line in text.splitlines() if "forged%20line" in line]  # (a space in a value: %20)
     assert len(lines) == 1 and lines[0].endswith("request_id=rv-1") and " INFO tgw: POST /v1/messages 200" in lines[0]
     assert "\\n2026-01-01" in lines[0] and "\\x1b]0;owned\\x07\\x1b[2J" in lines[0]
     assert "\x1b" not in text and "\x07" not in text

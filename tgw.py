@@ -677,7 +677,8 @@ def convert_value(key: str, raw, kind, source: str):
         try:
             return float(raw)
         except ValueError:
-            raise ConfigError(f"invalid value {raw!r} for {where}: expected a number of seconds") from None
+            unit = " of seconds" if key.endswith("_timeout") or "second" in CONFIG_KEYS.get(key, (0, 0, ""))[2] else ""
+            raise ConfigError(f"invalid value {raw!r} for {where}: expected a number{unit}") from None
     if kind == "bool":
         value = raw.strip().lower()
         if value in ("1", "true", "yes", "on"):
@@ -889,7 +890,7 @@ def validate_config(values: dict) -> None:
     validate_multiport(values)
     for key in ("max_body_bytes", "max_header_bytes", "max_request_line", "ledger_queue_size", "log_max_mb",
                 "log_max_files"):  # fmt: skip
-        if values[key] <= 0:
+        if not 0 < values[key] < math.inf:  # (nan and inf too: a size is a finite number)
             raise ConfigError(f"invalid value {values[key]!r} for {key}: expected a positive number")
     for key in ("default_rpm", "default_tpm"):
         if values[key] < 0:
@@ -1552,6 +1553,13 @@ class Exchange:
         self.bytes_out += len(data)
         self.writer.write(b"%x\r\n%b\r\n" % (len(data), data))
 
+    def keep_alive(self, payload: bytes) -> None:
+        """A keep-alive in a stream: written like any chunk, but not the answer's first byte (the
+        ledger's and the metrics' time to first token)."""
+        first = self.first_byte_at
+        self.write(payload)
+        self.first_byte_at = first
+
     async def drain(self) -> None:
         if self.writer.transport.is_closing():
             raise ConnectionResetError("client went away")
@@ -1586,14 +1594,16 @@ class ClientProtocol(Connection):
         transport = self.transport
         if self.lost or (self.busy and not self.reading_body):
             return
-        if self.reading_body:
-            transport.write(response_head(408, [("Content-Length", "0"), ("Connection", "close")]))
-        elif self.buffer:  # a partial head
+        if self.buffer and not self.reading_body:  # a partial head
             since = self.partial_since or self.deadline - self.server.cfg.header_timeout
             if now - since < self.server.cfg.header_timeout:  # its first bytes came later than the deadline's start
                 self.deadline = since + self.server.cfg.header_timeout
                 return
-            transport.write(response_head(408, [("Content-Length", "0"), ("Connection", "close")]))
+        if self.reading_body or self.buffer:
+            request_id = new_id("req_")
+            transport.write(response_head(408, [("x-request-id", request_id), ("Content-Length", "0"),
+                                                ("Connection", "close")]))  # fmt: skip
+            self.server.count_refusal("", "", 408, request_id)
         self.deadline = 0.0
         transport.close()
 
@@ -1624,6 +1634,7 @@ class HttpServer:
         self.cfg = cfg
         self.handler = handler  # async (request, exchange) -> None
         self.error_body = error_body  # (path, GatewayError) -> bytes, the error in the client's envelope
+        self.refused = None  # (method, path, status, request id) of a request refused here (Telemetry.request_refused)
         self.server: asyncio.base_events.Server | None = None
         self.connections: set[ClientProtocol] = set()
         self.draining = False
@@ -1678,7 +1689,7 @@ class HttpServer:
                     conn.reading_body = False
                     conn.deadline = 0.0
                 except HttpError as exc:
-                    self._reject(conn, exc, request.path if request is not None else "")
+                    self._reject(conn, exc, request)
                     return
                 except asyncio.IncompleteReadError:
                     return  # the body was cut short: the client is gone, nobody to answer
@@ -1707,14 +1718,23 @@ class HttpServer:
                     pass
                 transport.close()
 
-    def _reject(self, conn: Connection, exc: HttpError, path: str = "") -> None:
-        """Answer a broken request (in the protocol its path speaks, when known) and close."""
+    def _reject(self, conn: Connection, exc: HttpError, request: HttpRequest | None = None) -> None:
+        """Answer a broken request (in the protocol its path speaks, when known) and close. It
+        has a request id like any, and the metrics and the access log count it (`refused`)."""
+        path = request.path if request is not None else ""
+        request_id = request_id_of(request) if request is not None else new_id("req_")
         if self.error_body is not None:
             body = self.error_body(path, GatewayError(exc.status, exc.message))
         else:
             body = dumps({"error": {"message": exc.message, "type": "invalid_request_error", "code": exc.status}})
-        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))), ("Connection", "close")]
+        headers = [("Content-Type", "application/json"), ("x-request-id", request_id), ("Content-Length", str(len(body))),
+                   ("Connection", "close")]  # fmt: skip
         conn.write(response_head(exc.status, headers) + body)
+        self.count_refusal(request.method if request is not None else "", path, exc.status, request_id)
+
+    def count_refusal(self, method: str, path: str, status: int, request_id: str) -> None:
+        if self.refused is not None:
+            self.refused(method, path, status, request_id)
 
     async def drain_and_close(self, grace: float, on_cut=None) -> None:
         """Stop accepting, close idle keep-alive connections, let busy ones finish; at the
@@ -10178,7 +10198,7 @@ class Heartbeat:
         idle = time.monotonic() - max(ex.last_write_at, self.since)
         if idle >= self.interval - 0.05 and not self.mid_event:
             self.call.start_stream()
-            ex.write(self.payload)
+            ex.keep_alive(self.payload)
             idle = 0.0
         self.handle = self.loop.call_later(max(self.interval - idle, 0.05), self._tick)
 
@@ -10314,6 +10334,8 @@ class Gateway:
         router = Router(cfg, providers)
         prices = PriceTable(cfg.prices)
         Pools.fallbacks_of(cfg, router)  # model_fallbacks checked before anything changes
+        if cfg.log_file:
+            RotatingLogFile.check(cfg.log_file)  # as at startup: a log_file that cannot be written changes nothing
         catalog = ModelCatalog(router, self.pool, cfg.anthropic_version)
         changed = changed_settings(self.cfg, cfg)
         restart = [key for key in changed if key in RESTART_KEYS]
@@ -10331,7 +10353,7 @@ class Gateway:
 
     # -- dispatch
     def error_body(self, path: str, err: GatewayError, listener: Listener | None = None) -> bytes:
-        if listener is not None and listener.codec is not None and not listener.serves(path):
+        if listener is not None and listener.codec is not None and (not path or not listener.serves(path)):
             return dumps(listener.codec.encode_error(err))
         return dumps(self.client_codec(path).encode_error(err))
 
@@ -11633,6 +11655,18 @@ class Listener:
             )  # fmt: skip
 
 
+def health_listener(cfg: Config) -> str:
+    """The listener `tgw status` asks for /health: the facade, or in multiport mode the first
+    whose bundles include health."""
+    for name in LISTENERS if cfg.multiport_mode else ():
+        port_key, bundles_key, _ = LISTENERS[name]
+        if (name == "facade" or getattr(cfg, port_key)) and "health" in parse_bundles(
+            getattr(cfg, bundles_key), bundles_key
+        ):
+            return name
+    return "facade"
+
+
 def listeners_of(cfg: Config, codecs: dict) -> list[Listener]:
     listeners = []
     for name in LISTENERS if cfg.multiport_mode else ("facade",):
@@ -11656,6 +11690,7 @@ async def start_listeners(cfg: Config, gateway: Gateway) -> dict[str, HttpServer
                 gateway.handle if listener.bundles is None else functools.partial(gateway.handle, listener=listener)
             )
             server = HttpServer(cfg, handle, functools.partial(gateway.error_body, listener=listener))
+            server.refused = gateway.telemetry.request_refused
             try:
                 listener.port = await server.start(cfg.host, listener.port)
             except OSError as exc:
@@ -11847,9 +11882,10 @@ _safe_request_id = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}").fullmatch
 
 
 def request_id_of(request: HttpRequest) -> str:
-    """The client's X-Request-Id when it is short and made of safe characters, else a new id."""
+    """The client's X-Request-Id when it is short and made of safe characters (and holds no secret
+    this gateway knows: it goes into every log line of the request), else a new id."""
     given = request.headers.get("x-request-id")
-    if given and _safe_request_id(given):
+    if given and _safe_request_id(given) and not redact.found_in(given):
         return given
     return new_id("req_")
 
@@ -11874,6 +11910,17 @@ class RedactingFormatter(logging.Formatter):
 _LOG_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), *range(127, 160)] if c != 9} | {10: "\\n", 13: "\\r"}
 
 
+_LOG_TOKEN_ESCAPES = {ord(c): f"%{ord(c):02X}" for c in ' ="%'}
+
+
+def log_token(value):
+    """A value of a text access line as one token: a space, '=', '"' or '%' in a string (a model
+    name is the client's) percent-encoded, so no value can pass for another field."""
+    if type(value) is str and (" " in value or "=" in value or '"' in value or "%" in value):
+        return value.translate(_LOG_TOKEN_ESCAPES)
+    return value
+
+
 class TextLogFormatter(RedactingFormatter):
     """`time LEVEL logger: message request_id=...`, secrets redacted, control characters escaped."""
 
@@ -11884,6 +11931,10 @@ class TextLogFormatter(RedactingFormatter):
         return super().formatMessage(record).translate(_LOG_CONTROL_ESCAPES)
 
     def format(self, record: logging.LogRecord) -> str:
+        if record.msg is ACCESS_LINE and isinstance(record.args, dict):  # a client chose the path and the model
+            record = logging.makeLogRecord(
+                {**record.__dict__, "args": {k: log_token(v) for k, v in record.args.items()}}
+            )
         line = super().format(record)
         request_id = getattr(record, "request_id", "")
         return f"{line} request_id={request_id}" if request_id else line
@@ -11934,6 +11985,7 @@ class RotatingLogFile(logging.Handler):
         self.next_day_at = 0.0
         self.failing = False  # the last write failed (said once on stderr until one succeeds)
         self.dropped = 0  # lines lost to failed writes
+        self.next_check_at = 0.0  # when to look again whether the file is still where it was opened
 
     @staticmethod
     def check(path: str) -> None:
@@ -11957,12 +12009,25 @@ class RotatingLogFile(logging.Handler):
             if self.stream is None or now >= self.next_day_at:
                 self.next_day_at = now - now % 86400 + 86400  # the next UTC midnight
                 self.open(time.strftime("%Y-%m-%d", time.gmtime(now)), 1, len(data))
+            elif now >= self.next_check_at and not self.still_there(now):  # removed (or its directory): again
+                self.open(self.day, self.index, len(data))
             elif self.size + len(data) > self.max_bytes:
                 self.open(self.day, self.index + 1, len(data))
             self.stream.write(data)
             self.size += len(data)
         except Exception:
             self.handleError(record)
+
+    def still_there(self, now: float) -> bool:
+        """Is the open file still the one at its path? (Someone may remove the file or the log
+        directory while the gateway runs; lines written to a removed file are lost.) Asked at
+        most once a second."""
+        self.next_check_at = now + 1.0
+        try:
+            at_path, opened = os.stat(self.path), os.fstat(self.stream.fileno())
+        except (OSError, ValueError):
+            return False
+        return (at_path.st_dev, at_path.st_ino) == (opened.st_dev, opened.st_ino)
 
     def open(self, day: str, index: int, incoming: int) -> None:
         """The day's file number `index`, or the first after it with room (a restart resumes)."""
@@ -12066,12 +12131,18 @@ class LogSetup:
         self.handlers: list[logging.Handler] = []  # touched by the log thread only
         self.handler: LogQueueHandler | None = None
         self.thread: threading.Thread | None = None
-        self.dropped = 0
+        self.dropped = 0  # records the queue had no room for
         self.file: RotatingLogFile | None = None
+        self.file_dropped = 0  # lines lost to failed writes by log files replaced since (a reload)
 
     @property
     def active(self) -> bool:
         return self.thread is not None
+
+    @property
+    def lines_dropped(self) -> int:
+        """Log lines lost: no room in the queue, or the log file could not be written."""
+        return self.dropped + self.file_dropped + (self.file.dropped if self.file is not None else 0)
 
     def put(self, item) -> None:
         if self.queue.qsize() >= self.QUEUE_LIMIT:
@@ -12092,10 +12163,12 @@ class LogSetup:
             settings = (str(Path(log_file).expanduser()), int(cfg.log_max_mb * (1 << 20)), cfg.log_max_files)
             old = self.file
             if old is None or (str(old.base), old.max_bytes, old.keep) != settings:  # else keep writing where it is
+                self.file_dropped += old.dropped if old is not None else 0
                 self.file = RotatingLogFile(*settings, clock)
             self.file.setFormatter(formatter)
             handlers.append(self.file)
         else:
+            self.file_dropped += self.file.dropped if self.file is not None else 0
             self.file = None
         root = logging.getLogger()
         root.setLevel(getattr(logging, level.upper()))
@@ -12402,6 +12475,14 @@ TOKEN_KINDS = ("prompt", "completion", "cached", "reasoning")  # tgw_tokens_tota
 RAW_TALLIES = 4096  # (path, lane, provider, model, status) combinations remembered as a request names them
 
 
+# the access line's fields of a request refused before an endpoint saw it (Telemetry.request_refused)
+REFUSED_ACCESS_FIELDS = {
+    "protocol": "", "lane": "", "provider": "", "model": "", "model_upstream": "", "stream": False,
+    "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0, "latency_ms": 0.0, "ttft_ms": None,
+    "api_key_id": "", "error": "refused by the HTTP layer",
+}  # fmt: skip
+
+
 class RequestTally:
     """The series one (endpoint, lane, provider, model, status) of requests adds to: its own count,
     and the lists it shares with others of its latency histogram (endpoint, lane, provider), time to
@@ -12467,8 +12548,8 @@ class Telemetry:
         m.gauge("tgw_requests_in_flight", "Requests being answered, by port", ("port",), callback=self.in_flight)
         m.gauge("tgw_ledger_queue_depth", "Ledger rows waiting for the writer", callback=lambda: len(ledger.pending))
         m.counter("tgw_ledger_rows_written_total", "Ledger rows written", callback=lambda: ledger.written)
-        m.counter("tgw_log_lines_dropped_total", "Log lines dropped: the log thread was behind",
-                  callback=lambda: LOGS.dropped)  # fmt: skip
+        m.counter("tgw_log_lines_dropped_total", "Log lines dropped: the log thread was behind or log_file unwritable",
+                  callback=lambda: LOGS.lines_dropped)  # fmt: skip
         m.gauge("tgw_uptime_seconds", "Seconds since the gateway started",
                 callback=lambda: time.time() - gateway.started_at)  # fmt: skip
         m.gauge("tgw_build_info", "tgw's version", ("version",), callback=lambda: [((__version__,), 1)])
@@ -12571,6 +12652,20 @@ class Telemetry:
             key = (provider, model) if len(self.usage) < MAX_SERIES else ("other", "other")
             usage = self.usage.setdefault(key, [0] * len(TOKEN_KINDS) + [0.0])
         return RequestTally(labels, self.latency.counts((endpoint, lane, provider)), usage)
+
+    def request_refused(self, method: str, path: str, status: int, request_id: str) -> None:
+        """A request the HTTP layer refused before any endpoint saw it (malformed, too large, too
+        slow: HttpServer.refused): counted under its path (one not read: "other"), and its access line."""
+        key = (path or "(unread)", "", "", "", status)
+        tally = self.tallies.get(key) or self.tally_for(key)
+        tally.count += 1
+        if status >= self.access_from and log.isEnabledFor(logging.INFO):
+            token = CURRENT_REQUEST_ID.set(request_id)
+            try:
+                log.info(ACCESS_LINE, {**REFUSED_ACCESS_FIELDS, "method": method or "-", "path": path[:1000] or "-",
+                                       "status": status})  # fmt: skip
+            finally:
+                CURRENT_REQUEST_ID.reset(token)
 
     @staticmethod
     def access_line(call: Call, status: int, elapsed: float) -> None:
@@ -13341,8 +13436,9 @@ def read_pid_file(path: Path) -> dict | None:
         data = {"pid": data}
     if not isinstance(data, dict) or type(data.get("pid")) is not int or not 1 < data["pid"] < 1 << 31:
         return None
-    if not (isinstance(data.get("url"), str) and data["url"].startswith("http://")):
-        data.pop("url", None)
+    for key in ("url", "health_url"):
+        if not (isinstance(data.get(key), str) and data[key].startswith("http://")):
+            data.pop(key, None)
     return data
 
 
@@ -13564,12 +13660,15 @@ async def gateway_status(cfg: Config, pool: UpstreamPool, config_error: str = ""
         alive = process_alive(info["pid"]) and is_tgw_daemon(info["pid"], pid_path)
         daemon = {"pid": info["pid"], "alive": alive, "url": info.get("url"), "pid_file": str(pid_path),
                   "log": str(log_path)}  # fmt: skip
-    url = daemon["url"] if daemon and daemon["alive"] and daemon["url"] else gateway_url(cfg)
+    if daemon and daemon["alive"] and daemon["url"]:
+        url, health_url = daemon["url"], info.get("health_url") or daemon["url"]
+    else:
+        url, health_url = gateway_url(cfg), gateway_url(cfg, getattr(cfg, LISTENERS[health_listener(cfg)][0]))
     status = {"url": url, "running": False, "daemon": daemon, "health": None, "error": "",
               "config_file": str(cfg.path) if cfg.path else None, "config_error": config_error,
               "config": config_view(cfg)}  # fmt: skip
     try:
-        health = await fetch_json(pool, url + "/health")
+        health = await fetch_json(pool, health_url + "/health")
         if isinstance(health, dict) and health.get("status") == "ok":
             status["running"], status["health"] = True, health
         else:
@@ -13647,9 +13746,13 @@ def format_section(name: str, value, depth: int = 0) -> list[str]:
 
 
 def announce_daemon(pid_path: Path, cfg: Config, port: int, gateway) -> None:
-    """The daemon's serve(ready=...): say in the pid file where it listens."""
-    write_pid_file(pid_path, {"pid": os.getpid(), "url": gateway_url(cfg, port), "config": str(cfg.path) if cfg.path else None,
-                              "log": str(daemon_paths()[1]), "started": time.time()})  # fmt: skip
+    """The daemon's serve(ready=...): say in the pid file where it listens (and where its /health
+    answers: in multiport mode the facade may not serve it)."""
+    listener = gateway.listeners.get(health_listener(cfg))
+    health_url = gateway_url(cfg, listener.port if listener is not None else port)
+    write_pid_file(pid_path, {"pid": os.getpid(), "url": gateway_url(cfg, port), "health_url": health_url,
+                              "config": str(cfg.path) if cfg.path else None, "log": str(daemon_paths()[1]),
+                              "started": time.time()})  # fmt: skip
 
 
 def cmd_start(args) -> int:
