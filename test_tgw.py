@@ -7757,8 +7757,8 @@ F_SERVER_STREAMS = {
     "arguments-as-object": ([f_chunk({"content": None, "tool_calls": [f_call({"city": "Rome"}, "call_r", "get_weather", 0)]}),
                              f_chunk({}, "tool_calls"), "data: [DONE]\n\n"],
                             [("call_r", "get_weather", {"city": "Rome"})], "tool_use"),
-    # finish_reason missing and no [DONE]: the stream just ends
-    "no-finish-no-done": ([f_chunk({"content": "Hel"}), f_chunk({"content": "lo"})], "Hello", "end_turn"),
+    # a finish_reason and no [DONE]: the stream just ends (with neither it was cut short: an error, see below)
+    "finish-no-done": ([f_chunk({"content": "Hel"}), f_chunk({"content": "lo"}, "stop")], "Hello", "end_turn"),
     # llama.cpp: content null deltas, eos, usage and timings on the last chunk; OpenRouter comments
     "llamacpp-eos": ([": OPENROUTER PROCESSING\n\n", f_chunk({"role": "assistant", "content": None}),
                       f_chunk({"content": "Hi"}), f_chunk({}, "eos", (4, 1), timings={"predicted_ms": 3.2})],
@@ -8085,6 +8085,14 @@ def test_model_lists_show_what_each_provider_serves_with_aliases(start_gateway, 
         assert "gpt-5" in {m["id"] for m in f_ids(gw)["data"]} and len(openai_up.requests) == 2
     finally:
         F_OPENAI_MODELS["data"].pop()
+
+
+def test_a_pools_model_list_is_fetched_with_its_next_key_when_the_first_is_refused(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, {"error": {"message": "revoked"}}, 401) if key_of(h) == "sk-revoked-111"
+                  else reply_json(h, F_OPENAI_MODELS))  # fmt: skip
+    gw = start_gateway(env=openai_env(up, key="sk-revoked-111, sk-working-222"))
+    assert {"gpt-4o", "gpt-4o-mini"} <= {m["id"] for m in f_ids(gw)["data"]}
+    assert [key_of_headers(r["headers"]) for r in up.requests] == ["sk-revoked-111", "sk-working-222"]
 
 
 def test_model_list_never_waits_long_for_a_slow_or_failing_provider(start_gateway, upstream, monkeypatch, caplog):
@@ -11773,6 +11781,126 @@ def test_team_stored_responses_are_seen_only_by_the_key_that_made_them(team, sta
     assert team_call(gw, "GET", f"/v1/responses/{response_id}", None, team_auth("openai", mine))[0] == 200
 
 
+def test_team_passthrough_responses_are_read_and_continued_only_by_the_key_that_made_them(
+    team, start_gateway, upstream
+):
+    def script(h, body):
+        if h.command == "POST" and body.get("stream"):
+            reply_sse(
+                h,
+                [
+                    {
+                        "type": "response.created",
+                        "response": {
+                            "id": "resp_ann_2",
+                            "object": "response",
+                            "status": "in_progress",
+                            "model": "gpt-4o-mini",
+                        },
+                    },
+                    {
+                        "type": "response.completed",
+                        "response": {
+                            "id": "resp_ann_2",
+                            "object": "response",
+                            "status": "completed",
+                            "model": "gpt-4o-mini",
+                            "output": [],
+                            "usage": {"input_tokens": 5, "output_tokens": 3},
+                        },
+                    },
+                ],
+            )
+        else:  # a new answer, a follow-up, or GET / DELETE of one: OpenAI keeps them
+            reply_json(h, {"id": "resp_ann_1", "object": "response", "status": "completed", "model": "gpt-4o-mini",
+                           "output": [{"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                                       "content": [{"type": "output_text", "text": "ann's answer", "annotations": []}]}],
+                           "usage": {"input_tokens": 5, "output_tokens": 3, "total_tokens": 8}})  # fmt: skip
+
+    up = upstream(script)
+    ann, _ = team_key(team, "ann@example.com")
+    bob, _ = team_key(team, "bob@example.com")
+    gw = start_gateway(env=openai_env(up), openai_responses_api="on")
+    whole = post(gw, "/v1/responses", {"model": "gpt-4o-mini", "input": "secret"}, team_auth("openai", ann))
+    streamed = post(gw, "/v1/responses", {"model": "gpt-4o-mini", "input": "secret", "stream": True},
+                    team_auth("openai", ann))  # fmt: skip
+    assert whole[0] == streamed[0] == 200 and gw.rows(2)[-1]["lane"] == "passthrough"
+    for rid in ("resp_ann_1", "resp_ann_2"):
+        follow = {"model": "gpt-4o-mini", "input": "and?", "previous_response_id": rid}
+        sent = len(up.requests)
+        assert team_call(gw, "GET", f"/v1/responses/{rid}", None, team_auth("openai", bob))[0] == 404
+        assert post(gw, "/v1/responses", follow, team_auth("openai", bob))[0] == 404
+        assert team_call(gw, "DELETE", f"/v1/responses/{rid}", None, team_auth("openai", bob))[0] == 404
+        assert len(up.requests) == sent  # none of bob's reached the provider, whose key would show ann's
+        assert team_call(gw, "GET", f"/v1/responses/{rid}", None, team_auth("openai", ann))[0] == 200
+        assert post(gw, "/v1/responses", follow, team_auth("openai", ann))[0] == 200
+    unknown = team_call(gw, "GET", "/v1/responses/resp_nobody", None, team_auth("openai", ann))
+    assert unknown[0] == 404 and b"another key" in unknown[2]
+
+
+def test_team_a_call_whose_usage_never_comes_counts_its_estimate_against_budgets(team, start_gateway, upstream):
+    up = upstream(lambda h, b: reply_sse(h, chat_chunks(("Hel", "lo"), with_usage=False)))  # a server that never says
+    key, _ = team_key(team, budget_tokens=1000, budget_period="total")
+    gw = start_gateway(env=openai_env(up))
+    big = {**CHAT, "stream": True, "max_tokens": 10, "messages": [{"role": "user", "content": "x" * 2400}]}
+    statuses = [post(gw, "/v1/chat/completions", big, team_auth("openai", key))[0] for _ in range(4)]
+    assert statuses[:2] == [200, 200] and statuses[-1] == 402, statuses  # ~620 tokens a call against 1,000
+    row = gw.rows(at_least=2)[0]
+    assert row["prompt_tokens"] > 500 and row["completion_tokens"] == 10
+    assert "usage not reported by the upstream: estimated" in row["error"]
+
+
+def test_team_model_details_outside_a_keys_allow_list_are_refused(team, start_gateway):
+    key, _ = team_key(team, models="gpt-4o-mini*")
+    gw = start_gateway()
+    assert team_call(gw, "GET", "/v1/models/claude-opus-4", None, team_auth("openai", key))[0] == 403
+    assert team_call(gw, "GET", "/v1beta/models/claude-opus-4", None, team_auth("gemini", key))[0] == 403
+    assert team_call(gw, "GET", "/v1/models/gpt-4o-mini", None, team_auth("openai", key))[0] == 200
+    status, _, payload = team_call(gw, "GET", "/api/v1/usage/summary?days=1e12", None, team_auth("openai", key))
+    assert status == 200, payload  # more days than there are: all of it
+
+
+@pytest.mark.parametrize("argv", [["user", "show", "²"], ["key", "show", "²"], ["key", "disable", "¹²"],
+                                  ["user", "delete", "³"], ["key", "create", "--user", "²"],
+                                  ["key", "list", "--user", "²"], ["user", "show", "\udcff@x"],
+                                  ["logs", "-n", "99999999999999999999"]])  # fmt: skip
+def test_team_cli_odd_references_are_a_message_not_a_traceback(tmp_path, monkeypatch, capsys, argv):
+    monkeypatch.setenv("TOKLIGENCE_LEDGER_PATH", str(tmp_path / "ledger.db"))
+    assert tgw.main(["user", "add", "a@example.com"]) == 0
+    capsys.readouterr()
+    assert tgw.main(argv) in (0, 1, 2)
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_team_budget_reserves_the_stored_history_a_follow_up_sends(team, start_gateway, upstream):
+    release, calls = threading.Event(), []
+
+    def honest(h, body):  # counts what it was sent, as a provider bills it
+        calls.append(1)
+        if len(calls) > 1:
+            release.wait(20)
+        reply_json(h, chat_completion(prompt=len(json.dumps(body["messages"])) // 4, completion=5))
+
+    key, _ = team_key(team, budget_tokens=12_000, budget_period="total")
+    gw = start_gateway(env=openai_env(upstream(honest)))
+    auth = team_auth("openai", key)
+    first = post(gw, "/v1/responses", {"model": "gpt-4o-mini", "input": "x" * 20_000, "max_output_tokens": 5}, auth)
+    assert first[0] == 200 and gw.rows(1)[-1]["prompt_tokens"] > 4000
+    follow = {"model": "gpt-4o-mini", "input": "and?", "previous_response_id": json.loads(first[2])["id"],
+              "max_output_tokens": 5}  # fmt: skip
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(post(gw, "/v1/responses", follow, auth, timeout=30)))
+               for _ in range(6)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(calls) - 1 + sum(1 for r in results if r[0] != 200) == 6, what="every call admitted or not")
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    statuses = sorted(r[0] for r in results)
+    assert statuses.count(200) <= 2 and set(statuses) <= {200, 402}, statuses  # each reserved ~5,000 tokens
+
+
 def test_team_keys_and_long_hash_prefixes_never_appear_in_logs_ledger_errors_or_cli(
     team, start_gateway, tmp_path, caplog, monkeypatch, capsys
 ):
@@ -12347,6 +12475,120 @@ def test_broken_upstream_json_answers_are_502s_in_the_clients_protocol(start_gat
         for column in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"):
             assert isinstance(row[column], int) and 0 <= row[column] < 2**63, row
     no_internal_errors(caplog)
+
+
+def test_thinking_before_a_tool_call_goes_back_to_a_compatible_server_as_reasoning_content(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion("done")))
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")})  # 127.0.0.1: a compatible server
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 100, "tools": [BASH_TOOL], "messages": [
+        {"role": "user", "content": "list files"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "I should run ls.", "signature": ""},
+                                          {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "ls"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "a.txt"}]},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "Claude's own.", "signature": "c2ln"},
+                                          {"type": "text", "text": "One file."}]},
+        {"role": "user", "content": "thanks"}]}  # fmt: skip
+    assert post(gw, "/v1/messages", body, {"anthropic-version": "2023-06-01"})[0] == 200
+    turns = [m for m in up.requests[0]["body"]["messages"] if m["role"] == "assistant"]
+    assert turns[0]["reasoning_content"] == "I should run ls." and "reasoning_content" not in turns[1]
+
+
+@pytest.mark.parametrize("arguments", ["ls -la", "{'command': 'ls'}", '{"command": "ls"}', ""])
+def test_streamed_tool_arguments_reach_an_anthropic_client_as_the_json_answer_has_them(
+    start_gateway, upstream, arguments
+):
+    pieces = [arguments[:3], arguments[3:]] if arguments else []  # split, as a server streams them
+    chunks = [lane_chunk({"role": "assistant", "content": ""}),
+              lane_chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                          "function": {"name": "Bash", "arguments": ""}}]}),
+              *[lane_chunk({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}) for p in pieces],
+              lane_chunk({}, "tool_calls"), "data: [DONE]\n\n"]  # fmt: skip
+    answer = chat_completion(None)
+    answer["choices"][0]["message"]["tool_calls"] = [
+        {"id": "call_1", "type": "function", "function": {"name": "Bash", "arguments": arguments}}]  # fmt: skip
+    answer["choices"][0]["finish_reason"] = "tool_calls"
+    up = upstream(lambda h, b: reply_sse(h, chunks) if b.get("stream") else reply_json(h, answer))
+    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")})
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": "clean up"}],
+            "tools": [BASH_TOOL]}  # fmt: skip
+    whole = json.loads(post(gw, "/v1/messages", body, {"anthropic-version": "2023-06-01"})[2])["content"][0]["input"]
+    events = lane_sse(post(gw, "/v1/messages", {**body, "stream": True}, {"anthropic-version": "2023-06-01"})[2])
+    partial = "".join(d["delta"]["partial_json"] for n, d in events
+                      if n == "content_block_delta" and d["delta"]["type"] == "input_json_delta")  # fmt: skip
+    assert (json.loads(partial) if partial else {}) == whole
+    if arguments.startswith('{"'):  # JSON from the start goes on as it comes: one delta per piece
+        assert sum(1 for n, d in events if n == "content_block_delta") == 2
+
+
+CUT_TOOL_CALL = [
+    {"role": "assistant", "content": ""},
+    {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                     "function": {"name": "Bash", "arguments": '{"command": "rm -rf /tmp/x'}}]},
+]  # fmt: skip
+BASH_TOOL = {"name": "Bash", "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}
+
+
+def test_a_chat_or_gemini_stream_cut_short_is_an_error_never_a_finished_turn(start_gateway, upstream):
+    # ends cleanly mid tool call: no finish_reason, no [DONE] (a crashed server, a proxy's timeout)
+    openai_up = upstream(lambda h, b: reply_sse(h, [lane_chunk(delta) for delta in CUT_TOOL_CALL]))
+    gemini_frame = {
+        "candidates": [{"content": {"role": "model", "parts": [{"text": "The first half of"}]}, "index": 0}]
+    }
+    gemini_up = upstream(lambda h, b: reply_sse(h, [gemini_frame]))
+    gw = start_gateway(env={**openai_env(openai_up), **gemini_env(gemini_up),
+                            **routes_env("claude-sonnet*=>openai,claude-haiku*=>gemini,local-*=>openai")})  # fmt: skip
+    claude_code = {"max_tokens": 100, "stream": True, "messages": [{"role": "user", "content": "clean up"}],
+                   "tools": [BASH_TOOL]}  # fmt: skip
+    for model in ("claude-sonnet-4-5", "claude-haiku-4-5"):
+        status, _, payload = post(
+            gw, "/v1/messages", {**claude_code, "model": model}, {"anthropic-version": "2023-06-01"}
+        )
+        events = lane_sse(payload)
+        assert status == 200 and events[-1][0] == "error", (model, events[-3:])
+        assert "incomplete" in events[-1][1]["error"]["message"]
+        assert not any(name == "message_delta" for name, _ in events), model  # never stop_reason tool_use/end_turn
+    codex = {
+        "model": "local-coder",
+        "stream": True,
+        "input": "clean up",
+        "tools": [{"type": "function", "name": "Bash", "parameters": {"type": "object", "properties": {}}}],
+    }
+    kinds = [data["type"] for _, data in lane_sse(post(gw, "/v1/responses", codex)[2])]
+    assert "response.failed" in kinds and "response.completed" not in kinds, kinds
+    assert all(row["status"] == 502 for row in gw.rows(3))
+
+
+def test_a_chat_stream_without_done_but_with_its_finish_reason_is_whole(start_gateway, upstream):
+    chunks = [lane_chunk({"role": "assistant", "content": "hi"}), lane_chunk({}, "stop")]  # no [DONE]: some servers
+    gw = start_gateway(env={**openai_env(upstream(lambda h, b: reply_sse(h, chunks))), **routes_env("claude*=>openai")})
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 100,
+        "stream": True,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    events = lane_sse(post(gw, "/v1/messages", body, {"anthropic-version": "2023-06-01"})[2])
+    assert [name for name, _ in events][-2:] == ["message_delta", "message_stop"]
+    with pytest.raises(GatewayError, match="ended before its finish_reason"):  # neither: cut short
+        f_openai_stream_result([f_chunk({"content": "Hel"}), f_chunk({"content": "lo"})])
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("auto", {"type": "auto"}), ("required", {"type": "any"})])
+def test_chat_allowed_tools_narrow_the_tools_and_keep_the_mode(start_gateway, upstream, mode, expected):
+    up = upstream(lambda h, b: reply_json(h, a_message([{"type": "text", "text": "ok"}])))
+    gw = start_gateway(env=anthropic_env(up))
+    other = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+    choice = {
+        "type": "allowed_tools",
+        "allowed_tools": {"mode": mode, "tools": [{"type": "function", "function": {"name": "get_weather"}}]},
+    }
+    body = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "weather?"}],
+            "tools": [L_O_TOOL, other], "tool_choice": choice}  # fmt: skip
+    assert post(gw, "/v1/chat/completions", body)[0] == 200
+    sent = up.requests[0]["body"]
+    assert sent["tool_choice"] == expected and [t["name"] for t in sent["tools"]] == ["get_weather"]
+    status, _, payload = post(gw, "/v1/chat/completions", {**body, "tool_choice": {"type": "function"}})
+    assert status == 400 and b"tool_choice.function.name" in payload  # a forced tool needs its name
 
 
 def test_broken_upstream_streams_end_with_an_error_event(start_gateway, upstream, caplog):

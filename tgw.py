@@ -2879,13 +2879,32 @@ class OpenAIChatCodec(Codec):
         choice = get("tool_choice")
         if type(choice) is str:
             req.tool_choice = choice
+        elif choice and choice.get("type") == "allowed_tools":
+            self._decode_allowed_tools(req, choice)
         elif choice:
             req.tool_choice = "tool"
             named = choice.get("function") or choice.get("custom") or {}
             if type(named) is not dict:
                 raise bad_request("'tool_choice.function' must be an object with a 'name'")
-            req.tool_name = field_at(named, "name", str, "tool_choice.function", default="")
+            req.tool_name = field_at(named, "name", str, "tool_choice.function", required=True)
         return req
+
+    @staticmethod
+    def _decode_allowed_tools(req: Request, choice: dict) -> None:
+        """tool_choice {"type": "allowed_tools", "allowed_tools": {"mode": "auto" | "required", "tools":
+        [...]}}: the model may call only those tools; as `auto` or `required` over the tools named."""
+        allowed = field_at(choice, "allowed_tools", dict, "tool_choice", required=True)
+        mode = field_at(allowed, "mode", str, "tool_choice.allowed_tools", default="auto")
+        req.tool_choice = "required" if mode == "required" else "auto"
+        names = set()
+        for i, tool in enumerate(field_at(allowed, "tools", list, "tool_choice.allowed_tools", default=[]) or ()):
+            where = f"tool_choice.allowed_tools.tools[{i}]"
+            if type(tool) is not dict:
+                raise bad_request(f"'{where}' must be an object")
+            named = tool.get("function") or tool.get("custom") or tool
+            names.add(field_at(named, "name", str, where, required=True) if type(named) is dict else "")
+        if names:
+            req.tools = [tool for tool in req.tools if tool.name in names]
 
     def _decode_message(self, req: Request, msg: dict, i: int) -> None:
         role = msg.get("role")
@@ -3034,7 +3053,7 @@ class OpenAIChatCodec(Codec):
             messages.append({"role": "system", "content": system})
         for msg in req.messages:
             if in_place or msg.role != "system":
-                messages.extend(self._encode_message(msg))
+                messages.extend(self._encode_message(msg, not in_place))
         body: dict = {"model": model, "messages": messages}
         tools = [t for t in req.tools if t.kind != "builtin"]  # provider-defined tools of other protocols
         if tools:
@@ -3075,7 +3094,10 @@ class OpenAIChatCodec(Codec):
             return fmt
         return {**fmt, "json_schema": {**spec, "name": "response"}}  # OpenAI requires a name
 
-    def _encode_message(self, msg: Message) -> list:
+    def _encode_message(self, msg: Message, compatible: bool = False) -> list:
+        """`compatible`: an OpenAI-compatible server (not api.openai.com), whose thinking models
+        (DeepSeek, Kimi, GLM) want the reasoning of an assistant turn that called tools back as
+        `reasoning_content`, and refuse the turn without it."""
         if msg.role == "system":
             return [{"role": "system", "content": text_of(msg.parts)}]
         if msg.role == "assistant":
@@ -3090,6 +3112,10 @@ class OpenAIChatCodec(Codec):
                 out["tool_calls"] = calls
             elif not text:
                 out["content"] = ""
+            if calls and compatible:  # (a signed thinking block is another provider's: meaningless to these)
+                reasoning = "".join(p.text for p in msg.parts if p.type == "thinking" and not p.signature)
+                if reasoning:
+                    out["reasoning_content"] = reasoning
             return [out]
         out = []
         shown: list = []  # images tool results returned: a tool message holds text only
@@ -3354,6 +3380,7 @@ class OpenAIStreamDecoder:
         self.stop_reason = ""
         self.usage: Usage | None = None
         self.finished = False
+        self.done = False  # [DONE] came
 
     def _switch(self, key, part: Part, out: list) -> int:
         if self.open_key == key:
@@ -3375,6 +3402,7 @@ class OpenAIStreamDecoder:
     def feed(self, event: SSEEvent) -> list:
         data = event.data
         if data == "[DONE]":
+            self.done = True
             return self.finish()
         try:
             chunk = loads(data)
@@ -3447,6 +3475,9 @@ class OpenAIStreamDecoder:
         if self.finished:
             return []
         self.finished = True
+        if not self.done and not self.stop_reason:  # the stream ended with neither: cut short (a crash, a proxy)
+            return [StreamError(GatewayError(502, "upstream stream ended before its finish_reason; the answer is "
+                                             "incomplete"))]  # fmt: skip
         out: list = []
         if not self.started:
             out.append(MessageStart(new_id("chatcmpl-"), ""))
@@ -4522,7 +4553,10 @@ class AnthropicStreamDecoder:
 class AnthropicStreamEncoder:
     """Canonical events -> Anthropic SSE. Text and thinking blocks start at their first
     non-empty delta (an empty block never reaches the client) and wire indices run 0, 1, 2...
-    with no gaps; tool_use blocks start at once and forward argument deltas as they come.
+    with no gaps; tool_use blocks start at once and forward argument deltas as they come,
+    once they begin as a JSON object does (`{"` or `{}`): arguments that do not (a local
+    model's `ls -la` or `{'a': 1}`) are held and sent at the block's stop as the JSON answer
+    has them (json_object_arguments), since the SDKs parse the joined deltas as JSON.
     One block is open at a time and every start gets its stop: should the canonical stream
     interleave blocks, a later block's events are held until the earlier one stops."""
 
@@ -4552,6 +4586,8 @@ class AnthropicStreamEncoder:
         # queue per block: rescanning one shared list at every stop was quadratic in the blocks)
         self.backlog: dict[int, list] = {}
         self.releasing = False
+        self.unsure: dict[int, list] = {}  # tool block -> its arguments held while they may not be JSON
+        self.not_json: set[int] = set()  # tool blocks whose arguments did not begin as JSON
 
     def encode(self, ev) -> bytes:
         if self.done:
@@ -4632,7 +4668,9 @@ class AnthropicStreamEncoder:
         if part.type == "tool_call":
             self.sent_tool_use = True
             block = {"type": "tool_use", "id": part.id or new_id("toolu_"), "name": part.name, "input": {}}
-            return out + self._start(ev.index, block)
+            out += self._start(ev.index, block)
+            self.unsure[ev.index] = []
+            return out
         if part.type == "redacted_thinking":
             return out + self._start(ev.index, {"type": "redacted_thinking", "data": part.data})
         return out
@@ -4652,7 +4690,22 @@ class AnthropicStreamEncoder:
             out += self._start(ev.index, block)
         if self.open != ev.index or ev.kind not in self.FITS.get(self.wire[ev.index][1], ()):
             return out  # a delta outside its open block cannot be said in Anthropic's stream
-        return out + self.DELTA_EVENTS[ev.kind] % (self.wire[ev.index][0], json_string(ev.value))
+        value = ev.value
+        held = self.unsure.get(ev.index)
+        if held is not None:  # the first characters of a call's arguments: do they begin a JSON object?
+            held.append(value)
+            if ev.index in self.not_json:
+                return out  # kept whole until the block stops (_stop_open)
+            start = "".join(held).lstrip()  # (a few pieces: what it takes to see two characters)
+            after = start[1:].lstrip()[:1]
+            if not after and start in ("", "{") and len(held) < 64:
+                return out  # too few to tell
+            if start[:1] != "{" or after not in ('"', "}"):
+                self.not_json.add(ev.index)
+                return out
+            del self.unsure[ev.index]
+            value = "".join(held)
+        return out + self.DELTA_EVENTS[ev.kind] % (self.wire[ev.index][0], json_string(value))
 
     def _start(self, index: int, block: dict) -> bytes:
         out = self._stop_open()
@@ -4666,8 +4719,13 @@ class AnthropicStreamEncoder:
         if self.open is None:
             return b""
         wire_index = self.wire[self.open][0]
+        held = self.unsure.pop(self.open, None)
         self.open = None
-        return sse_event("content_block_stop", {"type": "content_block_stop", "index": wire_index})
+        out = b""
+        if held:  # arguments that never began as JSON: as the whole answer has them
+            value = dumps(json_object_arguments("".join(held)))
+            out = self.DELTA_EVENTS["arguments"] % (wire_index, json_string(value.decode()))
+        return out + sse_event("content_block_stop", {"type": "content_block_stop", "index": wire_index})
 
     def _message_delta(self, ev: MessageDelta) -> bytes:
         if self.sent_message_delta:
@@ -6547,7 +6605,7 @@ class GeminiCodec(Codec):
 
     # -- streams
     def stream_decoder(self):
-        return GeminiStreamDecoder()
+        return GeminiStreamDecoder(streaming=True)
 
     def stream_encoder(self, req: Request, sse: bool = True):
         return GeminiStreamEncoder(req, sse)
@@ -6643,9 +6701,11 @@ def gemini_response_parts(parts: list, with_thoughts: bool) -> list:
 class GeminiStreamDecoder:
     """streamGenerateContent chunks -> canonical events. Text and thoughts arrive as deltas
     (one block open at a time); each functionCall arrives whole and becomes its own block:
-    start, one arguments delta, stop. The last usageMetadata wins: Gemini repeats, not adds."""
+    start, one arguments delta, stop. The last usageMetadata wins: Gemini repeats, not adds.
+    `streaming`: a stream that ends without a finishReason was cut short (a whole answer may
+    have none: a blocked prompt)."""
 
-    def __init__(self):
+    def __init__(self, streaming: bool = False):
         self.started = False
         self.next_index = 0
         self.open_index: int | None = None
@@ -6654,6 +6714,7 @@ class GeminiStreamDecoder:
         self.stop_reason = ""
         self.usage: Usage | None = None
         self.finished = False
+        self.streaming = streaming
 
     def feed(self, event: SSEEvent) -> list:
         data = event.data.strip()
@@ -6742,6 +6803,9 @@ class GeminiStreamDecoder:
         if self.finished:
             return []
         self.finished = True
+        if self.streaming and not self.stop_reason:
+            return [StreamError(GatewayError(502, "upstream stream ended before its finishReason; the answer is "
+                                             "incomplete"))]  # fmt: skip
         out: list = []
         if not self.started:
             out.append(MessageStart(new_id(""), ""))
@@ -8024,7 +8088,7 @@ class ModelCatalog:
         self.lists: dict[str, list[ListedModel]] = {}
         self.next_fetch: dict[str, float] = {}  # provider -> when its list is due again
         self.refreshing: asyncio.Task | None = None
-        self._headers: dict[str, dict] = {}
+        self._headers: dict[tuple, dict] = {}  # (provider, key index) -> headers
 
     def sources(self) -> list[Provider]:
         if self.router.offline:
@@ -8064,10 +8128,18 @@ class ModelCatalog:
 
     async def _fetch(self, provider: Provider) -> list[ListedModel]:
         url = provider.url("models") + MODEL_LIST_QUERY.get(provider.protocol, "")
-        resp = await self.pool.request("GET", url, self.headers(provider))
-        data = await resp.read(MODEL_LIST_MAX_BYTES)
-        if resp.status >= 400:
-            raise OPENAI_CODEC.decode_error(resp.status, data)
+        for index in range(max(len(provider.keys), 1)):  # each key of its pool in turn: one revoked is not all
+            try:
+                resp = await self.pool.request("GET", url, self.headers(provider, index))
+                data = await resp.read(MODEL_LIST_MAX_BYTES)
+            except GatewayError:
+                if index + 1 >= len(provider.keys):
+                    raise
+                continue
+            if resp.status < 400:
+                break
+            if resp.status not in FAILOVER_STATUSES or index + 1 >= len(provider.keys):
+                raise OPENAI_CODEC.decode_error(resp.status, data)
         # a long list (OpenRouter's is megabytes) is parsed off the event loop
         body = loads(data) if len(data) < MODEL_LIST_PARSE_INLINE else await asyncio.to_thread(loads, data)
         items = body.get("models" if provider.protocol == "gemini" else "data") if isinstance(body, dict) else None
@@ -8078,13 +8150,15 @@ class ModelCatalog:
                 models.append(model)
         return models
 
-    def headers(self, provider: Provider) -> dict:
-        headers = self._headers.get(provider.name)
+    def headers(self, provider: Provider, index: int = 0) -> dict:
+        """The headers of a model list request with the provider's key number `index`."""
+        headers = self._headers.get((provider.name, index))
         if headers is None:
-            headers = dict(provider.auth_headers())
+            keyed = provider if index == 0 else replace(provider, api_key=provider.keys[index], _urls={}, _auth=None)
+            headers = dict(keyed.auth_headers())
             if provider.protocol == "anthropic":
                 headers["anthropic-version"] = self.anthropic_version
-            self._headers[provider.name] = headers
+            self._headers[(provider.name, index)] = headers
         return headers
 
     @staticmethod
@@ -9179,6 +9253,7 @@ def query_logs(db: sqlite3.Connection, limit: int, user_ids: list | None = None)
     where = ""
     if user_ids is not None:  # through the index on key_id (a user's rows are its keys' rows)
         where = f"WHERE key_id IN (SELECT id FROM api_keys WHERE user_id IN ({', '.join('?' * len(user_ids))}))"
+    limit = min(limit, INT64_MAX)  # (sqlite's LIMIT is an int64; a negative one means no limit)
     rows = db.execute(f"SELECT * FROM requests {where} ORDER BY id DESC LIMIT ?", (*(user_ids or ()), limit)).fetchall()
     return [dict(r) for r in rows]
 
@@ -9222,7 +9297,10 @@ def iso_time(ts) -> str | None:
     """Epoch seconds as ISO 8601 UTC (what the admin API and the CLI show)."""
     if ts is None or not math.isfinite(ts):
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    except (OverflowError, OSError, ValueError):  # years before 1 or past 9999 (days=1e12, expires_days=1e9)
+        return None
 
 
 def parse_iso_time(text: str, name: str) -> float:
@@ -9263,6 +9341,11 @@ def duration_text(seconds: float) -> str:
 
 def money(usd: float) -> str:
     return f"${usd:.2f}" if usd >= 10 else f"${usd:.4f}"
+
+
+def is_row_id(ref: str) -> bool:
+    """A reference that is a row id: ASCII digits ('²' is a digit to str.isdigit, not to int())."""
+    return ref.isascii() and ref.isdigit() and len(ref) < 19
 
 
 def new_key_secret() -> tuple[str, str, str]:
@@ -9455,10 +9538,11 @@ class IdentityStore:
 
     def user(self, ref) -> dict:
         """A live user by id or email (404 when there is none)."""
-        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit() and len(ref) < 19):
+        if isinstance(ref, int) or (isinstance(ref, str) and is_row_id(ref)):
             found = self.rows("SELECT * FROM users WHERE id = ? AND deleted_at IS NULL", (int(ref),))
-        else:
-            found = self.rows("SELECT * FROM users WHERE email = ? AND deleted_at IS NULL", (str(ref).strip().lower(),))
+        else:  # (an email that is no UTF-8, from a command line's bytes, is no user's)
+            email = encodable(str(ref).strip().lower())
+            found = self.rows("SELECT * FROM users WHERE email = ? AND deleted_at IS NULL", (email,))
         if not found:
             raise GatewayError(404, f"no user {str(ref)[:80]!r}", "not_found_error")
         return found[0]
@@ -9504,10 +9588,10 @@ class IdentityStore:
     def key(self, ref) -> dict:
         """A live key by id, display prefix or the key itself (404 when there is none)."""
         ref = str(ref).strip()
-        if ref.isdigit() and len(ref) < 19:
+        if is_row_id(ref):
             where, param = "k.id = ?", int(ref)
         elif ref.startswith(KEY_PREFIX) and len(ref) <= KEY_DISPLAY_CHARS:
-            where, param = "k.key_prefix = ?", ref
+            where, param = "k.key_prefix = ?", encodable(ref)
         else:
             where, param = "k.key_hash = ?", hashlib.sha256(ref.encode("utf-8", "surrogatepass")).hexdigest()
         found = self.rows(
@@ -10012,8 +10096,9 @@ class Identity:
             raise GatewayError(403, f"API key {principal.label} may not use model {model[:200]!r}; its allowed models: "
                                f"{', '.join(principal.models)}", "permission_error")  # fmt: skip
 
-    def admit(self, call, route: Route, body: dict | None) -> Reservation | None:
-        """Before a model call: its allow-list, budgets and rate limit, then its reservation."""
+    def admit(self, call, route: Route, body: dict | None, more: int = 0) -> Reservation | None:
+        """Before a model call: its allow-list, budgets and rate limit, then its reservation
+        (`more`: tokens sent besides the body)."""
         principal = call.principal
         if principal.models:
             self.check_model(principal, call.model_requested, route.model)
@@ -10025,11 +10110,11 @@ class Identity:
         for budget in budgets:
             if not budget.has_room(now):
                 raise budget.refusal(now)
-        tokens = usd = 0
+        tokens = usd = sent = 0
         if principal.estimates:
             # the body as sent, four bytes a token (walking a long agent request costs more than parsing it;
             # an image counts at its size, which only makes calls in flight beside it reserve more)
-            sent = estimate_tokens(call.exchange.request.body)
+            sent = estimate_tokens(call.exchange.request.body) + more
             output = 0
             if not call.endpoint.endswith("embeddings"):
                 if body is None:  # an endpoint that did not hand its body over: read it once more
@@ -10053,7 +10138,7 @@ class Identity:
             budget.reserved_tokens += tokens
             budget.in_flight += 1
             holds.append((budget, budget.start))
-        return holds, usd, tokens, limits
+        return holds, usd, tokens, limits, sent
 
     @staticmethod
     def allows(principal: Principal, model: str) -> bool:
@@ -10076,7 +10161,7 @@ class Identity:
 
     @staticmethod
     def settle(reservation: Reservation, cost: float, used: int) -> None:
-        holds, usd, tokens, limits = reservation
+        holds, usd, tokens, limits, _ = reservation
         for budget, start in holds:
             budget.release(start, usd, tokens, cost, used)
         for limit in limits:
@@ -10144,6 +10229,7 @@ class Call:
     reservation: Reservation | None = None  # its hold on budgets and the token rate, until record()
     allow_listed: str = ""  # the model its key's allow-list admitted: a fallback's attempt is checked too
     upstream_answered: bool = False  # from here on, input nobody foresaw is the upstream's fault
+    response_id: str = ""  # a passthrough Responses answer's id, kept while keys are required (Gateway.responses)
 
     def start_stream(self) -> None:
         if not self.exchange.started:
@@ -10515,6 +10601,8 @@ class Gateway:
         # milliseconds to 3 decimals; round(x) is cheap where round(x, 3) goes through dtoa
         latency = round((time.monotonic() - call.started) * 1e6) / 1000
         ttft = round((ex.first_byte_at - call.started) * 1e6) / 1000 if ex.first_byte_at else None
+        if call.reservation is not None and call.upstream_answered and not (usage.input_tokens or usage.output_tokens):
+            usage = call.usage = self.estimated_usage(call)  # the model ran, its usage never came: estimated
         if call.lane == "loopback":
             cost = 0.0  # the built-in model is free, whatever model name it answered to
         else:
@@ -10534,6 +10622,16 @@ class Gateway:
             call.attempts, call.account, principal.key_id if principal else None, principal.user_id if principal else None,
         )  # fmt: skip
         self.ledger.record(row)
+
+    @staticmethod
+    def estimated_usage(call: Call) -> Usage:
+        """A call whose upstream answered but reported no usage (the client left a stream before
+        its usage chunk, or a server that never sends one): what its reservation estimated, so a
+        budget or token rate cannot be had for free. The ledger row says it was estimated."""
+        _, _, tokens, _, sent = call.reservation
+        call.error = f"{call.error}; " if call.error else ""
+        call.error += "usage not reported by the upstream: estimated from the request"
+        return Usage(input_tokens=sent, output_tokens=max(tokens - sent, 0))
 
     def settle(self, call: Call, cost: float, usage: Usage) -> None:
         """A call's budgets and token rate learn what it really cost (never at the expense of its row)."""
@@ -10619,6 +10717,8 @@ class Gateway:
     async def get_model(self, request: HttpRequest, call: Call) -> None:
         model = request.path[len("/v1/models/") :]
         route = self.router.resolve(model)
+        if call.principal is not None:  # a model outside the key's allow-list is not described to it
+            self.identity.check_model(call.principal, model, route.model)
         call.exchange.send_json(200, {"id": model, "object": "model", "created": 0, "owned_by": route.provider.name})
 
     # -- model calls
@@ -10629,10 +10729,11 @@ class Gateway:
         call.ledgered = True
         return parse_json_body(request.body)
 
-    def begin_model_call(self, call: Call, model: str, stream: bool, body: dict | None = None) -> Route:
+    def begin_model_call(self, call: Call, model: str, stream: bool, body: dict | None = None, more: int = 0) -> Route:
         """Every model call starts here, once model_call_body has read its body (and so given it its
         ledger row): its route, and (for a key with an allow-list, a budget or a rate limit) its
-        admission, which may refuse it. `body` is the parsed request."""
+        admission, which may refuse it. `body` is the parsed request; `more` tokens go with it
+        besides its body (a stored conversation)."""
         call.prices = self.prices  # the prices of the config this call started with (see apply_config)
         call.model_requested = model
         call.stream = stream
@@ -10640,7 +10741,7 @@ class Gateway:
         call.provider = route.provider.name
         call.model_upstream = route.model
         if call.principal is not None and call.principal.guarded:
-            call.reservation = self.identity.admit(call, route, body)
+            call.reservation = self.identity.admit(call, route, body, more)
             if call.principal.models:
                 call.allow_listed = route.model
         return route
@@ -10819,8 +10920,11 @@ class Gateway:
 
     @staticmethod
     def observe(call: Call, ev) -> None:
-        if isinstance(ev, (MessageStart, MessageDelta)) and ev.usage is not None:
-            call.usage = ev.usage
+        if isinstance(ev, (MessageStart, MessageDelta)):
+            if ev.usage is not None:
+                call.usage = ev.usage
+            if type(ev) is MessageStart and call.principal is not None:
+                call.response_id = ev.id
         elif isinstance(ev, StreamError):
             call.error = ev.error.message
             call.status = ev.error.status  # the stream failed after its 200: the ledger says so
@@ -10935,6 +11039,9 @@ class Gateway:
         usage observed (streams: relay_passthrough_stream)."""
         json_passthrough(data, call.provider)
         call.usage = call.codec.usage_of(data)
+        if call.principal is not None and call.codec is RESPONSES_CODEC:  # whose it is (Gateway.responses)
+            answer = json_or_502(data, call.provider)
+            call.response_id = string_or(answer.get("id")) if type(answer) is dict else ""
         if call.exchange.started:  # a keep-alive already opened a stream: finish it with the body
             call.exchange.write(data)
             call.exchange.end_stream()
@@ -11168,25 +11275,28 @@ class Gateway:
     # -- Responses API
     async def responses(self, request: HttpRequest, call: Call) -> None:
         body = self.model_call_body(call, request)
-        model = field_of(body, "model", str, required=True)
+        model = call.model_requested = field_of(body, "model", str, required=True)
         stream = bool(field_of(body, "stream", bool, default=False))
-        route = self.begin_model_call(call, model, stream, body)
         previous = field_of(body, "previous_response_id", str)
         history: list = []
         full_input: list = []
         owner = call.principal.owner if call.principal is not None else None  # a key sees only its own
         out = Outbound(body, "responses", SPEAKS["responses"])
-        if previous and self.passes_through(out, route.provider):
+        through = bool(previous) and self.passes_through(out, self.router.resolve(model).provider)
+        if previous:
+            stored = await self.responses_store.load(previous, owner)
+            if (through and owner is not None and stored is None) or (
+                not through and (stored is None or stored["response"].get(PASSTHROUGH_MARK))
+            ):
+                raise response_not_found("previous_response_id", previous)  # unknown, or another key's
+            if not through:
+                history = stored["input"] + stored["response"].get("output", [])
+        # a budget reserves the stored history too: it goes with the call (the provider's own, unseen, does not)
+        route = self.begin_model_call(call, model, stream, body, estimate_tokens(dumps(history)) if history else 0)
+        if through:
             out.fallbacks = False  # OpenAI keeps the state of previous_response_id: only it can go on
         else:
             if previous:
-                stored = await self.responses_store.load(previous, owner)
-                if stored is None:
-                    raise GatewayError(
-                        404, f"previous_response_id {previous!r} was not found: it was never stored by this gateway, "
-                        "was deleted, or is older than responses_retention_days", "not_found_error",
-                    )  # fmt: skip
-                history = stored["input"] + stored["response"].get("output", [])
                 out.body = None  # the stored history goes with every attempt: translation only
 
             def decode():
@@ -11199,29 +11309,44 @@ class Gateway:
         result = await self.forward(request, call, route, out)
         if result and body.get("store") is not False and result.get("status") in ("completed", "incomplete"):
             self.responses_store.save(result, full_input, owner or "")
+        elif call.lane == "passthrough" and owner is not None and call.response_id:
+            # the provider keeps it; the gateway remembers whose it is, so only that key may read or continue it
+            self.responses_store.save({"id": call.response_id, PASSTHROUGH_MARK: True}, [], owner)
 
     async def get_response(self, request: HttpRequest, call: Call) -> None:
         response_id = request.path.rstrip("/").rsplit("/", 1)[-1]
-        stored = await self.responses_store.load(response_id, call.principal.owner if call.principal else None)
-        if stored is None:
+        stored = await self.stored_response(call, response_id)
+        if stored is None or stored["response"].get(PASSTHROUGH_MARK):
             await self.forward_response_request(request, call, response_id)
             return
         call.exchange.send_json(200, stored["response"])
 
     async def delete_response(self, request: HttpRequest, call: Call) -> None:
         response_id = request.path.rstrip("/").rsplit("/", 1)[-1]
-        if await self.responses_store.load(response_id, call.principal.owner if call.principal else None) is None:
+        stored = await self.stored_response(call, response_id)
+        if stored is None or stored["response"].get(PASSTHROUGH_MARK):
             await self.forward_response_request(request, call, response_id)
-            return
-        self.responses_store.delete(response_id)
-        call.exchange.send_json(200, {"id": response_id, "object": "response.deleted", "deleted": True})
+        else:
+            call.exchange.send_json(200, {"id": response_id, "object": "response.deleted", "deleted": True})
+        if stored is not None:
+            self.responses_store.delete(response_id)
+
+    async def stored_response(self, call: Call, response_id: str) -> dict | None:
+        """The stored response `response_id`, if the caller's key may see it. While keys are
+        required, one this gateway knows nothing of is a 404: the provider's shared key would
+        show any key's answers made on the passthrough lane (those are remembered by owner)."""
+        owner = call.principal.owner if call.principal is not None else None
+        stored = await self.responses_store.load(response_id, owner)
+        if stored is None and owner is not None:
+            raise response_not_found("response", response_id)
+        return stored
 
     async def forward_response_request(self, request: HttpRequest, call: Call, response_id: str) -> None:
         """A response this gateway did not store was made on the passthrough lane: the
         provider with a Responses API keeps it."""
         provider = self.providers["openai"]
         if not (provider.speaks_responses and provider.configured):
-            raise GatewayError(404, f"no stored response with id {response_id!r}", "not_found_error")
+            raise response_not_found("response", response_id)
         url = f"{provider.url('responses')}/{quote(response_id, safe='')}"
         resp = await self.pool.request(request.method, url, provider.auth_headers())
         call.upstream_answered = True
@@ -11286,7 +11411,9 @@ class Gateway:
 
     async def gemini_get_model(self, request: HttpRequest, call: Call) -> None:
         model = request.path.split("/models/", 1)[1]
-        self.router.resolve(model)
+        route = self.router.resolve(model)
+        if call.principal is not None:
+            self.identity.check_model(call.principal, model, route.model)
         call.exchange.send_json(200, self.gemini_model_info(model))
 
     # -- embeddings
@@ -11332,6 +11459,16 @@ def watchdog_tick(providers) -> float:
     """How often the upstream watchdog sweeps: a quarter of the shortest timeout, at most a second."""
     shortest = min((min(p.timeouts.first_byte, p.timeouts.read, p.timeouts.total) for p in providers), default=4.0)
     return max(0.01, min(1.0, shortest / 4))
+
+
+PASSTHROUGH_MARK = "tgw_passthrough"  # a stored response that is only its owner: the provider keeps the answer
+
+
+def response_not_found(what: str, response_id: str) -> GatewayError:
+    return GatewayError(
+        404, f"{what} {response_id!r} was not found: it was never stored by this gateway, was deleted, is older than "
+        "responses_retention_days, or belongs to another key", "not_found_error",
+    )  # fmt: skip
 
 
 def gateway_key_refused(call: Call, err: GatewayError) -> GatewayError:
@@ -12816,7 +12953,7 @@ class AdminApi:
         since = 0.0
         if days is not None:
             try:
-                since = time.time() - check_amount("days", float(days)) * 86400
+                since = max(time.time() - check_amount("days", float(days)) * 86400, 0.0)  # (all of it, at most)
             except (ValueError, OverflowError):
                 raise bad_request(f"'days' must be a number, got {days[:40]!r}") from None
         principal = call.principal
