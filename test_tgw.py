@@ -1200,6 +1200,48 @@ def test_embeddings_passthrough(start_gateway, upstream):
     assert gw.rows()[-1]["prompt_tokens"] == 3
 
 
+def test_embeddings_on_a_gemini_model_are_one_batch_answered_in_openais_shape(start_gateway, upstream):
+    answers = iter([
+        {"embeddings": [{"values": [0.5, -0.25]}, {"values": [1, 0.0]}]},
+        {"embeddings": [{"values": [0.5, -0.25]}, {"values": [1, 0.0]}]},
+        {"embeddings": [{"values": ["x", 1]}, {"values": [1, 0]}]},  # not numbers
+        {"embeddings": [{"values": [1e300, 0]}, {"values": [1, 0]}]},  # no float32
+        {"embeddings": [{"values": [1, 0]}]},  # one short
+    ])  # fmt: skip
+    up = upstream(lambda h, b: reply_json(h, next(answers)))
+    gw = start_gateway(env={**gemini_env(up), **routes_env("text-embedding*=>openai", "gemini-embedding*=>gemini")})
+    request = {"model": "gemini-embedding-001", "input": ["hello", "world"], "dimensions": 2}
+    status, _, body = post(gw, "/v1/embeddings", {**request, "encoding_format": "float"})
+    answer = json.loads(body)
+    assert status == 200 and [d["embedding"] for d in answer["data"]] == [[0.5, -0.25], [1, 0.0]]
+    assert answer["model"] == "gemini-embedding-001" and answer["usage"]["prompt_tokens"] > 0
+    sent = up.requests[0]
+    assert sent["path"] == "/v1beta/models/gemini-embedding-001:batchEmbedContents"
+    assert sent["body"] == {"requests": [
+        {"model": "models/gemini-embedding-001", "content": {"parts": [{"text": "hello"}]}, "outputDimensionality": 2},
+        {"model": "models/gemini-embedding-001", "content": {"parts": [{"text": "world"}]}, "outputDimensionality": 2},
+    ]}  # fmt: skip
+    assert post(gw, "/v1/embeddings", request)[0] == 200  # float when the body names no encoding
+    status, _, body = post(gw, "/v1/embeddings", {**request, "encoding_format": "base64"})
+    assert status == 502 and b"no list of numbers" in body
+    assert post(gw, "/v1/embeddings", {**request, "encoding_format": "base64"})[0] == 502  # too big for a float32
+    assert post(gw, "/v1/embeddings", request)[0] == 502  # one vector for two inputs
+    assert post(gw, "/v1/embeddings", {**request, "input": [[1, 2, 3]]})[0] == 400  # token arrays: OpenAI's only
+    assert post(gw, "/v1/embeddings", {**request, "input": ["x"] * 101})[0] == 400
+    rows = gw.rows(at_least=5)
+    assert rows[0]["lane"] == "translation" and rows[0]["provider"] == "gemini" and rows[0]["attempts"] == 1
+    assert accounts(gw)["gemini"]["errors"] == 3  # the broken answers count against its breaker
+
+
+def test_embeddings_in_base64_from_a_gemini_model_decode_to_its_values(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, {"embeddings": [{"values": [0.5, -0.25, 2.0]}]}))
+    gw = start_gateway(env={**gemini_env(up), **routes_env("gemini-embedding*=>gemini")})
+    status, _, body = post(gw, "/v1/embeddings", {"model": "gemini-embedding-001", "input": "hi",
+                                                  "encoding_format": "base64"})  # fmt: skip
+    vector = base64.b64decode(json.loads(body)["data"][0]["embedding"])
+    assert status == 200 and struct.unpack("<3f", vector) == (0.5, -0.25, 2.0)
+
+
 @pytest.mark.parametrize(
     ("body", "words"),
     [

@@ -7675,6 +7675,7 @@ class Provider:
             method = {
                 "generate": "streamGenerateContent?alt=sse" if stream else "generateContent",
                 "count_gemini": "countTokens",
+                "embeddings": "batchEmbedContents",
             }
             return f"{root}/models/{quote(model, safe='.-_')}:{method[operation]}"
         path = {"chat": "chat/completions", "embeddings": "embeddings", "responses": "responses", "models": "models",
@@ -11432,6 +11433,9 @@ class Gateway:
         if route.provider.protocol == "openai":  # vectors of another model would not compare: no fallbacks
             await self.forward(request, call, route, Outbound(body, "embeddings", SPEAKS["openai"], fallbacks=False))
             return
+        if route.provider.protocol == "gemini":
+            await self.gemini_embeddings(call, route, inputs, encoding, dimensions)
+            return
         if route.provider.protocol != "loopback":
             raise bad_request(
                 f"model {model!r} is served by {route.provider.name!r}, which has no embeddings endpoint in tgw"
@@ -11442,17 +11446,89 @@ class Gateway:
                 f"the loopback model embeds up to {LOOPBACK_MAX_DIMENSIONS} dimensions and "
                 f"{LOOPBACK_MAX_EMBEDDING_VALUES} values per request; asked for {len(inputs)} x {dimensions}"
             )
-        data = []
-        for index, item in enumerate(inputs):
-            vector = self.loopback.embed(item if isinstance(item, str) else json.dumps(item), dimensions)
-            packed = (
-                base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if encoding == "base64" else vector
-            )
-            data.append({"object": "embedding", "index": index, "embedding": packed})
-        tokens = estimate_tokens(inputs)
-        call.usage = Usage(input_tokens=tokens)
-        call.exchange.send_json(200, {"object": "list", "data": data, "model": model,
-                                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
+        vectors = [
+            self.loopback.embed(item if isinstance(item, str) else json.dumps(item), dimensions) for item in inputs
+        ]
+        await send_embeddings(call, model, vectors, encoding, estimate_tokens(inputs))
+
+    async def gemini_embeddings(self, call: Call, route: Route, inputs: list, encoding: str, dimensions) -> None:
+        """/v1/embeddings on a Gemini model: one batchEmbedContents call to an account of its pool
+        (its breaker counts it; no fallback: another model's vectors would not compare), the
+        vectors in OpenAI's shape. Gemini reports no tokens for embeddings: they are estimated."""
+        if not all(type(item) is str for item in inputs):
+            raise bad_request("token arrays can be embedded only by an OpenAI upstream; send the texts")
+        if len(inputs) > GEMINI_MAX_EMBEDDINGS:
+            raise bad_request(f"Gemini embeds at most {GEMINI_MAX_EMBEDDINGS} inputs a request; got {len(inputs)}")
+        now = time.monotonic()
+        target = Walk(self.pools.chain(route, False), 0).next(now)
+        if target is None:
+            raise Walk(self.pools.chain(route, False), 0).refusal(now)
+        account, name, _ = target
+        provider = account.provider
+        extra = {"outputDimensionality": dimensions} if dimensions else {}
+        body = dumps({"requests": [{"model": f"models/{name}", "content": {"parts": [{"text": text}]}, **extra}
+                                   for text in inputs]})  # fmt: skip
+        call.lane, call.attempts, call.account, call.model_upstream = "translation", 1, account.name, name
+        trial = account.begin(now)
+        try:
+            resp = await self.pool.request("POST", provider.url("embeddings", name), provider.auth_headers(), body,
+                                           provider.timeouts)  # fmt: skip
+            data = await resp.read(UPSTREAM_MAX_EMBEDDINGS_BYTES)
+            if resp.status >= 400:
+                raise GEMINI_CODEC.decode_error(resp.status, data)
+            call.upstream_answered = True
+            # (megabytes of numbers: parsed and checked beside the event loop, which gets turns meanwhile)
+            vectors = await asyncio.to_thread(gemini_embedding_vectors, data, len(inputs), provider.name)
+        except GatewayError as err:
+            if err.status in BREAKER_STATUSES:
+                account.failed(err.status, err.message, time.monotonic(), trial)
+            raise
+        finally:
+            account.end(trial)
+        account.succeeded()
+        await send_embeddings(call, call.model_requested, vectors, encoding, estimate_tokens(inputs))
+
+
+GEMINI_MAX_EMBEDDINGS = 100  # inputs of one batchEmbedContents call (Gemini's own limit)
+UPSTREAM_MAX_EMBEDDINGS_BYTES = 64 * 1024 * 1024  # such a batch of vectors, as JSON text
+EMBEDDINGS_INLINE_VALUES = 20_000  # numbers an answer may hold to be encoded on the event loop itself
+
+
+def gemini_embedding_vectors(data: bytes, count: int, provider: str) -> list:
+    """batchEmbedContents' {"embeddings": [{"values": [...]}, ...]}: one vector of float32
+    numbers per input (checked in C: struct.pack refuses what is no number or too big)."""
+    answer = json_or_502(data, provider)
+    items = answer.get("embeddings") if type(answer) is dict else None
+    if type(items) is not list or len(items) != count:
+        raise GatewayError(502, f"upstream {provider} answered {json_preview(items)} for {count} embeddings")
+    vectors = [item.get("values") if type(item) is dict else None for item in items]
+    for vector in vectors:
+        try:
+            if type(vector) is not list:
+                raise TypeError
+            struct.pack(f"<{len(vector)}f", *vector)
+        except (TypeError, OverflowError, struct.error):
+            raise GatewayError(502, f"upstream {provider} sent an embedding that is no list of numbers") from None
+    return vectors
+
+
+async def send_embeddings(call: Call, model: str, vectors: list, encoding: str, tokens: int) -> None:
+    """Embeddings in OpenAI's shape: float lists, or base64 of little-endian float32 (the SDK's
+    default). A large answer is encoded beside the event loop."""
+    data = [
+        {"object": "embedding", "index": index,
+         "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if encoding == "base64" else v}
+        for index, v in enumerate(vectors)
+    ]  # fmt: skip
+    call.usage = Usage(input_tokens=tokens)
+    answer = {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+    inline = encoding == "base64" or sum(map(len, vectors)) <= EMBEDDINGS_INLINE_VALUES
+    call.exchange.send(200, dumps(answer) if inline else await asyncio.to_thread(dumps, answer))
 
 
 def watchdog_tick(providers) -> float:
