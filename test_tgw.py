@@ -11943,6 +11943,15 @@ def test_team_budget_reserves_the_stored_history_a_follow_up_sends(team, start_g
     assert statuses.count(200) <= 2 and set(statuses) <= {200, 402}, statuses  # each reserved ~5,000 tokens
 
 
+def test_team_a_key_with_only_a_request_rate_estimates_nothing(team, start_gateway, upstream):
+    up = upstream(lambda h, b: reply_sse(h, chat_chunks(("Hel", "lo"), with_usage=False)))
+    key, _ = team_key(team, rpm=100)
+    gw = start_gateway(env=openai_env(up))
+    assert post(gw, "/v1/chat/completions", {**CHAT, "stream": True}, team_auth("openai", key))[0] == 200
+    row = gw.rows()[-1]
+    assert "estimated" not in row["error"] and row["prompt_tokens"] == 0
+
+
 def test_team_keys_and_long_hash_prefixes_never_appear_in_logs_ledger_errors_or_cli(
     team, start_gateway, tmp_path, caplog, monkeypatch, capsys
 ):
@@ -12519,9 +12528,14 @@ def test_broken_upstream_json_answers_are_502s_in_the_clients_protocol(start_gat
     no_internal_errors(caplog)
 
 
-def test_thinking_before_a_tool_call_goes_back_to_a_compatible_server_as_reasoning_content(start_gateway, upstream):
-    up = upstream(lambda h, b: reply_json(h, chat_completion("done")))
-    gw = start_gateway(env={**openai_env(up), **routes_env("claude*=>openai")})  # 127.0.0.1: a compatible server
+def test_thinking_before_a_tool_call_goes_back_as_reasoning_content_only_where_it_is_wanted(start_gateway, upstream):
+    def strict(h, body):  # Groq's and Cerebras' answer to the field
+        if any("reasoning_content" in m for m in body["messages"]):
+            reply_json(h, {"error": {"message": "property 'reasoning_content' is unsupported"}}, status=400)
+        else:
+            reply_json(h, chat_completion("done"))
+
+    gw = start_gateway(env={**openai_env(upstream(strict)), **routes_env("claude*=>openai")})
     body = {"model": "claude-sonnet-4-5", "max_tokens": 100, "tools": [BASH_TOOL], "messages": [
         {"role": "user", "content": "list files"},
         {"role": "assistant", "content": [{"type": "thinking", "thinking": "I should run ls.", "signature": ""},
@@ -12530,12 +12544,18 @@ def test_thinking_before_a_tool_call_goes_back_to_a_compatible_server_as_reasoni
         {"role": "assistant", "content": [{"type": "thinking", "thinking": "Claude's own.", "signature": "c2ln"},
                                           {"type": "text", "text": "One file."}]},
         {"role": "user", "content": "thanks"}]}  # fmt: skip
-    assert post(gw, "/v1/messages", body, {"anthropic-version": "2023-06-01"})[0] == 200
-    turns = [m for m in up.requests[0]["body"]["messages"] if m["role"] == "assistant"]
-    assert turns[0]["reasoning_content"] == "I should run ls." and "reasoning_content" not in turns[1]
+    assert post(gw, "/v1/messages", body, {"anthropic-version": "2023-06-01"})[0] == 200  # none sent there
+    req = ANTHROPIC_CODEC.decode_request(body)
+    for base, wanted in (("https://api.deepseek.com/v1", True), ("https://api.moonshot.ai/v1", True),
+                         ("https://open.bigmodel.cn/api/paas/v4", True), ("https://api.groq.com/openai/v1", False),
+                         ("https://api.openai.com/v1", False)):  # fmt: skip
+        provider = tgw.Provider("openai", "openai", base, "k", "openai" if "openai.com" in base else "compatible")
+        turns = [m for m in OPENAI_CODEC.encode_request(req, "m", provider)["messages"] if m["role"] == "assistant"]
+        assert turns[0].get("reasoning_content") == ("I should run ls." if wanted else None), base
+        assert "reasoning_content" not in turns[1]  # signed thinking is Claude's own; and no tool call there
 
 
-@pytest.mark.parametrize("arguments", ["ls -la", "{'command': 'ls'}", '{"command": "ls"}', ""])
+@pytest.mark.parametrize("arguments", ["ls -la", "{'command': 'ls'}", '{"command": "ls"}', '{\n "command": "ls"}', ""])
 def test_streamed_tool_arguments_reach_an_anthropic_client_as_the_json_answer_has_them(
     start_gateway, upstream, arguments
 ):
@@ -12560,6 +12580,47 @@ def test_streamed_tool_arguments_reach_an_anthropic_client_as_the_json_answer_ha
     assert (json.loads(partial) if partial else {}) == whole
     if arguments.startswith('{"'):  # JSON from the start goes on as it comes: one delta per piece
         assert sum(1 for n, d in events if n == "content_block_delta") == 2
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [[lane_chunk({"role": "assistant", "content": ""})],  # cut: neither a finish_reason nor [DONE]
+     [{"error": {"code": 502, "message": "Provider returned error"}}, "data: [DONE]\n\n"]],  # its own 502 event
+)  # fmt: skip
+def test_a_stream_that_ends_in_an_error_before_any_content_counts_against_its_account(start_gateway, upstream, ending):
+    mode = {"fail": True}
+    up = upstream(lambda h, b: reply_json(h, {"error": {"message": "boom"}}, status=500) if mode["fail"]
+                  else reply_sse(h, ending))  # fmt: skip
+    gw = start_gateway(env=openai_env(up), breaker_failures=1, breaker_cooldown=0.3, upstream_retries=0)
+    assert post(gw, "/v1/chat/completions", CHAT)[0] == 500
+    wait_until(lambda: accounts(gw)["openai"]["state"] == "half_open")
+    mode["fail"] = False
+    assert post(gw, "/v1/chat/completions", {**CHAT, "stream": True})[0] == 200  # (a trial's stream: it broke)
+    assert gw.rows(2)[-1]["status"] == 502 and accounts(gw)["openai"]["state"] == "open"
+
+
+def test_an_accounts_own_total_timeout_on_the_first_attempt_counts_against_it(start_gateway, upstream):
+    def hang(h, body):
+        time.sleep(1.5)
+        reply_json(h, chat_completion())
+
+    gw = start_gateway(env=openai_env(upstream(hang)), breaker_failures=1, upstream_retries=0,
+                       upstream_total_timeout=0.5)  # fmt: skip
+    assert post(gw, "/v1/chat/completions", CHAT)[0] == 504
+    assert (accounts(gw)["openai"]["state"], accounts(gw)["openai"]["last_status"]) == ("open", 504)
+
+
+def test_multi_prompt_completions_close_a_half_open_breaker(start_gateway, upstream):
+    mode = {"fail": True}
+    up = upstream(lambda h, b: reply_json(h, {"type": "error", "error": {"type": "api_error", "message": "boom"}},
+                                          status=500) if mode["fail"]
+                  else reply_json(h, a_message([{"type": "text", "text": "ok"}])))  # fmt: skip
+    gw = start_gateway(env=anthropic_env(up), breaker_failures=1, breaker_cooldown=0.3, upstream_retries=0)
+    two = {"model": "claude-sonnet-4-5", "prompt": ["a", "b"]}  # answered one prompt after another
+    assert post(gw, "/v1/completions", two)[0] == 500
+    wait_until(lambda: accounts(gw)["anthropic"]["state"] == "half_open")
+    mode["fail"] = False
+    assert post(gw, "/v1/completions", two)[0] == 200 and accounts(gw)["anthropic"]["state"] == "closed"
 
 
 CUT_TOOL_CALL = [

@@ -3053,7 +3053,7 @@ class OpenAIChatCodec(Codec):
             messages.append({"role": "system", "content": system})
         for msg in req.messages:
             if in_place or msg.role != "system":
-                messages.extend(self._encode_message(msg, not in_place))
+                messages.extend(self._encode_message(msg, wants_reasoning_back(provider)))
         body: dict = {"model": model, "messages": messages}
         tools = [t for t in req.tools if t.kind != "builtin"]  # provider-defined tools of other protocols
         if tools:
@@ -3094,10 +3094,10 @@ class OpenAIChatCodec(Codec):
             return fmt
         return {**fmt, "json_schema": {**spec, "name": "response"}}  # OpenAI requires a name
 
-    def _encode_message(self, msg: Message, compatible: bool = False) -> list:
-        """`compatible`: an OpenAI-compatible server (not api.openai.com), whose thinking models
-        (DeepSeek, Kimi, GLM) want the reasoning of an assistant turn that called tools back as
-        `reasoning_content`, and refuse the turn without it."""
+    def _encode_message(self, msg: Message, reasoning_back: bool = False) -> list:
+        """`reasoning_back`: a server whose thinking models want the reasoning of an assistant turn
+        that called tools back as `reasoning_content`, and refuse the turn without it
+        (wants_reasoning_back)."""
         if msg.role == "system":
             return [{"role": "system", "content": text_of(msg.parts)}]
         if msg.role == "assistant":
@@ -3112,7 +3112,7 @@ class OpenAIChatCodec(Codec):
                 out["tool_calls"] = calls
             elif not text:
                 out["content"] = ""
-            if calls and compatible:  # (a signed thinking block is another provider's: meaningless to these)
+            if calls and reasoning_back:  # (a signed thinking block is another provider's: meaningless to these)
                 reasoning = "".join(p.text for p in msg.parts if p.type == "thinking" and not p.signature)
                 if reasoning:
                     out["reasoning_content"] = reasoning
@@ -3313,6 +3313,16 @@ OPENAI_MAX_OUTPUT = (
     ("gpt-4o*", 16384), ("chatgpt-4o*", 16384), ("gpt-4.1*", 32768), ("gpt-4-turbo*", 4096), ("gpt-4", 8192),
     ("gpt-3.5*", 4096), ("gpt-5*", 128000), ("o1-mini*", 65536), ("o1*", 100000), ("o3*", 100000), ("o4*", 100000),
 )  # fmt: skip
+
+
+# Hosts whose thinking models want an assistant tool call turn's reasoning back as `reasoning_content`
+# (DeepSeek, Moonshot's Kimi, Zhipu's GLM): others (api.openai.com, Groq, Cerebras) refuse the field.
+REASONING_BACK_HOSTS = ("deepseek.com", "moonshot.cn", "moonshot.ai", "bigmodel.cn", "z.ai")
+
+
+def wants_reasoning_back(provider) -> bool:
+    host = url_hostname(provider.base_url) if provider is not None else ""
+    return any(host == h or host.endswith("." + h) for h in REASONING_BACK_HOSTS)
 
 
 def compatible_content_text(content) -> str:
@@ -4698,7 +4708,7 @@ class AnthropicStreamEncoder:
                 return out  # kept whole until the block stops (_stop_open)
             start = "".join(held).lstrip()  # (a few pieces: what it takes to see two characters)
             after = start[1:].lstrip()[:1]
-            if not after and start in ("", "{") and len(held) < 64:
+            if not after and start.rstrip() in ("", "{") and len(held) < 64:
                 return out  # too few to tell
             if start[:1] != "{" or after not in ('"', "}"):
                 self.not_json.add(ev.index)
@@ -10602,7 +10612,12 @@ class Gateway:
         # milliseconds to 3 decimals; round(x) is cheap where round(x, 3) goes through dtoa
         latency = round((time.monotonic() - call.started) * 1e6) / 1000
         ttft = round((ex.first_byte_at - call.started) * 1e6) / 1000 if ex.first_byte_at else None
-        if call.reservation is not None and call.upstream_answered and not (usage.input_tokens or usage.output_tokens):
+        if (
+            call.reservation
+            and call.reservation[2]
+            and call.upstream_answered
+            and not (usage.input_tokens or usage.output_tokens)
+        ):
             usage = call.usage = self.estimated_usage(call)  # the model ran, its usage never came: estimated
         if call.lane == "loopback":
             cost = 0.0  # the built-in model is free, whatever model name it answered to
@@ -10817,9 +10832,7 @@ class Gateway:
                     call.upstream_answered = False  # what the next attempt meets first is the request again
                     walk.answered(account, call.model_upstream, unanswered.error, trial)
                 except GatewayError as err:  # a whole answer cut, timed out or not JSON: the account failed
-                    if err.status >= 500 and call.unconfirmed is not None:
-                        call.unconfirmed = None
-                        account.failed(err.status, err.message, time.monotonic(), trial)
+                    self.answer_failed(call, account, trial, err)
                     raise
                 finally:
                     account.end(trial)
@@ -10955,6 +10968,7 @@ class Gateway:
                     if opening and len(held) < 64 and self.still_opening(ev):
                         held.append(ev)  # (bounded: an upstream that only ever opens gets no more chances)
                         continue
+                    self.opening_failed(call, ev)
                     release()
                 if type(ev) is not BlockDelta:  # deltas carry no usage and no error
                     self.observe(call, ev)
@@ -11026,6 +11040,20 @@ class Gateway:
             call.unconfirmed = None
 
     @staticmethod
+    def opening_failed(call: Call, ev) -> None:
+        """The first event after a stream's opening: an error (a cut stream, an upstream's own
+        error event of a status that does not fail over) is its account's failure."""
+        if type(ev) is StreamError and ev.error.status in BREAKER_STATUSES:
+            Gateway.stream_broke(call, ev.error)
+
+    @staticmethod
+    def answer_failed(call: Call, account: Account, trial: bool, err: GatewayError) -> None:
+        """A whole answer that broke before the client had it (cut, timed out, not JSON)."""
+        if err.status in BREAKER_STATUSES and call.unconfirmed is not None:
+            call.unconfirmed = None
+            account.failed(err.status, err.message, time.monotonic(), trial)
+
+    @staticmethod
     def stream_broke(call: Call, err: GatewayError) -> None:
         """A stream cut or timed out before it showed any content: a failure of its account (it is
         not asked again for this request: the upstream may have run it)."""
@@ -11041,8 +11069,7 @@ class Gateway:
         json_passthrough(data, call.provider)
         call.usage = call.codec.usage_of(data)
         if call.principal is not None and call.codec is RESPONSES_CODEC:  # whose it is (Gateway.responses)
-            answer = json_or_502(data, call.provider)
-            call.response_id = string_or(answer.get("id")) if type(answer) is dict else ""
+            call.response_id = responses_answer_id(data)
         if call.exchange.started:  # a keep-alive already opened a stream: finish it with the body
             call.exchange.write(data)
             call.exchange.end_stream()
@@ -11072,6 +11099,7 @@ class Gateway:
                         continue
                     for ev in upstream_events(observer.feed, sse):  # bytes go on as sent; usage is read
                         if held is not None and not self.still_opening(ev):
+                            self.opening_failed(call, ev)
                             held = self.release_opening(call, held)
                         self.observe(call, ev)
                     if not (hide_usage and is_usage_only_chunk(sse)):
@@ -11090,13 +11118,15 @@ class Gateway:
                 if heartbeat is not None and not hide_usage:
                     heartbeat.mid_event = bool(parser.buffer)
                 await ex.drain()
+            tail = list(parser.finish())  # an unterminated last event (its bytes went out already, unless held)
+            last = [ev for sse in tail for ev in upstream_events(observer.feed, sse)]
+            last += upstream_events(observer.finish)  # streams without an end event (Gemini) settle usage here
             if held is not None:
+                self.opening_failed(call, next((ev for ev in last if type(ev) is not MessageStart), None))
                 held = self.release_opening(call, held)
-            for sse in parser.finish():  # an unterminated last event: its bytes went out already
+            for sse in tail:
                 ex.write(sse.raw if hide_usage else b"\n\n")
-                for ev in upstream_events(observer.feed, sse):
-                    self.observe(call, ev)
-            for ev in upstream_events(observer.finish):  # streams without an end event (Gemini) settle usage here
+            for ev in last:
                 self.observe(call, ev)
         except GatewayError as err:
             if held is not None:
@@ -11153,6 +11183,7 @@ class Gateway:
                 walk.cannot_take(account, err)
                 continue
             timeouts = provider.timeouts
+            first = not walk.end_by
             end_by = walk.end_by = walk.end_by or call.started + timeouts.total  # the first account's bounds all
             call.attempts += 1
             call.provider, call.model_upstream, call.account, call.lane = provider.name, model, account.name, lane
@@ -11175,7 +11206,7 @@ class Gateway:
             except UpstreamUnreached as err:
                 account.end(trial)
                 now = time.monotonic()
-                if until <= end_by or now < end_by:  # (the request's own deadline is not this account's failure)
+                if first or until <= end_by or now < end_by:  # (a later attempt cut by the request's deadline: no)
                     account.failed(err.status, err.message, now, trial)
                 walk.failed(account, model, now, True)
                 walk.last_error = err
@@ -11183,7 +11214,7 @@ class Gateway:
             except GatewayError as err:
                 account.end(trial)
                 now = time.monotonic()
-                if until <= end_by or now < end_by:
+                if first or until <= end_by or now < end_by:
                     account.failed(err.status, err.message, now, trial)
                 raise
             except BaseException:
@@ -11269,9 +11300,14 @@ class Gateway:
         resp, account, trial = await self.send_upstream(call, walk, request, out)
         try:
             codec = self.codecs[account.provider.protocol]
-            return codec.decode_response(json_or_502(await resp.read(), account.provider.name))
+            answer = codec.decode_response(json_or_502(await resp.read(), account.provider.name))
+        except GatewayError as err:
+            self.answer_failed(call, account, trial, err)
+            raise
         finally:
             account.end(trial)
+        self.answer_shown(call)
+        return answer
 
     # -- Responses API
     async def responses(self, request: HttpRequest, call: Call) -> None:
@@ -11535,6 +11571,24 @@ def watchdog_tick(providers) -> float:
     """How often the upstream watchdog sweeps: a quarter of the shortest timeout, at most a second."""
     shortest = min((min(p.timeouts.first_byte, p.timeouts.read, p.timeouts.total) for p in providers), default=4.0)
     return max(0.01, min(1.0, shortest / 4))
+
+
+_LEADING_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*"([A-Za-z0-9_.:-]{1,256})"').match
+
+
+def responses_answer_id(data: bytes) -> str:
+    """A Responses answer's id: its first field, as OpenAI sends it (a small answer that puts it
+    elsewhere is parsed; a large one is not parsed on the event loop just for this: no id)."""
+    found = _LEADING_ID(data)
+    if found:
+        return found.group(1).decode()
+    if len(data) > 1 << 20:
+        return ""
+    try:
+        answer = loads(data)
+    except ValueError:
+        return ""
+    return string_or(answer.get("id")) if type(answer) is dict else ""
 
 
 PASSTHROUGH_MARK = "tgw_passthrough"  # a stored response that is only its owner: the provider keeps the answer
