@@ -12610,6 +12610,51 @@ def test_an_accounts_own_total_timeout_on_the_first_attempt_counts_against_it(st
     assert (accounts(gw)["openai"]["state"], accounts(gw)["openai"]["last_status"]) == ("open", 504)
 
 
+def test_later_attempts_the_requests_deadline_cuts_are_no_failure_of_their_accounts(start_gateway, upstream):
+    # a later prompt of a multi-prompt completion, and a fallback's stream, each cut by the request's 3 s
+    prompts = []
+
+    def answers_then_hangs(h, body):
+        prompts.append(1)
+        time.sleep(1.5 if len(prompts) == 1 else 6.0)  # the second prompt gets 1.5 s of the request's 3
+        reply_json(h, a_message([{"type": "text", "text": "ok"}]))
+
+    gw = start_gateway(env=anthropic_env(upstream(answers_then_hangs)), breaker_failures=1, upstream_retries=0,
+                       upstream_total_timeout=3.0)  # fmt: skip
+    assert post(gw, "/v1/completions", {"model": "claude-sonnet-4-5", "prompt": ["a", "b"]}, timeout=20)[0] == 504
+    assert accounts(gw)["anthropic"]["state"] == "closed"
+
+    def slow_529(h, body):
+        time.sleep(1.5)
+        reply_json(h, {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}, status=529)
+
+    def opens_then_thinks(h, body):
+        reply_sse(h, [lane_chunk({"role": "assistant", "content": ""}), lane_chunk({"content": "late"})], delay=4.0)
+
+    gw = start_gateway(env={**anthropic_env(upstream(slow_529)), **openai_env(upstream(opens_then_thinks))},
+                       breaker_failures=1, model_fallbacks="claude-sonnet-4*=>gpt-4.1", upstream_retries=0,
+                       upstream_total_timeout=3.0)  # fmt: skip
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 50,
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    status, headers, _ = post(gw, "/v1/messages", body, {"anthropic-version": "2023-06-01"}, timeout=20)
+    assert headers.get("x-tgw-attempts") == "2" and accounts(gw)["openai"]["state"] == "closed", accounts(gw)
+    assert accounts(gw)["anthropic"]["state"] == "open"  # its own 529 counts
+
+
+def test_a_usage_chunk_the_client_did_not_ask_for_stays_hidden_in_an_unterminated_tail(start_gateway, upstream):
+    chunks = [f"data: {json.dumps(lane_chunk(delta, finish))}\n\n" for delta, finish in
+              (({"role": "assistant", "content": ""}, None), ({"content": "Hi"}, None), ({}, "stop"))]  # fmt: skip
+    chunks.append("data: " + json.dumps(lane_chunk(usage=(3, 1))))  # the usage chunk, unterminated, no [DONE]
+    gw = start_gateway(env=openai_env(upstream(lambda h, b: reply_sse(h, chunks))))
+    status, _, payload = post(gw, "/v1/chat/completions", {**CHAT, "stream": True})
+    assert status == 200 and b'"choices": []' not in payload and b'"choices":[]' not in payload
+    assert gw.rows()[-1]["prompt_tokens"] == 3  # the ledger still has it
+
+
 def test_multi_prompt_completions_close_a_half_open_breaker(start_gateway, upstream):
     mode = {"fail": True}
     up = upstream(lambda h, b: reply_json(h, {"type": "error", "error": {"type": "api_error", "message": "boom"}},
@@ -12674,6 +12719,10 @@ def test_a_chat_stream_without_done_but_with_its_finish_reason_is_whole(start_ga
     assert [name for name, _ in events][-2:] == ["message_delta", "message_stop"]
     with pytest.raises(GatewayError, match="ended before its finish_reason"):  # neither: cut short
         f_openai_stream_result([f_chunk({"content": "Hel"}), f_chunk({"content": "lo"})])
+    # on passthrough too, where the observer leaves content chunks undecoded: the finish is not one of them
+    chat = {**CHAT, "model": "claude-sonnet-4-5", "stream": True, "stream_options": {"include_usage": True}}
+    passthrough = post(gw, "/v1/chat/completions", chat)  # (an OpenAI client to the OpenAI upstream)
+    assert passthrough[0] == 200 and gw.rows(2)[-1]["status"] == 200 and not gw.rows(2)[-1]["error"]
 
 
 @pytest.mark.parametrize(("mode", "expected"), [("auto", {"type": "auto"}), ("required", {"type": "any"})])

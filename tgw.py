@@ -2841,8 +2841,11 @@ class OpenAIChatCodec(Codec):
     name = "openai"
 
     @staticmethod
-    def skippable(raw: bytes) -> bool:  # content chunks: usage and errors name themselves
-        return b'"usage"' not in raw and b'"error"' not in raw and b"[DONE]" not in raw
+    def skippable(raw: bytes) -> bool:  # content chunks: usage, errors and the finish name themselves
+        return (
+            b'"usage"' not in raw and b'"error"' not in raw and b"[DONE]" not in raw
+            and (b'"finish_reason"' not in raw or b'"finish_reason":null' in raw or b'"finish_reason": null' in raw)
+        )  # fmt: skip
 
     # -- requests
     REQUEST_FIELDS = {
@@ -10832,7 +10835,7 @@ class Gateway:
                     call.upstream_answered = False  # what the next attempt meets first is the request again
                     walk.answered(account, call.model_upstream, unanswered.error, trial)
                 except GatewayError as err:  # a whole answer cut, timed out or not JSON: the account failed
-                    self.answer_failed(call, account, trial, err)
+                    self.answer_broke(call, err)
                     raise
                 finally:
                     account.end(trial)
@@ -11008,7 +11011,7 @@ class Gateway:
             release()
         except GatewayError as err:  # the upstream broke mid-stream: tell the client in-stream
             if held is not None:
-                self.stream_broke(call, err)
+                self.answer_broke(call, err)
             emit([StreamError(err)], False)
         finally:
             resp.close() if not resp.done else resp.release()
@@ -11043,24 +11046,21 @@ class Gateway:
     def opening_failed(call: Call, ev) -> None:
         """The first event after a stream's opening: an error (a cut stream, an upstream's own
         error event of a status that does not fail over) is its account's failure."""
-        if type(ev) is StreamError and ev.error.status in BREAKER_STATUSES:
-            Gateway.stream_broke(call, ev.error)
+        if type(ev) is StreamError:
+            Gateway.answer_broke(call, ev.error)
 
     @staticmethod
-    def answer_failed(call: Call, account: Account, trial: bool, err: GatewayError) -> None:
-        """A whole answer that broke before the client had it (cut, timed out, not JSON)."""
-        if err.status in BREAKER_STATUSES and call.unconfirmed is not None:
-            call.unconfirmed = None
-            account.failed(err.status, err.message, time.monotonic(), trial)
-
-    @staticmethod
-    def stream_broke(call: Call, err: GatewayError) -> None:
-        """A stream cut or timed out before it showed any content: a failure of its account (it is
-        not asked again for this request: the upstream may have run it)."""
-        if call.unconfirmed is not None:
-            account, trial = call.unconfirmed
-            call.unconfirmed = None
-            account.failed(err.status, err.message, time.monotonic(), trial)
+    def answer_broke(call: Call, err: GatewayError) -> None:
+        """An answer (whole, or a stream before any content) cut, timed out or broken before it
+        reached the client: a failure of its account (not asked again for this request: the
+        upstream may have run it), unless the request's own deadline cut a later attempt short."""
+        if call.unconfirmed is None or err.status not in BREAKER_STATUSES:
+            return
+        account, trial, excused_from = call.unconfirmed
+        call.unconfirmed = None
+        now = time.monotonic()
+        if now < excused_from:
+            account.failed(err.status, err.message, now, trial)
 
     @staticmethod
     def relay_passthrough(call: Call, resp: UpstreamResponse, data: bytes) -> None:
@@ -11124,13 +11124,13 @@ class Gateway:
             if held is not None:
                 self.opening_failed(call, next((ev for ev in last if type(ev) is not MessageStart), None))
                 held = self.release_opening(call, held)
-            for sse in tail:
-                ex.write(sse.raw if hide_usage else b"\n\n")
+            for sse in tail:  # (its bytes went out as they came, but for hide_usage: then all but a usage chunk)
+                ex.write(b"\n\n" if not hide_usage else b"" if is_usage_only_chunk(sse) else sse.raw)
             for ev in last:
                 self.observe(call, ev)
         except GatewayError as err:
             if held is not None:
-                self.stream_broke(call, err)
+                self.answer_broke(call, err)
                 held = self.release_opening(call, held)
             call.error, call.status = err.message, err.status
             cut = b"\n\n" if parser.buffer and not hide_usage else b""  # end the half-sent event first
@@ -11183,7 +11183,7 @@ class Gateway:
                 walk.cannot_take(account, err)
                 continue
             timeouts = provider.timeouts
-            first = not walk.end_by
+            first = not call.attempts  # (each prompt of a multi-prompt completion has a walk of its own)
             end_by = walk.end_by = walk.end_by or call.started + timeouts.total  # the first account's bounds all
             call.attempts += 1
             call.provider, call.model_upstream, call.account, call.lane = provider.name, model, account.name, lane
@@ -11221,7 +11221,8 @@ class Gateway:
                 account.end(trial)
                 raise
             if resp.status < 400:
-                call.unconfirmed = (account, trial)  # a success once its answer shows content (it may fail first)
+                # a success once its answer shows content (it may fail first; see answer_broke)
+                call.unconfirmed = (account, trial, end_by if not first and until > end_by else math.inf)
                 call.upstream_answered = True
                 return resp, account, trial
             try:
@@ -11302,7 +11303,7 @@ class Gateway:
             codec = self.codecs[account.provider.protocol]
             answer = codec.decode_response(json_or_502(await resp.read(), account.provider.name))
         except GatewayError as err:
-            self.answer_failed(call, account, trial, err)
+            self.answer_broke(call, err)
             raise
         finally:
             account.end(trial)
