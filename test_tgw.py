@@ -10878,6 +10878,19 @@ def test_hostile_retry_after_values_neither_stick_an_account_nor_break_the_answe
     assert len(up.requests) == 4 and accounts(gw)["openai"]["state"] == "closed"
 
 
+def test_a_retry_after_given_as_an_http_date_cools_the_account_until_then(start_gateway, upstream):
+    import email.utils
+
+    up = upstream(lambda h, b: reply_json(h, {"error": {"message": "slow down"}}, status=429,
+                                          headers={"Retry-After": email.utils.formatdate(time.time() + 40, usegmt=True)}))  # fmt: skip
+    gw = start_gateway(env=openai_env(up), upstream_retries=0)
+    status, headers, _ = post(gw, "/v1/chat/completions", CHAT)
+    assert status == 429 and 30 <= int(headers["Retry-After"]) <= 40
+    assert accounts(gw)["openai"]["state"] == "cooling" and 30 <= accounts(gw)["openai"]["cooldown_left_s"] <= 40
+    assert tgw.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # (past: now)
+    assert tgw.parse_retry_after("Wed, 99 Oct 2015 07:28:00 GMT") is None and tgw.parse_retry_after("x" * 9000) is None
+
+
 @pytest.mark.parametrize(
     ("settings", "words"),
     [

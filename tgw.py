@@ -11613,16 +11613,31 @@ def gateway_key_refused(call: Call, err: GatewayError) -> GatewayError:
                         "the gateway's operator must check that key (see 'tgw logs')")  # fmt: skip
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """An upstream's Retry-After in seconds (within a day), or None: an HTTP date, NaN or
-    garbage is no usable time."""
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """An upstream's Retry-After in seconds (within a day), or None: seconds, or an HTTP date
+    (RFC 9110 10.2.3: what proxies and some servers send), else NaN or garbage: no usable time."""
     if not value:
         return None
     try:
         seconds = float(value)
     except ValueError:
-        return None
+        seconds = http_date_seconds(value[:64], time.time() if now is None else now)
+        if seconds is None:
+            return None
     return min(max(seconds, 0.0), 86400.0) if math.isfinite(seconds) else None
+
+
+def http_date_seconds(text: str, now: float) -> float | None:
+    """Seconds from `now` until an HTTP date ("Wed, 21 Oct 2015 07:28:00 GMT"), or None."""
+    import email.utils  # (rarely needed: not imported at startup)
+
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # (an HTTP date is GMT; one without a zone is taken as such)
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp() - now
 
 
 def json_or_502(data: bytes, provider: str) -> dict:
