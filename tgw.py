@@ -2597,6 +2597,11 @@ class StreamError:
     error: GatewayError
 
 
+def stream_cut_short(where: str) -> list:
+    """What a stream decoder's finish() says of a stream that ended before its answer did."""
+    return [StreamError(GatewayError(502, f"upstream stream ended {where}; the answer is incomplete"))]
+
+
 def fold_events(events) -> Response:
     """Fold a canonical event stream into one Response (what a JSON answer holds)."""
     response = Response(id="", model="", parts=[])
@@ -3054,9 +3059,10 @@ class OpenAIChatCodec(Codec):
             system = "\n\n".join(t for t in [system, *later] if t)
         if system:
             messages.append({"role": "system", "content": system})
+        reasoning_back = wants_reasoning_back(provider)
         for msg in req.messages:
             if in_place or msg.role != "system":
-                messages.extend(self._encode_message(msg, wants_reasoning_back(provider)))
+                messages.extend(self._encode_message(msg, reasoning_back))
         body: dict = {"model": model, "messages": messages}
         tools = [t for t in req.tools if t.kind != "builtin"]  # provider-defined tools of other protocols
         if tools:
@@ -3489,8 +3495,7 @@ class OpenAIStreamDecoder:
             return []
         self.finished = True
         if not self.done and not self.stop_reason:  # the stream ended with neither: cut short (a crash, a proxy)
-            return [StreamError(GatewayError(502, "upstream stream ended before its finish_reason; the answer is "
-                                             "incomplete"))]  # fmt: skip
+            return stream_cut_short("before its finish_reason")
         out: list = []
         if not self.started:
             out.append(MessageStart(new_id("chatcmpl-"), ""))
@@ -4559,8 +4564,9 @@ class AnthropicStreamDecoder:
         if self.started and self.saw_message_delta and not self.open and not self.opaque:
             return self._close()
         self.finished = True
-        where = "in the middle of a content block" if self.open or self.opaque else "before message_delta"
-        return [StreamError(GatewayError(502, f"upstream stream ended {where}; the answer is incomplete"))]
+        return stream_cut_short(
+            "in the middle of a content block" if self.open or self.opaque else "before message_delta"
+        )
 
 
 class AnthropicStreamEncoder:
@@ -6817,8 +6823,7 @@ class GeminiStreamDecoder:
             return []
         self.finished = True
         if self.streaming and not self.stop_reason:
-            return [StreamError(GatewayError(502, "upstream stream ended before its finishReason; the answer is "
-                                             "incomplete"))]  # fmt: skip
+            return stream_cut_short("before its finishReason")
         out: list = []
         if not self.started:
             out.append(MessageStart(new_id(""), ""))
@@ -10238,7 +10243,7 @@ class Call:
     attempts: int = 0  # upstream requests made (section 8)
     account: str = ""  # the account that answered, or failed last
     status: int = 0  # a failure after the 200 (a stream's error event): the ledger's status
-    unconfirmed: tuple | None = None  # (account, trial) of a stream that has shown no content yet (section 8)
+    unconfirmed: tuple | None = None  # (account, trial, excused from) of an answer not shown yet (answer_broke)
     principal: Principal | None = None  # the key that authenticated the request (section 10)
     reservation: Reservation | None = None  # its hold on budgets and the token rate, until record()
     allow_listed: str = ""  # the model its key's allow-list admitted: a fallback's attempt is checked too
@@ -11497,9 +11502,10 @@ class Gateway:
         if len(inputs) > GEMINI_MAX_EMBEDDINGS:
             raise bad_request(f"Gemini embeds at most {GEMINI_MAX_EMBEDDINGS} inputs a request; got {len(inputs)}")
         now = time.monotonic()
-        target = Walk(self.pools.chain(route, False), 0).next(now)
+        walk = Walk(self.pools.chain(route, False), 0)
+        target = walk.next(now)
         if target is None:
-            raise Walk(self.pools.chain(route, False), 0).refusal(now)
+            raise walk.refusal(now)
         account, name, _ = target
         provider = account.provider
         extra = {"outputDimensionality": dimensions} if dimensions else {}
@@ -11507,6 +11513,7 @@ class Gateway:
                                    for text in inputs]})  # fmt: skip
         call.lane, call.attempts, call.account, call.model_upstream = "translation", 1, account.name, name
         trial = account.begin(now)
+        call.unconfirmed = (account, trial, math.inf)  # its breaker learns the outcome as any answer's does
         try:
             resp = await self.pool.request("POST", provider.url("embeddings", name), provider.auth_headers(), body,
                                            provider.timeouts)  # fmt: skip
@@ -11517,12 +11524,11 @@ class Gateway:
             # (megabytes of numbers: parsed and checked beside the event loop, which gets turns meanwhile)
             vectors = await asyncio.to_thread(gemini_embedding_vectors, data, len(inputs), provider.name)
         except GatewayError as err:
-            if err.status in BREAKER_STATUSES:
-                account.failed(err.status, err.message, time.monotonic(), trial)
+            self.answer_broke(call, err)
             raise
         finally:
             account.end(trial)
-        account.succeeded()
+        self.answer_shown(call)
         await send_embeddings(call, call.model_requested, vectors, encoding, estimate_tokens(inputs))
 
 
