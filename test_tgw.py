@@ -9012,6 +9012,25 @@ def test_status_finds_a_multiport_gateway_whose_facade_serves_no_health(start_ga
     assert status["running"] and status["url"].endswith(f":{gw.port}"), tgw.format_status(status)
 
 
+def test_chat_finds_a_multiport_gateway_whose_facade_serves_neither_health_nor_chat(start_gateway, upstream, tmp_path):
+    up = upstream(lambda h, b: reply_json(h, {"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]}))
+    bundles = {"facade_endpoints": "admin", "openai_endpoints": "openai_core,health"}
+    gw = start_multiport(start_gateway, env=openai_env(up), **bundles)
+    assert get(gw, "/health")[0] == 404 and get(gw, "/v1/models")[0] == 404  # the facade: admin only
+    ports = {name: str(listener.port) for name, listener in gw.gateway.listeners.items()}
+    cfg = tgw.load_config(None, {"multiport_mode": "true", **{f"{name}_port": port for name, port in ports.items()},
+                                 **bundles}, env={})  # fmt: skip
+    found, chosen = asyncio.run(tgw.detect_chat_models(cfg, nothing_reachable(), everything=True))
+    assert chosen is not None and chosen.name == "tgw", [(c.source, c.reason) for c in found]
+    assert chosen.model == "gpt-4o-mini" and chosen.provider.base_url == f"http://127.0.0.1:{ports['openai']}/v1"
+    # a daemon says in its pid file where each of them answers (its ports may be ephemeral)
+    tgw.announce_daemon(tmp_path / "tgw.pid", cfg, gw.port, gw.gateway)
+    info = tgw.read_pid_file(tmp_path / "tgw.pid")
+    assert info["url"] == f"http://127.0.0.1:{ports['facade']}"
+    assert info["openai_url"] == f"http://127.0.0.1:{ports['openai']}"
+    assert info["health_url"] == f"http://127.0.0.1:{ports['admin']}"  # (the admin port's bundles include health)
+
+
 def test_log_file_rotates_by_size_and_by_utc_day(tmp_path):
     now = [time.mktime((2026, 3, 9, 23, 0, 0, 0, 0, 0)) - time.timezone]  # 2026-03-09 23:00 UTC
     path = tmp_path / "logs" / "gateway.log"

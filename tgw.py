@@ -11944,16 +11944,22 @@ class Listener:
             )  # fmt: skip
 
 
-def health_listener(cfg: Config) -> str:
-    """The listener `tgw status` asks for /health: the facade, or in multiport mode the first
-    whose bundles include health."""
+def listener_serving(cfg: Config, bundle: str) -> str:
+    """The listener a local client asks for `bundle` (`tgw status` for health, `tgw chat` for
+    openai_core): the facade, or in multiport mode the first whose bundles include it."""
     for name in LISTENERS if cfg.multiport_mode else ():
         port_key, bundles_key, _ = LISTENERS[name]
-        if (name == "facade" or getattr(cfg, port_key)) and "health" in parse_bundles(
+        if (name == "facade" or getattr(cfg, port_key)) and bundle in parse_bundles(
             getattr(cfg, bundles_key), bundles_key
         ):
             return name
     return "facade"
+
+
+def listener_url(cfg: Config, bundle: str) -> str:
+    """Where the listener serving `bundle` answers, by the configuration (a daemon's pid file
+    says where it really listens: see announce_daemon)."""
+    return gateway_url(cfg, getattr(cfg, LISTENERS[listener_serving(cfg, bundle)][0]))
 
 
 def listeners_of(cfg: Config, codecs: dict) -> list[Listener]:
@@ -13725,7 +13731,7 @@ def read_pid_file(path: Path) -> dict | None:
         data = {"pid": data}
     if not isinstance(data, dict) or type(data.get("pid")) is not int or not 1 < data["pid"] < 1 << 31:
         return None
-    for key in ("url", "health_url"):
+    for key in ("url", "health_url", "openai_url"):
         if not (isinstance(data.get(key), str) and data[key].startswith("http://")):
             data.pop(key, None)
     return data
@@ -13952,7 +13958,7 @@ async def gateway_status(cfg: Config, pool: UpstreamPool, config_error: str = ""
     if daemon and daemon["alive"] and daemon["url"]:
         url, health_url = daemon["url"], info.get("health_url") or daemon["url"]
     else:
-        url, health_url = gateway_url(cfg), gateway_url(cfg, getattr(cfg, LISTENERS[health_listener(cfg)][0]))
+        url, health_url = gateway_url(cfg), listener_url(cfg, "health")
     status = {"url": url, "running": False, "daemon": daemon, "health": None, "error": "",
               "config_file": str(cfg.path) if cfg.path else None, "config_error": config_error,
               "config": config_view(cfg)}  # fmt: skip
@@ -14035,13 +14041,16 @@ def format_section(name: str, value, depth: int = 0) -> list[str]:
 
 
 def announce_daemon(pid_path: Path, cfg: Config, port: int, gateway) -> None:
-    """The daemon's serve(ready=...): say in the pid file where it listens (and where its /health
-    answers: in multiport mode the facade may not serve it)."""
-    listener = gateway.listeners.get(health_listener(cfg))
-    health_url = gateway_url(cfg, listener.port if listener is not None else port)
-    write_pid_file(pid_path, {"pid": os.getpid(), "url": gateway_url(cfg, port), "health_url": health_url,
-                              "config": str(cfg.path) if cfg.path else None, "log": str(daemon_paths()[1]),
-                              "started": time.time()})  # fmt: skip
+    """The daemon's serve(ready=...): say in the pid file where it listens, where its /health
+    answers and where its OpenAI endpoints do (in multiport mode the facade may serve neither)."""
+
+    def url_of(bundle: str) -> str:
+        listener = gateway.listeners.get(listener_serving(cfg, bundle))
+        return gateway_url(cfg, listener.port if listener is not None else port)
+
+    write_pid_file(pid_path, {"pid": os.getpid(), "url": gateway_url(cfg, port), "health_url": url_of("health"),
+                              "openai_url": url_of("openai_core"), "config": str(cfg.path) if cfg.path else None,
+                              "log": str(daemon_paths()[1]), "started": time.time()})  # fmt: skip
 
 
 def cmd_start(args) -> int:
@@ -14329,14 +14338,15 @@ async def local_candidate(name: str, variable: str, default: str, env, pool: Ups
     return ChatCandidate(name, source, f"answers at {root}", provider, models[0])
 
 
-async def gateway_candidate(cfg: Config, pool: UpstreamPool, url: str) -> ChatCandidate:
-    """A running tgw with real providers behind it (its loopback model is no assistant)."""
+async def gateway_candidate(cfg: Config, pool: UpstreamPool, url: str, health_url: str) -> ChatCandidate:
+    """A running tgw with real providers behind it (its loopback model is no assistant): its
+    /health at `health_url`, its OpenAI endpoints at `url` (one port unless multiport)."""
     try:
-        health = await fetch_json(pool, url + "/health")
+        health = await fetch_json(pool, health_url + "/health")
     except GatewayError as err:
-        return ChatCandidate("tgw", "tgw", f"no gateway answers at {url} ({err.message})")
+        return ChatCandidate("tgw", "tgw", f"no gateway answers at {health_url} ({err.message})")
     if not isinstance(health, dict) or health.get("status") != "ok":
-        return ChatCandidate("tgw", "tgw", f"something answers at {url}, but not a tgw /health")
+        return ChatCandidate("tgw", "tgw", f"something answers at {health_url}, but not a tgw /health")
     if health.get("offline"):
         return ChatCandidate("tgw", "tgw", f"a gateway runs at {url} with no provider configured (only loopback)")
     client_key = next((k.strip() for k in cfg.api_keys.split(",") if k.strip()), "")
@@ -14381,15 +14391,16 @@ async def detect_chat_models(cfg: Config, env, spec: str = "", spec_source: str 
         router = Router(cfg, providers)
     except ConfigError:
         router = None
-    daemon = running_daemon()
-    tgw_url = daemon["url"] if daemon and daemon.get("url") else gateway_url(cfg)
+    daemon = running_daemon() or {}
+    tgw_url = daemon.get("openai_url") or daemon.get("url") or listener_url(cfg, "openai_core")  # its chat endpoint
+    health_url = daemon.get("health_url") or daemon.get("url") or listener_url(cfg, "health")
 
     stages = (
         lambda: [configured_candidate(p, cfg, router, pool) for p in providers.values() if p.protocol != "loopback"],
         lambda: [environment_candidates(cfg, env, tgw_url, pool)],
         lambda: (
             [local_candidate(n, v, d, env, pool) for n, v, d in CHAT_LOCAL_SERVERS]
-            + [gateway_candidate(cfg, pool, tgw_url)]
+            + [gateway_candidate(cfg, pool, tgw_url, health_url)]
         ),
     )
     found: list[ChatCandidate] = []
