@@ -8568,6 +8568,34 @@ def test_start_status_stop_round_trip(tmp_path, hermetic):
             os.kill(info["pid"], signal.SIGKILL)
 
 
+def test_the_daemons_log_is_rotated_as_it_grows(tmp_path, hermetic):
+    env = nothing_reachable()
+    home = hermetic / ".tokligence"
+    log, older = home / "tgw.log", home / "tgw.log.1"
+    try:  # every request gets an access line; past 2 KB the file rotates (checked every 64 lines)
+        started = run_tgw("start", "--port", "0", "--set", "access_log=all", "--set", "log_max_mb=0.002", env=env,
+                          cwd=tmp_path)  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        port = int(json.loads((home / "tgw.pid").read_text())["url"].rsplit(":", 1)[1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for i in range(200):
+            conn.request("POST", "/v1/chat/completions", json.dumps({"model": f"m-{i}", "messages": [
+                {"role": "user", "content": "hi"}]}))  # fmt: skip
+            response = conn.getresponse()
+            assert response.status == 200 and response.read()
+        conn.close()
+        assert run_tgw("stop", env=env, cwd=tmp_path).returncode == 0
+    finally:
+        info = tgw.read_pid_file(home / "tgw.pid")
+        if info and tgw.process_alive(info["pid"]):
+            os.kill(info["pid"], signal.SIGKILL)
+    current, previous = log.read_text(), older.read_text()
+    assert "model=m-199 " in current and "model=m-150 " in previous  # the newest two files, in order
+    assert "model=m-0 " not in current + previous  # the oldest went with the first rotation
+    assert log.stat().st_size < 64 * 1024 and older.stat().st_size < 64 * 1024
+    assert oct(log.stat().st_mode & 0o777) == "0o600"
+
+
 def test_start_reports_why_the_daemon_did_not_start_and_stop_clears_a_stale_pid_file(tmp_path, hermetic):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -573,7 +573,12 @@ CONFIG_KEYS: dict[str, tuple] = {
     "log_level": ("info", ("debug", "info", "warning", "error"), "log level (stderr, and log_file when set)"),
     "log_format": ("text", ("text", "json"), "text lines, or one JSON object per line"),
     "log_file": ("", "str", "also log to this file, rotated daily (UTC) and by size: NAME-YYYY-MM-DD[-N].EXT"),
-    "log_max_mb": (100.0, "float", "megabytes a log file may reach before the next one of the day starts"),
+    "log_max_mb": (
+        100.0,
+        "float",
+        "megabytes a log file may reach before the next one of the day starts "
+        "(and the daemon's tgw.log before it becomes tgw.log.1)",
+    ),
     "log_max_files": (14, "int", "rotated log files kept; older ones are deleted"),
     "access_log": (
         "errors",
@@ -12398,6 +12403,55 @@ class RotatingLogFile(logging.Handler):
         super().close()
 
 
+class DaemonOutput(logging.StreamHandler):
+    """stderr when it is the daemon's tgw.log (`tgw start` points the daemon's stdout and stderr
+    there): once the file passes `max_bytes` it becomes tgw.log.1 (the one before goes) and a new
+    tgw.log takes its place on both descriptors, so a daemon that runs for months keeps two
+    files, not one that grows for ever. Runs on the log thread."""
+
+    CHECK_EVERY = 64  # lines between looks at the file's size
+
+    def __init__(self, path: Path, max_bytes: int):
+        super().__init__(sys.stderr)
+        self.path, self.max_bytes, self.lines = path, max_bytes, 0
+        self.output = self.identity(os.fstat(2)) if self.is_path(os.fstat(2)) else None  # None: stderr is elsewhere
+
+    @staticmethod
+    def identity(stat: os.stat_result) -> tuple:
+        return stat.st_dev, stat.st_ino
+
+    def is_path(self, stat: os.stat_result) -> bool:
+        try:
+            return self.identity(os.stat(self.path)) == self.identity(stat)
+        except OSError:
+            return False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        self.lines += 1
+        if self.output is not None and not self.lines % self.CHECK_EVERY:
+            self.rotate_if_full()
+
+    def rotate_if_full(self) -> None:
+        try:
+            output = os.fstat(2)
+            if output.st_size < self.max_bytes or self.identity(output) != self.output:
+                return
+            self.flush()
+            if self.is_path(output):  # (removed meanwhile: only a new one is made)
+                os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                for target in (1, 2):
+                    os.dup2(fd, target)
+            finally:
+                os.close(fd)
+            self.output = self.identity(os.fstat(2))
+        except OSError as exc:  # a full or read-only disk: keep writing where it is
+            self.output = None
+            sys.stderr.write(f"tgw: could not rotate {self.path} ({exc}); it is no longer rotated\n")
+
+
 class LogQueueHandler(logging.Handler):
     """The only handler on the event loop's side: stamps the record with the current request's
     id and hands it to the log thread (formatting and writing happen there)."""
@@ -12429,6 +12483,7 @@ class LogSetup:
         self.dropped = 0  # records the queue had no room for
         self.file: RotatingLogFile | None = None
         self.file_dropped = 0  # lines lost to failed writes by log files replaced since (a reload)
+        self.daemon_output: Path | None = None  # the daemon's tgw.log, rotated as it grows (DaemonOutput)
 
     @property
     def active(self) -> bool:
@@ -12449,7 +12504,11 @@ class LogSetup:
         """Level, format and log_file from `cfg` (or stderr text at `level` without one)."""
         level = cfg.log_level if cfg is not None else level
         formatter = JsonLogFormatter() if cfg is not None and cfg.log_format == "json" else TextLogFormatter()
-        stderr = logging.StreamHandler(sys.stderr)
+        if self.daemon_output is not None:
+            max_bytes = int((cfg.log_max_mb if cfg is not None else CONFIG_KEYS["log_max_mb"][0]) * (1 << 20))
+            stderr = DaemonOutput(self.daemon_output, max_bytes)
+        else:
+            stderr = logging.StreamHandler(sys.stderr)
         stderr.setFormatter(formatter)
         handlers: list[logging.Handler] = [stderr]
         log_file = cfg.log_file if cfg is not None else ""
@@ -13423,8 +13482,10 @@ def cmd_serve(args) -> int:
                  "log_level": args.log_level, "allow_public_bind": args.allow_public_bind}  # fmt: skip
     overrides.update(set_flags(args.set))
     cfg = load_config(args.config, overrides)
-    setup_logging(cfg.log_level, cfg)
     pid_path = Path(args.pid_file) if args.pid_file else None
+    if pid_path is not None:  # a daemon (tgw start): its output file is rotated as it grows
+        LOGS.daemon_output = daemon_paths()[1]
+    setup_logging(cfg.log_level, cfg)
 
     def serving(port: int, gateway: Gateway) -> None:
         settle_collector()  # this process is the gateway's alone (tests share theirs: serve() leaves it be)
