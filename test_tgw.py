@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import gc
 import gzip
@@ -703,6 +704,25 @@ def test_a_client_that_stops_reading_holds_its_upstream_stream_back(start_gatewa
     assert_serving(gw)
 
 
+@contextlib.asynccontextmanager
+async def connection_pair():
+    """A tgw.Connection accepted by a local server, and the client socket at its other end."""
+    made = []
+
+    def connection():
+        made.append(tgw.Connection(1 << 16))
+        return made[-1]
+
+    server = await asyncio.get_running_loop().create_server(connection, "127.0.0.1", 0)
+    try:
+        with socket.create_connection(server.sockets[0].getsockname()) as client:
+            while not made:
+                await asyncio.sleep(0.01)
+            yield client, made[0]
+    finally:
+        server.close()
+
+
 def test_a_burst_of_tiny_chunks_lets_other_tasks_run_while_it_is_read():
     """Reads answered from the buffer never wait, so without a turn now and then a client's
     126 KB of one-byte chunks (21,000 chunks, three reads each) would hold the event loop for the
@@ -710,26 +730,16 @@ def test_a_burst_of_tiny_chunks_lets_other_tasks_run_while_it_is_read():
     chunks = b"1\r\nx\r\n" * 21000 + b"0\r\n\r\n"
 
     async def scenario():
-        loop = asyncio.get_running_loop()
-        made = []
-
-        def connection():
-            made.append(tgw.Connection(1 << 16))
-            return made[-1]
-
-        server = await loop.create_server(connection, "127.0.0.1", 0)
-        with socket.create_connection(server.sockets[0].getsockname()) as client:
+        async with connection_pair() as (client, conn):
             client.sendall(chunks)  # (126 KB: the socket buffers take it at once)
-            while not made or len(made[0].buffer) < len(chunks):  # every byte buffered before the read starts
+            while len(conn.buffer) < len(chunks):  # every byte buffered before the read starts
                 await asyncio.sleep(0.01)
             turns = 0
-            reading = asyncio.ensure_future(tgw.read_chunked_body(made[0], 1 << 20))
+            reading = asyncio.ensure_future(tgw.read_chunked_body(conn, 1 << 20))
             while not reading.done():
                 turns += 1
                 await asyncio.sleep(0)
-            body = reading.result()
-        server.close()
-        return turns, body
+            return turns, reading.result()
 
     turns, body = asyncio.run(scenario())
     assert body == b"x" * 21000
@@ -12988,6 +12998,181 @@ def test_passthrough_success_that_is_not_json_is_a_502(start_gateway, upstream):
         assert status == 502 and "not JSON" in error_message(H_CHAT, status, payload)
         status, _, payload = post(gw, H_MESSAGES, L_CLAUDE)
         assert status == 502 and "not JSON" in error_message(H_MESSAGES, status, payload)
+
+
+# ---- 10.13 wire framing: chunk sizes, bytes past an answer, HTTP/1.0 streams, tiny chunks -------
+
+
+def chunked_answer(*lines: bytes):
+    """A 200 whose chunked body is `lines` as they are, the connection then kept open."""
+    payload = b"".join(lines)  # (joined here, not while a test measures memory)
+
+    def script(h, body):
+        h.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        h.wfile.write(payload)
+        h.wfile.flush()
+
+    return script
+
+
+@pytest.mark.parametrize(
+    ("size_line", "words"),
+    [
+        (b"-5\r\n", "malformed chunk size"),  # int() takes it: a read of all but 5 buffered bytes
+        (b"0x10\r\n", "malformed chunk size"),
+        (b"5;" + b"e" * 70000 + b"\r\n", "malformed chunked body"),  # a line past the buffer: was a 500
+    ],
+)
+def test_a_malformed_upstream_chunk_size_is_a_502_at_once(start_gateway, upstream, size_line, words):
+    data = json.dumps(chat_completion("ok")).encode()
+    up = upstream(chunked_answer(size_line, data, b"\r\n0\r\n\r\n"))
+    gw = start_gateway(env=openai_env(up), upstream_retries=0, upstream_read_timeout=30)
+    started = time.monotonic()
+    status, _, body = post(gw, "/v1/chat/completions", CHAT, timeout=20)
+    assert status == 502 and words in json.loads(body)["error"]["message"]
+    assert time.monotonic() - started < 10  # not the read timeout
+    assert_serving(gw)
+
+
+def test_bytes_past_an_upstream_answer_are_never_read_as_the_next_answer(start_gateway, upstream):
+    """An upstream that sends more than its Content-Length (a stray CRLF, a second answer) must
+    not leave those bytes on a pooled connection: the next request, perhaps another caller's,
+    would be answered with them, and every later one with its predecessor's answer."""
+    first = json.dumps(chat_completion("first")).encode()
+    extra = {0: b"\r\n", 2: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(first), first)}
+    calls = []
+
+    def script(h, body):
+        n = len(calls)
+        calls.append(n)
+        data = json.dumps(chat_completion(f"answer {n}")).encode()
+        h.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s%s"
+                      % (len(data), data, extra.get(n, b"")))  # fmt: skip
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up), upstream_retries=0)
+    for n in range(4):
+        status, _, body = post(gw, "/v1/chat/completions", CHAT)
+        assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == f"answer {n}"
+    assert up.connections == 3  # a new connection after each answer that ran long
+
+
+def test_bytes_an_upstream_sends_on_an_idle_connection_are_no_answer(start_gateway, upstream):
+    """A server may write to a kept-alive connection before closing it (a 408 on idle): the next
+    request must go on another connection, not get that 408."""
+    sent_first, unsolicited = threading.Event(), threading.Event()
+
+    def script(h, body):
+        if not sent_first.is_set():
+            reply_json(h, chat_completion("first"))
+            h.wfile.flush()
+            sent_first.set()
+            unsolicited.wait(10)
+            h.wfile.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")  # and it stays open
+            h.wfile.flush()
+            return
+        reply_json(h, chat_completion("second"))
+
+    up = upstream(script)
+    gw = start_gateway(env=openai_env(up), upstream_retries=0)
+    assert post(gw, "/v1/chat/completions", CHAT)[0] == 200
+    unsolicited.set()
+    deadline = time.monotonic() + 10
+    while not any(conn.buffer for conns in list(gw.gateway.pool.idle.values()) for conn, _ in list(conns)):
+        assert time.monotonic() < deadline, "the 408 never reached the pooled connection"
+        time.sleep(0.01)
+    status, _, body = post(gw, "/v1/chat/completions", CHAT)
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "second"
+
+
+def test_an_http_1_0_client_gets_its_stream_unchunked_and_ended_by_the_close(start_gateway):
+    gw = start_gateway()
+    body = json.dumps({**CHAT, "model": "loopback", "stream": True}).encode()
+    data = raw_exchange(
+        gw.port, b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    head, _, payload = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" in head
+    assert b"Transfer-Encoding" not in head  # RFC 9112 6.1: never to an HTTP/1.0 client
+    assert payload.startswith(b"data: {") and payload.endswith(b"data: [DONE]\n\n")
+    assert "You said: hello" in "".join(c["choices"][0]["delta"].get("content") or "" for c in sse_data(payload)[:-1])
+
+
+def traced_peak(work) -> tuple[int, object]:
+    """The peak of memory Python allocated while `work()` ran, and its result."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = work()
+        return tracemalloc.get_traced_memory()[1], result
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_request_body_of_one_byte_chunks_costs_its_size_not_fifty_times_it():
+    """300,000 one-byte chunks: kept as a list they held ~35 MB (a bytes object per byte)."""
+    count = 300_000
+    wire = b"1\r\nx\r\n" * count + b"0\r\n\r\n"
+
+    async def scenario():
+        async with connection_pair() as (client, conn):
+            sender = threading.Thread(target=client.sendall, args=(wire,))  # (1.8 MB: more than the buffers take)
+            sender.start()
+            body = await tgw.read_chunked_body(conn, 1 << 20)
+            sender.join()
+            return body
+
+    peak, body = traced_peak(lambda: asyncio.run(scenario()))
+    assert body == b"x" * count
+    assert peak < 5 * count, peak  # the body, a copy of it, the read buffer (a list of chunks: ~120 x)
+
+
+def test_an_upstream_body_of_one_byte_chunks_costs_its_size_not_fifty_times_it(upstream):
+    count = 300_000
+    up = upstream(chunked_answer(b"1\r\nx\r\n" * count, b"0\r\n\r\n"))
+
+    async def scenario():
+        pool = tgw.UpstreamPool()
+        try:
+            resp = await pool.request("GET", up.url + "/v1/models", {})
+            return await resp.read()
+        finally:
+            pool.close()
+
+    peak, body = traced_peak(lambda: asyncio.run(scenario()))
+    assert body == b"x" * count
+    assert peak < 5 * count, peak  # the body, a copy of it, the read buffer (a list of chunks: ~120 x)
+
+
+def test_an_upstream_body_that_inflates_large_is_inflated_a_slice_a_turn(upstream):
+    """32 KB of gzip that inflate to 32 MB: inflated in one call it held the event loop for a
+    tenth of a second or more (a 64 KB chunk could inflate to 64 MB); a slice at a time, others
+    get their turns all through it."""
+    size = 32 << 20
+    data = gzip.compress(bytes(size), 9)
+
+    def script(h, body):
+        h.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+
+    up = upstream(script)
+
+    async def scenario():
+        pool = tgw.UpstreamPool()
+        try:
+            resp = await pool.request("GET", up.url + "/v1/models", {})
+            reading = asyncio.ensure_future(resp.read())
+            turns = 0
+            while not reading.done():
+                turns += 1
+                await asyncio.sleep(0)
+            return turns, reading.result()
+        finally:
+            pool.close()
+
+    turns, body = asyncio.run(scenario())
+    assert len(body) == size and not body.strip(b"\0")
+    assert turns >= 24  # a turn a MB inflated
 
 
 # ---- fuzzing: mutated requests of every protocol, mutated upstream answers ------------------

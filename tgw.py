@@ -1464,8 +1464,7 @@ async def read_request_body(conn: Connection, request: HttpRequest, max_body: in
 
 
 async def read_chunked_body(conn: Connection, max_body: int) -> bytes:
-    chunks = []
-    total = 0
+    body = bytearray()  # one buffer, not a list: a list of 1-byte chunks costs ~50 bytes per byte of body
     while True:
         line = await conn.readuntil(b"\r\n")
         size_text = line.split(b";", 1)[0].strip()
@@ -1475,11 +1474,10 @@ async def read_chunked_body(conn: Connection, max_body: int) -> bytes:
         if size == 0:
             while (await conn.readuntil(b"\r\n")) != b"\r\n":  # trailers
                 pass
-            return b"".join(chunks)
-        total += size
-        if total > max_body:
+            return bytes(body)
+        if len(body) + size > max_body:
             raise HttpError(413, f"request body exceeds the limit of {max_body} bytes")
-        chunks.append(await conn.readexactly(size))
+        body += await conn.readexactly(size)
         if await conn.readexactly(2) != b"\r\n":
             raise HttpError(400, "chunk not terminated by CRLF")
 
@@ -1495,7 +1493,7 @@ class Exchange:
     """One request's response side: a whole body, or a chunked stream (SSE)."""
 
     __slots__ = ("writer", "request", "request_id", "status", "started", "finished", "streaming", "bytes_out",
-                 "first_byte_at", "last_write_at", "close_after", "tags")  # fmt: skip
+                 "first_byte_at", "last_write_at", "close_after", "tags", "chunked")  # fmt: skip
 
     def __init__(self, writer: Connection, request: HttpRequest, request_id: str):
         self.writer = writer
@@ -1510,6 +1508,7 @@ class Exchange:
         self.last_write_at = 0.0
         self.close_after = not request.keep_alive
         self.tags = ""  # header lines saying which upstream answered (x-tgw-provider, ...), CRLF-ended
+        self.chunked = True  # a stream's framing; an HTTP/1.0 client's stream ends at the close instead
 
     def _base_headers(self, content_type: str) -> list[tuple[str, str]]:
         headers = [("Content-Type", content_type), ("x-request-id", self.request_id)]
@@ -1540,8 +1539,14 @@ class Exchange:
         self.send(status, dumps(obj), "application/json", extra)
 
     def start_stream(self, status: int = 200, content_type: str = "text/event-stream", extra=()) -> None:
+        if self.request.version == "HTTP/1.0":  # it cannot read chunked (RFC 9112 6.1): the close ends the body
+            self.chunked = False
+            self.close_after = True
         headers = self._base_headers(content_type)
-        headers += [("Cache-Control", "no-cache"), ("Transfer-Encoding", "chunked"), ("X-Accel-Buffering", "no")]
+        headers.append(("Cache-Control", "no-cache"))
+        if self.chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+        headers.append(("X-Accel-Buffering", "no"))
         headers.extend(extra)
         self.status = status
         self.started = self.streaming = True
@@ -1556,7 +1561,7 @@ class Exchange:
             self.first_byte_at = time.monotonic()
         self.last_write_at = time.monotonic()
         self.bytes_out += len(data)
-        self.writer.write(b"%x\r\n%b\r\n" % (len(data), data))
+        self.writer.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
 
     def keep_alive(self, payload: bytes) -> None:
         """A keep-alive in a stream: written like any chunk, but not the answer's first byte (the
@@ -1571,7 +1576,7 @@ class Exchange:
         await self.writer.drain()
 
     def end_stream(self) -> None:
-        if self.streaming and not self.finished:
+        if self.streaming and not self.finished and self.chunked:
             self.writer.write(b"0\r\n\r\n")
         self.finished = True
 
@@ -1800,6 +1805,7 @@ def proxy_for(scheme: str, host: str, env=os.environ) -> tuple | None:
 
 
 UPSTREAM_MAX_CHUNK = 64 << 20  # one chunk of a chunked upstream body is buffered whole
+UPSTREAM_INFLATE_STEP = 1 << 20  # a compressed body is inflated a MB a turn: 64 MB at once held the loop 0.3 s
 
 
 @dataclass(frozen=True, slots=True)
@@ -1887,7 +1893,11 @@ class UpstreamResponse:
         conn = self.conn
         if self.chunked:
             line = await conn.readuntil(b"\r\n")
-            size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+            size_text = line.split(b";", 1)[0].strip()
+            if size_text.strip(b"0123456789abcdefABCDEF") or len(size_text) > 16:  # int() takes -5, 0x10, 1_0
+                self.close()
+                raise GatewayError(502, f"upstream {self.origin.host} sent a malformed chunk size {size_text[:20]!r}")
+            size = int(size_text or b"0", 16)
             if size > UPSTREAM_MAX_CHUNK:  # read whole before anything is checked: bound it
                 self.close()
                 raise GatewayError(502, f"upstream {self.origin.host} sent a chunk of {size} bytes")
@@ -1922,6 +1932,10 @@ class UpstreamResponse:
     async def next_chunk(self) -> bytes:
         """The next piece of the decoded body; b"" at the end."""
         watchdog = self.pool.watchdog
+        while self.decoder is not None and self.decoder.unconsumed_tail:  # the rest of a piece that inflates large
+            await asyncio.sleep(0)  # others' turn between slices
+            if data := self._inflate(self.decoder.unconsumed_tail):
+                return data
         while not self.done:
             self._arm()
             try:
@@ -1931,36 +1945,39 @@ class UpstreamResponse:
                 raise
             except (asyncio.IncompleteReadError, ConnectionError, ValueError, OSError) as exc:
                 raise self._broken(exc) from None
+            except asyncio.LimitOverrunError:  # a chunk-size or trailer line past the buffer's limit
+                self.close()
+                raise GatewayError(502, f"upstream {self.origin.host} sent a malformed chunked body") from None
             finally:
                 watchdog.entries.discard(self)
             if self.decoder is not None and data:
-                try:
-                    data = self.decoder.decompress(data, UPSTREAM_MAX_CHUNK)
-                except zlib.error:
-                    self.close()
-                    raise GatewayError(502, f"upstream {self.origin.host} sent a corrupt compressed body") from None
-                if self.decoder.unconsumed_tail:  # a compression bomb: never inflate it all at once
-                    self.close()
-                    raise GatewayError(502, f"upstream {self.origin.host} sent a chunk that inflates beyond 64 MB")
+                data = self._inflate(data)
             if data:
                 return data
         self.release()
         return b""
+
+    def _inflate(self, data: bytes) -> bytes:
+        """At most UPSTREAM_INFLATE_STEP bytes of decoded body; the rest waits in unconsumed_tail
+        (a compression bomb is never inflated all at once; read()'s limit bounds the whole)."""
+        try:
+            return self.decoder.decompress(data, UPSTREAM_INFLATE_STEP)
+        except zlib.error:
+            self.close()
+            raise GatewayError(502, f"upstream {self.origin.host} sent a corrupt compressed body") from None
 
     async def read(self, limit: int = 256 * 1024 * 1024) -> bytes:
         remaining = self.remaining
         if 0 < remaining <= limit and remaining <= 1 << 20 and self.decoder is None and not self.done:
             data = self.conn.take(remaining)  # the usual answer: its body came with its head
             return self._read_to_end(data) if data is not None else await self._read_whole()
-        parts = []
-        total = 0
+        body = bytearray()  # one buffer: a list of an upstream's 1-byte chunks costs ~50 bytes per byte
         while data := await self.next_chunk():
-            parts.append(data)
-            total += len(data)
-            if total > limit:
+            body += data
+            if len(body) > limit:
                 self.close()
                 raise GatewayError(502, "upstream response too large")
-        return b"".join(parts)
+        return bytes(body)
 
     async def _read_whole(self) -> bytes:
         """The usual JSON answer: one Content-Length body, read in one step."""
@@ -1999,7 +2016,8 @@ class UpstreamResponse:
         conn = self.conn
         if conn is None:
             return
-        if self.done and self.reusable and not conn.transport.is_closing():
+        # bytes past the body's end: its framing was off, and the next answer would be read from them
+        if self.done and self.reusable and not conn.buffer and not conn.transport.is_closing():
             self.pool.keep(self.origin.key, conn)
         else:
             conn.transport.abort()
@@ -2133,7 +2151,7 @@ class UpstreamPool:
         while idle:
             conn, _ = idle.pop()
             self.idle_count -= 1
-            if conn.transport.is_closing() or conn.eof:
+            if conn.transport.is_closing() or conn.eof or conn.buffer:  # (bytes sent while idle answer nothing)
                 conn.transport.abort()
                 continue
             try:
