@@ -6506,6 +6506,42 @@ def test_lane_store_false_is_not_retrievable(start_gateway, upstream):
     assert status == 404
 
 
+def test_lane_a_stored_conversation_goes_on_by_translation_on_a_responses_provider(start_gateway, upstream):
+    def openai(h, b):  # OpenAI keeps only the responses it made: the gateway's are unknown to it
+        if h.path.endswith("/responses"):
+            reply_json(h, {"error": {"message": "Previous response not found.", "type": "invalid_request_error"}}, 400)
+        else:
+            reply_json(h, chat_completion("It was 42."))
+
+    oup = upstream(openai)
+    aup = upstream(lambda h, b: reply_json(h, a_message([{"type": "text", "text": "I pick 42."}])))
+    gw = start_gateway(env={**openai_env(oup), **anthropic_env(aup)}, openai_responses_api="on")
+    status, _, body = post(gw, "/v1/responses", {"model": "claude-sonnet-4-5", "input": "pick a number"})
+    first = json.loads(body)
+    assert status == 200
+    follow = {"model": "gpt-4.1", "input": "which number?", "previous_response_id": first["id"]}  # a model switch
+    status, _, body = post(gw, "/v1/responses", follow)
+    assert status == 200 and json.loads(body)["output"][0]["content"][0]["text"] == "It was 42."
+    sent = oup.requests[-1]
+    assert sent["path"] == "/v1/chat/completions" and "previous_response_id" not in sent["body"]
+    assert [m["content"] for m in sent["body"]["messages"]] == ["pick a number", "I pick 42.", "which number?"]
+
+
+def test_stored_responses_older_than_the_retention_are_gone_before_any_purge(start_gateway, upstream, monkeypatch):
+    up = upstream(lambda h, b: reply_json(h, chat_completion()))
+    gw = start_gateway(env=openai_env(up), responses_retention_days=1)
+    ids = [json.loads(post(gw, "/v1/responses", {"model": "gpt-4.1", "input": "hi"})[2])["id"] for _ in range(2)]
+    gw.rows(2)  # both are committed to sqlite
+    gw.gateway.responses_store.recent.pop(ids[1])  # one read from memory, one from sqlite
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 2 * 86400)  # two days on, no restart, no purge since
+    for response_id in ids:
+        assert get(gw, f"/v1/responses/{response_id}")[0] == 404
+        follow = {"model": "gpt-4.1", "input": "more", "previous_response_id": response_id}
+        assert post(gw, "/v1/responses", follow)[0] == 404
+    assert len(up.requests) == 2
+
+
 # ---- issue 4: bad input, errors, limits ----------------------------------------------------
 
 

@@ -9231,13 +9231,13 @@ class ResponseStore:
         self.saves += 1
         if self.saves % 1000 == 0:
             self.purge()
-        entry = {"input": input_items, "response": response, "owner": owner}
+        entry = {"input": input_items, "response": response, "owner": owner, "created": time.time()}
         self.recent[response["id"]] = entry
         while len(self.recent) > self.RECENT:
             self.recent.pop(next(iter(self.recent)))
         params = (
             response["id"],
-            time.time(),
+            entry["created"],
             response.get("model"),
             dumps(input_items).decode(),
             dumps(response).decode(),
@@ -9257,14 +9257,16 @@ class ResponseStore:
             entry = await asyncio.to_thread(self._load_from_db, response_id)
         if entry is not None and owner is not None and entry["owner"] != owner:
             return None
+        if entry is not None and entry["created"] < time.time() - self.retention:
+            return None  # expired, though purge (at start, every 1000 saves) has not deleted it yet
         return entry
 
     def _load_from_db(self, response_id: str) -> dict | None:
         with self.lock:
             row = self.db.execute(
-                "SELECT input, response, owner FROM responses WHERE id = ?", (response_id,)
+                "SELECT input, response, owner, created FROM responses WHERE id = ?", (response_id,)
             ).fetchone()
-        return {"input": loads(row[0]), "response": loads(row[1]), "owner": row[2]} if row else None
+        return {"input": loads(row[0]), "response": loads(row[1]), "owner": row[2], "created": row[3]} if row else None
 
     def delete(self, response_id: str) -> None:
         self.recent.pop(response_id, None)
@@ -11348,9 +11350,15 @@ class Gateway:
         full_input: list = []
         owner = call.principal.owner if call.principal is not None else None  # a key sees only its own
         out = Outbound(body, "responses", SPEAKS["responses"])
-        through = bool(previous) and self.passes_through(out, self.router.resolve(model).provider)
+        stored = await self.responses_store.load(previous, owner) if previous else None
+        # the provider goes on only from what it keeps: a conversation this gateway stored (answered
+        # by translation, or by a fallback) goes on by translation, whichever provider the model has now
+        through = (
+            bool(previous)
+            and self.passes_through(out, self.router.resolve(model).provider)
+            and (stored is None or bool(stored["response"].get(PASSTHROUGH_MARK)))
+        )
         if previous:
-            stored = await self.responses_store.load(previous, owner)
             if (through and owner is not None and stored is None) or (
                 not through and (stored is None or stored["response"].get(PASSTHROUGH_MARK))
             ):
