@@ -6506,6 +6506,31 @@ def test_lane_store_false_is_not_retrievable(start_gateway, upstream):
     assert status == 404
 
 
+def test_a_whole_answer_an_upstream_streamed_anyway_reaches_the_client_whole(start_gateway, upstream):
+    """Some OpenAI-compatible servers stream whatever they are asked: a client that asked for a
+    whole answer gets one, in its own protocol, with the usage the stream reported."""
+    usage = {"id": "chatcmpl-chat1", "object": "chat.completion.chunk", "model": "gpt-4o-mini", "choices": [],
+             "usage": {"prompt_tokens": 9, "completion_tokens": 4}}  # fmt: skip
+    events = openai_stream("Hello there, whole.")
+    broken = [*openai_stream("Half")[:2], {"error": {"message": "the server is overloaded", "type": "server_error"}}]
+    answers = iter([[*events[:-1], usage, events[-1]], broken])
+    up = upstream(lambda h, b: reply_sse(h, next(answers)))
+    gw = start_gateway(env=openai_env(up), model_provider_routes="claude*=>openai", upstream_retries=0)
+    status, headers, body = post(gw, H_MESSAGES, MESSAGES)
+    assert status == 200 and headers["Content-Type"] == "application/json", body
+    message = json.loads(body)
+    assert message["type"] == "message" and message["content"] == [{"type": "text", "text": "Hello there, whole."}]
+    assert message["usage"]["input_tokens"] == 9 and message["usage"]["output_tokens"] == 4
+    assert up.requests[0]["body"].get("stream") in (None, False)
+    status, headers, body = post(gw, H_MESSAGES, MESSAGES)  # an error in the stream: the answer's error
+    assert status >= 500 and headers["Content-Type"] == "application/json"
+    assert "overloaded" in error_message(H_MESSAGES, status, body)
+    rows = gw.rows(2)
+    assert (rows[0]["status"], rows[0]["prompt_tokens"], rows[0]["completion_tokens"]) == (200, 9, 4)
+    assert rows[1]["status"] == status
+    assert_serving(gw)
+
+
 def test_lane_a_stored_conversation_goes_on_by_translation_on_a_responses_provider(start_gateway, upstream):
     def openai(h, b):  # OpenAI keeps only the responses it made: the gateway's are unknown to it
         if h.path.endswith("/responses"):

@@ -1805,6 +1805,7 @@ def proxy_for(scheme: str, host: str, env=os.environ) -> tuple | None:
 
 
 UPSTREAM_MAX_CHUNK = 64 << 20  # one chunk of a chunked upstream body is buffered whole
+WHOLE_FROM_STREAM_MAX = 16 << 20  # bytes of stream folded into one answer for a client that asked for no stream
 UPSTREAM_INFLATE_STEP = 1 << 20  # a compressed body is inflated a MB a turn: 64 MB at once held the loop 0.3 s
 
 
@@ -10979,11 +10980,37 @@ class Gateway:
     async def relay_translated(self, call: Call, resp: UpstreamResponse, provider: Provider, out: Outbound):
         """An upstream's answer in another protocol, converted for the client."""
         codec = self.codecs[provider.protocol]
-        if resp.event_stream:
+        if resp.event_stream and out.encoder is not None:
             await self.relay_translated_stream(call, resp, codec, out.req, out.encoder)
             return getattr(out.encoder, "response", None)
-        result = codec.decode_response(json_or_502(await resp.read(), provider.name))
+        if resp.event_stream:  # asked for a whole answer, it streamed (some compatible servers always do)
+            result = await self.whole_from_stream(resp, codec, provider)
+        else:
+            result = codec.decode_response(json_or_502(await resp.read(), provider.name))
         return self.answer(call, out.req, result, out.encoder, None, out.event_filter)
+
+    @staticmethod
+    async def whole_from_stream(resp: UpstreamResponse, codec: Codec, provider: Provider) -> Response:
+        """The whole answer of an upstream that streamed it: its events folded into one Response
+        (at most WHOLE_FROM_STREAM_MAX bytes of stream; an error event in it is the answer's error)."""
+        decoder, parser, events, size = codec.stream_decoder(), SSEParser(), [], 0
+        try:
+            while chunk := await resp.next_chunk():
+                size += len(chunk)
+                if size > WHOLE_FROM_STREAM_MAX:
+                    raise GatewayError(502, f"upstream {provider.name} streamed more than "
+                                       f"{WHOLE_FROM_STREAM_MAX >> 20} MB for a whole answer")  # fmt: skip
+                for sse in parser.feed_lazily(chunk):
+                    events += upstream_events(decoder.feed, sse)
+            for sse in parser.finish():
+                events += upstream_events(decoder.feed, sse)
+            events += upstream_events(decoder.finish)
+        finally:
+            resp.close() if not resp.done else resp.release()
+        error = next((ev.error for ev in events if type(ev) is StreamError), None)
+        if error is not None:
+            raise error
+        return fold_events(events)
 
     async def relay_translated_stream(
         self, call: Call, resp: UpstreamResponse, upstream_codec: Codec, req: Request, encoder
