@@ -8200,6 +8200,19 @@ def test_model_lists_show_what_each_provider_serves_with_aliases(start_gateway, 
         F_OPENAI_MODELS["data"].pop()
 
 
+def test_model_lists_offer_only_names_that_route(start_gateway, upstream):
+    """Routes written without loopback serve no loopback, and an alias to a name no route serves
+    answers nothing: a model picker must not offer either (each would be a 404 when chosen)."""
+    up = f_models_upstream(upstream, F_OPENAI_MODELS)
+    gw = start_gateway(env=openai_env(up), model_provider_routes="gpt*=>openai", model_aliases="fast=>gpt-4o-mini,"
+                       "odd=>mistral-large")  # fmt: skip
+    listed = {m["id"] for m in f_ids(gw)["data"]}
+    assert {"fast", "gpt-4o", "gpt-4o-mini"} <= listed and not {"loopback", "odd"} & listed
+    for model in ("loopback", "odd"):
+        assert post(gw, "/v1/chat/completions", {**CHAT, "model": model})[0] == 404  # (what the list leaves out)
+    assert "loopback" in {m["id"] for m in f_ids(start_gateway())["data"]}  # the default routes serve it
+
+
 def test_a_pools_model_list_is_fetched_with_its_next_key_when_the_first_is_refused(start_gateway, upstream):
     up = upstream(lambda h, b: reply_json(h, {"error": {"message": "revoked"}}, 401) if key_of(h) == "sk-revoked-111"
                   else reply_json(h, F_OPENAI_MODELS))  # fmt: skip

@@ -8076,10 +8076,12 @@ class Router:
         return ", ".join(f"{g}=>{p}" for g, p in self.rules)
 
     def listed_models(self) -> list[tuple[str, str]]:
-        """Concrete model names the gateway can serve: (model, provider)."""
-        seen: dict[str, str] = {"loopback": "loopback"}
+        """Concrete model names the gateway can serve: (model, provider). Routes written without
+        the loopback model (or an alias to a model no route serves) list none of it."""
+        seen: dict[str, str] = {"loopback": "loopback"} if self.provider_of("loopback") == "loopback" else {}
         for alias, target in self.aliases.items():
-            seen.setdefault(alias, self.provider_of(target))
+            if (provider := self.provider_of(target)) != "unknown":
+                seen.setdefault(alias, provider)
         if not self.offline:
             for pattern, provider in self.rules:
                 provider = provider.split("|")[0].strip()
