@@ -6506,6 +6506,43 @@ def test_lane_store_false_is_not_retrievable(start_gateway, upstream):
     assert status == 404
 
 
+def test_lane_input_items_list_a_stored_conversation_a_page_at_a_time(start_gateway, upstream):
+    up = upstream(lambda h, b: reply_json(h, chat_completion("It is 4.")))
+    gw = start_gateway(env=openai_env(up))
+    first = json.loads(post(gw, "/v1/responses", {"model": "gpt-4.1", "input": "2+2?"})[2])
+    follow = {"model": "gpt-4.1", "input": [{"type": "message", "role": "user", "content": "and 3+3?", "id": 7}],
+              "previous_response_id": first["id"]}  # fmt: skip
+    second = json.loads(post(gw, "/v1/responses", follow)[2])
+    status, _, body = get(gw, f"/v1/responses/{second['id']}/input_items")
+    page = json.loads(body)
+    assert status == 200 and page["object"] == "list" and page["has_more"] is False
+    assert [item["role"] for item in page["data"]] == ["user", "assistant", "user"]  # newest first
+    assert page["data"][0]["content"] == "and 3+3?" and page["data"][2]["content"] == "2+2?"
+    assert page["data"][1]["id"] == first["output"][0]["id"]  # an item's own id is kept; the others get one
+    assert len({item["id"] for item in page["data"]}) == 3 and all(type(i["id"]) is str for i in page["data"])
+    assert (page["first_id"], page["last_id"]) == (page["data"][0]["id"], page["data"][2]["id"])
+    oldest = json.loads(get(gw, f"/v1/responses/{second['id']}/input_items?order=asc&limit=1")[2])
+    assert [i["content"] for i in oldest["data"]] == ["2+2?"] and oldest["has_more"] is True
+    rest = json.loads(get(gw, f"/v1/responses/{second['id']}/input_items?order=asc&after={oldest['last_id']}")[2])
+    assert [i["role"] for i in rest["data"]] == ["assistant", "user"] and rest["has_more"] is False
+    assert rest["data"] == page["data"][1::-1]  # the same ids at every call
+    for query in ("limit=0", "limit=101", "limit=x", "order=up", "after=nope"):
+        status, _, body = get(gw, f"/v1/responses/{second['id']}/input_items?{query}")
+        assert status == 400 and json.loads(body)["error"]["type"] == "invalid_request_error", query
+    assert get(gw, "/v1/responses/resp_unknown/input_items")[0] == 404
+    assert len(up.requests) == 2  # nothing of this went upstream
+
+
+def test_lane_input_items_of_a_passthrough_response_are_asked_of_the_provider(start_gateway, upstream):
+    listing = {"object": "list", "data": [{"id": "msg_up", "type": "message", "role": "user", "content": []}],
+               "first_id": "msg_up", "last_id": "msg_up", "has_more": False}  # fmt: skip
+    up = upstream(lambda h, b: reply_json(h, listing))
+    gw = start_gateway(env=openai_env(up), openai_responses_api="on")
+    status, _, body = get(gw, "/v1/responses/resp_up/input_items?limit=2&order=asc")
+    assert status == 200 and json.loads(body) == listing
+    assert up.requests[-1]["path"] == "/v1/responses/resp_up/input_items?limit=2&order=asc"
+
+
 def test_a_whole_answer_an_upstream_streamed_anyway_reaches_the_client_whole(start_gateway, upstream):
     """Some OpenAI-compatible servers stream whatever they are asked: a client that asked for a
     whole answer gets one, in its own protocol, with the usage the stream reported."""

@@ -10514,6 +10514,8 @@ class Gateway:
             return self.gemini_get_model
         if method == "GET" and path.startswith("/v1/models/"):
             return self.gemini_get_model if is_gemini_client(request) else self.get_model
+        if path.startswith("/v1/responses/") and path.endswith("/input_items") and method == "GET":
+            return self.response_input_items
         if path.startswith("/v1/responses/") and method in ("GET", "DELETE"):
             return self.get_response if method == "GET" else self.delete_response
         if path.startswith("/api/v1/admin/"):
@@ -11434,6 +11436,19 @@ class Gateway:
         if stored is not None:
             self.responses_store.delete(response_id)
 
+    async def response_input_items(self, request: HttpRequest, call: Call) -> None:
+        """GET /v1/responses/{id}/input_items: what a stored response was given (its conversation
+        so far), a page at a time as OpenAI lists them; one the provider keeps is asked of it."""
+        response_id = request.path[len("/v1/responses/") : -len("/input_items")].strip("/")
+        stored = await self.stored_response(call, response_id)
+        if stored is None or stored["response"].get(PASSTHROUGH_MARK):
+            query = request.target.partition("?")[2]
+            await self.forward_response_request(
+                request, call, response_id, "/input_items" + ("?" + query if query else "")
+            )
+            return
+        call.exchange.send_json(200, input_items_page(response_id, stored["input"], request.query))
+
     async def stored_response(self, call: Call, response_id: str) -> dict | None:
         """The stored response `response_id`, if the caller's key may see it. While keys are
         required, one this gateway knows nothing of is a 404: the provider's shared key would
@@ -11444,13 +11459,13 @@ class Gateway:
             raise response_not_found("response", response_id)
         return stored
 
-    async def forward_response_request(self, request: HttpRequest, call: Call, response_id: str) -> None:
+    async def forward_response_request(self, request: HttpRequest, call: Call, response_id: str, tail: str = ""):
         """A response this gateway did not store was made on the passthrough lane: the
-        provider with a Responses API keeps it."""
+        provider with a Responses API keeps it (`tail`: a sub-resource and its query)."""
         provider = self.providers["openai"]
         if not (provider.speaks_responses and provider.configured):
             raise response_not_found("response", response_id)
-        url = f"{provider.url('responses')}/{quote(response_id, safe='')}"
+        url = f"{provider.url('responses')}/{quote(response_id, safe='')}{tail}"
         resp = await self.pool.request(request.method, url, provider.auth_headers())
         call.upstream_answered = True
         data = await resp.read()
@@ -11798,6 +11813,31 @@ def embedding_inputs(value) -> list:
         if type(item) is not str and not (type(item) is list and all(type(t) is int for t in item)):
             raise bad_request(f"'input[{i}]' must be a string or an array of token ids, got {json_preview(item)}")
     return value
+
+
+INPUT_ITEMS_LIMITS = (1, 100, 20)  # GET .../input_items: the least, the most and the default page size
+
+
+def input_items_page(response_id: str, items: list, query: dict) -> dict:
+    """A page of a stored response's input items as OpenAI lists them: newest first unless
+    order=asc, `limit` of them after the item whose id is `after`. An item sent without an id
+    gets one made from the response's id and its place, the same at every call."""
+    low, high, default = INPUT_ITEMS_LIMITS
+    limit_text, order, after = query.get("limit", str(default)), query.get("order", "desc"), query.get("after")
+    if not (limit_text.isascii() and limit_text.isdigit() and low <= int(limit_text) <= high):
+        raise bad_request(f"'limit' must be an integer from {low} to {high}, got {limit_text[:20]!r}")
+    if order not in ("asc", "desc"):
+        raise bad_request(f"'order' must be 'asc' or 'desc', got {order[:20]!r}")
+    listed = [item if isinstance(item.get("id"), str) else {**item, "id": f"item_{response_id}_{place}"}
+              for place, item in enumerate(items) if isinstance(item, dict)]  # fmt: skip
+    if order == "desc":
+        listed.reverse()
+    start = next((i + 1 for i, item in enumerate(listed) if item["id"] == after), None) if after else 0
+    if start is None:
+        raise bad_request(f"'after' names no input item of response {response_id!r}: {after[:100]!r}")
+    page = listed[start : start + int(limit_text)]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": start + len(page) < len(listed)}  # fmt: skip
 
 
 def responses_input_items(value) -> list:
@@ -14541,7 +14581,7 @@ async def detect_chat_models(cfg: Config, env, spec: str = "", spec_source: str 
 CHAT_DOCS = (
     ("endpoint POST /v1/chat/completions", "OpenAI Chat Completions, JSON and SSE streams (also at "
      "/v1beta/openai/chat/completions); any model: the route decides the provider"),
-    ("endpoint POST /v1/responses", "the OpenAI Responses API, what Codex speaks; GET and DELETE /v1/responses/{{id}}; "
+    ("endpoint POST /v1/responses", "the OpenAI Responses API, what Codex speaks; GET and DELETE /v1/responses/{{id}}, GET /v1/responses/{{id}}/input_items; "
      "previous_response_id works across restarts (responses_retention_days)"),
     ("endpoint POST /v1/messages", "Anthropic Messages, what Claude Code speaks (also /anthropic/v1/messages); "
      "token counting at /v1/messages/count_tokens"),
